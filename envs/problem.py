@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from graphs.errors import PlacerError
+
 #: Optimizer state bytes per parameter byte, by optimizer name.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {
     "sgd": 0.0,
@@ -30,7 +32,7 @@ OPTIMIZER_STATE_FACTOR: dict[str, float] = {
 }
 
 
-class PlacementError(ValueError):
+class PlacementError(PlacerError, ValueError):
     """A placement that does not match its problem (unknown device, missing nodes, bad shape)."""
 
 
