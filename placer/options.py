@@ -1,0 +1,166 @@
+"""Parsing of the options users type: search budgets, memory limits, device lists.
+
+Each parser turns a string into a small value object and raises :class:`OptionError`
+(a :class:`~graphs.errors.PlacerError`) with the accepted forms when the text is malformed,
+so the CLI can refuse bad input before any long work starts.
+
+Example::
+
+    >>> parse_budget("5m")
+    Budget(seconds=300.0, placements=None)
+    >>> parse_budget("20k")
+    Budget(seconds=None, placements=20000)
+    >>> parse_memory_limits("cuda:0=20GiB,cpu=64GB")["cuda:0"]
+    21474836480
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from graphs.errors import PlacerError
+
+
+class OptionError(PlacerError):
+    """A malformed command-line or API option."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a search may run: wall-clock seconds, evaluated placements, or both (first hit stops)."""
+
+    seconds: float | None = None
+    placements: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seconds is None and self.placements is None:
+            raise OptionError("a budget needs a time (e.g. '5m') or a number of placements (e.g. '20000')")
+        if self.seconds is not None and self.seconds <= 0:
+            raise OptionError(f"budget time must be positive, got {self.seconds} s")
+        if self.placements is not None and self.placements <= 0:
+            raise OptionError(f"budget placements must be positive, got {self.placements}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.seconds is not None:
+            parts.append(f"{self.seconds:g} s")
+        if self.placements is not None:
+            parts.append(f"{self.placements:,} placements")
+        return " or ".join(parts)
+
+
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_budget(text: str | int | float | Budget) -> Budget:
+    """Parse a budget: ``"90s"``, ``"5m"``, ``"1h"`` (time) or ``"20000"``, ``"20k"`` (placements).
+
+    Both may be given, comma separated (``"5m,100k"``): the search stops at the first.
+    A plain int is a number of placements; a float is seconds.
+    """
+    if isinstance(text, Budget):
+        return text
+    if isinstance(text, bool):
+        raise OptionError(f"budget {text!r} is not a time or a count")
+    if isinstance(text, int):
+        return Budget(placements=text)
+    if isinstance(text, float):
+        return Budget(seconds=text)
+    seconds: float | None = None
+    placements: int | None = None
+    for part in str(text).replace(" ", "").lower().split(","):
+        m_time = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h)", part)
+        m_count = re.fullmatch(r"(\d+)(k?)", part)
+        if m_time:
+            seconds = float(m_time.group(1)) * _TIME_UNITS[m_time.group(2)]
+        elif m_count:
+            placements = int(m_count.group(1)) * (1000 if m_count.group(2) else 1)
+        else:
+            raise OptionError(
+                f"cannot read budget {text!r}: expected a time such as '90s', '5m', '1h', "
+                "a number of placements such as '20000' or '20k', or both as '5m,20k'"
+            )
+    return Budget(seconds=seconds, placements=placements)
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a size such as ``"20GiB"``, ``"512MB"``, ``"1.5g"`` or a plain number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise OptionError(f"a size cannot be negative, got {text}")
+        return int(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise OptionError(f"cannot read size {text!r}: expected e.g. '20GiB', '512MB', '16g' or bytes")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+
+
+def parse_memory_limits(text: str | dict | None) -> dict[str, int]:
+    """Parse accelerate-style ``max_memory``: ``"cuda:0=20GiB,cpu=64GB"`` or a dict → bytes per device."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return {str(k): parse_bytes(v) for k, v in text.items()}
+    limits: dict[str, int] = {}
+    for part in str(text).split(","):
+        if "=" not in part:
+            raise OptionError(
+                f"cannot read memory limit {part!r}: expected DEVICE=SIZE, e.g. 'cuda:0=20GiB,cpu=64GB'"
+            )
+        device, size = part.split("=", 1)
+        device = device.strip()
+        if not device:
+            raise OptionError(f"memory limit {part!r} names no device; expected DEVICE=SIZE")
+        limits[device] = parse_bytes(size)
+    return limits
+
+
+def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Parse ``"cpu,cuda:0,cuda:1"`` into a list of device names (each well-formed, no duplicates)."""
+    items = [d.strip() for d in (text.split(",") if isinstance(text, str) else text)]
+    items = [d for d in items if d]
+    if not items:
+        raise OptionError("no devices given: expected e.g. 'cpu,cuda:0'")
+    for d in items:
+        if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", d):
+            raise OptionError(f"unknown device {d!r}: expected 'cpu', 'cuda:N' (or 'mps')")
+    seen = set()
+    for d in items:
+        if d in seen:
+            raise OptionError(f"device {d!r} is listed twice")
+        seen.add(d)
+    return items
+
+
+def parse_model_args(pairs: list[str] | None, size: str | None = None) -> dict[str, object]:
+    """Parse repeated ``--model-arg key=value`` (values read as int/float/bool when they look like one)."""
+    args: dict[str, object] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise OptionError(f"cannot read model argument {pair!r}: expected KEY=VALUE, e.g. layers=4")
+        key, value = pair.split("=", 1)
+        args[key.strip()] = _literal(value.strip())
+    if size is not None:
+        args["size"] = size
+    return args
+
+
+def _literal(value: str) -> object:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value

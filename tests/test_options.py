@@ -1,0 +1,62 @@
+"""User-typed options parse to the right values and malformed ones are refused clearly."""
+
+import pytest
+
+from placer.options import (
+    Budget,
+    OptionError,
+    parse_budget,
+    parse_bytes,
+    parse_device_list,
+    parse_memory_limits,
+    parse_model_args,
+)
+
+
+@pytest.mark.parametrize(
+    "text, seconds, placements",
+    [("90s", 90.0, None), ("5m", 300.0, None), ("1h", 3600.0, None), ("1.5min", 90.0, None),
+     ("20000", None, 20000), ("20k", None, 20000), ("5m,20k", 300.0, 20000), (500, None, 500), (2.5, 2.5, None)],
+)
+def test_budget_forms_parse_to_seconds_and_placements(text, seconds, placements):
+    assert parse_budget(text) == Budget(seconds=seconds, placements=placements)
+
+
+@pytest.mark.parametrize("text", ["", "five minutes", "5x", "-3", "5m,,", "0"])
+def test_malformed_budget_is_refused_with_the_accepted_forms(text):
+    with pytest.raises(OptionError, match="budget"):
+        parse_budget(text)
+
+
+def test_sizes_parse_binary_and_decimal_units():
+    assert parse_bytes("20GiB") == 20 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("16g") == 16 * 2**30
+    assert parse_bytes(1024) == 1024
+    with pytest.raises(OptionError, match="cannot read size"):
+        parse_bytes("lots")
+
+
+def test_memory_limits_parse_per_device():
+    assert parse_memory_limits("cuda:0=20GiB, cpu=1GB") == {"cuda:0": 20 * 2**30, "cpu": 10**9}
+    assert parse_memory_limits({"cpu": "2GiB"}) == {"cpu": 2 * 2**30}
+    assert parse_memory_limits(None) == {}
+    with pytest.raises(OptionError, match="DEVICE=SIZE"):
+        parse_memory_limits("cuda:0:20GiB")
+
+
+def test_device_lists_are_checked():
+    assert parse_device_list("cpu, cuda:0,cuda:1") == ["cpu", "cuda:0", "cuda:1"]
+    with pytest.raises(OptionError, match="unknown device 'gpu0'"):
+        parse_device_list("cpu,gpu0")
+    with pytest.raises(OptionError, match="twice"):
+        parse_device_list("cpu,cpu")
+    with pytest.raises(OptionError, match="no devices"):
+        parse_device_list(" , ")
+
+
+def test_model_args_read_numbers_and_booleans():
+    assert parse_model_args(["layers=4", "dropout=0.1", "tie=true", "name=x"], size="paper") == {
+        "layers": 4, "dropout": 0.1, "tie": True, "name": "x", "size": "paper"}
+    with pytest.raises(OptionError, match="KEY=VALUE"):
+        parse_model_args(["layers"])
