@@ -1,0 +1,314 @@
+"""Loading a user's model file into a :class:`ModelSpec`.
+
+A model file is a Python file that defines ``get_model()`` and ``get_example_inputs()``
+(optionally ``get_loss(output, *inputs)`` and ``get_optimizer(params)``), or, as a
+shortcut, module-level ``model`` and ``example_inputs``. Model arguments (the size knob,
+``{"size": "paper"}``) are passed as keywords to whichever of the two functions accepts
+them.
+
+Every way a file can be wrong ends in one :class:`~graphs.errors.ModelFileError` whose
+message says what was wrong, where (file and line), and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from graphs.errors import ModelFileError
+from graphs.user_frames import describe_frame, user_frame
+
+EXPECTED_NAMES = (
+    "get_model() and get_example_inputs() (optionally get_loss(output, *inputs) and "
+    "get_optimizer(params)), or module-level `model` and `example_inputs`"
+)
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a (possibly nested) output structure: tuple, list, dict, ModelOutput."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def default_loss(output: Any, *inputs: Any) -> torch.Tensor:
+    """Mean of the first tensor of the model's output (a scalar that touches every output element)."""
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise ModelFileError(
+            f"the default loss needs a tensor in the model's output, got {type(output).__name__}; "
+            "define get_loss(output, *inputs) in the model file"
+        )
+    return tensor.float().mean()
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """Plain SGD with learning rate 0.01 (the design's default optimizer)."""
+    return torch.optim.SGD(params, lr=0.01)
+
+
+@dataclass
+class ModelSpec:
+    """Everything placer needs about a model: the module, one batch of inputs, loss and optimizer."""
+
+    model: nn.Module
+    example_inputs: tuple
+    loss_fn: Callable[..., torch.Tensor] = default_loss
+    optimizer_fn: Callable[[Any], torch.optim.Optimizer] = default_optimizer
+    name: str = "model"
+    path: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
+    """Load ``path`` as a model file and return its :class:`ModelSpec`.
+
+    ``model_args`` entries are passed as keywords to ``get_model`` / ``get_example_inputs``
+    when the function accepts them; an entry neither accepts is refused. The example inputs
+    are run through the model once (under ``torch.no_grad``) so inputs that do not fit are
+    reported here, with the failing line, rather than deep inside capture.
+    """
+    file = Path(path)
+    module = _import_file(file)
+    args = dict(model_args or {})
+    name = file.stem
+    label = file.name
+
+    if hasattr(module, "get_model") or hasattr(module, "get_example_inputs"):
+        get_model = _required_function(module, "get_model", label)
+        get_inputs = _required_function(module, "get_example_inputs", label)
+        _check_model_args(args, [get_model, get_inputs], label)
+        model = _call_user(get_model, _accepted(get_model, args), "get_model()", label, file)
+        inputs = _call_user(get_inputs, _accepted(get_inputs, args), "get_example_inputs()", label, file)
+        model_src, inputs_src = "get_model()", "get_example_inputs()"
+    elif hasattr(module, "model") and hasattr(module, "example_inputs"):
+        if args:
+            raise ModelFileError(
+                f"{label} uses module-level `model` and `example_inputs`, which take no model "
+                f"arguments, but got {', '.join(sorted(args))}; define get_model(**kwargs) and "
+                "get_example_inputs(**kwargs) to accept them"
+            )
+        model, inputs = module.model, module.example_inputs
+        model_src, inputs_src = "`model`", "`example_inputs`"
+    else:
+        defined = sorted(n for n in vars(module) if not n.startswith("_") and n in
+                         {"get_model", "get_example_inputs", "model", "example_inputs", "get_loss",
+                          "get_optimizer"})
+        found = f" (it defines only {', '.join(defined)})" if defined else ""
+        raise ModelFileError(f"{label} does not define a model{found}; expected {EXPECTED_NAMES}")
+
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(
+            f"{model_src} in {label} gave a {type(model).__module__}.{type(model).__qualname__}, "
+            "expected a torch.nn.Module"
+        )
+    example_inputs = _as_input_tuple(inputs, inputs_src, label)
+    loss_fn = _optional_function(module, "get_loss", label) or default_loss
+    optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
+    check_inputs_fit(model, example_inputs, label)
+    return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
+                     optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args)
+
+
+def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the model") -> None:
+    """Run one forward pass under ``torch.no_grad``; raise ModelFileError when it fails.
+
+    Buffers are restored afterwards so the check leaves no trace (a BatchNorm in training
+    mode would otherwise update its running statistics).
+    """
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:  # any failure of user code is the user's input not fitting
+        where = _user_location(exc)
+        raise ModelFileError(
+            f"the example inputs do not fit the model in {label}: {type(exc).__name__}: "
+            f"{_first_line(exc)}{where}; expected inputs that the model's forward() accepts "
+            f"(got {describe_inputs(example_inputs)})"
+        ) from None
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in saved and buf.shape == saved[name].shape:
+                    buf.copy_(saved[name])
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """Short text for a tuple of inputs: tensor shapes and dtypes, other values by type."""
+    parts = []
+    for item in inputs:
+        if isinstance(item, torch.Tensor):
+            parts.append(f"tensor{list(item.shape)} {str(item.dtype).replace('torch.', '')}")
+        else:
+            parts.append(type(item).__name__)
+    return "(" + ", ".join(parts) + ")"
+
+
+def _import_file(file: Path) -> ModuleType:
+    if not file.exists():
+        raise ModelFileError(f"model file {str(file)!r} does not exist; expected a path to a .py file")
+    if file.is_dir():
+        raise ModelFileError(f"model file {str(file)!r} is a directory; expected a path to a .py file")
+    if file.suffix != ".py":
+        raise ModelFileError(f"model file {str(file)!r} is not a Python file; expected a .py file "
+                             f"defining {EXPECTED_NAMES}")
+    try:
+        source = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"cannot read model file {str(file)!r}: {exc}") from None
+    try:
+        compile(source, str(file), "exec")
+    except SyntaxError as exc:
+        code = (exc.text or "").strip()
+        shown = f": {code}" if code else ""
+        raise ModelFileError(
+            f"syntax error in {file.name} line {exc.lineno}: {exc.msg}{shown}"
+        ) from None
+
+    # A unique, stable module name per path: two model files named model.py never clash,
+    # and dataclasses/pickling inside the file find their module in sys.modules.
+    digest = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+    mod_name = f"placer_model_{file.stem.replace('-', '_')}_{digest}"
+    spec = importlib.util.spec_from_file_location(mod_name, file)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"cannot import model file {str(file)!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        sys.modules.pop(mod_name, None)
+        raise ModelFileError(
+            f"{file.name}{_line_in(exc, file)} failed to import: {type(exc).__name__}: "
+            f"{_first_line(exc)}; expected every module it imports to be installed"
+        ) from None
+    except BaseException as exc:  # SystemExit/KeyboardInterrupt in a user file are also its failure
+        sys.modules.pop(mod_name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise ModelFileError(
+            f"{file.name}{_line_in(exc, file)} raised {type(exc).__name__} while loading: "
+            f"{_first_line(exc)}"
+        ) from None
+    return module
+
+
+def _required_function(module: ModuleType, name: str, label: str) -> Callable:
+    fn = getattr(module, name, None)
+    if fn is None:
+        other = "get_example_inputs()" if name == "get_model" else "get_model()"
+        raise ModelFileError(f"{label} defines {other} but not {name}(); expected {EXPECTED_NAMES}")
+    if not callable(fn):
+        raise ModelFileError(f"{name} in {label} is a {type(fn).__name__}, expected a function {name}()")
+    return fn
+
+
+def _optional_function(module: ModuleType, name: str, label: str) -> Callable | None:
+    fn = getattr(module, name, None)
+    if fn is not None and not callable(fn):
+        raise ModelFileError(f"{name} in {label} is a {type(fn).__name__}, expected a function")
+    return fn
+
+
+def _accepts(fn: Callable) -> tuple[set[str], bool]:
+    """Keyword names ``fn`` accepts, and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), False
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _accepted(fn: Callable, args: dict[str, Any]) -> dict[str, Any]:
+    names, var_kw = _accepts(fn)
+    return {k: v for k, v in args.items() if var_kw or k in names}
+
+
+def _check_model_args(args: dict[str, Any], fns: list[Callable], label: str) -> None:
+    known: set[str] = set()
+    for fn in fns:
+        names, var_kw = _accepts(fn)
+        if var_kw:
+            return
+        known |= names
+    unknown = sorted(set(args) - known)
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise ModelFileError(
+            f"model argument(s) {', '.join(unknown)} not accepted by get_model() or "
+            f"get_example_inputs() in {label}; they accept: {accepted}"
+        )
+
+
+def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str, file: Path) -> Any:
+    try:
+        return fn(**kwargs)
+    except Exception as exc:
+        raise ModelFileError(
+            f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"
+            f"{_user_location(exc)}"
+        ) from None
+
+
+def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if not isinstance(inputs, tuple):
+        raise ModelFileError(
+            f"{what} in {label} gave a {type(inputs).__name__}; expected a tuple of the model's "
+            "positional inputs (or a single tensor)"
+        )
+    if not inputs:
+        raise ModelFileError(f"{what} in {label} gave an empty tuple; expected at least one input tensor")
+    if first_tensor(inputs) is None:
+        raise ModelFileError(
+            f"{what} in {label} holds no tensor ({describe_inputs(inputs)}); expected at least one "
+            "input tensor"
+        )
+    return inputs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _line_in(exc: BaseException, file: Path) -> str:
+    """`` line N`` of the deepest traceback frame inside ``file`` (empty when none)."""
+    target = str(file.resolve())
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        try:
+            if str(Path(frame.filename).resolve()) == target:
+                line = frame.lineno
+        except OSError:
+            continue
+    return f" line {line}" if line else ""
+
+
+def _user_location(exc: BaseException) -> str:
+    """`` (at file.py:N in fn: code)`` for the deepest traceback frame in model code."""
+    frame = user_frame(exc)
+    return f" (at {describe_frame(frame)})" if frame is not None else ""

@@ -1,0 +1,62 @@
+"""Finding the user's line in an exception raised from deep inside torch.
+
+When a model cannot be loaded, run or traced, the useful part of the traceback is the
+deepest frame in the *model's* code (the user's file, a zoo file, or a library model
+such as transformers) — not the dozens of torch.fx / torch.export frames below it.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import traceback
+from pathlib import Path
+
+import torch
+
+import graphs
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_GRAPHS_DIR = os.path.dirname(graphs.__file__)
+_ZOO_DIR = os.path.join(_GRAPHS_DIR, "zoo")
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
+_SITE_DIRS = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def is_user_file(filename: str) -> bool:
+    """True for model code: not torch, not placer's own graphs package (zoo excepted), not stdlib."""
+    if filename.startswith("<frozen") or filename.startswith("<string>"):
+        return False
+    path = os.path.abspath(filename)
+    if path.startswith(_TORCH_DIR + os.sep):
+        return False
+    if path.startswith(_GRAPHS_DIR + os.sep) and not path.startswith(_ZOO_DIR + os.sep):
+        return False
+    if path.startswith(_STDLIB_DIR + os.sep) and not path.startswith(_SITE_DIRS):
+        return False
+    return True
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, then its causes/contexts (no cycles)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The deepest traceback frame in model code, searching the exception then its causes."""
+    for link in _chain(exc):
+        frames = [f for f in traceback.extract_tb(link.__traceback__) if is_user_file(f.filename)]
+        if frames:
+            return frames[-1]
+    return None
+
+
+def describe_frame(frame: traceback.FrameSummary) -> str:
+    """``file.py:12 in forward: code text`` (code omitted when the source is unavailable)."""
+    code = f": {frame.line.strip()}" if frame.line else ""
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}{code}"

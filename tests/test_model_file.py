@@ -1,0 +1,212 @@
+"""The model-file loader: the happy paths and one clear ModelFileError per kind of bad file."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from graphs.errors import ModelFileError, PlacerError
+from graphs.model_file import ModelSpec, default_loss, first_tensor, load_model_file
+
+GOOD = """
+import torch
+from torch import nn
+
+def get_model(size="small"):
+    width = {"small": 4, "paper": 8}[size]
+    return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, 2))
+
+def get_example_inputs(size="small"):
+    return (torch.randn(5, 3),)
+"""
+
+
+def write(tmp_path, text, name="model.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_error(tmp_path, text, name="model.py", **kwargs) -> str:
+    path = write(tmp_path, text, name)
+    with pytest.raises(ModelFileError) as info:
+        load_model_file(path, **kwargs)
+    assert isinstance(info.value, PlacerError)
+    return str(info.value)
+
+
+def test_loads_functions_with_defaults(tmp_path):
+    spec = load_model_file(write(tmp_path, GOOD))
+    assert isinstance(spec, ModelSpec)
+    assert spec.name == "model"
+    assert isinstance(spec.example_inputs, tuple) and spec.example_inputs[0].shape == (5, 3)
+    out = spec.model(*spec.example_inputs)
+    loss = spec.loss_fn(out, *spec.example_inputs)
+    assert loss.shape == () and torch.isclose(loss, out.float().mean())
+    opt = spec.optimizer_fn(spec.model.parameters())
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.01
+
+
+def test_model_args_reach_both_functions(tmp_path):
+    spec = load_model_file(write(tmp_path, GOOD), model_args={"size": "paper"})
+    assert spec.model[0].out_features == 8
+    assert spec.model_args == {"size": "paper"}
+
+
+def test_unknown_model_arg_is_named(tmp_path):
+    msg = load_error(tmp_path, GOOD, model_args={"layrs": 3})
+    assert "layrs" in msg and "size" in msg
+
+
+def test_custom_loss_and_optimizer(tmp_path):
+    spec = load_model_file(write(tmp_path, GOOD + """
+def get_loss(output, x):
+    return (output ** 2).sum()
+
+def get_optimizer(params):
+    return torch.optim.Adam(params, lr=1e-3)
+"""))
+    out = spec.model(*spec.example_inputs)
+    assert torch.isclose(spec.loss_fn(out, *spec.example_inputs), (out ** 2).sum())
+    assert isinstance(spec.optimizer_fn(spec.model.parameters()), torch.optim.Adam)
+
+
+def test_module_level_shortcut_and_single_tensor(tmp_path):
+    spec = load_model_file(write(tmp_path, """
+        import torch
+        model = torch.nn.Linear(3, 2)
+        example_inputs = torch.randn(4, 3)
+    """))
+    assert isinstance(spec.example_inputs, tuple) and len(spec.example_inputs) == 1
+
+
+def test_default_loss_uses_first_tensor_of_structure():
+    out = {"logits": torch.ones(2, 3) * 2, "other": torch.zeros(1)}
+    assert first_tensor(out) is out["logits"]
+    assert default_loss((out,)).item() == pytest.approx(2.0)
+    with pytest.raises(ModelFileError, match="get_loss"):
+        default_loss("no tensor here")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model_file(tmp_path / "nope.py")
+
+
+def test_not_a_python_file(tmp_path):
+    msg = load_error(tmp_path, "x = 1", name="model.txt")
+    assert "not a Python file" in msg and ".py" in msg
+
+
+def test_directory(tmp_path):
+    with pytest.raises(ModelFileError, match="directory"):
+        load_model_file(tmp_path)
+
+
+def test_syntax_error_names_line(tmp_path):
+    msg = load_error(tmp_path, "import torch\n\ndef get_model(:\n    pass\n")
+    assert "syntax error" in msg and "line 3" in msg and "def get_model(:" in msg
+
+
+def test_import_error_inside_file(tmp_path):
+    msg = load_error(tmp_path, "import torch\nimport not_a_real_package_xyz\n")
+    assert "line 2" in msg and "not_a_real_package_xyz" in msg and "installed" in msg
+
+
+def test_error_at_import_time(tmp_path):
+    msg = load_error(tmp_path, "x = 1\nraise RuntimeError('boom at load')\n")
+    assert "line 2" in msg and "RuntimeError" in msg and "boom at load" in msg
+
+
+def test_missing_functions_names_what_was_expected(tmp_path):
+    msg = load_error(tmp_path, "import torch\ndef build():\n    return torch.nn.Linear(1, 1)\n")
+    assert "get_model()" in msg and "get_example_inputs()" in msg and "example_inputs" in msg
+
+
+def test_only_get_model(tmp_path):
+    msg = load_error(tmp_path, "import torch\ndef get_model():\n    return torch.nn.Linear(1, 1)\n")
+    assert "not get_example_inputs()" in msg
+
+
+def test_get_model_not_callable(tmp_path):
+    msg = load_error(tmp_path, "get_model = 3\ndef get_example_inputs():\n    return ()\n")
+    assert "get_model" in msg and "expected a function" in msg
+
+
+def test_get_model_raising(tmp_path):
+    msg = load_error(tmp_path, """
+        import torch
+        def get_model():
+            raise ValueError("no weights for this size")
+        def get_example_inputs():
+            return (torch.randn(1),)
+    """)
+    assert "get_model() in model.py raised ValueError: no weights for this size" in msg
+    assert "model.py:4" in msg
+
+
+def test_get_model_returns_non_module(tmp_path):
+    msg = load_error(tmp_path, """
+        import torch
+        def get_model():
+            return [torch.nn.Linear(1, 1)]
+        def get_example_inputs():
+            return (torch.randn(1),)
+    """)
+    assert "list" in msg and "expected a torch.nn.Module" in msg
+
+
+@pytest.mark.parametrize("inputs,expected", [
+    ("[torch.randn(2, 3)]", "gave a list"),
+    ("()", "empty tuple"),
+    ("(1, 'a')", "holds no tensor"),
+])
+def test_bad_example_inputs(tmp_path, inputs, expected):
+    msg = load_error(tmp_path, f"""
+        import torch
+        def get_model():
+            return torch.nn.Linear(3, 2)
+        def get_example_inputs():
+            return {inputs}
+    """)
+    assert expected in msg and "get_example_inputs()" in msg
+
+
+def test_inputs_that_do_not_fit(tmp_path):
+    msg = load_error(tmp_path, """
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(3, 2)
+            def forward(self, x):
+                return self.fc(x)
+        def get_model():
+            return Net()
+        def get_example_inputs():
+            return (torch.randn(4, 5),)
+    """)
+    assert "do not fit" in msg and "tensor[4, 5]" in msg
+    assert "model.py:8" in msg and "self.fc(x)" in msg
+    assert "\n" not in msg  # one clear line, no traceback
+
+
+def test_fit_check_leaves_buffers_untouched(tmp_path):
+    spec = load_model_file(write(tmp_path, """
+        import torch
+        model = torch.nn.BatchNorm1d(3)
+        example_inputs = (torch.randn(8, 3) + 5,)
+    """))
+    assert torch.equal(spec.model.running_mean, torch.zeros(3))
+
+
+def test_two_files_with_same_name_do_not_clash(tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    spec_a = load_model_file(write(a, "import torch\nmodel = torch.nn.Linear(3, 1)\nexample_inputs = (torch.randn(1, 3),)\n"))
+    spec_b = load_model_file(write(b, "import torch\nmodel = torch.nn.Linear(3, 7)\nexample_inputs = (torch.randn(1, 3),)\n"))
+    assert spec_a.model.out_features == 1 and spec_b.model.out_features == 7
