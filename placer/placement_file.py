@@ -1,0 +1,247 @@
+"""Placement files: a placement saved as JSON, and refused when it does not fit.
+
+A placement file holds the node → device assignment, the fingerprint of the model it
+was made for, the device list and free-form metadata (model name, cluster, step time,
+whether that time was simulated or measured)::
+
+    {
+      "schema_version": 1,
+      "fingerprint": "…",
+      "devices": ["gpu0", "gpu1"],
+      "assignment": {"conv1": "gpu0", "fc": "gpu1"},
+      "metadata": {"model": "resnet50", "cluster": "4xK40", "step_time": 0.12, "source": "simulated"}
+    }
+
+Loading checks the file against the model (fingerprint, node names) and the devices at
+hand, and raises :class:`PlacementFileError` naming what did not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import networkx as nx
+
+from graphs.apply import placement_device_map
+from graphs.errors import PlacerError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Placement",
+    "PlacementFileError",
+    "save_placement",
+    "load_placement",
+    "to_device_map",
+    "save_device_map",
+]
+
+#: Version of the placement-file layout; bump when fields change meaning.
+SCHEMA_VERSION = 1
+
+
+class PlacementFileError(PlacerError):
+    """A placement file that is malformed or does not fit the model or the devices."""
+
+
+@dataclass
+class Placement:
+    """A placement of one model on a set of devices.
+
+    Attributes:
+        assignment: node name → device name.
+        fingerprint: fingerprint of the model the placement was made for.
+        devices: the device names the placement may use (order is kept).
+        metadata: free-form, JSON-serialisable details (``model``, ``cluster``,
+            ``step_time``, ``source`` = "simulated" | "measured", …).
+        schema_version: the file layout version.
+    """
+
+    assignment: dict[str, str]
+    fingerprint: str
+    devices: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        unknown = sorted({d for d in self.assignment.values()} - set(self.devices))
+        if unknown:
+            raise PlacementFileError(
+                f"placement assigns nodes to {unknown}, which are not in its device list {self.devices}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document for this placement."""
+        return {
+            "schema_version": self.schema_version,
+            "fingerprint": self.fingerprint,
+            "devices": list(self.devices),
+            "assignment": dict(sorted(self.assignment.items())),
+            "metadata": dict(self.metadata),
+        }
+
+
+def save_placement(placement: Placement, path: str | os.PathLike) -> Path:
+    """Write ``placement`` as JSON to ``path`` (atomically: a partial file never replaces a good one).
+
+    Raises:
+        PlacementFileError: metadata that JSON cannot represent.
+    """
+    path = Path(path)
+    try:
+        text = json.dumps(placement.to_dict(), indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PlacementFileError(f"placement metadata cannot be written as JSON: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _graph_nodes_and_fingerprint(graph: Any) -> tuple[set[str] | None, str | None]:
+    if graph is None:
+        return None, None
+    g = graph.graph if hasattr(graph, "gm") else graph  # a CapturedModel or a networkx graph
+    if not isinstance(g, nx.Graph):
+        raise PlacementFileError(
+            f"expected a placement graph (networkx) or a CapturedModel; got {type(graph).__name__}"
+        )
+    fp = getattr(graph, "fingerprint", None) or g.graph.get("fingerprint")
+    return {str(n) for n in g.nodes}, fp
+
+
+def load_placement(
+    path: str | os.PathLike,
+    graph: Any = None,
+    fingerprint: str | None = None,
+    devices: Iterable[str] | None = None,
+) -> Placement:
+    """Read a placement file and check it against the model and devices at hand.
+
+    Args:
+        path: the JSON file.
+        graph: the placement graph (or a CapturedModel): its fingerprint must match and
+            the assignment must cover exactly its nodes.
+        fingerprint: the model fingerprint to match (when no graph is given).
+        devices: device names available now; every assigned device must be one of them.
+
+    Raises:
+        PlacementFileError: unreadable or malformed JSON, a missing or unsupported
+            schema version, missing fields, a fingerprint of another model, an unknown
+            device, or missing/extra nodes.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlacementFileError(f"cannot read placement file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlacementFileError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            f"expected a placement file written by placer"
+        ) from exc
+    placement = _from_dict(doc, str(path))
+
+    nodes, graph_fp = _graph_nodes_and_fingerprint(graph)
+    expected_fp = fingerprint or graph_fp
+    if expected_fp is not None and placement.fingerprint != expected_fp:
+        raise PlacementFileError(
+            f"{path} was made for another model: its fingerprint is {placement.fingerprint!r}, "
+            f"the model's is {expected_fp!r}"
+        )
+    if devices is not None:
+        devices = [str(d) for d in devices]
+        unknown = sorted(set(placement.assignment.values()) - set(devices))
+        if unknown:
+            raise PlacementFileError(
+                f"{path} places nodes on unknown device(s) {unknown}; available devices are {devices}"
+            )
+    if nodes is not None:
+        missing = sorted(nodes - set(placement.assignment))
+        extra = sorted(set(placement.assignment) - nodes)
+        if missing:
+            raise PlacementFileError(
+                f"{path} misses {len(missing)} node(s) of the model, e.g. {missing[:5]}"
+            )
+        if extra:
+            raise PlacementFileError(
+                f"{path} places {len(extra)} node(s) the model does not have, e.g. {extra[:5]}"
+            )
+    return placement
+
+
+def _from_dict(doc: Any, where: str) -> Placement:
+    if not isinstance(doc, dict):
+        raise PlacementFileError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if "schema_version" not in doc:
+        raise PlacementFileError(f"{where} has no schema_version; expected schema_version {SCHEMA_VERSION}")
+    version = doc["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise PlacementFileError(
+            f"{where} has schema_version {version!r}; this placer reads schema_version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in ("fingerprint", "devices", "assignment") if k not in doc]
+    if missing:
+        raise PlacementFileError(f"{where} lacks the field(s) {missing}")
+    fp, devs, assign = doc["fingerprint"], doc["devices"], doc["assignment"]
+    if not isinstance(fp, str):
+        raise PlacementFileError(f"{where}: fingerprint must be a string, got {fp!r}")
+    if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
+        raise PlacementFileError(f"{where}: devices must be a list of device names, got {devs!r}")
+    if not isinstance(assign, dict) or not all(isinstance(v, str) for v in assign.values()):
+        raise PlacementFileError(f"{where}: assignment must map node names to device names")
+    metadata = doc.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise PlacementFileError(f"{where}: metadata must be an object, got {type(metadata).__name__}")
+    try:
+        return Placement(assignment=dict(assign), fingerprint=fp, devices=list(devs), metadata=metadata)
+    except PlacementFileError as exc:
+        raise PlacementFileError(f"{where}: {exc}") from exc
+
+
+def to_device_map(
+    placement: Placement | Mapping[str, str], graph: Any, real_devices: Mapping[str, str] | None = None
+) -> dict[str, str] | None:
+    """The accelerate-style device_map of a module-aligned placement, else None.
+
+    Args:
+        placement: a :class:`Placement` or node → device mapping.
+        graph: the placement graph (node attribute ``module``), a CapturedModel or a GraphModule.
+        real_devices: optional device name → torch device string, so the map names real devices.
+    """
+    assignment = placement.assignment if isinstance(placement, Placement) else dict(placement)
+    if real_devices is not None:
+        assignment = {n: real_devices.get(d, d) for n, d in assignment.items()}
+    # A CapturedModel carries the placement graph; a GraphModule or nx graph is used as is.
+    g = graph.graph if hasattr(graph, "gm") else graph
+    return placement_device_map(g, assignment)
+
+
+def save_device_map(
+    placement: Placement | Mapping[str, str],
+    graph: Any,
+    path: str | os.PathLike,
+    real_devices: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``device_map.json`` for a module-aligned placement.
+
+    Raises:
+        PlacementFileError: the placement is not module-aligned (a module's ops are split
+            across devices), so no device_map describes it.
+    """
+    device_map = to_device_map(placement, graph, real_devices)
+    if device_map is None:
+        raise PlacementFileError(
+            "the placement is not module-aligned (some module has ops on several devices), "
+            "so it cannot be written as a device_map; use the placement file instead"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+    return path
