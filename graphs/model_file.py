@@ -12,6 +12,7 @@ message says what was wrong, where (file and line), and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -20,7 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -136,9 +137,8 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
     Buffers are restored afterwards so the check leaves no trace (a BatchNorm in training
     mode would otherwise update its running statistics).
     """
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_buffers(model):
             model(*example_inputs)
     except Exception as exc:  # any failure of user code is the user's input not fitting
         where = _user_location(exc)
@@ -147,6 +147,14 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
             f"{_first_line(exc)}{where}; expected inputs that the model's forward() accepts "
             f"(got {describe_inputs(example_inputs)})"
         ) from None
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer's values on exit (trial forward passes must leave no trace)."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():

@@ -1,0 +1,223 @@
+"""The placement graph: a networkx DiGraph with one node per fx node and its costs.
+
+Built from a shape-annotated ``torch.fx.GraphModule`` — either ``node.meta["tensor_meta"]``
+written by ``ShapeProp`` (fx capture) or ``node.meta["val"]`` fake tensors (torch.export
+capture). Node and edge attributes follow docs/contracts.md; the time dicts stay empty
+until profiling fills them.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import _get_qualified_name
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from graphs.flops import node_bytes_moved, node_flops
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype, size and autograd flag of one tensor a node produces."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    requires_grad: bool
+
+
+def _as_int(size: Any) -> int:
+    try:
+        return int(size)
+    except (TypeError, ValueError, RuntimeError):  # an unbacked SymInt has no concrete value
+        return 0
+
+
+def _info(shape: Any, dtype: torch.dtype, requires_grad: bool) -> TensorInfo:
+    dims = tuple(_as_int(s) for s in shape)
+    count = 1
+    for d in dims:
+        count *= d
+    return TensorInfo(dims, dtype, count * dtype.itemsize, bool(requires_grad))
+
+
+def _walk(value: Any) -> Iterator[TensorInfo]:
+    # TensorMetadata is a NamedTuple: test it before the generic tuple case.
+    if isinstance(value, TensorMetadata):
+        yield _info(value.shape, value.dtype, value.requires_grad)
+    elif isinstance(value, torch.Tensor):
+        yield _info(value.shape, value.dtype, value.requires_grad)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+
+
+def tensor_outputs(node: fx.Node) -> list[TensorInfo]:
+    """Every tensor ``node`` produces, from ShapeProp's ``tensor_meta`` or export's ``val``."""
+    if "tensor_meta" in node.meta:
+        return list(_walk(node.meta["tensor_meta"]))
+    if "val" in node.meta:
+        return list(_walk(node.meta["val"]))
+    return []
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def target_text(target: Any) -> str:
+    """The fx target as stable text: ``"layer1.0.conv1"``, ``"torch.add"``, ``"aten.linear.default"``."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)
+    try:
+        name = _get_qualified_name(target)
+    except Exception:  # objects without a qualified name: drop memory addresses from repr
+        return _ADDRESS.sub("", repr(target))
+    return name.replace("_operator.", "operator.", 1) if name.startswith("_operator.") else name
+
+
+def owning_module(node: fx.Node) -> str:
+    """Qualified path of the module ``node`` belongs to (``""`` for the top level).
+
+    call_module nodes own themselves; other nodes take the innermost entry of
+    ``nn_module_stack`` (recorded by both fx's tracer and torch.export); get_attr nodes
+    outside any module call belong to their attribute's parent.
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(str(path))
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    return ""
+
+
+def _clean_path(path: str) -> str:
+    # torch.export (strict) may spell paths as L['self'].layers[0]; keep dotted module paths.
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+             torch.complex128)
+
+
+def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerprint: str,
+                          trust_requires_grad: bool = True) -> nx.DiGraph:
+    """Turn a shape-annotated GraphModule into the placement graph of docs/contracts.md.
+
+    ``param_bytes`` of a parameter or buffer is counted once, on the first node that uses
+    it, so a module called twice (shared weights) does not double the model's memory; its
+    ``bytes_moved`` still counts the parameters it reads on every call.
+    ``trust_requires_grad``: use the autograd flag recorded on the tensors (ShapeProp runs
+    with autograd on); torch.export records none, so it is derived from the graph instead.
+    """
+    graph = nx.DiGraph(name=name, fingerprint=fingerprint, capture=method, profiled_kinds=[])
+    infos: dict[fx.Node, list[TensorInfo]] = {}
+    out_bytes: dict[fx.Node, int] = {}
+    grad: dict[fx.Node, bool] = {}
+    owned: set[int] = set()
+
+    def shape_of(arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, fx.Node):
+            found = infos.get(arg)
+            return found[0].shape if found else None
+        return None
+
+    for node in gm.graph.nodes:
+        outputs = [] if node.op == "output" else tensor_outputs(node)
+        infos[node] = outputs
+        total = sum(t.nbytes for t in outputs)
+        out_bytes[node] = total
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+        param_bytes = 0
+        params_read = 0
+        tensors: list[torch.Tensor] = []
+        if module is not None:
+            tensors = _module_tensors(module)
+            params_read = sum(t.numel() * t.element_size() for t in tensors)
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                params_read = total  # a lookup reads the rows it returns, not the table
+        elif node.op == "get_attr":
+            value = _fetch_attr(gm, str(node.target))
+            tensors = [value] if isinstance(value, torch.Tensor) else []
+        for t in tensors:
+            if id(t) not in owned:
+                owned.add(id(t))
+                param_bytes += t.numel() * t.element_size()
+
+        inputs = node.all_input_nodes
+        grad[node] = _requires_grad(node, outputs, tensors, inputs, grad, trust_requires_grad)
+        first = outputs[0] if outputs else None
+        graph.add_node(
+            node.name,
+            op=node.op,
+            target=target_text(node.target),
+            module=owning_module(node),
+            shape=list(first.shape) if first else None,
+            dtype=str(first.dtype) if first else None,
+            out_bytes=int(total),
+            param_bytes=int(param_bytes),
+            flops=int(node_flops(node, module, shape_of, first.shape if first else None)),
+            bytes_moved=int(node_bytes_moved(node, [out_bytes[i] for i in inputs], total, params_read)),
+            requires_grad=bool(grad[node]),
+            fwd_time={},
+            bwd_time={},
+            time={},
+        )
+        for inp in inputs:
+            graph.add_edge(inp.name, node.name, bytes=int(_edge_bytes(inp, node, infos, out_bytes)))
+    return graph
+
+
+def _edge_bytes(producer: fx.Node, consumer: fx.Node, infos: dict, out_bytes: dict) -> int:
+    """Bytes crossing producer→consumer: the producer's output, or only the piece a getitem takes."""
+    if (consumer.op == "call_function" and consumer.target is operator.getitem
+            and len(infos.get(producer, ())) != 1):
+        return out_bytes[consumer]
+    return out_bytes[producer]
+
+
+def _requires_grad(node: fx.Node, outputs: list[TensorInfo], tensors: list[torch.Tensor],
+                   inputs: list[fx.Node], grad: dict[fx.Node, bool], trust: bool) -> bool:
+    if not outputs:
+        return False
+    if trust:
+        return any(t.requires_grad for t in outputs)
+    if node.op == "get_attr":
+        return any(t.requires_grad for t in tensors)
+    if node.op == "placeholder":
+        return any(t.requires_grad for t in outputs)
+    if not any(t.dtype in _FLOATING for t in outputs):
+        return False  # integer/bool results (argmax, comparisons) carry no gradient
+    if node.op == "call_function" and "detach" in target_text(node.target):
+        return False
+    return any(grad.get(i, False) for i in inputs) or any(t.requires_grad for t in tensors)
