@@ -14,11 +14,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
+import networkx as nx
 import numpy as np
 
-from graphs.errors import PlacerError
+from graphs.errors import GraphError, PlacerError
+
+if TYPE_CHECKING:  # imported lazily at run time: cluster/cost_model import nothing from here
+    from envs.cluster import Cluster
+    from envs.cost_model import CostModel
 
 #: Optimizer state bytes per parameter byte, by optimizer name.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {
@@ -58,6 +63,15 @@ class PlacementProblem:
         memory_capacity: [D] bytes.
         optimizer_state_factor: optimizer state bytes per parameter byte.
         simulated: True when the device figures come from a spec, False when measured.
+        requires_grad: [N] bool, the node's output takes part in autograd (it has a backward
+            op; a cut edge carries a gradient back only when both ends require grad).
+            Defaults to all True.
+        pred_ptr, pred_edge: CSR of incoming edges: the edges into node i are
+            ``pred_edge[pred_ptr[i]:pred_ptr[i+1]]`` (edge ids, by ascending source).
+        succ_ptr, succ_edge: CSR of outgoing edges, by ascending destination.
+        cluster_name: name of the cluster the device arrays came from.
+
+    The CSR arrays are derived from ``edge_src``/``edge_dst`` when not given.
     """
 
     name: str
@@ -78,11 +92,34 @@ class PlacementProblem:
     memory_capacity: np.ndarray
     optimizer_state_factor: float = 0.0
     simulated: bool = True
+    requires_grad: np.ndarray | None = None
+    pred_ptr: np.ndarray | None = None
+    pred_edge: np.ndarray | None = None
+    succ_ptr: np.ndarray | None = None
+    succ_edge: np.ndarray | None = None
+    cluster_name: str = ""
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self._index:
             self._index.update({n: i for i, n in enumerate(self.node_names)})
+        n = len(self.node_names)
+        if self.requires_grad is None:
+            object.__setattr__(self, "requires_grad", np.ones(n, dtype=bool))
+        if self.pred_ptr is None or self.pred_edge is None or self.succ_ptr is None or self.succ_edge is None:
+            src = np.asarray(self.edge_src, dtype=np.int64)
+            dst = np.asarray(self.edge_dst, dtype=np.int64)
+            pred_ptr, pred_edge = _csr(dst, src, n)
+            succ_ptr, succ_edge = _csr(src, dst, n)
+            object.__setattr__(self, "pred_ptr", pred_ptr)
+            object.__setattr__(self, "pred_edge", pred_edge)
+            object.__setattr__(self, "succ_ptr", succ_ptr)
+            object.__setattr__(self, "succ_edge", succ_edge)
+
+    @property
+    def grad_edge(self) -> np.ndarray:
+        """[E] bool: the edge carries a gradient back (both ends require grad)."""
+        return self.requires_grad[self.edge_src] & self.requires_grad[self.edge_dst]
 
     @property
     def num_nodes(self) -> int:
@@ -156,3 +193,121 @@ class PlacementProblem:
                 f"valid indices are 0..{self.num_devices - 1}"
             )
         return arr
+
+
+def _csr(key: np.ndarray, other: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over ``key``: edge ids grouped by key node, each group sorted by ``other``."""
+    order = np.lexsort((other, key)) if key.size else np.zeros(0, dtype=np.int64)
+    counts = np.bincount(key, minlength=n) if key.size else np.zeros(n, dtype=np.int64)
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr, order.astype(np.int64)
+
+
+def topological_order(graph: nx.DiGraph) -> list[str]:
+    """The fixed topological order every simulator uses: Kahn's algorithm, ties broken by
+    the order nodes were added to the graph (the fx order for a captured graph).
+
+    Raises:
+        GraphError: when the graph has a cycle.
+    """
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    try:
+        return list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(graph)
+        raise GraphError(
+            f"graph {graph.graph.get('name', '')!r} has a cycle through {[u for u, _ in cycle][:5]}; "
+            "a placement graph must be a DAG"
+        ) from None
+
+
+def compile_problem(
+    graph: nx.DiGraph,
+    cluster: "Cluster | str",
+    optimizer: str = "sgd",
+    cost_model: "CostModel | None" = None,
+) -> PlacementProblem:
+    """Flatten a placement graph (op or group graph) on a cluster into a :class:`PlacementProblem`.
+
+    Args:
+        graph: a placement graph with the attributes of docs/contracts.md; missing numeric
+            attributes count as 0, a missing ``requires_grad`` as True except for
+            placeholders and the output.
+        cluster: a :class:`~envs.cluster.Cluster`, or anything :func:`~envs.cluster.load_cluster` takes.
+        optimizer: name in :data:`OPTIMIZER_STATE_FACTOR` (state bytes per parameter byte).
+        cost_model: node/transfer costs; default :meth:`CostModel.for_graph` (profiles where
+            the device kind was profiled, calibrated roofline elsewhere).
+
+    Raises:
+        PlacementError: unknown optimizer.  GraphError: empty graph or a cycle.
+    """
+    from envs.cluster import load_cluster
+    from envs.cost_model import CostModel, node_requires_grad
+
+    key = str(optimizer).lower()
+    if key not in OPTIMIZER_STATE_FACTOR:
+        raise PlacementError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATE_FACTOR)}")
+    if not isinstance(graph, nx.DiGraph) or graph.number_of_nodes() == 0:
+        raise GraphError("compile_problem needs a non-empty networkx.DiGraph placement graph")
+    cluster = load_cluster(cluster)
+    if cost_model is None:
+        cost_model = CostModel.for_graph(graph, cluster)
+    order = topological_order(graph)
+    index = {n: i for i, n in enumerate(order)}
+    n = len(order)
+    attrs = [graph.nodes[v] for v in order]
+
+    def column(key: str) -> np.ndarray:
+        return np.array([float(a.get(key) or 0) for a in attrs], dtype=np.float64)
+
+    requires_grad = np.array([node_requires_grad(a) for a in attrs], dtype=bool)
+    out_bytes = column("out_bytes")
+    if all("act_bytes" in a for a in attrs):
+        # A group graph may state its members' kept activations directly.
+        act_bytes = column("act_bytes")
+    else:
+        # Parameters (get_attr) are counted in param_bytes; the output node is no tensor.
+        keeps = requires_grad & np.array([a.get("op") not in ("get_attr", "output") for a in attrs])
+        act_bytes = np.where(keeps, out_bytes, 0.0)
+    fwd, bwd = cost_model.node_times(graph, order, cluster.devices)
+    bwd[~requires_grad] = 0.0
+
+    edges = sorted((index[u], index[v], float(d.get("bytes") or 0)) for u, v, d in graph.edges(data=True))
+    edge_src = np.array([e[0] for e in edges], dtype=np.int64)
+    edge_dst = np.array([e[1] for e in edges], dtype=np.int64)
+    edge_bytes = np.array([e[2] for e in edges], dtype=np.float64)
+
+    names = cluster.device_names
+    d = len(names)
+    latency = np.zeros((d, d))
+    bandwidth = np.full((d, d), np.inf)
+    for a in range(d):
+        for b in range(d):
+            if a != b:
+                link = cluster.link(names[a], names[b])
+                latency[a, b] = link.latency_s
+                bandwidth[a, b] = link.bandwidth_Bps
+
+    return PlacementProblem(
+        name=str(graph.graph.get("name", "graph")),
+        node_names=tuple(order),
+        device_names=tuple(names),
+        device_kinds=tuple(dev.kind for dev in cluster.devices),
+        fwd_time=fwd,
+        bwd_time=bwd,
+        param_bytes=column("param_bytes"),
+        act_bytes=act_bytes.astype(np.float64),
+        out_bytes=out_bytes,
+        flops=column("flops"),
+        edge_src=edge_src,
+        edge_dst=edge_dst,
+        edge_bytes=edge_bytes,
+        latency=latency,
+        bandwidth=bandwidth,
+        memory_capacity=np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.float64),
+        optimizer_state_factor=OPTIMIZER_STATE_FACTOR[key],
+        simulated=cluster.simulated,
+        requires_grad=requires_grad,
+        cluster_name=cluster.name,
+    )

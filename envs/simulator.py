@@ -1,0 +1,490 @@
+"""The batched training-step simulator: step time, busy time and peak memory of placements.
+
+Semantics (the reference simulator, :mod:`envs.reference_simulator`, implements exactly
+the same rules as an event-driven simulation, and the tests hold the two to 1e-9):
+
+* **Compute**: one in-order stream per device. A device runs the forward ops placed on it
+  in the problem's topological order, then the backward ops placed on it in reverse
+  order (as autograd queues them on each device's stream). An op starts when its device
+  is free and all its inputs have arrived.
+* **Forward**: node i's input from predecessor p arrives when p finished, or, when p sits
+  on another device, when the copy of the edge's tensor over the link p→i finished.
+* **Backward**: only nodes that require grad have a backward op. Node i's backward waits
+  for the gradient from every successor c that requires grad: when c's backward
+  finished, or, across devices, when the gradient copy over the link c→i finished.
+* **Transfers**: every cut edge is one transfer forward (and one gradient transfer back
+  when both ends require grad), costing ``latency + bytes / bandwidth``. Transfers occupy
+  the link, not the devices, so they overlap compute. Each ordered device pair (a, b) is
+  one channel (a copy engine/link direction) that carries one transfer at a time, FIFO in
+  the order the simulator issues them: forward transfers by (consumer in topological
+  order, producer ascending), then gradient transfers by (receiving node in reverse
+  order, sender ascending). A transfer starts when its tensor is ready and its channel
+  is free.
+* **Step time** is when the last op finishes. **Busy time** per device is the sum of its
+  ops' forward and backward times.
+* **Memory** per device: parameters + gradients + optimizer state of its nodes, plus the
+  activations its nodes keep for backward (``act_bytes``), plus the received copy of
+  every cut edge's tensor on the consumer's device. Activations and received copies are
+  allocated during the forward and freed by backward ops; since a device's stream runs
+  all its forward ops before any backward op, and every copy into a device feeds one of
+  its forward ops, all allocations on a device precede all its frees: the peak over the
+  schedule is reached at the forward/backward boundary and equals that sum.
+* A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
+  says by how many bytes each device is over.
+
+Two implementations: a numpy path (loop over nodes, vectorised over the batch), always
+available, and a numba path (``@njit(parallel=True)`` over the batch) used when numba
+imports (:data:`HAS_NUMBA`). Both give the same results.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from envs.problem import PlacementError, PlacementProblem
+
+try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
+    import numba as _numba
+
+    HAS_NUMBA = os.environ.get("PLACER_DISABLE_NUMBA", "") not in ("1", "true", "yes")
+except ImportError:  # pragma: no cover - depends on the environment
+    _numba = None
+    HAS_NUMBA = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The simulated training step of one placement.
+
+    Attributes:
+        step_time: seconds.
+        busy_time: [D] seconds of compute per device.
+        peak_memory: [D] bytes.
+        fits: every device within its capacity.
+        over_memory: [D] bytes over capacity (0 where it fits).
+        transfer_time: total seconds links spent transferring.
+        transfer_bytes: total bytes transferred (forward copies + gradients).
+    """
+
+    step_time: float
+    busy_time: np.ndarray
+    peak_memory: np.ndarray
+    fits: bool
+    over_memory: np.ndarray
+    transfer_time: float
+    transfer_bytes: float
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Results for a batch of B placements (arrays indexed by placement, then device)."""
+
+    step_time: np.ndarray  # [B]
+    busy_time: np.ndarray  # [B, D]
+    peak_memory: np.ndarray  # [B, D]
+    fits: np.ndarray  # [B] bool
+    over_memory: np.ndarray  # [B, D] bytes over capacity, 0 where within
+    transfer_time: np.ndarray  # [B] seconds links were busy
+    transfer_bytes: np.ndarray  # [B]
+
+    def __len__(self) -> int:
+        return int(self.step_time.shape[0])
+
+    def __getitem__(self, b: int) -> StepResult:
+        return StepResult(
+            float(self.step_time[b]),
+            self.busy_time[b],
+            self.peak_memory[b],
+            bool(self.fits[b]),
+            self.over_memory[b],
+            float(self.transfer_time[b]),
+            float(self.transfer_bytes[b]),
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Start and finish time of every op and transfer of one placement (for Gantt charts).
+
+    Attributes:
+        placement: [N] device index per node.
+        fwd_start, fwd_end, bwd_start, bwd_end: [N] seconds (bwd_* are NaN where the node
+            has no backward op).
+        fwd_xfer_start, fwd_xfer_end: [E] forward copy of each edge (NaN when not cut).
+        bwd_xfer_start, bwd_xfer_end: [E] gradient copy of each edge (NaN when none).
+        result: the step's :class:`StepResult`.
+    """
+
+    placement: np.ndarray
+    fwd_start: np.ndarray
+    fwd_end: np.ndarray
+    bwd_start: np.ndarray
+    bwd_end: np.ndarray
+    fwd_xfer_start: np.ndarray
+    fwd_xfer_end: np.ndarray
+    bwd_xfer_start: np.ndarray
+    bwd_xfer_end: np.ndarray
+    result: StepResult
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """Contiguous arrays in the layout both kernels read (built once per problem)."""
+
+    fwd: np.ndarray  # [N, D] float64
+    bwd: np.ndarray  # [N, D]
+    rg: np.ndarray  # [N] bool
+    pred_ptr: np.ndarray  # [N+1] int64
+    pred_src: np.ndarray  # [E] source node of each incoming-edge slot
+    pred_bytes: np.ndarray  # [E]
+    pred_eid: np.ndarray  # [E] edge id of each slot
+    gsucc_ptr: np.ndarray  # [N+1] outgoing gradient edges (both ends require grad)
+    gsucc_dst: np.ndarray
+    gsucc_bytes: np.ndarray
+    gsucc_eid: np.ndarray
+    latency: np.ndarray  # [D, D]
+    bandwidth: np.ndarray  # [D, D]
+    static_mem: np.ndarray  # [N] params + grads + optimizer state + kept activations
+    capacity: np.ndarray  # [D]
+
+
+# Problems are frozen and compared by identity: cache their kernel arrays beside them.
+_ARRAYS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, _Arrays]" = weakref.WeakKeyDictionary()
+
+
+def _arrays(problem: PlacementProblem) -> _Arrays:
+    cached = _ARRAYS_CACHE.get(problem)
+    if cached is not None:
+        return cached
+    src = np.asarray(problem.edge_src, dtype=np.int64)
+    dst = np.asarray(problem.edge_dst, dtype=np.int64)
+    nbytes = np.asarray(problem.edge_bytes, dtype=np.float64)
+    rg = np.ascontiguousarray(problem.requires_grad, dtype=np.bool_)
+    pred_edge = np.asarray(problem.pred_edge, dtype=np.int64)
+    succ_ptr = np.asarray(problem.succ_ptr, dtype=np.int64)
+    succ_edge = np.asarray(problem.succ_edge, dtype=np.int64)
+    n = problem.num_nodes
+    # Keep only gradient edges in the backward CSR, preserving the (src, dst) order.
+    keep = (rg[src] & rg[dst])[succ_edge]
+    owner = np.repeat(np.arange(n), np.diff(succ_ptr))
+    g_edges = succ_edge[keep]
+    g_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner[keep], minlength=n), out=g_ptr[1:])
+    arrays = _Arrays(
+        fwd=np.ascontiguousarray(problem.fwd_time, dtype=np.float64),
+        bwd=np.ascontiguousarray(np.where(rg[:, None], problem.bwd_time, 0.0), dtype=np.float64),
+        rg=rg,
+        pred_ptr=np.ascontiguousarray(problem.pred_ptr, dtype=np.int64),
+        pred_src=np.ascontiguousarray(src[pred_edge]),
+        pred_bytes=np.ascontiguousarray(nbytes[pred_edge]),
+        pred_eid=np.ascontiguousarray(pred_edge),
+        gsucc_ptr=g_ptr,
+        gsucc_dst=np.ascontiguousarray(dst[g_edges]),
+        gsucc_bytes=np.ascontiguousarray(nbytes[g_edges]),
+        gsucc_eid=np.ascontiguousarray(g_edges),
+        latency=np.ascontiguousarray(problem.latency, dtype=np.float64),
+        bandwidth=np.ascontiguousarray(problem.bandwidth, dtype=np.float64),
+        static_mem=np.ascontiguousarray(problem.static_memory() + problem.act_bytes, dtype=np.float64),
+        capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
+    )
+    _ARRAYS_CACHE[problem] = arrays
+    return arrays
+
+
+def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
+    """Validate placements ([B, N] or [N] ints, or a dict) and return a C-contiguous int64 [B, N]."""
+    if isinstance(placements, Mapping):
+        placements = problem.placement_to_array(placements)
+    try:
+        arr = problem.check_array(placements)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, PlacementError):
+            raise
+        raise PlacementError(f"placements must be an int array of device indices; {exc}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- numpy path
+
+
+def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = False):
+    """Loop over nodes and edges, vectorised over the batch (rows of ``pl``)."""
+    a = _arrays(problem)
+    b_count, n = pl.shape
+    d_count = problem.num_devices
+    rows = np.arange(b_count)
+    plt = np.ascontiguousarray(pl.T)  # node-major: plt[i] is node i's device in every placement
+    dev_free = np.zeros((b_count, d_count))
+    chan_free = np.zeros((b_count, d_count * d_count))
+    fin_f = np.zeros((n, b_count))
+    fin_b = np.zeros((n, b_count))
+    xfer_time = np.zeros(b_count)
+    xfer_bytes = np.zeros(b_count)
+    mem = np.zeros((b_count, d_count))
+    if trace:
+        e_count = problem.num_edges
+        st_f = np.zeros((n, b_count))
+        st_b = np.full((n, b_count), np.nan)
+        fin_b[:] = np.nan
+        xf = np.full((4, e_count, b_count), np.nan)
+
+    for i in range(n):
+        d = plt[i]
+        ready = np.zeros(b_count)
+        for k in range(a.pred_ptr[i], a.pred_ptr[i + 1]):
+            p = a.pred_src[k]
+            dp = plt[p]
+            cut = dp != d
+            arrival = fin_f[p]
+            if cut.any():
+                nbytes = a.pred_bytes[k]
+                dur = a.latency[dp, d] + nbytes / a.bandwidth[dp, d]
+                ch = dp * d_count + d
+                start = np.maximum(fin_f[p], chan_free[rows, ch])
+                end = start + dur
+                chan_free[rows, ch] = np.where(cut, end, chan_free[rows, ch])
+                arrival = np.where(cut, end, arrival)
+                xfer_time += np.where(cut, dur, 0.0)
+                xfer_bytes += np.where(cut, nbytes, 0.0)
+                mem[rows, d] += np.where(cut, nbytes, 0.0)
+                if trace:
+                    xf[0, a.pred_eid[k]] = np.where(cut, start, np.nan)
+                    xf[1, a.pred_eid[k]] = np.where(cut, end, np.nan)
+            ready = np.maximum(ready, arrival)
+        start = np.maximum(ready, dev_free[rows, d])
+        fin_f[i] = start + a.fwd[i, d]
+        dev_free[rows, d] = fin_f[i]
+        if trace:
+            st_f[i] = start
+
+    for i in range(n - 1, -1, -1):
+        if not a.rg[i]:
+            continue
+        d = plt[i]
+        ready = np.zeros(b_count)
+        for k in range(a.gsucc_ptr[i], a.gsucc_ptr[i + 1]):
+            c = a.gsucc_dst[k]
+            dc = plt[c]
+            cut = dc != d
+            arrival = fin_b[c]
+            if cut.any():
+                nbytes = a.gsucc_bytes[k]
+                dur = a.latency[dc, d] + nbytes / a.bandwidth[dc, d]
+                ch = dc * d_count + d
+                start = np.maximum(fin_b[c], chan_free[rows, ch])
+                end = start + dur
+                chan_free[rows, ch] = np.where(cut, end, chan_free[rows, ch])
+                arrival = np.where(cut, end, arrival)
+                xfer_time += np.where(cut, dur, 0.0)
+                xfer_bytes += np.where(cut, nbytes, 0.0)
+                if trace:
+                    xf[2, a.gsucc_eid[k]] = np.where(cut, start, np.nan)
+                    xf[3, a.gsucc_eid[k]] = np.where(cut, end, np.nan)
+            ready = np.maximum(ready, arrival)
+        start = np.maximum(ready, dev_free[rows, d])
+        fin_b[i] = start + a.bwd[i, d]
+        dev_free[rows, d] = fin_b[i]
+        if trace:
+            st_b[i] = start
+
+    flat = (rows[:, None] * d_count + pl).ravel()
+    cost = (a.fwd + a.bwd)[np.arange(n)[None, :], pl].ravel()
+    busy = np.bincount(flat, weights=cost, minlength=b_count * d_count).reshape(b_count, d_count)
+    mem += np.bincount(flat, weights=np.broadcast_to(a.static_mem, pl.shape).ravel(),
+                       minlength=b_count * d_count).reshape(b_count, d_count)
+    step = dev_free.max(axis=1)
+    result = (step, busy, mem, xfer_time, xfer_bytes)
+    if trace:
+        return result, (st_f, fin_f, st_b, fin_b, xf)
+    return result
+
+
+# --------------------------------------------------------------------------- numba path
+
+
+@lru_cache(maxsize=1)
+def _numba_kernel():
+    """Compile (or load from cache) the per-placement kernel; None without numba."""
+    if not HAS_NUMBA:
+        return None
+    from numba import njit, prange
+
+    @njit(cache=True, nogil=True)
+    def one(pl, b, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
+            lat, bw, static_mem, dev_free, chan_free, fin_f, fin_b, step, busy, mem, xt, xb):
+        n = a_fwd.shape[0]
+        nd = a_fwd.shape[1]
+        for j in range(nd):
+            dev_free[j] = 0.0
+            busy[b, j] = 0.0
+            mem[b, j] = 0.0
+        for j in range(nd * nd):
+            chan_free[j] = 0.0
+        tt = 0.0
+        tb = 0.0
+        for i in range(n):
+            d = pl[b, i]
+            ready = 0.0
+            for k in range(pred_ptr[i], pred_ptr[i + 1]):
+                p = pred_src[k]
+                dp = pl[b, p]
+                arrival = fin_f[p]
+                if dp != d:
+                    nbytes = pred_bytes[k]
+                    dur = lat[dp, d] + nbytes / bw[dp, d]
+                    ch = dp * nd + d
+                    start = arrival if arrival > chan_free[ch] else chan_free[ch]
+                    arrival = start + dur
+                    chan_free[ch] = arrival
+                    tt += dur
+                    tb += nbytes
+                    mem[b, d] += nbytes
+                if arrival > ready:
+                    ready = arrival
+            free = dev_free[d]
+            start = ready if ready > free else free
+            fin = start + a_fwd[i, d]
+            fin_f[i] = fin
+            dev_free[d] = fin
+            busy[b, d] += a_fwd[i, d] + a_bwd[i, d]
+            mem[b, d] += static_mem[i]
+        for i in range(n - 1, -1, -1):
+            if not rg[i]:
+                continue
+            d = pl[b, i]
+            ready = 0.0
+            for k in range(gs_ptr[i], gs_ptr[i + 1]):
+                c = gs_dst[k]
+                dc = pl[b, c]
+                arrival = fin_b[c]
+                if dc != d:
+                    nbytes = gs_bytes[k]
+                    dur = lat[dc, d] + nbytes / bw[dc, d]
+                    ch = dc * nd + d
+                    start = arrival if arrival > chan_free[ch] else chan_free[ch]
+                    arrival = start + dur
+                    chan_free[ch] = arrival
+                    tt += dur
+                    tb += nbytes
+                if arrival > ready:
+                    ready = arrival
+            free = dev_free[d]
+            start = ready if ready > free else free
+            fin = start + a_bwd[i, d]
+            fin_b[i] = fin
+            dev_free[d] = fin
+        s = 0.0
+        for j in range(nd):
+            if dev_free[j] > s:
+                s = dev_free[j]
+        step[b] = s
+        xt[b] = tt
+        xb[b] = tb
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def batch(pl, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
+              lat, bw, static_mem, n_chunks, step, busy, mem, xt, xb):
+        bsz = pl.shape[0]
+        n = a_fwd.shape[0]
+        nd = a_fwd.shape[1]
+        per = (bsz + n_chunks - 1) // n_chunks
+        for c in prange(n_chunks):
+            # One workspace per chunk, not per placement: no allocation in the inner loop.
+            dev_free = np.empty(nd)
+            chan_free = np.empty(nd * nd)
+            fin_f = np.empty(n)
+            fin_b = np.empty(n)
+            lo = c * per
+            hi = min(bsz, lo + per)
+            for b in range(lo, hi):
+                one(pl, b, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
+                    lat, bw, static_mem, dev_free, chan_free, fin_f, fin_b, step, busy, mem, xt, xb)
+
+    return batch
+
+
+def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
+    kernel = _numba_kernel()
+    a = _arrays(problem)
+    b_count = pl.shape[0]
+    d_count = problem.num_devices
+    step = np.empty(b_count)
+    busy = np.empty((b_count, d_count))
+    mem = np.empty((b_count, d_count))
+    xt = np.empty(b_count)
+    xb = np.empty(b_count)
+    n_chunks = max(1, min(b_count, 4 * _numba.get_num_threads()))
+    kernel(pl, a.fwd, a.bwd, a.rg, a.pred_ptr, a.pred_src, a.pred_bytes, a.gsucc_ptr, a.gsucc_dst,
+           a.gsucc_bytes, a.latency, a.bandwidth, a.static_mem, n_chunks, step, busy, mem, xt, xb)
+    return step, busy, mem, xt, xb
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _result(problem: PlacementProblem, raw) -> SimResult:
+    step, busy, mem, xt, xb = raw
+    over = np.maximum(mem - _arrays(problem).capacity[None, :], 0.0)
+    return SimResult(step, busy, mem, ~np.any(over > 0, axis=1), over, xt, xb)
+
+
+def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[Sequence[int]],
+                   backend: str = "auto") -> SimResult:
+    """Simulate one training step for each placement of a batch.
+
+    Args:
+        problem: the compiled problem.
+        placements: int array [B, N] (or [N]) of device indices in ``problem.node_names`` order.
+        backend: ``"auto"`` (numba when available), ``"numba"`` or ``"numpy"``.
+
+    Raises:
+        PlacementError: wrong shape, non-integer entries, or a device index out of range.
+    """
+    pl = _as_batch(problem, placements)
+    if backend not in ("auto", "numba", "numpy"):
+        raise PlacementError(f"unknown simulator backend {backend!r}; expected 'auto', 'numba' or 'numpy'")
+    if backend == "numba" and not HAS_NUMBA:
+        raise PlacementError("the numba backend was asked for but numba is not installed (pip install 'placer[jit]')")
+    if backend == "numpy" or not HAS_NUMBA:
+        return _result(problem, _simulate_numpy(problem, pl))
+    return _result(problem, _simulate_numba(problem, pl))
+
+
+def simulate(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
+             backend: str = "auto") -> StepResult:
+    """Simulate one placement (a ``{node: device}`` dict or an [N] index array)."""
+    pl = _as_batch(problem, placement)
+    if pl.shape[0] != 1:
+        raise PlacementError(f"simulate takes one placement; got a batch of {pl.shape[0]} (use simulate_batch)")
+    return simulate_batch(problem, pl, backend=backend)[0]
+
+
+def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray) -> Schedule:
+    """The full timeline (every op and transfer) of one placement, for Gantt charts and debugging."""
+    pl = _as_batch(problem, placement)
+    if pl.shape[0] != 1:
+        raise PlacementError(f"schedule takes one placement; got a batch of {pl.shape[0]}")
+    raw, (st_f, fin_f, st_b, fin_b, xf) = _simulate_numpy(problem, pl, trace=True)
+    return Schedule(
+        placement=pl[0],
+        fwd_start=st_f[:, 0],
+        fwd_end=fin_f[:, 0],
+        bwd_start=st_b[:, 0],
+        bwd_end=fin_b[:, 0],
+        fwd_xfer_start=xf[0, :, 0],
+        fwd_xfer_end=xf[1, :, 0],
+        bwd_xfer_start=xf[2, :, 0],
+        bwd_xfer_end=xf[3, :, 0],
+        result=_result(problem, raw)[0],
+    )
