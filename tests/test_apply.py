@@ -402,3 +402,98 @@ class TestCuda:
         for step in range(2):
             out_ref, out_placed = reference(*inputs), placed(*inputs)
             torch.testing.assert_close(to_device(out_placed, "cpu"), out_ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+
+def _colocated_groups(gm: fx.GraphModule) -> list[list[str]]:
+    """Nodes that must share a device: those touching the same parameter/buffer tensor.
+
+    (The grouping layer guarantees this for real placements; a random placement over
+    raw nodes must respect it too or apply refuses it.)
+    """
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    owner: dict[int, str] = {}
+    for n in gm.graph.nodes:
+        find(n.name)
+        tensors: list[torch.Tensor] = []
+        if n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            tensors = list(mod.parameters()) + list(mod.buffers())
+        elif n.op == "get_attr":
+            path, _, attr = str(n.target).rpartition(".")
+            value = getattr(gm.get_submodule(path) if path else gm, attr)
+            tensors = [value] if isinstance(value, torch.Tensor) else list(value.parameters())
+        for t in tensors:
+            other = owner.setdefault(id(t), n.name)
+            parent[find(n.name)] = find(other)
+    groups: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        groups.setdefault(find(n.name), []).append(n.name)
+    return list(groups.values())
+
+
+def _zoo_capture(spec) -> fx.GraphModule:
+    try:
+        from graphs.capture import capture
+    except ImportError:  # before graphs.capture exists: plain fx, same node naming scheme
+        return fx.symbolic_trace(spec.model)
+    return capture(spec.model, spec.example_inputs, name=spec.name).gm
+
+
+def _zoo_names() -> list[str]:
+    from graphs.zoo import ZOO_MODELS, zoo_path
+
+    # inception_v3 takes ~13 s on 2 cores even at small size: slow suite only.
+    return [pytest.param(n, marks=pytest.mark.slow) if n == "inception_v3" else n
+            for n in ZOO_MODELS if zoo_path(n).exists()]
+
+
+@pytest.mark.parametrize("name", _zoo_names())
+def test_zoo_models_train_identically_under_placements(name):
+    from graphs.zoo import load_zoo_model
+
+    torch.manual_seed(0)
+    spec = load_zoo_model(name, size="small")
+    gm = _zoo_capture(spec)
+    groups = _colocated_groups(gm)
+    devs = sorted(VIRTUAL)
+    rng = random.Random(7)
+    placements = {
+        "random": {n: d for g in groups for d in [rng.choice(devs)] for n in g},
+        "round_robin": {n: devs[i % len(devs)] for i, g in enumerate(groups) for n in g},
+    }
+    for (label, placement), opt in zip(placements.items(), ("sgd", "adam")):
+        reference = copy.deepcopy(gm)
+        placed = apply_placement(gm, placement, real_devices=VIRTUAL)
+        assert len(transfer_nodes(placed)) > 0, label
+        make = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)) if opt == "sgd" else (
+            lambda p: torch.optim.Adam(p, lr=1e-3))
+        opt_ref, opt_placed = make(reference.parameters()), make(placed.parameters())
+        for step in range(3):
+            torch.manual_seed(100 + step)  # same dropout masks in both runs
+            out_ref = reference(*spec.example_inputs)
+            torch.manual_seed(100 + step)
+            out_placed = placed(*spec.example_inputs)
+            torch.testing.assert_close(out_placed, out_ref, rtol=1e-6, atol=1e-6)
+            loss_ref = spec.loss_fn(out_ref, *spec.example_inputs)
+            loss_placed = spec.loss_fn(out_placed, *spec.example_inputs)
+            torch.testing.assert_close(loss_placed, loss_ref, rtol=1e-6, atol=1e-6)
+            opt_ref.zero_grad()
+            opt_placed.zero_grad()
+            loss_ref.backward()
+            loss_placed.backward()
+            for (pn, p_ref), (_, p_pl) in zip(reference.named_parameters(), placed.named_parameters()):
+                if p_ref.grad is not None:
+                    torch.testing.assert_close(p_pl.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=f"{label} {pn}")
+            opt_ref.step()
+            opt_placed.step()
+        for (pn, p_ref), (_, p_pl) in zip(reference.named_parameters(), placed.named_parameters()):
+            torch.testing.assert_close(p_pl, p_ref, rtol=1e-5, atol=1e-6, msg=f"{label} {pn}")
