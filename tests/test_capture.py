@@ -1,0 +1,314 @@
+"""Capture: fx at module granularity, the export fallback, shapes/bytes/FLOPs, fingerprint, graph files."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import networkx as nx
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.capture import capture
+from graphs.errors import CaptureError, GraphError
+from graphs.graph_io import load_graph, save_graph
+
+NODE_KEYS = {"op", "target", "module", "shape", "dtype", "out_bytes", "param_bytes", "flops",
+             "bytes_moved", "requires_grad", "fwd_time", "bwd_time", "time"}
+
+
+class Block(nn.Module):
+    """A user module with its own arithmetic, to be kept whole as a leaf."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x)) * 2
+
+
+class Tagger(nn.Module):
+    """Embedding → LSTM → Linear, a buffer used directly, a conv, a user block and a detach."""
+
+    def __init__(self, vocab=11, width=16, out=10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 8)
+        self.rnn = nn.LSTM(8, width, num_layers=2, batch_first=True)
+        self.block = Block(width)
+        self.fc = nn.Linear(width, out)
+        self.conv = nn.Conv1d(5, 7, kernel_size=3, padding=1)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, out))
+
+    def forward(self, tokens):
+        h, _ = self.rnn(self.emb(tokens))
+        y = self.fc(self.block(h)) * self.scale
+        z = self.conv(y)
+        return z.softmax(-1) + z.detach().mean()
+
+
+def tagger_inputs():
+    return (torch.randint(0, 11, (2, 5)),)
+
+
+@pytest.fixture(scope="module")
+def tagger_capture():
+    torch.manual_seed(0)
+    return capture(Tagger(), tagger_inputs(), leaf_modules=(Block,), name="tagger")
+
+
+class Recorder(fx.Interpreter):
+    """Runs a GraphModule on real tensors and keeps every node's output."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.values[n.name] = result
+        return result
+
+
+def tensors_of(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_of(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_of(v)]
+    return []
+
+
+def test_fx_capture_at_module_granularity(tagger_capture):
+    cap = tagger_capture
+    assert cap.method == "fx" and cap.fx_error is None
+    g = cap.graph
+    assert [n.name for n in cap.gm.graph.nodes] == list(g.nodes)
+    calls = {d["target"] for _, d in g.nodes(data=True) if d["op"] == "call_module"}
+    assert calls == {"emb", "rnn", "block", "fc", "conv"}  # LSTM and the user block stay whole
+    assert g.graph["name"] == "tagger" and g.graph["capture"] == "fx"
+    assert g.graph["fingerprint"] == cap.fingerprint and g.graph["profiled_kinds"] == []
+    assert nx.is_directed_acyclic_graph(g)
+    for name, attrs in g.nodes(data=True):
+        assert NODE_KEYS <= set(attrs), name
+        assert attrs["time"] == {} and attrs["fwd_time"] == {}
+
+
+def test_buffer_is_a_get_attr_node(tagger_capture):
+    g = tagger_capture.graph
+    scale = [n for n, d in g.nodes(data=True) if d["op"] == "get_attr"]
+    assert scale == ["scale"]
+    assert g.nodes["scale"]["param_bytes"] == 10 * 4 and g.nodes["scale"]["shape"] == [10]
+
+
+def test_user_leaf_by_path_and_class_name():
+    for leaf in ("block", "Block"):
+        cap = capture(Tagger(), tagger_inputs(), leaf_modules=(leaf,))
+        assert "block" in cap.graph.nodes and cap.graph.nodes["block"]["op"] == "call_module"
+        assert cap.graph.nodes["block"]["param_bytes"] == (16 * 16 + 16) * 4
+    traced_through = capture(Tagger(), tagger_inputs())
+    assert "block_inner" in traced_through.graph.nodes
+    assert traced_through.graph.nodes["block_inner"]["module"] == "block.inner"
+    assert traced_through.graph.nodes["tanh"]["module"] == "block"
+
+
+def test_unknown_leaf_is_refused():
+    with pytest.raises(CaptureError, match="'blok' matches no module"):
+        capture(Tagger(), tagger_inputs(), leaf_modules=("blok",))
+    with pytest.raises(CaptureError, match="expected an nn.Module subclass"):
+        capture(Tagger(), tagger_inputs(), leaf_modules=(3,))
+
+
+def test_shapes_dtypes_and_bytes_match_a_real_run(tagger_capture):
+    cap = tagger_capture
+    rec = Recorder(cap.gm)
+    rec.run(*cap.example_inputs)
+    g = cap.graph
+    for name, attrs in g.nodes(data=True):
+        if attrs["op"] == "output":
+            continue
+        ts = tensors_of(rec.values[name])
+        assert ts, name
+        assert attrs["shape"] == list(ts[0].shape), name
+        assert attrs["dtype"] == str(ts[0].dtype), name
+        assert attrs["out_bytes"] == sum(t.numel() * t.element_size() for t in ts), name
+    # edges carry the producer's bytes; through a getitem only the element taken
+    assert g.edges["emb", "rnn"]["bytes"] == 2 * 5 * 8 * 4
+    assert g.edges["rnn", "getitem"]["bytes"] == 2 * 5 * 16 * 4
+    assert g.nodes["rnn"]["out_bytes"] == (2 * 5 * 16 + 2 * 2 * 2 * 16) * 4
+
+
+def test_requires_grad(tagger_capture):
+    g = tagger_capture.graph
+    assert g.nodes["tokens"]["requires_grad"] is False
+    assert g.nodes["fc"]["requires_grad"] is True
+    assert g.nodes["detach"]["requires_grad"] is False
+    assert g.nodes["scale"]["requires_grad"] is False
+
+
+def test_flops_exact_for_linear_conv_lstm(tagger_capture):
+    g = tagger_capture.graph
+    assert g.nodes["fc"]["flops"] == 2 * (2 * 5 * 10) * 16 + 2 * 5 * 10
+    # conv: out [2, 7, 10], weight [7, 5, 3]
+    assert g.nodes["conv"]["flops"] == 2 * (2 * 7 * 10) * (5 * 3) + 2 * 7 * 10
+    lstm_matrix = 64 * 8 + 64 * 16 + 64 * 16 + 64 * 16
+    steps_rows = 5 * 2
+    assert g.nodes["rnn"]["flops"] == steps_rows * (2 * lstm_matrix + 2 * 64 * 5)
+    assert g.nodes["getitem"]["flops"] == 0 and g.nodes["getitem"]["bytes_moved"] == 0
+    assert g.nodes["fc"]["bytes_moved"] == (2 * 5 * 16 + 2 * 5 * 10 + 16 * 10 + 10) * 4
+
+
+def test_functional_matmul_flops():
+    class Mm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, a, b):
+            return torch.bmm(a, b), torch.nn.functional.linear(a, self.w), torch.einsum("bij,bjk->bik", a, b)
+
+    cap = capture(Mm(), (torch.randn(3, 5, 4), torch.randn(3, 4, 7)))
+    g = cap.graph
+    assert g.nodes["bmm"]["flops"] == 2 * 3 * 5 * 7 * 4
+    assert g.nodes["linear"]["flops"] == 2 * 3 * 5 * 6 * 4
+    assert g.nodes["einsum"]["flops"] == 2 * 3 * 5 * 7 * 4
+    assert g.nodes["w"]["param_bytes"] == 6 * 4 * 4
+
+
+class IterBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        rows = [r * 2 for r in x]  # iterating over a tensor: fx cannot trace this, export can
+        return torch.relu(self.lin(torch.stack(rows)))
+
+
+class NeedsExport(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([IterBlock(), IterBlock()])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_export_fallback_maps_modules_and_runs():
+    torch.manual_seed(0)
+    model = NeedsExport()
+    x = torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "iterated" in cap.fx_error
+    g = cap.graph
+    assert [n.name for n in cap.gm.graph.nodes] == list(g.nodes)
+    linears = {n: d for n, d in g.nodes(data=True) if d["target"] == "aten.linear.default"}
+    assert sorted(d["module"] for d in linears.values()) == ["blocks.0.lin", "blocks.1.lin", "head"]
+    head = next(n for n, d in linears.items() if d["module"] == "head")
+    assert g.nodes[head]["flops"] == 2 * 3 * 3 * 4 + 3 * 3 and g.nodes[head]["shape"] == [3, 3]
+    relu_mods = sorted(d["module"] for d in g.nodes.values() if d["target"] == "aten.relu.default")
+    assert relu_mods == ["blocks.0", "blocks.1"]
+    assert sum(d["param_bytes"] for d in g.nodes.values()) == sum(p.numel() * 4 for p in model.parameters())
+    assert g.nodes[head]["requires_grad"] is True
+    assert torch.allclose(cap.gm(x), model(x))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on tensor values
+            x = x + 1
+        return self.lin(x)
+
+
+def test_untraceable_model_error_names_the_line():
+    lines, start = inspect.getsourcelines(Untraceable.forward)
+    lineno = start + next(i for i, line in enumerate(lines) if "x.sum() > 0" in line)
+    with pytest.raises(CaptureError) as info:
+        capture(Untraceable(), (torch.randn(2, 4),), name="bad")
+    msg = str(info.value)
+    assert f"test_capture.py:{lineno}" in msg and "if x.sum() > 0:" in msg
+    assert "torch.fx" in msg and "torch.export" in msg and "'bad'" in msg
+
+
+def test_fingerprint_stable_and_sensitive():
+    torch.manual_seed(1)
+    a = capture(Tagger(), tagger_inputs(), leaf_modules=(Block,))
+    torch.manual_seed(2)
+    b = capture(Tagger(), tagger_inputs(), leaf_modules=(Block,))
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
+    wider = capture(Tagger(out=12), tagger_inputs(), leaf_modules=(Block,))
+    assert wider.fingerprint != a.fingerprint
+    other_structure = capture(Tagger(), tagger_inputs())
+    assert other_structure.fingerprint != a.fingerprint
+
+
+def test_fingerprint_same_in_another_process(tagger_capture):
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests');"
+        "from test_capture import Tagger, Block, tagger_inputs; from graphs.capture import capture;"
+        "torch.manual_seed(9); print(capture(Tagger(), tagger_inputs(), leaf_modules=(Block,), name='tagger').fingerprint)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONHASHSEED": "123", **__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == tagger_capture.fingerprint
+
+
+@pytest.mark.parametrize("suffix", [".json", ".graphml"])
+def test_graph_round_trip(tagger_capture, tmp_path, suffix):
+    g = tagger_capture.graph.copy()
+    g.nodes["fc"]["time"] = {"cpu": 1.5e-5, "cuda": 2e-6}
+    g.nodes["fc"]["fwd_time"] = {"cpu": 1e-5, "cuda": 1e-6}
+    g.nodes["fc"]["bwd_time"] = {"cpu": 0.5e-5, "cuda": 1e-6}
+    g.graph["profiled_kinds"] = ["cpu", "cuda"]
+    path = save_graph(g, tmp_path / f"graph{suffix}")
+    back = load_graph(path)
+    assert list(back.nodes) == list(g.nodes)
+    assert set(back.edges) == set(g.edges)
+    for n in g.nodes:
+        assert back.nodes[n] == g.nodes[n], n
+    for u, v in g.edges:
+        assert back.edges[u, v] == g.edges[u, v]
+    assert back.graph == g.graph
+
+
+def test_graph_io_errors(tmp_path):
+    with pytest.raises(GraphError, match=r"\.json"):
+        save_graph(nx.DiGraph(), tmp_path / "g.txt")
+    with pytest.raises(GraphError, match="does not exist"):
+        load_graph(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(GraphError, match="cannot read graph file"):
+        load_graph(bad)
+
+
+def test_hugging_face_gpt2_comes_through_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.eval()
+    tokens = torch.randint(0, 100, (2, 8))
+    cap = capture(model, (tokens,), name="gpt2-tiny")
+    assert cap.method == "export"
+    g = cap.graph
+    modules = {d["module"] for d in g.nodes.values()}
+    assert {"transformer.h.0.attn", "transformer.h.1.mlp.c_fc", "transformer.ln_f", "lm_head"} <= modules
+    assert sum(d["param_bytes"] for d in g.nodes.values()) == sum(
+        p.numel() * 4 for p in model.parameters())
+    assert sum(d["flops"] for d in g.nodes.values()) > 2 * 2 * 8 * sum(
+        p.numel() for n, p in model.named_parameters() if "h." in n and p.dim() == 2)
+    assert torch.allclose(cap.gm(tokens).logits, model(tokens).logits, atol=1e-5)
