@@ -96,26 +96,10 @@ def time_training_steps(
 
 
 def capture_model(spec: Any) -> Any:
-    """Capture ``spec.model`` so node names match the placement graph (graphs.capture)."""
-    try:
-        from graphs.capture import capture
-    except ImportError:  # graphs.capture not installed in this checkout yet: plain fx
-        return _FxCapture(spec)
+    """Capture ``spec.model`` so node names match the placement graph."""
+    from graphs.capture import capture
+
     return capture(spec.model, spec.example_inputs, name=spec.name)
-
-
-class _FxCapture:
-    """Minimal stand-in for graphs.capture.CapturedModel: symbolic_trace, same node names."""
-
-    def __init__(self, spec: Any) -> None:
-        import hashlib
-
-        import torch.fx as fx
-
-        self.gm = fx.symbolic_trace(spec.model)
-        self.method = "fx"
-        shapes = [(n, tuple(p.shape)) for n, p in self.gm.state_dict().items()]
-        self.fingerprint = hashlib.sha256((self.gm.code + repr(shapes)).encode()).hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:

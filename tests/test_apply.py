@@ -441,10 +441,8 @@ def _colocated_groups(gm: fx.GraphModule) -> list[list[str]]:
 
 
 def _zoo_capture(spec) -> fx.GraphModule:
-    try:
-        from graphs.capture import capture
-    except ImportError:  # before graphs.capture exists: plain fx, same node naming scheme
-        return fx.symbolic_trace(spec.model)
+    from graphs.capture import capture
+
     return capture(spec.model, spec.example_inputs, name=spec.name).gm
 
 
