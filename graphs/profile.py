@@ -1,0 +1,471 @@
+"""Profiling: each node's real forward and backward time on each device kind.
+
+Method (docs/contracts.md, design "Costs"):
+
+1. The captured GraphModule runs once under an :class:`torch.fx.Interpreter` on the
+   example inputs, with autograd on, so every node sees its real input values (and their
+   real ``requires_grad`` flags).
+2. As each compute node (``call_module``, ``call_function``, ``call_method``) runs, its
+   *signature* is taken: the op (module type, its ``extra_repr`` and parameter shapes, or
+   the function / method), the shapes, dtypes, strides and autograd flags of its tensor
+   inputs, and every non-tensor argument. A signature seen for the first time is timed
+   in isolation on every requested device; later nodes with the same signature (the same
+   LSTM cell at every unrolled time step, identical transformer blocks) reuse the timing.
+   So a 50,000-node unrolled graph costs one interpreter pass plus a few hundred timings.
+3. Isolated timing of one signature on one device: inputs are cloned to the device;
+   inputs that require grad become non-leaf tensors (as activations are in a real step);
+   a module is deep-copied to the device. Forward = median over ``repeats`` of a timed
+   loop (after a warm-up), with autograd recording as in training. Backward = run the
+   forward, then time ``torch.autograd.grad(outputs, inputs + parameters, grad_outputs,
+   retain_graph=True)`` — equivalent in work to ``torch.autograd.backward`` but without
+   accumulating into ``.grad`` — median over ``repeats``. Fast ops are looped enough times
+   per sample (about :data:`MIN_SAMPLE_SECONDS`) that timer overhead does not dominate.
+   CUDA is synchronised around every timed region.
+
+Decisions: ``placeholder``, ``get_attr`` and ``output`` nodes cost 0 (they run no kernel;
+the transfer of their tensors is costed on edges). Views and shape queries *are* timed
+like any other call: each costs a microsecond or two of dispatcher time, which is real in a
+training step and keeps the sum of node times close to the measured step.
+
+CPU runs at one thread (``torch.set_num_threads(1)``), restored afterwards. Results are
+cached as JSON under ``cache_dir`` (default ``$PLACER_CACHE_DIR`` or
+``~/.cache/placer/profiles``), one file per (fingerprint, input shapes, device kind,
+device name); :mod:`graphs.profile_cache` holds that concept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.errors import GraphError
+from graphs.profile_cache import ProfileCache, device_name, inputs_key
+
+COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
+# A timed sample loops a fast op until it lasts about this long (timer overhead ~0.1 µs).
+MIN_SAMPLE_SECONDS = 2e-4
+MAX_INNER_LOOPS = 200
+
+
+class ProfileError(GraphError):
+    """Profiling was asked for something it cannot do (bad device, mismatched graph, inputs that do not run)."""
+
+
+@dataclass
+class ProfileInfo:
+    """What one profiling pass did on one device kind (stored in ``graph.graph["profile_info"]``)."""
+
+    kind: str
+    device_name: str
+    cached: bool
+    signatures: int = 0
+    compute_nodes: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device_name": self.device_name, "cached": self.cached, "signatures": self.signatures,
+                "compute_nodes": self.compute_nodes, "seconds": self.seconds,
+                "failures": list(self.failures)}
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_devices(devices: Sequence[str | torch.device] | None) -> list[torch.device]:
+    """The devices to profile: default cpu plus cuda:0 when present; one device per kind.
+
+    Raises :class:`ProfileError` for an unknown device, a cuda device that is not present,
+    or two devices of the same kind (times are keyed by kind).
+    """
+    if devices is None:
+        found = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            found.append(torch.device("cuda", 0))
+        return found
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices]
+    result: list[torch.device] = []
+    for item in devices:
+        try:
+            dev = torch.device(item)
+        except (RuntimeError, TypeError) as exc:
+            raise ProfileError(f"cannot profile on device {item!r}: expected 'cpu' or 'cuda[:i]'") from exc
+        if dev.type not in ("cpu", "cuda"):
+            raise ProfileError(f"cannot profile on device {item!r}: only 'cpu' and 'cuda[:i]' are supported")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ProfileError(f"cannot profile on {item!r}: no CUDA device is available here")
+            index = 0 if dev.index is None else dev.index
+            if index >= torch.cuda.device_count():
+                raise ProfileError(f"cannot profile on {item!r}: only {torch.cuda.device_count()} "
+                                   "CUDA device(s) present")
+            dev = torch.device("cuda", index)
+        if any(d.type == dev.type for d in result):
+            raise ProfileError(f"devices {[str(d) for d in result]} and {str(dev)!r} have the same kind; "
+                               "times are keyed by device kind, so pass one device per kind")
+        result.append(dev)
+    if not result:
+        raise ProfileError("no device to profile on: expected at least one of 'cpu', 'cuda[:i]'")
+    return result
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run the block with torch at one CPU thread; the previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def _value_signature(value: Any) -> Any:
+    """A hashable description of an argument: tensors by layout, everything else by value."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), str(value.dtype), tuple(value.stride()), bool(value.requires_grad))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _value_signature(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
+    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(...))):
+        return (type(value).__name__, repr(value))
+    return (type(value).__qualname__, repr(value))
+
+
+def _module_signature(module: nn.Module) -> tuple:
+    # Type, constructor settings (stride, padding, ...), mode and every tensor's layout:
+    # two modules with equal signatures do the same work on the same inputs.
+    tensors = tuple((name, tuple(t.shape), str(t.dtype), bool(t.requires_grad))
+                    for name, t in list(module.named_parameters()) + list(module.named_buffers()))
+    return (type(module).__module__, type(module).__qualname__, module.extra_repr(), module.training, tensors)
+
+
+def node_signature(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict) -> tuple:
+    """The signature under which ``node``'s timing is shared with identical calls."""
+    if node.op == "call_module":
+        assert module is not None
+        op: Any = ("module", _module_signature(module))
+    elif node.op == "call_method":
+        op = ("method", str(node.target))
+    else:
+        op = ("function", node.target)
+    return (op, _value_signature(args), _value_signature(kwargs))
+
+
+# --------------------------------------------------------------------------- timing one call
+
+
+def _tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(_tree_map(fn, v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tree_map(fn, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tree_map(fn, v) for k, v in value.items()}
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    _tree_map(lambda t: found.append(t), value)
+    return found
+
+
+def _median_loop(run: Callable[[], Any], device: torch.device, repeats: int, inner: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            run()
+        _sync(device)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def _inner_loops(single: float) -> int:
+    if single <= 0:
+        return MAX_INNER_LOOPS
+    return int(min(MAX_INNER_LOOPS, max(1, math.ceil(MIN_SAMPLE_SECONDS / single))))
+
+
+def _timed_once(run: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_call(fn: Callable[..., Any], args: tuple, kwargs: dict, device: torch.device,
+              repeats: int, extra_leaves: Sequence[torch.Tensor] = ()) -> tuple[float, float]:
+    """Median forward and backward seconds of ``fn(*args, **kwargs)`` on ``device``.
+
+    ``args``/``kwargs`` hold the recorded input values (any device); tensors are cloned to
+    ``device`` keeping their ``requires_grad`` flag. ``extra_leaves`` are further tensors
+    the backward differentiates (a module's parameters). Backward is 0 when no output
+    depends on anything that requires grad.
+    """
+    leaves: list[torch.Tensor] = []
+
+    def to_leaf(t: torch.Tensor) -> torch.Tensor:
+        copy_ = t.detach().to(device, copy=True)
+        if t.requires_grad and (t.is_floating_point() or t.is_complex()):
+            copy_.requires_grad_(True)
+            leaves.append(copy_)
+        return copy_
+
+    leaf_args = _tree_map(to_leaf, args)
+    leaf_kwargs = _tree_map(to_leaf, kwargs)
+
+    def activations() -> tuple[tuple, dict]:
+        # Inputs that require grad enter as non-leaf tensors, like the activations of a
+        # real step: in-place ops are then legal and the backward passes through them.
+        as_act = lambda t: t.clone() if t.requires_grad else t  # noqa: E731
+        return _tree_map(as_act, leaf_args), _tree_map(as_act, leaf_kwargs)
+
+    with torch.enable_grad():
+        fwd_args, fwd_kwargs = activations()
+        run = lambda: fn(*fwd_args, **fwd_kwargs)  # noqa: E731
+        run()  # warm-up: allocator, lazy init, kernel selection
+        inner = _inner_loops(_timed_once(run, device))
+        fwd = _median_loop(run, device, repeats, inner)
+
+        diff = leaves + [p for p in extra_leaves if p.requires_grad]
+        if not diff:
+            return fwd, 0.0
+        samples = []
+        inner_b = None
+        for _ in range(repeats + 1):  # first round is the warm-up
+            a, k = activations()
+            outs = [t for t in _tensors(fn(*a, **k)) if t.requires_grad and t.grad_fn is not None]
+            if not outs:
+                return fwd, 0.0
+            grads = [torch.randn_like(t) if (t.is_floating_point() or t.is_complex()) else None for t in outs]
+            step = lambda: torch.autograd.grad(outs, diff, grads, retain_graph=True, allow_unused=True)  # noqa: E731
+            if inner_b is None:
+                inner_b = _inner_loops(_timed_once(step, device))
+                continue
+            samples.append(_median_loop(step, device, 1, inner_b))
+        return fwd, statistics.median(samples)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _callable_for(node: fx.Node, gm: fx.GraphModule, device: torch.device
+                  ) -> tuple[Callable[..., Any], list[torch.Tensor]]:
+    if node.op == "call_module":
+        module = copy.deepcopy(gm.get_submodule(str(node.target))).to(device)
+        return module, list(module.parameters())
+    if node.op == "call_method":
+        name = str(node.target)
+        return (lambda self_, *a, **k: getattr(self_, name)(*a, **k)), []
+    return node.target, []
+
+
+class _ProfilingInterpreter(fx.Interpreter):
+    """Runs the graph once; times every node whose signature is new on every device."""
+
+    def __init__(self, gm: fx.GraphModule, devices: list[torch.device], repeats: int,
+                 infos: dict[str, ProfileInfo]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.devices = devices
+        self.repeats = repeats
+        self.infos = infos
+        self.by_signature: dict[tuple, dict[str, tuple[float, float]]] = {}
+        self.times: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.op in COMPUTE_OPS:
+                self._time(n, args, kwargs)
+            try:
+                return getattr(self, n.op)(n.target, args, kwargs)
+            except Exception as exc:
+                raise ProfileError(
+                    f"the example inputs do not run through node {n.name!r} ({n.op} {n.target}): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; expected "
+                    "the inputs the graph was captured with") from exc
+
+    def _time(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
+        module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
+        try:
+            sig = node_signature(n, module, args, kwargs)
+            hash(sig)
+        except TypeError:  # an unhashable constant argument: time this node on its own
+            sig = ("node", n.name)
+        known = self.by_signature.get(sig)
+        if known is None:
+            known = {}
+            for dev in self.devices:
+                info = self.infos[dev.type]
+                start = time.perf_counter()
+                known[dev.type] = self._time_on(n, args, kwargs, dev, info)
+                info.seconds += time.perf_counter() - start
+                info.signatures += 1
+            self.by_signature[sig] = known
+        for dev in self.devices:
+            self.infos[dev.type].compute_nodes += 1
+        self.times[n.name] = known
+
+    def _time_on(self, n: fx.Node, args: tuple, kwargs: dict, dev: torch.device,
+                 info: ProfileInfo) -> tuple[float, float]:
+        fn, params = _callable_for(n, self.module, dev)
+        try:
+            return time_call(fn, args, kwargs, dev, self.repeats, params)
+        except Exception as exc:  # noqa: BLE001 - an op that cannot run alone must not stop profiling
+            # Fall back to the forward without autograd; backward is then estimated as 2x the
+            # forward (the usual ratio for matmul-like ops) and the node is reported.
+            info.failures.append(f"{n.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            with torch.no_grad():
+                fwd_args = _tree_map(lambda t: t.detach().to(dev, copy=True), args)
+                fwd_kwargs = _tree_map(lambda t: t.detach().to(dev, copy=True), kwargs)
+                try:
+                    fwd = _median_loop(lambda: fn(*fwd_args, **fwd_kwargs), dev, self.repeats, 1)
+                except Exception:  # noqa: BLE001
+                    fwd = 0.0
+            return fwd, 2.0 * fwd
+
+
+def _fingerprint(captured: Any) -> str | None:
+    fp = getattr(captured, "fingerprint", None)
+    return fp if fp else captured.graph.graph.get("fingerprint")
+
+
+def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequence[str | torch.device] | None = None,
+                  repeats: int = 5, cache_dir: str | None = None, *, use_cache: bool = True) -> None:
+    """Annotate every node of ``captured.graph`` with ``fwd_time``, ``bwd_time`` and ``time``.
+
+    ``captured`` is a :class:`graphs.capture.CapturedModel` or anything with ``.gm`` (an fx
+    GraphModule whose node names are the graph's nodes), ``.graph`` and ``.fingerprint``.
+    Times are seconds keyed by device kind (``"cpu"``, ``"cuda"``); ``devices`` defaults to
+    cpu plus cuda:0 when present. ``graph.graph["profiled_kinds"]`` lists the kinds with
+    times, ``graph.graph["profile_info"]`` says per kind whether it came from the cache and
+    how many distinct signatures were timed. Cached per fingerprint, input shapes, kind and
+    device name under ``cache_dir`` (``use_cache=False`` neither reads nor writes it).
+    """
+    gm, graph = captured.gm, captured.graph
+    if not isinstance(gm, fx.GraphModule) or not isinstance(graph, nx.DiGraph):
+        raise ProfileError("profile_graph expects a captured model with .gm (torch.fx.GraphModule) and "
+                           f".graph (networkx.DiGraph), got {type(captured).__name__}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ProfileError(f"repeats must be a positive integer, got {repeats!r}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    names = [n.name for n in gm.graph.nodes]
+    if set(names) != set(graph.nodes):
+        missing = sorted(set(graph.nodes) - set(names))[:3] or sorted(set(names) - set(graph.nodes))[:3]
+        raise ProfileError(f"the GraphModule and the placement graph do not have the same nodes (e.g. {missing}); "
+                           "expected the .gm and .graph of one capture")
+    devs = resolve_devices(devices)
+
+    fingerprint = _fingerprint(captured)
+    cache = ProfileCache(cache_dir) if use_cache and fingerprint else None
+    key_inputs = inputs_key(example_inputs)
+    results: dict[str, dict[str, tuple[float, float]]] = {}
+    infos: dict[str, ProfileInfo] = {}
+    todo: list[torch.device] = []
+    for dev in devs:
+        dname = device_name(dev)
+        loaded = cache.load(fingerprint, key_inputs, dev.type, dname, names) if cache else None
+        if loaded is not None:
+            results[dev.type] = loaded
+            infos[dev.type] = ProfileInfo(dev.type, dname, cached=True)
+        else:
+            todo.append(dev)
+            infos[dev.type] = ProfileInfo(dev.type, dname, cached=False)
+
+    if todo:
+        measured = _measure(gm, example_inputs, todo, repeats, infos)
+        for dev in todo:
+            per_node = {name: measured.get(name, {}).get(dev.type, (0.0, 0.0)) for name in names}
+            results[dev.type] = per_node
+            if cache:
+                cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node)
+            for failure in infos[dev.type].failures:
+                warnings.warn(f"profiling on {dev.type}: node timed without autograd ({failure})", stacklevel=2)
+
+    for name, data in graph.nodes(data=True):
+        for kind, per_node in results.items():
+            fwd, bwd = per_node.get(name, (0.0, 0.0))
+            data.setdefault("fwd_time", {})[kind] = float(fwd)
+            data.setdefault("bwd_time", {})[kind] = float(bwd)
+            data.setdefault("time", {})[kind] = float(fwd) + float(bwd)
+    kinds = list(dict.fromkeys(list(graph.graph.get("profiled_kinds") or []) + [d.type for d in devs]))
+    graph.graph["profiled_kinds"] = kinds
+    info_attr = dict(graph.graph.get("profile_info") or {})
+    info_attr.update({kind: info.as_dict() for kind, info in infos.items()})
+    graph.graph["profile_info"] = info_attr
+
+
+def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[torch.device], repeats: int,
+             infos: dict[str, ProfileInfo]) -> dict[str, dict[str, tuple[float, float]]]:
+    interp = _ProfilingInterpreter(gm, devices, repeats, infos)
+    with one_cpu_thread(), torch.enable_grad():
+        interp.run(*example_inputs)
+    return interp.times
+
+
+# --------------------------------------------------------------------------- whole step
+
+
+def measure_training_step(model: nn.Module, example_inputs: Sequence[Any],
+                          loss_fn: Callable[..., torch.Tensor] | None = None, repeats: int = 5,
+                          optimizer_fn: Callable[[Any], torch.optim.Optimizer] | None = None,
+                          warmup: int = 2) -> float:
+    """Median seconds of one CPU training step (forward, loss, backward, optimizer step) at one thread.
+
+    Runs on a deep copy of ``model`` so the caller's parameters are not trained.
+    ``loss_fn(output, *inputs)`` defaults to the mean of the first output tensor,
+    ``optimizer_fn(params)`` to SGD (the model-file defaults).
+    """
+    from graphs.model_file import default_loss, default_optimizer
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ProfileError(f"repeats must be a positive integer, got {repeats!r}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    loss_fn = loss_fn or default_loss
+    work = copy.deepcopy(model)
+    optimizer = (optimizer_fn or default_optimizer)(work.parameters())
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(work(*example_inputs), *example_inputs)
+        loss.backward()
+        optimizer.step()
+
+    samples = []
+    with one_cpu_thread():
+        for _ in range(warmup):
+            step()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

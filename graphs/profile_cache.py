@@ -1,0 +1,121 @@
+"""The on-disk cache of node profiles: one JSON file per model, input shapes and device.
+
+A profile is valid only for the model it was measured on (its fingerprint), the input
+shapes it ran with (batch size changes every time), and the exact device (kind plus a
+name such as the CPU model or ``torch.cuda.get_device_name``). Those four make the file
+name; the file holds ``{node name: [forward s, backward s]}``. A file that is unreadable,
+of another schema or missing a node of the graph is ignored (and overwritten by the
+next measurement), never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+SCHEMA = 1
+ENV_VAR = "PLACER_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$PLACER_CACHE_DIR`` when set, else ``~/.cache/placer/profiles``."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "placer" / "profiles"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the physical device: the CPU model, or the CUDA device's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype)]
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return repr(value)
+
+
+def inputs_key(example_inputs: Sequence[Any]) -> str:
+    """Short stable hash of the example inputs' shapes, dtypes and non-tensor values."""
+    text = json.dumps(_describe(list(example_inputs)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "device"
+
+
+class ProfileCache:
+    """Reads and writes profile files under one directory (created on first write)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+    def path(self, fingerprint: str, inputs: str, kind: str, name: str) -> Path:
+        """File of one (model, input shapes, device) profile."""
+        name_hash = hashlib.sha256(name.encode()).hexdigest()[:8]
+        return self.root / f"{_slug(fingerprint)[:40]}-{inputs}-{kind}-{_slug(name)}-{name_hash}.json"
+
+    def load(self, fingerprint: str, inputs: str, kind: str, name: str,
+             nodes: Iterable[str]) -> dict[str, tuple[float, float]] | None:
+        """The cached ``{node: (fwd, bwd)}``, or None when absent, stale or unreadable."""
+        file = self.path(fingerprint, inputs, kind, name)
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("fingerprint") != fingerprint \
+                or data.get("device_kind") != kind or data.get("device_name") != name:
+            return None
+        stored = data.get("nodes")
+        if not isinstance(stored, dict):
+            return None
+        result: dict[str, tuple[float, float]] = {}
+        for node in nodes:
+            pair = stored.get(node)
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)):
+                return None
+            result[node] = (float(pair[0]), float(pair[1]))
+        return result
+
+    def store(self, fingerprint: str, inputs: str, kind: str, name: str,
+              times: dict[str, tuple[float, float]]) -> Path:
+        """Write the profile atomically (a concurrent reader sees the old file or the new one)."""
+        file = self.path(fingerprint, inputs, kind, name)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"schema": SCHEMA, "fingerprint": fingerprint, "inputs": inputs, "device_kind": kind,
+                   "device_name": name, "torch": torch.__version__,
+                   "nodes": {n: [f, b] for n, (f, b) in times.items()}}
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return file

@@ -1,0 +1,215 @@
+"""Profiling: real times on every compute node, signature reuse, the disk cache, one thread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import graphs.profile as profile_mod
+from graphs.capture import capture
+from graphs.errors import PlacerError
+from graphs.profile import (ProfileError, measure_training_step, node_signature, profile_graph,
+                            resolve_devices, time_call)
+from graphs.profile_cache import ProfileCache, default_cache_dir, inputs_key
+
+
+class Unrolled(nn.Module):
+    """An LSTM cell unrolled over time, an in-place op and a shared linear layer."""
+
+    def __init__(self, steps: int = 6) -> None:
+        super().__init__()
+        self.steps = steps
+        self.cell = nn.LSTMCell(8, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 16)
+        c = x.new_zeros(x.shape[0], 16)
+        for t in range(self.steps):
+            h, c = self.cell(x[:, t], (h, c))
+        y = torch.relu_(self.proj(h))
+        y = self.proj(y)  # the same module twice: shared weights
+        return self.head(y.view(y.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+    torch.manual_seed(0)
+    model = Unrolled()
+    inputs = (torch.randn(3, 6, 8),)
+    return model, inputs
+
+
+def _fresh(unrolled):
+    model, inputs = unrolled
+    return capture(model, inputs, name="unrolled"), inputs
+
+
+def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
+    cap, inputs = _fresh(unrolled)
+    assert cap.method == "fx"
+    profile_graph(cap, inputs, devices=["cpu"], repeats=3, cache_dir=tmp_path)
+    g = cap.graph
+    assert g.graph["profiled_kinds"] == ["cpu"]
+    for name, d in g.nodes(data=True):
+        assert set(d["time"]) == {"cpu"}
+        assert d["time"]["cpu"] == pytest.approx(d["fwd_time"]["cpu"] + d["bwd_time"]["cpu"])
+        if d["op"] in ("call_module", "call_function", "call_method"):
+            assert d["fwd_time"]["cpu"] > 0, name
+        else:
+            assert d["time"]["cpu"] == 0.0, name
+    # Modules whose parameters train have a backward; a cell's backward is real work.
+    cells = [d for d in g.nodes.values() if d["op"] == "call_module" and d["target"] == "cell"]
+    assert len(cells) == 6 and all(d["bwd_time"]["cpu"] > 0 for d in cells)
+
+
+def test_identical_calls_are_timed_once(unrolled, tmp_path):
+    cap, inputs = _fresh(unrolled)
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    info = cap.graph.graph["profile_info"]["cpu"]
+    compute = sum(1 for d in cap.graph.nodes.values()
+                  if d["op"] in ("call_module", "call_function", "call_method"))
+    assert info["compute_nodes"] == compute
+    assert info["signatures"] < compute
+    cells = [d["fwd_time"]["cpu"] for d in cap.graph.nodes.values() if d.get("target") == "cell"]
+    # Step 0 starts from fresh zero tensors, steps 1.. from the previous cell's outputs: at
+    # most two signatures, so at most two distinct timings among six calls.
+    assert len(set(cells)) <= 2
+
+
+def test_second_call_is_served_from_the_cache(unrolled, tmp_path, monkeypatch):
+    cap, inputs = _fresh(unrolled)
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    first = {n: dict(d["time"]) for n, d in cap.graph.nodes(data=True)}
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["fingerprint"] == cap.fingerprint
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached profile must not be measured again")
+
+    monkeypatch.setattr(profile_mod, "time_call", no_timing)
+    again, _ = _fresh(unrolled)
+    profile_graph(again, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    assert {n: dict(d["time"]) for n, d in again.graph.nodes(data=True)} == first
+    assert again.graph.graph["profile_info"]["cpu"]["cached"] is True
+
+
+def test_cache_is_keyed_by_input_shapes_and_ignores_broken_files(tmp_path):
+    cache = ProfileCache(tmp_path)
+    key_a, key_b = inputs_key((torch.zeros(2, 3),)), inputs_key((torch.zeros(4, 3),))
+    assert key_a != key_b
+    cache.store("fp", key_a, "cpu", "some cpu", {"a": (1e-6, 2e-6)})
+    assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) == {"a": (1e-6, 2e-6)}
+    assert cache.load("fp", key_b, "cpu", "some cpu", ["a"]) is None
+    assert cache.load("fp", key_a, "cpu", "other cpu", ["a"]) is None
+    assert cache.load("fp", key_a, "cpu", "some cpu", ["a", "b"]) is None  # a node is missing
+    cache.path("fp", key_a, "cpu", "some cpu").write_text("{not json")
+    assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) is None
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("PLACER_CACHE_DIR")
+    assert default_cache_dir().parts[-3:] == (".cache", "placer", "profiles")
+
+
+def test_cpu_runs_at_one_thread_and_the_count_is_restored(unrolled, tmp_path, monkeypatch):
+    seen = []
+    real = profile_mod.time_call
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profile_mod, "time_call", spy)
+    before = torch.get_num_threads()
+    cap, inputs = _fresh(unrolled)
+    profile_graph(cap, inputs, devices=["cpu"], repeats=1, use_cache=False)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
+def test_time_call_backward_zero_without_grad_and_positive_with():
+    x = torch.randn(64, 64)
+    fwd, bwd = time_call(torch.matmul, (x, x), {}, torch.device("cpu"), 2)
+    assert fwd > 0 and bwd == 0.0
+    w = torch.randn(64, 64, requires_grad=True)
+    fwd, bwd = time_call(torch.matmul, (x, w), {}, torch.device("cpu"), 2)
+    assert fwd > 0 and bwd > 0
+    # in-place op on an input that requires grad: legal on the non-leaf activation copy
+    fwd, bwd = time_call(torch.relu_, (w,), {}, torch.device("cpu"), 2)
+    assert fwd > 0 and bwd > 0
+
+
+def test_signature_separates_settings_and_shapes():
+    import torch.fx as fx
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3, stride=2)))
+    n0, n1 = [n for n in gm.graph.nodes if n.op == "call_module"]
+    x = torch.zeros(1, 3, 8, 8)
+    s0 = node_signature(n0, gm.get_submodule(n0.target), (x,), {})
+    s1 = node_signature(n1, gm.get_submodule(n1.target), (x,), {})
+    assert s0 != s1  # same weights, different stride
+    assert s0 != node_signature(n0, gm.get_submodule(n0.target), (torch.zeros(2, 3, 8, 8),), {})
+    assert s0 == node_signature(n0, gm.get_submodule(n0.target), (torch.ones(1, 3, 8, 8),), {})
+
+
+def test_bad_requests_are_clear_errors(unrolled):
+    cap, inputs = _fresh(unrolled)
+    with pytest.raises(PlacerError, match="only 'cpu' and 'cuda"):
+        resolve_devices(["mps"])
+    with pytest.raises(ProfileError, match="same kind"):
+        resolve_devices(["cpu", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ProfileError, match="no CUDA device"):
+            resolve_devices(["cuda:0"])
+    with pytest.raises(ProfileError, match="repeats"):
+        profile_graph(cap, inputs, repeats=0, use_cache=False)
+    with pytest.raises(ProfileError, match="do not run through node"):
+        profile_graph(cap, (torch.randn(3, 6, 5),), devices=["cpu"], use_cache=False)
+    other, _ = _fresh(unrolled)
+    other.graph.remove_node(next(iter(other.graph.nodes)))
+    with pytest.raises(ProfileError, match="same nodes"):
+        profile_graph(other, inputs, use_cache=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kind_is_profiled(unrolled, tmp_path):
+    cap, inputs = _fresh(unrolled)
+    profile_graph(cap, inputs, devices=["cpu", "cuda:0"], repeats=2, cache_dir=tmp_path)
+    assert cap.graph.graph["profiled_kinds"] == ["cpu", "cuda"]
+    assert all(d["fwd_time"]["cuda"] > 0 for d in cap.graph.nodes.values() if d["op"] == "call_module")
+
+
+def test_measure_training_step_is_positive_and_leaves_the_model_alone(unrolled):
+    model, inputs = unrolled
+    before = [p.detach().clone() for p in model.parameters()]
+    step = measure_training_step(model, inputs, None, repeats=2)
+    assert step > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class NeedsExport(nn.Module):
+    """Shape-dependent control flow: fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 8)
+        return self.lin(x) + h
+
+
+def test_export_captures_are_profiled_too(tmp_path):
+    inputs = (torch.randn(4, 8),)
+    cap = capture(NeedsExport(), inputs, name="exported")
+    assert cap.method == "export"
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    linear = [d for d in cap.graph.nodes.values() if d["op"] == "call_function" and "linear" in d["target"]]
+    assert linear and all(d["fwd_time"]["cpu"] > 0 and d["bwd_time"]["cpu"] > 0 for d in linear)
