@@ -185,10 +185,12 @@ class CostModel:
 def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: int = 3) -> Roofline | None:
     """Fit the roofline constants of ``kind`` to the graph's profiled forward times.
 
-    Least squares over the nodes profiled on ``kind`` that have FLOPs or bytes: for each
-    efficiency on a log grid the best launch overhead is the (clipped) mean residual, which
-    is the closed-form least-squares solution for a constant offset; the pair with the
-    smallest squared error wins. Returns None when fewer than ``min_nodes`` nodes qualify.
+    Least squares on the *relative* error over the nodes profiled on ``kind`` that have
+    FLOPs or bytes, so that small ops (where the launch overhead dominates) weigh as much
+    as large ones (where the efficiency does). For each efficiency on a log grid the best
+    launch overhead has a closed form (weighted least squares of a scaled offset, clipped
+    at 0); the pair with the smallest error wins. Returns None when fewer than
+    ``min_nodes`` nodes qualify.
     """
     flops, moved, times, ops = [], [], [], []
     for _, attrs in graph.nodes(data=True):
@@ -205,13 +207,18 @@ def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: i
     if len(times) < min_nodes:
         return None
     flops_a, moved_a, t, ops_a = (np.asarray(x, dtype=np.float64) for x in (flops, moved, times, ops))
+    keep = t > 0
+    if keep.sum() < min_nodes:
+        return None
+    flops_a, moved_a, t, ops_a = flops_a[keep], moved_a[keep], t[keep], ops_a[keep]
     memory = moved_a / device.mem_bandwidth
+    w = 1.0 / t**2  # relative residuals: ((t - pred) / t)^2
     best: tuple[float, Roofline] | None = None
-    for eff in np.logspace(-3, 0, 97):
+    for eff in np.logspace(-3, 0, 193):
         base = np.maximum(flops_a / (device.peak_flops * eff), memory)
-        # residual = t - base - ops*c  ->  least squares c = <ops, t-base> / <ops, ops>, clipped at 0
-        c = max(float(np.dot(ops_a, t - base) / np.dot(ops_a, ops_a)), 0.0)
-        err = float(np.sum((t - base - ops_a * c) ** 2))
+        # residual = t - base - ops*c; weighted least squares: c = <w ops, t-base> / <w ops, ops>
+        c = max(float(np.dot(w * ops_a, t - base) / np.dot(w * ops_a, ops_a)), 0.0)
+        err = float(np.sum(w * (t - base - ops_a * c) ** 2))
         if best is None or err < best[0]:
             best = (err, Roofline(float(eff), c))
     assert best is not None

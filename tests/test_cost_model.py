@@ -1,0 +1,95 @@
+"""Cost model: profiled times, roofline, calibration, and what compile_problem builds from them."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from envs.cluster import Cluster, Device, load_cluster
+from envs.cost_model import DEFAULT_ROOFLINE, CostModel, Roofline, calibrate, profiled_times, roofline_times
+from envs.problem import PlacementError, compile_problem, topological_order
+from graphs.errors import GraphError
+from tests.simulator_fixtures import layered_graph
+
+K40 = Device("g", "K40", 12 * 2**30, 4.29e12, 288e9)
+
+
+def test_profiled_time_wins_where_the_kind_was_profiled():
+    attrs = {"op": "call_module", "flops": 10**9, "bytes_moved": 10**6,
+             "fwd_time": {"cpu": 1e-3}, "bwd_time": {"cpu": 3e-3}}
+    model = CostModel()
+    assert model.node_cost(attrs, Device("c", "cpu", 1, 1e12, 1e11)) == (1e-3, 3e-3)
+    fwd, bwd = model.node_cost(attrs, K40)  # K40 not profiled: roofline
+    eff = DEFAULT_ROOFLINE["K40"]
+    compute = 1e9 / (4.29e12 * eff.efficiency)
+    assert fwd == pytest.approx(compute + eff.launch_overhead_s)
+    assert bwd == pytest.approx(2 * compute + eff.launch_overhead_s)
+
+
+def test_memory_bound_ops_and_zero_cost_nodes():
+    fwd, _ = roofline_times({"op": "call_function", "flops": 0, "bytes_moved": 288 * 10**6}, K40, Roofline(1.0, 0.0))
+    assert fwd == pytest.approx(1e-3)
+    for op in ("placeholder", "output", "get_attr"):
+        assert roofline_times({"op": op, "flops": 10**9}, K40, Roofline(0.5, 1e-5)) == (0.0, 0.0)
+    assert roofline_times({"op": "call_method", "flops": 0, "bytes_moved": 0}, K40, Roofline(0.5, 1e-5)) == (0.0, 0.0)
+    # A group of 3 ops pays 3 launches.
+    fwd3, _ = roofline_times({"op": "group", "bytes_moved": 1, "members": ["a", "b", "c"]}, K40, Roofline(0.5, 1e-5))
+    assert fwd3 == pytest.approx(3e-5, rel=1e-3)
+
+
+def test_time_only_profiles_split_and_no_grad_has_no_backward():
+    assert profiled_times({"time": {"cpu": 3e-3}}, "cpu") == pytest.approx((1e-3, 2e-3))
+    assert profiled_times({"time": {"cpu": 3e-3}}, "cuda") is None
+    cpu = Device("c", "cpu", 1, 1e12, 1e11)
+    assert CostModel().node_cost({"fwd_time": {"cpu": 1.0}, "bwd_time": {"cpu": 2.0}, "requires_grad": False}, cpu) == (1.0, 0.0)
+
+
+def test_calibration_recovers_the_constants_it_was_generated_with():
+    cpu = Device("c", "cpu", 2**34, 1e11, 2e10)
+    rng = np.random.default_rng(0)
+    true = Roofline(0.25, 4e-6)
+    g = nx.DiGraph()
+    for i in range(60):
+        # log-uniform sizes, like real graphs: many small ops, a few big ones
+        attrs = {"op": "call_function", "flops": int(10 ** rng.uniform(3, 9)), "bytes_moved": int(10 ** rng.uniform(3, 8))}
+        fwd, _ = roofline_times(attrs, cpu, true)
+        g.add_node(i, **attrs, fwd_time={"cpu": fwd * float(rng.uniform(0.97, 1.03))})
+    fit = calibrate(g, cpu)
+    assert fit is not None
+    assert fit.efficiency == pytest.approx(0.25, rel=0.1)
+    assert fit.launch_overhead_s == pytest.approx(4e-6, abs=3e-6)
+    assert calibrate(nx.DiGraph(), cpu) is None
+    # The default cost model of a graph with CPU profiles uses the fit.
+    model = CostModel.for_graph(g, Cluster("c", (cpu,)))
+    assert model.roofline["cpu"] == fit
+
+
+def test_compile_problem_arrays():
+    g = layered_graph(30, seed=2, profiled_kinds=("cpu",))
+    problem = compile_problem(g, load_cluster("4xK40"), optimizer="adam")
+    assert problem.node_names == tuple(topological_order(g))
+    assert problem.fwd_time.shape == (30, 5) and problem.optimizer_state_factor == 2.0
+    assert np.all(problem.edge_src < problem.edge_dst)
+    assert problem.latency[0, 0] == 0 and np.isinf(problem.bandwidth[1, 1])
+    assert problem.bandwidth[0, 1] == 12e9 and problem.bandwidth[1, 2] == 10e9
+    # CPU column comes from the profiles, K40 columns from the roofline.
+    i = problem.node_index("n7")
+    assert problem.fwd_time[i, 0] == g.nodes["n7"]["fwd_time"]["cpu"]
+    assert problem.fwd_time[i, 1] != problem.fwd_time[i, 0]
+    # CSR predecessors match the edges.
+    for v in range(problem.num_nodes):
+        preds = problem.edge_src[problem.pred_edge[problem.pred_ptr[v]:problem.pred_ptr[v + 1]]]
+        assert sorted(preds.tolist()) == sorted(problem.edge_src[problem.edge_dst == v].tolist())
+    assert not problem.simulated is False
+
+
+def test_compile_problem_errors():
+    g = layered_graph(3)
+    with pytest.raises(PlacementError, match="unknown optimizer 'lbfgs'"):
+        compile_problem(g, "4xK40", optimizer="lbfgs")
+    cyclic = nx.DiGraph([("a", "b"), ("b", "a")])
+    with pytest.raises(GraphError, match="cycle"):
+        compile_problem(cyclic, "4xK40")
+    with pytest.raises(GraphError, match="non-empty"):
+        compile_problem(nx.DiGraph(), "4xK40")
