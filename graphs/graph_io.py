@@ -22,7 +22,9 @@ _TIME_KINDS_KEY = "placer_time_kinds"
 FORMATS = (".json", ".graphml")
 
 
-def _format(path: Path) -> str:
+def graph_format(path: str | Path) -> str:
+    """The format of a graph file from its name: ".json" or ".graphml" (GraphError otherwise)."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise GraphError(f"cannot tell the graph format of {str(path)!r}: expected a .json "
@@ -33,7 +35,7 @@ def _format(path: Path) -> str:
 def save_graph(graph: nx.DiGraph, path: str | Path) -> Path:
     """Write ``graph`` to ``path`` (format from the extension); returns the path."""
     file = Path(path)
-    fmt = _format(file)
+    fmt = graph_format(file)
     if file.parent and not file.parent.exists():
         file.parent.mkdir(parents=True, exist_ok=True)
     if fmt == ".json":
@@ -47,7 +49,7 @@ def save_graph(graph: nx.DiGraph, path: str | Path) -> Path:
 def load_graph(path: str | Path) -> nx.DiGraph:
     """Read a graph written by :func:`save_graph` (or any node-link JSON / GraphML file)."""
     file = Path(path)
-    fmt = _format(file)
+    fmt = graph_format(file)
     if not file.is_file():
         raise GraphError(f"graph file {str(file)!r} does not exist")
     try:

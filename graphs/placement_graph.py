@@ -105,6 +105,18 @@ def owning_module(node: fx.Node) -> str:
     return ""
 
 
+def owning_module_type(node: fx.Node, gm: nn.Module) -> str:
+    """Class name of the module ``node`` belongs to (``""`` when unknown or top level)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        kind = list(stack.values())[-1][1]
+        text = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        return text.rsplit(".", 1)[-1]
+    return ""
+
+
 def _clean_path(path: str) -> str:
     # torch.export (strict) may spell paths as L['self'].layers[0]; keep dotted module paths.
     path = re.sub(r"^L\['self'\]\.?", "", path)
@@ -182,6 +194,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             op=node.op,
             target=target_text(node.target),
             module=owning_module(node),
+            module_type=owning_module_type(node, gm),
             shape=list(first.shape) if first else None,
             dtype=str(first.dtype) if first else None,
             out_bytes=int(total),

@@ -1,0 +1,83 @@
+"""One call from a model source to a costed, grouped placement graph: load → capture → profile → group."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from graphs.capture import CapturedModel, capture
+from graphs.errors import ModelFileError
+from graphs.model_file import ModelSpec, load_model_file
+
+ZOO_PREFIX = "zoo:"
+
+
+@dataclass
+class Prepared:
+    """The result of :func:`prepare`: the loaded model, its capture and its grouping."""
+
+    spec: ModelSpec
+    captured: CapturedModel
+    grouping: Any  # graphs.grouping.Grouping
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_source(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
+    """A ModelSpec from a model-file path, ``"zoo:<name>"``, or a ModelSpec (returned as is)."""
+    if isinstance(source, ModelSpec):
+        if model_args:
+            raise ModelFileError(
+                f"model arguments ({', '.join(sorted(model_args))}) cannot be applied to a ModelSpec "
+                "that is already built; pass a model file path or 'zoo:<name>' instead"
+            )
+        return source
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.startswith(ZOO_PREFIX):
+            from graphs.zoo import zoo_path
+
+            spec = load_model_file(zoo_path(text[len(ZOO_PREFIX):]), model_args)
+            return spec
+        return load_model_file(text, model_args)
+    raise ModelFileError(
+        f"cannot prepare a {type(source).__name__}; expected a model file path, 'zoo:<name>' "
+        "or a ModelSpec"
+    )
+
+
+def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None = None,
+            profile: bool = True, devices: Sequence[str] | None = None,
+            cache_dir: str | Path | None = None, leaf_modules: Iterable[Any] = ()) -> Prepared:
+    """Load, capture, (optionally) profile and group a model.
+
+    ``profile=False`` leaves the time dicts empty (grouping then merges by structure only).
+    ``devices``/``cache_dir`` go to :func:`graphs.profile.profile_graph`. ``Prepared.seconds``
+    records the wall time of each stage (load, capture, profile, group).
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    spec = load_source(source, model_args)
+    seconds["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    captured = capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name)
+    seconds["capture"] = time.perf_counter() - start
+
+    if profile:
+        # Imported here: profiling and grouping are separate modules of the graphs layer
+        # and are only needed once a capture exists.
+        from graphs.profile import profile_graph
+
+        start = time.perf_counter()
+        profile_graph(captured, spec.example_inputs, devices=devices,
+                      cache_dir=None if cache_dir is None else str(cache_dir))
+        seconds["profile"] = time.perf_counter() - start
+
+    from graphs.grouping import group_graph
+
+    start = time.perf_counter()
+    grouping = group_graph(captured.graph)
+    seconds["group"] = time.perf_counter() - start
+    return Prepared(spec=spec, captured=captured, grouping=grouping, seconds=seconds)

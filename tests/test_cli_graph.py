@@ -1,0 +1,111 @@
+"""``python -m placer graph``: summary, --json, --save, and clean errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from graphs.graph_io import load_graph
+from placer.cli import main
+
+MODEL = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(8, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.fc2 = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.relu(self.fc1(x)))
+        return self.fc2(h)
+
+def get_model(size="small", width=None):
+    return Net(width or {"small": 16, "paper": 32}[size])
+
+def get_example_inputs(size="small"):
+    return (torch.randn(4, 6, 8),)
+"""
+
+needs_grouping = pytest.mark.skipif(importlib.util.find_spec("graphs.grouping") is None,
+                                    reason="graphs.grouping (issue 2, grouping half) not there yet")
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent(MODEL))
+    return path
+
+
+@needs_grouping
+def test_summary(model_file, capsys):
+    assert main(["graph", str(model_file), "--no-profile", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "nodes" in out and "groups" in out and "parameters" in out and "torch.fx" in out
+    assert "most expensive ops (by FLOPs)" in out and "GRU" in out
+    params = 8 * 16 + 16 + 3 * (16 * 16 * 2 + 2 * 16) + 16 * 3 + 3  # fc1, GRU (3 gates), fc2
+    assert f"{params:,}" in out
+
+
+@needs_grouping
+def test_json_with_profile_and_model_args(model_file, capsys, tmp_path):
+    code = main(["graph", str(model_file), "--json", "--size", "paper", "--model-arg", "width=24",
+                 "--devices", "cpu", "--cache-dir", str(tmp_path / "cache"), "--top", "2"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"nodes", "edges", "groups", "params", "fingerprint", "time", "flops", "top_ops"} <= set(data)
+    assert data["params"] == 8 * 24 + 24 + 3 * (24 * 24 * 2 + 2 * 24) + 24 * 3 + 3
+    assert data["nodes"] == 8 and data["capture"] == "fx" and len(data["top_ops"]) == 2
+    assert set(data["time"]) == {"cpu"} and data["time"]["cpu"] > 0
+
+
+@needs_grouping
+@pytest.mark.parametrize("suffix", [".json", ".graphml"])
+def test_save(model_file, tmp_path, capsys, suffix):
+    out_file = tmp_path / f"out{suffix}"
+    assert main(["graph", str(model_file), "--no-profile", "--save", str(out_file)]) == 0
+    assert "saved" in capsys.readouterr().out
+    graph = load_graph(out_file)
+    assert graph.number_of_nodes() == 8 and graph.nodes["rnn"]["module"] == "rnn"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["graph", "{missing}"], "does not exist"),
+    (["graph", "{bad}"], "syntax error in bad.py line 2"),
+    (["graph", "{model}", "--model-arg", "depth=3"], "depth"),
+    (["graph", "{model}", "--save", "{tmp}/graph.txt"], ".graphml"),
+    (["graph", "{model}", "--devices", "tpu"], "unknown device"),
+])
+def test_bad_input_exit_2_without_traceback(model_file, tmp_path, capsys, args, expected):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\ndef get_model(:\n")
+    fill = {"missing": tmp_path / "nope.py", "bad": bad, "model": model_file, "tmp": tmp_path}
+    assert main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+def test_no_subcommand_and_bad_option(capsys):
+    assert main([]) == 2
+    assert "graph" in capsys.readouterr().err
+    assert main(["graph"]) == 2  # argparse: the model argument is required
+    assert "model" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    bad = tmp_path / "empty.py"
+    bad.write_text("x = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "placer", "graph", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: empty.py does not define a model" in proc.stderr
+    assert "get_model()" in proc.stderr and "Traceback" not in proc.stderr
