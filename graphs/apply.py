@@ -570,7 +570,13 @@ def realize_placement(placement: Mapping[str, str], devices: Any) -> RealizedPla
             f"devices are {sorted(mapping)}"
         )
     for v, r in mapping.items():
-        _parse_device(r, f"<device {v}>")
+        try:
+            torch.device(r)
+        except (RuntimeError, TypeError):
+            raise ApplyError(
+                f"device {v!r} maps onto {r!r}, which is not a torch device; give it a real_device "
+                f"such as 'cpu' or 'cuda:0' in the cluster spec"
+            ) from None
     used = sorted(set(placement.values()))
     by_real: dict[str, list[str]] = {}
     for v in used:

@@ -495,3 +495,34 @@ def test_zoo_models_train_identically_under_placements(name):
             opt_placed.step()
         for (pn, p_ref), (_, p_pl) in zip(reference.named_parameters(), placed.named_parameters()):
             torch.testing.assert_close(p_pl, p_ref, rtol=1e-5, atol=1e-6, msg=f"{label} {pn}")
+
+
+def test_realize_placement_refuses_devices_without_a_real_device():
+    with pytest.raises(ApplyError, match="give it a real_device"):
+        realize_placement({"a": "gpu0"}, {"gpu0": "gpu0"})
+
+
+def test_model_captured_through_export_applies_and_gets_device_map():
+    from graphs.capture import capture
+
+    class Loop(nn.Module):  # range(x.shape[0]) defeats fx, export handles it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            for _ in range(x.shape[0]):
+                y = y + self.b(y)
+            return y
+
+    torch.manual_seed(0)
+    cap = capture(Loop(), (torch.randn(3, 4),))
+    assert cap.method == "export"
+    modules = {n: cap.graph.nodes[n].get("module", "") for n in cap.graph.nodes}
+    placement = {n: ("gpu0" if modules[n] in ("a", "") else "gpu1") for n in cap.graph.nodes}
+    reference = copy.deepcopy(cap.gm)
+    placed = apply_placement(cap, placement, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    assert transfer_nodes(placed)
+    assert placement_device_map(cap.graph, placement) == {"a": "gpu0", "b": "gpu1"}
+    _assert_same_training(reference, placed, (torch.randn(3, 4),), "adam")

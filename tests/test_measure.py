@@ -122,13 +122,6 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
     assert not m.alive
 
 
-def test_one_shot_measure_step_time(faulty):
-    model, flag = faulty
-    r = measure_step_time(str(model), {"fc1": "cpu", "fc2": "cpu"}, warmup=1, repeats=2,
-                          model_args={"flag": str(flag)}, timeout_s=30)
-    assert r.valid and r.parallel and r.note == "" and len(r.times) == 2
-
-
 def test_bad_requests_raise_clear_errors(tmp_path, faulty):
     with pytest.raises(MeasureError, match="does not exist"):
         Measurer(tmp_path / "missing.py")
@@ -158,3 +151,20 @@ def test_cpu_cuda_placement_is_measured(faulty):
         r = m.measure(_round_robin(m.node_names, ("cpu", "cuda:0")), output_device="cpu")
         assert r.valid, r.reason
         assert r.parallel and "cuda:0" in r.peak_memory
+
+
+def test_one_shot_measure_on_a_virtual_cluster_mapped_onto_the_cpu(faulty):
+    from envs.cluster import cluster_from_spec
+
+    model, flag = faulty
+    cluster = cluster_from_spec({
+        "name": "2 virtual on cpu",
+        "devices": [
+            {"name": n, "kind": "cpu", "memory": "1GiB", "peak_flops": "1T", "mem_bandwidth": "10GB/s",
+             "real_device": "cpu"} for n in ("v0", "v1")
+        ],
+        "links": [{"between": ["v0", "v1"], "latency": "10us", "bandwidth": "10GB/s"}],
+    })
+    r = measure_step_time(model, {"fc1": "v0", "relu": "v1", "fc2": "v1"}, devices=cluster, warmup=1,
+                          repeats=2, model_args={"flag": str(flag)}, timeout_s=30)
+    assert r.valid and not r.parallel and "v0, v1 → cpu" in r.note
