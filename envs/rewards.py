@@ -1,0 +1,481 @@
+"""Reward modes of the placement environments: simulated, measured, hybrid.
+
+**Reward.** A valid placement with step time ``t`` earns ``-sqrt(t / t_ref)``, where
+``t_ref`` is the step time of a reference placement (by default the fastest single-device
+placement that fits): the reference itself earns -1, twice as fast earns -0.71. An invalid
+placement (out of memory, failed or timed-out run, non-finite time) earns the fixed
+``invalid_penalty``. Valid rewards are clipped at ``invalid_penalty + INVALID_MARGIN`` so
+that every invalid placement scores strictly below every valid one, whatever the times.
+
+The default penalty is ``-sqrt(t_serial / t_ref) - INVALID_MARGIN``, where ``t_serial``
+(:func:`serial_time_bound`) runs every op on its slowest device and every transfer over
+the slowest link one after the other: no simulated schedule is slower, so in simulated
+mode the clip never bites and the penalty sits just below the worst possible valid
+reward. (Measured and calibrated times can exceed the bound; those are clipped.)
+
+**Modes** (:func:`make_reward_model`):
+
+* ``simulated``: :func:`envs.simulator.simulate_batch`, one call per batch of placements.
+* ``measured``: every placement is run for real through a *measurer*, any object with
+  ``measure(placement: dict[node, device]) -> result`` where the result has ``step_time``,
+  ``valid`` and ``reason`` (:class:`envs.measure.Measurer` is one). Results are cached by
+  placement. The reference time is measured too.
+* ``hybrid``: rewards come from the simulator, but every ``measure_every`` evaluated
+  placements the ``measure_top_k`` best not-yet-measured candidates seen so far are
+  measured, and once three or more measurements are valid the simulator is recalibrated
+  with :func:`envs.calibrate.calibrate_simulator` (per-device compute scales, link scales,
+  a step overhead); rewards, the reference and the candidate pool then use the calibrated
+  simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from envs.env_config import EnvConfigError, positive_int
+from envs.problem import PlacementProblem
+from graphs.errors import PlacerError
+
+#: The reward modes :func:`make_reward_model` knows.
+REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
+
+#: Gap between the invalid penalty and the lowest valid reward.
+INVALID_MARGIN = 0.5
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def serial_time_bound(problem: PlacementProblem) -> float:
+    """Seconds of a fully serial step: every op on its slowest device, every forward and
+    gradient transfer over the slowest link, nothing overlapping. An upper bound on the
+    simulated step time of any placement."""
+    compute = float((problem.fwd_time + problem.bwd_time).max(axis=1).sum())
+    d = problem.num_devices
+    if d < 2 or problem.num_edges == 0:
+        return compute
+    off = ~np.eye(d, dtype=bool)
+    worst_latency = float(problem.latency[off].max())
+    worst_bandwidth = float(problem.bandwidth[off].min())
+    copies = 1.0 + problem.grad_edge.astype(np.float64)  # forward copy + gradient back
+    transfers = float((copies * (worst_latency + problem.edge_bytes / worst_bandwidth)).sum())
+    return compute + transfers
+
+
+def normalised_reward(step_time: np.ndarray, valid: np.ndarray, reference_time: float,
+                      invalid_penalty: float) -> np.ndarray:
+    """[B] rewards: ``-sqrt(t / t_ref)`` clipped at ``invalid_penalty + INVALID_MARGIN``
+    for valid placements with a finite time, ``invalid_penalty`` for the rest."""
+    t = np.asarray(step_time, dtype=np.float64)
+    ok = np.asarray(valid, dtype=bool) & np.isfinite(t) & (t >= 0)
+    raw = -np.sqrt(np.where(ok, t, 0.0) / reference_time)
+    return np.where(ok, np.maximum(raw, invalid_penalty + INVALID_MARGIN), invalid_penalty)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Rewards and figures of a batch of B placements.
+
+    Attributes:
+        placements: [B, N] int64 device index rows.
+        step_time: [B] seconds (``inf`` for a failed measurement).
+        peak_memory: [B, D] bytes (simulated estimate, also in measured mode).
+        over_memory: [B, D] bytes over capacity (simulated), 0 where within.
+        fits: [B] the placement fits in memory (simulated mode: the simulator says so;
+            measured mode: the run did not fail).
+        valid: [B] the reward is a time, not the invalid penalty.
+        reward: [B].
+        source: "simulated" or "measured" per placement.
+        reason: why each invalid placement is invalid ("" when valid).
+    """
+
+    placements: np.ndarray
+    step_time: np.ndarray
+    peak_memory: np.ndarray
+    over_memory: np.ndarray
+    fits: np.ndarray
+    valid: np.ndarray
+    reward: np.ndarray
+    source: tuple[str, ...]
+    reason: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.step_time.shape[0])
+
+    def info(self, b: int, problem: PlacementProblem, reference_time: float) -> dict[str, Any]:
+        """The ``info`` dict of placement ``b`` (see docs/contracts.md)."""
+        over = self.over_memory[b]
+        return {
+            "step_time": float(self.step_time[b]),
+            "peak_memory": self.peak_memory[b],
+            "fits": bool(self.fits[b]),
+            "valid": bool(self.valid[b]),
+            "source": self.source[b],
+            "placement": self.placements[b],
+            "over_memory": {problem.device_names[d]: float(over[d]) for d in np.flatnonzero(over > 0)},
+            "reason": self.reason[b],
+            "reference_time": reference_time,
+        }
+
+
+def _over_memory_reason(problem: PlacementProblem, over: np.ndarray) -> str:
+    worst = int(np.argmax(over))
+    return (f"out of memory on {int((over > 0).sum())} device(s), worst {problem.device_names[worst]!r} "
+            f"by {over[worst] / 2**20:.1f} MiB")
+
+
+def _simulate(problem: PlacementProblem, rows: np.ndarray):
+    # Imported on first use: envs is importable (for gymnasium registration) without
+    # loading the simulator and its JIT.
+    from envs.simulator import simulate_batch
+
+    return simulate_batch(problem, rows)
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+class RewardModel:
+    """Turns batches of placements into rewards. Subclasses set :attr:`mode`.
+
+    Attributes:
+        problem: the problem the placements refer to.
+        reference_time: ``t_ref`` in seconds.
+        reference_placement: [N] row of the reference placement, or None when the
+            reference was given as seconds.
+        invalid_penalty: reward of an invalid placement.
+        evaluated: number of placements evaluated so far.
+    """
+
+    mode = ""
+
+    def __init__(self, problem: PlacementProblem, reference: Any = "single",
+                 invalid_penalty: float | None = None) -> None:
+        self.problem = problem
+        self.evaluated = 0
+        self._reference_spec = reference
+        self.reference_time, self.reference_placement = self._resolve_reference(reference)
+        self.sim_reference_time = self._sim_reference_time()
+        self._user_penalty = invalid_penalty
+        self.invalid_penalty = self._resolve_penalty(invalid_penalty)
+
+    # -- reference and penalty
+
+    def _reference_time_of(self, row: np.ndarray) -> float:
+        """Seconds of one reference placement in this mode (simulated by default)."""
+        res = _simulate(self.sim_problem, row[None])
+        return float(res.step_time[0]) + self.sim_overhead
+
+    @property
+    def sim_problem(self) -> PlacementProblem:
+        """The problem the simulator runs (the calibrated one in hybrid mode)."""
+        return self.problem
+
+    @property
+    def sim_overhead(self) -> float:
+        """Seconds added to every simulated step (a calibrated overhead in hybrid mode)."""
+        return 0.0
+
+    def single_device_order(self) -> list[int]:
+        """Devices ordered by the simulated time of putting everything there, fitting ones first."""
+        d = self.problem.num_devices
+        rows = np.repeat(np.arange(d, dtype=np.int64)[:, None], self.problem.num_nodes, axis=1)
+        res = _simulate(self.sim_problem, rows)
+        return sorted(range(d), key=lambda i: (not bool(res.fits[i]), float(res.step_time[i]), i))
+
+    def _resolve_reference(self, reference: Any) -> tuple[float, np.ndarray | None]:
+        n = self.problem.num_nodes
+        if isinstance(reference, str):
+            if reference != "single":
+                raise EnvConfigError(
+                    f"unknown reference {reference!r}; expected 'single', a step time in seconds, "
+                    "or a placement (dict node -> device, or an array of device indices)"
+                )
+            return self._single_reference()
+        if isinstance(reference, (int, float, np.floating, np.integer)) and not isinstance(reference, bool):
+            t = float(reference)
+            if not (math.isfinite(t) and t > 0):
+                raise EnvConfigError(f"reference step time must be positive seconds, got {reference!r}")
+            return t, None
+        try:
+            if isinstance(reference, Mapping):
+                row = self.problem.placement_to_array(reference)
+            else:
+                row = self.problem.check_array(np.asarray(reference))
+                if row.ndim != 1:
+                    raise EnvConfigError(f"reference placement must be one row of {n} device indices")
+        except PlacerError as exc:
+            raise EnvConfigError(f"bad reference placement: {exc}") from exc
+        t = self._reference_time_of(row)
+        if not (math.isfinite(t) and t > 0):
+            raise EnvConfigError(f"the reference placement has no usable step time ({t}); pass another reference")
+        return t, row
+
+    def _single_reference(self) -> tuple[float, np.ndarray]:
+        """The fastest fitting single-device placement (the fastest of all when none fits)."""
+        best = self.single_device_order()[0]
+        row = np.full(self.problem.num_nodes, best, dtype=np.int64)
+        t = self._reference_time_of(row)
+        if not (math.isfinite(t) and t > 0):
+            raise EnvConfigError(
+                f"the single-device reference on {self.problem.device_names[best]!r} has no usable step "
+                f"time ({t}); pass reference= a step time in seconds or a placement"
+            )
+        return t, row
+
+    def _sim_reference_time(self) -> float:
+        """The reference's simulated seconds, which normalise :meth:`simulate`'s rewards (in
+        measured mode the reference time itself is measured)."""
+        if self.reference_placement is None:
+            return self.reference_time
+        res = _simulate(self.sim_problem, self.reference_placement[None])
+        t = float(res.step_time[0]) + self.sim_overhead
+        return t if math.isfinite(t) and t > 0 else self.reference_time
+
+    def _resolve_penalty(self, invalid_penalty: float | None) -> float:
+        if invalid_penalty is None:
+            bound = serial_time_bound(self.problem)
+            return -math.sqrt(max(bound, self.reference_time) / self.reference_time) - INVALID_MARGIN
+        p = float(invalid_penalty)
+        # The reference (-1) must stay above the clip at penalty + margin.
+        if not math.isfinite(p) or p >= -1.0 - INVALID_MARGIN:
+            raise EnvConfigError(
+                f"invalid_penalty must be a finite number below {-1.0 - INVALID_MARGIN} (the reference "
+                f"placement earns -1), got {invalid_penalty!r}"
+            )
+        return p
+
+    # -- evaluation
+
+    def rewards(self, step_time: np.ndarray, valid: np.ndarray, simulated: bool = False) -> np.ndarray:
+        """Normalised rewards for given times (no simulation); ``simulated`` normalises by the
+        reference's simulated time instead of its time in this mode."""
+        ref = self.sim_reference_time if simulated else self.reference_time
+        return normalised_reward(step_time, valid, ref, self.invalid_penalty)
+
+    def simulate(self, placements: np.ndarray) -> Evaluation:
+        """Evaluate with the (possibly calibrated) simulator, whatever the mode."""
+        rows = self.problem.check_array(np.atleast_2d(placements))
+        res = _simulate(self.sim_problem, rows)
+        step = res.step_time + self.sim_overhead
+        fits = np.asarray(res.fits, dtype=bool)
+        valid = fits & np.isfinite(step)
+        reasons = tuple("" if valid[b] else _over_memory_reason(self.problem, res.over_memory[b])
+                        if not fits[b] else "non-finite simulated step time" for b in range(rows.shape[0]))
+        return Evaluation(rows, step, res.peak_memory, res.over_memory, fits, valid,
+                          self.rewards(step, valid, simulated=True), ("simulated",) * rows.shape[0], reasons)
+
+    def evaluate(self, placements: np.ndarray) -> Evaluation:
+        """Rewards and figures for a batch of placements ([B, N] or [N]) in this mode."""
+        ev = self._evaluate(self.problem.check_array(np.atleast_2d(placements)))
+        self.evaluated += len(ev)
+        return ev
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        raise NotImplementedError
+
+
+class SimulatedReward(RewardModel):
+    """Rewards from the batched simulator."""
+
+    mode = "simulated"
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        return self.simulate(rows)
+
+
+class MeasuredReward(RewardModel):
+    """Rewards from real step times, measured one placement at a time through ``measurer``."""
+
+    mode = "measured"
+
+    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+                 invalid_penalty: float | None = None) -> None:
+        if measurer is None or not callable(getattr(measurer, "measure", None)):
+            raise EnvConfigError(
+                "reward modes 'measured' and 'hybrid' need measurer= an object with "
+                ".measure(placement dict) -> result(step_time, valid, reason), e.g. envs.measure.Measurer"
+            )
+        self.measurer = measurer
+        self._cache: dict[bytes, tuple[float, bool, str]] = {}
+        super().__init__(problem, reference, invalid_penalty)
+
+    def measure_row(self, row: np.ndarray) -> tuple[float, bool, str]:
+        """(step time, valid, reason) of one placement row, measured once and cached."""
+        key = np.ascontiguousarray(row, dtype=np.int64).tobytes()
+        if key not in self._cache:
+            try:
+                result = self.measurer.measure(self.problem.array_to_placement(row))
+            except PlacerError:
+                raise  # a bad request (unknown node or device) is the caller's error
+            except Exception as exc:  # noqa: BLE001 - a failing run must never crash the search
+                self._cache[key] = (math.inf, False, f"measurement failed: {type(exc).__name__}: {exc}")
+            else:
+                t = float(getattr(result, "step_time", math.inf))
+                valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0
+                reason = str(getattr(result, "reason", "") or "")
+                if not valid and not reason:
+                    reason = f"measurement invalid (step time {t})"
+                self._cache[key] = (t, valid, "" if valid else reason)
+        return self._cache[key]
+
+    def _reference_time_of(self, row: np.ndarray) -> float:
+        t, valid, reason = self.measure_row(row)
+        if not valid:
+            raise EnvConfigError(f"the reference placement failed when measured ({reason}); pass another reference")
+        return t
+
+    def _single_reference(self) -> tuple[float, np.ndarray]:
+        # Measure single-device placements in simulated order until one runs.
+        reasons = []
+        for dev in self.single_device_order():
+            row = np.full(self.problem.num_nodes, dev, dtype=np.int64)
+            t, valid, reason = self.measure_row(row)
+            if valid:
+                return t, row
+            reasons.append(f"{self.problem.device_names[dev]}: {reason}")
+        raise EnvConfigError("no single-device placement ran when measured (" + "; ".join(reasons)
+                             + "); pass reference= a step time in seconds")
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        sim = _simulate(self.problem, rows)  # memory figures for info
+        measured = [self.measure_row(r) for r in rows]
+        step = np.array([m[0] for m in measured], dtype=np.float64)
+        valid = np.array([m[1] for m in measured], dtype=bool)
+        return Evaluation(rows, step, sim.peak_memory, sim.over_memory, valid.copy(), valid,
+                          self.rewards(step, valid), ("measured",) * rows.shape[0],
+                          tuple(m[2] for m in measured))
+
+
+@dataclass
+class _Candidate:
+    row: np.ndarray
+    sim_time: float
+    measured: bool = False
+
+
+class HybridReward(MeasuredReward):
+    """Simulated rewards; the best candidates are measured now and then and the simulator
+    recalibrated from all valid measurements so far.
+
+    Attributes:
+        measurements: list of ``(row, step_time, valid, reason)`` in measuring order.
+        calibration: the latest :class:`envs.calibrate.Calibration`, or None.
+        calibrations: how many times the simulator was recalibrated.
+    """
+
+    mode = "hybrid"
+    #: Valid measurements needed before calibrating (calibrate_simulator's minimum).
+    MIN_MEASUREMENTS = 3
+
+    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+                 invalid_penalty: float | None = None, measure_every: int = 256, measure_top_k: int = 2,
+                 pool_size: int = 16) -> None:
+        self.measure_every = positive_int("measure_every", measure_every)
+        self.measure_top_k = positive_int("measure_top_k", measure_top_k)
+        self.pool_size = max(positive_int("pool_size", pool_size), self.measure_top_k)
+        self.calibration: Any = None
+        self.calibrations = 0
+        self.measurements: list[tuple[np.ndarray, float, bool, str]] = []
+        self._pool: dict[bytes, _Candidate] = {}
+        self._since_measure = 0
+        self._calibrated_problem: PlacementProblem | None = None
+        super().__init__(problem, measurer, reference, invalid_penalty)
+
+    # Hybrid rewards are simulated, so is the reference: not measured as in MeasuredReward.
+    _reference_time_of = RewardModel._reference_time_of
+    _single_reference = RewardModel._single_reference
+
+    @property
+    def sim_problem(self) -> PlacementProblem:
+        return self._calibrated_problem if self._calibrated_problem is not None else self.problem
+
+    @property
+    def sim_overhead(self) -> float:
+        return float(self.calibration.overhead_s) if self.calibration is not None else 0.0
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        ev = self.simulate(rows)
+        self._remember(rows, ev)
+        self._since_measure += rows.shape[0]
+        if self._since_measure >= self.measure_every:
+            self._since_measure = 0
+            self.measure_best()
+        return ev
+
+    def _remember(self, rows: np.ndarray, ev: Evaluation) -> None:
+        """Keep the ``pool_size`` fastest valid candidates seen (measured ones stay, to avoid re-measuring)."""
+        for b in np.argsort(ev.step_time, kind="stable"):
+            if not ev.valid[b]:
+                continue
+            key = rows[b].tobytes()
+            if key not in self._pool:
+                self._pool[key] = _Candidate(rows[b].copy(), float(ev.step_time[b]))
+        unmeasured = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
+        for c in unmeasured[self.pool_size:]:
+            del self._pool[c.row.tobytes()]
+
+    def measure_best(self) -> int:
+        """Measure the best unmeasured candidates now, recalibrate if possible; returns how many were measured."""
+        todo = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
+        todo = todo[: self.measure_top_k]
+        for cand in todo:
+            t, valid, reason = self.measure_row(cand.row)
+            cand.measured = True
+            self.measurements.append((cand.row, t, valid, reason))
+        if todo:
+            self._recalibrate()
+        return len(todo)
+
+    def _recalibrate(self) -> None:
+        good = [(r, t) for r, t, v, _ in self.measurements if v]
+        if len(good) < self.MIN_MEASUREMENTS:
+            return
+        from envs.calibrate import CalibrationError, calibrate_simulator
+
+        try:
+            cal = calibrate_simulator(self.problem, np.stack([r for r, _ in good]), [t for _, t in good])
+        except CalibrationError:
+            return  # e.g. degenerate data; keep the current simulator
+        self.calibration = cal
+        self._calibrated_problem = cal.apply(self.problem)
+        self.calibrations += 1
+        # The reference is re-simulated on the calibrated simulator (a time in seconds stays).
+        self.reference_time, self.reference_placement = self._resolve_reference(self._reference_spec)
+        self.sim_reference_time = self._sim_reference_time()
+        if self._user_penalty is None:
+            # Keep the penalty below every valid reward on the recalibrated scale.
+            self.invalid_penalty = min(self.invalid_penalty, self._resolve_penalty(None))
+        if self._pool:
+            cands = list(self._pool.values())
+            times = _simulate(self.sim_problem, np.stack([c.row for c in cands])).step_time + self.sim_overhead
+            for c, t in zip(cands, times):
+                c.sim_time = float(t)
+
+
+def make_reward_model(problem: PlacementProblem, mode: str = "simulated", reference: Any = "single",
+                      invalid_penalty: float | None = None, measurer: Any = None,
+                      **hybrid_options: Any) -> RewardModel:
+    """Build the reward model for ``mode`` (one of :data:`REWARD_MODES`).
+
+    ``hybrid_options`` (``measure_every``, ``measure_top_k``, ``pool_size``) apply to hybrid only.
+
+    Raises:
+        EnvConfigError: unknown mode, a missing measurer, a bad reference or penalty.
+    """
+    if mode not in REWARD_MODES:
+        raise EnvConfigError(f"unknown reward mode {mode!r}; expected one of {list(REWARD_MODES)}")
+    if hybrid_options and mode != "hybrid":
+        raise EnvConfigError(f"options {sorted(hybrid_options)} apply to reward_mode='hybrid' only")
+    if mode == "simulated":
+        return SimulatedReward(problem, reference, invalid_penalty)
+    if mode == "measured":
+        return MeasuredReward(problem, measurer, reference, invalid_penalty)
+    unknown = set(hybrid_options) - {"measure_every", "measure_top_k", "pool_size"}
+    if unknown:
+        raise EnvConfigError(f"unknown hybrid options {sorted(unknown)}; expected measure_every, measure_top_k, pool_size")
+    return HybridReward(problem, measurer, reference, invalid_penalty, **hybrid_options)

@@ -1,0 +1,59 @@
+"""Hand-made placement problems for the environment tests (no torch, no capture)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.problem import PlacementProblem
+
+
+def random_problem(n: int = 12, d: int = 3, seed: int = 0, extra_edges: int = 6,
+                   capacity: float | None = None, name: str = "random") -> PlacementProblem:
+    """A random DAG: a chain 0→1→…→n-1 plus ``extra_edges`` forward skips, random costs.
+
+    Device 0 is a slow "cpu" with plenty of memory; the others are faster GPUs with
+    ``capacity`` bytes each (default: room for the whole graph).
+    """
+    rng = np.random.default_rng(seed)
+    edges = {(i, i + 1) for i in range(n - 1)}
+    while len(edges) < n - 1 + extra_edges and n > 2:
+        a, b = sorted(rng.choice(n, size=2, replace=False).tolist())
+        edges.add((a, b))
+    edges = sorted(edges)
+    speed = np.concatenate([[1.0], rng.uniform(0.1, 0.4, size=d - 1)])  # relative time per device
+    base = rng.uniform(1e-4, 2e-3, size=n)
+    fwd = base[:, None] * speed[None, :]
+    param = rng.integers(0, 4, size=n) * 1_000_000.0
+    out = rng.integers(1, 8, size=n) * 250_000.0
+    total = float((param * 2 + out).sum())
+    cap = np.full(d, total * 2 if capacity is None else capacity, dtype=np.float64)
+    cap[0] = total * 10
+    lat = np.full((d, d), 10e-6)
+    np.fill_diagonal(lat, 0.0)
+    bw = np.full((d, d), 8e9)
+    np.fill_diagonal(bw, np.inf)
+    return PlacementProblem(
+        name=name,
+        node_names=tuple(f"n{i}" for i in range(n)),
+        device_names=tuple(["cpu"] + [f"gpu{i}" for i in range(d - 1)]),
+        device_kinds=tuple(["cpu"] + ["K40"] * (d - 1)),
+        fwd_time=fwd,
+        bwd_time=2 * fwd,
+        param_bytes=param,
+        act_bytes=out.copy(),
+        out_bytes=out,
+        flops=rng.integers(1, 1000, size=n) * 1e6,
+        edge_src=np.array([e[0] for e in edges], dtype=np.int64),
+        edge_dst=np.array([e[1] for e in edges], dtype=np.int64),
+        edge_bytes=np.array([out[e[0]] for e in edges], dtype=np.float64),
+        latency=lat,
+        bandwidth=bw,
+        memory_capacity=cap,
+    )
+
+
+def tight_problem(seed: int = 1) -> PlacementProblem:
+    """A problem where no GPU can hold the whole graph, so some placements do not fit."""
+    p = random_problem(n=10, d=3, seed=seed)
+    need = float((p.param_bytes * 2 + p.act_bytes).sum())
+    return random_problem(n=10, d=3, seed=seed, capacity=need * 0.6, name="tight")
