@@ -1,0 +1,27 @@
+"""placer: learn where each part of a PyTorch model should run.
+
+The top-level API::
+
+    import placer
+    result = placer.optimize(model, (x,), cluster="4xK40", budget="1m")
+    placed = result.apply()
+    placement = placer.load("out/placement.json", model=model, example_inputs=(x,))
+    placed = placer.apply(model, placement, example_inputs=(x,))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["optimize", "apply", "load", "OptimizeResult"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so that `python -m placer --help` and `import placer.options` stay light.
+    import importlib
+
+    if name in ("optimize", "OptimizeResult"):
+        return getattr(importlib.import_module("placer.optimization"), name)
+    if name in ("apply", "load"):
+        return getattr(importlib.import_module("placer.api"), name)
+    raise AttributeError(f"module 'placer' has no attribute {name!r}")

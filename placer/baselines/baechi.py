@@ -6,7 +6,8 @@ does, and never put a node on a device without memory left for it.
 
 * ``m_topo``: walk the topological order and fill one device at a time up to its share
   of the total compute (total / number of devices); move on to the next device when the
-  share is reached or memory runs out.
+  share is reached or memory runs out (past the last device, a node goes to the device
+  with the most room left).
 * ``m_etf``: earliest-task-first list scheduling: repeatedly schedule the ready
   (node, device) pair that can start earliest, over devices with room for the node.
 * ``m_sct``: small-communication-times scheduling. An LP relaxation (Hanen & Munier)
@@ -59,15 +60,18 @@ def m_topo(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
         if load[d] + cost[n, d] > share * (1 + 1e-9) and load[d] > 0 and k + 1 < len(devices):
             k += 1  # this device's compute share is full
         # Out of memory here: the next device with room takes the node (and the rest).
-        while used[devices[k]] + need(n, devices[k]) > cap[devices[k]]:
-            if k + 1 == len(devices):
-                raise NoFit(
-                    f"m-TOPO ran out of devices at node {problem.node_names[n]!r} "
-                    f"({mem[n] / GIB:.3f} GiB; {problem.device_names[devices[k]]} has "
-                    f"{(cap[devices[k]] - used[devices[k]]) / GIB:.2f} GiB free)"
-                )
+        while k + 1 < len(devices) and used[devices[k]] + need(n, devices[k]) > cap[devices[k]]:
             k += 1
         d = devices[k]
+        if used[d] + need(n, d) > cap[d]:
+            # Past the last device: an earlier one with room left takes it (most room first).
+            roomy = [x for x in devices if used[x] + need(n, x) <= cap[x]]
+            if not roomy:
+                raise NoFit(
+                    f"m-TOPO found no device with room for node {problem.node_names[n]!r} "
+                    f"({mem[n] / GIB:.3f} GiB; most free: {max(cap[devices] - used[devices]) / GIB:.3f} GiB)"
+                )
+            d = max(roomy, key=lambda x: (cap[x] - used[x], -x))
         used[d] += need(n, d)
         row[n] = d
         load[d] += cost[n, d]

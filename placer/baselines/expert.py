@@ -59,14 +59,14 @@ FAMILY_NAMES: dict[str, tuple[str, ...]] = {
     "cnn": ("inception", "resnet", "vgg", "alexnet", "mobilenet", "efficientnet", "densenet", "cnn", "conv"),
 }
 
-_INDEX = re.compile(r"(?:^|\.)(\w+?)\.(\d+)(?:\.|$)")
-
 
 def detect_family(graph: nx.DiGraph | None, paths: list[str] | None = None) -> str:
     """Model family: ``nmt``, ``rnnlm``, ``moe``, ``transformer``, ``cnn`` or ``generic``."""
     name = str((graph.graph.get("name") if graph is not None else "") or "").lower()
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name) if t]
     for family, keys in FAMILY_NAMES.items():
-        if any(k in name for k in keys):
+        # token prefixes, so "resnet50" is a resnet but not a "t5"
+        if any(t.startswith(k) for t in tokens for k in keys):
             return family
     paths = paths or []
     tops = {p.split(".")[0] for p in paths if p}

@@ -1,0 +1,49 @@
+"""``placer apply MODEL PLACEMENT``: train a few steps with a saved placement and time them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``apply`` subcommand."""
+    parser = subparsers.add_parser(
+        "apply", help="run N training steps of a model with a saved placement and print the step time",
+        description="Load MODEL, check that PLACEMENT was made for it, apply it (virtual devices of a "
+                    "simulated cluster run on their real device, e.g. the CPU) and run N full training "
+                    "steps (forward, loss, backward, optimizer step), printing the median step time.",
+        epilog="example:\n  python -m placer apply graphs/zoo/nmt.py placer-out/placement.json --steps 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="model file (.py) or zoo:<name>")
+    parser.add_argument("placement", help="placement.json written by `placer optimize`")
+    parser.add_argument("--steps", type=int, default=10, help="training steps to run (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--cluster", help="cluster the placement's device names come from (default: the one "
+                                          "recorded in the placement, else devices are real)")
+    parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from placer.api import load, train_steps
+    from placer.options import OptionError, parse_model_args
+
+    if args.steps < 1 or args.warmup < 0:
+        raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    from graphs.pipeline import load_source
+    from graphs.capture import capture
+
+    spec = load_source(args.model, parse_model_args(args.model_arg, size=args.size))
+    captured = capture(spec.model, spec.example_inputs, name=spec.name)
+    placement = load(args.placement, model=captured, cluster=args.cluster)
+    stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster)
+    print(f"{spec.name}: {args.steps} training steps with {args.placement}")
+    print(f"devices: {stats['devices']}")
+    if stats["note"]:
+        print(f"note: {stats['note']}")
+    print(f"losses: first {stats['losses'][0]:.6g}, last {stats['losses'][-1]:.6g}")
+    print(f"step time: median {stats['median'] * 1e3:.3f} ms, min {stats['min'] * 1e3:.3f} ms (measured)")
+    return 0

@@ -1,0 +1,436 @@
+"""``placer.optimize``: from a model to a checked, saved placement in one call.
+
+The CLI's ``optimize`` subcommand is a thin layer over :func:`optimize`. The steps:
+
+1. load and capture the model, profile its ops on the real devices present, group them;
+2. resolve the devices: real ones (``devices=["cpu", "cuda:0"]``, step times measured to
+   confirm the winner) or a simulated cluster (``cluster="4xK40"`` or a spec file);
+3. run the baselines, then the agent's search from the best of them, through the batched
+   simulator, keeping the best placement so far on disk;
+4. on real devices, measure the best candidates and keep the measured fastest;
+5. apply the winner and check outputs and gradients against the original model.
+
+Example::
+
+    result = placer.optimize(model, (x,), cluster="4xK40", budget="1m")
+    placed = result.apply()
+    print(result.compare())
+    result.save("out/")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from envs.cluster import Cluster, load_cluster
+from envs.problem import PlacementProblem, compile_problem
+from envs.simulator import simulate
+from graphs.errors import PlacerError
+from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
+from graphs.pipeline import Prepared, prepare
+from placer.compare import Candidate, comparison_table
+from placer.options import Budget, OptionError, parse_budget, parse_device_list, parse_memory_limits
+from placer.placement_file import Placement, save_placement
+from placer.verify import CheckReport, check_placement
+
+log = logging.getLogger("placer")
+
+DEFAULT_CLUSTER = "4xK40"
+DEFAULT_BUDGET = "2m"
+#: Baselines run by default: fast, constructive, and the ones users compare against.
+DEFAULT_BASELINES: tuple[str, ...] = (
+    "single", "expert", "round_robin", "balanced", "sequential", "pipeline_dp",
+    "m_topo", "m_etf", "m_sct", "heft", "critical_path", "mincut",
+)
+REWARD_MODES = ("simulated", "measured", "hybrid")
+
+
+def resolve_cluster(
+    devices: str | Sequence[str] | None = None,
+    cluster: str | os.PathLike | Cluster | Mapping | None = None,
+    memory: str | Mapping[str, Any] | None = None,
+) -> Cluster:
+    """The devices to place on: real ``devices``, a ``cluster`` preset/spec, or the default.
+
+    Without either, all real devices are used when there are at least two, else the
+    :data:`DEFAULT_CLUSTER` preset (simulated). ``memory`` caps device memory,
+    accelerate ``max_memory`` style (``"cuda:0=20GiB"``).
+
+    Raises:
+        OptionError: both given, a device that is not present, a memory limit for an
+            unknown device.
+    """
+    from envs.cluster import discover_cluster
+
+    if devices is not None and cluster is not None:
+        raise OptionError("give either real devices (--devices) or a simulated cluster (--cluster), not both")
+    if devices is not None:
+        wanted = parse_device_list(devices)
+        real = discover_cluster()
+        present = set(real.device_names)
+        absent = [d for d in wanted if d not in present]
+        if absent:
+            raise OptionError(
+                f"device(s) {absent} not present on this machine; present: {sorted(present)}"
+            )
+        result = real.subset(wanted) if hasattr(real, "subset") else _subset(real, wanted)
+    elif cluster is not None:
+        result = load_cluster(cluster)
+    else:
+        real = discover_cluster()
+        result = real if real.num_devices >= 2 else load_cluster(DEFAULT_CLUSTER)
+    limits = parse_memory_limits(memory)
+    if limits:
+        result = _with_memory_limits(result, limits)
+    return result
+
+
+def _subset(cluster: Cluster, names: Sequence[str]) -> Cluster:
+    from envs.cluster import make_cluster
+
+    devices = [cluster.device(n) for n in names]
+    links = [l for l in cluster.links if l.src in names and l.dst in names]
+    return make_cluster(devices, links, name=cluster.name, simulated=cluster.simulated,
+                        default_link=cluster.default_link)
+
+
+def _with_memory_limits(cluster: Cluster, limits: Mapping[str, int]) -> Cluster:
+    import dataclasses
+
+    unknown = sorted(set(limits) - set(cluster.device_names))
+    if unknown:
+        raise OptionError(
+            f"memory limit for unknown device(s) {unknown}; devices are {cluster.device_names}"
+        )
+    devices = [
+        dataclasses.replace(d, memory_bytes=min(d.memory_bytes, limits[d.name])) if d.name in limits else d
+        for d in cluster.devices
+    ]
+    return dataclasses.replace(cluster, devices=tuple(devices) if isinstance(cluster.devices, tuple) else devices)
+
+
+def _optimizer_name(spec: ModelSpec) -> str:
+    """The optimizer's state size class, read from the optimizer the model file builds."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        opt = spec.optimizer_fn(params)
+    except Exception:  # noqa: BLE001 - a broken get_optimizer shows up when training, not here
+        return "sgd"
+    name = type(opt).__name__.lower()
+    if name == "sgd":
+        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return name if name in ("adam", "adamw", "rmsprop", "adagrad") else "adam"
+
+
+def _to_spec(model: Any, example_inputs: Any, loss_fn: Callable | None, optimizer_fn: Callable | None,
+             name: str | None) -> ModelSpec:
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"expected a torch.nn.Module, a model file path or 'zoo:<name>'; got {type(model).__name__}")
+    if example_inputs is None:
+        raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    label = name or type(model).__name__
+    check_inputs_fit(model, inputs, label)
+    return ModelSpec(model=model, example_inputs=inputs, loss_fn=loss_fn or default_loss,
+                     optimizer_fn=optimizer_fn or default_optimizer, name=label)
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` found.
+
+    Attributes:
+        placement: the op-level placement (node → device name), with fingerprint and devices.
+        step_time: its step time in seconds (``source`` says simulated or measured).
+        source: ``"simulated"`` or ``"measured"``.
+        cluster: the devices placed on.
+        problem: the group-level placement problem the search ran on.
+        group_row: the winner as device indices over ``problem.node_names``.
+        prepared: the loaded, captured and grouped model.
+        table: the comparison against the baselines.
+        check: the numerical check of the applied placement (None if skipped).
+        search: the agent's search result.
+        candidates: every method's candidate.
+    """
+
+    placement: Placement
+    step_time: float
+    source: str
+    cluster: Cluster
+    problem: PlacementProblem
+    group_row: np.ndarray
+    prepared: Prepared
+    table: pd.DataFrame
+    check: CheckReport | None
+    search: Any
+    candidates: list[Candidate] = field(default_factory=list)
+    winner: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
+        """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
+        from graphs.apply import apply_placement
+        from graphs.capture import capture
+
+        captured = self.prepared.captured
+        if model is not None and model is not self.prepared.spec.model:
+            captured = capture(model, self.prepared.spec.example_inputs, name=self.prepared.spec.name)
+            if captured.fingerprint != self.placement.fingerprint:
+                raise PlacerError(
+                    f"this placement was made for model {self.placement.fingerprint}, "
+                    f"not for the given model ({captured.fingerprint})"
+                )
+        return apply_placement(captured, self.placement.assignment, output_device=output_device,
+                               real_devices=self.cluster.real_device_map())
+
+    def compare(self) -> pd.DataFrame:
+        """The comparison table (step time, speed-up, memory per device) of every method."""
+        return self.table
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write placement.json, device_map.json (when module-aligned), report.md and pictures."""
+        from placer.report import write_results
+
+        return write_results(self, Path(out_dir))
+
+
+def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
+    if out_dir is None:
+        return None
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".placer-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
+    return path
+
+
+def optimize(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    devices: str | Sequence[str] | None = None,
+    cluster: str | os.PathLike | Cluster | None = None,
+    budget: str | int | float | Budget = DEFAULT_BUDGET,
+    reward: str = "simulated",
+    groups: int | None = None,
+    seed: int = 0,
+    memory: str | Mapping[str, Any] | None = None,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    agent: str = "hierarchical",
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    model_args: Mapping[str, Any] | None = None,
+    loss_fn: Callable | None = None,
+    optimizer_fn: Callable | None = None,
+    check: bool = True,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: int = 1,
+) -> OptimizeResult:
+    """Find a fast placement of ``model`` and check it.
+
+    Args:
+        model: an ``nn.Module`` (with ``example_inputs``), a model file path, or ``"zoo:<name>"``.
+        example_inputs: a tuple of inputs (for an ``nn.Module``).
+        devices: real devices, e.g. ``"cpu,cuda:0"``; or ``cluster``: a preset name or spec
+            file (simulated). Default: real devices when at least two exist, else ``4xK40``.
+        budget: ``"5m"``, ``"90s"``, ``"20k"`` placements, or both ``"5m,20k"``.
+        reward: ``simulated`` (the batched simulator), ``measured`` or ``hybrid`` (real
+            devices only: the best candidates are re-measured and the measured fastest wins).
+        groups: number of groups for the hierarchical agent (default from graph and devices).
+        seed: makes the search reproducible.
+        memory: per-device memory caps, ``"cuda:0=20GiB"`` or a dict.
+        baselines: baseline names run first; their best placements seed the search.
+        agent: ``hierarchical``, ``flat``, ``sequential`` or ``reinforce``.
+        out_dir: where the best placement so far is kept during the search and results go.
+        resume: start from the placement (and policy) saved in ``out_dir`` by an earlier run.
+        check: apply the winner and compare outputs and gradients with the original model.
+
+    Raises:
+        PlacerError subclasses for bad input, before any long work starts.
+    """
+    seconds: dict[str, float] = {}
+    budget = parse_budget(budget)
+    if reward not in REWARD_MODES:
+        raise OptionError(f"unknown reward mode {reward!r}; expected one of {', '.join(REWARD_MODES)}")
+    if groups is not None and groups < 1:
+        raise OptionError(f"--groups must be at least 1, got {groups}")
+    out_path = _check_out_dir(out_dir)
+    the_cluster = resolve_cluster(devices, cluster, memory)
+    if reward != "simulated" and the_cluster.simulated:
+        raise OptionError(
+            f"reward {reward!r} needs real devices (--devices), but cluster {the_cluster.name!r} is simulated; "
+            "use --reward simulated"
+        )
+    from placer.baselines import baseline_names, get_baseline
+
+    for name in baselines:
+        get_baseline(name)  # unknown names fail now, not after profiling
+
+    start = time.perf_counter()
+    if isinstance(model, torch.nn.Module):
+        source: Any = _to_spec(model, example_inputs, loss_fn, optimizer_fn, None)
+    else:
+        source = model
+    profile_devices = None if the_cluster.simulated else [
+        d.real_device or d.name for d in the_cluster.devices
+    ]
+    prepared = prepare(source, model_args=model_args, profile=True, devices=profile_devices,
+                       cache_dir=cache_dir)
+    seconds["prepare"] = time.perf_counter() - start
+    spec, captured, grouping = prepared.spec, prepared.captured, prepared.grouping
+
+    problem = compile_problem(grouping.graph, the_cluster, optimizer=_optimizer_name(spec))
+    if verbose:
+        kind = "simulated on cluster spec" if the_cluster.simulated else "measured on real devices"
+        print(f"placer: {spec.name}: {captured.graph.number_of_nodes()} ops in {problem.num_nodes} groups; "
+              f"{problem.num_devices} devices ({the_cluster.name}, step times {kind})")
+
+    # Baselines first: they are seconds of work and their best placements seed the search.
+    from placer.baselines import run_baseline
+
+    start = time.perf_counter()
+    candidates: list[Candidate] = []
+    for name in baselines:
+        res = run_baseline(name, problem, grouping.graph, seed=seed, captured=captured,
+                           op_to_group=grouping.op_to_group)
+        candidates.append(Candidate(name, res.placement, res.search_time, res.evaluated,
+                                    res.reason, history=list(res.history)))
+    seconds["baselines"] = time.perf_counter() - start
+
+    initial = [c.row for c in candidates if c.row is not None]
+    if resume and out_path is not None:
+        previous = _resume_row(out_path, captured, grouping, problem)
+        if previous is not None:
+            initial.insert(0, previous)
+
+    best_so_far_file = out_path / "placement.json" if out_path is not None else None
+
+    def keep_best(row: np.ndarray, step_time: float) -> None:
+        """Write the best placement so far as an op-level placement file (atomic)."""
+        if best_so_far_file is None:
+            return
+        placement = _op_placement(row, problem, grouping, captured, the_cluster, spec,
+                                  {"step_time": step_time, "source": "simulated", "status": "search in progress"})
+        save_placement(placement, best_so_far_file)
+
+    start = time.perf_counter()
+    search_result = _run_search(problem, agent=agent, budget=budget, seed=seed, groups=groups,
+                                initial=initial, out_dir=out_path, on_improve=keep_best,
+                                progress=progress, resume=resume)
+    seconds["search"] = time.perf_counter() - start
+    candidates.append(Candidate(
+        f"placer ({agent})", search_result.best_row, seconds["search"], search_result.evaluated,
+        f"stopped: {search_result.stop_reason}", history=list(search_result.history),
+    ))
+
+    if not the_cluster.simulated:
+        start = time.perf_counter()
+        _measure_best(candidates, problem, grouping, captured, the_cluster, spec, model_args, source)
+        seconds["measure"] = time.perf_counter() - start
+
+    table = comparison_table(problem, candidates)
+    fitting = table[table["fits"]]
+    if fitting.empty:
+        raise PlacerError(
+            "no method found a placement that fits in device memory; "
+            f"device memory: {[f'{d.name}={d.memory_bytes / 2**30:.1f}GiB' for d in the_cluster.devices]}"
+        )
+    winner_name = str(fitting.iloc[0]["method"])
+    winner = next(c for c in candidates if c.method == winner_name)
+    step_time = float(fitting.iloc[0]["step_time"])
+    source_label = str(fitting.iloc[0]["source"])
+    placement = _op_placement(winner.row, problem, grouping, captured, the_cluster, spec,
+                              {"step_time": step_time, "source": source_label, "method": winner_name})
+    if best_so_far_file is not None:
+        save_placement(placement, best_so_far_file)
+
+    report = None
+    if check:
+        start = time.perf_counter()
+        report = check_placement(spec, captured, placement.assignment, real_devices=the_cluster.real_device_map())
+        seconds["check"] = time.perf_counter() - start
+        if not report.ok:
+            raise PlacerError(f"the applied placement does not compute the same thing: {report.describe()}")
+
+    result = OptimizeResult(
+        placement=placement, step_time=step_time, source=source_label, cluster=the_cluster,
+        problem=problem, group_row=np.asarray(winner.row), prepared=prepared, table=table,
+        check=report, search=search_result, candidates=candidates, winner=winner_name, seconds=seconds,
+    )
+    if out_path is not None:
+        result.save(out_path)
+    return result
+
+
+def _op_placement(row: np.ndarray, problem: PlacementProblem, grouping: Any, captured: Any,
+                  cluster: Cluster, spec: ModelSpec, metadata: Mapping[str, Any]) -> Placement:
+    group_placement = problem.array_to_placement(row)
+    assignment = grouping.expand(group_placement)
+    meta = {"model": spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
+            "real_devices": cluster.real_device_map()}
+    meta.update(metadata)
+    return Placement(assignment=assignment, fingerprint=captured.fingerprint,
+                     devices=list(cluster.device_names), metadata=meta)
+
+
+def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementProblem) -> np.ndarray | None:
+    """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
+    from placer.placement_file import load_placement
+
+    path = out_dir / "placement.json"
+    if not path.exists():
+        return None
+    placement = load_placement(path, graph=captured, devices=problem.device_names)
+    group_placement = {}
+    for op, group in grouping.op_to_group.items():
+        group_placement.setdefault(group, placement.assignment[op])
+    return problem.placement_to_array(group_placement)
+
+
+def _run_search(problem: PlacementProblem, *, agent: str, budget: Budget, seed: int, groups: int | None,
+                initial: list[np.ndarray], out_dir: Path | None, on_improve: Callable, progress: bool,
+                resume: bool) -> Any:
+    from placer.agents.search import search
+
+    return search(
+        problem, agent=agent, budget=budget, seed=seed, num_groups=groups,
+        initial_placements=initial, out_dir=out_dir, on_improve=on_improve, progress=progress,
+        resume=resume,
+    )
+
+
+def _measure_best(candidates: list[Candidate], problem: PlacementProblem, grouping: Any, captured: Any,
+                  cluster: Cluster, spec: ModelSpec, model_args: Mapping[str, Any] | None, source: Any,
+                  top: int = 4) -> None:
+    """On real devices: measure the ``top`` simulated-fastest candidates and record their real step times."""
+    from envs.measure import Measurer
+    from envs.simulator import simulate_batch
+
+    found = [c for c in candidates if c.row is not None]
+    if not found or not isinstance(source, (str, os.PathLike)):
+        return  # an in-memory module cannot be re-loaded in a worker process
+    sim = simulate_batch(problem, np.stack([c.row for c in found]))
+    order = np.argsort(np.where(sim.fits, sim.step_time, np.inf))[:top]
+    with Measurer(source, model_args=dict(model_args or {}), devices=cluster) as measurer:
+        for i in order:
+            c = found[int(i)]
+            assignment = grouping.expand(problem.array_to_placement(c.row))
+            res = measurer.measure(assignment)
+            if res.valid:
+                c.measured_step_time = res.step_time
+            else:
+                c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {res.reason}"

@@ -1,0 +1,129 @@
+"""Results of an ``optimize`` run on disk: placement files, the comparison, pictures, report.md.
+
+:func:`write_results` writes into one directory:
+
+- ``placement.json`` — the op-level placement (schema-versioned, with the model fingerprint);
+- ``device_map.json`` — accelerate-style module → device map, when the placement is module-aligned;
+- ``comparison.csv`` — every method's step time, speed-up and memory, through one simulator;
+- ``placed_graph.png``, ``schedule.png``, ``memory.png``, ``search_curve.png``;
+- ``report.md`` — all of the above in one readable page.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from envs.simulator import simulate
+from placer.compare import markdown_table
+from placer.placement_file import save_placement, to_device_map
+from placer.plots import plot_memory, plot_placed_graph, plot_search_curves
+
+if TYPE_CHECKING:  # imported for type hints only: optimize imports this module
+    from placer.optimization import OptimizeResult
+
+
+def _write_device_map(result: "OptimizeResult", out_dir: Path) -> Path | None:
+    import json
+
+    device_map = to_device_map(result.placement, result.prepared.captured,
+                               real_devices=None if result.cluster.simulated else result.cluster.real_device_map())
+    path = out_dir / "device_map.json"
+    if device_map is None:
+        if path.exists():
+            path.unlink()  # a stale map from an earlier run would describe another placement
+        return None
+    path.write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
+    """The four pictures of a result; returns name → path of those written."""
+    problem, row = result.problem, result.group_row
+    group_graph = result.prepared.grouping.graph
+    pictures: dict[str, Path] = {}
+    placement = problem.array_to_placement(row)
+    pictures["placed graph"] = plot_placed_graph(
+        group_graph, placement, list(problem.device_names), out_dir / "placed_graph.png",
+        title=f"{result.prepared.spec.name}: {problem.num_nodes} groups coloured by device",
+    )
+    step = simulate(problem, row)
+    pictures["memory"] = plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity,
+                                     out_dir / "memory.png", title="simulated peak memory per device")
+    try:
+        from envs.gantt import plot_gantt
+    except ImportError:  # the Gantt chart module is optional in a partial install
+        plot_gantt = None
+    if plot_gantt is not None:
+        pictures["schedule"] = Path(plot_gantt(problem, row, out_dir / "schedule.png"))
+    histories = {c.method: c.history for c in result.candidates if c.history}
+    if histories:
+        pictures["search curve"] = plot_search_curves(histories, out_dir / "search_curve.png",
+                                                      title=f"search on {result.cluster.name}")
+    return pictures
+
+
+def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_map: Path | None) -> str:
+    """The Markdown text of report.md."""
+    spec, cluster, problem = result.prepared.spec, result.cluster, result.problem
+    step = simulate(problem, result.group_row)
+    lines = [
+        f"# placer report: {spec.name}",
+        "",
+        f"- devices: **{cluster.name}** ({', '.join(cluster.device_names)}) — "
+        + ("step times **simulated** on a cluster spec" if cluster.simulated else "real devices, winner **measured**"),
+        f"- graph: {result.prepared.captured.graph.number_of_nodes()} ops "
+        f"({result.prepared.captured.method} capture), {problem.num_nodes} groups, "
+        f"fingerprint `{result.placement.fingerprint}`",
+        f"- winner: **{result.winner}**, step time **{result.step_time * 1e3:.3f} ms** ({result.source})",
+        f"- search: {result.search.evaluated:,} placements evaluated in "
+        f"{result.seconds.get('search', 0.0):.1f} s, stopped: {result.search.stop_reason}",
+        f"- machine: {platform.node() or 'unknown'} ({platform.machine()}, Python {platform.python_version()})",
+    ]
+    if result.check is not None:
+        lines.append(f"- check of the applied placement: {result.check.describe()}")
+    used = sorted(set(result.placement.assignment.values()), key=list(cluster.device_names).index)
+    lines.append(f"- devices used: {', '.join(used)}; peak memory "
+                 + ", ".join(f"{d}={m / 2**30:.2f} GiB" for d, m in zip(problem.device_names, step.peak_memory)))
+    if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
+        lines.append("- applied here, the virtual devices share one real device: a measured time would "
+                     "show no parallelism; the step times above are the simulator's.")
+    lines += ["", "## Comparison", "", markdown_table(result.table), ""]
+    lines += ["Speed-up is over the fastest single device that holds the model; the ratio to the "
+              "lower bound compares with max(critical path, total work / aggregate speed).", ""]
+    lines += ["## Files", "", "- `placement.json` — load with `placer.load(path)`"]
+    if device_map is not None:
+        lines.append("- `device_map.json` — accelerate-style module → device map")
+    else:
+        lines.append("- no `device_map.json`: the placement splits some module's ops across devices")
+    lines += ["- `comparison.csv` — the table above", ""]
+    for name, path in pictures.items():
+        lines += [f"## {name.capitalize()}", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)
+
+
+def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
+    """Write every result file into ``out_dir``; returns the path of report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_placement(result.placement, out_dir / "placement.json")
+    device_map = _write_device_map(result, out_dir)
+    result.table.to_csv(out_dir / "comparison.csv", index=False)
+    pictures = write_pictures(result, out_dir)
+    report = out_dir / "report.md"
+    report.write_text(render_report(result, pictures, device_map) + "\n", encoding="utf-8")
+    return report
+
+
+def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
+    """A short table for the terminal: the winner and the best methods."""
+    table = result.table.head(top)
+    width = max(len(m) for m in table["method"])
+    out = [f"{'method':<{width}}  {'step (ms)':>10}  {'speed-up':>8}  fits  source"]
+    for _, r in table.iterrows():
+        step = "-" if np.isnan(r["step_time"]) else f"{r['step_time'] * 1e3:10.3f}"
+        speed = "-" if np.isnan(r["speedup_vs_single"]) else f"{r['speedup_vs_single']:8.2f}"
+        out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}")
+    return out
