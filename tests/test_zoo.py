@@ -27,6 +27,16 @@ SMALL_NODES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run the zoo's tiny models on one thread: on a shared, loaded machine intra-op threads
+    contend with other processes and a 0.2 s step took 10 s with two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def zoo(name: str):
     return importlib.import_module(f"graphs.zoo.{name}")
 
@@ -249,3 +259,26 @@ def test_paper_size_traces_on_meta(name: str) -> None:
         assert math.isclose(params, expected, rel_tol=tolerance)
     if name == "nmt":
         assert len(gm.graph.nodes) > 15_000
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_optimizer_takes_a_step(name: str) -> None:
+    module = zoo(name)
+    model = module.get_model("small")
+    inputs = module.get_example_inputs("small")
+    optimizer = module.get_optimizer(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    module.get_loss(model(*inputs), *inputs).backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_nmt_paper_grows_with_layers() -> None:
+    nmt = zoo("nmt")
+    counts = []
+    with torch.device("meta"):
+        for layers in (2, 4, 8):
+            counts.append(len(fx.symbolic_trace(nmt.get_model("paper", layers=layers)).graph.nodes))
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] > 15_000

@@ -14,6 +14,7 @@ cross-entropy.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 import math
 
 import torch
@@ -146,3 +147,8 @@ def get_example_inputs(size: str = "small", seq_len: int | None = None,
 def get_loss(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits [batch, seq, vocab]`` against ``targets``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (β₂ = 0.95, weight decay 0.1, learning rate 6e-4), the usual GPT-2-small recipe."""
+    return torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)

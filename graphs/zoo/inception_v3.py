@@ -19,6 +19,7 @@ cross-entropy against ``labels``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,8 @@ def get_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], images: t
         logits, aux = output
         return F.cross_entropy(logits, labels) + AUX_WEIGHT * F.cross_entropy(aux, labels)
     return F.cross_entropy(output, labels)
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """RMSProp with decay 0.9 and ε = 1.0, learning rate 0.045, as in the Inception-V3 paper."""
+    return torch.optim.RMSprop(params, lr=0.045, alpha=0.9, eps=1.0)

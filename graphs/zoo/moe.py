@@ -24,6 +24,7 @@ cross-entropy.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 import math
 
 import torch
@@ -179,3 +180,8 @@ def get_example_inputs(size: str = "small", seq_len: int | None = None,
 def get_loss(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits [batch, seq, vocab]`` against ``targets``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam (β₁ = 0.9, β₂ = 0.999) at learning rate 1e-3, as Shazeer et al. trained the MoE LMs."""
+    return torch.optim.Adam(params, lr=1e-3)

@@ -22,6 +22,7 @@ Model file: ``get_example_inputs`` → ``(source, target_in, target_out)``;
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -178,3 +179,8 @@ def get_loss(logits: torch.Tensor, source: torch.Tensor, target_in: torch.Tensor
              target_out: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy of ``logits [batch, tgt_len, vocab]`` against ``target_out``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_out.reshape(-1))
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with learning rate 2e-4, GNMT's first training phase."""
+    return torch.optim.Adam(params, lr=2e-4)

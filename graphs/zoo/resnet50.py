@@ -14,6 +14,7 @@ cross-entropy of the logits against ``labels``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +131,8 @@ def get_example_inputs(size: str = "small", batch_size: int | None = None,
 def get_loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [batch, classes]`` against ``labels [batch]``."""
     return F.cross_entropy(logits, labels)
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 and weight decay 1e-4, as He et al. trained ResNets (lr 0.1 at batch 256)."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)

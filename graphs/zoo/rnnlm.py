@@ -14,6 +14,7 @@ Model file: ``get_model(size)``, ``get_example_inputs(size)`` → ``(tokens, tar
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,8 @@ def get_example_inputs(size: str = "small", seq_len: int | None = None,
 def get_loss(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits [batch, seq, vocab]`` against ``targets [batch, seq]``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adagrad with learning rate 0.2, as Jozefowicz et al. trained their LSTM language models."""
+    return torch.optim.Adagrad(params, lr=0.2)
