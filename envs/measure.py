@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,6 @@ class Measurer:
         self.num_threads = num_threads
         self.use_cache = cache
         self._cache: dict[str, MeasureResult] = {}
-        self._ctx = mp.get_context("spawn")  # a clean interpreter: no inherited CUDA state or locks
         self._proc: Any = None
         self._conn: Any = None
         self.fingerprint: str | None = None
@@ -175,7 +175,7 @@ class Measurer:
     @property
     def alive(self) -> bool:
         """True while a worker process is running."""
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and self._proc.poll() is None
 
     def close(self) -> None:
         """Stop the worker (politely, then by force)."""
@@ -184,23 +184,23 @@ class Measurer:
         if proc is None:
             return
         try:
-            if proc.is_alive():
+            if proc.poll() is None:
                 conn.send(("stop",))
-                proc.join(timeout=5)
-        except (OSError, EOFError, BrokenPipeError):
+                proc.wait(timeout=5)
+        except (OSError, EOFError, subprocess.TimeoutExpired):
             pass
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
-            proc.join(timeout=5)
+            proc.wait(timeout=5)
         try:
             conn.close()
         except OSError:
             pass
 
     def _kill(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-            self._proc.join(timeout=5)
+            self._proc.wait(timeout=5)
         self.close()
 
     def start(self) -> None:
@@ -213,19 +213,32 @@ class Measurer:
         if self.alive:
             return
         self.close()
-        from envs.measure_worker import worker_main
+        from envs.measure_worker import _DuplexConnection
 
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child, self.model_source, self.model_args, self.num_threads),
-            daemon=True,
-            name="placer-measure",
-        )
-        proc.start()
-        child.close()  # so a dead worker shows as EOF on our end
-        self._proc, self._conn = proc, parent
+        # Two pipes: parent -> child (requests) and child -> parent (replies). A fresh
+        # interpreter via -m never re-imports the caller's main script (spawn would).
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "envs.measure_worker", str(req_r), str(rep_w)],
+                pass_fds=(req_r, rep_w),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the caller, who stops us
+            )
+        finally:
+            os.close(req_r)  # the child's ends: closing ours makes a dead child show as EOF
+            os.close(rep_w)
+        self._proc, self._conn = proc, _DuplexConnection(rep_r, req_w)
         self.worker_starts += 1
+        try:
+            self._conn.send(("load", self.model_source, self.model_args, self.num_threads))
+        except (OSError, EOFError):
+            pass  # a worker that died at once is reported by _wait
         msg, why = self._wait(self.load_timeout_s)
         if msg is None:
             self._kill()
@@ -247,16 +260,19 @@ class Measurer:
                 if self._conn.poll(_POLL_S):
                     return self._conn.recv(), ""
             except (EOFError, OSError):
-                self._proc.join(timeout=5)
-                return None, _crash_reason(self._proc.exitcode)
-            if not self._proc.is_alive():
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass  # the pipe closed but the process lingers: _kill ends it
+                return None, _crash_reason(self._proc.returncode)
+            if self._proc.poll() is not None:
                 # It may have answered just before dying.
                 try:
                     if self._conn.poll(0):
                         return self._conn.recv(), ""
                 except (EOFError, OSError):
                     pass
-                return None, _crash_reason(self._proc.exitcode)
+                return None, _crash_reason(self._proc.returncode)
             if time.monotonic() >= deadline:
                 return None, f"timed out after {timeout_s:g}s"
 

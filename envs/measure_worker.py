@@ -4,8 +4,12 @@ It loads the model once (model file or zoo name + model args: model objects need
 pickle), captures it, then answers measurement requests over a pipe, each one applying
 a placement to a fresh copy of the captured model and timing full training steps.
 
-Protocol (tuples over a ``multiprocessing`` connection):
+It runs as ``python -m envs.measure_worker READ_FD WRITE_FD`` (a fresh interpreter: no
+inherited CUDA state, and unlike ``multiprocessing`` spawn it never re-imports the
+caller's main script). Messages are pickled tuples over two pipes, wrapped in
+``multiprocessing.connection.Connection``; the worker's stdout/stderr stay the user's.
 
+* parent → child first: ``("load", model_source, model_args, num_threads)``.
 * child → parent after loading: ``("ready", fingerprint, node_names, capture_method)``
   or ``("load_error", message)``.
 * parent → child: ``("measure", assignment, real_devices, output_device, warmup, repeats)``;
@@ -107,8 +111,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def worker_main(conn: Any, model_source: str, model_args: Mapping[str, Any] | None, num_threads: int | None) -> None:
-    """Entry point of the worker process (runs until told to stop or the pipe closes)."""
+def worker_main(conn: Any) -> None:
+    """Serve load and measure requests on ``conn`` until told to stop or the pipe closes."""
+    try:
+        _, model_source, model_args, num_threads = conn.recv()
+    except (EOFError, OSError):
+        return
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
@@ -143,3 +151,40 @@ def worker_main(conn: Any, model_source: str, model_args: Mapping[str, Any] | No
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         conn.send(reply)
+
+
+class _DuplexConnection:
+    """One object with send/recv/poll over a read pipe and a write pipe."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        from multiprocessing.connection import Connection
+
+        self._r = Connection(read_fd, writable=False)
+        self._w = Connection(write_fd, readable=False)
+
+    def send(self, obj: Any) -> None:
+        self._w.send(obj)
+
+    def recv(self) -> Any:
+        return self._r.recv()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._r.poll(timeout)
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m envs.measure_worker READ_FD WRITE_FD``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        raise SystemExit("usage: python -m envs.measure_worker READ_FD WRITE_FD (started by envs.measure)")
+    worker_main(_DuplexConnection(int(args[0]), int(args[1])))
+
+
+if __name__ == "__main__":
+    main()
