@@ -138,27 +138,41 @@ class Schedule:
 
 @dataclass(frozen=True)
 class _Arrays:
-    """Contiguous arrays in the layout both kernels read (built once per problem)."""
+    """Contiguous arrays in the layout both kernels read (built once per problem).
+
+    Transfer durations are tabulated per edge slot and ordered device pair
+    (``xfer[k, src * D + dst] = latency + bytes / bandwidth``, 0 on the diagonal) so the
+    kernels do a load instead of a division, and can update channels without branching.
+    """
 
     fwd: np.ndarray  # [N, D] float64
-    bwd: np.ndarray  # [N, D]
-    rg: np.ndarray  # [N] bool
-    pred_ptr: np.ndarray  # [N+1] int64
-    pred_src: np.ndarray  # [E] source node of each incoming-edge slot
-    pred_bytes: np.ndarray  # [E]
-    pred_eid: np.ndarray  # [E] edge id of each slot
+    bwd: np.ndarray  # [N, D] (0 where the node has no backward op)
+    busy: np.ndarray  # [N, D] fwd + bwd
+    rg: np.ndarray  # [N] uint8, node has a backward op
+    pred_ptr: np.ndarray  # [N+1] int64: incoming-edge slots of node i
+    pred_src: np.ndarray  # [S] source node of each slot
+    pred_bytes: np.ndarray  # [S]
+    pred_xfer: np.ndarray  # [S, D*D] transfer seconds per device pair
+    pred_eid: np.ndarray  # [S] edge id of each slot
     gsucc_ptr: np.ndarray  # [N+1] outgoing gradient edges (both ends require grad)
     gsucc_dst: np.ndarray
     gsucc_bytes: np.ndarray
+    gsucc_xfer: np.ndarray  # [S', D*D] gradient transfer seconds, consumer device * D + producer device
     gsucc_eid: np.ndarray
-    latency: np.ndarray  # [D, D]
-    bandwidth: np.ndarray  # [D, D]
     static_mem: np.ndarray  # [N] params + grads + optimizer state + kept activations
     capacity: np.ndarray  # [D]
 
 
 # Problems are frozen and compared by identity: cache their kernel arrays beside them.
 _ARRAYS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, _Arrays]" = weakref.WeakKeyDictionary()
+
+
+def _xfer_table(nbytes: np.ndarray, latency: np.ndarray, bandwidth: np.ndarray) -> np.ndarray:
+    """[len(nbytes), D*D] seconds to move each tensor over each ordered pair (0 when src == dst)."""
+    d = latency.shape[0]
+    table = latency.reshape(1, d * d) + nbytes[:, None] / bandwidth.reshape(1, d * d)
+    table[:, np.arange(d) * (d + 1)] = 0.0
+    return np.ascontiguousarray(table)
 
 
 def _arrays(problem: PlacementProblem) -> _Arrays:
@@ -168,10 +182,12 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     src = np.asarray(problem.edge_src, dtype=np.int64)
     dst = np.asarray(problem.edge_dst, dtype=np.int64)
     nbytes = np.asarray(problem.edge_bytes, dtype=np.float64)
-    rg = np.ascontiguousarray(problem.requires_grad, dtype=np.bool_)
+    rg = np.asarray(problem.requires_grad, dtype=bool)
     pred_edge = np.asarray(problem.pred_edge, dtype=np.int64)
     succ_ptr = np.asarray(problem.succ_ptr, dtype=np.int64)
     succ_edge = np.asarray(problem.succ_edge, dtype=np.int64)
+    latency = np.asarray(problem.latency, dtype=np.float64)
+    bandwidth = np.asarray(problem.bandwidth, dtype=np.float64)
     n = problem.num_nodes
     # Keep only gradient edges in the backward CSR, preserving the (src, dst) order.
     keep = (rg[src] & rg[dst])[succ_edge]
@@ -179,20 +195,23 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     g_edges = succ_edge[keep]
     g_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(owner[keep], minlength=n), out=g_ptr[1:])
+    fwd = np.ascontiguousarray(problem.fwd_time, dtype=np.float64)
+    bwd = np.ascontiguousarray(np.where(rg[:, None], problem.bwd_time, 0.0), dtype=np.float64)
     arrays = _Arrays(
-        fwd=np.ascontiguousarray(problem.fwd_time, dtype=np.float64),
-        bwd=np.ascontiguousarray(np.where(rg[:, None], problem.bwd_time, 0.0), dtype=np.float64),
-        rg=rg,
+        fwd=fwd,
+        bwd=bwd,
+        busy=np.ascontiguousarray(fwd + bwd),
+        rg=rg.astype(np.uint8),
         pred_ptr=np.ascontiguousarray(problem.pred_ptr, dtype=np.int64),
         pred_src=np.ascontiguousarray(src[pred_edge]),
         pred_bytes=np.ascontiguousarray(nbytes[pred_edge]),
+        pred_xfer=_xfer_table(nbytes[pred_edge], latency, bandwidth),
         pred_eid=np.ascontiguousarray(pred_edge),
         gsucc_ptr=g_ptr,
         gsucc_dst=np.ascontiguousarray(dst[g_edges]),
         gsucc_bytes=np.ascontiguousarray(nbytes[g_edges]),
+        gsucc_xfer=_xfer_table(nbytes[g_edges], latency, bandwidth),
         gsucc_eid=np.ascontiguousarray(g_edges),
-        latency=np.ascontiguousarray(problem.latency, dtype=np.float64),
-        bandwidth=np.ascontiguousarray(problem.bandwidth, dtype=np.float64),
         static_mem=np.ascontiguousarray(problem.static_memory() + problem.act_bytes, dtype=np.float64),
         capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
     )
@@ -201,7 +220,7 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
 
 
 def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
-    """Validate placements ([B, N] or [N] ints, or a dict) and return a C-contiguous int64 [B, N]."""
+    """Validate placements ([B, N] or [N] ints, or a dict) and return a C-contiguous int32 [B, N]."""
     if isinstance(placements, Mapping):
         placements = problem.placement_to_array(placements)
     try:
@@ -212,59 +231,73 @@ def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
         raise PlacementError(f"placements must be an int array of device indices; {exc}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.ascontiguousarray(arr, dtype=np.int32)
 
 
 # --------------------------------------------------------------------------- numpy path
 
 
 def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = False):
-    """Loop over nodes and edges, vectorised over the batch (rows of ``pl``)."""
+    """Loop over nodes and edges, vectorised over the batch (rows of ``pl``).
+
+    Channel state is a flat [B * D * D] array; a transfer between devices ``x`` and ``y``
+    of placement ``b`` uses slot ``b * D*D + x * D + y``. Updates are branch-free: the
+    diagonal slot of a non-cut edge receives a value that is never read back as a
+    channel time (its arrival is the producer's finish instead).
+    """
     a = _arrays(problem)
     b_count, n = pl.shape
     d_count = problem.num_devices
+    dd = d_count * d_count
     rows = np.arange(b_count)
-    plt = np.ascontiguousarray(pl.T)  # node-major: plt[i] is node i's device in every placement
-    dev_free = np.zeros((b_count, d_count))
-    chan_free = np.zeros((b_count, d_count * d_count))
+    plt = np.ascontiguousarray(pl.T.astype(np.intp))  # node-major: plt[i] is node i's device in every row
+    dev_base = rows * d_count
+    chan_base = rows * dd
+    dev_free = np.zeros(b_count * d_count)
+    chan_free = np.zeros(b_count * dd)
     fin_f = np.zeros((n, b_count))
     fin_b = np.zeros((n, b_count))
     xfer_time = np.zeros(b_count)
     xfer_bytes = np.zeros(b_count)
-    mem = np.zeros((b_count, d_count))
+    recv = np.zeros(b_count * d_count)
     if trace:
-        e_count = problem.num_edges
         st_f = np.zeros((n, b_count))
         st_b = np.full((n, b_count), np.nan)
         fin_b[:] = np.nan
-        xf = np.full((4, e_count, b_count), np.nan)
+        xf = np.full((4, problem.num_edges, b_count), np.nan)
+
+    def pass_(i, d, k_lo, k_hi, other_nodes, xfer, nbytes, finish, eids, trace_row, count_recv):
+        ready = np.zeros(b_count)
+        for k in range(k_lo, k_hi):
+            o = other_nodes[k]
+            do = plt[o]
+            cut = do != d
+            pair = do * d_count + d
+            slot = chan_base + pair
+            dur = xfer[k][pair]
+            arrival = finish[o]
+            begin = np.maximum(arrival, chan_free[slot])
+            end = begin + dur
+            chan_free[slot] = end
+            ready = np.maximum(ready, np.where(cut, end, arrival))
+            xfer_time[:] += dur
+            moved = np.where(cut, nbytes[k], 0.0)
+            xfer_bytes[:] += moved
+            if count_recv:
+                recv[dev_base + d] += moved
+            if trace:
+                xf[trace_row, eids[k]] = np.where(cut, begin, np.nan)
+                xf[trace_row + 1, eids[k]] = np.where(cut, end, np.nan)
+        return ready
 
     for i in range(n):
         d = plt[i]
-        ready = np.zeros(b_count)
-        for k in range(a.pred_ptr[i], a.pred_ptr[i + 1]):
-            p = a.pred_src[k]
-            dp = plt[p]
-            cut = dp != d
-            arrival = fin_f[p]
-            if cut.any():
-                nbytes = a.pred_bytes[k]
-                dur = a.latency[dp, d] + nbytes / a.bandwidth[dp, d]
-                ch = dp * d_count + d
-                start = np.maximum(fin_f[p], chan_free[rows, ch])
-                end = start + dur
-                chan_free[rows, ch] = np.where(cut, end, chan_free[rows, ch])
-                arrival = np.where(cut, end, arrival)
-                xfer_time += np.where(cut, dur, 0.0)
-                xfer_bytes += np.where(cut, nbytes, 0.0)
-                mem[rows, d] += np.where(cut, nbytes, 0.0)
-                if trace:
-                    xf[0, a.pred_eid[k]] = np.where(cut, start, np.nan)
-                    xf[1, a.pred_eid[k]] = np.where(cut, end, np.nan)
-            ready = np.maximum(ready, arrival)
-        start = np.maximum(ready, dev_free[rows, d])
+        ready = pass_(i, d, a.pred_ptr[i], a.pred_ptr[i + 1], a.pred_src, a.pred_xfer, a.pred_bytes,
+                      fin_f, a.pred_eid, 0, True)
+        slot = dev_base + d
+        start = np.maximum(ready, dev_free[slot])
         fin_f[i] = start + a.fwd[i, d]
-        dev_free[rows, d] = fin_f[i]
+        dev_free[slot] = fin_f[i]
         if trace:
             st_f[i] = start
 
@@ -272,38 +305,22 @@ def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = Fal
         if not a.rg[i]:
             continue
         d = plt[i]
-        ready = np.zeros(b_count)
-        for k in range(a.gsucc_ptr[i], a.gsucc_ptr[i + 1]):
-            c = a.gsucc_dst[k]
-            dc = plt[c]
-            cut = dc != d
-            arrival = fin_b[c]
-            if cut.any():
-                nbytes = a.gsucc_bytes[k]
-                dur = a.latency[dc, d] + nbytes / a.bandwidth[dc, d]
-                ch = dc * d_count + d
-                start = np.maximum(fin_b[c], chan_free[rows, ch])
-                end = start + dur
-                chan_free[rows, ch] = np.where(cut, end, chan_free[rows, ch])
-                arrival = np.where(cut, end, arrival)
-                xfer_time += np.where(cut, dur, 0.0)
-                xfer_bytes += np.where(cut, nbytes, 0.0)
-                if trace:
-                    xf[2, a.gsucc_eid[k]] = np.where(cut, start, np.nan)
-                    xf[3, a.gsucc_eid[k]] = np.where(cut, end, np.nan)
-            ready = np.maximum(ready, arrival)
-        start = np.maximum(ready, dev_free[rows, d])
+        ready = pass_(i, d, a.gsucc_ptr[i], a.gsucc_ptr[i + 1], a.gsucc_dst, a.gsucc_xfer, a.gsucc_bytes,
+                      fin_b, a.gsucc_eid, 2, False)
+        slot = dev_base + d
+        start = np.maximum(ready, dev_free[slot])
         fin_b[i] = start + a.bwd[i, d]
-        dev_free[rows, d] = fin_b[i]
+        dev_free[slot] = fin_b[i]
         if trace:
             st_b[i] = start
 
-    flat = (rows[:, None] * d_count + pl).ravel()
-    cost = (a.fwd + a.bwd)[np.arange(n)[None, :], pl].ravel()
-    busy = np.bincount(flat, weights=cost, minlength=b_count * d_count).reshape(b_count, d_count)
-    mem += np.bincount(flat, weights=np.broadcast_to(a.static_mem, pl.shape).ravel(),
-                       minlength=b_count * d_count).reshape(b_count, d_count)
-    step = dev_free.max(axis=1)
+    flat = (dev_base[:, None] + pl).ravel()
+    cost = a.busy[np.arange(n)[None, :], pl].ravel()
+    size = b_count * d_count
+    busy = np.bincount(flat, weights=cost, minlength=size).reshape(b_count, d_count)
+    mem = np.bincount(flat, weights=np.broadcast_to(a.static_mem, pl.shape).ravel(), minlength=size)
+    mem = (mem + recv).reshape(b_count, d_count)
+    step = dev_free.reshape(b_count, d_count).max(axis=1)
     result = (step, busy, mem, xfer_time, xfer_bytes)
     if trace:
         return result, (st_f, fin_f, st_b, fin_b, xf)
@@ -315,101 +332,106 @@ def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = Fal
 
 @lru_cache(maxsize=1)
 def _numba_kernel():
-    """Compile (or load from cache) the per-placement kernel; None without numba."""
+    """Compile (or load from numba's on-disk cache) the batch kernel; None without numba."""
     if not HAS_NUMBA:
         return None
     from numba import njit, prange
 
-    @njit(cache=True, nogil=True)
-    def one(pl, b, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
-            lat, bw, static_mem, dev_free, chan_free, fin_f, fin_b, step, busy, mem, xt, xb):
-        n = a_fwd.shape[0]
-        nd = a_fwd.shape[1]
+    # No NaN/inf ever enters (times and bytes are finite): these flags cannot change results.
+    flags = {"nnan", "ninf", "nsz"}
+
+    @njit(cache=True, nogil=True, fastmath=flags)
+    def one(row, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, pred_xfer, gs_ptr, gs_dst,
+            gs_bytes, gs_xfer, static_mem, dev, chan, fin_f, fin_b, busy_out, mem_out):
+        """Simulate one placement ``row``; returns (step, transfer seconds, transfer bytes)."""
+        n = fwd.shape[0]
+        nd = fwd.shape[1]
         for j in range(nd):
-            dev_free[j] = 0.0
-            busy[b, j] = 0.0
-            mem[b, j] = 0.0
+            dev[j] = 0.0
+            busy_out[j] = 0.0
+            mem_out[j] = 0.0
         for j in range(nd * nd):
-            chan_free[j] = 0.0
+            chan[j] = 0.0
         tt = 0.0
         tb = 0.0
         for i in range(n):
-            d = pl[b, i]
+            d = row[i]
             ready = 0.0
+            received = 0.0
+            # Branch-free on purpose: with random placements "is this edge cut" is a coin
+            # flip the CPU cannot predict; selects and multiplies by the 0/1 flag are cheaper.
             for k in range(pred_ptr[i], pred_ptr[i + 1]):
                 p = pred_src[k]
-                dp = pl[b, p]
+                dp = row[p]
+                pair = dp * nd + d
                 arrival = fin_f[p]
-                if dp != d:
-                    nbytes = pred_bytes[k]
-                    dur = lat[dp, d] + nbytes / bw[dp, d]
-                    ch = dp * nd + d
-                    start = arrival if arrival > chan_free[ch] else chan_free[ch]
-                    arrival = start + dur
-                    chan_free[ch] = arrival
-                    tt += dur
-                    tb += nbytes
-                    mem[b, d] += nbytes
-                if arrival > ready:
-                    ready = arrival
-            free = dev_free[d]
-            start = ready if ready > free else free
-            fin = start + a_fwd[i, d]
+                c = chan[pair]
+                dur = pred_xfer[k, pair]
+                end = (arrival if arrival > c else c) + dur
+                chan[pair] = end  # the diagonal slot is scratch (never read as a channel)
+                tt += dur
+                cut = dp != d
+                arrival = end if cut else arrival
+                received += pred_bytes[k] * cut
+                ready = arrival if arrival > ready else ready
+            free = dev[d]
+            fin = (ready if ready > free else free) + fwd[i, d]
             fin_f[i] = fin
-            dev_free[d] = fin
-            busy[b, d] += a_fwd[i, d] + a_bwd[i, d]
-            mem[b, d] += static_mem[i]
+            dev[d] = fin
+            tb += received
+            busy_out[d] += busy_t[i, d]
+            mem_out[d] += static_mem[i] + received
         for i in range(n - 1, -1, -1):
-            if not rg[i]:
+            if rg[i] == 0:
                 continue
-            d = pl[b, i]
+            d = row[i]
             ready = 0.0
             for k in range(gs_ptr[i], gs_ptr[i + 1]):
-                c = gs_dst[k]
-                dc = pl[b, c]
-                arrival = fin_b[c]
-                if dc != d:
-                    nbytes = gs_bytes[k]
-                    dur = lat[dc, d] + nbytes / bw[dc, d]
-                    ch = dc * nd + d
-                    start = arrival if arrival > chan_free[ch] else chan_free[ch]
-                    arrival = start + dur
-                    chan_free[ch] = arrival
-                    tt += dur
-                    tb += nbytes
-                if arrival > ready:
-                    ready = arrival
-            free = dev_free[d]
-            start = ready if ready > free else free
-            fin = start + a_bwd[i, d]
+                cnode = gs_dst[k]
+                dc = row[cnode]
+                pair = dc * nd + d
+                arrival = fin_b[cnode]
+                c = chan[pair]
+                dur = gs_xfer[k, pair]
+                end = (arrival if arrival > c else c) + dur
+                chan[pair] = end
+                tt += dur
+                cut = dc != d
+                arrival = end if cut else arrival
+                tb += gs_bytes[k] * cut
+                ready = arrival if arrival > ready else ready
+            free = dev[d]
+            fin = (ready if ready > free else free) + bwd[i, d]
             fin_b[i] = fin
-            dev_free[d] = fin
-        s = 0.0
+            dev[d] = fin
+        step = 0.0
         for j in range(nd):
-            if dev_free[j] > s:
-                s = dev_free[j]
-        step[b] = s
-        xt[b] = tt
-        xb[b] = tb
+            if dev[j] > step:
+                step = dev[j]
+        return step, tt, tb
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def batch(pl, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
-              lat, bw, static_mem, n_chunks, step, busy, mem, xt, xb):
+    @njit(parallel=True, cache=True, nogil=True, fastmath=flags)
+    def batch(pl, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, pred_xfer, gs_ptr, gs_dst,
+              gs_bytes, gs_xfer, static_mem, n_chunks, step, busy, mem, xt, xb):
         bsz = pl.shape[0]
-        n = a_fwd.shape[0]
-        nd = a_fwd.shape[1]
+        n = fwd.shape[0]
+        nd = fwd.shape[1]
         per = (bsz + n_chunks - 1) // n_chunks
         for c in prange(n_chunks):
             # One workspace per chunk, not per placement: no allocation in the inner loop.
-            dev_free = np.empty(nd)
-            chan_free = np.empty(nd * nd)
+            dev = np.empty(nd)
+            chan = np.empty(nd * nd)
             fin_f = np.empty(n)
             fin_b = np.empty(n)
             lo = c * per
             hi = min(bsz, lo + per)
             for b in range(lo, hi):
-                one(pl, b, a_fwd, a_bwd, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
-                    lat, bw, static_mem, dev_free, chan_free, fin_f, fin_b, step, busy, mem, xt, xb)
+                s, t, m = one(pl[b], fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, pred_xfer,
+                              gs_ptr, gs_dst, gs_bytes, gs_xfer, static_mem, dev, chan, fin_f, fin_b,
+                              busy[b], mem[b])
+                step[b] = s
+                xt[b] = t
+                xb[b] = m
 
     return batch
 
@@ -425,8 +447,9 @@ def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
     xt = np.empty(b_count)
     xb = np.empty(b_count)
     n_chunks = max(1, min(b_count, 4 * _numba.get_num_threads()))
-    kernel(pl, a.fwd, a.bwd, a.rg, a.pred_ptr, a.pred_src, a.pred_bytes, a.gsucc_ptr, a.gsucc_dst,
-           a.gsucc_bytes, a.latency, a.bandwidth, a.static_mem, n_chunks, step, busy, mem, xt, xb)
+    kernel(pl, a.fwd, a.bwd, a.busy, a.rg, a.pred_ptr, a.pred_src, a.pred_bytes, a.pred_xfer,
+           a.gsucc_ptr, a.gsucc_dst, a.gsucc_bytes, a.gsucc_xfer, a.static_mem, n_chunks,
+           step, busy, mem, xt, xb)
     return step, busy, mem, xt, xb
 
 
