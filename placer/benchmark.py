@@ -1,0 +1,390 @@
+"""The benchmark harness: chosen methods × zoo models × clusters, one honest table.
+
+Every method's placement goes through the same simulator (:func:`placer.compare.comparison_table`)
+and, with ``measure=True`` on a real cluster, through the same measurement
+(:class:`envs.measure.Measurer`). The table has one row per (model, cluster, method):
+model, cluster, method, step_time, speedup_vs_single, ratio_to_lower_bound, peak_memory
+(per device, text), fits, search_time, evaluated, source (simulated / measured), note.
+
+Memory-constrained scenarios: a cluster name ending in ``-tight`` (``"4xK40-tight"``), or
+``memory_fraction=f``, caps every device's memory at ``f`` × the model's whole training
+footprint (default 0.4 for ``-tight``), so no single device holds the model and a
+placement is forced. Speed-ups there are over the best single device of the *uncapped*
+cluster (what one device would do if the model fitted), and say so in ``note``.
+
+Methods are a registry (:data:`METHODS`): every baseline by name, ``single:<device>``,
+and ``agent:<name>`` for the search agents (:mod:`placer.agents.search`). More can be
+added with :func:`register_method`. A method is
+``callable(problem, graph, captured, budget, seed, op_to_group) -> MethodOutcome``.
+
+Example::
+
+    table = run_benchmark(["rnnlm"], ["4xK40"], ["single", "expert", "m_etf"], out_dir="out")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+
+from envs.problem import PlacementProblem
+from graphs.errors import PlacerError
+from placer.options import Budget
+
+#: Memory fraction used by a ``<preset>-tight`` cluster name.
+TIGHT_FRACTION = 0.4
+TIGHT_SUFFIX = "-tight"
+COLUMNS = [
+    "model", "cluster", "method", "step_time", "speedup_vs_single", "ratio_to_lower_bound",
+    "peak_memory", "fits", "search_time", "evaluated", "source", "note",
+]
+
+
+class BenchmarkError(PlacerError, ValueError):
+    """A benchmark request that cannot run: unknown method or model, bad fraction, bad output dir."""
+
+
+@dataclass
+class MethodOutcome:
+    """What a method returns: a placement row (or None with ``reason``) and its search cost."""
+
+    placement: np.ndarray | None
+    reason: str = ""
+    search_time: float = 0.0
+    evaluated: int = 0
+    history: list[tuple[float, int, float]] = field(default_factory=list)
+
+
+MethodFn = Callable[[PlacementProblem, nx.DiGraph | None, Any, Budget | None, int, Mapping[str, str] | None], MethodOutcome]
+
+
+@dataclass
+class BenchCase:
+    """One (model, cluster) problem to run methods on.
+
+    ``reference_single`` is the best single-device step time speed-ups are taken over
+    (None: the best fitting single device of ``problem`` itself).
+    """
+
+    model: str
+    cluster: str
+    problem: PlacementProblem
+    graph: nx.DiGraph | None = None
+    captured: Any = None
+    op_to_group: Mapping[str, str] | None = None
+    reference_single: float | None = None
+    note: str = ""
+    grouping: Any = None
+    source: str | None = None  # model source for measurement ("zoo:<name>")
+    model_args: Mapping[str, Any] | None = None
+    cluster_obj: Any = None
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _baseline_method(name: str) -> MethodFn:
+    def run(problem, graph, captured, budget, seed, op_to_group):
+        from placer.baselines import run_baseline
+
+        placements = budget.placements if budget is not None and budget.placements else None
+        res = run_baseline(name, problem, graph, seed, captured=captured, op_to_group=op_to_group, placements=placements)
+        return MethodOutcome(res.placement, res.reason, res.search_time, res.evaluated, list(res.history))
+
+    return run
+
+
+def _agent_method(agent: str) -> MethodFn:
+    def run(problem, graph, captured, budget, seed, op_to_group):
+        try:
+            from placer.agents.search import search
+        except ImportError as exc:
+            raise BenchmarkError(f"method 'agent:{agent}' needs placer.agents.search, which is not available ({exc})") from None
+        t0 = time.perf_counter()
+        result = search(
+            problem, agent=agent, budget=budget or Budget(seconds=60.0), seed=seed, num_groups=None,
+            initial_placements=[], out_dir=None, on_improve=lambda *a, **k: None, progress=False, resume=False,
+        )
+        return MethodOutcome(
+            None if result.best_row is None else np.asarray(result.best_row), f"stopped: {result.stop_reason}",
+            time.perf_counter() - t0, int(result.evaluated), list(result.history),
+        )
+
+    return run
+
+
+METHODS: dict[str, MethodFn] = {}
+
+
+def register_method(name: str, fn: MethodFn) -> None:
+    """Add a method to :data:`METHODS` (e.g. a new agent) under ``name``."""
+    if not name or not isinstance(name, str):
+        raise BenchmarkError(f"a method name must be a non-empty string, got {name!r}")
+    METHODS[name] = fn
+
+
+def _register_baselines() -> None:
+    from placer.baselines import BASELINES
+
+    for name in BASELINES:
+        METHODS.setdefault(name, _baseline_method(name))
+
+
+_register_baselines()
+
+
+def get_method(name: str) -> MethodFn:
+    """The method called ``name``: registered, ``single:<device>`` or ``agent:<name>``."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith("single:") and len(name) > len("single:"):
+        return _baseline_method(name)
+    if name.startswith("agent:") and len(name) > len("agent:"):
+        return _agent_method(name.split(":", 1)[1])
+    raise BenchmarkError(
+        f"unknown method {name!r}; known: {', '.join(METHODS)}, single:<device>, agent:<name>, or 'baselines' for all"
+    )
+
+
+def expand_methods(names: Iterable[str], problem: PlacementProblem | None = None) -> list[str]:
+    """Expand ``baselines``/``all`` to every baseline and ``single:*`` to each device."""
+    from placer.baselines import baseline_names
+
+    out: list[str] = []
+    for name in names:
+        if name in ("baselines", "all"):
+            out.extend(baseline_names(problem))
+        elif name == "single:*":
+            if problem is None:
+                raise BenchmarkError("'single:*' needs a problem to know the devices")
+            out.extend(f"single:{d}" for d in problem.device_names)
+        else:
+            get_method(name)  # validates
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def split_cluster_name(name: str) -> tuple[str, float | None]:
+    """``"4xK40-tight"`` -> ``("4xK40", TIGHT_FRACTION)``; other names -> ``(name, None)``."""
+    if name.endswith(TIGHT_SUFFIX) and len(name) > len(TIGHT_SUFFIX):
+        return name[: -len(TIGHT_SUFFIX)], TIGHT_FRACTION
+    return name, None
+
+
+def tighten(problem: PlacementProblem, fraction: float) -> PlacementProblem:
+    """A copy of ``problem`` whose devices hold at most ``fraction`` of the model's training footprint."""
+    from placer.baselines.common import node_memory
+
+    if not (isinstance(fraction, (int, float)) and 0 < fraction and math.isfinite(fraction)):
+        raise BenchmarkError(f"memory fraction must be a positive number (e.g. 0.4), got {fraction!r}")
+    need = float(node_memory(problem).sum())
+    cap = np.minimum(np.asarray(problem.memory_capacity, dtype=np.float64), fraction * need)
+    return dataclasses.replace(problem, memory_capacity=cap, _index=dict(problem._index))
+
+
+def best_single_time(problem: PlacementProblem, ignore_memory: bool = False) -> float:
+    """Simulated step time of the fastest single device (that fits, unless ``ignore_memory``)."""
+    from envs.simulator import simulate_batch
+
+    rows = np.repeat(np.arange(problem.num_devices)[:, None], problem.num_nodes, axis=1)
+    sim = simulate_batch(problem, rows)
+    ok = np.ones(problem.num_devices, dtype=bool) if ignore_memory else np.asarray(sim.fits)
+    return float(np.min(np.asarray(sim.step_time)[ok])) if ok.any() else float("nan")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = None, seed: int = 0,
+             measure: bool = False, progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Run ``methods`` on one case. Returns its table rows and the search histories by method."""
+    from placer.compare import Candidate, comparison_table
+
+    candidates = []
+    histories: dict[str, list] = {}
+    for name in expand_methods(methods, case.problem):
+        if progress:
+            progress(f"{case.model} on {case.cluster}: {name}")
+        t0 = time.perf_counter()
+        out = get_method(name)(case.problem, case.graph, case.captured, budget, seed, case.op_to_group)
+        search_time = out.search_time or (time.perf_counter() - t0)
+        candidates.append(Candidate(name, out.placement, search_time, out.evaluated, out.reason, None, out.history))
+        if out.history:
+            histories[name] = out.history
+    if measure:
+        _measure(case, candidates)
+    table = comparison_table(case.problem, candidates)
+    if case.reference_single is not None:
+        table["speedup_vs_single"] = case.reference_single / table["step_time"]
+    if case.note:
+        table["note"] = [f"{case.note}; {n}" if n else case.note for n in table["note"]]
+    table.insert(0, "cluster", case.cluster)
+    table.insert(0, "model", case.model)
+    return table[COLUMNS], histories
+
+
+def _measure(case: BenchCase, candidates: list) -> None:
+    """Measure every found placement on the real devices of ``case`` (same protocol for all)."""
+    if case.cluster_obj is None or getattr(case.cluster_obj, "simulated", True):
+        raise BenchmarkError(
+            f"cluster {case.cluster!r} is a simulated spec: measuring needs real devices (use --cluster real)"
+        )
+    if case.grouping is None or case.source is None:
+        raise BenchmarkError("measuring needs the model source and its grouping (run_benchmark provides them)")
+    from envs.measure import Measurer
+
+    with Measurer(case.source, model_args=case.model_args, devices=case.cluster_obj) as m:
+        for c in candidates:
+            if c.row is None:
+                continue
+            ops = case.grouping.expand(case.problem.array_to_placement(c.row))
+            r = m.measure(ops)
+            if r.valid:
+                c.measured_step_time = float(r.step_time)
+            else:
+                c.note = f"{c.note}; measurement invalid: {r.reason}".lstrip("; ")
+
+
+def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "small",
+                  memory_fraction: float | None = None, cache_dir: str | Path | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[BenchCase]:
+    """Capture, profile and group each zoo model once; compile it on each cluster."""
+    from envs.cluster import discover_cluster, load_cluster
+    from envs.problem import compile_problem
+    from graphs.pipeline import prepare
+
+    loaded = []
+    for cname in clusters:
+        base, fraction = split_cluster_name(cname)
+        fraction = memory_fraction if memory_fraction is not None else fraction
+        cluster = discover_cluster() if base == "real" else load_cluster(base)
+        loaded.append((cname, cluster, fraction))
+    cases = []
+    for model in models:
+        source = model if ":" in model or model.endswith(".py") else f"zoo:{model}"
+        if progress:
+            progress(f"preparing {source} (size={size})")
+        prep = prepare(source, model_args={"size": size}, cache_dir=cache_dir)
+        graph = prep.grouping.graph
+        label = prep.spec.name or model
+        for cname, cluster, fraction in loaded:
+            problem = compile_problem(graph, cluster)
+            reference, note = None, ""
+            if fraction is not None:
+                reference = best_single_time(problem, ignore_memory=True)
+                problem = tighten(problem, fraction)
+                note = f"memory capped at {fraction:g}x model; speed-up over uncapped single device"
+                cname = cname if cname.endswith(TIGHT_SUFFIX) else f"{cname}@{fraction:g}"
+            cases.append(BenchCase(label, cname, problem, graph, prep.captured, prep.grouping.op_to_group,
+                                   reference, note, prep.grouping, source, {"size": size}, cluster))
+    return cases
+
+
+def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Sequence[str] = ("baselines",),
+                  size: str = "small", budget: Budget | str | int | float | None = None,
+                  out_dir: str | Path | None = None, seed: int = 0, memory_fraction: float | None = None,
+                  measure: bool = False, cases: Sequence[BenchCase] | None = None,
+                  progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Run ``methods`` over ``models`` × ``clusters`` and return the table (see the module docstring).
+
+    ``cases`` replaces model preparation (tests, or callers with their own problems). With
+    ``out_dir`` it writes ``results.csv``, ``results.md``, ``bars_<model>.png`` and
+    ``search_<model>_<cluster>.png`` (methods that report a history).
+    """
+    from placer.options import parse_budget
+
+    if budget is not None and not isinstance(budget, Budget):
+        budget = parse_budget(budget)
+    if not methods:
+        raise BenchmarkError("no methods given; name baselines (e.g. 'm_etf') or 'baselines' for all of them")
+    for name in methods:
+        if name not in ("baselines", "all", "single:*"):
+            get_method(name)
+    out = _check_out_dir(out_dir)
+    if cases is None:
+        cases = prepare_cases(models, clusters, size, memory_fraction, progress=progress)
+    tables, histories = [], {}
+    for case in cases:
+        table, hist = run_case(case, methods, budget, seed, measure, progress)
+        tables.append(table)
+        if hist:
+            histories[(case.model, case.cluster)] = hist
+    result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+    if out is not None:
+        write_outputs(result, histories, out)
+    return result
+
+
+def _check_out_dir(out_dir: str | Path | None) -> Path | None:
+    if out_dir is None:
+        return None
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise BenchmarkError(f"output directory {str(path)!r} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The benchmark table as Markdown (times in ms, ratios to 2 decimals)."""
+    shown = table.copy()
+    shown["step_time"] = shown["step_time"].map(lambda s: "" if pd.isna(s) else f"{s * 1e3:.3f}")
+    shown = shown.rename(columns={"step_time": "step_time_ms"})
+    for col in ("speedup_vs_single", "ratio_to_lower_bound"):
+        shown[col] = shown[col].map(lambda s: "" if pd.isna(s) else f"{s:.2f}")
+    shown["search_time"] = shown["search_time"].map(lambda s: f"{s:.2f}")
+    shown["note"] = shown["note"].map(lambda s: (s[:90] + "…") if isinstance(s, str) and len(s) > 91 else s)
+    return shown.to_markdown(index=False)
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def plot_bars(table: pd.DataFrame, model: str, path: Path) -> Path:
+    """Bar chart of step time per method (one group of bars per cluster) for one model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = table[table["model"] == model]
+    pivot = sub.pivot_table(index="method", columns="cluster", values="step_time", aggfunc="first", sort=False) * 1e3
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(pivot) * max(1, len(pivot.columns))), 4))
+    pivot.plot.bar(ax=ax, width=0.8)
+    ax.set_ylabel("step time (ms, lower is better)")
+    ax.set_title(f"{model}: step time by method (missing bar = no fitting placement)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(table: pd.DataFrame, histories: Mapping[tuple[str, str], Mapping[str, list]], out: Path) -> list[Path]:
+    """Write CSV, Markdown, a bar chart per model and search curves; return the paths."""
+    from placer.plots import plot_search_curves
+
+    paths = [out / "results.csv", out / "results.md"]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(markdown(table) + "\n")
+    for model in table["model"].unique():
+        paths.append(plot_bars(table, model, out / f"bars_{_safe(str(model))}.png"))
+    for (model, cluster), hist in histories.items():
+        paths.append(plot_search_curves(hist, out / f"search_{_safe(model)}_{_safe(cluster)}.png",
+                                        title=f"{model} on {cluster}: best step time found"))
+    return paths

@@ -1,0 +1,102 @@
+"""The benchmark harness on tiny hand-made problems: columns, files, scenarios, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from envs.simulator import simulate_batch
+from placer.benchmark import (
+    COLUMNS,
+    BenchCase,
+    BenchmarkError,
+    MethodOutcome,
+    best_single_time,
+    expand_methods,
+    get_method,
+    register_method,
+    run_benchmark,
+    split_cluster_name,
+    tighten,
+)
+from placer.baselines.common import node_memory
+from tests.test_baselines import MB, diamond_problem, graph_for
+
+
+def _case(**kw) -> BenchCase:
+    problem = diamond_problem(param_bytes=np.full(8, 10 * MB), **kw)
+    return BenchCase("diamond", "hand3", problem, graph_for(problem))
+
+
+def test_table_columns_and_files(tmp_path) -> None:
+    table = run_benchmark([], [], ["single", "round_robin", "random", "heft", "pipeline_dp"], budget="64",
+                          out_dir=tmp_path, cases=[_case()])
+    assert list(table.columns) == COLUMNS
+    assert set(table["method"]) == {"single", "round_robin", "random", "heft", "pipeline_dp"}
+    assert (table["source"] == "simulated").all()
+    assert table.loc[table["method"] == "single", "speedup_vs_single"].iloc[0] == pytest.approx(1.0)
+    assert (table["ratio_to_lower_bound"].dropna() >= 1 - 1e-9).all()
+    assert table.loc[table["method"] == "random", "evaluated"].iloc[0] == 64
+    csv = pd.read_csv(tmp_path / "results.csv")
+    assert list(csv.columns) == COLUMNS and len(csv) == 5
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("| model") and "heft" in md
+    assert (tmp_path / "bars_diamond.png").stat().st_size > 0
+    assert (tmp_path / "search_diamond_hand3.png").stat().st_size > 0  # random reports a history
+
+
+def test_step_times_are_the_simulators() -> None:
+    case = _case()
+    table = run_benchmark([], [], ["single:d1"], cases=[case])
+    row = np.full(case.problem.num_nodes, 1)
+    assert table["step_time"].iloc[0] == pytest.approx(simulate_batch(case.problem, row[None]).step_time[0])
+    assert table["peak_memory"].iloc[0].endswith("GiB") and table["peak_memory"].iloc[0].count("/") == 2
+
+
+def test_tight_memory_forces_placement_and_reports_none() -> None:
+    case = _case()
+    need = node_memory(case.problem).sum()
+    tight = tighten(case.problem, 0.4)
+    assert np.all(tight.memory_capacity <= 0.4 * need + 1)
+    ref = best_single_time(case.problem)
+    tight_case = BenchCase("diamond", "hand3-tight", tight, case.graph, reference_single=ref, note="memory capped")
+    table = run_benchmark([], [], ["single", "m_etf", "pipeline_dp"], cases=[tight_case])
+    single = table[table["method"] == "single"].iloc[0]
+    assert not single["fits"] and np.isnan(single["step_time"])
+    assert "GiB" in single["note"]  # the reason names the memory it lacked
+    found = table[table["fits"]]
+    assert set(found["method"]) == {"m_etf", "pipeline_dp"}
+    assert (found["speedup_vs_single"] > 0).all()
+    assert all("memory capped" in n for n in table["note"])
+
+
+def test_split_cluster_name() -> None:
+    assert split_cluster_name("4xK40-tight") == ("4xK40", 0.4)
+    assert split_cluster_name("4xK40") == ("4xK40", None)
+
+
+def test_bad_requests_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(BenchmarkError, match="unknown method"):
+        run_benchmark([], [], ["nope"], cases=[_case()])
+    with pytest.raises(BenchmarkError, match="no methods"):
+        run_benchmark([], [], [], cases=[_case()])
+    with pytest.raises(BenchmarkError, match="positive"):
+        tighten(_case().problem, 0)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(BenchmarkError, match="not a directory"):
+        run_benchmark([], [], ["single"], out_dir=f, cases=[_case()])
+
+
+def test_registered_method_and_expansion() -> None:
+    def all_on_last(problem, graph, captured, budget, seed, op_to_group):
+        return MethodOutcome(np.full(problem.num_nodes, problem.num_devices - 1), "", 0.01, 1)
+
+    register_method("test_all_on_last", all_on_last)
+    case = _case()
+    table = run_benchmark([], [], ["test_all_on_last", "single:*"], cases=[case])
+    assert set(table["method"]) == {"test_all_on_last", "single:d0", "single:d1", "single:d2"}
+    assert "m_sct" in expand_methods(["baselines"], case.problem)
+    with pytest.raises(BenchmarkError):
+        get_method("agent:")
