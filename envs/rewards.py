@@ -111,11 +111,11 @@ class Evaluation:
         over = self.over_memory[b]
         return {
             "step_time": float(self.step_time[b]),
-            "peak_memory": self.peak_memory[b],
+            "peak_memory": self.peak_memory[b].copy(),
             "fits": bool(self.fits[b]),
             "valid": bool(self.valid[b]),
             "source": self.source[b],
-            "placement": self.placements[b],
+            "placement": self.placements[b].copy(),
             "over_memory": {problem.device_names[d]: float(over[d]) for d in np.flatnonzero(over > 0)},
             "reason": self.reason[b],
             "reference_time": reference_time,
