@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import networkx as nx
 import torch
@@ -143,9 +144,25 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> str:
     return "real"
 
 
+@contextlib.contextmanager
+def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
+    """Silence torch's warnings (graph dumps on a failed guard) while a fallback is being tried.
+
+    A failure surfaces as one CaptureError; a success needs no commentary.
+    """
+    logger = logging.getLogger("torch")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata."""
-    exported = torch.export.export(model, inputs, strict=False)
+    with quiet_torch_logs(), contextlib.redirect_stderr(io.StringIO()):
+        exported = torch.export.export(model, inputs, strict=False)
     # Guards are checks on later inputs' shapes; placement runs the example's shapes and
     # a guard node would be one more (cost-free) node to place.
     return exported.module(check_guards=False)

@@ -109,3 +109,29 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 2
     assert "error: empty.py does not define a model" in proc.stderr
     assert "get_model()" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_untraceable_model_names_its_line(tmp_path, capsys):
+    path = tmp_path / "branchy.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                if x.max() > 0.5:
+                    return self.fc(x)
+                return x
+
+        model = Net()
+        example_inputs = (torch.rand(2, 4),)
+    """))
+    assert main(["graph", str(path), "--no-profile"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: cannot capture model 'branchy'")
+    assert "branchy.py:11 in forward: if x.max() > 0.5:" in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
