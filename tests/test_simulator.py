@@ -184,3 +184,25 @@ def test_lower_bound_parts_on_identical_devices():
     assert work_bound(problem) == pytest.approx(total / 2, rel=1e-9)
     assert critical_path_bound(problem) <= total
     assert lower_bound(problem) == max(work_bound(problem), critical_path_bound(problem))
+
+
+def test_gantt_rows_and_png(tmp_path):
+    from envs.gantt import gantt_rows, plot_gantt
+
+    problem = compile_problem(layered_graph(25, seed=4), "4xK40")
+    row = np.random.default_rng(1).integers(0, problem.num_devices, size=problem.num_nodes)
+    sched = schedule(problem, row)
+    rows = gantt_rows(problem, sched)
+    labels = [label for label, _ in rows]
+    assert labels[:5] == list(problem.device_names)
+    forward_bars = sum(len(bars["forward"]) for _, bars in rows[:5])
+    assert forward_bars == int(np.count_nonzero(problem.fwd_time[np.arange(problem.num_nodes), row] > 0))
+    cut = row[problem.edge_src] != row[problem.edge_dst]
+    assert sum(len(bars.get("copy", [])) for _, bars in rows[5:]) == int(cut.sum())
+    # Every op ends no later than the step, and each device's ops never overlap.
+    assert np.nanmax(sched.bwd_end) <= sched.result.step_time + 1e-15
+    for _, bars in rows[:5]:
+        spans = sorted(bars["forward"] + bars["backward"])
+        assert all(s1 >= s0 + w0 - 1e-9 for (s0, w0), (s1, _) in zip(spans, spans[1:]))
+    out = plot_gantt(problem, row, tmp_path / "step.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

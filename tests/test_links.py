@@ -1,0 +1,44 @@
+"""Real-machine discovery: the latency/bandwidth fit and the on-disk cache (GPU links where present)."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs import links
+from envs.cluster import discover_cluster
+
+
+def test_fit_latency_bandwidth_recovers_a_line():
+    sizes = [4096, 10**6, 64 * 2**20]
+    times = [10e-6 + s / 12e9 for s in sizes]
+    latency, bandwidth = links.fit_latency_bandwidth(sizes, times)
+    assert latency == pytest.approx(10e-6, rel=1e-6)
+    assert bandwidth == pytest.approx(12e9, rel=1e-6)
+    with pytest.raises(ValueError, match="two different sizes"):
+        links.fit_latency_bandwidth([4096, 4096], [1e-5, 1e-5])
+    with pytest.raises(ValueError, match="does not grow"):
+        links.fit_latency_bandwidth([4096, 8192], [2e-5, 1e-5])
+
+
+def test_discover_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    calls = []
+    real = links.measure_devices_and_links
+
+    def counting(torch=None):
+        calls.append(1)
+        return real(torch)
+
+    monkeypatch.setattr(links, "measure_devices_and_links", counting)
+    first = discover_cluster(cache_dir=tmp_path)
+    second = discover_cluster(cache_dir=tmp_path)
+    assert len(calls) == 1
+    assert not first.simulated and first.device_names[0] == "cpu"
+    assert first.devices == second.devices
+    cpu = first.device("cpu")
+    assert cpu.memory_bytes > 2**28 and cpu.peak_flops > 1e8 and cpu.mem_bandwidth > 1e8
+    torch = pytest.importorskip("torch")
+    assert first.num_devices == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    for a in first.device_names:
+        for b in first.device_names:
+            if a != b:  # only on GPU machines
+                assert first.link(a, b).bandwidth_Bps > 0
