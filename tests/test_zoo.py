@@ -235,12 +235,8 @@ def test_load_zoo_model_goes_through_the_model_file_loader() -> None:
     assert len(spec.example_inputs) == 3
 
 
-# parameters of the published configurations (torchvision / GPT-2 small / GNMT-like)
-PAPER = {
-    "inception_v3": ({}, 23.8e6, 0.01),
-    "resnet50": ({}, 25.6e6, 0.01),
-    "gpt2": ({}, 124.4e6, 0.01),
-}
+# parameter counts of the published configurations (Inception-V3 without its auxiliary head)
+PAPER_PARAMS = {"inception_v3": 23.8e6, "resnet50": 25.6e6, "gpt2": 124.4e6}
 
 
 @pytest.mark.slow
@@ -254,9 +250,8 @@ def test_paper_size_traces_on_meta(name: str) -> None:
         output = gm(*inputs)
     assert output.shape[0] == inputs[0].shape[0]
     params = sum(p.numel() for p in model.parameters())
-    if name in PAPER:
-        _, expected, tolerance = PAPER[name]
-        assert math.isclose(params, expected, rel_tol=tolerance)
+    if name in PAPER_PARAMS:
+        assert math.isclose(params, PAPER_PARAMS[name], rel_tol=0.01)
     if name == "nmt":
         assert len(gm.graph.nodes) > 15_000
 
