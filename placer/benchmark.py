@@ -8,9 +8,9 @@ model, cluster, method, step_time, speedup_vs_single, ratio_to_lower_bound, peak
 
 Memory-constrained scenarios: a cluster name ending in ``-tight`` (``"4xK40-tight"``), or
 ``memory_fraction=f``, caps every device's memory at ``f`` × the model's whole training
-footprint (default 0.4 for ``-tight``), so no single device holds the model and a
-placement is forced. Speed-ups there are over the best single device of the *uncapped*
-cluster (what one device would do if the model fitted), and say so in ``note``.
+footprint (default 0.4 for ``-tight``; never below 1.25x the largest node), so no single
+device holds the model and a placement is forced. Speed-ups there are over the best
+single device of the *uncapped* cluster (what one device would do if the model fitted).
 
 Methods are a registry (:data:`METHODS`): every baseline by name, ``single:<device>``,
 and ``agent:<name>`` for the search agents (:mod:`placer.agents.search`). More can be
@@ -183,13 +183,21 @@ def split_cluster_name(name: str) -> tuple[str, float | None]:
 
 
 def tighten(problem: PlacementProblem, fraction: float) -> PlacementProblem:
-    """A copy of ``problem`` whose devices hold at most ``fraction`` of the model's training footprint."""
+    """A copy of ``problem`` whose devices hold at most ``fraction`` of the model's training footprint.
+
+    The cap never goes below 1.25 x the largest node's footprint (with its received inputs):
+    a node cannot be split, so a lower cap would leave no placement at all.
+    """
     from placer.baselines.common import node_memory
 
     if not (isinstance(fraction, (int, float)) and 0 < fraction and math.isfinite(fraction)):
         raise BenchmarkError(f"memory fraction must be a positive number (e.g. 0.4), got {fraction!r}")
-    need = float(node_memory(problem).sum())
-    cap = np.minimum(np.asarray(problem.memory_capacity, dtype=np.float64), fraction * need)
+    mem = node_memory(problem)
+    need = float(mem.sum())
+    # A device must still hold the largest node with its inputs, or nothing could fit at all.
+    inbound = np.bincount(problem.edge_dst, weights=problem.edge_bytes.astype(np.float64), minlength=problem.num_nodes)
+    floor = 1.25 * float((mem + inbound).max())
+    cap = np.minimum(np.asarray(problem.memory_capacity, dtype=np.float64), max(fraction * need, floor))
     return dataclasses.replace(problem, memory_capacity=cap, _index=dict(problem._index))
 
 
@@ -227,8 +235,6 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
     table = comparison_table(case.problem, candidates)
     if case.reference_single is not None:
         table["speedup_vs_single"] = case.reference_single / table["step_time"]
-    if case.note:
-        table["note"] = [f"{case.note}; {n}" if n else case.note for n in table["note"]]
     table.insert(0, "cluster", case.cluster)
     table.insert(0, "model", case.model)
     return table[COLUMNS], histories

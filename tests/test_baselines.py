@@ -16,6 +16,14 @@ from placer.baselines.expert import contiguous_split, detect_family
 from placer.baselines.pipeline_dp import pipeline_dp, segment_memory
 from placer.baselines.common import BaselineInputs, NoFit
 
+@pytest.fixture(autouse=True)
+def _numpy_simulator(monkeypatch):
+    """Tiny problems: the numpy simulator path avoids numba's JIT warm-up (~10 s per process)."""
+    import envs.simulator
+
+    monkeypatch.setattr(envs.simulator, "HAS_NUMBA", False)
+
+
 MB = 2**20
 
 
