@@ -277,3 +277,15 @@ def test_nmt_paper_grows_with_layers() -> None:
             counts.append(len(fx.symbolic_trace(nmt.get_model("paper", layers=layers)).graph.nodes))
     assert counts[0] < counts[1] < counts[2]
     assert counts[2] > 15_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_small_model_trains_on_cuda(name: str) -> None:
+    module = zoo(name)
+    model = module.get_model("small").to("cuda")
+    inputs = tuple(x.to("cuda") for x in module.get_example_inputs("small"))
+    loss = module.get_loss(model(*inputs), *inputs)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.parameters())
