@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS: tuple[str, ...] = ("optimize", "graph", "apply", "show", "presets")
+COMMANDS: tuple[str, ...] = ("optimize", "graph", "apply", "show", "benchmark", "presets")
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
