@@ -112,9 +112,10 @@ def mean_layer_size(paths: list[str], sizes: np.ndarray) -> float:
         it = todo.pop()
         if it.children:
             todo.extend(it.children)
-        elif it.path:
+        elif it.path and it.size > 0:  # accelerate only sees modules that hold tensors
             layers.append(it.size)
-    return float(np.mean(layers)) if layers else 0.0
+    # integer bytes, truncated as accelerate does
+    return float(int(sum(layers) / len(layers))) if layers else 0.0
 
 
 def _split(problem: PlacementProblem, inputs: BaselineInputs, who: str, balanced: bool) -> np.ndarray:
