@@ -338,3 +338,15 @@ def test_names_include_single_per_device() -> None:
     problem = diamond_problem()
     names = baseline_names(problem)
     assert {"single:d0", "single:d1", "single:d2", "pipeline_dp", "m_sct", "fx_kl_based"} <= set(names)
+
+
+def test_mincut_kernighan_lin_fallback(monkeypatch) -> None:
+    import placer.baselines.mincut as mc
+
+    monkeypatch.setattr(mc, "HAS_METIS", False)
+    problem = diamond_problem(param_bytes=np.full(8, 50 * MB), capacity=330 * MB, edge_bytes=1024)
+    res = run_baseline("mincut", problem)
+    assert res.placement is not None, res.reason
+    assert simulate_batch(problem, res.placement[None]).fits[0]
+    parts = mc.kl_parts(mc.undirected(problem, np.ones(8)), 3, seed=0)
+    assert set(parts.tolist()) == {0, 1, 2}

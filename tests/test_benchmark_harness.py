@@ -110,3 +110,12 @@ def test_registered_method_and_expansion() -> None:
     assert "m_sct" in expand_methods(["baselines"], case.problem)
     with pytest.raises(BenchmarkError):
         get_method("agent:")
+
+
+def test_cli_reports_bad_model_without_traceback(capsys, tmp_path) -> None:
+    from placer.commands.benchmark import main
+
+    code = main(["--models", "no_such_model", "--clusters", "4xK40", "--out", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and "no_such_model" in err and "Traceback" not in err
