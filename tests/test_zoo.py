@@ -118,6 +118,10 @@ def test_bad_overrides_are_refused_clearly() -> None:
         zoo("moe").get_model("small", k=9)
     with pytest.raises(ZooArgumentError, match="299"):
         zoo("inception_v3").get_model("small", aux_logits=True)
+    with pytest.raises(ZooArgumentError, match="depth"):
+        zoo("gpt2").config("small", depth=3)
+    with pytest.raises(ZooArgumentError, match="divisible"):
+        zoo("gpt2").config("small", heads=5)
 
 
 def test_gate_cell_computes_what_lstmcell_computes() -> None:
