@@ -462,16 +462,17 @@ def placement_device_map(
 ) -> dict[str, str] | None:
     """An accelerate-style ``device_map`` (module path → device) if ``placement`` is module-aligned.
 
-    A placement is module-aligned when every module that does work of its own (has
-    nodes whose ``module`` is exactly that path) has all of its nodes, and its
-    submodules' nodes, on one device; pure containers (``nn.ModuleList``, ``nn.Sequential``
-    holders) may be split among their children. Top-level glue ops (module ``""``)
-    are not part of a device_map and are ignored unless the whole model is on one
-    device, which gives ``{"": device}``. The map lists the coarsest aligned prefixes.
+    Module-aligned means every module that holds parameters of its own (a layer such as
+    ``nn.Linear``, or a module with a raw ``nn.Parameter``) has all of its nodes, and its
+    submodules' nodes, on one device. A module without parameters of its own (a
+    container, a transformer block) may be split among its children; its own
+    parameter-free ops (residual adds, reshapes) are glue that, under accelerate's hooks,
+    runs wherever its inputs arrive, so a device_map does not list them. The map gives
+    the coarsest uniform prefixes; ``{"": device}`` when everything is on one device.
 
     Args:
-        graph: the placement graph (node attribute ``module``), a GraphModule, or a
-            mapping node → module path.
+        graph: the placement graph (node attributes ``module``, ``param_bytes``, ``op``),
+            a GraphModule, or a mapping node → module path.
         placement: node name → device.
 
     Returns:
@@ -479,24 +480,30 @@ def placement_device_map(
     """
     if isinstance(graph, nx.DiGraph):
         modules = {n: str(graph.nodes[n].get("module", "") or "") for n in graph.nodes}
+        owning = {
+            n for n, a in graph.nodes(data=True)
+            if (a.get("param_bytes") or 0) > 0 or a.get("op") in ("call_module", "get_attr")
+        }
     elif isinstance(graph, fx.GraphModule):
         modules = _node_modules_from_gm(graph)
+        owning = {n.name for n in graph.graph.nodes if n.op in ("call_module", "get_attr")}
     else:
-        modules = dict(graph)
+        modules, owning = dict(graph), set(graph)  # no op information: every node counts
     placed = {n: placement[n] for n in modules if n in placement}
     if not placed:
         return None
     if len(set(placed.values())) == 1:
         return {"": next(iter(placed.values()))}
 
-    direct: dict[str, set[str]] = {}
+    owns: set[str] = set()  # modules with parameter-owning nodes of their own
     subtree: dict[str, set[str]] = {}
     children: dict[str, set[str]] = {"": set()}
     for n, d in placed.items():
         m = modules[n]
         if not m:
             continue
-        direct.setdefault(m, set()).add(d)
+        if n in owning:
+            owns.add(m)
         parts = m.split(".")
         parent = ""
         for k in range(1, len(parts) + 1):
@@ -509,17 +516,14 @@ def placement_device_map(
     result: dict[str, str] = {}
 
     def visit(m: str) -> bool:
-        devs = subtree[m]
-        if len(devs) == 1:
-            result[m] = next(iter(devs))
+        if len(subtree[m]) == 1:
+            result[m] = next(iter(subtree[m]))
             return True
-        if direct.get(m):
-            return False  # a module with its own ops split across devices
+        if m in owns or not children[m]:
+            return False  # a layer's own parameters/ops split across devices
         return all(visit(c) for c in sorted(children[m]))
 
-    if not children[""]:
-        return None
-    if not all(visit(c) for c in sorted(children[""])):
+    if not children[""] or not all(visit(c) for c in sorted(children[""])):
         return None
     return result
 

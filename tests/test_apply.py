@@ -332,10 +332,10 @@ def test_bad_input_gets_clear_errors():
 # ----------------------------------------------------------------------------- device_map
 
 
-def _module_graph(modules: dict[str, str]) -> nx.DiGraph:
+def _module_graph(modules: dict[str, str], owning=()) -> nx.DiGraph:
     g = nx.DiGraph()
     for n, m in modules.items():
-        g.add_node(n, module=m)
+        g.add_node(n, module=m, param_bytes=64 if n in owning else 0)
     return g
 
 
@@ -343,13 +343,20 @@ def test_device_map_collapses_to_coarsest_aligned_prefixes():
     g = _module_graph({
         "x": "", "emb": "emb", "l0a": "layers.0.attn", "l0m": "layers.0.mlp", "l0add": "layers.0",
         "l1a": "layers.1.attn", "l1m": "layers.1.mlp", "head": "head", "out": "",
-    })
+    }, owning={"emb", "l0a", "l0m", "l1a", "l1m", "head"})
     placement = {"x": "cpu", "emb": "cuda:0", "l0a": "cuda:0", "l0m": "cuda:0", "l0add": "cuda:0",
                  "l1a": "cuda:1", "l1m": "cuda:1", "head": "cuda:1", "out": "cpu"}
     assert placement_device_map(g, placement) == {
         "emb": "cuda:0", "layers.0": "cuda:0", "layers.1": "cuda:1", "head": "cuda:1"}
-    # A module with its own op split from its submodules is not aligned.
+    # A block split between its sublayers: its parameter-free glue (the residual add) is
+    # not part of a device_map, the sublayers are listed one by one.
     placement["l0m"] = "cuda:1"
+    assert placement_device_map(g, placement) == {
+        "emb": "cuda:0", "layers.0.attn": "cuda:0", "layers.0.mlp": "cuda:1", "layers.1": "cuda:1",
+        "head": "cuda:1"}
+    # A module with parameters of its own split from its submodules is not aligned.
+    g.add_node("l0bias", module="layers.0", param_bytes=16)
+    placement["l0bias"] = "cuda:0"
     assert placement_device_map(g, placement) is None
     # Everything on one device.
     assert placement_device_map(g, {n: "cpu" for n in g}) == {"": "cpu"}
@@ -526,3 +533,37 @@ def test_model_captured_through_export_applies_and_gets_device_map():
     assert transfer_nodes(placed)
     assert placement_device_map(cap.graph, placement) == {"a": "gpu0", "b": "gpu1"}
     _assert_same_training(reference, placed, (torch.randn(3, 4),), "adam")
+
+
+@pytest.mark.slow  # the export capture of HF GPT-2 alone takes ~5 s on 2 cores
+def test_hugging_face_gpt2_pipeline_split_applies_with_device_map():
+    transformers = pytest.importorskip("transformers")
+    from graphs.capture import capture
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout masks to line up
+    ids = torch.randint(0, 100, (2, 8))
+    cap = capture(model, (ids,), name="gpt2-tiny")
+    modules = {n: cap.graph.nodes[n].get("module", "") for n in cap.graph.nodes}
+    # Embeddings, block 0 and the (tied) head on d0; block 1 and the final norm on d1.
+    late = ("transformer.h.1", "transformer.ln_f")
+    placement = {n: ("d1" if m.startswith(late) else "d0") for n, m in modules.items()}
+    assert placement_device_map(cap.graph, placement) == {
+        "lm_head": "d0", "transformer.drop": "d0", "transformer.h.0": "d0", "transformer.h.1": "d1",
+        "transformer.ln_f": "d1", "transformer.wpe": "d0", "transformer.wte": "d0"}
+    reference = copy.deepcopy(cap.gm)
+    placed = apply_placement(cap, placement, real_devices={"d0": "cpu", "d1": "cpu"})
+    assert transfer_nodes(placed)
+    out_ref, out_placed = reference(ids), placed(ids)
+    torch.testing.assert_close(out_placed.logits, out_ref.logits, rtol=1e-6, atol=1e-6)
+    out_ref.logits.mean().backward()
+    out_placed.logits.mean().backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), placed.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Splitting the tied embedding/head weights is refused, naming both nodes.
+    placement.update({n: "d1" for n, m in modules.items() if m.startswith("lm_head")})
+    with pytest.raises(ApplyError, match="one device"):
+        apply_placement(cap, placement, real_devices={"d0": "cpu", "d1": "cpu"})
