@@ -1,7 +1,7 @@
 """Size presets of the zoo model files and the checks on their arguments.
 
 Every zoo model keeps a frozen dataclass per size ("small" for tests, "paper" for the
-published configuration). A model file's ``get_model(size=..., **overrides)`` picks the
+published configuration). A model file's ``get_model(size=..., layers=...)`` picks the
 preset and replaces the fields the user overrode (e.g. ``layers=8``). Bad values raise
 :class:`ZooArgumentError`, which is both a :class:`~graphs.errors.ModelFileError` (so the
 CLI prints it without a traceback) and a :class:`ValueError` (what plain Python callers
