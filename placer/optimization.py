@@ -318,19 +318,11 @@ def optimize(
             initial.insert(0, previous)
 
     best_so_far_file = out_path / "placement.json" if out_path is not None else None
-
-    def keep_best(row: np.ndarray, step_time: float) -> None:
-        """Write the best placement so far as an op-level placement file (atomic)."""
-        if best_so_far_file is None:
-            return
-        placement = _op_placement(row, problem, grouping, captured, the_cluster, spec,
-                                  {"step_time": step_time, "source": "simulated", "status": "search in progress"})
-        save_placement(placement, best_so_far_file)
-
     start = time.perf_counter()
+    # The search keeps its best placement so far (op level) in out_dir/best_placement.json.
     search_result = _run_search(problem, agent=agent, budget=budget, seed=seed, groups=groups,
-                                initial=initial, out_dir=out_path, on_improve=keep_best,
-                                progress=progress, resume=resume)
+                                initial=initial, out_dir=out_path, progress=progress,
+                                fingerprint=captured.fingerprint, expand=grouping.expand)
     seconds["search"] = time.perf_counter() - start
     candidates.append(Candidate(
         f"placer ({agent})", search_result.best_row, seconds["search"], search_result.evaluated,
@@ -391,8 +383,8 @@ def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementP
     """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
     from placer.placement_file import load_placement
 
-    path = out_dir / "placement.json"
-    if not path.exists():
+    path = next((p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()), None)
+    if path is None:
         return None
     placement = load_placement(path, graph=captured, devices=problem.device_names)
     group_placement = {}
@@ -402,14 +394,13 @@ def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementP
 
 
 def _run_search(problem: PlacementProblem, *, agent: str, budget: Budget, seed: int, groups: int | None,
-                initial: list[np.ndarray], out_dir: Path | None, on_improve: Callable, progress: bool,
-                resume: bool) -> Any:
+                initial: list[np.ndarray], out_dir: Path | None, progress: bool, fingerprint: str,
+                expand: Callable) -> Any:
     from placer.agents.search import search
 
     return search(
-        problem, agent=agent, budget=budget, seed=seed, num_groups=groups,
-        initial_placements=initial, out_dir=out_dir, on_improve=on_improve, progress=progress,
-        resume=resume,
+        problem, agent=agent, budget=budget, seed=seed, out_dir=out_dir, initial_placements=initial,
+        num_groups=groups, progress=progress, fingerprint=fingerprint, expand=expand,
     )
 
 

@@ -1,0 +1,159 @@
+"""End to end: capture → search → apply → train step, through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import placer
+from graphs.errors import PlacerError
+from placer.cli import main
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+            self.left = nn.Linear(64, 64)
+            self.right = nn.Linear(64, 64)
+            self.head = nn.Linear(128, 10)
+
+        def forward(self, x):
+            h = self.encoder(x)
+            return self.head(torch.cat([torch.tanh(self.left(h)), torch.relu(self.right(h))], dim=1))
+
+
+    def get_model():
+        torch.manual_seed(0)
+        return Net()
+
+
+    def get_example_inputs():
+        torch.manual_seed(1)
+        return (torch.randn(16, 32),)
+    """
+)
+
+BUDGET = "300"  # placements: seconds of search, enough to exercise every stage
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "net.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(model_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return placer.optimize(str(model_file), cluster="4xK40", budget=BUDGET, out_dir=out, progress=False,
+                           baselines=("single", "round_robin", "m_etf"), verbose=0)
+
+
+def test_optimize_writes_every_result_file(result):
+    files = {p.name for p in result_dir(result).iterdir()}
+    assert {"placement.json", "best_placement.json", "comparison.csv", "report.md",
+            "placed_graph.png", "memory.png", "schedule.png"} <= files
+    report = (result_dir(result) / "report.md").read_text()
+    assert "simulated" in report and "## Comparison" in report and "single" in report
+
+
+def result_dir(result):
+    return result.search.best_path.parent
+
+
+def test_the_winner_is_at_least_as_fast_as_every_baseline(result):
+    table = result.compare()
+    fitting = table[table["fits"]]
+    assert result.step_time == pytest.approx(fitting["step_time"].min())
+    assert set(table["method"]) >= {"single", "round_robin", "m_etf", "placer (hierarchical)"}
+    assert result.source == "simulated"
+
+
+def test_the_applied_winner_trains_exactly_like_the_original(result):
+    assert result.check is not None and result.check.ok, result.check.describe()
+    spec = result.prepared.spec
+    reference = __import__("copy").deepcopy(spec.model)
+    placed = result.apply()
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt_placed = torch.optim.SGD(placed.parameters(), lr=0.1)
+    (x,) = spec.example_inputs
+    for _ in range(3):
+        for module, opt in ((reference, opt_ref), (placed, opt_placed)):
+            opt.zero_grad()
+            module(x).pow(2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(placed(x), reference(x), rtol=1e-5, atol=1e-6)
+    ref_params = dict(reference.named_parameters())
+    for name, p in placed.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_placement_loads_and_applies_in_user_code(result, model_file):
+    spec = result.prepared.spec
+    path = result_dir(result) / "placement.json"
+    placement = placer.load(path, model=spec.model, example_inputs=spec.example_inputs)
+    assert placement.assignment == result.placement.assignment
+    placed = placer.apply(spec.model, placement, example_inputs=spec.example_inputs)
+    torch.testing.assert_close(placed(*spec.example_inputs), spec.model(*spec.example_inputs))
+
+
+def test_a_placement_for_another_model_is_refused(result):
+    other = torch.nn.Sequential(torch.nn.Linear(32, 10))
+    with pytest.raises(PlacerError, match="fingerprint|another model|not for"):
+        placer.load(result_dir(result) / "placement.json", model=other, example_inputs=(torch.randn(2, 32),))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "soon"], "cannot read budget"),
+        (["--cluster", "9xTPU"], "9xTPU"),
+        (["--baselines", "single,telepathy"], "unknown baseline 'telepathy'"),
+        (["--reward", "measured", "--cluster", "4xK40"], "needs real devices"),
+        (["--memory", "gpu9=1GiB", "--cluster", "4xK40"], "unknown device"),
+        (["--devices", "cpu,cuda:7"], "not present"),
+    ],
+)
+def test_bad_options_fail_fast_with_one_clear_message(model_file, tmp_path, capsys, argv, message):
+    code = main(["optimize", str(model_file), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_an_unwritable_output_directory_is_refused(model_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main(["optimize", str(model_file), "--out", str(blocker / "sub")])
+    assert code == 2
+    assert "cannot write to output directory" in capsys.readouterr().err
+
+
+def test_cli_optimize_then_apply_then_show(model_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", BUDGET, "--out", str(out),
+                 "--baselines", "single,m_etf", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "best:" in printed and "simulated" in printed
+    saved = json.loads((out / "placement.json").read_text())
+    assert saved["fingerprint"] and saved["metadata"]["cluster"] == "4xK40"
+
+    assert main(["apply", str(model_file), str(out / "placement.json"), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "step time: median" in printed and "losses" in printed
+
+    assert main(["show", str(out / "placement.json"), "--model", str(model_file), "--out", str(tmp_path / "pics")]) == 0
+    printed = capsys.readouterr().out
+    assert "simulated on 4xK40" in printed
+    assert (tmp_path / "pics" / "placed_graph.png").exists()
