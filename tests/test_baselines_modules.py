@@ -116,3 +116,15 @@ def test_common_path() -> None:
     assert common_path(["a.b.c", "a.b.d"]) == "a.b"
     assert common_path(["a.b", "c"]) == ""
     assert common_path([]) == ""
+
+
+def test_fx_partitioner_time_limit_gives_reason(mlp_capture, monkeypatch) -> None:
+    import placer.baselines.fx_partitioner as fxp
+
+    _, cap = mlp_capture
+    probe = compile_problem(cap.graph, load_cluster("4xK40"))
+    need = float((probe.static_memory() + probe.act_bytes).sum())
+    problem = compile_problem(cap.graph, _tight_cluster(int(0.6 * need)))
+    monkeypatch.setattr(fxp, "TIME_LIMIT_S", 1e-6)
+    res = run_baseline("fx_kl_based", problem, cap.graph, captured=cap)
+    assert res.placement is None and "within" in res.reason

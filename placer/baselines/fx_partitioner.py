@@ -15,7 +15,8 @@ The partitions found are mapped back: each partition's first logical device, or,
 it has none, partitions in order onto the accelerators. Ops the partitioner leaves out
 (inputs, parameters) sit with their heaviest neighbour; for a group graph each group
 takes the device holding most of its members' compute. Any failure of the partitioner
-(it raises on graphs it cannot handle) is reported as "no placement" with its message;
+(it raises on graphs it cannot handle) is reported as "no placement" with its message,
+and so is a search that runs past :data:`TIME_LIMIT_S` (main thread only: SIGALRM);
 the final memory check is the registry's.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -59,6 +62,34 @@ def _op_weights(problem: PlacementProblem, inputs: BaselineInputs, op_names: lis
         share = cost[problem.node_index(g)] * w / w.sum()
         out.update(dict(zip(ops, share.tolist())))
     return out
+
+
+#: Wall-clock limit for one partitioner call: cost_aware and kl_based search in O(n^2) and
+#: more, and take many minutes on graphs of a thousand ops.
+TIME_LIMIT_S = 30.0
+
+
+class _TimeLimit(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`_TimeLimit` in this (main) thread after ``seconds``; no limit elsewhere."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise _TimeLimit()
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _flat_metas(meta) -> list:
@@ -148,8 +179,10 @@ def _partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str, gm,
     partitioner = Partitioner()
     try:
         # The partitioner prints its partitions for some modes; keep reports clean.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), time_limit(TIME_LIMIT_S):
             partitioner.partition_graph(gm, gm, config)
+    except _TimeLimit:
+        raise NoFit(f"torch.fx partitioner ({mode}) gave no answer within {TIME_LIMIT_S:g} s on {len(nodes)} ops") from None
     except Exception as exc:  # torch raises RuntimeError/AssertionError/KeyError on graphs it cannot split
         raise NoFit(f"torch.fx partitioner ({mode}) failed: {type(exc).__name__}: {exc}") from None
     out: dict[str, int] = {}
