@@ -78,6 +78,7 @@ def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None
     from graphs.grouping import group_graph
 
     start = time.perf_counter()
-    grouping = group_graph(captured.graph)
+    # The GraphModule lets grouping see in-place arguments and modules the graph does not record.
+    grouping = group_graph(captured.graph, gm=captured.gm)
     seconds["group"] = time.perf_counter() - start
     return Prepared(spec=spec, captured=captured, grouping=grouping, seconds=seconds)

@@ -210,3 +210,28 @@ def test_two_files_with_same_name_do_not_clash(tmp_path):
     spec_a = load_model_file(write(a, "import torch\nmodel = torch.nn.Linear(3, 1)\nexample_inputs = (torch.randn(1, 3),)\n"))
     spec_b = load_model_file(write(b, "import torch\nmodel = torch.nn.Linear(3, 7)\nexample_inputs = (torch.randn(1, 3),)\n"))
     assert spec_a.model.out_features == 1 and spec_b.model.out_features == 7
+
+
+def test_large_models_checked_on_fake_tensors(tmp_path, monkeypatch):
+    import graphs.model_file as mf
+
+    monkeypatch.setattr(mf, "REAL_CHECK_MAX_PARAMS", 1)
+    text = """
+        import torch
+        calls = []
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(3, 2)
+            def forward(self, x):
+                calls.append(type(x).__name__)
+                return self.fc(x)
+        model = Net()
+        example_inputs = ({inputs},)
+    """
+    spec = load_model_file(write(tmp_path, text.format(inputs="torch.randn(4, 3)")))
+    assert spec.model.fc.out_features == 2
+    module = __import__("sys").modules[type(spec.model).__module__]
+    assert module.calls == ["FakeTensor"]  # never ran on real tensors
+    msg = load_error(tmp_path, text.format(inputs="torch.randn(4, 5)"), name="model2.py")
+    assert "do not fit" in msg and "model2.py:10" in msg
