@@ -31,6 +31,7 @@ to the CPU are always blocking.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -71,6 +72,14 @@ _BATCHNORM_ATEN = {
     "aten::instance_norm": (3, 4),
     "aten::cudnn_batch_norm": (3, 4),
 }
+
+
+#: Python operators that update their first operand in place (fx records ``x += y``, ``x[i] = y``).
+_OPERATOR_INPLACE = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul, operator.setitem,
+})
 
 
 def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
@@ -145,8 +154,8 @@ def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
         return [1, 2]
     if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
         return [0]
-    if name.startswith("i") and getattr(target, "__module__", "") in ("_operator", "operator"):
-        return [0]  # operator.iadd & co. update their left operand
+    if target in _OPERATOR_INPLACE:
+        return [0]  # x += y, x[i] = y update their left operand
     return []
 
 

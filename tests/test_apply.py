@@ -266,6 +266,28 @@ def test_inplace_op_runs_where_its_tensor_lives():
     torch.testing.assert_close(placed(x), x * 2 + 1)
 
 
+def test_setitem_stays_with_its_tensor_and_invert_is_not_in_place():
+    import operator
+
+    # fx's tracer cannot record y[0] = v, so build the graph by hand (export-style graphs have it).
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(operator.mul, (x, 2))
+    g.call_function(operator.setitem, (y, 0, 5.0))
+    inv = g.call_function(operator.invert, (g.call_function(operator.gt, (x, 0)),))
+    g.output((y, inv))
+    gm = fx.GraphModule(nn.Module(), g)
+    names = [n.name for n in gm.graph.nodes]
+    placement = {n: ("gpu1" if n in ("setitem", "invert") else "gpu0") for n in names}
+    placed = apply_placement(gm, placement, real_devices=VIRTUAL)
+    assert placed.placer_placement["setitem"] == "gpu0"  # follows the tensor it writes
+    assert placed.placer_placement["invert"] == "gpu1"  # ~x is no in-place op: stays placed
+    x = torch.randn(3)
+    out = placed(x)
+    assert out[0][0] == 5.0
+    torch.testing.assert_close(out, gm(x))
+
+
 def test_to_device_moves_only_tensors_in_nested_values():
     value = {"a": (torch.ones(2), 3, "s"), "b": [torch.zeros(1), None]}
     moved = to_device(value, "cpu")
