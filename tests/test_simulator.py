@@ -34,7 +34,7 @@ case = st.tuples(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case)
 def test_batched_equals_reference(params):
     seed, n, p, d, opt = params
@@ -42,7 +42,7 @@ def test_batched_equals_reference(params):
     g = random_dag(rng, n, p)
     cluster = random_cluster(rng, d)
     problem = compile_problem(g, cluster, optimizer=opt)
-    placements = rng.integers(0, d, size=(6, n))
+    placements = rng.integers(0, d, size=(4, n))
     for backend in BACKENDS:
         res = simulate_batch(problem, placements, backend=backend)
         for b in range(placements.shape[0]):
@@ -55,7 +55,7 @@ def test_batched_equals_reference(params):
             assert _close(res.over_memory[b], ref.over_memory)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(case)
 def test_single_device_is_sum_of_nodes_and_never_below_bound(params):
     seed, n, p, d, opt = params
