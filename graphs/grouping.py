@@ -1,0 +1,424 @@
+"""Grouping: thousands of ops become a few hundred groups the placer assigns to devices.
+
+Steps (design "Grouping"), each keeping "every op in exactly one group":
+
+1. **Mandatory co-location** (union-find over ops):
+   - a module called more than once (several ``call_module`` nodes with one target) and a
+     parameter read more than once (several ``get_attr`` of one target): one group, since
+     shared weights live on one device;
+   - a parameter/buffer (``get_attr``) with all of its consumers;
+   - an in-place op (``add_``, ``relu_``, ``operator.iadd``, ``inplace=True``) and a view op
+     (view, reshape, transpose, getitem, split, …) with its producer — the op whose tensor
+     it mutates or aliases (its first input).
+2. **Cycles**: co-location can join ops with others between them (the decoder cell shared
+   by every time step, the attention in between); the group graph then has cycles. Every
+   strongly connected component is merged into one group (networkx SCCs), the smallest
+   change that makes it a DAG again. Documented consequence: an unrolled recurrent layer
+   whose cell is shared across time is one group, with everything it feeds back through.
+3. **Tiny ops** (cost under ``tiny_op_seconds``) merge into a neighbour: the producer along
+   the heaviest edge when that is safe, else another producer, else a consumer; a merge is
+   made only when it cannot create a cycle (:class:`graphs.group_dag.GroupDAG`).
+4. **max_groups** (optional): merge the cheapest adjacent pair until at most that many
+   groups remain, again only without cycles (falling back to two groups consecutive in a
+   topological order, which is always safe).
+
+Costs: the profiled ``time`` of ``device_kind`` (default: the first profiled kind). An
+unprofiled graph has no times, so nothing is known to be tiny: it is grouped by structure
+only — the mandatory rules, plus the ops that do no work at all (inputs, the output,
+shape plumbing: zero FLOPs and zero bytes moved). For ``max_groups`` a crude
+one-thread-CPU estimate (10 GFLOP/s and 10 GB/s over ``flops`` and ``bytes_moved``)
+then ranks which pair is cheapest.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import numbers
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import networkx as nx
+
+from graphs.errors import GraphError
+from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
+
+# Ops that alias their first input (the result shares its memory): placed with it.
+VIEW_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "H", "mH",
+    "getitem", "__getitem__", "split", "split_with_sizes", "tensor_split", "chunk", "unbind",
+    "expand", "expand_as", "contiguous", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow",
+    "select", "slice", "size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride",
+    "detach", "alias", "as_strided", "movedim", "moveaxis", "swapaxes", "swapdims", "_unsafe_view",
+    "view_as_real", "view_as_complex", "diagonal", "unfold", "getattr", "real", "imag",
+})
+_OPERATOR_INPLACE = frozenset({
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+    "ixor", "ilshift", "irshift",
+})
+# Unprofiled estimate: one CPU thread does about this much per second.
+EST_FLOPS_PER_S = 1e10
+EST_BYTES_PER_S = 1e10
+_TIME_KEYS = ("fwd_time", "bwd_time", "time")
+_NOT_SUMMED = frozenset({"op", "target", "module", "shape", "dtype", "requires_grad", "members",
+                         "out_bytes", "act_bytes", "size"}) | set(_TIME_KEYS)
+
+
+@dataclass
+class Grouping:
+    """The result of :func:`group_graph`: the group graph and the mapping from ops to groups."""
+
+    graph: nx.DiGraph
+    op_to_group: dict[str, str]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def expand(self, group_placement: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
+        """Op placement from a group placement: ``{group: device}`` or a sequence in g0..gK order."""
+        if isinstance(group_placement, Mapping):
+            mapping = dict(group_placement)
+        else:
+            try:
+                items = list(group_placement)
+            except TypeError:
+                raise GraphError(f"a group placement must be a dict group -> device or a sequence, "
+                                 f"got {type(group_placement).__name__}") from None
+            if len(items) != len(self.groups):
+                raise GraphError(f"a group placement sequence needs one device per group "
+                                 f"({len(self.groups)}), got {len(items)}")
+            mapping = {f"g{i}": d for i, d in enumerate(items)}
+        unknown = sorted(set(mapping) - set(self.groups))
+        if unknown:
+            raise GraphError(f"unknown group(s) {unknown[:5]} in the placement; expected names "
+                             f"g0..g{len(self.groups) - 1}")
+        missing = sorted(set(self.groups) - set(mapping), key=lambda g: int(g[1:]))
+        if missing:
+            raise GraphError(f"the group placement leaves {len(missing)} group(s) without a device "
+                             f"(e.g. {missing[:5]}); expected a device for every group")
+        return {op: mapping[group] for op, group in self.op_to_group.items()}
+
+
+def op_name(target: str) -> str:
+    """The bare op name of a target text: ``aten.view.default`` → ``view``, ``torch.relu_`` → ``relu_``."""
+    parts = str(target).split(".")
+    if parts[0] == "aten" and len(parts) >= 2:
+        return parts[1]
+    return parts[-1]
+
+
+def is_view(attrs: Mapping[str, Any]) -> bool:
+    """Whether the node only aliases its first input (a view or a shape query)."""
+    return attrs.get("op") in ("call_function", "call_method") and op_name(attrs.get("target", "")) in VIEW_OPS
+
+
+def is_inplace(attrs: Mapping[str, Any], inplace_kwarg: bool = False) -> bool:
+    """Whether the node mutates its first input: ``add_``, ``operator.iadd``, ``__iadd__``, ``inplace=True``."""
+    if inplace_kwarg or attrs.get("inplace") is True:
+        return True
+    if attrs.get("op") not in ("call_function", "call_method"):
+        return False
+    target = str(attrs.get("target", ""))
+    name = op_name(target)
+    if name.startswith("__") and name.endswith("__"):
+        return name[2:-2] in _OPERATOR_INPLACE
+    if target.startswith(("operator.", "_operator.")) and name in _OPERATOR_INPLACE:
+        return True
+    return name.endswith("_") and name.strip("_") != ""
+
+
+def _gm_inplace(gm: Any) -> set[str]:
+    """Names of fx nodes called with ``inplace=True`` or of modules with ``.inplace`` set."""
+    found: set[str] = set()
+    if gm is None:
+        return found
+    for node in gm.graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            found.add(node.name)
+        elif node.op == "call_module":
+            try:
+                module = gm.get_submodule(str(node.target))
+            except AttributeError:
+                continue
+            if getattr(module, "inplace", False) is True:
+                found.add(node.name)
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _profiled_kinds(graph: nx.DiGraph) -> list[str]:
+    kinds = list(graph.graph.get("profiled_kinds") or [])
+    if kinds:
+        return kinds
+    for _, attrs in graph.nodes(data=True):
+        if attrs.get("time"):
+            return list(attrs["time"])
+    return []
+
+
+def node_cost(attrs: Mapping[str, Any], kind: str | None) -> float:
+    """Seconds the node costs on ``kind`` (profiled), or the unprofiled estimate when ``kind`` is None."""
+    if kind is not None:
+        return float((attrs.get("time") or {}).get(kind, 0.0))
+    return float(attrs.get("flops") or 0) / EST_FLOPS_PER_S + float(attrs.get("bytes_moved") or 0) / EST_BYTES_PER_S
+
+
+def _requires_grad(attrs: Mapping[str, Any]) -> bool:
+    # Same default as the simulator: everything but inputs and the output takes part in autograd.
+    if "requires_grad" in attrs:
+        return bool(attrs["requires_grad"])
+    return attrs.get("op") not in ("placeholder", "output")
+
+
+def _check_arguments(graph: Any, max_groups: Any, tiny_op_seconds: Any, device_kind: Any) -> str | None:
+    if not isinstance(graph, nx.DiGraph) or graph.number_of_nodes() == 0:
+        raise GraphError("group_graph needs a non-empty networkx.DiGraph placement graph, "
+                         f"got {type(graph).__name__}")
+    if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int)
+                                   or max_groups < 1):
+        raise GraphError(f"max_groups must be a positive integer or None, got {max_groups!r}")
+    if not _is_number(tiny_op_seconds) or tiny_op_seconds < 0:
+        raise GraphError(f"tiny_op_seconds must be a number of seconds >= 0, got {tiny_op_seconds!r}")
+    kinds = _profiled_kinds(graph)
+    if device_kind is None:
+        return kinds[0] if kinds else None
+    if device_kind not in kinds:
+        raise GraphError(f"device kind {device_kind!r} was not profiled on this graph; profiled kinds: "
+                         f"{kinds or 'none (profile the graph first, or pass device_kind=None)'}")
+    return str(device_kind)
+
+
+def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind, gm: Any = None) -> None:
+    """Apply the co-location rules of the module doc to ``uf`` (sets of op indices)."""
+    by_module: dict[str, list[int]] = {}
+    by_attr: dict[str, list[int]] = {}
+    kwarg_inplace = _gm_inplace(gm)
+    for name, attrs in graph.nodes(data=True):
+        i = index[name]
+        op = attrs.get("op")
+        if op == "call_module":
+            by_module.setdefault(str(attrs.get("target")), []).append(i)
+        elif op == "get_attr":
+            by_attr.setdefault(str(attrs.get("target")), []).append(i)
+            for consumer in graph.successors(name):
+                uf.union(i, index[consumer])
+        if is_view(attrs) or is_inplace(attrs, name in kwarg_inplace):
+            # networkx keeps predecessors in insertion order = the fx node's argument order,
+            # so the first predecessor is the tensor the op aliases or mutates.
+            producer = next(iter(graph.predecessors(name)), None)
+            if producer is not None:
+                uf.union(i, index[producer])
+    for members in list(by_module.values()) + list(by_attr.values()):
+        if len(members) > 1:
+            uf.union_all(members)
+
+
+def merge_tiny(dag: GroupDAG, threshold: float, inclusive: bool = False) -> int:
+    """Merge every group cheaper than ``threshold`` into a neighbour where that is acyclic.
+
+    ``inclusive``: also merge groups costing exactly ``threshold`` (``threshold=0,
+    inclusive=True`` merges the groups that do no work).
+    """
+    merges = 0
+    for _ in range(3):  # a merge can make a neighbour's merge possible: a few passes
+        changed = False
+        for r in dag.ordered_roots():
+            if r not in dag.roots or dag.cost[r] > threshold or (dag.cost[r] == threshold and not inclusive):
+                continue
+            preds = sorted(dag.pred[r].items(), key=lambda kv: (-kv[1], dag.pos[kv[0]]))
+            target = next((p for p, _ in preds if dag.can_merge(p, r)), None)
+            if target is None:
+                succs = sorted(dag.succ[r].items(), key=lambda kv: (-kv[1], dag.pos[kv[0]]))
+                target = next((s for s, _ in succs if dag.can_merge(r, s)), None)
+            if target is not None:
+                dag.merge(r, target)
+                merges += 1
+                changed = True
+        if not changed:
+            break
+    return merges
+
+
+def reduce_groups(dag: GroupDAG, max_groups: int) -> None:
+    """Merge until ``max_groups`` remain: the cheapest group with its cheapest neighbour each time.
+
+    That is the cheapest adjacent pair that contains the cheapest group — close to the
+    globally cheapest pair, and each merge touches one heap entry instead of refreshing
+    every edge of a growing group. Merges that would close a cycle are skipped; when no
+    group has a safe neighbour, two groups consecutive in a topological order merge (always
+    acyclic, and it also joins disconnected parts).
+    """
+    heap = [(dag.cost[r], dag.pos[r], r) for r in dag.roots]
+    heapq.heapify(heap)
+    blocked: list[int] = []
+    while len(dag.roots) > max_groups:
+        if not heap:
+            keep = dag.merge_consecutive()
+            heap = [(dag.cost[r], dag.pos[r], r) for r in dag.roots]
+            heapq.heapify(heap)
+            blocked = []
+            continue
+        cost, _, r = heapq.heappop(heap)
+        if r not in dag.roots:
+            continue
+        if cost != dag.cost[r]:  # stale: the group grew since it was pushed
+            heapq.heappush(heap, (dag.cost[r], dag.pos[r], r))
+            continue
+        options = [(dag.cost[s], -w, dag.pos[s], r, s) for s, w in dag.succ[r].items()]
+        options += [(dag.cost[p], -w, dag.pos[p], p, r) for p, w in dag.pred[r].items()]
+        options.sort()
+        pair = next(((u, v) for _, _, _, u, v in options if dag.can_merge(u, v)), None)
+        if pair is None:
+            blocked.append(r)
+            continue
+        keep = dag.merge(*pair)
+        heapq.heappush(heap, (dag.cost[keep], dag.pos[keep], keep))
+        for b in blocked:  # a merge may have removed the path that blocked them
+            if b in dag.roots:
+                heapq.heappush(heap, (dag.cost[b], dag.pos[b], b))
+        blocked = []
+
+
+def group_graph(graph: nx.DiGraph, max_groups: int | None = None, tiny_op_seconds: float = 20e-6,
+                device_kind: str | None = None, *, gm: Any = None) -> Grouping:
+    """Group the ops of a placement graph (see the module doc); returns a :class:`Grouping`.
+
+    The group graph has nodes ``g0..gK`` in a topological order, with the members'
+    numeric attributes summed (``flops``, ``param_bytes``, ``bytes_moved``), ``time``,
+    ``fwd_time`` and ``bwd_time`` summed per kind, ``out_bytes`` = bytes of the tensors
+    that leave the group, ``act_bytes`` = activations its members keep for backward,
+    ``members`` (ops in topological order), ``op="group"``, ``target`` of its costliest
+    member, ``module`` = the members' common module path. Edge ``bytes`` sums, per
+    producer op, the tensor it sends to the other group once. Graph attributes are copied,
+    plus ``op_to_group``. ``gm`` (optional, the capture's GraphModule) lets the rules see
+    ``inplace=True`` arguments and modules, which the placement graph does not record.
+    """
+    kind = _check_arguments(graph, max_groups, tiny_op_seconds, device_kind)
+    with _gc_paused():
+        return _group(graph, max_groups, float(tiny_op_seconds), kind, gm)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Grouping allocates hundreds of thousands of small dicts and tuples that all stay alive;
+    # the cyclic collector would rescan them over and over (a third of the time at 50k ops).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _topological_names(graph: nx.DiGraph) -> list[str]:
+    try:
+        return list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(graph)
+        raise GraphError(f"the placement graph has a cycle ({' -> '.join(str(u) for u, _ in cycle[:5])} ...); "
+                         "expected a DAG as captured from a forward pass") from None
+
+
+def _group(graph: nx.DiGraph, max_groups: int | None, tiny_op_seconds: float, kind: str | None,
+           gm: Any) -> Grouping:
+    names = _topological_names(graph)
+    index = {name: i for i, name in enumerate(names)}
+    n = len(names)
+    attrs = [graph.nodes[name] for name in names]
+    costs = [node_cost(a, kind) for a in attrs]
+    int_edges = [(index[u], index[v], float(d.get("bytes") or 0)) for u, v, d in graph.edges(data=True)]
+
+    uf = UnionFind(n)
+    mandatory_unions(graph, index, uf, gm)
+    collapse_cycles(n, ((u, v) for u, v, _ in int_edges), uf)
+    dag = GroupDAG(n, uf, int_edges, costs)
+    if kind is None:
+        merge_tiny(dag, 0.0, inclusive=True)  # unprofiled: only ops that do no work (module doc)
+    elif tiny_op_seconds > 0:
+        merge_tiny(dag, float(tiny_op_seconds))
+    if max_groups is not None and len(dag) > max_groups:
+        reduce_groups(dag, max_groups)
+
+    order = dag.topological_roots()
+    group_of_root = {r: f"g{k}" for k, r in enumerate(order)}
+    op_to_group = {name: group_of_root[uf.find(i)] for i, name in enumerate(names)}
+    groups: dict[str, list[str]] = {group_of_root[r]: [] for r in order}
+    for name in names:
+        groups[op_to_group[name]].append(name)
+    ggraph = build_group_graph(graph, groups, op_to_group, dict(zip(names, costs)))
+    ggraph.graph["grouping"] = {"max_groups": max_groups, "tiny_op_seconds": float(tiny_op_seconds),
+                                "device_kind": kind, "ops": n}
+    return Grouping(graph=ggraph, op_to_group=op_to_group, groups=groups)
+
+
+def _common_module(paths: list[str]) -> str:
+    split = [p.split(".") for p in paths if p]
+    if not split:
+        return ""
+    common = split[0]
+    for parts in split[1:]:
+        k = 0
+        while k < min(len(common), len(parts)) and common[k] == parts[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
+
+
+def build_group_graph(graph: nx.DiGraph, groups: Mapping[str, list[str]], op_to_group: Mapping[str, str],
+                      costs: Mapping[str, float] | None = None) -> nx.DiGraph:
+    """The quotient of ``graph`` by ``groups`` with the attributes described in :func:`group_graph`."""
+    ggraph = nx.DiGraph(**dict(graph.graph))
+    ggraph.graph["op_to_group"] = dict(op_to_group)
+    cost_of = costs.__getitem__ if costs is not None else None
+    leaves = {u for u, v in graph.edges if op_to_group[u] != op_to_group[v]}
+    for group, members in groups.items():
+        data: dict[str, Any] = {"op": "group", "members": list(members), "size": len(members)}
+        sums: dict[str, float] = {}
+        times: dict[str, dict[str, float]] = {key: {} for key in _TIME_KEYS}
+        act = 0
+        leaving = 0
+        grad = False
+        for m in members:
+            a = graph.nodes[m]
+            for key, value in a.items():
+                if key not in _NOT_SUMMED and _is_number(value):
+                    sums[key] = sums.get(key, 0) + value
+            for key in _TIME_KEYS:
+                for k, v in (a.get(key) or {}).items():
+                    times[key][k] = times[key].get(k, 0.0) + float(v)
+            rg = _requires_grad(a)
+            grad = grad or rg
+            out = int(a.get("out_bytes") or 0)
+            if rg and a.get("op") not in ("get_attr", "output"):
+                act += out
+            if m in leaves:
+                leaving += out
+        heaviest = max(members, key=cost_of) if cost_of else members[-1]
+        # The group's "output" tensor: the largest one that leaves it (else its last member's).
+        leavers = [m for m in members if m in leaves]
+        shown = max(leavers, key=lambda m: int(graph.nodes[m].get("out_bytes") or 0)) if leavers else members[-1]
+        data.update(sums)
+        data.update(times)
+        data.update(target=str(graph.nodes[heaviest].get("target", "")),
+                    module=_common_module([str(graph.nodes[m].get("module") or "") for m in members]),
+                    shape=graph.nodes[shown].get("shape"), dtype=graph.nodes[shown].get("dtype"),
+                    out_bytes=int(leaving), act_bytes=int(act), requires_grad=bool(grad))
+        ggraph.add_node(group, **data)
+    # Edge bytes: a producer's tensor crosses to a given other group once, however many of
+    # that group's ops read it (the largest piece, when different consumers read slices).
+    sent: dict[tuple[str, str], float] = {}
+    for u in graph.nodes:
+        gu = op_to_group[u]
+        per_dest: dict[str, float] = {}
+        for v, d in graph.succ[u].items():
+            gv = op_to_group[v]
+            if gv != gu:
+                per_dest[gv] = max(per_dest.get(gv, 0.0), float(d.get("bytes") or 0))
+        for gv, b in per_dest.items():
+            sent[(gu, gv)] = sent.get((gu, gv), 0.0) + b
+    for (gu, gv), b in sent.items():
+        ggraph.add_edge(gu, gv, bytes=int(b))
+    return ggraph
