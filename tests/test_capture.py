@@ -253,6 +253,7 @@ def test_fingerprint_stable_and_sensitive():
     assert other_structure.fingerprint != a.fingerprint
 
 
+@pytest.mark.slow
 def test_fingerprint_same_in_another_process(tagger_capture):
     code = (
         "import torch, sys; sys.path.insert(0, 'tests');"
