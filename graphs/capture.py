@@ -37,7 +37,6 @@ from graphs.user_frames import describe_frame, user_frame
 # sensible granularity (unrolled cells are how a model exposes per-step parallelism).
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
 
-LeafSpec = "type[nn.Module] | str"
 
 
 @dataclass
