@@ -1,0 +1,74 @@
+"""PPO (stable-baselines3) with the hierarchical placement policy.
+
+Every episode is one step, so each rollout of ``n_steps`` on ``num_envs`` environments is
+``n_steps * num_envs`` evaluated placements; GAE then reduces to ``reward - value``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+from placer.agents.hierarchical.policy import HierarchicalPlacementPolicy
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of the PPO agents (defaults tuned for speed on a small CPU).
+
+    Attributes:
+        learning_rate: float, or a schedule ``progress_remaining -> lr`` (SB3 convention).
+        n_steps: vectorised steps per rollout (placements per rollout = n_steps * num_envs).
+        batch_size: minibatch size of the PPO update.
+        n_epochs: passes over each rollout.
+        ent_coef: entropy bonus (the entropy is summed over hundreds of categoricals, so small).
+        clip_range: PPO clip.
+        hidden: embedding width of the network.
+        max_grad_norm: gradient clipping.
+        extra: more keyword arguments for :class:`stable_baselines3.PPO`.
+    """
+
+    learning_rate: float | Callable[[float], float] = 3e-3
+    n_steps: int = 1
+    batch_size: int = 128
+    n_epochs: int = 2
+    ent_coef: float = 1e-4
+    clip_range: float = 0.2
+    hidden: int = 32
+    max_grad_norm: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tensorboard_available() -> bool:
+    """SB3 writes TensorBoard logs only when the tensorboard package imports."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def make_ppo(env: VecEnv, config: PPOConfig | None = None, seed: int | None = 0,
+             tensorboard_log: str | None = None, device: str = "cpu") -> PPO:
+    """A PPO model with :class:`HierarchicalPlacementPolicy` on ``env`` (hierarchical or flat action)."""
+    config = config or PPOConfig()
+    batch = min(config.batch_size, config.n_steps * env.num_envs)
+    return PPO(
+        HierarchicalPlacementPolicy,
+        env,
+        learning_rate=config.learning_rate,
+        n_steps=config.n_steps,
+        batch_size=batch,
+        n_epochs=config.n_epochs,
+        gamma=1.0,
+        gae_lambda=1.0,
+        ent_coef=config.ent_coef,
+        clip_range=config.clip_range,
+        max_grad_norm=config.max_grad_norm,
+        policy_kwargs={"hidden": config.hidden},
+        tensorboard_log=tensorboard_log if tensorboard_log and tensorboard_available() else None,
+        seed=seed,
+        device=device,
+        verbose=0,
+        **config.extra,
+    )

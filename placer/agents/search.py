@@ -1,0 +1,255 @@
+"""``search()``: find a fast placement for a problem with one of the learning agents.
+
+>>> result = search(problem, agent="hierarchical", budget="20k", seed=0, out_dir="out")  # doctest: +SKIP
+>>> result.best_step_time, result.stop_reason                                          # doctest: +SKIP
+
+Agents: ``hierarchical`` (grouper + seq2seq placer, PPO), ``reinforce`` (same network,
+REINFORCE with a moving-average baseline), ``flat`` (no grouper, PPO) and ``sequential``
+(MaskablePPO on ``SequentialPlacementEnv``, one group per step).
+
+Whatever the agent, the search keeps its best placement in memory and on disk
+(``out_dir/best_placement.json``, rewritten atomically on every improvement), stops at the
+budget (seconds or evaluated placements), on a plateau, or when the callback says so, and
+returns its best even when interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from envs.problem import PlacementProblem
+from graphs.errors import PlacerError
+from placer.agents.common.callbacks import TrackerCallback
+from placer.agents.common.imitation import behaviour_clone, placement_to_action
+from placer.agents.common.sim_vec_env import SimulatedPlacementVecEnv
+from placer.agents.common.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
+from placer.agents.hierarchical.ppo import PPOConfig, make_ppo
+from placer.agents.reinforce import ReinforceConfig, make_network, train_reinforce
+
+AGENTS = ("hierarchical", "reinforce", "flat", "sequential")
+#: Default budget: a few minutes, the issue's "minutes on an ordinary machine".
+DEFAULT_BUDGET = "5m"
+#: Default plateau: stop after this many evaluations without improvement.
+DEFAULT_PATIENCE = 60_000
+
+
+class SearchError(PlacerError, ValueError):
+    """A search asked for with arguments that cannot work."""
+
+
+def default_num_groups(num_nodes: int, num_devices: int) -> int:
+    """G for the hierarchical action: the environments' default (``envs.env_config``)."""
+    from envs.env_config import default_num_groups as env_default
+
+    return env_default(num_nodes, num_devices)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads: on a small shared CPU one thread avoids spin contention
+    that made the policy 100x slower here."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_rows(problem: PlacementProblem, rows: Sequence | np.ndarray | None) -> np.ndarray | None:
+    if rows is None:
+        return None
+    if isinstance(rows, dict):
+        rows = [problem.placement_to_array(rows)]
+    rows = [problem.placement_to_array(r) if isinstance(r, dict) else r for r in rows]
+    if len(rows) == 0:
+        return None
+    return problem.check_array(np.asarray(rows).reshape(len(rows), -1))
+
+
+def search(
+    problem: PlacementProblem,
+    agent: str = "hierarchical",
+    budget: object = DEFAULT_BUDGET,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    initial_placements: Sequence | np.ndarray | None = None,
+    callback: ProgressCallback | None = None,
+    *,
+    num_groups: int | None = None,
+    num_envs: int = 256,
+    patience: int | None = DEFAULT_PATIENCE,
+    imitation_steps: int = 0,
+    progress: bool = False,
+    tensorboard_log: str | None = None,
+    save_path: str | Path | None = None,
+    fingerprint: str = "",
+    expand: Callable[[dict[str, str]], dict[str, str]] | None = None,
+    ppo_config: PPOConfig | None = None,
+    reinforce_config: ReinforceConfig | None = None,
+    threads: int | None = 1,
+) -> SearchResult:
+    """Search placements of ``problem`` with a learning agent; return the best found.
+
+    Args:
+        problem: the compiled problem (usually over the group graph).
+        agent: one of :data:`AGENTS`.
+        budget: ``"5m"``, ``"20k"``, ``"5m,100k"``, an int (placements), a float (seconds)
+            or a :class:`~placer.options.Budget`.
+        seed: same seed and an evaluation budget give the same best placement.
+        out_dir: where ``best_placement.json`` (and ``policy.zip``) are written.
+        initial_placements: heuristic placements (rows or ``{node: device}`` dicts) evaluated
+            first as candidates; the best is also imitated for ``imitation_steps`` steps.
+        callback: called with a :class:`~placer.agents.common.tracker.SearchProgress` after
+            every batch; return ``False`` to stop.
+        num_groups: G of the hierarchical action (default :func:`default_num_groups`).
+        num_envs: placements evaluated per batched simulator call.
+        patience: stop after this many evaluations without improvement (None: never).
+        imitation_steps: behaviour-cloning steps on the best initial placement (0: none).
+        progress: show a progress bar with the best step time.
+        tensorboard_log: directory for TensorBoard logs (PPO agents, if tensorboard imports).
+        save_path: save the trained policy there (SB3 ``.zip`` for PPO agents, a torch
+            state dict for REINFORCE); default ``out_dir/policy.zip`` when out_dir is given.
+        fingerprint, expand: written into / applied to the placement file (e.g. the model's
+            fingerprint and ``grouping.expand`` to save op-level placements).
+        ppo_config, reinforce_config: hyper-parameters.
+        threads: torch intra-op threads during the search (None: leave as is).
+
+    Raises:
+        SearchError: unknown agent or bad sizes.  Any error of the agent propagates after
+        the best placement so far was written.
+    """
+    if agent not in AGENTS:
+        raise SearchError(f"unknown agent {agent!r}; expected one of {list(AGENTS)}")
+    if isinstance(num_envs, bool) or int(num_envs) < 1:
+        raise SearchError(f"num_envs must be a positive integer, got {num_envs!r}")
+    if num_groups is not None and (isinstance(num_groups, bool) or int(num_groups) < 1):
+        raise SearchError(f"num_groups must be a positive integer, got {num_groups!r}")
+    rows = _check_rows(problem, initial_placements)
+    tracker = BestTracker(problem, budget, patience=patience, out_dir=out_dir, callback=callback,
+                          fingerprint=fingerprint, expand=expand, progress=progress, agent=agent)
+    left = tracker.remaining_placements()
+    num_envs = int(num_envs) if left is None else max(1, min(int(num_envs), left))
+    if save_path is None and out_dir is not None:
+        save_path = Path(out_dir) / ("policy.pt" if agent == "reinforce" else "policy.zip")
+    reason = "finished"
+    model = None
+    with _torch_threads(threads):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            env = _make_env(problem, agent, num_envs, num_groups)
+            if rows is not None:
+                _seed_candidates(env, tracker, rows)
+            if agent in ("hierarchical", "flat"):
+                model = make_ppo(env, ppo_config, seed=seed, tensorboard_log=tensorboard_log)
+                if rows is not None and imitation_steps > 0:
+                    _imitate(model.policy, env, tracker, imitation_steps)
+                reason = _learn_sb3(model, tracker)
+            elif agent == "reinforce":
+                cfg = reinforce_config or ReinforceConfig()
+                model = make_network(env, cfg)
+                if rows is not None and imitation_steps > 0:
+                    _imitate(_NetAsPolicy(model), env, tracker, imitation_steps)
+                train_reinforce(env, model, tracker, cfg)
+            else:
+                from placer.agents.sequential import make_sequential_model
+
+                model = make_sequential_model(problem, seed=seed, tensorboard_log=tensorboard_log,
+                                              num_envs=min(num_envs, 16))
+                reason = _learn_sb3(model, tracker)
+        except StopSearch as stop:
+            reason = stop.reason
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        finally:
+            if save_path is not None and model is not None:
+                _save(model, save_path)
+    return tracker.result(reason)
+
+
+class _NetAsPolicy(torch.nn.Module):
+    """Gives a bare :class:`PlacementNetwork` the ``action_log_prob`` of the SB3 policy."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def action_log_prob(self, obs, actions):
+        return self.net(obs, actions=actions).log_prob
+
+
+def _make_env(problem: PlacementProblem, agent: str, num_envs: int, num_groups: int | None):
+    if agent == "flat":
+        return SimulatedPlacementVecEnv(problem, num_envs=num_envs, num_groups=None)
+    if agent == "sequential":
+        return SimulatedPlacementVecEnv(problem, num_envs=1, num_groups=None)  # for seed candidates only
+    g = num_groups or default_num_groups(problem.num_nodes, problem.num_devices)
+    return SimulatedPlacementVecEnv(problem, num_envs=num_envs, num_groups=g)
+
+
+def _seed_candidates(env: SimulatedPlacementVecEnv, tracker: BestTracker, rows: np.ndarray) -> None:
+    """Evaluate heuristic placements first (they count against the budget)."""
+    left = tracker.remaining_placements()
+    if left is not None:
+        rows = rows[:left]
+    _, res = env.evaluate(rows)
+    tracker.record(rows, res.step_time, res.fits, next_batch=1)
+
+
+def _imitate(policy, env: SimulatedPlacementVecEnv, tracker: BestTracker, steps: int) -> None:
+    """Behaviour-clone the best placement seen so far (the best heuristic)."""
+    if tracker.best_row is None:
+        return
+    obs = {k: v[0] for k, v in env.reset().items()}
+    action = placement_to_action(tracker.best_row, env.problem.num_devices, env.num_groups)
+    behaviour_clone(policy, obs, action, steps=steps)
+
+
+def _learn_sb3(model, tracker: BestTracker) -> str:
+    """Run ``model.learn`` until the tracker stops it; return the stop reason."""
+    cb = TrackerCallback(tracker)
+    total = tracker.remaining_placements()
+    # The tracker, not SB3, ends the search; SB3 only needs a horizon for its lr schedule.
+    horizon = total + model.n_envs * model.n_steps if total is not None else 10**12
+    model.learn(total_timesteps=horizon, callback=cb, progress_bar=False)
+    return cb.stop_reason or "finished"
+
+
+def _save(model, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save"):
+        model.save(str(path))
+    else:
+        torch.save(model.state_dict(), path)
+
+
+def load_policy(path: str | Path, agent: str = "hierarchical"):
+    """Load a policy saved by :func:`search` (an SB3 model for PPO agents)."""
+    path = Path(path)
+    if not path.exists():
+        raise SearchError(f"no saved policy at {path}")
+    if agent in ("hierarchical", "flat"):
+        from stable_baselines3 import PPO
+
+        return PPO.load(str(path), device="cpu")
+    if agent == "sequential":
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO.load(str(path), device="cpu")
+    raise SearchError(f"load_policy handles SB3 agents (hierarchical, flat, sequential); {agent!r} saves a state dict: "
+                      "use torch.load and PlacementNetwork.load_state_dict")
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
