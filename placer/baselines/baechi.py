@@ -27,10 +27,10 @@ from scipy.optimize import linprog
 
 from envs.problem import PlacementProblem
 from placer.baselines.common import (
-    GIB,
     BaselineInputs,
     NoFit,
     accelerators,
+    fmt_bytes,
     mean_comm,
     node_cost,
     node_memory,
@@ -69,7 +69,7 @@ def m_topo(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
             if not roomy:
                 raise NoFit(
                     f"m-TOPO found no device with room for node {problem.node_names[n]!r} "
-                    f"({mem[n] / GIB:.3f} GiB; most free: {max(cap[devices] - used[devices]) / GIB:.3f} GiB)"
+                    f"({fmt_bytes(mem[n])}; most free: {fmt_bytes(max(cap[devices] - used[devices]))})"
                 )
             d = max(roomy, key=lambda x: (cap[x] - used[x], -x))
         used[d] += need(n, d)

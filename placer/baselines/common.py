@@ -32,6 +32,15 @@ from graphs.errors import PlacerError
 GIB = 2**30
 
 
+def fmt_bytes(nbytes: float) -> str:
+    """Bytes as text in the largest unit that keeps them >= 1 (``"1.50 GiB"``, ``"12.3 KiB"``)."""
+    value = float(nbytes)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
 class NoFit(PlacerError):
     """A baseline found no placement that fits device memory (the message says why)."""
 
@@ -119,7 +128,7 @@ def overflow_reason(problem: PlacementProblem, row: np.ndarray) -> str:
     """Text naming the devices ``row`` overfills, e.g. ``gpu1 needs 13.2 GiB of 12.0 GiB``."""
     used = device_memory(problem, row)
     parts = [
-        f"{problem.device_names[d]} needs {used[d] / GIB:.2f} GiB of {problem.memory_capacity[d] / GIB:.2f} GiB"
+        f"{problem.device_names[d]} needs {fmt_bytes(used[d])} of {fmt_bytes(problem.memory_capacity[d])}"
         for d in range(problem.num_devices)
         if used[d] > problem.memory_capacity[d]
     ]
@@ -215,7 +224,7 @@ def repair_memory(problem: PlacementProblem, row: np.ndarray, devices: list[int]
     used = device_memory(problem, row)
     if mem.sum() > cap[devices].sum():
         raise NoFit(
-            f"the graph needs {mem.sum() / GIB:.2f} GiB but the devices together hold {cap[devices].sum() / GIB:.2f} GiB"
+            f"the graph needs {fmt_bytes(mem.sum())} but the devices together hold {fmt_bytes(cap[devices].sum())}"
         )
     neigh: list[list[tuple[int, float]]] = [[] for _ in range(problem.num_nodes)]
     inbound: list[list[tuple[int, float]]] = [[] for _ in range(problem.num_nodes)]

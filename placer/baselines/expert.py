@@ -23,7 +23,7 @@ failing that, from its module names. Placements, over the accelerators ``gpu_0..
   replicas are the experts' way to use more GPUs, which a placement cannot express); a
   contiguous split when it does not fit.
 * anything else: the generic contiguous split of the topological order into G runs of
-  about equal compute.
+  about equal compute (of about equal memory when those overfill a device).
 
 Ops outside the modules named above (glue, inputs) sit with their heaviest neighbour. The
 expert layouts do not look at memory (as in the papers): when one overfills a device,
@@ -45,6 +45,7 @@ from placer.baselines.common import (
     fastest_first,
     fill_unassigned,
     fits,
+    fmt_bytes,
     node_cost,
     node_memory,
     overflow_reason,
@@ -213,6 +214,9 @@ def expert_row(problem: PlacementProblem, family: str, paths: list[str]) -> np.n
         row = np.full(problem.num_nodes, -1, dtype=np.int64)
     if np.all(row < 0):
         row = contiguous_split(cost, gpus)
+        if not fits(problem, row):
+            # what an expert does when compute-balanced stages overflow: balance memory instead
+            row = contiguous_split(node_memory(problem), gpus)
     return fill_unassigned(problem, row, default=gpus[0])
 
 
@@ -223,5 +227,5 @@ def expert(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
     row = expert_row(problem, family, paths)
     if not fits(problem, row):
         need = node_memory(problem).sum()
-        raise NoFit(f"the {family} expert layout overfills memory ({overflow_reason(problem, row)}; model needs {need / 2**30:.2f} GiB)")
+        raise NoFit(f"the {family} expert layout overfills memory ({overflow_reason(problem, row)}; model needs {fmt_bytes(need)})")
     return row

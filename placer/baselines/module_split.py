@@ -37,6 +37,7 @@ from placer.baselines.common import (
     accelerators,
     device_memory,
     fill_unassigned,
+    fmt_bytes,
     node_memory,
     overflow_reason,
 )
@@ -89,7 +90,7 @@ def infer_device_map(
         j += 1
         if j == len(budgets):
             raise NoFit(
-                f"module {item.path or '<top level>'!r} ({item.size / 2**30:.3f} GiB) does not fit on any remaining device"
+                f"module {item.path or '<top level>'!r} ({fmt_bytes(item.size)}) does not fit on any remaining device"
             )
         todo.insert(0, item)
     return slot_of

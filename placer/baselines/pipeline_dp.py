@@ -18,7 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 from envs.problem import PlacementProblem
-from placer.baselines.common import GIB, BaselineInputs, NoFit, accelerators, comm_time, node_cost, node_memory
+from placer.baselines.common import (
+    BaselineInputs,
+    NoFit,
+    accelerators,
+    comm_time,
+    fmt_bytes,
+    node_cost,
+    node_memory,
+)
 
 #: Largest graph the O(N^2) tables are built for (a few tables of 8 N^2 bytes each).
 MAX_NODES = 2500
@@ -109,8 +117,8 @@ def pipeline_dp(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray
     if not np.isfinite(bott[n]):
         need = node_memory(problem).sum()
         raise NoFit(
-            f"no contiguous split fits memory (model needs {need / GIB:.2f} GiB; devices hold "
-            f"{cap.sum() / GIB:.2f} GiB; a contiguous split also needs every segment to fit)"
+            f"no contiguous split fits memory (model needs {fmt_bytes(need)}; devices hold "
+            f"{fmt_bytes(cap.sum())}; a contiguous split also needs every segment to fit)"
         )
     row = np.empty(n, dtype=np.int64)
     i = n

@@ -17,12 +17,12 @@ import numpy as np
 
 from envs.problem import PlacementProblem
 from placer.baselines.common import (
-    GIB,
     BaselineError,
     BaselineInputs,
     NoFit,
     accelerators,
     device_memory,
+    fmt_bytes,
     node_memory,
     overflow_reason,
 )
@@ -56,8 +56,8 @@ def best_single(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray
     if not roomy:
         biggest = int(np.argmax(problem.memory_capacity))
         raise NoFit(
-            f"the model needs {need / GIB:.2f} GiB; the largest device ({problem.device_names[biggest]}) "
-            f"holds {problem.memory_capacity[biggest] / GIB:.2f} GiB"
+            f"the model needs {fmt_bytes(need)}; the largest device ({problem.device_names[biggest]}) "
+            f"holds {fmt_bytes(problem.memory_capacity[biggest])}"
         )
     rows = np.array([[d] * problem.num_nodes for d in roomy], dtype=np.int64)
     res = simulate_rows(problem, rows)
