@@ -104,6 +104,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         # call_module targets are paths ("layer1.0"): the class name says more there.
         for op in ops:
             what = op["module_type"] if op["op"] == "call_module" and op.get("module_type") else op["target"]
+            what = what[:-len(".default")] if what.endswith(".default") else what
             rows.append((op["name"], what, op["module"] or "-", "x".join(map(str, op["shape"] or [])) or "-",
                          _fmt_flops(op["flops"])) + tuple(_fmt_seconds(op["time"].get(k, 0.0)) for k in kinds))
         widths = [min(max(len(str(r[i])) for r in rows), 40) for i in range(len(rows[0]))]

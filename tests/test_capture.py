@@ -313,3 +313,31 @@ def test_hugging_face_gpt2_comes_through_export():
     assert sum(d["flops"] for d in g.nodes.values()) > 2 * 2 * 8 * sum(
         p.numel() for n, p in model.named_parameters() if "h." in n and p.dim() == 2)
     assert torch.allclose(cap.gm(tokens).logits, model(tokens).logits, atol=1e-5)
+
+
+def test_flops_formulas_for_attention_and_transposed_conv():
+    from graphs.flops import attention_flops, conv_flops, einsum_flops
+
+    # softmax(q k^T) v with batch 2, heads 3, L=5, S=7, E=4: two matmuls + ~3 per score
+    assert attention_flops((2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4)) == 2 * 3 * 5 * 7 * (2 * 4 + 2 * 4 + 3)
+    # transposed conv: weight [C_in=4, C_out=6, 3, 3] does 6*9 MACs per input element
+    assert conv_flops((1, 4, 5, 5), (1, 6, 7, 7), (4, 6, 3, 3), bias=False, transposed=True) == 2 * 100 * 54
+    assert einsum_flops("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)], (2, 3, 5)) == 2 * 30 * 4
+
+
+def test_sdpa_and_multihead_attention_nodes():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, q):
+            out, _ = self.mha(q, q, q)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q) + out
+
+    cap = capture(Attn(), (torch.randn(2, 5, 8),))
+    g = cap.graph
+    assert g.nodes["scaled_dot_product_attention"]["flops"] == 2 * 5 * 5 * (2 * 8 + 2 * 8 + 3)
+    proj = 4 * (2 * (2 * 5 * 8) * 8 + 2 * 5 * 8)  # q, k, v and output projections
+    attention = 2 * 2 * 5 * 5 * (2 * 4 + 2 * 4 + 3)  # 2 batches x 2 heads of head_dim 4
+    assert g.nodes["mha"]["flops"] == proj + attention
