@@ -1,0 +1,315 @@
+"""Split a placed fx graph into per-rank stages and the values that cross between them.
+
+A placement over ranks (``{node name: rank}``) may go back and forth between ranks
+(rank 0 → rank 1 → rank 0), so one sub-module per rank would not be runnable in one
+call: rank 0's second half needs rank 1's result. The graph is therefore cut into
+**stages**: a stage is the set of nodes of one rank at one *level*, where
+
+    level(n) = max over inputs m of level(m) + (1 if rank(m) != rank(n) else 0)
+
+Within a rank, levels never decrease along an edge and across ranks they strictly
+increase, so the stages form a DAG and running them in order of ``(level, rank)`` is
+a valid schedule on every rank. A contiguous split (ranks 0 then 1) gives one stage
+per rank; each rank's stages together are its share of the model.
+
+Each stage is a ``torch.fx.GraphModule`` whose inputs are the values it reads from
+other stages or from the model's inputs, and whose outputs are the values other
+stages (or the model output) read. The returned :class:`SplitPlan` lists every such
+cross-stage value as a :class:`Transfer` (producer stage → consumer rank), which the
+distributed runtime sends forward and whose gradient it sends back.
+
+Why not ``torch.fx.passes.split_module``: it needs partitions that are already
+acyclic (ours are made so by the levels), names values by its own scheme, and does
+not report which values cross, which is exactly what the runtime needs; the pass here
+is short and keeps the original node names.
+
+Model inputs (placeholders) are not transfers: every rank holds the example inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from graphs.errors import PlacerError
+
+__all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "rank_levels"]
+
+
+class SplitError(PlacerError, ValueError):
+    """A placement over ranks that cannot be split (unknown nodes, bad ranks, shared parameters)."""
+
+
+@dataclass
+class Stage:
+    """One runnable piece of the model: the nodes of one rank at one level.
+
+    Attributes:
+        index: position in the global schedule (stages are sorted by ``(level, rank)``).
+        rank: the rank that runs it.
+        level: its level (see module doc).
+        nodes: original fx node names it computes, in graph order.
+        inputs: the values it reads, in call order: original node names of placeholders
+            or of nodes computed by other stages.
+        outputs: original node names of the values it returns, in return order.
+        module: the GraphModule; ``module(*inputs)`` returns a tuple of ``outputs``.
+    """
+
+    index: int
+    rank: int
+    level: int
+    nodes: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    module: fx.GraphModule
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A value computed by stage ``src_stage`` (on ``src_rank``) and read on ``dst_rank``.
+
+    ``dst_stage`` is the first stage on ``dst_rank`` that reads it (``num_stages`` for the
+    model output). When ``src_rank == dst_rank`` the value crosses a stage boundary on one
+    rank: it is handed over locally, without communication.
+    """
+
+    value: str
+    src_stage: int
+    src_rank: int
+    dst_rank: int
+    dst_stage: int
+
+
+@dataclass
+class SplitPlan:
+    """The stages of a placed graph and every value that crosses between them.
+
+    Attributes:
+        stages: all stages in schedule order (``stages[i].index == i``).
+        transfers: every (value, consumer rank) crossing a stage boundary.
+        placeholders: the model input names, in call order.
+        output_rank: the rank that gathers the model output (and computes the loss).
+        output_values: node names the output node reads (its structure is ``output_spec``).
+        output_args: the output node's argument with fx nodes replaced by their names.
+        world_size: number of ranks.
+    """
+
+    stages: list[Stage]
+    transfers: list[Transfer]
+    placeholders: list[str]
+    output_rank: int
+    output_values: list[str]
+    output_args: Any
+    world_size: int
+    producer: dict[str, int] = field(default_factory=dict)  # value -> stage index
+
+    def stages_of(self, rank: int) -> list[Stage]:
+        """The stages ``rank`` runs, in schedule order."""
+        return [s for s in self.stages if s.rank == rank]
+
+    def sends_of(self, rank: int) -> list[Transfer]:
+        """Transfers ``rank`` sends to other ranks."""
+        return [t for t in self.transfers if t.src_rank == rank and t.dst_rank != rank]
+
+    def recvs_of(self, rank: int) -> list[Transfer]:
+        """Transfers ``rank`` receives from other ranks."""
+        return [t for t in self.transfers if t.dst_rank == rank and t.src_rank != rank]
+
+    def describe(self) -> str:
+        """One line: stages per rank and cross-rank values."""
+        per_rank = [len(self.stages_of(r)) for r in range(self.world_size)]
+        remote = sum(1 for t in self.transfers if t.src_rank != t.dst_rank)
+        return f"{len(self.stages)} stages ({'/'.join(map(str, per_rank))} per rank), {remote} cross-rank values"
+
+
+def _as_gm(model: Any) -> fx.GraphModule:
+    gm = getattr(model, "gm", model)
+    if not isinstance(gm, fx.GraphModule):
+        raise SplitError(f"split_by_rank expects a torch.fx.GraphModule or a CapturedModel, got {type(model).__name__}")
+    return gm
+
+
+def _ranks_of(gm: fx.GraphModule, ranks: Mapping[str, int], world_size: int) -> dict[str, int]:
+    """Rank of every non-placeholder node; unplaced nodes follow their first input (else user)."""
+    names = {n.name for n in gm.graph.nodes}
+    unknown = sorted(set(ranks) - names)
+    if unknown:
+        raise SplitError(
+            f"placement names {len(unknown)} node(s) that are not in the model's graph, e.g. {unknown[:3]}; "
+            "expected the fx node names of the captured model"
+        )
+    for n, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world_size:
+            raise SplitError(f"node {n!r} is placed on rank {r!r}; expected an integer in [0, {world_size})")
+    out: dict[str, int] = {}
+    first = next((ranks[n.name] for n in gm.graph.nodes if n.name in ranks), 0)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.name in ranks:
+            out[n.name] = ranks[n.name]
+        elif n.op == "get_attr":
+            continue  # decided below, with its first placed user
+        else:
+            ins = [out[a.name] for a in n.all_input_nodes if a.name in out]
+            out[n.name] = ins[0] if ins else first
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.name not in out:
+            users = [out[u.name] for u in n.users if u.name in out]
+            out[n.name] = users[0] if users else first
+    return out
+
+
+def rank_levels(gm: fx.GraphModule, rank: Mapping[str, int]) -> dict[str, int]:
+    """The level of every non-placeholder node (see module doc)."""
+    level: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        lv = 0
+        for a in n.all_input_nodes:
+            if a.name in level:
+                lv = max(lv, level[a.name] + (1 if rank[a.name] != rank[n.name] else 0))
+        level[n.name] = lv
+    return level
+
+
+def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
+    """Give every parameter one owning rank; refuse a module split between ranks.
+
+    A ``call_module`` node owns its module's tensors. A ``get_attr`` node reading a tensor
+    that a module on another rank owns (tied weights: GPT-2's embedding read again by the
+    output projection) is moved to the owner's rank: the weight then crosses as a value
+    each step and its gradient comes back to the owner, which alone updates it.
+    """
+    owner: dict[int, tuple[int, str]] = {}
+
+    def claim(t: torch.Tensor, r: int, who: str) -> None:
+        prev = owner.setdefault(id(t), (r, who))
+        if prev[0] != r:
+            raise SplitError(
+                f"{who} uses a parameter or buffer on rank {r} that {prev[1]} uses on rank {prev[0]}; "
+                "nodes calling one module must be placed on one rank (group the graph first)"
+            )
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            for t in list(mod.parameters()) + list(mod.buffers()):
+                claim(t, rank[n.name], f"node {n.name!r}")
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        path, _, attr = str(n.target).rpartition(".")
+        value = getattr(gm.get_submodule(path) if path else gm, attr)
+        tensors = [value] if isinstance(value, torch.Tensor) else (
+            list(value.parameters()) + list(value.buffers()) if isinstance(value, torch.nn.Module) else []
+        )
+        owners = {owner[id(t)][0] for t in tensors if id(t) in owner}
+        if len(owners) == 1:
+            rank[n.name] = owners.pop()
+        for t in tensors:
+            claim(t, rank[n.name], f"node {n.name!r}")
+
+
+def _names_in(arg: Any) -> Any:
+    return fx.node.map_arg(arg, lambda n: n.name)
+
+
+def split_by_rank(
+    model: Any, ranks: Mapping[str, int], world_size: int, output_rank: int | None = None
+) -> SplitPlan:
+    """Cut ``model``'s graph into stages per rank (see module doc).
+
+    Args:
+        model: a ``torch.fx.GraphModule`` or a ``CapturedModel`` (its ``.gm``).
+        ranks: ``{fx node name: rank}``. Nodes left out run with their first input
+            (get_attr nodes with their first user); placeholders are on every rank.
+        world_size: number of ranks.
+        output_rank: where the model output is gathered; default the output node's rank,
+            else rank 0.
+
+    Returns:
+        The :class:`SplitPlan`. Stage modules share parameters with ``model`` (no copy).
+
+    Raises:
+        SplitError: unknown node names, ranks outside ``[0, world_size)``, or a parameter
+            used by nodes on different ranks.
+    """
+    gm = _as_gm(model)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise SplitError(f"world_size must be a positive integer, got {world_size!r}")
+    rank = _ranks_of(gm, ranks, world_size)
+    _settle_shared_state(gm, rank)
+    level = rank_levels(gm, rank)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if output_rank is None:
+        output_rank = int(ranks[out_node.name]) if out_node.name in ranks else 0
+    if not 0 <= output_rank < world_size:
+        raise SplitError(f"output_rank {output_rank} is outside [0, {world_size})")
+
+    keys = sorted({(level[n], rank[n]) for n in level})
+    stage_of_key = {k: i for i, k in enumerate(keys)}
+    stage_of = {n: stage_of_key[(level[n], rank[n])] for n in level}
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    out_stage = len(keys)
+
+    # Consumers of each value by (rank, stage); the output node is a pseudo-stage.
+    members: dict[int, list[fx.Node]] = {i: [] for i in range(len(keys))}
+    for n in gm.graph.nodes:
+        if n.name in stage_of:
+            members[stage_of[n.name]].append(n)
+    first_use: dict[tuple[str, int], int] = {}  # (value, consumer rank) -> first consumer stage
+    needed_out: dict[int, list[str]] = {i: [] for i in range(len(keys))}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        consumer = (out_stage, output_rank) if n.op == "output" else (stage_of[n.name], rank[n.name])
+        for a in n.all_input_nodes:
+            if a.op == "placeholder" or stage_of[a.name] == consumer[0]:
+                continue
+            key = (a.name, consumer[1])
+            first_use[key] = min(first_use.get(key, consumer[0]), consumer[0])
+            if a.name not in needed_out[stage_of[a.name]]:
+                needed_out[stage_of[a.name]].append(a.name)
+
+    stages: list[Stage] = []
+    for i, (lv, r) in enumerate(keys):
+        graph = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        inputs: list[str] = []
+        for n in members[i]:
+            for a in n.all_input_nodes:
+                if a.name not in env and (a.op == "placeholder" or stage_of[a.name] != i):
+                    env[a.name] = graph.placeholder(a.name)
+                    inputs.append(a.name)
+            env[n.name] = graph.node_copy(n, lambda a: env[a.name])
+        # Keep the producer's order: the runtime relies on it to match sends with receives.
+        outs = [name for name in (m.name for m in members[i]) if name in needed_out[i]]
+        graph.output(tuple(env[name] for name in outs))
+        graph.lint()
+        module = fx.GraphModule(gm, graph, class_name=f"Stage{i}Rank{r}")
+        stages.append(Stage(i, r, lv, [m.name for m in members[i]], inputs, outs, module))
+
+    transfers = [
+        Transfer(value, stage_of[value], rank[value], dst_rank, dst_stage)
+        for (value, dst_rank), dst_stage in first_use.items()
+    ]
+    # Deterministic order: by producer stage, then the producer's output order, then consumer rank.
+    pos = {name: (stage_of[name], stages[stage_of[name]].outputs.index(name)) for name in stage_of
+           if name in needed_out[stage_of[name]]}
+    transfers.sort(key=lambda t: (pos[t.value], t.dst_rank))
+    output_values = [a.name for a in out_node.all_input_nodes if a.op != "placeholder"]
+    return SplitPlan(
+        stages=stages,
+        transfers=transfers,
+        placeholders=placeholders,
+        output_rank=output_rank,
+        output_values=output_values,
+        output_args=_names_in(out_node.args[0]),
+        world_size=world_size,
+        producer=dict(stage_of),
+    )
