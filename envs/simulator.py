@@ -325,6 +325,14 @@ def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = Fal
 # --------------------------------------------------------------------------- numba path
 
 
+#: Placements the numba kernel simulates side by side in one thread. The schedule is a
+#: chain of dependent loads, max and add (channel -> arrival -> ready -> device); running 8
+#: independent placements interleaved lets the CPU overlap their chains. Measured on the
+#: 1,000-node benchmark graph: 1 placement at a time ~35k/s per core, 4 ~49k/s, 8 ~80k/s,
+#: 16 no better than 8.
+GROUP = 8
+
+
 @lru_cache(maxsize=1)
 def _numba_kernel():
     """Compile (or load from numba's on-disk cache) the batch kernel; None without numba."""
@@ -334,99 +342,107 @@ def _numba_kernel():
 
     # No NaN/inf ever enters (times and bytes are finite): these flags cannot change results.
     flags = {"nnan", "ninf", "nsz"}
-
-    @njit(cache=True, nogil=True, fastmath=flags)
-    def one(row, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst,
-            gs_bytes, lat, inv_bw, static_mem, dev, chan, fin_f, fin_b, busy_out, mem_out):
-        """Simulate one placement ``row``; returns (step, transfer seconds, transfer bytes)."""
-        n = fwd.shape[0]
-        nd = fwd.shape[1]
-        for j in range(nd):
-            dev[j] = 0.0
-            busy_out[j] = 0.0
-            mem_out[j] = 0.0
-        for j in range(nd * nd):
-            chan[j] = 0.0
-        tt = 0.0
-        tb = 0.0
-        for i in range(n):
-            d = row[i]
-            ready = 0.0
-            received = 0.0
-            # Branch-free on purpose: with random placements "is this edge cut" is a coin
-            # flip the CPU cannot predict; selects and multiplies by the 0/1 flag are cheaper.
-            for k in range(pred_ptr[i], pred_ptr[i + 1]):
-                p = pred_src[k]
-                dp = row[p]
-                pair = dp * nd + d
-                arrival = fin_f[p]
-                c = chan[pair]
-                dur = lat[pair] + pred_bytes[k] * inv_bw[pair]
-                end = (arrival if arrival > c else c) + dur
-                chan[pair] = end  # the diagonal slot is scratch (never read as a channel)
-                tt += dur
-                cut = dp != d
-                arrival = end if cut else arrival
-                received += pred_bytes[k] * cut
-                ready = arrival if arrival > ready else ready
-            free = dev[d]
-            fin = (ready if ready > free else free) + fwd[i, d]
-            fin_f[i] = fin
-            dev[d] = fin
-            tb += received
-            busy_out[d] += busy_t[i, d]
-            mem_out[d] += static_mem[i] + received
-        for i in range(n - 1, -1, -1):
-            if rg[i] == 0:
-                continue
-            d = row[i]
-            ready = 0.0
-            for k in range(gs_ptr[i], gs_ptr[i + 1]):
-                cnode = gs_dst[k]
-                dc = row[cnode]
-                pair = dc * nd + d
-                arrival = fin_b[cnode]
-                c = chan[pair]
-                dur = lat[pair] + gs_bytes[k] * inv_bw[pair]
-                end = (arrival if arrival > c else c) + dur
-                chan[pair] = end
-                tt += dur
-                cut = dc != d
-                arrival = end if cut else arrival
-                tb += gs_bytes[k] * cut
-                ready = arrival if arrival > ready else ready
-            free = dev[d]
-            fin = (ready if ready > free else free) + bwd[i, d]
-            fin_b[i] = fin
-            dev[d] = fin
-        step = 0.0
-        for j in range(nd):
-            if dev[j] > step:
-                step = dev[j]
-        return step, tt, tb
+    G = GROUP
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=flags)
-    def batch(pl, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst,
-              gs_bytes, lat, inv_bw, static_mem, n_chunks, step, busy, mem, xt, xb):
+    def batch(pl, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
+              lat, inv_bw, static_mem, step, busy, mem, xt, xb):
         bsz = pl.shape[0]
         n = fwd.shape[0]
         nd = fwd.shape[1]
-        per = (bsz + n_chunks - 1) // n_chunks
-        for c in prange(n_chunks):
-            # One workspace per chunk, not per placement: no allocation in the inner loop.
-            dev = np.empty(nd)
-            chan = np.empty(nd * nd)
-            fin_f = np.empty(n)
-            fin_b = np.empty(n)
-            lo = c * per
-            hi = min(bsz, lo + per)
-            for b in range(lo, hi):
-                s, t, m = one(pl[b], fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes,
-                              gs_ptr, gs_dst, gs_bytes, lat, inv_bw, static_mem, dev, chan, fin_f, fin_b,
-                              busy[b], mem[b])
-                step[b] = s
-                xt[b] = t
-                xb[b] = m
+        n_groups = (bsz + G - 1) // G
+        for grp in prange(n_groups):
+            lo = grp * G
+            # State of G placements, placement index last (contiguous): x[node or device, g].
+            # A short last group pads with all-on-device-0 rows whose results are dropped.
+            rows = np.zeros((n, G), dtype=np.int32)
+            for g in range(G):
+                if lo + g < bsz:
+                    for i in range(n):
+                        rows[i, g] = pl[lo + g, i]
+            dev = np.zeros((nd, G))
+            chan = np.zeros((nd * nd, G))
+            fin_f = np.empty((n, G))
+            fin_b = np.empty((n, G))
+            ready = np.empty(G)
+            received = np.empty(G)
+            busy_l = np.zeros((nd, G))
+            mem_l = np.zeros((nd, G))
+            tt = np.zeros(G)
+            tb = np.zeros(G)
+            for i in range(n):
+                for g in range(G):
+                    ready[g] = 0.0
+                    received[g] = 0.0
+                for k in range(pred_ptr[i], pred_ptr[i + 1]):
+                    p = pred_src[k]
+                    nb = pred_bytes[k]
+                    for g in range(G):
+                        d = rows[i, g]
+                        dp = rows[p, g]
+                        pair = dp * nd + d
+                        arrival = fin_f[p, g]
+                        c = chan[pair, g]
+                        dur = lat[pair] + nb * inv_bw[pair]  # 0 on the diagonal
+                        end = (arrival if arrival > c else c) + dur
+                        chan[pair, g] = end  # the diagonal slot is scratch, never read as a channel
+                        tt[g] += dur
+                        # Branch-free: with random placements "is this edge cut" is a coin
+                        # flip the CPU cannot predict; a select and a 0/1 multiply are cheaper.
+                        cut = dp != d
+                        arrival = end if cut else arrival
+                        received[g] += nb * cut
+                        ready[g] = arrival if arrival > ready[g] else ready[g]
+                for g in range(G):
+                    d = rows[i, g]
+                    free = dev[d, g]
+                    r = ready[g]
+                    fin = (r if r > free else free) + fwd[i, d]
+                    fin_f[i, g] = fin
+                    dev[d, g] = fin
+                    tb[g] += received[g]
+                    busy_l[d, g] += busy_t[i, d]
+                    mem_l[d, g] += static_mem[i] + received[g]
+            for i in range(n - 1, -1, -1):
+                if rg[i] == 0:
+                    continue
+                for g in range(G):
+                    ready[g] = 0.0
+                for k in range(gs_ptr[i], gs_ptr[i + 1]):
+                    cn = gs_dst[k]
+                    nb = gs_bytes[k]
+                    for g in range(G):
+                        d = rows[i, g]
+                        dc = rows[cn, g]
+                        pair = dc * nd + d
+                        arrival = fin_b[cn, g]
+                        c = chan[pair, g]
+                        dur = lat[pair] + nb * inv_bw[pair]
+                        end = (arrival if arrival > c else c) + dur
+                        chan[pair, g] = end
+                        tt[g] += dur
+                        cut = dc != d
+                        arrival = end if cut else arrival
+                        tb[g] += nb * cut
+                        ready[g] = arrival if arrival > ready[g] else ready[g]
+                for g in range(G):
+                    d = rows[i, g]
+                    free = dev[d, g]
+                    r = ready[g]
+                    fin = (r if r > free else free) + bwd[i, d]
+                    fin_b[i, g] = fin
+                    dev[d, g] = fin
+            for g in range(G):
+                b = lo + g
+                if b < bsz:
+                    m = 0.0
+                    for j in range(nd):
+                        m = dev[j, g] if dev[j, g] > m else m
+                        busy[b, j] = busy_l[j, g]
+                        mem[b, j] = mem_l[j, g]
+                    step[b] = m
+                    xt[b] = tt[g]
+                    xb[b] = tb[g]
 
     return batch
 
@@ -441,9 +457,8 @@ def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
     mem = np.empty((b_count, d_count))
     xt = np.empty(b_count)
     xb = np.empty(b_count)
-    n_chunks = max(1, min(b_count, 4 * _numba.get_num_threads()))
     kernel(pl, a.fwd, a.bwd, a.busy, a.rg, a.pred_ptr, a.pred_src, a.pred_bytes,
-           a.gsucc_ptr, a.gsucc_dst, a.gsucc_bytes, a.lat_flat, a.inv_bw_flat, a.static_mem, n_chunks,
+           a.gsucc_ptr, a.gsucc_dst, a.gsucc_bytes, a.lat_flat, a.inv_bw_flat, a.static_mem,
            step, busy, mem, xt, xb)
     return step, busy, mem, xt, xb
 
