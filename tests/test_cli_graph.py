@@ -84,6 +84,8 @@ def test_save(model_file, tmp_path, capsys, suffix):
     (["graph", "{model}", "--model-arg", "depth=3"], "depth"),
     (["graph", "{model}", "--save", "{tmp}/graph.txt"], ".graphml"),
     (["graph", "{model}", "--devices", "tpu"], "unknown device"),
+    (["graph", "{model}", "--no-profile", "--leaf", "encoder"], "'encoder' matches no module"),
+    (["graph", "{model}", "--top", "-1"], "--top"),
 ])
 def test_bad_input_exit_2_without_traceback(model_file, tmp_path, capsys, args, expected):
     bad = tmp_path / "bad.py"
