@@ -225,7 +225,13 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
         if progress:
             progress(f"{case.model} on {case.cluster}: {name}")
         t0 = time.perf_counter()
-        out = get_method(name)(case.problem, case.graph, case.captured, budget, seed, case.op_to_group)
+        method = get_method(name)
+        try:
+            out = method(case.problem, case.graph, case.captured, budget, seed, case.op_to_group)
+        except PlacerError:
+            raise  # wrong use (missing graph, unknown device): the user must fix the request
+        except Exception as exc:  # noqa: BLE001 - one broken method must not void the whole table
+            out = MethodOutcome(None, f"method failed: {type(exc).__name__}: {exc}")
         search_time = out.search_time or (time.perf_counter() - t0)
         candidates.append(Candidate(name, out.placement, search_time, out.evaluated, out.reason, None, out.history))
         if out.history:

@@ -119,3 +119,30 @@ def test_cli_reports_bad_model_without_traceback(capsys, tmp_path) -> None:
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error:") and "no_such_model" in err and "Traceback" not in err
+
+
+def test_a_crashing_method_is_reported_not_fatal() -> None:
+    def broken(problem, graph, captured, budget, seed, op_to_group):
+        raise ZeroDivisionError("bug in method")
+
+    register_method("test_broken", broken)
+    table = run_benchmark([], [], ["test_broken", "single"], cases=[_case()])
+    row = table[table["method"] == "test_broken"].iloc[0]
+    assert not row["fits"] and "ZeroDivisionError: bug in method" in row["note"]
+
+
+@pytest.mark.slow
+def test_zoo_model_end_to_end(tmp_path) -> None:
+    table = run_benchmark(["rnnlm"], ["4xK40", "4xK40-tight"], ["baselines"], out_dir=tmp_path)
+    assert set(table["cluster"]) == {"4xK40", "4xK40-tight"}
+    tight = table[table["cluster"] == "4xK40-tight"]
+    assert not tight[tight["method"] == "single"]["fits"].iloc[0]
+    assert tight["fits"].sum() >= 5  # the memory-aware heuristics find placements
+    assert (table[table["fits"]]["ratio_to_lower_bound"] >= 1 - 1e-9).all()
+
+
+@pytest.mark.slow
+def test_measured_on_real_cpu(tmp_path) -> None:
+    table = run_benchmark(["rnnlm"], ["real"], ["single", "m_etf"], measure=True, out_dir=tmp_path)
+    assert (table["source"] == "measured").all()
+    assert (table["step_time"] > 0).all()
