@@ -7,9 +7,9 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from placer.agents.common.imitation import ImitationError, behaviour_clone, placement_to_action
-from placer.agents.common.observation import observation, observation_space
-from placer.agents.common.sim_vec_env import SimulatedPlacementVecEnv
+from envs.placement_env import PlacementEnv
+from envs.vector_env import BatchedPlacementVecEnv
+from placer.agents.common.imitation import behaviour_clone
 from placer.agents.hierarchical.policy import HierarchicalPlacementPolicy, PolicySpaceError
 from placer.agents.hierarchical.ppo import PPOConfig, make_ppo
 from tests.agent_fixtures import chain_problem, diamond_problem
@@ -23,6 +23,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+def make_env(problem, n: int, groups: int | None) -> BatchedPlacementVecEnv:
+    return BatchedPlacementVecEnv(problem, n_envs=n, num_groups=groups, hierarchical=groups is not None, seed=0)
+
+
 def _policy(env) -> HierarchicalPlacementPolicy:
     return HierarchicalPlacementPolicy(env.observation_space, env.action_space, lambda _: 1e-3)
 
@@ -34,7 +38,7 @@ def _obs(env) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("groups", [6, None], ids=["hierarchical", "flat"])
 def test_sampled_and_reevaluated_log_probs_agree(groups):
     torch.manual_seed(0)
-    env = SimulatedPlacementVecEnv(chain_problem(10), num_envs=16, num_groups=groups)
+    env = make_env(chain_problem(10), 16, groups)
     pol = _policy(env)
     obs = _obs(env)
     with torch.no_grad():
@@ -54,7 +58,7 @@ def test_sampled_and_reevaluated_log_probs_agree(groups):
 
 def test_deterministic_prediction_is_greedy_and_repeatable():
     torch.manual_seed(1)
-    env = SimulatedPlacementVecEnv(chain_problem(8), num_envs=4, num_groups=4)
+    env = make_env(chain_problem(8), 4, 4)
     pol = _policy(env)
     a1, _ = pol.predict(env.reset(), deterministic=True)
     a2, _ = pol.predict(env.reset(), deterministic=True)
@@ -67,12 +71,10 @@ def test_deterministic_prediction_is_greedy_and_repeatable():
 
 def test_padded_nodes_do_not_change_the_log_prob():
     problem = chain_problem(6)
-    m, e = 10, 8
-    obs_space = observation_space(m, e, problem.num_devices)
-    g = 3
-    act_space = spaces.MultiDiscrete([g] * m + [problem.num_devices] * g)
-    pol = HierarchicalPlacementPolicy(obs_space, act_space, lambda _: 1e-3)
-    one = observation(problem, max_nodes=m, max_edges=e)
+    m, g = 10, 3
+    env = PlacementEnv(problem, num_groups=g, max_nodes=m, max_edges=8)
+    pol = HierarchicalPlacementPolicy(env.observation_space, env.action_space, lambda _: 1e-3)
+    one = env.observation()
     obs = {k: torch.as_tensor(np.repeat(v[None], 2, axis=0)) for k, v in one.items()}
     torch.manual_seed(0)
     with torch.no_grad():
@@ -80,10 +82,11 @@ def test_padded_nodes_do_not_change_the_log_prob():
         changed = actions.clone()
         changed[:, problem.num_nodes:m] = (changed[:, problem.num_nodes:m] + 1) % g
         assert torch.allclose(pol.action_log_prob(obs, changed), logp, atol=1e-4)
+    assert np.array_equal(env.decode(actions.numpy()), env.decode(changed.numpy()))
 
 
 def test_wrong_spaces_are_refused_with_a_clear_error():
-    env = SimulatedPlacementVecEnv(chain_problem(5), num_envs=2, num_groups=3)
+    env = make_env(chain_problem(5), 2, 3)
     with pytest.raises(PolicySpaceError, match="Dict observation"):
         HierarchicalPlacementPolicy(spaces.Box(0, 1, (3,)), env.action_space, lambda _: 1e-3)
     with pytest.raises(PolicySpaceError, match="MultiDiscrete"):
@@ -92,36 +95,23 @@ def test_wrong_spaces_are_refused_with_a_clear_error():
         HierarchicalPlacementPolicy(env.observation_space, spaces.MultiDiscrete([3, 3]), lambda _: 1e-3)
 
 
-def test_placement_to_action_reproduces_the_placement():
-    problem = chain_problem(9)
-    rng = np.random.default_rng(0)
-    row = rng.integers(0, problem.num_devices, problem.num_nodes)
-    for groups in (None, 5, 12):
-        env = SimulatedPlacementVecEnv(problem, num_envs=1, num_groups=groups)
-        action = placement_to_action(row, problem.num_devices, groups)
-        assert env.action_space.contains(action)
-        assert np.array_equal(env.placements_from_actions(action[None])[0], row)
-    with pytest.raises(ImitationError, match="at least as many groups"):
-        placement_to_action(row, problem.num_devices, 2)
-
-
 def test_behaviour_cloning_makes_the_placement_likely():
     torch.manual_seed(0)
     problem = chain_problem(8)
-    env = SimulatedPlacementVecEnv(problem, num_envs=1, num_groups=5)
+    env = make_env(problem, 1, 5)
     pol = _policy(env)
     row = np.full(problem.num_nodes, 2)
-    action = placement_to_action(row, problem.num_devices, 5)
+    action = env.env.encode(row)
     losses = behaviour_clone(pol, {k: v[0] for k, v in env.reset().items()}, action, steps=60, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
     pred, _ = pol.predict(env.reset(), deterministic=True)
-    assert np.array_equal(env.placements_from_actions(pred)[0], row)
+    assert np.array_equal(env.env.decode(pred)[0], row)
 
 
 def test_save_load_round_trip(tmp_path):
     from stable_baselines3 import PPO
 
-    env = SimulatedPlacementVecEnv(chain_problem(8), num_envs=8, num_groups=4)
+    env = make_env(chain_problem(8), 8, 4)
     model = make_ppo(env, PPOConfig(n_steps=1, batch_size=8, n_epochs=1), seed=3)
     model.learn(total_timesteps=16)
     obs = _obs(env)
@@ -142,7 +132,7 @@ def _mean_reward(env, policy, n: int = 4) -> float:
     for _ in range(n):
         with torch.no_grad():
             actions, _, _ = policy(_obs(env))
-        r, _ = env.evaluate(env.placements_from_actions(actions.numpy()))
+        r, _ = env.evaluate_actions(actions.numpy())
         rewards.append(r.mean())
     return float(np.mean(rewards))
 
@@ -150,7 +140,7 @@ def _mean_reward(env, policy, n: int = 4) -> float:
 @pytest.mark.parametrize("problem_fn", [chain_problem, diamond_problem], ids=["chain", "diamond"])
 def test_short_ppo_training_beats_the_random_policy(problem_fn):
     torch.manual_seed(0)
-    env = SimulatedPlacementVecEnv(problem_fn(), num_envs=64, num_groups=6)
+    env = make_env(problem_fn(), 64, 6)
     model = make_ppo(env, PPOConfig(n_steps=1, batch_size=64, n_epochs=2, learning_rate=1e-2), seed=0)
     torch.manual_seed(0)
     before = _mean_reward(env, model.policy)

@@ -8,9 +8,10 @@ action space.
 from __future__ import annotations
 
 from envs.problem import PlacementProblem
-from placer.agents.common.sim_vec_env import SimulatedPlacementVecEnv
+from envs.vector_env import BatchedPlacementVecEnv
 
 
-def make_flat_env(problem: PlacementProblem, num_envs: int = 256) -> SimulatedPlacementVecEnv:
+def make_flat_env(problem: PlacementProblem, num_envs: int = 256, seed: int | None = None,
+                  **env_kwargs) -> BatchedPlacementVecEnv:
     """A batched whole-graph env whose action is a device per node."""
-    return SimulatedPlacementVecEnv(problem, num_envs=num_envs, num_groups=None)
+    return BatchedPlacementVecEnv(problem, n_envs=num_envs, hierarchical=False, seed=seed, **env_kwargs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from placer.agents.common.sim_vec_env import SimulatedPlacementVecEnv
+from envs.vector_env import BatchedPlacementVecEnv
 from placer.agents.common.tracker import BestTracker
 from placer.agents.hierarchical.network import PlacementNetwork
 from placer.agents.hierarchical.policy import network_sizes
@@ -37,12 +37,12 @@ class ReinforceConfig:
     max_grad_norm: float = 0.5
 
 
-def make_network(env: SimulatedPlacementVecEnv, config: ReinforceConfig) -> PlacementNetwork:
+def make_network(env: BatchedPlacementVecEnv, config: ReinforceConfig) -> PlacementNetwork:
     """The placement network sized for ``env``'s spaces."""
     return PlacementNetwork(hidden=config.hidden, **network_sizes(env.observation_space, env.action_space))
 
 
-def train_reinforce(env: SimulatedPlacementVecEnv, net: PlacementNetwork, tracker: BestTracker,
+def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker: BestTracker,
                     config: ReinforceConfig | None = None) -> None:
     """Train until ``tracker`` raises :class:`~placer.agents.common.tracker.StopSearch`.
 
@@ -59,8 +59,7 @@ def train_reinforce(env: SimulatedPlacementVecEnv, net: PlacementNetwork, tracke
         obs = {k: v[:batch] for k, v in full_obs.items()}
         with torch.no_grad():
             actions = net(obs).actions
-        placements = env.placements_from_actions(actions.numpy())
-        rewards, res = env.evaluate(placements)
+        rewards, ev = env.evaluate_actions(actions.numpy())
         rewards_t = torch.as_tensor(rewards, dtype=torch.float32)
         mean_r = float(rewards.mean())
         baseline = mean_r if baseline is None else config.baseline_decay * baseline + (1 - config.baseline_decay) * mean_r
@@ -72,7 +71,7 @@ def train_reinforce(env: SimulatedPlacementVecEnv, net: PlacementNetwork, tracke
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.max_grad_norm)
         optim.step()
         # Raises StopSearch when the budget, a plateau or the callback ends the search.
-        tracker.record(placements, res.step_time, res.fits, next_batch=1 if left is not None else batch)
+        tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1 if left is not None else batch)
 
 
 def placement_probabilities(net: PlacementNetwork, obs: dict[str, np.ndarray], actions: np.ndarray) -> np.ndarray:

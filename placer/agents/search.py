@@ -15,7 +15,6 @@ returns its best even when interrupted with Ctrl-C.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -23,11 +22,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from envs.env_config import default_num_groups
 from envs.problem import PlacementProblem
+from envs.vector_env import BatchedPlacementVecEnv
 from graphs.errors import PlacerError
 from placer.agents.common.callbacks import TrackerCallback
-from placer.agents.common.imitation import behaviour_clone, placement_to_action
-from placer.agents.common.sim_vec_env import SimulatedPlacementVecEnv
+from placer.agents.common.imitation import behaviour_clone
 from placer.agents.common.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
 from placer.agents.hierarchical.ppo import PPOConfig, make_ppo
 from placer.agents.reinforce import ReinforceConfig, make_network, train_reinforce
@@ -41,13 +41,6 @@ DEFAULT_PATIENCE = 60_000
 
 class SearchError(PlacerError, ValueError):
     """A search asked for with arguments that cannot work."""
-
-
-def default_num_groups(num_nodes: int, num_devices: int) -> int:
-    """G for the hierarchical action: the environments' default (``envs.env_config``)."""
-    from envs.env_config import default_num_groups as env_default
-
-    return env_default(num_nodes, num_devices)
 
 
 @contextmanager
@@ -97,6 +90,7 @@ def search(
     ppo_config: PPOConfig | None = None,
     reinforce_config: ReinforceConfig | None = None,
     threads: int | None = 1,
+    env_kwargs: dict | None = None,
 ) -> SearchResult:
     """Search placements of ``problem`` with a learning agent; return the best found.
 
@@ -123,6 +117,8 @@ def search(
             fingerprint and ``grouping.expand`` to save op-level placements).
         ppo_config, reinforce_config: hyper-parameters.
         threads: torch intra-op threads during the search (None: leave as is).
+        env_kwargs: more :class:`envs.placement_env.PlacementEnv` arguments (reward_mode,
+            reference, invalid_penalty, node_ops, measurer, ...).
 
     Raises:
         SearchError: unknown agent or bad sizes.  Any error of the agent propagates after
@@ -147,7 +143,7 @@ def search(
         np.random.seed(seed)
         torch.manual_seed(seed)
         try:
-            env = _make_env(problem, agent, num_envs, num_groups)
+            env = _make_env(problem, agent, num_envs, num_groups, seed, env_kwargs or {})
             if rows is not None:
                 _seed_candidates(env, tracker, rows)
             if agent in ("hierarchical", "flat"):
@@ -188,30 +184,31 @@ class _NetAsPolicy(torch.nn.Module):
         return self.net(obs, actions=actions).log_prob
 
 
-def _make_env(problem: PlacementProblem, agent: str, num_envs: int, num_groups: int | None):
-    if agent == "flat":
-        return SimulatedPlacementVecEnv(problem, num_envs=num_envs, num_groups=None)
-    if agent == "sequential":
-        return SimulatedPlacementVecEnv(problem, num_envs=1, num_groups=None)  # for seed candidates only
+def _make_env(problem: PlacementProblem, agent: str, num_envs: int, num_groups: int | None, seed: int,
+              env_kwargs: dict) -> BatchedPlacementVecEnv:
+    """The batched whole-graph env the agent trains on (for ``sequential``: only to score seeds)."""
+    if agent in ("flat", "sequential"):
+        return BatchedPlacementVecEnv(problem, n_envs=num_envs if agent == "flat" else 1, hierarchical=False,
+                                      seed=seed, **env_kwargs)
     g = num_groups or default_num_groups(problem.num_nodes, problem.num_devices)
-    return SimulatedPlacementVecEnv(problem, num_envs=num_envs, num_groups=g)
+    return BatchedPlacementVecEnv(problem, n_envs=num_envs, num_groups=g, seed=seed, **env_kwargs)
 
 
-def _seed_candidates(env: SimulatedPlacementVecEnv, tracker: BestTracker, rows: np.ndarray) -> None:
+def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np.ndarray) -> None:
     """Evaluate heuristic placements first (they count against the budget)."""
     left = tracker.remaining_placements()
     if left is not None:
         rows = rows[:left]
-    _, res = env.evaluate(rows)
-    tracker.record(rows, res.step_time, res.fits, next_batch=1)
+    _, ev = env.evaluate_placements(rows)
+    tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1)
 
 
-def _imitate(policy, env: SimulatedPlacementVecEnv, tracker: BestTracker, steps: int) -> None:
+def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int) -> None:
     """Behaviour-clone the best placement seen so far (the best heuristic)."""
     if tracker.best_row is None:
         return
     obs = {k: v[0] for k, v in env.reset().items()}
-    action = placement_to_action(tracker.best_row, env.problem.num_devices, env.num_groups)
+    action = env.env.encode(tracker.best_row)
     behaviour_clone(policy, obs, action, steps=steps)
 
 
@@ -249,7 +246,3 @@ def load_policy(path: str | Path, agent: str = "hierarchical"):
         return MaskablePPO.load(str(path), device="cpu")
     raise SearchError(f"load_policy handles SB3 agents (hierarchical, flat, sequential); {agent!r} saves a state dict: "
                       "use torch.load and PlacementNetwork.load_state_dict")
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

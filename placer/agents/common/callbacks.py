@@ -30,7 +30,8 @@ class TrackerCallback(BaseCallback):
             return True
         rows = np.stack([np.asarray(infos[i]["placement"]) for i in done_idx])
         times = np.array([infos[i]["step_time"] for i in done_idx], dtype=np.float64)
-        fits = np.array([infos[i].get("fits", True) for i in done_idx], dtype=bool)
+        # "valid" (the time is real, not the invalid penalty) where the env says it, else "fits".
+        fits = np.array([infos[i].get("valid", infos[i].get("fits", True)) for i in done_idx], dtype=bool)
         try:
             self.tracker.record(rows, times, fits, next_batch=len(infos))
         except StopSearch as stop:

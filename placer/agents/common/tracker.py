@@ -192,9 +192,9 @@ class BestTracker:
         self._last_improvement = self.evaluated + batch
         self.history.append((self.wall_s, self.evaluated + batch, step_time))
         if self.out_dir is not None:
-            self.best_path = self._write()
+            self.best_path = self._write(self.evaluated + batch)
 
-    def _write(self) -> Path:
+    def _write(self, evaluated: int) -> Path:
         from placer.placement_file import Placement, save_placement
 
         assignment = self.problem.array_to_placement(self.best_row)
@@ -206,7 +206,7 @@ class BestTracker:
             "step_time": self.best_step_time,
             "fits": self.best_fits,
             "source": "simulated" if self.problem.simulated else "measured",
-            "evaluated": self.evaluated,
+            "evaluated": evaluated,
             "wall_s": round(self.wall_s, 3),
             "agent": self.agent,
         }

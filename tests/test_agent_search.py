@@ -1,0 +1,106 @@
+"""search(): budgets, best-so-far on disk, interruption, seeds, heuristic seeds, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.simulator import simulate_batch
+from placer.agents.search import AGENTS, SearchError, load_policy, search
+from placer.agents.common.tracker import SearchProgress
+from placer.options import OptionError
+from tests.agent_fixtures import chain_problem
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return chain_problem(12)
+
+
+@pytest.mark.parametrize("agent", ["hierarchical", "flat", "reinforce"])
+def test_budget_by_evaluations_is_respected(problem, agent):
+    res = search(problem, agent=agent, budget=300, seed=0, num_envs=64, patience=None)
+    assert res.stop_reason == "budget_placements"
+    assert 300 - 64 < res.evaluated <= 300
+    # The reported best is what the simulator says of the best row.
+    sim = simulate_batch(problem, res.best_row[None])
+    assert res.best_fits and sim.fits[0]
+    assert sim.step_time[0] == pytest.approx(res.best_step_time)
+    walls = [h[0] for h in res.history]
+    bests = [h[2] for h in res.history]
+    assert walls == sorted(walls) and bests == sorted(bests, reverse=True)
+
+
+def test_interrupted_search_leaves_its_best_on_disk(problem, tmp_path):
+    seen: list[SearchProgress] = []
+
+    def interrupt(progress: SearchProgress):
+        seen.append(progress)
+        if progress.evaluated >= 192:
+            raise KeyboardInterrupt
+
+    res = search(problem, agent="hierarchical", budget=10_000, seed=1, num_envs=64, out_dir=tmp_path,
+                 callback=interrupt)
+    assert res.stop_reason == "interrupted"
+    assert res.evaluated == 192 and seen[-1].evaluated == 192
+    doc = json.loads((tmp_path / "best_placement.json").read_text())
+    assert doc["metadata"]["step_time"] == pytest.approx(res.best_step_time)
+    assert doc["devices"] == list(problem.device_names)
+    assert doc["assignment"] == problem.array_to_placement(res.best_row)
+    assert not list(tmp_path.glob("*.tmp"))
+    # The trained policy was saved too and loads back.
+    model = load_policy(tmp_path / "policy.zip")
+    assert model.policy.hierarchical
+
+
+def test_a_failing_search_keeps_its_best_and_raises(problem, tmp_path):
+    def fail(progress: SearchProgress):
+        if progress.evaluated >= 128:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        search(problem, agent="reinforce", budget=1000, seed=0, num_envs=64, out_dir=tmp_path, callback=fail)
+    doc = json.loads((tmp_path / "best_placement.json").read_text())
+    assert doc["metadata"]["evaluated"] >= 64
+
+
+def test_same_seed_same_best(problem):
+    a = search(problem, agent="hierarchical", budget=256, seed=7, num_envs=64)
+    b = search(problem, agent="hierarchical", budget=256, seed=7, num_envs=64)
+    assert np.array_equal(a.best_row, b.best_row) and a.best_step_time == b.best_step_time
+
+
+def test_callback_false_stops_and_plateau_stops(problem):
+    res = search(problem, agent="flat", budget=5000, seed=0, num_envs=64, callback=lambda p: p.evaluated < 128)
+    assert res.stop_reason == "callback" and res.evaluated == 128
+    res = search(problem, agent="reinforce", budget=20_000, seed=0, num_envs=64, patience=64)
+    assert res.stop_reason == "plateau" and res.evaluated < 20_000
+
+
+def test_initial_placements_are_candidates_and_imitated(problem):
+    # Everything on one GPU: no transfers, the best this chain can do.
+    gpu = problem.device_names.index(next(d for d, k in zip(problem.device_names, problem.device_kinds) if k != "cpu"))
+    good = np.full(problem.num_nodes, gpu)
+    single = float(simulate_batch(problem, good[None]).step_time[0])
+    res = search(problem, agent="hierarchical", budget=200, seed=0, num_envs=64, initial_placements=[good],
+                 imitation_steps=30)
+    assert res.best_step_time <= single
+    assert res.history[0][1] == 1  # the seed placement was the first evaluation
+    res = search(problem, agent="reinforce", budget=100, seed=0, num_envs=64,
+                 initial_placements=[problem.array_to_placement(good)], imitation_steps=10)
+    assert res.best_step_time <= single
+
+
+def test_bad_arguments_are_refused(problem):
+    with pytest.raises(SearchError, match="unknown agent"):
+        search(problem, agent="genetic", budget=10)
+    with pytest.raises(SearchError, match="num_envs"):
+        search(problem, budget=10, num_envs=0)
+    with pytest.raises(OptionError):
+        search(problem, budget="soon")
+    with pytest.raises(SearchError, match="no saved policy"):
+        load_policy("/nonexistent/policy.zip")
+    assert set(AGENTS) == {"hierarchical", "reinforce", "flat", "sequential"}
