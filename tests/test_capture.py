@@ -341,3 +341,24 @@ def test_sdpa_and_multihead_attention_nodes():
     proj = 4 * (2 * (2 * 5 * 8) * 8 + 2 * 5 * 8)  # q, k, v and output projections
     attention = 2 * 2 * 5 * 5 * (2 * 4 + 2 * 4 + 3)  # 2 batches x 2 heads of head_dim 4
     assert g.nodes["mha"]["flops"] == proj + attention
+
+
+def test_shapes_fall_back_to_real_tensors_for_data_dependent_shapes():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return y[y > 0].sum()  # output size depends on values: no fake-tensor shape
+
+    model = Masked()
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5], [-1.0, 2.0, -3.0, 1.5], [0.3, 0.2, -0.1, 4.0]])
+    cap = capture(model, (x,))
+    assert cap.method == "fx" and cap.shapes_from == "real"
+    getitem = next(n for n, d in cap.graph.nodes(data=True) if d["target"] == "operator.getitem")
+    assert cap.graph.nodes[getitem]["shape"] == [int((model.norm(x) > 0).sum())]
+    model.norm.running_mean.zero_()
+    capture(model, (x,))
+    assert torch.equal(model.norm.running_mean, torch.zeros(4))  # real run left no trace
