@@ -73,6 +73,20 @@ def test_single_device_is_sum_of_nodes_and_never_below_bound(params):
     assert np.all(res.step_time >= bound * (1 - 1e-12))
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6), st.floats(0.0, 0.8), st.integers(1, 3))
+def test_lower_bound_holds_for_every_placement_of_small_graphs(seed, n, p, d):
+    # Random placements are rarely near-optimal; enumerating all D**N of them tests the bound
+    # where it could break: at the best placement.
+    rng = np.random.default_rng(seed)
+    problem = compile_problem(random_dag(rng, n, p), random_cluster(rng, d))
+    every = np.array(np.meshgrid(*[np.arange(d)] * n, indexing="ij")).reshape(n, -1).T
+    best = simulate_batch(problem, every).step_time.min()
+    assert best >= lower_bound(problem) * (1 - 1e-12)
+    if d == 1:  # one device: the work bound is exact
+        assert lower_bound(problem) == pytest.approx(best, rel=1e-12, abs=1e-18)
+
+
 def test_backends_agree_on_a_large_graph():
     problem = compile_problem(layered_graph(300, seed=3), load_cluster("4xK40"))
     placements = np.random.default_rng(0).integers(0, problem.num_devices, size=(64, problem.num_nodes))
