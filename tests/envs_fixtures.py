@@ -16,7 +16,8 @@ def random_problem(n: int = 12, d: int = 3, seed: int = 0, extra_edges: int = 6,
     """
     rng = np.random.default_rng(seed)
     edges = {(i, i + 1) for i in range(n - 1)}
-    while len(edges) < n - 1 + extra_edges and n > 2:
+    want = min(n - 1 + extra_edges, n * (n - 1) // 2)  # a DAG on n nodes has at most n(n-1)/2 edges
+    while len(edges) < want:
         a, b = sorted(rng.choice(n, size=2, replace=False).tolist())
         edges.add((a, b))
     edges = sorted(edges)
