@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -160,7 +161,9 @@ def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
 
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata."""
-    with quiet_torch_logs(), contextlib.redirect_stderr(io.StringIO()):
+    with quiet_torch_logs(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
+        warnings.simplefilter("ignore")
         exported = torch.export.export(model, inputs, strict=False)
     # Guards are checks on later inputs' shapes; placement runs the example's shapes and
     # a guard node would be one more (cost-free) node to place.

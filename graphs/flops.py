@@ -273,28 +273,33 @@ def _module_flops(module: nn.Module | None, first_in: Shape | None, inputs: list
 
 
 def _aten_recurrent_flops(node: fx.Node, name: str, shape_of: ShapeOf, out_shape: Shape) -> int:
-    """aten.lstm / aten.gru / aten.rnn_* (export path): weights are a list argument."""
+    """aten.lstm / aten.gru / aten.rnn_* and their ``_cell`` ops (export path), as :func:`recurrent_flops`.
+
+    Sequence ops take ``(input, hx, params, has_biases, num_layers, dropout, train,
+    bidirectional, batch_first)`` with all weights and biases in the ``params`` list; cell
+    ops take ``(input, hx, w_ih, w_hh, b_ih, b_hh)``.
+    """
     x = shape_of(node.args[0]) if node.args else None
-    weights = None
-    for arg in node.args[1:]:
-        if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, fx.Node) for a in arg):
-            shapes = [shape_of(a) for a in arg]
-            if any(s is not None and len(s) == 2 for s in shapes):
-                weights = shapes
-    if x is None or weights is None:
+    if x is None:
         return numel(out_shape)
-    matrix = sum(numel(s) for s in weights if s is not None and len(s) == 2)
-    gate_units = sum(s[0] for s in weights if s is not None and len(s) == 1)
     if name.endswith("_cell"):
+        tensors = [shape_of(a) for a in node.args[2:6] if a is not None]
         steps, batch = 1, (x[0] if len(x) == 2 else 1)
     else:
-        batch_first = next((a for a in node.args[-1:] if isinstance(a, bool)), False)
+        params = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], (list, tuple)) else []
+        tensors = [shape_of(a) for a in params]
+        batch_first = bool(node.args[8]) if len(node.args) > 8 else False
         if len(x) == 3:
             steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
         else:
             steps, batch = x[0], 1
-    return int(steps * batch * (2 * matrix + 3 * gate_units + gate_units))
-
+    weights = [s for s in tensors if s is not None and len(s) == 2]
+    biases = [s for s in tensors if s is not None and len(s) == 1]
+    matrix = sum(numel(w) for w in weights)
+    # b_ih and b_hh (or w_ih and w_hh) each have one row per gate unit.
+    gate_units = sum(b[0] for b in biases) // 2 if biases else sum(w[0] for w in weights) // 2
+    per_row = 2 * matrix + gate_units * (3 + (2 if biases else 0))
+    return int(steps * batch * per_row)
 
 
 def node_bytes_moved(node: fx.Node, input_bytes: Sequence[int], out_bytes: int,

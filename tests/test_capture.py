@@ -362,3 +362,31 @@ def test_shapes_fall_back_to_real_tensors_for_data_dependent_shapes():
     model.norm.running_mean.zero_()
     capture(model, (x,))
     assert torch.equal(model.norm.running_mean, torch.zeros(4))  # real run left no trace
+
+
+def test_recurrent_flops_agree_between_fx_and_export():
+    from graphs.capture import export_trace, fx_trace, propagate_shapes
+    from graphs.placement_graph import build_placement_graph
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, 2, batch_first=True)
+            self.cell = nn.LSTMCell(16, 16)
+            self.gru = nn.GRU(16, 16)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            c = self.cell(h[:, 0])[0]
+            g, _ = self.gru(h)
+            return c, g
+
+    model, x = Recurrent(), torch.randn(3, 5, 8)
+    gm = fx_trace(model)
+    propagate_shapes(gm, (x,))
+    by_fx = build_placement_graph(gm, name="r", method="fx", fingerprint="-")
+    by_export = build_placement_graph(export_trace(model, (x,)), name="r", method="export",
+                                      fingerprint="-", trust_requires_grad=False)
+    assert by_export.nodes["lstm"]["flops"] == by_fx.nodes["lstm"]["flops"] > 0
+    assert by_export.nodes["lstm_cell"]["flops"] == by_fx.nodes["cell"]["flops"] > 0
+    assert by_export.nodes["gru"]["flops"] == by_fx.nodes["gru"]["flops"] > 0
