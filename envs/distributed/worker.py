@@ -1,0 +1,198 @@
+"""One rank of a distributed placement job: ``python -m envs.distributed.worker JOB_DIR``.
+
+Reads the torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``; ``LOCAL_RANK`` when set), so the same entry point runs under
+:mod:`envs.distributed.launcher` on this machine or under ``torchrun`` on several hosts.
+``JOB_DIR/job.pt`` (written by :func:`envs.distributed.launcher.write_job`) holds the
+model source, the initial weights and example inputs (so every rank and the
+single-process reference start from the same numbers), the devices and the tasks.
+
+Task kinds, each answered by ``JOB_DIR/result-<task>-<rank>.pt``:
+
+* ``train``: ``steps`` optimizer steps of a placement; returns the losses (output rank)
+  and the rank's own parameters after the steps;
+* ``measure``: ``warmup`` + ``repeats`` steps, each between two barriers (the step time is
+  the slowest rank's), returns the timed steps;
+* ``links``: ping-pong between every pair of ranks, returns (latency, bandwidth) per pair.
+
+Any exception writes ``JOB_DIR/error-<rank>.txt`` and exits with status 1: the launcher
+then stops every rank (the others would wait for this one forever).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "run_rank"]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # the launcher never reads a half-written result
+
+
+def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repeats: int) -> tuple[float, float] | None:
+    """Latency and bandwidth between ranks ``a`` and ``b`` (fit through two message sizes)."""
+    from envs.links import fit_latency_bandwidth
+
+    sizes, times = [], []
+    for nbytes in (4 * 1024, 8 * 1024 * 1024):
+        buf = torch.zeros(nbytes // 4, device=device)
+        samples = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            if rank == a:
+                dist.send(buf, b)
+                dist.recv(buf, b)
+            else:
+                dist.recv(buf, a)
+                dist.send(buf, a)
+            if i:  # the first round trip sets up the connection
+                samples.append((time.perf_counter() - start) / 2)
+        sizes.append(nbytes)
+        times.append(sorted(samples)[len(samples) // 2])
+    if rank != a:
+        return None
+    try:
+        return fit_latency_bandwidth(sizes, times)
+    except ValueError:
+        return (times[0], sizes[1] / max(times[1], 1e-9))
+
+
+def run_rank(job_dir: Path, rank: int, world: int) -> None:
+    """Run every task of the job in ``job_dir`` as ``rank`` of ``world``."""
+    import torch.distributed as dist
+
+    from envs.distributed.runtime import RankStep, TorchComm, value_meta
+    from envs.measure_worker import load_spec
+    from graphs.capture import capture
+    from graphs.split import split_by_rank
+
+    job = torch.load(job_dir / "job.pt", weights_only=False)
+    if world != len(job["devices"]):
+        raise RuntimeError(f"WORLD_SIZE is {world} but the job has {len(job['devices'])} devices")
+    me = job["devices"][rank]
+    device = torch.device(me["torch_device"])
+    if device.type == "cpu":
+        torch.set_num_threads(int(job["threads"]))
+    else:
+        torch.cuda.set_device(device)
+    backend = job["backend"]
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=float(job["timeout_s"])))
+    try:
+        spec = load_spec(job["model_source"], job["model_args"])
+        spec.model.load_state_dict(job["state"])
+        inputs = tuple(job["inputs"])
+        captured = capture(spec.model, inputs, name=spec.name)
+        if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
+            raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
+        gm = captured.gm
+        gm.train()
+        initial = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        meta = value_meta(gm, inputs)
+        gm.load_state_dict(initial)  # the shape run updated BatchNorm statistics
+        comm = TorchComm(backend)
+        dev_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+        for i, task in enumerate(job["tasks"]):
+            kind = task["kind"]
+            if kind == "links":
+                pairs = {}
+                for a in range(world):
+                    for b in range(a + 1, world):
+                        if rank in (a, b):
+                            fig = _ping_pong(dist, rank, a, b, device, int(task.get("repeats", 9)))
+                            if fig is not None:
+                                pairs[(a, b)] = fig
+                        dist.barrier()
+                _atomic_save({"links": pairs}, job_dir / f"result-{i}-{rank}.pt")
+                continue
+            gm.load_state_dict(initial)
+            for p in gm.parameters():
+                p.grad = None
+            plan = split_by_rank(gm, task["ranks"], world, output_rank=task.get("output_rank"))
+            mine = plan.stages_of(rank)
+            params: dict[int, torch.nn.Parameter] = {}
+            for st in mine:
+                st.module.to(device)
+                for p in st.module.parameters():
+                    params[id(p)] = p
+            runner = RankStep(plan, rank, meta, dev_inputs, spec.loss_fn, device, comm)
+            optimizer = spec.optimizer_fn(list(params.values())) if params else None
+            if kind == "train":
+                losses = []
+                for _ in range(int(task["steps"])):
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                    losses.append(runner.step())
+                    if optimizer is not None:
+                        optimizer.step()
+                own = {name: p.detach().cpu().clone() for name, p in gm.named_parameters() if id(p) in params}
+                result: dict[str, Any] = {"losses": losses, "params": own, "stages": len(mine),
+                                          "describe": plan.describe()}
+            elif kind == "measure":
+                times = []
+                for step in range(int(task["warmup"]) + int(task["repeats"])):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                    runner.step()
+                    if optimizer is not None:
+                        optimizer.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    dist.barrier()
+                    if step >= int(task["warmup"]):
+                        times.append(time.perf_counter() - start)
+                result = {"times": times, "describe": plan.describe()}
+            else:
+                raise RuntimeError(f"unknown task kind {kind!r}")
+            _atomic_save(result, job_dir / f"result-{i}-{rank}.pt")
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a broken group is being torn down anyway
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m envs.distributed.worker JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",
+              file=sys.stderr)
+        return 2
+    job_dir = Path(args[0])
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        print("envs.distributed.worker needs RANK and WORLD_SIZE in the environment (torchrun sets them)",
+              file=sys.stderr)
+        return 2
+    try:
+        run_rank(job_dir, rank, world)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        text = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+        try:
+            (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
+        except OSError:
+            pass
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
