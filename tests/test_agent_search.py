@@ -104,3 +104,11 @@ def test_bad_arguments_are_refused(problem):
     with pytest.raises(SearchError, match="no saved policy"):
         load_policy("/nonexistent/policy.zip")
     assert set(AGENTS) == {"hierarchical", "reinforce", "flat", "sequential"}
+
+
+def test_sequential_agent_places_whole_graphs(problem, tmp_path):
+    res = search(problem, agent="sequential", budget=12, seed=0, num_envs=2, out_dir=tmp_path)
+    assert res.stop_reason == "budget_placements" and 10 <= res.evaluated <= 12
+    assert res.best_row.shape == (problem.num_nodes,) and res.best_fits
+    assert (tmp_path / "best_placement.json").exists()
+    assert load_policy(tmp_path / "policy.zip", agent="sequential").policy is not None

@@ -161,8 +161,8 @@ def search(
                 from placer.agents.sequential import make_sequential_model
 
                 model = make_sequential_model(problem, seed=seed, tensorboard_log=tensorboard_log,
-                                              num_envs=min(num_envs, 16))
-                reason = _learn_sb3(model, tracker)
+                                              num_envs=min(num_envs, 8), env_kwargs=env_kwargs)
+                reason = _learn_sb3(model, tracker, steps_per_placement=problem.num_nodes)
         except StopSearch as stop:
             reason = stop.reason
         except KeyboardInterrupt:
@@ -212,12 +212,13 @@ def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: i
     behaviour_clone(policy, obs, action, steps=steps)
 
 
-def _learn_sb3(model, tracker: BestTracker) -> str:
+def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1) -> str:
     """Run ``model.learn`` until the tracker stops it; return the stop reason."""
     cb = TrackerCallback(tracker)
     total = tracker.remaining_placements()
-    # The tracker, not SB3, ends the search; SB3 only needs a horizon for its lr schedule.
-    horizon = total + model.n_envs * model.n_steps if total is not None else 10**12
+    # The tracker, not SB3, ends the search; SB3 only needs a horizon (in env steps) for
+    # its learning-rate schedule.
+    horizon = (total * steps_per_placement + model.n_envs * model.n_steps) if total is not None else 10**12
     model.learn(total_timesteps=horizon, callback=cb, progress_bar=False)
     return cb.stop_reason or "finished"
 
