@@ -8,6 +8,7 @@ match the original model. A GPU class repeats the checks over cpu/cuda:0 when CU
 from __future__ import annotations
 
 import copy
+import functools
 import random
 
 import networkx as nx
@@ -25,6 +26,15 @@ from graphs.apply import (
     transfer_nodes,
 )
 from graphs.errors import PlacerError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two intra-op threads thrash on the shared 2-core machine; numerics do not depend on it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- models
@@ -163,14 +173,20 @@ def _cut_edges(gm: fx.GraphModule, placement: dict[str, str]) -> set[tuple[str, 
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("capture_kind", ["fx", "export"])
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("strategy", ["random0", "random1", "round_robin"])
-def test_placed_model_trains_like_the_original(model_name, capture_kind, strategy):
+@functools.lru_cache(maxsize=None)
+def _captured(model_name: str, capture_kind: str) -> tuple[fx.GraphModule, tuple]:
+    """One capture per (model, path), shared by the placements (apply never mutates it)."""
     torch.manual_seed(0)
     cls, make_inputs = MODELS[model_name]
     model, inputs = cls(), make_inputs()
-    gm = _capture(capture_kind, model, inputs)
+    return _capture(capture_kind, model, inputs), inputs
+
+
+@pytest.mark.parametrize("capture_kind", ["fx", "export"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("strategy", ["random1", "round_robin"])
+def test_placed_model_trains_like_the_original(model_name, capture_kind, strategy):
+    gm, inputs = _captured(model_name, capture_kind)
     placement = _random_placement(gm, int(strategy[-1])) if strategy.startswith("random") else _round_robin(gm)
     reference = copy.deepcopy(gm)
     placed = apply_placement(gm, placement, real_devices=VIRTUAL)

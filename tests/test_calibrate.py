@@ -47,7 +47,7 @@ def _truth(problem, rows, overhead=0.0, noise=0.0, seed=0):
 
 
 def test_recovers_known_device_and_link_factors(problem):
-    rows = _placements(problem, 30, 0)
+    rows = _placements(problem, 20, 0)
     cal = calibrate_simulator(problem, rows, _truth(problem, rows), fit_overhead=False, prior_weight=1e-6)
     np.testing.assert_allclose(cal.compute_scale, TRUE_SCALE, rtol=0.02)
     assert cal.latency_scale == pytest.approx(3.0, rel=0.05)
@@ -57,13 +57,13 @@ def test_recovers_known_device_and_link_factors(problem):
 
 
 def test_noisy_measurements_with_overhead_agree_after_calibration(problem):
-    rows = _placements(problem, 25, 1)
+    rows = _placements(problem, 16, 1)
     base = simulate_batch(problem, rows, backend="numpy").step_time
     overhead = 0.3 * float(np.median(base))
     measured = _truth(problem, rows, overhead=overhead, noise=0.03, seed=2)
     measured[7] = np.inf  # an invalid measurement is ignored
     cal = calibrate_simulator(problem, rows, measured)
-    assert cal.after["n"] == 24
+    assert cal.after["n"] == 15
     assert cal.after["mape"] < 0.05 < cal.before["mape"]
     assert cal.overhead_s == pytest.approx(overhead, rel=0.6)
     # Held-out placements (given as node -> device dicts) are predicted as well.
