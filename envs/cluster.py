@@ -17,6 +17,12 @@ It comes from one of three places:
 * the real machine (:func:`discover_cluster`): ``cpu`` and each ``cuda:i``, links measured
   by :mod:`envs.links`; such a cluster has ``simulated=False``.
 
+Presets (figures and sources in each YAML file): ``4xK40`` and ``8xK40`` (PCIe gen3) hold a
+``cpu`` device beside the GPUs ``gpu0..``, as in the setups of ColocRL and the hierarchical
+planner, whose placements used the host CPU for some ops; ``4xV100-nvlink``,
+``8xA100-nvlink`` and ``8xH100`` are GPU-only (NVLink machines keep every op on a GPU);
+``cpu+gpu`` is one CPU and one A100 over PCIe gen4.
+
 A link listed once applies in both directions unless the reverse direction is listed too.
 Without ``default_link`` every pair of devices must have a link: a missing one is a spec
 error, so the simulator never meets a pair it cannot cost. Every problem in a spec raises
