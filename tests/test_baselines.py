@@ -305,7 +305,7 @@ def test_expert_detects_family(name: str, modules: list[str], family: str) -> No
 
 
 def test_expert_nmt_one_layer_per_gpu() -> None:
-    modules = ["src_embedding", "enc_fwd", "enc_bwd", "encoder.1", "tgt_embedding", "decoder.0", "attention",
+    modules = ["src_embedding", "enc_fwd", "enc_bwd", "encoder.0", "tgt_embedding", "decoder.0", "attention",
                "decoder.1", "projection"]
     n = len(modules)
     problem = make_problem(n, [(i, i + 1) for i in range(n - 1)], np.full(n, 1e-3),
@@ -314,7 +314,7 @@ def test_expert_nmt_one_layer_per_gpu() -> None:
     got = dict(zip(modules, (problem.device_names[d] for d in res.placement)))
     # 2 layers on 4 GPUs: layer i on GPU i, attention and softmax on their own GPUs
     assert got["enc_fwd"] == got["src_embedding"] == got["decoder.0"] == "d1"
-    assert got["encoder.1"] == got["decoder.1"] == "d2"
+    assert got["encoder.0"] == got["decoder.1"] == "d2"  # encoder.0 is layer 1 after the bidirectional layer
     assert got["attention"] == "d3" and got["projection"] == "d4"
 
 

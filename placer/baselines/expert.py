@@ -9,15 +9,17 @@ failing that, from its module names. Placements, over the accelerators ``gpu_0..
   least L + 2 GPUs, encoder layer i and decoder layer i on GPU i, attention on GPU L and
   the softmax projection on GPU L + 1; with fewer GPUs (GNMT's layout) layer i on GPU
   ``i * G // L``, attention with the bottom decoder layer, softmax on the last GPU. The
-  bidirectional bottom layer (``enc_fwd``/``enc_bwd``) is encoder layer 0; embeddings go
-  with their layer 0.
+  bidirectional bottom layer (``enc_fwd``/``enc_bwd``) is encoder layer 0 (so
+  ``encoder.i`` is layer i + 1); embeddings go with their layer 0. Layers are counted
+  over every op of the model, so grouping cannot hide one.
 * **rnnlm**: one LSTM layer per GPU (layer i on GPU ``i * G // L``), the embedding with
   layer 0, the softmax on the next free GPU (the last one when all are used).
 * **moe** (Shazeer et al. 2017): experts spread evenly (expert j on GPU ``j * G // E``);
   the two LSTM layers on separate GPUs (first with embedding and gate on GPU 0, second with
   the softmax on GPU 1).
 * **transformer** (gpt2 and the like): contiguous layer-balanced split — the blocks, in
-  order, cut into G runs of about equal compute; embeddings with the first block, the
+  order, cut into G runs of about equal compute (one block per GPU when there are at
+  most G); embeddings with the first block, the
   final norm and head with the last.
 * **cnn** (inception, resnet, vgg...): the whole model on the fastest GPU (data-parallel
   replicas are the experts' way to use more GPUs, which a placement cannot express); a
@@ -50,7 +52,7 @@ from placer.baselines.common import (
     node_memory,
     overflow_reason,
 )
-from placer.baselines.modules import node_paths
+from placer.baselines.modules import node_paths, op_paths
 
 FAMILY_NAMES: dict[str, tuple[str, ...]] = {
     "nmt": ("gnmt", "nmt", "seq2seq", "translation"),
@@ -101,10 +103,13 @@ def _spread(i: int, count: int, gpus: list[int]) -> int:
     return gpus[min(i * len(gpus) // max(count, 1), len(gpus) - 1)]
 
 
-def _nmt(paths: list[str], gpus: list[int]) -> np.ndarray:
-    dec = {_index_after(p, "decoder") for p in paths} - {None}
-    enc = {_index_after(p, "encoder") for p in paths} - {None}
-    layers = max(len(dec), (max(enc) + 1) if enc else 1, 1)
+def _nmt(paths: list[str], gpus: list[int], all_paths: list[str]) -> np.ndarray:
+    # Count layers over every op's module: grouping may hide whole layers inside other groups.
+    dec = {_index_after(p, "decoder") for p in all_paths} - {None}
+    enc = {_index_after(p, "encoder") for p in all_paths} - {None}
+    # GNMT keeps its bidirectional bottom layer apart (enc_fwd/enc_bwd): encoder.i is layer i + 1.
+    offset = 1 if any(_top(p) in ("enc_fwd", "enc_bwd") for p in all_paths) else 0
+    layers = max((max(dec) + 1) if dec else 1, (max(enc) + 1 + offset) if enc else 1, 1)
     g = len(gpus)
     roomy = g >= layers + 2
 
@@ -117,7 +122,7 @@ def _nmt(paths: list[str], gpus: list[int]) -> np.ndarray:
         if top in ("enc_fwd", "enc_bwd", "src_embedding"):
             row[n] = layer_gpu(0)
         elif top == "encoder" and _index_after(p, "encoder") is not None:
-            row[n] = layer_gpu(_index_after(p, "encoder"))
+            row[n] = layer_gpu(_index_after(p, "encoder") + offset)
         elif top == "decoder" and _index_after(p, "decoder") is not None:
             row[n] = layer_gpu(_index_after(p, "decoder"))
         elif top == "tgt_embedding":
@@ -129,10 +134,10 @@ def _nmt(paths: list[str], gpus: list[int]) -> np.ndarray:
     return row
 
 
-def _rnnlm(paths: list[str], gpus: list[int]) -> np.ndarray:
-    containers = [c for c in ("cells", "layers", "lstm", "rnn") if any(_index_after(p, c) is not None for p in paths)]
+def _rnnlm(paths: list[str], gpus: list[int], all_paths: list[str]) -> np.ndarray:
+    containers = [c for c in ("cells", "layers", "lstm", "rnn") if any(_index_after(p, c) is not None for p in all_paths)]
     container = containers[0] if containers else "cells"
-    idx = {_index_after(p, container) for p in paths} - {None}
+    idx = {_index_after(p, container) for p in all_paths} - {None}
     layers = max(idx) + 1 if idx else 1
     row = np.full(len(paths), -1, dtype=np.int64)
     for n, p in enumerate(paths):
@@ -146,8 +151,8 @@ def _rnnlm(paths: list[str], gpus: list[int]) -> np.ndarray:
     return row
 
 
-def _moe(paths: list[str], gpus: list[int]) -> np.ndarray:
-    experts = {_index_after(p, "experts") for p in paths} - {None}
+def _moe(paths: list[str], gpus: list[int], all_paths: list[str]) -> np.ndarray:
+    experts = {_index_after(p, "experts") for p in all_paths} - {None}
     count = max(experts) + 1 if experts else 1
     second = gpus[1] if len(gpus) > 1 else gpus[0]
     row = np.full(len(paths), -1, dtype=np.int64)
@@ -182,18 +187,26 @@ def _transformer(paths: list[str], cost: np.ndarray, gpus: list[int]) -> np.ndar
     idx = np.array([_index_after(p, c) if _index_after(p, c) is not None else -1 for p in paths])
     blocks = sorted(set(idx[idx >= 0].tolist()))
     block_cost = np.array([cost[idx == b].sum() for b in blocks])
-    block_gpu = dict(zip(blocks, contiguous_split(block_cost, gpus).tolist()))
+    if len(blocks) <= len(gpus):  # one block per GPU while they last
+        block_gpu = dict(zip(blocks, gpus))
+    else:
+        block_gpu = dict(zip(blocks, contiguous_split(block_cost, gpus).tolist()))
     first_block = int(np.flatnonzero(idx >= 0)[0])
     for n, p in enumerate(paths):
         if idx[n] >= 0:
             row[n] = block_gpu[int(idx[n])]
         elif p:
-            row[n] = gpus[0] if n < first_block else gpus[-1]
+            row[n] = block_gpu[blocks[0]] if n < first_block else block_gpu[blocks[-1]]
     return row
 
 
-def expert_row(problem: PlacementProblem, family: str, paths: list[str]) -> np.ndarray:
-    """The family's expert layout (may overfill memory; -1-free)."""
+def expert_row(problem: PlacementProblem, family: str, paths: list[str], all_paths: list[str] | None = None) -> np.ndarray:
+    """The family's expert layout (may overfill memory; -1-free).
+
+    ``all_paths`` are the module paths of every op of the model (to count layers); the
+    problem's own ``paths`` when None.
+    """
+    all_paths = paths if all_paths is None else all_paths
     gpus = accelerators(problem)
     cost = node_cost(problem)[:, gpus].mean(axis=1)
     if family == "cnn":
@@ -203,11 +216,11 @@ def expert_row(problem: PlacementProblem, family: str, paths: list[str]) -> np.n
             return row
         family = "generic"
     if family == "nmt":
-        row = _nmt(paths, gpus)
+        row = _nmt(paths, gpus, all_paths)
     elif family == "rnnlm":
-        row = _rnnlm(paths, gpus)
+        row = _rnnlm(paths, gpus, all_paths)
     elif family == "moe":
-        row = _moe(paths, gpus)
+        row = _moe(paths, gpus, all_paths)
     elif family == "transformer":
         row = _transformer(paths, cost, gpus)
     else:
@@ -224,7 +237,7 @@ def expert(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
     """Human-expert placement for the detected family (see the module docstring)."""
     paths = node_paths(problem, inputs, "expert")
     family = detect_family(inputs.graph, paths)
-    row = expert_row(problem, family, paths)
+    row = expert_row(problem, family, paths, op_paths(inputs))
     if not fits(problem, row):
         need = node_memory(problem).sum()
         raise NoFit(f"the {family} expert layout overfills memory ({overflow_reason(problem, row)}; model needs {fmt_bytes(need)})")

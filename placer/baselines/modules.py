@@ -4,8 +4,8 @@ Module-aware baselines (expert, balanced, sequential) reason in modules, not ops
 of a node of the placement graph is the module it runs (``call_module``: its target), the
 module owning the tensor it reads (``get_attr``: the target without the last name), or
 the module whose ``forward`` created it (the ``module`` attribute). A node of a group
-graph takes the longest common module path of its members (``members`` attribute, op
-attributes read from the captured op graph).
+graph takes the module owning most of its members' parameters (``members`` attribute, op
+attributes read from the captured op graph), or their common path when they own none.
 """
 
 from __future__ import annotations
@@ -42,6 +42,32 @@ def common_path(paths: list[str]) -> str:
     return ".".join(out)
 
 
+def group_path(member_attrs: list[dict]) -> str:
+    """Module path of a group: the module owning most of its parameter bytes.
+
+    Glue ops at module borders, or two modules merged into one group, would cut a common
+    prefix short (often to the top level); the dominant parameter owner says what the
+    group mostly is. Groups without parameters take their members' common path.
+    """
+    owned: dict[str, float] = {}
+    for attrs in member_attrs:
+        b = float(attrs.get("param_bytes", 0) or 0)
+        if b > 0:
+            p = op_path(attrs)
+            owned[p] = owned.get(p, 0.0) + b
+    if owned:
+        return max(owned, key=lambda p: (owned[p], p))
+    return common_path([op_path(a) for a in member_attrs])
+
+
+def op_paths(inputs: BaselineInputs) -> list[str] | None:
+    """Module paths of every op of the captured op graph (all modules, even those grouped away)."""
+    op_graph = getattr(inputs.captured, "graph", None)
+    if op_graph is None:
+        return None
+    return [op_path(op_graph.nodes[n]) for n in op_graph.nodes]
+
+
 def node_paths(problem: PlacementProblem, inputs: BaselineInputs, who: str) -> list[str]:
     """Module path of every problem node, in ``problem.node_names`` order."""
     graph = check_graph(problem, inputs.graph, who)
@@ -51,9 +77,7 @@ def node_paths(problem: PlacementProblem, inputs: BaselineInputs, who: str) -> l
         attrs = graph.nodes[name]
         members = attrs.get("members")
         if members and op_graph is not None and all(m in op_graph.nodes for m in members):
-            # Parameter-owning members decide: glue ops at module borders would cut the path short.
-            owners = [op_path(op_graph.nodes[m]) for m in members if op_graph.nodes[m].get("param_bytes", 0) > 0]
-            paths.append(common_path(owners or [op_path(op_graph.nodes[m]) for m in members]))
+            paths.append(group_path([op_graph.nodes[m] for m in members]))
         elif "op" in attrs or "module" in attrs:
             paths.append(op_path(attrs))
         else:
