@@ -1,0 +1,131 @@
+"""Benchmark: capture, profile and group every zoo model; compare node times with the real step.
+
+Per model: ops and groups, the wall time of capture, profiling (a fresh cache, so the
+time is the real measurement) and grouping, how many distinct op signatures were timed,
+and the sum of the profiled node times (forward + backward, CPU, one thread) against the
+measured whole training step (forward + loss + backward + optimizer step, CPU, one
+thread, median). Every figure is measured on this machine; nothing is simulated.
+
+    python benchmarks/bench_capture.py                      # small zoo
+    python benchmarks/bench_capture.py --size paper --models rnnlm resnet50
+    python benchmarks/bench_capture.py --out benchmarks/results/capture.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graphs.capture import capture
+from graphs.errors import PlacerError
+from graphs.grouping import group_graph
+from graphs.profile import measure_training_step, profile_graph
+from graphs.profile_cache import device_name
+from graphs.zoo import ZOO_MODELS, load_zoo_model
+
+
+@dataclass
+class Row:
+    """One benchmarked model."""
+
+    model: str
+    size: str
+    nodes: int
+    groups: int
+    capture_s: float
+    profile_s: float
+    group_s: float
+    signatures: int
+    node_sum_ms: float
+    step_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.node_sum_ms / self.step_ms if self.step_ms > 0 else float("nan")
+
+
+def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats: int) -> Row:
+    """Capture, profile (CPU) and group one zoo model and time its real training step."""
+    spec = load_zoo_model(name, size)
+    start = time.perf_counter()
+    cap = capture(spec.model, spec.example_inputs, name=name)
+    capture_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    profile_graph(cap, spec.example_inputs, devices=["cpu"], repeats=repeats, cache_dir=cache_dir)
+    profile_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    grouping = group_graph(cap.graph, gm=cap.gm)
+    group_s = time.perf_counter() - start
+
+    node_sum = sum(d["time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
+    step = measure_training_step(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
+                                 optimizer_fn=spec.optimizer_fn)
+    info = cap.graph.graph["profile_info"]["cpu"]
+    return Row(name, size, cap.graph.number_of_nodes(), len(grouping.groups), capture_s, profile_s, group_s,
+               int(info["signatures"]), node_sum * 1e3, step * 1e3)
+
+
+def table(rows: list[Row]) -> str:
+    """The results as a markdown table."""
+    head = ("| model | size | ops | groups | capture s | profile s | group s | signatures timed "
+            "| sum of node times ms | measured step ms | ratio |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.size} | {r.nodes} | {r.groups} | {r.capture_s:.2f} | {r.profile_s:.2f} "
+                     f"| {r.group_s:.3f} | {r.signatures} | {r.node_sum_ms:.2f} | {r.step_ms:.2f} | {r.ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["small", "paper"], default="small")
+    parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), metavar="NAME",
+                        help=f"zoo models (default: all of {', '.join(ZOO_MODELS)})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per op signature (median)")
+    parser.add_argument("--step-repeats", type=int, default=5, help="timed training steps (median)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="profile cache (default: a fresh temporary one, so profiling is measured)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in ZOO_MODELS]
+    if unknown:
+        parser.error(f"unknown zoo model(s) {unknown}; expected some of {', '.join(ZOO_MODELS)}")
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="placer-bench-") as tmp:
+        cache_dir = args.cache_dir or tmp
+        for name in args.models:
+            try:
+                row = bench_model(name, args.size, args.repeats, cache_dir, args.step_repeats)
+            except PlacerError as exc:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+                continue
+            rows.append(row)
+            print(f"{name} ({args.size}): {row.nodes} ops, {row.groups} groups, capture {row.capture_s:.2f}s, "
+                  f"profile {row.profile_s:.2f}s, ratio {row.ratio:.2f}", file=sys.stderr, flush=True)
+
+    header = (f"Capture benchmark, measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+              f"on {device_name(torch.device('cpu'))} ({platform.machine()}), torch {torch.__version__}, "
+              f"CPU at one thread; profile repeats {args.repeats}; ratio = sum of profiled node times "
+              "(forward+backward) / measured training step (forward+loss+backward+optimizer, median of "
+              f"{args.step_repeats}). All figures measured, none simulated.")
+    text = header + "\n\n" + table(rows) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    return 0 if len(rows) == len(args.models) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
