@@ -23,9 +23,10 @@ would land on a transferred copy and be lost.
 Non-blocking copies: a transfer is issued with ``non_blocking=True`` only when its
 destination is an accelerator. Host→device copies from pageable memory are staged
 synchronously by the driver and from pinned memory are ordered on the stream, and
-device→device copies are stream ordered, so these are safe. A device→host copy with
-``non_blocking=True`` may still be in flight when the CPU reads the tensor, so copies
-to the CPU are always blocking.
+device→device copies are stream ordered, so these are safe (as with any non-blocking
+copy, a caller's pinned input must not be overwritten on the host before the step has
+used it). A device→host copy with ``non_blocking=True`` may still be in flight when the
+CPU reads the tensor, so copies to the CPU are always blocking.
 """
 
 from __future__ import annotations
@@ -203,8 +204,12 @@ class _Mover:
             self.claim(p, device, who)
         for name, b in mod.named_buffers(recurse=True):
             self.claim(b, device, who)
+        real = self.real(device)
         for sub in mod.modules():
-            self._move_own(sub, self.real(device))
+            self._move_own(sub, real)
+            if isinstance(sub, torch.nn.RNNBase) and torch.device(real).type == "cuda":
+                # Module.to() would do this: cuDNN wants the weights in one contiguous chunk.
+                sub.flatten_parameters()
 
     def move_attr(self, qualname: str, device: str, who: str) -> None:
         owner, attr, value = _tensor_attr(self.root, qualname)
