@@ -1,0 +1,156 @@
+"""Reward modes: normalisation, the invalid penalty's bound, measured and hybrid modes with fake measurers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envs.env_config import EnvConfigError
+from envs.placement_env import PlacementEnv
+from envs.rewards import INVALID_MARGIN, make_reward_model, normalised_reward, serial_time_bound
+from envs.sequential_env import SequentialPlacementEnv
+from envs.simulator import simulate_batch
+from tests.envs_fixtures import random_problem, tight_problem
+
+
+@dataclass
+class FakeResult:
+    step_time: float
+    valid: bool = True
+    reason: str = ""
+
+
+class FakeMeasurer:
+    """Measures by simulating a problem whose devices are ``slowdown`` times slower, plus an overhead;
+    placements putting anything on ``broken`` device fail."""
+
+    def __init__(self, problem, slowdown=(1.0,), overhead=0.0, broken=None, raise_on=None):
+        k = np.resize(np.asarray(slowdown, dtype=float), problem.num_devices)
+        from envs.calibrate import scaled_problem
+
+        self.truth = scaled_problem(problem, k)
+        self.problem, self.overhead, self.broken, self.raise_on = problem, overhead, broken, raise_on
+        self.calls = []
+
+    def measure(self, placement):
+        self.calls.append(dict(placement))
+        if self.raise_on is not None and self.raise_on in placement.values():
+            raise RuntimeError("worker died")
+        if self.broken is not None and self.broken in placement.values():
+            return FakeResult(math.inf, False, f"CUDA out of memory on {self.broken}")
+        row = self.problem.placement_to_array(placement)
+        return FakeResult(float(simulate_batch(self.truth, row[None]).step_time[0]) + self.overhead)
+
+
+def test_normalised_reward():
+    r = normalised_reward(np.array([4.0, 1.0, 0.25, np.inf, 1e9, 1.0]),
+                          np.array([True, True, True, True, True, False]), 1.0, -5.0)
+    np.testing.assert_allclose(r, [-2.0, -1.0, -0.5, -5.0, -5.0 + INVALID_MARGIN, -5.0])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), d=st.integers(1, 4))
+def test_serial_bound_keeps_penalty_below_every_simulated_reward(seed, d):
+    problem = random_problem(n=15, d=d, seed=seed, extra_edges=10)
+    model = make_reward_model(problem)
+    rows = np.random.default_rng(seed).integers(0, d, size=(64, problem.num_nodes))
+    res = simulate_batch(problem, rows)
+    assert np.all(res.step_time <= serial_time_bound(problem) * (1 + 1e-9))
+    ev = model.evaluate(rows)
+    np.testing.assert_allclose(ev.reward[ev.valid], -np.sqrt(res.step_time[ev.valid] / model.reference_time))
+    assert np.all(ev.reward[ev.valid] > model.invalid_penalty + INVALID_MARGIN - 1e-12)
+
+
+def test_reference_as_seconds_or_placement():
+    problem = random_problem(n=10, d=3, seed=0)
+    row = np.array([0, 1, 2] * 3 + [0])
+    t = float(simulate_batch(problem, row[None]).step_time[0])
+    by_dict = PlacementEnv(problem, reference=problem.array_to_placement(row), hierarchical=False)
+    by_row = PlacementEnv(problem, reference=row, hierarchical=False)
+    by_time = PlacementEnv(problem, reference=t, hierarchical=False)
+    for env in (by_dict, by_row, by_time):
+        assert env.step(np.pad(row, (0, 0)))[1] == pytest.approx(-1.0)
+    with pytest.raises(EnvConfigError, match="invalid_penalty"):
+        make_reward_model(problem, invalid_penalty=float("nan"))
+
+
+def test_measured_mode_uses_measurer_and_caches():
+    problem = random_problem(n=10, d=3, seed=1)
+    meas = FakeMeasurer(problem, slowdown=(1.0, 2.0, 3.0), overhead=1e-3)
+    env = PlacementEnv(problem, reward_mode="measured", measurer=meas, hierarchical=False)
+    # the reference is measured: the best simulated single device, run for real
+    ref_row = env.reward_model.reference_placement
+    assert meas.calls[0] == problem.array_to_placement(ref_row)
+    t_ref = float(simulate_batch(meas.truth, ref_row[None]).step_time[0]) + 1e-3
+    assert env.reward_model.reference_time == pytest.approx(t_ref)
+    row = np.array([0, 1, 2, 1, 0, 2, 1, 0, 2, 1])
+    _, r, _, _, info = env.step(row)
+    t = float(simulate_batch(meas.truth, row[None]).step_time[0]) + 1e-3
+    assert info["source"] == "measured" and info["step_time"] == pytest.approx(t)
+    assert r == pytest.approx(-math.sqrt(t / t_ref))
+    n_calls = len(meas.calls)
+    env.step(row)
+    assert len(meas.calls) == n_calls  # cached
+
+
+def test_measured_failures_get_penalty_never_crash():
+    problem = random_problem(n=8, d=3, seed=2)
+    meas = FakeMeasurer(problem, broken="gpu1", raise_on="gpu0")
+    env = PlacementEnv(problem, reward_mode="measured", measurer=meas, hierarchical=False, reference=0.01)
+    _, r, _, _, info = env.step(np.full(8, 2))  # gpu1
+    assert r == env.reward_model.invalid_penalty and not info["valid"] and "out of memory" in info["reason"]
+    _, r, _, _, info = env.step(np.full(8, 1))  # gpu0: the measurer raises
+    assert r == env.reward_model.invalid_penalty and "worker died" in info["reason"]
+    _, r, _, _, info = env.step(np.zeros(8, dtype=np.int64))
+    assert info["valid"] and r > env.reward_model.invalid_penalty
+    with pytest.raises(EnvConfigError, match="no single-device placement ran"):
+        PlacementEnv(problem, reward_mode="measured", measurer=_AlwaysFails(), hierarchical=False)
+
+
+class _AlwaysFails:
+    def measure(self, placement):
+        return FakeResult(math.inf, False, "time-out")
+
+
+def test_sequential_measured_mode_measures_only_the_final_placement():
+    problem = random_problem(n=6, d=2, seed=3)
+    meas = FakeMeasurer(problem, slowdown=(1.0, 1.5))
+    env = SequentialPlacementEnv(problem, reward_mode="measured", measurer=meas)
+    _, start = env.reset()
+    before = len(meas.calls)
+    total, done, k = 0.0, False, 0
+    while not done:
+        _, r, done, _, info = env.step(k % 2)  # a mixed placement: not the (cached) reference
+        total += r
+        k += 1
+    assert len(meas.calls) == before + 1 and info["source"] == "measured"
+    assert total == pytest.approx(info["score"] - start["score"])
+
+
+def test_hybrid_recalibrates_from_measurements():
+    problem = random_problem(n=12, d=3, seed=4)
+    meas = FakeMeasurer(problem, slowdown=(1.0, 3.0, 3.0))  # the gpus are 3x slower than the spec says
+    env = PlacementEnv(problem, reward_mode="hybrid", measurer=meas, hierarchical=False, seed=0,
+                       measure_every=8, measure_top_k=2)
+    model = env.reward_model
+    assert meas.calls == []  # the hybrid reference is simulated
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        _, _, _, _, info = env.step(rng.integers(0, 3, size=12))
+        assert info["source"] == "simulated"
+    assert len(model.measurements) == 10 and model.calibrations >= 1
+    assert model.calibration.compute_scale.max() > 1.3  # learnt that some device is slower than specified
+    rows = rng.integers(0, 3, size=(16, 12))
+    truth = simulate_batch(meas.truth, rows).step_time
+    raw = simulate_batch(problem, rows).step_time
+    calibrated = model.simulate(rows).step_time
+    assert np.mean(np.abs(calibrated - truth) / truth) < 0.5 * np.mean(np.abs(raw - truth) / truth)
+    with pytest.raises(EnvConfigError, match="measurer"):
+        PlacementEnv(problem, reward_mode="hybrid")
+    with pytest.raises(EnvConfigError, match="measure_every"):
+        PlacementEnv(problem, reward_mode="hybrid", measurer=meas, measure_every=0)
