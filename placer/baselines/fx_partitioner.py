@@ -7,7 +7,8 @@ carries ``tensor_meta`` from capture; the partitioner sizes nodes by parameters 
 bytes (``get_size_of_all_nodes``). Its device memory is therefore given in that unit:
 each accelerator's capacity scaled by (partitioner size of the model) / (training
 footprint of the model), so that the share of the model a device may hold is the same
-as under training memory. ``cost_aware`` and ``kl_based`` also take a latency per node
+as under training memory (and 10% less, up to three times, when its split still
+overfills a device). ``cost_aware`` and ``kl_based`` also take a latency per node
 (our forward + backward time, compute part) and the transfer rate (mean accelerator
 link bandwidth).
 
@@ -37,6 +38,7 @@ from placer.baselines.common import (
     NoFit,
     accelerators,
     fill_unassigned,
+    fits,
     node_cost,
     node_memory,
 )
@@ -139,17 +141,21 @@ def single_tensor_metas(gm):
                 node.meta["tensor_meta"] = meta
 
 
-def op_partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str) -> dict[str, int]:
-    """Run the fx partitioner; return op name -> device index for the ops it placed."""
+def op_partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str, scale: float = 1.0) -> dict[str, int]:
+    """Run the fx partitioner; return op name -> device index for the ops it placed.
+
+    ``scale`` shrinks the memory the partitioner is told each device has.
+    """
     gm = getattr(inputs.captured, "gm", None)
     if gm is None:
         raise BaselineError(f"fx_{mode} needs the captured model (its fx GraphModule): pass captured=...")
     gpus = accelerators(problem)
     with single_tensor_metas(gm):
-        return _partition(problem, inputs, mode, gm, gpus)
+        return _partition(problem, inputs, mode, gm, gpus, scale)
 
 
-def _partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str, gm, gpus: list[int]) -> dict[str, int]:
+def _partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str, gm, gpus: list[int],
+               scale: float) -> dict[str, int]:
     from torch.fx.experimental.accelerator_partitioner import Partitioner
     from torch.fx.experimental.partitioner_utils import Device, NodeLatency, PartitionerConfig, PartitionMode
     from torch.fx.passes.graph_manipulation import get_size_of_all_nodes
@@ -163,7 +169,7 @@ def _partition(problem: PlacementProblem, inputs: BaselineInputs, mode: str, gm,
     train_total = float(node_memory(problem).sum())
     ratio = fx_total / train_total if train_total > 0 else 1.0
     devices = [
-        Device(problem.device_names[d], int(problem.memory_capacity[d] * ratio), logical_id=i) for i, d in enumerate(gpus)
+        Device(problem.device_names[d], int(problem.memory_capacity[d] * ratio * scale), logical_id=i) for i, d in enumerate(gpus)
     ]
     latency = {}
     weights = _op_weights(problem, inputs, [n.name for n in nodes], gpus[0])
@@ -217,7 +223,14 @@ def _to_problem(problem: PlacementProblem, inputs: BaselineInputs, op_dev: dict[
 
 
 def _run(problem: PlacementProblem, inputs: BaselineInputs, mode: str) -> np.ndarray:
-    return _to_problem(problem, inputs, op_partition(problem, inputs, mode))
+    # The partitioner's size unit (params + outputs) is not training memory: when its split
+    # overfills a device, tell it about 10% less memory and ask again (a few times).
+    row = None
+    for attempt in range(4):
+        row = _to_problem(problem, inputs, op_partition(problem, inputs, mode, 0.9**attempt))
+        if fits(problem, row):
+            return row
+    return row  # the registry reports the overflow
 
 
 def size_based(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
