@@ -87,8 +87,9 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
 
     ``model_args`` entries are passed as keywords to ``get_model`` / ``get_example_inputs``
     when the function accepts them; an entry neither accepts is refused. The example inputs
-    are run through the model once (under ``torch.no_grad``) so inputs that do not fit are
-    reported here, with the failing line, rather than deep inside capture.
+    are run through the model once (under ``torch.no_grad``; on fake tensors for models over
+    :data:`REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
+    with the failing line, rather than deep inside capture.
     """
     file = Path(path)
     module = _import_file(file)
@@ -100,8 +101,8 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
         get_model = _required_function(module, "get_model", label)
         get_inputs = _required_function(module, "get_example_inputs", label)
         _check_model_args(args, [get_model, get_inputs], label)
-        model = _call_user(get_model, _accepted(get_model, args), "get_model()", label, file)
-        inputs = _call_user(get_inputs, _accepted(get_inputs, args), "get_example_inputs()", label, file)
+        model = _call_user(get_model, _accepted(get_model, args), "get_model()", label)
+        inputs = _call_user(get_inputs, _accepted(get_inputs, args), "get_example_inputs()", label)
         model_src, inputs_src = "get_model()", "get_example_inputs()"
     elif hasattr(module, "model") and hasattr(module, "example_inputs"):
         if args:
@@ -112,12 +113,11 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
             )
         model, inputs = module.model, module.example_inputs
         model_src, inputs_src = "`model`", "`example_inputs`"
+    elif hasattr(module, "model") or hasattr(module, "example_inputs"):
+        have, missing = ("model", "example_inputs") if hasattr(module, "model") else ("example_inputs", "model")
+        raise ModelFileError(f"{label} defines `{have}` but not `{missing}`; expected {EXPECTED_NAMES}")
     else:
-        defined = sorted(n for n in vars(module) if not n.startswith("_") and n in
-                         {"get_model", "get_example_inputs", "model", "example_inputs", "get_loss",
-                          "get_optimizer"})
-        found = f" (it defines only {', '.join(defined)})" if defined else ""
-        raise ModelFileError(f"{label} does not define a model{found}; expected {EXPECTED_NAMES}")
+        raise ModelFileError(f"{label} does not define a model; expected {EXPECTED_NAMES}")
 
     if not isinstance(model, nn.Module):
         raise ModelFileError(
@@ -302,7 +302,7 @@ def _check_model_args(args: dict[str, Any], fns: list[Callable], label: str) -> 
         )
 
 
-def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str, file: Path) -> Any:
+def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> Any:
     try:
         return fn(**kwargs)
     except Exception as exc:

@@ -235,3 +235,8 @@ def test_large_models_checked_on_fake_tensors(tmp_path, monkeypatch):
     assert module.calls == ["FakeTensor"]  # never ran on real tensors
     msg = load_error(tmp_path, text.format(inputs="torch.randn(4, 5)"), name="model2.py")
     assert "do not fit" in msg and "model2.py:10" in msg
+
+
+def test_half_of_the_shortcut(tmp_path):
+    msg = load_error(tmp_path, "import torch\nmodel = torch.nn.Linear(3, 2)\n")
+    assert "defines `model` but not `example_inputs`" in msg
