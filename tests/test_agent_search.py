@@ -112,3 +112,19 @@ def test_sequential_agent_places_whole_graphs(problem, tmp_path):
     assert res.best_row.shape == (problem.num_nodes,) and res.best_fits
     assert (tmp_path / "best_placement.json").exists()
     assert load_policy(tmp_path / "policy.zip", agent="sequential").policy is not None
+
+
+def test_on_improve_and_resume(problem, tmp_path):
+    improvements = []
+    first = search(problem, agent="hierarchical", budget=128, seed=0, num_envs=64, out_dir=tmp_path,
+                   on_improve=lambda row, t, n: improvements.append((t, n)))
+    assert improvements and improvements[-1][0] == first.best_step_time
+    assert [t for t, _ in improvements] == sorted((t for t, _ in improvements), reverse=True)
+    saved = load_policy(tmp_path / "policy.zip")
+    resumed = search(problem, agent="hierarchical", budget=64, seed=1, num_envs=64, out_dir=tmp_path, resume=True)
+    assert resumed.evaluated == 64
+    with pytest.raises(SearchError, match="cannot resume"):
+        search(problem, agent="hierarchical", budget=64, seed=1, num_envs=64, num_groups=3,
+               save_path=tmp_path / "policy.zip", resume=True)
+    # The failed resume left the saved policy intact.
+    assert load_policy(tmp_path / "policy.zip").policy.net.num_groups == saved.policy.net.num_groups

@@ -81,7 +81,7 @@ def search(
     num_groups: int | None = None,
     num_envs: int = 256,
     patience: int | None = DEFAULT_PATIENCE,
-    imitation_steps: int = 0,
+    imitation_steps: int = 50,
     progress: bool = False,
     tensorboard_log: str | None = None,
     save_path: str | Path | None = None,
@@ -91,6 +91,9 @@ def search(
     reinforce_config: ReinforceConfig | None = None,
     threads: int | None = 1,
     env_kwargs: dict | None = None,
+    on_improve: Callable[[np.ndarray, float, int], None] | None = None,
+    resume: bool = False,
+    imitation_lr: float = 3e-3,
 ) -> SearchResult:
     """Search placements of ``problem`` with a learning agent; return the best found.
 
@@ -119,6 +122,10 @@ def search(
         threads: torch intra-op threads during the search (None: leave as is).
         env_kwargs: more :class:`envs.placement_env.PlacementEnv` arguments (reward_mode,
             reference, invalid_penalty, node_ops, measurer, ...).
+        on_improve: called as ``on_improve(row, step_time, evaluated)`` whenever the best improves.
+        resume: start from the policy saved at ``save_path`` (or ``out_dir/policy.*``) by an
+            earlier search of the same problem, when there is one.
+        imitation_lr: Adam step size of the imitation warm start.
 
     Raises:
         SearchError: unknown agent or bad sizes.  Any error of the agent propagates after
@@ -132,7 +139,8 @@ def search(
         raise SearchError(f"num_groups must be a positive integer, got {num_groups!r}")
     rows = _check_rows(problem, initial_placements)
     tracker = BestTracker(problem, budget, patience=patience, out_dir=out_dir, callback=callback,
-                          fingerprint=fingerprint, expand=expand, progress=progress, agent=agent)
+                          fingerprint=fingerprint, expand=expand, progress=progress, agent=agent,
+                          on_improve=on_improve)
     left = tracker.remaining_placements()
     num_envs = int(num_envs) if left is None else max(1, min(int(num_envs), left))
     if save_path is None and out_dir is not None:
@@ -147,21 +155,30 @@ def search(
             if rows is not None:
                 _seed_candidates(env, tracker, rows)
             if agent in ("hierarchical", "flat"):
-                model = make_ppo(env, ppo_config, seed=seed, tensorboard_log=tensorboard_log)
-                if rows is not None and imitation_steps > 0:
-                    _imitate(model.policy, env, tracker, imitation_steps)
+                built = make_ppo(env, ppo_config, seed=seed, tensorboard_log=tensorboard_log)
+                if resume and save_path is not None and Path(save_path).exists():
+                    _resume(built, save_path)
+                elif rows is not None and imitation_steps > 0:
+                    _imitate(built.policy, env, tracker, imitation_steps, imitation_lr)
+                model = built  # only now: a failed resume must not overwrite the saved policy
                 reason = _learn_sb3(model, tracker)
             elif agent == "reinforce":
                 cfg = reinforce_config or ReinforceConfig()
-                model = make_network(env, cfg)
-                if rows is not None and imitation_steps > 0:
-                    _imitate(_NetAsPolicy(model), env, tracker, imitation_steps)
+                net = make_network(env, cfg)
+                if resume and save_path is not None and Path(save_path).exists():
+                    _resume(net, save_path)
+                elif rows is not None and imitation_steps > 0:
+                    _imitate(_NetAsPolicy(net), env, tracker, imitation_steps, imitation_lr)
+                model = net
                 train_reinforce(env, model, tracker, cfg)
             else:
                 from placer.agents.sequential import make_sequential_model
 
-                model = make_sequential_model(problem, seed=seed, tensorboard_log=tensorboard_log,
-                                              num_envs=min(num_envs, 8), env_kwargs=env_kwargs)
+                seq = make_sequential_model(problem, seed=seed, tensorboard_log=tensorboard_log,
+                                            num_envs=min(num_envs, 8), env_kwargs=env_kwargs)
+                if resume and save_path is not None and Path(save_path).exists():
+                    _resume(seq, save_path)
+                model = seq
                 reason = _learn_sb3(model, tracker, steps_per_placement=problem.num_nodes)
         except StopSearch as stop:
             reason = stop.reason
@@ -203,13 +220,13 @@ def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np
     tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1)
 
 
-def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int) -> None:
+def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
     """Behaviour-clone the best placement seen so far (the best heuristic)."""
     if tracker.best_row is None:
         return
     obs = {k: v[0] for k, v in env.reset().items()}
     action = env.env.encode(tracker.best_row)
-    behaviour_clone(policy, obs, action, steps=steps)
+    behaviour_clone(policy, obs, action, steps=steps, lr=lr)
 
 
 def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1) -> str:
@@ -221,6 +238,19 @@ def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1) -> str
     horizon = (total * steps_per_placement + model.n_envs * model.n_steps) if total is not None else 10**12
     model.learn(total_timesteps=horizon, callback=cb, progress_bar=False)
     return cb.stop_reason or "finished"
+
+
+def _resume(model, path: str | Path) -> None:
+    """Load the weights an earlier search saved at ``path`` into ``model``."""
+    try:
+        if hasattr(model, "set_parameters"):
+            model.set_parameters(str(path), device="cpu")
+        else:
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise SearchError(
+            f"cannot resume from {path}: it was saved for another problem, agent or group count ({exc})"
+        ) from None
 
 
 def _save(model, path: str | Path) -> None:

@@ -102,6 +102,7 @@ class BestTracker:
         expand: maps the problem's ``{node: device}`` to the file's (e.g. groups → ops).
         progress: show a tqdm bar with the best step time.
         agent: the agent's name, for the file's metadata.
+        on_improve: called as ``on_improve(row, step_time, evaluated)`` on every improvement.
     """
 
     problem: PlacementProblem
@@ -113,6 +114,7 @@ class BestTracker:
     expand: Callable[[dict[str, str]], dict[str, str]] | None = None
     progress: bool = False
     agent: str = ""
+    on_improve: Callable[[np.ndarray, float, int], None] | None = None
     best_row: np.ndarray | None = field(default=None, init=False)
     best_step_time: float = field(default=math.inf, init=False)
     best_fits: bool = field(default=False, init=False)
@@ -193,6 +195,8 @@ class BestTracker:
         self.history.append((self.wall_s, self.evaluated + batch, step_time))
         if self.out_dir is not None:
             self.best_path = self._write(self.evaluated + batch)
+        if self.on_improve is not None:
+            self.on_improve(self.best_row.copy(), step_time, self.evaluated + batch)
 
     def _write(self, evaluated: int) -> Path:
         from placer.placement_file import Placement, save_placement
