@@ -153,9 +153,9 @@ class Measurer:
         self._cache: dict[str, MeasureResult] = {}
         self._proc: Any = None
         self._conn: Any = None
-        self.fingerprint: str | None = None
-        self.node_names: list[str] = []
-        self.capture_method: str | None = None
+        self._fingerprint: str | None = None
+        self._node_names: list[str] = []
+        self._capture_method: str | None = None
         self.worker_starts = 0
 
     # ------------------------------------------------------------------ worker lifecycle
@@ -171,6 +171,27 @@ class Measurer:
             self.close()
         except Exception:
             pass
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the captured model (starts the worker if needed)."""
+        if self._fingerprint is None:
+            self.start()
+        return self._fingerprint  # type: ignore[return-value]
+
+    @property
+    def node_names(self) -> list[str]:
+        """The captured graph's node names, i.e. the keys a placement uses (starts the worker if needed)."""
+        if self._fingerprint is None:
+            self.start()
+        return list(self._node_names)
+
+    @property
+    def capture_method(self) -> str:
+        """``"fx"`` or ``"export"`` (starts the worker if needed)."""
+        if self._fingerprint is None:
+            self.start()
+        return self._capture_method  # type: ignore[return-value]
 
     @property
     def alive(self) -> bool:
@@ -247,10 +268,10 @@ class Measurer:
             self.close()
             raise MeasureError(f"could not load {self.model_source} for measurement: {msg[1]}")
         _, fingerprint, node_names, method = msg
-        if self.fingerprint is not None and fingerprint != self.fingerprint:
+        if self._fingerprint is not None and fingerprint != self._fingerprint:
             # The model file changed under us: cached results describe another model.
             self._cache.clear()
-        self.fingerprint, self.node_names, self.capture_method = fingerprint, list(node_names), method
+        self._fingerprint, self._node_names, self._capture_method = fingerprint, list(node_names), method
 
     def _wait(self, timeout_s: float) -> tuple[Any, str]:
         """Next message from the worker, or (None, reason) on crash or time-out."""
@@ -293,14 +314,14 @@ class Measurer:
         parallel = realized.parallel if realized is not None else True
 
         self.start()
-        unknown = sorted(set(placement) - set(self.node_names))
+        unknown = sorted(set(placement) - set(self._node_names))
         if unknown:
             raise MeasureError(
                 f"placement names {len(unknown)} node(s) the captured model does not have, e.g. {unknown[:3]}"
             )
         key = placement_hash(
             placement,
-            self.fingerprint or "",
+            self._fingerprint or "",
             {"real": real_devices, "out": output_device, "warmup": self.warmup, "repeats": self.repeats},
         )
         if self.use_cache and key in self._cache:

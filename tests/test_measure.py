@@ -88,7 +88,8 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
     })
     with Measurer(model, model_args={"flag": str(flag)}, devices=cluster, warmup=1, repeats=3,
                   timeout_s=4, num_threads=1) as m:
-        placement = _round_robin(["x", "fc1", "relu", "fc2", "output"])
+        assert m.node_names == ["x", "fc1", "relu", "fc2", "output"]  # loads the model
+        placement = _round_robin(m.node_names)
         r = m.measure(placement)
         assert r.valid, r.reason
         assert r.source == "measured" and len(r.times) == 3 and r.step_time == statistics.median(r.times)
