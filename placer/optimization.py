@@ -322,7 +322,7 @@ def optimize(
     # The search keeps its best placement so far (op level) in out_dir/best_placement.json.
     search_result = _run_search(problem, agent=agent, budget=budget, seed=seed, groups=groups,
                                 initial=initial, out_dir=out_path, progress=progress,
-                                fingerprint=captured.fingerprint, expand=grouping.expand)
+                                fingerprint=captured.fingerprint, expand=grouping.expand, resume=resume)
     seconds["search"] = time.perf_counter() - start
     candidates.append(Candidate(
         f"placer ({agent})", search_result.best_row, seconds["search"], search_result.evaluated,
@@ -395,12 +395,13 @@ def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementP
 
 def _run_search(problem: PlacementProblem, *, agent: str, budget: Budget, seed: int, groups: int | None,
                 initial: list[np.ndarray], out_dir: Path | None, progress: bool, fingerprint: str,
-                expand: Callable) -> Any:
+                expand: Callable, resume: bool) -> Any:
     from placer.agents.search import search
 
     return search(
         problem, agent=agent, budget=budget, seed=seed, out_dir=out_dir, initial_placements=initial,
         num_groups=groups, progress=progress, fingerprint=fingerprint, expand=expand,
+        resume=resume and out_dir is not None,
     )
 
 

@@ -157,3 +157,10 @@ def test_cli_optimize_then_apply_then_show(model_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "simulated on 4xK40" in printed
     assert (tmp_path / "pics" / "placed_graph.png").exists()
+
+
+def test_resume_starts_from_the_saved_placement_and_never_gets_worse(result, model_file):
+    out = result_dir(result)
+    again = placer.optimize(str(model_file), cluster="4xK40", budget="50", out_dir=out, resume=True,
+                            progress=False, baselines=("round_robin",), verbose=0)
+    assert again.step_time <= result.step_time * (1 + 1e-9)
