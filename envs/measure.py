@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from graphs.apply import realize_placement
 from graphs.errors import PlacerError
@@ -125,6 +125,8 @@ class Measurer:
         load_timeout_s: limit for starting the worker and loading + capturing the model.
         num_threads: torch intra-op threads in the worker (None: torch's default).
         cache: keep results by placement hash.
+        expand: maps the placements given to :meth:`measure` to op placements, e.g.
+            ``grouping.expand`` when callers place groups (``g0..gK``) rather than ops.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class Measurer:
         load_timeout_s: float = 600.0,
         num_threads: int | None = None,
         cache: bool = True,
+        expand: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -150,6 +153,7 @@ class Measurer:
         self.timeout_s, self.load_timeout_s = float(timeout_s), float(load_timeout_s)
         self.num_threads = num_threads
         self.use_cache = cache
+        self.expand = expand
         self._cache: dict[str, MeasureResult] = {}
         self._proc: Any = None
         self._conn: Any = None
@@ -307,6 +311,8 @@ class Measurer:
                 model does not have.
             graphs.apply.ApplyError: a device the ``devices`` mapping does not know.
         """
+        if self.expand is not None:
+            placement = self.expand(placement)
         placement = {str(k): str(v) for k, v in placement.items()}
         realized = realize_placement(placement, self.devices) if self.devices is not None else None
         real_devices = dict(realized.virtual_to_real) if realized is not None else None

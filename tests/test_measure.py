@@ -102,6 +102,11 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
 
         single = m.measure({n: "gpu0" for n in m.node_names})
         assert single.valid and not single.cached and single.placement_hash != r.placement_hash
+        # Group placements expand to op placements (what grouping.expand does).
+        m.expand = lambda groups: {op: groups["g0" if op in ("x", "fc1") else "g1"] for op in m.node_names}
+        grouped = m.measure({"g0": "gpu0", "g1": "gpu0"})
+        assert grouped.cached and grouped.placement_hash == single.placement_hash
+        m.expand = None
         assert m.worker_starts == 1  # several candidates, one load
 
         other = _round_robin(m.node_names, ("gpu1", "gpu0"))
