@@ -29,6 +29,7 @@ class Net(nn.Module):
         return self.fc2(h)
 
 def get_model(size="small", width=None):
+    print("building the model")  # chatter that must not corrupt --json
     return Net(width or {"small": 16, "paper": 32}[size])
 
 def get_example_inputs(size="small"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -44,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
         graph_format(args.save)  # refuse a bad file name before the long work
     model_args = parse_model_args(args.model_arg, size=args.size)
     devices = parse_device_list(args.devices) if args.devices else None
-    prepared = prepare(args.model, model_args=model_args, profile=not args.no_profile, devices=devices,
-                       cache_dir=args.cache_dir, leaf_modules=tuple(args.leaf))
+    # With --json, stdout carries only the JSON document: anything the model file prints
+    # while it is loaded and run goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        prepared = prepare(args.model, model_args=model_args, profile=not args.no_profile,
+                           devices=devices, cache_dir=args.cache_dir, leaf_modules=tuple(args.leaf))
     summary = graph_summary(prepared, top=args.top)
     if args.save:
         path = save_graph(prepared.captured.graph, args.save)
