@@ -84,6 +84,15 @@ class Placement:
         }
 
 
+def _json_default(value: Any) -> Any:
+    # Metadata often carries numpy scalars/arrays (step times, counts) and paths.
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def save_placement(placement: Placement, path: str | os.PathLike) -> Path:
     """Write ``placement`` as JSON to ``path`` (atomically: a partial file never replaces a good one).
 
@@ -92,7 +101,7 @@ def save_placement(placement: Placement, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     try:
-        text = json.dumps(placement.to_dict(), indent=2, allow_nan=False)
+        text = json.dumps(placement.to_dict(), indent=2, allow_nan=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise PlacementFileError(f"placement metadata cannot be written as JSON: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,14 @@ def test_fingerprint_from_graph_is_checked(tmp_path):
         load_placement(path, graph=g)
 
 
+def test_numpy_metadata_is_written_as_plain_json(tmp_path):
+    import numpy as np
+
+    p = _placement(metadata={"step_time": np.float32(0.5), "groups": np.int64(7), "busy": np.array([1.0, 2.0])})
+    loaded = load_placement(save_placement(p, tmp_path / "p.json"))
+    assert loaded.metadata == {"step_time": 0.5, "groups": 7, "busy": [1.0, 2.0]}
+
+
 def test_missing_file_and_bad_metadata(tmp_path):
     with pytest.raises(PlacementFileError, match="cannot read"):
         load_placement(tmp_path / "nope.json")
