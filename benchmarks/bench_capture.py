@@ -9,6 +9,10 @@ thread, median). Every figure is measured on this machine; nothing is simulated.
     python benchmarks/bench_capture.py                      # small zoo
     python benchmarks/bench_capture.py --size paper --models rnnlm resnet50
     python benchmarks/bench_capture.py --out benchmarks/results/capture.md
+    python benchmarks/bench_capture.py --models --scale        # only the ~1,000-op case
+
+``--scale`` adds a ~1,000-op graph (NMT, 4 layers, 25+25 unrolled steps, small widths):
+capture + profile of it must take under a minute on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from graphs.profile_cache import device_name
 from graphs.zoo import ZOO_MODELS, load_zoo_model
 
 
+# The ~1,000-op case of the issue's "Done when": (zoo model, size, model arguments).
+SCALE_CASE = ("nmt", "small", {"layers": 4, "src_len": 25, "tgt_len": 25})
+
+
 @dataclass
 class Row:
     """One benchmarked model."""
@@ -52,9 +60,10 @@ class Row:
         return self.node_sum_ms / self.step_ms if self.step_ms > 0 else float("nan")
 
 
-def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats: int) -> Row:
+def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats: int,
+                model_args: dict | None = None) -> Row:
     """Capture, profile (CPU) and group one zoo model and time its real training step."""
-    spec = load_zoo_model(name, size)
+    spec = load_zoo_model(name, size, **(model_args or {}))
     start = time.perf_counter()
     cap = capture(spec.model, spec.example_inputs, name=name)
     capture_s = time.perf_counter() - start
@@ -71,7 +80,8 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
     step = measure_training_step(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
                                  optimizer_fn=spec.optimizer_fn)
     info = cap.graph.graph["profile_info"]["cpu"]
-    return Row(name, size, cap.graph.number_of_nodes(), len(grouping.groups), capture_s, profile_s, group_s,
+    label = name + (f"[{','.join(f'{k}={v}' for k, v in model_args.items())}]" if model_args else "")
+    return Row(label, size, cap.graph.number_of_nodes(), len(grouping.groups), capture_s, profile_s, group_s,
                int(info["signatures"]), node_sum * 1e3, step * 1e3)
 
 
@@ -89,12 +99,13 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["small", "paper"], default="small")
-    parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), metavar="NAME",
+    parser.add_argument("--models", nargs="*", default=list(ZOO_MODELS), metavar="NAME",
                         help=f"zoo models (default: all of {', '.join(ZOO_MODELS)})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op signature (median)")
     parser.add_argument("--step-repeats", type=int, default=5, help="timed training steps (median)")
     parser.add_argument("--cache-dir", default=None,
                         help="profile cache (default: a fresh temporary one, so profiling is measured)")
+    parser.add_argument("--scale", action="store_true", help="also run the ~1,000-op NMT case")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in ZOO_MODELS]
@@ -104,14 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="placer-bench-") as tmp:
         cache_dir = args.cache_dir or tmp
-        for name in args.models:
+        cases = [(name, args.size, {}) for name in args.models] + ([SCALE_CASE] if args.scale else [])
+        for name, size, model_args in cases:
             try:
-                row = bench_model(name, args.size, args.repeats, cache_dir, args.step_repeats)
+                row = bench_model(name, size, args.repeats, cache_dir, args.step_repeats, model_args)
             except PlacerError as exc:
                 print(f"{name}: error: {exc}", file=sys.stderr)
                 continue
             rows.append(row)
-            print(f"{name} ({args.size}): {row.nodes} ops, {row.groups} groups, capture {row.capture_s:.2f}s, "
+            print(f"{row.model} ({size}): {row.nodes} ops, {row.groups} groups, capture {row.capture_s:.2f}s, "
                   f"profile {row.profile_s:.2f}s, ratio {row.ratio:.2f}", file=sys.stderr, flush=True)
 
     header = (f"Capture benchmark, measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
-    return 0 if len(rows) == len(args.models) else 1
+    return 0 if len(rows) == len(cases) else 1
 
 
 if __name__ == "__main__":

@@ -11,18 +11,25 @@ Method (docs/contracts.md, design "Costs"):
    inputs, and every non-tensor argument. A signature seen for the first time is timed
    in isolation on every requested device; later nodes with the same signature (the same
    LSTM cell at every unrolled time step, identical transformer blocks) reuse the timing.
-   So a 50,000-node unrolled graph costs one interpreter pass plus a few hundred timings.
+   So a 50,000-node unrolled graph costs a few hundred isolated timings.
 3. Isolated timing of one signature on one device: inputs are cloned to the device;
    inputs that require grad become non-leaf tensors (as activations are in a real step);
-   a module is deep-copied to the device. Forward = median over ``repeats`` of a timed
-   loop (after a warm-up), with autograd recording as in training. Backward = run the
-   forward, then time ``torch.autograd.grad(outputs, inputs + parameters, grad_outputs,
-   retain_graph=True)`` — equivalent in work to ``torch.autograd.backward`` but without
-   accumulating into ``.grad`` — median over ``repeats``. Fast ops are looped enough times
-   per sample (about :data:`MIN_SAMPLE_SECONDS`) that timer overhead does not dominate.
-   CUDA is synchronised around every timed region. The clock is :func:`clock_for`: this
-   thread's CPU time on the CPU (robust to other processes sharing the cores), wall time
-   on CUDA.
+   a module is deep-copied to the device. Backward = run the forward, then time
+   ``torch.autograd.grad(outputs, inputs + parameters, grad_outputs, retain_graph=True)``
+   — the same work as ``torch.autograd.backward`` without accumulating into ``.grad`` —
+   median over ``repeats``, minus the engine's fixed per-call cost
+   (:func:`engine_overhead`, ~20 µs on a CPU, paid once per real backward, not per op).
+   Fast ops are looped enough times per sample (about :data:`MIN_SAMPLE_SECONDS`) that
+   timer overhead does not dominate.
+4. Forward: ``repeats`` further runs of the whole graph time every compute node in place
+   (:func:`in_situ_forward`), minus the timer's own cost — a node timed alone in a loop
+   runs with hot caches and read up to 3x faster than inside the model. Where the whole
+   graph cannot run on a device (a model that creates CPU tensors while on CUDA), the
+   isolated forward of step 3 stays and the reason is reported.
+
+CUDA is synchronised around every timed region. The clock is :func:`clock_for`: this
+thread's CPU time on the CPU (robust to other processes sharing the cores), wall time on
+CUDA.
 
 Decisions: ``placeholder``, ``get_attr`` and ``output`` nodes cost 0 (they run no kernel;
 the transfer of their tensors is costed on edges). Views and shape queries *are* timed
@@ -38,13 +45,11 @@ device name); :mod:`graphs.profile_cache` holds that concept.
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import networkx as nx
 import torch
@@ -52,14 +57,10 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.errors import GraphError
+from graphs.op_timing import clock_for, clock_overhead, median_loop, one_cpu_thread, sync_device, time_call, tree_map
 from graphs.profile_cache import ProfileCache, device_name, inputs_key
 
 COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
-# A timed sample loops a fast op until it lasts about this long (timer overhead ~0.1 µs).
-MIN_SAMPLE_SECONDS = 2e-4
-MAX_INNER_LOOPS = 200
-
-
 class ProfileError(GraphError):
     """Profiling was asked for something it cannot do (bad device, mismatched graph, inputs that do not run)."""
 
@@ -125,33 +126,6 @@ def resolve_devices(devices: Sequence[str | torch.device] | None) -> list[torch.
     return result
 
 
-@contextmanager
-def one_cpu_thread() -> Iterator[None]:
-    """Run the block with torch at one CPU thread; the previous count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def clock_for(device: torch.device) -> Callable[[], float]:
-    """The clock that times work on ``device``: CPU time of this thread for the CPU, wall time for CUDA.
-
-    At one thread every CPU kernel (forward and, for CPU tensors, the autograd engine's
-    backward) runs on the calling thread, so its CPU time is the work done, unaffected by
-    other processes competing for the cores (on a shared 2-core machine wall time read
-    3-4x higher). CUDA work runs on the device: wall time between synchronisations.
-    """
-    return time.thread_time if device.type == "cpu" else time.perf_counter
-
-
 # --------------------------------------------------------------------------- signatures
 
 
@@ -186,130 +160,6 @@ def node_signature(node: fx.Node, module: nn.Module | None, args: tuple, kwargs:
     else:
         op = ("function", node.target)
     return (op, _value_signature(args), _value_signature(kwargs))
-
-
-# --------------------------------------------------------------------------- timing one call
-
-
-def _tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
-        return type(value)(*(_tree_map(fn, v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tree_map(fn, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tree_map(fn, v) for k, v in value.items()}
-    return value
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    _tree_map(lambda t: found.append(t), value)
-    return found
-
-
-def _median_loop(run: Callable[[], Any], device: torch.device, repeats: int, inner: int) -> float:
-    clock = clock_for(device)
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        start = clock()
-        for _ in range(inner):
-            run()
-        _sync(device)
-        samples.append((clock() - start) / inner)
-    return statistics.median(samples)
-
-
-def _inner_loops(single: float) -> int:
-    if single <= 0:
-        return MAX_INNER_LOOPS
-    return int(min(MAX_INNER_LOOPS, max(1, math.ceil(MIN_SAMPLE_SECONDS / single))))
-
-
-def _timed_once(run: Callable[[], Any], device: torch.device) -> float:
-    clock = clock_for(device)
-    _sync(device)
-    start = clock()
-    run()
-    _sync(device)
-    return clock() - start
-
-
-def time_call(fn: Callable[..., Any], args: tuple, kwargs: dict, device: torch.device,
-              repeats: int, extra_leaves: Sequence[torch.Tensor] = ()) -> tuple[float, float]:
-    """Median forward and backward seconds of ``fn(*args, **kwargs)`` on ``device``.
-
-    ``args``/``kwargs`` hold the recorded input values (any device); tensors are cloned to
-    ``device`` keeping their ``requires_grad`` flag. ``extra_leaves`` are further tensors
-    the backward differentiates (a module's parameters). Backward is 0 when no output
-    depends on anything that requires grad.
-    """
-    leaves: list[torch.Tensor] = []
-
-    def to_leaf(t: torch.Tensor) -> torch.Tensor:
-        copy_ = t.detach().to(device, copy=True)
-        if t.requires_grad and (t.is_floating_point() or t.is_complex()):
-            copy_.requires_grad_(True)
-            leaves.append(copy_)
-        return copy_
-
-    leaf_args = _tree_map(to_leaf, args)
-    leaf_kwargs = _tree_map(to_leaf, kwargs)
-
-    def activations() -> tuple[tuple, dict]:
-        # Inputs that require grad enter as non-leaf tensors, like the activations of a
-        # real step: in-place ops are then legal and the backward passes through them.
-        as_act = lambda t: t.clone() if t.requires_grad else t  # noqa: E731
-        return _tree_map(as_act, leaf_args), _tree_map(as_act, leaf_kwargs)
-
-    with torch.enable_grad():
-        fwd_args, fwd_kwargs = activations()
-        run = lambda: fn(*fwd_args, **fwd_kwargs)  # noqa: E731
-        run()  # warm-up: allocator, lazy init, kernel selection
-        inner = _inner_loops(_timed_once(run, device))
-        fwd = _median_loop(run, device, repeats, inner)
-
-        diff = leaves + [p for p in extra_leaves if p.requires_grad]
-        if not diff:
-            return fwd, 0.0
-        samples = []
-        inner_b = None
-        for _ in range(repeats + 1):  # first round is the warm-up
-            a, k = activations()
-            outs = [t for t in _tensors(fn(*a, **k)) if t.requires_grad and t.grad_fn is not None]
-            if not outs:
-                return fwd, 0.0
-            grads = [torch.randn_like(t) if (t.is_floating_point() or t.is_complex()) else None for t in outs]
-            step = lambda: torch.autograd.grad(outs, diff, grads, retain_graph=True, allow_unused=True)  # noqa: E731
-            if inner_b is None:
-                inner_b = _inner_loops(_timed_once(step, device))
-                continue
-            samples.append(_median_loop(step, device, 1, inner_b))
-        return fwd, max(statistics.median(samples) - engine_overhead(device), 0.0)
-
-
-_ENGINE_OVERHEAD: dict[str, float] = {}
-
-
-def engine_overhead(device: torch.device) -> float:
-    """Fixed cost of one ``torch.autograd.grad`` call on ``device`` (graph task set-up, ~25 µs on a CPU).
-
-    A real backward pays it once for the whole graph; timing each op with its own call
-    would pay it once per op (doubling the backward of a small model), so it is measured
-    on a minimal graph (leaf → clone) and subtracted from every op's backward.
-    """
-    key = str(device)
-    if key not in _ENGINE_OVERHEAD:
-        leaf = torch.zeros(1, device=device, requires_grad=True)
-        with torch.enable_grad():
-            out = leaf.clone()
-            grad = torch.ones_like(out)
-            step = lambda: torch.autograd.grad([out], [leaf], [grad], retain_graph=True)  # noqa: E731
-            step()
-            _ENGINE_OVERHEAD[key] = _median_loop(step, device, 7, 100)
-    return _ENGINE_OVERHEAD[key]
 
 
 # --------------------------------------------------------------------------- the pass
@@ -382,10 +232,10 @@ class _ProfilingInterpreter(fx.Interpreter):
             # forward (the usual ratio for matmul-like ops) and the node is reported.
             info.failures.append(f"{n.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             with torch.no_grad():
-                fwd_args = _tree_map(lambda t: t.detach().to(dev, copy=True), args)
-                fwd_kwargs = _tree_map(lambda t: t.detach().to(dev, copy=True), kwargs)
+                fwd_args = tree_map(lambda t: t.detach().to(dev, copy=True), args)
+                fwd_kwargs = tree_map(lambda t: t.detach().to(dev, copy=True), kwargs)
                 try:
-                    fwd = _median_loop(lambda: fn(*fwd_args, **fwd_kwargs), dev, self.repeats, 1)
+                    fwd = median_loop(lambda: fn(*fwd_args, **fwd_kwargs), dev, self.repeats, 1)
                 except Exception:  # noqa: BLE001
                     fwd = 0.0
             return fwd, 2.0 * fwd
@@ -476,24 +326,12 @@ class _InSituInterpreter(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             if n.op not in COMPUTE_OPS:
                 return getattr(self, n.op)(n.target, args, kwargs)
-            _sync(self.device)
+            sync_device(self.device)
             start = self.clock()
             result = getattr(self, n.op)(n.target, args, kwargs)
-            _sync(self.device)
+            sync_device(self.device)
             self.samples.setdefault(n.name, []).append(self.clock() - start)
             return result
-
-
-def clock_overhead(device: torch.device) -> float:
-    """Seconds one timed region costs when it times nothing (two clock reads, plus syncs on CUDA)."""
-    clock = clock_for(device)
-    samples = []
-    for _ in range(200):
-        _sync(device)
-        start = clock()
-        _sync(device)
-        samples.append(clock() - start)
-    return statistics.median(samples)
 
 
 def in_situ_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
@@ -509,7 +347,7 @@ def in_situ_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], device: t
         work, inputs = gm, tuple(example_inputs)
     else:
         work = copy.deepcopy(gm).to(device)
-        inputs = tuple(_tree_map(lambda t: t.to(device), tuple(example_inputs)))
+        inputs = tuple(tree_map(lambda t: t.to(device), tuple(example_inputs)))
     interp = _InSituInterpreter(work, device)
     with torch.enable_grad():
         interp.run(*inputs)  # warm-up: allocator, lazy initialisation

@@ -11,8 +11,8 @@ from torch import nn
 import graphs.profile as profile_mod
 from graphs.capture import capture
 from graphs.errors import PlacerError
-from graphs.profile import (ProfileError, measure_training_step, node_signature, profile_graph,
-                            resolve_devices, time_call)
+from graphs.op_timing import engine_overhead, time_call
+from graphs.profile import ProfileError, measure_training_step, node_signature, profile_graph, resolve_devices
 from graphs.profile_cache import ProfileCache, default_cache_dir, inputs_key
 
 
@@ -145,7 +145,9 @@ def test_time_call_backward_zero_without_grad_and_positive_with():
     assert fwd > 0 and bwd > 0
     # in-place op on an input that requires grad: legal on the non-leaf activation copy
     fwd, bwd = time_call(torch.relu_, (w,), {}, torch.device("cpu"), 2)
-    assert fwd > 0 and bwd > 0
+    assert fwd > 0 and bwd >= 0.0
+    # the engine's fixed per-call cost is measured once and is a few microseconds
+    assert 0 < engine_overhead(torch.device("cpu")) < 1e-3
 
 
 def test_signature_separates_settings_and_shapes():
