@@ -218,6 +218,14 @@ def test_export_fallback_maps_modules_and_runs():
     assert sum(d["param_bytes"] for d in g.nodes.values()) == sum(p.numel() * 4 for p in model.parameters())
     assert g.nodes[head]["requires_grad"] is True
     assert torch.allclose(cap.gm(x), model(x))
+    rec = Recorder(cap.gm)
+    rec.run(x)
+    for name, attrs in g.nodes(data=True):
+        ts = tensors_of(rec.values.get(name))
+        if attrs["op"] == "output" or not ts:
+            continue
+        assert attrs["shape"] == list(ts[0].shape), name
+        assert attrs["out_bytes"] == sum(t.numel() * t.element_size() for t in ts), name
 
 
 class Untraceable(nn.Module):
