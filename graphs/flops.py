@@ -30,7 +30,7 @@ VIEW_OPS = frozenset({
     "select", "slice", "getitem", "split", "split_with_sizes", "chunk", "unbind", "alias",
     "as_strided", "detach", "size", "dim", "numel", "stride", "movedim", "moveaxis",
     "swapaxes", "swapdims", "_unsafe_view", "lift_fresh_copy", "_assert_tensor_metadata",
-    "sym_size", "sym_numel", "sym_stride", "getattr", "contiguous_view", "identity",
+    "sym_size", "sym_numel", "sym_stride", "getattr",
 })
 # Ops that copy data without arithmetic: bytes, no FLOPs.
 COPY_OPS = frozenset({
@@ -198,11 +198,11 @@ def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
         w = shape_of(_arg(node, 1, "weight"))
         if w is not None:
             return linear_flops(out_shape, w[-1], _arg(node, 2, "bias") is not None)
-    if name in ("matmul", "mm", "bmm", "mul_mm", "mv", "dot", "vdot", "inner"):
+    if name in ("matmul", "mm", "bmm", "mv", "dot", "vdot", "inner"):
         a = shape_of(node.args[0]) if node.args else None
         if a is not None and len(a) > 0:
             return matmul_flops(out_shape, a[-1]) if out_shape else 2 * a[-1]
-    if name in ("addmm", "baddbmm", "addbmm", "addmv", "addr"):
+    if name in ("addmm", "baddbmm", "addbmm", "addmv"):
         m1 = shape_of(_arg(node, 1, "mat1" if name == "addmm" else "batch1"))
         if m1 is not None:
             inner = m1[-1]
