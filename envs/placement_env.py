@@ -202,6 +202,8 @@ class PlacementEnv(gym.Env):
             self.padding, self._obs["node_features"].shape[1], problem.num_devices,
             self._obs["device_features"].shape[1]))
         self.action_space = spaces.MultiDiscrete(self.decoder.nvec)
+        #: A measurer this env made itself (gym.make with model=) and closes in close().
+        self.owned_measurer: Any = None
         self.last_evaluation: Evaluation | None = None
         if seed is not None:
             self._seed(seed)
@@ -272,3 +274,10 @@ class PlacementEnv(gym.Env):
     def placement_dict(self, row: Any) -> dict[str, str]:
         """``{node name: device name}`` of a placement row."""
         return self.problem.array_to_placement(row)
+
+    def close(self) -> None:
+        """Release what the env owns: the measurement worker it started, if any."""
+        if self.owned_measurer is not None:
+            self.owned_measurer.close()
+            self.owned_measurer = None
+        super().close()

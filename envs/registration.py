@@ -22,6 +22,7 @@ environment class. Example::
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import gymnasium as gym
@@ -55,6 +56,20 @@ def build_problem(problem: Any = None, graph: Any = None, cluster: Any = None, m
         EnvConfigError: no source or several, a missing or unknown cluster, an unknown model
             or graph file, or anything else that stops the problem from being built.
     """
+    built = _build(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
+    return built.problem, built.node_ops
+
+
+@dataclass
+class _Built:
+    problem: Any
+    node_ops: list | None = None
+    cluster: Any = None
+    grouping: Any = None  # graphs.grouping.Grouping when built from a model
+
+
+def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mapping[str, Any] | None,
+           optimizer: str, profile: bool, cache_dir: str | os.PathLike | None) -> _Built:
     from envs.problem import PlacementProblem
 
     given = [name for name, v in (("problem", problem), ("graph", graph), ("model", model)) if v is not None]
@@ -69,13 +84,15 @@ def build_problem(problem: Any = None, graph: Any = None, cluster: Any = None, m
             raise EnvConfigError("cluster= and model_args= do not apply to a compiled problem= (it has its devices)")
         if not isinstance(problem, PlacementProblem):
             raise EnvConfigError(f"problem= must be an envs.problem.PlacementProblem, got {type(problem).__name__}")
-        return problem, None
+        return _Built(problem)
     if cluster is None:
         raise EnvConfigError(_cluster_hint("a cluster is needed to place a graph or model: pass cluster="))
     # The cluster first: a typo there should not cost a model capture and profile.
     cluster = _load_cluster(cluster)
+    grouping = None
     if model is not None:
-        graph = _prepare_group_graph(model, model_args, profile, cache_dir)
+        grouping = _prepare_grouping(model, model_args, profile, cache_dir)
+        graph = grouping.graph
     elif model_args:
         raise EnvConfigError("model_args= applies to model= only")
     graph = _load_graph(graph)
@@ -86,7 +103,7 @@ def build_problem(problem: Any = None, graph: Any = None, cluster: Any = None, m
         compiled = compile_problem(graph, cluster, optimizer=optimizer)
     except PlacerError as exc:
         raise EnvConfigError(f"cannot build the placement problem: {exc}") from exc
-    return compiled, graph_ops(graph, compiled.node_names)
+    return _Built(compiled, graph_ops(graph, compiled.node_names), cluster, grouping)
 
 
 def _cluster_hint(message: str) -> str:
@@ -129,39 +146,76 @@ def _load_graph(graph: Any):
                          f"got {type(graph).__name__}")
 
 
-def _prepare_group_graph(model: Any, model_args: Mapping[str, Any] | None, profile: bool,
-                         cache_dir: str | os.PathLike | None):
+def _prepare_grouping(model: Any, model_args: Mapping[str, Any] | None, profile: bool,
+                      cache_dir: str | os.PathLike | None):
     from graphs.pipeline import prepare
 
     try:
         prepared = prepare(model, model_args=model_args, profile=profile, cache_dir=cache_dir)
     except PlacerError as exc:
         raise EnvConfigError(f"cannot build the environment from model {model!r}: {exc}") from exc
-    return prepared.grouping.graph
+    return prepared.grouping
+
+
+def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
+                env_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Complete the env's keyword arguments: op kinds, and a measurer when one is needed and
+    can be made (``model=`` given, measured/hybrid mode, ``measurer`` None or "auto").
+
+    Returns the kwargs and the measurer made here (the env owns it and closes it), or None.
+    """
+    kwargs = dict(env_kwargs)
+    if built.node_ops is not None:
+        kwargs.setdefault("node_ops", built.node_ops)
+    wants = kwargs.get("reward_mode", "simulated") in ("measured", "hybrid")
+    if kwargs.get("measurer") == "auto" or (wants and kwargs.get("measurer") is None and model is not None):
+        if model is None or built.grouping is None:
+            raise EnvConfigError("measurer='auto' needs model= (a model file or 'zoo:<name>') to run; "
+                                 "pass measurer= a Measurer instead")
+        from envs.measure import Measurer
+
+        # The env places groups; the measurer expands them to ops and maps cluster devices to real ones.
+        kwargs["measurer"] = Measurer(model, model_args=model_args, devices=built.cluster,
+                                      expand=built.grouping.expand)
+        return kwargs, kwargs["measurer"]
+    return kwargs, None
+
+
+def _make(env_class: Any, problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mapping[str, Any] | None,
+          optimizer: str, profile: bool, cache_dir: str | os.PathLike | None, env_kwargs: dict[str, Any]):
+    built = _build(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
+    kwargs, owned = _env_kwargs(built, model, model_args, env_kwargs)
+    try:
+        env = env_class(built.problem, **kwargs)
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    env.owned_measurer = owned
+    return env
 
 
 def make_placement_env(problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
                        model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
                        cache_dir: str | os.PathLike | None = None, **env_kwargs: Any):
-    """A :class:`envs.placement_env.PlacementEnv` from a problem, graph + cluster, or model + cluster."""
+    """A :class:`envs.placement_env.PlacementEnv` from a problem, graph + cluster, or model + cluster.
+
+    With ``model=`` and ``reward_mode`` "measured"/"hybrid", ``measurer`` defaults to an
+    :class:`envs.measure.Measurer` of that model (closed with the env).
+    """
     from envs.placement_env import PlacementEnv
 
-    built, ops = build_problem(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
-    if ops is not None:
-        env_kwargs.setdefault("node_ops", ops)
-    return PlacementEnv(built, **env_kwargs)
+    return _make(PlacementEnv, problem, graph, cluster, model, model_args, optimizer, profile, cache_dir, env_kwargs)
 
 
 def make_sequential_env(problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
                         model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
                         cache_dir: str | os.PathLike | None = None, **env_kwargs: Any):
-    """A :class:`envs.sequential_env.SequentialPlacementEnv` from a problem, graph + cluster, or model + cluster."""
+    """A :class:`envs.sequential_env.SequentialPlacementEnv` from the same sources as :func:`make_placement_env`."""
     from envs.sequential_env import SequentialPlacementEnv
 
-    built, ops = build_problem(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
-    if ops is not None:
-        env_kwargs.setdefault("node_ops", ops)
-    return SequentialPlacementEnv(built, **env_kwargs)
+    return _make(SequentialPlacementEnv, problem, graph, cluster, model, model_args, optimizer, profile, cache_dir,
+                 env_kwargs)
 
 
 def make_vec_env(n_envs: int = 8, problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,

@@ -323,8 +323,16 @@ class MeasuredReward(RewardModel):
                 self._cache[key] = (t, valid, "" if valid else reason)
         return self._cache[key]
 
+    def _measure_reference(self, row: np.ndarray) -> tuple[float, bool, str]:
+        try:
+            return self.measure_row(row)
+        except EnvConfigError:
+            raise
+        except PlacerError as exc:  # e.g. a cluster device with no real torch device to run on
+            raise EnvConfigError(f"cannot measure the reference placement: {exc}") from exc
+
     def _reference_time_of(self, row: np.ndarray) -> float:
-        t, valid, reason = self.measure_row(row)
+        t, valid, reason = self._measure_reference(row)
         if not valid:
             raise EnvConfigError(f"the reference placement failed when measured ({reason}); pass another reference")
         return t
@@ -334,7 +342,7 @@ class MeasuredReward(RewardModel):
         reasons = []
         for dev in self.single_device_order():
             row = np.full(self.problem.num_nodes, dev, dtype=np.int64)
-            t, valid, reason = self.measure_row(row)
+            t, valid, reason = self._measure_reference(row)
             if valid:
                 return t, row
             reasons.append(f"{self.problem.device_names[dev]}: {reason}")

@@ -98,6 +98,8 @@ class SequentialPlacementEnv(gym.Env):
         graph_spaces["current_node"] = spaces.Discrete(self.padding.max_nodes)
         self.observation_space = spaces.Dict(graph_spaces)
         self.action_space = spaces.Discrete(d)
+        #: A measurer this env made itself (gym.make with model=) and closes in close().
+        self.owned_measurer: Any = None
         self.last_evaluation: Evaluation | None = None
         # Episode state (reset() sets it; a fresh env starts as if reset).
         self._row = np.full(n, self.default_device, dtype=np.int64)
@@ -225,3 +227,10 @@ class SequentialPlacementEnv(gym.Env):
         info["score"] = score
         info["node"] = self.problem.node_names[k]
         return self._observation(), float(reward), terminated, False, info
+
+    def close(self) -> None:
+        """Release what the env owns: the measurement worker it started, if any."""
+        if self.owned_measurer is not None:
+            self.owned_measurer.close()
+            self.owned_measurer = None
+        super().close()

@@ -86,3 +86,28 @@ def test_gym_make_from_zoo_model_with_profiling():
     assert info["reference_time"] > 0 and obs["node_mask"].sum() == env.unwrapped.problem.num_nodes
     _, r, terminated, _, info = env.step(env.action_space.sample())
     assert terminated and np.isfinite(r) and info["source"] == "simulated"
+
+
+@pytest.mark.slow
+def test_measured_mode_with_real_measurer_on_this_machine():
+    """gym.make with model= and reward_mode="measured" runs placements for real (here: the CPU)."""
+    env = gym.make("placer/Placement-v0", model="zoo:gpt2", cluster="real", reward_mode="measured",
+                   hierarchical=False, profile=False)
+    try:
+        env.reset(seed=0)
+        _, r, _, _, info = env.step(env.unwrapped.single_device_action(0))
+        assert info["source"] == "measured" and info["valid"] and info["step_time"] > 0
+        assert r == pytest.approx(-np.sqrt(info["step_time"] / info["reference_time"]))
+    finally:
+        env.close()
+    assert env.unwrapped.owned_measurer is None
+
+
+def test_measured_mode_on_a_cluster_without_real_devices_is_a_clear_error():
+    from envs.env_config import EnvConfigError
+
+    problem, _ = zoo_problem("gpt2")
+    with pytest.raises(EnvConfigError, match="measurer"):
+        gym.make("placer/Placement-v0", problem=problem, reward_mode="measured")
+    with pytest.raises(EnvConfigError, match="measurer='auto' needs model="):
+        gym.make("placer/Placement-v0", problem=problem, reward_mode="measured", measurer="auto")
