@@ -1,0 +1,230 @@
+"""graphs.split and the per-rank schedule of envs.distributed.runtime, in one process.
+
+The schedule is exercised with ranks as threads exchanging tensors over queues (no
+torch.distributed, no process start-up), against the plain single-process training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envs.distributed.devices import (
+    RankDeviceError,
+    is_rank_device_list,
+    parse_rank_devices,
+)
+from envs.distributed.runtime import Comm, RankStep, value_meta
+from graphs.split import SplitError, split_by_rank
+
+
+class _Net(torch.nn.Module):
+    """Branches, a tuple-valued op, an int from .size(), tied weights and an integer input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(16, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)
+        h1 = torch.relu(self.a(x))
+        h2 = torch.tanh(self.b(x)) * scale
+        parts = torch.chunk(torch.cat([h1, h2], -1), 2, dim=-1)
+        y = self.c(torch.cat([parts[1], parts[0]], -1)) + h1
+        n = y.size(-1)
+        y = self.norm(y) / n
+        return y @ self.emb.weight.t()  # tied output projection
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = _Net()
+    inputs = (torch.randint(0, 11, (3, 5)), torch.rand(1, requires_grad=False))
+    gm = fx.symbolic_trace(model)
+    return gm, inputs
+
+
+def _loss(out, tokens, scale):
+    return out.square().mean()
+
+
+class _QueueComm(Comm):
+    """Ranks as threads: one FIFO per (src, dst) pair keeps messages in send order, like NCCL."""
+
+    def __init__(self, rank: int, boxes: dict) -> None:
+        self.rank, self.boxes = rank, boxes
+
+    def isend(self, tensor, dst):
+        self.boxes[(self.rank, dst)].put(tensor.detach().clone())
+
+        class _Done:
+            def wait(self) -> None:
+                pass
+
+        return _Done()
+
+    def recv(self, tensor, src):
+        got = self.boxes[(src, self.rank)].get(timeout=20)
+        assert got.shape == tensor.shape and got.dtype == tensor.dtype, "messages matched out of order"
+        tensor.copy_(got)
+
+
+def _reference(gm, inputs, steps):
+    ref = copy.deepcopy(gm)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(ref(*inputs), *inputs)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, dict(ref.named_parameters())
+
+
+def _run_threads(gm, inputs, ranks, world, steps):
+    gm = copy.deepcopy(gm)
+    plan = split_by_rank(gm, ranks, world)
+    meta = value_meta(gm, inputs)
+    boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world) if a != b}
+    losses: dict[int, list] = {r: [] for r in range(world)}
+    errors: list[BaseException] = []
+
+    def work(rank: int) -> None:
+        try:
+            params = {id(p): p for s in plan.stages_of(rank) for p in s.module.parameters()}
+            opt = torch.optim.SGD(list(params.values()), lr=0.1, momentum=0.9) if params else None
+            step = RankStep(plan, rank, meta, inputs, _loss, "cpu", _QueueComm(rank, boxes))
+            for _ in range(steps):
+                if opt:
+                    opt.zero_grad(set_to_none=True)
+                losses[rank].append(step.step())
+                if opt:
+                    opt.step()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "the schedule deadlocked"
+    if errors:
+        raise errors[0]
+    assert all(q.empty() for q in boxes.values()), "messages left unread"
+    return plan, losses[plan.output_rank], dict(gm.named_parameters())
+
+
+def _node_names(gm):
+    return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def _module_aligned(gm, pick):
+    """Placement where every module's nodes share a rank (tied weights follow emb)."""
+    names = _node_names(gm)
+    return {n: pick(i) for i, n in enumerate(names)}
+
+
+def test_contiguous_split_is_one_stage_per_rank_and_matches():
+    gm, inputs = _setup()
+    names = _node_names(gm)
+    ranks = {n: int(i >= len(names) // 2) for i, n in enumerate(names)}
+    plan, losses, params = _run_threads(gm, inputs, ranks, 2, steps=3)
+    assert [s.rank for s in plan.stages] == [0, 1]
+    ref_losses, ref_params = _reference(gm, inputs, 3)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for k, p in ref_params.items():
+        torch.testing.assert_close(params[k], p, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=40, max_size=40), st.integers(2, 3))
+def test_random_placements_match_single_process(choice, world):
+    gm, inputs = _setup()
+    ranks = _module_aligned(gm, lambda i: choice[i % len(choice)] % world)
+    plan, losses, params = _run_threads(gm, inputs, ranks, world, steps=3)
+    ref_losses, ref_params = _reference(gm, inputs, 3)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for k, p in ref_params.items():
+        torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-6)
+
+
+def test_stages_are_acyclic_and_cover_every_node():
+    gm, _ = _setup()
+    names = _node_names(gm)
+    ranks = {n: i % 2 for i, n in enumerate(names)}
+    plan = split_by_rank(gm, ranks, 2)
+    covered = [n for s in plan.stages for n in s.nodes]
+    assert sorted(covered) == sorted(names)
+    for t in plan.transfers:
+        assert t.src_stage < t.dst_stage
+    assert [s.index for s in plan.stages] == list(range(len(plan.stages)))
+    assert plan.world_size == 2 and len(plan.stages) > 2
+
+
+def test_tied_weight_follows_its_module():
+    gm, _ = _setup()
+    names = _node_names(gm)
+    ranks = {n: 0 for n in names}
+    getattrs = [n.name for n in gm.graph.nodes if n.op == "get_attr"]
+    assert getattrs, "the test model reads emb.weight with get_attr"
+    for n in getattrs:
+        ranks[n] = 1
+    plan = split_by_rank(gm, ranks, 2)
+    owner = {n: s.rank for s in plan.stages for n in s.nodes}
+    assert all(owner[n] == 0 for n in getattrs)
+
+
+def test_bad_placements_are_refused_clearly():
+    gm, _ = _setup()
+    names = _node_names(gm)
+    with pytest.raises(SplitError, match="not in the model's graph"):
+        split_by_rank(gm, {"nope": 0}, 2)
+    with pytest.raises(SplitError, match=r"rank 5.*\[0, 2\)"):
+        split_by_rank(gm, {names[0]: 5}, 2)
+    with pytest.raises(SplitError, match="world_size"):
+        split_by_rank(gm, {}, 0)
+
+
+def test_a_module_called_on_two_ranks_is_refused():
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    gm = fx.symbolic_trace(Twice())
+    calls = [n.name for n in gm.graph.nodes if n.op == "call_module"]
+    with pytest.raises(SplitError, match="one module must be placed on one rank"):
+        split_by_rank(gm, {calls[0]: 0, calls[1]: 1}, 2)
+
+
+def test_parse_rank_devices():
+    devs = parse_rank_devices("cpu:0, cpu:1,node2:cuda:0,localhost:cpu:2")
+    assert [d.rank for d in devs] == [0, 1, 2, 3]
+    assert [d.host for d in devs] == ["", "", "node2", ""]
+    assert devs[2].torch_device == "cuda:0" and not devs[2].local and devs[3].local
+    with pytest.raises(RankDeviceError, match="listed twice"):
+        parse_rank_devices("cpu:0,localhost:cpu:0")
+    with pytest.raises(RankDeviceError, match="HOST:cpu:N"):
+        parse_rank_devices("cpu:0,gpu1")
+    with pytest.raises(RankDeviceError, match="no devices"):
+        parse_rank_devices(" , ")
+    assert is_rank_device_list("cpu:0,cpu:1")
+    assert is_rank_device_list("a:cuda:0,b:cuda:0")
+    assert not is_rank_device_list("cuda:0,cuda:1")
+    assert not is_rank_device_list("cpu,cuda:0")
