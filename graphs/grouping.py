@@ -195,6 +195,11 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
     by_module: dict[str, list[int]] = {}
     by_attr: dict[str, list[int]] = {}
     kwarg_inplace = _gm_inplace(gm)
+    shared = _shared_tensor_users(graph, index, gm)
+    # A tied weight's get_attr stays with the module that owns the tensor; its consumers
+    # get the weight over a cut edge (autograd sends the gradient back to the one tensor).
+    # Joining them too would fuse the embedding with the head and every op in between.
+    tied_attrs = {i for members in shared for i in members}
     for name, attrs in graph.nodes(data=True):
         i = index[name]
         op = attrs.get("op")
@@ -202,17 +207,63 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             by_module.setdefault(str(attrs.get("target")), []).append(i)
         elif op == "get_attr":
             by_attr.setdefault(str(attrs.get("target")), []).append(i)
-            for consumer in graph.successors(name):
-                uf.union(i, index[consumer])
+            if i not in tied_attrs:
+                for consumer in graph.successors(name):
+                    uf.union(i, index[consumer])
         if is_view(attrs) or is_inplace(attrs, name in kwarg_inplace):
             # networkx keeps predecessors in insertion order = the fx node's argument order,
             # so the first predecessor is the tensor the op aliases or mutates.
             producer = next(iter(graph.predecessors(name)), None)
             if producer is not None:
                 uf.union(i, index[producer])
-    for members in list(by_module.values()) + list(by_attr.values()):
+    for members in list(by_module.values()) + list(by_attr.values()) + shared:
         if len(members) > 1:
             uf.union_all(members)
+
+
+def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: Any = None) -> list[list[int]]:
+    """Nodes that hold the same parameter or buffer, each set a list of op indices.
+
+    Tied weights (a language-model head reusing the embedding matrix) reach the graph as
+    two nodes with different targets: a ``call_module`` of the embedding and a
+    ``get_attr`` of ``wte.weight``, or two modules sharing one tensor. Autograd
+    accumulates one gradient per tensor, so every holder must sit on one device. With the
+    GraphModule the tensors are compared by identity; without it, a ``get_attr`` joins the
+    ``call_module`` node of the module path its target starts with.
+    """
+    holders: dict[int, list[int]] = {}
+    module_nodes: dict[str, list[int]] = {}
+    for name, attrs in graph.nodes(data=True):
+        if attrs.get("op") == "call_module":
+            module_nodes.setdefault(str(attrs.get("target")), []).append(index[name])
+    if gm is not None:
+        for name, attrs in graph.nodes(data=True):
+            op, target = attrs.get("op"), str(attrs.get("target"))
+            tensors: list[Any] = []
+            try:
+                if op == "call_module":
+                    sub = gm.get_submodule(target)
+                    tensors = list(sub.parameters()) + list(sub.buffers())
+                elif op == "get_attr":
+                    owner, _, leaf = target.rpartition(".")
+                    tensors = [getattr(gm.get_submodule(owner) if owner else gm, leaf)]
+            except AttributeError:
+                continue  # a target the gm does not hold (e.g. a graph loaded from disk)
+            for t in tensors:
+                if hasattr(t, "data_ptr"):
+                    holders.setdefault(id(t), []).append(index[name])
+        return [m for m in holders.values() if len(set(m)) > 1]
+    groups: list[list[int]] = []
+    for name, attrs in graph.nodes(data=True):
+        if attrs.get("op") != "get_attr":
+            continue
+        parts = str(attrs.get("target")).split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            owners = module_nodes.get(".".join(parts[:cut]))
+            if owners:
+                groups.append([index[name], *owners])
+                break
+    return groups
 
 
 def merge_tiny(dag: GroupDAG, threshold: float, inclusive: bool = False) -> int:
