@@ -1,0 +1,205 @@
+"""The reward modes that run placements for real: ``measured`` and ``hybrid``.
+
+See :mod:`envs.rewards` for the reward itself and the ``simulated`` mode.
+
+* :class:`MeasuredReward`: every placement goes through a *measurer*, any object with
+  ``measure(placement: dict[node, device]) -> result`` where the result has ``step_time``,
+  ``valid`` and ``reason`` (:class:`envs.measure.Measurer` is one). Results are cached by
+  placement row; a run that fails or raises earns the invalid penalty (a bad request —
+  a :class:`~graphs.errors.PlacerError` — is re-raised). The reference time is measured.
+* :class:`HybridReward`: simulated rewards; every ``measure_every`` evaluated placements
+  the ``measure_top_k`` best not-yet-measured candidates are measured, and from three valid
+  measurements on the simulator is recalibrated with
+  :func:`envs.calibrate.calibrate_simulator` (per-device compute scales, link scales, a step
+  overhead). The reference, the candidate pool and later rewards use the calibrated simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from envs.env_config import EnvConfigError, positive_int
+from envs.problem import PlacementProblem
+from envs.rewards import Evaluation, RewardModel, _simulate
+from graphs.errors import PlacerError
+
+
+class MeasuredReward(RewardModel):
+    """Rewards from real step times, measured one placement at a time through ``measurer``."""
+
+    mode = "measured"
+
+    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+                 invalid_penalty: float | None = None) -> None:
+        if measurer is None or not callable(getattr(measurer, "measure", None)):
+            raise EnvConfigError(
+                "reward modes 'measured' and 'hybrid' need measurer= an object with "
+                ".measure(placement dict) -> result(step_time, valid, reason), e.g. envs.measure.Measurer"
+            )
+        self.measurer = measurer
+        self._cache: dict[bytes, tuple[float, bool, str]] = {}
+        super().__init__(problem, reference, invalid_penalty)
+
+    def measure_row(self, row: np.ndarray) -> tuple[float, bool, str]:
+        """(step time, valid, reason) of one placement row, measured once and cached."""
+        key = np.ascontiguousarray(row, dtype=np.int64).tobytes()
+        if key not in self._cache:
+            try:
+                result = self.measurer.measure(self.problem.array_to_placement(row))
+            except PlacerError:
+                raise  # a bad request (unknown node or device) is the caller's error
+            except Exception as exc:  # noqa: BLE001 - a failing run must never crash the search
+                self._cache[key] = (math.inf, False, f"measurement failed: {type(exc).__name__}: {exc}")
+            else:
+                t = float(getattr(result, "step_time", math.inf))
+                valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0
+                reason = str(getattr(result, "reason", "") or "")
+                if not valid and not reason:
+                    reason = f"measurement invalid (step time {t})"
+                self._cache[key] = (t, valid, "" if valid else reason)
+        return self._cache[key]
+
+    def _measure_reference(self, row: np.ndarray) -> tuple[float, bool, str]:
+        try:
+            return self.measure_row(row)
+        except EnvConfigError:
+            raise
+        except PlacerError as exc:  # e.g. a cluster device with no real torch device to run on
+            raise EnvConfigError(f"cannot measure the reference placement: {exc}") from exc
+
+    def _reference_time_of(self, row: np.ndarray) -> float:
+        t, valid, reason = self._measure_reference(row)
+        if not valid:
+            raise EnvConfigError(f"the reference placement failed when measured ({reason}); pass another reference")
+        return t
+
+    def _single_reference(self) -> tuple[float, np.ndarray]:
+        # Measure single-device placements in simulated order until one runs.
+        reasons = []
+        for dev in self.single_device_order():
+            row = np.full(self.problem.num_nodes, dev, dtype=np.int64)
+            t, valid, reason = self._measure_reference(row)
+            if valid:
+                return t, row
+            reasons.append(f"{self.problem.device_names[dev]}: {reason}")
+        raise EnvConfigError("no single-device placement ran when measured (" + "; ".join(reasons)
+                             + "); pass reference= a step time in seconds")
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        sim = _simulate(self.problem, rows)  # memory figures for info
+        measured = [self.measure_row(r) for r in rows]
+        step = np.array([m[0] for m in measured], dtype=np.float64)
+        valid = np.array([m[1] for m in measured], dtype=bool)
+        return Evaluation(rows, step, sim.peak_memory, sim.over_memory, valid.copy(), valid,
+                          self.rewards(step, valid), ("measured",) * rows.shape[0],
+                          tuple(m[2] for m in measured))
+
+
+@dataclass
+class _Candidate:
+    row: np.ndarray
+    sim_time: float
+    measured: bool = False
+
+
+class HybridReward(MeasuredReward):
+    """Simulated rewards; the best candidates are measured now and then and the simulator
+    recalibrated from all valid measurements so far.
+
+    Attributes:
+        measurements: list of ``(row, step_time, valid, reason)`` in measuring order.
+        calibration: the latest :class:`envs.calibrate.Calibration`, or None.
+        calibrations: how many times the simulator was recalibrated.
+    """
+
+    mode = "hybrid"
+    #: Valid measurements needed before calibrating (calibrate_simulator's minimum).
+    MIN_MEASUREMENTS = 3
+
+    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+                 invalid_penalty: float | None = None, measure_every: int = 256, measure_top_k: int = 2,
+                 pool_size: int = 16) -> None:
+        self.measure_every = positive_int("measure_every", measure_every)
+        self.measure_top_k = positive_int("measure_top_k", measure_top_k)
+        self.pool_size = max(positive_int("pool_size", pool_size), self.measure_top_k)
+        self.calibration: Any = None
+        self.calibrations = 0
+        self.measurements: list[tuple[np.ndarray, float, bool, str]] = []
+        self._pool: dict[bytes, _Candidate] = {}
+        self._since_measure = 0
+        self._calibrated_problem: PlacementProblem | None = None
+        super().__init__(problem, measurer, reference, invalid_penalty)
+
+    # Hybrid rewards are simulated, so is the reference: not measured as in MeasuredReward.
+    _reference_time_of = RewardModel._reference_time_of
+    _single_reference = RewardModel._single_reference
+
+    @property
+    def sim_problem(self) -> PlacementProblem:
+        return self._calibrated_problem if self._calibrated_problem is not None else self.problem
+
+    @property
+    def sim_overhead(self) -> float:
+        return float(self.calibration.overhead_s) if self.calibration is not None else 0.0
+
+    def _evaluate(self, rows: np.ndarray) -> Evaluation:
+        ev = self.simulate(rows)
+        self._remember(rows, ev)
+        self._since_measure += rows.shape[0]
+        if self._since_measure >= self.measure_every:
+            self._since_measure = 0
+            self.measure_best()
+        return ev
+
+    def _remember(self, rows: np.ndarray, ev: Evaluation) -> None:
+        """Keep the ``pool_size`` fastest valid candidates seen (measured ones stay, to avoid re-measuring)."""
+        for b in np.argsort(ev.step_time, kind="stable"):
+            if not ev.valid[b]:
+                continue
+            key = rows[b].tobytes()
+            if key not in self._pool:
+                self._pool[key] = _Candidate(rows[b].copy(), float(ev.step_time[b]))
+        unmeasured = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
+        for c in unmeasured[self.pool_size:]:
+            del self._pool[c.row.tobytes()]
+
+    def measure_best(self) -> int:
+        """Measure the best unmeasured candidates now, recalibrate if possible; returns how many were measured."""
+        todo = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
+        todo = todo[: self.measure_top_k]
+        for cand in todo:
+            t, valid, reason = self.measure_row(cand.row)
+            cand.measured = True
+            self.measurements.append((cand.row, t, valid, reason))
+        if todo:
+            self._recalibrate()
+        return len(todo)
+
+    def _recalibrate(self) -> None:
+        good = [(r, t) for r, t, v, _ in self.measurements if v]
+        if len(good) < self.MIN_MEASUREMENTS:
+            return
+        from envs.calibrate import CalibrationError, calibrate_simulator
+
+        try:
+            cal = calibrate_simulator(self.problem, np.stack([r for r, _ in good]), [t for _, t in good])
+        except CalibrationError:
+            return  # e.g. degenerate data; keep the current simulator
+        self.calibration = cal
+        self._calibrated_problem = cal.apply(self.problem)
+        self.calibrations += 1
+        # The reference is re-simulated on the calibrated simulator (a time in seconds stays).
+        self.reference_time, self.reference_placement = self._resolve_reference(self._reference_spec)
+        self.sim_reference_time = self._sim_reference_time()
+        if self._user_penalty is None:
+            # Keep the penalty below every valid reward on the recalibrated scale.
+            self.invalid_penalty = min(self.invalid_penalty, self._resolve_penalty(None))
+        if self._pool:
+            cands = list(self._pool.values())
+            times = _simulate(self.sim_problem, np.stack([c.row for c in cands])).step_time + self.sim_overhead
+            for c, t in zip(cands, times):
+                c.sim_time = float(t)
