@@ -109,12 +109,11 @@ def _agent_method(agent: str) -> MethodFn:
         except ImportError as exc:
             raise BenchmarkError(f"method 'agent:{agent}' needs placer.agents.search, which is not available ({exc})") from None
         t0 = time.perf_counter()
-        result = search(
-            problem, agent=agent, budget=budget or Budget(seconds=60.0), seed=seed, num_groups=None,
-            initial_placements=[], out_dir=None, on_improve=lambda *a, **k: None, progress=False, resume=False,
-        )
+        result = search(problem, agent=agent, budget=budget or Budget(seconds=60.0), seed=seed, progress=False)
+        found = result.best_row is not None and bool(result.best_fits)
+        reason = f"stopped: {result.stop_reason}" if found else f"no fitting placement found (stopped: {result.stop_reason})"
         return MethodOutcome(
-            None if result.best_row is None else np.asarray(result.best_row), f"stopped: {result.stop_reason}",
+            np.asarray(result.best_row) if found else None, reason,
             time.perf_counter() - t0, int(result.evaluated), list(result.history),
         )
 

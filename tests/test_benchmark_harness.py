@@ -146,3 +146,10 @@ def test_measured_on_real_cpu(tmp_path) -> None:
     table = run_benchmark(["rnnlm"], ["real"], ["single", "m_etf"], measure=True, out_dir=tmp_path)
     assert (table["source"] == "measured").all()
     assert (table["step_time"] > 0).all()
+
+
+@pytest.mark.slow
+def test_agent_method_runs_through_the_same_table() -> None:
+    table = run_benchmark([], [], ["agent:reinforce", "heft"], budget="300", cases=[_case()])
+    agent = table[table["method"] == "agent:reinforce"].iloc[0]
+    assert agent["fits"] and agent["evaluated"] == 300 and agent["source"] == "simulated"
