@@ -82,6 +82,20 @@ class StepResult:
     transfer_time: float
     transfer_bytes: float
 
+    def memory_problems(self, device_names: Sequence[str]) -> list[str]:
+        """One line per device over its capacity, e.g. ``"gpu0: 13.20 GiB needed, 1.20 GiB over"``."""
+        return [
+            f"{name}: {peak / 2**30:.2f} GiB needed, {over / 2**30:.2f} GiB over"
+            for name, peak, over in zip(device_names, self.peak_memory, self.over_memory)
+            if over > 0
+        ]
+
+    def describe(self, device_names: Sequence[str]) -> str:
+        """A one-line summary: step time, whether it fits (and where not), transfers."""
+        fit = "fits" if self.fits else "does not fit (" + "; ".join(self.memory_problems(device_names)) + ")"
+        return (f"step {self.step_time * 1e3:.3f} ms, {fit}, "
+                f"{self.transfer_bytes / 2**20:.1f} MiB transferred in {self.transfer_time * 1e3:.3f} ms of link time")
+
 
 @dataclass(frozen=True)
 class SimResult:

@@ -158,6 +158,9 @@ def test_not_fitting_is_reported_not_raised():
     assert both_a.over_memory.tolist() == [2420 - 2000, 0]
     split = simulate(problem, {"x0": "a", "x1": "b"})
     assert split.fits and split.over_memory.tolist() == [0, 0]
+    assert both_a.memory_problems(problem.device_names) == [f"a: {2420 / 2**30:.2f} GiB needed, {420 / 2**30:.2f} GiB over"]
+    assert "does not fit (a: " in both_a.describe(problem.device_names)
+    assert split.describe(problem.device_names).startswith("step 4.020 ms, fits")  # 4 ops + 2 copies of 10 us
 
 
 def test_transfers_overlap_compute_and_channels_serialise():
