@@ -156,3 +156,15 @@ def test_maskable_ppo_trains():
     obs, _ = env.reset()
     action, _ = model.predict(obs, action_masks=env.action_masks())
     assert env.action_masks()[int(action)]
+
+
+def test_sparse_rewards_keep_the_episode_total():
+    problem = random_problem(n=11, d=3, seed=6)
+    dense = SequentialPlacementEnv(problem, seed=1)
+    sparse = SequentialPlacementEnv(problem, seed=1, dense_rewards=False)
+    actions = [0, 2, 1, 1, 2, 0, 2, 2, 1, 0, 1]
+    r_dense, _, row_dense = run_episode(dense, lambda e, o: actions[e.current_node])
+    r_sparse, infos, row_sparse = run_episode(sparse, lambda e, o: actions[e.current_node])
+    assert np.array_equal(row_dense, row_sparse) and r_sparse[:-1] == [0.0] * 10
+    assert sum(r_sparse) == pytest.approx(sum(r_dense), abs=1e-12)
+    assert infos[-1]["source"] == "simulated" and "step_time" in infos[-1]
