@@ -1,7 +1,7 @@
 """Benchmark: capture, profile and group every zoo model; compare node times with the real step.
 
 Per model: ops and groups, the wall time of capture, profiling (a fresh cache, so the
-time is the real measurement) and grouping, how many distinct op signatures were timed,
+time is the real measurement) and grouping, the profiling method used,
 and the sum of the profiled node times (forward + backward, CPU, one thread) against the
 measured whole training step (forward + loss + backward + optimizer step, CPU, one
 thread, median). Every figure is measured on this machine; nothing is simulated.
@@ -31,7 +31,7 @@ import torch
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.grouping import group_graph
-from graphs.profile import measure_training_step, profile_graph
+from graphs.profile import measure_step_parts, profile_graph
 from graphs.profile_cache import device_name
 from graphs.zoo import ZOO_MODELS, load_zoo_model
 
@@ -51,9 +51,17 @@ class Row:
     capture_s: float
     profile_s: float
     group_s: float
-    signatures: int
-    node_sum_ms: float
+    method: str
+    node_fwd_ms: float
+    node_bwd_ms: float
+    step_fwd_ms: float
+    step_bwd_ms: float
+    step_opt_ms: float
     step_ms: float
+
+    @property
+    def node_sum_ms(self) -> float:
+        return self.node_fwd_ms + self.node_bwd_ms
 
     @property
     def ratio(self) -> float:
@@ -61,7 +69,7 @@ class Row:
 
 
 def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats: int,
-                model_args: dict | None = None) -> Row:
+                model_args: dict | None = None, method: str = "in_situ") -> Row:
     """Capture, profile (CPU) and group one zoo model and time its real training step."""
     spec = load_zoo_model(name, size, **(model_args or {}))
     start = time.perf_counter()
@@ -69,30 +77,36 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
     capture_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    profile_graph(cap, spec.example_inputs, devices=["cpu"], repeats=repeats, cache_dir=cache_dir)
+    profile_graph(cap, spec.example_inputs, devices=["cpu"], repeats=repeats, cache_dir=cache_dir, method=method)
     profile_s = time.perf_counter() - start
 
     start = time.perf_counter()
     grouping = group_graph(cap.graph, gm=cap.gm)
     group_s = time.perf_counter() - start
 
-    node_sum = sum(d["time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
-    step = measure_training_step(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
-                                 optimizer_fn=spec.optimizer_fn)
+    node_fwd = sum(d["fwd_time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
+    node_bwd = sum(d["bwd_time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
+    step = measure_step_parts(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
+                              optimizer_fn=spec.optimizer_fn)
     info = cap.graph.graph["profile_info"]["cpu"]
     label = name + (f"[{','.join(f'{k}={v}' for k, v in model_args.items())}]" if model_args else "")
     return Row(label, size, cap.graph.number_of_nodes(), len(grouping.groups), capture_s, profile_s, group_s,
-               int(info["signatures"]), node_sum * 1e3, step * 1e3)
+               info["method"] + (f" ({info['signatures']} signatures)" if info["method"] == "isolated" else ""),
+               node_fwd * 1e3, node_bwd * 1e3, step.forward * 1e3,
+               step.backward * 1e3, step.optimizer * 1e3, step.total * 1e3)
 
 
 def table(rows: list[Row]) -> str:
     """The results as a markdown table."""
-    head = ("| model | size | ops | groups | capture s | profile s | group s | signatures timed "
+    head = ("| model | size | ops | groups | capture s | profile s | group s | profile method "
+            "| node fwd / step fwd ms | node bwd / step bwd ms | step optimizer ms "
             "| sum of node times ms | measured step ms | ratio |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r.model} | {r.size} | {r.nodes} | {r.groups} | {r.capture_s:.2f} | {r.profile_s:.2f} "
-                     f"| {r.group_s:.3f} | {r.signatures} | {r.node_sum_ms:.2f} | {r.step_ms:.2f} | {r.ratio:.2f} |")
+                     f"| {r.group_s:.3f} | {r.method} | {r.node_fwd_ms:.2f} / {r.step_fwd_ms:.2f} "
+                     f"| {r.node_bwd_ms:.2f} / {r.step_bwd_ms:.2f} | {r.step_opt_ms:.2f} "
+                     f"| {r.node_sum_ms:.2f} | {r.step_ms:.2f} | {r.ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-repeats", type=int, default=5, help="timed training steps (median)")
     parser.add_argument("--cache-dir", default=None,
                         help="profile cache (default: a fresh temporary one, so profiling is measured)")
+    parser.add_argument("--method", choices=["in_situ", "isolated"], default="in_situ",
+                        help="profiling method (see graphs.profile)")
     parser.add_argument("--scale", action="store_true", help="also run the ~1,000-op NMT case")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(name, args.size, {}) for name in args.models] + ([SCALE_CASE] if args.scale else [])
         for name, size, model_args in cases:
             try:
-                row = bench_model(name, size, args.repeats, cache_dir, args.step_repeats, model_args)
+                row = bench_model(name, size, args.repeats, cache_dir, args.step_repeats, model_args, args.method)
             except PlacerError as exc:
                 print(f"{name}: error: {exc}", file=sys.stderr)
                 continue
@@ -128,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"Capture benchmark, measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
               f"on {device_name(torch.device('cpu'))} ({platform.machine()}), torch {torch.__version__}, "
-              f"CPU at one thread; profile repeats {args.repeats}; ratio = sum of profiled node times "
+              f"CPU at one thread, CPU time of the thread; profile method {args.method}, repeats {args.repeats}; ratio = sum of profiled node times "
               "(forward+backward) / measured training step (forward+loss+backward+optimizer, median of "
               f"{args.step_repeats}). All figures measured, none simulated.")
     text = header + "\n\n" + table(rows) + "\n"

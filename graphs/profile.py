@@ -1,35 +1,29 @@
 """Profiling: each node's real forward and backward time on each device kind.
 
-Method (docs/contracts.md, design "Costs"):
+Two methods (docs/contracts.md, design "Costs"); both run the captured GraphModule
+under a :class:`torch.fx.Interpreter` on the example inputs with autograd on.
 
-1. The captured GraphModule runs once under an :class:`torch.fx.Interpreter` on the
-   example inputs, with autograd on, so every node sees its real input values (and their
-   real ``requires_grad`` flags).
-2. As each compute node (``call_module``, ``call_function``, ``call_method``) runs, its
-   *signature* is taken: the op (module type, its ``extra_repr`` and parameter shapes, or
-   the function / method), the shapes, dtypes, strides and autograd flags of its tensor
-   inputs, and every non-tensor argument. A signature seen for the first time is timed
-   in isolation on every requested device; later nodes with the same signature (the same
-   LSTM cell at every unrolled time step, identical transformer blocks) reuse the timing.
-   So a 50,000-node unrolled graph costs a few hundred isolated timings.
-3. Isolated timing of one signature on one device: inputs are cloned to the device;
-   inputs that require grad become non-leaf tensors (as activations are in a real step);
-   a module is deep-copied to the device. Backward = run the forward, then time
-   ``torch.autograd.grad(outputs, inputs + parameters, grad_outputs, retain_graph=True)``
-   — the same work as ``torch.autograd.backward`` without accumulating into ``.grad`` —
-   median over ``repeats``, minus the engine's fixed per-call cost
-   (:func:`engine_overhead`, ~20 µs on a CPU, paid once per real backward, not per op).
-   Fast ops are looped enough times per sample (about :data:`MIN_SAMPLE_SECONDS`) that
-   timer overhead does not dominate.
-4. Forward: ``repeats`` further runs of the whole graph time every compute node in place
-   (:func:`in_situ_forward`), minus the timer's own cost — a node timed alone in a loop
-   runs with hot caches and read up to 3x faster than inside the model. Where the whole
-   graph cannot run on a device (a model that creates CPU tensors while on CUDA), the
-   isolated forward of step 3 stays and the reason is reported.
+``method="in_situ"`` (default, :mod:`graphs.in_situ`): ``repeats`` whole forward +
+backward runs of the graph (after a warm-up run) time every compute node where it really
+runs — its forward call, and its backward as the sum of the autograd nodes it created,
+timed by autograd hooks. Measured here, node times taken in place add up to the real
+step; taken alone in a loop, forwards read up to 3x too fast (hot caches) and backwards up
+to 2x too slow (the engine's set-up paid once per op).
 
-CUDA is synchronised around every timed region. The clock is :func:`clock_for`: this
-thread's CPU time on the CPU (robust to other processes sharing the cores), wall time on
-CUDA.
+``method="isolated"`` (and the fallback when the whole graph cannot run on a device, e.g.
+a model that creates CPU tensors while on CUDA; the reason is reported in
+``profile_info``): one run records every node's real inputs; each distinct *signature* —
+the op (module type, ``extra_repr``, parameter shapes, or the function / method), the
+shapes, dtypes, strides and autograd flags of its tensor inputs, every non-tensor
+argument — is timed once, alone (:func:`graphs.op_timing.time_call`), and reused by every
+node with that signature (the same LSTM cell at every unrolled time step), so a
+50,000-node graph costs a few hundred timings. Forward = median of looped calls;
+backward = median of ``torch.autograd.grad`` over inputs and parameters, minus the
+engine's fixed per-call cost.
+
+CUDA is synchronised around every timed region. The clock is
+:func:`graphs.op_timing.clock_for`: this thread's CPU time on the CPU (robust to other
+processes sharing the cores), wall time on CUDA.
 
 Decisions: ``placeholder``, ``get_attr`` and ``output`` nodes cost 0 (they run no kernel;
 the transfer of their tensors is costed on edges). Views and shape queries *are* timed
@@ -57,10 +51,11 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.errors import GraphError
+from graphs.in_situ import COMPUTE_OPS, in_situ_times
+from graphs.model_file import default_loss, default_optimizer
 from graphs.op_timing import clock_for, clock_overhead, median_loop, one_cpu_thread, sync_device, time_call, tree_map
 from graphs.profile_cache import ProfileCache, device_name, inputs_key
 
-COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
 class ProfileError(GraphError):
     """Profiling was asked for something it cannot do (bad device, mismatched graph, inputs that do not run)."""
 
@@ -75,13 +70,13 @@ class ProfileInfo:
     signatures: int = 0
     compute_nodes: int = 0
     seconds: float = 0.0
-    in_situ_forward: bool = False
+    method: str = ""
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"device_name": self.device_name, "cached": self.cached, "signatures": self.signatures,
                 "compute_nodes": self.compute_nodes, "seconds": self.seconds,
-                "in_situ_forward": self.in_situ_forward,
+                "method": self.method,
                 "failures": list(self.failures)}
 
 
@@ -230,7 +225,7 @@ class _ProfilingInterpreter(fx.Interpreter):
         except Exception as exc:  # noqa: BLE001 - an op that cannot run alone must not stop profiling
             # Fall back to the forward without autograd; backward is then estimated as 2x the
             # forward (the usual ratio for matmul-like ops) and the node is reported.
-            info.failures.append(f"{n.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            info.failures.append(f"{n.name} timed without autograd: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             with torch.no_grad():
                 fwd_args = tree_map(lambda t: t.detach().to(dev, copy=True), args)
                 fwd_kwargs = tree_map(lambda t: t.detach().to(dev, copy=True), kwargs)
@@ -247,7 +242,8 @@ def _fingerprint(captured: Any) -> str | None:
 
 
 def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequence[str | torch.device] | None = None,
-                  repeats: int = 5, cache_dir: str | None = None, *, use_cache: bool = True) -> None:
+                  repeats: int = 5, cache_dir: str | None = None, *, use_cache: bool = True,
+                  method: str = "in_situ") -> None:
     """Annotate every node of ``captured.graph`` with ``fwd_time``, ``bwd_time`` and ``time``.
 
     ``captured`` is a :class:`graphs.capture.CapturedModel` or anything with ``.gm`` (an fx
@@ -264,6 +260,8 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
                            f".graph (networkx.DiGraph), got {type(captured).__name__}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"repeats must be a positive integer, got {repeats!r}")
+    if method not in ("in_situ", "isolated"):
+        raise ProfileError(f"method must be 'in_situ' or 'isolated', got {method!r}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     names = [n.name for n in gm.graph.nodes]
@@ -290,14 +288,14 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
             infos[dev.type] = ProfileInfo(dev.type, dname, cached=False)
 
     if todo:
-        measured = _measure(gm, example_inputs, todo, repeats, infos)
+        measured = _measure(gm, example_inputs, todo, repeats, infos, method)
         for dev in todo:
             per_node = {name: measured.get(name, {}).get(dev.type, (0.0, 0.0)) for name in names}
             results[dev.type] = per_node
             if cache:
                 cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node)
             for failure in infos[dev.type].failures:
-                warnings.warn(f"profiling on {dev.type}: node timed without autograd ({failure})", stacklevel=2)
+                warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
 
     for name, data in graph.nodes(data=True):
         for kind, per_node in results.items():
@@ -312,91 +310,62 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
     graph.graph["profile_info"] = info_attr
 
 
-class _InSituInterpreter(fx.Interpreter):
-    """Runs the whole graph, timing each compute node where it really runs (in sequence, cold)."""
-
-    def __init__(self, gm: fx.GraphModule, device: torch.device) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.device = device
-        self.clock = clock_for(device)
-        self.samples: dict[str, list[float]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            if n.op not in COMPUTE_OPS:
-                return getattr(self, n.op)(n.target, args, kwargs)
-            sync_device(self.device)
-            start = self.clock()
-            result = getattr(self, n.op)(n.target, args, kwargs)
-            sync_device(self.device)
-            self.samples.setdefault(n.name, []).append(self.clock() - start)
-            return result
-
-
-def in_situ_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                    repeats: int) -> dict[str, float]:
-    """Median forward seconds of every compute node, timed inside ``repeats`` runs of the whole graph.
-
-    A node timed alone in a loop runs with hot caches and a warm dispatcher and reads up to
-    3x faster than inside the model; timed in place, one after the other as in a training
-    step, its forward is what the step pays. (Backward cannot be split per op this way, so
-    it is timed in isolation.) The cost of the timer itself is subtracted.
-    """
-    if device.type == "cpu":
-        work, inputs = gm, tuple(example_inputs)
-    else:
-        work = copy.deepcopy(gm).to(device)
-        inputs = tuple(tree_map(lambda t: t.to(device), tuple(example_inputs)))
-    interp = _InSituInterpreter(work, device)
-    with torch.enable_grad():
-        interp.run(*inputs)  # warm-up: allocator, lazy initialisation
-        interp.samples.clear()
-        for _ in range(repeats):
-            interp.run(*inputs)
-    overhead = clock_overhead(device)
-    return {name: max(statistics.median(vals) - overhead, 0.0) for name, vals in interp.samples.items()}
-
-
 def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[torch.device], repeats: int,
-             infos: dict[str, ProfileInfo]) -> dict[str, dict[str, tuple[float, float]]]:
-    interp = _ProfilingInterpreter(gm, devices, repeats, infos)
+             infos: dict[str, ProfileInfo], method: str) -> dict[str, dict[str, tuple[float, float]]]:
+    times: dict[str, dict[str, tuple[float, float]]] = {}
+    isolated: list[torch.device] = []
     with one_cpu_thread(), torch.enable_grad():
-        interp.run(*example_inputs)
-        times = interp.times
         for dev in devices:
-            try:
-                forward = in_situ_forward(gm, example_inputs, dev, repeats)
-            except Exception as exc:  # noqa: BLE001 - e.g. a model that makes CPU tensors while on CUDA
-                # The isolated forward times stay; the reason is reported with the profile.
-                infos[dev.type].failures.append(f"in-situ forward: {type(exc).__name__}: "
-                                                f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            if method == "isolated":
+                isolated.append(dev)
                 continue
-            infos[dev.type].in_situ_forward = True
-            for name, fwd in forward.items():
-                per_dev = dict(times[name])
-                per_dev[dev.type] = (fwd, per_dev[dev.type][1])
-                times[name] = per_dev
+            try:
+                measured = in_situ_times(gm, example_inputs, dev, repeats)
+            except Exception as exc:  # noqa: BLE001 - e.g. a model that makes CPU tensors while on CUDA
+                infos[dev.type].failures.append(f"in-situ run: {type(exc).__name__}: "
+                                                f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                isolated.append(dev)
+                continue
+            infos[dev.type].method = "in_situ"
+            infos[dev.type].compute_nodes = len(measured)
+            for name, pair in measured.items():
+                times.setdefault(name, {})[dev.type] = pair
+        if isolated:
+            interp = _ProfilingInterpreter(gm, isolated, repeats, infos)
+            interp.run(*example_inputs)
+            for name, per_dev in interp.times.items():
+                times.setdefault(name, {}).update(per_dev)
+            for dev in isolated:
+                infos[dev.type].method = "isolated"
     return times
 
 
 # --------------------------------------------------------------------------- whole step
 
 
-def measure_training_step(model: nn.Module, example_inputs: Sequence[Any],
-                          loss_fn: Callable[..., torch.Tensor] | None = None, repeats: int = 5,
-                          optimizer_fn: Callable[[Any], torch.optim.Optimizer] | None = None,
-                          warmup: int = 2, clock: str = "cpu") -> float:
-    """Median seconds of one CPU training step (forward, loss, backward, optimizer step) at one thread.
+@dataclass(frozen=True)
+class StepTimes:
+    """Median seconds of each phase of a training step (each phase's median taken on its own)."""
+
+    forward: float
+    loss: float
+    backward: float
+    optimizer: float
+    total: float  # median of the whole steps (not the sum of the phase medians)
+
+
+def measure_step_parts(model: nn.Module, example_inputs: Sequence[Any],
+                       loss_fn: Callable[..., torch.Tensor] | None = None, repeats: int = 5,
+                       optimizer_fn: Callable[[Any], torch.optim.Optimizer] | None = None,
+                       warmup: int = 2, clock: str = "cpu") -> StepTimes:
+    """Time CPU training steps (forward, loss, backward, optimizer step) at one thread, by phase.
 
     Runs on a deep copy of ``model`` so the caller's parameters are not trained.
     ``clock="cpu"`` counts this thread's CPU time (the clock node profiles use on the CPU,
-    see :func:`clock_for`); ``clock="wall"`` the elapsed time.
+    see :func:`graphs.op_timing.clock_for`); ``clock="wall"`` the elapsed time.
     ``loss_fn(output, *inputs)`` defaults to the mean of the first output tensor,
     ``optimizer_fn(params)`` to SGD (the model-file defaults).
     """
-    from graphs.model_file import default_loss, default_optimizer
-
     if not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"repeats must be a positive integer, got {repeats!r}")
     if clock not in ("cpu", "wall"):
@@ -408,18 +377,35 @@ def measure_training_step(model: nn.Module, example_inputs: Sequence[Any],
     work = copy.deepcopy(model)
     optimizer = (optimizer_fn or default_optimizer)(work.parameters())
 
-    def step() -> None:
+    def step() -> tuple[float, float, float, float]:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(work(*example_inputs), *example_inputs)
+        t0 = timer()
+        output = work(*example_inputs)
+        t1 = timer()
+        loss = loss_fn(output, *example_inputs)
+        t2 = timer()
         loss.backward()
+        t3 = timer()
         optimizer.step()
+        t4 = timer()
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
     samples = []
     with one_cpu_thread():
         for _ in range(warmup):
             step()
         for _ in range(repeats):
-            start = timer()
-            step()
-            samples.append(timer() - start)
-    return statistics.median(samples)
+            samples.append(step())
+    phases = [statistics.median(column) for column in zip(*samples)]
+    return StepTimes(*phases, total=statistics.median(sum(row) for row in samples))
+
+
+def measure_training_step(model: nn.Module, example_inputs: Sequence[Any],
+                          loss_fn: Callable[..., torch.Tensor] | None = None, repeats: int = 5,
+                          optimizer_fn: Callable[[Any], torch.optim.Optimizer] | None = None,
+                          warmup: int = 2, clock: str = "cpu") -> float:
+    """Median seconds of one CPU training step (forward, loss, backward, optimizer step) at one thread.
+
+    See :func:`measure_step_parts` (this is its ``total``).
+    """
+    return measure_step_parts(model, example_inputs, loss_fn, repeats, optimizer_fn, warmup, clock).total

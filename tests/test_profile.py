@@ -67,9 +67,9 @@ def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
     assert len(cells) == 6 and all(d["bwd_time"]["cpu"] > 0 for d in cells)
 
 
-def test_identical_calls_are_timed_once(unrolled, tmp_path):
+def test_identical_calls_are_timed_once_when_isolated(unrolled, tmp_path):
     cap, inputs = _fresh(unrolled)
-    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path, method="isolated")
     info = cap.graph.graph["profile_info"]["cpu"]
     compute = sum(1 for d in cap.graph.nodes.values()
                   if d["op"] in ("call_module", "call_function", "call_method"))
@@ -77,10 +77,12 @@ def test_identical_calls_are_timed_once(unrolled, tmp_path):
     assert info["signatures"] < compute
     cells = [d["bwd_time"]["cpu"] for d in cap.graph.nodes.values() if d.get("target") == "cell"]
     # Step 0 starts from fresh zero tensors, steps 1.. from the previous cell's outputs: at
-    # most two signatures, so at most two distinct backward timings among six calls.
-    # (Forward times are taken per node, in place inside whole-graph runs.)
+    # most two signatures, so at most two distinct timings among six calls.
     assert len(cells) == 6 and len(set(cells)) <= 2
-    assert info["in_situ_forward"] is True and not info["failures"]
+    assert info["method"] == "isolated" and not info["failures"]
+    for _, d in cap.graph.nodes(data=True):
+        if d["op"] in ("call_module", "call_function", "call_method"):
+            assert d["fwd_time"]["cpu"] > 0
 
 
 def test_second_call_is_served_from_the_cache(unrolled, tmp_path, monkeypatch):
@@ -94,6 +96,7 @@ def test_second_call_is_served_from_the_cache(unrolled, tmp_path, monkeypatch):
         raise AssertionError("a cached profile must not be measured again")
 
     monkeypatch.setattr(profile_mod, "time_call", no_timing)
+    monkeypatch.setattr(profile_mod, "in_situ_times", no_timing)
     again, _ = _fresh(unrolled)
     profile_graph(again, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
     assert {n: dict(d["time"]) for n, d in again.graph.nodes(data=True)} == first
@@ -122,13 +125,13 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_cpu_runs_at_one_thread_and_the_count_is_restored(unrolled, tmp_path, monkeypatch):
     seen = []
-    real = profile_mod.time_call
+    real = profile_mod.in_situ_times
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(profile_mod, "time_call", spy)
+    monkeypatch.setattr(profile_mod, "in_situ_times", spy)
     before = torch.get_num_threads()
     cap, inputs = _fresh(unrolled)
     profile_graph(cap, inputs, devices=["cpu"], repeats=1, use_cache=False)
@@ -172,6 +175,8 @@ def test_bad_requests_are_clear_errors(unrolled):
     if not torch.cuda.is_available():
         with pytest.raises(ProfileError, match="no CUDA device"):
             resolve_devices(["cuda:0"])
+    with pytest.raises(ProfileError, match="method"):
+        profile_graph(cap, inputs, method="guess", use_cache=False)
     with pytest.raises(ProfileError, match="repeats"):
         profile_graph(cap, inputs, repeats=0, use_cache=False)
     with pytest.raises(ProfileError, match="do not run through node"):
@@ -217,3 +222,29 @@ def test_export_captures_are_profiled_too(tmp_path):
     profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
     linear = [d for d in cap.graph.nodes.values() if d["op"] == "call_function" and "linear" in d["target"]]
     assert linear and all(d["fwd_time"]["cpu"] > 0 and d["bwd_time"]["cpu"] > 0 for d in linear)
+
+
+def test_in_situ_backward_is_attributed_and_the_model_keeps_no_grads(unrolled, tmp_path, monkeypatch):
+    model, inputs = unrolled
+    cap = capture(model, inputs, name="unrolled")
+    assert all(p.grad is None for p in model.parameters())
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, use_cache=False)
+    assert all(p.grad is None for p in model.parameters())
+    info = cap.graph.graph["profile_info"]["cpu"]
+    assert info["method"] == "in_situ" and not info["failures"]
+    cells = [d for d in cap.graph.nodes.values() if d.get("target") == "cell"]
+    assert all(d["bwd_time"]["cpu"] > 0 for d in cells)
+    heads = [d for d in cap.graph.nodes.values() if d.get("target") in ("proj", "head")]
+    assert heads and all(d["bwd_time"]["cpu"] > 0 for d in heads)
+
+
+def test_a_graph_that_cannot_run_whole_falls_back_to_isolated_timing(unrolled, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(profile_mod, "in_situ_times", broken)
+    cap, inputs = _fresh(unrolled)
+    profile_graph(cap, inputs, devices=["cpu"], repeats=1, use_cache=False)
+    info = cap.graph.graph["profile_info"]["cpu"]
+    assert info["method"] == "isolated" and "same device" in info["failures"][0]
+    assert all(d["fwd_time"]["cpu"] > 0 for d in cap.graph.nodes.values() if d["op"] == "call_module")
