@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from envs.simulator import simulate
-from placer.compare import markdown_table
+from placer.compare import format_bytes, markdown_table
 from placer.placement_file import save_placement, to_device_map
 from placer.plots import plot_memory, plot_placed_graph, plot_search_curves
 
@@ -87,7 +87,7 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
         lines.append(f"- check of the applied placement: {result.check.describe()}")
     used = sorted(set(result.placement.assignment.values()), key=list(cluster.device_names).index)
     lines.append(f"- devices used: {', '.join(used)}; peak memory "
-                 + ", ".join(f"{d}={m / 2**30:.2f} GiB" for d, m in zip(problem.device_names, step.peak_memory)))
+                 + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
     if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
         lines.append("- applied here, the virtual devices share one real device: a measured time would "
                      "show no parallelism; the step times above are the simulator's.")

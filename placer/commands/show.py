@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from envs.simulator import simulate
     from graphs.pipeline import prepare
     from placer.options import OptionError, parse_model_args
+    from placer.compare import format_bytes
     from placer.plots import plot_memory, plot_placed_graph
 
     cluster_name = args.cluster or meta.get("cluster")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"  simulated on {cluster_name}: {step.step_time * 1e3:.3f} ms per step, "
           f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
-          + ", ".join(f"{d}={m / 2**30:.2f} GiB" for d, m in zip(problem.device_names, step.peak_memory)))
+          + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
     pictures = [
         plot_placed_graph(prepared.captured.graph, placement.assignment, placement.devices, out / "placed_graph.png"),
         plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity, out / "memory.png"),
