@@ -12,9 +12,9 @@ Two bounds, the larger wins:
   ``min T  s.t.  sum_d x[i,d] = 1,  sum_i x[i,d] * t[i,d] <= T,  x >= 0`` with
   ``t = fwd + bwd``. By LP duality, for any weights ``y`` on the simplex,
   ``sum_i min_d y[d] * t[i,d] <= T*``, so evaluating that sum at any ``y`` is a valid
-  bound. We take ``y`` from the LP's dual (scipy HiGHS) and also the uniform ``y = 1/D``
-  (which gives ``sum_i min_d t[i,d] / D``, the identical-devices bound) and keep the
-  larger; the evaluated sum is certified whatever the solver's tolerance.
+  bound. Starting from the uniform ``y = 1/D`` (which gives ``sum_i min_d t[i,d] / D``,
+  the identical-devices bound) :func:`work_bound` climbs towards ``T*`` and keeps the best
+  value it evaluated: certified whatever the optimiser does.
 
 Memory limits and transfers only make real step times longer, so both stay valid.
 """
@@ -48,37 +48,48 @@ def critical_path_bound(problem: PlacementProblem) -> float:
     return float(max(fin_f.max(initial=0.0), fin_b.max(initial=0.0)))
 
 
-def _work_bound_at(times: np.ndarray, y: np.ndarray) -> float:
-    return float(np.sum(np.min(times * y[None, :], axis=1)))
+def _device_classes(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group devices with identical time columns: ([N, K] times per class, [K] devices per class)."""
+    columns, first, counts = np.unique(times.T, axis=0, return_index=True, return_counts=True)
+    del columns
+    return times[:, first], counts.astype(np.float64)
 
 
-def work_bound(problem: PlacementProblem, max_lp_variables: int = 200_000) -> float:
-    """Optimum of the fractional load balance (see the module docstring); certified via its dual."""
+def _dual_value(class_times: np.ndarray, counts: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray]:
+    """``sum_i min_c z_c / m_c * t[i, c]`` and its supergradient in ``z``."""
+    scaled = class_times * (z / counts)[None, :]
+    best = np.argmin(scaled, axis=1)
+    value = float(np.sum(scaled[np.arange(scaled.shape[0]), best]))
+    grad = np.bincount(best, weights=class_times[np.arange(scaled.shape[0]), best], minlength=len(z)) / counts
+    return value, grad
+
+
+def work_bound(problem: PlacementProblem, iterations: int = 300) -> float:
+    """The fractional load-balance bound (see the module docstring), certified via its dual.
+
+    Identical devices form a class (``m_c`` devices with the same times); with weights
+    ``z`` on the class simplex, ``sum_i min_c (z_c / m_c) * t[i, c]`` is a valid bound for
+    every ``z``. We start at ``z_c = m_c / D`` (the identical-devices bound
+    ``sum_i min_d t[i, d] / D``) and improve ``z`` by exponentiated supergradient ascent,
+    keeping the best value seen — every evaluated value is a proven bound, so stopping
+    early only makes it looser, never wrong. Fast on graphs of any size (an LP over
+    N x D variables took ~20 s for 16,000 nodes).
+    """
     times = problem.fwd_time + np.where(problem.requires_grad[:, None], problem.bwd_time, 0.0)
-    n, d = times.shape
-    best = _work_bound_at(times, np.full(d, 1.0 / d))
-    if d == 1 or n * d > max_lp_variables:
+    if times.shape[0] == 0:
+        return 0.0
+    class_times, counts = _device_classes(times)
+    z = counts / counts.sum()
+    best, grad = _dual_value(class_times, counts, z)
+    if len(counts) == 1:
         return best
-    try:
-        from scipy.optimize import linprog
-        from scipy.sparse import coo_matrix, hstack
-    except ImportError:  # pragma: no cover - scipy is a dependency, but the bound must not fail
-        return best
-    # variables: x[i, d] (row-major), then T. Constraints: sum_i x[i,d] t[i,d] - T <= 0.
-    rows = np.tile(np.arange(d), n)
-    cols = np.arange(n * d)
-    a_ub = hstack([coo_matrix((times.ravel(), (rows, cols)), shape=(d, n * d)), coo_matrix(-np.ones((d, 1)))])
-    a_eq = hstack([coo_matrix((np.ones(n * d), (np.repeat(np.arange(n), d), cols)), shape=(n, n * d)),
-                   coo_matrix((n, 1))])
-    c = np.zeros(n * d + 1)
-    c[-1] = 1.0
-    res = linprog(c, A_ub=a_ub.tocsr(), b_ub=np.zeros(d), A_eq=a_eq.tocsr(), b_eq=np.ones(n), method="highs")
-    if res.status != 0 or getattr(res, "ineqlin", None) is None:
-        return best
-    y = np.maximum(-np.asarray(res.ineqlin.marginals, dtype=np.float64), 0.0)
-    if y.sum() <= 0:
-        return best
-    return max(best, _work_bound_at(times, y / y.sum()))
+    for step in range(iterations):
+        scale = float(np.max(np.abs(grad))) or 1.0
+        z = z * np.exp((1.0 / np.sqrt(step + 1.0)) * grad / scale)
+        z /= z.sum()
+        value, grad = _dual_value(class_times, counts, z)
+        best = max(best, value)
+    return best
 
 
 def lower_bound(problem: PlacementProblem) -> float:
