@@ -15,9 +15,9 @@ over the placement graph so it can be simulated like every other method:
 but the last at ``total / G + 1.25 * mean layer size`` (``accelerate.get_balanced_memory``),
 which spreads the parameters evenly.
 
-Sizes: with ``measure="weights"`` a node weighs its ``param_bytes`` (accelerate's measure;
-used to cross-check against accelerate). The baselines use ``measure="training"``: the
-node's whole training footprint (parameters, gradients, optimizer state, kept
+Sizes: :func:`infer_device_map` takes any per-node size; given ``param_bytes``
+(accelerate's measure) it reproduces ``infer_auto_device_map`` (the tests cross-check
+this against accelerate). The baselines size a node by its whole training footprint (parameters, gradients, optimizer state, kept
 activations), so the result respects device memory. Received activation copies at cut
 edges are not known while splitting; when they overfill a device the budgets shrink by
 5% and the split is redone (up to 8 times). Ops outside every module (inputs, glue) sit
