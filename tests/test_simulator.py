@@ -223,3 +223,27 @@ def test_gantt_rows_and_png(tmp_path):
         assert all(s1 >= s0 + w0 - 1e-9 for (s0, w0), (s1, _) in zip(spans, spans[1:]))
     out = plot_gantt(problem, row, tmp_path / "step.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_work_bound_is_close_to_the_lp_optimum_and_never_above():
+    from scipy.optimize import linprog
+
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        problem = compile_problem(random_dag(rng, 12, 0.3), random_cluster(rng, 3))
+        times = problem.fwd_time + np.where(problem.requires_grad[:, None], problem.bwd_time, 0.0)
+        n, d = times.shape
+        # min T  s.t. sum_d x[i,d] = 1, sum_i x[i,d] t[i,d] <= T  (variables x row-major, then T)
+        a_ub = np.zeros((d, n * d + 1))
+        for j in range(d):
+            a_ub[j, j:n * d:d] = times[:, j]
+            a_ub[j, -1] = -1.0
+        a_eq = np.zeros((n, n * d + 1))
+        for i in range(n):
+            a_eq[i, i * d:(i + 1) * d] = 1.0
+        cost = np.zeros(n * d + 1)
+        cost[-1] = 1.0
+        optimum = linprog(cost, A_ub=a_ub, b_ub=np.zeros(d), A_eq=a_eq, b_eq=np.ones(n), method="highs").fun
+        bound = work_bound(problem)
+        assert bound <= optimum * (1 + 1e-9)
+        assert bound >= 0.97 * optimum
