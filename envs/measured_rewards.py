@@ -157,9 +157,9 @@ class HybridReward(MeasuredReward):
 
     def _remember(self, rows: np.ndarray, ev: Evaluation) -> None:
         """Keep the ``pool_size`` fastest valid candidates seen (measured ones stay, to avoid re-measuring)."""
-        for b in np.argsort(ev.step_time, kind="stable"):
-            if not ev.valid[b]:
-                continue
+        valid = np.flatnonzero(ev.valid)
+        # Only this batch's pool_size fastest can enter the pool: no need to look further.
+        for b in valid[np.argsort(ev.step_time[valid], kind="stable")][: self.pool_size]:
             key = rows[b].tobytes()
             if key not in self._pool:
                 self._pool[key] = _Candidate(rows[b].copy(), float(ev.step_time[b]))

@@ -154,3 +154,24 @@ def test_hybrid_recalibrates_from_measurements():
         PlacementEnv(problem, reward_mode="hybrid")
     with pytest.raises(EnvConfigError, match="measure_every"):
         PlacementEnv(problem, reward_mode="hybrid", measurer=meas, measure_every=0)
+
+
+def test_hybrid_in_the_batched_vec_env_measures_the_batch_best():
+    from envs.vector_env import BatchedPlacementVecEnv
+
+    problem = random_problem(n=10, d=3, seed=6)
+    meas = FakeMeasurer(problem, slowdown=(1.0, 2.0, 2.0), overhead=5e-4)
+    venv = BatchedPlacementVecEnv(problem, n_envs=16, hierarchical=False, reward_mode="hybrid", measurer=meas,
+                                  measure_every=16, measure_top_k=1, seed=0)
+    venv.reset()
+    rng = np.random.default_rng(1)
+    for step in range(3):
+        actions = rng.integers(0, 3, size=(16, 10))
+        _, rewards, _, infos = venv.step(actions)
+        measured_row = venv.env.reward_model.measurements[-1][0]
+        valid = [i for i in infos if i["valid"]]
+        if step == 0:  # before any calibration, the measured one is the batch's simulated fastest
+            best = min(valid, key=lambda i: i["step_time"])
+            assert np.array_equal(measured_row, best["placement"])
+    model = venv.env.reward_model
+    assert len(model.measurements) == 3 and len(meas.calls) == 3 and model.calibrations == 1
