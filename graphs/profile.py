@@ -52,7 +52,7 @@ from torch import nn
 
 from graphs.errors import GraphError
 from graphs.in_situ import COMPUTE_OPS, in_situ_times
-from graphs.model_file import default_loss, default_optimizer
+from graphs.model_file import default_loss, default_optimizer, preserved_buffers
 from graphs.op_timing import clock_for, clock_overhead, median_loop, one_cpu_thread, sync_device, time_call, tree_map
 from graphs.profile_cache import ProfileCache, device_name, inputs_key
 
@@ -314,7 +314,8 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
              infos: dict[str, ProfileInfo], method: str) -> dict[str, dict[str, tuple[float, float]]]:
     times: dict[str, dict[str, tuple[float, float]]] = {}
     isolated: list[torch.device] = []
-    with one_cpu_thread(), torch.enable_grad():
+    # Runs of the real model update BatchNorm statistics and the like: profiling leaves no trace.
+    with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
         for dev in devices:
             if method == "isolated":
                 isolated.append(dev)

@@ -248,3 +248,14 @@ def test_a_graph_that_cannot_run_whole_falls_back_to_isolated_timing(unrolled, m
     info = cap.graph.graph["profile_info"]["cpu"]
     assert info["method"] == "isolated" and "same device" in info["failures"][0]
     assert all(d["fwd_time"]["cpu"] > 0 for d in cap.graph.nodes.values() if d["op"] == "call_module")
+
+
+@pytest.mark.parametrize("method", ["in_situ", "isolated"])
+def test_profiling_leaves_buffers_untouched(method):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    inputs = (torch.randn(2, 3, 8, 8),)
+    cap = capture(model, inputs, name="bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, use_cache=False, method=method)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
