@@ -125,14 +125,23 @@ def parse_memory_limits(text: str | dict | None) -> dict[str, int]:
 
 
 def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Parse ``"cpu,cuda:0,cuda:1"`` into a list of device names (each well-formed, no duplicates)."""
+    """Parse ``"cpu,cuda:0,cuda:1"`` into a list of device names (each well-formed, no duplicates).
+
+    ``"cpu:0,cpu:1"`` and host-qualified ``"node2:cpu:0"`` are worker processes of the
+    distributed runtime (see ``docs/distributed.md``).
+    """
     items = [d.strip() for d in (text.split(",") if isinstance(text, str) else text)]
     items = [d for d in items if d]
     if not items:
         raise OptionError("no devices given: expected e.g. 'cpu,cuda:0'")
     for d in items:
-        if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", d):
-            raise OptionError(f"unknown device {d!r}: expected 'cpu', 'cuda:N' (or 'mps')")
+        # "cpu:N" and "HOST:cpu:N"/"HOST:cuda:N" name worker processes (ranks) of the
+        # distributed runtime (envs.distributed.devices).
+        if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?|[A-Za-z0-9_.\-]+:(cpu|cuda):\d+", d):
+            raise OptionError(
+                f"unknown device {d!r}: expected 'cpu', 'cuda:N' (or 'mps'), 'cpu:N' for a local "
+                "worker process, or 'HOST:cpu:N' / 'HOST:cuda:N' for a worker on another machine"
+            )
     seen = set()
     for d in items:
         if d in seen:

@@ -55,6 +55,15 @@ def test_device_lists_are_checked():
         parse_device_list(" , ")
 
 
+def test_device_list_accepts_distributed_ranks():
+    assert parse_device_list("cpu:0,cpu:1") == ["cpu:0", "cpu:1"]
+    assert parse_device_list("node-1:cpu:0,10.0.0.2:cuda:1") == ["node-1:cpu:0", "10.0.0.2:cuda:1"]
+    with pytest.raises(OptionError, match="HOST:cpu:N"):
+        parse_device_list("node1:tpu:0")
+    with pytest.raises(OptionError, match="HOST:cpu:N"):
+        parse_device_list("node1:cpu")
+
+
 def test_model_args_read_numbers_and_booleans():
     assert parse_model_args(["layers=4", "dropout=0.1", "tie=true", "name=x"], size="paper") == {
         "layers": 4, "dropout": 0.1, "tie": True, "name": "x", "size": "paper"}
