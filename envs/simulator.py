@@ -360,7 +360,6 @@ def _numba_kernel():
     flags = {"nnan", "ninf", "nsz"}
     G = GROUP
 
-    @njit(parallel=True, cache=True, nogil=True, fastmath=flags)
     def batch(pl, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
               lat, inv_bw, static_mem, step, busy, mem, xt, xb):
         bsz = pl.shape[0]
@@ -460,11 +459,20 @@ def _numba_kernel():
                     xt[b] = tt[g]
                     xb[b] = tb[g]
 
-    return batch
+    # Two compilations of one function: waking worker threads costs more than a small
+    # batch takes (~ms on a loaded machine), so small batches run on the calling thread.
+    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=flags)(batch)
+    serial = njit(parallel=False, cache=True, nogil=True, fastmath=flags)(batch)
+    return parallel, serial
+
+
+#: Batches smaller than this many placements run the numba kernel on one thread.
+SERIAL_BELOW = 4 * GROUP
 
 
 def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
-    kernel = _numba_kernel()
+    parallel, serial = _numba_kernel()
+    kernel = serial if pl.shape[0] < SERIAL_BELOW else parallel
     a = _arrays(problem)
     b_count = pl.shape[0]
     d_count = problem.num_devices
@@ -500,7 +508,10 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
     Raises:
         PlacementError: wrong shape, non-integer entries, or a device index out of range.
     """
-    pl = _as_batch(problem, placements)
+    return _simulate_checked(problem, _as_batch(problem, placements), backend)
+
+
+def _simulate_checked(problem: PlacementProblem, pl: np.ndarray, backend: str) -> SimResult:
     if backend not in ("auto", "numba", "numpy"):
         raise PlacementError(f"unknown simulator backend {backend!r}; expected 'auto', 'numba' or 'numpy'")
     if backend == "numba" and not HAS_NUMBA:
@@ -516,7 +527,7 @@ def simulate(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[
     pl = _as_batch(problem, placement)
     if pl.shape[0] != 1:
         raise PlacementError(f"simulate takes one placement; got a batch of {pl.shape[0]} (use simulate_batch)")
-    return simulate_batch(problem, pl, backend=backend)[0]
+    return _simulate_checked(problem, pl, backend)[0]
 
 
 def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray) -> Schedule:
