@@ -49,8 +49,8 @@ def expected_rewards(problem, rows, penalty):
 def test_checkers_pass(name, hierarchical):
     problem = PROBLEMS[name]()
     _quiet_checks(PlacementEnv(problem, hierarchical=hierarchical, seed=0))
-    _quiet_checks(PlacementEnv(problem, hierarchical=hierarchical, max_nodes=problem.num_nodes + 7,
-                               max_edges=problem.num_edges + 5, seed=0))
+    if hierarchical:  # padding: checked once per problem
+        _quiet_checks(PlacementEnv(problem, max_nodes=problem.num_nodes + 7, max_edges=problem.num_edges + 5, seed=0))
 
 
 @pytest.mark.parametrize("name", ["chain12x3", "dag40x4", "tight10x3"])
