@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["optimize", "apply", "load", "OptimizeResult"]
+__all__ = ["optimize", "apply", "load", "OptimizeResult", "place", "PlacementTuner"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +24,6 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module("placer.optimization"), name)
     if name in ("apply", "load"):
         return getattr(importlib.import_module("placer.api"), name)
+    if name in ("place", "PlacementTuner"):
+        return getattr(importlib.import_module("placer.integrations"), name)
     raise AttributeError(f"module 'placer' has no attribute {name!r}")

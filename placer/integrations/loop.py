@@ -1,0 +1,235 @@
+"""``placer.place``: a placed model for a plain PyTorch training loop, searched once and cached.
+
+Example::
+
+    import placer
+    placed = placer.place(model, (x,), cluster="4xK40", budget="30s")
+    optimizer = torch.optim.SGD(placed.parameters(), lr=0.1)   # built on the placed model
+    for x, y in data:
+        optimizer.zero_grad()
+        loss_fn(placed(x), y).backward()
+        optimizer.step()
+
+The first call searches (``placer.optimize``: baselines, then the agent, through the
+simulator) and writes the winner to the placement cache; a later call for the same model
+(same fingerprint: structure, parameter shapes, input shapes) on the same devices loads it
+and searches nothing. The cache directory is ``cache_dir``, else ``$PLACER_CACHE_DIR/placements``,
+else ``~/.cache/placer/placements``. ``placed.placer_place_info`` says which happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from envs.cluster import Cluster
+from graphs.apply import apply_placement
+from graphs.capture import CapturedModel, capture
+from graphs.errors import PlacerError
+from placer.options import OptionError
+from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
+
+log = logging.getLogger("placer")
+
+DEFAULT_PLACE_BUDGET = "30s"
+
+
+class IntegrationError(PlacerError, ValueError):
+    """Bad arguments to one of the training-loop integrations."""
+
+
+@dataclass(frozen=True)
+class PlaceInfo:
+    """How :func:`place` got its placement (attached to the placed model as ``placer_place_info``).
+
+    Attributes:
+        cache_hit: True when the placement was loaded from the cache (no search ran).
+        cache_path: the cache file read or written (None when caching is off).
+        fingerprint: the model's fingerprint.
+        cluster: the cluster's name; ``simulated`` whether its step times are simulated.
+        step_time: the placement's step time in seconds when known (simulated or measured, see ``source``).
+        source: ``"simulated"`` or ``"measured"``.
+        method: the method that found it (e.g. ``"placer (hierarchical)"``, ``"m_etf"``).
+        placement: the op-level placement.
+    """
+
+    cache_hit: bool
+    cache_path: Path | None
+    fingerprint: str
+    cluster: str
+    simulated: bool
+    step_time: float | None
+    source: str
+    method: str
+    placement: Placement
+
+
+def default_cache_dir() -> Path:
+    """``$PLACER_CACHE_DIR/placements`` when set, else ``~/.cache/placer/placements``."""
+    root = os.environ.get("PLACER_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "placer"
+    return base / "placements"
+
+
+def as_inputs(example_batch: Any) -> tuple:
+    """The model's positional inputs: a tuple as is, anything else (a tensor) as a 1-tuple."""
+    if example_batch is None:
+        raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")
+    return example_batch if isinstance(example_batch, tuple) else (example_batch,)
+
+
+def cluster_for(cluster: Any = None, devices: str | Sequence[str] | None = None,
+                memory: str | Mapping[str, Any] | None = None) -> Cluster:
+    """The devices to place on (see :func:`placer.optimization.resolve_cluster`)."""
+    from placer.optimization import resolve_cluster
+
+    if isinstance(cluster, Cluster) and devices is None and memory is None:
+        return cluster
+    return resolve_cluster(devices=devices, cluster=cluster, memory=memory)
+
+
+def cache_key(fingerprint: str, cluster: Cluster) -> str:
+    """File stem for a model on a device list: fingerprint + hash of (device name, real device) pairs.
+
+    The real devices are part of the key: a ``4xK40`` placement mapped onto the CPU here
+    and onto four GPUs elsewhere applies to different hardware.
+    """
+    devices = [[name, real] for name, real in cluster.real_device_map().items()]
+    digest = hashlib.sha256(json.dumps({"devices": devices}, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{fingerprint}-{digest}"
+
+
+def _capture(model: torch.nn.Module, inputs: tuple) -> CapturedModel:
+    if not isinstance(model, torch.nn.Module):
+        raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
+    return capture(model, inputs, name=type(model).__name__)
+
+
+def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placement | None:
+    if not path.exists():
+        return None
+    try:
+        return load_placement(path, graph=captured, devices=cluster.device_names)
+    except PlacementFileError as exc:
+        # Our own cache file: a stale or damaged one is searched again and overwritten, not fatal.
+        log.warning("placer: ignoring cached placement %s (%s); searching again", path, exc)
+        return None
+
+
+def find_placement(
+    model: torch.nn.Module,
+    example_batch: Any,
+    *,
+    cluster: Any = None,
+    devices: str | Sequence[str] | None = None,
+    budget: Any = DEFAULT_PLACE_BUDGET,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    memory: str | Mapping[str, Any] | None = None,
+    loss_fn: Callable | None = None,
+    optimizer_fn: Callable | None = None,
+    seed: int = 0,
+    check: bool = True,
+    verbose: int = 0,
+) -> tuple[CapturedModel, Cluster, PlaceInfo]:
+    """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
+    inputs = as_inputs(example_batch)
+    the_cluster = cluster_for(cluster, devices, memory)
+    captured = _capture(model, inputs)
+    path = None
+    if use_cache:
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        path = folder / f"{cache_key(captured.fingerprint, the_cluster)}.json"
+        cached = _read_cache(path, captured, the_cluster)
+        if cached is not None:
+            meta = cached.metadata
+            info = PlaceInfo(True, path, captured.fingerprint, the_cluster.name, the_cluster.simulated,
+                             meta.get("step_time"), str(meta.get("source", "")), str(meta.get("method", "")),
+                             cached)
+            return captured, the_cluster, info
+
+    from placer.optimization import optimize
+
+    result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
+                      optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose)
+    placement = result.placement
+    if placement.fingerprint != captured.fingerprint:
+        raise PlacerError(  # would mean capture is not deterministic: say so rather than mis-apply
+            f"the search captured the model as {placement.fingerprint}, this call as {captured.fingerprint}"
+        )
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_placement(placement, path)
+        except OSError as exc:
+            raise OptionError(f"cannot write the placement cache {str(path)!r}: {exc.strerror or exc}; "
+                              "pass cache_dir= a writable folder or use_cache=False") from exc
+    info = PlaceInfo(False, path, captured.fingerprint, the_cluster.name, the_cluster.simulated,
+                     result.step_time, result.source, result.winner, placement)
+    return captured, the_cluster, info
+
+
+def place(
+    model: torch.nn.Module,
+    example_batch: Any,
+    *,
+    cluster: Any = None,
+    devices: str | Sequence[str] | None = None,
+    budget: Any = DEFAULT_PLACE_BUDGET,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    memory: str | Mapping[str, Any] | None = None,
+    loss_fn: Callable | None = None,
+    optimizer_fn: Callable | None = None,
+    output_device: str | None = None,
+    seed: int = 0,
+    check: bool = True,
+    verbose: int = 0,
+) -> torch.fx.GraphModule:
+    """Return ``model`` placed over the devices, searching once per model and device list.
+
+    Args:
+        model: the ``nn.Module`` to place (left untouched; the result holds moved copies
+            of its parameters under the same qualified names).
+        example_batch: the model's inputs, ``model(*example_batch)`` (a tensor means ``(tensor,)``).
+        cluster: a preset name (``"4xK40"``), spec file or ``Cluster`` (simulated; virtual
+            devices run on their mapped real device); or ``devices``: real devices,
+            ``"cpu,cuda:0"``. Default as :func:`placer.optimize`.
+        budget: the search budget when nothing is cached (``"30s"``, ``"20k"``).
+        cache_dir: the placement cache (default :func:`default_cache_dir`); ``use_cache=False``
+            always searches and writes nothing.
+        memory: per-device memory caps (``"cuda:0=20GiB"``).
+        loss_fn, optimizer_fn: the training loss and optimizer the search costs (defaults:
+            sum of the output, SGD).
+        output_device: where outputs are gathered (default: the output node's device).
+        check: compare the searched placement's outputs and gradients with the model's.
+
+    Returns:
+        An ``fx.GraphModule``; build the optimizer on its parameters. It carries
+        ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
+        :func:`graphs.apply.apply_placement`.
+
+    Raises:
+        PlacerError subclasses: a model that cannot be captured, unknown devices or
+        cluster, an unwritable cache, no placement that fits.
+    """
+    captured, the_cluster, info = find_placement(
+        model, example_batch, cluster=cluster, devices=devices, budget=budget, cache_dir=cache_dir,
+        use_cache=use_cache, memory=memory, loss_fn=loss_fn, optimizer_fn=optimizer_fn, seed=seed,
+        check=check, verbose=verbose,
+    )
+    placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
+                             real_devices=the_cluster.real_device_map())
+    placed.placer_place_info = info
+    if verbose:
+        how = "loaded from cache" if info.cache_hit else f"searched ({info.method})"
+        print(f"placer: {type(model).__name__} placed on {the_cluster.name}: {how}"
+              + (f", {info.source} step {info.step_time * 1e3:.3g} ms" if info.step_time else ""))
+    return placed
