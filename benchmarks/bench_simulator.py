@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 from envs.cluster import load_cluster  # noqa: E402
 from envs.problem import compile_problem  # noqa: E402
 from envs.reference_simulator import simulate_reference  # noqa: E402
-from envs.simulator import HAS_NUMBA, simulate_batch  # noqa: E402
+from envs.simulator import HAS_NUMBA, simulate, simulate_batch  # noqa: E402
 
 
 def layered_dag(num_nodes: int, width: int = 8, seed: int = 0) -> nx.DiGraph:
@@ -105,6 +105,12 @@ def bench_graph(label: str, graph: nx.DiGraph, cluster_name: str, batches: list[
             simulate_batch(problem, sub, backend=backend)  # warm-up (JIT load, caches)
             wall, cpu = rate(lambda: simulate_batch(problem, sub, backend=backend), batch, repeats)
             rows.append(dict(base, path=f"{backend} batched", batch=batch, rate=wall, cpu_rate=cpu))
+        # One placement per call, as a Gym environment step does.
+        single = placements[0]
+        simulate(problem, single, backend=backend)
+        calls = 200 if backend == "numba" else 5
+        wall, cpu = rate(lambda: [simulate(problem, single, backend=backend) for _ in range(calls)], calls, repeats)
+        rows.append(dict(base, path=f"{backend}, one placement per call (simulate)", batch=1, rate=wall, cpu_rate=cpu))
     for row in rows:
         row["vs_reference"] = row["rate"] / ref_rate
     return rows
