@@ -7,11 +7,12 @@ placement (out of memory, failed or timed-out run, non-finite time) earns the fi
 ``invalid_penalty``. Valid rewards are clipped at ``invalid_penalty + INVALID_MARGIN`` so
 that every invalid placement scores strictly below every valid one, whatever the times.
 
-The default penalty is ``-sqrt(t_serial / t_ref) - INVALID_MARGIN``, where ``t_serial``
-(:func:`serial_time_bound`) runs every op on its slowest device and every transfer over
-the slowest link one after the other: no simulated schedule is slower, so in simulated
-mode the clip never bites and the penalty sits just below the worst possible valid
-reward. (Measured and calibrated times can exceed the bound; those are clipped.)
+The default penalty is ``-sqrt(max(t_serial / t_ref_sim, 4)) - INVALID_MARGIN``, where
+``t_serial`` (:func:`serial_time_bound`) runs every op on its slowest device and every
+transfer over the slowest link one after the other and ``t_ref_sim`` is the reference's
+simulated time: no simulated schedule is slower than ``t_serial``, so in simulated mode the
+clip never bites and the penalty sits just below the worst possible valid reward.
+(Measured and calibrated times can exceed the bound; those are clipped.)
 
 **Modes** (:func:`make_reward_model`):
 
@@ -41,6 +42,10 @@ REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
 
 #: Gap between the invalid penalty and the lowest valid reward.
 INVALID_MARGIN = 0.5
+
+#: The default penalty leaves room for valid placements at least this many times slower
+#: than the reference (reward -2) even when the serial bound is tighter.
+MIN_WORST_RATIO = 4.0
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -234,8 +239,11 @@ class RewardModel:
 
     def _resolve_penalty(self, invalid_penalty: float | None) -> float:
         if invalid_penalty is None:
-            bound = serial_time_bound(self.problem)
-            return -math.sqrt(max(bound, self.reference_time) / self.reference_time) - INVALID_MARGIN
+            # The bound is a simulated time: compare it with the reference's simulated time (in
+            # measured mode the measured ratio t / t_ref follows the simulated one, not the bound
+            # itself). At least MIN_WORST_RATIO, so a few-times-slower run is never clipped.
+            ratio = (serial_time_bound(self.sim_problem) + self.sim_overhead) / self.sim_reference_time
+            return -math.sqrt(max(ratio, MIN_WORST_RATIO)) - INVALID_MARGIN
         p = float(invalid_penalty)
         # The reference (-1) must stay above the clip at penalty + margin.
         if not math.isfinite(p) or p >= -1.0 - INVALID_MARGIN:
