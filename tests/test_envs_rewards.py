@@ -175,3 +175,13 @@ def test_hybrid_in_the_batched_vec_env_measures_the_batch_best():
             assert np.array_equal(measured_row, best["placement"])
     model = venv.env.reward_model
     assert len(model.measurements) == 3 and len(meas.calls) == 3 and model.calibrations == 1
+
+
+def test_measured_overhead_does_not_squeeze_the_penalty():
+    """Real steps pay overheads the simulator does not see; slow placements must stay distinguishable."""
+    problem = random_problem(n=8, d=3, seed=7)
+    meas = FakeMeasurer(problem, overhead=1.0)  # every measured step is ~1 s longer than simulated
+    env = PlacementEnv(problem, reward_mode="measured", measurer=meas, hierarchical=False)
+    assert env.reward_model.invalid_penalty <= -math.sqrt(4.0) - INVALID_MARGIN
+    rewards = {env.step(row)[1] for row in np.random.default_rng(0).integers(0, 3, size=(6, 8))}
+    assert len(rewards) == 6 and min(rewards) > env.reward_model.invalid_penalty + INVALID_MARGIN
