@@ -75,6 +75,10 @@ def resolve_cluster(
         raise OptionError("give either real devices (--devices) or a simulated cluster (--cluster), not both")
     if devices is not None:
         wanted = parse_device_list(devices)
+        if _is_rank_device_list(wanted):
+            result = _distributed_cluster(wanted)
+            limits = parse_memory_limits(memory)
+            return _with_memory_limits(result, limits) if limits else result
         real = discover_cluster()
         present = set(real.device_names)
         absent = [d for d in wanted if d not in present]
@@ -285,9 +289,9 @@ def optimize(
         source: Any = _to_spec(model, example_inputs, loss_fn, optimizer_fn, None)
     else:
         source = model
-    profile_devices = None if the_cluster.simulated else [
-        d.real_device or d.name for d in the_cluster.devices
-    ]
+    profile_devices = None if the_cluster.simulated else list(dict.fromkeys(
+        d.real_device or d.name for d in the_cluster.devices  # rank workers share one real kind
+    ))
     prepared = prepare(source, model_args=model_args, profile=True, devices=profile_devices,
                        cache_dir=cache_dir)
     seconds["prepare"] = time.perf_counter() - start
@@ -417,6 +421,10 @@ def _measure_best(candidates: list[Candidate], problem: PlacementProblem, groupi
         return  # an in-memory module cannot be re-loaded in a worker process
     sim = simulate_batch(problem, np.stack([c.row for c in found]))
     order = np.argsort(np.where(sim.fits, sim.step_time, np.inf))[:top]
+    if _is_distributed(cluster):
+        _measure_distributed([found[int(i)] for i in order], problem, grouping, captured, cluster, spec,
+                             model_args, source)
+        return
     with Measurer(source, model_args=dict(model_args or {}), devices=cluster) as measurer:
         for i in order:
             c = found[int(i)]
@@ -426,3 +434,46 @@ def _measure_best(candidates: list[Candidate], problem: PlacementProblem, groupi
                 c.measured_step_time = res.step_time
             else:
                 c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {res.reason}"
+
+
+# --------------------------------------------------------------------------- distributed hook
+# Devices named by rank ("cpu:0,cpu:1", "host:cpu:0") are worker processes of the
+# torch.distributed runtime (envs.distributed, issue 10): the cluster is built from
+# ping-pong measured links, and candidates are measured through the runtime.
+
+
+def _is_rank_device_list(names: Sequence[str]) -> bool:
+    from envs.distributed.devices import is_rank_device_list
+
+    return is_rank_device_list(list(names))
+
+
+def _is_distributed(cluster: Cluster) -> bool:
+    from envs.distributed.devices import is_distributed_cluster
+
+    return is_distributed_cluster(cluster)
+
+
+def _distributed_cluster(names: Sequence[str]) -> Cluster:
+    from envs.distributed.devices import RankDeviceError, rank_cluster
+
+    try:
+        return rank_cluster(list(names))
+    except RankDeviceError as exc:
+        raise OptionError(str(exc)) from exc
+
+
+def _measure_distributed(chosen: list[Candidate], problem: PlacementProblem, grouping: Any, captured: Any,
+                         cluster: Cluster, spec: ModelSpec, model_args: Mapping[str, Any] | None,
+                         source: Any) -> None:
+    """Measure ``chosen`` in one job of worker processes, one per rank device."""
+    from envs.distributed.measure import DistributedMeasurer
+
+    measurer = DistributedMeasurer(str(source), dict(model_args or {}), cluster.device_names,
+                                   fingerprint=captured.fingerprint)
+    assignments = [grouping.expand(problem.array_to_placement(c.row)) for c in chosen]
+    for c, res in zip(chosen, measurer.measure_many(assignments)):
+        if res.valid:
+            c.measured_step_time = res.step_time
+        else:
+            c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {res.reason}"

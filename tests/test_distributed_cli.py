@@ -1,0 +1,61 @@
+"""The optimize integration of the distributed runtime: rank device lists and measured reward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from envs.distributed import launcher
+from envs.distributed.devices import RankDeviceError, is_distributed_cluster, rank_cluster
+from placer.optimization import resolve_cluster
+from placer.options import OptionError
+
+
+def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+
+
+def test_resolve_cluster_builds_a_measured_rank_cluster(monkeypatch):
+    monkeypatch.setattr(launcher, "measure_links", _fake_links)
+    cluster = resolve_cluster(devices="cpu:0,cpu:1")
+    assert cluster.device_names == ["cpu:0", "cpu:1"]
+    assert not cluster.simulated and is_distributed_cluster(cluster)
+    link = cluster.link("cpu:1", "cpu:0")
+    assert link.latency_s == pytest.approx(50e-6) and link.bandwidth_Bps == pytest.approx(1e9)
+    # In one process (the numerical check of the winner) both ranks are the CPU.
+    assert {torch.device(v).type for v in cluster.real_device_map().values()} == {"cpu"}
+    capped = resolve_cluster(devices="cpu:0,cpu:1", memory="cpu:1=1GiB")
+    assert capped.device("cpu:1").memory_bytes == 2**30
+
+
+def test_remote_ranks_need_their_link_figures():
+    with pytest.raises(RankDeviceError, match="other hosts"):
+        rank_cluster("cpu:0,node2:cpu:0")
+    with pytest.raises(OptionError, match="other hosts"):
+        resolve_cluster(devices="cpu:0,node2:cpu:0")
+    given = rank_cluster("cpu:0,node2:cpu:0", links={("cpu:0", "node2:cpu:0"): (1e-4, 1e8)})
+    assert given.link("cpu:0", "node2:cpu:0").bandwidth_Bps == pytest.approx(1e8)
+
+
+def test_plain_real_devices_keep_the_single_process_path():
+    cluster = resolve_cluster(devices="cpu")
+    assert cluster.device_names == ["cpu"] and not is_distributed_cluster(cluster)
+
+
+@pytest.mark.slow
+def test_optimize_cli_measures_over_two_workers(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "placer", "optimize", "zoo:rnnlm", "--devices", "cpu:0,cpu:1",
+         "--reward", "measured", "--budget", "5s", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    placement = json.loads((out / "placement.json").read_text())
+    assert set(placement["devices"]) == {"cpu:0", "cpu:1"}
+    assert "measured" in (out / "report.md").read_text()
