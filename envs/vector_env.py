@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
-from envs.env_config import positive_int
+from envs.env_config import EnvConfigError, positive_int
 from envs.placement_env import PlacementEnv
 from envs.problem import PlacementProblem
 from envs.rewards import Evaluation
@@ -52,8 +52,6 @@ class BatchedPlacementVecEnv(VecEnv):
         if env is None:
             env = PlacementEnv(problem, **env_kwargs)  # type: ignore[arg-type]
         elif problem is not None or env_kwargs:
-            from envs.env_config import EnvConfigError
-
             raise EnvConfigError("pass either env= a PlacementEnv or problem= with PlacementEnv arguments, not both")
         self.env = env
         self._actions: np.ndarray | None = None
