@@ -1,0 +1,143 @@
+"""PlacementTuner: switching placements mid-training keeps the trajectory of the untuned run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from graphs.capture import capture
+from graphs.errors import PlacerError
+from placer.integrations.tuner import PlacementTuner, move_optimizer_state
+
+CLUSTER = "4xK40"  # cpu + gpu0..gpu3, all mapped to the CPU here (virtual devices)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.BatchNorm1d(32),
+        torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4),
+    )
+
+
+def _data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(steps)]
+
+
+def _candidates(model: torch.nn.Module, x: torch.Tensor) -> list[dict[str, str]]:
+    """Three different placements: all on gpu0, split in halves, round robin over four devices."""
+    nodes = [n for n in capture(model, (x,)).graph.nodes]
+    half = len(nodes) // 2
+    return [
+        {n: "gpu0" for n in nodes},
+        {n: ("gpu1" if i < half else "gpu2") for i, n in enumerate(nodes)},
+        {n: f"gpu{i % 4}" for i, n in enumerate(nodes)},
+    ]
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=1e-2),
+], ids=["sgd_momentum", "adam"])
+def test_tuner_switches_and_matches_untuned_run(make_opt):
+    data = _data(10)
+    model = _model()
+    reference = copy.deepcopy(model)
+    tuner = PlacementTuner(model, (data[0][0],), cluster=CLUSTER, trials=6,
+                           candidates=_candidates(model, data[0][0]), steps_per_candidate=2)
+    opt = make_opt(tuner.model.parameters())
+    ref_opt = make_opt(reference.parameters())
+    seen, losses, ref_losses = set(), [], []
+    for x, y in data:
+        seen.add(tuner.current)
+        losses.append(float(tuner.step(lambda m: _loss(m(x), y), opt)))
+        ref_opt.zero_grad()
+        ref_loss = _loss(reference(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(float(ref_loss.detach()))
+    assert tuner.switches >= 2 and seen == {0, 1, 2}
+    assert tuner.settled and tuner.best is not None
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    params = dict(tuner.model.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(params[name], p, rtol=1e-5, atol=1e-6)
+    for name, b in reference.named_buffers():  # BatchNorm running statistics too
+        torch.testing.assert_close(tuner.model.get_buffer(name), b, rtol=1e-5, atol=1e-6)
+    # The optimizer kept one state per parameter (momentum buffers / Adam moments were moved, not rebuilt).
+    assert len(opt.state) == len(list(reference.parameters()))
+    report = tuner.report()
+    assert sum(r["steps"] for r in report.rows()) == 6  # the tuning steps, each a real training step
+    assert "<- chosen" in str(report)
+
+
+def test_switch_keeps_parameter_objects_and_moves_placement():
+    x = _data(1)[0][0]
+    model = _model()
+    tuner = PlacementTuner(model, (x,), cluster=CLUSTER, trials=2, candidates=_candidates(model, x),
+                           steps_per_candidate=1)
+    before = [id(p) for p in tuner.model.parameters()]
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        tuner.step(lambda m: m(x).sum(), opt)
+    assert [id(p) for p in tuner.model.parameters()] == before
+    # The graph in use is the current candidate's (the output is gathered on the cluster's first device).
+    placed = tuner.model.placer_placement
+    assert all(placed[n] == d for n, d in tuner.placement.items() if n in placed and n != "output")
+    assert placed["output"] == "cpu"
+
+
+def test_timed_context_manager_is_the_same_step():
+    data = _data(4)
+    model = _model()
+    reference = copy.deepcopy(model)
+    tuner = PlacementTuner(model, (data[0][0],), cluster=CLUSTER, trials=4,
+                           candidates=_candidates(model, data[0][0]), steps_per_candidate=1)
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1, momentum=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.5)
+    for x, y in data:
+        with tuner.timed(opt) as m:
+            opt.zero_grad()
+            _loss(m(x), y).backward()
+            opt.step()
+        ref_opt.zero_grad()
+        _loss(reference(x), y).backward()
+        ref_opt.step()
+    assert tuner.switches >= 2
+    for (name, p), q in zip(tuner.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_move_optimizer_state_follows_parameters():
+    # A parameter on another device than its state (meta stands in for an accelerator here).
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = torch.optim.Adam([p], lr=0.1)
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    assert move_optimizer_state(opt) == 2
+    state = opt.state[p]
+    assert state["exp_avg"].device == p.device and state["exp_avg_sq"].device == p.device
+    assert state["step"].device.type == "cpu"  # the scalar step stays where non-capturable Adam wants it
+    assert move_optimizer_state(opt) == 0  # nothing left to move
+
+
+def test_bad_arguments_are_clear():
+    x = _data(1)[0][0]
+    model = _model()
+    with pytest.raises(PlacerError, match="trials"):
+        PlacementTuner(model, (x,), cluster=CLUSTER, trials=0, candidates=[{}])
+    with pytest.raises(PlacerError, match="expected a"):
+        PlacementTuner(model, (x,), cluster=CLUSTER, candidates=["gpu0"])
+    with pytest.raises(PlacerError, match="uses devices"):
+        PlacementTuner(model, (x,), cluster=CLUSTER, candidates=[{n: "tpu9" for n in _candidates(model, x)[0]}])
+    with pytest.raises(PlacerError, match="nn.Module"):
+        PlacementTuner("model.py", (x,), cluster=CLUSTER)
+    tuner = PlacementTuner(model, (x,), cluster=CLUSTER, candidates=_candidates(model, x)[:1])
+    with pytest.raises(PlacerError, match="begin_step"):
+        tuner.end_step()
