@@ -7,6 +7,9 @@ costs on the same scale: times are ``log1p(microseconds) / 10``, bytes
 ``log1p(bytes) / 25``, FLOPs ``log1p(flops) / 30``, degrees ``log1p(degree) / 5``, and
 the topological depth is divided by the graph's largest depth.
 
+Op kinds: a node's fx op as a one-hot; a group of a group graph (whose own ``op`` is just
+"group") gets the fraction of its members of each fx op (:func:`graph_ops` with the op graph).
+
 Node feature columns (``node_feature_names(device_names)``): the device-independent
 :data:`NODE_FEATURES`, then for every device ``d`` (in problem order)
 ``log_time@d`` (forward + backward time of the node on d) and ``mem_share@d`` (the
@@ -18,7 +21,8 @@ Device feature columns: :data:`DEVICE_FEATURES`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import Counter
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
@@ -112,8 +116,14 @@ def node_memory(problem: PlacementProblem) -> np.ndarray:
     return problem.static_memory() + problem.act_bytes
 
 
-def op_one_hot(ops: Sequence[str | None] | None, num_nodes: int) -> np.ndarray:
-    """[N, len(OP_KINDS) + 1] one-hot of each node's fx op; unknown or missing -> ``op_other``."""
+#: A node's op kind: an fx op name, or for a group the count of its members per op name.
+OpKind = Union[str, Mapping[str, float], None]
+
+
+def op_one_hot(ops: Sequence[OpKind] | None, num_nodes: int) -> np.ndarray:
+    """[N, len(OP_KINDS) + 1] op-kind columns: a one-hot of each node's fx op, or for a group
+    (a mapping op -> member count) the fraction of its members of each op; unknown or
+    missing ops count as ``op_other``."""
     out = np.zeros((num_nodes, len(OP_KINDS) + 1), dtype=np.float64)
     if ops is None:
         out[:, -1] = 1.0
@@ -121,18 +131,27 @@ def op_one_hot(ops: Sequence[str | None] | None, num_nodes: int) -> np.ndarray:
     if len(ops) != num_nodes:
         raise ValueError(f"got {len(ops)} op kinds for {num_nodes} nodes")
     col = {k: i for i, k in enumerate(OP_KINDS)}
+    other = len(OP_KINDS)
     for i, op in enumerate(ops):
-        out[i, col.get(op, len(OP_KINDS)) if isinstance(op, str) else len(OP_KINDS)] = 1.0
+        if isinstance(op, Mapping):
+            total = float(sum(op.values()))
+            if total <= 0:
+                out[i, other] = 1.0
+                continue
+            for name, count in op.items():
+                out[i, col.get(name, other)] += float(count) / total
+        else:
+            out[i, col.get(op, other) if isinstance(op, str) else other] = 1.0
     return out
 
 
-def node_features(problem: PlacementProblem, ops: Sequence[str | None] | None = None) -> np.ndarray:
+def node_features(problem: PlacementProblem, ops: Sequence[OpKind] | None = None) -> np.ndarray:
     """[N, F] float32 node features (columns: :func:`node_feature_names`).
 
     Args:
         problem: the compiled problem.
-        ops: the fx ``op`` of each node in ``problem.node_names`` order, or None when unknown
-            (e.g. a problem built by hand): every node is then ``op_other``.
+        ops: the op kind of each node in ``problem.node_names`` order (see :data:`OpKind`),
+            or None when unknown (e.g. a problem built by hand): every node is then ``op_other``.
     """
     n = problem.num_nodes
     times = problem.fwd_time + problem.bwd_time  # [N, D]
@@ -216,7 +235,21 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def graph_ops(graph: object, node_names: Sequence[str]) -> list[str | None]:
-    """The ``op`` attribute of each named node of a networkx placement graph (None when absent)."""
+def graph_ops(graph: object, node_names: Sequence[str], op_graph: object = None) -> list[OpKind]:
+    """The op kind of each named node of a networkx placement graph.
+
+    A group node (with ``members``) of a group graph, when the op graph it was grouped
+    from is given, gets its members' op counts; any other node its ``op`` attribute (None
+    when absent).
+    """
     nodes = graph.nodes  # type: ignore[attr-defined]
-    return [nodes[n].get("op") if n in nodes else None for n in node_names]
+    op_nodes = op_graph.nodes if op_graph is not None else None  # type: ignore[attr-defined]
+    kinds: list[OpKind] = []
+    for n in node_names:
+        attrs = nodes[n] if n in nodes else {}
+        members = attrs.get("members")
+        if op_nodes is not None and members:
+            kinds.append(dict(Counter(op_nodes[m].get("op") for m in members if m in op_nodes)))
+        else:
+            kinds.append(attrs.get("op"))
+    return kinds

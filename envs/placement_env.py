@@ -34,7 +34,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.env_config import EnvConfigError, Padding, resolve_num_groups, resolve_padding
-from envs.features import device_features, node_features, pad_rows, padded_edges
+from envs.features import OpKind, device_features, node_features, pad_rows, padded_edges
 from envs.problem import PlacementError, PlacementProblem
 from envs.rewards import Evaluation, RewardModel, make_reward_model
 
@@ -67,7 +67,7 @@ def graph_observation_space(padding: Padding, num_node_features: int, num_device
 
 
 def graph_observation(problem: PlacementProblem, padding: Padding,
-                      ops: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+                      ops: Sequence[OpKind] | None = None) -> dict[str, np.ndarray]:
     """The static graph observation of ``problem`` padded to ``padding``."""
     node_mask = np.zeros(padding.max_nodes, dtype=np.float32)
     node_mask[: problem.num_nodes] = 1.0
@@ -171,8 +171,9 @@ class PlacementEnv(gym.Env):
             see :mod:`envs.rewards`).
         measurer: for measured/hybrid: an object with ``.measure(placement dict)``.
         seed: seeds the env's RNG and its action space (reproducible ``action_space.sample()``).
-        node_ops: fx op kind per node in ``problem.node_names`` order (op-kind features);
-            None makes every node ``op_other``.
+        node_ops: op kind per node in ``problem.node_names`` order (an fx op name, or for a
+            group its members' op counts; :func:`envs.features.graph_ops`); None makes every
+            node ``op_other``.
         reward_options: hybrid options (``measure_every``, ``measure_top_k``, ``pool_size``).
 
     Raises:
@@ -185,7 +186,7 @@ class PlacementEnv(gym.Env):
     def __init__(self, problem: PlacementProblem, num_groups: int | None = None, max_nodes: int | None = None,
                  max_edges: int | None = None, hierarchical: bool = True, reward_mode: str = "simulated",
                  reference: Any = "single", invalid_penalty: float | None = None, measurer: Any = None,
-                 seed: int | None = None, node_ops: Sequence[str | None] | None = None,
+                 seed: int | None = None, node_ops: Sequence[OpKind] | None = None,
                  **reward_options: Any) -> None:
         super().__init__()
         self.problem = check_problem(problem)

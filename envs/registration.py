@@ -89,9 +89,10 @@ def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mappi
         raise EnvConfigError(_cluster_hint("a cluster is needed to place a graph or model: pass cluster="))
     # The cluster first: a typo there should not cost a model capture and profile.
     cluster = _load_cluster(cluster)
-    grouping = None
+    grouping = op_graph = None
     if model is not None:
-        grouping = _prepare_grouping(model, model_args, profile, cache_dir)
+        prepared = _prepare(model, model_args, profile, cache_dir)
+        grouping, op_graph = prepared.grouping, prepared.captured.graph
         graph = grouping.graph
     elif model_args:
         raise EnvConfigError("model_args= applies to model= only")
@@ -103,7 +104,7 @@ def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mappi
         compiled = compile_problem(graph, cluster, optimizer=optimizer)
     except PlacerError as exc:
         raise EnvConfigError(f"cannot build the placement problem: {exc}") from exc
-    return _Built(compiled, graph_ops(graph, compiled.node_names), cluster, grouping)
+    return _Built(compiled, graph_ops(graph, compiled.node_names, op_graph), cluster, grouping)
 
 
 def _cluster_hint(message: str) -> str:
@@ -146,15 +147,15 @@ def _load_graph(graph: Any):
                          f"got {type(graph).__name__}")
 
 
-def _prepare_grouping(model: Any, model_args: Mapping[str, Any] | None, profile: bool,
-                      cache_dir: str | os.PathLike | None):
+def _prepare(model: Any, model_args: Mapping[str, Any] | None, profile: bool,
+             cache_dir: str | os.PathLike | None):
     from graphs.pipeline import prepare
 
     try:
         prepared = prepare(model, model_args=model_args, profile=profile, cache_dir=cache_dir)
     except PlacerError as exc:
         raise EnvConfigError(f"cannot build the environment from model {model!r}: {exc}") from exc
-    return prepared.grouping
+    return prepared
 
 
 def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,

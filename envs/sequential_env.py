@@ -45,7 +45,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.env_config import EnvConfigError, resolve_padding
-from envs.features import log_time, node_memory
+from envs.features import OpKind, log_time, node_memory
 from envs.placement_env import FEATURE_MAX, check_problem, graph_observation, graph_observation_space
 from envs.problem import PlacementError, PlacementProblem
 from envs.rewards import Evaluation, RewardModel, make_reward_model
@@ -81,7 +81,7 @@ class SequentialPlacementEnv(gym.Env):
     def __init__(self, problem: PlacementProblem, max_nodes: int | None = None, max_edges: int | None = None,
                  reward_mode: str = "simulated", reference: Any = "single", invalid_penalty: float | None = None,
                  measurer: Any = None, default_device: int | str | None = None, seed: int | None = None,
-                 node_ops: Sequence[str | None] | None = None, dense_rewards: bool = True,
+                 node_ops: Sequence[OpKind] | None = None, dense_rewards: bool = True,
                  **reward_options: Any) -> None:
         super().__init__()
         self.problem = check_problem(problem)

@@ -68,3 +68,22 @@ def test_padded_edges():
     e = problem.num_edges
     assert index.shape == (2, 10) and index.dtype == np.int64 and mask.sum() == e
     assert index[0, :e].tolist() == problem.edge_src.tolist() and not index[:, e:].any()
+
+
+def test_group_op_kinds_are_member_fractions():
+    import networkx as nx
+
+    from envs.features import OP_KINDS, graph_ops, op_one_hot
+
+    ops = nx.DiGraph()
+    ops.add_nodes_from([("a", {"op": "placeholder"}), ("b", {"op": "call_module"}), ("c", {"op": "call_module"}),
+                        ("d", {"op": "weird"})])
+    groups = nx.DiGraph()
+    groups.add_nodes_from([("g0", {"op": "group", "members": ["a", "b", "c", "d"]}), ("g1", {"op": "output"})])
+    kinds = graph_ops(groups, ["g0", "g1"], ops)
+    assert kinds[0] == {"placeholder": 1, "call_module": 2, "weird": 1} and kinds[1] == "output"
+    x = op_one_hot(kinds, 2)
+    col = {k: i for i, k in enumerate(OP_KINDS)}
+    assert x[0, col["placeholder"]] == 0.25 and x[0, col["call_module"]] == 0.5 and x[0, -1] == 0.25
+    assert x[1, col["output"]] == 1.0 and x.sum() == 2.0
+    assert graph_ops(groups, ["g0"]) == ["group"]  # without the op graph: the group's own op
