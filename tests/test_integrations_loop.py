@@ -1,0 +1,90 @@
+"""placer.place: the placed model trains like the original; the second call reuses the cached placement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import placer
+from graphs.errors import PlacerError
+from placer.integrations import loop
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(32, 128), torch.nn.ReLU()]
+    for _ in range(4):
+        layers += [torch.nn.Linear(128, 128), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(128, 10))
+
+
+def _train(model: torch.nn.Module, steps: int = 5) -> list[float]:
+    g = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_place_trains_like_the_model_and_caches(tmp_path, monkeypatch):
+    import placer.optimization as optimization
+
+    calls = []
+    real_optimize = optimization.optimize
+
+    def counting_optimize(*args, **kwargs):
+        calls.append(kwargs.get("budget"))
+        return real_optimize(*args, **kwargs)
+
+    monkeypatch.setattr(optimization, "optimize", counting_optimize)
+    model = _model()
+    reference = copy.deepcopy(model)
+    x = torch.randn(16, 32)
+
+    placed = placer.place(model, (x,), cluster="4xK40", budget="300", cache_dir=tmp_path)
+    info = placed.placer_place_info
+    assert not info.cache_hit and calls == ["300"] and info.cache_path.exists()
+    assert info.simulated and info.source == "simulated" and info.step_time > 0
+    assert _train(placed) == pytest.approx(_train(reference), rel=1e-5)
+
+    again = placer.place(model, x, cluster="4xK40", budget="300", cache_dir=tmp_path)
+    assert again.placer_place_info.cache_hit and len(calls) == 1  # no second search
+    assert again.placer_place_info.placement.assignment == info.placement.assignment
+
+    # Another device list is another cache entry; the environment variable moves the default cache.
+    monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "env"))
+    assert loop.default_cache_dir() == tmp_path / "env" / "placements"
+
+
+def test_cache_key_depends_on_devices():
+    from envs.cluster import load_cluster
+
+    a = loop.cache_key("abc", load_cluster("4xK40"))
+    b = loop.cache_key("abc", load_cluster("8xK40"))
+    assert a.startswith("abc-") and a != b
+
+
+def test_damaged_cache_entry_is_ignored(tmp_path):
+    from envs.cluster import load_cluster
+    from graphs.capture import capture
+
+    model, x = _model(), torch.randn(16, 32)
+    cluster = load_cluster("4xK40")
+    path = tmp_path / f"{loop.cache_key(capture(model, (x,)).fingerprint, cluster)}.json"
+    path.write_text("{not json")
+    assert loop._read_cache(path, capture(model, (x,)), cluster) is None
+
+
+def test_place_bad_input():
+    with pytest.raises(PlacerError, match="nn.Module"):
+        placer.place("model.py", (torch.randn(2),), cluster="4xK40")
+    with pytest.raises(PlacerError, match="example batch"):
+        placer.place(_model(), None, cluster="4xK40")
