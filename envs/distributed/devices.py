@@ -155,12 +155,15 @@ def rank_cluster(
             devices.append(Device(d.name, "cpu", cpu.memory_bytes // n_cpu, cpu.peak_flops,
                                   cpu.mem_bandwidth, real_device="cpu"))
         else:
-            local = f"cuda:{d.index}"
-            base = machine.device(local) if d.local and local in machine.device_names else None
-            if base is not None:
-                devices.append(dataclasses.replace(base, name=d.name, real_device=local))
-            else:  # a GPU on another host: figures unknown here, use the profiled kind
-                devices.append(Device(d.name, "cuda", 16 * 2**30, 1e13, 5e11, real_device="cuda"))
+            # A GPU on another host is assumed to be the same model as this machine's
+            # (homogeneous hosts); its times come from the "cuda" profiles either way.
+            local = f"cuda:{d.index}" if d.local else "cuda:0"
+            if local not in machine.device_names:
+                raise RankDeviceError(
+                    f"device {d.name!r}: this machine has no {local} to take its figures from; "
+                    f"devices here are {machine.device_names}"
+                )
+            devices.append(dataclasses.replace(machine.device(local), name=d.name, real_device=local))
     if links is None:
         if any(not d.local for d in devs):
             raise RankDeviceError(
