@@ -1,0 +1,168 @@
+"""Benchmark the learning agents on zoo models, simulated on the 4-GPU presets.
+
+For each model and cluster it reports (all step times simulated by envs.simulator on the
+cluster spec; search times are measured wall-clock on this machine):
+
+* every heuristic baseline of ``placer.baselines`` and the human ``expert``;
+* the hierarchical agent as a user runs it (seeded with the baselines' placements,
+  imitation warm start), its gain over the best heuristic and over the expert, and how
+  long it took to come within 5% of its final result;
+* an ablation at one budget, every agent from scratch (no heuristic seeds):
+  hierarchical vs flat vs sequential vs REINFORCE;
+* training throughput (evaluated placements per second) of the hierarchical agent.
+
+Usage::
+
+    python benchmarks/bench_agent.py --models nmt,rnnlm --size paper --clusters 4xK40 \
+        --budget 120s --ablation-budget 60s --out benchmarks/results/agent.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run_baselines(problem, graph, captured, op_to_group, seed: int) -> list[tuple[str, float | None, float, str]]:
+    """(name, simulated step time or None, search seconds, note) for every baseline."""
+    from envs.simulator import simulate_batch
+    from placer.baselines import BASELINES, run_baseline
+
+    rows = []
+    for name in BASELINES:
+        try:
+            res = run_baseline(name, problem, graph, seed, captured=captured, op_to_group=op_to_group)
+        except Exception as exc:  # a crashing baseline is reported, not fatal for the benchmark
+            rows.append((name, None, 0.0, f"error: {type(exc).__name__}: {exc}"[:120], None))
+            continue
+        if res.placement is None:
+            rows.append((name, None, res.search_time, res.reason[:120], None))
+            continue
+        sim = simulate_batch(problem, np.asarray(res.placement)[None])
+        t = float(sim.step_time[0]) if sim.fits[0] else None
+        rows.append((name, t, res.search_time, "" if sim.fits[0] else "does not fit", np.asarray(res.placement)))
+    return rows
+
+
+def fmt_ms(t: float | None) -> str:
+    return "—" if t is None or not math.isfinite(t) else f"{t * 1e3:.2f}"
+
+
+def gain(base: float | None, new: float | None) -> str:
+    """Speed-up of ``new`` over ``base`` as a percentage of the base step time."""
+    if base is None or new is None or not math.isfinite(new):
+        return "—"
+    return f"{(base - new) / base * 100:+.1f}%"
+
+
+def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
+    from envs.cluster import load_cluster
+    from envs.problem import compile_problem
+    from placer.agents.search import search
+
+    graph = prep.grouping.graph
+    problem = compile_problem(graph, load_cluster(cluster))
+    lines.append(f"### {model} ({args.size}) on {cluster}: {problem.num_nodes} groups, {problem.num_devices} devices\n")
+    base = run_baselines(problem, graph, prep.captured, prep.grouping.op_to_group, args.seed)
+    fitting = [(n, t) for n, t, *_ in base if t is not None]
+    best_name, best_t = min(fitting, key=lambda x: x[1]) if fitting else ("none", None)
+    expert_t = next((t for n, t, *_ in base if n == "expert"), None)
+    seeds = [r[4] for r in base if r[4] is not None and r[1] is not None]
+
+    res = search(problem, agent="hierarchical", budget=args.budget, seed=args.seed, initial_placements=seeds or None,
+                 num_envs=args.num_envs)
+    within = res.time_to_within(0.05)
+    lines.append("| method | step time (ms, simulated) | vs best heuristic | vs expert | search time (s) | note |")
+    lines.append("|---|---:|---:|---:|---:|---|")
+    for name, t, secs, note, _ in sorted(base, key=lambda r: (r[1] is None, r[1] or 0)):
+        lines.append(f"| {name} | {fmt_ms(t)} | {gain(best_t, t)} | {gain(expert_t, t)} | {secs:.2f} | {note} |")
+    lines.append(
+        f"| **agent: hierarchical (seeded)** | **{fmt_ms(res.best_step_time)}** | {gain(best_t, res.best_step_time)} | "
+        f"{gain(expert_t, res.best_step_time)} | {res.wall_s:.1f} | {res.evaluated:,} evaluated, "
+        f"{res.evaluated / max(res.wall_s, 1e-9):,.0f}/s, within 5% of final after {within:.1f} s, "
+        f"stopped: {res.stop_reason} |"
+    )
+    lines.append("")
+    lines.append(f"Best heuristic: {best_name} ({fmt_ms(best_t)} ms); expert {fmt_ms(expert_t)} ms; "
+                 f"agent {fmt_ms(res.best_step_time)} ms.\n")
+
+    if args.ablation_budget:
+        lines.append(f"Ablation, from scratch (no heuristic seeds), budget {args.ablation_budget}, seed {args.seed}:\n")
+        lines.append("| agent | best step time (ms) | vs best heuristic | evaluated | placements/s | "
+                     "within 5% of final after (s) | stop |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
+        for agent in _csv(args.agents):
+            t0 = time.perf_counter()
+            try:
+                r = search(problem, agent=agent, budget=args.ablation_budget, seed=args.seed, num_envs=args.num_envs,
+                           initial_placements=None)
+            except Exception as exc:
+                lines.append(f"| {agent} | — | — | — | — | — | error: {type(exc).__name__}: {str(exc)[:80]} |")
+                continue
+            w = r.time_to_within(0.05)
+            lines.append(
+                f"| {agent} | {fmt_ms(r.best_step_time) if r.best_fits else 'no fit'} | "
+                f"{gain(best_t, r.best_step_time) if r.best_fits else '—'} | {r.evaluated:,} | "
+                f"{r.evaluated / max(time.perf_counter() - t0, 1e-9):,.0f} | {'—' if w is None else f'{w:.1f}'} | "
+                f"{r.stop_reason} |"
+            )
+        lines.append("")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="nmt,rnnlm,resnet50,inception_v3,gpt2,moe")
+    parser.add_argument("--size", default="paper")
+    parser.add_argument("--clusters", default="4xK40,4xV100-nvlink")
+    parser.add_argument("--budget", default="5m", help="budget of the seeded hierarchical search")
+    parser.add_argument("--ablation-budget", default="60s", help="budget of each ablation run ('' to skip)")
+    parser.add_argument("--agents", default="hierarchical,flat,sequential,reinforce")
+    parser.add_argument("--num-envs", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", default=None, help="append the Markdown tables to this file")
+    args = parser.parse_args(argv)
+
+    from graphs.pipeline import prepare
+
+    started = time.perf_counter()
+    lines = [
+        f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+        "Command: `python benchmarks/bench_agent.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n",
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core CPU (torch 1 thread). "
+        "Step times are **simulated** on the cluster specs; search times and rates are **measured** wall-clock.\n",
+    ]
+    for model in _csv(args.models):
+        t0 = time.perf_counter()
+        try:
+            prep = prepare(f"zoo:{model}", model_args={"size": args.size}, cache_dir=args.cache_dir)
+        except Exception as exc:
+            lines.append(f"### {model}: preparation failed: {type(exc).__name__}: {exc}\n")
+            continue
+        for cluster in _csv(args.clusters):
+            bench_case(model, cluster, prep, args, lines)
+        lines.append(f"({model}: {time.perf_counter() - t0:.0f} s in all)\n")
+        print("\n".join(lines[-40:]), flush=True)
+    lines.append(f"Total benchmark time: {time.perf_counter() - started:.0f} s.\n")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
