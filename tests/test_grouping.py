@@ -330,13 +330,15 @@ def unrolled_graph(layers: int = 4, steps: int = 1000, ops_per_step: int = 12) -
     return g
 
 
-def test_synthetic_unrolled_graph_of_50k_nodes():
-    g = unrolled_graph(layers=4, steps=900, ops_per_step=12)
-    assert g.number_of_nodes() > 50_000
+@pytest.mark.parametrize("steps", [90, pytest.param(900, marks=pytest.mark.slow)])
+def test_synthetic_unrolled_graph(steps):
+    # 900 steps: 50,406 ops (4.9-5.3 s to group on the 2-core dev machine, not asserted)
+    g = unrolled_graph(layers=4, steps=steps, ops_per_step=12)
+    assert g.number_of_nodes() == 4 * steps * 14 + 6
     grp = group_graph(g, max_groups=256)
     assert len(grp.groups) <= 256
     assert nx.is_directed_acyclic_graph(grp.graph)
     assert set(grp.op_to_group) == set(g.nodes)
     # the cells of one layer share weights: one group per layer
     for layer in range(4):
-        assert len({grp.op_to_group[f"cell{layer}_{t}"] for t in range(900)}) == 1
+        assert len({grp.op_to_group[f"cell{layer}_{t}"] for t in range(steps)}) == 1

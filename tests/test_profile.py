@@ -244,7 +244,8 @@ def test_a_graph_that_cannot_run_whole_falls_back_to_isolated_timing(unrolled, m
 
     monkeypatch.setattr(profile_mod, "in_situ_times", broken)
     cap, inputs = _fresh(unrolled)
-    profile_graph(cap, inputs, devices=["cpu"], repeats=1, use_cache=False)
+    with pytest.warns(UserWarning, match="in-situ run"):
+        profile_graph(cap, inputs, devices=["cpu"], repeats=1, use_cache=False)
     info = cap.graph.graph["profile_info"]["cpu"]
     assert info["method"] == "isolated" and "same device" in info["failures"][0]
     assert all(d["fwd_time"]["cpu"] > 0 for d in cap.graph.nodes.values() if d["op"] == "call_module")
