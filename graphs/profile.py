@@ -273,7 +273,8 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
 
     fingerprint = _fingerprint(captured)
     cache = ProfileCache(cache_dir) if use_cache and fingerprint else None
-    key_inputs = inputs_key(example_inputs)
+    # The two methods give different numbers: each has its own cache entry.
+    key_inputs = inputs_key(example_inputs) + ("" if method == "in_situ" else "-isolated")
     results: dict[str, dict[str, tuple[float, float]]] = {}
     infos: dict[str, ProfileInfo] = {}
     todo: list[torch.device] = []
@@ -320,6 +321,7 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
             if method == "isolated":
                 isolated.append(dev)
                 continue
+            start = time.perf_counter()
             try:
                 measured = in_situ_times(gm, example_inputs, dev, repeats)
             except Exception as exc:  # noqa: BLE001 - e.g. a model that makes CPU tensors while on CUDA
@@ -329,6 +331,7 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
                 continue
             infos[dev.type].method = "in_situ"
             infos[dev.type].compute_nodes = len(measured)
+            infos[dev.type].seconds = time.perf_counter() - start
             for name, pair in measured.items():
                 times.setdefault(name, {})[dev.type] = pair
         if isolated:
