@@ -32,8 +32,8 @@ the same rules as an event-driven simulation, and the tests hold the two to 1e-9
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
-Two implementations: a numpy path (loop over nodes, vectorised over the batch), always
-available, and a numba path (``@njit(parallel=True)`` over the batch) used when numba
+Three implementations of the same loop: a numpy path (loop over nodes, vectorised over
+the batch) and a plain-Python path for small batches, always available, and a numba path (``@njit(parallel=True)`` over the batch) used when numba
 imports (:data:`HAS_NUMBA`; set ``PLACER_DISABLE_NUMBA=1`` to force numpy). Both give
 the same step times and memory bit for bit; the reference agrees to ~1e-15 relative (it
 divides by the bandwidth where the batched paths multiply by its inverse).
@@ -338,6 +338,89 @@ def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = Fal
     return result
 
 
+# --------------------------------------------------------------------------- scalar path
+
+#: Without numba, batches smaller than this run a plain-Python loop per placement: the
+#: numpy path pays ~15 numpy calls per edge whatever the batch size, so for one placement
+#: a scalar loop is ~25x faster (1,000 nodes: ~7/s vectorised vs ~150/s scalar).
+SCALAR_BELOW = 8
+
+
+def _simulate_scalar(problem: PlacementProblem, pl: np.ndarray):
+    """One placement at a time in plain Python, same operations in the same order as numba."""
+    a = _arrays(problem)
+    b_count, n = pl.shape
+    nd = problem.num_devices
+    pred_ptr, pred_src, pred_bytes = a.pred_ptr.tolist(), a.pred_src.tolist(), a.pred_bytes.tolist()
+    gs_ptr, gs_dst, gs_bytes = a.gsucc_ptr.tolist(), a.gsucc_dst.tolist(), a.gsucc_bytes.tolist()
+    lat, inv_bw = a.lat_flat.tolist(), a.inv_bw_flat.tolist()
+    fwd, bwd, busy_t = a.fwd.tolist(), a.bwd.tolist(), a.busy.tolist()
+    static, rg = a.static_mem.tolist(), a.rg.tolist()
+    out = (np.empty(b_count), np.empty((b_count, nd)), np.empty((b_count, nd)), np.empty(b_count), np.empty(b_count))
+    for b in range(b_count):
+        row = pl[b].tolist()
+        dev = [0.0] * nd
+        chan = [0.0] * (nd * nd)
+        fin_f = [0.0] * n
+        fin_b = [0.0] * n
+        busy = [0.0] * nd
+        mem = [0.0] * nd
+        tt = tb = 0.0
+        for i in range(n):
+            d = row[i]
+            ready = received = 0.0
+            for k in range(pred_ptr[i], pred_ptr[i + 1]):
+                p = pred_src[k]
+                dp = row[p]
+                pair = dp * nd + d
+                arrival = fin_f[p]
+                dur = lat[pair] + pred_bytes[k] * inv_bw[pair]
+                c = chan[pair]
+                end = (arrival if arrival > c else c) + dur
+                chan[pair] = end
+                tt += dur
+                if dp != d:
+                    arrival = end
+                    received += pred_bytes[k]
+                ready = arrival if arrival > ready else ready
+            free = dev[d]
+            fin = (ready if ready > free else free) + fwd[i][d]
+            fin_f[i] = fin
+            dev[d] = fin
+            tb += received
+            busy[d] += busy_t[i][d]
+            mem[d] += static[i] + received
+        for i in range(n - 1, -1, -1):
+            if not rg[i]:
+                continue
+            d = row[i]
+            ready = 0.0
+            for k in range(gs_ptr[i], gs_ptr[i + 1]):
+                cn = gs_dst[k]
+                dc = row[cn]
+                pair = dc * nd + d
+                arrival = fin_b[cn]
+                dur = lat[pair] + gs_bytes[k] * inv_bw[pair]
+                c = chan[pair]
+                end = (arrival if arrival > c else c) + dur
+                chan[pair] = end
+                tt += dur
+                if dc != d:
+                    arrival = end
+                    tb += gs_bytes[k]
+                ready = arrival if arrival > ready else ready
+            free = dev[d]
+            fin = (ready if ready > free else free) + bwd[i][d]
+            fin_b[i] = fin
+            dev[d] = fin
+        out[0][b] = max(dev)
+        out[1][b] = busy
+        out[2][b] = mem
+        out[3][b] = tt
+        out[4][b] = tb
+    return out
+
+
 # --------------------------------------------------------------------------- numba path
 
 
@@ -503,7 +586,10 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
     Args:
         problem: the compiled problem.
         placements: int array [B, N] (or [N]) of device indices in ``problem.node_names`` order.
-        backend: ``"auto"`` (numba when available), ``"numba"`` or ``"numpy"``.
+        backend: ``"auto"`` (numba when available), ``"numba"``, ``"numpy"`` (no JIT: a
+            plain-Python loop for batches under :data:`SCALAR_BELOW`, vectorised numpy
+            above), or ``"python"`` (always the plain-Python loop). All give the same
+            step times and memory.
 
     Raises:
         PlacementError: wrong shape, non-integer entries, or a device index out of range.
@@ -512,10 +598,12 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
 
 
 def _simulate_checked(problem: PlacementProblem, pl: np.ndarray, backend: str) -> SimResult:
-    if backend not in ("auto", "numba", "numpy"):
-        raise PlacementError(f"unknown simulator backend {backend!r}; expected 'auto', 'numba' or 'numpy'")
+    if backend not in ("auto", "numba", "numpy", "python"):
+        raise PlacementError(f"unknown simulator backend {backend!r}; expected 'auto', 'numba', 'numpy' or 'python'")
     if backend == "numba" and not HAS_NUMBA:
         raise PlacementError("the numba backend was asked for but numba is not installed (pip install 'placer[jit]')")
+    if backend == "python" or ((backend == "numpy" or not HAS_NUMBA) and pl.shape[0] < SCALAR_BELOW):
+        return _result(problem, _simulate_scalar(problem, pl))
     if backend == "numpy" or not HAS_NUMBA:
         return _result(problem, _simulate_numpy(problem, pl))
     return _result(problem, _simulate_numba(problem, pl))

@@ -17,7 +17,7 @@ from envs.reference_simulator import simulate_reference
 from envs.simulator import HAS_NUMBA, schedule, simulate, simulate_batch
 from tests.simulator_fixtures import layered_graph, random_cluster, random_dag
 
-BACKENDS = ["numpy"] + (["numba"] if HAS_NUMBA else [])
+BACKENDS = ["numpy", "python"] + (["numba"] if HAS_NUMBA else [])
 
 
 def _close(a, b, rel=1e-9):
@@ -42,11 +42,11 @@ def test_batched_equals_reference(params):
     g = random_dag(rng, n, p)
     cluster = random_cluster(rng, d)
     problem = compile_problem(g, cluster, optimizer=opt)
-    placements = rng.integers(0, d, size=(4, n))
+    placements = rng.integers(0, d, size=(8, n))  # 8 >= SCALAR_BELOW: "numpy" runs vectorised
+    refs = [simulate_reference(g, cluster, problem.array_to_placement(row), optimizer=opt) for row in placements]
     for backend in BACKENDS:
         res = simulate_batch(problem, placements, backend=backend)
-        for b in range(placements.shape[0]):
-            ref = simulate_reference(g, cluster, problem.array_to_placement(placements[b]), optimizer=opt)
+        for b, ref in enumerate(refs):
             assert _close(res.step_time[b], ref.step_time), (backend, b, res.step_time[b], ref.step_time)
             assert _close(res.busy_time[b], ref.busy_time)
             assert _close(res.peak_memory[b], ref.peak_memory)
@@ -91,9 +91,12 @@ def test_backends_agree_on_a_large_graph():
     problem = compile_problem(layered_graph(300, seed=3), load_cluster("4xK40"))
     placements = np.random.default_rng(0).integers(0, problem.num_devices, size=(64, problem.num_nodes))
     results = [simulate_batch(problem, placements, backend=b) for b in BACKENDS]
+    results.append(simulate_batch(problem, placements[:3], backend="numpy"))  # small batch: scalar loop
     for other in results[1:]:
-        assert np.array_equal(results[0].step_time, other.step_time)
-        assert np.array_equal(results[0].peak_memory, other.peak_memory)
+        rows = len(other.step_time)
+        assert np.array_equal(results[0].step_time[:rows], other.step_time)
+        assert np.array_equal(results[0].peak_memory[:rows], other.peak_memory)
+        assert np.array_equal(results[0].busy_time[:rows], other.busy_time)
     # Spot-check against the oracle too.
     g = layered_graph(300, seed=3)
     ref = simulate_reference(g, "4xK40", problem.array_to_placement(placements[5]))
