@@ -15,7 +15,7 @@ from envs.placement_env import PlacementEnv
 from envs.rewards import INVALID_MARGIN, make_reward_model, normalised_reward, serial_time_bound
 from envs.sequential_env import SequentialPlacementEnv
 from envs.simulator import simulate_batch
-from tests.envs_fixtures import random_problem, tight_problem
+from tests.envs_fixtures import random_problem
 
 
 @dataclass
