@@ -41,6 +41,11 @@ class _BackwardTimer:
         self._claimed: set[Any] = set()
         self._started: dict[Any, float] = {}
 
+    def release(self) -> None:
+        """Drop the references to this run's autograd graph (its timings stay)."""
+        self._claimed.clear()
+        self._started.clear()
+
     def hook(self, name: str, result: Any) -> None:
         """Claim the autograd nodes reachable from ``result`` not claimed by an earlier node."""
         stack = [t.grad_fn for t in tensors_in(result) if t.grad_fn is not None]
@@ -143,6 +148,8 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                 outputs = [t for t in tensors_in(run.run(*inputs)) if t.requires_grad and t.grad_fn is not None]
                 if outputs:
                     torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+                del outputs
+                run.timer.release()
                 runs.append(run)
     finally:
         for p, g in zip(params, saved):
