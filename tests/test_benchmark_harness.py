@@ -154,3 +154,16 @@ def test_agent_method_runs_through_the_same_table() -> None:
     table = run_benchmark([], [], ["agent:reinforce", "heft"], budget="300", cases=[_case()])
     agent = table[table["method"] == "agent:reinforce"].iloc[0]
     assert agent["fits"] and agent["evaluated"] == 300 and agent["source"] == "simulated"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "single,nope"], "unknown method 'nope'"),
+    (["--memory-fraction", "-1"], "--memory-fraction must be a positive"),
+    (["--budget", "soon"], "budget"),
+])
+def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, message) -> None:
+    from placer.commands.benchmark import main
+
+    code = main(["--models", "rnnlm", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "preparing" not in err

@@ -56,11 +56,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run ``placer benchmark``; returns the exit status."""
     from graphs.zoo import ZOO_MODELS
-    from placer.benchmark import markdown, prepare_cases, run_benchmark
+    from placer.benchmark import BenchmarkError, get_method, markdown, prepare_cases, run_benchmark
 
     models = _csv(args.models) if args.models else list(ZOO_MODELS)
     clusters = _csv(args.clusters)
     methods = _csv(args.methods)
+
+    # Refuse bad requests before minutes of capture and profiling.
+    for name in methods:
+        if name not in ("baselines", "all", "single:*"):
+            get_method(name)
+    if not methods:
+        raise BenchmarkError("--methods is empty; name baselines (e.g. m_etf) or 'baselines' for all")
+    if args.memory_fraction is not None and not args.memory_fraction > 0:
+        raise BenchmarkError(f"--memory-fraction must be a positive number (e.g. 0.4), got {args.memory_fraction}")
+    if args.budget is not None:
+        from placer.options import parse_budget
+
+        parse_budget(args.budget)
 
     def say(msg: str) -> None:
         if not args.quiet:
