@@ -268,6 +268,27 @@ def _measure(case: BenchCase, candidates: list) -> None:
                 c.note = f"{c.note}; measurement invalid: {r.reason}".lstrip("; ")
 
 
+def optimizer_name(spec: Any) -> str:
+    """Name (a key of ``envs.problem.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds.
+
+    Memory per device counts optimizer state (Adam: 2 x parameters), so the benchmark uses
+    the model's own optimizer, as training would. A model file whose ``get_optimizer``
+    fails here is costed as plain SGD; the failure shows up when it is trained.
+    """
+    import torch
+
+    from envs.problem import OPTIMIZER_STATE_FACTOR
+
+    try:
+        opt = spec.optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # noqa: BLE001 - see docstring
+        return "sgd"
+    name = type(opt).__name__.lower()
+    if name == "sgd":
+        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return name if name in OPTIMIZER_STATE_FACTOR else "adam"  # unknown: assume Adam-sized state
+
+
 def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "small",
                   memory_fraction: float | None = None, cache_dir: str | Path | None = None,
                   progress: Callable[[str], None] | None = None) -> list[BenchCase]:
@@ -290,8 +311,9 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
         prep = prepare(source, model_args={"size": size}, cache_dir=cache_dir)
         graph = prep.grouping.graph
         label = prep.spec.name or model
+        optimizer = optimizer_name(prep.spec)
         for cname, cluster, fraction in loaded:
-            problem = compile_problem(graph, cluster)
+            problem = compile_problem(graph, cluster, optimizer=optimizer)
             reference, note = None, ""
             if fraction is not None:
                 reference = best_single_time(problem, ignore_memory=True)

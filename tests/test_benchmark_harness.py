@@ -167,3 +167,19 @@ def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, messag
     code = main(["--models", "rnnlm", "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "preparing" not in err
+
+
+def test_optimizer_name_reads_the_model_files_optimizer() -> None:
+    import torch
+
+    from placer.benchmark import optimizer_name
+
+    class Spec:
+        def __init__(self, fn):
+            self.optimizer_fn = fn
+
+    assert optimizer_name(Spec(lambda p: torch.optim.Adam(p))) == "adam"
+    assert optimizer_name(Spec(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))) == "sgd_momentum"
+    assert optimizer_name(Spec(lambda p: torch.optim.SGD(p, lr=0.1))) == "sgd"
+    assert optimizer_name(Spec(lambda p: torch.optim.Adagrad(p))) == "adagrad"
+    assert optimizer_name(Spec(lambda p: 1 / 0)) == "sgd"
