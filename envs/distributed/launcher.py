@@ -157,7 +157,8 @@ class WorkerGroup:
             env = dict(os.environ)
             env.update(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR=self.master_addr,
-                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads)
+                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads,
+                       PLACER_LAUNCHER_PID=str(os.getpid()))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             err = open(self.job_dir / f"stderr-{d.rank}.txt", "wb")
             try:

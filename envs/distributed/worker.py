@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import time
 import traceback
@@ -166,8 +167,30 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
             pass
 
 
+def _die_with_launcher() -> None:
+    """Ask Linux to kill this worker when the launcher that started it dies.
+
+    The launcher kills the workers' process group on every failure it sees, but a launcher
+    that is itself killed (SIGKILL, OOM killer) cannot; without this its workers would wait
+    in a receive until torch.distributed's time-out.
+    """
+    expected = os.environ.get("PLACER_LAUNCHER_PID")
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected):  # the launcher died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
+    _die_with_launcher()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m envs.distributed.worker JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",

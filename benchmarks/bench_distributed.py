@@ -1,0 +1,190 @@
+"""One process vs two worker processes on this machine: measured step times, simulator beside them.
+
+For each zoo model (small): capture, profile (one thread) and group it; build the rank
+cluster ``cpu:0,cpu:1`` (links measured by ping-pong between two gloo workers); then
+
+* **1 process, 1 thread** and **1 process, 2 threads**: the whole model on the CPU,
+  measured in an isolated worker (``envs.measure.Measurer``, warm-up + median);
+* **all on cpu:0 (2 workers)**: the single-device placement through the distributed
+  runtime (what the runtime itself costs);
+* **best over cpu:0,cpu:1**: the simulator ranks the baselines' placements and random
+  group placements; the ``--top`` fastest are measured through the runtime
+  (``envs.distributed.measure``) and the measured fastest is reported.
+
+Every row gives the simulator's prediction for the same placement. The simulator
+models one thread per device (profiles are taken at one thread), so it has no
+prediction of its own for "1 process, 2 threads"; that row shows the 1-thread figure.
+The results go to a Markdown file with the command that produced them::
+
+    python benchmarks/bench_distributed.py --models rnnlm gpt2 resnet50 \\
+        --out benchmarks/results/distributed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVICES = "cpu:0,cpu:1"
+BASELINES = ("single", "balanced", "sequential", "pipeline_dp", "m_etf", "heft", "mincut", "critical_path")
+
+
+def _candidates(problem: Any, graph: Any, captured: Any, op_to_group: Any, random_rows: int,
+                seed: int) -> list[tuple[str, np.ndarray]]:
+    """Baseline placements plus random group placements (name, row)."""
+    from placer.baselines import run_baseline
+
+    out: list[tuple[str, np.ndarray]] = []
+    for name in BASELINES:
+        res = run_baseline(name, problem, graph, seed=seed, captured=captured, op_to_group=op_to_group)
+        if res.placement is not None:
+            out.append((name, np.asarray(res.placement)))
+    rng = np.random.default_rng(seed)
+    for i in range(random_rows):
+        out.append((f"random{i}", rng.integers(0, problem.num_devices, problem.num_nodes)))
+    return out
+
+
+def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, repeats: int,
+              seed: int) -> dict[str, Any]:
+    """Measure and simulate one model; returns its rows."""
+    from envs.distributed.measure import DistributedMeasurer
+    from envs.measure import Measurer
+    from envs.problem import compile_problem
+    from envs.simulator import simulate_batch
+    from graphs.pipeline import prepare
+    from placer.optimization import _optimizer_name
+
+    start = time.perf_counter()
+    source, args = f"zoo:{name}", {"size": "small"}
+    prep = prepare(source, args, profile=True, devices=["cpu"])
+    problem = compile_problem(prep.grouping.graph, cluster, optimizer=_optimizer_name(prep.spec))
+    expand = lambda row: prep.grouping.expand(problem.array_to_placement(row))  # noqa: E731
+
+    single_row = np.zeros(problem.num_nodes, dtype=np.int64)
+    sim_single = float(simulate_batch(problem, single_row[None]).step_time[0])
+    rows: list[dict[str, Any]] = []
+    for threads in (1, 2):
+        with Measurer(source, model_args=args, warmup=warmup, repeats=repeats, num_threads=threads) as m:
+            r = m.measure({n: "cpu" for n in prep.captured.graph.nodes})
+        rows.append({"setup": f"1 process, {threads} thread{'s' if threads > 1 else ''}",
+                     "measured": r.step_time if r.valid else None, "reason": r.reason,
+                     "fastest": min(r.times) if r.valid else None,
+                     "simulated": sim_single, "note": "simulator models 1 thread" if threads > 1 else ""})
+
+    cands = _candidates(problem, prep.grouping.graph, prep.captured, prep.grouping.op_to_group,
+                        random_rows, seed)
+    sim = simulate_batch(problem, np.stack([r for _, r in cands]))
+    order = [i for i in np.argsort(np.where(sim.fits, sim.step_time, np.inf)) if sim.fits[i]][:top]
+    chosen = [("all on cpu:0", single_row, sim_single)] + [
+        (cands[i][0], cands[i][1], float(sim.step_time[i])) for i in order]
+    measurer = DistributedMeasurer(source, args, DEVICES, warmup=warmup, repeats=repeats,
+                                   fingerprint=prep.captured.fingerprint, spec=prep.spec)
+    results = measurer.measure_many([expand(row) for _, row, _ in chosen])
+    measured_rows = []
+    for (label, row, s), r in zip(chosen, results):
+        used = sorted(set(int(d) for d in row))
+        measured_rows.append({"label": label, "simulated": s, "measured": r.step_time if r.valid else None,
+                              "fastest": min(r.times) if r.valid else None,
+                              "reason": r.reason, "devices_used": len(used)})
+    rows.append({"setup": "all on cpu:0, 2 workers (runtime overhead)", "measured": measured_rows[0]["measured"],
+                 "fastest": measured_rows[0]["fastest"],
+                 "simulated": sim_single, "reason": measured_rows[0]["reason"], "note": ""})
+    valid = [m for m in measured_rows[1:] if m["measured"] is not None]
+    if valid:
+        best = min(valid, key=lambda m: m["measured"])
+        rows.append({"setup": f"best over {DEVICES} (measured): {best['label']}", "measured": best["measured"],
+                     "fastest": best["fastest"],
+                     "simulated": best["simulated"], "reason": "",
+                     "note": f"{len(valid)} candidates measured; uses {best['devices_used']} device(s)"})
+    return {"model": name, "ops": prep.captured.graph.number_of_nodes(), "groups": problem.num_nodes,
+            "rows": rows, "candidates": measured_rows, "seconds": time.perf_counter() - start,
+            "jobs": measurer.jobs}
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x * 1e3:.1f}"
+
+
+def to_markdown(command: str, cluster: Any, records: list[dict[str, Any]], header: dict[str, str]) -> str:
+    """The results page."""
+    lines = [
+        "# Distributed runtime on this machine: one process vs two worker processes",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {header['machine']}. Measured = real training steps (forward, loss, backward, "
+        "optimizer) timed on this machine (warm-up, then the median); simulated = the list-scheduling "
+        "simulator on the rank cluster below, with op times profiled at one thread. "
+        "'fastest step' is the quickest timed step: on a shared, loaded machine the median mostly "
+        "measures waiting for a core, the fastest step what the placement costs when it gets one.",
+        "",
+        "Rank cluster (links measured by ping-pong between two gloo workers on loopback): "
+        + "; ".join(f"{l.src}→{l.dst}: latency {l.latency_s * 1e6:.0f} µs, bandwidth "
+                    f"{l.bandwidth_Bps / 1e9:.2f} GB/s" for l in cluster.links),
+        "",
+    ]
+    for rec in records:
+        lines += [f"## {rec['model']} (small: {rec['ops']} ops, {rec['groups']} groups; "
+                  f"{rec['seconds']:.0f} s, {rec['jobs']} distributed job(s))", "",
+                  "| setup | measured median (ms) | fastest step (ms) | simulated (ms) | note |",
+                  "|---|---:|---:|---:|---|"]
+        for row in rec["rows"]:
+            note = row.get("note", "") or row.get("reason", "")
+            lines.append(f"| {row['setup']} | {_ms(row['measured'])} | {_ms(row['fastest'])} | "
+                         f"{_ms(row['simulated'])} | {note} |")
+        lines += ["", "Candidates measured through the runtime (simulator's fastest first):", "",
+                  "| placement | devices used | simulated (ms) | measured median (ms) | fastest step (ms) | reason |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for c in rec["candidates"]:
+            lines.append(f"| {c['label']} | {c['devices_used']} | {_ms(c['simulated'])} | {_ms(c['measured'])} | "
+                         f"{_ms(c['fastest'])} | {c['reason']} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["rnnlm", "gpt2", "resnet50"])
+    parser.add_argument("--top", type=int, default=4, help="simulated-fastest candidates measured per model")
+    parser.add_argument("--random", type=int, default=64, help="random group placements among the candidates")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    import os
+
+    import torch
+
+    from envs.distributed.devices import rank_cluster
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    cluster = rank_cluster(DEVICES)
+    header = {"machine": f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}, "
+                         f"load average at start {os.getloadavg()[0]:.1f}"}
+    records = []
+    for name in args.models:
+        rec = run_model(name, cluster, args.top, args.random, args.warmup, args.repeats, args.seed)
+        records.append(rec)
+        for row in rec["rows"]:
+            print(f"{name:10s} {row['setup']:55s} measured {_ms(row['measured']):>8s} ms "
+                  f"(fastest {_ms(row['fastest']):>7s})  "
+                  f"simulated {_ms(row['simulated']):>8s} ms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_markdown(command, cluster, records, header))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
