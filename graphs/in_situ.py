@@ -144,6 +144,10 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     try:
         with torch.enable_grad():
             for _ in range(repeats + 1):  # the first run is the warm-up
+                # As after optimizer.zero_grad() (set_to_none, the default): every backward
+                # allocates fresh parameter gradients, which for a large model is real time.
+                for p in params:
+                    p.grad = None
                 run = _TimedRun(work, device)
                 outputs = [t for t in tensors_in(run.run(*inputs)) if t.requires_grad and t.grad_fn is not None]
                 if outputs:
