@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.zoo.presets import MODEL_SEED, ZooArgumentError, check_positive_int, random_tokens, resolve, seeded
+from graphs.zoo.presets import MODEL_SEED, ZooArgumentError, check_positive_int, next_token_batch, next_token_loss, resolve, seeded
 
 NAME = "gpt2"
 
@@ -140,13 +140,12 @@ def get_example_inputs(size: str = "small", seq_len: int | None = None,
                        batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens, targets)``, both ``[batch, seq_len]`` int64; targets are the tokens shifted by one."""
     cfg = config(size, seq_len=seq_len, batch_size=batch_size)
-    stream = random_tokens(cfg.vocab, cfg.batch_size, cfg.seq_len + 1)
-    return stream[:, :-1].contiguous(), stream[:, 1:].contiguous()
+    return next_token_batch(cfg.vocab, cfg.batch_size, cfg.seq_len)
 
 
 def get_loss(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits [batch, seq, vocab]`` against ``targets``."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return next_token_loss(logits, targets)
 
 
 def get_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

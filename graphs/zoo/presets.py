@@ -80,3 +80,14 @@ def random_tokens(vocab: int, *shape: int) -> torch.Tensor:
     """Seeded random token ids in ``[0, vocab)`` of the given shape (int64, default device)."""
     with seeded(INPUT_SEED):
         return torch.randint(0, vocab, shape, dtype=torch.long)
+
+
+def next_token_batch(vocab: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, targets)``, both ``[batch, seq_len]``: a seeded token stream and the same shifted by one."""
+    stream = random_tokens(vocab, batch_size, seq_len + 1)
+    return stream[:, :-1].contiguous(), stream[:, 1:].contiguous()
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [batch, seq, vocab]`` against token ids ``targets [batch, seq]``."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
