@@ -141,3 +141,18 @@ def test_bad_arguments_are_clear():
     tuner = PlacementTuner(model, (x,), cluster=CLUSTER, candidates=_candidates(model, x)[:1])
     with pytest.raises(PlacerError, match="begin_step"):
         tuner.end_step()
+
+
+@pytest.mark.parametrize("times, margin, expected", [
+    ([[1.0, 1.0, 1.0], [1.0, 0.5, 0.5], [1.0, 0.8, 0.8]], 0.05, 1),  # clearly faster: the measured best
+    ([[1.0, 1.0, 1.0], [1.0, 0.98, 0.98], [1.0, 1.2, 1.2]], 0.05, 0),  # within the margin: the simulator's pick
+    ([[1.0, 1.0, 1.0], [1.0, 0.98, 0.98], [1.0, 1.2, 1.2]], 0.0, 1),
+])
+def test_settles_on_the_measured_fastest_beyond_the_margin(times, margin, expected):
+    x = _data(1)[0][0]
+    model = _model()
+    tuner = PlacementTuner(model, (x,), cluster=CLUSTER, candidates=_candidates(model, x), margin=margin)
+    for c, t in zip(tuner.candidates, times):
+        c.times = list(t)  # the first of each is the warm-up step and not counted
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1, momentum=0.9)
+    assert tuner.finish(opt) == expected and tuner.current == expected and tuner.settled

@@ -188,6 +188,9 @@ class PlacementTuner:
             ``model.parameters()`` keeps working; the model's tensors move devices) instead of copies.
         output_device: where outputs are gathered, fixed across candidates so the loss code does
             not see its device change (default the cluster's first device).
+        margin: another candidate replaces the first (the simulator's pick) only when its measured
+            time is lower by more than this fraction: below it, measured differences are as likely
+            noise (a shared CPU varies 4-11% step to step), and the simulator's ranking decides.
         seed, loss_fn, optimizer_fn: passed to the search.
 
     Raises:
@@ -199,12 +202,14 @@ class PlacementTuner:
                  trials: int = 12, candidates: int | Sequence[Mapping[str, str] | Placement] = 4,
                  budget: Any = DEFAULT_TUNER_BUDGET, steps_per_candidate: int | None = None,
                  warmup: int = 1, calibrate: bool = True, share_parameters: bool = False,
-                 output_device: str | None = None, seed: int = 0, loss_fn: Callable | None = None,
+                 output_device: str | None = None, margin: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
                  optimizer_fn: Callable | None = None) -> None:
         from graphs.capture import capture
 
         if not isinstance(trials, int) or trials < 1:
             raise IntegrationError(f"trials must be a positive number of training steps, got {trials!r}")
+        if not 0 <= margin < 1:
+            raise IntegrationError(f"margin must be a fraction in [0, 1), got {margin!r}")
         if warmup < 0:
             raise IntegrationError(f"warmup must be >= 0 steps, got {warmup!r}")
         if not isinstance(model, torch.nn.Module):
@@ -223,6 +228,7 @@ class PlacementTuner:
         self.captured = capture(model, inputs, name=type(model).__name__)
         self._check_nodes()
         self.warmup = warmup
+        self.margin = margin
         self.calibrate = calibrate and self.problem is not None
         self.calibrated = False
         self.steps_per_candidate = steps_per_candidate or max(1, trials // len(self.candidates))
@@ -323,7 +329,11 @@ class PlacementTuner:
     def _settle(self) -> None:
         timed = [(c.measured(self.warmup), i) for i, c in enumerate(self.candidates)
                  if c.measured(self.warmup) is not None]
-        self.best = min(timed)[1] if timed else self.current
+        best_time, best = min(timed) if timed else (None, self.current)
+        first = self.candidates[0].measured(self.warmup)
+        if first is not None and best != 0 and best_time >= first * (1 - self.margin):
+            best = 0  # not clearly faster than the simulator's pick: keep the pick
+        self.best = best
         self.settled = True
         log.info("placer tuner settled on %s after %d steps", self.candidates[self.best].name, self.steps)
 
