@@ -53,7 +53,7 @@ from torch import nn
 from graphs.errors import GraphError
 from graphs.in_situ import COMPUTE_OPS, in_situ_times
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
-from graphs.op_timing import clock_for, clock_overhead, median_loop, one_cpu_thread, sync_device, time_call, tree_map
+from graphs.op_timing import median_loop, one_cpu_thread, time_call, tree_map
 from graphs.profile_cache import ProfileCache, device_name, inputs_key
 
 class ProfileError(GraphError):
