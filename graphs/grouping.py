@@ -18,9 +18,10 @@ Steps (design "Grouping"), each keeping "every op in exactly one group":
 3. **Tiny ops** (cost under ``tiny_op_seconds``) merge into a neighbour: the producer along
    the heaviest edge when that is safe, else another producer, else a consumer; a merge is
    made only when it cannot create a cycle (:class:`graphs.group_dag.GroupDAG`).
-4. **max_groups** (optional): merge the cheapest adjacent pair until at most that many
-   groups remain, again only without cycles (falling back to two groups consecutive in a
-   topological order, which is always safe).
+4. **max_groups** (optional): merge until at most that many groups remain, each time the
+   cheapest group with its cheapest neighbour (the cheapest adjacent pair containing the
+   cheapest group), again only without cycles (falling back to two groups consecutive in
+   a topological order, which is always safe). 50,406 synthetic ops → 256 groups: ~5 s.
 
 Costs: the profiled ``time`` of ``device_kind`` (default: the first profiled kind). An
 unprofiled graph has no times, so nothing is known to be tiny: it is grouped by structure
