@@ -119,6 +119,45 @@ def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
         lines.append("")
 
 
+def synthetic_problem(n: int, cluster: str, seed: int = 0):
+    """A random DAG of ``n`` ops (each fed by up to 2 of the previous 8), roofline-costed on ``cluster``."""
+    import networkx as nx
+
+    from envs.problem import compile_problem
+
+    rng = np.random.default_rng(seed)
+    g = nx.DiGraph(name=f"dag{n}")
+    for i in range(n):
+        g.add_node(f"n{i}", op="call_module", out_bytes=int(rng.integers(1e5, 5e7)),
+                   param_bytes=int(rng.integers(0, 2e7)), flops=int(rng.integers(1e7, 5e10)))
+        if i:
+            for j in rng.choice(np.arange(max(0, i - 8), i), size=min(i, 2), replace=False):
+                g.add_edge(f"n{j}", f"n{i}", bytes=g.nodes[f"n{j}"]["out_bytes"])
+    return compile_problem(g, cluster)
+
+
+def bench_throughput(n: int, cluster: str, budget: str, args, lines: list[str]) -> None:
+    """Training throughput of each agent on a synthetic ``n``-node graph (default group count)."""
+    import resource
+
+    from envs.env_config import default_num_groups
+    from placer.agents.search import search
+
+    problem = synthetic_problem(n, cluster, args.seed)
+    g = default_num_groups(problem.num_nodes, problem.num_devices)
+    lines.append(f"### Throughput: synthetic {n}-node DAG on {cluster} (G = {g} groups), budget {budget}\n")
+    lines.append("| agent | evaluated | wall s | placements/s (wall) | CPU s | placements per CPU s |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for agent in _csv(args.agents):
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        r = search(problem, agent=agent, budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+        lines.append(f"| {agent} | {r.evaluated:,} | {r.wall_s:.1f} | {r.evaluated / max(r.wall_s, 1e-9):,.0f} | "
+                     f"{cpu:.1f} | {r.evaluated / max(cpu, 1e-9):,.0f} |")
+    lines.append("")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="nmt,rnnlm,resnet50,inception_v3,gpt2,moe")
@@ -131,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=None, help="append the Markdown tables to this file")
+    parser.add_argument("--throughput-nodes", type=int, default=0,
+                        help="also time every agent on a synthetic DAG of this many nodes (0: skip)")
+    parser.add_argument("--throughput-budget", default="4096")
     args = parser.parse_args(argv)
 
     from graphs.pipeline import prepare
@@ -142,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core CPU (torch 1 thread). "
         "Step times are **simulated** on the cluster specs; search times and rates are **measured** wall-clock.\n",
     ]
+    if args.throughput_nodes:
+        bench_throughput(args.throughput_nodes, _csv(args.clusters)[0], args.throughput_budget, args, lines)
+        print("\n".join(lines[-12:]), flush=True)
     for model in _csv(args.models):
         t0 = time.perf_counter()
         try:
