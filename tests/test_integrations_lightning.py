@@ -64,7 +64,7 @@ def _candidates(net: torch.nn.Module) -> list[dict[str, str]]:
             {n: ("gpu1" if i < len(nodes) // 2 else "gpu2") for i, n in enumerate(nodes)}]
 
 
-@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("opt", ["adam", pytest.param("sgd", marks=pytest.mark.slow)])
 def test_tuned_fit_matches_plain_fit(opt):
     net = _net()
     plain = Module(copy.deepcopy(net), opt)
@@ -81,6 +81,7 @@ def test_tuned_fit_matches_plain_fit(opt):
         torch.testing.assert_close(p, theirs[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a real search (seconds of profiling + baselines); test_integrations_loop covers it too
 def test_searched_placement_fit_matches_plain_fit(tmp_path):
     net = _net()
     expected = _fit(Module(copy.deepcopy(net)))
