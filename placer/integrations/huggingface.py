@@ -14,12 +14,15 @@ module-aligned (every module with parameters on one device): it is written as a
 gets a forward pre-hook that moves its inputs there, so the model stays the user's
 ``PreTrainedModel`` (same ``forward`` with keyword arguments, ``save_pretrained``, ...).
 The dispatched model is checked against the original on the example batch before it is
-returned. ``StepTimeCallback`` times each training step (CUDA synchronised) and adds the
+returned. The Trainer counts only accelerators in ``hf_device_map``: for a placement over
+the CPU and ONE GPU, pass ``TrainingArguments(place_model_on_device=False)`` (a warning says
+so), or it moves the whole model onto the GPU. ``StepTimeCallback`` times each training step (CUDA synchronised) and adds the
 median to the Trainer's logs. transformers is needed only for ``StepTimeCallback``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -30,6 +33,8 @@ import torch
 from graphs.apply import to_device
 from graphs.device_map import placement_device_map
 from placer.integrations.loop import DEFAULT_PLACE_BUDGET, IntegrationError, as_inputs, find_placement
+
+log = logging.getLogger("placer")
 
 
 def dispatch(model: torch.nn.Module, device_map: Mapping[str, str]) -> list[Any]:
@@ -101,6 +106,12 @@ def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: An
     model.train(was_training)
     model.hf_device_map = dict(device_map)
     model.placer_place_info = info
+    accelerators = {d for d in device_map.values() if d not in ("cpu", "disk")}
+    if "cpu" in device_map.values() and len(accelerators) == 1:
+        # The Trainer counts only accelerators: with one it would move the whole model onto it.
+        log.warning("placer: the placement computes on the CPU and %s; build the Trainer with "
+                    "TrainingArguments(place_model_on_device=False) or it moves the model onto %s",
+                    next(iter(accelerators)), next(iter(accelerators)))
     return model
 
 
