@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from envs.simulator import simulate_batch
 from placer.agents.search import AGENTS, SearchError, load_policy, search

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from envs.vector_env import BatchedPlacementVecEnv
@@ -73,10 +72,3 @@ def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker:
         # Raises StopSearch when the budget, a plateau or the callback ends the search.
         tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1 if left is not None else batch)
 
-
-def placement_probabilities(net: PlacementNetwork, obs: dict[str, np.ndarray], actions: np.ndarray) -> np.ndarray:
-    """[B] log-probabilities of ``actions`` under ``net`` for one unbatched observation."""
-    b = len(actions)
-    t_obs = {k: torch.as_tensor(np.repeat(np.asarray(v)[None], b, axis=0)) for k, v in obs.items()}
-    with torch.no_grad():
-        return net(t_obs, actions=torch.as_tensor(actions)).log_prob.numpy()

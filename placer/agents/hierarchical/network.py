@@ -298,13 +298,3 @@ class PlacementNetwork(nn.Module):
         full = torch.cat([groups, devices], dim=1) if self.hierarchical else devices
         return PolicyOutput(actions=full, log_prob=g_logp + p_logp, entropy=g_ent + p_ent, value=value)
 
-
-def actions_to_placements(actions: torch.Tensor | "np.ndarray", max_nodes: int, hierarchical: bool):
-    """Device per node [B, M] from env actions [B, A] (the env's own rule, for the agents' bookkeeping)."""
-    import numpy as np
-
-    a = np.asarray(actions.detach().cpu() if isinstance(actions, torch.Tensor) else actions).astype(np.int64)
-    if not hierarchical:
-        return a[:, :max_nodes]
-    groups, devices = a[:, :max_nodes], a[:, max_nodes:]
-    return np.take_along_axis(devices, groups, axis=1)
