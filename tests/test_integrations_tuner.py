@@ -156,3 +156,31 @@ def test_settles_on_the_measured_fastest_beyond_the_margin(times, margin, expect
         c.times = list(t)  # the first of each is the warm-up step and not counted
     opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1, momentum=0.9)
     assert tuner.finish(opt) == expected and tuner.current == expected and tuner.settled
+
+
+def test_out_of_memory_candidate_is_dropped_and_the_step_rerun():
+    data = _data(8)
+    model = _model()
+    reference = copy.deepcopy(model)
+    tuner = PlacementTuner(model, (data[0][0],), cluster=CLUSTER, trials=6,
+                           candidates=_candidates(model, data[0][0]), steps_per_candidate=2)
+    opt = torch.optim.Adam(tuner.model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+
+    def closure(m, x, y):
+        out = m(x)  # BatchNorm statistics are updated before the failure: they must be restored
+        if tuner.current == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated by the test)")
+        return _loss(out, y)
+
+    for x, y in data:
+        tuner.step(lambda m: closure(m, x, y), opt)
+        ref_opt.zero_grad()
+        _loss(reference(x), y).backward()
+        ref_opt.step()
+    assert tuner.candidates[1].failed == "out of memory" and tuner.best != 1
+    assert "failed: out of memory" in str(tuner.report())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(tuner.model.get_parameter(name), p, rtol=1e-5, atol=1e-6)
+    for name, b in reference.named_buffers():
+        torch.testing.assert_close(tuner.model.get_buffer(name), b, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,7 @@ class TunerCandidate:
         row: the group-level row over the simulator problem (None for given placements).
         simulated: simulated step time in seconds (None when not simulated).
         times: measured wall seconds of each step run with it.
+        failed: why it was dropped (e.g. ``"out of memory"``; "" while usable).
     """
 
     name: str
@@ -65,9 +66,12 @@ class TunerCandidate:
     row: np.ndarray | None = None
     simulated: float | None = None
     times: list[float] = field(default_factory=list)
+    failed: str = ""
 
     def measured(self, warmup: int) -> float | None:
         """Median step time after ``warmup`` steps (all steps when there are no more than that)."""
+        if self.failed:
+            return None
         kept = self.times[warmup:] if len(self.times) > warmup else self.times
         return statistics.median(kept) if kept else None
 
@@ -88,7 +92,7 @@ class TunerReport:
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per candidate: name, simulated ms, measured ms, steps, chosen."""
-        return [{"candidate": c.name,
+        return [{"candidate": c.name + (f" (failed: {c.failed})" if c.failed else ""),
                  "simulated_ms": None if c.simulated is None else c.simulated * 1e3,
                  "measured_ms": None if c.measured(self.warmup) is None else c.measured(self.warmup) * 1e3,
                  "steps": len(c.times), "chosen": i == self.best}
@@ -98,11 +102,11 @@ class TunerReport:
         kind = "virtual devices mapped to real ones" if self.simulated_cluster else "real devices"
         lines = [f"placement tuner on {self.cluster} ({kind}): {self.steps} steps, {self.switches} switches, "
                  f"{'settled' if self.settled else 'still tuning'}",
-                 f"{'candidate':<28} {'simulated ms':>12} {'measured ms':>12} {'steps':>6}"]
+                 f"{'candidate':<40} {'simulated ms':>12} {'measured ms':>12} {'steps':>6}"]
         for r in self.rows():
             sim = "-" if r["simulated_ms"] is None else f"{r['simulated_ms']:.3f}"
             mea = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.3f}"
-            lines.append(f"{r['candidate'][:28]:<28} {sim:>12} {mea:>12} {r['steps']:>6}"
+            lines.append(f"{r['candidate'][:40]:<40} {sim:>12} {mea:>12} {r['steps']:>6}"
                          + ("  <- chosen" if r["chosen"] else ""))
         return "\n".join(lines)
 
@@ -373,16 +377,55 @@ class PlacementTuner:
     def step(self, closure: Callable[[torch.nn.Module], torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One training step: ``zero_grad``, ``loss = closure(model)``, ``backward``, ``optimizer.step()``.
 
-        Returns the loss, detached.
+        While tuning, a candidate that runs out of device memory in the forward or backward
+        pass is dropped and the same step is run again on the best candidate known to work
+        (buffers such as BatchNorm statistics are restored first, and nothing has been
+        applied by the optimizer yet), so the trajectory is unchanged. Returns the loss, detached.
         """
         with self.timed(optimizer) as model:
+            snapshot = None if self.settled else [b.detach().clone() for b in model.buffers()]
             optimizer.zero_grad(set_to_none=True)
-            loss = closure(model)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise IntegrationError("the closure must return the scalar loss tensor of the step")
-            loss.backward()
+            try:
+                loss = self._forward_backward(closure, model)
+            except torch.OutOfMemoryError:
+                if snapshot is None or not self._drop_current("out of memory", [optimizer]):
+                    raise
+                with torch.no_grad():
+                    for b, saved in zip(self.model.buffers(), snapshot):
+                        b.copy_(saved.to(b.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._forward_backward(closure, self.model)
             optimizer.step()
         return loss.detach()
+
+    @staticmethod
+    def _forward_backward(closure: Callable[[torch.nn.Module], torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+        loss = closure(model)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise IntegrationError("the closure must return the scalar loss tensor of the step")
+        loss.backward()
+        return loss
+
+    def _drop_current(self, reason: str, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        """Mark the current candidate failed and switch to a working one now; False when there is none."""
+        measured = [(c.measured(self.warmup), i) for i, c in enumerate(self.candidates)
+                    if i != self.current and c.measured(self.warmup) is not None]
+        if measured:
+            fallback = min(measured)[1]
+        elif self._queue:
+            fallback = self._queue.pop(0)
+        else:
+            return False
+        log.warning("placer tuner: candidate %s failed (%s); continuing with %s",
+                    self.candidates[self.current].name, reason, self.candidates[fallback].name)
+        self.candidates[self.current].failed = reason
+        self.candidates[self.current].times.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._switch(fallback, optimizers)
+        _sync(self._used_real)
+        self._start = time.perf_counter()  # the failed attempt is not the fallback's time
+        return True
 
     def finish(self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] = ()) -> int:
         """Settle now (on the fastest measured candidate) and switch to it; returns its index."""
