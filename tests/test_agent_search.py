@@ -127,3 +127,15 @@ def test_on_improve_and_resume(problem, tmp_path):
                save_path=tmp_path / "policy.zip", resume=True)
     # The failed resume left the saved policy intact.
     assert load_policy(tmp_path / "policy.zip").policy.net.num_groups == saved.policy.net.num_groups
+
+
+def test_tensorboard_logs_are_written(problem, tmp_path):
+    pytest.importorskip("tensorboard")
+    search(problem, agent="hierarchical", budget=128, seed=0, num_envs=64, tensorboard_log=str(tmp_path / "tb"))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_progress_bar_shows_the_best_step_time(problem, capsys):
+    search(problem, agent="reinforce", budget=128, seed=0, num_envs=64, progress=True)
+    err = capsys.readouterr().err
+    assert "best=" in err and "ms" in err
