@@ -10,6 +10,7 @@ thread, median). Every figure is measured on this machine; nothing is simulated.
     python benchmarks/bench_capture.py --size paper --models rnnlm resnet50
     python benchmarks/bench_capture.py --out benchmarks/results/capture.md
     python benchmarks/bench_capture.py --models --scale        # only the ~1,000-op case
+    python benchmarks/bench_capture.py --size paper --models nmt --model-arg batch_size=1
 
 ``--scale`` adds a ~1,000-op graph (NMT, 4 layers, 25+25 unrolled steps, small widths):
 capture + profile of it must take under a minute on a 2-core machine.
@@ -121,9 +122,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile cache (default: a fresh temporary one, so profiling is measured)")
     parser.add_argument("--method", choices=["in_situ", "isolated"], default="in_situ",
                         help="profiling method (see graphs.profile)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="model argument for every model, e.g. batch_size=1 (repeatable; ints parsed)")
     parser.add_argument("--scale", action="store_true", help="also run the ~1,000-op NMT case")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
+    model_args: dict = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--model-arg expects KEY=VALUE, got {item!r}")
+        model_args[key] = int(value) if value.lstrip("-").isdigit() else value
     unknown = [m for m in args.models if m not in ZOO_MODELS]
     if unknown:
         parser.error(f"unknown zoo model(s) {unknown}; expected some of {', '.join(ZOO_MODELS)}")
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="placer-bench-") as tmp:
         cache_dir = args.cache_dir or tmp
-        cases = [(name, args.size, {}) for name in args.models] + ([SCALE_CASE] if args.scale else [])
+        cases = [(name, args.size, dict(model_args)) for name in args.models] + ([SCALE_CASE] if args.scale else [])
         for name, size, model_args in cases:
             try:
                 row = bench_model(name, size, args.repeats, cache_dir, args.step_repeats, model_args, args.method)
