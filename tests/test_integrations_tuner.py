@@ -184,3 +184,43 @@ def test_out_of_memory_candidate_is_dropped_and_the_step_rerun():
         torch.testing.assert_close(tuner.model.get_parameter(name), p, rtol=1e-5, atol=1e-6)
     for name, b in reference.named_buffers():
         torch.testing.assert_close(tuner.model.get_buffer(name), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rounds, expected", [
+    (1, [0, 0, 1, 1, 2, 2]),   # one block per candidate
+    (2, [0, 1, 2, 0, 1, 2]),   # interleaved turns spread drift over all candidates
+])
+def test_schedule_of_turns(rounds, expected):
+    data = _data(6)
+    model = _model()
+    tuner = PlacementTuner(model, (data[0][0],), cluster=CLUSTER, trials=6, rounds=rounds,
+                           candidates=_candidates(model, data[0][0]), steps_per_candidate=2)
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1)
+    used = []
+    for x, y in data:
+        tuner.begin_step(opt)
+        used.append(tuner.current)
+        opt.zero_grad()
+        _loss(tuner.model(x), y).backward()
+        opt.step()
+        tuner.end_step()
+    assert used == expected
+    assert tuner.settled and all(len(c.times) == 2 for c in tuner.candidates)
+
+
+@pytest.mark.slow
+def test_proposed_candidates_are_distinct_and_ranked_by_simulation():
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(32, 128), torch.nn.ReLU()]
+    for _ in range(4):
+        layers += [torch.nn.Linear(128, 128), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(128, 10))
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    tuner = PlacementTuner(model, (x,), cluster=CLUSTER, trials=8, candidates=4, budget="300")
+    sims = [c.simulated for c in tuner.candidates]
+    assert 2 <= len(sims) <= 4 and sims == sorted(sims)
+    assert len({tuple(sorted(c.assignment.items())) for c in tuner.candidates}) == len(sims)
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(10):
+        tuner.step(lambda m: _loss(m(x), y), opt)
+    assert tuner.settled and tuner.switches >= 1

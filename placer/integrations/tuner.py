@@ -184,6 +184,9 @@ class PlacementTuner:
             (``{node: device}`` dicts or :class:`Placement` objects; then nothing is searched).
         budget: search budget for proposing candidates.
         steps_per_candidate: steps each candidate runs (default ``max(1, trials // candidates)``).
+        rounds: the candidates take turns in this many rounds, each running its share of steps per
+            turn (1: one block per candidate). Interleaving spreads slow drift of the machine (other
+            load, clocks, warm-up of the process) over all candidates instead of the first ones.
         warmup: steps of each candidate not counted (the first after a switch pays one-off costs);
             used only when the candidate ran more than ``warmup`` steps.
         calibrate: after 3 measured candidates, refit the simulator to the measured times
@@ -204,7 +207,7 @@ class PlacementTuner:
     def __init__(self, model: torch.nn.Module, example_batch: Any, *, cluster: Any = None,
                  devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
                  trials: int = 12, candidates: int | Sequence[Mapping[str, str] | Placement] = 4,
-                 budget: Any = DEFAULT_TUNER_BUDGET, steps_per_candidate: int | None = None,
+                 budget: Any = DEFAULT_TUNER_BUDGET, steps_per_candidate: int | None = None, rounds: int = 2,
                  warmup: int = 1, calibrate: bool = True, share_parameters: bool = False,
                  output_device: str | None = None, margin: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
                  optimizer_fn: Callable | None = None) -> None:
@@ -238,6 +241,10 @@ class PlacementTuner:
         self.steps_per_candidate = steps_per_candidate or max(1, trials // len(self.candidates))
         if self.steps_per_candidate < 1:
             raise IntegrationError(f"steps_per_candidate must be >= 1, got {steps_per_candidate!r}")
+        if not isinstance(rounds, int) or rounds < 1:
+            raise IntegrationError(f"rounds must be a positive number of turns, got {rounds!r}")
+        self.rounds = min(rounds, self.steps_per_candidate)
+        self.visit_steps = -(-self.steps_per_candidate // self.rounds)  # steps per turn, rounded up
         self.trials = trials
         self.real_devices = self.cluster.real_device_map()
         self.output_device = output_device or self.cluster.device_names[0]
@@ -249,7 +256,10 @@ class PlacementTuner:
             inplace=share_parameters, real_devices=self.real_devices,
         )
         self.current = 0
-        self._queue = list(range(1, len(self.candidates)))  # untried candidates, next first
+        n = len(self.candidates)
+        # Turns still to come, next first: round 1 after candidate 0, then every candidate again.
+        self._queue = list(range(1, n)) + list(range(n)) * (self.rounds - 1)
+        self._visit = 0  # steps of the current turn so far
         self.switches = 0
         self.steps = 0
         self.settled = len(self.candidates) == 1
@@ -303,17 +313,23 @@ class PlacementTuner:
         if self.settled:
             return None
         cur = self.candidates[self.current]
-        if len(cur.times) < self.steps_per_candidate:
+        if self._visit < self.visit_steps and len(cur.times) < self.steps_per_candidate and not cur.failed:
             return None
-        if self._queue and self.steps < self.trials:
-            self._rerank()
-            return self._queue.pop(0)
+        self._rerank()
+        while self._queue and self.steps < self.trials:
+            nxt = self._queue.pop(0)
+            c = self.candidates[nxt]
+            if not c.failed and len(c.times) < self.steps_per_candidate:
+                self._visit = 0
+                return nxt
         self._settle()
         return self.best
 
     def _rerank(self) -> None:
-        """Order the untried candidates by the simulator refitted to the times measured so far."""
-        if not self.calibrate or len(self._queue) < 2:
+        """Order the untried candidates' first turns by the simulator refitted to the times measured so far."""
+        untried = [k for k, i in enumerate(self._queue)
+                   if not self.candidates[i].times and i not in self._queue[:k]]
+        if not self.calibrate or len(untried) < 2:
             return
         done = [c for c in self.candidates if c.measured(self.warmup) is not None and c.row is not None]
         if len(done) < 3:
@@ -326,8 +342,10 @@ class PlacementTuner:
         except CalibrationError as exc:  # e.g. too few distinct times: keep the simulator's order
             log.info("placer tuner: no recalibration (%s)", exc)
             return
-        predicted = cal.predict(self.problem, np.stack([self.candidates[i].row for i in self._queue]))
-        self._queue = [self._queue[j] for j in np.argsort(predicted, kind="stable")]
+        first_turns = [self._queue[k] for k in untried]
+        predicted = cal.predict(self.problem, np.stack([self.candidates[i].row for i in first_turns]))
+        for k, j in zip(untried, np.argsort(predicted, kind="stable")):
+            self._queue[k] = first_turns[j]
         self.calibrated = True
 
     def _settle(self) -> None:
@@ -361,6 +379,7 @@ class PlacementTuner:
         elapsed = time.perf_counter() - self._start
         self._start = None
         if not self.settled:
+            self._visit += 1
             self.candidates[self.current].times.append(elapsed)
             self.history.append((self.steps, self.current, elapsed))
         self.steps += 1
@@ -410,10 +429,12 @@ class PlacementTuner:
         """Mark the current candidate failed and switch to a working one now; False when there is none."""
         measured = [(c.measured(self.warmup), i) for i, c in enumerate(self.candidates)
                     if i != self.current and c.measured(self.warmup) is not None]
+        untried = [i for i in self._queue if i != self.current and not self.candidates[i].failed]
         if measured:
             fallback = min(measured)[1]
-        elif self._queue:
-            fallback = self._queue.pop(0)
+        elif untried:
+            fallback = untried[0]
+            self._queue.remove(fallback)
         else:
             return False
         log.warning("placer tuner: candidate %s failed (%s); continuing with %s",
