@@ -52,6 +52,50 @@ def _candidates(problem: Any, graph: Any, captured: Any, op_to_group: Any, rando
     return out
 
 
+def stage_overhead(prep: Any, rounds: int = 3, steps: int = 10) -> tuple[float, float]:
+    """Fastest training step (s) of the plain captured model and of the same model run through
+    the runtime's stage machinery (one rank, no communication), interleaved in this process
+    at one thread so both see the same machine load."""
+    import copy
+
+    import torch
+
+    from envs.distributed.runtime import Comm, RankStep, value_meta
+    from graphs.split import split_by_rank
+
+    spec = prep.spec
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = copy.deepcopy(prep.captured.gm).train()
+        staged = copy.deepcopy(prep.captured.gm).train()
+        meta = value_meta(staged, spec.example_inputs)
+        staged.load_state_dict(plain.state_dict())  # the shape run moved BatchNorm statistics
+        runner = RankStep(split_by_rank(staged, {}, 1), 0, meta, spec.example_inputs, spec.loss_fn, "cpu", Comm())
+        opt_plain, opt_staged = spec.optimizer_fn(plain.parameters()), spec.optimizer_fn(staged.parameters())
+
+        def plain_step() -> None:
+            opt_plain.zero_grad(set_to_none=True)
+            spec.loss_fn(plain(*spec.example_inputs), *spec.example_inputs).backward()
+            opt_plain.step()
+
+        def staged_step() -> None:
+            opt_staged.zero_grad(set_to_none=True)
+            runner.step()
+            opt_staged.step()
+
+        best = [float("inf"), float("inf")]
+        for _ in range(rounds):
+            for k, fn in enumerate((plain_step, staged_step)):
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+        return best[0], best[1]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, repeats: int,
               seed: int) -> dict[str, Any]:
     """Measure and simulate one model; returns its rows."""
@@ -79,6 +123,15 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
                      "fastest": min(r.times) if r.valid else None,
                      "simulated": sim_single, "note": "simulator models 1 thread" if threads > 1 else ""})
 
+    # The same single-device step in one worker of the distributed harness (world size 1): the
+    # like-for-like baseline for the two-worker rows (same process set-up and timing loop).
+    one = DistributedMeasurer(source, args, "cpu:0", warmup=warmup, repeats=repeats,
+                              fingerprint=prep.captured.fingerprint, spec=prep.spec)
+    [r1] = one.measure_many([{n: "cpu:0" for n in prep.captured.graph.nodes}])
+    rows.append({"setup": "1 process, 1 thread (distributed harness, world size 1)",
+                 "measured": r1.step_time if r1.valid else None, "fastest": min(r1.times) if r1.valid else None,
+                 "simulated": sim_single, "reason": r1.reason, "note": ""})
+
     cands = _candidates(problem, prep.grouping.graph, prep.captured, prep.grouping.op_to_group,
                         random_rows, seed)
     sim = simulate_batch(problem, np.stack([r for _, r in cands]))
@@ -104,6 +157,10 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
                      "fastest": best["fastest"],
                      "simulated": best["simulated"], "reason": "",
                      "note": f"{len(valid)} candidates measured; uses {best['devices_used']} device(s)"})
+    plain_s, staged_s = stage_overhead(prep)
+    rows.append({"setup": "1 process, 1 thread: plain vs through the stage runtime (interleaved)",
+                 "measured": None, "fastest": staged_s, "simulated": None, "reason": "",
+                 "note": f"plain model's fastest step {plain_s * 1e3:.1f} ms in the same loop"})
     return {"model": name, "ops": prep.captured.graph.number_of_nodes(), "groups": problem.num_nodes,
             "rows": rows, "candidates": measured_rows, "seconds": time.perf_counter() - start,
             "jobs": measurer.jobs}
