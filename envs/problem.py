@@ -37,6 +37,26 @@ OPTIMIZER_STATE_FACTOR: dict[str, float] = {
 }
 
 
+def optimizer_state_kind(optimizer_fn) -> str:
+    """The key of :data:`OPTIMIZER_STATE_FACTOR` for the optimizer ``optimizer_fn(params)`` builds.
+
+    Memory per device counts optimizer state (Adam: 2 x parameters), so placements are
+    costed with the model's own optimizer, as training would. An ``optimizer_fn`` that
+    fails here is costed as plain SGD; the failure shows up when the model is trained.
+    Unknown optimizers are assumed to keep Adam-sized state.
+    """
+    import torch
+
+    try:
+        opt = optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # noqa: BLE001 - see docstring
+        return "sgd"
+    name = type(opt).__name__.lower()
+    if name == "sgd":
+        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return name if name in OPTIMIZER_STATE_FACTOR else "adam"
+
+
 class PlacementError(PlacerError, ValueError):
     """A placement that does not match its problem (unknown device, missing nodes, bad shape)."""
 

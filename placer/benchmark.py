@@ -269,24 +269,10 @@ def _measure(case: BenchCase, candidates: list) -> None:
 
 
 def optimizer_name(spec: Any) -> str:
-    """Name (a key of ``envs.problem.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds.
+    """Name (a key of ``envs.problem.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds."""
+    from envs.problem import optimizer_state_kind
 
-    Memory per device counts optimizer state (Adam: 2 x parameters), so the benchmark uses
-    the model's own optimizer, as training would. A model file whose ``get_optimizer``
-    fails here is costed as plain SGD; the failure shows up when it is trained.
-    """
-    import torch
-
-    from envs.problem import OPTIMIZER_STATE_FACTOR
-
-    try:
-        opt = spec.optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
-    except Exception:  # noqa: BLE001 - see docstring
-        return "sgd"
-    name = type(opt).__name__.lower()
-    if name == "sgd":
-        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
-    return name if name in OPTIMIZER_STATE_FACTOR else "adam"  # unknown: assume Adam-sized state
+    return optimizer_state_kind(spec.optimizer_fn)
 
 
 def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "small",

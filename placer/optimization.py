@@ -32,8 +32,7 @@ import pandas as pd
 import torch
 
 from envs.cluster import Cluster, load_cluster
-from envs.problem import PlacementProblem, compile_problem
-from envs.simulator import simulate
+from envs.problem import PlacementProblem, compile_problem, optimizer_state_kind
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, prepare
@@ -120,19 +119,6 @@ def _with_memory_limits(cluster: Cluster, limits: Mapping[str, int]) -> Cluster:
         for d in cluster.devices
     ]
     return dataclasses.replace(cluster, devices=tuple(devices) if isinstance(cluster.devices, tuple) else devices)
-
-
-def _optimizer_name(spec: ModelSpec) -> str:
-    """The optimizer's state size class, read from the optimizer the model file builds."""
-    params = [torch.nn.Parameter(torch.zeros(1))]
-    try:
-        opt = spec.optimizer_fn(params)
-    except Exception:  # noqa: BLE001 - a broken get_optimizer shows up when training, not here
-        return "sgd"
-    name = type(opt).__name__.lower()
-    if name == "sgd":
-        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
-    return name if name in ("adam", "adamw", "rmsprop", "adagrad") else "adam"
 
 
 def _to_spec(model: Any, example_inputs: Any, loss_fn: Callable | None, optimizer_fn: Callable | None,
@@ -279,7 +265,7 @@ def optimize(
             f"reward {reward!r} needs real devices (--devices), but cluster {the_cluster.name!r} is simulated; "
             "use --reward simulated"
         )
-    from placer.baselines import baseline_names, get_baseline
+    from placer.baselines import get_baseline
 
     for name in baselines:
         get_baseline(name)  # unknown names fail now, not after profiling
@@ -297,7 +283,7 @@ def optimize(
     seconds["prepare"] = time.perf_counter() - start
     spec, captured, grouping = prepared.spec, prepared.captured, prepared.grouping
 
-    problem = compile_problem(grouping.graph, the_cluster, optimizer=_optimizer_name(spec))
+    problem = compile_problem(grouping.graph, the_cluster, optimizer=optimizer_state_kind(spec.optimizer_fn))
     if verbose:
         kind = "simulated on cluster spec" if the_cluster.simulated else "measured on real devices"
         print(f"placer: {spec.name}: {captured.graph.number_of_nodes()} ops in {problem.num_nodes} groups; "

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  devices: {', '.join(placement.devices)}" + (f" on cluster {meta['cluster']}" if "cluster" in meta else ""))
     if "step_time" in meta:
         print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
-    print(f"  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
+    print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
     if not args.model:
         return 0
 
