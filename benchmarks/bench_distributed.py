@@ -101,15 +101,14 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     """Measure and simulate one model; returns its rows."""
     from envs.distributed.measure import DistributedMeasurer
     from envs.measure import Measurer
-    from envs.problem import compile_problem
+    from envs.problem import compile_problem, optimizer_state_kind
     from envs.simulator import simulate_batch
     from graphs.pipeline import prepare
-    from placer.optimization import _optimizer_name
 
     start = time.perf_counter()
     source, args = f"zoo:{name}", {"size": "small"}
     prep = prepare(source, args, profile=True, devices=["cpu"])
-    problem = compile_problem(prep.grouping.graph, cluster, optimizer=_optimizer_name(prep.spec))
+    problem = compile_problem(prep.grouping.graph, cluster, optimizer=optimizer_state_kind(prep.spec.optimizer_fn))
     expand = lambda row: prep.grouping.expand(problem.array_to_placement(row))  # noqa: E731
 
     single_row = np.zeros(problem.num_nodes, dtype=np.int64)
