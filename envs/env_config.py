@@ -28,15 +28,17 @@ def default_num_groups(num_nodes: int, num_devices: int) -> int:
     ``G = min(N, max(2 * D, min(256, 4 * ceil(sqrt(N)))))``: enough groups that every device
     can receive at least two (so a split is never forced through one group), growing like
     sqrt(N) so the grouper has to generalise instead of memorising a per-node table, capped at
-    the 256 the hierarchical planner found best, and never more than there are nodes.
-    E.g. N=200, D=4 -> 60; N=20, D=4 -> 20; N=5000, D=8 -> 256.
+    the 256 the hierarchical planner found best, and never more than there are nodes — except
+    that G is at least D, so that every placement (node i on device d) is an action even when
+    the graph has fewer nodes than there are devices (some groups then stay empty).
+    E.g. N=200, D=4 -> 60; N=20, D=4 -> 20; N=5000, D=8 -> 256; N=3, D=5 -> 5.
     """
     if num_nodes < 1:
         raise EnvConfigError("the graph has no nodes; a placement problem needs at least one node")
     if num_devices < 1:
         raise EnvConfigError("the cluster has no devices; a placement problem needs at least one device")
     by_size = min(MAX_DEFAULT_GROUPS, 4 * math.ceil(math.sqrt(num_nodes)))
-    return int(min(num_nodes, max(2 * num_devices, by_size)))
+    return int(max(num_devices, min(num_nodes, max(2 * num_devices, by_size))))
 
 
 @dataclass(frozen=True)

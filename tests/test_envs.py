@@ -152,6 +152,7 @@ def test_evaluate_matches_step_and_default_groups():
     env = PlacementEnv(problem, seed=1)
     assert env.num_groups == default_num_groups(20, 4) == 20
     assert default_num_groups(200, 4) == 60 and default_num_groups(5000, 8) == 256
+    assert default_num_groups(3, 5) == 5  # every placement stays an action with fewer nodes than devices
     actions = np.stack([env.action_space.sample() for _ in range(6)])
     ev = env.evaluate(env.decode(actions))
     assert ev.reward.tolist() == [env.step(a)[1] for a in actions]

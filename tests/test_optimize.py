@@ -164,3 +164,26 @@ def test_resume_starts_from_the_saved_placement_and_never_gets_worse(result, mod
     again = placer.optimize(str(model_file), cluster="4xK40", budget="50", out_dir=out, resume=True,
                             progress=False, baselines=("round_robin",), verbose=0)
     assert again.step_time <= result.step_time * (1 + 1e-9)
+
+
+TINY_MODEL = """
+import torch
+
+
+def get_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def get_example_inputs():
+    return (torch.randn(4, 8),)
+"""
+
+
+def test_a_graph_with_fewer_groups_than_devices_is_still_searched(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_MODEL)
+    result = placer.optimize(str(path), cluster="4xK40", budget="100", out_dir=tmp_path / "out",
+                             progress=False, baselines=("single",), verbose=0)
+    assert result.problem.num_nodes < result.problem.num_devices
+    assert result.check.ok and (tmp_path / "out" / "placement.json").exists()
