@@ -187,3 +187,17 @@ def test_a_graph_with_fewer_groups_than_devices_is_still_searched(tmp_path):
                              progress=False, baselines=("single",), verbose=0)
     assert result.problem.num_nodes < result.problem.num_devices
     assert result.check.ok and (tmp_path / "out" / "placement.json").exists()
+
+
+def test_measured_rows_decide_the_winner_when_there_are_any():
+    import pandas as pd
+
+    from placer.optimization import pick_winner
+
+    table = pd.DataFrame({
+        "method": ["critical_path", "m_etf", "single"],
+        "step_time": [0.0031, 0.0063, 0.0099],
+        "source": ["simulated", "measured", "measured"],
+    })
+    assert pick_winner(table)["method"] == "m_etf"
+    assert pick_winner(table.assign(source="simulated"))["method"] == "critical_path"
