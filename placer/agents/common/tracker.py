@@ -131,7 +131,9 @@ class BestTracker:
             from tqdm.auto import tqdm
 
             total = self.budget.placements if self.budget.placements is not None else None
-            self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=False)
+            # mininterval=0: a batch takes tens of ms at least, so redraw on every one.
+            self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=False,
+                             mininterval=0)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -171,8 +173,8 @@ class BestTracker:
             self._consider(rows[i], float(step_time[i]), bool(fits[i]), len(step_time))
         self.evaluated += len(step_time)
         if self._bar is not None:
-            self._bar.update(len(step_time))
             self._bar.set_postfix(best=f"{self.best_step_time * 1e3:.3f} ms", refresh=False)
+            self._bar.update(len(step_time))  # draws the bar with the postfix just set
         if self.callback is not None:
             answer = self.callback(SearchProgress(self.evaluated, self.wall_s, self.best_step_time,
                                                   self.best_fits, self.best_row))
