@@ -76,16 +76,14 @@ def resolve_cluster(
         wanted = parse_device_list(devices)
         if _is_rank_device_list(wanted):
             result = _distributed_cluster(wanted)
-            limits = parse_memory_limits(memory)
-            return _with_memory_limits(result, limits) if limits else result
-        real = discover_cluster()
-        present = set(real.device_names)
-        absent = [d for d in wanted if d not in present]
-        if absent:
-            raise OptionError(
-                f"device(s) {absent} not present on this machine; present: {sorted(present)}"
-            )
-        result = real.subset(wanted) if hasattr(real, "subset") else _subset(real, wanted)
+        else:
+            real = discover_cluster()
+            absent = [d for d in wanted if d not in set(real.device_names)]
+            if absent:
+                raise OptionError(
+                    f"device(s) {absent} not present on this machine; present: {sorted(real.device_names)}"
+                )
+            result = _subset(real, wanted)
     elif cluster is not None:
         result = load_cluster(cluster)
     else:
