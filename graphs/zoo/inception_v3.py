@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.zoo.presets import INPUT_SEED, MODEL_SEED, ZooArgumentError, check_positive_int, resolve, seeded
+from graphs.zoo.presets import MODEL_SEED, ZooArgumentError, check_positive_int, image_batch, resolve, seeded
 
 NAME = "inception_v3"
 MIN_IMAGE_SIZE = 75  # below this the 8×8 grid of the last stage shrinks to nothing
@@ -292,10 +292,7 @@ def get_example_inputs(size: str = "small", batch_size: int | None = None,
                        image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images [b, 3, s, s] float32, labels [b] int64)``, seeded."""
     cfg = config(size, batch_size=batch_size, image_size=image_size)
-    with seeded(INPUT_SEED):
-        images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size)
-        labels = torch.randint(0, cfg.classes, (cfg.batch_size,))
-    return images, labels
+    return image_batch(cfg.batch_size, cfg.image_size, cfg.classes)
 
 
 def get_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], images: torch.Tensor,

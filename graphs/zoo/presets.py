@@ -82,6 +82,14 @@ def random_tokens(vocab: int, *shape: int) -> torch.Tensor:
         return torch.randint(0, vocab, shape, dtype=torch.long)
 
 
+def image_batch(batch_size: int, image_size: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [b, 3, s, s] float32, labels [b] int64)``, seeded."""
+    with seeded(INPUT_SEED):
+        images = torch.randn(batch_size, 3, image_size, image_size)
+        labels = torch.randint(0, classes, (batch_size,))
+    return images, labels
+
+
 def next_token_batch(vocab: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens, targets)``, both ``[batch, seq_len]``: a seeded token stream and the same shifted by one."""
     stream = random_tokens(vocab, batch_size, seq_len + 1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.zoo.presets import INPUT_SEED, MODEL_SEED, check_positive_int, resolve, seeded
+from graphs.zoo.presets import MODEL_SEED, check_positive_int, image_batch, resolve, seeded
 
 NAME = "resnet50"
 STAGES: tuple[int, ...] = (3, 4, 6, 3)
@@ -122,10 +122,7 @@ def get_example_inputs(size: str = "small", batch_size: int | None = None,
                        image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images [b, 3, s, s] float32, labels [b] int64)``, seeded."""
     cfg = config(size, batch_size=batch_size, image_size=image_size)
-    with seeded(INPUT_SEED):
-        images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size)
-        labels = torch.randint(0, cfg.classes, (cfg.batch_size,))
-    return images, labels
+    return image_batch(cfg.batch_size, cfg.image_size, cfg.classes)
 
 
 def get_loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
