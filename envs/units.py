@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 from graphs.errors import PlacerError
 
@@ -74,46 +75,37 @@ def _number(value: object) -> float | None:
     return None
 
 
-def parse_bytes(value: object) -> int:
-    """Bytes from ``12884901888``, ``"12GiB"``, ``"16GB"``, ``"512 MiB"``, ``"1.5T"`` (no unit = bytes)."""
-    forms = "a number of bytes or e.g. '12GiB', '16GB', '512MiB'"
+def _parse_quantity(value: object, what: str, unit_label: str, forms: str, accepts: Callable[[str], bool]) -> float:
+    """A positive quantity in base units from a number or a string with an optional prefix and unit."""
     num = _number(value)
     if num is None:
         if not isinstance(value, str):
-            raise UnitError(f"cannot read memory size {value!r}; expected {forms}")
-        num, prefix, unit = _split(value, "memory size", forms)
-        if unit not in ("", "B", "b", "bytes"):
-            raise UnitError(f"unknown memory unit {unit!r} in {value!r}; expected {forms}")
+            raise UnitError(f"cannot read {what} {value!r}; expected {forms}")
+        num, prefix, unit = _split(value, what, forms)
+        if not accepts(unit):
+            raise UnitError(f"unknown {unit_label} unit {unit!r} in {value!r}; expected {forms}")
         num *= _PREFIX[prefix]
-    return int(round(_positive(num, value, "memory size", forms)))
+    return _positive(num, value, what, forms)
+
+
+def parse_bytes(value: object) -> int:
+    """Bytes from ``12884901888``, ``"12GiB"``, ``"16GB"``, ``"512 MiB"``, ``"1.5T"`` (no unit = bytes)."""
+    forms = "a number of bytes or e.g. '12GiB', '16GB', '512MiB'"
+    return int(round(_parse_quantity(value, "memory size", "memory", forms,
+                                     lambda unit: unit in ("", "B", "b", "bytes"))))
 
 
 def parse_flops(value: object) -> float:
     """FLOP/s from ``4.29e12``, ``"4.29T"``, ``"4.29 TFLOPS"``, ``"15.7TFLOP/s"``."""
     forms = "a number of FLOP/s or e.g. '4.29T', '15.7 TFLOPS'"
-    num = _number(value)
-    if num is None:
-        if not isinstance(value, str):
-            raise UnitError(f"cannot read peak FLOP/s {value!r}; expected {forms}")
-        num, prefix, unit = _split(value, "peak FLOP/s", forms)
-        if unit.lower() not in ("", "flops", "flop/s", "flop"):
-            raise UnitError(f"unknown FLOP/s unit {unit!r} in {value!r}; expected {forms}")
-        num *= _PREFIX[prefix]
-    return _positive(num, value, "peak FLOP/s", forms)
+    return _parse_quantity(value, "peak FLOP/s", "FLOP/s", forms,
+                           lambda unit: unit.lower() in ("", "flops", "flop/s", "flop"))
 
 
 def parse_bandwidth(value: object) -> float:
     """Bytes/s from ``12e9``, ``"12GB/s"``, ``"12 GB/s"``, ``"1.5TB/s"``, ``"10GiB/s"``."""
     forms = "a number of bytes/s or e.g. '12GB/s', '1.5TB/s'"
-    num = _number(value)
-    if num is None:
-        if not isinstance(value, str):
-            raise UnitError(f"cannot read bandwidth {value!r}; expected {forms}")
-        num, prefix, unit = _split(value, "bandwidth", forms)
-        if unit not in ("", "B/s", "Bps", "B"):
-            raise UnitError(f"unknown bandwidth unit {unit!r} in {value!r}; expected {forms}")
-        num *= _PREFIX[prefix]
-    return _positive(num, value, "bandwidth", forms)
+    return _parse_quantity(value, "bandwidth", "bandwidth", forms, lambda unit: unit in ("", "B/s", "Bps", "B"))
 
 
 def parse_seconds(value: object, allow_zero: bool = True) -> float:
