@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import torch
 
 from graphs.apply import apply_placement, to_device
-from graphs.model_file import ModelSpec, first_tensor, preserved_buffers
+from graphs.model_file import ModelSpec, preserved_buffers
+from graphs.op_timing import tensors_in
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,6 @@ class CheckReport:
         return text
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return _tensors(value.to_tuple())
-    return []
-
-
 def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / (1 + max |b|): absolute for small values, relative for large ones."""
     a = a.detach().to("cpu", torch.float64)
@@ -93,7 +82,7 @@ def _run_step(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int
     loss = to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
     loss.backward()
     grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
-    return _tensors(output), loss.detach(), grads
+    return tensors_in(output), loss.detach(), grads
 
 
 def check_placement(
@@ -140,4 +129,4 @@ def check_placement(
     )
 
 
-__all__ = ["CheckReport", "check_placement", "first_tensor"]
+__all__ = ["CheckReport", "check_placement"]
