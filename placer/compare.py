@@ -20,8 +20,6 @@ from envs.lower_bound import lower_bound
 from envs.problem import PlacementProblem
 from envs.simulator import simulate_batch
 
-GIB = 2**30
-
 
 @dataclass
 class Candidate:
