@@ -5,15 +5,26 @@ faster than inside the model; its isolated backward pays the autograd engine's s
 per op, where a real backward pays it once. Timed in place — one whole forward, then one
 whole backward, as in a training step — each node costs what the step pays.
 
-Forward: each compute node's call is timed between two clock reads (synchronised on CUDA).
-Backward: after the forward, every autograd node the fx node created is found (walking
-``grad_fn.next_functions`` from its outputs, stopping at nodes an earlier fx node already
-claimed) and gets a pre-hook and a hook that time it; an fx node's backward is the sum over
-its autograd nodes. The whole backward then runs from the graph's outputs (gradient 1).
-The timer's own cost is subtracted per timed region (forward), the hooks' own cost
-(:func:`hook_overhead`) per autograd node (backward). The median over ``repeats`` runs
-(after one warm-up run) is kept. Parameters' ``.grad`` are restored afterwards, so the
-caller's model is left as it was.
+Forward: each compute node's call is timed between two clock reads (synchronised on CUDA);
+nothing else happens between them, so the interpreter's own work stays outside the node.
+Backward: after the whole forward, every autograd node an fx node created is found (walking
+``grad_fn.next_functions`` from its outputs, fx nodes in graph order, stopping at autograd
+nodes an earlier fx node already claimed) and gets a pre-hook that reads the clock. The
+whole backward then runs from the graph's outputs (gradient 1); the interval from one
+autograd node's start to the next one's (the last one's: to the end of the backward) is
+charged to the fx node that owns the first. An interval covers the autograd node's kernel
+*and* the engine's work after it — adding its gradients into the buffers of the next nodes
+(a weight used at every step of an unrolled RNN receives one gradient per use, and the
+engine sums them there: seconds per step for a 32k-word softmax) and scheduling — which a
+node's kernel time alone misses.
+
+The timer's own cost is subtracted per timed region (forward: :func:`clock_overhead`;
+backward: :func:`hook_overhead`, measured as the difference between a hooked and an
+unhooked backward). The median over ``repeats`` runs (after one warm-up run) is kept. Every
+hook is removed after its run: the autograd nodes of parameters (``AccumulateGrad``) live
+as long as the parameters, and hooks left on them would pile up run after run (measured:
++1.5-2 ms of backward per run on the small ResNet-50). Parameters' ``.grad`` are restored
+afterwards, so the caller's model is left as it was.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
 
 
 class _BackwardTimer:
-    """Hooks the autograd nodes an fx node created and sums their backward time under its name."""
+    """Hooks the autograd nodes an fx node created and charges the backward's time intervals to it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -39,16 +50,21 @@ class _BackwardTimer:
         self.backward: dict[str, float] = {}
         self.autograd_nodes: dict[str, int] = {}
         self._claimed: set[Any] = set()
-        self._started: dict[Any, float] = {}
+        self._handles: list[Any] = []
+        self._current: str | None = None
+        self._since = 0.0
 
     def release(self) -> None:
-        """Drop the references to this run's autograd graph (its timings stay)."""
+        """Remove every hook and drop the references to this run's autograd graph (timings stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         self._claimed.clear()
-        self._started.clear()
+        self._current = None
 
-    def hook(self, name: str, result: Any) -> None:
-        """Claim the autograd nodes reachable from ``result`` not claimed by an earlier node."""
-        stack = [t.grad_fn for t in tensors_in(result) if t.grad_fn is not None]
+    def hook(self, name: str, grad_fns: Sequence[Any]) -> None:
+        """Claim the autograd nodes reachable from ``grad_fns`` not claimed by an earlier node."""
+        stack = list(grad_fns)
         count = 0
         while stack:
             fn = stack.pop()
@@ -56,116 +72,174 @@ class _BackwardTimer:
                 continue
             self._claimed.add(fn)
             count += 1
-            fn.register_prehook(self._pre(fn))
-            fn.register_hook(self._post(fn, name))
+            self._handles.append(fn.register_prehook(self._pre(name)))
             stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
         self.autograd_nodes[name] = self.autograd_nodes.get(name, 0) + count
+        self.backward.setdefault(name, 0.0)
 
-    def _pre(self, fn: Any):
+    def _pre(self, name: str):
         def hook(grad_outputs: Any) -> None:
             sync_device(self.device)
-            self._started[fn] = self.clock()
+            self._switch(name, self.clock())
         return hook
 
-    def _post(self, fn: Any, name: str):
-        def hook(grad_inputs: Any, grad_outputs: Any) -> None:
-            sync_device(self.device)
-            start = self._started.pop(fn, None)
-            if start is not None:
-                self.backward[name] = self.backward.get(name, 0.0) + self.clock() - start
-        return hook
+    def _switch(self, name: str | None, now: float) -> None:
+        if self._current is not None:
+            self.backward[self._current] += now - self._since
+        self._current = name
+        self._since = now
+
+    def finish(self) -> None:
+        """Close the last interval: call right after the backward returns."""
+        sync_device(self.device)
+        self._switch(None, self.clock())
 
 
-class _TimedRun(fx.Interpreter):
-    """One forward run that times each compute node and hooks its autograd nodes for the backward."""
+class _Ticker:
+    """The clock the timed GraphModule reads after every compute node (one per forward run)."""
 
-    def __init__(self, gm: fx.GraphModule, device: torch.device) -> None:
-        super().__init__(gm, garbage_collect_values=True)
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.clock = clock_for(device)
         self.forward: dict[str, float] = {}
-        self.timer = _BackwardTimer(device)
+        self.grad_fns: list[tuple[str, list[Any]]] = []
+        self.last = 0.0
 
-    def run_node(self, n: fx.Node) -> Any:
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            if n.op not in COMPUTE_OPS:
-                return getattr(self, n.op)(n.target, args, kwargs)
-            sync_device(self.device)
-            start = self.clock()
-            result = getattr(self, n.op)(n.target, args, kwargs)
-            sync_device(self.device)
-            self.forward[n.name] = self.clock() - start
-            self.timer.hook(n.name, result)
-            return result
+    def start(self) -> None:
+        sync_device(self.device)
+        self.last = self.clock()
 
-
-_HOOK_OVERHEAD: dict[str, float] = {}
+    def tick(self, name: str, value: Any) -> None:
+        sync_device(self.device)
+        now = self.clock()
+        self.forward[name] = now - self.last
+        # Only the autograd nodes are kept here; hooking them (a graph walk) waits until
+        # the forward is over, so that it does not disturb the timing of the next nodes.
+        self.grad_fns.append((name, [t.grad_fn for t in tensors_in(value) if t.grad_fn is not None]))
+        self.last = self.clock()
 
 
-def hook_overhead(device: torch.device) -> float:
-    """Seconds a hooked autograd node reads when it does (almost) nothing: the hooks' own cost.
+_TICKER: list[_Ticker] = []
 
-    Measured on a chain of views of a one-element tensor (a view's backward is a reshape of
-    one element); subtracted once per autograd node from the in-place backward times.
+
+def _tick(name: str, value: Any) -> None:
+    """Called by the timed GraphModule after each compute node (see :func:`timed_module`)."""
+    _TICKER[-1].tick(name, value)
+
+
+def timed_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (sharing its parameters) that calls :func:`_tick` after every compute node.
+
+    Generated code, not an :class:`torch.fx.Interpreter`: measured on the small zoo, the
+    interpreter's own Python work between nodes made the nodes inside it 20-50% slower
+    than in the model's forward (cold caches), while the ticks' sum stays within a few
+    percent of the untimed GraphModule's forward. A node's interval runs from the previous
+    tick to its own, so it also holds the generated code's glue before it (attribute
+    fetches), which the real forward pays too.
     """
-    key = str(device)
-    if key not in _HOOK_OVERHEAD:
-        samples = []
-        with torch.enable_grad():
-            for _ in range(5):
-                timer = _BackwardTimer(device)
-                x = torch.zeros(1, device=device, requires_grad=True)
-                y = x
-                for i in range(100):
-                    y = y.view(1)
-                    timer.hook(str(i), y)
-                torch.autograd.backward([y], [torch.ones_like(y)])
-                samples.append(statistics.median(timer.backward.values()))
-        _HOOK_OVERHEAD[key] = statistics.median(samples)
-    return _HOOK_OVERHEAD[key]
+    graph = fx.Graph()
+    graph.set_codegen(gm.graph._codegen)  # keeps an exported graph's pytree in/out handling
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op in COMPUTE_OPS:
+            graph.call_function(_tick, (node.name, env[node]))
+    return fx.GraphModule(gm, graph)
+
+
+def _timed_forward(timed: fx.GraphModule, inputs: tuple, device: torch.device) -> tuple[Any, _Ticker]:
+    ticker = _Ticker(device)
+    _TICKER.append(ticker)
+    try:
+        ticker.start()
+        out = timed(*inputs)
+    finally:
+        _TICKER.pop()
+    return out, ticker
+
+
+def _backward(outputs: list[torch.Tensor], device: torch.device, timer: _BackwardTimer | None) -> float:
+    """Run the backward from ``outputs`` (gradient 1); its seconds on ``device``'s clock."""
+    clock = clock_for(device)
+    grads = [torch.ones_like(t) for t in outputs]
+    sync_device(device)
+    start = clock()
+    torch.autograd.backward(outputs, grads)
+    if timer is not None:
+        timer.finish()
+    sync_device(device)
+    return clock() - start
+
+
+def _differentiable(value: Any) -> list[torch.Tensor]:
+    return [t for t in tensors_in(value) if t.requires_grad and t.grad_fn is not None]
 
 
 def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
                   repeats: int) -> dict[str, tuple[float, float]]:
     """Median (forward, backward) seconds of every compute node, timed in place (module doc).
 
-    Raises whatever the graph raises when it cannot run whole on ``device`` (the caller
-    falls back to isolated timing).
+    ``repeats`` timed runs (forward ticks + hooked backward) alternate with as many
+    untimed ones (plain forward + backward); the hooks' cost per autograd node is
+    (median hooked - median plain backward) / autograd nodes, measured on this graph, and
+    is subtracted from each node's backward. Raises whatever the graph raises when it
+    cannot run whole on ``device`` (the caller falls back to isolated timing).
     """
     if device.type == "cpu":
         work, inputs = gm, tuple(example_inputs)
     else:
         work = copy.deepcopy(gm).to(device)
         inputs = tuple(tree_map(lambda t: t.to(device), tuple(example_inputs)))
+    timed_gm = timed_module(work)
     params = list(work.parameters())
     saved = [p.grad for p in params]
-    runs: list[_TimedRun] = []
+    tickers: list[_Ticker] = []
+    timers: list[_BackwardTimer] = []
+    hooked: list[float] = []
+    plain: list[float] = []
     try:
         with torch.enable_grad():
-            for _ in range(repeats + 1):  # the first run is the warm-up
+            for i in range(repeats + 1):  # the first round is the warm-up
                 # As after optimizer.zero_grad() (set_to_none, the default): every backward
                 # allocates fresh parameter gradients, which for a large model is real time.
                 for p in params:
                     p.grad = None
-                run = _TimedRun(work, device)
-                outputs = [t for t in tensors_in(run.run(*inputs)) if t.requires_grad and t.grad_fn is not None]
-                if outputs:
-                    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+                out, ticker = _timed_forward(timed_gm, inputs, device)
+                outputs = _differentiable(out)
+                del out
+                timer = _BackwardTimer(device)
+                for name, fns in ticker.grad_fns:
+                    timer.hook(name, fns)
+                ticker.grad_fns.clear()
+                try:
+                    seconds = _backward(outputs, device, timer) if outputs else 0.0
+                finally:
+                    timer.release()
                 del outputs
-                run.timer.release()
-                runs.append(run)
+                for p in params:
+                    p.grad = None
+                outputs = _differentiable(work(*inputs))
+                untimed = _backward(outputs, device, None) if outputs else 0.0
+                del outputs
+                if i > 0:
+                    tickers.append(ticker)
+                    timers.append(timer)
+                    hooked.append(seconds)
+                    plain.append(untimed)
     finally:
         for p, g in zip(params, saved):
             p.grad = g
     overhead = clock_overhead(device)
-    per_autograd_node = hook_overhead(device)
-    timed = runs[1:]
+    autograd_nodes = timers[0].autograd_nodes
+    total_nodes = sum(autograd_nodes.values())
+    per_autograd_node = 0.0
+    if total_nodes:
+        per_autograd_node = max((statistics.median(hooked) - statistics.median(plain)) / total_nodes, 0.0)
     result: dict[str, tuple[float, float]] = {}
-    for name in timed[0].forward:
-        fwd = statistics.median(r.forward[name] for r in timed) - overhead
-        bwd = statistics.median(r.timer.backward.get(name, 0.0) for r in timed)
+    for name in tickers[0].forward:
+        fwd = statistics.median(t.forward[name] for t in tickers) - overhead
+        bwd = statistics.median(t.backward.get(name, 0.0) for t in timers)
         if bwd > 0:
-            bwd -= per_autograd_node * timed[0].timer.autograd_nodes.get(name, 0)
+            bwd -= per_autograd_node * autograd_nodes.get(name, 0)
         result[name] = (max(fwd, 0.0), max(bwd, 0.0))
     return result

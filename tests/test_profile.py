@@ -260,3 +260,38 @@ def test_profiling_leaves_buffers_untouched(method):
     profile_graph(cap, inputs, devices=["cpu"], repeats=2, use_cache=False, method=method)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_in_situ_leaves_no_hook_on_the_parameters_autograd_nodes(monkeypatch):
+    """Hooks on AccumulateGrad nodes (alive as long as the parameters) would pile up run after run."""
+    import torch.fx as fx
+
+    from graphs import in_situ
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(3, 4)
+    calls = []
+    original = in_situ._BackwardTimer._switch
+    monkeypatch.setattr(in_situ._BackwardTimer, "_switch",
+                        lambda self, name, now: (calls.append(name), original(self, name, now)))
+    times = in_situ.in_situ_times(gm, (x,), torch.device("cpu"), repeats=2)
+    assert calls, "the in-situ backward was not timed by hooks"
+    assert set(times) == {n.name for n in gm.graph.nodes if n.op in in_situ.COMPUTE_OPS}
+    calls.clear()
+    gm(x).sum().backward()
+    assert calls == []
+
+
+def test_timed_module_computes_what_the_graph_computes_and_ticks_every_compute_node():
+    import torch.fx as fx
+
+    from graphs import in_situ
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(3, 4)
+    out, ticker = in_situ._timed_forward(in_situ.timed_module(gm), (x,), torch.device("cpu"))
+    assert torch.equal(out, gm(x))
+    assert list(ticker.forward) == [n.name for n in gm.graph.nodes if n.op in in_situ.COMPUTE_OPS]
+    assert all(t >= 0 for t in ticker.forward.values())
