@@ -17,8 +17,10 @@ import torch
 
 from envs.distributed.launcher import WorkerGroup, run_job, write_job
 from envs.distributed.measure import DistributedMeasurer
+from envs.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
 from envs.measure import MeasureError
 from graphs.pipeline import prepare
+from graphs.split import split_by_rank
 
 DEVICES = "cpu:0,cpu:1"
 STEPS = 3
@@ -71,11 +73,13 @@ def _check_model(name: str) -> None:
     half, rand = _placements(prep)
     tasks = [{"kind": "train", "ranks": half, "steps": STEPS}, {"kind": "train", "ranks": rand, "steps": STEPS}]
     out = run_job(prep.spec, f"zoo:{name}", DEVICES, tasks, model_args={"size": "small"},
-                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240)
+                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240,
+                  captured=prep.captured)
     assert out.ok, out.error
     ref_losses, ref_params = _reference(prep)
-    for per_rank in out.results:
+    for task, per_rank in zip(tasks, out.results):
         assert per_rank is not None
+        _check_each_rank_holds_only_its_stages(prep, task["ranks"], per_rank)
         losses = [r["losses"] for r in per_rank if r["losses"][0] is not None]
         assert len(losses) == 1, "exactly one rank computes the loss"
         assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
@@ -88,6 +92,25 @@ def _check_model(name: str) -> None:
             torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-5, msg=f"parameter {k}")
     # The random placement really goes back and forth between the ranks.
     assert int(out.results[1][0]["describe"].split()[0]) >= 2
+
+
+def _check_each_rank_holds_only_its_stages(prep, ranks, per_rank) -> None:
+    """Bytes of model tensors each worker holds = those of its own stages; they add up to
+    the model once (no tensor on two ranks); the optimizer state is sized by the stage."""
+    gm = prep.captured.gm
+    plan = split_by_rank(gm, ranks, 2)
+    every = dict(module_tensors(gm))
+    total = tensor_bytes(every.values())
+    expected = [tensor_bytes(every[p] for p in owned_paths(plan, r)) for r in range(2)]
+    assert all(0 < e < total for e in expected), "the test placement must give each rank a part of the weights"
+    assert sum(expected) == total
+    for r, res in enumerate(per_rank):
+        assert res["built_on"] == "meta"
+        assert res["held_bytes"] == expected[r]
+        assert res["resident_bytes"] == expected[r], f"rank {r} holds tensors of another rank's stages"
+        own_param_bytes = tensor_bytes(res["params"].values())
+        # Adagrad (rnnlm) / Adam keep one or two tensors per parameter, plus scalar steps.
+        assert own_param_bytes <= res["optimizer_state_bytes"] <= 2 * own_param_bytes + 4096
 
 
 def test_rnnlm_two_workers_match_one_process():

@@ -22,6 +22,7 @@ from envs.distributed.devices import (
     parse_rank_devices,
 )
 from envs.distributed.runtime import Comm, RankStep, value_meta
+from envs.distributed.stage_state import hold, module_tensors, owned_paths, resident_bytes, tensor_bytes, to_meta
 from graphs.split import SplitError, split_by_rank
 
 
@@ -94,14 +95,25 @@ def _reference(gm, inputs, steps):
 
 
 def _run_threads(gm, inputs, ranks, world, steps):
-    gm = copy.deepcopy(gm)
-    plan = split_by_rank(gm, ranks, world)
-    meta = value_meta(gm, inputs)
+    """Each rank (a thread) holds its own copy of the model with only its stages' tensors
+    materialised, as a worker process does; returns the plan, the losses and every rank's
+    own parameters after ``steps``."""
+    source = {p: t.detach().clone() for p, t in module_tensors(gm)}
+    meta = value_meta(copy.deepcopy(gm), inputs)
+    copies, plans = [], []
+    for rank in range(world):
+        mine = copy.deepcopy(gm)
+        to_meta(mine)
+        hold(mine, owned_paths(split_by_rank(mine, ranks, world), rank), source, "cpu")
+        copies.append(mine)
+        plans.append(split_by_rank(mine, ranks, world))
+    plan = plans[0]
     boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world) if a != b}
     losses: dict[int, list] = {r: [] for r in range(world)}
     errors: list[BaseException] = []
 
     def work(rank: int) -> None:
+        plan = plans[rank]
         try:
             params = {id(p): p for s in plan.stages_of(rank) for p in s.module.parameters()}
             opt = torch.optim.SGD(list(params.values()), lr=0.1, momentum=0.9) if params else None
@@ -124,7 +136,12 @@ def _run_threads(gm, inputs, ranks, world, steps):
     if errors:
         raise errors[0]
     assert all(q.empty() for q in boxes.values()), "messages left unread"
-    return plan, losses[plan.output_rank], dict(gm.named_parameters())
+    params = {}
+    for mine in copies:
+        held = {k: p for k, p in mine.named_parameters() if p.device.type != "meta"}
+        assert not set(held) & set(params), "a parameter is held by two ranks"
+        params.update(held)
+    return plan, losses[plan.output_rank], params
 
 
 def _node_names(gm):
@@ -228,3 +245,64 @@ def test_parse_rank_devices():
     assert is_rank_device_list("a:cuda:0,b:cuda:0")
     assert not is_rank_device_list("cuda:0,cuda:1")
     assert not is_rank_device_list("cpu,cuda:0")
+
+
+def test_a_rank_holds_only_its_stages_tensors_and_ties_survive():
+    gm, _ = _setup()
+    names = _node_names(gm)
+    # emb (and the tied output projection that reads emb.weight) on rank 0, the rest on rank 1.
+    ranks = {n: 0 if n in ("emb", "emb_weight", "t", "matmul") else 1 for n in names}
+    ranks.update({n.name: 0 for n in gm.graph.nodes if n.op == "get_attr"})
+    source = {p: t.detach().clone() for p, t in module_tensors(gm)}
+    total = tensor_bytes(t for _, t in module_tensors(gm))
+    held = []
+    for rank in range(2):
+        mine = copy.deepcopy(gm)
+        to_meta(mine)
+        assert resident_bytes(mine) == 0
+        paths = owned_paths(split_by_rank(mine, ranks, 2), rank)
+        nbytes = hold(mine, paths, source, "cpu")
+        assert resident_bytes(mine) == nbytes == tensor_bytes(source[p] for p in paths)
+        real = {k for k, p in mine.named_parameters() if p.device.type != "meta"}
+        assert real == {p for p in paths if p in dict(gm.named_parameters())}
+        for k in real:
+            torch.testing.assert_close(dict(mine.named_parameters())[k], source[k], rtol=0, atol=0)
+        held.append((mine, real, nbytes))
+    assert held[0][1] == {"emb.weight"}
+    assert held[0][2] + held[1][2] == total, "every tensor is held by exactly one rank"
+
+
+def test_hold_keeps_a_tie_between_two_paths():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    model = Tied()
+    source = {p: t.detach().clone() for p, t in module_tensors(model)}
+    to_meta(model)
+    assert model.out.weight is model.emb.weight and model.emb.weight.device.type == "meta"
+    nbytes = hold(model, {"out.weight"}, source, "cpu")
+    assert model.out.weight is model.emb.weight and model.emb.weight.device.type == "cpu"
+    assert nbytes == 5 * 3 * 4
+
+
+def test_two_modules_sharing_a_weight_on_two_ranks_are_refused():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    gm = fx.symbolic_trace(Tied())
+    with pytest.raises(SplitError, match="one module must be placed on one rank"):
+        split_by_rank(gm, {"emb": 0, "out": 1}, 2)

@@ -59,8 +59,15 @@ def write_job(
     threads: int = 1,
     timeout_s: float = 300.0,
     fingerprint: str | None = None,
+    captured: Any = None,
 ) -> Path:
     """Write ``job_dir/job.pt`` for the ranks (also what ``torchrun`` workers on other hosts read).
+
+    The job holds the whole model's tensors by attribute path of the captured graph; each
+    rank maps the file (``mmap``) and copies only the tensors of its own stages, so no rank
+    reads the others' weights into memory. It also holds the shape, dtype and grad flag of
+    every value (:func:`envs.distributed.runtime.value_meta`), computed here on the real
+    model because the ranks build theirs on the ``meta`` device and cannot run it.
 
     Args:
         spec: the loaded ModelSpec; its weights and example inputs are shipped so every rank
@@ -71,14 +78,21 @@ def write_job(
             ``{"kind": "measure", "ranks": ..., "warmup": 2, "repeats": 5}`` or ``{"kind": "links"}``.
         threads: torch threads per CPU worker.
         timeout_s: torch.distributed's own time-out for a collective or receive.
+        captured: ``spec``'s CapturedModel when the caller has one (else it is captured here).
     """
     devs = parse_rank_devices(devices)
     path = Path(job_dir)
     path.mkdir(parents=True, exist_ok=True)
+    if captured is None:
+        from graphs.capture import capture
+
+        captured = capture(spec.model, spec.example_inputs, name=spec.name)
+    state, meta = _state_and_meta(captured.gm, tuple(spec.example_inputs))
     job = {
         "model_source": model_source,
         "model_args": dict(model_args or {}),
-        "state": {k: v.detach().cpu() for k, v in spec.model.state_dict().items()},
+        "state": state,
+        "meta": meta,
         "inputs": tuple(spec.example_inputs),
         "devices": [dict(name=d.name, rank=d.rank, host=d.host, kind=d.kind, index=d.index,
                          torch_device=d.torch_device) for d in devs],
@@ -90,6 +104,30 @@ def write_job(
     }
     torch.save(job, path / "job.pt")
     return path / "job.pt"
+
+
+def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of ``gm`` by path (detached, CPU) and the value metadata of every node.
+
+    The metadata run is a training-mode forward, which moves BatchNorm statistics: the
+    buffers and the module's mode are put back, so the caller's model is left as it was.
+    """
+    from envs.distributed.runtime import pack_meta, value_meta
+    from envs.distributed.stage_state import module_tensors
+
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.train()
+    try:
+        meta = value_meta(gm, inputs)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+    state = {p: t.detach().cpu() for p, t in module_tensors(gm)}
+    return state, pack_meta(meta)
 
 
 @dataclass
@@ -152,7 +190,7 @@ class WorkerGroup:
         """Start every rank (returns at once; :meth:`wait_task` waits)."""
         world = len(self.devices)
         root = str(Path(__file__).resolve().parents[2])
-        threads = str(torch.load(self.job_dir / "job.pt", weights_only=False)["threads"])
+        threads = str(torch.load(self.job_dir / "job.pt", weights_only=False, mmap=True)["threads"])
         for d in self.devices:
             env = dict(os.environ)
             env.update(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
@@ -244,6 +282,7 @@ def run_job(
     fingerprint: str | None = None,
     master_addr: str = "127.0.0.1",
     job_dir: str | os.PathLike | None = None,
+    captured: Any = None,
 ) -> JobOutcome:
     """Run ``tasks`` on local worker processes, one per device; never leaves a process behind.
 
@@ -253,7 +292,7 @@ def run_job(
     tmp = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="placer-dist-"))
     try:
         write_job(tmp, spec, model_source, model_args, devices, tasks, threads=threads,
-                  timeout_s=max(timeout_s, load_timeout_s), fingerprint=fingerprint)
+                  timeout_s=max(timeout_s, load_timeout_s), fingerprint=fingerprint, captured=captured)
         outcome = JobOutcome(results=[None] * len(tasks))
         with WorkerGroup(tmp, devices, master_addr=master_addr) as group:
             group.start()

@@ -40,6 +40,7 @@ class DistributedMeasurer:
         threads: torch threads per CPU worker.
         spec: an already loaded ModelSpec of the same source (its weights/inputs are shipped).
         fingerprint: the model fingerprint (workers check they captured the same model).
+        captured: ``spec``'s CapturedModel, if the caller has one (else captured once, here).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class DistributedMeasurer:
         threads: int = 1,
         spec: Any = None,
         fingerprint: str | None = None,
+        captured: Any = None,
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -71,6 +73,7 @@ class DistributedMeasurer:
         self.timeout_s, self.load_timeout_s = float(timeout_s), float(load_timeout_s)
         self.threads = int(threads)
         self._spec, self.fingerprint = spec, fingerprint
+        self._captured = captured
         self._cache: dict[str, MeasureResult] = {}
         self.jobs = 0
 
@@ -81,6 +84,16 @@ class DistributedMeasurer:
 
             self._spec = load_source(self.model_source, self.model_args)
         return self._spec
+
+    @property
+    def captured(self) -> Any:
+        """The captured model whose tensors and value shapes every job ships."""
+        if self._captured is None:
+            from graphs.capture import capture
+
+            spec = self.spec
+            self._captured = capture(spec.model, spec.example_inputs, name=spec.name)
+        return self._captured
 
     def _ranks(self, placement: Mapping[str, str]) -> dict[str, int]:
         unknown = sorted({d for d in placement.values() if d not in self.rank_of})
@@ -121,7 +134,8 @@ class DistributedMeasurer:
             self.jobs += 1
             out = run_job(self.spec, self.model_source, [d.name for d in self.devices], tasks,
                           model_args=self.model_args, threads=self.threads, timeout_s=self.timeout_s,
-                          load_timeout_s=self.load_timeout_s, fingerprint=self.fingerprint)
+                          load_timeout_s=self.load_timeout_s, fingerprint=self.fingerprint,
+                          captured=self.captured)
             for j, i in enumerate(pending):
                 per_rank = out.results[j]
                 if per_rank is not None:

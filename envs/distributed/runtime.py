@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from graphs.split import SplitPlan, Transfer
 
-__all__ = ["LeafMeta", "value_meta", "RankStep", "Comm", "TorchComm"]
+__all__ = ["LeafMeta", "value_meta", "pack_meta", "unpack_meta", "RankStep", "Comm", "TorchComm"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,28 @@ def value_meta(gm: fx.GraphModule, inputs: Sequence[Any], names: set[str] | None
     with torch.enable_grad():
         _Recorder(gm).run(*inputs)
     return out
+
+
+def pack_meta(meta: Mapping[str, tuple[Any, list[LeafMeta]]]) -> dict[str, tuple[Any, list[LeafMeta]]]:
+    """:func:`value_meta` in a form that unpickles without torch's TreeSpec pickling path:
+    tree structures as pytree JSON where they have a serialised form, as-is otherwise."""
+    from torch.utils._pytree import treespec_dumps
+
+    out = {}
+    for name, (spec, leaves) in meta.items():
+        try:
+            out[name] = (("json", treespec_dumps(spec)), leaves)
+        except (NotImplementedError, TypeError):
+            out[name] = (("spec", spec), leaves)
+    return out
+
+
+def unpack_meta(packed: Mapping[str, tuple[Any, list[LeafMeta]]]) -> dict[str, tuple[Any, list[LeafMeta]]]:
+    """The inverse of :func:`pack_meta`."""
+    from torch.utils._pytree import treespec_loads
+
+    return {name: (treespec_loads(s) if kind == "json" else s, leaves)
+            for name, ((kind, s), leaves) in packed.items()}
 
 
 class Comm:

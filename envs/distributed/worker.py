@@ -7,10 +7,15 @@ Reads the torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
 model source, the initial weights and example inputs (so every rank and the
 single-process reference start from the same numbers), the devices and the tasks.
 
+A rank never holds the whole model: it builds it on the ``meta`` device, captures it, and
+for each task materialises only the tensors of its own stages from the mapped job file
+(:mod:`envs.distributed.stage_state`); its optimizer covers those parameters only.
+
 Task kinds, each answered by ``JOB_DIR/result-<task>-<rank>.pt``:
 
-* ``train``: ``steps`` optimizer steps of a placement; returns the losses (output rank)
-  and the rank's own parameters after the steps;
+* ``train``: ``steps`` optimizer steps of a placement; returns the losses (output rank),
+  the rank's own parameters after the steps and the bytes it held (model tensors,
+  optimizer state);
 * ``measure``: ``warmup`` + ``repeats`` steps, each between two barriers (the step time is
   the slowest rank's), returns the timed steps;
 * ``links``: ping-pong between every pair of ranks, returns (latency, bandwidth) per pair.
@@ -21,6 +26,7 @@ then stops every rank (the others would wait for this one forever).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -73,12 +79,12 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     """Run every task of the job in ``job_dir`` as ``rank`` of ``world``."""
     import torch.distributed as dist
 
-    from envs.distributed.runtime import RankStep, TorchComm, value_meta
-    from envs.measure_worker import load_spec
-    from graphs.capture import capture
+    from envs.distributed.runtime import RankStep, TorchComm, unpack_meta
+    from envs.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
     from graphs.split import split_by_rank
 
-    job = torch.load(job_dir / "job.pt", weights_only=False)
+    # Mapped, not read: the weights of other ranks' stages are never paged in.
+    job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
     if world != len(job["devices"]):
         raise RuntimeError(f"WORLD_SIZE is {world} but the job has {len(job['devices'])} devices")
     me = job["devices"][rank]
@@ -91,17 +97,10 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=float(job["timeout_s"])))
     try:
-        spec = load_spec(job["model_source"], job["model_args"])
-        spec.model.load_state_dict(job["state"])
-        inputs = tuple(job["inputs"])
-        captured = capture(spec.model, inputs, name=spec.name)
-        if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
-            raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
-        gm = captured.gm
+        spec, gm, built_on = _capture_skeleton(job, rank)
         gm.train()
-        initial = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        meta = value_meta(gm, inputs)
-        gm.load_state_dict(initial)  # the shape run updated BatchNorm statistics
+        meta = unpack_meta(job["meta"])
+        inputs = tuple(job["inputs"])
         comm = TorchComm(backend)
         dev_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
@@ -118,14 +117,14 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                         dist.barrier()
                 _atomic_save({"links": pairs}, job_dir / f"result-{i}-{rank}.pt")
                 continue
-            gm.load_state_dict(initial)
-            for p in gm.parameters():
-                p.grad = None
+            # Every task starts from the job's initial values, holding only its own stages' tensors.
+            plan = split_by_rank(gm, task["ranks"], world, output_rank=task.get("output_rank"))
+            held = hold(gm, owned_paths(plan, rank), job["state"], device)
+            # Split again: stage modules keep references to the tensors present when they were built.
             plan = split_by_rank(gm, task["ranks"], world, output_rank=task.get("output_rank"))
             mine = plan.stages_of(rank)
             params: dict[int, torch.nn.Parameter] = {}
             for st in mine:
-                st.module.to(device)
                 for p in st.module.parameters():
                     params[id(p)] = p
             runner = RankStep(plan, rank, meta, dev_inputs, spec.loss_fn, device, comm)
@@ -139,8 +138,15 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     if optimizer is not None:
                         optimizer.step()
                 own = {name: p.detach().cpu().clone() for name, p in gm.named_parameters() if id(p) in params}
-                result: dict[str, Any] = {"losses": losses, "params": own, "stages": len(mine),
-                                          "describe": plan.describe()}
+                opt_state = [v for st in (optimizer.state.values() if optimizer is not None else ())
+                             for v in st.values() if isinstance(v, torch.Tensor)]
+                result: dict[str, Any] = {
+                    "losses": losses, "params": own, "stages": len(mine), "describe": plan.describe(),
+                    # What this rank holds: the model's tensors (params, buffers, constants) and
+                    # the optimizer's state, in bytes; the model was built on meta: "built_on".
+                    "held_bytes": held, "resident_bytes": resident_bytes(gm, *(st.module for st in mine)),
+                    "optimizer_state_bytes": tensor_bytes(opt_state), "built_on": built_on,
+                }
             elif kind == "measure":
                 times = []
                 for step in range(int(task["warmup"]) + int(task["repeats"])):
@@ -165,6 +171,38 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a broken group is being torn down anyway
             pass
+
+
+def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
+    """The model's spec and captured graph with every tensor on ``meta`` (no storage).
+
+    The model is built under ``torch.device("meta")`` and captured on meta copies of the
+    example inputs, so no rank ever allocates the whole model. Model code that cannot run
+    on meta (a data-dependent op, an explicit device) falls back to a normal build; its
+    tensors are then moved to meta right after capture. Returns (spec, gm, "meta" | "cpu").
+    """
+    from torch.utils._pytree import tree_map
+
+    from envs.distributed.stage_state import to_meta
+    from envs.measure_worker import load_spec
+    from graphs.capture import capture
+
+    inputs = tuple(job["inputs"])
+    to_meta_inputs = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    try:
+        with torch.device("meta"):
+            spec = load_spec(job["model_source"], job["model_args"])
+        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), name=spec.name)
+        built_on = "meta"
+    except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
+        spec = load_spec(job["model_source"], job["model_args"])
+        captured = capture(spec.model, inputs, name=spec.name)
+        built_on = "cpu"
+    if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
+        raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
+    to_meta(captured.gm)
+    # Drop the user's module object: only the captured graph's modules are kept (all on meta).
+    return dataclasses.replace(spec, model=captured.gm), captured.gm, built_on
 
 
 def _die_with_launcher() -> None:
