@@ -16,11 +16,16 @@ Grouper: a feed-forward net over each node's features (plus one round of neighbo
 aggregation and a positional code of its topological index) gives a softmax over G groups.
 Placer: group embeddings (mean of member embeddings, log member count, mean of neighbouring
 groups under the group graph the sampled grouping induces) run through an LSTM encoder; an
-LSTM decoder emits one device per group, fed the previous device's embedding, with
-Luong-style attention over the encoder states after the recurrence.  Because attention does
-not feed back into the recurrence, re-evaluating given actions (teacher forcing) is a single
-``nn.LSTM`` call over the whole sequence, while sampling steps the same LSTM one group at a
-time — the two give the same log-probabilities.
+LSTM decoder emits one device per group, fed the encoder state of that group plus the
+previous device's embedding, with Luong-style attention over the encoder states after the
+recurrence.  Because attention does not feed back into the recurrence, re-evaluating given
+actions (teacher forcing) is a single ``nn.LSTM`` call over the whole sequence, while
+sampling steps the same LSTM one group at a time and accumulates the same log-probabilities
+as it goes.
+
+Speed (a search feeds the same graph to every row of a batch): the node encoder, the
+grouper's softmax and its entropy and the value run once per batch and are shared; only
+what depends on the sampled grouping (group embeddings, encoder, decoder) runs per row.
 """
 
 from __future__ import annotations
@@ -62,24 +67,32 @@ def _positional_code(num: int, dim: int, device: torch.device) -> torch.Tensor:
     return code
 
 
-def _masked_log_prob_entropy(
-    logits: torch.Tensor, actions: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over positions of log p(action) and entropy, each position weighted (0 = ignored).
-
-    logits [B, K, C], actions [B, K] long, weight [B, K] -> ([B], [B]).
-    """
-    logp = F.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return (chosen * weight).sum(-1), (ent * weight).sum(-1)
-
-
 def _sample_rows(probs: torch.Tensor) -> torch.Tensor:
     """One category per row of probs [R, C] by inverse CDF (cheaper than multinomial on CPU)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
     return (cdf < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _sample_shared(probs: torch.Tensor, b: int) -> torch.Tensor:
+    """``b`` draws [b, R] from each row of ONE set of categoricals probs [R, C].
+
+    The CDF is built once and every draw is a binary search in it (O(b R log C)), instead
+    of b copies of the CDF.
+    """
+    cdf = probs.cumsum(-1).contiguous()
+    u = torch.rand(probs.shape[0], b, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp(max=probs.shape[-1] - 1).t()
+
+
+def _rows_equal(v: torch.Tensor) -> bool:
+    """Every row of ``v`` [B, ...] equals the first (numpy's comparison is ~10x faster on CPU)."""
+    if v.stride(0) == 0:
+        return True
+    if v.device.type == "cpu" and not v.requires_grad:
+        a = v.numpy()
+        return bool((a == a[:1]).all())
+    return bool((v == v[:1]).all())
 
 
 class PlacementNetwork(nn.Module):
@@ -125,7 +138,12 @@ class PlacementNetwork(nn.Module):
         self.device_id = nn.Embedding(self.num_devices, h)
         self.start = nn.Parameter(torch.zeros(h))
         self.encoder = nn.LSTM(h, h, batch_first=True)
-        self.decoder = nn.LSTM(2 * h, h, batch_first=True)
+        # The decoder's input at step t is enc_in(encoder state t) + prev_in(previous device):
+        # a linear map of [previous device; encoder state] computed outside the recurrence, so
+        # the LSTM's own input is H wide (its training pass costs ~half of a 2H-wide input).
+        self.enc_in = nn.Linear(h, h)
+        self.prev_in = nn.Linear(h, h, bias=False)
+        self.decoder = nn.LSTM(h, h, batch_first=True)
         self.attn = nn.Linear(h, h, bias=False)
         self.combine = nn.Linear(2 * h, h)
         self.value_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
@@ -174,127 +192,193 @@ class PlacementNetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, G, H] of the groups a grouping [B, M] induces, and [B, G] "non-empty".
 
-        Scatter-adds over nodes and edges (O(B (M + E) H)) rather than one-hot matrix
-        products, which cost O(B G M H) and O(B G^2 E) and dominated at 200 groups.
+        ``h``, ``mask`` and ``obs`` have a leading dim of B or 1 (one graph shared by the
+        batch).  Member means are one scatter-add over nodes (padded nodes go to a spare
+        slot that is dropped, so no mask product); the group graph is a [B, G, G] count of
+        the edges between groups (scalars only), and neighbour means one batched matmul of
+        it with the member means — cheaper forward and backward than gathering [B, E, H]
+        rows per edge.
         """
         g = self.num_groups
         assert g is not None
-        b, m, hdim = h.shape
-        base = (torch.arange(b, device=h.device) * g)[:, None]
-        slot = (groups + base).reshape(-1)  # [B*M] flat group index
-        w = mask.reshape(-1, 1)
-        total = torch.zeros(b * g, hdim, device=h.device).index_add_(0, slot, h.reshape(b * m, hdim) * w)
-        count = torch.zeros(b * g, device=h.device).index_add_(0, slot, mask.reshape(-1))
-        mean = total / count.clamp(min=1).unsqueeze(-1)  # [B*G, H]
-        # Group graph: neighbouring groups through the member ops' edges (internal edges excluded).
+        b, m = groups.shape
+        hdim = h.shape[-1]
+        spare = torch.where(mask > 0, groups, torch.full_like(groups, g))  # padded nodes -> slot g
+        base = (torch.arange(b, device=h.device) * (g + 1))[:, None]
+        slot = (spare + base).reshape(-1)
+        total = torch.zeros(b * (g + 1), hdim, device=h.device).index_add_(0, slot, h.expand(b, m, hdim).reshape(b * m, hdim))
+        count = torch.bincount(slot, minlength=b * (g + 1)).to(h.dtype)
+        mean = (total / count.clamp(min=1).unsqueeze(-1)).view(b, g + 1, hdim)[:, :g]
+        count = count.view(b, g + 1)[:, :g]
+        # Group graph: edges between different groups, counted both ways (internal edges excluded).
         edges = obs["edge_index"].long().clamp(0, m - 1)
-        src = (torch.gather(groups, 1, edges[:, 0]) + base).reshape(-1)
-        dst = (torch.gather(groups, 1, edges[:, 1]) + base).reshape(-1)
-        ew = obs["edge_mask"].float().reshape(-1) * (src != dst).float()
-        nbr = torch.zeros_like(mean).index_add_(0, dst, mean[src] * ew[:, None])
-        nbr = nbr.index_add_(0, src, mean[dst] * ew[:, None])
-        deg = torch.zeros(b * g, device=h.device).index_add_(0, dst, ew).index_add_(0, src, ew)
-        nbr = nbr / deg.clamp(min=1).unsqueeze(-1)
-        feats = torch.cat([mean, nbr, torch.log1p(count).unsqueeze(-1)], dim=-1).view(b, g, 2 * hdim + 1)
-        return self.group_in(feats), (count.view(b, g) > 0).float()
+        e = edges.shape[-1]
+        gsrc = torch.gather(groups, 1, edges[:, 0].expand(b, e))
+        gdst = torch.gather(groups, 1, edges[:, 1].expand(b, e))
+        ew = obs["edge_mask"].to(h.dtype).expand(b, e) * (gsrc != gdst).to(h.dtype)
+        pair = (gdst * g + gsrc + (torch.arange(b, device=h.device) * (g * g))[:, None]).reshape(-1)
+        adj = torch.zeros(b * g * g, device=h.device, dtype=h.dtype).index_add_(0, pair, ew.reshape(-1)).view(b, g, g)
+        adj = adj + adj.transpose(1, 2)
+        deg = adj.sum(-1, keepdim=True).clamp(min=1)
+        nbr = torch.bmm(adj, mean) / deg
+        feats = torch.cat([mean, nbr, torch.log1p(count).unsqueeze(-1)], dim=-1)
+        return self.group_in(feats), (count > 0).to(h.dtype)
 
     # ----------------------------------------------------------------- placer
-    def _attend(self, dec: torch.Tensor, enc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Luong attention: dec [B, T, H] over enc [B, G, H] (invalid keys masked) -> [B, T, H]."""
-        scores = torch.bmm(self.attn(dec), enc.transpose(1, 2)) / math.sqrt(self.hidden)
-        scores = scores.masked_fill(valid.unsqueeze(1) <= 0, -1e9)
-        ctx = torch.bmm(torch.softmax(scores, dim=-1), enc)
-        return torch.tanh(self.combine(torch.cat([dec, ctx], dim=-1)))
+    # Both decoding paths compute, for step t with previous device d_{t-1}:
+    #   x_t = enc_in(enc_t) + prev_in(dev[d_{t-1}])            (start token at t = 0)
+    #   h_t = LSTM(x_t, h_{t-1})                                 (self.decoder's weights)
+    #   a_t = softmax(h_t . attn(enc_g) / sqrt(H) over non-empty groups g)
+    #   z_t = tanh(combine([h_t; sum_g a_tg enc_g]))
+    #   logits_t = z_t . dev_d / sqrt(H)
+    # Teacher forcing runs it vectorised over t (one nn.LSTM call); sampling steps it, with
+    # every per-sequence product (input projections, keys, the context's share of
+    # ``combine``) hoisted out of the loop.
 
-    def _device_logits(self, q: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
-        """[B, T, D] logits: query q [B, T, H] scored against device embeddings [B, D, H]."""
-        return torch.bmm(q, dev.transpose(1, 2)) / math.sqrt(self.hidden)
+    def _attention_parts(self, enc: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys [B, H, G] (h . attn(enc) == h . (enc attn.W) — project the G keys once, not
+        every query), an additive mask [B, 1, G] (-1e9 on empty groups) and the context's
+        share of ``combine`` applied to every encoder state [B, G, H] (it is linear, so
+        combine(ctx) = sum_g a_g combine_ctx(enc_g))."""
+        hdim = self.hidden
+        keys = (F.linear(enc, self.attn.weight.t()) / math.sqrt(hdim)).transpose(1, 2)
+        bias = ((valid <= 0).to(enc.dtype) * -1e9).unsqueeze(1)
+        enc_c = F.linear(enc, self.combine.weight[:, hdim:])
+        return keys, bias, enc_c
+
+    def _dev_t(self, dev: torch.Tensor) -> torch.Tensor:
+        """Device embeddings as the [B or 1, H, D] right operand of the logits (scaled)."""
+        return dev.transpose(1, 2) / math.sqrt(self.hidden)
 
     def _decode_teacher(
         self, enc: torch.Tensor, state, valid: torch.Tensor, dev: torch.Tensor, devices: torch.Tensor
     ) -> torch.Tensor:
         """Logits [B, G, D] of every decoding step given the chosen devices (teacher forcing)."""
-        b = enc.shape[0]
-        prev = torch.gather(dev, 1, devices[:, :-1].unsqueeze(-1).expand(-1, -1, self.hidden))
-        prev = torch.cat([self.start.expand(b, 1, -1), prev], dim=1)
-        out, _ = self.decoder(torch.cat([prev, enc], dim=-1), state)
-        return self._device_logits(self._attend(out, enc, valid), dev)
+        b, steps, hdim = enc.shape
+        prev_emb = self.prev_in(dev)  # [B or 1, D, H]
+        if prev_emb.shape[0] == 1:
+            prev = prev_emb[0][devices[:, :-1]]
+        else:
+            prev = torch.gather(prev_emb, 1, devices[:, :-1].unsqueeze(-1).expand(-1, -1, hdim))
+        prev = torch.cat([self.prev_in(self.start).expand(b, 1, hdim), prev], dim=1)
+        out, _ = self.decoder(self.enc_in(enc) + prev, state)
+        keys, bias, enc_c = self._attention_parts(enc, valid)
+        attn = torch.softmax(torch.baddbmm(bias, out, keys), dim=-1)
+        z = torch.tanh(F.linear(out, self.combine.weight[:, :hdim], self.combine.bias) + torch.bmm(attn, enc_c))
+        dev_t = self._dev_t(dev)
+        return torch.matmul(z, dev_t[0]) if dev_t.shape[0] == 1 else torch.bmm(z, dev_t)
 
     def _decode_sample(
         self, enc: torch.Tensor, state, valid: torch.Tensor, dev: torch.Tensor, deterministic: bool
-    ) -> torch.Tensor:
-        """Devices [B, G] decoded autoregressively (sampled, or greedy when deterministic)."""
-        b, steps, _ = enc.shape
-        prev = self.start.expand(b, 1, -1)
-        chosen = []
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Devices [B, G] decoded autoregressively (sampled by Gumbel-max, or greedy when
+        deterministic) and the logits [B, G, D] they were drawn from.
+
+        The LSTM cell is written out (same weights and gate order as ``nn.LSTM``): one
+        ``addmm`` and a few element-wise ops per step instead of an ``nn.LSTM`` call, whose
+        per-call set-up dominated at one step.
+        """
+        b, steps, hdim = enc.shape
+        lstm = self.decoder
+        enc_x = F.linear(self.enc_in(enc), lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # [B, G, 4H]
+        dev_x = F.linear(self.prev_in(dev), lstm.weight_ih_l0)  # [B or 1, D, 4H]
+        x_prev = F.linear(self.prev_in(self.start), lstm.weight_ih_l0).expand(b, 4 * hdim)
+        w_hh = lstm.weight_hh_l0.t()
+        keys, bias, enc_c = self._attention_parts(enc, valid)
+        w_dec, b_comb = self.combine.weight[:, :hdim].t(), self.combine.bias
+        dev_t = self._dev_t(dev)
+        shared = dev_t.shape[0] == 1
+        rows = torch.arange(b, device=enc.device)
+        ndev = dev_t.shape[-1]
+        if not deterministic:
+            # Gumbel-max: argmax(logits + G) with G = -log(-log U) is an exact categorical draw.
+            noise = torch.rand(steps, b, ndev, device=enc.device).clamp_(min=1e-20).log_().neg_().log_().neg_()
+        h, c = state[0][0], state[1][0]
+        chosen, all_logits = [], []
         for t in range(steps):
-            out, state = self.decoder(torch.cat([prev, enc[:, t : t + 1]], dim=-1), state)
-            logits = self._device_logits(self._attend(out, enc, valid), dev)[:, 0]
-            if deterministic:
-                d = logits.argmax(-1)
-            else:
-                d = _sample_rows(torch.softmax(logits, dim=-1))
+            gates = torch.addmm(enc_x[:, t] + x_prev, h, w_hh)
+            s = torch.sigmoid(gates)  # i, f, (g), o — g's sigmoid is unused, one op is cheaper than three
+            c = torch.addcmul(s[:, hdim: 2 * hdim] * c, s[:, :hdim], torch.tanh(gates[:, 2 * hdim: 3 * hdim]))
+            h = s[:, 3 * hdim:] * torch.tanh(c)
+            attn = torch.softmax(torch.baddbmm(bias, h.unsqueeze(1), keys), dim=-1)
+            z = torch.tanh(torch.addmm(b_comb, h, w_dec) + torch.bmm(attn, enc_c).squeeze(1))
+            logits = z @ dev_t[0] if shared else torch.bmm(z.unsqueeze(1), dev_t).squeeze(1)
+            d = logits.argmax(-1) if deterministic else (logits + noise[t]).argmax(-1)
+            all_logits.append(logits)
             chosen.append(d)
-            prev = torch.gather(dev, 1, d.view(b, 1, 1).expand(-1, 1, self.hidden))
-        return torch.stack(chosen, dim=1)
+            x_prev = dev_x[0][d] if shared else dev_x[rows, d]
+        return torch.stack(chosen, dim=1), torch.stack(all_logits, dim=1)
 
     # ----------------------------------------------------------------- public
     def value(self, obs: Obs) -> torch.Tensor:
         """[B] state values."""
-        h, mask = self._encode_nodes(obs)
-        return self._value_from(h, mask)
+        h, mask = self._encode_nodes(self._shared_rows(obs))
+        return self._value_from(h, mask).expand(obs["node_features"].shape[0])
 
     def _value_from(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pooled = h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return self.value_head(pooled).squeeze(-1)
 
-    def _encode_shared(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Node embeddings, mask, device embeddings and grouper logits of a batch.
-
-        A placement search feeds the same graph to every row of the batch; then the
-        encoders and the grouper (whose [M, G] output layer is the largest matrix product
-        of the network) run once and are broadcast, saving B-fold work.
-        """
+    @staticmethod
+    def _shared_rows(obs: Obs) -> Obs:
+        """``obs`` cut to its first row when every row is the same graph (a search's batch), else ``obs``."""
         b = obs["node_features"].shape[0]
-        same = b > 1 and all(bool((v == v[:1]).all()) for v in obs.values())
-        src = {k: v[:1] for k, v in obs.items()} if same else obs
-        h, mask = self._encode_nodes(src)
-        dev = self._encode_devices(src)
-        glogits = self.grouper(h) if self.hierarchical else None
-        if same:
-            h, mask, dev = h.expand(b, -1, -1), mask.expand(b, -1), dev.expand(b, -1, -1)
-            glogits = None if glogits is None else glogits.expand(b, -1, -1)
-        return h, mask, dev, glogits
+        if b > 1 and all(_rows_equal(v) for v in obs.values()):
+            return {k: v[:1] for k, v in obs.items()}
+        return obs
 
     def forward(self, obs: Obs, actions: torch.Tensor | None = None, deterministic: bool = False) -> PolicyOutput:
         """Sample (``actions=None``) or re-evaluate ``actions`` [B, A] (any numeric dtype)."""
-        h, mask, dev, glogits = self._encode_shared(obs)
-        value = self._value_from(h, mask)
-        b, m, _ = h.shape
+        b = obs["node_features"].shape[0]
+        src = self._shared_rows(obs)
+        h, mask = self._encode_nodes(src)  # leading dim 1 when the graph is shared
+        dev = self._encode_devices(src)
+        value = self._value_from(h, mask).expand(b)
+        m = h.shape[1]
         if actions is not None:
             actions = actions.long()
         if self.hierarchical:
-            if actions is None:
-                if deterministic:
-                    groups = glogits.argmax(-1)
-                else:
-                    groups = _sample_rows(torch.softmax(glogits, -1).reshape(b * m, -1)).view(b, m)
-                groups = groups * (mask > 0).long()  # padded nodes: group 0, ignored by the env
-            else:
-                groups = actions[:, :m]
-            g_logp, g_ent = _masked_log_prob_entropy(glogits, groups, mask)
-            seq, valid = self._group_embeddings(h, mask, groups, obs)
+            groups, g_logp, g_ent = self._group(h, mask, b, actions, deterministic)
+            seq, valid = self._group_embeddings(h, mask, groups, src)
         else:
             groups = None
             g_logp = g_ent = torch.zeros(b, device=h.device)
-            seq, valid = h, mask
+            seq, valid = h, mask.expand(b, -1)
         enc, state = self.encoder(seq)
+        if enc.shape[0] != b:  # flat placer on a shared graph: one encoder pass serves every row
+            enc = enc.expand(b, -1, -1)
+            state = tuple(s.expand(-1, b, -1).contiguous() for s in state)
         if actions is None:
-            devices = self._decode_sample(enc, state, valid, dev, deterministic)
+            devices, logits = self._decode_sample(enc, state, valid, dev, deterministic)
         else:
             devices = actions[:, m:] if self.hierarchical else actions
-        logits = self._decode_teacher(enc, state, valid, dev, devices)
-        p_logp, p_ent = _masked_log_prob_entropy(logits, devices, valid)
+            logits = self._decode_teacher(enc, state, valid, dev, devices)
+        logp = F.log_softmax(logits, dim=-1)
+        p_logp = (logp.gather(-1, devices.unsqueeze(-1)).squeeze(-1) * valid).sum(-1)
+        p_ent = (-(logp.exp() * logp).sum(-1) * valid).sum(-1)
         full = torch.cat([groups, devices], dim=1) if self.hierarchical else devices
         return PolicyOutput(actions=full, log_prob=g_logp + p_logp, entropy=g_ent + p_ent, value=value)
 
+    def _group(self, h: torch.Tensor, mask: torch.Tensor, b: int, actions: torch.Tensor | None,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The grouping [B, M] (sampled, greedy, or read from ``actions``), its log-prob [B]
+        and entropy [B].  With a shared graph the grouper's softmax and entropy are computed
+        once, and each row's log-prob is a gather from the one [M, G] table."""
+        glogp = F.log_softmax(self.grouper(h), dim=-1)  # [1 or B, M, G]
+        m, g = glogp.shape[1], glogp.shape[2]
+        ent = (-(glogp.exp() * glogp).sum(-1) * mask).sum(-1).expand(b)
+        if actions is not None:
+            groups = actions[:, :m]
+        elif deterministic:
+            groups = glogp.argmax(-1).expand(b, m)
+        elif glogp.shape[0] == 1:
+            groups = _sample_shared(glogp[0].exp(), b)
+        else:
+            groups = _sample_rows(glogp.exp().reshape(b * m, g)).view(b, m)
+        groups = groups * (mask > 0).long()  # padded nodes: group 0, ignored by the env
+        if glogp.shape[0] == 1:
+            flat = glogp.reshape(-1)
+            chosen = flat[groups + torch.arange(m, device=h.device) * g]
+        else:
+            chosen = glogp.gather(-1, groups.unsqueeze(-1)).squeeze(-1)
+        return groups, (chosen * mask).sum(-1), ent
