@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from graphs.apply import realize_placement
 from graphs.errors import PlacerError
@@ -334,8 +334,14 @@ class Measurer:
             hit = self._cache[key]
             return MeasureResult(**{**hit.__dict__, "cached": True})
 
-        self._conn.send(("measure", placement, real_devices, output_device, self.warmup, self.repeats))
-        msg, why = self._wait(self.timeout_s)
+        try:
+            self._conn.send(("measure", placement, real_devices, output_device, self.warmup, self.repeats))
+            msg, why = self._wait(self.timeout_s)
+        except BaseException:
+            # Interrupted (Ctrl-C) mid-run: the worker's late reply would be read as the
+            # next placement's result, so this worker goes; the next call starts a fresh one.
+            self._kill()
+            raise
         common = dict(note=note, parallel=parallel, placement_hash=key)
         if msg is None:
             self._kill()  # a hung or dead worker is replaced on the next call
@@ -350,6 +356,10 @@ class Measurer:
         if self.use_cache:
             self._cache[key] = result
         return result
+
+    def measure_many(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
+        """Measure several placements one after the other in this worker (see :meth:`measure`)."""
+        return [self.measure(p) for p in placements]
 
 
 def measure_step_time(

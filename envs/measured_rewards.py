@@ -8,10 +8,18 @@ See :mod:`envs.rewards` for the reward itself and the ``simulated`` mode.
   placement row; a run that fails or raises earns the invalid penalty (a bad request —
   a :class:`~graphs.errors.PlacerError` — is re-raised). The reference time is measured.
 * :class:`HybridReward`: simulated rewards; every ``measure_every`` evaluated placements
+  (or only when :meth:`HybridReward.measure_best` is called, with ``measure_every=None``)
   the ``measure_top_k`` best not-yet-measured candidates are measured, and from three valid
   measurements on the simulator is recalibrated with
   :func:`envs.calibrate.calibrate_simulator` (per-device compute scales, link scales, a step
   overhead). The reference, the candidate pool and later rewards use the calibrated simulator.
+
+**Optional measurer methods.** A measurer that also has ``measure_many(placements) ->
+[result]`` is given every not-yet-measured placement of a batch in one call (a measurer
+whose start-up is expensive — worker processes — runs them in one job). A measurer with
+``attach(reward_model)`` is handed the reward model that uses it, once, when the model is
+built: whoever made the measurer (``placer.optimize``) can then read the measurements and
+calibration, and schedule :meth:`HybridReward.measure_best` itself.
 """
 
 from __future__ import annotations
@@ -43,25 +51,54 @@ class MeasuredReward(RewardModel):
         self.measurer = measurer
         self._cache: dict[bytes, tuple[float, bool, str]] = {}
         super().__init__(problem, reference, invalid_penalty)
+        attach = getattr(measurer, "attach", None)
+        if callable(attach):
+            attach(self)
+
+    @property
+    def measured_count(self) -> int:
+        """Distinct placements measured so far (the reference included)."""
+        return len(self._cache)
 
     def measure_row(self, row: np.ndarray) -> tuple[float, bool, str]:
         """(step time, valid, reason) of one placement row, measured once and cached."""
-        key = np.ascontiguousarray(row, dtype=np.int64).tobytes()
-        if key not in self._cache:
-            try:
-                result = self.measurer.measure(self.problem.array_to_placement(row))
-            except PlacerError:
-                raise  # a bad request (unknown node or device) is the caller's error
-            except Exception as exc:  # noqa: BLE001 - a failing run must never crash the search
-                self._cache[key] = (math.inf, False, f"measurement failed: {type(exc).__name__}: {exc}")
+        return self.measure_rows(np.asarray(row)[None])[0]
+
+    def measure_rows(self, rows: np.ndarray) -> list[tuple[float, bool, str]]:
+        """(step time, valid, reason) per row; each distinct row is measured once, ever.
+
+        Rows not measured before go to the measurer's ``measure_many`` in one call when it
+        has one, else to ``measure`` one by one.
+        """
+        keys = [np.ascontiguousarray(r, dtype=np.int64).tobytes() for r in rows]
+        todo: dict[bytes, np.ndarray] = {}
+        for key, row in zip(keys, rows):
+            if key not in self._cache and key not in todo:
+                todo[key] = row
+        if todo:
+            many = getattr(self.measurer, "measure_many", None)
+            if callable(many):
+                self._measure_together(many, todo)
             else:
-                t = float(getattr(result, "step_time", math.inf))
-                valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0
-                reason = str(getattr(result, "reason", "") or "")
-                if not valid and not reason:
-                    reason = f"measurement invalid (step time {t})"
-                self._cache[key] = (t, valid, "" if valid else reason)
-        return self._cache[key]
+                for key, row in todo.items():
+                    self._measure_together(lambda ps: [self.measurer.measure(ps[0])], {key: row})
+        return [self._cache[k] for k in keys]
+
+    def _measure_together(self, many: Any, todo: dict[bytes, np.ndarray]) -> None:
+        placements = [self.problem.array_to_placement(r) for r in todo.values()]
+        try:
+            results = list(many(placements))
+            if len(results) != len(placements):
+                raise RuntimeError(f"the measurer returned {len(results)} results for {len(placements)} placements")
+        except PlacerError:
+            raise  # a bad request (unknown node or device) is the caller's error
+        except Exception as exc:  # noqa: BLE001 - a failing run must never crash the search
+            failed = (math.inf, False, f"measurement failed: {type(exc).__name__}: {exc}")
+            for key in todo:
+                self._cache[key] = failed
+            return
+        for key, result in zip(todo, results):
+            self._cache[key] = _outcome(result)
 
     def _measure_reference(self, row: np.ndarray) -> tuple[float, bool, str]:
         try:
@@ -91,12 +128,22 @@ class MeasuredReward(RewardModel):
 
     def _evaluate(self, rows: np.ndarray) -> Evaluation:
         sim = _simulate(self.problem, rows)  # memory figures for info
-        measured = [self.measure_row(r) for r in rows]
+        measured = self.measure_rows(rows)  # new rows in one measurer call
         step = np.array([m[0] for m in measured], dtype=np.float64)
         valid = np.array([m[1] for m in measured], dtype=bool)
         return Evaluation(rows, step, sim.peak_memory, sim.over_memory, valid.copy(), valid,
                           self.rewards(step, valid), ("measured",) * rows.shape[0],
                           tuple(m[2] for m in measured))
+
+
+def _outcome(result: Any) -> tuple[float, bool, str]:
+    """(step time, valid, reason) of a measurer's result; invalid unless a positive finite time."""
+    t = float(getattr(result, "step_time", math.inf))
+    valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0
+    reason = str(getattr(result, "reason", "") or "")
+    if not valid and not reason:
+        reason = f"measurement invalid (step time {t})"
+    return t, valid, "" if valid else reason
 
 
 @dataclass
@@ -121,9 +168,10 @@ class HybridReward(MeasuredReward):
     MIN_MEASUREMENTS = 3
 
     def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
-                 invalid_penalty: float | None = None, measure_every: int = 256, measure_top_k: int = 2,
+                 invalid_penalty: float | None = None, measure_every: int | None = 256, measure_top_k: int = 2,
                  pool_size: int = 16) -> None:
-        self.measure_every = positive_int("measure_every", measure_every)
+        # None: no automatic rounds; the owner calls measure_best() on its own schedule.
+        self.measure_every = None if measure_every is None else positive_int("measure_every", measure_every)
         self.measure_top_k = positive_int("measure_top_k", measure_top_k)
         self.pool_size = max(positive_int("pool_size", pool_size), self.measure_top_k)
         self.calibration: Any = None
@@ -150,7 +198,7 @@ class HybridReward(MeasuredReward):
         ev = self.simulate(rows)
         self._remember(rows, ev)
         self._since_measure += rows.shape[0]
-        if self._since_measure >= self.measure_every:
+        if self.measure_every is not None and self._since_measure >= self.measure_every:
             self._since_measure = 0
             self.measure_best()
         return ev
@@ -171,10 +219,11 @@ class HybridReward(MeasuredReward):
         """Measure the best unmeasured candidates now, recalibrate if possible; returns how many were measured."""
         todo = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
         todo = todo[: self.measure_top_k]
-        for cand in todo:
-            t, valid, reason = self.measure_row(cand.row)
-            cand.measured = True
-            self.measurements.append((cand.row, t, valid, reason))
+        if todo:
+            outcomes = self.measure_rows(np.stack([c.row for c in todo]))  # one measurer call
+            for cand, (t, valid, reason) in zip(todo, outcomes):
+                cand.measured = True
+                self.measurements.append((cand.row, t, valid, reason))
         if todo:
             self._recalibrate()
         return len(todo)
