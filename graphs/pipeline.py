@@ -72,7 +72,8 @@ def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None
 
         start = time.perf_counter()
         profile_graph(captured, spec.example_inputs, devices=devices,
-                      cache_dir=None if cache_dir is None else str(cache_dir))
+                      cache_dir=None if cache_dir is None else str(cache_dir),
+                      optimizer_fn=spec.optimizer_fn)  # node costs include the model's own optimizer step
         seconds["profile"] = time.perf_counter() - start
 
     from graphs.grouping import group_graph

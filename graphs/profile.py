@@ -54,7 +54,8 @@ from graphs.errors import GraphError
 from graphs.in_situ import COMPUTE_OPS, in_situ_times
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
 from graphs.op_timing import median_loop, one_cpu_thread, time_call, tree_map
-from graphs.profile_cache import ProfileCache, device_name, inputs_key
+from graphs.optimizer_timing import OptimizerFn, optimizer_key, optimizer_kind, optimizer_times
+from graphs.profile_cache import NodeTimes, ProfileCache, device_name, inputs_key
 
 class ProfileError(GraphError):
     """Profiling was asked for something it cannot do (bad device, mismatched graph, inputs that do not run)."""
@@ -72,12 +73,14 @@ class ProfileInfo:
     seconds: float = 0.0
     method: str = ""
     failures: list[str] = field(default_factory=list)
+    optimizer_fixed: float = 0.0  # seconds of the optimizer step no node owns (paid once per step)
+    optimizer_whole: float = 0.0  # seconds of the optimizer step over all parameters, timed alone
 
     def as_dict(self) -> dict[str, Any]:
         return {"device_name": self.device_name, "cached": self.cached, "signatures": self.signatures,
                 "compute_nodes": self.compute_nodes, "seconds": self.seconds,
-                "method": self.method,
-                "failures": list(self.failures)}
+                "method": self.method, "optimizer_fixed": self.optimizer_fixed,
+                "optimizer_whole": self.optimizer_whole, "failures": list(self.failures)}
 
 
 # --------------------------------------------------------------------------- devices
@@ -243,8 +246,8 @@ def _fingerprint(captured: Any) -> str | None:
 
 def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequence[str | torch.device] | None = None,
                   repeats: int = 5, cache_dir: str | None = None, *, use_cache: bool = True,
-                  method: str = "in_situ") -> None:
-    """Annotate every node of ``captured.graph`` with ``fwd_time``, ``bwd_time`` and ``time``.
+                  method: str = "in_situ", optimizer_fn: OptimizerFn | None = None) -> None:
+    """Annotate every node of ``captured.graph`` with ``fwd_time``, ``bwd_time``, ``opt_time`` and ``time``.
 
     ``captured`` is a :class:`graphs.capture.CapturedModel` or anything with ``.gm`` (an fx
     GraphModule whose node names are the graph's nodes), ``.graph`` and ``.fingerprint``.
@@ -253,6 +256,15 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
     times, ``graph.graph["profile_info"]`` says per kind whether it came from the cache and
     how many distinct signatures were timed. Cached per fingerprint, input shapes, kind and
     device name under ``cache_dir`` (``use_cache=False`` neither reads nor writes it).
+
+    ``opt_time[kind]`` is the node's share of the optimizer step
+    (:mod:`graphs.optimizer_timing`): the update of the parameters it owns by the model's
+    own optimizer ``optimizer_fn(params)`` (default: the model-file default, plain SGD);
+    0 for nodes owning no trainable parameter; absent for a node whose update could not be
+    timed. ``time = fwd_time + bwd_time + opt_time`` (the node's cost in a training step).
+    ``graph.graph["optimizer"]`` is the optimizer's kind (``"adam"``, ``"sgd_momentum"``, ...)
+    and ``profile_info[kind]["optimizer_fixed"]`` the step's fixed cost, paid once per step
+    and by no node.
     """
     gm, graph = captured.gm, captured.graph
     if not isinstance(gm, fx.GraphModule) or not isinstance(graph, nx.DiGraph):
@@ -271,18 +283,28 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
                            "expected the .gm and .graph of one capture")
     devs = resolve_devices(devices)
 
+    optimizer_fn = optimizer_fn or default_optimizer
+    try:
+        opt_key, opt_kind = optimizer_key(optimizer_fn), optimizer_kind(optimizer_fn)
+    except Exception as exc:  # noqa: BLE001 - a user's get_optimizer
+        raise ProfileError(f"cannot build the optimizer to profile its step: {type(exc).__name__}: {exc}; "
+                           "expected optimizer_fn(params) to return a torch.optim.Optimizer") from exc
+
     fingerprint = _fingerprint(captured)
     cache = ProfileCache(cache_dir) if use_cache and fingerprint else None
-    # The two methods give different numbers: each has its own cache entry.
-    key_inputs = inputs_key(example_inputs) + ("" if method == "in_situ" else "-isolated")
-    results: dict[str, dict[str, tuple[float, float]]] = {}
+    # The two methods give different numbers, and optimizer times depend on the optimizer:
+    # each combination has its own cache entry.
+    key_inputs = (inputs_key(example_inputs) + ("" if method == "in_situ" else "-isolated")
+                  + f"-opt{opt_key}")
+    results: dict[str, dict[str, NodeTimes]] = {}
+    metas: dict[str, dict[str, Any]] = {}
     infos: dict[str, ProfileInfo] = {}
     todo: list[torch.device] = []
     for dev in devs:
         dname = device_name(dev)
         loaded = cache.load(fingerprint, key_inputs, dev.type, dname, names) if cache else None
         if loaded is not None:
-            results[dev.type] = loaded
+            results[dev.type], metas[dev.type] = loaded
             infos[dev.type] = ProfileInfo(dev.type, dname, cached=True)
         else:
             todo.append(dev)
@@ -290,22 +312,43 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
 
     if todo:
         measured = _measure(gm, example_inputs, todo, repeats, infos, method)
-        for dev in todo:
-            per_node = {name: measured.get(name, {}).get(dev.type, (0.0, 0.0)) for name in names}
-            results[dev.type] = per_node
-            if cache:
-                cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node)
-            for failure in infos[dev.type].failures:
-                warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
+        with one_cpu_thread():
+            for dev in todo:
+                start = time.perf_counter()
+                opt = optimizer_times(gm, optimizer_fn, dev, repeats)
+                infos[dev.type].seconds += time.perf_counter() - start
+                infos[dev.type].failures.extend(opt.failures)
+                per_node: dict[str, NodeTimes] = {}
+                for name in names:
+                    fwd, bwd = measured.get(name, {}).get(dev.type, (0.0, 0.0))
+                    failed = name in opt.failed_nodes
+                    per_node[name] = (fwd, bwd, None if failed else opt.per_node.get(name, 0.0))
+                results[dev.type] = per_node
+                metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
+                                   "optimizer_whole": opt.whole}
+                if cache:
+                    cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
+                                metas[dev.type])
+                for failure in infos[dev.type].failures:
+                    warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
 
     for name, data in graph.nodes(data=True):
         for kind, per_node in results.items():
-            fwd, bwd = per_node.get(name, (0.0, 0.0))
+            fwd, bwd, opt_s = per_node.get(name, (0.0, 0.0, 0.0))
             data.setdefault("fwd_time", {})[kind] = float(fwd)
             data.setdefault("bwd_time", {})[kind] = float(bwd)
-            data.setdefault("time", {})[kind] = float(fwd) + float(bwd)
+            opt_times = data.setdefault("opt_time", {})
+            if opt_s is None:
+                opt_times.pop(kind, None)
+            else:
+                opt_times[kind] = float(opt_s)
+            data.setdefault("time", {})[kind] = float(fwd) + float(bwd) + float(opt_s or 0.0)
     kinds = list(dict.fromkeys(list(graph.graph.get("profiled_kinds") or []) + [d.type for d in devs]))
     graph.graph["profiled_kinds"] = kinds
+    graph.graph["optimizer"] = opt_kind
+    for kind, meta in metas.items():
+        infos[kind].optimizer_fixed = float(meta.get("optimizer_fixed", 0.0))
+        infos[kind].optimizer_whole = float(meta.get("optimizer_whole", 0.0))
     info_attr = dict(graph.graph.get("profile_info") or {})
     info_attr.update({kind: info.as_dict() for kind, info in infos.items()})
     graph.graph["profile_info"] = info_attr

@@ -3,9 +3,12 @@
 A profile is valid only for the model it was measured on (its fingerprint), the input
 shapes it ran with (batch size changes every time), and the exact device (kind plus a
 name such as the CPU model or ``torch.cuda.get_device_name``). Those four make the file
-name; the file holds ``{node name: [forward s, backward s]}``. A file that is unreadable,
-of another schema or missing a node of the graph is ignored (and overwritten by the
-next measurement), never trusted.
+name (the caller folds the optimizer's identity into the inputs part: optimizer times
+depend on it); the file holds ``{node name: [forward s, backward s, optimizer s | null]}``
+plus a small ``meta`` dict (the optimizer's kind and fixed per-step cost). A file that is
+unreadable, of another schema (schema 1 had no optimizer times: such files re-profile) or
+missing a node of the graph is ignored (and overwritten by the next measurement), never
+trusted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-SCHEMA = 1
+SCHEMA = 2
+
+#: One node's cached times: forward, backward and optimizer-update seconds (None: not timed).
+NodeTimes = tuple[float, float, float | None]
 ENV_VAR = "PLACER_CACHE_DIR"
 
 
@@ -81,8 +87,8 @@ class ProfileCache:
         return self.root / f"{_slug(fingerprint)[:40]}-{inputs}-{kind}-{_slug(name)}-{name_hash}.json"
 
     def load(self, fingerprint: str, inputs: str, kind: str, name: str,
-             nodes: Iterable[str]) -> dict[str, tuple[float, float]] | None:
-        """The cached ``{node: (fwd, bwd)}``, or None when absent, stale or unreadable."""
+             nodes: Iterable[str]) -> tuple[dict[str, NodeTimes], dict[str, Any]] | None:
+        """The cached ``({node: (fwd, bwd, opt)}, meta)``, or None when absent, stale or unreadable."""
         file = self.path(fingerprint, inputs, kind, name)
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
@@ -94,22 +100,27 @@ class ProfileCache:
         stored = data.get("nodes")
         if not isinstance(stored, dict):
             return None
-        result: dict[str, tuple[float, float]] = {}
+        meta = data.get("meta")
+        if not isinstance(meta, dict):
+            return None
+        result: dict[str, NodeTimes] = {}
         for node in nodes:
-            pair = stored.get(node)
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)):
+            triple = stored.get(node)
+            if not (isinstance(triple, list) and len(triple) == 3
+                    and all(isinstance(x, (int, float)) for x in triple[:2])
+                    and (triple[2] is None or isinstance(triple[2], (int, float)))):
                 return None
-            result[node] = (float(pair[0]), float(pair[1]))
-        return result
+            result[node] = (float(triple[0]), float(triple[1]), None if triple[2] is None else float(triple[2]))
+        return result, meta
 
     def store(self, fingerprint: str, inputs: str, kind: str, name: str,
-              times: dict[str, tuple[float, float]]) -> Path:
+              times: dict[str, NodeTimes], meta: dict[str, Any] | None = None) -> Path:
         """Write the profile atomically (a concurrent reader sees the old file or the new one)."""
         file = self.path(fingerprint, inputs, kind, name)
         file.parent.mkdir(parents=True, exist_ok=True)
         payload = {"schema": SCHEMA, "fingerprint": fingerprint, "inputs": inputs, "device_kind": kind,
                    "device_name": name, "torch": torch.__version__,
-                   "nodes": {n: [f, b] for n, (f, b) in times.items()}}
+                   "meta": dict(meta or {}), "nodes": {n: [f, b, o] for n, (f, b, o) in times.items()}}
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:

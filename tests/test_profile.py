@@ -57,11 +57,15 @@ def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
     assert g.graph["profiled_kinds"] == ["cpu"]
     for name, d in g.nodes(data=True):
         assert set(d["time"]) == {"cpu"}
-        assert d["time"]["cpu"] == pytest.approx(d["fwd_time"]["cpu"] + d["bwd_time"]["cpu"])
+        assert d["time"]["cpu"] == pytest.approx(d["fwd_time"]["cpu"] + d["bwd_time"]["cpu"] + d["opt_time"]["cpu"])
         if d["op"] in ("call_module", "call_function", "call_method"):
             assert d["fwd_time"]["cpu"] > 0, name
         else:
             assert d["time"]["cpu"] == 0.0, name
+    # The optimizer update is charged to the nodes owning parameters (first use), no other.
+    owners = {n for n, d in g.nodes(data=True) if d["opt_time"]["cpu"] > 0}
+    assert owners == {n for n, d in g.nodes(data=True) if d["param_bytes"] > 0}
+    assert len(owners) == 3  # cell, proj (first call only), head
     # Modules whose parameters train have a backward; a cell's backward is real work.
     cells = [d for d in g.nodes.values() if d["op"] == "call_module" and d["target"] == "cell"]
     assert len(cells) == 6 and all(d["bwd_time"]["cpu"] > 0 for d in cells)
@@ -107,8 +111,8 @@ def test_cache_is_keyed_by_input_shapes_and_ignores_broken_files(tmp_path):
     cache = ProfileCache(tmp_path)
     key_a, key_b = inputs_key((torch.zeros(2, 3),)), inputs_key((torch.zeros(4, 3),))
     assert key_a != key_b
-    cache.store("fp", key_a, "cpu", "some cpu", {"a": (1e-6, 2e-6)})
-    assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) == {"a": (1e-6, 2e-6)}
+    cache.store("fp", key_a, "cpu", "some cpu", {"a": (1e-6, 2e-6, None)}, {"optimizer": "sgd"})
+    assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) == ({"a": (1e-6, 2e-6, None)}, {"optimizer": "sgd"})
     assert cache.load("fp", key_b, "cpu", "some cpu", ["a"]) is None
     assert cache.load("fp", key_a, "cpu", "other cpu", ["a"]) is None
     assert cache.load("fp", key_a, "cpu", "some cpu", ["a", "b"]) is None  # a node is missing

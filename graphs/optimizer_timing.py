@@ -1,0 +1,204 @@
+"""Each node's share of the optimizer step: the model's own optimizer, timed on that node's parameters.
+
+A training step ends with ``optimizer.step()``; on a small model it is 15-40% of the step
+(measured: ResNet-50 small with SGD+momentum 2.2 of 12.6 ms, GPT-2 small with AdamW 1.0 of
+2.6 ms). Its cost belongs to the nodes that own parameters: a parameter is updated where
+it lives, and it lives with the node that owns it (the first node that uses it, the rule of
+``param_bytes`` in :mod:`graphs.placement_graph`).
+
+How it is timed: for each parameter-owning node, copies of its trainable parameters get a
+gradient and the model's own optimizer (``optimizer_fn(params)``, the model file's
+``get_optimizer``) is built over just those copies; after one warm-up step (which creates
+lazy state, e.g. Adam's moments) the median of ``repeats`` steps is the node's time, minus
+the optimizer's fixed per-step cost (Python set-up a real step pays once, not once per
+node; solved from the node steps and one whole step, see :func:`optimizer_times`). Why not time the whole step and split it by parameter bytes: the
+CPU optimizers of torch loop over tensors one by one, and a tensor's update costs a fixed
+few microseconds plus its bytes; a split by bytes gives a 4-element BatchNorm bias nothing
+although it costs as much as a small convolution's weight, and the per-node timing
+measures that directly (the sum of the node times plus one fixed cost is checked against
+the whole step in ``benchmarks/bench_capture.py``). Copies are updated, never the model's
+parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from graphs.op_timing import inner_loops, median_loop, timed_once
+
+OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _trainable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and (t.is_floating_point() or t.is_complex())
+
+
+def node_parameters(gm: fx.GraphModule) -> dict[str, list[torch.Tensor]]:
+    """The trainable parameters each node owns: a parameter belongs to the first node that uses it.
+
+    Same ownership as ``param_bytes`` (call_module: the module's parameters; get_attr: the
+    tensor), restricted to tensors that require grad (buffers and frozen weights are not
+    updated). Nodes owning none are absent.
+    """
+    seen: set[int] = set()
+    owned: dict[str, list[torch.Tensor]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            tensors = list(gm.get_submodule(str(node.target)).parameters())
+        elif node.op == "get_attr":
+            value = _fetch(gm, str(node.target))
+            tensors = [value] if isinstance(value, torch.Tensor) else []
+        else:
+            continue
+        mine = []
+        for t in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if _trainable(t):
+                mine.append(t)
+        if mine:
+            owned[node.name] = mine
+    return owned
+
+
+def _probe(optimizer_fn: OptimizerFn) -> torch.optim.Optimizer:
+    return optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
+
+
+def optimizer_kind(optimizer_fn: OptimizerFn) -> str:
+    """The optimizer's short name: ``"sgd"``, ``"sgd_momentum"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ...
+
+    The lower-cased class name, SGD split by whether it keeps momentum (its state size
+    differs). These are the keys of ``envs.problem.OPTIMIZER_STATE_FACTOR``.
+    """
+    opt = _probe(optimizer_fn)
+    name = type(opt).__name__.lower()
+    if name == "sgd":
+        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return name
+
+
+def optimizer_key(optimizer_fn: OptimizerFn) -> str:
+    """Short stable hash of the optimizer's class and settings (a profile cache key part)."""
+    opt = _probe(optimizer_fn)
+    settings = sorted((k, repr(v)) for k, v in opt.defaults.items())
+    text = f"{type(opt).__module__}.{type(opt).__qualname__}{settings}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _copies(params: list[torch.Tensor], device: torch.device, generator: torch.Generator) -> list[torch.Tensor]:
+    copies = []
+    for p in params:
+        c = p.detach().to(device, copy=True).requires_grad_(True)
+        # Small gradients: repeated steps must not blow the copies up (the time does not
+        # depend on the values for these dense kernels).
+        c.grad = (torch.randn(c.shape, generator=generator, dtype=c.dtype) * 1e-3).to(device)
+        copies.append(c)
+    return copies
+
+
+class _Step:
+    """An optimizer built over some tensors (with gradients), warmed up, ready to be timed step by step."""
+
+    def __init__(self, optimizer_fn: OptimizerFn, tensors: list[torch.Tensor], device: torch.device) -> None:
+        self.device = device
+        self.optimizer = optimizer_fn(tensors)
+        self.optimizer.step()  # warm-up: lazy state (moments), allocator, kernel selection
+        self.inner = inner_loops(timed_once(self.optimizer.step, device))
+
+    def sample(self) -> float:
+        """Seconds of one step (a fast step is looped, see :func:`graphs.op_timing.inner_loops`)."""
+        return median_loop(self.optimizer.step, self.device, 1, self.inner)
+
+
+def time_step(optimizer_fn: OptimizerFn, params: list[torch.Tensor], device: torch.device,
+              repeats: int) -> float:
+    """Median seconds of one ``optimizer_fn(copies).step()`` over copies of ``params`` on ``device``."""
+    step = _Step(optimizer_fn, _copies(params, device, torch.Generator().manual_seed(0)), device)
+    return statistics.median(step.sample() for _ in range(repeats))
+
+
+@dataclass
+class OptimizerTimes:
+    """Optimizer update seconds per parameter-owning node on one device, plus the step's fixed cost."""
+
+    per_node: dict[str, float]
+    fixed: float
+    whole: float
+    kind: str
+    failures: list[str] = field(default_factory=list)
+    failed_nodes: set[str] = field(default_factory=set)
+
+
+def optimizer_times(gm: fx.GraphModule, optimizer_fn: OptimizerFn, device: torch.device,
+                    repeats: int) -> OptimizerTimes:
+    """Time every parameter-owning node's optimizer update (module doc).
+
+    Each node's step is timed alone, and one step over all the parameters; the samples are
+    taken in rounds (every step once per round, ``repeats`` rounds, medians kept), so all
+    of them see the same load on a shared machine. A timed node step is ``F + its tensors'
+    work`` and the whole step ``F + all tensors' work``, so the fixed per-step cost is
+    ``F = (sum of node steps - whole step) / (nodes - 1)``: solved on this graph, not
+    guessed, and capped so that every node keeps at least the cost of as many one-element
+    tensors as it owns (a one-element tensor's update, from steps over 1 and 9 of them in
+    the same rounds, is the least any tensor's update costs). Each node keeps ``its step -
+    F``, so the node times plus one ``F`` add up to the whole step; ``F`` is reported apart
+    (``fixed``). A node whose update cannot be timed (an optimizer that refuses a subset of
+    the parameters, say) is left out and reported in ``failures``; the cost model then
+    estimates it.
+    """
+    generator = torch.Generator().manual_seed(0)
+    failures: list[str] = []
+    failed: set[str] = set()
+    copies: dict[str, list[torch.Tensor]] = {}
+    steps: dict[str, _Step] = {}
+    for name, params in node_parameters(gm).items():
+        try:
+            copies[name] = _copies(params, device, generator)
+            steps[name] = _Step(optimizer_fn, copies[name], device)
+        except Exception as exc:  # noqa: BLE001 - one node must not stop profiling
+            copies.pop(name, None)
+            failed.add(name)
+            failures.append(f"{name}: optimizer step not timed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    kind = optimizer_kind(optimizer_fn)
+    if not steps:
+        return OptimizerTimes({}, 0.0, 0.0, kind, failures, failed)
+    # The whole step updates the same copies as the node steps (its own state): no second copy.
+    extra = {"(whole)": _Step(optimizer_fn, [t for name in steps for t in copies[name]], device)}
+    if len(steps) >= 2:
+        tiny = [torch.zeros(1, device=device, requires_grad=True) for _ in range(9)]
+        for t in tiny:
+            t.grad = torch.full_like(t, 1e-3)
+        extra["(1 tiny)"] = _Step(optimizer_fn, tiny[:1], device)
+        extra["(9 tiny)"] = _Step(optimizer_fn, tiny, device)
+    rounds: dict[str, list[float]] = {key: [] for key in [*steps, *extra]}
+    every = {**steps, **extra}
+    for _ in range(repeats):
+        for key, step in every.items():
+            rounds[key].append(step.sample())
+    raw = {key: statistics.median(samples) for key, samples in rounds.items()}
+    whole = raw.pop("(whole)")
+    fixed = 0.0
+    if len(steps) >= 2:
+        per_tensor = max((raw.pop("(9 tiny)") - raw.pop("(1 tiny)")) / 8, 0.0)
+        cap = min(raw[name] - per_tensor * len(copies[name]) for name in steps)
+        fixed = min(max((sum(raw.values()) - whole) / (len(steps) - 1), 0.0), max(cap, 0.0))
+    per_node = {name: raw[name] - fixed for name in steps}
+    return OptimizerTimes(per_node, fixed, whole, kind, failures, failed)

@@ -1,0 +1,92 @@
+"""The optimizer's share of a step: per parameter-owning node, the model's own optimizer, copies only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.capture import capture
+from graphs.optimizer_timing import node_parameters, optimizer_key, optimizer_kind, optimizer_times
+from graphs.profile import profile_graph
+
+
+class Shared(nn.Module):
+    """A linear layer called twice, a batch norm (buffers) and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.frozen(self.norm(self.lin(self.lin(x)))))
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def test_parameters_belong_to_their_first_user_and_only_trainable_ones_count():
+    gm = fx.symbolic_trace(Shared())
+    owned = node_parameters(gm)
+    assert set(owned) == {"lin", "norm", "head"}  # lin_1 reuses lin's; frozen trains nothing
+    assert [tuple(p.shape) for p in owned["lin"]] == [(8, 8), (8,)]
+    assert len(owned["norm"]) == 2  # weight and bias, not the running statistics
+
+
+def test_optimizer_times_time_copies_and_leave_the_model_untouched():
+    model = Shared()
+    gm = fx.symbolic_trace(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times = optimizer_times(gm, _adam, torch.device("cpu"), repeats=3)
+    assert set(times.per_node) == {"lin", "norm", "head"}
+    assert all(t > 0 for t in times.per_node.values())
+    assert times.kind == "adam" and times.whole > 0 and times.fixed >= 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_kind_and_key_tell_optimizers_apart():
+    assert optimizer_kind(_adam) == "adam"
+    assert optimizer_kind(lambda p: torch.optim.SGD(p, lr=0.1)) == "sgd"
+    assert optimizer_kind(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) == "sgd_momentum"
+    assert optimizer_key(lambda p: torch.optim.SGD(p, lr=0.1)) != optimizer_key(lambda p: torch.optim.SGD(p, lr=0.2))
+
+
+def test_a_node_whose_update_fails_is_reported_and_left_without_opt_time(tmp_path):
+    class PickyOptimizer(torch.optim.SGD):
+        """Refuses the head's parameters (a 2x8 weight and its bias) when given them alone."""
+
+        def __init__(self, params, lr=0.1):
+            params = list(params)
+            if len(params) == 2 and params[0].dim() == 2 and params[0].shape[0] == 2:
+                raise ValueError("no head here")
+            super().__init__(params, lr=lr)
+
+    model = Shared()
+    cap = capture(model, (torch.randn(4, 8),), name="shared")
+    with pytest.warns(UserWarning, match="optimizer step not timed"):
+        profile_graph(cap, (torch.randn(4, 8),), devices=["cpu"], repeats=2, cache_dir=tmp_path,
+                      optimizer_fn=PickyOptimizer)
+    nodes = cap.graph.nodes
+    assert "cpu" not in nodes["head"]["opt_time"]
+    assert nodes["lin"]["opt_time"]["cpu"] > 0 and nodes["lin_1"]["opt_time"]["cpu"] == 0.0
+    assert cap.graph.graph["optimizer"] == "pickyoptimizer"
+    assert any("head" in f for f in cap.graph.graph["profile_info"]["cpu"]["failures"])
+
+
+def test_profiles_with_different_optimizers_are_cached_apart(tmp_path):
+    model = Shared()
+    inputs = (torch.randn(4, 8),)
+    cap = capture(model, inputs, name="shared")
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)
+    assert cap.graph.graph["optimizer"] == "sgd"  # the model-file default
+    profile_graph(cap, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path, optimizer_fn=_adam)
+    assert cap.graph.graph["optimizer"] == "adam"
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert cap.graph.graph["profile_info"]["cpu"]["cached"] is False
