@@ -2,15 +2,23 @@
 
 A placement over ranks (``{node name: rank}``) may go back and forth between ranks
 (rank 0 → rank 1 → rank 0), so one sub-module per rank would not be runnable in one
-call: rank 0's second half needs rank 1's result. The graph is therefore cut into
-**stages**: a stage is the set of nodes of one rank at one *level*, where
+call: rank 0's second half needs rank 1's result. Each rank's nodes, in graph order, are
+therefore cut into **stages** — runs of consecutive nodes — at two kinds of points:
 
-    level(n) = max over inputs m of level(m) + (1 if rank(m) != rank(n) else 0)
+* **after a send**: right after a run of nodes whose values another rank reads, so the
+  value leaves as soon as it exists (the other rank need not wait for the rest of the
+  stage);
+* **before a receive**: right before a node that reads a value from another rank's stage
+  that the current stage does not already read from, so a stage only waits, at its
+  start, for values that are already on their way.
 
-Within a rank, levels never decrease along an edge and across ranks they strictly
-increase, so the stages form a DAG and running them in order of ``(level, rank)`` is
-a valid schedule on every rank. A contiguous split (ranks 0 then 1) gives one stage
-per rank; each rank's stages together are its share of the model.
+Every cross-rank edge then goes from a stage to a stage that starts later in graph
+order, so the stages form a DAG, and running each rank's stages in graph order (the
+global schedule sorts stages by their first node) cannot deadlock. This is what lets two
+ranks overlap: with layer 0 of an unrolled LSTM on rank 0 and layer 1 on rank 1, rank 0
+sends ``h[t]`` after step ``t`` and rank 1 runs step ``t`` of its layer while rank 0 runs
+step ``t + 1`` (a wavefront); the backward pass runs the same stages in reverse. A
+contiguous split (ranks 0 then 1, one value crossing) gives one stage per rank.
 
 Each stage is a ``torch.fx.GraphModule`` whose inputs are the values it reads from
 other stages or from the model's inputs, and whose outputs are the values other
@@ -19,11 +27,13 @@ cross-stage value as a :class:`Transfer` (producer stage → consumer rank), whi
 distributed runtime sends forward and whose gradient it sends back.
 
 Why not ``torch.fx.passes.split_module``: it needs partitions that are already
-acyclic (ours are made so by the levels), names values by its own scheme, and does
-not report which values cross, which is exactly what the runtime needs; the pass here
-is short and keeps the original node names.
+acyclic (ours are made so by the cut rule above), names values by its own scheme, and
+does not report which values cross, which is exactly what the runtime needs; the pass
+here is short and keeps the original node names.
 
 Model inputs (placeholders) are not transfers: every rank holds the example inputs.
+Shared parameters (tied weights): every node that reads one tensor runs on one rank
+(see :func:`split_by_rank`), so no tensor is held — or updated — by two ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import torch.fx as fx
 
 from graphs.errors import PlacerError
 
-__all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "rank_levels"]
+__all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "stage_assignment"]
 
 
 class SplitError(PlacerError, ValueError):
@@ -45,12 +55,12 @@ class SplitError(PlacerError, ValueError):
 
 @dataclass
 class Stage:
-    """One runnable piece of the model: the nodes of one rank at one level.
+    """One runnable piece of the model: a run of consecutive nodes of one rank.
 
     Attributes:
-        index: position in the global schedule (stages are sorted by ``(level, rank)``).
+        index: position in the global schedule (stages are sorted by their first node's
+            position in the graph).
         rank: the rank that runs it.
-        level: its level (see module doc).
         nodes: original fx node names it computes, in graph order.
         inputs: the values it reads, in call order: original node names of placeholders
             or of nodes computed by other stages.
@@ -60,7 +70,6 @@ class Stage:
 
     index: int
     rank: int
-    level: int
     nodes: list[str]
     inputs: list[str]
     outputs: list[str]
@@ -163,18 +172,42 @@ def _ranks_of(gm: fx.GraphModule, ranks: Mapping[str, int], world_size: int) -> 
     return out
 
 
-def rank_levels(gm: fx.GraphModule, rank: Mapping[str, int]) -> dict[str, int]:
-    """The level of every non-placeholder node (see module doc)."""
-    level: dict[str, int] = {}
+def stage_assignment(gm: fx.GraphModule, rank: Mapping[str, int], output_rank: int) -> dict[str, int]:
+    """Stage of every non-placeholder node (see the cut rule in the module doc), numbered
+    in schedule order: by the position of the stage's first node in the graph."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    position = {n.name: i for i, n in enumerate(nodes)}
+    sent: set[str] = set()  # values some other rank reads (the output node reads on output_rank)
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output"):
+        if n.op == "placeholder":
             continue
-        lv = 0
+        reader = output_rank if n.op == "output" else rank[n.name]
         for a in n.all_input_nodes:
-            if a.name in level:
-                lv = max(lv, level[a.name] + (1 if rank[a.name] != rank[n.name] else 0))
-        level[n.name] = lv
-    return level
+            if a.op != "placeholder" and rank[a.name] != reader:
+                sent.add(a.name)
+    stage_of: dict[str, int] = {}
+    starts: list[int] = []  # first node position of each stage, in creation order
+    current: dict[int, int] = {}  # rank -> its open stage
+    sources: dict[int, set[int]] = {}  # stage -> other ranks' stages it receives from
+    last_sent: dict[int, bool] = {}  # rank -> its previous node was a send
+    for n in nodes:
+        r = rank[n.name]
+        remote = {stage_of[a.name] for a in n.all_input_nodes
+                  if a.op != "placeholder" and rank[a.name] != r}
+        open_stage = current.get(r)
+        cut = (open_stage is None
+               or (last_sent.get(r, False) and n.name not in sent)  # after a run of sends
+               or bool(remote - sources[open_stage]))  # before a new receive
+        if cut:
+            open_stage = len(starts)
+            starts.append(position[n.name])
+            current[r] = open_stage
+            sources[open_stage] = set()
+        sources[open_stage] |= remote
+        stage_of[n.name] = open_stage
+        last_sent[r] = n.name in sent
+    # Stages were created in graph order of their first node already; keep that numbering.
+    return stage_of
 
 
 def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
@@ -244,18 +277,18 @@ def split_by_rank(
         raise SplitError(f"world_size must be a positive integer, got {world_size!r}")
     rank = _ranks_of(gm, ranks, world_size)
     _settle_shared_state(gm, rank)
-    level = rank_levels(gm, rank)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     if output_rank is None:
         output_rank = int(ranks[out_node.name]) if out_node.name in ranks else 0
     if not 0 <= output_rank < world_size:
         raise SplitError(f"output_rank {output_rank} is outside [0, {world_size})")
 
-    keys = sorted({(level[n], rank[n]) for n in level})
-    stage_of_key = {k: i for i, k in enumerate(keys)}
-    stage_of = {n: stage_of_key[(level[n], rank[n])] for n in level}
+    stage_of = stage_assignment(gm, rank, output_rank)
+    keys = sorted(set(stage_of.values()))
+    stage_rank = {stage_of[n]: rank[n] for n in stage_of}
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     out_stage = len(keys)
+    assert keys == list(range(out_stage))
 
     # Consumers of each value by (rank, stage); the output node is a pseudo-stage.
     members: dict[int, list[fx.Node]] = {i: [] for i in range(len(keys))}
@@ -277,7 +310,8 @@ def split_by_rank(
                 needed_out[stage_of[a.name]].append(a.name)
 
     stages: list[Stage] = []
-    for i, (lv, r) in enumerate(keys):
+    for i in keys:
+        r = stage_rank[i]
         graph = fx.Graph()
         env: dict[str, fx.Node] = {}
         inputs: list[str] = []
@@ -292,7 +326,7 @@ def split_by_rank(
         graph.output(tuple(env[name] for name in outs))
         graph.lint()
         module = fx.GraphModule(gm, graph, class_name=f"Stage{i}Rank{r}")
-        stages.append(Stage(i, r, lv, [m.name for m in members[i]], inputs, outs, module))
+        stages.append(Stage(i, r, [m.name for m in members[i]], inputs, outs, module))
 
     transfers = [
         Transfer(value, stage_of[value], rank[value], dst_rank, dst_stage)

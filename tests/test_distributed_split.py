@@ -56,7 +56,7 @@ def _setup(seed: int = 0):
     return gm, inputs
 
 
-def _loss(out, tokens, scale):
+def _loss(out, *inputs):
     return out.square().mean()
 
 
@@ -154,16 +154,63 @@ def _module_aligned(gm, pick):
     return {n: pick(i) for i, n in enumerate(names)}
 
 
-def test_contiguous_split_is_one_stage_per_rank_and_matches():
+def test_contiguous_split_matches():
     gm, inputs = _setup()
     names = _node_names(gm)
     ranks = {n: int(i >= len(names) // 2) for i, n in enumerate(names)}
     plan, losses, params = _run_threads(gm, inputs, ranks, 2, steps=3)
-    assert [s.rank for s in plan.stages] == [0, 1]
     ref_losses, ref_params = _reference(gm, inputs, 3)
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     for k, p in ref_params.items():
         torch.testing.assert_close(params[k], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chain_cut_once_is_one_stage_per_rank():
+    chain = fx.symbolic_trace(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)]))
+    names = _node_names(chain)
+    plan = split_by_rank(chain, {n: int(i >= 3) for i, n in enumerate(names)}, 2, output_rank=1)
+    assert [s.rank for s in plan.stages] == [0, 1]
+    assert [(t.value, t.src_rank, t.dst_rank) for t in plan.transfers] == [(names[2], 0, 1), (names[5], 1, 1)]
+
+
+def test_sends_leave_early_and_receives_start_stages():
+    """Two unrolled layers on two ranks: each step of layer 0 is its own stage, sent as soon
+    as it is computed, and each step of layer 1 starts when its input arrives (a wavefront)."""
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l0 = torch.nn.Linear(4, 4)
+            self.l1 = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h0, steps0 = x, []
+            for _ in range(4):
+                h0 = torch.tanh(self.l0(h0))
+                steps0.append(h0)
+            h1, outs = torch.zeros_like(x), []
+            for s in steps0:  # layer 1 runs after all of layer 0 in graph order
+                h1 = torch.tanh(self.l1(torch.cat([s, h1], -1)))
+                outs.append(h1)
+            return torch.stack(outs)
+
+    gm = fx.symbolic_trace(TwoLayers())
+    names = _node_names(gm)
+    first_l1 = names.index("zeros_like")
+    ranks = {n: int(i >= first_l1) for i, n in enumerate(names)}
+    plan = split_by_rank(gm, ranks, 2)
+    r0, r1 = plan.stages_of(0), plan.stages_of(1)
+    # Rank 0: one stage per step of layer 0, each ending with the value rank 1 reads.
+    assert [s.outputs for s in r0] == [["tanh"], ["tanh_1"], ["tanh_2"], ["tanh_3"]]
+    # Rank 1: one stage per received step (a wavefront), not one stage waiting for all four.
+    stage_of = {n: s.index for s in r1 for n in s.nodes}
+    assert len({stage_of[f"cat{k}"] for k in ("", "_1", "_2", "_3")}) == 4
+    assert all(t.src_stage < t.dst_stage for t in plan.transfers)
+    x = torch.randn(2, 4)
+    ref = TwoLayers()
+    ref.load_state_dict(gm.state_dict())
+    _, losses, _ = _run_threads(gm, (x,), ranks, 2, steps=1)
+    assert losses[0] == pytest.approx(float(_loss(ref(x), x).detach()), rel=1e-6)
 
 
 @settings(max_examples=8, deadline=None)
