@@ -16,6 +16,20 @@ Node times, in order of preference:
 3. **Zero** for nodes with neither times nor FLOPs nor bytes (placeholders, output, views),
    and a zero backward for a node whose output takes no part in autograd.
 
+A node's **backward cost includes its optimizer update** (the parameters it owns are
+updated once their gradients are complete, on the device that holds them): the profiled
+``opt_time`` of the kind where that kind was profiled for the node, else the roofline::
+
+    opt = param_bytes * (3 + 2 * state_factor) / mem_bandwidth + tensors * (1 + state_factor) * launch_overhead
+
+(read parameter and gradient and write the parameter, read and write each state tensor —
+Adam's two moments: ``state_factor`` 2 — one kernel per tensor touched), with
+``state_factor`` from :data:`envs.problem.OPTIMIZER_STATE_FACTOR` for the optimizer the
+graph was profiled with (``graph.graph["optimizer"]``, default plain SGD) and ``tensors``
+the node's ``param_tensors`` (1 when it owns parameters but the attribute is missing).
+It is folded into the backward so that :class:`envs.problem.PlacementProblem` keeps its
+arrays: a placement's cost on one device is still the sum of its node costs.
+
 The roofline constants per kind (:class:`Roofline`) come from :data:`DEFAULT_ROOFLINE`.
 The CPU constants can be **calibrated** (:func:`calibrate`) by least squares against the
 graph's profiled CPU times, which :meth:`CostModel.for_graph` does automatically when the
@@ -37,6 +51,7 @@ import networkx as nx
 import numpy as np
 
 from envs.cluster import Cluster, Device
+from envs.problem import OPTIMIZER_STATE_FACTOR
 
 #: Backward FLOPs (and bytes) per forward FLOP for the roofline estimate.
 BACKWARD_FACTOR = 2.0
@@ -113,6 +128,30 @@ def profiled_times(attrs: Mapping[str, Any], kind: str) -> tuple[float, float] |
     return None
 
 
+def profiled_opt_time(attrs: Mapping[str, Any], kind: str) -> float | None:
+    """Profiled optimizer-update seconds of ``kind``, or None when not profiled for this node."""
+    value = (attrs.get("opt_time") or {}).get(kind)
+    return None if value is None else max(float(value), 0.0)
+
+
+def state_factor(optimizer: str | None) -> float:
+    """Optimizer state bytes per parameter byte (unknown optimizers: Adam-sized, as envs.problem assumes)."""
+    key = str(optimizer or "sgd").lower()
+    return OPTIMIZER_STATE_FACTOR.get(key, OPTIMIZER_STATE_FACTOR["adam"])
+
+
+def roofline_opt_time(attrs: Mapping[str, Any], device: Device, roofline: Roofline, optimizer: str | None) -> float:
+    """Roofline seconds of a node's optimizer update (module doc); 0 for a node owning no parameters."""
+    if attrs.get("op") in ("placeholder", "output"):
+        return 0.0
+    nbytes = _num(attrs, "param_bytes")
+    if nbytes <= 0:
+        return 0.0
+    factor = state_factor(optimizer)
+    tensors = _num(attrs, "param_tensors") if "param_tensors" in attrs else 1.0
+    return nbytes * (3.0 + 2.0 * factor) / device.mem_bandwidth + tensors * (1.0 + factor) * roofline.launch_overhead_s
+
+
 def roofline_times(attrs: Mapping[str, Any], device: Device, roofline: Roofline) -> tuple[float, float]:
     """(forward, backward) seconds from FLOPs and bytes moved, zero for nodes that do no work."""
     if attrs.get("op") in NON_COMPUTE_OPS:
@@ -136,33 +175,44 @@ class CostModel:
     Attributes:
         roofline: roofline constants per device kind (missing kinds use :data:`DEFAULT_ROOFLINE`).
         use_profiles: use profiled times where present (False forces the roofline everywhere).
+        optimizer: the optimizer whose update the roofline estimates (a key of
+            :data:`envs.problem.OPTIMIZER_STATE_FACTOR`; None: plain SGD).
     """
 
     roofline: Mapping[str, Roofline] = field(default_factory=dict)
     use_profiles: bool = True
+    optimizer: str | None = None
 
     def roofline_for(self, kind: str) -> Roofline:
         return self.roofline.get(kind) or DEFAULT_ROOFLINE[kind]
 
     @classmethod
     def for_graph(cls, graph: nx.DiGraph, cluster: Cluster) -> "CostModel":
-        """The default cost model: CPU roofline calibrated on the graph's CPU profiles when present."""
+        """The default cost model: CPU roofline calibrated on the graph's CPU profiles when present,
+        optimizer updates estimated for the optimizer the graph was profiled with."""
         cpus = [d for d in cluster.devices if d.kind == "cpu"]
         fitted: dict[str, Roofline] = {}
         if cpus:
             fit = calibrate(graph, cpus[0])
             if fit is not None:
                 fitted["cpu"] = fit
-        return cls(roofline=fitted)
+        return cls(roofline=fitted, optimizer=graph.graph.get("optimizer"))
 
     def node_cost(self, attrs: Mapping[str, Any], device: Device) -> tuple[float, float]:
-        """(forward, backward) seconds of a node (its attribute dict) on ``device``."""
+        """(forward, backward + optimizer update) seconds of a node (its attribute dict) on ``device``."""
         times = profiled_times(attrs, device.kind) if self.use_profiles else None
         if times is None:
             times = roofline_times(attrs, device, self.roofline_for(device.kind))
         if not node_requires_grad(attrs):
             return times[0], 0.0
-        return times
+        return times[0], times[1] + self.opt_cost(attrs, device)
+
+    def opt_cost(self, attrs: Mapping[str, Any], device: Device) -> float:
+        """Seconds of a node's optimizer update on ``device``: profiled for its kind, else the roofline."""
+        opt = profiled_opt_time(attrs, device.kind) if self.use_profiles else None
+        if opt is None:
+            opt = roofline_opt_time(attrs, device, self.roofline_for(device.kind), self.optimizer)
+        return opt
 
     def node_times(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device]) -> tuple[np.ndarray, np.ndarray]:
         """[N, D] forward and backward seconds for the nodes in ``order`` on ``devices``."""

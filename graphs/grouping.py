@@ -61,7 +61,7 @@ _OPERATOR_INPLACE = frozenset({
 # Unprofiled estimate: one CPU thread does about this much per second.
 EST_FLOPS_PER_S = 1e10
 EST_BYTES_PER_S = 1e10
-_TIME_KEYS = ("fwd_time", "bwd_time", "time")
+_TIME_KEYS = ("fwd_time", "bwd_time", "opt_time", "time")
 _NOT_SUMMED = frozenset({"op", "target", "module", "shape", "dtype", "requires_grad", "members",
                          "out_bytes", "act_bytes", "size"}) | set(_TIME_KEYS)
 
@@ -338,8 +338,9 @@ def group_graph(graph: nx.DiGraph, max_groups: int | None = None, tiny_op_second
     """Group the ops of a placement graph (see the module doc); returns a :class:`Grouping`.
 
     The group graph has nodes ``g0..gK`` in a topological order, with the members'
-    numeric attributes summed (``flops``, ``param_bytes``, ``bytes_moved``), ``time``,
-    ``fwd_time`` and ``bwd_time`` summed per kind, ``out_bytes`` = bytes of the tensors
+    numeric attributes summed (``flops``, ``param_bytes``, ``param_tensors``, ``bytes_moved``),
+    ``time``, ``fwd_time``, ``bwd_time`` and ``opt_time`` summed per kind (``opt_time`` leaves
+    out a kind on which a parameter-owning member has no optimizer time), ``out_bytes`` = bytes of the tensors
     that leave the group, ``act_bytes`` = activations its members keep for backward,
     ``members`` (ops in topological order), ``op="group"``, ``target`` of its costliest
     member, ``module`` = the members' common module path. Edge ``bytes`` sums, per
@@ -430,6 +431,7 @@ def build_group_graph(graph: nx.DiGraph, groups: Mapping[str, list[str]], op_to_
         data: dict[str, Any] = {"op": "group", "members": list(members), "size": len(members)}
         sums: dict[str, float] = {}
         times: dict[str, dict[str, float]] = {key: {} for key in _TIME_KEYS}
+        untimed: set[str] = set()
         act = 0
         leaving = 0
         grad = False
@@ -441,6 +443,10 @@ def build_group_graph(graph: nx.DiGraph, groups: Mapping[str, list[str]], op_to_
             for key in _TIME_KEYS:
                 for k, v in (a.get(key) or {}).items():
                     times[key][k] = times[key].get(k, 0.0) + float(v)
+            if a.get("param_tensors"):
+                # A member whose update was not timed on a kind: the group's update on that
+                # kind is then estimated as a whole (the cost model's roofline), not half-summed.
+                untimed.update(k for k in (a.get("fwd_time") or {}) if k not in (a.get("opt_time") or {}))
             rg = _requires_grad(a)
             grad = grad or rg
             out = int(a.get("out_bytes") or 0)
@@ -452,6 +458,8 @@ def build_group_graph(graph: nx.DiGraph, groups: Mapping[str, list[str]], op_to_
         # The group's "output" tensor: the largest one that leaves it (else its last member's).
         leavers = [m for m in members if m in leaves]
         shown = max(leavers, key=lambda m: int(graph.nodes[m].get("out_bytes") or 0)) if leavers else members[-1]
+        for kind in untimed:
+            times["opt_time"].pop(kind, None)
         data.update(sums)
         data.update(times)
         data.update(target=str(graph.nodes[heaviest].get("target", "")),

@@ -54,7 +54,7 @@ from graphs.errors import GraphError
 from graphs.in_situ import COMPUTE_OPS, in_situ_times
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
 from graphs.op_timing import median_loop, one_cpu_thread, time_call, tree_map
-from graphs.optimizer_timing import OptimizerFn, optimizer_key, optimizer_kind, optimizer_times
+from graphs.optimizer_timing import OptimizerFn, node_parameters, optimizer_key, optimizer_kind, optimizer_times
 from graphs.profile_cache import NodeTimes, ProfileCache, device_name, inputs_key
 
 class ProfileError(GraphError):
@@ -332,7 +332,11 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
                 for failure in infos[dev.type].failures:
                     warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
 
+    owned = node_parameters(gm)
     for name, data in graph.nodes(data=True):
+        # How many tensors the node's optimizer update touches: the cost model's per-tensor
+        # overhead where a kind was not profiled.
+        data["param_tensors"] = len(owned.get(name, ()))
         for kind, per_node in results.items():
             fwd, bwd, opt_s = per_node.get(name, (0.0, 0.0, 0.0))
             data.setdefault("fwd_time", {})[kind] = float(fwd)

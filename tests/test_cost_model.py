@@ -93,3 +93,49 @@ def test_compile_problem_errors():
         compile_problem(cyclic, "4xK40")
     with pytest.raises(GraphError, match="non-empty"):
         compile_problem(nx.DiGraph(), "4xK40")
+
+
+def test_backward_includes_the_profiled_optimizer_update_where_that_kind_was_profiled():
+    cpu = Device("c", "cpu", 1, 1e12, 1e11)
+    attrs = {"op": "call_module", "param_bytes": 4000, "fwd_time": {"cpu": 1e-3}, "bwd_time": {"cpu": 3e-3},
+             "opt_time": {"cpu": 5e-4}}
+    assert CostModel().node_cost(attrs, cpu) == pytest.approx((1e-3, 3.5e-3))
+    # A profiled kind without the node's optimizer time (an update that could not be timed,
+    # a graph profiled before optimizer times existed) gets the roofline estimate instead.
+    del attrs["opt_time"]
+    roof = Roofline(0.5, 2e-6)
+    model = CostModel(roofline={"cpu": roof}, optimizer="sgd")
+    assert model.node_cost(attrs, cpu)[1] == pytest.approx(3e-3 + 4000 * 3 / 1e11 + 2e-6)
+
+
+def test_roofline_optimizer_update_follows_parameter_bytes_and_optimizer_state():
+    attrs = {"op": "call_module", "flops": 10**6, "bytes_moved": 10**4, "param_bytes": 288 * 10**6, "param_tensors": 2}
+    roof = DEFAULT_ROOFLINE["K40"]
+    sgd = CostModel(optimizer="sgd").opt_cost(attrs, K40)
+    adam = CostModel(optimizer="adam").opt_cost(attrs, K40)
+    # SGD reads parameter and gradient and writes the parameter (3 passes over 288 MB at
+    # 288 GB/s); Adam also reads and writes two moments (7 passes); one kernel per tensor touched.
+    assert sgd == pytest.approx(3e-3 + 2 * roof.launch_overhead_s)
+    assert adam == pytest.approx(7e-3 + 2 * 3 * roof.launch_overhead_s)
+    assert CostModel(optimizer="adam").opt_cost({"op": "call_function", "param_bytes": 0}, K40) == 0.0
+    assert CostModel(optimizer="adam").node_cost(dict(attrs, requires_grad=False), K40)[1] == 0.0  # frozen: no update
+    assert CostModel(optimizer="something_new").opt_cost(attrs, K40) == pytest.approx(adam)  # unknown: Adam-sized
+
+
+def test_for_graph_estimates_the_optimizer_the_graph_was_profiled_with_and_one_device_costs_the_sum():
+    g = nx.DiGraph(optimizer="adam")
+    g.add_node("w", op="call_module", flops=10**8, bytes_moved=10**6, param_bytes=10**6, requires_grad=True)
+    g.add_node("y", op="call_function", flops=10**6, bytes_moved=10**5, param_bytes=0, requires_grad=True)
+    g.add_edge("w", "y", bytes=1000)
+    cluster = load_cluster("4xK40")
+    model = CostModel.for_graph(g, cluster)
+    assert model.optimizer == "adam"
+    problem = compile_problem(g, cluster, optimizer="adam")
+    from envs.simulator import simulate
+
+    for d, dev in enumerate(cluster.devices):
+        res = simulate(problem, {"w": dev.name, "y": dev.name})
+        expected = sum(sum(model.node_cost(g.nodes[n], dev)) for n in g.nodes)
+        assert res.step_time == pytest.approx(expected, rel=1e-12)
+    gpu = cluster.devices[-1]
+    assert model.node_cost(g.nodes["w"], gpu)[1] > roofline_times(g.nodes["w"], gpu, model.roofline_for(gpu.kind))[1]

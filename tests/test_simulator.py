@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -89,14 +93,16 @@ def test_lower_bound_holds_for_every_placement_of_small_graphs(seed, n, p, d):
 
 def test_backends_agree_on_a_large_graph():
     problem = compile_problem(layered_graph(300, seed=3), load_cluster("4xK40"))
-    placements = np.random.default_rng(0).integers(0, problem.num_devices, size=(64, problem.num_nodes))
+    # 61 rows: numba's threaded kernel (>= SERIAL_BELOW) with a short last group of lanes.
+    placements = np.random.default_rng(0).integers(0, problem.num_devices, size=(61, problem.num_nodes))
     results = [simulate_batch(problem, placements, backend=b) for b in BACKENDS]
     results.append(simulate_batch(problem, placements[:3], backend="numpy"))  # small batch: scalar loop
+    if HAS_NUMBA:
+        results.append(simulate_batch(problem, placements[:5], backend="numba"))  # one thread, padded group
     for other in results[1:]:
         rows = len(other.step_time)
-        assert np.array_equal(results[0].step_time[:rows], other.step_time)
-        assert np.array_equal(results[0].peak_memory[:rows], other.peak_memory)
-        assert np.array_equal(results[0].busy_time[:rows], other.busy_time)
+        for field in ("step_time", "peak_memory", "busy_time", "transfer_time", "transfer_bytes"):
+            assert np.array_equal(getattr(results[0], field)[:rows], getattr(other, field)), field
     # Spot-check against the oracle too.
     g = layered_graph(300, seed=3)
     ref = simulate_reference(g, "4xK40", problem.array_to_placement(placements[5]))
@@ -112,7 +118,7 @@ def _chain(times: list[tuple[float, float]], out_bytes: list[int], param_bytes: 
     g = nx.DiGraph(name="chain")
     for i, ((f, b), o, p) in enumerate(zip(times, out_bytes, param_bytes)):
         g.add_node(f"x{i}", op="call_module", out_bytes=o, param_bytes=p, requires_grad=True,
-                   fwd_time={"cpu": f}, bwd_time={"cpu": b}, flops=0, bytes_moved=0)
+                   fwd_time={"cpu": f}, bwd_time={"cpu": b}, opt_time={"cpu": 0.0}, flops=0, bytes_moved=0)
     for i, e in enumerate(edge_bytes):
         g.add_edge(f"x{i}", f"x{i + 1}", bytes=e)
     return g
@@ -250,3 +256,41 @@ def test_work_bound_is_close_to_the_lp_optimum_and_never_above():
         bound = work_bound(problem)
         assert bound <= optimum * (1 + 1e-9)
         assert bound >= 0.97 * optimum
+
+
+_THREADS_SCRIPT = """
+import glob, numpy as np, numba
+from envs.cluster import load_cluster
+from envs.problem import compile_problem
+from envs.simulator import SERIAL_BELOW, simulate_batch
+from tests.simulator_fixtures import layered_graph
+
+def ticks():
+    out = {}
+    for path in glob.glob('/proc/self/task/*/stat'):
+        fields = open(path).read().rsplit(')', 1)[1].split()
+        out[path] = int(fields[11]) + int(fields[12])  # utime + stime of the thread
+    return out
+
+problem = compile_problem(layered_graph(400, seed=1), load_cluster('4xK40'))
+rows = np.random.default_rng(0).integers(0, 4, size=(2048, 400))
+simulate_batch(problem, rows[:SERIAL_BELOW - 1], backend='numba')  # the one-thread kernel first
+simulate_batch(problem, rows, backend='numba')
+before = ticks()
+for _ in range(3):
+    simulate_batch(problem, rows, backend='numba')
+after = ticks()
+print(sum(1 for k in after if after[k] - before.get(k, 0) > 0))
+"""
+
+
+@pytest.mark.skipif(not HAS_NUMBA or not os.path.exists("/proc/self/task"), reason="needs numba and Linux /proc")
+def test_threaded_kernel_uses_several_threads_after_the_serial_one_was_cached(tmp_path):
+    # Regression: numba's disk cache keyed the serial and the parallel compilation of one
+    # function alike, so whichever was cached first served both and large batches ran on
+    # one thread. A fresh cache, the serial kernel first, then a large batch on 2 threads.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_NUM_THREADS="2")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600, check=True)
+    assert int(out.stdout.strip().splitlines()[-1]) >= 2, out.stdout
