@@ -33,8 +33,9 @@ the same rules as an event-driven simulation, and the tests hold the two to 1e-9
   says by how many bytes each device is over.
 
 Three implementations of the same loop: a numpy path (loop over nodes, vectorised over
-the batch) and a plain-Python path for small batches, always available, and a numba path (``@njit(parallel=True)`` over the batch) used when numba
-imports (:data:`HAS_NUMBA`; set ``PLACER_DISABLE_NUMBA=1`` to force numpy). Both give
+the batch) and a plain-Python path for small batches, always available, and a numba path
+(:mod:`envs.simulator_numba`, threads over groups of placements) used when numba imports
+(:data:`HAS_NUMBA`; set ``PLACER_DISABLE_NUMBA=1`` to force numpy). All three give
 the same step times and memory bit for bit; the reference agrees to ~1e-15 relative (it
 divides by the bandwidth where the batched paths multiply by its inverse).
 """
@@ -44,7 +45,6 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -423,140 +423,37 @@ def _simulate_scalar(problem: PlacementProblem, pl: np.ndarray):
 
 # --------------------------------------------------------------------------- numba path
 
+#: Batches smaller than this many placements run the numba kernel on one thread: waking
+#: worker threads costs more than a few groups of placements take (~ms on a loaded machine).
+SERIAL_BELOW = 32
 
-#: Placements the numba kernel simulates side by side in one thread. The schedule is a
-#: chain of dependent loads, max and add (channel -> arrival -> ready -> device); running 8
-#: independent placements interleaved lets the CPU overlap their chains. Measured on the
-#: 1,000-node benchmark graph: 1 placement at a time ~35k/s per core, 4 ~49k/s, 8 ~80k/s,
-#: 16 no better than 8.
-GROUP = 8
-
-
-@lru_cache(maxsize=1)
-def _numba_kernel():
-    """Compile (or load from numba's on-disk cache) the batch kernel; None without numba."""
-    if not HAS_NUMBA:
-        return None
-    from numba import njit, prange
-
-    # No NaN/inf ever enters (times and bytes are finite): these flags cannot change results.
-    flags = {"nnan", "ninf", "nsz"}
-    G = GROUP
-
-    def batch(pl, fwd, bwd, busy_t, rg, pred_ptr, pred_src, pred_bytes, gs_ptr, gs_dst, gs_bytes,
-              lat, inv_bw, static_mem, step, busy, mem, xt, xb):
-        bsz = pl.shape[0]
-        n = fwd.shape[0]
-        nd = fwd.shape[1]
-        n_groups = (bsz + G - 1) // G
-        for grp in prange(n_groups):
-            lo = grp * G
-            # State of G placements, placement index last (contiguous): x[node or device, g].
-            # A short last group pads with all-on-device-0 rows whose results are dropped.
-            rows = np.zeros((n, G), dtype=np.int32)
-            for g in range(G):
-                if lo + g < bsz:
-                    for i in range(n):
-                        rows[i, g] = pl[lo + g, i]
-            dev = np.zeros((nd, G))
-            chan = np.zeros((nd * nd, G))
-            fin_f = np.empty((n, G))
-            fin_b = np.empty((n, G))
-            ready = np.empty(G)
-            received = np.empty(G)
-            busy_l = np.zeros((nd, G))
-            mem_l = np.zeros((nd, G))
-            tt = np.zeros(G)
-            tb = np.zeros(G)
-            for i in range(n):
-                for g in range(G):
-                    ready[g] = 0.0
-                    received[g] = 0.0
-                for k in range(pred_ptr[i], pred_ptr[i + 1]):
-                    p = pred_src[k]
-                    nb = pred_bytes[k]
-                    for g in range(G):
-                        d = rows[i, g]
-                        dp = rows[p, g]
-                        pair = dp * nd + d
-                        arrival = fin_f[p, g]
-                        c = chan[pair, g]
-                        dur = lat[pair] + nb * inv_bw[pair]  # 0 on the diagonal
-                        end = (arrival if arrival > c else c) + dur
-                        chan[pair, g] = end  # the diagonal slot is scratch, never read as a channel
-                        tt[g] += dur
-                        # Branch-free: with random placements "is this edge cut" is a coin
-                        # flip the CPU cannot predict; a select and a 0/1 multiply are cheaper.
-                        cut = dp != d
-                        arrival = end if cut else arrival
-                        received[g] += nb * cut
-                        ready[g] = arrival if arrival > ready[g] else ready[g]
-                for g in range(G):
-                    d = rows[i, g]
-                    free = dev[d, g]
-                    r = ready[g]
-                    fin = (r if r > free else free) + fwd[i, d]
-                    fin_f[i, g] = fin
-                    dev[d, g] = fin
-                    tb[g] += received[g]
-                    busy_l[d, g] += busy_t[i, d]
-                    mem_l[d, g] += static_mem[i] + received[g]
-            for i in range(n - 1, -1, -1):
-                if rg[i] == 0:
-                    continue
-                for g in range(G):
-                    ready[g] = 0.0
-                for k in range(gs_ptr[i], gs_ptr[i + 1]):
-                    cn = gs_dst[k]
-                    nb = gs_bytes[k]
-                    for g in range(G):
-                        d = rows[i, g]
-                        dc = rows[cn, g]
-                        pair = dc * nd + d
-                        arrival = fin_b[cn, g]
-                        c = chan[pair, g]
-                        dur = lat[pair] + nb * inv_bw[pair]
-                        end = (arrival if arrival > c else c) + dur
-                        chan[pair, g] = end
-                        tt[g] += dur
-                        cut = dc != d
-                        arrival = end if cut else arrival
-                        tb[g] += nb * cut
-                        ready[g] = arrival if arrival > ready[g] else ready[g]
-                for g in range(G):
-                    d = rows[i, g]
-                    free = dev[d, g]
-                    r = ready[g]
-                    fin = (r if r > free else free) + bwd[i, d]
-                    fin_b[i, g] = fin
-                    dev[d, g] = fin
-            for g in range(G):
-                b = lo + g
-                if b < bsz:
-                    m = 0.0
-                    for j in range(nd):
-                        m = dev[j, g] if dev[j, g] > m else m
-                        busy[b, j] = busy_l[j, g]
-                        mem[b, j] = mem_l[j, g]
-                    step[b] = m
-                    xt[b] = tt[g]
-                    xb[b] = tb[g]
-
-    # Two compilations of one function: waking worker threads costs more than a small
-    # batch takes (~ms on a loaded machine), so small batches run on the calling thread.
-    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=flags)(batch)
-    serial = njit(parallel=False, cache=True, nogil=True, fastmath=flags)(batch)
-    return parallel, serial
+# Kernel inputs in the layout :mod:`envs.simulator_numba` reads, cached beside the problem.
+_NUMBA_INPUTS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, tuple]" = weakref.WeakKeyDictionary()
 
 
-#: Batches smaller than this many placements run the numba kernel on one thread.
-SERIAL_BELOW = 4 * GROUP
+def _numba_inputs(problem: PlacementProblem) -> tuple:
+    """The read-only kernel arguments: [N * D] cost tables, uint64 CSR with node offsets * GROUP."""
+    cached = _NUMBA_INPUTS_CACHE.get(problem)
+    if cached is not None:
+        return cached
+    from envs.simulator_numba import GROUP
+
+    a = _arrays(problem)
+
+    def u64(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.uint64)
+
+    inputs = (a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * GROUP),
+              a.pred_bytes, u64(a.gsucc_ptr), u64(a.gsucc_dst * GROUP), a.gsucc_bytes, a.lat_flat,
+              a.inv_bw_flat, a.static_mem)
+    _NUMBA_INPUTS_CACHE[problem] = inputs
+    return inputs
 
 
 def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
-    parallel, serial = _numba_kernel()
-    kernel = serial if pl.shape[0] < SERIAL_BELOW else parallel
-    a = _arrays(problem)
+    from envs.simulator_numba import batch_parallel, batch_serial
+
+    kernel = batch_serial if pl.shape[0] < SERIAL_BELOW else batch_parallel
     b_count = pl.shape[0]
     d_count = problem.num_devices
     step = np.empty(b_count)
@@ -564,9 +461,7 @@ def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
     mem = np.empty((b_count, d_count))
     xt = np.empty(b_count)
     xb = np.empty(b_count)
-    kernel(pl, a.fwd, a.bwd, a.busy, a.rg, a.pred_ptr, a.pred_src, a.pred_bytes,
-           a.gsucc_ptr, a.gsucc_dst, a.gsucc_bytes, a.lat_flat, a.inv_bw_flat, a.static_mem,
-           step, busy, mem, xt, xb)
+    kernel(pl, *_numba_inputs(problem), step, busy, mem, xt, xb)
     return step, busy, mem, xt, xb
 
 
