@@ -1,18 +1,23 @@
-"""Profiling: each node's real forward and backward time on each device kind.
+"""Profiling: each node's real forward, backward and optimizer-update time on each device kind.
 
-Two methods (docs/contracts.md, design "Costs"); both run the captured GraphModule
-under a :class:`torch.fx.Interpreter` on the example inputs with autograd on.
+Two methods for forward and backward (docs/contracts.md, design "Costs"); both run the
+captured graph on the example inputs with autograd on.
 
 ``method="in_situ"`` (default, :mod:`graphs.in_situ`): ``repeats`` whole forward +
 backward runs of the graph (after a warm-up run) time every compute node where it really
-runs — its forward call, and its backward as the sum of the autograd nodes it created,
-timed by autograd hooks. Measured here, node times taken in place add up to the real
-step; taken alone in a loop, forwards read up to 3x too fast (hot caches) and backwards up
-to 2x too slow (the engine's set-up paid once per op).
+runs — its forward by clock ticks in a generated copy of the graph, and its backward as
+the time from each autograd node it created to the next one, read by autograd hooks.
+Measured here, node times taken in place add up to the real step; taken alone in a loop,
+forwards read up to 3x too fast (hot caches) and backwards up to 2x too slow (the
+engine's set-up paid once per op).
+
+Optimizer updates (:mod:`graphs.optimizer_timing`, both methods): the model's own
+optimizer stepped over copies of each parameter-owning node's parameters (``opt_time``).
 
 ``method="isolated"`` (and the fallback when the whole graph cannot run on a device, e.g.
 a model that creates CPU tensors while on CUDA; the reason is reported in
-``profile_info``): one run records every node's real inputs; each distinct *signature* —
+``profile_info``): one run under a :class:`torch.fx.Interpreter` records every node's real
+inputs; each distinct *signature* —
 the op (module type, ``extra_repr``, parameter shapes, or the function / method), the
 shapes, dtypes, strides and autograd flags of its tensor inputs, every non-tensor
 argument — is timed once, alone (:func:`graphs.op_timing.time_call`), and reused by every
