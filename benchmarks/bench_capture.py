@@ -51,6 +51,7 @@ class Row:
     model: str
     size: str
     nodes: int
+    train_ops: int
     groups: int
     capture_s: float
     profile_s: float
@@ -108,7 +109,10 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
                                   optimizer_fn=spec.optimizer_fn)
         info = cap.graph.graph["profile_info"]["cpu"]
         results.append(Row(
-            label, size, cap.graph.number_of_nodes(), len(grouping.groups), capture_s, profile_s, group_s,
+            label, size, cap.graph.number_of_nodes(),
+            info["compute_nodes"] + info["autograd_nodes"]
+            + sum(int(d.get("param_tensors") or 0) for _, d in cap.graph.nodes(data=True)),
+            len(grouping.groups), capture_s, profile_s, group_s,
             info["method"] + (f" ({info['signatures']} signatures)" if info["method"] == "isolated" else ""),
             node_fwd * 1e3, node_bwd * 1e3, node_opt * 1e3, info["optimizer_fixed"] * 1e3, step.forward * 1e3,
             step.backward * 1e3, step.optimizer * 1e3, step.total * 1e3))
@@ -120,12 +124,12 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
 
 def table(rows: list[Row]) -> str:
     """The results as a markdown table."""
-    head = ("| model | size | ops | groups | capture s | profile s | group s | profile method "
+    head = ("| model | size | ops | training-graph ops | groups | capture s | profile s | group s | profile method "
             "| node fwd / step fwd ms | node bwd / step bwd ms | node opt (+ fixed) / step optimizer ms "
             "| sum of node times ms | measured step ms | ratio (every round) |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
-        lines.append(f"| {r.model} | {r.size} | {r.nodes} | {r.groups} | {r.capture_s:.2f} | {r.profile_s:.2f} "
+        lines.append(f"| {r.model} | {r.size} | {r.nodes} | {r.train_ops} | {r.groups} | {r.capture_s:.2f} | {r.profile_s:.2f} "
                      f"| {r.group_s:.3f} | {r.method} | {r.node_fwd_ms:.2f} / {r.step_fwd_ms:.2f} "
                      f"| {r.node_bwd_ms:.2f} / {r.step_bwd_ms:.2f} "
                      f"| {r.node_opt_ms:.2f} (+ {r.opt_fixed_ms:.3f}) / {r.step_opt_ms:.2f} "
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"## Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (load average {load})\n\n"
               f"Measured on {device_name(torch.device('cpu'))} ({platform.machine()}), torch {torch.__version__}, "
               f"CPU at one thread, CPU time of the thread; profile method {args.method}, repeats {args.repeats}; "
+              "training-graph ops = compute ops + the backward's autograd nodes + one update per trainable "
+              "tensor (what a TensorFlow training graph of the same step counts as operations); "
               "ratio = sum of profiled node times (forward+backward+optimizer update, the model's own "
               "optimizer; the optimizer step's fixed cost, owned by no node, shown in brackets and not "
               "summed) / measured training step (forward+loss+backward+optimizer, median of "

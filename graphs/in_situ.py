@@ -176,14 +176,16 @@ def _differentiable(value: Any) -> list[torch.Tensor]:
 
 
 def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                  repeats: int) -> dict[str, tuple[float, float]]:
+                  repeats: int, stats: dict[str, Any] | None = None) -> dict[str, tuple[float, float]]:
     """Median (forward, backward) seconds of every compute node, timed in place (module doc).
 
     ``repeats`` timed runs (forward ticks + hooked backward) alternate with as many
     untimed ones (plain forward + backward); the hooks' cost per autograd node is
     (median hooked - median plain backward) / autograd nodes, measured on this graph, and
     is subtracted from each node's backward. Raises whatever the graph raises when it
-    cannot run whole on ``device`` (the caller falls back to isolated timing).
+    cannot run whole on ``device`` (the caller falls back to isolated timing). ``stats``,
+    when given, receives ``autograd_nodes`` (backward ops of one step) and
+    ``hook_seconds`` (the hooks' measured cost per autograd node).
     """
     if device.type == "cpu":
         work, inputs = gm, tuple(example_inputs)
@@ -235,6 +237,8 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     per_autograd_node = 0.0
     if total_nodes:
         per_autograd_node = max((statistics.median(hooked) - statistics.median(plain)) / total_nodes, 0.0)
+    if stats is not None:
+        stats.update(autograd_nodes=total_nodes, hook_seconds=per_autograd_node)
     result: dict[str, tuple[float, float]] = {}
     for name in tickers[0].forward:
         fwd = statistics.median(t.forward[name] for t in tickers) - overhead

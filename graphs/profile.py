@@ -80,12 +80,15 @@ class ProfileInfo:
     failures: list[str] = field(default_factory=list)
     optimizer_fixed: float = 0.0  # seconds of the optimizer step no node owns (paid once per step)
     optimizer_whole: float = 0.0  # seconds of the optimizer step over all parameters, timed alone
+    autograd_nodes: int = 0  # backward ops of one step (in situ); with the compute nodes and the
+    #                          parameter updates, the op count of a TF-style training graph
 
     def as_dict(self) -> dict[str, Any]:
         return {"device_name": self.device_name, "cached": self.cached, "signatures": self.signatures,
                 "compute_nodes": self.compute_nodes, "seconds": self.seconds,
                 "method": self.method, "optimizer_fixed": self.optimizer_fixed,
-                "optimizer_whole": self.optimizer_whole, "failures": list(self.failures)}
+                "optimizer_whole": self.optimizer_whole, "autograd_nodes": self.autograd_nodes,
+                "failures": list(self.failures)}
 
 
 # --------------------------------------------------------------------------- devices
@@ -330,7 +333,8 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
                     per_node[name] = (fwd, bwd, None if failed else opt.per_node.get(name, 0.0))
                 results[dev.type] = per_node
                 metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
-                                   "optimizer_whole": opt.whole}
+                                   "optimizer_whole": opt.whole,
+                                   "autograd_nodes": infos[dev.type].autograd_nodes}
                 if cache:
                     cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
                                 metas[dev.type])
@@ -358,6 +362,7 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
     for kind, meta in metas.items():
         infos[kind].optimizer_fixed = float(meta.get("optimizer_fixed", 0.0))
         infos[kind].optimizer_whole = float(meta.get("optimizer_whole", 0.0))
+        infos[kind].autograd_nodes = int(meta.get("autograd_nodes", 0))
     info_attr = dict(graph.graph.get("profile_info") or {})
     info_attr.update({kind: info.as_dict() for kind, info in infos.items()})
     graph.graph["profile_info"] = info_attr
@@ -375,7 +380,9 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
                 continue
             start = time.perf_counter()
             try:
-                measured = in_situ_times(gm, example_inputs, dev, repeats)
+                stats: dict[str, Any] = {}
+                measured = in_situ_times(gm, example_inputs, dev, repeats, stats)
+                infos[dev.type].autograd_nodes = int(stats.get("autograd_nodes", 0))
             except Exception as exc:  # noqa: BLE001 - e.g. a model that makes CPU tensors while on CUDA
                 infos[dev.type].failures.append(f"in-situ run: {type(exc).__name__}: "
                                                 f"{str(exc).splitlines()[0] if str(exc) else ''}")

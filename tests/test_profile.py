@@ -66,6 +66,9 @@ def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
     owners = {n for n, d in g.nodes(data=True) if d["opt_time"]["cpu"] > 0}
     assert owners == {n for n, d in g.nodes(data=True) if d["param_bytes"] > 0}
     assert len(owners) == 3  # cell, proj (first call only), head
+    # Every compute op that takes part in autograd created at least one backward op.
+    assert g.graph["profile_info"]["cpu"]["autograd_nodes"] >= sum(
+        1 for d in g.nodes.values() if d["op"] == "call_module" and d["requires_grad"])
     # Modules whose parameters train have a backward; a cell's backward is real work.
     cells = [d for d in g.nodes.values() if d["op"] == "call_module" and d["target"] == "cell"]
     assert len(cells) == 6 and all(d["bwd_time"]["cpu"] > 0 for d in cells)
