@@ -293,3 +293,23 @@ def test_small_model_trains_on_cuda(name: str) -> None:
     assert loss.device.type == "cuda" and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_nmt_paper_training_graph_has_tens_of_thousands_of_ops() -> None:
+    """8 layers at GNMT's 50-token sentences: forward ops + backward ops + updates, counted on meta."""
+    nmt = zoo("nmt")
+    with torch.device("meta"):
+        model = nmt.get_model("paper")
+        gm = fx.symbolic_trace(model)
+        out = gm(*nmt.get_example_inputs("paper"))
+    compute = sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+    updates = sum(1 for p in model.parameters() if p.requires_grad)
+    assert compute > 15_000 and len(seen) > 14_000
+    assert compute + len(seen) + updates > 30_000

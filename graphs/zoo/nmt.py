@@ -10,8 +10,16 @@ wiring); residual connections from layer 3; a large-vocabulary softmax projectio
 Every time step of every layer is a separate call of that layer's cell (see
 :mod:`graphs.zoo.recurrent`), so the decoder's shared cells show up as one module called
 ``tgt_len`` times. The paper preset is the 8-layer GNMT (hidden 1024, 32k word-piece
-vocabulary, 50-token sentences, batch 128) with op-level cells: tens of thousands of fx
-nodes. ``layers`` (2, 4, 8, …) can be passed at any size:
+vocabulary, 50-token sentences, batch 128) with op-level cells. Sentence length: 50
+source and 50 target tokens, the length GNMT's reference configuration trains with
+(TensorFlow NMT's ``standard_hparams/wmt16_gnmt_8_layer.json``: ``src_max_len`` =
+``tgt_max_len`` = 50, ``num_units`` 1024, ``batch_size`` 128); it is not raised to inflate
+the graph. Counted on the meta device (``layers`` 8, 50 + 50 tokens): 16,172 fx nodes —
+forward ops, each carrying its backward and its parameters' update as costs — and 30,801
+ops as a training graph counts them (16,165 forward ops + 14,576 backward autograd nodes
++ 60 parameter updates), the form of the TensorFlow training graphs the placement papers
+report ("over 80,000 operations" for theirs, which also hold TF's bookkeeping ops: Const,
+Identity, shape and gradient-aggregation nodes). ``layers`` (2, 4, 8, …) can be passed at any size:
 ``get_model(size="paper", layers=4)``. All sentences are full length (no padding masks),
 as in the fixed-length benchmarks of the placement literature.
 
