@@ -11,7 +11,7 @@ from envs.simulator import simulate_batch
 from placer.agents.search import AGENTS, SearchError, load_policy, search
 from placer.agents.common.tracker import SearchProgress
 from placer.options import OptionError
-from tests.agent_fixtures import chain_problem
+from tests.agent_fixtures import chain_problem, heuristics_miss_problem
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,58 @@ def test_progress_bar_shows_the_best_step_time(problem, capsys):
     search(problem, agent="reinforce", budget=128, seed=0, num_envs=64, progress=True)
     err = capsys.readouterr().err
     assert "best=" in err and "ms" in err
+
+
+def _heuristic_rows(graph, problem):
+    """Every baseline's placement (seed 0) and the best fitting step time among them."""
+    from placer.baselines import BASELINES, run_baseline
+
+    rows, best = [], np.inf
+    for name in BASELINES:
+        res = run_baseline(name, problem, graph, 0)
+        if res.placement is None:
+            continue
+        row = np.asarray(res.placement)
+        sim = simulate_batch(problem, row[None])
+        rows.append(row)
+        if sim.fits[0]:
+            best = min(best, float(sim.step_time[0]))
+    return rows, best
+
+
+@pytest.mark.parametrize("agent", ["hierarchical", "reinforce"])
+def test_search_beats_the_best_heuristic_where_it_is_suboptimal(agent):
+    graph, problem = heuristics_miss_problem()
+    rows, best_heuristic = _heuristic_rows(graph, problem)
+    res = search(problem, agent=agent, budget=1500, seed=0, num_envs=64, initial_placements=rows)
+    assert res.best_fits and res.best_step_time < best_heuristic * (1 - 1e-3)
+    # Which phase found it is reported, and every evaluation is accounted to one phase.
+    assert res.best_phase in ("policy", "local_search")
+    assert sum(res.phase_evaluated.values()) == res.evaluated <= 1500
+    assert res.phase_evaluated["seeds"] == len(rows) and res.phase_evaluated["local_search"] > 0
+    # Deterministic under the seed, local search included.
+    again = search(problem, agent=agent, budget=1500, seed=0, num_envs=64, initial_placements=rows)
+    assert np.array_equal(again.best_row, res.best_row) and again.phase_evaluated == res.phase_evaluated
+
+
+def test_local_search_can_be_switched_off_and_its_share_is_checked(problem):
+    res = search(problem, agent="reinforce", budget=256, seed=0, num_envs=64, local_search=False)
+    assert res.phase_evaluated == {"policy": 256} and res.best_phase == "policy"
+    res = search(problem, agent="reinforce", budget=256, seed=0, num_envs=64, local_search_share=0.75)
+    assert res.phase_evaluated == {"policy": 64, "local_search": 192}
+    with pytest.raises(SearchError, match="local_search_share"):
+        search(problem, agent="reinforce", budget=256, local_search_share=1.5)
+
+
+@pytest.mark.slow
+def test_enumeration_confirms_the_heuristic_gap_and_the_search_finds_the_optimum():
+    import itertools
+
+    graph, problem = heuristics_miss_problem()
+    every = np.array(list(itertools.product(range(problem.num_devices), repeat=problem.num_nodes)))
+    sim = simulate_batch(problem, every)
+    optimum = float(np.where(sim.fits, sim.step_time, np.inf).min())
+    rows, best_heuristic = _heuristic_rows(graph, problem)
+    assert best_heuristic > optimum * 1.01
+    res = search(problem, agent="hierarchical", budget=1500, seed=0, num_envs=64, initial_placements=rows)
+    assert res.best_step_time == pytest.approx(optimum)

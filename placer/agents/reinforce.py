@@ -32,7 +32,7 @@ class ReinforceConfig:
     learning_rate: float = 3e-3
     baseline_decay: float = 0.9
     ent_coef: float = 1e-4
-    hidden: int = 32
+    hidden: int = 16
     max_grad_norm: float = 0.5
 
 
@@ -42,11 +42,12 @@ def make_network(env: BatchedPlacementVecEnv, config: ReinforceConfig) -> Placem
 
 
 def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker: BestTracker,
-                    config: ReinforceConfig | None = None) -> None:
+                    config: ReinforceConfig | None = None, improver=None) -> None:
     """Train until ``tracker`` raises :class:`~placer.agents.common.tracker.StopSearch`.
 
     Each iteration evaluates ``env.num_envs`` placements (fewer when the evaluation budget
-    has less left).
+    has less left); an ``improver`` (:class:`placer.agents.local_search.LocalSearch`) runs
+    its share of evaluations after each.
     """
     config = config or ReinforceConfig()
     optim = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
@@ -71,4 +72,6 @@ def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker:
         optim.step()
         # Raises StopSearch when the budget, a plateau or the callback ends the search.
         tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1 if left is not None else batch)
+        if improver is not None:
+            improver.after_policy_batch(len(rewards), next_batch=1)
 

@@ -7,6 +7,10 @@ Agents: ``hierarchical`` (grouper + seq2seq placer, PPO), ``reinforce`` (same ne
 REINFORCE with a moving-average baseline), ``flat`` (no grouper, PPO) and ``sequential``
 (MaskablePPO on ``SequentialPlacementEnv``, one group per step).
 
+Between the policy's batches an improvement phase (:mod:`placer.agents.local_search`)
+polishes the best placement so far by batched local search; it shares the evaluation budget
+(``local_search_share``) and the result says which phase found the best (``best_phase``).
+
 Whatever the agent, the search keeps its best placement in memory and on disk
 (``out_dir/best_placement.json``, rewritten atomically on every improvement), stops at the
 budget (seconds or evaluated placements), on a plateau, or when the callback says so, and
@@ -30,6 +34,7 @@ from placer.agents.common.callbacks import TrackerCallback
 from placer.agents.common.imitation import behaviour_clone
 from placer.agents.common.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
 from placer.agents.hierarchical.ppo import PPOConfig, make_ppo
+from placer.agents.local_search import LocalSearch
 from placer.agents.reinforce import ReinforceConfig, make_network, train_reinforce
 
 AGENTS = ("hierarchical", "reinforce", "flat", "sequential")
@@ -94,6 +99,8 @@ def search(
     on_improve: Callable[[np.ndarray, float, int], None] | None = None,
     resume: bool = False,
     imitation_lr: float = 3e-3,
+    local_search: bool | None = None,
+    local_search_share: float = 0.5,
 ) -> SearchResult:
     """Search placements of ``problem`` with a learning agent; return the best found.
 
@@ -126,6 +133,11 @@ def search(
         resume: start from the policy saved at ``save_path`` (or ``out_dir/policy.*``) by an
             earlier search of the same problem, when there is one.
         imitation_lr: Adam step size of the imitation warm start.
+        local_search: interleave the improvement phase (:mod:`placer.agents.local_search`:
+            batched single- and edge-moves around the best placement, with kicks) with the
+            policy's batches.  ``None``: on when the reward is simulated (a neighbourhood
+            is hundreds of evaluations, cheap only in the simulator).
+        local_search_share: the fraction of evaluations the improvement phase gets.
 
     Raises:
         SearchError: unknown agent or bad sizes.  Any error of the agent propagates after
@@ -152,6 +164,7 @@ def search(
         torch.manual_seed(seed)
         try:
             env = _make_env(problem, agent, num_envs, num_groups, seed, env_kwargs or {})
+            improver = _make_improver(problem, env, tracker, seed, local_search, local_search_share)
             if rows is not None:
                 _seed_candidates(env, tracker, rows)
             if agent in ("hierarchical", "flat"):
@@ -161,7 +174,7 @@ def search(
                 elif rows is not None and imitation_steps > 0:
                     _imitate(built.policy, env, tracker, imitation_steps, imitation_lr)
                 model = built  # only now: a failed resume must not overwrite the saved policy
-                reason = _learn_sb3(model, tracker)
+                reason = _learn_sb3(model, tracker, improver=improver)
             elif agent == "reinforce":
                 cfg = reinforce_config or ReinforceConfig()
                 net = make_network(env, cfg)
@@ -170,7 +183,7 @@ def search(
                 elif rows is not None and imitation_steps > 0:
                     _imitate(_NetAsPolicy(net), env, tracker, imitation_steps, imitation_lr)
                 model = net
-                train_reinforce(env, model, tracker, cfg)
+                train_reinforce(env, model, tracker, cfg, improver=improver)
             else:
                 from placer.agents.sequential import make_sequential_model
 
@@ -179,7 +192,7 @@ def search(
                 if resume and save_path is not None and Path(save_path).exists():
                     _resume(seq, save_path)
                 model = seq
-                reason = _learn_sb3(model, tracker, steps_per_placement=problem.num_nodes)
+                reason = _learn_sb3(model, tracker, steps_per_placement=problem.num_nodes, improver=improver)
         except StopSearch as stop:
             reason = stop.reason
         except KeyboardInterrupt:
@@ -217,7 +230,24 @@ def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np
     if left is not None:
         rows = rows[:left]
     _, ev = env.evaluate_placements(rows)
-    tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1)
+    tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1, phase="seeds")
+
+
+def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, tracker: BestTracker, seed: int,
+                   enabled: bool | None, share: float) -> LocalSearch | None:
+    """The interleaved local search, or None when off (by default: off unless the reward is simulated)."""
+    if enabled is None:
+        enabled = env.env.reward_mode == "simulated"
+    if not enabled:
+        return None
+    if isinstance(share, bool) or not 0.0 < float(share) < 1.0:
+        raise SearchError(f"local_search_share must be a fraction in (0, 1), got {share!r}")
+
+    def evaluate(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, ev = env.evaluate_placements(rows)
+        return ev.step_time, ev.valid
+
+    return LocalSearch(problem, evaluate, tracker, seed=seed, share=share)
 
 
 def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
@@ -229,9 +259,9 @@ def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: i
     behaviour_clone(policy, obs, action, steps=steps, lr=lr)
 
 
-def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1) -> str:
+def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1, improver: LocalSearch | None = None) -> str:
     """Run ``model.learn`` until the tracker stops it; return the stop reason."""
-    cb = TrackerCallback(tracker)
+    cb = TrackerCallback(tracker, improver=improver)
     total = tracker.remaining_placements()
     # The tracker, not SB3, ends the search; SB3 only needs a horizon (in env steps) for
     # its learning-rate schedule.

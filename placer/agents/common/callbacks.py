@@ -12,13 +12,16 @@ class TrackerCallback(BaseCallback):
     """Reads ``step_time``/``fits``/``placement`` from the env infos after every vectorised step.
 
     Only finished episodes count as evaluated placements (a whole-graph env finishes every
-    step; a sequential env once per graph).  When the tracker says stop, the reason is kept in
+    step; a sequential env once per graph).  With an ``improver``
+    (:class:`placer.agents.local_search.LocalSearch`) its share of evaluations runs after
+    every batch of the policy's.  When the tracker says stop, the reason is kept in
     :attr:`stop_reason` and ``False`` ends ``model.learn``.
     """
 
-    def __init__(self, tracker: BestTracker, verbose: int = 0) -> None:
+    def __init__(self, tracker: BestTracker, verbose: int = 0, improver=None) -> None:
         super().__init__(verbose)
         self.tracker = tracker
+        self.improver = improver  # a LocalSearch interleaved after every policy batch, or None
         self.stop_reason: str | None = None
 
     def _on_step(self) -> bool:
@@ -34,6 +37,8 @@ class TrackerCallback(BaseCallback):
         fits = np.array([infos[i].get("valid", infos[i].get("fits", True)) for i in done_idx], dtype=bool)
         try:
             self.tracker.record(rows, times, fits, next_batch=len(infos))
+            if self.improver is not None:
+                self.improver.after_policy_batch(len(done_idx), next_batch=len(infos))
         except StopSearch as stop:
             self.stop_reason = stop.reason
             return False

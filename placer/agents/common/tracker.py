@@ -53,6 +53,10 @@ class SearchResult:
         best_path: where the best placement was written, if an ``out_dir`` was given.
         source: ``"simulated"`` or ``"measured"``.
         agent: the agent that ran.
+        best_phase: which phase found the best placement: ``"seeds"`` (the initial
+            heuristic placements), ``"policy"`` (the agent's samples) or ``"local_search"``
+            (the improvement phase, :mod:`placer.agents.local_search`).
+        phase_evaluated: placements evaluated by each phase.
     """
 
     best_row: np.ndarray | None
@@ -65,6 +69,8 @@ class SearchResult:
     best_path: Path | None = None
     source: str = "simulated"
     agent: str = ""
+    best_phase: str = ""
+    phase_evaluated: dict[str, int] = field(default_factory=dict)
 
     def time_to_within(self, fraction: float = 0.05) -> float | None:
         """Seconds until the best step time first came within ``fraction`` of the final one."""
@@ -121,6 +127,8 @@ class BestTracker:
     evaluated: int = field(default=0, init=False)
     history: list[tuple[float, int, float]] = field(default_factory=list, init=False)
     best_path: Path | None = field(default=None, init=False)
+    best_phase: str = field(default="", init=False)
+    phase_evaluated: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
@@ -157,11 +165,13 @@ class BestTracker:
         return None
 
     # ------------------------------------------------------------------ updates
-    def record(self, rows: np.ndarray, step_time: np.ndarray, fits: np.ndarray, next_batch: int = 1) -> None:
+    def record(self, rows: np.ndarray, step_time: np.ndarray, fits: np.ndarray, next_batch: int = 1,
+               phase: str = "policy") -> None:
         """Account for a batch of evaluated placements [B, N]; raise :class:`StopSearch` when done.
 
         ``next_batch`` is the size of the batch the caller would evaluate next, so an
-        evaluation budget is never overrun.
+        evaluation budget is never overrun; ``phase`` names who produced the batch (kept
+        with the best placement and counted per phase).
         """
         rows = np.asarray(rows)
         step_time = np.asarray(step_time, dtype=np.float64).reshape(-1)
@@ -170,8 +180,9 @@ class BestTracker:
             # A fitting placement beats any that does not fit; then the faster wins.
             key = np.where(fits, step_time, np.inf)
             i = int(np.argmin(key)) if fits.any() else int(np.argmin(step_time))
-            self._consider(rows[i], float(step_time[i]), bool(fits[i]), len(step_time))
+            self._consider(rows[i], float(step_time[i]), bool(fits[i]), len(step_time), phase)
         self.evaluated += len(step_time)
+        self.phase_evaluated[phase] = self.phase_evaluated.get(phase, 0) + len(step_time)
         if self._bar is not None:
             self._bar.set_postfix(best=f"{self.best_step_time * 1e3:.3f} ms", refresh=False)
             self._bar.update(len(step_time))  # draws the bar with the postfix just set
@@ -184,7 +195,7 @@ class BestTracker:
         if reason is not None:
             raise StopSearch(reason)
 
-    def _consider(self, row: np.ndarray, step_time: float, fits: bool, batch: int) -> None:
+    def _consider(self, row: np.ndarray, step_time: float, fits: bool, batch: int, phase: str) -> None:
         better = (fits and not self.best_fits) or (
             fits == self.best_fits and step_time < self.best_step_time * (1.0 - MIN_RELATIVE_IMPROVEMENT)
         )
@@ -193,6 +204,7 @@ class BestTracker:
         self.best_row = np.array(row, dtype=np.int64, copy=True)
         self.best_step_time = step_time
         self.best_fits = fits
+        self.best_phase = phase
         self._last_improvement = self.evaluated + batch
         self.history.append((self.wall_s, self.evaluated + batch, step_time))
         if self.out_dir is not None:
@@ -215,6 +227,7 @@ class BestTracker:
             "evaluated": evaluated,
             "wall_s": round(self.wall_s, 3),
             "agent": self.agent,
+            "phase": self.best_phase,
         }
         placement = Placement(assignment=assignment, fingerprint=self.fingerprint,
                               devices=list(self.problem.device_names), metadata=meta)
@@ -239,4 +252,6 @@ class BestTracker:
             best_path=self.best_path,
             source="simulated" if self.problem.simulated else "measured",
             agent=self.agent,
+            best_phase=self.best_phase,
+            phase_evaluated=dict(self.phase_evaluated),
         )

@@ -114,7 +114,7 @@ class PlacementNetwork(nn.Module):
         max_nodes: int,
         num_devices: int,
         num_groups: int | None,
-        hidden: int = 32,
+        hidden: int = 16,
     ) -> None:
         super().__init__()
         self.max_nodes = int(max_nodes)

@@ -71,7 +71,7 @@ class HierarchicalPlacementPolicy(ActorCriticPolicy):
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule: Schedule,
-                 hidden: int = 32, **kwargs: Any) -> None:
+                 hidden: int = 16, **kwargs: Any) -> None:
         self.sizes = network_sizes(observation_space, action_space)
         self.hidden = int(hidden)
         kwargs.pop("net_arch", None)  # the network's shape is fixed by the planner, not an MLP spec

@@ -20,6 +20,12 @@ from placer.agents.hierarchical.policy import HierarchicalPlacementPolicy
 class PPOConfig:
     """Hyper-parameters of the PPO agents (defaults tuned for speed on a small CPU).
 
+    Speed notes (200-node graph, 60 groups, one CPU thread): every sample is learned from
+    once (``n_epochs=1``; a second epoch costs a whole extra forward+backward per sample);
+    minibatches of 128 keep the LSTMs' training pass in cache (its cost per sample doubles at
+    512); ``hidden=16`` cuts the oneDNN LSTM backward, the largest single cost, ~3.5x
+    against 32 with no loss of search quality seen on the 200-node benchmark graph.
+
     Attributes:
         learning_rate: float, or a schedule ``progress_remaining -> lr`` (SB3 convention).
         n_steps: vectorised steps per rollout (placements per rollout = n_steps * num_envs).
@@ -35,10 +41,10 @@ class PPOConfig:
     learning_rate: float | Callable[[float], float] = 3e-3
     n_steps: int = 1
     batch_size: int = 128
-    n_epochs: int = 2
+    n_epochs: int = 1
     ent_coef: float = 1e-4
     clip_range: float = 0.2
-    hidden: int = 32
+    hidden: int = 16
     max_grad_norm: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
