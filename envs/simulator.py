@@ -208,6 +208,14 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     np.cumsum(np.bincount(owner[keep], minlength=n), out=g_ptr[1:])
     fwd = np.ascontiguousarray(problem.fwd_time, dtype=np.float64)
     bwd = np.ascontiguousarray(np.where(rg[:, None], problem.bwd_time, 0.0), dtype=np.float64)
+    # The schedule arithmetic (and the numba kernel's branch-free channel update) relies on
+    # every time and size being a finite number >= 0; a cost model that broke this is a bug
+    # worth a clear message rather than a silently wrong step time.
+    for label, values in (("fwd_time", fwd), ("bwd_time", bwd), ("edge_bytes", nbytes), ("latency", latency)):
+        if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0):
+            raise PlacementError(f"problem.{label} must hold finite numbers >= 0; got min {np.min(values)!r}")
+    if not np.all(bandwidth > 0):  # inf (a device to itself) is fine; 0, negative or NaN is not
+        raise PlacementError(f"problem.bandwidth must be > 0; got min {np.min(bandwidth)!r}")
     arrays = _Arrays(
         fwd=fwd,
         bwd=bwd,

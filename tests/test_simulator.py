@@ -294,3 +294,17 @@ def test_threaded_kernel_uses_several_threads_after_the_serial_one_was_cached(tm
     out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=600, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) >= 2, out.stdout
+
+
+@pytest.mark.parametrize("field", ["fwd_time", "bwd_time"])
+def test_negative_or_nan_times_are_a_clear_error(field):
+    import dataclasses
+
+    problem = compile_problem(layered_graph(6, seed=2), load_cluster("4xK40"))
+    for bad in (-1e-3, float("nan")):
+        values = getattr(problem, field).copy()
+        values[2, 1] = bad
+        broken = dataclasses.replace(problem, **{field: values})
+        for backend in BACKENDS:
+            with pytest.raises(PlacementError, match=field):
+                simulate_batch(broken, np.zeros((1, 6), dtype=int), backend=backend)
