@@ -5,11 +5,15 @@ cluster spec; search times are measured wall-clock on this machine):
 
 * every heuristic baseline of ``placer.baselines`` and the human ``expert``;
 * the hierarchical agent as a user runs it (seeded with the baselines' placements,
-  imitation warm start), its gain over the best heuristic and over the expert, and how
-  long it took to come within 5% of its final result;
-* an ablation at one budget, every agent from scratch (no heuristic seeds):
-  hierarchical vs flat vs sequential vs REINFORCE;
-* training throughput (evaluated placements per second) of the hierarchical agent.
+  imitation warm start, the interleaved local-search phase on), its gain over the best
+  heuristic and over the expert, which phase found its best, and how long it took to come
+  within 5% of its final result; and the same search without the local-search phase;
+* an ablation at one budget, every agent from scratch (no heuristic seeds, no local
+  search, so the learners themselves are compared): hierarchical vs flat vs sequential vs
+  REINFORCE;
+* training throughput (evaluated placements per second: sample + simulate + learn, no
+  local search) of the agents on a synthetic graph, after a short warm-up run (numba JIT,
+  first-call set-up) that is not counted.
 
 Usage::
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -82,22 +87,32 @@ def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
     res = search(problem, agent="hierarchical", budget=args.budget, seed=args.seed, initial_placements=seeds or None,
                  num_envs=args.num_envs)
     within = res.time_to_within(0.05)
+    plain = search(problem, agent="hierarchical", budget=args.budget, seed=args.seed,
+                   initial_placements=seeds or None, num_envs=args.num_envs, local_search=False)
     lines.append("| method | step time (ms, simulated) | vs best heuristic | vs expert | search time (s) | note |")
     lines.append("|---|---:|---:|---:|---:|---|")
     for name, t, secs, note, _ in sorted(base, key=lambda r: (r[1] is None, r[1] or 0)):
         lines.append(f"| {name} | {fmt_ms(t)} | {gain(best_t, t)} | {gain(expert_t, t)} | {secs:.2f} | {note} |")
+    phases = ", ".join(f"{k} {v:,}" for k, v in res.phase_evaluated.items())
     lines.append(
         f"| **agent: hierarchical (seeded)** | **{fmt_ms(res.best_step_time)}** | {gain(best_t, res.best_step_time)} | "
-        f"{gain(expert_t, res.best_step_time)} | {res.wall_s:.1f} | {res.evaluated:,} evaluated, "
-        f"{res.evaluated / max(res.wall_s, 1e-9):,.0f}/s, within 5% of final after {within:.1f} s, "
-        f"stopped: {res.stop_reason} |"
+        f"{gain(expert_t, res.best_step_time)} | {res.wall_s:.1f} | {res.evaluated:,} evaluated ({phases}), "
+        f"best found by: {res.best_phase}, within 5% of final after {within:.1f} s, stopped: {res.stop_reason} |"
+    )
+    lines.append(
+        f"| agent: hierarchical (seeded, no local search) | {fmt_ms(plain.best_step_time)} | "
+        f"{gain(best_t, plain.best_step_time)} | {gain(expert_t, plain.best_step_time)} | {plain.wall_s:.1f} | "
+        f"{plain.evaluated:,} evaluated, {plain.evaluated / max(plain.wall_s, 1e-9):,.0f}/s, best found by: "
+        f"{plain.best_phase}, stopped: {plain.stop_reason} |"
     )
     lines.append("")
     lines.append(f"Best heuristic: {best_name} ({fmt_ms(best_t)} ms); expert {fmt_ms(expert_t)} ms; "
-                 f"agent {fmt_ms(res.best_step_time)} ms.\n")
+                 f"agent {fmt_ms(res.best_step_time)} ms ({gain(best_t, res.best_step_time)} vs best heuristic, "
+                 f"found by {res.best_phase}).\n")
 
     if args.ablation_budget:
-        lines.append(f"Ablation, from scratch (no heuristic seeds), budget {args.ablation_budget}, seed {args.seed}:\n")
+        lines.append(f"Ablation, from scratch (no heuristic seeds, no local search), budget {args.ablation_budget}, "
+                     f"seed {args.seed}:\n")
         lines.append("| agent | best step time (ms) | vs best heuristic | evaluated | placements/s | "
                      "within 5% of final after (s) | stop |")
         lines.append("|---|---:|---:|---:|---:|---:|---|")
@@ -105,7 +120,7 @@ def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
             t0 = time.perf_counter()
             try:
                 r = search(problem, agent=agent, budget=args.ablation_budget, seed=args.seed, num_envs=args.num_envs,
-                           initial_placements=None)
+                           initial_placements=None, local_search=False)
             except Exception as exc:
                 lines.append(f"| {agent} | — | — | — | — | — | error: {type(exc).__name__}: {str(exc)[:80]} |")
                 continue
@@ -145,17 +160,24 @@ def bench_throughput(n: int, cluster: str, budget: str, args, lines: list[str]) 
 
     problem = synthetic_problem(n, cluster, args.seed)
     g = default_num_groups(problem.num_nodes, problem.num_devices)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines.append(f"### Throughput: synthetic {n}-node DAG on {cluster} (G = {g} groups), budget {budget}\n")
+    lines.append(f"Training only (sample + simulate + learn; local search off), torch 1 thread, after a "
+                 f"{2 * args.num_envs}-placement warm-up per agent; load average {load:.2f} at the start.\n")
     lines.append("| agent | evaluated | wall s | placements/s (wall) | CPU s | placements per CPU s |")
     lines.append("|---|---:|---:|---:|---:|---:|")
     for agent in _csv(args.agents):
+        search(problem, agent=agent, budget=2 * args.num_envs, seed=args.seed, num_envs=args.num_envs, patience=None,
+               local_search=False)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        r = search(problem, agent=agent, budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None)
+        r = search(problem, agent=agent, budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None,
+                   local_search=False)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         lines.append(f"| {agent} | {r.evaluated:,} | {r.wall_s:.1f} | {r.evaluated / max(r.wall_s, 1e-9):,.0f} | "
                      f"{cpu:.1f} | {r.evaluated / max(cpu, 1e-9):,.0f} |")
-    lines.append("")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines.append(f"\n(load average {load:.2f} at the end)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,9 +216,12 @@ class PlacementNetwork(nn.Module):
         gsrc = torch.gather(groups, 1, edges[:, 0].expand(b, e))
         gdst = torch.gather(groups, 1, edges[:, 1].expand(b, e))
         ew = obs["edge_mask"].to(h.dtype).expand(b, e) * (gsrc != gdst).to(h.dtype)
-        pair = (gdst * g + gsrc + (torch.arange(b, device=h.device) * (g * g))[:, None]).reshape(-1)
-        adj = torch.zeros(b * g * g, device=h.device, dtype=h.dtype).index_add_(0, pair, ew.reshape(-1)).view(b, g, g)
-        adj = adj + adj.transpose(1, 2)
+        base_gg = (torch.arange(b, device=h.device) * (g * g))[:, None]
+        ew = ew.reshape(-1)
+        # Counted both ways into one buffer (a symmetric adjacency without a transpose copy).
+        adj = torch.zeros(b * g * g, device=h.device, dtype=h.dtype)
+        adj.index_add_(0, (gdst * g + gsrc + base_gg).reshape(-1), ew)
+        adj = adj.index_add_(0, (gsrc * g + gdst + base_gg).reshape(-1), ew).view(b, g, g)
         deg = adj.sum(-1, keepdim=True).clamp(min=1)
         nbr = torch.bmm(adj, mean) / deg
         feats = torch.cat([mean, nbr, torch.log1p(count).unsqueeze(-1)], dim=-1)
