@@ -55,11 +55,6 @@ class MeasuredReward(RewardModel):
         if callable(attach):
             attach(self)
 
-    @property
-    def measured_count(self) -> int:
-        """Distinct placements measured so far (the reference included)."""
-        return len(self._cache)
-
     def measure_row(self, row: np.ndarray) -> tuple[float, bool, str]:
         """(step time, valid, reason) of one placement row, measured once and cached."""
         return self.measure_rows(np.asarray(row)[None])[0]
@@ -206,11 +201,17 @@ class HybridReward(MeasuredReward):
     def _remember(self, rows: np.ndarray, ev: Evaluation) -> None:
         """Keep the ``pool_size`` fastest valid candidates seen (measured ones stay, to avoid re-measuring)."""
         valid = np.flatnonzero(ev.valid)
-        # Only this batch's pool_size fastest can enter the pool: no need to look further.
-        for b in valid[np.argsort(ev.step_time[valid], kind="stable")][: self.pool_size]:
+        # Only this batch's pool_size fastest *distinct* placements can enter the pool (a
+        # converging policy repeats its favourite, which must not crowd out the runners-up).
+        entered = 0
+        for b in valid[np.argsort(ev.step_time[valid], kind="stable")]:
             key = rows[b].tobytes()
-            if key not in self._pool:
-                self._pool[key] = _Candidate(rows[b].copy(), float(ev.step_time[b]))
+            if key in self._pool:
+                continue
+            self._pool[key] = _Candidate(rows[b].copy(), float(ev.step_time[b]))
+            entered += 1
+            if entered == self.pool_size:
+                break
         unmeasured = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
         for c in unmeasured[self.pool_size:]:
             del self._pool[c.row.tobytes()]

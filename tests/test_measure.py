@@ -137,6 +137,25 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
     assert not m.alive
 
 
+def test_a_run_interrupted_by_ctrl_c_drops_its_worker(faulty):
+    """Its late reply would otherwise be read as the next placement's result."""
+    model, flag = faulty
+    with Measurer(model, model_args={"flag": str(flag)}, warmup=0, repeats=1, num_threads=1) as m:
+        first = {n: "cpu" for n in m.node_names}
+        real_wait = m._wait
+
+        def interrupted(timeout_s):
+            raise KeyboardInterrupt
+
+        m._wait = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            m.measure(first)
+        assert not m.alive
+        m._wait = real_wait
+        again = m.measure(first)
+        assert again.valid and not again.cached and m.worker_starts == 2
+
+
 def test_bad_requests_raise_clear_errors(tmp_path, faulty):
     with pytest.raises(MeasureError, match="does not exist"):
         Measurer(tmp_path / "missing.py")
