@@ -5,8 +5,12 @@ The CLI's ``optimize`` subcommand is a thin layer over :func:`optimize`. The ste
 1. load and capture the model, profile its ops on the real devices present, group them;
 2. resolve the devices: real ones (``devices=["cpu", "cuda:0"]``, step times measured to
    confirm the winner) or a simulated cluster (``cluster="4xK40"`` or a spec file);
-3. run the baselines, then the agent's search from the best of them, through the batched
-   simulator, keeping the best placement so far on disk;
+3. run the baselines, then the agent's search from the best of them, keeping the best
+   placement so far on disk; the search's reward (``reward=``) is the batched simulator
+   (``simulated``), the measured step time of every placement the agent proposes
+   (``measured``), or the simulator recalibrated from measurements of its best candidates
+   in rounds during the search (``hybrid``, the default on real devices) — see
+   :mod:`placer.measurement`;
 4. on real devices, measure the best candidates and keep the measured fastest;
 5. apply the winner and check outputs and gradients against the original model.
 
@@ -163,6 +167,8 @@ class OptimizeResult:
     candidates: list[Candidate] = field(default_factory=list)
     winner: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    reward: str = "simulated"
+    measurement: Any = None  # placer.measurement.MeasurementSummary on real devices
 
     def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
         """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
@@ -212,7 +218,7 @@ def optimize(
     devices: str | Sequence[str] | None = None,
     cluster: str | os.PathLike | Cluster | None = None,
     budget: str | int | float | Budget = DEFAULT_BUDGET,
-    reward: str = "simulated",
+    reward: str | None = None,
     groups: int | None = None,
     seed: int = 0,
     memory: str | Mapping[str, Any] | None = None,
@@ -227,6 +233,7 @@ def optimize(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     verbose: int = 1,
+    measurer: Any = None,
 ) -> OptimizeResult:
     """Find a fast placement of ``model`` and check it.
 
@@ -236,8 +243,13 @@ def optimize(
         devices: real devices, e.g. ``"cpu,cuda:0"``; or ``cluster``: a preset name or spec
             file (simulated). Default: real devices when at least two exist, else ``4xK40``.
         budget: ``"5m"``, ``"90s"``, ``"20k"`` placements, or both ``"5m,20k"``.
-        reward: ``simulated`` (the batched simulator), ``measured`` or ``hybrid`` (real
-            devices only: the best candidates are re-measured and the measured fastest wins).
+        reward: what the search optimises. ``simulated``: the batched simulator (the
+            default on a simulated cluster). ``measured``: the measured step time of every
+            placement the agent proposes (real devices; slow, so few placements). ``hybrid``
+            (the default on real devices when the model is a file or zoo name): the
+            simulator, recalibrated from measurements of its best candidates in rounds
+            during the search. On real devices the best candidates are measured at the end
+            and the measured fastest wins, whatever the mode.
         groups: number of groups for the hierarchical agent (default from graph and devices).
         seed: makes the search reproducible.
         memory: per-device memory caps, ``"cuda:0=20GiB"`` or a dict.
@@ -246,23 +258,28 @@ def optimize(
         out_dir: where the best placement so far is kept during the search and results go.
         resume: start from the placement (and policy) saved in ``out_dir`` by an earlier run.
         check: apply the winner and compare outputs and gradients with the original model.
+        measurer: measures op placements instead of the default worker processes (an
+            object with ``measure(placement) -> MeasureResult``, optionally
+            ``measure_many``), e.g. for devices this machine cannot start workers on.
 
     Raises:
         PlacerError subclasses for bad input, before any long work starts.
     """
     seconds: dict[str, float] = {}
     budget = parse_budget(budget)
-    if reward not in REWARD_MODES:
+    if reward is not None and reward not in REWARD_MODES:
         raise OptionError(f"unknown reward mode {reward!r}; expected one of {', '.join(REWARD_MODES)}")
     if groups is not None and groups < 1:
         raise OptionError(f"--groups must be at least 1, got {groups}")
+    _check_reward_source(reward, model, measurer, agent)
     out_path = _check_out_dir(out_dir)
     the_cluster = resolve_cluster(devices, cluster, memory)
-    if reward != "simulated" and the_cluster.simulated:
+    if reward not in (None, "simulated") and the_cluster.simulated:
         raise OptionError(
             f"reward {reward!r} needs real devices (--devices), but cluster {the_cluster.name!r} is simulated; "
             "use --reward simulated"
         )
+    reward = reward or _default_reward(the_cluster, model, measurer)
     from placer.baselines import get_baseline
 
     for name in baselines:
@@ -285,7 +302,7 @@ def optimize(
     if verbose:
         kind = "simulated on cluster spec" if the_cluster.simulated else "measured on real devices"
         print(f"placer: {spec.name}: {captured.graph.number_of_nodes()} ops in {problem.num_nodes} groups; "
-              f"{problem.num_devices} devices ({the_cluster.name}, step times {kind})")
+              f"{problem.num_devices} devices ({the_cluster.name}, step times {kind}); reward {reward}")
 
     # Baselines first: they are seconds of work and their best placements seed the search.
     from placer.baselines import run_baseline
@@ -306,23 +323,53 @@ def optimize(
             initial.insert(0, previous)
 
     best_so_far_file = out_path / "placement.json" if out_path is not None else None
-    start = time.perf_counter()
-    # The search keeps its best placement so far (op level) in out_dir/best_placement.json.
-    search_result = _run_search(problem, agent=agent, budget=budget, seed=seed, groups=groups,
-                                initial=initial, out_dir=out_path, progress=progress,
-                                fingerprint=captured.fingerprint, expand=grouping.expand, resume=resume)
-    seconds["search"] = time.perf_counter() - start
-    candidates.append(Candidate(
-        f"placer ({agent})", search_result.best_row, seconds["search"], search_result.evaluated,
-        f"stopped: {search_result.stop_reason}", history=list(search_result.history),
-    ))
+    placement_of = lambda row, meta: _op_placement(row, problem, grouping, captured, the_cluster, spec, meta)  # noqa: E731
+    the_measurer = None
+    if not the_cluster.simulated and (reward != "simulated" or measurer is not None
+                                      or isinstance(source, (str, os.PathLike))):
+        from placer.measurement import make_measurer
 
-    if not the_cluster.simulated:
+        the_measurer = make_measurer(the_cluster, source, model_args, problem, grouping.expand,
+                                     captured.fingerprint, backend=measurer)
+    try:
         start = time.perf_counter()
-        _measure_best(candidates, problem, grouping, captured, the_cluster, spec, model_args, source)
-        seconds["measure"] = time.perf_counter() - start
+        # The search keeps its best placement so far (op level) in out_dir/best_placement.json.
+        search_result, rounds = _search_with_reward(
+            reward, the_measurer, problem, agent=agent, budget=budget, seed=seed, groups=groups, initial=initial,
+            out_dir=out_path, progress=progress, fingerprint=captured.fingerprint, expand=grouping.expand,
+            resume=resume, save_best=(lambda rec: save_placement(placement_of(rec.row, {
+                "step_time": rec.step_time, "source": "measured", "method": f"placer ({agent})"}),
+                best_so_far_file)) if best_so_far_file is not None else None,
+        )
+        seconds["search"] = time.perf_counter() - start
+        agent_row = search_result.best_row
+        if reward == "hybrid" and the_measurer is not None:
+            agent_row = _hybrid_agent_row(the_measurer, search_result, interrupted=search_result.stop_reason
+                                          == "interrupted")
+        candidates.append(Candidate(
+            f"placer ({agent})", agent_row, seconds["search"], search_result.evaluated,
+            f"stopped: {search_result.stop_reason}", history=list(search_result.history),
+        ))
+        measurement = None
+        if the_measurer is not None:
+            from placer.measurement import confirm_candidates, mark_measured, single_device_rows, summarize
+
+            start = time.perf_counter()
+            if search_result.stop_reason == "interrupted":
+                mark_measured(the_measurer, candidates)  # Ctrl-C: no more runs, use what was measured
+            else:
+                confirm_candidates(the_measurer, candidates, extra_rows=single_device_rows(problem))
+            measurement = summarize(the_measurer, reward, rounds)
+            seconds["measure"] = time.perf_counter() - start
+    finally:
+        if the_measurer is not None:
+            the_measurer.close()
 
     table = comparison_table(problem, candidates)
+    if the_measurer is not None:
+        from placer.measurement import measured_speedups
+
+        table = measured_speedups(table, the_measurer)
     fitting = table[table["fits"]]
     if fitting.empty:
         raise PlacerError(
@@ -334,8 +381,8 @@ def optimize(
     winner = next(c for c in candidates if c.method == winner_name)
     step_time = float(winning_row["step_time"])
     source_label = str(winning_row["source"])
-    placement = _op_placement(winner.row, problem, grouping, captured, the_cluster, spec,
-                              {"step_time": step_time, "source": source_label, "method": winner_name})
+    placement = placement_of(winner.row, {"step_time": step_time, "source": source_label, "method": winner_name,
+                                          "reward": reward})
     if best_so_far_file is not None:
         save_placement(placement, best_so_far_file)
 
@@ -351,6 +398,7 @@ def optimize(
         placement=placement, step_time=step_time, source=source_label, cluster=the_cluster,
         problem=problem, group_row=np.asarray(winner.row), prepared=prepared, table=table,
         check=report, search=search_result, candidates=candidates, winner=winner_name, seconds=seconds,
+        reward=reward, measurement=measurement,
     )
     if out_path is not None:
         result.save(out_path)
@@ -393,61 +441,88 @@ def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementP
     return problem.placement_to_array(group_placement)
 
 
-def _run_search(problem: PlacementProblem, *, agent: str, budget: Budget, seed: int, groups: int | None,
-                initial: list[np.ndarray], out_dir: Path | None, progress: bool, fingerprint: str,
-                expand: Callable, resume: bool) -> Any:
+def _check_reward_source(reward: str | None, model: Any, measurer: Any, agent: str) -> None:
+    """Refuse reward/model/agent combinations that cannot work, before any long work."""
+    if reward not in ("measured", "hybrid"):
+        return
+    if measurer is None and not isinstance(model, (str, os.PathLike)):
+        raise OptionError(
+            f"reward {reward!r} measures placements in worker processes that load the model themselves, so it "
+            f"needs a model file or 'zoo:<name>', not an in-memory {type(model).__name__}; "
+            "use reward 'simulated' or pass measurer="
+        )
+    if reward == "hybrid" and agent == "sequential":
+        raise OptionError(
+            "reward 'hybrid' recalibrates the one simulator an agent searches on, but the sequential agent runs "
+            "several environments with a simulator each; use --reward measured or another --agent "
+            "(hierarchical, flat, reinforce)"
+        )
+
+
+def _default_reward(cluster: Cluster, model: Any, measurer: Any) -> str:
+    """``hybrid`` on real devices when placements can be measured, else ``simulated``."""
+    if cluster.simulated or cluster.num_devices < 2:
+        return "simulated"
+    return "hybrid" if measurer is not None or isinstance(model, (str, os.PathLike)) else "simulated"
+
+
+def _search_with_reward(reward: str, measurer: Any, problem: PlacementProblem, *, agent: str, budget: Budget,
+                        seed: int, groups: int | None, initial: list[np.ndarray], out_dir: Path | None,
+                        progress: bool, fingerprint: str, expand: Callable, resume: bool,
+                        save_best: Callable | None) -> tuple[Any, list[dict[str, Any]]]:
+    """Run the agent's search with ``reward``'s reward model; returns (search result, hybrid rounds)."""
     from placer.agents.search import search
 
-    return search(
+    kwargs: dict[str, Any] = {}
+    rounds = None
+    if reward == "measured":
+        # Every batch of proposals is one measuring call: small batches, so the agent
+        # learns between them.
+        from placer.measurement import MEASURED_BATCH, MEASURED_IMITATION_STEPS
+
+        kwargs = dict(env_kwargs={"reward_mode": "measured", "measurer": measurer}, num_envs=MEASURED_BATCH,
+                      imitation_steps=MEASURED_IMITATION_STEPS)
+    elif reward == "hybrid":
+        from placer.measurement import HYBRID_TOP_K, HybridRounds
+
+        rounds = HybridRounds(measurer, budget, on_best=save_best)
+        kwargs = dict(env_kwargs={"reward_mode": "hybrid", "measurer": measurer, "measure_every": None,
+                                  "measure_top_k": HYBRID_TOP_K}, callback=rounds)
+    result = search(
         problem, agent=agent, budget=budget, seed=seed, out_dir=out_dir, initial_placements=initial,
         num_groups=groups, progress=progress, fingerprint=fingerprint, expand=expand,
-        resume=resume and out_dir is not None,
+        resume=resume and out_dir is not None, **kwargs,
     )
+    return result, (rounds.log if rounds is not None else [])
 
 
-def _measure_best(candidates: list[Candidate], problem: PlacementProblem, grouping: Any, captured: Any,
-                  cluster: Cluster, spec: ModelSpec, model_args: Mapping[str, Any] | None, source: Any,
-                  top: int = 4) -> None:
-    """On real devices: measure the ``top`` simulated-fastest candidates and record their real step times."""
-    from envs.measure import Measurer
-    from envs.simulator import simulate_batch
+def _hybrid_agent_row(measurer: Any, search_result: Any, interrupted: bool) -> np.ndarray | None:
+    """Hybrid: the search's placement is the measured fastest of those it found.
 
-    found = [c for c in candidates if c.row is not None]
-    if not found or not isinstance(source, (str, os.PathLike)):
-        return  # an in-memory module cannot be re-loaded in a worker process
-    sim = simulate_batch(problem, np.stack([c.row for c in found]))
-    order = np.argsort(np.where(sim.fits, sim.step_time, np.inf))[:top]
-    if _is_distributed(cluster):
-        _measure_distributed([found[int(i)] for i in order], problem, grouping, captured, cluster, spec,
-                             model_args, source)
-        return
-    with Measurer(source, model_args=dict(model_args or {}), devices=cluster) as measurer:
-        for i in order:
-            c = found[int(i)]
-            assignment = grouping.expand(problem.array_to_placement(c.row))
-            res = measurer.measure(assignment)
-            if res.valid:
-                c.measured_step_time = res.step_time
-            else:
-                c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {res.reason}"
+    The search's own best is by simulated time, on a simulator that was recalibrated under
+    it; it is measured too (unless the run was interrupted), then every measured candidate
+    of the search competes on measured time.
+    """
+    row = search_result.best_row
+    if row is not None and not interrupted:
+        measurer.phase = "confirm"
+        measurer.measure_rows(row[None])
+        measurer.phase = "search"
+    best = measurer.best()
+    return best.row.copy() if best is not None else row
 
 
 # --------------------------------------------------------------------------- distributed hook
 # Devices named by rank ("cpu:0,cpu:1", "host:cpu:0") are worker processes of the
 # torch.distributed runtime (envs.distributed, issue 10): the cluster is built from
-# ping-pong measured links, and candidates are measured through the runtime.
+# ping-pong measured links, and placements are measured through the runtime
+# (placer.measurement.make_measurer).
 
 
 def _is_rank_device_list(names: Sequence[str]) -> bool:
     from envs.distributed.devices import is_rank_device_list
 
     return is_rank_device_list(list(names))
-
-
-def _is_distributed(cluster: Cluster) -> bool:
-    from envs.distributed.devices import is_distributed_cluster
-
-    return is_distributed_cluster(cluster)
 
 
 def _distributed_cluster(names: Sequence[str]) -> Cluster:
@@ -457,19 +532,3 @@ def _distributed_cluster(names: Sequence[str]) -> Cluster:
         return rank_cluster(list(names))
     except RankDeviceError as exc:
         raise OptionError(str(exc)) from exc
-
-
-def _measure_distributed(chosen: list[Candidate], problem: PlacementProblem, grouping: Any, captured: Any,
-                         cluster: Cluster, spec: ModelSpec, model_args: Mapping[str, Any] | None,
-                         source: Any) -> None:
-    """Measure ``chosen`` in one job of worker processes, one per rank device."""
-    from envs.distributed.measure import DistributedMeasurer
-
-    measurer = DistributedMeasurer(str(source), dict(model_args or {}), cluster.device_names,
-                                   fingerprint=captured.fingerprint)
-    assignments = [grouping.expand(problem.array_to_placement(c.row)) for c in chosen]
-    for c, res in zip(chosen, measurer.measure_many(assignments)):
-        if res.valid:
-            c.measured_step_time = res.step_time
-        else:
-            c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {res.reason}"

@@ -6,11 +6,16 @@
 - ``device_map.json`` — accelerate-style module → device map, when the placement is module-aligned;
 - ``comparison.csv`` — every method's step time, speed-up and memory, through one simulator;
 - ``placed_graph.png``, ``schedule.png``, ``memory.png``, ``search_curve.png``;
+- on real devices: ``measurements.json`` — every placement measured (phase, measured,
+  simulated and calibrated times) — and ``calibration.json`` — the simulator's calibration
+  fitted on them, with its agreement (Spearman, MAPE) before and after;
 - ``report.md`` — all of the above in one readable page.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +80,7 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
         "",
         f"- devices: **{cluster.name}** ({', '.join(cluster.device_names)}) — "
         + ("step times **simulated** on a cluster spec" if cluster.simulated else "real devices, winner **measured**"),
+        f"- reward: **{result.reward}** — {_REWARD_WORDS.get(result.reward, result.reward)}",
         f"- graph: {result.prepared.captured.graph.number_of_nodes()} ops "
         f"({result.prepared.captured.method} capture), {problem.num_nodes} groups, "
         f"fingerprint `{result.placement.fingerprint}`",
@@ -92,17 +98,111 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
         lines.append("- applied here, the virtual devices share one real device: a measured time would "
                      "show no parallelism; the step times above are the simulator's.")
     lines += ["", "## Comparison", "", markdown_table(result.table), ""]
-    lines += ["Speed-up is over the fastest single device that holds the model; the ratio to the "
-              "lower bound compares with max(critical path, total work / aggregate speed).", ""]
+    lines += ["Speed-up is over the fastest single device that holds the model (measured rows: over the "
+              "fastest measured single device); the ratio to the lower bound compares with max(critical "
+              "path, total work / aggregate speed), a simulated figure.", ""]
+    if result.measurement is not None:
+        lines += measurement_section(result)
     lines += ["## Files", "", "- `placement.json` — load with `placer.load(path)`"]
     if device_map is not None:
         lines.append("- `device_map.json` — accelerate-style module → device map")
     else:
         lines.append("- no `device_map.json`: the placement splits some module's ops across devices")
-    lines += ["- `comparison.csv` — the table above", ""]
+    lines.append("- `comparison.csv` — the table above")
+    if result.measurement is not None:
+        lines.append("- `measurements.json` — every measured placement; `calibration.json` — the simulator's "
+                     "calibration (when at least three measurements succeeded)")
+    lines.append("")
     for name, path in pictures.items():
         lines += [f"## {name.capitalize()}", "", f"![{name}]({path.name})", ""]
     return "\n".join(lines)
+
+
+_REWARD_WORDS = {
+    "simulated": "the simulator scored every placement the agent proposed",
+    "measured": "every placement the agent proposed was measured on the devices",
+    "hybrid": "the simulator scored the search, recalibrated in rounds from measurements of its best candidates",
+}
+
+
+def _ms(t: float | None) -> str:
+    return "" if t is None or not math.isfinite(t) else f"{t * 1e3:.3f}"
+
+
+def _agreement_text(a: dict | None) -> str:
+    if not a:
+        return "n/a"
+    return f"Spearman {a['spearman']:.2f}, MAPE {a['mape'] * 100:.1f}% (n={a['n']})"
+
+
+def _row_text(row: np.ndarray) -> str:
+    """A placement row in short: the device index of each group in order, e.g. ``0 0 1 1 0 1``."""
+    return " ".join(str(int(d)) for d in row) if len(row) <= 24 else f"{len(row)} groups"
+
+
+def measurement_section(result: "OptimizeResult") -> list[str]:
+    """The report's "Measurements" section: what was measured, how often, and the calibration."""
+    m, problem = result.measurement, result.problem
+    methods: dict[bytes, list[str]] = {}
+    for c in result.candidates:
+        if c.row is not None:
+            methods.setdefault(np.asarray(c.row, dtype=np.int64).tobytes(), []).append(c.method)
+    phases: dict[str, int] = {}
+    for r in m.records:
+        phases[r.phase.split()[0]] = phases.get(r.phase.split()[0], 0) + 1
+    lines = [
+        "## Measurements", "",
+        f"- reward **{m.reward}**: {_REWARD_WORDS.get(m.reward, m.reward)}.",
+        f"- measured by {m.description}; **{m.count} distinct placements measured** "
+        f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; "
+        f"{m.requests} asked for, repeats answered from the cache.",
+    ]
+    if m.reward == "hybrid":
+        lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
+                     f"in {len(m.rounds)} measurement round(s).")
+    if m.calibration is not None:
+        cal = m.calibration
+        scales = ", ".join(f"{d} ×{k:.2f}" for d, k in zip(cal.device_names, cal.compute_scale))
+        lines.append(f"- calibration on all {cal.after.get('n', 0)} valid measurements: before "
+                     f"{_agreement_text(cal.before)}; after {_agreement_text(cal.after)} "
+                     f"(compute {scales}; links latency ×{cal.latency_scale:.2f}, bandwidth "
+                     f"×{cal.bandwidth_scale:.2f}; overhead {cal.overhead_s * 1e3:.3f} ms per step).")
+    if m.holdout is not None:
+        lines.append(f"- placements measured after a calibration predicted them ({m.holdout['n']}): "
+                     f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
+                     f"{_agreement_text(m.holdout['calibrated'])}.")
+    if m.rounds:
+        lines += ["", "| round | at (s) | evaluated | measured | recalibrations | before | after | best measured (ms) |",
+                  "|:--|--:|--:|--:|--:|:--|:--|--:|"]
+        for r in m.rounds:
+            lines.append(f"| {r['phase']} | {r['at_s']:.1f} | {r['evaluated']:,} | {r['measured']} | "
+                         f"{r['calibrations']} | {_agreement_text(r['before'])} | {_agreement_text(r['after'])} | "
+                         f"{'' if r['best_ms'] is None else format(r['best_ms'], '.3f')} |")
+    lines += ["", f"Measured placements (device index per group; devices {', '.join(problem.device_names)}):", "",
+              "| # | phase | placement | measured (ms) | simulated (ms) | predicted (ms) | methods | note |",
+              "|--:|:--|:--|--:|--:|--:|:--|:--|"]
+    for i, r in enumerate(m.records):
+        who = ", ".join(methods.get(r.row.tobytes(), []))
+        lines.append(f"| {i} | {r.phase} | `{_row_text(r.row)}` | {_ms(r.step_time)} | {_ms(r.simulated)} | "
+                     f"{_ms(r.predicted)} | {who} | {r.reason} |")
+    lines += ["", "Predicted: the calibrated simulator's figure before the placement was measured (hybrid, "
+              "once a calibration existed). Measured times are medians of timed steps on these devices; on a "
+              "shared machine they vary from run to run.", ""]
+    return lines
+
+
+def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
+    """``measurements.json`` and ``calibration.json`` of a run on real devices."""
+    path = out_dir / "calibration.json"
+    if result.measurement is None:
+        return
+    doc = result.measurement.to_dict(result.problem)
+    (out_dir / "measurements.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
+    if doc["calibration"] is not None:
+        cal = {**doc["calibration"], "rounds": doc["rounds"], "holdout": doc["holdout"]}
+        path.write_text(json.dumps(cal, indent=2, default=float) + "\n", encoding="utf-8")
+    elif path.exists():
+        path.unlink()  # a stale calibration from an earlier run would describe other measurements
 
 
 def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
@@ -110,6 +210,7 @@ def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_placement(result.placement, out_dir / "placement.json")
     device_map = _write_device_map(result, out_dir)
+    write_measurements(result, out_dir)
     result.table.to_csv(out_dir / "comparison.csv", index=False)
     pictures = write_pictures(result, out_dir)
     report = out_dir / "report.md"
@@ -126,4 +227,15 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
         step = "-" if np.isnan(r["step_time"]) else f"{r['step_time'] * 1e3:10.3f}"
         speed = "-" if np.isnan(r["speedup_vs_single"]) else f"{r['speedup_vs_single']:8.2f}"
         out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}")
+    m = result.measurement
+    if m is not None:
+        out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")
+        if m.reward == "hybrid":
+            out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)")
+        if m.calibration is not None:
+            out.append(f"calibration: before {_agreement_text(m.calibration.before)}; "
+                       f"after {_agreement_text(m.calibration.after)}")
+        if m.holdout is not None:
+            out.append(f"held-out ({m.holdout['n']}): uncalibrated {_agreement_text(m.holdout['uncalibrated'])}; "
+                       f"calibrated {_agreement_text(m.holdout['calibrated'])}")
     return out

@@ -8,7 +8,8 @@ EXAMPLES = """examples:
   python -m placer optimize graphs/zoo/nmt.py --budget 2m --out out/nmt
   python -m placer optimize model.py --cluster 4xV100-nvlink --budget 20k --seed 1
   python -m placer optimize model.py --devices cpu,cuda:0 --reward measured --memory cuda:0=20GiB
-  python -m placer optimize zoo:rnnlm --devices cpu:0,cpu:1 --reward measured   # two CPU worker processes
+  python -m placer optimize zoo:rnnlm --devices cpu:0,cpu:1 --budget 1m   # two CPU worker processes, hybrid reward
+  python -m placer optimize zoo:rnnlm --devices cpu:0,cpu:1 --reward measured --budget 40
   python -m placer optimize zoo:gpt2 --size small --baselines single,expert,m_etf --out out/gpt2 --resume
 """
 
@@ -30,10 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     where.add_argument("--cluster", help="simulated cluster: preset name (see `placer presets`) or spec file "
                                          "(default on a machine with < 2 devices: 4xK40)")
     parser.add_argument("--budget", default="2m", help="time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default 2m")
-    parser.add_argument("--reward", default="simulated", choices=["simulated", "measured", "hybrid"],
-                        help="simulated: the simulator scores every candidate; measured/hybrid (real devices only): the "
-                             "simulator drives the search, then the best candidates are measured and only "
-                             "measured times pick the winner")
+    parser.add_argument("--reward", choices=["simulated", "measured", "hybrid"],
+                        help="what the search optimises. simulated: the simulator's step time (default on a "
+                             "simulated cluster). measured: the measured step time of every placement the agent "
+                             "proposes (real devices; slow, so few placements). hybrid (default on real devices): "
+                             "the simulator, recalibrated in rounds from measurements of its best candidates. On "
+                             "real devices the best candidates are measured at the end and the measured fastest "
+                             "wins; measurements and calibration go to report.md and calibration.json")
     parser.add_argument("--agent", default="hierarchical", choices=["hierarchical", "flat", "sequential", "reinforce"],
                         help="search agent (default: hierarchical grouper + placer)")
     parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")

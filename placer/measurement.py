@@ -1,0 +1,414 @@
+"""Measuring placements while ``optimize`` runs: the ``measured`` and ``hybrid`` reward modes.
+
+The search places *groups* (``problem.node_names``), the devices run *ops*. A
+:class:`PlacementMeasurer` sits between the two: it is the measurer the reward model calls
+(:mod:`envs.measured_rewards`), expands each group placement to the op placement the
+backend runs — :class:`envs.measure.Measurer` (one worker process, real devices such as
+``cpu,cuda:0``) or :class:`envs.distributed.measure.DistributedMeasurer` (one worker per
+rank device, ``cpu:0,cpu:1``) — measures each distinct placement once, and keeps a log of
+every measurement with the simulator's figure beside it.
+
+* ``measured``: the reward model sends every placement the agent proposes here (new ones
+  of a batch in one backend call); a failed run (out of memory, a worker that died or
+  hung) comes back invalid with its reason and earns the invalid penalty.
+* ``hybrid``: the simulator scores every placement; :class:`HybridRounds`, the search's
+  progress callback, measures the best simulated candidates at set points of the budget
+  and lets the reward model recalibrate the simulator from all measurements so far
+  (:mod:`envs.calibrate`), so the rest of the search runs on the recalibrated simulator.
+
+Either way optimize measures the best candidates once more at the end
+(:func:`confirm_candidates`), and only measured times pick the winner.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from envs.calibrate import Calibration, CalibrationError, agreement, calibrate_simulator
+from envs.measure import MeasureResult
+from envs.problem import PlacementProblem
+from envs.simulator import simulate_batch
+from graphs.errors import PlacerError
+from placer.compare import Candidate
+from placer.options import Budget
+
+#: Hybrid: measurement rounds during the search (the first right after the seeds are scored).
+#: Starting measuring workers costs seconds (~8 s for two CPU ranks here), timing a
+#: candidate milliseconds: few rounds, several candidates each.
+HYBRID_ROUNDS = 3
+#: Hybrid: candidates measured per round (three valid ones allow the first calibration).
+HYBRID_TOP_K = 4
+#: Measured mode: placements the agent proposes per batch (each batch is one measuring call).
+MEASURED_BATCH = 8
+#: Measured mode: behaviour-cloning steps on the best seed before the search. Search's
+#: default (50) left a policy that proposed 6 distinct placements in 196 (rnnlm, 6 groups,
+#: fake measurements), so a measured budget went on repeats; 20 steps gave 36.
+MEASURED_IMITATION_STEPS = 20
+#: Candidates measured at the end to confirm the winner.
+CONFIRM_TOP = 4
+
+
+@dataclass(frozen=True)
+class MeasuredPlacement:
+    """One placement run for real.
+
+    Attributes:
+        row: [N] device index per group (``problem.node_names`` order).
+        step_time: measured seconds (``inf`` when invalid).
+        valid: the run succeeded.
+        reason: why it is invalid ("" when valid).
+        phase: ``"search"``, ``"round k"`` (hybrid) or ``"confirm"`` (after the search).
+        simulated: the uncalibrated simulator's step time of the same placement.
+        predicted: the calibrated simulator's prediction made before it was measured
+            (hybrid, once a calibration exists), else None.
+    """
+
+    row: np.ndarray
+    step_time: float
+    valid: bool
+    reason: str
+    phase: str
+    simulated: float
+    predicted: float | None = None
+
+
+class PlacementMeasurer:
+    """The measurer of group placements a reward model (or optimize) calls.
+
+    Args:
+        backend: measures op placements: ``measure(placement) -> MeasureResult`` and
+            optionally ``measure_many(placements)`` and ``close()``.
+        problem: the group-level problem the placements refer to.
+        expand: group placement → op placement (``grouping.expand``).
+        description: how the times are measured, for the report.
+    """
+
+    def __init__(self, backend: Any, problem: PlacementProblem,
+                 expand: Callable[[dict[str, str]], Mapping[str, str]], description: str = "") -> None:
+        if not callable(getattr(backend, "measure", None)):
+            raise PlacerError(f"a measurer needs a .measure(placement) method; got {type(backend).__name__}")
+        self.backend, self.problem, self.expand = backend, problem, expand
+        self.description = description
+        self.phase = "search"
+        self.records: list[MeasuredPlacement] = []
+        self.requests = 0
+        self.reward_models: list[Any] = []
+        self._by_key: dict[bytes, MeasuredPlacement] = {}
+
+    # -------------------------------------------------------------- the reward model's side
+    def attach(self, reward_model: Any) -> None:
+        """Called by :class:`envs.measured_rewards.MeasuredReward` when it is built on this measurer."""
+        self.reward_models.append(reward_model)
+
+    def measure(self, placement: Mapping[str, str]) -> MeasureResult:
+        """Measure one group placement (``{group: device}``)."""
+        return self.measure_many([placement])[0]
+
+    def measure_many(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
+        """Measure group placements; new ones in one backend call, repeats from the log."""
+        rows = [self.problem.placement_to_array(dict(p)) for p in placements]
+        records = self.measure_rows(np.stack(rows)) if rows else []
+        return [MeasureResult(step_time=r.step_time, valid=r.valid, reason=r.reason) for r in records]
+
+    # -------------------------------------------------------------- optimize's side
+    def measure_rows(self, rows: np.ndarray) -> list[MeasuredPlacement]:
+        """Measure placement rows [B, N]; each distinct row runs once, whatever the phase."""
+        rows = self.problem.check_array(np.atleast_2d(rows))
+        self.requests += rows.shape[0]
+        keys = [r.tobytes() for r in rows]
+        new: dict[bytes, np.ndarray] = {}
+        for key, row in zip(keys, rows):
+            if key not in self._by_key:
+                new.setdefault(key, row)
+        if new:
+            self._run(list(new.values()))
+        return [self._by_key[k] for k in keys]
+
+    def lookup(self, row: np.ndarray | None) -> MeasuredPlacement | None:
+        """The measurement of ``row``, if it was measured."""
+        if row is None:
+            return None
+        return self._by_key.get(np.ascontiguousarray(row, dtype=np.int64).tobytes())
+
+    def best(self, rows: Sequence[np.ndarray] | None = None) -> MeasuredPlacement | None:
+        """The fastest valid measurement (among ``rows`` when given)."""
+        pool = self.records if rows is None else [m for m in (self.lookup(r) for r in rows) if m is not None]
+        valid = [m for m in pool if m.valid]
+        return min(valid, key=lambda m: m.step_time) if valid else None
+
+    def calibration(self) -> Calibration | None:
+        """The latest calibration a reward model using this measurer fitted (hybrid), or None."""
+        cals = [getattr(m, "calibration", None) for m in self.reward_models]
+        return next((c for c in reversed(cals) if c is not None), None)
+
+    def close(self) -> None:
+        """Stop the backend's worker processes, if it keeps any."""
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+    def _run(self, rows: list[np.ndarray]) -> None:
+        batch = np.stack(rows)
+        simulated = simulate_batch(self.problem, batch).step_time
+        cal = self.calibration()
+        predicted = cal.predict(self.problem, batch) if cal is not None else None
+        ops = [dict(self.expand(self.problem.array_to_placement(r))) for r in rows]
+        many = getattr(self.backend, "measure_many", None)
+        try:
+            results = list(many(ops)) if callable(many) else [self.backend.measure(p) for p in ops]
+            if len(results) != len(ops):
+                raise RuntimeError(f"the measurer returned {len(results)} results for {len(ops)} placements")
+        except PlacerError:
+            raise  # a bad request (a device the workers do not have): the caller's error
+        except Exception as exc:  # noqa: BLE001 - a failed run is an invalid placement, not a crash
+            failed = MeasureResult(step_time=math.inf, valid=False,
+                                   reason=f"measurement failed: {type(exc).__name__}: {exc}")
+            results = [failed] * len(ops)
+        for i, (row, res) in enumerate(zip(rows, results)):
+            t = float(getattr(res, "step_time", math.inf))
+            valid = bool(getattr(res, "valid", True)) and math.isfinite(t) and t > 0
+            reason = "" if valid else (str(getattr(res, "reason", "") or "") or f"no usable step time ({t})")
+            rec = MeasuredPlacement(row=row.copy(), step_time=t if valid else math.inf, valid=valid, reason=reason,
+                                    phase=self.phase, simulated=float(simulated[i]),
+                                    predicted=None if predicted is None else float(predicted[i]))
+            self.records.append(rec)
+            self._by_key[row.tobytes()] = rec
+
+
+def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | None, problem: PlacementProblem,
+                  expand: Callable, fingerprint: str, backend: Any = None) -> PlacementMeasurer:
+    """The measurer for ``cluster``'s real devices.
+
+    Rank devices (``cpu:0,cpu:1``) are measured by worker processes of the distributed
+    runtime, other real devices (``cpu,cuda:0``) in one worker process that places ops on
+    them; ``backend`` replaces either (any object measuring op placements).
+
+    Raises:
+        PlacerError: the model cannot be re-loaded in a worker (an in-memory module).
+    """
+    if backend is not None:
+        return PlacementMeasurer(backend, problem, expand, f"given measurer ({type(backend).__name__})")
+    if not isinstance(source, (str, os.PathLike)):
+        raise PlacerError(
+            "measuring loads the model again in worker processes, so it needs a model file or 'zoo:<name>', "
+            f"not an in-memory {type(source).__name__}; use reward 'simulated' or pass measurer="
+        )
+    from envs.distributed.devices import is_distributed_cluster
+
+    if is_distributed_cluster(cluster):
+        from envs.distributed.measure import DistributedMeasurer
+
+        names = list(cluster.device_names)
+        return PlacementMeasurer(
+            DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint),
+            problem, expand, f"{len(names)} worker processes ({', '.join(names)}), torch.distributed",
+        )
+    from envs.measure import Measurer
+
+    return PlacementMeasurer(Measurer(source, model_args=dict(model_args or {}), devices=cluster), problem, expand,
+                             f"one worker process on {', '.join(cluster.device_names)}")
+
+
+# --------------------------------------------------------------------------- hybrid rounds
+
+
+@dataclass
+class HybridRounds:
+    """The search callback of hybrid mode: measurement rounds at fractions of the budget.
+
+    Round k (k = 0 .. rounds-1) is due once ``k / rounds`` of the budget (time or
+    placements, whichever is further along) is spent — round 0 right after the seed
+    placements are scored — and measures the reward model's ``measure_top_k`` best
+    not-yet-measured candidates; the reward model then recalibrates its simulator from all
+    valid measurements so far. ``on_best(record)`` is called when a round finds a new
+    measured best (optimize writes it to disk, so Ctrl-C keeps it).
+    """
+
+    measurer: PlacementMeasurer
+    budget: Budget
+    rounds: int = HYBRID_ROUNDS
+    on_best: Callable[[MeasuredPlacement], None] | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, progress: Any) -> None:
+        done = len(self.log)
+        if done >= self.rounds:
+            return
+        fraction = self._fraction(progress)
+        if fraction >= 1.0 or fraction < done / self.rounds:
+            return
+        if self.log and progress.evaluated <= self.log[-1]["evaluated"]:
+            return  # a slow round: let the search run at least one batch on its result
+        self.run_round(f"round {done}", progress.evaluated, progress.wall_s)
+
+    def run_round(self, phase: str, evaluated: int, wall_s: float) -> dict[str, Any]:
+        """Measure the best unmeasured candidates of every hybrid reward model now."""
+        before = self.measurer.best()
+        start = time.perf_counter()
+        self.measurer.phase = phase
+        measured = 0
+        for model in self.measurer.reward_models:
+            if callable(getattr(model, "measure_best", None)):
+                measured += int(model.measure_best())
+        self.measurer.phase = "search"
+        cal = self.measurer.calibration()
+        best = self.measurer.best()
+        entry = {
+            "phase": phase, "at_s": round(wall_s, 2), "evaluated": evaluated, "measured": measured,
+            "seconds": round(time.perf_counter() - start, 2), "total": len(self.measurer.records),
+            "calibrations": sum(int(getattr(m, "calibrations", 0)) for m in self.measurer.reward_models),
+            "before": dict(cal.before) if cal is not None else None,
+            "after": dict(cal.after) if cal is not None else None,
+            "best_ms": best.step_time * 1e3 if best is not None else None,
+        }
+        self.log.append(entry)
+        if best is not None and best is not before and self.on_best is not None:
+            self.on_best(best)
+        return entry
+
+    def _fraction(self, progress: Any) -> float:
+        parts = []
+        if self.budget.seconds is not None:
+            parts.append(progress.wall_s / self.budget.seconds)
+        if self.budget.placements is not None:
+            parts.append(progress.evaluated / self.budget.placements)
+        return max(parts) if parts else 0.0
+
+
+# --------------------------------------------------------------------------- after the search
+
+
+def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candidate], top: int = CONFIRM_TOP,
+                       extra_rows: Sequence[np.ndarray] = ()) -> None:
+    """Measure the ``top`` fastest candidates (by the calibrated simulator when there is a
+    calibration) plus ``extra_rows``, and mark every candidate whose row was measured."""
+    found = [c for c in candidates if c.row is not None]
+    if found:
+        rows = np.stack([measurer.problem.check_array(c.row) for c in found])
+        sim = simulate_batch(measurer.problem, rows)
+        cal = measurer.calibration()
+        est = cal.predict(measurer.problem, rows) if cal is not None else sim.step_time
+        order = np.argsort(np.where(sim.fits, est, np.inf), kind="stable")[:top]
+        chosen = [rows[int(i)] for i in order] + [np.asarray(r) for r in extra_rows]
+        measurer.phase = "confirm"
+        measurer.measure_rows(np.stack(chosen))
+        measurer.phase = "search"
+    mark_measured(measurer, candidates)
+
+
+def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
+    """Every group on one device, for each device (the speed-up's denominator)."""
+    return [np.full(problem.num_nodes, d, dtype=np.int64) for d in range(problem.num_devices)]
+
+
+def measured_speedups(table: Any, measurer: PlacementMeasurer) -> Any:
+    """``table`` with the speed-up of measured rows over the fastest *measured* single device.
+
+    The comparison table divides by the simulated single-device time; a measured step
+    time must be compared with a measured single-device time instead.
+    """
+    singles = [m for m in (measurer.lookup(r) for r in single_device_rows(measurer.problem)) if m is not None and m.valid]
+    table = table.copy()
+    measured = table["source"] == "measured"
+    if singles:
+        table.loc[measured, "speedup_vs_single"] = min(m.step_time for m in singles) / table.loc[measured, "step_time"]
+    else:  # no single device was measured (e.g. Ctrl-C): no like-for-like speed-up
+        table.loc[measured, "speedup_vs_single"] = float("nan")
+    return table
+
+
+def mark_measured(measurer: PlacementMeasurer, candidates: Sequence[Candidate]) -> None:
+    """Give every candidate whose row was measured its measured time (or the failure in its note)."""
+    for c in candidates:
+        rec = measurer.lookup(c.row)
+        if rec is None:
+            continue
+        if rec.valid:
+            c.measured_step_time = rec.step_time
+        elif "measurement invalid" not in c.note:
+            c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {rec.reason}"
+
+
+@dataclass
+class MeasurementSummary:
+    """What was measured in an optimize run, for the report and ``calibration.json``.
+
+    Attributes:
+        reward: the reward mode.
+        description: how the times were measured.
+        records: every distinct placement measured, in order.
+        requests: measurements asked for, repeats (answered from the log) included.
+        rounds: the hybrid rounds (see :class:`HybridRounds`).
+        search_calibrations: recalibrations of the simulator during the search.
+        calibration: a calibration fitted on all valid measurements at the end (None
+            with fewer than three).
+        holdout: agreement on placements measured after a calibration predicted them:
+            ``{"n", "uncalibrated": {...}, "calibrated": {...}}``, or None.
+    """
+
+    reward: str
+    description: str
+    records: list[MeasuredPlacement]
+    requests: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    search_calibrations: int = 0
+    calibration: Calibration | None = None
+    holdout: dict[str, Any] | None = None
+
+    @property
+    def count(self) -> int:
+        """Distinct placements measured."""
+        return len(self.records)
+
+    @property
+    def invalid(self) -> int:
+        """Measurements that failed (out of memory, crash, time-out)."""
+        return sum(not r.valid for r in self.records)
+
+    def to_dict(self, problem: PlacementProblem) -> dict[str, Any]:
+        """JSON-friendly form; placements as ``{group: device}``."""
+        return {
+            "reward": self.reward, "measured_by": self.description, "measurements": self.count,
+            "invalid": self.invalid, "requests": self.requests, "rounds": self.rounds,
+            "search_calibrations": self.search_calibrations,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+            "holdout": self.holdout,
+            "placements": [
+                {"phase": r.phase, "step_time": r.step_time if r.valid else None, "valid": r.valid,
+                 "reason": r.reason, "simulated": r.simulated, "predicted": r.predicted,
+                 "placement": problem.array_to_placement(r.row)}
+                for r in self.records
+            ],
+        }
+
+
+def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[str, Any]] = ()) -> MeasurementSummary:
+    """Fit a final calibration on every valid measurement and collect the figures."""
+    valid = [r for r in measurer.records if r.valid]
+    cal = None
+    if len(valid) >= 3:
+        try:
+            cal = calibrate_simulator(measurer.problem, np.stack([r.row for r in valid]), [r.step_time for r in valid])
+        except CalibrationError:
+            cal = None  # degenerate data: report the measurements without a calibration
+    held = [r for r in valid if r.predicted is not None]
+    holdout = None
+    if len(held) >= 2:
+        meas = [r.step_time for r in held]
+        holdout = {
+            "n": len(held),
+            "uncalibrated": agreement([r.simulated for r in held], meas),
+            "calibrated": agreement([r.predicted for r in held], meas),
+        }
+    return MeasurementSummary(
+        reward=reward, description=measurer.description, records=list(measurer.records),
+        requests=measurer.requests, rounds=list(rounds),
+        search_calibrations=sum(int(getattr(m, "calibrations", 0)) for m in measurer.reward_models),
+        calibration=cal, holdout=holdout,
+    )

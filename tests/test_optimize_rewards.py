@@ -1,0 +1,255 @@
+"""optimize's reward modes on real devices: measured, hybrid (recalibrating) and their refusals.
+
+The fast tests run the whole optimize over the two rank devices ``cpu:0,cpu:1`` with a
+deterministic stand-in for the worker processes (the link ping-pong is faked too), so
+they check the wiring — what is measured, when, and what decides — in seconds. The slow
+ones run the real worker processes end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import placer
+from envs.distributed import launcher
+from envs.measure import MeasureResult
+from envs.measured_rewards import MeasuredReward
+from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
+from placer.options import OptionError
+
+DEVICES = "cpu:0,cpu:1"
+MODEL = "zoo:rnnlm"  # 36 ops in 6 groups: a tiny real model
+BASELINES = ("single", "expert", "round_robin", "m_etf")
+
+
+def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+
+
+class FakeWorkers:
+    """Stands in for the measuring worker processes: a step time from the op placement.
+
+    cpu:0 is the faster device; each op on cpu:1 adds more, each device change in op order
+    costs a transfer; everything on cpu:1 runs "out of memory", and placements with
+    exactly two ops on cpu:0 make the backend raise (a broken worker).
+    """
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.calls: Counter = Counter()
+        self.batches = 0
+        self.interrupt_after = interrupt_after
+
+    def time_of(self, placement: dict[str, str]) -> MeasureResult:
+        devs = [placement[k] for k in sorted(placement)]
+        on1 = sum(d == "cpu:1" for d in devs)
+        if on1 == len(devs):
+            return MeasureResult(step_time=math.inf, valid=False, reason="CUDA out of memory (fake)")
+        changes = sum(a != b for a, b in zip(devs, devs[1:]))
+        return MeasureResult(step_time=2e-3 + 3e-3 * on1 / len(devs) + 1e-4 * changes)
+
+    def measure(self, placement):
+        return self.measure_many([placement])[0]
+
+    def measure_many(self, placements):
+        self.batches += 1
+        if self.interrupt_after is not None and self.batches > self.interrupt_after:
+            raise KeyboardInterrupt
+        out = []
+        for p in placements:
+            key = tuple(sorted(p.items()))
+            self.calls[key] += 1
+            if sum(d == "cpu:0" for d in p.values()) == 2:
+                raise RuntimeError("worker rank 1 died (fake)")
+            out.append(self.time_of(p))
+        return out
+
+
+@pytest.fixture
+def fake_links(monkeypatch):
+    monkeypatch.setattr(launcher, "measure_links", _fake_links)
+
+
+def _run(tmp_path, reward, budget, backend, **kw):
+    return placer.optimize(MODEL, devices=DEVICES, reward=reward, budget=budget, out_dir=tmp_path / "out",
+                           baselines=BASELINES, progress=False, verbose=0, measurer=backend,
+                           cache_dir=tmp_path / "cache", **kw)
+
+
+def test_measured_mode_rewards_are_the_measured_times_of_every_distinct_placement(tmp_path, fake_links, monkeypatch):
+    evaluated: list[np.ndarray] = []
+    original = MeasuredReward._evaluate
+
+    def spy(self, rows):
+        evaluated.extend(np.array(r) for r in rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(MeasuredReward, "_evaluate", spy)
+    workers = FakeWorkers()
+    result = _run(tmp_path, "measured", "40", workers)
+
+    m = result.measurement
+    assert result.reward == "measured" and m.reward == "measured"
+    # Every distinct placement the search evaluated (and the measured reference) ran exactly once.
+    searched = {r.row.tobytes() for r in m.records if r.phase == "search"}
+    assert searched >= {r.tobytes() for r in evaluated}
+    assert len(searched) - len({r.tobytes() for r in evaluated}) <= 1  # + the single-device reference
+    assert set(workers.calls.values()) == {1} and len(workers.calls) == m.count
+    assert len(evaluated) > len({r.tobytes() for r in evaluated})  # repeats happened and were free
+    # The search's best is a measured time of the fake devices, not a simulated one.
+    times = {r.step_time for r in m.records if r.valid}
+    assert result.search.best_step_time in times
+    assert result.source == "measured" and result.step_time == min(times)
+    # Failures are invalid placements with their reason, never a crash.
+    reasons = {r.reason for r in m.records if not r.valid}
+    assert any("out of memory" in r for r in reasons)
+    table = result.table
+    assert set(table.loc[table["source"] == "measured", "method"]) >= {"placer (hierarchical)"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Measurements" in report and f"**{m.count} distinct placements measured**" in report
+    saved = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    assert saved["measurements"] == m.count and saved["reward"] == "measured"
+
+
+def test_hybrid_mode_recalibrates_during_the_search_and_the_measured_fastest_wins(tmp_path, fake_links):
+    workers = FakeWorkers()
+    result = _run(tmp_path, "hybrid", "1000", workers)
+
+    m = result.measurement
+    assert result.reward == "hybrid"
+    assert len(m.rounds) == HYBRID_ROUNDS
+    assert m.search_calibrations >= 1  # the search continued on a recalibrated simulator
+    # Placements measured after the first calibration (round 0 calibrates from the seeds)
+    # were predicted by it first; all on one device on cpu:1 is among them (confirmed at the end).
+    later = [r for r in m.records if r.phase != "round 0"]
+    assert later and all(r.predicted is not None for r in later)
+    assert any(not r.valid and "out of memory" in r.reason for r in later)
+    assert set(workers.calls.values()) == {1}
+    # Only measured times decide, and the winner is the fastest measured candidate.
+    measured_rows = result.table[result.table["source"] == "measured"]
+    assert result.source == "measured"
+    assert result.step_time == pytest.approx(measured_rows["step_time"].min())
+    fake_time = workers.time_of(result.placement.assignment).step_time
+    assert result.step_time == pytest.approx(fake_time)
+    cal = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert cal["devices"] == ["cpu:0", "cpu:1"] and len(cal["rounds"]) == HYBRID_ROUNDS
+    assert cal["after"]["n"] == sum(r.valid for r in m.records)
+    assert cal["after"]["mape"] <= cal["before"]["mape"] + 1e-9
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "recalibrated" in report and "Spearman" in report
+
+
+@pytest.mark.slow
+def test_simulated_mode_on_real_devices_only_confirms_the_best_few(tmp_path, fake_links):
+    workers = FakeWorkers()
+    result = _run(tmp_path, "simulated", "300", workers)
+    m = result.measurement
+    assert result.reward == "simulated" and m.search_calibrations == 0 and not m.rounds
+    assert {r.phase for r in m.records} == {"confirm"}
+    assert result.source == "measured"
+
+
+def test_real_devices_default_to_hybrid_and_clusters_to_simulated(tmp_path, fake_links):
+    result = placer.optimize(MODEL, devices=DEVICES, budget="20", baselines=("single",), progress=False, verbose=0,
+                             check=False, measurer=FakeWorkers(), cache_dir=tmp_path / "cache")
+    assert result.reward == "hybrid" and result.measurement.reward == "hybrid"
+    simulated = placer.optimize(MODEL, cluster="4xK40", budget="20", baselines=("single",), progress=False,
+                                verbose=0, check=False, cache_dir=tmp_path / "cache")
+    assert simulated.reward == "simulated" and simulated.measurement is None
+
+
+def test_ctrl_c_during_measured_search_keeps_the_best_on_disk(tmp_path, fake_links):
+    workers = FakeWorkers(interrupt_after=2)  # reference and seeds measured, then Ctrl-C
+    result = _run(tmp_path, "measured", "200", workers)
+    assert result.search.stop_reason == "interrupted"
+    assert not [r for r in result.measurement.records if r.phase == "confirm"]  # no runs after Ctrl-C
+    assert (tmp_path / "out" / "placement.json").exists()
+    assert (tmp_path / "out" / "best_placement.json").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reward="measured", cluster="4xK40"), "needs real devices"),
+    (dict(reward="hybrid", cluster="4xK40"), "needs real devices"),
+    (dict(reward="hybrid", devices=DEVICES, agent="sequential"), "sequential agent"),
+    (dict(reward="fast", devices=DEVICES), "unknown reward mode"),
+])
+def test_bad_reward_combinations_are_refused_before_any_work(kwargs, message, fake_links):
+    with pytest.raises(OptionError, match=message):
+        placer.optimize(MODEL, budget="10", **kwargs)
+
+
+def test_measuring_an_in_memory_module_is_refused_with_the_way_out():
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(OptionError, match="model file or 'zoo:<name>'.*reward 'simulated' or pass measurer="):
+        placer.optimize(model, (torch.randn(3, 4),), devices=DEVICES, reward="measured", budget="10")
+
+
+def test_cli_refuses_measured_reward_on_a_simulated_cluster(capsys):
+    from placer.cli import main
+
+    code = main(["optimize", MODEL, "--cluster", "4xK40", "--reward", "hybrid", "--budget", "10"])
+    assert code != 0
+    assert "needs real devices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_group_placements_are_expanded_and_measured_by_one_real_worker(tmp_path):
+    """The single-process path (``--devices cpu,cuda:0``) through a real Measurer: two
+    virtual devices of a preset both run on this machine's CPU."""
+    from envs.cluster import load_cluster
+    from envs.measure import Measurer
+    from envs.problem import compile_problem
+    from graphs.pipeline import prepare
+
+    prepared = prepare(MODEL, profile=False)
+    cluster = load_cluster("4xK40")  # virtual GPUs: each runs on the real device it maps to (the CPU here)
+    problem = compile_problem(prepared.grouping.graph, cluster)
+    with Measurer(MODEL, devices=cluster.real_device_map(), warmup=1, repeats=2) as backend:
+        pm = PlacementMeasurer(backend, problem, prepared.grouping.expand, "one worker")
+        rows = np.stack([np.zeros(problem.num_nodes, dtype=np.int64), np.arange(problem.num_nodes) % 2])
+        first = pm.measure_rows(rows)
+        again = pm.measure_rows(rows[::-1])
+        assert all(r.valid and r.step_time > 0 for r in first)
+        assert [a.step_time for a in again] == [f.step_time for f in first[::-1]]
+        assert len(pm.records) == 2
+        assert pm.requests == 4 and backend.worker_starts == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward", ["measured", "hybrid"])
+def test_optimize_cli_on_two_cpu_workers(tmp_path, reward):
+    out = tmp_path / "out"
+    budget = "24" if reward == "measured" else "20s"
+    proc = subprocess.run(
+        [sys.executable, "-m", "placer", "optimize", MODEL, "--devices", DEVICES, "--reward", reward,
+         "--budget", budget, "--out", str(out), "-q"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "measurements.json").read_text())
+    assert saved["reward"] == reward and saved["measurements"] >= 3
+    assert f"reward {reward}:" in proc.stdout
+    if reward == "hybrid":
+        assert saved["search_calibrations"] >= 1 and (out / "calibration.json").exists()
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["metadata"]["source"] == "measured"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reward", ["measured", "hybrid"])
+def test_optimize_measures_on_cpu_and_a_gpu(tmp_path, reward):
+    result = placer.optimize(MODEL, devices="cpu,cuda:0", reward=reward, budget="16" if reward == "measured" else "20s",
+                             out_dir=tmp_path / "out", baselines=BASELINES, progress=False, verbose=0)
+    m = result.measurement
+    assert m.description.startswith("one worker process") and m.count >= 2
+    assert result.source == "measured"
+    if reward == "hybrid":
+        assert m.search_calibrations >= 1
