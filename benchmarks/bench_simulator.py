@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import networkx as nx
@@ -60,6 +61,15 @@ def layered_dag(num_nodes: int, width: int = 8, seed: int = 0) -> nx.DiGraph:
                 g.add_edge(str(p), name, bytes=g.nodes[str(p)]["out_bytes"])
         layers[-1].append(name)
     return g
+
+
+def numba_threads() -> int:
+    """numba's thread count for parallel kernels (0 without numba)."""
+    if not HAS_NUMBA:
+        return 0
+    import numba
+
+    return int(numba.get_num_threads())
 
 
 def rate(fn, count: int, repeats: int) -> tuple[float, float]:
@@ -105,6 +115,17 @@ def bench_graph(label: str, graph: nx.DiGraph, cluster_name: str, batches: list[
             simulate_batch(problem, sub, backend=backend)  # warm-up (JIT load, caches)
             wall, cpu = rate(lambda: simulate_batch(problem, sub, backend=backend), batch, repeats)
             rows.append(dict(base, path=f"{backend} batched", batch=batch, rate=wall, cpu_rate=cpu))
+        if backend == "numba" and numba_threads() > 1:
+            # The same largest batch on one thread: how much the threads add on this machine.
+            import numba
+
+            threads, sub = numba.get_num_threads(), placements[:max(batches)]
+            numba.set_num_threads(1)
+            try:
+                wall, cpu = rate(lambda: simulate_batch(problem, sub, backend=backend), len(sub), repeats)
+            finally:
+                numba.set_num_threads(threads)
+            rows.append(dict(base, path="numba batched, 1 thread", batch=len(sub), rate=wall, cpu_rate=cpu))
         # One placement per call, as a Gym environment step does.
         single = placements[0]
         simulate(problem, single, backend=backend)
@@ -144,16 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         if zoo is not None:
             rows += bench_graph(zoo[0], zoo[1], args.cluster, args.batches, max(3, args.reference // 4), args.repeats)
 
-    threads = "n/a"
-    if HAS_NUMBA:
-        import numba
-
-        threads = str(numba.get_num_threads())
+    threads = str(numba_threads()) if HAS_NUMBA else "n/a"
     load = os.getloadavg()
     header = (
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, numba threads {threads}, "
         f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, python {platform.python_version()}, "
-        f"numpy {np.__version__}" + (f", numba {numba.__version__}" if HAS_NUMBA else ", numba not installed")
+        f"numpy {np.__version__}" + (f", numba {version('numba')}" if HAS_NUMBA else ", numba not installed")
     )
     table = ["| graph | nodes | edges | devices | path | batch | placements/s (wall) | × reference | "
              "placements per CPU-second |",
