@@ -283,7 +283,9 @@ class PlacementNetwork(nn.Module):
         """
         b, steps, hdim = enc.shape
         lstm = self.decoder
-        enc_x = F.linear(self.enc_in(enc), lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # [B, G, 4H]
+        # Step-major [G, B, 4H], so each step's slice is contiguous.
+        enc_x = F.linear(self.enc_in(enc), lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0).transpose(0, 1)
+        enc_x = enc_x.contiguous()
         dev_x = F.linear(self.prev_in(dev), lstm.weight_ih_l0)  # [B or 1, D, 4H]
         x_prev = F.linear(self.prev_in(self.start), lstm.weight_ih_l0).expand(b, 4 * hdim)
         w_hh = lstm.weight_hh_l0.t()
@@ -291,6 +293,7 @@ class PlacementNetwork(nn.Module):
         w_dec, b_comb = self.combine.weight[:, :hdim].t(), self.combine.bias
         dev_t = self._dev_t(dev)
         shared = dev_t.shape[0] == 1
+        dev_t0, dev_x0 = dev_t[0], dev_x[0]
         rows = torch.arange(b, device=enc.device)
         ndev = dev_t.shape[-1]
         if not deterministic:
@@ -299,17 +302,18 @@ class PlacementNetwork(nn.Module):
         h, c = state[0][0], state[1][0]
         chosen, all_logits = [], []
         for t in range(steps):
-            gates = torch.addmm(enc_x[:, t] + x_prev, h, w_hh)
+            gates = torch.addmm(enc_x[t] + x_prev, h, w_hh)
             s = torch.sigmoid(gates)  # i, f, (g), o — g's sigmoid is unused, one op is cheaper than three
             c = torch.addcmul(s[:, hdim: 2 * hdim] * c, s[:, :hdim], torch.tanh(gates[:, 2 * hdim: 3 * hdim]))
             h = s[:, 3 * hdim:] * torch.tanh(c)
-            attn = torch.softmax(torch.baddbmm(bias, h.unsqueeze(1), keys), dim=-1)
-            z = torch.tanh(torch.addmm(b_comb, h, w_dec) + torch.bmm(attn, enc_c).squeeze(1))
-            logits = z @ dev_t[0] if shared else torch.bmm(z.unsqueeze(1), dev_t).squeeze(1)
+            h3 = h.unsqueeze(1)
+            attn = torch.softmax(torch.baddbmm(bias, h3, keys), dim=-1)
+            z = torch.tanh(torch.baddbmm(torch.addmm(b_comb, h, w_dec).unsqueeze(1), attn, enc_c))
+            logits = (z @ dev_t0 if shared else torch.bmm(z, dev_t)).squeeze(1)
             d = logits.argmax(-1) if deterministic else (logits + noise[t]).argmax(-1)
             all_logits.append(logits)
             chosen.append(d)
-            x_prev = dev_x[0][d] if shared else dev_x[rows, d]
+            x_prev = dev_x0.index_select(0, d) if shared else dev_x[rows, d]
         return torch.stack(chosen, dim=1), torch.stack(all_logits, dim=1)
 
     # ----------------------------------------------------------------- public
