@@ -10,12 +10,15 @@ import copy
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from envs.distributed.launcher import WorkerGroup, run_job, write_job
+from envs.distributed.launcher import WorkerGroup, free_port, run_job, write_job
 from envs.distributed.measure import DistributedMeasurer
 from envs.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
 from envs.measure import MeasureError
@@ -188,3 +191,41 @@ def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):
         m.measure({"x": "cuda:3"})
+
+
+def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):
+    """The several-hosts recipe of docs/distributed.md, with 127.0.0.1 and 127.0.0.2 as the
+    two hosts: one torchrun per host (node ranks 0 and 1), host-qualified devices, and the
+    rank on 127.0.0.2 listening on that address. Numerics equal the single process."""
+    prep = _prepared("rnnlm")
+    half, _ = _placements(prep)
+    devices = "127.0.0.1:cpu:0,127.0.0.2:cpu:0"
+    write_job(tmp_path, prep.spec, "zoo:rnnlm", {"size": "small"}, devices,
+              [{"kind": "train", "ranks": half, "steps": STEPS}], timeout_s=120,
+              fingerprint=prep.captured.fingerprint, captured=prep.captured)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = []
+    try:
+        for node, addr in enumerate(("127.0.0.1", "127.0.0.2")):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                 "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                 f"--local-addr={addr}", "-m", "envs.distributed.worker", str(tmp_path)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    per_rank = [torch.load(tmp_path / f"result-0-{r}.pt", weights_only=False) for r in range(2)]
+    assert "127.0.0.2" in per_rank[1]["listening_on"], per_rank[1]["listening_on"]
+    ref_losses, ref_params = _reference(prep)
+    [losses] = [r["losses"] for r in per_rank if r["losses"][0] is not None]
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    params = {**per_rank[0]["params"], **per_rank[1]["params"]}
+    for k, p in ref_params.items():
+        torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-5, msg=f"parameter {k}")

@@ -75,6 +75,9 @@ class DistributedMeasurer:
         self._spec, self.fingerprint = spec, fingerprint
         self._captured = captured
         self._cache: dict[str, MeasureResult] = {}
+        #: By placement hash: per-rank figures of the timed steps (messages and bytes sent,
+        #: seconds blocked in receives) and the plan's shape — why a placement is slow.
+        self.details: dict[str, dict[str, Any]] = {}
         self.jobs = 0
 
     @property
@@ -143,6 +146,11 @@ class DistributedMeasurer:
                     times = tuple(max(r["times"][s] for r in per_rank) for s in range(self.repeats))
                     res = MeasureResult(step_time=float(statistics.median(times)), times=times,
                                         note=note, placement_hash=keys[i])
+                    self.details[keys[i]] = {
+                        "plan": per_rank[0].get("describe", ""),
+                        **{k: [r.get(k) for r in per_rank]
+                           for k in ("messages_sent", "bytes_sent", "recv_wait_s")},
+                    }
                 elif j == out.failed_task:
                     res = MeasureResult(step_time=float("inf"), valid=False, reason=out.error,
                                         note=note, placement_hash=keys[i])

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from graphs.split import SplitPlan, Transfer
 
-__all__ = ["LeafMeta", "value_meta", "pack_meta", "unpack_meta", "RankStep", "Comm", "TorchComm"]
+__all__ = ["LeafMeta", "value_meta", "pack_meta", "unpack_meta", "RankStep", "Comm", "TorchComm", "CountingComm"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,33 @@ class TorchComm(Comm):
             tensor.copy_(buf)
         else:
             dist.recv(tensor, src)
+
+
+class CountingComm(Comm):
+    """Wraps a :class:`Comm` and counts what crosses: messages and bytes sent, receives, and
+    the time spent blocked in receives (what the rank waited for its peers, in seconds)."""
+
+    def __init__(self, inner: Comm) -> None:
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.sent = self.received = self.sent_bytes = 0
+        self.recv_wait_s = 0.0
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        self.sent += 1
+        self.sent_bytes += tensor.numel() * tensor.element_size()
+        return self.inner.isend(tensor, dst)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        import time
+
+        start = time.perf_counter()
+        self.inner.recv(tensor, src)
+        self.recv_wait_s += time.perf_counter() - start
+        self.received += 1
 
 
 class _Outbox:

@@ -79,7 +79,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     """Run every task of the job in ``job_dir`` as ``rank`` of ``world``."""
     import torch.distributed as dist
 
-    from envs.distributed.runtime import RankStep, TorchComm, unpack_meta
+    from envs.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
     from envs.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
     from graphs.split import split_by_rank
 
@@ -94,14 +94,15 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     else:
         torch.cuda.set_device(device)
     backend = job["backend"]
-    dist.init_process_group(backend, rank=rank, world_size=world,
+    init_backend = _bound_gloo(me["host"]) if backend == "gloo" and me["host"] else backend
+    dist.init_process_group(init_backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=float(job["timeout_s"])))
     try:
         spec, gm, built_on = _capture_skeleton(job, rank)
         gm.train()
         meta = unpack_meta(job["meta"])
         inputs = tuple(job["inputs"])
-        comm = TorchComm(backend)
+        comm = CountingComm(TorchComm(backend))
         dev_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
         for i, task in enumerate(job["tasks"]):
@@ -146,10 +147,13 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     # the optimizer's state, in bytes; the model was built on meta: "built_on".
                     "held_bytes": held, "resident_bytes": resident_bytes(gm, *(st.module for st in mine)),
                     "optimizer_state_bytes": tensor_bytes(opt_state), "built_on": built_on,
+                    "listening_on": _listening_addresses(),
                 }
             elif kind == "measure":
                 times = []
                 for step in range(int(task["warmup"]) + int(task["repeats"])):
+                    if step == int(task["warmup"]):
+                        comm.reset()  # count the timed steps only
                     dist.barrier()
                     start = time.perf_counter()
                     if optimizer is not None:
@@ -162,7 +166,12 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     dist.barrier()
                     if step >= int(task["warmup"]):
                         times.append(time.perf_counter() - start)
-                result = {"times": times, "describe": plan.describe()}
+                n = max(1, int(task["repeats"]))
+                result = {"times": times, "describe": plan.describe(),
+                          # Per timed step: messages this rank sent / received, bytes sent, and
+                          # the time it sat in receives waiting for its peers.
+                          "messages_sent": comm.sent / n, "messages_received": comm.received / n,
+                          "bytes_sent": comm.sent_bytes / n, "recv_wait_s": comm.recv_wait_s / n}
             else:
                 raise RuntimeError(f"unknown task kind {kind!r}")
             _atomic_save(result, job_dir / f"result-{i}-{rank}.pt")
@@ -171,6 +180,53 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a broken group is being torn down anyway
             pass
+
+
+def _listening_addresses() -> list[str]:
+    """IPv4 addresses this process listens on (TCP), read from /proc; [] where unavailable.
+
+    Reported with training results so a multi-host run shows which address each rank's
+    gloo device took connections on.
+    """
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed since the listing (the listing's own descriptor)
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        found = set()
+        with open("/proc/self/net/tcp") as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ip = bytes.fromhex(cols[1].split(":")[0])[::-1]
+                    found.add(".".join(str(b) for b in ip))
+        return sorted(found)
+    except OSError:
+        return []
+
+
+def _bound_gloo(host: str) -> str:
+    """Register a gloo backend whose device listens on ``host``'s address; returns its name.
+
+    A rank named ``HOST:cpu:N`` then takes its peers' connections on the address ``HOST``
+    resolves to, not on whatever this machine's host name resolves to (the default), so the
+    device list decides which network a multi-homed machine uses — and two loopback
+    addresses (127.0.0.1, 127.0.0.2) act as two hosts on one machine.
+    """
+    import torch.distributed as dist
+
+    def create(store: Any, group_rank: int, group_size: int, timeout: datetime.timedelta) -> Any:
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, group_rank, group_size, options)
+
+    dist.Backend.register_backend("placer_gloo", create, devices=["cpu"])
+    return "placer_gloo"
 
 
 def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
