@@ -96,9 +96,27 @@ def stage_overhead(prep: Any, rounds: int = 3, steps: int = 10) -> tuple[float, 
         torch.set_num_threads(threads)
 
 
+def parse_model(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``rnnlm`` → zoo:rnnlm (small); ``path.py:hidden=256,vocab=500`` → a model file with arguments.
+
+    Returns (label, source, model_args).
+    """
+    path, _, arg_text = text.partition(":")
+    args: dict[str, Any] = {}
+    for item in filter(None, arg_text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--models {text!r}: expected KEY=VALUE after ':', got {item!r}")
+        args[key] = int(value) if value.lstrip("-").isdigit() else value
+    if path.endswith(".py"):
+        label = Path(path).stem + (f" ({arg_text})" if arg_text else "")
+        return label, path, args
+    return path + (f" ({arg_text})" if arg_text else ""), f"zoo:{path}", {"size": "small", **args}
+
+
 def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, repeats: int,
-              seed: int) -> dict[str, Any]:
-    """Measure and simulate one model; returns its rows."""
+              seed: int, rounds: int = 0) -> dict[str, Any]:
+    """Measure and simulate one model (see :func:`parse_model` for ``name``); returns its rows."""
     from envs.distributed.measure import DistributedMeasurer
     from envs.measure import Measurer
     from envs.problem import compile_problem, optimizer_state_kind
@@ -106,7 +124,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     from graphs.pipeline import prepare
 
     start = time.perf_counter()
-    source, args = f"zoo:{name}", {"size": "small"}
+    name, source, args = parse_model(name)
     prep = prepare(source, args, profile=True, devices=["cpu"])
     problem = compile_problem(prep.grouping.graph, cluster, optimizer=optimizer_state_kind(prep.spec.optimizer_fn))
     expand = lambda row: prep.grouping.expand(problem.array_to_placement(row))  # noqa: E731
@@ -125,7 +143,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     # The same single-device step in one worker of the distributed harness (world size 1): the
     # like-for-like baseline for the two-worker rows (same process set-up and timing loop).
     one = DistributedMeasurer(source, args, "cpu:0", warmup=warmup, repeats=repeats,
-                              fingerprint=prep.captured.fingerprint, spec=prep.spec)
+                              fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
     [r1] = one.measure_many([{n: "cpu:0" for n in prep.captured.graph.nodes}])
     rows.append({"setup": "1 process, 1 thread (distributed harness, world size 1)",
                  "measured": r1.step_time if r1.valid else None, "fastest": min(r1.times) if r1.valid else None,
@@ -138,14 +156,17 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     chosen = [("all on cpu:0", single_row, sim_single)] + [
         (cands[i][0], cands[i][1], float(sim.step_time[i])) for i in order]
     measurer = DistributedMeasurer(source, args, DEVICES, warmup=warmup, repeats=repeats,
-                                   fingerprint=prep.captured.fingerprint, spec=prep.spec)
+                                   fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
     results = measurer.measure_many([expand(row) for _, row, _ in chosen])
     measured_rows = []
     for (label, row, s), r in zip(chosen, results):
         used = sorted(set(int(d) for d in row))
+        detail = measurer.details.get(r.placement_hash, {})
         measured_rows.append({"label": label, "simulated": s, "measured": r.step_time if r.valid else None,
                               "fastest": min(r.times) if r.valid else None,
-                              "reason": r.reason, "devices_used": len(used)})
+                              "reason": r.reason, "devices_used": len(used), "row": row,
+                              "plan": detail.get("plan", ""), "messages": detail.get("messages_sent"),
+                              "wait": detail.get("recv_wait_s")})
     rows.append({"setup": "all on cpu:0, 2 workers (runtime overhead)", "measured": measured_rows[0]["measured"],
                  "fastest": measured_rows[0]["fastest"],
                  "simulated": sim_single, "reason": measured_rows[0]["reason"], "note": ""})
@@ -156,13 +177,25 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
                      "fastest": best["fastest"],
                      "simulated": best["simulated"], "reason": "",
                      "note": f"{len(valid)} candidates measured; uses {best['devices_used']} device(s)"})
+    alternations = []
+    if valid and rounds:
+        # The load on a shared machine drifts between jobs: measure the like-for-like single
+        # worker and the best placement in alternating fresh jobs, so both see the same drift.
+        best_row = expand(best["row"])
+        for _ in range(rounds):
+            for label, m, placement in (("1 worker", one, {n: "cpu:0" for n in prep.captured.graph.nodes}),
+                                        ("best, 2 workers", measurer, best_row)):
+                m._cache.clear()  # a fresh measurement, not the cached one
+                [r] = m.measure_many([placement])
+                alternations.append({"setup": label, "measured": r.step_time if r.valid else None,
+                                     "fastest": min(r.times) if r.valid else None, "reason": r.reason})
     plain_s, staged_s = stage_overhead(prep)
     rows.append({"setup": "1 process, 1 thread: plain vs through the stage runtime (interleaved)",
                  "measured": None, "fastest": staged_s, "simulated": None, "reason": "",
                  "note": f"plain model's fastest step {plain_s * 1e3:.1f} ms in the same loop"})
     return {"model": name, "ops": prep.captured.graph.number_of_nodes(), "groups": problem.num_nodes,
-            "rows": rows, "candidates": measured_rows, "seconds": time.perf_counter() - start,
-            "jobs": measurer.jobs}
+            "rows": rows, "candidates": measured_rows, "alternations": alternations,
+            "seconds": time.perf_counter() - start, "jobs": measurer.jobs}
 
 
 def _ms(x: float | None) -> str:
@@ -188,7 +221,7 @@ def to_markdown(command: str, cluster: Any, records: list[dict[str, Any]], heade
         "",
     ]
     for rec in records:
-        lines += [f"## {rec['model']} (small: {rec['ops']} ops, {rec['groups']} groups; "
+        lines += [f"## {rec['model']} ({rec['ops']} ops, {rec['groups']} groups; "
                   f"{rec['seconds']:.0f} s, {rec['jobs']} distributed job(s))", "",
                   "| setup | measured median (ms) | fastest step (ms) | simulated (ms) | note |",
                   "|---|---:|---:|---:|---|"]
@@ -196,19 +229,31 @@ def to_markdown(command: str, cluster: Any, records: list[dict[str, Any]], heade
             note = row.get("note", "") or row.get("reason", "")
             lines.append(f"| {row['setup']} | {_ms(row['measured'])} | {_ms(row['fastest'])} | "
                          f"{_ms(row['simulated'])} | {note} |")
-        lines += ["", "Candidates measured through the runtime (simulator's fastest first):", "",
-                  "| placement | devices used | simulated (ms) | measured median (ms) | fastest step (ms) | reason |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += ["", "Candidates measured through the runtime (simulator's fastest first); messages "
+                  "sent and time blocked in receives are per step, rank 0 / rank 1:", "",
+                  "| placement | devices used | simulated (ms) | measured median (ms) | fastest step (ms) "
+                  "| stages | messages sent | blocked in recv (ms) | reason |",
+                  "|---|---:|---:|---:|---:|---|---|---|---|"]
         for c in rec["candidates"]:
+            msgs = "/".join(f"{m:g}" for m in c["messages"]) if c.get("messages") else ""
+            wait = "/".join(_ms(w) for w in c["wait"]) if c.get("wait") else ""
             lines.append(f"| {c['label']} | {c['devices_used']} | {_ms(c['simulated'])} | {_ms(c['measured'])} | "
-                         f"{_ms(c['fastest'])} | {c['reason']} |")
+                         f"{_ms(c['fastest'])} | {c.get('plan', '')} | {msgs} | {wait} | {c['reason']} |")
+        if rec.get("alternations"):
+            lines += ["", "Alternating fresh jobs (same load drift for both):", "",
+                      "| round | setup | measured median (ms) | fastest step (ms) |", "|---:|---|---:|---:|"]
+            for i, a in enumerate(rec["alternations"]):
+                lines.append(f"| {i // 2 + 1} | {a['setup']} | {_ms(a['measured'])} | {_ms(a['fastest'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["rnnlm", "gpt2", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=["rnnlm", "gpt2", "resnet50"],
+                        help="zoo names (small size) or MODEL.py:KEY=VALUE,... model files with arguments")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="alternate the single worker and the best placement in this many fresh jobs")
     parser.add_argument("--top", type=int, default=4, help="simulated-fastest candidates measured per model")
     parser.add_argument("--random", type=int, default=64, help="random group placements among the candidates")
     parser.add_argument("--warmup", type=int, default=2)
@@ -229,12 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                          f"load average at start {os.getloadavg()[0]:.1f}"}
     records = []
     for name in args.models:
-        rec = run_model(name, cluster, args.top, args.random, args.warmup, args.repeats, args.seed)
+        rec = run_model(name, cluster, args.top, args.random, args.warmup, args.repeats, args.seed, args.rounds)
         records.append(rec)
         for row in rec["rows"]:
             print(f"{name:10s} {row['setup']:55s} measured {_ms(row['measured']):>8s} ms "
                   f"(fastest {_ms(row['fastest']):>7s})  "
                   f"simulated {_ms(row['simulated']):>8s} ms")
+        for a in rec["alternations"]:
+            print(f"{name:10s} alternating: {a['setup']:20s} measured {_ms(a['measured']):>8s} ms "
+                  f"(fastest {_ms(a['fastest']):>7s})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_markdown(command, cluster, records, header))
