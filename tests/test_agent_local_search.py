@@ -27,15 +27,26 @@ def test_neighbourhood_holds_every_single_and_edge_move_once():
     singles = nodes[:, 0] == nodes[:, 1]
     # Every node to every other device.
     assert singles.sum() == n * (d - 1)
-    assert {(int(a), int(x)) for (a, _), x in zip(nodes[singles], devs[singles])} == {
+    assert {(int(a), int(x)) for (a, _), (x, _) in zip(nodes[singles], devs[singles])} == {
         (i, x) for i in range(n) for x in range(1, d)}
-    # Both ends of every edge to a device neither is on (device 0 holds both here).
+    # Both ends of every edge to a device neither is on (device 0 holds both here); no swaps,
+    # since no edge crosses devices.
     assert (~singles).sum() == len(edges) * (d - 1)
     rows = apply_moves(row, nodes, devs)
     assert len({r.tobytes() for r in rows}) == len(rows)  # no duplicate neighbour
     assert not any(np.array_equal(r, row) for r in rows)  # no move that changes nothing
     changed = (rows != row).sum(1)
     assert set(changed[singles]) == {1} and set(changed[~singles]) == {2}
+
+
+def test_neighbourhood_swaps_the_ends_of_crossing_edges():
+    problem = chain_problem(4)  # edges 0-1, 1-2, 2-3
+    row = np.array([1, 2, 2, 3])
+    nodes, devs, _ = neighbourhood(problem, row)
+    rows = apply_moves(row, nodes, devs)
+    swaps = {tuple(r) for r, (a, b) in zip(rows, devs) if a != b}
+    assert swaps == {(2, 1, 2, 3), (1, 2, 3, 2)}  # edges 0-1 and 2-3 cross devices, 1-2 does not
+    assert len({r.tobytes() for r in rows}) == len(rows)
 
 
 def test_local_search_reaches_a_local_optimum_and_counts_every_evaluation():

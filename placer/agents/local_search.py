@@ -4,14 +4,15 @@ Learning agents and heuristics find good placements; placement tools then polish
 one by local search (the "refinement" of graph partitioners, the moves of Baechi-style
 memory-aware placers).  Here every neighbourhood is scored by the batched simulator in one
 call, so a full scan of a 200-group placement on 5 devices (800 single moves plus the
-moves of both ends of each edge) costs a few milliseconds.
+edge moves and swaps, ~2,000 rows) costs a few milliseconds of simulation.
 
 The search is an iterated local search on the incumbent (the tracker's best, whoever found
 it — heuristic seed, policy sample or this phase):
 
 * **scan**: the neighbourhood of the current point — every single-node move to another
-  device, and every move of both endpoints of an edge to one device (which crosses the
-  barrier of a transfer that a single move cannot) — in a seeded random order, evaluated in
+  device, every move of both endpoints of an edge to one device (which crosses the barrier
+  of a transfer that a single move cannot), and every swap of the devices of an edge's two
+  ends (which keeps the load per device) — in a seeded random order, evaluated in
   chunks of ``chunk`` rows; the best improving neighbour becomes the current point
   (best-improvement within a chunk, so each chunk can move);
 * **kick**: when a whole scan finds nothing better (a local optimum), restart from the
@@ -41,10 +42,12 @@ class LocalSearchError(PlacerError, ValueError):
 
 
 def neighbourhood(problem: PlacementProblem, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All moves around ``row`` [N] as ``(nodes [K, 2], devices [K])`` plus the edge list.
+    """All moves around ``row`` [N] as ``(nodes [K, 2], devices [K, 2])`` plus the edge list.
 
-    Move k sets nodes ``nodes[k, 0]`` and ``nodes[k, 1]`` (equal for a single-node move) to
-    ``devices[k]``; moves that change nothing are left out.  Returns the moves and the
+    Move k puts node ``nodes[k, 0]`` on ``devices[k, 0]`` and node ``nodes[k, 1]`` on
+    ``devices[k, 1]``: a single-node move (both columns equal), a move of both ends of an edge
+    to one device, or a swap of the devices of an edge's two ends.  Moves that change
+    nothing, or that equal a single move, are left out.  Returns the moves and the
     problem's edges [E, 2].
     """
     n, d = problem.num_nodes, problem.num_devices
@@ -52,20 +55,23 @@ def neighbourhood(problem: PlacementProblem, row: np.ndarray) -> tuple[np.ndarra
     node = np.repeat(np.arange(n), d)
     dev = np.tile(np.arange(d), n)
     keep = dev != row[node]
-    singles = np.stack([node[keep], node[keep]], axis=1), dev[keep]
+    parts_nodes = [np.stack([node[keep], node[keep]], axis=1)]
+    parts_devs = [np.stack([dev[keep], dev[keep]], axis=1)]
     edges = _edges(problem)
     if len(edges):
         e_idx = np.repeat(np.arange(len(edges)), d)
         e_dev = np.tile(np.arange(d), len(edges))
         u, v = edges[e_idx, 0], edges[e_idx, 1]
-        # A pair move that equals a single move (one end already there) is left to the single.
+        # Both ends to one device; when one end is already there it is a single move.
         keep = (row[u] != e_dev) & (row[v] != e_dev)
-        pairs = np.stack([u[keep], v[keep]], axis=1), e_dev[keep]
-        nodes = np.concatenate([singles[0], pairs[0]])
-        devs = np.concatenate([singles[1], pairs[1]])
-    else:
-        nodes, devs = singles
-    return nodes, devs, edges
+        parts_nodes.append(np.stack([u[keep], v[keep]], axis=1))
+        parts_devs.append(np.stack([e_dev[keep], e_dev[keep]], axis=1))
+        # Swaps across the edges whose ends sit on different devices.
+        u, v = edges[:, 0], edges[:, 1]
+        keep = row[u] != row[v]
+        parts_nodes.append(np.stack([u[keep], v[keep]], axis=1))
+        parts_devs.append(np.stack([row[v][keep], row[u][keep]], axis=1))
+    return np.concatenate(parts_nodes), np.concatenate(parts_devs), edges
 
 
 def _edges(problem: PlacementProblem) -> np.ndarray:
@@ -76,11 +82,11 @@ def _edges(problem: PlacementProblem) -> np.ndarray:
 
 
 def apply_moves(row: np.ndarray, nodes: np.ndarray, devices: np.ndarray) -> np.ndarray:
-    """Rows [K, N]: ``row`` with move k applied to row k."""
+    """Rows [K, N]: ``row`` with move k (``nodes[k]`` to ``devices[k]``) applied to row k."""
     out = np.repeat(np.asarray(row, dtype=np.int64)[None], len(devices), axis=0)
     k = np.arange(len(devices))
-    out[k, nodes[:, 0]] = devices
-    out[k, nodes[:, 1]] = devices
+    out[k, nodes[:, 0]] = devices[:, 0]
+    out[k, nodes[:, 1]] = devices[:, 1]
     return out
 
 
