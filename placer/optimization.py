@@ -323,7 +323,16 @@ def optimize(
             initial.insert(0, previous)
 
     best_so_far_file = out_path / "placement.json" if out_path is not None else None
-    placement_of = lambda row, meta: _op_placement(row, problem, grouping, captured, the_cluster, spec, meta)  # noqa: E731
+
+    def placement_of(row: np.ndarray, meta: Mapping[str, Any]) -> Placement:
+        return _op_placement(row, problem, grouping, captured, the_cluster, spec, meta)
+
+    def save_measured_best(rec: Any) -> None:
+        # Hybrid: a new measured best goes to disk at once, so Ctrl-C keeps it.
+        if best_so_far_file is not None:
+            meta = {"step_time": rec.step_time, "source": "measured", "method": f"placer ({agent})"}
+            save_placement(placement_of(rec.row, meta), best_so_far_file)
+
     the_measurer = None
     if not the_cluster.simulated and (reward != "simulated" or measurer is not None
                                       or isinstance(source, (str, os.PathLike))):
@@ -337,15 +346,13 @@ def optimize(
         search_result, rounds = _search_with_reward(
             reward, the_measurer, problem, agent=agent, budget=budget, seed=seed, groups=groups, initial=initial,
             out_dir=out_path, progress=progress, fingerprint=captured.fingerprint, expand=grouping.expand,
-            resume=resume, save_best=(lambda rec: save_placement(placement_of(rec.row, {
-                "step_time": rec.step_time, "source": "measured", "method": f"placer ({agent})"}),
-                best_so_far_file)) if best_so_far_file is not None else None,
+            resume=resume, save_best=save_measured_best,
         )
         seconds["search"] = time.perf_counter() - start
         agent_row = search_result.best_row
         if reward == "hybrid" and the_measurer is not None:
-            agent_row = _hybrid_agent_row(the_measurer, search_result, interrupted=search_result.stop_reason
-                                          == "interrupted")
+            agent_row = _hybrid_agent_row(the_measurer, search_result,
+                                          interrupted=search_result.stop_reason == "interrupted")
         candidates.append(Candidate(
             f"placer ({agent})", agent_row, seconds["search"], search_result.evaluated,
             f"stopped: {search_result.stop_reason}", history=list(search_result.history),

@@ -154,8 +154,8 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
         "## Measurements", "",
         f"- reward **{m.reward}**: {_REWARD_WORDS.get(m.reward, m.reward)}.",
         f"- measured by {m.description}; **{m.count} distinct placements measured** "
-        f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; "
-        f"{m.requests} asked for, repeats answered from the cache.",
+        f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; the search evaluated "
+        f"{result.search.evaluated:,} placements, and a placement seen before is never measured again.",
     ]
     if m.reward == "hybrid":
         lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
