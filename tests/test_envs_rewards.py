@@ -185,3 +185,55 @@ def test_measured_overhead_does_not_squeeze_the_penalty():
     assert env.reward_model.invalid_penalty <= -math.sqrt(4.0) - INVALID_MARGIN
     rewards = {env.step(row)[1] for row in np.random.default_rng(0).integers(0, 3, size=(6, 8))}
     assert len(rewards) == 6 and min(rewards) > env.reward_model.invalid_penalty + INVALID_MARGIN
+
+
+class BatchingMeasurer(FakeMeasurer):
+    """A FakeMeasurer with ``measure_many`` (one call per batch) and ``attach``."""
+
+    def __init__(self, problem, **kw):
+        super().__init__(problem, **kw)
+        self.batches, self.attached = [], []
+
+    def measure_many(self, placements):
+        self.batches.append(len(placements))
+        return [self.measure(p) for p in placements]
+
+    def attach(self, reward_model):
+        self.attached.append(reward_model)
+
+
+def test_measured_mode_sends_a_batchs_new_placements_in_one_call_once_each():
+    problem = random_problem(n=8, d=3, seed=9)
+    meas = BatchingMeasurer(problem)
+    env = PlacementEnv(problem, reward_mode="measured", measurer=meas, hierarchical=False)
+    assert meas.attached == [env.reward_model]
+    rows = np.random.default_rng(2).integers(0, 3, size=(5, 8))
+    batch = np.concatenate([rows, rows[:3]])  # repeats within the batch
+    first = env.evaluate(batch)
+    again = env.evaluate(rows[::-1])
+    assert meas.batches[1:] == [5]  # after the reference: one call, five distinct rows, none again
+    np.testing.assert_array_equal(again.step_time, first.step_time[:5][::-1])
+
+
+def test_a_failing_measure_many_makes_its_batch_invalid_not_a_crash():
+    problem = random_problem(n=8, d=3, seed=9)
+    meas = BatchingMeasurer(problem, raise_on="gpu1")
+    env = PlacementEnv(problem, reward_mode="measured", measurer=meas, hierarchical=False, reference=1e-3)
+    ev = env.evaluate(np.array([[0] * 8, [2] * 8]))  # the second raises: the call fails for both
+    assert not ev.valid.any() and all("worker died" in r for r in ev.reason)
+
+
+def test_hybrid_rounds_on_demand_measure_the_fastest_distinct_candidates():
+    problem = random_problem(n=10, d=3, seed=6)
+    meas = BatchingMeasurer(problem, slowdown=(1.0, 2.0, 2.0))
+    env = PlacementEnv(problem, reward_mode="hybrid", measurer=meas, hierarchical=False, measure_every=None,
+                       measure_top_k=3)
+    model = env.reward_model
+    rows = np.random.default_rng(3).integers(0, 3, size=(12, 10))
+    fastest = rows[np.argsort(model.simulate(rows).step_time)[0]]
+    env.evaluate(np.concatenate([np.repeat(fastest[None], 50, axis=0), rows]))
+    assert meas.calls == []  # no automatic rounds
+    assert model.measure_best() == 3 and meas.batches == [3]  # one call for the round
+    measured = {r.tobytes() for r, *_ in model.measurements}
+    assert len(measured) == 3 and fastest.tobytes() in measured  # repeats did not crowd the pool
+    assert model.calibrations == 1
