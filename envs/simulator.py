@@ -440,7 +440,7 @@ _NUMBA_INPUTS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, tuple]" = weak
 
 
 def _numba_inputs(problem: PlacementProblem) -> tuple:
-    """The read-only kernel arguments: [N * D] cost tables, uint64 CSR with node offsets * GROUP."""
+    """The read-only kernel arguments: device-index dtype, [N * D] cost tables, uint64 CSR with node offsets * GROUP."""
     cached = _NUMBA_INPUTS_CACHE.get(problem)
     if cached is not None:
         return cached
@@ -451,7 +451,8 @@ def _numba_inputs(problem: PlacementProblem) -> tuple:
     def u64(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.uint64)
 
-    inputs = (a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * GROUP),
+    row_type = np.zeros(0, dtype=np.uint8 if problem.num_devices <= 256 else np.uint32)
+    inputs = (row_type, a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * GROUP),
               a.pred_bytes, u64(a.gsucc_ptr), u64(a.gsucc_dst * GROUP), a.gsucc_bytes, a.lat_flat,
               a.inv_bw_flat, a.static_mem)
     _NUMBA_INPUTS_CACHE[problem] = inputs

@@ -308,3 +308,19 @@ def test_negative_or_nan_times_are_a_clear_error(field):
         for backend in BACKENDS:
             with pytest.raises(PlacementError, match=field):
                 simulate_batch(broken, np.zeros((1, 6), dtype=int), backend=backend)
+
+
+def test_more_than_256_devices_match_the_numpy_path():
+    # Device indices above 255 take the kernel's wide row type (uint8 holds up to 256 devices).
+    from envs.cluster import make_cluster
+
+    devices = [Device(f"g{i}", "V100", 10**9, 1e13, 1e12) for i in range(300)]
+    cluster = make_cluster(devices, default_link=(1e-5, 1e10))
+    problem = compile_problem(layered_graph(40, seed=4), cluster)
+    rows = np.random.default_rng(1).integers(0, 300, size=(40, 40))
+    rows[:, :3] = [299, 256, 255]
+    results = [simulate_batch(problem, rows, backend=b) for b in BACKENDS]
+    for other in results[1:]:
+        for field in ("step_time", "peak_memory", "busy_time", "transfer_time", "transfer_bytes"):
+            assert np.array_equal(getattr(results[0], field), getattr(other, field)), field
+    assert np.all(results[0].transfer_bytes > 0)
