@@ -313,7 +313,8 @@ def measured_speedups(table: Any, measurer: PlacementMeasurer) -> Any:
     The comparison table divides by the simulated single-device time; a measured step
     time must be compared with a measured single-device time instead.
     """
-    singles = [m for m in (measurer.lookup(r) for r in single_device_rows(measurer.problem)) if m is not None and m.valid]
+    looked_up = (measurer.lookup(r) for r in single_device_rows(measurer.problem))
+    singles = [m for m in looked_up if m is not None and m.valid]
     table = table.copy()
     measured = table["source"] == "measured"
     if singles:

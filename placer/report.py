@@ -172,8 +172,8 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
                      f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
                      f"{_agreement_text(m.holdout['calibrated'])}.")
     if m.rounds:
-        lines += ["", "| round | at (s) | evaluated | measured | recalibrations | before | after | best measured (ms) |",
-                  "|:--|--:|--:|--:|--:|:--|:--|--:|"]
+        lines += ["", "| round | at (s) | evaluated | measured | recalibrations | fit before calibration | after "
+                      "| best measured (ms) |", "|:--|--:|--:|--:|--:|:--|:--|--:|"]
         for r in m.rounds:
             lines.append(f"| {r['phase']} | {r['at_s']:.1f} | {r['evaluated']:,} | {r['measured']} | "
                          f"{r['calibrations']} | {_agreement_text(r['before'])} | {_agreement_text(r['after'])} | "
