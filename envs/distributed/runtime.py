@@ -1,19 +1,25 @@
 """The per-rank training step of a placement split over processes (point-to-point schedule).
 
-Every rank holds the whole captured model but runs only its stages of the
-:class:`graphs.split.SplitPlan`. One training step on one rank:
+Every rank holds only its own stages of the :class:`graphs.split.SplitPlan` (their
+tensors are materialised by :mod:`envs.distributed.stage_state`). One training step on
+one rank:
 
-* **forward**, stages in schedule order: receive the values this stage reads from other
-  ranks (``torch.distributed.recv``), run the stage, queue its outputs for the ranks that
-  read them (``torch.distributed.isend``). Every value that crosses a stage boundary is
-  handed over as a detached leaf (``requires_grad`` where the original required grad), so
-  each stage's autograd graph ends at its own inputs;
+* **forward**: post every receive of the step at once (``torch.distributed.irecv``, in
+  the order the peers send), then run the stages in schedule order: wait for the values
+  the stage reads, run it, queue its outputs for the ranks that read them
+  (``torch.distributed.isend``). Every value that crosses a stage boundary is handed over
+  as a detached leaf (``requires_grad`` where the original required grad), so each
+  stage's autograd graph ends at its own inputs;
 * the output rank gathers the model output and computes the loss;
-* **backward**, stages in reverse: collect the gradients of the stage's outputs (from the
-  leaf copies of later local stages, or received from the ranks that read them), call
-  ``torch.autograd.backward`` on the outputs with those gradients, then send the
-  gradients of the values the stage received back to their producers;
+* **backward**: post every gradient receive, then run the stages in reverse: collect the
+  gradients of the stage's outputs (from the leaf copies of later local stages, or
+  received from the ranks that read them), call ``torch.autograd.backward`` on the outputs
+  with those gradients, then send the gradients of the values the stage received back to
+  their producers;
 * the optimizer steps the rank's own parameters.
+
+Posting receives ahead lets a value land while the rank computes: a stage waits for its
+producer, not for a receive to be posted and matched after the data arrived.
 
 Why point-to-point and not RPC with distributed autograd: ``torch.distributed.rpc`` is in
 maintenance mode, needs a TensorPipe agent per process and pickles every call; the
@@ -25,13 +31,15 @@ Ordering rule (why it cannot deadlock or mismatch): between two ranks, messages 
 matched in order (NCCL ignores tags). The receiver takes values in the order of its own
 schedule — by consumer stage, then by the plan's transfer order — so the sender keeps
 one queue per peer sorted the same way and sends the head of the queue as soon as it is
-computed. Every value a stage at level L needs is produced at a level below L, so by
-induction on levels every receive is eventually matched. The backward mirrors this with
-levels reversed. Sends are non-blocking; their handles are awaited at the end of the step.
+computed. Every value a stage needs comes from an earlier stage in the global schedule
+(see :mod:`graphs.split`), so by induction on the schedule every receive is eventually
+matched. The backward mirrors this in reverse. Sends are non-blocking; their handles are
+awaited at the end of each pass.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -120,6 +128,33 @@ class Comm:
     def recv(self, tensor: torch.Tensor, src: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def irecv(self, tensor: torch.Tensor, src: int) -> Any:
+        """Post a receive into ``tensor``; the handle's ``wait()`` returns once it has landed.
+
+        Receives from one peer complete in the order they are posted. This default receives
+        when waited on (nothing in flight); :class:`TorchComm` posts it at once.
+        """
+        return _DeferredRecv(self, tensor, src)
+
+
+class _DeferredRecv:
+    def __init__(self, comm: Comm, tensor: torch.Tensor, src: int) -> None:
+        self.comm, self.tensor, self.src = comm, tensor, src
+
+    def wait(self) -> None:
+        self.comm.recv(self.tensor, self.src)
+
+
+class _StagedRecv:
+    """A receive into a host buffer, copied to the device tensor when waited on (gloo + CUDA)."""
+
+    def __init__(self, work: Any, buf: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.work, self.buf, self.tensor = work, buf, tensor
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.tensor.copy_(self.buf)
+
 
 class TorchComm(Comm):
     """``torch.distributed`` send/recv; gloo moves CUDA tensors through host memory."""
@@ -145,6 +180,14 @@ class TorchComm(Comm):
         else:
             dist.recv(tensor, src)
 
+    def irecv(self, tensor: torch.Tensor, src: int) -> Any:
+        import torch.distributed as dist
+
+        if self.host_staging and tensor.device.type != "cpu":
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype)
+            return _StagedRecv(dist.irecv(buf, src), buf, tensor)
+        return dist.irecv(tensor, src)
+
 
 class CountingComm(Comm):
     """Wraps a :class:`Comm` and counts what crosses: messages and bytes sent, receives, and
@@ -165,12 +208,24 @@ class CountingComm(Comm):
         return self.inner.isend(tensor, dst)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
-        import time
-
         start = time.perf_counter()
         self.inner.recv(tensor, src)
         self.recv_wait_s += time.perf_counter() - start
         self.received += 1
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Any:
+        self.received += 1
+        return _TimedWait(self, self.inner.irecv(tensor, src))
+
+
+class _TimedWait:
+    def __init__(self, owner: CountingComm, handle: Any) -> None:
+        self.owner, self.handle = owner, handle
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        self.handle.wait()
+        self.owner.recv_wait_s += time.perf_counter() - start
 
 
 class _Outbox:
@@ -272,17 +327,54 @@ class RankStep:
 
         return tree_map(cut, value)
 
-    def _receive(self, t: Transfer) -> Any:
+    def _post_receives(self) -> dict[str, list[tuple[Any, torch.Tensor]]]:
+        """Post every forward receive of the step at once, in the order the senders send.
+
+        The values land while this rank computes, so a stage rarely waits for the
+        network, only for its producer; the buffers are the received values themselves
+        (kept for the backward pass anyway), so posting early costs no memory.
+        """
+        posted: dict[str, list[tuple[Any, torch.Tensor]]] = {}
+        for stage_index in sorted(self.recv_at):
+            for t in self.recv_at[stage_index]:
+                bufs = []
+                for m in self.meta[t.value][1]:
+                    if m.is_tensor:
+                        buf = torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                        bufs.append((self.comm.irecv(buf, t.src_rank), buf))
+                posted[t.value] = bufs
+        return posted
+
+    def _receive(self, t: Transfer, posted: Mapping[str, list[tuple[Any, torch.Tensor]]]) -> Any:
         spec, leaves = self.meta[t.value]
+        arrived = iter(posted[t.value])
         values = []
         for m in leaves:
             if not m.is_tensor:
                 values.append(m.const)
                 continue
-            buf = torch.empty(m.shape, dtype=m.dtype, device=self.device)
-            self.comm.recv(buf, t.src_rank)
+            handle, buf = next(arrived)
+            handle.wait()
             values.append(buf.requires_grad_(True) if m.needs_grad else buf)
         return tree_unflatten(values, spec)
+
+    def _post_grad_receives(self) -> dict[tuple[str, int], list[tuple[Any, torch.Tensor]]]:
+        """Post every gradient receive of the backward pass, in the order the peers send them."""
+        posted: dict[tuple[str, int], list[tuple[Any, torch.Tensor]]] = {}
+        for stage in reversed(self.stages):
+            for name in stage.outputs:
+                grads_meta = [m for m in self.meta[name][1] if m.needs_grad]
+                if not grads_meta:
+                    continue
+                for t in self.by_value.get(name, []):
+                    if t.dst_rank == self.rank:
+                        continue
+                    bufs = []
+                    for m in grads_meta:
+                        buf = torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                        bufs.append((self.comm.irecv(buf, t.dst_rank), buf))
+                    posted[(name, t.dst_rank)] = bufs
+        return posted
 
     @staticmethod
     def _tensor_leaves(value: Any, leaves: list[LeafMeta], grad_only: bool) -> list[torch.Tensor]:
@@ -300,9 +392,10 @@ class RankStep:
         produced: dict[str, Any] = {}  # value -> output of my stage (with its autograd graph)
         copies: dict[str, Any] = {}  # value -> the leaf copy stages on this rank read
         outbox = _Outbox(self.comm, {p: [("f", self._idx[t]) for t in ts] for p, ts in self.fwd_order.items()})
+        posted = self._post_receives()
         for stage in self.stages:
             for t in self.recv_at.get(stage.index, []):
-                copies[t.value] = self._receive(t)
+                copies[t.value] = self._receive(t, posted)
             args = [self.inputs[n] if n in self.inputs else copies[n] for n in stage.inputs]
             outs = stage.module(*args)
             for name, value in zip(stage.outputs, outs):
@@ -317,7 +410,7 @@ class RankStep:
         loss = None
         if self.rank == self.plan.output_rank:
             for t in self.recv_at.get(self.out_stage, []):
-                copies[t.value] = self._receive(t)
+                copies[t.value] = self._receive(t, posted)
             output = tree_map(lambda x: copies[x] if isinstance(x, str) and x in copies
                               else self.inputs.get(x, x) if isinstance(x, str) else x,
                               self.plan.output_args)
@@ -326,6 +419,7 @@ class RankStep:
 
         # ---- backward
         grad_outbox = _Outbox(self.comm, {p: [("b", self._idx[t]) for t in ts] for p, ts in self.bwd_order.items()})
+        grad_posted = self._post_grad_receives()
         if loss is not None:
             loss.backward()
             self._send_back(self.out_stage, copies, grad_outbox)
@@ -343,9 +437,8 @@ class RankStep:
                         got = [c.grad for c in self._tensor_leaves(copies[name], leaves_meta, grad_only=True)]
                     else:
                         got = []
-                        for o in outs:
-                            buf = torch.empty_like(o, memory_format=torch.contiguous_format).detach()
-                            self.comm.recv(buf, t.dst_rank)
+                        for handle, buf in grad_posted[(name, t.dst_rank)]:
+                            handle.wait()
                             got.append(buf)
                     total = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(total, got)]
                 for o, g in zip(outs, total):
