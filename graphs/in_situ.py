@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -176,16 +176,22 @@ def _differentiable(value: Any) -> list[torch.Tensor]:
 
 
 def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                  repeats: int, stats: dict[str, Any] | None = None) -> dict[str, tuple[float, float]]:
+                  repeats: int, stats: dict[str, Any] | None = None,
+                  after_backward: Callable[[fx.GraphModule, bool, bool], None] | None = None
+                  ) -> dict[str, tuple[float, float]]:
     """Median (forward, backward) seconds of every compute node, timed in place (module doc).
 
     ``repeats`` timed runs (forward ticks + hooked backward) alternate with as many
     untimed ones (plain forward + backward); the hooks' cost per autograd node is
-    (median hooked - median plain backward) / autograd nodes, measured on this graph, and
+    median(hooked - plain backward, paired by round) / autograd nodes, measured on this graph, and
     is subtracted from each node's backward. Raises whatever the graph raises when it
     cannot run whole on ``device`` (the caller falls back to isolated timing). ``stats``,
     when given, receives ``autograd_nodes`` (backward ops of one step) and
-    ``hook_seconds`` (the hooks' measured cost per autograd node).
+    ``hook_seconds`` (the hooks' measured cost per autograd node). ``after_backward(gm,
+    timed_run, record)``, when given, runs after every backward with the fresh gradients
+    (the graph actually run, whether the run was a timed one, whether this is a recorded
+    round rather than the warm-up): the optimizer updates are timed there
+    (:class:`graphs.optimizer_timing.InSituOptimizerTimer`).
     """
     if device.type == "cpu":
         work, inputs = gm, tuple(example_inputs)
@@ -218,11 +224,15 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                 finally:
                     timer.release()
                 del outputs
+                if after_backward is not None:
+                    after_backward(work, True, i > 0)
                 for p in params:
                     p.grad = None
                 outputs = _differentiable(work(*inputs))
                 untimed = _backward(outputs, device, None) if outputs else 0.0
                 del outputs
+                if after_backward is not None:
+                    after_backward(work, False, i > 0)
                 if i > 0:
                     tickers.append(ticker)
                     timers.append(timer)
@@ -236,7 +246,9 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     total_nodes = sum(autograd_nodes.values())
     per_autograd_node = 0.0
     if total_nodes:
-        per_autograd_node = max((statistics.median(hooked) - statistics.median(plain)) / total_nodes, 0.0)
+        # Each timed run is paired with the untimed run right after it, so a load change
+        # between rounds (a shared machine) cancels out of the difference.
+        per_autograd_node = max(statistics.median(h - p for h, p in zip(hooked, plain)) / total_nodes, 0.0)
     if stats is not None:
         stats.update(autograd_nodes=total_nodes, hook_seconds=per_autograd_node)
     result: dict[str, tuple[float, float]] = {}

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from graphs.op_timing import inner_loops, median_loop, timed_once
+from graphs.op_timing import clock_for, inner_loops, median_loop, sync_device, timed_once
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -195,10 +195,110 @@ def optimizer_times(gm: fx.GraphModule, optimizer_fn: OptimizerFn, device: torch
             rounds[key].append(step.sample())
     raw = {key: statistics.median(samples) for key, samples in rounds.items()}
     whole = raw.pop("(whole)")
-    fixed = 0.0
-    if len(steps) >= 2:
-        per_tensor = max((raw.pop("(9 tiny)") - raw.pop("(1 tiny)")) / 8, 0.0)
-        cap = min(raw[name] - per_tensor * len(copies[name]) for name in steps)
-        fixed = min(max((sum(raw.values()) - whole) / (len(steps) - 1), 0.0), max(cap, 0.0))
-    per_node = {name: raw[name] - fixed for name in steps}
+    per_tensor = max((raw.pop("(9 tiny)", 0.0) - raw.pop("(1 tiny)", 0.0)) / 8, 0.0)
+    per_node, fixed = _shares(raw, whole, per_tensor, {name: len(copies[name]) for name in steps})
     return OptimizerTimes(per_node, fixed, whole, kind, failures, failed)
+
+
+def _shares(raw: dict[str, float], whole: float, per_tensor: float,
+            tensors: dict[str, int]) -> tuple[dict[str, float], float]:
+    """Each node's share (its step minus the fixed cost F) and F; see :func:`optimizer_times`."""
+    fixed = 0.0
+    if len(raw) >= 2:
+        cap = min(raw[name] - per_tensor * tensors[name] for name in raw)
+        fixed = min(max((sum(raw.values()) - whole) / (len(raw) - 1), 0.0), max(cap, 0.0))
+    return {name: raw[name] - fixed for name in raw}, fixed
+
+
+class InSituOptimizerTimer:
+    """Times the optimizer updates inside the in-situ runs, right after a real backward.
+
+    An update timed in a loop runs with its parameters, gradients and state hot in the
+    cache; in a training step it runs after the backward has swept the activations
+    through the cache (measured on the small zoo: the step right after a backward
+    costs 5-45% more than the same step repeated). So :func:`graphs.in_situ.in_situ_times`
+    calls :meth:`after_backward` after each backward: after a timed run every node's own
+    optimizer (the model's optimizer over the node's parameters) steps once, timed; after
+    an untimed run one optimizer over all parameters steps (the whole step), timed, then
+    two over 1 and 9 one-element tensors (the least a tensor's update costs). The
+    gradients are the real ones of that backward. Node shares and the fixed per-step cost
+    come out as in :func:`optimizer_times`. The parameters are restored (:meth:`restore`)
+    after the runs: profiling trains nothing.
+    """
+
+    def __init__(self, optimizer_fn: OptimizerFn, device: torch.device) -> None:
+        self.optimizer_fn = optimizer_fn
+        self.device = device
+        self.clock = clock_for(device)
+        self.kind = optimizer_kind(optimizer_fn)
+        self.owned: dict[str, list[torch.Tensor]] | None = None
+        self.nodes: dict[str, torch.optim.Optimizer] = {}
+        self.whole: torch.optim.Optimizer | None = None
+        self.tiny: list[torch.optim.Optimizer] = []
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.samples: dict[str, list[float]] = {}
+        self.failures: list[str] = []
+        self.failed: set[str] = set()
+
+    def _build(self, gm: fx.GraphModule) -> None:
+        self.owned = node_parameters(gm)
+        self.saved = [(p, p.detach().clone()) for params in self.owned.values() for p in params]
+        for name, params in self.owned.items():
+            try:
+                self.nodes[name] = self.optimizer_fn(params)
+            except Exception as exc:  # noqa: BLE001 - one node must not stop profiling
+                self.failed.add(name)
+                self.failures.append(f"{name}: optimizer step not timed: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        if self.nodes:
+            self.whole = self.optimizer_fn([p for name in self.nodes for p in self.owned[name]])
+            tiny = [torch.zeros(1, device=self.device, requires_grad=True) for _ in range(9)]
+            for t in tiny:
+                t.grad = torch.full_like(t, 1e-3)
+            self.tiny = [self.optimizer_fn(tiny[:1]), self.optimizer_fn(tiny)]
+
+    def _timed(self, key: str, optimizer: torch.optim.Optimizer, record: bool) -> None:
+        sync_device(self.device)
+        start = self.clock()
+        try:
+            optimizer.step()
+        except Exception as exc:  # noqa: BLE001 - e.g. an optimizer that needs a closure
+            if key in self.nodes:
+                del self.nodes[key]
+                self.failed.add(key)
+                self.failures.append(f"{key}: optimizer step not timed: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        sync_device(self.device)
+        if record:
+            self.samples.setdefault(key, []).append(self.clock() - start)
+
+    def after_backward(self, gm: fx.GraphModule, timed_run: bool, record: bool) -> None:
+        """Step the node optimizers (after a timed run) or the whole one (after an untimed run)."""
+        if self.owned is None:
+            self._build(gm)
+        if timed_run:
+            for name, optimizer in list(self.nodes.items()):
+                self._timed(name, optimizer, record)
+        elif self.whole is not None:
+            self._timed("(whole)", self.whole, record)
+            self._timed("(1 tiny)", self.tiny[0], record)
+            self._timed("(9 tiny)", self.tiny[1], record)
+
+    def restore(self) -> None:
+        """Put the parameters back as they were before the first step."""
+        with torch.no_grad():
+            for param, value in self.saved:
+                param.copy_(value)
+        self.saved = []
+
+    def result(self) -> OptimizerTimes:
+        """Node shares, fixed cost and whole step from the medians of the recorded steps."""
+        raw = {key: statistics.median(values) for key, values in self.samples.items()
+               if key in self.nodes or key.startswith("(")}
+        per_tensor = max((raw.pop("(9 tiny)", 0.0) - raw.pop("(1 tiny)", 0.0)) / 8, 0.0)
+        if "(whole)" not in raw:  # the whole step could not run: no fixed cost can be solved
+            return OptimizerTimes(raw, 0.0, sum(raw.values()), self.kind, list(self.failures), set(self.failed))
+        whole = raw.pop("(whole)")
+        per_node, fixed = _shares(raw, whole, per_tensor, {n: len((self.owned or {})[n]) for n in raw})
+        return OptimizerTimes(per_node, fixed, whole, self.kind, list(self.failures), set(self.failed))

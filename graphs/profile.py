@@ -59,7 +59,8 @@ from graphs.errors import GraphError
 from graphs.in_situ import COMPUTE_OPS, in_situ_times
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
 from graphs.op_timing import median_loop, one_cpu_thread, time_call, tree_map
-from graphs.optimizer_timing import OptimizerFn, node_parameters, optimizer_key, optimizer_kind, optimizer_times
+from graphs.optimizer_timing import (InSituOptimizerTimer, OptimizerFn, OptimizerTimes, node_parameters, optimizer_key,
+                                     optimizer_kind, optimizer_times)
 from graphs.profile_cache import NodeTimes, ProfileCache, device_name, inputs_key
 
 class ProfileError(GraphError):
@@ -319,27 +320,24 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
             infos[dev.type] = ProfileInfo(dev.type, dname, cached=False)
 
     if todo:
-        measured = _measure(gm, example_inputs, todo, repeats, infos, method)
-        with one_cpu_thread():
-            for dev in todo:
-                start = time.perf_counter()
-                opt = optimizer_times(gm, optimizer_fn, dev, repeats)
-                infos[dev.type].seconds += time.perf_counter() - start
-                infos[dev.type].failures.extend(opt.failures)
-                per_node: dict[str, NodeTimes] = {}
-                for name in names:
-                    fwd, bwd = measured.get(name, {}).get(dev.type, (0.0, 0.0))
-                    failed = name in opt.failed_nodes
-                    per_node[name] = (fwd, bwd, None if failed else opt.per_node.get(name, 0.0))
-                results[dev.type] = per_node
-                metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
-                                   "optimizer_whole": opt.whole,
-                                   "autograd_nodes": infos[dev.type].autograd_nodes}
-                if cache:
-                    cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
-                                metas[dev.type])
-                for failure in infos[dev.type].failures:
-                    warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
+        measured, updates = _measure(gm, example_inputs, todo, repeats, infos, method, optimizer_fn)
+        for dev in todo:
+            opt = updates[dev.type]
+            infos[dev.type].failures.extend(opt.failures)
+            per_node: dict[str, NodeTimes] = {}
+            for name in names:
+                fwd, bwd = measured.get(name, {}).get(dev.type, (0.0, 0.0))
+                failed = name in opt.failed_nodes
+                per_node[name] = (fwd, bwd, None if failed else opt.per_node.get(name, 0.0))
+            results[dev.type] = per_node
+            metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
+                               "optimizer_whole": opt.whole,
+                               "autograd_nodes": infos[dev.type].autograd_nodes}
+            if cache:
+                cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
+                            metas[dev.type])
+            for failure in infos[dev.type].failures:
+                warnings.warn(f"profiling on {dev.type}: {failure}", stacklevel=2)
 
     owned = node_parameters(gm)
     for name, data in graph.nodes(data=True):
@@ -369,8 +367,11 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
 
 
 def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[torch.device], repeats: int,
-             infos: dict[str, ProfileInfo], method: str) -> dict[str, dict[str, tuple[float, float]]]:
+             infos: dict[str, ProfileInfo], method: str, optimizer_fn: OptimizerFn
+             ) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, OptimizerTimes]]:
+    """Forward/backward times per node and device, and the optimizer updates per device kind."""
     times: dict[str, dict[str, tuple[float, float]]] = {}
+    updates: dict[str, OptimizerTimes] = {}
     isolated: list[torch.device] = []
     # Runs of the real model update BatchNorm statistics and the like: profiling leaves no trace.
     with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
@@ -379,15 +380,19 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
                 isolated.append(dev)
                 continue
             start = time.perf_counter()
+            opt_timer = InSituOptimizerTimer(optimizer_fn, dev)
             try:
                 stats: dict[str, Any] = {}
-                measured = in_situ_times(gm, example_inputs, dev, repeats, stats)
+                measured = in_situ_times(gm, example_inputs, dev, repeats, stats, opt_timer.after_backward)
                 infos[dev.type].autograd_nodes = int(stats.get("autograd_nodes", 0))
             except Exception as exc:  # noqa: BLE001 - e.g. a model that makes CPU tensors while on CUDA
                 infos[dev.type].failures.append(f"in-situ run: {type(exc).__name__}: "
                                                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
                 isolated.append(dev)
                 continue
+            finally:
+                opt_timer.restore()
+            updates[dev.type] = opt_timer.result()
             infos[dev.type].method = "in_situ"
             infos[dev.type].compute_nodes = len(measured)
             infos[dev.type].seconds = time.perf_counter() - start
@@ -400,7 +405,10 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
                 times.setdefault(name, {}).update(per_dev)
             for dev in isolated:
                 infos[dev.type].method = "isolated"
-    return times
+                start = time.perf_counter()
+                updates[dev.type] = optimizer_times(gm, optimizer_fn, dev, repeats)
+                infos[dev.type].seconds += time.perf_counter() - start
+    return times, updates
 
 
 # --------------------------------------------------------------------------- whole step

@@ -90,3 +90,17 @@ def test_profiles_with_different_optimizers_are_cached_apart(tmp_path):
     assert cap.graph.graph["optimizer"] == "adam"
     assert len(list(tmp_path.glob("*.json"))) == 2
     assert cap.graph.graph["profile_info"]["cpu"]["cached"] is False
+
+
+def test_in_situ_profiling_times_updates_after_real_backwards_and_trains_nothing(tmp_path):
+    model = Shared()
+    inputs = (torch.randn(4, 8),)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cap = capture(model, inputs, name="shared")
+    profile_graph(cap, inputs, devices=["cpu"], repeats=3, cache_dir=tmp_path, optimizer_fn=_adam)
+    info = cap.graph.graph["profile_info"]["cpu"]
+    assert info["method"] == "in_situ" and info["optimizer_whole"] > 0
+    assert {n for n, d in cap.graph.nodes(data=True) if d["opt_time"]["cpu"] > 0} == {"lin", "norm", "head"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())

@@ -58,8 +58,11 @@ def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
     for name, d in g.nodes(data=True):
         assert set(d["time"]) == {"cpu"}
         assert d["time"]["cpu"] == pytest.approx(d["fwd_time"]["cpu"] + d["bwd_time"]["cpu"] + d["opt_time"]["cpu"])
-        if d["op"] in ("call_module", "call_function", "call_method"):
+        if d["op"] == "call_module":
             assert d["fwd_time"]["cpu"] > 0, name
+        elif d["op"] in ("call_function", "call_method"):
+            # A shape query costs about one clock read, which is subtracted: it may read 0.
+            assert d["fwd_time"]["cpu"] >= 0, name
         else:
             assert d["time"]["cpu"] == 0.0, name
     # The optimizer update is charged to the nodes owning parameters (first use), no other.
