@@ -6,18 +6,20 @@ A training step ends with ``optimizer.step()``; on a small model it is 15-40% of
 it lives, and it lives with the node that owns it (the first node that uses it, the rule of
 ``param_bytes`` in :mod:`graphs.placement_graph`).
 
-How it is timed: for each parameter-owning node, copies of its trainable parameters get a
-gradient and the model's own optimizer (``optimizer_fn(params)``, the model file's
-``get_optimizer``) is built over just those copies; after one warm-up step (which creates
-lazy state, e.g. Adam's moments) the median of ``repeats`` steps is the node's time, minus
-the optimizer's fixed per-step cost (Python set-up a real step pays once, not once per
+How it is timed: the model's own optimizer (``optimizer_fn(params)``, the model file's
+``get_optimizer``) is built over just one node's trainable parameters and stepped. In the
+in-situ profile (default, :class:`InSituOptimizerTimer`) that happens on the real
+parameters right after each real backward of the profiling runs, on its fresh gradients,
+and the parameters are restored afterwards; in the isolated profile
+(:func:`optimizer_times`) on copies with random gradients, in a loop. After a warm-up step
+(which creates lazy state, e.g. Adam's moments) the median of ``repeats`` steps is the
+node's time, minus the optimizer's fixed per-step cost (Python set-up a real step pays once, not once per
 node; solved from the node steps and one whole step, see :func:`optimizer_times`). Why not time the whole step and split it by parameter bytes: the
 CPU optimizers of torch loop over tensors one by one, and a tensor's update costs a fixed
 few microseconds plus its bytes; a split by bytes gives a 4-element BatchNorm bias nothing
 although it costs as much as a small convolution's weight, and the per-node timing
 measures that directly (the sum of the node times plus one fixed cost is checked against
-the whole step in ``benchmarks/bench_capture.py``). Copies are updated, never the model's
-parameters.
+the whole step in ``benchmarks/bench_capture.py``). Profiling trains nothing.
 """
 
 from __future__ import annotations
