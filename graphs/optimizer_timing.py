@@ -21,10 +21,12 @@ Why not time the whole step and split it by parameter bytes: torch's CPU optimiz
 over the tensors one by one, and a tensor's update costs a fixed few microseconds plus
 its bytes, so a split by bytes gives a 4-element BatchNorm bias nothing although it
 costs about as much as a small convolution's weight. Measured on the small zoo (whole
-step split by bytes vs each node's timed update): a median error per node of 52-98%
-(ResNet-50 94%, Inception-V3 98%, GPT-2 59-69%, NMT 71-77%, RNNLM 52-61%, MoE 62-75%),
+step split by bytes vs each node's timed update, four runs): a median error per node of
+52-166% (ResNet-50 94-96%, Inception-V3 98%, GPT-2 59-96%, NMT 71-89%, RNNLM 52-166%,
+MoE 62-75%),
 while the node times plus one fixed cost add up to the whole step within a few percent
-(``benchmarks/bench_capture.py`` compares them with the step's optimizer phase). Profiling trains nothing.
+(``benchmarks/bench_capture.py`` compares them with the step's optimizer phase).
+Profiling trains nothing.
 """
 
 from __future__ import annotations
