@@ -23,6 +23,7 @@ The results go to a Markdown file with the command that produced them::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -172,7 +173,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
                               "fastest": min(r.times) if r.valid else None,
                               "reason": r.reason, "devices_used": len(used), "row": row,
                               "plan": detail.get("plan", ""), "messages": detail.get("messages_sent"),
-                              "wait": detail.get("recv_wait_s")})
+                              "wait": detail.get("recv_wait_s"), "cpu": detail.get("cpu_s")})
     rows.append({"setup": "all on cpu:0, 2 workers (runtime overhead)", "measured": measured_rows[0]["measured"],
                  "fastest": measured_rows[0]["fastest"],
                  "simulated": sim_single, "reason": measured_rows[0]["reason"], "note": ""})
@@ -194,7 +195,9 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
                 m._cache.clear()  # a fresh measurement, not the cached one
                 [r] = m.measure_many([placement])
                 alternations.append({"setup": label, "measured": r.step_time if r.valid else None,
-                                     "fastest": min(r.times) if r.valid else None, "reason": r.reason})
+                                     "fastest": min(r.times) if r.valid else None, "reason": r.reason,
+                                     "cpu": m.details.get(r.placement_hash, {}).get("cpu_s"),
+                                     "load": os.getloadavg()[0]})
     plain_s, staged_s = stage_overhead(prep)
     rows.append({"setup": "1 process, 1 thread: plain vs through the stage runtime (interleaved)",
                  "measured": None, "fastest": staged_s, "simulated": None, "reason": "",
@@ -236,20 +239,24 @@ def to_markdown(command: str, cluster: Any, records: list[dict[str, Any]], heade
             lines.append(f"| {row['setup']} | {_ms(row['measured'])} | {_ms(row['fastest'])} | "
                          f"{_ms(row['simulated'])} | {note} |")
         lines += ["", "Candidates measured through the runtime (simulator's fastest first); messages "
-                  "sent and time blocked in receives are per step, rank 0 / rank 1:", "",
+                  "sent, time blocked in receives and CPU time (all threads of the process) are per step, rank 0 / rank 1:", "",
                   "| placement | devices used | simulated (ms) | measured median (ms) | fastest step (ms) "
-                  "| stages | messages sent | blocked in recv (ms) | reason |",
-                  "|---|---:|---:|---:|---:|---|---|---|---|"]
+                  "| stages | messages sent | blocked in recv (ms) | CPU time (ms) | reason |",
+                  "|---|---:|---:|---:|---:|---|---|---|---|---|"]
         for c in rec["candidates"]:
             msgs = "/".join(f"{m:g}" for m in c["messages"]) if c.get("messages") else ""
             wait = "/".join(_ms(w) for w in c["wait"]) if c.get("wait") else ""
+            cpu = "/".join(_ms(w) for w in c["cpu"]) if c.get("cpu") else ""
             lines.append(f"| {c['label']} | {c['devices_used']} | {_ms(c['simulated'])} | {_ms(c['measured'])} | "
-                         f"{_ms(c['fastest'])} | {c.get('plan', '')} | {msgs} | {wait} | {c['reason']} |")
+                         f"{_ms(c['fastest'])} | {c.get('plan', '')} | {msgs} | {wait} | {cpu} | {c['reason']} |")
         if rec.get("alternations"):
             lines += ["", "Alternating fresh jobs (same load drift for both):", "",
-                      "| round | setup | measured median (ms) | fastest step (ms) |", "|---:|---|---:|---:|"]
+                      "| round | setup | measured median (ms) | fastest step (ms) | CPU time per rank (ms) "
+                      "| load average after |", "|---:|---|---:|---:|---|---:|"]
             for i, a in enumerate(rec["alternations"]):
-                lines.append(f"| {i // 2 + 1} | {a['setup']} | {_ms(a['measured'])} | {_ms(a['fastest'])} |")
+                cpu = "/".join(_ms(c) for c in a["cpu"]) if a.get("cpu") else ""
+                lines.append(f"| {i // 2 + 1} | {a['setup']} | {_ms(a['measured'])} | {_ms(a['fastest'])} | "
+                             f"{cpu} | {a['load']:.1f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -268,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    import os
 
     import torch
 

@@ -187,6 +187,32 @@ def test_hung_job_times_out_and_is_killed(tmp_path):
     assert _workers_of(tmp_path) == [], "a worker outlived the job"
 
 
+def test_measured_messages_are_the_plans_crossings():
+    """Each timed step sends one message per tensor leaf crossing forward and one per
+    gradient coming back; the measurer reports them per rank with the time spent waiting."""
+    from envs.distributed.runtime import value_meta
+
+    prep = _prepared("rnnlm")
+    half, _ = _placements(prep)
+    m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, warmup=1, repeats=2,
+                            spec=prep.spec, captured=prep.captured, fingerprint=prep.captured.fingerprint)
+    [res] = m.measure_many([{n: f"cpu:{r}" for n, r in half.items()}])
+    assert res.valid, res.reason
+    detail = m.details[res.placement_hash]
+    gm = copy.deepcopy(prep.captured.gm).train()
+    meta = value_meta(gm, prep.spec.example_inputs)
+    plan = split_by_rank(gm, half, 2)
+    expected = [0, 0]
+    for t in plan.transfers:
+        if t.src_rank != t.dst_rank:
+            leaves = meta[t.value][1]
+            expected[t.src_rank] += sum(1 for x in leaves if x.is_tensor)
+            expected[t.dst_rank] += sum(1 for x in leaves if x.needs_grad)
+    assert min(expected) > 0
+    assert detail["messages_sent"] == expected
+    assert all(w >= 0 for w in detail["recv_wait_s"]) and all(c > 0 for c in detail["cpu_s"])
+
+
 def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):

@@ -149,7 +149,7 @@ class DistributedMeasurer:
                     self.details[keys[i]] = {
                         "plan": per_rank[0].get("describe", ""),
                         **{k: [r.get(k) for r in per_rank]
-                           for k in ("messages_sent", "bytes_sent", "recv_wait_s")},
+                           for k in ("messages_sent", "bytes_sent", "recv_wait_s", "cpu_s")},
                     }
                 elif j == out.failed_task:
                     res = MeasureResult(step_time=float("inf"), valid=False, reason=out.error,

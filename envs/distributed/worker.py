@@ -150,12 +150,12 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     "listening_on": _listening_addresses(),
                 }
             elif kind == "measure":
-                times = []
+                times, cpu = [], 0.0
                 for step in range(int(task["warmup"]) + int(task["repeats"])):
                     if step == int(task["warmup"]):
                         comm.reset()  # count the timed steps only
                     dist.barrier()
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     if optimizer is not None:
                         optimizer.zero_grad(set_to_none=True)
                     runner.step()
@@ -166,12 +166,15 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     dist.barrier()
                     if step >= int(task["warmup"]):
                         times.append(time.perf_counter() - start)
+                        cpu += time.process_time() - cpu_start
                 n = max(1, int(task["repeats"]))
                 result = {"times": times, "describe": plan.describe(),
                           # Per timed step: messages this rank sent / received, bytes sent, and
                           # the time it sat in receives waiting for its peers.
                           "messages_sent": comm.sent / n, "messages_received": comm.received / n,
-                          "bytes_sent": comm.sent_bytes / n, "recv_wait_s": comm.recv_wait_s / n}
+                          "bytes_sent": comm.sent_bytes / n, "recv_wait_s": comm.recv_wait_s / n,
+                          # CPU seconds of this process per step (all its threads, incl. gloo's).
+                          "cpu_s": cpu / n}
             else:
                 raise RuntimeError(f"unknown task kind {kind!r}")
             _atomic_save(result, job_dir / f"result-{i}-{rank}.pt")
