@@ -44,6 +44,10 @@ from placer.options import Budget
 HYBRID_ROUNDS = 3
 #: Hybrid: candidates measured per round (three valid ones allow the first calibration).
 HYBRID_TOP_K = 4
+#: Hybrid: after round 0, a round waits while measuring has taken more than this share of
+#: the search's wall time. On this loaded 2-core VM one round took 10-30 s, and back-to-back
+#: rounds left a 1-minute search 268 simulated placements.
+HYBRID_MAX_MEASURING_SHARE = 0.5
 #: Measured mode: placements the agent proposes per batch (each batch is one measuring call).
 MEASURED_BATCH = 8
 #: Measured mode: behaviour-cloning steps on the best seed before the search. Search's
@@ -226,15 +230,19 @@ class HybridRounds:
     placements, whichever is further along) is spent — round 0 right after the seed
     placements are scored — and measures the reward model's ``measure_top_k`` best
     not-yet-measured candidates; the reward model then recalibrates its simulator from all
-    valid measurements so far. ``on_best(record)`` is called when a round finds a new
-    measured best (optimize writes it to disk, so Ctrl-C keeps it).
+    valid measurements so far. A later round waits while measuring has taken more than
+    ``max_measuring_share`` of the wall time, so slow measurements cannot starve the
+    search. ``on_best(record)`` is called when a round finds a new measured best
+    (optimize writes it to disk, so Ctrl-C keeps it).
     """
 
     measurer: PlacementMeasurer
     budget: Budget
     rounds: int = HYBRID_ROUNDS
     on_best: Callable[[MeasuredPlacement], None] | None = None
+    max_measuring_share: float = HYBRID_MAX_MEASURING_SHARE
     log: list[dict[str, Any]] = field(default_factory=list)
+    measuring_s: float = 0.0
 
     def __call__(self, progress: Any) -> None:
         done = len(self.log)
@@ -245,6 +253,8 @@ class HybridRounds:
             return
         if self.log and progress.evaluated <= self.log[-1]["evaluated"]:
             return  # a slow round: let the search run at least one batch on its result
+        if self.log and self.measuring_s > self.max_measuring_share * progress.wall_s:
+            return  # measuring already took its share of the time: search on
         self.run_round(f"round {done}", progress.evaluated, progress.wall_s)
 
     def run_round(self, phase: str, evaluated: int, wall_s: float) -> dict[str, Any]:
@@ -257,6 +267,7 @@ class HybridRounds:
             if callable(getattr(model, "measure_best", None)):
                 measured += int(model.measure_best())
         self.measurer.phase = "search"
+        self.measuring_s += time.perf_counter() - start
         cal = self.measurer.calibration()
         best = self.measurer.best()
         entry = {

@@ -175,6 +175,48 @@ def test_ctrl_c_during_measured_search_keeps_the_best_on_disk(tmp_path, fake_lin
     assert (tmp_path / "out" / "best_placement.json").exists()
 
 
+class _StubMeasurer:
+    """What HybridRounds needs of a PlacementMeasurer: reward models, best(), calibration()."""
+
+    def __init__(self):
+        self.rounds_run, self.records, self.phase = 0, [], "search"
+        self.reward_models = [self]
+        self.calibrations = 0
+
+    def measure_best(self):
+        self.rounds_run += 1
+        return 1
+
+    def best(self):
+        return None
+
+    def calibration(self):
+        return None
+
+
+def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time():
+    from placer.agents.common.tracker import SearchProgress
+    from placer.measurement import HybridRounds
+    from placer.options import parse_budget
+
+    stub = _StubMeasurer()
+    rounds = HybridRounds(stub, parse_budget("60s"), rounds=3)
+    at = lambda evaluated, wall: SearchProgress(evaluated, wall, 1.0, True, None)  # noqa: E731
+    rounds(at(12, 0.5))
+    assert stub.rounds_run == 1  # round 0 at once: the seeds calibrate the simulator
+    rounds(at(500, 10.0))
+    assert stub.rounds_run == 1  # round 1 is due at 1/3 of the budget
+    rounds.measuring_s = 15.0  # round 0 took 15 s
+    rounds(at(900, 25.0))
+    assert stub.rounds_run == 1  # due, but measuring took 15 of 25 s: search on
+    rounds(at(1500, 31.0))
+    assert stub.rounds_run == 2 and [r["phase"] for r in rounds.log] == ["round 0", "round 1"]
+    rounds(at(1500, 45.0))
+    assert stub.rounds_run == 2  # no new batch since the last round
+    rounds(at(3000, 60.0))
+    assert stub.rounds_run == 2  # the budget is spent
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(reward="measured", cluster="4xK40"), "needs real devices"),
     (dict(reward="hybrid", cluster="4xK40"), "needs real devices"),
