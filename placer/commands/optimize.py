@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print()
     print("\n".join(summary_lines(result)))
-    kind = "simulated" if result.cluster.simulated else "measured"
+    kind = "a simulated cluster" if result.cluster.simulated else "real devices"
     print(f"\nbest: {result.winner}, {result.step_time * 1e3:.3f} ms per step ({result.source}; cluster "
-          f"{result.cluster.name}, times {kind})")
+          f"{result.cluster.name}, {kind}; reward {result.reward})")
     if result.check is not None:
         print(f"check: {result.check.describe()}")
     if args.verbose:
