@@ -434,35 +434,40 @@ def _simulate_scalar(problem: PlacementProblem, pl: np.ndarray):
 #: Batches smaller than this many placements run the numba kernel on one thread: waking
 #: worker threads costs more than a few groups of placements take (~ms on a loaded machine).
 SERIAL_BELOW = 32
+#: Batches smaller than this run one placement at a time (one lane): padding 1-3 placements
+#: to a group of 8 interleaved lanes costs more than the interleaving gains.
+ONE_BY_ONE_BELOW = 4
 
 # Kernel inputs in the layout :mod:`envs.simulator_numba` reads, cached beside the problem.
-_NUMBA_INPUTS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, tuple]" = weakref.WeakKeyDictionary()
+_NUMBA_INPUTS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, dict[int, tuple]]" = weakref.WeakKeyDictionary()
 
 
-def _numba_inputs(problem: PlacementProblem) -> tuple:
-    """The read-only kernel arguments: device-index dtype, [N * D] cost tables, uint64 CSR with node offsets * GROUP."""
-    cached = _NUMBA_INPUTS_CACHE.get(problem)
-    if cached is not None:
-        return cached
-    from envs.simulator_numba import GROUP
-
+def _numba_inputs(problem: PlacementProblem, lanes: int) -> tuple:
+    """The read-only arguments of a ``lanes``-wide kernel: device-index dtype, [N * D] cost
+    tables, uint64 CSR whose node indices are pre-multiplied by ``lanes``."""
+    per_problem = _NUMBA_INPUTS_CACHE.setdefault(problem, {})
+    if lanes in per_problem:
+        return per_problem[lanes]
     a = _arrays(problem)
 
     def u64(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.uint64)
 
     row_type = np.zeros(0, dtype=np.uint8 if problem.num_devices <= 256 else np.uint32)
-    inputs = (row_type, a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * GROUP),
-              a.pred_bytes, u64(a.gsucc_ptr), u64(a.gsucc_dst * GROUP), a.gsucc_bytes, a.lat_flat,
+    inputs = (row_type, a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * lanes),
+              a.pred_bytes, u64(a.gsucc_ptr), u64(a.gsucc_dst * lanes), a.gsucc_bytes, a.lat_flat,
               a.inv_bw_flat, a.static_mem)
-    _NUMBA_INPUTS_CACHE[problem] = inputs
+    per_problem[lanes] = inputs
     return inputs
 
 
 def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
-    from envs.simulator_numba import batch_parallel, batch_serial
+    from envs.simulator_numba import GROUP, batch_one_by_one, batch_parallel, batch_serial
 
-    kernel = batch_serial if pl.shape[0] < SERIAL_BELOW else batch_parallel
+    if pl.shape[0] < ONE_BY_ONE_BELOW:
+        kernel, lanes = batch_one_by_one, 1
+    else:
+        kernel, lanes = (batch_serial if pl.shape[0] < SERIAL_BELOW else batch_parallel), GROUP
     b_count = pl.shape[0]
     d_count = problem.num_devices
     step = np.empty(b_count)
@@ -470,7 +475,7 @@ def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
     mem = np.empty((b_count, d_count))
     xt = np.empty(b_count)
     xb = np.empty(b_count)
-    kernel(pl, *_numba_inputs(problem), step, busy, mem, xt, xb)
+    kernel(pl, *_numba_inputs(problem, lanes), step, busy, mem, xt, xb)
     return step, busy, mem, xt, xb
 
 

@@ -60,128 +60,145 @@ def _stack_doubles(typingctx, count):  # pragma: no cover - runs inside the comp
     return types.CPointer(types.float64)(count), codegen
 
 
-@njit(cache=True, nogil=True, fastmath=_FLAGS)
-def simulate_group(pl, lo, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_bytes, gs_ptr, gs_dst_g,
-                   gs_bytes, lat, inv_bw, static_mem, step, busy, mem, xt, xb):  # pragma: no cover - compiled
-    """Simulate placements ``lo .. lo + GROUP - 1`` of ``pl`` and write their rows of the outputs.
+def _group_kernel(lanes: int):
+    """Compile-once kernel simulating ``lanes`` placements side by side (a constant to numba).
 
-    ``fwd``/``bwd``/``busy_t`` are [N * D] (node-major), ``pred_src_g``/``gs_dst_g`` hold node
-    index * GROUP (the lane-0 offset of that node's state), pointers and indices are uint64.
-    ``row_type`` is an empty array whose dtype holds device indices (uint8 up to 256 devices:
-    a quarter of the cache lines of uint32, ~5% faster). A short last group pads with
-    all-on-device-0 lanes whose results are dropped.
+    Closures over different ``lanes`` are distinct entries in numba's disk cache (the key
+    includes the closure's values), unlike one function compiled with different options.
     """
-    bsz = pl.shape[0]
-    n = static_mem.shape[0]
-    nd = busy.shape[1]
-    G = _U(GROUP)
-    ndu = _U(nd)
-    rows = np.zeros(n * GROUP, dtype=row_type.dtype)  # rows[i * G + g]: device of node i in lane g
-    for g in range(GROUP):
-        if lo + g < bsz:
-            for i in range(n):
-                rows[_U(i) * G + _U(g)] = pl[lo + g, i]
-    # A 1.0/0.0 "is this pair a real channel" table: an uncut edge multiplies its channel
-    # update by 0, so a diagonal slot always holds 0.0, which is <= every time; then the
-    # "transfer" end of an uncut edge is max(arrival, 0.0) + 0.0 == arrival exactly, and the
-    # kernel needs neither the compare nor the select of "is this edge cut" (times are >= 0,
-    # see envs.simulator._arrays). Bit-identical to the numpy path, which selects.
-    real = np.ones(nd * nd)
-    for j in range(nd):
-        real[j * nd + j] = 0.0
-    dev = np.zeros(nd * GROUP)  # device stream free at, [device, lane]
-    chan = np.zeros(nd * nd * GROUP)  # channel free at, [src * D + dst, lane]
-    # Finish times, forward then backward: the backward pass reads only successors' backward
-    # finishes, written earlier in the same (reverse) pass, so it may overwrite the forward ones.
-    fin = np.empty(n * GROUP)
-    busy_l = np.zeros(nd * GROUP)
-    mem_l = np.zeros(nd * GROUP)
-    ready = carray(_stack_doubles(GROUP), GROUP)
-    received = carray(_stack_doubles(GROUP), GROUP)
-    tt = carray(_stack_doubles(GROUP), GROUP)
-    tb = carray(_stack_doubles(GROUP), GROUP)
-    tt[:] = 0.0
-    tb[:] = 0.0
-    for ii in range(n):
-        i = _U(ii)
-        i_g = i * G
-        for g in range(GROUP):
-            ready[g] = 0.0
-            received[g] = 0.0
-        for k in range(pred_ptr[i], pred_ptr[i + _U(1)]):
-            p_g = pred_src_g[k]
-            nb = pred_bytes[k]
-            for gg in range(GROUP):
+
+    @njit(cache=True, nogil=True, fastmath=_FLAGS)
+    def simulate_group(pl, lo, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_bytes, gs_ptr, gs_dst_g,
+                       gs_bytes, lat, inv_bw, static_mem, step, busy, mem, xt, xb):  # pragma: no cover - compiled
+        """Simulate placements ``lo .. lo + lanes - 1`` of ``pl`` and write their rows of the outputs.
+
+        ``fwd``/``bwd``/``busy_t`` are [N * D] (node-major); CSR pointers are uint64, and so are
+        ``pred_src_g``/``gs_dst_g``: node index * ``lanes``, the offset of the node's lane 0
+        (multiplying in the kernel measured ~1.3x slower).
+        ``row_type`` is an empty array whose dtype holds device indices (uint8 up to 256 devices:
+        a quarter of the cache lines of uint32, ~5% faster). A short last group pads with
+        all-on-device-0 lanes whose results are dropped.
+        """
+        bsz = pl.shape[0]
+        n = static_mem.shape[0]
+        nd = busy.shape[1]
+        G = _U(lanes)
+        ndu = _U(nd)
+        rows = np.zeros(n * lanes, dtype=row_type.dtype)  # rows[i * G + g]: device of node i in lane g
+        for g in range(lanes):
+            if lo + g < bsz:
+                for i in range(n):
+                    rows[_U(i) * G + _U(g)] = pl[lo + g, i]
+        # A 1.0/0.0 "is this pair a real channel" table: an uncut edge multiplies its channel
+        # update by 0, so a diagonal slot always holds 0.0, which is <= every time; then the
+        # "transfer" end of an uncut edge is max(arrival, 0.0) + 0.0 == arrival exactly, and the
+        # kernel needs neither the compare nor the select of "is this edge cut" (times are >= 0,
+        # see envs.simulator._arrays). Bit-identical to the numpy path, which selects.
+        real = np.ones(nd * nd)
+        for j in range(nd):
+            real[j * nd + j] = 0.0
+        dev = np.zeros(nd * lanes)  # device stream free at, [device, lane]
+        chan = np.zeros(nd * nd * lanes)  # channel free at, [src * D + dst, lane]
+        # Finish times, forward then backward: the backward pass reads only successors' backward
+        # finishes, written earlier in the same (reverse) pass, so it may overwrite the forward ones.
+        fin = np.empty(n * lanes)
+        busy_l = np.zeros(nd * lanes)
+        mem_l = np.zeros(nd * lanes)
+        ready = carray(_stack_doubles(lanes), lanes)
+        received = carray(_stack_doubles(lanes), lanes)
+        tt = carray(_stack_doubles(lanes), lanes)
+        tb = carray(_stack_doubles(lanes), lanes)
+        tt[:] = 0.0
+        tb[:] = 0.0
+        for ii in range(n):
+            i = _U(ii)
+            i_g = i * G
+            for g in range(lanes):
+                ready[g] = 0.0
+                received[g] = 0.0
+            for k in range(pred_ptr[i], pred_ptr[i + _U(1)]):
+                p_g = pred_src_g[k]
+                nb = pred_bytes[k]
+                for gg in range(lanes):
+                    g = _U(gg)
+                    pair = rows[p_g + g] * ndu + rows[i_g + g]
+                    arrival = fin[p_g + g]
+                    slot = pair * G + g
+                    c = chan[slot]
+                    dur = lat[pair] + nb * inv_bw[pair]  # 0 on the diagonal
+                    on_link = real[pair]
+                    end = (arrival if arrival > c else c) + dur  # == arrival for an uncut edge
+                    chan[slot] = end * on_link
+                    tt[g] += dur
+                    received[g] += nb * on_link
+                    r = ready[g]
+                    ready[g] = end if end > r else r
+            for gg in range(lanes):
                 g = _U(gg)
-                pair = rows[p_g + g] * ndu + rows[i_g + g]
-                arrival = fin[p_g + g]
-                slot = pair * G + g
-                c = chan[slot]
-                dur = lat[pair] + nb * inv_bw[pair]  # 0 on the diagonal
-                on_link = real[pair]
-                end = (arrival if arrival > c else c) + dur  # == arrival for an uncut edge
-                chan[slot] = end * on_link
-                tt[g] += dur
-                received[g] += nb * on_link
+                d = rows[i_g + g]
+                slot = d * G + g
+                free = dev[slot]
                 r = ready[g]
-                ready[g] = end if end > r else r
-        for gg in range(GROUP):
-            g = _U(gg)
-            d = rows[i_g + g]
-            slot = d * G + g
-            free = dev[slot]
-            r = ready[g]
-            f = (r if r > free else free) + fwd[i * ndu + d]
-            fin[i_g + g] = f
-            dev[slot] = f
-            tb[g] += received[g]
-            busy_l[slot] += busy_t[i * ndu + d]
-            mem_l[slot] += static_mem[i] + received[g]
-    for ii in range(n - 1, -1, -1):
-        i = _U(ii)
-        if rg[i] == 0:
-            continue
-        i_g = i * G
-        for g in range(GROUP):
-            ready[g] = 0.0
-        for k in range(gs_ptr[i], gs_ptr[i + _U(1)]):
-            c_g = gs_dst_g[k]
-            nb = gs_bytes[k]
-            for gg in range(GROUP):
+                f = (r if r > free else free) + fwd[i * ndu + d]
+                fin[i_g + g] = f
+                dev[slot] = f
+                tb[g] += received[g]
+                busy_l[slot] += busy_t[i * ndu + d]
+                mem_l[slot] += static_mem[i] + received[g]
+        for ii in range(n - 1, -1, -1):
+            i = _U(ii)
+            if rg[i] == 0:
+                continue
+            i_g = i * G
+            for g in range(lanes):
+                ready[g] = 0.0
+            for k in range(gs_ptr[i], gs_ptr[i + _U(1)]):
+                c_g = gs_dst_g[k]
+                nb = gs_bytes[k]
+                for gg in range(lanes):
+                    g = _U(gg)
+                    pair = rows[c_g + g] * ndu + rows[i_g + g]
+                    arrival = fin[c_g + g]
+                    slot = pair * G + g
+                    c = chan[slot]
+                    dur = lat[pair] + nb * inv_bw[pair]
+                    on_link = real[pair]
+                    end = (arrival if arrival > c else c) + dur
+                    chan[slot] = end * on_link
+                    tt[g] += dur
+                    tb[g] += nb * on_link
+                    r = ready[g]
+                    ready[g] = end if end > r else r
+            for gg in range(lanes):
                 g = _U(gg)
-                pair = rows[c_g + g] * ndu + rows[i_g + g]
-                arrival = fin[c_g + g]
-                slot = pair * G + g
-                c = chan[slot]
-                dur = lat[pair] + nb * inv_bw[pair]
-                on_link = real[pair]
-                end = (arrival if arrival > c else c) + dur
-                chan[slot] = end * on_link
-                tt[g] += dur
-                tb[g] += nb * on_link
+                d = rows[i_g + g]
+                slot = d * G + g
+                free = dev[slot]
                 r = ready[g]
-                ready[g] = end if end > r else r
-        for gg in range(GROUP):
-            g = _U(gg)
-            d = rows[i_g + g]
-            slot = d * G + g
-            free = dev[slot]
-            r = ready[g]
-            f = (r if r > free else free) + bwd[i * ndu + d]
-            fin[i_g + g] = f
-            dev[slot] = f
-    for g in range(GROUP):
-        b = lo + g
-        if b < bsz:
-            m = 0.0
-            for j in range(nd):
-                v = dev[j * GROUP + g]
-                m = v if v > m else m
-                busy[b, j] = busy_l[j * GROUP + g]
-                mem[b, j] = mem_l[j * GROUP + g]
-            step[b] = m
-            xt[b] = tt[g]
-            xb[b] = tb[g]
+                f = (r if r > free else free) + bwd[i * ndu + d]
+                fin[i_g + g] = f
+                dev[slot] = f
+        for g in range(lanes):
+            b = lo + g
+            if b < bsz:
+                m = 0.0
+                for j in range(nd):
+                    v = dev[j * lanes + g]
+                    m = v if v > m else m
+                    busy[b, j] = busy_l[j * lanes + g]
+                    mem[b, j] = mem_l[j * lanes + g]
+                step[b] = m
+                xt[b] = tt[g]
+                xb[b] = tb[g]
+
+    return simulate_group
+
+
+#: The batch kernel: :data:`GROUP` placements per call.
+simulate_group = _group_kernel(GROUP)
+#: One placement per call: for a batch of a few placements (a Gym step), padding it to
+#: GROUP lanes costs ~5x what simulating it alone does.
+simulate_one = _group_kernel(1)
 
 
 @njit(cache=True, nogil=True)
@@ -191,6 +208,15 @@ def batch_serial(pl, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_
     for grp in range((pl.shape[0] + GROUP - 1) // GROUP):
         simulate_group(pl, grp * GROUP, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_bytes, gs_ptr,
                        gs_dst_g, gs_bytes, lat, inv_bw, static_mem, step, busy, mem, xt, xb)
+
+
+@njit(cache=True, nogil=True)
+def batch_one_by_one(pl, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_bytes, gs_ptr, gs_dst_g, gs_bytes,
+                     lat, inv_bw, static_mem, step, busy, mem, xt, xb):  # pragma: no cover - compiled
+    """Each placement alone on the calling thread (batches of fewer than a few placements)."""
+    for b in range(pl.shape[0]):
+        simulate_one(pl, b, row_type, fwd, bwd, busy_t, rg, pred_ptr, pred_src_g, pred_bytes, gs_ptr,
+                     gs_dst_g, gs_bytes, lat, inv_bw, static_mem, step, busy, mem, xt, xb)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -99,6 +99,7 @@ def test_backends_agree_on_a_large_graph():
     results.append(simulate_batch(problem, placements[:3], backend="numpy"))  # small batch: scalar loop
     if HAS_NUMBA:
         results.append(simulate_batch(problem, placements[:5], backend="numba"))  # one thread, padded group
+        results.append(simulate_batch(problem, placements[:2], backend="numba"))  # one placement at a time
     for other in results[1:]:
         rows = len(other.step_time)
         for field in ("step_time", "peak_memory", "busy_time", "transfer_time", "transfer_bytes"):
