@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,6 +40,11 @@ import torch.fx as fx
 from graphs.op_timing import clock_for, clock_overhead, sync_device, tensors_in, tree_map
 
 COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
+
+#: A graph whose rounds are fast is run for about this many seconds (at most MAX_ROUNDS
+#: rounds), however few ``repeats`` were asked for.
+MIN_SECONDS = 1.0
+MAX_ROUNDS = 30
 
 
 class _BackwardTimer:
@@ -181,8 +187,8 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                   ) -> dict[str, tuple[float, float]]:
     """Median (forward, backward) seconds of every compute node, timed in place (module doc).
 
-    ``repeats`` timed runs (forward ticks + hooked backward) alternate with as many
-    untimed ones (plain forward + backward); the hooks' cost per autograd node is
+    ``repeats`` timed runs (forward ticks + hooked backward; more for a fast graph, up to
+    :data:`MAX_ROUNDS` within about :data:`MIN_SECONDS`) alternate with as many untimed ones (plain forward + backward); the hooks' cost per autograd node is
     median(hooked - plain backward, paired by round) / autograd nodes, measured on this graph, and
     is subtracted from each node's backward. Raises whatever the graph raises when it
     cannot run whole on ``device`` (the caller falls back to isolated timing). ``stats``,
@@ -207,7 +213,10 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     plain: list[float] = []
     try:
         with torch.enable_grad():
-            for i in range(repeats + 1):  # the first round is the warm-up
+            rounds = repeats + 1  # the first round is the warm-up
+            i = 0
+            while i < rounds:
+                round_start = time.perf_counter()
                 # As after optimizer.zero_grad() (set_to_none, the default): every backward
                 # allocates fresh parameter gradients, which for a large model is real time.
                 for p in params:
@@ -238,6 +247,12 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                     timers.append(timer)
                     hooked.append(seconds)
                     plain.append(untimed)
+                elif repeats > 1:
+                    # A fast graph gets more rounds: the hooks' cost is a difference of two
+                    # noisy totals, and medians over ~1 s of rounds steady it on a shared machine.
+                    spent = time.perf_counter() - round_start
+                    rounds += max(0, min(MAX_ROUNDS, int(MIN_SECONDS / max(spent, 1e-9))) - repeats)
+                i += 1
     finally:
         for p, g in zip(params, saved):
             p.grad = g
