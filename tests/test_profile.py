@@ -124,6 +124,11 @@ def test_cache_is_keyed_by_input_shapes_and_ignores_broken_files(tmp_path):
     assert cache.load("fp", key_a, "cpu", "some cpu", ["a", "b"]) is None  # a node is missing
     cache.path("fp", key_a, "cpu", "some cpu").write_text("{not json")
     assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) is None
+    # A profile of the first schema had no optimizer times: it is measured again, not trusted.
+    old = {"schema": 1, "fingerprint": "fp", "inputs": key_a, "device_kind": "cpu", "device_name": "some cpu",
+           "nodes": {"a": [1e-6, 2e-6]}}
+    cache.path("fp", key_a, "cpu", "some cpu").write_text(json.dumps(old))
+    assert cache.load("fp", key_a, "cpu", "some cpu", ["a"]) is None
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
