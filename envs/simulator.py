@@ -52,11 +52,11 @@ import numpy as np
 from envs.problem import PlacementError, PlacementProblem
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
-    import numba as _numba
+    from envs import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
 
     HAS_NUMBA = os.environ.get("PLACER_DISABLE_NUMBA", "") not in ("1", "true", "yes")
 except ImportError:  # pragma: no cover - depends on the environment
-    _numba = None
+    _kernels = None
     HAS_NUMBA = False
 
 
@@ -462,12 +462,11 @@ def _numba_inputs(problem: PlacementProblem, lanes: int) -> tuple:
 
 
 def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
-    from envs.simulator_numba import GROUP, batch_one_by_one, batch_parallel, batch_serial
-
     if pl.shape[0] < ONE_BY_ONE_BELOW:
-        kernel, lanes = batch_one_by_one, 1
+        kernel, lanes = _kernels.batch_one_by_one, 1
     else:
-        kernel, lanes = (batch_serial if pl.shape[0] < SERIAL_BELOW else batch_parallel), GROUP
+        kernel = _kernels.batch_serial if pl.shape[0] < SERIAL_BELOW else _kernels.batch_parallel
+        lanes = _kernels.GROUP
     b_count = pl.shape[0]
     d_count = problem.num_devices
     step = np.empty(b_count)
