@@ -28,7 +28,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ import torch
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.grouping import group_graph
-from graphs.profile import measure_step_parts, profile_graph
+from graphs.profile import StepTimes, measure_step_parts, profile_graph
 from graphs.profile_cache import device_name
 from graphs.zoo import ZOO_MODELS, load_zoo_model
 
@@ -85,8 +85,8 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
                 model_args: dict | None = None, method: str = "in_situ", rounds: int = 1) -> Row:
     """Capture, profile (CPU) and group one zoo model and time its real training step.
 
-    With ``rounds`` > 1 the model is profiled afresh and its step measured right after,
-    that many times, and the round with the median ratio is kept (``Row.ratios`` holds
+    With ``rounds`` > 1 the model is profiled afresh, its step measured right before and
+    right after (the two averaged), that many times, and the round with the median ratio is kept (``Row.ratios`` holds
     every round's): on a shared machine the load changes between two measurements, and a
     profile and a step taken side by side see the same load.
     """
@@ -97,7 +97,20 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
 
     label = name + (f"[{','.join(f'{k}={v}' for k, v in model_args.items())}]" if model_args else "")
     results: list[Row] = []
+    def measure_step() -> StepTimes:
+        step = measure_step_parts(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
+                                  optimizer_fn=spec.optimizer_fn)
+        if step.total * step_repeats < STEP_SECONDS:
+            # A step of a few milliseconds: a median over ~1 s of steps, as the profile's rounds.
+            more = min(MAX_STEP_REPEATS, math.ceil(STEP_SECONDS / max(step.total, 1e-9)))
+            step = measure_step_parts(spec.model, spec.example_inputs, spec.loss_fn, repeats=more,
+                                      optimizer_fn=spec.optimizer_fn)
+        return step
+
     for i in range(rounds):
+        # The step is measured just before and just after the profile and the two averaged,
+        # so that a load change during the round weighs on both sides alike.
+        before = measure_step() if rounds > 1 else None
         start = time.perf_counter()
         profile_graph(cap, spec.example_inputs, devices=["cpu"], repeats=repeats, cache_dir=cache_dir,
                       method=method, optimizer_fn=spec.optimizer_fn, use_cache=i == 0)
@@ -110,13 +123,9 @@ def bench_model(name: str, size: str, repeats: int, cache_dir: str, step_repeats
         node_fwd = sum(d["fwd_time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
         node_bwd = sum(d["bwd_time"].get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
         node_opt = sum(d.get("opt_time", {}).get("cpu", 0.0) for _, d in cap.graph.nodes(data=True))
-        step = measure_step_parts(spec.model, spec.example_inputs, spec.loss_fn, repeats=step_repeats,
-                                  optimizer_fn=spec.optimizer_fn)
-        if step.total * step_repeats < STEP_SECONDS:
-            # A step of a few milliseconds: a median over ~1 s of steps, as the profile's rounds.
-            more = min(MAX_STEP_REPEATS, math.ceil(STEP_SECONDS / max(step.total, 1e-9)))
-            step = measure_step_parts(spec.model, spec.example_inputs, spec.loss_fn, repeats=more,
-                                      optimizer_fn=spec.optimizer_fn)
+        step = measure_step()
+        if before is not None:
+            step = StepTimes(*((a + b) / 2 for a, b in zip(astuple(before), astuple(step))))
         info = cap.graph.graph["profile_info"]["cpu"]
         results.append(Row(
             label, size, cap.graph.number_of_nodes(),
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
               "ratio = sum of profiled node times (forward+backward+optimizer update, the model's own "
               "optimizer; the optimizer step's fixed cost, owned by no node, shown in brackets and not "
               "summed) / measured training step (forward+loss+backward+optimizer, median of "
-              f"{args.step_repeats}, more for a step under 0.2 s, up to 1 s of steps); {args.rounds} rounds of profile + step side by side, the median-ratio round "
+              f"{args.step_repeats}, more for a step under 0.2 s, up to 1 s of steps; with several rounds the mean of "
+              f"a measurement before and one after each profile); {args.rounds} rounds of profile + step side by side, the median-ratio round "
               "shown. All figures measured, none simulated.")
     text = header + "\n\n" + table(rows) + "\n"
     print(text)
