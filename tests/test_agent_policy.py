@@ -149,3 +149,40 @@ def test_short_ppo_training_beats_the_random_policy(problem_fn):
     after = _mean_reward(env, model.policy)
     # Rewards are -sqrt(step / best single device): a clear margin, not noise.
     assert after > before + 0.3, (before, after)
+
+
+def test_rollout_buffer_stores_a_shared_observation_once_and_falls_back_when_rows_differ():
+    from placer.agents.hierarchical.rollout_buffer import SharedObservationRolloutBuffer
+
+    env = make_env(chain_problem(6), 4, 3)
+    n_steps = 3
+
+    def fill(changed_step: int | None):
+        buf = SharedObservationRolloutBuffer(n_steps, env.observation_space, env.action_space, device="cpu",
+                                             gamma=1.0, gae_lambda=1.0, n_envs=4)
+        obs_seen = []
+        for step in range(n_steps):
+            obs = env.reset()
+            if step == changed_step:
+                obs["node_features"][2] += 1.0  # env 2 sees another graph at this step
+            obs_seen.append(obs)
+            actions = np.stack([env.action_space.sample() for _ in range(4)])
+            buf.add(obs, actions, np.full(4, float(step)), np.ones(4), torch.zeros(4), torch.zeros(4))
+        buf.compute_returns_and_advantage(torch.zeros(4), np.ones(4))
+        return buf, obs_seen
+
+    buf, seen = fill(None)
+    assert buf._all_shared and not buf.observations["node_features"].any()  # never written
+    batches = list(buf.get(5))
+    assert [len(b.actions) for b in batches] == [5, 5, 2]
+    feats = batches[0].observations["node_features"]
+    assert feats.stride(0) == 0 and torch.equal(feats[3], torch.as_tensor(seen[0]["node_features"][0]))
+
+    buf, seen = fill(1)
+    assert not buf._all_shared
+    (batch,) = list(buf.get(None))
+    assert len(batch.actions) == 12
+    # Each stored transition kept its own observation: only env 2 at step 1 saw the changed graph.
+    flat = batch.observations["node_features"].numpy()
+    changed = [i for i, f in enumerate(flat) if not np.array_equal(f, seen[0]["node_features"][0])]
+    assert len(changed) == 1 and np.array_equal(flat[changed[0]], seen[1]["node_features"][2])

@@ -14,6 +14,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from placer.agents.hierarchical.policy import HierarchicalPlacementPolicy
+from placer.agents.hierarchical.rollout_buffer import SharedObservationRolloutBuffer
 
 
 @dataclass
@@ -56,7 +57,12 @@ def tensorboard_available() -> bool:
 
 def make_ppo(env: VecEnv, config: PPOConfig | None = None, seed: int | None = 0,
              tensorboard_log: str | None = None, device: str = "cpu") -> PPO:
-    """A PPO model with :class:`HierarchicalPlacementPolicy` on ``env`` (hierarchical or flat action)."""
+    """A PPO model with :class:`HierarchicalPlacementPolicy` on ``env`` (hierarchical or flat action).
+
+    Its rollout buffer stores the (shared) observation once
+    (:class:`~placer.agents.hierarchical.rollout_buffer.SharedObservationRolloutBuffer`);
+    ``config.extra`` may override that like any other PPO argument.
+    """
     config = config or PPOConfig()
     batch = min(config.batch_size, config.n_steps * env.num_envs)
     return PPO(
@@ -76,5 +82,5 @@ def make_ppo(env: VecEnv, config: PPOConfig | None = None, seed: int | None = 0,
         seed=seed,
         device=device,
         verbose=0,
-        **config.extra,
+        **{"rollout_buffer_class": SharedObservationRolloutBuffer, **config.extra},
     )
