@@ -187,16 +187,16 @@ class CostModel:
         return self.roofline.get(kind) or DEFAULT_ROOFLINE[kind]
 
     @classmethod
-    def for_graph(cls, graph: nx.DiGraph, cluster: Cluster) -> "CostModel":
+    def for_graph(cls, graph: nx.DiGraph, cluster: Cluster, optimizer: str | None = None) -> "CostModel":
         """The default cost model: CPU roofline calibrated on the graph's CPU profiles when present,
-        optimizer updates estimated for the optimizer the graph was profiled with."""
+        optimizer updates estimated for ``optimizer`` (default: the one the graph was profiled with)."""
         cpus = [d for d in cluster.devices if d.kind == "cpu"]
         fitted: dict[str, Roofline] = {}
         if cpus:
             fit = calibrate(graph, cpus[0])
             if fit is not None:
                 fitted["cpu"] = fit
-        return cls(roofline=fitted, optimizer=graph.graph.get("optimizer"))
+        return cls(roofline=fitted, optimizer=optimizer or graph.graph.get("optimizer"))
 
     def node_cost(self, attrs: Mapping[str, Any], device: Device) -> tuple[float, float]:
         """(forward, backward + optimizer update) seconds of a node (its attribute dict) on ``device``."""

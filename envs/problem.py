@@ -45,15 +45,33 @@ def optimizer_state_kind(optimizer_fn) -> str:
     fails here is costed as plain SGD; the failure shows up when the model is trained.
     Unknown optimizers are assumed to keep Adam-sized state.
     """
-    import torch
+    from graphs.optimizer_timing import optimizer_kind
 
     try:
-        opt = optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
+        name = optimizer_kind(optimizer_fn)
     except Exception:  # noqa: BLE001 - see docstring
         return "sgd"
-    name = type(opt).__name__.lower()
-    if name == "sgd":
-        return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    return _known_state_kind(name)
+
+
+def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
+    """The :data:`OPTIMIZER_STATE_FACTOR` key a graph is costed with: ``optimizer`` when given,
+    else the one the graph was profiled with (``graph.graph["optimizer"]``), else plain SGD.
+
+    Raises:
+        PlacementError: an explicitly named optimizer that is not known.
+    """
+    if optimizer is None:
+        profiled = graph.graph.get("optimizer") if isinstance(graph, nx.DiGraph) else None
+        return _known_state_kind(str(profiled).lower()) if profiled else "sgd"
+    key = str(optimizer).lower()
+    if key not in OPTIMIZER_STATE_FACTOR:
+        raise PlacementError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATE_FACTOR)}")
+    return key
+
+
+def _known_state_kind(name: str) -> str:
+    """``name`` when its state size is known, else ``"adam"`` (the conservative assumption)."""
     return name if name in OPTIMIZER_STATE_FACTOR else "adam"
 
 
@@ -245,7 +263,7 @@ def topological_order(graph: nx.DiGraph) -> list[str]:
 def compile_problem(
     graph: nx.DiGraph,
     cluster: "Cluster | str",
-    optimizer: str = "sgd",
+    optimizer: str | None = None,
     cost_model: "CostModel | None" = None,
 ) -> PlacementProblem:
     """Flatten a placement graph (op or group graph) on a cluster into a :class:`PlacementProblem`.
@@ -255,7 +273,10 @@ def compile_problem(
             attributes count as 0, a missing ``requires_grad`` as True except for
             placeholders and the output.
         cluster: a :class:`~envs.cluster.Cluster`, or anything :func:`~envs.cluster.load_cluster` takes.
-        optimizer: name in :data:`OPTIMIZER_STATE_FACTOR` (state bytes per parameter byte).
+        optimizer: name in :data:`OPTIMIZER_STATE_FACTOR`: its state bytes per parameter byte
+            count in memory, and the default cost model estimates its update on unprofiled
+            devices. Default: the optimizer the graph was profiled with
+            (``graph.graph["optimizer"]``), else plain SGD.
         cost_model: node/transfer costs; default :meth:`CostModel.for_graph` (profiles where
             the device kind was profiled, calibrated roofline elsewhere).
 
@@ -265,14 +286,12 @@ def compile_problem(
     from envs.cluster import load_cluster
     from envs.cost_model import CostModel, node_requires_grad
 
-    key = str(optimizer).lower()
-    if key not in OPTIMIZER_STATE_FACTOR:
-        raise PlacementError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATE_FACTOR)}")
+    key = resolve_optimizer(graph, optimizer)
     if not isinstance(graph, nx.DiGraph) or graph.number_of_nodes() == 0:
         raise GraphError("compile_problem needs a non-empty networkx.DiGraph placement graph")
     cluster = load_cluster(cluster)
     if cost_model is None:
-        cost_model = CostModel.for_graph(graph, cluster)
+        cost_model = CostModel.for_graph(graph, cluster, optimizer=key)
     order = topological_order(graph)
     index = {n: i for i, n in enumerate(order)}
     n = len(order)

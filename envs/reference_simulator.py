@@ -31,7 +31,7 @@ import numpy as np
 
 from envs.cluster import Cluster, load_cluster
 from envs.cost_model import CostModel, node_requires_grad
-from envs.problem import OPTIMIZER_STATE_FACTOR, PlacementError, topological_order
+from envs.problem import OPTIMIZER_STATE_FACTOR, PlacementError, resolve_optimizer, topological_order
 from envs.simulator import StepResult
 
 
@@ -39,16 +39,18 @@ def simulate_reference(
     graph: nx.DiGraph,
     cluster: Cluster | str,
     placement: Mapping[str, str],
-    optimizer: str = "sgd",
+    optimizer: str | None = None,
     cost_model: CostModel | None = None,
 ) -> StepResult:
-    """Simulate one training step of ``placement`` (node name -> device name) event by event."""
+    """Simulate one training step of ``placement`` (node name -> device name) event by event.
+
+    ``optimizer`` as for :func:`envs.problem.compile_problem` (default: the graph's own).
+    """
     cluster = load_cluster(cluster)
+    key = resolve_optimizer(graph, optimizer)
     if cost_model is None:
-        cost_model = CostModel.for_graph(graph, cluster)
-    if optimizer.lower() not in OPTIMIZER_STATE_FACTOR:
-        raise PlacementError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZER_STATE_FACTOR)}")
-    state_factor = OPTIMIZER_STATE_FACTOR[optimizer.lower()]
+        cost_model = CostModel.for_graph(graph, cluster, optimizer=key)
+    state_factor = OPTIMIZER_STATE_FACTOR[key]
     devices = cluster.device_names
     missing = [v for v in graph.nodes if v not in placement]
     if missing:

@@ -84,6 +84,24 @@ def test_compile_problem_arrays():
     assert not problem.simulated is False
 
 
+def test_compile_problem_costs_the_optimizer_the_graph_was_profiled_with_unless_told_otherwise():
+    g = layered_graph(12, seed=4)
+    for v in g.nodes:
+        g.nodes[v]["param_bytes"] = 4_000_000
+        g.nodes[v]["param_tensors"] = 2
+    sgd = compile_problem(g, "4xK40")
+    g.graph["optimizer"] = "adam"
+    adam = compile_problem(g, "4xK40")
+    assert sgd.optimizer_state_factor == 0.0 and adam.optimizer_state_factor == 2.0
+    # Adam's update reads and writes two state tensors more: a slower (roofline) backward.
+    assert np.all(adam.bwd_time[adam.requires_grad] > sgd.bwd_time[sgd.requires_grad])
+    told = compile_problem(g, "4xK40", optimizer="sgd")
+    assert told.optimizer_state_factor == 0.0 and np.array_equal(told.bwd_time, sgd.bwd_time)
+    # An optimizer of unknown state size, as profiling names it, is costed like Adam.
+    g.graph["optimizer"] = "adadelta"
+    assert compile_problem(g, "4xK40").optimizer_state_factor == 2.0
+
+
 def test_compile_problem_errors():
     g = layered_graph(3)
     with pytest.raises(PlacementError, match="unknown optimizer 'lbfgs'"):
