@@ -31,9 +31,20 @@ def _fmt_seconds(s: float) -> str:
 
 
 def total_time(graph: nx.DiGraph) -> dict[str, float]:
-    """Sum of node ``time`` (forward+backward seconds) per profiled device kind."""
+    """Sum of node ``time`` (forward + backward + optimizer update seconds) per profiled device kind."""
     kinds = list(graph.graph.get("profiled_kinds") or [])
     return {k: float(sum(d.get("time", {}).get(k, 0.0) for _, d in graph.nodes(data=True))) for k in kinds}
+
+
+#: The phases of a node's profiled time, by the node attribute that holds each.
+PHASES = {"forward": "fwd_time", "backward": "bwd_time", "optimizer": "opt_time"}
+
+
+def time_by_phase(graph: nx.DiGraph) -> dict[str, dict[str, float]]:
+    """Per profiled device kind, the summed node seconds of each phase (:data:`PHASES`)."""
+    kinds = list(graph.graph.get("profiled_kinds") or [])
+    return {k: {phase: float(sum((d.get(attr) or {}).get(k, 0.0) for _, d in graph.nodes(data=True)))
+                for phase, attr in PHASES.items()} for k in kinds}
 
 
 def top_ops(graph: nx.DiGraph, count: int) -> list[dict[str, Any]]:
@@ -48,7 +59,8 @@ def top_ops(graph: nx.DiGraph, count: int) -> list[dict[str, Any]]:
     return [
         {"name": name, "op": d["op"], "target": d["target"], "module": d["module"],
          "module_type": d.get("module_type", ""), "shape": d["shape"],
-         "flops": d["flops"], "out_bytes": d["out_bytes"], "time": dict(d.get("time", {}))}
+         "flops": d["flops"], "out_bytes": d["out_bytes"], "time": dict(d.get("time", {})),
+         "opt_time": dict(d.get("opt_time") or {})}
         for name, d in ranked
     ]
 
@@ -72,7 +84,9 @@ def graph_summary(prepared: Any, top: int = 10) -> dict[str, Any]:
         "param_bytes": int(sum(d["param_bytes"] for _, d in graph.nodes(data=True))),
         "flops": int(sum(d["flops"] for _, d in graph.nodes(data=True))),
         "time": times,
-        "time_source": "measured (per-node profile, forward+backward, summed)" if times else "not profiled",
+        "time_by_phase": time_by_phase(graph),
+        "time_source": ("measured (per-node profile, forward + backward + optimizer update, summed)"
+                        if times else "not profiled"),
         "stage_seconds": {k: round(v, 4) for k, v in prepared.seconds.items()},
         "top_ops": top_ops(graph, top),
     }
@@ -90,9 +104,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"forward      {_fmt_flops(summary['flops'])}",
     ]
     if summary["time"]:
-        lines.append("step time    sum of measured node times (forward + backward):")
+        lines.append("step time    sum of measured node times (forward + backward + optimizer update):")
+        phases = summary.get("time_by_phase") or {}
         for kind, seconds in summary["time"].items():
-            lines.append(f"  {kind:<10} {_fmt_seconds(seconds)}")
+            split = phases.get(kind)
+            detail = ("  = " + " + ".join(f"{_fmt_seconds(v)} {p}" for p, v in split.items())) if split else ""
+            lines.append(f"  {kind:<10} {_fmt_seconds(seconds)}{detail}")
     else:
         lines.append("step time    not profiled (--no-profile)")
     ops = summary["top_ops"]

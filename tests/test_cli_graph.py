@@ -67,6 +67,10 @@ def test_json_with_profile_and_model_args(model_file, capsys, tmp_path):
     assert data["params"] == 8 * 24 + 24 + 3 * (24 * 24 * 2 + 2 * 24) + 24 * 3 + 3
     assert data["nodes"] == 8 and data["capture"] == "fx" and len(data["top_ops"]) == 2
     assert set(data["time"]) == {"cpu"} and data["time"]["cpu"] > 0
+    # The step's phases add up to the node time; the model's parameters are updated, so that phase costs.
+    phases = data["time_by_phase"]["cpu"]
+    assert set(phases) == {"forward", "backward", "optimizer"} and phases["optimizer"] > 0
+    assert sum(phases.values()) == pytest.approx(data["time"]["cpu"], rel=1e-9)
 
 
 @needs_grouping
