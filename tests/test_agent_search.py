@@ -173,6 +173,16 @@ def test_search_beats_the_best_heuristic_where_it_is_suboptimal(agent):
     assert np.array_equal(again.best_row, res.best_row) and again.phase_evaluated == res.phase_evaluated
 
 
+@pytest.mark.parametrize("mode, improves", [("hybrid", True), ("measured", False)])
+def test_local_search_runs_by_default_where_the_simulator_scores_placements(problem, mode, improves):
+    from tests.test_envs_rewards import FakeMeasurer
+
+    env_kwargs = {"reward_mode": mode, "measurer": FakeMeasurer(problem, slowdown=(1.0, 2.0))}
+    res = search(problem, agent="reinforce", budget=128, seed=0, num_envs=16, env_kwargs=env_kwargs)
+    assert res.evaluated == 128
+    assert ("local_search" in res.phase_evaluated) is improves
+
+
 def test_local_search_can_be_switched_off_and_its_share_is_checked(problem):
     res = search(problem, agent="reinforce", budget=256, seed=0, num_envs=64, local_search=False)
     assert res.phase_evaluated == {"policy": 256} and res.best_phase == "policy"

@@ -135,8 +135,9 @@ def search(
         imitation_lr: Adam step size of the imitation warm start.
         local_search: interleave the improvement phase (:mod:`placer.agents.local_search`:
             batched single- and edge-moves around the best placement, with kicks) with the
-            policy's batches.  ``None``: on when the reward is simulated (a neighbourhood
-            is hundreds of evaluations, cheap only in the simulator).
+            policy's batches.  ``None``: on when the reward comes from the simulator
+            (``simulated``, and ``hybrid``, whose inner loop is the recalibrated simulator); off
+            for ``measured`` (a neighbourhood is hundreds of evaluations, cheap only in the simulator).
         local_search_share: the fraction of evaluations the improvement phase gets.
 
     Raises:
@@ -235,9 +236,9 @@ def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np
 
 def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, tracker: BestTracker, seed: int,
                    enabled: bool | None, share: float) -> LocalSearch | None:
-    """The interleaved local search, or None when off (by default: off unless the reward is simulated)."""
+    """The interleaved local search, or None when off (by default: on where the simulator scores placements)."""
     if enabled is None:
-        enabled = env.env.reward_mode == "simulated"
+        enabled = env.env.reward_mode in ("simulated", "hybrid")
     if not enabled:
         return None
     if isinstance(share, bool) or not 0.0 < float(share) < 1.0:
