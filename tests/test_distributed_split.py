@@ -319,18 +319,21 @@ def test_a_rank_holds_only_its_stages_tensors_and_ties_survive():
     assert held[0][2] + held[1][2] == total, "every tensor is held by exactly one rank"
 
 
+class TiedEmbeddingOutput(torch.nn.Module):
+    """An embedding whose weight is also the output projection's (two modules, one tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
 def test_hold_keeps_a_tie_between_two_paths():
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(5, 3)
-            self.out = torch.nn.Linear(3, 5, bias=False)
-            self.out.weight = self.emb.weight
-
-        def forward(self, x):
-            return self.out(self.emb(x))
-
-    model = Tied()
+    model = TiedEmbeddingOutput()
     source = {p: t.detach().clone() for p, t in module_tensors(model)}
     to_meta(model)
     assert model.out.weight is model.emb.weight and model.emb.weight.device.type == "meta"
@@ -340,16 +343,6 @@ def test_hold_keeps_a_tie_between_two_paths():
 
 
 def test_two_modules_sharing_a_weight_on_two_ranks_are_refused():
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(5, 3)
-            self.out = torch.nn.Linear(3, 5, bias=False)
-            self.out.weight = self.emb.weight
-
-        def forward(self, x):
-            return self.out(self.emb(x))
-
-    gm = fx.symbolic_trace(Tied())
+    gm = fx.symbolic_trace(TiedEmbeddingOutput())
     with pytest.raises(SplitError, match="one module must be placed on one rank"):
         split_by_rank(gm, {"emb": 0, "out": 1}, 2)
