@@ -204,3 +204,35 @@ def test_enumeration_confirms_the_heuristic_gap_and_the_search_finds_the_optimum
     assert best_heuristic > optimum * 1.01
     res = search(problem, agent="hierarchical", budget=1500, seed=0, num_envs=64, initial_placements=rows)
     assert res.best_step_time == pytest.approx(optimum)
+
+
+def test_a_recalibrated_reward_rescores_the_incumbent_so_later_placements_compare_on_one_scale(problem, tmp_path):
+    from placer.agents.common.tracker import BestTracker
+
+    scale = {"version": 0, "factor": 1.0}
+    tracker = BestTracker(problem, budget=100, out_dir=tmp_path)
+    tracker.watch_scale(lambda: scale["version"], lambda row: (float(row.sum() + 1) * scale["factor"], True))
+    fast = np.zeros((1, problem.num_nodes), dtype=np.int64)
+    tracker.record(fast, [1.0], [True], next_batch=1)
+    assert tracker.best_step_time == 1.0
+    # The simulator learns it was 3x optimistic: the same placement now costs 3 (= (0 + 1) * 3).
+    scale.update(version=1, factor=3.0)
+    slower = np.ones((1, problem.num_nodes), dtype=np.int64)
+    tracker.record(slower, [2.5], [True], next_batch=1)  # priced on the old scale: no better than 1.0
+    assert tracker.best_step_time == 3.0 and np.array_equal(tracker.best_row, fast[0])
+    # On the new scale 2.5 beats the re-priced incumbent.
+    tracker.record(slower, [2.5], [True], next_batch=1)
+    assert tracker.best_step_time == 2.5 and np.array_equal(tracker.best_row, slower[0])
+    saved = json.loads((tmp_path / "best_placement.json").read_text())
+    assert saved["metadata"]["step_time"] == 2.5
+
+
+def test_hybrid_search_keeps_its_best_on_the_recalibrated_scale(problem):
+    from tests.test_envs_rewards import FakeMeasurer
+
+    env_kwargs = {"reward_mode": "hybrid", "measurer": FakeMeasurer(problem, slowdown=(1.0, 3.0)),
+                  "measure_every": 32, "measure_top_k": 2}
+    res = search(problem, agent="reinforce", budget=256, seed=0, num_envs=16, env_kwargs=env_kwargs)
+    # A recalibration re-prices the incumbent: the curve then shows a best step time going up.
+    times = [t for _, _, t in res.history]
+    assert any(b > a for a, b in zip(times, times[1:]))

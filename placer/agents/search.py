@@ -165,6 +165,7 @@ def search(
         torch.manual_seed(seed)
         try:
             env = _make_env(problem, agent, num_envs, num_groups, seed, env_kwargs or {})
+            _watch_recalibration(env, tracker)
             improver = _make_improver(problem, env, tracker, seed, local_search, local_search_share)
             if rows is not None:
                 _seed_candidates(env, tracker, rows)
@@ -223,6 +224,19 @@ def _make_env(problem: PlacementProblem, agent: str, num_envs: int, num_groups: 
                                       seed=seed, **env_kwargs)
     g = num_groups or default_num_groups(problem.num_nodes, problem.num_devices)
     return BatchedPlacementVecEnv(problem, n_envs=num_envs, num_groups=g, seed=seed, **env_kwargs)
+
+
+def _watch_recalibration(env: BatchedPlacementVecEnv, tracker: BestTracker) -> None:
+    """Hybrid rewards recalibrate their simulator mid-search: keep the tracker's best on the new scale."""
+    model = env.env.reward_model
+    if not hasattr(model, "calibrations"):
+        return
+
+    def rescore(row: np.ndarray) -> tuple[float, bool]:
+        ev = model.simulate(np.asarray(row)[None])
+        return float(ev.step_time[0]), bool(ev.valid[0])  # what the tracker compares: time and validity
+
+    tracker.watch_scale(lambda: int(model.calibrations), rescore)
 
 
 def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np.ndarray) -> None:

@@ -109,6 +109,9 @@ class BestTracker:
         progress: show a tqdm bar with the best step time.
         agent: the agent's name, for the file's metadata.
         on_improve: called as ``on_improve(row, step_time, evaluated)`` on every improvement.
+
+    Rewards whose scale changes during the search (hybrid: the simulator is recalibrated from
+    measurements) register with :meth:`watch_scale`.
     """
 
     problem: PlacementProblem
@@ -135,6 +138,8 @@ class BestTracker:
         self._start = time.perf_counter()
         self._last_improvement = 0
         self._bar = None
+        self._rescale: tuple[Callable[[], int], Callable[[np.ndarray], tuple[float, bool]]] | None = None
+        self._scale_version = 0
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -191,9 +196,38 @@ class BestTracker:
                                                   self.best_fits, self.best_row))
             if answer is False:
                 raise StopSearch("callback")
+        self._follow_rescale()
         reason = self.stop_reason(next_batch)
         if reason is not None:
             raise StopSearch(reason)
+
+    def watch_scale(self, version: Callable[[], int], rescore: Callable[[np.ndarray], tuple[float, bool]]) -> None:
+        """Follow a reward whose scale changes: ``version()`` counts the changes so far and
+        ``rescore(row)`` gives ``(step_time, fits)`` of a placement on the current scale.
+
+        After every batch whose callback changed the version, the incumbent is re-scored (and
+        rewritten to disk), so later placements are compared with it on one scale.
+        """
+        self._rescale = (version, rescore)
+        self._scale_version = version()
+
+    def _follow_rescale(self) -> None:
+        """Re-score the incumbent when the reward's scale changed (see :meth:`watch_scale`)."""
+        if self._rescale is None:
+            return
+        version, rescore = self._rescale
+        now = version()
+        if now == self._scale_version:
+            return
+        self._scale_version = now
+        if self.best_row is None:
+            return
+        step_time, fits = rescore(self.best_row)
+        self.best_step_time, self.best_fits = float(step_time), bool(fits)
+        # The curve shows the jump: the same placement, priced on the new scale.
+        self.history.append((self.wall_s, self.evaluated, self.best_step_time))
+        if self.out_dir is not None:
+            self.best_path = self._write(self.evaluated)
 
     def _consider(self, row: np.ndarray, step_time: float, fits: bool, batch: int, phase: str) -> None:
         better = (fits and not self.best_fits) or (
