@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--costs", choices=("profiled", "roofline"), default="profiled",
+                        help="node costs: profiled on this CPU (calibrates the roofline of simulated devices), or the "
+                             "uncalibrated roofline from FLOPs and bytes only (paper sizes, whose full-batch profiling "
+                             "takes too long on a small machine)")
     parser.add_argument("--out", default=None, help="append the Markdown tables to this file")
     parser.add_argument("--throughput-nodes", type=int, default=0,
                         help="also time every agent on a synthetic DAG of this many nodes (0: skip)")
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
         "Command: `python benchmarks/bench_agent.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core CPU (torch 1 thread). "
-        "Step times are **simulated** on the cluster specs; search times and rates are **measured** wall-clock.\n",
+        "Step times are **simulated** on the cluster specs; search times and rates are **measured** wall-clock. "
+        f"Node costs: {args.costs}.\n",
     ]
     if args.throughput_nodes:
         bench_throughput(args.throughput_nodes, _csv(args.clusters)[0], args.throughput_budget, args, lines)
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in _csv(args.models):
         t0 = time.perf_counter()
         try:
-            prep = prepare(f"zoo:{model}", model_args={"size": args.size}, cache_dir=args.cache_dir)
+            prep = prepare(f"zoo:{model}", model_args={"size": args.size}, cache_dir=args.cache_dir,
+                           profile=args.costs == "profiled")
         except Exception as exc:
             lines.append(f"### {model}: preparation failed: {type(exc).__name__}: {exc}\n")
             continue
