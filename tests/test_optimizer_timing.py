@@ -8,7 +8,8 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import capture
-from graphs.optimizer_timing import node_parameters, optimizer_key, optimizer_kind, optimizer_times
+from graphs.optimizer_timing import (InSituOptimizerTimer, node_parameters, optimizer_key, optimizer_kind,
+                                     optimizer_times)
 from graphs.profile import profile_graph
 
 
@@ -104,3 +105,22 @@ def test_in_situ_profiling_times_updates_after_real_backwards_and_trains_nothing
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer_fn", [_adam, lambda p: torch.optim.Adagrad(p, lr=0.2)],
+                         ids=["adam (lazy state)", "adagrad (state built eagerly)"])
+def test_in_situ_whole_step_shares_the_node_optimizers_state(optimizer_fn):
+    # One state per parameter, as in a training step: the whole step and the node steps
+    # must touch the same moments, not two copies each touched every other run.
+    gm = fx.symbolic_trace(Shared())
+    timer = InSituOptimizerTimer(optimizer_fn, torch.device("cpu"))
+    gm(torch.randn(4, 8)).sum().backward()
+    timer.after_backward(gm, True, True)
+    timer.after_backward(gm, False, True)
+    timer.restore()
+    assert timer.whole is not None and set(timer.nodes) == {"lin", "norm", "head"}
+    for name, optimizer in timer.nodes.items():
+        for p in timer.owned[name]:
+            assert timer.whole.state[p] is optimizer.state[p]
+            assert optimizer.state[p], f"{name}: no state after the steps"
+    assert {"lin", "norm", "head", "(whole)"} <= set(timer.samples)
