@@ -248,8 +248,8 @@ class InSituOptimizerTimer:
     two over 1 and 9 one-element tensors (the least a tensor's update costs). The
     gradients are the real ones of that backward. The whole optimizer shares the node
     optimizers' per-parameter state (:func:`_share_state`): one state per parameter, as in
-    a training step (two copies made the whole step of the paper RNNLM ~1.8x slower in
-    user time than the real step's). Node shares and the fixed per-step cost
+    a training step (two copies made the whole step of the paper RNNLM ~1.7x slower in
+    user time than the real step's: medians ~1250 vs ~730 ms). Node shares and the fixed per-step cost
     come out as in :func:`optimizer_times`. The parameters are restored (:meth:`restore`)
     after the runs: profiling trains nothing.
     """
