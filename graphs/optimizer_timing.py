@@ -40,17 +40,9 @@ import torch
 import torch.fx as fx
 
 from graphs.op_timing import clock_for, inner_loops, median_loop, sync_device, timed_once
+from graphs.placement_graph import fetch_attr
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _trainable(t: Any) -> bool:
@@ -70,7 +62,7 @@ def node_parameters(gm: fx.GraphModule) -> dict[str, list[torch.Tensor]]:
         if node.op == "call_module":
             tensors = list(gm.get_submodule(str(node.target)).parameters())
         elif node.op == "get_attr":
-            value = _fetch(gm, str(node.target))
+            value = fetch_attr(gm, str(node.target))
             tensors = [value] if isinstance(value, torch.Tensor) else []
         else:
             continue

@@ -124,7 +124,8 @@ def _clean_path(path: str) -> str:
     return path.lstrip(".")
 
 
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
+def fetch_attr(gm: nn.Module, target: str) -> Any:
+    """The object at dotted ``target`` under ``gm`` (a get_attr node's tensor), or None when absent."""
     value: Any = gm
     for part in target.split("."):
         value = getattr(value, part, None)
@@ -179,7 +180,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 params_read = total  # a lookup reads the rows it returns, not the table
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, str(node.target))
+            value = fetch_attr(gm, str(node.target))
             tensors = [value] if isinstance(value, torch.Tensor) else []
         for t in tensors:
             if id(t) not in owned:
