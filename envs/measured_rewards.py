@@ -93,7 +93,7 @@ class MeasuredReward(RewardModel):
                 self._cache[key] = failed
             return
         for key, result in zip(todo, results):
-            self._cache[key] = _outcome(result)
+            self._cache[key] = measure_outcome(result)
 
     def _measure_reference(self, row: np.ndarray) -> tuple[float, bool, str]:
         try:
@@ -131,7 +131,7 @@ class MeasuredReward(RewardModel):
                           tuple(m[2] for m in measured))
 
 
-def _outcome(result: Any) -> tuple[float, bool, str]:
+def measure_outcome(result: Any) -> tuple[float, bool, str]:
     """(step time, valid, reason) of a measurer's result; invalid unless a positive finite time."""
     t = float(getattr(result, "step_time", math.inf))
     valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0

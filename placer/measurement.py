@@ -32,6 +32,7 @@ import numpy as np
 
 from envs.calibrate import Calibration, CalibrationError, agreement, calibrate_simulator
 from envs.measure import MeasureResult
+from envs.measured_rewards import measure_outcome
 from envs.problem import PlacementProblem
 from envs.simulator import simulate_batch
 from graphs.errors import PlacerError
@@ -175,9 +176,7 @@ class PlacementMeasurer:
                                    reason=f"measurement failed: {type(exc).__name__}: {exc}")
             results = [failed] * len(ops)
         for i, (row, res) in enumerate(zip(rows, results)):
-            t = float(getattr(res, "step_time", math.inf))
-            valid = bool(getattr(res, "valid", True)) and math.isfinite(t) and t > 0
-            reason = "" if valid else (str(getattr(res, "reason", "") or "") or f"no usable step time ({t})")
+            t, valid, reason = measure_outcome(res)
             rec = MeasuredPlacement(row=row.copy(), step_time=t if valid else math.inf, valid=valid, reason=reason,
                                     phase=self.phase, simulated=float(simulated[i]),
                                     predicted=None if predicted is None else float(predicted[i]))
