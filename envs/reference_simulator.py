@@ -78,6 +78,15 @@ def simulate_reference(
         if grad[v]:
             duration[("B", v)] = cost[v][1]
             resource[("B", v)] = ("device", dev_of[v])
+    def add_copy(task: Hashable, src: str, dst: str, nbytes: float, after: Hashable, before: Hashable) -> None:
+        """A copy of ``nbytes`` over the src→dst channel, after task ``after``, before task ``before``."""
+        link = cluster.link(src, dst)
+        duration[task] = link.latency_s + nbytes / link.bandwidth_Bps
+        resource[task] = ("channel", src, dst)
+        xfer_bytes[task] = nbytes
+        deps[task].append(after)
+        deps[before].append(task)
+
     for u, v, data in graph.edges(data=True):
         nbytes = float(data.get("bytes") or 0)
         if dev_of[u] == dev_of[v]:
@@ -85,21 +94,9 @@ def simulate_reference(
             if grad[u] and grad[v]:
                 deps[("B", u)].append(("B", v))
             continue
-        link = cluster.link(dev_of[u], dev_of[v])
-        fwd_copy = ("XF", u, v)
-        duration[fwd_copy] = link.latency_s + nbytes / link.bandwidth_Bps
-        resource[fwd_copy] = ("channel", dev_of[u], dev_of[v])
-        xfer_bytes[fwd_copy] = nbytes
-        deps[fwd_copy].append(("F", u))
-        deps[("F", v)].append(fwd_copy)
+        add_copy(("XF", u, v), dev_of[u], dev_of[v], nbytes, after=("F", u), before=("F", v))
         if grad[u] and grad[v]:
-            back = cluster.link(dev_of[v], dev_of[u])
-            grad_copy = ("XB", v, u)
-            duration[grad_copy] = back.latency_s + nbytes / back.bandwidth_Bps
-            resource[grad_copy] = ("channel", dev_of[v], dev_of[u])
-            xfer_bytes[grad_copy] = nbytes
-            deps[grad_copy].append(("B", v))
-            deps[("B", u)].append(grad_copy)
+            add_copy(("XB", v, u), dev_of[v], dev_of[u], nbytes, after=("B", v), before=("B", u))
 
     # ---- the fixed queue order of every resource
     def queue_key(task: tuple) -> tuple:
