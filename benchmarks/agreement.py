@@ -2,7 +2,7 @@
 
 For each model: capture, profile (on the cluster's real device kinds) and group it;
 draw placements (every single-device placement, then random group placements that the
-simulator says fit); measure each one's real training step (envs.measure: isolated
+simulator says fit); measure each one's real training step (envs.runtime.measure: isolated
 worker, warm-up + median); simulate the same placements; fit the calibration on the
 first ``--fit`` placements and report Spearman and MAPE on the rest (held out) and on
 all of them. Results go to a JSON file with the exact command that produced them.
@@ -37,7 +37,7 @@ TARGET_MAPE = 0.15
 
 def _placements(problem: Any, count: int, seed: int) -> np.ndarray:
     """Single-device rows first, then random rows the simulator says fit in memory."""
-    from envs.simulator import simulate_batch
+    from envs.sim.simulator import simulate_batch
 
     rng = np.random.default_rng(seed)
     rows = [np.full(problem.num_nodes, d, dtype=np.int64) for d in range(problem.num_devices)]
@@ -53,11 +53,11 @@ def _placements(problem: Any, count: int, seed: int) -> np.ndarray:
 def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, seed: int,
               warmup: int, repeats: int, timeout_s: float) -> dict[str, Any]:
     """Measure, simulate and calibrate one zoo model; return its record."""
-    from envs.calibrate import CalibrationError, agreement, calibrate_simulator
-    from envs.cluster import discover_cluster, load_cluster
-    from envs.measure import Measurer
-    from envs.problem import compile_problem
-    from envs.simulator import simulate_batch
+    from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
+    from envs.hardware.loading import discover_cluster, load_cluster
+    from envs.runtime.measure import Measurer
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
 
     cluster = discover_cluster() if cluster_source == "real" else load_cluster(cluster_source)
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "what": "step times MEASURED on real devices (envs.measure) vs SIMULATED (envs.simulator), "
-                "before and after calibration (envs.calibrate)",
+        "what": "step times MEASURED on real devices (envs.runtime.measure) vs SIMULATED (envs.sim.simulator), "
+                "before and after calibration (envs.sim.calibration)",
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
         "targets": {"spearman": TARGET_SPEARMAN, "mape": TARGET_MAPE},

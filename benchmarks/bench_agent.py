@@ -1,9 +1,9 @@
 """Benchmark the learning agents on zoo models, simulated on the 4-GPU presets.
 
-For each model and cluster it reports (all step times simulated by envs.simulator on the
+For each model and cluster it reports (all step times simulated by envs.sim.simulator on the
 cluster spec; search times are measured wall-clock on this machine):
 
-* every heuristic baseline of ``placer.baselines`` and the human ``expert``;
+* every heuristic baseline of ``placer.search.baselines`` and the human ``expert``;
 * the hierarchical agent as a user runs it (seeded with the baselines' placements,
   imitation warm start, the interleaved local-search phase on), its gain over the best
   heuristic and over the expert, which phase found its best, and how long it took to come
@@ -40,8 +40,8 @@ def _csv(text: str) -> list[str]:
 
 def run_baselines(problem, graph, captured, op_to_group, seed: int) -> list[tuple[str, float | None, float, str]]:
     """(name, simulated step time or None, search seconds, note) for every baseline."""
-    from envs.simulator import simulate_batch
-    from placer.baselines import BASELINES, run_baseline
+    from envs.sim.simulator import simulate_batch
+    from placer.search.baselines import BASELINES, run_baseline
 
     rows = []
     for name in BASELINES:
@@ -71,9 +71,9 @@ def gain(base: float | None, new: float | None) -> str:
 
 
 def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
-    from envs.cluster import load_cluster
-    from envs.problem import compile_problem
-    from placer.agents.search import search
+    from envs.hardware.loading import load_cluster
+    from envs.sim.problem import compile_problem
+    from placer.search.search import search
 
     graph = prep.grouping.graph
     problem = compile_problem(graph, load_cluster(cluster))
@@ -138,7 +138,7 @@ def synthetic_problem(n: int, cluster: str, seed: int = 0):
     """A random DAG of ``n`` ops (each fed by up to 2 of the previous 8), roofline-costed on ``cluster``."""
     import networkx as nx
 
-    from envs.problem import compile_problem
+    from envs.sim.problem import compile_problem
 
     rng = np.random.default_rng(seed)
     g = nx.DiGraph(name=f"dag{n}")
@@ -155,8 +155,8 @@ def bench_throughput(n: int, cluster: str, budget: str, args, lines: list[str]) 
     """Training throughput of each agent on a synthetic ``n``-node graph (default group count)."""
     import resource
 
-    from envs.env_config import default_num_groups
-    from placer.agents.search import search
+    from envs.gym.config import default_num_groups
+    from placer.search.search import search
 
     problem = synthetic_problem(n, cluster, args.seed)
     g = default_num_groups(problem.num_nodes, problem.num_devices)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from placer.commands.benchmark import main
+from placer.cli.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

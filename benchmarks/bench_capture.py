@@ -36,8 +36,8 @@ import torch
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.grouping import group_graph
-from graphs.profile import StepTimes, measure_step_parts, profile_graph
-from graphs.profile_cache import device_name
+from graphs.profile.profiler import StepTimes, measure_step_parts, profile_graph
+from graphs.profile.cache import device_name
 from graphs.zoo import ZOO_MODELS, load_zoo_model
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None,
                         help="profile cache (default: a fresh temporary one, so profiling is measured)")
     parser.add_argument("--method", choices=["in_situ", "isolated"], default="in_situ",
-                        help="profiling method (see graphs.profile)")
+                        help="profiling method (see graphs.profile.profiler)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="model argument for every model, e.g. batch_size=1 (repeatable; ints parsed)")
     parser.add_argument("--rounds", type=int, default=3,

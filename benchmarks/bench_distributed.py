@@ -4,12 +4,12 @@ For each zoo model (small): capture, profile (one thread) and group it; build th
 cluster ``cpu:0,cpu:1`` (links measured by ping-pong between two gloo workers); then
 
 * **1 process, 1 thread** and **1 process, 2 threads**: the whole model on the CPU,
-  measured in an isolated worker (``envs.measure.Measurer``, warm-up + median);
+  measured in an isolated worker (``envs.runtime.measure.Measurer``, warm-up + median);
 * **all on cpu:0 (2 workers)**: the single-device placement through the distributed
   runtime (what the runtime itself costs);
 * **best over cpu:0,cpu:1**: the simulator ranks the baselines' placements and random
   group placements; the ``--top`` fastest are measured through the runtime
-  (``envs.distributed.measure``) and the measured fastest is reported.
+  (``envs.runtime.distributed.measure``) and the measured fastest is reported.
 
 Every row gives the simulator's prediction for the same placement. The simulator
 models one thread per device (profiles are taken at one thread), so it has no
@@ -40,7 +40,7 @@ BASELINES = ("single", "balanced", "sequential", "pipeline_dp", "m_etf", "heft",
 def _candidates(problem: Any, graph: Any, captured: Any, op_to_group: Any, random_rows: int,
                 seed: int) -> list[tuple[str, np.ndarray]]:
     """Baseline placements plus random group placements (name, row)."""
-    from placer.baselines import run_baseline
+    from placer.search.baselines import run_baseline
 
     out: list[tuple[str, np.ndarray]] = []
     for name in BASELINES:
@@ -61,8 +61,8 @@ def stage_overhead(prep: Any, rounds: int = 3, steps: int = 10) -> tuple[float, 
 
     import torch
 
-    from envs.distributed.runtime import Comm, RankStep, value_meta
-    from graphs.split import split_by_rank
+    from envs.runtime.distributed.runtime import Comm, RankStep, value_meta
+    from envs.runtime.split import split_by_rank
 
     spec = prep.spec
     threads = torch.get_num_threads()
@@ -118,12 +118,13 @@ def parse_model(text: str) -> tuple[str, str, dict[str, Any]]:
 def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, repeats: int,
               seed: int, rounds: int = 0) -> dict[str, Any]:
     """Measure and simulate one model (see :func:`parse_model` for ``name``); returns its rows."""
-    from envs.distributed.measure import DistributedMeasurer
-    from envs.measure import Measurer
-    from envs.problem import compile_problem, optimizer_state_kind
-    from envs.simulator import simulate_batch
+    from envs.runtime.distributed.measure import DistributedMeasurer
+    from envs.runtime.measure import Measurer
+    from envs.sim.problem import compile_problem
+    from envs.sim.optimizer_state import optimizer_state_kind
+    from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
-    from graphs.split import split_by_rank
+    from envs.runtime.split import split_by_rank
 
     start = time.perf_counter()
     name, source, args = parse_model(name)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from envs.distributed.devices import rank_cluster
+    from envs.runtime.distributed.rank_cluster import rank_cluster
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     cluster = rank_cluster(DEVICES)

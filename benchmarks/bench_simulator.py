@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from envs.cluster import load_cluster  # noqa: E402
-from envs.problem import compile_problem  # noqa: E402
-from envs.reference_simulator import simulate_reference  # noqa: E402
-from envs.simulator import HAS_NUMBA, simulate, simulate_batch  # noqa: E402
+from envs.hardware.loading import load_cluster  # noqa: E402
+from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.reference_simulator import simulate_reference  # noqa: E402
+from envs.sim.simulator import HAS_NUMBA, simulate, simulate_batch  # noqa: E402
 
 
 def layered_dag(num_nodes: int, width: int = 8, seed: int = 0) -> nx.DiGraph:

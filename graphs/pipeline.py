@@ -53,7 +53,7 @@ def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None
     """Load, capture, (optionally) profile and group a model.
 
     ``profile=False`` leaves the time dicts empty (grouping then merges by structure only).
-    ``devices``/``cache_dir`` go to :func:`graphs.profile.profile_graph`. ``Prepared.seconds``
+    ``devices``/``cache_dir`` go to :func:`graphs.profile.profiler.profile_graph`. ``Prepared.seconds``
     records the wall time of each stage (load, capture, profile, group).
     """
     seconds: dict[str, float] = {}
@@ -68,7 +68,7 @@ def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None
     if profile:
         # Imported here: profiling and grouping are separate modules of the graphs layer
         # and are only needed once a capture exists.
-        from graphs.profile import profile_graph
+        from graphs.profile.profiler import profile_graph
 
         start = time.perf_counter()
         profile_graph(captured, spec.example_inputs, devices=devices,

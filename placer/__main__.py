@@ -1,3 +1,3 @@
-from placer.cli import main
+from placer.cli.main import main
 
 raise SystemExit(main())

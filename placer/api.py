@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from graphs.apply import apply_placement, realize_placement, to_device
+from envs.runtime.apply import apply_placement, realize_placement, to_device
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec
@@ -28,7 +28,7 @@ from placer.placement_file import Placement, load_placement
 def real_devices_of(placement: Placement, cluster: Any = None) -> dict[str, str]:
     """Device name → torch device for a placement: from ``cluster``, else its recorded map, else identity."""
     if cluster is not None:
-        from envs.cluster import load_cluster
+        from envs.hardware.loading import load_cluster
 
         return load_cluster(cluster).real_device_map()
     recorded = placement.metadata.get("real_devices")

@@ -1,8 +1,8 @@
 """The benchmark harness: chosen methods × zoo models × clusters, one honest table.
 
-Every method's placement goes through the same simulator (:func:`placer.compare.comparison_table`)
+Every method's placement goes through the same simulator (:func:`placer.report.compare.comparison_table`)
 and, with ``measure=True`` on a real cluster, through the same measurement
-(:class:`envs.measure.Measurer`). The table has one row per (model, cluster, method):
+(:class:`envs.runtime.measure.Measurer`). The table has one row per (model, cluster, method):
 model, cluster, method, step_time, speedup_vs_single, ratio_to_lower_bound, peak_memory
 (per device, text), fits, search_time, evaluated, source (simulated / measured), note.
 
@@ -13,7 +13,7 @@ device holds the model and a placement is forced. Speed-ups there are over the b
 single device of the *uncapped* cluster (what one device would do if the model fitted).
 
 Methods are a registry (:data:`METHODS`): every baseline by name, ``single:<device>``,
-and ``agent:<name>`` for the search agents (:mod:`placer.agents.search`). More can be
+and ``agent:<name>`` for the search agents (:mod:`placer.search.search`). More can be
 added with :func:`register_method`. A method is
 ``callable(problem, graph, captured, budget, seed, op_to_group) -> MethodOutcome``.
 
@@ -35,9 +35,9 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from envs.problem import PlacementProblem
+from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
-from placer.benchmark_report import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
+from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
 from placer.options import Budget
 
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
@@ -94,7 +94,7 @@ class BenchCase:
 
 def _baseline_method(name: str) -> MethodFn:
     def run(problem, graph, captured, budget, seed, op_to_group):
-        from placer.baselines import run_baseline
+        from placer.search.baselines import run_baseline
 
         placements = budget.placements if budget is not None and budget.placements else None
         res = run_baseline(name, problem, graph, seed, captured=captured, op_to_group=op_to_group, placements=placements)
@@ -106,9 +106,9 @@ def _baseline_method(name: str) -> MethodFn:
 def _agent_method(agent: str) -> MethodFn:
     def run(problem, graph, captured, budget, seed, op_to_group):
         try:
-            from placer.agents.search import search
+            from placer.search.search import search
         except ImportError as exc:
-            raise BenchmarkError(f"method 'agent:{agent}' needs placer.agents.search, which is not available ({exc})") from None
+            raise BenchmarkError(f"method 'agent:{agent}' needs placer.search.search, which is not available ({exc})") from None
         t0 = time.perf_counter()
         result = search(problem, agent=agent, budget=budget or Budget(seconds=60.0), seed=seed, progress=False)
         found = result.best_row is not None and bool(result.best_fits)
@@ -132,7 +132,7 @@ def register_method(name: str, fn: MethodFn) -> None:
 
 
 def _register_baselines() -> None:
-    from placer.baselines import BASELINES
+    from placer.search.baselines import BASELINES
 
     for name in BASELINES:
         METHODS.setdefault(name, _baseline_method(name))
@@ -156,7 +156,7 @@ def get_method(name: str) -> MethodFn:
 
 def expand_methods(names: Iterable[str], problem: PlacementProblem | None = None) -> list[str]:
     """Expand ``baselines``/``all`` to every baseline and ``single:*`` to each device."""
-    from placer.baselines import baseline_names
+    from placer.search.baselines import baseline_names
 
     out: list[str] = []
     for name in names:
@@ -188,7 +188,7 @@ def tighten(problem: PlacementProblem, fraction: float) -> PlacementProblem:
     The cap never goes below 1.25 x the largest node's footprint (with its received inputs):
     a node cannot be split, so a lower cap would leave no placement at all.
     """
-    from placer.baselines.common import node_memory
+    from placer.search.baselines.common import node_memory
 
     if not (isinstance(fraction, (int, float)) and 0 < fraction and math.isfinite(fraction)):
         raise BenchmarkError(f"memory fraction must be a positive number (e.g. 0.4), got {fraction!r}")
@@ -203,7 +203,7 @@ def tighten(problem: PlacementProblem, fraction: float) -> PlacementProblem:
 
 def best_single_time(problem: PlacementProblem, ignore_memory: bool = False) -> float:
     """Simulated step time of the fastest single device (that fits, unless ``ignore_memory``)."""
-    from envs.simulator import simulate_batch
+    from envs.sim.simulator import simulate_batch
 
     rows = np.repeat(np.arange(problem.num_devices)[:, None], problem.num_nodes, axis=1)
     sim = simulate_batch(problem, rows)
@@ -217,7 +217,7 @@ def best_single_time(problem: PlacementProblem, ignore_memory: bool = False) -> 
 def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = None, seed: int = 0,
              measure: bool = False, progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict]:
     """Run ``methods`` on one case. Returns its table rows and the search histories by method."""
-    from placer.compare import Candidate, comparison_table
+    from placer.report.compare import Candidate, comparison_table
 
     candidates = []
     histories: dict[str, list] = {}
@@ -254,7 +254,7 @@ def _measure(case: BenchCase, candidates: list) -> None:
         )
     if case.grouping is None or case.source is None:
         raise BenchmarkError("measuring needs the model source and its grouping (run_benchmark provides them)")
-    from envs.measure import Measurer
+    from envs.runtime.measure import Measurer
 
     with Measurer(case.source, model_args=case.model_args, devices=case.cluster_obj) as m:
         for c in candidates:
@@ -269,8 +269,8 @@ def _measure(case: BenchCase, candidates: list) -> None:
 
 
 def optimizer_name(spec: Any) -> str:
-    """Name (a key of ``envs.problem.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds."""
-    from envs.problem import optimizer_state_kind
+    """Name (a key of ``envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds."""
+    from envs.sim.optimizer_state import optimizer_state_kind
 
     return optimizer_state_kind(spec.optimizer_fn)
 
@@ -279,8 +279,8 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
                   memory_fraction: float | None = None, cache_dir: str | Path | None = None,
                   progress: Callable[[str], None] | None = None) -> list[BenchCase]:
     """Capture, profile and group each zoo model once; compile it on each cluster."""
-    from envs.cluster import discover_cluster, load_cluster
-    from envs.problem import compile_problem
+    from envs.hardware.loading import discover_cluster, load_cluster
+    from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
 
     loaded = []

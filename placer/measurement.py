@@ -2,9 +2,9 @@
 
 The search places *groups* (``problem.node_names``), the devices run *ops*. A
 :class:`PlacementMeasurer` sits between the two: it is the measurer the reward model calls
-(:mod:`envs.measured_rewards`), expands each group placement to the op placement the
-backend runs — :class:`envs.measure.Measurer` (one worker process, real devices such as
-``cpu,cuda:0``) or :class:`envs.distributed.measure.DistributedMeasurer` (one worker per
+(:mod:`envs.gym.measured_rewards`), expands each group placement to the op placement the
+backend runs — :class:`envs.runtime.measure.Measurer` (one worker process, real devices such as
+``cpu,cuda:0``) or :class:`envs.runtime.distributed.measure.DistributedMeasurer` (one worker per
 rank device, ``cpu:0,cpu:1``) — measures each distinct placement once, and keeps a log of
 every measurement with the simulator's figure beside it.
 
@@ -14,7 +14,7 @@ every measurement with the simulator's figure beside it.
 * ``hybrid``: the simulator scores every placement; :class:`HybridRounds`, the search's
   progress callback, measures the best simulated candidates at set points of the budget
   and lets the reward model recalibrate the simulator from all measurements so far
-  (:mod:`envs.calibrate`), so the rest of the search runs on the recalibrated simulator.
+  (:mod:`envs.sim.calibration`), so the rest of the search runs on the recalibrated simulator.
 
 Either way optimize measures the best candidates once more at the end
 (:func:`confirm_candidates`), and only measured times pick the winner.
@@ -30,13 +30,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from envs.calibrate import Calibration, CalibrationError, agreement, calibrate_simulator
-from envs.measure import MeasureResult
-from envs.measured_rewards import measure_outcome
-from envs.problem import PlacementProblem
-from envs.simulator import simulate_batch
+from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
+from envs.runtime.measure import MeasureResult
+from envs.gym.measured_rewards import measure_outcome
+from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
-from placer.compare import Candidate
+from placer.report.compare import Candidate
 from placer.options import Budget
 
 #: Hybrid: measurement rounds during the search (the first right after the seeds are scored).
@@ -108,7 +108,7 @@ class PlacementMeasurer:
 
     # -------------------------------------------------------------- the reward model's side
     def attach(self, reward_model: Any) -> None:
-        """Called by :class:`envs.measured_rewards.MeasuredReward` when it is built on this measurer."""
+        """Called by :class:`envs.gym.measured_rewards.MeasuredReward` when it is built on this measurer."""
         self.reward_models.append(reward_model)
 
     def measure(self, placement: Mapping[str, str]) -> MeasureResult:
@@ -202,17 +202,17 @@ def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | Non
             "measuring loads the model again in worker processes, so it needs a model file or 'zoo:<name>', "
             f"not an in-memory {type(source).__name__}; use reward 'simulated' or pass measurer="
         )
-    from envs.distributed.devices import is_distributed_cluster
+    from envs.hardware.rank_devices import is_distributed_cluster
 
     if is_distributed_cluster(cluster):
-        from envs.distributed.measure import DistributedMeasurer
+        from envs.runtime.distributed.measure import DistributedMeasurer
 
         names = list(cluster.device_names)
         return PlacementMeasurer(
             DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint),
             problem, expand, f"{len(names)} worker processes ({', '.join(names)}), torch.distributed",
         )
-    from envs.measure import Measurer
+    from envs.runtime.measure import Measurer
 
     return PlacementMeasurer(Measurer(source, model_args=dict(model_args or {}), devices=cluster), problem, expand,
                              f"one worker process on {', '.join(cluster.device_names)}")

@@ -35,15 +35,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from envs.cluster import Cluster, load_cluster
-from envs.problem import PlacementProblem, compile_problem, optimizer_state_kind
+from envs.hardware.cluster import Cluster
+from envs.gym.reward_modes import REWARD_MODES
+from envs.hardware.loading import load_cluster
+from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.optimizer_state import optimizer_state_kind
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, prepare
-from placer.compare import Candidate, comparison_table
+from placer.report.compare import Candidate, comparison_table
 from placer.options import Budget, OptionError, parse_budget, parse_device_list, parse_memory_limits
 from placer.placement_file import Placement, save_placement
-from placer.verify import CheckReport, check_placement
+from envs.runtime.check import CheckReport, check_placement
 
 log = logging.getLogger("placer")
 
@@ -54,7 +57,6 @@ DEFAULT_BASELINES: tuple[str, ...] = (
     "single", "expert", "round_robin", "balanced", "sequential", "pipeline_dp",
     "m_topo", "m_etf", "m_sct", "heft", "critical_path", "mincut",
 )
-REWARD_MODES = ("simulated", "measured", "hybrid")
 
 
 def resolve_cluster(
@@ -72,7 +74,7 @@ def resolve_cluster(
         OptionError: both given, a device that is not present, a memory limit for an
             unknown device.
     """
-    from envs.cluster import discover_cluster
+    from envs.hardware.loading import discover_cluster
 
     if devices is not None and cluster is not None:
         raise OptionError("give either real devices (--devices) or a simulated cluster (--cluster), not both")
@@ -100,7 +102,7 @@ def resolve_cluster(
 
 
 def _subset(cluster: Cluster, names: Sequence[str]) -> Cluster:
-    from envs.cluster import make_cluster
+    from envs.hardware.cluster import make_cluster
 
     devices = [cluster.device(n) for n in names]
     links = [l for l in cluster.links if l.src in names and l.dst in names]
@@ -172,7 +174,7 @@ class OptimizeResult:
 
     def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
         """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
-        from graphs.apply import apply_placement
+        from envs.runtime.apply import apply_placement
         from graphs.capture import capture
 
         captured = self.prepared.captured
@@ -192,7 +194,7 @@ class OptimizeResult:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write placement.json, device_map.json (when module-aligned), report.md and pictures."""
-        from placer.report import write_results
+        from placer.report.results import write_results
 
         return write_results(self, Path(out_dir))
 
@@ -280,7 +282,7 @@ def optimize(
             "use --reward simulated"
         )
     reward = reward or _default_reward(the_cluster, model, measurer)
-    from placer.baselines import get_baseline
+    from placer.search.baselines import get_baseline
 
     for name in baselines:
         get_baseline(name)  # unknown names fail now, not after profiling
@@ -305,7 +307,7 @@ def optimize(
               f"{problem.num_devices} devices ({the_cluster.name}, step times {kind}); reward {reward}")
 
     # Baselines first: they are seconds of work and their best placements seed the search.
-    from placer.baselines import run_baseline
+    from placer.search.baselines import run_baseline
 
     start = time.perf_counter()
     candidates: list[Candidate] = []
@@ -478,7 +480,7 @@ def _search_with_reward(reward: str, measurer: Any, problem: PlacementProblem, *
                         progress: bool, fingerprint: str, expand: Callable, resume: bool,
                         save_best: Callable | None) -> tuple[Any, list[dict[str, Any]]]:
     """Run the agent's search with ``reward``'s reward model; returns (search result, hybrid rounds)."""
-    from placer.agents.search import search
+    from placer.search.search import search
 
     kwargs: dict[str, Any] = {}
     rounds = None
@@ -521,19 +523,20 @@ def _hybrid_agent_row(measurer: Any, search_result: Any, interrupted: bool) -> n
 
 # --------------------------------------------------------------------------- distributed hook
 # Devices named by rank ("cpu:0,cpu:1", "host:cpu:0") are worker processes of the
-# torch.distributed runtime (envs.distributed, issue 10): the cluster is built from
+# torch.distributed runtime (envs.runtime.distributed, issue 10): the cluster is built from
 # ping-pong measured links, and placements are measured through the runtime
 # (placer.measurement.make_measurer).
 
 
 def _is_rank_device_list(names: Sequence[str]) -> bool:
-    from envs.distributed.devices import is_rank_device_list
+    from envs.hardware.rank_devices import is_rank_device_list
 
     return is_rank_device_list(list(names))
 
 
 def _distributed_cluster(names: Sequence[str]) -> Cluster:
-    from envs.distributed.devices import RankDeviceError, rank_cluster
+    from envs.hardware.rank_devices import RankDeviceError
+    from envs.runtime.distributed.rank_cluster import rank_cluster
 
     try:
         return rank_cluster(list(names))

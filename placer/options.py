@@ -136,7 +136,7 @@ def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
         raise OptionError("no devices given: expected e.g. 'cpu,cuda:0'")
     for d in items:
         # "cpu:N" and "HOST:cpu:N"/"HOST:cuda:N" name worker processes (ranks) of the
-        # distributed runtime (envs.distributed.devices).
+        # distributed runtime (envs.hardware.rank_devices).
         if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?|[A-Za-z0-9_.\-]+:(cpu|cuda):\d+", d):
             raise OptionError(
                 f"unknown device {d!r}: expected 'cpu', 'cuda:N' (or 'mps'), 'cpu:N' for a local "

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
-from graphs.apply import placement_device_map
+from envs.runtime.apply import placement_device_map
 from graphs.errors import PlacerError
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from envs.problem import PlacementProblem, compile_problem
+from envs.sim.problem import PlacementProblem, compile_problem
 
 
 def chain_problem(n: int = 12, edge_mb: float = 40.0, name: str = "chain") -> PlacementProblem:
@@ -47,7 +47,7 @@ def heuristics_miss_problem() -> tuple[nx.DiGraph, PlacementProblem]:
 
     Found by enumerating all 5^8 = 390,625 placements through the simulator (see
     ``test_enumeration_confirms_the_heuristic_gap``, marked slow): the optimum is 192.39 ms,
-    the best of every baseline in ``placer.baselines`` (seed 0) 195.19 ms.
+    the best of every baseline in ``placer.search.baselines`` (seed 0) 195.19 ms.
     """
     rng = np.random.default_rng(17)
     g = nx.DiGraph(name="heuristics_miss")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.problem import PlacementProblem
+from envs.sim.problem import PlacementProblem
 
 
 def random_problem(n: int = 12, d: int = 3, seed: int = 0, extra_edges: int = 6,

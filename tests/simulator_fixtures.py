@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from envs.cluster import Cluster, Device, Link
+from envs.hardware.cluster import Cluster, Device, Link
 
 
 def layered_graph(n: int, width: int = 4, seed: int = 0, profiled_kinds: tuple[str, ...] = ()) -> nx.DiGraph:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.simulator import simulate_batch
-from placer.agents.common.tracker import BestTracker, StopSearch
-from placer.agents.local_search import LocalSearch, LocalSearchError, apply_moves, neighbourhood
+from envs.sim.simulator import simulate_batch
+from placer.search.tracker import BestTracker, StopSearch
+from placer.search.local_search import LocalSearch, LocalSearchError, apply_moves, neighbourhood
 from tests.agent_fixtures import chain_problem, heuristics_miss_problem
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from envs.placement_env import PlacementEnv
-from envs.vector_env import BatchedPlacementVecEnv
-from placer.agents.common.imitation import behaviour_clone
-from placer.agents.hierarchical.policy import HierarchicalPlacementPolicy, PolicySpaceError
-from placer.agents.hierarchical.ppo import PPOConfig, make_ppo
+from envs.gym.placement_env import PlacementEnv
+from envs.gym.vector_env import BatchedPlacementVecEnv
+from placer.search.agents.imitation import behaviour_clone
+from placer.search.agents.hierarchical.policy import HierarchicalPlacementPolicy, PolicySpaceError
+from placer.search.agents.hierarchical.ppo import PPOConfig, make_ppo
 from tests.agent_fixtures import chain_problem, diamond_problem
 
 
@@ -152,7 +152,7 @@ def test_short_ppo_training_beats_the_random_policy(problem_fn):
 
 
 def test_rollout_buffer_stores_a_shared_observation_once_and_falls_back_when_rows_differ():
-    from placer.agents.hierarchical.rollout_buffer import SharedObservationRolloutBuffer
+    from placer.search.agents.hierarchical.rollout_buffer import SharedObservationRolloutBuffer
 
     env = make_env(chain_problem(6), 4, 3)
     n_steps = 3

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from envs.simulator import simulate_batch
-from placer.agents.search import AGENTS, SearchError, load_policy, search
-from placer.agents.common.tracker import SearchProgress
+from envs.sim.simulator import simulate_batch
+from placer.search.search import AGENTS, SearchError, load_policy, search
+from placer.search.tracker import SearchProgress
 from placer.options import OptionError
 from tests.agent_fixtures import chain_problem, heuristics_miss_problem
 
@@ -143,7 +143,7 @@ def test_progress_bar_shows_the_best_step_time(problem, capsys):
 
 def _heuristic_rows(graph, problem):
     """Every baseline's placement (seed 0) and the best fitting step time among them."""
-    from placer.baselines import BASELINES, run_baseline
+    from placer.search.baselines import BASELINES, run_baseline
 
     rows, best = [], np.inf
     for name in BASELINES:
@@ -207,7 +207,7 @@ def test_enumeration_confirms_the_heuristic_gap_and_the_search_finds_the_optimum
 
 
 def test_a_recalibrated_reward_rescores_the_incumbent_so_later_placements_compare_on_one_scale(problem, tmp_path):
-    from placer.agents.common.tracker import BestTracker
+    from placer.search.tracker import BestTracker
 
     scale = {"version": 0, "factor": 1.0}
     tracker = BestTracker(problem, budget=100, out_dir=tmp_path)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.fx as fx
 
-from graphs.apply import (
+from envs.runtime.apply import (
     ApplyError,
     apply_placement,
     placement_device_map,

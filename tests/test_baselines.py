@@ -8,20 +8,20 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.problem import PlacementProblem
-from envs.simulator import simulate_batch
-from placer.baselines import BASELINES, BaselineError, baseline_names, get_baseline, run_baseline
-from placer.baselines.common import comm_time, device_memory, node_cost, node_memory, repair_memory
-from placer.baselines.expert import contiguous_split, detect_family
-from placer.baselines.pipeline_dp import pipeline_dp, segment_memory
-from placer.baselines.common import BaselineInputs, NoFit
+from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
+from placer.search.baselines import BASELINES, BaselineError, baseline_names, get_baseline, run_baseline
+from placer.search.baselines.common import comm_time, device_memory, node_cost, node_memory, repair_memory
+from placer.search.baselines.expert import contiguous_split, detect_family
+from placer.search.baselines.pipeline_dp import pipeline_dp, segment_memory
+from placer.search.baselines.common import BaselineInputs, NoFit
 
 @pytest.fixture(autouse=True)
 def _numpy_simulator(monkeypatch):
     """Tiny problems: the numpy simulator path avoids numba's JIT warm-up (~10 s per process)."""
-    import envs.simulator
+    import envs.sim.simulator
 
-    monkeypatch.setattr(envs.simulator, "HAS_NUMBA", False)
+    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
 
 
 MB = 2**20
@@ -341,7 +341,7 @@ def test_names_include_single_per_device() -> None:
 
 
 def test_mincut_kernighan_lin_fallback(monkeypatch) -> None:
-    import placer.baselines.mincut as mc
+    import placer.search.baselines.mincut as mc
 
     monkeypatch.setattr(mc, "HAS_METIS", False)
     problem = diamond_problem(param_bytes=np.full(8, 50 * MB), capacity=330 * MB, edge_bytes=1024)

@@ -7,21 +7,22 @@ import pytest
 import torch
 import torch.nn as nn
 
-from envs.cluster import Cluster, Device, load_cluster
-from envs.problem import compile_problem
-from envs.simulator import simulate_batch
+from envs.hardware.cluster import Cluster, Device
+from envs.hardware.loading import load_cluster
+from envs.sim.problem import compile_problem
+from envs.sim.simulator import simulate_batch
 from graphs.capture import capture
-from placer.baselines import run_baseline
-from placer.baselines.module_split import balanced_budgets, infer_device_map, mean_layer_size
-from placer.baselines.modules import common_path, op_path
+from placer.search.baselines import run_baseline
+from placer.search.baselines.module_split import balanced_budgets, infer_device_map, mean_layer_size
+from placer.search.baselines.modules import common_path, op_path
 
 
 @pytest.fixture(autouse=True)
 def _numpy_simulator(monkeypatch):
     """Small graphs: the numpy simulator path avoids numba's JIT warm-up."""
-    import envs.simulator
+    import envs.sim.simulator
 
-    monkeypatch.setattr(envs.simulator, "HAS_NUMBA", False)
+    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
 
 
 def _mlp() -> nn.Module:
@@ -119,7 +120,7 @@ def test_common_path() -> None:
 
 
 def test_fx_partitioner_time_limit_gives_reason(mlp_capture, monkeypatch) -> None:
-    import placer.baselines.fx_partitioner as fxp
+    import placer.search.baselines.fx_partitioner as fxp
 
     _, cap = mlp_capture
     probe = compile_problem(cap.graph, load_cluster("4xK40"))

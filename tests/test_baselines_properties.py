@@ -8,18 +8,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envs.simulator import simulate_batch
-from placer.baselines import BASELINES, run_baseline
-from placer.baselines.common import device_memory, node_memory
+from envs.sim.simulator import simulate_batch
+from placer.search.baselines import BASELINES, run_baseline
+from placer.search.baselines.common import device_memory, node_memory
 from tests.test_baselines import MB, make_problem
 
 
 @pytest.fixture(autouse=True)
 def _numpy_simulator(monkeypatch):
     """Tiny problems: the numpy simulator path avoids numba's JIT warm-up."""
-    import envs.simulator
+    import envs.sim.simulator
 
-    monkeypatch.setattr(envs.simulator, "HAS_NUMBA", False)
+    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
 
 
 @st.composite

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from envs.simulator import simulate_batch
+from envs.sim.simulator import simulate_batch
 from placer.benchmark import (
     COLUMNS,
     BenchCase,
@@ -20,16 +20,16 @@ from placer.benchmark import (
     split_cluster_name,
     tighten,
 )
-from placer.baselines.common import node_memory
+from placer.search.baselines.common import node_memory
 from tests.test_baselines import MB, diamond_problem, graph_for
 
 
 @pytest.fixture(autouse=True)
 def _numpy_simulator(monkeypatch):
     """Tiny problems: the numpy simulator path avoids numba's JIT warm-up (~10 s per process)."""
-    import envs.simulator
+    import envs.sim.simulator
 
-    monkeypatch.setattr(envs.simulator, "HAS_NUMBA", False)
+    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
 
 
 def _case(**kw) -> BenchCase:
@@ -114,7 +114,7 @@ def test_registered_method_and_expansion() -> None:
 
 
 def test_cli_reports_bad_model_without_traceback(capsys, tmp_path) -> None:
-    from placer.commands.benchmark import main
+    from placer.cli.benchmark import main
 
     code = main(["--models", "no_such_model", "--clusters", "4xK40", "--out", str(tmp_path), "-q"])
     err = capsys.readouterr().err
@@ -162,7 +162,7 @@ def test_agent_method_runs_through_the_same_table() -> None:
     (["--budget", "soon"], "budget"),
 ])
 def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, message) -> None:
-    from placer.commands.benchmark import main
+    from placer.cli.benchmark import main
 
     code = main(["--models", "rnnlm", "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err

@@ -12,9 +12,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from envs.calibrate import CalibrationError, agreement, calibrate_simulator, scaled_problem
-from envs.problem import compile_problem
-from envs.simulator import simulate_batch
+from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator, scaled_problem
+from envs.sim.problem import compile_problem
+from envs.sim.simulator import simulate_batch
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.zoo import load_zoo_model

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from graphs.graph_io import load_graph
-from placer.cli import main
+from placer.cli.main import main
 
 MODEL = """
 import torch

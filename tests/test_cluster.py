@@ -6,16 +6,9 @@ import json
 
 import pytest
 
-from envs.cluster import (
-    Cluster,
-    ClusterSpecError,
-    Device,
-    Link,
-    cluster_from_spec,
-    list_presets,
-    load_cluster,
-)
-from envs.units import UnitError, parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from envs.hardware.cluster import Cluster, ClusterSpecError, Device, Link, cluster_from_spec
+from envs.hardware.loading import list_presets, load_cluster
+from envs.hardware.units import UnitError, parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 from graphs.errors import PlacerError
 
 

@@ -6,9 +6,10 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.cluster import Cluster, Device, load_cluster
-from envs.cost_model import DEFAULT_ROOFLINE, CostModel, Roofline, calibrate, profiled_times, roofline_times
-from envs.problem import PlacementError, compile_problem, topological_order
+from envs.hardware.cluster import Cluster, Device
+from envs.hardware.loading import load_cluster
+from envs.sim.cost_model import DEFAULT_ROOFLINE, CostModel, Roofline, calibrate, profiled_times, roofline_times
+from envs.sim.problem import PlacementError, compile_problem, topological_order
 from graphs.errors import GraphError
 from tests.simulator_fixtures import layered_graph
 
@@ -149,7 +150,7 @@ def test_for_graph_estimates_the_optimizer_the_graph_was_profiled_with_and_one_d
     model = CostModel.for_graph(g, cluster)
     assert model.optimizer == "adam"
     problem = compile_problem(g, cluster, optimizer="adam")
-    from envs.simulator import simulate
+    from envs.sim.simulator import simulate
 
     for d, dev in enumerate(cluster.devices):
         res = simulate(problem, {"w": dev.name, "y": dev.name})

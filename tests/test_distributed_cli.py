@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from envs.distributed import launcher
-from envs.distributed.devices import RankDeviceError, is_distributed_cluster, rank_cluster
+from envs.runtime.distributed import rank_cluster as rank_cluster_module
+from envs.hardware.rank_devices import RankDeviceError, is_distributed_cluster
+from envs.runtime.distributed.rank_cluster import rank_cluster
 from placer.optimization import resolve_cluster
 from placer.options import OptionError
 
@@ -21,7 +22,7 @@ def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
 
 
 def test_resolve_cluster_builds_a_measured_rank_cluster(monkeypatch):
-    monkeypatch.setattr(launcher, "measure_links", _fake_links)
+    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
     cluster = resolve_cluster(devices="cpu:0,cpu:1")
     assert cluster.device_names == ["cpu:0", "cpu:1"]
     assert not cluster.simulated and is_distributed_cluster(cluster)

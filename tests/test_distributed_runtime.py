@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from envs.distributed.launcher import WorkerGroup, free_port, run_job, write_job
-from envs.distributed.measure import DistributedMeasurer
-from envs.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
-from envs.measure import MeasureError
+from envs.runtime.distributed.launcher import WorkerGroup, free_port, run_job, write_job
+from envs.runtime.distributed.measure import DistributedMeasurer
+from envs.runtime.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
+from envs.runtime.measure import MeasureError
 from graphs.pipeline import prepare
-from graphs.split import split_by_rank
+from envs.runtime.split import split_by_rank
 
 DEVICES = "cpu:0,cpu:1"
 STEPS = 3
@@ -190,7 +190,7 @@ def test_hung_job_times_out_and_is_killed(tmp_path):
 def test_measured_messages_are_the_plans_crossings():
     """Each timed step sends one message per tensor leaf crossing forward and one per
     gradient coming back; the measurer reports them per rank with the time spent waiting."""
-    from envs.distributed.runtime import value_meta
+    from envs.runtime.distributed.runtime import value_meta
 
     prep = _prepared("rnnlm")
     half, _ = _placements(prep)
@@ -237,7 +237,7 @@ def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-                 f"--local-addr={addr}", "-m", "envs.distributed.worker", str(tmp_path)],
+                 f"--local-addr={addr}", "-m", "envs.runtime.distributed.worker", str(tmp_path)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
         for p in procs:
             _, err = p.communicate(timeout=300)

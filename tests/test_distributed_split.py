@@ -1,4 +1,4 @@
-"""graphs.split and the per-rank schedule of envs.distributed.runtime, in one process.
+"""envs.runtime.split and the per-rank schedule of envs.runtime.distributed.runtime, in one process.
 
 The schedule is exercised with ranks as threads exchanging tensors over queues (no
 torch.distributed, no process start-up), against the plain single-process training step.
@@ -16,14 +16,14 @@ import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envs.distributed.devices import (
+from envs.hardware.rank_devices import (
     RankDeviceError,
     is_rank_device_list,
     parse_rank_devices,
 )
-from envs.distributed.runtime import Comm, RankStep, value_meta
-from envs.distributed.stage_state import hold, module_tensors, owned_paths, resident_bytes, tensor_bytes, to_meta
-from graphs.split import SplitError, split_by_rank
+from envs.runtime.distributed.runtime import Comm, RankStep, value_meta
+from envs.runtime.distributed.stage_state import hold, module_tensors, owned_paths, resident_bytes, tensor_bytes, to_meta
+from envs.runtime.split import SplitError, split_by_rank
 
 
 class _Net(torch.nn.Module):

@@ -12,11 +12,11 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401 - registers the gymnasium ids
-from envs.env_config import EnvConfigError, default_num_groups
-from envs.features import DEVICE_FEATURES, node_feature_names
-from envs.placement_env import PlacementEnv
-from envs.problem import PlacementError
-from envs.simulator import simulate_batch
+from envs.gym.config import EnvConfigError, default_num_groups
+from envs.gym.features import DEVICE_FEATURES, node_feature_names
+from envs.gym.placement_env import PlacementEnv
+from envs.sim.problem import PlacementError
+from envs.sim.simulator import simulate_batch
 from tests.envs_fixtures import random_problem, tight_problem
 
 PROBLEMS = {
@@ -257,6 +257,6 @@ def test_import_envs_is_light():
     import sys
 
     code = "import sys, envs, gymnasium as gym; assert 'placer/Placement-v0' in gym.registry; " \
-           "print('torch' in sys.modules, 'envs.simulator' in sys.modules)"
+           "print('torch' in sys.modules, 'envs.sim.simulator' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envs.features import (
+from envs.gym.features import (
     DEVICE_FEATURES,
     device_features,
     log_bytes,
@@ -73,7 +73,7 @@ def test_padded_edges():
 def test_group_op_kinds_are_member_fractions():
     import networkx as nx
 
-    from envs.features import OP_KINDS, graph_ops, op_one_hot
+    from envs.gym.features import OP_KINDS, graph_ops, op_one_hot
 
     ops = nx.DiGraph()
     ops.add_nodes_from([("a", {"op": "placeholder"}), ("b", {"op": "call_module"}), ("c", {"op": "call_module"}),

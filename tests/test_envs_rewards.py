@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envs.env_config import EnvConfigError
-from envs.placement_env import PlacementEnv
-from envs.rewards import INVALID_MARGIN, make_reward_model, normalised_reward, serial_time_bound
-from envs.sequential_env import SequentialPlacementEnv
-from envs.simulator import simulate_batch
+from envs.gym.config import EnvConfigError
+from envs.gym.placement_env import PlacementEnv
+from envs.gym.rewards import INVALID_MARGIN, normalised_reward, serial_time_bound
+from envs.gym.reward_modes import make_reward_model
+from envs.gym.sequential_env import SequentialPlacementEnv
+from envs.sim.simulator import simulate_batch
 from tests.envs_fixtures import random_problem
 
 
@@ -31,7 +32,7 @@ class FakeMeasurer:
 
     def __init__(self, problem, slowdown=(1.0,), overhead=0.0, broken=None, raise_on=None):
         k = np.resize(np.asarray(slowdown, dtype=float), problem.num_devices)
-        from envs.calibrate import scaled_problem
+        from envs.sim.calibration import scaled_problem
 
         self.truth = scaled_problem(problem, k)
         self.problem, self.overhead, self.broken, self.raise_on = problem, overhead, broken, raise_on
@@ -157,7 +158,7 @@ def test_hybrid_recalibrates_from_measurements():
 
 
 def test_hybrid_in_the_batched_vec_env_measures_the_batch_best():
-    from envs.vector_env import BatchedPlacementVecEnv
+    from envs.gym.vector_env import BatchedPlacementVecEnv
 
     problem = random_problem(n=10, d=3, seed=6)
     meas = FakeMeasurer(problem, slowdown=(1.0, 2.0, 2.0), overhead=5e-4)

@@ -9,11 +9,11 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from envs.env_config import EnvConfigError
-from envs.features import node_memory
-from envs.problem import PlacementError
-from envs.sequential_env import EpisodeOverError, SequentialPlacementEnv
-from envs.simulator import simulate_batch
+from envs.gym.config import EnvConfigError
+from envs.gym.features import node_memory
+from envs.sim.problem import PlacementError
+from envs.gym.sequential_env import EpisodeOverError, SequentialPlacementEnv
+from envs.sim.simulator import simulate_batch
 from tests.envs_fixtures import random_problem, tight_problem
 from tests.test_envs import expected_rewards
 

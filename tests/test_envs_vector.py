@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from envs.env_config import EnvConfigError
-from envs.placement_env import PlacementEnv
-from envs.registration import make_vec_env
-from envs.vector_env import BatchedPlacementVecEnv
+from envs.gym.config import EnvConfigError
+from envs.gym.placement_env import PlacementEnv
+from envs.gym.registration import make_vec_env
+from envs.gym.vector_env import BatchedPlacementVecEnv
 from tests.envs_fixtures import random_problem, tight_problem
 
 
@@ -39,7 +39,7 @@ def test_vec_results_equal_per_env_results(hierarchical, problem_fn):
 
 
 def test_one_simulator_call_per_step(monkeypatch):
-    import envs.simulator as sim
+    import envs.sim.simulator as sim
 
     calls = []
     real = sim.simulate_batch

@@ -11,10 +11,10 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401 - registers the gymnasium ids
-from envs.placement_env import PlacementEnv
-from envs.registration import build_problem
-from envs.sequential_env import SequentialPlacementEnv
-from envs.simulator import simulate_batch
+from envs.gym.placement_env import PlacementEnv
+from envs.gym.registration import build_problem
+from envs.gym.sequential_env import SequentialPlacementEnv
+from envs.sim.simulator import simulate_batch
 
 FAST = ["gpt2", "moe"]
 SLOW = ["nmt", "rnnlm", "resnet50", "inception_v3"]
@@ -106,7 +106,7 @@ def test_measured_mode_with_real_measurer_on_this_machine():
 
 
 def test_measured_mode_on_a_cluster_without_real_devices_is_a_clear_error():
-    from envs.env_config import EnvConfigError
+    from envs.gym.config import EnvConfigError
 
     problem, _ = zoo_problem("gpt2")
     with pytest.raises(EnvConfigError, match="measurer"):

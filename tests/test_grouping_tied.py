@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from graphs.apply import apply_placement
+from envs.runtime.apply import apply_placement
 from graphs.capture import capture
 from graphs.grouping import group_graph
 

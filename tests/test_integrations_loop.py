@@ -65,7 +65,7 @@ def test_place_trains_like_the_model_and_caches(tmp_path, monkeypatch):
 
 
 def test_cache_key_depends_on_devices():
-    from envs.cluster import load_cluster
+    from envs.hardware.loading import load_cluster
 
     a = loop.cache_key("abc", load_cluster("4xK40"))
     b = loop.cache_key("abc", load_cluster("8xK40"))
@@ -73,7 +73,7 @@ def test_cache_key_depends_on_devices():
 
 
 def test_damaged_cache_entry_is_ignored(tmp_path):
-    from envs.cluster import load_cluster
+    from envs.hardware.loading import load_cluster
     from graphs.capture import capture
 
     model, x = _model(), torch.randn(16, 32)

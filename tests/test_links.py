@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from envs import links
-from envs.cluster import discover_cluster
+from envs.hardware import links
+from envs.hardware.loading import discover_cluster
 
 
 def test_fit_latency_bandwidth_recovers_a_line():

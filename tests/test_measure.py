@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from envs.measure import MeasureError, Measurer, measure_step_time, placement_hash
+from envs.runtime.measure import MeasureError, Measurer, measure_step_time, placement_hash
 from graphs.errors import PlacerError
 
 FAULTY_MODEL = textwrap.dedent(
@@ -76,7 +76,7 @@ def _round_robin(names, devices=("gpu0", "gpu1")):
 
 def test_measurer_valid_runs_cache_and_every_failure(faulty):
     model, flag = faulty
-    from envs.cluster import cluster_from_spec
+    from envs.hardware.cluster import cluster_from_spec
 
     cluster = cluster_from_spec({  # two virtual devices mapped onto the one CPU
         "name": "2 virtual on cpu",

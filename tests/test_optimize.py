@@ -10,7 +10,7 @@ import torch
 
 import placer
 from graphs.errors import PlacerError
-from placer.cli import main
+from placer.cli.main import main
 
 MODEL_FILE = textwrap.dedent(
     """

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import placer
-from envs.distributed import launcher
-from envs.measure import MeasureResult
-from envs.measured_rewards import MeasuredReward
+from envs.runtime.distributed import launcher
+from envs.runtime.measure import MeasureResult
+from envs.gym.measured_rewards import MeasuredReward
 from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
 from placer.options import OptionError
 
@@ -195,7 +195,7 @@ class _StubMeasurer:
 
 
 def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time():
-    from placer.agents.common.tracker import SearchProgress
+    from placer.search.tracker import SearchProgress
     from placer.measurement import HybridRounds
     from placer.options import parse_budget
 
@@ -235,7 +235,7 @@ def test_measuring_an_in_memory_module_is_refused_with_the_way_out():
 
 
 def test_cli_refuses_measured_reward_on_a_simulated_cluster(capsys):
-    from placer.cli import main
+    from placer.cli.main import main
 
     code = main(["optimize", MODEL, "--cluster", "4xK40", "--reward", "hybrid", "--budget", "10"])
     assert code != 0
@@ -246,9 +246,9 @@ def test_cli_refuses_measured_reward_on_a_simulated_cluster(capsys):
 def test_group_placements_are_expanded_and_measured_by_one_real_worker(tmp_path):
     """The single-process path (``--devices cpu,cuda:0``) through a real Measurer: two
     virtual devices of a preset both run on this machine's CPU."""
-    from envs.cluster import load_cluster
-    from envs.measure import Measurer
-    from envs.problem import compile_problem
+    from envs.hardware.loading import load_cluster
+    from envs.runtime.measure import Measurer
+    from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
 
     prepared = prepare(MODEL, profile=False)

@@ -8,9 +8,9 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import capture
-from graphs.optimizer_timing import (InSituOptimizerTimer, node_parameters, optimizer_key, optimizer_kind,
+from graphs.profile.optimizer_timing import (InSituOptimizerTimer, node_parameters, optimizer_key, optimizer_kind,
                                      optimizer_times)
-from graphs.profile import profile_graph
+from graphs.profile.profiler import profile_graph
 
 
 class Shared(nn.Module):

@@ -2,7 +2,7 @@
 
 import networkx as nx
 
-from placer.plots import plot_memory, plot_placed_graph, plot_search_curves, topological_layout
+from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves, topological_layout
 
 PNG_MAGIC = b"\x89PNG"
 

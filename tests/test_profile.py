@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-import graphs.profile as profile_mod
+import graphs.profile.profiler as profile_mod
 from graphs.capture import capture
 from graphs.errors import PlacerError
-from graphs.op_timing import engine_overhead, time_call
-from graphs.profile import ProfileError, measure_training_step, node_signature, profile_graph, resolve_devices
-from graphs.profile_cache import ProfileCache, default_cache_dir, inputs_key
+from graphs.profile.op_timing import engine_overhead, time_call
+from graphs.profile.profiler import ProfileError, measure_training_step, node_signature, profile_graph, resolve_devices
+from graphs.profile.cache import ProfileCache, default_cache_dir, inputs_key
 
 
 class Unrolled(nn.Module):
@@ -281,7 +281,7 @@ def test_in_situ_leaves_no_hook_on_the_parameters_autograd_nodes(monkeypatch):
     """Hooks on AccumulateGrad nodes (alive as long as the parameters) would pile up run after run."""
     import torch.fx as fx
 
-    from graphs import in_situ
+    from graphs.profile import in_situ
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     gm = fx.symbolic_trace(model)
@@ -301,7 +301,7 @@ def test_in_situ_leaves_no_hook_on_the_parameters_autograd_nodes(monkeypatch):
 def test_timed_module_computes_what_the_graph_computes_and_ticks_every_compute_node():
     import torch.fx as fx
 
-    from graphs import in_situ
+    from graphs.profile import in_situ
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     gm = fx.symbolic_trace(model)

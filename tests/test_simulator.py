@@ -14,11 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envs.cluster import Cluster, Device, Link, load_cluster
-from envs.lower_bound import critical_path_bound, lower_bound, work_bound
-from envs.problem import PlacementError, compile_problem
-from envs.reference_simulator import simulate_reference
-from envs.simulator import HAS_NUMBA, schedule, simulate, simulate_batch
+from envs.hardware.cluster import Cluster, Device, Link
+from envs.hardware.loading import load_cluster
+from envs.sim.lower_bound import critical_path_bound, lower_bound, work_bound
+from envs.sim.problem import PlacementError, compile_problem
+from envs.sim.reference_simulator import simulate_reference
+from envs.sim.simulator import HAS_NUMBA, schedule, simulate, simulate_batch
 from tests.simulator_fixtures import layered_graph, random_cluster, random_dag
 
 BACKENDS = ["numpy", "python"] + (["numba"] if HAS_NUMBA else [])
@@ -214,7 +215,7 @@ def test_lower_bound_parts_on_identical_devices():
 
 
 def test_gantt_rows_and_png(tmp_path):
-    from envs.gantt import gantt_rows, plot_gantt
+    from placer.report.gantt import gantt_rows, plot_gantt
 
     problem = compile_problem(layered_graph(25, seed=4), "4xK40")
     row = np.random.default_rng(1).integers(0, problem.num_devices, size=problem.num_nodes)
@@ -261,9 +262,9 @@ def test_work_bound_is_close_to_the_lp_optimum_and_never_above():
 
 _THREADS_SCRIPT = """
 import glob, numpy as np, numba
-from envs.cluster import load_cluster
-from envs.problem import compile_problem
-from envs.simulator import SERIAL_BELOW, simulate_batch
+from envs.hardware.loading import load_cluster
+from envs.sim.problem import compile_problem
+from envs.sim.simulator import SERIAL_BELOW, simulate_batch
 from tests.simulator_fixtures import layered_graph
 
 def ticks():
@@ -313,7 +314,7 @@ def test_negative_or_nan_times_are_a_clear_error(field):
 
 def test_more_than_256_devices_match_the_numpy_path():
     # Device indices above 255 take the kernel's wide row type (uint8 holds up to 256 devices).
-    from envs.cluster import make_cluster
+    from envs.hardware.cluster import make_cluster
 
     devices = [Device(f"g{i}", "V100", 10**9, 1e13, 1e12) for i in range(300)]
     cluster = make_cluster(devices, default_link=(1e-5, 1e10))

@@ -8,7 +8,7 @@ import torch
 
 from graphs.capture import capture
 from graphs.pipeline import load_source
-from placer.verify import check_placement
+from envs.runtime.check import check_placement
 
 
 def _module_aligned(captured, devices, seed=0):

@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from graphs.apply import to_device
-from graphs.device_map import placement_device_map
+from envs.runtime.apply import to_device
+from envs.runtime.device_map import placement_device_map
 from placer.integrations.loop import DEFAULT_PLACE_BUDGET, IntegrationError, as_inputs, find_placement
 
 log = logging.getLogger("placer")

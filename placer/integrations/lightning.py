@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from graphs.apply import apply_placement
+from envs.runtime.apply import apply_placement
 from placer.integrations.loop import DEFAULT_PLACE_BUDGET, IntegrationError, find_placement
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from envs.cluster import Cluster
-from graphs.apply import apply_placement
+from envs.hardware.cluster import Cluster
+from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from placer.options import OptionError
@@ -214,7 +214,7 @@ def place(
     Returns:
         An ``fx.GraphModule``; build the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
-        :func:`graphs.apply.apply_placement`.
+        :func:`envs.runtime.apply.apply_placement`.
 
     Raises:
         PlacerError subclasses: a model that cannot be captured, unknown devices or

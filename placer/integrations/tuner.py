@@ -4,7 +4,7 @@ The simulator proposes a few candidate placements (the distinct fastest of the b
 and a short agent search, by simulated step time). For the first ``trials`` real training
 steps the tuner runs each candidate for a few steps, times every step (CUDA synchronised),
 re-ranks the untried candidates with a simulator recalibrated on the times measured so
-far (``envs.calibrate``), and then settles on the fastest measured one. No step is wasted:
+far (``envs.sim.calibration``), and then settles on the fastest measured one. No step is wasted:
 every tuning step is a real step of the user's training.
 
 Switching placements never changes what is computed. The tuner owns ONE placed
@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from graphs.apply import apply_placement
+from envs.runtime.apply import apply_placement
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for
 from placer.placement_file import Placement
 
@@ -146,7 +146,7 @@ def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Any, k: i
     method's placement with the batched simulator. Returns the candidates, fastest first,
     and the optimize result (its ``problem`` is what calibration refits).
     """
-    from envs.simulator import simulate_batch
+    from envs.sim.simulator import simulate_batch
     from placer.optimization import optimize
 
     result = optimize(model, inputs, cluster=cluster, budget=budget, seed=seed, loss_fn=loss_fn,
@@ -190,7 +190,7 @@ class PlacementTuner:
         warmup: steps of each candidate not counted (the first after a switch pays one-off costs);
             used only when the candidate ran more than ``warmup`` steps.
         calibrate: after 3 measured candidates, refit the simulator to the measured times
-            (``envs.calibrate``) and try the untried candidates in the refitted order.
+            (``envs.sim.calibration``) and try the untried candidates in the refitted order.
         share_parameters: place the model's own parameter objects (an optimizer already built on
             ``model.parameters()`` keeps working; the model's tensors move devices) instead of copies.
         output_device: where outputs are gathered, fixed across candidates so the loss code does
@@ -334,7 +334,7 @@ class PlacementTuner:
         done = [c for c in self.candidates if c.measured(self.warmup) is not None and c.row is not None]
         if len(done) < 3:
             return
-        from envs.calibrate import CalibrationError, calibrate_simulator
+        from envs.sim.calibration import CalibrationError, calibrate_simulator
 
         try:
             cal = calibrate_simulator(self.problem, np.stack([c.row for c in done]),

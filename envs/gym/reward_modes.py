@@ -1,0 +1,38 @@
+"""The reward modes by name: ``simulated``, ``measured`` (real step times) and ``hybrid``
+(simulated, recalibrated from measurements of the best candidates)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envs.gym.config import EnvConfigError
+from envs.gym.measured_rewards import HybridReward, MeasuredReward
+from envs.gym.rewards import RewardModel, SimulatedReward
+from envs.sim.problem import PlacementProblem
+
+#: The reward modes :func:`make_reward_model` knows.
+REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
+
+
+def make_reward_model(problem: PlacementProblem, mode: str = "simulated", reference: Any = "single",
+                      invalid_penalty: float | None = None, measurer: Any = None,
+                      **hybrid_options: Any) -> RewardModel:
+    """Build the reward model for ``mode`` (one of :data:`REWARD_MODES`).
+
+    ``hybrid_options`` (``measure_every``, ``measure_top_k``, ``pool_size``) apply to hybrid only.
+
+    Raises:
+        EnvConfigError: unknown mode, a missing measurer, a bad reference or penalty.
+    """
+    if mode not in REWARD_MODES:
+        raise EnvConfigError(f"unknown reward mode {mode!r}; expected one of {list(REWARD_MODES)}")
+    if hybrid_options and mode != "hybrid":
+        raise EnvConfigError(f"options {sorted(hybrid_options)} apply to reward_mode='hybrid' only")
+    if mode == "simulated":
+        return SimulatedReward(problem, reference, invalid_penalty)
+    if mode == "measured":
+        return MeasuredReward(problem, measurer, reference, invalid_penalty)
+    unknown = set(hybrid_options) - {"measure_every", "measure_top_k", "pool_size"}
+    if unknown:
+        raise EnvConfigError(f"unknown hybrid options {sorted(unknown)}; expected measure_every, measure_top_k, pool_size")
+    return HybridReward(problem, measurer, reference, invalid_penalty, **hybrid_options)

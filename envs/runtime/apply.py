@@ -1,0 +1,528 @@
+"""Apply a placement to a captured model: one fx GraphModule that runs across devices.
+
+A placement maps fx node names (the placement graph's node names) to torch device
+strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
+
+* every ``call_module`` node's parameters and buffers live on that node's device,
+* every ``get_attr`` tensor lives on its node's device,
+* a transfer node (:func:`to_device`) sits on every cut edge, one per
+  (producer, destination device) and shared by all consumers on that device,
+* inputs are moved to every device that consumes them,
+* outputs are gathered on ``output_device``.
+
+Autograd runs each backward op on the device of its forward op and ``Tensor.to`` is
+differentiable, so the same module trains (forward, loss, backward, optimizer step)
+across the devices with no further change.
+
+Mutation rules (why the applied model computes exactly what the original does):
+state that an op updates in place (BatchNorm running statistics, ``num_batches_tracked``
+in export graphs) is moved to the device of the op that updates it, and an in-place op
+on an activation runs on the device of the tensor it mutates. Otherwise the update
+would land on a transferred copy and be lost.
+
+Non-blocking copies: a transfer is issued with ``non_blocking=True`` only when its
+destination is an accelerator. Host→device copies from pageable memory are staged
+synchronously by the driver and from pinned memory are ordered on the stream, and
+device→device copies are stream ordered, so these are safe (as with any non-blocking
+copy, a caller's pinned input must not be overwritten on the host before the step has
+used it). A device→host copy with ``non_blocking=True`` may still be in flight when the
+CPU reads the tensor, so copies to the CPU are always blocking.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from envs.runtime.device_map import placement_device_map
+from graphs.errors import PlacerError
+
+__all__ = [
+    "ApplyError",
+    "apply_placement",
+    "to_device",
+    "transfer_nodes",
+    "placement_device_map",
+    "RealizedPlacement",
+    "realize_placement",
+]
+
+
+class ApplyError(PlacerError, ValueError):
+    """A placement that cannot be applied to the model it was given."""
+
+
+#: Tensor methods / attributes that read only metadata: a consumer doing only this
+#: does not need the tensor on its own device, so no copy is made for it.
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
+_METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "is_cuda", "requires_grad"})
+
+#: aten ops that update running statistics in place without saying so in their schema
+#: (argument indices of running_mean / running_var).
+_BATCHNORM_ATEN = {
+    "aten::batch_norm": (3, 4),
+    "aten::native_batch_norm": (3, 4),
+    "aten::_native_batch_norm_legit": (3, 4),
+    "aten::_batch_norm_impl_index": (3, 4),
+    "aten::instance_norm": (3, 4),
+    "aten::cudnn_batch_norm": (3, 4),
+}
+
+
+#: Python operators that update their first operand in place (fx records ``x += y``, ``x[i] = y``).
+_OPERATOR_INPLACE = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul, operator.setitem,
+})
+
+
+def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
+    """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
+
+    Non-tensor leaves pass through unchanged. This is the target of every transfer
+    node that :func:`apply_placement` inserts.
+    """
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=non_blocking)
+        return x
+
+    return tree_map(move, value)
+
+
+def _as_graph_module(model: Any) -> fx.GraphModule:
+    gm = getattr(model, "gm", model)
+    if not isinstance(gm, fx.GraphModule):
+        raise ApplyError(
+            f"apply_placement expects a torch.fx.GraphModule or a CapturedModel (with .gm); "
+            f"got {type(model).__name__}"
+        )
+    return gm
+
+
+def _parse_device(name: Any, node: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ApplyError(
+            f"node {node!r} is placed on {name!r}, which is not a torch device string; "
+            f"expected e.g. 'cpu', 'cuda:0' (map virtual devices with realize_placement first)"
+        ) from exc
+
+
+def _canonical(dev: torch.device) -> str:
+    # "cuda" and "cuda:0" are the same device once a tensor lives there, and a CPU tensor
+    # reports "cpu" whatever index was asked for; compare canonically.
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.index is None and dev.type in ("cuda", "xpu", "mps"):
+        return f"{dev.type}:0"
+    return str(dev)
+
+
+def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
+    """Indices of ``node.args`` that ``node`` updates in place."""
+    if node.op == "call_method":
+        t = str(node.target)
+        return [0] if t.endswith("_") and not t.startswith("__") else []
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        return [0] if getattr(mod, "inplace", False) is True else []
+    if node.op != "call_function":
+        return []
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        idx = [
+            i
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write and i < len(node.args)
+        ]
+        bn = _BATCHNORM_ATEN.get(schema.name)
+        if bn is not None:
+            idx += [i for i in bn if i < len(node.args)]
+        return idx
+    name = getattr(target, "__name__", "")
+    if name in ("batch_norm", "instance_norm") and getattr(target, "__module__", "").startswith("torch.nn.functional"):
+        return [1, 2]
+    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
+        return [0]
+    if target in _OPERATOR_INPLACE:
+        return [0]  # x += y, x[i] = y update their left operand
+    return []
+
+
+def _metadata_only(user: fx.Node, producer: fx.Node) -> bool:
+    """True when ``user`` reads only device-independent metadata of ``producer``."""
+    if user.op == "call_method" and user.target in _METADATA_METHODS and user.args[:1] == (producer,):
+        return True
+    if user.op == "call_function":
+        if user.target is getattr and len(user.args) == 2 and user.args[1] in _METADATA_ATTRS:
+            return True
+        name = str(user.target)
+        if name.startswith("aten.sym_size") or name.startswith("aten.sym_numel") or name.startswith("aten.sym_stride"):
+            return True
+    return False
+
+
+def _tensor_attr(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str, Any]:
+    owner_path, _, attr = qualname.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    return owner, attr, getattr(owner, attr)
+
+
+class _Mover:
+    """Moves parameters, buffers and attribute tensors, refusing to split a shared one."""
+
+    def __init__(self, root: torch.nn.Module, real: Any) -> None:
+        self.root = root
+        self.real = real  # device name -> torch device string
+        self.where: dict[int, tuple[str, str]] = {}  # id(tensor) -> (device, who)
+
+    def claim(self, tensor: torch.Tensor, device: str, who: str) -> None:
+        key = id(tensor)
+        prev = self.where.get(key)
+        if prev is not None and prev[0] != device:
+            raise ApplyError(
+                f"{who} needs a tensor on {device} that {prev[1]} needs on {prev[0]}; a module or "
+                f"tensor used by several nodes must have all of them on one device "
+                f"(group the placement graph so shared modules are co-located)"
+            )
+        self.where[key] = (device, who)
+
+    def move_module(self, path: str, device: str, who: str) -> None:
+        mod = self.root.get_submodule(path)
+        for name, p in mod.named_parameters(recurse=True):
+            self.claim(p, device, who)
+        for name, b in mod.named_buffers(recurse=True):
+            self.claim(b, device, who)
+        real = self.real(device)
+        for sub in mod.modules():
+            self._move_own(sub, real)
+            if isinstance(sub, torch.nn.RNNBase) and torch.device(real).type == "cuda":
+                # Module.to() would do this: cuDNN wants the weights in one contiguous chunk.
+                sub.flatten_parameters()
+
+    def move_attr(self, qualname: str, device: str, who: str) -> None:
+        owner, attr, value = _tensor_attr(self.root, qualname)
+        if isinstance(value, torch.nn.Module):
+            self.move_module(qualname, device, who)
+            return
+        if not isinstance(value, torch.Tensor):
+            return
+        self.claim(value, device, who)
+        # Parameters, buffers and plain tensor attributes (fx's _tensor_constant*) alike.
+        self._move_tensor(value, self.real(device))
+
+    @staticmethod
+    def _move_tensor(t: torch.Tensor, device: str) -> None:
+        if _canonical(t.device) != device:
+            # Assigning .data keeps the tensor object (so tied weights stay tied and an
+            # optimizer built afterwards sees the moved Parameter).
+            t.data = t.data.to(device)
+            if t.grad is not None:
+                t.grad.data = t.grad.data.to(device)
+
+    def _move_own(self, mod: torch.nn.Module, device: str) -> None:
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                self._move_tensor(t, device)
+
+
+def _effective_devices(
+    gm: fx.GraphModule, placement: Mapping[str, str], output_device: str
+) -> dict[str, str | None]:
+    """Device each node runs on: its placement, adjusted for mutation; None for inputs."""
+    nodes = list(gm.graph.nodes)
+    first = next((placement[n.name] for n in nodes if n.name in placement), output_device)
+    dev: dict[str, str | None] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            dev[n.name] = None  # the caller's tensor: moved to each consuming device
+        elif n.op == "output":
+            dev[n.name] = output_device
+        elif n.name in placement:
+            dev[n.name] = placement[n.name]
+        elif n.op == "get_attr":
+            placed_users = [u for u in n.users if u.name in placement]
+            dev[n.name] = placement[placed_users[0].name] if placed_users else None
+        else:
+            # Unplaced compute (e.g. nodes added after capture) runs with its first input.
+            ins = [dev.get(a.name) for a in n.all_input_nodes if dev.get(a.name) is not None]
+            dev[n.name] = ins[0] if ins else first
+    for n in nodes:  # unplaced get_attr whose users were unplaced too
+        if n.op == "get_attr" and dev[n.name] is None:
+            ins = [dev[u.name] for u in n.users if dev[u.name] is not None]
+            dev[n.name] = ins[0] if ins else first
+
+    # Mutation: state follows the op that updates it; an in-place op on an activation
+    # runs where that activation lives.
+    state_owner: dict[str, str] = {}
+    for n in nodes:
+        for i in _mutated_args(n, gm):
+            arg = n.args[i]
+            if not isinstance(arg, fx.Node):
+                continue
+            if arg.op == "get_attr":
+                prev = state_owner.get(arg.name)
+                if prev is not None and prev != dev[n.name]:
+                    raise ApplyError(
+                        f"state {arg.target!r} is updated in place on {prev} and on {dev[n.name]}; "
+                        f"the ops that update it must be on one device"
+                    )
+                state_owner[arg.name] = dev[n.name]  # type: ignore[assignment]
+                dev[arg.name] = dev[n.name]
+            elif dev.get(arg.name) is not None:
+                dev[n.name] = dev[arg.name]
+    return dev
+
+
+def apply_placement(
+    model: Any,
+    placement: Mapping[str, str],
+    output_device: str | None = None,
+    non_blocking: bool = True,
+    inplace: bool = False,
+    real_devices: Mapping[str, str] | None = None,
+) -> fx.GraphModule:
+    """Return a GraphModule that runs ``model`` with each node on its placed device.
+
+    Args:
+        model: a ``torch.fx.GraphModule`` (from ``torch.fx.symbolic_trace``, from
+            ``torch.export.export(...).module()``) or a ``CapturedModel`` (its ``.gm``).
+        placement: ``{fx node name: device}``. Devices are torch device strings, or
+            cluster device names when ``real_devices`` maps them. Nodes left out run
+            with their first input (get_attr nodes: with their first user).
+        output_device: where outputs are gathered (a device as in ``placement``);
+            default the output node's placed device, else the first placed device.
+        non_blocking: allow non-blocking copies where they are safe (see module doc).
+        inplace: modify ``model`` itself instead of a deep copy.
+        real_devices: ``{device name: torch device string}`` for virtual devices. Cut
+            edges are decided on the names, so a transfer node sits between two virtual
+            devices even when both map onto the same real device (the copy is then a
+            no-op at run time, but the graph is the one a real cluster would run).
+
+    Returns:
+        The placed GraphModule. It carries ``placer_placement`` (device name per node),
+        ``placer_real_devices`` (name → torch device), ``placer_output_device`` and,
+        when the placement is module-aligned, ``hf_device_map`` (real devices; see
+        :func:`placement_device_map`).
+
+    Raises:
+        ApplyError: unknown node names, devices that are neither torch devices nor
+            mapped, or a module/tensor used by several nodes placed on different devices.
+    """
+    src = _as_graph_module(model)
+    names = {n.name for n in src.graph.nodes}
+    unknown = sorted(set(placement) - names)
+    if unknown:
+        raise ApplyError(
+            f"placement names {len(unknown)} node(s) that are not in the model's graph, e.g. "
+            f"{unknown[:3]}; expected the fx node names of the captured model"
+        )
+    resolve = _resolver(real_devices)
+    canon = {n: resolve.name(d, n) for n, d in placement.items()}
+    if output_device is None:
+        out_node = next(n for n in src.graph.nodes if n.op == "output")
+        output_device = canon.get(out_node.name) or next(
+            (canon[n.name] for n in src.graph.nodes if n.name in canon), "cpu"
+        )
+    output_device = resolve.name(output_device, "output")
+
+    gm = src if inplace else copy.deepcopy(src)
+    graph = gm.graph
+    dev = _effective_devices(gm, canon, output_device)
+
+    # 1. Parameters, buffers and attribute tensors to their node's device.
+    mover = _Mover(gm, resolve.real)
+    for n in graph.nodes:
+        if n.op == "call_module":
+            mover.move_module(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
+        elif n.op == "get_attr":
+            mover.move_attr(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
+
+    # 2. Factory ops with a constant device (export graphs bake device='cpu') follow their node.
+    for n in graph.nodes:
+        if n.op == "call_function" and isinstance(n.kwargs.get("device"), (torch.device, str)):
+            kwargs = dict(n.kwargs)
+            kwargs["device"] = torch.device(resolve.real(dev[n.name]))  # type: ignore[arg-type]
+            n.kwargs = kwargs
+
+    # 3. A transfer on every cut edge, one per (producer, destination device).
+    for producer in list(graph.nodes):
+        if producer.op == "output":
+            continue
+        src_dev = dev[producer.name]
+        transfers: dict[str, fx.Node] = {}
+        for user in list(producer.users):
+            dst = dev.get(user.name)
+            if dst is None or dst == src_dev or _metadata_only(user, producer):
+                continue
+            t = transfers.get(dst)
+            if t is None:
+                real = resolve.real(dst)
+                anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
+                with graph.inserting_after(anchor):
+                    t = graph.call_function(
+                        to_device,
+                        (producer, real),
+                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu")},
+                    )
+                t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
+                t.meta["placer_transfer"] = (src_dev, dst)
+                dev[t.name] = dst
+                transfers[dst] = t
+            user.replace_input_with(producer, t)
+
+    graph.lint()
+    gm.recompile()
+    gm.placer_placement = {n.name: dev[n.name] for n in graph.nodes if dev.get(n.name) is not None}
+    gm.placer_real_devices = {d: resolve.real(d) for d in set(gm.placer_placement.values())}
+    gm.placer_output_device = output_device
+    nx_graph = getattr(model, "graph", None)
+    device_map = placement_device_map(
+        nx_graph if isinstance(nx_graph, nx.DiGraph) else src,
+        {n: resolve.real(d) for n, d in canon.items()},
+    )
+    if device_map is not None:
+        gm.hf_device_map = device_map
+    return gm
+
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "dev"
+
+
+class _resolver:
+    """Device names → canonical names and real torch device strings."""
+
+    def __init__(self, real_devices: Mapping[str, str] | None) -> None:
+        self.mapping = None
+        if real_devices is not None:
+            self.mapping = {
+                str(k): _canonical(_parse_device(v, f"<device {k}>")) for k, v in real_devices.items()
+            }
+
+    def name(self, device: Any, node: str) -> str:
+        if self.mapping is not None:
+            if str(device) not in self.mapping:
+                raise ApplyError(
+                    f"node {node!r} is placed on {device!r}, which real_devices does not map; "
+                    f"known devices are {sorted(self.mapping)}"
+                )
+            return str(device)
+        return _canonical(_parse_device(device, node))
+
+    def real(self, name: str) -> str:
+        return self.mapping[name] if self.mapping is not None else name
+
+
+def _last_placeholder(graph: fx.Graph) -> fx.Node:
+    # Input transfers go after all placeholders: fx requires placeholders first.
+    last = None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            last = n
+    assert last is not None
+    return last
+
+
+def transfer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The transfer nodes :func:`apply_placement` inserted into ``gm``."""
+    return [n for n in gm.graph.nodes if "placer_transfer" in n.meta]
+
+
+# --------------------------------------------------------------------------- virtual devices
+
+
+@dataclass(frozen=True)
+class RealizedPlacement:
+    """A placement over cluster device names mapped onto real torch devices.
+
+    Attributes:
+        assignment: node → real torch device string.
+        virtual_to_real: cluster device name → real device string.
+        shared: real device → the virtual devices mapped onto it (only where > 1).
+        note: a sentence for reports; says when a measured time cannot show parallelism.
+    """
+
+    assignment: dict[str, str]
+    virtual_to_real: dict[str, str]
+    shared: dict[str, list[str]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def parallel(self) -> bool:
+        """False when several virtual devices share one real device."""
+        return not self.shared
+
+
+def realize_placement(placement: Mapping[str, str], devices: Any) -> RealizedPlacement:
+    """Map a placement over cluster device names to real torch devices.
+
+    Args:
+        placement: node → cluster device name.
+        devices: a mapping ``{cluster device name: real device}``, a Cluster (anything
+            with ``.devices``), or an iterable of Device-like objects with ``name`` and
+            ``real_device`` (a device whose ``real_device`` is empty maps to its own name).
+
+    Raises:
+        ApplyError: a placed device the mapping does not know, or a real device that is
+            not a torch device string.
+    """
+    mapping = _real_mapping(devices)
+    unknown = sorted({d for d in placement.values() if d not in mapping})
+    if unknown:
+        raise ApplyError(
+            f"placement uses device(s) {unknown} that the cluster does not define; "
+            f"devices are {sorted(mapping)}"
+        )
+    for v, r in mapping.items():
+        try:
+            torch.device(r)
+        except (RuntimeError, TypeError):
+            raise ApplyError(
+                f"device {v!r} maps onto {r!r}, which is not a torch device; give it a real_device "
+                f"such as 'cpu' or 'cuda:0' in the cluster spec"
+            ) from None
+    used = sorted(set(placement.values()))
+    by_real: dict[str, list[str]] = {}
+    for v in used:
+        by_real.setdefault(_canonical(torch.device(mapping[v])), []).append(v)
+    shared = {r: vs for r, vs in by_real.items() if len(vs) > 1}
+    note = ""
+    if shared:
+        parts = [f"{', '.join(vs)} → {r}" for r, vs in shared.items()]
+        note = (
+            "virtual devices share one real device ("
+            + "; ".join(parts)
+            + "): the measured time shows no parallelism between them"
+        )
+    return RealizedPlacement(
+        assignment={n: _canonical(torch.device(mapping[d])) for n, d in placement.items()},
+        virtual_to_real={v: _canonical(torch.device(r)) for v, r in mapping.items()},
+        shared=shared,
+        note=note,
+    )
+
+
+def _real_mapping(devices: Any) -> dict[str, str]:
+    if isinstance(devices, Mapping):
+        return {str(k): str(v) for k, v in devices.items()}
+    devs: Iterable[Any] = getattr(devices, "devices", devices)
+    out: dict[str, str] = {}
+    for d in devs:
+        name = getattr(d, "name", None)
+        if name is None:
+            raise ApplyError(f"expected Device objects with a name and real_device; got {d!r}")
+        out[str(name)] = str(getattr(d, "real_device", None) or name)
+    return out

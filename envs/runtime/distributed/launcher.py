@@ -1,0 +1,337 @@
+"""Start one worker process per rank on this machine, watch them, and stop them all on failure.
+
+:func:`write_job` writes the job a set of ranks runs (model source, initial weights and
+example inputs, devices, tasks) into a directory; :class:`WorkerGroup` starts
+``python -m envs.runtime.distributed.worker JOB_DIR`` once per local rank with the torchrun
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` — loopback by
+default — and a free ``MASTER_PORT``), all in one new process group, and collects the
+per-task results. A worker that exits, hangs past the time-out or never connects ends
+the job with a reason naming the rank, and the whole process group is killed, so no
+worker outlives the call. :func:`run_job` is the one-call form, :func:`measure_links`
+measures latency/bandwidth between local ranks by ping-pong.
+
+Backend: gloo when any rank computes on the CPU (CUDA tensors then cross through host
+memory), NCCL when every rank is a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from envs.hardware.rank_devices import RankDevice, RankDeviceError, parse_rank_devices
+
+__all__ = ["JobOutcome", "WorkerGroup", "write_job", "run_job", "measure_links", "free_port", "backend_for"]
+
+_POLL_S = 0.05
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the rendezvous port of rank 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def backend_for(devices: Sequence[RankDevice]) -> str:
+    """``nccl`` when every rank is a GPU, else ``gloo``."""
+    return "nccl" if all(d.kind == "cuda" for d in devices) else "gloo"
+
+
+def write_job(
+    job_dir: str | os.PathLike,
+    spec: Any,
+    model_source: str,
+    model_args: Mapping[str, Any] | None,
+    devices: str | Sequence[str],
+    tasks: Sequence[Mapping[str, Any]],
+    threads: int = 1,
+    timeout_s: float = 300.0,
+    fingerprint: str | None = None,
+    captured: Any = None,
+) -> Path:
+    """Write ``job_dir/job.pt`` for the ranks (also what ``torchrun`` workers on other hosts read).
+
+    The job holds the whole model's tensors by attribute path of the captured graph; each
+    rank maps the file (``mmap``) and copies only the tensors of its own stages, so no rank
+    reads the others' weights into memory. It also holds the shape, dtype and grad flag of
+    every value (:func:`envs.runtime.distributed.runtime.value_meta`), computed here on the real
+    model because the ranks build theirs on the ``meta`` device and cannot run it.
+
+    Args:
+        spec: the loaded ModelSpec; its weights and example inputs are shipped so every rank
+            (and a single-process reference) starts from identical numbers.
+        model_source: model file path or ``"zoo:<name>"`` the workers load the code from.
+        devices: the rank device list (``"cpu:0,cpu:1"``).
+        tasks: ``{"kind": "train", "ranks": {node: rank}, "steps": 3}``,
+            ``{"kind": "measure", "ranks": ..., "warmup": 2, "repeats": 5}`` or ``{"kind": "links"}``.
+        threads: torch threads per CPU worker.
+        timeout_s: torch.distributed's own time-out for a collective or receive.
+        captured: ``spec``'s CapturedModel when the caller has one (else it is captured here).
+    """
+    devs = parse_rank_devices(devices)
+    path = Path(job_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if captured is None:
+        from graphs.capture import capture
+
+        captured = capture(spec.model, spec.example_inputs, name=spec.name)
+    state, meta = _state_and_meta(captured.gm, tuple(spec.example_inputs))
+    job = {
+        "model_source": model_source,
+        "model_args": dict(model_args or {}),
+        "state": state,
+        "meta": meta,
+        "inputs": tuple(spec.example_inputs),
+        "devices": [dict(name=d.name, rank=d.rank, host=d.host, kind=d.kind, index=d.index,
+                         torch_device=d.torch_device) for d in devs],
+        "backend": backend_for(devs),
+        "threads": int(threads),
+        "timeout_s": float(timeout_s),
+        "fingerprint": fingerprint,
+        "tasks": [dict(t) for t in tasks],
+    }
+    torch.save(job, path / "job.pt")
+    return path / "job.pt"
+
+
+def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of ``gm`` by path (detached, CPU) and the value metadata of every node.
+
+    The metadata run is a training-mode forward, which moves BatchNorm statistics: the
+    buffers and the module's mode are put back, so the caller's model is left as it was.
+    """
+    from envs.runtime.distributed.runtime import pack_meta, value_meta
+    from envs.runtime.distributed.stage_state import module_tensors
+
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.train()
+    try:
+        meta = value_meta(gm, inputs)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+    state = {p: t.detach().cpu() for p, t in module_tensors(gm)}
+    return state, pack_meta(meta)
+
+
+@dataclass
+class JobOutcome:
+    """What a job returned.
+
+    Attributes:
+        results: per task, the list of per-rank results (None for tasks that did not finish).
+        error: why the job stopped early ("" when every task finished).
+        failed_task: index of the task that was running when it failed (None when none).
+    """
+
+    results: list[list[Any] | None] = field(default_factory=list)
+    error: str = ""
+    failed_task: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"crashed (signal {-code}, {signal.Signals(-code).name})"
+        except ValueError:
+            return f"crashed (signal {-code})"
+    return f"crashed (exit code {code})"
+
+
+class WorkerGroup:
+    """The local worker processes of one job, in one process group.
+
+    Args:
+        job_dir: directory holding ``job.pt`` (see :func:`write_job`).
+        devices: the rank device list; every rank must be on this machine.
+        master_addr, master_port: rendezvous of rank 0 (loopback and a free port by default).
+    """
+
+    def __init__(self, job_dir: str | os.PathLike, devices: str | Sequence[str],
+                 master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+        self.job_dir = Path(job_dir)
+        self.devices = parse_rank_devices(devices)
+        remote = [d.name for d in self.devices if not d.local]
+        if remote:
+            raise RankDeviceError(
+                f"device(s) {remote} are on other hosts: start their ranks there with torchrun "
+                "(see docs/distributed.md); this launcher starts ranks on this machine only"
+            )
+        self.master_addr = master_addr
+        self.master_port = master_port or free_port(master_addr)
+        self.procs: list[subprocess.Popen] = []
+        self.pgid: int | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self) -> None:
+        """Start every rank (returns at once; :meth:`wait_task` waits)."""
+        world = len(self.devices)
+        root = str(Path(__file__).resolve().parents[2])
+        threads = str(torch.load(self.job_dir / "job.pt", weights_only=False, mmap=True)["threads"])
+        for d in self.devices:
+            env = dict(os.environ)
+            env.update(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
+                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR=self.master_addr,
+                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads,
+                       PLACER_LAUNCHER_PID=str(os.getpid()))
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            err = open(self.job_dir / f"stderr-{d.rank}.txt", "wb")
+            try:
+                # One process group for all ranks: a single killpg stops every one of them.
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "envs.runtime.distributed.worker", str(self.job_dir)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    # The first rank leads a new group in our session (a group in another
+                    # session cannot be joined); Ctrl-C reaches the caller, who kills them.
+                    process_group=0 if self.pgid is None else self.pgid,
+                )
+            finally:
+                err.close()
+            if self.pgid is None:
+                self.pgid = proc.pid
+            self.procs.append(proc)
+
+    def kill(self) -> None:
+        """Kill every rank (the whole process group) and reap them."""
+        if self.pgid is not None:
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+                pass
+
+    def _failure(self) -> str | None:
+        for d, p in zip(self.devices, self.procs):
+            code = p.poll()
+            if code is None or code == 0:
+                continue
+            err = self.job_dir / f"error-{d.rank}.txt"
+            if err.exists():
+                first = err.read_text().split("\n", 1)[0]
+                return f"worker rank {d.rank} ({d.name}) failed: {first[:400]}"
+            return f"worker rank {d.rank} ({d.name}) {_exit_reason(code)}"
+        return None
+
+    def wait_task(self, index: int, timeout_s: float) -> tuple[list[Any] | None, str]:
+        """Per-rank results of task ``index``, or (None, reason) on failure or time-out."""
+        files = [self.job_dir / f"result-{index}-{d.rank}.pt" for d in self.devices]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if all(f.exists() for f in files):
+                return [torch.load(f, weights_only=False) for f in files], ""
+            why = self._failure()
+            if why is not None:
+                return None, why
+            if all(p.poll() is not None for p in self.procs):
+                return None, "every worker exited before finishing the task"
+            if time.monotonic() >= deadline:
+                missing = [d.rank for d, f in zip(self.devices, files) if not f.exists()]
+                return None, f"timed out after {timeout_s:g}s (rank(s) {missing} did not finish)"
+            time.sleep(_POLL_S)
+
+    def finish(self, timeout_s: float = 30.0) -> None:
+        """Let the ranks exit after their last task; kill whatever is left."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(_POLL_S)
+        self.kill()
+
+    def __enter__(self) -> "WorkerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kill()
+
+
+def run_job(
+    spec: Any,
+    model_source: str,
+    devices: str | Sequence[str],
+    tasks: Sequence[Mapping[str, Any]],
+    model_args: Mapping[str, Any] | None = None,
+    threads: int = 1,
+    timeout_s: float = 300.0,
+    load_timeout_s: float = 300.0,
+    fingerprint: str | None = None,
+    master_addr: str = "127.0.0.1",
+    job_dir: str | os.PathLike | None = None,
+    captured: Any = None,
+) -> JobOutcome:
+    """Run ``tasks`` on local worker processes, one per device; never leaves a process behind.
+
+    ``load_timeout_s`` bounds start-up (imports, rendezvous, capture) plus the first task;
+    ``timeout_s`` each later task. A failure ends the job: later tasks get no result.
+    """
+    tmp = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="placer-dist-"))
+    try:
+        write_job(tmp, spec, model_source, model_args, devices, tasks, threads=threads,
+                  timeout_s=max(timeout_s, load_timeout_s), fingerprint=fingerprint, captured=captured)
+        outcome = JobOutcome(results=[None] * len(tasks))
+        with WorkerGroup(tmp, devices, master_addr=master_addr) as group:
+            group.start()
+            for i in range(len(tasks)):
+                res, why = group.wait_task(i, load_timeout_s + timeout_s if i == 0 else timeout_s)
+                if res is None:
+                    outcome.error, outcome.failed_task = why, i
+                    break
+                outcome.results[i] = res
+            if outcome.ok:
+                group.finish()
+        return outcome
+    finally:
+        if job_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_links(devices: str | Sequence[str], threads: int = 1, repeats: int = 9,
+                  timeout_s: float = 120.0) -> dict[tuple[str, str], tuple[float, float]]:
+    """Latency (s) and bandwidth (B/s) between every pair of local ranks, by ping-pong.
+
+    Raises:
+        RankDeviceError: the workers could not be started or connected (the reason says why).
+    """
+    from graphs.model_file import ModelSpec, default_loss, default_optimizer
+
+    devs = parse_rank_devices(devices)
+    # The links task needs no model; a one-layer stand-in keeps the worker's loading path one.
+    spec = ModelSpec(model=torch.nn.Linear(1, 1), example_inputs=(torch.zeros(1, 1),),
+                     loss_fn=default_loss, optimizer_fn=default_optimizer, name="links")
+    src = str(Path(__file__).resolve().parent / "_links_model.py")
+    out = run_job(spec, src, [d.name for d in devs], [{"kind": "links", "repeats": repeats}],
+                  threads=threads, timeout_s=timeout_s, load_timeout_s=timeout_s)
+    if not out.ok:
+        raise RankDeviceError(f"could not measure the links between {[d.name for d in devs]}: {out.error}")
+    pairs: dict[tuple[int, int], tuple[float, float]] = {}
+    for per_rank in out.results[0] or []:
+        pairs.update(per_rank["links"])
+    links = {}
+    for (a, b), fig in pairs.items():
+        links[(devs[a].name, devs[b].name)] = fig
+    return links

@@ -1,0 +1,67 @@
+"""The cluster of a rank device list: this machine's figures per worker, links measured between ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from envs.hardware.cluster import Cluster, Device, Link, make_cluster
+from envs.hardware.loading import discover_cluster
+from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
+from envs.runtime.distributed.launcher import measure_links
+
+
+def rank_cluster(
+    names: str | Sequence[str],
+    links: Mapping[tuple[str, str], tuple[float, float]] | None = None,
+    threads: int = 1,
+    cache_dir: str | None = None,
+) -> Cluster:
+    """The :class:`~envs.hardware.cluster.Cluster` of a rank device list (``simulated=False``).
+
+    Args:
+        names: the device list.
+        links: ``{(a, b): (latency s, bandwidth B/s)}`` between devices; measured by
+            ping-pong over torch.distributed when None (local ranks only).
+        threads: torch threads per CPU worker (the device figures are this machine's,
+            measured by :func:`envs.hardware.loading.discover_cluster` and divided between workers).
+        cache_dir: cache of the machine's measured figures.
+
+    Raises:
+        RankDeviceError: a malformed list, or links to be measured for ranks on other hosts.
+    """
+    import dataclasses
+
+    from envs.hardware.cluster import Device, Link, make_cluster
+    from envs.hardware.loading import discover_cluster
+
+    devs = parse_rank_devices(names)
+    machine = discover_cluster(cache_dir=cache_dir)
+    cpu = machine.device("cpu")
+    n_cpu = max(1, sum(1 for d in devs if d.kind == "cpu" and d.local))
+    devices = []
+    for d in devs:
+        if d.kind == "cpu":
+            # The workers share the machine's memory; compute figures are per worker.
+            devices.append(Device(d.name, "cpu", cpu.memory_bytes // n_cpu, cpu.peak_flops,
+                                  cpu.mem_bandwidth, real_device="cpu"))
+        else:
+            # A GPU on another host is assumed to be the same model as this machine's
+            # (homogeneous hosts); its times come from the "cuda" profiles either way.
+            local = f"cuda:{d.index}" if d.local else "cuda:0"
+            if local not in machine.device_names:
+                raise RankDeviceError(
+                    f"device {d.name!r}: this machine has no {local} to take its figures from; "
+                    f"devices here are {machine.device_names}"
+                )
+            devices.append(dataclasses.replace(machine.device(local), name=d.name, real_device=local))
+    if links is None:
+        if any(not d.local for d in devs):
+            raise RankDeviceError(
+                "link figures for ranks on other hosts must be given (or measured with the workers running); "
+                "measure_links() measures local ranks only"
+            )
+        links = measure_links(names, threads=threads)
+    link_objs = [Link(a, b, lat, bw) for (a, b), (lat, bw) in links.items()]
+    label = ",".join(d.name for d in devs)
+    return make_cluster(devices, link_objs, name=f"ranks({label})", simulated=False)

@@ -1,0 +1,318 @@
+"""One rank of a distributed placement job: ``python -m envs.runtime.distributed.worker JOB_DIR``.
+
+Reads the torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``; ``LOCAL_RANK`` when set), so the same entry point runs under
+:mod:`envs.runtime.distributed.launcher` on this machine or under ``torchrun`` on several hosts.
+``JOB_DIR/job.pt`` (written by :func:`envs.runtime.distributed.launcher.write_job`) holds the
+model source, the initial weights and example inputs (so every rank and the
+single-process reference start from the same numbers), the devices and the tasks.
+
+A rank never holds the whole model: it builds it on the ``meta`` device, captures it, and
+for each task materialises only the tensors of its own stages from the mapped job file
+(:mod:`envs.runtime.distributed.stage_state`); its optimizer covers those parameters only.
+
+Task kinds, each answered by ``JOB_DIR/result-<task>-<rank>.pt``:
+
+* ``train``: ``steps`` optimizer steps of a placement; returns the losses (output rank),
+  the rank's own parameters after the steps and the bytes it held (model tensors,
+  optimizer state);
+* ``measure``: ``warmup`` + ``repeats`` steps, each between two barriers (the step time is
+  the slowest rank's), returns the timed steps;
+* ``links``: ping-pong between every pair of ranks, returns (latency, bandwidth) per pair.
+
+Any exception writes ``JOB_DIR/error-<rank>.txt`` and exits with status 1: the launcher
+then stops every rank (the others would wait for this one forever).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "run_rank"]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # the launcher never reads a half-written result
+
+
+def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repeats: int) -> tuple[float, float] | None:
+    """Latency and bandwidth between ranks ``a`` and ``b`` (fit through two message sizes)."""
+    from envs.hardware.links import fit_latency_bandwidth
+
+    sizes, times = [], []
+    for nbytes in (4 * 1024, 8 * 1024 * 1024):
+        buf = torch.zeros(nbytes // 4, device=device)
+        samples = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            if rank == a:
+                dist.send(buf, b)
+                dist.recv(buf, b)
+            else:
+                dist.recv(buf, a)
+                dist.send(buf, a)
+            if i:  # the first round trip sets up the connection
+                samples.append((time.perf_counter() - start) / 2)
+        sizes.append(nbytes)
+        times.append(sorted(samples)[len(samples) // 2])
+    if rank != a:
+        return None
+    try:
+        return fit_latency_bandwidth(sizes, times)
+    except ValueError:
+        return (times[0], sizes[1] / max(times[1], 1e-9))
+
+
+def run_rank(job_dir: Path, rank: int, world: int) -> None:
+    """Run every task of the job in ``job_dir`` as ``rank`` of ``world``."""
+    import torch.distributed as dist
+
+    from envs.runtime.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
+    from envs.runtime.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
+    from envs.runtime.split import split_by_rank
+
+    # Mapped, not read: the weights of other ranks' stages are never paged in.
+    job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
+    if world != len(job["devices"]):
+        raise RuntimeError(f"WORLD_SIZE is {world} but the job has {len(job['devices'])} devices")
+    me = job["devices"][rank]
+    device = torch.device(me["torch_device"])
+    if device.type == "cpu":
+        torch.set_num_threads(int(job["threads"]))
+    else:
+        torch.cuda.set_device(device)
+    backend = job["backend"]
+    init_backend = _bound_gloo(me["host"]) if backend == "gloo" and me["host"] else backend
+    dist.init_process_group(init_backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=float(job["timeout_s"])))
+    try:
+        spec, gm, built_on = _capture_skeleton(job, rank)
+        gm.train()
+        meta = unpack_meta(job["meta"])
+        inputs = tuple(job["inputs"])
+        comm = CountingComm(TorchComm(backend))
+        dev_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+        for i, task in enumerate(job["tasks"]):
+            kind = task["kind"]
+            if kind == "links":
+                pairs = {}
+                for a in range(world):
+                    for b in range(a + 1, world):
+                        if rank in (a, b):
+                            fig = _ping_pong(dist, rank, a, b, device, int(task.get("repeats", 9)))
+                            if fig is not None:
+                                pairs[(a, b)] = fig
+                        dist.barrier()
+                _atomic_save({"links": pairs}, job_dir / f"result-{i}-{rank}.pt")
+                continue
+            # Every task starts from the job's initial values, holding only its own stages' tensors.
+            plan = split_by_rank(gm, task["ranks"], world, output_rank=task.get("output_rank"))
+            held = hold(gm, owned_paths(plan, rank), job["state"], device)
+            # Split again: stage modules keep references to the tensors present when they were built.
+            plan = split_by_rank(gm, task["ranks"], world, output_rank=task.get("output_rank"))
+            mine = plan.stages_of(rank)
+            params: dict[int, torch.nn.Parameter] = {}
+            for st in mine:
+                for p in st.module.parameters():
+                    params[id(p)] = p
+            runner = RankStep(plan, rank, meta, dev_inputs, spec.loss_fn, device, comm)
+            optimizer = spec.optimizer_fn(list(params.values())) if params else None
+            if kind == "train":
+                losses = []
+                for _ in range(int(task["steps"])):
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                    losses.append(runner.step())
+                    if optimizer is not None:
+                        optimizer.step()
+                own = {name: p.detach().cpu().clone() for name, p in gm.named_parameters() if id(p) in params}
+                opt_state = [v for st in (optimizer.state.values() if optimizer is not None else ())
+                             for v in st.values() if isinstance(v, torch.Tensor)]
+                result: dict[str, Any] = {
+                    "losses": losses, "params": own, "stages": len(mine), "describe": plan.describe(),
+                    # What this rank holds: the model's tensors (params, buffers, constants) and
+                    # the optimizer's state, in bytes; the model was built on meta: "built_on".
+                    "held_bytes": held, "resident_bytes": resident_bytes(gm, *(st.module for st in mine)),
+                    "optimizer_state_bytes": tensor_bytes(opt_state), "built_on": built_on,
+                    "listening_on": _listening_addresses(),
+                }
+            elif kind == "measure":
+                times, cpu = [], 0.0
+                for step in range(int(task["warmup"]) + int(task["repeats"])):
+                    if step == int(task["warmup"]):
+                        comm.reset()  # count the timed steps only
+                    dist.barrier()
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                    runner.step()
+                    if optimizer is not None:
+                        optimizer.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    dist.barrier()
+                    if step >= int(task["warmup"]):
+                        times.append(time.perf_counter() - start)
+                        cpu += time.process_time() - cpu_start
+                n = max(1, int(task["repeats"]))
+                result = {"times": times, "describe": plan.describe(),
+                          # Per timed step: messages this rank sent / received, bytes sent, and
+                          # the time it sat in receives waiting for its peers.
+                          "messages_sent": comm.sent / n, "messages_received": comm.received / n,
+                          "bytes_sent": comm.sent_bytes / n, "recv_wait_s": comm.recv_wait_s / n,
+                          # CPU seconds of this process per step (all its threads, incl. gloo's).
+                          "cpu_s": cpu / n}
+            else:
+                raise RuntimeError(f"unknown task kind {kind!r}")
+            _atomic_save(result, job_dir / f"result-{i}-{rank}.pt")
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a broken group is being torn down anyway
+            pass
+
+
+def _listening_addresses() -> list[str]:
+    """IPv4 addresses this process listens on (TCP), read from /proc; [] where unavailable.
+
+    Reported with training results so a multi-host run shows which address each rank's
+    gloo device took connections on.
+    """
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed since the listing (the listing's own descriptor)
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        found = set()
+        with open("/proc/self/net/tcp") as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ip = bytes.fromhex(cols[1].split(":")[0])[::-1]
+                    found.add(".".join(str(b) for b in ip))
+        return sorted(found)
+    except OSError:
+        return []
+
+
+def _bound_gloo(host: str) -> str:
+    """Register a gloo backend whose device listens on ``host``'s address; returns its name.
+
+    A rank named ``HOST:cpu:N`` then takes its peers' connections on the address ``HOST``
+    resolves to, not on whatever this machine's host name resolves to (the default), so the
+    device list decides which network a multi-homed machine uses — and two loopback
+    addresses (127.0.0.1, 127.0.0.2) act as two hosts on one machine.
+    """
+    import torch.distributed as dist
+
+    def create(store: Any, group_rank: int, group_size: int, timeout: datetime.timedelta) -> Any:
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, group_rank, group_size, options)
+
+    dist.Backend.register_backend("placer_gloo", create, devices=["cpu"])
+    return "placer_gloo"
+
+
+def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
+    """The model's spec and captured graph with every tensor on ``meta`` (no storage).
+
+    The model is built under ``torch.device("meta")`` and captured on meta copies of the
+    example inputs, so no rank ever allocates the whole model. Model code that cannot run
+    on meta (a data-dependent op, an explicit device) falls back to a normal build; its
+    tensors are then moved to meta right after capture. Returns (spec, gm, "meta" | "cpu").
+    """
+    from torch.utils._pytree import tree_map
+
+    from envs.runtime.distributed.stage_state import to_meta
+    from envs.runtime.measure_worker import load_spec
+    from graphs.capture import capture
+
+    inputs = tuple(job["inputs"])
+    to_meta_inputs = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    try:
+        with torch.device("meta"):
+            spec = load_spec(job["model_source"], job["model_args"])
+        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), name=spec.name)
+        built_on = "meta"
+    except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
+        spec = load_spec(job["model_source"], job["model_args"])
+        captured = capture(spec.model, inputs, name=spec.name)
+        built_on = "cpu"
+    if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
+        raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
+    to_meta(captured.gm)
+    # Drop the user's module object: only the captured graph's modules are kept (all on meta).
+    return dataclasses.replace(spec, model=captured.gm), captured.gm, built_on
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to kill this worker when the launcher that started it dies.
+
+    The launcher kills the workers' process group on every failure it sees, but a launcher
+    that is itself killed (SIGKILL, OOM killer) cannot; without this its workers would wait
+    in a receive until torch.distributed's time-out.
+    """
+    expected = os.environ.get("PLACER_LAUNCHER_PID")
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected):  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    _die_with_launcher()
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m envs.runtime.distributed.worker JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",
+              file=sys.stderr)
+        return 2
+    job_dir = Path(args[0])
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        print("envs.runtime.distributed.worker needs RANK and WORLD_SIZE in the environment (torchrun sets them)",
+              file=sys.stderr)
+        return 2
+    try:
+        run_rank(job_dir, rank, world)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        text = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+        try:
+            (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
+        except OSError:
+            pass
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

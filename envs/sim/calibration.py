@@ -1,0 +1,237 @@
+"""Calibrate the simulator against measured step times, and score their agreement.
+
+The simulator's figures (profiled or roofline op times, link latency and bandwidth from
+a spec) are systematically off on a given machine: a device is uniformly faster or
+slower than profiled, links are slower than their nominal bandwidth, and every real
+step pays a fixed overhead (Python dispatch, the optimizer loop) the op graph does not
+see. :func:`calibrate_simulator` fits exactly those knobs from a handful of measured
+placements:
+
+* a compute scale per device (its ops' forward and backward times are multiplied by it),
+* one latency scale and one bandwidth scale for all links,
+* a constant per-step overhead in seconds,
+
+by least squares on the log of simulated vs measured step times (relative error, so
+fast and slow placements weigh alike), with a weak pull of every scale towards 1 so
+that knobs the data cannot see (e.g. links when no measured placement cuts an edge)
+stay at their spec values. :func:`agreement` reports Spearman rank correlation and
+mean absolute percentage error (MAPE), the two figures the design's targets use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import optimize, stats
+
+from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
+from graphs.errors import PlacerError
+
+__all__ = ["CalibrationError", "Calibration", "calibrate_simulator", "agreement", "scaled_problem"]
+
+
+class CalibrationError(PlacerError, ValueError):
+    """Measurements that cannot calibrate the simulator (too few, mismatched, non-positive)."""
+
+
+def agreement(simulated: Sequence[float] | np.ndarray, measured: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Simulator-vs-measured agreement over a set of placements.
+
+    Pairs where either time is not finite (invalid measurements) are left out.
+
+    Returns:
+        ``{"n", "spearman", "mape", "max_ape", "bias"}``: number of pairs used, Spearman
+        rank correlation, mean and max absolute percentage error (fractions, 0.1 = 10%)
+        of simulated against measured, and mean signed relative error.
+
+    Raises:
+        CalibrationError: arrays of different lengths, or fewer than 2 usable pairs.
+    """
+    sim = np.asarray(simulated, dtype=np.float64).ravel()
+    meas = np.asarray(measured, dtype=np.float64).ravel()
+    if sim.shape != meas.shape:
+        raise CalibrationError(f"got {sim.size} simulated and {meas.size} measured times; expected one of each per placement")
+    ok = np.isfinite(sim) & np.isfinite(meas) & (meas > 0)
+    if ok.sum() < 2:
+        raise CalibrationError(f"agreement needs at least 2 valid measured placements, got {int(ok.sum())}")
+    sim, meas = sim[ok], meas[ok]
+    rel = (sim - meas) / meas
+    with warnings.catch_warnings():
+        # Constant inputs (e.g. placements the simulator times alike) have no rank order.
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        rho = stats.spearmanr(sim, meas).statistic
+    return {
+        "n": int(ok.sum()),
+        # Constant inputs have no rank order; call that no correlation rather than NaN.
+        "spearman": float(rho) if np.isfinite(rho) else 0.0,
+        "mape": float(np.mean(np.abs(rel))),
+        "max_ape": float(np.max(np.abs(rel))),
+        "bias": float(np.mean(rel)),
+    }
+
+
+def scaled_problem(
+    problem: PlacementProblem,
+    compute_scale: Sequence[float] | np.ndarray,
+    latency_scale: float = 1.0,
+    bandwidth_scale: float = 1.0,
+) -> PlacementProblem:
+    """A copy of ``problem`` with device compute times and link constants scaled."""
+    k = np.asarray(compute_scale, dtype=np.float64)
+    if k.shape != (problem.num_devices,):
+        raise CalibrationError(f"compute_scale has shape {k.shape}; expected ({problem.num_devices},)")
+    return dataclasses.replace(
+        problem,
+        fwd_time=problem.fwd_time * k[None, :],
+        bwd_time=problem.bwd_time * k[None, :],
+        latency=problem.latency * float(latency_scale),
+        bandwidth=problem.bandwidth * float(bandwidth_scale),
+        _index={},
+    )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fitted simulator corrections for one machine.
+
+    Attributes:
+        device_names: the devices, in problem order.
+        compute_scale: [D] factor on each device's op times (> 1: slower than simulated).
+        latency_scale, bandwidth_scale: factors on every link's latency and bandwidth.
+        overhead_s: constant seconds added to every step.
+        before, after: :func:`agreement` on the fitting set before and after calibration.
+    """
+
+    device_names: tuple[str, ...]
+    compute_scale: np.ndarray
+    latency_scale: float
+    bandwidth_scale: float
+    overhead_s: float
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, problem: PlacementProblem) -> PlacementProblem:
+        """``problem`` with the fitted scales (the overhead is added by :meth:`predict`)."""
+        if tuple(problem.device_names) != self.device_names:
+            raise CalibrationError(
+                f"calibration was fitted for devices {list(self.device_names)}, the problem has "
+                f"{list(problem.device_names)}"
+            )
+        return scaled_problem(problem, self.compute_scale, self.latency_scale, self.bandwidth_scale)
+
+    def predict(self, problem: PlacementProblem, placements: Any, backend: str = "numpy") -> np.ndarray:
+        """Calibrated step times [B] of a batch of placements (index rows or node→device dicts)."""
+        rows = _rows(problem, placements)
+        return simulate_batch(self.apply(problem), rows, backend=backend).step_time + self.overhead_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (for benchmarks/results)."""
+        return {
+            "devices": list(self.device_names),
+            "compute_scale": {d: float(k) for d, k in zip(self.device_names, self.compute_scale)},
+            "latency_scale": self.latency_scale,
+            "bandwidth_scale": self.bandwidth_scale,
+            "overhead_s": self.overhead_s,
+            "before": self.before,
+            "after": self.after,
+        }
+
+
+def _rows(problem: PlacementProblem, placements: Any) -> np.ndarray:
+    if isinstance(placements, np.ndarray):
+        return problem.check_array(np.atleast_2d(placements))
+    items = list(placements)
+    if items and isinstance(items[0], Mapping):
+        return np.stack([problem.placement_to_array(p) for p in items])
+    return problem.check_array(np.atleast_2d(np.asarray(items)))
+
+
+def calibrate_simulator(
+    problem: PlacementProblem,
+    placements: Any,
+    measured: Sequence[float] | np.ndarray,
+    fit_links: bool = True,
+    fit_overhead: bool = True,
+    prior_weight: float = 1e-3,
+    backend: str = "numpy",
+) -> Calibration:
+    """Fit per-device compute scales, link scales and a step overhead to measured times.
+
+    Args:
+        problem: the compiled problem the placements refer to.
+        placements: [B, N] device-index rows, or a list of node → device dicts.
+        measured: [B] measured step times in seconds; non-finite entries (invalid
+            measurements) are ignored.
+        fit_links: fit the latency and bandwidth scales (else keep the spec's links).
+        fit_overhead: fit a constant per-step overhead (else 0).
+        prior_weight: strength of the pull of each log-scale towards 0 (scale 1).
+        backend: simulator backend (numpy is quickest for the small batches used here).
+
+    Raises:
+        CalibrationError: fewer valid measurements than 3, a length mismatch, or
+            non-positive times.
+    """
+    rows = _rows(problem, placements)
+    meas = np.asarray(measured, dtype=np.float64).ravel()
+    if meas.shape[0] != rows.shape[0]:
+        raise CalibrationError(f"got {rows.shape[0]} placements but {meas.shape[0]} measured times")
+    ok = np.isfinite(meas)
+    if np.any(meas[ok] <= 0):
+        raise CalibrationError("measured step times must be positive seconds")
+    if ok.sum() < 3:
+        raise CalibrationError(f"calibration needs at least 3 valid measured placements, got {int(ok.sum())}")
+    rows, meas = rows[ok], meas[ok]
+    D = problem.num_devices
+    # Only devices some placement uses can be fitted; the others keep scale 1.
+    used = np.unique(rows)
+    n_link = 2 if fit_links else 0
+    log_meas = np.log(meas)
+    scale_ref = float(np.median(meas))
+
+    def unpack(theta: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+        k = np.ones(D)
+        k[used] = np.exp(theta[: used.size])
+        lat = float(np.exp(theta[used.size])) if fit_links else 1.0
+        bw = float(np.exp(theta[used.size + 1])) if fit_links else 1.0
+        # Overhead as a fraction of the median measured step keeps all unknowns O(1).
+        over = float(theta[-1]) * scale_ref if fit_overhead else 0.0
+        return k, lat, bw, over
+
+    def predict(theta: np.ndarray) -> np.ndarray:
+        k, lat, bw, over = unpack(theta)
+        sim = simulate_batch(scaled_problem(problem, k, lat, bw), rows, backend=backend).step_time
+        return sim + over
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        pred = np.maximum(predict(theta), 1e-12)
+        logs = theta[: used.size + n_link]
+        return np.concatenate([np.log(pred) - log_meas, np.sqrt(prior_weight) * logs])
+
+    n_params = used.size + n_link + (1 if fit_overhead else 0)
+    theta0 = np.zeros(n_params)
+    lower = np.full(n_params, -np.inf)
+    upper = np.full(n_params, np.inf)
+    if fit_overhead:
+        lower[-1], upper[-1] = 0.0, 1.0  # overhead: between 0 and one median step
+        theta0[-1] = 0.01  # strictly inside the bounds, as the solver wants
+    # Start the compute scales at the overall ratio so the fit begins near the data.
+    base = simulate_batch(problem, rows, backend=backend).step_time
+    start = float(np.median(np.log(meas) - np.log(np.maximum(base, 1e-12))))
+    theta0[: used.size] = start
+    fit = optimize.least_squares(residuals, theta0, bounds=(lower, upper), x_scale=1.0, diff_step=1e-4,
+                                 xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=400)
+    k, lat, bw, over = unpack(fit.x)
+    return Calibration(
+        device_names=tuple(problem.device_names),
+        compute_scale=k,
+        latency_scale=lat,
+        bandwidth_scale=bw,
+        overhead_s=over,
+        before=agreement(base, meas),
+        after=agreement(predict(fit.x), meas),
+    )

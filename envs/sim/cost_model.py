@@ -1,0 +1,282 @@
+"""How long a node takes on a device, and how long a tensor takes to cross a link.
+
+Node times, in order of preference:
+
+1. **Profiled**: the node's ``fwd_time`` / ``bwd_time`` for the device's kind (``"cpu"``,
+   ``"cuda"``), as measured by the profiler. A node with only ``time[kind]`` (forward +
+   backward) is split 1:2, the usual forward:backward FLOP ratio.
+2. **Roofline** where the kind was not profiled (every virtual GPU kind, or a node the
+   profiler skipped)::
+
+       fwd = max(flops / (peak_flops * efficiency), bytes_moved / mem_bandwidth) + ops * launch_overhead
+       bwd = max(2 * flops / (peak_flops * efficiency), 2 * bytes_moved / mem_bandwidth) + ops * launch_overhead
+
+   Backward is ~2x forward because it computes both the input and the weight gradients.
+   ``ops`` is 1 for an op node and the number of member ops for a group node.
+3. **Zero** for nodes with neither times nor FLOPs nor bytes (placeholders, output, views),
+   and a zero backward for a node whose output takes no part in autograd.
+
+A node's **backward cost includes its optimizer update** (the parameters it owns are
+updated once their gradients are complete, on the device that holds them): the profiled
+``opt_time`` of the kind where that kind was profiled for the node, else the roofline::
+
+    opt = param_bytes * (3 + 2 * state_factor) / mem_bandwidth + tensors * (1 + state_factor) * launch_overhead
+
+(read parameter and gradient and write the parameter, read and write each state tensor —
+Adam's two moments: ``state_factor`` 2 — one kernel per tensor touched), with
+``state_factor`` from :data:`envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR` for the optimizer the
+graph was profiled with (``graph.graph["optimizer"]``, default plain SGD) and ``tensors``
+the node's ``param_tensors`` (1 when it owns parameters but the attribute is missing).
+It is folded into the backward so that :class:`envs.sim.problem.PlacementProblem` keeps its
+arrays: a placement's cost on one device is still the sum of its node costs.
+
+The roofline constants per kind (:class:`Roofline`) come from :data:`DEFAULT_ROOFLINE`.
+The CPU constants can be **calibrated** (:func:`calibrate`) by least squares against the
+graph's profiled CPU times, which :meth:`CostModel.for_graph` does automatically when the
+graph holds CPU profiles. Virtual GPU kinds cannot be calibrated on a machine without
+them: they keep the same model with GPU defaults (cuBLAS/cuDNN reach ~60-75% of fp32 peak
+on large matmuls and convolutions; a kernel launch costs a few microseconds, more on the
+older K40 driver stack).
+
+A transfer of ``b`` bytes over a link costs ``latency + b / bandwidth`` (see
+:meth:`envs.hardware.cluster.Link.transfer_time`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+
+from envs.hardware.cluster import Cluster, Device
+from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
+
+#: Backward FLOPs (and bytes) per forward FLOP for the roofline estimate.
+BACKWARD_FACTOR = 2.0
+
+#: fx ops that never compute (their cost is zero whatever their attributes say).
+NON_COMPUTE_OPS = frozenset({"placeholder", "output", "get_attr"})
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Roofline constants of one device kind.
+
+    Attributes:
+        efficiency: fraction of ``peak_flops`` a counted FLOP (matmul/conv) runs at.
+        launch_overhead_s: fixed seconds per op (kernel launch / dispatcher overhead).
+    """
+
+    efficiency: float
+    launch_overhead_s: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.efficiency <= 1):
+            raise ValueError(f"roofline efficiency must be in (0, 1], got {self.efficiency}")
+        if self.launch_overhead_s < 0:
+            raise ValueError(f"launch overhead must be >= 0, got {self.launch_overhead_s}")
+
+
+#: Defaults per device kind (see the module docstring for where they come from).
+DEFAULT_ROOFLINE: dict[str, Roofline] = {
+    "cpu": Roofline(0.5, 5e-6),
+    "cuda": Roofline(0.65, 6e-6),
+    "K40": Roofline(0.6, 10e-6),
+    "V100": Roofline(0.7, 6e-6),
+    "A100": Roofline(0.7, 5e-6),
+    "H100": Roofline(0.7, 4e-6),
+}
+
+
+def _num(attrs: Mapping[str, Any], key: str) -> float:
+    value = attrs.get(key)
+    if value is None:
+        return 0.0
+    return float(value)
+
+
+def _op_count(attrs: Mapping[str, Any]) -> int:
+    """How many ops a node stands for (group nodes carry their members)."""
+    if "num_ops" in attrs:
+        return int(attrs["num_ops"])
+    members = attrs.get("members")
+    if members:
+        return len(members)
+    return 1
+
+
+def node_requires_grad(attrs: Mapping[str, Any]) -> bool:
+    """Whether a node's output takes part in autograd (default: yes, except inputs and output)."""
+    if "requires_grad" in attrs:
+        return bool(attrs["requires_grad"])
+    return attrs.get("op") not in ("placeholder", "output")
+
+
+def profiled_times(attrs: Mapping[str, Any], kind: str) -> tuple[float, float] | None:
+    """(forward, backward) seconds profiled for ``kind``, or None when the kind was not profiled."""
+    fwd = (attrs.get("fwd_time") or {}).get(kind)
+    bwd = (attrs.get("bwd_time") or {}).get(kind)
+    total = (attrs.get("time") or {}).get(kind)
+    if fwd is not None:
+        if bwd is None:
+            bwd = (total - fwd) if total is not None else BACKWARD_FACTOR * fwd
+        return float(fwd), max(float(bwd), 0.0)
+    if total is not None:
+        return float(total) / (1.0 + BACKWARD_FACTOR), float(total) * BACKWARD_FACTOR / (1.0 + BACKWARD_FACTOR)
+    return None
+
+
+def profiled_opt_time(attrs: Mapping[str, Any], kind: str) -> float | None:
+    """Profiled optimizer-update seconds of ``kind``, or None when not profiled for this node."""
+    value = (attrs.get("opt_time") or {}).get(kind)
+    return None if value is None else max(float(value), 0.0)
+
+
+def state_factor(optimizer: str | None) -> float:
+    """Optimizer state bytes per parameter byte (unknown optimizers: Adam-sized, as envs.sim.problem assumes)."""
+    key = str(optimizer or "sgd").lower()
+    return OPTIMIZER_STATE_FACTOR.get(key, OPTIMIZER_STATE_FACTOR["adam"])
+
+
+def roofline_opt_time(attrs: Mapping[str, Any], device: Device, roofline: Roofline, optimizer: str | None) -> float:
+    """Roofline seconds of a node's optimizer update (module doc); 0 for a node owning no parameters."""
+    if attrs.get("op") in ("placeholder", "output"):
+        return 0.0
+    nbytes = _num(attrs, "param_bytes")
+    if nbytes <= 0:
+        return 0.0
+    factor = state_factor(optimizer)
+    tensors = _num(attrs, "param_tensors") if "param_tensors" in attrs else 1.0
+    return nbytes * (3.0 + 2.0 * factor) / device.mem_bandwidth + tensors * (1.0 + factor) * roofline.launch_overhead_s
+
+
+def roofline_times(attrs: Mapping[str, Any], device: Device, roofline: Roofline) -> tuple[float, float]:
+    """(forward, backward) seconds from FLOPs and bytes moved, zero for nodes that do no work."""
+    if attrs.get("op") in NON_COMPUTE_OPS:
+        return 0.0, 0.0
+    flops = _num(attrs, "flops")
+    moved = _num(attrs, "bytes_moved")
+    if flops <= 0 and moved <= 0:
+        return 0.0, 0.0
+    compute = flops / (device.peak_flops * roofline.efficiency)
+    memory = moved / device.mem_bandwidth
+    overhead = _op_count(attrs) * roofline.launch_overhead_s
+    fwd = max(compute, memory) + overhead
+    bwd = BACKWARD_FACTOR * max(compute, memory) + overhead
+    return fwd, bwd
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Node and transfer costs for one graph on one cluster.
+
+    Attributes:
+        roofline: roofline constants per device kind (missing kinds use :data:`DEFAULT_ROOFLINE`).
+        use_profiles: use profiled times where present (False forces the roofline everywhere).
+        optimizer: the optimizer whose update the roofline estimates (a key of
+            :data:`envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR`; None: plain SGD).
+    """
+
+    roofline: Mapping[str, Roofline] = field(default_factory=dict)
+    use_profiles: bool = True
+    optimizer: str | None = None
+
+    def roofline_for(self, kind: str) -> Roofline:
+        return self.roofline.get(kind) or DEFAULT_ROOFLINE[kind]
+
+    @classmethod
+    def for_graph(cls, graph: nx.DiGraph, cluster: Cluster, optimizer: str | None = None) -> "CostModel":
+        """The default cost model: CPU roofline calibrated on the graph's CPU profiles when present,
+        optimizer updates estimated for ``optimizer`` (default: the one the graph was profiled with)."""
+        cpus = [d for d in cluster.devices if d.kind == "cpu"]
+        fitted: dict[str, Roofline] = {}
+        if cpus:
+            fit = calibrate(graph, cpus[0])
+            if fit is not None:
+                fitted["cpu"] = fit
+        return cls(roofline=fitted, optimizer=optimizer or graph.graph.get("optimizer"))
+
+    def node_cost(self, attrs: Mapping[str, Any], device: Device) -> tuple[float, float]:
+        """(forward, backward + optimizer update) seconds of a node (its attribute dict) on ``device``."""
+        times = profiled_times(attrs, device.kind) if self.use_profiles else None
+        if times is None:
+            times = roofline_times(attrs, device, self.roofline_for(device.kind))
+        if not node_requires_grad(attrs):
+            return times[0], 0.0
+        return times[0], times[1] + self.opt_cost(attrs, device)
+
+    def opt_cost(self, attrs: Mapping[str, Any], device: Device) -> float:
+        """Seconds of a node's optimizer update on ``device``: profiled for its kind, else the roofline."""
+        opt = profiled_opt_time(attrs, device.kind) if self.use_profiles else None
+        if opt is None:
+            opt = roofline_opt_time(attrs, device, self.roofline_for(device.kind), self.optimizer)
+        return opt
+
+    def node_times(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device]) -> tuple[np.ndarray, np.ndarray]:
+        """[N, D] forward and backward seconds for the nodes in ``order`` on ``devices``."""
+        fwd = np.zeros((len(order), len(devices)))
+        bwd = np.zeros((len(order), len(devices)))
+        for i, name in enumerate(order):
+            attrs = graph.nodes[name]
+            for j, dev in enumerate(devices):
+                fwd[i, j], bwd[i, j] = self.node_cost(attrs, dev)
+        return fwd, bwd
+
+    @staticmethod
+    def transfer_time(nbytes: float, cluster: Cluster, src: str, dst: str) -> float:
+        """Seconds to move ``nbytes`` from device ``src`` to ``dst`` (0 on the same device)."""
+        if src == dst:
+            return 0.0
+        return cluster.link(src, dst).transfer_time(nbytes)
+
+
+def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: int = 3) -> Roofline | None:
+    """Fit the roofline constants of ``kind`` to the graph's profiled forward times.
+
+    Least squares on the *relative* error over the nodes profiled on ``kind`` that have
+    FLOPs or bytes, so that small ops (where the launch overhead dominates) weigh as much
+    as large ones (where the efficiency does). For each efficiency on a log grid the best
+    launch overhead has a closed form (weighted least squares of a scaled offset, clipped
+    at 0); the pair with the smallest error wins. Returns None when fewer than
+    ``min_nodes`` nodes qualify.
+    """
+    flops, moved, times, ops = [], [], [], []
+    for _, attrs in graph.nodes(data=True):
+        if attrs.get("op") in NON_COMPUTE_OPS:
+            continue
+        prof = profiled_times(attrs, kind)
+        f, b = _num(attrs, "flops"), _num(attrs, "bytes_moved")
+        if prof is None or (f <= 0 and b <= 0):
+            continue
+        flops.append(f)
+        moved.append(b)
+        times.append(prof[0])
+        ops.append(_op_count(attrs))
+    if len(times) < min_nodes:
+        return None
+    flops_a, moved_a, t, ops_a = (np.asarray(x, dtype=np.float64) for x in (flops, moved, times, ops))
+    keep = t > 0
+    if keep.sum() < min_nodes:
+        return None
+    flops_a, moved_a, t, ops_a = flops_a[keep], moved_a[keep], t[keep], ops_a[keep]
+    memory = moved_a / device.mem_bandwidth
+    w = 1.0 / t**2  # relative residuals: ((t - pred) / t)^2
+    best: tuple[float, Roofline] | None = None
+    for eff in np.logspace(-3, 0, 193):
+        base = np.maximum(flops_a / (device.peak_flops * eff), memory)
+        # residual = t - base - ops*c; weighted least squares: c = <w ops, t-base> / <w ops, ops>
+        c = max(float(np.dot(w * ops_a, t - base) / np.dot(w * ops_a, ops_a)), 0.0)
+        err = float(np.sum(w * (t - base - ops_a * c) ** 2))
+        if best is None or err < best[0]:
+            best = (err, Roofline(float(eff), c))
+    assert best is not None
+    return best[1]
+
+
+def with_roofline(model: CostModel, kind: str, roofline: Roofline) -> CostModel:
+    """A copy of ``model`` with ``kind``'s roofline constants replaced."""
+    table = dict(model.roofline)
+    table[kind] = roofline
+    return replace(model, roofline=table)

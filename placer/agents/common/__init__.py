@@ -1,1 +1,0 @@
-"""Pieces every agent shares: rollout env, observation, best-so-far tracking, callbacks, imitation."""

@@ -1,0 +1,1 @@
+"""The ``placer`` command line: :mod:`placer.cli.main` and one module per subcommand."""

@@ -1,0 +1,85 @@
+"""``placer optimize MODEL``: find, check and save a fast placement of a model."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  python -m placer optimize graphs/zoo/nmt.py --budget 2m --out out/nmt
+  python -m placer optimize model.py --cluster 4xV100-nvlink --budget 20k --seed 1
+  python -m placer optimize model.py --devices cpu,cuda:0 --reward measured --memory cuda:0=20GiB
+  python -m placer optimize zoo:rnnlm --devices cpu:0,cpu:1 --budget 1m   # two CPU worker processes, hybrid reward
+  python -m placer optimize zoo:rnnlm --devices cpu:0,cpu:1 --reward measured --budget 40
+  python -m placer optimize zoo:gpt2 --size small --baselines single,expert,m_etf --out out/gpt2 --resume
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``optimize`` subcommand."""
+    parser = subparsers.add_parser(
+        "optimize",
+        help="search a fast placement of a model and write placement.json + report.md",
+        description="Capture MODEL (a model file or zoo:<name>), profile and group it, run the "
+                    "baselines, search with the agent, check the winner numerically against the "
+                    "original model and write the results to --out.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="model file (.py) or zoo:<name>")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--devices", help="real devices, e.g. cpu,cuda:0,cuda:1 (default: all present when >= 2)")
+    where.add_argument("--cluster", help="simulated cluster: preset name (see `placer presets`) or spec file "
+                                         "(default on a machine with < 2 devices: 4xK40)")
+    parser.add_argument("--budget", default="2m", help="time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default 2m")
+    parser.add_argument("--reward", choices=["simulated", "measured", "hybrid"],
+                        help="what the search optimises. simulated: the simulator's step time (default on a "
+                             "simulated cluster). measured: the measured step time of every placement the agent "
+                             "proposes (real devices; slow, so few placements). hybrid (default on real devices): "
+                             "the simulator, recalibrated in rounds from measurements of its best candidates. On "
+                             "real devices the best candidates are measured at the end and the measured fastest "
+                             "wins; measurements and calibration go to report.md and calibration.json")
+    parser.add_argument("--agent", default="hierarchical", choices=["hierarchical", "flat", "sequential", "reinforce"],
+                        help="search agent (default: hierarchical grouper + placer)")
+    parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    parser.add_argument("--memory", help="per-device memory caps, e.g. cuda:0=20GiB,cpu=64GB")
+    parser.add_argument("--baselines", help="comma-separated baselines to compare against and start from "
+                                            "(default: the fast heuristics; see placer.search.baselines)")
+    parser.add_argument("--out", default="placer-out", help="output directory (default: placer-out)")
+    parser.add_argument("--resume", action="store_true", help="start from the placement and policy in --out")
+    parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for get_model/get_example_inputs (repeatable)")
+    parser.add_argument("--no-check", action="store_true", help="skip the numerical check of the winner")
+    parser.add_argument("--cache-dir", help="where op profiles are cached")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each stage's timing")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``placer optimize``; returns the exit status."""
+    from placer.optimization import DEFAULT_BASELINES, optimize
+    from placer.options import parse_model_args
+    from placer.report.results import summary_lines
+
+    baselines = DEFAULT_BASELINES if args.baselines is None else tuple(
+        b.strip() for b in args.baselines.split(",") if b.strip())
+    result = optimize(
+        args.model, devices=args.devices, cluster=args.cluster, budget=args.budget, reward=args.reward,
+        groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
+        out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
+        check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
+    )
+    print()
+    print("\n".join(summary_lines(result)))
+    kind = "a simulated cluster" if result.cluster.simulated else "real devices"
+    print(f"\nbest: {result.winner}, {result.step_time * 1e3:.3f} ms per step ({result.source}; cluster "
+          f"{result.cluster.name}, {kind}; reward {result.reward})")
+    if result.check is not None:
+        print(f"check: {result.check.describe()}")
+    if args.verbose:
+        print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    print(f"results in {args.out}/ (placement.json, report.md)")
+    return 0

@@ -1,0 +1,79 @@
+"""``placer show PLACEMENT``: summarise a saved placement (and draw it, given its model)."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``show`` subcommand."""
+    parser = subparsers.add_parser(
+        "show", help="summarise a saved placement; with --model, draw it and simulate its step",
+        description="Print what a placement file holds (model fingerprint, devices, ops per device, the "
+                    "recorded step time). With --model, also check it against the model, simulate its "
+                    "step on its cluster and write pictures (placed graph, schedule, memory) to --out.",
+        epilog="examples:\n  python -m placer show placer-out/placement.json\n"
+               "  python -m placer show placer-out/placement.json --model graphs/zoo/nmt.py --out pics/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("placement", help="placement.json")
+    parser.add_argument("--model", help="the model file (or zoo:<name>) the placement was made for")
+    parser.add_argument("--cluster", help="cluster preset/spec to simulate on (default: the recorded one)")
+    parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=".", help="where pictures go (default: current directory)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from placer.placement_file import load_placement
+
+    placement = load_placement(args.placement)
+    counts = Counter(placement.assignment.values())
+    meta = placement.metadata
+    print(f"placement {args.placement}")
+    print(f"  model: {meta.get('model', '?')} (fingerprint {placement.fingerprint}), schema v{placement.schema_version}")
+    print(f"  devices: {', '.join(placement.devices)}" + (f" on cluster {meta['cluster']}" if "cluster" in meta else ""))
+    if "step_time" in meta:
+        print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
+    print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
+    if not args.model:
+        return 0
+
+    from envs.hardware.loading import load_cluster
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate
+    from graphs.pipeline import prepare
+    from placer.options import OptionError, parse_model_args
+    from placer.report.compare import format_bytes
+    from placer.report.plots import plot_memory, plot_placed_graph
+
+    cluster_name = args.cluster or meta.get("cluster")
+    if not cluster_name:
+        raise OptionError("the placement records no cluster; give one with --cluster")
+    prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size))
+    placement = load_placement(args.placement, graph=prepared.captured, devices=load_cluster(cluster_name).device_names)
+    problem = compile_problem(prepared.captured.graph, cluster_name)
+    row = problem.placement_to_array(placement.assignment)
+    step = simulate(problem, row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"  simulated on {cluster_name}: {step.step_time * 1e3:.3f} ms per step, "
+          f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
+          + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
+    pictures = [
+        plot_placed_graph(prepared.captured.graph, placement.assignment, placement.devices, out / "placed_graph.png"),
+        plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity, out / "memory.png"),
+    ]
+    try:
+        from placer.report.gantt import plot_gantt
+
+        pictures.append(plot_gantt(problem, row, out / "schedule.png"))
+    except ImportError:
+        pass
+    print("  pictures: " + ", ".join(str(p) for p in pictures))
+    return 0

@@ -1,0 +1,110 @@
+"""The comparison table: every candidate placement through the same simulator, side by side.
+
+Used by ``optimize`` (its report) and by the benchmark harness, so that every method's
+figures come from one place and one set of rules.
+
+Example::
+
+    table = comparison_table(problem, [Candidate("single", row0), Candidate("agent", row1, 12.0, 5000)])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from envs.sim.lower_bound import lower_bound
+from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
+
+
+@dataclass
+class Candidate:
+    """One method's placement (None when the method found no fitting one)."""
+
+    method: str
+    row: np.ndarray | None
+    search_time: float = 0.0
+    evaluated: int = 0
+    note: str = ""
+    measured_step_time: float | None = None
+    history: list[tuple[float, int, float]] = field(default_factory=list)
+
+
+_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def format_bytes(nbytes: float) -> str:
+    """One size in the largest unit that keeps it at least 1, e.g. ``"3.2 MiB"``."""
+    unit, scale = next(((u, s) for u, s in _UNITS if float(nbytes) >= s), _UNITS[-1])
+    return f"{float(nbytes) / scale:.3g} {unit}"
+
+
+def format_memory(peak: Sequence[float]) -> str:
+    """Peak memory per device in one unit that suits the largest, e.g. ``"1.2/0.4/0/0 GiB"``."""
+    largest = max((float(b) for b in peak), default=0.0)
+    unit, scale = next(((u, s) for u, s in _UNITS if largest >= s), _UNITS[-1])
+    return "/".join(f"{b / scale:.3g}" for b in peak) + f" {unit}"
+
+
+def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate]) -> pd.DataFrame:
+    """Simulate every candidate in one batch and tabulate step time, speed-up and memory.
+
+    Columns: method, step_time (s; measured where a measurement exists, else simulated),
+    simulated_step_time, speedup_vs_single (over the fastest fitting single-device
+    placement), ratio_to_lower_bound, peak_memory (text, per device), fits, search_time,
+    evaluated, source, note. Rows are sorted fastest first, methods without a placement last.
+    """
+    found = [c for c in candidates if c.row is not None]
+    single_rows = np.repeat(np.arange(problem.num_devices)[:, None], problem.num_nodes, axis=1)
+    rows = np.stack([problem.check_array(c.row) for c in found] + list(single_rows))
+    sim = simulate_batch(problem, rows)
+    single_times = [t for t, ok in zip(sim.step_time[len(found):], sim.fits[len(found):]) if ok]
+    best_single = min(single_times) if single_times else float("nan")
+    bound = lower_bound(problem)
+
+    records = []
+    for i, c in enumerate(found):
+        simulated = float(sim.step_time[i])
+        step = c.measured_step_time if c.measured_step_time is not None else simulated
+        records.append({
+            "method": c.method,
+            "step_time": step,
+            "simulated_step_time": simulated,
+            "speedup_vs_single": best_single / step if step > 0 else float("nan"),
+            "ratio_to_lower_bound": step / bound if bound > 0 else float("nan"),
+            "peak_memory": format_memory(sim.peak_memory[i]),
+            "fits": bool(sim.fits[i]),
+            "search_time": c.search_time,
+            "evaluated": c.evaluated,
+            "source": "measured" if c.measured_step_time is not None else "simulated",
+            "note": c.note,
+        })
+    for c in candidates:
+        if c.row is None:
+            records.append({
+                "method": c.method, "step_time": float("nan"), "simulated_step_time": float("nan"),
+                "speedup_vs_single": float("nan"), "ratio_to_lower_bound": float("nan"),
+                "peak_memory": "", "fits": False, "search_time": c.search_time,
+                "evaluated": c.evaluated, "source": "", "note": c.note or "no fitting placement",
+            })
+    table = pd.DataFrame.from_records(records)
+    # Fitting placements first, fastest first; those without a placement at the end.
+    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
+    table = table.sort_values(["_order", "method"], na_position="last").drop(columns="_order")
+    return table.reset_index(drop=True)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The comparison table as Markdown, with times in milliseconds."""
+    shown = table.copy()
+    for col in ("step_time", "simulated_step_time"):
+        shown[col] = shown[col].map(lambda s: "" if pd.isna(s) else f"{s * 1e3:.3f}")
+    shown = shown.rename(columns={"step_time": "step_time_ms", "simulated_step_time": "simulated_ms"})
+    for col in ("speedup_vs_single", "ratio_to_lower_bound"):
+        shown[col] = shown[col].map(lambda s: "" if pd.isna(s) else f"{s:.2f}")
+    shown["search_time"] = shown["search_time"].map(lambda s: f"{s:.1f}")
+    return shown.to_markdown(index=False)

@@ -1,0 +1,241 @@
+"""Results of an ``optimize`` run on disk: placement files, the comparison, pictures, report.md.
+
+:func:`write_results` writes into one directory:
+
+- ``placement.json`` — the op-level placement (schema-versioned, with the model fingerprint);
+- ``device_map.json`` — accelerate-style module → device map, when the placement is module-aligned;
+- ``comparison.csv`` — every method's step time, speed-up and memory, through one simulator;
+- ``placed_graph.png``, ``schedule.png``, ``memory.png``, ``search_curve.png``;
+- on real devices: ``measurements.json`` — every placement measured (phase, measured,
+  simulated and calibrated times) — and ``calibration.json`` — the simulator's calibration
+  fitted on them, with its agreement (Spearman, MAPE) before and after;
+- ``report.md`` — all of the above in one readable page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from envs.sim.simulator import simulate
+from placer.report.compare import format_bytes, markdown_table
+from placer.placement_file import save_placement, to_device_map
+from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves
+
+if TYPE_CHECKING:  # imported for type hints only: optimize imports this module
+    from placer.optimization import OptimizeResult
+
+
+def _write_device_map(result: "OptimizeResult", out_dir: Path) -> Path | None:
+    import json
+
+    device_map = to_device_map(result.placement, result.prepared.captured,
+                               real_devices=None if result.cluster.simulated else result.cluster.real_device_map())
+    path = out_dir / "device_map.json"
+    if device_map is None:
+        if path.exists():
+            path.unlink()  # a stale map from an earlier run would describe another placement
+        return None
+    path.write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
+    """The four pictures of a result; returns name → path of those written."""
+    problem, row = result.problem, result.group_row
+    group_graph = result.prepared.grouping.graph
+    pictures: dict[str, Path] = {}
+    placement = problem.array_to_placement(row)
+    pictures["placed graph"] = plot_placed_graph(
+        group_graph, placement, list(problem.device_names), out_dir / "placed_graph.png",
+        title=f"{result.prepared.spec.name}: {problem.num_nodes} groups coloured by device",
+    )
+    step = simulate(problem, row)
+    pictures["memory"] = plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity,
+                                     out_dir / "memory.png", title="simulated peak memory per device")
+    try:
+        from placer.report.gantt import plot_gantt
+    except ImportError:  # the Gantt chart module is optional in a partial install
+        plot_gantt = None
+    if plot_gantt is not None:
+        pictures["schedule"] = Path(plot_gantt(problem, row, out_dir / "schedule.png"))
+    histories = {c.method: c.history for c in result.candidates if c.history}
+    if histories:
+        pictures["search curve"] = plot_search_curves(histories, out_dir / "search_curve.png",
+                                                      title=f"search on {result.cluster.name}")
+    return pictures
+
+
+def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_map: Path | None) -> str:
+    """The Markdown text of report.md."""
+    spec, cluster, problem = result.prepared.spec, result.cluster, result.problem
+    step = simulate(problem, result.group_row)
+    lines = [
+        f"# placer report: {spec.name}",
+        "",
+        f"- devices: **{cluster.name}** ({', '.join(cluster.device_names)}) — "
+        + ("step times **simulated** on a cluster spec" if cluster.simulated else "real devices, winner **measured**"),
+        f"- reward: **{result.reward}** — {_REWARD_WORDS.get(result.reward, result.reward)}",
+        f"- graph: {result.prepared.captured.graph.number_of_nodes()} ops "
+        f"({result.prepared.captured.method} capture), {problem.num_nodes} groups, "
+        f"fingerprint `{result.placement.fingerprint}`",
+        f"- winner: **{result.winner}**, step time **{result.step_time * 1e3:.3f} ms** ({result.source})",
+        f"- search: {result.search.evaluated:,} placements evaluated in "
+        f"{result.seconds.get('search', 0.0):.1f} s, stopped: {result.search.stop_reason}",
+        f"- machine: {platform.node() or 'unknown'} ({platform.machine()}, Python {platform.python_version()})",
+    ]
+    if result.check is not None:
+        lines.append(f"- check of the applied placement: {result.check.describe()}")
+    used = sorted(set(result.placement.assignment.values()), key=list(cluster.device_names).index)
+    lines.append(f"- devices used: {', '.join(used)}; peak memory "
+                 + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
+    if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
+        lines.append("- applied here, the virtual devices share one real device: a measured time would "
+                     "show no parallelism; the step times above are the simulator's.")
+    lines += ["", "## Comparison", "", markdown_table(result.table), ""]
+    lines += ["Speed-up is over the fastest single device that holds the model (measured rows: over the "
+              "fastest measured single device); the ratio to the lower bound compares with max(critical "
+              "path, total work / aggregate speed), a simulated figure.", ""]
+    if result.measurement is not None:
+        lines += measurement_section(result)
+    lines += ["## Files", "", "- `placement.json` — load with `placer.load(path)`"]
+    if device_map is not None:
+        lines.append("- `device_map.json` — accelerate-style module → device map")
+    else:
+        lines.append("- no `device_map.json`: the placement splits some module's ops across devices")
+    lines.append("- `comparison.csv` — the table above")
+    if result.measurement is not None:
+        lines.append("- `measurements.json` — every measured placement; `calibration.json` — the simulator's "
+                     "calibration (when at least three measurements succeeded)")
+    lines.append("")
+    for name, path in pictures.items():
+        lines += [f"## {name.capitalize()}", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)
+
+
+_REWARD_WORDS = {
+    "simulated": "the simulator scored every placement the agent proposed",
+    "measured": "every placement the agent proposed was measured on the devices",
+    "hybrid": "the simulator scored the search, recalibrated in rounds from measurements of its best candidates",
+}
+
+
+def _ms(t: float | None) -> str:
+    return "" if t is None or not math.isfinite(t) else f"{t * 1e3:.3f}"
+
+
+def _agreement_text(a: dict | None) -> str:
+    if not a:
+        return "n/a"
+    return f"Spearman {a['spearman']:.2f}, MAPE {a['mape'] * 100:.1f}% (n={a['n']})"
+
+
+def _row_text(row: np.ndarray) -> str:
+    """A placement row in short: the device index of each group in order, e.g. ``0 0 1 1 0 1``."""
+    return " ".join(str(int(d)) for d in row) if len(row) <= 24 else f"{len(row)} groups"
+
+
+def measurement_section(result: "OptimizeResult") -> list[str]:
+    """The report's "Measurements" section: what was measured, how often, and the calibration."""
+    m, problem = result.measurement, result.problem
+    methods: dict[bytes, list[str]] = {}
+    for c in result.candidates:
+        if c.row is not None:
+            methods.setdefault(np.asarray(c.row, dtype=np.int64).tobytes(), []).append(c.method)
+    phases: dict[str, int] = {}
+    for r in m.records:
+        phases[r.phase.split()[0]] = phases.get(r.phase.split()[0], 0) + 1
+    lines = [
+        "## Measurements", "",
+        f"- reward **{m.reward}**: {_REWARD_WORDS.get(m.reward, m.reward)}.",
+        f"- measured by {m.description}; **{m.count} distinct placements measured** "
+        f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; the search evaluated "
+        f"{result.search.evaluated:,} placements, and a placement seen before is never measured again.",
+    ]
+    if m.reward == "hybrid":
+        lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
+                     f"in {len(m.rounds)} measurement round(s).")
+    if m.calibration is not None:
+        cal = m.calibration
+        scales = ", ".join(f"{d} ×{k:.2f}" for d, k in zip(cal.device_names, cal.compute_scale))
+        lines.append(f"- calibration on all {cal.after.get('n', 0)} valid measurements: before "
+                     f"{_agreement_text(cal.before)}; after {_agreement_text(cal.after)} "
+                     f"(compute {scales}; links latency ×{cal.latency_scale:.2f}, bandwidth "
+                     f"×{cal.bandwidth_scale:.2f}; overhead {cal.overhead_s * 1e3:.3f} ms per step).")
+    if m.holdout is not None:
+        lines.append(f"- placements measured after a calibration predicted them ({m.holdout['n']}): "
+                     f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
+                     f"{_agreement_text(m.holdout['calibrated'])}.")
+    if m.rounds:
+        lines += ["", "| round | at (s) | evaluated | measured | recalibrations | fit before calibration | after "
+                      "| best measured (ms) |", "|:--|--:|--:|--:|--:|:--|:--|--:|"]
+        for r in m.rounds:
+            lines.append(f"| {r['phase']} | {r['at_s']:.1f} | {r['evaluated']:,} | {r['measured']} | "
+                         f"{r['calibrations']} | {_agreement_text(r['before'])} | {_agreement_text(r['after'])} | "
+                         f"{'' if r['best_ms'] is None else format(r['best_ms'], '.3f')} |")
+    lines += ["", f"Measured placements (device index per group; devices {', '.join(problem.device_names)}):", "",
+              "| # | phase | placement | measured (ms) | simulated (ms) | predicted (ms) | methods | note |",
+              "|--:|:--|:--|--:|--:|--:|:--|:--|"]
+    for i, r in enumerate(m.records):
+        who = ", ".join(methods.get(r.row.tobytes(), []))
+        lines.append(f"| {i} | {r.phase} | `{_row_text(r.row)}` | {_ms(r.step_time)} | {_ms(r.simulated)} | "
+                     f"{_ms(r.predicted)} | {who} | {r.reason} |")
+    lines += ["", "Predicted: the calibrated simulator's figure before the placement was measured (hybrid, "
+              "once a calibration existed). Measured times are medians of timed steps on these devices; on a "
+              "shared machine they vary from run to run.", ""]
+    return lines
+
+
+def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
+    """``measurements.json`` and ``calibration.json`` of a run on real devices."""
+    path = out_dir / "calibration.json"
+    if result.measurement is None:
+        return
+    doc = result.measurement.to_dict(result.problem)
+    (out_dir / "measurements.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
+    if doc["calibration"] is not None:
+        cal = {**doc["calibration"], "rounds": doc["rounds"], "holdout": doc["holdout"]}
+        path.write_text(json.dumps(cal, indent=2, default=float) + "\n", encoding="utf-8")
+    elif path.exists():
+        path.unlink()  # a stale calibration from an earlier run would describe other measurements
+
+
+def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
+    """Write every result file into ``out_dir``; returns the path of report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_placement(result.placement, out_dir / "placement.json")
+    device_map = _write_device_map(result, out_dir)
+    write_measurements(result, out_dir)
+    result.table.to_csv(out_dir / "comparison.csv", index=False)
+    pictures = write_pictures(result, out_dir)
+    report = out_dir / "report.md"
+    report.write_text(render_report(result, pictures, device_map) + "\n", encoding="utf-8")
+    return report
+
+
+def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
+    """A short table for the terminal: the winner and the best methods."""
+    table = result.table.head(top)
+    width = max(len(m) for m in table["method"])
+    out = [f"{'method':<{width}}  {'step (ms)':>10}  {'speed-up':>8}  fits  source"]
+    for _, r in table.iterrows():
+        step = "-" if np.isnan(r["step_time"]) else f"{r['step_time'] * 1e3:10.3f}"
+        speed = "-" if np.isnan(r["speedup_vs_single"]) else f"{r['speedup_vs_single']:8.2f}"
+        out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}")
+    m = result.measurement
+    if m is not None:
+        out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")
+        if m.reward == "hybrid":
+            out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)")
+        if m.calibration is not None:
+            out.append(f"calibration: before {_agreement_text(m.calibration.before)}; "
+                       f"after {_agreement_text(m.calibration.after)}")
+        if m.holdout is not None:
+            out.append(f"held-out ({m.holdout['n']}): uncalibrated {_agreement_text(m.holdout['uncalibrated'])}; "
+                       f"calibrated {_agreement_text(m.holdout['calibrated'])}")
+    return out

@@ -1,0 +1,77 @@
+"""REINFORCE with a moving-average baseline (the hierarchical planner's published trainer).
+
+A readable CleanRL-style loop over the same :class:`PlacementNetwork` the PPO policy wraps:
+sample a batch of placements, simulate them in one call, push up the log-probability of
+those better than the moving average of past rewards, add an entropy bonus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from envs.gym.vector_env import BatchedPlacementVecEnv
+from placer.search.tracker import BestTracker
+from placer.search.agents.hierarchical.network import PlacementNetwork
+from placer.search.agents.hierarchical.policy import network_sizes
+
+
+@dataclass
+class ReinforceConfig:
+    """Hyper-parameters of REINFORCE.
+
+    Attributes:
+        learning_rate: Adam step size.
+        baseline_decay: weight of the old value in the moving-average baseline.
+        ent_coef: entropy bonus.
+        hidden: embedding width.
+        max_grad_norm: gradient clipping.
+    """
+
+    learning_rate: float = 3e-3
+    baseline_decay: float = 0.9
+    ent_coef: float = 1e-4
+    hidden: int = 16
+    max_grad_norm: float = 0.5
+
+
+def make_network(env: BatchedPlacementVecEnv, config: ReinforceConfig) -> PlacementNetwork:
+    """The placement network sized for ``env``'s spaces."""
+    return PlacementNetwork(hidden=config.hidden, **network_sizes(env.observation_space, env.action_space))
+
+
+def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker: BestTracker,
+                    config: ReinforceConfig | None = None, improver=None) -> None:
+    """Train until ``tracker`` raises :class:`~placer.search.tracker.StopSearch`.
+
+    Each iteration evaluates ``env.num_envs`` placements (fewer when the evaluation budget
+    has less left); an ``improver`` (:class:`placer.search.local_search.LocalSearch`) runs
+    its share of evaluations after each.
+    """
+    config = config or ReinforceConfig()
+    optim = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    full_obs = {k: torch.as_tensor(v) for k, v in env.reset().items()}
+    baseline: float | None = None
+    while True:
+        left = tracker.remaining_placements()
+        batch = env.num_envs if left is None else max(1, min(env.num_envs, left))
+        obs = {k: v[:batch] for k, v in full_obs.items()}
+        with torch.no_grad():
+            actions = net(obs).actions
+        rewards, ev = env.evaluate_actions(actions.numpy())
+        rewards_t = torch.as_tensor(rewards, dtype=torch.float32)
+        mean_r = float(rewards.mean())
+        baseline = mean_r if baseline is None else config.baseline_decay * baseline + (1 - config.baseline_decay) * mean_r
+        out = net(obs, actions=actions)
+        advantage = rewards_t - baseline
+        loss = -(advantage * out.log_prob).mean() - config.ent_coef * out.entropy.mean()
+        optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.max_grad_norm)
+        optim.step()
+        # Raises StopSearch when the budget, a plateau or the callback ends the search.
+        tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1 if left is not None else batch)
+        if improver is not None:
+            improver.after_policy_batch(len(rewards), next_batch=1)
+

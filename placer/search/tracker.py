@@ -1,0 +1,291 @@
+"""Best-so-far keeping, budgets and stopping rules shared by every agent's search.
+
+A :class:`BestTracker` sees every evaluated batch of placements (whatever produced it:
+heuristic seeds, PPO rollouts, REINFORCE samples, sequential episodes).  It keeps the best
+placement in memory, writes it to ``out_dir/best_placement.json`` the moment it improves
+(atomically, so an interrupted or crashing search leaves its best on disk), records the
+search curve, drives the progress bar and the user's callback, and says when to stop:
+budget in seconds or in evaluated placements, or a plateau (no improvement in
+``patience`` evaluations).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from envs.sim.problem import PlacementProblem
+from placer.options import Budget, parse_budget
+
+#: Relative improvement below which a new step time does not reset the plateau counter.
+MIN_RELATIVE_IMPROVEMENT = 1e-6
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """What a search's callback is told after every evaluated batch."""
+
+    evaluated: int
+    wall_s: float
+    best_step_time: float
+    best_fits: bool
+    best_row: np.ndarray | None
+
+
+@dataclass
+class SearchResult:
+    """The outcome of a search.
+
+    Attributes:
+        best_row: [N] device indices of the best placement (``problem.node_names`` order).
+        best_step_time: its step time in seconds (``inf`` if nothing was evaluated).
+        history: ``(wall_s, evaluated, best_step_time)`` at every improvement and at the end.
+        evaluated: placements evaluated in all.
+        stop_reason: ``"budget_placements"``, ``"budget_seconds"``, ``"plateau"``,
+            ``"callback"``, ``"interrupted"``, ``"finished"`` or ``"error"``.
+        best_fits: the best placement fits in memory.
+        wall_s: seconds the search ran.
+        best_path: where the best placement was written, if an ``out_dir`` was given.
+        source: ``"simulated"`` or ``"measured"``.
+        agent: the agent that ran.
+        best_phase: which phase found the best placement: ``"seeds"`` (the initial
+            heuristic placements), ``"policy"`` (the agent's samples) or ``"local_search"``
+            (the improvement phase, :mod:`placer.search.local_search`).
+        phase_evaluated: placements evaluated by each phase.
+    """
+
+    best_row: np.ndarray | None
+    best_step_time: float
+    history: list[tuple[float, int, float]]
+    evaluated: int
+    stop_reason: str
+    best_fits: bool = False
+    wall_s: float = 0.0
+    best_path: Path | None = None
+    source: str = "simulated"
+    agent: str = ""
+    best_phase: str = ""
+    phase_evaluated: dict[str, int] = field(default_factory=dict)
+
+    def time_to_within(self, fraction: float = 0.05) -> float | None:
+        """Seconds until the best step time first came within ``fraction`` of the final one."""
+        if not self.history or not math.isfinite(self.best_step_time):
+            return None
+        for wall, _, best in self.history:
+            if best <= self.best_step_time * (1.0 + fraction):
+                return wall
+        return None
+
+
+class StopSearch(Exception):
+    """Raised inside an agent's loop to end the search; ``reason`` goes to the result."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+ProgressCallback = Callable[[SearchProgress], "bool | None"]
+
+
+@dataclass
+class BestTracker:
+    """Keeps the best placement of a search and decides when the search stops.
+
+    Args:
+        problem: the problem being searched.
+        budget: a :class:`~placer.options.Budget` or anything :func:`parse_budget` takes.
+        patience: stop after this many evaluations without improvement (``None``: never).
+        out_dir: directory for ``best_placement.json`` (``None``: keep in memory only).
+        callback: called with a :class:`SearchProgress` after each batch; returning
+            ``False`` stops the search; exceptions it raises propagate (the best stays on disk).
+        fingerprint: model fingerprint written into the placement file.
+        expand: maps the problem's ``{node: device}`` to the file's (e.g. groups → ops).
+        progress: show a tqdm bar with the best step time.
+        agent: the agent's name, for the file's metadata.
+        on_improve: called as ``on_improve(row, step_time, evaluated)`` on every improvement.
+
+    Rewards whose scale changes during the search (hybrid: the simulator is recalibrated from
+    measurements) register with :meth:`watch_scale`.
+    """
+
+    problem: PlacementProblem
+    budget: Budget | str | int | float
+    patience: int | None = None
+    out_dir: str | Path | None = None
+    callback: ProgressCallback | None = None
+    fingerprint: str = ""
+    expand: Callable[[dict[str, str]], dict[str, str]] | None = None
+    progress: bool = False
+    agent: str = ""
+    on_improve: Callable[[np.ndarray, float, int], None] | None = None
+    best_row: np.ndarray | None = field(default=None, init=False)
+    best_step_time: float = field(default=math.inf, init=False)
+    best_fits: bool = field(default=False, init=False)
+    evaluated: int = field(default=0, init=False)
+    history: list[tuple[float, int, float]] = field(default_factory=list, init=False)
+    best_path: Path | None = field(default=None, init=False)
+    best_phase: str = field(default="", init=False)
+    phase_evaluated: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = parse_budget(self.budget)
+        self._start = time.perf_counter()
+        self._last_improvement = 0
+        self._bar = None
+        self._rescale: tuple[Callable[[], int], Callable[[np.ndarray], tuple[float, bool]]] | None = None
+        self._scale_version = 0
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            total = self.budget.placements if self.budget.placements is not None else None
+            # mininterval=0: a batch takes tens of ms at least, so redraw on every one.
+            self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=False,
+                             mininterval=0)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self._start
+
+    def remaining_placements(self) -> int | None:
+        """Evaluations left in the budget (``None`` when the budget is time only)."""
+        if self.budget.placements is None:
+            return None
+        return max(self.budget.placements - self.evaluated, 0)
+
+    def stop_reason(self, next_batch: int = 1) -> str | None:
+        """Why the search must stop before evaluating ``next_batch`` more placements, or None."""
+        if self.budget.placements is not None and self.evaluated + next_batch > self.budget.placements:
+            return "budget_placements"
+        if self.budget.seconds is not None and self.wall_s >= self.budget.seconds:
+            return "budget_seconds"
+        if self.patience is not None and self.evaluated - self._last_improvement >= self.patience:
+            return "plateau"
+        return None
+
+    # ------------------------------------------------------------------ updates
+    def record(self, rows: np.ndarray, step_time: np.ndarray, fits: np.ndarray, next_batch: int = 1,
+               phase: str = "policy") -> None:
+        """Account for a batch of evaluated placements [B, N]; raise :class:`StopSearch` when done.
+
+        ``next_batch`` is the size of the batch the caller would evaluate next, so an
+        evaluation budget is never overrun; ``phase`` names who produced the batch (kept
+        with the best placement and counted per phase).
+        """
+        rows = np.asarray(rows)
+        step_time = np.asarray(step_time, dtype=np.float64).reshape(-1)
+        fits = np.asarray(fits, dtype=bool).reshape(-1)
+        if len(step_time):
+            # A fitting placement beats any that does not fit; then the faster wins.
+            key = np.where(fits, step_time, np.inf)
+            i = int(np.argmin(key)) if fits.any() else int(np.argmin(step_time))
+            self._consider(rows[i], float(step_time[i]), bool(fits[i]), len(step_time), phase)
+        self.evaluated += len(step_time)
+        self.phase_evaluated[phase] = self.phase_evaluated.get(phase, 0) + len(step_time)
+        if self._bar is not None:
+            self._bar.set_postfix(best=f"{self.best_step_time * 1e3:.3f} ms", refresh=False)
+            self._bar.update(len(step_time))  # draws the bar with the postfix just set
+        if self.callback is not None:
+            answer = self.callback(SearchProgress(self.evaluated, self.wall_s, self.best_step_time,
+                                                  self.best_fits, self.best_row))
+            if answer is False:
+                raise StopSearch("callback")
+        self._follow_rescale()
+        reason = self.stop_reason(next_batch)
+        if reason is not None:
+            raise StopSearch(reason)
+
+    def watch_scale(self, version: Callable[[], int], rescore: Callable[[np.ndarray], tuple[float, bool]]) -> None:
+        """Follow a reward whose scale changes: ``version()`` counts the changes so far and
+        ``rescore(row)`` gives ``(step_time, fits)`` of a placement on the current scale.
+
+        After every batch whose callback changed the version, the incumbent is re-scored (and
+        rewritten to disk), so later placements are compared with it on one scale.
+        """
+        self._rescale = (version, rescore)
+        self._scale_version = version()
+
+    def _follow_rescale(self) -> None:
+        """Re-score the incumbent when the reward's scale changed (see :meth:`watch_scale`)."""
+        if self._rescale is None:
+            return
+        version, rescore = self._rescale
+        now = version()
+        if now == self._scale_version:
+            return
+        self._scale_version = now
+        if self.best_row is None:
+            return
+        step_time, fits = rescore(self.best_row)
+        self.best_step_time, self.best_fits = float(step_time), bool(fits)
+        # The curve shows the jump: the same placement, priced on the new scale.
+        self.history.append((self.wall_s, self.evaluated, self.best_step_time))
+        if self.out_dir is not None:
+            self.best_path = self._write(self.evaluated)
+
+    def _consider(self, row: np.ndarray, step_time: float, fits: bool, batch: int, phase: str) -> None:
+        better = (fits and not self.best_fits) or (
+            fits == self.best_fits and step_time < self.best_step_time * (1.0 - MIN_RELATIVE_IMPROVEMENT)
+        )
+        if not better:
+            return
+        self.best_row = np.array(row, dtype=np.int64, copy=True)
+        self.best_step_time = step_time
+        self.best_fits = fits
+        self.best_phase = phase
+        self._last_improvement = self.evaluated + batch
+        self.history.append((self.wall_s, self.evaluated + batch, step_time))
+        if self.out_dir is not None:
+            self.best_path = self._write(self.evaluated + batch)
+        if self.on_improve is not None:
+            self.on_improve(self.best_row.copy(), step_time, self.evaluated + batch)
+
+    def _write(self, evaluated: int) -> Path:
+        from placer.placement_file import Placement, save_placement
+
+        assignment = self.problem.array_to_placement(self.best_row)
+        if self.expand is not None:
+            assignment = dict(self.expand(assignment))
+        meta = {
+            "model": self.problem.name,
+            "cluster": self.problem.cluster_name,
+            "step_time": self.best_step_time,
+            "fits": self.best_fits,
+            "source": "simulated" if self.problem.simulated else "measured",
+            "evaluated": evaluated,
+            "wall_s": round(self.wall_s, 3),
+            "agent": self.agent,
+            "phase": self.best_phase,
+        }
+        placement = Placement(assignment=assignment, fingerprint=self.fingerprint,
+                              devices=list(self.problem.device_names), metadata=meta)
+        return save_placement(placement, Path(self.out_dir) / "best_placement.json")
+
+    def result(self, stop_reason: str) -> SearchResult:
+        """Close the bar and return the :class:`SearchResult`."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        wall = self.wall_s
+        if math.isfinite(self.best_step_time):
+            self.history.append((wall, self.evaluated, self.best_step_time))
+        return SearchResult(
+            best_row=self.best_row,
+            best_step_time=self.best_step_time,
+            history=list(self.history),
+            evaluated=self.evaluated,
+            stop_reason=stop_reason,
+            best_fits=self.best_fits,
+            wall_s=wall,
+            best_path=self.best_path,
+            source="simulated" if self.problem.simulated else "measured",
+            agent=self.agent,
+            best_phase=self.best_phase,
+            phase_evaluated=dict(self.phase_evaluated),
+        )
