@@ -53,9 +53,9 @@ def _placements(problem: Any, count: int, seed: int) -> np.ndarray:
 def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, seed: int,
               warmup: int, repeats: int, timeout_s: float) -> dict[str, Any]:
     """Measure, simulate and calibrate one zoo model; return its record."""
-    from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
     from envs.hardware.loading import discover_cluster, load_cluster
     from envs.runtime.measure import Measurer
+    from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
     from envs.sim.problem import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare

@@ -120,11 +120,11 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     """Measure and simulate one model (see :func:`parse_model` for ``name``); returns its rows."""
     from envs.runtime.distributed.measure import DistributedMeasurer
     from envs.runtime.measure import Measurer
-    from envs.sim.problem import compile_problem
+    from envs.runtime.split import split_by_rank
     from envs.sim.optimizer_state import optimizer_state_kind
+    from envs.sim.problem import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
-    from envs.runtime.split import split_by_rank
 
     start = time.perf_counter()
     name, source, args = parse_model(name)
@@ -234,8 +234,8 @@ def to_markdown(command: str, cluster: Any, records: list[dict[str, Any]], heade
         "measures waiting for a core, the fastest step what the placement costs when it gets one.",
         "",
         "Rank cluster (links measured by ping-pong between two gloo workers on loopback): "
-        + "; ".join(f"{l.src}→{l.dst}: latency {l.latency_s * 1e6:.0f} µs, bandwidth "
-                    f"{l.bandwidth_Bps / 1e9:.2f} GB/s" for l in cluster.links),
+        + "; ".join(f"{link.src}→{link.dst}: latency {link.latency_s * 1e6:.0f} µs, bandwidth "
+                    f"{link.bandwidth_Bps / 1e9:.2f} GB/s" for link in cluster.links),
         "",
     ]
     for rec in records:

@@ -19,8 +19,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import networkx as nx
 import torch

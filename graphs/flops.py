@@ -15,7 +15,8 @@ whether it arrives as ``torch.nn.functional.linear`` (fx), ``aten.linear.default
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch.fx as fx
 from torch import nn

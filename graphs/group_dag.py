@@ -17,7 +17,7 @@ topological order can always be merged (no path can pass between them), which
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import networkx as nx
 

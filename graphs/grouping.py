@@ -36,9 +36,10 @@ from __future__ import annotations
 import gc
 import heapq
 import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import io
 import inspect
+import io
 import sys
 import traceback
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -20,8 +20,10 @@ def __getattr__(name: str) -> Any:
     # Imported lazily so that `python -m placer --help` and `import placer.options` stay light.
     import importlib
 
-    if name in ("optimize", "OptimizeResult"):
-        return getattr(importlib.import_module("placer.optimization"), name)
+    if name == "optimize":
+        return importlib.import_module("placer.optimization").optimize
+    if name == "OptimizeResult":
+        return importlib.import_module("placer.result").OptimizeResult
     if name in ("apply", "load"):
         return getattr(importlib.import_module("placer.api"), name)
     if name in ("place", "PlacementTuner"):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -37,8 +38,8 @@ import pandas as pd
 
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
-from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
 from placer.options import Budget
+from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
 
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
 TIGHT_FRACTION = 0.4

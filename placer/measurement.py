@@ -25,19 +25,20 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
-from envs.runtime.measure import MeasureResult
 from envs.gym.measured_rewards import measure_outcome
+from envs.runtime.measure import MeasureResult
+from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
-from placer.report.compare import Candidate
 from placer.options import Budget
+from placer.report.compare import Candidate
 
 #: Hybrid: measurement rounds during the search (the first right after the seeds are scored).
 #: Starting measuring workers costs seconds (~8 s for two CPU ranks here), timing a

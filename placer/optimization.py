@@ -27,26 +27,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from envs.hardware.cluster import Cluster
 from envs.gym.reward_modes import REWARD_MODES
+from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import PlacementProblem, compile_problem
+from envs.runtime.check import check_placement
 from envs.sim.optimizer_state import optimizer_state_kind
+from envs.sim.problem import PlacementProblem, compile_problem
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
-from graphs.pipeline import Prepared, prepare
-from placer.report.compare import Candidate, comparison_table
+from graphs.pipeline import prepare
 from placer.options import Budget, OptionError, parse_budget, parse_device_list, parse_memory_limits
 from placer.placement_file import Placement, save_placement
-from envs.runtime.check import CheckReport, check_placement
+from placer.report.compare import Candidate, comparison_table
+from placer.result import OptimizeResult
 
 log = logging.getLogger("placer")
 
@@ -105,7 +106,7 @@ def _subset(cluster: Cluster, names: Sequence[str]) -> Cluster:
     from envs.hardware.cluster import make_cluster
 
     devices = [cluster.device(n) for n in names]
-    links = [l for l in cluster.links if l.src in names and l.dst in names]
+    links = [link for link in cluster.links if link.src in names and link.dst in names]
     return make_cluster(devices, links, name=cluster.name, simulated=cluster.simulated,
                         default_link=cluster.default_link)
 
@@ -136,67 +137,6 @@ def _to_spec(model: Any, example_inputs: Any, loss_fn: Callable | None, optimize
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=loss_fn or default_loss,
                      optimizer_fn=optimizer_fn or default_optimizer, name=label)
-
-
-@dataclass
-class OptimizeResult:
-    """What :func:`optimize` found.
-
-    Attributes:
-        placement: the op-level placement (node → device name), with fingerprint and devices.
-        step_time: its step time in seconds (``source`` says simulated or measured).
-        source: ``"simulated"`` or ``"measured"``.
-        cluster: the devices placed on.
-        problem: the group-level placement problem the search ran on.
-        group_row: the winner as device indices over ``problem.node_names``.
-        prepared: the loaded, captured and grouped model.
-        table: the comparison against the baselines.
-        check: the numerical check of the applied placement (None if skipped).
-        search: the agent's search result.
-        candidates: every method's candidate.
-    """
-
-    placement: Placement
-    step_time: float
-    source: str
-    cluster: Cluster
-    problem: PlacementProblem
-    group_row: np.ndarray
-    prepared: Prepared
-    table: pd.DataFrame
-    check: CheckReport | None
-    search: Any
-    candidates: list[Candidate] = field(default_factory=list)
-    winner: str = ""
-    seconds: dict[str, float] = field(default_factory=dict)
-    reward: str = "simulated"
-    measurement: Any = None  # placer.measurement.MeasurementSummary on real devices
-
-    def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
-        """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
-        from envs.runtime.apply import apply_placement
-        from graphs.capture import capture
-
-        captured = self.prepared.captured
-        if model is not None and model is not self.prepared.spec.model:
-            captured = capture(model, self.prepared.spec.example_inputs, name=self.prepared.spec.name)
-            if captured.fingerprint != self.placement.fingerprint:
-                raise PlacerError(
-                    f"this placement was made for model {self.placement.fingerprint}, "
-                    f"not for the given model ({captured.fingerprint})"
-                )
-        return apply_placement(captured, self.placement.assignment, output_device=output_device,
-                               real_devices=self.cluster.real_device_map())
-
-    def compare(self) -> pd.DataFrame:
-        """The comparison table (step time, speed-up, memory per device) of every method."""
-        return self.table
-
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write placement.json, device_map.json (when module-aligned), report.md and pictures."""
-        from placer.report.results import write_results
-
-        return write_results(self, Path(out_dir))
 
 
 def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from envs.sim.simulator import simulate_batch
-from placer.search.tracker import BestTracker, StopSearch
 from placer.search.local_search import LocalSearch, LocalSearchError, apply_moves, neighbourhood
+from placer.search.tracker import BestTracker, StopSearch
 from tests.agent_fixtures import chain_problem, heuristics_miss_problem
 
 

@@ -9,9 +9,9 @@ from gymnasium import spaces
 
 from envs.gym.placement_env import PlacementEnv
 from envs.gym.vector_env import BatchedPlacementVecEnv
-from placer.search.agents.imitation import behaviour_clone
 from placer.search.agents.hierarchical.policy import HierarchicalPlacementPolicy, PolicySpaceError
 from placer.search.agents.hierarchical.ppo import PPOConfig, make_ppo
+from placer.search.agents.imitation import behaviour_clone
 from tests.agent_fixtures import chain_problem, diamond_problem
 
 

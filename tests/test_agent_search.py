@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from envs.sim.simulator import simulate_batch
+from placer.options import OptionError
 from placer.search.search import AGENTS, SearchError, load_policy, search
 from placer.search.tracker import SearchProgress
-from placer.options import OptionError
 from tests.agent_fixtures import chain_problem, heuristics_miss_problem
 
 

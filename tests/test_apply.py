@@ -14,8 +14,8 @@ import random
 import networkx as nx
 import pytest
 import torch
-import torch.nn as nn
 import torch.fx as fx
+import torch.nn as nn
 
 from envs.runtime.apply import (
     ApplyError,
@@ -173,7 +173,7 @@ def _cut_edges(gm: fx.GraphModule, placement: dict[str, str]) -> set[tuple[str, 
 # ----------------------------------------------------------------------------- numerics
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _captured(model_name: str, capture_kind: str) -> tuple[fx.GraphModule, tuple]:
     """One capture per (model, path), shared by the placements (apply never mutates it)."""
     torch.manual_seed(0)

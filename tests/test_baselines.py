@@ -11,10 +11,18 @@ import pytest
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from placer.search.baselines import BASELINES, BaselineError, baseline_names, get_baseline, run_baseline
-from placer.search.baselines.common import comm_time, device_memory, node_cost, node_memory, repair_memory
+from placer.search.baselines.common import (
+    BaselineInputs,
+    NoFit,
+    comm_time,
+    device_memory,
+    node_cost,
+    node_memory,
+    repair_memory,
+)
 from placer.search.baselines.expert import contiguous_split, detect_family
 from placer.search.baselines.pipeline_dp import pipeline_dp, segment_memory
-from placer.search.baselines.common import BaselineInputs, NoFit
+
 
 @pytest.fixture(autouse=True)
 def _numpy_simulator(monkeypatch):

@@ -70,7 +70,7 @@ def test_sequential_matches_accelerate(mlp_capture, fractions) -> None:
 
 
 def test_balanced_budgets_match_accelerate(mlp_capture) -> None:
-    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("accelerate")
     from accelerate.utils import get_balanced_memory
 
     model, cap = mlp_capture

@@ -82,7 +82,7 @@ def test_compile_problem_arrays():
     for v in range(problem.num_nodes):
         preds = problem.edge_src[problem.pred_edge[problem.pred_ptr[v]:problem.pred_ptr[v + 1]]]
         assert sorted(preds.tolist()) == sorted(problem.edge_src[problem.edge_dst == v].tolist())
-    assert not problem.simulated is False
+    assert problem.simulated is not False
 
 
 def test_compile_problem_costs_the_optimizer_the_graph_was_profiled_with_unless_told_otherwise():

@@ -22,8 +22,8 @@ from envs.runtime.distributed.launcher import WorkerGroup, free_port, run_job, w
 from envs.runtime.distributed.measure import DistributedMeasurer
 from envs.runtime.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
 from envs.runtime.measure import MeasureError
-from graphs.pipeline import prepare
 from envs.runtime.split import split_by_rank
+from graphs.pipeline import prepare
 
 DEVICES = "cpu:0,cpu:1"
 STEPS = 3

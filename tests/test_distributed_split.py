@@ -22,7 +22,14 @@ from envs.hardware.rank_devices import (
     parse_rank_devices,
 )
 from envs.runtime.distributed.runtime import Comm, RankStep, value_meta
-from envs.runtime.distributed.stage_state import hold, module_tensors, owned_paths, resident_bytes, tensor_bytes, to_meta
+from envs.runtime.distributed.stage_state import (
+    hold,
+    module_tensors,
+    owned_paths,
+    resident_bytes,
+    tensor_bytes,
+    to_meta,
+)
 from envs.runtime.split import SplitError, split_by_rank
 
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from envs.gym.config import EnvConfigError
 from envs.gym.placement_env import PlacementEnv
-from envs.gym.rewards import INVALID_MARGIN, normalised_reward, serial_time_bound
 from envs.gym.reward_modes import make_reward_model
+from envs.gym.rewards import INVALID_MARGIN, normalised_reward, serial_time_bound
 from envs.gym.sequential_env import SequentialPlacementEnv
 from envs.sim.simulator import simulate_batch
 from tests.envs_fixtures import random_problem

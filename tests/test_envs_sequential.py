@@ -11,8 +11,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from envs.gym.config import EnvConfigError
 from envs.gym.features import node_memory
-from envs.sim.problem import PlacementError
 from envs.gym.sequential_env import EpisodeOverError, SequentialPlacementEnv
+from envs.sim.problem import PlacementError
 from envs.sim.simulator import simulate_batch
 from tests.envs_fixtures import random_problem, tight_problem
 from tests.test_envs import expected_rewards

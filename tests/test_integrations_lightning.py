@@ -10,9 +10,8 @@ import torch
 
 L = pytest.importorskip("lightning")
 
-from placer.integrations.lightning import PlacerCallback  # noqa: E402
-
 from graphs.errors import PlacerError  # noqa: E402
+from placer.integrations.lightning import PlacerCallback  # noqa: E402
 
 
 def _net() -> torch.nn.Module:

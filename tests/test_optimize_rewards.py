@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import placer
+from envs.gym.measured_rewards import MeasuredReward
 from envs.runtime.distributed import launcher
 from envs.runtime.measure import MeasureResult
-from envs.gym.measured_rewards import MeasuredReward
 from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
 from placer.options import OptionError
 
@@ -195,9 +195,9 @@ class _StubMeasurer:
 
 
 def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time():
-    from placer.search.tracker import SearchProgress
     from placer.measurement import HybridRounds
     from placer.options import parse_budget
+    from placer.search.tracker import SearchProgress
 
     stub = _StubMeasurer()
     rounds = HybridRounds(stub, parse_budget("60s"), rounds=3)

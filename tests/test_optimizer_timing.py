@@ -8,8 +8,13 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import capture
-from graphs.profile.optimizer_timing import (InSituOptimizerTimer, node_parameters, optimizer_key, optimizer_kind,
-                                     optimizer_times)
+from graphs.profile.optimizer_timing import (
+    InSituOptimizerTimer,
+    node_parameters,
+    optimizer_key,
+    optimizer_kind,
+    optimizer_times,
+)
 from graphs.profile.profiler import profile_graph
 
 

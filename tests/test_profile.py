@@ -11,9 +11,9 @@ from torch import nn
 import graphs.profile.profiler as profile_mod
 from graphs.capture import capture
 from graphs.errors import PlacerError
+from graphs.profile.cache import ProfileCache, default_cache_dir, inputs_key
 from graphs.profile.op_timing import engine_overhead, time_call
 from graphs.profile.profiler import ProfileError, measure_training_step, node_signature, profile_graph, resolve_devices
-from graphs.profile.cache import ProfileCache, default_cache_dir, inputs_key
 
 
 class Unrolled(nn.Module):

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
+from envs.runtime.check import check_placement
 from graphs.capture import capture
 from graphs.pipeline import load_source
-from envs.runtime.check import check_placement
 
 
 def _module_aligned(captured, devices, seed=0):

@@ -22,7 +22,8 @@ Device feature columns: :data:`DEVICE_FEATURES`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import numpy as np
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from envs.gym.config import EnvConfigError, positive_int
-from envs.sim.problem import PlacementProblem
 from envs.gym.rewards import Evaluation, RewardModel, simulate_rows
+from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
 

@@ -27,7 +27,8 @@ reward model (:mod:`envs.gym.rewards`); ``info`` holds ``step_time``, ``peak_mem
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -35,10 +36,9 @@ from gymnasium import spaces
 
 from envs.gym.config import EnvConfigError, Padding, resolve_num_groups, resolve_padding
 from envs.gym.features import OpKind, device_features, node_features, pad_rows, padded_edges
-from envs.sim.problem import PlacementError, PlacementProblem
-from envs.gym.rewards import Evaluation, RewardModel
 from envs.gym.reward_modes import make_reward_model
-
+from envs.gym.rewards import Evaluation, RewardModel
+from envs.sim.problem import PlacementError, PlacementProblem
 
 #: Upper bound of every node/device feature (they are non-negative and squashed to about [0, 3];
 #: the clip only guards against absurd inputs such as hours-long ops).

@@ -28,8 +28,9 @@ The last two live in :mod:`envs.gym.measured_rewards`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -38,7 +38,8 @@ with no legal action).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -47,9 +48,9 @@ from gymnasium import spaces
 from envs.gym.config import EnvConfigError, resolve_padding
 from envs.gym.features import OpKind, log_time, node_memory
 from envs.gym.placement_env import FEATURE_MAX, check_problem, graph_observation, graph_observation_space
-from envs.sim.problem import PlacementError, PlacementProblem
-from envs.gym.rewards import Evaluation, RewardModel
 from envs.gym.reward_modes import make_reward_model
+from envs.gym.rewards import Evaluation, RewardModel
+from envs.sim.problem import PlacementError, PlacementProblem
 from graphs.errors import PlacerError
 
 

@@ -20,7 +20,8 @@ full :class:`envs.gym.rewards.Evaluation`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -28,8 +29,8 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from envs.gym.config import EnvConfigError, positive_int
 from envs.gym.placement_env import PlacementEnv
-from envs.sim.problem import PlacementProblem
 from envs.gym.rewards import Evaluation
+from envs.sim.problem import PlacementProblem
 
 
 class BatchedPlacementVecEnv(VecEnv):

@@ -24,8 +24,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from envs.hardware.cluster import Cluster, ClusterSpecError, Device, Link
 

@@ -10,8 +10,8 @@ True
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from envs.hardware.cluster import Cluster, ClusterSpecError, cluster_from_spec, read_spec_file
 from envs.hardware.links import measure_machine

@@ -19,8 +19,8 @@ between ranks measured by ping-pong over torch.distributed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from graphs.errors import PlacerError
 

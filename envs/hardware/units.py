@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from graphs.errors import PlacerError
 

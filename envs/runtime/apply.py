@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import networkx as nx
 import torch

@@ -8,7 +8,7 @@ decides that and collapses the placement to the coarsest module prefixes.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import networkx as nx
 import torch.fx as fx

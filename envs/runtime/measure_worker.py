@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

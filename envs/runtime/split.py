@@ -38,8 +38,9 @@ Shared parameters (tied weights): every node that reads one tensor runs on one r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx

@@ -44,8 +44,9 @@ A transfer of ``b`` bytes over a link costs ``latency + b / bandwidth`` (see
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np

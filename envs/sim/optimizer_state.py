@@ -11,7 +11,6 @@ placement is costed with the model's own optimizer, as training would run it.
 
 from __future__ import annotations
 
-
 #: Optimizer state bytes per parameter byte, by optimizer name.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {
     "sgd": 0.0,

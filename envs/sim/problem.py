@@ -13,18 +13,18 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import networkx as nx
 import numpy as np
-
-from graphs.errors import GraphError, PlacerError
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
+from graphs.errors import GraphError, PlacerError
+
 
 def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
     """The :data:`OPTIMIZER_STATE_FACTOR` key a graph is costed with: ``optimizer`` when given,
@@ -258,7 +258,6 @@ def compile_problem(
         cost_model = CostModel.for_graph(graph, cluster, optimizer=key)
     order = topological_order(graph)
     index = {n: i for i, n in enumerate(order)}
-    n = len(order)
     attrs = [graph.nodes[v] for v in order]
 
     def column(key: str) -> np.ndarray:

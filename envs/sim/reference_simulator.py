@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict, deque
-from typing import Hashable, Mapping
+from collections.abc import Hashable, Mapping
 
 import networkx as nx
 import numpy as np

@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from graphs.profile.op_timing import clock_for, inner_loops, median_loop, sync_device, timed_once
 from graphs.placement_graph import fetch_attr
+from graphs.profile.op_timing import clock_for, inner_loops, median_loop, sync_device, timed_once
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 

@@ -47,8 +47,9 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -56,12 +57,20 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.errors import GraphError
-from graphs.profile.in_situ import COMPUTE_OPS, in_situ_times
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
-from graphs.profile.op_timing import median_loop, one_cpu_thread, time_call, tree_map
-from graphs.profile.optimizer_timing import (InSituOptimizerTimer, OptimizerFn, OptimizerTimes, node_parameters, optimizer_key,
-                                     optimizer_kind, optimizer_times)
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
+from graphs.profile.in_situ import COMPUTE_OPS, in_situ_times
+from graphs.profile.op_timing import median_loop, one_cpu_thread, time_call, tree_map
+from graphs.profile.optimizer_timing import (
+    InSituOptimizerTimer,
+    OptimizerFn,
+    OptimizerTimes,
+    node_parameters,
+    optimizer_key,
+    optimizer_kind,
+    optimizer_times,
+)
+
 
 class ProfileError(GraphError):
     """Profiling was asked for something it cannot do (bad device, mismatched graph, inputs that do not run)."""

@@ -14,14 +14,22 @@ cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.zoo.presets import MODEL_SEED, ZooArgumentError, check_positive_int, next_token_batch, next_token_loss, resolve, seeded
+from graphs.zoo.presets import (
+    MODEL_SEED,
+    ZooArgumentError,
+    check_positive_int,
+    next_token_batch,
+    next_token_loss,
+    resolve,
+    seeded,
+)
 
 NAME = "gpt2"
 

@@ -24,8 +24,8 @@ cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

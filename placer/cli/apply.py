@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    from graphs.pipeline import load_source
     from graphs.capture import capture
+    from graphs.pipeline import load_source
 
     spec = load_source(args.model, parse_model_args(args.model_arg, size=args.size))
     captured = capture(spec.model, spec.example_inputs, name=spec.name)

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``placer graph``; returns the exit status."""
     from graphs.graph_io import graph_format, save_graph
     from graphs.pipeline import prepare
-    from placer.report.graph_summary import format_summary, graph_summary
     from placer.options import OptionError, parse_device_list, parse_model_args
+    from placer.report.graph_summary import format_summary, graph_summary
 
     if args.top < 0:
         raise OptionError(f"--top must be 0 or more, got {args.top}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from graphs.errors import PlacerError
 from placer.cli.commands import register_commands

@@ -6,8 +6,8 @@ Pure presentation of the table :func:`placer.benchmark.run_benchmark` returns (c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 

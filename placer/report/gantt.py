@@ -8,8 +8,8 @@ shared time axis in milliseconds. The timeline comes from :func:`envs.sim.simula
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -7,8 +7,8 @@ returns its path. The simulated schedule (Gantt chart) lives with the simulator 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 

@@ -18,17 +18,39 @@ import json
 import math
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 
+from envs.hardware.cluster import Cluster
+from envs.runtime.check import CheckReport
+from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
-from placer.report.compare import format_bytes, markdown_table
-from placer.placement_file import save_placement, to_device_map
+from graphs.pipeline import Prepared
+from placer.placement_file import Placement, save_placement, to_device_map
+from placer.report.compare import Candidate, format_bytes, markdown_table
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves
 
-if TYPE_CHECKING:  # imported for type hints only: optimize imports this module
-    from placer.optimization import OptimizeResult
+
+class OptimizeResult(Protocol):
+    """What the report reads of :class:`placer.result.OptimizeResult` (which saves through this module)."""
+
+    placement: Placement
+    step_time: float
+    source: str
+    cluster: Cluster
+    problem: PlacementProblem
+    group_row: np.ndarray
+    prepared: Prepared
+    table: pd.DataFrame
+    check: CheckReport | None
+    search: Any
+    candidates: list[Candidate]
+    winner: str
+    seconds: dict[str, float]
+    reward: str
+    measurement: Any
 
 
 def _write_device_map(result: "OptimizeResult", out_dir: Path) -> Path | None:

@@ -19,23 +19,23 @@ returns its best even when interrupted with Ctrl-C.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from envs.gym.config import default_num_groups
-from envs.sim.problem import PlacementProblem
 from envs.gym.vector_env import BatchedPlacementVecEnv
+from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 from placer.search.agents.callbacks import TrackerCallback
-from placer.search.agents.imitation import behaviour_clone
-from placer.search.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
 from placer.search.agents.hierarchical.ppo import PPOConfig, make_ppo
-from placer.search.local_search import LocalSearch
+from placer.search.agents.imitation import behaviour_clone
 from placer.search.agents.reinforce import ReinforceConfig, make_network, train_reinforce
+from placer.search.local_search import LocalSearch
+from placer.search.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
 
 AGENTS = ("hierarchical", "reinforce", "flat", "sequential")
 #: Default budget: a few minutes, the issue's "minutes on an ordinary machine".

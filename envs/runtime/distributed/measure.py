@@ -19,7 +19,8 @@ Example::
 from __future__ import annotations
 
 import statistics
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job

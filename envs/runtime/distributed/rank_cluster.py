@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from envs.hardware.cluster import Cluster, Device, Link, make_cluster
 from envs.hardware.loading import discover_cluster
@@ -30,10 +30,7 @@ def rank_cluster(
     Raises:
         RankDeviceError: a malformed list, or links to be measured for ranks on other hosts.
     """
-    import dataclasses
 
-    from envs.hardware.cluster import Device, Link, make_cluster
-    from envs.hardware.loading import discover_cluster
 
     devs = parse_rank_devices(names)
     machine = discover_cluster(cache_dir=cache_dir)

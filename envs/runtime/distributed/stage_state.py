@@ -16,7 +16,7 @@ refuses the placement), so a tied weight is never held by two ranks.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -7,8 +7,8 @@ action space.
 
 from __future__ import annotations
 
-from envs.sim.problem import PlacementProblem
 from envs.gym.vector_env import BatchedPlacementVecEnv
+from envs.sim.problem import PlacementProblem
 
 
 def make_flat_env(problem: PlacementProblem, num_envs: int = 256, seed: int | None = None,

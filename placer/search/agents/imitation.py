@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def behaviour_clone(policy, obs: dict[str, np.ndarray], action: np.ndarray, steps: int = 100,
                     lr: float = 3e-3) -> list[float]:
     """Raise ``policy``'s log-probability of ``action`` for ``obs`` (one unbatched observation).

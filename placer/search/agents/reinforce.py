@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from envs.gym.vector_env import BatchedPlacementVecEnv
-from placer.search.tracker import BestTracker
 from placer.search.agents.hierarchical.network import PlacementNetwork
 from placer.search.agents.hierarchical.policy import network_sizes
+from placer.search.tracker import BestTracker
 
 
 @dataclass

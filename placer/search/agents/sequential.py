@@ -11,8 +11,8 @@ from typing import Any
 
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from envs.sim.problem import PlacementProblem
 from envs.gym.sequential_env import SequentialPlacementEnv
+from envs.sim.problem import PlacementProblem
 from placer.search.agents.hierarchical.ppo import tensorboard_available
 
 

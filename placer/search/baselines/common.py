@@ -20,8 +20,9 @@ Costs used by the heuristics (the simulator alone reports step times):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import networkx as nx
 import numpy as np

@@ -13,14 +13,24 @@ Names: ``single`` (best single device), ``single:<device>``, ``round_robin``, ``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import networkx as nx
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from placer.search.baselines import baechi, expert, fx_partitioner, list_scheduling, mincut, module_split, pipeline_dp, simple
+from placer.search.baselines import (
+    baechi,
+    expert,
+    fx_partitioner,
+    list_scheduling,
+    mincut,
+    module_split,
+    pipeline_dp,
+    simple,
+)
 from placer.search.baselines.common import BaselineError, BaselineInputs, BaselineResult, NoFit, fits, overflow_reason
 
 BaselineFn = Callable[[PlacementProblem, BaselineInputs], Any]

@@ -7,8 +7,9 @@ Every episode is one step, so each rollout of ``n_steps`` on ``num_envs`` enviro
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv

@@ -13,7 +13,7 @@ use stays correct.
 
 from __future__ import annotations
 
-from typing import Generator
+from collections.abc import Generator
 
 import numpy as np
 import torch

@@ -1,0 +1,80 @@
+"""What :func:`placer.optimize` returns: the placement found, its step time and how it compares."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from envs.hardware.cluster import Cluster
+from envs.runtime.check import CheckReport
+from envs.sim.problem import PlacementProblem
+from graphs.errors import PlacerError
+from graphs.pipeline import Prepared
+from placer.placement_file import Placement
+from placer.report.compare import Candidate
+from placer.report.results import write_results
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` found.
+
+    Attributes:
+        placement: the op-level placement (node → device name), with fingerprint and devices.
+        step_time: its step time in seconds (``source`` says simulated or measured).
+        source: ``"simulated"`` or ``"measured"``.
+        cluster: the devices placed on.
+        problem: the group-level placement problem the search ran on.
+        group_row: the winner as device indices over ``problem.node_names``.
+        prepared: the loaded, captured and grouped model.
+        table: the comparison against the baselines.
+        check: the numerical check of the applied placement (None if skipped).
+        search: the agent's search result.
+        candidates: every method's candidate.
+    """
+
+    placement: Placement
+    step_time: float
+    source: str
+    cluster: Cluster
+    problem: PlacementProblem
+    group_row: np.ndarray
+    prepared: Prepared
+    table: pd.DataFrame
+    check: CheckReport | None
+    search: Any
+    candidates: list[Candidate] = field(default_factory=list)
+    winner: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    reward: str = "simulated"
+    measurement: Any = None  # placer.measurement.MeasurementSummary on real devices
+
+    def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
+        """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
+        from envs.runtime.apply import apply_placement
+        from graphs.capture import capture
+
+        captured = self.prepared.captured
+        if model is not None and model is not self.prepared.spec.model:
+            captured = capture(model, self.prepared.spec.example_inputs, name=self.prepared.spec.name)
+            if captured.fingerprint != self.placement.fingerprint:
+                raise PlacerError(
+                    f"this placement was made for model {self.placement.fingerprint}, "
+                    f"not for the given model ({captured.fingerprint})"
+                )
+        return apply_placement(captured, self.placement.assignment, output_device=output_device,
+                               real_devices=self.cluster.real_device_map())
+
+    def compare(self) -> pd.DataFrame:
+        """The comparison table (step time, speed-up, memory per device) of every method."""
+        return self.table
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write placement.json, device_map.json (when module-aligned), report.md and pictures."""
+        return write_results(self, Path(out_dir))
