@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from envs.sim.stages import cut_stages
 from graphs.errors import PlacerError
 
 __all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "stage_assignment"]
@@ -175,40 +176,19 @@ def _ranks_of(gm: fx.GraphModule, ranks: Mapping[str, int], world_size: int) -> 
 
 def stage_assignment(gm: fx.GraphModule, rank: Mapping[str, int], output_rank: int) -> dict[str, int]:
     """Stage of every non-placeholder node (see the cut rule in the module doc), numbered
-    in schedule order: by the position of the stage's first node in the graph."""
+    in schedule order: by the position of the stage's first node in the graph.
+
+    The rule itself is :func:`envs.sim.stages.cut_stages` (pure, so the simulator of rank
+    placements cuts the same stages); this reads its inputs off the fx graph.
+    """
+
+    def real_inputs(n: fx.Node) -> list[str]:
+        return [a.name for a in n.all_input_nodes if a.op != "placeholder"]
+
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    position = {n.name: i for i, n in enumerate(nodes)}
-    sent: set[str] = set()  # values some other rank reads (the output node reads on output_rank)
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            continue
-        reader = output_rank if n.op == "output" else rank[n.name]
-        for a in n.all_input_nodes:
-            if a.op != "placeholder" and rank[a.name] != reader:
-                sent.add(a.name)
-    stage_of: dict[str, int] = {}
-    starts: list[int] = []  # first node position of each stage, in creation order
-    current: dict[int, int] = {}  # rank -> its open stage
-    sources: dict[int, set[int]] = {}  # stage -> other ranks' stages it receives from
-    last_sent: dict[int, bool] = {}  # rank -> its previous node was a send
-    for n in nodes:
-        r = rank[n.name]
-        remote = {stage_of[a.name] for a in n.all_input_nodes
-                  if a.op != "placeholder" and rank[a.name] != r}
-        open_stage = current.get(r)
-        cut = (open_stage is None
-               or (last_sent.get(r, False) and n.name not in sent)  # after a run of sends
-               or bool(remote - sources[open_stage]))  # before a new receive
-        if cut:
-            open_stage = len(starts)
-            starts.append(position[n.name])
-            current[r] = open_stage
-            sources[open_stage] = set()
-        sources[open_stage] |= remote
-        stage_of[n.name] = open_stage
-        last_sent[r] = n.name in sent
-    # Stages were created in graph order of their first node already; keep that numbering.
-    return stage_of
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return cut_stages([n.name for n in nodes], {n.name: real_inputs(n) for n in nodes}, rank,
+                      real_inputs(out), output_rank)
 
 
 def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
