@@ -17,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from envs.hardware.units import UnitError, parse_bytes
 from graphs.errors import PlacerError
 
 
@@ -84,32 +86,17 @@ def parse_budget(text: str | int | float | Budget) -> Budget:
     return Budget(seconds=seconds, placements=placements)
 
 
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
+def parse_memory_limits(text: str | Mapping[str, object] | None) -> dict[str, int]:
+    """Parse accelerate-style ``max_memory``: ``"cuda:0=20GiB,cpu=64GB"`` or a dict → bytes per device.
 
-
-def parse_bytes(text: str | int | float) -> int:
-    """Parse a size such as ``"20GiB"``, ``"512MB"``, ``"1.5g"`` or a plain number of bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise OptionError(f"a size cannot be negative, got {text}")
-        return int(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _BYTE_UNITS:
-        raise OptionError(f"cannot read size {text!r}: expected e.g. '20GiB', '512MB', '16g' or bytes")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
-
-
-def parse_memory_limits(text: str | dict | None) -> dict[str, int]:
-    """Parse accelerate-style ``max_memory``: ``"cuda:0=20GiB,cpu=64GB"`` or a dict → bytes per device."""
+    Each size follows the one byte grammar, :data:`envs.hardware.units.BYTE_GRAMMAR` (``GB`` = 10**9,
+    ``GiB`` = 2**30, ``16G`` refused as ambiguous, at least one byte), the same as a cluster spec's
+    ``memory`` field.
+    """
     if text is None or text == "":
         return {}
-    if isinstance(text, dict):
-        return {str(k): parse_bytes(v) for k, v in text.items()}
+    if isinstance(text, Mapping):
+        return {str(k): _size_for(str(k), v) for k, v in text.items()}
     limits: dict[str, int] = {}
     for part in str(text).split(","):
         if "=" not in part:
@@ -120,8 +107,15 @@ def parse_memory_limits(text: str | dict | None) -> dict[str, int]:
         device = device.strip()
         if not device:
             raise OptionError(f"memory limit {part!r} names no device; expected DEVICE=SIZE")
-        limits[device] = parse_bytes(size)
+        limits[device] = _size_for(device, size)
     return limits
+
+
+def _size_for(device: str, size: object) -> int:
+    try:
+        return parse_bytes(size)
+    except UnitError as exc:
+        raise OptionError(f"memory limit for {device}: {exc}") from None
 
 
 def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:

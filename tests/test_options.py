@@ -6,7 +6,6 @@ from placer.options import (
     Budget,
     OptionError,
     parse_budget,
-    parse_bytes,
     parse_device_list,
     parse_memory_limits,
     parse_model_args,
@@ -28,21 +27,14 @@ def test_malformed_budget_is_refused_with_the_accepted_forms(text):
         parse_budget(text)
 
 
-def test_sizes_parse_binary_and_decimal_units():
-    assert parse_bytes("20GiB") == 20 * 2**30
-    assert parse_bytes("512MB") == 512 * 10**6
-    assert parse_bytes("16g") == 16 * 2**30
-    assert parse_bytes(1024) == 1024
-    with pytest.raises(OptionError, match="cannot read size"):
-        parse_bytes("lots")
-
-
 def test_memory_limits_parse_per_device():
     assert parse_memory_limits("cuda:0=20GiB, cpu=1GB") == {"cuda:0": 20 * 2**30, "cpu": 10**9}
     assert parse_memory_limits({"cpu": "2GiB"}) == {"cpu": 2 * 2**30}
     assert parse_memory_limits(None) == {}
     with pytest.raises(OptionError, match="DEVICE=SIZE"):
         parse_memory_limits("cuda:0:20GiB")
+    with pytest.raises(OptionError, match="memory limit for cpu: cannot read memory size 'lots'"):
+        parse_memory_limits("cpu=lots")
 
 
 def test_device_lists_are_checked():

@@ -24,6 +24,11 @@ planner, whose placements used the host CPU for some ops; ``4xV100-nvlink``,
 ``8xA100-nvlink`` and ``8xH100`` are GPU-only (NVLink machines keep every op on a GPU);
 ``cpu+gpu`` is one CPU and one A100 over PCIe gen4.
 
+``memory`` is a size in the one byte grammar of :func:`envs.hardware.units.parse_bytes`
+(accelerate's: ``16GB`` = 16 x 10**9 bytes, ``16GiB`` = 16 x 2**30; ``16G`` is refused as
+ambiguous and a size must be at least one byte), the same grammar as ``--memory`` caps.
+``peak_flops`` and ``mem_bandwidth`` take SI prefixes (``4.29T``, ``288GB/s``).
+
 A link listed once applies in both directions unless the reverse direction is listed too.
 Without ``default_link`` every pair of devices must have a link: a missing one is a spec
 error, so the simulator never meets a pair it cannot cost. Every problem in a spec raises

@@ -1,15 +1,33 @@
-"""Parsing of the quantities a cluster spec file holds: bytes, FLOP/s, bandwidth, time.
+"""Parsing of the quantities a cluster spec file and the CLI hold: bytes, FLOP/s, bandwidth, time.
 
-Spec files are written by people, so each quantity accepts a plain number (in base
-units: bytes, FLOP/s, bytes/s, seconds) or a string with a unit: ``"12GiB"``, ``"4.29T"``,
-``"288GB/s"``, ``"10us"``. Decimal prefixes (k, M, G, T, P) are powers of 1000 and binary
-ones (Ki, Mi, Gi, Ti) powers of 1024, as on data sheets. A malformed value raises
-:class:`UnitError` saying which forms are accepted; the caller adds the spec entry name.
+Spec files and options are written by people, so each quantity accepts a plain number (in
+base units: bytes, FLOP/s, bytes/s, seconds) or a string with a unit: ``"12GiB"``,
+``"4.29T"``, ``"288GB/s"``, ``"10us"``. A malformed value raises :class:`UnitError` saying
+which forms are accepted; the caller adds the spec entry or option name.
+
+Sizes in bytes have one grammar, :data:`BYTE_GRAMMAR`, shared by cluster specs
+(``memory: 16GB``) and memory caps (``--memory cuda:0=16GiB``, ``memory={"cuda:0": "16GiB"}``).
+It is the one of accelerate's ``max_memory`` strings (``convert_file_size_to_int``):
+``KB, MB, GB, TB, PB`` are powers of 1000 and ``KiB, MiB, GiB, TiB, PiB`` powers of 1024,
+the prefix letter in any case. Two forms accelerate reads in a way people rarely mean are
+refused instead of guessed: a bare prefix (``"16G"``: accelerate refuses it; is it 16 GB or
+16 GiB?) and a lowercase ``b`` after a decimal prefix (``"16Gb"``, ``"16gb"``: accelerate
+reads bits, 2 GB). A size must be at least one byte: ``0`` is refused everywhere (accelerate
+refuses it too); to keep a device out of a placement, leave it out of the devices or cluster.
+
+Other quantities keep SI prefixes (k, M, G, T, P = powers of 1000, and Ki, Mi, Gi, Ti, Pi =
+powers of 1024 for bandwidth), as on data sheets.
 
 Example::
 
     >>> parse_bytes("12GiB")
     12884901888
+    >>> parse_bytes("16GB")
+    16000000000
+    >>> parse_bytes("16G")
+    Traceback (most recent call last):
+    ...
+    envs.hardware.units.UnitError: ambiguous size '16G': write '16GB' (16 x 10**9 bytes) or '16GiB' (16 x 2**30 bytes)
     >>> parse_flops("4.29T")
     4290000000000.0
     >>> parse_bandwidth("12 GB/s")
@@ -23,6 +41,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 
 from graphs.errors import PlacerError
 
@@ -88,11 +107,82 @@ def _parse_quantity(value: object, what: str, unit_label: str, forms: str, accep
     return _positive(num, value, what, forms)
 
 
+#: The size grammar, in words, for error messages and ``--help`` texts.
+BYTE_GRAMMAR = (
+    "a whole number of bytes, or a number and a unit: B; KB, MB, GB, TB, PB (powers of 1000); "
+    "KiB, MiB, GiB, TiB, PiB (powers of 1024), e.g. '16GB', '12GiB', '512 MiB', '1.5TB'; "
+    "at least one byte"
+)
+
+#: Bytes per unit, keyed by the unit with its prefix letter upper-cased (see :func:`_byte_unit_key`).
+BYTE_UNITS: dict[str, int] = {
+    "": 1, "B": 1, "BYTES": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50,
+}
+
+#: The largest size accepted: memory figures are held in int64 arrays by the simulator.
+MAX_BYTES = 2**63 - 1
+
+_SIZE = re.compile(r"^\s*" + _NUMBER + r"\s*([A-Za-z]*)\s*$")
+
+
+def _byte_unit_key(unit: str, text: str) -> str:
+    """The :data:`BYTE_UNITS` key of ``unit``, or a :class:`UnitError` for the forms refused as ambiguous."""
+    upper = unit.upper()
+    if upper in ("K", "M", "G", "T", "P", "KI", "MI", "GI", "TI", "PI"):
+        number = text.strip()[: -len(unit)].strip()
+        raise UnitError(f"ambiguous size {text!r}: write '{number}{upper[0]}B' ({number} x 10**"
+                        f"{3 * 'KMGTP'.index(upper[0]) + 3} bytes) or '{number}{upper[0]}iB' "
+                        f"({number} x 2**{10 * 'KMGTP'.index(upper[0]) + 10} bytes)")
+    if unit == "b" or (len(unit) == 2 and upper in BYTE_UNITS and unit.endswith("b")):
+        # accelerate reads a lowercase b as bits ("16Gb" is 2 GB there); a memory size in bits
+        # is almost always a slip, so it is refused rather than read either way.
+        raise UnitError(f"cannot read memory size {text!r}: a lowercase 'b' reads as bits; "
+                        f"write bytes with a capital B ('{text.strip()[:-1]}B') or use KiB/MiB/GiB")
+    if upper not in BYTE_UNITS:
+        raise UnitError(f"unknown size unit {unit!r} in {text!r}; expected {BYTE_GRAMMAR}")
+    return upper
+
+
 def parse_bytes(value: object) -> int:
-    """Bytes from ``12884901888``, ``"12GiB"``, ``"16GB"``, ``"512 MiB"``, ``"1.5T"`` (no unit = bytes)."""
-    forms = "a number of bytes or e.g. '12GiB', '16GB', '512MiB'"
-    return int(round(_parse_quantity(value, "memory size", "memory", forms,
-                                     lambda unit: unit in ("", "B", "b", "bytes"))))
+    """Bytes from a number or a size string in the grammar :data:`BYTE_GRAMMAR` (the module docstring's rules).
+
+    Fractions of a byte are dropped (``"1.5KiB"`` is 1536, ``"0.1KiB"`` 102); the result must be
+    at least 1. Exact for any number of digits: ``"1.1GB"`` is 1100000000.
+
+    >>> parse_bytes("1.5 KiB"), parse_bytes("2gib"), parse_bytes(4096)
+    (1536, 2147483648, 4096)
+    >>> parse_bytes("0GB")
+    Traceback (most recent call last):
+    ...
+    envs.hardware.units.UnitError: a size must be at least one byte, got '0GB'; expected a whole number ...
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UnitError(f"cannot read memory size {value!r}; expected {BYTE_GRAMMAR}")
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise UnitError(f"cannot read memory size {value!r}; expected {BYTE_GRAMMAR}")
+        try:
+            number = Decimal(match.group(1))
+        except InvalidOperation:  # the regex admits only decimal literals; kept for safety
+            raise UnitError(f"cannot read memory size {value!r}; expected {BYTE_GRAMMAR}") from None
+        factor = BYTE_UNITS[_byte_unit_key(match.group(2), value)]
+        # Bounded before multiplying: "1e999999999PiB" would overflow the Decimal context or build
+        # a gigantic integer.
+        nbytes = int(number * factor) if number.adjusted() < 25 else MAX_BYTES + 1
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnitError(f"a size must be a finite number of bytes, got {value!r}")
+        nbytes = int(value)
+    else:
+        nbytes = value
+    if nbytes > MAX_BYTES:
+        raise UnitError(f"size {value!r} is too large: the most is 2**63 - 1 bytes (memory is counted in int64)")
+    if nbytes < 1:
+        raise UnitError(f"a size must be at least one byte, got {value!r}; expected {BYTE_GRAMMAR}")
+    return nbytes
 
 
 def parse_flops(value: object) -> float:

@@ -42,7 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="search agent (default: hierarchical grouper + placer)")
     parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
-    parser.add_argument("--memory", help="per-device memory caps, e.g. cuda:0=20GiB,cpu=64GB")
+    parser.add_argument("--memory", help="per-device memory caps DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GB; sizes as in "
+                        "accelerate's max_memory and cluster specs: GB/MB = powers of 1000, GiB/MiB = powers of "
+                        "1024; '16G' is refused as ambiguous, and a cap must be at least 1 byte")
     parser.add_argument("--baselines", help="comma-separated baselines to compare against and start from "
                                             "(default: the fast heuristics; see placer.search.baselines)")
     parser.add_argument("--out", default="placer-out", help="output directory (default: placer-out)")
