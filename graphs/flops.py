@@ -21,26 +21,11 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from graphs.ops import COPY_OPS, VIEW_OPS, canonical_op_name, op_name
+
 Shape = Sequence[int]
 ShapeOf = Callable[[Any], "tuple[int, ...] | None"]
 
-# Ops that only re-describe memory (or query metadata): no arithmetic, no traffic.
-VIEW_OPS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "T", "mT",
-    "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow",
-    "select", "slice", "getitem", "split", "split_with_sizes", "chunk", "unbind", "alias",
-    "as_strided", "detach", "size", "dim", "numel", "stride", "movedim", "moveaxis",
-    "swapaxes", "swapdims", "_unsafe_view", "lift_fresh_copy", "_assert_tensor_metadata",
-    "sym_size", "sym_numel", "sym_stride", "getattr",
-})
-# Ops that copy data without arithmetic: bytes, no FLOPs.
-COPY_OPS = frozenset({
-    "contiguous", "clone", "copy", "copy_", "to", "_to_copy", "cat", "concat", "stack",
-    "embedding", "index", "index_select", "gather", "scatter", "pad", "constant_pad_nd",
-    "repeat", "tile", "roll", "flip", "zeros", "ones", "zeros_like", "ones_like", "full",
-    "full_like", "empty", "empty_like", "arange", "new_zeros", "new_ones", "new_empty",
-    "new_full", "masked_fill", "where", "cpu", "cuda", "type", "type_as",
-})
 # Approximate arithmetic per element for ops that are more than one pass.
 ELEMENT_FACTOR = {
     "layer_norm": 5, "batch_norm": 5, "group_norm": 5, "instance_norm": 5, "rms_norm": 4,
@@ -62,24 +47,6 @@ _SDPA_NAMES = frozenset({
 def numel(shape: Shape | None) -> int:
     """Number of elements of a shape (0 for an unknown shape)."""
     return 0 if shape is None else int(math.prod(shape))
-
-
-def op_name(node: fx.Node) -> str:
-    """Canonical op name: ``linear`` for F.linear, aten.linear.default and Tensor.linear alike.
-
-    In-place variants map to the out-of-place name (``add_`` -> ``add``).
-    """
-    target = node.target
-    if node.op == "call_method":
-        name = str(target)
-    elif node.op == "call_function":
-        packet = getattr(target, "_overloadpacket", None)
-        name = getattr(packet, "__name__", None) or getattr(target, "__name__", None) or str(target)
-    else:
-        return node.op
-    if name.endswith("_") and not name.endswith("__") and name not in COPY_OPS:
-        name = name[:-1]
-    return name.strip("_") if name.startswith("__") else name
 
 
 def linear_flops(out_shape: Shape, in_features: int, bias: bool) -> int:
@@ -192,7 +159,7 @@ def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
     first_in = shape_of(node.args[0]) if node.args else None
     if node.op == "call_module":
         return _module_flops(module, first_in, inputs, out_shape, node)
-    name = op_name(node)
+    name = canonical_op_name(op_name(node))
     if name in VIEW_OPS or name in COPY_OPS:
         return 0
     if name == "linear":
@@ -312,9 +279,10 @@ def node_bytes_moved(node: fx.Node, input_bytes: Sequence[int], out_bytes: int,
     """
     if node.op in ("placeholder", "get_attr", "output"):
         return 0
-    if node.op in ("call_function", "call_method") and op_name(node) in VIEW_OPS:
+    name = canonical_op_name(op_name(node))
+    if node.op in ("call_function", "call_method") and name in VIEW_OPS:
         return 0
-    if node.op == "call_function" and op_name(node) == "embedding":
+    if node.op == "call_function" and name == "embedding":
         # The indices are the smaller input (F.embedding and aten.embedding order them differently).
         return 2 * out_bytes + (min(input_bytes) if input_bytes else 0)
     return int(sum(input_bytes)) + out_bytes + param_bytes_read

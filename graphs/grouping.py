@@ -45,16 +45,8 @@ import networkx as nx
 
 from graphs.errors import GraphError
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
+from graphs.ops import STAYS_WITH_INPUT_OPS, op_name
 
-# Ops that alias their first input (the result shares its memory): placed with it.
-VIEW_OPS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "H", "mH",
-    "getitem", "__getitem__", "split", "split_with_sizes", "tensor_split", "chunk", "unbind",
-    "expand", "expand_as", "contiguous", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow",
-    "select", "slice", "size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride",
-    "detach", "alias", "as_strided", "movedim", "moveaxis", "swapaxes", "swapdims", "_unsafe_view",
-    "view_as_real", "view_as_complex", "diagonal", "unfold", "getattr", "real", "imag",
-})
 _OPERATOR_INPLACE = frozenset({
     "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
     "ixor", "ilshift", "irshift",
@@ -100,17 +92,14 @@ class Grouping:
         return {op: mapping[group] for op, group in self.op_to_group.items()}
 
 
-def op_name(target: str) -> str:
-    """The bare op name of a target text: ``aten.view.default`` → ``view``, ``torch.relu_`` → ``relu_``."""
-    parts = str(target).split(".")
-    if parts[0] == "aten" and len(parts) >= 2:
-        return parts[1]
-    return parts[-1]
-
-
 def is_view(attrs: Mapping[str, Any]) -> bool:
-    """Whether the node only aliases its first input (a view or a shape query)."""
-    return attrs.get("op") in ("call_function", "call_method") and op_name(attrs.get("target", "")) in VIEW_OPS
+    """Whether the node stays with its first input's producer: a view, a shape query or ``contiguous``.
+
+    ``contiguous`` copies only when its input is not packed (see :mod:`graphs.ops`); either way it
+    belongs with the tensor it repacks.
+    """
+    return (attrs.get("op") in ("call_function", "call_method")
+            and op_name(str(attrs.get("target", ""))) in STAYS_WITH_INPUT_OPS)
 
 
 def is_inplace(attrs: Mapping[str, Any], inplace_kwarg: bool = False) -> bool:

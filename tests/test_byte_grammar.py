@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from envs.hardware.cluster import ClusterSpecError, cluster_from_spec
-from envs.hardware.units import BYTE_UNITS, UnitError, parse_bytes
+from envs.hardware.units import BYTE_UNITS, UnitError, format_bytes, parse_bytes
 from placer.options import OptionError, parse_memory_limits
 
 DECIMAL = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
@@ -115,3 +115,9 @@ def test_malformed_or_out_of_range_sizes_are_refused_in_one_line(bad):
 
 def test_the_unit_table_keys_are_the_upper_cased_units():
     assert set(BYTE_UNITS) == {"", "B", "BYTES"} | {u.upper() for u in {**DECIMAL, **BINARY}}
+
+
+@given(st.integers(min_value=1, max_value=2**62))
+def test_a_formatted_size_reads_back_to_within_its_three_digits(n):
+    text = format_bytes(n)
+    assert abs(parse_bytes(text) - n) <= 0.005 * n + 1

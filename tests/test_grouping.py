@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graphs.errors import GraphError
-from graphs.grouping import Grouping, group_graph, is_inplace, is_view, op_name
+from graphs.grouping import Grouping, group_graph, is_inplace, is_view
+from graphs.ops import op_name
 
 US = 1e-6
 

@@ -185,6 +185,30 @@ def parse_bytes(value: object) -> int:
     return nbytes
 
 
+_DISPLAY_UNITS = (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def byte_display_unit(nbytes: float) -> tuple[str, int]:
+    """The binary unit that writes ``nbytes`` with at least 1 before the point: ``("MiB", 2**20)`` for 3.2 MiB.
+
+    Shared by :func:`format_bytes` and tables that print several sizes in one unit.
+    """
+    size = abs(float(nbytes))
+    return next(((unit, scale) for unit, scale in _DISPLAY_UNITS if size >= scale), _DISPLAY_UNITS[-1])
+
+
+def format_bytes(nbytes: float) -> str:
+    """A size as text in the largest binary unit that keeps it at least 1, to three digits.
+
+    The text is in :data:`BYTE_GRAMMAR`, so it reads back with :func:`parse_bytes` (to those digits).
+
+    >>> format_bytes(3.2 * 2**20), format_bytes(1536), format_bytes(512), format_bytes(40 * 2**30)
+    ('3.2 MiB', '1.5 KiB', '512 B', '40 GiB')
+    """
+    unit, scale = byte_display_unit(nbytes)
+    return f"{float(nbytes) / scale:.3g} {unit}"
+
+
 def parse_flops(value: object) -> float:
     """FLOP/s from ``4.29e12``, ``"4.29T"``, ``"4.29 TFLOPS"``, ``"15.7TFLOP/s"``."""
     forms = "a number of FLOP/s or e.g. '4.29T', '15.7 TFLOPS'"

@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from envs.hardware.loading import load_cluster
+    from envs.hardware.units import format_bytes
     from envs.sim.problem import compile_problem
     from envs.sim.simulator import simulate
     from graphs.pipeline import prepare
     from placer.options import OptionError, parse_model_args
-    from placer.report.compare import format_bytes
     from placer.report.plots import plot_memory, plot_placed_graph
 
     cluster_name = args.cluster or meta.get("cluster")

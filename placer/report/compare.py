@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from envs.hardware.units import byte_display_unit
 from envs.sim.lower_bound import lower_bound
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
@@ -34,19 +35,9 @@ class Candidate:
     history: list[tuple[float, int, float]] = field(default_factory=list)
 
 
-_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
-
-
-def format_bytes(nbytes: float) -> str:
-    """One size in the largest unit that keeps it at least 1, e.g. ``"3.2 MiB"``."""
-    unit, scale = next(((u, s) for u, s in _UNITS if float(nbytes) >= s), _UNITS[-1])
-    return f"{float(nbytes) / scale:.3g} {unit}"
-
-
 def format_memory(peak: Sequence[float]) -> str:
     """Peak memory per device in one unit that suits the largest, e.g. ``"1.2/0.4/0/0 GiB"``."""
-    largest = max((float(b) for b in peak), default=0.0)
-    unit, scale = next(((u, s) for u, s in _UNITS if largest >= s), _UNITS[-1])
+    unit, scale = byte_display_unit(max((float(b) for b in peak), default=0.0))
     return "/".join(f"{b / scale:.3g}" for b in peak) + f" {unit}"
 
 

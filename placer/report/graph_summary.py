@@ -6,13 +6,7 @@ from typing import Any
 
 import networkx as nx
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from envs.hardware.units import format_bytes
 
 
 def _fmt_flops(n: float) -> str:
@@ -100,7 +94,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  (fx could not trace it: {summary['fx_error']})" if summary.get("fx_error") else ""),
         f"fingerprint  {summary['fingerprint']}",
         f"nodes        {summary['nodes']:,}   edges {summary['edges']:,}   groups {summary['groups']:,}",
-        f"parameters   {summary['params']:,} ({_fmt_bytes(summary['param_bytes'])} with buffers)",
+        f"parameters   {summary['params']:,} ({format_bytes(summary['param_bytes'])} with buffers)",
         f"forward      {_fmt_flops(summary['flops'])}",
     ]
     if summary["time"]:

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from envs.hardware.cluster import Cluster
+from envs.hardware.units import format_bytes
 from envs.runtime.check import CheckReport
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.pipeline import Prepared
 from placer.placement_file import Placement, save_placement, to_device_map
-from placer.report.compare import Candidate, format_bytes, markdown_table
+from placer.report.compare import Candidate, markdown_table
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves
 
 

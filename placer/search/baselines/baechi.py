@@ -25,12 +25,12 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines.common import (
     BaselineInputs,
     NoFit,
     accelerators,
-    fmt_bytes,
     mean_comm,
     node_cost,
     node_memory,
@@ -69,7 +69,7 @@ def m_topo(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
             if not roomy:
                 raise NoFit(
                     f"m-TOPO found no device with room for node {problem.node_names[n]!r} "
-                    f"({fmt_bytes(mem[n])}; most free: {fmt_bytes(max(cap[devices] - used[devices]))})"
+                    f"({format_bytes(mem[n])}; most free: {format_bytes(max(cap[devices] - used[devices]))})"
                 )
             d = max(roomy, key=lambda x: (cap[x] - used[x], -x))
         used[d] += need(n, d)

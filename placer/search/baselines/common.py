@@ -27,19 +27,11 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
 GIB = 2**30
-
-
-def fmt_bytes(nbytes: float) -> str:
-    """Bytes as text in the largest unit that keeps them >= 1 (``"1.50 GiB"``, ``"12.3 KiB"``)."""
-    value = float(nbytes)
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.3g} {unit}"
-    return f"{value:.0f} B"
 
 
 class NoFit(PlacerError):
@@ -129,7 +121,7 @@ def overflow_reason(problem: PlacementProblem, row: np.ndarray) -> str:
     """Text naming the devices ``row`` overfills, e.g. ``gpu1 needs 13.2 GiB of 12.0 GiB``."""
     used = device_memory(problem, row)
     parts = [
-        f"{problem.device_names[d]} needs {fmt_bytes(used[d])} of {fmt_bytes(problem.memory_capacity[d])}"
+        f"{problem.device_names[d]} needs {format_bytes(used[d])} of {format_bytes(problem.memory_capacity[d])}"
         for d in range(problem.num_devices)
         if used[d] > problem.memory_capacity[d]
     ]
@@ -225,7 +217,7 @@ def repair_memory(problem: PlacementProblem, row: np.ndarray, devices: list[int]
     used = device_memory(problem, row)
     if mem.sum() > cap[devices].sum():
         raise NoFit(
-            f"the graph needs {fmt_bytes(mem.sum())} but the devices together hold {fmt_bytes(cap[devices].sum())}"
+            f"the graph needs {format_bytes(mem.sum())} but the devices together hold {format_bytes(cap[devices].sum())}"
         )
     neigh: list[list[tuple[int, float]]] = [[] for _ in range(problem.num_nodes)]
     inbound: list[list[tuple[int, float]]] = [[] for _ in range(problem.num_nodes)]

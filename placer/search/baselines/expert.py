@@ -39,6 +39,7 @@ import re
 import networkx as nx
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines.common import (
     BaselineInputs,
@@ -47,7 +48,6 @@ from placer.search.baselines.common import (
     fastest_first,
     fill_unassigned,
     fits,
-    fmt_bytes,
     node_cost,
     node_memory,
     overflow_reason,
@@ -240,5 +240,5 @@ def expert(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
     row = expert_row(problem, family, paths, op_paths(inputs))
     if not fits(problem, row):
         need = node_memory(problem).sum()
-        raise NoFit(f"the {family} expert layout overfills memory ({overflow_reason(problem, row)}; model needs {fmt_bytes(need)})")
+        raise NoFit(f"the {family} expert layout overfills memory ({overflow_reason(problem, row)}; model needs {format_bytes(need)})")
     return row

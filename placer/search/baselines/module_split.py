@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines.common import (
     BaselineInputs,
@@ -37,7 +38,6 @@ from placer.search.baselines.common import (
     accelerators,
     device_memory,
     fill_unassigned,
-    fmt_bytes,
     node_memory,
     overflow_reason,
 )
@@ -90,7 +90,7 @@ def infer_device_map(
         j += 1
         if j == len(budgets):
             raise NoFit(
-                f"module {item.path or '<top level>'!r} ({fmt_bytes(item.size)}) does not fit on any remaining device"
+                f"module {item.path or '<top level>'!r} ({format_bytes(item.size)}) does not fit on any remaining device"
             )
         todo.insert(0, item)
     return slot_of

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines.common import (
     BaselineInputs,
     NoFit,
     accelerators,
     comm_time,
-    fmt_bytes,
     node_cost,
     node_memory,
 )
@@ -117,8 +117,8 @@ def pipeline_dp(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray
     if not np.isfinite(bott[n]):
         need = node_memory(problem).sum()
         raise NoFit(
-            f"no contiguous split fits memory (model needs {fmt_bytes(need)}; devices hold "
-            f"{fmt_bytes(cap.sum())}; a contiguous split also needs every segment to fit)"
+            f"no contiguous split fits memory (model needs {format_bytes(need)}; devices hold "
+            f"{format_bytes(cap.sum())}; a contiguous split also needs every segment to fit)"
         )
     row = np.empty(n, dtype=np.int64)
     i = n

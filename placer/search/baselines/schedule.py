@@ -17,8 +17,9 @@ import bisect
 
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
-from placer.search.baselines.common import NoFit, comm_time, fmt_bytes, node_cost, node_memory, predecessors
+from placer.search.baselines.common import NoFit, comm_time, node_cost, node_memory, predecessors
 
 
 class ScheduleState:
@@ -91,9 +92,9 @@ class ScheduleState:
         """The error for a node no allowed device has room for."""
         name = self.problem.node_names[n]
         free = ", ".join(
-            f"{self.problem.device_names[d]} {fmt_bytes(max(self.cap[d] - self.used[d], 0))} free" for d in self.devices
+            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d], 0))} free" for d in self.devices
         )
-        return NoFit(f"node {name!r} needs {fmt_bytes(self.mem[n])} but no device has room ({free})")
+        return NoFit(f"node {name!r} needs {format_bytes(self.mem[n])} but no device has room ({free})")
 
 
 def eft_choice(state: ScheduleState, n: int, candidates: list[int], insertion: bool) -> tuple[int, float]:

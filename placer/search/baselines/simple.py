@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines.common import (
     BaselineError,
@@ -22,7 +23,6 @@ from placer.search.baselines.common import (
     NoFit,
     accelerators,
     device_memory,
-    fmt_bytes,
     node_memory,
     overflow_reason,
 )
@@ -56,8 +56,8 @@ def best_single(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray
     if not roomy:
         biggest = int(np.argmax(problem.memory_capacity))
         raise NoFit(
-            f"the model needs {fmt_bytes(need)}; the largest device ({problem.device_names[biggest]}) "
-            f"holds {fmt_bytes(problem.memory_capacity[biggest])}"
+            f"the model needs {format_bytes(need)}; the largest device ({problem.device_names[biggest]}) "
+            f"holds {format_bytes(problem.memory_capacity[biggest])}"
         )
     rows = np.array([[d] * problem.num_nodes for d in roomy], dtype=np.int64)
     res = simulate_rows(problem, rows)

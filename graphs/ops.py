@@ -1,0 +1,88 @@
+"""The op vocabulary shared by FLOP counting and grouping: an op's name, and which ops alias or copy.
+
+One home for what an op *is*, so that :mod:`graphs.flops` (what an op costs) and
+:mod:`graphs.grouping` (what must stay on its input's device) cannot disagree. An op is
+known by its bare name whether it arrives as an fx node (``F.linear``, ``aten.linear.default``,
+the method ``"linear"``) or as the ``target`` text of a placement-graph node.
+
+The sets follow what PyTorch does with memory:
+
+* :data:`VIEW_OPS` return a tensor that shares its input's storage (``Tensor.view``,
+  ``transpose``, ``getitem`` with basic indexing, ``split``…; the "view ops" of
+  PyTorch's *Tensor Views* page) or only read metadata (``size``, ``dim``): no arithmetic
+  and no bytes moved.
+* :data:`LAYOUT_OPS` — ``contiguous`` — return the input itself when it is already
+  contiguous and a packed copy otherwise (``Tensor.contiguous``), so they are not views for
+  cost (counted as a copy: bytes, no FLOPs) but, like views, belong with the tensor they
+  repack: grouping keeps them on their producer's device.
+* :data:`COPY_OPS` move or build data without arithmetic: bytes, no FLOPs.
+
+>>> op_name("aten.view.default"), op_name("torch.relu_"), op_name("operator.iadd")
+('view', 'relu_', 'iadd')
+>>> canonical_op_name("add_"), canonical_op_name("__add__"), canonical_op_name("copy_")
+('add', 'add', 'copy_')
+>>> "contiguous" in STAYS_WITH_INPUT_OPS and "contiguous" not in VIEW_OPS
+True
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+#: Ops whose result aliases their first input, or that only query metadata: no arithmetic, no traffic.
+VIEW_OPS: frozenset[str] = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "T", "mT", "H", "mH",
+    "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow",
+    "select", "slice", "getitem", "split", "split_with_sizes", "tensor_split", "chunk", "unbind",
+    "alias", "as_strided", "detach", "diagonal", "unfold", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "_unsafe_view", "view_as_real", "view_as_complex", "real", "imag",
+    "size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride", "getattr",
+    "_assert_tensor_metadata",
+})
+#: Ops that return their input unchanged when it is already contiguous, else a packed copy.
+LAYOUT_OPS: frozenset[str] = frozenset({"contiguous"})
+#: Ops grouping places with the op that produced their first input: views and layout ops.
+STAYS_WITH_INPUT_OPS: frozenset[str] = VIEW_OPS | LAYOUT_OPS
+#: Ops that copy or create data without arithmetic: bytes, no FLOPs.
+COPY_OPS: frozenset[str] = frozenset({
+    "contiguous", "clone", "copy", "copy_", "to", "_to_copy", "lift_fresh_copy", "cat", "concat",
+    "stack", "embedding", "index", "index_select", "gather", "scatter", "pad", "constant_pad_nd",
+    "repeat", "tile", "roll", "flip", "zeros", "ones", "zeros_like", "ones_like", "full",
+    "full_like", "empty", "empty_like", "arange", "new_zeros", "new_ones", "new_empty",
+    "new_full", "masked_fill", "where", "cpu", "cuda", "type", "type_as",
+})
+
+
+def op_name(target: fx.Node | str) -> str:
+    """The bare name of an op, from an fx node or a placement graph's target text.
+
+    ``aten.view.default`` → ``view``, ``torch.relu_`` → ``relu_`` (in-place suffixes are kept:
+    see :func:`canonical_op_name`), ``operator.iadd`` → ``iadd``. A node that calls nothing
+    (placeholder, get_attr, output) is named by its fx op; a ``call_module`` by its op too
+    (the module type, not the name, says what it computes).
+    """
+    if isinstance(target, fx.Node):
+        node = target
+        if node.op == "call_method":
+            return str(node.target)
+        if node.op != "call_function":
+            return node.op
+        packet = getattr(node.target, "_overloadpacket", None)
+        name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", None)
+        if name:
+            return str(name)
+        target = str(node.target)
+    parts = str(target).split(".")
+    if parts[0] == "aten" and len(parts) >= 2:
+        return parts[1]
+    return parts[-1]
+
+
+def canonical_op_name(name: str) -> str:
+    """The out-of-place name the cost tables use: ``add_`` → ``add``, ``__add__`` → ``add``.
+
+    Copies keep their in-place spelling (``copy_`` is its own op in :data:`COPY_OPS`).
+    """
+    if name.endswith("_") and not name.endswith("__") and name not in COPY_OPS:
+        name = name[:-1]
+    return name.strip("_") if name.startswith("__") else name
