@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.placement_graph import build_placement_graph
-from graphs.user_frames import describe_frame, user_frame
+from graphs.user_frames import describe_frame, is_user_file, user_frame
 
 # Recurrent layers run a time loop inside one kernel: keeping them whole is the only
 # sensible granularity (unrolled cells are how a model exposes per-step parallelism).
@@ -58,7 +60,14 @@ class CapturedModel:
 
 
 class PlacerTracer(fx.Tracer):
-    """fx tracer at module granularity: torch.nn layers, recurrent modules and user leaves are single nodes."""
+    """fx tracer at module granularity: torch.nn layers, recurrent modules and user leaves are single nodes.
+
+    Buffers are proxied (``get_attr`` nodes) like parameters: fx's default hands forward()
+    the real buffer, so ``self.ema.mul_(0.9)`` or ``self.calls.add_(1)`` would run once on
+    the user's model at trace time and be missing from the graph.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_types: Sequence[type] = (), leaf_names: Iterable[str] = ()) -> None:
         super().__init__()
@@ -186,16 +195,23 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
     leaf_types, leaf_names = resolve_leaf_modules(model, leaf_modules)
     fx_error: str | None = None
     try:
-        gm = fx_trace(model, leaf_types, leaf_names, name)
+        gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
+                           _fx_locate(model, leaf_types, leaf_names))
         shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
+        if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
+            raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         fx_error = _reason(fx_exc)
         try:
-            gm = export_trace(model, inputs)
+            gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs),
+                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)))
         except Exception as export_exc:
+            if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
+                raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
+    complete_state(gm, model)
 
     fingerprint = model_fingerprint(gm, model, inputs)
     graph = build_placement_graph(gm, name=name, method=method, fingerprint=fingerprint,
@@ -226,3 +242,218 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
         "whose Python control flow does not depend on tensor values: rewrite that line (e.g. "
         "torch.where instead of `if`), or name its module as a leaf module"
     )
+
+
+# --------------------------------------------------------------------------- state updated in forward()
+
+
+class TraceTimeUpdate(CaptureError):
+    """forward() updated the model's state while being traced: the update is not in the graph.
+
+    ``python_state``: the state is a Python attribute, which no tracer records (torch.export
+    would silently drop it too), so the model is refused without a fallback.
+    """
+
+    def __init__(self, message: str, python_state: bool = False) -> None:
+        super().__init__(message)
+        self.python_state = python_state
+
+
+#: Python attribute types whose change during a trace means forward() keeps Python-side state.
+_SCALARS = (bool, int, float, str)
+
+
+@dataclass
+class _StateSnapshot:
+    """What a trace must leave as it found it: tensor slots, their versions, buffer values, scalars."""
+
+    slots: dict[tuple[str, str, str], Any]  # (module path, "_parameters"/"_buffers", key) -> tensor
+    versions: dict[tuple[str, str, str], int]
+    buffers: dict[tuple[str, str, str], torch.Tensor]
+    scalars: dict[tuple[str, str], Any]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> _StateSnapshot:
+        slots, scalars = cls.take_light(model)
+        versions = {k: t._version for k, t in slots.items() if isinstance(t, torch.Tensor)}
+        # Buffers only: a copy of every parameter would double a large model's memory, and
+        # an updated parameter is refused all the same.
+        buffers = {k: t.detach().clone() for k, t in slots.items()
+                   if k[1] == "_buffers" and isinstance(t, torch.Tensor)}
+        return cls(slots, versions, buffers, scalars)
+
+    def changes(self, model: nn.Module) -> tuple[list[str], list[str], list[Any]]:
+        """(tensors replaced or updated, Python attributes changed, the objects now in replaced slots)."""
+        now = _StateSnapshot.take_light(model)
+        changed, replaced = [], []
+        for k, t in self.slots.items():
+            current = now[0].get(k, t)
+            if current is not t:
+                changed.append(_slot_name(k))
+                replaced.append(current)
+            elif isinstance(t, torch.Tensor) and t._version != self.versions[k]:
+                changed.append(_slot_name(k))
+        scalars = [f"{p}.{a}" if p else a for (p, a), v in self.scalars.items() if now[1].get((p, a), v) != v]
+        return changed, scalars, replaced
+
+    @staticmethod
+    def take_light(model: nn.Module) -> tuple[dict[tuple[str, str, str], Any], dict[tuple[str, str], Any]]:
+        slots: dict[tuple[str, str, str], Any] = {}
+        scalars: dict[tuple[str, str], Any] = {}
+        for path, mod in model.named_modules(remove_duplicate=False):
+            for kind in ("_parameters", "_buffers"):
+                for key, value in getattr(mod, kind).items():
+                    slots[(path, kind, key)] = value
+            for key, value in vars(mod).items():
+                if isinstance(value, _SCALARS) and key != "training":
+                    scalars[(path, key)] = value
+        return slots, scalars
+
+    def restore(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules(remove_duplicate=False))
+        with torch.no_grad():
+            for (path, kind, key), value in self.slots.items():
+                mod = modules.get(path)
+                if mod is not None and getattr(mod, kind).get(key) is not value:
+                    getattr(mod, kind)[key] = value
+            for k, copy in self.buffers.items():
+                t = self.slots[k]
+                if t.shape == copy.shape and not torch.equal(t, copy):
+                    t.copy_(copy)
+        for (path, attr), value in self.scalars.items():
+            mod = modules.get(path)
+            if mod is not None and vars(mod).get(attr, value) != value:
+                vars(mod)[attr] = value
+
+
+def _slot_name(key: tuple[str, str, str]) -> str:
+    path, _, name = key
+    return f"{path}.{name}" if path else name
+
+
+def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any) -> fx.GraphModule:
+    """Run ``trace()``; refuse it if it changed the model's tensors or Python attributes.
+
+    A tracer runs forward()'s Python once. An update it does not record — a tensor it did
+    not proxy (reached through a list or ``_buffers``) updated in place, a buffer
+    reassigned (``self.calls = self.calls + 1``: fx records the addition, not the
+    assignment), a Python number (``self.steps += 1``) — happens then, on the user's
+    model, and never again in the captured graph: the placed model would silently diverge
+    from the original from its second step on. The model is restored and
+    :class:`TraceTimeUpdate` names the state and, via ``locate(changed_tensors,
+    replacements)`` (a rerun that finds the line), the model line.
+    """
+    snapshot = _StateSnapshot.take(model)
+    try:
+        gm = trace()
+        changed, scalars, replaced = snapshot.changes(model)
+    finally:
+        snapshot.restore(model)
+    if not changed and not scalars:
+        return gm
+    line = None
+    if changed:
+        try:
+            line = locate([snapshot.slots[k] for k in snapshot.slots if _slot_name(k) in changed], replaced)
+        except Exception:  # the line is a courtesy; the refusal stands without it
+            line = None
+        finally:
+            snapshot.restore(model)
+    what = (f"tensor {changed[0]!r}" if changed else f"Python attribute {scalars[0]!r}")
+    where = f" at {line}" if line else ""
+    raise TraceTimeUpdate(
+        f"forward() updates {what}{where} in a way {tracer} does not record: the update ran once while "
+        "tracing and is not part of the captured graph, so the placed model would diverge from the "
+        "original from its second step on. Expected state kept in registered buffers and updated in "
+        "place with tensor methods (e.g. self.register_buffer('steps', torch.zeros(())) and "
+        "self.steps.add_(1))",
+        python_state=not changed,
+    )
+
+
+def _fx_locate(model: nn.Module, leaf_types: Sequence[type], leaf_names: Iterable[str]) -> Any:
+    """A ``locate`` for :func:`checked_trace`: the model line of an unrecorded update under fx."""
+
+    def locate(targets: list[torch.Tensor], replaced: list[Any]) -> str | None:
+        # A reassigned buffer holds the Proxy of the value computed for it: that node's
+        # stack trace (recorded on a rerun) names the line.
+        nodes = [p.node.name for p in replaced if isinstance(p, fx.Proxy)]
+        if nodes:
+            tracer = PlacerTracer(leaf_types, leaf_names)
+            tracer.record_stack_traces = True
+            graph = tracer.trace(model)
+            for node in graph.nodes:
+                if node.name in nodes and node.stack_trace:
+                    return _last_user_line(node.stack_trace)
+            return None
+        return _line_updating(targets, lambda: fx_trace(model, leaf_types, leaf_names))
+
+    return locate
+
+
+def _last_user_line(stack_trace: str) -> str | None:
+    frames = traceback.StackSummary.from_list([])
+    lines = stack_trace.strip().splitlines()
+    for i, text in enumerate(lines):
+        text = text.strip()
+        if text.startswith("File \"") and ", line " in text:
+            filename = text[len("File \""):text.index("\", line ")]
+            lineno = int(text.split(", line ")[1].split(",")[0])
+            func = text.split(" in ")[-1] if " in " in text else ""
+            frames.append(traceback.FrameSummary(filename, lineno, func, line=None))
+    users = [f for f in frames if is_user_file(f.filename)]
+    return describe_frame(users[-1]) if users else None
+
+
+def _line_updating(targets: list[torch.Tensor], retrace: Any) -> str | None:
+    """Rerun ``retrace`` with a profiler hook; the model line of the first in-place call on a target."""
+    ids = {id(t) for t in targets}
+    found: list[str] = []
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if found or event != "c_call":
+            return
+        owner = getattr(arg, "__self__", None)
+        if id(owner) in ids and str(getattr(arg, "__name__", "")).endswith("_"):
+            for summary in reversed(traceback.extract_stack(frame)):
+                if is_user_file(summary.filename):
+                    found.append(describe_frame(summary))
+                    return
+
+    sys.setprofile(hook)
+    try:
+        retrace()
+    finally:
+        sys.setprofile(None)
+    return found[0] if found else None
+
+
+def complete_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` every parameter and buffer of ``model`` that forward() does not use.
+
+    fx copies only the attributes the graph reads, so an unused buffer would be missing
+    from the placed model's ``state_dict()`` and loading it back into the original with
+    ``strict=True`` would fail. The tensors are shared, not copied, as fx shares the rest.
+    """
+    have = set(gm.state_dict(keep_vars=True))
+    for path, mod in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for key, value in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if value is None or prefix + key in have:
+                continue
+            owner = _ensure_module(gm, path)
+            if key in mod._parameters:
+                owner.register_parameter(key, value)
+            else:
+                owner.register_buffer(key, value, persistent=key not in mod._non_persistent_buffers_set)
+
+
+def _ensure_module(root: nn.Module, path: str) -> nn.Module:
+    current = root
+    for part in path.split(".") if path else []:
+        child = getattr(current, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            current.add_module(part, child)
+        current = child
+    return current

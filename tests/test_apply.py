@@ -605,3 +605,54 @@ def test_hugging_face_gpt2_pipeline_split_applies_with_device_map():
     placement.update({n: "d1" for n, m in modules.items() if m.startswith("lm_head")})
     with pytest.raises(ApplyError, match="one device"):
         apply_placement(cap, placement, real_devices={"d0": "cpu", "d1": "cpu"})
+
+
+# --------------------------------------------------------------------------- state updated in forward()
+
+
+class _EMA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.ema.mul_(0.9).add_(0.1 * y.detach().mean(0))
+        self.calls.add_(1)
+        return self.out(y + self.ema)
+
+
+def _ema_placed():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = _EMA()
+    cap = capture(model, (torch.randn(3, 4),))
+    original = copy.deepcopy(model)
+    # the EMA's updates on one device, its reader and the output layer on another
+    placement = {n: ("b" if n in ("add", "out") else "a") for n in cap.graph.nodes}
+    placed = apply_placement(cap, placement, real_devices={"a": "cpu", "b": "cpu"})
+    return original, placed
+
+
+def test_a_buffer_updated_in_place_is_copied_to_its_readers_after_the_update():
+    _, placed = _ema_placed()
+    order = [n.name for n in placed.graph.nodes]
+    copies = [t for t in transfer_nodes(placed) if t.args[0].name == "ema"]
+    assert copies, "the EMA is read on another device: a transfer is expected"
+    updates = [n.name for n in placed.graph.nodes if n.op == "call_method" and n.target in ("mul_", "add_")]
+    assert all(order.index(t.name) > max(order.index(u) for u in updates) for t in copies)
+
+
+def test_a_placed_model_with_in_place_buffer_updates_matches_the_original_over_steps_and_round_trips():
+    original, placed = _ema_placed()
+    x = torch.randn(3, 4)
+    for _ in range(3):
+        assert torch.equal(placed(x), original(x))
+    assert placed.calls.item() == 3
+    fresh = _EMA()
+    fresh.load_state_dict(placed.state_dict(), strict=True)
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in fresh.state_dict().items())

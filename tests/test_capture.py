@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import subprocess
 import sys
@@ -398,3 +399,104 @@ def test_recurrent_flops_agree_between_fx_and_export():
     assert by_export.nodes["lstm"]["flops"] == by_fx.nodes["lstm"]["flops"] > 0
     assert by_export.nodes["lstm_cell"]["flops"] == by_fx.nodes["cell"]["flops"] > 0
     assert by_export.nodes["gru"]["flops"] == by_fx.nodes["gru"]["flops"] > 0
+
+
+# --------------------------------------------------------------------------- state updated in forward()
+
+
+class _Counting(nn.Module):
+    """An EMA and a call counter updated in place in forward(), and a buffer forward() never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("unused", torch.ones(2))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.ema.mul_(0.9).add_(0.1 * y.detach().mean(0))
+        self.calls.add_(1)
+        return y + self.ema
+
+
+def test_buffers_updated_in_place_in_forward_are_captured_and_the_model_is_left_untouched():
+    model, x = _Counting(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    updates = {(n.target, n.args[0].name) for n in cap.gm.graph.nodes if n.op == "call_method" and n.target.endswith("_")}
+    assert ("mul_", "ema") in updates and ("add_", "calls") in updates
+    assert model.calls.item() == 0 and torch.equal(model.ema, torch.zeros(4))  # tracing ran nothing
+    ref = _Counting()
+    ref.load_state_dict(model.state_dict())
+    for _ in range(3):
+        assert torch.equal(cap.gm(x), ref(x))
+    assert model.calls.item() == 3  # the captured graph shares the model's state, as fx does
+
+
+def test_the_captured_models_state_dict_round_trips_into_the_original():
+    model = _Counting()
+    cap = capture(model, (torch.randn(3, 4),))
+    assert set(cap.gm.state_dict()) == set(model.state_dict())  # `unused` included
+    _Counting().load_state_dict(cap.gm.state_dict(), strict=True)
+
+
+class _ReassignsBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.lin(x) * self.calls
+
+
+class _ListHeldBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.zeros(4))
+        self.held = [self.ema]
+
+    def forward(self, x):
+        self.held[0].mul_(0.5)
+        return self.lin(x) + self.held[0]
+
+
+class _PythonCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.steps = 0
+
+    def forward(self, x):
+        self.steps += 1
+        return self.lin(x)
+
+
+def test_a_reassigned_buffer_is_captured_by_export_not_lost_by_fx():
+    model, x = _ReassignsBuffer(), torch.randn(2, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "self.calls = self.calls + 1" in cap.fx_error
+    assert isinstance(model.calls, torch.Tensor) and model.calls.item() == 0
+    ref = copy.deepcopy(model)
+    for _ in range(3):
+        assert torch.equal(cap.gm(x), ref(x))
+
+
+@pytest.mark.parametrize("model_type, line", [
+    (_ListHeldBuffer, "self.held[0].mul_(0.5)"),
+    (_PythonCounter, None),
+])
+def test_an_update_no_tracer_records_is_refused_naming_it(model_type, line):
+    model = model_type()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CaptureError) as info:
+        capture(model, (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "second step" in message
+    assert ("'ema'" in message and line in message) if line else "'steps'" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert getattr(model, "steps", 0) == 0

@@ -40,3 +40,78 @@ def test_a_changed_model_is_reported_as_different():
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert not report.ok
     assert "DIFFERENT" in report.describe()
+
+
+class _StatefulModel(torch.nn.Module):
+    """An EMA and a step counter updated in place inside forward(), and a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.out = torch.nn.Linear(6, 3)
+        self.register_buffer("ema", torch.zeros(6))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        h = self.norm(self.lin(x))
+        self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        self.calls.add_(1)
+        return self.out(h + self.ema)
+
+
+def _stateful_spec():
+    from graphs.model_file import ModelSpec
+
+    torch.manual_seed(0)
+    return ModelSpec(model=_StatefulModel(), example_inputs=(torch.randn(8, 6),), name="stateful")
+
+
+def test_a_model_that_updates_buffers_in_forward_checks_the_same_over_several_steps():
+    spec = _stateful_spec()
+    cap = capture(spec.model, spec.example_inputs, name="stateful")
+    devices = {"a": "cpu", "b": "cpu"}
+    assignment = {n: ("a" if i % 2 else "b") for i, n in enumerate(cap.graph.nodes)}
+    report = check_placement(spec, cap, assignment, real_devices=devices)
+    assert report.ok, report.describe()
+    assert report.steps == 3 and "over 3 training steps" in report.describe()
+    # ema, calls, and BatchNorm's running_mean, running_var, num_batches_tracked
+    assert report.compared_buffers == 5
+
+
+def test_a_placed_model_that_loses_a_buffer_update_fails_the_check_from_the_second_step():
+    spec = _stateful_spec()
+    cap = capture(spec.model, spec.example_inputs, name="stateful")
+    gm = copy.deepcopy(cap.gm)
+    for node in list(gm.graph.nodes):  # what capture produced before buffers were proxied
+        if node.op == "call_method" and node.target == "add_" and node.args[0].op == "get_attr":
+            gm.graph.erase_node(node)
+    gm.recompile()
+    object.__setattr__(cap, "gm", gm)
+    report = check_placement(spec, cap, {n.name: "cpu" for n in gm.graph.nodes if n.op != "output"})
+    assert not report.ok
+    assert report.first_bad_step == 1  # the counter differs after the first step already
+    assert report.details["buffer:calls"] > report.tolerance
+    assert "DIFFERENT" in report.describe() and "buffer:calls" in report.describe()
+
+
+def test_the_check_leaves_the_users_model_and_random_state_unchanged():
+    spec = _stateful_spec()
+    cap = capture(spec.model, spec.example_inputs, name="stateful")
+    before = {k: v.clone() for k, v in spec.model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert all(torch.equal(before[k], v) for k, v in spec.model.state_dict().items())
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_the_check_pauses_the_garbage_collector_and_restores_it():
+    import gc
+
+    from envs.runtime.check import paused_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("boom")
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -287,6 +287,21 @@ def _effective_devices(
     return dev
 
 
+def _updated_in_place(gm: fx.GraphModule) -> set[str]:
+    """Nodes whose tensor some op updates in place (directly or through an in-place op's result)."""
+    # Two get_attr nodes of one attribute read one tensor.
+    root: dict[str, str] = {n.name: f"attr:{n.target}" for n in gm.graph.nodes if n.op == "get_attr"}
+    targets: set[str] = set()
+    for n in gm.graph.nodes:
+        mutated = [n.args[i] for i in _mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
+        for arg in mutated:
+            targets.add(root.get(arg.name, arg.name))
+        if mutated:
+            # x.mul_(a) returns x itself: its result and x are one tensor.
+            root[n.name] = root.get(mutated[0].name, mutated[0].name)
+    return {n.name for n in gm.graph.nodes if root.get(n.name, n.name) in targets}
+
+
 def apply_placement(
     model: Any,
     placement: Mapping[str, str],
@@ -358,21 +373,26 @@ def apply_placement(
             kwargs["device"] = torch.device(resolve.real(dev[n.name]))  # type: ignore[arg-type]
             n.kwargs = kwargs
 
-    # 3. A transfer on every cut edge, one per (producer, destination device).
+    # 3. A transfer on every cut edge, one per (producer, destination device). A tensor
+    #    that some op updates in place is copied right before each consumer instead: a
+    #    copy made when it was produced would miss the updates between (an EMA buffer
+    #    read after its mul_/add_, an activation read after its relu_).
+    updated = _updated_in_place(gm)
     for producer in list(graph.nodes):
         if producer.op == "output":
             continue
         src_dev = dev[producer.name]
-        transfers: dict[str, fx.Node] = {}
+        transfers: dict[Any, fx.Node] = {}
         for user in list(producer.users):
             dst = dev.get(user.name)
             if dst is None or dst == src_dev or _metadata_only(user, producer):
                 continue
-            t = transfers.get(dst)
+            late = producer.name in updated
+            t = transfers.get(user if late else dst)
             if t is None:
                 real = resolve.real(dst)
                 anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
-                with graph.inserting_after(anchor):
+                with graph.inserting_before(user) if late else graph.inserting_after(anchor):
                     t = graph.call_function(
                         to_device,
                         (producer, real),
@@ -381,7 +401,7 @@ def apply_placement(
                 t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
                 t.meta["placer_transfer"] = (src_dev, dst)
                 dev[t.name] = dst
-                transfers[dst] = t
+                transfers[user if late else dst] = t
             user.replace_input_with(producer, t)
 
     graph.lint()
