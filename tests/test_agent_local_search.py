@@ -8,7 +8,7 @@ import pytest
 from envs.sim.simulator import simulate_batch
 from placer.search.local_search import LocalSearch, LocalSearchError, apply_moves, neighbourhood
 from placer.search.tracker import BestTracker, StopSearch
-from tests.agent_fixtures import chain_problem, heuristics_miss_problem
+from tests.helpers.agents import chain_problem, heuristics_miss_problem
 
 
 def _evaluate(problem):

@@ -12,7 +12,7 @@ from envs.gym.vector_env import BatchedPlacementVecEnv
 from placer.search.agents.hierarchical.policy import HierarchicalPlacementPolicy, PolicySpaceError
 from placer.search.agents.hierarchical.ppo import PPOConfig, make_ppo
 from placer.search.agents.imitation import behaviour_clone
-from tests.agent_fixtures import chain_problem, diamond_problem
+from tests.helpers.agents import chain_problem, diamond_problem
 
 
 @pytest.fixture(autouse=True)

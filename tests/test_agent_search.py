@@ -11,7 +11,7 @@ from envs.sim.simulator import simulate_batch
 from placer.options import OptionError
 from placer.search.search import AGENTS, SearchError, load_policy, search
 from placer.search.tracker import SearchProgress
-from tests.agent_fixtures import chain_problem, heuristics_miss_problem
+from tests.helpers.agents import chain_problem, heuristics_miss_problem
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_search_beats_the_best_heuristic_where_it_is_suboptimal(agent):
 
 @pytest.mark.parametrize("mode, improves", [("hybrid", True), ("measured", False)])
 def test_local_search_runs_by_default_where_the_simulator_scores_placements(problem, mode, improves):
-    from tests.test_envs_rewards import FakeMeasurer
+    from tests.helpers.measurers import FakeMeasurer
 
     env_kwargs = {"reward_mode": mode, "measurer": FakeMeasurer(problem, slowdown=(1.0, 2.0))}
     res = search(problem, agent="reinforce", budget=128, seed=0, num_envs=16, env_kwargs=env_kwargs)
@@ -228,7 +228,7 @@ def test_a_recalibrated_reward_rescores_the_incumbent_so_later_placements_compar
 
 
 def test_hybrid_search_keeps_its_best_on_the_recalibrated_scale(problem):
-    from tests.test_envs_rewards import FakeMeasurer
+    from tests.helpers.measurers import FakeMeasurer
 
     env_kwargs = {"reward_mode": "hybrid", "measurer": FakeMeasurer(problem, slowdown=(1.0, 3.0)),
                   "measure_every": 32, "measure_top_k": 2}

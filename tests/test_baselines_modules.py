@@ -16,13 +16,7 @@ from placer.search.baselines import run_baseline
 from placer.search.baselines.module_split import balanced_budgets, infer_device_map, mean_layer_size
 from placer.search.baselines.modules import common_path, op_path
 
-
-@pytest.fixture(autouse=True)
-def _numpy_simulator(monkeypatch):
-    """Small graphs: the numpy simulator path avoids numba's JIT warm-up."""
-    import envs.sim.simulator
-
-    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
+pytestmark = pytest.mark.usefixtures("numpy_simulator")
 
 
 def _mlp() -> nn.Module:

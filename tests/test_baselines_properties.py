@@ -11,15 +11,9 @@ from hypothesis import strategies as st
 from envs.sim.simulator import simulate_batch
 from placer.search.baselines import BASELINES, run_baseline
 from placer.search.baselines.common import device_memory, node_memory
-from tests.test_baselines import MB, make_problem
+from tests.helpers.arrays import MB, make_problem
 
-
-@pytest.fixture(autouse=True)
-def _numpy_simulator(monkeypatch):
-    """Tiny problems: the numpy simulator path avoids numba's JIT warm-up."""
-    import envs.sim.simulator
-
-    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
+pytestmark = pytest.mark.usefixtures("numpy_simulator")
 
 
 @st.composite

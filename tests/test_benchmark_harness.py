@@ -21,15 +21,9 @@ from placer.benchmark import (
     tighten,
 )
 from placer.search.baselines.common import node_memory
-from tests.test_baselines import MB, diamond_problem, graph_for
+from tests.helpers.arrays import MB, diamond_problem, graph_for
 
-
-@pytest.fixture(autouse=True)
-def _numpy_simulator(monkeypatch):
-    """Tiny problems: the numpy simulator path avoids numba's JIT warm-up (~10 s per process)."""
-    import envs.sim.simulator
-
-    monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
+pytestmark = pytest.mark.usefixtures("numpy_simulator")
 
 
 def _case(**kw) -> BenchCase:

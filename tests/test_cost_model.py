@@ -11,7 +11,7 @@ from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import DEFAULT_ROOFLINE, CostModel, Roofline, calibrate, profiled_times, roofline_times
 from envs.sim.problem import PlacementError, compile_problem, topological_order
 from graphs.errors import GraphError
-from tests.simulator_fixtures import layered_graph
+from tests.helpers.graphs import layered_graph
 
 K40 = Device("g", "K40", 12 * 2**30, 4.29e12, 288e9)
 

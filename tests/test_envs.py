@@ -16,8 +16,7 @@ from envs.gym.config import EnvConfigError, default_num_groups
 from envs.gym.features import DEVICE_FEATURES, node_feature_names
 from envs.gym.placement_env import PlacementEnv
 from envs.sim.problem import PlacementError
-from envs.sim.simulator import simulate_batch
-from tests.envs_fixtures import random_problem, tight_problem
+from tests.helpers.problems import expected_rewards, random_problem, tight_problem
 
 PROBLEMS = {
     "chain12x3": lambda: random_problem(n=12, d=3, seed=0),
@@ -32,16 +31,6 @@ def _quiet_checks(env):
         warnings.simplefilter("ignore")  # SB3 recommends flat observations; ours are graph tensors by design
         gym_check_env(env, skip_render_check=True)
         sb3_check_env(env, warn=False)
-
-
-def expected_rewards(problem, rows, penalty):
-    """Rewards recomputed from simulate_batch alone: -sqrt(t / t_ref), t_ref the best fitting single device."""
-    d = problem.num_devices
-    singles = simulate_batch(problem, np.repeat(np.arange(d)[:, None], problem.num_nodes, axis=1))
-    fitting = np.flatnonzero(singles.fits)
-    t_ref = singles.step_time[fitting].min() if fitting.size else singles.step_time.min()
-    res = simulate_batch(problem, rows)
-    return np.where(res.fits, np.maximum(-np.sqrt(res.step_time / t_ref), penalty + 0.5), penalty), res
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))

@@ -18,7 +18,7 @@ from envs.gym.features import (
     padded_edges,
     topological_depth,
 )
-from tests.envs_fixtures import random_problem
+from tests.helpers.problems import random_problem
 
 
 @settings(max_examples=20, deadline=None)

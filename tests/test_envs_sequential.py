@@ -14,8 +14,7 @@ from envs.gym.features import node_memory
 from envs.gym.sequential_env import EpisodeOverError, SequentialPlacementEnv
 from envs.sim.problem import PlacementError
 from envs.sim.simulator import simulate_batch
-from tests.envs_fixtures import random_problem, tight_problem
-from tests.test_envs import expected_rewards
+from tests.helpers.problems import expected_rewards, random_problem, tight_problem
 
 
 def run_episode(env, policy, seed=None):

@@ -11,7 +11,7 @@ from envs.gym.config import EnvConfigError
 from envs.gym.placement_env import PlacementEnv
 from envs.gym.registration import make_vec_env
 from envs.gym.vector_env import BatchedPlacementVecEnv
-from tests.envs_fixtures import random_problem, tight_problem
+from tests.helpers.problems import random_problem, tight_problem
 
 
 @pytest.mark.parametrize("hierarchical", [True, False])

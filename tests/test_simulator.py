@@ -20,7 +20,7 @@ from envs.sim.lower_bound import critical_path_bound, lower_bound, work_bound
 from envs.sim.problem import PlacementError, compile_problem
 from envs.sim.reference_simulator import simulate_reference
 from envs.sim.simulator import HAS_NUMBA, schedule, simulate, simulate_batch
-from tests.simulator_fixtures import layered_graph, random_cluster, random_dag
+from tests.helpers.graphs import layered_graph, random_cluster, random_dag
 
 BACKENDS = ["numpy", "python"] + (["numba"] if HAS_NUMBA else [])
 
@@ -265,7 +265,7 @@ import glob, numpy as np, numba
 from envs.hardware.loading import load_cluster
 from envs.sim.problem import compile_problem
 from envs.sim.simulator import SERIAL_BELOW, simulate_batch
-from tests.simulator_fixtures import layered_graph
+from tests.helpers.graphs import layered_graph
 
 def ticks():
     out = {}

@@ -1,10 +1,11 @@
-"""Hand-made placement problems for the environment tests (no torch, no capture)."""
+"""Hand-made placement problems for the environment tests (no torch, no capture), and the rewards they should get."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
 
 
 def random_problem(n: int = 12, d: int = 3, seed: int = 0, extra_edges: int = 6,
@@ -58,3 +59,13 @@ def tight_problem(seed: int = 1) -> PlacementProblem:
     p = random_problem(n=10, d=3, seed=seed)
     need = float((p.param_bytes * 2 + p.act_bytes).sum())
     return random_problem(n=10, d=3, seed=seed, capacity=need * 0.6, name="tight")
+
+
+def expected_rewards(problem, rows, penalty):
+    """Rewards recomputed from simulate_batch alone: -sqrt(t / t_ref), t_ref the best fitting single device."""
+    d = problem.num_devices
+    singles = simulate_batch(problem, np.repeat(np.arange(d)[:, None], problem.num_nodes, axis=1))
+    fitting = np.flatnonzero(singles.fits)
+    t_ref = singles.step_time[fitting].min() if fitting.size else singles.step_time.min()
+    res = simulate_batch(problem, rows)
+    return np.where(res.fits, np.maximum(-np.sqrt(res.step_time / t_ref), penalty + 0.5), penalty), res
