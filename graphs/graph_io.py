@@ -14,6 +14,7 @@ from typing import Any
 
 import networkx as nx
 
+from graphs.atomic_write import atomic_path, write_text_atomic
 from graphs.errors import GraphError
 
 TIME_DICTS = ("fwd_time", "bwd_time", "time")
@@ -40,9 +41,10 @@ def save_graph(graph: nx.DiGraph, path: str | Path) -> Path:
         file.parent.mkdir(parents=True, exist_ok=True)
     if fmt == ".json":
         data = nx.node_link_data(graph, edges="edges")
-        file.write_text(json.dumps(data, indent=1, default=_json_default))
+        write_text_atomic(file, json.dumps(data, indent=1, default=_json_default))
     else:
-        nx.write_graphml(flatten_for_graphml(graph), file)
+        with atomic_path(file) as tmp:
+            nx.write_graphml(flatten_for_graphml(graph), tmp)
     return file
 
 

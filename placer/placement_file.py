@@ -28,6 +28,7 @@ from typing import Any
 import networkx as nx
 
 from envs.runtime.apply import placement_device_map
+from graphs.atomic_write import write_text_atomic
 from graphs.errors import PlacerError
 
 __all__ = [
@@ -105,10 +106,7 @@ def save_placement(placement: Placement, path: str | os.PathLike) -> Path:
         text = json.dumps(placement.to_dict(), indent=2, allow_nan=False, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise PlacementFileError(f"placement metadata cannot be written as JSON: {exc}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text + "\n")
     return path
 
 
@@ -252,6 +250,5 @@ def save_device_map(
             "so it cannot be written as a device_map; use the placement file instead"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(device_map, indent=2) + "\n")
     return path

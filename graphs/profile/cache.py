@@ -18,12 +18,13 @@ import json
 import os
 import platform
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from graphs.atomic_write import write_text_atomic
 
 SCHEMA = 2
 
@@ -118,16 +119,7 @@ class ProfileCache:
               times: dict[str, NodeTimes], meta: dict[str, Any] | None = None) -> Path:
         """Write the profile atomically (a concurrent reader sees the old file or the new one)."""
         file = self.path(fingerprint, inputs, kind, name)
-        file.parent.mkdir(parents=True, exist_ok=True)
         payload = {"schema": SCHEMA, "fingerprint": fingerprint, "inputs": inputs, "device_kind": kind,
                    "device_name": name, "torch": torch.__version__,
                    "meta": dict(meta or {}), "nodes": {n: [f, b, o] for n, (f, b, o) in times.items()}}
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return file
+        return write_text_atomic(file, json.dumps(payload))

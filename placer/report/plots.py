@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -16,6 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
+
+from envs.hardware.units import format_bytes  # noqa: E402
+from graphs.atomic_write import atomic_path  # noqa: E402
 
 GIB = 2**30
 
@@ -60,31 +64,56 @@ def plot_placed_graph(
     ax.set_title(title or f"placement of {graph.number_of_nodes()} nodes (colour = device)")
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def plot_memory(
     devices: Sequence[str], peak_memory: Sequence[float], capacity: Sequence[float], path: str | Path, title: str = ""
 ) -> Path:
-    """Bar chart of peak memory per device against its capacity (GiB)."""
+    """Peak memory per device as a share of its capacity, each bar labelled with the absolute figures.
+
+    Bars are per cent of each device's own capacity, so 129 MiB on a 130 GiB device
+    reads as 0.1 % next to its label rather than as an invisible bar on a 130 GiB axis,
+    and devices of different sizes compare at a glance. A bar over 100 % (red) does not fit.
+    """
     path = Path(path)
-    peak = np.asarray(peak_memory, dtype=float) / GIB
-    cap = np.asarray(capacity, dtype=float) / GIB
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(devices)), 3.5))
-    x = np.arange(len(devices))
-    colours = ["tab:red" if p > c else "tab:blue" for p, c in zip(peak, cap)]
-    ax.bar(x, peak, color=colours, label="peak memory")
-    ax.scatter(x, cap, marker="_", s=600, color="black", label="capacity")
-    ax.set_xticks(x, devices, rotation=30, ha="right")
-    ax.set_ylabel("GiB")
+    peak = np.asarray(peak_memory, dtype=float)
+    cap = np.asarray(capacity, dtype=float)
+    share = np.where(cap > 0, 100.0 * peak / np.where(cap > 0, cap, 1.0), np.inf)
+    top = float(np.nanmax(np.where(np.isfinite(share), share, 0.0), initial=0.0))
+    limit = max(100.0, top) * 1.45  # room to the right of the bars for their labels
+    fig, ax = plt.subplots(figsize=(8, max(2.2, 0.55 * len(devices) + 1.2)))
+    y = np.arange(len(devices))
+    colours = ["tab:red" if s > 100 else "tab:blue" for s in share]
+    ax.barh(y, np.minimum(np.nan_to_num(share, posinf=limit), limit), color=colours, height=0.6)
+    ax.axvline(100.0, color="black", lw=1, ls="--")
+    ax.text(100.0, -0.6, " capacity", fontsize=8, va="bottom")
+    for i, (p, c, s) in enumerate(zip(peak, cap, share)):
+        label = f"{format_bytes(p)} of {format_bytes(c)}"
+        if not np.isfinite(s):  # no capacity at all: the bar fills the axis, the label sits inside
+            ax.text(limit * 0.01, i, f"{label} (no capacity)", va="center", fontsize=8, color="white")
+            continue
+        pct = f"{s:.1f} %" if s >= 0.1 else "< 0.1 %"
+        ax.text(min(s, limit) + limit * 0.01, i, f"{label} ({pct})", va="center", fontsize=8)
+    ax.set_yticks(y, devices)
+    ax.set_xlim(0, limit)
+    ax.set_xlabel("peak memory, % of the device's capacity")
     ax.set_title(title or "peak memory per device")
-    ax.legend(fontsize=8)
+    ax.set_ylim(len(devices) - 0.5, -0.9)  # first device on top, room for the capacity label
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the figure atomically (a unique temporary file renamed over ``path``) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def plot_search_curves(
@@ -111,6 +140,5 @@ def plot_search_curves(
     ax_n.legend(fontsize=8)
     fig.suptitle(title or "search progress")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path

@@ -28,6 +28,7 @@ from envs.hardware.units import format_bytes
 from envs.runtime.check import CheckReport
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
+from graphs.atomic_write import write_text_atomic
 from graphs.pipeline import Prepared
 from placer.placement_file import Placement, save_placement, to_device_map
 from placer.report.compare import Candidate, markdown_table
@@ -64,7 +65,7 @@ def _write_device_map(result: "OptimizeResult", out_dir: Path) -> Path | None:
         if path.exists():
             path.unlink()  # a stale map from an earlier run would describe another placement
         return None
-    path.write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(device_map, indent=2) + "\n")
     return path
 
 
@@ -220,10 +221,10 @@ def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
     if result.measurement is None:
         return
     doc = result.measurement.to_dict(result.problem)
-    (out_dir / "measurements.json").write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "measurements.json", json.dumps(doc, indent=2, default=float) + "\n")
     if doc["calibration"] is not None:
         cal = {**doc["calibration"], "rounds": doc["rounds"], "holdout": doc["holdout"]}
-        path.write_text(json.dumps(cal, indent=2, default=float) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(cal, indent=2, default=float) + "\n")
     elif path.exists():
         path.unlink()  # a stale calibration from an earlier run would describe other measurements
 
@@ -234,10 +235,10 @@ def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     save_placement(result.placement, out_dir / "placement.json")
     device_map = _write_device_map(result, out_dir)
     write_measurements(result, out_dir)
-    result.table.to_csv(out_dir / "comparison.csv", index=False)
+    write_text_atomic(out_dir / "comparison.csv", result.table.to_csv(index=False))
     pictures = write_pictures(result, out_dir)
     report = out_dir / "report.md"
-    report.write_text(render_report(result, pictures, device_map) + "\n", encoding="utf-8")
+    write_text_atomic(report, render_report(result, pictures, device_map) + "\n")
     return report
 
 
