@@ -1,0 +1,288 @@
+"""Rank simulator (envs.sim.ranks) vs measured multi-process steps, per small zoo model.
+
+For each model: capture, profile on the CPU and group it; draw placements over the rank
+devices (both single-rank placements, the baselines' placements, contiguous layer splits
+of the group order, random group placements); measure each one's real training step with
+``DistributedMeasurer`` (one worker process per device, warm-up then the median of the
+timed steps; ``--passes 2`` measures every placement twice in fresh jobs); simulate the
+same placements with :func:`envs.sim.ranks.simulate_ranks`; fit :class:`RankCosts` on half
+of the placements (per model, and once over every model's fit half) and report Spearman
+and MAPE on the held-out half and on all. Everything measured is written to ``--out``
+(JSON) so ``--analyse`` can redo the simulation and the fits without measuring again::
+
+    python benchmarks/agreement_ranks.py --models rnnlm nmt gpt2 moe resnet50 inception_v3 \\
+        --devices cpu:0,cpu:1 --placements 24 --passes 2 --out benchmarks/results/agreement_ranks.json
+    python benchmarks/agreement_ranks.py --analyse benchmarks/results/agreement_ranks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_SPEARMAN = 0.9
+TARGET_MAPE = 0.15
+BASELINES = ("m_etf", "m_sct", "heft", "mincut", "pipeline_dp", "balanced", "sequential", "round_robin",
+             "critical_path", "expert", "m_topo")
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _leaves(captured: Any) -> dict[str, int]:
+    """Tensors per node value: the runtime sends one message per tensor leaf."""
+    from graphs.placement_graph import tensor_outputs
+
+    return {n.name: max(1, len(tensor_outputs(n))) for n in captured.gm.graph.nodes if n.op != "output"}
+
+
+def _placements(prep: Any, cluster: Any, count: int, seed: int) -> list[tuple[str, dict[str, str]]]:
+    """(label, op-level placement) rows: single ranks, baselines, layer splits, random group rows."""
+    devs = cluster.device_names
+    groups = list(prep.grouping.graph.nodes)
+    rows: list[tuple[str, dict[str, str]]] = []
+    seen: set[tuple] = set()
+
+    def add(label: str, group_row: dict[str, str]) -> None:
+        op = prep.grouping.expand(group_row)
+        key = tuple(sorted(op.items()))
+        if key not in seen:
+            seen.add(key)
+            rows.append((label, op))
+
+    for d in devs:
+        add(f"single:{d}", {g: d for g in groups})
+    try:
+        from envs.sim.problem import compile_problem
+        from placer.search.baselines import run_baseline
+
+        problem = compile_problem(prep.grouping.graph, cluster)
+        for name in BASELINES:
+            try:
+                res = run_baseline(name, problem, prep.grouping.graph, seed=seed, captured=prep.captured,
+                                   op_to_group=prep.grouping.op_to_group)
+            except Exception as exc:  # noqa: BLE001 - a baseline broken by in-flight work is reported, not fatal
+                print(f"  baseline {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+                continue
+            if res.placement is not None:
+                add(f"baseline:{name}", problem.array_to_placement(res.placement))
+    except Exception as exc:  # noqa: BLE001
+        print(f"  baselines unavailable ({type(exc).__name__}: {exc})", flush=True)
+    # Contiguous splits of the group order: the first part on one rank, the rest on the other.
+    for frac in (0.25, 0.5, 0.75):
+        k = max(1, min(len(groups) - 1, round(frac * len(groups))))
+        for a, b in ((devs[0], devs[1]), (devs[1], devs[0])):
+            add(f"split:{frac}:{a}", {g: (a if i < k else b) for i, g in enumerate(groups)})
+    rng = np.random.default_rng(seed)
+    tries = 0
+    while len(rows) < count and tries < 20 * count:
+        tries += 1
+        p_one = rng.uniform(0.2, 0.8)  # from lopsided to even splits
+        add("random", {g: devs[int(rng.random() < p_one)] for g in groups})
+    return rows
+
+
+def measure_model(name: str, size: str, devices: str, links: dict, count: int, seed: int, warmup: int,
+                  repeats: int, passes: int, timeout_s: float) -> dict[str, Any]:
+    """Prepare, draw placements and measure them ``passes`` times; the record holds everything."""
+    from envs.runtime.distributed.measure import DistributedMeasurer
+    from envs.runtime.distributed.rank_cluster import rank_cluster
+    from graphs.pipeline import prepare
+
+    start = time.perf_counter()
+    prep = prepare(f"zoo:{name}", {"size": size}, profile=True, devices=["cpu"])
+    cluster = rank_cluster(devices, links=links)
+    rows = _placements(prep, cluster, count, seed)
+    record: dict[str, Any] = {"model": name, "size": size, "ops": prep.captured.graph.number_of_nodes(),
+                              "groups": prep.grouping.graph.number_of_nodes(),
+                              "labels": [lbl for lbl, _ in rows], "placements": [p for _, p in rows],
+                              "passes": []}
+    for k in range(passes):
+        load_before = _load()
+        m = DistributedMeasurer(f"zoo:{name}", {"size": size}, devices, warmup=warmup, repeats=repeats,
+                                timeout_s=timeout_s, spec=prep.spec, fingerprint=prep.captured.fingerprint,
+                                captured=prep.captured)
+        t0 = time.perf_counter()
+        pls = [p for _, p in rows]
+        # The measurer's API is being reworked (measure_many -> measure(list)); accept either.
+        many = getattr(m, "measure_many", None)
+        res = many(pls) if many is not None else m.measure(pls)
+        details = list(m.details.values())
+        record["passes"].append({
+            "load_before": load_before, "load_after": _load(), "seconds": round(time.perf_counter() - t0, 1),
+            "started_utc": time.strftime("%H:%M:%S", time.gmtime()),
+            "median_s": [r.step_time if r.valid else None for r in res],
+            "times_s": [list(r.times) for r in res],
+            "reasons": [r.reason for r in res],
+            "details": details if len(details) == len(res) else [],
+        })
+        print(f"  {name} pass {k + 1}: {len(rows)} placements in {record['passes'][-1]['seconds']} s, "
+              f"load {load_before} -> {record['passes'][-1]['load_after']}", flush=True)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _measured(record: dict[str, Any]) -> np.ndarray:
+    """Per placement: the median over passes of each pass's median step (inf when any pass failed)."""
+    cols = []
+    for p in record["passes"]:
+        cols.append([float("inf") if v is None else float(v) for v in p["median_s"]])
+    return np.array([statistics.median(c) for c in zip(*cols)])
+
+
+def analyse(results: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Simulate every recorded placement, fit per model and over all models, and score."""
+    from envs.hardware.cluster import Device, Link, make_cluster
+    from envs.sim.calibration import agreement
+    from envs.sim.ranks import RankCosts, fit_rank_costs, simulate_ranks_batch
+    from graphs.pipeline import prepare
+
+    devs = results["devices"].split(",")
+    links = [Link(a, b, lat, bw) for (a, b), (lat, bw) in
+             ((tuple(k.split("->")), v) for k, v in results["links"].items())]
+    cluster = make_cluster([Device(d, "cpu", 8 * 2**30, 1e11, 1e10, real_device="cpu") for d in devs], links,
+                           name="ranks", simulated=False)
+    cases = []
+    for rec in results["models"]:
+        prep = prepare(f"zoo:{rec['model']}", {"size": rec["size"]}, profile=True, devices=["cpu"])
+        leaves = _leaves(prep.captured)
+        meas = _measured(rec)
+        order = np.random.default_rng(seed).permutation(len(meas))
+        half = len(meas) // 2
+        cases.append((rec, prep.captured.graph, leaves, meas, order[:half], order[half:]))
+
+    out: dict[str, Any] = {"per_model": {}, "global": {}}
+    # One set of constants for every model: fitted on every model's fit half together.
+    pooled_graphs = [(g, [rec["placements"][i] for i in fit], meas[fit], leaves)
+                     for rec, g, leaves, meas, fit, _ in cases]
+    global_costs = _fit_pooled(pooled_graphs, cluster)
+    out["global_costs"] = global_costs.to_dict()
+    for rec, g, leaves, meas, fit, held in cases:
+        pls = rec["placements"]
+        raw = simulate_ranks_batch(g, pls, cluster, RankCosts(), leaves=leaves)
+        own = fit_rank_costs(g, [pls[i] for i in fit], meas[fit], cluster, leaves=leaves)
+        cal = simulate_ranks_batch(g, pls, cluster, own, leaves=leaves)
+        glob = simulate_ranks_batch(g, pls, cluster, global_costs, leaves=leaves)
+        entry = {
+            "raw_all": agreement(raw, meas),
+            "fit_per_model": own.to_dict(),
+            "per_model_held_out": agreement(cal[held], meas[held]),
+            "per_model_all": agreement(cal, meas),
+            "global_held_out": agreement(glob[held], meas[held]),
+            "global_all": agreement(glob, meas),
+            "simulated_raw_s": raw.tolist(), "simulated_fit_s": cal.tolist(), "simulated_global_s": glob.tolist(),
+            "measured_s": meas.tolist(), "held_out": sorted(int(i) for i in held),
+        }
+        if len(rec["passes"]) >= 2:
+            a = [float("inf") if v is None else v for v in rec["passes"][0]["median_s"]]
+            b = [float("inf") if v is None else v for v in rec["passes"][1]["median_s"]]
+            entry["pass1_vs_pass2"] = agreement(np.array(a), np.array(b))
+        out["per_model"][rec["model"]] = entry
+    return out
+
+
+def _fit_pooled(cases: list[tuple[Any, list, np.ndarray, dict]], cluster: Any) -> Any:
+    """One RankCosts for several models: least squares over all their fit placements."""
+    from dataclasses import fields, replace
+
+    from scipy.optimize import least_squares
+
+    from envs.sim.ranks import RankCosts, simulate_ranks_batch
+
+    base = RankCosts()
+    names = [f.name for f in fields(RankCosts) if f.name != "handoff_s"]
+    x0 = np.array([getattr(base, n) for n in names])
+
+    def costs_of(z: np.ndarray) -> RankCosts:
+        return replace(base, **{n: float(v) for n, v in zip(names, x0 * np.exp(z))})
+
+    def residuals(z: np.ndarray) -> np.ndarray:
+        k = costs_of(z)
+        parts = [np.log(simulate_ranks_batch(g, pls, cluster, k, leaves=lv)) - np.log(m)
+                 for g, pls, m, lv in cases]
+        return np.concatenate(parts + [0.1 * z])
+
+    return costs_of(least_squares(residuals, np.zeros(len(names)), bounds=(-6, 6), diff_step=1e-3, max_nfev=300).x)
+
+
+def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
+    """The markdown summary table."""
+    lines = ["| model | ops | placements | raw Spearman | raw MAPE | per-model fit: held-out Spearman | held-out MAPE | "
+             "global fit: held-out Spearman | held-out MAPE | pass 1 vs 2 Spearman | pass 1 vs 2 MAPE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rec in results["models"]:
+        e = analysis["per_model"][rec["model"]]
+        pp = e.get("pass1_vs_pass2", {})
+        lines.append(
+            f"| {rec['model']} | {rec['ops']} | {len(rec['placements'])} | {e['raw_all']['spearman']:.2f} | "
+            f"{e['raw_all']['mape']:.1%} | {e['per_model_held_out']['spearman']:.2f} | "
+            f"{e['per_model_held_out']['mape']:.1%} | {e['global_held_out']['spearman']:.2f} | "
+            f"{e['global_held_out']['mape']:.1%} | {pp.get('spearman', float('nan')):.2f} | "
+            f"{pp.get('mape', float('nan')):.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["rnnlm", "nmt", "gpt2", "moe", "resnet50", "inception_v3"])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--devices", default="cpu:0,cpu:1")
+    parser.add_argument("--placements", type=int, default=24)
+    parser.add_argument("--passes", type=int, default=2, help="measure every placement this many times (fresh jobs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--out", help="JSON file for the measurements and the analysis")
+    parser.add_argument("--analyse", help="redo the analysis of a JSON file written by an earlier run")
+    args = parser.parse_args(argv)
+    if not args.out and not args.analyse:
+        parser.error("give --out (measure) or --analyse FILE")
+
+    if args.analyse:
+        path = Path(args.analyse)
+        results = json.loads(path.read_text())
+    else:
+        import torch
+
+        from envs.runtime.distributed.launcher import measure_links
+
+        load0 = _load()
+        links = measure_links(args.devices)
+        results = {
+            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "what": "step times MEASURED through the multi-process runtime (DistributedMeasurer) vs SIMULATED "
+                    "by envs.sim.ranks, before and after fitting RankCosts",
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_at_start": load0,
+            "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+            "devices": args.devices, "links": {f"{a}->{b}": list(v) for (a, b), v in links.items()},
+            "warmup": args.warmup, "repeats": args.repeats, "models": [],
+        }
+        print(f"links: {results['links']} (load {load0})", flush=True)
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            results["models"].append(measure_model(name, args.size, args.devices, links, args.placements, args.seed,
+                                                   args.warmup, args.repeats, args.passes, args.timeout))
+            path.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a crash
+    analysis = analyse(results, args.seed + 1)
+    results["analysis"] = analysis
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results, analysis))
+    print("global constants:", {k: f"{v:.3g}" for k, v in analysis["global_costs"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,663 @@
+"""Simulating a placement over processes (ranks: ``--devices cpu:0,cpu:1``), op by op.
+
+One process per device, each with one host thread that runs its share of the training
+step exactly as :class:`envs.runtime.distributed.runtime.RankStep` (called by
+``envs/runtime/distributed/worker.py``, ``measure`` task) runs it. Rules, each with its
+source (file:function of our runtime, gloo or torch) or the measurement behind it:
+
+**R1 Stages.** Each rank's ops run as the stages :func:`envs.sim.stages.cut_stages` cuts
+(the very function ``envs/runtime/split.py:stage_assignment`` calls). A stage is one
+``GraphModule`` call: its outputs exist only when the call returns
+(``runtime.py:RankStep.step``: ``outs = stage.module(*args)``), so every value it sends
+leaves at the stage's end. Values and their receivers are :func:`rank_plan`, the same
+``Transfer`` list ``split.py:split_by_rank`` builds (one per (value, reading rank),
+``dst_stage`` = the first stage there that reads it, sorted by producer stage, output
+position, reading rank).
+
+**R2 Host thread.** A CPU rank runs every op on its one host thread (``torch.set_num_threads``
+= 1 in ``worker.py:run_rank``), one after another in program order. An op costs its
+profiled CPU time (``fwd_time``/``bwd_time``/``opt_time``, in-situ ticks that already hold
+the per-node Python and dispatcher time, ``graphs/profile/in_situ.py``) times
+``RankCosts.op_scale``; a stage call adds ``stage_fwd_s`` (GraphModule call, pytree of
+inputs/outputs), a backward call ``stage_bwd_s`` (``torch.autograd.backward`` set-up; the
+engine runs CPU nodes on the calling thread, ``engine.cpp:execute_with_graph_task``).
+
+**R3 Receives are posted up front.** At the start of the forward the rank posts every
+receive of the pass (``RankStep._post_receives``: one ``irecv`` per tensor leaf, in the
+order the peers send), ``recv_s`` each; a stage first waits for the messages it reads
+(``recv_at[stage]``, in order), then runs. Gradient receives are posted the same way
+when the rank's backward starts (``RankStep._post_grad_receives``).
+
+**R4 Per-peer FIFO send queues in the receiver's order.** ``runtime.py:_Outbox`` keeps one
+queue per peer, sorted as the receiver consumes (forward: ``(dst_stage, transfer
+index)``; backward: ``(-src_stage, transfer index)``), and issues ``isend`` for the head of a
+queue as soon as it is ready, so a ready message waits behind an earlier, unready one to
+the same peer. An ``isend`` costs the sender ``send_s`` (detach, ``contiguous``, gloo op).
+A value read by a later stage of the same rank is handed over locally (``_handoff``,
+``handoff_s``).
+
+**R5 Gloo tcp rendezvous, one connection per pair.** ``gloo/transport/tcp/pair.cc``:
+``Pair::send`` writes the payload at once only "if there is a remote pending receive",
+else it waits for the peer's ``NOTIFY_RECV_READY`` (which ``Pair::recv`` sends when the
+receive is posted); ``sendAsyncMode`` queues a write behind "an earlier operation [that]
+hasn't finished transmitting" (FIFO per direction). So the payload of message m from a to
+b starts at ``max(issued, posted_at_b + lat, previous payload a->b done)``, occupies the
+connection ``bytes/bw`` and lands ``lat`` later; the sender's ``wait()`` on it returns when
+its payload is written (``UnboundBuffer::waitSend``). ``lat``/``bw`` are the cluster's link
+(ping-pong between two gloo workers, ``worker.py:_ping_pong``).
+
+**R6 Loss and backward.** The output rank receives the output values, computes the loss
+and runs ``loss.backward()`` (``loss_s`` in all: the loss is outside the profiled graph),
+then sends back the gradients of the values it received for the output. Before its
+backward every rank waits for its forward sends (``outbox.wait()``). Then stages run in
+reverse: a stage waits for the gradients of all its outputs (local ones are already
+there; remote ones in ``(value, transfer)`` order), calls ``torch.autograd.backward`` once
+(if any output needs a gradient: ``stage_bwd_s`` + its ops' ``bwd_time``), then sends the
+gradients of the values it first read back to their producers (``RankStep._send_back``).
+The rank waits for its gradient sends (``grad_outbox.wait()``).
+
+**R7 Optimizer and step.** Each rank steps its own parameters (``worker.py``:
+``optimizer.step()`` over its stages' parameters): its ops' ``opt_time`` plus the
+profiled per-step ``optimizer_fixed`` if it holds parameters; every rank adds ``step_s``
+(``zero_grad``, the outboxes, the two barriers that bracket a timed step). A timed step
+lasts until the slowest rank is done (the closing ``dist.barrier()``; the measurer takes
+the slowest rank's time, ``distributed/measure.py``): **step = max over ranks**.
+
+Limits (documented, not modelled): a GPU rank is costed like a CPU one with its profiled
+times on the host thread (no asynchronous stream, no host staging copy); gloo's own I/O
+thread and other processes competing for the cores are not modelled (the fitted
+constants absorb their average); every value is one message per tensor leaf
+(``leaves``, default 1) of ``out_bytes`` split evenly.
+
+API: :func:`rank_plan` (stages and transfers of a placement), :func:`simulate_ranks`
+(the readable event-driven reference, op-level trace), :func:`simulate_ranks_batch`
+(many placements, same rules, no trace), :class:`RankCosts` (constants) and
+:func:`fit_rank_costs` (calibration from measured steps).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import networkx as nx
+import numpy as np
+
+from envs.hardware.cluster import Cluster
+from envs.sim.stages import cut_stages
+from graphs.errors import PlacerError
+
+__all__ = [
+    "RankSimError",
+    "RankCosts",
+    "RankTransfer",
+    "RankStage",
+    "RankPlan",
+    "RankEvent",
+    "RankMessage",
+    "RankSchedule",
+    "rank_plan",
+    "simulate_ranks",
+    "simulate_ranks_batch",
+    "fit_rank_costs",
+]
+
+
+class RankSimError(PlacerError, ValueError):
+    """Bad input to the rank simulator (unknown device, unplaced node, bad constant)."""
+
+
+@dataclass(frozen=True)
+class RankCosts:
+    """The runtime's constants (seconds; ``op_scale`` a factor). Defaults: fitted on this
+    machine (2-core VM, torch 2.13 CPU, gloo on loopback), see benchmarks/results/agreement_ranks.md."""
+
+    op_scale: float = 1.0
+    stage_fwd_s: float = 30e-6
+    stage_bwd_s: float = 60e-6
+    send_s: float = 15e-6
+    recv_s: float = 10e-6
+    handoff_s: float = 3e-6
+    loss_s: float = 150e-6
+    step_s: float = 300e-6
+    #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
+    #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
+    #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
+    latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name == "latency_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise RankSimError(f"RankCosts.{f.name} must be a finite number >= 0, got {v!r}")
+
+    def to_dict(self) -> dict[str, float | None]:
+        """The constants by name."""
+        return {f.name: None if getattr(self, f.name) is None else float(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class RankTransfer:
+    """A value crossing ranks (as ``envs.runtime.split.Transfer``; local hand-overs included)."""
+
+    value: str
+    src_stage: int
+    src_rank: int
+    dst_rank: int
+    dst_stage: int
+
+
+@dataclass(frozen=True)
+class RankStage:
+    """One stage: ``rank`` runs ``nodes`` in one call; ``outputs`` are the values other stages read."""
+
+    index: int
+    rank: int
+    nodes: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The stages and transfers of a placement over ranks (what ``split_by_rank`` builds)."""
+
+    stages: tuple[RankStage, ...]
+    transfers: tuple[RankTransfer, ...]
+    output_rank: int
+    world_size: int
+
+    def stages_of(self, rank: int) -> list[RankStage]:
+        """``rank``'s stages in schedule order."""
+        return [s for s in self.stages if s.rank == rank]
+
+
+def _compute_nodes(graph: nx.DiGraph) -> tuple[list[str], str | None]:
+    order, out = [], None
+    for n, d in graph.nodes(data=True):
+        op = d.get("op")
+        if op == "output":
+            out = n
+        elif op != "placeholder":
+            order.append(n)
+    return order, out
+
+
+def _real_inputs(graph: nx.DiGraph, n: str) -> list[str]:
+    return [a for a in graph.predecessors(n) if graph.nodes[a].get("op") != "placeholder"]
+
+
+def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
+              output_rank: int | None = None) -> RankPlan:
+    """Stages and transfers of ``graph`` placed by ``ranks`` (``{node: rank}``), as the runtime cuts them.
+
+    Mirrors ``envs/runtime/split.py:split_by_rank`` on the placement graph (same node
+    names, order and inputs as the fx graph): every compute node must be placed; the
+    output is gathered on ``output_rank`` (default: the output node's rank, else 0).
+
+    Raises:
+        RankSimError: an unplaced compute node or a rank outside ``[0, world_size)``.
+    """
+    order, out = _compute_nodes(graph)
+    missing = [n for n in order if n not in ranks]
+    if missing:
+        raise RankSimError(f"{len(missing)} compute node(s) have no rank, e.g. {missing[:3]}; "
+                           "expected every non-placeholder node of the graph placed")
+    for n in order:
+        r = ranks[n]
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < world_size:
+            raise RankSimError(f"node {n!r} is placed on rank {r!r}; expected an integer in [0, {world_size})")
+    if output_rank is None:
+        output_rank = int(ranks[out]) if out is not None and out in ranks else 0
+    rank = {n: int(ranks[n]) for n in order}
+    inputs = {n: _real_inputs(graph, n) for n in order}
+    out_inputs = _real_inputs(graph, out) if out is not None else []
+    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank)
+    num = max(stage_of.values(), default=-1) + 1
+    members: list[list[str]] = [[] for _ in range(num)]
+    for n in order:
+        members[stage_of[n]].append(n)
+    # split.py: first consumer stage per (value, reading rank); the output node is stage `num`.
+    first_use: dict[tuple[str, int], int] = {}
+    needed: set[str] = set()
+    readers = [(n, stage_of[n], rank[n], inputs[n]) for n in order] + [(out, num, output_rank, out_inputs)]
+    for _, s, r, ins in readers:
+        for a in ins:
+            if stage_of[a] == s:
+                continue
+            key = (a, r)
+            first_use[key] = min(first_use.get(key, s), s)
+            needed.add(a)
+    stages = tuple(RankStage(i, rank[m[0]], tuple(m), tuple(x for x in m if x in needed))
+                   for i, m in enumerate(members))
+    pos = {v: (stage_of[v], stages[stage_of[v]].outputs.index(v)) for v in needed}
+    transfers = sorted((RankTransfer(v, stage_of[v], rank[v], r, s) for (v, r), s in first_use.items()),
+                       key=lambda t: (pos[t.value], t.dst_rank))
+    return RankPlan(stages, tuple(transfers), int(output_rank), int(world_size))
+
+
+@dataclass
+class RankEvent:
+    """One interval on a rank's host thread: an op's forward/backward/update, or an overhead."""
+
+    rank: int
+    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "loss", "step"
+    name: str
+    start: float
+    end: float
+
+
+@dataclass
+class RankMessage:
+    """One message (a tensor leaf of a value, or of its gradient) between two ranks."""
+
+    value: str
+    src: int
+    dst: int
+    grad: bool
+    nbytes: float
+    posted: float = math.nan
+    issued: float = math.nan
+    start: float = math.nan
+    arrival: float = math.nan
+
+
+@dataclass
+class RankSchedule:
+    """Result of :func:`simulate_ranks`."""
+
+    step_time: float
+    rank_end: list[float]
+    busy: list[float]  # seconds each rank's thread computes or pays overheads (not waiting)
+    plan: RankPlan
+    events: list[RankEvent] = field(default_factory=list)
+    messages: list[RankMessage] = field(default_factory=list)
+
+    def event(self, name: str, kind: str = "fwd") -> RankEvent:
+        """The first event of ``kind`` named ``name`` (an op's forward by default)."""
+        for e in self.events:
+            if e.name == name and e.kind == kind:
+                return e
+        raise KeyError(f"no {kind} event named {name!r}")
+
+
+@dataclass(frozen=True)
+class _OpCost:
+    fwd: float
+    bwd: float
+    opt: float
+    out_bytes: float
+    grad: bool
+    leaves: int
+
+
+def _op_costs(graph: nx.DiGraph, kinds: Sequence[str], leaves: Mapping[str, int] | None) -> dict[str, list[_OpCost]]:
+    """Per node, per rank: profiled times of the rank's device kind (0 when the kind was not profiled)."""
+    out: dict[str, list[_OpCost]] = {}
+    for n, d in graph.nodes(data=True):
+        k = 1 if leaves is None else max(1, int(leaves.get(n, 1)))
+        out[n] = [_OpCost(float(d.get("fwd_time", {}).get(kind, 0.0)), float(d.get("bwd_time", {}).get(kind, 0.0)),
+                          float(d.get("opt_time", {}).get(kind, 0.0)), float(d.get("out_bytes", 0)),
+                          bool(d.get("requires_grad", False)), k) for kind in kinds]
+    return out
+
+
+def _optimizer_fixed(graph: nx.DiGraph, kind: str) -> float:
+    info = graph.graph.get("profile_info", {}).get(kind, {})
+    return float(info.get("optimizer_fixed", 0.0) or 0.0)
+
+
+def _links(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
+    names = cluster.device_names
+    n = len(names)
+    lat, bw = np.zeros((n, n)), np.full((n, n), np.inf)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                link = cluster.link(a, b)
+                lat[i, j], bw[i, j] = link.latency_s, link.bandwidth_Bps
+    return lat, bw
+
+
+def _ranks_of(placement: Mapping[str, str | int], cluster: Cluster) -> dict[str, int]:
+    names = cluster.device_names
+    index = {d: i for i, d in enumerate(names)}
+    out = {}
+    for n, d in placement.items():
+        if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+            if not 0 <= d < len(names):
+                raise RankSimError(f"node {n!r} is placed on device index {d}; the cluster has {len(names)} devices")
+            out[n] = int(d)
+        elif d in index:
+            out[n] = index[d]
+        else:
+            raise RankSimError(f"node {n!r} is placed on {d!r}, which is not one of the ranks {names}")
+    return out
+
+
+# --------------------------------------------------------------------------- the programs
+
+
+@dataclass
+class _Instr:
+    op: str  # "work" | "post" | "put" | "wait" | "sent"
+    kind: str = ""
+    name: str = ""
+    dt: float = 0.0
+    msgs: tuple[int, ...] = ()
+
+
+@dataclass
+class _Program:
+    instrs: list[_Instr]
+    queues: list[list[int]]  # the outbox's per-peer queues (forward, then backward), message ids
+
+
+def _build(graph: nx.DiGraph, plan: RankPlan, costs: RankCosts, cost: Mapping[str, list[_OpCost]],
+           opt_fixed: Sequence[float]) -> tuple[list[_Program], list[RankMessage], dict[tuple[int, int], list[int]]]:
+    """Each rank's instruction list, every message, and each connection's FIFO order (R1-R7)."""
+    W, num = plan.world_size, len(plan.stages)
+    idx = {t: i for i, t in enumerate(plan.transfers)}
+    by_value: dict[str, list[RankTransfer]] = {}
+    for t in plan.transfers:
+        by_value.setdefault(t.value, []).append(t)
+    remote = [t for t in plan.transfers if t.src_rank != t.dst_rank]
+    fwd_order = sorted(remote, key=lambda t: (t.dst_stage, idx[t]))  # RankStep.fwd_order / recv_at
+    bwd_order = sorted(remote, key=lambda t: (-t.src_stage, idx[t]))  # RankStep.bwd_order / grad_recv_at
+    messages: list[RankMessage] = []
+    fmsg: dict[RankTransfer, tuple[int, ...]] = {}
+    gmsg: dict[RankTransfer, tuple[int, ...]] = {}
+    for t in remote:
+        c = cost[t.value][t.src_rank]
+        per = c.out_bytes / c.leaves
+        fmsg[t] = tuple(range(len(messages), len(messages) + c.leaves))
+        messages.extend(RankMessage(t.value, t.src_rank, t.dst_rank, False, per) for _ in range(c.leaves))
+        g = c.leaves if c.grad else 0
+        gmsg[t] = tuple(range(len(messages), len(messages) + g))
+        messages.extend(RankMessage(t.value, t.dst_rank, t.src_rank, True, per) for _ in range(g))
+    # One connection per ordered pair (R5): a rank issues all its forward sends before its
+    # backward starts (outbox.wait()), so a connection carries the forward queue, then the backward one.
+    channel: dict[tuple[int, int], list[int]] = {}
+    for t in fwd_order:
+        channel.setdefault((t.src_rank, t.dst_rank), []).extend(fmsg[t])
+    for t in bwd_order:
+        channel.setdefault((t.dst_rank, t.src_rank), []).extend(gmsg[t])
+
+    programs: list[_Program] = []
+    for r in range(W):
+        code: list[_Instr] = []
+        mine = plan.stages_of(r)
+        recv_at: dict[int, list[RankTransfer]] = {}
+        for t in fwd_order:
+            if t.dst_rank == r:
+                recv_at.setdefault(t.dst_stage, []).append(t)
+        queues = [[m for t in fwd_order if t.src_rank == r and t.dst_rank == peer for m in fmsg[t]]
+                  for peer in range(W) if peer != r]
+        queues += [[m for t in bwd_order if t.dst_rank == r and t.src_rank == peer for m in gmsg[t]]
+                   for peer in range(W) if peer != r]
+        fwd_sends = tuple(m for t in fwd_order if t.src_rank == r for m in fmsg[t])
+        bwd_sends = tuple(m for t in bwd_order if t.dst_rank == r for m in gmsg[t])
+
+        # R3: every forward receive is posted before the first stage runs.
+        for s in sorted(recv_at):
+            for t in recv_at[s]:
+                for m in fmsg[t]:
+                    code.append(_Instr("work", "recv", t.value, costs.recv_s))
+                    code.append(_Instr("post", msgs=(m,)))
+        # R1/R2/R4: per stage, wait for its inputs, run its ops, queue its outputs.
+        for st in mine:
+            for t in recv_at.get(st.index, []):
+                code.append(_Instr("wait", "wait", t.value, msgs=fmsg[t]))
+            code.append(_Instr("work", "stage", f"stage{st.index}", costs.stage_fwd_s))
+            code.extend(_Instr("work", "fwd", n, cost[n][r].fwd * costs.op_scale) for n in st.nodes)
+            for v in st.outputs:
+                for t in by_value.get(v, []):
+                    if t.dst_rank == r:
+                        code.append(_Instr("work", "handoff", v, costs.handoff_s))
+                    else:
+                        code.append(_Instr("put", "send", v, msgs=fmsg[t]))
+        # R6: the output rank gathers the output and computes the loss (and its backward).
+        out_recv = recv_at.get(num, []) if r == plan.output_rank else []
+        for t in out_recv:
+            code.append(_Instr("wait", "wait", t.value, msgs=fmsg[t]))
+        if r == plan.output_rank:
+            code.append(_Instr("work", "loss", "loss", costs.loss_s))
+        code.append(_Instr("sent", "wait", "forward sends", msgs=fwd_sends))
+        for st in reversed(mine):  # RankStep._post_grad_receives
+            for v in st.outputs:
+                for t in by_value.get(v, []):
+                    for m in gmsg.get(t, ()):
+                        code.append(_Instr("work", "recv", v, costs.recv_s))
+                        code.append(_Instr("post", msgs=(m,)))
+        for t in out_recv:  # RankStep._send_back(out_stage)
+            if gmsg[t]:
+                code.append(_Instr("put", "send", t.value, msgs=gmsg[t]))
+        for st in reversed(mine):
+            roots = False
+            for v in st.outputs:
+                if not cost[v][r].grad:
+                    continue  # nothing needs its gradient: no consumer sends one
+                roots = True
+                for t in by_value.get(v, []):
+                    if t.dst_rank != r and gmsg[t]:
+                        code.append(_Instr("wait", "wait", v, msgs=gmsg[t]))
+            if roots:
+                code.append(_Instr("work", "stage", f"stage{st.index}", costs.stage_bwd_s))
+                code.extend(_Instr("work", "bwd", n, cost[n][r].bwd * costs.op_scale) for n in reversed(st.nodes))
+            for t in recv_at.get(st.index, []):
+                if gmsg[t]:
+                    code.append(_Instr("put", "send", t.value, msgs=gmsg[t]))
+        code.append(_Instr("sent", "wait", "gradient sends", msgs=bwd_sends))
+        # R7: the rank's own optimizer, then the step's fixed costs.
+        owners = [n for st in mine for n in st.nodes
+                  if cost[n][r].opt > 0 or graph.nodes[n].get("param_bytes", 0) > 0]
+        code.extend(_Instr("work", "opt", n, cost[n][r].opt * costs.op_scale) for n in owners)
+        if owners:
+            code.append(_Instr("work", "opt", "optimizer_fixed", opt_fixed[r]))
+        code.append(_Instr("work", "step", "step", costs.step_s))
+        programs.append(_Program(code, queues))
+    return programs, messages, channel
+
+
+def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tuple[int, int], list[int]],
+         lat: np.ndarray, bw: np.ndarray, send_s: float, trace: bool) -> tuple[list[float], list[float], list[RankEvent]]:
+    """The event loop: ranks advance in time order; a rank blocks on a message until it is resolved."""
+    W = len(programs)
+    clock = [0.0] * W
+    busy = [0.0] * W
+    pc = [0] * W
+    events: list[RankEvent] = []
+    ready: list[set[int]] = [set() for _ in range(W)]
+    head = [[0] * len(p.queues) for p in programs]
+    sent_done = [math.nan] * len(messages)
+    chan_of = {m: k for k, ms in channel.items() for m in ms}
+    chan_next = dict.fromkeys(channel, 0)
+    chan_free = dict.fromkeys(channel, 0.0)
+    waiting: dict[int, list[int]] = {}  # message -> ranks blocked on it
+    heap = [(0.0, r) for r in range(W)]
+    blocked = [False] * W
+
+    def resolve(key: tuple[int, int]) -> None:
+        # R5: payloads leave one after another once issued and their receive is known to the sender.
+        a, b = key
+        order = channel[key]
+        while chan_next[key] < len(order):
+            m = messages[order[chan_next[key]]]
+            if math.isnan(m.issued) or math.isnan(m.posted):
+                return
+            m.start = max(m.issued, m.posted + lat[a, b], chan_free[key])
+            chan_free[key] = m.start + m.nbytes / bw[a, b]
+            sent_done[order[chan_next[key]]] = chan_free[key]
+            m.arrival = chan_free[key] + lat[a, b]
+            for r in waiting.pop(order[chan_next[key]], []):
+                if blocked[r]:
+                    blocked[r] = False
+                    heapq.heappush(heap, (clock[r], r))
+            chan_next[key] += 1
+
+    def work(r: int, kind: str, name: str, dt: float) -> None:
+        if trace:
+            events.append(RankEvent(r, kind, name, clock[r], clock[r] + dt))
+        clock[r] += dt
+        busy[r] += dt
+
+    def block_on(r: int, times: Sequence[float], ids: Sequence[int], kind: str, name: str) -> bool:
+        for m, when in zip(ids, times):
+            if math.isnan(when):
+                waiting.setdefault(m, []).append(r)
+                blocked[r] = True
+                return True
+        until = max(times, default=clock[r])
+        if until > clock[r]:
+            if trace:
+                events.append(RankEvent(r, kind, name, clock[r], until))
+            clock[r] = until
+        return False
+
+    while heap:
+        _, r = heapq.heappop(heap)
+        code = programs[r].instrs
+        if pc[r] >= len(code) or blocked[r]:
+            continue
+        ins = code[pc[r]]
+        if ins.op == "work":
+            work(r, ins.kind, ins.name, ins.dt)
+        elif ins.op == "post":
+            m = ins.msgs[0]
+            messages[m].posted = clock[r]
+            resolve(chan_of[m])
+        elif ins.op == "put":
+            ready[r].update(ins.msgs)
+            for q, queue in enumerate(programs[r].queues):  # runtime.py:_Outbox.flush
+                while head[r][q] < len(queue) and queue[head[r][q]] in ready[r]:
+                    m = queue[head[r][q]]
+                    work(r, "send", messages[m].value, send_s)
+                    messages[m].issued = clock[r]
+                    resolve(chan_of[m])
+                    head[r][q] += 1
+        elif ins.op == "wait":
+            if block_on(r, [messages[m].arrival for m in ins.msgs], ins.msgs, ins.kind, ins.name):
+                continue
+        elif ins.op == "sent":
+            if block_on(r, [sent_done[m] for m in ins.msgs], ins.msgs, ins.kind, ins.name):
+                continue
+        pc[r] += 1
+        if pc[r] < len(code):
+            heapq.heappush(heap, (clock[r], r))
+    stuck = [r for r in range(W) if pc[r] < len(programs[r].instrs)]
+    if stuck:  # pragma: no cover - the stage cut makes the schedule deadlock-free (split.py)
+        raise RankSimError(f"internal error: ranks {stuck} wait for messages that are never sent")
+    return clock, busy, events
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """What does not depend on the placement: op costs per rank, links, the optimizer's fixed cost."""
+
+    graph: nx.DiGraph
+    cost: dict[str, list[_OpCost]]
+    lat: np.ndarray
+    bw: np.ndarray
+    opt_fixed: tuple[float, ...]
+    cluster: Cluster
+
+
+def _compile(graph: nx.DiGraph, cluster: Cluster, leaves: Mapping[str, int] | None) -> _Compiled:
+    if not isinstance(graph, nx.DiGraph):
+        raise RankSimError(f"expected the placement graph (networkx.DiGraph), got {type(graph).__name__}")
+    kinds = [d.kind for d in cluster.devices]
+    lat, bw = _links(cluster)
+    return _Compiled(graph, _op_costs(graph, kinds, leaves), lat, bw,
+                     tuple(_optimizer_fixed(graph, k) for k in kinds), cluster)
+
+
+def _simulate(c: _Compiled, ranks: Mapping[str, int], costs: RankCosts, trace: bool) -> RankSchedule:
+    plan = rank_plan(c.graph, ranks, c.cluster.num_devices)
+    programs, messages, channel = _build(c.graph, plan, costs, c.cost, c.opt_fixed)
+    lat = c.lat if costs.latency_s is None else np.where(c.lat > 0, costs.latency_s, 0.0)
+    clock, busy, events = _run(programs, messages, channel, lat, c.bw, costs.send_s, trace)
+    return RankSchedule(float(max(clock)), [float(x) for x in clock], [float(x) for x in busy], plan, events, messages)
+
+
+def simulate_ranks(graph: nx.DiGraph, placement: Mapping[str, str | int], cluster: Cluster,
+                   costs: RankCosts | None = None, leaves: Mapping[str, int] | None = None) -> RankSchedule:
+    """Simulate one training step of ``placement`` run by one process per device of ``cluster``.
+
+    The readable reference (rules R1-R7 in the module doc): each rank's step is built as
+    the list of what its thread does (post receives, run a stage's ops, issue sends, wait),
+    and an event loop advances the ranks in time order, a rank blocking on a message until
+    its payload has landed.
+
+    Args:
+        graph: the op-level placement graph, profiled on the cluster's device kinds.
+        placement: ``{node: device name or index}``; every compute node must be placed
+            (the output node's entry, if any, names the rank that computes the loss).
+        cluster: the rank cluster (``rank_cluster("cpu:0,cpu:1")``): devices in rank order
+            and the measured links between them.
+        costs: the runtime's constants (default :class:`RankCosts`).
+        leaves: tensors per value (a value of k tensors is k messages); default 1 each.
+
+    Returns:
+        the :class:`RankSchedule` with the step time (slowest rank), each rank's end and
+        busy time, the plan, every host-thread interval and every message.
+
+    Raises:
+        RankSimError: a node on an unknown device, an unplaced node, bad constants.
+    """
+    return _simulate(_compile(graph, cluster, leaves), _ranks_of(placement, cluster),
+                     costs or RankCosts(), trace=True)
+
+
+def simulate_ranks_batch(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | int]], cluster: Cluster,
+                         costs: RankCosts | None = None, leaves: Mapping[str, int] | None = None) -> np.ndarray:
+    """Step times of many placements (same rules as :func:`simulate_ranks`, compiled once, no trace)."""
+    c = _compile(graph, cluster, leaves)
+    k = costs or RankCosts()
+    return np.array([_simulate(c, _ranks_of(p, cluster), k, trace=False).step_time for p in placements])
+
+
+def fit_rank_costs(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | int]], measured: Sequence[float],
+                   cluster: Cluster, start: RankCosts | None = None, leaves: Mapping[str, int] | None = None,
+                   fixed: Sequence[str] = ("handoff_s",)) -> RankCosts:
+    """The :class:`RankCosts` that best reproduce measured steps of ``placements`` (log least squares).
+
+    Minimises ``sum (log simulated - log measured)^2`` plus a weak prior pulling each
+    constant towards ``start`` (so a constant the placements cannot tell apart, e.g.
+    ``stage_bwd_s`` when every placement has one stage, stays at its prior).
+    ``fixed`` names constants left at ``start``.
+
+    Raises:
+        RankSimError: fewer than 2 finite measurements, or lengths that differ.
+    """
+    from scipy.optimize import least_squares
+
+    meas = np.asarray(measured, dtype=np.float64)
+    if len(placements) != meas.size:
+        raise RankSimError(f"got {len(placements)} placements and {meas.size} measured times; expected one each")
+    ok = np.isfinite(meas) & (meas > 0)
+    if ok.sum() < 2:
+        raise RankSimError(f"calibration needs at least 2 finite measured steps, got {int(ok.sum())}")
+    c = _compile(graph, cluster, leaves)
+    rows = [_ranks_of(p, cluster) for p, good in zip(placements, ok) if good]
+    target = np.log(meas[ok])
+    base = start or RankCosts()
+    if base.latency_s is None and "latency_s" not in fixed:
+        # Start from the cluster's smallest link latency (the quietest ping-pong), at most 200 us.
+        base = replace(base, latency_s=float(min(200e-6, np.min(c.lat[c.lat > 0], initial=200e-6))))
+    names = [f.name for f in fields(RankCosts) if f.name not in fixed and getattr(base, f.name) is not None]
+    x0 = np.array([max(getattr(base, n), 1e-7) for n in names])
+    prior_w = 0.1
+
+    def costs_of(z: np.ndarray) -> RankCosts:
+        return replace(base, **{n: float(v) for n, v in zip(names, x0 * np.exp(z))})
+
+    def residuals(z: np.ndarray) -> np.ndarray:
+        k = costs_of(z)
+        sim = np.array([_simulate(c, r, k, trace=False).step_time for r in rows])
+        return np.concatenate([np.log(sim) - target, prior_w * z])
+
+    z = least_squares(residuals, np.zeros(len(names)), bounds=(-6.0, 6.0), diff_step=1e-3, max_nfev=400).x
+    return costs_of(z)

@@ -1,0 +1,183 @@
+"""The rank simulator (envs.sim.ranks): the runtime's rules on small graphs, and its plan against split.py."""
+
+from __future__ import annotations
+
+import random
+
+import networkx as nx
+import pytest
+
+from envs.hardware.cluster import Device, Link, make_cluster
+from envs.sim.ranks import RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
+
+LAT, BW = 100e-6, 1e9
+ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
+                 loss_s=0.0, step_s=0.0)
+
+
+def ranks_cluster(n: int = 2, lat: float = LAT, bw: float = BW):
+    devs = [Device(f"cpu:{i}", "cpu", 2**33, 1e11, 1e10, real_device="cpu") for i in range(n)]
+    links = [Link(f"cpu:{i}", f"cpu:{j}", lat, bw) for i in range(n) for j in range(i + 1, n)]
+    return make_cluster(devs, links, name="ranks", simulated=False)
+
+
+def op(g: nx.DiGraph, name: str, ins=(), fwd=1e-3, bwd=2e-3, opt=0.0, out_bytes=1000, grad=True, params=0):
+    g.add_node(name, op="call_module", fwd_time={"cpu": fwd}, bwd_time={"cpu": bwd}, opt_time={"cpu": opt},
+               out_bytes=out_bytes, requires_grad=grad, param_bytes=params)
+    for a in ins:
+        g.add_edge(a, name, bytes=g.nodes[a]["out_bytes"])
+
+
+def graph_with_io(build) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.add_node("x", op="placeholder", out_bytes=100, requires_grad=False)
+    last = build(g)
+    g.add_node("output", op="output", out_bytes=0, requires_grad=False)
+    g.add_edge(last, "output", bytes=g.nodes[last]["out_bytes"])
+    return g
+
+
+def test_two_rank_chain_costs_the_sum_of_its_ops_plus_one_transfer_each_way():
+    g = graph_with_io(lambda g: (op(g, "a", ["x"]), op(g, "b", ["a"]))[-1] or "b")
+    s = simulate_ranks(g, {"a": "cpu:0", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO)
+    transfer = LAT + 1000 / BW
+    assert s.step_time == pytest.approx(1e-3 + transfer + 1e-3 + 2e-3 + transfer + 2e-3, rel=1e-12)
+    assert [m.grad for m in s.messages] == [False, True]
+
+
+def test_a_rank_waiting_for_a_message_starts_when_it_arrives():
+    g = graph_with_io(lambda g: (op(g, "a", ["x"], fwd=5e-3), op(g, "c", ["x"], fwd=1e-3), op(g, "b", ["a", "c"]))[-1]
+                      or "b")
+    s = simulate_ranks(g, {"a": "cpu:0", "c": "cpu:1", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO)
+    [fwd_a] = [m for m in s.messages if m.value == "a" and not m.grad]
+    assert fwd_a.arrival == pytest.approx(5e-3 + LAT + 1000 / BW)
+    assert s.event("b").start == pytest.approx(fwd_a.arrival)
+    assert s.event("c").start == 0.0  # c needs nothing remote: it runs while rank 1 waits for a
+    assert any(e.kind == "wait" and e.rank == 1 and e.end == pytest.approx(fwd_a.arrival) for e in s.events)
+
+
+def test_one_rank_costs_the_sum_of_its_ops_plus_the_fixed_overheads():
+    costs = RankCosts(op_scale=1.3, stage_fwd_s=11e-6, stage_bwd_s=17e-6, send_s=5e-6, recv_s=7e-6,
+                      handoff_s=2e-6, loss_s=40e-6, step_s=90e-6)
+
+    def build(g):
+        op(g, "a", ["x"], fwd=1e-3, bwd=2e-3, opt=0.5e-3, params=64)
+        op(g, "b", ["a"], fwd=3e-3, bwd=1e-3)
+        op(g, "c", ["a", "b"], fwd=2e-3, bwd=4e-3, opt=0.25e-3, params=64)
+        return "c"
+
+    g = graph_with_io(build)
+    g.graph["profile_info"] = {"cpu": {"optimizer_fixed": 30e-6}}
+    s = simulate_ranks(g, dict.fromkeys(("a", "b", "c", "output"), "cpu:1"), ranks_cluster(), costs)
+    ops = (1 + 2 + 0.5 + 3 + 1 + 2 + 4 + 0.25) * 1e-3
+    # The output value is handed over to the loss like any value crossing a stage boundary.
+    expected = (1.3 * ops + costs.stage_fwd_s + costs.stage_bwd_s + costs.handoff_s + costs.loss_s
+                + costs.step_s + 30e-6)
+    assert s.step_time == pytest.approx(expected, rel=1e-12)
+    assert s.rank_end[0] == pytest.approx(costs.step_s)  # the idle rank only pays the step's fixed costs
+    assert not s.messages
+
+
+def lstm_graph(steps: int) -> nx.DiGraph:
+    """Unrolled two-layer recurrent net in layer-major program order, as zoo rnnlm captures it:
+    each cell returns its state, a getitem takes the hidden output the next layer reads."""
+
+    def build(g):
+        for layer, below in ((1, "x"), (2, "h1")):
+            for t in range(steps):
+                prev = [f"c{layer}_{t - 1}"] if t else []
+                src = ["x"] if below == "x" else [f"h1_{t}"]
+                op(g, f"c{layer}_{t}", src + prev, fwd=1e-3, bwd=2e-3, out_bytes=8192)
+                op(g, f"h{layer}_{t}", [f"c{layer}_{t}"], fwd=0.0, bwd=0.0, out_bytes=4096)
+        op(g, "head", [f"h2_{t}" for t in range(steps)], fwd=0.0, bwd=0.0)
+        return "head"
+
+    return graph_with_io(build)
+
+
+def test_layer_split_lstm_runs_as_a_wavefront_well_under_the_serial_sum():
+    steps = 10
+    g = lstm_graph(steps)
+    place = {n: ("cpu:0" if n[1] == "1" else "cpu:1") for n in g.nodes if n != "x"}
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
+    serial = simulate_ranks(g, dict.fromkeys(place, "cpu:0"), ranks_cluster(), ZERO).step_time
+    assert serial == pytest.approx(steps * 2 * 3e-3)
+    assert len(s.plan.stages) == 2 * steps  # one stage per cell: the runtime's cut
+    assert s.event("c2_0").start < s.event(f"c1_{steps - 1}").end  # layer 2 starts before layer 1 ends
+    assert s.event(f"c1_{steps - 1}", "bwd").start < s.event("c2_0", "bwd").end  # the backward overlaps too
+    assert s.step_time < 0.6 * serial
+
+
+def test_a_ready_message_waits_behind_an_earlier_unready_one_to_the_same_peer():
+    # Rank 0 computes x, then z, then y; rank 1 reads y first, then x: its receives (and so
+    # rank 0's send queue to it) are in the order y, x, so x leaves only after y exists.
+    def build(g):
+        op(g, "xx", ["x"], fwd=1e-3)
+        op(g, "z", ["x"], fwd=4e-3)
+        op(g, "y", ["z"], fwd=1e-3)
+        op(g, "p", ["y"], fwd=1e-3)
+        op(g, "q", ["p", "xx"], fwd=1e-3)
+        return "q"
+
+    g = graph_with_io(build)
+    place = {"xx": "cpu:0", "z": "cpu:0", "y": "cpu:0", "p": "cpu:1", "q": "cpu:1", "output": "cpu:1"}
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
+    msg = {m.value: m for m in s.messages if not m.grad}
+    assert s.event("xx").end == pytest.approx(1e-3)
+    assert msg["xx"].issued == pytest.approx(s.event("y").end) == pytest.approx(msg["y"].issued)
+    assert msg["xx"].start >= msg["y"].start + 1000 / BW - 1e-15  # FIFO on the connection
+
+
+def test_a_gradient_send_waits_until_the_receiver_posts_its_receive():
+    # gloo rendezvous: rank 1 finishes early and sends a's gradient; rank 0 is still busy in
+    # its forward (a long op after a, whose value nobody reads) and posts its gradient
+    # receives only when its backward starts.
+    def build(g):
+        op(g, "a", ["x"], fwd=1e-3)
+        op(g, "long", ["x"], fwd=20e-3, bwd=0.0)
+        op(g, "b", ["a"], fwd=1e-3, bwd=1e-3)
+        return "b"
+
+    g = graph_with_io(build)
+    place = {"a": "cpu:0", "long": "cpu:0", "b": "cpu:1", "output": "cpu:1"}
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
+    [grad_a] = [m for m in s.messages if m.value == "a" and m.grad]
+    assert grad_a.issued < 20e-3 < grad_a.posted
+    assert grad_a.start == pytest.approx(grad_a.posted + LAT)
+
+
+def test_batch_path_equals_the_reference_and_bad_input_is_refused():
+    g = lstm_graph(4)
+    nodes = [n for n in g.nodes if n != "x"]
+    rng = random.Random(0)
+    rows = [{n: rng.choice(["cpu:0", "cpu:1"]) for n in nodes} for _ in range(20)]
+    costs = RankCosts()
+    batch = simulate_ranks_batch(g, rows, ranks_cluster(), costs)
+    ref = [simulate_ranks(g, r, ranks_cluster(), costs).step_time for r in rows]
+    assert batch.tolist() == ref
+    with pytest.raises(RankSimError, match="not one of the ranks"):
+        simulate_ranks(g, {**rows[0], "c1_0": "cuda:7"}, ranks_cluster(), costs)
+    with pytest.raises(RankSimError, match="have no rank"):
+        simulate_ranks(g, {"c1_0": "cpu:0"}, ranks_cluster(), costs)
+    with pytest.raises(RankSimError, match="must be a finite number"):
+        RankCosts(send_s=-1.0)
+
+
+def test_rank_plan_cuts_the_stages_and_transfers_split_by_rank_runs():
+    from envs.runtime.split import split_by_rank
+    from graphs.pipeline import prepare
+
+    prep = prepare("zoo:rnnlm", {"size": "small"}, profile=False)
+    g, gm = prep.captured.graph, prep.captured.gm
+    groups = list(prep.grouping.graph.nodes)
+    rng = random.Random(1)
+    for _ in range(8):
+        row = prep.grouping.expand({grp: rng.choice(["cpu:0", "cpu:1"]) for grp in groups})
+        ranks = {n: int(d[-1]) for n, d in row.items() if g.nodes[n]["op"] != "placeholder"}
+        theirs = split_by_rank(gm, ranks, 2)
+        mine = rank_plan(g, ranks, 2)
+        assert [(s.index, s.rank, tuple(s.nodes), tuple(s.outputs)) for s in theirs.stages] == \
+            [(s.index, s.rank, s.nodes, s.outputs) for s in mine.stages]
+        assert [(t.value, t.src_stage, t.src_rank, t.dst_rank, t.dst_stage) for t in theirs.transfers] == \
+            [(t.value, t.src_stage, t.src_rank, t.dst_rank, t.dst_stage) for t in mine.transfers]
+        assert theirs.output_rank == mine.output_rank
