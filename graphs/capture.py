@@ -323,7 +323,7 @@ class _StateSnapshot:
         for (path, attr), value in self.scalars.items():
             mod = modules.get(path)
             if mod is not None and vars(mod).get(attr, value) != value:
-                vars(mod)[attr] = value
+                vars(mod)[attr] = value  # type: ignore[index]  # an instance's vars() is its writable __dict__
 
 
 def _slot_name(key: tuple[str, str, str]) -> str:

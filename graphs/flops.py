@@ -34,7 +34,7 @@ ELEMENT_FACTOR = {
     "softmax": 3, "log_softmax": 3, "_softmax": 3, "_log_softmax": 3, "cross_entropy": 4,
     "gelu": 4, "silu": 3, "mish": 5, "softplus": 3, "sigmoid": 2, "tanh": 2,
 }
-_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_NORM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_MODULES = _NORM_MODULES + (nn.RMSNorm,)
 _SDPA_NAMES = frozenset({
@@ -186,12 +186,13 @@ def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
             return conv_flops(first_in, out_shape, w, _arg(node, 2, "bias") is not None, transposed)
     if name == "einsum":
         equation = node.args[0] if node.args else node.kwargs.get("equation")
-        operands = node.args[1:]
+        operands: Sequence[Any] = node.args[1:]
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
             operands = operands[0]
         shapes = [shape_of(o) for o in operands]
-        if isinstance(equation, str) and all(s is not None for s in shapes):
-            return einsum_flops(equation, shapes, out_shape)
+        known = [s for s in shapes if s is not None]
+        if isinstance(equation, str) and len(known) == len(shapes):
+            return einsum_flops(equation, known, out_shape)
     if name in _SDPA_NAMES:
         q, k, v = (shape_of(a) for a in node.args[:3])
         if q is not None and k is not None and v is not None:

@@ -9,6 +9,7 @@ names of the JSON-encoded attributes travel in the file so loading restores them
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def save_graph(graph: nx.DiGraph, path: str | Path) -> Path:
     return file
 
 
-def load_graph(path: str | Path) -> nx.DiGraph:
+def load_graph(path: str | os.PathLike[str]) -> nx.DiGraph:
     """Read a graph written by :func:`save_graph` (or any node-link JSON / GraphML file)."""
     file = Path(path)
     fmt = graph_format(file)

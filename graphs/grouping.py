@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import torch.fx as fx
 
 from graphs.errors import GraphError
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
@@ -117,7 +118,7 @@ def is_inplace(attrs: Mapping[str, Any], inplace_kwarg: bool = False) -> bool:
     return name.endswith("_") and name.strip("_") != ""
 
 
-def _gm_inplace(gm: Any) -> set[str]:
+def _gm_inplace(gm: fx.GraphModule | None) -> set[str]:
     """Names of fx nodes called with ``inplace=True`` or of modules with ``.inplace`` set."""
     found: set[str] = set()
     if gm is None:
@@ -181,7 +182,7 @@ def _check_arguments(graph: Any, max_groups: Any, tiny_op_seconds: Any, device_k
     return str(device_kind)
 
 
-def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind, gm: Any = None) -> None:
+def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind, gm: fx.GraphModule | None = None) -> None:
     """Apply the co-location rules of the module doc to ``uf`` (sets of op indices)."""
     by_module: dict[str, list[int]] = {}
     by_attr: dict[str, list[int]] = {}
@@ -212,7 +213,7 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             uf.union_all(members)
 
 
-def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: Any = None) -> list[list[int]]:
+def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: fx.GraphModule | None = None) -> list[list[int]]:
     """Nodes that hold the same parameter or buffer, each set a list of op indices.
 
     Tied weights (a language-model head reusing the embedding matrix) reach the graph as
@@ -324,7 +325,7 @@ def reduce_groups(dag: GroupDAG, max_groups: int) -> None:
 
 
 def group_graph(graph: nx.DiGraph, max_groups: int | None = None, tiny_op_seconds: float = 20e-6,
-                device_kind: str | None = None, *, gm: Any = None) -> Grouping:
+                device_kind: str | None = None, *, gm: fx.GraphModule | None = None) -> Grouping:
     """Group the ops of a placement graph (see the module doc); returns a :class:`Grouping`.
 
     The group graph has nodes ``g0..gK`` in a topological order, with the members'
@@ -366,7 +367,7 @@ def _topological_names(graph: nx.DiGraph) -> list[str]:
 
 
 def _group(graph: nx.DiGraph, max_groups: int | None, tiny_op_seconds: float, kind: str | None,
-           gm: Any) -> Grouping:
+           gm: fx.GraphModule | None) -> Grouping:
     names = _topological_names(graph)
     index = {name: i for i, name in enumerate(names)}
     n = len(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,9 @@ from typing import Any
 
 from graphs.capture import CapturedModel, capture
 from graphs.errors import ModelFileError
+from graphs.grouping import Grouping, group_graph
 from graphs.model_file import ModelSpec, load_model_file
+from graphs.profile.profiler import profile_graph
 
 ZOO_PREFIX = "zoo:"
 
@@ -21,11 +24,11 @@ class Prepared:
 
     spec: ModelSpec
     captured: CapturedModel
-    grouping: Any  # graphs.grouping.Grouping
+    grouping: Grouping
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def load_source(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
+def load_source(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
     """A ModelSpec from a model-file path, ``"zoo:<name>"``, or a ModelSpec (returned as is)."""
     if isinstance(source, ModelSpec):
         if model_args:
@@ -48,9 +51,9 @@ def load_source(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | 
     )
 
 
-def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None = None,
+def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str, Any] | None = None,
             profile: bool = True, devices: Sequence[str] | None = None,
-            cache_dir: str | Path | None = None, leaf_modules: Iterable[Any] = ()) -> Prepared:
+            cache_dir: str | os.PathLike[str] | None = None, leaf_modules: Iterable[Any] = ()) -> Prepared:
     """Load, capture, (optionally) profile and group a model.
 
     ``profile=False`` leaves the time dicts empty (grouping then merges by structure only).
@@ -67,17 +70,11 @@ def prepare(source: str | Path | ModelSpec, model_args: Mapping[str, Any] | None
     seconds["capture"] = time.perf_counter() - start
 
     if profile:
-        # Imported here: profiling and grouping are separate modules of the graphs layer
-        # and are only needed once a capture exists.
-        from graphs.profile.profiler import profile_graph
-
         start = time.perf_counter()
         profile_graph(captured, spec.example_inputs, devices=devices,
                       cache_dir=None if cache_dir is None else str(cache_dir),
                       optimizer_fn=spec.optimizer_fn)  # node costs include the model's own optimizer step
         seconds["profile"] = time.perf_counter() - start
-
-    from graphs.grouping import group_graph
 
     start = time.perf_counter()
     # The GraphModule lets grouping see in-place arguments and modules the graph does not record.

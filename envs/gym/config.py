@@ -92,6 +92,6 @@ def resolve_num_groups(num_groups: int | None, num_nodes: int, num_devices: int)
 
 def positive_int(label: str, value: object) -> int:
     """``value`` as an int >= 1, or an :class:`EnvConfigError` naming ``label``."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:  # type: ignore[call-overload]
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
         raise EnvConfigError(f"{label} must be a positive integer, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    return int(value)

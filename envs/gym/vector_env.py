@@ -114,7 +114,7 @@ class BatchedPlacementVecEnv(VecEnv):
         step_time, fits, valid = ev.step_time.tolist(), ev.fits.tolist(), ev.valid.tolist()
         placements, peak = ev.placements.copy(), ev.peak_memory.copy()  # rows are per-env views of one copy
         over = ev.over_memory
-        over_any = (over > 0).any(axis=1).tolist()
+        over_any = np.any(over > 0, axis=1).tolist()  # python bools: indexing a list is faster per env
         infos = []
         for b in range(self.num_envs):
             infos.append({

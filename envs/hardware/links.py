@@ -26,6 +26,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from envs.hardware.cluster import Cluster, ClusterSpecError, Device, Link
 
@@ -75,7 +77,7 @@ def _host_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def _device_figures(torch, device: str, repeats: int = 5) -> tuple[float, float]:
+def _device_figures(torch: ModuleType, device: str, repeats: int = 5) -> tuple[float, float]:
     """(peak FLOP/s, memory bandwidth B/s) measured on ``device``."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     n = 512 if device.startswith("cpu") else 4096  # 512: near peak on one core, quick under load
@@ -89,7 +91,7 @@ def _device_figures(torch, device: str, repeats: int = 5) -> tuple[float, float]
     return 2.0 * n**3 / t_mm, 2.0 * LARGE_BYTES / t_copy
 
 
-def _link_figures(torch, src: str, dst: str, repeats: int = 7) -> tuple[float, float]:
+def _link_figures(torch: ModuleType, src: str, dst: str, repeats: int = 7) -> tuple[float, float]:
     """(latency s, bandwidth B/s) of copies from ``src`` to ``dst``."""
 
     def sync() -> None:
@@ -108,7 +110,7 @@ def _link_figures(torch, src: str, dst: str, repeats: int = 7) -> tuple[float, f
     return fit_latency_bandwidth(sizes, times)
 
 
-def _cache_key(torch) -> str:
+def _cache_key(torch: ModuleType) -> str:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     text = json.dumps([CACHE_VERSION, platform.node(), torch.__version__, os.cpu_count(), gpus])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -120,10 +122,12 @@ def _cluster_from_record(record: dict) -> Cluster:
     return Cluster(record["name"], devices, links, simulated=False)
 
 
-def measure_devices_and_links(torch=None) -> dict:
+def measure_devices_and_links(torch: ModuleType | None = None) -> dict[str, Any]:
     """Measure this machine now; returns the JSON-able record :func:`measure_machine` caches."""
     if torch is None:
-        import torch  # noqa: PLW0621 - imported late: only measurement needs it
+        import torch as torch_module  # imported late: only measurement needs it
+
+        torch = torch_module
     flops, bandwidth = _device_figures(torch, "cpu")
     devices = [dict(name="cpu", kind="cpu", memory_bytes=_host_memory_bytes(), peak_flops=flops,
                     mem_bandwidth=bandwidth, real_device="cpu")]

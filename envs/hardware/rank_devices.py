@@ -117,4 +117,6 @@ def is_rank_device_list(names: str | Sequence[str]) -> bool:
 def is_distributed_cluster(cluster: object) -> bool:
     """True for a cluster built by :func:`~envs.runtime.distributed.rank_cluster.rank_cluster` (real, named by rank)."""
     names = getattr(cluster, "device_names", None)
-    return bool(names) and not getattr(cluster, "simulated", True) and is_rank_device_list(list(names))
+    if not names:
+        return False
+    return not getattr(cluster, "simulated", True) and is_rank_device_list(list(names))

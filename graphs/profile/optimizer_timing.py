@@ -43,7 +43,8 @@ import torch.fx as fx
 from graphs.placement_graph import fetch_attr
 from graphs.profile.op_timing import clock_for, inner_loops, median_loop, sync_device, timed_once
 
-OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+# torch.optim optimizers take any tensors (ParamsT); profiling builds them over parameters and scratch tensors.
+OptimizerFn = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
 
 
 def _trainable(t: Any) -> bool:
@@ -60,6 +61,7 @@ def node_parameters(gm: fx.GraphModule) -> dict[str, list[torch.Tensor]]:
     seen: set[int] = set()
     owned: dict[str, list[torch.Tensor]] = {}
     for node in gm.graph.nodes:
+        tensors: list[torch.Tensor]
         if node.op == "call_module":
             tensors = list(gm.get_submodule(str(node.target)).parameters())
         elif node.op == "get_attr":

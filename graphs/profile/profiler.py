@@ -56,6 +56,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.capture import CapturedModel
 from graphs.errors import GraphError
 from graphs.model_file import default_loss, default_optimizer, preserved_buffers
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
@@ -181,7 +182,7 @@ def node_signature(node: fx.Node, module: nn.Module | None, args: tuple, kwargs:
 # --------------------------------------------------------------------------- the pass
 
 
-def _callable_for(node: fx.Node, gm: fx.GraphModule, device: torch.device
+def _callable_for(node: fx.Node, gm: nn.Module, device: torch.device
                   ) -> tuple[Callable[..., Any], list[torch.Tensor]]:
     if node.op == "call_module":
         module = copy.deepcopy(gm.get_submodule(str(node.target))).to(device)
@@ -189,6 +190,8 @@ def _callable_for(node: fx.Node, gm: fx.GraphModule, device: torch.device
     if node.op == "call_method":
         name = str(node.target)
         return (lambda self_, *a, **k: getattr(self_, name)(*a, **k)), []
+    if isinstance(node.target, str):  # fx gives call_function nodes a callable target
+        raise ProfileError(f"node {node.name!r} ({node.op}) has no callable target {node.target!r}")
     return node.target, []
 
 
@@ -257,18 +260,17 @@ class _ProfilingInterpreter(fx.Interpreter):
             return fwd, 2.0 * fwd
 
 
-def _fingerprint(captured: Any) -> str | None:
-    fp = getattr(captured, "fingerprint", None)
-    return fp if fp else captured.graph.graph.get("fingerprint")
+def _fingerprint(captured: CapturedModel) -> str | None:
+    return captured.fingerprint or captured.graph.graph.get("fingerprint")
 
 
-def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequence[str | torch.device] | None = None,
+def profile_graph(captured: CapturedModel, example_inputs: Sequence[Any], devices: Sequence[str | torch.device] | None = None,
                   repeats: int = 5, cache_dir: str | None = None, *, use_cache: bool = True,
                   method: str = "in_situ", optimizer_fn: OptimizerFn | None = None) -> None:
     """Annotate every node of ``captured.graph`` with ``fwd_time``, ``bwd_time``, ``opt_time`` and ``time``.
 
-    ``captured`` is a :class:`graphs.capture.CapturedModel` or anything with ``.gm`` (an fx
-    GraphModule whose node names are the graph's nodes), ``.graph`` and ``.fingerprint``.
+    ``captured`` is a :class:`graphs.capture.CapturedModel`: its ``.gm`` (whose node names are
+    the graph's nodes) is timed, its ``.graph`` annotated, its ``.fingerprint`` keys the cache.
     Times are seconds keyed by device kind (``"cpu"``, ``"cuda"``); ``devices`` defaults to
     cpu plus cuda:0 when present. ``graph.graph["profiled_kinds"]`` lists the kinds with
     times, ``graph.graph["profile_info"]`` says per kind whether it came from the cache and
@@ -320,7 +322,7 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
     todo: list[torch.device] = []
     for dev in devs:
         dname = device_name(dev)
-        loaded = cache.load(fingerprint, key_inputs, dev.type, dname, names) if cache else None
+        loaded = cache.load(fingerprint, key_inputs, dev.type, dname, names) if cache and fingerprint else None
         if loaded is not None:
             results[dev.type], metas[dev.type] = loaded
             infos[dev.type] = ProfileInfo(dev.type, dname, cached=True)
@@ -342,7 +344,7 @@ def profile_graph(captured: Any, example_inputs: Sequence[Any], devices: Sequenc
             metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
                                "optimizer_whole": opt.whole,
                                "autograd_nodes": infos[dev.type].autograd_nodes}
-            if cache:
+            if cache and fingerprint:
                 cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
                             metas[dev.type])
             for failure in infos[dev.type].failures:
@@ -476,8 +478,8 @@ def measure_step_parts(model: nn.Module, example_inputs: Sequence[Any],
             step()
         for _ in range(repeats):
             samples.append(step())
-    phases = [statistics.median(column) for column in zip(*samples)]
-    return StepTimes(*phases, total=statistics.median(sum(row) for row in samples))
+    forward, loss, backward, update = (statistics.median(column) for column in zip(*samples))
+    return StepTimes(forward, loss, backward, update, total=statistics.median(sum(row) for row in samples))
 
 
 def measure_training_step(model: nn.Module, example_inputs: Sequence[Any],

@@ -51,7 +51,7 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
     """
     found = [c for c in candidates if c.row is not None]
     single_rows = np.repeat(np.arange(problem.num_devices)[:, None], problem.num_nodes, axis=1)
-    rows = np.stack([problem.check_array(c.row) for c in found] + list(single_rows))
+    rows = np.stack([problem.check_array(c.row) for c in found if c.row is not None] + list(single_rows))
     sim = simulate_batch(problem, rows)
     single_times = [t for t, ok in zip(sim.step_time[len(found):], sim.fits[len(found):]) if ok]
     best_single = min(single_times) if single_times else float("nan")

@@ -69,7 +69,8 @@ def plot_placed_graph(
 
 
 def plot_memory(
-    devices: Sequence[str], peak_memory: Sequence[float], capacity: Sequence[float], path: str | Path, title: str = ""
+    devices: Sequence[str], peak_memory: Sequence[float] | np.ndarray, capacity: Sequence[float] | np.ndarray,
+    path: str | Path, title: str = ""
 ) -> Path:
     """Peak memory per device as a share of its capacity, each bar labelled with the absolute figures.
 

@@ -85,7 +85,7 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
     try:
         from placer.report.gantt import plot_gantt
     except ImportError:  # the Gantt chart module is optional in a partial install
-        plot_gantt = None
+        plot_gantt = None  # type: ignore[assignment]  # the name is only tested below
     if plot_gantt is not None:
         pictures["schedule"] = Path(plot_gantt(problem, row, out_dir / "schedule.png"))
     histories = {c.method: c.history for c in result.candidates if c.history}
