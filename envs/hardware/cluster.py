@@ -36,7 +36,7 @@ error, so the simulator never meets a pair it cannot cost. Every problem in a sp
 expected.
 
 Device kinds: ``cpu`` (real or virtual CPU), ``cuda`` (a real GPU, costed from profiles),
-and the virtual GPU kinds ``K40``, ``V100``, ``A100``, ``H100`` (costed by the roofline
+and the virtual GPU kinds ``K40``, ``V100``, ``A100``, ``H100``, ``H200`` (costed by the roofline
 model of :mod:`envs.sim.cost_model`). A virtual device may name ``real_device`` (e.g.
 ``"cpu"``): the torch device it stands for when a placement is applied or measured on a
 machine that lacks it.
@@ -58,9 +58,9 @@ from envs.hardware.units import UnitError, parse_bandwidth, parse_bytes, parse_f
 from graphs.errors import PlacerError
 
 #: Kinds a device may have. "cuda" is a real GPU; the others are virtual GPU kinds.
-DEVICE_KINDS: tuple[str, ...] = ("cpu", "cuda", "K40", "V100", "A100", "H100")
+DEVICE_KINDS: tuple[str, ...] = ("cpu", "cuda", "K40", "V100", "A100", "H100", "H200")
 #: Kinds that stand for a GPU (virtual or real).
-GPU_KINDS: frozenset[str] = frozenset({"cuda", "K40", "V100", "A100", "H100"})
+GPU_KINDS: frozenset[str] = frozenset({"cuda", "K40", "V100", "A100", "H100", "H200"})
 
 class ClusterSpecError(PlacerError, ValueError):
     """A cluster spec (file, preset or arguments) that is malformed: the message names the entry."""

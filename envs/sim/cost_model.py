@@ -88,6 +88,9 @@ DEFAULT_ROOFLINE: dict[str, Roofline] = {
     "V100": Roofline(0.7, 6e-6),
     "A100": Roofline(0.7, 5e-6),
     "H100": Roofline(0.7, 4e-6),
+    # Same chip as the H100 (more, faster memory): its constants until benchmarks/gpu_check.py's
+    # measured ones (--to-preset writes them to <preset>.roofline.json) replace them.
+    "H200": Roofline(0.7, 4e-6),
 }
 
 
