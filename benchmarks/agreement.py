@@ -54,7 +54,7 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
               warmup: int, repeats: int, timeout_s: float) -> dict[str, Any]:
     """Measure, simulate and calibrate one zoo model; return its record."""
     from envs.hardware.loading import discover_cluster, load_cluster
-    from envs.runtime.measure import Measurer
+    from envs.runtime.measure import SingleProcessMeasurer
     from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
     from envs.sim.problem import compile_problem
     from envs.sim.simulator import simulate_batch
@@ -70,10 +70,10 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
     simulated = simulate_batch(problem, rows).step_time
 
     measured, reasons, note = [], [], ""
-    with Measurer(f"zoo:{name}", model_args={"size": size}, devices=cluster, warmup=warmup,
+    with SingleProcessMeasurer(f"zoo:{name}", model_args={"size": size}, devices=cluster, warmup=warmup,
                   repeats=repeats, timeout_s=timeout_s) as m:
         for row in rows:
-            r = m.measure(prep.grouping.expand(problem.array_to_placement(row)))
+            [r] = m.measure([prep.grouping.expand(problem.array_to_placement(row))])
             measured.append(r.step_time if r.valid else float("inf"))
             reasons.append(r.reason)
             note = note or r.note

@@ -4,7 +4,7 @@ For each zoo model (small): capture, profile (one thread) and group it; build th
 cluster ``cpu:0,cpu:1`` (links measured by ping-pong between two gloo workers); then
 
 * **1 process, 1 thread** and **1 process, 2 threads**: the whole model on the CPU,
-  measured in an isolated worker (``envs.runtime.measure.Measurer``, warm-up + median);
+  measured in an isolated worker (``envs.runtime.measure.SingleProcessMeasurer``, warm-up + median);
 * **all on cpu:0 (2 workers)**: the single-device placement through the distributed
   runtime (what the runtime itself costs);
 * **best over cpu:0,cpu:1**: the simulator ranks the baselines' placements and random
@@ -119,7 +119,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
               seed: int, rounds: int = 0) -> dict[str, Any]:
     """Measure and simulate one model (see :func:`parse_model` for ``name``); returns its rows."""
     from envs.runtime.distributed.measure import DistributedMeasurer
-    from envs.runtime.measure import Measurer
+    from envs.runtime.measure import SingleProcessMeasurer
     from envs.runtime.split import split_by_rank
     from envs.sim.optimizer_state import optimizer_state_kind
     from envs.sim.problem import compile_problem
@@ -136,8 +136,8 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     sim_single = float(simulate_batch(problem, single_row[None]).step_time[0])
     rows: list[dict[str, Any]] = []
     for threads in (1, 2):
-        with Measurer(source, model_args=args, warmup=warmup, repeats=repeats, num_threads=threads) as m:
-            r = m.measure({n: "cpu" for n in prep.captured.graph.nodes})
+        with SingleProcessMeasurer(source, model_args=args, warmup=warmup, repeats=repeats, num_threads=threads) as m:
+            [r] = m.measure([{n: "cpu" for n in prep.captured.graph.nodes}])
         rows.append({"setup": f"1 process, {threads} thread{'s' if threads > 1 else ''}",
                      "measured": r.step_time if r.valid else None, "reason": r.reason,
                      "fastest": min(r.times) if r.valid else None,
@@ -147,7 +147,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     # like-for-like baseline for the two-worker rows (same process set-up and timing loop).
     one = DistributedMeasurer(source, args, "cpu:0", warmup=warmup, repeats=repeats,
                               fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
-    [r1] = one.measure_many([{n: "cpu:0" for n in prep.captured.graph.nodes}])
+    [r1] = one.measure([{n: "cpu:0" for n in prep.captured.graph.nodes}])
     rows.append({"setup": "1 process, 1 thread (distributed harness, world size 1)",
                  "measured": r1.step_time if r1.valid else None, "fastest": min(r1.times) if r1.valid else None,
                  "simulated": sim_single, "reason": r1.reason, "note": ""})
@@ -166,7 +166,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
             chosen.append((cands[i][0], cands[i][1], float(sim.step_time[i])))
     measurer = DistributedMeasurer(source, args, DEVICES, warmup=warmup, repeats=repeats,
                                    fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
-    results = measurer.measure_many([expand(row) for _, row, _ in chosen])
+    results = measurer.measure([expand(row) for _, row, _ in chosen])
     measured_rows = []
     for (label, row, s), r in zip(chosen, results):
         # Ranks that run at least one stage (a baseline may put only an input or a free op
@@ -201,8 +201,8 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
         for _ in range(rounds):
             for label, m, placement in (("1 worker", one, {n: "cpu:0" for n in prep.captured.graph.nodes}),
                                         (f"{pick['label']}, 2 workers", measurer, best_row)):
-                m._cache.clear()  # a fresh measurement, not the cached one
-                [r] = m.measure_many([placement])
+                m.clear_cache()  # a fresh measurement, not the cached one
+                [r] = m.measure([placement])
                 alternations.append({"setup": label, "measured": r.step_time if r.valid else None,
                                      "fastest": min(r.times) if r.valid else None, "reason": r.reason,
                                      "cpu": m.details.get(r.placement_hash, {}).get("cpu_s"),

@@ -2,7 +2,7 @@
 
 Every method's placement goes through the same simulator (:func:`placer.report.compare.comparison_table`)
 and, with ``measure=True`` on a real cluster, through the same measurement
-(:class:`envs.runtime.measure.Measurer`). The table has one row per (model, cluster, method):
+(:class:`envs.runtime.measure.SingleProcessMeasurer`). The table has one row per (model, cluster, method):
 model, cluster, method, step_time, speedup_vs_single, ratio_to_lower_bound, peak_memory
 (per device, text), fits, search_time, evaluated, source (simulated / measured), note.
 
@@ -38,8 +38,8 @@ import pandas as pd
 
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
-from placer.options import Budget
 from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
+from placer.search.budget import Budget
 
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
 TIGHT_FRACTION = 0.4
@@ -255,14 +255,14 @@ def _measure(case: BenchCase, candidates: list) -> None:
         )
     if case.grouping is None or case.source is None:
         raise BenchmarkError("measuring needs the model source and its grouping (run_benchmark provides them)")
-    from envs.runtime.measure import Measurer
+    from envs.runtime.measure import SingleProcessMeasurer
 
-    with Measurer(case.source, model_args=case.model_args, devices=case.cluster_obj) as m:
+    with SingleProcessMeasurer(case.source, model_args=case.model_args, devices=case.cluster_obj) as m:
         for c in candidates:
             if c.row is None:
                 continue
             ops = case.grouping.expand(case.problem.array_to_placement(c.row))
-            r = m.measure(ops)
+            [r] = m.measure([ops])
             if r.valid:
                 c.measured_step_time = float(r.step_time)
             else:
@@ -323,7 +323,7 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
     ``out_dir`` it writes ``results.csv``, ``results.md``, ``bars_<model>.png`` and
     ``search_<model>_<cluster>.png`` (methods that report a history).
     """
-    from placer.options import parse_budget
+    from placer.search.budget import parse_budget
 
     if budget is not None and not isinstance(budget, Budget):
         budget = parse_budget(budget)

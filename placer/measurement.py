@@ -1,20 +1,25 @@
 """Measuring placements while ``optimize`` runs: the ``measured`` and ``hybrid`` reward modes.
 
 The search places *groups* (``problem.node_names``), the devices run *ops*. A
-:class:`PlacementMeasurer` sits between the two: it is the measurer the reward model calls
-(:mod:`envs.gym.measured_rewards`), expands each group placement to the op placement the
-backend runs — :class:`envs.runtime.measure.Measurer` (one worker process, real devices such as
-``cpu,cuda:0``) or :class:`envs.runtime.distributed.measure.DistributedMeasurer` (one worker per
-rank device, ``cpu:0,cpu:1``) — measures each distinct placement once, and keeps a log of
-every measurement with the simulator's figure beside it.
+:class:`PlacementMeasurer` sits between the two: it is the :class:`envs.runtime.measurer.Measurer`
+the reward model calls (:mod:`envs.gym.measured_rewards`), expands each group placement to
+the op placement the backend measurer runs — :class:`envs.runtime.measure.SingleProcessMeasurer`
+(one worker process, real devices such as ``cpu,cuda:0``) or
+:class:`envs.runtime.distributed.measure.DistributedMeasurer` (one worker per rank device,
+``cpu:0,cpu:1``) — measures each distinct placement once, and keeps the log of every
+measurement with the simulator's figure beside it (the report's, and what optimize looks
+results up in). Every run is bounded by ``--measure-timeout`` and by the run's budget:
+:meth:`PlacementMeasurer.set_deadline` cuts a run that would outlast the search.
 
 * ``measured``: the reward model sends every placement the agent proposes here (new ones
   of a batch in one backend call); a failed run (out of memory, a worker that died or
   hung) comes back invalid with its reason and earns the invalid penalty.
 * ``hybrid``: the simulator scores every placement; :class:`HybridRounds`, the search's
-  progress callback, measures the best simulated candidates at set points of the budget
-  and lets the reward model recalibrate the simulator from all measurements so far
-  (:mod:`envs.sim.calibration`), so the rest of the search runs on the recalibrated simulator.
+  progress callback, owns the :class:`~envs.gym.measured_rewards.HybridReward` the search
+  runs on (``env_kwargs={"reward_mode": rounds.reward_model}``), measures its best simulated
+  candidates at set points of the budget and lets it recalibrate the simulator from all
+  measurements so far (:mod:`envs.sim.calibration`), so the rest of the search runs on the
+  recalibrated simulator.
 
 Either way optimize measures the best candidates once more at the end
 (:func:`confirm_candidates`), and only measured times pick the winner.
@@ -31,14 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from envs.gym.measured_rewards import measure_outcome
-from envs.runtime.measure import MeasureResult
+from envs.gym.measured_rewards import HybridReward, measure_outcome
+from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
-from placer.options import Budget
 from placer.report.compare import Candidate
+from placer.search.budget import Budget
 
 #: Hybrid: measurement rounds during the search (the first right after the seeds are scored).
 #: Starting measuring workers costs seconds (~8 s for two CPU ranks here), timing a
@@ -85,38 +90,47 @@ class MeasuredPlacement:
 
 
 class PlacementMeasurer:
-    """The measurer of group placements a reward model (or optimize) calls.
+    """The :class:`~envs.runtime.measurer.Measurer` of group placements a reward model (or optimize) calls.
 
     Args:
-        backend: measures op placements: ``measure(placement) -> MeasureResult`` and
-            optionally ``measure_many(placements)`` and ``close()``.
+        backend: the measurer of op placements (:class:`~envs.runtime.measurer.Measurer`).
         problem: the group-level problem the placements refer to.
         expand: group placement → op placement (``grouping.expand``).
         description: how the times are measured, for the report.
+
+    Attributes:
+        hybrid: the hybrid reward model whose calibration predicts what is measured next
+            (set by :class:`HybridRounds`, which owns it), or None.
     """
 
-    def __init__(self, backend: Any, problem: PlacementProblem,
+    def __init__(self, backend: Measurer, problem: PlacementProblem,
                  expand: Callable[[dict[str, str]], Mapping[str, str]], description: str = "") -> None:
-        if not callable(getattr(backend, "measure", None)):
-            raise PlacerError(f"a measurer needs a .measure(placement) method; got {type(backend).__name__}")
+        if not isinstance(backend, Measurer):
+            raise PlacerError(
+                "a measurer needs .measure(placements) -> [MeasureResult] and .close() "
+                f"(envs.runtime.measurer.Measurer); got {type(backend).__name__}"
+            )
         self.backend, self.problem, self.expand = backend, problem, expand
         self.description = description
         self.phase = "search"
         self.records: list[MeasuredPlacement] = []
         self.requests = 0
-        self.reward_models: list[Any] = []
+        self.hybrid: HybridReward | None = None
         self._by_key: dict[bytes, MeasuredPlacement] = {}
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """No run may pass ``deadline`` (``time.monotonic()``; None: only the time-out applies)."""
+        if hasattr(self.backend, "deadline"):
+            self.backend.deadline = deadline
+
+    def __enter__(self) -> PlacementMeasurer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -------------------------------------------------------------- the reward model's side
-    def attach(self, reward_model: Any) -> None:
-        """Called by :class:`envs.gym.measured_rewards.MeasuredReward` when it is built on this measurer."""
-        self.reward_models.append(reward_model)
-
-    def measure(self, placement: Mapping[str, str]) -> MeasureResult:
-        """Measure one group placement (``{group: device}``)."""
-        return self.measure_many([placement])[0]
-
-    def measure_many(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
+    def measure(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
         """Measure group placements; new ones in one backend call, repeats from the log."""
         rows = [self.problem.placement_to_array(dict(p)) for p in placements]
         records = self.measure_rows(np.stack(rows)) if rows else []
@@ -149,15 +163,12 @@ class PlacementMeasurer:
         return min(valid, key=lambda m: m.step_time) if valid else None
 
     def calibration(self) -> Calibration | None:
-        """The latest calibration a reward model using this measurer fitted (hybrid), or None."""
-        cals = [getattr(m, "calibration", None) for m in self.reward_models]
-        return next((c for c in reversed(cals) if c is not None), None)
+        """The latest calibration the hybrid reward model fitted, or None."""
+        return self.hybrid.calibration if self.hybrid is not None else None
 
     def close(self) -> None:
         """Stop the backend's worker processes, if it keeps any."""
-        close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
+        self.backend.close()
 
     def _run(self, rows: list[np.ndarray]) -> None:
         batch = np.stack(rows)
@@ -165,9 +176,8 @@ class PlacementMeasurer:
         cal = self.calibration()
         predicted = cal.predict(self.problem, batch) if cal is not None else None
         ops = [dict(self.expand(self.problem.array_to_placement(r))) for r in rows]
-        many = getattr(self.backend, "measure_many", None)
         try:
-            results = list(many(ops)) if callable(many) else [self.backend.measure(p) for p in ops]
+            results = list(self.backend.measure(ops))
             if len(results) != len(ops):
                 raise RuntimeError(f"the measurer returned {len(results)} results for {len(ops)} placements")
         except PlacerError:
@@ -182,20 +192,28 @@ class PlacementMeasurer:
                                     phase=self.phase, simulated=float(simulated[i]),
                                     predicted=None if predicted is None else float(predicted[i]))
             self.records.append(rec)
-            self._by_key[row.tobytes()] = rec
+            if not res.budget_cut:  # cut by the deadline: it may run another time
+                self._by_key[row.tobytes()] = rec
 
 
 def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | None, problem: PlacementProblem,
-                  expand: Callable, fingerprint: str, backend: Any = None) -> PlacementMeasurer:
+                  expand: Callable, fingerprint: str, backend: Measurer | None = None,
+                  timeout_s: float | None = None) -> PlacementMeasurer:
     """The measurer for ``cluster``'s real devices.
 
     Rank devices (``cpu:0,cpu:1``) are measured by worker processes of the distributed
     runtime, other real devices (``cpu,cuda:0``) in one worker process that places ops on
-    them; ``backend`` replaces either (any object measuring op placements).
+    them; ``backend`` replaces either (any :class:`~envs.runtime.measurer.Measurer` of op
+    placements). ``timeout_s`` bounds one placement's run (default: the measurers' 300 s).
 
     Raises:
-        PlacerError: the model cannot be re-loaded in a worker (an in-memory module).
+        PlacerError: the model cannot be re-loaded in a worker (an in-memory module), or a
+            time-out that is not a positive number.
     """
+    if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                                      and timeout_s > 0):
+        raise PlacerError(f"the measurement time-out must be a positive number of seconds, got {timeout_s!r}")
+    timeouts = {} if timeout_s is None else {"timeout_s": float(timeout_s)}
     if backend is not None:
         return PlacementMeasurer(backend, problem, expand, f"given measurer ({type(backend).__name__})")
     if not isinstance(source, (str, os.PathLike)):
@@ -210,13 +228,14 @@ def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | Non
 
         names = list(cluster.device_names)
         return PlacementMeasurer(
-            DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint),
+            DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint, **timeouts),
             problem, expand, f"{len(names)} worker processes ({', '.join(names)}), torch.distributed",
         )
-    from envs.runtime.measure import Measurer
+    from envs.runtime.measure import SingleProcessMeasurer
 
-    return PlacementMeasurer(Measurer(source, model_args=dict(model_args or {}), devices=cluster), problem, expand,
-                             f"one worker process on {', '.join(cluster.device_names)}")
+    return PlacementMeasurer(
+        SingleProcessMeasurer(source, model_args=dict(model_args or {}), devices=cluster, **timeouts),
+        problem, expand, f"one worker process on {', '.join(cluster.device_names)}")
 
 
 # --------------------------------------------------------------------------- hybrid rounds
@@ -234,6 +253,11 @@ class HybridRounds:
     ``max_measuring_share`` of the wall time, so slow measurements cannot starve the
     search. ``on_best(record)`` is called when a round finds a new measured best
     (optimize writes it to disk, so Ctrl-C keeps it).
+
+    The rounds own the hybrid reward model the search runs on, :attr:`reward_model`
+    (built here unless one is given; the search gets it as ``env_kwargs={"reward_mode":
+    rounds.reward_model}``), and tell the measurer about it (its calibration predicts
+    what is measured next).
     """
 
     measurer: PlacementMeasurer
@@ -243,6 +267,13 @@ class HybridRounds:
     max_measuring_share: float = HYBRID_MAX_MEASURING_SHARE
     log: list[dict[str, Any]] = field(default_factory=list)
     measuring_s: float = 0.0
+    reward_model: HybridReward | None = None
+
+    def __post_init__(self) -> None:
+        if self.reward_model is None:
+            self.reward_model = HybridReward(self.measurer.problem, self.measurer, measure_every=None,
+                                             measure_top_k=HYBRID_TOP_K)
+        self.measurer.hybrid = self.reward_model
 
     def __call__(self, progress: Any) -> None:
         done = len(self.log)
@@ -262,18 +293,18 @@ class HybridRounds:
         before = self.measurer.best()
         start = time.perf_counter()
         self.measurer.phase = phase
-        measured = 0
-        for model in self.measurer.reward_models:
-            if callable(getattr(model, "measure_best", None)):
-                measured += int(model.measure_best())
-        self.measurer.phase = "search"
+        assert self.reward_model is not None
+        try:
+            measured = int(self.reward_model.measure_best())
+        finally:
+            self.measurer.phase = "search"
         self.measuring_s += time.perf_counter() - start
         cal = self.measurer.calibration()
         best = self.measurer.best()
         entry = {
             "phase": phase, "at_s": round(wall_s, 2), "evaluated": evaluated, "measured": measured,
             "seconds": round(time.perf_counter() - start, 2), "total": len(self.measurer.records),
-            "calibrations": sum(int(getattr(m, "calibrations", 0)) for m in self.measurer.reward_models),
+            "calibrations": self.reward_model.calibrations,
             "before": dict(cal.before) if cal is not None else None,
             "after": dict(cal.after) if cal is not None else None,
             "best_ms": best.step_time * 1e3 if best is not None else None,
@@ -421,6 +452,6 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
     return MeasurementSummary(
         reward=reward, description=measurer.description, records=list(measurer.records),
         requests=measurer.requests, rounds=list(rounds),
-        search_calibrations=sum(int(getattr(m, "calibrations", 0)) for m in measurer.reward_models),
+        search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
         calibration=cal, holdout=holdout,
     )

@@ -176,6 +176,7 @@ def optimize(
     cache_dir: str | os.PathLike | None = None,
     verbose: int = 1,
     measurer: Any = None,
+    measure_timeout: float | None = None,
 ) -> OptimizeResult:
     """Find a fast placement of ``model`` and check it.
 
@@ -201,8 +202,10 @@ def optimize(
         resume: start from the placement (and policy) saved in ``out_dir`` by an earlier run.
         check: apply the winner and compare outputs and gradients with the original model.
         measurer: measures op placements instead of the default worker processes (an
-            object with ``measure(placement) -> MeasureResult``, optionally
-            ``measure_many``), e.g. for devices this machine cannot start workers on.
+            :class:`envs.runtime.measurer.Measurer`: ``measure(placements) -> [MeasureResult]``,
+            ``close()``), e.g. for devices this machine cannot start workers on.
+        measure_timeout: seconds one placement's measurement may run (default 300); the
+            search's time budget bounds every measurement during the search as well.
 
     Raises:
         PlacerError subclasses for bad input, before any long work starts.
@@ -281,9 +284,12 @@ def optimize(
         from placer.measurement import make_measurer
 
         the_measurer = make_measurer(the_cluster, source, model_args, problem, grouping.expand,
-                                     captured.fingerprint, backend=measurer)
+                                     captured.fingerprint, backend=measurer, timeout_s=measure_timeout)
     try:
         start = time.perf_counter()
+        if the_measurer is not None and budget.seconds is not None:
+            # A measurement (a hang, say) may not outlast the search's budget.
+            the_measurer.set_deadline(time.monotonic() + budget.seconds)
         # The search keeps its best placement so far (op level) in out_dir/best_placement.json.
         search_result, rounds = _search_with_reward(
             reward, the_measurer, problem, agent=agent, budget=budget, seed=seed, groups=groups, initial=initial,
@@ -291,6 +297,8 @@ def optimize(
             resume=resume, save_best=save_measured_best,
         )
         seconds["search"] = time.perf_counter() - start
+        if the_measurer is not None:
+            the_measurer.set_deadline(None)  # confirming: each run bounded by measure_timeout
         agent_row = search_result.best_row
         if reward == "hybrid" and the_measurer is not None:
             agent_row = _hybrid_agent_row(the_measurer, search_result,
@@ -432,11 +440,10 @@ def _search_with_reward(reward: str, measurer: Any, problem: PlacementProblem, *
         kwargs = dict(env_kwargs={"reward_mode": "measured", "measurer": measurer}, num_envs=MEASURED_BATCH,
                       imitation_steps=MEASURED_IMITATION_STEPS)
     elif reward == "hybrid":
-        from placer.measurement import HYBRID_TOP_K, HybridRounds
+        from placer.measurement import HybridRounds
 
-        rounds = HybridRounds(measurer, budget, on_best=save_best)
-        kwargs = dict(env_kwargs={"reward_mode": "hybrid", "measurer": measurer, "measure_every": None,
-                                  "measure_top_k": HYBRID_TOP_K}, callback=rounds)
+        rounds = HybridRounds(measurer, budget, on_best=save_best)  # owns the hybrid reward model
+        kwargs = dict(env_kwargs={"reward_mode": rounds.reward_model}, callback=rounds)
     result = search(
         problem, agent=agent, budget=budget, seed=seed, out_dir=out_dir, initial_placements=initial,
         num_groups=groups, progress=progress, fingerprint=fingerprint, expand=expand,

@@ -21,7 +21,7 @@ import torch
 from envs.runtime.distributed.launcher import WorkerGroup, free_port, run_job, write_job
 from envs.runtime.distributed.measure import DistributedMeasurer
 from envs.runtime.distributed.stage_state import module_tensors, owned_paths, tensor_bytes
-from envs.runtime.measure import MeasureError
+from envs.runtime.measurer import MeasureError
 from envs.runtime.split import split_by_rank
 from graphs.pipeline import prepare
 
@@ -196,7 +196,7 @@ def test_measured_messages_are_the_plans_crossings():
     half, _ = _placements(prep)
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, warmup=1, repeats=2,
                             spec=prep.spec, captured=prep.captured, fingerprint=prep.captured.fingerprint)
-    [res] = m.measure_many([{n: f"cpu:{r}" for n, r in half.items()}])
+    [res] = m.measure([{n: f"cpu:{r}" for n, r in half.items()}])
     assert res.valid, res.reason
     detail = m.details[res.placement_hash]
     gm = copy.deepcopy(prep.captured.gm).train()
@@ -216,7 +216,7 @@ def test_measured_messages_are_the_plans_crossings():
 def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):
-        m.measure({"x": "cuda:3"})
+        m.measure([{"x": "cuda:3"}])
 
 
 def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):

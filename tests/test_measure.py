@@ -13,7 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from envs.runtime.measure import MeasureError, Measurer, measure_step_time, placement_hash
+from envs.runtime.measure import SingleProcessMeasurer, measure_step_time
+from envs.runtime.measurer import MeasureError, Measurer, placement_hash
 from graphs.errors import PlacerError
 
 FAULTY_MODEL = textwrap.dedent(
@@ -86,25 +87,26 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
         ],
         "links": [{"between": ["gpu0", "gpu1"], "latency": "10us", "bandwidth": "10GB/s"}],
     })
-    with Measurer(model, model_args={"flag": str(flag)}, devices=cluster, warmup=1, repeats=3,
-                  timeout_s=4, num_threads=1) as m:
+    with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, devices=cluster, warmup=1, repeats=3,
+                               timeout_s=4, num_threads=1) as m:
+        assert isinstance(m, Measurer)
         assert m.node_names == ["x", "fc1", "relu", "fc2", "output"]  # loads the model
         placement = _round_robin(m.node_names)
-        r = m.measure(placement)
+        [r] = m.measure([placement])
         assert r.valid, r.reason
         assert r.source == "measured" and len(r.times) == 3 and r.step_time == statistics.median(r.times)
         assert 0 < r.step_time < 4
         assert not r.parallel and "gpu0, gpu1 → cpu" in r.note and "no parallelism" in r.note
         assert m.capture_method in ("fx", "export") and m.fingerprint
 
-        again = m.measure(dict(reversed(list(placement.items()))))
+        [again] = m.measure([dict(reversed(list(placement.items())))])
         assert again.cached and again.step_time == r.step_time
 
-        single = m.measure({n: "gpu0" for n in m.node_names})
+        [single] = m.measure([{n: "gpu0" for n in m.node_names}])
         assert single.valid and not single.cached and single.placement_hash != r.placement_hash
         # Group placements expand to op placements (what grouping.expand does).
         m.expand = lambda groups: {op: groups["g0" if op in ("x", "fc1") else "g1"] for op in m.node_names}
-        grouped = m.measure({"g0": "gpu0", "g1": "gpu0"})
+        [grouped] = m.measure([{"g0": "gpu0", "g1": "gpu0"}])
         assert grouped.cached and grouped.placement_hash == single.placement_hash
         m.expand = None
         assert m.worker_starts == 1  # several candidates, one load
@@ -116,10 +118,12 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
             ("error", "failed: ValueError: boom"),
         ]:
             flag.write_text(mode)
-            bad = m.measure(other, output_device="gpu0" if mode != "error" else "gpu1")
+            m.output_device = "gpu0" if mode != "error" else "gpu1"
+            [bad] = m.measure([other])
             assert not bad.valid and bad.reason.startswith(reason), bad.reason
             assert bad.step_time == float("inf")
         assert m.worker_starts == 1 and m.alive  # in-worker failures keep the worker
+        m.output_device = None
 
         for i, (mode, reason) in enumerate([
             ("kill", "worker crashed (signal 9, SIGKILL)"),
@@ -127,12 +131,12 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
             ("sleep", "timed out after 4s"),
         ]):
             flag.write_text(mode)
-            bad = m.measure({**other, "fc1": ["gpu0", "gpu1", "gpu0"][i], "relu": "gpu1" if i else "gpu0"})
+            [bad] = m.measure([{**other, "fc1": ["gpu0", "gpu1", "gpu0"][i], "relu": "gpu1" if i else "gpu0"}])
             assert not bad.valid and bad.reason == reason
             assert not m.alive  # dead or killed; replaced on the next call
 
         flag.write_text("ok")
-        back = m.measure({n: "gpu1" for n in m.node_names})
+        [back] = m.measure([{n: "gpu1" for n in m.node_names}])
         assert back.valid and m.worker_starts == 4
     assert not m.alive
 
@@ -140,7 +144,7 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
 def test_a_run_interrupted_by_ctrl_c_drops_its_worker(faulty):
     """Its late reply would otherwise be read as the next placement's result."""
     model, flag = faulty
-    with Measurer(model, model_args={"flag": str(flag)}, warmup=0, repeats=1, num_threads=1) as m:
+    with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, warmup=0, repeats=1, num_threads=1) as m:
         first = {n: "cpu" for n in m.node_names}
         real_wait = m._wait
 
@@ -149,20 +153,20 @@ def test_a_run_interrupted_by_ctrl_c_drops_its_worker(faulty):
 
         m._wait = interrupted
         with pytest.raises(KeyboardInterrupt):
-            m.measure(first)
+            m.measure([first])
         assert not m.alive
         m._wait = real_wait
-        again = m.measure(first)
+        [again] = m.measure([first])
         assert again.valid and not again.cached and m.worker_starts == 2
 
 
 def test_bad_requests_raise_clear_errors(tmp_path, faulty):
     with pytest.raises(MeasureError, match="does not exist"):
-        Measurer(tmp_path / "missing.py")
+        SingleProcessMeasurer(tmp_path / "missing.py")
     with pytest.raises(MeasureError, match="model file path"):
-        Measurer(torch.nn.Linear(2, 2))
+        SingleProcessMeasurer(torch.nn.Linear(2, 2))
     with pytest.raises(MeasureError, match="repeats >= 1"):
-        Measurer(faulty[0], repeats=0)
+        SingleProcessMeasurer(faulty[0], repeats=0)
     bad = tmp_path / "bad_model.py"
     bad.write_text("x = 1\n")
     with pytest.raises(MeasureError, match="does not define a model"):
@@ -180,7 +184,7 @@ def test_placement_hash_is_order_independent_and_model_specific():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_cuda_placement_is_measured(faulty):
     model, flag = faulty
-    with Measurer(model, model_args={"flag": str(flag)}, warmup=2, repeats=5) as m:
-        r = m.measure(_round_robin(m.node_names, ("cpu", "cuda:0")), output_device="cpu")
+    with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, warmup=2, repeats=5, output_device="cpu") as m:
+        [r] = m.measure([_round_robin(m.node_names, ("cpu", "cuda:0"))])
         assert r.valid, r.reason
         assert r.parallel and "cuda:0" in r.peak_memory

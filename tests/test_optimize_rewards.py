@@ -21,7 +21,7 @@ import torch
 import placer
 from envs.gym.measured_rewards import MeasuredReward
 from envs.runtime.distributed import launcher
-from envs.runtime.measure import MeasureResult
+from envs.runtime.measurer import MeasureResult
 from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
 from placer.options import OptionError
 
@@ -56,10 +56,7 @@ class FakeWorkers:
         changes = sum(a != b for a, b in zip(devs, devs[1:]))
         return MeasureResult(step_time=2e-3 + 3e-3 * on1 / len(devs) + 1e-4 * changes)
 
-    def measure(self, placement):
-        return self.measure_many([placement])[0]
-
-    def measure_many(self, placements):
+    def measure(self, placements):
         self.batches += 1
         if self.interrupt_after is not None and self.batches > self.interrupt_after:
             raise KeyboardInterrupt
@@ -71,6 +68,15 @@ class FakeWorkers:
                 raise RuntimeError("worker rank 1 died (fake)")
             out.append(self.time_of(p))
         return out
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 @pytest.fixture
@@ -176,12 +182,13 @@ def test_ctrl_c_during_measured_search_keeps_the_best_on_disk(tmp_path, fake_lin
 
 
 class _StubMeasurer:
-    """What HybridRounds needs of a PlacementMeasurer: reward models, best(), calibration()."""
+    """What HybridRounds needs of a PlacementMeasurer (best(), calibration()) and of its
+    hybrid reward model (measure_best(), calibrations), in one object."""
 
     def __init__(self):
         self.rounds_run, self.records, self.phase = 0, [], "search"
-        self.reward_models = [self]
         self.calibrations = 0
+        self.hybrid = None
 
     def measure_best(self):
         self.rounds_run += 1
@@ -196,11 +203,11 @@ class _StubMeasurer:
 
 def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time():
     from placer.measurement import HybridRounds
-    from placer.options import parse_budget
+    from placer.search.budget import parse_budget
     from placer.search.tracker import SearchProgress
 
     stub = _StubMeasurer()
-    rounds = HybridRounds(stub, parse_budget("60s"), rounds=3)
+    rounds = HybridRounds(stub, parse_budget("60s"), rounds=3, reward_model=stub)
     at = lambda evaluated, wall: SearchProgress(evaluated, wall, 1.0, True, None)  # noqa: E731
     rounds(at(12, 0.5))
     assert stub.rounds_run == 1  # round 0 at once: the seeds calibrate the simulator
@@ -247,14 +254,14 @@ def test_group_placements_are_expanded_and_measured_by_one_real_worker(tmp_path)
     """The single-process path (``--devices cpu,cuda:0``) through a real Measurer: two
     virtual devices of a preset both run on this machine's CPU."""
     from envs.hardware.loading import load_cluster
-    from envs.runtime.measure import Measurer
+    from envs.runtime.measure import SingleProcessMeasurer
     from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
 
     prepared = prepare(MODEL, profile=False)
     cluster = load_cluster("4xK40")  # virtual GPUs: each runs on the real device it maps to (the CPU here)
     problem = compile_problem(prepared.grouping.graph, cluster)
-    with Measurer(MODEL, devices=cluster.real_device_map(), warmup=1, repeats=2) as backend:
+    with SingleProcessMeasurer(MODEL, devices=cluster.real_device_map(), warmup=1, repeats=2) as backend:
         pm = PlacementMeasurer(backend, problem, prepared.grouping.expand, "one worker")
         rows = np.stack([np.zeros(problem.num_nodes, dtype=np.int64), np.arange(problem.num_nodes) % 2])
         first = pm.measure_rows(rows)

@@ -2,11 +2,12 @@
 
 See :mod:`envs.gym.rewards` for the reward itself and the ``simulated`` mode.
 
-* :class:`MeasuredReward`: every placement goes through a *measurer*, any object with
-  ``measure(placement: dict[node, device]) -> result`` where the result has ``step_time``,
-  ``valid`` and ``reason`` (:class:`envs.runtime.measure.Measurer` is one). Results are cached by
-  placement row; a run that fails or raises earns the invalid penalty (a bad request —
-  a :class:`~graphs.errors.PlacerError` — is re-raised). The reference time is measured.
+* :class:`MeasuredReward`: every placement goes through a *measurer*, an
+  :class:`envs.runtime.measurer.Measurer`: ``measure(placements) -> [MeasureResult]``, called
+  once per evaluated batch with the batch's distinct placements (the measurer's cache
+  answers those it ran before). A run that fails or raises earns the invalid penalty (a
+  bad request — a :class:`~graphs.errors.PlacerError` — is re-raised). The reference time
+  is measured.
 * :class:`HybridReward`: simulated rewards; every ``measure_every`` evaluated placements
   (or only when :meth:`HybridReward.measure_best` is called, with ``measure_every=None``)
   the ``measure_top_k`` best not-yet-measured candidates are measured, and from three valid
@@ -14,12 +15,9 @@ See :mod:`envs.gym.rewards` for the reward itself and the ``simulated`` mode.
   :func:`envs.sim.calibration.calibrate_simulator` (per-device compute scales, link scales, a step
   overhead). The reference, the candidate pool and later rewards use the calibrated simulator.
 
-**Optional measurer methods.** A measurer that also has ``measure_many(placements) ->
-[result]`` is given every not-yet-measured placement of a batch in one call (a measurer
-whose start-up is expensive — worker processes — runs them in one job). A measurer with
-``attach(reward_model)`` is handed the reward model that uses it, once, when the model is
-built: whoever made the measurer (``placer.optimize``) can then read the measurements and
-calibration, and schedule :meth:`HybridReward.measure_best` itself.
+Whoever needs the hybrid reward's measurements or calibration, or schedules its
+:meth:`HybridReward.measure_best` (``placer``'s hybrid rounds), holds the reward model
+itself; the measurer knows nothing of the reward models that call it.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import numpy as np
 
 from envs.gym.config import EnvConfigError, positive_int
 from envs.gym.rewards import Evaluation, RewardModel, simulate_rows
+from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
@@ -41,59 +40,43 @@ class MeasuredReward(RewardModel):
 
     mode = "measured"
 
-    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+    def __init__(self, problem: PlacementProblem, measurer: Measurer, reference: Any = "single",
                  invalid_penalty: float | None = None) -> None:
-        if measurer is None or not callable(getattr(measurer, "measure", None)):
+        if not isinstance(measurer, Measurer):
             raise EnvConfigError(
-                "reward modes 'measured' and 'hybrid' need measurer= an object with "
-                ".measure(placement dict) -> result(step_time, valid, reason), e.g. envs.runtime.measure.Measurer"
+                "reward modes 'measured' and 'hybrid' need measurer= an envs.runtime.measurer.Measurer "
+                "(.measure(placements) -> [MeasureResult], .close()), e.g. envs.runtime.measure.SingleProcessMeasurer; "
+                f"got {type(measurer).__name__}"
             )
         self.measurer = measurer
-        self._cache: dict[bytes, tuple[float, bool, str]] = {}
         super().__init__(problem, reference, invalid_penalty)
-        attach = getattr(measurer, "attach", None)
-        if callable(attach):
-            attach(self)
 
     def measure_row(self, row: np.ndarray) -> tuple[float, bool, str]:
-        """(step time, valid, reason) of one placement row, measured once and cached."""
+        """(step time, valid, reason) of one placement row."""
         return self.measure_rows(np.asarray(row)[None])[0]
 
     def measure_rows(self, rows: np.ndarray) -> list[tuple[float, bool, str]]:
-        """(step time, valid, reason) per row; each distinct row is measured once, ever.
+        """(step time, valid, reason) per row, from one measurer call with the distinct rows.
 
-        Rows not measured before go to the measurer's ``measure_many`` in one call when it
-        has one, else to ``measure`` one by one.
+        A failed call (the measurer raised) makes every row of the call invalid with the
+        reason; a bad request (a :class:`~graphs.errors.PlacerError`) is re-raised.
         """
+        distinct: dict[bytes, np.ndarray] = {}
         keys = [np.ascontiguousarray(r, dtype=np.int64).tobytes() for r in rows]
-        todo: dict[bytes, np.ndarray] = {}
         for key, row in zip(keys, rows):
-            if key not in self._cache and key not in todo:
-                todo[key] = row
-        if todo:
-            many = getattr(self.measurer, "measure_many", None)
-            if callable(many):
-                self._measure_together(many, todo)
-            else:
-                for key, row in todo.items():
-                    self._measure_together(lambda ps: [self.measurer.measure(ps[0])], {key: row})
-        return [self._cache[k] for k in keys]
-
-    def _measure_together(self, many: Any, todo: dict[bytes, np.ndarray]) -> None:
-        placements = [self.problem.array_to_placement(r) for r in todo.values()]
+            distinct.setdefault(key, row)
+        placements = [self.problem.array_to_placement(r) for r in distinct.values()]
         try:
-            results = list(many(placements))
+            results = list(self.measurer.measure(placements))
             if len(results) != len(placements):
                 raise RuntimeError(f"the measurer returned {len(results)} results for {len(placements)} placements")
+            outcomes = dict(zip(distinct, (measure_outcome(r) for r in results)))
         except PlacerError:
             raise  # a bad request (unknown node or device) is the caller's error
         except Exception as exc:  # noqa: BLE001 - a failing run must never crash the search
             failed = (math.inf, False, f"measurement failed: {type(exc).__name__}: {exc}")
-            for key in todo:
-                self._cache[key] = failed
-            return
-        for key, result in zip(todo, results):
-            self._cache[key] = measure_outcome(result)
+            outcomes = dict.fromkeys(distinct, failed)
+        return [outcomes[k] for k in keys]
 
     def _measure_reference(self, row: np.ndarray) -> tuple[float, bool, str]:
         try:
@@ -131,11 +114,11 @@ class MeasuredReward(RewardModel):
                           tuple(m[2] for m in measured))
 
 
-def measure_outcome(result: Any) -> tuple[float, bool, str]:
+def measure_outcome(result: MeasureResult) -> tuple[float, bool, str]:
     """(step time, valid, reason) of a measurer's result; invalid unless a positive finite time."""
-    t = float(getattr(result, "step_time", math.inf))
-    valid = bool(getattr(result, "valid", math.isfinite(t))) and math.isfinite(t) and t > 0
-    reason = str(getattr(result, "reason", "") or "")
+    t = float(result.step_time)
+    valid = bool(result.valid) and math.isfinite(t) and t > 0
+    reason = str(result.reason or "")
     if not valid and not reason:
         reason = f"measurement invalid (step time {t})"
     return t, valid, "" if valid else reason
@@ -162,7 +145,7 @@ class HybridReward(MeasuredReward):
     #: Valid measurements needed before calibrating (calibrate_simulator's minimum).
     MIN_MEASUREMENTS = 3
 
-    def __init__(self, problem: PlacementProblem, measurer: Any, reference: Any = "single",
+    def __init__(self, problem: PlacementProblem, measurer: Measurer, reference: Any = "single",
                  invalid_penalty: float | None = None, measure_every: int | None = 256, measure_top_k: int = 2,
                  pool_size: int = 16) -> None:
         # None: no automatic rounds; the owner calls measure_best() on its own schedule.

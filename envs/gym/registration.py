@@ -173,12 +173,12 @@ def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
     if kwargs.get("measurer") == "auto" or (wants and kwargs.get("measurer") is None and model is not None):
         if model is None or built.grouping is None:
             raise EnvConfigError("measurer='auto' needs model= (a model file or 'zoo:<name>') to run; "
-                                 "pass measurer= a Measurer instead")
-        from envs.runtime.measure import Measurer
+                                 "pass measurer= an envs.runtime.measurer.Measurer instead")
+        from envs.runtime.measure import SingleProcessMeasurer
 
         # The env places groups; the measurer expands them to ops and maps cluster devices to real ones.
-        kwargs["measurer"] = Measurer(model, model_args=model_args, devices=built.cluster,
-                                      expand=built.grouping.expand)
+        kwargs["measurer"] = SingleProcessMeasurer(model, model_args=model_args, devices=built.cluster,
+                                                   expand=built.grouping.expand)
         return kwargs, kwargs["measurer"]
     return kwargs, None
 
@@ -203,7 +203,7 @@ def make_placement_env(problem: Any = None, graph: Any = None, cluster: Any = No
     """A :class:`envs.gym.placement_env.PlacementEnv` from a problem, graph + cluster, or model + cluster.
 
     With ``model=`` and ``reward_mode`` "measured"/"hybrid", ``measurer`` defaults to an
-    :class:`envs.runtime.measure.Measurer` of that model (closed with the env).
+    :class:`envs.runtime.measure.SingleProcessMeasurer` of that model (closed with the env).
     """
     from envs.gym.placement_env import PlacementEnv
 

@@ -14,16 +14,24 @@ from envs.sim.problem import PlacementProblem
 REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
 
 
-def make_reward_model(problem: PlacementProblem, mode: str = "simulated", reference: Any = "single",
+def make_reward_model(problem: PlacementProblem, mode: str | RewardModel = "simulated", reference: Any = "single",
                       invalid_penalty: float | None = None, measurer: Any = None,
                       **hybrid_options: Any) -> RewardModel:
-    """Build the reward model for ``mode`` (one of :data:`REWARD_MODES`).
+    """Build the reward model for ``mode`` (one of :data:`REWARD_MODES`), or use ``mode`` if it is one.
 
     ``hybrid_options`` (``measure_every``, ``measure_top_k``, ``pool_size``) apply to hybrid only.
+    A reward model built by the caller (who keeps it, e.g. to run hybrid measurement rounds)
+    comes with its own settings, so no other option may be given with it.
 
     Raises:
         EnvConfigError: unknown mode, a missing measurer, a bad reference or penalty.
     """
+    if isinstance(mode, RewardModel):
+        if mode.problem is not problem:
+            raise EnvConfigError("the reward model given as reward_mode was built for another problem")
+        if measurer is not None or hybrid_options:
+            raise EnvConfigError("a reward model given as reward_mode carries its own measurer and options")
+        return mode
     if mode not in REWARD_MODES:
         raise EnvConfigError(f"unknown reward mode {mode!r}; expected one of {list(REWARD_MODES)}")
     if hybrid_options and mode != "hybrid":

@@ -1,84 +1,55 @@
-"""Real step-time measurement: the ground-truth reward of a placement.
+"""Real step-time measurement in one process: the ground-truth reward of a placement.
 
 The published protocol: apply the placement, run a few warm-up training steps, then
 report the median of several synchronised steps (forward, loss, backward, optimizer
-step; every CUDA device synchronised before the clock is read). Each candidate runs in
-an isolated worker process (:mod:`envs.runtime.measure_worker`) with a time-out, so a
-placement that runs out of memory, crashes the process or hangs comes back as an
-invalid :class:`MeasureResult` with its reason and never takes the caller down.
+step; every CUDA device synchronised before the clock is read;
+:func:`envs.runtime.step_timer.time_steps`). Each candidate runs in an isolated worker
+process (:mod:`envs.runtime.measure_worker`, started by :class:`envs.runtime.supervisor.Supervisor`,
+so it dies with its parent) with a time-out, so a placement that runs out of memory,
+crashes the process or hangs comes back as an invalid :class:`MeasureResult` with its
+reason and never takes the caller down.
 
-A :class:`Measurer` keeps one worker alive and measures many candidates without
-re-loading the model; a crashed or timed-out worker is replaced on the next call.
-Results are cached by placement hash (assignment + model fingerprint + protocol).
+A :class:`SingleProcessMeasurer` implements the :class:`envs.runtime.measurer.Measurer`
+protocol: it keeps one worker alive and measures many candidates without re-loading the
+model; a crashed or timed-out worker is replaced on the next call. Results are cached
+(:class:`envs.runtime.measurer.MeasureCache`: assignment + model fingerprint + devices + protocol).
 
 Example::
 
-    with Measurer("graphs/zoo/rnnlm.py", model_args={"size": "small"}) as m:
-        r = m.measure({node: "cpu" for node in m.node_names})
+    with SingleProcessMeasurer("graphs/zoo/rnnlm.py", model_args={"size": "small"}) as m:
+        [r] = m.measure([{node: "cpu" for node in m.node_names}])
         print(r.step_time, r.valid, r.reason)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from envs.runtime.apply import realize_placement
-from graphs.errors import PlacerError
+from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
+from envs.runtime.step_timer import median_step_time
+from envs.runtime.supervisor import Supervisor, exit_reason
 
-__all__ = ["MeasureError", "MeasureResult", "Measurer", "measure_step_time", "placement_hash"]
+__all__ = ["SingleProcessMeasurer", "measure_step_time", "budget_timeout", "BUDGET_SPENT"]
 
 #: How often the parent checks that the worker is still alive while waiting (seconds).
 _POLL_S = 0.05
+#: The reason of a placement not run because the caller's deadline (the run's budget) passed.
+BUDGET_SPENT = "not measured: the run's time budget is spent"
 
 
-class MeasureError(PlacerError):
-    """The model cannot be measured at all (its file does not load or capture), or a bad request."""
-
-
-@dataclass(frozen=True)
-class MeasureResult:
-    """The measured step time of one placement.
-
-    Attributes:
-        step_time: median of ``times`` in seconds; ``inf`` when invalid.
-        times: the timed (post-warm-up) steps, seconds.
-        valid: False when the run went out of memory, crashed, failed or timed out.
-        reason: why it is invalid ("" when valid).
-        source: always ``"measured"`` (the simulator says ``"simulated"``).
-        note: caveats, e.g. virtual devices sharing one real device (no parallelism).
-        parallel: False when several placed devices are one real device.
-        peak_memory: peak CUDA bytes allocated per real device (empty on CPU).
-        placement_hash: the cache key.
-        cached: True when this result came from the cache.
-    """
-
-    step_time: float
-    times: tuple[float, ...] = ()
-    valid: bool = True
-    reason: str = ""
-    source: str = "measured"
-    note: str = ""
-    parallel: bool = True
-    peak_memory: Mapping[str, int] = field(default_factory=dict)
-    placement_hash: str = ""
-    cached: bool = False
-
-
-def placement_hash(assignment: Mapping[str, str], fingerprint: str, extra: Mapping[str, Any] | None = None) -> str:
-    """A stable SHA-256 of the sorted assignment, the model fingerprint and ``extra`` settings."""
-    doc = {"fingerprint": fingerprint, "assignment": sorted(assignment.items()), "extra": extra or {}}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+def budget_timeout(timeout_s: float, deadline: float | None) -> float:
+    """The time-out of one run: ``timeout_s``, cut to what is left before ``deadline``
+    (a ``time.monotonic()`` value; None: no deadline). 0 when the deadline has passed."""
+    if deadline is None:
+        return timeout_s
+    return max(0.0, min(timeout_s, deadline - time.monotonic()))
 
 
 def _source_string(model_source: Any) -> tuple[str, dict[str, Any]]:
@@ -101,18 +72,10 @@ def _source_string(model_source: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _crash_reason(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "worker crashed"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-            return f"worker crashed (signal {-exitcode}, {name})"
-        except ValueError:
-            return f"worker crashed (signal {-exitcode})"
-    return f"worker crashed (exit code {exitcode})"
+    return "worker " + exit_reason(exitcode)
 
 
-class Measurer:
+class SingleProcessMeasurer:
     """Measures placements of one model in one long-lived, isolated worker process.
 
     Args:
@@ -125,9 +88,16 @@ class Measurer:
         timeout_s: limit for one candidate (all its steps); the worker is killed past it.
         load_timeout_s: limit for starting the worker and loading + capturing the model.
         num_threads: torch intra-op threads in the worker (None: torch's default).
-        cache: keep results by placement hash.
+        cache: keep results (see :class:`~envs.runtime.measurer.MeasureCache`).
         expand: maps the placements given to :meth:`measure` to op placements, e.g.
             ``grouping.expand`` when callers place groups (``g0..gK``) rather than ops.
+        output_device: where outputs are gathered and the loss computed (None: the
+            apply default).
+
+    Attributes:
+        deadline: a ``time.monotonic()`` instant no run may pass (the caller's budget);
+            a run is cut at it, and placements not started by then come back invalid with
+            :data:`BUDGET_SPENT` (not cached). None: only ``timeout_s`` applies.
     """
 
     def __init__(
@@ -142,6 +112,7 @@ class Measurer:
         num_threads: int | None = None,
         cache: bool = True,
         expand: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
+        output_device: str | None = None,
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -155,8 +126,12 @@ class Measurer:
         self.num_threads = num_threads
         self.use_cache = cache
         self.expand = expand
-        self._cache: dict[str, MeasureResult] = {}
-        self._proc: Any = None
+        self.output_device = output_device
+        self.deadline: float | None = None
+        self._cache = MeasureCache(protocol={"warmup": self.warmup, "repeats": self.repeats,
+                                             "threads": num_threads, "runtime": "single-process"})
+        self._sup: Supervisor | None = None
+        self._proc: subprocess.Popen | None = None
         self._conn: Any = None
         self._fingerprint: str | None = None
         self._node_names: list[str] = []
@@ -165,16 +140,16 @@ class Measurer:
 
     # ------------------------------------------------------------------ worker lifecycle
 
-    def __enter__(self) -> "Measurer":
+    def __enter__(self) -> SingleProcessMeasurer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # a forgotten Measurer must not leave a process behind
+    def __del__(self) -> None:  # a forgotten measurer must not leave a process behind
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
     @property
@@ -182,7 +157,8 @@ class Measurer:
         """Fingerprint of the captured model (starts the worker if needed)."""
         if self._fingerprint is None:
             self.start()
-        return self._fingerprint  # type: ignore[return-value]
+        assert self._fingerprint is not None
+        return self._fingerprint
 
     @property
     def node_names(self) -> list[str]:
@@ -196,7 +172,12 @@ class Measurer:
         """``"fx"`` or ``"export"`` (starts the worker if needed)."""
         if self._fingerprint is None:
             self.start()
-        return self._capture_method  # type: ignore[return-value]
+        return str(self._capture_method)
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id while it runs."""
+        return self._proc.pid if self.alive and self._proc is not None else None
 
     @property
     def alive(self) -> bool:
@@ -205,28 +186,25 @@ class Measurer:
 
     def close(self) -> None:
         """Stop the worker (politely, then by force)."""
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
+        proc, conn, sup = self._proc, self._conn, self._sup
+        self._proc = self._conn = self._sup = None
+        if proc is not None and proc.poll() is None and conn is not None:
+            try:
                 conn.send(("stop",))
                 proc.wait(timeout=5)
-        except (OSError, EOFError, subprocess.TimeoutExpired):
-            pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        try:
-            conn.close()
-        except OSError:
-            pass
+            except (OSError, EOFError, subprocess.TimeoutExpired):
+                pass
+        if sup is not None:
+            sup.stop()
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
 
     def _kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=5)
+        if self._sup is not None:
+            self._sup.stop()
         self.close()
 
     def start(self) -> None:
@@ -245,21 +223,20 @@ class Measurer:
         # interpreter via -m never re-imports the caller's main script (spawn would).
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        sup = Supervisor()
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "envs.runtime.measure_worker", str(req_r), str(rep_w)],
-                pass_fds=(req_r, rep_w),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the caller, who stops us
-            )
+            proc = sup.start("measure worker",
+                             [sys.executable, "-m", "envs.runtime.measure_worker", str(req_r), str(rep_w)],
+                             pass_fds=(req_r, rep_w))
+        except BaseException:
+            sup.stop()
+            os.close(req_w)
+            os.close(rep_r)
+            raise
         finally:
             os.close(req_r)  # the child's ends: closing ours makes a dead child show as EOF
             os.close(rep_w)
-        self._proc, self._conn = proc, _DuplexConnection(rep_r, req_w)
+        self._sup, self._proc, self._conn = sup, proc, _DuplexConnection(rep_r, req_w)
         self.worker_starts += 1
         try:
             self._conn.send(("load", self.model_source, self.model_args, self.num_threads))
@@ -273,13 +250,13 @@ class Measurer:
             self.close()
             raise MeasureError(f"could not load {self.model_source} for measurement: {msg[1]}")
         _, fingerprint, node_names, method = msg
-        if self._fingerprint is not None and fingerprint != self._fingerprint:
-            # The model file changed under us: cached results describe another model.
-            self._cache.clear()
+        # A model file changed under us: cached results describe another model.
+        self._cache.set_fingerprint(fingerprint)
         self._fingerprint, self._node_names, self._capture_method = fingerprint, list(node_names), method
 
     def _wait(self, timeout_s: float) -> tuple[Any, str]:
         """Next message from the worker, or (None, reason) on crash or time-out."""
+        assert self._proc is not None and self._conn is not None
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -304,63 +281,69 @@ class Measurer:
 
     # ------------------------------------------------------------------ measuring
 
-    def measure(self, placement: Mapping[str, str], output_device: str | None = None) -> MeasureResult:
-        """Measure one placement (node → device name); never raises for OOM, crash or time-out.
+    def clear_cache(self) -> None:
+        """Forget every result, so the next call measures again."""
+        self._cache.clear()
+
+    def measure(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
+        """Measure placements (node → device name) one after the other; never raises for
+        OOM, crash or time-out (see :class:`envs.runtime.measurer.Measurer`).
 
         Raises:
-            MeasureError: the model cannot be loaded, or the placement names nodes the
+            MeasureError: the model cannot be loaded, or a placement names nodes the
                 model does not have.
             envs.runtime.apply.ApplyError: a device the ``devices`` mapping does not know.
         """
-        if self.expand is not None:
-            placement = self.expand(placement)
-        placement = {str(k): str(v) for k, v in placement.items()}
-        realized = realize_placement(placement, self.devices) if self.devices is not None else None
-        real_devices = dict(realized.virtual_to_real) if realized is not None else None
-        note = realized.note if realized is not None else ""
-        parallel = realized.parallel if realized is not None else True
-
+        items = []
+        for p in placements:
+            ops = self.expand(p) if self.expand is not None else p
+            items.append({str(k): str(v) for k, v in ops.items()})
+        if not items:
+            return []
+        realized = [realize_placement(p, self.devices) if self.devices is not None else None for p in items]
         self.start()
-        unknown = sorted(set(placement) - set(self._node_names))
-        if unknown:
-            raise MeasureError(
-                f"placement names {len(unknown)} node(s) the captured model does not have, e.g. {unknown[:3]}"
-            )
-        key = placement_hash(
-            placement,
-            self._fingerprint or "",
-            {"real": real_devices, "out": output_device, "warmup": self.warmup, "repeats": self.repeats},
-        )
-        if self.use_cache and key in self._cache:
-            hit = self._cache[key]
-            return MeasureResult(**{**hit.__dict__, "cached": True})
+        for p in items:
+            unknown = sorted(set(p) - set(self._node_names))
+            if unknown:
+                raise MeasureError(
+                    f"placement names {len(unknown)} node(s) the captured model does not have, e.g. {unknown[:3]}"
+                )
+        reals = [dict(r.virtual_to_real) if r is not None else None for r in realized]
+        keys = [self._cache.key(p, real=real, out=self.output_device) for p, real in zip(items, reals)]
 
+        def run(todo: list[int]) -> list[MeasureResult]:
+            return [self._run_one(items[i], reals[i], realized[i]) for i in todo]
+
+        if not self.use_cache:
+            return [r for i in range(len(items)) for r in run([i])]
+        return self._cache.measure(keys, run)
+
+    def _run_one(self, placement: dict[str, str], real_devices: dict[str, str] | None, realized: Any) -> MeasureResult:
+        common: dict[str, Any] = dict(note=realized.note if realized is not None else "",
+                                      parallel=realized.parallel if realized is not None else True)
+        timeout = budget_timeout(self.timeout_s, self.deadline)
+        if timeout <= 0:
+            return MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, budget_cut=True, **common)
+        self.start()
+        assert self._conn is not None
         try:
-            self._conn.send(("measure", placement, real_devices, output_device, self.warmup, self.repeats))
-            msg, why = self._wait(self.timeout_s)
+            self._conn.send(("measure", placement, real_devices, self.output_device, self.warmup, self.repeats))
+            msg, why = self._wait(timeout)
         except BaseException:
             # Interrupted (Ctrl-C) mid-run: the worker's late reply would be read as the
             # next placement's result, so this worker goes; the next call starts a fresh one.
             self._kill()
             raise
-        common = dict(note=note, parallel=parallel, placement_hash=key)
         if msg is None:
             self._kill()  # a hung or dead worker is replaced on the next call
-            result = MeasureResult(step_time=float("inf"), valid=False, reason=why, **common)
-        elif msg[0] == "ok":
+            cut = timeout < self.timeout_s and why.startswith("timed out")
+            if cut:
+                why = f"{why} (cut at the end of the run's time budget)"
+            return MeasureResult(step_time=float("inf"), valid=False, reason=why, budget_cut=cut, **common)
+        if msg[0] == "ok":
             times = tuple(float(t) for t in msg[1])
-            result = MeasureResult(
-                step_time=float(statistics.median(times)), times=times, peak_memory=dict(msg[2]), **common
-            )
-        else:
-            result = MeasureResult(step_time=float("inf"), valid=False, reason=str(msg[1]), **common)
-        if self.use_cache:
-            self._cache[key] = result
-        return result
-
-    def measure_many(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
-        """Measure several placements one after the other in this worker (see :meth:`measure`)."""
-        return [self.measure(p) for p in placements]
+            return MeasureResult(step_time=median_step_time(times), times=times, peak_memory=dict(msg[2]), **common)
+        return MeasureResult(step_time=float("inf"), valid=False, reason=str(msg[1]), **common)
 
 
 def measure_step_time(
@@ -374,14 +357,14 @@ def measure_step_time(
     output_device: str | None = None,
     num_threads: int | None = None,
 ) -> MeasureResult:
-    """Measure one placement in a fresh isolated worker (see :class:`Measurer` for many).
+    """Measure one placement in a fresh isolated worker (see :class:`SingleProcessMeasurer` for many).
 
     Args:
         model_source: model file path, ``"zoo:<name>"`` or a ModelSpec with a ``path``.
         placement: node name → device name.
         devices: Cluster / Device list / ``{name: real device}`` for virtual device
             names; None when ``placement`` uses torch device strings.
-        warmup, repeats, timeout_s, num_threads: see :class:`Measurer`.
+        warmup, repeats, timeout_s, num_threads: see :class:`SingleProcessMeasurer`.
         model_args: keyword arguments for the model file.
         output_device: where outputs are gathered (and the loss computed).
 
@@ -389,8 +372,8 @@ def measure_step_time(
         A :class:`MeasureResult`; invalid (with ``reason``) on out of memory, crash,
         failure or time-out.
     """
-    with Measurer(
+    with SingleProcessMeasurer(
         model_source, model_args=model_args, devices=devices, warmup=warmup, repeats=repeats,
-        timeout_s=timeout_s, num_threads=num_threads, cache=False,
+        timeout_s=timeout_s, num_threads=num_threads, cache=False, output_device=output_device,
     ) as m:
-        return m.measure(placement, output_device=output_device)
+        return m.measure([placement])[0]

@@ -16,17 +16,21 @@ caller's main script). Messages are pickled tuples over two pipes, wrapped in
   child → parent: ``("ok", times, peak_memory)`` or ``("invalid", reason)``.
 * parent → child: ``("stop",)``.
 
-Crashes and hangs are the parent's business: it watches the process and the clock.
+Crashes and hangs are the parent's business: it watches the process and the clock. The
+worker dies with its parent (:func:`envs.runtime.supervisor.die_with_parent`), and times
+its steps with the one step timer, :func:`envs.runtime.step_timer.time_steps`.
 """
 
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from envs.runtime.step_timer import time_steps
+from envs.runtime.supervisor import die_with_parent
 
 #: Substrings of allocator errors that mean "out of memory" on CPU and GPU.
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -81,22 +85,16 @@ def time_training_steps(
     optimizer = spec.optimizer_fn(placed.parameters())
     # The loss reads the inputs (targets) next to the gathered output.
     loss_inputs = to_device(tuple(spec.example_inputs), out_real)
-    times: list[float] = []
-    try:
-        for i in range(warmup + repeats):
-            _synchronize(devices)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            out = placed(*spec.example_inputs)
-            loss = spec.loss_fn(out, *loss_inputs)
-            loss.backward()
-            optimizer.step()
-            _synchronize(devices)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        peak = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices if d.type == "cuda"}
-    finally:
-        del placed, optimizer
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = placed(*spec.example_inputs)
+        spec.loss_fn(out, *loss_inputs).backward()
+        optimizer.step()
+
+    # The placed model and its optimizer are freed when this returns (the worker then collects).
+    times = list(time_steps(step, warmup, repeats, sync=lambda: _synchronize(devices)).times)
+    peak = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices if d.type == "cuda"}
     return times, peak
 
 
@@ -181,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m envs.runtime.measure_worker READ_FD WRITE_FD``."""
     import sys
 
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         raise SystemExit("usage: python -m envs.runtime.measure_worker READ_FD WRITE_FD (started by envs.runtime.measure)")

@@ -4,13 +4,24 @@ Subcommands live in :mod:`placer.cli` (one module each, registered in
 ``placer.cli.commands.COMMANDS``). Every user-facing error is a
 :class:`~graphs.errors.PlacerError`: it is printed as ``error: <message>`` on stderr and
 the exit status is 2 — no traceback.
+
+Interruptions: SIGTERM (what SLURM, ``docker stop`` and systemd send) is handled like
+Ctrl-C — both raise :class:`KeyboardInterrupt` where the program is, so the search stops
+and keeps its best, measurement workers are killed and their job files removed, and the
+results so far are written. A run that was interrupted exits ``128 + signal`` (130 for
+SIGINT, 143 for SIGTERM) even when it wrote its results, so a script can tell it from a
+finished one.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from graphs.errors import PlacerError
 from placer.cli.commands import register_commands
@@ -27,8 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interruptions:
+    """The signals received during a command; each one interrupts like Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @property
+    def status(self) -> int | None:
+        """``128 + signal`` of the first interruption, None when there was none."""
+        return 128 + self.received[0] if self.received else None
+
+
+@contextmanager
+def _interruptible() -> Iterator[_Interruptions]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt and are remembered (main thread only)."""
+    seen = _Interruptions()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = {sig: signal.signal(sig, seen.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 success, 2 bad input)."""
+    """Run the CLI; returns the exit status (0 success, 2 bad input, 130/143 interrupted)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -37,11 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        return int(args.run(args) or 0)
-    except PlacerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with _interruptible() as seen:
+        try:
+            code = int(args.run(args) or 0)
+        except PlacerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return seen.status or 130
+    if seen.status is not None:
+        name = signal.Signals(seen.status - 128).name
+        print(f"interrupted by {name}: stopped early, results so far kept (exit status {seen.status})",
+              file=sys.stderr)
+        return seen.status
+    return code

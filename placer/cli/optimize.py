@@ -52,12 +52,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for get_model/get_example_inputs (repeatable)")
+    parser.add_argument("--measure-timeout", type=_seconds, metavar="SECONDS",
+                        help="longest one placement's measurement may run before it counts as hung and its "
+                             "workers are killed (30, 90s, 5m; default 300s); the --budget also bounds every "
+                             "measurement during the search")
     parser.add_argument("--no-check", action="store_true", help="skip the numerical check of the winner")
     parser.add_argument("--cache-dir", help="where op profiles are cached")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each stage's timing")
     parser.set_defaults(run=run)
     return parser
+
+
+def _seconds(text: str) -> float:
+    """``30``, ``90s``, ``5m`` or ``1h`` as seconds (positive)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale is not None else raw
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds like 30, 90s or 5m, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive time, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
         out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
         check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
+        measure_timeout=args.measure_timeout,
     )
     print()
     print("\n".join(summary_lines(result)))

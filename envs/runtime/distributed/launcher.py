@@ -4,11 +4,15 @@
 example inputs, devices, tasks) into a directory; :class:`WorkerGroup` starts
 ``python -m envs.runtime.distributed.worker JOB_DIR`` once per local rank with the torchrun
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` — loopback by
-default — and a free ``MASTER_PORT``), all in one new process group, and collects the
-per-task results. A worker that exits, hangs past the time-out or never connects ends
-the job with a reason naming the rank, and the whole process group is killed, so no
-worker outlives the call. :func:`run_job` is the one-call form, :func:`measure_links`
-measures latency/bandwidth between local ranks by ping-pong.
+default — and a free ``MASTER_PORT``) through one :class:`envs.runtime.supervisor.Supervisor`
+(one process group; every worker dies with this process), and collects the per-task
+results. A worker that exits, hangs past the time-out or never connects ends the job with
+a reason naming the rank — the rank that hung, read from the ranks' status records
+(:mod:`envs.runtime.distributed.rank_status`), not a peer that gave up waiting for it —
+and every worker is killed, so none outlives the call. :func:`run_job` is the one-call
+form (its job directory, holding the model's weights, is removed on return, on an
+exception — SIGTERM in ``placer`` included — and by the next run after a SIGKILL);
+:func:`measure_links` measures latency/bandwidth between local ranks by ping-pong.
 
 Backend: gloo when any rank computes on the CPU (CUDA tensors then cross through host
 memory), NCCL when every rank is a GPU.
@@ -18,11 +22,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from typing import Any
 import torch
 
 from envs.hardware.rank_devices import RankDevice, RankDeviceError, parse_rank_devices
+from envs.runtime.distributed.rank_status import STARTING, Status, culprit, read_status
+from envs.runtime.supervisor import Supervisor, make_job_dir
 
 __all__ = ["JobOutcome", "WorkerGroup", "write_job", "run_job", "measure_links", "free_port", "backend_for"]
 
@@ -150,17 +154,16 @@ class JobOutcome:
         return not self.error
 
 
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        try:
-            return f"crashed (signal {-code}, {signal.Signals(-code).name})"
-        except ValueError:
-            return f"crashed (signal {-code})"
-    return f"crashed (exit code {code})"
+#: Extra seconds torch.distributed waits beyond the launcher: the launcher must be the one
+#: to notice a hang, since it can tell which rank hung; a rank's own time-out blames a peer.
+TORCH_TIMEOUT_MARGIN_S = 60.0
+#: Error text of a rank that gave up on a peer (time-out, peer closed the connection).
+_PEER_ERRORS = ("timed out", "timeout", "connection closed", "connection reset", "connection refused",
+                "broken pipe", "peer", "disconnected")
 
 
 class WorkerGroup:
-    """The local worker processes of one job, in one process group.
+    """The local worker processes of one job, started and stopped by one supervisor.
 
     Args:
         job_dir: directory holding ``job.pt`` (see :func:`write_job`).
@@ -180,65 +183,71 @@ class WorkerGroup:
             )
         self.master_addr = master_addr
         self.master_port = master_port or free_port(master_addr)
+        self.supervisor = Supervisor()
         self.procs: list[subprocess.Popen] = []
-        self.pgid: int | None = None
 
     @property
     def pids(self) -> list[int]:
+        """Worker process ids by rank."""
         return [p.pid for p in self.procs]
 
     def start(self) -> None:
         """Start every rank (returns at once; :meth:`wait_task` waits)."""
         world = len(self.devices)
-        root = str(Path(__file__).resolve().parents[2])
         threads = str(torch.load(self.job_dir / "job.pt", weights_only=False, mmap=True)["threads"])
         for d in self.devices:
-            env = dict(os.environ)
-            env.update(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
+            env = dict(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR=self.master_addr,
-                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads,
-                       PLACER_LAUNCHER_PID=str(os.getpid()))
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            err = open(self.job_dir / f"stderr-{d.rank}.txt", "wb")
-            try:
-                # One process group for all ranks: a single killpg stops every one of them.
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "envs.runtime.distributed.worker", str(self.job_dir)],
-                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    # The first rank leads a new group in our session (a group in another
-                    # session cannot be joined); Ctrl-C reaches the caller, who kills them.
-                    process_group=0 if self.pgid is None else self.pgid,
-                )
-            finally:
-                err.close()
-            if self.pgid is None:
-                self.pgid = proc.pid
-            self.procs.append(proc)
+                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads)
+            with open(self.job_dir / f"stderr-{d.rank}.txt", "wb") as err:
+                self.procs.append(self.supervisor.start(
+                    f"rank {d.rank}", [sys.executable, "-m", "envs.runtime.distributed.worker", str(self.job_dir)],
+                    env=env, stdout=subprocess.DEVNULL, stderr=err))
 
     def kill(self) -> None:
-        """Kill every rank (the whole process group) and reap them."""
-        if self.pgid is not None:
-            try:
-                os.killpg(self.pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-                pass
+        """Kill every rank and reap them."""
+        self.supervisor.stop()
+
+    def _error_line(self, rank: int) -> str | None:
+        err = self.job_dir / f"error-{rank}.txt"
+        try:
+            return err.read_text().split("\n", 1)[0][:400]
+        except OSError:
+            return None
+
+    def _blame(self, prefix: str) -> str:
+        """Why the job stalled, naming the rank the others were waiting for when the records tell."""
+        alive = [p.poll() is None for p in self.procs]
+        statuses = []
+        for d, up in zip(self.devices, alive):
+            st = read_status(self.job_dir, d.rank)
+            if st is None and up:  # alive but no record yet: still importing torch
+                st = Status(d.rank, STARTING, -1, -1, -1, 0.0)
+            statuses.append(st)
+        hung = culprit(statuses, alive)
+        others = "; ".join(f"rank {s.rank} {s.describe()}" for s in statuses if s is not None and s.rank != hung)
+        if hung is None:
+            return f"{prefix} (no rank was computing: {others or 'no status recorded'})"
+        d, st = self.devices[hung], statuses[hung]
+        assert st is not None
+        return f"worker rank {hung} ({d.name}) hung: {prefix}, it was {st.describe()}" + (
+            f" while {others}" if others else "")
 
     def _failure(self) -> str | None:
-        for d, p in zip(self.devices, self.procs):
-            code = p.poll()
-            if code is None or code == 0:
-                continue
-            err = self.job_dir / f"error-{d.rank}.txt"
-            if err.exists():
-                first = err.read_text().split("\n", 1)[0]
-                return f"worker rank {d.rank} ({d.name}) failed: {first[:400]}"
-            return f"worker rank {d.rank} ({d.name}) {_exit_reason(code)}"
-        return None
+        failed = self.supervisor.failures()
+        if not failed:
+            return None
+        ranks = {f"rank {d.rank}": d for d in self.devices}
+        # A rank that crashed or failed on its own is the cause; one that gave up on a peer is not.
+        for e in failed:
+            d = ranks[e.label]
+            line = self._error_line(d.rank)
+            if line is None:
+                return f"worker rank {d.rank} ({d.name}) {e.reason}"
+            if not any(m in line.lower() for m in _PEER_ERRORS):
+                return f"worker rank {d.rank} ({d.name}) failed: {line}"
+        d = ranks[failed[0].label]
+        return self._blame(f"rank {d.rank} ({d.name}) gave up waiting ({self._error_line(d.rank)})")
 
     def wait_task(self, index: int, timeout_s: float) -> tuple[list[Any] | None, str]:
         """Per-rank results of task ``index``, or (None, reason) on failure or time-out."""
@@ -250,24 +259,22 @@ class WorkerGroup:
             why = self._failure()
             if why is not None:
                 return None, why
-            if all(p.poll() is not None for p in self.procs):
+            if not self.supervisor.running():
                 return None, "every worker exited before finishing the task"
             if time.monotonic() >= deadline:
                 missing = [d.rank for d, f in zip(self.devices, files) if not f.exists()]
-                return None, f"timed out after {timeout_s:g}s (rank(s) {missing} did not finish)"
+                return None, self._blame(f"timed out after {timeout_s:g}s (rank(s) {missing} did not finish)")
             time.sleep(_POLL_S)
 
     def finish(self, timeout_s: float = 30.0) -> None:
         """Let the ranks exit after their last task; kill whatever is left."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-            time.sleep(_POLL_S)
+        self.supervisor.wait_all(timeout_s)
         self.kill()
 
-    def __enter__(self) -> "WorkerGroup":
+    def __enter__(self) -> WorkerGroup:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.kill()
 
 
@@ -284,21 +291,30 @@ def run_job(
     master_addr: str = "127.0.0.1",
     job_dir: str | os.PathLike | None = None,
     captured: Any = None,
+    deadline: float | None = None,
 ) -> JobOutcome:
     """Run ``tasks`` on local worker processes, one per device; never leaves a process behind.
 
     ``load_timeout_s`` bounds start-up (imports, rendezvous, capture) plus the first task;
-    ``timeout_s`` each later task. A failure ends the job: later tasks get no result.
+    ``timeout_s`` each later task; ``deadline`` (a ``time.monotonic()`` instant, e.g. the
+    end of the run's budget) bounds them all. A failure ends the job: later tasks get no
+    result. Without ``job_dir`` the job's files go to a fresh :func:`~envs.runtime.supervisor.make_job_dir`
+    that is removed on return.
     """
-    tmp = Path(job_dir) if job_dir is not None else Path(tempfile.mkdtemp(prefix="placer-dist-"))
+    tmp = Path(job_dir) if job_dir is not None else make_job_dir()
     try:
+        # torch.distributed's own time-out is longer than any wait of ours (see TORCH_TIMEOUT_MARGIN_S).
         write_job(tmp, spec, model_source, model_args, devices, tasks, threads=threads,
-                  timeout_s=max(timeout_s, load_timeout_s), fingerprint=fingerprint, captured=captured)
+                  timeout_s=load_timeout_s + timeout_s + TORCH_TIMEOUT_MARGIN_S, fingerprint=fingerprint,
+                  captured=captured)
         outcome = JobOutcome(results=[None] * len(tasks))
         with WorkerGroup(tmp, devices, master_addr=master_addr) as group:
             group.start()
             for i in range(len(tasks)):
-                res, why = group.wait_task(i, load_timeout_s + timeout_s if i == 0 else timeout_s)
+                limit = load_timeout_s + timeout_s if i == 0 else timeout_s
+                if deadline is not None:
+                    limit = max(0.0, min(limit, deadline - time.monotonic()))
+                res, why = group.wait_task(i, limit)
                 if res is None:
                     outcome.error, outcome.failed_task = why, i
                     break

@@ -1,8 +1,10 @@
 """Measured step time of placements through the multi-process runtime.
 
-The protocol is :mod:`envs.runtime.measure`'s (warm-up steps, then the median of timed steps,
-each candidate bounded by a time-out, results cached by placement hash), but a step is
-a distributed one: every rank runs its stages of the split placement, and a timed step
+A :class:`DistributedMeasurer` implements the :class:`envs.runtime.measurer.Measurer`
+protocol: warm-up steps, then the median of timed steps (the one step timer,
+:func:`envs.runtime.step_timer.time_steps`, on every rank), each candidate bounded by a
+time-out, results in the one :class:`~envs.runtime.measurer.MeasureCache`. A step is a
+distributed one: every rank runs its stages of the split placement, and a timed step
 starts and ends with a barrier, so it lasts as long as the slowest rank.
 
 Many placements are measured in one job (start-up with the torch import is seconds per
@@ -12,19 +14,20 @@ that job is killed, and the remaining placements go to a fresh job.
 
 Example::
 
-    m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, "cpu:0,cpu:1")
-    [r] = m.measure_many([{node: "cpu:0" for node in names}])
+    with DistributedMeasurer("zoo:rnnlm", {"size": "small"}, "cpu:0,cpu:1") as m:
+        [r] = m.measure([{node: "cpu:0" for node in names}])
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
-from envs.runtime.measure import MeasureError, MeasureResult, placement_hash
+from envs.runtime.measure import BUDGET_SPENT, budget_timeout
+from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
+from envs.runtime.step_timer import median_step_time
 
 __all__ = ["DistributedMeasurer"]
 
@@ -42,6 +45,10 @@ class DistributedMeasurer:
         spec: an already loaded ModelSpec of the same source (its weights/inputs are shipped).
         fingerprint: the model fingerprint (workers check they captured the same model).
         captured: ``spec``'s CapturedModel, if the caller has one (else captured once, here).
+
+    Attributes:
+        deadline: a ``time.monotonic()`` instant no job may pass (the caller's budget);
+            placements not measured by then come back invalid and are not cached.
     """
 
     def __init__(
@@ -75,7 +82,10 @@ class DistributedMeasurer:
         self.threads = int(threads)
         self._spec, self.fingerprint = spec, fingerprint
         self._captured = captured
-        self._cache: dict[str, MeasureResult] = {}
+        self.deadline: float | None = None
+        self._cache = MeasureCache([d.name for d in self.devices], {
+            "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats, "runtime": "distributed"})
+        self._cache.set_fingerprint(fingerprint or "")
         #: By placement hash: per-rank figures of the timed steps (messages and bytes sent,
         #: seconds blocked in receives) and the plan's shape — why a placement is slow.
         self.details: dict[str, dict[str, Any]] = {}
@@ -107,31 +117,42 @@ class DistributedMeasurer:
             )
         return {n: self.rank_of[d] for n, d in placement.items()}
 
-    def _key(self, placement: Mapping[str, str]) -> str:
-        return placement_hash(placement, self.fingerprint or "", {
-            "devices": [d.name for d in self.devices], "threads": self.threads,
-            "warmup": self.warmup, "repeats": self.repeats, "runtime": "distributed"})
+    def clear_cache(self) -> None:
+        """Forget every result, so the next call measures again."""
+        self._cache.clear()
 
-    def measure(self, placement: Mapping[str, str]) -> MeasureResult:
-        """Measure one placement (node → device name); never raises for a failed run."""
-        return self.measure_many([placement])[0]
+    def close(self) -> None:
+        """Nothing to stop between calls: every job's workers are gone when ``measure`` returns."""
 
-    def measure_many(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
-        """Measure several placements, in as few jobs as failures allow.
+    def __enter__(self) -> DistributedMeasurer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def measure(self, placements: Sequence[Mapping[str, str]]) -> list[MeasureResult]:
+        """Measure placements (node → device name) in as few jobs as failures allow; never
+        raises for a failed run (see :class:`envs.runtime.measurer.Measurer`).
 
         Raises:
             MeasureError: a placement names a device that is not a worker.
         """
         items = [{str(k): str(v) for k, v in p.items()} for p in placements]
         ranks = [self._ranks(p) for p in items]
-        keys = [self._key(p) for p in items]
-        results: list[MeasureResult | None] = [
-            MeasureResult(**{**self._cache[k].__dict__, "cached": True}) if k in self._cache else None for k in keys
-        ]
+        keys = [self._cache.key(p) for p in items]
+        return self._cache.measure(keys, lambda todo: self._run([ranks[i] for i in todo], [keys[i] for i in todo]))
+
+    def _run(self, ranks: list[dict[str, int]], keys: list[str]) -> list[MeasureResult]:
+        results: list[MeasureResult | None] = [None] * len(ranks)
         note = f"{len(self.devices)} worker processes ({self.threads} thread(s) each), torch.distributed"
         while True:
             pending = [i for i, r in enumerate(results) if r is None]
             if not pending:
+                break
+            if budget_timeout(1.0, self.deadline) <= 0:
+                for i in pending:
+                    results[i] = MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT,
+                                               note=note, budget_cut=True)
                 break
             tasks = [{"kind": "measure", "ranks": ranks[i], "warmup": self.warmup, "repeats": self.repeats}
                      for i in pending]
@@ -139,26 +160,24 @@ class DistributedMeasurer:
             out = run_job(self.spec, self.model_source, [d.name for d in self.devices], tasks,
                           model_args=self.model_args, threads=self.threads, timeout_s=self.timeout_s,
                           load_timeout_s=self.load_timeout_s, fingerprint=self.fingerprint,
-                          captured=self.captured)
+                          captured=self.captured, deadline=self.deadline)
             for j, i in enumerate(pending):
                 per_rank = out.results[j]
                 if per_rank is not None:
                     # A step lasts as long as its slowest rank (the barriers make them equal).
                     times = tuple(max(r["times"][s] for r in per_rank) for s in range(self.repeats))
-                    res = MeasureResult(step_time=float(statistics.median(times)), times=times,
-                                        note=note, placement_hash=keys[i])
+                    results[i] = MeasureResult(step_time=median_step_time(times), times=times, note=note)
                     self.details[keys[i]] = {
                         "plan": per_rank[0].get("describe", ""),
                         **{k: [r.get(k) for r in per_rank]
                            for k in ("messages_sent", "bytes_sent", "recv_wait_s", "cpu_s")},
                     }
                 elif j == out.failed_task:
-                    res = MeasureResult(step_time=float("inf"), valid=False, reason=out.error,
-                                        note=note, placement_hash=keys[i])
-                else:
-                    continue  # not reached because an earlier placement failed: next job
-                results[i] = res
-                self._cache[keys[i]] = res
+                    cut = self.deadline is not None and budget_timeout(1.0, self.deadline) <= 0
+                    reason = out.error + (" (cut at the end of the run's time budget)" if cut else "")
+                    results[i] = MeasureResult(step_time=float("inf"), valid=False, reason=reason,
+                                               note=note, budget_cut=cut)
+                # else: not reached because an earlier placement failed: the next job runs it
             if out.failed_task is None and any(results[i] is None for i in pending):
                 raise MeasureError("internal error: a job ended without results or a failure")  # pragma: no cover
         return [r for r in results if r is not None]

@@ -39,6 +39,7 @@ awaited at the end of each pass.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,10 +193,15 @@ class TorchComm(Comm):
 
 class CountingComm(Comm):
     """Wraps a :class:`Comm` and counts what crosses: messages and bytes sent, receives, and
-    the time spent blocked in receives (what the rank waited for its peers, in seconds)."""
+    the time spent blocked in receives (what the rank waited for its peers, in seconds).
 
-    def __init__(self, inner: Comm) -> None:
+    With a ``status`` (:class:`envs.runtime.distributed.rank_status.RankStatus`), every
+    blocking wait is recorded as "waiting for rank p", so a hang is blamed on the peer.
+    """
+
+    def __init__(self, inner: Comm, status: Any = None) -> None:
         self.inner = inner
+        self.status = status
         self.reset()
 
     def reset(self) -> None:
@@ -203,30 +209,36 @@ class CountingComm(Comm):
         self.sent = self.received = self.sent_bytes = 0
         self.recv_wait_s = 0.0
 
+    def _waiting(self, peer: int) -> Any:
+        return self.status.waiting(peer) if self.status is not None else contextlib.nullcontext()
+
     def isend(self, tensor: torch.Tensor, dst: int) -> Any:
         self.sent += 1
         self.sent_bytes += tensor.numel() * tensor.element_size()
-        return self.inner.isend(tensor, dst)
+        return _TimedWait(self, self.inner.isend(tensor, dst), dst, count=False)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
         start = time.perf_counter()
-        self.inner.recv(tensor, src)
+        with self._waiting(src):
+            self.inner.recv(tensor, src)
         self.recv_wait_s += time.perf_counter() - start
         self.received += 1
 
     def irecv(self, tensor: torch.Tensor, src: int) -> Any:
         self.received += 1
-        return _TimedWait(self, self.inner.irecv(tensor, src))
+        return _TimedWait(self, self.inner.irecv(tensor, src), src)
 
 
 class _TimedWait:
-    def __init__(self, owner: CountingComm, handle: Any) -> None:
-        self.owner, self.handle = owner, handle
+    def __init__(self, owner: CountingComm, handle: Any, peer: int, count: bool = True) -> None:
+        self.owner, self.handle, self.peer, self.count = owner, handle, peer, count
 
     def wait(self) -> None:
         start = time.perf_counter()
-        self.handle.wait()
-        self.owner.recv_wait_s += time.perf_counter() - start
+        with self.owner._waiting(self.peer):
+            self.handle.wait()
+        if self.count:
+            self.owner.recv_wait_s += time.perf_counter() - start
 
 
 class _Outbox:

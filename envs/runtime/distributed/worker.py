@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
-import signal
+import socket
 import sys
 import time
 import traceback
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from envs.runtime.supervisor import die_with_parent
 
 __all__ = ["main", "run_rank"]
 
@@ -79,10 +82,13 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     """Run every task of the job in ``job_dir`` as ``rank`` of ``world``."""
     import torch.distributed as dist
 
+    from envs.runtime.distributed.rank_status import DONE, STARTING, RankStatus
     from envs.runtime.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
     from envs.runtime.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
     from envs.runtime.split import split_by_rank
+    from envs.runtime.step_timer import time_steps
 
+    status = RankStatus(job_dir, rank)
     # Mapped, not read: the weights of other ranks' stages are never paged in.
     job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
     if world != len(job["devices"]):
@@ -94,19 +100,28 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     else:
         torch.cuda.set_device(device)
     backend = job["backend"]
-    init_backend = _bound_gloo(me["host"]) if backend == "gloo" and me["host"] else backend
-    dist.init_process_group(init_backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=float(job["timeout_s"])))
+    timeout = datetime.timedelta(seconds=float(job["timeout_s"]))
+    # Local ranks take their peers' connections on loopback only; a HOST:... rank on HOST's address.
+    init_backend = _bound_gloo(me["host"] or "127.0.0.1") if backend == "gloo" else backend
+    with status.waiting(barrier=True):
+        store = _rendezvous_store(rank, world, timeout)
+        dist.init_process_group(init_backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    status.set(STARTING)
     try:
         spec, gm, built_on = _capture_skeleton(job, rank)
         gm.train()
         meta = unpack_meta(job["meta"])
         inputs = tuple(job["inputs"])
-        comm = CountingComm(TorchComm(backend))
+        comm = CountingComm(TorchComm(backend), status=status)
+
+        def barrier() -> None:
+            with status.waiting(barrier=True):
+                dist.barrier()
         dev_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
         for i, task in enumerate(job["tasks"]):
             kind = task["kind"]
+            status.at(i, -1)
             if kind == "links":
                 pairs = {}
                 for a in range(world):
@@ -115,7 +130,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                             fig = _ping_pong(dist, rank, a, b, device, int(task.get("repeats", 9)))
                             if fig is not None:
                                 pairs[(a, b)] = fig
-                        dist.barrier()
+                        barrier()
                 _atomic_save({"links": pairs}, job_dir / f"result-{i}-{rank}.pt")
                 continue
             # Every task starts from the job's initial values, holding only its own stages' tensors.
@@ -150,34 +165,35 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                     "listening_on": _listening_addresses(),
                 }
             elif kind == "measure":
-                times, cpu = [], 0.0
-                for step in range(int(task["warmup"]) + int(task["repeats"])):
-                    if step == int(task["warmup"]):
-                        comm.reset()  # count the timed steps only
-                    dist.barrier()
-                    start, cpu_start = time.perf_counter(), time.process_time()
+                counter = itertools.count()
+
+                def step() -> None:
+                    status.at(i, next(counter))
                     if optimizer is not None:
                         optimizer.zero_grad(set_to_none=True)
                     runner.step()
                     if optimizer is not None:
                         optimizer.step()
+
+                def sync() -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
-                    dist.barrier()
-                    if step >= int(task["warmup"]):
-                        times.append(time.perf_counter() - start)
-                        cpu += time.process_time() - cpu_start
+                    barrier()  # a step lasts until the slowest rank is done
+
+                timed = time_steps(step, int(task["warmup"]), int(task["repeats"]), sync=sync,
+                                   on_timing=comm.reset)  # count the timed steps only
                 n = max(1, int(task["repeats"]))
-                result = {"times": times, "describe": plan.describe(),
+                result = {"times": list(timed.times), "describe": plan.describe(),
                           # Per timed step: messages this rank sent / received, bytes sent, and
                           # the time it sat in receives waiting for its peers.
                           "messages_sent": comm.sent / n, "messages_received": comm.received / n,
                           "bytes_sent": comm.sent_bytes / n, "recv_wait_s": comm.recv_wait_s / n,
                           # CPU seconds of this process per step (all its threads, incl. gloo's).
-                          "cpu_s": cpu / n}
+                          "cpu_s": timed.cpu_s / n}
             else:
                 raise RuntimeError(f"unknown task kind {kind!r}")
             _atomic_save(result, job_dir / f"result-{i}-{rank}.pt")
+        status.set(DONE)
     finally:
         try:
             dist.destroy_process_group()
@@ -212,10 +228,41 @@ def _listening_addresses() -> list[str]:
         return []
 
 
+#: The rendezvous server's listening socket (rank 0), kept open as long as the store lives.
+_STORE_SOCKET: socket.socket | None = None
+
+
+def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Any:
+    """The rendezvous store at ``MASTER_ADDR:MASTER_PORT``; rank 0 serves it on that address only.
+
+    ``torch.distributed.TCPStore(host, port, is_master=True)`` listens on every interface
+    whatever ``host`` says (torch 2.13: ``*:port``, checked with ``ss -ltn``), which would
+    expose the job to the network. Rank 0 therefore binds the listening socket itself to
+    ``MASTER_ADDR`` (loopback unless the user gives an address) and hands it to the store
+    (``master_listen_fd``). Under ``torchrun``'s agent store (``TORCHELASTIC_USE_AGENT_STORE``)
+    the agent serves and every rank is a client, as torch's ``env://`` does.
+    """
+    import torch.distributed as dist
+
+    global _STORE_SOCKET
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return dist.TCPStore(addr, port, world, False, timeout=timeout)
+    family, kind, proto, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(where)
+    sock.listen(max(128, world))
+    _STORE_SOCKET = sock
+    return dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.fileno(), use_libuv=True)
+
+
 def _bound_gloo(host: str) -> str:
     """Register a gloo backend whose device listens on ``host``'s address; returns its name.
 
-    A rank named ``HOST:cpu:N`` then takes its peers' connections on the address ``HOST``
+    A local rank (``cpu:N``) listens on 127.0.0.1: gloo's default device listens on the
+    address this machine's host name resolves to, often a public one. A rank named ``HOST:cpu:N`` then takes its peers' connections on the address ``HOST``
     resolves to, not on whatever this machine's host name resolves to (the default), so the
     device list decides which network a multi-homed machine uses — and two loopback
     addresses (127.0.0.1, 127.0.0.2) act as two hosts on one machine.
@@ -264,30 +311,9 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     return dataclasses.replace(spec, model=captured.gm), captured.gm, built_on
 
 
-def _die_with_launcher() -> None:
-    """Ask Linux to kill this worker when the launcher that started it dies.
-
-    The launcher kills the workers' process group on every failure it sees, but a launcher
-    that is itself killed (SIGKILL, OOM killer) cannot; without this its workers would wait
-    in a receive until torch.distributed's time-out.
-    """
-    expected = os.environ.get("PLACER_LAUNCHER_PID")
-    if not expected or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(expected):  # the launcher died before prctl took effect
-        os._exit(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    _die_with_launcher()
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m envs.runtime.distributed.worker JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",
