@@ -55,7 +55,7 @@ def test_local_search_reaches_a_local_optimum_and_counts_every_evaluation():
     start = np.zeros(problem.num_nodes, dtype=np.int64)  # everything on the CPU: slow
     sim0 = simulate_batch(problem, start[None])
     tracker.record(start[None], sim0.step_time, sim0.fits, phase="seeds")
-    ls = LocalSearch(problem, _evaluate(problem), tracker, seed=0, chunk=256)
+    ls = LocalSearch(problem, _evaluate(problem), tracker, np.random.default_rng(0), chunk=256)
     with pytest.raises(StopSearch):
         ls.run(10_000)
     assert tracker.evaluated == 3000 and ls.stats.evaluated == 2999
@@ -76,7 +76,7 @@ def test_same_seed_same_local_search():
         start = np.arange(problem.num_nodes) % problem.num_devices
         sim = simulate_batch(problem, start[None])
         tracker.record(start[None], sim.step_time, sim.fits, phase="seeds")
-        ls = LocalSearch(problem, _evaluate(problem), tracker, seed=3, chunk=37)
+        ls = LocalSearch(problem, _evaluate(problem), tracker, np.random.default_rng(3), chunk=37)
         with pytest.raises(StopSearch):
             ls.run(1000)
         results.append((tracker.best_row.copy(), tracker.best_step_time, list(tracker.history)))
@@ -87,4 +87,5 @@ def test_same_seed_same_local_search():
 def test_share_is_checked():
     problem = chain_problem(4)
     with pytest.raises(LocalSearchError, match="share"):
-        LocalSearch(problem, _evaluate(problem), BestTracker(problem, budget=10), share=1.0)
+        LocalSearch(problem, _evaluate(problem), BestTracker(problem, budget=10), np.random.default_rng(0),
+                    share=1.0)

@@ -9,7 +9,9 @@ import pytest
 
 from envs.sim.simulator import simulate_batch
 from placer.options import OptionError
-from placer.search.search import AGENTS, SearchError, load_policy, search
+from placer.search.agents.registry import UnknownAgentError, agent_names, get_agent
+from placer.search.config import SearchConfig, SearchError
+from placer.search.search import load_policy, search
 from placer.search.tracker import SearchProgress
 from tests.helpers.agents import chain_problem, heuristics_miss_problem
 
@@ -102,7 +104,38 @@ def test_bad_arguments_are_refused(problem):
         search(problem, budget="soon")
     with pytest.raises(SearchError, match="no saved policy"):
         load_policy("/nonexistent/policy.zip")
-    assert set(AGENTS) == {"hierarchical", "reinforce", "flat", "sequential"}
+    assert set(agent_names()) == {"hierarchical", "reinforce", "flat", "sequential"}
+    with pytest.raises(SearchError, match="no_such_option"):
+        search(problem, budget=10, no_such_option=1)
+
+
+def test_an_unknown_agent_name_lists_the_registered_ones():
+    with pytest.raises(UnknownAgentError) as info:
+        get_agent("genetic")
+    assert all(name in str(info.value) for name in agent_names())
+    with pytest.raises(SearchError, match="hierarchical, reinforce, flat, sequential"):
+        SearchConfig(agent="genetic")
+
+
+def test_a_config_and_keyword_options_give_the_same_search(problem):
+    config = SearchConfig(agent="flat", budget=128, seed=3, num_envs=64)
+    a = search(problem, config)
+    b = search(problem, agent="flat", budget=128, seed=3, num_envs=64)
+    assert np.array_equal(a.best_row, b.best_row) and a.best_step_time == b.best_step_time
+    c = search(problem, config, seed=4)  # keyword options override the config's fields
+    assert c.evaluated == 128
+
+
+def test_search_draws_from_its_own_generator_not_numpy_global_state(problem):
+    # REINFORCE and the local search draw only from generators seeded by the search's seed:
+    # the caller's global numpy stream goes on as if no search had run. (SB3's PPO models
+    # reseed the global stream themselves when built with a seed; that is SB3's doing.)
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    res = search(problem, agent="reinforce", budget=256, seed=0, num_envs=64)
+    assert res.phase_evaluated.get("local_search", 0) > 0
+    assert np.array_equal(np.random.random(3), expected)
 
 
 def test_sequential_agent_places_whole_graphs(problem, tmp_path):

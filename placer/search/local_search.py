@@ -114,7 +114,7 @@ class LocalSearch:
         problem: the problem (its edges define the pair moves).
         evaluate: ``rows [K, N] -> (step_time [K], valid [K])`` — the env's batched evaluation.
         tracker: receives every evaluated batch (budget, best, phase).
-        seed: fixes the scan order and the kicks.
+        rng: draws the scan order and the kicks (the search hands down a seeded generator).
         chunk: rows per simulator call.
         max_kick: the most nodes a kick moves (default: a tenth of the nodes, at least 2).
         share: the fraction of all evaluations this phase gets when interleaved with a policy
@@ -122,7 +122,7 @@ class LocalSearch:
             neighbour costs one simulator row, a policy sample a network pass as well.
     """
 
-    def __init__(self, problem: PlacementProblem, evaluate, tracker: BestTracker, seed: int = 0,
+    def __init__(self, problem: PlacementProblem, evaluate, tracker: BestTracker, rng: np.random.Generator,
                  chunk: int = 1024, max_kick: int | None = None, share: float = 0.5) -> None:
         if not 0.0 < float(share) < 1.0:
             raise LocalSearchError(f"the local-search share of evaluations must be in (0, 1), got {share!r}")
@@ -131,7 +131,7 @@ class LocalSearch:
         self.problem = problem
         self.evaluate = evaluate
         self.tracker = tracker
-        self.rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x10CA1]))
+        self.rng = rng
         self.chunk = max(1, int(chunk))
         self.max_kick = max(2, problem.num_nodes // 10) if max_kick is None else max(1, int(max_kick))
         self.stats = LocalSearchStats()

@@ -3,9 +3,13 @@
 >>> result = search(problem, agent="hierarchical", budget="20k", seed=0, out_dir="out")  # doctest: +SKIP
 >>> result.best_step_time, result.stop_reason                                          # doctest: +SKIP
 
-Agents: ``hierarchical`` (grouper + seq2seq placer, PPO), ``reinforce`` (same network,
-REINFORCE with a moving-average baseline), ``flat`` (no grouper, PPO) and ``sequential``
-(MaskablePPO on ``SequentialPlacementEnv``, one group per step).
+Agents come from the registry (:mod:`placer.search.agents.registry`): ``hierarchical``
+(grouper + seq2seq placer, PPO), ``reinforce`` (same network, REINFORCE with a
+moving-average baseline), ``flat`` (no grouper, PPO) and ``sequential`` (MaskablePPO on
+``SequentialPlacementEnv``, one group per step). The options are one frozen
+:class:`~placer.search.config.SearchConfig`; randomness comes from one
+``numpy.random.Generator`` seeded by ``seed`` and handed down (numpy's global state is not
+touched here; stable-baselines3 still seeds it inside its own models).
 
 Between the policy's batches an improvement phase (:mod:`placer.search.local_search`)
 polishes the best placement so far by batched local search; it shares the evaluation budget
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,23 +34,11 @@ import torch
 from envs.gym.config import default_num_groups
 from envs.gym.vector_env import BatchedPlacementVecEnv
 from envs.sim.problem import PlacementProblem
-from graphs.errors import PlacerError
-from placer.search.agents.callbacks import TrackerCallback
-from placer.search.agents.hierarchical.ppo import PPOConfig, make_ppo
-from placer.search.agents.imitation import behaviour_clone
-from placer.search.agents.reinforce import ReinforceConfig, make_network, train_reinforce
+from placer.search.agents.base import AgentContext, SearchAgent
+from placer.search.agents.registry import AgentEntry, get_agent
+from placer.search.config import SearchConfig, SearchError
 from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
-
-AGENTS = ("hierarchical", "reinforce", "flat", "sequential")
-#: Default budget: a few minutes, the issue's "minutes on an ordinary machine".
-DEFAULT_BUDGET = "5m"
-#: Default plateau: stop after this many evaluations without improvement.
-DEFAULT_PATIENCE = 60_000
-
-
-class SearchError(PlacerError, ValueError):
-    """A search asked for with arguments that cannot work."""
 
 
 @contextmanager
@@ -76,154 +69,86 @@ def _check_rows(problem: PlacementProblem, rows: Sequence | np.ndarray | None) -
 
 def search(
     problem: PlacementProblem,
-    agent: str = "hierarchical",
-    budget: object = DEFAULT_BUDGET,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
+    config: SearchConfig | None = None,
+    *,
     initial_placements: Sequence | np.ndarray | None = None,
     callback: ProgressCallback | None = None,
-    *,
-    num_groups: int | None = None,
-    num_envs: int = 256,
-    patience: int | None = DEFAULT_PATIENCE,
-    imitation_steps: int = 50,
-    progress: bool = False,
-    tensorboard_log: str | None = None,
-    save_path: str | Path | None = None,
-    fingerprint: str = "",
-    expand: Callable[[dict[str, str]], dict[str, str]] | None = None,
-    ppo_config: PPOConfig | None = None,
-    reinforce_config: ReinforceConfig | None = None,
-    threads: int | None = 1,
-    env_kwargs: dict | None = None,
     on_improve: Callable[[np.ndarray, float, int], None] | None = None,
-    resume: bool = False,
-    imitation_lr: float = 3e-3,
-    local_search: bool | None = None,
-    local_search_share: float = 0.5,
+    **options: Any,
 ) -> SearchResult:
     """Search placements of ``problem`` with a learning agent; return the best found.
 
     Args:
         problem: the compiled problem (usually over the group graph).
-        agent: one of :data:`AGENTS`.
-        budget: ``"5m"``, ``"20k"``, ``"5m,100k"``, an int (placements), a float (seconds)
-            or a :class:`~placer.options.Budget`.
-        seed: same seed and an evaluation budget give the same best placement.
-        out_dir: where ``best_placement.json`` (and ``policy.zip``) are written.
+        config: how to search (:class:`~placer.search.config.SearchConfig`); ``options``
+            are its fields given by keyword instead (``agent="flat", budget="20k", seed=1``),
+            applied on top of ``config`` when both are given.
         initial_placements: heuristic placements (rows or ``{node: device}`` dicts) evaluated
             first as candidates; the best is also imitated for ``imitation_steps`` steps.
         callback: called with a :class:`~placer.search.tracker.SearchProgress` after
             every batch; return ``False`` to stop.
-        num_groups: G of the hierarchical action (default :func:`default_num_groups`).
-        num_envs: placements evaluated per batched simulator call.
-        patience: stop after this many evaluations without improvement (None: never).
-        imitation_steps: behaviour-cloning steps on the best initial placement (0: none).
-        progress: show a progress bar with the best step time.
-        tensorboard_log: directory for TensorBoard logs (PPO agents, if tensorboard imports).
-        save_path: save the trained policy there (SB3 ``.zip`` for PPO agents, a torch
-            state dict for REINFORCE); default ``out_dir/policy.zip`` when out_dir is given.
-        fingerprint, expand: written into / applied to the placement file (e.g. the model's
-            fingerprint and ``grouping.expand`` to save op-level placements).
-        ppo_config, reinforce_config: hyper-parameters.
-        threads: torch intra-op threads during the search (None: leave as is).
-        env_kwargs: more :class:`envs.gym.placement_env.PlacementEnv` arguments (reward_mode,
-            reference, invalid_penalty, node_ops, measurer, ...).
         on_improve: called as ``on_improve(row, step_time, evaluated)`` whenever the best improves.
-        resume: start from the policy saved at ``save_path`` (or ``out_dir/policy.*``) by an
-            earlier search of the same problem, when there is one.
-        imitation_lr: Adam step size of the imitation warm start.
-        local_search: interleave the improvement phase (:mod:`placer.search.local_search`:
-            batched single- and edge-moves around the best placement, with kicks) with the
-            policy's batches.  ``None``: on when the reward comes from the simulator
-            (``simulated``, and ``hybrid``, whose inner loop is the recalibrated simulator); off
-            for ``measured`` (a neighbourhood is hundreds of evaluations, cheap only in the simulator).
-        local_search_share: the fraction of evaluations the improvement phase gets.
 
     Raises:
         SearchError: unknown agent or bad sizes.  Any error of the agent propagates after
         the best placement so far was written.
     """
-    if agent not in AGENTS:
-        raise SearchError(f"unknown agent {agent!r}; expected one of {list(AGENTS)}")
-    if isinstance(num_envs, bool) or int(num_envs) < 1:
-        raise SearchError(f"num_envs must be a positive integer, got {num_envs!r}")
-    if num_groups is not None and (isinstance(num_groups, bool) or int(num_groups) < 1):
-        raise SearchError(f"num_groups must be a positive integer, got {num_groups!r}")
+    try:
+        config = (config or SearchConfig()).replace(**options) if options else (config or SearchConfig())
+    except TypeError as exc:  # an option SearchConfig has no field for
+        raise SearchError(f"{exc}; search options are the fields of SearchConfig") from None
+    entry = get_agent(config.agent)
     rows = _check_rows(problem, initial_placements)
-    tracker = BestTracker(problem, budget, patience=patience, out_dir=out_dir, callback=callback,
-                          fingerprint=fingerprint, expand=expand, progress=progress, agent=agent,
-                          on_improve=on_improve)
+    tracker = BestTracker(problem, config.budget, patience=config.patience, out_dir=config.out_dir,
+                          callback=callback, fingerprint=config.fingerprint, expand=config.expand,
+                          progress=config.progress, agent=config.agent, on_improve=on_improve)
     left = tracker.remaining_placements()
-    num_envs = int(num_envs) if left is None else max(1, min(int(num_envs), left))
-    if save_path is None and out_dir is not None:
-        save_path = Path(out_dir) / ("policy.pt" if agent == "reinforce" else "policy.zip")
+    num_envs = config.num_envs if left is None else max(1, min(config.num_envs, left))
+    save_path = config.policy_path
+    # One generator for the whole search, split into independent streams: the agent's and the
+    # improvement phase's draws never shift each other.
+    agent_stream, local_stream = np.random.SeedSequence(int(config.seed)).spawn(2)
     reason = "finished"
-    model = None
-    with _torch_threads(threads):
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    trained: SearchAgent | None = None
+    with _torch_threads(config.threads):
+        torch.manual_seed(config.seed)
         try:
-            env = _make_env(problem, agent, num_envs, num_groups, seed, env_kwargs or {})
+            env = _make_env(problem, entry, num_envs, config)
             _watch_recalibration(env, tracker)
-            improver = _make_improver(problem, env, tracker, seed, local_search, local_search_share)
+            improver = _make_improver(problem, env, tracker, np.random.default_rng(local_stream), config)
             if rows is not None:
                 _seed_candidates(env, tracker, rows)
-            if agent in ("hierarchical", "flat"):
-                built = make_ppo(env, ppo_config, seed=seed, tensorboard_log=tensorboard_log)
-                if resume and save_path is not None and Path(save_path).exists():
-                    _resume(built, save_path)
-                elif rows is not None and imitation_steps > 0:
-                    _imitate(built.policy, env, tracker, imitation_steps, imitation_lr)
-                model = built  # only now: a failed resume must not overwrite the saved policy
-                reason = _learn_sb3(model, tracker, improver=improver)
-            elif agent == "reinforce":
-                cfg = reinforce_config or ReinforceConfig()
-                net = make_network(env, cfg)
-                if resume and save_path is not None and Path(save_path).exists():
-                    _resume(net, save_path)
-                elif rows is not None and imitation_steps > 0:
-                    _imitate(_NetAsPolicy(net), env, tracker, imitation_steps, imitation_lr)
-                model = net
-                train_reinforce(env, model, tracker, cfg, improver=improver)
-            else:
-                from placer.search.agents.sequential import make_sequential_model
-
-                seq = make_sequential_model(problem, seed=seed, tensorboard_log=tensorboard_log,
-                                            num_envs=min(num_envs, 8), env_kwargs=env_kwargs)
-                if resume and save_path is not None and Path(save_path).exists():
-                    _resume(seq, save_path)
-                model = seq
-                reason = _learn_sb3(model, tracker, steps_per_placement=problem.num_nodes, improver=improver)
+            agent = entry.build(AgentContext(
+                problem=problem, env=env, seed=config.seed, rng=np.random.default_rng(agent_stream),
+                num_envs=num_envs, env_kwargs=config.env_kwargs, tensorboard_log=config.tensorboard_log,
+                ppo=config.ppo, reinforce=config.reinforce,
+            ))
+            if config.resume and save_path is not None and save_path.exists():
+                _resume(agent, save_path)
+            elif rows is not None and config.imitation_steps > 0 and entry.imitates:
+                agent.imitate(tracker, config.imitation_steps, config.imitation_lr)
+            trained = agent  # only now: a failed resume must not overwrite the saved policy
+            reason = agent.learn(tracker, improver)
         except StopSearch as stop:
             reason = stop.reason
         except KeyboardInterrupt:
             reason = "interrupted"
         finally:
-            if save_path is not None and model is not None:
-                _save(model, save_path)
+            if save_path is not None and trained is not None:
+                save_path.parent.mkdir(parents=True, exist_ok=True)
+                trained.save(save_path)
     return tracker.result(reason)
 
 
-class _NetAsPolicy(torch.nn.Module):
-    """Gives a bare :class:`PlacementNetwork` the ``action_log_prob`` of the SB3 policy."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def action_log_prob(self, obs, actions):
-        return self.net(obs, actions=actions).log_prob
-
-
-def _make_env(problem: PlacementProblem, agent: str, num_envs: int, num_groups: int | None, seed: int,
-              env_kwargs: dict) -> BatchedPlacementVecEnv:
-    """The batched whole-graph env the agent trains on (for ``sequential``: only to score seeds)."""
-    if agent in ("flat", "sequential"):
-        return BatchedPlacementVecEnv(problem, n_envs=num_envs if agent == "flat" else 1, hierarchical=False,
-                                      seed=seed, **env_kwargs)
-    g = num_groups or default_num_groups(problem.num_nodes, problem.num_devices)
-    return BatchedPlacementVecEnv(problem, n_envs=num_envs, num_groups=g, seed=seed, **env_kwargs)
+def _make_env(problem: PlacementProblem, entry: AgentEntry, num_envs: int,
+              config: SearchConfig) -> BatchedPlacementVecEnv:
+    """The batched whole-graph env the agent trains on (for one with envs of its own: only to score seeds)."""
+    kwargs = dict(config.env_kwargs)
+    if not entry.hierarchical:
+        return BatchedPlacementVecEnv(problem, n_envs=num_envs if entry.batched else 1, hierarchical=False,
+                                      seed=config.seed, **kwargs)
+    g = config.num_groups or default_num_groups(problem.num_nodes, problem.num_devices)
+    return BatchedPlacementVecEnv(problem, n_envs=num_envs, num_groups=g, seed=config.seed, **kwargs)
 
 
 def _watch_recalibration(env: BatchedPlacementVecEnv, tracker: BestTracker) -> None:
@@ -248,67 +173,34 @@ def _seed_candidates(env: BatchedPlacementVecEnv, tracker: BestTracker, rows: np
     tracker.record(ev.placements, ev.step_time, ev.valid, next_batch=1, phase="seeds")
 
 
-def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, tracker: BestTracker, seed: int,
-                   enabled: bool | None, share: float) -> LocalSearch | None:
+def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, tracker: BestTracker,
+                   rng: np.random.Generator, config: SearchConfig) -> LocalSearch | None:
     """The interleaved local search, or None when off (by default: on where the simulator scores placements)."""
+    enabled = config.local_search
     if enabled is None:
         enabled = env.env.reward_mode in ("simulated", "hybrid")
     if not enabled:
         return None
-    if isinstance(share, bool) or not 0.0 < float(share) < 1.0:
-        raise SearchError(f"local_search_share must be a fraction in (0, 1), got {share!r}")
 
     def evaluate(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _, ev = env.evaluate_placements(rows)
         return ev.step_time, ev.valid
 
-    return LocalSearch(problem, evaluate, tracker, seed=seed, share=share)
+    return LocalSearch(problem, evaluate, tracker, rng=rng, share=config.local_search_share)
 
 
-def _imitate(policy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
-    """Behaviour-clone the best placement seen so far (the best heuristic)."""
-    if tracker.best_row is None:
-        return
-    obs = {k: v[0] for k, v in env.reset().items()}
-    action = env.env.encode(tracker.best_row)
-    behaviour_clone(policy, obs, action, steps=steps, lr=lr)
-
-
-def _learn_sb3(model, tracker: BestTracker, steps_per_placement: int = 1, improver: LocalSearch | None = None) -> str:
-    """Run ``model.learn`` until the tracker stops it; return the stop reason."""
-    cb = TrackerCallback(tracker, improver=improver)
-    total = tracker.remaining_placements()
-    # The tracker, not SB3, ends the search; SB3 only needs a horizon (in env steps) for
-    # its learning-rate schedule.
-    horizon = (total * steps_per_placement + model.n_envs * model.n_steps) if total is not None else 10**12
-    model.learn(total_timesteps=horizon, callback=cb, progress_bar=False)
-    return cb.stop_reason or "finished"
-
-
-def _resume(model, path: str | Path) -> None:
-    """Load the weights an earlier search saved at ``path`` into ``model``."""
+def _resume(agent: SearchAgent, path: Path) -> None:
+    """Load the weights an earlier search saved at ``path`` into ``agent``."""
     try:
-        if hasattr(model, "set_parameters"):
-            model.set_parameters(str(path), device="cpu")
-        else:
-            model.load_state_dict(torch.load(path, map_location="cpu"))
+        agent.resume(path)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SearchError(
             f"cannot resume from {path}: it was saved for another problem, agent or group count ({exc})"
         ) from None
 
 
-def _save(model, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save"):
-        model.save(str(path))
-    else:
-        torch.save(model.state_dict(), path)
-
-
-def load_policy(path: str | Path, agent: str = "hierarchical"):
-    """Load a policy saved by :func:`search` (an SB3 model for PPO agents)."""
+def load_policy(path: str | Path, agent: str = "hierarchical") -> Any:
+    """Load a policy saved by :func:`search` (an SB3 model for the PPO and sequential agents)."""
     path = Path(path)
     if not path.exists():
         raise SearchError(f"no saved policy at {path}")
@@ -322,3 +214,4 @@ def load_policy(path: str | Path, agent: str = "hierarchical"):
         return MaskablePPO.load(str(path), device="cpu")
     raise SearchError(f"load_policy handles SB3 agents (hierarchical, flat, sequential); {agent!r} saves a state dict: "
                       "use torch.load and PlacementNetwork.load_state_dict")
+

@@ -8,11 +8,16 @@ by the environment (``PlacementEnv.encode``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from envs.gym.vector_env import BatchedPlacementVecEnv
+from placer.search.tracker import BestTracker
 
-def behaviour_clone(policy, obs: dict[str, np.ndarray], action: np.ndarray, steps: int = 100,
+
+def behaviour_clone(policy: Any, obs: dict[str, np.ndarray], action: np.ndarray, steps: int = 100,
                     lr: float = 3e-3) -> list[float]:
     """Raise ``policy``'s log-probability of ``action`` for ``obs`` (one unbatched observation).
 
@@ -32,3 +37,15 @@ def behaviour_clone(policy, obs: dict[str, np.ndarray], action: np.ndarray, step
         optim.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def imitate_best(policy: Any, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
+    """Behaviour-clone the best placement ``tracker`` has seen (the best heuristic seed), if any.
+
+    ``policy`` is an SB3 placement policy or anything with the same ``action_log_prob``.
+    """
+    if tracker.best_row is None:
+        return
+    obs = {k: v[0] for k, v in env.reset().items()}
+    action = env.env.encode(tracker.best_row)
+    behaviour_clone(policy, obs, action, steps=steps, lr=lr)

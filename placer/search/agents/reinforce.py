@@ -8,12 +8,15 @@ those better than the moving average of past rewards, add an entropy bonus.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from envs.gym.vector_env import BatchedPlacementVecEnv
 from placer.search.agents.hierarchical.network import PlacementNetwork
 from placer.search.agents.hierarchical.policy import network_sizes
+from placer.search.agents.imitation import imitate_best
+from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker
 
 
@@ -42,7 +45,7 @@ def make_network(env: BatchedPlacementVecEnv, config: ReinforceConfig) -> Placem
 
 
 def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker: BestTracker,
-                    config: ReinforceConfig | None = None, improver=None) -> None:
+                    config: ReinforceConfig | None = None, improver: LocalSearch | None = None) -> None:
     """Train until ``tracker`` raises :class:`~placer.search.tracker.StopSearch`.
 
     Each iteration evaluates ``env.num_envs`` placements (fewer when the evaluation budget
@@ -75,3 +78,40 @@ def train_reinforce(env: BatchedPlacementVecEnv, net: PlacementNetwork, tracker:
         if improver is not None:
             improver.after_policy_batch(len(rewards), next_batch=1)
 
+
+
+class _NetAsPolicy(torch.nn.Module):
+    """Gives a bare :class:`PlacementNetwork` the ``action_log_prob`` of the SB3 policy (for imitation)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def action_log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
+        return self.net(obs, actions=actions).log_prob
+
+
+class ReinforceAgent:
+    """REINFORCE on the batched environment, as a :class:`~placer.search.agents.registry.SearchAgent`."""
+
+    def __init__(self, env: BatchedPlacementVecEnv, config: ReinforceConfig | None = None) -> None:
+        self.env = env
+        self.config = config or ReinforceConfig()
+        self.net = make_network(env, self.config)
+
+    def resume(self, path: Path) -> None:
+        """Load a state dict saved by :meth:`save`."""
+        self.net.load_state_dict(torch.load(path, map_location="cpu"))
+
+    def imitate(self, tracker: BestTracker, steps: int, lr: float) -> None:
+        """Behaviour-clone the tracker's best placement into the network."""
+        imitate_best(_NetAsPolicy(self.net), self.env, tracker, steps, lr)
+
+    def learn(self, tracker: BestTracker, improver: LocalSearch | None) -> str:
+        """Train until the tracker raises :class:`~placer.search.tracker.StopSearch`."""
+        train_reinforce(self.env, self.net, tracker, self.config, improver=improver)
+        return "finished"
+
+    def save(self, path: Path) -> None:
+        """Write the network's state dict (``torch.save``)."""
+        torch.save(self.net.state_dict(), path)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
@@ -57,15 +58,20 @@ def tensorboard_available() -> bool:
 
 
 def make_ppo(env: VecEnv, config: PPOConfig | None = None, seed: int | None = 0,
-             tensorboard_log: str | None = None, device: str = "cpu") -> PPO:
+             tensorboard_log: str | None = None, device: str = "cpu",
+             rng: np.random.Generator | None = None) -> PPO:
     """A PPO model with :class:`HierarchicalPlacementPolicy` on ``env`` (hierarchical or flat action).
 
     Its rollout buffer stores the (shared) observation once
-    (:class:`~placer.search.agents.hierarchical.rollout_buffer.SharedObservationRolloutBuffer`);
+    (:class:`~placer.search.agents.hierarchical.rollout_buffer.SharedObservationRolloutBuffer`)
+    and shuffles minibatches with ``rng`` (default: seeded from ``seed``);
     ``config.extra`` may override that like any other PPO argument.
     """
     config = config or PPOConfig()
     batch = min(config.batch_size, config.n_steps * env.num_envs)
+    buffer: dict[str, Any] = {"rollout_buffer_class": SharedObservationRolloutBuffer}
+    if "rollout_buffer_class" not in config.extra:
+        buffer["rollout_buffer_kwargs"] = {"rng": rng if rng is not None else np.random.default_rng(seed)}
     return PPO(
         HierarchicalPlacementPolicy,
         env,
@@ -83,5 +89,5 @@ def make_ppo(env: VecEnv, config: PPOConfig | None = None, seed: int | None = 0,
         seed=seed,
         device=device,
         verbose=0,
-        **{"rollout_buffer_class": SharedObservationRolloutBuffer, **config.extra},
+        **{**buffer, **config.extra},
     )

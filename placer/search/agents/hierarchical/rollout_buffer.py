@@ -14,6 +14,7 @@ use stays correct.
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,15 @@ def _same_rows(obs: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None) ->
 
 
 class SharedObservationRolloutBuffer(DictRolloutBuffer):
-    """``DictRolloutBuffer`` that stores identical observations once (see the module docstring)."""
+    """``DictRolloutBuffer`` that stores identical observations once (see the module docstring).
+
+    ``rng`` shuffles the minibatches of a shared rollout (default: a fresh, unseeded generator;
+    :func:`~placer.search.agents.hierarchical.ppo.make_ppo` passes the search's).
+    """
+
+    def __init__(self, *args: Any, rng: np.random.Generator | None = None, **kwargs: Any) -> None:
+        self.rng = rng if rng is not None else np.random.default_rng()
+        super().__init__(*args, **kwargs)
 
     def reset(self) -> None:
         super().reset()  # np.zeros: the full observation arrays cost nothing until written
@@ -74,7 +83,7 @@ class SharedObservationRolloutBuffer(DictRolloutBuffer):
             return
         assert self.full, ""
         total = self.buffer_size * self.n_envs
-        indices = np.random.permutation(total)
+        indices = self.rng.permutation(total)
         if not self.generator_ready:
             for name in ("actions", "values", "log_probs", "advantages", "returns"):
                 self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
