@@ -1,0 +1,254 @@
+"""Faults of multi-process runs, with two real CPU ranks: nothing listens beyond loopback, no
+worker outlives a killed launcher, job files holding the weights do not survive the run,
+and a hang is blamed on the rank that hung, not on the peer that waited for it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from envs.runtime.distributed.launcher import WorkerGroup, write_job
+from envs.runtime.distributed.measure import DistributedMeasurer
+from envs.runtime.distributed.rank_status import BARRIER, COMPUTING, WAITING, Status, culprit
+from envs.runtime.supervisor import JOB_DIR_PREFIX, sweep_stale_job_dirs
+from graphs.pipeline import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = "cpu:0,cpu:1"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pids, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    return all(_gone(p) for p in pids)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def _address(hex_addr: str) -> str:
+    """The IP of a /proc/net/tcp{,6} ``ADDR:PORT`` column, in the usual notation."""
+    import ipaddress
+
+    raw = bytes.fromhex(hex_addr.split(":")[0])
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw[::-1]))
+    # IPv6: four 32-bit words, each in host (little-endian) order
+    return str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+
+
+def listening_addresses(pids) -> list[str]:
+    """Every address a TCP socket of ``pids`` listens on (``/proc/net/tcp`` and ``tcp6``)."""
+    inodes = set().union(*(_socket_inodes(p) for p in pids))
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    found.append(_address(cols[1]))
+    return found
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _long_job(tmp_path):
+    prep = prepare("zoo:rnnlm", {"size": "small"}, profile=False)
+    groups = list(prep.grouping.graph.nodes)
+    half = prep.grouping.expand({g: int(i >= len(groups) // 2) for i, g in enumerate(groups)})
+    tasks = [{"kind": "measure", "ranks": half, "warmup": 0, "repeats": 1},
+             {"kind": "measure", "ranks": half, "warmup": 0, "repeats": 100000}]
+    write_job(tmp_path, prep.spec, "zoo:rnnlm", {"size": "small"}, DEVICES, tasks)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+def test_every_listening_socket_of_a_two_rank_job_is_on_loopback(tmp_path):
+    """The rendezvous store of rank 0 and every gloo device listen on 127.0.0.1 only."""
+    _long_job(tmp_path)
+    with WorkerGroup(tmp_path, DEVICES) as group:
+        group.start()
+        first, why = group.wait_task(0, 240)
+        assert first is not None, why
+        addresses = listening_addresses([*group.pids, os.getpid()])
+        assert len(addresses) >= 2, "expected at least the store and the gloo devices to listen"
+        assert all(_is_loopback(a) for a in addresses), f"listening beyond loopback: {addresses}"
+
+
+def test_rank_workers_die_with_a_killed_launcher_and_the_next_run_removes_its_job_files(tmp_path):
+    """SIGKILL of placer: its ranks die with it, and the job directory (the model's weights)
+    it could not remove is removed by the next run that makes one."""
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent('''
+        import sys, time
+        from envs.runtime.distributed.launcher import WorkerGroup, write_job
+        from envs.runtime.supervisor import make_job_dir
+        from graphs.pipeline import prepare
+        prep = prepare("zoo:rnnlm", {"size": "small"}, profile=False)
+        job = make_job_dir()
+        groups = list(prep.grouping.graph.nodes)
+        half = prep.grouping.expand({g: int(i >= len(groups) // 2) for i, g in enumerate(groups)})
+        write_job(job, prep.spec, "zoo:rnnlm", {"size": "small"}, "cpu:0,cpu:1",
+                  [{"kind": "measure", "ranks": half, "warmup": 0, "repeats": 1},
+                   {"kind": "measure", "ranks": half, "warmup": 0, "repeats": 100000}])
+        group = WorkerGroup(job, "cpu:0,cpu:1")
+        group.start()
+        res, why = group.wait_task(0, 240)
+        print(job, *group.pids, flush=True)
+        time.sleep(600)
+    ''')], env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = launcher.stdout.readline().split()
+        assert len(line) == 3, launcher.stderr.read()[-2000:]
+        job, pids = Path(line[0]), [int(p) for p in line[1:]]
+        assert job.name.startswith(JOB_DIR_PREFIX) and (job / "job.pt").exists()
+        assert not any(_gone(p) for p in pids)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+        assert _wait_gone(pids), "a rank outlived its killed launcher"
+        assert job.exists()  # SIGKILL leaves no chance to clean up ...
+        assert job in sweep_stale_job_dirs(job.parent)  # ... the next run does
+        assert not job.exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_sigterm_of_placer_during_a_distributed_run_removes_its_job_files_and_workers(tmp_path):
+    """SIGTERM while ranks run (here: measuring the links between them at start-up):
+    placer exits 143, its job directory and its workers are gone."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "placer", "optimize", "zoo:rnnlm", "--size", "small",
+                             "--devices", DEVICES, "--reward", "measured", "--budget", "5m",
+                             "--out", str(tmp_path / "out"), "-q"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        jobs: list[Path] = []
+        while not jobs:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no job directory appeared"
+            jobs = [p for p in tmp_path.glob(f"{JOB_DIR_PREFIX}{proc.pid}-*") if (p / "job.pt").exists()]
+            time.sleep(0.1)
+        time.sleep(1.0)  # let the ranks start
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)).count(str(jobs[0]))]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 143, stderr[-2000:]
+        assert not any(p.exists() for p in jobs), "the job files outlived SIGTERM"
+        assert _wait_gone(workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+STALLING_MODEL = textwrap.dedent(
+    '''
+    import os, time
+    import torch
+    import torch.fx
+    import torch.nn as nn
+
+    def stall(x):
+        # Hangs on the rank named by PLACER_TEST_STALL_RANK, in real steps only (not while
+        # the model is captured on meta or fake tensors).
+        if (os.environ.get("RANK") == os.environ.get("PLACER_TEST_STALL_RANK")
+                and type(x) is torch.Tensor and x.device.type == "cpu" and x.shape[0] == 4):
+            while True:
+                time.sleep(0.05)
+        return x
+
+    torch.fx.wrap("stall")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(stall(self.fc1(x)))
+
+    def get_model():
+        return Net()
+
+    def get_example_inputs():
+        return (torch.randn(4, 8),)
+    '''
+)
+
+
+def test_a_hung_rank_is_named_not_the_peer_that_waited_for_it(tmp_path, monkeypatch):
+    model = tmp_path / "stalling_model.py"
+    model.write_text(STALLING_MODEL)
+    monkeypatch.setenv("PLACER_TEST_STALL_RANK", "1")
+    with DistributedMeasurer(str(model), {}, DEVICES, warmup=0, repeats=1, timeout_s=3,
+                             load_timeout_s=240) as m:
+        names = [n.name for n in m.captured.gm.graph.nodes]
+        assert "stall" in names, names
+        fine = {n: "cpu:0" for n in names}  # rank 1 holds nothing: no stall
+        hangs = {n: ("cpu:1" if n in ("stall", "fc2", "output") else "cpu:0") for n in names}
+        start = time.monotonic()
+        ok, hung = m.measure([fine, hangs])
+        assert time.monotonic() - start < 240
+    assert ok.valid, ok.reason
+    assert not hung.valid
+    assert hung.reason.startswith("worker rank 1 (cpu:1) hung"), hung.reason
+    assert "timed out after 3s" in hung.reason and "rank 0" in hung.reason
+
+
+def test_culprit_is_the_rank_computing_while_the_others_wait():
+    waiting0 = Status(0, WAITING, 1, 2, 5, 4.0)
+    computing1 = Status(1, COMPUTING, -1, 2, 5, 4.2)
+    assert culprit([waiting0, computing1], [True, True]) == 1
+    # Three ranks: rank 2 computes for long but nobody waits for it; rank 0 waits for 1.
+    ranks = [Status(0, WAITING, 1, 0, 1, 1.0), Status(1, COMPUTING, -1, 0, 1, 1.0),
+             Status(2, COMPUTING, -1, 0, 1, 9.0)]
+    assert culprit(ranks, [True, True, True]) == 1
+    # Everyone in a barrier: the records do not tell.
+    assert culprit([Status(0, BARRIER, -1, 0, 0, 1.0), Status(1, BARRIER, -1, 0, 0, 1.0)], [True, True]) is None
+    # A dead rank's stale record is ignored.
+    assert culprit([waiting0, computing1], [True, False]) is None

@@ -1,0 +1,234 @@
+"""Faults around measurement: a killed parent, a hang past the budget, stale job files,
+SIGTERM and Ctrl-C of ``placer`` — with real processes and small models.
+
+Also the pieces every measurer shares: the cache, the step timer, the supervisor's sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from envs.runtime.measure import BUDGET_SPENT, SingleProcessMeasurer
+from envs.runtime.measurer import MeasureCache, MeasureResult
+from envs.runtime.step_timer import median_step_time, time_steps
+from envs.runtime.supervisor import JOB_DIR_PREFIX, make_job_dir, sweep_stale_job_dirs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SLEEPY_MODEL = textwrap.dedent(
+    '''
+    import time
+    import torch
+    import torch.nn as nn
+
+    _FLAG = None
+
+    def get_model(flag=""):
+        global _FLAG
+        _FLAG = flag
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def get_example_inputs(flag=""):
+        return (torch.randn(4, 8),)
+
+    def get_loss(output, *inputs):
+        if _FLAG and open(_FLAG).read().strip() == "sleep":
+            time.sleep(600)
+        return output.pow(2).mean()
+    '''
+)
+
+
+@pytest.fixture()
+def sleepy(tmp_path):
+    model = tmp_path / "sleepy_model.py"
+    model.write_text(SLEEPY_MODEL)
+    flag = tmp_path / "flag"
+    flag.write_text("ok")
+    return model, flag
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pids, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return all(_gone(p) for p in pids)
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_measure_worker_dies_when_its_parent_is_killed(sleepy):
+    """SIGKILL of the process that owns the measurer (placer) leaves no worker behind."""
+    model, flag = sleepy
+    parent = _python(textwrap.dedent('''
+        import sys, time
+        from envs.runtime.measure import SingleProcessMeasurer
+        m = SingleProcessMeasurer(sys.argv[1], model_args={"flag": sys.argv[2]}, num_threads=1)
+        m.start()
+        print(m.pid, flush=True)
+        time.sleep(600)
+    '''), str(model), str(flag))
+    try:
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), parent.stderr.read()
+        worker = int(line)
+        assert not _gone(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert _wait_gone([worker]), f"measure worker {worker} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_the_deadline_cuts_a_hung_measurement_and_later_ones_do_not_run(sleepy):
+    """The run's budget bounds every measurement: a hang ends at the deadline, not at the
+    (long) per-placement time-out, and neither result is cached (they say nothing of the placement)."""
+    model, flag = sleepy
+    with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, warmup=0, repeats=1, timeout_s=300,
+                               num_threads=1) as m:
+        names = m.node_names
+        first, second = {n: "cpu" for n in names}, {n: "cpu" for n in names}
+        second[names[1]] = "cpu:0"
+        flag.write_text("sleep")
+        m.deadline = time.monotonic() + 3.0
+        start = time.monotonic()
+        hung, skipped = m.measure([first, second])
+        assert time.monotonic() - start < 30
+        assert not hung.valid and hung.reason.startswith("timed out after") and "time budget" in hung.reason
+        assert hung.budget_cut and not m.alive
+        assert not skipped.valid and skipped.reason == BUDGET_SPENT and skipped.budget_cut
+        flag.write_text("ok")
+        m.deadline = None
+        [again] = m.measure([first])
+        assert again.valid and not again.cached
+
+
+def test_job_dirs_of_dead_owners_are_swept_and_live_ones_kept(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    stale = tmp_path / f"{JOB_DIR_PREFIX}{dead_pid}-12345-abc"
+    stale.mkdir()
+    (stale / "job.pt").write_bytes(b"weights")
+    mine = make_job_dir(tmp_path)
+    assert mine.name.startswith(f"{JOB_DIR_PREFIX}{os.getpid()}-")
+    assert not stale.exists(), "make_job_dir sweeps dirs of owners that are gone"
+    # A pid that was reused by another process: the start time tells them apart.
+    reused = tmp_path / f"{JOB_DIR_PREFIX}{os.getpid()}-1-xyz"
+    reused.mkdir()
+    unrelated = tmp_path / "placer-jobs-notes"
+    unrelated.mkdir()
+    assert sweep_stale_job_dirs(tmp_path) == [reused]
+    assert mine.exists() and unrelated.exists()
+
+
+def test_the_cache_keys_on_model_devices_and_protocol_and_skips_budget_cuts():
+    runs = []
+
+    def run(todo):
+        runs.append(list(todo))
+        return [MeasureResult(step_time=0.01 * (i + 1)) for i in todo]
+
+    cache = MeasureCache(["cpu:0", "cpu:1"], {"warmup": 1, "repeats": 3})
+    cache.set_fingerprint("model-a")
+    a, b = {"x": "cpu:0", "y": "cpu:1"}, {"x": "cpu:1", "y": "cpu:1"}
+    keys = [cache.key(a), cache.key(b), cache.key(dict(reversed(list(a.items()))))]
+    assert keys[0] == keys[2] != keys[1]
+    first = cache.measure(keys, run)
+    assert runs == [[0, 1]] and [r.cached for r in first] == [False, False, True]
+    assert cache.measure(keys[:1], run)[0].cached and runs == [[0, 1]]
+    assert MeasureCache(["cpu:0"], {"warmup": 1, "repeats": 3}).key(a) != keys[0]  # other devices
+    assert MeasureCache(["cpu:0", "cpu:1"], {"warmup": 2, "repeats": 3}).key(a) != keys[0]  # other protocol
+    cache.set_fingerprint("model-b")  # another model: old results describe it no more
+    assert len(cache) == 0
+    cut = MeasureResult(step_time=float("inf"), valid=False, reason="timed out", budget_cut=True)
+    cache.put("k", cut)
+    assert cache.get("k") is None
+
+
+def test_the_step_timer_times_only_the_steps_after_warmup_between_syncs():
+    events = []
+    clock = iter(range(100))
+
+    def step():
+        events.append(("step", next(clock)))
+        time.sleep(0.002)
+
+    timed = time_steps(step, warmup=2, repeats=3, sync=lambda: events.append(("sync",)),
+                       on_timing=lambda: events.append(("timing",)))
+    assert len(timed.times) == 3 and all(t >= 0.002 for t in timed.times)
+    assert events.index(("timing",)) == 6  # after two warm-up steps, each between two syncs
+    assert [e for e in events if e[0] == "step"] == [("step", i) for i in range(5)]
+    assert events.count(("sync",)) == 10
+    assert median_step_time([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        time_steps(step, warmup=0, repeats=0)
+
+
+def _optimize_until_best(args, out: Path, sig: int, timeout_s: float = 240.0):
+    """Start ``placer optimize``, send ``sig`` once the search has saved a best placement."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "placer", "optimize", *args, "--out", str(out), "-q"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (out / "best_placement.json").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the search never saved a best placement"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_stop_optimize_keep_the_best_and_exit_non_zero(tmp_path, sig, status):
+    """SLURM, docker stop and systemd send SIGTERM: handled like Ctrl-C, the results so far
+    are written, and the exit status says the run was interrupted."""
+    out = tmp_path / "out"
+    code, _, stderr = _optimize_until_best(["zoo:rnnlm", "--cluster", "4xK40", "--budget", "10m",
+                                            "--baselines", "single", "--no-check"], out, sig)
+    assert code == status, stderr[-2000:]
+    assert f"interrupted by {signal.Signals(sig).name}" in stderr
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["assignment"]
+
+
+def test_measure_timeout_must_be_a_positive_time(capsys):
+    from placer.cli.main import main
+
+    assert main(["optimize", "zoo:rnnlm", "--measure-timeout", "0"]) == 2
+    assert "--measure-timeout: must be a positive time" in capsys.readouterr().err
+    assert main(["optimize", "zoo:rnnlm", "--measure-timeout", "soon"]) == 2
+    assert "expected seconds like 30, 90s or 5m" in capsys.readouterr().err
