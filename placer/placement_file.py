@@ -19,6 +19,7 @@ hand, and raises :class:`PlacementFileError` naming what did not match.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import networkx as nx
 
 from envs.runtime.apply import placement_device_map
 from graphs.atomic_write import write_text_atomic
+from graphs.documents import read_document
 from graphs.errors import PlacerError
 
 __all__ = [
@@ -143,17 +145,7 @@ def load_placement(
             device, or missing/extra nodes.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlacementFileError(f"cannot read placement file {str(path)!r}: {exc.strerror}") from exc
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlacementFileError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            f"expected a placement file written by placer"
-        ) from exc
+    doc = read_document(path, PlacementFileError, "placement file", fmt="json")
     placement = _from_dict(doc, str(path))
 
     nodes, graph_fp = _graph_nodes_and_fingerprint(graph)
@@ -207,10 +199,40 @@ def _from_dict(doc: Any, where: str) -> Placement:
     metadata = doc.get("metadata", {})
     if not isinstance(metadata, dict):
         raise PlacementFileError(f"{where}: metadata must be an object, got {type(metadata).__name__}")
+    _check_metadata(metadata, where)
     try:
         return Placement(assignment=dict(assign), fingerprint=fp, devices=list(devs), metadata=metadata)
     except PlacementFileError as exc:
         raise PlacementFileError(f"{where}: {exc}") from exc
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+#: The metadata placer writes and reads back (``show``, ``apply``, ``--resume``): key →
+#: (check, what is expected). Other keys are the user's and pass through unchecked.
+_METADATA_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (lambda v: isinstance(v, str), "a model name (string)"),
+    "cluster": (lambda v: isinstance(v, str), "a cluster name or spec path (string)"),
+    "simulated_cluster": (lambda v: isinstance(v, bool), "true or false"),
+    "step_time": (lambda v: v is None or _is_time(v), "seconds per step (a non-negative number)"),
+    "source": (lambda v: isinstance(v, str), "'simulated' or 'measured'"),
+    "method": (lambda v: isinstance(v, str), "a method name (string)"),
+    "reward": (lambda v: isinstance(v, str), "a reward mode (string)"),
+    "phase": (lambda v: isinstance(v, str), "a search phase (string)"),
+    "real_devices": (lambda v: isinstance(v, dict) and all(isinstance(x, str) and x for x in v.values()),
+                     "a mapping of device names to torch device strings"),
+}
+
+
+def _check_metadata(metadata: Mapping[str, Any], where: str) -> None:
+    for key, (ok, expected) in _METADATA_TYPES.items():
+        if key in metadata and not ok(metadata[key]):
+            value = repr(metadata[key])
+            raise PlacementFileError(
+                f"{where}: metadata {key!r} is {value if len(value) <= 60 else value[:57] + '...'}; expected {expected}"
+            )
 
 
 def to_device_map(

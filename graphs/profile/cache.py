@@ -6,15 +6,18 @@ name such as the CPU model or ``torch.cuda.get_device_name``). Those four make t
 name (the caller folds the optimizer's identity into the inputs part: optimizer times
 depend on it); the file holds ``{node name: [forward s, backward s, optimizer s | null]}``
 plus a small ``meta`` dict (the optimizer's kind and fixed per-step cost). A file that is
-unreadable, of another schema (schema 1 had no optimizer times: such files re-profile) or
-missing a node of the graph is ignored (and overwritten by the next measurement), never
-trusted.
+unreadable, of another schema (schema 1 had no optimizer times: such files re-profile),
+missing a node of the graph, or holding a time that is NaN, infinite or negative is
+ignored (with a warning in the log when the file was ours but bad) and overwritten by the
+next measurement, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
 import re
@@ -25,8 +28,26 @@ from typing import Any
 import torch
 
 from graphs.atomic_write import write_text_atomic
+from graphs.documents import read_document
+from graphs.errors import PlacerError
 
 SCHEMA = 2
+log = logging.getLogger(__name__)
+
+
+class _CacheFileError(PlacerError):
+    """A profile cache file that cannot be trusted (never raised past :meth:`ProfileCache.load`)."""
+
+
+def _is_time(value: Any) -> bool:
+    # NaN or a negative time (a clock that went backwards, a hand-edited file) would make
+    # the simulator's step times meaningless; bool is an int to json but not a time.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _stale(reason: object) -> None:
+    log.warning("profile cache not used, re-profiling: %s", reason)
+    return None
 
 #: One node's cached times: forward, backward and optimizer-update seconds (None: not timed).
 NodeTimes = tuple[float, float, float | None]
@@ -92,26 +113,26 @@ class ProfileCache:
              nodes: Iterable[str]) -> tuple[dict[str, NodeTimes], dict[str, Any]] | None:
         """The cached ``({node: (fwd, bwd, opt)}, meta)``, or None when absent, stale or unreadable."""
         file = self.path(fingerprint, inputs, kind, name)
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        if not file.exists():
             return None
+        try:
+            data = read_document(file, _CacheFileError, "profile cache file", fmt="json")
+        except _CacheFileError as exc:
+            return _stale(exc)
         if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("fingerprint") != fingerprint \
                 or data.get("device_kind") != kind or data.get("device_name") != name:
-            return None
+            return None  # another schema or another key's file: not an error, just not ours
         stored = data.get("nodes")
-        if not isinstance(stored, dict):
-            return None
         meta = data.get("meta")
-        if not isinstance(meta, dict):
-            return None
+        if not isinstance(stored, dict) or not isinstance(meta, dict):
+            return _stale(f"{file} lacks its nodes or meta")
         result: dict[str, NodeTimes] = {}
         for node in nodes:
             triple = stored.get(node)
             if not (isinstance(triple, list) and len(triple) == 3
-                    and all(isinstance(x, (int, float)) for x in triple[:2])
-                    and (triple[2] is None or isinstance(triple[2], (int, float)))):
-                return None
+                    and all(_is_time(x) for x in triple[:2]) and (triple[2] is None or _is_time(triple[2]))):
+                return _stale(f"{file} holds {triple!r} for node {node!r}; expected "
+                              "[forward s, backward s, optimizer s or null], each a finite non-negative number")
             result[node] = (float(triple[0]), float(triple[1]), None if triple[2] is None else float(triple[2]))
         return result, meta
 

@@ -1,0 +1,61 @@
+"""Before the search: can the model fit the devices at all, and if not, by how much?
+
+The simulator charges each op's static memory (parameters, their gradients, the
+optimizer's state — :meth:`PlacementProblem.static_memory` — and the activations it keeps
+for the backward) to the device it runs on for the whole step; transient buffers come on
+top. Two necessary conditions follow, each checked before any search time is spent:
+
+* the model's static memory must fit in all devices' capacity together;
+* the largest group (groups are never split) must fit on the largest device.
+
+When either fails no placement can fit, and the message says how much the model needs,
+per device at best, and against which limits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.hardware.units import format_bytes
+from envs.sim.problem import PlacementProblem
+from graphs.errors import PlacerError
+
+__all__ = ["MemoryFitError", "memory_needs", "check_memory_fits"]
+
+
+class MemoryFitError(PlacerError):
+    """The model cannot fit the devices, whatever the placement."""
+
+
+def memory_needs(problem: PlacementProblem) -> tuple[np.ndarray, str]:
+    """Per-group static bytes and one line describing what the model needs against the limits."""
+    static = problem.static_memory() + np.asarray(problem.act_bytes, dtype=np.float64)
+    params = float(np.sum(problem.param_bytes))
+    state = float(np.sum(problem.static_memory())) - params
+    acts = float(np.sum(problem.act_bytes))
+    total = float(np.sum(static))
+    limits = ", ".join(f"{d}={format_bytes(c)}" for d, c in zip(problem.device_names, problem.memory_capacity))
+    text = (
+        f"the model needs {format_bytes(total)} for a training step (parameters {format_bytes(params)}, "
+        f"their gradients and optimizer state {format_bytes(state)}, kept activations {format_bytes(acts)}), "
+        f"at best {format_bytes(total / max(problem.num_devices, 1))} per device if spread evenly, the "
+        f"largest group alone {format_bytes(float(static.max(initial=0.0)))}; device limits: {limits}"
+    )
+    return static, text
+
+
+def check_memory_fits(problem: PlacementProblem) -> None:
+    """Raise :class:`MemoryFitError` when no placement can fit (see the module doc)."""
+    static, text = memory_needs(problem)
+    capacity = np.asarray(problem.memory_capacity, dtype=np.float64)
+    total, largest = float(static.sum()), float(static.max(initial=0.0))
+    if total > float(capacity.sum()):
+        raise MemoryFitError(
+            f"no placement can fit: {text}; together the devices hold {format_bytes(float(capacity.sum()))}. "
+            "Expected more or larger devices (--cluster, --devices), a higher --memory cap, or a smaller model or batch"
+        )
+    if largest > float(capacity.max(initial=0.0)):
+        raise MemoryFitError(
+            f"no placement can fit: {text}; its largest group does not fit the largest device "
+            f"({format_bytes(float(capacity.max()))}). Expected larger devices or a smaller model or batch"
+        )
