@@ -46,12 +46,8 @@ import torch.fx as fx
 
 from graphs.errors import GraphError
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
-from graphs.ops import STAYS_WITH_INPUT_OPS, op_name
+from graphs.ops import INPLACE_OPERATOR_NAMES, STAYS_WITH_INPUT_OPS, op_name
 
-_OPERATOR_INPLACE = frozenset({
-    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
-    "ixor", "ilshift", "irshift",
-})
 # Unprofiled estimate: one CPU thread does about this much per second.
 EST_FLOPS_PER_S = 1e10
 EST_BYTES_PER_S = 1e10
@@ -112,8 +108,8 @@ def is_inplace(attrs: Mapping[str, Any], inplace_kwarg: bool = False) -> bool:
     target = str(attrs.get("target", ""))
     name = op_name(target)
     if name.startswith("__") and name.endswith("__"):
-        return name[2:-2] in _OPERATOR_INPLACE
-    if target.startswith(("operator.", "_operator.")) and name in _OPERATOR_INPLACE:
+        return name[2:-2] in INPLACE_OPERATOR_NAMES
+    if target.startswith(("operator.", "_operator.")) and name in INPLACE_OPERATOR_NAMES:
         return True
     return name.endswith("_") and name.strip("_") != ""
 

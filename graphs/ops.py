@@ -27,6 +27,9 @@ True
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+
 import torch.fx as fx
 
 #: Ops whose result aliases their first input, or that only query metadata: no arithmetic, no traffic.
@@ -51,6 +54,13 @@ COPY_OPS: frozenset[str] = frozenset({
     "full_like", "empty", "empty_like", "arange", "new_zeros", "new_ones", "new_empty",
     "new_full", "masked_fill", "where", "cpu", "cuda", "type", "type_as",
 })
+#: Python operators that update their left operand (``x += y``, ``x[i] = y``), by name in :mod:`operator`.
+INPLACE_OPERATOR_NAMES: frozenset[str] = frozenset({
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+    "ixor", "ilshift", "irshift", "setitem",
+})
+#: The same operators as the functions an fx graph calls (``operator.iadd`` ...).
+INPLACE_OPERATORS: frozenset[Callable[..., object]] = frozenset(getattr(operator, name) for name in INPLACE_OPERATOR_NAMES)
 
 
 def op_name(target: fx.Node | str) -> str:

@@ -3,14 +3,25 @@ grouped with its producer, and FLOP counting and grouping read one set."""
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import pytest
 import torch
 import torch.fx as fx
 
 from graphs.flops import node_bytes_moved, node_flops
-from graphs.grouping import group_graph, is_view
-from graphs.ops import COPY_OPS, LAYOUT_OPS, STAYS_WITH_INPUT_OPS, VIEW_OPS, canonical_op_name, op_name
+from graphs.grouping import group_graph, is_inplace, is_view
+from graphs.ops import (
+    COPY_OPS,
+    INPLACE_OPERATOR_NAMES,
+    INPLACE_OPERATORS,
+    LAYOUT_OPS,
+    STAYS_WITH_INPUT_OPS,
+    VIEW_OPS,
+    canonical_op_name,
+    op_name,
+)
 
 # Tensor-method calls of ops in VIEW_OPS that return a tensor, on a 2x3x4 float tensor.
 _VIEW_CALLS = {
@@ -95,3 +106,13 @@ def test_an_op_has_one_name_from_a_node_and_from_its_target_text():
     assert op_name(aten_add_) == op_name(str(aten_add_.target)) == "add_"
     assert canonical_op_name("add_") == "add" and canonical_op_name("__iadd__") == "iadd"
     assert canonical_op_name("copy_") == "copy_"
+
+
+def test_grouping_and_apply_share_one_list_of_python_operators_that_update_their_left_operand():
+    assert INPLACE_OPERATORS == {getattr(operator, name) for name in INPLACE_OPERATOR_NAMES}
+    # x[i] = y mutates x (the fx node is operator.setitem): grouping keeps it with x's producer.
+    assert is_inplace({"op": "call_function", "target": "operator.setitem"})
+    assert is_inplace({"op": "call_method", "target": "__setitem__"})
+    assert is_inplace({"op": "call_function", "target": "operator.iadd"})
+    assert not is_inplace({"op": "call_function", "target": "operator.add"})
+    assert not is_inplace({"op": "call_function", "target": "operator.getitem"})
