@@ -140,12 +140,25 @@ def _to_spec(model: Any, example_inputs: Any, loss_fn: Callable | None, optimize
 
 
 def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
+    """Refuse an output directory that cannot be written, without creating it.
+
+    The directory is created by the first file written into it, so a run that fails
+    early (bad input, a model that does not fit) leaves no empty directory behind.
+    """
     if out_dir is None:
         return None
     path = Path(out_dir)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
+    if existing != path:
+        return path
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".placer-write-test"
+        probe = path / f".placer-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
@@ -177,6 +190,7 @@ def optimize(
     verbose: int = 1,
     measurer: Any = None,
     measure_timeout: float | None = None,
+    leaf_modules: Sequence[Any] = (),
 ) -> OptimizeResult:
     """Find a fast placement of ``model`` and check it.
 
@@ -201,6 +215,8 @@ def optimize(
         out_dir: where the best placement so far is kept during the search and results go.
         resume: start from the placement (and policy) saved in ``out_dir`` by an earlier run.
         check: apply the winner and compare outputs and gradients with the original model.
+        leaf_modules: modules to keep as single ops (module paths such as ``"encoder.rnn"``,
+            class names such as ``"Block"``, or ``nn.Module`` subclasses).
         measurer: measures op placements instead of the default worker processes (an
             :class:`envs.runtime.measurer.Measurer`: ``measure(placements) -> [MeasureResult]``,
             ``close()``), e.g. for devices this machine cannot start workers on.
@@ -219,6 +235,10 @@ def optimize(
     _check_reward_source(reward, model, measurer, agent)
     out_path = _check_out_dir(out_dir)
     the_cluster = resolve_cluster(devices, cluster, memory)
+    if the_cluster.simulated:  # the check runs on these; a missing one must not wait for the search's end
+        from envs.runtime.real_devices import check_real_devices
+
+        check_real_devices(the_cluster.real_device_map(), f"cluster {the_cluster.name!r}")
     if reward not in (None, "simulated") and the_cluster.simulated:
         raise OptionError(
             f"reward {reward!r} needs real devices (--devices), but cluster {the_cluster.name!r} is simulated; "
@@ -239,7 +259,7 @@ def optimize(
         d.real_device or d.name for d in the_cluster.devices  # rank workers share one real kind
     ))
     prepared = prepare(source, model_args=model_args, profile=True, devices=profile_devices,
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, leaf_modules=leaf_modules)
     seconds["prepare"] = time.perf_counter() - start
     spec, captured, grouping = prepared.spec, prepared.captured, prepared.grouping
 
@@ -260,6 +280,14 @@ def optimize(
         candidates.append(Candidate(name, res.placement, res.search_time, res.evaluated,
                                     res.reason, history=list(res.history)))
     seconds["baselines"] = time.perf_counter() - start
+    from envs.sim.simulator import simulate
+
+    if not any(simulate(problem, c.row).fits for c in candidates if c.row is not None):
+        # No baseline fits: say now, before the search, whether anything can and what is needed.
+        from placer.memory_fit import check_memory_fits, memory_needs
+
+        check_memory_fits(problem)
+        log.warning("no baseline placement fits in device memory; %s", memory_needs(problem)[1])
 
     initial = [c.row for c in candidates if c.row is not None]
     if resume and out_path is not None:
@@ -267,7 +295,9 @@ def optimize(
         if previous is not None:
             initial.insert(0, previous)
 
-    best_so_far_file = out_path / "placement.json" if out_path is not None else None
+    # placement.json is written only once the winner passed the numerical check; until
+    # then the best so far lives in best_placement.json (which --resume reads too).
+    best_so_far_file = out_path / "best_placement.json" if out_path is not None else None
 
     def placement_of(row: np.ndarray, meta: Mapping[str, Any]) -> Placement:
         return _op_placement(row, problem, grouping, captured, the_cluster, spec, meta)
@@ -329,10 +359,9 @@ def optimize(
         table = measured_speedups(table, the_measurer)
     fitting = table[table["fits"]]
     if fitting.empty:
-        raise PlacerError(
-            "no method found a placement that fits in device memory; "
-            f"device memory: {[f'{d.name}={d.memory_bytes / 2**30:.1f}GiB' for d in the_cluster.devices]}"
-        )
+        from placer.memory_fit import memory_needs
+
+        raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(problem)[1]}")
     winning_row = pick_winner(fitting)
     winner_name = str(winning_row["method"])
     winner = next(c for c in candidates if c.method == winner_name)
@@ -386,12 +415,22 @@ def _op_placement(row: np.ndarray, problem: PlacementProblem, grouping: Any, cap
 
 def _resume_row(out_dir: Path, captured: Any, grouping: Any, problem: PlacementProblem) -> np.ndarray | None:
     """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
-    from placer.placement_file import load_placement
+    from placer.placement_file import PlacementFileError, load_placement
 
-    path = next((p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()), None)
-    if path is None:
+    paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
+    if not paths:
         return None
-    placement = load_placement(path, graph=captured, devices=problem.device_names)
+    placement, first_error = None, None
+    for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
+        try:
+            placement = load_placement(path, graph=captured, devices=problem.device_names)
+            break
+        except PlacementFileError as exc:
+            first_error = first_error or exc
+            log.warning("--resume: skipping %s: %s", path.name, exc)
+    if placement is None:
+        assert first_error is not None
+        raise first_error
     group_placement = {}
     for op, group in grouping.op_to_group.items():
         group_placement.setdefault(group, placement.assignment[op])

@@ -151,7 +151,11 @@ def parse_model_args(pairs: list[str] | None, size: str | None = None) -> dict[s
         if "=" not in pair:
             raise OptionError(f"cannot read model argument {pair!r}: expected KEY=VALUE, e.g. layers=4")
         key, value = pair.split("=", 1)
-        args[key.strip()] = _literal(value.strip())
+        key = key.strip()
+        if not key.isidentifier():
+            raise OptionError(f"cannot read model argument {pair!r}: {key!r} is not a keyword argument name; "
+                              "expected KEY=VALUE with KEY a Python name, e.g. layers=4")
+        args[key] = _literal(value.strip())
     if size is not None:
         args["size"] = size
     return args

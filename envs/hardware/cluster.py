@@ -44,22 +44,26 @@ machine that lacks it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from envs.hardware.units import UnitError, parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from graphs.documents import read_document
 from graphs.errors import PlacerError
 
 #: Kinds a device may have. "cuda" is a real GPU; the others are virtual GPU kinds.
 DEVICE_KINDS: tuple[str, ...] = ("cpu", "cuda", "K40", "V100", "A100", "H100", "H200")
 #: Kinds that stand for a GPU (virtual or real).
 GPU_KINDS: frozenset[str] = frozenset({"cuda", "K40", "V100", "A100", "H100", "H200"})
+
+#: Figures a spec file may give a device (a typo such as ``peak_flops: 1e-300`` would make
+#: every simulated op take 1e288 s). From a microcontroller to beyond today's largest
+#: accelerators (an H200: ~1e15 FLOP/s dense bf16, 4.8e12 B/s HBM).
+FLOPS_RANGE = (1e6, 1e18)
+BANDWIDTH_RANGE = (1e6, 1e15)
+
 
 class ClusterSpecError(PlacerError, ValueError):
     """A cluster spec (file, preset or arguments) that is malformed: the message names the entry."""
@@ -278,6 +282,13 @@ def _parse_device(entry: object, i: int) -> Device:
     real = entry.get("real_device")
     if real is not None and not isinstance(real, str):
         raise ClusterSpecError(f"{where}: real_device must be a torch device string such as 'cpu', got {real!r}")
+    if not isinstance(entry["name"], str) or not entry["name"].strip():
+        raise ClusterSpecError(f"devices[{i}]: name must be a non-empty string such as 'gpu0', got {entry['name']!r}")
+    for label, value, (low, high), unit in (("peak_flops", flops, FLOPS_RANGE, "FLOP/s"),
+                                            ("mem_bandwidth", bandwidth, BANDWIDTH_RANGE, "B/s")):
+        if not low <= value <= high:
+            raise ClusterSpecError(f"{where}: {label} {entry[label]!r} is outside what any device has; "
+                                   f"expected {low:.0e} to {high:.0e} {unit}")
     try:
         return Device(str(entry["name"]), kind, memory, flops, bandwidth, real)
     except ClusterSpecError as exc:
@@ -341,22 +352,16 @@ def cluster_from_spec(spec: object, default_name: str = "cluster") -> Cluster:
         if not isinstance(default, Mapping):
             raise ClusterSpecError(f"'default_link' must be a mapping with latency and bandwidth, got {default!r}")
         default_link = _parse_link_figures(default, "default_link")
-    return Cluster(str(spec.get("name", default_name)), tuple(devices), tuple(links), True, default_link)
+    name = spec.get("name", default_name)
+    if not isinstance(name, str) or not name.strip():
+        raise ClusterSpecError(f"cluster spec 'name' must be a non-empty string such as '4xV100', got {name!r}")
+    return Cluster(name, tuple(devices), tuple(links), True, default_link)
 
 
 def read_spec_file(path: str | os.PathLike[str]) -> object:
     """Parse a YAML or JSON spec file; :class:`ClusterSpecError` when it cannot be read."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ClusterSpecError(f"cannot read cluster spec {str(p)!r}: {exc.strerror}") from None
-    try:
-        if p.suffix.lower() == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ClusterSpecError(f"cluster spec {str(p)!r} is not valid {p.suffix.lstrip('.').upper() or 'YAML'}: {exc}") from None
+    # Not UTF-8, nested too deeply, a key given twice, a syntax error: one line each.
+    return read_document(path, ClusterSpecError, "cluster spec")
 
 
 def make_cluster(devices: Iterable[Device], links: Iterable[Link] = (), name: str = "cluster",

@@ -56,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="longest one placement's measurement may run before it counts as hung and its "
                              "workers are killed (30, 90s, 5m; default 300s); the --budget also bounds every "
                              "measurement during the search")
+    parser.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                        help="keep this module as one op: a module path (encoder.rnn) or class name (Block); "
+                             "comma-separated or repeated")
     parser.add_argument("--no-check", action="store_true", help="skip the numerical check of the winner")
     parser.add_argument("--cache-dir", help="where op profiles are cached")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
         out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
         check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
+        leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
         measure_timeout=args.measure_timeout,
     )
     print()

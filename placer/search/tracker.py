@@ -12,6 +12,7 @@ budget in seconds or in evaluated placements, or a plateau (no improvement in
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,9 +145,11 @@ class BestTracker:
             from tqdm.auto import tqdm
 
             total = self.budget.placements if self.budget.placements is not None else None
-            # mininterval=0: a batch takes tens of ms at least, so redraw on every one.
+            # On a terminal, redraw on every batch (tens of ms at least). Into a file or a
+            # pipe (a batch job's log) each redraw is a line of its own: every 30 s at most.
+            interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
             self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=False,
-                             mininterval=0)
+                             mininterval=0 if interactive else 30.0, file=sys.stderr)
 
     # ------------------------------------------------------------------ queries
     @property
