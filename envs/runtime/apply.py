@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
+from envs.runtime.real_devices import real_device_problem
 from graphs.errors import PlacerError
 from graphs.ops import INPLACE_OPERATORS
 
@@ -102,14 +103,18 @@ def _as_graph_module(model: Any) -> fx.GraphModule:
     return gm
 
 
-def _parse_device(name: Any, node: str) -> torch.device:
+def _parse_device(name: Any, node: str, must_exist: bool = True) -> torch.device:
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
         raise ApplyError(
             f"node {node!r} is placed on {name!r}, which is not a torch device string; "
             f"expected e.g. 'cpu', 'cuda:0' (map virtual devices with realize_placement first)"
         ) from exc
+    problem = real_device_problem(name) if must_exist else None
+    if problem is not None:  # cuda:0 on a CPU-only build, meta: refused here, not as a torch traceback mid-run
+        raise ApplyError(f"node {node!r} is placed on a device this machine cannot use: {problem}")
+    return device
 
 
 def _canonical(dev: torch.device) -> str:
@@ -419,10 +424,13 @@ class _resolver:
     """Device names → canonical names and real torch device strings."""
 
     def __init__(self, real_devices: Mapping[str, str] | None) -> None:
+        self.checked: dict[str, str | None] = {}  # real device -> why it cannot be used (None: it can)
+        self.canonical: dict[str, str] = {}
         self.mapping = None
         if real_devices is not None:
             self.mapping = {
-                str(k): _canonical(_parse_device(v, f"<device {k}>")) for k, v in real_devices.items()
+                str(k): _canonical(_parse_device(v, f"<device {k}>", must_exist=False))
+                for k, v in real_devices.items()
             }
 
     def name(self, device: Any, node: str) -> str:
@@ -432,8 +440,19 @@ class _resolver:
                     f"node {node!r} is placed on {device!r}, which real_devices does not map; "
                     f"known devices are {sorted(self.mapping)}"
                 )
+            real = self.mapping[str(device)]
+            if real not in self.checked:
+                self.checked[real] = real_device_problem(real)
+            problem = self.checked[real]
+            if problem is not None:
+                raise ApplyError(f"node {node!r} is placed on {device!r}, which maps onto a device this machine "
+                                 f"cannot use: {problem}")
             return str(device)
-        return _canonical(_parse_device(device, node))
+        if not isinstance(device, str):
+            return _canonical(_parse_device(device, node))
+        if device not in self.canonical:  # once per device, not once per node
+            self.canonical[device] = _canonical(_parse_device(device, node))
+        return self.canonical[device]
 
     def real(self, name: str) -> str:
         return self.mapping[name] if self.mapping is not None else name
