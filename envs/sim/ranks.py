@@ -29,7 +29,9 @@ in order), then runs. Gradient receives are posted the same way when the rank's 
 starts (``RankStep._post_grad_receives``). Consuming a message costs the receiver
 ``recv_s`` once it has landed: the blocked thread is woken by gloo's I/O thread (a futex
 wake-up and a reschedule) and the buffer wrapped; posting is cheap (``torch.empty`` +
-``irecv``) and sits in ``step_s``. Measured here (per-rank CPU time of 2x24 placements of
+``irecv``) and sits in ``step_s``. A wait that finds its message not yet landed puts the
+thread to sleep (gloo ``UnboundBuffer::waitRecv``, a condition variable): it runs again
+``wake_s`` after the payload lands. Measured here (per-rank CPU time of 2x24 placements of
 rnnlm/nmt/gpt2/moe regressed on the plan's counts): ~110 us of CPU per message received,
 ~80 us per message sent, ~290 us per stage, at load 3-7.
 
@@ -128,6 +130,9 @@ class RankCosts:
     handoff_s: float = 3e-6
     loss_s: float = 150e-6
     step_s: float = 300e-6
+    #: Paid by a thread that had to sleep for a message (the wait found it not yet landed):
+    #: the condition-variable wake-up and the wait for a core (R3).
+    wake_s: float = 20e-6
     #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
     #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
     #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
@@ -526,12 +531,13 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
                 return True
         until = max((times[m] for m in ids), default=clock[r])
         if until > clock[r]:
+            until += wake  # R3: the thread slept; it runs again once woken and given a core
             if trace:
                 events.append(RankEvent(r, kind, name, clock[r], until))
             clock[r] = until
         return False
 
-    send_s = costs.send_s
+    send_s, wake = costs.send_s, costs.wake_s
     while heap:
         _, r = heapq.heappop(heap)
         code = programs[r].instrs
