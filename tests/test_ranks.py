@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import networkx as nx
+import numpy as np
 import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
@@ -232,3 +233,21 @@ def test_simulated_two_rank_step_is_within_a_factor_of_two_of_the_measured_one()
         assert result.valid, result.reason
         sim = simulate_ranks(prep.captured.graph, placement, cluster, leaves=leaves).step_time
         assert 0.5 < sim / result.step_time < 2.0, (sim, result.step_time)
+
+
+def test_group_rows_score_like_their_expanded_op_placements():
+    from envs.sim.ranks import RankSimulator
+
+    g = lstm_graph(4)
+    ops = [n for n in g.nodes if n != "x"]
+    op_to_group = {n: ("out" if n in ("head", "output") else f"{n[0]}{n[1]}") for n in ops}  # c1, h1, c2, h2
+    groups = sorted(set(op_to_group.values()))
+    rows = np.array([[0, 0, 0, 0, 0], [0, 1, 0, 1, 1], [1, 0, 1, 0, 0], [0, 0, 1, 1, 1]])
+    sim = RankSimulator(g, ranks_cluster(), RankCosts(), op_to_group=op_to_group)
+    expanded = [{op: f"cpu:{row[groups.index(grp)]}" for op, grp in op_to_group.items()} for row in rows]
+    assert sim.step_times_rows(rows, groups).tolist() == sim.step_times(expanded).tolist()
+    assert sim.step_times(expanded).tolist() == [simulate_ranks(g, p, ranks_cluster()).step_time for p in expanded]
+    with pytest.raises(RankSimError, match="shape"):
+        sim.step_times_rows(rows[:, :3], groups)
+    with pytest.raises(RankSimError, match="outside"):
+        sim.step_times_rows(rows + 5, groups)

@@ -78,7 +78,8 @@ constants absorb their average); every value is one message per tensor leaf
 
 API: :func:`rank_plan` (stages and transfers of a placement), :func:`simulate_ranks`
 (the readable event-driven reference, op-level trace), :func:`simulate_ranks_batch`
-(many placements, same rules, no trace), :class:`RankCosts` (constants) and
+and :class:`RankSimulator` (many placements, op dicts or group rows: same rules, compiled
+once, plans cached per placement, no trace), :class:`RankCosts` (constants) and
 :func:`fit_rank_costs` (calibration from measured steps).
 """
 
@@ -106,6 +107,7 @@ __all__ = [
     "RankMessage",
     "RankSchedule",
     "rank_plan",
+    "RankSimulator",
     "simulate_ranks",
     "simulate_ranks_batch",
     "fit_rank_costs",
@@ -647,6 +649,63 @@ def simulate_ranks_batch(graph: nx.DiGraph, placements: Sequence[Mapping[str, st
     c = _compile(graph, cluster, leaves)
     k = costs or RankCosts()
     return np.array([_simulate(c, _ranks_of(p, cluster), k, trace=False).step_time for p in placements])
+
+
+class RankSimulator:
+    """Step times of placements over ranks, compiled once for a graph and a rank cluster.
+
+    The entry point for callers that score many placements (search, baselines, reports):
+    placements may be op-level dicts, or rows of device indices over ``groups`` (the
+    group names of a grouping, in row order) expanded through ``op_to_group`` (every op
+    of a group on its group's rank) without building op dicts per row.
+
+    Args:
+        graph: the op-level placement graph (profiled on the cluster's device kinds).
+        cluster: the rank cluster (devices in rank order, links between them).
+        costs: the runtime's constants (default :class:`RankCosts`).
+        leaves: tensors per value (see :func:`simulate_ranks`).
+        op_to_group: ``{op: group}`` of the grouping whose rows :meth:`step_times_rows` takes.
+    """
+
+    def __init__(self, graph: nx.DiGraph, cluster: Cluster, costs: RankCosts | None = None,
+                 leaves: Mapping[str, int] | None = None, op_to_group: Mapping[str, str] | None = None) -> None:
+        self._c = _compile(graph, cluster, leaves)
+        self.costs = costs or RankCosts()
+        self.cluster = cluster
+        self._ops = [n for n, d in graph.nodes(data=True) if d.get("op") != "placeholder"]
+        self._op_to_group = dict(op_to_group) if op_to_group is not None else None
+
+    def simulate(self, placement: Mapping[str, str | int], trace: bool = True) -> RankSchedule:
+        """One placement (``{op: device name or index}``), with its trace."""
+        return _simulate(self._c, _ranks_of(placement, self.cluster), self.costs, trace)
+
+    def step_times(self, placements: Sequence[Mapping[str, str | int]]) -> np.ndarray:
+        """Step time (s) of each op-level placement."""
+        return np.array([_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False).step_time
+                         for p in placements])
+
+    def step_times_rows(self, rows: np.ndarray | Sequence[Sequence[int]], groups: Sequence[str]) -> np.ndarray:
+        """Step time (s) of each row of rank indices over ``groups`` (``rows[b, j]`` = rank of ``groups[j]``).
+
+        Raises:
+            RankSimError: no ``op_to_group`` was given, a row of the wrong length, or an op
+                whose group is not in ``groups``.
+        """
+        if self._op_to_group is None:
+            raise RankSimError("step_times_rows needs the grouping's op_to_group (pass op_to_group=...)")
+        arr = np.asarray(rows, dtype=np.int64)
+        if arr.ndim != 2 or arr.shape[1] != len(groups):
+            raise RankSimError(f"rows must have shape (B, {len(groups)}), got {arr.shape}")
+        col = {g: j for j, g in enumerate(groups)}
+        missing = [op for op in self._ops if self._op_to_group.get(op) not in col]
+        if missing:
+            raise RankSimError(f"{len(missing)} op(s) have no group among the row's groups, e.g. {missing[:3]}")
+        idx = np.array([col[self._op_to_group[op]] for op in self._ops], dtype=np.int64)
+        W = self.cluster.num_devices
+        if arr.size and (arr.min() < 0 or arr.max() >= W):
+            raise RankSimError(f"rows hold ranks outside [0, {W})")
+        return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False).step_time
+                         for row in arr])
 
 
 def fit_rank_costs(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | int]], measured: Sequence[float],
