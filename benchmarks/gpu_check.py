@@ -15,9 +15,9 @@ leaves what it measured):
 3. **Profiles.** Every small zoo model on the CPU and on the GPU, and the paper-size GPT-2
    (batch 4 × 1,024 tokens) and NMT with 2 layers (batch 128, 50 + 50 steps) on the GPU at
    their published batch, by :func:`graphs.profile.profiler.profile_graph` (forward, backward
-   and optimizer update per op, in situ). The paper models are profiled on the CPU too, at a
-   reduced batch (``--cpu-paper-args``): one CPU thread would need minutes per step at the
-   published one.
+   and optimizer update per op, in situ). The paper models are profiled on the CPU too, last
+   (stage 6), at a reduced batch (:data:`CPU_PAPER_ARGS`: GPT-2 1 × 128 tokens, NMT batch 1):
+   at one CPU thread a published-batch step takes minutes.
 4. **Roofline vs profiled**, per op: the profiled GPU time against the roofline estimate the
    shipped presets would have used for an H-class GPU (``8xH100``'s device, the ``H100``
    constants of :data:`envs.sim.cost_model.DEFAULT_ROOFLINE`), as ratios per op class
@@ -32,6 +32,7 @@ leaves what it measured):
    :func:`envs.sim.simulator.simulate_batch` on the compiled problem, before and after
    :func:`envs.sim.calibration.calibrate_simulator` (fitted on half, scored on the other half
    and on all): Spearman and MAPE against the targets 0.9 / 15%.
+6. **The paper models on the CPU** (see 3), in the time kept for them.
 
 Everything lands in ``--out``: ``results.json`` (every figure, every op, every placement)
 and ``summary.md``. ``--to-preset RESULTS_DIR OUT.yaml`` then turns a results folder into a
@@ -46,10 +47,15 @@ installed there; its wheels travel in ``.whl``)::
     run(command="bash benchmarks/gpu_check_run.sh", carry=[".whl"], timeout_s=420)
 
 It installs the wheels offline, runs ``--device cuda:0 --budget-s 300`` and ``--to-preset``,
-and leaves ``$OUT/gpu-h200/{results.json,summary.md,H200.yaml,H200.roofline.json,log.txt}``.
-About 1.5 min of machine start plus at most 7 min of run: a rerun fits in the 15 minutes of
-device time. Then copy ``summary.md`` to ``benchmarks/results/gpu-h200.md`` and the preset to
-``envs/hardware/presets/``, and set ``DEFAULT_ROOFLINE["H200"]`` from the ``.roofline.json``.
+and leaves ``$OUT/gpu-h200/{results.json,summary.md,H200.yaml,H200.roofline.json,log.txt,
+nvidia-smi.txt}`` (results are saved after every stage, so even a run stopped at the limit
+brings back what it measured). The run is sized to end after about 5.5 minutes (no new work
+after 300 s; the stage in flight finishes); with about 1.5 minutes of machine start, a rerun on
+the still-warm machine fits in the 15 minutes of device time (for a shorter rerun, start the
+command with ``GPU_CHECK_BUDGET_S=200``). Then copy ``summary.md`` to
+``benchmarks/results/gpu-h200.md`` (with the command) and the preset to
+``envs/hardware/presets/``, and set ``DEFAULT_ROOFLINE["H200"]`` from ``H200.roofline.json``
+(its ``cost_model_line``).
 
 Dry run (this CPU-only machine; ``tests/test_gpu_check.py``)::
 
@@ -102,8 +108,14 @@ PAPER_MODELS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 #: The same on the CPU at one thread: a reduced batch (a published-batch step takes minutes there).
 CPU_PAPER_ARGS: dict[str, dict[str, Any]] = {
     "gpt2-paper": {"seq_len": 128, "batch_size": 1},
-    "nmt2-paper": {"batch_size": 4},
+    "nmt2-paper": {"batch_size": 1},
 }
+
+#: Seconds kept for each of those CPU profiles. Measured on the 2-core dev VM at load ~7 (every
+#: core shared 3-4 ways): GPT-2 26 s, NMT-2L 69 s (its backward and Adam step hardly shrink with
+#: the batch: 4.0 s and 1.1 s of a 5.9 s step are the 32k-word softmax's and the weights').
+#: A quiet host thread should take about a third of that.
+CPU_PAPER_PROFILE_S = 30.0
 
 #: Op classes of the roofline comparison.
 MATMUL, ELEMENTWISE, LAUNCH, NO_WORK = "matmul/conv", "element-wise", "launch-bound", "no-work"
@@ -258,12 +270,13 @@ def roofline_mape(ops: Sequence[Mapping[str, Any]], peak_flops: float, mem_bandw
 def random_rows(num_groups: int, num_devices: int, count: int, rng: np.random.Generator,
                 host: int = 0) -> list[np.ndarray]:
     """``count`` random rows: each group on the host device with a probability that grows
-    from row to row (5% to 80%), else on one of the other devices; the spread of host
-    shares gives step times from the accelerator's to the host's."""
+    from row to row over 5% to 80% (each row at a random point of its own slice of that
+    range), else on one of the other devices; the spread of host shares gives step times
+    from the accelerator's to the host's."""
     rows = []
     others = [d for d in range(num_devices) if d != host] or [host]
     for k in range(count):
-        share = 0.05 + 0.75 * (k / max(count - 1, 1))
+        share = 0.05 + 0.75 * (k + rng.random()) / count
         row = rng.choice(others, size=num_groups).astype(np.int64)
         row[rng.random(num_groups) < share] = host
         rows.append(row)
@@ -692,12 +705,15 @@ def candidate_rows(problem: Any, prep: Any, count: int, seed: int) -> list[tuple
     rng = np.random.default_rng(seed)
     host = problem.device_names.index("cpu") if "cpu" in problem.device_names else 0
     for _ in range(20):
-        if len(rows) >= count:
+        need = count - len(rows)
+        if need <= 0:
             break
-        batch = np.stack(random_rows(problem.num_nodes, problem.num_devices, 2 * count, rng, host=host))
+        # Exactly the rows still needed, spanning the host shares; those that overfill memory
+        # (or repeat a row) are drawn again.
+        batch = np.stack(random_rows(problem.num_nodes, problem.num_devices, need, rng, host=host))
         fits = simulate_batch(problem, batch, backend="numpy").fits
         for k, row in enumerate(batch):
-            if fits[k] and len(rows) < count:
+            if fits[k]:
                 add(f"random:{float(np.mean(row == host)):.2f}cpu", row)
     return rows
 
@@ -854,11 +870,6 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
         profile(label, zoo, args, [settings.device], 20.0)
     for name in settings.small:
         profile(name, name, {"size": "small"}, profile_devices, 5.0)
-    if not dry:
-        for label, zoo, args in settings.paper:
-            cpu_args = {**args, **settings.cpu_paper_args.get(label, {})}
-            # CPU ops of the paper models are not compared with the GPU roofline: kind stays "cuda".
-            profile(f"{label}@cpu", zoo, cpu_args, ["cpu"], 40.0, settings.cpu_paper_repeats)
 
     with stage(results, "roofline") as rec:
         rec["ops"] = len(ops)
@@ -887,9 +898,14 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
     agreements: list[dict[str, Any]] = []
     results["placements"] = agreements
     models = [m for m in settings.small if m in prepared]
+    # The paper models' CPU profiles come last (the placements are what the targets are about);
+    # this much of the budget is kept for them.
+    cpu_paper = [] if dry else [(f"{label}@cpu", zoo, {**args, **settings.cpu_paper_args.get(label, {})})
+                                for label, zoo, args in settings.paper]
+    keep_s = CPU_PAPER_PROFILE_S * len(cpu_paper)
     for i, name in enumerate(models):
         # The budget left is shared by the models still to measure.
-        share = deadline.left() / max(len(models) - i, 1)
+        share = (deadline.left() - keep_s) / max(len(models) - i, 1)
         if share < 10.0:
             agreements.append({"model": name, "skipped": f"budget: {deadline.left():.0f}s left"})
             continue
@@ -901,6 +917,10 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
             rec["measured"] = res["measured"]
         save()
     results["placement_summary"] = pooled_agreement(agreements)
+    save()
+    for label, zoo, args in cpu_paper:
+        # Profiled on the CPU, not compared with the GPU roofline (their ops stay out of ``ops``).
+        profile(label, zoo, args, ["cpu"], CPU_PAPER_PROFILE_S, settings.cpu_paper_repeats)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     return results
@@ -1002,6 +1022,20 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                              f"{_fmt(st['sum_ratio'], '.2f')} | {_fmt(st['median_ratio'], '.2f')} | "
                              f"{_fmt(st['mape'], '.0%')} |")
         lines.append("")
+        by_model = (results.get("roofline") or {}).get("by_model") or {}
+        if by_model:
+            lines += ["Per model, Σ profiled / Σ roofline over the ops that do work:", "",
+                      "| model | forward | backward | optimizer update |", "|---|---|---|---|"]
+            for model, table in by_model.items():
+                cells = []
+                for phase in ("forward", "backward"):
+                    m = sum(table[c][phase]["measured_s"] for c in (MATMUL, ELEMENTWISE, LAUNCH) if c in table)
+                    e = sum(table[c][phase]["estimated_s"] for c in (MATMUL, ELEMENTWISE, LAUNCH) if c in table)
+                    cells.append(f"{m / e:.2f}" if e > 0 else "—")
+                upd = (table.get("optimizer update") or {}).get("update") or {}
+                cells.append(_fmt(upd.get("sum_ratio"), ".2f"))
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            lines.append("")
     fitted = results.get("fitted_constants")
     if fitted:
         one = fitted.get("roofline") or {}
@@ -1033,6 +1067,14 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                          f"{_fmt(every.get('spearman'), '.3f')} | {_fmt(every.get('mape'), '.1%')} | "
                          f"{'met' if a.get('meets_target') else 'missed'} |")
         lines.append("")
+        singles = [(a["model"], p) for a in agreements for p in a.get("placements", []) if p["devices_used"] == 1]
+        if singles:
+            lines += ["Each device alone (the op costs without placement rules):", "",
+                      "| model | placement | measured | simulated | calibrated |", "|---|---|---|---|---|"]
+            for model, p in singles:
+                lines.append(f"| {model} | {p['how']} | {_fmt_s(p['measured_s'])} | {_fmt_s(p['simulated_s'])} | "
+                             f"{_fmt_s(p.get('predicted_s'))} |")
+            lines.append("")
         for a in agreements:
             if a.get("diagnosis"):
                 lines.append(f"- **{a['model']}**: " + "; ".join(a["diagnosis"]))
