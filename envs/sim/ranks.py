@@ -500,7 +500,7 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
     chan_free = dict.fromkeys(channel, 0.0)
     waiting: dict[int, list[int]] = {}  # message -> ranks blocked on it
     heap = [(0.0, r) for r in range(W)]
-    blocked = [False] * W
+    blocked = [False] * W  # waiting for a message that is not resolved yet
 
     def resolve(key: tuple[int, int]) -> None:
         # R5: payloads leave one after another once issued and their receive is known to the sender.
@@ -540,39 +540,40 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
         return False
 
     send_s, wake = costs.send_s, costs.wake_s
+    # A rank runs until it blocks (or ends); a blocked rank is pushed back when its message
+    # resolves. Every time computed depends only on the ranks' own clocks and the fixed
+    # FIFO order of each connection, not on the order the ranks are advanced in.
     while heap:
         _, r = heapq.heappop(heap)
         code = programs[r].instrs
-        if pc[r] >= len(code) or blocked[r]:
-            continue
-        ins = code[pc[r]]
-        if ins.op == "work":
-            work(r, ins.kind, ins.name, ins.dt * unit[ins.unit])
-        elif ins.op == "post":
-            m = ins.msgs[0]
-            posted[m] = clock[r]
-            resolve(chan_of[m])
-        elif ins.op == "put":
-            ready[r].update(ins.msgs)
-            for q, queue in enumerate(programs[r].queues):  # runtime.py:_Outbox.flush
-                while head[r][q] < len(queue) and queue[head[r][q]] in ready[r]:
-                    m = queue[head[r][q]]
-                    work(r, "send", messages[m].value, send_s)
-                    issued[m] = clock[r]
-                    resolve(chan_of[m])
-                    head[r][q] += 1
-        elif ins.op == "wait":
-            if block_on(r, arrival, ins.msgs, ins.kind, ins.name):
-                continue
-        elif ins.op == "sent":
-            if block_on(r, sent_done, ins.msgs, ins.kind, ins.name):
-                continue
-        pc[r] += 1
-        if pc[r] < len(code):
-            heapq.heappush(heap, (clock[r], r))
+        while pc[r] < len(code) and not blocked[r]:
+            ins = code[pc[r]]
+            if ins.op == "work":
+                work(r, ins.kind, ins.name, ins.dt * unit[ins.unit])
+            elif ins.op == "post":
+                m = ins.msgs[0]
+                posted[m] = clock[r]
+                resolve(chan_of[m])
+            elif ins.op == "put":
+                ready[r].update(ins.msgs)
+                for q, queue in enumerate(programs[r].queues):  # runtime.py:_Outbox.flush
+                    while head[r][q] < len(queue) and queue[head[r][q]] in ready[r]:
+                        m = queue[head[r][q]]
+                        work(r, "send", messages[m].value, send_s)
+                        issued[m] = clock[r]
+                        resolve(chan_of[m])
+                        head[r][q] += 1
+            elif ins.op == "wait":
+                if block_on(r, arrival, ins.msgs, ins.kind, ins.name):
+                    break
+            elif ins.op == "sent":
+                if block_on(r, sent_done, ins.msgs, ins.kind, ins.name):
+                    break
+            pc[r] += 1
     stuck = [r for r in range(W) if pc[r] < len(programs[r].instrs)]
     if stuck:  # pragma: no cover - the stage cut makes the schedule deadlock-free (split.py)
         raise RankSimError(f"internal error: ranks {stuck} wait for messages that are never sent")
+    events.sort(key=lambda e: (e.start, e.rank))
     timed = [replace(m, posted=posted[i], issued=issued[i], start=start[i], arrival=arrival[i])
              for i, m in enumerate(messages)] if trace else []
     return clock, busy, events, timed
