@@ -29,6 +29,7 @@ from typing import Any
 import networkx as nx
 
 from envs.runtime.apply import placement_device_map
+from envs.runtime.device_map import accelerate_device_map
 from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
 from graphs.errors import PlacerError
@@ -258,19 +259,25 @@ def save_device_map(
     graph: Any,
     path: str | os.PathLike,
     real_devices: Mapping[str, str] | None = None,
+    model: Any = None,
 ) -> Path:
-    """Write ``device_map.json`` for a module-aligned placement.
+    """Write ``device_map.json`` for ``accelerate.dispatch_model`` (see :func:`accelerate_device_map`).
+
+    Args:
+        real_devices: device name → torch device; the map must name real devices.
+        model: the user's model, so every parameter and buffer is covered.
 
     Raises:
-        PlacementFileError: the placement is not module-aligned (a module's ops are split
-            across devices), so no device_map describes it.
+        PlacementFileError: accelerate cannot express the placement (a module's ops split
+            across devices, simulated device names, CPU next to a GPU); the message says which.
     """
-    device_map = to_device_map(placement, graph, real_devices)
+    assignment = placement.assignment if isinstance(placement, Placement) else dict(placement)
+    if real_devices is not None:
+        assignment = {n: real_devices.get(d, d) for n, d in assignment.items()}
+    g = graph.graph if hasattr(graph, "gm") else graph
+    device_map, reason = accelerate_device_map(g, assignment, model=model)
     if device_map is None:
-        raise PlacementFileError(
-            "the placement is not module-aligned (some module has ops on several devices), "
-            "so it cannot be written as a device_map; use the placement file instead"
-        )
+        raise PlacementFileError(f"no device_map for this placement: {reason}; use the placement file instead")
     path = Path(path)
     write_text_atomic(path, json.dumps(device_map, indent=2) + "\n")
     return path

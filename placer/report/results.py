@@ -26,11 +26,12 @@ import pandas as pd
 from envs.hardware.cluster import Cluster
 from envs.hardware.units import format_bytes
 from envs.runtime.check import CheckReport
+from envs.runtime.device_map import accelerate_device_map
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.atomic_write import write_text_atomic
 from graphs.pipeline import Prepared
-from placer.placement_file import Placement, save_placement, to_device_map
+from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves
 
@@ -55,18 +56,25 @@ class OptimizeResult(Protocol):
     measurement: Any
 
 
-def _write_device_map(result: "OptimizeResult", out_dir: Path) -> Path | None:
-    import json
-
-    device_map = to_device_map(result.placement, result.prepared.captured,
-                               real_devices=None if result.cluster.simulated else result.cluster.real_device_map())
+def _write_device_map(result: "OptimizeResult", out_dir: Path) -> tuple[Path | None, str]:
+    """Write ``device_map.json`` when accelerate can run the placement; else remove it and say why."""
+    real = result.cluster.real_device_map()
+    used = sorted(set(result.placement.assignment.values()))
     path = out_dir / "device_map.json"
+    if len({real.get(d, d) for d in used}) < len(used):
+        device_map, reason = None, (
+            f"the placement's devices {', '.join(used)} do not map onto distinct real devices here "
+            f"({', '.join(f'{d}→{real.get(d, d)}' for d in used)}); give each a real_device in the cluster spec")
+    else:
+        device_map, reason = accelerate_device_map(
+            result.prepared.captured.graph, {n: real.get(d, d) for n, d in result.placement.assignment.items()},
+            model=result.prepared.spec.model)
     if device_map is None:
         if path.exists():
             path.unlink()  # a stale map from an earlier run would describe another placement
-        return None
+        return None, reason
     write_text_atomic(path, json.dumps(device_map, indent=2) + "\n")
-    return path
+    return path, ""
 
 
 def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
@@ -95,8 +103,9 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
     return pictures
 
 
-def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_map: Path | None) -> str:
-    """The Markdown text of report.md."""
+def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_map: Path | None,
+                  device_map_note: str = "") -> str:
+    """The Markdown text of report.md (``device_map_note``: why there is no device_map.json)."""
     spec, cluster, problem = result.prepared.spec, result.cluster, result.problem
     step = simulate(problem, result.group_row)
     lines = [
@@ -129,9 +138,9 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
         lines += measurement_section(result)
     lines += ["## Files", "", "- `placement.json` — load with `placer.load(path)`"]
     if device_map is not None:
-        lines.append("- `device_map.json` — accelerate-style module → device map")
+        lines.append("- `device_map.json` — module → device map for `accelerate.dispatch_model(model, device_map)`")
     else:
-        lines.append("- no `device_map.json`: the placement splits some module's ops across devices")
+        lines.append(f"- no `device_map.json`: {device_map_note or 'accelerate cannot express this placement'}")
     lines.append("- `comparison.csv` — the table above")
     if result.measurement is not None:
         lines.append("- `measurements.json` — every measured placement; `calibration.json` — the simulator's "
@@ -233,12 +242,12 @@ def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     """Write every result file into ``out_dir``; returns the path of report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_placement(result.placement, out_dir / "placement.json")
-    device_map = _write_device_map(result, out_dir)
+    device_map, device_map_note = _write_device_map(result, out_dir)
     write_measurements(result, out_dir)
     write_text_atomic(out_dir / "comparison.csv", result.table.to_csv(index=False))
     pictures = write_pictures(result, out_dir)
     report = out_dir / "report.md"
-    write_text_atomic(report, render_report(result, pictures, device_map) + "\n")
+    write_text_atomic(report, render_report(result, pictures, device_map, device_map_note) + "\n")
     return report
 
 
