@@ -262,3 +262,27 @@ def test_dry_run_results_become_a_preset_that_loads(dry_run, tmp_path):
     cluster = load_cluster(str(tmp_path / "dry.yaml"))
     assert [d.kind for d in cluster.devices] == ["cpu", "H200"]
     assert "DRY RUN" in (tmp_path / "dry.yaml").read_text()
+
+
+def test_gpu_results_make_a_summary_with_the_gpu_figures_and_probes(dry_run):
+    res = json.loads((dry_run[1] / "results.json").read_text())
+    machine = res["stages"]["machine"]
+    machine["info"].update({"gpu_name": "NVIDIA H200", "gpu_memory_bytes": 143 * 2**30, "cuda": "13.0",
+                            "tf32_matmul": False})
+    res["stages"]["probes"].update({"h2d_pageable_host_s": 0.048, "h2d_pinned_host_s": 9e-6, "gpu_busy_s": 0.05,
+                                    "d2h_after_busy_host_s": 0.051,
+                                    "backward_on_calling_thread": {"cpu": True, "cuda:0": False}})
+    text = gc.summary_markdown(res)
+    assert "NVIDIA H200 (143 GiB, CUDA 13.0, TF32 matmul off)" in text
+    assert "holds the host 48.00 ms (pageable) vs 9.0 µs (pinned)" in text
+    assert "Each device alone" in text and "| rnnlm | single:cpu |" in text
+
+
+def test_a_gpu_is_compared_with_the_h100_preset_and_a_real_machine_makes_a_real_cluster():
+    dev, roof = gc.reference_device("cuda")
+    assert dev.kind == "H100" and roof.launch_overhead_s == pytest.approx(4e-6)
+    figures = _results()["stages"]["machine"]["figures"]
+    cluster = gc.cluster_from_figures(figures)
+    assert not cluster.simulated and cluster.device_names == ["cpu", "cuda:0"]
+    assert cluster.real_device_map() == {"cpu": "cpu", "cuda:0": "cuda:0"}
+    assert cluster.link("cuda:0", "cpu").latency_s == pytest.approx(11e-6)
