@@ -123,3 +123,55 @@ def test_fx_partitioner_time_limit_gives_reason(mlp_capture, monkeypatch) -> Non
     monkeypatch.setattr(fxp, "TIME_LIMIT_S", 1e-6)
     res = run_baseline("fx_kl_based", problem, cap.graph, captured=cap)
     assert res.placement is None and "within" in res.reason
+
+
+def _param_cluster(model: nn.Module, fraction: float) -> Cluster:
+    """Three K40s, each holding ``fraction`` of the model's parameter bytes (accelerate's measure)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    devs = tuple(Device(f"gpu{i}", "K40", int(fraction * param_bytes), 4.29e12, 288e9) for i in range(3))
+    return Cluster("3xK40-params", devs, (), True, (15e-6, 10e9))
+
+
+def test_the_accelerate_baseline_is_accelerates_own_device_map(mlp_capture) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import get_balanced_memory
+
+    model, cap = mlp_capture
+    cluster = _param_cluster(model, 0.9)
+    problem = compile_problem(cap.graph, cluster)
+    res = run_baseline("accelerate", problem, cap.graph, captured=cap)
+    caps = {i: d.memory_bytes for i, d in enumerate(cluster.devices)}
+    theirs = accelerate.infer_auto_device_map(model, max_memory=get_balanced_memory(model, max_memory=caps))
+    expected = {p: f"gpu{d}" for p, d in _param_devices(model, theirs).items()}
+    assert len(set(expected.values())) >= 2  # a real split, not one device
+    assert res.placement is not None, res.reason
+    owner = {}
+    for i, name in enumerate(problem.node_names):
+        for pname in [p for p, _ in model.named_parameters()]:
+            if op_path(cap.graph.nodes[name]) == pname.rpartition(".")[0]:
+                owner[pname] = problem.device_names[int(res.placement[i])]
+    assert owner == expected
+
+
+def test_the_accelerate_baseline_says_when_accelerate_is_missing(mlp_capture, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_accelerate(name, *args, **kwargs):
+        if name == "accelerate" or name.startswith("accelerate."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_accelerate)
+    _, cap = mlp_capture
+    problem = compile_problem(cap.graph, load_cluster("4xK40"))
+    res = run_baseline("accelerate", problem, cap.graph, captured=cap)
+    assert res.placement is None and "accelerate is not installed" in res.reason
+
+
+def test_balanced_says_it_balances_the_training_footprint() -> None:
+    from placer.search.baselines import get_baseline
+
+    assert "training footprint" in get_baseline("balanced").summary
+    assert "not parameters alone" in get_baseline("balanced").summary

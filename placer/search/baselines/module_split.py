@@ -13,7 +13,8 @@ over the placement graph so it can be simulated like every other method:
 
 ``sequential`` gives each device its whole capacity; ``balanced`` first caps every device
 but the last at ``total / G + 1.25 * mean layer size`` (``accelerate.get_balanced_memory``),
-which spreads the parameters evenly.
+which spreads the training footprint evenly (the sizes below), not the parameters alone: the
+``accelerate`` baseline (:mod:`placer.search.baselines.accelerate_auto`) is accelerate's own result.
 
 Sizes: :func:`infer_device_map` takes any per-node size; given ``param_bytes``
 (accelerate's measure) it reproduces ``infer_auto_device_map`` (the tests cross-check

@@ -5,7 +5,7 @@
 >>> res.placement, res.reason, res.search_time      # doctest: +SKIP
 
 Names: ``single`` (best single device), ``single:<device>``, ``round_robin``, ``random``,
-``expert``, ``balanced``, ``sequential``, ``fx_size_based``, ``fx_cost_aware``,
+``expert``, ``balanced``, ``sequential``, ``accelerate``, ``fx_size_based``, ``fx_cost_aware``,
 ``fx_kl_based``, ``mincut``, ``m_topo``, ``m_etf``, ``m_sct``, ``heft``,
 ``critical_path``, ``pipeline_dp``.
 """
@@ -22,6 +22,7 @@ import numpy as np
 
 from envs.sim.problem import PlacementProblem
 from placer.search.baselines import (
+    accelerate_auto,
     baechi,
     expert,
     fx_partitioner,
@@ -58,8 +59,12 @@ BASELINES: dict[str, Baseline] = {
         Baseline("round_robin", simple.round_robin, "node i on accelerator i mod G"),
         Baseline("random", simple.random_search, "best of k seeded random placements (simulated)"),
         Baseline("expert", expert.expert, "human-expert placement of the literature for the model family", True),
-        Baseline("balanced", module_split.balanced, "accelerate-style module split, parameter memory balanced", True),
-        Baseline("sequential", module_split.sequential, "accelerate-style module split, fill devices in order", True),
+        Baseline("balanced", module_split.balanced, "accelerate-style module split balancing the training "
+                 "footprint (parameters, gradients, optimizer state, activations), not parameters alone", True),
+        Baseline("sequential", module_split.sequential, "accelerate-style module split by training footprint, "
+                 "fill devices in order", True),
+        Baseline("accelerate", accelerate_auto.accelerate_auto, "accelerate's own infer_auto_device_map with "
+                 "get_balanced_memory (device_map='auto'; parameters only), when accelerate is installed", True, True),
         Baseline("fx_size_based", fx_partitioner.size_based, "torch.fx accelerator partitioner, size_based", True, True),
         Baseline("fx_cost_aware", fx_partitioner.cost_aware, "torch.fx accelerator partitioner, cost_aware", True, True),
         Baseline("fx_kl_based", fx_partitioner.kl_based, "torch.fx accelerator partitioner, kl_based", True, True),
@@ -113,8 +118,8 @@ def run_baseline(
     wrong use (unknown name, missing graph or captured model the baseline needs).
     """
     baseline = get_baseline(name)
-    if baseline.needs_captured and captured is None and baseline.name.startswith("fx_"):
-        return BaselineResult(name, None, "needs the captured fx GraphModule (pass captured=...)", 0.0)
+    if baseline.needs_captured and captured is None and (baseline.name.startswith("fx_") or name == "accelerate"):
+        return BaselineResult(name, None, "needs the captured model (pass captured=...)", 0.0)
     inputs = BaselineInputs(graph=graph, captured=captured, op_to_group=op_to_group, seed=seed, placements=placements)
     t0 = time.perf_counter()
     try:
