@@ -47,7 +47,7 @@ def _is_time(value: Any) -> bool:
 
 def _stale(reason: object) -> None:
     log.warning("profile cache not used, re-profiling: %s", reason)
-    return None
+
 
 #: One node's cached times: forward, backward and optimizer-update seconds (None: not timed).
 NodeTimes = tuple[float, float, float | None]
@@ -118,21 +118,24 @@ class ProfileCache:
         try:
             data = read_document(file, _CacheFileError, "profile cache file", fmt="json")
         except _CacheFileError as exc:
-            return _stale(exc)
+            _stale(exc)
+            return None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("fingerprint") != fingerprint \
                 or data.get("device_kind") != kind or data.get("device_name") != name:
             return None  # another schema or another key's file: not an error, just not ours
         stored = data.get("nodes")
         meta = data.get("meta")
         if not isinstance(stored, dict) or not isinstance(meta, dict):
-            return _stale(f"{file} lacks its nodes or meta")
+            _stale(f"{file} lacks its nodes or meta")
+            return None
         result: dict[str, NodeTimes] = {}
         for node in nodes:
             triple = stored.get(node)
             if not (isinstance(triple, list) and len(triple) == 3
                     and all(_is_time(x) for x in triple[:2]) and (triple[2] is None or _is_time(triple[2]))):
-                return _stale(f"{file} holds {triple!r} for node {node!r}; expected "
-                              "[forward s, backward s, optimizer s or null], each a finite non-negative number")
+                _stale(f"{file} holds {triple!r} for node {node!r}; expected "
+                       "[forward s, backward s, optimizer s or null], each a finite non-negative number")
+                return None
             result[node] = (float(triple[0]), float(triple[1]), None if triple[2] is None else float(triple[2]))
         return result, meta
 

@@ -88,7 +88,7 @@ class _BackwardTimer:
         self.autograd_nodes[name] = self.autograd_nodes.get(name, 0) + count
         self.backward.setdefault(name, 0.0)
 
-    def _pre(self, name: str):
+    def _pre(self, name: str) -> Callable[[Any], None]:
         def hook(grad_outputs: Any) -> None:
             sync_device(self.device)
             self._switch(name, self.clock())
