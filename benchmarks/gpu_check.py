@@ -1049,7 +1049,16 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                   f"- one-efficiency roofline (cost model): efficiency {_fmt(one.get('efficiency'), '.3f')}, "
                   f"{_fmt_s(one.get('launch_overhead_s'))} per op; forward MAPE over all ops "
                   f"{_fmt((fitted.get('forward_mape') or {}).get('fitted'), '.0%')} (preset constants: "
-                  f"{_fmt((fitted.get('forward_mape') or {}).get('preset'), '.0%')})", ""]
+                  f"{_fmt((fitted.get('forward_mape') or {}).get('preset'), '.0%')})"]
+        issue = ((results.get("stages") or {}).get("probes") or {}).get("forward_issue_s_per_op")
+        try:
+            chosen, why = roofline_constants(fitted, issue)
+            lines.append(f"- constants `--to-preset` writes for the kind: efficiency {chosen['efficiency']:.3f} "
+                         f"({why['efficiency']}), {_fmt_s(chosen['launch_overhead_s'])} per op "
+                         f"({why['launch_overhead_s']})")
+        except CheckError as exc:
+            lines.append(f"- no constants for a preset: {exc}")
+        lines.append("")
     agreements = results.get("placements") or []
     if agreements:
         lines += ["## Placements over cpu + the device: measured vs simulated", "",
@@ -1092,13 +1101,44 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
 # ============================================================================ --to-preset
 
 
+def roofline_constants(fitted: Mapping[str, Any], issue_s_per_op: float | None) -> tuple[dict[str, float], dict[str, str]]:
+    """The :class:`envs.sim.cost_model.Roofline` of the GPU kind, and where each figure came from.
+
+    The cost model charges a GPU op ``max(flops / (peak × efficiency), bytes / bandwidth)``
+    on the device's stream and ``launch_overhead_s`` on the host thread that issues it. So:
+
+    * ``efficiency`` is the matmul/conv class's (what the FLOP term prices; the peak is the
+      measured one the preset carries), clipped to 1; without matmul ops, the least-squares
+      fit's;
+    * ``launch_overhead_s`` is the host's cost of issuing one op, from the runtime probe
+      (a profiled launch-bound op also holds the kernel and a sync); without the probe, the
+      least-squares fit's.
+    """
+    lsq = fitted.get("roofline") or {}
+    mm = fitted.get("matmul_efficiency")
+    if mm is not None and mm > 0:
+        eff, eff_why = min(float(mm), 1.0), "matmul/conv ops: FLOPs / (measured peak x their time less the per-op overhead)"
+    elif lsq:
+        eff, eff_why = float(lsq["efficiency"]), "least squares over every profiled op (no matmul/conv op profiled)"
+    else:
+        raise CheckError("the results hold neither a matmul efficiency nor a roofline fit; rerun the check")
+    if issue_s_per_op is not None and issue_s_per_op > 0:
+        launch, launch_why = float(issue_s_per_op), "runtime probe: host seconds to issue one tiny op"
+    elif lsq:
+        launch, launch_why = float(lsq["launch_overhead_s"]), "least squares over every profiled op (no probe)"
+    else:
+        raise CheckError("the results hold neither a host-issue probe nor a roofline fit; rerun the check")
+    return {"efficiency": eff, "launch_overhead_s": launch}, {"efficiency": eff_why, "launch_overhead_s": launch_why}
+
+
 def preset_from_results(results: Mapping[str, Any], name: str, kind: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(cluster spec, cost-model constants, YAML header) for the device kind from a run's results.
 
     The spec has the machine's CPU and its GPU (as ``gpu0`` of kind ``kind``) with the
     measured peak fp32 matmul FLOP/s, copy bandwidth and memory, and the measured links.
-    The constants are the one-efficiency :class:`envs.sim.cost_model.Roofline` fitted to
-    the profiled ops plus the per-op-class figures behind it.
+    The constants are the kind's :class:`envs.sim.cost_model.Roofline`
+    (:func:`roofline_constants`), the per-op-class figures behind it, the least-squares
+    alternative and the host-side probe figures.
 
     Raises:
         CheckError: results without machine figures or fitted constants.
@@ -1134,16 +1174,21 @@ def preset_from_results(results: Mapping[str, Any], name: str, kind: str) -> tup
     spec = {"name": name,
             "description": f"1 CPU (one thread) + 1 {gpu_name}, figures measured by benchmarks/gpu_check.py",
             "devices": [dev(cpu, "cpu", "cpu"), dev(accel, "gpu0", kind)], "links": links}
-    one = fitted["roofline"]
-    constants = {"kind": kind, "roofline": {"efficiency": float(one["efficiency"]),
-                                            "launch_overhead_s": float(one["launch_overhead_s"])},
+    probes = (results.get("stages") or {}).get("probes") or {}
+    chosen, why = roofline_constants(fitted, probes.get("forward_issue_s_per_op"))
+    one = chosen
+    constants = {"kind": kind, "roofline": chosen, "why": why,
+                 "least_squares_fit": fitted["roofline"],
                  "per_op_class": {k: fitted.get(k) for k in ("launch_overhead_s", "matmul_efficiency",
                                                               "elementwise_bandwidth_fraction", "backward_factor", "ops")},
+                 "host": {k: probes.get(k) for k in ("forward_issue_s_per_op", "forward_synced_s_per_op",
+                                                      "backward_s_per_node", "backward_on_calling_thread",
+                                                      "h2d_pageable_host_s", "h2d_pinned_host_s", "gpu_busy_s")},
                  "forward_mape": fitted.get("forward_mape"),
                  "source": {"command": results.get("command"), "started": results.get("started"), "gpu": gpu_name,
                             "torch": info.get("torch"), "dry_run": bool(results.get("dry_run"))},
-                 "cost_model_line": f"\"{kind}\": Roofline({float(one['efficiency']):.3g}, "
-                                    f"{float(one['launch_overhead_s']):.3g}),"}
+                 "cost_model_line": f"\"{kind}\": Roofline({chosen['efficiency']:.3g}, "
+                                    f"{chosen['launch_overhead_s']:.3g}),"}
     per = constants["per_op_class"]
     header = "\n".join([
         f"# {gpu_name} with its host CPU, as measured by benchmarks/gpu_check.py"
@@ -1153,7 +1198,8 @@ def preset_from_results(results: Mapping[str, Any], name: str, kind: str) -> tup
         "# links: pinned copies fitted to latency + bytes / bandwidth (envs.hardware.links). The CPU runs at one",
         "# torch thread, as placer profiles and measures it.",
         f"# Cost-model constants for kind {kind} (envs.sim.cost_model.DEFAULT_ROOFLINE): "
-        f"efficiency {one['efficiency']:.3g}, launch overhead {one['launch_overhead_s'] * 1e6:.2f} us per op",
+        f"efficiency {one['efficiency']:.3g} ({why['efficiency']}),",
+        f"# launch overhead {one['launch_overhead_s'] * 1e6:.2f} us per op ({why['launch_overhead_s']})",
         f"# Per op class: matmul/conv efficiency {_fmt(per['matmul_efficiency'], '.3g')} of peak, element-wise "
         f"{_fmt(per['elementwise_bandwidth_fraction'], '.3g')} of the copy bandwidth, "
         f"{_fmt_s(per['launch_overhead_s'])} per launch-bound op; backward/forward "

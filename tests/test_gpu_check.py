@@ -162,8 +162,9 @@ def test_preset_has_the_measured_figures_under_the_h200_kind_and_loads(tmp_path)
     assert cluster.link("cpu", "gpu0").bandwidth_Bps == pytest.approx(5.0e10)
     assert cluster.link("gpu0", "cpu").latency_s == pytest.approx(11e-6)
     constants = json.loads(side.read_text())
-    assert constants["roofline"] == {"efficiency": 0.62, "launch_overhead_s": 7.5e-6}
-    assert constants["per_op_class"]["matmul_efficiency"] == 0.71
+    # Without a host-issue probe the launch cost is the least-squares fit's.
+    assert constants["roofline"] == {"efficiency": 0.71, "launch_overhead_s": 7.5e-6}
+    assert constants["least_squares_fit"] == {"efficiency": 0.62, "launch_overhead_s": 7.5e-6}
     assert "matmul/conv efficiency 0.71" in yaml_path.read_text()
 
 
@@ -181,8 +182,20 @@ def test_preset_constants_cost_an_unprofiled_h200_op_by_the_roofline(tmp_path):
     measured = Roofline(**json.loads(side.read_text())["roofline"])
     fwd, _ = CostModel(roofline={"H200": measured}).node_cost(attrs, gpu)
     assert fwd == pytest.approx(roofline_times(attrs, gpu, measured)[0])
-    assert fwd == pytest.approx(2e12 / (5.1e13 * 0.62) + 7.5e-6)
+    assert fwd == pytest.approx(2e12 / (5.1e13 * 0.71) + 7.5e-6)
     assert "H200" in DEFAULT_ROOFLINE  # a preset of this kind compiles with the default cost model too
+
+
+def test_roofline_constants_take_the_matmul_efficiency_and_the_host_issue_cost():
+    fitted = {"roofline": {"efficiency": 0.4, "launch_overhead_s": 2e-5}, "matmul_efficiency": 0.8}
+    chosen, why = gc.roofline_constants(fitted, 5e-6)
+    assert chosen == {"efficiency": 0.8, "launch_overhead_s": 5e-6} and "probe" in why["launch_overhead_s"]
+    assert gc.roofline_constants({**fitted, "matmul_efficiency": 1.3}, None)[0] == {"efficiency": 1.0,
+                                                                                     "launch_overhead_s": 2e-5}
+    chosen, why = gc.roofline_constants({**fitted, "matmul_efficiency": None}, None)
+    assert chosen["efficiency"] == 0.4 and "least squares" in why["efficiency"]
+    with pytest.raises(gc.CheckError):
+        gc.roofline_constants({"matmul_efficiency": None}, None)
 
 
 def test_to_preset_refuses_a_folder_without_results_with_one_line(tmp_path, capsys):
