@@ -1,0 +1,59 @@
+"""A model that cannot fit is refused before the search, with what it needs per device and the limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import placer
+from envs.hardware.cluster import Cluster, Device
+from envs.sim.problem import compile_problem
+from graphs.capture import capture
+from placer.memory_fit import MemoryFitError, check_memory_fits, memory_needs
+
+MODEL = """
+import torch
+
+def get_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+
+def get_example_inputs():
+    return (torch.randn(4, 64),)
+"""
+
+
+def _cluster(memory: str) -> dict:
+    device = {"kind": "K40", "memory": memory, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    return {"name": "tiny", "devices": [{"name": f"gpu{i}", **device} for i in range(2)],
+            "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}
+
+
+def test_a_model_larger_than_all_devices_together_fails_before_the_search(tmp_path, monkeypatch):
+    import placer.search.search as search_module
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran for a model that cannot fit")
+
+    monkeypatch.setattr(search_module, "search", no_search)
+    path = tmp_path / "mlp.py"
+    path.write_text(MODEL)
+    with pytest.raises(MemoryFitError) as info:
+        placer.optimize(str(path), cluster=_cluster("64KiB"), budget="100", progress=False, verbose=0,
+                        baselines=("single", "round_robin"), out_dir=tmp_path / "out")
+    message = str(info.value)
+    assert "the model needs" in message and "per device if spread evenly" in message
+    assert "device limits: gpu0=64 KiB, gpu1=64 KiB" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_needs_adds_parameters_gradients_and_activations():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    cap = capture(model, (torch.randn(4, 64),))
+    devices = tuple(Device(f"gpu{i}", "K40", 2**30, 4.29e12, 288e9) for i in range(2))
+    problem = compile_problem(cap.graph, Cluster("two", devices, (), True, (1e-5, 1e10)))
+    static, text = memory_needs(problem)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert static.sum() >= 2 * params  # parameters and their gradients at least
+    assert "device limits: gpu0=1 GiB, gpu1=1 GiB" in text
+    check_memory_fits(problem)  # 1 GiB each holds it
