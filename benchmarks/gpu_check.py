@@ -390,9 +390,11 @@ def stage(results: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
     record: dict[str, Any] = {"status": "running"}
     results.setdefault("stages", {})[name] = record
     start = time.perf_counter()
+    log.info("stage %s", name)
     try:
         yield record
         record["status"] = "done"
+        log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one failed stage must not lose the others' figures
         record["status"] = "failed"
         record["error"] = _first_line(exc)
