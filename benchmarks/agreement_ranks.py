@@ -5,9 +5,10 @@ devices (both single-rank placements, the baselines' placements, contiguous laye
 of the group order, random group placements); measure each one's real training step with
 ``DistributedMeasurer`` (one worker process per device, warm-up then the median of the
 timed steps; ``--passes 2`` measures every placement twice in fresh jobs); simulate the
-same placements with :func:`envs.sim.ranks.simulate_ranks`; fit :class:`RankCosts` on half
-of the placements (per model, and once over every model's fit half) and report Spearman
-and MAPE on the held-out half and on all. Everything measured is written to ``--out``
+same placements with :mod:`envs.sim.ranks`; calibrate :class:`RankCosts` on half of the
+placements (host constants from each rank's CPU time, latency and wake-up from the steps,
+one set for all models; and, for comparison, every constant per model) and report
+Spearman and MAPE on the held-out half and on all. Everything measured is written to ``--out``
 (JSON) so ``--analyse`` can redo the simulation and the fits without measuring again::
 
     python benchmarks/agreement_ranks.py --models rnnlm nmt gpt2 moe resnet50 inception_v3 \\
@@ -148,11 +149,30 @@ def _measured(record: dict[str, Any], statistic: str = "median") -> np.ndarray:
     return np.array([min(c) for c in zip(*cols)])
 
 
+def _cpu(record: dict[str, Any]) -> list[list[float]]:
+    """Per placement, per rank: CPU seconds per step, averaged over the passes."""
+    out = []
+    for i in range(len(record["placements"])):
+        per = [p["details"][i].get("cpu_s") for p in record["passes"] if p["details"] and p["details"][i]]
+        per = [c for c in per if c]
+        out.append([float(np.mean(col)) for col in zip(*per)] if per else [float("nan")] * 2)
+    return out
+
+
 def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> dict[str, Any]:
-    """Simulate every recorded placement, fit per model and over all models, and score."""
+    """Simulate every recorded placement, calibrate on half of them, score the rest.
+
+    Calibration ("calibrated"), one set of constants for every model, from the fit halves
+    only: the per-stage, per-message and per-step host constants from each rank's CPU
+    seconds per step (:func:`envs.sim.ranks.fit_host_costs`: waiting for peers or for a
+    core is not in it), then the op-time scale, the link latency and the wake-up from the
+    measured steps (log least squares, the other constants held). The scale is refitted
+    because CPU time also counts gloo's I/O thread, which runs beside the main thread. For comparison, "per-model": every constant fitted on the
+    model's own fit half.
+    """
     from envs.hardware.cluster import Device, Link, make_cluster
     from envs.sim.calibration import agreement
-    from envs.sim.ranks import RankCosts, fit_rank_costs, fit_rank_costs_many, simulate_ranks_batch
+    from envs.sim.ranks import RankCosts, RankSimulator, fit_host_costs, fit_rank_costs, fit_rank_costs_many
     from graphs.pipeline import prepare
 
     devs = results["devices"].split(",")
@@ -167,19 +187,20 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
         meas = _measured(rec, statistic)
         order = np.random.default_rng(seed).permutation(len(meas))
         half = len(meas) // 2
-        cases.append((rec, prep.captured.graph, leaves, meas, order[:half], order[half:]))
+        cases.append((rec, prep.captured.graph, leaves, meas, np.sort(order[:half]), np.sort(order[half:])))
 
-    out: dict[str, Any] = {"per_model": {}, "global": {}}
-    # One set of constants for every model: fitted on every model's fit half together.
-    global_costs = fit_rank_costs_many([(g, [rec["placements"][i] for i in fit], meas[fit], leaves)
-                                        for rec, g, leaves, meas, fit, _ in cases], cluster)
-    out["global_costs"] = global_costs.to_dict()
+    host = fit_host_costs([(g, [rec["placements"][i] for i in fit], [_cpu(rec)[i] for i in fit], leaves)
+                           for rec, g, leaves, _, fit, _ in cases], cluster)
+    held_fixed = ("stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s")
+    calibrated = fit_rank_costs_many([(g, [rec["placements"][i] for i in fit], meas[fit], leaves)
+                                      for rec, g, leaves, meas, fit, _ in cases], cluster, start=host, fixed=held_fixed)
+    out: dict[str, Any] = {"per_model": {}, "host_costs_from_cpu": host.to_dict(), "global_costs": calibrated.to_dict()}
     for rec, g, leaves, meas, fit, held in cases:
         pls = rec["placements"]
-        raw = simulate_ranks_batch(g, pls, cluster, RankCosts(), leaves=leaves)
+        raw = RankSimulator(g, cluster, RankCosts(), leaves=leaves).step_times(pls)
+        glob = RankSimulator(g, cluster, calibrated, leaves=leaves).step_times(pls)
         own = fit_rank_costs(g, [pls[i] for i in fit], meas[fit], cluster, leaves=leaves)
-        cal = simulate_ranks_batch(g, pls, cluster, own, leaves=leaves)
-        glob = simulate_ranks_batch(g, pls, cluster, global_costs, leaves=leaves)
+        cal = RankSimulator(g, cluster, own, leaves=leaves).step_times(pls)
         entry = {
             "raw_all": agreement(raw, meas),
             "fit_per_model": own.to_dict(),
@@ -188,7 +209,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
             "global_held_out": agreement(glob[held], meas[held]),
             "global_all": agreement(glob, meas),
             "simulated_raw_s": raw.tolist(), "simulated_fit_s": cal.tolist(), "simulated_global_s": glob.tolist(),
-            "measured_s": meas.tolist(), "held_out": sorted(int(i) for i in held),
+            "measured_s": meas.tolist(), "held_out": [int(i) for i in held],
         }
         if len(rec["passes"]) >= 2:
             one, two = ({**rec, "passes": [p]} for p in rec["passes"][:2])
@@ -198,10 +219,11 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
 
 
 def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
-    """The markdown summary table."""
+    """The markdown summary table of one statistic's analysis."""
     lines = ["| model | ops | placements | raw Spearman | raw MAPE | per-model fit: held-out Spearman | held-out MAPE | "
-             "global fit: held-out Spearman | held-out MAPE | pass 1 vs 2 Spearman | pass 1 vs 2 MAPE |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "calibrated: held-out Spearman | held-out MAPE | calibrated, all: Spearman | MAPE | "
+             "pass 1 vs 2: Spearman | MAPE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for rec in results["models"]:
         e = analysis["per_model"][rec["model"]]
         pp = e.get("pass1_vs_pass2", {})
@@ -209,9 +231,25 @@ def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
             f"| {rec['model']} | {rec['ops']} | {len(rec['placements'])} | {e['raw_all']['spearman']:.2f} | "
             f"{e['raw_all']['mape']:.1%} | {e['per_model_held_out']['spearman']:.2f} | "
             f"{e['per_model_held_out']['mape']:.1%} | {e['global_held_out']['spearman']:.2f} | "
-            f"{e['global_held_out']['mape']:.1%} | {pp.get('spearman', float('nan')):.2f} | "
-            f"{pp.get('mape', float('nan')):.1%} |")
+            f"{e['global_held_out']['mape']:.1%} | {e['global_all']['spearman']:.2f} | {e['global_all']['mape']:.1%} | "
+            f"{pp.get('spearman', float('nan')):.2f} | {pp.get('mape', float('nan')):.1%} |")
     return "\n".join(lines)
+
+
+def render_run(results: dict[str, Any]) -> str:
+    """Markdown for a whole run: command, load, links, both statistics, the fitted constants."""
+    out = [f"Command: `{results['command']}`", "",
+           f"Started {results['started_utc']} UTC; load average at the start {results['load_at_start']} "
+           f"(1/5/15 min, 2 cores); ping-pong link {results['links']} (latency s, bandwidth B/s).", "",
+           "Load per model and pass (1-min average before -> after):", ""]
+    for rec in results["models"]:
+        out.append(f"- {rec['model']}: " + "; ".join(f"{p['load_before'][0]} -> {p['load_after'][0]} ({p['seconds']} s)"
+                                                    for p in rec["passes"]))
+    for statistic, analysis in results.get("analysis", {}).items():
+        out += ["", f"Measured = {statistic} step:", "", render(results, analysis), "",
+                "Calibrated constants (host from CPU time, latency/wake from steps): " + ", ".join(f"{k} = {v:.3g}" for k, v in analysis["global_costs"].items()
+                                                 if v is not None)]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="JSON file for the measurements and the analysis")
     parser.add_argument("--analyse", help="redo the analysis of a JSON file written by an earlier run")
+    parser.add_argument("--markdown", help="also write the summary (command, load, tables, constants) here")
     args = parser.parse_args(argv)
     if not args.out and not args.analyse:
         parser.error("give --out (measure) or --analyse FILE")
@@ -265,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured = {statistic} step")
         print(render(results, analysis))
         print("global constants:", {k: None if v is None else f"{v:.3g}" for k, v in analysis["global_costs"].items()})
+    if args.markdown:
+        Path(args.markdown).write_text(render_run(results) + "\n")
     return 0
 
 

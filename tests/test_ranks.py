@@ -251,3 +251,40 @@ def test_group_rows_score_like_their_expanded_op_placements():
         sim.step_times_rows(rows[:, :3], groups)
     with pytest.raises(RankSimError, match="outside"):
         sim.step_times_rows(rows + 5, groups)
+
+
+def test_host_costs_are_recovered_from_per_rank_cpu_seconds():
+    from envs.sim.ranks import fit_host_costs, rank_counts
+
+    g = lstm_graph(4)
+    ops = [n for n in g.nodes if n != "x"]
+    rng = random.Random(3)
+    rows = [{n: rng.choice(["cpu:0", "cpu:1"]) for n in ops} for _ in range(16)]
+    true = dict(op_scale=1.4, stage=150e-6, message=75e-6, loss=80e-6, step=200e-6)
+    cpu = []
+    for p in rows:
+        counts = rank_counts(simulate_ranks(g, p, ranks_cluster(), ZERO))
+        cpu.append([true["op_scale"] * c["ops_s"] + true["stage"] * c["stage_calls"] + true["message"] * (c["sent"] + c["received"])
+                    + true["loss"] * c["loss"] + true["step"] for c in counts])
+    got = fit_host_costs([(g, rows, cpu, None)], ranks_cluster())
+    assert got.op_scale == pytest.approx(true["op_scale"], rel=1e-6)
+    assert got.stage_fwd_s == got.stage_bwd_s == pytest.approx(true["stage"], rel=1e-6)
+    assert (got.send_s, got.recv_s, got.loss_s, got.step_s) == pytest.approx(
+        (true["message"], true["message"], true["loss"], true["step"]), rel=1e-6)
+
+
+def test_latency_and_wake_up_are_fitted_from_step_times():
+    from envs.sim.ranks import fit_rank_costs_many
+
+    g = lstm_graph(4)
+    ops = [n for n in g.nodes if n != "x"]
+    rng = random.Random(4)
+    rows = [{n: rng.choice(["cpu:0", "cpu:1"]) for n in ops} for _ in range(12)]
+    truth = RankCosts(latency_s=400e-6, wake_s=150e-6)
+    steps = simulate_ranks_batch(g, rows, ranks_cluster(), truth)
+    start = RankCosts(latency_s=100e-6, wake_s=20e-6)
+    held = ("op_scale", "stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s")
+    got = fit_rank_costs_many([(g, rows, steps, None)], ranks_cluster(), start=start, fixed=held)
+    fitted = simulate_ranks_batch(g, rows, ranks_cluster(), got)
+    assert np.max(np.abs(fitted / steps - 1)) < 0.02
+    assert got.latency_s + got.wake_s > 2 * (start.latency_s + start.wake_s)  # moved towards the truth

@@ -113,6 +113,8 @@ __all__ = [
     "simulate_ranks_batch",
     "fit_rank_costs",
     "fit_rank_costs_many",
+    "fit_host_costs",
+    "rank_counts",
 ]
 
 
@@ -717,6 +719,67 @@ class RankSimulator:
             raise RankSimError(f"rows hold ranks outside [0, {W})")
         return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False).step_time
                          for row in arr])
+
+
+def rank_counts(schedule: RankSchedule) -> list[dict[str, float]]:
+    """Per rank, what its thread does in ``schedule`` (a traced one): profiled op seconds
+    (unscaled: divide by the ``op_scale`` it ran with), stage calls (forward and backward),
+    messages sent and received, whether it computes the loss."""
+    out = []
+    for r in range(schedule.plan.world_size):
+        mine = [e for e in schedule.events if e.rank == r]
+        out.append({
+            "ops_s": sum(e.end - e.start for e in mine if e.kind in ("fwd", "bwd", "opt")),
+            "stage_calls": float(sum(1 for e in mine if e.kind == "stage")),
+            "sent": float(sum(1 for m in schedule.messages if m.src == r)),
+            "received": float(sum(1 for m in schedule.messages if m.dst == r)),
+            "loss": float(r == schedule.plan.output_rank),
+        })
+    return out
+
+
+def fit_host_costs(cases: Sequence[tuple[nx.DiGraph, Sequence[Mapping[str, str | int]], Sequence[Sequence[float]],
+                                         Mapping[str, int] | None]],
+                   cluster: Cluster, start: RankCosts | None = None) -> RankCosts:
+    """Host-thread constants from the CPU seconds each rank used per step (measured).
+
+    A rank's CPU time per step (``time.process_time``, all its threads; the measurer
+    reports it per rank) does not include waiting for a peer or for a core, so it measures
+    what the rank's thread *does* even on a loaded machine. It is regressed (non-negative
+    least squares, relative error) on :func:`rank_counts`:
+    ``cpu = op_scale*ops + stage*calls + message*(sent + received) + loss_s*[loss] + step_s``.
+    Sent and received counts are equal on a rank whenever every crossing value carries a
+    gradient back (each message is answered by one the other way), so only their sum is
+    identifiable: ``send_s = recv_s = message``.
+    ``cases`` are ``(graph, placements, cpu seconds [placement][rank], leaves)``.
+    Returns ``start`` (default :class:`RankCosts`) with those constants replaced
+    (``stage_fwd_s = stage_bwd_s``: every stage makes one call of each, so they cannot be told apart).
+
+    Raises:
+        RankSimError: fewer rows than constants.
+    """
+    from scipy.optimize import nnls
+
+    zero = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
+                     loss_s=0.0, step_s=0.0, wake_s=0.0)
+    rows, target = [], []
+    for graph, placements, cpu, leaves in cases:
+        c = _compile(graph, cluster, leaves)
+        for p, per_rank in zip(placements, cpu):
+            sched = _simulate(c, _ranks_of(p, cluster), zero, trace=True)
+            for counts, seconds in zip(rank_counts(sched), per_rank):
+                if seconds is None or not np.isfinite(seconds) or seconds <= 0:
+                    continue
+                rows.append([counts["ops_s"], counts["stage_calls"], counts["sent"] + counts["received"],
+                             counts["loss"], 1.0])
+                target.append(seconds)
+    if len(rows) < 5:
+        raise RankSimError(f"fit_host_costs needs at least 5 rank-steps with a CPU time, got {len(rows)}")
+    X, y = np.array(rows), np.array(target)
+    coef, _ = nnls(X / y[:, None], np.ones(len(y)))
+    base = start or RankCosts()
+    return replace(base, op_scale=float(coef[0]), stage_fwd_s=float(coef[1]), stage_bwd_s=float(coef[1]),
+                   send_s=float(coef[2]), recv_s=float(coef[2]), loss_s=float(coef[3]), step_s=float(coef[4]))
 
 
 def fit_rank_costs(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | int]], measured: Sequence[float],
