@@ -1,8 +1,10 @@
 """Baselines by stable name, and one call that runs any of them.
 
->>> from placer.search.baselines import run_baseline
->>> res = run_baseline("m_etf", problem)          # doctest: +SKIP
->>> res.placement, res.reason, res.search_time      # doctest: +SKIP
+>>> res = run_baseline("m_etf", problem)  # doctest: +SKIP
+>>> res.placement, res.reason, res.search_time  # doctest: +SKIP
+
+(``problem`` is an :class:`envs.sim.problem.PlacementProblem`; :mod:`placer.search.baselines` runs
+this example on a small one.)
 
 Names: ``single`` (best single device), ``single:<device>``, ``round_robin``, ``random``,
 ``expert``, ``balanced``, ``sequential``, ``accelerate``, ``fx_size_based``, ``fx_cost_aware``,
