@@ -434,6 +434,7 @@ def complete_state(gm: fx.GraphModule, model: nn.Module) -> None:
     fx copies only the attributes the graph reads, so an unused buffer would be missing
     from the placed model's ``state_dict()`` and loading it back into the original with
     ``strict=True`` would fail. The tensors are shared, not copied, as fx shares the rest.
+    Buffers the model keeps out of its ``state_dict`` (``persistent=False``) stay out.
     """
     have = set(gm.state_dict(keep_vars=True))
     for path, mod in model.named_modules():
@@ -446,6 +447,13 @@ def complete_state(gm: fx.GraphModule, model: nn.Module) -> None:
                 owner.register_parameter(key, value)
             else:
                 owner.register_buffer(key, value, persistent=key not in mod._non_persistent_buffers_set)
+        # torch.export registers every buffer as persistent: one the model keeps out of its
+        # state_dict would then be an unexpected key when loading back with strict=True.
+        for key in mod._non_persistent_buffers_set:
+            with contextlib.suppress(AttributeError):
+                owner = gm.get_submodule(path) if path else gm
+                if key in owner._buffers:
+                    owner._non_persistent_buffers_set.add(key)
 
 
 def _ensure_module(root: nn.Module, path: str) -> nn.Module:

@@ -656,3 +656,53 @@ def test_a_placed_model_with_in_place_buffer_updates_matches_the_original_over_s
     fresh = _EMA()
     fresh.load_state_dict(placed.state_dict(), strict=True)
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_ema_updated_on_the_gpu_and_read_on_the_cpu_matches_the_original_over_steps():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = _EMA()
+    x = torch.randn(3, 4)
+    cap = capture(model, (x,))
+    original = copy.deepcopy(model)
+    placement = {n: ("cpu" if n in ("add", "out") else "cuda:0") for n in cap.graph.nodes}
+    placed = apply_placement(cap, placement)
+    for _ in range(3):
+        assert torch.allclose(placed(x).cpu(), original(x), atol=1e-6)
+    assert placed.calls.item() == 3
+
+
+class _Reassigning(nn.Module):
+    """Captured by torch.export (fx cannot record the reassignment), with a non-persistent and an unused buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.register_buffer("unused", torch.ones(3))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.norm(self.lin(x)) * self.calls
+
+
+def test_an_exported_placed_models_state_dict_round_trips_strictly_into_the_original():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _Reassigning(), torch.randn(5, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    original = copy.deepcopy(model)
+    placed = apply_placement(cap, {n: ("a" if i % 2 else "b") for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"a": "cpu", "b": "cpu"})
+    for _ in range(2):
+        assert torch.allclose(placed(x), original(x))
+    assert set(placed.state_dict()) == set(original.state_dict())  # scratch stays out, unused is in
+    fresh = _Reassigning()
+    fresh.load_state_dict(placed.state_dict(), strict=True)
+    assert fresh.calls.item() == 2 and torch.equal(fresh.norm.running_mean, original.norm.running_mean)

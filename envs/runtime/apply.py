@@ -351,7 +351,7 @@ def apply_placement(
         )
     output_device = resolve.name(output_device, "output")
 
-    gm = src if inplace else copy.deepcopy(src)
+    gm = src if inplace else _copy_graph_module(src)
     graph = gm.graph
     dev = _effective_devices(gm, canon, output_device)
 
@@ -413,6 +413,22 @@ def apply_placement(
     )
     if device_map is not None:
         gm.hf_device_map = device_map
+    return gm
+
+
+def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy that keeps which buffers are non-persistent.
+
+    ``GraphModule.__deepcopy__`` rebuilds the module and forgets ``persistent=False``, so
+    such a buffer would appear in the placed model's ``state_dict()`` and loading that
+    back into the original with ``strict=True`` would fail on an unexpected key.
+    """
+    gm = copy.deepcopy(src)
+    copies = dict(gm.named_modules(remove_duplicate=False))
+    for path, mod in src.named_modules(remove_duplicate=False):
+        twin = copies.get(path)
+        if twin is not None and mod._non_persistent_buffers_set:
+            twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     return gm
 
 
