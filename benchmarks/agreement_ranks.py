@@ -43,9 +43,9 @@ def _load() -> list[float]:
 
 def _leaves(captured: Any) -> dict[str, int]:
     """Tensors per node value: the runtime sends one message per tensor leaf (none for a constant)."""
-    from graphs.placement_graph import tensor_outputs
+    from envs.sim.ranks import value_leaves
 
-    return {n.name: len(tensor_outputs(n)) for n in captured.gm.graph.nodes if n.op != "output"}
+    return value_leaves(captured.gm)
 
 
 def _placements(prep: Any, cluster: Any, count: int, seed: int) -> list[tuple[str, dict[str, str]]]:

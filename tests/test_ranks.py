@@ -226,9 +226,9 @@ def test_simulated_two_rank_step_is_within_a_factor_of_two_of_the_measured_one()
                             spec=prep.spec, fingerprint=prep.captured.fingerprint, captured=prep.captured)
     many = getattr(m, "measure_many", None)
     measured = (many or m.measure)([single, layer_split])
-    from graphs.placement_graph import tensor_outputs
+    from envs.sim.ranks import value_leaves
 
-    leaves = {n.name: len(tensor_outputs(n)) for n in prep.captured.gm.graph.nodes if n.op != "output"}
+    leaves = value_leaves(prep.captured.gm)
     for placement, result in zip((single, layer_split), measured):
         assert result.valid, result.reason
         sim = simulate_ranks(prep.captured.graph, placement, cluster, leaves=leaves).step_time

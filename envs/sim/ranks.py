@@ -90,6 +90,7 @@ import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -115,6 +116,7 @@ __all__ = [
     "fit_rank_costs_many",
     "fit_host_costs",
     "rank_counts",
+    "value_leaves",
 ]
 
 
@@ -662,6 +664,15 @@ def simulate_ranks_batch(graph: nx.DiGraph, placements: Sequence[Mapping[str, st
     c = _compile(graph, cluster, leaves)
     k = costs or RankCosts()
     return np.array([_simulate(c, _ranks_of(p, cluster), k, trace=False).step_time for p in placements])
+
+
+def value_leaves(gm: Any) -> dict[str, int]:
+    """Tensors in each node's value of a captured ``torch.fx.GraphModule`` (its shape
+    metadata): the runtime sends one message per tensor and none for a constant, and the
+    placement graph keeps only the total bytes. Pass it as ``leaves``."""
+    from graphs.placement_graph import tensor_outputs
+
+    return {n.name: len(tensor_outputs(n)) for n in gm.graph.nodes if n.op != "output"}
 
 
 class RankSimulator:
