@@ -108,7 +108,7 @@ def test_the_check_leaves_the_users_model_and_random_state_unchanged():
 def test_the_check_pauses_the_garbage_collector_and_restores_it():
     import gc
 
-    from envs.runtime.check import paused_gc
+    from graphs.gc_pause import paused_gc
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError), paused_gc():

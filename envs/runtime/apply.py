@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_map
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
 from graphs.errors import PlacerError
+from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
 
 __all__ = [
@@ -334,6 +335,12 @@ def apply_placement(
         ApplyError: unknown node names, devices that are neither torch devices nor
             mapped, or a module/tensor used by several nodes placed on different devices.
     """
+    with paused_gc():  # copying and rewriting a large graph: see graphs.gc_pause
+        return _apply(model, placement, output_device, non_blocking, inplace, real_devices)
+
+
+def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, non_blocking: bool,
+           inplace: bool, real_devices: Mapping[str, str] | None) -> fx.GraphModule:
     src = _as_graph_module(model)
     names = {n.name for n in src.graph.nodes}
     unknown = sorted(set(placement) - names)

@@ -23,16 +23,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from envs.runtime.apply import apply_placement, to_device
+from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
 from graphs.profile.op_timing import tensors_in
 
@@ -40,27 +39,6 @@ from graphs.profile.op_timing import tensors_in
 #: state that was not carried (an in-place buffer update that was lost), the third that
 #: the optimizer's own state (momentum, Adam's moments) is carried too.
 DEFAULT_STEPS = 3
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector (and freeze what exists) for a bulk of allocations.
-
-    Deep-copying and running a graph of tens of thousands of fx nodes allocates millions
-    of container objects; every 700 allocations the collector walks the youngest
-    generation and, periodically, everything — 197 s of a 50,000-op check against 6.8 s
-    paused (see the report of issue 18). Reference counting still frees what is not in
-    a cycle; cycles made meanwhile are collected once the collector is back.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True)
