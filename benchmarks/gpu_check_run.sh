@@ -14,7 +14,7 @@ if ! python3 -c "import gymnasium" 2>/dev/null; then
         || { echo "error: cannot install the carried wheels; run benchmarks/gpu_check_wheels.sh and carry .whl"; exit 2; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD:$PYTHONPATH"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Small problems: numpy is as quick as numba and skips its compile (same results bit for bit).
 export PYTHONUNBUFFERED=1 PLACER_DISABLE_NUMBA=1 PLACER_CACHE_DIR=/tmp/placer-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$DIR/nvidia-smi.txt" 2>&1
