@@ -115,3 +115,32 @@ def test_the_check_pauses_the_garbage_collector_and_restores_it():
         assert not gc.isenabled()
         raise RuntimeError("boom")
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_failed_check_leaves_no_placement_json_only_the_best_so_far(tmp_path, monkeypatch):
+    import envs.runtime.check as check_module
+    import placer
+    from graphs.errors import PlacerError
+
+    real_apply = check_module.apply_placement
+
+    def wrong_apply(*args, **kwargs):  # a placement that changes what the model computes
+        placed = real_apply(*args, **kwargs)
+        with torch.no_grad():
+            next(placed.parameters()).add_(0.5)
+        return placed
+
+    monkeypatch.setattr(check_module, "apply_placement", wrong_apply)
+    path = tmp_path / "tiny.py"
+    path.write_text("import torch\n"
+                    "def get_model():\n"
+                    "    torch.manual_seed(0)\n"
+                    "    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
+                    "def get_example_inputs():\n"
+                    "    return (torch.randn(4, 8),)\n")
+    out = tmp_path / "out"
+    with pytest.raises(PlacerError, match="does not compute the same thing: DIFFERENT results over 3"):
+        placer.optimize(str(path), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                        baselines=("single",), verbose=0)
+    assert not (out / "placement.json").exists()
+    assert (out / "best_placement.json").exists()
