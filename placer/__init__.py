@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     if name == "optimize":
-        return importlib.import_module("placer.optimization").optimize
+        return importlib.import_module("placer.optimizing.run").optimize
     if name == "OptimizeResult":
         return importlib.import_module("placer.result").OptimizeResult
     if name in ("apply", "load"):

@@ -23,10 +23,11 @@ from envs.runtime.apply import apply_placement, realize_placement, to_device
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec
+from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, load_placement
 
 
-def real_devices_of(placement: Placement, cluster: Any = None) -> dict[str, str]:
+def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) -> dict[str, str]:
     """Device name → torch device for a placement: from ``cluster``, else its recorded map, else identity."""
     if cluster is not None:
         from envs.hardware.loading import load_cluster
@@ -38,7 +39,7 @@ def real_devices_of(placement: Placement, cluster: Any = None) -> dict[str, str]
     return {d: d for d in placement.devices}
 
 
-def _captured(model: Any, example_inputs: Any = None) -> CapturedModel:
+def _captured(model: torch.nn.Module | CapturedModel, example_inputs: Any = None) -> CapturedModel:
     if isinstance(model, CapturedModel):
         return model
     if not isinstance(model, torch.nn.Module):
@@ -49,7 +50,8 @@ def _captured(model: Any, example_inputs: Any = None) -> CapturedModel:
     return capture(model, inputs)
 
 
-def load(path: str | os.PathLike, model: Any = None, example_inputs: Any = None, cluster: Any = None) -> Placement:
+def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None = None, example_inputs: Any = None,
+         cluster: ClusterSource | None = None) -> Placement:
     """Read a placement file; with ``model``, refuse one made for another model.
 
     Raises:
@@ -65,8 +67,8 @@ def load(path: str | os.PathLike, model: Any = None, example_inputs: Any = None,
     return placement
 
 
-def apply(model: Any, placement: Placement | str | os.PathLike, example_inputs: Any = None,
-          cluster: Any = None, output_device: str | None = None) -> torch.fx.GraphModule:
+def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | os.PathLike, example_inputs: Any = None,
+          cluster: ClusterSource | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
     """The model with ``placement`` applied: a trainable GraphModule spread over the devices."""
     captured = _captured(model, example_inputs)
     if not isinstance(placement, Placement):
@@ -80,7 +82,7 @@ def apply(model: Any, placement: Placement | str | os.PathLike, example_inputs: 
 
 
 def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
-                warmup: int = 2, cluster: Any = None) -> dict[str, Any]:
+                warmup: int = 2, cluster: ClusterSource | None = None) -> dict[str, Any]:
     """Run ``warmup + steps`` full training steps with ``placement``; returns losses and step times."""
     real = real_devices_of(placement, cluster)
     realized = realize_placement(placement.assignment, real)

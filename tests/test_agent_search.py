@@ -168,7 +168,10 @@ def test_tensorboard_logs_are_written(problem, tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
-def test_progress_bar_shows_the_best_step_time(problem, capsys):
+def test_progress_bar_on_a_terminal_shows_the_best_step_time(problem, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # into a file it redraws every 30 s at most
     search(problem, agent="reinforce", budget=128, seed=0, num_envs=64, progress=True)
     err = capsys.readouterr().err
     assert "best=" in err and "ms" in err

@@ -12,7 +12,7 @@ import torch
 from envs.hardware.rank_devices import RankDeviceError, is_distributed_cluster
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.distributed.rank_cluster import rank_cluster
-from placer.optimization import resolve_cluster
+from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
 
 

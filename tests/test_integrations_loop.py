@@ -35,16 +35,16 @@ def _train(model: torch.nn.Module, steps: int = 5) -> list[float]:
 
 
 def test_place_trains_like_the_model_and_caches(tmp_path, monkeypatch):
-    import placer.optimization as optimization
+    import placer.optimizing.run as optimizing
 
     calls = []
-    real_optimize = optimization.optimize
+    real_optimize = optimizing.optimize
 
     def counting_optimize(*args, **kwargs):
         calls.append(kwargs.get("budget"))
         return real_optimize(*args, **kwargs)
 
-    monkeypatch.setattr(optimization, "optimize", counting_optimize)
+    monkeypatch.setattr(optimizing, "optimize", counting_optimize)
     model = _model()
     reference = copy.deepcopy(model)
     x = torch.randn(16, 32)

@@ -3,28 +3,11 @@
 import pytest
 
 from placer.options import (
-    Budget,
     OptionError,
-    parse_budget,
     parse_device_list,
     parse_memory_limits,
     parse_model_args,
 )
-
-
-@pytest.mark.parametrize(
-    "text, seconds, placements",
-    [("90s", 90.0, None), ("5m", 300.0, None), ("1h", 3600.0, None), ("1.5min", 90.0, None),
-     ("20000", None, 20000), ("20k", None, 20000), ("5m,20k", 300.0, 20000), (500, None, 500), (2.5, 2.5, None)],
-)
-def test_budget_forms_parse_to_seconds_and_placements(text, seconds, placements):
-    assert parse_budget(text) == Budget(seconds=seconds, placements=placements)
-
-
-@pytest.mark.parametrize("text", ["", "five minutes", "5x", "-3", "5m,,", "0"])
-def test_malformed_budget_is_refused_with_the_accepted_forms(text):
-    with pytest.raises(OptionError, match="budget"):
-        parse_budget(text)
 
 
 def test_memory_limits_parse_per_device():

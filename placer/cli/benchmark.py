@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from placer.search.budget import DEFAULT_BUDGET
+
 DEFAULT_CLUSTERS = "4xK40,4xV100-nvlink,4xK40-tight"
 
 EXAMPLES = """examples:
@@ -41,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--methods", default="baselines", help="comma-separated methods (default: every baseline)")
     parser.add_argument("--size", default="small", help="zoo size preset: small (default) or paper")
     parser.add_argument("--budget", default=None,
-                        help="search budget for random and agents: placements (1000, 20k) or time (90s, 2m)")
+                        help="search budget for random and agents: placements (1000, 20k) or time (90s, 2m); "
+                             f"default: {DEFAULT_BUDGET} for agents, 1,000 placements for random")
     parser.add_argument("--memory-fraction", type=float, default=None,
                         help="cap every device at this fraction of the model's training memory (forces placement)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_fraction is not None and not args.memory_fraction > 0:
         raise BenchmarkError(f"--memory-fraction must be a positive number (e.g. 0.4), got {args.memory_fraction}")
     if args.budget is not None:
-        from placer.options import parse_budget
+        from placer.search.budget import parse_budget
 
         parse_budget(args.budget)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from placer.search.agents.registry import DEFAULT_AGENT, agent_names
+from placer.search.budget import DEFAULT_BUDGET
+
 EXAMPLES = """examples:
   python -m placer optimize graphs/zoo/nmt.py --budget 2m --out out/nmt
   python -m placer optimize model.py --cluster 4xV100-nvlink --budget 20k --seed 1
@@ -30,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     where.add_argument("--devices", help="real devices, e.g. cpu,cuda:0,cuda:1 (default: all present when >= 2)")
     where.add_argument("--cluster", help="simulated cluster: preset name (see `placer presets`) or spec file "
                                          "(default on a machine with < 2 devices: 4xK40)")
-    parser.add_argument("--budget", default="2m", help="time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default 2m")
+    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                        help=f"time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default {DEFAULT_BUDGET} "
+                             "(the search usually stops earlier, after 60,000 placements without improvement)")
     parser.add_argument("--reward", choices=["simulated", "measured", "hybrid"],
                         help="what the search optimises. simulated: the simulator's step time (default on a "
                              "simulated cluster). measured: the measured step time of every placement the agent "
@@ -38,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "the simulator, recalibrated in rounds from measurements of its best candidates. On "
                              "real devices the best candidates are measured at the end and the measured fastest "
                              "wins; measurements and calibration go to report.md and calibration.json")
-    parser.add_argument("--agent", default="hierarchical", choices=["hierarchical", "flat", "sequential", "reinforce"],
-                        help="search agent (default: hierarchical grouper + placer)")
+    parser.add_argument("--agent", default=DEFAULT_AGENT, choices=agent_names(),
+                        help=f"search agent (default: {DEFAULT_AGENT}, the grouper + placer)")
     parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     parser.add_argument("--memory", help="per-device memory caps DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GB; sizes as in "
@@ -84,20 +89,25 @@ def _seconds(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``placer optimize``; returns the exit status."""
-    from placer.optimization import DEFAULT_BASELINES, optimize
+    import logging
+
+    from placer.cli.logs import printed_logs
+    from placer.optimizing.config import DEFAULT_BASELINES
+    from placer.optimizing.run import optimize
     from placer.options import parse_model_args
     from placer.report.results import summary_lines
 
     baselines = DEFAULT_BASELINES if args.baselines is None else tuple(
         b.strip() for b in args.baselines.split(",") if b.strip())
-    result = optimize(
-        args.model, devices=args.devices, cluster=args.cluster, budget=args.budget, reward=args.reward,
-        groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
-        out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
-        check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
-        leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
-        measure_timeout=args.measure_timeout,
-    )
+    with printed_logs(logging.WARNING if args.quiet else logging.INFO):
+        result = optimize(
+            args.model, devices=args.devices, cluster=args.cluster, budget=args.budget, reward=args.reward,
+            groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
+            out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
+            check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
+            leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
+            measure_timeout=args.measure_timeout,
+        )
     print()
     print("\n".join(summary_lines(result)))
     kind = "a simulated cluster" if result.cluster.simulated else "real devices"

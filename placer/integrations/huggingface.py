@@ -33,9 +33,11 @@ import torch
 
 from envs.runtime.apply import to_device
 from envs.runtime.device_map import placement_device_map
-from placer.integrations.loop import DEFAULT_PLACE_BUDGET, IntegrationError, as_inputs, find_placement
+from placer.integrations.loop import IntegrationError, as_inputs, find_placement
+from placer.optimizing.config import ClusterSource
+from placer.search.budget import DEFAULT_BUDGET, BudgetLike
 
-log = logging.getLogger("placer")
+log = logging.getLogger(__name__)
 
 
 def dispatch(model: torch.nn.Module, device_map: Mapping[str, str]) -> list[Any]:
@@ -64,9 +66,9 @@ def _outputs_match(a: Any, b: Any) -> bool:
     )
 
 
-def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: Any = None,
+def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: ClusterSource | None = None,
                       devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
-                      budget: Any = DEFAULT_PLACE_BUDGET, cache_dir: str | os.PathLike | None = None,
+                      budget: BudgetLike = DEFAULT_BUDGET, cache_dir: str | os.PathLike | None = None,
                       seed: int = 0, check: bool = True) -> torch.nn.Module:
     """Place ``model`` (in place) for a Hugging Face ``Trainer`` and set ``model.hf_device_map``.
 
@@ -110,7 +112,7 @@ def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: An
     accelerators = {d for d in device_map.values() if d not in ("cpu", "disk")}
     if "cpu" in device_map.values() and len(accelerators) == 1:
         # The Trainer counts only accelerators: with one it would move the whole model onto it.
-        log.warning("placer: the placement computes on the CPU and %s; build the Trainer with "
+        log.warning("the placement computes on the CPU and %s; build the Trainer with "
                     "TrainingArguments(place_model_on_device=False) or it moves the model onto %s",
                     next(iter(accelerators)), next(iter(accelerators)))
     return model

@@ -36,9 +36,12 @@ from typing import Any
 
 import torch
 
+from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
-from placer.integrations.loop import DEFAULT_PLACE_BUDGET, IntegrationError, find_placement
+from placer.integrations.loop import IntegrationError, find_placement
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
+from placer.optimizing.config import ClusterSource
+from placer.search.budget import DEFAULT_BUDGET, BudgetLike
 
 try:  # Lightning 2.x ships as ``lightning``; the older ``pytorch_lightning`` has the same Callback.
     from lightning.pytorch.callbacks import Callback
@@ -51,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on the installed extra
         ) from exc
 
 
-def _output_device(cluster: Any, module_device: torch.device) -> str:
+def _output_device(cluster: Cluster, module_device: torch.device) -> str:
     """The cluster device whose real device is where Lightning put the module (so the loss sees no change)."""
     wanted = str(module_device)
     for name, real in cluster.real_device_map().items():
@@ -78,9 +81,9 @@ class PlacerCallback(Callback):
     :class:`~placer.integrations.loop.PlaceInfo` (without tuning) and ``callback.tuner`` the tuner.
     """
 
-    def __init__(self, example_batch: Any, *, attr: str = "model", cluster: Any = None,
+    def __init__(self, example_batch: Any, *, attr: str = "model", cluster: ClusterSource | None = None,
                  devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
-                 budget: Any = DEFAULT_PLACE_BUDGET, cache_dir: str | os.PathLike | None = None,
+                 budget: BudgetLike = DEFAULT_BUDGET, cache_dir: str | os.PathLike | None = None,
                  tune: bool = False, trials: int = 12, candidates: Any = 4,
                  output_device: str | None = None, seed: int = 0) -> None:
         super().__init__()

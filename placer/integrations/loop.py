@@ -3,7 +3,7 @@
 Example::
 
     import placer
-    placed = placer.place(model, (x,), cluster="4xK40", budget="30s")
+    placed = placer.place(model, (x,), cluster="4xK40", budget="30s")   # default budget: 2 minutes
     optimizer = torch.optim.SGD(placed.parameters(), lr=0.1)   # built on the placed model
     for x, y in data:
         optimizer.zero_grad()
@@ -34,12 +34,13 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
+from placer.optimizing.config import ClusterSource
+from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
+from placer.search.budget import DEFAULT_BUDGET, BudgetLike
 
-log = logging.getLogger("placer")
-
-DEFAULT_PLACE_BUDGET = "30s"
+log = logging.getLogger(__name__)
 
 
 class IntegrationError(PlacerError, ValueError):
@@ -86,11 +87,9 @@ def as_inputs(example_batch: Any) -> tuple:
     return example_batch if isinstance(example_batch, tuple) else (example_batch,)
 
 
-def cluster_for(cluster: Any = None, devices: str | Sequence[str] | None = None,
+def cluster_for(cluster: ClusterSource | None = None, devices: str | Sequence[str] | None = None,
                 memory: str | Mapping[str, Any] | None = None) -> Cluster:
-    """The devices to place on (see :func:`placer.optimization.resolve_cluster`)."""
-    from placer.optimization import resolve_cluster
-
+    """The devices to place on (see :func:`placer.optimizing.devices.resolve_cluster`)."""
     if isinstance(cluster, Cluster) and devices is None and memory is None:
         return cluster
     return resolve_cluster(devices=devices, cluster=cluster, memory=memory)
@@ -120,7 +119,7 @@ def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placem
         return load_placement(path, graph=captured, devices=cluster.device_names)
     except PlacementFileError as exc:
         # Our own cache file: a stale or damaged one is searched again and overwritten, not fatal.
-        log.warning("placer: ignoring cached placement %s (%s); searching again", path, exc)
+        log.warning("ignoring cached placement %s (%s); searching again", path, exc)
         return None
 
 
@@ -128,9 +127,9 @@ def find_placement(
     model: torch.nn.Module,
     example_batch: Any,
     *,
-    cluster: Any = None,
+    cluster: ClusterSource | None = None,
     devices: str | Sequence[str] | None = None,
-    budget: Any = DEFAULT_PLACE_BUDGET,
+    budget: BudgetLike = DEFAULT_BUDGET,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     memory: str | Mapping[str, Any] | None = None,
@@ -156,7 +155,7 @@ def find_placement(
                              cached)
             return captured, the_cluster, info
 
-    from placer.optimization import optimize
+    from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose)
@@ -181,9 +180,9 @@ def place(
     model: torch.nn.Module,
     example_batch: Any,
     *,
-    cluster: Any = None,
+    cluster: ClusterSource | None = None,
     devices: str | Sequence[str] | None = None,
-    budget: Any = DEFAULT_PLACE_BUDGET,
+    budget: BudgetLike = DEFAULT_BUDGET,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     memory: str | Mapping[str, Any] | None = None,
@@ -203,7 +202,8 @@ def place(
         cluster: a preset name (``"4xK40"``), spec file or ``Cluster`` (simulated; virtual
             devices run on their mapped real device); or ``devices``: real devices,
             ``"cpu,cuda:0"``. Default as :func:`placer.optimize`.
-        budget: the search budget when nothing is cached (``"30s"``, ``"20k"``).
+        budget: the search budget when nothing is cached (``"30s"``, ``"20k"``; default
+            :data:`~placer.search.budget.DEFAULT_BUDGET`, two minutes).
         cache_dir: the placement cache (default :func:`default_cache_dir`); ``use_cache=False``
             always searches and writes nothing.
         memory: per-device memory caps (``"cuda:0=20GiB"``).
@@ -211,6 +211,8 @@ def place(
             sum of the output, SGD).
         output_device: where outputs are gathered (default: the output node's device).
         check: compare the searched placement's outputs and gradients with the model's.
+        verbose: log (``logging``, logger ``placer.integrations.loop``) at INFO rather than
+            DEBUG whether the placement was loaded or searched.
 
     Returns:
         An ``fx.GraphModule``; build the optimizer on its parameters. It carries
@@ -229,8 +231,7 @@ def place(
     placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
                              real_devices=the_cluster.real_device_map())
     placed.placer_place_info = info
-    if verbose:
-        how = "loaded from cache" if info.cache_hit else f"searched ({info.method})"
-        print(f"placer: {type(model).__name__} placed on {the_cluster.name}: {how}"
-              + (f", {info.source} step {info.step_time * 1e3:.3g} ms" if info.step_time else ""))
+    how = "loaded from cache" if info.cache_hit else f"searched ({info.method})"
+    log.log(logging.INFO if verbose else logging.DEBUG, "%s placed on %s: %s%s", type(model).__name__,
+            the_cluster.name, how, f", {info.source} step {info.step_time * 1e3:.3g} ms" if info.step_time else "")
     return placed

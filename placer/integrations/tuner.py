@@ -40,13 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for
+from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement
+from placer.result import OptimizeResult
+from placer.search.budget import DEFAULT_BUDGET, BudgetLike
 
-log = logging.getLogger("placer")
-
-DEFAULT_TUNER_BUDGET = "20s"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,9 +140,9 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
     return moved
 
 
-def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Any, k: int, budget: Any,
+def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, k: int, budget: BudgetLike,
                        seed: int = 0, loss_fn: Callable | None = None,
-                       optimizer_fn: Callable | None = None) -> tuple[list[TunerCandidate], Any]:
+                       optimizer_fn: Callable | None = None) -> tuple[list[TunerCandidate], OptimizeResult]:
     """The ``k`` distinct fitting placements with the lowest simulated step time.
 
     Runs :func:`placer.optimize` (baselines, then a short agent search) and ranks every
@@ -148,7 +150,7 @@ def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Any, k: i
     and the optimize result (its ``problem`` is what calibration refits).
     """
     from envs.sim.simulator import simulate_batch
-    from placer.optimization import optimize
+    from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=cluster, budget=budget, seed=seed, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0)
@@ -183,7 +185,8 @@ class PlacementTuner:
         trials: how many real training steps the tuning may use (K).
         candidates: how many placements to propose (an int), or the placements themselves
             (``{node: device}`` dicts or :class:`Placement` objects; then nothing is searched).
-        budget: search budget for proposing candidates.
+        budget: search budget for proposing candidates (default
+            :data:`~placer.search.budget.DEFAULT_BUDGET`; the plateau rule usually ends it early).
         steps_per_candidate: steps each candidate runs (default ``max(1, trials // candidates)``).
         rounds: the candidates take turns in this many rounds, each running its share of steps per
             turn (1: one block per candidate). Interleaving spreads slow drift of the machine (other
@@ -205,10 +208,10 @@ class PlacementTuner:
         IntegrationError: bad ``trials``/``candidates``; PlacerError subclasses from capture/search.
     """
 
-    def __init__(self, model: torch.nn.Module, example_batch: Any, *, cluster: Any = None,
+    def __init__(self, model: torch.nn.Module, example_batch: Any, *, cluster: ClusterSource | None = None,
                  devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
                  trials: int = 12, candidates: int | Sequence[Mapping[str, str] | Placement] = 4,
-                 budget: Any = DEFAULT_TUNER_BUDGET, steps_per_candidate: int | None = None, rounds: int = 2,
+                 budget: BudgetLike = DEFAULT_BUDGET, steps_per_candidate: int | None = None, rounds: int = 2,
                  warmup: int = 1, calibrate: bool = True, share_parameters: bool = False,
                  output_device: str | None = None, margin: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
                  optimizer_fn: Callable | None = None) -> None:

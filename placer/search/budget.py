@@ -15,4 +15,7 @@ from placer.options import Budget, parse_budget
 #: search of a small model well before it.
 DEFAULT_BUDGET = "2m"
 
-__all__ = ["Budget", "DEFAULT_BUDGET", "parse_budget"]
+#: What every ``budget=`` argument accepts.
+BudgetLike = Budget | str | int | float
+
+__all__ = ["Budget", "BudgetLike", "DEFAULT_BUDGET", "parse_budget"]

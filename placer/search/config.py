@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from graphs.errors import PlacerError
-from placer.search.agents.registry import UnknownAgentError, get_agent
+from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
 if TYPE_CHECKING:
@@ -71,8 +71,8 @@ class SearchConfig:
         SearchError: unknown agent, bad sizes or share; OptionError: a malformed budget.
     """
 
-    agent: str = "hierarchical"
-    budget: Budget | str | int | float = DEFAULT_BUDGET
+    agent: str = DEFAULT_AGENT
+    budget: Budget = parse_budget(DEFAULT_BUDGET)  # also accepts what parse_budget reads; stored parsed
     seed: int = 0
     out_dir: Path | None = None
     num_groups: int | None = None

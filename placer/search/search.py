@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from envs.gym.config import default_num_groups
 from envs.gym.vector_env import BatchedPlacementVecEnv
@@ -199,7 +200,7 @@ def _resume(agent: SearchAgent, path: Path) -> None:
         ) from None
 
 
-def load_policy(path: str | Path, agent: str = "hierarchical") -> Any:
+def load_policy(path: str | Path, agent: str = "hierarchical") -> OnPolicyAlgorithm:
     """Load a policy saved by :func:`search` (an SB3 model for the PPO and sequential agents)."""
     path = Path(path)
     if not path.exists():

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from placer.options import Budget, parse_budget
+from placer.search.budget import Budget, parse_budget
 
 #: Relative improvement below which a new step time does not reset the plateau counter.
 MIN_RELATIVE_IMPROVEMENT = 1e-6
@@ -100,7 +100,7 @@ class BestTracker:
 
     Args:
         problem: the problem being searched.
-        budget: a :class:`~placer.options.Budget` or anything :func:`parse_budget` takes.
+        budget: a :class:`~placer.search.budget.Budget` or anything :func:`parse_budget` takes.
         patience: stop after this many evaluations without improvement (``None``: never).
         out_dir: directory for ``best_placement.json`` (``None``: keep in memory only).
         callback: called with a :class:`SearchProgress` after each batch; returning

@@ -8,7 +8,8 @@ by the environment (``PlacementEnv.encode``).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,7 +18,15 @@ from envs.gym.vector_env import BatchedPlacementVecEnv
 from placer.search.tracker import BestTracker
 
 
-def behaviour_clone(policy: Any, obs: dict[str, np.ndarray], action: np.ndarray, steps: int = 100,
+class ImitablePolicy(Protocol):
+    """A policy that scores given actions: the SB3 placement policy, or a bare network wrapped to be one."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def action_log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor: ...
+
+
+def behaviour_clone(policy: ImitablePolicy, obs: dict[str, np.ndarray], action: np.ndarray, steps: int = 100,
                     lr: float = 3e-3) -> list[float]:
     """Raise ``policy``'s log-probability of ``action`` for ``obs`` (one unbatched observation).
 
@@ -39,7 +48,7 @@ def behaviour_clone(policy: Any, obs: dict[str, np.ndarray], action: np.ndarray,
     return losses
 
 
-def imitate_best(policy: Any, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
+def imitate_best(policy: ImitablePolicy, env: BatchedPlacementVecEnv, tracker: BestTracker, steps: int, lr: float) -> None:
     """Behaviour-clone the best placement ``tracker`` has seen (the best heuristic seed), if any.
 
     ``policy`` is an SB3 placement policy or anything with the same ``action_log_prob``.

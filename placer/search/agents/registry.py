@@ -58,6 +58,9 @@ class AgentEntry:
 
 _AGENTS: dict[str, AgentEntry] = {}
 
+#: The agent used unless another is named (the hierarchical planner the project is built on).
+DEFAULT_AGENT = "hierarchical"
+
 
 def register_agent(entry: AgentEntry) -> None:
     """Add ``entry`` under ``entry.name`` (replacing an agent of that name)."""

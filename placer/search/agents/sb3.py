@@ -8,11 +8,13 @@ tracker (through :class:`~placer.search.agents.callbacks.TrackerCallback`) says 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import cast
+
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from envs.gym.vector_env import BatchedPlacementVecEnv
 from placer.search.agents.callbacks import TrackerCallback
-from placer.search.agents.imitation import imitate_best
+from placer.search.agents.imitation import ImitablePolicy, imitate_best
 from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker
 
@@ -24,7 +26,7 @@ class SB3Agent:
     from (None when the model has environments of its own and does not imitate).
     """
 
-    def __init__(self, model: Any, env: BatchedPlacementVecEnv | None = None, steps_per_placement: int = 1) -> None:
+    def __init__(self, model: OnPolicyAlgorithm, env: BatchedPlacementVecEnv | None = None, steps_per_placement: int = 1) -> None:
         self.model = model
         self.env = env
         self.steps_per_placement = int(steps_per_placement)
@@ -37,7 +39,8 @@ class SB3Agent:
         """Behaviour-clone the tracker's best placement into the policy."""
         if self.env is None:
             raise TypeError("this agent has no batched environment to imitate in")
-        imitate_best(self.model.policy, self.env, tracker, steps, lr)
+        # The placement policy scores given actions (HierarchicalPlacementPolicy.action_log_prob).
+        imitate_best(cast(ImitablePolicy, self.model.policy), self.env, tracker, steps, lr)
 
     def learn(self, tracker: BestTracker, improver: LocalSearch | None) -> str:
         """Run ``model.learn`` until the tracker stops it; return the stop reason."""

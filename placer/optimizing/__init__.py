@@ -1,0 +1,10 @@
+"""``placer.optimize`` as small typed stages over one frozen config.
+
+- :mod:`placer.optimizing.config`: :class:`OptimizeConfig`, the options and their defaults;
+- :mod:`placer.optimizing.devices`: which devices a run places on;
+- :mod:`placer.optimizing.stages`: prepare, compile, baselines, search, confirm, check, write;
+- :mod:`placer.optimizing.run`: :func:`optimize` (``placer.optimize``) chains them.
+
+The package is not called ``placer.optimize``: that name is the public function, and a
+subpackage of the same name would replace it on ``placer`` as soon as it was imported.
+"""

@@ -1,0 +1,176 @@
+"""The options of one ``placer.optimize`` run: :class:`OptimizeConfig`, the one place their defaults live.
+
+Built from the user's arguments and checked before any long work starts (a bad budget,
+an unknown reward mode, agent or baseline, a reward that cannot be computed for this kind
+of model), then handed unchanged to every stage (:mod:`placer.optimizing.stages`).
+Checks that need the devices (a reward that needs real devices on a simulated cluster)
+run in the first stage, once the cluster is known.
+
+>>> config = OptimizeConfig(model="zoo:rnnlm", cluster="4xK40", budget="20k")
+>>> config.budget, config.agent, config.reward
+(Budget(seconds=None, placements=20000), 'hierarchical', None)
+>>> try:
+...     OptimizeConfig(model="zoo:rnnlm", reward="guess")
+... except OptionError as exc:
+...     print(exc)
+unknown reward mode 'guess'; expected one of simulated, measured, hybrid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from envs.gym.reward_modes import REWARD_MODES
+from envs.hardware.cluster import Cluster
+from envs.runtime.measurer import Measurer
+from placer.options import OptionError
+from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, get_agent
+from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
+
+#: The simulated cluster used when no devices are named and fewer than two real ones exist.
+DEFAULT_CLUSTER = "4xK40"
+#: Baselines run by default: fast, constructive, and the ones users compare against.
+DEFAULT_BASELINES: tuple[str, ...] = (
+    "single", "expert", "round_robin", "balanced", "sequential", "pipeline_dp",
+    "m_topo", "m_etf", "m_sct", "heft", "critical_path", "mincut",
+)
+
+ModelSource = torch.nn.Module | str | os.PathLike
+ClusterSource = str | os.PathLike | Cluster | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything the user asked of one ``placer.optimize`` run (see :func:`placer.optimizing.run.optimize`).
+
+    Attributes:
+        model: an ``nn.Module`` (with ``example_inputs``), a model file path, or ``"zoo:<name>"``.
+        example_inputs: the module's inputs (a tuple; one tensor means a 1-tuple).
+        devices: real devices (``"cpu,cuda:0"``); or ``cluster``: a preset name, spec file
+            or :class:`~envs.hardware.cluster.Cluster` (simulated). Neither: real devices
+            when at least two exist, else :data:`DEFAULT_CLUSTER`.
+        budget: search budget (:func:`~placer.search.budget.parse_budget`); stored parsed.
+        reward: ``simulated``, ``measured``, ``hybrid`` or None (chosen from the devices).
+        groups: groups of the hierarchical agent (None: from graph and devices).
+        seed: makes the run reproducible.
+        memory: per-device memory caps, ``"cuda:0=20GiB"`` or a dict.
+        baselines: baseline names run first; their placements seed the search.
+        agent: a registered search agent (:func:`~placer.search.agents.registry.agent_names`).
+        out_dir: results and the best placement so far go there (None: nothing written).
+        resume: start from the placement and policy an earlier run left in ``out_dir``.
+        model_args: keyword arguments of a model file's ``get_model``/``get_example_inputs``.
+        loss_fn, optimizer_fn: the training loss and optimizer of an ``nn.Module``.
+        check: apply the winner and compare outputs and gradients with the original model.
+        progress: show the search's progress bar (stderr).
+        cache_dir: where op profiles are cached.
+        verbose: 0 logs the run's summary line at DEBUG, 1 or more at INFO.
+        measurer: measures op placements instead of the default worker processes (an
+            :class:`envs.runtime.measurer.Measurer`: ``measure(placements) -> [MeasureResult]``,
+            ``close()``), e.g. for devices this machine cannot start workers on.
+        measure_timeout: seconds one placement's measurement may run (default 300); the
+            search's time budget bounds every measurement during the search as well.
+        leaf_modules: modules to keep as single ops (module paths such as ``"encoder.rnn"``,
+            class names such as ``"Block"``, or ``nn.Module`` subclasses).
+
+    Raises:
+        OptionError: a malformed budget, unknown reward mode, agent or baseline, groups < 1,
+            or a reward that cannot be computed for this model and agent.
+    """
+
+    model: ModelSource
+    example_inputs: Any = None
+    devices: str | Sequence[str] | None = None
+    cluster: ClusterSource | None = None
+    budget: Budget = parse_budget(DEFAULT_BUDGET)  # also accepts what parse_budget reads; stored parsed
+    reward: str | None = None
+    groups: int | None = None
+    seed: int = 0
+    memory: str | Mapping[str, str | int] | None = None
+    baselines: Sequence[str] = DEFAULT_BASELINES
+    agent: str = DEFAULT_AGENT
+    out_dir: str | os.PathLike | None = None
+    resume: bool = False
+    model_args: Mapping[str, Any] | None = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    optimizer_fn: Callable[..., torch.optim.Optimizer] | None = None
+    check: bool = True
+    progress: bool = True
+    cache_dir: str | os.PathLike | None = None
+    verbose: int = 1
+    measurer: Measurer | None = None
+    measure_timeout: float | None = None
+    leaf_modules: Sequence[str | type[torch.nn.Module]] = ()
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once, here
+        set_(self, "budget", parse_budget(self.budget))
+        set_(self, "leaf_modules", tuple(self.leaf_modules))
+        if self.reward is not None and self.reward not in REWARD_MODES:
+            raise OptionError(f"unknown reward mode {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
+        if self.groups is not None and (isinstance(self.groups, bool) or self.groups < 1):
+            raise OptionError(f"--groups must be at least 1, got {self.groups}")
+        try:
+            entry = get_agent(self.agent)
+        except UnknownAgentError as exc:
+            raise OptionError(str(exc)) from None
+        self._check_reward_source(entry.batched)
+        baselines = (self.baselines,) if isinstance(self.baselines, str) else tuple(self.baselines)
+        set_(self, "baselines", baselines)
+        from placer.search.baselines import get_baseline
+
+        for name in baselines:
+            get_baseline(name)  # unknown names fail now, not after profiling
+        if self.model_args is not None:
+            set_(self, "model_args", MappingProxyType(dict(self.model_args)))
+
+    @property
+    def from_source(self) -> bool:
+        """The model is a file or zoo name (worker processes can load it themselves)."""
+        return isinstance(self.model, (str, os.PathLike))
+
+    def _check_reward_source(self, agent_is_batched: bool) -> None:
+        """Refuse reward/model/agent combinations that cannot work, before any long work."""
+        if self.reward not in ("measured", "hybrid"):
+            return
+        if self.measurer is None and not self.from_source:
+            raise OptionError(
+                f"reward {self.reward!r} measures placements in worker processes that load the model themselves, "
+                f"so it needs a model file or 'zoo:<name>', not an in-memory {type(self.model).__name__}; "
+                "use reward 'simulated' or pass measurer="
+            )
+        if self.reward == "hybrid" and not agent_is_batched:
+            raise OptionError(
+                f"reward 'hybrid' recalibrates the one simulator an agent searches on, but the {self.agent} agent "
+                "runs several environments with a simulator each; use --reward measured or another --agent "
+                "(hierarchical, flat, reinforce)"
+            )
+
+    def replace(self, **changes: Any) -> OptimizeConfig:
+        """A copy with ``changes`` (checked like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+
+def option_names() -> tuple[str, ...]:
+    """The keyword options ``placer.optimize`` accepts (every field but the model and its inputs)."""
+    return tuple(f.name for f in dataclasses.fields(OptimizeConfig)
+                 if f.name not in ("model", "example_inputs"))
+
+
+def make_config(model: ModelSource, example_inputs: Any = None, **options: Any) -> OptimizeConfig:
+    """An :class:`OptimizeConfig` from ``placer.optimize``'s arguments.
+
+    Raises:
+        OptionError: an option ``placer.optimize`` does not have (the message lists them),
+            or any check of :class:`OptimizeConfig`.
+    """
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(unknown)}; placer.optimize takes {', '.join(option_names())}")
+    return OptimizeConfig(model=model, example_inputs=example_inputs, **options)

@@ -1,0 +1,444 @@
+"""The stages of ``placer.optimize``, each a small function over the frozen config and typed data.
+
+    prepare   → Prepared run: devices resolved, model loaded, captured, profiled, grouped
+    compile   → Compiled: the placement problem the search and the baselines score on
+    baselines → BaselineRun: every baseline's placement (they seed the search)
+    search    → Searched: the agent's best, with the reward the config asks for
+    confirm   → Confirmed: on real devices the best candidates measured; the comparison
+                table and the winner
+    check     → the winner applied and compared with the original model
+    write     → the :class:`~placer.result.OptimizeResult`, saved to ``out_dir``
+
+:func:`placer.optimizing.run.run` chains them; a measurer (real devices) lives from the
+search to the confirmation (:func:`measuring`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from envs.hardware.cluster import Cluster
+from envs.runtime.check import CheckReport, check_placement
+from envs.sim.optimizer_state import optimizer_state_kind
+from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.simulator import simulate
+from graphs.capture import CapturedModel
+from graphs.errors import PlacerError
+from graphs.grouping import Grouping
+from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
+from graphs.pipeline import Prepared, prepare
+from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
+from placer.optimizing.config import OptimizeConfig
+from placer.optimizing.devices import resolve_cluster
+from placer.options import OptionError
+from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
+from placer.report.compare import Candidate, comparison_table
+from placer.result import OptimizeResult
+from placer.search.config import SearchConfig
+from placer.search.tracker import SearchResult
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- stage outputs
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What :func:`prepare_run` settles: where to place, with which reward, and the prepared model."""
+
+    cluster: Cluster
+    reward: str
+    out_dir: Path | None
+    source: ModelSpec | str | os.PathLike  # what worker processes load (a spec for an nn.Module)
+    prepared: Prepared
+    seconds: float
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.prepared.spec
+
+    @property
+    def captured(self) -> CapturedModel:
+        return self.prepared.captured
+
+    @property
+    def grouping(self) -> Grouping:
+        return self.prepared.grouping
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The prepared run and the group-level problem every method is scored on."""
+
+    run: PreparedRun
+    problem: PlacementProblem
+
+    def op_placement(self, row: np.ndarray, metadata: Mapping[str, Any]) -> Placement:
+        """The op-level placement file content of a group-level ``row``."""
+        run, cluster = self.run, self.run.cluster
+        assignment = run.grouping.expand(self.problem.array_to_placement(row))
+        meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
+                "real_devices": cluster.real_device_map()}
+        meta.update(metadata)
+        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
+                         devices=list(cluster.device_names), metadata=meta)
+
+
+@dataclass(frozen=True)
+class BaselineRun:
+    """Every baseline's candidate, in the config's order."""
+
+    candidates: tuple[Candidate, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Searched:
+    """The agent's candidate (on real devices with hybrid reward: the measured fastest it found)."""
+
+    result: SearchResult
+    candidate: Candidate
+    rounds: tuple[dict[str, Any], ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """Every candidate compared; the winner and its placement."""
+
+    candidates: tuple[Candidate, ...]
+    table: pd.DataFrame
+    winner: Candidate
+    step_time: float
+    source: str
+    placement: Placement
+    measurement: MeasurementSummary | None = None  # on real devices
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def prepare_run(config: OptimizeConfig) -> PreparedRun:
+    """Check the output folder, resolve the devices and the reward, then load, capture, profile, group."""
+    out_dir = _check_out_dir(config.out_dir)
+    cluster = resolve_cluster(config.devices, config.cluster, config.memory)
+    if cluster.simulated:  # the check runs on these; a missing one must not wait for the search's end
+        from envs.runtime.real_devices import check_real_devices
+
+        check_real_devices(cluster.real_device_map(), f"cluster {cluster.name!r}")
+    if config.reward not in (None, "simulated") and cluster.simulated:
+        raise OptionError(
+            f"reward {config.reward!r} needs real devices (--devices), but cluster {cluster.name!r} is simulated; "
+            "use --reward simulated"
+        )
+    reward = config.reward or _default_reward(cluster, config)
+    start = time.perf_counter()
+    source: ModelSpec | str | os.PathLike = config.model if config.from_source else _to_spec(config)  # type: ignore[assignment]
+    profile_devices = None if cluster.simulated else list(dict.fromkeys(
+        d.real_device or d.name for d in cluster.devices  # rank workers share one real kind
+    ))
+    prepared = prepare(source, model_args=config.model_args, profile=True, devices=profile_devices,
+                       cache_dir=config.cache_dir, leaf_modules=config.leaf_modules)
+    return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start)
+
+
+def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
+    """The group-level placement problem of the prepared model on the run's cluster."""
+    problem = compile_problem(run.grouping.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn))
+    kind = "simulated on cluster spec" if run.cluster.simulated else "measured on real devices"
+    log.log(logging.INFO if config.verbose else logging.DEBUG,
+            "%s: %d ops in %d groups; %d devices (%s, step times %s); reward %s", run.spec.name,
+            run.captured.graph.number_of_nodes(), problem.num_nodes, problem.num_devices, run.cluster.name, kind,
+            run.reward)
+    return Compiled(run, problem)
+
+
+def run_baselines(config: OptimizeConfig, compiled: Compiled) -> BaselineRun:
+    """Every configured baseline on the problem: seconds of work, and their placements seed the search."""
+    from placer.search.baselines import run_baseline
+
+    start = time.perf_counter()
+    run = compiled.run
+    candidates = []
+    for name in config.baselines:
+        res = run_baseline(name, compiled.problem, run.grouping.graph, seed=config.seed, captured=run.captured,
+                           op_to_group=run.grouping.op_to_group)
+        candidates.append(Candidate(name, res.placement, res.search_time, res.evaluated,
+                                    res.reason, history=list(res.history)))
+    seconds = time.perf_counter() - start
+    if not any(simulate(compiled.problem, c.row).fits for c in candidates if c.row is not None):
+        # No baseline fits: say now, before the search, whether anything can and what is needed.
+        from placer.memory_fit import check_memory_fits, memory_needs
+
+        check_memory_fits(compiled.problem)
+        log.warning("no baseline placement fits in device memory; %s", memory_needs(compiled.problem)[1])
+    return BaselineRun(tuple(candidates), seconds)
+
+
+@contextmanager
+def measuring(config: OptimizeConfig, compiled: Compiled) -> Iterator[PlacementMeasurer | None]:
+    """The measurer of a run on real devices (None when nothing is measured); closed on exit."""
+    run = compiled.run
+    if run.cluster.simulated or not (run.reward != "simulated" or config.measurer is not None or config.from_source):
+        yield None
+        return
+    from placer.measurement import make_measurer
+
+    measurer = make_measurer(run.cluster, run.source, config.model_args, compiled.problem, run.grouping.expand,
+                             run.captured.fingerprint, backend=config.measurer, timeout_s=config.measure_timeout)
+    try:
+        yield measurer
+    finally:
+        measurer.close()
+
+
+def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun,
+               measurer: PlacementMeasurer | None) -> Searched:
+    """The agent's search from the baselines' placements, with the run's reward.
+
+    The search keeps its best placement so far (op level) in ``out_dir/best_placement.json``;
+    with the hybrid reward a new measured best goes there at once, so Ctrl-C keeps it.
+    ``placement.json`` is written only once the winner passed the numerical check. On real
+    devices no measurement may outlast the search's time budget.
+    """
+    from placer.search.search import search
+
+    run = compiled.run
+    initial = [c.row for c in baselines.candidates if c.row is not None]
+    if config.resume and run.out_dir is not None:
+        previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
+        if previous is not None:
+            initial.insert(0, previous)
+    method = f"placer ({config.agent})"
+    search_config = SearchConfig(
+        agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
+        progress=config.progress, fingerprint=run.captured.fingerprint, expand=run.grouping.expand,
+        resume=config.resume and run.out_dir is not None,
+    )
+    rounds = None
+    if run.reward == "measured":
+        # Every batch of proposals is one measuring call: small batches, so the agent
+        # learns between them.
+        from placer.measurement import MEASURED_BATCH, MEASURED_IMITATION_STEPS
+
+        search_config = search_config.replace(
+            env_kwargs={"reward_mode": "measured", "measurer": measurer}, num_envs=MEASURED_BATCH,
+            imitation_steps=MEASURED_IMITATION_STEPS)
+    elif run.reward == "hybrid":
+        from placer.measurement import HybridRounds
+
+        if measurer is None:
+            raise PlacerError("reward 'hybrid' needs a measurer of the real devices")
+
+        def save_measured_best(rec: MeasuredPlacement) -> None:
+            if run.out_dir is not None:
+                meta = {"step_time": rec.step_time, "source": "measured", "method": method}
+                save_placement(compiled.op_placement(rec.row, meta), run.out_dir / "best_placement.json")
+
+        rounds = HybridRounds(measurer, config.budget, on_best=save_measured_best)  # owns the hybrid reward model
+        search_config = search_config.replace(env_kwargs={"reward_mode": rounds.reward_model})
+    start = time.perf_counter()
+    if measurer is not None and config.budget.seconds is not None:
+        # A measurement (a hang, say) may not outlast the search's budget.
+        measurer.set_deadline(time.monotonic() + config.budget.seconds)
+    result = search(compiled.problem, search_config, initial_placements=initial, callback=rounds)
+    seconds = time.perf_counter() - start
+    if measurer is not None:
+        measurer.set_deadline(None)  # confirming: each run bounded by measure_timeout
+    row = result.best_row
+    if run.reward == "hybrid" and measurer is not None:
+        row = _hybrid_agent_row(measurer, result, interrupted=result.stop_reason == "interrupted")
+    candidate = Candidate(method, row, seconds, result.evaluated, f"stopped: {result.stop_reason}",
+                          history=list(result.history))
+    return Searched(result, candidate, tuple(rounds.log) if rounds is not None else (), seconds)
+
+
+def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, searched: Searched,
+            measurer: PlacementMeasurer | None) -> Confirmed:
+    """Measure the best candidates (real devices), compare every method, pick the winner.
+
+    The winner goes to ``out_dir/best_placement.json``; ``placement.json`` is written by
+    :func:`write`, after the check.
+
+    Raises:
+        PlacerError: no method found a placement that fits in device memory.
+    """
+    run = compiled.run
+    candidates = [*baselines.candidates, searched.candidate]
+    seconds: dict[str, float] = {}
+    measurement = None
+    if measurer is not None:
+        from placer.measurement import confirm_candidates, mark_measured, single_device_rows, summarize
+
+        start = time.perf_counter()
+        if searched.result.stop_reason == "interrupted":
+            mark_measured(measurer, candidates)  # Ctrl-C: no more runs, use what was measured
+        else:
+            confirm_candidates(measurer, candidates, extra_rows=single_device_rows(compiled.problem))
+        measurement = summarize(measurer, run.reward, list(searched.rounds))
+        seconds["measure"] = time.perf_counter() - start
+    table = comparison_table(compiled.problem, candidates)
+    if measurer is not None:
+        from placer.measurement import measured_speedups
+
+        table = measured_speedups(table, measurer)
+    fitting = table[table["fits"]]
+    if fitting.empty:
+        from placer.memory_fit import memory_needs
+
+        raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
+    winning_row = pick_winner(fitting)
+    winner = next(c for c in candidates if c.method == str(winning_row["method"]))
+    step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
+    assert winner.row is not None  # only rows that fit are in the table
+    placement = compiled.op_placement(winner.row, {"step_time": step_time, "source": source,
+                                                   "method": winner.method, "reward": run.reward})
+    if run.out_dir is not None:  # the best so far; placement.json waits for the check
+        save_placement(placement, run.out_dir / "best_placement.json")
+    return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds)
+
+
+def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirmed) -> tuple[CheckReport | None, float]:
+    """Apply the winner and compare outputs and gradients with the original model (None when off).
+
+    Raises:
+        PlacerError: the placed model computes something else.
+    """
+    if not config.check:
+        return None, 0.0
+    run = compiled.run
+    start = time.perf_counter()
+    report = check_placement(run.spec, run.captured, confirmed.placement.assignment,
+                             real_devices=run.cluster.real_device_map())
+    if not report.ok:
+        raise PlacerError(f"the applied placement does not compute the same thing: {report.describe()}")
+    return report, time.perf_counter() - start
+
+
+def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confirmed: Confirmed,
+          check: CheckReport | None, seconds: Mapping[str, float]) -> OptimizeResult:
+    """The result; with an ``out_dir``, the placement, report and pictures written there."""
+    run = compiled.run
+    result = OptimizeResult(
+        placement=confirmed.placement, step_time=confirmed.step_time, source=confirmed.source, cluster=run.cluster,
+        problem=compiled.problem, group_row=np.asarray(confirmed.winner.row), prepared=run.prepared,
+        table=confirmed.table, check=check, search=searched.result, candidates=list(confirmed.candidates),
+        winner=confirmed.winner.method, seconds=dict(seconds), reward=run.reward, measurement=confirmed.measurement,
+    )
+    if run.out_dir is not None:
+        result.save(run.out_dir)
+    return result
+
+
+def pick_winner(fitting: pd.DataFrame) -> pd.Series:
+    """The fastest fitting row; where some rows were measured, the fastest measured one.
+
+    Measured and simulated step times are not comparable (the simulator leaves out the
+    runtime's overheads), so once real measurements exist only they decide.
+    """
+    measured = fitting[fitting["source"] == "measured"]
+    pool = measured if not measured.empty else fitting
+    return pool.sort_values("step_time", kind="stable").iloc[0]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _to_spec(config: OptimizeConfig) -> ModelSpec:
+    model = config.model
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"expected a torch.nn.Module, a model file path or 'zoo:<name>'; got {type(model).__name__}")
+    if config.example_inputs is None:
+        raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
+    inputs = config.example_inputs if isinstance(config.example_inputs, tuple) else (config.example_inputs,)
+    label = type(model).__name__
+    check_inputs_fit(model, inputs, label)
+    return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
+                     optimizer_fn=config.optimizer_fn or default_optimizer, name=label)
+
+
+def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
+    """Refuse an output directory that cannot be written, without creating it.
+
+    The directory is created by the first file written into it, so a run that fails
+    early (bad input, a model that does not fit) leaves no empty directory behind.
+    """
+    if out_dir is None:
+        return None
+    path = Path(out_dir)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
+    if existing != path:
+        return path
+    try:
+        probe = path / f".placer-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:
+    """``hybrid`` on real devices when placements can be measured, else ``simulated``."""
+    if cluster.simulated or cluster.num_devices < 2:
+        return "simulated"
+    return "hybrid" if config.measurer is not None or config.from_source else "simulated"
+
+
+def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
+                problem: PlacementProblem) -> np.ndarray | None:
+    """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
+    paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
+    if not paths:
+        return None
+    placement, first_error = None, None
+    for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
+        try:
+            placement = load_placement(path, graph=captured, devices=problem.device_names)
+            break
+        except PlacementFileError as exc:
+            first_error = first_error or exc
+            log.warning("--resume: skipping %s: %s", path.name, exc)
+    if placement is None:
+        assert first_error is not None
+        raise first_error
+    group_placement: dict[str, str] = {}
+    for op, group in grouping.op_to_group.items():
+        group_placement.setdefault(group, placement.assignment[op])
+    return problem.placement_to_array(group_placement)
+
+
+def _hybrid_agent_row(measurer: PlacementMeasurer, result: SearchResult, interrupted: bool) -> np.ndarray | None:
+    """Hybrid: the search's placement is the measured fastest of those it found.
+
+    The search's own best is by simulated time, on a simulator that was recalibrated under
+    it; it is measured too (unless the run was interrupted), then every measured candidate
+    of the search competes on measured time.
+    """
+    row = result.best_row
+    if row is not None and not interrupted:
+        measurer.phase = "confirm"
+        measurer.measure_rows(row[None])
+        measurer.phase = "search"
+    best = measurer.best()
+    return best.row.copy() if best is not None else row
+
