@@ -1,4 +1,6 @@
-"""Parsing of the options users type: search budgets, memory limits, device lists.
+"""Parsing of the options users type: memory limits, device lists, model arguments.
+
+(Search budgets have their own home, :mod:`placer.search.budget`.)
 
 Each parser turns a string into a small value object and raises :class:`OptionError`
 (a :class:`~graphs.errors.PlacerError`) with the accepted forms when the text is malformed,
@@ -6,10 +8,6 @@ so the CLI can refuse bad input before any long work starts.
 
 Example::
 
-    >>> parse_budget("5m")
-    Budget(seconds=300.0, placements=None)
-    >>> parse_budget("20k")
-    Budget(seconds=None, placements=20000)
     >>> parse_memory_limits("cuda:0=20GiB,cpu=64GB")["cuda:0"]
     21474836480
 """
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from envs.hardware.units import UnitError, parse_bytes
 from graphs.errors import PlacerError
@@ -26,64 +23,6 @@ from graphs.errors import PlacerError
 
 class OptionError(PlacerError):
     """A malformed command-line or API option."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long a search may run: wall-clock seconds, evaluated placements, or both (first hit stops)."""
-
-    seconds: float | None = None
-    placements: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.seconds is None and self.placements is None:
-            raise OptionError("a budget needs a time (e.g. '5m') or a number of placements (e.g. '20000')")
-        if self.seconds is not None and self.seconds <= 0:
-            raise OptionError(f"budget time must be positive, got {self.seconds} s")
-        if self.placements is not None and self.placements <= 0:
-            raise OptionError(f"budget placements must be positive, got {self.placements}")
-
-    def describe(self) -> str:
-        parts = []
-        if self.seconds is not None:
-            parts.append(f"{self.seconds:g} s")
-        if self.placements is not None:
-            parts.append(f"{self.placements:,} placements")
-        return " or ".join(parts)
-
-
-_TIME_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def parse_budget(text: str | int | float | Budget) -> Budget:
-    """Parse a budget: ``"90s"``, ``"5m"``, ``"1h"`` (time) or ``"20000"``, ``"20k"`` (placements).
-
-    Both may be given, comma separated (``"5m,100k"``): the search stops at the first.
-    A plain int is a number of placements; a float is seconds.
-    """
-    if isinstance(text, Budget):
-        return text
-    if isinstance(text, bool):
-        raise OptionError(f"budget {text!r} is not a time or a count")
-    if isinstance(text, int):
-        return Budget(placements=text)
-    if isinstance(text, float):
-        return Budget(seconds=text)
-    seconds: float | None = None
-    placements: int | None = None
-    for part in str(text).replace(" ", "").lower().split(","):
-        m_time = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h)", part)
-        m_count = re.fullmatch(r"(\d+)(k?)", part)
-        if m_time:
-            seconds = float(m_time.group(1)) * _TIME_UNITS[m_time.group(2)]
-        elif m_count:
-            placements = int(m_count.group(1)) * (1000 if m_count.group(2) else 1)
-        else:
-            raise OptionError(
-                f"cannot read budget {text!r}: expected a time such as '90s', '5m', '1h', "
-                "a number of placements such as '20000' or '20k', or both as '5m,20k'"
-            )
-    return Budget(seconds=seconds, placements=placements)
 
 
 def parse_memory_limits(text: str | Mapping[str, object] | None) -> dict[str, int]:

@@ -26,8 +26,9 @@ from envs.hardware.loading import load_cluster
 from graphs.errors import PlacerError
 from graphs.profile.cache import ProfileCache
 from placer.cli.main import main
-from placer.options import parse_budget, parse_device_list, parse_memory_limits, parse_model_args
+from placer.options import parse_device_list, parse_memory_limits, parse_model_args
 from placer.placement_file import Placement, load_placement, save_placement
+from placer.search.budget import parse_budget
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
