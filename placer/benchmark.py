@@ -36,10 +36,14 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from envs.hardware.cluster import Cluster
 from envs.sim.problem import PlacementProblem
+from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
+from graphs.grouping import Grouping
+from graphs.model_file import ModelSpec
 from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
-from placer.search.budget import Budget
+from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
 TIGHT_FRACTION = 0.4
@@ -80,14 +84,14 @@ class BenchCase:
     cluster: str
     problem: PlacementProblem
     graph: nx.DiGraph | None = None
-    captured: Any = None
+    captured: CapturedModel | None = None
     op_to_group: Mapping[str, str] | None = None
     reference_single: float | None = None
     note: str = ""
-    grouping: Any = None
+    grouping: Grouping | None = None
     source: str | None = None  # model source for measurement ("zoo:<name>")
     model_args: Mapping[str, Any] | None = None
-    cluster_obj: Any = None
+    cluster_obj: Cluster | None = None
 
 
 # ----------------------------------------------------------------------------- methods
@@ -111,7 +115,7 @@ def _agent_method(agent: str) -> MethodFn:
         except ImportError as exc:
             raise BenchmarkError(f"method 'agent:{agent}' needs placer.search.search, which is not available ({exc})") from None
         t0 = time.perf_counter()
-        result = search(problem, agent=agent, budget=budget or Budget(seconds=60.0), seed=seed, progress=False)
+        result = search(problem, agent=agent, budget=budget or parse_budget(DEFAULT_BUDGET), seed=seed, progress=False)
         found = result.best_row is not None and bool(result.best_fits)
         reason = f"stopped: {result.stop_reason}" if found else f"no fitting placement found (stopped: {result.stop_reason})"
         return MethodOutcome(
@@ -269,7 +273,7 @@ def _measure(case: BenchCase, candidates: list) -> None:
                 c.note = f"{c.note}; measurement invalid: {r.reason}".lstrip("; ")
 
 
-def optimizer_name(spec: Any) -> str:
+def optimizer_name(spec: ModelSpec) -> str:
     """Name (a key of ``envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR``) of the optimizer the model file builds."""
     from envs.sim.optimizer_state import optimizer_state_kind
 
@@ -323,8 +327,6 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
     ``out_dir`` it writes ``results.csv``, ``results.md``, ``bars_<model>.png`` and
     ``search_<model>_<cluster>.png`` (methods that report a history).
     """
-    from placer.search.budget import parse_budget
-
     if budget is not None and not isinstance(budget, Budget):
         budget = parse_budget(budget)
     if not methods:
