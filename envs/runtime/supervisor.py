@@ -8,7 +8,9 @@ multi-process job (:mod:`envs.runtime.distributed.launcher`) are started by a
   kernel sends it SIGKILL when the process that started it dies (``prctl(PR_SET_PDEATHSIG)``),
   and a watchdog thread exits it when the *lifeline* pipe closes (the supervisor holds its
   only write end, so the pipe closes when the supervisor's process dies for any reason,
-  SIGKILL included, on every POSIX system). A worker never outlives ``placer``.
+  SIGKILL included, on every POSIX system). A worker never outlives ``placer``. (Linux
+  ties the death signal to the *thread* that started the worker: start workers from a
+  thread that lives as long as they should, as ``placer`` does from its main thread.)
 * **One kill stops all.** The workers of one supervisor share one process group, outside
   the terminal's foreground group (a Ctrl-C reaches ``placer``, which then stops them);
   :meth:`Supervisor.stop` kills the group and reaps every process.

@@ -8,7 +8,8 @@ the exit status is 2 — no traceback.
 Interruptions: SIGTERM (what SLURM, ``docker stop`` and systemd send) is handled like
 Ctrl-C — both raise :class:`KeyboardInterrupt` where the program is, so the search stops
 and keeps its best, measurement workers are killed and their job files removed, and the
-results so far are written. A run that was interrupted exits ``128 + signal`` (130 for
+results so far are written. Job files a SIGKILLed run left behind are removed when the
+next command starts (:func:`envs.runtime.supervisor.sweep_stale_job_dirs`). A run that was interrupted exits ``128 + signal`` (130 for
 SIGINT, 143 for SIGTERM) even when it wrote its results, so a script can tell it from a
 finished one.
 """
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
+from envs.runtime.supervisor import sweep_stale_job_dirs
 from graphs.errors import PlacerError
 from placer.cli.commands import register_commands
 
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    # Job files (model weights) a SIGKILLed run could not remove go now, not at some later job.
+    sweep_stale_job_dirs()
     with _interruptible() as seen:
         try:
             code = int(args.run(args) or 0)
