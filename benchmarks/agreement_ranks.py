@@ -149,6 +149,42 @@ def _measured(record: dict[str, Any], statistic: str = "median") -> np.ndarray:
     return np.array([min(c) for c in zip(*cols)])
 
 
+def compact(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with each op-level placement stored as one string of rank digits over the
+    model's groups (``group_order``): the same placements, a fraction of the size."""
+    from graphs.pipeline import prepare
+
+    devs = results["devices"].split(",")
+    out = {**results, "models": []}
+    for rec in results["models"]:
+        if "placements" not in rec:
+            out["models"].append(rec)
+            continue
+        prep = prepare(f"zoo:{rec['model']}", {"size": rec["size"]}, profile=True, devices=["cpu"])
+        groups = list(prep.grouping.graph.nodes)
+        members: dict[str, list[str]] = {}
+        for op, grp in prep.grouping.op_to_group.items():
+            members.setdefault(grp, []).append(op)
+        rows = []
+        for p in rec["placements"]:
+            ranks = []
+            for grp in groups:
+                placed = {p[op] for op in members.get(grp, []) if op in p}
+                if len(placed) != 1:
+                    raise ValueError(f"group {grp} of {rec['model']} is split over {sorted(placed)}")
+                ranks.append(str(devs.index(placed.pop())))
+            rows.append("".join(ranks))
+        slim = {k: v for k, v in rec.items() if k != "placements"}
+        out["models"].append({**slim, "group_order": groups, "rows": rows})
+    return out
+
+
+def _expand_rows(prep: Any, rec: dict[str, Any], devs: list[str]) -> list[dict[str, str]]:
+    if list(prep.grouping.graph.nodes) != rec["group_order"]:
+        raise ValueError(f"{rec['model']}: today's grouping differs from the recorded one; re-measure")
+    return [prep.grouping.expand({g: devs[int(c)] for g, c in zip(rec["group_order"], row)}) for row in rec["rows"]]
+
+
 def _cpu(record: dict[str, Any]) -> list[list[float]]:
     """Per placement, per rank: CPU seconds per step, averaged over the passes."""
     out = []
@@ -183,6 +219,8 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
     cases = []
     for rec in results["models"]:
         prep = prepare(f"zoo:{rec['model']}", {"size": rec["size"]}, profile=True, devices=["cpu"])
+        if "placements" not in rec:  # a compact record: group rows
+            rec = {**rec, "placements": _expand_rows(prep, rec, devs)}
         leaves = _leaves(prep.captured)
         meas = _measured(rec, statistic)
         order = np.random.default_rng(seed).permutation(len(meas))
@@ -266,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON file for the measurements and the analysis")
     parser.add_argument("--analyse", help="redo the analysis of a JSON file written by an earlier run")
     parser.add_argument("--markdown", help="also write the summary (command, load, tables, constants) here")
+    parser.add_argument("--compact", help="also write the results with group rows instead of op placements here")
     args = parser.parse_args(argv)
     if not args.out and not args.analyse:
         parser.error("give --out (measure) or --analyse FILE")
@@ -306,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         print("global constants:", {k: None if v is None else f"{v:.3g}" for k, v in analysis["global_costs"].items()})
     if args.markdown:
         Path(args.markdown).write_text(render_run(results) + "\n")
+    if args.compact:
+        Path(args.compact).write_text(json.dumps(compact(results), indent=1) + "\n")
     return 0
 
 
