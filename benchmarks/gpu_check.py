@@ -467,7 +467,8 @@ def runtime_probes(device: str, ops: int = 200, repeats: int = 5) -> dict[str, A
     """What the single-process execution model assumes, measured (issue 15's M2, M4, M5).
 
     * ``forward_issue_s_per_op``: host seconds to issue one tiny op of a chain of ``ops``
-      (no sync inside); ``forward_synced_s_per_op``: the same chain with the device finished.
+      (no sync inside); ``forward_synced_s_per_op``: the same chain with the device finished;
+      ``graphmodule_issue_s_per_op``: the chain as an fx GraphModule (what apply runs).
     * ``backward_s_per_node``: one backward of that chain (requires grad), per autograd node.
     * ``h2d_pageable_host_s`` vs ``h2d_pinned_host_s``: host seconds spent in
       ``.to(device, non_blocking=True)`` of a 64 MiB tensor issued while the GPU still runs
@@ -498,6 +499,19 @@ def runtime_probes(device: str, ops: int = 200, repeats: int = 5) -> dict[str, A
     out["forward_issue_s_per_op"] = _median_s(chain, repeats) / ops
     sync()
     out["forward_synced_s_per_op"] = _median_s(lambda: (chain(), sync()), repeats) / ops
+
+    # The same chain as the GraphModule apply_placement runs: fx's generated forward.
+    class Chain(torch.nn.Module):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            for _ in range(ops):
+                y = y + 1.0
+            return y
+
+    gm = torch.fx.symbolic_trace(Chain())
+    gm(x)
+    sync()
+    out["graphmodule_issue_s_per_op"] = _median_s(lambda: gm(x), repeats) / ops
+    sync()
 
     w = torch.ones(8, device=dev, requires_grad=True)
 
@@ -986,7 +1000,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     if probes and probes.get("status") == "done":
         lines += ["## Runtime probes (issue 15: M2, M4, M5)", "",
                   f"- issuing one tiny op: {_fmt_s(probes.get('forward_issue_s_per_op'))} on the host; "
-                  f"{_fmt_s(probes.get('forward_synced_s_per_op'))} per op with the device finished",
+                  f"{_fmt_s(probes.get('forward_synced_s_per_op'))} per op with the device finished; "
+                  f"{_fmt_s(probes.get('graphmodule_issue_s_per_op'))} per op in an fx GraphModule",
                   f"- one backward node: {_fmt_s(probes.get('backward_s_per_node'))}",
                   f"- backward on the calling thread: {probes.get('backward_on_calling_thread')}"]
         if "h2d_pageable_host_s" in probes:
@@ -1184,7 +1199,7 @@ def preset_from_results(results: Mapping[str, Any], name: str, kind: str) -> tup
                  "per_op_class": {k: fitted.get(k) for k in ("launch_overhead_s", "matmul_efficiency",
                                                               "elementwise_bandwidth_fraction", "backward_factor", "ops")},
                  "host": {k: probes.get(k) for k in ("forward_issue_s_per_op", "forward_synced_s_per_op",
-                                                      "backward_s_per_node", "backward_on_calling_thread",
+                                                      "graphmodule_issue_s_per_op", "backward_s_per_node", "backward_on_calling_thread",
                                                       "h2d_pageable_host_s", "h2d_pinned_host_s", "gpu_busy_s")},
                  "forward_mape": fitted.get("forward_mape"),
                  "source": {"command": results.get("command"), "started": results.get("started"), "gpu": gpu_name,

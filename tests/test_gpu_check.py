@@ -238,6 +238,9 @@ def test_dry_run_finishes_every_stage_and_writes_results_and_summary(dry_run):
     assert rc == 0, {k: v.get("error") for k, v in res["stages"].items()}
     assert res["dry_run"] and all(s["status"] == "done" for s in res["stages"].values())
     assert {"machine", "probes", "roofline", "placements rnnlm"} <= set(res["stages"])
+    probes = res["stages"]["probes"]
+    assert probes["forward_issue_s_per_op"] > 0 and probes["graphmodule_issue_s_per_op"] > 0
+    assert probes["backward_s_per_node"] > 0 and probes["backward_on_calling_thread"] == {"cpu": True}
     summary = (out / "summary.md").read_text()
     for heading in ("## Machine", "## Runtime probes", "## Profiles", "## Profiled vs roofline",
                     "## Constants fitted", "## Placements over cpu"):
