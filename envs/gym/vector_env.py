@@ -137,8 +137,8 @@ class BatchedPlacementVecEnv(VecEnv):
 
     def seed(self, seed: int | None = None) -> Sequence[int | None]:
         """Seed the shared env's RNG and action space at the next reset."""
-        if seed is None:
-            seed = int(np.random.randint(0, 2**31 - 1))
+        if seed is None:  # unseeded: fresh OS entropy, not numpy's global stream
+            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         self._seeds = [seed + i for i in range(self.num_envs)]
         return self._seeds
 

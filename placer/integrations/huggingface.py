@@ -107,8 +107,9 @@ def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: Cl
                 "(parameter-free glue between modules on different devices); use placer.place instead"
             )
     model.train(was_training)
-    model.hf_device_map = dict(device_map)
-    model.placer_place_info = info
+    # New attributes of the user's module (setattr: nn.Module's typing reserves attributes for tensors).
+    setattr(model, "hf_device_map", dict(device_map))  # noqa: B010
+    setattr(model, "placer_place_info", info)  # noqa: B010
     accelerators = {d for d in device_map.values() if d not in ("cpu", "disk")}
     if "cpu" in device_map.values() and len(accelerators) == 1:
         # The Trainer counts only accelerators: with one it would move the whole model onto it.

@@ -230,7 +230,7 @@ def place(
     )
     placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
                              real_devices=the_cluster.real_device_map())
-    placed.placer_place_info = info
+    setattr(placed, "placer_place_info", info)  # noqa: B010 - a new attribute of the GraphModule
     how = "loaded from cache" if info.cache_hit else f"searched ({info.method})"
     log.log(logging.INFO if verbose else logging.DEBUG, "%s placed on %s: %s%s", type(model).__name__,
             the_cluster.name, how, f", {info.source} step {info.step_time * 1e3:.3g} ms" if info.step_time else "")

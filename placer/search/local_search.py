@@ -189,6 +189,8 @@ class LocalSearch:
     def _follow_incumbent(self) -> None:
         """Recentre on the incumbent whenever it improved (whoever found it) since last seen."""
         key = self._incumbent_key()
+        if self.tracker.best_row is None:
+            return
         if self._seen is None or key < self._seen:
             self._seen = key
             self._set_current(self.tracker.best_row, key)

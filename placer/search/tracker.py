@@ -135,7 +135,9 @@ class BestTracker:
     phase_evaluated: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.budget = parse_budget(self.budget)
+        # The parsed budget, typed (``budget`` keeps whatever the caller gave, parsed too).
+        self.limits: Budget = parse_budget(self.budget)
+        self.budget = self.limits
         self._start = time.perf_counter()
         self._last_improvement = 0
         self._bar = None
@@ -144,7 +146,7 @@ class BestTracker:
         if self.progress:
             from tqdm.auto import tqdm
 
-            total = self.budget.placements if self.budget.placements is not None else None
+            total = self.limits.placements if self.limits.placements is not None else None
             # On a terminal, redraw on every batch (tens of ms at least). Into a file or a
             # pipe (a batch job's log) each redraw is a line of its own: every 30 s at most.
             interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
@@ -158,15 +160,15 @@ class BestTracker:
 
     def remaining_placements(self) -> int | None:
         """Evaluations left in the budget (``None`` when the budget is time only)."""
-        if self.budget.placements is None:
+        if self.limits.placements is None:
             return None
-        return max(self.budget.placements - self.evaluated, 0)
+        return max(self.limits.placements - self.evaluated, 0)
 
     def stop_reason(self, next_batch: int = 1) -> str | None:
         """Why the search must stop before evaluating ``next_batch`` more placements, or None."""
-        if self.budget.placements is not None and self.evaluated + next_batch > self.budget.placements:
+        if self.limits.placements is not None and self.evaluated + next_batch > self.limits.placements:
             return "budget_placements"
-        if self.budget.seconds is not None and self.wall_s >= self.budget.seconds:
+        if self.limits.seconds is not None and self.wall_s >= self.limits.seconds:
             return "budget_seconds"
         if self.patience is not None and self.evaluated - self._last_improvement >= self.patience:
             return "plateau"
@@ -252,6 +254,7 @@ class BestTracker:
     def _write(self, evaluated: int) -> Path:
         from placer.placement_file import Placement, save_placement
 
+        assert self.best_row is not None and self.out_dir is not None  # written on an improvement, with out_dir
         assignment = self.problem.array_to_placement(self.best_row)
         if self.expand is not None:
             assignment = dict(self.expand(assignment))

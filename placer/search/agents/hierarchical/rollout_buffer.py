@@ -50,7 +50,7 @@ class SharedObservationRolloutBuffer(DictRolloutBuffer):
         self._shared: dict[str, np.ndarray] | None = None
         self._all_shared = True
 
-    def add(self, obs, action, reward, episode_start, value, log_prob) -> None:  # type: ignore[override]
+    def add(self, obs, action, reward, episode_start, value, log_prob) -> None:
         """As :meth:`DictRolloutBuffer.add`; the observation is kept once while all rows agree."""
         if self._all_shared and _same_rows(obs, self._shared):
             if self._shared is None:
