@@ -302,3 +302,17 @@ def test_a_gpu_is_compared_with_the_h100_preset_and_a_real_machine_makes_a_real_
     assert not cluster.simulated and cluster.device_names == ["cpu", "cuda:0"]
     assert cluster.real_device_map() == {"cpu": "cpu", "cuda:0": "cuda:0"}
     assert cluster.link("cuda:0", "cpu").latency_s == pytest.approx(11e-6)
+
+
+def test_the_gpu_run_profiles_every_model_and_places_24_per_small_model_in_300_s(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = gc.settings_from_args(gc.parse_args(["--out", str(tmp_path)]))
+    assert settings.device == "cuda:0" and settings.small == gc.SMALL_MODELS
+    assert [label for label, _, _ in settings.paper] == ["gpt2-paper", "nmt2-paper"]
+    assert settings.paper[1][2] == {"size": "paper", "layers": 2}
+    assert (settings.placements, settings.warmup, settings.repeats, settings.budget_s) == (24, 3, 7, 300.0)
+    run_script = (ROOT / "benchmarks" / "gpu_check_run.sh").read_text()
+    assert "--device cuda:0" in run_script and "--to-preset" in run_script
+    assert 'run(command="bash benchmarks/gpu_check_run.sh", carry=[".whl"], timeout_s=420)' in gc.__doc__
