@@ -149,6 +149,32 @@ def _measured(record: dict[str, Any], statistic: str = "median") -> np.ndarray:
     return np.array([min(c) for c in zip(*cols)])
 
 
+def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The placements every run measured, with all the runs' passes (the baselines' placements
+    can differ between runs: they are computed on the cluster with that run's ping-pong links)."""
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    out = {**first, "models": [], "pooled": [r["command"] + f" (started {r['started_utc']} UTC, load "
+                                             f"{r['load_at_start']})" for r in runs]}
+    for rec in first["models"]:
+        key = "placements" if "placements" in rec else "rows"
+        others = [next(m for m in run["models"] if m["model"] == rec["model"]) for run in runs[1:]]
+        canon = [json.dumps(p, sort_keys=True) for p in rec[key]]
+        keep = [i for i, c in enumerate(canon)
+                if all(c in {json.dumps(p, sort_keys=True) for p in o[key]} for o in others)]
+        passes = [{k: ([v[i] for i in keep] if isinstance(v, list) and len(v) == len(canon) else v)
+                   for k, v in p.items()} for p in rec["passes"]]
+        for o in others:
+            where = {json.dumps(p, sort_keys=True): j for j, p in enumerate(o[key])}
+            idx = [where[canon[i]] for i in keep]
+            passes += [{k: ([v[j] for j in idx] if isinstance(v, list) and len(v) == len(o[key]) else v)
+                        for k, v in p.items()} for p in o["passes"]]
+        out["models"].append({**rec, key: [rec[key][i] for i in keep], "labels": [rec["labels"][i] for i in keep],
+                              "passes": passes})
+    return out
+
+
 def compact(results: dict[str, Any]) -> dict[str, Any]:
     """``results`` with each op-level placement stored as one string of rank digits over the
     model's groups (``group_order``): the same placements, a fraction of the size."""
@@ -250,7 +276,9 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
             "measured_s": meas.tolist(), "held_out": [int(i) for i in held],
         }
         if len(rec["passes"]) >= 2:
-            one, two = ({**rec, "passes": [p]} for p in rec["passes"][:2])
+            # The measurement's own repeatability: the first half of the passes against the second.
+            k = len(rec["passes"]) // 2
+            one, two = ({**rec, "passes": ps} for ps in (rec["passes"][:k], rec["passes"][k:]))
             entry["pass1_vs_pass2"] = agreement(_measured(one, statistic), _measured(two, statistic))
         out["per_model"][rec["model"]] = entry
     return out
@@ -276,17 +304,19 @@ def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
 
 def render_run(results: dict[str, Any]) -> str:
     """Markdown for a whole run: command, load, links, both statistics, the fitted constants."""
-    out = [f"Command: `{results['command']}`", "",
-           f"Started {results['started_utc']} UTC; load average at the start {results['load_at_start']} "
-           f"(1/5/15 min, 2 cores); ping-pong link {results['links']} (latency s, bandwidth B/s).", "",
-           "Load per model and pass (1-min average before -> after):", ""]
+    out = [f"Command: `{results['command']}`", ""]
+    if results.get("pooled"):
+        out += ["Passes pooled from the runs:", ""] + [f"- `{c}`" for c in results["pooled"]] + [""]
+    out += [f"Started {results['started_utc']} UTC; load average at the start {results['load_at_start']} "
+            f"(1/5/15 min, 2 cores); ping-pong link {results['links']} (latency s, bandwidth B/s).", "",
+            "Load per model and pass (1-min average before -> after):", ""]
     for rec in results["models"]:
         out.append(f"- {rec['model']}: " + "; ".join(f"{p['load_before'][0]} -> {p['load_after'][0]} ({p['seconds']} s)"
                                                     for p in rec["passes"]))
     for statistic, analysis in results.get("analysis", {}).items():
+        constants = ", ".join(f"{k} = {v:.3g}" for k, v in analysis["global_costs"].items() if v is not None)
         out += ["", f"Measured = {statistic} step:", "", render(results, analysis), "",
-                "Calibrated constants (host from CPU time, latency/wake from steps): " + ", ".join(f"{k} = {v:.3g}" for k, v in analysis["global_costs"].items()
-                                                 if v is not None)]
+                f"Calibrated constants (host from CPU time; op scale, latency, wake-up from steps): {constants}"]
     return "\n".join(out)
 
 
@@ -302,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="JSON file for the measurements and the analysis")
-    parser.add_argument("--analyse", help="redo the analysis of a JSON file written by an earlier run")
+    parser.add_argument("--analyse", nargs="+",
+                        help="redo the analysis of JSON file(s) written by earlier runs; the passes of runs "
+                             "that measured the same placements are pooled")
     parser.add_argument("--markdown", help="also write the summary (command, load, tables, constants) here")
     parser.add_argument("--compact", help="also write the results with group rows instead of op placements here")
     args = parser.parse_args(argv)
@@ -310,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out (measure) or --analyse FILE")
 
     if args.analyse:
-        path = Path(args.analyse)
-        results = json.loads(path.read_text())
+        path = Path(args.out or args.analyse[0])
+        results = _pool([json.loads(Path(a).read_text()) for a in args.analyse])
     else:
         import torch
 
