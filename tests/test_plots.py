@@ -33,3 +33,26 @@ def test_pictures_are_png_files(tmp_path):
     ]
     for p in paths:
         assert p.read_bytes()[:4] == PNG_MAGIC
+
+
+def test_memory_bars_are_shares_of_capacity_labelled_with_the_figures(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    texts, widths = [], []
+    real_text, real_barh = matplotlib.axes.Axes.text, matplotlib.axes.Axes.barh
+
+    def text(self, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return real_text(self, x, y, s, *args, **kwargs)
+
+    def barh(self, y, width, *args, **kwargs):
+        widths.append(list(width))
+        return real_barh(self, y, width, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", text)
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh", barh)
+    gib, mib = 2**30, 2**20
+    plot_memory(["gpu0", "gpu1", "gpu2"], [129 * mib, 40 * gib, 0], [130 * gib, 80 * gib, 12 * gib], tmp_path / "m.png")
+    assert widths[0][1] == 50.0  # per cent of gpu1's own capacity
+    assert "129 MiB of 130 GiB (< 0.1 %)" in texts and "40 GiB of 80 GiB (50.0 %)" in texts
+    assert "0 B of 12 GiB (unused)" in texts

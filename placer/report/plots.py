@@ -95,7 +95,7 @@ def plot_memory(
         if not np.isfinite(s):  # no capacity at all: the bar fills the axis, the label sits inside
             ax.text(limit * 0.01, i, f"{label} (no capacity)", va="center", fontsize=8, color="white")
             continue
-        pct = f"{s:.1f} %" if s >= 0.1 else "< 0.1 %"
+        pct = f"{s:.1f} %" if s >= 0.1 else ("unused" if p <= 0 else "< 0.1 %")
         ax.text(min(s, limit) + limit * 0.01, i, f"{label} ({pct})", va="center", fontsize=8)
     ax.set_yticks(y, devices)
     ax.set_xlim(0, limit)
