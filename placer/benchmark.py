@@ -304,7 +304,9 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
         label = prep.spec.name or model
         optimizer = optimizer_name(prep.spec)
         for cname, cluster, fraction in loaded:
-            problem = compile_problem(graph, cluster, optimizer=optimizer)
+            # The op graph with its groups: the ops execute, the groups are the placement unit
+            # (the problem optimize, show and the report simulate).
+            problem = compile_problem(prep.captured.graph, cluster, optimizer=optimizer, grouping=prep.grouping)
             reference, note = None, ""
             if fraction is not None:
                 reference = best_single_time(problem, ignore_memory=True)

@@ -141,7 +141,7 @@ def test_roofline_optimizer_update_follows_parameter_bytes_and_optimizer_state()
     assert CostModel(optimizer="something_new").opt_cost(attrs, K40) == pytest.approx(adam)  # unknown: Adam-sized
 
 
-def test_for_graph_estimates_the_optimizer_the_graph_was_profiled_with_and_one_device_costs_the_sum():
+def test_for_graph_estimates_the_optimizer_the_graph_was_profiled_with_and_one_cpu_costs_the_sum():
     g = nx.DiGraph(optimizer="adam")
     g.add_node("w", op="call_module", flops=10**8, bytes_moved=10**6, param_bytes=10**6, requires_grad=True)
     g.add_node("y", op="call_function", flops=10**6, bytes_moved=10**5, param_bytes=0, requires_grad=True)
@@ -152,9 +152,41 @@ def test_for_graph_estimates_the_optimizer_the_graph_was_profiled_with_and_one_d
     problem = compile_problem(g, cluster, optimizer="adam")
     from envs.sim.simulator import simulate
 
-    for d, dev in enumerate(cluster.devices):
-        res = simulate(problem, {"w": dev.name, "y": dev.name})
-        expected = sum(sum(model.node_cost(g.nodes[n], dev)) for n in g.nodes)
-        assert res.step_time == pytest.approx(expected, rel=1e-12)
+    for dev in cluster.devices:  # the host/device split keeps the totals
+        for n in g.nodes:
+            assert sum(model.op_cost(g.nodes[n], dev)) == pytest.approx(sum(model.node_cost(g.nodes[n], dev)), rel=1e-12)
+    cpu = cluster.devices[0]
+    assert cpu.kind == "cpu"
+    res = simulate(problem, {"w": cpu.name, "y": cpu.name})
+    host = model.host
+    expected = sum(sum(model.node_cost(g.nodes[n], cpu)) for n in g.nodes) + host.loss_s + host.backward_call_s + host.step_s
+    assert res.step_time == pytest.approx(expected, rel=1e-12)
     gpu = cluster.devices[-1]
     assert model.node_cost(g.nodes["w"], gpu)[1] > roofline_times(g.nodes["w"], gpu, model.roofline_for(gpu.kind))[1]
+
+
+def test_a_gpu_op_pays_its_launch_on_the_host_and_its_work_on_the_device():
+    roof = DEFAULT_ROOFLINE["K40"]
+    attrs = {"op": "call_module", "flops": 10**9, "bytes_moved": 10**6, "param_bytes": 288 * 10**6,
+             "param_tensors": 2, "requires_grad": True}
+    h_f, d_f, h_b, d_b, h_o, d_o = CostModel(optimizer="adam").op_cost(attrs, K40)
+    compute = 1e9 / (4.29e12 * roof.efficiency)
+    assert (h_f, h_b) == (roof.launch_overhead_s, roof.launch_overhead_s)
+    assert d_f == pytest.approx(compute) and d_b == pytest.approx(2 * compute)
+    # The update: one launch per tensor touched on the host, 7 passes over the parameters on the device.
+    assert h_o == pytest.approx(2 * 3 * roof.launch_overhead_s) and d_o == pytest.approx(7e-3)
+    # A profiled CUDA time: the launch comes off it (or the profiled host time where recorded).
+    prof = dict(attrs, fwd_time={"cuda": 1e-3}, bwd_time={"cuda": 2e-3}, opt_time={"cuda": 1e-4})
+    cuda = Device("c", "cuda", 2**34, 1e13, 1e12)
+    h_f, d_f, h_b, d_b, h_o, d_o = CostModel().op_cost(prof, cuda)
+    launch = DEFAULT_ROOFLINE["cuda"].launch_overhead_s
+    assert (h_f, d_f) == pytest.approx((launch, 1e-3 - launch)) and h_b + d_b == pytest.approx(2e-3)
+    assert h_o + d_o == pytest.approx(1e-4)
+    timed = dict(prof, host_time={"cuda": 3e-4})
+    assert CostModel().op_cost(timed, cuda)[:2] == pytest.approx((3e-4, 7e-4))
+    # On a CPU the whole op runs on the host thread.
+    cpu = Device("p", "cpu", 2**34, 1e11, 2e10)
+    prof_cpu = dict(attrs, fwd_time={"cpu": 1e-3}, bwd_time={"cpu": 2e-3}, opt_time={"cpu": 5e-4})
+    assert CostModel().op_cost(prof_cpu, cpu) == (1e-3, 0.0, 2e-3, 0.0, 5e-4, 0.0)
+    frozen = dict(prof_cpu, requires_grad=False)
+    assert CostModel().op_cost(frozen, cpu) == (1e-3, 0.0, 0.0, 0.0, 0.0, 0.0)

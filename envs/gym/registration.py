@@ -102,7 +102,10 @@ def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mappi
     from envs.sim.problem import compile_problem
 
     try:
-        compiled = compile_problem(graph, cluster, optimizer=optimizer)
+        # A model: its op graph executes, its groups are the action space (one simulation
+        # everywhere, issue 15). A graph alone: every node is its own group.
+        compiled = (compile_problem(op_graph, cluster, optimizer=optimizer, grouping=grouping) if grouping is not None
+                    else compile_problem(graph, cluster, optimizer=optimizer))
     except PlacerError as exc:
         raise EnvConfigError(f"cannot build the placement problem: {exc}") from exc
     return _Built(compiled, graph_ops(graph, compiled.node_names, op_graph), cluster, grouping)

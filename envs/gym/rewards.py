@@ -53,7 +53,9 @@ def serial_time_bound(problem: PlacementProblem) -> float:
     """Seconds of a fully serial step: every op on its slowest device, every forward and
     gradient transfer over the slowest link, nothing overlapping. An upper bound on the
     simulated step time of any placement."""
+    host = problem.ops.host  # the step's fixed host costs (envs.sim.cost_model.HostOverheads)
     compute = float((problem.fwd_time + problem.bwd_time).max(axis=1).sum())
+    compute += host.loss_s + host.backward_call_s + host.step_s
     d = problem.num_devices
     if d < 2 or problem.num_edges == 0:
         return compute
@@ -61,7 +63,7 @@ def serial_time_bound(problem: PlacementProblem) -> float:
     worst_latency = float(problem.latency[off].max())
     worst_bandwidth = float(problem.bandwidth[off].min())
     copies = 1.0 + problem.grad_edge.astype(np.float64)  # forward copy + gradient back
-    transfers = float((copies * (worst_latency + problem.edge_bytes / worst_bandwidth)).sum())
+    transfers = float((copies * (host.copy_s + worst_latency + problem.edge_bytes / worst_bandwidth)).sum())
     return compute + transfers
 
 

@@ -82,16 +82,27 @@ def scaled_problem(
     latency_scale: float = 1.0,
     bandwidth_scale: float = 1.0,
 ) -> PlacementProblem:
-    """A copy of ``problem`` with device compute times and link constants scaled."""
+    """A copy of ``problem`` with device compute times and link constants scaled.
+
+    Device ``d``'s scale multiplies what runs *on* it: every column of its ops' costs on a
+    CPU (the whole op runs on the host thread), the device columns (``dF, dB, dO``) on a
+    GPU, whose host columns are the launches of the one host thread (unscaled). The
+    group arrays ``fwd_time``/``bwd_time`` scale alike.
+    """
     k = np.asarray(compute_scale, dtype=np.float64)
     if k.shape != (problem.num_devices,):
         raise CalibrationError(f"compute_scale has shape {k.shape}; expected ({problem.num_devices},)")
+    ops = problem.ops
+    cost = ops.cost.copy()
+    cost[:, :, 1::2] *= k[None, :, None]
+    cost[:, ops.is_cpu, 0::2] *= k[None, ops.is_cpu, None]
     return dataclasses.replace(
         problem,
         fwd_time=problem.fwd_time * k[None, :],
         bwd_time=problem.bwd_time * k[None, :],
         latency=problem.latency * float(latency_scale),
         bandwidth=problem.bandwidth * float(bandwidth_scale),
+        ops=dataclasses.replace(ops, cost=cost),
         _index={},
     )
 

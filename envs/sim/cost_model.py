@@ -16,9 +16,9 @@ Node times, in order of preference:
 3. **Zero** for nodes with neither times nor FLOPs nor bytes (placeholders, output, views),
    and a zero backward for a node whose output takes no part in autograd.
 
-A node's **backward cost includes its optimizer update** (the parameters it owns are
-updated once their gradients are complete, on the device that holds them): the profiled
-``opt_time`` of the kind where that kind was profiled for the node, else the roofline::
+A node's **optimizer update** (the parameters it owns, updated by ``optimizer.step()``
+after the backward) is the profiled ``opt_time`` of the kind where that kind was profiled
+for the node, else the roofline::
 
     opt = param_bytes * (3 + 2 * state_factor) / mem_bandwidth + tensors * (1 + state_factor) * launch_overhead
 
@@ -27,8 +27,27 @@ Adam's two moments: ``state_factor`` 2 — one kernel per tensor touched), with
 ``state_factor`` from :data:`envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR` for the optimizer the
 graph was profiled with (``graph.graph["optimizer"]``, default plain SGD) and ``tensors``
 the node's ``param_tensors`` (1 when it owns parameters but the attribute is missing).
-It is folded into the backward so that :class:`envs.sim.problem.PlacementProblem` keeps its
-arrays: a placement's cost on one device is still the sum of its node costs.
+
+**Host and device parts** (:meth:`CostModel.op_cost`, what the simulators read; issue 15).
+Each op costs, per phase (forward F, backward B, optimizer O), seconds on the *host*
+thread that issues it (``hF, hB, hO``) and seconds on the device's stream (``dF, dB, dO``):
+
+* on a **CPU** the op runs on the host thread itself: ``h* = `` the whole time, ``d* = 0``
+  (profiled CPU ticks are taken in situ, so they already hold the per-node Python and
+  dispatch cost);
+* on a **GPU** the host pays the launch (``ops * launch_overhead_s``, or a profiled
+  ``host_time[kind]`` where the profiler recorded one) and the stream the rest: a roofline
+  op's device time is ``max(compute, memory)`` with *no* launch overhead on the device; a
+  profiled GPU time is split as ``h = min(launch, time)``, ``d = time - h``. The optimizer
+  update on a GPU: ``hO = tensors * (1 + state) * launch``, ``dO`` the bytes term.
+
+``node_cost`` keeps the old two-number view ``(hF + dF, hB + dB + hO + dO)`` for readers
+that want one figure per phase (baselines, features).
+
+**Fixed host costs** of a step (:class:`HostOverheads`): the host cost of one copy node
+(``Tensor.to``), of the loss, of entering ``loss.backward()``, and of the rest of the step
+(``zero_grad``, the optimizer's Python loop). Their defaults (:data:`DEFAULT_HOST`) are
+measured on this machine; the command is in :class:`HostOverheads`.
 
 The roofline constants per kind (:class:`Roofline`) come from :data:`DEFAULT_ROOFLINE`.
 The CPU constants can be **calibrated** (:func:`calibrate`) by least squares against the
@@ -94,6 +113,47 @@ DEFAULT_ROOFLINE: dict[str, Roofline] = {
 }
 
 
+@dataclass(frozen=True)
+class HostOverheads:
+    """Fixed host-thread seconds of one training step in one process (see the module doc).
+
+    Attributes:
+        copy_s: one ``to_device`` node (``Tensor.to``) on the host, besides the copy itself.
+        loss_s: the loss computation after the forward.
+        backward_call_s: entering and leaving ``loss.backward()`` (engine set-up, GIL release).
+        step_s: the rest of a step outside the ops: the GraphModule call, ``zero_grad``, the
+            optimizer's Python loop.
+
+    The defaults were measured on this 2-core VM, one torch thread, with ``python3
+    benchmarks/bench_simulator.py --calibrate`` (an fx GraphModule of k tiny ops, of k
+    ``to_device`` copy nodes, and its backward, k = 1..128; recorded with the load average in
+    benchmarks/results/simulator.md): per copy node 2.2 us, ``backward()`` fixed 17-22 us
+    (20 us), the GraphModule call 1.6-2.0 us (``step_s``; :meth:`CostModel.for_graph` adds the
+    profiled ``optimizer_fixed`` of the graph's CPU profile, the optimizer step's time owned
+    by no parameter). The loss is a node of the captured graph when the model computes it;
+    ``loss_s`` is 0. The per-op dispatch (2.1-2.7 us per fx node) is inside the profiled CPU
+    op times and the GPU kinds' ``launch_overhead_s``.
+    """
+
+    copy_s: float = 2.2e-6
+    loss_s: float = 0.0
+    backward_call_s: float = 20e-6
+    step_s: float = 1.6e-6
+
+    def __post_init__(self) -> None:
+        for name in ("copy_s", "loss_s", "backward_call_s", "step_s"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"host overhead {name} must be a finite number >= 0, got {value!r}")
+
+
+#: The measured defaults (see :class:`HostOverheads`).
+DEFAULT_HOST = HostOverheads()
+
+#: Columns of :meth:`CostModel.op_costs`: host and device seconds of forward, backward, optimizer.
+COST_COLUMNS = ("hF", "dF", "hB", "dB", "hO", "dO")
+
+
 def _num(attrs: Mapping[str, Any], key: str) -> float:
     value = attrs.get(key)
     if value is None:
@@ -144,32 +204,44 @@ def state_factor(optimizer: str | None) -> float:
     return OPTIMIZER_STATE_FACTOR.get(key, OPTIMIZER_STATE_FACTOR["adam"])
 
 
-def roofline_opt_time(attrs: Mapping[str, Any], device: Device, roofline: Roofline, optimizer: str | None) -> float:
-    """Roofline seconds of a node's optimizer update (module doc); 0 for a node owning no parameters."""
+def roofline_opt_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofline,
+                       optimizer: str | None) -> tuple[float, float]:
+    """(memory traffic, launches) seconds of a node's roofline optimizer update (module doc);
+    both 0 for a node owning no parameters."""
     if attrs.get("op") in ("placeholder", "output"):
-        return 0.0
+        return 0.0, 0.0
     nbytes = _num(attrs, "param_bytes")
     if nbytes <= 0:
-        return 0.0
+        return 0.0, 0.0
     factor = state_factor(optimizer)
     tensors = _num(attrs, "param_tensors") if "param_tensors" in attrs else 1.0
-    return nbytes * (3.0 + 2.0 * factor) / device.mem_bandwidth + tensors * (1.0 + factor) * roofline.launch_overhead_s
+    return nbytes * (3.0 + 2.0 * factor) / device.mem_bandwidth, tensors * (1.0 + factor) * roofline.launch_overhead_s
+
+
+def roofline_opt_time(attrs: Mapping[str, Any], device: Device, roofline: Roofline, optimizer: str | None) -> float:
+    """Roofline seconds of a node's optimizer update (module doc); 0 for a node owning no parameters."""
+    work, launches = roofline_opt_parts(attrs, device, roofline, optimizer)
+    return work + launches
+
+
+def roofline_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofline) -> tuple[float, float, float]:
+    """(forward work, backward work, launch overhead) seconds of the roofline; all 0 for nodes
+    that do no work. The work is what the device computes; the overhead is per launch."""
+    if attrs.get("op") in NON_COMPUTE_OPS:
+        return 0.0, 0.0, 0.0
+    flops = _num(attrs, "flops")
+    moved = _num(attrs, "bytes_moved")
+    if flops <= 0 and moved <= 0:
+        return 0.0, 0.0, 0.0
+    compute = flops / (device.peak_flops * roofline.efficiency)
+    memory = moved / device.mem_bandwidth
+    return max(compute, memory), BACKWARD_FACTOR * max(compute, memory), _op_count(attrs) * roofline.launch_overhead_s
 
 
 def roofline_times(attrs: Mapping[str, Any], device: Device, roofline: Roofline) -> tuple[float, float]:
     """(forward, backward) seconds from FLOPs and bytes moved, zero for nodes that do no work."""
-    if attrs.get("op") in NON_COMPUTE_OPS:
-        return 0.0, 0.0
-    flops = _num(attrs, "flops")
-    moved = _num(attrs, "bytes_moved")
-    if flops <= 0 and moved <= 0:
-        return 0.0, 0.0
-    compute = flops / (device.peak_flops * roofline.efficiency)
-    memory = moved / device.mem_bandwidth
-    overhead = _op_count(attrs) * roofline.launch_overhead_s
-    fwd = max(compute, memory) + overhead
-    bwd = BACKWARD_FACTOR * max(compute, memory) + overhead
-    return fwd, bwd
+    fwd, bwd, overhead = roofline_parts(attrs, device, roofline)
+    return fwd + overhead, bwd + overhead
 
 
 @dataclass(frozen=True)
@@ -181,11 +253,13 @@ class CostModel:
         use_profiles: use profiled times where present (False forces the roofline everywhere).
         optimizer: the optimizer whose update the roofline estimates (a key of
             :data:`envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR`; None: plain SGD).
+        host: the step's fixed host costs (:class:`HostOverheads`).
     """
 
     roofline: Mapping[str, Roofline] = field(default_factory=dict)
     use_profiles: bool = True
     optimizer: str | None = None
+    host: HostOverheads = DEFAULT_HOST
 
     def roofline_for(self, kind: str) -> Roofline:
         return self.roofline.get(kind) or DEFAULT_ROOFLINE[kind]
@@ -193,14 +267,19 @@ class CostModel:
     @classmethod
     def for_graph(cls, graph: nx.DiGraph, cluster: Cluster, optimizer: str | None = None) -> "CostModel":
         """The default cost model: CPU roofline calibrated on the graph's CPU profiles when present,
-        optimizer updates estimated for ``optimizer`` (default: the one the graph was profiled with)."""
+        optimizer updates estimated for ``optimizer`` (default: the one the graph was profiled with),
+        the step's fixed host cost plus the profiled ``optimizer_fixed`` (see :class:`HostOverheads`)."""
         cpus = [d for d in cluster.devices if d.kind == "cpu"]
         fitted: dict[str, Roofline] = {}
         if cpus:
             fit = calibrate(graph, cpus[0])
             if fit is not None:
                 fitted["cpu"] = fit
-        return cls(roofline=fitted, optimizer=optimizer or graph.graph.get("optimizer"))
+        host = DEFAULT_HOST
+        fixed = ((graph.graph.get("profile_info") or {}).get("cpu") or {}).get("optimizer_fixed")
+        if fixed is not None and np.isfinite(float(fixed)) and float(fixed) > 0:
+            host = replace(host, step_s=host.step_s + float(fixed))
+        return cls(roofline=fitted, optimizer=optimizer or graph.graph.get("optimizer"), host=host)
 
     def node_cost(self, attrs: Mapping[str, Any], device: Device) -> tuple[float, float]:
         """(forward, backward + optimizer update) seconds of a node (its attribute dict) on ``device``."""
@@ -217,6 +296,45 @@ class CostModel:
         if opt is None:
             opt = roofline_opt_time(attrs, device, self.roofline_for(device.kind), self.optimizer)
         return opt
+
+    def op_cost(self, attrs: Mapping[str, Any], device: Device) -> tuple[float, float, float, float, float, float]:
+        """``(hF, dF, hB, dB, hO, dO)``: host and device seconds of forward, backward and optimizer
+        update of a node on ``device`` (module doc, "Host and device parts")."""
+        roof = self.roofline_for(device.kind)
+        grad = node_requires_grad(attrs)
+        times = profiled_times(attrs, device.kind) if self.use_profiles else None
+        opt = profiled_opt_time(attrs, device.kind) if self.use_profiles else None
+        if device.kind == "cpu":
+            fwd, bwd = times if times is not None else roofline_times(attrs, device, roof)
+            if opt is None:
+                opt = roofline_opt_time(attrs, device, roof, self.optimizer)
+            return (fwd, 0.0, bwd, 0.0, opt, 0.0) if grad else (fwd, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if times is not None:
+            launch = _op_count(attrs) * roof.launch_overhead_s
+            host = (attrs.get("host_time") or {}).get(device.kind)
+            h_f = min(float(host) if host is not None else launch, times[0])
+            h_b = min(launch, times[1])
+            parts = (h_f, times[0] - h_f, h_b, times[1] - h_b)
+        else:
+            work_f, work_b, launch = roofline_parts(attrs, device, roof)
+            parts = (launch, work_f, launch, work_b)
+        if not grad:
+            return parts[0], parts[1], 0.0, 0.0, 0.0, 0.0
+        if opt is not None:
+            _, launches = roofline_opt_parts(attrs, device, roof, self.optimizer)
+            h_o = min(launches, opt)
+            return (*parts, h_o, opt - h_o)
+        work_o, launches = roofline_opt_parts(attrs, device, roof, self.optimizer)
+        return (*parts, launches, work_o)
+
+    def op_costs(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device]) -> np.ndarray:
+        """[N, D, 6] :meth:`op_cost` of the nodes in ``order`` on ``devices`` (columns :data:`COST_COLUMNS`)."""
+        out = np.zeros((len(order), len(devices), 6))
+        for i, name in enumerate(order):
+            attrs = graph.nodes[name]
+            for j, dev in enumerate(devices):
+                out[i, j] = self.op_cost(attrs, dev)
+        return out
 
     def node_times(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device]) -> tuple[np.ndarray, np.ndarray]:
         """[N, D] forward and backward seconds for the nodes in ``order`` on ``devices``."""

@@ -1,22 +1,32 @@
 """A lower bound on the step time of any placement of a problem, for reports.
 
-Two bounds, the larger wins:
+It reads the op arrays (``problem.ops``) and ignores the groups: a bound for every op
+placement is a bound for every group placement too. The rules are those of
+:mod:`envs.sim.reference_simulator` (one process); per op i and device d the costs are
+``hF, dF, hB, dB, hO, dO`` and the fixed host costs ``loss_s, backward_call_s, step_s``.
+Copies only make real steps longer, so every bound ignores them. Three bounds, the
+largest wins:
 
-* **Critical path**: every node on its fastest device and no transfer cost. The forward of
-  node i cannot finish before ``F(i) = min_d fwd[i, d] + max_pred F(p)``; its backward
-  (when it requires grad) cannot finish before
-  ``G(i) = min_d bwd[i, d] + max(F(i), max_grad_succ G(c))``, because a device runs an
-  op's backward after its forward and after the gradients of its successors arrived.
-* **Work**: the step lasts at least as long as the busiest device computes. The fewest
-  seconds the busiest device can have is the optimum ``T*`` of the fractional assignment
-  ``min T  s.t.  sum_d x[i,d] = 1,  sum_i x[i,d] * t[i,d] <= T,  x >= 0`` with
-  ``t = fwd + bwd``. By LP duality, for any weights ``y`` on the simplex,
-  ``sum_i min_d y[d] * t[i,d] <= T*``, so evaluating that sum at any ``y`` is a valid
-  bound. Starting from the uniform ``y = 1/D`` (which gives ``sum_i min_d t[i,d] / D``,
-  the identical-devices bound) :func:`work_bound` climbs towards ``T*`` and keeps the best
-  value it evaluated: certified whatever the optimiser does.
-
-Memory limits and transfers only make real step times longer, so both stay valid.
+* **Host** (:func:`host_bound`): one process has one host thread, and it runs every op's
+  dispatch ``hF`` and update ``hO``, the backward ``hB`` of the ops on a CPU, and the fixed
+  costs, one after the other:
+  ``H = loss_s + backward_call_s + step_s + sum_i min_d (hF + hO + [d is a CPU] hB)[i, d]``.
+* **Work** (:func:`work_bound`): the resources are the host, each GPU's stream and each
+  GPU's engine thread; under any placement each is busy at most the step time. Per
+  (op, device) the loads are host ``hF + hO + [cpu] hB`` (+ the fixed costs, placement
+  independent), stream ``dF + dB + dO``, thread ``hB`` (GPU only). For any weights ``y`` on
+  the resource simplex, ``sum_i min_d sum_r y_r load_r[i, d] (+ y_host * fixed) <= T*`` (LP
+  duality for the fractional assignment), so every evaluated ``y`` gives a valid bound;
+  exponentiated supergradient ascent from the uniform weights keeps the best value seen.
+  ``y = e_host`` is the host bound.
+* **Critical path** (:func:`critical_path_bound`): with ``P(i) = sum_{j<i} min_d hF[j, d]``
+  (the host dispatches in program order), the forward of op i cannot finish before
+  ``F(i) = max(max_pred F(p) + min_d c_f, P(i) + min_d (hF + dF))`` with ``c_f = dF`` on a
+  GPU and ``hF`` on a CPU (a GPU kernel waits for its inputs' kernels and its own launch;
+  a CPU op runs on the host after its inputs arrived); its backward cannot finish before
+  ``G(i) = max(P(N) + loss_s + min_d (hB + dB), max_grad_succ G(c) + min_d c_b, F(i) + min_d c_b)``
+  with ``c_b = dB`` on a GPU and ``hB`` on a CPU; the step lasts at least
+  ``max(F, G) + step_s``.
 """
 
 from __future__ import annotations
@@ -26,72 +36,107 @@ import numpy as np
 from envs.sim.problem import PlacementProblem
 
 
+def _fixed(problem: PlacementProblem) -> tuple[float, float, float]:
+    host = problem.ops.host
+    return host.loss_s, host.backward_call_s, host.step_s
+
+
+def host_bound(problem: PlacementProblem) -> float:
+    """The single host thread's unavoidable work (module doc)."""
+    ops = problem.ops
+    c = ops.cost
+    cpu = ops.is_cpu[None, :]
+    load = c[:, :, 0] + c[:, :, 4] + np.where(cpu, c[:, :, 2], 0.0)
+    return float(load.min(axis=1).sum() + sum(_fixed(problem)))
+
+
 def critical_path_bound(problem: PlacementProblem) -> float:
-    """Longest forward+backward chain with every node at its fastest device time, no transfers."""
-    fwd_min = problem.fwd_time.min(axis=1)
-    rg = problem.requires_grad
-    bwd_min = np.where(rg[:, None], problem.bwd_time, 0.0).min(axis=1)
-    n = problem.num_nodes
-    src, dst = problem.edge_src, problem.edge_dst
+    """Longest forward/backward chain with each op at its cheapest device and no copies (module doc)."""
+    ops = problem.ops
+    c = ops.cost
+    cpu = ops.is_cpu[None, :]
+    n = ops.num_ops
+    loss_s, _, step_s = _fixed(problem)
+    c_f = np.where(cpu, c[:, :, 0], c[:, :, 1]).min(axis=1)
+    h_f = c[:, :, 0].min(axis=1)
+    start_f = (c[:, :, 0] + c[:, :, 1]).min(axis=1)
+    c_b = np.where(cpu, c[:, :, 2], c[:, :, 3]).min(axis=1)
+    root_b = (c[:, :, 2] + c[:, :, 3]).min(axis=1)
+    prefix = np.concatenate([[0.0], np.cumsum(h_f)])
+    rg = ops.requires_grad
+    ptr, dst, grad = ops.succ_ptr, ops.succ_dst, ops.succ_grad
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for k in range(ptr[i], ptr[i + 1]):
+            preds[int(dst[k])].append(i)
     fin_f = np.zeros(n)
     for i in range(n):
-        preds = src[problem.pred_edge[problem.pred_ptr[i]:problem.pred_ptr[i + 1]]]
-        fin_f[i] = fwd_min[i] + (fin_f[preds].max() if preds.size else 0.0)
+        chain = max((fin_f[p] for p in preds[i]), default=0.0) + c_f[i]
+        fin_f[i] = max(chain, prefix[i] + start_f[i])
+    t_root = prefix[n] + loss_s
     fin_b = np.zeros(n)
     for i in range(n - 1, -1, -1):
         if not rg[i]:
             continue
-        succs = dst[problem.succ_edge[problem.succ_ptr[i]:problem.succ_ptr[i + 1]]]
-        succs = succs[rg[succs]]
-        after = max(fin_f[i], fin_b[succs].max() if succs.size else 0.0)
-        fin_b[i] = bwd_min[i] + after
-    return float(max(fin_f.max(initial=0.0), fin_b.max(initial=0.0)))
+        after = fin_f[i]
+        for k in range(ptr[i], ptr[i + 1]):
+            if grad[k]:
+                after = max(after, fin_b[dst[k]])
+        fin_b[i] = max(t_root + root_b[i], after + c_b[i])
+    return float(max(fin_f.max(initial=0.0), fin_b.max(initial=0.0)) + step_s)
 
 
-def _device_classes(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group devices with identical time columns: ([N, K] times per class, [K] devices per class)."""
-    columns, first, counts = np.unique(times.T, axis=0, return_index=True, return_counts=True)
-    del columns
-    return times[:, first], counts.astype(np.float64)
+def _loads(problem: PlacementProblem) -> tuple[np.ndarray, float]:
+    """[N, D, R] load of op i on device d on each resource (host, then stream and thread of
+    each GPU), and the fixed host seconds."""
+    ops = problem.ops
+    c = ops.cost
+    cpu = ops.is_cpu
+    gpus = np.flatnonzero(~cpu)
+    n, d = c.shape[:2]
+    loads = np.zeros((n, d, 1 + 2 * len(gpus)))
+    loads[:, :, 0] = c[:, :, 0] + c[:, :, 4] + np.where(cpu[None, :], c[:, :, 2], 0.0)
+    for k, g in enumerate(gpus):
+        loads[:, g, 1 + 2 * k] = c[:, g, 1] + c[:, g, 3] + c[:, g, 5]
+        loads[:, g, 2 + 2 * k] = c[:, g, 2]
+    return loads, float(sum(_fixed(problem)))
 
 
-def _dual_value(class_times: np.ndarray, counts: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray]:
-    """``sum_i min_c z_c / m_c * t[i, c]`` and its supergradient in ``z``."""
-    scaled = class_times * (z / counts)[None, :]
-    best = np.argmin(scaled, axis=1)
-    value = float(np.sum(scaled[np.arange(scaled.shape[0]), best]))
-    grad = np.bincount(best, weights=class_times[np.arange(scaled.shape[0]), best], minlength=len(z)) / counts
+def _dual_value(loads: np.ndarray, fixed: float, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """``sum_i min_d y . load[i, d] + y_host * fixed`` and its supergradient in ``y``."""
+    weighted = loads @ y  # [N, D]
+    best = np.argmin(weighted, axis=1)
+    rows = np.arange(loads.shape[0])
+    value = float(weighted[rows, best].sum() + y[0] * fixed)
+    grad = loads[rows, best].sum(axis=0)
+    grad[0] += fixed
     return value, grad
 
 
 def work_bound(problem: PlacementProblem, iterations: int = 300) -> float:
-    """The fractional load-balance bound (see the module docstring), certified via its dual.
-
-    Identical devices form a class (``m_c`` devices with the same times); with weights
-    ``z`` on the class simplex, ``sum_i min_c (z_c / m_c) * t[i, c]`` is a valid bound for
-    every ``z``. We start at ``z_c = m_c / D`` (the identical-devices bound
-    ``sum_i min_d t[i, d] / D``) and improve ``z`` by exponentiated supergradient ascent,
-    keeping the best value seen — every evaluated value is a proven bound, so stopping
-    early only makes it looser, never wrong. Fast on graphs of any size (an LP over
-    N x D variables took ~20 s for 16,000 nodes).
-    """
-    times = problem.fwd_time + np.where(problem.requires_grad[:, None], problem.bwd_time, 0.0)
-    if times.shape[0] == 0:
-        return 0.0
-    class_times, counts = _device_classes(times)
-    z = counts / counts.sum()
-    best, grad = _dual_value(class_times, counts, z)
-    if len(counts) == 1:
+    """The fractional load-balance bound over host, streams and engine threads (module doc),
+    certified via its dual: every evaluated value is a proven bound."""
+    loads, fixed = _loads(problem)
+    if loads.shape[0] == 0:
+        return fixed
+    r = loads.shape[2]
+    y = np.full(r, 1.0 / r)
+    best, grad = _dual_value(loads, fixed, y)
+    for vertex in range(r):  # each resource alone (the host bound among them)
+        e = np.zeros(r)
+        e[vertex] = 1.0
+        best = max(best, _dual_value(loads, fixed, e)[0])
+    if r == 1:
         return best
     for step in range(iterations):
         scale = float(np.max(np.abs(grad))) or 1.0
-        z = z * np.exp((1.0 / np.sqrt(step + 1.0)) * grad / scale)
-        z /= z.sum()
-        value, grad = _dual_value(class_times, counts, z)
+        y = y * np.exp((1.0 / np.sqrt(step + 1.0)) * grad / scale)
+        y /= y.sum()
+        value, grad = _dual_value(loads, fixed, y)
         best = max(best, value)
     return best
 
 
 def lower_bound(problem: PlacementProblem) -> float:
-    """Seconds no placement of ``problem`` can beat: max(critical path, work / aggregate speed)."""
-    return max(critical_path_bound(problem), work_bound(problem))
+    """Seconds no placement of ``problem`` can beat: max(critical path, work, host)."""
+    return max(critical_path_bound(problem), work_bound(problem), host_bound(problem))

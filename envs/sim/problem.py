@@ -1,14 +1,25 @@
 """The placement problem as arrays: what every simulator, baseline and environment reads.
 
-A :class:`PlacementProblem` is the placement graph (op graph or group graph) joined with
-a cluster and a cost model, flattened into numpy arrays in one fixed topological order.
+A :class:`PlacementProblem` is the captured op graph joined with a cluster and a cost
+model, compiled once, at two levels (issue 15: "ops execute, groups only constrain"):
+
+* **ops** (:class:`OpArrays`, ``problem.ops``): every op of the graph in program order
+  (the fixed topological order), with its host and device costs per device, its consumers
+  and its group. This is what the simulators execute.
+* **groups** (the placement unit and the agent's action space): ``node_names``,
+  ``fwd_time``, ``bwd_time``, the edge arrays, … are per group, sums of their members'
+  op arrays. A placement is an int array of length ``num_nodes`` (groups) of device
+  indices; the simulators read op i's device as ``row[ops.op_group[i]]``, so a group row
+  is never expanded into an op row in Python.
+
+Without a grouping every op is its own group (identity), and both levels coincide.
 Nodes are indexed ``0..N-1`` in ``node_names`` order and devices ``0..D-1`` in
-``device_names`` order; a placement is an int array of length N of device indices.
+``device_names`` order.
 
 Example::
 
-    problem = compile_problem(graph, load_cluster("4xK40"))
-    row = problem.placement_to_array({name: "gpu0" for name in problem.node_names})
+    problem = compile_problem(op_graph, load_cluster("4xK40"), grouping=grouping)
+    row = problem.placement_to_array({group: "gpu0" for group in problem.node_names})
 """
 
 from __future__ import annotations
@@ -21,9 +32,10 @@ import numpy as np
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
-from envs.sim.cost_model import CostModel, node_requires_grad
+from envs.sim.cost_model import DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
 from graphs.errors import GraphError, PlacerError
+from graphs.grouping import Grouping
 
 
 def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
@@ -44,6 +56,56 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
 
 class PlacementError(PlacerError, ValueError):
     """A placement that does not match its problem (unknown device, missing nodes, bad shape)."""
+
+
+@dataclass(frozen=True, eq=False)
+class OpArrays:
+    """The op-level arrays the simulators execute (module doc); ops in program order.
+
+    Attributes:
+        names: N op names in program order (the fx order of the captured graph, a
+            topological order).
+        op_group: [N] int64, the group (placement slot) of each op.
+        cost: [N, D, 6] float64 seconds ``hF, dF, hB, dB, hO, dO`` (host and device parts of
+            forward, backward, optimizer update; :meth:`envs.sim.cost_model.CostModel.op_cost`).
+            Backward and update are 0 for an op that takes no part in autograd.
+        requires_grad: [N] bool.
+        param_bytes, act_bytes, out_bytes, flops: [N].
+        succ_ptr: [N+1] int64 CSR over consumers: op i's consumers are
+            ``succ_dst[succ_ptr[i]:succ_ptr[i+1]]`` in program order.
+        succ_dst: [S] int64 consumer op.  succ_bytes: [S] bytes of the edge.
+        succ_grad: [S] bool, a gradient flows back along the edge (both ends require grad).
+        is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
+        host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
+    """
+
+    names: tuple[str, ...]
+    op_group: np.ndarray
+    cost: np.ndarray
+    requires_grad: np.ndarray
+    param_bytes: np.ndarray
+    act_bytes: np.ndarray
+    out_bytes: np.ndarray
+    flops: np.ndarray
+    succ_ptr: np.ndarray
+    succ_dst: np.ndarray
+    succ_bytes: np.ndarray
+    succ_grad: np.ndarray
+    is_cpu: np.ndarray
+    host: HostOverheads = DEFAULT_HOST
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.names)
+
+    def expand(self, rows: np.ndarray) -> np.ndarray:
+        """Op rows ([B, N] or [N]) of group rows (for tests and reports; the kernels gather)."""
+        return np.asarray(rows)[..., self.op_group]
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(src, dst, bytes) of every op edge, by source then consumer order."""
+        src = np.repeat(np.arange(self.num_ops), np.diff(self.succ_ptr))
+        return src, self.succ_dst, self.succ_bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +137,10 @@ class PlacementProblem:
             ``pred_edge[pred_ptr[i]:pred_ptr[i+1]]`` (edge ids, by ascending source).
         succ_ptr, succ_edge: CSR of outgoing edges, by ascending destination.
         cluster_name: name of the cluster the device arrays came from.
+        ops: the op-level arrays the simulators execute (:class:`OpArrays`). Built from the
+            group arrays when not given (each node is then one op with the group's
+            forward time on the device and its backward and update as backward, all on
+            the host for a CPU and on the device for a GPU).
 
     The CSR arrays are derived from ``edge_src``/``edge_dst`` when not given.
     """
@@ -103,6 +169,7 @@ class PlacementProblem:
     succ_ptr: np.ndarray | None = None
     succ_edge: np.ndarray | None = None
     cluster_name: str = ""
+    ops: OpArrays | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +187,13 @@ class PlacementProblem:
             object.__setattr__(self, "pred_edge", pred_edge)
             object.__setattr__(self, "succ_ptr", succ_ptr)
             object.__setattr__(self, "succ_edge", succ_edge)
+        ops = self.ops
+        if ops is None:
+            object.__setattr__(self, "ops", _ops_from_groups(self))
+        elif ops.cost.shape[1] != len(self.device_names) or ops.op_group.shape[0] != ops.num_ops or (
+                ops.num_ops and int(ops.op_group.max()) >= n):
+            raise PlacementError(f"problem.ops does not match the problem ({ops.num_ops} ops, cost {ops.cost.shape}, "
+                                 f"{n} groups, {len(self.device_names)} devices)")
 
     @property
     def grad_edge(self) -> np.ndarray:
@@ -200,6 +274,56 @@ class PlacementProblem:
         return arr
 
 
+def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
+    """Op arrays for a problem built directly from arrays (no op graph): one op per node.
+
+    The forward time is the device part on a GPU and the host part on a CPU; backward and
+    update likewise (the update is folded into the backward, as the arrays hold it).
+    """
+    n, d = problem.fwd_time.shape
+    is_cpu = np.array([k == "cpu" for k in problem.device_kinds], dtype=bool)
+    rg = np.asarray(problem.requires_grad, dtype=bool)
+    fwd = np.asarray(problem.fwd_time, dtype=np.float64)
+    bwd = np.where(rg[:, None], np.asarray(problem.bwd_time, dtype=np.float64), 0.0)
+    cost = np.zeros((n, d, 6))
+    cost[:, :, 0] = np.where(is_cpu[None, :], fwd, 0.0)
+    cost[:, :, 1] = np.where(is_cpu[None, :], 0.0, fwd)
+    cost[:, :, 2] = np.where(is_cpu[None, :], bwd, 0.0)
+    cost[:, :, 3] = np.where(is_cpu[None, :], 0.0, bwd)
+    return _op_arrays(problem.node_names, np.arange(n), cost, rg, problem.param_bytes, problem.act_bytes,
+                      problem.out_bytes, problem.flops, problem.edge_src, problem.edge_dst, problem.edge_bytes,
+                      is_cpu, DEFAULT_HOST)
+
+
+def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
+               host: HostOverheads) -> OpArrays:
+    n = len(names)
+    src = np.asarray(src, dtype=np.int64)
+    dst = np.asarray(dst, dtype=np.int64)
+    nbytes = np.asarray(nbytes, dtype=np.float64)
+    rg = np.asarray(rg, dtype=bool)
+    order = np.lexsort((dst, src)) if src.size else np.zeros(0, dtype=np.int64)
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n) if src.size else np.zeros(n, dtype=np.int64), out=ptr[1:])
+    s_dst = np.ascontiguousarray(dst[order])
+    return OpArrays(
+        names=tuple(names),
+        op_group=np.ascontiguousarray(op_group, dtype=np.int64),
+        cost=np.ascontiguousarray(cost, dtype=np.float64),
+        requires_grad=rg,
+        param_bytes=np.asarray(param_bytes, dtype=np.float64),
+        act_bytes=np.asarray(act_bytes, dtype=np.float64),
+        out_bytes=np.asarray(out_bytes, dtype=np.float64),
+        flops=np.asarray(flops, dtype=np.float64),
+        succ_ptr=ptr,
+        succ_dst=s_dst,
+        succ_bytes=np.ascontiguousarray(nbytes[order]),
+        succ_grad=np.ascontiguousarray(rg[src[order]] & rg[s_dst]) if src.size else np.zeros(0, dtype=bool),
+        is_cpu=np.asarray(is_cpu, dtype=bool),
+        host=host,
+    )
+
+
 def _csr(key: np.ndarray, other: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR over ``key``: edge ids grouped by key node, each group sorted by ``other``."""
     order = np.lexsort((other, key)) if key.size else np.zeros(0, dtype=np.int64)
@@ -232,23 +356,29 @@ def compile_problem(
     cluster: Cluster | str,
     optimizer: str | None = None,
     cost_model: CostModel | None = None,
+    grouping: Grouping | None = None,
 ) -> PlacementProblem:
-    """Flatten a placement graph (op or group graph) on a cluster into a :class:`PlacementProblem`.
+    """Compile a placement graph on a cluster into a :class:`PlacementProblem` (module doc).
 
     Args:
-        graph: a placement graph with the attributes of docs/contracts.md; missing numeric
-            attributes count as 0, a missing ``requires_grad`` as True except for
-            placeholders and the output.
+        graph: the op graph (placement graph with the attributes of docs/contracts.md);
+            missing numeric attributes count as 0, a missing ``requires_grad`` as True
+            except for placeholders and the output. (A group graph passed here is
+            simulated as if each group were one op.)
         cluster: a :class:`~envs.hardware.cluster.Cluster`, or anything :func:`~envs.hardware.loading.load_cluster` takes.
         optimizer: name in :data:`OPTIMIZER_STATE_FACTOR`: its state bytes per parameter byte
             count in memory, and the default cost model estimates its update on unprofiled
             devices. Default: the optimizer the graph was profiled with
             (``graph.graph["optimizer"]``), else plain SGD.
-        cost_model: node/transfer costs; default :meth:`CostModel.for_graph` (profiles where
-            the device kind was profiled, calibrated roofline elsewhere).
+        cost_model: op costs; default :meth:`CostModel.for_graph` (profiles where the device
+            kind was profiled, calibrated roofline elsewhere).
+        grouping: the :class:`graphs.grouping.Grouping` of ``graph`` whose groups are the
+            placement unit (``node_names`` = its groups in topological order). None: every
+            op is its own group.
 
     Raises:
-        PlacementError: unknown optimizer.  GraphError: empty graph or a cycle.
+        PlacementError: unknown optimizer, or a grouping that does not cover the graph's ops.
+        GraphError: empty graph or a cycle.
     """
     key = resolve_optimizer(graph, optimizer)
     if not isinstance(graph, nx.DiGraph) or graph.number_of_nodes() == 0:
@@ -272,16 +402,19 @@ def compile_problem(
         # Parameters (get_attr) are counted in param_bytes; the output node is no tensor.
         keeps = requires_grad & np.array([a.get("op") not in ("get_attr", "output") for a in attrs])
         act_bytes = np.where(keeps, out_bytes, 0.0)
-    fwd, bwd = cost_model.node_times(graph, order, cluster.devices)
-    bwd[~requires_grad] = 0.0
+    cost = cost_model.op_costs(graph, order, cluster.devices)
+    cost[~requires_grad, :, 2:] = 0.0
+    param_bytes = column("param_bytes")
+    flops = column("flops")
 
     edges = sorted((index[u], index[v], float(d.get("bytes") or 0)) for u, v, d in graph.edges(data=True))
-    edge_src = np.array([e[0] for e in edges], dtype=np.int64)
-    edge_dst = np.array([e[1] for e in edges], dtype=np.int64)
-    edge_bytes = np.array([e[2] for e in edges], dtype=np.float64)
+    op_src = np.array([e[0] for e in edges], dtype=np.int64)
+    op_dst = np.array([e[1] for e in edges], dtype=np.int64)
+    op_bytes = np.array([e[2] for e in edges], dtype=np.float64)
 
     names = cluster.device_names
     d = len(names)
+    is_cpu = np.array([dev.kind == "cpu" for dev in cluster.devices], dtype=bool)
     latency = np.zeros((d, d))
     bandwidth = np.full((d, d), np.inf)
     for a in range(d):
@@ -291,17 +424,45 @@ def compile_problem(
                 latency[a, b] = link.latency_s
                 bandwidth[a, b] = link.bandwidth_Bps
 
+    if grouping is None:
+        group_names = tuple(order)
+        op_group = np.arange(len(order), dtype=np.int64)
+    else:
+        group_names, op_group = _group_slots(grouping, order)
+    ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
+                     op_src, op_dst, op_bytes, is_cpu, cost_model.host)
+    g = len(group_names)
+
+    def per_group(values: np.ndarray) -> np.ndarray:
+        if grouping is None:
+            return values.copy()
+        out = np.zeros((g,) + values.shape[1:])
+        np.add.at(out, op_group, values)
+        return out
+
+    fwd = cost[:, :, 0] + cost[:, :, 1]
+    bwd = cost[:, :, 2:].sum(axis=2)
+    if grouping is None:
+        edge_src, edge_dst, edge_bytes = op_src, op_dst, op_bytes
+        g_rg, g_out = requires_grad, out_bytes
+    else:
+        edge_src, edge_dst, edge_bytes = _group_edges(op_group, op_src, op_dst, op_bytes, g)
+        g_rg = np.zeros(g, dtype=bool)
+        np.logical_or.at(g_rg, op_group, requires_grad)
+        gattrs = grouping.graph.nodes
+        g_out = np.array([float(gattrs[v].get("out_bytes") or 0) for v in group_names], dtype=np.float64)
+
     return PlacementProblem(
         name=str(graph.graph.get("name", "graph")),
-        node_names=tuple(order),
+        node_names=tuple(group_names),
         device_names=tuple(names),
         device_kinds=tuple(dev.kind for dev in cluster.devices),
-        fwd_time=fwd,
-        bwd_time=bwd,
-        param_bytes=column("param_bytes"),
-        act_bytes=act_bytes.astype(np.float64),
-        out_bytes=out_bytes,
-        flops=column("flops"),
+        fwd_time=per_group(fwd),
+        bwd_time=per_group(bwd),
+        param_bytes=per_group(param_bytes),
+        act_bytes=per_group(act_bytes.astype(np.float64)),
+        out_bytes=g_out,
+        flops=per_group(flops),
         edge_src=edge_src,
         edge_dst=edge_dst,
         edge_bytes=edge_bytes,
@@ -310,6 +471,41 @@ def compile_problem(
         memory_capacity=np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.float64),
         optimizer_state_factor=OPTIMIZER_STATE_FACTOR[key],
         simulated=cluster.simulated,
-        requires_grad=requires_grad,
+        requires_grad=g_rg,
         cluster_name=cluster.name,
+        ops=ops,
     )
+
+
+def _group_slots(grouping: Grouping, order: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(group names in the group graph's topological order, [N] group slot of each op)."""
+    group_names = tuple(topological_order(grouping.graph))
+    slot = {name: k for k, name in enumerate(group_names)}
+    try:
+        op_group = np.array([slot[grouping.op_to_group[op]] for op in order], dtype=np.int64)
+    except KeyError as exc:
+        raise PlacementError(f"the grouping does not cover op or group {exc.args[0]!r} of the graph; "
+                             "expected the Grouping built from this op graph") from None
+    if len(grouping.op_to_group) != len(order):
+        raise PlacementError(f"the grouping maps {len(grouping.op_to_group)} ops, the graph has {len(order)}; "
+                             "expected the Grouping built from this op graph")
+    return group_names, op_group
+
+
+def _group_edges(op_group: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
+                 g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group edges with :func:`graphs.grouping.build_group_graph`'s bytes rule: a producer op's
+    tensor crosses to another group once (its largest edge there); summed per group pair."""
+    gs, gd = op_group[src], op_group[dst]
+    cut = gs != gd
+    per_dest: dict[tuple[int, int], float] = {}
+    for u, gv, b in zip(src[cut].tolist(), gd[cut].tolist(), nbytes[cut].tolist()):
+        k = (u, gv)
+        per_dest[k] = max(per_dest.get(k, 0.0), b)
+    sent: dict[tuple[int, int], float] = {}
+    for (u, gv), b in per_dest.items():
+        k = (int(op_group[u]), gv)
+        sent[k] = sent.get(k, 0.0) + b
+    items = sorted(sent.items())
+    return (np.array([k[0] for k, _ in items], dtype=np.int64), np.array([k[1] for k, _ in items], dtype=np.int64),
+            np.array([float(int(b)) for _, b in items], dtype=np.float64))

@@ -1,43 +1,41 @@
 """The batched training-step simulator: step time, busy time and peak memory of placements.
 
-Semantics (the reference simulator, :mod:`envs.sim.reference_simulator`, implements exactly
-the same rules as an event-driven simulation, and the tests hold the two to 1e-9):
+A placement is a row of devices per *group* (``problem.node_names``); what executes are the
+*ops* (``problem.ops``): op i runs on ``row[ops.op_group[i]]``, gathered inside the loops,
+so a group row is never expanded in Python (issue 15: ops execute, groups only constrain).
 
-* **Compute**: one in-order stream per device. A device runs the forward ops placed on it
-  in the problem's topological order, then the backward ops placed on it in reverse
-  order (as autograd queues them on each device's stream). An op starts when its device
-  is free and all its inputs have arrived.
-* **Forward**: node i's input from predecessor p arrives when p finished, or, when p sits
-  on another device, when the copy of the edge's tensor over the link p→i finished.
-* **Backward**: only nodes that require grad have a backward op. Node i's backward waits
-  for the gradient from every successor c that requires grad: when c's backward
-  finished, or, across devices, when the gradient copy over the link c→i finished.
-* **Transfers**: every cut edge is one transfer forward (and one gradient transfer back
-  when both ends require grad), costing ``latency + bytes / bandwidth``. Transfers occupy
-  the link, not the devices, so they overlap compute. Each ordered device pair (a, b) is
-  one channel (a copy engine/link direction) that carries one transfer at a time, FIFO in
-  the order the simulator issues them: forward transfers by (consumer in topological
-  order, producer ascending), then gradient transfers by (receiving node in reverse
-  order, sender ascending). A transfer starts when its tensor is ready and its channel
-  is free.
-* **Step time** is when the last op finishes. **Busy time** per device is the sum of its
-  ops' forward and backward times.
-* **Memory** per device: parameters + gradients + optimizer state of its nodes, plus the
-  activations its nodes keep for backward (``act_bytes``), plus the received copy of
-  every cut edge's tensor on the consumer's device. Activations and received copies are
-  allocated during the forward and freed by backward ops; since a device's stream runs
-  all its forward ops before any backward op, and every copy into a device feeds one of
-  its forward ops, all allocations on a device precede all its frees: the peak over the
-  schedule is reached at the forward/backward boundary and equals that sum.
+The rules are those of :mod:`envs.sim.reference_simulator` (one process: a host thread
+issuing the forward in program order, asynchronous GPU streams, CPU ops on the host
+thread, copies with PyTorch's stream semantics, the autograd engine's threads in the
+backward, the optimizer on the host); the tests hold every path here to that oracle.
+
+* **Step time** is when the host and every stream are done (plus the fixed step cost).
+* **Busy time** per device: the sum of its ops' host and device seconds (forward,
+  backward, optimizer update): ``problem.fwd_time + problem.bwd_time`` of its groups.
+* **Memory** per device: parameters + gradients + optimizer state of its ops, their kept
+  activations, and one received copy per (producer, device) as apply.py makes them. All
+  allocations happen in the forward and all frees in the backward (the backward is issued
+  after the whole forward), so the peak is that sum (the oracle checks it on its event series).
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
-Three implementations of the same loop: a numpy path (loop over nodes, vectorised over
-the batch) and a plain-Python path for small batches, always available, and a numba path
-(:mod:`envs.sim.simulator_numba`, threads over groups of placements) used when numba imports
-(:data:`HAS_NUMBA`; set ``PLACER_DISABLE_NUMBA=1`` to force numpy). All three give
-the same step times and memory bit for bit; the reference agrees to ~1e-15 relative (it
-divides by the bandwidth where the batched paths multiply by its inverse).
+**Backward: the autograd engine's rule, fast where it is simple.** A placement whose ops
+all back onto one thread (one GPU, or CPUs only) runs its backward in decreasing sequence
+number (:func:`envs.sim.kernels.static_pass`), which is then the engine's order, and the
+pass checks it (``certified``). Every other placement runs the engine's event loop on
+arrays (:func:`envs.sim.kernels.event_pass`: per thread the highest-sequence ready node,
+streams fed in enqueue-time order), as the oracle does. The design of issue 15 planned the
+static pass, certified, for every placement, with the engine as a fallback; measured, the
+certification fails on ~100% of random and block placements over several GPUs (a thread
+that idles for one node while an older one is ready, or two threads feeding one stream out
+of order, is the common case), and the static order's step was 5-11% slower than the
+engine's on them, so the engine is the path for several threads.
+
+Paths: numba (:mod:`envs.sim.simulator_numba`, the same loops compiled, threads over
+placements) when numba imports (:data:`HAS_NUMBA`; ``PLACER_DISABLE_NUMBA=1`` forces
+numpy); numpy (the static pass vectorised over the batch, uncertified rows through the
+Python engine); python (the loops of :mod:`envs.sim.kernels` run as Python). All give
+the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.sim import kernels as _py
 from envs.sim.problem import PlacementError, PlacementProblem
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
@@ -108,6 +107,7 @@ class SimResult:
     over_memory: np.ndarray  # [B, D] bytes over capacity, 0 where within
     transfer_time: np.ndarray  # [B] seconds links were busy
     transfer_bytes: np.ndarray  # [B]
+    certified: np.ndarray | None = None  # [B] bool: the fast backward pass was exact (else the engine ran)
 
     def __len__(self) -> int:
         return int(self.step_time.shape[0])
@@ -126,26 +126,37 @@ class SimResult:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Start and finish time of every op and transfer of one placement (for Gantt charts).
+    """Start and finish of every op, thread slice and copy of one placement (Gantt charts, tests).
+
+    Op-level, in ``problem.ops.names`` order (NaN where an op has no such part).
 
     Attributes:
-        placement: [N] device index per node.
-        fwd_start, fwd_end, bwd_start, bwd_end: [N] seconds (bwd_* are NaN where the node
-            has no backward op).
-        fwd_xfer_start, fwd_xfer_end: [E] forward copy of each edge (NaN when not cut).
-        bwd_xfer_start, bwd_xfer_end: [E] gradient copy of each edge (NaN when none).
+        placement: [G] device index per group (the row simulated).
+        op_device: [N] device index per op.
+        fwd_host_start, fwd_host_end: [N] the op's dispatch on the host thread (the whole op
+            on a CPU).
+        fwd_start, fwd_end: [N] the op's kernel on its GPU stream (the host slice on a CPU).
+        bwd_thread_start, bwd_thread_end: [N] the backward op's host part on its engine thread
+            (the host for a CPU device).
+        bwd_start, bwd_end: [N] the backward kernel on the GPU stream (the thread slice on a CPU).
+        copy_start, copy_end: [N, D] the forward copy of op i's output to device b.
+        certified: the fast backward pass was exact (else the engine's event loop ran).
         result: the step's :class:`StepResult`.
     """
 
     placement: np.ndarray
+    op_device: np.ndarray
+    fwd_host_start: np.ndarray
+    fwd_host_end: np.ndarray
     fwd_start: np.ndarray
     fwd_end: np.ndarray
+    bwd_thread_start: np.ndarray
+    bwd_thread_end: np.ndarray
     bwd_start: np.ndarray
     bwd_end: np.ndarray
-    fwd_xfer_start: np.ndarray
-    fwd_xfer_end: np.ndarray
-    bwd_xfer_start: np.ndarray
-    bwd_xfer_end: np.ndarray
+    copy_start: np.ndarray
+    copy_end: np.ndarray
+    certified: bool
     result: StepResult
 
 
@@ -154,32 +165,34 @@ class Schedule:
 
 @dataclass(frozen=True)
 class _Arrays:
-    """Contiguous arrays in the layout both kernels read (built once per problem).
+    """Contiguous arrays in the layout the loops read (built once per problem; see
+    :mod:`envs.sim.kernels`). Op indices are int64; device rows are int32."""
 
-    Ordered device pairs are flattened to ``src * D + dst``; ``lat_flat`` and ``inv_bw_flat``
-    are 0 on the diagonal, so a same-device "transfer" costs exactly 0 and the kernels can
-    update channels without branching. Both kernels compute a transfer as
-    ``latency + bytes * (1 / bandwidth)`` (a multiply instead of a division, identical in the
-    two paths; within an ulp of the reference's ``latency + bytes / bandwidth``). A per-slot
-    table of durations was tried: equal at D=4, 6x slower at D=9 (it streams D*D doubles per edge).
-    """
-
-    fwd: np.ndarray  # [N, D] float64
-    bwd: np.ndarray  # [N, D] (0 where the node has no backward op)
-    busy: np.ndarray  # [N, D] fwd + bwd
-    rg: np.ndarray  # [N] uint8, node has a backward op
-    pred_ptr: np.ndarray  # [N+1] int64: incoming-edge slots of node i
-    pred_src: np.ndarray  # [S] source node of each slot
-    pred_bytes: np.ndarray  # [S]
-    pred_eid: np.ndarray  # [S] edge id of each slot
-    gsucc_ptr: np.ndarray  # [N+1] outgoing gradient edges (both ends require grad)
-    gsucc_dst: np.ndarray
-    gsucc_bytes: np.ndarray
-    gsucc_eid: np.ndarray
-    static_mem: np.ndarray  # [N] params + grads + optimizer state + kept activations
+    n_devices: int
+    op_group: np.ndarray  # [N] int64
+    cost: np.ndarray  # [N*D*6]
+    cost3: np.ndarray  # [N, D, 6] view
+    rg: np.ndarray  # [N] uint8
+    succ_ptr: np.ndarray
+    succ_dst: np.ndarray
+    succ_bytes: np.ndarray
+    succ_grad: np.ndarray  # uint8
+    gpred_ptr: np.ndarray  # [N+1] gradient producers' CSR (edges both ends requiring grad)
+    gpred_src: np.ndarray
+    rd: np.ndarray  # [D] stream slot read
+    wr: np.ndarray  # [D] stream slot written
+    thread_of: np.ndarray  # [D] backward thread (0: the host)
+    n_threads: int
+    is_cpu: np.ndarray  # [D] uint8
+    lat_flat: np.ndarray  # [D*D]
+    inv_bw_flat: np.ndarray  # [D*D]
+    blocking: np.ndarray  # [D*D] uint8
+    consts: np.ndarray  # [4] copy_s, loss_s, backward_call_s, step_s
+    group_static: np.ndarray  # [G] params + grads + optimizer state + kept activations
+    group_busy: np.ndarray  # [G, D]
+    op_static: np.ndarray  # [N]
+    op_busy: np.ndarray  # [N, D]
     capacity: np.ndarray  # [D]
-    lat_flat: np.ndarray  # [D*D] latency of pair src*D+dst, 0 on the diagonal
-    inv_bw_flat: np.ndarray  # [D*D] 1/bandwidth, 0 on the diagonal
 
 
 # Problems are frozen and compared by identity: cache their kernel arrays beside them.
@@ -190,56 +203,69 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     cached = _ARRAYS_CACHE.get(problem)
     if cached is not None:
         return cached
-    src = np.asarray(problem.edge_src, dtype=np.int64)
-    dst = np.asarray(problem.edge_dst, dtype=np.int64)
-    nbytes = np.asarray(problem.edge_bytes, dtype=np.float64)
-    rg = np.asarray(problem.requires_grad, dtype=bool)
-    pred_edge = np.asarray(problem.pred_edge, dtype=np.int64)
-    succ_ptr = np.asarray(problem.succ_ptr, dtype=np.int64)
-    succ_edge = np.asarray(problem.succ_edge, dtype=np.int64)
+    ops = problem.ops
+    nd = problem.num_devices
+    cost3 = np.ascontiguousarray(ops.cost, dtype=np.float64)
     latency = np.asarray(problem.latency, dtype=np.float64)
     bandwidth = np.asarray(problem.bandwidth, dtype=np.float64)
-    n = problem.num_nodes
-    # Keep only gradient edges in the backward CSR, preserving the (src, dst) order.
-    keep = (rg[src] & rg[dst])[succ_edge]
-    owner = np.repeat(np.arange(n), np.diff(succ_ptr))
-    g_edges = succ_edge[keep]
-    g_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner[keep], minlength=n), out=g_ptr[1:])
-    fwd = np.ascontiguousarray(problem.fwd_time, dtype=np.float64)
-    bwd = np.ascontiguousarray(np.where(rg[:, None], problem.bwd_time, 0.0), dtype=np.float64)
-    # The schedule arithmetic (and the numba kernel's branch-free channel update) relies on
-    # every time and size being a finite number >= 0; a cost model that broke this is a bug
-    # worth a clear message rather than a silently wrong step time.
-    for label, values in (("fwd_time", fwd), ("bwd_time", bwd), ("edge_bytes", nbytes), ("latency", latency)):
+    # The schedule arithmetic relies on every time and size being a finite number >= 0; a
+    # cost model that broke this is a bug worth a clear message rather than a wrong step time.
+    for label, values in (("ops.cost", cost3), ("ops.succ_bytes", ops.succ_bytes), ("latency", latency),
+                          ("fwd_time", problem.fwd_time), ("bwd_time", problem.bwd_time),
+                          ("edge_bytes", problem.edge_bytes)):
+        values = np.asarray(values, dtype=np.float64)
         if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0):
             raise PlacementError(f"problem.{label} must hold finite numbers >= 0; got min {np.min(values)!r}")
     if not np.all(bandwidth > 0):  # inf (a device to itself) is fine; 0, negative or NaN is not
         raise PlacementError(f"problem.bandwidth must be > 0; got min {np.min(bandwidth)!r}")
+    is_cpu = np.asarray(ops.is_cpu, dtype=bool)
+    # One process: a copy between two CPU devices is a no-op .to('cpu') (host cost only).
+    same_memory = np.eye(nd, dtype=bool) | (is_cpu[:, None] & is_cpu[None, :])
+    gpu_index = np.cumsum(~is_cpu)  # k-th GPU -> thread k (the host is thread 0)
+    rg = np.asarray(ops.requires_grad, dtype=bool)
+    src = np.repeat(np.arange(ops.num_ops), np.diff(ops.succ_ptr))
+    grad_edges = np.flatnonzero(ops.succ_grad)
+    order = grad_edges[np.lexsort((src[grad_edges], ops.succ_dst[grad_edges]))]
+    gpred_ptr = np.zeros(ops.num_ops + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ops.succ_dst[grad_edges], minlength=ops.num_ops), out=gpred_ptr[1:])
+    op_static = np.ascontiguousarray(ops.param_bytes * (2.0 + problem.optimizer_state_factor) + ops.act_bytes)
+    op_busy = np.ascontiguousarray(cost3.sum(axis=2))
+    group_static = np.zeros(problem.num_nodes)
+    np.add.at(group_static, ops.op_group, op_static)
+    host = ops.host
     arrays = _Arrays(
-        fwd=fwd,
-        bwd=bwd,
-        busy=np.ascontiguousarray(fwd + bwd),
+        n_devices=nd,
+        op_group=np.ascontiguousarray(ops.op_group, dtype=np.int64),
+        cost=cost3.ravel(),
+        cost3=cost3,
         rg=rg.astype(np.uint8),
-        pred_ptr=np.ascontiguousarray(problem.pred_ptr, dtype=np.int64),
-        pred_src=np.ascontiguousarray(src[pred_edge]),
-        pred_bytes=np.ascontiguousarray(nbytes[pred_edge]),
-        pred_eid=np.ascontiguousarray(pred_edge),
-        gsucc_ptr=g_ptr,
-        gsucc_dst=np.ascontiguousarray(dst[g_edges]),
-        gsucc_bytes=np.ascontiguousarray(nbytes[g_edges]),
-        gsucc_eid=np.ascontiguousarray(g_edges),
-        static_mem=np.ascontiguousarray(problem.static_memory() + problem.act_bytes, dtype=np.float64),
+        succ_ptr=np.ascontiguousarray(ops.succ_ptr, dtype=np.int64),
+        succ_dst=np.ascontiguousarray(ops.succ_dst, dtype=np.int64),
+        succ_bytes=np.ascontiguousarray(ops.succ_bytes, dtype=np.float64),
+        succ_grad=np.ascontiguousarray(ops.succ_grad, dtype=np.uint8),
+        gpred_ptr=gpred_ptr,
+        gpred_src=np.ascontiguousarray(src[order], dtype=np.int64),
+        rd=np.where(is_cpu, nd, np.arange(nd)).astype(np.int64),
+        wr=np.where(is_cpu, nd + 1, np.arange(nd)).astype(np.int64),
+        thread_of=np.where(is_cpu, 0, gpu_index).astype(np.int64),
+        n_threads=int(1 + (~is_cpu).sum()),
+        is_cpu=is_cpu.astype(np.uint8),
+        lat_flat=np.ascontiguousarray(np.where(same_memory, 0.0, latency).ravel()),
+        inv_bw_flat=np.ascontiguousarray(np.where(same_memory, 0.0, 1.0 / bandwidth).ravel()),
+        blocking=np.ascontiguousarray((is_cpu[:, None] | is_cpu[None, :]).ravel().astype(np.uint8)),
+        consts=np.array([host.copy_s, host.loss_s, host.backward_call_s, host.step_s], dtype=np.float64),
+        group_static=group_static,
+        group_busy=np.ascontiguousarray(problem.fwd_time + problem.bwd_time, dtype=np.float64),
+        op_static=op_static,
+        op_busy=op_busy,
         capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
-        lat_flat=np.ascontiguousarray(latency.ravel() * (1 - np.eye(len(latency)).ravel())),
-        inv_bw_flat=np.ascontiguousarray((1.0 / bandwidth).ravel()),
     )
     _ARRAYS_CACHE[problem] = arrays
     return arrays
 
 
 def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
-    """Validate placements ([B, N] or [N] ints, or a dict) and return a C-contiguous int32 [B, N]."""
+    """Validate placements ([B, G] or [G] ints, or a dict) and return a C-contiguous int32 [B, G]."""
     if isinstance(placements, Mapping):
         placements = problem.placement_to_array(placements)
     try:
@@ -253,238 +279,283 @@ def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+class _Scratch:
+    """Per-placement work arrays of the single-placement loops."""
+
+    def __init__(self, a: _Arrays, n_ops: int) -> None:
+        nd = a.n_devices
+        self.s = np.zeros(nd + 2)
+        self.t = np.zeros(a.n_threads)
+        self.done = np.zeros(n_ops)
+        self.mark = np.zeros(nd, dtype=np.int64)
+        self.dst = np.zeros(nd, dtype=np.int64)
+        self.nb = np.zeros(nd)
+        self.xr = np.zeros(nd)
+        self.lastissue = np.zeros(nd + 2)
+        self.lastthread = np.zeros(nd + 2, dtype=np.int64)
+        self.maxidle = np.zeros(a.n_threads)
+
+
+_NO_TRACE = np.zeros((0, 8))
+_NO_XTRACE = np.zeros((0, 2))
+
+
+def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, scratch: _Scratch, mem: np.ndarray, acc: np.ndarray,
+         force_events: bool = False, trace: np.ndarray = _NO_TRACE, xtrace: np.ndarray = _NO_XTRACE,
+         static_pass=_py.static_pass, event_pass=_py.event_pass) -> tuple[float, bool]:
+    """Step of one placement (row over the slots of ``op_group``): the certified static pass,
+    else (or when forced) the exact engine. ``mem`` and ``acc`` receive the copies."""
+    nd = a.n_devices
+    sc = scratch
+    ok = False
+    if not force_events and _py.one_thread(row, a.thread_of):
+        step, ok = static_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
+                               a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat, a.blocking,
+                               a.is_cpu, a.consts, sc.s, sc.t, sc.done, sc.mark, sc.dst, sc.nb, sc.xr, sc.lastissue,
+                               sc.lastthread, sc.maxidle, mem, acc, trace, xtrace)
+        if ok:
+            return step, True
+        mem[:] = 0.0
+        acc[:] = 0.0
+    step = event_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
+                      a.gpred_ptr, a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat,
+                      a.blocking, a.consts, sc.s, sc.mark, sc.dst, sc.nb, mem, acc, trace, xtrace)
+    return step, ok
+
+
+# --------------------------------------------------------------------------- python path
+
+
+def _simulate_python(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
+    """One placement at a time through the loops of :mod:`envs.sim.kernels`, run as Python."""
+    b_count = pl.shape[0]
+    nd = a.n_devices
+    step = np.empty(b_count)
+    recv = np.zeros((b_count, nd))
+    acc = np.zeros((b_count, 2))
+    ok = np.zeros(b_count, dtype=bool)
+    scratch = _Scratch(a, op_group.shape[0])
+    for b in range(b_count):
+        step[b], ok[b] = _one(a, pl[b].astype(np.int64), op_group, scratch, recv[b], acc[b], force_events)
+    return step, recv, acc[:, 0], acc[:, 1], ok
+
+
 # --------------------------------------------------------------------------- numpy path
 
+#: Rows the numpy path simulates at once (its state is [N, chunk]).
+NUMPY_CHUNK = 256
 
-def _simulate_numpy(problem: PlacementProblem, pl: np.ndarray, trace: bool = False):
-    """Loop over nodes and edges, vectorised over the batch (rows of ``pl``).
 
-    Channel state is a flat [B * D * D] array; a transfer between devices ``x`` and ``y``
-    of placement ``b`` uses slot ``b * D*D + x * D + y``. Updates are branch-free: the
-    diagonal slot of a non-cut edge receives a value that is never read back as a
-    channel time (its arrival is the producer's finish instead).
-    """
-    a = _arrays(problem)
-    b_count, n = pl.shape
-    d_count = problem.num_devices
-    dd = d_count * d_count
+def _simulate_numpy(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
+    """The static pass vectorised over the batch (same operations as :func:`kernels.static_pass`
+    in the same order), uncertified rows again through the Python engine."""
+    threads = a.thread_of[pl]
+    single = np.flatnonzero(np.all(threads == threads[:, :1], axis=1))  # kernels.one_thread, per row
+    b_count = pl.shape[0]
+    step, recv = np.zeros(b_count), np.zeros((b_count, a.n_devices))
+    xt, xb, ok = np.zeros(b_count), np.zeros(b_count), np.zeros(b_count, dtype=bool)
+    for lo in range(0, single.size, NUMPY_CHUNK):
+        idx = single[lo:lo + NUMPY_CHUNK]
+        step[idx], recv[idx], xt[idx], xb[idx], ok[idx] = _numpy_chunk(a, pl[idx], op_group)
+    bad = np.flatnonzero(~ok)
+    if bad.size:
+        step[bad], recv[bad], xt[bad], xb[bad], _ = _simulate_python(a, pl[bad], op_group, force_events=True)
+    return step, recv, xt, xb, ok
+
+
+def _numpy_chunk(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
+    b_count = pl.shape[0]
+    nd = a.n_devices
+    n = op_group.shape[0]
     rows = np.arange(b_count)
-    plt = np.ascontiguousarray(pl.T.astype(np.intp))  # node-major: plt[i] is node i's device in every row
-    dev_base = rows * d_count
-    chan_base = rows * dd
-    dev_free = np.zeros(b_count * d_count)
-    chan_free = np.zeros(b_count * dd)
-    fin_f = np.zeros((n, b_count))
-    fin_b = np.zeros((n, b_count))
-    xfer_time = np.zeros(b_count)
-    xfer_bytes = np.zeros(b_count)
-    recv = np.zeros(b_count * d_count)
-    if trace:
-        st_f = np.zeros((n, b_count))
-        st_b = np.full((n, b_count), np.nan)
-        fin_b[:] = np.nan
-        xf = np.full((4, problem.num_edges, b_count), np.nan)
+    cost = a.cost3
+    copy_s, loss_s, bwd_call_s, step_s = (float(c) for c in a.consts)
+    dev = np.ascontiguousarray(pl.T.astype(np.int64))[op_group]  # [N, B]: a gather, as the loops do
+    S = np.zeros((b_count, nd + 2))
+    recv = np.zeros((b_count, nd))
+    xt = np.zeros(b_count)
+    xb = np.zeros(b_count)
+    seen = np.zeros((b_count, nd), dtype=bool)
+    dst = np.zeros((b_count, nd), dtype=np.int64)
+    nb = np.zeros((b_count, nd))
+    h = np.zeros(b_count)
 
-    def pass_(i, d, k_lo, k_hi, other_nodes, nbytes, finish, eids, trace_row, count_recv):
-        ready = np.zeros(b_count)
-        for k in range(k_lo, k_hi):
-            o = other_nodes[k]
-            do = plt[o]
-            cut = do != d
-            pair = do * d_count + d
-            slot = chan_base + pair
-            dur = a.lat_flat[pair] + nbytes[k] * a.inv_bw_flat[pair]
-            arrival = finish[o]
-            begin = np.maximum(arrival, chan_free[slot])
-            end = begin + dur
-            chan_free[slot] = end
-            ready = np.maximum(ready, np.where(cut, end, arrival))
-            xfer_time[:] += dur
-            moved = np.where(cut, nbytes[k], 0.0)
-            xfer_bytes[:] += moved
-            if count_recv:
-                recv[dev_base + d] += moved
-            if trace:
-                xf[trace_row, eids[k]] = np.where(cut, begin, np.nan)
-                xf[trace_row + 1, eids[k]] = np.where(cut, end, np.nan)
-        return ready
+    def copies(i: int, d: np.ndarray, grad_ready: bool, done: np.ndarray | None):
+        """First-found destination devices of op i's consumers, their bytes and (backward)
+        the latest gradient from each: (count, r_op) with dst/nb/xr filled."""
+        seen[:] = False
+        count = np.zeros(b_count, dtype=np.int64)
+        r_op = None
+        xr = None
+        if grad_ready:
+            r_op = np.full(b_count, 0.0)
+            xr = np.full((b_count, nd), -1.0)
+        for k in range(a.succ_ptr[i], a.succ_ptr[i + 1]):
+            c = a.succ_dst[k]
+            b = dev[c]
+            cut = b != d
+            new = cut & ~seen[rows, b]
+            nbytes = a.succ_bytes[k]
+            dst[rows, count] = np.where(new, b, dst[rows, count])
+            count += new
+            old = nb[rows, b]
+            nb[rows, b] = np.where(new, nbytes, np.where(cut & (nbytes > old), nbytes, old))
+            seen[rows, b] |= cut
+            if grad_ready and a.succ_grad[k]:
+                dc = done[c]
+                r_op = np.where(cut, r_op, np.maximum(r_op, dc))
+                old_x = xr[rows, b]
+                xr[rows, b] = np.where(cut, np.maximum(old_x, dc), old_x)
+        return count, r_op, xr
 
+    # ---- forward (R1-R5)
     for i in range(n):
-        d = plt[i]
-        ready = pass_(i, d, a.pred_ptr[i], a.pred_ptr[i + 1], a.pred_src, a.pred_bytes,
-                      fin_f, a.pred_eid, 0, True)
-        slot = dev_base + d
-        start = np.maximum(ready, dev_free[slot])
-        fin_f[i] = start + a.fwd[i, d]
-        dev_free[slot] = fin_f[i]
-        if trace:
-            st_f[i] = start
+        d = dev[i]
+        c = cost[i][d]  # [B, 6]
+        h = h + c[:, 0]
+        sd = S[rows, a.rd[d]]
+        st = np.maximum(h, sd)
+        S[rows, a.wr[d]] = st + c[:, 1]
+        count, _, _ = copies(i, d, False, None)
+        for j in range(int(count.max(initial=0)) - 1, -1, -1):
+            act = j < count
+            b = np.where(act, dst[:, j], d)
+            pair = d * nd + b
+            nbb = np.where(act, nb[rows, b], 0.0)
+            x = a.lat_flat[pair] + nbb * a.inv_bw_flat[pair]
+            hh = h + copy_s
+            sa = S[rows, a.rd[d]]
+            sb = S[rows, a.rd[b]]
+            e = np.maximum(np.maximum(hh, sa), sb) + x
+            S[rows, a.wr[d]] = np.where(act, e, S[rows, a.wr[d]])
+            S[rows, a.wr[b]] = np.where(act, np.maximum(sb, e), S[rows, a.wr[b]])
+            h = np.where(act, np.where(a.blocking[pair] != 0, e, hh), h)
+            recv[rows, b] += np.where(act, nbb, 0.0)
+            xt += np.where(act, x, 0.0)
+            xb += nbb
+
+    # ---- backward (R7), static order with certification
+    t_root = h + loss_s
+    T = np.repeat(t_root[:, None], a.n_threads, axis=1)
+    maxidle = np.full((b_count, a.n_threads), -1.0)
+    last = np.full((b_count, nd + 2), -1.0)
+    last_thread = np.full((b_count, nd + 2), -1, dtype=np.int64)
+    ok = np.ones(b_count, dtype=bool)
+    done = np.zeros((n, b_count))
+
+    def certify(act, p, r, tb):
+        nonlocal ok
+        mi = maxidle[rows, p]
+        ok &= ~(act & (r < mi))
+        maxidle[rows, p] = np.where(act & (r > tb) & (r > mi), r, mi)
+
+    def stream_order(act, dev_idx, when, p):
+        nonlocal ok
+        gpu = act & (a.is_cpu[dev_idx] == 0)
+        slot = np.where(gpu, dev_idx, nd + 1)
+        li, lt = last[rows, slot], last_thread[rows, slot]
+        ok &= ~(gpu & ((when < li) | ((when == li) & (lt != p))))
+        last[rows, slot] = np.where(gpu, when, li)
+        last_thread[rows, slot] = np.where(gpu, p, lt)
 
     for i in range(n - 1, -1, -1):
         if not a.rg[i]:
             continue
-        d = plt[i]
-        ready = pass_(i, d, a.gsucc_ptr[i], a.gsucc_ptr[i + 1], a.gsucc_dst, a.gsucc_bytes,
-                      fin_b, a.gsucc_eid, 2, False)
-        slot = dev_base + d
-        start = np.maximum(ready, dev_free[slot])
-        fin_b[i] = start + a.bwd[i, d]
-        dev_free[slot] = fin_b[i]
-        if trace:
-            st_b[i] = start
+        d = dev[i]
+        count, r_op, xr = copies(i, d, True, done)
+        r_op = np.maximum(r_op, t_root)
+        for j in range(int(count.max(initial=0))):
+            b = np.where(j < count, dst[:, j], d)
+            r = np.where(j < count, xr[rows, b], -1.0)
+            act = r >= 0.0
+            p = a.thread_of[b]
+            tb = T[rows, p]
+            certify(act, p, r, tb)
+            st = np.maximum(tb, r) + copy_s
+            pair = b * nd + d
+            nbb = np.where(act, nb[rows, b], 0.0)
+            x = a.lat_flat[pair] + nbb * a.inv_bw_flat[pair]
+            stream_order(act, b, st, p)
+            stream_order(act, d, st, p)
+            sb = S[rows, a.rd[b]]
+            sa = S[rows, a.rd[d]]
+            e = np.maximum(np.maximum(st, sb), sa) + x
+            S[rows, a.wr[b]] = np.where(act, e, S[rows, a.wr[b]])
+            S[rows, a.wr[d]] = np.where(act, np.maximum(sa, e), S[rows, a.wr[d]])
+            tt = np.where(a.blocking[pair] != 0, e, st)
+            T[rows, p] = np.where(act, tt, tb)
+            r_op = np.where(act, np.maximum(r_op, tt), r_op)
+            xt += np.where(act, x, 0.0)
+            xb += nbb
+        p = a.thread_of[d]
+        tb = T[rows, p]
+        everyone = np.ones(b_count, dtype=bool)
+        certify(everyone, p, r_op, tb)
+        c = cost[i][d]
+        st = np.maximum(tb, r_op)
+        he = st + c[:, 2]
+        stream_order(everyone, d, he, p)
+        sd = S[rows, a.rd[d]]
+        S[rows, a.wr[d]] = np.maximum(he, sd) + c[:, 3]
+        T[rows, p] = he
+        done[i] = he
 
-    flat = (dev_base[:, None] + pl).ravel()
-    cost = a.busy[np.arange(n)[None, :], pl].ravel()
-    size = b_count * d_count
-    busy = np.bincount(flat, weights=cost, minlength=size).reshape(b_count, d_count)
-    mem = np.bincount(flat, weights=np.broadcast_to(a.static_mem, pl.shape).ravel(), minlength=size)
-    mem = (mem + recv).reshape(b_count, d_count)
-    step = dev_free.reshape(b_count, d_count).max(axis=1)
-    result = (step, busy, mem, xfer_time, xfer_bytes)
-    if trace:
-        return result, (st_f, fin_f, st_b, fin_b, xf)
-    return result
-
-
-# --------------------------------------------------------------------------- scalar path
-
-#: Without numba, batches smaller than this run a plain-Python loop per placement: the
-#: numpy path pays ~15 numpy calls per edge whatever the batch size, so for one placement
-#: a scalar loop is ~25x faster (1,000 nodes: ~7/s vectorised vs ~150/s scalar).
-SCALAR_BELOW = 8
-
-
-def _simulate_scalar(problem: PlacementProblem, pl: np.ndarray):
-    """One placement at a time in plain Python, same operations in the same order as numba."""
-    a = _arrays(problem)
-    b_count, n = pl.shape
-    nd = problem.num_devices
-    pred_ptr, pred_src, pred_bytes = a.pred_ptr.tolist(), a.pred_src.tolist(), a.pred_bytes.tolist()
-    gs_ptr, gs_dst, gs_bytes = a.gsucc_ptr.tolist(), a.gsucc_dst.tolist(), a.gsucc_bytes.tolist()
-    lat, inv_bw = a.lat_flat.tolist(), a.inv_bw_flat.tolist()
-    fwd, bwd, busy_t = a.fwd.tolist(), a.bwd.tolist(), a.busy.tolist()
-    static, rg = a.static_mem.tolist(), a.rg.tolist()
-    out = (np.empty(b_count), np.empty((b_count, nd)), np.empty((b_count, nd)), np.empty(b_count), np.empty(b_count))
-    for b in range(b_count):
-        row = pl[b].tolist()
-        dev = [0.0] * nd
-        chan = [0.0] * (nd * nd)
-        fin_f = [0.0] * n
-        fin_b = [0.0] * n
-        busy = [0.0] * nd
-        mem = [0.0] * nd
-        tt = tb = 0.0
-        for i in range(n):
-            d = row[i]
-            ready = received = 0.0
-            for k in range(pred_ptr[i], pred_ptr[i + 1]):
-                p = pred_src[k]
-                dp = row[p]
-                pair = dp * nd + d
-                arrival = fin_f[p]
-                dur = lat[pair] + pred_bytes[k] * inv_bw[pair]
-                c = chan[pair]
-                end = (arrival if arrival > c else c) + dur
-                chan[pair] = end
-                tt += dur
-                if dp != d:
-                    arrival = end
-                    received += pred_bytes[k]
-                ready = arrival if arrival > ready else ready
-            free = dev[d]
-            fin = (ready if ready > free else free) + fwd[i][d]
-            fin_f[i] = fin
-            dev[d] = fin
-            tb += received
-            busy[d] += busy_t[i][d]
-            mem[d] += static[i] + received
-        for i in range(n - 1, -1, -1):
-            if not rg[i]:
-                continue
-            d = row[i]
-            ready = 0.0
-            for k in range(gs_ptr[i], gs_ptr[i + 1]):
-                cn = gs_dst[k]
-                dc = row[cn]
-                pair = dc * nd + d
-                arrival = fin_b[cn]
-                dur = lat[pair] + gs_bytes[k] * inv_bw[pair]
-                c = chan[pair]
-                end = (arrival if arrival > c else c) + dur
-                chan[pair] = end
-                tt += dur
-                if dc != d:
-                    arrival = end
-                    tb += gs_bytes[k]
-                ready = arrival if arrival > ready else ready
-            free = dev[d]
-            fin = (ready if ready > free else free) + bwd[i][d]
-            fin_b[i] = fin
-            dev[d] = fin
-        out[0][b] = max(dev)
-        out[1][b] = busy
-        out[2][b] = mem
-        out[3][b] = tt
-        out[4][b] = tb
-    return out
+    # ---- optimizer (R8) and step end (R9)
+    h = T[:, 0]
+    for p in range(1, a.n_threads):
+        h = np.maximum(h, T[:, p])
+    h = h + bwd_call_s
+    for i in range(n):
+        d = dev[i]
+        c = cost[i][d]
+        h = h + c[:, 4]
+        sd = S[rows, a.rd[d]]
+        S[rows, a.wr[d]] = np.maximum(h, sd) + c[:, 5]
+    m = h
+    for d in range(nd):
+        m = np.maximum(m, S[:, d])
+    return m + step_s, recv, xt, xb, ok
 
 
 # --------------------------------------------------------------------------- numba path
 
-#: Batches smaller than this many placements run the numba kernel on one thread: waking
-#: worker threads costs more than a few groups of placements take (~ms on a loaded machine).
+#: Batches smaller than this many placements run the numba loops on one thread: waking
+#: worker threads costs more than a few placements take (~ms on a loaded machine).
 SERIAL_BELOW = 32
-#: Batches smaller than this run one placement at a time (one lane): padding 1-3 placements
-#: to a group of 8 interleaved lanes costs more than the interleaving gains.
-ONE_BY_ONE_BELOW = 4
-
-# Kernel inputs in the layout :mod:`envs.sim.simulator_numba` reads, cached beside the problem.
-_NUMBA_INPUTS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, dict[int, tuple]]" = weakref.WeakKeyDictionary()
 
 
-def _numba_inputs(problem: PlacementProblem, lanes: int) -> tuple:
-    """The read-only arguments of a ``lanes``-wide kernel: device-index dtype, [N * D] cost
-    tables, uint64 CSR whose node indices are pre-multiplied by ``lanes``."""
-    per_problem = _NUMBA_INPUTS_CACHE.setdefault(problem, {})
-    if lanes in per_problem:
-        return per_problem[lanes]
-    a = _arrays(problem)
-
-    def u64(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=np.uint64)
-
-    row_type = np.zeros(0, dtype=np.uint8 if problem.num_devices <= 256 else np.uint32)
-    inputs = (row_type, a.fwd.ravel(), a.bwd.ravel(), a.busy.ravel(), a.rg, u64(a.pred_ptr), u64(a.pred_src * lanes),
-              a.pred_bytes, u64(a.gsucc_ptr), u64(a.gsucc_dst * lanes), a.gsucc_bytes, a.lat_flat,
-              a.inv_bw_flat, a.static_mem)
-    per_problem[lanes] = inputs
-    return inputs
-
-
-def _simulate_numba(problem: PlacementProblem, pl: np.ndarray):
-    if pl.shape[0] < ONE_BY_ONE_BELOW:
-        kernel, lanes = _kernels.batch_one_by_one, 1
-    else:
-        kernel = _kernels.batch_serial if pl.shape[0] < SERIAL_BELOW else _kernels.batch_parallel
-        lanes = _kernels.GROUP
+def _simulate_numba(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
     b_count = pl.shape[0]
-    d_count = problem.num_devices
+    nd = a.n_devices
     step = np.empty(b_count)
-    busy = np.empty((b_count, d_count))
-    mem = np.empty((b_count, d_count))
-    xt = np.empty(b_count)
-    xb = np.empty(b_count)
-    kernel(pl, *_numba_inputs(problem, lanes), step, busy, mem, xt, xb)
-    return step, busy, mem, xt, xb
+    recv = np.zeros((b_count, nd))
+    acc = np.zeros((b_count, 2))
+    ok = np.zeros(b_count, dtype=np.uint8)
+    driver = _kernels.batch_serial if b_count < SERIAL_BELOW else _kernels.batch_parallel
+    driver(pl, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg, a.gpred_ptr,
+           a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat, a.blocking, a.is_cpu,
+           a.consts, force_events, step, recv, acc, ok)
+    return step, recv, acc[:, 0], acc[:, 1], ok.astype(bool)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def _result(problem: PlacementProblem, raw) -> SimResult:
-    step, busy, mem, xt, xb = raw
-    over = np.maximum(mem - _arrays(problem).capacity[None, :], 0.0)
-    return SimResult(step, busy, mem, ~np.any(over > 0, axis=1), over, xt, xb)
+def _result(a: _Arrays, pl: np.ndarray, raw, level: str) -> SimResult:
+    step, recv, xt, xb, ok = raw
+    b_count = pl.shape[0]
+    nd = a.n_devices
+    static, busy_t = (a.group_static, a.group_busy) if level == "group" else (a.op_static, a.op_busy)
+    flat = (np.arange(b_count)[:, None] * nd + pl).ravel()
+    cols = np.arange(pl.shape[1])[None, :]
+    busy = np.bincount(flat, weights=busy_t[cols, pl].ravel(), minlength=b_count * nd).reshape(b_count, nd)
+    mem = np.bincount(flat, weights=np.broadcast_to(static, pl.shape).ravel(), minlength=b_count * nd)
+    mem = mem.reshape(b_count, nd) + recv
+    over = np.maximum(mem - a.capacity[None, :], 0.0)
+    return SimResult(step, busy, mem, ~np.any(over > 0, axis=1), over, xt, xb, ok)
+
+
+BACKENDS = ("auto", "numba", "numpy", "python")
 
 
 def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[Sequence[int]],
@@ -493,54 +564,109 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
 
     Args:
         problem: the compiled problem.
-        placements: int array [B, N] (or [N]) of device indices in ``problem.node_names`` order.
-        backend: ``"auto"`` (numba when available), ``"numba"``, ``"numpy"`` (no JIT: a
-            plain-Python loop for batches under :data:`SCALAR_BELOW`, vectorised numpy
-            above), or ``"python"`` (always the plain-Python loop). All give the same
-            step times and memory.
+        placements: int array [B, G] (or [G]) of device indices in ``problem.node_names``
+            (group) order.
+        backend: ``"auto"`` (numba when available, else numpy), ``"numba"``, ``"numpy"`` (the
+            static pass vectorised over the batch), or ``"python"`` (the loops as Python). All
+            give the same results.
 
     Raises:
         PlacementError: wrong shape, non-integer entries, or a device index out of range.
     """
-    return _simulate_checked(problem, _as_batch(problem, placements), backend)
+    pl = _as_batch(problem, placements)
+    a = _arrays(problem)
+    return _result(a, pl, _run(a, pl, a.op_group, backend), "group")
 
 
-def _simulate_checked(problem: PlacementProblem, pl: np.ndarray, backend: str) -> SimResult:
-    if backend not in ("auto", "numba", "numpy", "python"):
-        raise PlacementError(f"unknown simulator backend {backend!r}; expected 'auto', 'numba', 'numpy' or 'python'")
+def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "auto") -> SimResult:
+    """Simulate op placements: ``{op name: device name}`` or int rows [B, N] in ``problem.ops.names``
+    order (e.g. a placement file's assignment, which may split a group). Same rules and
+    numbers as :func:`simulate_batch` for the op rows of group rows."""
+    ops = problem.ops
+    if isinstance(placements, Mapping):
+        dev_index = {d: i for i, d in enumerate(problem.device_names)}
+        missing = [o for o in ops.names if o not in placements]
+        if missing:
+            raise PlacementError(f"op placement misses {len(missing)} of {ops.num_ops} ops, e.g. {missing[:3]}")
+        unknown = sorted({str(d) for d in placements.values() if d not in dev_index})
+        if unknown:
+            raise PlacementError(f"op placement names unknown device(s) {unknown[:3]}; devices are {list(problem.device_names)}")
+        placements = np.array([[dev_index[placements[o]] for o in ops.names]])
+    pl = np.asarray(placements)
+    if pl.ndim == 1:
+        pl = pl[None, :]
+    if pl.ndim != 2 or pl.shape[1] != ops.num_ops or not np.issubdtype(pl.dtype, np.integer):
+        raise PlacementError(f"op placements have shape {pl.shape} ({pl.dtype}); expected int rows of {ops.num_ops} ops")
+    if pl.size and (pl.min() < 0 or pl.max() >= problem.num_devices):
+        raise PlacementError(f"op placement holds a device index outside 0..{problem.num_devices - 1}")
+    pl = np.ascontiguousarray(pl, dtype=np.int32)
+    a = _arrays(problem)
+    return _result(a, pl, _run(a, pl, np.arange(ops.num_ops, dtype=np.int64), backend), "op")
+
+
+def _run(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, backend: str):
+    if backend not in BACKENDS:
+        raise PlacementError(f"unknown simulator backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "numba" and not HAS_NUMBA:
         raise PlacementError("the numba backend was asked for but numba is not installed (pip install 'placer[jit]')")
-    if backend == "python" or ((backend == "numpy" or not HAS_NUMBA) and pl.shape[0] < SCALAR_BELOW):
-        return _result(problem, _simulate_scalar(problem, pl))
+    if backend == "python":
+        return _simulate_python(a, pl, op_group)
     if backend == "numpy" or not HAS_NUMBA:
-        return _result(problem, _simulate_numpy(problem, pl))
-    return _result(problem, _simulate_numba(problem, pl))
+        return _simulate_numpy(a, pl, op_group)
+    return _simulate_numba(a, pl, op_group)
 
 
 def simulate(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
              backend: str = "auto") -> StepResult:
-    """Simulate one placement (a ``{node: device}`` dict or an [N] index array)."""
+    """Simulate one placement (a ``{group: device}`` dict or a [G] index array)."""
     pl = _as_batch(problem, placement)
     if pl.shape[0] != 1:
         raise PlacementError(f"simulate takes one placement; got a batch of {pl.shape[0]} (use simulate_batch)")
-    return _simulate_checked(problem, pl, backend)[0]
+    return simulate_batch(problem, pl, backend)[0]
 
 
-def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray) -> Schedule:
-    """The full timeline (every op and transfer) of one placement, for Gantt charts and debugging."""
-    pl = _as_batch(problem, placement)
-    if pl.shape[0] != 1:
-        raise PlacementError(f"schedule takes one placement; got a batch of {pl.shape[0]}")
-    raw, (st_f, fin_f, st_b, fin_b, xf) = _simulate_numpy(problem, pl, trace=True)
+def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
+             ops: bool = False) -> Schedule:
+    """The full timeline (every op, thread slice and copy) of one placement, for Gantt charts.
+
+    ``placement`` is a group placement, or an op placement when ``ops`` is True (as
+    :func:`simulate_ops` takes).
+    """
+    a = _arrays(problem)
+    if ops:
+        res = simulate_ops(problem, placement, backend="python")
+        pl = np.asarray(placement if not isinstance(placement, Mapping) else
+                        [problem.device_names.index(placement[o]) for o in problem.ops.names])
+        op_group = np.arange(problem.ops.num_ops, dtype=np.int64)
+    else:
+        res = simulate_batch(problem, placement, backend="python")
+        pl = _as_batch(problem, placement)[0]
+        op_group = a.op_group
+    row = np.asarray(pl, dtype=np.int64).ravel()
+    n, nd = op_group.shape[0], a.n_devices
+    trace = np.full((n, 8), np.nan)
+    xtrace = np.full((n * nd, 2), np.nan)
+    scratch = _Scratch(a, n)
+    certified = bool(res.certified[0])
+    _one(a, row, op_group, scratch, np.zeros(nd), np.zeros(2), force_events=not certified, trace=trace, xtrace=xtrace)
+    op_dev = row[op_group]
+    cpu = a.is_cpu[op_dev] != 0
+    no_bwd = a.rg == 0
+    for col in (4, 5, 6, 7):
+        trace[no_bwd, col] = np.nan
     return Schedule(
-        placement=pl[0],
-        fwd_start=st_f[:, 0],
-        fwd_end=fin_f[:, 0],
-        bwd_start=st_b[:, 0],
-        bwd_end=fin_b[:, 0],
-        fwd_xfer_start=xf[0, :, 0],
-        fwd_xfer_end=xf[1, :, 0],
-        bwd_xfer_start=xf[2, :, 0],
-        bwd_xfer_end=xf[3, :, 0],
-        result=_result(problem, raw)[0],
+        placement=row,
+        op_device=op_dev,
+        fwd_host_start=trace[:, 0],
+        fwd_host_end=trace[:, 1],
+        fwd_start=np.where(cpu, trace[:, 0], trace[:, 2]),
+        fwd_end=np.where(cpu, trace[:, 1], trace[:, 3]),
+        bwd_thread_start=trace[:, 4],
+        bwd_thread_end=trace[:, 5],
+        bwd_start=np.where(cpu, trace[:, 4], trace[:, 6]),
+        bwd_end=np.where(cpu, trace[:, 5], trace[:, 7]),
+        copy_start=xtrace[:, 0].reshape(n, nd),
+        copy_end=xtrace[:, 1].reshape(n, nd),
+        certified=certified,
+        result=res[0],
     )

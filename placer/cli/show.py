@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from envs.hardware.cluster import Cluster
+    from envs.sim.problem import PlacementProblem
+    from envs.sim.simulator import StepResult
+    from graphs.pipeline import Prepared
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,6 +35,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def simulate_placement(prepared: Prepared, assignment: Mapping[str, str], cluster: str | Cluster
+                       ) -> tuple[PlacementProblem, StepResult]:
+    """The problem and simulated step of an op placement (a placement file's assignment).
+
+    The op graph compiled with the model's groups and its own optimizer: the problem
+    optimize, the report and the benchmarks simulate, so a placement has one step time.
+    """
+    from envs.sim.optimizer_state import optimizer_state_kind
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate_ops
+
+    problem = compile_problem(prepared.captured.graph, cluster,
+                              optimizer=optimizer_state_kind(prepared.spec.optimizer_fn), grouping=prepared.grouping)
+    return problem, simulate_ops(problem, assignment)[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -46,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
     from envs.hardware.loading import load_cluster
     from envs.hardware.units import format_bytes
-    from envs.sim.problem import compile_problem
-    from envs.sim.simulator import simulate
     from graphs.pipeline import prepare
     from placer.options import OptionError, parse_model_args
     from placer.report.plots import plot_memory, plot_placed_graph
@@ -57,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("the placement records no cluster; give one with --cluster")
     prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size))
     placement = load_placement(args.placement, graph=prepared.captured, devices=load_cluster(cluster_name).device_names)
-    problem = compile_problem(prepared.captured.graph, cluster_name)
-    row = problem.placement_to_array(placement.assignment)
-    step = simulate(problem, row)
+    problem, step = simulate_placement(prepared, placement.assignment, cluster_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"  simulated on {cluster_name}: {step.step_time * 1e3:.3f} ms per step, "
@@ -72,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from placer.report.gantt import plot_gantt
 
-        pictures.append(plot_gantt(problem, row, out / "schedule.png"))
+        pictures.append(plot_gantt(problem, placement.assignment, out / "schedule.png"))
     except ImportError:
         pass
     print("  pictures: " + ", ".join(str(p) for p in pictures))

@@ -156,8 +156,10 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
 
 
 def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
-    """The group-level placement problem of the prepared model on the run's cluster."""
-    problem = compile_problem(run.grouping.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn))
+    """The placement problem of the prepared model on the run's cluster: its op graph executes,
+    its groups are the placement unit (the problem show, the report and the benchmarks simulate)."""
+    problem = compile_problem(run.captured.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn),
+                              grouping=run.grouping)
     kind = "simulated on cluster spec" if run.cluster.simulated else "measured on real devices"
     log.log(logging.INFO if config.verbose else logging.DEBUG,
             "%s: %d ops in %d groups; %d devices (%s, step times %s); reward %s", run.spec.name,

@@ -1,8 +1,11 @@
-"""A Gantt chart (PNG) of one simulated training step.
+"""A Gantt chart (PNG) of one simulated training step, op by op.
 
-One row per device (forward ops and backward ops in two colours) and one row per link
-direction that carried data (forward copies and gradient copies in two colours), on a
-shared time axis in milliseconds. The timeline comes from :func:`envs.sim.simulator.schedule`.
+Rows, as the simulator runs the step (:mod:`envs.sim.reference_simulator`): the **host
+thread** (every op's dispatch in program order, the whole op for a CPU device, and the
+backward of CPU ops), then per GPU its **stream** (forward and backward kernels) and its
+autograd **engine thread** (backward launches), then one row per device pair that carried
+forward copies. Shared time axis in milliseconds; the timeline comes from
+:func:`envs.sim.simulator.schedule`.
 """
 
 from __future__ import annotations
@@ -16,37 +19,40 @@ import numpy as np
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import Schedule, schedule
 
-COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "copy": "#55A868", "gradient copy": "#C44E52"}
+COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "copy": "#55A868"}
+HOST_ROW = "host thread"
 
 
 def _bars(start: np.ndarray, end: np.ndarray) -> list[tuple[float, float]]:
-    keep = ~np.isnan(start) & (end > start)
+    keep = ~np.isnan(start) & ~np.isnan(end) & (end > start)
     return [(float(s) * 1e3, float(e - s) * 1e3) for s, e in zip(start[keep], end[keep])]
 
 
 def gantt_rows(problem: PlacementProblem, sched: Schedule) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     """The chart's content without drawing it: ``[(row label, {category: [(start_ms, width_ms)]})]``."""
-    rows = []
+    cpu_kind = np.array([k == "cpu" for k in problem.device_kinds])
+    on_cpu = cpu_kind[sched.op_device]
+    rows = [(HOST_ROW, {
+        "forward": _bars(sched.fwd_host_start, sched.fwd_host_end),
+        "backward": _bars(sched.bwd_thread_start[on_cpu], sched.bwd_thread_end[on_cpu]),
+    })]
     for d, name in enumerate(problem.device_names):
-        on = sched.placement == d
+        on = sched.op_device == d
+        if cpu_kind[d] or not on.any():
+            continue
         rows.append((name, {
             "forward": _bars(sched.fwd_start[on], sched.fwd_end[on]),
             "backward": _bars(sched.bwd_start[on], sched.bwd_end[on]),
         }))
-    src_dev = sched.placement[problem.edge_src]
-    dst_dev = sched.placement[problem.edge_dst]
+        rows.append((f"{name} engine thread", {"backward": _bars(sched.bwd_thread_start[on], sched.bwd_thread_end[on])}))
     for a, name_a in enumerate(problem.device_names):
         for b, name_b in enumerate(problem.device_names):
-            if a == b:
+            from_a = sched.op_device == a
+            if a == b or not from_a.any():
                 continue
-            fwd = (src_dev == a) & (dst_dev == b)  # copies a -> b
-            grad = (dst_dev == a) & (src_dev == b)  # gradients flow consumer -> producer
-            bars = {
-                "copy": _bars(sched.fwd_xfer_start[fwd], sched.fwd_xfer_end[fwd]),
-                "gradient copy": _bars(sched.bwd_xfer_start[grad], sched.bwd_xfer_end[grad]),
-            }
-            if bars["copy"] or bars["gradient copy"]:
-                rows.append((f"{name_a}→{name_b}", bars))
+            bars = _bars(sched.copy_start[from_a, b], sched.copy_end[from_a, b])
+            if bars:
+                rows.append((f"{name_a}→{name_b}", {"copy": bars}))
     return rows
 
 
@@ -59,7 +65,7 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    sched = schedule(problem, placement)
+    sched = schedule(problem, placement, ops=_is_op_placement(problem, placement))
     rows = gantt_rows(problem, sched)
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
     for y, (_, bars) in enumerate(rows):
@@ -85,3 +91,10 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _is_op_placement(problem: PlacementProblem, placement: object) -> bool:
+    """A dict naming ops (not groups) of a grouped problem is an op placement."""
+    if isinstance(placement, Mapping):
+        return problem.ops.num_ops != problem.num_nodes and not set(placement) <= set(problem.node_names)
+    return False

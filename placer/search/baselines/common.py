@@ -106,9 +106,15 @@ def device_memory(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
     """[D] peak bytes on each device for the placement ``row`` under the memory model above."""
     row = np.asarray(row, dtype=np.int64)
     used = np.bincount(row, weights=node_memory(problem), minlength=problem.num_devices)
-    dst_dev = row[problem.edge_dst]
-    cut = row[problem.edge_src] != dst_dev
-    used += np.bincount(dst_dev[cut], weights=problem.edge_bytes[cut].astype(np.float64), minlength=problem.num_devices)
+    # Received copies as the simulator counts them (envs.sim.simulator): one per (producer op,
+    # destination device), the producer's largest edge there, as apply.py makes them.
+    ops = problem.ops
+    dev = row[ops.op_group]
+    src, dst, nbytes = ops.edges()
+    cut = dev[src] != dev[dst]
+    largest = np.zeros((ops.num_ops, problem.num_devices))
+    np.maximum.at(largest, (src[cut], dev[dst][cut]), nbytes[cut])
+    used += largest.sum(axis=0)
     return used
 
 
