@@ -186,7 +186,7 @@ class PlacementTuner:
         candidates: how many placements to propose (an int), or the placements themselves
             (``{node: device}`` dicts or :class:`Placement` objects; then nothing is searched).
         budget: search budget for proposing candidates (default
-            :data:`~placer.search.budget.DEFAULT_BUDGET`; the plateau rule usually ends it early).
+            :data:`~placer.search.budget.DEFAULT_BUDGET`, or less when the plateau rule ends it).
         steps_per_candidate: steps each candidate runs (default ``max(1, trials // candidates)``).
         rounds: the candidates take turns in this many rounds, each running its share of steps per
             turn (1: one block per candidate). Interleaving spreads slow drift of the machine (other

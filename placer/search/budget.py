@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from placer.options import OptionError
 
-#: The default search budget: two minutes of wall clock. The plateau rule
-#: (:data:`placer.search.config.DEFAULT_PATIENCE`) usually ends a search of a small
-#: model well before it (the README's first command stops after ~5 s of search).
+#: The default search budget: two minutes of wall clock, or less when the plateau rule
+#: (:data:`placer.search.config.DEFAULT_PATIENCE` evaluations without improvement) ends
+#: the search first.
 DEFAULT_BUDGET = "2m"
 
 
