@@ -37,6 +37,8 @@ from graphs.model_file import preserved_buffers
 from graphs.placement_graph import build_placement_graph
 from graphs.user_frames import describe_frame, is_user_file, user_frame
 
+log = logging.getLogger(__name__)
+
 # Recurrent layers run a time loop inside one kernel: keeping them whole is the only
 # sensible granularity (unrolled cells are how a model exposes per-step parallelism).
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
@@ -57,6 +59,8 @@ class CapturedModel:
     shapes_from: str = "fake"
     fx_error: str | None = None
     leaf_modules: tuple = field(default_factory=tuple)
+    #: module path -> ``training`` flag of every module while it was traced (see :func:`capture`).
+    training_modes: dict[str, bool] = field(default_factory=dict)
 
 
 class PlacerTracer(fx.Tracer):
@@ -193,6 +197,24 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
     inputs = _as_inputs(example_inputs)
     leaf_modules = tuple(leaf_modules)
     leaf_types, leaf_names = resolve_leaf_modules(model, leaf_modules)
+    user_modes = training_modes(model)
+    if not model.training:
+        # placer places a training step, and a tracer bakes the mode into the graph
+        # (F.dropout(x, p, self.training), and all of it under torch.export): a model
+        # handed over in eval mode (from_pretrained returns one) would otherwise train
+        # without dropout and with frozen BatchNorm statistics. Modules the user put in
+        # eval mode inside a training model (a frozen BatchNorm) stay as they are.
+        log.info("capturing %s in training mode (it was in eval mode); its modes are restored afterwards", name)
+        model.train()
+    trace_modes = training_modes(model)
+    try:
+        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes)
+    finally:
+        set_training_modes(model, user_modes)
+
+
+def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: tuple[type, ...],
+             leaf_names: set[str], name: str, trace_modes: dict[str, bool]) -> CapturedModel:
     fx_error: str | None = None
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
@@ -218,7 +240,19 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
                                   trust_requires_grad=(method == "fx"))
     return CapturedModel(gm=gm, graph=graph, method=method, fingerprint=fingerprint, model=model,
                          example_inputs=inputs, name=name, shapes_from=shapes_from,
-                         fx_error=fx_error, leaf_modules=leaf_modules)
+                         fx_error=fx_error, leaf_modules=leaf_modules, training_modes=trace_modes)
+
+
+def training_modes(module: nn.Module) -> dict[str, bool]:
+    """module path -> its ``training`` flag."""
+    return {path: m.training for path, m in module.named_modules(remove_duplicate=False)}
+
+
+def set_training_modes(module: nn.Module, modes: dict[str, bool]) -> None:
+    """Set each module's ``training`` flag from ``modes`` (paths not in it are left alone)."""
+    for path, m in module.named_modules(remove_duplicate=False):
+        if path in modes:
+            m.training = modes[path]
 
 
 def _reason(exc: BaseException, limit: int = 240) -> str:

@@ -144,3 +144,43 @@ def test_a_failed_check_leaves_no_placement_json_only_the_best_so_far(tmp_path, 
                         baselines=("single",), verbose=0)
     assert not (out / "placement.json").exists()
     assert (out / "best_placement.json").exists()
+
+
+class _FunctionalDropout(torch.nn.Module):
+    """Dropout as a function of self.training: a tracer bakes the mode into the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.norm(self.lin(x)), 0.5, self.training)
+
+
+def test_a_model_handed_over_in_eval_mode_is_captured_and_checked_for_training():
+    from graphs.model_file import ModelSpec
+
+    torch.manual_seed(0)
+    model = _FunctionalDropout().eval()  # as from_pretrained returns a model
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(6, 8),), name="dropout")
+    cap = capture(model, spec.example_inputs, name="dropout")
+    assert not model.training and not model.norm.training  # the user's modes are restored
+    assert cap.training_modes[""] and cap.training_modes["norm"]
+    assert any(n.kwargs.get("training") is True for n in cap.gm.graph.nodes)  # the tracer baked training=True
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok, report.describe()
+    assert report.compared_buffers == 3  # BatchNorm's statistics, updated in training mode
+
+
+def test_a_module_the_user_froze_stays_frozen_in_the_capture_and_the_check():
+    from graphs.model_file import ModelSpec
+
+    torch.manual_seed(0)
+    model = _FunctionalDropout().train()
+    model.norm.eval()  # fine-tuning with frozen BatchNorm statistics
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(6, 8),), name="frozen")
+    cap = capture(model, spec.example_inputs, name="frozen")
+    assert cap.training_modes["norm"] is False
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok, report.describe()

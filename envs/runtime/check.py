@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from envs.runtime.apply import apply_placement, to_device
+from graphs.capture import set_training_modes
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
 from graphs.profile.op_timing import tensors_in
@@ -163,9 +164,13 @@ def check_placement(
         raise ValueError(f"steps must be at least 1, got {steps}")
     with paused_gc(), torch.random.fork_rng(devices=_cuda_indices(real_devices, assignment)):
         original = copy.deepcopy(spec.model)
-        original.train()
         placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None)
-        placed.train()
+        # Both in the modes the graph was traced in (training, unless the user froze a
+        # module): a traced graph keeps the mode it was captured in, whatever .train() says.
+        modes = getattr(captured, "training_modes", None) or {"": True}
+        for module in (original, placed):
+            module.train(modes[""])
+            set_training_modes(module, modes)
         ref_opt = spec.optimizer_fn(original.parameters())
         opt = spec.optimizer_fn(placed.parameters())
 
