@@ -10,11 +10,12 @@ them (``gc.callbacks``), so the collector's share is measured directly, not infe
 
     python3 benchmarks/bench_check_gc.py --ops 50000 --rounds 2
 
-Measured here (2 cores shared with other jobs, Python 3.11, torch 2.13 CPU; 50,002 nodes,
-1.16 M objects tracked by the GC): running, 532 and 524 collections took 5.8 s and 3.7 s
-(checks of 39.2 s and 34.9 s wall, 7.1-7.3 s CPU); paused, 1 collection of 0.2-0.3 s
-(22.5 s and 25.5 s wall, 6.0-6.4 s CPU). Wall time on the shared machine is dominated by
-waiting for a core; the CPU and GC columns are the comparable figures.
+Measured here, two runs of the command above (2 cores shared with other jobs, Python 3.11,
+torch 2.13 CPU; 50,002 nodes, 1.16 M objects tracked by the GC): with the collector running,
+524-532 collections took 3.7-9.6 s (clock time inside the collector) and a check 7.1-8.4 s
+of CPU; paused, one collection of 0.2-0.5 s and 6.0-6.6 s of CPU. Wall time (23-65 s) is
+mostly waiting for a core on the shared machine; the CPU and GC columns are the comparable
+figures. This graph does not reproduce the 197 s of issue 18's run.
 """
 
 from __future__ import annotations
