@@ -1,0 +1,590 @@
+"""Pipelined placements: stages, micro-batches and a schedule, as data and simulated.
+
+A :class:`Pipeline` cuts the placement graph into stages that are contiguous in a
+topological order (no edge goes from a later stage to an earlier one), puts each stage on
+one device (one process per device at run time), splits the batch into ``M`` micro-batches
+and names the schedule that orders their forwards and backwards: ``"gpipe"``, ``"1f1b"``
+(one stage per device) or ``"interleaved_1f1b"`` (stage ``s`` on device ``s mod P``, more
+than one stage per device), the three schedules of ``torch.distributed.pipelining``.
+
+Rules of :func:`simulate_pipeline`, each with the PyTorch behaviour behind it (paths are
+in the installed torch 2.13, ``torch/distributed/pipelining/``):
+
+**P1 Action order.** Each device runs its actions (forward or full backward of one
+micro-batch of one of its stages) in exactly the order of :func:`action_order`, which
+rebuilds the schedule's order: GPipe all forwards then all backwards
+(``schedules.py:ScheduleGPipe._step_microbatches``); 1F1B ``min(M, S - s)`` warm-up
+forwards, then alternately one backward and one forward, then the remaining backwards
+(``Schedule1F1B._step_microbatches``: ``warmup_chunks``); interleaved 1F1B the order of
+``ScheduleInterleaved1F1B._calculate_single_rank_operations`` (``_get_warmup_ops`` with
+``multiply_factor=2``, ``_get_1f1b_rank_ops``; the ``None`` padding is dropped, it only
+aligns the ranks' lists). An action starts when its device is free and its inputs are
+there: a forward of stage ``s > 0`` needs the micro-batch's activations from ``s - 1``; a
+backward needs the stage's own forward and, but on the last stage, the gradient from
+``s + 1``; the last stage computes the loss of a micro-batch right after its forward
+(``_maybe_compute_loss``).
+
+**P2 Micro-batch cost.** An op's cost on a micro-batch is its fixed part plus its
+batch-proportional part divided by ``M``, from the simulator's cost arrays
+(``problem.ops.cost``, :meth:`envs.sim.cost_model.CostModel.op_cost`): on a GPU the host
+part (the kernel launches) is fixed and the device part proportional; on a CPU the op runs
+on the host, its per-op dispatch (:data:`CPU_DISPATCH_S`, the 2.1-2.7 us per fx node measured
+for :class:`~envs.sim.cost_model.HostOverheads`) is fixed and the rest proportional. A
+stage call on a GPU lasts ``max(host, device)`` (the host issues ahead of the stream); on a
+CPU the sum. The optimizer update is not scaled: it runs once per step on the accumulated
+gradients (``perform_reduce_grad`` then the user's ``optimizer.step()``).
+
+**P3 Transfers.** ``PipelineStage`` sends a stage's outputs to stage ``s + 1`` only
+(``stage.py``: ``stage_index + 1`` in ``get_fwd_send_ops``), so a value read by a later
+stage is relayed through every stage in between: boundary ``b`` carries every value
+produced at or before stage ``b`` and read after it, each once. A micro-batch carries
+``bytes / M`` over the link of the two stages' devices in ``latency + bytes / bandwidth``;
+the gradient of the values that require grad goes back the same way after the backward.
+Each direction of a boundary is one FIFO channel (gloo's one connection per pair). A
+device waits for its last sends before it steps (``_wait_batch_p2p(send_work)``).
+
+**P4 Host constants.** On CPU devices every stage call, send, receive and loss and the
+step cost what the measured multi-process runtime costs (:class:`envs.sim.ranks.RankCosts`,
+calibrated there); on GPUs the defaults are zero. ``op_scale`` multiplies the op times.
+
+**P5 Step and memory.** The step ends when the last device has stepped its optimizer
+(its ops' update time plus the problem's fixed host cost, once per device that holds
+parameters). Peak memory per device: its stages' parameters, gradients and optimizer
+state (``problem.static_memory``) plus, for each micro-batch in flight, ``1/M`` of the
+stage's kept activations and of its received inputs; in flight = forwards done minus
+backwards done, walked along the action order (GPipe: all ``M``; 1F1B: at most the number
+of stages from ``s`` to the last).
+
+With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
+placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
+host constants at zero, where both reduce to op times and transfers).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from envs.sim.problem import PlacementProblem
+from envs.sim.ranks import RankCosts
+from graphs.errors import PlacerError
+
+__all__ = [
+    "SCHEDULES",
+    "CPU_DISPATCH_S",
+    "PipelineError",
+    "Pipeline",
+    "Action",
+    "action_order",
+    "StageCosts",
+    "stage_costs",
+    "PipelineResult",
+    "simulate_pipeline",
+    "check_pipeline",
+    "pipeline_orders",
+    "contiguous_pipeline",
+    "stage_nodes_of",
+    "ZERO_HOST",
+]
+
+#: The schedule names a pipeline may carry (``torch.distributed.pipelining`` classes
+#: ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``).
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+#: Fixed host seconds per CPU op that do not shrink with the micro-batch (module doc, P2).
+CPU_DISPATCH_S = 2.4e-6
+
+#: Host constants for devices whose stage calls the model does not charge (GPUs).
+ZERO_HOST = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0,
+                      handoff_s=0.0, loss_s=0.0, step_s=0.0, wake_s=0.0)
+
+
+class PipelineError(PlacerError, ValueError):
+    """A pipeline that is malformed or does not fit the model, the batch or the devices."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Stages (node names, in stage order), the device of each, micro-batches and schedule.
+
+    Attributes:
+        stages: the placement nodes of each stage, stage 0 first.
+        devices: the device name of each stage.
+        microbatches: ``M``, the number of micro-batches the batch is split into.
+        schedule: one of :data:`SCHEDULES`.
+    """
+
+    stages: tuple[tuple[str, ...], ...]
+    devices: tuple[str, ...]
+    microbatches: int
+    schedule: str = "1f1b"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(tuple(str(n) for n in s) for s in self.stages))
+        object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
+        if self.schedule not in SCHEDULES:
+            raise PipelineError(f"unknown pipeline schedule {self.schedule!r}; expected one of {list(SCHEDULES)}")
+        m = self.microbatches
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise PipelineError(f"micro-batches must be an integer >= 1, got {m!r}")
+        object.__setattr__(self, "microbatches", int(m))
+        if not self.stages:
+            raise PipelineError("a pipeline needs at least one stage")
+        if len(self.devices) != len(self.stages):
+            raise PipelineError(f"a pipeline of {len(self.stages)} stage(s) names {len(self.devices)} device(s); "
+                                "expected one device per stage")
+        empty = [i for i, s in enumerate(self.stages) if not s]
+        if empty:
+            raise PipelineError(f"stage(s) {empty} hold no node; expected every stage to hold at least one")
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.stages):
+            for n in s:
+                if n in seen:
+                    raise PipelineError(f"node {n!r} is in stage {seen[n]} and stage {i}; expected one stage per node")
+                seen[n] = i
+        ranks = self.ranks
+        if self.schedule == "interleaved_1f1b":
+            p = len(ranks)
+            if len(self.stages) % p or len(self.stages) == p:
+                raise PipelineError(f"interleaved_1f1b needs the same number (> 1) of stages on each of its {p} "
+                                    f"device(s); got {len(self.stages)} stages")
+            for s, d in enumerate(self.devices):
+                if d != ranks[s % p]:
+                    raise PipelineError(f"interleaved_1f1b puts stage {s} on device {ranks[s % p]!r} (stage s on "
+                                        f"device s mod {p}, as ScheduleInterleaved1F1B does); it is on {d!r}")
+            rounds = max(1, self.microbatches // p)
+            if self.microbatches % rounds:
+                raise PipelineError(f"interleaved_1f1b needs micro-batches a multiple of {rounds} rounds "
+                                    f"(ScheduleInterleaved1F1B); got {self.microbatches}")
+        elif len(ranks) != len(self.stages):
+            raise PipelineError(f"{self.schedule} runs one stage per device; devices {list(self.devices)} repeat "
+                                "(use interleaved_1f1b for several stages per device)")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def ranks(self) -> tuple[str, ...]:
+        """The distinct devices in order of their first stage (rank r runs stages r, r + P, ...)."""
+        return tuple(dict.fromkeys(self.devices))
+
+    def stage_of(self) -> dict[str, int]:
+        """``{node: stage}``."""
+        return {n: i for i, s in enumerate(self.stages) for n in s}
+
+    def assignment(self) -> dict[str, str]:
+        """``{node: device}`` of the pipeline's nodes."""
+        return {n: self.devices[i] for i, s in enumerate(self.stages) for n in s}
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise :class:`PipelineError` unless ``M`` divides ``batch_size`` (equal micro-batches:
+        ``torch.tensor_split`` in ``microbatch.py`` would make them unequal)."""
+        if batch_size % self.microbatches:
+            raise PipelineError(f"{self.microbatches} micro-batches do not divide the batch of {batch_size}; "
+                                f"expected a divisor of {batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in placement files."""
+        return {"stages": [list(s) for s in self.stages], "devices": list(self.devices),
+                "microbatches": self.microbatches, "schedule": self.schedule}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Pipeline:
+        """Read :meth:`to_dict`'s form; :class:`PipelineError` naming what is wrong."""
+        if not isinstance(doc, dict):
+            raise PipelineError(f"pipeline must be an object, got {type(doc).__name__}")
+        missing = [k for k in ("stages", "devices", "microbatches", "schedule") if k not in doc]
+        if missing:
+            raise PipelineError(f"pipeline lacks the field(s) {missing}")
+        stages, devices = doc["stages"], doc["devices"]
+        if not isinstance(stages, list) or not all(isinstance(s, list) and all(isinstance(n, str) for n in s)
+                                                   for s in stages):
+            raise PipelineError("pipeline stages must be a list of lists of node names")
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise PipelineError("pipeline devices must be a list of device names")
+        return cls(tuple(tuple(s) for s in stages), tuple(devices), doc["microbatches"], doc["schedule"])
+
+
+@dataclass(frozen=True)
+class Action:
+    """One entry of a device's schedule: ``kind`` "F" or "B" of micro-batch ``mb`` of ``stage``."""
+
+    stage: int
+    kind: str
+    mb: int
+
+
+def _interleaved_rank_ops(rank: int, n_local: int, p: int, m: int) -> list[Action]:
+    # ScheduleInterleaved1F1B._calculate_single_rank_operations + _get_1f1b_rank_ops (no zero bubble).
+    rounds = max(1, m // p)
+    per_round = m // rounds
+    warmup = min((n_local - 1) * per_round + 2 * (p - 1 - rank), m * n_local)
+    total_mb_ops = n_local * m
+    fwd_bwd = total_mb_ops - warmup
+    cooldown = total_mb_ops - fwd_bwd
+
+    def fwd_stage(step: int) -> int:
+        return ((step // per_round) % n_local) * p + rank
+
+    def bwd_stage(step: int) -> int:
+        return (n_local - 1 - ((step - warmup) // per_round) % n_local) * p + rank
+
+    f_mb: dict[int, int] = {}
+    b_mb: dict[int, int] = {}
+    out: list[Action] = []
+    for op in range(warmup + fwd_bwd + cooldown):
+        if op < warmup or op < warmup + fwd_bwd:
+            s = fwd_stage(op)
+            out.append(Action(s, "F", f_mb.get(s, 0)))
+            f_mb[s] = f_mb.get(s, 0) + 1
+        if op >= warmup:
+            s = bwd_stage(op)
+            out.append(Action(s, "B", b_mb.get(s, 0)))
+            b_mb[s] = b_mb.get(s, 0) + 1
+    return out
+
+
+def action_order(schedule: str, num_stages: int, microbatches: int) -> list[list[Action]]:
+    """Per device (rank), the order in which it runs its micro-batch forwards and backwards
+    under ``schedule`` (module doc, P1). Rank ``r`` holds stages ``r, r + P, ...``."""
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"unknown pipeline schedule {schedule!r}; expected one of {list(SCHEDULES)}")
+    s_, m = num_stages, microbatches
+    if schedule == "gpipe":
+        return [[Action(s, "F", i) for i in range(m)] + [Action(s, "B", i) for i in range(m)] for s in range(s_)]
+    if schedule == "1f1b":
+        orders = []
+        for s in range(s_):
+            warm = min(m, s_ - s)  # Schedule1F1B: warmup_chunks = min(n_microbatches, num_stages - stage_index)
+            acts = [Action(s, "F", i) for i in range(warm)]
+            f = warm
+            for b in range(m):
+                acts.append(Action(s, "B", b))
+                if f < m:
+                    acts.append(Action(s, "F", f))
+                    f += 1
+            orders.append(acts)
+        return orders
+    raise PipelineError("interleaved_1f1b needs the number of devices: use Pipeline orders (pipeline_orders)")
+
+
+def pipeline_orders(pipeline: Pipeline) -> list[list[Action]]:
+    """Per rank of ``pipeline`` (``pipeline.ranks`` order), its action order (module doc, P1)."""
+    if pipeline.schedule != "interleaved_1f1b":
+        return action_order(pipeline.schedule, pipeline.num_stages, pipeline.microbatches)
+    p = len(pipeline.ranks)
+    return [_interleaved_rank_ops(r, pipeline.num_stages // p, p, pipeline.microbatches) for r in range(p)]
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Per stage, the seconds and bytes of one micro-batch (module doc, P2-P3).
+
+    Attributes:
+        fwd, bwd: [S] seconds of one micro-batch's forward / backward of each stage.
+        opt: [S] seconds of the optimizer update of each stage's parameters.
+        has_params: [S] bool.
+        static: [S] bytes the stage pins for the step (params, grads, optimizer state).
+        act: [S] kept activation bytes of one micro-batch.
+        fwd_bytes, bwd_bytes: [S-1] bytes over boundary b (stage b to b+1) per micro-batch,
+            forward (activations) and backward (gradients).
+        device: [S] device index of each stage.
+    """
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    opt: np.ndarray
+    has_params: np.ndarray
+    static: np.ndarray
+    act: np.ndarray
+    fwd_bytes: np.ndarray
+    bwd_bytes: np.ndarray
+    device: np.ndarray
+
+
+def _scaled(cost: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
+    """(forward, backward) seconds of ops ``cost`` [K, 6] on one device for a micro-batch of 1/m."""
+    out = []
+    for h, d in ((0, 1), (2, 3)):
+        host, dev = cost[:, h], cost[:, d]
+        if is_cpu:
+            fixed = np.minimum(host, CPU_DISPATCH_S)
+            out.append(float((fixed + (host - fixed) / m).sum()) * scale)
+        else:
+            out.append(max(float(host.sum()), float(dev.sum()) / m) * scale)
+    return out[0], out[1]
+
+
+def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndarray, np.ndarray]:
+    """(stage of each group, device index of each stage); PipelineError on a bad cover or device."""
+    names = set(problem.node_names)
+    unknown = sorted(n for s in pipeline.stages for n in s if n not in names)
+    if unknown:
+        raise PipelineError(f"the pipeline names {len(unknown)} node(s) the model does not have, e.g. {unknown[:3]}")
+    stage_of = pipeline.stage_of()
+    missing = [n for n in problem.node_names if n not in stage_of]
+    if missing:
+        raise PipelineError(f"the pipeline's stages miss {len(missing)} node(s) of the model, e.g. {missing[:3]}")
+    dev_index = {d: i for i, d in enumerate(problem.device_names)}
+    bad = sorted({d for d in pipeline.devices if d not in dev_index})
+    if bad:
+        raise PipelineError(f"the pipeline uses device(s) {bad}, which are not in the cluster {list(problem.device_names)}")
+    return (np.array([stage_of[n] for n in problem.node_names], dtype=np.int64),
+            np.array([dev_index[d] for d in pipeline.devices], dtype=np.int64))
+
+
+def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None) -> StageCosts:
+    """Per-stage micro-batch costs of ``pipeline`` on ``problem`` (module doc, P2-P3).
+
+    Raises:
+        PipelineError: nodes missing or unknown, a device not in the cluster, or an edge
+            from a later stage to an earlier one (stages must be contiguous in a
+            topological order: PipelineStage only sends forward).
+    """
+    group_stage, stage_dev = _stage_index(problem, pipeline)
+    ops = problem.ops
+    op_stage = group_stage[ops.op_group]
+    src, dst, _ = ops.edges()
+    back = np.nonzero(op_stage[src] > op_stage[dst])[0]
+    if back.size:
+        e = back[0]
+        raise PipelineError(f"op {ops.names[src[e]]!r} (stage {op_stage[src[e]]}) feeds {ops.names[dst[e]]!r} "
+                            f"(stage {op_stage[dst[e]]}); expected stages contiguous in a topological order "
+                            "(no stage sends back to an earlier one)")
+    m = pipeline.microbatches
+    s_ = pipeline.num_stages
+    fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
+    static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
+    op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
+    for s in range(s_):
+        d = int(stage_dev[s])
+        cpu = bool(ops.is_cpu[d])
+        scale = (costs.op_scale if costs is not None else 1.0) if cpu else 1.0
+        sel = op_stage == s
+        c = ops.cost[sel, d, :]
+        fwd[s], bwd[s] = _scaled(c, cpu, m, scale)
+        opt[s] = float(c[:, 4:].sum()) * scale
+        static[s] = float(op_static[sel].sum())
+        act[s] = float(ops.act_bytes[sel].sum()) / m
+        has_params[s] = bool(ops.param_bytes[sel].sum() > 0)
+    # P3: the last reader of each produced value decides how many boundaries it crosses.
+    last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
+    np.maximum.at(last_reader, src, op_stage[dst])
+    fwd_bytes, bwd_bytes = np.zeros(max(s_ - 1, 0)), np.zeros(max(s_ - 1, 0))
+    for i in np.nonzero(last_reader > op_stage)[0]:
+        for b in range(int(op_stage[i]), int(last_reader[i])):
+            fwd_bytes[b] += ops.out_bytes[i] / m
+            if ops.requires_grad[i]:
+                bwd_bytes[b] += ops.out_bytes[i] / m
+    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev)
+
+
+@dataclass
+class PipelineResult:
+    """One simulated pipelined step.
+
+    Attributes:
+        step_time: seconds until the last device has stepped.
+        device_end: {device name: its end}.
+        busy: {device name: seconds of compute}.
+        peak_memory: {device name: bytes}.
+        over_memory: {device name: bytes over its capacity} for the devices that do not fit.
+        events: (stage, kind, micro-batch, start, end) of every action, in device order.
+        in_flight: [S] the most micro-batches each stage held activations for at once.
+    """
+
+    step_time: float
+    device_end: dict[str, float]
+    busy: dict[str, float]
+    peak_memory: dict[str, float]
+    over_memory: dict[str, float]
+    in_flight: list[int]
+    events: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.over_memory
+
+    def memory_problems(self) -> list[str]:
+        """One line per device that does not fit."""
+        return [f"{d} needs {self.peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
+                for d, over in self.over_memory.items()]
+
+
+def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[RankCosts]:
+    # P4: the measured multi-process constants on CPUs, none on GPUs.
+    return [(costs or RankCosts()) if cpu else ZERO_HOST for cpu in problem.ops.is_cpu]
+
+
+def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
+                      trace: bool = False) -> PipelineResult:
+    """Simulate one training step of ``pipeline`` on ``problem`` (rules P1-P5 in the module doc).
+
+    Args:
+        problem: the compiled problem (op costs per device, links, capacities).
+        pipeline: the stages over ``problem.node_names``, their devices, ``M`` and the schedule.
+        costs: the host constants of CPU processes (default :class:`RankCosts`, the
+            calibrated ones); GPUs are charged none.
+        trace: keep every action's interval in ``events``.
+
+    Raises:
+        PipelineError: see :func:`stage_costs`.
+    """
+    sc = stage_costs(problem, pipeline, costs)
+    orders = pipeline_orders(pipeline)
+    ranks = pipeline.ranks
+    rank_of_stage = [ranks.index(d) for d in pipeline.devices]
+    host = _host_costs(problem, costs)
+    lat, bw = problem.latency, problem.bandwidth
+    s_, m = pipeline.num_stages, pipeline.microbatches
+    dev = sc.device
+
+    def link(a: int, b: int, nbytes: float) -> tuple[float, float]:
+        """(occupation, latency) of a message from stage a's device to stage b's."""
+        da, db = int(dev[a]), int(dev[b])
+        if da == db:
+            return 0.0, 0.0
+        occ = nbytes / bw[da, db] if nbytes > 0 else 0.0
+        return occ, float(lat[da, db])
+
+    f_done = np.full((s_, m), np.nan)
+    b_done = np.full((s_, m), np.nan)
+    f_arrive = np.full((s_, m), np.nan)  # activations of micro-batch at stage s (s > 0)
+    b_arrive = np.full((s_, m), np.nan)  # gradient of micro-batch at stage s (s < S-1)
+    chan_f = np.zeros(max(s_ - 1, 1))
+    chan_b = np.zeros(max(s_ - 1, 1))
+    clock = [0.0] * len(ranks)
+    busy = [0.0] * len(ranks)
+    send_done = [0.0] * len(ranks)
+    pos = [0] * len(ranks)
+    live = np.zeros(s_, dtype=np.int64)
+    peak_live = np.zeros(s_, dtype=np.int64)
+    events: list[tuple[int, str, int, float, float]] = []
+    for r in range(len(ranks)):
+        clock[r] = 0.0
+    remaining = sum(len(o) for o in orders)
+    # Ranks advance in time order; a rank whose next action's input has not been produced
+    # yet waits until another rank produces it (torch's order is deadlock-free).
+    while remaining:
+        progressed = False
+        heap = [(clock[r], r) for r in range(len(ranks)) if pos[r] < len(orders[r])]
+        heapq.heapify(heap)
+        while heap:
+            _, r = heapq.heappop(heap)
+            a = orders[r][pos[r]]
+            s, mb = a.stage, a.mb
+            hc = host[int(dev[s])]
+            if a.kind == "F":
+                ready = 0.0 if s == 0 else f_arrive[s, mb]
+                if np.isnan(ready):
+                    continue
+                start = max(clock[r], ready) + (hc.recv_s if s > 0 else 0.0)
+                dt = sc.fwd[s] + hc.stage_fwd_s + (hc.loss_s if s == s_ - 1 else 0.0)
+                end = start + dt
+                f_done[s, mb] = end
+                live[s] += 1
+                peak_live[s] = max(peak_live[s], live[s])
+                if s < s_ - 1:
+                    end += hc.send_s
+                    occ, lt = link(s, s + 1, sc.fwd_bytes[s])
+                    begin = max(end, chan_f[s])
+                    chan_f[s] = begin + occ
+                    f_arrive[s + 1, mb] = begin + occ + lt
+                    send_done[r] = max(send_done[r], begin + occ)
+            else:
+                if np.isnan(f_done[s, mb]):
+                    continue
+                ready = f_done[s, mb] if s == s_ - 1 else b_arrive[s, mb]
+                if np.isnan(ready):
+                    continue
+                start = max(clock[r], ready) + (hc.recv_s if s < s_ - 1 else 0.0)
+                dt = sc.bwd[s] + hc.stage_bwd_s
+                end = start + dt
+                b_done[s, mb] = end
+                live[s] -= 1
+                if s > 0:
+                    end += hc.send_s
+                    occ, lt = link(s, s - 1, sc.bwd_bytes[s - 1])
+                    begin = max(end, chan_b[s - 1])
+                    chan_b[s - 1] = begin + occ
+                    b_arrive[s - 1, mb] = begin + occ + lt
+                    send_done[r] = max(send_done[r], begin + occ)
+            busy[r] += dt
+            if trace:
+                events.append((s, a.kind, mb, start, start + dt))
+            clock[r] = end
+            pos[r] += 1
+            remaining -= 1
+            progressed = True
+            if pos[r] < len(orders[r]):
+                heapq.heappush(heap, (clock[r], r))
+        if not progressed:  # pragma: no cover - torch's orders never deadlock
+            raise PipelineError(f"the {pipeline.schedule} order deadlocked (stage order {orders})")
+    fixed = float(problem.ops.host.step_s)
+    end_of: dict[str, float] = {}
+    busy_of: dict[str, float] = {}
+    for r, name in enumerate(ranks):
+        d = problem.device_names.index(name)
+        hc = host[d]
+        mine = [s for s in range(s_) if rank_of_stage[s] == r]
+        t = max(clock[r], send_done[r])
+        opt = float(sum(sc.opt[s] for s in mine))
+        if any(sc.has_params[s] for s in mine):
+            opt += fixed
+        end_of[name] = t + opt + hc.step_s
+        busy_of[name] = busy[r] + opt
+    peak: dict[str, float] = {}
+    recv_in = np.concatenate([[0.0], sc.fwd_bytes]) if s_ > 1 else np.zeros(1)
+    for s in range(s_):
+        name = pipeline.devices[s]
+        peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * (sc.act[s] + recv_in[s])
+    cap = {n: float(problem.memory_capacity[i]) for i, n in enumerate(problem.device_names)}
+    over = {n: peak[n] - cap[n] for n in peak if peak[n] > cap[n]}
+    return PipelineResult(float(max(end_of.values())), end_of, busy_of, peak, over,
+                          [int(x) for x in peak_live], events)
+
+
+def check_pipeline(problem: PlacementProblem, pipeline: Pipeline, batch_size: int | None = None,
+                   costs: RankCosts | None = None) -> PipelineResult:
+    """Simulate ``pipeline`` and refuse it when it cannot run: ``M`` not dividing
+    ``batch_size``, a malformed cut (:func:`stage_costs`), or a device it does not fit.
+
+    Raises:
+        PipelineError: one line naming what was wrong and what was expected.
+    """
+    if batch_size is not None:
+        pipeline.check_batch(batch_size)
+    result = simulate_pipeline(problem, pipeline, costs)
+    if not result.fits:
+        worst = max(result.over_memory, key=result.over_memory.get)
+        stages = [i for i, d in enumerate(pipeline.devices) if d == worst]
+        cap = float(problem.memory_capacity[problem.device_names.index(worst)])
+        raise PipelineError(f"stage(s) {stages} do not fit {worst}: they need {result.peak_memory[worst] / 2**30:.2f} "
+                            f"GiB with {pipeline.microbatches} micro-batch(es) under {pipeline.schedule}, the device "
+                            f"has {cap / 2**30:.2f} GiB; expected a cut or M that fits")
+    return result
+
+
+def contiguous_pipeline(order: Sequence[str], cuts: Sequence[int], devices: Sequence[str], microbatches: int,
+                        schedule: str = "1f1b") -> Pipeline:
+    """The pipeline that cuts ``order`` (a topological order of the nodes) before each index of ``cuts``."""
+    bounds = [0, *cuts, len(order)]
+    stages = tuple(tuple(order[bounds[i]:bounds[i + 1]]) for i in range(len(bounds) - 1))
+    return Pipeline(stages, tuple(devices), microbatches, schedule)
+
+
+def stage_nodes_of(assignment: Mapping[str, str], order: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Runs of consecutive nodes of ``order`` on one device: (device, nodes) per run."""
+    runs: list[tuple[str, list[str]]] = []
+    for n in order:
+        d = assignment[n]
+        if runs and runs[-1][0] == d:
+            runs[-1][1].append(n)
+        else:
+            runs.append((d, [n]))
+    return runs

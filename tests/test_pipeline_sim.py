@@ -1,0 +1,175 @@
+"""Pipelined placements simulated (envs.sim.pipeline): torch's schedule orders, micro-batch costs, memory, M = 1."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from envs.hardware.cluster import Device, Link, make_cluster
+from envs.sim.pipeline import (
+    Action,
+    Pipeline,
+    PipelineError,
+    action_order,
+    check_pipeline,
+    pipeline_orders,
+    simulate_pipeline,
+    stage_costs,
+)
+from envs.sim.problem import compile_problem
+from envs.sim.ranks import RankCosts, simulate_ranks
+
+LAT, BW = 100e-6, 1e9
+ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0,
+                 loss_s=0.0, step_s=0.0)
+
+
+def cpu_cluster(n: int = 2, memory: int = 2**33):
+    devs = [Device(f"cpu:{i}", "cpu", memory, 1e11, 1e10, real_device="cpu") for i in range(n)]
+    links = [Link(f"cpu:{i}", f"cpu:{j}", LAT, BW) for i in range(n) for j in range(i + 1, n)]
+    return make_cluster(devs, links, name="ranks", simulated=False)
+
+
+def op(g: nx.DiGraph, name: str, ins=(), fwd=1e-3, bwd=2e-3, out_bytes=100_000, params=0, opt=0.0):
+    g.add_node(name, op="call_module", fwd_time={"cpu": fwd}, bwd_time={"cpu": bwd}, opt_time={"cpu": opt},
+               out_bytes=out_bytes, requires_grad=True, param_bytes=params)
+    for a in ins:
+        g.add_edge(a, name, bytes=g.nodes[a]["out_bytes"])
+
+
+def chain(n: int = 4, skip: bool = False, **kw) -> nx.DiGraph:
+    """x -> l0 -> ... -> l{n-1} -> output; with ``skip`` l0 is also read by the last layer."""
+    g = nx.DiGraph()
+    g.add_node("x", op="placeholder", out_bytes=100, requires_grad=False)
+    prev = "x"
+    for i in range(n):
+        ins = [prev] + (["l0"] if skip and i == n - 1 and n > 2 else [])
+        op(g, f"l{i}", ins, **kw)
+        prev = f"l{i}"
+    g.add_node("output", op="output", out_bytes=0, requires_grad=False)
+    g.add_edge(prev, "output", bytes=g.nodes[prev]["out_bytes"])
+    return g
+
+
+def two_stages(m: int = 1, schedule: str = "1f1b") -> Pipeline:
+    return Pipeline((("x", "l0", "l1"), ("l2", "l3", "output")), ("cpu:0", "cpu:1"), m, schedule)
+
+
+def test_gpipe_runs_all_forwards_then_all_backwards_on_every_stage():
+    orders = action_order("gpipe", 3, 4)
+    for s, acts in enumerate(orders):
+        assert [(a.kind, a.mb) for a in acts] == [("F", i) for i in range(4)] + [("B", i) for i in range(4)]
+        assert {a.stage for a in acts} == {s}
+
+
+def test_1f1b_warms_up_with_one_forward_per_later_stage_then_alternates():
+    orders = action_order("1f1b", 3, 4)
+    # Schedule1F1B: warmup_chunks = min(M, num_stages - stage_index)
+    assert [a.kind + str(a.mb) for a in orders[0]] == ["F0", "F1", "F2", "B0", "F3", "B1", "B2", "B3"]
+    assert [a.kind + str(a.mb) for a in orders[1]] == ["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3"]
+    assert [a.kind + str(a.mb) for a in orders[2]] == ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]
+
+
+def test_interleaved_order_is_torchs_pipeline_order_without_padding():
+    torch = pytest.importorskip("torch")
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    class FakeStage:  # what ScheduleInterleaved1F1B.__init__ reads of its stages before any communication
+        def __init__(self, index, rank, size, n):
+            self.stage_index, self.group_rank, self.group_size, self.num_stages = index, rank, size, n
+            self.is_first, self.is_last = index == 0, index == n - 1
+            self.submod = torch.nn.Identity()
+            self.has_backward = True
+
+    p, local, m = 2, 2, 4
+    for rank in range(p):
+        stages = [FakeStage(j * p + rank, rank, p, p * local) for j in range(local)]
+        try:
+            sched = ScheduleInterleaved1F1B(stages, m)
+        except Exception as exc:  # pragma: no cover - depends on torch internals
+            pytest.skip(f"cannot build torch's schedule without a process group: {exc}")
+        theirs = [(a.stage_index, "F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index)
+                  for a in sched.pipeline_order[rank] if a is not None]
+        pipe = Pipeline(tuple((f"n{s}",) for s in range(p * local)), tuple(f"d{s % p}" for s in range(p * local)),
+                        m, "interleaved_1f1b")
+        ours = [(a.stage, a.kind, a.mb) for a in pipeline_orders(pipe)[rank]]
+        assert ours == theirs
+
+
+def test_one_microbatch_reproduces_the_unpipelined_step_over_one_process_per_stage():
+    g = chain(4, params=1000)
+    cluster = cpu_cluster(2)
+    problem = compile_problem(g, cluster)
+    for schedule in ("gpipe", "1f1b"):
+        result = simulate_pipeline(problem, two_stages(1, schedule), ZERO)
+        ranks = simulate_ranks(g, {"x": "cpu:0", "l0": "cpu:0", "l1": "cpu:0", "l2": "cpu:1", "l3": "cpu:1",
+                                   "output": "cpu:1"}, cluster, ZERO)
+        # The problem's fixed host cost per process that holds parameters is the only difference (P5).
+        fixed = problem.ops.host.step_s
+        assert result.step_time == pytest.approx(ranks.step_time + fixed, rel=1e-12, abs=1e-15)
+
+
+def test_microbatches_overlap_the_stages():
+    problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
+    one = simulate_pipeline(problem, two_stages(1), ZERO).step_time
+    four = simulate_pipeline(problem, two_stages(4), ZERO).step_time
+    # Two equal stages, F = 2 ms, B = 4 ms on the whole batch: 6 ms each; with 4 micro-batches
+    # the bubble is (S - 1) / M of a stage's time, so the step is (1 + 1/4) * 6 ms instead of 12,
+    # plus the link latencies on the critical path (a few hops of 100 us).
+    assert one == pytest.approx(12e-3 + 2 * LAT, rel=1e-3)
+    assert 6e-3 * (1 + 1 / 4) <= four <= 6e-3 * (1 + 1 / 4) + 5 * LAT
+    assert four < 0.7 * one
+
+
+def test_each_microbatch_carries_its_share_of_the_boundary_bytes():
+    problem = compile_problem(chain(4, out_bytes=1_000_000), cpu_cluster(2))
+    sc = stage_costs(problem, two_stages(4), ZERO)
+    assert sc.fwd_bytes.tolist() == [250_000]
+    assert sc.bwd_bytes.tolist() == [250_000]
+
+
+def test_a_skip_connection_is_relayed_through_every_stage_in_between():
+    g = chain(4, skip=True, out_bytes=1000)
+    problem = compile_problem(g, cpu_cluster(3))
+    pipe = Pipeline((("x", "l0"), ("l1", "l2"), ("l3", "output")), ("cpu:0", "cpu:1", "cpu:2"), 1, "1f1b")
+    sc = stage_costs(problem, pipe, ZERO)
+    # l0 is read by l1 (stage 1) and l3 (stage 2): it crosses boundary 1 besides l2.
+    assert sc.fwd_bytes.tolist() == [1000, 2000]
+
+
+def test_gpipe_keeps_every_microbatch_in_flight_and_1f1b_at_most_the_later_stages():
+    problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
+    assert simulate_pipeline(problem, two_stages(8, "gpipe"), ZERO).in_flight == [8, 8]
+    assert simulate_pipeline(problem, two_stages(8, "1f1b"), ZERO).in_flight == [2, 1]
+
+
+def test_a_stage_that_does_not_fit_its_device_is_refused_naming_it():
+    # Each stage keeps 20 MB of activations per batch; stage 1 also its 10 MB received input.
+    problem = compile_problem(chain(4, out_bytes=10_000_000), cpu_cluster(2, memory=25_000_000))
+    ok = check_pipeline(problem, two_stages(4, "1f1b"), batch_size=8)
+    assert ok.fits and ok.peak_memory == {"cpu:0": 2 * 5e6, "cpu:1": 5e6 + 2.5e6}
+    with pytest.raises(PipelineError, match=r"stage\(s\) \[1\] do not fit cpu:1: they need 0.03 GiB"):
+        check_pipeline(problem, two_stages(4, "gpipe"), batch_size=8)
+
+
+def test_bad_pipelines_get_one_clear_error_each():
+    with pytest.raises(PipelineError, match="unknown pipeline schedule 'zb'"):
+        Pipeline((("a",),), ("d",), 1, "zb")
+    with pytest.raises(PipelineError, match="do not divide the batch of 10"):
+        Pipeline((("a",),), ("d",), 4).check_batch(10)
+    with pytest.raises(PipelineError, match="integer >= 1"):
+        Pipeline((("a",),), ("d",), 0)
+    with pytest.raises(PipelineError, match="one stage per device"):
+        Pipeline((("a",), ("b",)), ("d", "d"), 2, "1f1b")
+    problem = compile_problem(chain(4), cpu_cluster(2))
+    backwards = Pipeline((("x", "l0", "l2"), ("l1", "l3", "output")), ("cpu:0", "cpu:1"), 1)
+    with pytest.raises(PipelineError, match="no stage sends back"):
+        simulate_pipeline(problem, backwards)
+    with pytest.raises(PipelineError, match="miss 1 node"):
+        simulate_pipeline(problem, Pipeline((("x", "l0", "l1"), ("l2", "l3")), ("cpu:0", "cpu:1"), 1))
+
+
+def test_pipeline_round_trips_through_its_dict():
+    p = two_stages(4, "gpipe")
+    assert Pipeline.from_dict(p.to_dict()) == p
+    assert Action(0, "F", 1) == Action(0, "F", 1)
