@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from envs.gym.measured_rewards import HybridReward, measure_outcome
+from envs.runtime.measure import BUDGET_SPENT
 from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
 from envs.sim.problem import PlacementProblem
@@ -116,12 +117,18 @@ class PlacementMeasurer:
         self.records: list[MeasuredPlacement] = []
         self.requests = 0
         self.hybrid: HybridReward | None = None
+        self.deadline: float | None = None
         self._by_key: dict[bytes, MeasuredPlacement] = {}
 
     def set_deadline(self, deadline: float | None) -> None:
-        """No run may pass ``deadline`` (``time.monotonic()``; None: only the time-out applies)."""
-        if hasattr(self.backend, "deadline"):
-            self.backend.deadline = deadline
+        """No run may pass ``deadline`` (``time.monotonic()``; None: only the time-out applies).
+
+        It applies once one valid measurement exists: the first (the measured reward's
+        reference, without which no placement can be scored) is bounded by the time-out
+        only, so a budget shorter than the workers' start-up still measures something.
+        A backend without a ``deadline`` attribute keeps its own time-outs only.
+        """
+        self.deadline = deadline
 
     def __enter__(self) -> PlacementMeasurer:
         return self
@@ -146,9 +153,9 @@ class PlacementMeasurer:
         for key, row in zip(keys, rows):
             if key not in self._by_key:
                 new.setdefault(key, row)
-        if new:
-            self._run(list(new.values()))
-        return [self._by_key[k] for k in keys]
+        fresh = self._run(list(new.values())) if new else {}
+        # A run cut by the deadline is answered but not kept: it may run another time.
+        return [self._by_key.get(k) or fresh[k] for k in keys]
 
     def lookup(self, row: np.ndarray | None) -> MeasuredPlacement | None:
         """The measurement of ``row``, if it was measured."""
@@ -170,7 +177,9 @@ class PlacementMeasurer:
         """Stop the backend's worker processes, if it keeps any."""
         self.backend.close()
 
-    def _run(self, rows: list[np.ndarray]) -> None:
+    def _run(self, rows: list[np.ndarray]) -> dict[bytes, MeasuredPlacement]:
+        if hasattr(self.backend, "deadline"):
+            self.backend.deadline = self.deadline if any(r.valid for r in self.records) else None
         batch = np.stack(rows)
         simulated = simulate_batch(self.problem, batch).step_time
         cal = self.calibration()
@@ -186,14 +195,19 @@ class PlacementMeasurer:
             failed = MeasureResult(step_time=math.inf, valid=False,
                                    reason=f"measurement failed: {type(exc).__name__}: {exc}")
             results = [failed] * len(ops)
+        out: dict[bytes, MeasuredPlacement] = {}
         for i, (row, res) in enumerate(zip(rows, results)):
             t, valid, reason = measure_outcome(res)
             rec = MeasuredPlacement(row=row.copy(), step_time=t if valid else math.inf, valid=valid, reason=reason,
                                     phase=self.phase, simulated=float(simulated[i]),
                                     predicted=None if predicted is None else float(predicted[i]))
+            out[row.tobytes()] = rec
+            if res.budget_cut and res.reason == BUDGET_SPENT:
+                continue  # never ran: nothing to log
             self.records.append(rec)
             if not res.budget_cut:  # cut by the deadline: it may run another time
                 self._by_key[row.tobytes()] = rec
+        return out
 
 
 def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | None, problem: PlacementProblem,

@@ -232,3 +232,57 @@ def test_measure_timeout_must_be_a_positive_time(capsys):
     assert "--measure-timeout: must be a positive time" in capsys.readouterr().err
     assert main(["optimize", "zoo:rnnlm", "--measure-timeout", "soon"]) == 2
     assert "expected seconds like 30, 90s or 5m" in capsys.readouterr().err
+
+
+class _DeadlineBackend:
+    """A measurer of op placements that honours ``deadline`` like the real ones: past it,
+    nothing runs (BUDGET_SPENT, not cached)."""
+
+    def __init__(self):
+        self.deadline = None
+        self.deadlines_seen = []
+        self.runs = 0
+
+    def measure(self, placements):
+        self.deadlines_seen.append(self.deadline)
+        out = []
+        for _ in placements:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                out.append(MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, budget_cut=True))
+            else:
+                self.runs += 1
+                out.append(MeasureResult(step_time=1e-3))
+        return out
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_the_budget_spares_the_first_measurement_and_cut_runs_are_answered_not_kept():
+    """A budget shorter than the workers' start-up still measures the reference; after it,
+    placements past the deadline come back invalid, are not logged as measured, and run
+    when asked again without a deadline (the confirming phase)."""
+    import numpy as np
+
+    from placer.measurement import PlacementMeasurer
+    from tests.helpers.problems import random_problem
+
+    problem = random_problem(n=6, d=2, seed=1)
+    backend = _DeadlineBackend()
+    pm = PlacementMeasurer(backend, problem, lambda groups: groups, "fake")
+    pm.set_deadline(time.monotonic() - 1.0)  # already spent
+    rows = np.stack([np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)])
+    [first] = pm.measure_rows(rows[:1])
+    assert first.valid and backend.deadlines_seen == [None]  # the reference is spared
+    [late] = pm.measure_rows(rows[1:])
+    assert not late.valid and late.reason == BUDGET_SPENT
+    assert len(pm.records) == 1 and pm.lookup(rows[1]) is None
+    pm.set_deadline(None)
+    [again] = pm.measure_rows(rows[1:])
+    assert again.valid and backend.runs == 2 and pm.lookup(rows[1]) is again
