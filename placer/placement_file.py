@@ -9,8 +9,15 @@ whether that time was simulated or measured)::
       "fingerprint": "…",
       "devices": ["gpu0", "gpu1"],
       "assignment": {"conv1": "gpu0", "fc": "gpu1"},
-      "metadata": {"model": "resnet50", "cluster": "4xK40", "step_time": 0.12, "source": "simulated"}
+      "metadata": {"model": "resnet50", "cluster": "4xK40", "step_time": 0.12, "source": "simulated"},
+      "pipeline": {"stages": [["conv1"], ["fc"]], "devices": ["gpu0", "gpu1"],
+                   "microbatches": 4, "schedule": "1f1b"}
     }
+
+``pipeline`` (schema version 2, optional) makes the placement pipelined
+(:class:`envs.sim.pipeline.Pipeline`): its stages are the assignment's nodes cut in stage
+order, each stage on the device the assignment gives its nodes. Version 1 files (no
+pipeline) still load.
 
 Loading checks the file against the model (fingerprint, node names) and the devices at
 hand, and raises :class:`PlacementFileError` naming what did not match.
@@ -30,12 +37,14 @@ import networkx as nx
 
 from envs.runtime.apply import placement_device_map
 from envs.runtime.device_map import accelerate_device_map
+from envs.sim.pipeline import Pipeline, PipelineError
 from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
 from graphs.errors import PlacerError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "READABLE_VERSIONS",
     "Placement",
     "PlacementFileError",
     "save_placement",
@@ -44,8 +53,10 @@ __all__ = [
     "save_device_map",
 ]
 
-#: Version of the placement-file layout; bump when fields change meaning.
-SCHEMA_VERSION = 1
+#: Version of the placement-file layout; bump when fields change meaning (2: ``pipeline``).
+SCHEMA_VERSION = 2
+#: The versions this placer reads (1: before pipelines).
+READABLE_VERSIONS = (1, 2)
 
 
 class PlacementFileError(PlacerError):
@@ -63,6 +74,7 @@ class Placement:
         metadata: free-form, JSON-serialisable details (``model``, ``cluster``,
             ``step_time``, ``source`` = "simulated" | "measured", …).
         schema_version: the file layout version.
+        pipeline: the stages, micro-batches and schedule of a pipelined placement, or None.
     """
 
     assignment: dict[str, str]
@@ -70,6 +82,7 @@ class Placement:
     devices: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    pipeline: Pipeline | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted({d for d in self.assignment.values()} - set(self.devices))
@@ -77,6 +90,17 @@ class Placement:
             raise PlacementFileError(
                 f"placement assigns nodes to {unknown}, which are not in its device list {self.devices}"
             )
+        if self.pipeline is not None:
+            staged = self.pipeline.assignment()
+            if set(staged) != set(self.assignment):
+                odd = sorted(set(staged) ^ set(self.assignment))
+                raise PlacementFileError(f"the pipeline's stages hold other nodes than the assignment, e.g. {odd[:3]}; "
+                                         "expected the assignment's nodes cut into stages")
+            wrong = sorted(n for n, d in staged.items() if self.assignment[n] != d)
+            if wrong:
+                n = wrong[0]
+                raise PlacementFileError(f"node {n!r} is on {self.assignment[n]!r} in the assignment but its pipeline "
+                                         f"stage is on {staged[n]!r}; expected the same device")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document for this placement."""
@@ -86,6 +110,7 @@ class Placement:
             "devices": list(self.devices),
             "assignment": dict(sorted(self.assignment.items())),
             "metadata": dict(self.metadata),
+            **({"pipeline": self.pipeline.to_dict()} if self.pipeline is not None else {}),
         }
 
 
@@ -183,9 +208,10 @@ def _from_dict(doc: Any, where: str) -> Placement:
     if "schema_version" not in doc:
         raise PlacementFileError(f"{where} has no schema_version; expected schema_version {SCHEMA_VERSION}")
     version = doc["schema_version"]
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise PlacementFileError(
-            f"{where} has schema_version {version!r}; this placer reads schema_version {SCHEMA_VERSION}"
+            f"{where} has schema_version {version!r}; this placer reads schema_version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}"
         )
     missing = [k for k in ("fingerprint", "devices", "assignment") if k not in doc]
     if missing:
@@ -201,8 +227,17 @@ def _from_dict(doc: Any, where: str) -> Placement:
     if not isinstance(metadata, dict):
         raise PlacementFileError(f"{where}: metadata must be an object, got {type(metadata).__name__}")
     _check_metadata(metadata, where)
+    pipeline = None
+    if "pipeline" in doc:
+        if version < 2:
+            raise PlacementFileError(f"{where} has a pipeline but schema_version {version}; pipelines need version 2")
+        try:
+            pipeline = Pipeline.from_dict(doc["pipeline"])
+        except PipelineError as exc:
+            raise PlacementFileError(f"{where}: {exc}") from exc
     try:
-        return Placement(assignment=dict(assign), fingerprint=fp, devices=list(devs), metadata=metadata)
+        return Placement(assignment=dict(assign), fingerprint=fp, devices=list(devs), metadata=metadata,
+                         schema_version=int(version), pipeline=pipeline)
     except PlacementFileError as exc:
         raise PlacementFileError(f"{where}: {exc}") from exc
 
