@@ -364,7 +364,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     for s in range(s_):
         d = int(stage_dev[s])
         cpu = bool(ops.is_cpu[d])
-        scale = (costs.op_scale if costs is not None else 1.0) if cpu else 1.0
+        scale = (costs or RankCosts()).op_scale if cpu else 1.0
         sel = op_stage == s
         c = ops.cost[sel, d, :]
         fwd[s], bwd[s] = _scaled(c, cpu, m, scale)

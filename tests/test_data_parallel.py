@@ -1,0 +1,95 @@
+"""DDP simulated (envs.sim.data_parallel): buckets, ring all-reduce overlapped with the backward, does-not-fit."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from envs.hardware.cluster import Device, Link, make_cluster
+from envs.sim.data_parallel import (
+    BUCKET_BYTES,
+    FIRST_BUCKET_BYTES,
+    buckets,
+    ring_allreduce_time,
+    simulate_data_parallel,
+)
+from envs.sim.pipeline import CPU_DISPATCH_S, Pipeline, simulate_pipeline
+from envs.sim.problem import compile_problem
+from envs.sim.ranks import RankCosts
+
+LAT, BW = 100e-6, 1e9
+MB = 2**20
+
+
+def cluster(n: int = 2, memory: int = 2**33):
+    devs = [Device(f"cpu:{i}", "cpu", memory, 1e11, 1e10, real_device="cpu") for i in range(n)]
+    links = [Link(f"cpu:{i}", f"cpu:{j}", LAT, BW) for i in range(n) for j in range(i + 1, n)]
+    return make_cluster(devs, links, name="ranks", simulated=False)
+
+
+def chain(n: int = 4, params: float = 4 * MB, out_bytes: float = 1000, bwd: float = 2e-3) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.add_node("x", op="placeholder", out_bytes=100, requires_grad=False)
+    prev = "x"
+    for i in range(n):
+        g.add_node(f"l{i}", op="call_module", fwd_time={"cpu": 1e-3}, bwd_time={"cpu": bwd}, opt_time={"cpu": 0.0},
+                   out_bytes=out_bytes, requires_grad=True, param_bytes=params)
+        g.add_edge(prev, f"l{i}", bytes=g.nodes[prev]["out_bytes"])
+        prev = f"l{i}"
+    g.add_node("output", op="output", out_bytes=0, requires_grad=False)
+    g.add_edge(prev, "output", bytes=out_bytes)
+    return g
+
+
+def test_buckets_follow_ddp_caps_first_one_mib_then_25_mib():
+    assert FIRST_BUCKET_BYTES == 2**20 and BUCKET_BYTES == 25 * 2**20
+    sizes = [0.5 * MB, 0.6 * MB, 10 * MB, 10 * MB, 10 * MB, 1 * MB]
+    assert buckets(sizes) == [[0, 1], [2, 3, 4], [5]]
+
+
+def test_ring_allreduce_is_2_n_minus_1_over_n_bytes_over_bandwidth_plus_latencies():
+    assert ring_allreduce_time(1e9, 4, 1e9, 1e-5) == pytest.approx(2 * 3 / 4 * 1.0 + 2 * 3 * 1e-5)
+    assert ring_allreduce_time(1e9, 1, 1e9, 1e-5) == 0.0
+
+
+def test_one_replica_is_the_one_stage_pipeline():
+    problem = compile_problem(chain(), cluster(2))
+    dp = simulate_data_parallel(problem, 1)
+    nodes = tuple(problem.node_names)
+    pipe = simulate_pipeline(problem, Pipeline((nodes,), ("cpu:0",), 1, "1f1b"))
+    assert dp.step_time == pytest.approx(pipe.step_time, rel=1e-12)
+    assert dp.bucket_bytes and dp.exposed_allreduce == 0.0
+
+
+def test_all_reduce_overlaps_the_backward_and_only_the_last_bucket_is_exposed():
+    zero = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
+                     wake_s=0.0, loss_s=0.0, step_s=0.0)
+    # Four layers of 4 MiB: buckets [l3] (>= 1 MiB), then l2..l0 (12 MiB, under 25 MiB).
+    problem = compile_problem(chain(), cluster(2))
+    dp = simulate_data_parallel(problem, 2, zero)
+    assert dp.bucket_bytes == [4 * MB, 12 * MB]
+
+    def half(t: float) -> float:  # an op on half the batch: its dispatch is fixed, the rest halves
+        return CPU_DISPATCH_S + (t - CPU_DISPATCH_S) / 2
+
+    first_ready = 4 * half(1e-3) + half(2e-3)  # forward, then l3's backward
+    first = ring_allreduce_time(4 * MB, 2, BW, LAT)
+    back_end = 4 * half(1e-3) + 4 * half(2e-3)
+    second_start = max(first_ready + first, back_end)
+    expected_comm_end = second_start + ring_allreduce_time(12 * MB, 2, BW, LAT)
+    assert dp.exposed_allreduce == pytest.approx(expected_comm_end - back_end, rel=1e-9)
+    fixed = problem.ops.host.step_s
+    assert dp.step_time == pytest.approx(expected_comm_end + fixed, rel=1e-9)
+
+
+def test_half_the_batch_per_replica_halves_the_compute():
+    problem = compile_problem(chain(params=0), cluster(2))
+    one, two = simulate_data_parallel(problem, 1), simulate_data_parallel(problem, 2)
+    assert two.compute_time < 0.55 * one.compute_time
+
+
+def test_a_replica_that_does_not_fit_says_so():
+    problem = compile_problem(chain(params=64 * MB), cluster(2, memory=2**29))
+    dp = simulate_data_parallel(problem, 2)
+    assert not dp.fits and "does not fit" in dp.describe()
+    assert "DDP x2" in dp.describe()
