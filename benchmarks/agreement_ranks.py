@@ -33,6 +33,11 @@ import numpy as np
 
 TARGET_SPEARMAN = 0.9
 TARGET_MAPE = 0.15
+#: "Raw": the constants before any calibration (the design note's guesses: a GraphModule or
+#: backward call ~20 us, ~10 us per message end, the profile's op times as they are) with the
+#: run's ping-pong links.
+RAW = dict(op_scale=1.0, stage_fwd_s=20e-6, stage_bwd_s=20e-6, send_s=10e-6, recv_s=10e-6, handoff_s=3e-6,
+           loss_s=50e-6, step_s=100e-6, wake_s=0.0)
 BASELINES = ("m_etf", "m_sct", "heft", "mincut", "pipeline_dp", "balanced", "sequential", "round_robin",
              "critical_path", "expert", "m_topo")
 
@@ -261,7 +266,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
     out: dict[str, Any] = {"per_model": {}, "host_costs_from_cpu": host.to_dict(), "global_costs": calibrated.to_dict()}
     for rec, g, leaves, meas, fit, held in cases:
         pls = rec["placements"]
-        raw = RankSimulator(g, cluster, RankCosts(), leaves=leaves).step_times(pls)
+        raw = RankSimulator(g, cluster, RankCosts(**RAW), leaves=leaves).step_times(pls)
         glob = RankSimulator(g, cluster, calibrated, leaves=leaves).step_times(pls)
         own = fit_rank_costs(g, [pls[i] for i in fit], meas[fit], cluster, leaves=leaves)
         cal = RankSimulator(g, cluster, own, leaves=leaves).step_times(pls)
@@ -294,7 +299,7 @@ def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
         e = analysis["per_model"][rec["model"]]
         pp = e.get("pass1_vs_pass2", {})
         lines.append(
-            f"| {rec['model']} | {rec['ops']} | {len(rec['placements'])} | {e['raw_all']['spearman']:.2f} | "
+            f"| {rec['model']} | {rec['ops']} | {len(rec.get('placements') or rec['rows'])} | {e['raw_all']['spearman']:.2f} | "
             f"{e['raw_all']['mape']:.1%} | {e['per_model_held_out']['spearman']:.2f} | "
             f"{e['per_model_held_out']['mape']:.1%} | {e['global_held_out']['spearman']:.2f} | "
             f"{e['global_held_out']['mape']:.1%} | {e['global_all']['spearman']:.2f} | {e['global_all']['mape']:.1%} | "
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out (measure) or --analyse FILE")
 
     if args.analyse:
-        path = Path(args.out or args.analyse[0])
+        path = Path(args.out) if args.out else None  # never overwrite the analysed records
         results = _pool([json.loads(Path(a).read_text()) for a in args.analyse])
     else:
         import torch
@@ -366,19 +371,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             results["models"].append(measure_model(name, args.size, args.devices, links, args.placements, args.seed,
                                                    args.warmup, args.repeats, args.passes, args.timeout))
+            assert path is not None
             path.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a crash
     results["analysis"] = {}
     for statistic in ("median", "fastest"):
         analysis = analyse(results, args.seed + 1, statistic)
         results["analysis"][statistic] = analysis
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        if path is not None:
+            path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"measured = {statistic} step")
         print(render(results, analysis))
         print("global constants:", {k: None if v is None else f"{v:.3g}" for k, v in analysis["global_costs"].items()})
     if args.markdown:
         Path(args.markdown).write_text(render_run(results) + "\n")
     if args.compact:
-        Path(args.compact).write_text(json.dumps(compact(results), indent=1) + "\n")
+        slim = {k: v for k, v in compact(results).items() if k != "analysis"}  # the tables are in --markdown
+        Path(args.compact).write_text(json.dumps(slim, separators=(",", ":")) + "\n")
     return 0
 
 

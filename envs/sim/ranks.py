@@ -34,7 +34,7 @@ thread to sleep (gloo ``UnboundBuffer::waitRecv``, a condition variable): it run
 ``wake_s`` after the payload lands. Measured here (each rank's CPU seconds per step over
 half of 6 models x 19-24 placements, regressed on the plan's counts, :func:`fit_host_costs`):
 ~210 us per stage call (forward or backward: the GraphModule or ``autograd.backward`` call
-and the runtime's Python around it), ~85 us per message at each end, ~170 us per step.
+and the runtime's Python around it), ~90 us per message at each end, ~165 us per step.
 
 **R4 Per-peer FIFO send queues in the receiver's order.** ``runtime.py:_Outbox`` keeps one
 queue per peer, sorted as the receiver consumes (forward: ``(dst_stage, transfer
@@ -131,23 +131,23 @@ class RankCosts:
 
     Defaults: calibrated on this machine (2-core VM shared with other jobs, torch 2.13 CPU,
     gloo on loopback, 2026-12-05) by ``benchmarks/agreement_ranks.py`` over 6 zoo models x
-    19-24 placements, against each placement's fastest measured step
+    19-24 placements (fit halves), against each placement's fastest measured step
     (benchmarks/results/agreement_ranks.md): the host constants from each rank's CPU
     seconds per step (:func:`fit_host_costs`), the op scale and wake-up from the steps.
     The link latency defaults to the cluster's (``latency_s=None``).
     """
 
-    op_scale: float = 0.915
-    stage_fwd_s: float = 209e-6
-    stage_bwd_s: float = 209e-6
-    send_s: float = 85e-6
-    recv_s: float = 85e-6
+    op_scale: float = 0.86
+    stage_fwd_s: float = 208e-6
+    stage_bwd_s: float = 208e-6
+    send_s: float = 91e-6
+    recv_s: float = 91e-6
     handoff_s: float = 3e-6
-    loss_s: float = 183e-6
-    step_s: float = 172e-6
+    loss_s: float = 164e-6
+    step_s: float = 165e-6
     #: Paid by a thread that had to sleep for a message (the wait found it not yet landed):
     #: the condition-variable wake-up and the wait for a core (R3).
-    wake_s: float = 4e-6
+    wake_s: float = 1.5e-6
     #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
     #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
     #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
