@@ -104,7 +104,7 @@ def test_bad_arguments_are_refused(problem):
         search(problem, budget="soon")
     with pytest.raises(SearchError, match="no saved policy"):
         load_policy("/nonexistent/policy.zip")
-    assert set(agent_names()) == {"hierarchical", "reinforce", "flat", "sequential"}
+    assert set(agent_names()) == {"moves", "hierarchical", "reinforce", "flat", "sequential"}
     with pytest.raises(SearchError, match="no_such_option"):
         search(problem, budget=10, no_such_option=1)
 
@@ -113,7 +113,7 @@ def test_an_unknown_agent_name_lists_the_registered_ones():
     with pytest.raises(UnknownAgentError) as info:
         get_agent("genetic")
     assert all(name in str(info.value) for name in agent_names())
-    with pytest.raises(SearchError, match="hierarchical, reinforce, flat, sequential"):
+    with pytest.raises(SearchError, match="moves, hierarchical, reinforce, flat, sequential"):
         SearchConfig(agent="genetic")
 
 

@@ -75,7 +75,7 @@ def test_the_winner_is_at_least_as_fast_as_every_baseline(result):
     table = result.compare()
     fitting = table[table["fits"]]
     assert result.step_time == pytest.approx(fitting["step_time"].min())
-    assert set(table["method"]) >= {"single", "round_robin", "m_etf", "placer (hierarchical)"}
+    assert set(table["method"]) >= {"single", "round_robin", "m_etf", "placer (moves)"}
     assert result.source == "simulated"
 
 

@@ -134,6 +134,7 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     lines += ["Speed-up is over the fastest single device that holds the model (measured rows: over the "
               "fastest measured single device); the ratio to the lower bound compares with max(critical "
               "path, total work / aggregate speed), a simulated figure.", ""]
+    lines += credit_section(result.search)
     if result.measurement is not None:
         lines += measurement_section(result)
     lines += ["## Files", "", "- `placement.json` — load with `placer.load(path)`"]
@@ -149,6 +150,30 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     for name, path in pictures.items():
         lines += [f"## {name.capitalize()}", "", f"![{name}]({path.name})", ""]
     return "\n".join(lines)
+
+
+def credit_section(search: Any) -> list[str]:
+    """Markdown lines: which phase of the search found each improvement of the best placement and
+    its share of the gain over the heuristic seeds (empty when the search records no improvements)."""
+    improvements = getattr(search, "improvements", None)
+    if not improvements:
+        return []
+    lines = ["## Search credit", "",
+             "Every improvement of the best placement, credited to the phase whose batch produced it "
+             "(seeds: the heuristics; policy / policy_moves: the learned agent; local_search: the "
+             "improvement phase).", "", "| phase | improvements | share of the gain over the seeds |",
+             "|---|---:|---:|"]
+    shares = search.credit()
+    counts: dict[str, int] = {}
+    for imp in improvements:
+        counts[imp.phase] = counts.get(imp.phase, 0) + 1
+    for phase, count in counts.items():
+        share = "—" if phase == "seeds" else f"{shares.get(phase, 0.0):.0%}"
+        lines.append(f"| {phase} | {count} | {share} |")
+    seed = search.seed_step_time
+    if math.isfinite(seed) and math.isfinite(search.best_step_time):
+        lines += ["", f"Best seed {seed * 1e3:.3f} ms → {search.best_step_time * 1e3:.3f} ms after the search."]
+    return lines + [""]
 
 
 _REWARD_WORDS = {

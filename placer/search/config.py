@@ -65,7 +65,8 @@ class SearchConfig:
         local_search: interleave the improvement phase (:mod:`placer.search.local_search`).
             ``None``: on when the simulator scores placements (``simulated`` and ``hybrid``
             rewards), off for ``measured`` (a neighbourhood is hundreds of evaluations).
-        local_search_share: the fraction of evaluations the improvement phase gets.
+        local_search_share: the fraction of evaluations the improvement phase gets (None: the
+            agent's own, :attr:`~placer.search.agents.registry.AgentEntry.local_search_share`).
 
     Raises:
         SearchError: unknown agent, bad sizes or share; OptionError: a malformed budget.
@@ -91,7 +92,7 @@ class SearchConfig:
     env_kwargs: Mapping[str, Any] = field(default_factory=dict)
     resume: bool = False
     local_search: bool | None = None
-    local_search_share: float = 0.5
+    local_search_share: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -102,7 +103,8 @@ class SearchConfig:
             raise SearchError(f"num_envs must be a positive integer, got {self.num_envs!r}")
         if self.num_groups is not None and (isinstance(self.num_groups, bool) or int(self.num_groups) < 1):
             raise SearchError(f"num_groups must be a positive integer, got {self.num_groups!r}")
-        if isinstance(self.local_search_share, bool) or not 0.0 < float(self.local_search_share) < 1.0:
+        if self.local_search_share is not None and (
+                isinstance(self.local_search_share, bool) or not 0.0 < float(self.local_search_share) < 1.0):
             raise SearchError(f"local_search_share must be a fraction in (0, 1), got {self.local_search_share!r}")
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "budget", parse_budget(self.budget))

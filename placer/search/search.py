@@ -187,7 +187,8 @@ def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, track
         _, ev = env.evaluate_placements(rows)
         return ev.step_time, ev.valid
 
-    return LocalSearch(problem, evaluate, tracker, rng=rng, share=config.local_search_share)
+    share = config.local_search_share if config.local_search_share is not None else get_agent(config.agent).local_search_share
+    return LocalSearch(problem, evaluate, tracker, rng=rng, share=share)
 
 
 def _resume(agent: SearchAgent, path: Path) -> None:

@@ -26,6 +26,59 @@ from placer.search.budget import Budget, parse_budget
 #: Relative improvement below which a new step time does not reset the plateau counter.
 MIN_RELATIVE_IMPROVEMENT = 1e-6
 
+#: Phase of the initial (heuristic) placements; the gain of a search is measured from its best.
+SEEDS = "seeds"
+#: The phases whose improvements are the learning policy's: whole placements it sampled or
+#: built (``policy``) and the moves it proposed around the incumbent (``policy_moves``).
+POLICY_PHASES = ("policy", "policy_moves")
+
+
+@dataclass(frozen=True)
+class Improvement:
+    """One improvement of the best placement, and who made it.
+
+    Attributes:
+        evaluated: placements evaluated when it was found (its batch included).
+        wall_s: seconds into the search.
+        phase: the phase whose batch held it (``seeds``, ``policy``, ``policy_moves``,
+            ``local_search``, ...): the tracker is told with every batch, so the credit is
+            where the placement was produced, not where it was later polished.
+        before: the best step time until then (``inf`` for the first fitting placement, or
+            when the new best is the first that fits).
+        after: the new best step time.
+    """
+
+    evaluated: int
+    wall_s: float
+    phase: str
+    before: float
+    after: float
+
+    @property
+    def gain(self) -> float:
+        """Seconds it took off the best step time (0 for a first or first-fitting placement)."""
+        return self.before - self.after if math.isfinite(self.before) else 0.0
+
+
+def credit(improvements: list[Improvement]) -> dict[str, float]:
+    """Share of the gain over the seeds found by each phase (the shares sum to 1).
+
+    The gain over the seeds is what every improvement after the best seed took off the step
+    time: with no change of reward scale in between it is exactly the best seed's time minus
+    the final one. A search without seeds measures from its first fitting placement. Empty when
+    nothing improved after the seeds.
+
+    >>> credit([Improvement(3, 0.1, "seeds", math.inf, 10.0), Improvement(9, 0.2, "policy_moves", 10.0, 7.0),
+    ...         Improvement(20, 0.3, "local_search", 7.0, 6.0)])
+    {'policy_moves': 0.75, 'local_search': 0.25}
+    """
+    gains: dict[str, float] = {}
+    for imp in improvements:
+        if imp.phase != SEEDS and imp.gain > 0:
+            gains[imp.phase] = gains.get(imp.phase, 0.0) + imp.gain
+    total = sum(gains.values())
+    return {phase: g / total for phase, g in gains.items()} if total > 0 else {}
+
 
 @dataclass(frozen=True)
 class SearchProgress:
@@ -58,6 +111,8 @@ class SearchResult:
             heuristic placements), ``"policy"`` (the agent's samples) or ``"local_search"``
             (the improvement phase, :mod:`placer.search.local_search`).
         phase_evaluated: placements evaluated by each phase.
+        improvements: every improvement of the best placement with the phase that made it
+            (:class:`Improvement`): the search curve by phase.
     """
 
     best_row: np.ndarray | None
@@ -72,6 +127,27 @@ class SearchResult:
     agent: str = ""
     best_phase: str = ""
     phase_evaluated: dict[str, int] = field(default_factory=dict)
+    improvements: list[Improvement] = field(default_factory=list)
+
+    @property
+    def seed_step_time(self) -> float:
+        """The best seed's step time (``inf`` when the search had no fitting seed)."""
+        seeds = [i.after for i in self.improvements if i.phase == SEEDS]
+        return min(seeds) if seeds else math.inf
+
+    @property
+    def gain_over_seeds(self) -> float:
+        """Seconds the phases after the seeds took off the step time (see :func:`credit`)."""
+        return sum(i.gain for i in self.improvements if i.phase != SEEDS)
+
+    def credit(self) -> dict[str, float]:
+        """Share of the gain over the seeds each phase found (see :func:`credit`)."""
+        return credit(self.improvements)
+
+    def policy_share(self) -> float | None:
+        """The share of the gain over the seeds found by the policy's phases (None: no gain)."""
+        shares = self.credit()
+        return sum(shares.get(p, 0.0) for p in POLICY_PHASES) if shares else None
 
     def time_to_within(self, fraction: float = 0.05) -> float | None:
         """Seconds until the best step time first came within ``fraction`` of the final one."""
@@ -133,6 +209,7 @@ class BestTracker:
     best_path: Path | None = field(default=None, init=False)
     best_phase: str = field(default="", init=False)
     phase_evaluated: dict[str, int] = field(default_factory=dict, init=False)
+    improvements: list[Improvement] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         # The parsed budget, typed (``budget`` keeps whatever the caller gave, parsed too).
@@ -240,6 +317,9 @@ class BestTracker:
         )
         if not better:
             return
+        # A first fitting placement replaces a non-fitting one: no time was gained, it now fits.
+        before = self.best_step_time if self.best_fits == fits else math.inf
+        self.improvements.append(Improvement(self.evaluated + batch, self.wall_s, phase, before, step_time))
         self.best_row = np.array(row, dtype=np.int64, copy=True)
         self.best_step_time = step_time
         self.best_fits = fits
@@ -294,4 +374,5 @@ class BestTracker:
             agent=self.agent,
             best_phase=self.best_phase,
             phase_evaluated=dict(self.phase_evaluated),
+            improvements=list(self.improvements),
         )

@@ -1,0 +1,442 @@
+"""A learned move policy: which improvement moves to try around the incumbent (the ``moves`` agent).
+
+Placeto and GiPH turn placement into a sequence of improvements and learn which one to make;
+this agent does the same on the batched simulator and so competes directly with local search,
+on the same budget of evaluated placements.
+
+From a current placement it proposes a batch of *moves*: each proposal relocates one to
+``max_moves`` groups, the first drawn from a softmax over every (group, device) pair, each
+further one drawn from the same scores plus learned terms that couple it to the moves already
+made (a neighbour of a moved group following it to its new device, or taking its old one; a
+group filling the device a move freed). Local search's neighbourhood is single moves and the
+moves of an edge's two ends; a proposal here can move two groups that share no edge, or three.
+
+The score of moving group ``g`` to device ``d`` is a small MLP over features of the current
+placement that carry to any graph and cluster size (:func:`move_features`): the compute time of
+``g`` on ``d`` against its current device, the compute load of ``d`` and of ``g``'s device, the
+share of ``g``'s traffic that already lives on ``d`` or stays on its device, its transfer time
+against its compute, whether ``g`` lies on the critical path (longest path with the placement's
+compute and transfer times), and memory headroom. Because nothing in the network is indexed by
+group or device, weights trained on one graph load on any other (:meth:`MovePolicy.load`).
+
+Training is REINFORCE on the simulator's verdict: the reward of a proposal is its relative
+step-time improvement over the current placement (a placement that does not fit earns -1), the
+baseline the batch mean. The best improving proposal of each batch becomes the current point;
+when several batches in a row find nothing, the best fitting proposal is taken anyway for a short
+walk (an escape the policy chose), and the walk returns to the incumbent when it leads nowhere.
+Every evaluated batch goes to the tracker as phase ``policy_moves``, so each improvement is
+credited to the policy or to whichever phase (seeds, local search) actually found it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from envs.gym.vector_env import BatchedPlacementVecEnv
+from envs.sim.problem import PlacementProblem
+from placer.search.local_search import LocalSearch
+from placer.search.tracker import BestTracker
+
+#: The phase name of the batches this agent evaluates (see :mod:`placer.search.tracker`).
+PHASE = "policy_moves"
+#: Number of per-move features (:func:`move_features`).
+NUM_FEATURES = 12
+#: Number of coupling features of a further move (:func:`_coupling`).
+NUM_COUPLING = 3
+
+
+@dataclass
+class MovePolicyConfig:
+    """Hyper-parameters of the move policy.
+
+    Attributes:
+        hidden: width of the scoring MLP.
+        learning_rate: Adam step size.
+        ent_coef: entropy bonus on the first move and the move count.
+        max_moves: the most groups one proposal relocates.
+        stall: batches without improvement before a walk step is taken.
+        walk: the longest walk away from the incumbent before returning to it.
+    """
+
+    hidden: int = 32
+    learning_rate: float = 3e-3
+    ent_coef: float = 1e-3
+    max_moves: int = 3
+    stall: int = 3
+    walk: int = 6
+
+
+class MoveNetwork(torch.nn.Module):
+    """Scores (group, device) moves from their features; nothing depends on the graph's size."""
+
+    def __init__(self, hidden: int = 32, max_moves: int = 3) -> None:
+        super().__init__()
+        self.score = torch.nn.Sequential(
+            torch.nn.Linear(NUM_FEATURES, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+            torch.nn.Linear(hidden, 1),
+        )
+        self.coupling = torch.nn.Parameter(torch.tensor([1.0, 0.5, 0.5]))
+        self.count_logits = torch.nn.Parameter(torch.zeros(max_moves))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [N * D] of the moves whose features [N * D, F] are given."""
+        return self.score(features).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------- features
+@dataclass(frozen=True)
+class _Static:
+    """What the features need of a problem, computed once per search."""
+
+    cost: np.ndarray  # [N, D] forward + backward seconds
+    static_mem: np.ndarray  # [N] bytes a group pins on its device (parameters, optimizer state, activations)
+    src: np.ndarray  # [E]
+    dst: np.ndarray  # [E]
+    nbytes: np.ndarray  # [E]
+    nbr_ptr: np.ndarray  # CSR of neighbours (both directions)
+    nbr: np.ndarray
+    mean_bw: float
+
+
+def _static(problem: PlacementProblem) -> _Static:
+    n = problem.num_nodes
+    cost = np.asarray(problem.fwd_time, dtype=np.float64) + np.asarray(problem.bwd_time, dtype=np.float64)
+    static_mem = np.asarray(problem.static_memory(), dtype=np.float64).reshape(-1)
+    if static_mem.shape[0] != n:  # a per-device figure: the group's bytes are the same everywhere
+        static_mem = np.asarray(problem.param_bytes, dtype=np.float64) * (1.0 + problem.optimizer_state_factor)
+    static_mem = static_mem + np.asarray(problem.act_bytes, dtype=np.float64)
+    src = np.asarray(problem.edge_src, dtype=np.int64)
+    dst = np.asarray(problem.edge_dst, dtype=np.int64)
+    nbytes = np.asarray(problem.edge_bytes, dtype=np.float64)
+    both_a = np.concatenate([src, dst])
+    both_b = np.concatenate([dst, src])
+    order = np.argsort(both_a, kind="stable")
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(ptr, both_a + 1, 1)
+    bw = np.asarray(problem.bandwidth, dtype=np.float64)
+    finite = bw[np.isfinite(bw) & (bw > 0)]
+    return _Static(cost, static_mem, src, dst, nbytes, np.cumsum(ptr), both_b[order],
+                   float(finite.mean()) if finite.size else 1e10)
+
+
+def _critical(problem: PlacementProblem, st: _Static, row: np.ndarray) -> np.ndarray:
+    """[N] length of the longest path through each group over the longest path (1 = on the critical path).
+
+    Node weights are the group's compute on its device, edge weights the transfer time of a cut
+    edge; edges run from lower to higher index (the problem's topological order)."""
+    n = problem.num_nodes
+    w = st.cost[np.arange(n), row]
+    cut = row[st.src] != row[st.dst]
+    ew = np.where(cut, st.nbytes / st.mean_bw, 0.0)
+    top = np.zeros(n)
+    bottom = np.zeros(n)
+    # Relax in node order: sources precede destinations, so one pass per direction is exact.
+    order = np.argsort(st.dst, kind="stable")
+    s_o, d_o, e_o = st.src[order], st.dst[order], ew[order]
+    bounds = np.searchsorted(d_o, np.arange(n + 1))
+    for v in range(n):
+        a, b = bounds[v], bounds[v + 1]
+        if a < b:
+            top[v] = float(np.max(top[s_o[a:b]] + w[s_o[a:b]] + e_o[a:b]))
+    order = np.argsort(st.src, kind="stable")
+    s_o, d_o, e_o = st.src[order], st.dst[order], ew[order]
+    bounds = np.searchsorted(s_o, np.arange(n + 1))
+    for v in range(n - 1, -1, -1):
+        a, b = bounds[v], bounds[v + 1]
+        if a < b:
+            bottom[v] = float(np.max(bottom[d_o[a:b]] + w[d_o[a:b]] + e_o[a:b]))
+    through = top + w + bottom
+    longest = float(through.max()) if n else 1.0
+    return through / max(longest, 1e-30)
+
+
+def move_features(problem: PlacementProblem, row: np.ndarray, peak_memory: np.ndarray | None = None,
+                  static: _Static | None = None) -> np.ndarray:
+    """Features [N * D, F] of moving each group to each device, from placement ``row`` [N].
+
+    Move ``g * D + d`` puts group ``g`` on device ``d``. Every feature is a ratio, so the same
+    weights score graphs and clusters of any size. ``peak_memory`` [D] is the placement's
+    simulated peak per device (None: estimated from the groups' static bytes).
+    """
+    st = static or _static(problem)
+    row = np.asarray(row, dtype=np.int64)
+    n, d = problem.num_nodes, problem.num_devices
+    g = np.arange(n)
+    cost = st.cost
+    own = cost[g, row]
+    load = np.bincount(row, weights=own, minlength=d)
+    max_load = max(float(load.max()), 1e-30)
+    # Traffic of each group with each device (bytes of its edges whose other end is there).
+    traffic = np.zeros((n, d))
+    np.add.at(traffic, (st.src, row[st.dst]), st.nbytes)
+    np.add.at(traffic, (st.dst, row[st.src]), st.nbytes)
+    total = traffic.sum(axis=1, keepdims=True)
+    share = np.where(total > 0, traffic / np.maximum(total, 1e-30), 0.0)
+    cut_time = (total[:, 0] - traffic[g, row]) / st.mean_bw
+    crit = _critical(problem, st, row)
+    cap = np.asarray(problem.memory_capacity, dtype=np.float64)
+    if peak_memory is None:
+        peak_memory = np.bincount(row, weights=st.static_mem, minlength=d)
+    peak = np.asarray(peak_memory, dtype=np.float64).reshape(-1)
+    headroom = (cap[None, :] - peak[None, :] - st.static_mem[:, None]) / np.maximum(cap[None, :], 1.0)
+    over_here = (peak[row] > cap[row]).astype(np.float64)
+    f = np.empty((n, d, NUM_FEATURES))
+    f[..., 0] = np.clip(np.log((cost + 1e-12) / (own[:, None] + 1e-12)), -5.0, 5.0)
+    f[..., 1] = (own / max_load)[:, None]
+    f[..., 2] = (load / max_load)[None, :]
+    f[..., 3] = (load[row] / max_load)[:, None]
+    f[..., 4] = share
+    f[..., 5] = share[g, row][:, None]
+    f[..., 6] = np.log1p(cut_time / np.maximum(own, 1e-12))[:, None] / 5.0
+    f[..., 7] = crit[:, None]
+    f[..., 8] = np.clip(headroom, -1.0, 1.0)
+    f[..., 9] = (headroom < 0).astype(np.float64)
+    f[..., 10] = over_here[:, None]
+    f[..., 11] = ((load[None, :] + cost) / max_load - 1.0).clip(-1.0, 5.0)  # d's load if g joined it
+    return f.reshape(n * d, NUM_FEATURES).astype(np.float32)
+
+
+def _coupling(st: _Static, row: np.ndarray, moved_g: np.ndarray, moved_d: np.ndarray,
+              d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coupling indicators of further moves given one move (g_b -> d_b) per proposal b, each [B, N * D]:
+    a neighbour of g_b to d_b (follow), a neighbour of g_b to g_b's old device (swap), any group
+    to g_b's old device (fill what was freed)."""
+    b, n = len(moved_g), len(row)
+    follow = np.zeros((b, n * d), dtype=np.float32)
+    swap = np.zeros((b, n * d), dtype=np.float32)
+    fill = np.zeros((b, n, d), dtype=np.float32)
+    starts, ends = st.nbr_ptr[moved_g], st.nbr_ptr[moved_g + 1]
+    counts = ends - starts
+    old = row[moved_g]
+    if counts.sum():
+        which = np.repeat(np.arange(b), counts)
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        idx = st.nbr[np.repeat(starts, counts) + offsets]
+        follow[which, idx * d + moved_d[which]] = 1.0
+        swap[which, idx * d + old[which]] = 1.0
+    fill[np.arange(b), :, old] = 1.0
+    return follow, swap, fill.reshape(b, n * d)
+
+
+# ---------------------------------------------------------------------------------- policy
+class MovePolicy:
+    """Samples proposals (one to ``max_moves`` coordinated moves) and learns from their rewards."""
+
+    def __init__(self, config: MovePolicyConfig | None = None, seed: int = 0) -> None:
+        self.config = config or MovePolicyConfig()
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            self.net = MoveNetwork(self.config.hidden, self.config.max_moves)
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=self.config.learning_rate)
+
+    def propose(self, problem: PlacementProblem, st: _Static, row: np.ndarray, features: np.ndarray,
+                batch: int, rng: np.random.Generator) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """``batch`` proposals around ``row``: rows [B, N], their log-probabilities [B] and entropy [B]."""
+        n, d = problem.num_nodes, problem.num_devices
+        logits = self.net(torch.from_numpy(features))
+        current = torch.zeros(n * d, dtype=torch.bool)
+        current[torch.from_numpy(np.arange(n) * d + row)] = True
+        logits = logits.masked_fill(current, -1e9)
+        k_lp = torch.log_softmax(self.net.count_logits, dim=0)
+        k = _sample(k_lp.detach().exp().numpy().astype(np.float64), batch, rng) + 1
+        logp = k_lp[torch.from_numpy(k - 1)]
+        # The first move: one distribution shared by the whole batch.
+        lp0 = torch.log_softmax(logits, dim=0)
+        first = _sample(lp0.detach().exp().numpy().astype(np.float64), batch, rng)
+        logp = logp + lp0[torch.from_numpy(first)]
+        entropy = (-(k_lp.exp() * k_lp).sum() - (lp0.exp() * lp0).sum()).expand(batch)
+        rows = np.repeat(row[None].astype(np.int64), batch, axis=0)
+        rows[np.arange(batch), first // d] = first % d
+        # Further moves, for the proposals that make them: coupled to the moves made so far.
+        moved_mask = np.zeros((batch, n * d), dtype=bool)
+        coupling = torch.zeros(batch, n * d)
+        w = self.net.coupling
+        chosen = first
+        for j in range(1, int(k.max()) if batch else 0):
+            g_prev = chosen // d
+            follow, swap, fill = _coupling(st, row, g_prev, chosen % d, d)
+            coupling = coupling + w[0] * torch.from_numpy(follow) + w[1] * torch.from_numpy(swap) + \
+                w[2] * torch.from_numpy(fill)
+            moved_mask[np.arange(batch)[:, None], g_prev[:, None] * d + np.arange(d)[None, :]] = True
+            act = np.flatnonzero(k > j)
+            if not len(act):
+                break
+            step = (logits[None, :] + coupling[act]).masked_fill(torch.from_numpy(moved_mask[act]) | current[None], -1e9)
+            lp = torch.log_softmax(step, dim=1)
+            pick = _sample_rows(lp.detach().exp().numpy().astype(np.float64), rng)
+            gain = torch.zeros(batch)
+            gain = gain.index_put((torch.from_numpy(act),), lp.gather(1, torch.from_numpy(pick)[:, None]).squeeze(1))
+            logp = logp + gain
+            rows[act, pick // d] = pick % d
+            chosen = chosen.copy()
+            chosen[act] = pick
+        return rows, logp, entropy
+
+    def update(self, logp: torch.Tensor, entropy: torch.Tensor, reward: np.ndarray) -> None:
+        """One REINFORCE step: advantage = reward - batch mean (scaled by the batch's spread)."""
+        r = torch.as_tensor(reward, dtype=torch.float32)
+        adv = r - r.mean()
+        std = float(adv.std()) if len(adv) > 1 else 0.0
+        if std > 1e-12:
+            adv = adv / std
+        loss = -(adv * logp).mean() - self.config.ent_coef * entropy.mean()
+        self.optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.optim.step()
+
+    def state_dict(self) -> dict:
+        """The network's weights and the config that sized it."""
+        return {"config": self.config.__dict__.copy(), "net": self.net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load weights saved by :meth:`state_dict` (from any graph: nothing is sized by it)."""
+        self.net.load_state_dict(state["net"])
+
+    def save(self, path: str | Path) -> None:
+        """Write the policy to ``path`` (``torch.save``)."""
+        torch.save(self.state_dict(), Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, seed: int = 0) -> MovePolicy:
+        """A policy saved by :meth:`save`, for any graph and cluster."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        policy = cls(MovePolicyConfig(**state["config"]), seed=seed)
+        policy.load_state_dict(state)
+        return policy
+
+
+def _sample(probs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` indices drawn from one distribution ``probs`` [K] (inverse CDF on the search's generator)."""
+    cdf = np.cumsum(probs)
+    return np.minimum(np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right"), len(probs) - 1).astype(np.int64)
+
+
+def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of ``probs`` [B, K] (inverse-CDF on the search's generator)."""
+    cdf = np.cumsum(probs, axis=1)
+    u = rng.random(len(probs)) * cdf[:, -1]
+    out = (cdf < u[:, None]).sum(axis=1)
+    return np.minimum(out, probs.shape[1] - 1).astype(np.int64)
+
+
+def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``rows`` [B, N] in first-seen order, and each row's index among them."""
+    # Two independent 64-bit hashes (wrapping products with fixed odd weights): equal keys mean equal rows.
+    n = rows.shape[1]
+    w = np.random.default_rng(n).integers(1, 2**62, size=(2, n), dtype=np.int64) | 1
+    with np.errstate(over="ignore"):
+        keys = (rows + 1) @ w.T
+    _, first, inverse = np.unique(keys[:, 0] ^ (keys[:, 1] * 31), return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rows[np.sort(first)], rank[inverse.reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------- start
+def start_row(problem: PlacementProblem) -> np.ndarray:
+    """Where the policy starts without seeds: every group on the device that computes the whole
+    graph fastest among those whose memory holds it; when none does, consecutive groups (in
+    topological order) over the devices in proportion to their memory."""
+    st = _static(problem)
+    n, d = problem.num_nodes, problem.num_devices
+    cap = np.asarray(problem.memory_capacity, dtype=np.float64)
+    need = float(st.static_mem.sum())
+    totals = st.cost.sum(axis=0)
+    fits = np.flatnonzero(cap >= need)
+    if len(fits):
+        return np.full(n, int(fits[np.argmin(totals[fits])]), dtype=np.int64)
+    bounds = np.cumsum(cap) / cap.sum() * need
+    filled = np.cumsum(st.static_mem)
+    return np.minimum(np.searchsorted(bounds, filled), d - 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------- agent
+class MoveAgent:
+    """The move policy as a :class:`~placer.search.agents.base.SearchAgent`."""
+
+    def __init__(self, env: BatchedPlacementVecEnv, problem: PlacementProblem, rng: np.random.Generator,
+                 batch: int, config: MovePolicyConfig | None = None, seed: int = 0) -> None:
+        self.env = env
+        self.problem = problem
+        self.rng = rng
+        self.batch = max(1, int(batch))
+        self.policy = MovePolicy(config, seed=seed)
+        self.static = _static(problem)
+
+    def resume(self, path: Path) -> None:
+        """Load a policy saved by :meth:`save` (from this or any other graph)."""
+        self.policy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def imitate(self, tracker: BestTracker, steps: int, lr: float) -> None:
+        """Nothing to clone: the policy starts from the tracker's best placement itself."""
+
+    def save(self, path: Path) -> None:
+        """Write the policy (any graph can load it)."""
+        self.policy.save(path)
+
+    def _evaluate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, ev = self.env.evaluate_placements(rows)
+        ok = np.asarray(ev.valid, dtype=bool) & np.asarray(ev.fits, dtype=bool)
+        return np.asarray(ev.step_time, dtype=np.float64), ok, np.asarray(ev.peak_memory, dtype=np.float64)
+
+    def learn(self, tracker: BestTracker, improver: LocalSearch | None) -> str:
+        """Propose, evaluate, learn and move until the tracker raises
+        :class:`~placer.search.tracker.StopSearch`."""
+        cfg = self.policy.config
+        if tracker.best_row is None:
+            row = start_row(self.problem)
+            t, ok, peak = self._evaluate(row[None])
+            tracker.record(row[None], t, ok, next_batch=1, phase="policy")
+        current = np.array(tracker.best_row, dtype=np.int64, copy=True)
+        cur_key = (not tracker.best_fits, tracker.best_step_time)
+        seen_best = cur_key
+        features = move_features(self.problem, current, None, self.static)
+        stall = walk = 0
+        while True:
+            incumbent = (not tracker.best_fits, tracker.best_step_time)
+            if incumbent < seen_best and incumbent < cur_key:
+                # Another phase (local search) improved the best: continue from there.
+                current = np.array(tracker.best_row, dtype=np.int64, copy=True)
+                cur_key, walk, stall = incumbent, 0, 0
+                features = move_features(self.problem, current, None, self.static)
+            seen_best = min(seen_best, incumbent)
+            left = tracker.remaining_placements()
+            batch = self.batch if left is None else max(1, min(self.batch, left))
+            rows, logp, entropy = self.policy.propose(self.problem, self.static, current, features, batch, self.rng)
+            uniq, inverse = _unique_rows(rows)
+            t_u, ok_u, peak_u = self._evaluate(uniq)
+            t, ok = t_u[inverse], ok_u[inverse]
+            base = cur_key[1] if math.isfinite(cur_key[1]) else float(np.nanmin(np.where(ok, t, np.inf), initial=1.0))
+            reward = np.where(ok, np.clip((base - t) / max(base, 1e-30), -1.0, 1.0), -1.0)
+            if cur_key[0] and ok.any():
+                reward = np.where(ok, 1.0, -1.0)  # from a placement that does not fit, fitting is the goal
+            self.policy.update(logp, entropy, reward)
+            i = int(np.argmin(np.where(ok_u, t_u, np.inf))) if ok_u.any() else -1
+            new_key = (False, float(t_u[i])) if i >= 0 else (True, math.inf)
+            # Tell the tracker last: it raises StopSearch at the end of the budget.
+            if new_key < cur_key:
+                current, cur_key, stall = uniq[i].copy(), new_key, 0
+                features = move_features(self.problem, current, peak_u[i], self.static)
+            else:
+                stall += 1
+                if stall >= cfg.stall and i >= 0:
+                    stall = 0
+                    if walk >= cfg.walk and tracker.best_row is not None:
+                        current = np.array(tracker.best_row, dtype=np.int64, copy=True)
+                        cur_key, walk = (not tracker.best_fits, tracker.best_step_time), 0
+                        features = move_features(self.problem, current, None, self.static)
+                    else:
+                        current, cur_key = uniq[i].copy(), new_key
+                        walk += 1
+                        features = move_features(self.problem, current, peak_u[i], self.static)
+            tracker.record(uniq, t_u, ok_u, next_batch=1 if left is not None else batch, phase=PHASE)
+            if improver is not None:
+                improver.after_policy_batch(len(uniq), next_batch=1)
