@@ -118,4 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     print(f"results in {args.out}/ (placement.json, report.md)")
+    from placer.search.baselines.pipeline_rows import recommendation_line
+
+    print(recommendation_line(result.table, result.winner))
     return 0

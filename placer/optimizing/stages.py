@@ -45,6 +45,7 @@ from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
+from placer.search.baselines.pipeline_rows import batch_size_of, with_parallel_rows
 from placer.search.config import SearchConfig
 from placer.search.tracker import SearchResult
 
@@ -297,7 +298,10 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         from placer.measurement import measured_speedups
 
         table = measured_speedups(table, measurer)
-    fitting = table[table["fits"]]
+    # DDP and the pipeline partitioners, simulated, beside the placements (issue 16); only a
+    # placement can win here (placement.json holds it), the final line recommends the fastest.
+    table = with_parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs))
+    fitting = table[table["fits"] & (table["kind"] == "placement")]
     if fitting.empty:
         from placer.memory_fit import memory_needs
 

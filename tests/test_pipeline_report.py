@@ -1,0 +1,64 @@
+"""DDP and pipelines in the comparison table, and the recommendation line (placer.search.baselines.pipeline_rows)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import torch
+
+from envs.hardware.cluster import Device, Link, make_cluster
+from envs.sim.problem import compile_problem
+from placer.report.compare import Candidate, comparison_table
+from placer.search.baselines.pipeline_rows import batch_size_of, recommendation_line, with_parallel_rows
+
+MB = 2**20
+
+
+def gpus(n: int = 2, memory: float = 2**34):
+    devs = [Device(f"gpu{i}", "V100", memory, 1e13, 9e11) for i in range(n)]
+    links = [Link(f"gpu{i}", f"gpu{j}", 1e-5, 1e10) for i in range(n) for j in range(i + 1, n)]
+    return make_cluster(devs, links, name="gpus")
+
+
+def chain(k: int = 8, params: float = MB) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.add_node("x", op="placeholder", out_bytes=MB, requires_grad=False)
+    prev = "x"
+    for i in range(k):
+        g.add_node(f"l{i}", op="call_module", fwd_time={"V100": 1e-3}, bwd_time={"V100": 2e-3},
+                   opt_time={"V100": 1e-5}, out_bytes=MB, requires_grad=True, param_bytes=params, flops=1e9)
+        g.add_edge(prev, f"l{i}", bytes=MB)
+        prev = f"l{i}"
+    g.add_node("output", op="output", out_bytes=0, requires_grad=False)
+    g.add_edge(prev, "output", bytes=MB)
+    return g
+
+
+def test_batch_size_is_dim_0_of_the_first_tensor_input():
+    assert batch_size_of((torch.zeros(16, 3), torch.zeros(2))) == 16
+    assert batch_size_of({"ids": [torch.zeros(8, 4)]}) == 8
+    assert batch_size_of((3,)) is None
+
+
+def test_the_table_shows_ddp_and_each_partitioner_and_ddp_wins_on_a_model_that_fits():
+    problem = compile_problem(chain(), gpus(2))
+    split = np.array([0] * 5 + [1] * 5)  # half the chain on each GPU, no micro-batches
+    table = comparison_table(problem, [Candidate("split", split), Candidate("single", np.zeros(10, dtype=int))])
+    table = with_parallel_rows(table, problem, batch_size=32)
+    assert set(table["kind"]) == {"placement", "ddp", "pipeline"}
+    assert {"ddp", "pipeline:even_layers", "pipeline:even_params", "pipeline:pipedream_dp"} <= set(table["method"])
+    ddp = table[table["method"] == "ddp"].iloc[0]
+    assert ddp["fits"] and ddp["speedup_vs_single"] > 1.8
+    assert table.iloc[0]["kind"] in ("ddp", "pipeline")
+    line = recommendation_line(table, "split")
+    assert line.startswith("recommendation: ") and "slower than DDP" in line
+
+
+def test_ddp_that_does_not_fit_is_reported_and_a_pipeline_recommended():
+    problem = compile_problem(chain(params=1024 * MB), gpus(2, memory=12 * 2**30))
+    rows = np.array([0] * 5 + [1] * 5)
+    table = with_parallel_rows(comparison_table(problem, [Candidate("split", rows)]), problem, batch_size=32)
+    ddp = table[table["method"] == "ddp"].iloc[0]
+    assert not ddp["fits"] and "does not fit" in ddp["note"]
+    line = recommendation_line(table, "split")
+    assert "recommendation: pipeline:" in line and "DDP does not fit" in line
