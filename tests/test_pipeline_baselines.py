@@ -53,7 +53,7 @@ def test_even_split_by_layers_gives_each_stage_as_many_parameterised_nodes():
 def test_even_split_by_parameters_balances_bytes_not_layers():
     params = [6 * MB, 1 * MB, 1 * MB, 1 * MB, 1 * MB, 1 * MB, 1 * MB, 6 * MB, 0]
     problem = compile_problem(chain([1e-3] * 9, params), gpus(3))
-    pipe = even_split_params(problem, 2)
+    pipe = even_split_params(problem, 4)
     per_stage = [sum(problem.param_bytes[problem.node_index(n)] for n in s) for s in pipe.stages]
     assert max(per_stage) <= 7 * MB
 
@@ -98,6 +98,6 @@ def test_best_pipeline_beats_the_unpipelined_split_with_microbatches():
     found = best_pipeline(problem, batch_size=32)
     dp = found["pipedream_dp"]
     assert dp.pipeline is not None and dp.pipeline.microbatches > 1
-    one = simulate_pipeline(problem, pipedream_dp(problem, 1, "1f1b")).step_time
+    one = simulate_pipeline(problem, pipedream_dp(problem, 1, "gpipe")).step_time
     assert dp.step_time < 0.6 * one
     assert all(32 % c.pipeline.microbatches == 0 for c in found.values() if c.pipeline is not None)

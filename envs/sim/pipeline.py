@@ -50,10 +50,13 @@ calibrated there); on GPUs the defaults are zero. ``op_scale`` multiplies the op
 **P5 Step and memory.** The step ends when the last device has stepped its optimizer
 (its ops' update time plus the problem's fixed host cost, once per device that holds
 parameters). Peak memory per device: its stages' parameters, gradients and optimizer
-state (``problem.static_memory``) plus, for each micro-batch in flight, ``1/M`` of the
-stage's kept activations and of its received inputs; in flight = forwards done minus
-backwards done, walked along the action order (GPipe: all ``M``; 1F1B: at most the number
-of stages from ``s`` to the last).
+state (``problem.static_memory``), plus for each micro-batch in flight ``1/M`` of the
+stage's kept activations (in flight = forwards done minus backwards done, walked along the
+action order: GPipe all ``M``; 1F1B at most the number of stages from ``s`` to the last),
+plus the receive buffers ``PipelineStage`` allocates at its first step for every
+micro-batch and keeps (``stage.py``: the activation buffers of ``_prepare_forward_infra``
+and the gradient buffers of ``_prepare_backward_infra``, one per micro-batch): ``M``
+micro-batches of its incoming boundary and of its outgoing boundary's gradients.
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -163,6 +166,10 @@ class Pipeline:
         elif len(ranks) != len(self.stages):
             raise PipelineError(f"{self.schedule} runs one stage per device; devices {list(self.devices)} repeat "
                                 "(use interleaved_1f1b for several stages per device)")
+        if self.schedule == "1f1b" and self.microbatches < len(self.stages):
+            raise PipelineError(f"1f1b needs at least as many micro-batches as stages (Schedule1F1B); got "
+                                f"{self.microbatches} for {len(self.stages)} stages (use gpipe, or M >= "
+                                f"{len(self.stages)})")
 
     @property
     def num_stages(self) -> int:
@@ -540,9 +547,11 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
         busy_of[name] = busy[r] + opt
     peak: dict[str, float] = {}
     recv_in = np.concatenate([[0.0], sc.fwd_bytes]) if s_ > 1 else np.zeros(1)
+    grad_in = np.concatenate([sc.bwd_bytes, [0.0]]) if s_ > 1 else np.zeros(1)
     for s in range(s_):
         name = pipeline.devices[s]
-        peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * (sc.act[s] + recv_in[s])
+        buffers = m * (recv_in[s] + grad_in[s])
+        peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * sc.act[s] + buffers
     cap = {n: float(problem.memory_capacity[i]) for i, n in enumerate(problem.device_names)}
     over = {n: peak[n] - cap[n] for n in peak if peak[n] > cap[n]}
     return PipelineResult(float(max(end_of.values())), end_of, busy_of, peak, over,

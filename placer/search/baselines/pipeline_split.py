@@ -16,8 +16,9 @@ index order, else all devices; :func:`pipeline_devices`), ``M`` micro-batches an
   transfers, ``M`` micro-batches of ``latency + bytes/M / bandwidth`` each way (values
   read by later stages are relayed, so the boundary after node ``i`` carries every edge
   from before ``i`` to ``i`` or later). Its memory: parameters, gradients and optimizer
-  state, plus the in-flight micro-batches' activations and received inputs (GPipe ``M``,
-  1F1B ``min(M, S - s)``: :mod:`envs.sim.pipeline`, P5). Exact for that objective.
+  state, the in-flight micro-batches' activations (GPipe ``M``, 1F1B ``min(M, S - s)``) and
+  the receive buffers of all ``M`` micro-batches (:mod:`envs.sim.pipeline`, P5). Exact for
+  that objective.
 
 :func:`best_pipeline` tries the three over micro-batch counts and schedules, scores each
 with :func:`envs.sim.pipeline.simulate_pipeline` and keeps the fastest that fits.
@@ -145,7 +146,10 @@ def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "
                 comm = m * (problem.latency[d, nxt] + per_mb / problem.bandwidth[d, nxt]
                             + problem.latency[nxt, d] + per_mb / problem.bandwidth[nxt, d])
             stage = pre[i] - pre[k] + comm
-            mem = (pre_static[i] - pre_static[k]) + in_flight * ((pre_act[i] - pre_act[k]) + cut[k]) / m
+            # kept activations of the micro-batches in flight, and PipelineStage's receive buffers
+            # for all M micro-batches of the incoming boundary and the outgoing gradients
+            mem = (pre_static[i] - pre_static[k]) + in_flight * (pre_act[i] - pre_act[k]) / m + cut[k] + (
+                cut[i] if nxt is not None else 0.0)
             val = np.where(mem <= cap[d], np.maximum(best[k], stage), np.inf)
             a = int(np.argmin(val))
             new[i], choice[j, i] = val[a], k[a]
