@@ -54,7 +54,9 @@ def _size_for(device: str, size: object) -> int:
     try:
         return parse_bytes(size)
     except UnitError as exc:
-        raise OptionError(f"memory limit for {device}: {exc}") from None
+        # A name with a line break (--memory "cpu\n=...") would split the one-line message.
+        shown = device if device.isprintable() else repr(device)
+        raise OptionError(f"memory limit for {shown}: {exc}") from None
 
 
 def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
