@@ -4,10 +4,11 @@ For each model and cluster it reports (all step times simulated by envs.sim.simu
 cluster spec; search times are measured wall-clock on this machine):
 
 * every heuristic baseline of ``placer.search.baselines`` and the human ``expert``;
-* the hierarchical agent as a user runs it (seeded with the baselines' placements,
-  imitation warm start, the interleaved local-search phase on), its gain over the best
-  heuristic and over the expert, which phase found its best, and how long it took to come
-  within 5% of its final result; and the same search without the local-search phase;
+* the default agent (``--search-agent``, the move policy) as a user runs it (seeded with the
+  baselines' placements, the interleaved local-search phase on), its gain over the best
+  heuristic and over the expert, which phase found its best, the share of its gain over the
+  seeds that each phase found, and how long it took to come within 5% of its final result;
+  and the same search without the local-search phase;
 * an ablation at one budget, every agent from scratch (no heuristic seeds, no local
   search, so the learners themselves are compared): hierarchical vs flat vs sequential vs
   REINFORCE;
@@ -84,23 +85,25 @@ def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
     expert_t = next((t for n, t, *_ in base if n == "expert"), None)
     seeds = [r[4] for r in base if r[4] is not None and r[1] is not None]
 
-    res = search(problem, agent="hierarchical", budget=args.budget, seed=args.seed, initial_placements=seeds or None,
+    res = search(problem, agent=args.search_agent, budget=args.budget, seed=args.seed, initial_placements=seeds or None,
                  num_envs=args.num_envs)
     within = res.time_to_within(0.05)
-    plain = search(problem, agent="hierarchical", budget=args.budget, seed=args.seed,
+    plain = search(problem, agent=args.search_agent, budget=args.budget, seed=args.seed,
                    initial_placements=seeds or None, num_envs=args.num_envs, local_search=False)
     lines.append("| method | step time (ms, simulated) | vs best heuristic | vs expert | search time (s) | note |")
     lines.append("|---|---:|---:|---:|---:|---|")
     for name, t, secs, note, _ in sorted(base, key=lambda r: (r[1] is None, r[1] or 0)):
         lines.append(f"| {name} | {fmt_ms(t)} | {gain(best_t, t)} | {gain(expert_t, t)} | {secs:.2f} | {note} |")
     phases = ", ".join(f"{k} {v:,}" for k, v in res.phase_evaluated.items())
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in res.credit().items()) or "none (no gain over the seeds)"
     lines.append(
-        f"| **agent: hierarchical (seeded)** | **{fmt_ms(res.best_step_time)}** | {gain(best_t, res.best_step_time)} | "
+        f"| **agent: {args.search_agent} (seeded)** | **{fmt_ms(res.best_step_time)}** | {gain(best_t, res.best_step_time)} | "
         f"{gain(expert_t, res.best_step_time)} | {res.wall_s:.1f} | {res.evaluated:,} evaluated ({phases}), "
-        f"best found by: {res.best_phase}, within 5% of final after {within:.1f} s, stopped: {res.stop_reason} |"
+        f"best found by: {res.best_phase}, gain over the seeds found by: {shares}, "
+        f"within 5% of final after {within:.1f} s, stopped: {res.stop_reason} |"
     )
     lines.append(
-        f"| agent: hierarchical (seeded, no local search) | {fmt_ms(plain.best_step_time)} | "
+        f"| agent: {args.search_agent} (seeded, no local search) | {fmt_ms(plain.best_step_time)} | "
         f"{gain(best_t, plain.best_step_time)} | {gain(expert_t, plain.best_step_time)} | {plain.wall_s:.1f} | "
         f"{plain.evaluated:,} evaluated, {plain.evaluated / max(plain.wall_s, 1e-9):,.0f}/s, best found by: "
         f"{plain.best_phase}, stopped: {plain.stop_reason} |"
@@ -185,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="nmt,rnnlm,resnet50,inception_v3,gpt2,moe")
     parser.add_argument("--size", default="paper")
     parser.add_argument("--clusters", default="4xK40,4xV100-nvlink")
-    parser.add_argument("--budget", default="5m", help="budget of the seeded hierarchical search")
+    parser.add_argument("--budget", default="5m", help="budget of the seeded search")
+    parser.add_argument("--search-agent", default="moves", help="agent of the seeded search (default: the default agent)")
     parser.add_argument("--ablation-budget", default="60s", help="budget of each ablation run ('' to skip)")
-    parser.add_argument("--agents", default="hierarchical,flat,sequential,reinforce")
+    parser.add_argument("--agents", default="moves,hierarchical,flat,sequential,reinforce")
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)

@@ -326,20 +326,6 @@ def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(out, probs.shape[1] - 1).astype(np.int64)
 
 
-def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows of ``rows`` [B, N] in first-seen order, and each row's index among them."""
-    # Two independent 64-bit hashes (wrapping products with fixed odd weights): equal keys mean equal rows.
-    n = rows.shape[1]
-    w = np.random.default_rng(n).integers(1, 2**62, size=(2, n), dtype=np.int64) | 1
-    with np.errstate(over="ignore"):
-        keys = (rows + 1) @ w.T
-    _, first, inverse = np.unique(keys[:, 0] ^ (keys[:, 1] * 31), return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rows[np.sort(first)], rank[inverse.reshape(-1)]
-
-
 # ---------------------------------------------------------------------------------- start
 def start_row(problem: PlacementProblem) -> np.ndarray:
     """Where the policy starts without seeds: every group on the device that computes the whole
@@ -393,50 +379,107 @@ class MoveAgent:
         cfg = self.policy.config
         if tracker.best_row is None:
             row = start_row(self.problem)
-            t, ok, peak = self._evaluate(row[None])
+            t, ok, _ = self._evaluate(row[None])
             tracker.record(row[None], t, ok, next_batch=1, phase="policy")
         current = np.array(tracker.best_row, dtype=np.int64, copy=True)
         cur_key = (not tracker.best_fits, tracker.best_step_time)
         seen_best = cur_key
         features = move_features(self.problem, current, None, self.static)
+        # Proposals already evaluated around the current point: learned from again, not re-evaluated.
+        seen: dict[int, tuple[float, bool]] = {}
         stall = walk = 0
+
+        def move_to(row: np.ndarray, key: tuple[bool, float], peak: np.ndarray | None) -> None:
+            nonlocal current, cur_key, features
+            current, cur_key = np.array(row, dtype=np.int64, copy=True), key
+            features = move_features(self.problem, current, peak, self.static)
+            seen.clear()
+
         while True:
             incumbent = (not tracker.best_fits, tracker.best_step_time)
             if incumbent < seen_best and incumbent < cur_key:
                 # Another phase (local search) improved the best: continue from there.
-                current = np.array(tracker.best_row, dtype=np.int64, copy=True)
-                cur_key, walk, stall = incumbent, 0, 0
-                features = move_features(self.problem, current, None, self.static)
+                move_to(tracker.best_row, incumbent, None)
+                walk = stall = 0
             seen_best = min(seen_best, incumbent)
             left = tracker.remaining_placements()
-            batch = self.batch if left is None else max(1, min(self.batch, left))
+            batch = self.batch if left is None else max(1, min(self.batch - 1, left - 1) if left > 1 else 1)
             rows, logp, entropy = self.policy.propose(self.problem, self.static, current, features, batch, self.rng)
-            uniq, inverse = _unique_rows(rows)
-            t_u, ok_u, peak_u = self._evaluate(uniq)
+            keys = _row_keys(rows)
+            uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            fresh = np.array([int(k) not in seen for k in uk], dtype=bool)
+            t_u = np.array([seen.get(int(k), (math.inf, False))[0] for k in uk])
+            ok_u = np.array([seen.get(int(k), (math.inf, False))[1] for k in uk], dtype=bool)
+            peak_u = np.zeros((len(uk), self.problem.num_devices))
+            new_rows = rows[first[fresh]]
+            if len(new_rows):
+                t_new, ok_new, peak_new = self._evaluate(new_rows)
+                t_u[fresh], ok_u[fresh], peak_u[fresh] = t_new, ok_new, peak_new
+                for k, tt, oo in zip(uk[fresh], t_new, ok_new):
+                    seen[int(k)] = (float(tt), bool(oo))
             t, ok = t_u[inverse], ok_u[inverse]
-            base = cur_key[1] if math.isfinite(cur_key[1]) else float(np.nanmin(np.where(ok, t, np.inf), initial=1.0))
+            base = cur_key[1] if math.isfinite(cur_key[1]) else float(np.min(np.where(ok, t, np.inf), initial=1.0))
             reward = np.where(ok, np.clip((base - t) / max(base, 1e-30), -1.0, 1.0), -1.0)
             if cur_key[0] and ok.any():
                 reward = np.where(ok, 1.0, -1.0)  # from a placement that does not fit, fitting is the goal
             self.policy.update(logp, entropy, reward)
-            i = int(np.argmin(np.where(ok_u, t_u, np.inf))) if ok_u.any() else -1
-            new_key = (False, float(t_u[i])) if i >= 0 else (True, math.inf)
-            # Tell the tracker last: it raises StopSearch at the end of the budget.
-            if new_key < cur_key:
-                current, cur_key, stall = uniq[i].copy(), new_key, 0
-                features = move_features(self.problem, current, peak_u[i], self.static)
+            if len(new_rows):
+                tracker.record(new_rows, t_u[fresh], ok_u[fresh], next_batch=1, phase=PHASE)
+                if improver is not None:
+                    improver.after_policy_batch(len(new_rows), next_batch=1)
+            # The improving proposals' moves, merged where they touch different groups: one more row.
+            better = np.flatnonzero(ok_u & (t_u < base) & ~np.asarray(cur_key[0]))
+            best_row, best_key, best_peak = None, (True, math.inf), None
+            if len(better):
+                j = int(better[np.argmin(t_u[better])])
+                best_row, best_key, best_peak = rows[first[j]], (False, float(t_u[j])), peak_u[j] if fresh[j] else None
+            if len(better) > 1:
+                merged = _merge(current, rows[first[better[np.argsort(t_u[better])]]])
+                if merged is not None:
+                    tm, okm, pm = self._evaluate(merged[None])
+                    tracker.record(merged[None], tm, okm, next_batch=1, phase=PHASE)
+                    if okm[0] and tm[0] < best_key[1]:
+                        best_row, best_key, best_peak = merged, (False, float(tm[0])), pm[0]
+            if best_row is not None and best_key < cur_key:
+                move_to(best_row, best_key, best_peak)
+                stall = 0
+                continue
+            stall += 1
+            if stall < cfg.stall or not ok_u.any():
+                continue
+            stall = 0
+            if walk >= cfg.walk and tracker.best_row is not None:
+                move_to(tracker.best_row, (not tracker.best_fits, tracker.best_step_time), None)
+                walk = 0
             else:
-                stall += 1
-                if stall >= cfg.stall and i >= 0:
-                    stall = 0
-                    if walk >= cfg.walk and tracker.best_row is not None:
-                        current = np.array(tracker.best_row, dtype=np.int64, copy=True)
-                        cur_key, walk = (not tracker.best_fits, tracker.best_step_time), 0
-                        features = move_features(self.problem, current, None, self.static)
-                    else:
-                        current, cur_key = uniq[i].copy(), new_key
-                        walk += 1
-                        features = move_features(self.problem, current, peak_u[i], self.static)
-            tracker.record(uniq, t_u, ok_u, next_batch=1 if left is not None else batch, phase=PHASE)
-            if improver is not None:
-                improver.after_policy_batch(len(uniq), next_batch=1)
+                # An escape the policy chose: its best fitting proposal, though not better.
+                j = int(np.argmin(np.where(ok_u, t_u, np.inf)))
+                move_to(rows[first[j]], (False, float(t_u[j])), None)
+                walk += 1
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """[B] 64-bit keys of placement rows [B, N]: two wrapping dot products with fixed odd weights,
+    mixed (distinct rows share a key with probability ~2^-64)."""
+    n = rows.shape[1]
+    w = np.random.default_rng(n).integers(1, 2**62, size=(2, n), dtype=np.int64) | 1
+    with np.errstate(over="ignore"):
+        keys = (rows.astype(np.int64) + 1) @ w.T
+        return keys[:, 0] ^ (keys[:, 1] * np.int64(0x9E3779B97F4A7C15 - 2**64))
+
+
+def _merge(current: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """``current`` with the moves of every row of ``rows`` (best first) that touches no group an earlier
+    one moved; None when fewer than two could be merged."""
+    out = np.array(current, copy=True)
+    taken = np.zeros(len(current), dtype=bool)
+    merged = 0
+    for row in rows:
+        changed = np.flatnonzero(row != current)
+        if taken[changed].any():
+            continue
+        out[changed] = row[changed]
+        taken[changed] = True
+        merged += 1
+    return out if merged > 1 else None
