@@ -1,0 +1,1 @@
+"""Pipelined placements run on ``torch.distributed.pipelining`` (stages, schedules) and DDP."""

@@ -1,0 +1,160 @@
+"""Run a pipelined placement (or DDP) as one process per stage device on this machine.
+
+:func:`run_training` writes the job (the captured graph, the batch, the pipeline, the
+optimizer) into a fresh job directory, starts ``python -m envs.runtime.pipeline.worker``
+once per rank through one :class:`envs.runtime.supervisor.Supervisor` (one process group;
+the workers die with this process), and waits. The rendezvous store and gloo listen on
+``host`` only (127.0.0.1 unless the caller gives an address). A worker that dies ends the
+job at once with :class:`PipelineRunError` naming its rank and how it ended (a rank killed
+by a signal is blamed before the peers that lost their connection to it); a job past
+``timeout_s`` is stopped, naming the ranks that had not finished. Either way every worker
+is killed and reaped and the job directory removed, so nothing is left running or
+listening.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from envs.runtime.distributed.launcher import free_port
+from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
+from envs.sim.pipeline import Pipeline
+from graphs.errors import PlacerError
+
+__all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "run_training"]
+
+_POLL_S = 0.05
+
+
+class PipelineRunError(PlacerError, RuntimeError):
+    """A pipelined or DDP job that failed: the message names the rank and why."""
+
+
+@dataclass
+class TrainingRun:
+    """What the ranks reported.
+
+    Attributes:
+        losses: the loss of each step (mean over micro-batches / replicas).
+        grads: parameter name -> gradient after the first step's backward.
+        params: parameter name -> value after the last step.
+        step_times: per step, the slowest rank's seconds.
+        listening: per rank, the addresses it listened on.
+    """
+
+    losses: list[float]
+    grads: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    step_times: list[float]
+    listening: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _blame(failures: list[Exit], job_dir: Path) -> str:
+    # A rank killed by a signal is the cause; its peers only lost their connection to it.
+    failures = sorted(failures, key=lambda e: (e.code >= 0, e.label))
+    first = failures[0]
+    rank = first.label.split()[-1]
+    err = job_dir / f"error-{rank}.txt"
+    detail = ""
+    if err.exists():
+        detail = ": " + err.read_text().splitlines()[0][:300]
+    return f"{first.label} {first.reason}{detail}"
+
+
+class PipelineJob:
+    """A started job (:func:`run_training` starts and waits; tests use this to reach the pids)."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], world: int, pipeline: Pipeline | None,
+                 steps: int, optimizer: tuple[str, dict[str, Any]], loss_fn: Callable[..., torch.Tensor] | None,
+                 threads: int, timeout_s: float, host: str) -> None:
+        self.world = world
+        self.timeout_s = timeout_s
+        self.job_dir = make_job_dir()
+        torch.save({"gm": gm, "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
+                    "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
+                    "timeout_s": timeout_s}, self.job_dir / "job.pt")
+        self.sup = Supervisor()
+        port = free_port(host)
+        for r in range(world):
+            env = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": host,
+                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
+            log = open(self.job_dir / f"rank-{r}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.sup.start(f"rank {r}", [sys.executable, "-m", "envs.runtime.pipeline.worker", str(self.job_dir)],
+                           env=env, stdout=log, stderr=log)
+            log.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return self.sup.pids
+
+    def ready(self, rank: int) -> bool:
+        """The rank has joined the process group."""
+        return (self.job_dir / f"ready-{rank}").exists()
+
+    def wait(self) -> TrainingRun:
+        """Wait for every rank; the results, or :class:`PipelineRunError` (module doc)."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while self.sup.running():
+                failures = self.sup.failures()
+                if failures:
+                    raise PipelineRunError(f"the job failed: {_blame(failures, self.job_dir)}")
+                if time.monotonic() > deadline:
+                    late = [r for r in range(self.world) if not (self.job_dir / f"result-{r}.pt").exists()]
+                    raise PipelineRunError(f"the job timed out after {self.timeout_s:g}s; rank(s) {late} had not "
+                                           "finished")
+                time.sleep(_POLL_S)
+            failures = self.sup.failures()
+            if failures:
+                raise PipelineRunError(f"the job failed: {_blame(failures, self.job_dir)}")
+            results = [torch.load(self.job_dir / f"result-{r}.pt", weights_only=False) for r in range(self.world)]
+        finally:
+            self.close()
+        losses = next((r["losses"] for r in reversed(results) if r["losses"]), [])
+        grads: dict[str, torch.Tensor] = {}
+        params: dict[str, torch.Tensor] = {}
+        for r in results:
+            grads.update(r["grads"])
+            params.update(r["params"])
+        steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
+        return TrainingRun(losses, grads, params, steps, {r["rank"]: r.get("listening", []) for r in results})
+
+    def close(self) -> None:
+        """Kill every worker and remove the job directory; idempotent."""
+        self.sup.stop()
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None = None,
+                 world: int | None = None, steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
+                 loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
+                 host: str = "127.0.0.1") -> TrainingRun:
+    """Train ``steps`` steps of ``gm`` on ``inputs`` (placeholder name -> full batch) with
+    ``pipeline`` (one process per stage device) or, without one, DDP over ``world`` processes.
+
+    Args:
+        loss_fn: ``loss_fn(output, *inputs)`` (placer's contract); None: the graph's output is the loss.
+        optimizer: (name in ``sgd``/``adam``/``adamw``, keyword arguments).
+        host: the address every listening socket binds to.
+
+    Raises:
+        PipelineRunError: a rank died or the job timed out (module doc).
+        PipelineError: ``M`` does not divide the batch (checked before starting).
+    """
+    if pipeline is not None:
+        batch = int(next(iter(inputs.values())).shape[0])
+        pipeline.check_batch(batch)
+        world = len(pipeline.ranks)
+    if world is None or world < 1:
+        raise PipelineRunError("DDP needs world >= 1 processes")
+    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host)
+    return job.wait()

@@ -1,0 +1,191 @@
+"""One rank of a pipelined (or DDP) training job: ``python -m envs.runtime.pipeline.worker JOB_DIR``.
+
+Started by :mod:`envs.runtime.pipeline.launcher` (one process per stage device, through the
+supervisor) or by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+The rendezvous store and gloo listen on ``MASTER_ADDR`` only (loopback by default:
+:func:`envs.runtime.distributed.worker._rendezvous_store` and ``_bound_gloo``).
+
+The job file (``job.pt``) holds the captured ``GraphModule``, the full batch of model inputs
+by placeholder name, the pipeline (or none: DDP), the steps, the optimizer and the loss.
+Pipeline: rank ``r`` builds the stage modules of its stages (stage ``s`` on rank
+``s mod W``, torch's loop mapping), wraps each in ``PipelineStage`` in static mode (input
+and output metadata from one micro-batch forward: dynamic mode would run BatchNorm on
+uninitialised buffers) and runs the schedule's ``step`` per training step, then its
+optimizer over its stages' parameters. DDP: rank ``r`` trains the whole model on its
+``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from envs.runtime.supervisor import die_with_parent
+from envs.sim.pipeline import Pipeline, PipelineError
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _schedule_class(name: str) -> Any:
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
+
+
+def _tied_check(specs: list[Any], rank_of: list[int]) -> None:
+    owner: dict[str, int] = {}
+    for spec in specs:
+        for name, _ in spec.gm.named_parameters():
+            r = rank_of[spec.index]
+            if owner.setdefault(name, r) != r:
+                raise PipelineError(f"parameter {name!r} is used by stages on two processes; tied weights across "
+                                    "processes are not supported: keep their readers on one device")
+
+
+def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage
+
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, split_stages
+
+    gm, inputs = job["gm"], job["inputs"]
+    pipeline = Pipeline.from_dict(job["pipeline"])
+    batch = int(next(iter(inputs.values())).shape[0])
+    pipeline.check_batch(batch)
+    m, s_ = pipeline.microbatches, pipeline.num_stages
+    specs = split_stages(gm, pipeline)
+    rank_of = [s % world for s in range(s_)]
+    _tied_check(specs, rank_of)
+    mine = [spec for spec in specs if rank_of[spec.index] == rank]
+    micro = {k: v[: batch // m] for k, v in inputs.items()}
+    metas = boundary_metas(gm, micro, {v for spec in specs for v in spec.recv + spec.send})
+    names = list(inputs)
+    stages = []
+    for spec in mine:
+        last = spec.index == s_ - 1
+        mod = StageModule(spec, last, m, names, job.get("loss_fn"))
+        out_meta = (torch.empty((), device="meta", requires_grad=True) if last
+                    else tuple(metas[v] for v in spec.send))
+        stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
+                                    input_args=tuple(metas[v] for v in spec.recv), output_args=out_meta))
+    cls = _schedule_class(pipeline.schedule)
+    # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
+    sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
+                loss_fn=lambda out, _target: out, scale_grads=False)
+    params = [p for st in stages for p in st.submod.parameters()]
+    opt_name, opt_kwargs = job["optimizer"]
+    opt = OPTIMIZERS[opt_name](params, **opt_kwargs)
+    has_last = any(spec.index == s_ - 1 for spec in mine)
+    res["stages"] = [spec.index for spec in mine]
+    for step in range(int(job["steps"])):
+        dist.barrier()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
+        sched.step(return_outputs=False, **kw, **inputs)
+        if step == 0:
+            res["grads"] = {n: p.grad.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()
+                            if p.grad is not None}
+        opt.step()
+        res["step_s"].append(time.perf_counter() - t)
+        if has_last:
+            res["losses"].append(float(sum(float(x.detach()) for x in losses)))
+    res["params"] = {n: p.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()}
+
+
+def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    gm, inputs = job["gm"], job["inputs"]
+    batch = int(next(iter(inputs.values())).shape[0])
+    if batch % world:
+        raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
+    shard = batch // world
+    mine = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
+    model = DistributedDataParallel(gm)
+    opt_name, opt_kwargs = job["optimizer"]
+    opt = OPTIMIZERS[opt_name](model.parameters(), **opt_kwargs)
+    loss_fn = job.get("loss_fn")
+    order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for step in range(int(job["steps"])):
+        dist.barrier()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        args = [mine[k] for k in order]
+        out = model(*args)
+        loss = loss_fn(out, *args) if loss_fn is not None else out
+        loss.backward()
+        if step == 0:
+            res["grads"] = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
+        opt.step()
+        res["step_s"].append(time.perf_counter() - t)
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        res["losses"].append(float(total) / world)
+    res["params"] = {n: p.detach().clone() for n, p in gm.named_parameters()}
+
+
+def run_rank(job_dir: Path, rank: int, world: int) -> None:
+    """Join the job's process group, train its steps, write ``result-<rank>.pt``."""
+    import torch.distributed as dist
+
+    from envs.runtime.distributed.worker import _bound_gloo, _listening_addresses, _rendezvous_store
+
+    job = torch.load(job_dir / "job.pt", weights_only=False)
+    torch.manual_seed(int(job.get("seed", 0)))
+    torch.set_num_threads(int(job.get("threads", 1)))
+    timeout = datetime.timedelta(seconds=float(job.get("timeout_s", 60)))
+    store = _rendezvous_store(rank, world, timeout)
+    backend = _bound_gloo(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    (job_dir / f"ready-{rank}").touch()
+    res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "grads": {}, "params": {}}
+    try:
+        if job.get("pipeline") is None:
+            _run_ddp(job, rank, world, res)
+        else:
+            _run_pipeline(job, rank, world, res)
+        res["listening"] = _listening_addresses()
+        tmp = job_dir / f".result-{rank}.pt"
+        torch.save(res, tmp)
+        os.replace(tmp, job_dir / f"result-{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    die_with_parent()
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m envs.runtime.pipeline.worker JOB_DIR (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)",
+              file=sys.stderr)
+        return 2
+    job_dir = Path(args[0])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        run_rank(job_dir, rank, int(os.environ["WORLD_SIZE"]))
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        text = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+        try:
+            (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
+        except OSError:
+            pass
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Pipelined placements on torch.distributed.pipelining (envs.runtime.pipeline): same numbers as the unsplit model.
+
+Each test starts 2-4 gloo processes on 127.0.0.1 (a few seconds each on this machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from envs.runtime.pipeline.launcher import PipelineJob, PipelineRunError, run_training
+from envs.runtime.pipeline.stages import split_stages
+from envs.sim.pipeline import Pipeline, PipelineError
+
+B, D = 8, 16
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 5)
+
+    def forward(self, x, y):
+        h = torch.relu(self.l1(x))
+        h = torch.relu(self.l2(h))
+        h = torch.relu(self.l3(h))
+        return F.cross_entropy(self.head(h), y)
+
+
+class Skip(Chain):
+    """h1 is read again by the last stage: it crosses (is relayed over) every boundary."""
+
+    def forward(self, x, y):
+        h1 = torch.relu(self.l1(x))
+        h2 = torch.relu(self.l2(h1))
+        h3 = torch.relu(self.l3(h2)) + h1
+        return F.cross_entropy(self.head(h3), y)
+
+
+def model_and_batch(cls):
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(cls())
+    g = torch.Generator().manual_seed(1)
+    return gm, {"x": torch.randn(B, D, generator=g), "y": torch.randint(0, 5, (B,), generator=g)}
+
+
+def stages_of(gm, cuts):
+    """Compute nodes in program order, cut before the named nodes."""
+    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    out, cur = [], []
+    for n in names:
+        if n in cuts and cur:
+            out.append(tuple(cur))
+            cur = []
+        cur.append(n)
+    return tuple(out + [tuple(cur)])
+
+
+def reference(gm, batch, steps=3):
+    model = copy.deepcopy(gm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses, grads = [], None
+    for step in range(steps):
+        opt.zero_grad()
+        loss = model(batch["x"], batch["y"])
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        losses.append(float(loss.detach()))
+        opt.step()
+    return losses, grads, dict(model.named_parameters())
+
+
+def assert_same(run, ref):
+    losses, grads, params = ref
+    assert run.losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert set(run.grads) == set(grads)
+    for n in grads:
+        torch.testing.assert_close(run.grads[n], grads[n], rtol=1e-5, atol=1e-7)
+    for n in params:
+        torch.testing.assert_close(run.params[n], params[n].detach(), rtol=1e-5, atol=1e-6)
+
+
+SGD = ("sgd", {"lr": 0.1, "momentum": 0.9})
+
+
+@pytest.mark.parametrize("cls, schedule, cuts", [
+    (Chain, "gpipe", {"l3"}),
+    (Skip, "1f1b", {"l2"}),
+])
+def test_two_stage_pipeline_trains_like_the_unsplit_model_on_the_full_batch(cls, schedule, cuts):
+    gm, batch = model_and_batch(cls)
+    pipe = Pipeline(stages_of(gm, cuts), ("cpu:0", "cpu:1"), 4, schedule)
+    run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120)
+    assert_same(run, reference(gm, batch))
+    # Every rank listens (gloo; rank 0 also the store), and only on loopback.
+    assert sorted(run.listening) == [0, 1] and all(run.listening.values())
+    assert all(addr == "127.0.0.1" for addrs in run.listening.values() for addr in addrs)
+
+
+def test_interleaved_pipeline_with_a_skip_over_three_boundaries_trains_the_same():
+    gm, batch = model_and_batch(Skip)
+    pipe = Pipeline(stages_of(gm, {"l2", "l3", "head"}), ("cpu:0", "cpu:1", "cpu:0", "cpu:1"), 4,
+                    "interleaved_1f1b")
+    specs = split_stages(gm, pipe)
+    assert [s.recv for s in specs][1:] == [["relu"], ["relu", "relu_1"], ["add"]]
+    assert_same(run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120), reference(gm, batch))
+
+
+def test_ddp_over_two_processes_trains_like_the_unsplit_model():
+    gm, batch = model_and_batch(Skip)
+    run = run_training(gm, batch, None, world=2, steps=3, optimizer=SGD, timeout_s=120)
+    assert_same(run, reference(gm, batch))
+
+
+def test_microbatches_that_do_not_divide_the_batch_are_refused_before_starting():
+    gm, batch = model_and_batch(Chain)
+    with pytest.raises(PipelineError, match="3 micro-batches do not divide the batch of 8"):
+        run_training(gm, batch, Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 3, "gpipe"))
+
+
+def test_a_dead_stage_process_ends_the_job_naming_its_rank_and_nothing_is_left_running():
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "1f1b")
+    job = PipelineJob(gm, batch, 2, pipe, 100000, SGD, None, 1, 120.0, "127.0.0.1")
+    pids = job.pids
+    try:
+        deadline = time.monotonic() + 90
+        while not (job.ready(0) and job.ready(1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(PipelineRunError, match=r"rank 1 crashed \(signal 9, SIGKILL\)"):
+            job.wait()
+    finally:
+        job.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
