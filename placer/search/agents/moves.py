@@ -375,88 +375,124 @@ class MoveAgent:
 
     def learn(self, tracker: BestTracker, improver: LocalSearch | None) -> str:
         """Propose, evaluate, learn and move until the tracker raises
-        :class:`~placer.search.tracker.StopSearch`."""
-        cfg = self.policy.config
+        :class:`~placer.search.tracker.StopSearch`.
+
+        Two walkers share the policy and take turns, one batch each: one follows the incumbent
+        (whoever found it: seeds, local search, the policy), the other starts from the policy's
+        own start (:func:`start_row`) and keeps its own best, so the search is not confined to
+        the basin of the best seed. Without seeds there is one walker, from the start.
+        """
         if tracker.best_row is None:
             row = start_row(self.problem)
             t, ok, _ = self._evaluate(row[None])
             tracker.record(row[None], t, ok, next_batch=1, phase="policy")
-        current = np.array(tracker.best_row, dtype=np.int64, copy=True)
-        cur_key = (not tracker.best_fits, tracker.best_step_time)
-        seen_best = cur_key
-        features = move_features(self.problem, current, None, self.static)
-        # Proposals already evaluated around the current point: learned from again, not re-evaluated.
-        seen: dict[int, tuple[float, bool]] = {}
-        stall = walk = 0
-
-        def move_to(row: np.ndarray, key: tuple[bool, float], peak: np.ndarray | None) -> None:
-            nonlocal current, cur_key, features
-            current, cur_key = np.array(row, dtype=np.int64, copy=True), key
-            features = move_features(self.problem, current, peak, self.static)
-            seen.clear()
-
+            walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
+        else:
+            walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
+            row = start_row(self.problem)
+            if not np.array_equal(row, tracker.best_row):
+                t, ok, _ = self._evaluate(row[None])
+                tracker.record(row[None], t, ok, next_batch=1, phase="policy")
+                walkers.append(_Walker(self, row, (not bool(ok[0]), float(t[0])), False))
+        turn = 0
         while True:
+            walkers[turn % len(walkers)].step(tracker, improver)
+            turn += 1
+
+
+class _Walker:
+    """One current point of the move search and its state (see :meth:`MoveAgent.learn`)."""
+
+    def __init__(self, agent: MoveAgent, row: np.ndarray, key: tuple[bool, float], follows: bool) -> None:
+        self.agent = agent
+        self.follows = follows  # recentres on the tracker's incumbent when another phase improved it
+        self.home, self.home_key = np.array(row, dtype=np.int64, copy=True), key  # the best this walker saw
+        self.seen_best = key
+        # Proposals already evaluated around the current point: learned from again, not re-evaluated.
+        self.seen: dict[int, tuple[float, bool]] = {}
+        self.stall = self.walk = 0
+        self.move_to(row, key, None)
+
+    def move_to(self, row: np.ndarray, key: tuple[bool, float], peak: np.ndarray | None) -> None:
+        self.current, self.key = np.array(row, dtype=np.int64, copy=True), key
+        self.features = move_features(self.agent.problem, self.current, peak, self.agent.static)
+        self.seen.clear()
+        if key < self.home_key:
+            self.home, self.home_key = self.current.copy(), key
+
+    def step(self, tracker: BestTracker, improver: LocalSearch | None) -> None:
+        """One batch of proposals around the current point: evaluate, learn, move."""
+        agent, cfg = self.agent, self.agent.policy.config
+        if self.follows:
             incumbent = (not tracker.best_fits, tracker.best_step_time)
-            if incumbent < seen_best and incumbent < cur_key:
+            if incumbent < self.seen_best and incumbent < self.key:
                 # Another phase (local search) improved the best: continue from there.
-                move_to(tracker.best_row, incumbent, None)
-                walk = stall = 0
-            seen_best = min(seen_best, incumbent)
-            left = tracker.remaining_placements()
-            batch = self.batch if left is None else max(1, min(self.batch - 1, left - 1) if left > 1 else 1)
-            rows, logp, entropy = self.policy.propose(self.problem, self.static, current, features, batch, self.rng)
-            keys = _row_keys(rows)
-            uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-            inverse = inverse.reshape(-1)
-            fresh = np.array([int(k) not in seen for k in uk], dtype=bool)
-            t_u = np.array([seen.get(int(k), (math.inf, False))[0] for k in uk])
-            ok_u = np.array([seen.get(int(k), (math.inf, False))[1] for k in uk], dtype=bool)
-            peak_u = np.zeros((len(uk), self.problem.num_devices))
-            new_rows = rows[first[fresh]]
-            if len(new_rows):
-                t_new, ok_new, peak_new = self._evaluate(new_rows)
-                t_u[fresh], ok_u[fresh], peak_u[fresh] = t_new, ok_new, peak_new
-                for k, tt, oo in zip(uk[fresh], t_new, ok_new):
-                    seen[int(k)] = (float(tt), bool(oo))
-            t, ok = t_u[inverse], ok_u[inverse]
-            base = cur_key[1] if math.isfinite(cur_key[1]) else float(np.min(np.where(ok, t, np.inf), initial=1.0))
-            reward = np.where(ok, np.clip((base - t) / max(base, 1e-30), -1.0, 1.0), -1.0)
-            if cur_key[0] and ok.any():
-                reward = np.where(ok, 1.0, -1.0)  # from a placement that does not fit, fitting is the goal
-            self.policy.update(logp, entropy, reward)
-            if len(new_rows):
-                tracker.record(new_rows, t_u[fresh], ok_u[fresh], next_batch=1, phase=PHASE)
-                if improver is not None:
-                    improver.after_policy_batch(len(new_rows), next_batch=1)
-            # The improving proposals' moves, merged where they touch different groups: one more row.
-            better = np.flatnonzero(ok_u & (t_u < base) & ~np.asarray(cur_key[0]))
-            best_row, best_key, best_peak = None, (True, math.inf), None
-            if len(better):
-                j = int(better[np.argmin(t_u[better])])
-                best_row, best_key, best_peak = rows[first[j]], (False, float(t_u[j])), peak_u[j] if fresh[j] else None
-            if len(better) > 1:
-                merged = _merge(current, rows[first[better[np.argsort(t_u[better])]]])
-                if merged is not None:
-                    tm, okm, pm = self._evaluate(merged[None])
-                    tracker.record(merged[None], tm, okm, next_batch=1, phase=PHASE)
-                    if okm[0] and tm[0] < best_key[1]:
-                        best_row, best_key, best_peak = merged, (False, float(tm[0])), pm[0]
-            if best_row is not None and best_key < cur_key:
-                move_to(best_row, best_key, best_peak)
-                stall = 0
-                continue
-            stall += 1
-            if stall < cfg.stall or not ok_u.any():
-                continue
-            stall = 0
-            if walk >= cfg.walk and tracker.best_row is not None:
-                move_to(tracker.best_row, (not tracker.best_fits, tracker.best_step_time), None)
-                walk = 0
+                self.move_to(tracker.best_row, incumbent, None)
+                self.walk = self.stall = 0
+            self.seen_best = min(self.seen_best, incumbent)
+        left = tracker.remaining_placements()
+        batch = agent.batch if left is None else max(1, min(agent.batch - 1, left - 1) if left > 1 else 1)
+        rows, logp, entropy = agent.policy.propose(agent.problem, agent.static, self.current, self.features, batch,
+                                                   agent.rng)
+        keys = _row_keys(rows)
+        uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        fresh = np.array([int(k) not in self.seen for k in uk], dtype=bool)
+        t_u = np.array([self.seen.get(int(k), (math.inf, False))[0] for k in uk])
+        ok_u = np.array([self.seen.get(int(k), (math.inf, False))[1] for k in uk], dtype=bool)
+        peak_u = np.zeros((len(uk), agent.problem.num_devices))
+        new_rows = rows[first[fresh]]
+        if len(new_rows):
+            t_new, ok_new, peak_new = agent._evaluate(new_rows)
+            t_u[fresh], ok_u[fresh], peak_u[fresh] = t_new, ok_new, peak_new
+            for k, tt, oo in zip(uk[fresh], t_new, ok_new):
+                self.seen[int(k)] = (float(tt), bool(oo))
+        t, ok = t_u[inverse], ok_u[inverse]
+        base = self.key[1] if math.isfinite(self.key[1]) else float(np.min(np.where(ok, t, np.inf), initial=1.0))
+        reward = np.where(ok, np.clip((base - t) / max(base, 1e-30), -1.0, 1.0), -1.0)
+        if self.key[0] and ok.any():
+            reward = np.where(ok, 1.0, -1.0)  # from a placement that does not fit, fitting is the goal
+        agent.policy.update(logp, entropy, reward)
+        if len(new_rows):
+            tracker.record(new_rows, t_u[fresh], ok_u[fresh], next_batch=1, phase=PHASE)
+            if improver is not None:
+                improver.after_policy_batch(len(new_rows), next_batch=1)
+        # The improving proposals' moves, merged where they touch different groups: one more row.
+        better = np.flatnonzero(ok_u & (t_u < base)) if not self.key[0] else np.zeros(0, dtype=np.int64)
+        best_row, best_key, best_peak = None, (True, math.inf), None
+        if len(better):
+            j = int(better[np.argmin(t_u[better])])
+            best_row, best_key, best_peak = rows[first[j]], (False, float(t_u[j])), peak_u[j] if fresh[j] else None
+        if len(better) > 1:
+            merged = _merge(self.current, rows[first[better[np.argsort(t_u[better])]]])
+            if merged is not None:
+                tm, okm, pm = agent._evaluate(merged[None])
+                tracker.record(merged[None], tm, okm, next_batch=1, phase=PHASE)
+                if okm[0] and tm[0] < best_key[1]:
+                    best_row, best_key, best_peak = merged, (False, float(tm[0])), pm[0]
+        if best_row is None and self.key[0] and ok_u.any():
+            j = int(np.argmin(np.where(ok_u, t_u, np.inf)))  # the first fitting placement
+            best_row, best_key = rows[first[j]], (False, float(t_u[j]))
+        if best_row is not None and best_key < self.key:
+            self.move_to(best_row, best_key, best_peak)
+            self.stall = 0
+            return
+        self.stall += 1
+        if self.stall < cfg.stall or not ok_u.any():
+            return
+        self.stall = 0
+        if self.walk >= cfg.walk:
+            # The walk led nowhere: back to the best this walker knows (the incumbent for the follower).
+            if self.follows and tracker.best_row is not None:
+                self.move_to(tracker.best_row, (not tracker.best_fits, tracker.best_step_time), None)
             else:
-                # An escape the policy chose: its best fitting proposal, though not better.
-                j = int(np.argmin(np.where(ok_u, t_u, np.inf)))
-                move_to(rows[first[j]], (False, float(t_u[j])), None)
-                walk += 1
+                self.move_to(self.home, self.home_key, None)
+            self.walk = 0
+        else:
+            # An escape the policy chose: its best fitting proposal, though not better.
+            j = int(np.argmin(np.where(ok_u, t_u, np.inf)))
+            self.move_to(rows[first[j]], (False, float(t_u[j])), None)
+            self.walk += 1
 
 
 def _row_keys(rows: np.ndarray) -> np.ndarray:
