@@ -144,3 +144,27 @@ def test_a_dead_stage_process_ends_the_job_naming_its_rank_and_nothing_is_left_r
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from envs.runtime.pipeline.launcher import read_results, write_job
+
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "1f1b")
+    write_job(tmp_path, gm, batch, pipe, steps=3, optimizer=SGD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    # docs/distributed.md, "Pipelines and DDP": the same command.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "envs.runtime.pipeline.worker", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same(read_results(tmp_path, 2), reference(gm, batch))

@@ -30,7 +30,7 @@ from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
 from envs.sim.pipeline import Pipeline
 from graphs.errors import PlacerError
 
-__all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "run_training"]
+__all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "run_training", "write_job", "read_results"]
 
 _POLL_S = 0.05
 
@@ -70,6 +70,32 @@ def _blame(failures: list[Exit], job_dir: Path) -> str:
     return f"{first.label} {first.reason}{detail}"
 
 
+def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
+              steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
+              loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0) -> Path:
+    """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md)."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / "job.pt"
+    torch.save({"gm": gm, "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
+                "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
+                "timeout_s": timeout_s}, path)
+    return path
+
+
+def read_results(job_dir: str | Path, world: int) -> TrainingRun:
+    """The ranks' ``result-<rank>.pt`` of a finished job, merged."""
+    results = [torch.load(Path(job_dir) / f"result-{r}.pt", weights_only=False) for r in range(world)]
+    losses = next((r["losses"] for r in reversed(results) if r["losses"]), [])
+    grads: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    for r in results:
+        grads.update(r["grads"])
+        params.update(r["params"])
+    steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
+    return TrainingRun(losses, grads, params, steps, {r["rank"]: r.get("listening", []) for r in results})
+
+
 class PipelineJob:
     """A started job (:func:`run_training` starts and waits; tests use this to reach the pids)."""
 
@@ -79,9 +105,7 @@ class PipelineJob:
         self.world = world
         self.timeout_s = timeout_s
         self.job_dir = make_job_dir()
-        torch.save({"gm": gm, "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
-                    "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
-                    "timeout_s": timeout_s}, self.job_dir / "job.pt")
+        write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s)
         self.sup = Supervisor()
         port = free_port(host)
         for r in range(world):
@@ -116,17 +140,9 @@ class PipelineJob:
             failures = self.sup.failures()
             if failures:
                 raise PipelineRunError(f"the job failed: {_blame(failures, self.job_dir)}")
-            results = [torch.load(self.job_dir / f"result-{r}.pt", weights_only=False) for r in range(self.world)]
+            return read_results(self.job_dir, self.world)
         finally:
             self.close()
-        losses = next((r["losses"] for r in reversed(results) if r["losses"]), [])
-        grads: dict[str, torch.Tensor] = {}
-        params: dict[str, torch.Tensor] = {}
-        for r in results:
-            grads.update(r["grads"])
-            params.update(r["params"])
-        steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
-        return TrainingRun(losses, grads, params, steps, {r["rank"]: r.get("listening", []) for r in results})
 
     def close(self) -> None:
         """Kill every worker and remove the job directory; idempotent."""
