@@ -95,7 +95,8 @@ def rate(fn, count: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_graph(label: str, graph: nx.DiGraph, cluster_name: str, batches: list[int], ref_count: int,
-                repeats: int, grouping=None, numpy_batch: int = 64) -> list[dict]:
+                repeats: int, grouping=None, numpy_batch: int = 64,
+                backends: tuple[str, ...] = ("numba", "numpy")) -> list[dict]:
     cluster = load_cluster(cluster_name)
     problem = compile_problem(graph, cluster, grouping=grouping)
     rng = np.random.default_rng(0)
@@ -111,8 +112,7 @@ def bench_graph(label: str, graph: nx.DiGraph, cluster_name: str, batches: list[
     base = dict(graph=label, nodes=problem.ops.num_ops, groups=problem.num_nodes, devices=problem.num_devices)
     rows.append(dict(base, path="reference (event-driven, networkx)", batch=1, rate=ref_rate, cpu_rate=ref_cpu,
                      load=os.getloadavg()[0], certified=float("nan")))
-    backends = (["numba"] if HAS_NUMBA else []) + ["numpy"]
-    for backend in backends:
+    for backend in [b for b in backends if b != "numba" or HAS_NUMBA]:
         check = simulate_batch(problem, ref_rows, backend=backend)
         worst = max(abs(check.step_time[i] - ref[i].step_time) / ref[i].step_time for i in range(ref_count))
         if worst > 1e-9:
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-zoo", action="store_true")
     parser.add_argument("--nmt-batch", type=int, default=256, help="largest batch on the NMT graph")
+    parser.add_argument("--numpy-batch", type=int, default=64, help="largest numpy batch on the layered DAG")
+    parser.add_argument("--zoo-only", action="store_true", help="only the NMT graphs")
+    parser.add_argument("--backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy"])
     parser.add_argument("--output", type=Path, help="also write the table as markdown here")
     parser.add_argument("--calibrate", action="store_true", help="measure the host overheads instead (module doc)")
     args = parser.parse_args(argv)
@@ -247,17 +250,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {value * 1e6:.2f} us" if key.endswith("_s") else f"{key}: {value:.2f}")
         return 0
 
-    rows = bench_graph("layered DAG", layered_dag(args.nodes), args.cluster, args.batches, args.reference, args.repeats)
+    rows = []
+    backends = tuple(args.backends)
+    if not args.zoo_only:
+        rows += bench_graph("layered DAG", layered_dag(args.nodes), args.cluster, args.batches, args.reference,
+                            args.repeats, numpy_batch=args.numpy_batch, backends=backends)
     if not args.no_zoo:
         zoo = zoo_graph()
         if zoo is not None:
             label, graph, grouping = zoo
-            ref = max(2, args.reference // 10)
+            ref = max(1, args.reference // 10)
             nmt_batches = [min(b, args.nmt_batch) for b in args.batches[:1]]
             rows += bench_graph(f"{label} (op graph)", graph, args.cluster, nmt_batches, ref, args.repeats,
-                                numpy_batch=4)
+                                numpy_batch=4, backends=backends)
             rows += bench_graph(f"{label}, 256 groups", graph, args.cluster, nmt_batches, ref, args.repeats,
-                                grouping=grouping, numpy_batch=4)
+                                grouping=grouping, numpy_batch=4, backends=backends)
 
     threads = str(numba_threads()) if HAS_NUMBA else "n/a"
     load = os.getloadavg()

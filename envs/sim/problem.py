@@ -25,13 +25,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
+from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
 from graphs.errors import GraphError, PlacerError
@@ -77,6 +78,11 @@ class OpArrays:
         succ_grad: [S] bool, a gradient flows back along the edge (both ends require grad).
         is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
         host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
+        one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
+            own process. The rank rules are :mod:`envs.sim.ranks`; until the batched
+            simulator calls them, :mod:`envs.sim.simulator` runs each rank as an independent
+            device with its own thread (its ops' host and device seconds on it) rather than
+            sharing one host thread, which would serialise processes that run in parallel.
     """
 
     names: tuple[str, ...]
@@ -93,6 +99,7 @@ class OpArrays:
     succ_grad: np.ndarray
     is_cpu: np.ndarray
     host: HostOverheads = DEFAULT_HOST
+    one_process_per_device: bool = False
 
     @property
     def num_ops(self) -> int:
@@ -431,6 +438,8 @@ def compile_problem(
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                      op_src, op_dst, op_bytes, is_cpu, cost_model.host)
+    if is_distributed_cluster(cluster):
+        ops = replace(ops, one_process_per_device=True)
     g = len(group_names)
 
     def per_group(values: np.ndarray) -> np.ndarray:

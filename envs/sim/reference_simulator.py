@@ -66,6 +66,20 @@ Rules (the PyTorch source or measurement behind each):
   all frees in the backward, so the peak is reached at the forward/backward boundary;
   this oracle keeps the event series anyway and the tests check the closed form.
 
+Consequences worth knowing (tests/test_simulator.py holds them):
+
+* one host thread issues every forward launch, so launch overhead does not parallelise
+  across GPUs in one process (backward launches do: one engine thread per GPU);
+* a CPU op delays every GPU launch behind it in program order;
+* a recurrent model split by layers pipelines (the wavefront) only when its program order
+  interleaves the layers (time-major, as the zoo NMT decoder). With layer-major order (the
+  zoo RNNLM: all steps of layer 1, then layer 2) every copy's two-way barrier queues the
+  next GPU's stream behind the last copy of layer 1, and in the backward that GPU's thread
+  launches all of its layer before the gradient copies: no overlap, as PyTorch runs it on
+  the default streams. The design note expected a wavefront there; the rules cited above
+  say otherwise. Side streams for copies (a runtime change in envs/runtime/apply.py) would
+  restore it; the design leaves that to a measurement on two GPUs (M3).
+
 Not modelled (limits): multi-kernel ops start after their whole dispatch; the CUDA launch
 queue's depth (~1,024 pending launches) never blocks the host; CPU intra-op threads
 (profiles are taken at one thread).

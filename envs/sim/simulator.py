@@ -33,9 +33,13 @@ engine's on them, so the engine is the path for several threads.
 
 Paths: numba (:mod:`envs.sim.simulator_numba`, the same loops compiled, threads over
 placements) when numba imports (:data:`HAS_NUMBA`; ``PLACER_DISABLE_NUMBA=1`` forces
-numpy); numpy (the static pass vectorised over the batch, uncertified rows through the
-Python engine); python (the loops of :mod:`envs.sim.kernels` run as Python). All give
-the same results bit for bit.
+numpy); numpy (the static pass vectorised over the one-thread rows of the batch, the other
+rows through the engine run as Python: slow, ms per placement); python (the loops of
+:mod:`envs.sim.kernels` run as Python). All give the same results bit for bit.
+
+Speed (benchmarks/results/simulator.md): the engine's event loop costs several times the
+static pass per op, so several-GPU placements run at thousands, not the issue's 100,000,
+placements per second for 1,000 ops.
 """
 
 from __future__ import annotations
@@ -206,6 +210,12 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     ops = problem.ops
     nd = problem.num_devices
     cost3 = np.ascontiguousarray(ops.cost, dtype=np.float64)
+    if ops.one_process_per_device:
+        # Ranks: each device is a process with its own thread (OpArrays.one_process_per_device):
+        # all of an op's seconds on that device's own timeline, none on a shared host thread.
+        cost3 = cost3.copy()
+        cost3[:, :, 1::2] += cost3[:, :, 0::2]
+        cost3[:, :, 0::2] = 0.0
     latency = np.asarray(problem.latency, dtype=np.float64)
     bandwidth = np.asarray(problem.bandwidth, dtype=np.float64)
     # The schedule arithmetic relies on every time and size being a finite number >= 0; a
@@ -218,7 +228,7 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
             raise PlacementError(f"problem.{label} must hold finite numbers >= 0; got min {np.min(values)!r}")
     if not np.all(bandwidth > 0):  # inf (a device to itself) is fine; 0, negative or NaN is not
         raise PlacementError(f"problem.bandwidth must be > 0; got min {np.min(bandwidth)!r}")
-    is_cpu = np.asarray(ops.is_cpu, dtype=bool)
+    is_cpu = np.asarray(ops.is_cpu, dtype=bool) & (not ops.one_process_per_device)
     # One process: a copy between two CPU devices is a no-op .to('cpu') (host cost only).
     same_memory = np.eye(nd, dtype=bool) | (is_cpu[:, None] & is_cpu[None, :])
     gpu_index = np.cumsum(~is_cpu)  # k-th GPU -> thread k (the host is thread 0)
