@@ -21,9 +21,14 @@ group or device, weights trained on one graph load on any other (:meth:`MovePoli
 
 Training is REINFORCE on the simulator's verdict: the reward of a proposal is its relative
 step-time improvement over the current placement (a placement that does not fit earns -1), the
-baseline the batch mean. The best improving proposal of each batch becomes the current point;
-when several batches in a row find nothing, the best fitting proposal is taken anyway for a short
-walk (an escape the policy chose), and the walk returns to the incumbent when it leads nowhere.
+baseline the batch mean. The improving proposals of a batch are also merged into one row where
+they touch different groups (many independent gains on a large graph are taken at once); the
+best becomes the current point. When several batches in a row find nothing, the best fitting
+proposal is taken anyway for a short walk (an escape the policy chose), and the walk returns to
+the best point when it leads nowhere. Proposals already evaluated around the current point are
+learned from again but not re-evaluated, so a peaked policy does not spend the budget twice.
+Two walkers share the policy: one follows the incumbent (whoever found it), the other starts
+from the policy's own start (:func:`start_row`), outside the best seed's basin.
 Every evaluated batch goes to the tracker as phase ``policy_moves``, so each improvement is
 credited to the policy or to whichever phase (seeds, local search) actually found it.
 """
@@ -48,6 +53,13 @@ PHASE = "policy_moves"
 NUM_FEATURES = 12
 #: Number of coupling features of a further move (:func:`_coupling`).
 NUM_COUPLING = 3
+#: The walker from the policy's own start takes every EXPLORER_EVERY-th batch ...
+EXPLORER_EVERY = 3
+#: ... and is retired when, after EXPLORER_TRIAL of its batches, its best is still more than
+#: EXPLORER_RETIRE times the incumbent's step time (a start that far behind rarely catches up
+#: on the budgets a search has: 8-layer NMT from one GPU stayed at 2x the heuristics in 6,000).
+EXPLORER_TRIAL = 16
+EXPLORER_RETIRE = 1.5
 
 
 @dataclass
@@ -377,10 +389,11 @@ class MoveAgent:
         """Propose, evaluate, learn and move until the tracker raises
         :class:`~placer.search.tracker.StopSearch`.
 
-        Two walkers share the policy and take turns, one batch each: one follows the incumbent
-        (whoever found it: seeds, local search, the policy), the other starts from the policy's
-        own start (:func:`start_row`) and keeps its own best, so the search is not confined to
-        the basin of the best seed. Without seeds there is one walker, from the start.
+        Two walkers share the policy: one follows the incumbent (whoever found it: seeds, local
+        search, the policy); the other starts from the policy's own start (:func:`start_row`),
+        keeps its own best and takes every ``EXPLORER_EVERY``-th batch, so the search is not
+        confined to the basin of the best seed; it is retired when it stays far behind. Without
+        seeds there is one walker, from the start.
         """
         if tracker.best_row is None:
             row = start_row(self.problem)
@@ -396,7 +409,15 @@ class MoveAgent:
                 walkers.append(_Walker(self, row, (not bool(ok[0]), float(t[0])), False))
         turn = 0
         while True:
-            walkers[turn % len(walkers)].step(tracker, improver)
+            explorer = walkers[-1] if len(walkers) > 1 else None
+            if explorer is not None and turn >= EXPLORER_TRIAL * EXPLORER_EVERY and \
+                    explorer.home_key[1] > EXPLORER_RETIRE * tracker.best_step_time:
+                walkers.pop()  # far behind the incumbent after its trial: its budget goes to the follower
+                explorer = None
+            if explorer is not None and turn % EXPLORER_EVERY == EXPLORER_EVERY - 1:
+                explorer.step(tracker, improver)
+            else:
+                walkers[0].step(tracker, improver)
             turn += 1
 
 
