@@ -8,7 +8,7 @@ run in the first stage, once the cluster is known.
 
 >>> config = OptimizeConfig(model="zoo:rnnlm", cluster="4xK40", budget="20k")
 >>> config.budget, config.agent, config.reward
-(Budget(seconds=None, placements=20000), 'hierarchical', None)
+(Budget(seconds=None, placements=20000), 'moves', None)
 >>> try:
 ...     OptimizeConfig(model="zoo:rnnlm", reward="guess")
 ... except OptionError as exc:
