@@ -56,6 +56,7 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
     from envs.hardware.loading import discover_cluster, load_cluster
     from envs.runtime.measure import SingleProcessMeasurer
     from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
+    from envs.sim.optimizer_state import optimizer_state_kind
     from envs.sim.problem import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
@@ -65,7 +66,10 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
     real_devs = sorted({real[d.name] for d in cluster.devices})
     start = time.perf_counter()
     prep = prepare(f"zoo:{name}", {"size": size}, profile=True, devices=real_devs)
-    problem = compile_problem(prep.grouping.graph, cluster)
+    # The op graph with its groups, as optimize, show and the report compile it: the ops
+    # execute, the groups are the placement unit, so a placement has one step time everywhere.
+    problem = compile_problem(prep.captured.graph, cluster, optimizer=optimizer_state_kind(prep.spec.optimizer_fn),
+                              grouping=prep.grouping)
     rows = _placements(problem, count, seed)
     simulated = simulate_batch(problem, rows).step_time
 

@@ -129,7 +129,10 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     start = time.perf_counter()
     name, source, args = parse_model(name)
     prep = prepare(source, args, profile=True, devices=["cpu"])
-    problem = compile_problem(prep.grouping.graph, cluster, optimizer=optimizer_state_kind(prep.spec.optimizer_fn))
+    # The op graph with its groups, as optimize, show and the report compile it (one step
+    # time per placement everywhere).
+    problem = compile_problem(prep.captured.graph, cluster, optimizer=optimizer_state_kind(prep.spec.optimizer_fn),
+                              grouping=prep.grouping)
     expand = lambda row: prep.grouping.expand(problem.array_to_placement(row))  # noqa: E731
 
     single_row = np.zeros(problem.num_nodes, dtype=np.int64)
