@@ -53,7 +53,9 @@ def serial_time_bound(problem: PlacementProblem) -> float:
     """Seconds of a fully serial step: every op on its slowest device, every forward and
     gradient transfer over the slowest link, nothing overlapping. An upper bound on the
     simulated step time of any placement."""
-    host = problem.ops.host  # the step's fixed host costs (envs.sim.cost_model.HostOverheads)
+    ops = problem.ops
+    assert ops is not None  # PlacementProblem.__post_init__ always builds the op arrays
+    host = ops.host  # the step's fixed host costs (envs.sim.cost_model.HostOverheads)
     compute = float((problem.fwd_time + problem.bwd_time).max(axis=1).sum())
     compute += host.loss_s + host.backward_call_s + host.step_s
     d = problem.num_devices
