@@ -264,8 +264,8 @@ class HybridRounds:
     placements are scored — and measures the reward model's ``measure_top_k`` best
     not-yet-measured candidates; the reward model then recalibrates its simulator from all
     valid measurements so far. A later round waits while measuring has taken more than
-    ``max_measuring_share`` of the wall time, so slow measurements cannot starve the
-    search. ``on_best(record)`` is called when a round finds a new measured best
+    ``max_measuring_share`` of the wall time of a time budget, so slow measurements cannot
+    starve the search; under a budget counted in placements every round runs. ``on_best(record)`` is called when a round finds a new measured best
     (optimize writes it to disk, so Ctrl-C keeps it).
 
     The rounds own the hybrid reward model the search runs on, :attr:`reward_model`
@@ -298,8 +298,10 @@ class HybridRounds:
             return
         if self.log and progress.evaluated <= self.log[-1]["evaluated"]:
             return  # a slow round: let the search run at least one batch on its result
-        if self.log and self.measuring_s > self.max_measuring_share * progress.wall_s:
-            return  # measuring already took its share of the time: search on
+        if self.log and self.budget.seconds is not None and self.measuring_s > self.max_measuring_share * progress.wall_s:
+            # measuring already took its share of a time budget: search on. A budget counted in
+            # placements holds every round, so the machine's load cannot change how many run.
+            return
         self.run_round(f"round {done}", progress.evaluated, progress.wall_s)
 
     def run_round(self, phase: str, evaluated: int, wall_s: float) -> dict[str, Any]:

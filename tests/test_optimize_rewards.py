@@ -127,8 +127,7 @@ def test_measured_mode_rewards_are_the_measured_times_of_every_distinct_placemen
 
 def test_hybrid_mode_recalibrates_during_the_search_and_the_measured_fastest_wins(tmp_path, fake_links):
     workers = FakeWorkers()
-    # The hierarchical agent: the move policy searches this 6-group model so fast that measuring
-    # exceeds its share of the wall time after one round (HybridRounds then searches on).
+    # A budget of 1,000 placements: every hybrid round runs, however loaded the machine is.
     result = _run(tmp_path, "hybrid", "1000", workers, agent="hierarchical")
 
     m = result.measurement
@@ -224,6 +223,21 @@ def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time(
     assert stub.rounds_run == 2  # no new batch since the last round
     rounds(at(3000, 60.0))
     assert stub.rounds_run == 2  # the budget is spent
+
+
+def test_hybrid_rounds_under_a_placement_budget_all_run_however_long_measuring_took():
+    from placer.measurement import HybridRounds
+    from placer.search.budget import parse_budget
+    from placer.search.tracker import SearchProgress
+
+    stub = _StubMeasurer()
+    rounds = HybridRounds(stub, parse_budget("3000"), rounds=3, reward_model=stub)
+    at = lambda evaluated, wall: SearchProgress(evaluated, wall, 1.0, True, None)  # noqa: E731
+    rounds(at(12, 0.5))
+    rounds.measuring_s = 50.0  # measuring took most of the wall time: a loaded machine
+    rounds(at(1000, 60.0))
+    rounds(at(2000, 70.0))
+    assert stub.rounds_run == 3  # placements, not seconds, decide when a round runs
 
 
 @pytest.mark.parametrize("kwargs, message", [
