@@ -55,3 +55,18 @@ def test_credit_is_recorded_even_when_the_budget_stops_the_search():
         tracker.record(np.repeat(row, 2, axis=0), np.array([4.0, 4.5]), np.ones(2, bool), phase="policy_moves")
     assert credit(tracker.improvements) == {"policy_moves": 1.0}
     assert isinstance(tracker.improvements[-1], Improvement)
+
+
+def test_the_report_shows_each_phase_and_its_share_of_the_gain():
+    from placer.report.results import credit_section
+
+    problem = chain_problem(6)
+    tracker = BestTracker(problem, budget=100, patience=None)
+    row = np.zeros((1, problem.num_nodes), dtype=np.int64)
+    for phase, t in (("seeds", 0.010), ("policy_moves", 0.007), ("local_search", 0.006)):
+        tracker.record(row, np.array([t]), np.array([True]), phase=phase)
+    text = "\n".join(credit_section(tracker.result("finished")))
+    assert "## Search credit" in text
+    assert "| policy_moves | 1 | 75% |" in text and "| local_search | 1 | 25% |" in text and "| seeds | 1 | — |" in text
+    assert "Best seed 10.000 ms → 6.000 ms" in text
+    assert credit_section(object()) == []
