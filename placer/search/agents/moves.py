@@ -399,6 +399,7 @@ class MoveAgent:
             row = start_row(self.problem)
             t, ok, _ = self._evaluate(row[None])
             tracker.record(row[None], t, ok, next_batch=1, phase="policy")
+            assert tracker.best_row is not None  # the row just recorded
             walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
         else:
             walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
@@ -448,6 +449,7 @@ class _Walker:
             incumbent = (not tracker.best_fits, tracker.best_step_time)
             if incumbent < self.seen_best and incumbent < self.key:
                 # Another phase (local search) improved the best: continue from there.
+                assert tracker.best_row is not None  # an incumbent exists once a key was seen
                 self.move_to(tracker.best_row, incumbent, None)
                 self.walk = self.stall = 0
             self.seen_best = min(self.seen_best, incumbent)
