@@ -88,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(args.run(args) or 0)
         except PlacerError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            placement_json = getattr(exc, "placement_json", None)  # results unwritable, no fallback either
+            if placement_json is not None:
+                print(placement_json, file=sys.stderr)
             code = 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -42,12 +42,13 @@ from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementM
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
-from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
+from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.baselines.pipeline_rows import batch_size_of, with_parallel_rows
 from placer.search.config import SearchConfig
 from placer.search.tracker import SearchResult
+from placer.write_failure import OutputWriteError, rescue, save_or_fallback
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         def save_measured_best(rec: MeasuredPlacement) -> None:
             if run.out_dir is not None:
                 meta = {"step_time": rec.step_time, "source": "measured", "method": method}
-                save_placement(compiled.op_placement(rec.row, meta), run.out_dir / "best_placement.json")
+                save_or_fallback(compiled.op_placement(rec.row, meta), run.out_dir / "best_placement.json")
 
         rounds = HybridRounds(measurer, config.budget, on_best=save_measured_best)  # owns the hybrid reward model
         search_config = search_config.replace(env_kwargs={"reward_mode": rounds.reward_model})
@@ -257,7 +258,14 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     if measurer is not None and config.budget.seconds is not None:
         # A measurement (a hang, say) may not outlast the search's budget.
         measurer.set_deadline(time.monotonic() + config.budget.seconds)
-    result = search(compiled.problem, search_config, initial_placements=initial, callback=rounds)
+    try:
+        result = search(compiled.problem, search_config, initial_placements=initial, callback=rounds)
+    except OSError as exc:
+        # The tracker stopped on an unwritable best_placement.json (its placement rescued);
+        # saving the policy into the same directory then failed too: report the first.
+        if isinstance(exc.__context__, OutputWriteError):
+            raise exc.__context__ from None
+        raise
     seconds = time.perf_counter() - start
     if measurer is not None:
         measurer.set_deadline(None)  # confirming: each run bounded by measure_timeout
@@ -313,7 +321,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     placement = compiled.op_placement(winner.row, {"step_time": step_time, "source": source,
                                                    "method": winner.method, "reward": run.reward})
     if run.out_dir is not None:  # the best so far; placement.json waits for the check
-        save_placement(placement, run.out_dir / "best_placement.json")
+        save_or_fallback(placement, run.out_dir / "best_placement.json")
     return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds)
 
 
@@ -336,7 +344,11 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
 
 def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confirmed: Confirmed,
           check: CheckReport | None, seconds: Mapping[str, float]) -> OptimizeResult:
-    """The result; with an ``out_dir``, the placement, report and pictures written there."""
+    """The result; with an ``out_dir``, the placement, report and pictures written there.
+
+    Raises:
+        OutputWriteError: ``out_dir`` could not be written; the placement was saved elsewhere.
+    """
     run = compiled.run
     result = OptimizeResult(
         placement=confirmed.placement, step_time=confirmed.step_time, source=confirmed.source, cluster=run.cluster,
@@ -345,7 +357,10 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
         winner=confirmed.winner.method, seconds=dict(seconds), reward=run.reward, measurement=confirmed.measurement,
     )
     if run.out_dir is not None:
-        result.save(run.out_dir)
+        try:
+            result.save(run.out_dir)
+        except OSError as exc:  # a full disk, a directory made read-only during the run
+            raise rescue(confirmed.placement, run.out_dir, exc) from exc
     return result
 
 

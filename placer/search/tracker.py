@@ -332,7 +332,8 @@ class BestTracker:
             self.on_improve(self.best_row.copy(), step_time, self.evaluated + batch)
 
     def _write(self, evaluated: int) -> Path:
-        from placer.placement_file import Placement, save_placement
+        from placer.placement_file import Placement
+        from placer.write_failure import save_or_fallback
 
         assert self.best_row is not None and self.out_dir is not None  # written on an improvement, with out_dir
         assignment = self.problem.array_to_placement(self.best_row)
@@ -351,7 +352,9 @@ class BestTracker:
         }
         placement = Placement(assignment=assignment, fingerprint=self.fingerprint,
                               devices=list(self.problem.device_names), metadata=meta)
-        return save_placement(placement, Path(self.out_dir) / "best_placement.json")
+        # An unwritable out_dir (full disk, made read-only) stops the search with one error,
+        # the best placement saved to a fallback file: searching on could not keep its results.
+        return save_or_fallback(placement, Path(self.out_dir) / "best_placement.json")
 
     def result(self, stop_reason: str) -> SearchResult:
         """Close the bar and return the :class:`SearchResult`."""

@@ -1,0 +1,85 @@
+"""When results cannot be written (a full disk, an output directory that became read-only).
+
+Every write of a placement into the output directory goes through :func:`save_or_fallback`:
+an :class:`OSError` (``ENOSPC``, ``EACCES``, ``EROFS``, ...) does not lose the best
+placement behind a traceback. The placement is saved atomically to a fallback file in the
+system's temporary directory, named by the model's fingerprint so a rerun of the same
+model finds (and replaces) it, and an :class:`OutputWriteError` — a
+:class:`~graphs.errors.PlacerError`, so the CLI prints one line and exits 2 — names the
+path, the operating system's reason and where the placement went. When even the fallback
+cannot be written, the error carries the placement's JSON for the CLI to print on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from graphs.errors import PlacerError
+from placer.placement_file import Placement, save_placement
+
+__all__ = ["OutputWriteError", "fallback_path", "os_reason", "rescue", "save_or_fallback"]
+
+log = logging.getLogger(__name__)
+
+
+class OutputWriteError(PlacerError):
+    """Results could not be written; the best placement was saved elsewhere or is carried here.
+
+    Attributes:
+        path: the file that could not be written.
+        reason: the operating system's reason (``No space left on device``).
+        fallback: where the best placement was saved instead (None when that failed too).
+        placement_json: the placement as JSON when no file could hold it, else None.
+    """
+
+    def __init__(self, path: Path, reason: str, fallback: Path | None, placement_json: str | None) -> None:
+        self.path, self.reason, self.fallback, self.placement_json = path, reason, fallback, placement_json
+        where = (f"the best placement was saved to {fallback} instead" if fallback is not None
+                 else "the fallback file could not be written either; the best placement follows on stderr")
+        super().__init__(f"cannot write {path}: {reason}; {where}")
+
+
+def fallback_path(fingerprint: str | None) -> Path:
+    """The fallback file of a model's best placement: ``<tmp>/placer-best-<fingerprint>.json``."""
+    tag = "".join(ch for ch in (fingerprint or "unknown")[:16] if ch.isalnum()) or "unknown"
+    return Path(tempfile.gettempdir()) / f"placer-best-{tag}.json"
+
+
+def os_reason(exc: OSError) -> str:
+    """The operating system's words for ``exc`` (``No space left on device``), else its text."""
+    if exc.errno is not None:
+        return exc.strerror or os.strerror(exc.errno)
+    return str(exc)
+
+
+def rescue(placement: Placement, path: Path, exc: OSError) -> OutputWriteError:
+    """Save ``placement`` to its fallback file after writing ``path`` failed with ``exc``.
+
+    Returns the error to raise: it says where the placement went, or carries its JSON
+    when the fallback could not be written either.
+    """
+    fallback = fallback_path(placement.fingerprint)
+    try:
+        save_placement(placement, fallback)  # atomic too: never a half-written fallback
+    except OSError as again:
+        log.debug("fallback %s not writable either: %s", fallback, again)
+        return OutputWriteError(path, os_reason(exc), None, json.dumps(placement.to_dict(), indent=2, default=str))
+    return OutputWriteError(path, os_reason(exc), fallback, None)
+
+
+def save_or_fallback(placement: Placement, path: str | os.PathLike) -> Path:
+    """:func:`~placer.placement_file.save_placement`, or the fallback and an :class:`OutputWriteError`.
+
+    Raises:
+        OutputWriteError: ``path`` could not be written (the placement is in ``error.fallback``
+            or ``error.placement_json``).
+    """
+    target = Path(path)
+    try:
+        return save_placement(placement, target)
+    except OSError as exc:
+        raise rescue(placement, target, exc) from exc
