@@ -190,3 +190,26 @@ def test_a_policy_save_failing_after_the_fault_does_not_hide_the_rescued_best(
     assert f"cannot write {out / 'best_placement.json'}: Permission denied; the best placement was saved to" in stderr
     (saved,) = temp_dir.glob("placer-best-*.json")
     _valid_fallback(saved, model_file)
+
+
+def test_benchmark_outputs_are_written_atomically_and_a_failed_chart_leaves_no_partial_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import pandas as pd
+
+    from placer.report.benchmark import plot_bars, write_outputs
+
+    table = pd.DataFrame({"model": ["m", "m"], "cluster": ["c", "c"], "method": ["single", "m_etf"],
+                          "step_time": [2e-3, 1e-3], "speedup_vs_single": [1.0, 2.0],
+                          "ratio_to_lower_bound": [2.0, 1.0], "search_time": [0.1, 0.2], "note": ["", ""]})
+    paths = write_outputs(table, {}, tmp_path / "bench")
+    assert [p.name for p in paths] == ["results.csv", "results.md", "bars_m.png"]
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+    def full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError):
+        plot_bars(table, "m", tmp_path / "again" / "bars.png")
+    assert list((tmp_path / "again").iterdir()) == []

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from graphs.atomic_write import atomic_path, write_text_atomic
+
 
 def markdown(table: pd.DataFrame) -> str:
     """The benchmark table as Markdown (times in ms, ratios to 2 decimals)."""
@@ -46,8 +48,11 @@ def plot_bars(table: pd.DataFrame, model: str, path: Path) -> Path:
     ax.set_title(f"{model}: step time by method (missing bar = no fitting placement)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a crash or second Ctrl-C never leaves half a PNG
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -56,8 +61,9 @@ def write_outputs(table: pd.DataFrame, histories: Mapping[tuple[str, str], Mappi
     from placer.report.plots import plot_search_curves
 
     paths = [out / "results.csv", out / "results.md"]
-    table.to_csv(paths[0], index=False)
-    paths[1].write_text(markdown(table) + "\n")
+    # Atomically, like every other output: an interrupted run never leaves half a table.
+    write_text_atomic(paths[0], table.to_csv(index=False))
+    write_text_atomic(paths[1], markdown(table) + "\n")
     for model in table["model"].unique():
         paths.append(plot_bars(table, model, out / f"bars_{_safe(str(model))}.png"))
     for (model, cluster), hist in histories.items():

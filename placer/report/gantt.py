@@ -18,6 +18,7 @@ import numpy as np
 
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import Schedule, schedule
+from graphs.atomic_write import atomic_path
 
 COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "copy": "#55A868"}
 HOST_ROW = "host thread"
@@ -87,9 +88,11 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a crash or second Ctrl-C never leaves half a PNG
+            fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
