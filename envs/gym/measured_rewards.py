@@ -40,7 +40,7 @@ class MeasuredReward(RewardModel):
 
     mode = "measured"
 
-    def __init__(self, problem: PlacementProblem, measurer: Measurer, reference: Any = "single",
+    def __init__(self, problem: PlacementProblem, measurer: Measurer | None, reference: Any = "single",
                  invalid_penalty: float | None = None) -> None:
         if not isinstance(measurer, Measurer):
             raise EnvConfigError(
@@ -145,7 +145,7 @@ class HybridReward(MeasuredReward):
     #: Valid measurements needed before calibrating (calibrate_simulator's minimum).
     MIN_MEASUREMENTS = 3
 
-    def __init__(self, problem: PlacementProblem, measurer: Measurer, reference: Any = "single",
+    def __init__(self, problem: PlacementProblem, measurer: Measurer | None, reference: Any = "single",
                  invalid_penalty: float | None = None, measure_every: int | None = 256, measure_top_k: int = 2,
                  pool_size: int = 16) -> None:
         # None: no automatic rounds; the owner calls measure_best() on its own schedule.

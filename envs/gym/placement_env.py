@@ -28,7 +28,7 @@ reward model (:mod:`envs.gym.rewards`); ``info`` holds ``step_time``, ``peak_mem
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -39,6 +39,9 @@ from envs.gym.features import OpKind, device_features, node_features, pad_rows, 
 from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import Evaluation, RewardModel
 from envs.sim.problem import PlacementError, PlacementProblem
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from envs.runtime.measurer import Measurer
 
 #: Upper bound of every node/device feature (they are non-negative and squashed to about [0, 3];
 #: the clip only guards against absurd inputs such as hours-long ops).
@@ -186,7 +189,7 @@ class PlacementEnv(gym.Env):
 
     def __init__(self, problem: PlacementProblem, num_groups: int | None = None, max_nodes: int | None = None,
                  max_edges: int | None = None, hierarchical: bool = True, reward_mode: str = "simulated",
-                 reference: Any = "single", invalid_penalty: float | None = None, measurer: Any = None,
+                 reference: Any = "single", invalid_penalty: float | None = None, measurer: Measurer | None = None,
                  seed: int | None = None, node_ops: Sequence[OpKind] | None = None,
                  **reward_options: Any) -> None:
         super().__init__()
@@ -205,7 +208,7 @@ class PlacementEnv(gym.Env):
             self._obs["device_features"].shape[1]))
         self.action_space = spaces.MultiDiscrete(self.decoder.nvec)
         #: A measurer this env made itself (gym.make with model=) and closes in close().
-        self.owned_measurer: Any = None
+        self.owned_measurer: Measurer | None = None
         self.last_evaluation: Evaluation | None = None
         if seed is not None:
             self._seed(seed)

@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envs.gym.config import EnvConfigError
 from envs.gym.measured_rewards import HybridReward, MeasuredReward
 from envs.gym.rewards import RewardModel, SimulatedReward
 from envs.sim.problem import PlacementProblem
 
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from envs.runtime.measurer import Measurer
+
 #: The reward modes :func:`make_reward_model` knows.
 REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
 
 
 def make_reward_model(problem: PlacementProblem, mode: str | RewardModel = "simulated", reference: Any = "single",
-                      invalid_penalty: float | None = None, measurer: Any = None,
+                      invalid_penalty: float | None = None, measurer: Measurer | None = None,
                       **hybrid_options: Any) -> RewardModel:
     """Build the reward model for ``mode`` (one of :data:`REWARD_MODES`), or use ``mode`` if it is one.
 

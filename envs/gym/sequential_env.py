@@ -39,7 +39,7 @@ with no legal action).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -52,6 +52,9 @@ from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import Evaluation, RewardModel
 from envs.sim.problem import PlacementError, PlacementProblem
 from graphs.errors import PlacerError
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from envs.runtime.measurer import Measurer
 
 
 class EpisodeOverError(PlacerError, RuntimeError):
@@ -82,7 +85,7 @@ class SequentialPlacementEnv(gym.Env):
 
     def __init__(self, problem: PlacementProblem, max_nodes: int | None = None, max_edges: int | None = None,
                  reward_mode: str = "simulated", reference: Any = "single", invalid_penalty: float | None = None,
-                 measurer: Any = None, default_device: int | str | None = None, seed: int | None = None,
+                 measurer: Measurer | None = None, default_device: int | str | None = None, seed: int | None = None,
                  node_ops: Sequence[OpKind] | None = None, dense_rewards: bool = True,
                  **reward_options: Any) -> None:
         super().__init__()
@@ -107,7 +110,7 @@ class SequentialPlacementEnv(gym.Env):
         self.observation_space = spaces.Dict(graph_spaces)
         self.action_space = spaces.Discrete(d)
         #: A measurer this env made itself (gym.make with model=) and closes in close().
-        self.owned_measurer: Any = None
+        self.owned_measurer: Measurer | None = None
         self.last_evaluation: Evaluation | None = None
         # Episode state (reset() sets it; a fresh env starts as if reset).
         self._row = np.full(n, self.default_device, dtype=np.int64)

@@ -26,12 +26,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from envs.runtime.apply import apply_placement, to_device
-from graphs.capture import set_training_modes
+from graphs.capture import CapturedModel, set_training_modes
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
 from graphs.profile.op_timing import tensors_in
@@ -139,7 +138,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_placement(
     spec: ModelSpec,
-    captured: Any,
+    captured: CapturedModel,
     assignment: Mapping[str, str],
     real_devices: Mapping[str, str] | None = None,
     tolerance: float = 1e-5,

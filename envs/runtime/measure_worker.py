@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from envs.runtime.step_timer import time_steps
 from envs.runtime.supervisor import die_with_parent
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from graphs.capture import CapturedModel
 
 #: Substrings of allocator errors that mean "out of memory" on CPU and GPU.
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -63,7 +66,7 @@ def _synchronize(devices: set[torch.device]) -> None:
 
 def time_training_steps(
     spec: Any,
-    captured: Any,
+    captured: CapturedModel,
     assignment: Mapping[str, str],
     real_devices: Mapping[str, str] | None,
     output_device: str | None,

@@ -29,13 +29,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from envs.hardware.rank_devices import RankDevice, RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.rank_status import STARTING, Status, culprit, read_status
 from envs.runtime.supervisor import Supervisor, make_job_dir
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from graphs.capture import CapturedModel
 
 __all__ = ["JobOutcome", "WorkerGroup", "write_job", "run_job", "measure_links", "free_port", "backend_for"]
 
@@ -64,7 +67,7 @@ def write_job(
     threads: int = 1,
     timeout_s: float = 300.0,
     fingerprint: str | None = None,
-    captured: Any = None,
+    captured: CapturedModel | None = None,
 ) -> Path:
     """Write ``job_dir/job.pt`` for the ranks (also what ``torchrun`` workers on other hosts read).
 
@@ -290,7 +293,7 @@ def run_job(
     fingerprint: str | None = None,
     master_addr: str = "127.0.0.1",
     job_dir: str | os.PathLike | None = None,
-    captured: Any = None,
+    captured: CapturedModel | None = None,
     deadline: float | None = None,
 ) -> JobOutcome:
     """Run ``tasks`` on local worker processes, one per device; never leaves a process behind.

@@ -21,13 +21,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_SPENT, budget_timeout
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
 from envs.runtime.step_timer import median_step_time
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from graphs.capture import CapturedModel
 
 __all__ = ["DistributedMeasurer"]
 
@@ -63,7 +66,7 @@ class DistributedMeasurer:
         threads: int = 1,
         spec: Any = None,
         fingerprint: str | None = None,
-        captured: Any = None,
+        captured: CapturedModel | None = None,
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")

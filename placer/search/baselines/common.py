@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -30,6 +30,9 @@ import numpy as np
 from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from graphs.capture import CapturedModel
 
 GIB = 2**30
 
@@ -83,7 +86,7 @@ class BaselineInputs:
     """
 
     graph: nx.DiGraph | None = None
-    captured: Any = None
+    captured: CapturedModel | None = None
     op_to_group: Mapping[str, str] | None = None
     seed: int = 0
     placements: int | None = None

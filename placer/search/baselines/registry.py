@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -35,6 +35,9 @@ from placer.search.baselines import (
     simple,
 )
 from placer.search.baselines.common import BaselineError, BaselineInputs, BaselineResult, NoFit, fits, overflow_reason
+
+if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from graphs.capture import CapturedModel
 
 BaselineFn = Callable[[PlacementProblem, BaselineInputs], Any]
 
@@ -109,7 +112,7 @@ def run_baseline(
     graph: nx.DiGraph | None = None,
     seed: int = 0,
     *,
-    captured: Any = None,
+    captured: CapturedModel | None = None,
     op_to_group: Mapping[str, str] | None = None,
     placements: int | None = None,
 ) -> BaselineResult:
