@@ -35,6 +35,7 @@ from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
+from envs.sim.ranks import RankSimulator
 from graphs.errors import GraphError, PlacerError
 from graphs.grouping import Grouping
 
@@ -79,10 +80,10 @@ class OpArrays:
         is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
         host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
-            own process. The rank rules are :mod:`envs.sim.ranks`; until the batched
-            simulator calls them, :mod:`envs.sim.simulator` runs each rank as an independent
-            device with its own thread (its ops' host and device seconds on it) rather than
-            sharing one host thread, which would serialise processes that run in parallel.
+            own process. Their step time is :mod:`envs.sim.ranks`'s
+            (``PlacementProblem.rank_simulator``); for the copies it still counts,
+            :mod:`envs.sim.simulator` runs each rank as an independent device with its own
+            thread rather than sharing one host thread.
     """
 
     names: tuple[str, ...]
@@ -144,6 +145,10 @@ class PlacementProblem:
             ``pred_edge[pred_ptr[i]:pred_ptr[i+1]]`` (edge ids, by ascending source).
         succ_ptr, succ_edge: CSR of outgoing edges, by ascending destination.
         cluster_name: name of the cluster the device arrays came from.
+        rank_simulator: on a rank cluster, the simulator of the multi-process runtime
+            (:class:`envs.sim.ranks.RankSimulator`, over ``node_names`` rows): the simulators
+            take every step time from it (one placement, one step time), memory and busy
+            time from these arrays.
         ops: the op-level arrays the simulators execute (:class:`OpArrays`). Built from the
             group arrays when not given (each node is then one op with the group's
             forward time on the device and its backward and update as backward, all on
@@ -177,6 +182,7 @@ class PlacementProblem:
     succ_edge: np.ndarray | None = None
     cluster_name: str = ""
     ops: OpArrays | None = None
+    rank_simulator: RankSimulator | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -364,6 +370,7 @@ def compile_problem(
     optimizer: str | None = None,
     cost_model: CostModel | None = None,
     grouping: Grouping | None = None,
+    leaves: Mapping[str, int] | None = None,
 ) -> PlacementProblem:
     """Compile a placement graph on a cluster into a :class:`PlacementProblem` (module doc).
 
@@ -382,6 +389,8 @@ def compile_problem(
         grouping: the :class:`graphs.grouping.Grouping` of ``graph`` whose groups are the
             placement unit (``node_names`` = its groups in topological order). None: every
             op is its own group.
+        leaves: on a rank cluster, tensors per value (:func:`envs.sim.ranks.value_leaves` of
+            the captured module: the runtime sends one message per tensor); default 1 each.
 
     Raises:
         PlacementError: unknown optimizer, or a grouping that does not cover the graph's ops.
@@ -438,8 +447,12 @@ def compile_problem(
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                      op_src, op_dst, op_bytes, is_cpu, cost_model.host)
+    rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)
+        # Processes exchange messages over gloo, which the one-process rules do not model.
+        rank_simulator = RankSimulator(graph, cluster, leaves=leaves, op_to_group=(
+            grouping.op_to_group if grouping is not None else {n: n for n in order}))
     g = len(group_names)
 
     def per_group(values: np.ndarray) -> np.ndarray:
@@ -483,6 +496,7 @@ def compile_problem(
         requires_grad=g_rg,
         cluster_name=cluster.name,
         ops=ops,
+        rank_simulator=rank_simulator,
     )
 
 

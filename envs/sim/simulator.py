@@ -585,7 +585,10 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
     """
     pl = _as_batch(problem, placements)
     a = _arrays(problem)
-    return _result(a, pl, _run(a, pl, a.op_group, backend), "group")
+    step, *rest = _run(a, pl, a.op_group, backend)
+    if problem.rank_simulator is not None:  # ranks: the multi-process runtime's rules (envs.sim.ranks)
+        step = problem.rank_simulator.step_times_rows(pl, problem.node_names)
+    return _result(a, pl, (step, *rest), "group")
 
 
 def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "auto") -> SimResult:
@@ -611,7 +614,10 @@ def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "
         raise PlacementError(f"op placement holds a device index outside 0..{problem.num_devices - 1}")
     pl = np.ascontiguousarray(pl, dtype=np.int32)
     a = _arrays(problem)
-    return _result(a, pl, _run(a, pl, np.arange(ops.num_ops, dtype=np.int64), backend), "op")
+    step, *rest = _run(a, pl, np.arange(ops.num_ops, dtype=np.int64), backend)
+    if problem.rank_simulator is not None:  # ranks: the multi-process runtime's rules (envs.sim.ranks)
+        step = problem.rank_simulator.step_times([dict(zip(ops.names, row.tolist())) for row in pl])
+    return _result(a, pl, (step, *rest), "op")
 
 
 def _run(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, backend: str):

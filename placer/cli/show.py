@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from envs.sim.problem import PlacementProblem
     from envs.sim.simulator import StepResult
     from graphs.pipeline import Prepared
+    from placer.placement_file import Placement
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,11 +45,33 @@ def simulate_placement(prepared: Prepared, assignment: Mapping[str, str], cluste
     """
     from envs.sim.optimizer_state import optimizer_state_kind
     from envs.sim.problem import compile_problem
+    from envs.sim.ranks import value_leaves
     from envs.sim.simulator import simulate_ops
 
     problem = compile_problem(prepared.captured.graph, cluster,
-                              optimizer=optimizer_state_kind(prepared.spec.optimizer_fn), grouping=prepared.grouping)
+                              optimizer=optimizer_state_kind(prepared.spec.optimizer_fn), grouping=prepared.grouping,
+                              leaves=value_leaves(prepared.captured.gm))
     return problem, simulate_ops(problem, assignment)[0]
+
+
+def recorded_rank_cluster(placement: Placement) -> Cluster:
+    """The rank cluster (``--devices cpu:0,cpu:1``) a placement was optimized on, from its recorded
+    links: measured by the workers at the time, they are what its step time was simulated with.
+
+    Raises:
+        OptionError: the ``links`` metadata is not a list of ``[device, device, latency s, bandwidth B/s]``.
+    """
+    from envs.runtime.distributed.rank_cluster import rank_cluster
+    from placer.options import OptionError
+
+    recorded = placement.metadata.get("links")
+    try:
+        links = {(str(a), str(b)): (float(lat), float(bw)) for a, b, lat, bw in recorded}
+    except (TypeError, ValueError):
+        shown = repr(recorded)
+        raise OptionError(f"the placement's 'links' metadata is {shown[:60]}; expected a list of "
+                          "[device, device, latency seconds, bandwidth bytes/s]") from None
+    return rank_cluster(placement.devices, links=links)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     cluster_name = args.cluster or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
+    cluster = recorded_rank_cluster(placement) if not args.cluster and "links" in meta else load_cluster(cluster_name)
     prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size))
-    placement = load_placement(args.placement, graph=prepared.captured, devices=load_cluster(cluster_name).device_names)
-    problem, step = simulate_placement(prepared, placement.assignment, cluster_name)
+    placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
+    problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"  simulated on {cluster_name}: {step.step_time * 1e3:.3f} ms per step, "

@@ -29,9 +29,11 @@ import pandas as pd
 import torch
 
 from envs.hardware.cluster import Cluster
+from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.check import CheckReport, check_placement
 from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.ranks import value_leaves
 from envs.sim.simulator import simulate
 from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
@@ -93,6 +95,11 @@ class Compiled:
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map()}
+        if is_distributed_cluster(cluster):
+            # A rank cluster's links were measured, not named by a preset: show rebuilds it from these.
+            names = cluster.device_names
+            meta["links"] = [[a, b, cluster.link(a, b).latency_s, cluster.link(a, b).bandwidth_Bps]
+                             for i, a in enumerate(names) for b in names[i + 1:]]
         meta.update(metadata)
         return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
                          devices=list(cluster.device_names), metadata=meta)
@@ -161,7 +168,7 @@ def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
     """The placement problem of the prepared model on the run's cluster: its op graph executes,
     its groups are the placement unit (the problem show, the report and the benchmarks simulate)."""
     problem = compile_problem(run.captured.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn),
-                              grouping=run.grouping)
+                              grouping=run.grouping, leaves=value_leaves(run.captured.gm))
     kind = "simulated on cluster spec" if run.cluster.simulated else "measured on real devices"
     log.log(logging.INFO if config.verbose else logging.DEBUG,
             "%s: %d ops in %d groups; %d devices (%s, step times %s); reward %s", run.spec.name,

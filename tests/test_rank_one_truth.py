@@ -1,0 +1,97 @@
+"""One truth on ranks (issue 15): a placement over processes (``--devices cpu:0,cpu:1``) has
+one simulated step time, the multi-process runtime's (envs.sim.ranks.RankSimulator), in the
+search, the comparison table, the report and ``placer show``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from envs.runtime.distributed import rank_cluster as rank_cluster_module
+from envs.sim.ranks import RankSimulator, value_leaves
+from envs.sim.simulator import simulate_batch
+
+
+def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+
+
+@pytest.fixture(scope="module")
+def rank_run(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setattr(rank_cluster_module, "measure_links", _fake_links)
+    try:
+        from placer import optimize
+
+        out = tmp_path_factory.mktemp("ranks")
+        result = optimize("zoo:rnnlm", devices="cpu:0,cpu:1", reward="simulated", budget="32", seed=0,
+                          out_dir=out, progress=False, verbose=0)
+        yield result, result.cluster, out
+    finally:
+        patch.undo()
+
+
+def _rank_step(result, cluster) -> float:
+    captured = result.prepared.captured
+    sim = RankSimulator(captured.graph, cluster, leaves=value_leaves(captured.gm),
+                        op_to_group=result.prepared.grouping.op_to_group)
+    return sim.simulate(result.placement.assignment, trace=False).step_time
+
+
+def test_optimize_on_ranks_reports_the_rank_simulators_step_for_its_winner(rank_run):
+    result, cluster, _ = rank_run
+    expected = _rank_step(result, cluster)
+    assert result.problem.rank_simulator is not None
+    assert float(simulate_batch(result.problem, result.group_row).step_time[0]) == pytest.approx(expected, rel=1e-12)
+    winner = result.table[result.table["method"] == result.winner]
+    assert float(winner["simulated_step_time"].iloc[0]) == pytest.approx(expected, rel=1e-12)
+    if result.source == "simulated":  # else the winner was measured too, and its step is the measurement
+        assert result.step_time == pytest.approx(expected, rel=1e-12)
+    # The figure is not the one-process simulator's, which serialises nothing over gloo.
+    one_process = replace(result.problem, rank_simulator=None)
+    assert float(simulate_batch(one_process, result.group_row).step_time[0]) != pytest.approx(expected, rel=1e-6)
+
+
+def test_every_row_of_the_comparison_table_is_simulated_over_ranks(rank_run):
+    result, _, _ = rank_run
+    problem = result.problem
+    rows = np.array([c.row for c in result.candidates if c.row is not None])
+    assert len(rows) >= 2
+    got = simulate_batch(problem, rows).step_time
+    want = problem.rank_simulator.step_times_rows(rows, problem.node_names)
+    assert np.array_equal(got, want)
+
+
+def test_show_on_the_saved_placement_agrees_with_optimize_over_ranks(rank_run):
+    from placer.cli.show import simulate_placement
+    from placer.placement_file import load_placement
+
+    result, cluster, out = rank_run
+    saved = load_placement(out / "placement.json")
+    _, shown = simulate_placement(result.prepared, saved.assignment, cluster)
+    assert shown.step_time == pytest.approx(_rank_step(result, cluster), rel=1e-12)
+    winner = result.table[result.table["method"] == result.winner]
+    assert shown.step_time == pytest.approx(float(winner["simulated_step_time"].iloc[0]), rel=1e-12)
+
+
+def test_placer_show_rebuilds_the_rank_cluster_from_the_recorded_links(rank_run, tmp_path, capsys):
+    from placer.cli.main import main
+
+    result, cluster, out = rank_run
+    assert main(["show", str(out / "placement.json"), "--model", "zoo:rnnlm", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"simulated on {cluster.name}: {_rank_step(result, cluster) * 1e3:.3f} ms per step" in printed
+
+
+def test_malformed_recorded_links_are_refused_with_one_clear_line(rank_run):
+    from placer.cli.show import recorded_rank_cluster
+    from placer.options import OptionError
+    from placer.placement_file import load_placement
+
+    _, _, out = rank_run
+    saved = load_placement(out / "placement.json")
+    with pytest.raises(OptionError, match="expected a list of \\[device, device, latency seconds"):
+        recorded_rank_cluster(replace(saved, metadata={**saved.metadata, "links": [["cpu:0", "cpu:1", "fast"]]}))
