@@ -14,6 +14,9 @@ listening.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
 import shutil
 import sys
 import time
@@ -70,6 +73,36 @@ def _blame(failures: list[Exit], job_dir: Path) -> str:
     return f"{first.label} {first.reason}{detail}"
 
 
+def _untyped(gm: fx.GraphModule) -> fx.GraphModule:
+    # A captured graph's type annotations ("torch.Tensor | None") are strings that
+    # GraphModule's pickling cannot import; they only annotate the generated code.
+    if any(n.type is not None for n in gm.graph.nodes):
+        gm = copy.deepcopy(gm)
+        for n in gm.graph.nodes:
+            n.type = None
+        gm.recompile()
+    return gm
+
+
+def _portable_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor] | None:
+    """``loss_fn`` as the workers can unpickle it: a function of a module they cannot import (a
+    model file loaded by path) travels as its traced graph."""
+    if loss_fn is None or isinstance(loss_fn, torch.nn.Module):
+        return loss_fn
+    module = getattr(loss_fn, "__module__", None)
+    if module is not None and importlib.util.find_spec(module) is not None and module != "__main__":
+        return loss_fn
+    return _untyped(fx.symbolic_trace(loss_fn))
+
+
+def _file_modules() -> dict[str, str]:
+    """The model files loaded by path in this process (``graphs.model_file`` registers each as
+    ``placer_model_*``): the job's classes and functions may come from them, so the workers
+    load them under the same names before unpickling."""
+    return {name: str(mod.__file__) for name, mod in list(sys.modules.items())
+            if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
+
+
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
               steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
               loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0) -> Path:
@@ -77,6 +110,8 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.pt"
+    gm, loss_fn = _untyped(gm), _portable_loss(loss_fn)
+    (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
     torch.save({"gm": gm, "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
                 "timeout_s": timeout_s}, path)

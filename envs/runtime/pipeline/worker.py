@@ -134,12 +134,31 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
     res["params"] = {n: p.detach().clone() for n, p in gm.named_parameters()}
 
 
+def _load_file_modules(job_dir: Path) -> None:
+    """Load the model files the job's classes come from under their recorded names (launcher:
+    ``modules.json``), so unpickling finds them."""
+    import importlib.util
+    import json
+
+    listed = job_dir / "modules.json"
+    if not listed.exists():
+        return
+    for name, path in json.loads(listed.read_text()).items():
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise PipelineError(f"cannot load the model file {path} the job's classes come from")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
 def run_rank(job_dir: Path, rank: int, world: int) -> None:
     """Join the job's process group, train its steps, write ``result-<rank>.pt``."""
     import torch.distributed as dist
 
     from envs.runtime.distributed.worker import _bound_gloo, _listening_addresses, _rendezvous_store
 
+    _load_file_modules(job_dir)
     job = torch.load(job_dir / "job.pt", weights_only=False)
     torch.manual_seed(int(job.get("seed", 0)))
     torch.set_num_threads(int(job.get("threads", 1)))

@@ -1,0 +1,209 @@
+"""Pipelines and DDP against un-pipelined placements: simulated at paper size, measured here.
+
+Figures, not tests (issue 16). Two parts:
+
+* ``--simulated``: each zoo model at paper size (captured, not profiled: the GPU kinds are
+  costed by the roofline, as for any simulated cluster) on ``4xV100-nvlink`` and ``4xK40``:
+  the best un-pipelined placement of a set of baselines (simulated by the op-level
+  simulator), DDP over the four GPUs (:mod:`envs.sim.data_parallel`) and the best pipeline
+  of each partitioner over ``M`` and the schedules (:mod:`envs.sim.pipeline`). "placer's
+  best" is the fastest placement placer can write (un-pipelined or pipelined); DDP is the
+  bar it is compared with.
+* ``--measured``: a small zoo model trained here by 2 gloo processes x 1 thread as a
+  2-stage pipeline (PipeDream's split, 1F1B) and as DDP, against one process with 1 and 2
+  threads, each beside the simulator's prediction (the pipeline and DDP on the rank
+  cluster with the calibrated :class:`envs.sim.ranks.RankCosts`; one process on the CPU
+  by the op-level simulator, which models one thread). ``uptime`` is recorded with each
+  figure: other jobs share the machine.
+
+Usage::
+
+    python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50]
+    python3 benchmarks/bench_pipeline.py --measured --model gpt2 [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from envs.hardware.loading import load_cluster  # noqa: E402
+from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
+from envs.sim.pipeline import Pipeline, simulate_pipeline  # noqa: E402
+from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.simulator import simulate_batch  # noqa: E402
+from graphs.pipeline import prepare  # noqa: E402
+from placer.benchmark import optimizer_name  # noqa: E402
+from placer.search.baselines.common import NoFit  # noqa: E402
+from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
+from placer.search.baselines.pipeline_split import PARTITIONERS, best_pipeline  # noqa: E402
+from placer.search.baselines.registry import run_baseline  # noqa: E402
+
+UNPIPELINED = ("single", "pipeline_dp", "m_topo", "m_etf", "expert", "balanced", "round_robin")
+
+
+def uptime() -> str:
+    """The load averages, as ``uptime`` prints them."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+
+
+def _ms(t: float) -> str:
+    return "does not fit" if not math.isfinite(t) else f"{t * 1e3:.1f}"
+
+
+def simulated(models: list[str], clusters: list[str]) -> list[str]:
+    """One Markdown table row per (model, cluster)."""
+    rows = ["| model | cluster | batch | best un-pipelined (method) | DDP | even_layers | even_params | pipedream_dp "
+            "| placer's best | speed vs DDP | speed vs un-pipelined |", "|" + "---|" * 11]
+    for model in models:
+        start = time.perf_counter()
+        prep = prepare(f"zoo:{model}", model_args={"size": "paper"}, profile=False)
+        batch = batch_size_of(prep.spec.example_inputs)
+        opt = optimizer_name(prep.spec)
+        for cname in clusters:
+            cluster = load_cluster(cname)
+            problem = compile_problem(prep.captured.graph, cluster, optimizer=opt, grouping=prep.grouping)
+            unpiped, method = math.inf, "-"
+            found = []
+            for name in UNPIPELINED:
+                try:
+                    res = run_baseline(name, problem, prep.grouping.graph, captured=prep.captured,
+                                       op_to_group=prep.grouping.op_to_group)
+                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run here is skipped
+                    print(f"  {model}/{cname}: {name} failed: {exc}", file=sys.stderr)
+                    continue
+                if res.placement is not None:
+                    found.append((name, np.asarray(res.placement)))
+            if found:
+                sim = simulate_batch(problem, np.stack([r for _, r in found]))
+                for (name, _), t, ok in zip(found, sim.step_time, sim.fits):
+                    if ok and t < unpiped:
+                        unpiped, method = float(t), name
+            ddp = simulate_data_parallel(problem, [d for d, k in zip(problem.device_names, problem.device_kinds)
+                                                   if k != "cpu"])
+            ddp_t = ddp.step_time if ddp.fits else math.inf
+            pipes = best_pipeline(problem, batch, microbatches=(1, 2, 4, 8, 16, 32, 64))
+            pt = {k: c.step_time for k, c in pipes.items()}
+            best = min([unpiped, *pt.values()])
+            dp = pipes["pipedream_dp"].pipeline
+            note = f" (M={dp.microbatches}, {dp.schedule})" if dp is not None else ""
+            rows.append(f"| {model} | {cname} | {batch} | {_ms(unpiped)} ({method}) | {_ms(ddp_t)} | "
+                        f"{_ms(pt['even_layers'])} | {_ms(pt['even_params'])} | {_ms(pt['pipedream_dp'])}{note} | "
+                        f"{_ms(best)} | {ddp_t / best if math.isfinite(ddp_t) else float('inf'):.2f}x | "
+                        f"{unpiped / best if math.isfinite(unpiped) else float('inf'):.2f}x |")
+            print(rows[-1], flush=True)
+        print(f"  {model}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def _inputs_by_name(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Tensor]:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(names, example_inputs))
+
+
+def _one_process(gm: torch.fx.GraphModule, inputs: dict, loss_fn, threads: int, steps: int) -> float:
+    import copy
+
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(gm)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    args = list(inputs.values())
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad()
+        out = model(*args)
+        loss = loss_fn(out, *args) if loss_fn is not None else out
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:]))
+
+
+def measured(model: str, steps: int, microbatches: int) -> list[str]:
+    """Rows: one process 1 and 2 threads, the 2-stage pipeline and DDP, measured and simulated."""
+    from envs.runtime.distributed.rank_cluster import rank_cluster
+    from envs.runtime.pipeline.launcher import run_training
+    from envs.sim.problem import compile_problem as compile_
+
+    prep = prepare(f"zoo:{model}", model_args={"size": "small"})
+    gm = prep.captured.gm
+    inputs = _inputs_by_name(gm, tuple(prep.spec.example_inputs))
+    loss_fn = prep.spec.loss_fn
+    batch = batch_size_of(prep.spec.example_inputs)
+    opt = optimizer_name(prep.spec)
+    ranks = rank_cluster("cpu:0,cpu:1")
+    # Pipelines and DDP are run over the op graph (stages hold ops), cut by PipeDream's DP.
+    problem = compile_(prep.captured.graph, ranks, optimizer=opt)
+    # The fastest simulated split of the three partitioners whose stages both hold compute.
+    graph = prep.captured.graph
+    plans = []
+    for name, fn in PARTITIONERS.items():
+        try:
+            cand = fn(problem, microbatches, "1f1b")
+        except NoFit:
+            continue
+        stages = tuple(tuple(n for n in s if graph.nodes[n].get("op") not in ("placeholder", "output"))
+                       for s in cand.stages)
+        if all(stages):
+            plans.append((simulate_pipeline(problem, cand).step_time, name, cand, stages))
+    sim_pipe, method, planned, stages = min(plans, key=lambda p: p[0])
+    pipe = Pipeline(stages, planned.devices, microbatches, "1f1b")
+    sim_ddp = simulate_data_parallel(problem, 2).step_time
+    one = compile_(prep.captured.graph, rank_cluster("cpu:0"), optimizer=opt)
+    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
+    rows = ["| run | measured ms/step | simulated ms/step | load (1, 5, 15 min) |", "|---|---|---|---|"]
+    t1 = _one_process(gm, inputs, loss_fn, 1, steps)
+    rows.append(f"| one process, 1 thread | {t1 * 1e3:.1f} | {sim_one * 1e3:.1f} | {uptime()} |")
+    t2 = _one_process(gm, inputs, loss_fn, 2, steps)
+    rows.append(f"| one process, 2 threads | {t2 * 1e3:.1f} | (one thread modelled) | {uptime()} |")
+    run = run_training(gm, inputs, pipe, steps=steps, optimizer=("sgd", {"lr": 1e-3}), loss_fn=loss_fn,
+                       timeout_s=600)
+    tp = float(np.median(run.step_times[2:]))
+    rows.append(f"| 2-stage pipeline ({method}), 1F1B, M={microbatches}, 2 processes x 1 thread "
+                f"(stages of {'/'.join(str(len(s)) for s in stages)} ops) | {tp * 1e3:.1f} | {sim_pipe * 1e3:.1f} "
+                f"| {uptime()} |")
+    run = run_training(gm, inputs, None, world=2, steps=steps, optimizer=("sgd", {"lr": 1e-3}), loss_fn=loss_fn,
+                       timeout_s=600)
+    td = float(np.median(run.step_times[2:]))
+    rows.append(f"| DDP, 2 processes x 1 thread | {td * 1e3:.1f} | {sim_ddp * 1e3:.1f} | {uptime()} |")
+    rows.append("")
+    rows.append(f"{model} (small, batch {batch}): pipeline {t1 / tp:.2f}x one 1-thread process, "
+                f"{t2 / tp:.2f}x one 2-thread process; DDP {t1 / td:.2f}x one 1-thread process.")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--simulated", action="store_true")
+    parser.add_argument("--measured", action="store_true")
+    parser.add_argument("--models", default="gpt2,resnet50,inception_v3,rnnlm,nmt,moe")
+    parser.add_argument("--clusters", default="4xV100-nvlink,4xK40")
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--microbatches", type=int, default=4)
+    args = parser.parse_args()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {stamp}, torch {torch.__version__}, load {uptime()}")
+    print(f"# python3 benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}")
+    if args.simulated:
+        for line in simulated(args.models.split(","), args.clusters.split(",")):
+            print(line)
+    if args.measured:
+        for line in measured(args.model, args.steps, args.microbatches):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
