@@ -192,6 +192,28 @@ def test_a_policy_save_failing_after_the_fault_does_not_hide_the_rescued_best(
     _valid_fallback(saved, model_file)
 
 
+def test_a_policy_that_cannot_be_saved_costs_the_policy_not_the_run(model_file, tmp_path, monkeypatch, capsys):
+    # The disk fills just as the search saves its policy (torch.save): the placement still lands.
+    import torch
+
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if str(f).startswith(str(out)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    code = main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "300", "--out", str(out),
+                 "--baselines", "single,m_etf", "--no-check"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err
+    assert "could not save the search policy" in captured.out + captured.err
+    load_placement(out / "placement.json")
+
+
 def test_benchmark_outputs_are_written_atomically_and_a_failed_chart_leaves_no_partial_file(tmp_path, monkeypatch):
     import matplotlib.figure
     import pandas as pd

@@ -23,6 +23,7 @@ returns its best even when interrupted with Ctrl-C.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,8 @@ from placer.search.agents.registry import AgentEntry, get_agent
 from placer.search.config import SearchConfig, SearchError
 from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -136,9 +139,22 @@ def search(
             reason = "interrupted"
         finally:
             if save_path is not None and trained is not None:
-                save_path.parent.mkdir(parents=True, exist_ok=True)
-                trained.save(save_path)
+                _save_policy(trained, save_path)
     return tracker.result(reason)
+
+
+def _save_policy(agent: SearchAgent, path: Path) -> None:
+    """Save the trained policy; a full disk or a read-only directory costs the policy, not the run.
+
+    The policy only speeds up a later ``--resume``; the placement is what the user needs, and
+    its writes have their own fallback (:mod:`placer.write_failure`), so this logs and goes on.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        agent.save(path)
+    except OSError as exc:
+        log.warning("could not save the search policy to %s: %s; the run goes on without it",
+                    path, exc.strerror or exc)
 
 
 def _make_env(problem: PlacementProblem, entry: AgentEntry, num_envs: int,
