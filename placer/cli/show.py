@@ -66,6 +66,8 @@ def recorded_rank_cluster(placement: Placement) -> Cluster:
 
     recorded = placement.metadata.get("links")
     try:
+        if not isinstance(recorded, list):
+            raise TypeError(recorded)
         links = {(str(a), str(b)): (float(lat), float(bw)) for a, b, lat, bw in recorded}
     except (TypeError, ValueError):
         shown = repr(recorded)
