@@ -77,7 +77,8 @@ def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
     from placer.search.search import search
 
     graph = prep.grouping.graph
-    problem = compile_problem(graph, load_cluster(cluster))
+    # One truth: the op graph executes, the groups are the placement unit (as optimize compiles it).
+    problem = compile_problem(prep.captured.graph, load_cluster(cluster), grouping=prep.grouping)
     lines.append(f"### {model} ({args.size}) on {cluster}: {problem.num_nodes} groups, {problem.num_devices} devices\n")
     base = run_baselines(problem, graph, prep.captured, prep.grouping.op_to_group, args.seed)
     fitting = [(n, t) for n, t, *_ in base if t is not None]
