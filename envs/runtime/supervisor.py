@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,22 @@ def _start_time(pid: int) -> str | None:
 def _owner_alive(pid: int, start: str) -> bool:
     now = _start_time(pid)
     return now is not None and (now == start or start == "0" or now == "0")
+
+
+def report_rank_failure(job_dir: Path, rank: int, exc: BaseException) -> None:
+    """Leave a rank's failure where the launcher reads it: ``error-<rank>.txt`` in the job
+    directory (the exception's first line, then the traceback), and the traceback on stderr.
+
+    Called from a worker's ``except BaseException``: the launcher names the rank and its
+    error from this file, since the exit code alone says only that the rank failed.
+    """
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    try:
+        (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
+    except OSError:
+        pass  # the job directory is gone (the launcher gave up): stderr still has it
+    traceback.print_exc()
 
 
 def sweep_stale_job_dirs(root: str | os.PathLike | None = None) -> list[Path]:

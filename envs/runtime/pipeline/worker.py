@@ -21,13 +21,12 @@ import datetime
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from envs.runtime.supervisor import die_with_parent
+from envs.runtime.supervisor import die_with_parent, report_rank_failure
 from envs.sim.pipeline import Pipeline, PipelineError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -195,13 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_rank(job_dir, rank, int(os.environ["WORLD_SIZE"]))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        text = str(exc).strip().splitlines()
-        line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-        try:
-            (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
-        except OSError:
-            pass
-        traceback.print_exc()
+        report_rank_failure(job_dir, rank, exc)
         return 1
     return 0
 
