@@ -55,6 +55,27 @@ def one_thread(row, thread_of):
 
 
 @_jitable
+def copy_targets(i, d, row, op_group, succ_ptr, succ_dst, succ_bytes, mark, dst, nb):
+    """The devices op ``i`` (on ``d``) is copied to: one copy per device, as apply inserts them.
+
+    Fills ``dst[:count]`` in consumer order and ``nb[b]`` with the largest edge's bytes to
+    ``b``; ``mark[b] == i`` marks the devices seen for this op. Returns ``count``.
+    """
+    count = 0
+    for k in range(succ_ptr[i], succ_ptr[i + 1]):
+        b = row[op_group[succ_dst[k]]]
+        if b != d:
+            if mark[b] != i:
+                mark[b] = i
+                dst[count] = b
+                count += 1
+                nb[b] = succ_bytes[k]
+            elif succ_bytes[k] > nb[b]:
+                nb[b] = succ_bytes[k]
+    return count
+
+
+@_jitable
 def forward_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, rd, wr, lat, inv_bw, blocking,
                  copy_s, s, mark, dst, nb, mem, acc, trace, xtrace):
     """R1-R5 over the ops in program order; returns the host clock after the forward.
@@ -84,17 +105,7 @@ def forward_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, rd, wr
             trace[i, 1] = h
             trace[i, 2] = st
             trace[i, 3] = st + cost[base + 1]
-        count = 0
-        for k in range(succ_ptr[i], succ_ptr[i + 1]):
-            b = row[op_group[succ_dst[k]]]
-            if b != d:
-                if mark[b] != i:
-                    mark[b] = i
-                    dst[count] = b
-                    count += 1
-                    nb[b] = succ_bytes[k]
-                elif succ_bytes[k] > nb[b]:
-                    nb[b] = succ_bytes[k]
+        count = copy_targets(i, d, row, op_group, succ_ptr, succ_dst, succ_bytes, mark, dst, nb)
         for j in range(count - 1, -1, -1):  # inserted after the producer: the last found runs first
             b = dst[j]
             pair = d * nd + b
@@ -337,17 +348,7 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
         op_id[i] = m
         kind_op[m] = i
         m += 1
-        count = 0
-        for k in range(succ_ptr[i], succ_ptr[i + 1]):
-            b = row[op_group[succ_dst[k]]]
-            if b != d:
-                if mark[b] != i:
-                    mark[b] = i
-                    dst[count] = b
-                    count += 1
-                    nb[b] = succ_bytes[k]
-                elif succ_bytes[k] > nb[b]:
-                    nb[b] = succ_bytes[k]
+        count = copy_targets(i, d, row, op_group, succ_ptr, succ_dst, succ_bytes, mark, dst, nb)
         for j in range(count - 1, -1, -1):  # program order of the copies
             b = dst[j]
             has_grad = False
