@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -142,6 +142,33 @@ def report_rank_failure(job_dir: Path, rank: int, exc: BaseException) -> None:
     except OSError:
         pass  # the job directory is gone (the launcher gave up): stderr still has it
     traceback.print_exc()
+
+
+def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: Sequence[str] | None = None) -> int:
+    """The entry point of a rank process, ``python -m <module> JOB_DIR``; returns its exit status.
+
+    Dies with its parent, reads ``RANK``/``WORLD_SIZE`` (set by our launchers and by torchrun),
+    runs ``run_rank(job_dir, rank, world)`` and leaves any failure where the launcher reads it
+    (:func:`report_rank_failure`). Status 2: called wrongly; 1: the rank failed.
+    """
+    die_with_parent()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print(f"usage: python -m {module} JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",
+              file=sys.stderr)
+        return 2
+    job_dir = Path(args[0])
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        print(f"{module} needs RANK and WORLD_SIZE in the environment (torchrun sets them)", file=sys.stderr)
+        return 2
+    try:
+        run_rank(job_dir, rank, world)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        report_rank_failure(job_dir, rank, exc)
+        return 1
+    return 0
 
 
 def sweep_stale_job_dirs(root: str | os.PathLike | None = None) -> list[Path]:

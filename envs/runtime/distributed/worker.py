@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from envs.runtime.supervisor import die_with_parent, report_rank_failure
+from envs.runtime.supervisor import worker_main
 
 __all__ = ["main", "run_rank"]
 
@@ -312,25 +312,7 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    die_with_parent()
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m envs.runtime.distributed.worker JOB_DIR (with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)",
-              file=sys.stderr)
-        return 2
-    job_dir = Path(args[0])
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
-        print("envs.runtime.distributed.worker needs RANK and WORLD_SIZE in the environment (torchrun sets them)",
-              file=sys.stderr)
-        return 2
-    try:
-        run_rank(job_dir, rank, world)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        report_rank_failure(job_dir, rank, exc)
-        return 1
-    return 0
+    return worker_main("envs.runtime.distributed.worker", run_rank, argv)
 
 
 if __name__ == "__main__":

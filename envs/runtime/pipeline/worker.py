@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from envs.runtime.supervisor import die_with_parent, report_rank_failure
+from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline import Pipeline, PipelineError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -183,20 +183,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    die_with_parent()
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m envs.runtime.pipeline.worker JOB_DIR (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)",
-              file=sys.stderr)
-        return 2
-    job_dir = Path(args[0])
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        run_rank(job_dir, rank, int(os.environ["WORLD_SIZE"]))
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        report_rank_failure(job_dir, rank, exc)
-        return 1
-    return 0
+    return worker_main("envs.runtime.pipeline.worker", run_rank, argv)
 
 
 if __name__ == "__main__":
