@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,42 +21,13 @@ import graphs.atomic_write
 from placer.cli.main import main
 from placer.placement_file import Placement, load_placement
 from placer.write_failure import OutputWriteError, fallback_path, save_or_fallback
-
-MODEL_FILE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
-            self.left = nn.Linear(64, 64)
-            self.right = nn.Linear(64, 64)
-            self.head = nn.Linear(128, 10)
-
-        def forward(self, x):
-            h = self.encoder(x)
-            return self.head(torch.cat([torch.tanh(self.left(h)), torch.relu(self.right(h))], dim=1))
-
-
-    def get_model():
-        torch.manual_seed(0)
-        return Net()
-
-
-    def get_example_inputs():
-        torch.manual_seed(1)
-        return (torch.randn(16, 32),)
-    """
-)
+from tests.helpers.model_files import BRANCHING_NET
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "net.py"
-    path.write_text(MODEL_FILE)
+    path.write_text(BRANCHING_NET)
     return path
 
 

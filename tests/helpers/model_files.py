@@ -1,0 +1,36 @@
+"""Small model files (the model-file contract of graphs.model_file) that tests write to disk."""
+
+from __future__ import annotations
+
+import textwrap
+
+#: Two parallel branches after an encoder: a model whose placement can put the branches apart.
+BRANCHING_NET = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+            self.left = nn.Linear(64, 64)
+            self.right = nn.Linear(64, 64)
+            self.head = nn.Linear(128, 10)
+
+        def forward(self, x):
+            h = self.encoder(x)
+            return self.head(torch.cat([torch.tanh(self.left(h)), torch.relu(self.right(h))], dim=1))
+
+
+    def get_model():
+        torch.manual_seed(0)
+        return Net()
+
+
+    def get_example_inputs():
+        torch.manual_seed(1)
+        return (torch.randn(16, 32),)
+    """
+)
