@@ -19,24 +19,10 @@ from envs.runtime.distributed.measure import DistributedMeasurer
 from envs.runtime.distributed.rank_status import BARRIER, COMPUTING, WAITING, Status, culprit
 from envs.runtime.supervisor import JOB_DIR_PREFIX, sweep_stale_job_dirs
 from graphs.pipeline import prepare
+from tests.helpers.processes import process_gone, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = "cpu:0,cpu:1"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _wait_gone(pids, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
-        time.sleep(0.1)
-    return all(_gone(p) for p in pids)
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -135,10 +121,10 @@ def test_rank_workers_die_with_a_killed_launcher_and_the_next_run_removes_its_jo
         assert len(line) == 3, launcher.stderr.read()[-2000:]
         job, pids = Path(line[0]), [int(p) for p in line[1:]]
         assert job.name.startswith(JOB_DIR_PREFIX) and (job / "job.pt").exists()
-        assert not any(_gone(p) for p in pids)
+        assert not any(process_gone(p) for p in pids)
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
-        assert _wait_gone(pids), "a rank outlived its killed launcher"
+        assert wait_gone(pids, timeout_s=20.0), "a rank outlived its killed launcher"
         assert job.exists()  # SIGKILL leaves no chance to clean up ...
         assert job in sweep_stale_job_dirs(job.parent)  # ... the next run does
         assert not job.exists()
@@ -170,7 +156,7 @@ def test_sigterm_of_placer_during_a_distributed_run_removes_its_job_files_and_wo
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 143, stderr[-2000:]
         assert not any(p.exists() for p in jobs), "the job files outlived SIGTERM"
-        assert _wait_gone(workers)
+        assert wait_gone(workers, timeout_s=20.0)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -21,6 +21,7 @@ from envs.runtime.measure import BUDGET_SPENT, SingleProcessMeasurer
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from envs.runtime.step_timer import median_step_time, time_steps
 from envs.runtime.supervisor import JOB_DIR_PREFIX, make_job_dir, sweep_stale_job_dirs
+from tests.helpers.processes import process_gone, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,24 +58,6 @@ def sleepy(tmp_path):
     return model, flag
 
 
-def _gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _wait_gone(pids, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(_gone(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return all(_gone(p) for p in pids)
-
-
 def _python(code: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
@@ -96,10 +79,10 @@ def test_a_measure_worker_dies_when_its_parent_is_killed(sleepy):
         line = parent.stdout.readline()
         assert line.strip().isdigit(), parent.stderr.read()
         worker = int(line)
-        assert not _gone(worker)
+        assert not process_gone(worker)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        assert _wait_gone([worker]), f"measure worker {worker} outlived its killed parent"
+        assert wait_gone([worker], timeout_s=15.0), f"measure worker {worker} outlived its killed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
