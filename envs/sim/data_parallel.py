@@ -30,6 +30,32 @@ all buckets before ``backward()`` returns).
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
 flat bucket buffers (one more copy of the gradients: ``gradient_as_bucket_view=False`` is
 the default). A replica over its device's capacity makes the whole set "does not fit".
+
+**Hybrid: pipeline x data parallel** (:func:`simulate_hybrid`). ``R`` replicas, each the
+same pipeline (stages, ``M``, schedule) on its own devices with ``1/R`` of the batch: the
+usual composition of ``torch.distributed.pipelining`` with DDP, each stage module wrapped
+in DDP over a process group of that stage's ``R`` devices. Rules:
+
+* **H1** Each replica runs its pipeline exactly as :func:`envs.sim.pipeline.simulate_pipeline`
+  does, its micro-batches ``1 / (R M)`` of the batch (P2 with ``M`` replaced by ``R M``).
+* **H2** A stage's gradients are all-reduced only during the backward of its *last*
+  micro-batch: the pipeline stage runs the earlier backwards under DDP's ``no_sync()``
+  (``stage.py``: ``backward_maybe_with_nosync``, ``last_backward`` true only for the last
+  one), so the reducer's hooks fire once per step, on the accumulated gradients. Within
+  that backward the stage's buckets (D2, over the stage's own parameters) become ready as
+  the backward walks its ops in reverse, the backward's time shared out over its ops as D1
+  does, after the stage call's fixed host cost; a bucket is ready when every replica got
+  there (the slowest decides).
+* **H3** The buckets of one stage are all-reduced one after another as a ring over that
+  stage's ``R`` devices (D3); the rings of different stages are independent (different
+  process groups and devices, one stage per device: interleaved schedules are not
+  combined with replicas here).
+* **H4** A device steps its optimizer once its pipeline actions and sends are done (P5) and
+  its stage's last all-reduce is; its memory is the pipeline's (P5) plus DDP's bucket copy
+  of the stage's gradients (D4).
+
+With ``R = 1`` this is the pipeline; with one stage, ``M = 1`` and ``R = N`` it is DDP over
+the ``N`` devices (both tested).
 """
 
 from __future__ import annotations
@@ -39,12 +65,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim.pipeline import CPU_DISPATCH_S, ZERO_HOST, PipelineError
+from envs.sim.pipeline import (
+    CPU_DISPATCH_S,
+    ZERO_HOST,
+    Pipeline,
+    PipelineError,
+    PipelineResult,
+    StageCosts,
+    simulate_pipeline,
+    stage_costs,
+)
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "DataParallelResult", "buckets", "ring_allreduce_time",
-           "simulate_data_parallel"]
+           "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid"]
 
 #: ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``.
 FIRST_BUCKET_BYTES = 1024 * 1024
@@ -206,3 +241,135 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
             if peak_one > float(problem.memory_capacity[d])}
     return DataParallelResult(tuple(chosen), float(step), float(compute), float(synced - back_end), bucket_bytes,
                               peak, over)
+
+
+@dataclass
+class HybridResult:
+    """One simulated step of ``R`` pipeline replicas with per-stage gradient all-reduce (H1-H4).
+
+    Attributes:
+        pipelines: each replica's pipeline (same stages, ``M`` and schedule).
+        step_time: seconds until the last device has stepped.
+        replicas: each replica's own pipelined step before the all-reduces (:func:`simulate_pipeline`).
+        exposed_allreduce: [S] seconds each stage's devices waited for its all-reduces.
+        peak_memory: {device: bytes}.
+        over_memory: {device: bytes over capacity} of the devices that do not fit.
+    """
+
+    pipelines: tuple[Pipeline, ...]
+    step_time: float
+    replicas: list[PipelineResult]
+    exposed_allreduce: list[float]
+    peak_memory: dict[str, float]
+    over_memory: dict[str, float]
+
+    @property
+    def fits(self) -> bool:
+        return not self.over_memory
+
+    def memory_problems(self) -> list[str]:
+        """One line per device that does not fit."""
+        return [f"{d} needs {self.peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
+                for d, over in self.over_memory.items()]
+
+
+def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -> None:
+    """Raise :class:`PipelineError` unless ``pipelines`` are replicas of one pipeline on distinct
+    devices, one stage per device, and ``R * M`` divides ``batch_size`` (when given)."""
+    if not pipelines:
+        raise PipelineError("a hybrid needs at least one replica")
+    first = pipelines[0]
+    for r, p in enumerate(pipelines[1:], 1):
+        if p.stages != first.stages or p.microbatches != first.microbatches or p.schedule != first.schedule:
+            raise PipelineError(f"replica {r} is not the same pipeline as replica 0; expected the same stages, "
+                                "micro-batches and schedule on other devices")
+    if len(pipelines) > 1 and first.schedule == "interleaved_1f1b":
+        raise PipelineError("replicated pipelines run gpipe or 1f1b here; expected one stage per device")
+    used = [d for p in pipelines for d in p.devices]
+    if len(set(used)) != len(used):
+        raise PipelineError(f"the replicas share devices ({used}); expected each device in one replica's one stage")
+    r_m = len(pipelines) * first.microbatches
+    if batch_size is not None and batch_size % r_m:
+        raise PipelineError(f"{len(pipelines)} replica(s) x {first.microbatches} micro-batches do not divide the "
+                            f"batch of {batch_size}; expected R * M to divide it")
+
+
+def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d: int, sc: StageCosts, s: int,
+                          div: float, scale: float) -> tuple[list[float], np.ndarray]:
+    """(bytes of each bucket, seconds into the stage's backward when it is ready) on device ``d`` (H2)."""
+    ops = problem.ops
+    sel = ops_of_stage[::-1]  # reverse op order: the order the backward produces gradients (D2)
+    grad = np.where(ops.requires_grad[sel], ops.param_bytes[sel], 0.0).astype(np.float64)
+    groups = buckets(grad.tolist())
+    c = ops.cost[sel, d, :]
+    if ops.is_cpu[d]:
+        fixed = np.minimum(c[:, 2], CPU_DISPATCH_S)
+        per = (fixed + (c[:, 2] - fixed) / div) * scale
+    else:
+        raw = c[:, 2] + c[:, 3] / div
+        per = raw * (float(sc.bwd[s]) / raw.sum()) if raw.sum() > 0 else raw
+    done = np.cumsum(per)  # done[j]: the reversed ops 0..j have run
+    return [float(grad[g].sum()) for g in groups], np.array([done[max(g)] for g in groups])
+
+
+def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], costs: RankCosts | None = None,
+                    replica_costs: Sequence[StageCosts] | None = None) -> HybridResult:
+    """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H4
+    in the module doc). ``replica_costs``: each replica's stage costs at its share of the
+    batch when the caller has them (:func:`envs.sim.pipeline.fast_stage_costs` with ``share=R``).
+
+    Raises:
+        PipelineError: replicas that differ or share devices (:func:`check_hybrid`), or a
+            malformed pipeline (:func:`envs.sim.pipeline.stage_costs`).
+    """
+    check_hybrid(pipelines)
+    r_ = len(pipelines)
+    first = pipelines[0]
+    s_, m = first.num_stages, first.microbatches
+    names = list(problem.device_names)
+    per_costs = (list(replica_costs) if replica_costs is not None
+                 else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
+    results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
+    if r_ == 1:
+        res = results[0]
+        return HybridResult(tuple(pipelines), res.step_time, results, [0.0] * s_, dict(res.peak_memory),
+                            dict(res.over_memory))
+    ops = problem.ops
+    stage_of = first.stage_of()
+    op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
+                        dtype=np.int64)[ops.op_group]
+    grad_of = np.where(ops.requires_grad, ops.param_bytes, 0.0)
+    end_of: dict[str, float] = {}
+    peak: dict[str, float] = {}
+    exposed: list[float] = []
+    div = float(r_ * m)
+    for s in range(s_):
+        mine = np.nonzero(op_stage == s)[0]
+        devs = [names.index(p.devices[s]) for p in pipelines]
+        sizes: list[float] = []
+        ready = None
+        for r, (p, sc, res) in enumerate(zip(pipelines, per_costs, results)):
+            d = devs[r]
+            hc = (costs or RankCosts()) if ops.is_cpu[d] else ZERO_HOST
+            scale = hc.op_scale if ops.is_cpu[d] else 1.0
+            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale)
+            at = res.last_backward[s][0] + hc.stage_bwd_s + offsets
+            ready = at if ready is None else np.maximum(ready, at)
+        ring = [(devs[k], devs[(k + 1) % r_]) for k in range(r_)]
+        bw = min(float(problem.bandwidth[a, b]) for a, b in ring)
+        lat = max(float(problem.latency[a, b]) for a, b in ring)
+        comm_end = 0.0
+        for k, nbytes in enumerate(sizes):
+            comm_end = max(comm_end, float(ready[k])) + ring_allreduce_time(nbytes, r_, bw, lat)
+        stage_grad = float(grad_of[mine].sum())
+        wait = 0.0
+        for p, res in zip(pipelines, results):
+            name = p.devices[s]
+            before = res.ready_to_step[name]
+            wait = max(wait, comm_end - before)
+            end_of[name] = max(before, comm_end) + (res.device_end[name] - before)
+            peak[name] = res.peak_memory[name] + stage_grad
+        exposed.append(max(wait, 0.0))
+    over = {n: peak[n] - float(problem.memory_capacity[names.index(n)]) for n in peak
+            if peak[n] > float(problem.memory_capacity[names.index(n)])}
+    return HybridResult(tuple(pipelines), float(max(end_of.values())), results, exposed, peak, over)

@@ -66,6 +66,7 @@ host constants at zero, where both reduce to op times and transfers).
 from __future__ import annotations
 
 import heapq
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,10 @@ __all__ = [
     "contiguous_pipeline",
     "stage_nodes_of",
     "ZERO_HOST",
+    "PipelineTables",
+    "pipeline_tables",
+    "fast_stage_costs",
+    "group_pipeline",
 ]
 
 #: The schedule names a pipeline may carry (``torch.distributed.pipelining`` classes
@@ -345,8 +350,12 @@ def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndar
             np.array([dev_index[d] for d in pipeline.devices], dtype=np.int64))
 
 
-def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None) -> StageCosts:
+def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
+                share: int = 1) -> StageCosts:
     """Per-stage micro-batch costs of ``pipeline`` on ``problem`` (module doc, P2-P3).
+
+    ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
+    of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
 
     Raises:
         PipelineError: nodes missing or unknown, a device not in the cluster, or an edge
@@ -363,7 +372,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         raise PipelineError(f"op {ops.names[src[e]]!r} (stage {op_stage[src[e]]}) feeds {ops.names[dst[e]]!r} "
                             f"(stage {op_stage[dst[e]]}); expected stages contiguous in a topological order "
                             "(no stage sends back to an earlier one)")
-    m = pipeline.microbatches
+    m = pipeline.microbatches * share
     s_ = pipeline.num_stages
     fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
@@ -391,6 +400,112 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev)
 
 
+@dataclass(frozen=True, eq=False)
+class PipelineTables:
+    """Prefix sums over the problem's groups (its topological ``node_names`` order) that give
+    a contiguous stage's costs in O(1): :func:`fast_stage_costs` (the search's evaluator).
+
+    A stage holds the groups ``[a, b)``; every array is indexed by group position ``0..N``
+    (entry ``i``: the sum over groups before ``i``), per device where costs differ.
+
+    Attributes:
+        host_f, dev_f, host_b, dev_b: [N+1, D] host and device seconds of forward, backward.
+        fixed_f, fixed_b: [N+1, D] the fixed per-op host part on a CPU (module doc, P2).
+        opt: [N+1, D] optimizer update seconds (host + device).
+        static, act, params: [N+1] pinned bytes, kept activation bytes, parameter bytes.
+        cross_f, cross_b: [N+1] bytes over a cut before group ``i``: every value produced
+            before ``i`` and last read at or after ``i`` (relayed, P3); the backward ones those
+            that require grad.
+    """
+
+    host_f: np.ndarray
+    dev_f: np.ndarray
+    host_b: np.ndarray
+    dev_b: np.ndarray
+    fixed_f: np.ndarray
+    fixed_b: np.ndarray
+    opt: np.ndarray
+    static: np.ndarray
+    act: np.ndarray
+    params: np.ndarray
+    cross_f: np.ndarray
+    cross_b: np.ndarray
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
+    shape = (n,) + per_op.shape[1:]
+    per_group = np.zeros(shape)
+    np.add.at(per_group, op_group, per_op)
+    return np.concatenate([np.zeros((1,) + per_op.shape[1:]), np.cumsum(per_group, axis=0)])
+
+
+def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
+    """The prefix tables of ``problem`` (built once per problem and kept while it lives)."""
+    cached = _TABLES.get(problem)
+    if cached is not None:
+        return cached
+    ops = problem.ops
+    n = problem.num_nodes
+    g = ops.op_group
+    c = ops.cost
+    fixed = np.minimum(c[:, :, (0, 2)], CPU_DISPATCH_S)
+    src, dst, _ = ops.edges()
+    last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
+    np.maximum.at(last_reader, src, g[dst])
+    crossing = np.nonzero(last_reader > g)[0]
+    diff_f, diff_b = np.zeros(n + 2), np.zeros(n + 2)
+    out = ops.out_bytes[crossing].astype(np.float64)
+    np.add.at(diff_f, g[crossing] + 1, out)
+    np.add.at(diff_f, last_reader[crossing] + 1, -out)
+    grad = np.where(ops.requires_grad[crossing], out, 0.0)
+    np.add.at(diff_b, g[crossing] + 1, grad)
+    np.add.at(diff_b, last_reader[crossing] + 1, -grad)
+    tables = PipelineTables(
+        host_f=_prefix(c[:, :, 0], g, n), dev_f=_prefix(c[:, :, 1], g, n), host_b=_prefix(c[:, :, 2], g, n),
+        dev_b=_prefix(c[:, :, 3], g, n), fixed_f=_prefix(fixed[:, :, 0], g, n), fixed_b=_prefix(fixed[:, :, 1], g, n),
+        opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n),
+        static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
+        act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
+        cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1])
+    _TABLES[problem] = tables
+    return tables
+
+
+def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: Sequence[int], microbatches: int,
+                     costs: RankCosts | None = None, share: int = 1) -> StageCosts:
+    """:func:`stage_costs` of the stages ``[bounds[s], bounds[s+1])`` of ``problem.node_names``
+    on device indices ``devices``, from :func:`pipeline_tables` (equal up to rounding).
+
+    ``share``: the batch is 1/``share`` of the problem's (a data-parallel replica's), so a
+    micro-batch is ``1 / (share * M)`` of it. The caller guarantees the stages are
+    contiguous groups in the problem's order (group edges always run forward in it).
+    """
+    t = pipeline_tables(problem)
+    b = np.asarray(bounds, dtype=np.int64)
+    lo, hi = b[:-1], b[1:]
+    d = np.asarray(devices, dtype=np.int64)
+    div = float(microbatches * share)
+    cpu = np.asarray(problem.ops.is_cpu, dtype=bool)[d]
+    scale = np.where(cpu, (costs or RankCosts()).op_scale, 1.0)
+
+    def seg(table: np.ndarray) -> np.ndarray:
+        return table[hi, d] - table[lo, d]
+
+    hf, df, hb, db = seg(t.host_f), seg(t.dev_f), seg(t.host_b), seg(t.dev_b)
+    ff, fb = seg(t.fixed_f), seg(t.fixed_b)
+    fwd = np.where(cpu, (ff + (hf - ff) / div) * scale, np.maximum(hf, df / div))
+    bwd = np.where(cpu, (fb + (hb - fb) / div) * scale, np.maximum(hb, db / div))
+    opt = seg(t.opt) * scale
+    static = t.static[hi] - t.static[lo]
+    act = (t.act[hi] - t.act[lo]) / div
+    has_params = (t.params[hi] - t.params[lo]) > 0
+    inner = b[1:-1]
+    return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d)
+
+
 @dataclass
 class PipelineResult:
     """One simulated pipelined step.
@@ -403,6 +518,10 @@ class PipelineResult:
         over_memory: {device name: bytes over its capacity} for the devices that do not fit.
         events: (stage, kind, micro-batch, start, end) of every action, in device order.
         in_flight: [S] the most micro-batches each stage held activations for at once.
+        last_backward: [S] (start, end) of each stage's backward of its last micro-batch
+            (the one :mod:`envs.sim.data_parallel`'s hybrid all-reduces during).
+        ready_to_step: {device name: when its last action and its sends were done}, before
+            its optimizer.
     """
 
     step_time: float
@@ -412,6 +531,8 @@ class PipelineResult:
     over_memory: dict[str, float]
     in_flight: list[int]
     events: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+    last_backward: list[tuple[float, float]] = field(default_factory=list)
+    ready_to_step: dict[str, float] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -429,7 +550,7 @@ def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[Rank
 
 
 def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                      trace: bool = False) -> PipelineResult:
+                      trace: bool = False, stage_cost: StageCosts | None = None) -> PipelineResult:
     """Simulate one training step of ``pipeline`` on ``problem`` (rules P1-P5 in the module doc).
 
     Args:
@@ -438,11 +559,13 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
         costs: the host constants of CPU processes (default :class:`RankCosts`, the
             calibrated ones); GPUs are charged none.
         trace: keep every action's interval in ``events``.
+        stage_cost: the stages' costs when the caller has them (:func:`fast_stage_costs`,
+            or a data-parallel replica's share of the batch); default :func:`stage_costs`.
 
     Raises:
         PipelineError: see :func:`stage_costs`.
     """
-    sc = stage_costs(problem, pipeline, costs)
+    sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs)
     orders = pipeline_orders(pipeline)
     ranks = pipeline.ranks
     rank_of_stage = [ranks.index(d) for d in pipeline.devices]
@@ -461,6 +584,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
 
     f_done = np.full((s_, m), np.nan)
     b_done = np.full((s_, m), np.nan)
+    b_start = np.full((s_, m), np.nan)
     f_arrive = np.full((s_, m), np.nan)  # activations of micro-batch at stage s (s > 0)
     b_arrive = np.full((s_, m), np.nan)  # gradient of micro-batch at stage s (s < S-1)
     chan_f = np.zeros(max(s_ - 1, 1))
@@ -513,6 +637,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
                 dt = sc.bwd[s] + hc.stage_bwd_s
                 end = start + dt
                 b_done[s, mb] = end
+                b_start[s, mb] = start
                 live[s] -= 1
                 if s > 0:
                     end += hc.send_s
@@ -535,11 +660,13 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     fixed = float(problem.ops.host.step_s)
     end_of: dict[str, float] = {}
     busy_of: dict[str, float] = {}
+    ready_of: dict[str, float] = {}
     for r, name in enumerate(ranks):
         d = problem.device_names.index(name)
         hc = host[d]
         mine = [s for s in range(s_) if rank_of_stage[s] == r]
         t = max(clock[r], send_done[r])
+        ready_of[name] = t
         opt = float(sum(sc.opt[s] for s in mine))
         if any(sc.has_params[s] for s in mine):
             opt += fixed
@@ -554,8 +681,9 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
         peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * sc.act[s] + buffers
     cap = {n: float(problem.memory_capacity[i]) for i, n in enumerate(problem.device_names)}
     over = {n: peak[n] - cap[n] for n in peak if peak[n] > cap[n]}
+    last = [(float(b_start[s, m - 1]), float(b_done[s, m - 1])) for s in range(s_)]
     return PipelineResult(float(max(end_of.values())), end_of, busy_of, peak, over,
-                          [int(x) for x in peak_live], events)
+                          [int(x) for x in peak_live], events, last, ready_of)
 
 
 def check_pipeline(problem: PlacementProblem, pipeline: Pipeline, batch_size: int | None = None,
@@ -597,3 +725,32 @@ def stage_nodes_of(assignment: Mapping[str, str], order: Sequence[str]) -> list[
         else:
             runs.append((d, [n]))
     return runs
+
+
+def group_pipeline(problem: PlacementProblem, pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` over ``problem.node_names``: a placement file's pipeline names ops, the
+    problem's nodes are their groups (each group in the stage of its ops). A pipeline already
+    over the problem's nodes is returned as it is.
+
+    Raises:
+        PipelineError: an op the problem does not have, or a group whose ops are in two stages.
+    """
+    names = set(problem.node_names)
+    if all(n in names for s in pipeline.stages for n in s):
+        return pipeline
+    op_index = {n: i for i, n in enumerate(problem.ops.names)}
+    group_stage: dict[int, int] = {}
+    for s, stage in enumerate(pipeline.stages):
+        for op in stage:
+            if op not in op_index:
+                raise PipelineError(f"the pipeline names {op!r}, which is neither a node nor an op of the model")
+            g = int(problem.ops.op_group[op_index[op]])
+            if group_stage.setdefault(g, s) != s:
+                raise PipelineError(f"group {problem.node_names[g]!r} has ops in stages {group_stage[g]} and {s}; "
+                                    "expected each group in one stage")
+    stages: list[list[str]] = [[] for _ in pipeline.stages]
+    for g, name in enumerate(problem.node_names):
+        if g not in group_stage:
+            raise PipelineError(f"the pipeline's stages miss the ops of group {name!r}")
+        stages[group_stage[g]].append(name)
+    return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches, pipeline.schedule)

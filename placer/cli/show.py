@@ -108,7 +108,17 @@ def run(args: argparse.Namespace) -> int:
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"  simulated on {cluster_name}: {step.step_time * 1e3:.3f} ms per step, "
+    if placement.pipeline is not None:
+        from envs.sim.pipeline import group_pipeline, simulate_pipeline
+
+        pipe = placement.pipeline
+        piped = simulate_pipeline(problem, group_pipeline(problem, pipe))
+        print(f"  simulated on {cluster_name}, pipelined ({pipe.num_stages} stages, {pipe.schedule}, "
+              f"M={pipe.microbatches}): {piped.step_time * 1e3:.3f} ms per step, "
+              f"{'fits' if piped.fits else 'DOES NOT FIT'}; peak memory "
+              + ", ".join(f"{d}={format_bytes(m)}" for d, m in piped.peak_memory.items()))
+    print(f"  simulated on {cluster_name}{', un-pipelined' if placement.pipeline is not None else ''}: "
+          f"{step.step_time * 1e3:.3f} ms per step, "
           f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
           + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
     pictures = [

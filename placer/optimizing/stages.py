@@ -32,6 +32,7 @@ from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.check import CheckReport, check_placement
 from envs.sim.optimizer_state import optimizer_state_kind
+from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem, compile_problem
 from envs.sim.ranks import value_leaves
 from envs.sim.simulator import simulate
@@ -47,8 +48,9 @@ from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
-from placer.search.baselines.pipeline_rows import batch_size_of, with_parallel_rows
+from placer.search.baselines.pipeline_rows import batch_size_of, parallel_rows
 from placer.search.config import SearchConfig
+from placer.search.pipeline_search import DEFAULT_PIPELINE_BUDGET
 from placer.search.tracker import SearchResult
 from placer.write_failure import OutputWriteError, rescue, save_or_fallback
 
@@ -89,10 +91,20 @@ class Compiled:
     run: PreparedRun
     problem: PlacementProblem
 
-    def op_placement(self, row: np.ndarray, metadata: Mapping[str, Any]) -> Placement:
-        """The op-level placement file content of a group-level ``row``."""
+    def op_placement(self, row: np.ndarray, metadata: Mapping[str, Any], pipeline: Pipeline | None = None) -> Placement:
+        """The op-level placement file content of a group-level ``row`` (with ``pipeline``, a
+        pipeline over the groups: the file's pipeline over the ops, each stage the ops of its
+        groups in program order)."""
         run, cluster = self.run, self.run.cluster
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
+        op_pipeline = None
+        if pipeline is not None:
+            stage_of_group = pipeline.stage_of()
+            stages: list[list[str]] = [[] for _ in pipeline.stages]
+            for op in run.captured.graph.nodes:
+                stages[stage_of_group[run.grouping.op_to_group[op]]].append(op)
+            op_pipeline = Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches,
+                                   pipeline.schedule)
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map()}
         if is_distributed_cluster(cluster):
@@ -102,7 +114,7 @@ class Compiled:
                              for i, a in enumerate(names) for b in names[i + 1:]]
         meta.update(metadata)
         return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
-                         devices=list(cluster.device_names), metadata=meta)
+                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
 
 
 @dataclass(frozen=True)
@@ -313,20 +325,32 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         from placer.measurement import measured_speedups
 
         table = measured_speedups(table, measurer)
-    # DDP and the pipeline partitioners, simulated, beside the placements (issue 16); only a
-    # placement can win here (placement.json holds it), the final line recommends the fastest.
-    table = with_parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs))
-    fitting = table[table["fits"] & (table["kind"] == "placement")]
+    # DDP, the pipeline partitioners and placer's pipeline search, simulated, beside the
+    # placements (issue 16). A placement or a pipeline can win (placement.json holds either);
+    # DDP and pipeline x DDP hybrids cannot be written: the final line recommends the fastest.
+    resumed = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir is not None else None
+    table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs),
+                                     search_budget=config.budget.placements or DEFAULT_PIPELINE_BUDGET,
+                                     seed=config.seed, initial=[resumed] if resumed is not None else [])
+    fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]
     if fitting.empty:
         from placer.memory_fit import memory_needs
 
         raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
     winning_row = pick_winner(fitting)
-    winner = next(c for c in candidates if c.method == str(winning_row["method"]))
     step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
+    pipeline = pipelines.get(str(winning_row["method"]))
+    if pipeline is not None:
+        # A pipelined winner: its stages' devices are its placement, which the numerical check
+        # applies un-pipelined (the same math, without micro-batches).
+        winner = Candidate(str(winning_row["method"]), compiled.problem.placement_to_array(pipeline.assignment()),
+                           float(winning_row["search_time"]), int(winning_row["evaluated"]), str(winning_row["note"]))
+        candidates.append(winner)
+    else:
+        winner = next(c for c in candidates if c.method == str(winning_row["method"]))
     assert winner.row is not None  # only rows that fit are in the table
     placement = compiled.op_placement(winner.row, {"step_time": step_time, "source": source,
-                                                   "method": winner.method, "reward": run.reward})
+                                                   "method": winner.method, "reward": run.reward}, pipeline)
     if run.out_dir is not None:  # the best so far; placement.json waits for the check
         save_or_fallback(placement, run.out_dir / "best_placement.json")
     return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds)
@@ -453,6 +477,23 @@ def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
     for op, group in grouping.op_to_group.items():
         group_placement.setdefault(group, placement.assignment[op])
     return problem.placement_to_array(group_placement)
+
+
+def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
+    """The pipeline (over the problem's groups) an earlier run left in ``out_dir``, if any:
+    the pipeline search starts from it as the placement search starts from its row."""
+    from envs.sim.pipeline import PipelineError, group_pipeline
+
+    for path in (out_dir / "placement.json", out_dir / "best_placement.json"):
+        if not path.exists():
+            continue
+        try:
+            placement = load_placement(path)
+            if placement.pipeline is not None:
+                return group_pipeline(problem, placement.pipeline)
+        except (PlacementFileError, PipelineError) as exc:  # _resume_row has said why, or will
+            log.debug("--resume: no pipeline from %s: %s", path.name, exc)
+    return None
 
 
 def _hybrid_agent_row(measurer: PlacementMeasurer, result: SearchResult, interrupted: bool) -> np.ndarray | None:

@@ -3,29 +3,41 @@
 Every ``optimize`` report compares its placements with what people would run instead:
 data parallelism (:func:`envs.sim.data_parallel.simulate_data_parallel`, over the
 pipeline's devices: the accelerators, else every device) and the best pipeline of each
-partitioner (:func:`placer.search.baselines.pipeline_split.best_pipeline`). Their rows carry
-``kind`` "ddp" or "pipeline" (placements: "placement"); only a placement can be the
-search's winner (it is what ``placement.json`` holds), but :func:`recommendation_line` names
-whichever fits and is fastest, DDP included, and says when the winning placement is slower
+partitioner (:func:`placer.search.baselines.pipeline_split.best_pipeline`), and placer's own
+pipeline search (:func:`placer.search.pipeline_search.search_pipeline`, when the batch allows
+``M > 1`` and there are two devices or more): its best pipeline (``kind`` "pipeline") and its
+best pipeline x data-parallel hybrid (``kind`` "hybrid"). Rows carry ``kind`` "ddp",
+"pipeline" or "hybrid" (placements: "placement"). A placement or a pipeline can be the run's
+winner (``placement.json`` holds either; :func:`parallel_rows` returns the pipelines);
+DDP and hybrids cannot be written as a placement, so :func:`recommendation_line` names
+whichever fits and is fastest, DDP and hybrids included, and says when the winner is slower
 than DDP.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from envs.hardware.units import byte_display_unit
-from envs.sim.data_parallel import simulate_data_parallel
+from envs.sim.data_parallel import simulate_data_parallel, simulate_hybrid
 from envs.sim.lower_bound import lower_bound
+from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
+from placer.search.pipeline_search import DEFAULT_PIPELINE_BUDGET, microbatch_choices, search_pipeline
 
-__all__ = ["batch_size_of", "parallel_records", "with_parallel_rows", "recommendation_line"]
+__all__ = ["batch_size_of", "parallel_records", "parallel_rows", "with_parallel_rows", "recommendation_line",
+           "SEARCH_METHOD", "HYBRID_METHOD"]
+
+#: The comparison-table method of the pipeline search's best pipeline, and of its best hybrid.
+SEARCH_METHOD = "placer (pipeline search)"
+HYBRID_METHOD = "placer (pipeline x DDP)"
 
 
 def batch_size_of(example_inputs: Any) -> int | None:
@@ -50,14 +62,19 @@ def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
 
 
 def parallel_records(problem: PlacementProblem, batch_size: int | None, best_single: float,
-                     costs: RankCosts | None = None) -> list[dict[str, Any]]:
+                     costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                     seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
     """Comparison-table records (the columns of :func:`placer.report.compare.comparison_table`
-    plus ``kind``) for DDP and each partitioner's best pipeline."""
+    plus ``kind``) for DDP, each partitioner's best pipeline and the pipeline search's bests
+    (``search_budget`` simulated pipelines, starting from ``initial`` too; None: no search),
+    and the pipeline of every pipeline row by method."""
     bound = lower_bound(problem)
     devs = [problem.device_names[d] for d in pipeline_devices(problem)]
     records: list[dict[str, Any]] = []
+    pipelines: dict[str, Pipeline] = {}
 
-    def record(method: str, kind: str, step: float, fits: bool, peak: dict[str, float], note: str) -> None:
+    def record(method: str, kind: str, step: float, fits: bool, peak: dict[str, float], note: str,
+               search_time: float = 0.0, evaluated: int = 0) -> None:
         ok = fits and math.isfinite(step)
         records.append({
             "method": method, "step_time": step if ok else float("nan"),
@@ -65,7 +82,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             "speedup_vs_single": best_single / step if ok and step > 0 else float("nan"),
             "ratio_to_lower_bound": step / bound if ok and bound > 0 else float("nan"),
             "peak_memory": _memory_text(peak, problem.device_names) if peak else "", "fits": ok,
-            "search_time": 0.0, "evaluated": 0, "source": "simulated" if ok else "", "note": note, "kind": kind,
+            "search_time": search_time, "evaluated": evaluated, "source": "simulated" if ok else "", "note": note,
+            "kind": kind,
         })
 
     ddp = simulate_data_parallel(problem, devs, costs)
@@ -82,21 +100,58 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             sizes = "/".join(str(len(s)) for s in p.stages)
             record(f"pipeline:{name}", "pipeline", cand.step_time, True, cand.result.peak_memory,
                    f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)")
-    return records
+            pipelines[f"pipeline:{name}"] = p
+    if len(devs) > 1 and search_budget is not None and len(microbatch_choices(batch_size, 1)) > 1:
+        found = search_pipeline(problem, batch_size, budget=search_budget, seed=seed, costs=costs, initial=initial)
+        shares = ", ".join(f"{phase} {share:.2f}" for phase, share in sorted(found.credit().items()))
+        tail = (f"; {found.evaluated} pipelines simulated, gain over the partitioner seeds credited to "
+                f"{shares or 'none (a seed was best)'}")
+        for method, kind, replicas in ((SEARCH_METHOD, "pipeline", 1), (HYBRID_METHOD, "hybrid", None)):
+            if replicas is None:  # the best with two or more replicas
+                options = [v for r, v in found.by_replicas.items() if r > 1]
+                state, step = min(options, key=lambda v: v[1]) if options else (None, math.inf)
+            else:
+                state, step = found.best_with_replicas(replicas)
+            if state is None:
+                record(method, kind, float("nan"), False, {}, "no fitting " + kind + " found" + tail,
+                       found.wall_s, found.evaluated)
+                continue
+            pipes = state.pipelines(problem)
+            # Re-simulated op by op (the search's prefix tables agree up to rounding): the row's
+            # step is then exactly what `placer show` and the report compute for this pipeline.
+            again = simulate_hybrid(problem, pipes, costs)
+            step, peak = again.step_time, dict(again.peak_memory)
+            note = state.describe() + ", stages of " + "/".join(str(len(s)) for s in pipes[0].stages) + " node(s)"
+            if kind == "hybrid":
+                note += " (a placement file holds no replicas: recommended, not written)"
+            record(method, kind, step, True, peak, note + tail, found.wall_s, found.evaluated)
+            if kind == "pipeline":
+                pipelines[method] = pipes[0]
+    return records, pipelines
 
 
-def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
-                       costs: RankCosts | None = None) -> pd.DataFrame:
-    """``table`` (placements) with ``kind`` and the DDP and pipeline rows, fitting fastest first."""
+def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
+                  costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                  seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
+    """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows, fitting
+    fastest first; and the pipeline of each pipeline row (:func:`parallel_records`)."""
     table = table.copy()
     table["kind"] = "placement"
     fit = table[table["fits"] & (table["speedup_vs_single"] > 0)]
     best_single = (float((fit["step_time"] * fit["speedup_vs_single"]).iloc[0]) if not fit.empty
                    else float("nan"))
-    extra = pd.DataFrame.from_records(parallel_records(problem, batch_size, best_single, costs))
-    out = pd.concat([table, extra], ignore_index=True)
+    records, pipelines = parallel_records(problem, batch_size, best_single, costs, search_budget, seed, initial)
+    out = pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True)
     out["_order"] = np.where(out["fits"], out["step_time"], np.inf)
-    return out.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    out = out.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return out, pipelines
+
+
+def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
+                       costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                       seed: int = 0) -> pd.DataFrame:
+    """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows (:func:`parallel_rows`)."""
+    return parallel_rows(table, problem, batch_size, costs, search_budget, seed)[0]
 
 
 def recommendation_line(table: pd.DataFrame, winner: str) -> str:
