@@ -95,3 +95,15 @@ def test_malformed_recorded_links_are_refused_with_one_clear_line(rank_run):
     saved = load_placement(out / "placement.json")
     with pytest.raises(OptionError, match="expected a list of \\[device, device, latency seconds"):
         recorded_rank_cluster(replace(saved, metadata={**saved.metadata, "links": [["cpu:0", "cpu:1", "fast"]]}))
+
+
+def test_every_rank_placement_in_the_table_is_at_or_above_the_rank_lower_bound(rank_run):
+    # The one-process bound charged one host thread with every op, which ranks do not have:
+    # the table's ratio now divides by the rank simulator's own bound.
+    result, _, _ = rank_run
+    table = result.table
+    if "kind" in table:  # DDP and pipeline rows are not rank placements
+        table = table[table["kind"] == "placement"]
+    ratios = table["ratio_to_lower_bound"].dropna()
+    assert len(ratios) >= 2
+    assert (ratios >= 1.0 - 1e-9).all()

@@ -291,3 +291,77 @@ def test_latency_and_wake_up_are_fitted_from_step_times():
     fitted = simulate_ranks_batch(g, rows, ranks_cluster(), got)
     assert np.max(np.abs(fitted / steps - 1)) < 0.02
     assert got.latency_s + got.wake_s > 2 * (start.latency_s + start.wake_s)  # moved towards the truth
+
+
+def _random_graph(data) -> nx.DiGraph:
+    from hypothesis import strategies as st
+
+    g = nx.DiGraph()
+    g.add_node("x", op="placeholder", out_bytes=100, requires_grad=False)
+    names: list[str] = []
+    for i in range(data.draw(st.integers(1, 9), label="ops")):
+        name = f"n{i}"
+        pool = ["x"] + names
+        ins = sorted(set(data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3), label=f"ins{i}")))
+        op(g, name, ins, fwd=data.draw(st.floats(0.0, 2e-3)), bwd=data.draw(st.floats(0.0, 2e-3)),
+           opt=data.draw(st.floats(0.0, 1e-3)), out_bytes=data.draw(st.sampled_from([0, 400, 4000])),
+           grad=data.draw(st.booleans()), params=data.draw(st.sampled_from([0, 64])))
+        names.append(name)
+    g.add_node("output", op="output", out_bytes=0, requires_grad=False)
+    for a in sorted(set(data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2), label="outs"))):
+        g.add_edge(a, "output", bytes=g.nodes[a]["out_bytes"])
+    g.graph["profile_info"] = {"cpu": {"optimizer_fixed": data.draw(st.floats(0.0, 1e-4))}}
+    return g
+
+
+def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from envs.sim.ranks import rank_lower_bound
+
+    positive = st.floats(0.0, 300e-6)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def check(data):
+        g = _random_graph(data)
+        world = data.draw(st.integers(1, 3), label="ranks")
+        cluster = ranks_cluster(world, lat=data.draw(positive), bw=1e9)
+        costs = RankCosts(op_scale=data.draw(st.floats(0.5, 2.0)), stage_fwd_s=data.draw(positive),
+                          stage_bwd_s=data.draw(positive), send_s=data.draw(positive), recv_s=data.draw(positive),
+                          handoff_s=data.draw(positive), loss_s=data.draw(positive), step_s=data.draw(positive),
+                          wake_s=data.draw(positive))
+        nodes = [n for n in g.nodes if n != "x"]
+        place = {n: data.draw(st.integers(0, world - 1), label=n) for n in nodes}
+        bound = rank_lower_bound(g, cluster, costs)
+        step = simulate_ranks(g, place, cluster, costs).step_time
+        assert bound <= step * (1 + 1e-9) + 1e-15
+
+    check()
+
+
+def test_a_rank_problem_is_bounded_by_the_rank_bound_not_the_one_process_bound():
+    # Two independent 10 ms branches: on two ranks they run side by side (~10 ms), which the
+    # one-process bound (one host thread runs both: >= 20 ms) would call impossible.
+    from dataclasses import replace as dc_replace
+
+    from envs.sim.lower_bound import lower_bound
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate_batch
+
+    def build(g):
+        op(g, "a", ["x"], fwd=10e-3, bwd=0.0)
+        op(g, "b", ["x"], fwd=10e-3, bwd=0.0)
+        op(g, "c", ["a", "b"], fwd=0.0, bwd=0.0)
+        return "c"
+
+    g = graph_with_io(build)
+    problem = compile_problem(g, ranks_cluster(2))
+    assert problem.rank_simulator is not None
+    row = np.array([1 if n == "b" else 0 for n in problem.node_names])
+    step = float(simulate_batch(problem, row[None, :]).step_time[0])
+    one_process = lower_bound(dc_replace(problem, rank_simulator=None))
+    assert one_process > step  # not a bound for ranks
+    assert lower_bound(problem) == pytest.approx(problem.rank_simulator.lower_bound())
+    assert 10e-3 * problem.rank_simulator.costs.op_scale <= lower_bound(problem) <= step

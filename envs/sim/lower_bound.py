@@ -27,6 +27,13 @@ largest wins:
   ``G(i) = max(P(N) + loss_s + min_d (hB + dB), max_grad_succ G(c) + min_d c_b, F(i) + min_d c_b)``
   with ``c_b = dB`` on a GPU and ``hB`` on a CPU; the step lasts at least
   ``max(F, G) + step_s``.
+
+On a rank cluster (``--devices cpu:0,cpu:1``: ``problem.rank_simulator`` is set) the step
+is the multi-process runtime's (:mod:`envs.sim.ranks`), where each rank has its own host
+thread: the bounds above charge one thread with every op and can exceed a real rank step
+(two independent halves run side by side), so :func:`lower_bound` returns
+:func:`envs.sim.ranks.rank_lower_bound` there instead (work over the ranks and the
+forward/loss/backward critical path, with the rank simulator's own constants).
 """
 
 from __future__ import annotations
@@ -138,5 +145,8 @@ def work_bound(problem: PlacementProblem, iterations: int = 300) -> float:
 
 
 def lower_bound(problem: PlacementProblem) -> float:
-    """Seconds no placement of ``problem`` can beat: max(critical path, work, host)."""
+    """Seconds no placement of ``problem`` can beat: max(critical path, work, host); on a rank
+    cluster the rank simulator's bound (module doc)."""
+    if problem.rank_simulator is not None:
+        return problem.rank_simulator.lower_bound()
     return max(critical_path_bound(problem), work_bound(problem), host_bound(problem))
