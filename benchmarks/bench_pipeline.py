@@ -49,8 +49,10 @@ from placer.search.baselines.common import NoFit  # noqa: E402
 from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
 from placer.search.baselines.pipeline_split import PARTITIONERS, best_pipeline  # noqa: E402
 from placer.search.baselines.registry import run_baseline  # noqa: E402
+from placer.search.pipeline_search import search_pipeline  # noqa: E402
 
 UNPIPELINED = ("single", "pipeline_dp", "m_topo", "m_etf", "expert", "balanced", "round_robin")
+MICROBATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def uptime() -> str:
@@ -62,10 +64,12 @@ def _ms(t: float) -> str:
     return "does not fit" if not math.isfinite(t) else f"{t * 1e3:.1f}"
 
 
-def simulated(models: list[str], clusters: list[str]) -> list[str]:
-    """One Markdown table row per (model, cluster)."""
+def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0) -> list[str]:
+    """One Markdown table row per (model, cluster), then the budgets and the credit."""
     rows = ["| model | cluster | batch | best un-pipelined (method) | DDP | even_layers | even_params | pipedream_dp "
-            "| placer's best | speed vs DDP | speed vs un-pipelined |", "|" + "---|" * 11]
+            "| search, equal budget | search | search's best (layout) | pipeline x DDP | placer's best | "
+            "vs DDP | vs best partitioner | vs un-pipelined |", "|" + "---|" * 16]
+    notes: list[str] = []
     for model in models:
         start = time.perf_counter()
         prep = prepare(f"zoo:{model}", model_args={"size": "paper"}, profile=False)
@@ -93,18 +97,40 @@ def simulated(models: list[str], clusters: list[str]) -> list[str]:
             ddp = simulate_data_parallel(problem, [d for d, k in zip(problem.device_names, problem.device_kinds)
                                                    if k != "cpu"])
             ddp_t = ddp.step_time if ddp.fits else math.inf
-            pipes = best_pipeline(problem, batch, microbatches=(1, 2, 4, 8, 16, 32, 64))
+            pipes = best_pipeline(problem, batch, microbatches=MICROBATCHES)
             pt = {k: c.step_time for k, c in pipes.items()}
-            best = min([unpiped, *pt.values()])
+            spent = sum(c.evaluated for c in pipes.values())
+            # Equal budgets: the search gets as many simulated pipelines as the three
+            # partitioners spent together, then a larger budget.
+            equal = search_pipeline(problem, batch, budget=spent, seed=seed)
+            big = search_pipeline(problem, batch, budget=budget, seed=seed)
+            single_state, single_t = big.best_with_replicas(1)
+            hybrids = [v for r, v in big.by_replicas.items() if r > 1]
+            hyb_state, hyb_t = min(hybrids, key=lambda v: v[1]) if hybrids else (None, math.inf)
+            eq_state, eq_t = equal.best_with_replicas(1)
+            writable = min([unpiped, *pt.values(), single_t, eq_t])
+            part = min(pt.values())
             dp = pipes["pipedream_dp"].pipeline
             note = f" (M={dp.microbatches}, {dp.schedule})" if dp is not None else ""
+            layout = single_state.describe() if single_state is not None else "-"
+            hyb = f"{_ms(hyb_t)} ({hyb_state.describe()})" if hyb_state is not None else "none fits"
             rows.append(f"| {model} | {cname} | {batch} | {_ms(unpiped)} ({method}) | {_ms(ddp_t)} | "
                         f"{_ms(pt['even_layers'])} | {_ms(pt['even_params'])} | {_ms(pt['pipedream_dp'])}{note} | "
-                        f"{_ms(best)} | {ddp_t / best if math.isfinite(ddp_t) else float('inf'):.2f}x | "
-                        f"{unpiped / best if math.isfinite(unpiped) else float('inf'):.2f}x |")
+                        f"{_ms(eq_t)} | {_ms(single_t)} | {layout} | {hyb} | {_ms(writable)} | "
+                        f"{_ratio(ddp_t, writable)} | {_ratio(part, writable)} | {_ratio(unpiped, writable)} |")
+            shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(big.credit().items())) or "none"
+            notes.append(f"- {model} / {cname}: partitioners simulated {spent} pipelines; the search "
+                         f"{equal.evaluated} (equal) and {big.evaluated} ({big.wall_s:.1f} s, "
+                         f"{big.evaluated / max(big.wall_s, 1e-9):.0f} pipelines/s); its best overall "
+                         f"{_ms(big.step_time)} ms ({big.best.describe() if big.best else '-'}), gain over its "
+                         f"seeds ({_ms(big.seed_step_time)} ms) credited to {shares}")
             print(rows[-1], flush=True)
         print(f"  {model}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
-    return rows
+    return rows + [""] + notes
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
 
 
 def _inputs_by_name(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Tensor]:
@@ -193,12 +219,14 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--budget", type=int, default=2000, help="simulated pipelines of the larger search")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {stamp}, torch {torch.__version__}, load {uptime()}")
     print(f"# python3 benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}")
     if args.simulated:
-        for line in simulated(args.models.split(","), args.clusters.split(",")):
+        for line in simulated(args.models.split(","), args.clusters.split(","), args.budget, args.seed):
             print(line)
     if args.measured:
         for line in measured(args.model, args.steps, args.microbatches):

@@ -45,7 +45,7 @@ def test_the_table_shows_ddp_and_each_partitioner_and_ddp_wins_on_a_model_that_f
     split = np.array([0] * 5 + [1] * 5)  # half the chain on each GPU, no micro-batches
     table = comparison_table(problem, [Candidate("split", split), Candidate("single", np.zeros(10, dtype=int))])
     table = with_parallel_rows(table, problem, batch_size=32)
-    assert set(table["kind"]) == {"placement", "ddp", "pipeline", "hybrid"}
+    assert set(table["kind"]) == {"placement", "ddp", "pipeline"}
     assert {"ddp", "pipeline:even_layers", "pipeline:even_params", "pipeline:pipedream_dp",
             "placer (pipeline search)", "placer (pipeline x DDP)"} <= set(table["method"])
     # The search starts from the partitioners' pipelines, so it is never slower than the

@@ -167,3 +167,28 @@ def test_optimize_can_pick_a_pipeline_and_its_file_carries_it(tmp_path):
     loaded = load_placement(tmp_path / "placement.json")
     assert loaded.pipeline is not None and loaded.pipeline == result.placement.pipeline
     assert sum(len(s) for s in loaded.pipeline.stages) == len(loaded.assignment)
+
+
+def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_a_hybrid(tmp_path):
+    from envs.sim.data_parallel import simulate_pipelined
+    from placer.placement_file import Placement, load_placement, save_placement
+
+    problem = mlp_problem()
+    names = problem.node_names
+    half = len(names) // 2
+    pipe = Pipeline((names[:half], names[half:]), ("gpu0", "gpu1"), 2, "1f1b", (("gpu2", "gpu3"),))
+    assert pipe.num_replicas == 2 and [p.devices for p in pipe.replica_pipelines()] == [("gpu0", "gpu1"),
+                                                                                         ("gpu2", "gpu3")]
+    assert simulate_pipelined(problem, pipe).step_time == simulate_hybrid(problem, pipe.replica_pipelines()).step_time
+    with pytest.raises(PipelineError, match="simulate_hybrid"):
+        simulate_pipeline(problem, pipe)
+    with pytest.raises(PipelineError, match="2 replicas x 2 micro-batches do not divide the batch of 6"):
+        pipe.check_batch(6)
+    with pytest.raises(PipelineError, match="share devices"):
+        Pipeline(pipe.stages, ("gpu0", "gpu1"), 2, "1f1b", (("gpu1", "gpu3"),))
+    with pytest.raises(PipelineError, match="one device per stage in every replica"):
+        Pipeline(pipe.stages, ("gpu0", "gpu1"), 2, "1f1b", (("gpu2",),))
+    placement = Placement({n: d for n, d in pipe.assignment().items()}, "fp", list(problem.device_names),
+                          pipeline=pipe)
+    save_placement(placement, tmp_path / "p.json")
+    assert load_placement(tmp_path / "p.json").pipeline == pipe

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.sim.pipeline import group_pipeline, simulate_pipeline
+from envs.sim.data_parallel import simulate_pipelined
+from envs.sim.pipeline import group_pipeline
 from envs.sim.simulator import simulate_batch
 
 
@@ -23,7 +24,7 @@ def test_the_same_placement_has_the_same_step_time_in_optimize_show_report_and_b
 
     def step_of(prob, row) -> float:
         if pipeline is not None:
-            return simulate_pipeline(prob, group_pipeline(prob, pipeline)).step_time
+            return simulate_pipelined(prob, group_pipeline(prob, pipeline)).step_time
         return float(simulate_batch(prob, row).step_time[0])
 
     optimized = step_of(problem, result.group_row)

@@ -79,7 +79,7 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "DataParallelResult", "buckets", "ring_allreduce_time",
-           "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid"]
+           "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid", "simulate_pipelined"]
 
 #: ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``.
 FIRST_BUCKET_BYTES = 1024 * 1024
@@ -373,3 +373,9 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     over = {n: peak[n] - float(problem.memory_capacity[names.index(n)]) for n in peak
             if peak[n] > float(problem.memory_capacity[names.index(n)])}
     return HybridResult(tuple(pipelines), float(max(end_of.values())), results, exposed, peak, over)
+
+
+def simulate_pipelined(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None) -> HybridResult:
+    """One step of a placement's pipeline, replicas included (:attr:`Pipeline.replicas`): what
+    optimize, ``placer show`` and the benchmarks all simulate a pipelined placement with."""
+    return simulate_hybrid(problem, pipeline.replica_pipelines(), costs)

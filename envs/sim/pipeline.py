@@ -124,16 +124,33 @@ class Pipeline:
         devices: the device name of each stage.
         microbatches: ``M``, the number of micro-batches the batch is split into.
         schedule: one of :data:`SCHEDULES`.
+        replicas: the stage devices of each further data-parallel replica (empty: one
+            replica). ``R = 1 + len(replicas)`` copies of the pipeline each take ``1/R`` of
+            the batch, gradients all-reduced per stage
+            (:func:`envs.sim.data_parallel.simulate_hybrid`); :meth:`assignment` and
+            ``devices`` are replica 0's.
     """
 
     stages: tuple[tuple[str, ...], ...]
     devices: tuple[str, ...]
     microbatches: int
     schedule: str = "1f1b"
+    replicas: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(tuple(str(n) for n in s) for s in self.stages))
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
+        object.__setattr__(self, "replicas", tuple(tuple(str(d) for d in r) for r in self.replicas))
+        if self.replicas:
+            if self.schedule == "interleaved_1f1b":
+                raise PipelineError("replicated pipelines run gpipe or 1f1b; expected one stage per device")
+            wrong = [i + 1 for i, r in enumerate(self.replicas) if len(r) != len(self.stages)]
+            if wrong:
+                raise PipelineError(f"replica(s) {wrong} name a number of devices other than the {len(self.stages)} "
+                                    "stages; expected one device per stage in every replica")
+            used = [*self.devices, *(d for r in self.replicas for d in r)]
+            if len(set(used)) != len(used):
+                raise PipelineError(f"the replicas share devices ({used}); expected each device in one replica")
         if self.schedule not in SCHEDULES:
             raise PipelineError(f"unknown pipeline schedule {self.schedule!r}; expected one of {list(SCHEDULES)}")
         m = self.microbatches
@@ -193,17 +210,29 @@ class Pipeline:
         """``{node: device}`` of the pipeline's nodes."""
         return {n: self.devices[i] for i, s in enumerate(self.stages) for n in s}
 
+    @property
+    def num_replicas(self) -> int:
+        return 1 + len(self.replicas)
+
+    def replica_pipelines(self) -> tuple[Pipeline, ...]:
+        """Each replica as a pipeline of its own (no replicas), replica 0 first."""
+        return tuple(Pipeline(self.stages, devs, self.microbatches, self.schedule)
+                     for devs in (self.devices, *self.replicas))
+
     def check_batch(self, batch_size: int) -> None:
-        """Raise :class:`PipelineError` unless ``M`` divides ``batch_size`` (equal micro-batches:
+        """Raise :class:`PipelineError` unless ``R * M`` divides ``batch_size`` (equal micro-batches:
         ``torch.tensor_split`` in ``microbatch.py`` would make them unequal)."""
-        if batch_size % self.microbatches:
-            raise PipelineError(f"{self.microbatches} micro-batches do not divide the batch of {batch_size}; "
-                                f"expected a divisor of {batch_size}")
+        parts = self.microbatches * self.num_replicas
+        if batch_size % parts:
+            what = (f"{self.microbatches} micro-batches" if self.num_replicas == 1 else
+                    f"{self.num_replicas} replicas x {self.microbatches} micro-batches")
+            raise PipelineError(f"{what} do not divide the batch of {batch_size}; expected a divisor of {batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in placement files."""
         return {"stages": [list(s) for s in self.stages], "devices": list(self.devices),
-                "microbatches": self.microbatches, "schedule": self.schedule}
+                "microbatches": self.microbatches, "schedule": self.schedule,
+                **({"replicas": [list(r) for r in self.replicas]} if self.replicas else {})}
 
     @classmethod
     def from_dict(cls, doc: Any) -> Pipeline:
@@ -219,7 +248,12 @@ class Pipeline:
             raise PipelineError("pipeline stages must be a list of lists of node names")
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise PipelineError("pipeline devices must be a list of device names")
-        return cls(tuple(tuple(s) for s in stages), tuple(devices), doc["microbatches"], doc["schedule"])
+        replicas = doc.get("replicas", [])
+        if not isinstance(replicas, list) or not all(isinstance(r, list) and all(isinstance(d, str) for d in r)
+                                                     for r in replicas):
+            raise PipelineError("pipeline replicas must be a list of lists of device names")
+        return cls(tuple(tuple(s) for s in stages), tuple(devices), doc["microbatches"], doc["schedule"],
+                   tuple(tuple(r) for r in replicas))
 
 
 @dataclass(frozen=True)
@@ -565,6 +599,9 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     Raises:
         PipelineError: see :func:`stage_costs`.
     """
+    if pipeline.replicas:
+        raise PipelineError(f"a pipeline with {pipeline.num_replicas} replicas is simulated by "
+                            "envs.sim.data_parallel.simulate_hybrid; expected one replica here")
     sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs)
     orders = pipeline_orders(pipeline)
     ranks = pipeline.ranks
@@ -753,4 +790,5 @@ def group_pipeline(problem: PlacementProblem, pipeline: Pipeline) -> Pipeline:
         if g not in group_stage:
             raise PipelineError(f"the pipeline's stages miss the ops of group {name!r}")
         stages[group_stage[g]].append(name)
-    return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches, pipeline.schedule)
+    return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches, pipeline.schedule,
+                    pipeline.replicas)

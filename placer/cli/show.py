@@ -109,11 +109,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if placement.pipeline is not None:
-        from envs.sim.pipeline import group_pipeline, simulate_pipeline
+        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.pipeline import group_pipeline
 
         pipe = placement.pipeline
-        piped = simulate_pipeline(problem, group_pipeline(problem, pipe))
-        print(f"  simulated on {cluster_name}, pipelined ({pipe.num_stages} stages, {pipe.schedule}, "
+        piped = simulate_pipelined(problem, group_pipeline(problem, pipe))
+        replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
+        print(f"  simulated on {cluster_name}, pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, "
               f"M={pipe.microbatches}): {piped.step_time * 1e3:.3f} ms per step, "
               f"{'fits' if piped.fits else 'DOES NOT FIT'}; peak memory "
               + ", ".join(f"{d}={format_bytes(m)}" for d, m in piped.peak_memory.items()))

@@ -104,7 +104,7 @@ class Compiled:
             for op in run.captured.graph.nodes:
                 stages[stage_of_group[run.grouping.op_to_group[op]]].append(op)
             op_pipeline = Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches,
-                                   pipeline.schedule)
+                                   pipeline.schedule, pipeline.replicas)
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map()}
         if is_distributed_cluster(cluster):
@@ -249,7 +249,7 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     search_config = SearchConfig(
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
         progress=config.progress, fingerprint=run.captured.fingerprint, expand=run.grouping.expand,
-        resume=config.resume and run.out_dir is not None,
+        resume=config.resume and run.out_dir is not None, pretrained=config.pretrained,
     )
     rounds = None
     if run.reward == "measured":
@@ -341,8 +341,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
     pipeline = pipelines.get(str(winning_row["method"]))
     if pipeline is not None:
-        # A pipelined winner: its stages' devices are its placement, which the numerical check
-        # applies un-pipelined (the same math, without micro-batches).
+        # A pipelined winner: its stages' devices (replica 0's) are its placement, which the
+        # numerical check applies un-pipelined (the same math, without micro-batches or replicas).
         winner = Candidate(str(winning_row["method"]), compiled.problem.placement_to_array(pipeline.assignment()),
                            float(winning_row["search_time"]), int(winning_row["evaluated"]), str(winning_row["note"]))
         candidates.append(winner)

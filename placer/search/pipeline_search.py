@@ -25,7 +25,9 @@ The search runs three phases, credited as the placement search's tracker credits
 (:class:`placer.search.tracker.Improvement`, :func:`~placer.search.tracker.credit`):
 
 1. ``seeds``: the partitioners' pipelines (:mod:`placer.search.baselines.pipeline_split`:
-   PipeDream's DP, even splits by layers and by parameters) at a few ``M``.
+   PipeDream's DP, even splits by layers and by parameters) at every allowed ``M``, ranked by
+   the bubble estimate ``(M + S - 1)`` x the slowest stage's micro-batch; the best few are
+   simulated.
 2. ``policy_moves``: a learned move policy. Every candidate move of the incumbent is
    described by features that carry to any graph (:func:`move_features`: the move's kind,
    how unbalanced the two stages around a boundary are and whether the shift moves work
@@ -72,6 +74,8 @@ MOVE_KINDS = ("shift", "swap", "relocate", "merge", "split", "m_up", "m_down", "
 NUM_FEATURES = len(MOVE_KINDS) + 8
 #: The largest ``M`` the search considers.
 MAX_MICROBATCHES = 64
+#: Partitioner pipelines simulated as seeds (the best by the bubble estimate, :func:`_seed_states`).
+SEED_COUNT = 4
 #: Kicks in a row that reach only simulated states before the search gives up its budget.
 MAX_STUCK = 30
 #: Phase names (those of :mod:`placer.search.tracker`).
@@ -123,6 +127,12 @@ class PipelineState:
         stages = tuple(tuple(names[self.bounds[i]:self.bounds[i + 1]]) for i in range(self.num_stages))
         return tuple(Pipeline(stages, tuple(problem.device_names[d] for d in r), self.microbatches, self.schedule)
                      for r in self.devices)
+
+    def pipeline(self, problem: PlacementProblem) -> Pipeline:
+        """The state as one :class:`Pipeline`, its further replicas in ``replicas``."""
+        first, *rest = self.pipelines(problem)
+        return Pipeline(first.stages, first.devices, first.microbatches, first.schedule,
+                        tuple(p.devices for p in rest))
 
     def describe(self) -> str:
         """``"2 stages x 2 replicas, 1f1b, M=4"``."""
@@ -426,28 +436,48 @@ def _state_of(problem: PlacementProblem, pipe: Pipeline) -> PipelineState | None
             return None
         bounds.append(bounds[-1] + len(idx))
     names = list(problem.device_names)
-    return PipelineState(tuple(bounds), (tuple(names.index(d) for d in pipe.devices),), pipe.microbatches,
-                         pipe.schedule)
+    if any(d not in names for r in (pipe.devices, *pipe.replicas) for d in r):
+        return None
+    return PipelineState(tuple(bounds), tuple(tuple(names.index(d) for d in r) for r in (pipe.devices, *pipe.replicas)),
+                         pipe.microbatches, pipe.schedule)
 
 
-def _seed_states(problem: PlacementProblem, batch_size: int | None, devices: list[int]) -> list[tuple[str, PipelineState]]:
-    """The partitioners' pipelines over all devices at a few ``M`` (the largest allowed, and
-    the number of stages times 4 and times 1), 1F1B where it may run, else GPipe."""
+def _estimate(problem: PlacementProblem, state: PipelineState, costs: RankCosts | None) -> float:
+    """A pipeline's step without simulating it: ``(M + S - 1)`` times its slowest stage's
+    micro-batch (forward, backward and the boundary's transfers), the classic bubble model."""
+    sc = fast_stage_costs(problem, state.bounds, state.devices[0], state.microbatches, costs)
+    per = sc.fwd + sc.bwd
+    lat, bw = problem.latency, problem.bandwidth
+    for b in range(state.num_stages - 1):
+        a, c = int(sc.device[b]), int(sc.device[b + 1])
+        per[b] += float(lat[a, c]) + float(sc.fwd_bytes[b] + sc.bwd_bytes[b]) / float(bw[a, c])
+    return (state.microbatches + state.num_stages - 1) * float(per.max()) + float(sc.opt.max())
+
+
+def _seed_states(problem: PlacementProblem, batch_size: int | None, devices: list[int], costs: RankCosts | None,
+                 count: int) -> list[tuple[str, PipelineState]]:
+    """The partitioners' pipelines over all devices at every allowed ``M`` (1F1B where it may
+    run, else GPipe), ranked by :func:`_estimate`: the ``count`` best are the seeds (only they
+    are simulated, so they cost ``count`` of the budget)."""
     s_ = len(devices)
-    choices = microbatch_choices(batch_size, 1)
-    ms = sorted({c for c in (choices[-1] if choices else 1, _closest(choices, 4 * s_), _closest(choices, s_))
-                 if c is not None}, reverse=True)
-    out: list[tuple[str, PipelineState]] = []
-    for name in ("pipedream_dp", "even_layers", "even_params"):
-        for m in ms:
-            schedule = "1f1b" if m >= s_ else "gpipe"
+    ranked: list[tuple[float, str, PipelineState]] = []
+    for m in microbatch_choices(batch_size, 1):
+        schedule = "1f1b" if m >= s_ else "gpipe"
+        for name in ("pipedream_dp", "even_layers", "even_params"):
             try:
                 pipe = PARTITIONERS[name](problem, m, schedule, devices)
             except (NoFit, PipelineError):
                 continue
             st = _state_of(problem, pipe)
             if st is not None:
-                out.append((name, st))
+                ranked.append((_estimate(problem, st, costs), name, st))
+    ranked.sort(key=lambda x: x[0])
+    out: list[tuple[str, PipelineState]] = []
+    for _, name, st in ranked:
+        if all(st != other for _, other in out):
+            out.append((name, st))
+        if len(out) >= count:
+            break
     return out
 
 
@@ -485,7 +515,7 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
     ev = _Evaluator(problem, costs, budget)
     seeds: dict[str, float] = {}
     given = [("initial", st) for st in (_state_of(problem, p) for p in initial) if st is not None]
-    for name, st in given + _seed_states(problem, batch_size, devices):
+    for name, st in given + _seed_states(problem, batch_size, devices, costs, SEED_COUNT):
         e = ev(st, SEEDS)
         if e is not None and e.fits:
             seeds[name] = min(seeds.get(name, math.inf), e.step_time)

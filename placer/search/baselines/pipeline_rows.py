@@ -5,13 +5,12 @@ data parallelism (:func:`envs.sim.data_parallel.simulate_data_parallel`, over th
 pipeline's devices: the accelerators, else every device) and the best pipeline of each
 partitioner (:func:`placer.search.baselines.pipeline_split.best_pipeline`), and placer's own
 pipeline search (:func:`placer.search.pipeline_search.search_pipeline`, when the batch allows
-``M > 1`` and there are two devices or more): its best pipeline (``kind`` "pipeline") and its
-best pipeline x data-parallel hybrid (``kind`` "hybrid"). Rows carry ``kind`` "ddp",
-"pipeline" or "hybrid" (placements: "placement"). A placement or a pipeline can be the run's
-winner (``placement.json`` holds either; :func:`parallel_rows` returns the pipelines);
-DDP and hybrids cannot be written as a placement, so :func:`recommendation_line` names
-whichever fits and is fastest, DDP and hybrids included, and says when the winner is slower
-than DDP.
+``M > 1`` and there are two devices or more): its best pipeline and its best pipeline x
+data-parallel hybrid (:attr:`envs.sim.pipeline.Pipeline.replicas`). Rows carry ``kind``
+"ddp" or "pipeline" (placements: "placement"). A placement or a pipeline, hybrids included,
+can be the run's winner (``placement.json`` holds either; :func:`parallel_rows` returns the
+pipelines); DDP is not a placement, so :func:`recommendation_line` names whichever fits and
+is fastest, DDP included, and says when the winner is slower than DDP.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from envs.hardware.units import byte_display_unit
-from envs.sim.data_parallel import simulate_data_parallel, simulate_hybrid
+from envs.sim.data_parallel import simulate_data_parallel, simulate_pipelined
 from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
@@ -94,39 +93,38 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
     if len(devs) > 1:
         for name, cand in best_pipeline(problem, batch_size, costs=costs).items():
             if cand.pipeline is None or cand.result is None:
-                record(f"pipeline:{name}", "pipeline", float("nan"), False, {}, cand.reason)
+                record(f"pipeline:{name}", "pipeline", float("nan"), False, {}, cand.reason,
+                       evaluated=cand.evaluated)
                 continue
             p = cand.pipeline
             sizes = "/".join(str(len(s)) for s in p.stages)
             record(f"pipeline:{name}", "pipeline", cand.step_time, True, cand.result.peak_memory,
-                   f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)")
+                   f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)", evaluated=cand.evaluated)
             pipelines[f"pipeline:{name}"] = p
     if len(devs) > 1 and search_budget is not None and len(microbatch_choices(batch_size, 1)) > 1:
         found = search_pipeline(problem, batch_size, budget=search_budget, seed=seed, costs=costs, initial=initial)
         shares = ", ".join(f"{phase} {share:.2f}" for phase, share in sorted(found.credit().items()))
         tail = (f"; {found.evaluated} pipelines simulated, gain over the partitioner seeds credited to "
                 f"{shares or 'none (a seed was best)'}")
-        for method, kind, replicas in ((SEARCH_METHOD, "pipeline", 1), (HYBRID_METHOD, "hybrid", None)):
+        for method, replicas in ((SEARCH_METHOD, 1), (HYBRID_METHOD, None)):
             if replicas is None:  # the best with two or more replicas
                 options = [v for r, v in found.by_replicas.items() if r > 1]
                 state, step = min(options, key=lambda v: v[1]) if options else (None, math.inf)
             else:
                 state, step = found.best_with_replicas(replicas)
+            what = "pipeline" if replicas == 1 else "pipeline x DDP hybrid"
             if state is None:
-                record(method, kind, float("nan"), False, {}, "no fitting " + kind + " found" + tail,
+                record(method, "pipeline", float("nan"), False, {}, f"no fitting {what} found" + tail,
                        found.wall_s, found.evaluated)
                 continue
-            pipes = state.pipelines(problem)
+            pipe = state.pipeline(problem)
             # Re-simulated op by op (the search's prefix tables agree up to rounding): the row's
             # step is then exactly what `placer show` and the report compute for this pipeline.
-            again = simulate_hybrid(problem, pipes, costs)
+            again = simulate_pipelined(problem, pipe, costs)
             step, peak = again.step_time, dict(again.peak_memory)
-            note = state.describe() + ", stages of " + "/".join(str(len(s)) for s in pipes[0].stages) + " node(s)"
-            if kind == "hybrid":
-                note += " (a placement file holds no replicas: recommended, not written)"
-            record(method, kind, step, True, peak, note + tail, found.wall_s, found.evaluated)
-            if kind == "pipeline":
-                pipelines[method] = pipes[0]
+            note = state.describe() + ", stages of " + "/".join(str(len(s)) for s in pipe.stages) + " node(s)"
+            record(method, "pipeline", step, True, peak, note + tail, found.wall_s, found.evaluated)
+            pipelines[method] = pipe
     return records, pipelines
 
 

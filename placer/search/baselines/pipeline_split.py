@@ -179,6 +179,7 @@ class PipelineCandidate:
     pipeline: Pipeline | None
     result: PipelineResult | None
     reason: str = ""
+    evaluated: int = 0  # pipelines simulated to choose it (the budget the partitioner spent)
 
     @property
     def step_time(self) -> float:
@@ -197,10 +198,12 @@ def best_pipeline(problem: PlacementProblem, batch_size: int | None = None,
         fn = PARTITIONERS[name]
         best: PipelineCandidate | None = None
         reason = ""
+        evaluated = 0
         for schedule in schedules:
             for m in ms:
                 try:
                     pipe = fn(problem, m, schedule)
+                    evaluated += 1
                     res = simulate_pipeline(problem, pipe, costs)
                 except (NoFit, PipelineError) as exc:
                     reason = str(exc)
@@ -211,5 +214,8 @@ def best_pipeline(problem: PlacementProblem, batch_size: int | None = None,
                 cand = PipelineCandidate(name, pipe, res)
                 if best is None or cand.step_time < best.step_time:
                     best = cand
-        out[name] = best or PipelineCandidate(name, None, None, reason or "no pipeline fits")
+        if best is None:
+            out[name] = PipelineCandidate(name, None, None, reason or "no pipeline fits", evaluated)
+        else:
+            out[name] = PipelineCandidate(name, best.pipeline, best.result, best.reason, evaluated)
     return out
