@@ -168,3 +168,142 @@ def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_pa
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same(read_results(tmp_path, 2), reference(gm, batch))
+
+
+def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_like_the_unsplit_model():
+    """GPT-2's ``wte.weight`` is read by the embedding (stage 0) and the head (stage 1): each
+    process holds a copy, their gradients are summed before the optimizer step, and the copies
+    stay equal over 3 steps; loss, gradients and parameters match the unsplit model."""
+    from graphs.pipeline import prepare
+
+    prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    batch = dict(zip(names, prep.spec.example_inputs))
+    loss_fn = prep.spec.loss_fn
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "1f1b")
+    specs = split_stages(gm, pipe)
+    assert all("wte.weight" in dict(s.gm.named_parameters()) for s in specs)
+
+    run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, loss_fn=loss_fn, timeout_s=180)
+
+    torch.set_num_threads(1)
+    model = copy.deepcopy(gm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses, grads = [], {}
+    for step in range(3):
+        opt.zero_grad()
+        args = [batch[k] for k in names]
+        loss = loss_fn(model(*args), *args)
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert run.tied_gap == {"wte.weight": 0.0}
+    assert run.losses == pytest.approx(losses, rel=1e-5)
+    assert set(run.grads) == set(grads)
+    for n in grads:
+        torch.testing.assert_close(run.grads[n], grads[n], rtol=1e-4, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(run.params[n], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+class Sized(Chain):
+    """``x.size(0)`` is computed in stage 0 and read in stage 1: an int crosses the boundary."""
+
+    def forward(self, x, y):
+        b = x.size(0)
+        h = torch.relu(self.l1(x))
+        h = torch.relu(self.l2(h)).reshape(b, 2, D // 2)
+        return F.cross_entropy(self.head(h.reshape(b, D)), y)
+
+
+def test_a_size_crossing_a_stage_boundary_is_rebuilt_as_a_constant_not_sent():
+    gm, batch = model_and_batch(Sized)
+    pipe = Pipeline(stages_of(gm, {"l2"}), ("cpu:0", "cpu:1"), 4, "gpipe")
+    assert "size" in split_stages(gm, pipe)[1].recv
+    assert_same(run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120), reference(gm, batch))
+
+
+class Positives(Chain):
+    """Stage 1 receives the rows of h whose input starts positive: how many depends on the data."""
+
+    def forward(self, x, y):
+        h = self.l1(x)
+        kept = h[x[:, 0] > 0]
+        return self.head(kept).sum() + 0 * y.sum()
+
+
+def positives_batch():
+    """Micro-batch 0 (of 2) keeps its 4 rows, micro-batch 1 none."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Positives())
+    x = torch.randn(B, D)
+    x[:, 0] = torch.tensor([1.0] * (B // 2) + [-1.0] * (B // 2))
+    return gm, {"x": x, "y": torch.zeros(B, dtype=torch.long)}
+
+
+def test_a_stage_output_whose_shape_depends_on_the_data_is_refused_before_starting_naming_it():
+    gm, batch = positives_batch()
+    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 2, "gpipe")
+    with pytest.raises(PipelineError, match=r"stage 0 output 'getitem_1' has shape \[0, 16\] float32 on micro-batch 1 "
+                                            r"but shape \[4, 16\] float32 on micro-batch 0"):
+        run_training(gm, batch, pipe)
+
+
+def test_the_stage_module_checks_each_sent_shape_against_the_plan():
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, microbatch
+
+    gm, batch = positives_batch()
+    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 2, "gpipe")
+    spec = split_stages(gm, pipe)[0]
+    planned = boundary_metas(gm, microbatch(batch, 0, 2), {"getitem_1"})
+    stage = StageModule(spec, False, 2, ["x", "y"], planned=planned)
+    assert [t.shape for t in stage(**microbatch(batch, 0, 2))] == [torch.Size([4, D])]
+    with pytest.raises(PipelineError, match=r"stage 0 output 'getitem_1' has shape \[0, 16\] float32 on micro-batch 1, "
+                                            r"planned shape \[4, 16\] float32"):
+        stage(**microbatch(batch, 1, 2))
+
+
+def test_an_unknown_schedule_is_refused_naming_the_ones_that_exist():
+    gm, _ = model_and_batch(Chain)
+    with pytest.raises(PipelineError, match=r"unknown pipeline schedule 'zero_bubble'; expected one of "
+                                            r"\['gpipe', '1f1b', 'interleaved_1f1b'\]"):
+        Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "zero_bubble")
+
+
+def test_a_stage_that_does_not_fit_its_device_is_refused_before_starting():
+    from envs.hardware.cluster import Device, Link, make_cluster
+    from envs.sim.problem import compile_problem
+    from graphs.pipeline import prepare
+
+    prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe")
+    tiny = [Device(f"cpu:{i}", "cpu", 2**14, 1e11, 1e10, real_device="cpu") for i in range(2)]
+    link = Link("cpu:0", "cpu:1", 1e-4, 1e9)
+    problem = compile_problem(prep.captured.graph, make_cluster(tiny, [link], name="ranks", simulated=False))
+    with pytest.raises(PipelineError, match=r"stage\(s\) \[0\] do not fit cpu:0: they need .* GiB .* the device has "
+                                            r"0.00 GiB"):
+        run_training(gm, dict(zip(names, prep.spec.example_inputs)), pipe, loss_fn=prep.spec.loss_fn,
+                     problem=problem)
+
+
+def test_a_rendezvous_port_in_use_is_refused_before_any_process_starts():
+    import socket
+
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "gpipe")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(PipelineRunError, match=f"cannot listen on 127.0.0.1:{port} for the rendezvous: "
+                                                   "Address already in use"):
+            run_training(gm, batch, pipe, port=port)

@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import json
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,11 +30,13 @@ import torch
 import torch.fx as fx
 
 from envs.runtime.distributed.launcher import free_port
+from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline import Pipeline, check_pipeline
+from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
-__all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "run_training", "write_job", "read_results"]
+__all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
 
 _POLL_S = 0.05
 
@@ -51,14 +54,19 @@ class TrainingRun:
         grads: parameter name -> gradient after the first step's backward.
         params: parameter name -> value after the last step.
         step_times: per step, the slowest rank's seconds.
+        cpu_times: per step, the CPU seconds of all ranks together (every thread of each process).
         listening: per rank, the addresses it listened on.
+        tied_gap: for parameters held by several ranks (tied weights), the largest absolute
+            difference between the copies after the last step (0.0: the copies stayed equal).
     """
 
     losses: list[float]
     grads: dict[str, torch.Tensor]
     params: dict[str, torch.Tensor]
     step_times: list[float]
+    cpu_times: list[float] = field(default_factory=list)
     listening: dict[int, list[str]] = field(default_factory=dict)
+    tied_gap: dict[str, float] = field(default_factory=dict)
 
 
 def _blame(failures: list[Exit], job_dir: Path) -> str:
@@ -124,11 +132,37 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
     losses = next((r["losses"] for r in reversed(results) if r["losses"]), [])
     grads: dict[str, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
+    tied_gap: dict[str, float] = {}
     for r in results:
         grads.update(r["grads"])
-        params.update(r["params"])
+        for name, value in r["params"].items():
+            if name in params:
+                gap = float((params[name] - value).abs().max()) if params[name].shape == value.shape else float("inf")
+                tied_gap[name] = max(tied_gap.get(name, 0.0), gap)
+            params[name] = value
     steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
-    return TrainingRun(losses, grads, params, steps, {r["rank"]: r.get("listening", []) for r in results})
+    cpu = [sum(r["cpu_s"][i] for r in results) for i in range(len(results[0].get("cpu_s", [])))]
+    return TrainingRun(losses, grads, params, steps, cpu, {r["rank"]: r.get("listening", []) for r in results},
+                       tied_gap)
+
+
+def check_port(host: str, port: int) -> int:
+    """``port`` if this machine can listen on ``host:port`` now (rank 0 will, for the rendezvous).
+
+    Raises:
+        PipelineRunError: the port is out of range or in use, before any process starts.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise PipelineRunError(f"rendezvous port {port!r} is not a TCP port; expected 1-65535")
+    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as rank 0 binds it
+        try:
+            s.bind(where)
+        except OSError as exc:
+            raise PipelineRunError(f"cannot listen on {host}:{port} for the rendezvous: {exc.strerror}; expected a "
+                                   "free port (or none: a free one is chosen)") from None
+    return port
 
 
 class PipelineJob:
@@ -136,13 +170,13 @@ class PipelineJob:
 
     def __init__(self, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], world: int, pipeline: Pipeline | None,
                  steps: int, optimizer: tuple[str, dict[str, Any]], loss_fn: Callable[..., torch.Tensor] | None,
-                 threads: int, timeout_s: float, host: str) -> None:
+                 threads: int, timeout_s: float, host: str, port: int | None = None) -> None:
         self.world = world
         self.timeout_s = timeout_s
+        port = free_port(host) if port is None else check_port(host, port)
         self.job_dir = make_job_dir()
         write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s)
         self.sup = Supervisor()
-        port = free_port(host)
         for r in range(world):
             env = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": host,
                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
@@ -188,7 +222,8 @@ class PipelineJob:
 def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None = None,
                  world: int | None = None, steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
                  loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
-                 host: str = "127.0.0.1") -> TrainingRun:
+                 host: str = "127.0.0.1", port: int | None = None,
+                 problem: PlacementProblem | None = None) -> TrainingRun:
     """Train ``steps`` steps of ``gm`` on ``inputs`` (placeholder name -> full batch) with
     ``pipeline`` (one process per stage device) or, without one, DDP over ``world`` processes.
 
@@ -196,16 +231,26 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         loss_fn: ``loss_fn(output, *inputs)`` (placer's contract); None: the graph's output is the loss.
         optimizer: (name in ``sgd``/``adam``/``adamw``, keyword arguments).
         host: the address every listening socket binds to.
+        port: the rendezvous port on ``host`` (default: a free one).
+        problem: the placement problem compiled over the pipeline's devices, one node per op
+            (no grouping), from the graph ``gm`` was captured with: when given, a
+            pipeline whose stages do not fit their devices' memory is refused before starting
+            (:func:`envs.sim.pipeline.check_pipeline`).
 
     Raises:
         PipelineRunError: a rank died or the job timed out (module doc).
-        PipelineError: ``M`` does not divide the batch (checked before starting).
+        PipelineError: ``M`` does not divide the batch, a value crossing a stage boundary has a
+            shape that depends on the data, or a stage does not fit its device (all checked
+            before starting).
     """
     if pipeline is not None:
         batch = int(next(iter(inputs.values())).shape[0])
         pipeline.check_batch(batch)
+        if problem is not None:
+            check_pipeline(problem, whole_pipeline(gm, pipeline), batch)
+        check_static_shapes(gm, inputs, pipeline)
         world = len(pipeline.ranks)
     if world is None or world < 1:
         raise PipelineRunError("DDP needs world >= 1 processes")
-    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host)
+    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port)
     return job.wait()

@@ -24,7 +24,8 @@ from torch import nn
 
 from envs.sim.pipeline import Pipeline, PipelineError
 
-__all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas"]
+__all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas", "check_static_shapes", "microbatch",
+           "whole_pipeline"]
 
 
 @dataclass
@@ -55,6 +56,20 @@ def _stage_of_nodes(gm: fx.GraphModule, pipeline: Pipeline) -> dict[str, int]:
         else:
             raise PipelineError(f"node {n.name!r} of the model is in no stage of the pipeline")
     return out
+
+
+def whole_pipeline(gm: fx.GraphModule, pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` with every node of ``gm`` in a stage, as the simulator (and its memory
+    check) wants it: a model input with its first reader (the schedules hand inputs to every
+    stage), a parameter read with its first reader, the output with the last stage."""
+    st = _stage_of_nodes(gm, pipeline)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            st[n.name] = min((st[u.name] for u in n.users), default=0)
+    stages: list[list[str]] = [[] for _ in range(pipeline.num_stages)]
+    for n in gm.graph.nodes:
+        stages[st[n.name]].append(n.name)
+    return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches, pipeline.schedule)
 
 
 def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
@@ -101,12 +116,37 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
     return specs
 
 
+#: Types of boundary values that are not sent but rebuilt as constants in the reading stage
+#: (``x.shape[0]`` and the like: ``PipelineStage`` sends tensors only).
+CONSTANT_TYPES = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_constant(v) for v in value)
+    return isinstance(value, CONSTANT_TYPES)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {list(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return repr(value)
+
+
 class StageModule(nn.Module):
     """``forward(*received, **model_inputs)``: the stage's graph; the last stage returns the
-    micro-batch's loss over ``microbatches`` (module doc)."""
+    micro-batch's loss over ``microbatches`` (module doc).
+
+    ``planned`` holds every boundary value of micro-batch 0 (:func:`boundary_metas`): tensors
+    as meta tensors, constants (``x.shape[0]``) as their values. Constants are neither received
+    nor sent; they are put back in place here. Each tensor the stage sends is checked against
+    its planned shape first: a data-dependent shape would otherwise reach gloo, which aborts
+    the receiving process on a larger message and silently accepts a smaller one.
+    """
 
     def __init__(self, spec: StageSpec, last: bool, microbatches: int,
-                 input_names: Sequence[str], loss_fn: Callable[..., torch.Tensor] | None = None) -> None:
+                 input_names: Sequence[str], loss_fn: Callable[..., torch.Tensor] | None = None,
+                 planned: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.gm = spec.gm
         self.spec = spec
@@ -114,36 +154,108 @@ class StageModule(nn.Module):
         self.microbatches = microbatches
         self.input_names = list(input_names)
         self.loss_fn = loss_fn
+        self.planned = dict(planned or {})
+        self.constants = {k: v for k, v in self.planned.items() if not isinstance(v, torch.Tensor)}
+        self._calls = 0
+
+    @property
+    def recv_tensors(self) -> list[str]:
+        """The received values that travel (tensors), in the order ``forward`` takes them."""
+        return [v for v in self.spec.recv if v not in self.constants]
+
+    @property
+    def send_tensors(self) -> list[str]:
+        """The sent values that travel (tensors), in the order ``forward`` returns them."""
+        return [v for v in self.spec.send if v not in self.constants]
 
     def forward(self, *received: torch.Tensor, **inputs: torch.Tensor) -> Any:
-        out = self.gm(*received, *[inputs[n] for n in self.spec.inputs_used])
+        microbatch = self._calls % self.microbatches
+        self._calls += 1
+        tensors = iter(received)
+        values = [self.constants[v] if v in self.constants else next(tensors) for v in self.spec.recv]
+        out = self.gm(*values, *[inputs[n] for n in self.spec.inputs_used])
         if not self.last:
-            # gloo sends need contiguous tensors (a boundary after a transpose is a view)
-            return tuple(t.contiguous() for t in out)
+            sent = []
+            for name, value in zip(self.spec.send, out):
+                if name in self.constants:
+                    continue
+                plan = self.planned.get(name)
+                if plan is not None and (not isinstance(value, torch.Tensor) or value.shape != plan.shape):
+                    raise PipelineError(
+                        f"stage {self.spec.index} output {name!r} has {_describe(value)} on micro-batch "
+                        f"{microbatch}, planned {_describe(plan)} from micro-batch 0; a pipeline needs the same "
+                        "shapes on every micro-batch (this value's shape depends on the data)")
+                # gloo sends need contiguous tensors (a boundary after a transpose is a view)
+                sent.append(value.contiguous())
+            return tuple(sent)
         loss = self.loss_fn(out, *[inputs[n] for n in self.input_names]) if self.loss_fn is not None else out
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise PipelineError("the last stage must produce a scalar loss (the model's output, or loss_fn's)")
         return loss / self.microbatches
 
 
-def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
-    """Meta tensors (shape, dtype, requires_grad) of the named values on one micro-batch, from one
-    forward of ``gm`` (its buffers restored after, so BatchNorm's running stats are untouched)."""
+def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, Any]:
+    """The named values on one micro-batch, from one forward of ``gm`` (its buffers restored
+    after, so BatchNorm's running stats are untouched): tensors as meta tensors (shape, dtype,
+    requires_grad), constants (ints, sizes, ...) as themselves.
+
+    Raises:
+        PipelineError: a named value that is neither (a tuple holding tensors, say).
+    """
     saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
             if n.name in names:
-                if not isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor):
+                    out[n.name] = torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+                elif _is_constant(value):
+                    out[n.name] = value
+                else:
                     raise PipelineError(f"value {n.name!r} crosses a stage boundary but is a "
-                                        f"{type(value).__name__}, not a tensor; cut elsewhere")
-                out[n.name] = torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+                                        f"{type(value).__name__}, not a tensor or a constant; cut elsewhere")
             return value
 
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    with torch.enable_grad():
-        Recorder(gm).run(*[inputs[k] for k in order])
-    gm.load_state_dict(saved)
+    try:
+        with torch.enable_grad():
+            Recorder(gm).run(*[inputs[k] for k in order])
+    finally:
+        gm.load_state_dict(saved)
     return out
+
+
+def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int) -> dict[str, torch.Tensor]:
+    """Micro-batch ``index`` of the model inputs (equal slices of dim 0, as the schedules split them)."""
+    batch = int(next(iter(inputs.values())).shape[0])
+    size = batch // microbatches
+    return {k: v[index * size:(index + 1) * size] for k, v in inputs.items()}
+
+
+def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline) -> dict[str, Any]:
+    """Run every micro-batch through ``gm`` and compare each boundary value with micro-batch 0's:
+    ``PipelineStage`` preallocates its receive buffers from one set of shapes, so a value whose
+    shape (or constant) depends on the data cannot cross a stage boundary. Returns micro-batch
+    0's boundary values (:func:`boundary_metas`).
+
+    Raises:
+        PipelineError: the first value that differs, naming the stage that sends it and both values.
+    """
+    specs = split_stages(gm, pipeline)
+    sender = {v: spec.index for spec in specs for v in spec.send if v not in {w for w in spec.recv}}
+    names = {v for spec in specs for v in spec.recv + spec.send}
+    first = boundary_metas(gm, microbatch(inputs, 0, pipeline.microbatches), names)
+    for k in range(1, pipeline.microbatches):
+        other = boundary_metas(gm, microbatch(inputs, k, pipeline.microbatches), names)
+        for name, value in first.items():
+            a, b = value, other[name]
+            same = (a.shape == b.shape and a.dtype == b.dtype) if isinstance(a, torch.Tensor) and isinstance(
+                b, torch.Tensor) else (type(a) is type(b) and a == b)
+            if not same:
+                raise PipelineError(
+                    f"stage {sender.get(name, 0)} output {name!r} has {_describe(b)} on micro-batch {k} but "
+                    f"{_describe(a)} on micro-batch 0; a pipeline needs the same shapes on every micro-batch "
+                    "(this value depends on the data): cut elsewhere, or pad the data to fixed shapes")
+    return first

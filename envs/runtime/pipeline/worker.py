@@ -38,21 +38,48 @@ def _schedule_class(name: str) -> Any:
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
 
 
-def _tied_check(specs: list[Any], rank_of: list[int]) -> None:
-    owner: dict[str, int] = {}
+def tied_holders(specs: list[Any], rank_of: list[int]) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: ranks}`` of the parameters that stages on more than one rank read
+    (GPT-2's ``wte.weight``: the embedding in the first stage, the tied head in the last)."""
+    holders: dict[str, set[int]] = {}
     for spec in specs:
         for name, _ in spec.gm.named_parameters():
-            r = rank_of[spec.index]
-            if owner.setdefault(name, r) != r:
-                raise PipelineError(f"parameter {name!r} is used by stages on two processes; tied weights across "
-                                    "processes are not supported: keep their readers on one device")
+            holders.setdefault(name, set()).add(rank_of[spec.index])
+    return {name: tuple(sorted(ranks)) for name, ranks in sorted(holders.items()) if len(ranks) > 1}
+
+
+def _tied_groups(tied: dict[str, tuple[int, ...]], world: int) -> dict[tuple[int, ...], Any]:
+    """One process group per set of holding ranks. ``new_group`` is collective over the whole
+    world and must be called in the same order everywhere: every rank creates every group,
+    in sorted order, whether it belongs to it or not."""
+    import torch.distributed as dist
+
+    groups: dict[tuple[int, ...], Any] = {}
+    for ranks in sorted(set(tied.values())):
+        groups[ranks] = None if len(ranks) == world else dist.new_group(list(ranks))
+    return groups
+
+
+def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[int, ...]],
+                 groups: dict[tuple[int, ...], Any], rank: int) -> None:
+    """Sum the gradient of each tied parameter over the ranks holding a copy, so each copy gets
+    the whole model's gradient and the identical optimizer steps keep the copies equal."""
+    import torch.distributed as dist
+
+    for name, ranks in tied.items():
+        if rank not in ranks:
+            continue
+        p = params[name]
+        if p.grad is None:  # a holder whose stages did not reach it contributes zeros
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=groups[ranks])
 
 
 def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
-    from envs.runtime.pipeline.stages import StageModule, boundary_metas, split_stages
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, microbatch, split_stages
 
     gm, inputs = job["gm"], job["inputs"]
     pipeline = Pipeline.from_dict(job["pipeline"])
@@ -61,40 +88,44 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     m, s_ = pipeline.microbatches, pipeline.num_stages
     specs = split_stages(gm, pipeline)
     rank_of = [s % world for s in range(s_)]
-    _tied_check(specs, rank_of)
+    tied = tied_holders(specs, rank_of)
+    groups = _tied_groups(tied, world)
     mine = [spec for spec in specs if rank_of[spec.index] == rank]
-    micro = {k: v[: batch // m] for k, v in inputs.items()}
-    metas = boundary_metas(gm, micro, {v for spec in specs for v in spec.recv + spec.send})
+    metas = boundary_metas(gm, microbatch(inputs, 0, m), {v for spec in specs for v in spec.recv + spec.send})
     names = list(inputs)
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
-        mod = StageModule(spec, last, m, names, job.get("loss_fn"))
+        mod = StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
-                    else tuple(metas[v] for v in spec.send))
+                    else tuple(metas[v] for v in mod.send_tensors))
         stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
-                                    input_args=tuple(metas[v] for v in spec.recv), output_args=out_meta))
+                                    input_args=tuple(metas[v] for v in mod.recv_tensors), output_args=out_meta))
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
                 loss_fn=lambda out, _target: out, scale_grads=False)
-    params = [p for st in stages for p in st.submod.parameters()]
+    # A parameter read by two stages of this rank is one tensor: optimise it once.
+    named = {n: p for st in stages for n, p in st.submod.gm.named_parameters()}
+    params = list(dict.fromkeys(named.values()))
     opt_name, opt_kwargs = job["optimizer"]
     opt = OPTIMIZERS[opt_name](params, **opt_kwargs)
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
     for step in range(int(job["steps"])):
         dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
+        _reduce_tied(named, tied, groups, rank)
         if step == 0:
             res["grads"] = {n: p.grad.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()
                             if p.grad is not None}
         opt.step()
         res["step_s"].append(time.perf_counter() - t)
+        res["cpu_s"].append(time.process_time() - c)
         if has_last:
             res["losses"].append(float(sum(float(x.detach()) for x in losses)))
     res["params"] = {n: p.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()}
@@ -117,7 +148,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     for step in range(int(job["steps"])):
         dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         args = [mine[k] for k in order]
         out = model(*args)
@@ -127,6 +158,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
             res["grads"] = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
         opt.step()
         res["step_s"].append(time.perf_counter() - t)
+        res["cpu_s"].append(time.process_time() - c)
         total = loss.detach().clone()
         dist.all_reduce(total)
         res["losses"].append(float(total) / world)
@@ -166,7 +198,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     backend = _bound_gloo(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     (job_dir / f"ready-{rank}").touch()
-    res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "grads": {}, "params": {}}
+    res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "grads": {}, "params": {}}
     try:
         if job.get("pipeline") is None:
             _run_ddp(job, rank, world, res)
