@@ -54,7 +54,8 @@ PRESETS: dict[str, GPT2Config] = {
 
 
 def config(size: str = "small", **overrides: object) -> GPT2Config:
-    """The preset for ``size`` with overrides (``layers``, ``seq_len``, ``batch_size``) applied and checked."""
+    """The preset for ``size`` with overrides (``layers``, ``width``, ``heads``, ``seq_len``, ``batch_size``)
+    applied and checked."""
     cfg = resolve(PRESETS, size, NAME, **overrides)
     for name in ("vocab", "n_positions", "width", "layers", "heads", "seq_len", "batch_size"):
         check_positive_int(NAME, name, getattr(cfg, name))
@@ -137,9 +138,11 @@ class GPT2(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)
 
 
-def get_model(size: str = "small", layers: int | None = None) -> nn.Module:
-    """GPT-2 at ``size`` ("small": 2 tiny layers; "paper": GPT-2 small, 124M parameters), seeded."""
-    cfg = config(size, layers=layers)
+def get_model(size: str = "small", layers: int | None = None, width: int | None = None,
+              heads: int | None = None) -> nn.Module:
+    """GPT-2 at ``size`` ("small": 2 tiny layers; "paper": GPT-2 small, 124M parameters), seeded;
+    ``layers``, ``width`` and ``heads`` override the preset's (a mid-size model for CPU runs)."""
+    cfg = config(size, layers=layers, width=width, heads=heads)
     with seeded(MODEL_SEED):
         return GPT2(cfg)
 
