@@ -6,9 +6,11 @@ Figures, not tests (issue 16). Two parts:
   costed by the roofline, as for any simulated cluster) on ``4xV100-nvlink`` and ``4xK40``:
   the best un-pipelined placement of a set of baselines (simulated by the op-level
   simulator), DDP over the four GPUs (:mod:`envs.sim.data_parallel`) and the best pipeline
-  of each partitioner over ``M`` and the schedules (:mod:`envs.sim.pipeline`). "placer's
-  best" is the fastest placement placer can write (un-pipelined or pipelined); DDP is the
-  bar it is compared with.
+  of each partitioner over ``M`` and the schedules (:mod:`envs.sim.pipeline`), and placer's
+  pipeline search (:mod:`placer.search.pipeline_search`) twice: with as many simulated
+  pipelines as the three partitioners spent together (equal budget) and with ``--budget``.
+  "placer's best" is the fastest placement placer can write (un-pipelined, pipelined, or a
+  pipeline x DDP hybrid); DDP is the bar it is compared with.
 * ``--measured``: a small zoo model trained here by 2 gloo processes x 1 thread as a
   2-stage pipeline (PipeDream's split, 1F1B) and as DDP, against one process with 1 and 2
   threads, each beside the simulator's prediction (the pipeline and DDP on the rank
@@ -18,7 +20,7 @@ Figures, not tests (issue 16). Two parts:
 
 Usage::
 
-    python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50]
+    python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50] [--budget 2000]
     python3 benchmarks/bench_pipeline.py --measured --model gpt2 [--steps 12]
 """
 
@@ -67,8 +69,8 @@ def _ms(t: float) -> str:
 def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0) -> list[str]:
     """One Markdown table row per (model, cluster), then the budgets and the credit."""
     rows = ["| model | cluster | batch | best un-pipelined (method) | DDP | even_layers | even_params | pipedream_dp "
-            "| search, equal budget | search | search's best (layout) | pipeline x DDP | placer's best | "
-            "vs DDP | vs best partitioner | vs un-pipelined |", "|" + "---|" * 16]
+            "| search, equal budget (best of either) | search | search's best pipeline (layout) | search's best pipeline x DDP | "
+            "placer's best | vs DDP | vs best partitioner | vs un-pipelined |", "|" + "---|" * 16]
     notes: list[str] = []
     for model in models:
         start = time.perf_counter()
@@ -107,8 +109,9 @@ def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0
             single_state, single_t = big.best_with_replicas(1)
             hybrids = [v for r, v in big.by_replicas.items() if r > 1]
             hyb_state, hyb_t = min(hybrids, key=lambda v: v[1]) if hybrids else (None, math.inf)
-            eq_state, eq_t = equal.best_with_replicas(1)
-            writable = min([unpiped, *pt.values(), single_t, eq_t])
+            eq_t = equal.step_time  # its best, pipeline or hybrid
+            # Every pipeline, hybrids included, is a placement placer writes (Pipeline.replicas).
+            writable = min([unpiped, *pt.values(), single_t, eq_t, hyb_t])
             part = min(pt.values())
             dp = pipes["pipedream_dp"].pipeline
             note = f" (M={dp.microbatches}, {dp.schedule})" if dp is not None else ""
@@ -119,8 +122,10 @@ def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0
                         f"{_ms(eq_t)} | {_ms(single_t)} | {layout} | {hyb} | {_ms(writable)} | "
                         f"{_ratio(ddp_t, writable)} | {_ratio(part, writable)} | {_ratio(unpiped, writable)} |")
             shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(big.credit().items())) or "none"
+            eq_layout = equal.best.describe() if equal.best is not None else "-"
             notes.append(f"- {model} / {cname}: partitioners simulated {spent} pipelines; the search "
-                         f"{equal.evaluated} (equal) and {big.evaluated} ({big.wall_s:.1f} s, "
+                         f"{equal.evaluated} (equal budget: {_ms(equal.step_time)} ms, {eq_layout}) and "
+                         f"{big.evaluated} ({big.wall_s:.1f} s, "
                          f"{big.evaluated / max(big.wall_s, 1e-9):.0f} pipelines/s); its best overall "
                          f"{_ms(big.step_time)} ms ({big.best.describe() if big.best else '-'}), gain over its "
                          f"seeds ({_ms(big.seed_step_time)} ms) credited to {shares}")
