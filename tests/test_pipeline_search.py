@@ -192,3 +192,32 @@ def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_
                           pipeline=pipe)
     save_placement(placement, tmp_path / "p.json")
     assert load_placement(tmp_path / "p.json").pipeline == pipe
+
+
+def test_a_hybrid_winner_is_written_over_the_ops_with_its_replicas(tmp_path):
+    from envs.sim.data_parallel import simulate_pipelined
+    from envs.sim.pipeline import group_pipeline
+    from placer.optimizing.stages import Compiled, PreparedRun
+    from placer.placement_file import load_placement, save_placement
+
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())])
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(16, 64),), name="mlp")
+    prep = prepare(spec, profile=False)
+    devs = [Device(f"gpu{i}", "V100", 2**34, 1.5e13, 9e11, real_device="cpu") for i in range(4)]
+    cluster = make_cluster(devs, [Link(f"gpu{i}", f"gpu{j}", 1e-5, FAST) for i in range(4) for j in range(i + 1, 4)],
+                           name="4 gpus")
+    problem = compile_problem(prep.captured.graph, cluster, grouping=prep.grouping)
+    compiled = Compiled(PreparedRun(cluster, "simulated", tmp_path, spec, prep, 0.0), problem)
+    state = PipelineState((0, problem.num_nodes // 2, problem.num_nodes), ((0, 1), (2, 3)), 2, "1f1b")
+    pipe = state.pipeline(problem)
+    row = problem.placement_to_array(pipe.assignment())
+    placement = compiled.op_placement(row, {"step_time": 1.0}, pipe)
+    written = placement.pipeline
+    assert written is not None and written.replicas == (("gpu2", "gpu3"),)
+    assert sorted(n for s in written.stages for n in s) == sorted(prep.captured.graph.nodes)
+    save_placement(placement, tmp_path / "placement.json")
+    loaded = load_placement(tmp_path / "placement.json")
+    # Read back over the groups, it is the pipeline the search simulated.
+    assert group_pipeline(problem, loaded.pipeline) == pipe
+    assert simulate_pipelined(problem, group_pipeline(problem, loaded.pipeline)).step_time == \
+        simulate_pipelined(problem, pipe).step_time

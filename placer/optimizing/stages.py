@@ -50,7 +50,7 @@ from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.baselines.pipeline_rows import batch_size_of, parallel_rows
 from placer.search.config import SearchConfig
-from placer.search.pipeline_search import DEFAULT_PIPELINE_BUDGET
+from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
 from placer.write_failure import OutputWriteError, rescue, save_or_fallback
 
@@ -330,7 +330,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     # DDP and pipeline x DDP hybrids cannot be written: the final line recommends the fastest.
     resumed = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir is not None else None
     table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs),
-                                     search_budget=config.budget.placements or DEFAULT_PIPELINE_BUDGET,
+                                     search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
                                      seed=config.seed, initial=[resumed] if resumed is not None else [])
     fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]
     if fitting.empty:

@@ -61,11 +61,11 @@ from placer.search.baselines.pipeline_split import PARTITIONERS, pipeline_device
 from placer.search.tracker import SEEDS, Improvement, credit
 
 __all__ = ["PipelineState", "Evaluation", "PipelineSearchResult", "MOVE_KINDS", "NUM_FEATURES", "Move",
-           "neighbours", "move_features", "microbatch_choices", "search_pipeline", "DEFAULT_PIPELINE_BUDGET",
+           "neighbours", "move_features", "microbatch_choices", "search_pipeline", "DEFAULT_PIPELINE_PLACEMENTS",
            "SCHEDULES"]
 
 #: Placements (simulated pipelines) a search evaluates when the caller gives no budget.
-DEFAULT_PIPELINE_BUDGET = 600
+DEFAULT_PIPELINE_PLACEMENTS = 600
 #: The schedules the search moves between (interleaved 1F1B is not in its moves yet).
 SCHEDULES = ("1f1b", "gpipe")
 #: The kinds of move, in the order of the features' one-hot block.
@@ -485,15 +485,15 @@ def _closest(choices: list[int], target: int) -> int | None:
     return min(choices, key=lambda c: (abs(c - target), c)) if choices else None
 
 
-def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: int = DEFAULT_PIPELINE_BUDGET,
-                    seed: int = 0, costs: RankCosts | None = None, batch: int = 8, learning_rate: float = 0.5,
+def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: int, seed: int = 0, costs: RankCosts | None = None, batch: int = 8, learning_rate: float = 0.5,
                     policy_share: float = 0.5, initial: Sequence[Pipeline] = ()) -> PipelineSearchResult:
     """Search pipelines (and pipeline x data-parallel hybrids) of ``problem`` (module doc).
 
     Args:
         problem: the compiled problem (its ``node_names`` a topological order of the groups).
         batch_size: the training batch; ``M`` and the replicas must divide it (None: ``M = 1``).
-        budget: simulated states in all, seeds included.
+        budget: simulated states in all, seeds included (``optimize`` gives its placement budget,
+            else :data:`DEFAULT_PIPELINE_PLACEMENTS`).
         seed: seeds the policy's sampling.
         costs: host constants of CPU processes (:class:`envs.sim.ranks.RankCosts`).
         batch: proposals the policy makes per round.

@@ -29,7 +29,7 @@ from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
-from placer.search.pipeline_search import DEFAULT_PIPELINE_BUDGET, microbatch_choices, search_pipeline
+from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, microbatch_choices, search_pipeline
 
 __all__ = ["batch_size_of", "parallel_records", "parallel_rows", "with_parallel_rows", "recommendation_line",
            "SEARCH_METHOD", "HYBRID_METHOD"]
@@ -61,7 +61,7 @@ def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
 
 
 def parallel_records(problem: PlacementProblem, batch_size: int | None, best_single: float,
-                     costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                     costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
                      seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
     """Comparison-table records (the columns of :func:`placer.report.compare.comparison_table`
     plus ``kind``) for DDP, each partitioner's best pipeline and the pipeline search's bests
@@ -129,7 +129,7 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
 
 
 def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
-                  costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                  costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
                   seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
     """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows, fitting
     fastest first; and the pipeline of each pipeline row (:func:`parallel_records`)."""
@@ -146,7 +146,7 @@ def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: in
 
 
 def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
-                       costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_BUDGET,
+                       costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
                        seed: int = 0) -> pd.DataFrame:
     """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows (:func:`parallel_rows`)."""
     return parallel_rows(table, problem, batch_size, costs, search_budget, seed)[0]
