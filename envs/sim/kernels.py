@@ -22,7 +22,9 @@ Two ways to run the backward (R7, the autograd engine):
   every placement whose ops use more than one backward thread (:func:`one_thread`), and
   for those :func:`static_pass` does not certify. (Measured: random and block placements
   over several GPUs are almost never certified, see benchmarks/results/simulator.md, so
-  the static pass is tried only where it is exact by construction.)
+  the static pass is tried only where it is exact by construction.) Its work arrays
+  come from :func:`workspace`, allocated once per batch chunk, not per placement; the
+  node ids are fixed per problem (:func:`node_ids`).
 
 Arrays (built by :func:`envs.sim.simulator._arrays`): ``cost`` [N*D*6] as
 ``(i*D + d)*6 + k``; ``rd``/``wr`` the stream slot a device reads/writes (a GPU its own
@@ -36,8 +38,12 @@ from __future__ import annotations
 import numpy as np
 
 try:  # numba is optional: without it these are plain Python functions.
+    from numba.cpython.unsafe.numbers import leading_zeros as _leading_zeros
+    from numba.extending import overload as _overload
     from numba.extending import register_jitable as _jitable
 except ImportError:  # pragma: no cover - depends on the environment
+    _overload = None
+
     def _jitable(fn):
         return fn
 
@@ -268,168 +274,228 @@ def static_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gr
     return step_end(h, s, nd, consts[3]), ok
 
 
-@_jitable
-def _heap_push(keys, vals, base, size, key, val):
-    """Push (key, val) on the min-heap ``keys[base:base+size]`` (ties: smaller val first); new size."""
-    k = size
-    keys[base + k] = key
-    vals[base + k] = val
-    while k > 0:
-        parent = (k - 1) // 2
-        pk = keys[base + parent]
-        if pk < key or (pk == key and vals[base + parent] <= val):
-            break
-        keys[base + k] = pk
-        vals[base + k] = vals[base + parent]
-        k = parent
-    keys[base + k] = key
-    vals[base + k] = val
-    return size + 1
+def highest_bit(word):
+    """Index of the highest set bit of a non-zero 64-bit word (numba: one ``lzcnt``)."""
+    return int(word).bit_length() - 1
+
+
+if _overload is not None:
+    @_overload(highest_bit)
+    def _highest_bit_jit(word):  # pragma: no cover - compiled
+        def impl(word):
+            return 63 - np.int64(_leading_zeros(word))
+        return impl
+
+
+_ONE = np.uint64(1)
+
+
+def node_ids(succ_ptr: np.ndarray, nd: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed backward node ids in sequence order (placement-independent): op i is
+    ``base[i]``, its k-th copy node in program order ``base[i] + 1 + k`` (an op has at most
+    ``min(consumers, D - 1)`` copies). Returns ``(base [N+1], op of each id [M])``."""
+    slots = 1 + np.minimum(np.diff(succ_ptr), max(nd - 1, 0))
+    base = np.zeros(slots.shape[0] + 1, dtype=np.int64)
+    np.cumsum(slots, out=base[1:])
+    return base, np.repeat(np.arange(slots.shape[0], dtype=np.int64), slots)
 
 
 @_jitable
-def _heap_pop(keys, vals, base, size):
-    """Remove the top of the heap ``keys[base:base+size]``; returns its val (new size is size - 1)."""
-    top = vals[base]
-    size -= 1
-    key = keys[base + size]
-    val = vals[base + size]
-    k = 0
-    while True:
-        c = 2 * k + 1
-        if c >= size:
-            break
-        if c + 1 < size and (keys[base + c + 1] < keys[base + c]
-                             or (keys[base + c + 1] == keys[base + c] and vals[base + c + 1] < vals[base + c])):
-            c += 1
-        if keys[base + c] > key or (keys[base + c] == key and vals[base + c] >= val):
-            break
-        keys[base + k] = keys[base + c]
-        vals[base + k] = vals[base + c]
-        k = c
-    if size > 0:
-        keys[base + k] = key
-        vals[base + k] = val
-    return top
+def workspace(n, nd, n_threads, m_cap):
+    """The work arrays of :func:`static_pass` and :func:`event_pass` for ``n`` ops, ``nd``
+    devices and ``m_cap`` node ids: allocated once and reused placement after placement
+    (the ready bitsets are empty again when a placement ends)."""
+    nw = (m_cap + 63) // 64
+    ns = (nw + 63) // 64
+    return (np.zeros(nd + 2), np.zeros(n_threads), np.zeros(n), np.zeros(nd, dtype=np.int64),
+            np.zeros(nd, dtype=np.int64), np.zeros(nd), np.zeros(nd), np.zeros(nd + 2),
+            np.zeros(nd + 2, dtype=np.int64), np.zeros(n_threads),
+            # event_pass
+            np.zeros(n, dtype=np.int64), np.zeros(n * nd, dtype=np.int64), np.zeros(m_cap, dtype=np.int64),
+            np.zeros(m_cap), np.zeros(m_cap, dtype=np.int64), np.zeros(m_cap), np.zeros(nd, dtype=np.int64),
+            np.zeros(n_threads + 1, dtype=np.int64), np.zeros(n_threads * nw, dtype=np.uint64),
+            np.zeros(n_threads * ns, dtype=np.uint64), np.zeros(n_threads, dtype=np.int64),
+            np.zeros(n_threads, dtype=np.int64), np.zeros(m_cap + 1), np.zeros(m_cap + 1, dtype=np.int64),
+            np.zeros(n_threads, dtype=np.int64), np.zeros(n_threads), np.zeros(n_threads), np.zeros(n_threads),
+            np.zeros(n_threads, dtype=np.int64), np.zeros(n_threads, dtype=np.uint8))
 
 
 @_jitable
 def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_grad, rg, gpred_ptr, gpred_src, rd,
-               wr, thread_of, n_threads, lat, inv_bw, blocking, consts, s, mark, dst, nb, mem, acc, trace, xtrace):
+               wr, thread_of, n_threads, lat, inv_bw, blocking, consts, id_base, id_op, ws, mem, acc, trace, xtrace):
     """One placement with the exact engine (the reference's event loop, R7); returns the step.
 
-    Backward nodes get ids in sequence order: op i, then its copy nodes in program order.
-    Per thread two heaps: nodes whose ready time is after the thread is free (by ready
-    time, then decreasing id) and nodes ready by then (by decreasing id). Each thread's next
-    node (picked when the thread is free, or when its earliest node gets ready) is enqueued
-    after its host part; enqueues happen one at a time in time order, at equal times the
-    higher id first.
+    Backward nodes have the fixed ids of :func:`node_ids` (sequence order). The forward
+    (the same operations as :func:`forward_pass`) also gives each of this placement's
+    copy nodes its id, counts every node's gradient producers and marks the nodes with
+    none ready. Per thread p, the nodes ready by ``free[p]`` (when the thread is free)
+    are a bitset over ids (a word per 64 ids, a summary word per 64 words, the highest
+    non-empty summary word in ``top[p]``), so the engine's pick, the highest id, is two
+    bit scans; nodes ready later wait in a heap by (ready time, decreasing id) and move to
+    the bitset once ``free[p]`` reaches them. Each thread's next node (picked when the
+    thread is free, or when its earliest node gets ready) is enqueued after its host part;
+    enqueues happen one at a time in time order, at equal times the higher id first.
+    ``ws`` is a :func:`workspace`.
+
+    The set and heap operations are written out in the loop rather than called: a
+    compiled call (or an inlined one) that passes arrays takes a reference on each, two
+    atomic operations that cost more here than the operation itself.
     """
-    copy_s = consts[0]
-    h = forward_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, rd, wr, lat, inv_bw, blocking,
-                     copy_s, s, mark, dst, nb, mem, acc, trace, xtrace)
-    tracing = trace.shape[0] > 0
-    t_root = h + consts[1]
+    (s, _t, _done, mark, dst, nb, _xr, _li, _lt, _mi, dev, xid, rem, rmax, node_dev, node_bytes, gcount, off,
+     words, summary, top, count, fut_k, fut_v, fut_n, free, cand_e, cand_pick, cand_id, dirty) = ws
     n = op_group.shape[0]
-    # ---- backward nodes in sequence order
-    op_id = np.full(n, -1, dtype=np.int64)
-    copy_id = np.full(n * nd, -1, dtype=np.int64)
-    m_cap = n * (nd + 1)
-    kind_op = np.zeros(m_cap, dtype=np.int64)  # op index
-    kind_dev = np.full(m_cap, -1, dtype=np.int64)  # -1: op node; else the copy's device b
-    node_bytes = np.zeros(m_cap)
+    nw = words.shape[0] // n_threads
+    ns = summary.shape[0] // n_threads
+    copy_s = consts[0]
+    tracing = trace.shape[0] > 0
+    for i in range(n):
+        dev[i] = row[op_group[i]]
+    for k in range(s.shape[0]):
+        s[k] = 0.0
     for k in range(nd):
         mark[k] = -1
+    for p in range(n_threads + 1):
+        off[p] = 0
+    # ---- forward (R1-R5, as forward_pass), numbering the backward nodes as it goes
+    h = 0.0
     m = 0
     for i in range(n):
-        if rg[i] == 0:
-            continue
-        d = row[op_group[i]]
-        op_id[i] = m
-        kind_op[m] = i
-        m += 1
-        count = copy_targets(i, d, row, op_group, succ_ptr, succ_dst, succ_bytes, mark, dst, nb)
-        for j in range(count - 1, -1, -1):  # program order of the copies
-            b = dst[j]
-            has_grad = False
-            for k in range(succ_ptr[i], succ_ptr[i + 1]):
-                if succ_grad[k] and row[op_group[succ_dst[k]]] == b:
-                    has_grad = True
-            if has_grad:
-                copy_id[i * nd + b] = m
-                kind_op[m] = i
-                kind_dev[m] = b
-                node_bytes[m] = nb[b]
-                m += 1
-    # ---- dependency counts
-    remaining = np.zeros(m, dtype=np.int64)
-    rmax = np.full(m, t_root)
-    node_thread = np.zeros(m, dtype=np.int64)
-    for v in range(m):
-        i = kind_op[v]
-        if kind_dev[v] < 0:
-            node_thread[v] = thread_of[row[op_group[i]]]
-        else:
-            node_thread[v] = thread_of[kind_dev[v]]
-    for i in range(n):
-        if op_id[i] < 0:
-            continue
-        d = row[op_group[i]]
+        d = dev[i]
+        base = (i * nd + d) * 6
+        h0 = h
+        h = h + cost[base]
+        sd = s[rd[d]]
+        st = h if h > sd else sd
+        s[wr[d]] = st + cost[base + 1]
+        if tracing:
+            trace[i, 0] = h0
+            trace[i, 1] = h
+            trace[i, 2] = st
+            trace[i, 3] = st + cost[base + 1]
+        n_copies = 0
+        own = 0  # gradients op i receives from its own device's consumers and its copies
         for k in range(succ_ptr[i], succ_ptr[i + 1]):
-            if succ_grad[k]:
-                b = row[op_group[succ_dst[k]]]
-                if b == d:
-                    remaining[op_id[i]] += 1
-                else:
-                    remaining[copy_id[i * nd + b]] += 1
-        for b in range(nd):
-            if copy_id[i * nd + b] >= 0:
-                remaining[op_id[i]] += 1
-    # ---- per-thread heaps: ready after the thread is free (key ready time, val -id) and
-    # ready by then (key -id); each thread's candidate cached until its heaps change.
-    # Heap p lives at [off[p], off[p] + nodes of thread p): one slot per node in all.
-    off = np.zeros(n_threads + 1, dtype=np.int64)
-    for v in range(m):
-        off[node_thread[v] + 1] += 1
+            b = dev[succ_dst[k]]
+            if b != d:
+                if mark[b] != i:
+                    mark[b] = i
+                    dst[n_copies] = b
+                    n_copies += 1
+                    nb[b] = succ_bytes[k]
+                    gcount[b] = 0
+                elif succ_bytes[k] > nb[b]:
+                    nb[b] = succ_bytes[k]
+                if succ_grad[k]:
+                    gcount[b] += 1
+            elif succ_grad[k]:
+                own += 1
+        v0 = id_base[i]
+        for j in range(n_copies - 1, -1, -1):  # inserted after the producer: the last found runs first
+            b = dst[j]
+            pair = d * nd + b
+            x = lat[pair] + nb[b] * inv_bw[pair]
+            hh = h + copy_s
+            sa = s[rd[d]]
+            sb = s[rd[b]]
+            e = hh if hh > sa else sa
+            e = (e if e > sb else sb) + x
+            s[wr[d]] = e
+            s[wr[b]] = sb if sb > e else e
+            h = e if blocking[pair] else hh
+            mem[b] += nb[b]
+            acc[0] += x
+            acc[1] += nb[b]
+            if tracing:
+                xtrace[i * nd + b, 0] = e - x
+                xtrace[i * nd + b, 1] = e
+            if gcount[b] > 0:  # a gradient comes back: the copy's backward node, on b's thread
+                w = v0 + n_copies - j
+                xid[i * nd + b] = w
+                rem[w] = gcount[b]
+                rmax[w] = 0.0
+                node_dev[w] = b
+                node_bytes[w] = nb[b]
+                off[thread_of[b] + 1] += 1
+                own += 1
+                m += 1
+        if rg[i]:
+            rem[v0] = own
+            rmax[v0] = 0.0
+            node_dev[v0] = -1
+            p = thread_of[d]
+            off[p + 1] += 1
+            m += 1
+            if own == 0:  # ready when backward() starts, as its thread is: into the bitset
+                wi = v0 >> 6
+                words[p * nw + wi] |= _ONE << np.uint64(v0 & 63)
+                j = wi >> 6
+                summary[p * ns + j] |= _ONE << np.uint64(wi & 63)
+                if count[p] == 0 or j > top[p]:
+                    top[p] = j
+                count[p] += 1
+    # ---- backward (R7), the engine
+    t_root = h + consts[1]
     for p in range(n_threads):
         off[p + 1] += off[p]
-    fut_k = np.empty(m + 1)
-    fut_v = np.empty(m + 1, dtype=np.int64)
-    now_k = np.empty(m + 1)
-    now_v = np.empty(m + 1, dtype=np.int64)
-    fut_n = np.zeros(n_threads, dtype=np.int64)
-    now_n = np.zeros(n_threads, dtype=np.int64)
-    free = np.full(n_threads, t_root)
-    cand_e = np.zeros(n_threads)  # enqueue time of the thread's next node
-    cand_pick = np.zeros(n_threads)  # when the thread picks it
-    cand_id = np.full(n_threads, -1, dtype=np.int64)
-    dirty = np.ones(n_threads, dtype=np.uint8)
-    for v in range(m - 1, -1, -1):
-        if remaining[v] == 0:
-            p = node_thread[v]
-            fut_n[p] = _heap_push(fut_k, fut_v, off[p], fut_n[p], t_root, -v)
+        fut_n[p] = 0
+        free[p] = t_root
+        cand_id[p] = -1
+        dirty[p] = 1
     left = m
     while left > 0:
         best_p = -1
         for p in range(n_threads):
             if dirty[p]:
                 dirty[p] = 0
-                base = off[p]
+                hb = off[p]
                 when = free[p]
-                while fut_n[p] > 0 and fut_k[base] <= when:  # ready while the thread was busy
-                    v = -_heap_pop(fut_k, fut_v, base, fut_n[p])
-                    fut_n[p] -= 1
-                    now_n[p] = _heap_push(now_k, now_v, base, now_n[p], -float(v), v)
-                if now_n[p] > 0:
-                    vid = now_v[base]
+                # Nodes that got ready while the thread was busy move to its bitset (a node
+                # already run from the heap, rem -1, is dropped: see below).
+                while fut_n[p] > 0 and fut_k[hb] <= when:
+                    v = -fut_v[hb]
+                    size = fut_n[p] - 1  # heap pop: the last leaf sifts down from the root
+                    fut_n[p] = size
+                    key = fut_k[hb + size]
+                    val = fut_v[hb + size]
+                    k = 0
+                    while True:
+                        c = 2 * k + 1
+                        if c >= size:
+                            break
+                        if c + 1 < size and (fut_k[hb + c + 1] < fut_k[hb + c] or (
+                                fut_k[hb + c + 1] == fut_k[hb + c] and fut_v[hb + c + 1] < fut_v[hb + c])):
+                            c += 1
+                        if fut_k[hb + c] > key or (fut_k[hb + c] == key and fut_v[hb + c] >= val):
+                            break
+                        fut_k[hb + k] = fut_k[hb + c]
+                        fut_v[hb + k] = fut_v[hb + c]
+                        k = c
+                    if size > 0:
+                        fut_k[hb + k] = key
+                        fut_v[hb + k] = val
+                    if rem[v] == 0:
+                        wi = v >> 6
+                        words[p * nw + wi] |= _ONE << np.uint64(v & 63)
+                        j = wi >> 6
+                        summary[p * ns + j] |= _ONE << np.uint64(wi & 63)
+                        if count[p] == 0 or j > top[p]:
+                            top[p] = j
+                        count[p] += 1
+                if count[p] > 0:  # the highest ready id
+                    j = top[p]
+                    wi = j * 64 + highest_bit(summary[p * ns + j])
+                    vid = wi * 64 + highest_bit(words[p * nw + wi])
                 elif fut_n[p] > 0:  # idle until the earliest ready node (the highest id among equals)
-                    when = fut_k[base]
-                    vid = -fut_v[base]
+                    when = fut_k[hb]
+                    vid = -fut_v[hb]
                 else:
                     cand_id[p] = -1
                     continue
-                i = kind_op[vid]
-                host = cost[(i * nd + row[op_group[i]]) * 6 + 2] if kind_dev[vid] < 0 else copy_s
+                if node_dev[vid] < 0:
+                    i = id_op[vid]
+                    host = cost[(i * nd + dev[i]) * 6 + 2]
+                else:
+                    host = copy_s
                 cand_id[p] = vid
                 cand_pick[p] = when
                 cand_e[p] = when + host
@@ -440,18 +506,26 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
         v = cand_id[p]
         pick = cand_pick[p]
         enq = cand_e[p]
-        base = off[p]
-        if now_n[p] > 0 and now_v[base] == v:
-            _heap_pop(now_k, now_v, base, now_n[p])
-            now_n[p] -= 1
-        else:
-            _heap_pop(fut_k, fut_v, base, fut_n[p])
-            fut_n[p] -= 1
+        if count[p] > 0:  # the candidate is the bitset's highest id: clear it
+            wi = v >> 6
+            k = p * nw + wi
+            words[k] &= ~(_ONE << np.uint64(v & 63))
+            count[p] -= 1
+            if words[k] == 0:
+                j = wi >> 6
+                summary[p * ns + j] &= ~(_ONE << np.uint64(wi & 63))
+                if count[p] > 0:
+                    while summary[p * ns + j] == 0:
+                        j -= 1
+                    top[p] = j
+        else:  # the heap's top: left there, marked run (rem -1); it has ready time
+            rem[v] = -1  # ``pick`` <= the thread's next free time, so the next refresh drops it
         dirty[p] = 1
         left -= 1
-        i = kind_op[v]
-        d = row[op_group[i]]
-        if kind_dev[v] < 0:  # the op: launched at ``enq``, its kernel queued on its stream
+        i = id_op[v]
+        d = dev[i]
+        b = node_dev[v]
+        if b < 0:  # the op: launched at ``enq``, its kernel queued on its stream
             base_c = (i * nd + d) * 6
             sd = s[rd[d]]
             s0 = enq if enq > sd else sd
@@ -462,19 +536,9 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
                 trace[i, 6] = s0
                 trace[i, 7] = s0 + cost[base_c + 3]
             fin = enq
-            for k in range(gpred_ptr[i], gpred_ptr[i + 1]):  # gradients for the producers
-                q = gpred_src[k]
-                dq = row[op_group[q]]
-                w = op_id[q] if dq == d else copy_id[q * nd + d]
-                if fin > rmax[w]:
-                    rmax[w] = fin
-                remaining[w] -= 1
-                if remaining[w] == 0:
-                    pw = node_thread[w]
-                    fut_n[pw] = _heap_push(fut_k, fut_v, off[pw], fut_n[pw], rmax[w], -w)
-                    dirty[pw] = 1
+            k0 = gpred_ptr[i]  # gradients for its producers: op q's node (same device) or
+            k1 = gpred_ptr[i + 1]  # the node of q's copy to d
         else:  # the gradient copy b -> d, issued at ``enq``
-            b = kind_dev[v]
             pair = b * nd + d
             x = lat[pair] + node_bytes[v] * inv_bw[pair]
             sb = s[rd[b]]
@@ -486,15 +550,44 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
             fin = e if blocking[pair] else enq
             acc[0] += x
             acc[1] += node_bytes[v]
-            w = op_id[i]
+            k0 = 0  # its gradient goes to op i's node
+            k1 = 1
+        free[p] = fin
+        pw = thread_of[d]  # every node fed here runs on d's thread (for an op, this thread)
+        for k in range(k0, k1):
+            if b < 0:
+                q = gpred_src[k]
+                w = id_base[q] if dev[q] == d else xid[q * nd + d]
+            else:
+                w = id_base[i]
             if fin > rmax[w]:
                 rmax[w] = fin
-            remaining[w] -= 1
-            if remaining[w] == 0:
-                pw = node_thread[w]
-                fut_n[pw] = _heap_push(fut_k, fut_v, off[pw], fut_n[pw], rmax[w], -w)
+            rem[w] -= 1
+            if rem[w] == 0:
+                r = rmax[w]
+                if r <= free[pw]:  # ready by the time its thread is free: the bitset
+                    wi = w >> 6
+                    words[pw * nw + wi] |= _ONE << np.uint64(w & 63)
+                    j = wi >> 6
+                    summary[pw * ns + j] |= _ONE << np.uint64(wi & 63)
+                    if count[pw] == 0 or j > top[pw]:
+                        top[pw] = j
+                    count[pw] += 1
+                else:  # heap push: sift up from a new leaf
+                    hb = off[pw]
+                    c = fut_n[pw]
+                    fut_n[pw] = c + 1
+                    while c > 0:
+                        parent = (c - 1) // 2
+                        pk = fut_k[hb + parent]
+                        if pk < r or (pk == r and fut_v[hb + parent] <= -w):
+                            break
+                        fut_k[hb + c] = pk
+                        fut_v[hb + c] = fut_v[hb + parent]
+                        c = parent
+                    fut_k[hb + c] = r
+                    fut_v[hb + c] = -w
                 dirty[pw] = 1
-        free[p] = fin
     h = free[0]
     for p in range(1, n_threads):
         if free[p] > h:

@@ -183,6 +183,8 @@ class _Arrays:
     succ_grad: np.ndarray  # uint8
     gpred_ptr: np.ndarray  # [N+1] gradient producers' CSR (edges both ends requiring grad)
     gpred_src: np.ndarray
+    id_base: np.ndarray  # [N+1] each op's first backward node id (kernels.node_ids)
+    id_op: np.ndarray  # [M] the op of each backward node id
     rd: np.ndarray  # [D] stream slot read
     wr: np.ndarray  # [D] stream slot written
     thread_of: np.ndarray  # [D] backward thread (0: the host)
@@ -243,18 +245,22 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     group_static = np.zeros(problem.num_nodes)
     np.add.at(group_static, ops.op_group, op_static)
     host = ops.host
+    succ_ptr = np.ascontiguousarray(ops.succ_ptr, dtype=np.int64)
+    id_base, id_op = _py.node_ids(succ_ptr, nd)
     arrays = _Arrays(
         n_devices=nd,
         op_group=np.ascontiguousarray(ops.op_group, dtype=np.int64),
         cost=cost3.ravel(),
         cost3=cost3,
         rg=rg.astype(np.uint8),
-        succ_ptr=np.ascontiguousarray(ops.succ_ptr, dtype=np.int64),
+        succ_ptr=succ_ptr,
         succ_dst=np.ascontiguousarray(ops.succ_dst, dtype=np.int64),
         succ_bytes=np.ascontiguousarray(ops.succ_bytes, dtype=np.float64),
         succ_grad=np.ascontiguousarray(ops.succ_grad, dtype=np.uint8),
         gpred_ptr=gpred_ptr,
         gpred_src=np.ascontiguousarray(src[order], dtype=np.int64),
+        id_base=id_base,
+        id_op=id_op,
         rd=np.where(is_cpu, nd, np.arange(nd)).astype(np.int64),
         wr=np.where(is_cpu, nd + 1, np.arange(nd)).astype(np.int64),
         thread_of=np.where(is_cpu, 0, gpu_index).astype(np.int64),
@@ -289,47 +295,36 @@ def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-class _Scratch:
-    """Per-placement work arrays of the single-placement loops."""
-
-    def __init__(self, a: _Arrays, n_ops: int) -> None:
-        nd = a.n_devices
-        self.s = np.zeros(nd + 2)
-        self.t = np.zeros(a.n_threads)
-        self.done = np.zeros(n_ops)
-        self.mark = np.zeros(nd, dtype=np.int64)
-        self.dst = np.zeros(nd, dtype=np.int64)
-        self.nb = np.zeros(nd)
-        self.xr = np.zeros(nd)
-        self.lastissue = np.zeros(nd + 2)
-        self.lastthread = np.zeros(nd + 2, dtype=np.int64)
-        self.maxidle = np.zeros(a.n_threads)
+def _workspace(a: _Arrays, n_ops: int) -> tuple[np.ndarray, ...]:
+    """The work arrays of the single-placement loops (:func:`envs.sim.kernels.workspace`)."""
+    return _py.workspace(n_ops, a.n_devices, a.n_threads, a.id_op.shape[0])
 
 
 _NO_TRACE = np.zeros((0, 8))
 _NO_XTRACE = np.zeros((0, 2))
 
 
-def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, scratch: _Scratch, mem: np.ndarray, acc: np.ndarray,
-         force_events: bool = False, trace: np.ndarray = _NO_TRACE, xtrace: np.ndarray = _NO_XTRACE,
-         static_pass=_py.static_pass, event_pass=_py.event_pass) -> tuple[float, bool]:
+def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndarray, ...], mem: np.ndarray,
+         acc: np.ndarray, force_events: bool = False, trace: np.ndarray = _NO_TRACE,
+         xtrace: np.ndarray = _NO_XTRACE) -> tuple[float, bool]:
     """Step of one placement (row over the slots of ``op_group``): the certified static pass,
-    else (or when forced) the exact engine. ``mem`` and ``acc`` receive the copies."""
+    else (or when forced) the exact engine. ``mem`` and ``acc`` receive the copies; ``ws``
+    is a :func:`_workspace`."""
     nd = a.n_devices
-    sc = scratch
     ok = False
     if not force_events and _py.one_thread(row, a.thread_of):
-        step, ok = static_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
-                               a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat, a.blocking,
-                               a.is_cpu, a.consts, sc.s, sc.t, sc.done, sc.mark, sc.dst, sc.nb, sc.xr, sc.lastissue,
-                               sc.lastthread, sc.maxidle, mem, acc, trace, xtrace)
+        s, t, done, mark, dst, nb, xr, lastissue, lastthread, maxidle = ws[:10]
+        step, ok = _py.static_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad,
+                                   a.rg, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat,
+                                   a.blocking, a.is_cpu, a.consts, s, t, done, mark, dst, nb, xr, lastissue,
+                                   lastthread, maxidle, mem, acc, trace, xtrace)
         if ok:
             return step, True
         mem[:] = 0.0
         acc[:] = 0.0
-    step = event_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
-                      a.gpred_ptr, a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat,
-                      a.blocking, a.consts, sc.s, sc.mark, sc.dst, sc.nb, mem, acc, trace, xtrace)
+    step = _py.event_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
+                          a.gpred_ptr, a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat,
+                          a.inv_bw_flat, a.blocking, a.consts, a.id_base, a.id_op, ws, mem, acc, trace, xtrace)
     return step, ok
 
 
@@ -344,9 +339,9 @@ def _simulate_python(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_eve
     recv = np.zeros((b_count, nd))
     acc = np.zeros((b_count, 2))
     ok = np.zeros(b_count, dtype=bool)
-    scratch = _Scratch(a, op_group.shape[0])
+    ws = _workspace(a, op_group.shape[0])
     for b in range(b_count):
-        step[b], ok[b] = _one(a, pl[b].astype(np.int64), op_group, scratch, recv[b], acc[b], force_events)
+        step[b], ok[b] = _one(a, pl[b].astype(np.int64), op_group, ws, recv[b], acc[b], force_events)
     return step, recv, acc[:, 0], acc[:, 1], ok
 
 
@@ -541,10 +536,13 @@ def _simulate_numba(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_even
     recv = np.zeros((b_count, nd))
     acc = np.zeros((b_count, 2))
     ok = np.zeros(b_count, dtype=np.uint8)
-    driver = _kernels.batch_serial if b_count < SERIAL_BELOW else _kernels.batch_parallel
-    driver(pl, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg, a.gpred_ptr,
-           a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat, a.blocking, a.is_cpu,
-           a.consts, force_events, step, recv, acc, ok)
+    args = (pl, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg, a.gpred_ptr,
+            a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat, a.inv_bw_flat, a.blocking, a.is_cpu,
+            a.consts, a.id_base, a.id_op, force_events, step, recv, acc, ok)
+    if b_count < SERIAL_BELOW:
+        _kernels.batch_serial(*args)
+    else:
+        _kernels.batch_parallel(*args, _kernels.chunk_count(b_count))
     return step, recv, acc[:, 0], acc[:, 1], ok.astype(bool)
 
 
@@ -662,9 +660,8 @@ def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[
     n, nd = op_group.shape[0], a.n_devices
     trace = np.full((n, 8), np.nan)
     xtrace = np.full((n * nd, 2), np.nan)
-    scratch = _Scratch(a, n)
     certified = bool(res.certified[0])
-    _one(a, row, op_group, scratch, np.zeros(nd), np.zeros(2), force_events=not certified, trace=trace, xtrace=xtrace)
+    _one(a, row, op_group, _workspace(a, n), np.zeros(nd), np.zeros(2), force_events=not certified, trace=trace, xtrace=xtrace)
     op_dev = row[op_group]
     cpu = a.is_cpu[op_dev] != 0
     no_bwd = a.rg == 0
