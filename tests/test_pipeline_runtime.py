@@ -307,3 +307,22 @@ def test_a_rendezvous_port_in_use_is_refused_before_any_process_starts():
         with pytest.raises(PipelineRunError, match=f"cannot listen on 127.0.0.1:{port} for the rendezvous: "
                                                    "Address already in use"):
             run_training(gm, batch, pipe, port=port)
+
+
+def test_the_distributed_measurer_measures_pipelined_placements_through_the_pipelining_engine():
+    from envs.runtime.distributed.measure import DistributedMeasurer
+
+    m = DistributedMeasurer("zoo:gpt2", {"batch_size": 4}, "cpu:0,cpu:1", warmup=1, repeats=2, timeout_s=120)
+    gm = m.captured.gm
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
+    stages = (tuple(compute[:cut]), tuple(compute[cut:]))
+    pipe = Pipeline(stages, ("cpu:0", "cpu:1"), 2, "1f1b")
+    uneven = Pipeline(stages, ("cpu:0", "cpu:1"), 3, "gpipe")
+    ok, refused = m.measure_pipelines([pipe, uneven])
+    assert ok.valid and len(ok.times) == 2 and 0 < ok.step_time < 60
+    assert "2 worker processes (1 thread(s) each), torch.distributed.pipelining" == ok.note
+    assert not refused.valid and "3 micro-batches do not divide the batch of 4" in refused.reason
+    assert m.jobs == 2
+    again = m.measure_pipelines([pipe])[0]
+    assert again.cached and again.step_time == ok.step_time and m.jobs == 2

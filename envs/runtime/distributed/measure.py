@@ -12,6 +12,19 @@ worker). A placement whose run fails — a worker that dies, hangs or cannot con
 gets an invalid :class:`~envs.runtime.measure.MeasureResult` with the reason; every worker of
 that job is killed, and the remaining placements go to a fresh job.
 
+Pipelined placements (a :class:`envs.sim.pipeline.Pipeline`: contiguous stages, ``M``
+micro-batches, a schedule) are measured by :meth:`DistributedMeasurer.measure_pipelines`
+through ``torch.distributed.pipelining`` (:func:`envs.runtime.pipeline.launcher.run_training`,
+one job per pipeline, the model's own optimizer). Un-pipelined placements (node -> device)
+stay on the point-to-point runtime (:mod:`envs.runtime.distributed.runtime`), because
+``PipelineStage`` cannot run them: its stages talk to their neighbours only
+(``stage.py``: stage ``s`` receives from ``s - 1`` and sends to ``s + 1``), so a placement
+that sends back to an earlier rank (rnnlm's layer split, whose two ranks hand the LSTM
+wavefront to each other every time step) is not a chain of stages, and without
+micro-batches a chain keeps one rank busy at a time anyway. The rank simulator
+(:mod:`envs.sim.ranks`) models that runtime, and its measured agreement is recorded
+against it.
+
 Example::
 
     with DistributedMeasurer("zoo:rnnlm", {"size": "small"}, "cpu:0,cpu:1") as m:
@@ -30,6 +43,7 @@ from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
 from envs.runtime.step_timer import median_step_time
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
+    from envs.sim.pipeline import Pipeline
     from graphs.capture import CapturedModel
 
 __all__ = ["DistributedMeasurer"]
@@ -144,6 +158,57 @@ class DistributedMeasurer:
         ranks = [self._ranks(p) for p in items]
         keys = [self._cache.key(p) for p in items]
         return self._cache.measure(keys, lambda todo: self._run([ranks[i] for i in todo], [keys[i] for i in todo]))
+
+    def measure_pipelines(self, pipelines: Sequence[Pipeline]) -> list[MeasureResult]:
+        """Measure pipelined placements through ``torch.distributed.pipelining`` (module doc):
+        per pipeline one job of ``warmup + repeats`` training steps with the model's optimizer,
+        the median of the timed steps (each the slowest rank's). A pipeline that is refused
+        (``M`` not dividing the batch, a data-dependent boundary shape) or whose job fails comes
+        back invalid with the reason; results are cached like placements.
+
+        Raises:
+            MeasureError: a stage on a device that is not a local worker.
+        """
+        import json
+
+        from envs.runtime.pipeline.launcher import PipelineRunError, run_training
+        from envs.sim.pipeline import PipelineError
+
+        local = {d.name for d in self.devices if d.local}
+        for p in pipelines:
+            unknown = sorted(set(p.devices) - local)
+            if unknown:
+                raise MeasureError(f"pipeline stage device(s) {unknown} are not among the local workers "
+                                   f"{sorted(local)}; pipelines are measured on this machine")
+        keys = [self._cache.key(p.assignment(), pipeline=json.dumps(p.to_dict(), sort_keys=True)) for p in pipelines]
+        note = (f"{{}} worker processes ({self.threads} thread(s) each), torch.distributed.pipelining")
+
+        def run(todo: Sequence[int]) -> list[MeasureResult]:
+            spec, gm = self.spec, self.captured.gm
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            inputs = dict(zip(names, spec.example_inputs))
+            out = []
+            for i in todo:
+                p = pipelines[i]
+                timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
+                if timeout <= 0:
+                    out.append(MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT,
+                                             note=note.format(len(p.ranks)), budget_cut=True))
+                    continue
+                self.jobs += 1
+                try:
+                    run_ = run_training(gm, inputs, p, steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
+                                        loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
+                except (PipelineError, PipelineRunError) as exc:
+                    out.append(MeasureResult(step_time=float("inf"), valid=False, reason=str(exc),
+                                             note=note.format(len(p.ranks))))
+                    continue
+                times = tuple(run_.step_times[self.warmup:])
+                out.append(MeasureResult(step_time=median_step_time(times), times=times,
+                                         note=note.format(len(p.ranks))))
+            return out
+
+        return self._cache.measure(keys, run)
 
     def _run(self, ranks: list[dict[str, int]], keys: list[str]) -> list[MeasureResult]:
         results: list[MeasureResult | None] = [None] * len(ranks)

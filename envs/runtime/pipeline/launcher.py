@@ -41,6 +41,10 @@ __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_
 _POLL_S = 0.05
 
 
+#: ``(name, keyword arguments)`` (``sgd``, ``adam``, ``adamw``) or a model file's ``get_optimizer(params)``.
+OptimizerSpec = tuple[str, dict[str, Any]] | Callable[..., torch.optim.Optimizer]
+
+
 class PipelineRunError(PlacerError, RuntimeError):
     """A pipelined or DDP job that failed: the message names the rank and why."""
 
@@ -112,7 +116,7 @@ def _file_modules() -> dict[str, str]:
 
 
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
-              steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
+              steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
               loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0) -> Path:
     """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md)."""
     job_dir = Path(job_dir)
@@ -169,7 +173,7 @@ class PipelineJob:
     """A started job (:func:`run_training` starts and waits; tests use this to reach the pids)."""
 
     def __init__(self, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], world: int, pipeline: Pipeline | None,
-                 steps: int, optimizer: tuple[str, dict[str, Any]], loss_fn: Callable[..., torch.Tensor] | None,
+                 steps: int, optimizer: OptimizerSpec, loss_fn: Callable[..., torch.Tensor] | None,
                  threads: int, timeout_s: float, host: str, port: int | None = None) -> None:
         self.world = world
         self.timeout_s = timeout_s
@@ -220,7 +224,7 @@ class PipelineJob:
 
 
 def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None = None,
-                 world: int | None = None, steps: int = 3, optimizer: tuple[str, dict[str, Any]] = ("sgd", {"lr": 0.1}),
+                 world: int | None = None, steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
                  loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
                  host: str = "127.0.0.1", port: int | None = None,
                  problem: PlacementProblem | None = None) -> TrainingRun:
@@ -229,7 +233,8 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
 
     Args:
         loss_fn: ``loss_fn(output, *inputs)`` (placer's contract); None: the graph's output is the loss.
-        optimizer: (name in ``sgd``/``adam``/``adamw``, keyword arguments).
+        optimizer: (name in ``sgd``/``adam``/``adamw``, keyword arguments), or a function of the
+            parameters that builds it (a model file's ``get_optimizer``; picklable).
         host: the address every listening socket binds to.
         port: the rendezvous port on ``host`` (default: a free one).
         problem: the placement problem compiled over the pipeline's devices, one node per op

@@ -38,6 +38,17 @@ def _schedule_class(name: str) -> Any:
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
 
 
+def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The job's optimizer over ``params``: ``(name, keyword arguments)`` with a name of
+    :data:`OPTIMIZERS`, or the model file's ``get_optimizer(params)``."""
+    if callable(optimizer):
+        return optimizer(params)
+    name, kwargs = optimizer
+    if name not in OPTIMIZERS:
+        raise PipelineError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)} or a function")
+    return OPTIMIZERS[name](params, **kwargs)
+
+
 def tied_holders(specs: list[Any], rank_of: list[int]) -> dict[str, tuple[int, ...]]:
     """``{parameter name: ranks}`` of the parameters that stages on more than one rank read
     (GPT-2's ``wte.weight``: the embedding in the first stage, the tied head in the last)."""
@@ -108,8 +119,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     # A parameter read by two stages of this rank is one tensor: optimise it once.
     named = {n: p for st in stages for n, p in st.submod.gm.named_parameters()}
     params = list(dict.fromkeys(named.values()))
-    opt_name, opt_kwargs = job["optimizer"]
-    opt = OPTIMIZERS[opt_name](params, **opt_kwargs)
+    opt = make_optimizer(job["optimizer"], params)
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
     for step in range(int(job["steps"])):
@@ -142,8 +152,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
     shard = batch // world
     mine = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
     model = DistributedDataParallel(gm)
-    opt_name, opt_kwargs = job["optimizer"]
-    opt = OPTIMIZERS[opt_name](model.parameters(), **opt_kwargs)
+    opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     for step in range(int(job["steps"])):

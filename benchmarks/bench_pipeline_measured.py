@@ -1,0 +1,230 @@
+"""Pipelines and DDP measured here: 2 gloo processes x 1 thread against one process (issue 16).
+
+Figures, not tests. For each case (a zoo model at a size stated in the table) this runs, on
+this machine and in one sitting:
+
+* one process with 1 thread, then with 2 threads (the unsplit captured model, in this process);
+* a 2-stage pipeline over 2 processes x 1 thread on ``torch.distributed.pipelining``
+  (:func:`envs.runtime.pipeline.launcher.run_training`), split by the partitioner whose
+  simulated pipeline is fastest (``placer.search.baselines.pipeline_split``);
+* DDP over the same 2 processes x 1 thread.
+
+Every run trains the same model with the same optimizer (SGD, momentum 0.9) on the same
+batch. Each figure is the median step of ``--steps`` steps after ``--warmup`` steps, with the
+CPU seconds per step (all threads of all processes) and the load average when it finished.
+Beside each, the simulator's prediction: the pipeline on the rank cluster ``cpu:0,cpu:1``
+(:func:`envs.sim.pipeline.simulate_pipeline`, links measured by ping-pong), DDP by
+:func:`envs.sim.data_parallel.simulate_data_parallel`, one process by the rank simulator on
+``cpu:0``; the simulator models one thread per process, so the 2-thread row has none.
+
+Usage (about 3 minutes on a quiet 2-core machine)::
+
+    python3 benchmarks/bench_pipeline_measured.py [--cases gpt2,resnet50] [--steps 5] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from envs.runtime.distributed.rank_cluster import rank_cluster  # noqa: E402
+from envs.runtime.pipeline.launcher import run_training  # noqa: E402
+from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
+from envs.sim.pipeline import Pipeline, PipelineError, simulate_pipeline  # noqa: E402
+from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.simulator import simulate_batch  # noqa: E402
+from graphs.pipeline import prepare  # noqa: E402
+from placer.benchmark import optimizer_name  # noqa: E402
+from placer.search.baselines.common import NoFit  # noqa: E402
+from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
+from placer.search.baselines.pipeline_split import PARTITIONERS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    """A zoo model, its arguments (stated in the table), M and the schedule of its pipeline."""
+
+    model: str
+    args: Mapping[str, Any]
+    microbatches: int
+    schedule: str = "1f1b"
+    note: str = ""
+
+
+# Sizes chosen so that one micro-batch's work on a stage is large against a gloo message
+# (milliseconds of compute per send) and one step stays under a second on one thread.
+CASES: dict[str, Case] = {
+    "gpt2": Case("gpt2", {"size": "small", "width": 384, "heads": 6, "layers": 6, "seq_len": 32, "batch_size": 128},
+                 8, note="6 blocks of width 384, 11M parameters, its embedding tied to the head across the stages"),
+    "resnet50": Case("resnet50", {"size": "paper", "image_size": 64, "batch_size": 32}, 4,
+                     note="paper width, 25.6M parameters, 64x64 images"),
+}
+
+OPTIMIZER = ("sgd", {"lr": 0.01, "momentum": 0.9})
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    out = subprocess.run(["uptime"], capture_output=True, text=True).stdout
+    return out.strip().split("load average:")[-1].strip()
+
+
+@dataclass
+class Figure:
+    """One row: median seconds per step, CPU seconds per step, the simulator's seconds, the load."""
+
+    label: str
+    step_s: float
+    cpu_s: float
+    simulated_s: float | None
+    load: str
+    steps: list[float] = field(default_factory=list)
+
+
+def _median_after(values: list[float], warmup: int) -> float:
+    return float(np.median(values[warmup:]))
+
+
+def one_process(gm: torch.fx.GraphModule, inputs: Mapping[str, torch.Tensor],
+                loss_fn: Callable[..., torch.Tensor] | None, threads: int, warmup: int, steps: int) -> tuple[list, list]:
+    """Wall and CPU seconds of each step of the unsplit model trained in this process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = copy.deepcopy(gm)
+        name, kwargs = OPTIMIZER
+        opt = torch.optim.SGD(model.parameters(), **kwargs) if name == "sgd" else None
+        assert opt is not None
+        order = [n.name for n in model.graph.nodes if n.op == "placeholder"]
+        args = [inputs[k] for k in order]
+        wall, cpu = [], []
+        for _ in range(warmup + steps):
+            t, c = time.perf_counter(), time.process_time()
+            opt.zero_grad(set_to_none=True)
+            out = model(*args)
+            loss = loss_fn(out, *args) if loss_fn is not None else out
+            loss.backward()
+            opt.step()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        return wall, cpu
+    finally:
+        torch.set_num_threads(before)
+
+
+def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[float, str, Pipeline]:
+    """The partitioner whose 2-stage pipeline the simulator finds fastest, as a runnable pipeline
+    (stages of compute nodes only) and its simulated step."""
+    plans = []
+    for name, fn in PARTITIONERS.items():
+        try:
+            cand = fn(problem, microbatches, schedule)
+        except (NoFit, PipelineError) as exc:
+            print(f"  {name}: {exc}", file=sys.stderr)
+            continue
+        stages = tuple(tuple(n for n in s if graph.nodes[n].get("op") not in ("placeholder", "output"))
+                       for s in cand.stages)
+        if not all(stages):
+            continue
+        res = simulate_pipeline(problem, cand)
+        plans.append((res.step_time if res.fits else math.inf, name,
+                      Pipeline(stages, cand.devices, microbatches, schedule)))
+    if not plans:
+        raise SystemExit("no partitioner produced a 2-stage pipeline with compute on both stages")
+    return min(plans, key=lambda p: p[0])
+
+
+def run_case(case: Case, warmup: int, steps: int, ranks: Any) -> tuple[list[Figure], str]:
+    """The four figures of one case and a one-line description of the pipeline."""
+    prep = prepare(f"zoo:{case.model}", model_args=dict(case.args))
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(names, tuple(prep.spec.example_inputs)))
+    loss_fn = prep.spec.loss_fn
+    batch = batch_size_of(prep.spec.example_inputs)
+    opt = optimizer_name(prep.spec)
+    problem = compile_problem(prep.captured.graph, ranks, optimizer=opt)
+    sim_pipe, method, pipe = plan(problem, prep.captured.graph, case.microbatches, case.schedule)
+    sim_ddp = simulate_data_parallel(problem, 2).step_time
+    one = compile_problem(prep.captured.graph, rank_cluster("cpu:0"), optimizer=opt)
+    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
+
+    figures = []
+    for threads, sim in ((1, sim_one), (2, None)):
+        wall, cpu = one_process(gm, inputs, loss_fn, threads, warmup, steps)
+        figures.append(Figure(f"one process, {threads} thread{'s' if threads > 1 else ''}",
+                              _median_after(wall, warmup), _median_after(cpu, warmup), sim, load_average(), wall))
+    total = warmup + steps
+    run = run_training(gm, inputs, pipe, steps=total, optimizer=OPTIMIZER, loss_fn=loss_fn, timeout_s=240)
+    sizes = "/".join(str(len(s)) for s in pipe.stages)
+    figures.append(Figure(f"2-stage pipeline, {case.schedule}, M={case.microbatches}, 2 processes x 1 thread",
+                          _median_after(run.step_times, warmup), _median_after(run.cpu_times, warmup), sim_pipe,
+                          load_average(), run.step_times))
+    run = run_training(gm, inputs, None, world=2, steps=total, optimizer=OPTIMIZER, loss_fn=loss_fn, timeout_s=240)
+    figures.append(Figure("DDP, 2 processes x 1 thread", _median_after(run.step_times, warmup),
+                          _median_after(run.cpu_times, warmup), sim_ddp, load_average(), run.step_times))
+    args = ", ".join(f"{k}={v}" for k, v in case.args.items())
+    desc = (f"{case.model} ({args}; batch {batch}; {case.note}); pipeline split by {method}: "
+            f"stages of {sizes} ops")
+    return figures, desc
+
+
+def table(case: str, desc: str, figures: list[Figure]) -> list[str]:
+    """The case's Markdown table and its summary line."""
+    base = figures[0].step_s
+    rows = [f"### {case}: {desc}", "",
+            "| run | measured ms/step (median) | CPU s/step | speed vs 1 thread | simulated ms/step | load (1, 5, 15 min) |",
+            "|---|---|---|---|---|---|"]
+    for f in figures:
+        sim = "(one thread per process modelled)" if f.simulated_s is None else f"{f.simulated_s * 1e3:.1f}"
+        rows.append(f"| {f.label} | {f.step_s * 1e3:.1f} | {f.cpu_s:.3f} | {base / f.step_s:.2f}x | {sim} | {f.load} |")
+    pipe, two, ddp = figures[2], figures[1], figures[3]
+    rows += ["", f"{case}: the pipeline is {base / pipe.step_s:.2f}x one 1-thread process "
+                 f"(target >= 1.6x: {'met' if base / pipe.step_s >= 1.6 else 'missed'}), {two.step_s / pipe.step_s:.2f}x "
+                 f"one 2-thread process and {ddp.step_s / pipe.step_s:.2f}x DDP.", ""]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cases, print the Markdown tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or args.steps < 1 or args.warmup < 0:
+        print(f"error: unknown case(s) {unknown} (expected some of {list(CASES)}) or steps < 1 / warmup < 0",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {stamp}, torch {torch.__version__}, {torch.get_num_threads()} cores visible, load {load_average()}")
+    print(f"# python3 benchmarks/bench_pipeline_measured.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    ranks = rank_cluster("cpu:0,cpu:1")  # links between the two ranks measured by ping-pong
+    for name in cases:
+        figures, desc = run_case(CASES[name], args.warmup, args.steps, ranks)
+        for line in table(name, desc, figures):
+            print(line, flush=True)
+    print(f"# {time.perf_counter() - start:.0f} s wall, load {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
