@@ -1,6 +1,6 @@
 """Pipelines and DDP against un-pipelined placements: simulated at paper size, measured here.
 
-Figures, not tests (issue 16). Two parts:
+Figures, not tests (issue 16).
 
 * ``--simulated``: each zoo model at paper size (captured, not profiled: the GPU kinds are
   costed by the roofline, as for any simulated cluster) on ``4xV100-nvlink`` and ``4xK40``:
@@ -11,17 +11,11 @@ Figures, not tests (issue 16). Two parts:
   pipelines as the three partitioners spent together (equal budget) and with ``--budget``.
   "placer's best" is the fastest placement placer can write (un-pipelined, pipelined, or a
   pipeline x DDP hybrid); DDP is the bar it is compared with.
-* ``--measured``: a small zoo model trained here by 2 gloo processes x 1 thread as a
-  2-stage pipeline (PipeDream's split, 1F1B) and as DDP, against one process with 1 and 2
-  threads, each beside the simulator's prediction (the pipeline and DDP on the rank
-  cluster with the calibrated :class:`envs.sim.ranks.RankCosts`; one process on the CPU
-  by the op-level simulator, which models one thread). ``uptime`` is recorded with each
-  figure: other jobs share the machine.
+The measured figures (2 gloo processes here) are ``benchmarks/bench_pipeline_measured.py``.
 
 Usage::
 
     python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50] [--budget 2000]
-    python3 benchmarks/bench_pipeline.py --measured --model gpt2 [--steps 12]
 """
 
 from __future__ import annotations
@@ -42,14 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from envs.hardware.loading import load_cluster  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
-from envs.sim.pipeline import Pipeline, simulate_pipeline  # noqa: E402
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402
-from placer.search.baselines.common import NoFit  # noqa: E402
 from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
-from placer.search.baselines.pipeline_split import PARTITIONERS, best_pipeline  # noqa: E402
+from placer.search.baselines.pipeline_split import best_pipeline  # noqa: E402
 from placer.search.baselines.registry import run_baseline  # noqa: E402
 from placer.search.pipeline_search import search_pipeline  # noqa: E402
 
@@ -138,92 +130,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
 
 
-def _inputs_by_name(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Tensor]:
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return dict(zip(names, example_inputs))
-
-
-def _one_process(gm: torch.fx.GraphModule, inputs: dict, loss_fn, threads: int, steps: int) -> float:
-    import copy
-
-    torch.set_num_threads(threads)
-    model = copy.deepcopy(gm)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    args = list(inputs.values())
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        opt.zero_grad()
-        out = model(*args)
-        loss = loss_fn(out, *args) if loss_fn is not None else out
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[2:]))
-
-
-def measured(model: str, steps: int, microbatches: int) -> list[str]:
-    """Rows: one process 1 and 2 threads, the 2-stage pipeline and DDP, measured and simulated."""
-    from envs.runtime.distributed.rank_cluster import rank_cluster
-    from envs.runtime.pipeline.launcher import run_training
-    from envs.sim.problem import compile_problem as compile_
-
-    prep = prepare(f"zoo:{model}", model_args={"size": "small"})
-    gm = prep.captured.gm
-    inputs = _inputs_by_name(gm, tuple(prep.spec.example_inputs))
-    loss_fn = prep.spec.loss_fn
-    batch = batch_size_of(prep.spec.example_inputs)
-    opt = optimizer_name(prep.spec)
-    ranks = rank_cluster("cpu:0,cpu:1")
-    # Pipelines and DDP are run over the op graph (stages hold ops), cut by PipeDream's DP.
-    problem = compile_(prep.captured.graph, ranks, optimizer=opt)
-    # The fastest simulated split of the three partitioners whose stages both hold compute.
-    graph = prep.captured.graph
-    plans = []
-    for name, fn in PARTITIONERS.items():
-        try:
-            cand = fn(problem, microbatches, "1f1b")
-        except NoFit:
-            continue
-        stages = tuple(tuple(n for n in s if graph.nodes[n].get("op") not in ("placeholder", "output"))
-                       for s in cand.stages)
-        if all(stages):
-            plans.append((simulate_pipeline(problem, cand).step_time, name, cand, stages))
-    sim_pipe, method, planned, stages = min(plans, key=lambda p: p[0])
-    pipe = Pipeline(stages, planned.devices, microbatches, "1f1b")
-    sim_ddp = simulate_data_parallel(problem, 2).step_time
-    one = compile_(prep.captured.graph, rank_cluster("cpu:0"), optimizer=opt)
-    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
-    rows = ["| run | measured ms/step | simulated ms/step | load (1, 5, 15 min) |", "|---|---|---|---|"]
-    t1 = _one_process(gm, inputs, loss_fn, 1, steps)
-    rows.append(f"| one process, 1 thread | {t1 * 1e3:.1f} | {sim_one * 1e3:.1f} | {uptime()} |")
-    t2 = _one_process(gm, inputs, loss_fn, 2, steps)
-    rows.append(f"| one process, 2 threads | {t2 * 1e3:.1f} | (one thread modelled) | {uptime()} |")
-    run = run_training(gm, inputs, pipe, steps=steps, optimizer=("sgd", {"lr": 1e-3}), loss_fn=loss_fn,
-                       timeout_s=600)
-    tp = float(np.median(run.step_times[2:]))
-    rows.append(f"| 2-stage pipeline ({method}), 1F1B, M={microbatches}, 2 processes x 1 thread "
-                f"(stages of {'/'.join(str(len(s)) for s in stages)} ops) | {tp * 1e3:.1f} | {sim_pipe * 1e3:.1f} "
-                f"| {uptime()} |")
-    run = run_training(gm, inputs, None, world=2, steps=steps, optimizer=("sgd", {"lr": 1e-3}), loss_fn=loss_fn,
-                       timeout_s=600)
-    td = float(np.median(run.step_times[2:]))
-    rows.append(f"| DDP, 2 processes x 1 thread | {td * 1e3:.1f} | {sim_ddp * 1e3:.1f} | {uptime()} |")
-    rows.append("")
-    rows.append(f"{model} (small, batch {batch}): pipeline {t1 / tp:.2f}x one 1-thread process, "
-                f"{t2 / tp:.2f}x one 2-thread process; DDP {t1 / td:.2f}x one 1-thread process.")
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulated", action="store_true")
-    parser.add_argument("--measured", action="store_true")
     parser.add_argument("--models", default="gpt2,resnet50,inception_v3,rnnlm,nmt,moe")
     parser.add_argument("--clusters", default="4xV100-nvlink,4xK40")
-    parser.add_argument("--model", default="gpt2")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--budget", type=int, default=2000, help="simulated pipelines of the larger search")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -232,9 +143,6 @@ def main() -> None:
     print(f"# python3 benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}")
     if args.simulated:
         for line in simulated(args.models.split(","), args.clusters.split(","), args.budget, args.seed):
-            print(line)
-    if args.measured:
-        for line in measured(args.model, args.steps, args.microbatches):
             print(line)
 
 
