@@ -1,4 +1,4 @@
-"""Pipelines and DDP against un-pipelined placements: simulated at paper size, measured here.
+"""Pipelines and DDP against un-pipelined placements, simulated at paper size.
 
 Figures, not tests (issue 16).
 
@@ -11,6 +11,7 @@ Figures, not tests (issue 16).
   pipelines as the three partitioners spent together (equal budget) and with ``--budget``.
   "placer's best" is the fastest placement placer can write (un-pipelined, pipelined, or a
   pipeline x DDP hybrid); DDP is the bar it is compared with.
+
 The measured figures (2 gloo processes here) are ``benchmarks/bench_pipeline_measured.py``.
 
 Usage::
