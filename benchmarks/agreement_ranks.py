@@ -226,7 +226,45 @@ def _cpu(record: dict[str, Any]) -> list[list[float]]:
     return out
 
 
-def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> dict[str, Any]:
+def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fit half and the held-out half of ``n`` placements for ``seed``."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def _pass_halves(rec: dict[str, Any], statistic: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The statistic over the first half of the passes and over the second (None with one pass)."""
+    if len(rec["passes"]) < 2:
+        return None
+    k = len(rec["passes"]) // 2
+    one, two = ({**rec, "passes": ps} for ps in (rec["passes"][:k], rec["passes"][k:]))
+    return _measured(one, statistic), _measured(two, statistic)
+
+
+def _slow_steps(rec: dict[str, Any], waits: list[int], jump_s: float = 2.5e-3) -> dict[str, float]:
+    """How often a placement's timed steps land in a slow mode (more than ``jump_s`` above its
+    10th-percentile step), and whether that goes with the simulated count of sleeping waits."""
+    from scipy.stats import spearmanr
+
+    share, jumps = [], []
+    for i in range(len(rec["placements"])):
+        times = np.concatenate([np.asarray(p["times_s"][i], dtype=float) for p in rec["passes"] if p["times_s"][i]])
+        if times.size == 0:
+            share.append(float("nan"))
+            continue
+        floor = np.percentile(times, 10)
+        slow = times > floor + jump_s
+        share.append(float(np.mean(slow)))
+        if slow.sum() >= 3 and (~slow).sum() >= 3:
+            jumps.append(float(np.median(times[slow]) - np.median(times[~slow])))
+    arr = np.array(share)
+    ok = np.isfinite(arr)
+    rho = float(spearmanr(arr[ok], np.asarray(waits)[ok])[0]) if ok.sum() > 2 and np.std(arr[ok]) > 0 else float("nan")
+    return {"median_share": float(np.nanmedian(arr)), "max_share": float(np.nanmax(arr)),
+            "median_jump_s": float(np.median(jumps)) if jumps else float("nan"), "spearman_with_sleeping_waits": rho}
+
+
+def analyse(results: dict[str, Any], seed: int, statistic: str = "median", splits: int = 0) -> dict[str, Any]:
     """Simulate every recorded placement, calibrate on half of them, score the rest.
 
     Calibration ("calibrated"), one set of constants for every model, from the fit halves
@@ -235,7 +273,10 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
     core is not in it), then the op-time scale, the link latency and the wake-up from the
     measured steps (log least squares, the other constants held). The scale is refitted
     because CPU time also counts gloo's I/O thread, which runs beside the main thread. For comparison, "per-model": every constant fitted on the
-    model's own fit half.
+    model's own fit half. With ``splits``, the calibrated fit is also redone on ``splits``
+    other random halves (seeds ``seed + 1 ...``) and scored on each held-out half, beside
+    the measurement's own pass halves on the same held-out placements: one half of 12
+    placements is a small sample, and its Spearman moves by +-0.1 from split to split.
     """
     from envs.hardware.cluster import Device, Link, make_cluster
     from envs.sim.calibration import agreement
@@ -254,15 +295,18 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
             rec = {**rec, "placements": _expand_rows(prep, rec, devs)}
         leaves = _leaves(prep.captured)
         meas = _measured(rec, statistic)
-        order = np.random.default_rng(seed).permutation(len(meas))
-        half = len(meas) // 2
-        cases.append((rec, prep.captured.graph, leaves, meas, np.sort(order[:half]), np.sort(order[half:])))
-
-    host = fit_host_costs([(g, [rec["placements"][i] for i in fit], [_cpu(rec)[i] for i in fit], leaves)
-                           for rec, g, leaves, _, fit, _ in cases], cluster)
+        fit, held = _halves(len(meas), seed)
+        cases.append((rec, prep.captured.graph, leaves, meas, fit, held))
     held_fixed = ("stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s")
-    calibrated = fit_rank_costs_many([(g, [rec["placements"][i] for i in fit], meas[fit], leaves)
-                                      for rec, g, leaves, meas, fit, _ in cases], cluster, start=host, fixed=held_fixed)
+
+    def calibrate(halves: list[np.ndarray]) -> tuple[RankCosts, RankCosts]:
+        host = fit_host_costs([(g, [rec["placements"][i] for i in fit], [_cpu(rec)[i] for i in fit], leaves)
+                               for (rec, g, leaves, _, _, _), fit in zip(cases, halves)], cluster)
+        return host, fit_rank_costs_many([(g, [rec["placements"][i] for i in fit], meas[fit], leaves)
+                                          for (rec, g, leaves, meas, _, _), fit in zip(cases, halves)],
+                                         cluster, start=host, fixed=held_fixed)
+
+    host, calibrated = calibrate([fit for *_, fit, _ in cases])
     out: dict[str, Any] = {"per_model": {}, "host_costs_from_cpu": host.to_dict(), "global_costs": calibrated.to_dict()}
     for rec, g, leaves, meas, fit, held in cases:
         pls = rec["placements"]
@@ -280,12 +324,27 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median") -> di
             "simulated_raw_s": raw.tolist(), "simulated_fit_s": cal.tolist(), "simulated_global_s": glob.tolist(),
             "measured_s": meas.tolist(), "held_out": [int(i) for i in held],
         }
-        if len(rec["passes"]) >= 2:
+        halves = _pass_halves(rec, statistic)
+        if halves is not None:
             # The measurement's own repeatability: the first half of the passes against the second.
-            k = len(rec["passes"]) // 2
-            one, two = ({**rec, "passes": ps} for ps in (rec["passes"][:k], rec["passes"][k:]))
-            entry["pass1_vs_pass2"] = agreement(_measured(one, statistic), _measured(two, statistic))
+            entry["pass1_vs_pass2"] = agreement(*halves)
+            entry["pass1_vs_pass2_held_out"] = agreement(halves[0][held], halves[1][held])
+        sleeping = [sum(1 for e in sched.events if e.kind == "wait")
+                    for sched in (RankSimulator(g, cluster, calibrated, leaves=leaves).simulate(p) for p in pls)]
+        entry["slow_steps"] = _slow_steps(rec, sleeping)
         out["per_model"][rec["model"]] = entry
+    for k in range(1, splits + 1):
+        parts = [_halves(len(meas), seed + k) for _, _, _, meas, _, _ in cases]
+        _, costs = calibrate([fit for fit, _ in parts])
+        for (rec, g, leaves, meas, _, _), (_, held) in zip(cases, parts):
+            sim = RankSimulator(g, cluster, costs, leaves=leaves).step_times([rec["placements"][i] for i in held])
+            score = agreement(sim, meas[held])
+            entry = out["per_model"][rec["model"]].setdefault("splits", {"spearman": [], "mape": [], "ceiling": []})
+            entry["spearman"].append(score["spearman"])
+            entry["mape"].append(score["mape"])
+            halves = _pass_halves(rec, statistic)
+            if halves is not None:
+                entry["ceiling"].append(agreement(halves[0][held], halves[1][held])["spearman"])
     return out
 
 
@@ -307,6 +366,25 @@ def render(results: dict[str, Any], analysis: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_splits(results: dict[str, Any], analysis: dict[str, Any]) -> str:
+    """Markdown: the calibrated fit's held-out agreement over many random halves, and the
+    steps' slow mode (empty when the analysis ran without ``splits``)."""
+    rows = [(rec["model"], analysis["per_model"][rec["model"]]) for rec in results["models"]]
+    if not all("splits" in e for _, e in rows):
+        return ""
+    lines = ["| model | halves | held-out Spearman: mean (min-max) | held-out MAPE: mean (max) | "
+             "pass halves on the same held-out placements: Spearman mean | slow steps: median share | "
+             "slow-step jump | Spearman(slow share, sleeping waits) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, e in rows:
+        sp, mp, ce = (np.array(e["splits"][k], dtype=float) for k in ("spearman", "mape", "ceiling"))
+        slow = e["slow_steps"]
+        lines.append(f"| {model} | {sp.size} | {sp.mean():.2f} ({sp.min():.2f}-{sp.max():.2f}) | {mp.mean():.1%} "
+                     f"({mp.max():.1%}) | {ce.mean() if ce.size else float('nan'):.2f} | {slow['median_share']:.2f} | "
+                     f"{slow['median_jump_s'] * 1e3:.1f} ms | {slow['spearman_with_sleeping_waits']:.2f} |")
+    return "\n".join(lines)
+
+
 def render_run(results: dict[str, Any]) -> str:
     """Markdown for a whole run: command, load, links, both statistics, the fitted constants."""
     out = [f"Command: `{results['command']}`", ""]
@@ -322,6 +400,9 @@ def render_run(results: dict[str, Any]) -> str:
         constants = ", ".join(f"{k} = {v:.3g}" for k, v in analysis["global_costs"].items() if v is not None)
         out += ["", f"Measured = {statistic} step:", "", render(results, analysis), "",
                 f"Calibrated constants (host from CPU time; op scale, latency, wake-up from steps): {constants}"]
+        more = render_splits(results, analysis)
+        if more:
+            out += ["", f"Measured = {statistic} step, calibrated fit redone on other random halves:", "", more]
     return "\n".join(out)
 
 
@@ -342,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                              "that measured the same placements are pooled")
     parser.add_argument("--markdown", help="also write the summary (command, load, tables, constants) here")
     parser.add_argument("--compact", help="also write the results with group rows instead of op placements here")
+    parser.add_argument("--splits", type=int, default=0,
+                        help="also redo the calibrated fit on this many other random halves and report the spread")
     args = parser.parse_args(argv)
     if not args.out and not args.analyse:
         parser.error("give --out (measure) or --analyse FILE")
@@ -375,12 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a crash
     results["analysis"] = {}
     for statistic in ("median", "fastest"):
-        analysis = analyse(results, args.seed + 1, statistic)
+        analysis = analyse(results, args.seed + 1, statistic, splits=args.splits)
         results["analysis"][statistic] = analysis
         if path is not None:
             path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"measured = {statistic} step")
         print(render(results, analysis))
+        if args.splits:
+            print(render_splits(results, analysis))
         print("global constants:", {k: None if v is None else f"{v:.3g}" for k, v in analysis["global_costs"].items()})
     if args.markdown:
         Path(args.markdown).write_text(render_run(results) + "\n")

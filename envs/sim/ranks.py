@@ -34,7 +34,19 @@ thread to sleep (gloo ``UnboundBuffer::waitRecv``, a condition variable): it run
 ``wake_s`` after the payload lands. Measured here (each rank's CPU seconds per step over
 half of 6 models x 19-24 placements, regressed on the plan's counts, :func:`fit_host_costs`):
 ~210 us per stage call (forward or backward: the GraphModule or ``autograd.backward`` call
-and the runtime's Python around it), ~90 us per message at each end, ~165 us per step.
+and the runtime's Python around it), ~90 us per message at each end, ~165 us per step (at
+load 7-14); on a quiet machine ~96 us per stage call each way, ~112 us per message end,
+~235 us per step (benchmarks/results/agreement_ranks.md). A stage call is charged per call,
+not per value: the runtime's per-value work (``_handoff``'s ``tree_map``, one
+``AccumulateGrad`` per leaf input, one root per output in ``autograd.backward``) measures
+~10 us per value read or gradient root and ~23 us per hand-over against ~75 us per call, in
+one process with a comm that never waits (``benchmarks/rank_stage_costs.py``), and a
+per-value term fits to ~0 in both the ranks' CPU time and their steps.
+Known miss: a thread that sleeps in a receive is sometimes woken a scheduler slice late
+(on the quiet runs 1-4% of sleeping waits, each ~3.5 ms late: a rank's main thread and
+gloo's I/O thread share the cores), so measured steps are bimodal; ``wake_s`` is a constant
+and charges only the average (an expected-delay and a median-of-binomial version of the
+tail did not improve the held-out ranking).
 
 **R4 Per-peer FIFO send queues in the receiver's order.** ``runtime.py:_Outbox`` keeps one
 queue per peer, sorted as the receiver consumes (forward: ``(dst_stage, transfer
