@@ -66,8 +66,12 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
     """Comparison-table records (the columns of :func:`placer.report.compare.comparison_table`
     plus ``kind``) for DDP, each partitioner's best pipeline and the pipeline search's bests
     (``search_budget`` simulated pipelines, starting from ``initial`` too; None: no search),
-    and the pipeline of every pipeline row by method."""
-    bound = lower_bound(problem)
+    and the pipeline of every pipeline row by method.
+
+    ``ratio_to_lower_bound`` is left empty on a rank cluster: its bound is the rank
+    placements' (:func:`envs.sim.ranks.rank_lower_bound`), whose critical path runs the whole
+    batch in one pass, which is not proven for DDP replicas or micro-batched pipelines."""
+    bound = lower_bound(problem) if problem.rank_simulator is None else float("nan")
     devs = [problem.device_names[d] for d in pipeline_devices(problem)]
     records: list[dict[str, Any]] = []
     pipelines: dict[str, Pipeline] = {}
