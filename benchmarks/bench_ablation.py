@@ -8,7 +8,8 @@ the same budget of evaluated placements and the same seed:
 * **local search alone** — the batched local search of ``placer.search.local_search`` seeded
   with every heuristic placement (the seeds count against the budget), no policy;
 * **policy alone, from scratch** — the learned move policy (agent ``moves``) with no seeds and
-  no local search, from its own start (:func:`placer.search.agents.moves.start_row`);
+  no local search, from its own start (:func:`placer.search.agents.moves.start_row`); its
+  weights are the shipped pretrained ones unless ``--weights fresh``;
 * **full search** — the default search: the move policy from the heuristic seeds with the
   local search interleaved (the agent's share of evaluations).
 
@@ -120,14 +121,15 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
         case.local_search = ls.best_step_time if ls.best_fits else math.inf
 
     t0 = time.perf_counter()
+    pretrained = args.weights == "shipped"
     scratch = search(problem, agent="moves", budget=int(args.scratch_budget or budget), seed=args.seed,
-                     num_envs=args.num_envs, patience=None, local_search=False)
+                     num_envs=args.num_envs, patience=None, local_search=False, pretrained=pretrained)
     case.seconds["scratch"] = time.perf_counter() - t0
     case.scratch = scratch.best_step_time if scratch.best_fits else math.inf
 
     t0 = time.perf_counter()
     full = search(problem, agent="moves", budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None,
-                  initial_placements=seeds)
+                  initial_placements=seeds, pretrained=pretrained)
     case.seconds["full"] = time.perf_counter() - t0
     case.full = full.best_step_time if full.best_fits else math.inf
     case.credit = full.credit()
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch-budget", default="", help="placements of the from-scratch policy (default: --budget)")
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", choices=("shipped", "fresh"), default="shipped",
+                        help="the move policy's starting weights: the policy shipped with the package (what a search "
+                             "uses by default) or fresh ones (the runs before the pretrained policy existed)")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
     args = parser.parse_args(argv)
 
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         + (" with uncommitted changes in envs/sim (the op-level simulator in progress)" if dirty else "") + ". "
         "Step times **simulated** on the cluster specs (roofline node costs); wall seconds **measured** on this "
         f"shared 2-core machine (load {os.getloadavg()[0]:.1f} at the start). Budget {args.budget} placements "
-        f"per search, seed {args.seed}, batches of {args.num_envs}.\n",
+        f"per search, seed {args.seed}, batches of {args.num_envs}; the move policy starts from "
+        + ("the shipped pretrained weights" if args.weights == "shipped" else "fresh weights") + ".\n",
     ]
     print("\n".join(header), flush=True)
     cases: list[Case] = []

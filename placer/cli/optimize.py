@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "real devices the best candidates are measured at the end and the measured fastest "
                              "wins; measurements and calibration go to report.md and calibration.json")
     parser.add_argument("--agent", default=DEFAULT_AGENT, choices=agent_names(),
-                        help=f"search agent (default: {DEFAULT_AGENT}, the grouper + placer)")
+                        help=f"search agent (default: {DEFAULT_AGENT}, the learned move policy)")
     parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     parser.add_argument("--memory", help="per-device memory caps DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GB; sizes as in "
@@ -54,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                             "(default: the fast heuristics; see placer.search.baselines)")
     parser.add_argument("--out", default="placer-out", help="output directory (default: placer-out)")
     parser.add_argument("--resume", action="store_true", help="start from the placement and policy in --out")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="start the move policy from fresh weights instead of the policy shipped with placer "
+                             "(trained across many graphs and clusters)")
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for get_model/get_example_inputs (repeatable)")
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
             check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
             leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
-            measure_timeout=args.measure_timeout,
+            measure_timeout=args.measure_timeout, pretrained=not args.from_scratch,
         )
     print()
     print("\n".join(summary_lines(result)))

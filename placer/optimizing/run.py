@@ -46,7 +46,7 @@ def optimize(model: ModelSource, example_inputs: Any = None, **options: Any) -> 
             ``devices`` or ``cluster``, ``budget`` (default
             :data:`~placer.search.budget.DEFAULT_BUDGET`, two minutes), ``reward``,
             ``groups``, ``seed``, ``memory``, ``baselines``, ``agent``, ``out_dir``,
-            ``resume``, ``model_args``, ``loss_fn``, ``optimizer_fn``, ``check``,
+            ``resume``, ``pretrained``, ``model_args``, ``loss_fn``, ``optimizer_fn``, ``check``,
             ``progress``, ``cache_dir``, ``verbose``, ``measurer``.
 
     Raises:

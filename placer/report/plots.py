@@ -1,4 +1,4 @@
-"""Pictures of a placement: the placed graph, memory per device, search curves.
+"""Pictures of a placement: the placed graph, memory per device, search curves (also by phase).
 
 Each function writes one PNG with matplotlib's Agg backend (no display needed) and
 returns its path. The simulated schedule (Gantt chart) lives with the simulator in
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from envs.hardware.units import format_bytes  # noqa: E402
 from graphs.atomic_write import atomic_path  # noqa: E402
+from placer.search.tracker import SEEDS, Improvement, credit  # noqa: E402
 
 GIB = 2**30
 
@@ -140,6 +141,57 @@ def plot_search_curves(
         ax.grid(alpha=0.3)
     ax_n.legend(fontsize=8)
     fig.suptitle(title or "search progress")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+#: Colours of the search phases (:mod:`placer.search.tracker`): fixed, so pictures compare.
+PHASE_COLOURS: dict[str, str] = {
+    "seeds": "tab:grey",
+    "policy": "tab:purple",
+    "policy_moves": "tab:blue",
+    "local_search": "tab:orange",
+}
+
+
+def plot_search_by_phase(improvements: Sequence[Improvement], path: str | Path, title: str = "") -> Path:
+    """The search curve coloured by phase: best step time against placements evaluated.
+
+    Each improvement of the best placement is a point in the colour of the phase that found it
+    (seeds, policy, policy-guided moves, local search), and the curve from it to the next
+    improvement keeps that colour, so the picture shows who held the best and for how long.
+    The legend gives each phase's count and share of the gain over the seeds (the same
+    :func:`placer.search.tracker.credit` the report's table uses).
+    """
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    points = [i for i in improvements if np.isfinite(i.after)]
+    shares = credit(list(improvements))
+    if points:
+        xs = np.maximum([float(i.evaluated) for i in points], 1.0)
+        ys = np.array([i.after for i in points]) * 1e3
+        end = max(xs[-1] * 1.5, xs[-1] + 1)
+        for k, imp in enumerate(points):
+            colour = PHASE_COLOURS.get(imp.phase, "tab:green")
+            nxt = xs[k + 1] if k + 1 < len(points) else end
+            ax.hlines(ys[k], xs[k], nxt, color=colour, lw=2)
+            if k + 1 < len(points):
+                ax.vlines(nxt, ys[k + 1], ys[k], color="black", lw=0.5, alpha=0.4)
+            ax.plot(xs[k], ys[k], "o", color=colour, ms=5)
+        ax.set_xscale("log")
+    handles = []
+    for phase in dict.fromkeys(i.phase for i in points):
+        count = sum(i.phase == phase for i in points)
+        share = "" if phase == SEEDS else f", {shares.get(phase, 0.0):.0%} of the gain"
+        handles.append(plt.Line2D([], [], marker="o", color=PHASE_COLOURS.get(phase, "tab:green"),
+                                  label=f"{phase} ({count}{share})"))
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.set_xlabel("placements evaluated")
+    ax.set_ylabel("best step time (ms)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "search progress by phase (colour = the phase that found the best)")
     fig.tight_layout()
     _save(fig, path)
     return path

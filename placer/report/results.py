@@ -5,7 +5,8 @@
 - ``placement.json`` — the op-level placement (schema-versioned, with the model fingerprint);
 - ``device_map.json`` — accelerate-style module → device map, when the placement is module-aligned;
 - ``comparison.csv`` — every method's step time, speed-up and memory, through one simulator;
-- ``placed_graph.png``, ``schedule.png``, ``memory.png``, ``search_curve.png``;
+- ``placed_graph.png``, ``schedule.png``, ``memory.png``, ``search_curve.png``, ``search_phases.png``
+  (the search curve coloured by the phase that found each improvement);
 - on real devices: ``measurements.json`` — every placement measured (phase, measured,
   simulated and calibrated times) — and ``calibration.json`` — the simulator's calibration
   fitted on them, with its agreement (Spearman, MAPE) before and after;
@@ -33,7 +34,7 @@ from graphs.atomic_write import write_text_atomic
 from graphs.pipeline import Prepared
 from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table
-from placer.report.plots import plot_memory, plot_placed_graph, plot_search_curves
+from placer.report.plots import plot_memory, plot_placed_graph, plot_search_by_phase, plot_search_curves
 
 
 class OptimizeResult(Protocol):
@@ -78,7 +79,7 @@ def _write_device_map(result: "OptimizeResult", out_dir: Path) -> tuple[Path | N
 
 
 def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
-    """The four pictures of a result; returns name → path of those written."""
+    """The pictures of a result; returns name → path of those written."""
     problem, row = result.problem, result.group_row
     group_graph = result.prepared.grouping.graph
     pictures: dict[str, Path] = {}
@@ -100,6 +101,11 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
     if histories:
         pictures["search curve"] = plot_search_curves(histories, out_dir / "search_curve.png",
                                                       title=f"search on {result.cluster.name}")
+    improvements = getattr(result.search, "improvements", None)
+    if improvements:
+        pictures["search curve by phase"] = plot_search_by_phase(
+            improvements, out_dir / "search_phases.png",
+            title=f"search on {result.cluster.name}: who found each improvement of the best")
     return pictures
 
 

@@ -67,6 +67,9 @@ class SearchConfig:
             rewards), off for ``measured`` (a neighbourhood is hundreds of evaluations).
         local_search_share: the fraction of evaluations the improvement phase gets (None: the
             agent's own, :attr:`~placer.search.agents.registry.AgentEntry.local_search_share`).
+        pretrained: start the agent from the policy shipped with the package (the ``moves``
+            agent has one, trained across many graphs), or from the policy file given here;
+            False: from fresh weights. ``resume`` loads over it.
 
     Raises:
         SearchError: unknown agent, bad sizes or share; OptionError: a malformed budget.
@@ -93,6 +96,7 @@ class SearchConfig:
     resume: bool = False
     local_search: bool | None = None
     local_search_share: float | None = None
+    pretrained: bool | Path = True
 
     def __post_init__(self) -> None:
         try:

@@ -125,7 +125,7 @@ def search(
             agent = entry.build(AgentContext(
                 problem=problem, env=env, seed=config.seed, rng=np.random.default_rng(agent_stream),
                 num_envs=num_envs, env_kwargs=config.env_kwargs, tensorboard_log=config.tensorboard_log,
-                ppo=config.ppo, reinforce=config.reinforce,
+                ppo=config.ppo, reinforce=config.reinforce, pretrained=config.pretrained,
             ))
             if config.resume and save_path is not None and save_path.exists():
                 _resume(agent, save_path)

@@ -55,6 +55,9 @@ class AgentContext:
         tensorboard_log: TensorBoard directory (PPO agents, when tensorboard imports).
         ppo: PPO hyper-parameters (None: defaults).
         reinforce: REINFORCE hyper-parameters (None: defaults).
+        pretrained: start from the policy shipped with the package, for an agent that has
+            one (``moves``: :data:`placer.search.agents.moves.PRETRAINED_PATH`), or from the
+            policy file given; False: fresh weights.
     """
 
     problem: PlacementProblem
@@ -66,3 +69,4 @@ class AgentContext:
     tensorboard_log: str | None = None
     ppo: PPOConfig | None = None
     reinforce: ReinforceConfig | None = None
+    pretrained: bool | Path = True

@@ -35,7 +35,9 @@ credited to the policy or to whichever phase (seeds, local search) actually foun
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,8 @@ from envs.gym.vector_env import BatchedPlacementVecEnv
 from envs.sim.problem import PlacementProblem
 from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker
+
+log = logging.getLogger(__name__)
 
 #: The phase name of the batches this agent evaluates (see :mod:`placer.search.tracker`).
 PHASE = "policy_moves"
@@ -60,6 +64,10 @@ EXPLORER_EVERY = 3
 #: on the budgets a search has: 8-layer NMT from one GPU stayed at 2x the heuristics in 6,000).
 EXPLORER_TRIAL = 16
 EXPLORER_RETIRE = 1.5
+#: The policy shipped with the package, trained across many graphs and clusters by
+#: :mod:`placer.search.agents.pretrain` (``python scripts/train_policy.py``); searches start
+#: from it unless asked for fresh weights (``SearchConfig(pretrained=False)``, ``--from-scratch``).
+PRETRAINED_PATH = Path(__file__).resolve().parent / "data" / "moves_pretrained.pt"
 
 
 @dataclass
@@ -356,6 +364,28 @@ def start_row(problem: PlacementProblem) -> np.ndarray:
     return np.minimum(np.searchsorted(bounds, filled), d - 1).astype(np.int64)
 
 
+def first_placement(policy: MovePolicy, problem: PlacementProblem,
+                    evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], batch: int = 256,
+                    seed: int = 0) -> tuple[np.ndarray, float, bool]:
+    """The policy's first placement of ``problem``, before any search: ``(row, step time, fits)``.
+
+    One forward pass of the network scores every move from :func:`start_row`; ``batch``
+    proposals drawn from those scores are evaluated in one batched call of ``evaluate``
+    (rows [B, N] -> step times [B], fits [B]) and the best is returned (the start itself when
+    no proposal beats it). Nothing is learned: this is what the weights know.
+    """
+    st = _static(problem)
+    row = start_row(problem)
+    with torch.no_grad():
+        rows, _, _ = policy.propose(problem, st, row, move_features(problem, row, static=st), int(batch),
+                                    np.random.default_rng(seed))
+    rows = np.concatenate([row[None], rows])
+    t, ok = evaluate(rows)
+    t, ok = np.asarray(t, dtype=np.float64), np.asarray(ok, dtype=bool)
+    j = int(np.argmin(np.where(ok, t, np.inf))) if ok.any() else 0
+    return rows[j], float(t[j]), bool(ok[j])
+
+
 # ---------------------------------------------------------------------------------- agent
 class MoveAgent:
     """The move policy as a :class:`~placer.search.agents.base.SearchAgent`."""
@@ -372,6 +402,21 @@ class MoveAgent:
     def resume(self, path: Path) -> None:
         """Load a policy saved by :meth:`save` (from this or any other graph)."""
         self.policy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def start_pretrained(self, path: Path = PRETRAINED_PATH) -> bool:
+        """Start from the shipped policy (or the policy file ``path``) when it exists (True); else keep
+        fresh weights.
+
+        An installation without the shipped file (a source tree before ``scripts/train_policy.py``
+        ran) still searches, from scratch, and says so in the log; a file named by the caller must exist.
+        """
+        if not path.exists():
+            if path != PRETRAINED_PATH:
+                raise FileNotFoundError(f"no move policy at {path} (expected a file saved by MovePolicy.save)")
+            log.warning("no pretrained move policy at %s; the search trains one from scratch", path)
+            return False
+        self.resume(path)
+        return True
 
     def imitate(self, tracker: BestTracker, steps: int, lr: float) -> None:
         """Nothing to clone: the policy starts from the tracker's best placement itself."""

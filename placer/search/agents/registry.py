@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from graphs.errors import PlacerError
 from placer.search.agents.base import AgentContext, SearchAgent
@@ -102,7 +103,12 @@ def _build_ppo(ctx: AgentContext) -> SearchAgent:
 def _build_moves(ctx: AgentContext) -> SearchAgent:
     from placer.search.agents.moves import MoveAgent
 
-    return MoveAgent(ctx.env, ctx.problem, ctx.rng, ctx.num_envs, seed=ctx.seed)
+    agent = MoveAgent(ctx.env, ctx.problem, ctx.rng, ctx.num_envs, seed=ctx.seed)
+    if ctx.pretrained is True:
+        agent.start_pretrained()
+    elif ctx.pretrained:
+        agent.start_pretrained(Path(ctx.pretrained))
+    return agent
 
 
 def _build_reinforce(ctx: AgentContext) -> SearchAgent:
