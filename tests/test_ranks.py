@@ -365,3 +365,26 @@ def test_a_rank_problem_is_bounded_by_the_rank_bound_not_the_one_process_bound()
     assert one_process > step  # not a bound for ranks
     assert lower_bound(problem) == pytest.approx(problem.rank_simulator.lower_bound())
     assert 10e-3 * problem.rank_simulator.costs.op_scale <= lower_bound(problem) <= step
+
+
+def test_the_gantt_chart_of_a_rank_placement_draws_the_rank_trace_with_its_gradient_messages(tmp_path):
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate_batch
+    from placer.report.gantt import _rank_schedule, plot_gantt, rank_gantt_rows
+
+    g = graph_with_io(lambda g: (op(g, "a", ["x"]), op(g, "b", ["a"]), op(g, "c", ["b"]))[-1] or "c")
+    problem = compile_problem(g, ranks_cluster(2))
+    row = np.array([0 if n in ("x", "a") else 1 for n in problem.node_names])
+    sched = _rank_schedule(problem, row, op_level=False)
+    assert sched.step_time == pytest.approx(float(simulate_batch(problem, row[None, :]).step_time[0]), rel=1e-12)
+    rows = dict(rank_gantt_rows(sched, problem.device_names))
+    assert set(rows) == {"cpu:0 (rank 0)", "cpu:1 (rank 1)", "cpu:0→cpu:1", "cpu:1→cpu:0"}
+    assert rows["cpu:0→cpu:1"].keys() == {"copy"}  # a's value goes forward
+    assert rows["cpu:1→cpu:0"].keys() == {"gradient copy"}  # its gradient comes back
+    assert {"forward", "backward", "runtime"} <= rows["cpu:1 (rank 1)"].keys()
+    for label in ("cpu:0 (rank 0)", "cpu:1 (rank 1)"):  # a rank's thread does one thing at a time
+        spans = sorted(s for v in rows[label].values() for s in v)
+        assert all(s1 >= s0 + w0 - 1e-9 for (s0, w0), (s1, _) in zip(spans, spans[1:])), label
+    assert plot_gantt(problem, row, tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ops = {"a": "cpu:0", "b": "cpu:1", "c": "cpu:1", "output": "cpu:1"}
+    assert _rank_schedule(problem, ops, op_level=True).step_time == pytest.approx(sched.step_time, rel=1e-12)

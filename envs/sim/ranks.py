@@ -733,6 +733,29 @@ class RankSimulator:
         return np.array([_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False).step_time
                          for p in placements])
 
+    def placement_of_row(self, row: np.ndarray | Sequence[int], groups: Sequence[str]) -> dict[str, int]:
+        """The op-level placement (``{op: rank}``) of one row of ranks over ``groups``.
+
+        Raises:
+            RankSimError: as :meth:`step_times_rows`.
+        """
+        arr = np.asarray(row, dtype=np.int64).reshape(1, -1)
+        return dict(zip(self._ops, arr[0, self._row_index(arr, groups)].tolist()))
+
+    def _row_index(self, arr: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+        if self._op_to_group is None:
+            raise RankSimError("step_times_rows needs the grouping's op_to_group (pass op_to_group=...)")
+        if arr.ndim != 2 or arr.shape[1] != len(groups):
+            raise RankSimError(f"rows must have shape (B, {len(groups)}), got {arr.shape}")
+        col = {g: j for j, g in enumerate(groups)}
+        missing = [op for op in self._ops if self._op_to_group.get(op) not in col]
+        if missing:
+            raise RankSimError(f"{len(missing)} op(s) have no group among the row's groups, e.g. {missing[:3]}")
+        W = self.cluster.num_devices
+        if arr.size and (arr.min() < 0 or arr.max() >= W):
+            raise RankSimError(f"rows hold ranks outside [0, {W})")
+        return np.array([col[self._op_to_group[op]] for op in self._ops], dtype=np.int64)
+
     def step_times_rows(self, rows: np.ndarray | Sequence[Sequence[int]], groups: Sequence[str]) -> np.ndarray:
         """Step time (s) of each row of rank indices over ``groups`` (``rows[b, j]`` = rank of ``groups[j]``).
 
@@ -740,19 +763,8 @@ class RankSimulator:
             RankSimError: no ``op_to_group`` was given, a row of the wrong length, or an op
                 whose group is not in ``groups``.
         """
-        if self._op_to_group is None:
-            raise RankSimError("step_times_rows needs the grouping's op_to_group (pass op_to_group=...)")
         arr = np.asarray(rows, dtype=np.int64)
-        if arr.ndim != 2 or arr.shape[1] != len(groups):
-            raise RankSimError(f"rows must have shape (B, {len(groups)}), got {arr.shape}")
-        col = {g: j for j, g in enumerate(groups)}
-        missing = [op for op in self._ops if self._op_to_group.get(op) not in col]
-        if missing:
-            raise RankSimError(f"{len(missing)} op(s) have no group among the row's groups, e.g. {missing[:3]}")
-        idx = np.array([col[self._op_to_group[op]] for op in self._ops], dtype=np.int64)
-        W = self.cluster.num_devices
-        if arr.size and (arr.min() < 0 or arr.max() >= W):
-            raise RankSimError(f"rows hold ranks outside [0, {W})")
+        idx = self._row_index(arr, groups)
         return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False).step_time
                          for row in arr])
 

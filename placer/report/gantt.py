@@ -5,7 +5,15 @@ thread** (every op's dispatch in program order, the whole op for a CPU device, a
 backward of CPU ops), then per GPU its **stream** (forward and backward kernels) and its
 autograd **engine thread** (backward launches), then one row per device pair that carried
 forward copies. Shared time axis in milliseconds; the timeline comes from
-:func:`envs.sim.simulator.schedule`.
+:func:`envs.sim.simulator.schedule`. (The one-process timeline does not yet hold the
+backward's gradient copies: the kernels' trace records the forward copies only.)
+
+On a rank cluster (``--devices cpu:0,cpu:1``) the step is the multi-process runtime's
+(:mod:`envs.sim.ranks`), so the chart is drawn from the rank simulator's trace instead: one
+row per rank (its host thread: forward, backward and optimizer of its ops, and the runtime's
+own work: stage calls, sends, receives, hand-overs, the loss, the step's fixed costs), then
+one row per direction between two ranks with every message from its first byte to its
+arrival, forward values and the backward's gradients apart.
 """
 
 from __future__ import annotations
@@ -17,10 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from envs.sim.simulator import Schedule, schedule
+from envs.sim.ranks import RankSchedule
+from envs.sim.simulator import Schedule, schedule, simulate_batch, simulate_ops
 from graphs.atomic_write import atomic_path
 
-COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "copy": "#55A868"}
+COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "optimizer": "#8172B3", "runtime": "#937860",
+           "copy": "#55A868", "gradient copy": "#C44E52"}
+#: Rank trace event kinds (envs.sim.ranks.RankEvent.kind) by chart category; waits are gaps.
+_RANK_KINDS = {"fwd": "forward", "bwd": "backward", "opt": "optimizer", "stage": "runtime", "send": "runtime",
+               "recv": "runtime", "handoff": "runtime", "loss": "runtime", "step": "runtime"}
 HOST_ROW = "host thread"
 
 
@@ -57,6 +70,41 @@ def gantt_rows(problem: PlacementProblem, sched: Schedule) -> list[tuple[str, di
     return rows
 
 
+def rank_gantt_rows(sched: RankSchedule, device_names: Sequence[str]) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """A rank schedule's chart content: one row per rank, then one per direction that carried messages."""
+    rows: list[tuple[str, dict[str, list[tuple[float, float]]]]] = []
+    for r, name in enumerate(device_names):
+        bars: dict[str, list[tuple[float, float]]] = {}
+        for e in sched.events:
+            category = _RANK_KINDS.get(e.kind)
+            if e.rank == r and category is not None and e.end > e.start:
+                bars.setdefault(category, []).append((e.start * 1e3, (e.end - e.start) * 1e3))
+        rows.append((f"{name} (rank {r})", bars))
+    for a, name_a in enumerate(device_names):
+        for b, name_b in enumerate(device_names):
+            bars = {}
+            for m in sched.messages:
+                if m.src == a and m.dst == b and np.isfinite(m.start) and m.arrival > m.start:
+                    bars.setdefault("gradient copy" if m.grad else "copy", []).append(
+                        (m.start * 1e3, (m.arrival - m.start) * 1e3))
+            if bars:
+                rows.append((f"{name_a}→{name_b}", bars))
+    return rows
+
+
+def _rank_schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
+                   op_level: bool) -> RankSchedule:
+    sim = problem.rank_simulator
+    assert sim is not None
+    if op_level:
+        return sim.simulate(placement)  # type: ignore[arg-type]  # an op placement is a mapping
+    if isinstance(placement, Mapping):
+        row = [problem.device_names.index(placement[g]) for g in problem.node_names]
+    else:
+        row = np.asarray(placement, dtype=np.int64).ravel().tolist()
+    return sim.simulate(sim.placement_of_row(row, problem.node_names))
+
+
 def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
                path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw the simulated step of ``placement`` to a PNG at ``path`` and return the path."""
@@ -66,8 +114,16 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    sched = schedule(problem, placement, ops=_is_op_placement(problem, placement))
-    rows = gantt_rows(problem, sched)
+    op_level = _is_op_placement(problem, placement)
+    if problem.rank_simulator is not None:
+        ranks = _rank_schedule(problem, placement, op_level)
+        rows = rank_gantt_rows(ranks, problem.device_names)
+        res = (simulate_ops(problem, placement, backend="python") if op_level
+               else simulate_batch(problem, placement, backend="python"))[0]
+    else:
+        sched = schedule(problem, placement, ops=op_level)
+        rows = gantt_rows(problem, sched)
+        res = sched.result
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
     for y, (_, bars) in enumerate(rows):
         for category, spans in bars.items():
@@ -77,14 +133,17 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
     ax.set_yticklabels([label for label, _ in rows])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
-    ax.set_xlim(0, max(sched.result.step_time * 1e3, 1e-6) * 1.01)
-    res = sched.result
+    ax.set_xlim(0, max(res.step_time * 1e3, 1e-6) * 1.01)
     source = "simulated" if problem.simulated else "simulated with measured device figures"
     ax.set_title(title or (
         f"{problem.name} on {problem.cluster_name or 'cluster'}: step {res.step_time * 1e3:.3f} ms ({source})"
         + ("" if res.fits else " — does not fit in memory")
     ))
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="upper right", fontsize=8, ncol=4)
+    shown = {category for _, bars in rows for category, spans in bars.items() if spans}
+    if shown:
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items() if k in shown],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / (len(rows) + 2)), fontsize=8,
+                  ncol=6)  # below the axis: a legend over the bars hides the step's end
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out = Path(path)
