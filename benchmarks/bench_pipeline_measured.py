@@ -94,6 +94,7 @@ class Figure:
     simulated_s: float | None
     load: str
     steps: list[float] = field(default_factory=list)
+    rank_cpu_s: list[float] = field(default_factory=list)
 
 
 def _median_after(values: list[float], warmup: int) -> float:
@@ -174,10 +175,12 @@ def run_case(case: Case, warmup: int, steps: int, ranks: Any) -> tuple[list[Figu
     sizes = "/".join(str(len(s)) for s in pipe.stages)
     figures.append(Figure(f"2-stage pipeline, {case.schedule}, M={case.microbatches}, 2 processes x 1 thread",
                           _median_after(run.step_times, warmup), _median_after(run.cpu_times, warmup), sim_pipe,
-                          load_average(), run.step_times))
+                          load_average(), run.step_times,
+                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())]))
     run = run_training(gm, inputs, None, world=2, steps=total, optimizer=OPTIMIZER, loss_fn=loss_fn, timeout_s=240)
     figures.append(Figure("DDP, 2 processes x 1 thread", _median_after(run.step_times, warmup),
-                          _median_after(run.cpu_times, warmup), sim_ddp, load_average(), run.step_times))
+                          _median_after(run.cpu_times, warmup), sim_ddp, load_average(), run.step_times,
+                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())]))
     args = ", ".join(f"{k}={v}" for k, v in case.args.items())
     desc = (f"{case.model} ({args}; batch {batch}; {case.note}); pipeline split by {method}: "
             f"stages of {sizes} ops")
@@ -188,11 +191,13 @@ def table(case: str, desc: str, figures: list[Figure]) -> list[str]:
     """The case's Markdown table and its summary line."""
     base = figures[0].step_s
     rows = [f"### {case}: {desc}", "",
-            "| run | measured ms/step (median) | CPU s/step | speed vs 1 thread | simulated ms/step | load (1, 5, 15 min) |",
+            "| run | measured ms/step (median) | CPU s/step (per rank) | speed vs 1 thread | simulated ms/step "
+            "| load (1, 5, 15 min) |",
             "|---|---|---|---|---|---|"]
     for f in figures:
         sim = "(one thread per process modelled)" if f.simulated_s is None else f"{f.simulated_s * 1e3:.1f}"
-        rows.append(f"| {f.label} | {f.step_s * 1e3:.1f} | {f.cpu_s:.3f} | {base / f.step_s:.2f}x | {sim} | {f.load} |")
+        cpu = f"{f.cpu_s:.3f}" + (f" ({' + '.join(f'{c:.3f}' for c in f.rank_cpu_s)})" if f.rank_cpu_s else "")
+        rows.append(f"| {f.label} | {f.step_s * 1e3:.1f} | {cpu} | {base / f.step_s:.2f}x | {sim} | {f.load} |")
     pipe, two, ddp = figures[2], figures[1], figures[3]
     rows += ["", f"{case}: the pipeline is {base / pipe.step_s:.2f}x one 1-thread process "
                  f"(target >= 1.6x: {'met' if base / pipe.step_s >= 1.6 else 'missed'}), {two.step_s / pipe.step_s:.2f}x "

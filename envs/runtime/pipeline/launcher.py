@@ -59,6 +59,7 @@ class TrainingRun:
         params: parameter name -> value after the last step.
         step_times: per step, the slowest rank's seconds.
         cpu_times: per step, the CPU seconds of all ranks together (every thread of each process).
+        rank_cpu_times: per rank, its CPU seconds of each step (an unbalanced split shows here).
         listening: per rank, the addresses it listened on.
         tied_gap: for parameters held by several ranks (tied weights), the largest absolute
             difference between the copies after the last step (0.0: the copies stayed equal).
@@ -71,6 +72,7 @@ class TrainingRun:
     cpu_times: list[float] = field(default_factory=list)
     listening: dict[int, list[str]] = field(default_factory=dict)
     tied_gap: dict[str, float] = field(default_factory=dict)
+    rank_cpu_times: dict[int, list[float]] = field(default_factory=dict)
 
 
 def _blame(failures: list[Exit], job_dir: Path) -> str:
@@ -147,7 +149,7 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
     steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
     cpu = [sum(r["cpu_s"][i] for r in results) for i in range(len(results[0].get("cpu_s", [])))]
     return TrainingRun(losses, grads, params, steps, cpu, {r["rank"]: r.get("listening", []) for r in results},
-                       tied_gap)
+                       tied_gap, {r["rank"]: list(r.get("cpu_s", [])) for r in results})
 
 
 def check_port(host: str, port: int) -> int:

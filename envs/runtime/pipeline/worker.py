@@ -11,7 +11,9 @@ Pipeline: rank ``r`` builds the stage modules of its stages (stage ``s`` on rank
 ``s mod W``, torch's loop mapping), wraps each in ``PipelineStage`` in static mode (input
 and output metadata from one micro-batch forward: dynamic mode would run BatchNorm on
 uninitialised buffers) and runs the schedule's ``step`` per training step, then its
-optimizer over its stages' parameters. DDP: rank ``r`` trains the whole model on its
+optimizer over its stages' parameters. A parameter read by stages on several ranks (tied
+weights) has a copy on each; its gradient is summed over those ranks before the optimizer
+step, so the copies stay equal. DDP: rank ``r`` trains the whole model on its
 ``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
 """
 
