@@ -118,8 +118,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
                 state, step = found.best_with_replicas(replicas)
             what = "pipeline" if replicas == 1 else "pipeline x DDP hybrid"
             if state is None:
-                record(method, "pipeline", float("nan"), False, {}, f"no fitting {what} found" + tail,
-                       found.wall_s, found.evaluated)
+                record(method, "pipeline", float("nan"), False, {},
+                       f"no fitting {what} among the {found.evaluated} simulated" + tail, found.wall_s, found.evaluated)
                 continue
             pipe = state.pipeline(problem)
             # Re-simulated op by op (the search's prefix tables agree up to rounding): the row's
