@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--policy", type=Path, default=PRETRAINED_PATH, help="the pretrained weights")
-    parser.add_argument("--tasks", default="", help="only the held-out tasks whose name contains this")
+    parser.add_argument("--tasks", default="", help="only the held-out tasks whose name contains one of these "
+                                                    "comma-separated strings")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header + HEADER), flush=True)
     rows = []
     for task in held_out_tasks():
-        if args.tasks not in task.name:
+        if args.tasks and not any(part in task.name for part in args.tasks.split(",")):
             continue
         rows.append(row(run_task(task, args.policy, args)))
         print(rows[-1], flush=True)

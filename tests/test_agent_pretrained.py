@@ -1,5 +1,5 @@
 """The move policy trained across graphs ships with the package: it loads safely, places graphs of
-sizes and clusters it never saw, is the default start of a search, and can be switched off."""
+sizes and clusters it never saw, and a search or ``optimize --pretrained`` starts from it when asked."""
 
 from __future__ import annotations
 
@@ -51,18 +51,21 @@ def test_the_shipped_policy_places_a_graph_of_a_size_and_cluster_it_never_saw():
     assert bool(ev.fits[0]) and ev.step_time[0] == pytest.approx(t)
 
 
-def test_a_search_starts_from_the_shipped_policy_unless_asked_for_fresh_weights(monkeypatch):
+def test_a_search_starts_from_fresh_weights_unless_asked_for_the_shipped_policy(monkeypatch):
     from placer.search.agents import moves
 
     loaded = []
     real = moves.MoveAgent.resume
     monkeypatch.setattr(moves.MoveAgent, "resume", lambda self, path: (loaded.append(path), real(self, path))[1])
     problem = _problem(synthetic.layered(layers=3, width=2, seed=1), "4xK40")
-    default = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None)
-    assert loaded == [PRETRAINED_PATH] and default.best_fits
+    shipped = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None, pretrained=True)
+    assert loaded == [PRETRAINED_PATH] and shipped.best_fits
     loaded.clear()
-    scratch = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None, pretrained=False)
-    assert loaded == [] and scratch.best_fits
+    default = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None)
+    assert loaded == [] and default.best_fits
+    with pytest.raises(FileNotFoundError, match="no move policy at"):
+        search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None,
+               pretrained=PRETRAINED_PATH.with_name("missing.pt"))
 
 
 def test_pretraining_resumes_one_policy_across_tasks_and_saves_it(tmp_path):
@@ -115,8 +118,8 @@ def test_the_held_out_tasks_are_not_in_the_training_set():
     assert train.isdisjoint(t.name for t in held_out_tasks())
 
 
-@pytest.mark.parametrize("flags, pretrained", [([], True), (["--from-scratch"], False)])
-def test_optimize_starts_from_the_shipped_policy_unless_told_from_scratch(monkeypatch, flags, pretrained):
+@pytest.mark.parametrize("flags, pretrained", [([], False), (["--pretrained"], True)])
+def test_optimize_starts_from_the_shipped_policy_only_when_asked(monkeypatch, flags, pretrained):
     from graphs.errors import PlacerError
     from placer.cli.main import main
     from placer.optimizing import run as run_module

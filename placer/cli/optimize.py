@@ -54,9 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                             "(default: the fast heuristics; see placer.search.baselines)")
     parser.add_argument("--out", default="placer-out", help="output directory (default: placer-out)")
     parser.add_argument("--resume", action="store_true", help="start from the placement and policy in --out")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="start the move policy from fresh weights instead of the policy shipped with placer "
-                             "(trained across many graphs and clusters)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start the move policy from the policy shipped with placer (trained across many graphs "
+                             "and clusters) instead of fresh weights; on held-out graphs it has not yet done better "
+                             "(benchmarks/results/agent.md)")
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for get_model/get_example_inputs (repeatable)")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
             check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
             leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
-            measure_timeout=args.measure_timeout, pretrained=not args.from_scratch,
+            measure_timeout=args.measure_timeout, pretrained=args.pretrained,
         )
     print()
     print("\n".join(summary_lines(result)))

@@ -69,7 +69,8 @@ class SearchConfig:
             agent's own, :attr:`~placer.search.agents.registry.AgentEntry.local_search_share`).
         pretrained: start the agent from the policy shipped with the package (the ``moves``
             agent has one, trained across many graphs), or from the policy file given here;
-            False: from fresh weights. ``resume`` loads over it.
+            False (default): from fresh weights, which did better on the held-out graphs of
+            ``benchmarks/bench_pretrained.py`` (``benchmarks/results/agent.md``). ``resume`` loads over it.
 
     Raises:
         SearchError: unknown agent, bad sizes or share; OptionError: a malformed budget.
@@ -96,7 +97,7 @@ class SearchConfig:
     resume: bool = False
     local_search: bool | None = None
     local_search_share: float | None = None
-    pretrained: bool | Path = True
+    pretrained: bool | Path = False
 
     def __post_init__(self) -> None:
         try:

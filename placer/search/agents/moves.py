@@ -64,9 +64,11 @@ EXPLORER_EVERY = 3
 #: on the budgets a search has: 8-layer NMT from one GPU stayed at 2x the heuristics in 6,000).
 EXPLORER_TRIAL = 16
 EXPLORER_RETIRE = 1.5
+#: The highest sampling temperature a walker raises its scores' divisor to (see ``_Walker.temperature``).
+MAX_TEMPERATURE = 16.0
 #: The policy shipped with the package, trained across many graphs and clusters by
-#: :mod:`placer.search.agents.pretrain` (``python scripts/train_policy.py``); searches start
-#: from it unless asked for fresh weights (``SearchConfig(pretrained=False)``, ``--from-scratch``).
+#: :mod:`placer.search.agents.pretrain` (``python scripts/train_policy.py``); a search starts
+#: from it when asked (``SearchConfig(pretrained=True)``, ``optimize --pretrained``).
 PRETRAINED_PATH = Path(__file__).resolve().parent / "data" / "moves_pretrained.pt"
 
 
@@ -256,14 +258,18 @@ class MovePolicy:
         self.optim = torch.optim.Adam(self.net.parameters(), lr=self.config.learning_rate)
 
     def propose(self, problem: PlacementProblem, st: _Static, row: np.ndarray, features: np.ndarray,
-                batch: int, rng: np.random.Generator) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """``batch`` proposals around ``row``: rows [B, N], their log-probabilities [B] and entropy [B]."""
+                batch: int, rng: np.random.Generator,
+                temperature: float = 1.0) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """``batch`` proposals around ``row``: rows [B, N], their log-probabilities [B] and entropy [B].
+
+        ``temperature`` divides the move scores and the move-count logits (above 1: flatter, more
+        distinct proposals)."""
         n, d = problem.num_nodes, problem.num_devices
-        logits = self.net(torch.from_numpy(features))
+        logits = self.net(torch.from_numpy(features)) / float(temperature)
         current = torch.zeros(n * d, dtype=torch.bool)
         current[torch.from_numpy(np.arange(n) * d + row)] = True
         logits = logits.masked_fill(current, -1e9)
-        k_lp = torch.log_softmax(self.net.count_logits, dim=0)
+        k_lp = torch.log_softmax(self.net.count_logits / float(temperature), dim=0)
         k = _sample(k_lp.detach().exp().numpy().astype(np.float64), batch, rng) + 1
         logp = k_lp[torch.from_numpy(k - 1)]
         # The first move: one distribution shared by the whole batch.
@@ -478,6 +484,10 @@ class _Walker:
         # Proposals already evaluated around the current point: learned from again, not re-evaluated.
         self.seen: dict[int, tuple[float, bool]] = {}
         self.stall = self.walk = 0
+        # Sampling temperature: raised while most proposals repeat ones already evaluated (a peaked
+        # policy, e.g. the pretrained one, otherwise draws the same few moves batch after batch and
+        # the search's placements per second collapse), lowered again when they are fresh.
+        self.temperature = 1.0
         self.move_to(row, key, None)
 
     def move_to(self, row: np.ndarray, key: tuple[bool, float], peak: np.ndarray | None) -> None:
@@ -501,7 +511,7 @@ class _Walker:
         left = tracker.remaining_placements()
         batch = agent.batch if left is None else max(1, min(agent.batch - 1, left - 1) if left > 1 else 1)
         rows, logp, entropy = agent.policy.propose(agent.problem, agent.static, self.current, self.features, batch,
-                                                   agent.rng)
+                                                   agent.rng, self.temperature)
         keys = _row_keys(rows)
         uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
@@ -510,6 +520,10 @@ class _Walker:
         ok_u = np.array([self.seen.get(int(k), (math.inf, False))[1] for k in uk], dtype=bool)
         peak_u = np.zeros((len(uk), agent.problem.num_devices))
         new_rows = rows[first[fresh]]
+        if len(new_rows) * 2 < batch:
+            self.temperature = min(self.temperature * 2.0, MAX_TEMPERATURE)
+        elif len(new_rows) * 10 > 9 * batch:
+            self.temperature = max(self.temperature / 2.0, 1.0)
         if len(new_rows):
             t_new, ok_new, peak_new = agent._evaluate(new_rows)
             t_u[fresh], ok_u[fresh], peak_u[fresh] = t_new, ok_new, peak_new
