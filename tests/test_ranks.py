@@ -322,7 +322,7 @@ def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
 
     positive = st.floats(0.0, 300e-6)
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=400, deadline=None)
     @given(st.data())
     def check(data):
         g = _random_graph(data)

@@ -800,7 +800,8 @@ def _lower_bound(c: _Compiled, costs: RankCosts) -> float:
     fwd = {n: k * min(x.fwd for x in c.cost[n]) for n in order}
     bwd = {n: k * min(x.bwd for x in c.cost[n]) if n in on_path else 0.0 for n in order}
     opt = {n: k * min(x.opt for x in c.cost[n]) for n in order}
-    owners = any(max(x.opt for x in c.cost[n]) > 0 or graph.nodes[n].get("param_bytes", 0) > 0 for n in order)
+    # A rank pays the optimizer's fixed cost if it holds an op with an update on it (R7).
+    owners = any(min(x.opt for x in c.cost[n]) > 0 or graph.nodes[n].get("param_bytes", 0) > 0 for n in order)
     # Work: the step lasts as long as its busiest rank, at least the ranks' mean busy time. Every
     # op's forward and update runs once on some rank, and the backward of every op on a
     # gradient path; each rank pays step_s, the output rank the loss, some rank a stage call
@@ -811,15 +812,18 @@ def _lower_bound(c: _Compiled, costs: RankCosts) -> float:
     if owners:
         total += min(c.opt_fixed)
     work = total / W
-    # Critical path: an op's forward starts after its stage call and its inputs' forwards
-    # (messages only add); the loss after every value the output reads; an op's backward
+    # Critical path: an op's forward starts after its stage call and its tensor inputs'
+    # forwards (messages only add); the loss after every tensor value the output reads; an op's backward
     # after the loss, a backward stage call and the backward of every gradient-path consumer
     # (local ones run first in reverse stage order, remote ones send their gradient after it);
     # the rank that ran it still pays step_s.
+    # A value of no tensors sends no message (R3: the receiver knows it), so only tensor
+    # values order a consumer after its producer across ranks.
+    sent = {n for n in order if c.cost[n][0].leaves > 0}
     done: dict[str, float] = {}
     for n in order:
-        done[n] = max((done[a] for a in _real_inputs(graph, n)), default=costs.stage_fwd_s) + fwd[n]
-    loss_end = max((done[a] for a in _real_inputs(graph, out)), default=costs.stage_fwd_s) if out else 0.0
+        done[n] = max((done[a] for a in _real_inputs(graph, n) if a in sent), default=costs.stage_fwd_s) + fwd[n]
+    loss_end = max((done[a] for a in _real_inputs(graph, out) if a in sent), default=0.0) if out else 0.0
     loss_end += costs.loss_s
     back: dict[str, float] = {}
     for n in reversed(order):
