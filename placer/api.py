@@ -81,9 +81,97 @@ def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | o
                            real_devices=real_devices_of(placement, cluster))
 
 
+def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None) -> str | None:
+    """How ``placement``'s pipeline is applied: ``"processes"`` when its stage devices are
+    worker processes on this machine (``cpu:0,cpu:1``, a placement made over real rank
+    devices): one process per stage device under ``torch.distributed.pipelining``; else the
+    reason it runs un-pipelined in one process (devices of a simulated cluster, mapped onto
+    their real device); None without a pipeline.
+
+    Raises:
+        PlacerError: a pipeline x DDP hybrid (``replicas``), which the pipeline runtime does not run.
+    """
+    from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
+
+    pipe = placement.pipeline
+    if pipe is None:
+        return None
+    if pipe.replicas:
+        raise PlacerError(
+            f"the placement is a pipeline x DDP hybrid ({pipe.num_replicas} replicas of a {pipe.num_stages}-stage "
+            "pipeline), which placer's pipeline runtime cannot run yet (one pipeline per job); expected a pipeline "
+            "without replicas: delete the pipeline's \"replicas\" field to run one replica on the whole batch")
+    simulated = placement.metadata.get("simulated_cluster") is True
+    if cluster is not None:
+        from envs.hardware.loading import load_cluster
+
+        simulated = bool(load_cluster(cluster).simulated)
+    try:
+        devices = parse_rank_devices(list(pipe.ranks))
+    except RankDeviceError:
+        devices = []
+    if not simulated and devices and all(d.local and d.kind == "cpu" for d in devices):
+        return "processes"
+    where = "a simulated cluster's" if simulated else "not CPU worker processes of this machine (cpu:N)"
+    return (f"the pipeline ({pipe.num_stages} stages, M={pipe.microbatches}, {pipe.schedule}) is not run as one: "
+            f"its devices {list(pipe.ranks)} are {where}, so its stages' assignment runs un-pipelined in one "
+            "process; place over worker processes (optimize --devices cpu:0,cpu:1) to run it pipelined")
+
+
+def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
+                         warmup: int = 2, threads: int = 1, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run ``placement``'s pipeline for ``warmup + steps`` training steps through
+    ``torch.distributed.pipelining``, one process per stage device on this machine
+    (:func:`envs.runtime.pipeline.launcher.run_training`, the model's optimizer and loss);
+    returns what :func:`train_steps` returns, each step's time the slowest rank's.
+
+    Raises:
+        PipelineError: ``M`` does not divide the batch, a data-dependent boundary shape (before starting).
+        PipelineRunError: a rank died or the job outlasted ``timeout_s``.
+    """
+    from envs.runtime.pipeline.launcher import run_training
+
+    pipe = placement.pipeline
+    if pipe is None:
+        raise PlacerError("the placement carries no pipeline; expected a pipelined placement (schema 2)")
+    gm = captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps,
+                       optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s)
+    times = list(run.step_times[warmup:])
+    stage_list = ", ".join(f"{d} (stage{'s' if pipe.devices.count(d) > 1 else ''} "
+                           f"{', '.join(str(s) for s, x in enumerate(pipe.devices) if x == d)})" for d in pipe.ranks)
+    return {
+        "losses": list(run.losses[warmup:]), "times": times, "median": statistics.median(times), "min": min(times),
+        "devices": stage_list,
+        "note": (f"pipelined: {pipe.num_stages} stages, {pipe.microbatches} micro-batches, {pipe.schedule}, run by "
+                 f"torch.distributed.pipelining in {len(pipe.ranks)} processes ({threads} thread(s) each); a step's "
+                 "time is its slowest rank's"),
+    }
+
+
 def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
                 warmup: int = 2, cluster: ClusterSource | None = None) -> dict[str, Any]:
-    """Run ``warmup + steps`` full training steps with ``placement``; returns losses and step times."""
+    """Run ``warmup + steps`` full training steps with ``placement``; returns losses and step times.
+
+    A pipelined placement over worker processes runs as a pipeline
+    (:func:`train_pipeline_steps`); one over other devices runs its stages' assignment
+    un-pipelined, and the note says so (:func:`pipeline_run_mode`).
+
+    Raises:
+        PlacerError: a pipeline x DDP hybrid, or a pipeline whose ``M`` does not divide the batch.
+    """
+    mode = pipeline_run_mode(placement, cluster)
+    if placement.pipeline is not None:
+        from placer.search.baselines.pipeline_rows import batch_size_of
+
+        batch = batch_size_of(spec.example_inputs)
+        if batch is None:
+            raise PlacerError("the placement is pipelined but the model's inputs have no batch dimension; "
+                              "expected inputs whose dim 0 the micro-batches split")
+        placement.pipeline.check_batch(batch)  # the same rule pipelined or not: the file is wrong either way
+    if mode == "processes":
+        return train_pipeline_steps(spec, captured, placement, steps=steps, warmup=warmup)
     real = real_devices_of(placement, cluster)
     realized = realize_placement(placement.assignment, real)
     placed = apply_placement(captured, placement.assignment, real_devices=real)
@@ -114,5 +202,5 @@ def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, 
         "losses": losses, "times": times, "median": statistics.median(times), "min": min(times),
         "devices": ", ".join(f"{v}→{r}" for v, r in sorted(realized.virtual_to_real.items())
                              if v in set(placement.assignment.values())),
-        "note": realized.note,
+        "note": "; ".join(x for x in (realized.note, mode) if x),
     }

@@ -11,7 +11,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "apply", help="run N training steps of a model with a saved placement and print the step time",
         description="Load MODEL, check that PLACEMENT was made for it, apply it (virtual devices of a "
                     "simulated cluster run on their real device, e.g. the CPU) and run N full training "
-                    "steps (forward, loss, backward, optimizer step), printing the median step time.",
+                    "steps (forward, loss, backward, optimizer step), printing the median step time. A "
+                    "pipelined placement over worker processes (cpu:0,cpu:1) runs as a pipeline: one process per "
+                    "stage device, its micro-batches and schedule, through torch.distributed.pipelining; over "
+                    "simulated devices its stages' assignment runs un-pipelined (the note says so).",
         epilog="example:\n  python -m placer apply graphs/zoo/nmt.py placer-out/placement.json --steps 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

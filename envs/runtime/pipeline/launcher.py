@@ -32,7 +32,7 @@ import torch.fx as fx
 from envs.runtime.distributed.launcher import free_port
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
-from envs.sim.pipeline import Pipeline, check_pipeline
+from envs.sim.pipeline import Pipeline, PipelineError, check_pipeline
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
@@ -247,10 +247,14 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
     Raises:
         PipelineRunError: a rank died or the job timed out (module doc).
         PipelineError: ``M`` does not divide the batch, a value crossing a stage boundary has a
-            shape that depends on the data, or a stage does not fit its device (all checked
-            before starting).
+            shape that depends on the data, a stage does not fit its device, or the pipeline has
+            replicas (a pipeline x DDP hybrid; all checked before starting).
     """
     if pipeline is not None:
+        if pipeline.replicas:
+            # The workers run replica 0's stages on the whole batch: refuse rather than time something else.
+            raise PipelineError(f"a pipeline x DDP hybrid ({pipeline.num_replicas} replicas) is not run by this "
+                                "runtime (one pipeline per job); expected a pipeline without replicas")
         batch = int(next(iter(inputs.values())).shape[0])
         pipeline.check_batch(batch)
         if problem is not None:
