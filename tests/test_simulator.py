@@ -562,3 +562,16 @@ def test_more_than_256_devices_match_the_numpy_path():
         for field in FIELDS:
             assert np.array_equal(getattr(results[0], field), getattr(other, field)), field
     assert np.all(results[0].transfer_bytes > 0)
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="needs numba")
+def test_numba_cache_is_keyed_on_the_kernels_source():
+    # numba keys its disk cache on the decorated function's own file; the loops the drivers
+    # compile live in kernels.py, so an edit there must make the cached machine code stale.
+    import hashlib
+
+    from envs.sim import kernels, simulator_numba
+
+    digest = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()
+    for fn in (simulator_numba._rows, simulator_numba.batch_serial, simulator_numba.batch_parallel):
+        assert fn._cache._cache_file._source_stamp[1] == digest, fn

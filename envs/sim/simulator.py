@@ -37,9 +37,11 @@ numpy); numpy (the static pass vectorised over the one-thread rows of the batch,
 rows through the engine run as Python: slow, ms per placement); python (the loops of
 :mod:`envs.sim.kernels` run as Python). All give the same results bit for bit.
 
-Speed (benchmarks/results/simulator.md): the engine's event loop costs several times the
-static pass per op, so several-GPU placements run at thousands, not the issue's 100,000,
-placements per second for 1,000 ops.
+Speed (benchmarks/results/simulator.md): the engine's event loop costs ~11x the static pass
+per op (~240 vs ~20 ns of CPU per op at 1,000 ops x 4 GPUs: ~2.2 events per op, each a
+data-dependent choice), so several-GPU placements run at ~4,000 per CPU-second, not the
+issue's 100,000 per second for 1,000 ops. The numba drivers split a batch into contiguous
+chunks, each with one work space (:func:`envs.sim.kernels.workspace`).
 """
 
 from __future__ import annotations
