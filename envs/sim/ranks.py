@@ -43,8 +43,8 @@ not per value: the runtime's per-value work (``_handoff``'s ``tree_map``, one
 one process with a comm that never waits (``benchmarks/rank_stage_costs.py``), and a
 per-value term fits to ~0 in both the ranks' CPU time and their steps.
 Known miss: a thread that sleeps in a receive is sometimes woken a scheduler slice late
-(on the quiet runs 1-4% of sleeping waits, each ~3.5 ms late: a rank's main thread and
-gloo's I/O thread share the cores), so measured steps are bimodal; ``wake_s`` is a constant
+(on the quiet runs 1-4% of sleeping waits, each ~3.5 ms late; likely a scheduler tick, with
+each rank's main thread and gloo's I/O thread sharing the cores), so measured steps are bimodal; ``wake_s`` is a constant
 and charges only the average (an expected-delay and a median-of-binomial version of the
 tail did not improve the held-out ranking).
 
