@@ -221,3 +221,17 @@ def test_a_hybrid_winner_is_written_over_the_ops_with_its_replicas(tmp_path):
     assert group_pipeline(problem, loaded.pipeline) == pipe
     assert simulate_pipelined(problem, group_pipeline(problem, loaded.pipeline)).step_time == \
         simulate_pipelined(problem, pipe).step_time
+
+
+def test_interleaved_1f1b_is_a_move_away_and_back():
+    problem = mlp_problem(layers=8)
+    n = problem.num_nodes
+    state = PipelineState((0, n // 4, n // 2, 3 * n // 4, n), ((0, 1, 2, 3),), 4, "1f1b")
+    cost = np.ones(n)
+    inter = [m.state for m in neighbours(state, [0, 1, 2, 3], 16, cost) if m.state.schedule == "interleaved_1f1b"]
+    assert len(inter) == 1 and inter[0].num_stages == 8 and inter[0].devices == ((0, 1, 2, 3, 0, 1, 2, 3),)
+    pipe = inter[0].pipeline(problem)
+    assert simulate_pipeline(problem, pipe).step_time > 0  # ScheduleInterleaved1F1B accepts it
+    back = {m.state.schedule for m in neighbours(inter[0], [0, 1, 2, 3], 16, cost) if m.kind == "schedule"}
+    assert back == {"1f1b", "gpipe"}
+    assert all(m.state.valid(16) for m in neighbours(inter[0], [0, 1, 2, 3], 16, cost))

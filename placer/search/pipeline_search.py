@@ -7,7 +7,8 @@ is a different object, so it has its own search here, over :class:`PipelineState
   (``problem.node_names``; group edges only run forward in it, so every cut is a valid
   pipeline: :class:`envs.sim.pipeline.Pipeline` stages are contiguous);
 * the **device** of every stage of every replica (the accelerators, else every device);
-* ``M`` from the divisors of the (replica's) batch, and the **schedule** (``gpipe``, ``1f1b``);
+* ``M`` from the divisors of the (replica's) batch, and the **schedule** (``gpipe``, ``1f1b``,
+  ``interleaved_1f1b`` with two stages per device);
 * the number of data-parallel **replicas** ``R``: ``R`` copies of the pipeline, each on its own
   devices with ``1/R`` of the batch, gradients all-reduced per stage
   (:func:`envs.sim.data_parallel.simulate_hybrid`). A state always has at least two stages:
@@ -17,7 +18,8 @@ is a different object, so it has its own search here, over :class:`PipelineState
 Moves (:func:`neighbours`): shift one boundary by ``k`` groups (``k`` = 1, 2, 4, ... both
 ways), swap the devices of two stages, move a stage to an unused device, merge two adjacent
 stages, split a stage at its cost midpoint onto an unused device, the next larger or smaller
-``M``, the other schedule, and reshape to another (replicas x stages) layout of the devices
+``M``, another schedule (to interleaved 1F1B: the chain re-cut into two balanced stages per
+device; back: one balanced stage per device), and reshape to another (replicas x stages) layout of the devices
 (balanced cut by cost). Every simulated state counts one placement of the budget, the
 seeds included; a state seen before is not simulated again.
 
@@ -66,8 +68,8 @@ __all__ = ["PipelineState", "Evaluation", "PipelineSearchResult", "MOVE_KINDS", 
 
 #: Placements (simulated pipelines) a search evaluates when the caller gives no budget.
 DEFAULT_PIPELINE_PLACEMENTS = 600
-#: The schedules the search moves between (interleaved 1F1B is not in its moves yet).
-SCHEDULES = ("1f1b", "gpipe")
+#: The schedules the search moves between (interleaved 1F1B with two stages per device).
+SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 #: The kinds of move, in the order of the features' one-hot block.
 MOVE_KINDS = ("shift", "swap", "relocate", "merge", "split", "m_up", "m_down", "schedule", "reshape")
 #: Features per move: the one-hot kind, then the numeric features of :func:`move_features`.
@@ -92,7 +94,8 @@ class PipelineState:
             ``[b_s, b_{s+1})`` of ``problem.node_names``.
         devices: [R][S] device index of every stage of every replica.
         microbatches: ``M``, per replica.
-        schedule: ``gpipe`` or ``1f1b``.
+        schedule: ``gpipe``, ``1f1b`` or ``interleaved_1f1b`` (one replica, two stages per
+            device, stage ``s`` on the device of stage ``s mod P``).
     """
 
     bounds: tuple[int, ...]
@@ -114,10 +117,21 @@ class PipelineState:
         b = self.bounds
         if len(b) < 3 or any(b[i + 1] <= b[i] for i in range(len(b) - 1)):
             return False
-        flat = [d for r in self.devices for d in r]
-        if len(set(flat)) != len(flat) or any(len(r) != self.num_stages for r in self.devices):
+        if any(len(r) != self.num_stages for r in self.devices):
             return False
         if batch_size is not None and batch_size % (self.replicas * self.microbatches):
+            return False
+        if self.schedule == "interleaved_1f1b":
+            # ScheduleInterleaved1F1B: stage s on device s mod P, the same number (> 1) of stages
+            # on each of the P devices, M a multiple of max(1, M // P) rounds; no replicas here.
+            row = self.devices[0]
+            p = len(set(row))
+            rounds = max(1, self.microbatches // p)
+            return (self.replicas == 1 and self.num_stages % p == 0 and self.num_stages > p
+                    and all(row[s] == row[s % p] for s in range(self.num_stages))
+                    and self.microbatches % rounds == 0)
+        flat = [d for r in self.devices for d in r]
+        if len(set(flat)) != len(flat):
             return False
         return not (self.schedule == "1f1b" and self.microbatches < self.num_stages)
 
@@ -311,13 +325,26 @@ def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | N
         # 1F1B needs M >= S (Schedule1F1B): below that the move takes GPipe.
         down = "gpipe" if sch == "1f1b" and smaller[-1] < s_ else sch
         add("m_down", PipelineState(state.bounds, devs, smaller[-1], down), -1)
-    other = "gpipe" if sch == "1f1b" else "1f1b"
-    add("schedule", PipelineState(state.bounds, devs, m, other), -1)
+    if sch == "interleaved_1f1b":
+        # back to one stage per device: the devices in their order, a balanced cut
+        ranks = tuple(dict.fromkeys(devs[0]))
+        nb1 = _balanced_bounds(cost, len(ranks))
+        if nb1 is not None:
+            for other in ("1f1b", "gpipe"):
+                add("schedule", PipelineState(nb1, (ranks,), m, other), -1)
+    else:
+        add("schedule", PipelineState(state.bounds, devs, m, "gpipe" if sch == "1f1b" else "1f1b"), -1)
+        if r_ == 1:
+            # interleaved 1F1B: the chain cut into 2 stages per device, stage s on device s mod P
+            nb2 = _balanced_bounds(cost, 2 * s_)
+            if nb2 is not None:
+                add("schedule", PipelineState(nb2, (devs[0] * 2,), m, "interleaved_1f1b"), -1)
     for r2, s2 in _layouts(len(devices)):
         if (r2, s2) == (r_, s_):
             continue
         nb2 = _balanced_bounds(cost, s2)
-        picked = _nearest_m(microbatch_choices(batch_size, r2), m * r_ // max(r2, 1) or 1, s2, sch)
+        base = "1f1b" if sch == "interleaved_1f1b" else sch
+        picked = _nearest_m(microbatch_choices(batch_size, r2), m * r_ // max(r2, 1) or 1, s2, base)
         if nb2 is None or picked is None:
             continue
         grid = tuple(tuple(devices[i * s2 + j] for j in range(s2)) for i in range(r2))
