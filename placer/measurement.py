@@ -22,11 +22,17 @@ results up in). Every run is bounded by ``--measure-timeout`` and by the run's b
   recalibrated simulator.
 
 Either way optimize measures the best candidates once more at the end
-(:func:`confirm_candidates`), and only measured times pick the winner.
+(:func:`confirm_candidates`), and only measured times pick the winner. Pipelined
+candidates (the pipeline partitioners' and the pipeline search's rows of the comparison
+table) are measured as pipelines, through ``torch.distributed.pipelining``, where the
+backend can (:meth:`envs.runtime.distributed.measure.DistributedMeasurer.measure_pipelines`,
+worker processes ``cpu:0,cpu:1``): :func:`confirm_pipelines`. Their un-pipelined assignment
+is another, slower program (one rank busy at a time), so it never stands in for them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,11 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from envs.gym.measured_rewards import HybridReward, measure_outcome
 from envs.runtime.measure import BUDGET_SPENT
 from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
+from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
@@ -64,6 +72,9 @@ MEASURED_BATCH = 8
 MEASURED_IMITATION_STEPS = 20
 #: Candidates measured at the end to confirm the winner.
 CONFIRM_TOP = 4
+#: Pipelined candidates measured at the end (the fastest simulated; each is one job of
+#: its own, seconds of process start-up: ~10 s for two CPU ranks on this loaded machine).
+CONFIRM_PIPELINES = 2
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,27 @@ class MeasuredPlacement:
     phase: str
     simulated: float
     predicted: float | None = None
+
+
+@dataclass(frozen=True)
+class MeasuredPipeline:
+    """One pipelined candidate run for real as a pipeline.
+
+    Attributes:
+        method: the comparison-table method it is the pipeline of.
+        pipeline: the pipeline as run (over the ops; :meth:`envs.sim.pipeline.Pipeline.to_dict`).
+        step_time: measured seconds (``inf`` when invalid).
+        valid: the run succeeded.
+        reason: why it is invalid ("" when valid).
+        simulated: the simulator's step time of the pipeline (the table's).
+    """
+
+    method: str
+    pipeline: dict[str, Any]
+    step_time: float
+    valid: bool
+    reason: str
+    simulated: float
 
 
 class PlacementMeasurer:
@@ -119,6 +151,9 @@ class PlacementMeasurer:
         self.hybrid: HybridReward | None = None
         self.deadline: float | None = None
         self._by_key: dict[bytes, MeasuredPlacement] = {}
+        #: Pipelined candidates measured as pipelines (:func:`confirm_pipelines`); kept apart
+        #: from :attr:`records`, whose rows the calibration fits to the un-pipelined simulator.
+        self.pipeline_records: list[MeasuredPipeline] = []
 
     def set_deadline(self, deadline: float | None) -> None:
         """No run may pass ``deadline`` (``time.monotonic()``; None: only the time-out applies).
@@ -360,6 +395,77 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
     mark_measured(measurer, candidates)
 
 
+def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
+                      to_ops: Callable[[Pipeline], Pipeline], top: int = CONFIRM_PIPELINES) -> pd.DataFrame:
+    """Measure the ``top`` fastest fitting pipeline rows of ``table`` as pipelines and return
+    the table with their measured times (``source`` "measured", speed-ups over the measured
+    single device, :func:`measured_speedups`), fastest first.
+
+    ``pipelines`` maps a row's method to its pipeline over the problem's groups, ``to_ops``
+    turns one into the pipeline over the ops that the workers run. The backend must have
+    ``measure_pipelines`` (:class:`~envs.runtime.distributed.measure.DistributedMeasurer`);
+    without it the rows stay simulated, and a note says why. A pipeline x DDP hybrid
+    (replicas), which the pipeline runtime does not run, is not measured either (its note
+    says so), so under a measured reward it cannot win on a simulated time. A run that fails
+    or is refused leaves its row simulated with the reason in its note.
+    """
+    table = table.copy()
+    rows = table[table["fits"] & (table.get("kind", "") == "pipeline") & table["method"].isin(list(pipelines))]
+    if rows.empty:
+        return table
+    run = getattr(measurer.backend, "measure_pipelines", None)
+
+    def note(i: Any, text: str) -> None:
+        old = str(table.at[i, "note"] or "")
+        table.at[i, "note"] = (old + "; " if old else "") + text
+
+    if run is None:
+        for i in rows.index:
+            note(i, f"not measured: {measurer.description} runs no pipelines (worker processes such as "
+                    "cpu:0,cpu:1 do)")
+        return table
+    chosen: list[tuple[Any, str]] = []
+    distinct: dict[str, Pipeline] = {}
+    for i in rows.sort_values("step_time", kind="stable").index:
+        pipe = pipelines[str(table.at[i, "method"])]
+        if pipe.replicas:
+            note(i, "not measured: the pipeline runtime does not run pipeline x DDP hybrids")
+            continue
+        # Two methods often find the same pipeline (the search starts from the partitioners'):
+        # it is run once and counts once towards ``top``.
+        key = json.dumps(pipe.to_dict(), sort_keys=True)
+        if key in distinct or len(distinct) < top:
+            distinct.setdefault(key, pipe)
+            chosen.append((i, key))
+    if not chosen:
+        return table
+    if hasattr(measurer.backend, "deadline"):
+        measurer.backend.deadline = measurer.deadline
+    op_pipes = {key: to_ops(pipe) for key, pipe in distinct.items()}
+    try:
+        results = list(run(list(op_pipes.values())))
+        if len(results) != len(op_pipes):
+            raise PlacerError(f"the measurer returned {len(results)} results for {len(op_pipes)} pipelines")
+    except Exception as exc:  # noqa: BLE001 - e.g. a stage on another host: the rows stay simulated, with why
+        results = [MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")] * len(op_pipes)
+    by_key = dict(zip(op_pipes, results))
+    for i, key in chosen:
+        pipe, res = op_pipes[key], by_key[key]
+        t, valid, reason = measure_outcome(res)
+        simulated = float(table.at[i, "simulated_step_time"])
+        measurer.pipeline_records.append(MeasuredPipeline(str(table.at[i, "method"]), pipe.to_dict(),
+                                                          t if valid else math.inf, valid, reason, simulated))
+        if valid:
+            table.at[i, "step_time"] = t
+            table.at[i, "source"] = "measured"
+            note(i, "measured as a pipeline (torch.distributed.pipelining)")
+        else:
+            note(i, f"measurement invalid: {reason}")
+    table = measured_speedups(table, measurer)
+    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
+    return table.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
     """Every group on one device, for each device (the speed-up's denominator)."""
     return [np.full(problem.num_nodes, d, dtype=np.int64) for d in range(problem.num_devices)]
@@ -419,6 +525,7 @@ class MeasurementSummary:
     search_calibrations: int = 0
     calibration: Calibration | None = None
     holdout: dict[str, Any] | None = None
+    pipelines: list[MeasuredPipeline] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -443,6 +550,11 @@ class MeasurementSummary:
                  "reason": r.reason, "simulated": r.simulated, "predicted": r.predicted,
                  "placement": problem.array_to_placement(r.row)}
                 for r in self.records
+            ],
+            "pipelines": [
+                {"method": p.method, "step_time": p.step_time if p.valid else None, "valid": p.valid,
+                 "reason": p.reason, "simulated": p.simulated, "pipeline": p.pipeline}
+                for p in self.pipelines
             ],
         }
 
@@ -469,5 +581,5 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
         reward=reward, description=measurer.description, records=list(measurer.records),
         requests=measurer.requests, rounds=list(rounds),
         search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
-        calibration=cal, holdout=holdout,
+        calibration=cal, holdout=holdout, pipelines=list(measurer.pipeline_records),
     )

@@ -97,14 +97,7 @@ class Compiled:
         groups in program order)."""
         run, cluster = self.run, self.run.cluster
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
-        op_pipeline = None
-        if pipeline is not None:
-            stage_of_group = pipeline.stage_of()
-            stages: list[list[str]] = [[] for _ in pipeline.stages]
-            for op in run.captured.graph.nodes:
-                stages[stage_of_group[run.grouping.op_to_group[op]]].append(op)
-            op_pipeline = Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches,
-                                   pipeline.schedule, pipeline.replicas)
+        op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map()}
         if is_distributed_cluster(cluster):
@@ -115,6 +108,16 @@ class Compiled:
         meta.update(metadata)
         return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
                          devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
+
+    def op_pipeline(self, pipeline: Pipeline) -> Pipeline:
+        """``pipeline`` (over the groups) over the ops: each stage the ops of its groups in program order."""
+        run = self.run
+        stage_of_group = pipeline.stage_of()
+        stages: list[list[str]] = [[] for _ in pipeline.stages]
+        for op in run.captured.graph.nodes:
+            stages[stage_of_group[run.grouping.op_to_group[op]]].append(op)
+        return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches,
+                        pipeline.schedule, pipeline.replicas)
 
 
 @dataclass(frozen=True)
@@ -311,14 +314,13 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     seconds: dict[str, float] = {}
     measurement = None
     if measurer is not None:
-        from placer.measurement import confirm_candidates, mark_measured, single_device_rows, summarize
+        from placer.measurement import confirm_candidates, mark_measured, single_device_rows
 
         start = time.perf_counter()
         if searched.result.stop_reason == "interrupted":
             mark_measured(measurer, candidates)  # Ctrl-C: no more runs, use what was measured
         else:
             confirm_candidates(measurer, candidates, extra_rows=single_device_rows(compiled.problem))
-        measurement = summarize(measurer, run.reward, list(searched.rounds))
         seconds["measure"] = time.perf_counter() - start
     table = comparison_table(compiled.problem, candidates)
     if measurer is not None:
@@ -332,6 +334,16 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs),
                                      search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
                                      seed=config.seed, initial=[resumed] if resumed is not None else [])
+    if measurer is not None:
+        from placer.measurement import confirm_pipelines, summarize
+
+        # Pipelined candidates are measured as pipelines (their un-pipelined assignment is
+        # another program); only measured rows compete once some exist (pick_winner).
+        start = time.perf_counter()
+        if searched.result.stop_reason != "interrupted":
+            table = confirm_pipelines(measurer, table, pipelines, compiled.op_pipeline)
+        seconds["measure"] += time.perf_counter() - start
+        measurement = summarize(measurer, run.reward, list(searched.rounds))
     fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]
     if fitting.empty:
         from placer.memory_fit import memory_needs

@@ -249,6 +249,13 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
         who = ", ".join(methods.get(r.row.tobytes(), []))
         lines.append(f"| {i} | {r.phase} | `{_row_text(r.row)}` | {_ms(r.step_time)} | {_ms(r.simulated)} | "
                      f"{_ms(r.predicted)} | {who} | {r.reason} |")
+    if getattr(m, "pipelines", None):
+        lines += ["", "Pipelined candidates, measured as pipelines (torch.distributed.pipelining, one process per "
+                      "stage device):", "",
+                  "| method | stages × M, schedule | measured (ms) | simulated (ms) | note |", "|:--|:--|--:|--:|:--|"]
+        for pm in m.pipelines:
+            shape = f"{len(pm.pipeline['stages'])} × {pm.pipeline['microbatches']}, {pm.pipeline['schedule']}"
+            lines.append(f"| {pm.method} | {shape} | {_ms(pm.step_time)} | {_ms(pm.simulated)} | {pm.reason} |")
     lines += ["", "Predicted: the calibrated simulator's figure before the placement was measured (hybrid, "
               "once a calibration existed). Measured times are medians of timed steps on these devices; on a "
               "shared machine they vary from run to run.", ""]

@@ -1,0 +1,113 @@
+"""``optimize --reward measured`` over worker processes: pipelined candidates are measured as
+pipelines (DistributedMeasurer.measure_pipelines), not as their un-pipelined assignment."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+
+import placer
+from envs.runtime.distributed import rank_cluster as rank_cluster_module
+from envs.runtime.measurer import MeasureCache, MeasureResult
+from graphs.capture import capture
+from graphs.pipeline import load_source
+
+MODEL = textwrap.dedent("""
+    import torch
+
+    def get_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def get_example_inputs():
+        torch.manual_seed(1)
+        return (torch.randn(8, 16),)
+    """)
+
+
+def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+
+
+@pytest.fixture
+def model_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
+    path = tmp_path / "chain.py"
+    path.write_text(MODEL)
+    return path
+
+
+class PipelineFake:
+    """Measures every placement at 10 ms; the first pipeline it is asked for at 1 ms, the others
+    refused (as a job that failed would be)."""
+
+    def __init__(self):
+        self.cache = MeasureCache()
+        self.placements, self.pipelines = [], []
+
+    def measure(self, placements):
+        self.placements += [dict(p) for p in placements]
+        return [MeasureResult(step_time=0.010) for _ in placements]
+
+    def measure_pipelines(self, pipelines):
+        self.pipelines += list(pipelines)
+        return [MeasureResult(step_time=0.001) if i == 0 else
+                MeasureResult(step_time=math.inf, valid=False, reason="the job failed: rank 1 exited with 1")
+                for i in range(len(pipelines))]
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_measured_pipeline_can_win(
+        model_file, tmp_path):
+    fake = PipelineFake()
+    result = placer.optimize(str(model_file), devices="cpu:0,cpu:1", reward="measured", budget="40",
+                             measurer=fake, baselines="single", out_dir=tmp_path / "out", seed=0)
+    spec = load_source(str(model_file), {})
+    ops = set(capture(spec.model, spec.example_inputs, name=spec.name).graph.nodes)
+    keys = [json.dumps(p.to_dict(), sort_keys=True) for p in fake.pipelines]
+    assert 1 <= len(keys) <= 2 and len(set(keys)) == len(keys)  # the top two distinct, each run once
+    for pipe in fake.pipelines:  # what the workers run: stages over the ops, no replicas
+        assert {n for s in pipe.stages for n in s} == ops and not pipe.replicas
+        assert set(pipe.devices) <= {"cpu:0", "cpu:1"}
+    table = result.table.set_index("method")
+    first = fake.pipelines[0]
+    measured = [m for m in result.measurement.pipelines if m.valid]
+    assert measured and all(m.pipeline == first.to_dict() for m in measured)
+    for m in measured:
+        assert table.at[m.method, "source"] == "measured" and table.at[m.method, "step_time"] == pytest.approx(0.001)
+        assert "measured as a pipeline" in table.at[m.method, "note"]
+    assert result.winner in {m.method for m in measured} and result.source == "measured"
+    assert result.placement.pipeline is not None and result.placement.pipeline.to_dict() == first.to_dict()
+    for m in result.measurement.pipelines:  # a refused pipeline stays simulated, with the reason
+        if not m.valid:
+            assert table.at[m.method, "source"] == "simulated"
+            assert "measurement invalid: the job failed: rank 1" in table.at[m.method, "note"]
+    hybrid = table[table.index == "placer (pipeline x DDP)"]
+    assert hybrid.empty or not hybrid["fits"].iloc[0] or "does not run pipeline x DDP hybrids" in hybrid["note"].iloc[0]
+    doc = result.measurement.to_dict(result.problem)
+    assert [p["method"] for p in doc["pipelines"]] == [m.method for m in result.measurement.pipelines]
+    assert "measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_measurer_without_pipelines_leaves_pipeline_rows_simulated_and_out_of_the_running(model_file):
+    class RowsOnly(PipelineFake):
+        measure_pipelines = None
+
+    result = placer.optimize(str(model_file), devices="cpu:0,cpu:1", reward="measured", budget="40",
+                             measurer=RowsOnly(), baselines="single", seed=0)
+    pipes = result.table[result.table["kind"] == "pipeline"]
+    assert not pipes.empty and (pipes["source"] != "measured").all()
+    assert result.source == "measured" and result.placement.pipeline is None
