@@ -111,3 +111,17 @@ def test_a_measurer_without_pipelines_leaves_pipeline_rows_simulated_and_out_of_
     pipes = result.table[result.table["kind"] == "pipeline"]
     assert not pipes.empty and (pipes["source"] != "measured").all()
     assert result.source == "measured" and result.placement.pipeline is None
+
+
+@pytest.mark.slow
+def test_measured_optimize_over_two_worker_processes_runs_the_pipelines_through_the_pipelining_engine(
+        model_file, tmp_path):
+    result = placer.optimize(str(model_file), devices="cpu:0,cpu:1", reward="measured", budget="10",
+                             baselines="single", out_dir=tmp_path / "out", seed=0)
+    runs = result.measurement.pipelines
+    assert runs and all(m.valid and 0 < m.step_time < 10 for m in runs), [m.reason for m in runs]
+    table = result.table.set_index("method")
+    for m in runs:
+        assert table.at[m.method, "source"] == "measured" and table.at[m.method, "step_time"] == m.step_time
+        assert m.simulated == table.at[m.method, "simulated_step_time"]
+    assert "Pipelined candidates, measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
