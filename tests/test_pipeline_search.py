@@ -232,6 +232,9 @@ def test_interleaved_1f1b_is_a_move_away_and_back():
     assert len(inter) == 1 and inter[0].num_stages == 8 and inter[0].devices == ((0, 1, 2, 3, 0, 1, 2, 3),)
     pipe = inter[0].pipeline(problem)
     assert simulate_pipeline(problem, pipe).step_time > 0  # ScheduleInterleaved1F1B accepts it
+    from envs.sim.data_parallel import simulate_pipelined
+
+    assert simulate_pipelined(problem, pipe).step_time == simulate_pipeline(problem, pipe).step_time
     back = {m.state.schedule for m in neighbours(inter[0], [0, 1, 2, 3], 16, cost) if m.kind == "schedule"}
     assert back == {"1f1b", "gpipe"}
     assert all(m.state.valid(16) for m in neighbours(inter[0], [0, 1, 2, 3], 16, cost))

@@ -286,7 +286,7 @@ def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -
     if len(pipelines) > 1 and first.schedule == "interleaved_1f1b":
         raise PipelineError("replicated pipelines run gpipe or 1f1b here; expected one stage per device")
     used = [d for p in pipelines for d in p.devices]
-    if len(set(used)) != len(used):
+    if len(pipelines) > 1 and len(set(used)) != len(used):  # one replica: its own rules (interleaved repeats)
         raise PipelineError(f"the replicas share devices ({used}); expected each device in one replica's one stage")
     r_m = len(pipelines) * first.microbatches
     if batch_size is not None and batch_size % r_m:
