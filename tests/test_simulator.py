@@ -458,6 +458,89 @@ def test_gantt_rows_and_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _two_cpus_and_a_gpu() -> Cluster:
+    """Two CPU devices in one process (copies between them run on the host: the static pass's
+    one-thread case) and a GPU (the engine thread of its own: the event pass)."""
+    devs = (Device("c0", "cpu", 2**30, 1e11, 2e10), Device("c1", "cpu", 2**30, 1e11, 2e10),
+            Device("g0", "V100", 2**30, 1e13, 1e12))
+    links = (Link("c0", "c1", 1e-5, 1e10), Link("c0", "g0", 2e-5, 5e9), Link("c1", "g0", 3e-5, 4e9))
+    return Cluster("2cpu+gpu", devs, links)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case, st.booleans())
+def test_schedule_records_each_gradient_copy_as_the_reference_runs_it(params, cpus_only_cluster):
+    seed, n, p, d, opt = params
+    rng = np.random.default_rng(seed)
+    g = random_dag(rng, n, p)
+    cluster = _two_cpus_and_a_gpu() if cpus_only_cluster else random_cluster(rng, d)
+    problem = compile_problem(g, cluster, optimizer=opt)
+    nd = problem.num_devices
+    high = 2 if cpus_only_cluster and rng.random() < 0.5 else nd  # CPUs only: the static pass
+    for row in rng.integers(0, high, size=(4, n)):
+        placement = problem.array_to_placement(row)
+        trace = ReferenceTrace()
+        ref = simulate_reference(g, cluster, placement, optimizer=opt, trace=trace)
+        sched = schedule(problem, row)
+        assert sched.result.step_time == simulate_batch(problem, row[None, :], backend="python").step_time[0]
+        assert _close(sched.result.step_time, ref.step_time)
+        events = {(task, res.split(":")[0]): (a, b) for task, res, a, b in trace.events if task.startswith("XB:")}
+        names = problem.ops.names
+        expected = np.full((n, nd, 4), np.nan)
+        for (task, kind), (a, b) in events.items():
+            dev, op = task[3:].split("->")
+            i, j = names.index(op), problem.device_names.index(dev)
+            expected[i, j, (0, 1) if kind == "thread" else (2, 3)] = (a, b)
+        got = np.stack([sched.grad_copy_thread_start, sched.grad_copy_thread_end,
+                        sched.grad_copy_start, sched.grad_copy_end], axis=-1)
+        assert np.array_equal(np.isnan(got), np.isnan(expected)), (row, sched.certified)
+        assert _close(got[~np.isnan(got)], expected[~np.isnan(expected)])
+
+
+def test_gantt_draws_the_gradient_copy_of_a_cut_edge_where_the_reference_runs_it(tmp_path, monkeypatch):
+    from placer.report.gantt import gantt_rows, plot_gantt
+
+    g = nx.DiGraph(name="cut")
+    for i in range(3):
+        g.add_node(f"x{i}", op="call_module", flops=2e9, bytes_moved=10**6, out_bytes=4 * 10**6,
+                   param_bytes=4096, requires_grad=True)
+    g.add_edge("x0", "x1", bytes=4 * 10**6)
+    g.add_edge("x1", "x2", bytes=4 * 10**6)
+    cluster = _gpus(2, link=(1e-5, 1e9))
+    problem = compile_problem(g, cluster)
+    placement = {"x0": "gpu0", "x1": "gpu1", "x2": "gpu1"}
+    trace = ReferenceTrace()
+    simulate_reference(g, cluster, placement, trace=trace)
+    sched = schedule(problem, placement)
+    rows = dict(gantt_rows(problem, sched))
+    start, end = trace.interval("XB:gpu1->x0", "copy:gpu1->gpu0")
+    assert end - start == pytest.approx(1e-5 + 4e6 / 1e9)
+    [(bar_start, width)] = rows["gpu1→gpu0"]["gradient copy"]  # the gradient flows back to x0's device
+    assert (bar_start, bar_start + width) == pytest.approx((start * 1e3, end * 1e3), rel=1e-12)
+    assert rows["gpu0→gpu1"]["gradient copy"] == [] and len(rows["gpu0→gpu1"]["copy"]) == 1
+    issue = trace.interval("XB:gpu1->x0", "thread:gpu1")  # issued by gpu1's engine thread
+    [(t0, tw)] = rows["gpu1 engine thread"]["gradient copy"]
+    assert (t0, t0 + tw) == pytest.approx((issue[0] * 1e3, issue[1] * 1e3), rel=1e-12)
+    step = simulate(problem, placement).step_time  # what the table reports
+    assert sched.result.step_time == step
+    assert max(s + w for bars in rows.values() for spans in bars.values() for s, w in spans) <= step * 1e3
+    from matplotlib.figure import Figure
+
+    shown = []
+    real_savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):  # what the PNG shows: its title and legend
+        ax = fig.axes[0]
+        shown.extend([ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    plot_gantt(problem, placement, tmp_path / "cut.png")
+    title, legend = shown
+    assert f"step {step * 1e3:.3f} ms" in title
+    assert "gradient copy" in legend and "copy" in legend
+
+
 def test_work_bound_is_never_above_the_lp_optimum():
     from scipy.optimize import linprog
 

@@ -89,7 +89,8 @@ def forward_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, rd, wr
     ``s`` [D+2] stream clocks (zeroed here), ``mark``/``dst``/``nb`` [D] scratch, ``mem`` [D]
     += received copies, ``acc`` [2] += (copy seconds, copy bytes). ``trace`` [N, 4] (or
     shape (0, 4)) receives host start/end and stream start/end of each op; ``xtrace``
-    [N*D, 2] the interval of each copy ``(i*D + b)``.
+    [N*D, 6] (or shape (0, 6)) in columns 0-1 the interval of each copy ``(i*D + b)``
+    (columns 2-5 are the backward's: :func:`static_pass`).
     """
     n = op_group.shape[0]
     for k in range(s.shape[0]):
@@ -164,7 +165,11 @@ def static_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gr
 
     Returns ``(step, certified)``; ``mem`` [D] += received copies, ``acc`` [2] += copy
     seconds and bytes. ``trace`` [N, 8] (or shape (0, 8)) receives forward host/stream
-    intervals (columns 0-3) and backward thread/stream intervals (4-7).
+    intervals (columns 0-3) and backward thread/stream intervals (4-7). ``xtrace`` [N*D, 6]
+    (or shape (0, 6)) receives, for the copy of op i's output to device b (row ``i*D + b``),
+    the forward copy's interval (columns 0-1), then its backward node's, the gradient
+    flowing back from b to op i's device: the slice on b's thread that issues it (2-3) and
+    the copy itself (4-5), as the reference's ``XB`` events.
     """
     copy_s = consts[0]
     h = forward_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, rd, wr, lat, inv_bw, blocking,
@@ -218,7 +223,8 @@ def static_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gr
                 ok = False
             if r > tb and r > maxidle[p]:
                 maxidle[p] = r
-            st = (tb if tb > r else r) + copy_s
+            pick = tb if tb > r else r
+            st = pick + copy_s
             pair = b * nd + d
             x = lat[pair] + nb[b] * inv_bw[pair]
             if is_cpu[b] == 0:
@@ -242,6 +248,11 @@ def static_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gr
             r_op = tt if tt > r_op else r_op
             acc[0] += x
             acc[1] += nb[b]
+            if tracing:
+                xtrace[i * nd + b, 2] = pick
+                xtrace[i * nd + b, 3] = st
+                xtrace[i * nd + b, 4] = e - x
+                xtrace[i * nd + b, 5] = e
         p = thread_of[d]
         tb = t[p]
         if r_op < maxidle[p]:
@@ -437,7 +448,7 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
     the bitset once ``free[p]`` reaches them. Each thread's next node (picked when the
     thread is free, or when its earliest node gets ready) is enqueued after its host part;
     enqueues happen one at a time in time order, at equal times the higher id first.
-    ``ws`` is a :func:`workspace`.
+    ``ws`` is a :func:`workspace`; ``trace`` and ``xtrace`` as for :func:`static_pass`.
 
     The set and heap operations are written out in the loop rather than called: a
     compiled call (or an inlined one) that passes arrays takes a reference on each, two
@@ -564,6 +575,11 @@ def event_pass(row, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gra
             fin = e if blocking[pair] else enq
             acc[0] += x
             acc[1] += node_bytes[v]
+            if tracing:  # the row of the forward copy (i, b) whose gradient this is
+                xtrace[i * nd + b, 2] = pick
+                xtrace[i * nd + b, 3] = enq
+                xtrace[i * nd + b, 4] = e - x
+                xtrace[i * nd + b, 5] = e
             k0 = 0  # its gradient goes to op i's node
             k1 = 1
         free[p] = fin

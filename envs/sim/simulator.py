@@ -146,6 +146,12 @@ class Schedule:
             (the host for a CPU device).
         bwd_start, bwd_end: [N] the backward kernel on the GPU stream (the thread slice on a CPU).
         copy_start, copy_end: [N, D] the forward copy of op i's output to device b.
+        grad_copy_thread_start, grad_copy_thread_end: [N, D] the backward node of that copy
+            (the gradient flowing back from b to op i's device): its issuing slice on b's
+            thread (the engine thread of a GPU b, the host for a CPU); NaN where no gradient
+            comes back.
+        grad_copy_start, grad_copy_end: [N, D] that gradient copy itself (it holds both
+            devices' streams, R5 reversed).
         certified: the fast backward pass was exact (else the engine's event loop ran).
         result: the step's :class:`StepResult`.
     """
@@ -162,6 +168,10 @@ class Schedule:
     bwd_end: np.ndarray
     copy_start: np.ndarray
     copy_end: np.ndarray
+    grad_copy_thread_start: np.ndarray
+    grad_copy_thread_end: np.ndarray
+    grad_copy_start: np.ndarray
+    grad_copy_end: np.ndarray
     certified: bool
     result: StepResult
 
@@ -303,7 +313,7 @@ def _workspace(a: _Arrays, n_ops: int) -> tuple[np.ndarray, ...]:
 
 
 _NO_TRACE = np.zeros((0, 8))
-_NO_XTRACE = np.zeros((0, 2))
+_NO_XTRACE = np.zeros((0, 6))
 
 
 def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndarray, ...], mem: np.ndarray,
@@ -661,7 +671,7 @@ def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[
     row = np.asarray(pl, dtype=np.int64).ravel()
     n, nd = op_group.shape[0], a.n_devices
     trace = np.full((n, 8), np.nan)
-    xtrace = np.full((n * nd, 2), np.nan)
+    xtrace = np.full((n * nd, 6), np.nan)
     certified = bool(res.certified[0])
     _one(a, row, op_group, _workspace(a, n), np.zeros(nd), np.zeros(2), force_events=not certified, trace=trace, xtrace=xtrace)
     op_dev = row[op_group]
@@ -682,6 +692,10 @@ def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[
         bwd_end=np.where(cpu, trace[:, 5], trace[:, 7]),
         copy_start=xtrace[:, 0].reshape(n, nd),
         copy_end=xtrace[:, 1].reshape(n, nd),
+        grad_copy_thread_start=xtrace[:, 2].reshape(n, nd),
+        grad_copy_thread_end=xtrace[:, 3].reshape(n, nd),
+        grad_copy_start=xtrace[:, 4].reshape(n, nd),
+        grad_copy_end=xtrace[:, 5].reshape(n, nd),
         certified=certified,
         result=res[0],
     )

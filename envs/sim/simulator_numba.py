@@ -35,7 +35,7 @@ def _rows(lo, hi, pl, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_g
     ws = workspace(op_group.shape[0], nd, n_threads, id_op.shape[0])
     s, t, done, mark, dst, nb, xr, lastissue, lastthread, maxidle = ws[0:10]
     trace = np.zeros((0, 8))
-    xtrace = np.zeros((0, 2))
+    xtrace = np.zeros((0, 6))
     for b in range(lo, hi):
         row = pl[b]
         mem = recv[b]

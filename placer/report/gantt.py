@@ -3,10 +3,12 @@
 Rows, as the simulator runs the step (:mod:`envs.sim.reference_simulator`): the **host
 thread** (every op's dispatch in program order, the whole op for a CPU device, and the
 backward of CPU ops), then per GPU its **stream** (forward and backward kernels) and its
-autograd **engine thread** (backward launches), then one row per device pair that carried
-forward copies. Shared time axis in milliseconds; the timeline comes from
-:func:`envs.sim.simulator.schedule`. (The one-process timeline does not yet hold the
-backward's gradient copies: the kernels' trace records the forward copies only.)
+autograd **engine thread** (backward launches), then one row per direction between two
+devices that carried copies: the forward's copies and the backward's gradient copies (the
+gradient of a value copied a→b flows b→a) in their own colours. A gradient copy's issuing
+slice also shows on the thread that issues it (the engine thread of its source GPU, the
+host for a CPU). Shared time axis in milliseconds; the timeline comes from
+:func:`envs.sim.simulator.schedule`.
 
 On a rank cluster (``--devices cpu:0,cpu:1``) the step is the multi-process runtime's
 (:mod:`envs.sim.ranks`), so the chart is drawn from the rank simulator's trace instead: one
@@ -49,6 +51,8 @@ def gantt_rows(problem: PlacementProblem, sched: Schedule) -> list[tuple[str, di
     rows = [(HOST_ROW, {
         "forward": _bars(sched.fwd_host_start, sched.fwd_host_end),
         "backward": _bars(sched.bwd_thread_start[on_cpu], sched.bwd_thread_end[on_cpu]),
+        "gradient copy": _bars(sched.grad_copy_thread_start[:, cpu_kind].ravel(),
+                               sched.grad_copy_thread_end[:, cpu_kind].ravel()),
     })]
     for d, name in enumerate(problem.device_names):
         on = sched.op_device == d
@@ -58,15 +62,20 @@ def gantt_rows(problem: PlacementProblem, sched: Schedule) -> list[tuple[str, di
             "forward": _bars(sched.fwd_start[on], sched.fwd_end[on]),
             "backward": _bars(sched.bwd_start[on], sched.bwd_end[on]),
         }))
-        rows.append((f"{name} engine thread", {"backward": _bars(sched.bwd_thread_start[on], sched.bwd_thread_end[on])}))
+        rows.append((f"{name} engine thread", {
+            "backward": _bars(sched.bwd_thread_start[on], sched.bwd_thread_end[on]),
+            "gradient copy": _bars(sched.grad_copy_thread_start[:, d], sched.grad_copy_thread_end[:, d]),
+        }))
     for a, name_a in enumerate(problem.device_names):
         for b, name_b in enumerate(problem.device_names):
-            from_a = sched.op_device == a
-            if a == b or not from_a.any():
+            if a == b:
                 continue
-            bars = _bars(sched.copy_start[from_a, b], sched.copy_end[from_a, b])
-            if bars:
-                rows.append((f"{name_a}→{name_b}", {"copy": bars}))
+            # a's values copied to b, and the gradients of b's values copied to a (they flow a→b)
+            of_a, of_b = sched.op_device == a, sched.op_device == b
+            bars = {"copy": _bars(sched.copy_start[of_a, b], sched.copy_end[of_a, b]),
+                    "gradient copy": _bars(sched.grad_copy_start[of_b, a], sched.grad_copy_end[of_b, a])}
+            if any(bars.values()):
+                rows.append((f"{name_a}→{name_b}", bars))
     return rows
 
 
