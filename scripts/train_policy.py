@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     print(f"training on {len(tasks)} tasks x {args.epochs} epochs, {args.budget} placements each; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {load0:.1f}", flush=True)
-    report = pretrain(tasks, args.out, budget=args.budget, seed=args.seed, epochs=args.epochs)
+    report = pretrain(tasks, args.out, placements=args.budget, seed=args.seed, epochs=args.epochs)
     print(f"saved {args.out} ({args.out.stat().st_size:,} bytes); {report.placements:,} placements, "
           f"CPU {report.cpu_s:.0f} s, wall {report.wall_s:.0f} s, load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     return 0

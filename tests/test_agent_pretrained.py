@@ -72,7 +72,7 @@ def test_pretraining_resumes_one_policy_across_tasks_and_saves_it(tmp_path):
     tasks = [t for t in training_tasks() if t.name.startswith(("layered-8x3", "recurrent-2x8"))][:2]
     assert len(tasks) == 2
     out = tmp_path / "p.pt"
-    report = pretrain(tasks, out, budget=200)
+    report = pretrain(tasks, out, placements=200)
     assert len(report.lines) == 2 and report.placements == 400 and report.cpu_s > 0
     assert "seeded" in report.lines[0] or "seeded" in report.lines[1]
     MovePolicy.load(out)

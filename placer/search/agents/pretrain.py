@@ -180,11 +180,11 @@ class TrainingLog:
     placements: int = 0
 
 
-def pretrain(tasks: list[Task], out: Path, budget: int = 4000, seed: int = 0, epochs: int = 1,
+def pretrain(tasks: list[Task], out: Path, placements: int = 3000, seed: int = 0, epochs: int = 1,
              start: Path | None = None) -> TrainingLog:
     """Train one move policy over ``tasks`` (``epochs`` passes) and save it at ``out``.
 
-    Each task is one :func:`placer.search.search.search` with ``budget`` evaluated placements,
+    Each task is one :func:`placer.search.search.search` with ``placements`` evaluated placements,
     resuming the weights the previous task saved (the first starts from ``start``, or fresh
     weights). Tasks alternate (and swap every epoch) between a search from the heuristic seeds
     with local search and one from the policy's own start alone.
@@ -217,7 +217,8 @@ def pretrain(tasks: list[Task], out: Path, budget: int = 4000, seed: int = 0, ep
             # A few thousand placements can be most of a tiny graph's space: the search then spends
             # its time drawing proposals it already evaluated, and learns nothing new.
             space = problem.num_nodes * math.log(max(problem.num_devices, 1))
-            task_budget = int(budget) if space > math.log(8 * int(budget)) else max(256, int(math.exp(space) / 8))
+            task_budget = int(placements) if space > math.log(8 * int(placements)) else \
+                max(256, int(math.exp(space) / 8))
             result = search(problem, agent="moves", budget=task_budget, seed=seed + k, patience=None,
                             initial_placements=seeds if seeded else None, local_search=seeded, save_path=out, resume=True,
                             pretrained=False)
