@@ -66,4 +66,4 @@ def test_ddp_that_does_not_fit_is_reported_and_a_pipeline_recommended():
     ddp = table[table["method"] == "ddp"].iloc[0]
     assert not ddp["fits"] and "does not fit" in ddp["note"]
     line = recommendation_line(table, "split")
-    assert "recommendation: pipeline:" in line and "DDP does not fit" in line
+    assert ", pipeline); DDP does not fit" in line and line.startswith("recommendation: ")

@@ -36,6 +36,13 @@ def rank_run(tmp_path_factory):
 
 def _rank_step(result, cluster) -> float:
     captured = result.prepared.captured
+    if result.placement.pipeline is not None:  # a pipelined winner (issue 16): the pipeline's simulated step
+        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.pipeline import group_pipeline
+        from placer.cli.show import simulate_placement
+
+        problem, _ = simulate_placement(result.prepared, result.placement.assignment, cluster)
+        return simulate_pipelined(problem, group_pipeline(problem, result.placement.pipeline)).step_time
     sim = RankSimulator(captured.graph, cluster, leaves=value_leaves(captured.gm),
                         op_to_group=result.prepared.grouping.op_to_group)
     return sim.simulate(result.placement.assignment, trace=False).step_time
@@ -45,6 +52,10 @@ def test_optimize_on_ranks_reports_the_rank_simulators_step_for_its_winner(rank_
     result, cluster, _ = rank_run
     expected = _rank_step(result, cluster)
     assert result.problem.rank_simulator is not None
+    if result.placement.pipeline is not None:
+        winner = result.table[result.table["method"] == result.winner]
+        assert float(winner["simulated_step_time"].iloc[0]) == pytest.approx(expected, rel=1e-12)
+        return
     assert float(simulate_batch(result.problem, result.group_row).step_time[0]) == pytest.approx(expected, rel=1e-12)
     winner = result.table[result.table["method"] == result.winner]
     assert float(winner["simulated_step_time"].iloc[0]) == pytest.approx(expected, rel=1e-12)
@@ -71,10 +82,16 @@ def test_show_on_the_saved_placement_agrees_with_optimize_over_ranks(rank_run):
 
     result, cluster, out = rank_run
     saved = load_placement(out / "placement.json")
-    _, shown = simulate_placement(result.prepared, saved.assignment, cluster)
-    assert shown.step_time == pytest.approx(_rank_step(result, cluster), rel=1e-12)
+    problem, shown = simulate_placement(result.prepared, saved.assignment, cluster)
+    step = shown.step_time
+    if saved.pipeline is not None:  # show simulates the saved pipeline (issue 16)
+        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.pipeline import group_pipeline
+
+        step = simulate_pipelined(problem, group_pipeline(problem, saved.pipeline)).step_time
+    assert step == pytest.approx(_rank_step(result, cluster), rel=1e-12)
     winner = result.table[result.table["method"] == result.winner]
-    assert shown.step_time == pytest.approx(float(winner["simulated_step_time"].iloc[0]), rel=1e-12)
+    assert step == pytest.approx(float(winner["simulated_step_time"].iloc[0]), rel=1e-12)
 
 
 def test_placer_show_rebuilds_the_rank_cluster_from_the_recorded_links(rank_run, tmp_path, capsys):
@@ -83,7 +100,11 @@ def test_placer_show_rebuilds_the_rank_cluster_from_the_recorded_links(rank_run,
     result, cluster, out = rank_run
     assert main(["show", str(out / "placement.json"), "--model", "zoo:rnnlm", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert f"simulated on {cluster.name}: {_rank_step(result, cluster) * 1e3:.3f} ms per step" in printed
+    pipe = result.placement.pipeline
+    replicas = f" x {pipe.num_replicas} replicas" if pipe is not None and pipe.replicas else ""
+    shape = "" if pipe is None else (f", pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, "
+                                     f"M={pipe.microbatches})")
+    assert f"simulated on {cluster.name}{shape}: {_rank_step(result, cluster) * 1e3:.3f} ms per step" in printed
 
 
 def test_malformed_recorded_links_are_refused_with_one_clear_line(rank_run):
