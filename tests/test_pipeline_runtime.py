@@ -121,6 +121,31 @@ def test_ddp_over_two_processes_trains_like_the_unsplit_model():
     assert_same(run, reference(gm, batch))
 
 
+@pytest.mark.parametrize("cls, schedule, cuts", [
+    (Chain, "1f1b", {"l3"}),
+    (Skip, "gpipe", {"l2"}),
+])
+def test_a_pipeline_x_ddp_hybrid_of_two_stages_by_two_replicas_trains_like_the_unsplit_model(cls, schedule, cuts):
+    """4 processes: replica 0's stages on cpu:0, cpu:1 and replica 1's on cpu:2, cpu:3, each on
+    half the batch in 2 micro-batches over its own process group; each stage's gradients
+    averaged over its two copies: the full batch's loss, gradients and parameters, and the
+    replicas' copies stay equal (tied_gap lists every parameter, each held by 2 ranks, at 0)."""
+    gm, batch = model_and_batch(cls)
+    pipe = Pipeline(stages_of(gm, cuts), ("cpu:0", "cpu:1"), 2, schedule, (("cpu:2", "cpu:3"),))
+    run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=180)
+    assert sorted(run.rank_cpu_times) == [0, 1, 2, 3]
+    assert_same(run, reference(gm, batch))
+    assert set(run.tied_gap) == {n for n, _ in gm.named_parameters()}
+    assert max(run.tied_gap.values()) <= 1e-6
+
+
+def test_a_hybrid_whose_replicas_times_microbatches_do_not_divide_the_batch_is_refused_before_starting():
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 3, "gpipe", (("cpu:2", "cpu:3"),))
+    with pytest.raises(PipelineError, match="2 replicas x 3 micro-batches do not divide the batch of 8"):
+        run_training(gm, batch, pipe)
+
+
 def test_microbatches_that_do_not_divide_the_batch_are_refused_before_starting():
     gm, batch = model_and_batch(Chain)
     with pytest.raises(PipelineError, match="3 micro-batches do not divide the batch of 8"):
@@ -170,10 +195,13 @@ def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_pa
     assert_same(read_results(tmp_path, 2), reference(gm, batch))
 
 
-def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_like_the_unsplit_model():
+@pytest.mark.parametrize("replicas", [(), (("cpu:2", "cpu:3"),)], ids=["one replica", "two replicas"])
+def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_like_the_unsplit_model(replicas):
     """GPT-2's ``wte.weight`` is read by the embedding (stage 0) and the head (stage 1): each
     process holds a copy, their gradients are summed before the optimizer step, and the copies
-    stay equal over 3 steps; loss, gradients and parameters match the unsplit model."""
+    stay equal over 3 steps; loss, gradients and parameters match the unsplit model. With two
+    replicas (4 processes, 2 samples each) the tied sum within each replica composes with the
+    average over replicas: the four copies of ``wte.weight`` stay equal too."""
     from graphs.pipeline import prepare
 
     prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
@@ -183,7 +211,7 @@ def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_li
     loss_fn = prep.spec.loss_fn
     compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
-    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "1f1b")
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "1f1b", replicas)
     specs = split_stages(gm, pipe)
     assert all("wte.weight" in dict(s.gm.named_parameters()) for s in specs)
 
@@ -202,7 +230,10 @@ def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_li
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         losses.append(float(loss.detach()))
         opt.step()
-    assert run.tied_gap == {"wte.weight": 0.0}
+    if replicas:  # every parameter has a copy per replica; all copies stay equal
+        assert set(run.tied_gap) == set(grads) and max(run.tied_gap.values()) <= 1e-5
+    else:
+        assert run.tied_gap == {"wte.weight": 0.0}
     assert run.losses == pytest.approx(losses, rel=1e-5)
     assert set(run.grads) == set(grads)
     for n in grads:

@@ -231,7 +231,9 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
                  host: str = "127.0.0.1", port: int | None = None,
                  problem: PlacementProblem | None = None) -> TrainingRun:
     """Train ``steps`` steps of ``gm`` on ``inputs`` (placeholder name -> full batch) with
-    ``pipeline`` (one process per stage device) or, without one, DDP over ``world`` processes.
+    ``pipeline`` (one process per stage device; a pipeline x DDP hybrid: one per stage device
+    of every replica, each replica on its ``1/R`` of the batch, gradients averaged per stage
+    across replicas) or, without one, DDP over ``world`` processes.
 
     Args:
         loss_fn: ``loss_fn(output, *inputs)`` (placer's contract); None: the graph's output is the loss.
@@ -246,21 +248,29 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
 
     Raises:
         PipelineRunError: a rank died or the job timed out (module doc).
-        PipelineError: ``M`` does not divide the batch, a value crossing a stage boundary has a
-            shape that depends on the data, a stage does not fit its device, or the pipeline has
-            replicas (a pipeline x DDP hybrid; all checked before starting).
+        PipelineError: ``R x M`` does not divide the batch, a value crossing a stage boundary
+            has a shape that depends on the data, or a stage does not fit its device (all
+            checked before starting).
     """
     if pipeline is not None:
-        if pipeline.replicas:
-            # The workers run replica 0's stages on the whole batch: refuse rather than time something else.
-            raise PipelineError(f"a pipeline x DDP hybrid ({pipeline.num_replicas} replicas) is not run by this "
-                                "runtime (one pipeline per job); expected a pipeline without replicas")
         batch = int(next(iter(inputs.values())).shape[0])
         pipeline.check_batch(batch)
+        replicas = pipeline.replica_pipelines()
         if problem is not None:
-            check_pipeline(problem, whole_pipeline(gm, pipeline), batch)
-        check_static_shapes(gm, inputs, pipeline)
-        world = len(pipeline.ranks)
+            if pipeline.replicas:
+                from envs.sim.data_parallel import simulate_hybrid
+
+                hybrid = simulate_hybrid(problem, [whole_pipeline(gm, p) for p in replicas])
+                if not hybrid.fits:
+                    raise PipelineError(f"the pipeline x DDP hybrid does not fit: {'; '.join(hybrid.memory_problems())}; "
+                                        "expected a cut, M or R that fits")
+            else:
+                check_pipeline(problem, whole_pipeline(gm, pipeline), batch)
+        # Every replica runs replica 0's stages on its own 1/R of the batch: check each slice.
+        share = batch // len(replicas)
+        for r in range(len(replicas)):
+            check_static_shapes(gm, {k: v[r * share:(r + 1) * share] for k, v in inputs.items()}, replicas[0])
+        world = len(replicas) * len(pipeline.ranks)
     if world is None or world < 1:
         raise PipelineRunError("DDP needs world >= 1 processes")
     job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port)

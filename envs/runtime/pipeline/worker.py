@@ -13,7 +13,12 @@ and output metadata from one micro-batch forward: dynamic mode would run BatchNo
 uninitialised buffers) and runs the schedule's ``step`` per training step, then its
 optimizer over its stages' parameters. A parameter read by stages on several ranks (tied
 weights) has a copy on each; its gradient is summed over those ranks before the optimizer
-step, so the copies stay equal. DDP: rank ``r`` trains the whole model on its
+step, so the copies stay equal. A pipeline x DDP hybrid (``replicas``) runs ``R x P``
+ranks: replica ``r``'s pipeline rank ``l`` is global rank ``r * P + l``; each replica's
+stages talk over the replica's own process group, take the replica's ``1/R`` of the batch,
+and after the schedule's backward (and the tied sums) each parameter's gradient is
+averaged over the ``R`` ranks holding that stage (a process group per pipeline rank), as
+DDP averages over its replicas. DDP: rank ``r`` trains the whole model on its
 ``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
 """
 
@@ -73,6 +78,25 @@ def _tied_groups(tied: dict[str, tuple[int, ...]], world: int) -> dict[tuple[int
     return groups
 
 
+def replica_layout(num_replicas: int, ranks_per_replica: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(replica groups, stage groups)`` of a pipeline x DDP hybrid's global ranks: replica
+    ``r``'s pipeline rank ``l`` is global rank ``r * P + l``; a replica group holds one
+    replica's ranks (its schedule's p2p), a stage group the ``R`` ranks running the same
+    pipeline rank in every replica (its gradients' all-reduce)."""
+    p = ranks_per_replica
+    replicas = [[r * p + lr for lr in range(p)] for r in range(num_replicas)]
+    stages = [[r * p + lr for r in range(num_replicas)] for lr in range(p)]
+    return replicas, stages
+
+
+def _new_groups(members: list[list[int]], world: int) -> list[Any]:
+    """A process group per list of ranks (None: the whole world, the default group), created by
+    every rank in the same order (``new_group`` is collective over the world)."""
+    import torch.distributed as dist
+
+    return [None if len(m) == world else dist.new_group(m) for m in members]
+
+
 def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[int, ...]],
                  groups: dict[tuple[int, ...], Any], rank: int) -> None:
     """Sum the gradient of each tied parameter over the ranks holding a copy, so each copy gets
@@ -88,6 +112,22 @@ def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[in
         dist.all_reduce(p.grad, group=groups[ranks])
 
 
+def _average_replicas(params: dict[str, torch.nn.Parameter], group: Any, replicas: int) -> None:
+    """Average each parameter's gradient over the ``replicas`` ranks running the same stages
+    (DDP's all-reduce then divide by the world). Each replica's loss is the mean over its
+    ``1/R`` of the batch, so the average of the replicas' gradients is the full batch's
+    mean-loss gradient. A tied parameter's copies already hold their replica's whole gradient
+    (:func:`_reduce_tied`), so they stay equal across holders and replicas. A parameter without
+    a gradient (off the loss's autograd path; the same graph in every replica) is skipped by
+    every replica alike, so the collectives match."""
+    import torch.distributed as dist
+
+    for p in dict.fromkeys(params.values()):
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(replicas)
+
+
 def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
@@ -98,12 +138,27 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     pipeline = Pipeline.from_dict(job["pipeline"])
     batch = int(next(iter(inputs.values())).shape[0])
     pipeline.check_batch(batch)
-    m, s_ = pipeline.microbatches, pipeline.num_stages
+    m, s_, n_rep = pipeline.microbatches, pipeline.num_stages, pipeline.num_replicas
+    p_ = len(pipeline.ranks)
+    if world != n_rep * p_:
+        raise PipelineError(f"the pipeline needs {n_rep} x {p_} ranks; the job has {world}")
+    replica, local = divmod(rank, p_)
+    replica_ranks, stage_ranks = replica_layout(n_rep, p_)
+    replica_groups = _new_groups(replica_ranks, world) if n_rep > 1 else [None]
+    stage_groups = _new_groups(stage_ranks, world) if n_rep > 1 else [None] * p_
+    # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
+    share = batch // n_rep
+    inputs = {k: v[replica * share:(replica + 1) * share] for k, v in inputs.items()}
+    batch = share
     specs = split_stages(gm, pipeline)
-    rank_of = [s % world for s in range(s_)]
-    tied = tied_holders(specs, rank_of)
-    groups = _tied_groups(tied, world)
-    mine = [spec for spec in specs if rank_of[spec.index] == rank]
+    rank_of = [s % p_ for s in range(s_)]
+    tied_local = tied_holders(specs, rank_of)
+    # Every rank creates every replica's tied groups, replica by replica, in the same order.
+    tied_groups = [_tied_groups({n: tuple(r * p_ + x for x in hs) for n, hs in tied_local.items()}, world)
+                   for r in range(n_rep)]
+    tied = {n: tuple(replica * p_ + x for x in hs) for n, hs in tied_local.items()}
+    groups = tied_groups[replica]
+    mine = [spec for spec in specs if rank_of[spec.index] == local]
     metas = boundary_metas(gm, microbatch(inputs, 0, m), {v for spec in specs for v in spec.recv + spec.send})
     names = list(inputs)
     stages = []
@@ -112,8 +167,11 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         mod = StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
                     else tuple(metas[v] for v in mod.send_tensors))
+        # With a group, the stage's peers are group ranks (stage s -> s mod P in the group),
+        # mapped to global ranks by dist.get_global_rank (stage.py, _resolve_peer_global_rank).
         stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
-                                    input_args=tuple(metas[v] for v in mod.recv_tensors), output_args=out_meta))
+                                    input_args=tuple(metas[v] for v in mod.recv_tensors), output_args=out_meta,
+                                    group=replica_groups[replica]))
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
@@ -124,6 +182,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     opt = make_optimizer(job["optimizer"], params)
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
+    res["replica"] = replica
     for step in range(int(job["steps"])):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
@@ -132,6 +191,8 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
+        if n_rep > 1:
+            _average_replicas(named, stage_groups[local], n_rep)
         if step == 0:
             res["grads"] = {n: p.grad.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()
                             if p.grad is not None}
@@ -139,7 +200,12 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         res["step_s"].append(time.perf_counter() - t)
         res["cpu_s"].append(time.process_time() - c)
         if has_last:
-            res["losses"].append(float(sum(float(x.detach()) for x in losses)))
+            total = sum(float(x.detach()) for x in losses)
+            if n_rep > 1:  # the full batch's mean: the average of the replicas' means
+                both = torch.tensor(total, dtype=torch.float64)
+                dist.all_reduce(both, group=stage_groups[local])
+                total = float(both) / n_rep
+            res["losses"].append(total)
     res["params"] = {n: p.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()}
 
 
