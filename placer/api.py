@@ -86,36 +86,32 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
     worker processes on this machine (``cpu:0,cpu:1``, a placement made over real rank
     devices): one process per stage device under ``torch.distributed.pipelining``; else the
     reason it runs un-pipelined in one process (devices of a simulated cluster, mapped onto
-    their real device); None without a pipeline.
-
-    Raises:
-        PlacerError: a pipeline x DDP hybrid (``replicas``), which the pipeline runtime does not run.
-    """
+    their real device); None without a pipeline. A pipeline x DDP hybrid (``replicas``) runs
+    as processes when every replica's stage devices are worker processes (one per stage
+    device of every replica)."""
     from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 
     pipe = placement.pipeline
     if pipe is None:
         return None
-    if pipe.replicas:
-        raise PlacerError(
-            f"the placement is a pipeline x DDP hybrid ({pipe.num_replicas} replicas of a {pipe.num_stages}-stage "
-            "pipeline), which placer's pipeline runtime cannot run yet (one pipeline per job); expected a pipeline "
-            "without replicas: delete the pipeline's \"replicas\" field to run one replica on the whole batch")
     simulated = placement.metadata.get("simulated_cluster") is True
     if cluster is not None:
         from envs.hardware.loading import load_cluster
 
         simulated = bool(load_cluster(cluster).simulated)
     try:
-        devices = parse_rank_devices(list(pipe.ranks))
+        devices = parse_rank_devices([*pipe.ranks, *(d for r in pipe.replicas for d in r)])
     except RankDeviceError:
         devices = []
     if not simulated and devices and all(d.local and d.kind == "cpu" for d in devices):
         return "processes"
     where = "a simulated cluster's" if simulated else "not CPU worker processes of this machine (cpu:N)"
-    return (f"the pipeline ({pipe.num_stages} stages, M={pipe.microbatches}, {pipe.schedule}) is not run as one: "
-            f"its devices {list(pipe.ranks)} are {where}, so its stages' assignment runs un-pipelined in one "
-            "process; place over worker processes (optimize --devices cpu:0,cpu:1) to run it pipelined")
+    replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
+    first = " (replica 0's, on the whole batch)" if pipe.replicas else ""
+    return (f"the pipeline ({pipe.num_stages} stages{replicas}, M={pipe.microbatches}, {pipe.schedule}) is not run "
+            f"as one: its devices {list(pipe.ranks)} are {where}, so its stages' assignment{first} runs "
+            "un-pipelined in one process; place over worker processes (optimize --devices cpu:0,cpu:1) to run it "
+            "pipelined")
 
 
 def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
@@ -139,14 +135,19 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
     run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps,
                        optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s)
     times = list(run.step_times[warmup:])
-    stage_list = ", ".join(f"{d} (stage{'s' if pipe.devices.count(d) > 1 else ''} "
-                           f"{', '.join(str(s) for s, x in enumerate(pipe.devices) if x == d)})" for d in pipe.ranks)
+    stage_list = "; ".join(
+        (f"replica {r}: " if pipe.replicas else "") + ", ".join(
+            f"{d} (stage{'s' if devs.count(d) > 1 else ''} {', '.join(str(s) for s, x in enumerate(devs) if x == d)})"
+            for d in dict.fromkeys(devs))
+        for r, devs in enumerate((pipe.devices, *pipe.replicas)))
+    replicas = (f" x {pipe.num_replicas} replicas (each on 1/{pipe.num_replicas} of the batch, gradients averaged "
+                "per stage)") if pipe.replicas else ""
     return {
         "losses": list(run.losses[warmup:]), "times": times, "median": statistics.median(times), "min": min(times),
         "devices": stage_list,
-        "note": (f"pipelined: {pipe.num_stages} stages, {pipe.microbatches} micro-batches, {pipe.schedule}, run by "
-                 f"torch.distributed.pipelining in {len(pipe.ranks)} processes ({threads} thread(s) each); a step's "
-                 "time is its slowest rank's"),
+        "note": (f"pipelined: {pipe.num_stages} stages{replicas}, {pipe.microbatches} micro-batches, {pipe.schedule}, "
+                 f"run by torch.distributed.pipelining in {pipe.num_replicas * len(pipe.ranks)} processes ({threads} "
+                 "thread(s) each); a step's time is its slowest rank's"),
     }
 
 
@@ -159,7 +160,7 @@ def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, 
     un-pipelined, and the note says so (:func:`pipeline_run_mode`).
 
     Raises:
-        PlacerError: a pipeline x DDP hybrid, or a pipeline whose ``M`` does not divide the batch.
+        PlacerError: a pipeline whose ``R x M`` does not divide the batch.
     """
     mode = pipeline_run_mode(placement, cluster)
     if placement.pipeline is not None:

@@ -76,13 +76,33 @@ def test_a_pipeline_whose_microbatches_do_not_divide_the_batch_exits_2_in_one_li
     assert "Traceback" not in err and err.count("\n") == 1
 
 
-def test_a_pipeline_x_ddp_hybrid_is_refused_in_one_line_saying_what_to_do(model_file, tmp_path, capsys):
+def test_apply_runs_a_pipeline_x_ddp_hybrid_over_four_worker_processes_with_the_unpipelined_losses(
+        model_file, tmp_path, capsys):
+    """2 stages x 2 replicas: each replica on half the batch, gradients averaged per stage;
+    the same losses as the placement's steps un-pipelined in one process on the whole batch."""
     path = _pipelined(model_file, tmp_path / "placement.json", devices=("cpu:0", "cpu:1"), microbatches=2,
                       replicas=(("cpu:2", "cpu:3"),))
+    assert main(["apply", str(model_file), str(path), "--steps", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "devices: replica 0: cpu:0 (stage 0), cpu:1 (stage 1); replica 1: cpu:2 (stage 0), cpu:3 (stage 1)" in out
+    assert "pipelined: 2 stages x 2 replicas" in out and "in 4 processes" in out
+    hybrid = [float(x) for x in out.split("losses: ")[1].split("\n")[0].removeprefix("first ").split(", last ")]
+    sim = _pipelined(model_file, tmp_path / "sim.json", devices=("gpu0", "gpu1"), microbatches=2,
+                     replicas=(("gpu2", "gpu3"),), simulated=True)
+    assert main(["apply", str(model_file), str(sim), "--steps", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 stages x 2 replicas, M=2, 1f1b) is not run as one" in out
+    plain = [float(x) for x in out.split("losses: ")[1].split("\n")[0].removeprefix("first ").split(", last ")]
+    assert hybrid == pytest.approx(plain, rel=1e-5)
+
+
+def test_a_hybrid_whose_replicas_times_microbatches_do_not_divide_the_batch_exits_2_in_one_line(
+        model_file, tmp_path, capsys):
+    path = _pipelined(model_file, tmp_path / "placement.json", devices=("cpu:0", "cpu:1"), microbatches=3,
+                      schedule="gpipe", replicas=(("cpu:2", "cpu:3"),))
     assert main(["apply", str(model_file), str(path), "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "pipeline x DDP hybrid (2 replicas of a 2-stage pipeline)" in err
-    assert 'delete the pipeline\'s "replicas" field' in err
+    assert "2 replicas x 3 micro-batches do not divide the batch of 8" in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 
@@ -95,16 +115,3 @@ def test_a_pipeline_over_simulated_devices_runs_unpipelined_and_says_so(model_fi
     assert "the pipeline (2 stages, M=4, 1f1b) is not run as one: its devices ['gpu0', 'gpu1'] are a simulated " \
            "cluster's" in out
     assert "step time: median" in out
-
-
-def test_the_pipeline_runtime_refuses_a_hybrid_before_starting_any_process(model_file):
-    from envs.runtime.pipeline.launcher import run_training
-    from envs.sim.pipeline import PipelineError
-
-    spec = load_source(str(model_file), {})
-    captured = capture(spec.model, spec.example_inputs, name=spec.name)
-    ops = list(captured.graph.nodes)
-    pipe = Pipeline((tuple(ops[:2]), tuple(ops[2:])), ("cpu:0", "cpu:1"), 2, "gpipe", (("cpu:2", "cpu:3"),))
-    names = [n.name for n in captured.gm.graph.nodes if n.op == "placeholder"]
-    with pytest.raises(PipelineError, match=r"a pipeline x DDP hybrid \(2 replicas\) is not run by this runtime"):
-        run_training(captured.gm, dict(zip(names, spec.example_inputs)), pipe, loss_fn=spec.loss_fn)
