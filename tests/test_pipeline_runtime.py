@@ -326,6 +326,26 @@ def test_a_stage_that_does_not_fit_its_device_is_refused_before_starting():
                      problem=problem)
 
 
+def test_a_hybrid_whose_stages_do_not_fit_their_devices_is_refused_before_starting():
+    from envs.hardware.cluster import Device, Link, make_cluster
+    from envs.sim.problem import compile_problem
+    from graphs.pipeline import prepare
+
+    prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe",
+                    (("cpu:2", "cpu:3"),))
+    tiny = [Device(f"cpu:{i}", "cpu", 2**14, 1e11, 1e10, real_device="cpu") for i in range(4)]
+    links = [Link(f"cpu:{a}", f"cpu:{b}", 1e-4, 1e9) for a in range(4) for b in range(a + 1, 4)]
+    problem = compile_problem(prep.captured.graph, make_cluster(tiny, links, name="ranks", simulated=False))
+    with pytest.raises(PipelineError, match=r"the pipeline x DDP hybrid does not fit: cpu:\d needs .* GiB"):
+        run_training(gm, dict(zip(names, prep.spec.example_inputs)), pipe, loss_fn=prep.spec.loss_fn,
+                     problem=problem)
+
+
 def test_a_rendezvous_port_in_use_is_refused_before_any_process_starts():
     import socket
 
