@@ -61,8 +61,9 @@ def _inlined(fn):
     each loop: factored into ``_inlined`` helpers (same results to the bit) they made the
     engine 32% slower (event_pass, 2,930 against 4,310 placements per CPU-second) and the
     static pass 3.5x slower (7,000 against 24,300), NUMBA_NUM_THREADS=1, 1,000-op layered
-    DAG on 4xV100-nvlink, load ~2. Each array an inlined call receives is still a
-    reference taken and dropped, in the innermost loops.
+    DAG on 4xV100-nvlink, load ~2. Why is not pinned down: a small loop with one inlined
+    helper compiled to the same code as the loop written out, so the cost comes with these
+    loops' many array arguments and branches, not with inlining as such.
     """
     return _jitable(inline="always")(fn)
 
