@@ -293,14 +293,14 @@ def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | N
     for x in range(len(flat)):
         for y in range(x + 1, len(flat)):
             (ra, sa), (rb, sb) = flat[x], flat[y]
-            grid = [list(r) for r in devs]
-            grid[ra][sa], grid[rb][sb] = grid[rb][sb], grid[ra][sa]
-            add("swap", PipelineState(state.bounds, tuple(tuple(r) for r in grid), m, sch), sa)
+            cells = [list(r) for r in devs]
+            cells[ra][sa], cells[rb][sb] = cells[rb][sb], cells[ra][sa]
+            add("swap", PipelineState(state.bounds, tuple(tuple(r) for r in cells), m, sch), sa)
     for r, s in flat:
         for d in free:
-            grid = [list(x) for x in devs]
-            grid[r][s] = d
-            add("relocate", PipelineState(state.bounds, tuple(tuple(x) for x in grid), m, sch), s)
+            cells = [list(x) for x in devs]
+            cells[r][s] = d
+            add("relocate", PipelineState(state.bounds, tuple(tuple(x) for x in cells), m, sch), s)
     if s_ > 2:
         for j in range(1, s_):
             nb = b[:j] + b[j + 1:]
