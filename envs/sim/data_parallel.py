@@ -72,6 +72,7 @@ from envs.sim.pipeline import (
     PipelineError,
     PipelineResult,
     StageCosts,
+    memory_problem_lines,
     simulate_pipeline,
     stage_costs,
 )
@@ -269,8 +270,7 @@ class HybridResult:
 
     def memory_problems(self) -> list[str]:
         """One line per device that does not fit."""
-        return [f"{d} needs {self.peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
-                for d, over in self.over_memory.items()]
+        return memory_problem_lines(self.peak_memory, self.over_memory)
 
 
 def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -> None:

@@ -87,6 +87,7 @@ __all__ = [
     "StageCosts",
     "stage_costs",
     "PipelineResult",
+    "memory_problem_lines",
     "simulate_pipeline",
     "check_pipeline",
     "pipeline_orders",
@@ -540,6 +541,16 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d)
 
 
+def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
+    """One line per device that does not fit: its peak and how far it is over its capacity.
+
+    >>> memory_problem_lines({"gpu0": 3 * 2**30}, {"gpu0": 2**30})
+    ['gpu0 needs 3.00 GiB, 1.00 GiB over its capacity']
+    """
+    return [f"{d} needs {peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
+            for d, over in over_memory.items()]
+
+
 @dataclass
 class PipelineResult:
     """One simulated pipelined step.
@@ -574,8 +585,7 @@ class PipelineResult:
 
     def memory_problems(self) -> list[str]:
         """One line per device that does not fit."""
-        return [f"{d} needs {self.peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
-                for d, over in self.over_memory.items()]
+        return memory_problem_lines(self.peak_memory, self.over_memory)
 
 
 def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[RankCosts]:
