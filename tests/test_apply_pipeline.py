@@ -4,7 +4,6 @@ stage devices are worker processes, refused in one line when the pipeline cannot
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
@@ -13,19 +12,9 @@ from graphs.capture import capture
 from graphs.pipeline import load_source
 from placer.cli.main import main
 from placer.placement_file import Placement, save_placement
+from tests.helpers.model_files import CHAIN_MLP
 
-MODEL = textwrap.dedent("""
-    import torch
-
-    def get_model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
-                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
-
-    def get_example_inputs():
-        torch.manual_seed(1)
-        return (torch.randn(8, 16),)
-    """)
+MODEL = CHAIN_MLP
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 
 import pytest
 
@@ -14,19 +13,9 @@ from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from graphs.capture import capture
 from graphs.pipeline import load_source
+from tests.helpers.model_files import CHAIN_MLP
 
-MODEL = textwrap.dedent("""
-    import torch
-
-    def get_model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
-                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
-
-    def get_example_inputs():
-        torch.manual_seed(1)
-        return (torch.randn(8, 16),)
-    """)
+MODEL = CHAIN_MLP
 
 
 def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):

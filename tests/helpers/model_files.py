@@ -34,3 +34,17 @@ BRANCHING_NET = textwrap.dedent(
         return (torch.randn(16, 32),)
     """
 )
+
+#: A five-layer MLP chain (batch 8): the smallest model a 2-stage pipeline can split.
+CHAIN_MLP = textwrap.dedent("""
+    import torch
+
+    def get_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def get_example_inputs():
+        torch.manual_seed(1)
+        return (torch.randn(8, 16),)
+    """)
