@@ -28,6 +28,8 @@ from envs.hardware.cluster import Cluster
 from envs.hardware.units import format_bytes
 from envs.runtime.check import CheckReport
 from envs.runtime.device_map import accelerate_device_map
+from envs.sim.data_parallel import simulate_pipelined
+from envs.sim.pipeline import group_pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.atomic_write import write_text_atomic
@@ -78,6 +80,19 @@ def _write_device_map(result: "OptimizeResult", out_dir: Path) -> tuple[Path | N
     return path, ""
 
 
+def winner_peak_memory(result: "OptimizeResult") -> tuple[list[float], str]:
+    """The winner's simulated peak memory per device (in the problem's device order), and how it
+    runs: a pipelined winner's is its pipeline's (micro-batch activations in flight, replicas),
+    the same simulation that gave its step time, not the un-pipelined assignment's."""
+    problem, pipe = result.problem, result.placement.pipeline
+    if pipe is None:
+        return [float(m) for m in simulate(problem, result.group_row).peak_memory], "un-pipelined"
+    peak = simulate_pipelined(problem, group_pipeline(problem, pipe)).peak_memory
+    replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
+    how = f"pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, M={pipe.microbatches})"
+    return [float(peak.get(d, 0.0)) for d in problem.device_names], how
+
+
 def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
     """The pictures of a result; returns name → path of those written."""
     problem, row = result.problem, result.group_row
@@ -88,9 +103,9 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
         group_graph, placement, list(problem.device_names), out_dir / "placed_graph.png",
         title=f"{result.prepared.spec.name}: {problem.num_nodes} groups coloured by device",
     )
-    step = simulate(problem, row)
-    pictures["memory"] = plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity,
-                                     out_dir / "memory.png", title="simulated peak memory per device")
+    peak, how = winner_peak_memory(result)
+    pictures["memory"] = plot_memory(list(problem.device_names), peak, problem.memory_capacity,
+                                     out_dir / "memory.png", title=f"simulated peak memory per device, {how}")
     try:
         from placer.report.gantt import plot_gantt
     except ImportError:  # the Gantt chart module is optional in a partial install
@@ -113,7 +128,7 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
                   device_map_note: str = "") -> str:
     """The Markdown text of report.md (``device_map_note``: why there is no device_map.json)."""
     spec, cluster, problem = result.prepared.spec, result.cluster, result.problem
-    step = simulate(problem, result.group_row)
+    peak, how = winner_peak_memory(result)
     lines = [
         f"# placer report: {spec.name}",
         "",
@@ -131,8 +146,8 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     if result.check is not None:
         lines.append(f"- check of the applied placement: {result.check.describe()}")
     used = sorted(set(result.placement.assignment.values()), key=list(cluster.device_names).index)
-    lines.append(f"- devices used: {', '.join(used)}; peak memory "
-                 + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
+    lines.append(f"- devices used: {', '.join(used)}; peak memory ({how}) "
+                 + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, peak)))
     if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
         lines.append("- applied here, the virtual devices share one real device: a measured time would "
                      "show no parallelism; the step times above are the simulator's.")
