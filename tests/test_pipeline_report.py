@@ -67,3 +67,21 @@ def test_ddp_that_does_not_fit_is_reported_and_a_pipeline_recommended():
     assert not ddp["fits"] and "does not fit" in ddp["note"]
     line = recommendation_line(table, "split")
     assert ", pipeline); DDP does not fit" in line and line.startswith("recommendation: ")
+
+
+def test_a_measured_winner_is_recommended_among_measured_rows_and_a_simulated_ddp_is_named_as_such():
+    problem = compile_problem(chain(), gpus(2))
+    split = np.array([0] * 5 + [1] * 5)
+    table = comparison_table(problem, [Candidate("split", split), Candidate("single", np.zeros(10, dtype=int))])
+    table = with_parallel_rows(table, problem, batch_size=32)
+    # As a measured run leaves it: the placements measured (slower than simulated), DDP and
+    # the pipelines simulated, some of them faster than any measured row.
+    placements = table["kind"] == "placement"
+    table.loc[placements, "source"] = "measured"
+    table.loc[placements, "step_time"] = table.loc[placements, "step_time"] * 3
+    ddp_time = float(table[table["method"] == "ddp"]["step_time"].iloc[0])
+    assert ddp_time < table.loc[placements, "step_time"].min()
+    line = recommendation_line(table, "split")
+    best = table[placements].sort_values("step_time").iloc[0]
+    assert line.startswith(f"recommendation: {best['method']} (") and ", measured)" in line
+    assert f"DDP simulated at {ddp_time * 1e3:.3f} ms, not measured" in line and "slower than DDP" not in line

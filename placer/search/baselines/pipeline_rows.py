@@ -164,14 +164,23 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
     fitting = table[table["fits"]]
     mine = table[table["method"] == winner]
     ddp = table[(table["kind"] == "ddp")]
+    # A measured winner is ranked among measured rows only: a simulated time (DDP under a
+    # measured reward) is not a figure of the same machine state and may not outrank it.
+    measured = "source" in table.columns and not mine.empty and str(mine.iloc[0]["source"]) == "measured"
+    if measured:
+        fitting = fitting[fitting["source"] == "measured"]
     parts = []
     if not fitting.empty:
         top = fitting.sort_values("step_time", kind="stable").iloc[0]
-        parts.append(f"recommendation: {top['method']} ({top['step_time'] * 1e3:.3f} ms per step, {top['kind']})")
+        parts.append(f"recommendation: {top['method']} ({top['step_time'] * 1e3:.3f} ms per step, {top['kind']}"
+                     + (", measured" if measured else "") + ")")
     if not ddp.empty:
         d = ddp.iloc[0]
         if not bool(d["fits"]):
             parts.append("DDP does not fit (a replica is larger than a device)")
+        elif measured and str(d.get("source", "simulated")) != "measured":
+            parts.append(f"DDP simulated at {float(d['step_time']) * 1e3:.3f} ms, not measured: "
+                         "not comparable with the measured times")
         elif not mine.empty and bool(mine.iloc[0]["fits"]):
             ratio = float(mine.iloc[0]["step_time"]) / float(d["step_time"])
             if ratio > 1.0:
