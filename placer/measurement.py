@@ -466,6 +466,43 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     return table.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
+def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
+    """Measure the DDP row of ``table`` when it fits and the backend runs DDP (worker
+    processes: ``measure_data_parallel``), so the final line compares measured with measured;
+    returns the table with its time (``source`` "measured") or, when it was not measured, a
+    note saying why."""
+    rows = table[(table.get("kind", "") == "ddp") & table["fits"]]
+    if rows.empty:
+        return table
+    table = table.copy()
+    i = rows.index[0]
+
+    def note(text: str) -> None:
+        old = str(table.at[i, "note"] or "")
+        table.at[i, "note"] = (old + "; " if old else "") + text
+
+    run = getattr(measurer.backend, "measure_data_parallel", None)
+    if run is None:
+        note(f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
+        return table
+    if hasattr(measurer.backend, "deadline"):
+        measurer.backend.deadline = measurer.deadline
+    try:
+        result = run()
+    except Exception as exc:  # noqa: BLE001 - e.g. a worker on another host: the row stays simulated, with why
+        result = MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")
+    t, valid, reason = measure_outcome(result)
+    if not valid:
+        note(f"measurement invalid: {reason}")
+        return table
+    table.at[i, "step_time"] = t
+    table.at[i, "source"] = "measured"
+    note("measured as DDP (torch DistributedDataParallel over the worker processes)")
+    table = measured_speedups(table, measurer)
+    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
+    return table.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
     """Every group on one device, for each device (the speed-up's denominator)."""
     return [np.full(problem.num_nodes, d, dtype=np.int64) for d in range(problem.num_devices)]

@@ -13,6 +13,7 @@ from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from graphs.capture import capture
 from graphs.pipeline import load_source
+from placer.search.baselines.pipeline_rows import recommendation_line
 from tests.helpers.model_files import CHAIN_MLP
 
 MODEL = CHAIN_MLP
@@ -38,10 +39,15 @@ class PipelineFake:
     def __init__(self):
         self.cache = MeasureCache()
         self.placements, self.pipelines = [], []
+        self.ddp_runs = 0
 
     def measure(self, placements):
         self.placements += [dict(p) for p in placements]
         return [MeasureResult(step_time=0.010) for _ in placements]
+
+    def measure_data_parallel(self):
+        self.ddp_runs += 1
+        return MeasureResult(step_time=0.004)
 
     def measure_pipelines(self, pipelines):
         self.pipelines += list(pipelines)
@@ -89,15 +95,22 @@ def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_meas
     doc = result.measurement.to_dict(result.problem)
     assert [p["method"] for p in doc["pipelines"]] == [m.method for m in result.measurement.pipelines]
     assert "measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
+    # DDP is measured too (once), so the final line compares measured with measured.
+    assert fake.ddp_runs == 1
+    assert table.at["ddp", "source"] == "measured" and table.at["ddp", "step_time"] == pytest.approx(0.004)
+    assert "measured as DDP" in table.at["ddp", "note"]
+    line = recommendation_line(result.table, result.winner)
+    assert "faster than DDP (4.000 ms, measured)" in line
 
 
 def test_a_measurer_without_pipelines_leaves_pipeline_rows_simulated_and_out_of_the_running(model_file):
     class RowsOnly(PipelineFake):
         measure_pipelines = None
+        measure_data_parallel = None
 
     result = placer.optimize(str(model_file), devices="cpu:0,cpu:1", reward="measured", budget="40",
                              measurer=RowsOnly(), baselines="single", seed=0)
-    pipes = result.table[result.table["kind"] == "pipeline"]
+    pipes = result.table[result.table["kind"].isin(["pipeline", "ddp"])]
     assert not pipes.empty and (pipes["source"] != "measured").all()
     assert result.source == "measured" and result.placement.pipeline is None
 
@@ -114,3 +127,6 @@ def test_measured_optimize_over_two_worker_processes_runs_the_pipelines_through_
         assert table.at[m.method, "source"] == "measured" and table.at[m.method, "step_time"] == m.step_time
         assert m.simulated == table.at[m.method, "simulated_step_time"]
     assert "Pipelined candidates, measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
+    # DDP over the same two worker processes, measured by torch's DistributedDataParallel.
+    assert table.at["ddp", "source"] == "measured", table.at["ddp", "note"]
+    assert 0 < table.at["ddp", "step_time"] < 10 and "measured as DDP" in table.at["ddp", "note"]

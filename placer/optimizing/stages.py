@@ -335,13 +335,14 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                                      search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
                                      seed=config.seed, initial=[resumed] if resumed is not None else [])
     if measurer is not None:
-        from placer.measurement import confirm_pipelines, summarize
+        from placer.measurement import confirm_data_parallel, confirm_pipelines, summarize
 
         # Pipelined candidates are measured as pipelines (their un-pipelined assignment is
         # another program); only measured rows compete once some exist (pick_winner).
         start = time.perf_counter()
         if searched.result.stop_reason != "interrupted":
             table = confirm_pipelines(measurer, table, pipelines, compiled.op_pipeline)
+            table = confirm_data_parallel(measurer, table)
         seconds["measure"] += time.perf_counter() - start
         measurement = summarize(measurer, run.reward, list(searched.rounds))
     fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]

@@ -210,6 +210,36 @@ class DistributedMeasurer:
 
         return self._cache.measure(keys, run)
 
+    def measure_data_parallel(self) -> MeasureResult:
+        """Measure DDP over the local workers: one replica per device, each on ``1/N`` of the batch
+        (``run_training(pipeline=None, world=N)``), the model's optimizer, the median of the
+        timed steps (each the slowest rank's). A refused or failed job comes back invalid with
+        the reason; the result is cached like a placement's."""
+        from envs.runtime.pipeline.launcher import PipelineRunError, run_training
+        from envs.sim.pipeline import PipelineError
+
+        world = sum(1 for d in self.devices if d.local)
+        note = f"{world} worker processes ({self.threads} thread(s) each), DDP"
+
+        def run(todo: Sequence[int]) -> list[MeasureResult]:
+            spec, gm = self.spec, self.captured.gm
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
+            if timeout <= 0:
+                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note,
+                                      budget_cut=True)]
+            self.jobs += 1
+            try:
+                run_ = run_training(gm, dict(zip(names, spec.example_inputs)), None, world=world,
+                                    steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
+                                    loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
+            except (PipelineError, PipelineRunError) as exc:
+                return [MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)]
+            times = tuple(run_.step_times[self.warmup:])
+            return [MeasureResult(step_time=median_step_time(times), times=times, note=note)]
+
+        return self._cache.measure([self._cache.key({}, data_parallel=world)], run)[0]
+
     def _run(self, ranks: list[dict[str, int]], keys: list[str]) -> list[MeasureResult]:
         results: list[MeasureResult | None] = [None] * len(ranks)
         note = f"{len(self.devices)} worker processes ({self.threads} thread(s) each), torch.distributed"

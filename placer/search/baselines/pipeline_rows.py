@@ -185,8 +185,8 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
             ratio = float(mine.iloc[0]["step_time"]) / float(d["step_time"])
             if ratio > 1.0:
                 parts.append(f"the placement {winner} is {ratio:.2f}x slower than DDP "
-                             f"({float(d['step_time']) * 1e3:.3f} ms, simulated)")
+                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})")
             else:
                 parts.append(f"the placement {winner} is {1 / ratio:.2f}x faster than DDP "
-                             f"({float(d['step_time']) * 1e3:.3f} ms, simulated)")
+                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})")
     return "; ".join(parts)
