@@ -15,7 +15,7 @@ from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import INVALID_MARGIN, normalised_reward, serial_time_bound
 from envs.gym.sequential_env import SequentialPlacementEnv
 from envs.sim.simulator import simulate_batch
-from tests.helpers.measurers import FakeMeasurer, FakeResult
+from tests.helpers.measurers import ClosableFake, FakeMeasurer, FakeResult
 from tests.helpers.problems import random_problem
 
 
@@ -84,18 +84,9 @@ def test_measured_failures_get_penalty_never_crash():
         PlacementEnv(problem, reward_mode="measured", measurer=_AlwaysFails(), hierarchical=False)
 
 
-class _AlwaysFails:
+class _AlwaysFails(ClosableFake):
     def measure(self, placements):
         return [FakeResult(math.inf, False, "time-out") for _ in placements]
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def test_sequential_measured_mode_measures_only_the_final_placement():

@@ -21,6 +21,7 @@ from envs.runtime.measure import BUDGET_SPENT, SingleProcessMeasurer
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from envs.runtime.step_timer import median_step_time, time_steps
 from envs.runtime.supervisor import JOB_DIR_PREFIX, make_job_dir, sweep_stale_job_dirs
+from tests.helpers.measurers import ClosableFake
 from tests.helpers.processes import process_gone, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_measure_timeout_must_be_a_positive_time(capsys):
     assert "expected seconds like 30, 90s or 5m" in capsys.readouterr().err
 
 
-class _DeadlineBackend:
+class _DeadlineBackend(ClosableFake):
     """A measurer of op placements that honours ``deadline`` like the real ones: past it,
     nothing runs (BUDGET_SPENT, not cached)."""
 
@@ -236,15 +237,6 @@ class _DeadlineBackend:
                 self.runs += 1
                 out.append(MeasureResult(step_time=1e-3))
         return out
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def test_the_budget_spares_the_first_measurement_and_cut_runs_are_answered_not_kept():

@@ -14,6 +14,7 @@ from envs.runtime.measurer import MeasureCache, MeasureResult
 from graphs.capture import capture
 from graphs.pipeline import load_source
 from placer.search.baselines.pipeline_rows import recommendation_line
+from tests.helpers.measurers import ClosableFake
 from tests.helpers.model_files import CHAIN_MLP
 
 MODEL = CHAIN_MLP
@@ -32,7 +33,7 @@ def model_file(tmp_path, monkeypatch):
     return path
 
 
-class PipelineFake:
+class PipelineFake(ClosableFake):
     """Measures every placement at 10 ms; the first pipeline it is asked for at 1 ms, the others
     refused (as a job that failed would be)."""
 
@@ -54,15 +55,6 @@ class PipelineFake:
         return [MeasureResult(step_time=0.001) if i == 0 else
                 MeasureResult(step_time=math.inf, valid=False, reason="the job failed: rank 1 exited with 1")
                 for i in range(len(pipelines))]
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_measured_pipeline_can_win(

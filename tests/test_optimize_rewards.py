@@ -24,6 +24,7 @@ from envs.runtime.distributed import launcher
 from envs.runtime.measurer import MeasureResult
 from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
 from placer.options import OptionError
+from tests.helpers.measurers import ClosableFake
 
 DEVICES = "cpu:0,cpu:1"
 MODEL = "zoo:rnnlm"  # 36 ops in 6 groups: a tiny real model
@@ -35,7 +36,7 @@ def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
     return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
 
 
-class FakeWorkers:
+class FakeWorkers(ClosableFake):
     """Stands in for the measuring worker processes: a step time from the op placement.
 
     cpu:0 is the faster device; each op on cpu:1 adds more, each device change in op order
@@ -68,15 +69,6 @@ class FakeWorkers:
                 raise RuntimeError("worker rank 1 died (fake)")
             out.append(self.time_of(p))
         return out
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 @pytest.fixture

@@ -20,7 +20,20 @@ class FakeResult:
     reason: str = ""
 
 
-class FakeMeasurer:
+class ClosableFake:
+    """What a measurer owes as a context manager (``close``, ``with``), for fakes that hold nothing."""
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FakeMeasurer(ClosableFake):
     """An :class:`envs.runtime.measurer.Measurer` that measures by simulating a problem whose
     devices are ``slowdown`` times slower, plus an overhead; placements putting anything on
     ``broken`` fail, and a call including one on ``raise_on`` raises. Results are cached as
@@ -52,12 +65,3 @@ class FakeMeasurer:
             return MeasureResult(math.inf, valid=False, reason=f"CUDA out of memory on {self.broken}")
         row = self.problem.placement_to_array(placement)
         return MeasureResult(float(simulate_batch(self.truth, row[None]).step_time[0]) + self.overhead)
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
