@@ -395,6 +395,19 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
     mark_measured(measurer, candidates)
 
 
+def _add_note(table: pd.DataFrame, i: Any, text: str) -> None:
+    """Append ``text`` to row ``i``'s note (``; ``-separated)."""
+    old = str(table.at[i, "note"] or "")
+    table.at[i, "note"] = (old + "; " if old else "") + text
+
+
+def _fastest_first(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the fitting rows by step time first, then the rest, ties by method."""
+    order = np.where(table["fits"], table["step_time"], np.inf)
+    return (table.assign(_order=order).sort_values(["_order", "method"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
+
+
 def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
                       to_ops: Callable[[Pipeline], Pipeline], top: int = CONFIRM_PIPELINES) -> pd.DataFrame:
     """Measure the ``top`` fastest fitting pipeline rows of ``table`` as pipelines and return
@@ -415,13 +428,9 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
         return table
     run = getattr(measurer.backend, "measure_pipelines", None)
 
-    def note(i: Any, text: str) -> None:
-        old = str(table.at[i, "note"] or "")
-        table.at[i, "note"] = (old + "; " if old else "") + text
-
     if run is None:
         for i in rows.index:
-            note(i, f"not measured: {measurer.description} runs no pipelines (worker processes such as "
+            _add_note(table, i, f"not measured: {measurer.description} runs no pipelines (worker processes such as "
                     "cpu:0,cpu:1 do)")
         return table
     chosen: list[tuple[Any, str]] = []
@@ -429,7 +438,7 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     for i in rows.sort_values("step_time", kind="stable").index:
         pipe = pipelines[str(table.at[i, "method"])]
         if pipe.replicas:
-            note(i, "not measured: the measurer does not run pipeline x DDP hybrids (placer apply does)")
+            _add_note(table, i, "not measured: the measurer does not run pipeline x DDP hybrids (placer apply does)")
             continue
         # Two methods often find the same pipeline (the search starts from the partitioners'):
         # it is run once and counts once towards ``top``.
@@ -458,12 +467,11 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
         if valid:
             table.at[i, "step_time"] = t
             table.at[i, "source"] = "measured"
-            note(i, "measured as a pipeline (torch.distributed.pipelining)")
+            _add_note(table, i, "measured as a pipeline (torch.distributed.pipelining)")
         else:
-            note(i, f"measurement invalid: {reason}")
+            _add_note(table, i, f"measurement invalid: {reason}")
     table = measured_speedups(table, measurer)
-    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
-    return table.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return _fastest_first(table)
 
 
 def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
@@ -476,14 +484,9 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
         return table
     table = table.copy()
     i = rows.index[0]
-
-    def note(text: str) -> None:
-        old = str(table.at[i, "note"] or "")
-        table.at[i, "note"] = (old + "; " if old else "") + text
-
     run = getattr(measurer.backend, "measure_data_parallel", None)
     if run is None:
-        note(f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
+        _add_note(table, i, f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
         return table
     if hasattr(measurer.backend, "deadline"):
         measurer.backend.deadline = measurer.deadline
@@ -493,14 +496,13 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
         result = MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")
     t, valid, reason = measure_outcome(result)
     if not valid:
-        note(f"measurement invalid: {reason}")
+        _add_note(table, i, f"measurement invalid: {reason}")
         return table
     table.at[i, "step_time"] = t
     table.at[i, "source"] = "measured"
-    note("measured as DDP (torch DistributedDataParallel over the worker processes)")
+    _add_note(table, i, "measured as DDP (torch DistributedDataParallel over the worker processes)")
     table = measured_speedups(table, measurer)
-    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
-    return table.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return _fastest_first(table)
 
 
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
