@@ -171,9 +171,6 @@ class DistributedMeasurer:
         """
         import json
 
-        from envs.runtime.pipeline.launcher import PipelineRunError, run_training
-        from envs.sim.pipeline import PipelineError
-
         local = {d.name for d in self.devices if d.local}
         for p in pipelines:
             unknown = sorted(set(p.devices) - local)
@@ -184,29 +181,7 @@ class DistributedMeasurer:
         note = (f"{{}} worker processes ({self.threads} thread(s) each), torch.distributed.pipelining")
 
         def run(todo: Sequence[int]) -> list[MeasureResult]:
-            spec, gm = self.spec, self.captured.gm
-            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-            inputs = dict(zip(names, spec.example_inputs))
-            out = []
-            for i in todo:
-                p = pipelines[i]
-                timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
-                if timeout <= 0:
-                    out.append(MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT,
-                                             note=note.format(len(p.ranks)), budget_cut=True))
-                    continue
-                self.jobs += 1
-                try:
-                    run_ = run_training(gm, inputs, p, steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
-                                        loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
-                except (PipelineError, PipelineRunError) as exc:
-                    out.append(MeasureResult(step_time=float("inf"), valid=False, reason=str(exc),
-                                             note=note.format(len(p.ranks))))
-                    continue
-                times = tuple(run_.step_times[self.warmup:])
-                out.append(MeasureResult(step_time=median_step_time(times), times=times,
-                                         note=note.format(len(p.ranks))))
-            return out
+            return [self._training_job(pipelines[i], None, note.format(len(pipelines[i].ranks))) for i in todo]
 
         return self._cache.measure(keys, run)
 
@@ -215,30 +190,32 @@ class DistributedMeasurer:
         (``run_training(pipeline=None, world=N)``), the model's optimizer, the median of the
         timed steps (each the slowest rank's). A refused or failed job comes back invalid with
         the reason; the result is cached like a placement's."""
+        world = sum(1 for d in self.devices if d.local)
+        note = f"{world} worker processes ({self.threads} thread(s) each), DDP"
+        key = self._cache.key({}, data_parallel=world)
+        return self._cache.measure([key], lambda todo: [self._training_job(None, world, note)])[0]
+
+    def _training_job(self, pipeline: Pipeline | None, world: int | None, note: str) -> MeasureResult:
+        """One ``run_training`` job (a pipeline, or DDP over ``world`` processes) of
+        ``warmup + repeats`` steps with the model's optimizer: the median timed step, or an
+        invalid result with the reason (refused, failed, or no budget left to start it)."""
         from envs.runtime.pipeline.launcher import PipelineRunError, run_training
         from envs.sim.pipeline import PipelineError
 
-        world = sum(1 for d in self.devices if d.local)
-        note = f"{world} worker processes ({self.threads} thread(s) each), DDP"
-
-        def run(todo: Sequence[int]) -> list[MeasureResult]:
-            spec, gm = self.spec, self.captured.gm
-            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-            timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
-            if timeout <= 0:
-                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note,
-                                      budget_cut=True)]
-            self.jobs += 1
-            try:
-                run_ = run_training(gm, dict(zip(names, spec.example_inputs)), None, world=world,
-                                    steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
-                                    loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
-            except (PipelineError, PipelineRunError) as exc:
-                return [MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)]
-            times = tuple(run_.step_times[self.warmup:])
-            return [MeasureResult(step_time=median_step_time(times), times=times, note=note)]
-
-        return self._cache.measure([self._cache.key({}, data_parallel=world)], run)[0]
+        timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
+        if timeout <= 0:
+            return MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note, budget_cut=True)
+        spec, gm = self.spec, self.captured.gm
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.jobs += 1
+        try:
+            run_ = run_training(gm, dict(zip(names, spec.example_inputs)), pipeline, world=world,
+                                steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
+                                loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
+        except (PipelineError, PipelineRunError) as exc:
+            return MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)
+        times = tuple(run_.step_times[self.warmup:])
+        return MeasureResult(step_time=median_step_time(times), times=times, note=note)
 
     def _run(self, ranks: list[dict[str, int]], keys: list[str]) -> list[MeasureResult]:
         results: list[MeasureResult | None] = [None] * len(ranks)
