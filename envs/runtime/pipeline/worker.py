@@ -16,9 +16,12 @@ weights) has a copy on each; its gradient is summed over those ranks before the 
 step, so the copies stay equal. A pipeline x DDP hybrid (``replicas``) runs ``R x P``
 ranks: replica ``r``'s pipeline rank ``l`` is global rank ``r * P + l``; each replica's
 stages talk over the replica's own process group, take the replica's ``1/R`` of the batch,
-and after the schedule's backward (and the tied sums) each parameter's gradient is
-averaged over the ``R`` ranks holding that stage (a process group per pipeline rank), as
-DDP averages over its replicas. DDP: rank ``r`` trains the whole model on its
+and each stage module is wrapped in ``DistributedDataParallel`` over the process group of
+the ``R`` ranks holding that stage (one group per pipeline rank): ``PipelineStage`` runs
+every micro-batch but the last under ``no_sync()`` and the last one's backward with DDP's
+reducer, so the stage's gradients are averaged over its replicas in buckets overlapped with
+that backward (``stage.py``: ``backward_maybe_with_nosync``), as the simulator's rules
+H2-H3 assume (:mod:`envs.sim.data_parallel`). DDP: rank ``r`` trains the whole model on its
 ``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
 """
 
@@ -112,25 +115,10 @@ def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[in
         dist.all_reduce(p.grad, group=groups[ranks])
 
 
-def _average_replicas(params: dict[str, torch.nn.Parameter], group: Any, replicas: int) -> None:
-    """Average each parameter's gradient over the ``replicas`` ranks running the same stages
-    (DDP's all-reduce then divide by the world). Each replica's loss is the mean over its
-    ``1/R`` of the batch, so the average of the replicas' gradients is the full batch's
-    mean-loss gradient. A tied parameter's copies already hold their replica's whole gradient
-    (:func:`_reduce_tied`), so they stay equal across holders and replicas. A parameter without
-    a gradient (off the loss's autograd path; the same graph in every replica) is skipped by
-    every replica alike, so the collectives match."""
-    import torch.distributed as dist
-
-    for p in dict.fromkeys(params.values()):
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(replicas)
-
-
 def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
+    from torch.nn.parallel import DistributedDataParallel
 
     from envs.runtime.pipeline.stages import StageModule, boundary_metas, microbatch, split_stages
 
@@ -164,20 +152,30 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
-        mod = StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas)
+        plain = StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas)
+        mod: torch.nn.Module = plain
+        if n_rep > 1:
+            # DDP over the stage's replicas: averaged gradients (each replica's loss is its
+            # slice's mean, so the average is the full batch's gradient). Buffers stay per
+            # replica (each normalises its own slice), as without DDP. A parameter off the
+            # loss's autograd path gets no gradient: find_unused_parameters lets the reducer
+            # finish without it, the same in every replica.
+            mod = DistributedDataParallel(mod, process_group=stage_groups[local], broadcast_buffers=False,
+                                          find_unused_parameters=True)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
-                    else tuple(metas[v] for v in mod.send_tensors))
+                    else tuple(metas[v] for v in plain.send_tensors))
         # With a group, the stage's peers are group ranks (stage s -> s mod P in the group),
         # mapped to global ranks by dist.get_global_rank (stage.py, _resolve_peer_global_rank).
         stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
-                                    input_args=tuple(metas[v] for v in mod.recv_tensors), output_args=out_meta,
+                                    input_args=tuple(metas[v] for v in plain.recv_tensors), output_args=out_meta,
                                     group=replica_groups[replica]))
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
                 loss_fn=lambda out, _target: out, scale_grads=False)
     # A parameter read by two stages of this rank is one tensor: optimise it once.
-    named = {n: p for st in stages for n, p in st.submod.gm.named_parameters()}
+    gms = [_stage_graph(st.submod) for st in stages]
+    named = {n: p for gm_ in gms for n, p in gm_.named_parameters()}
     params = list(dict.fromkeys(named.values()))
     opt = make_optimizer(job["optimizer"], params)
     has_last = any(spec.index == s_ - 1 for spec in mine)
@@ -191,10 +189,8 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
-        if n_rep > 1:
-            _average_replicas(named, stage_groups[local], n_rep)
         if step == 0:
-            res["grads"] = {n: p.grad.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()
+            res["grads"] = {n: p.grad.detach().clone() for gm_ in gms for n, p in gm_.named_parameters()
                             if p.grad is not None}
         opt.step()
         res["step_s"].append(time.perf_counter() - t)
@@ -206,7 +202,16 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
                 dist.all_reduce(both, group=stage_groups[local])
                 total = float(both) / n_rep
             res["losses"].append(total)
-    res["params"] = {n: p.detach().clone() for st in stages for n, p in st.submod.gm.named_parameters()}
+    res["params"] = {n: p.detach().clone() for gm_ in gms for n, p in gm_.named_parameters()}
+
+
+def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
+    """The stage's GraphModule, inside its DDP wrapper if it has one."""
+    inner = submod.module if isinstance(submod, torch.nn.parallel.DistributedDataParallel) else submod
+    gm = getattr(inner, "gm", None)
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise PipelineError(f"a pipeline stage holds {type(inner).__name__}, not a StageModule")
+    return gm
 
 
 def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
