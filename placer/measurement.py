@@ -418,9 +418,9 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     turns one into the pipeline over the ops that the workers run. The backend must have
     ``measure_pipelines`` (:class:`~envs.runtime.distributed.measure.DistributedMeasurer`);
     without it the rows stay simulated, and a note says why. A pipeline x DDP hybrid
-    (replicas), which the measurer does not run (``placer apply`` does), is not measured
-    either (its note says so), so under a measured reward it cannot win on a simulated time. A run that fails
-    or is refused leaves its row simulated with the reason in its note.
+    (replicas) is measured like a pipeline, one process per stage of every replica, when all
+    its devices are local workers. A run that fails or is refused leaves its row simulated
+    with the reason in its note.
     """
     table = table.copy()
     rows = table[table["fits"] & (table.get("kind", "") == "pipeline") & table["method"].isin(list(pipelines))]
@@ -437,9 +437,6 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     distinct: dict[str, Pipeline] = {}
     for i in rows.sort_values("step_time", kind="stable").index:
         pipe = pipelines[str(table.at[i, "method"])]
-        if pipe.replicas:
-            _add_note(table, i, "not measured: the measurer does not run pipeline x DDP hybrids (placer apply does)")
-            continue
         # Two methods often find the same pipeline (the search starts from the partitioners'):
         # it is run once and counts once towards ``top``.
         key = json.dumps(pipe.to_dict(), sort_keys=True)

@@ -22,7 +22,7 @@ MODEL = CHAIN_MLP
 
 def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
     names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+    return {(a, b): (50e-6, 1e9) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
 @pytest.fixture
@@ -82,8 +82,6 @@ def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_meas
         if not m.valid:
             assert table.at[m.method, "source"] == "simulated"
             assert "measurement invalid: the job failed: rank 1" in table.at[m.method, "note"]
-    hybrid = table[table.index == "placer (pipeline x DDP)"]
-    assert hybrid.empty or not hybrid["fits"].iloc[0] or "does not run pipeline x DDP hybrids" in hybrid["note"].iloc[0]
     doc = result.measurement.to_dict(result.problem)
     assert [p["method"] for p in doc["pipelines"]] == [m.method for m in result.measurement.pipelines]
     assert "measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
@@ -93,6 +91,25 @@ def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_meas
     assert "measured as DDP" in table.at["ddp", "note"]
     line = recommendation_line(result.table, result.winner)
     assert "faster than DDP (4.000 ms, measured)" in line
+
+
+def test_a_pipeline_x_ddp_hybrid_is_measured_with_a_process_per_stage_of_every_replica_and_can_win(
+        model_file, tmp_path):
+    """Over four workers the search finds a 2-stage x 2-replica hybrid of the chain; it is
+    measured as a pipeline (the fake's first pipeline, 1 ms) with its replicas' devices, not
+    left simulated, and so it can win under a measured reward."""
+    fake = PipelineFake()
+    result = placer.optimize(str(model_file), devices="cpu:0,cpu:1,cpu:2,cpu:3", reward="measured", budget="40",
+                             measurer=fake, baselines="single", out_dir=tmp_path / "out", seed=0)
+    hybrids = [p for p in fake.pipelines if p.replicas]
+    assert hybrids, [(len(p.stages), p.replicas) for p in fake.pipelines]
+    for pipe in hybrids:  # every replica on its own workers, none shared
+        devices = [d for devs in (pipe.devices, *pipe.replicas) for d in devs]
+        assert len(devices) == len(set(devices)) and set(devices) <= {"cpu:0", "cpu:1", "cpu:2", "cpu:3"}
+    table = result.table.set_index("method")
+    row = table.loc["placer (pipeline x DDP)"]
+    assert row["source"] == "measured" and "measured as a pipeline" in row["note"]
+    assert result.winner == "placer (pipeline x DDP)" and result.placement.pipeline.replicas == hybrids[0].replicas
 
 
 def test_a_measurer_without_pipelines_leaves_pipeline_rows_simulated_and_out_of_the_running(model_file):

@@ -160,7 +160,8 @@ class DistributedMeasurer:
         return self._cache.measure(keys, lambda todo: self._run([ranks[i] for i in todo], [keys[i] for i in todo]))
 
     def measure_pipelines(self, pipelines: Sequence[Pipeline]) -> list[MeasureResult]:
-        """Measure pipelined placements through ``torch.distributed.pipelining`` (module doc):
+        """Measure pipelined placements through ``torch.distributed.pipelining`` (module doc),
+        pipeline x DDP hybrids included (one process per stage of every replica):
         per pipeline one job of ``warmup + repeats`` training steps with the model's optimizer,
         the median of the timed steps (each the slowest rank's). A pipeline that is refused
         (``M`` not dividing the batch, a data-dependent boundary shape) or whose job fails comes
@@ -173,7 +174,7 @@ class DistributedMeasurer:
 
         local = {d.name for d in self.devices if d.local}
         for p in pipelines:
-            unknown = sorted(set(p.devices) - local)
+            unknown = sorted({d for devs in (p.devices, *p.replicas) for d in devs} - local)
             if unknown:
                 raise MeasureError(f"pipeline stage device(s) {unknown} are not among the local workers "
                                    f"{sorted(local)}; pipelines are measured on this machine")
@@ -181,7 +182,8 @@ class DistributedMeasurer:
         note = (f"{{}} worker processes ({self.threads} thread(s) each), torch.distributed.pipelining")
 
         def run(todo: Sequence[int]) -> list[MeasureResult]:
-            return [self._training_job(pipelines[i], None, note.format(len(pipelines[i].ranks))) for i in todo]
+            return [self._training_job(pipelines[i], None, note.format(pipelines[i].num_replicas * len(pipelines[i].ranks)))
+                    for i in todo]
 
         return self._cache.measure(keys, run)
 
