@@ -21,7 +21,7 @@ import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.placement_graph import build_placement_graph
+from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,14 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 
 
 def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
-            name: str = "model") -> CapturedModel:
+            name: str = "model", loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
     """Capture ``model`` on ``example_inputs`` (see the module doc for fx → export → error).
 
     ``leaf_modules``: module classes, module paths (``"encoder.rnn"``) or class names
     (``"Block"``) to keep as single nodes (fx path only: torch.export always traces into
-    modules and keeps the mapping in ``module``).
+    modules and keeps the mapping in ``module``). ``loss_fn(output, *inputs)``: the model's
+    loss, whose saved tensors count in the ``act_bytes`` of the node producing the output
+    (:mod:`graphs.saved_activations`); None counts the forward's alone.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
@@ -208,13 +211,14 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
         model.train()
     trace_modes = training_modes(model)
     try:
-        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes)
+        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn)
     finally:
         set_training_modes(model, user_modes)
 
 
 def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: tuple[type, ...],
-             leaf_names: set[str], name: str, trace_modes: dict[str, bool]) -> CapturedModel:
+             leaf_names: set[str], name: str, trace_modes: dict[str, bool],
+             loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
     fx_error: str | None = None
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
@@ -238,6 +242,11 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     fingerprint = model_fingerprint(gm, model, inputs)
     graph = build_placement_graph(gm, name=name, method=method, fingerprint=fingerprint,
                                   trust_requires_grad=(method == "fx"))
+    try:
+        annotate_saved_bytes(graph, gm, inputs, fake=(shapes_from == "fake"), loss_fn=loss_fn)
+    except Exception as exc:  # the graph stays usable: compile_problem's fallback estimate applies
+        log.warning("could not measure the activations autograd saves for %s (%s: %s); memory uses the "
+                    "estimate 'each op that requires grad keeps its output'", name, type(exc).__name__, exc)
     return CapturedModel(gm=gm, graph=graph, method=method, fingerprint=fingerprint, model=model,
                          example_inputs=inputs, name=name, shapes_from=shapes_from,
                          fx_error=fx_error, leaf_modules=leaf_modules, training_modes=trace_modes)

@@ -437,8 +437,10 @@ def build_group_graph(graph: nx.DiGraph, groups: Mapping[str, list[str]], op_to_
             rg = _requires_grad(a)
             grad = grad or rg
             out = int(a.get("out_bytes") or 0)
-            if rg and a.get("op") not in ("get_attr", "output"):
-                act += out
+            if "act_bytes" in a:  # measured at capture (graphs.saved_activations)
+                act += int(a.get("act_bytes") or 0)
+            elif rg and a.get("op") not in ("get_attr", "output"):
+                act += out  # graphs captured before: compile_problem's fallback estimate
             if m in leaves:
                 leaving += out
         heaviest = max(members, key=cost_of) if cost_of else members[-1]

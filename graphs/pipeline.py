@@ -66,7 +66,8 @@ def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str,
     seconds["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    captured = capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name)
+    captured = capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name,
+                       loss_fn=spec.loss_fn)
     seconds["capture"] = time.perf_counter() - start
 
     if profile:

@@ -56,6 +56,46 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
     return key
 
 
+#: The backward's working set on a device, in gradients of its largest op output: the
+#: autograd engine holds an op's output gradient (an ``InputBuffer``) while the op's backward
+#: allocates its input gradients, so for the op with the largest output about twice its
+#: bytes are alive beyond the saved activations (for a language model's logits: the loss's
+#: gradient and the gradient of the logits). Measured on one CPU (benchmarks/bench_memory.py,
+#: benchmarks/results/memory.md): without it the simulated peak of the zoo language models at
+#: batch 64 was 0.5-0.65x the allocator's; with it 0.9-1.1x.
+BACKWARD_WORK_FACTOR = 2.0
+
+
+def gradient_bytes(attrs: Mapping[str, object]) -> float:
+    """Bytes of the gradient of a node's output: its ``out_bytes`` when autograd differentiates it.
+
+    0 for parameters and buffers (``get_attr``: their gradients are counted with
+    ``param_bytes``), the model's inputs and the output node.
+    """
+    if not node_requires_grad(attrs) or attrs.get("op") in ("get_attr", "placeholder", "output"):
+        return 0.0
+    value = attrs.get("out_bytes")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
+    """[B, D] the largest ``work`` among the slots each row of ``rows`` ([B, G] device
+    indices) puts on each device, 0 where none: the backward working set per device."""
+    rows = np.atleast_2d(np.asarray(rows))
+    out = np.zeros((rows.shape[0], n_devices))
+    cols = np.flatnonzero(work > 0)
+    if cols.size == 0:
+        return out
+    cols = cols[np.argsort(-work[cols], kind="stable")]
+    sub = rows[:, cols]
+    picked = np.arange(sub.shape[0])
+    for d in range(n_devices):
+        hit = sub == d
+        first = np.argmax(hit, axis=1)  # columns by decreasing work: the first hit is the largest
+        out[:, d] = np.where(hit[picked, first], work[cols][first], 0.0)
+    return out
+
+
 class PlacementError(PlacerError, ValueError):
     """A placement that does not match its problem (unknown device, missing nodes, bad shape)."""
 
@@ -79,6 +119,9 @@ class OpArrays:
         succ_grad: [S] bool, a gradient flows back along the edge (both ends require grad).
         is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
         host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
+        grad_bytes: [N] bytes of each op's output gradient (:func:`gradient_bytes`); a device's
+            peak holds :data:`BACKWARD_WORK_FACTOR` times the largest of its ops' on top of
+            the kept activations. None: ``out_bytes`` where ``requires_grad``.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -101,10 +144,17 @@ class OpArrays:
     is_cpu: np.ndarray
     host: HostOverheads = DEFAULT_HOST
     one_process_per_device: bool = False
+    grad_bytes: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
         return len(self.names)
+
+    def gradient_work(self) -> np.ndarray:
+        """[N] the backward working set each op brings to its device (:data:`BACKWARD_WORK_FACTOR`)."""
+        grads = (self.grad_bytes if self.grad_bytes is not None
+                 else np.where(self.requires_grad, self.out_bytes, 0.0))
+        return BACKWARD_WORK_FACTOR * np.asarray(grads, dtype=np.float64)
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         """Op rows ([B, N] or [N]) of group rows (for tests and reports; the kernels gather)."""
@@ -239,6 +289,12 @@ class PlacementProblem:
         """[N] bytes each node pins on its device for the whole step: params + grads + optimizer state."""
         return self.param_bytes * (2.0 + self.optimizer_state_factor)
 
+    def backward_work(self) -> np.ndarray:
+        """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""
+        out = np.zeros(self.num_nodes)
+        np.maximum.at(out, self.ops.op_group, self.ops.gradient_work())
+        return out
+
     def placement_to_array(self, placement: Mapping[str, str]) -> np.ndarray:
         """Convert ``{node name: device name}`` to an int array in ``node_names`` order.
 
@@ -309,7 +365,7 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
 
 
 def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
-               host: HostOverheads) -> OpArrays:
+               host: HostOverheads, grad_bytes: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -334,6 +390,7 @@ def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flo
         succ_grad=np.ascontiguousarray(rg[src[order]] & rg[s_dst]) if src.size else np.zeros(0, dtype=bool),
         is_cpu=np.asarray(is_cpu, dtype=bool),
         host=host,
+        grad_bytes=None if grad_bytes is None else np.asarray(grad_bytes, dtype=np.float64),
     )
 
 
@@ -412,12 +469,16 @@ def compile_problem(
     requires_grad = np.array([node_requires_grad(a) for a in attrs], dtype=bool)
     out_bytes = column("out_bytes")
     if all("act_bytes" in a for a in attrs):
-        # A group graph may state its members' kept activations directly.
+        # Measured at capture (graphs.saved_activations: the storages autograd saves, the
+        # model outputs the training loop holds); a group graph sums its members'.
         act_bytes = column("act_bytes")
     else:
+        # Fallback for graph files written before act_bytes was measured: each op that
+        # requires grad keeps its output (off by 0.4-1.3x on the zoo, memory.md).
         # Parameters (get_attr) are counted in param_bytes; the output node is no tensor.
         keeps = requires_grad & np.array([a.get("op") not in ("get_attr", "output") for a in attrs])
         act_bytes = np.where(keeps, out_bytes, 0.0)
+    grad_bytes = np.array([gradient_bytes(a) for a in attrs], dtype=np.float64)
     cost = cost_model.op_costs(graph, order, cluster.devices)
     cost[~requires_grad, :, 2:] = 0.0
     param_bytes = column("param_bytes")
@@ -446,7 +507,7 @@ def compile_problem(
     else:
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
-                     op_src, op_dst, op_bytes, is_cpu, cost_model.host)
+                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

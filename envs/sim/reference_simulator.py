@@ -61,10 +61,15 @@ Rules (the PyTorch source or measurement behind each):
   foreach launch saving is not modelled.)
 * **R9 Step end**: ``max(h, max_d s[d]) + step_s`` (the measurement syncs every device).
 * **R10 Memory** per device: parameters + gradients + optimizer state of its ops, their
-  kept activations (allocated at dispatch, freed by their backward op) and each received
-  copy (freed when its consumers' backward ran). All allocations happen in the forward,
-  all frees in the backward, so the peak is reached at the forward/backward boundary;
-  this oracle keeps the event series anyway and the tests check the closed form.
+  kept activations (allocated at dispatch, freed by their backward op; ``act_bytes``, the
+  storages autograd saves, measured at capture by :mod:`graphs.saved_activations`) and
+  each received copy (freed when its consumers' backward ran). All allocations happen in
+  the forward, all frees in the backward, so the peak is reached at the forward/backward
+  boundary; this oracle keeps the event series anyway and the tests check the closed form.
+  On top of it, the backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`
+  times the largest output gradient among the device's ops (the engine holds an op's
+  output gradient while its backward allocates the input gradients; measured against the
+  CPU allocator in benchmarks/results/memory.md).
 
 Consequences worth knowing (tests/test_simulator.py holds them):
 
@@ -99,7 +104,7 @@ from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
-from envs.sim.problem import PlacementError, resolve_optimizer, topological_order
+from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementError, gradient_bytes, resolve_optimizer, topological_order
 from envs.sim.simulator import StepResult
 
 HOST = "host"
@@ -326,12 +331,17 @@ def simulate_reference(
         for b, nbytes in copies[v]:
             users = [done.get(("B", c), step) for c in consumers[v] if dev_of[c] == b]
             memory_events[b] += [(fwd_at[f"XF:{v}->{b}"], 0, nbytes), (max(users), 1, -nbytes)]
+    # The backward's working set: BACKWARD_WORK_FACTOR x the device's largest output gradient.
+    work = {name: 0.0 for name in devices}
+    for v in order:
+        work[dev_of[v]] = max(work[dev_of[v]], BACKWARD_WORK_FACTOR * gradient_bytes(graph.nodes[v]))
     peak = np.array([base[name] for name in devices])
     for k, name in enumerate(devices):
         level = base[name]
         for _, _, delta in sorted(memory_events[name]):
             level += delta
             peak[k] = max(peak[k], level)
+        peak[k] += work[name]
 
     busy = np.zeros(len(devices))
     for v in order:

@@ -13,9 +13,13 @@ backward, the optimizer on the host); the tests hold every path here to that ora
 * **Busy time** per device: the sum of its ops' host and device seconds (forward,
   backward, optimizer update): ``problem.fwd_time + problem.bwd_time`` of its groups.
 * **Memory** per device: parameters + gradients + optimizer state of its ops, their kept
-  activations, and one received copy per (producer, device) as apply.py makes them. All
-  allocations happen in the forward and all frees in the backward (the backward is issued
-  after the whole forward), so the peak is that sum (the oracle checks it on its event series).
+  activations (``act_bytes``: what autograd saves, :mod:`graphs.saved_activations`), and
+  one received copy per (producer, device) as apply.py makes them. All allocations happen
+  in the forward and all frees in the backward (the backward is issued after the whole
+  forward), so the peak is that sum (the oracle checks it on its event series), plus the
+  backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` times the largest
+  output gradient among the device's ops (measured, benchmarks/results/memory.md), added
+  here outside the loops (:func:`~envs.sim.problem.device_max`).
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
@@ -54,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim import kernels as _py
-from envs.sim.problem import PlacementError, PlacementProblem
+from envs.sim.problem import PlacementError, PlacementProblem, device_max
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -211,6 +215,8 @@ class _Arrays:
     op_static: np.ndarray  # [N]
     op_busy: np.ndarray  # [N, D]
     capacity: np.ndarray  # [D]
+    group_work: np.ndarray  # [G] the backward working set of a group's largest output gradient
+    op_work: np.ndarray  # [N]
 
 
 # Problems are frozen and compared by identity: cache their kernel arrays beside them.
@@ -256,6 +262,8 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     op_busy = np.ascontiguousarray(cost3.sum(axis=2))
     group_static = np.zeros(problem.num_nodes)
     np.add.at(group_static, ops.op_group, op_static)
+    op_work = np.ascontiguousarray(ops.gradient_work())
+    group_work = problem.backward_work()
     host = ops.host
     succ_ptr = np.ascontiguousarray(ops.succ_ptr, dtype=np.int64)
     id_base, id_op = _py.node_ids(succ_ptr, nd)
@@ -287,6 +295,8 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
         op_static=op_static,
         op_busy=op_busy,
         capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
+        group_work=group_work,
+        op_work=op_work,
     )
     _ARRAYS_CACHE[problem] = arrays
     return arrays
@@ -566,11 +576,12 @@ def _result(a: _Arrays, pl: np.ndarray, raw, level: str) -> SimResult:
     b_count = pl.shape[0]
     nd = a.n_devices
     static, busy_t = (a.group_static, a.group_busy) if level == "group" else (a.op_static, a.op_busy)
+    work = a.group_work if level == "group" else a.op_work
     flat = (np.arange(b_count)[:, None] * nd + pl).ravel()
     cols = np.arange(pl.shape[1])[None, :]
     busy = np.bincount(flat, weights=busy_t[cols, pl].ravel(), minlength=b_count * nd).reshape(b_count, nd)
     mem = np.bincount(flat, weights=np.broadcast_to(static, pl.shape).ravel(), minlength=b_count * nd)
-    mem = mem.reshape(b_count, nd) + recv
+    mem = mem.reshape(b_count, nd) + recv + device_max(pl, work, nd)
     over = np.maximum(mem - a.capacity[None, :], 0.0)
     return SimResult(step, busy, mem, ~np.any(over > 0, axis=1), over, xt, xb, ok)
 

@@ -15,7 +15,8 @@ Costs used by the heuristics (the simulator alone reports step times):
   (``problem.act_bytes``); and a cut edge's tensor is copied onto the consumer's device.
   All of these are live together at the turn from forward to backward, so a device's
   peak is their sum — the simulator's memory rule (``envs.sim.simulator``), reproduced here
-  so heuristics can check memory without simulating.
+  so heuristics can check memory without simulating — plus, per device, the backward's
+  working set (twice its largest output gradient, :func:`envs.sim.problem.device_max`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.units import format_bytes
-from envs.sim.problem import PlacementProblem
+from envs.sim.problem import PlacementProblem, device_max
 from graphs.errors import PlacerError
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -118,6 +119,8 @@ def device_memory(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
     largest = np.zeros((ops.num_ops, problem.num_devices))
     np.maximum.at(largest, (src[cut], dev[dst][cut]), nbytes[cut])
     used += largest.sum(axis=0)
+    # The backward's working set, as the simulator adds it (envs.sim.problem.BACKWARD_WORK_FACTOR).
+    used += device_max(row[None, :], problem.backward_work(), problem.num_devices)[0]
     return used
 
 
