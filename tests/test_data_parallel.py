@@ -1,4 +1,5 @@
-"""DDP simulated (envs.sim.data_parallel): buckets, ring all-reduce overlapped with the backward, does-not-fit."""
+"""DDP simulated (envs.sim.data_parallel): buckets, ring all-reduce (overlapped with the backward on GPUs,
+after it on CPU ranks), does-not-fit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.data_parallel import (
     BUCKET_BYTES,
+    CPU_RING_EFFICIENCY,
     FIRST_BUCKET_BYTES,
     buckets,
     ring_allreduce_time,
@@ -61,25 +63,38 @@ def test_one_replica_is_the_one_stage_pipeline():
     assert dp.bucket_bytes and dp.exposed_allreduce == 0.0
 
 
-def test_all_reduce_overlaps_the_backward_and_only_the_last_bucket_is_exposed():
-    zero = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
-                     wake_s=0.0, loss_s=0.0, step_s=0.0)
+ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
+                 wake_s=0.0, loss_s=0.0, step_s=0.0)
+
+
+def test_on_cpu_ranks_the_all_reduce_follows_the_backward_at_the_measured_ring_efficiency():
     # Four layers of 4 MiB: buckets [l3] (>= 1 MiB), then l2..l0 (12 MiB, under 25 MiB).
     problem = compile_problem(chain(), cluster(2))
-    dp = simulate_data_parallel(problem, 2, zero)
+    dp = simulate_data_parallel(problem, 2, ZERO)
     assert dp.bucket_bytes == [4 * MB, 12 * MB]
 
     def half(t: float) -> float:  # an op on half the batch: its dispatch is fixed, the rest halves
         return CPU_DISPATCH_S + (t - CPU_DISPATCH_S) / 2
 
-    first_ready = 4 * half(1e-3) + half(2e-3)  # forward, then l3's backward
-    first = ring_allreduce_time(4 * MB, 2, BW, LAT)
     back_end = 4 * half(1e-3) + 4 * half(2e-3)
-    second_start = max(first_ready + first, back_end)
-    expected_comm_end = second_start + ring_allreduce_time(12 * MB, 2, BW, LAT)
-    assert dp.exposed_allreduce == pytest.approx(expected_comm_end - back_end, rel=1e-9)
-    fixed = problem.ops.host.step_s
-    assert dp.step_time == pytest.approx(expected_comm_end + fixed, rel=1e-9)
+    ring = sum(ring_allreduce_time(b, 2, BW * CPU_RING_EFFICIENCY, LAT) for b in (4 * MB, 12 * MB))
+    assert dp.exposed_allreduce == pytest.approx(ring, rel=1e-9)  # D3c: nothing hidden
+    assert dp.step_time == pytest.approx(back_end + ring + problem.ops.host.step_s, rel=1e-9)
+
+
+def test_on_gpus_the_all_reduce_overlaps_the_backward_and_only_the_last_bucket_is_exposed():
+    devs = [Device(f"gpu{i}", "K40", 2**33, 4.29e12, 288e9) for i in range(2)]
+    gpus = make_cluster(devs, [Link("gpu0", "gpu1", LAT, BW)], name="gpus", simulated=True)
+    g = chain(bwd=0.2)  # l3's backward (0.1 s on half the batch) hides its 4 MiB bucket's ring
+    for n in g.nodes:
+        for key in ("fwd_time", "bwd_time", "opt_time"):
+            if key in g.nodes[n]:
+                g.nodes[n][key] = {"K40": g.nodes[n][key]["cpu"]}
+    problem = compile_problem(g, gpus)
+    dp = simulate_data_parallel(problem, 2)
+    assert dp.bucket_bytes == [4 * MB, 12 * MB]
+    last = ring_allreduce_time(12 * MB, 2, BW, LAT)
+    assert dp.exposed_allreduce == pytest.approx(last, rel=1e-6)
 
 
 def test_half_the_batch_per_replica_halves_the_compute():

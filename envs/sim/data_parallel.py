@@ -6,7 +6,9 @@ behind it (paths in the installed torch 2.13):
 
 **D1 Compute.** Each replica runs the forward and the backward of the whole model on its
 share of the batch, every op costed as a pipeline stage's (:mod:`envs.sim.pipeline`, P2:
-fixed part plus batch-proportional part divided by ``N``), one stage call each way. The
+fixed part, measured when a :class:`~envs.sim.pipeline.BatchScaling` is given, plus
+batch-proportional part divided by ``N``), one stage call each way, with the pipeline
+engine's host constants (:data:`~envs.sim.pipeline.ENGINE_COSTS`). The
 optimizer updates every parameter on every replica, unscaled (each replica steps the
 full model after the all-reduce).
 
@@ -25,6 +27,16 @@ each as a ring over the replicas' devices: ``2(N-1)/N · bytes / bw + 2(N-1) · 
 slowest link of the ring ``d0 → d1 → … → d0``. An all-reduce overlaps the rest of the
 backward; the optimizer starts when the last one is done (``finalize_backward`` waits for
 all buckets before ``backward()`` returns).
+
+**D3c CPU ranks.** Between CPU processes (gloo, one core each) the all-reduces do not
+overlap the backward: they start when it ends, and a ring gets
+:data:`CPU_RING_EFFICIENCY` of the link's ping-pong bandwidth. gloo's ring sends,
+receives and sums on the CPU, on the cores the backward holds: measured here, a 44 MB
+all-reduce between two idle 1-thread processes took 57-60 ms and 28 ms of CPU on each,
+and gpt2's DDP step (batch 256 over 2 ranks) was 2416 ms against 2360 ms of profiled
+compute per replica, the all-reduce's time exposed whole; resnet50's (102 MB) exposed 170
+ms against the 97 ms the ring alone takes, so this rule is still optimistic there
+(benchmarks/results/pipeline.md, "Calibrated").
 
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
@@ -66,12 +78,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim.pipeline import (
-    CPU_DISPATCH_S,
+    ENGINE_COSTS,
     ZERO_HOST,
+    BatchScaling,
     Pipeline,
     PipelineError,
     PipelineResult,
     StageCosts,
+    fixed_host,
     memory_problem_lines,
     simulate_pipeline,
     stage_costs,
@@ -79,13 +93,19 @@ from envs.sim.pipeline import (
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 
-__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "DataParallelResult", "buckets", "ring_allreduce_time",
+__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid", "simulate_pipelined"]
 
 #: ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``.
 FIRST_BUCKET_BYTES = 1024 * 1024
 #: ``_DEFAULT_BUCKET_CAP_MB * _MB_TO_BYTES`` of ``nn/parallel/distributed.py``.
 BUCKET_BYTES = 25 * 1024 * 1024
+#: The share of a CPU link's ping-pong bandwidth that gloo's ring all-reduce gets (D3c):
+#: measured here between two 1-thread processes (2026-12-05, load 2.5), 25, 44 and 100 MB
+#: all-reduced in 28, 57-60 and 96 ms against 13, 23 and 52 ms at the 2.0 GB/s the rank
+#: cluster's ping-pong measured (factors 0.47, 0.40, 0.54): each rank sends and receives at
+#: once and sums what it receives, on the same cores.
+CPU_RING_EFFICIENCY = 0.47
 
 
 @dataclass
@@ -150,15 +170,25 @@ def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float)
     return 2.0 * (n - 1) / n * nbytes / bandwidth + 2.0 * (n - 1) * latency
 
 
-def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float) -> tuple[float, np.ndarray, float]:
-    """(forward seconds, per-op backward seconds in op order, optimizer seconds) of one replica (D1)."""
+def _ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tuple[float, float, bool]:
+    """(bandwidth, latency, every device a CPU) of a ring's slowest links (D3, D3c)."""
+    bw = min((float(problem.bandwidth[a, b]) for a, b in ring), default=np.inf)
+    lat = max((float(problem.latency[a, b]) for a, b in ring), default=0.0)
+    on_cpu = bool(ring) and all(bool(problem.ops.is_cpu[a]) for a, _ in ring)
+    return (bw * CPU_RING_EFFICIENCY if on_cpu else bw), lat, on_cpu
+
+
+def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float,
+                   fixed_part: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """(forward seconds, per-op backward seconds in op order, optimizer seconds) of one replica
+    (D1); ``fixed_part`` [N, D, 2] the host seconds a smaller batch does not shrink (P2)."""
     ops = problem.ops
     c = ops.cost[:, d, :]
     if ops.is_cpu[d]:
         per = []
-        for h in (0, 2):
+        for k, h in enumerate((0, 2)):
             host = c[:, h]
-            fixed = np.minimum(host, CPU_DISPATCH_S)
+            fixed = fixed_part[:, d, k]
             per.append((fixed + (host - fixed) / n) * scale)
         fwd, bwd = float(per[0].sum()), per[1]
     else:
@@ -173,13 +203,16 @@ def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float) -> t
 
 
 def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[str] | None = None,
-                           costs: RankCosts | None = None) -> DataParallelResult:
+                           costs: RankCosts | None = None, scaling: BatchScaling | None = None) -> DataParallelResult:
     """Simulate one DDP step of the whole model over ``replicas`` (rules D1-D4 in the module doc).
 
     Args:
         problem: the compiled problem (op costs per device, links, capacities).
         replicas: the devices (names), or how many of the cluster's first devices; default all.
-        costs: host constants of CPU processes (default :class:`RankCosts`); none on GPUs.
+        costs: host constants of CPU processes (default :data:`envs.sim.pipeline.ENGINE_COSTS`);
+            none on GPUs.
+        scaling: the ops' measured fixed parts (:func:`envs.sim.pipeline.fit_batch_scaling`);
+            default P2's.
 
     Raises:
         PipelineError: no replica, or a device not in the cluster.
@@ -211,10 +244,11 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     compute = 0.0
     opt_max = 0.0
     tail = 0.0
+    fixed_part = fixed_host(problem, scaling)
     for d in idx:
-        hc = (costs or RankCosts()) if ops.is_cpu[d] else ZERO_HOST
+        hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_HOST
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
-        fwd, bwd, opt = _replica_times(problem, d, n, scale)
+        fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part)
         start_b = fwd + hc.stage_fwd_s + hc.loss_s + hc.stage_bwd_s
         # Backward runs in reverse op order: op i's gradient exists once ops num-1..i are done.
         done_at = start_b + np.cumsum(bwd[::-1])[::-1]
@@ -227,8 +261,9 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
         opt_max = max(opt_max, opt + (float(ops.host.step_s) if has_params else 0.0))
         tail = max(tail, hc.step_s)
     ring = [(idx[k], idx[(k + 1) % n]) for k in range(n)] if n > 1 else []
-    bw = min((float(problem.bandwidth[a, b]) for a, b in ring), default=np.inf)
-    lat = max((float(problem.latency[a, b]) for a, b in ring), default=0.0)
+    bw, lat, on_cpu = _ring_link(problem, ring)
+    if on_cpu:
+        ready[:] = back_end  # D3c: the backward holds the cores until it ends
     comm_end = 0.0
     for k, nbytes in enumerate(bucket_bytes):
         comm_end = max(comm_end, ready[k]) + ring_allreduce_time(nbytes, n, bw, lat)
@@ -295,7 +330,7 @@ def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -
 
 
 def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d: int, sc: StageCosts, s: int,
-                          div: float, scale: float) -> tuple[list[float], np.ndarray]:
+                          div: float, scale: float, fixed_part: np.ndarray) -> tuple[list[float], np.ndarray]:
     """(bytes of each bucket, seconds into the stage's backward when it is ready) on device ``d`` (H2)."""
     ops = problem.ops
     sel = ops_of_stage[::-1]  # reverse op order: the order the backward produces gradients (D2)
@@ -303,7 +338,7 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
     groups = buckets(grad.tolist())
     c = ops.cost[sel, d, :]
     if ops.is_cpu[d]:
-        fixed = np.minimum(c[:, 2], CPU_DISPATCH_S)
+        fixed = fixed_part[sel, d, 1]
         per = (fixed + (c[:, 2] - fixed) / div) * scale
     else:
         raw = c[:, 2] + c[:, 3] / div
@@ -313,10 +348,12 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
 
 
 def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], costs: RankCosts | None = None,
-                    replica_costs: Sequence[StageCosts] | None = None) -> HybridResult:
+                    replica_costs: Sequence[StageCosts] | None = None,
+                    scaling: BatchScaling | None = None) -> HybridResult:
     """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H4
     in the module doc). ``replica_costs``: each replica's stage costs at its share of the
     batch when the caller has them (:func:`envs.sim.pipeline.fast_stage_costs` with ``share=R``).
+    ``scaling``: the ops' measured fixed parts (:func:`envs.sim.pipeline.fit_batch_scaling`).
 
     Raises:
         PipelineError: replicas that differ or share devices (:func:`check_hybrid`), or a
@@ -328,7 +365,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     s_, m = first.num_stages, first.microbatches
     names = list(problem.device_names)
     per_costs = (list(replica_costs) if replica_costs is not None
-                 else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
+                 else [stage_costs(problem, p, costs, share=r_, scaling=scaling) for p in pipelines])
     results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
     if r_ == 1:
         res = results[0]
@@ -343,6 +380,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     peak: dict[str, float] = {}
     exposed: list[float] = []
     div = float(r_ * m)
+    fixed_part = fixed_host(problem, scaling)
     for s in range(s_):
         mine = np.nonzero(op_stage == s)[0]
         devs = [names.index(p.devices[s]) for p in pipelines]
@@ -350,14 +388,15 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         ready = None
         for r, (p, sc, res) in enumerate(zip(pipelines, per_costs, results)):
             d = devs[r]
-            hc = (costs or RankCosts()) if ops.is_cpu[d] else ZERO_HOST
+            hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_HOST
             scale = hc.op_scale if ops.is_cpu[d] else 1.0
-            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale)
+            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part)
             at = res.last_backward[s][0] + hc.stage_bwd_s + offsets
             ready = at if ready is None else np.maximum(ready, at)
         ring = [(devs[k], devs[(k + 1) % r_]) for k in range(r_)]
-        bw = min(float(problem.bandwidth[a, b]) for a, b in ring)
-        lat = max(float(problem.latency[a, b]) for a, b in ring)
+        bw, lat, on_cpu = _ring_link(problem, ring)
+        if on_cpu and ready is not None:  # D3c: the last backward holds the cores until it ends
+            ready = np.full_like(ready, max(res.last_backward[s][1] for res in results))
         comm_end = 0.0
         for k, nbytes in enumerate(sizes):
             comm_end = max(comm_end, float(ready[k])) + ring_allreduce_time(nbytes, r_, bw, lat)
@@ -375,7 +414,8 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     return HybridResult(tuple(pipelines), float(max(end_of.values())), results, exposed, peak, over)
 
 
-def simulate_pipelined(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None) -> HybridResult:
+def simulate_pipelined(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
+                       scaling: BatchScaling | None = None) -> HybridResult:
     """One step of a placement's pipeline, replicas included (:attr:`Pipeline.replicas`): what
     optimize, ``placer show`` and the benchmarks all simulate a pipelined placement with."""
-    return simulate_hybrid(problem, pipeline.replica_pipelines(), costs)
+    return simulate_hybrid(problem, pipeline.replica_pipelines(), costs, scaling=scaling)

@@ -28,11 +28,19 @@ backward needs the stage's own forward and, but on the last stage, the gradient 
 batch-proportional part divided by ``M``, from the simulator's cost arrays
 (``problem.ops.cost``, :meth:`envs.sim.cost_model.CostModel.op_cost`): on a GPU the host
 part (the kernel launches) is fixed and the device part proportional; on a CPU the op runs
-on the host, its per-op dispatch (:data:`CPU_DISPATCH_S`, the 2.1-2.7 us per fx node measured
-for :class:`~envs.sim.cost_model.HostOverheads`) is fixed and the rest proportional. A
-stage call on a GPU lasts ``max(host, device)`` (the host issues ahead of the stream); on a
-CPU the sum. The optimizer update is not scaled: it runs once per step on the accumulated
-gradients (``perform_reduce_grad`` then the user's ``optimizer.step()``).
+on the host, and its fixed part is *measured* when the model was also profiled at a
+smaller batch (:class:`BatchScaling`, :func:`fit_batch_scaling`: ``fixed + per_sample * b``
+through the two profiles, per op), else its per-op dispatch (:data:`CPU_DISPATCH_S`, the
+2.1-2.7 us per fx node measured for :class:`~envs.sim.cost_model.HostOverheads`). The
+measurement won: with the dispatch alone the simulator put resnet50's 2-stage pipeline
+(batch 32, M=4) at 583 ms and its stages equal, while it ran 1031 ms with 0.50 and 0.92 CPU
+s per rank; profiled at the micro-batch size it predicts 983 ms and 0.56 + 0.89 s (the late
+stages' convolutions on 2x2 maps cost 1.5x per sample at batch 8: per-call work that does
+not shrink), and gpt2's (batch 256, M=16) 2885 ms against 2874 measured, where the dispatch
+rule gave 2309 (benchmarks/results/pipeline.md, "Calibrated"). A stage call on a GPU lasts
+``max(host, device)`` (the host issues ahead of the stream); on a CPU the sum. The optimizer
+update is not scaled: it runs once per step on the accumulated gradients
+(``perform_reduce_grad`` then the user's ``optimizer.step()``).
 
 **P3 Transfers.** ``PipelineStage`` sends a stage's outputs to stage ``s + 1`` only
 (``stage.py``: ``stage_index + 1`` in ``get_fwd_send_ops``), so a value read by a later
@@ -44,8 +52,12 @@ Each direction of a boundary is one FIFO channel (gloo's one connection per pair
 device waits for its last sends before it steps (``_wait_batch_p2p(send_work)``).
 
 **P4 Host constants.** On CPU devices every stage call, send, receive and loss and the
-step cost what the measured multi-process runtime costs (:class:`envs.sim.ranks.RankCosts`,
-calibrated there); on GPUs the defaults are zero. ``op_scale`` multiplies the op times.
+step cost what the measured multi-process runtime costs (:data:`ENGINE_COSTS`: the
+per-call constants of :class:`envs.sim.ranks.RankCosts`, calibrated there on the
+point-to-point runtime); on GPUs the defaults are zero. ``op_scale`` multiplies the op
+times: 1.0 for this engine (measured: its ranks' CPU seconds are 0.92-1.05x the profiled
+op costs at the micro-batch size), not the point-to-point runtime's 0.86, which put
+gpt2's pipeline and DDP 11-20% under their measured steps.
 
 **P5 Step and memory.** The step ends when the last device has stepped its optimizer
 (its ops' update time plus the problem's fixed host cost, once per device that holds
@@ -68,7 +80,7 @@ from __future__ import annotations
 import heapq
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -80,6 +92,10 @@ from graphs.errors import PlacerError
 __all__ = [
     "SCHEDULES",
     "CPU_DISPATCH_S",
+    "ENGINE_COSTS",
+    "BatchScaling",
+    "fit_batch_scaling",
+    "fixed_host",
     "PipelineError",
     "Pipeline",
     "Action",
@@ -110,6 +126,69 @@ CPU_DISPATCH_S = 2.4e-6
 #: Host constants for devices whose stage calls the model does not charge (GPUs).
 ZERO_HOST = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0,
                       handoff_s=0.0, loss_s=0.0, step_s=0.0, wake_s=0.0)
+
+#: The host constants of a CPU process running ``torch.distributed.pipelining`` or DDP (P4).
+#: ``op_scale`` 1.0, not :class:`RankCosts`' 0.86 (fitted on the point-to-point runtime's small
+#: models): the ranks' CPU seconds per step measured through this engine were 0.92-1.05x the
+#: profiled op costs at the micro-batch size (gpt2 width 384 batch 256 M=16 and resnet50
+#: batch 32 M=4, 2026-12-05, benchmarks/results/pipeline.md, "Calibrated"). The per-call
+#: constants are :class:`RankCosts`' (measured on the point-to-point runtime); through the
+#: engine a micro-batch's calls, sends, receives and loss cost 0.6-2 ms of CPU per rank on a
+#: 5-op chain (same section), under 1% of the zoo cases' steps.
+ENGINE_COSTS = replace(RankCosts(), op_scale=1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchScaling:
+    """Per op and device, the host seconds of its forward and backward that do not shrink
+    with the batch (rule P2), fitted from profiles of the model at two batch sizes
+    (:func:`fit_batch_scaling`).
+
+    Attributes:
+        fixed: [N, D, 2] seconds (forward, backward) of each op on each device, between 0
+            and the op's full-batch cost.
+        ratio: the full batch over the small batch the fit was made with.
+    """
+
+    fixed: np.ndarray
+    ratio: float
+
+
+def fit_batch_scaling(full: PlacementProblem, small: PlacementProblem, ratio: float) -> BatchScaling:
+    """Fit ``cost(b) = fixed + per_sample * b`` for every op's host forward and backward from
+    ``full`` (the model profiled at batch ``B``) and ``small`` (the same model profiled at
+    ``B / ratio``, compiled over the same devices): ``fixed = (ratio * small - full) /
+    (ratio - 1)``, clipped to ``[0, full]`` (profiling noise can make one op cheaper per
+    sample at the small size, or dearer in all than at the full size).
+
+    Measured here (2026-12-05): the ops of resnet50 at 64x64 images cost 1.23x their batch-32
+    cost per sample at batch 8, and the late stages' convolutions (2x2 maps) 1.5x, while
+    gpt2's GEMMs at width 384 cost 1.05x at 16 of 256 samples; a fixed 2.4 us per op
+    (:data:`CPU_DISPATCH_S`) gives neither.
+
+    Raises:
+        PipelineError: the problems differ in ops or devices, or ``ratio <= 1``.
+    """
+    if not ratio > 1.0:
+        raise PipelineError(f"the small profile's batch must be smaller than the full one; got a ratio of {ratio}")
+    if full.ops.names != small.ops.names or tuple(full.device_names) != tuple(small.device_names):
+        raise PipelineError("the two profiles are of different ops or devices; expected the same model captured at "
+                            "two batch sizes and compiled over the same cluster")
+    big = full.ops.cost[:, :, (0, 2)]
+    little = small.ops.cost[:, :, (0, 2)]
+    fixed = np.clip((ratio * little - big) / (ratio - 1.0), 0.0, big)
+    return BatchScaling(fixed, float(ratio))
+
+
+def fixed_host(problem: PlacementProblem, scaling: BatchScaling | None = None) -> np.ndarray:
+    """[N, D, 2] host seconds of each op's forward and backward that a micro-batch does not
+    shrink (P2): ``scaling``'s measured parts, or :data:`CPU_DISPATCH_S` per op without one."""
+    if scaling is not None:
+        if scaling.fixed.shape != problem.ops.cost[:, :, :2].shape:
+            raise PipelineError(f"the batch scaling is for {scaling.fixed.shape[0]} ops x {scaling.fixed.shape[1]} "
+                                f"devices; the problem has {problem.ops.num_ops} x {problem.num_devices}")
+        return scaling.fixed
+    return np.minimum(problem.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S)
 
 
 class PipelineError(PlacerError, ValueError):
@@ -354,13 +433,14 @@ class StageCosts:
     device: np.ndarray
 
 
-def _scaled(cost: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
-    """(forward, backward) seconds of ops ``cost`` [K, 6] on one device for a micro-batch of 1/m."""
+def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
+    """(forward, backward) seconds of ops ``cost`` [K, 6] on one device for a micro-batch of
+    1/m, ``fixed_part`` [K, 2] the host seconds that do not shrink (P2)."""
     out = []
-    for h, d in ((0, 1), (2, 3)):
+    for k, (h, d) in enumerate(((0, 1), (2, 3))):
         host, dev = cost[:, h], cost[:, d]
         if is_cpu:
-            fixed = np.minimum(host, CPU_DISPATCH_S)
+            fixed = fixed_part[:, k]
             out.append(float((fixed + (host - fixed) / m).sum()) * scale)
         else:
             out.append(max(float(host.sum()), float(dev.sum()) / m) * scale)
@@ -386,11 +466,13 @@ def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndar
 
 
 def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                share: int = 1) -> StageCosts:
+                share: int = 1, scaling: BatchScaling | None = None) -> StageCosts:
     """Per-stage micro-batch costs of ``pipeline`` on ``problem`` (module doc, P2-P3).
 
     ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
     of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
+    ``scaling``: the ops' measured fixed parts (:func:`fit_batch_scaling`); default P2's
+    :data:`CPU_DISPATCH_S`.
 
     Raises:
         PipelineError: nodes missing or unknown, a device not in the cluster, or an edge
@@ -412,13 +494,14 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
+    fixed_all = fixed_host(problem, scaling)
     for s in range(s_):
         d = int(stage_dev[s])
         cpu = bool(ops.is_cpu[d])
-        scale = (costs or RankCosts()).op_scale if cpu else 1.0
+        scale = (costs or ENGINE_COSTS).op_scale if cpu else 1.0
         sel = op_stage == s
         c = ops.cost[sel, d, :]
-        fwd[s], bwd[s] = _scaled(c, cpu, m, scale)
+        fwd[s], bwd[s] = _scaled(c, fixed_all[sel, d, :], cpu, m, scale)
         opt[s] = float(c[:, 4:].sum()) * scale
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m
@@ -468,6 +551,8 @@ class PipelineTables:
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The key of the tables built without a measured scaling (P2's default fixed part).
+_NO_SCALING = BatchScaling(np.zeros((0, 0, 2)), 0.0)
 
 
 def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
@@ -477,16 +562,18 @@ def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([np.zeros((1,) + per_op.shape[1:]), np.cumsum(per_group, axis=0)])
 
 
-def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
-    """The prefix tables of ``problem`` (built once per problem and kept while it lives)."""
-    cached = _TABLES.get(problem)
+def pipeline_tables(problem: PlacementProblem, scaling: BatchScaling | None = None) -> PipelineTables:
+    """The prefix tables of ``problem`` (built once per problem and ``scaling``, kept while both live)."""
+    per_problem = _TABLES.setdefault(problem, weakref.WeakKeyDictionary())
+    key = scaling if scaling is not None else _NO_SCALING
+    cached = per_problem.get(key)
     if cached is not None:
         return cached
     ops = problem.ops
     n = problem.num_nodes
     g = ops.op_group
     c = ops.cost
-    fixed = np.minimum(c[:, :, (0, 2)], CPU_DISPATCH_S)
+    fixed = fixed_host(problem, scaling)
     src, dst, _ = ops.edges()
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, g[dst])
@@ -505,26 +592,28 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1])
-    _TABLES[problem] = tables
+    per_problem[key] = tables
     return tables
 
 
 def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: Sequence[int], microbatches: int,
-                     costs: RankCosts | None = None, share: int = 1) -> StageCosts:
+                     costs: RankCosts | None = None, share: int = 1,
+                     scaling: BatchScaling | None = None) -> StageCosts:
     """:func:`stage_costs` of the stages ``[bounds[s], bounds[s+1])`` of ``problem.node_names``
     on device indices ``devices``, from :func:`pipeline_tables` (equal up to rounding).
 
     ``share``: the batch is 1/``share`` of the problem's (a data-parallel replica's), so a
     micro-batch is ``1 / (share * M)`` of it. The caller guarantees the stages are
     contiguous groups in the problem's order (group edges always run forward in it).
+    ``scaling``: as :func:`stage_costs`'.
     """
-    t = pipeline_tables(problem)
+    t = pipeline_tables(problem, scaling)
     b = np.asarray(bounds, dtype=np.int64)
     lo, hi = b[:-1], b[1:]
     d = np.asarray(devices, dtype=np.int64)
     div = float(microbatches * share)
     cpu = np.asarray(problem.ops.is_cpu, dtype=bool)[d]
-    scale = np.where(cpu, (costs or RankCosts()).op_scale, 1.0)
+    scale = np.where(cpu, (costs or ENGINE_COSTS).op_scale, 1.0)
 
     def seg(table: np.ndarray) -> np.ndarray:
         return table[hi, d] - table[lo, d]
@@ -590,21 +679,24 @@ class PipelineResult:
 
 def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[RankCosts]:
     # P4: the measured multi-process constants on CPUs, none on GPUs.
-    return [(costs or RankCosts()) if cpu else ZERO_HOST for cpu in problem.ops.is_cpu]
+    return [(costs or ENGINE_COSTS) if cpu else ZERO_HOST for cpu in problem.ops.is_cpu]
 
 
 def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                      trace: bool = False, stage_cost: StageCosts | None = None) -> PipelineResult:
+                      trace: bool = False, stage_cost: StageCosts | None = None,
+                      scaling: BatchScaling | None = None) -> PipelineResult:
     """Simulate one training step of ``pipeline`` on ``problem`` (rules P1-P5 in the module doc).
 
     Args:
         problem: the compiled problem (op costs per device, links, capacities).
         pipeline: the stages over ``problem.node_names``, their devices, ``M`` and the schedule.
-        costs: the host constants of CPU processes (default :class:`RankCosts`, the
-            calibrated ones); GPUs are charged none.
+        costs: the host constants of CPU processes (default :data:`ENGINE_COSTS`, measured
+            through ``torch.distributed.pipelining``); GPUs are charged none.
         trace: keep every action's interval in ``events``.
         stage_cost: the stages' costs when the caller has them (:func:`fast_stage_costs`,
             or a data-parallel replica's share of the batch); default :func:`stage_costs`.
+        scaling: the ops' measured fixed parts (:func:`fit_batch_scaling`) for
+            :func:`stage_costs`.
 
     Raises:
         PipelineError: see :func:`stage_costs`.
@@ -612,7 +704,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     if pipeline.replicas:
         raise PipelineError(f"a pipeline with {pipeline.num_replicas} replicas is simulated by "
                             "envs.sim.data_parallel.simulate_hybrid; expected one replica here")
-    sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs)
+    sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs, scaling=scaling)
     orders = pipeline_orders(pipeline)
     ranks = pipeline.ranks
     rank_of_stage = [ranks.index(d) for d in pipeline.devices]
