@@ -12,14 +12,25 @@ this machine and in one sitting:
 Every run trains the same model with the same optimizer (SGD, momentum 0.9) on the same
 batch. Each figure is the median step of ``--steps`` steps after ``--warmup`` steps, with the
 CPU seconds per step (all threads of all processes) and the load average when it finished.
-Beside each, the simulator's prediction: the pipeline on the rank cluster ``cpu:0,cpu:1``
+Beside each, the simulator's predictions: the pipeline on the rank cluster ``cpu:0,cpu:1``
 (:func:`envs.sim.pipeline.simulate_pipeline`, links measured by ping-pong), DDP by
 :func:`envs.sim.data_parallel.simulate_data_parallel`, one process by the rank simulator on
 ``cpu:0``; the simulator models one thread per process, so the 2-thread row has none.
+"simulated" costs every op from the profile at the full batch (a micro-batch pays P2's
+fixed 2.4 us per op, the rest shrinks by ``M``); "calibrated" also profiles the model at
+the micro-batch size ``batch / M`` and fits each op's fixed and per-sample parts from the
+two profiles (:func:`envs.sim.pipeline.fit_batch_scaling`), which DDP's half batch and the
+one process's full batch read too (one process: a 1-stage pipeline of ``M = 1`` on
+``cpu:0``, :data:`envs.sim.pipeline.ENGINE_COSTS`). The calibrated pipeline row also gives
+each rank's simulated busy seconds, beside the measured CPU seconds per rank.
 
 Usage (about 3 minutes on a quiet 2-core machine)::
 
     python3 benchmarks/bench_pipeline_measured.py [--cases gpt2,resnet50] [--steps 5] [--warmup 2]
+        [--microbatches M] [--batch B] [--predict-only]
+
+``--predict-only`` prints the two predictions of each case and runs nothing (seconds, with the
+profiles cached).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +56,14 @@ sys.path.insert(0, str(ROOT))
 from envs.runtime.distributed.rank_cluster import rank_cluster  # noqa: E402
 from envs.runtime.pipeline.launcher import run_training  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
-from envs.sim.pipeline import Pipeline, PipelineError, simulate_pipeline  # noqa: E402
+from envs.sim.pipeline import (  # noqa: E402
+    BatchScaling,
+    Pipeline,
+    PipelineError,
+    PipelineResult,
+    fit_batch_scaling,
+    simulate_pipeline,
+)
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
@@ -98,6 +116,8 @@ class Figure:
     load: str
     steps: list[float] = field(default_factory=list)
     rank_cpu_s: list[float] = field(default_factory=list)
+    calibrated_s: float | None = None
+    calibrated_rank_s: list[float] = field(default_factory=list)
 
 
 def _median_after(values: list[float], warmup: int) -> float:
@@ -129,9 +149,10 @@ def one_process(gm: torch.fx.GraphModule, inputs: Mapping[str, torch.Tensor],
         torch.set_num_threads(before)
 
 
-def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[float, str, Pipeline]:
-    """The partitioner whose 2-stage pipeline the simulator finds fastest, as a runnable pipeline
-    (stages of compute nodes only) and its simulated step."""
+def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[float, str, Pipeline, Pipeline]:
+    """The partitioner whose 2-stage pipeline the simulator finds fastest: its simulated step,
+    the partitioner, the pipeline as a runnable one (stages of compute nodes only) and as
+    simulated (over every node of ``problem``)."""
     plans = []
     for name, fn in PARTITIONERS.items():
         try:
@@ -145,43 +166,108 @@ def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[fl
             continue
         res = simulate_pipeline(problem, cand)
         plans.append((res.step_time if res.fits else math.inf, name,
-                      Pipeline(stages, cand.devices, microbatches, schedule)))
+                      Pipeline(stages, cand.devices, microbatches, schedule), cand))
     if not plans:
         raise SystemExit("no partitioner produced a 2-stage pipeline with compute on both stages")
     return min(plans, key=lambda p: p[0])
 
 
-def run_case(case: Case, warmup: int, steps: int, ranks: Any) -> tuple[list[Figure], str]:
-    """The four figures of one case and a one-line description of the pipeline."""
+def calibrate(case: Case, problems: list[tuple[Any, Any]], opt: str, batch: int,
+              microbatches: int) -> list[BatchScaling]:
+    """For each of ``problems`` ((the model at ``batch`` compiled over a cluster, that cluster)), the ops' fixed and
+    per-sample parts fitted with the model profiled at ``batch / microbatches`` (profiled
+    here, or read from the profile cache)."""
+    small = prepare(f"zoo:{case.model}", model_args={**case.args, "batch_size": batch // microbatches})
+    return [fit_batch_scaling(p, compile_problem(small.captured.graph, c, optimizer=opt), microbatches)
+            for p, c in problems]
+
+
+def calibrated_predictions(problem: Any, one: Any, cand: Pipeline, scaling: BatchScaling,
+                           one_scaling: BatchScaling) -> tuple[float, PipelineResult, float]:
+    """(one process, the pipeline's result, DDP) simulated with the measured batch scaling."""
+    whole = tuple(one.node_names)
+    one_s = simulate_pipeline(one, Pipeline((whole,), ("cpu:0",), 1, "gpipe"), scaling=one_scaling).step_time
+    res = simulate_pipeline(problem, cand, scaling=scaling)
+    ddp = simulate_data_parallel(problem, 2, scaling=scaling).step_time
+    return one_s, res, ddp
+
+
+@dataclass
+class Predictions:
+    """What the simulator says for one case, before anything runs."""
+
+    prep: Any
+    batch: int
+    method: str
+    pipe: Pipeline
+    sim_one: float
+    sim_pipe: float
+    sim_ddp: float
+    cal_one: float
+    cal_pipe: PipelineResult
+    cal_ddp: float
+
+
+def predict(case: Case, ranks: Any, m: int) -> Predictions:
+    """The simulated and calibrated steps of one process, the 2-stage pipeline with ``m``
+    micro-batches and DDP (module doc)."""
     prep = prepare(f"zoo:{case.model}", model_args=dict(case.args))
+    batch = batch_size_of(prep.spec.example_inputs)
+    if batch is None:
+        raise SystemExit(f"{case.model}: no batch dimension found in its inputs; expected a batched model")
+    opt = optimizer_name(prep.spec)
+    problem = compile_problem(prep.captured.graph, ranks, optimizer=opt)
+    sim_pipe, method, pipe, cand = plan(problem, prep.captured.graph, m, case.schedule)
+    sim_ddp = simulate_data_parallel(problem, 2).step_time
+    one_rank = rank_cluster("cpu:0")
+    one = compile_problem(prep.captured.graph, one_rank, optimizer=opt)
+    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
+    scaling, one_scaling = calibrate(case, [(problem, ranks), (one, one_rank)], opt, batch, m)
+    cal_one, cal_pipe, cal_ddp = calibrated_predictions(problem, one, cand, scaling, one_scaling)
+    return Predictions(prep, batch, method, pipe, sim_one, sim_pipe, sim_ddp, cal_one, cal_pipe, cal_ddp)
+
+
+def prediction_rows(case: str, p: Predictions, m: int) -> list[str]:
+    """``--predict-only``'s Markdown table of one case."""
+    busy = " + ".join(f"{p.cal_pipe.busy[d]:.3f}" for d in p.pipe.ranks)
+    return [f"### {case} (batch {p.batch}), pipeline split by {p.method}, M={m}", "",
+            "| run | simulated ms/step | calibrated ms/step (busy s per rank) |", "|---|---:|---:|",
+            f"| one process, 1 thread | {p.sim_one * 1e3:.1f} | {p.cal_one * 1e3:.1f} |",
+            f"| 2-stage pipeline | {p.sim_pipe * 1e3:.1f} | {p.cal_pipe.step_time * 1e3:.1f} ({busy}) |",
+            f"| DDP | {p.sim_ddp * 1e3:.1f} | {p.cal_ddp * 1e3:.1f} |", ""]
+
+
+def run_case(case: Case, warmup: int, steps: int, ranks: Any,
+             microbatches: int | None = None) -> tuple[list[Figure], str]:
+    """The four figures of one case and a one-line description of the pipeline."""
+    m = microbatches or case.microbatches
+    pr = predict(case, ranks, m)
+    prep, batch, method, pipe = pr.prep, pr.batch, pr.method, pr.pipe
+    sim_one, sim_pipe, sim_ddp, cal_one, cal_pipe, cal_ddp = (pr.sim_one, pr.sim_pipe, pr.sim_ddp, pr.cal_one,
+                                                              pr.cal_pipe, pr.cal_ddp)
     gm = prep.captured.gm
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(names, tuple(prep.spec.example_inputs)))
     loss_fn = prep.spec.loss_fn
-    batch = batch_size_of(prep.spec.example_inputs)
-    opt = optimizer_name(prep.spec)
-    problem = compile_problem(prep.captured.graph, ranks, optimizer=opt)
-    sim_pipe, method, pipe = plan(problem, prep.captured.graph, case.microbatches, case.schedule)
-    sim_ddp = simulate_data_parallel(problem, 2).step_time
-    one = compile_problem(prep.captured.graph, rank_cluster("cpu:0"), optimizer=opt)
-    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
 
     figures = []
     for threads, sim in ((1, sim_one), (2, None)):
         wall, cpu = one_process(gm, inputs, loss_fn, threads, warmup, steps)
         figures.append(Figure(f"one process, {threads} thread{'s' if threads > 1 else ''}",
-                              _median_after(wall, warmup), _median_after(cpu, warmup), sim, load_average(), wall))
+                              _median_after(wall, warmup), _median_after(cpu, warmup), sim, load_average(), wall,
+                              calibrated_s=cal_one if threads == 1 else None))
     total = warmup + steps
     run = run_training(gm, inputs, pipe, steps=total, optimizer=OPTIMIZER, loss_fn=loss_fn, timeout_s=240)
     sizes = "/".join(str(len(s)) for s in pipe.stages)
-    figures.append(Figure(f"2-stage pipeline, {case.schedule}, M={case.microbatches}, 2 processes x 1 thread",
+    figures.append(Figure(f"2-stage pipeline, {case.schedule}, M={m}, 2 processes x 1 thread",
                           _median_after(run.step_times, warmup), _median_after(run.cpu_times, warmup), sim_pipe,
                           load_average(), run.step_times,
-                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())]))
+                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())],
+                          cal_pipe.step_time, [cal_pipe.busy[d] for d in pipe.ranks]))
     run = run_training(gm, inputs, None, world=2, steps=total, optimizer=OPTIMIZER, loss_fn=loss_fn, timeout_s=240)
     figures.append(Figure("DDP, 2 processes x 1 thread", _median_after(run.step_times, warmup),
                           _median_after(run.cpu_times, warmup), sim_ddp, load_average(), run.step_times,
-                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())]))
+                          [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())], cal_ddp))
     args = ", ".join(f"{k}={v}" for k, v in case.args.items())
     desc = (f"{case.model} ({args}; batch {batch}; {case.note}); pipeline split by {method}: "
             f"stages of {sizes} ops")
@@ -193,12 +279,14 @@ def table(case: str, desc: str, figures: list[Figure]) -> list[str]:
     base = figures[0].step_s
     rows = [f"### {case}: {desc}", "",
             "| run | measured ms/step (median) | CPU s/step (per rank) | speed vs 1 thread | simulated ms/step "
-            "| load (1, 5, 15 min) |",
-            "|---|---|---|---|---|---|"]
+            "| calibrated ms/step (busy s per rank) | load (1, 5, 15 min) |",
+            "|---|---|---|---|---|---|---|"]
     for f in figures:
         sim = "(one thread per process modelled)" if f.simulated_s is None else f"{f.simulated_s * 1e3:.1f}"
+        cal = "-" if f.calibrated_s is None else f"{f.calibrated_s * 1e3:.1f}" + (
+            f" ({' + '.join(f'{c:.3f}' for c in f.calibrated_rank_s)})" if f.calibrated_rank_s else "")
         cpu = f"{f.cpu_s:.3f}" + (f" ({' + '.join(f'{c:.3f}' for c in f.rank_cpu_s)})" if f.rank_cpu_s else "")
-        rows.append(f"| {f.label} | {f.step_s * 1e3:.1f} | {cpu} | {base / f.step_s:.2f}x | {sim} | {f.load} |")
+        rows.append(f"| {f.label} | {f.step_s * 1e3:.1f} | {cpu} | {base / f.step_s:.2f}x | {sim} | {cal} | {f.load} |")
     pipe, two, ddp = figures[2], figures[1], figures[3]
     rows += ["", f"{case}: the pipeline is {base / pipe.step_s:.2f}x one 1-thread process "
                  f"(target >= 1.6x: {'met' if base / pipe.step_s >= 1.6 else 'missed'}), {two.step_s / pipe.step_s:.2f}x "
@@ -212,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per run (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--microbatches", type=int, default=None,
+                        help="M for every case's pipeline (default: each case's own; it must divide the batch)")
+    parser.add_argument("--batch", type=int, default=None, help="the batch of every case (default: each case's own)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="print the simulated and calibrated predictions, run nothing")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
@@ -219,13 +312,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown case(s) {unknown} (expected some of {list(CASES)}) or steps < 1 / warmup < 0",
               file=sys.stderr)
         return 2
+    chosen = {c: CASES[c] if args.batch is None else replace(CASES[c], args={**CASES[c].args, "batch_size": args.batch})
+              for c in cases}
+    m = args.microbatches
+    bad = [c for c in cases if (args.batch is not None and args.batch < 2)
+           or (m or chosen[c].microbatches) < 2 or chosen[c].args["batch_size"] % (m or chosen[c].microbatches)]
+    if bad:
+        print(f"error: M does not divide the batch of {bad} (--batch {args.batch}, --microbatches {m}); "
+              "expected M >= 2 dividing a batch >= 2", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {stamp}, torch {torch.__version__}, {torch.get_num_threads()} cores visible, load {load_average()}")
     print(f"# python3 benchmarks/bench_pipeline_measured.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     ranks = rank_cluster("cpu:0,cpu:1")  # links between the two ranks measured by ping-pong
     for name in cases:
-        figures, desc = run_case(CASES[name], args.warmup, args.steps, ranks)
+        if args.predict_only:
+            for line in prediction_rows(name, predict(chosen[name], ranks, m or chosen[name].microbatches),
+                                        m or chosen[name].microbatches):
+                print(line, flush=True)
+            continue
+        figures, desc = run_case(chosen[name], args.warmup, args.steps, ranks, m)
         for line in table(name, desc, figures):
             print(line, flush=True)
     print(f"# {time.perf_counter() - start:.0f} s wall, load {load_average()}")

@@ -21,7 +21,6 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import RankCosts
 from tests.test_pipeline_sim import ZERO, chain, cpu_cluster, two_stages
 
 # Four layers profiled at the full batch and at a quarter of it: l0 is all per-call work
@@ -118,7 +117,7 @@ def test_without_a_fit_an_op_keeps_the_dispatch_as_its_fixed_part():
 
 def test_the_engine_constants_are_the_default_and_scale_ops_by_one():
     full, _ = problems()
-    assert ENGINE_COSTS.op_scale == 1.0 and RankCosts().op_scale != 1.0
+    assert ENGINE_COSTS.op_scale == 1.0
     pipe = two_stages(4)
     assert simulate_pipeline(full, pipe).step_time == simulate_pipeline(full, pipe, ENGINE_COSTS).step_time
     assert simulate_data_parallel(full, 2).step_time == simulate_data_parallel(full, 2, ENGINE_COSTS).step_time

@@ -55,8 +55,8 @@ device waits for its last sends before it steps (``_wait_batch_p2p(send_work)``)
 step cost what the measured multi-process runtime costs (:data:`ENGINE_COSTS`: the
 per-call constants of :class:`envs.sim.ranks.RankCosts`, calibrated there on the
 point-to-point runtime); on GPUs the defaults are zero. ``op_scale`` multiplies the op
-times: 1.0 for this engine (measured: its ranks' CPU seconds are 0.92-1.05x the profiled
-op costs at the micro-batch size), not the point-to-point runtime's 0.86, which put
+times: 1.0 for this engine (measured: its ranks' CPU seconds are 0.96-0.98x the profiled
+op costs at the micro-batch size, summed over the ranks), not the point-to-point runtime's 0.86, which put
 gpt2's pipeline and DDP 11-20% under their measured steps.
 
 **P5 Step and memory.** The step ends when the last device has stepped its optimizer
@@ -129,12 +129,13 @@ ZERO_HOST = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0
 
 #: The host constants of a CPU process running ``torch.distributed.pipelining`` or DDP (P4).
 #: ``op_scale`` 1.0, not :class:`RankCosts`' 0.86 (fitted on the point-to-point runtime's small
-#: models): the ranks' CPU seconds per step measured through this engine were 0.92-1.05x the
-#: profiled op costs at the micro-batch size (gpt2 width 384 batch 256 M=16 and resnet50
-#: batch 32 M=4, 2026-12-05, benchmarks/results/pipeline.md, "Calibrated"). The per-call
-#: constants are :class:`RankCosts`' (measured on the point-to-point runtime); through the
-#: engine a micro-batch's calls, sends, receives and loss cost 0.6-2 ms of CPU per rank on a
-#: 5-op chain (same section), under 1% of the zoo cases' steps.
+#: models): the ranks' CPU seconds per step measured through this engine were 0.96x and 0.98x
+#: (0.88-1.04x per rank) the profiled op costs at the micro-batch size (gpt2 width 384 batch
+#: 256 M=16 and resnet50 batch 32 M=4, 2026-12-05, benchmarks/results/pipeline.md,
+#: "Calibrated"). The per-call constants are :class:`RankCosts`' (measured on the
+#: point-to-point runtime, 0.6 ms per micro-batch and rank); through the engine a
+#: micro-batch's calls, sends, receives and loss cost 0.75-1.0 ms of CPU per rank on a 5-op
+#: chain at load 3.7 (same section), under 1% of the zoo cases' steps: not refitted.
 ENGINE_COSTS = replace(RankCosts(), op_scale=1.0)
 
 
