@@ -7,7 +7,7 @@ placement graph's ``act_bytes``), the simulated peak of the all-on-one-CPU place
 :mod:`envs.sim.problem`) and the peak the PyTorch CPU allocator reaches in one training
 step (:func:`graphs.saved_activations.measure_step_peak`).
 
-Usage: python3 benchmarks/bench_memory.py [--quick] [--markdown]
+Usage: python3 benchmarks/bench_memory.py [--quick] [--markdown] [--fit]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("nmt", "small", {"batch_size": 64}),
     ("moe", "small", {"batch_size": 64}),
     ("inception_v3", "small", {"batch_size": 16}),
+    ("gpt2", "paper", {"batch_size": 1, "seq_len": 128}),
 )
 QUICK = CASES[:6]
 
@@ -96,6 +98,45 @@ def measure_case(model: str, size: str, args: dict[str, Any]) -> Row:
                simulated=float(result.peak_memory[0]), measured=peak, optimizer=opt_name)
 
 
+#: Paper-size cases for the fit table (captured on fake tensors: nothing runs).
+FIT_CASES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("rnnlm", {}), ("nmt", {}), ("gpt2", {"batch_size": 1}), ("gpt2", {}), ("gpt2", {"batch_size": 8}),
+    ("moe", {}),
+    ("resnet50", {}), ("inception_v3", {}),
+)
+
+
+def fit_rows(cases: Iterable[tuple[str, dict[str, Any]]] = FIT_CASES,
+             clusters: Sequence[str] = ("4xK40", "4xV100-nvlink")) -> list[list[str]]:
+    """Paper-size models all on one GPU of each cluster: peak before (out_bytes estimate, no
+    working set) and now (saved activations + working set), and whether each fits."""
+    lines = []
+    for model, args in cases:
+        prep = prepare(f"zoo:{model}", model_args={"size": "paper", **args}, profile=False)
+        graph = prep.captured.graph
+        for name in clusters:
+            cluster = load_cluster(name)
+            problem = compile_problem(graph, cluster, grouping=prep.grouping,
+                                      optimizer=known_state_kind(optimizer_kind(prep.spec.optimizer_fn)))
+            before = float(problem.static_memory().sum()) + old_rule_bytes(graph)
+            gpu = next(i for i, kind in enumerate(problem.device_kinds) if kind != "cpu")
+            now = float(simulate(problem, np.full(problem.num_nodes, gpu, dtype=np.int64)).peak_memory[gpu])
+            cap = float(problem.memory_capacity[gpu])
+            extra = " ".join(f"{k}={v}" for k, v in args.items())
+            lines.append([model, f"paper {extra}".strip(), f"{name} ({problem.device_kinds[gpu]})",
+                          f"{cap / 2**30:.1f}", f"{before / 2**30:.3f}", "yes" if before <= cap else "no",
+                          f"{now / 2**30:.3f}", "yes" if now <= cap else "no"])
+    return lines
+
+
+def _render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
 def _label(row: Row) -> str:
     extra = " ".join(f"{k}={v}" for k, v in row.args.items())
     return f"{row.size} {extra}".strip()
@@ -108,11 +149,7 @@ def table(rows: list[Row], markdown: bool) -> str:
     body = [[r.model, _label(r), r.optimizer, f"{r.params / MiB:.1f}", f"{r.old_rule / MiB:.1f}",
              f"{r.saved / MiB:.1f}", f"{r.simulated / MiB:.1f}", f"{r.measured / MiB:.1f}",
              f"{r.simulated / r.measured:.2f}"] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
+    return _render(head, body, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the six small zoo models only")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--fit", action="store_true",
+                        help="instead: do the paper-size models fit one K40 / V100 (simulated, nothing runs)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     start = time.process_time()
-    rows = [measure_case(*case) for case in (QUICK if ns.quick else CASES)]
-    print(table(rows, ns.markdown))
+    if ns.fit:
+        head = ["model", "size", "GPU", "GiB", "before: peak GiB", "fits", "now: peak GiB", "fits"]
+        print(_render(head, fit_rows(), ns.markdown))
+    else:
+        rows = [measure_case(*case) for case in (QUICK if ns.quick else CASES)]
+        print(table(rows, ns.markdown))
     print(f"\n{time.process_time() - start:.1f} CPU s")
     return 0
 

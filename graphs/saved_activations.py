@@ -200,7 +200,8 @@ def measure_step_peak(model: nn.Module, inputs: tuple, loss_fn: Callable[..., to
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(*inputs), *inputs).backward()
+        out = model(*inputs)  # held through the backward, as a training loop holds it
+        loss_fn(out, *inputs).backward()
         opt.step()
 
     step()

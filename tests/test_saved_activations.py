@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import BACKWARD_WORK_FACTOR, compile_problem
+from envs.sim.problem import BACKWARD_WORK_FACTOR, compile_problem, device_max, gradient_bytes
 from envs.sim.reference_simulator import simulate_reference
 from envs.sim.simulator import simulate
 from graphs.capture import capture
@@ -102,7 +102,8 @@ def test_one_device_peak_is_params_grads_state_saved_and_twice_the_largest_gradi
     cluster = load_cluster(ONE_CPU)
     problem = compile_problem(g, cluster, optimizer="adam")
     placement = {v: "cpu" for v in g}
-    expected = 400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 32
+    # params, grads, Adam's two moments; x kept by m; the largest gradient is the parameter's
+    expected = 400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 400
     assert simulate(problem, placement).peak_memory.tolist() == [expected]
     assert simulate_reference(g, cluster, placement, optimizer="adam").peak_memory.tolist() == [expected]
 
@@ -133,3 +134,16 @@ def test_step_peak_counts_a_large_intermediate():
     params = 256 * 257 * 4
     # params, their gradients, the input, the output and the squared output are all alive at once
     assert peak >= 2 * params + 3 * x.numel() * 4
+
+
+def test_device_max_takes_the_largest_work_each_row_puts_on_each_device():
+    rows = np.array([[0, 0, 1], [1, 1, 1], [2, 0, 0]])
+    work = np.array([5.0, 7.0, 0.0])
+    assert device_max(rows, work, 3).tolist() == [[7, 0, 0], [0, 7, 0], [7, 0, 5]]
+
+
+def test_gradient_bytes_is_the_larger_of_output_and_parameter_gradients():
+    assert gradient_bytes({"op": "call_module", "out_bytes": 10, "param_bytes": 400, "requires_grad": True}) == 400
+    assert gradient_bytes({"op": "call_function", "out_bytes": 10, "requires_grad": True}) == 10
+    assert gradient_bytes({"op": "get_attr", "out_bytes": 400, "param_bytes": 400, "requires_grad": False}) == 0
+    assert gradient_bytes({"op": "placeholder", "out_bytes": 64, "requires_grad": True}) == 0

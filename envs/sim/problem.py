@@ -56,26 +56,32 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
     return key
 
 
-#: The backward's working set on a device, in gradients of its largest op output: the
-#: autograd engine holds an op's output gradient (an ``InputBuffer``) while the op's backward
-#: allocates its input gradients, so for the op with the largest output about twice its
-#: bytes are alive beyond the saved activations (for a language model's logits: the loss's
-#: gradient and the gradient of the logits). Measured on one CPU (benchmarks/bench_memory.py,
-#: benchmarks/results/memory.md): without it the simulated peak of the zoo language models at
-#: batch 64 was 0.5-0.65x the allocator's; with it 0.9-1.1x.
+#: The backward's working set on a device, in gradients of its largest op: the autograd
+#: engine holds an op's output gradient (an ``InputBuffer``) while the op's backward
+#: allocates its input and parameter gradients, so about twice the largest of them is alive
+#: beyond the saved activations (for a language model's logits: the loss's gradient and the
+#: logits'; for a dense embedding's table: its gradient and the buffer it is summed from).
+#: Measured on one CPU (benchmarks/bench_memory.py, benchmarks/results/memory.md): without
+#: it the simulated peak of the zoo language models at batch 64 was 0.5-0.65x the
+#: allocator's, and GPT-2 (paper widths, seq 128) 0.95x; with it 1.0-1.3x.
 BACKWARD_WORK_FACTOR = 2.0
 
 
 def gradient_bytes(attrs: Mapping[str, object]) -> float:
-    """Bytes of the gradient of a node's output: its ``out_bytes`` when autograd differentiates it.
+    """Bytes of the largest gradient a node's backward makes: its output's or its parameters'.
 
-    0 for parameters and buffers (``get_attr``: their gradients are counted with
-    ``param_bytes``), the model's inputs and the output node.
+    0 for nodes autograd does not differentiate, the model's inputs and the output node;
+    a parameter (``get_attr``) node's is its parameters' (``param_bytes``).
     """
-    if not node_requires_grad(attrs) or attrs.get("op") in ("get_attr", "placeholder", "output"):
+    if not node_requires_grad(attrs) or attrs.get("op") in ("placeholder", "output"):
         return 0.0
-    value = attrs.get("out_bytes")
-    return float(value) if isinstance(value, (int, float)) else 0.0
+
+    def number(key: str) -> float:
+        value = attrs.get(key)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    out = 0.0 if attrs.get("op") == "get_attr" else number("out_bytes")
+    return max(out, number("param_bytes"))
 
 
 def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
@@ -119,9 +125,9 @@ class OpArrays:
         succ_grad: [S] bool, a gradient flows back along the edge (both ends require grad).
         is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
         host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
-        grad_bytes: [N] bytes of each op's output gradient (:func:`gradient_bytes`); a device's
-            peak holds :data:`BACKWARD_WORK_FACTOR` times the largest of its ops' on top of
-            the kept activations. None: ``out_bytes`` where ``requires_grad``.
+        grad_bytes: [N] bytes of the largest gradient each op's backward makes (:func:`gradient_bytes`);
+            a device's peak holds :data:`BACKWARD_WORK_FACTOR` times the largest of its ops'
+            on top of the kept activations. None: ``out_bytes`` where ``requires_grad``.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,

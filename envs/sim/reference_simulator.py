@@ -67,8 +67,8 @@ Rules (the PyTorch source or measurement behind each):
   the forward, all frees in the backward, so the peak is reached at the forward/backward
   boundary; this oracle keeps the event series anyway and the tests check the closed form.
   On top of it, the backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`
-  times the largest output gradient among the device's ops (the engine holds an op's
-  output gradient while its backward allocates the input gradients; measured against the
+  times the largest gradient (output or parameter) among the device's ops (the engine holds an
+  op's output gradient while its backward allocates the input and parameter gradients; measured against the
   CPU allocator in benchmarks/results/memory.md).
 
 Consequences worth knowing (tests/test_simulator.py holds them):
@@ -331,7 +331,7 @@ def simulate_reference(
         for b, nbytes in copies[v]:
             users = [done.get(("B", c), step) for c in consumers[v] if dev_of[c] == b]
             memory_events[b] += [(fwd_at[f"XF:{v}->{b}"], 0, nbytes), (max(users), 1, -nbytes)]
-    # The backward's working set: BACKWARD_WORK_FACTOR x the device's largest output gradient.
+    # The backward's working set: BACKWARD_WORK_FACTOR x the device's largest gradient.
     work = {name: 0.0 for name in devices}
     for v in order:
         work[dev_of[v]] = max(work[dev_of[v]], BACKWARD_WORK_FACTOR * gradient_bytes(graph.nodes[v]))

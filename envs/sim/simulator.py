@@ -18,8 +18,9 @@ backward, the optimizer on the host); the tests hold every path here to that ora
   in the forward and all frees in the backward (the backward is issued after the whole
   forward), so the peak is that sum (the oracle checks it on its event series), plus the
   backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` times the largest
-  output gradient among the device's ops (measured, benchmarks/results/memory.md), added
-  here outside the loops (:func:`~envs.sim.problem.device_max`).
+  gradient (output or parameter) among the device's ops (measured,
+  benchmarks/results/memory.md), added here outside the loops
+  (:func:`~envs.sim.problem.device_max`).
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
@@ -215,7 +216,7 @@ class _Arrays:
     op_static: np.ndarray  # [N]
     op_busy: np.ndarray  # [N, D]
     capacity: np.ndarray  # [D]
-    group_work: np.ndarray  # [G] the backward working set of a group's largest output gradient
+    group_work: np.ndarray  # [G] the backward working set of a group's largest gradient
     op_work: np.ndarray  # [N]
 
 

@@ -16,7 +16,7 @@ Costs used by the heuristics (the simulator alone reports step times):
   All of these are live together at the turn from forward to backward, so a device's
   peak is their sum — the simulator's memory rule (``envs.sim.simulator``), reproduced here
   so heuristics can check memory without simulating — plus, per device, the backward's
-  working set (twice its largest output gradient, :func:`envs.sim.problem.device_max`).
+  working set (twice its largest gradient, :func:`envs.sim.problem.device_max`).
 """
 
 from __future__ import annotations
