@@ -1,5 +1,6 @@
 """The move policy trained across graphs ships with the package: it loads safely, places graphs of
-sizes and clusters it never saw, and a search or ``optimize --pretrained`` starts from it when asked."""
+sizes and clusters it never saw, it is trained by imitating local search (reproducibly), and a search
+or ``optimize`` starts from it unless asked for fresh weights (``--fresh``)."""
 
 from __future__ import annotations
 
@@ -51,18 +52,18 @@ def test_the_shipped_policy_places_a_graph_of_a_size_and_cluster_it_never_saw():
     assert bool(ev.fits[0]) and ev.step_time[0] == pytest.approx(t)
 
 
-def test_a_search_starts_from_fresh_weights_unless_asked_for_the_shipped_policy(monkeypatch):
+def test_a_search_starts_from_the_shipped_policy_unless_asked_for_fresh_weights(monkeypatch):
     from placer.search.agents import moves
 
     loaded = []
     real = moves.MoveAgent.resume
     monkeypatch.setattr(moves.MoveAgent, "resume", lambda self, path: (loaded.append(path), real(self, path))[1])
     problem = _problem(synthetic.layered(layers=3, width=2, seed=1), "4xK40")
-    shipped = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None, pretrained=True)
-    assert loaded == [PRETRAINED_PATH] and shipped.best_fits
-    loaded.clear()
     default = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None)
-    assert loaded == [] and default.best_fits
+    assert loaded == [PRETRAINED_PATH] and default.best_fits
+    loaded.clear()
+    fresh = search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None, pretrained=False)
+    assert loaded == [] and fresh.best_fits
     with pytest.raises(FileNotFoundError, match="no move policy at"):
         search(problem, agent="moves", budget=300, seed=0, num_envs=32, patience=None,
                pretrained=PRETRAINED_PATH.with_name("missing.pt"))
@@ -118,8 +119,8 @@ def test_the_held_out_tasks_are_not_in_the_training_set():
     assert train.isdisjoint(t.name for t in held_out_tasks())
 
 
-@pytest.mark.parametrize("flags, pretrained", [([], False), (["--pretrained"], True)])
-def test_optimize_starts_from_the_shipped_policy_only_when_asked(monkeypatch, flags, pretrained):
+@pytest.mark.parametrize("flags, pretrained", [([], True), (["--pretrained"], True), (["--fresh"], False)])
+def test_optimize_starts_from_the_shipped_policy_unless_asked_for_fresh_weights(monkeypatch, flags, pretrained):
     from graphs.errors import PlacerError
     from placer.cli.main import main
     from placer.optimizing import run as run_module
@@ -133,3 +134,66 @@ def test_optimize_starts_from_the_shipped_policy_only_when_asked(monkeypatch, fl
     monkeypatch.setattr(run_module, "optimize", fake_optimize)
     assert main(["optimize", "zoo:gpt2", "--cluster", "4xK40", *flags]) == 2
     assert seen["pretrained"] is pretrained
+
+
+def _imitation_tasks():
+    tasks = [t for t in training_tasks() if t.name in ("layered-8x3 s1 #1@4xV100-nvlink", "recurrent-2x8 s0.1 #21@4xV100-nvlink")]
+    assert len(tasks) == 2
+    return tasks
+
+
+def test_imitation_examples_weigh_only_the_moves_that_improved_the_placement():
+    from placer.search.agents.moves import NUM_FEATURES, _static, move_features, start_row
+    from placer.search.agents.pretrain import MoveExamples, _descent_states, heuristic_seeds, move_examples
+
+    problem, graph = _imitation_tasks()[0].build()
+    seeds, _, _ = heuristic_seeds(problem, graph)
+    ex = move_examples(problem, seeds, np.random.default_rng(0), steps=4, candidates=10_000)
+    assert ex.features and len(ex.features) == len(ex.targets) and ex.placements > len(ex.features)
+    for f, t in zip(ex.features, ex.targets):
+        assert f.shape == (len(t), NUM_FEATURES) and t.min() >= 0 and t.sum() == pytest.approx(1.0)
+    # The first state of the walk from the policy's start: every single move simulated, and a move weighs
+    # more than another exactly when it shortened the step more.
+    first = MoveExamples()
+    _descent_states(problem, start_row(problem), 1, 10_000, np.random.default_rng(0), first)
+    row, d = start_row(problem), problem.num_devices
+    moves = np.flatnonzero((np.arange(problem.num_nodes * d) % d) != np.repeat(row, d))
+    rows = np.repeat(row[None], len(moves), axis=0)
+    rows[np.arange(len(moves)), moves // d] = moves % d
+    ev, base = simulate_batch(problem, rows), simulate_batch(problem, row[None])
+    gain = np.where(ev.fits, base.step_time[0] - ev.step_time, -np.inf)
+    target = first.targets[0]
+    assert np.array_equal(target > 0, gain > 0)
+    better = np.flatnonzero(gain > 0)
+    assert np.argmax(target) == better[np.argmax(gain[better])]
+    np.testing.assert_allclose(first.features[0], move_features(problem, row, base.peak_memory[0],
+                                                                _static(problem))[moves])
+
+
+def test_fitting_the_scorer_puts_more_probability_on_the_improving_moves_than_fresh_weights():
+    from placer.search.agents.pretrain import fit_move_scorer, heuristic_seeds, move_examples
+
+    ex = None
+    for task in _imitation_tasks():
+        problem, graph = task.build()
+        ex = move_examples(problem, heuristic_seeds(problem, graph)[0], np.random.default_rng(1), steps=6, out=ex)
+    assert ex is not None
+
+    def cross_entropy(policy: MovePolicy) -> float:
+        with torch.no_grad():
+            return float(np.mean([-(torch.from_numpy(t) * torch.log_softmax(policy.net(torch.from_numpy(f)), 0)).sum()
+                                  for f, t in zip(ex.features, ex.targets)]))
+
+    fitted = fit_move_scorer(ex, epochs=15)
+    assert cross_entropy(fitted) < cross_entropy(MovePolicy()) - 0.2
+
+
+def test_imitation_training_writes_the_same_file_from_the_same_seed(tmp_path):
+    from placer.search.agents.pretrain import pretrain_imitation
+
+    a, b = tmp_path / "1" / "p.pt", tmp_path / "2" / "p.pt"  # torch.save records the file's stem
+    report = pretrain_imitation(_imitation_tasks(), a, steps=3, candidates=64, epochs=2)
+    pretrain_imitation(_imitation_tasks(), b, steps=3, candidates=64, epochs=2)
+    assert len(report.lines) == 2 and report.placements > 0 and report.cpu_s > 0
+    assert a.read_bytes() == b.read_bytes()
+    MovePolicy.load(a)

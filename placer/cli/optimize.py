@@ -54,10 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                             "(default: the fast heuristics; see placer.search.baselines)")
     parser.add_argument("--out", default="placer-out", help="output directory (default: placer-out)")
     parser.add_argument("--resume", action="store_true", help="start from the placement and policy in --out")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="start the move policy from the policy shipped with placer (trained across many graphs "
-                             "and clusters) instead of fresh weights; on held-out graphs it has not yet done better "
-                             "(benchmarks/results/agent.md)")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                        help="start the move policy from the policy shipped with placer, trained by imitating local "
+                             "search across many graphs and clusters (the default; benchmarks/results/agent.md)")
+    policy.add_argument("--fresh", dest="pretrained", action="store_false",
+                        help="start the move policy from fresh weights instead of the shipped policy")
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for get_model/get_example_inputs (repeatable)")

@@ -65,8 +65,8 @@ class OptimizeConfig:
         agent: a registered search agent (:func:`~placer.search.agents.registry.agent_names`).
         out_dir: results and the best placement so far go there (None: nothing written).
         resume: start from the placement and policy an earlier run left in ``out_dir``.
-        pretrained: start the agent from the policy shipped with the package (``moves``,
-            ``--pretrained``); False (default): from fresh weights.
+        pretrained: start the agent from the policy shipped with the package (``moves``; the
+            default); False (``--fresh``): from fresh weights.
         model_args: keyword arguments of a model file's ``get_model``/``get_example_inputs``.
         loss_fn, optimizer_fn: the training loss and optimizer of an ``nn.Module``.
         check: apply the winner and compare outputs and gradients with the original model.
@@ -99,7 +99,7 @@ class OptimizeConfig:
     agent: str = DEFAULT_AGENT
     out_dir: str | os.PathLike | None = None
     resume: bool = False
-    pretrained: bool = False
+    pretrained: bool = True
     model_args: Mapping[str, Any] | None = None
     loss_fn: Callable[..., torch.Tensor] | None = None
     optimizer_fn: Callable[..., torch.optim.Optimizer] | None = None

@@ -68,9 +68,10 @@ class SearchConfig:
         local_search_share: the fraction of evaluations the improvement phase gets (None: the
             agent's own, :attr:`~placer.search.agents.registry.AgentEntry.local_search_share`).
         pretrained: start the agent from the policy shipped with the package (the ``moves``
-            agent has one, trained across many graphs), or from the policy file given here;
-            False (default): from fresh weights, which did better on the held-out graphs of
-            ``benchmarks/bench_pretrained.py`` (``benchmarks/results/agent.md``). ``resume`` loads over it.
+            agent has one, trained by imitating local search across many graphs; the default:
+            on the held-out graphs of ``benchmarks/bench_pretrained.py`` it reaches the best
+            heuristic in fewer placements than fresh weights on 7 of 10, ``benchmarks/results/agent.md``),
+            or from the policy file given here; False: from fresh weights. ``resume`` loads over it.
 
     Raises:
         SearchError: unknown agent, bad sizes or share; OptionError: a malformed budget.
@@ -97,7 +98,7 @@ class SearchConfig:
     resume: bool = False
     local_search: bool | None = None
     local_search_share: float | None = None
-    pretrained: bool | Path = False
+    pretrained: bool | Path = True
 
     def __post_init__(self) -> None:
         try:

@@ -57,7 +57,7 @@ class AgentContext:
         reinforce: REINFORCE hyper-parameters (None: defaults).
         pretrained: start from the policy shipped with the package, for an agent that has
             one (``moves``: :data:`placer.search.agents.moves.PRETRAINED_PATH`), or from the
-            policy file given; False (default): fresh weights.
+            policy file given (True, the default); False: fresh weights.
     """
 
     problem: PlacementProblem
@@ -69,4 +69,4 @@ class AgentContext:
     tensorboard_log: str | None = None
     ppo: PPOConfig | None = None
     reinforce: ReinforceConfig | None = None
-    pretrained: bool | Path = False
+    pretrained: bool | Path = True

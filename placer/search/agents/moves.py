@@ -68,7 +68,7 @@ EXPLORER_RETIRE = 1.5
 MAX_TEMPERATURE = 16.0
 #: The policy shipped with the package, trained across many graphs and clusters by
 #: :mod:`placer.search.agents.pretrain` (``python scripts/train_policy.py``); a search starts
-#: from it when asked (``SearchConfig(pretrained=True)``, ``optimize --pretrained``).
+#: from it by default (``SearchConfig(pretrained=False)``, ``optimize --fresh``: fresh weights).
 PRETRAINED_PATH = Path(__file__).resolve().parent / "data" / "moves_pretrained.pt"
 
 

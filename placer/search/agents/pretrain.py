@@ -1,12 +1,22 @@
 """Train the move policy across many graphs and clusters: the policy the package ships.
 
 One move policy (:mod:`placer.search.agents.moves`) scores moves from features that are ratios,
-so one set of weights serves any graph and cluster. Here it is trained by running the search
-itself, task after task, each task's search starting from the weights the previous one saved
-(``resume``): every search's REINFORCE updates carry over. Tasks alternate between the two ways
-a search uses the policy: from the heuristic seeds with local search interleaved (the default
-search) and alone from its own start (no seeds, no local search), so it learns both to refine
-a good placement and to get somewhere from one device.
+so one set of weights serves any graph and cluster. Two ways to train it are here:
+
+* **Imitation of local search** (:func:`pretrain_imitation`, the shipped policy): on every
+  training task, local search is walked from the policy's own start and from the heuristic
+  seeds; at each placement it visits, the single moves are simulated and the scorer is fitted
+  (cross-entropy) to put its probability on the moves that shortened the step, each in
+  proportion to its gain (:func:`move_examples`, :func:`fit_move_scorer`). The signal is per
+  state and per move, and does not depend on how far a search got on one graph, which is why
+  it transfers: on the held-out graphs the fitted policy reaches the best heuristic's level
+  alone in fewer placements than fresh weights on most tasks (``benchmarks/results/agent.md``).
+* **Chained REINFORCE** (:func:`pretrain`): the search itself run task after task, each
+  task's search starting from the weights the previous one saved (``resume``), so every
+  search's REINFORCE updates carry over; tasks alternate between a search from the heuristic
+  seeds with local search and one from the policy's own start alone. Its weights did not
+  transfer to held-out graphs (alone from its start it reached the best heuristic in 0 of 30
+  runs), nor did imitation weights fine-tuned this way.
 
 The training set (:func:`training_tasks`): the zoo at two sizes (``small`` and ``paper``; the
 2-layer paper NMT) and generated graphs (:mod:`graphs.synthetic`: layered, recurrent-unrolled,
@@ -29,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
@@ -38,6 +49,9 @@ from envs.hardware.loading import load_cluster
 from envs.sim.problem import PlacementProblem, compile_problem
 from graphs import synthetic
 from graphs.grouping import group_graph
+
+if TYPE_CHECKING:
+    from placer.search.agents.moves import MovePolicy
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +245,179 @@ def pretrain(tasks: list[Task], out: Path, placements: int = 3000, seed: int = 0
             report.lines.append(line)
             report.placements += result.evaluated
             k += 1
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    report.cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------- imitation
+@dataclass
+class MoveExamples:
+    """Supervised examples for the move scorer: one entry per visited placement (state).
+
+    Attributes:
+        features: per state, [K, F] features (:func:`~placer.search.agents.moves.move_features`)
+            of the K single moves that were simulated there.
+        targets: per state, [K] weights summing to 1: each improving move's share of the state's
+            total relative gain (moves that did not improve, or did not fit, weigh 0).
+        placements: placements simulated to make them.
+    """
+
+    features: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    placements: int = 0
+
+
+def _descent_states(problem: PlacementProblem, start: np.ndarray, steps: int, candidates: int,
+                    rng: np.random.Generator, out: MoveExamples) -> None:
+    """Walk a local search from ``start`` and record what it sees (see :func:`move_examples`)."""
+    from envs.sim.simulator import simulate_batch
+    from placer.search.agents.moves import _static, move_features
+
+    st = _static(problem)
+    n, d = problem.num_nodes, problem.num_devices
+    row = np.asarray(start, dtype=np.int64).copy()
+    ev = simulate_batch(problem, row[None])
+    out.placements += 1
+    t0, fit0, peak0 = float(ev.step_time[0]), bool(ev.fits[0]), np.asarray(ev.peak_memory[0])
+    escapes = 0
+    for _ in range(int(steps)):
+        # Every single move (group g to device e != row[g]), or a uniform sample of them on a large graph.
+        moves = np.flatnonzero((np.arange(n * d) % d) != np.repeat(row, d))
+        if len(moves) > candidates:
+            moves = np.sort(rng.choice(moves, size=candidates, replace=False))
+        rows = np.repeat(row[None], len(moves), axis=0)
+        rows[np.arange(len(moves)), moves // d] = moves % d
+        ev = simulate_batch(problem, rows)
+        out.placements += len(rows)
+        t, ok = np.asarray(ev.step_time, dtype=np.float64), np.asarray(ev.fits, dtype=bool)
+        # From a placement that does not fit, any fitting move is the improvement local search takes.
+        gain = np.where(ok, (t0 - t) / max(t0, 1e-30), -1.0) if fit0 else np.where(ok, 1.0, -1.0)
+        better = gain > 0
+        if better.any():
+            feats = move_features(problem, row, peak0, st)
+            w = np.where(better, gain, 0.0)
+            out.features.append(feats[moves])
+            out.targets.append((w / w.sum()).astype(np.float32))
+            # The next state: the improving moves merged (best first, one per group), as the search
+            # merges a batch's improvements; the best single move when the merge is not better.
+            order = np.flatnonzero(better)[np.argsort(-gain[better])]
+            merged = row.copy()
+            for j in order[: max(1, len(order) // 4)]:
+                merged[moves[j] // d] = moves[j] % d
+            evm = simulate_batch(problem, merged[None])
+            out.placements += 1
+            j = int(order[0])
+            if bool(evm.fits[0]) and float(evm.step_time[0]) < t[j]:
+                row, t0, fit0, peak0 = merged, float(evm.step_time[0]), True, np.asarray(evm.peak_memory[0])
+            else:
+                row, t0, fit0, peak0 = rows[j].copy(), float(t[j]), bool(ok[j]), np.asarray(ev.peak_memory[j])
+            escapes = 0
+            continue
+        if not ok.any() or escapes >= 2:
+            return
+        # A local optimum (of the sampled moves): step to the least bad fitting move, as the search's walk does.
+        j = int(np.argmin(np.where(ok, t, np.inf)))
+        row, t0, fit0, peak0 = rows[j].copy(), float(t[j]), True, np.asarray(ev.peak_memory[j])
+        escapes += 1
+
+
+def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.random.Generator,
+                  steps: int = 8, candidates: int = 192, out: MoveExamples | None = None) -> MoveExamples:
+    """What local search learns on ``problem``, as examples for the move scorer.
+
+    Local search is walked from the policy's own start (:func:`~placer.search.agents.moves.start_row`),
+    from the best heuristic seed (the first row of ``seeds``, which :func:`heuristic_seeds` does not
+    sort, so the fastest is picked here) and from one other seed, ``steps`` states each. At each
+    state the single moves (all, or ``candidates`` drawn uniformly) are simulated; the state's
+    target is the share of the gain each improving move brings. The next state is the improving
+    moves merged (the best quarter, one per group) or the best single move, whichever is faster; at
+    a local optimum the walk takes the least bad move, at most twice in a row.
+    """
+    from envs.sim.simulator import simulate_batch
+    from placer.search.agents.moves import start_row
+
+    out = out if out is not None else MoveExamples()
+    starts = [start_row(problem)]
+    if seeds is not None and len(seeds):
+        ev = simulate_batch(problem, seeds)
+        out.placements += len(seeds)
+        order = np.argsort(np.where(ev.fits, ev.step_time, np.inf), kind="stable")
+        starts.append(seeds[order[0]])
+        if len(seeds) > 1:
+            starts.append(seeds[order[1 + int(rng.integers(len(seeds) - 1))]])
+    for s in starts:
+        _descent_states(problem, s, steps, candidates, rng, out)
+    return out
+
+
+def fit_move_scorer(examples: MoveExamples, epochs: int = 30, lr: float = 3e-3, seed: int = 0,
+                    start: Path | None = None) -> MovePolicy:
+    """A move policy whose scorer ranks each state's moves as local search found them: the
+    cross-entropy between the state's gain shares and the scorer's softmax over that state's moves.
+
+    The move-count logits and coupling weights keep their fresh values (the examples are single
+    moves); the search's REINFORCE goes on updating every weight from there.
+    """
+    import torch
+
+    from placer.search.agents.moves import MovePolicy
+
+    torch.manual_seed(seed)
+    policy = MovePolicy.load(start, seed=seed) if start is not None else MovePolicy(seed=seed)
+    net = policy.net
+    optim = torch.optim.Adam(net.score.parameters(), lr=lr)
+    feats = [torch.from_numpy(f) for f in examples.features]
+    targets = [torch.from_numpy(t) for t in examples.targets]
+    rng = np.random.default_rng(seed)
+    per_batch = 16
+    for epoch in range(int(epochs)):
+        order = rng.permutation(len(feats))
+        total = 0.0
+        for b in range(0, len(order), per_batch):
+            loss = torch.zeros(())
+            for i in order[b:b + per_batch].tolist():
+                loss = loss - (targets[i] * torch.log_softmax(net(feats[i]), dim=0)).sum()
+            loss = loss / max(1, len(order[b:b + per_batch]))
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.score.parameters(), 1.0)
+            optim.step()
+            total += float(loss.detach()) * len(order[b:b + per_batch])
+        log.info("imitation epoch %d: cross-entropy %.4f over %d states", epoch, total / max(1, len(feats)), len(feats))
+    return policy
+
+
+def pretrain_imitation(tasks: list[Task], out: Path, seed: int = 0, steps: int = 8, candidates: int = 192,
+                       epochs: int = 30) -> TrainingLog:
+    """Train the shipped move policy by imitating local search over ``tasks`` and save it at ``out``.
+
+    Per task: :func:`move_examples` from the policy's start and the heuristic seeds; then one
+    supervised fit over every task's states (:func:`fit_move_scorer`). Same ``seed`` -> same file.
+    """
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = TrainingLog()
+    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    examples = MoveExamples()
+    for k, task in enumerate(tasks):
+        tb = time.perf_counter()
+        problem, graph = task.build()
+        seeds, best_name, best_t = heuristic_seeds(problem, graph)
+        before, placed = len(examples.features), examples.placements
+        move_examples(problem, seeds, np.random.default_rng([seed, k]), steps=steps, candidates=candidates,
+                      out=examples)
+        line = (f"task {k:3d} {task.name} ({problem.num_nodes} groups, {problem.num_devices} dev): "
+                f"{len(examples.features) - before} states, {examples.placements - placed} placements, "
+                f"{time.perf_counter() - tb:.1f} s")
+        log.info("%s", line)
+        report.lines.append(line)
+    policy = fit_move_scorer(examples, epochs=epochs, seed=seed)
+    torch.save(policy.state_dict(), out)
+    report.placements = examples.placements
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     report.cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     report.wall_s = time.perf_counter() - t0
