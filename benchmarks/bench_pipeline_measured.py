@@ -172,14 +172,11 @@ def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[fl
     return min(plans, key=lambda p: p[0])
 
 
-def calibrate(case: Case, problems: list[tuple[Any, Any]], opt: str, batch: int,
-              microbatches: int) -> list[BatchScaling]:
-    """For each of ``problems`` ((the model at ``batch`` compiled over a cluster, that cluster)), the ops' fixed and
-    per-sample parts fitted with the model profiled at ``batch / microbatches`` (profiled
-    here, or read from the profile cache)."""
-    small = prepare(f"zoo:{case.model}", model_args={**case.args, "batch_size": batch // microbatches})
-    return [fit_batch_scaling(p, compile_problem(small.captured.graph, c, optimizer=opt), microbatches)
-            for p, c in problems]
+def calibrate(small_graph: Any, problems: list[tuple[Any, Any]], opt: str, microbatches: int) -> list[BatchScaling]:
+    """For each of ``problems`` ((the model at the full batch compiled over a cluster, that
+    cluster)), the ops' fixed and per-sample parts fitted with ``small_graph``, the model
+    captured and profiled at ``1 / microbatches`` of the batch."""
+    return [fit_batch_scaling(p, compile_problem(small_graph, c, optimizer=opt), microbatches) for p, c in problems]
 
 
 def calibrated_predictions(problem: Any, one: Any, cand: Pipeline, scaling: BatchScaling,
@@ -211,6 +208,9 @@ class Predictions:
 def predict(case: Case, ranks: Any, m: int) -> Predictions:
     """The simulated and calibrated steps of one process, the 2-stage pipeline with ``m``
     micro-batches and DDP (module doc)."""
+    # The micro-batch model first: preparing a zoo model again reloads its module, and the
+    # full-batch model's loss function must stay the loaded one (the workers unpickle it).
+    small = prepare(f"zoo:{case.model}", model_args={**case.args, "batch_size": case.args["batch_size"] // m})
     prep = prepare(f"zoo:{case.model}", model_args=dict(case.args))
     batch = batch_size_of(prep.spec.example_inputs)
     if batch is None:
@@ -222,7 +222,7 @@ def predict(case: Case, ranks: Any, m: int) -> Predictions:
     one_rank = rank_cluster("cpu:0")
     one = compile_problem(prep.captured.graph, one_rank, optimizer=opt)
     sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
-    scaling, one_scaling = calibrate(case, [(problem, ranks), (one, one_rank)], opt, batch, m)
+    scaling, one_scaling = calibrate(small.captured.graph, [(problem, ranks), (one, one_rank)], opt, m)
     cal_one, cal_pipe, cal_ddp = calibrated_predictions(problem, one, cand, scaling, one_scaling)
     return Predictions(prep, batch, method, pipe, sim_one, sim_pipe, sim_ddp, cal_one, cal_pipe, cal_ddp)
 
