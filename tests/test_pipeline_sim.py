@@ -20,7 +20,7 @@ from envs.sim.problem import compile_problem
 from envs.sim.ranks import RankCosts, simulate_ranks
 
 LAT, BW = 100e-6, 1e9
-ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0,
+ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0, late_p=0.0,
                  loss_s=0.0, step_s=0.0)
 
 

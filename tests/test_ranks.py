@@ -12,7 +12,7 @@ from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.ranks import RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
 
 LAT, BW = 100e-6, 1e9
-ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0,
+ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0, late_p=0.0,
                  loss_s=0.0, step_s=0.0)
 
 
@@ -77,6 +77,55 @@ def test_only_a_wait_that_sleeps_pays_the_wake_up():
     assert s.event("b").start == pytest.approx(arrived["a"] + wake)
     assert arrived["c"] < s.event("b").end
     assert s.event("d").start == pytest.approx(s.event("b").end)
+    # The expected late wake-up (R3) is paid by the same sleeping wait, and only there.
+    late = simulate_ranks(g, place, ranks_cluster(), RankCosts(**{**ZERO.to_dict(), "wake_s": wake, "late_p": 0.25,
+                                                                  "late_s": 4e-3}))
+    assert late.event("b").start == pytest.approx(arrived["a"] + wake + 0.25 * 4e-3)
+    assert late.event("d").start == pytest.approx(late.event("b").end)
+
+
+def _sleepy_case():
+    """Two ranks passing a chain back and forth: every forward value and gradient is awaited asleep."""
+    def build(g):
+        last = "x"
+        for i in range(6):
+            op(g, f"n{i}", [last], fwd=1e-3, bwd=1e-3)
+            last = f"n{i}"
+        return last
+
+    g = graph_with_io(build)
+    place = {f"n{i}": f"cpu:{i % 2}" for i in range(6)} | {"output": "cpu:1"}
+    return g, place
+
+
+def test_drawn_late_wake_ups_fall_between_none_and_all_late_and_their_mean_tends_to_the_expected_step():
+    from envs.sim.ranks import RankSimulator
+
+    g, place = _sleepy_case()
+    tick = 4e-3
+    def sim(p):
+        return RankSimulator(g, ranks_cluster(), RankCosts(**{**ZERO.to_dict(), "late_p": p, "late_s": tick}))
+
+    never, always = sim(0.0).step_times([place])[0], sim(1.0).step_times([place])[0]
+    sleeping = sum(1 for e in sim(0.0).simulate(place).events if e.kind == "wait")
+    # The chain's 5 forward and 5 gradient hand-overs each sleep; their late wake-ups add up
+    # (a rank's waits for its own sends to be written sleep too, off the critical path).
+    assert sleeping >= 10 and always == pytest.approx(never + 10 * tick)
+    assert sim(0.0).step_time_samples([place], 5).tolist() == [[never] * 5]
+    assert sim(1.0).step_time_samples([place], 3)[0] == pytest.approx([always] * 3)
+    half = sim(0.5)
+    samples = half.step_time_samples([place], 400, seed=3)[0]
+    assert samples.min() >= never - 1e-12 and samples.max() <= always + 1e-12
+    assert len(np.unique(np.round(samples / tick))) >= 4  # how many waits were late varies
+    # The expected-step rule charges each wait its mean delay; where two ranks' delays meet in
+    # a max, the mean of the drawn steps is a little higher (Jensen): within a few percent here.
+    expected = half.step_times([place])[0]
+    assert expected <= samples.mean() <= 1.06 * expected
+    assert half.step_time_samples([place], 20, seed=9).tolist() == half.step_time_samples([place], 20, seed=9).tolist()
+    with pytest.raises(RankSimError, match="draws must be an integer >= 1"):
+        half.step_time_samples([place], 0)
+    with pytest.raises(RankSimError, match="late_p is a probability"):
+        RankCosts(late_p=1.5)
 
 
 def test_one_rank_costs_the_sum_of_its_ops_plus_the_fixed_overheads():
@@ -286,7 +335,8 @@ def test_latency_and_wake_up_are_fitted_from_step_times():
     truth = RankCosts(latency_s=400e-6, wake_s=150e-6)
     steps = simulate_ranks_batch(g, rows, ranks_cluster(), truth)
     start = RankCosts(latency_s=100e-6, wake_s=20e-6)
-    held = ("op_scale", "stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s")
+    held = ("op_scale", "stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s", "late_p",
+            "late_s")
     got = fit_rank_costs_many([(g, rows, steps, None)], ranks_cluster(), start=start, fixed=held)
     fitted = simulate_ranks_batch(g, rows, ranks_cluster(), got)
     assert np.max(np.abs(fitted / steps - 1)) < 0.02
@@ -318,7 +368,7 @@ def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from envs.sim.ranks import rank_lower_bound
+    from envs.sim.ranks import RankSimulator, rank_lower_bound
 
     positive = st.floats(0.0, 300e-6)
 
@@ -331,12 +381,15 @@ def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
         costs = RankCosts(op_scale=data.draw(st.floats(0.5, 2.0)), stage_fwd_s=data.draw(positive),
                           stage_bwd_s=data.draw(positive), send_s=data.draw(positive), recv_s=data.draw(positive),
                           handoff_s=data.draw(positive), loss_s=data.draw(positive), step_s=data.draw(positive),
-                          wake_s=data.draw(positive))
+                          wake_s=data.draw(positive), late_p=data.draw(st.floats(0.0, 1.0)),
+                          late_s=data.draw(st.floats(0.0, 5e-3)))
         nodes = [n for n in g.nodes if n != "x"]
         place = {n: data.draw(st.integers(0, world - 1), label=n) for n in nodes}
         bound = rank_lower_bound(g, cluster, costs)
         step = simulate_ranks(g, place, cluster, costs).step_time
         assert bound <= step * (1 + 1e-9) + 1e-15
+        drawn = RankSimulator(g, cluster, costs).step_time_samples([place], 2, seed=data.draw(st.integers(0, 9)))
+        assert bound <= drawn.min() * (1 + 1e-9) + 1e-15
 
     check()
 
