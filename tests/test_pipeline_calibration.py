@@ -7,7 +7,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.sim.data_parallel import simulate_data_parallel
+from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, simulate_data_parallel, simulate_hybrid
 from envs.sim.pipeline import (
     CPU_DISPATCH_S,
     ENGINE_COSTS,
@@ -21,7 +21,7 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import compile_problem
-from tests.test_pipeline_sim import ZERO, chain, cpu_cluster, two_stages
+from tests.test_pipeline_sim import BW, LAT, ZERO, chain, cpu_cluster, two_stages
 
 # Four layers profiled at the full batch and at a quarter of it: l0 is all per-call work
 # (costs the same at both sizes), l3 all per-sample work, l1 and l2 in between.
@@ -121,3 +121,14 @@ def test_the_engine_constants_are_the_default_and_scale_ops_by_one():
     pipe = two_stages(4)
     assert simulate_pipeline(full, pipe).step_time == simulate_pipeline(full, pipe, ENGINE_COSTS).step_time
     assert simulate_data_parallel(full, 2).step_time == simulate_data_parallel(full, 2, ENGINE_COSTS).step_time
+
+
+def test_a_hybrid_on_cpu_ranks_all_reduces_each_stage_after_its_last_backward():
+    problem = compile_problem(chain(4, params=4 * 2**20), cpu_cluster(4))
+    stages = (("x", "l0", "l1"), ("l2", "l3", "output"))
+    pipes = [Pipeline(stages, ("cpu:0", "cpu:1"), 2, "1f1b"), Pipeline(stages, ("cpu:2", "cpu:3"), 2, "1f1b")]
+    hyb = simulate_hybrid(problem, pipes, ZERO)
+    # Stage 0 sends nothing after its last backward, so it waits for its whole ring (D3c):
+    # l1 (>= 1 MiB, the first bucket), then l0.
+    ring = 2 * ring_allreduce_time(4 * 2**20, 2, BW * CPU_RING_EFFICIENCY, LAT)
+    assert hyb.exposed_allreduce[0] == pytest.approx(ring, rel=1e-9)

@@ -34,10 +34,11 @@ through the two profiles, per op), else its per-op dispatch (:data:`CPU_DISPATCH
 2.1-2.7 us per fx node measured for :class:`~envs.sim.cost_model.HostOverheads`). The
 measurement won: with the dispatch alone the simulator put resnet50's 2-stage pipeline
 (batch 32, M=4) at 583 ms and its stages equal, while it ran 1031 ms with 0.50 and 0.92 CPU
-s per rank; profiled at the micro-batch size it predicts 983 ms and 0.56 + 0.89 s (the late
+s per rank; profiled at the micro-batch size it predicts 986 ms and 0.56 + 0.89 s (the late
 stages' convolutions on 2x2 maps cost 1.5x per sample at batch 8: per-call work that does
-not shrink), and gpt2's (batch 256, M=16) 2885 ms against 2874 measured, where the dispatch
-rule gave 2309 (benchmarks/results/pipeline.md, "Calibrated"). A stage call on a GPU lasts
+not shrink), and gpt2's (batch 256, M=16) 2888 ms against 2874 measured, where the dispatch
+rule gave 2736 (2309 with the op scale 0.86 of P4 before; benchmarks/results/pipeline.md,
+"Calibrated"). A stage call on a GPU lasts
 ``max(host, device)`` (the host issues ahead of the stream); on a CPU the sum. The optimizer
 update is not scaled: it runs once per step on the accumulated gradients
 (``perform_reduce_grad`` then the user's ``optimizer.step()``).
