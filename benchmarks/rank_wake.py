@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or any(w < 0 for w in args.work_us):
         parser.error("--rounds must be >= 1 and --work-us >= 0")
     runs = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     for v in args.variants:
         transport, *flags = v.split(":")
         if transport not in ("gloo", "pipe") or not set(flags) <= {"pin", "spin", "awake"}:
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({**res, "variant": v, "summary": summarise(res)})
     if args.out:
         Path(args.out).write_text(json.dumps({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                                              "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                                              "started_utc": started,
                                               "runs": runs}) + "\n")
     return 0
 

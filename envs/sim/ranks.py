@@ -49,9 +49,9 @@ mode of the quiet runs' steps; this kernel ticks at CONFIG_HZ=250, every 4 ms). 
 steps are therefore a distribution with a slow tail whose weight grows with the sleeping
 waits: on the quiet runs (benchmarks/results/agreement_ranks.md, "Late wake-ups"), a
 placement's mean step exceeds its 10th-percentile step by an amount that goes with the
-simulated count of sleeping waits (Spearman 0.84-0.96 per model, 50-300 us per wait);
-counting only the waits that sleep longer than 20, 100 or 300 us fits no better, longer
-than 1 ms much worse, so every sleeping wait counts. Likely cause (measured only under
+simulated count of sleeping waits (15-repeat run: Spearman 0.81-0.92 per model, 30-210 us
+per wait); counting only the waits that sleep longer than 100 or 300 us fits no better,
+longer than 1 ms much worse, so every sleeping wait counts. Likely cause (measured only under
 load, ``benchmarks/rank_wake.py``): the woken thread queues behind a running one on a
 shared vCPU until the tick: in a two-process gloo ping-pong, far fewer deliveries are
 over 1 ms late when each process is pinned to its own CPU, and the late ones show the
