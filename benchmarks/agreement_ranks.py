@@ -8,7 +8,9 @@ timed steps; ``--passes 2`` measures every placement twice in fresh jobs); simul
 same placements with :mod:`envs.sim.ranks`; calibrate :class:`RankCosts` on half of the
 placements (host constants from each rank's CPU time, latency and wake-up from the steps,
 one set for all models; and, for comparison, every constant per model) and report
-Spearman and MAPE on the held-out half and on all. Everything measured is written to ``--out``
+Spearman and MAPE on the held-out half and on all, for each statistic of the measured steps
+(``--statistics``: the mean, which rule R3's expected step predicts, scored also as a simulated
+median with the late wake-ups drawn; the median; the fastest). Everything measured is written to ``--out``
 (JSON) so ``--analyse`` can redo the simulation and the fits without measuring again::
 
     python benchmarks/agreement_ranks.py --models rnnlm nmt gpt2 moe resnet50 inception_v3 \\
@@ -273,6 +275,31 @@ def _slow_steps(rec: dict[str, Any], waits: list[int], jump_s: float = 2.5e-3) -
             "median_jump_s": float(np.median(jumps)) if jumps else float("nan"), "spearman_with_sleeping_waits": rho}
 
 
+def _wait_excess(rec: dict[str, Any], sleeps: list[list[float]],
+                 thresholds: tuple[float, ...] = (0.0, 100e-6, 300e-6, 1e-3)) -> dict[str, float]:
+    """How a placement's mean step exceeds its 10th-percentile step (the slow tail's weight)
+    against its simulated sleeping waits: per threshold, the Spearman correlation with the
+    count of waits that sleep longer than it; at threshold 0 also the least-squares seconds
+    per sleeping wait and the intercept (the excess with no sleeping wait)."""
+    from scipy.stats import spearmanr
+
+    excess = []
+    for i in range(len(rec["placements"])):
+        times = np.concatenate([np.asarray(p["times_s"][i], dtype=float) for p in rec["passes"] if p["times_s"][i]])
+        excess.append(float(times.mean() - np.percentile(times, 10)) if times.size else float("nan"))
+    ex = np.array(excess)
+    ok = np.isfinite(ex)
+    out: dict[str, float] = {}
+    for th in thresholds:
+        n = np.array([sum(1 for w in x if w > th) for x in sleeps], dtype=float)
+        out[f"excess_spearman_sleeps_over_{th * 1e6:.0f}us"] = (
+            float(spearmanr(ex[ok], n[ok])[0]) if ok.sum() > 2 and np.std(n[ok]) > 0 else float("nan"))
+        if th == 0.0 and ok.sum() > 2:
+            slope, icpt = np.polyfit(n[ok], ex[ok], 1)
+            out["excess_s_per_sleeping_wait"], out["excess_s_without_sleeping_waits"] = float(slope), float(icpt)
+    return out
+
+
 def analyse(results: dict[str, Any], seed: int, statistic: str = "median", splits: int = 0,
             late_p: float | None = None) -> dict[str, Any]:
     """Simulate every recorded placement, calibrate on half of them, score the rest.
@@ -355,9 +382,9 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
             # The measurement's own repeatability: the first half of the passes against the second.
             entry["pass1_vs_pass2"] = agreement(*halves)
             entry["pass1_vs_pass2_held_out"] = agreement(halves[0][held], halves[1][held])
-        sleeping = [sum(1 for e in sched.events if e.kind == "wait")
-                    for sched in (RankSimulator(g, cluster, calibrated, leaves=leaves).simulate(p) for p in pls)]
-        entry["slow_steps"] = _slow_steps(rec, sleeping)
+        sleeps = [[e.end - e.start for e in sched.events if e.kind == "wait"]
+                  for sched in (RankSimulator(g, cluster, calibrated, leaves=leaves).simulate(p) for p in pls)]
+        entry["slow_steps"] = {**_slow_steps(rec, [len(x) for x in sleeps]), **_wait_excess(rec, sleeps)}
         out["per_model"][rec["model"]] = entry
     for k in range(1, splits + 1):
         parts = [_halves(len(meas), seed + k) for _, _, _, meas, _, _ in cases]
@@ -416,6 +443,17 @@ def render_splits(results: dict[str, Any], analysis: dict[str, Any]) -> str:
         lines.append(f"| {model} | {sp.size} | {sp.mean():.2f} ({sp.min():.2f}-{sp.max():.2f}) | {mp.mean():.1%} "
                      f"({mp.max():.1%}) | {ce.mean() if ce.size else float('nan'):.2f} | {slow['median_share']:.2f} | "
                      f"{slow['median_jump_s'] * 1e3:.1f} ms | {slow['spearman_with_sleeping_waits']:.2f} |")
+    if all("excess_s_per_sleeping_wait" in e["slow_steps"] for _, e in rows):
+        keys = [k for k in rows[0][1]["slow_steps"] if k.startswith("excess_spearman_sleeps_over_")]
+        lines += ["", "The slow tail's weight (mean step minus 10th-percentile step) against the simulated sleeping "
+                  "waits, counting only waits that sleep longer than a threshold:", "",
+                  "| model | " + " | ".join(f"Spearman, sleeps > {k.rsplit('_', 1)[1]}" for k in keys)
+                  + " | per sleeping wait | with none |", "|---|" + "---:|" * (len(keys) + 2)]
+        for model, e in rows:
+            sl = e["slow_steps"]
+            lines.append(f"| {model} | " + " | ".join(f"{sl[k]:.2f}" for k in keys)
+                         + f" | {sl['excess_s_per_sleeping_wait'] * 1e6:.0f} us | "
+                         f"{sl['excess_s_without_sleeping_waits'] * 1e3:.2f} ms |")
     if all("sampled_median_spearman" in e["splits"] for _, e in rows):
         lines += ["", "The same fits scored against the measured MEDIAN step (held-out halves, mean over the splits):", "",
                   "| model | simulated median (late wake-ups drawn): Spearman mean (min-max) | MAPE mean (max) | "

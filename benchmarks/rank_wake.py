@@ -8,14 +8,13 @@ one-way delay as its clock after the wait returns minus the sender's stamp. Per 
 also records how long it slept in the wait, and the rise of its threads' scheduler
 ``run_delay`` (``/proc/self/task/*/schedstat``, 2nd field: ns spent runnable but not
 running) and of the machine's ``steal`` time (``/proc/stat``: ns a vCPU was ready but the
-hypervisor ran something else), which tell apart "woken, then queued behind another
-thread in this kernel" from "the wake-up itself came late".
+hypervisor ran something else; this guest reports 0), which tell apart "woken, then queued
+behind another thread in this kernel" from "the wake-up itself came late".
 
 Transports: ``gloo`` (``torch.distributed`` ``isend``/``irecv``/``wait`` over loopback, what the
 runtime uses: the wait sleeps on a condition variable that gloo's I/O thread signals) and
-``pipe`` (a blocking ``os.read``: the kernel's own wake-up, no I/O thread). ``--spin-wait``
-makes the receiver poll instead of sleeping (``is_completed()`` / a non-blocking read);
-``--keep-awake`` adds a ``nice 19`` spinner so no vCPU ever halts.
+``pipe`` (a blocking ``os.read``: the kernel's own wake-up, no I/O thread); ``:pin`` puts
+side r (and the threads it starts) on CPU r.
 
     python benchmarks/rank_wake.py --variants gloo gloo:pin pipe pipe:pin --work-us 0 300 1000 3000 --rounds 200
 
@@ -72,19 +71,8 @@ class _Pipe:
     def send(self, stamp: int) -> None:
         os.write(self.wr, stamp.to_bytes(8, "little"))
 
-    def recv(self, spin: bool) -> int:
-        if spin:
-            os.set_blocking(self.rd, False)
-            while True:
-                try:
-                    data = os.read(self.rd, 8)
-                    break
-                except BlockingIOError:
-                    continue
-        else:
-            os.set_blocking(self.rd, True)
-            data = os.read(self.rd, 8)
-        return int.from_bytes(data, "little")
+    def recv(self) -> int:
+        return int.from_bytes(os.read(self.rd, 8), "little")
 
 
 class _Gloo:
@@ -106,16 +94,13 @@ class _Gloo:
     def send(self, stamp: int) -> None:
         self.dist.isend(self.torch.tensor([stamp], dtype=self.torch.int64), self.peer).wait()
 
-    def recv(self, spin: bool) -> int:
-        if spin:
-            while not self.handle.is_completed():
-                pass
+    def recv(self) -> int:
         self.handle.wait()
         return int(self.buf[0])
 
 
-def _side(rank: int, transport: str, fds: Any, port: int, works: list[float], rounds: int, spin_wait: bool,
-          pin: bool, out: Any) -> None:
+def _side(rank: int, transport: str, fds: Any, port: int, works: list[float], rounds: int, pin: bool,
+          out: Any) -> None:
     if pin:  # before gloo starts its I/O thread, which inherits the mask
         os.sched_setaffinity(0, {rank % os.cpu_count()})
     chan: Any = _Gloo(rank, port) if transport == "gloo" else _Pipe(rank, fds)
@@ -132,7 +117,7 @@ def _side(rank: int, transport: str, fds: Any, port: int, works: list[float], ro
                         chan.post()
                     rd0, st0 = _run_delay_ns(), _steal_ns()
                     t0 = time.perf_counter_ns()
-                    stamp = chan.recv(spin_wait)
+                    stamp = chan.recv()
                     t1 = time.perf_counter_ns()
                     rd1, st1 = _run_delay_ns(), _steal_ns()
                     if i >= 10:  # the first rounds warm the connection up
@@ -142,23 +127,12 @@ def _side(rank: int, transport: str, fds: Any, port: int, works: list[float], ro
         chan.dist.destroy_process_group()
 
 
-def _keep_awake(stop: Any) -> None:
-    os.nice(19)
-    while not stop.is_set():
-        pass
-
-
-def measure(transport: str, works: list[float], rounds: int, spin_wait: bool = False,
-            keep_awake: bool = False, pin: bool = False, port: int = 29611) -> dict[str, Any]:
+def measure(transport: str, works: list[float], rounds: int, pin: bool = False, port: int = 29611) -> dict[str, Any]:
     """Run the ping-pong; returns every message's (work, delay, slept, run_delay rise, steal rise)."""
     ctx = mp.get_context("fork")  # the pipe ends are inherited; the parent never imports torch
     out = ctx.Queue()
     fds = (os.pipe(), os.pipe()) if transport == "pipe" else None
-    stop = ctx.Event()
-    awake = [ctx.Process(target=_keep_awake, args=(stop,)) for _ in range(2)] if keep_awake else []
-    for p in awake:
-        p.start()
-    procs = [ctx.Process(target=_side, args=(r, transport, fds, port, works, rounds, spin_wait, pin, out))
+    procs = [ctx.Process(target=_side, args=(r, transport, fds, port, works, rounds, pin, out))
              for r in (0, 1)]
     load = os.getloadavg()
     for p in procs:
@@ -168,10 +142,7 @@ def measure(transport: str, works: list[float], rounds: int, spin_wait: bool = F
         rows.extend(out.get(timeout=600)[1])
     for p in procs:
         p.join()
-    stop.set()
-    for p in awake:
-        p.join()
-    return {"transport": transport, "spin_wait": spin_wait, "keep_awake": keep_awake, "pin": pin, "rounds": rounds,
+    return {"transport": transport, "pin": pin, "rounds": rounds,
             "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
             "rows": rows}
 
@@ -196,7 +167,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def _print(res: dict[str, Any]) -> None:
-    print(f"transport={res['transport']} spin_wait={res['spin_wait']} keep_awake={res['keep_awake']} pin={res['pin']} "
+    print(f"transport={res['transport']} pin={res['pin']} "
           f"load {res['load_before']} -> {res['load_after']}")
     print("work_us     n  delay_med  p90     p99     late>1ms  late:delay  run_delay  steal  slept_med (us)")
     for s in summarise(res):
@@ -208,9 +179,8 @@ def _print(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["gloo", "gloo:pin"],
-                        help="TRANSPORT[:pin][:spin][:awake] each, run in turn: gloo or pipe; pin = side r "
-                             "(and its threads) on CPU r; spin = the receiver polls instead of sleeping; "
-                             "awake = two nice-19 spinners keep every vCPU busy")
+                        help="TRANSPORT[:pin] each, run in turn: gloo or pipe; pin = side r (and its threads) "
+                             "on CPU r")
     parser.add_argument("--work-us", type=float, nargs="+", default=[0, 100, 300, 1000, 3000])
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--out", help="also write every message's figures here (JSON)")
@@ -221,10 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     for v in args.variants:
         transport, *flags = v.split(":")
-        if transport not in ("gloo", "pipe") or not set(flags) <= {"pin", "spin", "awake"}:
-            parser.error(f"bad variant {v!r}: expected gloo or pipe, then any of :pin :spin :awake")
-        res = measure(transport, [w * 1e-6 for w in args.work_us], args.rounds, "spin" in flags, "awake" in flags,
-                      "pin" in flags)
+        if transport not in ("gloo", "pipe") or not set(flags) <= {"pin"}:
+            parser.error(f"bad variant {v!r}: expected gloo or pipe, optionally followed by :pin")
+        res = measure(transport, [w * 1e-6 for w in args.work_us], args.rounds, "pin" in flags)
         _print(res)
         runs.append({**res, "variant": v, "summary": summarise(res)})
     if args.out:
