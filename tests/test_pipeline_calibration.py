@@ -21,7 +21,7 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import compile_problem
-from tests.test_pipeline_sim import BW, LAT, ZERO, chain, cpu_cluster, two_stages
+from tests.helpers.pipelines import BW, LAT, ZERO, chain, cpu_cluster, two_stages
 
 # Four layers profiled at the full batch and at a quarter of it: l0 is all per-call work
 # (costs the same at both sizes), l3 all per-sample work, l1 and l2 in between.
