@@ -9,7 +9,7 @@ the same budget of evaluated placements and the same seed:
   with every heuristic placement (the seeds count against the budget), no policy;
 * **policy alone, from scratch** — the learned move policy (agent ``moves``) with no seeds and
   no local search, from its own start (:func:`placer.search.agents.moves.start_row`); its
-  weights are fresh unless ``--weights shipped`` (the pretrained policy);
+  weights are the shipped pretrained policy (a search's default) unless ``--weights fresh``;
 * **full search** — the default search: the move policy from the heuristic seeds with the
   local search interleaved (the agent's share of evaluations).
 
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch-budget", default="", help="placements of the from-scratch policy (default: --budget)")
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", choices=("shipped", "fresh"), default="fresh",
-                        help="the move policy's starting weights: fresh (what a search uses by default) or the "
-                             "policy shipped with the package (SearchConfig(pretrained=True))")
+    parser.add_argument("--weights", choices=("shipped", "fresh"), default="shipped",
+                        help="the move policy's starting weights: the policy shipped with the package (what a "
+                             "search uses by default) or fresh ones (SearchConfig(pretrained=False))")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
     args = parser.parse_args(argv)
 

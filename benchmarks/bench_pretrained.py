@@ -77,7 +77,7 @@ def run_task(task, policy_path: Path, args) -> dict:
     budget = int(args.budget)
     for label, pretrained in (("shipped", policy_path), ("fresh", False)):
         alone, full = [], []
-        for s in range(args.seeds):
+        for s in range(args.first_seed, args.first_seed + args.seeds):
             r = search(problem, agent="moves", budget=budget, seed=s, patience=None, local_search=False,
                        pretrained=pretrained, num_envs=args.num_envs)
             alone.append((reached(r, best_t), r.best_step_time if r.best_fits else math.inf))
@@ -88,7 +88,7 @@ def run_task(task, policy_path: Path, args) -> dict:
         out[f"alone_{label}"], out[f"full_{label}"] = alone, full
     ls = []
     if seeds is not None:
-        for s in range(args.seeds):
+        for s in range(args.first_seed, args.first_seed + args.seeds):
             r = local_search_alone(problem, seeds, budget, s, args.num_envs)
             ls.append(r.best_step_time if r.best_fits else math.inf)
     out["ls"] = ls
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", default="6000", help="evaluated placements per search")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--policy", type=Path, default=PRETRAINED_PATH, help="the pretrained weights")
     parser.add_argument("--tasks", default="", help="only the held-out tasks whose name contains one of these "
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         + "`\n",
         f"Step times **simulated** (roofline node costs); wall seconds **measured** on this shared 2-core machine "
         f"(load {os.getloadavg()[0]:.1f} at the start). Budget {args.budget} placements per search, seeds "
-        f"0-{args.seeds - 1}, batches of {args.num_envs}; policy `{args.policy.name}`.\n",
+        f"{args.first_seed}-{args.first_seed + args.seeds - 1}, batches of {args.num_envs}; policy `{args.policy.name}`.\n",
     ]
     print("\n".join(header + HEADER), flush=True)
     rows = []
