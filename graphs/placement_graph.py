@@ -149,7 +149,9 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
 
     ``param_bytes`` of a parameter or buffer is counted once, on the first node that uses
     it, so a module called twice (shared weights) does not double the model's memory; its
-    ``bytes_moved`` still counts the parameters it reads on every call.
+    ``bytes_moved`` still counts the parameters it reads on every call. That first node's
+    ``shared_param_bytes`` (present only when > 0) says how many of its parameter bytes
+    other nodes use too (a tied embedding): their gradients are summed in the backward.
     ``trust_requires_grad``: use the autograd flag recorded on the tensors (ShapeProp runs
     with autograd on); torch.export records none, so it is derived from the graph instead.
     """
@@ -157,7 +159,9 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
     infos: dict[fx.Node, list[TensorInfo]] = {}
     out_bytes: dict[fx.Node, int] = {}
     grad: dict[fx.Node, bool] = {}
-    owned: set[int] = set()
+    owned: dict[int, str] = {}  # tensor id -> the node charged with its param_bytes
+    shared: dict[str, int] = {}
+    reused: set[int] = set()
 
     def shape_of(arg: Any) -> tuple[int, ...] | None:
         if isinstance(arg, fx.Node):
@@ -185,8 +189,14 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             tensors = [value] if isinstance(value, torch.Tensor) else []
         for t in tensors:
             if id(t) not in owned:
-                owned.add(id(t))
+                owned[id(t)] = node.name
                 param_bytes += t.numel() * t.element_size()
+            elif t.requires_grad and owned[id(t)] != node.name and id(t) not in reused:
+                # Once per tensor: however many nodes reuse it (an unrolled cell's 50 steps),
+                # the backward sums one more gradient into its accumulated one at a time.
+                reused.add(id(t))
+                owner = owned[id(t)]
+                shared[owner] = shared.get(owner, 0) + t.numel() * t.element_size()
 
         inputs = node.all_input_nodes
         grad[node] = _requires_grad(node, outputs, tensors, inputs, grad, trust_requires_grad)
@@ -210,6 +220,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         )
         for inp in inputs:
             graph.add_edge(inp.name, node.name, bytes=int(_edge_bytes(inp, node, infos, out_bytes)))
+    for name, nbytes in shared.items():
+        graph.nodes[name]["shared_param_bytes"] = int(nbytes)
     return graph
 
 

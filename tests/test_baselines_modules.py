@@ -137,7 +137,9 @@ def test_the_accelerate_baseline_is_accelerates_own_device_map(mlp_capture) -> N
     from accelerate.utils import get_balanced_memory
 
     model, cap = mlp_capture
-    cluster = _param_cluster(model, 0.9)
+    # 0.9 of the parameters per device left ~0.1 KiB short once the simulator counts the
+    # backward's working set (twice the largest output gradient); 1.0 still makes accelerate split.
+    cluster = _param_cluster(model, 1.0)
     problem = compile_problem(cap.graph, cluster)
     res = run_baseline("accelerate", problem, cap.graph, captured=cap)
     caps = {i: d.memory_bytes for i, d in enumerate(cluster.devices)}

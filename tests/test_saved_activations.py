@@ -102,8 +102,8 @@ def test_one_device_peak_is_params_grads_state_saved_and_twice_the_largest_gradi
     cluster = load_cluster(ONE_CPU)
     problem = compile_problem(g, cluster, optimizer="adam")
     placement = {v: "cpu" for v in g}
-    # params, grads, Adam's two moments; x kept by m; the largest gradient is the parameter's
-    expected = 400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 400
+    # params, grads, Adam's two moments; x kept by m; twice m's output gradient
+    expected = 400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 32
     assert simulate(problem, placement).peak_memory.tolist() == [expected]
     assert simulate_reference(g, cluster, placement, optimizer="adam").peak_memory.tolist() == [expected]
 
@@ -142,8 +142,24 @@ def test_device_max_takes_the_largest_work_each_row_puts_on_each_device():
     assert device_max(rows, work, 3).tolist() == [[7, 0, 0], [0, 7, 0], [7, 0, 5]]
 
 
-def test_gradient_bytes_is_the_larger_of_output_and_parameter_gradients():
-    assert gradient_bytes({"op": "call_module", "out_bytes": 10, "param_bytes": 400, "requires_grad": True}) == 400
+def test_gradient_bytes_is_the_larger_of_output_and_shared_parameter_gradients():
+    assert gradient_bytes({"op": "call_module", "out_bytes": 10, "param_bytes": 400, "requires_grad": True}) == 10
+    assert gradient_bytes({"op": "call_module", "out_bytes": 10, "param_bytes": 400, "shared_param_bytes": 400,
+                           "requires_grad": True}) == 400
     assert gradient_bytes({"op": "call_function", "out_bytes": 10, "requires_grad": True}) == 10
     assert gradient_bytes({"op": "get_attr", "out_bytes": 400, "param_bytes": 400, "requires_grad": False}) == 0
     assert gradient_bytes({"op": "placeholder", "out_bytes": 64, "requires_grad": True}) == 0
+
+
+def test_a_tied_parameter_is_marked_shared_on_its_owner():
+    class TiedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(self.emb(x), self.emb.weight)
+
+    graph = capture(TiedHead(), (torch.randint(0, 50, (2, 3)),)).graph
+    assert graph.nodes["emb"]["shared_param_bytes"] == 50 * 8 * 4
+    assert sum(1 for v in graph if "shared_param_bytes" in graph.nodes[v]) == 1

@@ -58,20 +58,23 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
 
 #: The backward's working set on a device, in gradients of its largest op: the autograd
 #: engine holds an op's output gradient (an ``InputBuffer``) while the op's backward
-#: allocates its input and parameter gradients, so about twice the largest of them is alive
-#: beyond the saved activations (for a language model's logits: the loss's gradient and the
-#: logits'; for a dense embedding's table: its gradient and the buffer it is summed from).
+#: allocates its input gradients, so about twice the largest of them is alive beyond the
+#: saved activations (for a language model's logits: the loss's gradient and the logits').
+#: A parameter used by several ops (a tied embedding) gets a second gradient that is summed
+#: into the first: measured alone on the CPU allocator, an SGD step of an nn.Embedding peaks
+#: at 2.01x its parameter bytes, a Linear at 2.09x, the embedding tied to a head at 3.01x.
 #: Measured on one CPU (benchmarks/bench_memory.py, benchmarks/results/memory.md): without
-#: it the simulated peak of the zoo language models at batch 64 was 0.5-0.65x the
-#: allocator's, and GPT-2 (paper widths, seq 128) 0.95x; with it 1.0-1.3x.
+#: this set the simulated peak of the zoo language models at batch 64 was 0.5-0.65x the
+#: allocator's, and GPT-2 (paper widths, seq 128, tied head) 0.95x; with it 1.0-1.3x.
 BACKWARD_WORK_FACTOR = 2.0
 
 
 def gradient_bytes(attrs: Mapping[str, object]) -> float:
-    """Bytes of the largest gradient a node's backward makes: its output's or its parameters'.
+    """Bytes of the largest gradient a node's backward adds: its output's, or that of its
+    parameters other nodes share (``shared_param_bytes``, summed with theirs).
 
     0 for nodes autograd does not differentiate, the model's inputs and the output node;
-    a parameter (``get_attr``) node's is its parameters' (``param_bytes``).
+    an unshared parameter's gradient is already counted with ``param_bytes``.
     """
     if not node_requires_grad(attrs) or attrs.get("op") in ("placeholder", "output"):
         return 0.0
@@ -81,7 +84,7 @@ def gradient_bytes(attrs: Mapping[str, object]) -> float:
         return float(value) if isinstance(value, (int, float)) else 0.0
 
     out = 0.0 if attrs.get("op") == "get_attr" else number("out_bytes")
-    return max(out, number("param_bytes"))
+    return max(out, number("shared_param_bytes"))
 
 
 def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:

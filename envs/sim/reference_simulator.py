@@ -67,9 +67,10 @@ Rules (the PyTorch source or measurement behind each):
   the forward, all frees in the backward, so the peak is reached at the forward/backward
   boundary; this oracle keeps the event series anyway and the tests check the closed form.
   On top of it, the backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`
-  times the largest gradient (output or parameter) among the device's ops (the engine holds an
-  op's output gradient while its backward allocates the input and parameter gradients; measured against the
-  CPU allocator in benchmarks/results/memory.md).
+  times the largest gradient among the device's ops, an output's or a shared parameter's
+  (the engine holds an op's output gradient while its backward allocates the input
+  gradients; a tied parameter's second gradient is summed into its first; measured against
+  the CPU allocator in benchmarks/results/memory.md).
 
 Consequences worth knowing (tests/test_simulator.py holds them):
 

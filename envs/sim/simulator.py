@@ -18,7 +18,7 @@ backward, the optimizer on the host); the tests hold every path here to that ora
   in the forward and all frees in the backward (the backward is issued after the whole
   forward), so the peak is that sum (the oracle checks it on its event series), plus the
   backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` times the largest
-  gradient (output or parameter) among the device's ops (measured,
+  gradient (an output's, or a shared parameter's) among the device's ops (measured,
   benchmarks/results/memory.md), added here outside the loops
   (:func:`~envs.sim.problem.device_max`).
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
