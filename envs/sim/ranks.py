@@ -42,6 +42,7 @@ not per value: the runtime's per-value work (``_handoff``'s ``tree_map``, one
 ~10 us per value read or gradient root and ~23 us per hand-over against ~75 us per call, in
 one process with a comm that never waits (``benchmarks/rank_stage_costs.py``), and a
 per-value term fits to ~0 in both the ranks' CPU time and their steps.
+
 **Late wake-ups (R3, continued).** A thread that sleeps in a receive is now and then woken
 late, by about a scheduler tick: with probability ``late_p`` a sleeping wait ends
 ``late_s`` after ``wake_s`` (``late_s`` = 3.5 ms, the jump between the fast and the slow
@@ -51,14 +52,16 @@ waits: on the quiet runs (benchmarks/results/agreement_ranks.md, "Late wake-ups"
 placement's mean step exceeds its 10th-percentile step by an amount that goes with the
 simulated count of sleeping waits (15-repeat run: Spearman 0.81-0.92 per model, 30-210 us
 per wait); counting only the waits that sleep longer than 100 or 300 us fits no better,
-longer than 1 ms much worse, so every sleeping wait counts. Likely cause (measured only under
-load, ``benchmarks/rank_wake.py``): the woken thread queues behind a running one on a
-shared vCPU until the tick: in a two-process gloo ping-pong, far fewer deliveries are
-over 1 ms late when each process is pinned to its own CPU, and the late ones show the
-woken threads' ``run_delay`` (runnable, not running) rising by milliseconds; the VM boots
-with ``sched_vcpu_pack=15`` and each rank has gloo's I/O thread beside its main thread
-(4 threads on 2 cores). The simulator's step is the **expected** step: each sleeping wait
-costs ``wake_s + late_p * late_s`` (:attr:`RankCosts.expected_wake_s`) and the delay
+longer than 1 ms much worse, so every sleeping wait counts. Likely cause, from a two-process
+ping-pong (``benchmarks/rank_wake.py``, quiet and loaded): a late delivery costs about one
+tick, mostly as runnable-but-not-running time of the woken thread (its ``run_delay``), and on
+a quiet machine it comes when the woken thread must run on a vCPU other than the waker's:
+pinned processes are late 2-35% of the time, more often the longer the vCPU idled; free ones
+0-0.5%. This VM halts an idle vCPU at once (``haltpoll.guest_halt_poll_ns=0``). In a real
+step the peer's vCPU idles while one rank computes, and its main and gloo I/O threads are
+woken there. How often depends on idle lengths and on other jobs, which the simulator does
+not know: hence one fitted probability. The simulator's step is the **expected** step:
+each sleeping wait costs ``wake_s + late_p * late_s`` (:attr:`RankCosts.expected_wake_s`) and the delay
 propagates like any other, so it is compared with the *mean* measured step;
 :meth:`RankSimulator.step_time_samples` draws the late wake-ups instead (each sleeping
 wait independently), whose median is compared with the *median* measured step. Fitted on
@@ -165,7 +168,9 @@ class RankCosts:
     19-24 placements (fit halves), against each placement's fastest measured step
     (benchmarks/results/agreement_ranks.md): the host constants from each rank's CPU
     seconds per step (:func:`fit_host_costs`), the op scale and wake-up from the steps.
-    The link latency defaults to the cluster's (``latency_s=None``).
+    ``late_p`` alone comes from the quiet runs' *mean* steps (R3's expected step; the
+    fastest step has no late wake-up); the quiet runs' full constant sets, per statistic,
+    are in the results file. The link latency defaults to the cluster's (``latency_s=None``).
     """
 
     op_scale: float = 0.86
