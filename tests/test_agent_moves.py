@@ -96,3 +96,57 @@ def test_features_carry_no_size_of_the_graph():
 def test_tiny_budgets_are_respected(budget):
     res = search(chain_problem(6), agent="moves", budget=budget, seed=0, num_envs=32, patience=None)
     assert res.evaluated <= budget and res.best_row is not None
+
+
+def _local_search_alone(problem, seeds: np.ndarray, budget: int, seed: int):
+    """Local search alone from ``seeds`` on the search's evaluation path and generator stream
+    (as benchmarks/bench_ablation.py runs it); returns its tracker and where it first converged."""
+    from envs.gym.vector_env import BatchedPlacementVecEnv
+    from placer.search.local_search import LocalSearch
+    from placer.search.tracker import BestTracker, StopSearch
+
+    env = BatchedPlacementVecEnv(problem, n_envs=1, hierarchical=False, seed=seed)
+
+    def evaluate(rows):
+        _, ev = env.evaluate_placements(rows)
+        return ev.step_time, ev.valid
+
+    tracker = BestTracker(problem, budget, patience=None)
+    ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1]))
+    t, ok = evaluate(seeds)
+    tracker.record(seeds, t, ok, phase="seeds")
+    converged_at = None
+    try:
+        if ls.climb(None):
+            converged_at = tracker.evaluated
+        ls.run(budget)
+    except StopSearch:
+        pass
+    return tracker, converged_at
+
+
+def test_where_local_search_converges_early_the_full_search_climbs_the_same_way_and_ends_no_worse():
+    problem = chain_problem(10)
+    seeds = (np.arange(problem.num_nodes) % problem.num_devices)[None]  # round robin: slow, far from the optimum
+    budget = 1500
+    alone, converged_at = _local_search_alone(problem, seeds, budget, seed=2)
+    assert converged_at is not None and converged_at < 0.75 * budget  # within the moves agent's local-search share
+    full = search(problem, agent="moves", budget=budget, seed=2, num_envs=64, patience=None,
+                  initial_placements=seeds)
+    assert full.evaluated <= budget
+    # Climbing, the full search evaluated what local search alone evaluated: the same improvements
+    # at the same counts, before the policy evaluated anything.
+    climb = [(i.evaluated, i.phase, i.after) for i in alone.improvements if i.evaluated <= converged_at]
+    assert len(climb) > 2
+    assert [(i.evaluated, i.phase, i.after) for i in full.improvements[:len(climb)]] == climb
+    assert full.best_step_time <= alone.best_step_time
+
+
+def test_the_policys_kicks_find_the_coordinated_pair_move_after_local_search_converges():
+    problem = swap_trap_problem()
+    seed = np.asarray(run_baseline("m_topo", problem, graph_for(problem), 0).placement)
+    first = simulate_batch(problem, seed[None])
+    res = search(problem, agent="moves", budget=256, seed=0, num_envs=32, initial_placements=[seed], patience=None)
+    assert res.phase_evaluated.get("local_search", 0) > 0  # local search ran (and found nothing)
+    assert res.best_fits and res.best_step_time < first.step_time[0] * 0.75
+    assert res.credit().get("policy_moves", 0.0) >= 0.5

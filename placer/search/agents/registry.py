@@ -130,7 +130,12 @@ def _build_sequential(ctx: AgentContext) -> SearchAgent:
 register_agent(AgentEntry("moves", "learned move policy: proposes coordinated (group, device) moves around the "
                           "incumbent, trained by policy gradient on the simulated improvement",
                           _build_moves, hierarchical=False, imitates=False, policy_file="moves.pt",
-                          local_search_share=0.25))
+                          # An iterated local search (MoveAgent.learn): local search climbs first and
+                          # polishes, within 3/4 of the evaluations; the policy's kicks get the rest
+                          # (at least 1/4, more where local search converges early). bench_ablation
+                          # 6,000-placement budgets, seeds 0 and 1: full < LS alone in 8 and 5 of 12
+                          # cases at 3/4, 6 and 6 at 1/2, 6 (seed 0) at 1/4 (benchmarks/results/agent.md).
+                          local_search_share=0.75))
 register_agent(AgentEntry("hierarchical", "grouper + seq2seq placer, trained with PPO", _build_ppo))
 register_agent(AgentEntry("reinforce", "the same network trained with REINFORCE and a moving-average baseline",
                           _build_reinforce, policy_file="policy.pt"))
