@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from envs.runtime.cpu_affinity import pin_worker
 from envs.runtime.supervisor import worker_main
 
 __all__ = ["main", "run_rank"]
@@ -96,7 +95,6 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     me = job["devices"][rank]
     device = torch.device(me["torch_device"])
     if device.type == "cpu":
-        pin_worker(int(job["threads"]))  # before the thread pool starts: its threads inherit the cores
         torch.set_num_threads(int(job["threads"]))
     else:
         torch.cuda.set_device(device)

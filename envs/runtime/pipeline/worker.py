@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from envs.runtime.cpu_affinity import pin_worker
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline import Pipeline, PipelineError
 
@@ -275,7 +274,6 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     _load_file_modules(job_dir)
     job = torch.load(job_dir / "job.pt", weights_only=False)
     torch.manual_seed(int(job.get("seed", 0)))
-    pin_worker(int(job.get("threads", 1)))  # before the thread pool starts: its threads inherit the cores
     torch.set_num_threads(int(job.get("threads", 1)))
     timeout = datetime.timedelta(seconds=float(job.get("timeout_s", 60)))
     store = _rendezvous_store(rank, world, timeout)
