@@ -130,7 +130,7 @@ def test_where_local_search_converges_early_the_full_search_climbs_the_same_way_
     seeds = (np.arange(problem.num_nodes) % problem.num_devices)[None]  # round robin: slow, far from the optimum
     budget = 1500
     alone, converged_at = _local_search_alone(problem, seeds, budget, seed=2)
-    assert converged_at is not None and converged_at < 0.75 * budget  # within the moves agent's local-search share
+    assert converged_at is not None and converged_at < get_agent("moves").local_search_share * budget  # within its share
     full = search(problem, agent="moves", budget=budget, seed=2, num_envs=64, patience=None,
                   initial_placements=seeds)
     assert full.evaluated <= budget
