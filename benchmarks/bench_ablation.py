@@ -10,9 +10,8 @@ the same budget of evaluated placements and the same seed:
 * **policy alone, from scratch** — the learned move policy (agent ``moves``) with no seeds and
   no local search, from its own start (:func:`placer.search.agents.moves.start_row`); its
   weights are the shipped pretrained policy (a search's default) unless ``--weights fresh``;
-* **full search** — the default search: the move policy from the heuristic seeds with local
-  search (for ``moves`` an iterated local search: local search climbs from the seeds, the
-  policy's proposals are the kicks; ``--local-search-share`` sets local search's share).
+* **full search** — the default search: the move policy from the heuristic seeds with the
+  local search interleaved (the agent's share of evaluations).
 
 Each result is also given as its ratio to the lower bound (``envs.sim.lower_bound``), and the
 full search's gain over its seeds is split by the phase that found each improvement (credit
@@ -130,7 +129,7 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
 
     t0 = time.perf_counter()
     full = search(problem, agent="moves", budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None,
-                  initial_placements=seeds, pretrained=pretrained, local_search_share=args.local_search_share)
+                  initial_placements=seeds, pretrained=pretrained)
     case.seconds["full"] = time.perf_counter() - t0
     case.full = full.best_step_time if full.best_fits else math.inf
     case.credit = full.credit()
@@ -201,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("shipped", "fresh"), default="shipped",
                         help="the move policy's starting weights: the policy shipped with the package (what a "
                              "search uses by default) or fresh ones (SearchConfig(pretrained=False))")
-    parser.add_argument("--local-search-share", type=float, default=None,
-                        help="the full search's local-search share of the evaluations (default: the moves agent's own)")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
     args = parser.parse_args(argv)
 
@@ -221,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "Step times **simulated** on the cluster specs (roofline node costs); wall seconds **measured** on this "
         f"shared 2-core machine (load {os.getloadavg()[0]:.1f} at the start). Budget {args.budget} placements "
         f"per search, seed {args.seed}, batches of {args.num_envs}; the move policy starts from "
-        + ("the shipped pretrained weights" if args.weights == "shipped" else "fresh weights")
-        + ("" if args.local_search_share is None else f"; local-search share {args.local_search_share}") + ".\n",
+        + ("the shipped pretrained weights" if args.weights == "shipped" else "fresh weights") + ".\n",
     ]
     print("\n".join(header), flush=True)
     cases: list[Case] = []

@@ -19,10 +19,6 @@ it — heuristic seed, policy sample or this phase):
   incumbent with ``k`` random nodes moved to random devices, ``k`` growing with every
   failed kick and reset on success.
 
-:meth:`LocalSearch.run` does both (the improvement phase interleaved with a policy by share);
-:meth:`LocalSearch.climb` only scans, and stops at the local optimum, for a caller whose own
-proposals are the kicks (the ``moves`` agent's iterated local search).
-
 Every evaluated placement goes through the env's reward model and the tracker, so it counts
 against the budget, can be the reported best (with ``phase = "local_search"``), and a seed
 fixes the whole sequence.
@@ -180,33 +176,6 @@ class LocalSearch:
             rows = self._next_rows(min(todo, self.chunk))
             todo -= len(rows)
             self._evaluate(rows, next_batch if todo <= 0 else 1)
-
-    def climb(self, placements: int | None, next_batch: int = 1) -> bool:
-        """Descend from the incumbent until no move of the neighbourhood improves it (True) or
-        ``placements`` evaluations are spent (False); never kicks.
-
-        While it climbs it evaluates exactly what :meth:`run` would (the same scan order,
-        chunks and recentring), so a search that climbs first reaches the local optimum
-        that local search alone reaches from the same seeds with the same generator.
-        ``placements=None``: no limit but the tracker's budget.  Raises :class:`StopSearch`
-        like :meth:`BestTracker.record`.
-        """
-        todo = None if placements is None else int(placements)
-        left = self.tracker.remaining_placements()
-        if left is not None:
-            todo = left if todo is None else min(todo, left)
-        while self.tracker.best_row is not None:
-            self._follow_incumbent()
-            assert self._moves is not None
-            if self._pos >= len(self._moves[1]):
-                return True
-            if todo is not None and todo <= 0:
-                return False
-            rows = self._next_rows(self.chunk if todo is None else min(todo, self.chunk))
-            if todo is not None:
-                todo -= len(rows)
-            self._evaluate(rows, next_batch if todo is not None and todo <= 0 else 1)
-        return False
 
     # ------------------------------------------------------------------ internals
     @staticmethod

@@ -14,9 +14,6 @@ touched here; stable-baselines3 still seeds it inside its own models).
 Between the policy's batches an improvement phase (:mod:`placer.search.local_search`)
 polishes the best placement so far by batched local search; it shares the evaluation budget
 (``local_search_share``) and the result says which phase found the best (``best_phase``).
-The ``moves`` agent runs the two as an iterated local search (local search climbs from the
-seeds first, the policy's proposals are the kicks, each kick that improves is polished:
-:meth:`placer.search.agents.moves.MoveAgent.learn`); the other agents interleave them by share.
 
 Whatever the agent, the search keeps its best placement in memory and on disk
 (``out_dir/best_placement.json``, rewritten atomically on every improvement), stops at the

@@ -31,9 +31,6 @@ Two walkers share the policy: one follows the incumbent (whoever found it), the 
 from the policy's own start (:func:`start_row`), outside the best seed's basin.
 Every evaluated batch goes to the tracker as phase ``policy_moves``, so each improvement is
 credited to the policy or to whichever phase (seeds, local search) actually found it.
-With local search on, the search is an iterated local search whose kicks are the policy's
-proposals (:meth:`MoveAgent.learn`): local search climbs from the seeds to a local optimum,
-the policy perturbs it, local search polishes every placement that improved.
 """
 
 from __future__ import annotations
@@ -443,42 +440,17 @@ class MoveAgent:
         """Propose, evaluate, learn and move until the tracker raises
         :class:`~placer.search.tracker.StopSearch`.
 
-        With an improvement phase this is an iterated local search whose kicks are the policy's:
-
-        1. **climb**: local search descends from the seeds until no move of its neighbourhood
-           improves the incumbent (a local optimum) or its share of the budget is spent;
-        2. **kick**: the policy proposes batches of coordinated moves around its walker's point
-           (one to ``max_moves`` groups each, merged where independent, :class:`_Walker`);
-        3. **polish**: whenever a kick lowers the incumbent, local search descends from the new
-           incumbent again, within what is left of its share; then back to 2.
-
-        Local search never kicks here (its random restarts are replaced by the policy's
-        proposals). The climb evaluates exactly what local search alone evaluates from the same
-        seeds and seed (:meth:`LocalSearch.climb`), before the policy evaluates anything: when
-        local search alone reaches a local optimum within this search's local-search share,
-        the full search reaches the same optimum with the same evaluations and spends the rest
-        of the budget on the policy's kicks and their polishing, so it ends at that optimum or
-        better. (Local search alone, given the whole budget, goes on with random kicks from
-        there; whether the policy's kicks beat those is what ``benchmarks/bench_ablation.py``
-        measures.) When the climb does not converge within its share, the policy takes over
-        from where it stopped. Credit stays with whoever produced the placement: an
-        improvement found by a kick is ``policy_moves``'s, what polishing adds ``local_search``'s.
-
         Two walkers share the policy: one follows the incumbent (whoever found it: seeds, local
         search, the policy); the other starts from the policy's own start (:func:`start_row`),
         keeps its own best and takes every ``EXPLORER_EVERY``-th batch, so the search is not
         confined to the basin of the best seed; it is retired when it stays far behind. Without
-        seeds there is one walker, from the start (evaluated first, then climbed from).
+        seeds there is one walker, from the start.
         """
-        if improver is not None and tracker.best_row is not None:
-            improver.climb(_ls_quota(tracker, improver))
         if tracker.best_row is None:
             row = start_row(self.problem)
             t, ok, _ = self._evaluate(row[None])
             tracker.record(row[None], t, ok, next_batch=1, phase="policy")
             assert tracker.best_row is not None  # the row just recorded
-            if improver is not None:
-                improver.climb(_ls_quota(tracker, improver))
             walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
         else:
             walkers = [_Walker(self, tracker.best_row, (not tracker.best_fits, tracker.best_step_time), True)]
@@ -494,23 +466,11 @@ class MoveAgent:
                     explorer.home_key[1] > EXPLORER_RETIRE * tracker.best_step_time:
                 walkers.pop()  # far behind the incumbent after its trial: its budget goes to the follower
                 explorer = None
-            before = (not tracker.best_fits, tracker.best_step_time)
             if explorer is not None and turn % EXPLORER_EVERY == EXPLORER_EVERY - 1:
-                explorer.step(tracker)
+                explorer.step(tracker, improver)
             else:
-                walkers[0].step(tracker)
+                walkers[0].step(tracker, improver)
             turn += 1
-            if improver is not None and (not tracker.best_fits, tracker.best_step_time) < before:
-                improver.climb(_ls_quota(tracker, improver))  # polish the kick's placement
-
-
-def _ls_quota(tracker: BestTracker, improver: LocalSearch) -> int | None:
-    """Evaluations local search may still spend: its share of a placement budget, less what it
-    spent (None under a time-only budget: it climbs until it converges)."""
-    total = tracker.limits.placements
-    if total is None:
-        return None
-    return max(int(improver.share * total) - improver.stats.evaluated, 0)
 
 
 class _Walker:
@@ -537,7 +497,7 @@ class _Walker:
         if key < self.home_key:
             self.home, self.home_key = self.current.copy(), key
 
-    def step(self, tracker: BestTracker) -> None:
+    def step(self, tracker: BestTracker, improver: LocalSearch | None) -> None:
         """One batch of proposals around the current point: evaluate, learn, move."""
         agent, cfg = self.agent, self.agent.policy.config
         if self.follows:
@@ -577,6 +537,8 @@ class _Walker:
         agent.policy.update(logp, entropy, reward)
         if len(new_rows):
             tracker.record(new_rows, t_u[fresh], ok_u[fresh], next_batch=1, phase=PHASE)
+            if improver is not None:
+                improver.after_policy_batch(len(new_rows), next_batch=1)
         # The improving proposals' moves, merged where they touch different groups: one more row.
         better = np.flatnonzero(ok_u & (t_u < base)) if not self.key[0] else np.zeros(0, dtype=np.int64)
         best_row, best_key, best_peak = None, (True, math.inf), None

@@ -130,13 +130,7 @@ def _build_sequential(ctx: AgentContext) -> SearchAgent:
 register_agent(AgentEntry("moves", "learned move policy: proposes coordinated (group, device) moves around the "
                           "incumbent, trained by policy gradient on the simulated improvement",
                           _build_moves, hierarchical=False, imitates=False, policy_file="moves.pt",
-                          # An iterated local search (MoveAgent.learn): local search climbs first and
-                          # polishes, within half of the evaluations; the policy's kicks get the rest
-                          # (more where local search converges early). bench_ablation, 6,000 placements,
-                          # 12 zoo cases, seeds 0 / 1: full < LS alone 6 / 6 at 1/2, 8 / 5 at 3/4, 6 / -
-                          # at 1/4; on the held-out graphs (bench_pretrained) 1/2 ended lower than 3/4
-                          # on 10 of 12 tasks (benchmarks/results/agent.md).
-                          local_search_share=0.5))
+                          local_search_share=0.25))
 register_agent(AgentEntry("hierarchical", "grouper + seq2seq placer, trained with PPO", _build_ppo))
 register_agent(AgentEntry("reinforce", "the same network trained with REINFORCE and a moving-average baseline",
                           _build_reinforce, policy_file="policy.pt"))
