@@ -109,10 +109,11 @@ def test_gpipe_keeps_every_microbatch_in_flight_and_1f1b_at_most_the_later_stage
 
 def test_a_stage_that_does_not_fit_its_device_is_refused_naming_it():
     # Each stage keeps 20 MB of activations per batch; the 10 MB boundary has receive buffers
-    # for every micro-batch: activations on stage 1, their gradients on stage 0.
+    # for every micro-batch: activations on stage 1, their gradients on stage 0; and each
+    # device the backward's working set, 2 x its largest output gradient at 1/M (2 x 2.5 MB).
     problem = compile_problem(chain(4, out_bytes=10_000_000), cpu_cluster(2, memory=25_000_000))
     ok = check_pipeline(problem, two_stages(4, "1f1b"), batch_size=8)
-    assert ok.fits and ok.peak_memory == {"cpu:0": 2 * 5e6 + 10e6, "cpu:1": 5e6 + 10e6}
+    assert ok.fits and ok.peak_memory == {"cpu:0": 2 * 5e6 + 10e6 + 5e6, "cpu:1": 5e6 + 10e6 + 5e6}
     with pytest.raises(PipelineError, match=r"stage\(s\) \[0\] do not fit cpu:0: they need 0.03 GiB"):
         check_pipeline(problem, two_stages(4, "gpipe"), batch_size=8)
 
@@ -140,3 +141,37 @@ def test_pipeline_round_trips_through_its_dict():
     p = two_stages(4, "gpipe")
     assert Pipeline.from_dict(p.to_dict()) == p
     assert Action(0, "F", 1) == Action(0, "F", 1)
+
+
+def test_one_stage_without_micro_batches_has_the_op_level_simulators_peak_memory():
+    """One number per placement: a 1-stage, M=1 pipeline holds what the op-level simulator
+    says its all-on-one-device placement holds, backward working set included (here a shared
+    parameter's gradient, which a micro-batch does not shrink, is the largest)."""
+    import numpy as np
+
+    from envs.sim.simulator import simulate
+
+    g = chain(4, out_bytes=1_000_000)
+    g.nodes["l2"]["shared_param_bytes"] = 3_000_000
+    problem = compile_problem(g, cpu_cluster(2))
+    one = Pipeline((tuple(problem.node_names),), ("cpu:0",), 1, "1f1b")
+    op_level = simulate(problem, np.zeros(problem.num_nodes, dtype=np.int64)).peak_memory[0]
+    assert simulate_pipeline(problem, one, ZERO).peak_memory["cpu:0"] == pytest.approx(op_level)
+    # With M micro-batches the output gradients shrink, the shared one does not.
+    sc = stage_costs(problem, Pipeline((tuple(problem.node_names),), ("cpu:0",), 4, "1f1b"), ZERO)
+    assert sc.work.tolist() == [2 * 3_000_000]
+
+
+def test_the_search_tables_give_the_same_working_set_as_stage_costs():
+    from envs.sim.pipeline import fast_stage_costs
+
+    g = chain(6, out_bytes=1_000_000)
+    g.nodes["l1"]["out_bytes"] = 4_000_000
+    g.nodes["l4"]["shared_param_bytes"] = 1_500_000
+    problem = compile_problem(g, cpu_cluster(2))
+    names = problem.node_names
+    for cut in range(1, len(names)):
+        pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 4, "1f1b")
+        slow = stage_costs(problem, pipe, ZERO)
+        fast = fast_stage_costs(problem, [0, cut, len(names)], [0, 1], 4, ZERO)
+        assert fast.work.tolist() == pytest.approx(slow.work.tolist())

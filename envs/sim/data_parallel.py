@@ -41,7 +41,8 @@ ms against the 97 ms the ring alone takes, so this rule is still optimistic ther
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
 flat bucket buffers (one more copy of the gradients: ``gradient_as_bucket_view=False`` is
-the default). A replica over its device's capacity makes the whole set "does not fit".
+the default), and the backward's working set on its ``1/N`` of the batch (as the op-level
+simulator's, ``results/memory.md``). A replica over its device's capacity makes the whole set "does not fit".
 
 **Hybrid: pipeline x data parallel** (:func:`simulate_hybrid`). ``R`` replicas, each the
 same pipeline (stages, ``M``, schedule) on its own devices with ``1/R`` of the batch: the
@@ -271,7 +272,9 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     step = synced + opt_max + tail
 
     static = float((ops.param_bytes * (2.0 + problem.optimizer_state_factor)).sum())
-    peak_one = static + float(ops.act_bytes.sum()) / n + (float(grad_bytes.sum()) if n > 1 else 0.0)
+    out_work, shared_work = ops.gradient_work_parts()  # the backward's working set, on 1/n of the batch
+    work = max(float(out_work.max(initial=0.0)) / n, float(shared_work.max(initial=0.0)))
+    peak_one = static + float(ops.act_bytes.sum()) / n + (float(grad_bytes.sum()) if n > 1 else 0.0) + work
     peak = {names[d]: peak_one for d in idx}
     over = {names[d]: peak_one - float(problem.memory_capacity[d]) for d in idx
             if peak_one > float(problem.memory_capacity[d])}

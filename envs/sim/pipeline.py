@@ -69,7 +69,10 @@ action order: GPipe all ``M``; 1F1B at most the number of stages from ``s`` to t
 plus the receive buffers ``PipelineStage`` allocates at its first step for every
 micro-batch and keeps (``stage.py``: the activation buffers of ``_prepare_forward_infra``
 and the gradient buffers of ``_prepare_backward_infra``, one per micro-batch): ``M``
-micro-batches of its incoming boundary and of its outgoing boundary's gradients.
+micro-batches of its incoming boundary and of its outgoing boundary's gradients, plus the
+backward's working set of its largest gradient (the op-level simulator's rule, measured on
+the CPU allocator, ``results/memory.md``), an output's gradient at ``1/M`` size, a shared
+parameter's whole; with one stage and ``M = 1`` the peak is the op-level simulator's.
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -422,6 +425,9 @@ class StageCosts:
         fwd_bytes, bwd_bytes: [S-1] bytes over boundary b (stage b to b+1) per micro-batch,
             forward (activations) and backward (gradients).
         device: [S] device index of each stage.
+        work: [S] the backward working set of one micro-batch (P5): the largest of the
+            stage's ops' ``max(output gradient / M, shared parameter gradient)``, times
+            :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`.
     """
 
     fwd: np.ndarray
@@ -433,6 +439,7 @@ class StageCosts:
     fwd_bytes: np.ndarray
     bwd_bytes: np.ndarray
     device: np.ndarray
+    work: np.ndarray
 
 
 def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
@@ -495,6 +502,9 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     s_ = pipeline.num_stages
     fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
+    work = np.zeros(s_)
+    out_work, shared_work = ops.gradient_work_parts()
+    op_work = np.maximum(out_work / m, shared_work)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
     fixed_all = fixed_host(problem, scaling)
     for s in range(s_):
@@ -507,6 +517,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         opt[s] = float(c[:, 4:].sum()) * scale
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m
+        work[s] = float(op_work[sel].max(initial=0.0))
         has_params[s] = bool(ops.param_bytes[sel].sum() > 0)
     # P3: the last reader of each produced value decides how many boundaries it crosses.
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
@@ -517,7 +528,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
             fwd_bytes[b] += ops.out_bytes[i] / m
             if ops.requires_grad[i]:
                 bwd_bytes[b] += ops.out_bytes[i] / m
-    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev)
+    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work)
 
 
 @dataclass(frozen=True, eq=False)
@@ -536,6 +547,8 @@ class PipelineTables:
         cross_f, cross_b: [N+1] bytes over a cut before group ``i``: every value produced
             before ``i`` and last read at or after ``i`` (relayed, P3); the backward ones those
             that require grad.
+        out_work, shared_work: sparse tables (level k: the max over groups ``[i, i + 2^k)``)
+            of the backward working set's two parts (``OpArrays.gradient_work_parts``).
     """
 
     host_f: np.ndarray
@@ -550,6 +563,26 @@ class PipelineTables:
     params: np.ndarray
     cross_f: np.ndarray
     cross_b: np.ndarray
+    out_work: list[np.ndarray]
+    shared_work: list[np.ndarray]
+
+
+def _sparse_max(per_group: np.ndarray) -> list[np.ndarray]:
+    """Level ``k`` holds the max over ``[i, i + 2^k)``: any range's max in two lookups."""
+    levels = [per_group]
+    while 2 ** len(levels) <= len(per_group):
+        prev, half = levels[-1], 2 ** (len(levels) - 1)
+        levels.append(np.maximum(prev[:-half], prev[half:]))
+    return levels
+
+
+def _range_max(levels: list[np.ndarray], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Max over ``[lo, hi)`` (``hi > lo``) of the array behind ``levels``."""
+    k = np.floor(np.log2(hi - lo)).astype(np.int64)
+    out = np.empty(len(lo))
+    for i, (a, b, j) in enumerate(zip(lo, hi, k)):
+        out[i] = max(levels[j][a], levels[j][b - 2 ** j])
+    return out
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -562,6 +595,12 @@ def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
     per_group = np.zeros(shape)
     np.add.at(per_group, op_group, per_op)
     return np.concatenate([np.zeros((1,) + per_op.shape[1:]), np.cumsum(per_group, axis=0)])
+
+
+def _group_max(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    np.maximum.at(out, op_group, per_op)
+    return out
 
 
 def pipeline_tables(problem: PlacementProblem, scaling: BatchScaling | None = None) -> PipelineTables:
@@ -587,13 +626,15 @@ def pipeline_tables(problem: PlacementProblem, scaling: BatchScaling | None = No
     grad = np.where(ops.requires_grad[crossing], out, 0.0)
     np.add.at(diff_b, g[crossing] + 1, grad)
     np.add.at(diff_b, last_reader[crossing] + 1, -grad)
+    work_out, work_shared = ops.gradient_work_parts()
     tables = PipelineTables(
         host_f=_prefix(c[:, :, 0], g, n), dev_f=_prefix(c[:, :, 1], g, n), host_b=_prefix(c[:, :, 2], g, n),
         dev_b=_prefix(c[:, :, 3], g, n), fixed_f=_prefix(fixed[:, :, 0], g, n), fixed_b=_prefix(fixed[:, :, 1], g, n),
         opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n),
         static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
-        cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1])
+        cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1],
+        out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)))
     per_problem[key] = tables
     return tables
 
@@ -629,7 +670,9 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     act = (t.act[hi] - t.act[lo]) / div
     has_params = (t.params[hi] - t.params[lo]) > 0
     inner = b[1:-1]
-    return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d)
+    work = np.maximum(_range_max(t.out_work, lo, hi) / div, _range_max(t.shared_work, lo, hi))
+    return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d,
+                      work)
 
 
 def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
@@ -816,10 +859,14 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     peak: dict[str, float] = {}
     recv_in = np.concatenate([[0.0], sc.fwd_bytes]) if s_ > 1 else np.zeros(1)
     grad_in = np.concatenate([sc.bwd_bytes, [0.0]]) if s_ > 1 else np.zeros(1)
+    work: dict[str, float] = {}
     for s in range(s_):
         name = pipeline.devices[s]
         buffers = m * (recv_in[s] + grad_in[s])
         peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * sc.act[s] + buffers
+        work[name] = max(work.get(name, 0.0), float(sc.work[s]))
+    for name, w in work.items():  # one backward at a time per device: its largest working set
+        peak[name] += w
     cap = {n: float(problem.memory_capacity[i]) for i, n in enumerate(problem.device_names)}
     over = {n: peak[n] - cap[n] for n in peak if peak[n] > cap[n]}
     last = [(float(b_start[s, m - 1]), float(b_done[s, m - 1])) for s in range(s_)]

@@ -131,6 +131,8 @@ class OpArrays:
         grad_bytes: [N] bytes of the largest gradient each op's backward makes (:func:`gradient_bytes`);
             a device's peak holds :data:`BACKWARD_WORK_FACTOR` times the largest of its ops'
             on top of the kept activations. None: ``out_bytes`` where ``requires_grad``.
+        shared_grad_bytes: [N] the part of it that is a shared parameter's gradient
+            (``shared_param_bytes``), which a micro-batch does not shrink; None: none.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -154,6 +156,7 @@ class OpArrays:
     host: HostOverheads = DEFAULT_HOST
     one_process_per_device: bool = False
     grad_bytes: np.ndarray | None = None
+    shared_grad_bytes: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
@@ -164,6 +167,17 @@ class OpArrays:
         grads = (self.grad_bytes if self.grad_bytes is not None
                  else np.where(self.requires_grad, self.out_bytes, 0.0))
         return BACKWARD_WORK_FACTOR * np.asarray(grads, dtype=np.float64)
+
+    def gradient_work_parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """([N], [N]) the backward working set each op brings (:meth:`gradient_work`), split into
+        the part that scales with the batch (its output's gradient) and the part that does not
+        (a shared parameter's gradient): on a micro-batch of ``1/m`` an op brings
+        ``max(out / m, shared)``, which with ``m = 1`` is :meth:`gradient_work`."""
+        whole = self.gradient_work()
+        shared = (np.zeros(self.num_ops) if self.shared_grad_bytes is None
+                  else BACKWARD_WORK_FACTOR * np.asarray(self.shared_grad_bytes, dtype=np.float64))
+        # gradient_bytes is max(output's, shared): where it exceeds the shared part it is the output's.
+        return np.where(whole > shared, whole, 0.0), shared
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         """Op rows ([B, N] or [N]) of group rows (for tests and reports; the kernels gather)."""
@@ -374,7 +388,8 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
 
 
 def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
-               host: HostOverheads, grad_bytes: np.ndarray | None = None) -> OpArrays:
+               host: HostOverheads, grad_bytes: np.ndarray | None = None,
+               shared_grad_bytes: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -400,6 +415,7 @@ def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flo
         is_cpu=np.asarray(is_cpu, dtype=bool),
         host=host,
         grad_bytes=None if grad_bytes is None else np.asarray(grad_bytes, dtype=np.float64),
+        shared_grad_bytes=None if shared_grad_bytes is None else np.asarray(shared_grad_bytes, dtype=np.float64),
     )
 
 
@@ -488,6 +504,7 @@ def compile_problem(
         keeps = requires_grad & np.array([a.get("op") not in ("get_attr", "output") for a in attrs])
         act_bytes = np.where(keeps, out_bytes, 0.0)
     grad_bytes = np.array([gradient_bytes(a) for a in attrs], dtype=np.float64)
+    shared_grad = np.array([gradient_bytes({**a, "out_bytes": 0}) for a in attrs], dtype=np.float64)
     cost = cost_model.op_costs(graph, order, cluster.devices)
     cost[~requires_grad, :, 2:] = 0.0
     param_bytes = column("param_bytes")
@@ -516,7 +533,7 @@ def compile_problem(
     else:
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
-                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes)
+                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)
