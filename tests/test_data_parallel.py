@@ -17,7 +17,7 @@ from envs.sim.data_parallel import (
 )
 from envs.sim.pipeline import CPU_DISPATCH_S, Pipeline, simulate_pipeline
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import RankCosts
+from envs.sim.ranks import ZERO_COSTS
 
 LAT, BW = 100e-6, 1e9
 MB = 2**20
@@ -63,8 +63,7 @@ def test_one_replica_is_the_one_stage_pipeline():
     assert dp.bucket_bytes and dp.exposed_allreduce == 0.0
 
 
-ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
-                 wake_s=0.0, loss_s=0.0, step_s=0.0)
+ZERO = ZERO_COSTS
 
 
 def test_on_cpu_ranks_the_all_reduce_follows_the_backward_at_the_measured_ring_efficiency():

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
-from envs.sim.ranks import RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
+from envs.sim.ranks import ZERO_COSTS, RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
 
 LAT, BW = 100e-6, 1e9
-ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0, late_p=0.0,
-                 loss_s=0.0, step_s=0.0)
+ZERO = ZERO_COSTS
 
 
 def ranks_cluster(n: int = 2, lat: float = LAT, bw: float = BW):

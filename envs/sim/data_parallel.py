@@ -80,7 +80,6 @@ import numpy as np
 
 from envs.sim.pipeline import (
     ENGINE_COSTS,
-    ZERO_HOST,
     BatchScaling,
     Pipeline,
     PipelineError,
@@ -92,7 +91,7 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankCosts
+from envs.sim.ranks import ZERO_COSTS, RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid", "simulate_pipelined"]
@@ -247,7 +246,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     tail = 0.0
     fixed_part = fixed_host(problem, scaling)
     for d in idx:
-        hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_HOST
+        hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
         fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part)
         start_b = fwd + hc.stage_fwd_s + hc.loss_s + hc.stage_bwd_s
@@ -391,7 +390,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         ready = None
         for r, (p, sc, res) in enumerate(zip(pipelines, per_costs, results)):
             d = devs[r]
-            hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_HOST
+            hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
             scale = hc.op_scale if ops.is_cpu[d] else 1.0
             sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part)
             at = res.last_backward[s][0] + hc.stage_bwd_s + offsets

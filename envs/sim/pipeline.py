@@ -90,7 +90,7 @@ from typing import Any
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankCosts
+from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
 
 __all__ = [
@@ -113,7 +113,6 @@ __all__ = [
     "pipeline_orders",
     "contiguous_pipeline",
     "stage_nodes_of",
-    "ZERO_HOST",
     "PipelineTables",
     "pipeline_tables",
     "fast_stage_costs",
@@ -126,10 +125,6 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 #: Fixed host seconds per CPU op that do not shrink with the micro-batch (module doc, P2).
 CPU_DISPATCH_S = 2.4e-6
-
-#: Host constants for devices whose stage calls the model does not charge (GPUs).
-ZERO_HOST = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0,
-                      handoff_s=0.0, loss_s=0.0, step_s=0.0, wake_s=0.0)
 
 #: The host constants of a CPU process running ``torch.distributed.pipelining`` or DDP (P4).
 #: ``op_scale`` 1.0, not :class:`RankCosts`' 0.86 (fitted on the point-to-point runtime's small
@@ -724,7 +719,7 @@ class PipelineResult:
 
 def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[RankCosts]:
     # P4: the measured multi-process constants on CPUs, none on GPUs.
-    return [(costs or ENGINE_COSTS) if cpu else ZERO_HOST for cpu in problem.ops.is_cpu]
+    return [(costs or ENGINE_COSTS) if cpu else ZERO_COSTS for cpu in problem.ops.is_cpu]
 
 
 def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,

@@ -136,6 +136,7 @@ from graphs.errors import PlacerError
 __all__ = [
     "RankSimError",
     "RankCosts",
+    "ZERO_COSTS",
     "RankTransfer",
     "RankStage",
     "RankPlan",
@@ -213,6 +214,12 @@ class RankCosts:
     def to_dict(self) -> dict[str, float | None]:
         """The constants by name."""
         return {f.name: None if getattr(self, f.name) is None else float(getattr(self, f.name)) for f in fields(self)}
+
+
+#: No host cost at all and op times as profiled: the baseline a fit adds constants to
+#: (:func:`fit_host_costs`), and what GPU devices pay in the pipeline simulator.
+ZERO_COSTS = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
+                       loss_s=0.0, step_s=0.0, wake_s=0.0, late_p=0.0)
 
 
 @dataclass(frozen=True)
@@ -957,13 +964,11 @@ def fit_host_costs(cases: Sequence[tuple[nx.DiGraph, Sequence[Mapping[str, str |
     """
     from scipy.optimize import nnls
 
-    zero = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
-                     loss_s=0.0, step_s=0.0, wake_s=0.0, late_p=0.0)
     rows, target = [], []
     for graph, placements, cpu, leaves in cases:
         c = _compile(graph, cluster, leaves)
         for p, per_rank in zip(placements, cpu):
-            sched = _simulate(c, _ranks_of(p, cluster), zero, trace=True)
+            sched = _simulate(c, _ranks_of(p, cluster), ZERO_COSTS, trace=True)
             for counts, seconds in zip(rank_counts(sched), per_rank):
                 if seconds is None or not np.isfinite(seconds) or seconds <= 0:
                     continue

@@ -6,11 +6,10 @@ import networkx as nx
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.pipeline import Pipeline
-from envs.sim.ranks import RankCosts
+from envs.sim.ranks import ZERO_COSTS
 
 LAT, BW = 100e-6, 1e9
-ZERO = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0, wake_s=0.0, late_p=0.0,
-                 loss_s=0.0, step_s=0.0)
+ZERO = ZERO_COSTS
 
 
 def cpu_cluster(n: int = 2, memory: int = 2**33):
