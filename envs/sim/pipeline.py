@@ -498,8 +498,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
     work = np.zeros(s_)
-    out_work, shared_work = ops.gradient_work_parts()
-    op_work = np.maximum(out_work / m, shared_work)
+    op_work = ops.gradient_work_at(m)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
     fixed_all = fixed_host(problem, scaling)
     for s in range(s_):

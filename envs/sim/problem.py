@@ -69,22 +69,28 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
 BACKWARD_WORK_FACTOR = 2.0
 
 
-def gradient_bytes(attrs: Mapping[str, object]) -> float:
-    """Bytes of the largest gradient a node's backward adds: its output's, or that of its
-    parameters other nodes share (``shared_param_bytes``, summed with theirs).
+def gradient_parts(attrs: Mapping[str, object]) -> tuple[float, float]:
+    """Bytes of the gradients a node's backward adds: ``(its output's, that of its parameters
+    other nodes share)`` (``shared_param_bytes``, summed with theirs); the first shrinks with
+    the batch, the second does not.
 
     0 for nodes autograd does not differentiate, the model's inputs and the output node;
     an unshared parameter's gradient is already counted with ``param_bytes``.
     """
     if not node_requires_grad(attrs) or attrs.get("op") in ("placeholder", "output"):
-        return 0.0
+        return 0.0, 0.0
 
     def number(key: str) -> float:
         value = attrs.get(key)
         return float(value) if isinstance(value, (int, float)) else 0.0
 
     out = 0.0 if attrs.get("op") == "get_attr" else number("out_bytes")
-    return max(out, number("shared_param_bytes"))
+    return out, number("shared_param_bytes")
+
+
+def gradient_bytes(attrs: Mapping[str, object]) -> float:
+    """Bytes of the largest gradient a node's backward adds (:func:`gradient_parts`)."""
+    return max(gradient_parts(attrs))
 
 
 def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
@@ -178,6 +184,12 @@ class OpArrays:
                   else BACKWARD_WORK_FACTOR * np.asarray(self.shared_grad_bytes, dtype=np.float64))
         # gradient_bytes is max(output's, shared): where it exceeds the shared part it is the output's.
         return np.where(whole > shared, whole, 0.0), shared
+
+    def gradient_work_at(self, fraction: float) -> np.ndarray:
+        """[N] the backward working set each op brings on ``1/fraction`` of the batch (a
+        micro-batch, a DDP replica's share): ``max(output's / fraction, shared parameter's)``."""
+        out, shared = self.gradient_work_parts()
+        return np.maximum(out / float(fraction), shared)
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         """Op rows ([B, N] or [N]) of group rows (for tests and reports; the kernels gather)."""
@@ -503,8 +515,8 @@ def compile_problem(
         # Parameters (get_attr) are counted in param_bytes; the output node is no tensor.
         keeps = requires_grad & np.array([a.get("op") not in ("get_attr", "output") for a in attrs])
         act_bytes = np.where(keeps, out_bytes, 0.0)
-    grad_bytes = np.array([gradient_bytes(a) for a in attrs], dtype=np.float64)
-    shared_grad = np.array([gradient_bytes({**a, "out_bytes": 0}) for a in attrs], dtype=np.float64)
+    parts = np.array([gradient_parts(a) for a in attrs], dtype=np.float64).reshape(-1, 2)
+    grad_bytes, shared_grad = parts.max(axis=1), parts[:, 1]
     cost = cost_model.op_costs(graph, order, cluster.devices)
     cost[~requires_grad, :, 2:] = 0.0
     param_bytes = column("param_bytes")
