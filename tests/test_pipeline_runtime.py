@@ -306,45 +306,44 @@ def test_an_unknown_schedule_is_refused_naming_the_ones_that_exist():
         Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "zero_bubble")
 
 
-def test_a_stage_that_does_not_fit_its_device_is_refused_before_starting():
+def gpt2_on_tiny_cpus(replicas=()):
+    """GPT-2 (batch 4) cut before ``blocks_1`` into a 2-stage gpipe pipeline (M=2) over
+    cpu:0, cpu:1 (and ``replicas``), with a problem whose CPUs hold 16 KiB each: ``(prep,
+    pipeline, problem)``."""
     from envs.hardware.cluster import Device, Link, make_cluster
     from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
 
     prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
     gm = prep.captured.gm
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
-    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe")
-    tiny = [Device(f"cpu:{i}", "cpu", 2**14, 1e11, 1e10, real_device="cpu") for i in range(2)]
-    link = Link("cpu:0", "cpu:1", 1e-4, 1e9)
-    problem = compile_problem(prep.captured.graph, make_cluster(tiny, [link], name="ranks", simulated=False))
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe", replicas)
+    n = 2 * (1 + len(replicas))
+    tiny = [Device(f"cpu:{i}", "cpu", 2**14, 1e11, 1e10, real_device="cpu") for i in range(n)]
+    links = [Link(f"cpu:{a}", f"cpu:{b}", 1e-4, 1e9) for a in range(n) for b in range(a + 1, n)]
+    problem = compile_problem(prep.captured.graph, make_cluster(tiny, links, name="ranks", simulated=False))
+    return prep, pipe, problem
+
+
+def run_refused(prep, pipe, problem):
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    run_training(gm, dict(zip(names, prep.spec.example_inputs)), pipe, loss_fn=prep.spec.loss_fn, problem=problem)
+
+
+def test_a_stage_that_does_not_fit_its_device_is_refused_before_starting():
+    prep, pipe, problem = gpt2_on_tiny_cpus()
     # Both stages overfill 16 KiB; the message names the one furthest over, stage and device.
     with pytest.raises(PipelineError, match=r"stage\(s\) \[(0|1)\] do not fit cpu:\1: they need .* GiB .* the device "
                                             r"has 0.00 GiB"):
-        run_training(gm, dict(zip(names, prep.spec.example_inputs)), pipe, loss_fn=prep.spec.loss_fn,
-                     problem=problem)
+        run_refused(prep, pipe, problem)
 
 
 def test_a_hybrid_whose_stages_do_not_fit_their_devices_is_refused_before_starting():
-    from envs.hardware.cluster import Device, Link, make_cluster
-    from envs.sim.problem import compile_problem
-    from graphs.pipeline import prepare
-
-    prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)
-    gm = prep.captured.gm
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    cut = next(i for i, n in enumerate(compute) if n.startswith("blocks_1"))
-    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe",
-                    (("cpu:2", "cpu:3"),))
-    tiny = [Device(f"cpu:{i}", "cpu", 2**14, 1e11, 1e10, real_device="cpu") for i in range(4)]
-    links = [Link(f"cpu:{a}", f"cpu:{b}", 1e-4, 1e9) for a in range(4) for b in range(a + 1, 4)]
-    problem = compile_problem(prep.captured.graph, make_cluster(tiny, links, name="ranks", simulated=False))
+    prep, pipe, problem = gpt2_on_tiny_cpus((("cpu:2", "cpu:3"),))
     with pytest.raises(PipelineError, match=r"the pipeline x DDP hybrid does not fit: cpu:\d needs .* GiB"):
-        run_training(gm, dict(zip(names, prep.spec.example_inputs)), pipe, loss_fn=prep.spec.loss_fn,
-                     problem=problem)
+        run_refused(prep, pipe, problem)
 
 
 def test_a_rendezvous_port_in_use_is_refused_before_any_process_starts():
