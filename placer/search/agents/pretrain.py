@@ -184,6 +184,12 @@ def heuristic_seeds(problem: PlacementProblem, graph: nx.DiGraph, names: Iterabl
     return (np.stack(rows) if rows else None), best[0], best[1]
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 @dataclass
 class TrainingLog:
     """What a training run did: one line per task, and the CPU seconds it took."""
@@ -212,7 +218,7 @@ def pretrain(tasks: list[Task], out: Path, placements: int = 3000, seed: int = 0
     elif out.exists():
         out.unlink()  # a stale file would be resumed by the first task
     report = TrainingLog()
-    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     k = 0
     built: dict[str, tuple[PlacementProblem, tuple[np.ndarray | None, str, float]]] = {}
     rng = np.random.default_rng(seed)
@@ -245,9 +251,7 @@ def pretrain(tasks: list[Task], out: Path, placements: int = 3000, seed: int = 0
             report.lines.append(line)
             report.placements += result.evaluated
             k += 1
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    report.cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    report.wall_s = time.perf_counter() - t0
+    report.cpu_s, report.wall_s = _cpu_s() - cpu0, time.perf_counter() - t0
     return report
 
 
@@ -401,7 +405,7 @@ def pretrain_imitation(tasks: list[Task], out: Path, seed: int = 0, steps: int =
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = TrainingLog()
-    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     examples = MoveExamples()
     for k, task in enumerate(tasks):
         tb = time.perf_counter()
@@ -418,7 +422,5 @@ def pretrain_imitation(tasks: list[Task], out: Path, seed: int = 0, steps: int =
     policy = fit_move_scorer(examples, epochs=epochs, seed=seed)
     torch.save(policy.state_dict(), out)
     report.placements = examples.placements
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    report.cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    report.wall_s = time.perf_counter() - t0
+    report.cpu_s, report.wall_s = _cpu_s() - cpu0, time.perf_counter() - t0
     return report
