@@ -87,6 +87,7 @@ from envs.sim.pipeline import (
     StageCosts,
     fixed_host,
     memory_problem_lines,
+    shrunk_host,
     simulate_pipeline,
     stage_costs,
 )
@@ -187,9 +188,7 @@ def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float,
     if ops.is_cpu[d]:
         per = []
         for k, h in enumerate((0, 2)):
-            host = c[:, h]
-            fixed = fixed_part[:, d, k]
-            per.append((fixed + (host - fixed) / n) * scale)
+            per.append(shrunk_host(c[:, h], fixed_part[:, d, k], n) * scale)
         fwd, bwd = float(per[0].sum()), per[1]
     else:
         fwd = max(float(c[:, 0].sum()), float(c[:, 1].sum()) / n)
@@ -339,8 +338,7 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
     groups = buckets(grad.tolist())
     c = ops.cost[sel, d, :]
     if ops.is_cpu[d]:
-        fixed = fixed_part[sel, d, 1]
-        per = (fixed + (c[:, 2] - fixed) / div) * scale
+        per = shrunk_host(c[:, 2], fixed_part[sel, d, 1], div) * scale
     else:
         raw = c[:, 2] + c[:, 3] / div
         per = raw * (float(sc.bwd[s]) / raw.sum()) if raw.sum() > 0 else raw

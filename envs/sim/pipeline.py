@@ -100,6 +100,7 @@ __all__ = [
     "BatchScaling",
     "fit_batch_scaling",
     "fixed_host",
+    "shrunk_host",
     "PipelineError",
     "Pipeline",
     "Action",
@@ -178,6 +179,16 @@ def fit_batch_scaling(full: PlacementProblem, small: PlacementProblem, ratio: fl
     little = small.ops.cost[:, :, (0, 2)]
     fixed = np.clip((ratio * little - big) / (ratio - 1.0), 0.0, big)
     return BatchScaling(fixed, float(ratio))
+
+
+def shrunk_host(host: np.ndarray, fixed: np.ndarray, m: float) -> np.ndarray:
+    """Host seconds of CPU ops on ``1/m`` of the batch (P2): the fixed part, plus the rest
+    divided by ``m``.
+
+    >>> float(shrunk_host(np.array(10.0), np.array(2.0), 4))
+    4.0
+    """
+    return fixed + (host - fixed) / m
 
 
 def fixed_host(problem: PlacementProblem, scaling: BatchScaling | None = None) -> np.ndarray:
@@ -444,8 +455,7 @@ def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scal
     for k, (h, d) in enumerate(((0, 1), (2, 3))):
         host, dev = cost[:, h], cost[:, d]
         if is_cpu:
-            fixed = fixed_part[:, k]
-            out.append(float((fixed + (host - fixed) / m).sum()) * scale)
+            out.append(float(shrunk_host(host, fixed_part[:, k], m).sum()) * scale)
         else:
             out.append(max(float(host.sum()), float(dev.sum()) / m) * scale)
     return out[0], out[1]
@@ -657,8 +667,8 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
 
     hf, df, hb, db = seg(t.host_f), seg(t.dev_f), seg(t.host_b), seg(t.dev_b)
     ff, fb = seg(t.fixed_f), seg(t.fixed_b)
-    fwd = np.where(cpu, (ff + (hf - ff) / div) * scale, np.maximum(hf, df / div))
-    bwd = np.where(cpu, (fb + (hb - fb) / div) * scale, np.maximum(hb, db / div))
+    fwd = np.where(cpu, shrunk_host(hf, ff, div) * scale, np.maximum(hf, df / div))
+    bwd = np.where(cpu, shrunk_host(hb, fb, div) * scale, np.maximum(hb, db / div))
     opt = seg(t.opt) * scale
     static = t.static[hi] - t.static[lo]
     act = (t.act[hi] - t.act[lo]) / div
