@@ -567,26 +567,27 @@ class PipelineTables:
     params: np.ndarray
     cross_f: np.ndarray
     cross_b: np.ndarray
-    out_work: list[np.ndarray]
-    shared_work: list[np.ndarray]
+    out_work: np.ndarray
+    shared_work: np.ndarray
 
 
-def _sparse_max(per_group: np.ndarray) -> list[np.ndarray]:
-    """Level ``k`` holds the max over ``[i, i + 2^k)``: any range's max in two lookups."""
+def _sparse_max(per_group: np.ndarray) -> np.ndarray:
+    """[L, N]: row ``k`` holds the max over ``[i, i + 2^k)`` (0 past the end; the values are
+    bytes, >= 0): any range's max in two lookups."""
     levels = [per_group]
     while 2 ** len(levels) <= len(per_group):
         prev, half = levels[-1], 2 ** (len(levels) - 1)
         levels.append(np.maximum(prev[:-half], prev[half:]))
-    return levels
+    table = np.zeros((len(levels), len(per_group)))
+    for k, row in enumerate(levels):
+        table[k, :len(row)] = row
+    return table
 
 
-def _range_max(levels: list[np.ndarray], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Max over ``[lo, hi)`` (``hi > lo``) of the array behind ``levels``."""
+def _range_max(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Max over ``[lo, hi)`` (``hi > lo``) of the array behind ``table`` (:func:`_sparse_max`)."""
     k = np.floor(np.log2(hi - lo)).astype(np.int64)
-    out = np.empty(len(lo))
-    for i, (a, b, j) in enumerate(zip(lo, hi, k)):
-        out[i] = max(levels[j][a], levels[j][b - 2 ** j])
-    return out
+    return np.maximum(table[k, lo], table[k, hi - 2 ** k])
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
