@@ -12,11 +12,21 @@ Figures, not tests (issue 16).
   "placer's best" is the fastest placement placer can write (un-pipelined, pipelined, or a
   pipeline x DDP hybrid); DDP is the bar it is compared with.
 
+* ``--ablation``: what each part of the pipeline search finds (issue 17's question asked of
+  the pipeline space), on equal budgets counted in simulated pipelines, for ``--seeds`` seeds:
+  the best partitioner (every ``M`` and schedule), **local search alone** from the
+  partitioners' seeds (``policy_share=0``), **the policy alone from scratch** (no seeds, no local
+  search: one stage per device cut by group count, ``M = 1``), and **the full search** (the
+  default: the policy's rounds, local search and its kicks, from the same seeds). "full < LS"
+  counts the seeds on which the full search ends strictly faster than local search alone,
+  and the policy's share is its part of the full search's gain over its best seed.
+
 The measured figures (2 gloo processes here) are ``benchmarks/bench_pipeline_measured.py``.
 
 Usage::
 
     python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50] [--budget 2000]
+    python3 benchmarks/bench_pipeline.py --ablation [--budget 2000] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -127,6 +137,50 @@ def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0
     return rows + [""] + notes
 
 
+def ablation(models: list[str], clusters: list[str], budget: int, seeds: int) -> list[str]:
+    """One Markdown row per (model, cluster): each method's mean step over the seeds, then the totals."""
+    rows = ["| model | cluster | best partitioner | DDP | LS alone | policy alone, scratch | full search "
+            "| full / partitioner | full < LS alone (seeds) | policy's share of the gain |", "|" + "---|" * 10]
+    wins = cases = policy_half = gained = 0
+    for model in models:
+        prep = prepare(f"zoo:{model}", model_args={"size": "paper"}, profile=False)
+        batch = batch_size_of(prep.spec.example_inputs)
+        opt = optimizer_name(prep.spec)
+        for cname in clusters:
+            problem = compile_problem(prep.captured.graph, load_cluster(cname), optimizer=opt, grouping=prep.grouping)
+            part = min(c.step_time for c in best_pipeline(problem, batch, microbatches=MICROBATCHES).values())
+            gpus = [d for d, k in zip(problem.device_names, problem.device_kinds) if k != "cpu"]
+            ddp = simulate_data_parallel(problem, gpus)
+            ls, scratch, full, shares = [], [], [], []
+            for seed in range(seeds):
+                ls.append(search_pipeline(problem, batch, budget, seed=seed, policy_share=0.0).step_time)
+                scratch.append(search_pipeline(problem, batch, budget, seed=seed, seeded=False,
+                                               local_search=False).step_time)
+                res = search_pipeline(problem, batch, budget, seed=seed)
+                full.append(res.step_time)
+                credit = res.credit()
+                if credit:
+                    shares.append(credit.get("policy_moves", 0.0))
+            better = sum(f < x * (1 - 1e-9) for f, x in zip(full, ls))
+            worse = sum(f > x * (1 + 1e-9) for f, x in zip(full, ls))
+            cases += 1
+            wins += better > worse
+            share = float(np.mean(shares)) if shares else None
+            if share is not None:
+                gained += 1
+                policy_half += share >= 0.5
+            share_text = "-" if share is None else f"{share:.0%}"
+            rows.append(f"| {model} | {cname} | {_ms(part)} | {_ms(ddp.step_time if ddp.fits else math.inf)} | "
+                        f"{_ms(float(np.mean(ls)))} | {_ms(float(np.mean(scratch)))} | {_ms(float(np.mean(full)))} | "
+                        f"{float(np.mean(full)) / part:.3f} | {better} better, {worse} worse of {seeds} | "
+                        f"{share_text} |")
+            print(rows[-1], flush=True)
+    return rows + ["", f"- full search strictly better than local search alone on more seeds than worse: "
+                       f"**{wins} of {cases}** cases",
+                   f"- the policy credited with >= half of the full search's gain over its seeds (mean over "
+                   f"seeds): **{policy_half} of {gained}** cases with a gain"]
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
 
@@ -138,12 +192,17 @@ def main() -> None:
     parser.add_argument("--clusters", default="4xV100-nvlink,4xK40")
     parser.add_argument("--budget", type=int, default=2000, help="simulated pipelines of the larger search")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of each --ablation search")
     args = parser.parse_args()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {stamp}, torch {torch.__version__}, load {uptime()}")
     print(f"# python3 benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}")
     if args.simulated:
         for line in simulated(args.models.split(","), args.clusters.split(","), args.budget, args.seed):
+            print(line)
+    if args.ablation:
+        for line in ablation(args.models.split(","), args.clusters.split(","), args.budget, args.seeds):
             print(line)
 
 

@@ -17,14 +17,8 @@ from envs.sim.problem import compile_problem
 from graphs.model_file import ModelSpec
 from graphs.pipeline import prepare
 from placer.search.baselines.pipeline_split import best_pipeline
-from placer.search.pipeline_search import (
-    MOVE_KINDS,
-    NUM_FEATURES,
-    PipelineState,
-    move_features,
-    neighbours,
-    search_pipeline,
-)
+from placer.search.pipeline_moves import MOVE_KINDS, NUM_FEATURES, PipelineState, move_features, neighbours
+from placer.search.pipeline_search import search_pipeline
 
 FAST, SLOW = 2e10, 2e6
 
@@ -141,6 +135,23 @@ def test_same_seed_same_result_and_the_budget_is_counted_in_simulated_pipelines(
     assert a.evaluated == 60 == sum(a.phase_evaluated.values())
     small = search_pipeline(ring_problem, 16, budget=2, seed=3)
     assert small.evaluated == 2 and small.phase_evaluated == {"seeds": 2}
+
+
+def test_the_ablation_switches_leave_each_phase_alone(ring_problem):
+    """Local search alone never asks the policy; the policy alone never runs local search and,
+    from scratch, starts from no partitioner; the full search runs both from the same seeds."""
+    alone = search_pipeline(ring_problem, 16, budget=80, seed=1, policy_share=0.0)
+    assert set(alone.phase_evaluated) <= {"seeds", "local_search"} and "local_search" in alone.phase_evaluated
+    scratch = search_pipeline(ring_problem, 16, budget=80, seed=1, seeded=False, local_search=False)
+    assert set(scratch.phase_evaluated) == {"seeds", "policy_moves"}
+    assert scratch.phase_evaluated["seeds"] == 1 and scratch.seed_methods == {}
+    first = scratch.improvements[0]
+    assert first.phase == "seeds" and scratch.history[0][0] == 1
+    full = search_pipeline(ring_problem, 16, budget=80, seed=1)
+    assert {"seeds", "policy_moves", "local_search"} <= set(full.phase_evaluated)
+    assert full.seed_methods == alone.seed_methods  # the same partitioners' seeds
+    for result in (alone, scratch, full):
+        assert result.evaluated <= 80 and result.fits
 
 
 def test_a_search_needs_two_devices_and_a_budget():

@@ -29,7 +29,8 @@ from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
-from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, microbatch_choices, search_pipeline
+from placer.search.pipeline_moves import microbatch_choices
+from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, search_pipeline
 
 __all__ = ["batch_size_of", "parallel_records", "parallel_rows", "with_parallel_rows", "recommendation_line",
            "SEARCH_METHOD", "HYBRID_METHOD"]
