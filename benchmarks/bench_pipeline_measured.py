@@ -17,12 +17,16 @@ Beside each, the simulator's predictions: the pipeline on the rank cluster ``cpu
 :func:`envs.sim.data_parallel.simulate_data_parallel`, one process by the rank simulator on
 ``cpu:0``; the simulator models one thread per process, so the 2-thread row has none.
 "simulated" costs every op from the profile at the full batch (a micro-batch pays P2's
-fixed 2.4 us per op, the rest shrinks by ``M``); "calibrated" also profiles the model at
-the micro-batch size ``batch / M`` and fits each op's fixed and per-sample parts from the
-two profiles (:func:`envs.sim.pipeline.fit_batch_scaling`), which DDP's half batch and the
-one process's full batch read too (one process: a 1-stage pipeline of ``M = 1`` on
-``cpu:0``, :data:`envs.sim.pipeline.ENGINE_COSTS`). The calibrated pipeline row also gives
-each rank's simulated busy seconds, beside the measured CPU seconds per rank.
+default fixed 2.4 us per op, the rest shrinks by ``M``); "calibrated" is what ``placer
+optimize --devices cpu:0,cpu:1`` simulates: the model prepared as optimize prepares it over
+CPU processes, profiled a second time on a micro-batch (``prepare(...,
+microbatch_profile=True)``, :mod:`graphs.profile.batch_scaling`: 1/8 of the batch, or the
+largest divisor up to 8), so the compiled problem carries each op's measured fixed part,
+which the pipeline's micro-batches, DDP's half batch and the one process's full batch all
+read (one process: a 1-stage pipeline of ``M = 1`` on ``cpu:0``,
+:data:`envs.sim.pipeline.ENGINE_COSTS`). The pipeline is the partitioner whose calibrated
+step is fastest. The calibrated pipeline row also gives each rank's simulated busy
+seconds, beside the measured CPU seconds per rank.
 
 Usage (about 3 minutes on a quiet 2-core machine)::
 
@@ -56,17 +60,11 @@ sys.path.insert(0, str(ROOT))
 from envs.runtime.distributed.rank_cluster import rank_cluster  # noqa: E402
 from envs.runtime.pipeline.launcher import run_training  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
-from envs.sim.pipeline import (  # noqa: E402
-    BatchScaling,
-    Pipeline,
-    PipelineError,
-    PipelineResult,
-    fit_batch_scaling,
-    simulate_pipeline,
-)
+from envs.sim.pipeline import Pipeline, PipelineError, PipelineResult, simulate_pipeline  # noqa: E402
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
+from graphs.profile.batch_scaling import FIXED_ATTRS  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402
 from placer.search.baselines.common import NoFit  # noqa: E402
 from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
@@ -172,20 +170,23 @@ def plan(problem: Any, graph: Any, microbatches: int, schedule: str) -> tuple[fl
     return min(plans, key=lambda p: p[0])
 
 
-def calibrate(small_graph: Any, problems: list[tuple[Any, Any]], opt: str, microbatches: int) -> list[BatchScaling]:
-    """For each of ``problems`` ((the model at the full batch compiled over a cluster, that
-    cluster)), the ops' fixed and per-sample parts fitted with ``small_graph``, the model
-    captured and profiled at ``1 / microbatches`` of the batch."""
-    return [fit_batch_scaling(p, compile_problem(small_graph, c, optimizer=opt), microbatches) for p, c in problems]
+def default_rule_graph(graph: Any) -> Any:
+    """A copy of ``graph`` without the micro-batch profile's fixed parts: what the simulator
+    costs without that profile (P2's default fixed part per op), the "simulated" column."""
+    plain = graph.copy()
+    for _, attrs in plain.nodes(data=True):
+        for key in FIXED_ATTRS:
+            attrs.pop(key, None)
+    plain.graph.pop("batch_scaling", None)
+    return plain
 
 
-def calibrated_predictions(problem: Any, one: Any, cand: Pipeline, scaling: BatchScaling,
-                           one_scaling: BatchScaling) -> tuple[float, PipelineResult, float]:
-    """(one process, the pipeline's result, DDP) simulated with the measured batch scaling."""
+def calibrated_predictions(problem: Any, one: Any, cand: Pipeline) -> tuple[float, PipelineResult, float]:
+    """(one process, the pipeline's result, DDP) simulated on problems that carry the measured fixed parts."""
     whole = tuple(one.node_names)
-    one_s = simulate_pipeline(one, Pipeline((whole,), ("cpu:0",), 1, "gpipe"), scaling=one_scaling).step_time
-    res = simulate_pipeline(problem, cand, scaling=scaling)
-    ddp = simulate_data_parallel(problem, 2, scaling=scaling).step_time
+    one_s = simulate_pipeline(one, Pipeline((whole,), ("cpu:0",), 1, "gpipe")).step_time
+    res = simulate_pipeline(problem, cand)
+    ddp = simulate_data_parallel(problem, 2).step_time
     return one_s, res, ddp
 
 
@@ -195,6 +196,7 @@ class Predictions:
 
     prep: Any
     batch: int
+    scaling: dict[str, Any]
     method: str
     pipe: Pipeline
     sim_one: float
@@ -208,29 +210,33 @@ class Predictions:
 def predict(case: Case, ranks: Any, m: int) -> Predictions:
     """The simulated and calibrated steps of one process, the 2-stage pipeline with ``m``
     micro-batches and DDP (module doc)."""
-    # The micro-batch model first: preparing a zoo model again reloads its module, and the
-    # full-batch model's loss function must stay the loaded one (the workers unpickle it).
-    small = prepare(f"zoo:{case.model}", model_args={**case.args, "batch_size": case.args["batch_size"] // m})
-    prep = prepare(f"zoo:{case.model}", model_args=dict(case.args))
+    prep = prepare(f"zoo:{case.model}", model_args=dict(case.args), microbatch_profile=True)
+    scaling = dict(prep.captured.graph.graph.get("batch_scaling") or {})
+    if "ratio" not in scaling:
+        raise SystemExit(f"{case.model}: no micro-batch profile ({scaling.get('skipped', 'no reason recorded')})")
     batch = batch_size_of(prep.spec.example_inputs)
     if batch is None:
         raise SystemExit(f"{case.model}: no batch dimension found in its inputs; expected a batched model")
     opt = optimizer_name(prep.spec)
     problem = compile_problem(prep.captured.graph, ranks, optimizer=opt)
-    sim_pipe, method, pipe, cand = plan(problem, prep.captured.graph, m, case.schedule)
-    sim_ddp = simulate_data_parallel(problem, 2).step_time
+    _, method, pipe, cand = plan(problem, prep.captured.graph, m, case.schedule)
+    plain_graph = default_rule_graph(prep.captured.graph)
+    plain = compile_problem(plain_graph, ranks, optimizer=opt)
+    sim_pipe = simulate_pipeline(plain, cand).step_time
+    sim_ddp = simulate_data_parallel(plain, 2).step_time
     one_rank = rank_cluster("cpu:0")
+    plain_one = compile_problem(plain_graph, one_rank, optimizer=opt)
+    sim_one = float(simulate_batch(plain_one, np.zeros((1, plain_one.num_nodes), dtype=np.int64)).step_time[0])
     one = compile_problem(prep.captured.graph, one_rank, optimizer=opt)
-    sim_one = float(simulate_batch(one, np.zeros((1, one.num_nodes), dtype=np.int64)).step_time[0])
-    scaling, one_scaling = calibrate(small.captured.graph, [(problem, ranks), (one, one_rank)], opt, m)
-    cal_one, cal_pipe, cal_ddp = calibrated_predictions(problem, one, cand, scaling, one_scaling)
-    return Predictions(prep, batch, method, pipe, sim_one, sim_pipe, sim_ddp, cal_one, cal_pipe, cal_ddp)
+    cal_one, cal_pipe, cal_ddp = calibrated_predictions(problem, one, cand)
+    return Predictions(prep, batch, scaling, method, pipe, sim_one, sim_pipe, sim_ddp, cal_one, cal_pipe, cal_ddp)
 
 
 def prediction_rows(case: str, p: Predictions, m: int) -> list[str]:
     """``--predict-only``'s Markdown table of one case."""
     busy = " + ".join(f"{p.cal_pipe.busy[d]:.3f}" for d in p.pipe.ranks)
-    return [f"### {case} (batch {p.batch}), pipeline split by {p.method}, M={m}", "",
+    return [f"### {case} (batch {p.batch}, micro-batch profile at {p.scaling['batch']}), pipeline split by "
+            f"{p.method}, M={m}", "",
             "| run | simulated ms/step | calibrated ms/step (busy s per rank) |", "|---|---:|---:|",
             f"| one process, 1 thread | {p.sim_one * 1e3:.1f} | {p.cal_one * 1e3:.1f} |",
             f"| 2-stage pipeline | {p.sim_pipe * 1e3:.1f} | {p.cal_pipe.step_time * 1e3:.1f} ({busy}) |",
@@ -270,7 +276,7 @@ def run_case(case: Case, warmup: int, steps: int, ranks: Any,
                           [_median_after(c, warmup) for _, c in sorted(run.rank_cpu_times.items())], cal_ddp))
     args = ", ".join(f"{k}={v}" for k, v in case.args.items())
     desc = (f"{case.model} ({args}; batch {batch}; {case.note}); pipeline split by {method}: "
-            f"stages of {sizes} ops")
+            f"stages of {sizes} ops; ops' fixed parts profiled at batch {pr.scaling['batch']}")
     return figures, desc
 
 

@@ -2,8 +2,10 @@
 
 JSON keeps every attribute as is. GraphML holds only scalars, so on save the per-kind
 time dicts are flattened (``time`` → ``time_cpu``, ``time_cuda``; likewise ``fwd_time``
-and ``bwd_time``) and any other list, dict or None value is stored as JSON text; the
-names of the JSON-encoded attributes travel in the file so loading restores them exactly.
+and ``bwd_time``, and the micro-batch profile's ``fwd_fixed`` and ``bwd_fixed``,
+:mod:`graphs.profile.batch_scaling`) and any other list, dict or None value is stored as
+JSON text; the names of the JSON-encoded attributes travel in the file so loading
+restores them exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from graphs.atomic_write import atomic_path, write_text_atomic
 from graphs.errors import GraphError
 
 TIME_DICTS = ("fwd_time", "bwd_time", "time")
+#: Per-kind dicts a node has only when the graph was profiled on a micro-batch too.
+FIXED_DICTS = ("fwd_fixed", "bwd_fixed")
+_KIND_DICTS = TIME_DICTS + FIXED_DICTS
 _JSON_ATTRS_KEY = "placer_json_attrs"
 _TIME_KINDS_KEY = "placer_time_kinds"
 FORMATS = (".json", ".graphml")
@@ -87,13 +92,13 @@ def _needs_json(value: Any) -> bool:
 def _json_names(items: list[dict]) -> set[str]:
     """Attribute names with any non-scalar value: every value under such a name is stored as JSON."""
     return {k for attrs in items for k, v in attrs.items()
-            if _needs_json(v) and not (k in TIME_DICTS and isinstance(v, dict))}
+            if _needs_json(v) and not (k in _KIND_DICTS and isinstance(v, dict))}
 
 
 def _encode(attrs: dict, json_names: set[str], kinds: set[str]) -> dict:
     out: dict[str, Any] = {}
     for key, value in attrs.items():
-        if key in TIME_DICTS and isinstance(value, dict):
+        if key in _KIND_DICTS and isinstance(value, dict):
             for kind, seconds in value.items():
                 out[f"{key}_{kind}"] = float(seconds)
                 kinds.add(str(kind))
@@ -130,6 +135,9 @@ def _decode(attrs: dict, json_names: set[str], has_time: bool) -> dict:
             out["time"][key[len("time_"):]] = value
         elif prefix in ("fwd", "bwd") and has_time:
             out[f"{prefix}_time"][kind] = value
+        elif has_time and any(key.startswith(f"{name}_") for name in FIXED_DICTS):
+            name = next(n for n in FIXED_DICTS if key.startswith(f"{n}_"))
+            out.setdefault(name, {})[key[len(name) + 1:]] = value
         elif key in json_names and isinstance(value, str):
             out[key] = json.loads(value)
         else:

@@ -13,6 +13,7 @@ from graphs.capture import CapturedModel, capture
 from graphs.errors import ModelFileError
 from graphs.grouping import Grouping, group_graph
 from graphs.model_file import ModelSpec, load_model_file
+from graphs.profile.batch_scaling import profile_fixed_parts
 from graphs.profile.profiler import profile_graph
 
 ZOO_PREFIX = "zoo:"
@@ -53,12 +54,16 @@ def load_source(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[
 
 def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str, Any] | None = None,
             profile: bool = True, devices: Sequence[str] | None = None,
-            cache_dir: str | os.PathLike[str] | None = None, leaf_modules: Iterable[Any] = ()) -> Prepared:
+            cache_dir: str | os.PathLike[str] | None = None, leaf_modules: Iterable[Any] = (),
+            microbatch_profile: bool = False) -> Prepared:
     """Load, capture, (optionally) profile and group a model.
 
     ``profile=False`` leaves the time dicts empty (grouping then merges by structure only).
-    ``devices``/``cache_dir`` go to :func:`graphs.profile.profiler.profile_graph`. ``Prepared.seconds``
-    records the wall time of each stage (load, capture, profile, group).
+    ``devices``/``cache_dir`` go to :func:`graphs.profile.profiler.profile_graph`.
+    ``microbatch_profile=True`` (with ``profile``) also profiles the model on a micro-batch
+    and stores each op's fixed part (:func:`graphs.profile.batch_scaling.profile_fixed_parts`:
+    what pipelines and DDP over CPU processes are simulated with). ``Prepared.seconds``
+    records the wall time of each stage (load, capture, profile, microbatch_profile, group).
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -76,6 +81,11 @@ def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str,
                       cache_dir=None if cache_dir is None else str(cache_dir),
                       optimizer_fn=spec.optimizer_fn)  # node costs include the model's own optimizer step
         seconds["profile"] = time.perf_counter() - start
+        if microbatch_profile:
+            start = time.perf_counter()
+            profile_fixed_parts(captured, spec.example_inputs, devices=devices,
+                                cache_dir=None if cache_dir is None else str(cache_dir))
+            seconds["microbatch_profile"] = time.perf_counter() - start
 
     start = time.perf_counter()
     # The GraphModule lets grouping see in-place arguments and modules the graph does not record.

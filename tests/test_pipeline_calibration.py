@@ -1,5 +1,6 @@
-"""The pipeline engine's calibration (envs.sim.pipeline P2, P4; envs.sim.data_parallel D1, D3c): op costs
-fitted from profiles at two batch sizes, and the engine's host constants as the default."""
+"""The pipeline engine's calibration (envs.sim.pipeline P2, P4; envs.sim.data_parallel D1, D3c): each op's
+fixed part fitted from profiles at two batch sizes (graphs.profile.batch_scaling) and carried by the
+compiled problem, and the engine's host constants as the default."""
 
 from __future__ import annotations
 
@@ -7,20 +8,19 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from envs.sim.cost_model import CostModel
 from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, simulate_data_parallel, simulate_hybrid
 from envs.sim.pipeline import (
     CPU_DISPATCH_S,
     ENGINE_COSTS,
-    BatchScaling,
     Pipeline,
-    PipelineError,
     fast_stage_costs,
-    fit_batch_scaling,
     fixed_host,
     simulate_pipeline,
     stage_costs,
 )
 from envs.sim.problem import compile_problem
+from graphs.profile.batch_scaling import fixed_parts
 from tests.helpers.pipelines import BW, LAT, ZERO, chain, cpu_cluster, two_stages
 
 # Four layers profiled at the full batch and at a quarter of it: l0 is all per-call work
@@ -29,94 +29,107 @@ FULL_F = [1e-3, 2e-3, 3e-3, 4e-3]
 SMALL_F = [1e-3, 0.8e-3, 1.5e-3, 1e-3]
 
 
-def profiled(fwd: list[float]) -> nx.DiGraph:
+def profiled(fwd: list[float], small: list[float] | None = None, ratio: float = 4) -> nx.DiGraph:
+    """The chain profiled at ``fwd`` (backward twice it); with ``small`` (the same at 1/``ratio``
+    of the batch) also its fixed parts, as graphs.profile.batch_scaling stores them."""
     g = chain(4)
+    fixed = fixed_parts(np.array(fwd), np.array(small), ratio) if small is not None else None
     for i, t in enumerate(fwd):
         g.nodes[f"l{i}"]["fwd_time"] = {"cpu": t}
         g.nodes[f"l{i}"]["bwd_time"] = {"cpu": 2 * t}
+        if fixed is not None:
+            g.nodes[f"l{i}"]["fwd_fixed"] = {"cpu": float(fixed[i])}
+            g.nodes[f"l{i}"]["bwd_fixed"] = {"cpu": 2 * float(fixed[i])}
     return g
 
 
 def problems():
-    return compile_problem(profiled(FULL_F), cpu_cluster(2)), compile_problem(profiled(SMALL_F), cpu_cluster(2))
+    """(the chain with measured fixed parts, the chain profiled at the quarter batch, the chain
+    without a micro-batch profile)."""
+    return (compile_problem(profiled(FULL_F, SMALL_F), cpu_cluster(2)),
+            compile_problem(profiled(SMALL_F), cpu_cluster(2)), compile_problem(profiled(FULL_F), cpu_cluster(2)))
 
 
 def test_the_fit_gives_each_op_its_fixed_part_from_two_batch_sizes():
-    full, small = problems()
-    scaling = fit_batch_scaling(full, small, 4)
-    fixed = scaling.fixed[:, 0, 0][[full.ops.names.index(f"l{i}") for i in range(4)]]
     # fixed = (4 * small - full) / 3: l0 all fixed, l3 none, l1 (3.2 - 2) / 3, l2 (6 - 3) / 3.
-    assert fixed == pytest.approx([1e-3, 0.4e-3, 1e-3, 0.0], abs=1e-12)
+    assert fixed_parts(np.array(FULL_F), np.array(SMALL_F), 4) == pytest.approx([1e-3, 0.4e-3, 1e-3, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="smaller"):
+        fixed_parts(np.array(FULL_F), np.array(SMALL_F), 1)
+
+
+def test_the_problem_carries_the_measured_fixed_parts_and_the_dispatch_elsewhere():
+    fitted, _, plain = problems()
+    i = [fitted.ops.names.index(f"l{k}") for k in range(4)]
+    assert fixed_host(fitted)[i, 0, 0] == pytest.approx([1e-3, 0.4e-3, 1e-3, 0.0], abs=1e-12)
+    assert fixed_host(fitted)[i, 1, 1] == pytest.approx([2e-3, 0.8e-3, 2e-3, 0.0], abs=1e-12)
+    assert np.all(fixed_host(plain) == np.minimum(plain.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
+
+
+def test_a_measured_fixed_part_never_exceeds_the_op_nor_goes_below_zero():
+    g = profiled(FULL_F)
+    g.nodes["l0"]["fwd_fixed"] = {"cpu": 5e-3}  # above its 1 ms: a graph edited by hand, a stale profile
+    g.nodes["l1"]["fwd_fixed"] = {"cpu": -1.0}
+    fixed = fixed_host(compile_problem(g, cpu_cluster(2)))
+    names = list(g.nodes)
+    assert fixed[names.index("l0"), 0, 0] == pytest.approx(1e-3) and fixed[names.index("l1"), 0, 0] == 0.0
+    # A part measured on another kind is not this CPU's: the dispatch stands.
+    other = CostModel().op_fixed({"fwd_fixed": {"cuda": 1e-3}}, cpu_cluster(1).devices[0], (2e-3, 0, 4e-3, 0, 0, 0))
+    assert other == (CPU_DISPATCH_S, CPU_DISPATCH_S)
 
 
 def test_micro_batches_of_the_small_size_cost_what_the_small_profile_measured():
-    full, small = problems()
-    scaling = fit_batch_scaling(full, small, 4)
+    fitted, small, plain = problems()
     at_small = stage_costs(small, two_stages(1, "gpipe"), ZERO)
-    fitted = stage_costs(full, two_stages(4), ZERO, scaling=scaling)
-    assert fitted.fwd == pytest.approx(at_small.fwd, rel=1e-12)
-    assert fitted.bwd == pytest.approx(at_small.bwd, rel=1e-12)
-    # Without the fit a micro-batch pays only the dispatch: the per-call l0 looks 4x cheaper.
-    plain = stage_costs(full, two_stages(4), ZERO)
-    assert plain.fwd[0] < 0.6 * fitted.fwd[0]
+    on_micro = stage_costs(fitted, two_stages(4), ZERO)
+    assert on_micro.fwd == pytest.approx(at_small.fwd, rel=1e-12)
+    assert on_micro.bwd == pytest.approx(at_small.bwd, rel=1e-12)
+    # Without the micro-batch profile a micro-batch pays only the dispatch: the per-call l0
+    # looks 4x cheaper, and the pipeline's step is shorter than it runs.
+    default = stage_costs(plain, two_stages(4), ZERO)
+    assert default.fwd[0] < 0.6 * on_micro.fwd[0]
+    assert simulate_pipeline(plain, two_stages(4), ZERO).step_time < \
+        0.8 * simulate_pipeline(fitted, two_stages(4), ZERO).step_time
 
 
-def test_one_microbatch_is_the_full_profile_with_or_without_a_fit():
-    full, small = problems()
-    scaling = fit_batch_scaling(full, small, 4)
-    pipe = Pipeline((tuple(full.node_names),), ("cpu:0",), 1, "gpipe")
-    with_fit = simulate_pipeline(full, pipe, ZERO, scaling=scaling).step_time
-    assert with_fit == pytest.approx(simulate_pipeline(full, pipe, ZERO).step_time, rel=1e-12)
+def test_one_microbatch_is_the_full_profile_with_or_without_fixed_parts():
+    fitted, _, plain = problems()
+    pipe = Pipeline((tuple(fitted.node_names),), ("cpu:0",), 1, "gpipe")
+    assert simulate_pipeline(fitted, pipe, ZERO).step_time == \
+        pytest.approx(simulate_pipeline(plain, pipe, ZERO).step_time, rel=1e-12)
 
 
 def test_the_fixed_part_stays_between_zero_and_the_full_cost():
     # Noise: an op dearer at the small size than at the full one, another cheaper per sample.
-    full = compile_problem(profiled([1e-3, 4e-3, 3e-3, 4e-3]), cpu_cluster(2))
-    small = compile_problem(profiled([2e-3, 0.5e-3, 1.5e-3, 1e-3]), cpu_cluster(2))
-    fixed = fit_batch_scaling(full, small, 4).fixed
-    assert np.all(fixed >= 0) and np.all(fixed <= full.ops.cost[:, :, (0, 2)])
-    i0, i1 = full.ops.names.index("l0"), full.ops.names.index("l1")
-    assert fixed[i0, 0, 0] == pytest.approx(1e-3) and fixed[i1, 0, 0] == 0.0
+    full, small = np.array([1e-3, 4e-3, 3e-3, 4e-3]), np.array([2e-3, 0.5e-3, 1.5e-3, 1e-3])
+    fixed = fixed_parts(full, small, 4)
+    assert np.all(fixed >= 0) and np.all(fixed <= full)
+    assert fixed[0] == pytest.approx(1e-3) and fixed[1] == 0.0
 
 
-def test_the_search_tables_and_the_stage_walk_agree_under_a_fit():
-    full, small = problems()
-    scaling = fit_batch_scaling(full, small, 4)
-    walk = stage_costs(full, two_stages(8), ZERO, scaling=scaling)
-    cut = list(full.node_names).index("l2")
-    fast = fast_stage_costs(full, [0, cut, full.num_nodes], [0, 1], 8, ZERO, scaling=scaling)
+def test_the_search_tables_and_the_stage_walk_agree_with_measured_fixed_parts():
+    fitted, _, plain = problems()
+    walk = stage_costs(fitted, two_stages(8), ZERO)
+    cut = list(fitted.node_names).index("l2")
+    fast = fast_stage_costs(fitted, [0, cut, fitted.num_nodes], [0, 1], 8, ZERO)
     assert fast.fwd == pytest.approx(walk.fwd, rel=1e-12) and fast.bwd == pytest.approx(walk.bwd, rel=1e-12)
-    plain = fast_stage_costs(full, [0, cut, full.num_nodes], [0, 1], 8, ZERO)
-    assert not np.allclose(plain.fwd, fast.fwd)  # the tables are kept per scaling
+    default = fast_stage_costs(plain, [0, cut, plain.num_nodes], [0, 1], 8, ZERO)
+    assert not np.allclose(default.fwd, fast.fwd)  # the tables read each problem's own fixed parts
 
 
-def test_ddp_over_two_reads_the_half_batch_profile_through_the_fit():
-    full = compile_problem(profiled(FULL_F), cpu_cluster(2))
-    half = compile_problem(profiled([1e-3, 1.2e-3, 2e-3, 2e-3]), cpu_cluster(2))  # no fixed part clipped
-    two = simulate_data_parallel(full, 2, ZERO, scaling=fit_batch_scaling(full, half, 2))
+def test_ddp_over_two_reads_the_half_batch_profile_through_the_fixed_parts():
+    half_f = [1e-3, 1.2e-3, 2e-3, 2e-3]  # no fixed part clipped
+    full = compile_problem(profiled(FULL_F, half_f, 2), cpu_cluster(2))
+    half = compile_problem(profiled(half_f), cpu_cluster(2))
+    two = simulate_data_parallel(full, 2, ZERO)
     one = simulate_data_parallel(half, 1, ZERO)
     assert two.compute_time == pytest.approx(one.compute_time, rel=1e-12)
-
-
-def test_profiles_of_different_models_or_a_ratio_not_above_one_are_refused():
-    full, small = problems()
-    other = compile_problem(chain(3), cpu_cluster(2))
-    with pytest.raises(PipelineError, match="different ops"):
-        fit_batch_scaling(full, other, 4)
-    with pytest.raises(PipelineError, match="smaller"):
-        fit_batch_scaling(full, small, 1)
-    with pytest.raises(PipelineError, match="ops x"):
-        fixed_host(other, fit_batch_scaling(full, small, 4))
-
-
-def test_without_a_fit_an_op_keeps_the_dispatch_as_its_fixed_part():
-    full, _ = problems()
-    assert np.all(fixed_host(full) == np.minimum(full.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
-    assert isinstance(fit_batch_scaling(*problems(), 4), BatchScaling)
+    # Without the half-batch profile DDP's replicas would be near half the full cost.
+    plain = simulate_data_parallel(compile_problem(profiled(FULL_F), cpu_cluster(2)), 2, ZERO)
+    assert plain.compute_time < 0.85 * two.compute_time
 
 
 def test_the_engine_constants_are_the_default_and_scale_ops_by_one():
-    full, _ = problems()
+    full, _, _ = problems()
     assert ENGINE_COSTS.op_scale == 1.0
     pipe = two_stages(4)
     assert simulate_pipeline(full, pipe).step_time == simulate_pipeline(full, pipe, ENGINE_COSTS).step_time

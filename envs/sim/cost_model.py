@@ -41,6 +41,15 @@ thread that issues it (``hF, hB, hO``) and seconds on the device's stream (``dF,
   profiled GPU time is split as ``h = min(launch, time)``, ``d = time - h``. The optimizer
   update on a GPU: ``hO = tensors * (1 + state) * launch``, ``dO`` the bytes term.
 
+**Fixed parts** (:meth:`CostModel.op_fixed`, what pipelines and DDP read: rule P2 of
+:mod:`envs.sim.pipeline`): the host seconds of an op's forward and backward that a
+micro-batch does not shrink. On a CPU, the node's measured ``fwd_fixed[kind]`` /
+``bwd_fixed[kind]`` where the graph was also profiled on a micro-batch
+(:mod:`graphs.profile.batch_scaling`), else the per-op dispatch :data:`CPU_DISPATCH_S`;
+either at most the op's host time. On a GPU the host part is the launches, which a
+micro-batch does not shrink either (the simulators read the fixed parts on CPUs only and
+take a GPU stage as ``max(host, device / M)``).
+
 ``node_cost`` keeps the old two-number view ``(hF + dF, hB + dB + hO + dO)`` for readers
 that want one figure per phase (baselines, features).
 
@@ -72,6 +81,11 @@ import numpy as np
 
 from envs.hardware.cluster import Cluster, Device
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
+
+#: Fixed host seconds per CPU op that a micro-batch does not shrink where the graph was not
+#: profiled on one (module doc, "Fixed parts"): the per-op dispatch, 2.1-2.7 us per fx node
+#: measured for :class:`HostOverheads`.
+CPU_DISPATCH_S = 2.4e-6
 
 #: Backward FLOPs (and bytes) per forward FLOP for the roofline estimate.
 BACKWARD_FACTOR = 2.0
@@ -326,6 +340,29 @@ class CostModel:
             return (*parts, h_o, opt - h_o)
         work_o, launches = roofline_opt_parts(attrs, device, roof, self.optimizer)
         return (*parts, launches, work_o)
+
+    def op_fixed(self, attrs: Mapping[str, Any], device: Device, cost: Sequence[float]) -> tuple[float, float]:
+        """(forward, backward) host seconds of a node on ``device`` that a micro-batch does not
+        shrink (module doc, "Fixed parts"), ``cost`` its :meth:`op_cost`."""
+        host_f, host_b = float(cost[0]), float(cost[2])
+        if device.kind != "cpu":
+            return host_f, host_b
+        fixed_f = (attrs.get("fwd_fixed") or {}).get(device.kind) if self.use_profiles else None
+        fixed_b = (attrs.get("bwd_fixed") or {}).get(device.kind) if self.use_profiles else None
+        f = CPU_DISPATCH_S if fixed_f is None else max(float(fixed_f), 0.0)
+        b = CPU_DISPATCH_S if fixed_b is None else max(float(fixed_b), 0.0)
+        return min(host_f, f), min(host_b, b)
+
+    def op_fixed_costs(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device],
+                       cost: np.ndarray) -> np.ndarray:
+        """[N, D, 2] :meth:`op_fixed` of the nodes in ``order`` on ``devices``, ``cost`` their
+        :meth:`op_costs`."""
+        out = np.zeros((len(order), len(devices), 2))
+        for i, name in enumerate(order):
+            attrs = graph.nodes[name]
+            for j, dev in enumerate(devices):
+                out[i, j] = self.op_fixed(attrs, dev, cost[i, j])
+        return out
 
     def op_costs(self, graph: nx.DiGraph, order: Sequence[str], devices: Sequence[Device]) -> np.ndarray:
         """[N, D, 6] :meth:`op_cost` of the nodes in ``order`` on ``devices`` (columns :data:`COST_COLUMNS`)."""

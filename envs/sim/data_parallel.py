@@ -6,7 +6,7 @@ behind it (paths in the installed torch 2.13):
 
 **D1 Compute.** Each replica runs the forward and the backward of the whole model on its
 share of the batch, every op costed as a pipeline stage's (:mod:`envs.sim.pipeline`, P2:
-fixed part, measured when a :class:`~envs.sim.pipeline.BatchScaling` is given, plus
+fixed part, measured where the model was also profiled on a micro-batch, plus
 batch-proportional part divided by ``N``), one stage call each way, with the pipeline
 engine's host constants (:data:`~envs.sim.pipeline.ENGINE_COSTS`). The
 optimizer updates every parameter on every replica, unscaled (each replica steps the
@@ -80,7 +80,6 @@ import numpy as np
 
 from envs.sim.pipeline import (
     ENGINE_COSTS,
-    BatchScaling,
     Pipeline,
     PipelineError,
     PipelineResult,
@@ -202,7 +201,7 @@ def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float,
 
 
 def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[str] | None = None,
-                           costs: RankCosts | None = None, scaling: BatchScaling | None = None) -> DataParallelResult:
+                           costs: RankCosts | None = None) -> DataParallelResult:
     """Simulate one DDP step of the whole model over ``replicas`` (rules D1-D4 in the module doc).
 
     Args:
@@ -210,8 +209,6 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
         replicas: the devices (names), or how many of the cluster's first devices; default all.
         costs: host constants of CPU processes (default :data:`envs.sim.pipeline.ENGINE_COSTS`);
             none on GPUs.
-        scaling: the ops' measured fixed parts (:func:`envs.sim.pipeline.fit_batch_scaling`);
-            default P2's.
 
     Raises:
         PipelineError: no replica, or a device not in the cluster.
@@ -243,7 +240,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     compute = 0.0
     opt_max = 0.0
     tail = 0.0
-    fixed_part = fixed_host(problem, scaling)
+    fixed_part = fixed_host(problem)
     for d in idx:
         hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
@@ -347,12 +344,10 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
 
 
 def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], costs: RankCosts | None = None,
-                    replica_costs: Sequence[StageCosts] | None = None,
-                    scaling: BatchScaling | None = None) -> HybridResult:
+                    replica_costs: Sequence[StageCosts] | None = None) -> HybridResult:
     """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H4
     in the module doc). ``replica_costs``: each replica's stage costs at its share of the
     batch when the caller has them (:func:`envs.sim.pipeline.fast_stage_costs` with ``share=R``).
-    ``scaling``: the ops' measured fixed parts (:func:`envs.sim.pipeline.fit_batch_scaling`).
 
     Raises:
         PipelineError: replicas that differ or share devices (:func:`check_hybrid`), or a
@@ -364,7 +359,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     s_, m = first.num_stages, first.microbatches
     names = list(problem.device_names)
     per_costs = (list(replica_costs) if replica_costs is not None
-                 else [stage_costs(problem, p, costs, share=r_, scaling=scaling) for p in pipelines])
+                 else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
     results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
     if r_ == 1:
         res = results[0]
@@ -379,7 +374,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     peak: dict[str, float] = {}
     exposed: list[float] = []
     div = float(r_ * m)
-    fixed_part = fixed_host(problem, scaling)
+    fixed_part = fixed_host(problem)
     for s in range(s_):
         mine = np.nonzero(op_stage == s)[0]
         devs = [names.index(p.devices[s]) for p in pipelines]
@@ -413,8 +408,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     return HybridResult(tuple(pipelines), float(max(end_of.values())), results, exposed, peak, over)
 
 
-def simulate_pipelined(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                       scaling: BatchScaling | None = None) -> HybridResult:
+def simulate_pipelined(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None) -> HybridResult:
     """One step of a placement's pipeline, replicas included (:attr:`Pipeline.replicas`): what
     optimize, ``placer show`` and the benchmarks all simulate a pipelined placement with."""
-    return simulate_hybrid(problem, pipeline.replica_pipelines(), costs, scaling=scaling)
+    return simulate_hybrid(problem, pipeline.replica_pipelines(), costs)

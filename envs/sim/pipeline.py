@@ -28,11 +28,13 @@ backward needs the stage's own forward and, but on the last stage, the gradient 
 batch-proportional part divided by ``M``, from the simulator's cost arrays
 (``problem.ops.cost``, :meth:`envs.sim.cost_model.CostModel.op_cost`): on a GPU the host
 part (the kernel launches) is fixed and the device part proportional; on a CPU the op runs
-on the host, and its fixed part is *measured* when the model was also profiled at a
-smaller batch (:class:`BatchScaling`, :func:`fit_batch_scaling`: ``fixed + per_sample * b``
-through the two profiles, per op), else its per-op dispatch (:data:`CPU_DISPATCH_S`, the
-2.1-2.7 us per fx node measured for :class:`~envs.sim.cost_model.HostOverheads`). The
-measurement won: with the dispatch alone the simulator put resnet50's 2-stage pipeline
+on the host, and its fixed part (``problem.ops.fixed_host``, :func:`fixed_host`) is
+*measured* when the model was also profiled on a micro-batch
+(:mod:`graphs.profile.batch_scaling`: ``fixed + per_sample * b`` through the profiles at
+the batch and at 1/8 of it, per op, stored in the graph and compiled into the problem by
+:meth:`~envs.sim.cost_model.CostModel.op_fixed`; ``placer optimize --devices cpu:0,cpu:1``
+takes that profile), else its per-op dispatch (:data:`CPU_DISPATCH_S`, the 2.1-2.7 us per
+fx node measured for :class:`~envs.sim.cost_model.HostOverheads`). The measurement won: with the dispatch alone the simulator put resnet50's 2-stage pipeline
 (batch 32, M=4) at 583 ms and its stages equal, while it ran 1031 ms with 0.50 and 0.92 CPU
 s per rank; profiled at the micro-batch size it predicts 986 ms and 0.56 + 0.89 s (the late
 stages' convolutions on 2x2 maps cost 1.5x per sample at batch 8: per-call work that does
@@ -89,6 +91,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.sim.cost_model import CPU_DISPATCH_S
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
@@ -97,8 +100,6 @@ __all__ = [
     "SCHEDULES",
     "CPU_DISPATCH_S",
     "ENGINE_COSTS",
-    "BatchScaling",
-    "fit_batch_scaling",
     "fixed_host",
     "shrunk_host",
     "PipelineError",
@@ -124,9 +125,6 @@ __all__ = [
 #: ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``).
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
-#: Fixed host seconds per CPU op that do not shrink with the micro-batch (module doc, P2).
-CPU_DISPATCH_S = 2.4e-6
-
 #: The host constants of a CPU process running ``torch.distributed.pipelining`` or DDP (P4).
 #: ``op_scale`` 1.0, not :class:`RankCosts`' 0.86 (fitted on the point-to-point runtime's small
 #: models): the ranks' CPU seconds per step measured through this engine were 0.96x and 0.98x
@@ -139,48 +137,6 @@ CPU_DISPATCH_S = 2.4e-6
 ENGINE_COSTS = replace(RankCosts(), op_scale=1.0)
 
 
-@dataclass(frozen=True, eq=False)
-class BatchScaling:
-    """Per op and device, the host seconds of its forward and backward that do not shrink
-    with the batch (rule P2), fitted from profiles of the model at two batch sizes
-    (:func:`fit_batch_scaling`).
-
-    Attributes:
-        fixed: [N, D, 2] seconds (forward, backward) of each op on each device, between 0
-            and the op's full-batch cost.
-        ratio: the full batch over the small batch the fit was made with.
-    """
-
-    fixed: np.ndarray
-    ratio: float
-
-
-def fit_batch_scaling(full: PlacementProblem, small: PlacementProblem, ratio: float) -> BatchScaling:
-    """Fit ``cost(b) = fixed + per_sample * b`` for every op's host forward and backward from
-    ``full`` (the model profiled at batch ``B``) and ``small`` (the same model profiled at
-    ``B / ratio``, compiled over the same devices): ``fixed = (ratio * small - full) /
-    (ratio - 1)``, clipped to ``[0, full]`` (profiling noise can make one op cheaper per
-    sample at the small size, or dearer in all than at the full size).
-
-    Measured here (2026-12-05): the ops of resnet50 at 64x64 images cost 1.23x their batch-32
-    cost per sample at batch 8, and the late stages' convolutions (2x2 maps) 1.5x, while
-    gpt2's GEMMs at width 384 cost 1.05x at 16 of 256 samples; a fixed 2.4 us per op
-    (:data:`CPU_DISPATCH_S`) gives neither.
-
-    Raises:
-        PipelineError: the problems differ in ops or devices, or ``ratio <= 1``.
-    """
-    if not ratio > 1.0:
-        raise PipelineError(f"the small profile's batch must be smaller than the full one; got a ratio of {ratio}")
-    if full.ops.names != small.ops.names or tuple(full.device_names) != tuple(small.device_names):
-        raise PipelineError("the two profiles are of different ops or devices; expected the same model captured at "
-                            "two batch sizes and compiled over the same cluster")
-    big = full.ops.cost[:, :, (0, 2)]
-    little = small.ops.cost[:, :, (0, 2)]
-    fixed = np.clip((ratio * little - big) / (ratio - 1.0), 0.0, big)
-    return BatchScaling(fixed, float(ratio))
-
-
 def shrunk_host(host: np.ndarray, fixed: np.ndarray, m: float) -> np.ndarray:
     """Host seconds of CPU ops on ``1/m`` of the batch (P2): the fixed part, plus the rest
     divided by ``m``.
@@ -191,15 +147,11 @@ def shrunk_host(host: np.ndarray, fixed: np.ndarray, m: float) -> np.ndarray:
     return fixed + (host - fixed) / m
 
 
-def fixed_host(problem: PlacementProblem, scaling: BatchScaling | None = None) -> np.ndarray:
+def fixed_host(problem: PlacementProblem) -> np.ndarray:
     """[N, D, 2] host seconds of each op's forward and backward that a micro-batch does not
-    shrink (P2): ``scaling``'s measured parts, or :data:`CPU_DISPATCH_S` per op without one."""
-    if scaling is not None:
-        if scaling.fixed.shape != problem.ops.cost[:, :, :2].shape:
-            raise PipelineError(f"the batch scaling is for {scaling.fixed.shape[0]} ops x {scaling.fixed.shape[1]} "
-                                f"devices; the problem has {problem.ops.num_ops} x {problem.num_devices}")
-        return scaling.fixed
-    return np.minimum(problem.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S)
+    shrink (P2): the measured parts the problem was compiled with, else :data:`CPU_DISPATCH_S`
+    per op (:meth:`envs.sim.problem.OpArrays.fixed_parts`)."""
+    return problem.ops.fixed_parts()
 
 
 class PipelineError(PlacerError, ValueError):
@@ -480,13 +432,12 @@ def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndar
 
 
 def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                share: int = 1, scaling: BatchScaling | None = None) -> StageCosts:
+                share: int = 1) -> StageCosts:
     """Per-stage micro-batch costs of ``pipeline`` on ``problem`` (module doc, P2-P3).
 
     ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
     of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
-    ``scaling``: the ops' measured fixed parts (:func:`fit_batch_scaling`); default P2's
-    :data:`CPU_DISPATCH_S`.
+    A CPU op's fixed part is the problem's (:func:`fixed_host`).
 
     Raises:
         PipelineError: nodes missing or unknown, a device not in the cluster, or an edge
@@ -510,7 +461,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     work = np.zeros(s_)
     op_work = ops.gradient_work_at(m)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
-    fixed_all = fixed_host(problem, scaling)
+    fixed_all = fixed_host(problem)
     for s in range(s_):
         d = int(stage_dev[s])
         cpu = bool(ops.is_cpu[d])
@@ -591,8 +542,6 @@ def _range_max(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: The key of the tables built without a measured scaling (P2's default fixed part).
-_NO_SCALING = BatchScaling(np.zeros((0, 0, 2)), 0.0)
 
 
 def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
@@ -608,18 +557,16 @@ def _group_max(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def pipeline_tables(problem: PlacementProblem, scaling: BatchScaling | None = None) -> PipelineTables:
-    """The prefix tables of ``problem`` (built once per problem and ``scaling``, kept while both live)."""
-    per_problem = _TABLES.setdefault(problem, weakref.WeakKeyDictionary())
-    key = scaling if scaling is not None else _NO_SCALING
-    cached = per_problem.get(key)
+def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
+    """The prefix tables of ``problem`` (built once per problem, kept while it lives)."""
+    cached = _TABLES.get(problem)
     if cached is not None:
         return cached
     ops = problem.ops
     n = problem.num_nodes
     g = ops.op_group
     c = ops.cost
-    fixed = fixed_host(problem, scaling)
+    fixed = fixed_host(problem)
     src, dst, _ = ops.edges()
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, g[dst])
@@ -640,22 +587,20 @@ def pipeline_tables(problem: PlacementProblem, scaling: BatchScaling | None = No
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)))
-    per_problem[key] = tables
+    _TABLES[problem] = tables
     return tables
 
 
 def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: Sequence[int], microbatches: int,
-                     costs: RankCosts | None = None, share: int = 1,
-                     scaling: BatchScaling | None = None) -> StageCosts:
+                     costs: RankCosts | None = None, share: int = 1) -> StageCosts:
     """:func:`stage_costs` of the stages ``[bounds[s], bounds[s+1])`` of ``problem.node_names``
     on device indices ``devices``, from :func:`pipeline_tables` (equal up to rounding).
 
     ``share``: the batch is 1/``share`` of the problem's (a data-parallel replica's), so a
     micro-batch is ``1 / (share * M)`` of it. The caller guarantees the stages are
     contiguous groups in the problem's order (group edges always run forward in it).
-    ``scaling``: as :func:`stage_costs`'.
     """
-    t = pipeline_tables(problem, scaling)
+    t = pipeline_tables(problem)
     b = np.asarray(bounds, dtype=np.int64)
     lo, hi = b[:-1], b[1:]
     d = np.asarray(devices, dtype=np.int64)
@@ -733,8 +678,7 @@ def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[Rank
 
 
 def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
-                      trace: bool = False, stage_cost: StageCosts | None = None,
-                      scaling: BatchScaling | None = None) -> PipelineResult:
+                      trace: bool = False, stage_cost: StageCosts | None = None) -> PipelineResult:
     """Simulate one training step of ``pipeline`` on ``problem`` (rules P1-P5 in the module doc).
 
     Args:
@@ -745,8 +689,6 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
         trace: keep every action's interval in ``events``.
         stage_cost: the stages' costs when the caller has them (:func:`fast_stage_costs`,
             or a data-parallel replica's share of the batch); default :func:`stage_costs`.
-        scaling: the ops' measured fixed parts (:func:`fit_batch_scaling`) for
-            :func:`stage_costs`.
 
     Raises:
         PipelineError: see :func:`stage_costs`.
@@ -754,7 +696,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     if pipeline.replicas:
         raise PipelineError(f"a pipeline with {pipeline.num_replicas} replicas is simulated by "
                             "envs.sim.data_parallel.simulate_hybrid; expected one replica here")
-    sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs, scaling=scaling)
+    sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs)
     orders = pipeline_orders(pipeline)
     ranks = pipeline.ranks
     rank_of_stage = [ranks.index(d) for d in pipeline.devices]

@@ -33,7 +33,7 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
-from envs.sim.cost_model import DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
+from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
 from envs.sim.ranks import RankSimulator
 from graphs.errors import GraphError, PlacerError
@@ -139,6 +139,11 @@ class OpArrays:
             on top of the kept activations. None: ``out_bytes`` where ``requires_grad``.
         shared_grad_bytes: [N] the part of it that is a shared parameter's gradient
             (``shared_param_bytes``), which a micro-batch does not shrink; None: none.
+        fixed_host: [N, D, 2] host seconds of each op's forward and backward that a
+            micro-batch does not shrink (:meth:`~envs.sim.cost_model.CostModel.op_fixed`:
+            measured where the graph was also profiled on a micro-batch, else
+            :data:`~envs.sim.cost_model.CPU_DISPATCH_S` per op on a CPU); what pipelines and
+            DDP cost a micro-batch with (``envs.sim.pipeline`` P2). None: the default rule.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -163,10 +168,20 @@ class OpArrays:
     one_process_per_device: bool = False
     grad_bytes: np.ndarray | None = None
     shared_grad_bytes: np.ndarray | None = None
+    fixed_host: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
         return len(self.names)
+
+    def fixed_parts(self) -> np.ndarray:
+        """[N, D, 2] the fixed host seconds of each op's forward and backward (``fixed_host``,
+        else :data:`~envs.sim.cost_model.CPU_DISPATCH_S` per op), never above the op's host
+        time: a copy whose costs were rescaled (``envs.sim.calibration.scaled_problem``)
+        keeps them within its ops."""
+        host = self.cost[:, :, (0, 2)]
+        fixed = self.fixed_host if self.fixed_host is not None else CPU_DISPATCH_S
+        return np.minimum(host, fixed)
 
     def gradient_work(self) -> np.ndarray:
         """[N] the backward working set each op brings to its device (:data:`BACKWARD_WORK_FACTOR`)."""
@@ -401,7 +416,7 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
 
 def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
                host: HostOverheads, grad_bytes: np.ndarray | None = None,
-               shared_grad_bytes: np.ndarray | None = None) -> OpArrays:
+               shared_grad_bytes: np.ndarray | None = None, fixed_host: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -428,6 +443,7 @@ def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flo
         host=host,
         grad_bytes=None if grad_bytes is None else np.asarray(grad_bytes, dtype=np.float64),
         shared_grad_bytes=None if shared_grad_bytes is None else np.asarray(shared_grad_bytes, dtype=np.float64),
+        fixed_host=None if fixed_host is None else np.ascontiguousarray(fixed_host, dtype=np.float64),
     )
 
 
@@ -519,6 +535,7 @@ def compile_problem(
     grad_bytes, shared_grad = parts.max(axis=1), parts[:, 1]
     cost = cost_model.op_costs(graph, order, cluster.devices)
     cost[~requires_grad, :, 2:] = 0.0
+    fixed_host = cost_model.op_fixed_costs(graph, order, cluster.devices, cost)
     param_bytes = column("param_bytes")
     flops = column("flops")
 
@@ -545,7 +562,7 @@ def compile_problem(
     else:
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
-                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad)
+                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

@@ -182,6 +182,30 @@ def _backward(outputs: list[torch.Tensor], device: torch.device, timer: _Backwar
     return clock() - start
 
 
+def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> float:
+    """Seconds of one plain forward + backward of ``gm`` on ``inputs`` (already on ``device``):
+    no ticks and no hooks, the backward from the outputs with gradient 1, on ``device``'s
+    clock (:func:`graphs.profile.op_timing.clock_for`), as the untimed rounds of
+    :func:`in_situ_times` run it. The parameters' ``.grad`` are left as they were."""
+    params = list(gm.parameters())
+    saved = [p.grad for p in params]
+    clock = clock_for(device)
+    try:
+        with torch.enable_grad():
+            for p in params:
+                p.grad = None
+            sync_device(device)
+            start = clock()
+            outputs = _differentiable(gm(*inputs))
+            if outputs:
+                _backward(outputs, device, None)
+            sync_device(device)
+            return clock() - start
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
 def _differentiable(value: Any) -> list[torch.Tensor]:
     return [t for t in tensors_in(value) if t.requires_grad and t.grad_fn is not None]
 

@@ -343,7 +343,8 @@ def profile_graph(captured: CapturedModel, example_inputs: Sequence[Any], device
             results[dev.type] = per_node
             metas[dev.type] = {"optimizer": opt.kind, "optimizer_fixed": opt.fixed,
                                "optimizer_whole": opt.whole,
-                               "autograd_nodes": infos[dev.type].autograd_nodes}
+                               "autograd_nodes": infos[dev.type].autograd_nodes,
+                               "method": infos[dev.type].method}
             if cache and fingerprint:
                 cache.store(fingerprint, key_inputs, dev.type, infos[dev.type].device_name, per_node,
                             metas[dev.type])
@@ -372,6 +373,9 @@ def profile_graph(captured: CapturedModel, example_inputs: Sequence[Any], device
         infos[kind].optimizer_fixed = float(meta.get("optimizer_fixed", 0.0))
         infos[kind].optimizer_whole = float(meta.get("optimizer_whole", 0.0))
         infos[kind].autograd_nodes = int(meta.get("autograd_nodes", 0))
+        # Which method the times came from (a cached file keeps it): the micro-batch profile
+        # (graphs.profile.batch_scaling) must use the same one.
+        infos[kind].method = infos[kind].method or str(meta.get("method", ""))
     info_attr = dict(graph.graph.get("profile_info") or {})
     info_attr.update({kind: info.as_dict() for kind, info in infos.items()})
     graph.graph["profile_info"] = info_attr

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from envs.hardware.loading import load_cluster
     from envs.hardware.units import format_bytes
     from graphs.pipeline import prepare
+    from placer.optimizing.devices import profiles_microbatches
     from placer.options import OptionError, parse_model_args
     from placer.report.plots import plot_memory, plot_placed_graph
 
@@ -103,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
     cluster = recorded_rank_cluster(placement) if not args.cluster and "links" in meta else load_cluster(cluster_name)
-    prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size))
+    # As optimize prepares it: over CPU processes the ops' fixed parts are measured on a
+    # micro-batch too (cached), so a pipelined placement shows the step optimize reported.
+    prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size),
+                       microbatch_profile=profiles_microbatches(cluster))
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = Path(args.out)

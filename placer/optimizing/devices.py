@@ -9,7 +9,7 @@ from typing import Any
 
 from envs.hardware.cluster import Cluster, make_cluster
 from envs.hardware.loading import discover_cluster, load_cluster
-from envs.hardware.rank_devices import RankDeviceError, is_rank_device_list
+from envs.hardware.rank_devices import RankDeviceError, is_distributed_cluster, is_rank_device_list
 from placer.optimizing.config import DEFAULT_CLUSTER
 from placer.options import OptionError, parse_device_list, parse_memory_limits
 
@@ -54,6 +54,16 @@ def resolve_cluster(
     if limits:
         result = _with_memory_limits(result, limits)
     return result
+
+
+def profiles_microbatches(cluster: Cluster) -> bool:
+    """Whether a run on ``cluster`` also profiles the model on a micro-batch
+    (:mod:`graphs.profile.batch_scaling`): where its devices are CPU processes (ranks,
+    ``--devices cpu:0,cpu:1``), whose pipelines and DDP replicas are simulated from the
+    profiled CPU op costs, each op's fixed part measured (``envs.sim.pipeline`` P2). A GPU
+    cluster, real or virtual, costs a micro-batch as its launches plus the kernels over M.
+    """
+    return is_distributed_cluster(cluster) and any(d.kind == "cpu" for d in cluster.devices)
 
 
 def _subset(cluster: Cluster, names: Sequence[str]) -> Cluster:

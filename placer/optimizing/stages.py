@@ -43,7 +43,7 @@ from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default
 from graphs.pipeline import Prepared, prepare
 from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
-from placer.optimizing.devices import resolve_cluster
+from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
@@ -174,8 +174,11 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     profile_devices = None if cluster.simulated else list(dict.fromkeys(
         d.real_device or d.name for d in cluster.devices  # rank workers share one real kind
     ))
+    microbatches = profiles_microbatches(cluster)
     prepared = prepare(source, model_args=config.model_args, profile=True, devices=profile_devices,
-                       cache_dir=config.cache_dir, leaf_modules=config.leaf_modules)
+                       cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
+    if microbatches:
+        _log_microbatch_profile(config, prepared)
     return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start)
 
 
@@ -433,6 +436,20 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
                      optimizer_fn=config.optimizer_fn or default_optimizer, name=label)
+
+
+def _log_microbatch_profile(config: OptimizeConfig, prepared: Prepared) -> None:
+    """Say what the micro-batch profile measured and what it cost, or why pipelines and DDP
+    keep the default fixed part per op."""
+    scaling = prepared.captured.graph.graph.get("batch_scaling") or {}
+    took = prepared.seconds.get("microbatch_profile", 0.0)
+    if "ratio" in scaling:
+        log.log(logging.INFO if config.verbose else logging.DEBUG,
+                "micro-batch profile (the fixed part of every op, for pipelines and DDP): batch %d of %d, %.1f s%s",
+                scaling["batch"], scaling["full_batch"], took, " (cached)" if scaling.get("cached") else "")
+    else:
+        log.warning("micro-batch profile not taken (%s): pipelines and DDP keep the default fixed part per op",
+                    scaling.get("skipped", "no reason recorded"))
 
 
 def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
