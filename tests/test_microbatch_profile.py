@@ -142,3 +142,23 @@ def test_optimize_over_cpu_processes_simulates_with_the_measured_fixed_parts_and
     step = re.search(r"pipelined \(.*?\): ([0-9.]+) ms per step", shown)
     assert step is not None, shown
     assert float(step.group(1)) == pytest.approx(result.step_time * 1e3, abs=6e-4)
+
+
+@pytest.mark.parametrize("sitting, share", [(1.0, 0.0), (1.3, 0.3 / 7)])
+def test_a_small_profile_taken_on_a_slower_machine_is_not_read_as_fixed_work(model_dir, monkeypatch, sitting, share):
+    """The small profile reads 30% dearer per sample than the full one: pure drift when the whole
+    steps, timed in one sitting, cost 1/8 at 1/8 of the batch (no fixed part), real when they
+    too cost 1.3/8 (every op 0.3/7 fixed: (8 * 1.3/8 - 1) / 7)."""
+    import graphs.profile.batch_scaling as batch_scaling
+    from graphs.profile.batch_scaling import profile_fixed_parts
+
+    prep = prepare(str(model_dir / "wide.py"))
+    graph = prep.captured.graph
+    full = {n: (a["fwd_time"]["cpu"], a["bwd_time"]["cpu"]) for n, a in graph.nodes(data=True) if "fwd_time" in a}
+    monkeypatch.setattr(batch_scaling, "in_situ_times",
+                        lambda gm, inputs, dev, repeats: {n: (1.3 * f / 8, 1.3 * b / 8) for n, (f, b) in full.items()})
+    monkeypatch.setattr(batch_scaling, "step_ratio", lambda gm, big, small, dev: sitting / 8)
+    assert profile_fixed_parts(prep.captured, prep.spec.example_inputs, use_cache=False) is not None
+    for n, (f, b) in full.items():
+        assert graph.nodes[n]["fwd_fixed"]["cpu"] == pytest.approx(share * f, rel=1e-6, abs=1e-12)
+        assert graph.nodes[n]["bwd_fixed"]["cpu"] == pytest.approx(share * b, rel=1e-6, abs=1e-12)
