@@ -115,6 +115,28 @@ def test_interleaved_pipeline_with_a_skip_over_three_boundaries_trains_the_same(
     assert_same(run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120), reference(gm, batch))
 
 
+class Transposed(nn.Module):
+    """The value crossing the boundary is a transpose: a strided view of its storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(D, D), nn.Linear(2, 2), nn.Linear(D, 5)
+
+    def forward(self, x, y):
+        t = self.l1(x).view(-1, 2, D // 2).transpose(1, 2)
+        u = self.l2(t).reshape(-1, D)
+        return F.cross_entropy(self.head(u), y)
+
+
+def test_a_strided_view_crossing_a_boundary_is_sent_and_received_contiguous():
+    """gloo sends and receives only contiguous tensors: the stage before sends the view
+    contiguous and the stage after must receive it into a contiguous buffer (it crashed with
+    "input tensor has to be contiguous" when the buffer kept the view's strides)."""
+    gm, batch = model_and_batch(Transposed)
+    pipe = Pipeline(stages_of(gm, {"l2"}), ("cpu:0", "cpu:1"), 2, "gpipe")
+    assert_same(run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120), reference(gm, batch))
+
+
 def test_ddp_over_two_processes_trains_like_the_unsplit_model():
     gm, batch = model_and_batch(Skip)
     run = run_training(gm, batch, None, world=2, steps=3, optimizer=SGD, timeout_s=120)

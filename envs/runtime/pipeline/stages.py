@@ -210,7 +210,10 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
             value = super().run_node(n)
             if n.name in names:
                 if isinstance(value, torch.Tensor):
-                    out[n.name] = torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+                    # contiguous, as StageModule sends it: a meta with the view's strides makes
+                    # PipelineStage receive into a strided buffer, which gloo refuses
+                    out[n.name] = torch.empty(value.shape, dtype=value.dtype,
+                                              device="meta").requires_grad_(value.requires_grad)
                 elif _is_constant(value):
                     out[n.name] = value
                 else:
