@@ -109,3 +109,22 @@ def test_calibration_refuses_bad_input(problem):
     with pytest.raises(CalibrationError, match="fitted for devices"):
         cal.apply(other)
     assert issubclass(CalibrationError, PlacerError)
+
+
+def test_a_scaled_cpu_keeps_each_ops_fixed_share_of_a_micro_batch():
+    """Rule P2's measured fixed part is part of the op's time: scaling a CPU's compute scales
+    it too (a GPU's fixed part is its launches, which the host thread pays unscaled)."""
+    spec = load_zoo_model("gpt2", size="small")
+    cap = capture(spec.model, spec.example_inputs, name="gpt2")
+    p = compile_problem(cap.graph, "4xK40")
+    cpu = int(np.flatnonzero(p.ops.is_cpu)[0])
+    gpu = int(np.flatnonzero(~p.ops.is_cpu)[0])
+    fixed = 0.25 * p.ops.cost[:, :, (0, 2)]
+    measured = dataclasses.replace(p, ops=dataclasses.replace(p.ops, fixed_host=fixed), _index={})
+    scale = np.ones(p.num_devices)
+    scale[cpu] = scale[gpu] = 2.0
+    twice = scaled_problem(measured, scale)
+    np.testing.assert_allclose(twice.ops.fixed_parts()[:, cpu], 2.0 * measured.ops.fixed_parts()[:, cpu])
+    np.testing.assert_allclose(twice.ops.fixed_parts()[:, gpu], measured.ops.fixed_parts()[:, gpu])
+    share = twice.ops.fixed_parts()[:, cpu] / np.maximum(twice.ops.cost[:, cpu][:, (0, 2)], 1e-30)
+    np.testing.assert_allclose(share[twice.ops.cost[:, cpu][:, (0, 2)] > 0], 0.25)

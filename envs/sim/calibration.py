@@ -87,7 +87,8 @@ def scaled_problem(
     Device ``d``'s scale multiplies what runs *on* it: every column of its ops' costs on a
     CPU (the whole op runs on the host thread), the device columns (``dF, dB, dO``) on a
     GPU, whose host columns are the launches of the one host thread (unscaled). The
-    group arrays ``fwd_time``/``bwd_time`` scale alike.
+    group arrays ``fwd_time``/``bwd_time`` scale alike, and so do a CPU op's measured fixed
+    parts (``ops.fixed_host``), so a micro-batch's share of each op is kept.
     """
     k = np.asarray(compute_scale, dtype=np.float64)
     if k.shape != (problem.num_devices,):
@@ -96,13 +97,19 @@ def scaled_problem(
     cost = ops.cost.copy()
     cost[:, :, 1::2] *= k[None, :, None]
     cost[:, ops.is_cpu, 0::2] *= k[None, ops.is_cpu, None]
+    fixed = ops.fixed_host
+    if fixed is not None:
+        # A CPU op's measured fixed part is of the same clock as the rest of it (rule P2 of
+        # envs.sim.pipeline); a GPU op's is its launches, which stay unscaled.
+        fixed = fixed.copy()
+        fixed[:, ops.is_cpu, :] *= k[None, ops.is_cpu, None]
     return dataclasses.replace(
         problem,
         fwd_time=problem.fwd_time * k[None, :],
         bwd_time=problem.bwd_time * k[None, :],
         latency=problem.latency * float(latency_scale),
         bandwidth=problem.bandwidth * float(bandwidth_scale),
-        ops=dataclasses.replace(ops, cost=cost),
+        ops=dataclasses.replace(ops, cost=cost, fixed_host=fixed),
         _index={},
     )
 
