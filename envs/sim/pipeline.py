@@ -84,7 +84,6 @@ host constants at zero, where both reduce to op times and transfers).
 from __future__ import annotations
 
 import heapq
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,7 +91,7 @@ from typing import Any
 import numpy as np
 
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.problem import PlacementProblem
+from envs.sim.problem import PlacementProblem, cached_per_problem
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
 
@@ -541,9 +540,6 @@ def _range_max(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.maximum(table[k, lo], table[k, hi - 2 ** k])
 
 
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _prefix(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
     shape = (n,) + per_op.shape[1:]
     per_group = np.zeros(shape)
@@ -557,11 +553,9 @@ def _group_max(per_op: np.ndarray, op_group: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+@cached_per_problem
 def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
     """The prefix tables of ``problem`` (built once per problem, kept while it lives)."""
-    cached = _TABLES.get(problem)
-    if cached is not None:
-        return cached
     ops = problem.ops
     n = problem.num_nodes
     g = ops.op_group
@@ -587,7 +581,6 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)))
-    _TABLES[problem] = tables
     return tables
 
 

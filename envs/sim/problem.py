@@ -24,8 +24,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import networkx as nx
 import numpy as np
@@ -648,3 +651,25 @@ def _group_edges(op_group: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes:
     items = sorted(sent.items())
     return (np.array([k[0] for k, _ in items], dtype=np.int64), np.array([k[1] for k, _ in items], dtype=np.int64),
             np.array([float(int(b)) for _, b in items], dtype=np.float64))
+
+
+_Derived = TypeVar("_Derived")
+
+
+def cached_per_problem(build: Callable[[PlacementProblem], _Derived]) -> Callable[[PlacementProblem], _Derived]:
+    """``build(problem)`` computed once per problem and kept while the problem lives.
+
+    Problems are frozen and compared by identity, so what is derived from one (a simulator's
+    kernel arrays, the pipeline search's prefix tables) can live beside it in a weak-keyed
+    cache; a changed problem (``dataclasses.replace``) is a new key.
+    """
+    cache: weakref.WeakKeyDictionary[PlacementProblem, _Derived] = weakref.WeakKeyDictionary()
+
+    @functools.wraps(build)
+    def cached(problem: PlacementProblem) -> _Derived:
+        hit = cache.get(problem)
+        if hit is None:
+            hit = cache[problem] = build(problem)
+        return hit
+
+    return cached

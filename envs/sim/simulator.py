@@ -52,14 +52,13 @@ chunks, each with one work space (:func:`envs.sim.kernels.workspace`).
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from envs.sim import kernels as _py
-from envs.sim.problem import PlacementError, PlacementProblem, device_max
+from envs.sim.problem import PlacementError, PlacementProblem, cached_per_problem, device_max
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -220,14 +219,8 @@ class _Arrays:
     op_work: np.ndarray  # [N]
 
 
-# Problems are frozen and compared by identity: cache their kernel arrays beside them.
-_ARRAYS_CACHE: "weakref.WeakKeyDictionary[PlacementProblem, _Arrays]" = weakref.WeakKeyDictionary()
-
-
+@cached_per_problem
 def _arrays(problem: PlacementProblem) -> _Arrays:
-    cached = _ARRAYS_CACHE.get(problem)
-    if cached is not None:
-        return cached
     ops = problem.ops
     nd = problem.num_devices
     cost3 = np.ascontiguousarray(ops.cost, dtype=np.float64)
@@ -299,7 +292,6 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
         group_work=group_work,
         op_work=op_work,
     )
-    _ARRAYS_CACHE[problem] = arrays
     return arrays
 
 
