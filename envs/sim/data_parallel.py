@@ -84,6 +84,7 @@ from envs.sim.pipeline import (
     PipelineError,
     PipelineResult,
     StageCosts,
+    check_pipeline,
     fixed_host,
     memory_problem_lines,
     shrunk_host,
@@ -94,7 +95,8 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets", "ring_allreduce_time",
-           "simulate_data_parallel", "HybridResult", "check_hybrid", "simulate_hybrid", "simulate_pipelined"]
+           "simulate_data_parallel", "HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid",
+           "simulate_pipelined"]
 
 #: ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``.
 FIRST_BUCKET_BYTES = 1024 * 1024
@@ -324,6 +326,25 @@ def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -
     if batch_size is not None and batch_size % r_m:
         raise PipelineError(f"{len(pipelines)} replica(s) x {first.microbatches} micro-batches do not divide the "
                             f"batch of {batch_size}; expected R * M to divide it")
+
+
+def check_runnable(problem: PlacementProblem, pipelines: Sequence[Pipeline], batch_size: int | None = None,
+                   costs: RankCosts | None = None) -> None:
+    """Refuse, before anything starts, a pipeline (one replica) or a pipeline x DDP hybrid
+    (several) that cannot run: the checks of :func:`envs.sim.pipeline.check_pipeline` or of
+    :func:`check_hybrid`, then a device it does not fit (its simulated peak).
+
+    Raises:
+        PipelineError: one line naming what was wrong and what was expected.
+    """
+    if len(pipelines) == 1:
+        check_pipeline(problem, pipelines[0], batch_size, costs)
+        return
+    check_hybrid(pipelines, batch_size)
+    hybrid = simulate_hybrid(problem, pipelines, costs)
+    if not hybrid.fits:
+        raise PipelineError(f"the pipeline x DDP hybrid does not fit: {'; '.join(hybrid.memory_problems())}; "
+                            "expected a cut, M or R that fits")
 
 
 def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d: int, sc: StageCosts, s: int,

@@ -32,7 +32,8 @@ import torch.fx as fx
 from envs.runtime.distributed.launcher import free_port
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
-from envs.sim.pipeline import Pipeline, PipelineError, check_pipeline
+from envs.sim.data_parallel import check_runnable
+from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
@@ -244,7 +245,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         problem: the placement problem compiled over the pipeline's devices, one node per op
             (no grouping), from the graph ``gm`` was captured with: when given, a
             pipeline whose stages do not fit their devices' memory is refused before starting
-            (:func:`envs.sim.pipeline.check_pipeline`).
+            (:func:`envs.sim.data_parallel.check_runnable`).
 
     Raises:
         PipelineRunError: a rank died or the job timed out (module doc).
@@ -257,15 +258,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         pipeline.check_batch(batch)
         replicas = pipeline.replica_pipelines()
         if problem is not None:
-            if pipeline.replicas:
-                from envs.sim.data_parallel import simulate_hybrid
-
-                hybrid = simulate_hybrid(problem, [whole_pipeline(gm, p) for p in replicas])
-                if not hybrid.fits:
-                    raise PipelineError(f"the pipeline x DDP hybrid does not fit: {'; '.join(hybrid.memory_problems())}; "
-                                        "expected a cut, M or R that fits")
-            else:
-                check_pipeline(problem, whole_pipeline(gm, pipeline), batch)
+            check_runnable(problem, [whole_pipeline(gm, p) for p in replicas], batch)
         # Every replica runs replica 0's stages on its own 1/R of the batch: check each slice.
         share = batch // len(replicas)
         for r in range(len(replicas)):
