@@ -123,8 +123,9 @@ def test_optimize_over_cpu_processes_simulates_with_the_measured_fixed_parts_and
                                                                                            numpy_simulator):
     out = model_dir / "out"
     spec = load_source(str(model_dir / "wide.py"))  # a module, not the file: nothing is measured
+    profiles = model_dir / "profiles"  # show must read the profiles optimize was given, not profile again
     result = placer.optimize(spec.model, spec.example_inputs, devices="cpu:0,cpu:1", budget="60", reward="simulated",
-                             baselines="single", out_dir=out, seed=0, check=False, progress=False)
+                             baselines="single", out_dir=out, seed=0, check=False, progress=False, cache_dir=profiles)
     graph = result.prepared.captured.graph
     assert graph.graph["batch_scaling"]["ratio"] == 8
     problem = result.problem
@@ -136,7 +137,7 @@ def test_optimize_over_cpu_processes_simulates_with_the_measured_fixed_parts_and
     assert pipe is not None, result.table[["method", "step_time"]].to_string()
     capsys.readouterr()
     code = cli_main(["show", str(out / "placement.json"), "--model", str(model_dir / "wide.py"),
-                     "--out", str(model_dir / "pics")])
+                     "--out", str(model_dir / "pics"), "--cache-dir", str(profiles)])
     shown = capsys.readouterr().out
     assert code == 0, shown
     step = re.search(r"pipelined \(.*?\): ([0-9.]+) ms per step", shown)

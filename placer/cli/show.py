@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=".", help="where pictures go (default: current directory)")
+    parser.add_argument("--cache-dir", help="where op profiles are cached (the one optimize was given, so the "
+                                            "step is simulated from the same profiles)")
     parser.set_defaults(run=run)
     return parser
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     # As optimize prepares it: over CPU processes the ops' fixed parts are measured on a
     # micro-batch too (cached), so a pipelined placement shows the step optimize reported.
     prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size),
-                       microbatch_profile=profiles_microbatches(cluster))
+                       microbatch_profile=profiles_microbatches(cluster), cache_dir=args.cache_dir)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = Path(args.out)
