@@ -408,6 +408,38 @@ def _fastest_first(table: pd.DataFrame) -> pd.DataFrame:
             .drop(columns="_order").reset_index(drop=True))
 
 
+def _backend_runner(measurer: PlacementMeasurer, name: str) -> Callable[..., Any] | None:
+    """The backend's ``name`` method (None: this backend has none), its deadline set to the run's."""
+    run = getattr(measurer.backend, name, None)
+    if run is not None and hasattr(measurer.backend, "deadline"):
+        measurer.backend.deadline = measurer.deadline
+    return run
+
+
+def _run_or_failed(call: Callable[[], Sequence[MeasureResult]], expected: int, what: str) -> list[MeasureResult]:
+    """``call()``'s ``expected`` results, or as many invalid ones saying why it failed: a run
+    that cannot happen (a stage on another host, a refused job) leaves its rows simulated."""
+    try:
+        results = list(call())
+        if len(results) != expected:
+            raise PlacerError(f"the measurer returned {len(results)} results for {expected} {what}")
+        return results
+    except Exception as exc:  # noqa: BLE001 - the rows stay simulated, with the reason in their notes
+        return [MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")] * expected
+
+
+def _record_measured(table: pd.DataFrame, i: Any, t: float, valid: bool, reason: str, how: str) -> bool:
+    """Row ``i`` takes the measured time (``source`` "measured", ``how`` in its note), or keeps
+    its simulated one with the reason it was not measured; returns whether it was."""
+    if not valid:
+        _add_note(table, i, f"measurement invalid: {reason}")
+        return False
+    table.at[i, "step_time"] = t
+    table.at[i, "source"] = "measured"
+    _add_note(table, i, how)
+    return True
+
+
 def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
                       to_ops: Callable[[Pipeline], Pipeline], top: int = CONFIRM_PIPELINES) -> pd.DataFrame:
     """Measure the ``top`` fastest fitting pipeline rows of ``table`` as pipelines and return
@@ -426,8 +458,7 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     rows = table[table["fits"] & (table.get("kind", "") == "pipeline") & table["method"].isin(list(pipelines))]
     if rows.empty:
         return table
-    run = getattr(measurer.backend, "measure_pipelines", None)
-
+    run = _backend_runner(measurer, "measure_pipelines")
     if run is None:
         for i in rows.index:
             _add_note(table, i, f"not measured: {measurer.description} runs no pipelines (worker processes such as "
@@ -445,15 +476,8 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
             chosen.append((i, key))
     if not chosen:
         return table
-    if hasattr(measurer.backend, "deadline"):
-        measurer.backend.deadline = measurer.deadline
     op_pipes = {key: to_ops(pipe) for key, pipe in distinct.items()}
-    try:
-        results = list(run(list(op_pipes.values())))
-        if len(results) != len(op_pipes):
-            raise PlacerError(f"the measurer returned {len(results)} results for {len(op_pipes)} pipelines")
-    except Exception as exc:  # noqa: BLE001 - e.g. a stage on another host: the rows stay simulated, with why
-        results = [MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")] * len(op_pipes)
+    results = _run_or_failed(lambda: run(list(op_pipes.values())), len(op_pipes), "pipelines")
     by_key = dict(zip(op_pipes, results))
     for i, key in chosen:
         pipe, res = op_pipes[key], by_key[key]
@@ -461,14 +485,8 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
         simulated = float(table.at[i, "simulated_step_time"])
         measurer.pipeline_records.append(MeasuredPipeline(str(table.at[i, "method"]), pipe.to_dict(),
                                                           t if valid else math.inf, valid, reason, simulated))
-        if valid:
-            table.at[i, "step_time"] = t
-            table.at[i, "source"] = "measured"
-            _add_note(table, i, "measured as a pipeline (torch.distributed.pipelining)")
-        else:
-            _add_note(table, i, f"measurement invalid: {reason}")
-    table = measured_speedups(table, measurer)
-    return _fastest_first(table)
+        _record_measured(table, i, t, valid, reason, "measured as a pipeline (torch.distributed.pipelining)")
+    return _fastest_first(measured_speedups(table, measurer))
 
 
 def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
@@ -481,25 +499,16 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
         return table
     table = table.copy()
     i = rows.index[0]
-    run = getattr(measurer.backend, "measure_data_parallel", None)
+    run = _backend_runner(measurer, "measure_data_parallel")
     if run is None:
         _add_note(table, i, f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
         return table
-    if hasattr(measurer.backend, "deadline"):
-        measurer.backend.deadline = measurer.deadline
-    try:
-        result = run()
-    except Exception as exc:  # noqa: BLE001 - e.g. a worker on another host: the row stays simulated, with why
-        result = MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")
+    (result,) = _run_or_failed(lambda: [run()], 1, "DDP runs")
     t, valid, reason = measure_outcome(result)
-    if not valid:
-        _add_note(table, i, f"measurement invalid: {reason}")
+    if not _record_measured(table, i, t, valid, reason,
+                            "measured as DDP (torch DistributedDataParallel over the worker processes)"):
         return table
-    table.at[i, "step_time"] = t
-    table.at[i, "source"] = "measured"
-    _add_note(table, i, "measured as DDP (torch DistributedDataParallel over the worker processes)")
-    table = measured_speedups(table, measurer)
-    return _fastest_first(table)
+    return _fastest_first(measured_speedups(table, measurer))
 
 
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
