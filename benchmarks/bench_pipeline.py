@@ -49,9 +49,9 @@ from envs.hardware.loading import load_cluster  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
+from graphs.model_file import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402
-from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
 from placer.search.baselines.pipeline_split import best_pipeline  # noqa: E402
 from placer.search.baselines.registry import run_baseline  # noqa: E402
 from placer.search.pipeline_search import search_pipeline  # noqa: E402

@@ -63,11 +63,11 @@ from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
 from envs.sim.pipeline import Pipeline, PipelineError, PipelineResult, simulate_pipeline  # noqa: E402
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
+from graphs.model_file import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from graphs.profile.batch_scaling import FIXED_ATTRS  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402
 from placer.search.baselines.common import NoFit  # noqa: E402
-from placer.search.baselines.pipeline_rows import batch_size_of  # noqa: E402
 from placer.search.baselines.pipeline_split import PARTITIONERS  # noqa: E402
 
 

@@ -54,6 +54,26 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def batch_size_of(example_inputs: Any) -> int | None:
+    """The batch size of a model's example inputs: dim 0 of the first tensor (or array) that
+    has one, in a (possibly nested) tuple, list or dict; None when there is none.
+
+    >>> batch_size_of(({"ids": [torch.zeros(8, 4)]}, torch.zeros(2))), batch_size_of((3,))
+    (8, None)
+    """
+    stack = [example_inputs]
+    while stack:
+        x = stack.pop(0)
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+        if isinstance(x, (list, tuple)):
+            stack = list(x) + stack
+        elif isinstance(x, dict):
+            stack = list(x.values()) + stack
+    return None
+
+
 def default_loss(output: Any, *inputs: Any) -> torch.Tensor:
     """Mean of the first tensor of the model's output (a scalar that touches every output element)."""
     tensor = first_tensor(output)

@@ -164,7 +164,7 @@ def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, 
     """
     mode = pipeline_run_mode(placement, cluster)
     if placement.pipeline is not None:
-        from placer.search.baselines.pipeline_rows import batch_size_of
+        from graphs.model_file import batch_size_of
 
         batch = batch_size_of(spec.example_inputs)
         if batch is None:

@@ -18,8 +18,9 @@ from envs.sim.cost_model import CPU_DISPATCH_S
 from envs.sim.pipeline import fixed_host
 from envs.sim.problem import compile_problem
 from graphs.graph_io import load_graph, save_graph
+from graphs.model_file import batch_size_of
 from graphs.pipeline import load_source, prepare
-from graphs.profile.batch_scaling import batch_of, microbatch_ratio, slice_batch
+from graphs.profile.batch_scaling import microbatch_ratio, slice_batch
 from placer.cli.main import main as cli_main
 from tests.helpers.pipelines import cpu_cluster
 
@@ -79,7 +80,7 @@ def test_the_ratio_is_the_largest_divisor_up_to_eight_and_inputs_are_cut_along_d
     x, mask = torch.randn(12, 3), torch.ones(3)
     cut = slice_batch((x, mask, 5), 12, 2)
     assert torch.equal(cut[0], x[:2]) and cut[1] is mask and cut[2] == 5
-    assert batch_of(({"ids": x},)) == 12 and batch_of((3,)) is None
+    assert batch_size_of(({"ids": x},)) == 12 and batch_size_of((3,)) is None
 
 
 def test_the_profiled_graph_carries_fixed_parts_that_survive_its_files(model_dir):

@@ -8,8 +8,9 @@ import torch
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.problem import compile_problem
+from graphs.model_file import batch_size_of
 from placer.report.compare import Candidate, comparison_table
-from placer.search.baselines.pipeline_rows import batch_size_of, recommendation_line, with_parallel_rows
+from placer.search.baselines.pipeline_rows import recommendation_line, with_parallel_rows
 
 MB = 2**20
 

@@ -54,13 +54,13 @@ import torch.fx as fx
 
 from graphs.capture import CapturedModel
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
-from graphs.model_file import preserved_buffers
+from graphs.model_file import batch_size_of, preserved_buffers
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
 from graphs.profile.op_timing import one_cpu_thread, tree_map
 from graphs.profile.profiler import resolve_devices
 
-__all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "batch_of", "slice_batch", "fixed_parts",
+__all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "slice_batch", "fixed_parts",
            "profile_fixed_parts"]
 
 log = logging.getLogger(__name__)
@@ -110,21 +110,6 @@ def microbatch_ratio(batch: int, most: int = MAX_RATIO) -> int | None:
     for r in range(min(int(most), int(batch)), 1, -1):
         if batch % r == 0:
             return r
-    return None
-
-
-def batch_of(example_inputs: Any) -> int | None:
-    """The batch of a model's example inputs: dim 0 of the first tensor that has one, else None."""
-    stack = [example_inputs]
-    while stack:
-        x = stack.pop(0)
-        if isinstance(x, torch.Tensor):
-            if x.dim() > 0:
-                return int(x.shape[0])
-        elif isinstance(x, (list, tuple)):
-            stack = list(x) + stack
-        elif isinstance(x, dict):
-            stack = list(x.values()) + stack
     return None
 
 
@@ -228,7 +213,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
     """
     gm, graph = captured.gm, captured.graph
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batch = batch_of(inputs)
+    batch = batch_size_of(inputs)
     ratio = microbatch_ratio(batch, most) if batch is not None else None
     if batch is None or ratio is None:
         _skipped(graph, "no batch dimension in the example inputs" if batch is None

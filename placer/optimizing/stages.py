@@ -39,7 +39,7 @@ from envs.sim.simulator import simulate
 from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
 from graphs.grouping import Grouping
-from graphs.model_file import ModelSpec, check_inputs_fit, default_loss, default_optimizer
+from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, prepare
 from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
@@ -48,7 +48,7 @@ from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
-from placer.search.baselines.pipeline_rows import batch_size_of, parallel_rows
+from placer.search.baselines.pipeline_rows import parallel_rows
 from placer.search.config import SearchConfig
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult

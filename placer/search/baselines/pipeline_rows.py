@@ -32,27 +32,12 @@ from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devic
 from placer.search.pipeline_moves import microbatch_choices
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, search_pipeline
 
-__all__ = ["batch_size_of", "parallel_records", "parallel_rows", "with_parallel_rows", "recommendation_line",
+__all__ = ["parallel_records", "parallel_rows", "with_parallel_rows", "recommendation_line",
            "SEARCH_METHOD", "HYBRID_METHOD"]
 
 #: The comparison-table method of the pipeline search's best pipeline, and of its best hybrid.
 SEARCH_METHOD = "placer (pipeline search)"
 HYBRID_METHOD = "placer (pipeline x DDP)"
-
-
-def batch_size_of(example_inputs: Any) -> int | None:
-    """The batch size of a model's example inputs: dim 0 of the first tensor with one, else None."""
-    stack = [example_inputs]
-    while stack:
-        x = stack.pop(0)
-        shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) > 0:
-            return int(shape[0])
-        if isinstance(x, (list, tuple)):
-            stack = list(x) + stack
-        elif isinstance(x, dict):
-            stack = list(x.values()) + stack
-    return None
 
 
 def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
