@@ -127,17 +127,20 @@ def flatten_for_graphml(graph: nx.DiGraph) -> nx.DiGraph:
     return flat
 
 
+def _kind_entry(key: str) -> tuple[str, str] | None:
+    """``("fwd_time", "cpu")`` for the flattened ``fwd_time_cpu``; None for any other key."""
+    for name in _KIND_DICTS:
+        if key.startswith(f"{name}_"):
+            return name, key[len(name) + 1:]
+    return None
+
+
 def _decode(attrs: dict, json_names: set[str], has_time: bool) -> dict:
     out: dict[str, Any] = {name: {} for name in TIME_DICTS} if has_time else {}
     for key, value in attrs.items():
-        prefix, _, kind = key.partition("_time_") if "_time_" in key else ("", "", "")
-        if key.startswith("time_") and has_time:
-            out["time"][key[len("time_"):]] = value
-        elif prefix in ("fwd", "bwd") and has_time:
-            out[f"{prefix}_time"][kind] = value
-        elif has_time and any(key.startswith(f"{name}_") for name in FIXED_DICTS):
-            name = next(n for n in FIXED_DICTS if key.startswith(f"{n}_"))
-            out.setdefault(name, {})[key[len(name) + 1:]] = value
+        entry = _kind_entry(key) if has_time else None
+        if entry is not None:
+            out.setdefault(entry[0], {})[entry[1]] = value
         elif key in json_names and isinstance(value, str):
             out[key] = json.loads(value)
         else:
