@@ -15,7 +15,6 @@ import torch
 import placer
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.pipeline import fixed_host
 from envs.sim.problem import compile_problem
 from graphs.graph_io import load_graph, save_graph
 from graphs.model_file import batch_size_of
@@ -101,7 +100,7 @@ def test_the_profiled_graph_carries_fixed_parts_that_survive_its_files(model_dir
         for n in compute:
             assert back.nodes[n]["fwd_fixed"] == graph.nodes[n]["fwd_fixed"]
             assert back.nodes[n]["bwd_fixed"] == graph.nodes[n]["bwd_fixed"]
-        assert np.array_equal(fixed_host(compile_problem(back, cpu_cluster(2))), fixed_host(problem))
+        assert np.array_equal(compile_problem(back, cpu_cluster(2)).ops.fixed_parts(), problem.ops.fixed_parts())
     # A second preparation reads both profiles from the cache: the same fixed parts.
     again = prepare(str(model_dir / "wide.py"), microbatch_profile=True).captured.graph
     assert again.graph["batch_scaling"]["cached"]
@@ -117,7 +116,7 @@ def test_a_model_that_cannot_run_on_a_micro_batch_keeps_the_default_rule_and_say
                for r in caplog.records)
     assert not any("fwd_fixed" in a for _, a in graph.nodes(data=True))
     problem = compile_problem(graph, cpu_cluster(2))
-    assert np.all(fixed_host(problem) == np.minimum(problem.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
+    assert np.all(problem.ops.fixed_parts() == np.minimum(problem.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
 
 
 def test_optimize_over_cpu_processes_simulates_with_the_measured_fixed_parts_and_show_agrees(model_dir, capsys,
@@ -133,7 +132,7 @@ def test_optimize_over_cpu_processes_simulates_with_the_measured_fixed_parts_and
     measured = np.array([[graph.nodes[n].get("fwd_fixed", {}).get("cpu", np.nan) for n in problem.ops.names]]).T
     has = ~np.isnan(measured[:, 0])
     assert has.sum() >= 7
-    assert fixed_host(problem)[has, 0, 0] == pytest.approx(np.minimum(measured[has, 0], problem.ops.cost[has, 0, 0]))
+    assert problem.ops.fixed_parts()[has, 0, 0] == pytest.approx(np.minimum(measured[has, 0], problem.ops.cost[has, 0, 0]))
     pipe = result.placement.pipeline
     assert pipe is not None, result.table[["method", "step_time"]].to_string()
     capsys.readouterr()

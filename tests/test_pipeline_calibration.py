@@ -15,7 +15,6 @@ from envs.sim.pipeline import (
     ENGINE_COSTS,
     Pipeline,
     fast_stage_costs,
-    fixed_host,
     simulate_pipeline,
     stage_costs,
 )
@@ -60,16 +59,16 @@ def test_the_fit_gives_each_op_its_fixed_part_from_two_batch_sizes():
 def test_the_problem_carries_the_measured_fixed_parts_and_the_dispatch_elsewhere():
     fitted, _, plain = problems()
     i = [fitted.ops.names.index(f"l{k}") for k in range(4)]
-    assert fixed_host(fitted)[i, 0, 0] == pytest.approx([1e-3, 0.4e-3, 1e-3, 0.0], abs=1e-12)
-    assert fixed_host(fitted)[i, 1, 1] == pytest.approx([2e-3, 0.8e-3, 2e-3, 0.0], abs=1e-12)
-    assert np.all(fixed_host(plain) == np.minimum(plain.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
+    assert fitted.ops.fixed_parts()[i, 0, 0] == pytest.approx([1e-3, 0.4e-3, 1e-3, 0.0], abs=1e-12)
+    assert fitted.ops.fixed_parts()[i, 1, 1] == pytest.approx([2e-3, 0.8e-3, 2e-3, 0.0], abs=1e-12)
+    assert np.all(plain.ops.fixed_parts() == np.minimum(plain.ops.cost[:, :, (0, 2)], CPU_DISPATCH_S))
 
 
 def test_a_measured_fixed_part_never_exceeds_the_op_nor_goes_below_zero():
     g = profiled(FULL_F)
     g.nodes["l0"]["fwd_fixed"] = {"cpu": 5e-3}  # above its 1 ms: a graph edited by hand, a stale profile
     g.nodes["l1"]["fwd_fixed"] = {"cpu": -1.0}
-    fixed = fixed_host(compile_problem(g, cpu_cluster(2)))
+    fixed = compile_problem(g, cpu_cluster(2)).ops.fixed_parts()
     names = list(g.nodes)
     assert fixed[names.index("l0"), 0, 0] == pytest.approx(1e-3) and fixed[names.index("l1"), 0, 0] == 0.0
     # A part measured on another kind is not this CPU's: the dispatch stands.

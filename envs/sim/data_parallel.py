@@ -85,7 +85,6 @@ from envs.sim.pipeline import (
     PipelineResult,
     StageCosts,
     check_pipeline,
-    fixed_host,
     memory_problem_lines,
     shrunk_host,
     simulate_pipeline,
@@ -242,7 +241,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     compute = 0.0
     opt_max = 0.0
     tail = 0.0
-    fixed_part = fixed_host(problem)
+    fixed_part = problem.ops.fixed_parts()
     for d in idx:
         hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
@@ -395,7 +394,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     peak: dict[str, float] = {}
     exposed: list[float] = []
     div = float(r_ * m)
-    fixed_part = fixed_host(problem)
+    fixed_part = problem.ops.fixed_parts()
     for s in range(s_):
         mine = np.nonzero(op_stage == s)[0]
         devs = [names.index(p.devices[s]) for p in pipelines]

@@ -28,7 +28,7 @@ backward needs the stage's own forward and, but on the last stage, the gradient 
 batch-proportional part divided by ``M``, from the simulator's cost arrays
 (``problem.ops.cost``, :meth:`envs.sim.cost_model.CostModel.op_cost`): on a GPU the host
 part (the kernel launches) is fixed and the device part proportional; on a CPU the op runs
-on the host, and its fixed part (``problem.ops.fixed_host``, :func:`fixed_host`) is
+on the host, and its fixed part (:meth:`envs.sim.problem.OpArrays.fixed_parts`) is
 *measured* when the model was also profiled on a micro-batch
 (:mod:`graphs.profile.batch_scaling`: ``fixed + per_sample * b`` through the profiles at
 the batch and at 1/8 of it, per op, stored in the graph and compiled into the problem by
@@ -99,7 +99,6 @@ __all__ = [
     "SCHEDULES",
     "CPU_DISPATCH_S",
     "ENGINE_COSTS",
-    "fixed_host",
     "shrunk_host",
     "PipelineError",
     "Pipeline",
@@ -144,13 +143,6 @@ def shrunk_host(host: np.ndarray, fixed: np.ndarray, m: float) -> np.ndarray:
     4.0
     """
     return fixed + (host - fixed) / m
-
-
-def fixed_host(problem: PlacementProblem) -> np.ndarray:
-    """[N, D, 2] host seconds of each op's forward and backward that a micro-batch does not
-    shrink (P2): the measured parts the problem was compiled with, else :data:`CPU_DISPATCH_S`
-    per op (:meth:`envs.sim.problem.OpArrays.fixed_parts`)."""
-    return problem.ops.fixed_parts()
 
 
 class PipelineError(PlacerError, ValueError):
@@ -436,7 +428,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
 
     ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
     of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
-    A CPU op's fixed part is the problem's (:func:`fixed_host`).
+    A CPU op's fixed part is the problem's (:meth:`~envs.sim.problem.OpArrays.fixed_parts`).
 
     Raises:
         PipelineError: nodes missing or unknown, a device not in the cluster, or an edge
@@ -460,7 +452,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     work = np.zeros(s_)
     op_work = ops.gradient_work_at(m)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
-    fixed_all = fixed_host(problem)
+    fixed_all = problem.ops.fixed_parts()
     for s in range(s_):
         d = int(stage_dev[s])
         cpu = bool(ops.is_cpu[d])
@@ -560,7 +552,7 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
     n = problem.num_nodes
     g = ops.op_group
     c = ops.cost
-    fixed = fixed_host(problem)
+    fixed = problem.ops.fixed_parts()
     src, dst, _ = ops.edges()
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, g[dst])
