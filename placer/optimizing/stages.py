@@ -439,17 +439,14 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
 
 
 def _log_microbatch_profile(config: OptimizeConfig, prepared: Prepared) -> None:
-    """Say what the micro-batch profile measured and what it cost, or why pipelines and DDP
-    keep the default fixed part per op."""
+    """Say what the micro-batch profile measured and what it cost. Why it was not taken is
+    already the profiler's warning (:mod:`graphs.profile.batch_scaling`), said once."""
     scaling = prepared.captured.graph.graph.get("batch_scaling") or {}
-    took = prepared.seconds.get("microbatch_profile", 0.0)
     if "ratio" in scaling:
         log.log(logging.INFO if config.verbose else logging.DEBUG,
                 "micro-batch profile (the fixed part of every op, for pipelines and DDP): batch %d of %d, %.1f s%s",
-                scaling["batch"], scaling["full_batch"], took, " (cached)" if scaling.get("cached") else "")
-    else:
-        log.warning("micro-batch profile not taken (%s): pipelines and DDP keep the default fixed part per op",
-                    scaling.get("skipped", "no reason recorded"))
+                scaling["batch"], scaling["full_batch"], prepared.seconds.get("microbatch_profile", 0.0),
+                " (cached)" if scaling.get("cached") else "")
 
 
 def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
