@@ -63,13 +63,12 @@ def test_one_replica_is_the_one_stage_pipeline():
     assert dp.bucket_bytes and dp.exposed_allreduce == 0.0
 
 
-ZERO = ZERO_COSTS
 
 
 def test_on_cpu_ranks_the_all_reduce_follows_the_backward_at_the_measured_ring_efficiency():
     # Four layers of 4 MiB: buckets [l3] (>= 1 MiB), then l2..l0 (12 MiB, under 25 MiB).
     problem = compile_problem(chain(), cluster(2))
-    dp = simulate_data_parallel(problem, 2, ZERO)
+    dp = simulate_data_parallel(problem, 2, ZERO_COSTS)
     assert dp.bucket_bytes == [4 * MB, 12 * MB]
 
     def half(t: float) -> float:  # an op on half the batch: its dispatch is fixed, the rest halves

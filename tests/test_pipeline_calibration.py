@@ -19,8 +19,9 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import compile_problem
+from envs.sim.ranks import ZERO_COSTS
 from graphs.profile.batch_scaling import fixed_parts
-from tests.helpers.pipelines import BW, LAT, ZERO, chain, cpu_cluster, two_stages
+from tests.helpers.pipelines import BW, LAT, chain, cpu_cluster, two_stages
 
 # Four layers profiled at the full batch and at a quarter of it: l0 is all per-call work
 # (costs the same at both sizes), l3 all per-sample work, l1 and l2 in between.
@@ -78,23 +79,23 @@ def test_a_measured_fixed_part_never_exceeds_the_op_nor_goes_below_zero():
 
 def test_micro_batches_of_the_small_size_cost_what_the_small_profile_measured():
     fitted, small, plain = problems()
-    at_small = stage_costs(small, two_stages(1, "gpipe"), ZERO)
-    on_micro = stage_costs(fitted, two_stages(4), ZERO)
+    at_small = stage_costs(small, two_stages(1, "gpipe"), ZERO_COSTS)
+    on_micro = stage_costs(fitted, two_stages(4), ZERO_COSTS)
     assert on_micro.fwd == pytest.approx(at_small.fwd, rel=1e-12)
     assert on_micro.bwd == pytest.approx(at_small.bwd, rel=1e-12)
     # Without the micro-batch profile a micro-batch pays only the dispatch: the per-call l0
     # looks 4x cheaper, and the pipeline's step is shorter than it runs.
-    default = stage_costs(plain, two_stages(4), ZERO)
+    default = stage_costs(plain, two_stages(4), ZERO_COSTS)
     assert default.fwd[0] < 0.6 * on_micro.fwd[0]
-    assert simulate_pipeline(plain, two_stages(4), ZERO).step_time < \
-        0.8 * simulate_pipeline(fitted, two_stages(4), ZERO).step_time
+    assert simulate_pipeline(plain, two_stages(4), ZERO_COSTS).step_time < \
+        0.8 * simulate_pipeline(fitted, two_stages(4), ZERO_COSTS).step_time
 
 
 def test_one_microbatch_is_the_full_profile_with_or_without_fixed_parts():
     fitted, _, plain = problems()
     pipe = Pipeline((tuple(fitted.node_names),), ("cpu:0",), 1, "gpipe")
-    assert simulate_pipeline(fitted, pipe, ZERO).step_time == \
-        pytest.approx(simulate_pipeline(plain, pipe, ZERO).step_time, rel=1e-12)
+    assert simulate_pipeline(fitted, pipe, ZERO_COSTS).step_time == \
+        pytest.approx(simulate_pipeline(plain, pipe, ZERO_COSTS).step_time, rel=1e-12)
 
 
 def test_the_fixed_part_stays_between_zero_and_the_full_cost():
@@ -107,11 +108,11 @@ def test_the_fixed_part_stays_between_zero_and_the_full_cost():
 
 def test_the_search_tables_and_the_stage_walk_agree_with_measured_fixed_parts():
     fitted, _, plain = problems()
-    walk = stage_costs(fitted, two_stages(8), ZERO)
+    walk = stage_costs(fitted, two_stages(8), ZERO_COSTS)
     cut = list(fitted.node_names).index("l2")
-    fast = fast_stage_costs(fitted, [0, cut, fitted.num_nodes], [0, 1], 8, ZERO)
+    fast = fast_stage_costs(fitted, [0, cut, fitted.num_nodes], [0, 1], 8, ZERO_COSTS)
     assert fast.fwd == pytest.approx(walk.fwd, rel=1e-12) and fast.bwd == pytest.approx(walk.bwd, rel=1e-12)
-    default = fast_stage_costs(plain, [0, cut, plain.num_nodes], [0, 1], 8, ZERO)
+    default = fast_stage_costs(plain, [0, cut, plain.num_nodes], [0, 1], 8, ZERO_COSTS)
     assert not np.allclose(default.fwd, fast.fwd)  # the tables read each problem's own fixed parts
 
 
@@ -119,11 +120,11 @@ def test_ddp_over_two_reads_the_half_batch_profile_through_the_fixed_parts():
     half_f = [1e-3, 1.2e-3, 2e-3, 2e-3]  # no fixed part clipped
     full = compile_problem(profiled(FULL_F, half_f, 2), cpu_cluster(2))
     half = compile_problem(profiled(half_f), cpu_cluster(2))
-    two = simulate_data_parallel(full, 2, ZERO)
-    one = simulate_data_parallel(half, 1, ZERO)
+    two = simulate_data_parallel(full, 2, ZERO_COSTS)
+    one = simulate_data_parallel(half, 1, ZERO_COSTS)
     assert two.compute_time == pytest.approx(one.compute_time, rel=1e-12)
     # Without the half-batch profile DDP's replicas would be near half the full cost.
-    plain = simulate_data_parallel(compile_problem(profiled(FULL_F), cpu_cluster(2)), 2, ZERO)
+    plain = simulate_data_parallel(compile_problem(profiled(FULL_F), cpu_cluster(2)), 2, ZERO_COSTS)
     assert plain.compute_time < 0.85 * two.compute_time
 
 
@@ -139,7 +140,7 @@ def test_a_hybrid_on_cpu_ranks_all_reduces_each_stage_after_its_last_backward():
     problem = compile_problem(chain(4, params=4 * 2**20), cpu_cluster(4))
     stages = (("x", "l0", "l1"), ("l2", "l3", "output"))
     pipes = [Pipeline(stages, ("cpu:0", "cpu:1"), 2, "1f1b"), Pipeline(stages, ("cpu:2", "cpu:3"), 2, "1f1b")]
-    hyb = simulate_hybrid(problem, pipes, ZERO)
+    hyb = simulate_hybrid(problem, pipes, ZERO_COSTS)
     # Stage 0 sends nothing after its last backward, so it waits for its whole ring (D3c):
     # l1 (>= 1 MiB, the first bucket), then l0.
     ring = 2 * ring_allreduce_time(4 * 2**20, 2, BW * CPU_RING_EFFICIENCY, LAT)

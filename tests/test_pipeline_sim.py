@@ -15,8 +15,8 @@ from envs.sim.pipeline import (
     stage_costs,
 )
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import simulate_ranks
-from tests.helpers.pipelines import LAT, ZERO, chain, cpu_cluster, two_stages
+from envs.sim.ranks import ZERO_COSTS, simulate_ranks
+from tests.helpers.pipelines import LAT, chain, cpu_cluster, two_stages
 
 
 def test_gpipe_runs_all_forwards_then_all_backwards_on_every_stage():
@@ -65,9 +65,9 @@ def test_one_microbatch_reproduces_the_unpipelined_step_over_one_process_per_sta
     cluster = cpu_cluster(2)
     problem = compile_problem(g, cluster)
     for schedule in ("gpipe",):  # Schedule1F1B refuses M < S
-        result = simulate_pipeline(problem, two_stages(1, schedule), ZERO)
+        result = simulate_pipeline(problem, two_stages(1, schedule), ZERO_COSTS)
         ranks = simulate_ranks(g, {"x": "cpu:0", "l0": "cpu:0", "l1": "cpu:0", "l2": "cpu:1", "l3": "cpu:1",
-                                   "output": "cpu:1"}, cluster, ZERO)
+                                   "output": "cpu:1"}, cluster, ZERO_COSTS)
         # The problem's fixed host cost per process that holds parameters is the only difference (P5).
         fixed = problem.ops.host.step_s
         assert result.step_time == pytest.approx(ranks.step_time + fixed, rel=1e-12, abs=1e-15)
@@ -75,8 +75,8 @@ def test_one_microbatch_reproduces_the_unpipelined_step_over_one_process_per_sta
 
 def test_microbatches_overlap_the_stages():
     problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
-    one = simulate_pipeline(problem, two_stages(1, "gpipe"), ZERO).step_time
-    four = simulate_pipeline(problem, two_stages(4), ZERO).step_time
+    one = simulate_pipeline(problem, two_stages(1, "gpipe"), ZERO_COSTS).step_time
+    four = simulate_pipeline(problem, two_stages(4), ZERO_COSTS).step_time
     # Two equal stages, F = 2 ms, B = 4 ms on the whole batch: 6 ms each; with 4 micro-batches
     # the bubble is (S - 1) / M of a stage's time, so the step is (1 + 1/4) * 6 ms instead of 12,
     # plus the link latencies on the critical path (a few hops of 100 us).
@@ -87,7 +87,7 @@ def test_microbatches_overlap_the_stages():
 
 def test_each_microbatch_carries_its_share_of_the_boundary_bytes():
     problem = compile_problem(chain(4, out_bytes=1_000_000), cpu_cluster(2))
-    sc = stage_costs(problem, two_stages(4), ZERO)
+    sc = stage_costs(problem, two_stages(4), ZERO_COSTS)
     assert sc.fwd_bytes.tolist() == [250_000]
     assert sc.bwd_bytes.tolist() == [250_000]
 
@@ -96,15 +96,15 @@ def test_a_skip_connection_is_relayed_through_every_stage_in_between():
     g = chain(4, skip=True, out_bytes=1000)
     problem = compile_problem(g, cpu_cluster(3))
     pipe = Pipeline((("x", "l0"), ("l1", "l2"), ("l3", "output")), ("cpu:0", "cpu:1", "cpu:2"), 3, "1f1b")
-    sc = stage_costs(problem, pipe, ZERO)
+    sc = stage_costs(problem, pipe, ZERO_COSTS)
     # l0 is read by l1 (stage 1) and l3 (stage 2): it crosses boundary 1 besides l2.
     assert sc.fwd_bytes.tolist() == [1000 / 3, 2000 / 3]
 
 
 def test_gpipe_keeps_every_microbatch_in_flight_and_1f1b_at_most_the_later_stages():
     problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
-    assert simulate_pipeline(problem, two_stages(8, "gpipe"), ZERO).in_flight == [8, 8]
-    assert simulate_pipeline(problem, two_stages(8, "1f1b"), ZERO).in_flight == [2, 1]
+    assert simulate_pipeline(problem, two_stages(8, "gpipe"), ZERO_COSTS).in_flight == [8, 8]
+    assert simulate_pipeline(problem, two_stages(8, "1f1b"), ZERO_COSTS).in_flight == [2, 1]
 
 
 def test_a_stage_that_does_not_fit_its_device_is_refused_naming_it():
@@ -156,9 +156,9 @@ def test_one_stage_without_micro_batches_has_the_op_level_simulators_peak_memory
     problem = compile_problem(g, cpu_cluster(2))
     one = Pipeline((tuple(problem.node_names),), ("cpu:0",), 1, "1f1b")
     op_level = simulate(problem, np.zeros(problem.num_nodes, dtype=np.int64)).peak_memory[0]
-    assert simulate_pipeline(problem, one, ZERO).peak_memory["cpu:0"] == pytest.approx(op_level)
+    assert simulate_pipeline(problem, one, ZERO_COSTS).peak_memory["cpu:0"] == pytest.approx(op_level)
     # With M micro-batches the output gradients shrink, the shared one does not.
-    sc = stage_costs(problem, Pipeline((tuple(problem.node_names),), ("cpu:0",), 4, "1f1b"), ZERO)
+    sc = stage_costs(problem, Pipeline((tuple(problem.node_names),), ("cpu:0",), 4, "1f1b"), ZERO_COSTS)
     assert sc.work.tolist() == [2 * 3_000_000]
 
 
@@ -172,6 +172,6 @@ def test_the_search_tables_give_the_same_working_set_as_stage_costs():
     names = problem.node_names
     for cut in range(1, len(names)):
         pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 4, "1f1b")
-        slow = stage_costs(problem, pipe, ZERO)
-        fast = fast_stage_costs(problem, [0, cut, len(names)], [0, 1], 4, ZERO)
+        slow = stage_costs(problem, pipe, ZERO_COSTS)
+        fast = fast_stage_costs(problem, [0, cut, len(names)], [0, 1], 4, ZERO_COSTS)
         assert fast.work.tolist() == pytest.approx(slow.work.tolist())

@@ -6,10 +6,8 @@ import networkx as nx
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.pipeline import Pipeline
-from envs.sim.ranks import ZERO_COSTS
 
 LAT, BW = 100e-6, 1e9
-ZERO = ZERO_COSTS
 
 
 def cpu_cluster(n: int = 2, memory: int = 2**33):
