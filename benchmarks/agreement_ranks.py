@@ -338,7 +338,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
     # wake-up: for the mean and the median the late wake-ups' probability (R3, the tick
     # ``late_s`` and the plain ``wake_s`` held), for the fastest step the plain wake-up alone
     # (a fastest step is one without late wake-ups).
-    held_fixed = ("stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s", "late_s")
+    held_fixed = ("stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s", "late_s", "cold_s")
     held_fixed += ("late_p",) if statistic == "fastest" or late_p is not None else ("wake_s",)
     late_start = 0.0 if statistic == "fastest" or late_p is None else late_p
     draws = 31  # random late wake-ups per placement for the simulated median (statistic "mean")

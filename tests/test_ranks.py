@@ -12,7 +12,6 @@ from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.ranks import ZERO_COSTS, RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
 
 LAT, BW = 100e-6, 1e9
-ZERO = ZERO_COSTS
 
 
 def ranks_cluster(n: int = 2, lat: float = LAT, bw: float = BW):
@@ -39,7 +38,7 @@ def graph_with_io(build) -> nx.DiGraph:
 
 def test_two_rank_chain_costs_the_sum_of_its_ops_plus_one_transfer_each_way():
     g = graph_with_io(lambda g: (op(g, "a", ["x"]), op(g, "b", ["a"]))[-1] or "b")
-    s = simulate_ranks(g, {"a": "cpu:0", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO)
+    s = simulate_ranks(g, {"a": "cpu:0", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO_COSTS)
     transfer = LAT + 1000 / BW
     assert s.step_time == pytest.approx(1e-3 + transfer + 1e-3 + 2e-3 + transfer + 2e-3, rel=1e-12)
     assert [m.grad for m in s.messages] == [False, True]
@@ -48,7 +47,7 @@ def test_two_rank_chain_costs_the_sum_of_its_ops_plus_one_transfer_each_way():
 def test_a_rank_waiting_for_a_message_starts_when_it_arrives():
     g = graph_with_io(lambda g: (op(g, "a", ["x"], fwd=5e-3), op(g, "c", ["x"], fwd=1e-3), op(g, "b", ["a", "c"]))[-1]
                       or "b")
-    s = simulate_ranks(g, {"a": "cpu:0", "c": "cpu:1", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO)
+    s = simulate_ranks(g, {"a": "cpu:0", "c": "cpu:1", "b": "cpu:1", "output": "cpu:1"}, ranks_cluster(), ZERO_COSTS)
     [fwd_a] = [m for m in s.messages if m.value == "a" and not m.grad]
     assert fwd_a.arrival == pytest.approx(5e-3 + LAT + 1000 / BW)
     assert s.event("b").start == pytest.approx(fwd_a.arrival)
@@ -70,17 +69,74 @@ def test_only_a_wait_that_sleeps_pays_the_wake_up():
     g = graph_with_io(build)
     wake = 50e-6
     place = {"c": "cpu:0", "z": "cpu:0", "a": "cpu:0", "b": "cpu:1", "d": "cpu:1", "output": "cpu:1"}
-    s = simulate_ranks(g, place, ranks_cluster(), RankCosts(**{**ZERO.to_dict(), "wake_s": wake}))
+    s = simulate_ranks(g, place, ranks_cluster(), RankCosts(**{**ZERO_COSTS.to_dict(), "wake_s": wake}))
     assert len(s.plan.stages_of(1)) == 2
     arrived = {m.value: m.arrival for m in s.messages if not m.grad}
     assert s.event("b").start == pytest.approx(arrived["a"] + wake)
     assert arrived["c"] < s.event("b").end
     assert s.event("d").start == pytest.approx(s.event("b").end)
     # The expected late wake-up (R3) is paid by the same sleeping wait, and only there.
-    late = simulate_ranks(g, place, ranks_cluster(), RankCosts(**{**ZERO.to_dict(), "wake_s": wake, "late_p": 0.25,
+    late = simulate_ranks(g, place, ranks_cluster(), RankCosts(**{**ZERO_COSTS.to_dict(), "wake_s": wake, "late_p": 0.25,
                                                                   "late_s": 4e-3}))
     assert late.event("b").start == pytest.approx(arrived["a"] + wake + 0.25 * 4e-3)
     assert late.event("d").start == pytest.approx(late.event("b").end)
+
+
+def _cold_case(b_fwd: float):
+    """Rank 1 sleeps for ``a`` (5 ms away on rank 0), then runs ``b`` (``b_fwd`` s) and ``d`` (1 ms)."""
+    def build(g):
+        op(g, "a", ["x"], fwd=5e-3)
+        op(g, "b", ["a"], fwd=b_fwd)
+        op(g, "d", ["b"], fwd=1e-3)
+        return "d"
+
+    return graph_with_io(build), {"a": "cpu:0", "b": "cpu:1", "d": "cpu:1", "output": "cpu:1"}
+
+
+def test_after_a_sleeping_wait_the_next_cold_seconds_of_ops_run_slower():
+    cold = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.5, "cold_s": 4e-3})
+    # b (2 ms) runs entirely cold; d gets the 2 ms of cold time left, its 1 ms all cold.
+    g, place = _cold_case(2e-3)
+    s = simulate_ranks(g, place, ranks_cluster(), cold)
+    assert s.event("b").end - s.event("b").start == pytest.approx(1.5 * 2e-3)
+    assert s.event("d").end - s.event("d").start == pytest.approx(1.5 * 1e-3)
+    # b (10 ms) uses up the 4 ms cold window: 2 ms extra, and d runs at full speed.
+    g, place = _cold_case(10e-3)
+    s = simulate_ranks(g, place, ranks_cluster(), cold)
+    assert s.event("b").end - s.event("b").start == pytest.approx(10e-3 + 0.5 * 4e-3)
+    assert s.event("d").end - s.event("d").start == pytest.approx(1e-3)
+    # The slowdown is busy time of the rank, as the measured CPU seconds show it.
+    warm = simulate_ranks(g, place, ranks_cluster(), ZERO_COSTS)
+    assert s.busy[1] > warm.busy[1] and s.busy[0] >= warm.busy[0]
+
+
+def test_a_rank_that_never_sleeps_is_never_cold():
+    g, place = _cold_case(2e-3)
+    alone = dict.fromkeys(place, "cpu:0")
+    cold = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.5})
+    assert simulate_ranks(g, alone, ranks_cluster(), cold).step_time == \
+        simulate_ranks(g, alone, ranks_cluster(), ZERO_COSTS).step_time
+    assert simulate_ranks(g, place, ranks_cluster(), cold).step_time > \
+        simulate_ranks(g, place, ranks_cluster(), ZERO_COSTS).step_time
+
+
+def test_the_fit_recovers_the_cold_factor_of_simulated_steps():
+    from envs.sim.ranks import fit_rank_costs
+
+    g, _ = _sleepy_case()
+    rng = np.random.default_rng(0)
+    nodes = [f"n{i}" for i in range(6)]
+    places = [{n: f"cpu:{int(rng.integers(2))}" for n in nodes} | {"output": "cpu:1"} for _ in range(12)]
+    truth = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.4, "cold_s": 2e-3})
+    measured = simulate_ranks_batch(g, places, ranks_cluster(), truth)
+    fixed = tuple(k for k in ZERO_COSTS.to_dict() if k not in ("cold_factor", "latency_s"))
+    fitted = fit_rank_costs(g, places, measured, ranks_cluster(), start=replace_costs(truth, cold_factor=0.1),
+                            fixed=fixed + ("latency_s",))
+    assert fitted.cold_factor == pytest.approx(0.4, rel=0.05)
+
+
+def replace_costs(costs: RankCosts, **changes) -> RankCosts:
+    return RankCosts(**{**costs.to_dict(), **changes})
 
 
 def _sleepy_case():
@@ -103,7 +159,7 @@ def test_drawn_late_wake_ups_fall_between_none_and_all_late_and_their_mean_tends
     g, place = _sleepy_case()
     tick = 4e-3
     def sim(p):
-        return RankSimulator(g, ranks_cluster(), RankCosts(**{**ZERO.to_dict(), "late_p": p, "late_s": tick}))
+        return RankSimulator(g, ranks_cluster(), RankCosts(**{**ZERO_COSTS.to_dict(), "late_p": p, "late_s": tick}))
 
     never, always = sim(0.0).step_times([place])[0], sim(1.0).step_times([place])[0]
     sleeping = sum(1 for e in sim(0.0).simulate(place).events if e.kind == "wait")
@@ -170,8 +226,8 @@ def test_layer_split_lstm_runs_as_a_wavefront_well_under_the_serial_sum():
     steps = 10
     g = lstm_graph(steps)
     place = {n: ("cpu:0" if n[1] == "1" else "cpu:1") for n in g.nodes if n != "x"}
-    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
-    serial = simulate_ranks(g, dict.fromkeys(place, "cpu:0"), ranks_cluster(), ZERO).step_time
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO_COSTS)
+    serial = simulate_ranks(g, dict.fromkeys(place, "cpu:0"), ranks_cluster(), ZERO_COSTS).step_time
     assert serial == pytest.approx(steps * 2 * 3e-3)
     assert len(s.plan.stages) == 2 * steps  # one stage per cell: the runtime's cut
     assert s.event("c2_0").start < s.event(f"c1_{steps - 1}").end  # layer 2 starts before layer 1 ends
@@ -192,7 +248,7 @@ def test_a_ready_message_waits_behind_an_earlier_unready_one_to_the_same_peer():
 
     g = graph_with_io(build)
     place = {"xx": "cpu:0", "z": "cpu:0", "y": "cpu:0", "p": "cpu:1", "q": "cpu:1", "output": "cpu:1"}
-    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO_COSTS)
     msg = {m.value: m for m in s.messages if not m.grad}
     assert s.event("xx").end == pytest.approx(1e-3)
     assert msg["xx"].issued == pytest.approx(s.event("y").end) == pytest.approx(msg["y"].issued)
@@ -211,7 +267,7 @@ def test_a_gradient_send_waits_until_the_receiver_posts_its_receive():
 
     g = graph_with_io(build)
     place = {"a": "cpu:0", "long": "cpu:0", "b": "cpu:1", "output": "cpu:1"}
-    s = simulate_ranks(g, place, ranks_cluster(), ZERO)
+    s = simulate_ranks(g, place, ranks_cluster(), ZERO_COSTS)
     [grad_a] = [m for m in s.messages if m.value == "a" and m.grad]
     assert grad_a.issued < 20e-3 < grad_a.posted
     assert grad_a.start == pytest.approx(grad_a.posted + LAT)
@@ -314,7 +370,7 @@ def test_host_costs_are_recovered_from_per_rank_cpu_seconds():
     true = dict(op_scale=1.4, stage=150e-6, message=75e-6, loss=80e-6, step=200e-6)
     cpu = []
     for p in rows:
-        counts = rank_counts(simulate_ranks(g, p, ranks_cluster(), ZERO))
+        counts = rank_counts(simulate_ranks(g, p, ranks_cluster(), ZERO_COSTS))
         cpu.append([true["op_scale"] * c["ops_s"] + true["stage"] * c["stage_calls"] + true["message"] * (c["sent"] + c["received"])
                     + true["loss"] * c["loss"] + true["step"] for c in counts])
     got = fit_host_costs([(g, rows, cpu, None)], ranks_cluster())
@@ -335,7 +391,7 @@ def test_latency_and_wake_up_are_fitted_from_step_times():
     steps = simulate_ranks_batch(g, rows, ranks_cluster(), truth)
     start = RankCosts(latency_s=100e-6, wake_s=20e-6)
     held = ("op_scale", "stage_fwd_s", "stage_bwd_s", "send_s", "recv_s", "handoff_s", "loss_s", "step_s", "late_p",
-            "late_s")
+            "late_s", "cold_factor", "cold_s")
     got = fit_rank_costs_many([(g, rows, steps, None)], ranks_cluster(), start=start, fixed=held)
     fitted = simulate_ranks_batch(g, rows, ranks_cluster(), got)
     assert np.max(np.abs(fitted / steps - 1)) < 0.02

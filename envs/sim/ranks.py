@@ -69,6 +69,26 @@ the mean steps, ``late_p`` comes out at 0.6% (~21 us per sleeping wait); held at
 leaves the held-out ranking unchanged: sleeping waits go with messages, whose per-message
 constants already carry most of their cost.
 
+**R3b Cold after a sleep.** The ops a thread runs right after it slept in a wait run slower:
+after a sleeping wait, the rank's next ``cold_s`` seconds of op time (forward, backward or
+update; scaled times) take ``1 + cold_factor`` times as long. Measured here in one process
+with no peer at all (``benchmarks/rank_cold.py``: a pass over ResNet-50's first stages, CPU
+time per module call, after a ``time.sleep`` against back to back): after a 20 ms sleep the
+work costs 2.1-3.2 ms more CPU, most of it in the first few ms and little after ~20 ms
+(after 1-5 ms of sleep 0.1-1.9 ms), so ``cold_s`` = 20 ms is held and ``cold_factor`` is
+fitted on measured steps; every sleeping wait is charged alike (the measured extra grows with
+the sleep's length; the fit averages over a real step's waits). In the runtime
+(``benchmarks/agreement_ranks.py``, 40 timed steps per placement, 2026-12-05) each rank's CPU
+time per step grew with its time spent waiting (0.34-0.98 CPU s per second waited, per
+model), while gloo's wait itself burns no CPU (a receive waiting 1-20 ms used 2-15% of a
+core); without the rule, two-stage splits of ResNet-50 and Inception-v3 measured 5-15 ms
+slower than one rank, but were simulated as fast as one rank, which ranked them wrongly
+(held-out Spearman 0.84-0.89 on the two models in two runs); with it, 0.93-0.96, the other four
+models unchanged (0.91-0.97; ``benchmarks/results/agreement_ranks.md``). A thread that
+never sleeps (one rank doing all the work) is never cold. Likely cause: an idle vCPU halts at
+once here (``haltpoll.guest_halt_poll_ns=0``) and its caches and frequency are not what the
+work left them; not traced.
+
 **R4 Per-peer FIFO send queues in the receiver's order.** ``runtime.py:_Outbox`` keeps one
 queue per peer, sorted as the receiver consumes (forward: ``(dst_stage, transfer
 index)``; backward: ``(-src_stage, transfer index)``), and issues ``isend`` for the head of a
@@ -191,6 +211,12 @@ class RankCosts:
     late_p: float = 0.006
     #: How late a late wake-up is (about one scheduler tick; the quiet runs' slow-mode jump).
     late_s: float = 3.5e-3
+    #: R3b: after a thread slept in a wait, its next ``cold_s`` of op time runs
+    #: ``1 + cold_factor`` times slower. Fitted on the mean steps of two 40-repeat quiet runs
+    #: (0.124 and 0.265, with ``cold_s`` held at the 20 ms that ``benchmarks/rank_cold.py``
+    #: measures): their mean. Any value in 0.1-0.35 gave the same held-out ranking.
+    cold_factor: float = 0.19
+    cold_s: float = 0.02
     #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
     #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
     #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
@@ -219,7 +245,7 @@ class RankCosts:
 #: No host cost at all and op times as profiled: the baseline a fit adds constants to
 #: (:func:`fit_host_costs`), and what GPU devices pay in the pipeline simulator.
 ZERO_COSTS = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
-                       loss_s=0.0, step_s=0.0, wake_s=0.0, late_p=0.0)
+                       loss_s=0.0, step_s=0.0, wake_s=0.0, late_p=0.0, cold_factor=0.0)
 
 
 @dataclass(frozen=True)
@@ -326,7 +352,7 @@ class RankEvent:
     """One interval on a rank's host thread: an op's forward/backward/update, or an overhead."""
 
     rank: int
-    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "loss", "step"
+    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "rewarm", "loss", "step"
     name: str
     start: float
     end: float
@@ -573,6 +599,7 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
     waiting: dict[int, list[int]] = {}  # message -> ranks blocked on it
     heap = [(0.0, r) for r in range(W)]
     blocked = [False] * W  # waiting for a message that is not resolved yet
+    cold_left = [0.0] * W  # R3b: op seconds each rank still runs slower after its last sleep
 
     def resolve(key: tuple[int, int]) -> None:
         # R5: payloads leave one after another once issued and their receive is known to the sender.
@@ -592,6 +619,10 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
             chan_next[key] += 1
 
     def work(r: int, kind: str, name: str, dt: float) -> None:
+        if cold_left[r] > 0.0 and kind in ("fwd", "bwd", "opt"):
+            hot = min(dt, cold_left[r])
+            cold_left[r] -= hot
+            dt += costs.cold_factor * hot
         if trace:
             events.append(RankEvent(r, kind, name, clock[r], clock[r] + dt))
         clock[r] += dt
@@ -610,6 +641,10 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
             if trace:
                 events.append(RankEvent(r, kind, name, clock[r], until))
             clock[r] = until
+            # R3b: the ops run after a sleep run slower for a while.
+            cold_left[r] = costs.cold_s
+            if trace:
+                events.append(RankEvent(r, "rewarm", name, clock[r], clock[r]))
         return False
 
     send_s, wake = costs.send_s, costs.expected_wake_s
@@ -938,6 +973,7 @@ def rank_counts(schedule: RankSchedule) -> list[dict[str, float]]:
             "sent": float(sum(1 for m in schedule.messages if m.src == r)),
             "received": float(sum(1 for m in schedule.messages if m.dst == r)),
             "loss": float(r == schedule.plan.output_rank),
+            "sleeps": float(sum(1 for e in mine if e.kind == "rewarm")),
         })
     return out
 
@@ -986,15 +1022,16 @@ def fit_host_costs(cases: Sequence[tuple[nx.DiGraph, Sequence[Mapping[str, str |
 
 def fit_rank_costs(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | int]], measured: Sequence[float],
                    cluster: Cluster, start: RankCosts | None = None, leaves: Mapping[str, int] | None = None,
-                   fixed: Sequence[str] = ("handoff_s", "late_s")) -> RankCosts:
+                   fixed: Sequence[str] = ("handoff_s", "late_s", "cold_s")) -> RankCosts:
     """The :class:`RankCosts` that best reproduce measured steps of ``placements`` (log least squares).
 
     Minimises ``sum (log simulated - log measured)^2`` plus a weak prior pulling each
     constant towards ``start`` (so a constant the placements cannot tell apart, e.g.
     ``stage_bwd_s`` when every placement has one stage, stays near its prior). The link
     latency is fitted too (``latency_s``), starting from the cluster's, at most 200 us.
-    ``fixed`` names constants left at ``start`` (by default ``handoff_s`` and ``late_s``, the
-    measured tick; ``wake_s`` and ``late_p`` only enter the expected step as
+    ``fixed`` names constants left at ``start`` (by default ``handoff_s``, ``late_s``, the
+    measured tick, and ``cold_s``, the measured length of R3b's slowdown; ``wake_s`` and
+    ``late_p`` only enter the expected step as
     ``wake_s + late_p * late_s``, so fix one of them to fit the other).
 
     Raises:
@@ -1006,7 +1043,7 @@ def fit_rank_costs(graph: nx.DiGraph, placements: Sequence[Mapping[str, str | in
 def fit_rank_costs_many(cases: Sequence[tuple[nx.DiGraph, Sequence[Mapping[str, str | int]], Sequence[float],
                                               Mapping[str, int] | None]],
                         cluster: Cluster, start: RankCosts | None = None,
-                        fixed: Sequence[str] = ("handoff_s", "late_s")) -> RankCosts:
+                        fixed: Sequence[str] = ("handoff_s", "late_s", "cold_s")) -> RankCosts:
     """:func:`fit_rank_costs` over several models at once: ``cases`` are ``(graph, placements,
     measured steps, leaves)``; one set of constants for all of them."""
     from scipy.optimize import least_squares
@@ -1028,8 +1065,8 @@ def fit_rank_costs_many(cases: Sequence[tuple[nx.DiGraph, Sequence[Mapping[str, 
         lat = compiled[0][0].lat
         base = replace(base, latency_s=float(min(200e-6, np.min(lat[lat > 0], initial=200e-6))))
     names = [f.name for f in fields(RankCosts) if f.name not in fixed and getattr(base, f.name) is not None]
-    # A late-wake-up probability of 0 would stay 0 on the log scale: start it at 1%.
-    x0 = np.array([max(getattr(base, n), 0.01 if n == "late_p" else 1e-7) for n in names])
+    # A late-wake-up probability or cold factor of 0 would stay 0 on the log scale: start them above it.
+    x0 = np.array([max(getattr(base, n), {"late_p": 0.01, "cold_factor": 0.2}.get(n, 1e-7)) for n in names])
     prior_w = 0.1
 
     def costs_of(z: np.ndarray) -> RankCosts:
