@@ -25,7 +25,7 @@ The measured figures (2 gloo processes here) are ``benchmarks/bench_pipeline_mea
 
 Usage::
 
-    python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50] [--budget 2000]
+    python3 benchmarks/bench_pipeline.py --simulated [--models gpt2,resnet50] [--budget 2000] [--batch-size 16]
     python3 benchmarks/bench_pipeline.py --ablation [--budget 2000] [--seeds 3]
 """
 
@@ -69,15 +69,20 @@ def _ms(t: float) -> str:
     return "does not fit" if not math.isfinite(t) else f"{t * 1e3:.1f}"
 
 
-def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0) -> list[str]:
-    """One Markdown table row per (model, cluster), then the budgets and the credit."""
+def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0,
+              batch_size: int | None = None) -> list[str]:
+    """One Markdown table row per (model, cluster), then the budgets and the credit; ``batch_size``
+    replaces the paper preset's batch (e.g. a batch whose step no longer fits one device)."""
     rows = ["| model | cluster | batch | best un-pipelined (method) | DDP | even_layers | even_params | pipedream_dp "
             "| search, equal budget (best of either) | search | search's best pipeline (layout) | search's best pipeline x DDP | "
             "placer's best | vs DDP | vs best partitioner | vs un-pipelined |", "|" + "---|" * 16]
     notes: list[str] = []
     for model in models:
         start = time.perf_counter()
-        prep = prepare(f"zoo:{model}", model_args={"size": "paper"}, profile=False)
+        model_args: dict[str, object] = {"size": "paper"}
+        if batch_size is not None:
+            model_args["batch_size"] = batch_size
+        prep = prepare(f"zoo:{model}", model_args=model_args, profile=False)
         batch = batch_size_of(prep.spec.example_inputs)
         opt = optimizer_name(prep.spec)
         for cname in clusters:
@@ -194,12 +199,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each --ablation search")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="--simulated: this batch instead of each paper preset's")
     args = parser.parse_args()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {stamp}, torch {torch.__version__}, load {uptime()}")
     print(f"# python3 benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}")
     if args.simulated:
-        for line in simulated(args.models.split(","), args.clusters.split(","), args.budget, args.seed):
+        for line in simulated(args.models.split(","), args.clusters.split(","), args.budget, args.seed,
+                              args.batch_size):
             print(line)
     if args.ablation:
         for line in ablation(args.models.split(","), args.clusters.split(","), args.budget, args.seeds):
