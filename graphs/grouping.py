@@ -33,11 +33,9 @@ then ranks which pair is cheapest.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +43,7 @@ import networkx as nx
 import torch.fx as fx
 
 from graphs.errors import GraphError
+from graphs.gc_pause import paused_gc
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
 from graphs.ops import INPLACE_OPERATOR_NAMES, STAYS_WITH_INPUT_OPS, op_name
 
@@ -336,21 +335,10 @@ def group_graph(graph: nx.DiGraph, max_groups: int | None = None, tiny_op_second
     ``inplace=True`` arguments and modules, which the placement graph does not record.
     """
     kind = _check_arguments(graph, max_groups, tiny_op_seconds, device_kind)
-    with _gc_paused():
-        return _group(graph, max_groups, float(tiny_op_seconds), kind, gm)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
     # Grouping allocates hundreds of thousands of small dicts and tuples that all stay alive;
     # the cyclic collector would rescan them over and over (a third of the time at 50k ops).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    with paused_gc():
+        return _group(graph, max_groups, float(tiny_op_seconds), kind, gm)
 
 
 def _topological_names(graph: nx.DiGraph) -> list[str]:

@@ -139,7 +139,6 @@ once, plans cached per placement, no trace), :class:`RankCosts` (constants) and
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 from collections.abc import Mapping, Sequence
@@ -152,6 +151,7 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.sim.stages import cut_stages
 from graphs.errors import PlacerError
+from graphs.gc_pause import paused_gc
 
 __all__ = [
     "RankSimError",
@@ -711,25 +711,21 @@ def _compile(graph: nx.DiGraph, cluster: Cluster, leaves: Mapping[str, int] | No
 
 def _simulate(c: _Compiled, ranks: Mapping[str, int], costs: RankCosts, trace: bool,
               rng: np.random.Generator | None = None) -> RankSchedule:
-    key = tuple(sorted(ranks.items()))
-    built = c.templates.get(key)
-    if built is None:
-        # Building allocates thousands of small acyclic objects; the cyclic collector
-        # scanning the (large, long-lived) graph meanwhile was 2/3 of the time (measured on
-        # inception_v3: 38 -> 13 ms per placement), so it pauses while we build.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+    # Building and running allocate thousands of small acyclic objects; the cyclic collector
+    # rescanning the long-lived graph and the cached templates meanwhile was 2/3 of the build
+    # (inception_v3: 38 -> 13 ms per placement) and 45% of a batch of random resnet50
+    # placements (182 -> 347 per CPU-s), so it pauses (graphs.gc_pause).
+    with paused_gc():
+        key = tuple(sorted(ranks.items()))
+        built = c.templates.get(key)
+        if built is None:
             plan = rank_plan(c.graph, ranks, c.cluster.num_devices)
             built = (plan, *_build(c.graph, plan, c.cost, c.opt_fixed))
-        finally:
-            if paused:
-                gc.enable()
-        if len(c.templates) < 4096:  # the fit re-simulates the same placements with other constants
-            c.templates[key] = built
-    plan, programs, messages, channel = built
-    lat = c.lat if costs.latency_s is None else np.where(c.lat > 0, costs.latency_s, 0.0)
-    clock, busy, events, timed = _run(programs, messages, channel, lat, c.bw, costs, trace, rng)
+            if len(c.templates) < 4096:  # the fit re-simulates the same placements with other constants
+                c.templates[key] = built
+        plan, programs, messages, channel = built
+        lat = c.lat if costs.latency_s is None else np.where(c.lat > 0, costs.latency_s, 0.0)
+        clock, busy, events, timed = _run(programs, messages, channel, lat, c.bw, costs, trace, rng)
     return RankSchedule(float(max(clock)), [float(x) for x in clock], [float(x) for x in busy], plan, events, timed)
 
 
