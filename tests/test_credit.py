@@ -68,5 +68,26 @@ def test_the_report_shows_each_phase_and_its_share_of_the_gain():
     text = "\n".join(credit_section(tracker.result("finished")))
     assert "## Search credit" in text
     assert "| policy_moves | 1 | 75% |" in text and "| local_search | 1 | 25% |" in text and "| seeds | 1 | — |" in text
-    assert "Best seed 10.000 ms → 6.000 ms" in text
+    assert "Best seed 10.000 ms → 6.000 ms after the search." in text
     assert credit_section(object()) == []
+
+
+def test_the_report_does_not_read_a_recalibrated_seed_as_a_search_that_made_things_worse():
+    from placer.report.results import credit_section
+
+    problem = chain_problem(6)
+    scale = {"version": 0, "factor": 1.0}
+    tracker = BestTracker(problem, budget=100, patience=None)
+    tracker.watch_scale(lambda: scale["version"], lambda row: (0.010 * scale["factor"], True))
+    row = np.zeros((1, problem.num_nodes), dtype=np.int64)
+    tracker.record(row, np.array([0.010]), np.array([True]), phase="seeds")
+    scale.update(version=1, factor=2.4)  # a recalibration: the same placement now costs 24 ms
+    tracker.record(row, np.array([0.030]), np.array([True]), phase="policy_moves")
+    result = tracker.result("finished")
+    assert result.rescales == 1 and result.best_step_time == pytest.approx(0.024)
+    text = "\n".join(credit_section(result))
+    assert "Best seed" not in text
+    assert "No phase after the seeds improved on the best seed" in text and "24.000 ms" in text
+    # An improvement after a recalibration says that its two figures are on different scales.
+    tracker.record(row, np.array([0.020]), np.array([True]), phase="local_search")
+    assert "recalibrated 1 time(s) in between" in "\n".join(credit_section(tracker.result("finished")))

@@ -192,8 +192,16 @@ def credit_section(search: Any) -> list[str]:
         share = "—" if phase == "seeds" else f"{shares.get(phase, 0.0):.0%}"
         lines.append(f"| {phase} | {count} | {share} |")
     seed = search.seed_step_time
-    if math.isfinite(seed) and math.isfinite(search.best_step_time):
-        lines += ["", f"Best seed {seed * 1e3:.3f} ms → {search.best_step_time * 1e3:.3f} ms after the search."]
+    rescales = int(getattr(search, "rescales", 0) or 0)
+    if not any(imp.phase != "seeds" for imp in improvements):
+        lines += ["", "No phase after the seeds improved on the best seed (a heuristic's placement)."
+                  + (f" Its step time on the simulator as recalibrated at the end: "
+                     f"{search.best_step_time * 1e3:.3f} ms." if rescales and math.isfinite(search.best_step_time)
+                     else "")]
+    elif math.isfinite(seed) and math.isfinite(search.best_step_time):
+        lines += ["", f"Best seed {seed * 1e3:.3f} ms → {search.best_step_time * 1e3:.3f} ms after the search"
+                  + (f" (the simulator was recalibrated {rescales} time(s) in between: the seed's figure is on "
+                     "the scale before, the final one on the last)." if rescales else ".")]
     return lines + [""]
 
 

@@ -112,7 +112,11 @@ class SearchResult:
             (the improvement phase, :mod:`placer.search.local_search`).
         phase_evaluated: placements evaluated by each phase.
         improvements: every improvement of the best placement with the phase that made it
-            (:class:`Improvement`): the search curve by phase.
+            (:class:`Improvement`): the search curve by phase, each on the reward's scale at
+            the time it was made.
+        rescales: how many times the reward's scale changed during the search (hybrid: the
+            simulator recalibrated, :meth:`BestTracker.watch_scale`); ``best_step_time`` is on
+            the last scale.
     """
 
     best_row: np.ndarray | None
@@ -128,6 +132,7 @@ class SearchResult:
     best_phase: str = ""
     phase_evaluated: dict[str, int] = field(default_factory=dict)
     improvements: list[Improvement] = field(default_factory=list)
+    rescales: int = 0
 
     @property
     def seed_step_time(self) -> float:
@@ -220,6 +225,7 @@ class BestTracker:
         self._bar = None
         self._rescale: tuple[Callable[[], int], Callable[[np.ndarray], tuple[float, bool]]] | None = None
         self._scale_version = 0
+        self._rescales = 0
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -292,6 +298,7 @@ class BestTracker:
         """
         self._rescale = (version, rescore)
         self._scale_version = version()
+        self._rescales = 0
 
     def _follow_rescale(self) -> None:
         """Re-score the incumbent when the reward's scale changed (see :meth:`watch_scale`)."""
@@ -302,6 +309,7 @@ class BestTracker:
         if now == self._scale_version:
             return
         self._scale_version = now
+        self._rescales += 1
         if self.best_row is None:
             return
         step_time, fits = rescore(self.best_row)
@@ -376,6 +384,7 @@ class BestTracker:
             source="simulated" if self.problem.simulated else "measured",
             agent=self.agent,
             best_phase=self.best_phase,
+            rescales=self._rescales,
             phase_evaluated=dict(self.phase_evaluated),
             improvements=list(self.improvements),
         )
