@@ -19,7 +19,7 @@ from envs.sim.problem import compile_problem
 from graphs.graph_io import load_graph, save_graph
 from graphs.model_file import batch_size_of
 from graphs.pipeline import load_source, prepare
-from graphs.profile.batch_scaling import microbatch_ratio, slice_batch
+from graphs.profile.batch_scaling import microbatch_ratio, min_microbatch_samples, slice_batch
 from placer.cli.main import main as cli_main
 from tests.helpers.pipelines import cpu_cluster
 
@@ -60,9 +60,35 @@ BAKED_BATCH = textwrap.dedent("""
     """)
 
 
+#: A chain with batch norm: it trains on 2 samples or more, not on 1.
+NORM_CHAIN = textwrap.dedent("""
+    import torch
+
+    def get_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 4))
+
+    def get_example_inputs():
+        torch.manual_seed(1)
+        return (torch.randn(8, 16),)
+    """)
+
+
 def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
     names = devices.split(",") if isinstance(devices, str) else list(devices)
     return {(a, b): (20e-6, 2e9) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def test_a_model_that_fails_on_one_sample_gets_micro_batches_of_the_fewest_it_runs_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "norm.py").write_text(NORM_CHAIN)
+    graph = prepare(str(tmp_path / "norm.py"), microbatch_profile=True).captured.graph
+    # Batch 8 profiled again at 1 sample: batch norm in training refuses one value per channel.
+    assert "does not run on 1 of its 8 samples" in graph.graph["batch_scaling"]["skipped"]
+    assert min_microbatch_samples(graph) == 2
+    graph.graph.pop("batch_scaling")
+    assert min_microbatch_samples(graph) == 1
 
 
 @pytest.fixture
@@ -112,6 +138,8 @@ def test_a_model_that_cannot_run_on_a_micro_batch_keeps_the_default_rule_and_say
         prep = prepare(str(model_dir / "baked.py"), microbatch_profile=True)
     graph = prep.captured.graph
     assert "does not run on 2 of its 16 samples" in graph.graph["batch_scaling"]["skipped"]
+    # Nor on 4 or 8: micro-batches and DDP replicas keep the whole batch.
+    assert min_microbatch_samples(graph) == 16
     assert any("micro-batch profile skipped" in r.getMessage() and "16 samples" in r.getMessage()
                for r in caplog.records)
     assert not any("fwd_fixed" in a for _, a in graph.nodes(data=True))

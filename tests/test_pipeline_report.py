@@ -10,7 +10,7 @@ from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.problem import compile_problem
 from graphs.model_file import batch_size_of
 from placer.report.compare import Candidate, comparison_table
-from placer.search.baselines.pipeline_rows import recommendation_line, with_parallel_rows
+from placer.search.baselines.pipeline_rows import parallel_rows, recommendation_line, with_parallel_rows
 
 MB = 2**20
 
@@ -86,3 +86,33 @@ def test_a_measured_winner_is_recommended_among_measured_rows_and_a_simulated_dd
     best = table[placements].sort_values("step_time").iloc[0]
     assert line.startswith(f"recommendation: {best['method']} (") and ", measured)" in line
     assert f"DDP simulated at {ddp_time * 1e3:.3f} ms, not measured" in line and "slower than DDP" not in line
+
+
+def test_no_micro_batch_or_ddp_replica_gets_fewer_samples_than_the_model_runs_on():
+    problem = compile_problem(chain(), gpus(2))
+    split = np.array([0] * 5 + [1] * 5)
+    base = comparison_table(problem, [Candidate("split", split), Candidate("single", np.zeros(10, dtype=int))])
+    # The model runs on no fewer than 2 samples (batch norm on one, say): batch 8 allows M <= 4
+    # per pipeline and R x M <= 4 for a hybrid.
+    table, pipelines = parallel_rows(base, problem, batch_size=8, min_samples=2)
+    assert pipelines and all(8 // (p.num_replicas * p.microbatches) >= 2 for p in pipelines.values())
+    assert table[table["method"] == "ddp"].iloc[0]["fits"]
+    # It runs on its whole batch only: no DDP (each replica would get 4), pipelines of M = 1.
+    table, pipelines = parallel_rows(base, problem, batch_size=8, min_samples=8)
+    ddp = table[table["method"] == "ddp"].iloc[0]
+    assert not ddp["fits"] and ddp["note"].startswith("does not run: each of the 2 replicas would get 4 sample(s)")
+    assert all(p.microbatches == 1 and p.num_replicas == 1 for p in pipelines.values())
+    line = recommendation_line(table, "split")
+    assert "DDP does not run: each of the 2 replicas" in line and "does not fit" not in line
+
+
+def test_a_ddp_run_that_failed_is_named_as_such_beside_a_measured_winner():
+    problem = compile_problem(chain(), gpus(2))
+    table = with_parallel_rows(comparison_table(problem, [Candidate("single", np.zeros(10, dtype=int))]), problem,
+                               batch_size=32)
+    placements = table["kind"] == "placement"
+    table.loc[placements, "source"] = "measured"
+    i = table.index[table["method"] == "ddp"][0]
+    table.at[i, "note"] = "2 replicas; measurement invalid: the job failed: rank 0 crashed (exit code 1): ValueError"
+    line = recommendation_line(table, "single")
+    assert "DDP did not run when measured (the job failed: rank 0 crashed (exit code 1): ValueError)" in line

@@ -61,7 +61,7 @@ from graphs.profile.op_timing import one_cpu_thread, tree_map
 from graphs.profile.profiler import resolve_devices
 
 __all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "slice_batch", "fixed_parts",
-           "profile_fixed_parts"]
+           "profile_fixed_parts", "smallest_runnable_batch", "min_microbatch_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,32 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def smallest_runnable_batch(gm: fx.GraphModule, inputs: tuple[Any, ...], batch: int, above: int,
+                            device: torch.device) -> int:
+    """The smallest divisor of ``batch`` above ``above`` samples on which one training step of
+    ``gm`` runs (``batch`` itself when none smaller does): a model that fails on a micro-batch
+    (batch norm on one sample, shapes fixed at capture) may still run on a larger one."""
+    for size in range(above + 1, batch):
+        if batch % size:
+            continue
+        try:
+            with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
+                plain_step_seconds(gm, slice_batch(inputs, batch, size), device)
+        except Exception:  # noqa: BLE001 - any failure: the model does not run on this many samples
+            continue
+        return size
+    return batch
+
+
+def min_microbatch_samples(graph: Any) -> int:
+    """The fewest samples a micro-batch (or a DDP replica's share) of ``graph``'s model may
+    have: 1, unless the micro-batch profile found the model failing on fewer
+    (``graph.graph["batch_scaling"]["min_samples"]``, :func:`profile_fixed_parts`)."""
+    scaling = graph.graph.get("batch_scaling") or {}
+    value = scaling.get("min_samples", 1)
+    return int(value) if isinstance(value, (int, float)) and value >= 1 else 1
+
+
 def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, ...], dev: torch.device,
                  repeats: int, names: list[str], cache: ProfileCache | None,
                  fingerprint: str | None) -> tuple[dict[str, NodeTimes], float, bool]:
@@ -228,6 +254,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
     start = time.perf_counter()
     fixed: dict[str, dict[str, tuple[float, float]]] = {}
     reasons: list[str] = []
+    min_samples = 1
     all_cached = True
     # A GPU op's fixed part is its launches, known without a second profile; the simulators
     # read measured fixed parts on CPUs only.
@@ -246,8 +273,11 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
         try:
             times, ratio_now, cached = _small_times(gm, inputs, cut, dev, repeats, names, cache, fingerprint)
         except Exception as exc:  # noqa: BLE001 - a model that does not run on a smaller batch
+            runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev)
+            min_samples = max(min_samples, runs_on)
             reasons.append(f"{graph.graph.get('name') or 'the model'} does not run on {small} of its {batch} "
-                           f"samples on {dev.type} ({_why(exc)})")
+                           f"samples on {dev.type} ({_why(exc)}); micro-batches and DDP replicas get at least "
+                           f"{runs_on}")
             continue
         all_cached = all_cached and cached
         full = np.array([[float((graph.nodes[n].get(k) or {}).get(dev.type, 0.0)) for k in ("fwd_time", "bwd_time")]
@@ -258,7 +288,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
         parts = np.stack([fixed_parts(full[:, k], part[:, k], float(ratio)) for k in (0, 1)], axis=1)
         fixed[dev.type] = {n: (float(parts[i, 0]), float(parts[i, 1])) for i, n in enumerate(names)}
     if not fixed:
-        _skipped(graph, "; ".join(reasons) or "no CPU among the devices profiled")
+        _skipped(graph, "; ".join(reasons) or "no CPU among the devices profiled", min_samples)
         return None
     fwd_key, bwd_key = FIXED_ATTRS
     for n in names:
@@ -273,7 +303,8 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
     return result
 
 
-def _skipped(graph: Any, why: str) -> None:
-    """Record and log why the graph keeps the default fixed parts."""
-    graph.graph["batch_scaling"] = {"skipped": why}
+def _skipped(graph: Any, why: str, min_samples: int = 1) -> None:
+    """Record and log why the graph keeps the default fixed parts (and, when the model failed on
+    the micro-batch, the fewest samples it runs on: :func:`min_microbatch_samples`)."""
+    graph.graph["batch_scaling"] = {"skipped": why, **({"min_samples": min_samples} if min_samples > 1 else {})}
     log.warning("micro-batch profile skipped: %s; pipelines and DDP keep the default fixed part per op", why)

@@ -41,6 +41,7 @@ from graphs.errors import PlacerError
 from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, prepare
+from graphs.profile.batch_scaling import min_microbatch_samples
 from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
@@ -336,7 +337,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     resumed = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir is not None else None
     table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs),
                                      search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
-                                     seed=config.seed, initial=[resumed] if resumed is not None else [])
+                                     seed=config.seed, initial=[resumed] if resumed is not None else [],
+                                     min_samples=min_microbatch_samples(run.prepared.captured.graph))
     if measurer is not None:
         from placer.measurement import confirm_data_parallel, confirm_pipelines, summarize
 

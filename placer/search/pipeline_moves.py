@@ -68,15 +68,17 @@ class PipelineState:
     def replicas(self) -> int:
         return len(self.devices)
 
-    def valid(self, batch_size: int | None) -> bool:
+    def valid(self, batch_size: int | None, min_samples: int = 1) -> bool:
         """Whether torch can run it: non-empty stages, distinct devices, ``R M`` dividing the
-        batch, and 1F1B with ``M >= S`` (Schedule1F1B's rule)."""
+        batch into micro-batches of at least ``min_samples`` samples (the model's smallest
+        runnable batch), and 1F1B with ``M >= S`` (Schedule1F1B's rule)."""
         b = self.bounds
         if len(b) < 3 or any(b[i + 1] <= b[i] for i in range(len(b) - 1)):
             return False
         if any(len(r) != self.num_stages for r in self.devices):
             return False
-        if batch_size is not None and batch_size % (self.replicas * self.microbatches):
+        if batch_size is not None and (batch_size % (self.replicas * self.microbatches)
+                                       or batch_size // (self.replicas * self.microbatches) < min_samples):
             return False
         if self.schedule == "interleaved_1f1b":
             # ScheduleInterleaved1F1B: stage s on device s mod P, the same number (> 1) of stages
@@ -137,14 +139,19 @@ class Move:
     amount: float = 0.0  # groups shifted (signed: > 0 moves the boundary later)
 
 
-def microbatch_choices(batch_size: int | None, replicas: int) -> list[int]:
-    """The ``M`` a replica may use: divisors of its batch, at most :data:`MAX_MICROBATCHES`."""
+def microbatch_choices(batch_size: int | None, replicas: int, min_samples: int = 1) -> list[int]:
+    """The ``M`` a replica may use: divisors of its batch, at most :data:`MAX_MICROBATCHES`,
+    leaving micro-batches of at least ``min_samples`` samples.
+
+    >>> microbatch_choices(8, 2), microbatch_choices(8, 2, min_samples=2), microbatch_choices(2, 2, min_samples=2)
+    ([1, 2, 4], [1, 2], [])
+    """
     if batch_size is None:
         return [1]
-    if batch_size % replicas:
+    if batch_size % replicas or batch_size // replicas < min_samples:
         return []
     b = batch_size // replicas
-    return [m for m in range(1, min(b, MAX_MICROBATCHES) + 1) if b % m == 0]
+    return [m for m in range(1, min(b // min_samples, MAX_MICROBATCHES) + 1) if b % m == 0]
 
 
 def layouts(num_devices: int) -> list[tuple[int, int]]:
@@ -177,9 +184,10 @@ def nearest_microbatches(choices: list[int], m: int, stages: int, schedule: str)
 
 
 def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | None,
-               cost: np.ndarray) -> list[Move]:
+               cost: np.ndarray, min_samples: int = 1) -> list[Move]:
     """Every valid move of ``state`` (module doc). ``devices``: the devices pipelines may use;
-    ``cost`` [N]: each group's compute (the split and reshape moves cut by it)."""
+    ``cost`` [N]: each group's compute (the split and reshape moves cut by it);
+    ``min_samples``: the smallest micro-batch the model runs on."""
     out: list[Move] = []
     b, devs, m, sch = list(state.bounds), state.devices, state.microbatches, state.schedule
     s_, r_ = state.num_stages, state.replicas
@@ -188,7 +196,7 @@ def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | N
     free = [d for d in devices if d not in used]
 
     def add(kind: str, st: PipelineState, stage: int, amount: float = 0.0) -> None:
-        if st != state and st.valid(batch_size):
+        if st != state and st.valid(batch_size, min_samples):
             out.append(Move(kind, st, stage, amount))
 
     for j in range(1, s_):  # boundary j sits between stage j-1 and stage j
@@ -227,7 +235,7 @@ def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | N
             cut = min(max(cut, lo + 1), hi - 1)
             grid = tuple(tuple(row[:s + 1]) + (free[i],) + tuple(row[s + 1:]) for i, row in enumerate(devs))
             add("split", PipelineState(tuple(b[:s + 1] + [cut] + b[s + 1:]), grid, m, sch), s)
-    choices = microbatch_choices(batch_size, r_)
+    choices = microbatch_choices(batch_size, r_, min_samples)
     bigger = [c for c in choices if c > m]
     smaller = [c for c in choices if c < m]
     if bigger:
@@ -255,7 +263,8 @@ def neighbours(state: PipelineState, devices: Sequence[int], batch_size: int | N
             continue
         nb2 = balanced_bounds(cost, s2)
         base = "1f1b" if sch == "interleaved_1f1b" else sch
-        picked = nearest_microbatches(microbatch_choices(batch_size, r2), m * r_ // max(r2, 1) or 1, s2, base)
+        picked = nearest_microbatches(microbatch_choices(batch_size, r2, min_samples), m * r_ // max(r2, 1) or 1, s2,
+                                      base)
         if nb2 is None or picked is None:
             continue
         grid = tuple(tuple(devices[i * s2 + j] for j in range(s2)) for i in range(r2))

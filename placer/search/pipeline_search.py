@@ -43,9 +43,10 @@ Same problem, seed and budget give the same result.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,7 @@ from placer.search.pipeline_moves import (
     NUM_FEATURES,
     SCHEDULES,
     Evaluation,
+    Move,
     PipelineState,
     balanced_bounds,
     layouts,
@@ -216,13 +218,13 @@ def _estimate(problem: PlacementProblem, state: PipelineState, costs: RankCosts 
 
 
 def _seed_states(problem: PlacementProblem, batch_size: int | None, devices: list[int], costs: RankCosts | None,
-                 count: int) -> list[tuple[str, PipelineState]]:
+                 count: int, min_samples: int = 1) -> list[tuple[str, PipelineState]]:
     """The partitioners' pipelines over all devices at every allowed ``M`` (1F1B where it may
     run, else GPipe), ranked by :func:`_estimate`: the ``count`` best are the seeds (only they
     are simulated, so they cost ``count`` of the budget)."""
     s_ = len(devices)
     ranked: list[tuple[float, str, PipelineState]] = []
-    for m in microbatch_choices(batch_size, 1):
+    for m in microbatch_choices(batch_size, 1, min_samples):
         schedule = "1f1b" if m >= s_ else "gpipe"
         for name in ("pipedream_dp", "even_layers", "even_params"):
             try:
@@ -248,7 +250,7 @@ def _closest(choices: list[int], target: int) -> int | None:
 
 def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: int, seed: int = 0, costs: RankCosts | None = None, batch: int = 8, learning_rate: float = 0.5,
                     policy_share: float = 0.5, initial: Sequence[Pipeline] = (), seeded: bool = True,
-                    local_search: bool = True) -> PipelineSearchResult:
+                    local_search: bool = True, min_samples: int = 1) -> PipelineSearchResult:
     """Search pipelines (and pipeline x data-parallel hybrids) of ``problem`` (module doc).
 
     Args:
@@ -269,6 +271,8 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
         local_search: run local search and its kicks after each policy round; False leaves the
             whole budget to the policy (with ``policy_share=0``: local search alone). The
             ablation benchmark (``benchmarks/bench_pipeline.py --ablation``) switches these.
+        min_samples: the fewest samples a micro-batch (of a replica) may have: the model does
+            not run on fewer (e.g. batch norm on one sample, found by the micro-batch profile).
 
     Raises:
         PipelineError: fewer than two devices, or a budget below one.
@@ -282,8 +286,10 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
     cost = node_cost(problem)[:, devices[0]]
     ev = _Evaluator(problem, costs, budget)
     seeds: dict[str, float] = {}
-    given = [("initial", st) for st in (_state_of(problem, p) for p in initial) if st is not None]
-    partitioned = _seed_states(problem, batch_size, devices, costs, SEED_COUNT) if seeded else []
+    moves_of = functools.partial(neighbours, devices=devices, batch_size=batch_size, cost=cost, min_samples=min_samples)
+    given = [("initial", st) for st in (_state_of(problem, p) for p in initial)
+             if st is not None and st.valid(batch_size, min_samples)]
+    partitioned = _seed_states(problem, batch_size, devices, costs, SEED_COUNT, min_samples) if seeded else []
     for name, st in given + partitioned:
         e = ev(st, SEEDS)
         if e is not None and e.fits:
@@ -296,7 +302,7 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
     if ev.best is None:  # nothing fits yet: start from the balanced layouts
         for r2, s2 in layouts(len(devices)):
             nb = balanced_bounds(cost, s2)
-            picked = nearest_microbatches(microbatch_choices(batch_size, r2), 4 * s2, s2, "1f1b")
+            picked = nearest_microbatches(microbatch_choices(batch_size, r2, min_samples), 4 * s2, s2, "1f1b")
             if nb is None or picked is None:
                 continue
             grid = tuple(tuple(devices[i * s2 + j] for j in range(s2)) for i in range(r2))
@@ -308,16 +314,16 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
         before = ev.evaluated
         round_budget = max(batch, min(ev.left, 8 * batch))
         share = policy_share if local_search else 1.0
-        current = _policy_round(problem, ev, current, devices, batch_size, cost, w, rng,
-                                int(round_budget * share), batch, learning_rate)
+        current = _policy_round(problem, ev, current, moves_of, w, rng, int(round_budget * share), batch,
+                                learning_rate)
         if local_search:
-            current = _local_search(problem, ev, current, devices, batch_size, cost)
+            current = _local_search(ev, current, moves_of)
         stuck = stuck + 1 if ev.evaluated == before else 0
         if stuck > MAX_STUCK:
             break  # the kicks (or the policy alone) only reach states already simulated
         if local_search:
             # A local optimum: kick the best state by a few random moves and climb again (iterated local search).
-            current = _kick(problem, ev, devices, batch_size, cost, rng, 1 + stuck % 3) or ev.best
+            current = _kick(ev, moves_of, rng, 1 + stuck % 3) or ev.best
         else:
             current = ev.best
     best = ev.best
@@ -328,14 +334,14 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
         {r: (e.state, e.step_time) for r, e in sorted(ev.best_by_replicas.items())})
 
 
-def _policy_round(problem: PlacementProblem, ev: _Evaluator, current: Evaluation, devices: list[int],
-                  batch_size: int | None, cost: np.ndarray, w: np.ndarray, rng: np.random.Generator, budget: int,
-                  batch: int, lr: float) -> Evaluation:
+def _policy_round(problem: PlacementProblem, ev: _Evaluator, current: Evaluation,
+                  moves_of: Callable[[PipelineState], list[Move]], w: np.ndarray, rng: np.random.Generator,
+                  budget: int, batch: int, lr: float) -> Evaluation:
     """REINFORCE over move features from ``current``, ``budget`` simulations at most; returns
     where the walk ended (the best proposal that improved on its point, round after round)."""
     spent = 0
     while spent < budget and ev.left > 0:
-        moves = neighbours(current.state, devices, batch_size, cost)
+        moves = moves_of(current.state)
         if not moves:
             break
         feats = move_features(moves, current, problem)
@@ -368,12 +374,11 @@ def _policy_round(problem: PlacementProblem, ev: _Evaluator, current: Evaluation
     return current
 
 
-def _local_search(problem: PlacementProblem, ev: _Evaluator, current: Evaluation, devices: list[int],
-                  batch_size: int | None, cost: np.ndarray) -> Evaluation:
+def _local_search(ev: _Evaluator, current: Evaluation, moves_of: Callable[[PipelineState], list[Move]]) -> Evaluation:
     """Best improvement over every move of ``current`` until none improves; returns the optimum."""
     while ev.left > 0:
         nxt = current
-        for mv in neighbours(current.state, devices, batch_size, cost):
+        for mv in moves_of(current.state):
             e = ev(mv.state, LOCAL)
             if e is not None and e.fits and e.step_time < nxt.step_time * (1 - 1e-9):
                 nxt = e
@@ -385,14 +390,14 @@ def _local_search(problem: PlacementProblem, ev: _Evaluator, current: Evaluation
     return current
 
 
-def _kick(problem: PlacementProblem, ev: _Evaluator, devices: list[int], batch_size: int | None,
-          cost: np.ndarray, rng: np.random.Generator, steps: int) -> Evaluation | None:
+def _kick(ev: _Evaluator, moves_of: Callable[[PipelineState], list[Move]], rng: np.random.Generator,
+          steps: int) -> Evaluation | None:
     """The best state moved by ``steps`` random moves, simulated (None: it does not fit)."""
     if ev.best is None:
         return None
     state = ev.best.state
     for _ in range(steps):
-        moves = neighbours(state, devices, batch_size, cost)
+        moves = moves_of(state)
         if not moves:
             break
         state = moves[int(rng.integers(len(moves)))].state

@@ -38,6 +38,8 @@ __all__ = ["parallel_records", "parallel_rows", "with_parallel_rows", "recommend
 #: The comparison-table method of the pipeline search's best pipeline, and of its best hybrid.
 SEARCH_METHOD = "placer (pipeline search)"
 HYBRID_METHOD = "placer (pipeline x DDP)"
+#: How the note of a DDP row that cannot run (its replicas' share is below the model's smallest batch) starts.
+DDP_DOES_NOT_RUN = "does not run"
 
 
 def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
@@ -48,11 +50,14 @@ def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
 
 def parallel_records(problem: PlacementProblem, batch_size: int | None, best_single: float,
                      costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
-                     seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
+                     seed: int = 0, initial: Sequence[Pipeline] = (),
+                     min_samples: int = 1) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
     """Comparison-table records (the columns of :func:`placer.report.compare.comparison_table`
     plus ``kind``) for DDP, each partitioner's best pipeline and the pipeline search's bests
     (``search_budget`` simulated pipelines, starting from ``initial`` too; None: no search),
-    and the pipeline of every pipeline row by method.
+    and the pipeline of every pipeline row by method. ``min_samples``: the fewest samples the
+    model runs on (:func:`graphs.profile.batch_scaling.min_microbatch_samples`); no micro-batch
+    or DDP replica gets fewer, and DDP that would is a row that does not run.
 
     ``ratio_to_lower_bound`` is left empty on a rank cluster: its bound is the rank
     placements' (:func:`envs.sim.ranks.rank_lower_bound`), whose critical path runs the whole
@@ -75,13 +80,19 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             "kind": kind,
         })
 
-    ddp = simulate_data_parallel(problem, devs, costs)
-    note = (f"{len(devs)} replicas of 1/{len(devs)} batch, {len(ddp.bucket_bytes)} bucket(s), "
-            f"{ddp.exposed_allreduce * 1e3:.3f} ms all-reduce after the backward")
-    record("ddp", "ddp", ddp.step_time, ddp.fits, ddp.peak_memory,
-           note if ddp.fits else ddp.describe())
+    share = batch_size // len(devs) if batch_size is not None and devs else None
+    if share is not None and share < min_samples:
+        record("ddp", "ddp", float("nan"), False, {},
+               f"{DDP_DOES_NOT_RUN}: each of the {len(devs)} replicas would get {share} sample(s) of the batch of "
+               f"{batch_size}; the model runs on no fewer than {min_samples} (micro-batch profile)")
+    else:
+        ddp = simulate_data_parallel(problem, devs, costs)
+        note = (f"{len(devs)} replicas of 1/{len(devs)} batch, {len(ddp.bucket_bytes)} bucket(s), "
+                f"{ddp.exposed_allreduce * 1e3:.3f} ms all-reduce after the backward")
+        record("ddp", "ddp", ddp.step_time, ddp.fits, ddp.peak_memory,
+               note if ddp.fits else ddp.describe())
     if len(devs) > 1:
-        for name, cand in best_pipeline(problem, batch_size, costs=costs).items():
+        for name, cand in best_pipeline(problem, batch_size, costs=costs, min_samples=min_samples).items():
             if cand.pipeline is None or cand.result is None:
                 record(f"pipeline:{name}", "pipeline", float("nan"), False, {}, cand.reason,
                        evaluated=cand.evaluated)
@@ -91,8 +102,9 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             record(f"pipeline:{name}", "pipeline", cand.step_time, True, cand.result.peak_memory,
                    f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)", evaluated=cand.evaluated)
             pipelines[f"pipeline:{name}"] = p
-    if len(devs) > 1 and search_budget is not None and len(microbatch_choices(batch_size, 1)) > 1:
-        found = search_pipeline(problem, batch_size, budget=search_budget, seed=seed, costs=costs, initial=initial)
+    if len(devs) > 1 and search_budget is not None and len(microbatch_choices(batch_size, 1, min_samples)) > 1:
+        found = search_pipeline(problem, batch_size, budget=search_budget, seed=seed, costs=costs, initial=initial,
+                                min_samples=min_samples)
         shares = ", ".join(f"{phase} {share:.2f}" for phase, share in sorted(found.credit().items()))
         tail = (f"; {found.evaluated} pipelines simulated, gain over the partitioner seeds credited to "
                 f"{shares or 'none (a seed was best)'}")
@@ -120,7 +132,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
 
 def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
                   costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
-                  seed: int = 0, initial: Sequence[Pipeline] = ()) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
+                  seed: int = 0, initial: Sequence[Pipeline] = (),
+                  min_samples: int = 1) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
     """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows, fitting
     fastest first; and the pipeline of each pipeline row (:func:`parallel_records`)."""
     table = table.copy()
@@ -128,7 +141,8 @@ def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: in
     fit = table[table["fits"] & (table["speedup_vs_single"] > 0)]
     best_single = (float((fit["step_time"] * fit["speedup_vs_single"]).iloc[0]) if not fit.empty
                    else float("nan"))
-    records, pipelines = parallel_records(problem, batch_size, best_single, costs, search_budget, seed, initial)
+    records, pipelines = parallel_records(problem, batch_size, best_single, costs, search_budget, seed, initial,
+                                          min_samples)
     out = pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True)
     out["_order"] = np.where(out["fits"], out["step_time"], np.inf)
     out = out.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
@@ -137,9 +151,9 @@ def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: in
 
 def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
                        costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
-                       seed: int = 0) -> pd.DataFrame:
+                       seed: int = 0, min_samples: int = 1) -> pd.DataFrame:
     """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows (:func:`parallel_rows`)."""
-    return parallel_rows(table, problem, batch_size, costs, search_budget, seed)[0]
+    return parallel_rows(table, problem, batch_size, costs, search_budget, seed, min_samples=min_samples)[0]
 
 
 def recommendation_line(table: pd.DataFrame, winner: str) -> str:
@@ -162,8 +176,13 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
                      + (", measured" if measured else "") + ")")
     if not ddp.empty:
         d = ddp.iloc[0]
+        note = str(d.get("note", "") or "")
         if not bool(d["fits"]):
-            parts.append("DDP does not fit (a replica is larger than a device)")
+            parts.append("DDP " + (note if note.startswith(DDP_DOES_NOT_RUN)
+                                   else "does not fit (a replica is larger than a device)"))
+        elif measured and "measurement invalid" in note:
+            parts.append("DDP did not run when measured (" + note.split("measurement invalid: ", 1)[1].splitlines()[0]
+                         + ")")
         elif measured and str(d.get("source", "simulated")) != "measured":
             parts.append(f"DDP simulated at {float(d['step_time']) * 1e3:.3f} ms, not measured: "
                          "not comparable with the measured times")

@@ -189,11 +189,13 @@ class PipelineCandidate:
 def best_pipeline(problem: PlacementProblem, batch_size: int | None = None,
                   microbatches: Sequence[int] = (1, 2, 4, 8, 16, 32),
                   schedules: Sequence[str] = ("1f1b", "gpipe"), methods: Sequence[str] | None = None,
-                  costs: RankCosts | None = None) -> dict[str, PipelineCandidate]:
+                  costs: RankCosts | None = None, min_samples: int = 1) -> dict[str, PipelineCandidate]:
     """Per partitioner, its fastest fitting pipeline over ``microbatches`` (those dividing
-    ``batch_size`` when given) and ``schedules``, simulated (module doc)."""
+    ``batch_size`` into micro-batches of at least ``min_samples`` samples, when it is given)
+    and ``schedules``, simulated (module doc)."""
     out: dict[str, PipelineCandidate] = {}
-    ms = [m for m in microbatches if batch_size is None or batch_size % m == 0] or [1]
+    ms = [m for m in microbatches
+          if batch_size is None or (batch_size % m == 0 and batch_size // m >= min_samples)] or [1]
     for name in methods or list(PARTITIONERS):
         fn = PARTITIONERS[name]
         best: PipelineCandidate | None = None
