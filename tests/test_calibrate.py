@@ -128,3 +128,21 @@ def test_a_scaled_cpu_keeps_each_ops_fixed_share_of_a_micro_batch():
     np.testing.assert_allclose(twice.ops.fixed_parts()[:, gpu], measured.ops.fixed_parts()[:, gpu])
     share = twice.ops.fixed_parts()[:, cpu] / np.maximum(twice.ops.cost[:, cpu][:, (0, 2)], 1e-30)
     np.testing.assert_allclose(share[twice.ops.cost[:, cpu][:, (0, 2)] > 0], 0.25)
+
+
+def test_a_calibration_over_ranks_scales_the_rank_simulator_that_prices_the_steps():
+    # Over processes (cpu:0,cpu:1) every step is the rank simulator's: a compute or link scale
+    # that left it untouched would leave a calibration nothing but its overhead to fit.
+    from tests.helpers.pipelines import chain, cpu_cluster
+
+    problem = compile_problem(chain(8), cpu_cluster(2))
+    assert problem.rank_simulator is not None
+    rows = np.random.default_rng(0).integers(0, 2, (24, problem.num_nodes))
+    rows[:2] = np.arange(2)[:, None]
+    base = simulate_batch(problem, rows).step_time
+    doubled = simulate_batch(scaled_problem(problem, [2.0, 2.0]), rows).step_time
+    assert np.all(doubled > base * 1.5)
+    truth = simulate_batch(scaled_problem(problem, [2.0, 1.5], latency_scale=3.0), rows).step_time
+    cal = calibrate_simulator(problem, rows, truth, fit_overhead=False, prior_weight=1e-6)
+    np.testing.assert_allclose(cal.compute_scale, [2.0, 1.5], rtol=0.05)
+    assert cal.after["mape"] < 0.01

@@ -88,7 +88,9 @@ def scaled_problem(
     CPU (the whole op runs on the host thread), the device columns (``dF, dB, dO``) on a
     GPU, whose host columns are the launches of the one host thread (unscaled). The
     group arrays ``fwd_time``/``bwd_time`` scale alike, and so do a CPU op's measured fixed
-    parts (``ops.fixed_host``), so a micro-batch's share of each op is kept.
+    parts (``ops.fixed_host``), so a micro-batch's share of each op is kept. On a rank
+    cluster the rank simulator that prices every step is scaled too (each rank's op times,
+    the links): without it a calibration over ``cpu:0,cpu:1`` could only add its overhead.
     """
     k = np.asarray(compute_scale, dtype=np.float64)
     if k.shape != (problem.num_devices,):
@@ -103,6 +105,10 @@ def scaled_problem(
         # envs.sim.pipeline); a GPU op's is its launches, which stay unscaled.
         fixed = fixed.copy()
         fixed[:, ops.is_cpu, :] *= k[None, ops.is_cpu, None]
+    # On a rank cluster the step is the rank simulator's (envs.sim.ranks): it scales alike.
+    ranks = problem.rank_simulator
+    if ranks is not None:
+        ranks = ranks.scaled(k, float(latency_scale), float(bandwidth_scale))
     return dataclasses.replace(
         problem,
         fwd_time=problem.fwd_time * k[None, :],
@@ -110,6 +116,7 @@ def scaled_problem(
         latency=problem.latency * float(latency_scale),
         bandwidth=problem.bandwidth * float(bandwidth_scale),
         ops=dataclasses.replace(ops, cost=cost, fixed_host=fixed),
+        rank_simulator=ranks,
         _index={},
     )
 

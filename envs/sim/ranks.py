@@ -139,6 +139,7 @@ once, plans cached per placement, no trace), :class:`RankCosts` (constants) and
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from collections.abc import Mapping, Sequence
@@ -165,6 +166,7 @@ __all__ = [
     "RankSchedule",
     "rank_plan",
     "RankSimulator",
+    "RankScale",
     "simulate_ranks",
     "simulate_ranks_batch",
     "fit_rank_costs",
@@ -577,7 +579,8 @@ def _build(graph: nx.DiGraph, plan: RankPlan, cost: Mapping[str, list[_OpCost]],
 
 def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tuple[int, int], list[int]],
          lat: np.ndarray, bw: np.ndarray, costs: RankCosts, trace: bool,
-         rng: np.random.Generator | None = None) -> tuple[list[float], list[float], list[RankEvent], list[RankMessage]]:
+         rng: np.random.Generator | None = None,
+         rank_scale: Sequence[float] | None = None) -> tuple[list[float], list[float], list[RankEvent], list[RankMessage]]:
     """The event loop: ranks advance in time order; a rank blocks on a message until it is resolved.
 
     A sleeping wait costs the expected wake-up (``costs.expected_wake_s``), or with ``rng`` a
@@ -585,6 +588,8 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
     W = len(programs)
     unit = {f.name: getattr(costs, f.name) for f in fields(RankCosts)}
     unit[""] = 1.0
+    # A calibration's compute scale multiplies the op times of each rank (envs.sim.calibration).
+    op_unit = [costs.op_scale * (float(rank_scale[r]) if rank_scale is not None else 1.0) for r in range(W)]
     clock = [0.0] * W
     busy = [0.0] * W
     pc = [0] * W
@@ -657,7 +662,7 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
         while pc[r] < len(code) and not blocked[r]:
             ins = code[pc[r]]
             if ins.op == "work":
-                work(r, ins.kind, ins.name, ins.dt * unit[ins.unit])
+                work(r, ins.kind, ins.name, ins.dt * (op_unit[r] if ins.unit == "op_scale" else unit[ins.unit]))
             elif ins.op == "post":
                 m = ins.msgs[0]
                 posted[m] = clock[r]
@@ -709,8 +714,18 @@ def _compile(graph: nx.DiGraph, cluster: Cluster, leaves: Mapping[str, int] | No
                      tuple(_optimizer_fixed(graph, k) for k in kinds), cluster)
 
 
+@dataclass(frozen=True)
+class RankScale:
+    """A calibration's factors on the rank simulator (:func:`envs.sim.calibration.scaled_problem`):
+    each rank's op times, and every link's latency and bandwidth."""
+
+    ranks: tuple[float, ...]
+    latency: float = 1.0
+    bandwidth: float = 1.0
+
+
 def _simulate(c: _Compiled, ranks: Mapping[str, int], costs: RankCosts, trace: bool,
-              rng: np.random.Generator | None = None) -> RankSchedule:
+              rng: np.random.Generator | None = None, scale: RankScale | None = None) -> RankSchedule:
     # Building and running allocate thousands of small acyclic objects; the cyclic collector
     # rescanning the long-lived graph and the cached templates meanwhile was 2/3 of the build
     # (inception_v3: 38 -> 13 ms per placement) and 45% of a batch of random resnet50
@@ -725,7 +740,11 @@ def _simulate(c: _Compiled, ranks: Mapping[str, int], costs: RankCosts, trace: b
                 c.templates[key] = built
         plan, programs, messages, channel = built
         lat = c.lat if costs.latency_s is None else np.where(c.lat > 0, costs.latency_s, 0.0)
-        clock, busy, events, timed = _run(programs, messages, channel, lat, c.bw, costs, trace, rng)
+        bw = c.bw
+        if scale is not None:
+            lat, bw = lat * scale.latency, bw * scale.bandwidth
+        clock, busy, events, timed = _run(programs, messages, channel, lat, bw, costs, trace, rng,
+                                          scale.ranks if scale is not None else None)
     return RankSchedule(float(max(clock)), [float(x) for x in clock], [float(x) for x in busy], plan, events, timed)
 
 
@@ -798,18 +817,40 @@ class RankSimulator:
         self.cluster = cluster
         self._ops = [n for n, d in graph.nodes(data=True) if d.get("op") != "placeholder"]
         self._op_to_group = dict(op_to_group) if op_to_group is not None else None
+        self.scale: RankScale | None = None
+
+    def scaled(self, rank_scale: Sequence[float], latency_scale: float = 1.0,
+               bandwidth_scale: float = 1.0) -> RankSimulator:
+        """A copy whose ranks' op times, link latency and bandwidth are multiplied by a
+        calibration's factors (one per rank, in the cluster's device order); it shares the
+        compiled graph and the cached per-placement programs.
+
+        Raises:
+            RankSimError: not one factor per rank, or a factor that is not a finite positive number.
+        """
+        factors = tuple(float(k) for k in rank_scale)
+        every = (*factors, float(latency_scale), float(bandwidth_scale))
+        if len(factors) != self.cluster.num_devices or not all(math.isfinite(k) and k > 0 for k in every):
+            raise RankSimError(f"expected {self.cluster.num_devices} finite positive rank scales and link scales, "
+                               f"got {factors}, {latency_scale}, {bandwidth_scale}")
+        out = copy.copy(self)
+        out.scale = RankScale(factors, float(latency_scale), float(bandwidth_scale))
+        return out
 
     def simulate(self, placement: Mapping[str, str | int], trace: bool = True) -> RankSchedule:
         """One placement (``{op: device name or index}``), with its trace."""
-        return _simulate(self._c, _ranks_of(placement, self.cluster), self.costs, trace)
+        return _simulate(self._c, _ranks_of(placement, self.cluster), self.costs, trace, scale=self.scale)
 
     def lower_bound(self) -> float:
-        """Seconds no placement can beat with these constants (:func:`rank_lower_bound`)."""
-        return _lower_bound(self._c, self.costs)
+        """Seconds no placement can beat with these constants (:func:`rank_lower_bound`; with a
+        calibration's scale, every rank as fast as the fastest)."""
+        if self.scale is None:
+            return _lower_bound(self._c, self.costs)
+        return _lower_bound(self._c, replace(self.costs, op_scale=self.costs.op_scale * min(self.scale.ranks)))
 
     def step_times(self, placements: Sequence[Mapping[str, str | int]]) -> np.ndarray:
         """Step time (s) of each op-level placement."""
-        return np.array([_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False).step_time
+        return np.array([_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False, scale=self.scale).step_time
                          for p in placements])
 
     def step_time_samples(self, placements: Sequence[Mapping[str, str | int]], draws: int,
@@ -832,7 +873,7 @@ class RankSimulator:
         for i, p in enumerate(placements):
             ranks = _ranks_of(p, self.cluster)
             for k in range(int(draws)):
-                out[i, k] = _simulate(self._c, ranks, self.costs, False, rng).step_time
+                out[i, k] = _simulate(self._c, ranks, self.costs, False, rng, self.scale).step_time
         return out
 
     def placement_of_row(self, row: np.ndarray | Sequence[int], groups: Sequence[str]) -> dict[str, int]:
@@ -867,8 +908,8 @@ class RankSimulator:
         """
         arr = np.asarray(rows, dtype=np.int64)
         idx = self._row_index(arr, groups)
-        return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False).step_time
-                         for row in arr])
+        return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False,
+                                   scale=self.scale).step_time for row in arr])
 
 
 def _grad_path_nodes(graph: nx.DiGraph, cost: Mapping[str, list[_OpCost]]) -> set[str]:
