@@ -186,7 +186,8 @@ def calibrate_simulator(
     prior_weight: float = 1e-3,
     backend: str = "numpy",
 ) -> Calibration:
-    """Fit per-device compute scales, link scales and a step overhead to measured times.
+    """Fit per-device compute scales (one per kind for the processes of a rank cluster),
+    link scales and a step overhead to measured times.
 
     Args:
         problem: the compiled problem the placements refer to.
@@ -213,17 +214,25 @@ def calibrate_simulator(
         raise CalibrationError(f"calibration needs at least 3 valid measured placements, got {int(ok.sum())}")
     rows, meas = rows[ok], meas[ok]
     D = problem.num_devices
-    # Only devices some placement uses can be fitted; the others keep scale 1.
+    # Only devices some placement uses can be fitted; the others keep scale 1. Processes on
+    # this host (a rank cluster) of one kind run on the same CPU: they share one scale, so a
+    # handful of noisy steps cannot make two identical cores look different.
     used = np.unique(rows)
+    if problem.rank_simulator is not None:
+        kinds = sorted({problem.device_kinds[d] for d in used})
+        scale_of = np.array([kinds.index(problem.device_kinds[d]) for d in used], dtype=np.int64)
+    else:
+        scale_of = np.arange(used.size)
+    n_scales = int(scale_of.max()) + 1 if used.size else 0
     n_link = 2 if fit_links else 0
     log_meas = np.log(meas)
     scale_ref = float(np.median(meas))
 
     def unpack(theta: np.ndarray) -> tuple[np.ndarray, float, float, float]:
         k = np.ones(D)
-        k[used] = np.exp(theta[: used.size])
-        lat = float(np.exp(theta[used.size])) if fit_links else 1.0
-        bw = float(np.exp(theta[used.size + 1])) if fit_links else 1.0
+        k[used] = np.exp(theta[:n_scales][scale_of])
+        lat = float(np.exp(theta[n_scales])) if fit_links else 1.0
+        bw = float(np.exp(theta[n_scales + 1])) if fit_links else 1.0
         # Overhead as a fraction of the median measured step keeps all unknowns O(1).
         over = float(theta[-1]) * scale_ref if fit_overhead else 0.0
         return k, lat, bw, over
@@ -235,10 +244,10 @@ def calibrate_simulator(
 
     def residuals(theta: np.ndarray) -> np.ndarray:
         pred = np.maximum(predict(theta), 1e-12)
-        logs = theta[: used.size + n_link]
+        logs = theta[: n_scales + n_link]
         return np.concatenate([np.log(pred) - log_meas, np.sqrt(prior_weight) * logs])
 
-    n_params = used.size + n_link + (1 if fit_overhead else 0)
+    n_params = n_scales + n_link + (1 if fit_overhead else 0)
     theta0 = np.zeros(n_params)
     lower = np.full(n_params, -np.inf)
     upper = np.full(n_params, np.inf)
@@ -248,7 +257,7 @@ def calibrate_simulator(
     # Start the compute scales at the overall ratio so the fit begins near the data.
     base = simulate_batch(problem, rows, backend=backend).step_time
     start = float(np.median(np.log(meas) - np.log(np.maximum(base, 1e-12))))
-    theta0[: used.size] = start
+    theta0[:n_scales] = start
     fit = optimize.least_squares(residuals, theta0, bounds=(lower, upper), x_scale=1.0, diff_step=1e-4,
                                  xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=400)
     k, lat, bw, over = unpack(fit.x)
