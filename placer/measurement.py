@@ -401,11 +401,16 @@ def _add_note(table: pd.DataFrame, i: Any, text: str) -> None:
     table.at[i, "note"] = (old + "; " if old else "") + text
 
 
-def _fastest_first(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with the fitting rows by step time first, then the rest, ties by method."""
-    order = np.where(table["fits"], table["step_time"], np.inf)
-    return (table.assign(_order=order).sort_values(["_order", "method"], kind="stable")
-            .drop(columns="_order").reset_index(drop=True))
+def measured_first(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the fitting rows by step time first, then the rest, ties by method; the
+    measured fitting rows before the simulated ones, as only they decide (``pick_winner``): a
+    simulated time leaves out the runtime's overheads and would top the table unmeasured."""
+    fits = table["fits"].to_numpy(dtype=bool)
+    measured = (table["source"] == "measured").to_numpy() if "source" in table.columns else np.zeros(len(table), bool)
+    group = np.where(fits & measured, 0, np.where(fits, 1, 2))
+    order = np.where(fits, table["step_time"], np.inf)
+    return (table.assign(_group=group, _order=order).sort_values(["_group", "_order", "method"], kind="stable")
+            .drop(columns=["_group", "_order"]).reset_index(drop=True))
 
 
 def _backend_runner(measurer: PlacementMeasurer, name: str) -> Callable[..., Any] | None:
@@ -486,7 +491,7 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
         measurer.pipeline_records.append(MeasuredPipeline(str(table.at[i, "method"]), pipe.to_dict(),
                                                           t if valid else math.inf, valid, reason, simulated))
         _record_measured(table, i, t, valid, reason, "measured as a pipeline (torch.distributed.pipelining)")
-    return _fastest_first(measured_speedups(table, measurer))
+    return measured_first(measured_speedups(table, measurer))
 
 
 def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
@@ -508,7 +513,7 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
     if not _record_measured(table, i, t, valid, reason,
                             "measured as DDP (torch DistributedDataParallel over the worker processes)"):
         return table
-    return _fastest_first(measured_speedups(table, measurer))
+    return measured_first(measured_speedups(table, measurer))
 
 
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:

@@ -340,7 +340,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                                      seed=config.seed, initial=[resumed] if resumed is not None else [],
                                      min_samples=min_microbatch_samples(run.prepared.captured.graph))
     if measurer is not None:
-        from placer.measurement import confirm_data_parallel, confirm_pipelines, summarize
+        from placer.measurement import confirm_data_parallel, confirm_pipelines, measured_first, summarize
 
         # Pipelined candidates are measured as pipelines (their un-pipelined assignment is
         # another program); only measured rows compete once some exist (pick_winner).
@@ -348,6 +348,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         if searched.result.stop_reason != "interrupted":
             table = confirm_pipelines(measurer, table, pipelines, compiled.op_pipeline)
             table = confirm_data_parallel(measurer, table)
+        table = measured_first(table)
         seconds["measure"] += time.perf_counter() - start
         measurement = summarize(measurer, run.reward, list(searched.rounds))
     fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]
