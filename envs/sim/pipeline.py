@@ -132,10 +132,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 #: point-to-point runtime, 0.6 ms per micro-batch and rank); through the engine a
 #: micro-batch's calls, sends, receives and loss cost 0.75-1.0 ms of CPU per rank on a 5-op
 #: chain at load 3.7 (same section), under 1% of the zoo cases' steps: not refitted.
-#: No cold slowdown after a sleep (``cold_factor`` 0, rule R3b of :mod:`envs.sim.ranks`): through
-#: this engine the ranks' CPU seconds already matched the op costs (above), with no room for the
-#: 12-27% that R3b adds to the work after each wait of the point-to-point runtime; not measured
-#: apart for this engine.
+#: No cold slowdown after a sleep (``cold_factor`` 0: :func:`simulate_pipeline` does not apply rule
+#: R3b of :mod:`envs.sim.ranks`). Applied to this engine's actions (an action that waited for its
+#: input runs its next 20 ms of op time 1.19x slower), it moved the calibrated predictions of the
+#: measured gpt2 and resnet50 pipelines by 0.3% and 0.8% (benchmarks/results/pipeline.md, 11:46).
 ENGINE_COSTS = replace(RankCosts(), op_scale=1.0, cold_factor=0.0)
 
 
