@@ -354,7 +354,7 @@ class RankEvent:
     """One interval on a rank's host thread: an op's forward/backward/update, or an overhead."""
 
     rank: int
-    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "rewarm", "loss", "step"
+    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "loss", "step"
     name: str
     start: float
     end: float
@@ -648,8 +648,6 @@ def _run(programs: list[_Program], messages: list[RankMessage], channel: dict[tu
             clock[r] = until
             # R3b: the ops run after a sleep run slower for a while.
             cold_left[r] = costs.cold_s
-            if trace:
-                events.append(RankEvent(r, "rewarm", name, clock[r], clock[r]))
         return False
 
     send_s, wake = costs.send_s, costs.expected_wake_s
@@ -1010,7 +1008,6 @@ def rank_counts(schedule: RankSchedule) -> list[dict[str, float]]:
             "sent": float(sum(1 for m in schedule.messages if m.src == r)),
             "received": float(sum(1 for m in schedule.messages if m.dst == r)),
             "loss": float(r == schedule.plan.output_rank),
-            "sleeps": float(sum(1 for e in mine if e.kind == "rewarm")),
         })
     return out
 
