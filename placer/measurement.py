@@ -51,7 +51,7 @@ from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
-from placer.report.compare import Candidate
+from placer.report.compare import Candidate, fastest_first
 from placer.search.budget import Budget
 
 #: Hybrid: measurement rounds during the search (the first right after the seeds are scored).
@@ -402,15 +402,11 @@ def _add_note(table: pd.DataFrame, i: Any, text: str) -> None:
 
 
 def measured_first(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with the fitting rows by step time first, then the rest, ties by method; the
-    measured fitting rows before the simulated ones, as only they decide (``pick_winner``): a
+    """``table`` in the comparison's order (:func:`~placer.report.compare.fastest_first`), its
+    measured fitting rows before all others, as only they decide (``pick_winner``): a
     simulated time leaves out the runtime's overheads and would top the table unmeasured."""
-    fits = table["fits"].to_numpy(dtype=bool)
-    measured = (table["source"] == "measured").to_numpy() if "source" in table.columns else np.zeros(len(table), bool)
-    group = np.where(fits & measured, 0, np.where(fits, 1, 2))
-    order = np.where(fits, table["step_time"], np.inf)
-    return (table.assign(_group=group, _order=order).sort_values(["_group", "_order", "method"], kind="stable")
-            .drop(columns=["_group", "_order"]).reset_index(drop=True))
+    first = table["fits"].astype(bool) & (table["source"] == "measured")
+    return pd.concat([fastest_first(table[first]), fastest_first(table[~first])], ignore_index=True)
 
 
 def _backend_runner(measurer: PlacementMeasurer, name: str) -> Callable[..., Any] | None:

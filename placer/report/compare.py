@@ -82,11 +82,15 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
                 "peak_memory": "", "fits": False, "search_time": c.search_time,
                 "evaluated": c.evaluated, "source": "", "note": c.note or "no fitting placement",
             })
-    table = pd.DataFrame.from_records(records)
-    # Fitting placements first, fastest first; those without a placement at the end.
-    table["_order"] = np.where(table["fits"], table["step_time"], np.inf)
-    table = table.sort_values(["_order", "method"], na_position="last").drop(columns="_order")
-    return table.reset_index(drop=True)
+    return fastest_first(pd.DataFrame.from_records(records))
+
+
+def fastest_first(table: pd.DataFrame) -> pd.DataFrame:
+    """``table``'s rows in the comparison's order: the fitting ones by step time, then the
+    rest (no placement, does not fit); ties by method."""
+    order = np.where(table["fits"], table["step_time"], np.inf)
+    return (table.assign(_order=order).sort_values(["_order", "method"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from envs.hardware.units import byte_display_unit
@@ -28,6 +27,7 @@ from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
+from placer.report.compare import fastest_first
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
 from placer.search.pipeline_moves import microbatch_choices
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, search_pipeline
@@ -143,9 +143,7 @@ def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: in
                    else float("nan"))
     records, pipelines = parallel_records(problem, batch_size, best_single, costs, search_budget, seed, initial,
                                           min_samples)
-    out = pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True)
-    out["_order"] = np.where(out["fits"], out["step_time"], np.inf)
-    out = out.sort_values(["_order", "method"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    out = fastest_first(pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True))
     return out, pipelines
 
 
