@@ -298,7 +298,6 @@ class BestTracker:
         """
         self._rescale = (version, rescore)
         self._scale_version = version()
-        self._rescales = 0
 
     def _follow_rescale(self) -> None:
         """Re-score the incumbent when the reward's scale changed (see :meth:`watch_scale`)."""
