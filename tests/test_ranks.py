@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import networkx as nx
 import numpy as np
@@ -94,7 +95,7 @@ def _cold_case(b_fwd: float):
 
 
 def test_after_a_sleeping_wait_the_next_cold_seconds_of_ops_run_slower():
-    cold = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.5, "cold_s": 4e-3})
+    cold = replace(ZERO_COSTS, cold_factor=0.5, cold_s=4e-3)
     # b (2 ms) runs entirely cold; d gets the 2 ms of cold time left, its 1 ms all cold.
     g, place = _cold_case(2e-3)
     s = simulate_ranks(g, place, ranks_cluster(), cold)
@@ -113,7 +114,7 @@ def test_after_a_sleeping_wait_the_next_cold_seconds_of_ops_run_slower():
 def test_a_rank_that_never_sleeps_is_never_cold():
     g, place = _cold_case(2e-3)
     alone = dict.fromkeys(place, "cpu:0")
-    cold = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.5})
+    cold = replace(ZERO_COSTS, cold_factor=0.5)
     assert simulate_ranks(g, alone, ranks_cluster(), cold).step_time == \
         simulate_ranks(g, alone, ranks_cluster(), ZERO_COSTS).step_time
     assert simulate_ranks(g, place, ranks_cluster(), cold).step_time > \
@@ -127,16 +128,12 @@ def test_the_fit_recovers_the_cold_factor_of_simulated_steps():
     rng = np.random.default_rng(0)
     nodes = [f"n{i}" for i in range(6)]
     places = [{n: f"cpu:{int(rng.integers(2))}" for n in nodes} | {"output": "cpu:1"} for _ in range(12)]
-    truth = RankCosts(**{**ZERO_COSTS.to_dict(), "cold_factor": 0.4, "cold_s": 2e-3})
+    truth = replace(ZERO_COSTS, cold_factor=0.4, cold_s=2e-3)
     measured = simulate_ranks_batch(g, places, ranks_cluster(), truth)
     fixed = tuple(k for k in ZERO_COSTS.to_dict() if k not in ("cold_factor", "latency_s"))
-    fitted = fit_rank_costs(g, places, measured, ranks_cluster(), start=replace_costs(truth, cold_factor=0.1),
+    fitted = fit_rank_costs(g, places, measured, ranks_cluster(), start=replace(truth, cold_factor=0.1),
                             fixed=fixed + ("latency_s",))
     assert fitted.cold_factor == pytest.approx(0.4, rel=0.05)
-
-
-def replace_costs(costs: RankCosts, **changes) -> RankCosts:
-    return RankCosts(**{**costs.to_dict(), **changes})
 
 
 def _sleepy_case():
