@@ -23,6 +23,7 @@ from envs.runtime.apply import apply_placement, realize_placement, to_device
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec
+from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, load_placement
 
@@ -50,6 +51,7 @@ def _captured(model: torch.nn.Module | CapturedModel, example_inputs: Any = None
     return capture(model, inputs)
 
 
+@kept_random_state()
 def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None = None, example_inputs: Any = None,
          cluster: ClusterSource | None = None) -> Placement:
     """Read a placement file; with ``model``, refuse one made for another model.
@@ -67,6 +69,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None 
     return placement
 
 
+@kept_random_state()
 def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | os.PathLike, example_inputs: Any = None,
           cluster: ClusterSource | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
     """The model with ``placement`` applied: a trainable GraphModule spread over the devices."""

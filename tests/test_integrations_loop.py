@@ -88,3 +88,24 @@ def test_place_bad_input():
         placer.place("model.py", (torch.randn(2),), cluster="4xK40")
     with pytest.raises(PlacerError, match="example batch"):
         placer.place(_model(), None, cluster="4xK40")
+
+
+def test_placing_a_model_leaves_the_callers_random_states_as_they_were(tmp_path):
+    """A job that seeded itself trains the same with or without placer: profiling, the search's
+    seeding and the numeric check draw from their own state (graphs.random_state)."""
+    import random
+
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.3), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    placer.place(model, (x,), cluster="4xK40", budget=200, cache_dir=str(tmp_path))
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]

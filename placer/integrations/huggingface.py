@@ -33,6 +33,7 @@ import torch
 
 from envs.runtime.apply import to_device
 from envs.runtime.device_map import placement_device_map
+from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, find_placement
 from placer.optimizing.config import ClusterSource
 from placer.search.budget import DEFAULT_BUDGET, BudgetLike
@@ -66,6 +67,7 @@ def _outputs_match(a: Any, b: Any) -> bool:
     )
 
 
+@kept_random_state()
 def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: ClusterSource | None = None,
                       devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
                       budget: BudgetLike = DEFAULT_BUDGET, cache_dir: str | os.PathLike | None = None,

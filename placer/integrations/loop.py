@@ -34,6 +34,7 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
+from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
@@ -123,6 +124,7 @@ def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placem
         return None
 
 
+@kept_random_state()
 def find_placement(
     model: torch.nn.Module,
     example_batch: Any,
@@ -176,6 +178,7 @@ def find_placement(
     return captured, the_cluster, info
 
 
+@kept_random_state()
 def place(
     model: torch.nn.Module,
     example_batch: Any,

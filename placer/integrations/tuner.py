@@ -42,6 +42,7 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
+from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement
@@ -208,6 +209,7 @@ class PlacementTuner:
         IntegrationError: bad ``trials``/``candidates``; PlacerError subclasses from capture/search.
     """
 
+    @kept_random_state()
     def __init__(self, model: torch.nn.Module, example_batch: Any, *, cluster: ClusterSource | None = None,
                  devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
                  trials: int = 12, candidates: int | Sequence[Mapping[str, str] | Placement] = 4,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphs.random_state import kept_random_state
 from placer.optimizing import stages
 from placer.optimizing.config import ModelSource, OptimizeConfig, make_config
 from placer.result import OptimizeResult
@@ -56,7 +57,14 @@ def optimize(model: ModelSource, example_inputs: Any = None, **options: Any) -> 
 
 
 def run(config: OptimizeConfig) -> OptimizeResult:
-    """Run every stage of ``config``'s optimisation and return the result."""
+    """Run every stage of ``config``'s optimisation and return the result. The caller's
+    random states (Python, numpy, torch) are as they were afterwards
+    (:func:`graphs.random_state.kept_random_state`)."""
+    with kept_random_state():
+        return _run(config)
+
+
+def _run(config: OptimizeConfig) -> OptimizeResult:
     prepared = stages.prepare_run(config)
     compiled = stages.compile_run(config, prepared)
     baselines = stages.run_baselines(config, compiled)
