@@ -191,3 +191,21 @@ def test_a_small_profile_taken_on_a_slower_machine_is_not_read_as_fixed_work(mod
     for n, (f, b) in full.items():
         assert graph.nodes[n]["fwd_fixed"]["cpu"] == pytest.approx(share * f, rel=1e-6, abs=1e-12)
         assert graph.nodes[n]["bwd_fixed"]["cpu"] == pytest.approx(share * b, rel=1e-6, abs=1e-12)
+
+
+def test_the_micro_batch_profile_measures_what_accumulating_into_grad_costs_and_the_simulator_reads_it(model_dir,
+                                                                                                        monkeypatch):
+    import graphs.profile.batch_scaling as batch_scaling
+    from envs.sim.problem import compile_problem
+    from graphs.profile.batch_scaling import profile_fixed_parts
+    from tests.helpers.pipelines import cpu_cluster
+
+    prep = prepare(str(model_dir / "wide.py"))
+    monkeypatch.setattr(batch_scaling, "accumulate_seconds", lambda gm, inputs, dev: 0.0123)
+    assert profile_fixed_parts(prep.captured, prep.spec.example_inputs, use_cache=False) is not None
+    graph = prep.captured.graph
+    assert graph.graph["batch_scaling"]["accumulate_s"] == {"cpu": 0.0123}
+    problem = compile_problem(graph, cpu_cluster(2))
+    # Shared among the ops that own parameters, by their bytes: the whole model's 12.3 ms.
+    assert problem.ops.accumulate[:, 0, 0].sum() == pytest.approx(0.0123)
+    assert problem.ops.accumulate[:, :, 1].sum() == 0.0

@@ -21,12 +21,12 @@ def gpus(n: int = 2, memory: float = 2**34):
     return make_cluster(devs, links, name="gpus")
 
 
-def chain(k: int = 8, params: float = MB) -> nx.DiGraph:
+def chain(k: int = 8, params: float = MB, fwd: float = 1e-3) -> nx.DiGraph:
     g = nx.DiGraph()
     g.add_node("x", op="placeholder", out_bytes=MB, requires_grad=False)
     prev = "x"
     for i in range(k):
-        g.add_node(f"l{i}", op="call_module", fwd_time={"V100": 1e-3}, bwd_time={"V100": 2e-3},
+        g.add_node(f"l{i}", op="call_module", fwd_time={"V100": fwd}, bwd_time={"V100": 2 * fwd},
                    opt_time={"V100": 1e-5}, out_bytes=MB, requires_grad=True, param_bytes=params, flops=1e9)
         g.add_edge(prev, f"l{i}", bytes=MB)
         prev = f"l{i}"
@@ -61,7 +61,8 @@ def test_the_table_shows_ddp_and_each_partitioner_and_ddp_wins_on_a_model_that_f
 
 
 def test_ddp_that_does_not_fit_is_reported_and_a_pipeline_recommended():
-    problem = compile_problem(chain(params=1024 * MB), gpus(2, memory=12 * 2**30))
+    # Ops long enough that micro-batches pay for adding 4 GiB of gradients per stage (P2b).
+    problem = compile_problem(chain(params=1024 * MB, fwd=20e-3), gpus(2, memory=12 * 2**30))
     rows = np.array([0] * 5 + [1] * 5)
     table = with_parallel_rows(comparison_table(problem, [Candidate("split", rows)]), problem, batch_size=32)
     ddp = table[table["method"] == "ddp"].iloc[0]

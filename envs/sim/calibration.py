@@ -88,7 +88,8 @@ def scaled_problem(
     CPU (the whole op runs on the host thread), the device columns (``dF, dB, dO``) on a
     GPU, whose host columns are the launches of the one host thread (unscaled). The
     group arrays ``fwd_time``/``bwd_time`` scale alike, and so do a CPU op's measured fixed
-    parts (``ops.fixed_host``), so a micro-batch's share of each op is kept. On a rank
+    parts (``ops.fixed_host``), so a micro-batch's share of each op is kept, and its gradient
+    accumulation (``ops.accumulate``: host part on a CPU, device part on a GPU). On a rank
     cluster the rank simulator that prices every step is scaled too (each rank's op times,
     the links): without it a calibration over ``cpu:0,cpu:1`` could only add its overhead.
     """
@@ -105,6 +106,12 @@ def scaled_problem(
         # envs.sim.pipeline); a GPU op's is its launches, which stay unscaled.
         fixed = fixed.copy()
         fixed[:, ops.is_cpu, :] *= k[None, ops.is_cpu, None]
+    acc = ops.accumulate
+    if acc is not None:
+        # Rule P2b's adds run where the op runs: on a CPU's host thread, on a GPU's stream.
+        acc = acc.copy()
+        acc[:, ops.is_cpu, 0] *= k[None, ops.is_cpu]
+        acc[:, :, 1] *= k[None, :]
     # On a rank cluster the step is the rank simulator's (envs.sim.ranks): it scales alike.
     ranks = problem.rank_simulator
     if ranks is not None:
@@ -115,7 +122,7 @@ def scaled_problem(
         bwd_time=problem.bwd_time * k[None, :],
         latency=problem.latency * float(latency_scale),
         bandwidth=problem.bandwidth * float(bandwidth_scale),
-        ops=dataclasses.replace(ops, cost=cost, fixed_host=fixed),
+        ops=dataclasses.replace(ops, cost=cost, fixed_host=fixed, accumulate=acc),
         rank_simulator=ranks,
         _index={},
     )

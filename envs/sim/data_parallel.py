@@ -347,18 +347,24 @@ def check_runnable(problem: PlacementProblem, pipelines: Sequence[Pipeline], bat
 
 
 def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d: int, sc: StageCosts, s: int,
-                          div: float, scale: float, fixed_part: np.ndarray) -> tuple[list[float], np.ndarray]:
+                          div: float, scale: float, fixed_part: np.ndarray,
+                          microbatches: int) -> tuple[list[float], np.ndarray]:
     """(bytes of each bucket, seconds into the stage's backward when it is ready) on device ``d`` (H2)."""
     ops = problem.ops
     sel = ops_of_stage[::-1]  # reverse op order: the order the backward produces gradients (D2)
     grad = np.where(ops.requires_grad[sel], ops.param_bytes[sel], 0.0).astype(np.float64)
     groups = buckets(grad.tolist())
     c = ops.cost[sel, d, :]
+    # With M > 1 the last micro-batch's backward adds into .grad (P2b of envs.sim.pipeline):
+    # each op's adds come right after it, before its gradient is ready for the bucket.
+    adds = (ops.accumulate[sel, d, :] if ops.accumulate is not None and microbatches > 1
+            else np.zeros((len(sel), 2)))
     if ops.is_cpu[d]:
-        per = shrunk_host(c[:, 2], fixed_part[sel, d, 1], div) * scale
+        per = (shrunk_host(c[:, 2], fixed_part[sel, d, 1], div) + adds[:, 0]) * scale
     else:
-        raw = c[:, 2] + c[:, 3] / div
-        per = raw * (float(sc.bwd[s]) / raw.sum()) if raw.sum() > 0 else raw
+        raw = c[:, 2] + adds[:, 0] + c[:, 3] / div + adds[:, 1]
+        whole = sc.backward_s(s, microbatches > 1)
+        per = raw * (whole / raw.sum()) if raw.sum() > 0 else raw
     done = np.cumsum(per)  # done[j]: the reversed ops 0..j have run
     return [float(grad[g].sum()) for g in groups], np.array([done[max(g)] for g in groups])
 
@@ -404,7 +410,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
             d = devs[r]
             hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
             scale = hc.op_scale if ops.is_cpu[d] else 1.0
-            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part)
+            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part, m)
             at = res.last_backward[s][0] + hc.stage_bwd_s + offsets
             ready = at if ready is None else np.maximum(ready, at)
         ring = [(devs[k], devs[(k + 1) % r_]) for k in range(r_)]

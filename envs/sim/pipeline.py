@@ -45,6 +45,15 @@ rule gave 2736 (2309 with the op scale 0.86 of P4 before; benchmarks/results/pip
 update is not scaled: it runs once per step on the accumulated gradients
 (``perform_reduce_grad`` then the user's ``optimizer.step()``).
 
+**P2b Gradient accumulation.** Each stage's first backward of a step stores its gradients
+as ``.grad`` (after ``zero_grad(set_to_none=True)``: ``AccumulateGrad`` steals them); the
+other ``M - 1`` add into ``.grad`` in place (``stage.py``: ``backward_one_chunk`` runs
+``stage_backward`` -> ``torch.autograd.backward`` per micro-batch). The op profiles hold no
+such add, so those backwards cost more (``StageCosts.bwd_acc``; :mod:`envs.sim.grad_accumulation`:
+measured per model on a CPU, the adds' roofline on a GPU). Measured here, a 2-stage ResNet-50
+pipeline (M=4, benchmarks/results/pipeline.md): its second stage's backwards after the first
+took 25% more CPU than its first.
+
 **P3 Transfers.** ``PipelineStage`` sends a stage's outputs to stage ``s + 1`` only
 (``stage.py``: ``stage_index + 1`` in ``get_fwd_send_ops``), so a value read by a later
 stage is relayed through every stage in between: boundary ``b`` carries every value
@@ -381,6 +390,8 @@ class StageCosts:
         work: [S] the backward working set of one micro-batch (P5): the largest of the
             stage's ops' ``max(output gradient / M, shared parameter gradient)``, times
             :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`.
+        bwd_acc: [S] seconds of one micro-batch's backward that adds into ``.grad`` (every
+            backward of the stage but its first of the step, P2b); ``bwd`` where None.
     """
 
     fwd: np.ndarray
@@ -393,6 +404,14 @@ class StageCosts:
     bwd_bytes: np.ndarray
     device: np.ndarray
     work: np.ndarray
+    bwd_acc: np.ndarray | None = None
+
+    def backward_s(self, stage: int, accumulates: bool) -> float:
+        """Seconds of one micro-batch's backward of ``stage``: ``bwd_acc`` when it adds into
+        ``.grad`` (not the stage's first backward of the step, P2b), else ``bwd``."""
+        if accumulates and self.bwd_acc is not None:
+            return float(self.bwd_acc[stage])
+        return float(self.bwd[stage])
 
 
 def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
@@ -406,6 +425,16 @@ def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scal
         else:
             out.append(max(float(host.sum()), float(dev.sum()) / m) * scale)
     return out[0], out[1]
+
+
+def _accumulating(cost: np.ndarray, fixed_b: np.ndarray, is_cpu: bool, m: int, scale: float, acc_host: float,
+                  acc_dev: float) -> float:
+    """Backward seconds of ops ``cost`` [K, 6] on one device for a micro-batch of 1/m that adds
+    into ``.grad`` (P2b): the adds' host and device seconds join the backward's."""
+    host, dev = cost[:, 2], cost[:, 3]
+    if is_cpu:
+        return (float(shrunk_host(host, fixed_b, m).sum()) + acc_host) * scale
+    return max(float(host.sum()) + acc_host, float(dev.sum()) / m + acc_dev) * scale
 
 
 def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndarray, np.ndarray]:
@@ -451,9 +480,10 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
                             "(no stage sends back to an earlier one)")
     m = pipeline.microbatches * share
     s_ = pipeline.num_stages
-    fwd, bwd, opt = np.zeros(s_), np.zeros(s_), np.zeros(s_)
+    fwd, bwd, opt, bwd_acc = np.zeros(s_), np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
     work = np.zeros(s_)
+    acc_all = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     op_work = ops.gradient_work_at(m)
     op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
     fixed_all = problem.ops.fixed_parts()
@@ -464,6 +494,8 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         sel = op_stage == s
         c = ops.cost[sel, d, :]
         fwd[s], bwd[s] = _scaled(c, fixed_all[sel, d, :], cpu, m, scale)
+        acc_h, acc_d = acc_all[sel, d, :].sum(axis=0)
+        bwd_acc[s] = _accumulating(c, fixed_all[sel, d, 1], cpu, m, scale, float(acc_h), float(acc_d))
         opt[s] = float(c[:, 4:].sum()) * scale
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m
@@ -478,7 +510,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
             fwd_bytes[b] += ops.out_bytes[i] / m
             if ops.requires_grad[i]:
                 bwd_bytes[b] += ops.out_bytes[i] / m
-    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work)
+    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work, bwd_acc)
 
 
 @dataclass(frozen=True, eq=False)
@@ -493,6 +525,7 @@ class PipelineTables:
         host_f, dev_f, host_b, dev_b: [N+1, D] host and device seconds of forward, backward.
         fixed_f, fixed_b: [N+1, D] the fixed per-op host part on a CPU (module doc, P2).
         opt: [N+1, D] optimizer update seconds (host + device).
+        acc_h, acc_d: [N+1, D] host and device seconds of a backward's adds into ``.grad`` (P2b).
         static, act, params: [N+1] pinned bytes, kept activation bytes, parameter bytes.
         cross_f, cross_b: [N+1] bytes over a cut before group ``i``: every value produced
             before ``i`` and last read at or after ``i`` (relayed, P3); the backward ones those
@@ -508,6 +541,8 @@ class PipelineTables:
     fixed_f: np.ndarray
     fixed_b: np.ndarray
     opt: np.ndarray
+    acc_h: np.ndarray
+    acc_d: np.ndarray
     static: np.ndarray
     act: np.ndarray
     params: np.ndarray
@@ -569,10 +604,11 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
     np.add.at(diff_b, g[crossing] + 1, grad)
     np.add.at(diff_b, last_reader[crossing] + 1, -grad)
     work_out, work_shared = ops.gradient_work_parts()
+    acc = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     tables = PipelineTables(
         host_f=_prefix(c[:, :, 0], g, n), dev_f=_prefix(c[:, :, 1], g, n), host_b=_prefix(c[:, :, 2], g, n),
         dev_b=_prefix(c[:, :, 3], g, n), fixed_f=_prefix(fixed[:, :, 0], g, n), fixed_b=_prefix(fixed[:, :, 1], g, n),
-        opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n),
+        opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n), acc_h=_prefix(acc[:, :, 0], g, n), acc_d=_prefix(acc[:, :, 1], g, n),
         static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1],
@@ -604,6 +640,8 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     ff, fb = seg(t.fixed_f), seg(t.fixed_b)
     fwd = np.where(cpu, shrunk_host(hf, ff, div) * scale, np.maximum(hf, df / div))
     bwd = np.where(cpu, shrunk_host(hb, fb, div) * scale, np.maximum(hb, db / div))
+    ah, ad = seg(t.acc_h), seg(t.acc_d)
+    bwd_acc = np.where(cpu, (shrunk_host(hb, fb, div) + ah) * scale, np.maximum(hb + ah, db / div + ad))
     opt = seg(t.opt) * scale
     static = t.static[hi] - t.static[lo]
     act = (t.act[hi] - t.act[lo]) / div
@@ -611,7 +649,7 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     inner = b[1:-1]
     work = np.maximum(_range_max(t.out_work, lo, hi) / div, _range_max(t.shared_work, lo, hi))
     return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d,
-                      work)
+                      work, bwd_acc)
 
 
 def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
@@ -714,6 +752,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     send_done = [0.0] * len(ranks)
     pos = [0] * len(ranks)
     live = np.zeros(s_, dtype=np.int64)
+    accumulated = [False] * s_  # P2b: the stage has run a backward this step
     peak_live = np.zeros(s_, dtype=np.int64)
     events: list[tuple[int, str, int, float, float]] = []
     for r in range(len(ranks)):
@@ -754,7 +793,8 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
                 if np.isnan(ready):
                     continue
                 start = max(clock[r], ready) + (hc.recv_s if s < s_ - 1 else 0.0)
-                dt = sc.bwd[s] + hc.stage_bwd_s
+                dt = sc.backward_s(s, accumulated[s]) + hc.stage_bwd_s
+                accumulated[s] = True
                 end = start + dt
                 b_done[s, mb] = end
                 b_start[s, mb] = start

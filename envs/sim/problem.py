@@ -37,6 +37,7 @@ from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
+from envs.sim.grad_accumulation import accumulate_costs
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
 from envs.sim.ranks import RankSimulator
 from graphs.errors import GraphError, PlacerError
@@ -147,6 +148,9 @@ class OpArrays:
             measured where the graph was also profiled on a micro-batch, else
             :data:`~envs.sim.cost_model.CPU_DISPATCH_S` per op on a CPU); what pipelines and
             DDP cost a micro-batch with (``envs.sim.pipeline`` P2). None: the default rule.
+        accumulate: [N, D, 2] host and device seconds each op pays per backward that adds into
+            ``.grad`` (a pipeline stage's micro-batches after the first; rule P2b,
+            :mod:`envs.sim.grad_accumulation`). None: nothing (problems built from arrays).
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -172,6 +176,7 @@ class OpArrays:
     grad_bytes: np.ndarray | None = None
     shared_grad_bytes: np.ndarray | None = None
     fixed_host: np.ndarray | None = None
+    accumulate: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
@@ -419,7 +424,8 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
 
 def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
                host: HostOverheads, grad_bytes: np.ndarray | None = None,
-               shared_grad_bytes: np.ndarray | None = None, fixed_host: np.ndarray | None = None) -> OpArrays:
+               shared_grad_bytes: np.ndarray | None = None, fixed_host: np.ndarray | None = None,
+               accumulate: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -447,6 +453,7 @@ def _op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flo
         grad_bytes=None if grad_bytes is None else np.asarray(grad_bytes, dtype=np.float64),
         shared_grad_bytes=None if shared_grad_bytes is None else np.asarray(shared_grad_bytes, dtype=np.float64),
         fixed_host=None if fixed_host is None else np.ascontiguousarray(fixed_host, dtype=np.float64),
+        accumulate=None if accumulate is None else np.ascontiguousarray(accumulate, dtype=np.float64),
     )
 
 
@@ -539,6 +546,7 @@ def compile_problem(
     cost = cost_model.op_costs(graph, order, cluster.devices)
     cost[~requires_grad, :, 2:] = 0.0
     fixed_host = cost_model.op_fixed_costs(graph, order, cluster.devices, cost)
+    accumulate = accumulate_costs(graph, order, cluster.devices, cost_model)
     param_bytes = column("param_bytes")
     flops = column("flops")
 
@@ -565,7 +573,8 @@ def compile_problem(
     else:
         group_names, op_group = _group_slots(grouping, order)
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
-                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host)
+                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host,
+                     accumulate)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

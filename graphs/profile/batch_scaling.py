@@ -31,8 +31,10 @@ above 1): micro-batches of 1/2 to 1/64 of the batch are what the pipeline search
 and a fit through ``B`` and ``B / 8`` sits in the middle of them. The result goes into the
 graph: node attributes ``fwd_fixed[kind]`` and ``bwd_fixed[kind]`` (seconds, beside
 ``fwd_time``), and ``graph.graph["batch_scaling"]`` (the ratio, both batch sizes, the
-kinds, the seconds it took). The small profile is cached like the main one
-(:class:`graphs.profile.cache.ProfileCache`; its own key: the cut inputs' shapes).
+kinds, the seconds it took, and ``accumulate_s``: what a backward of the micro-batch costs
+more when it adds into ``.grad``, :mod:`graphs.profile.accumulate_timing`). The small
+profile is cached like the main one (:class:`graphs.profile.cache.ProfileCache`; its own
+key: the cut inputs' shapes).
 
 A GraphModule that cannot run on the smaller batch (a shape baked in at capture: a
 ``view`` with constant sizes, a recurrent state traced at the batch's size), a batch with
@@ -45,7 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,7 @@ import torch.fx as fx
 from graphs.capture import CapturedModel
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
 from graphs.model_file import batch_size_of, preserved_buffers
+from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
 from graphs.profile.op_timing import one_cpu_thread, tree_map
@@ -87,6 +90,8 @@ class BatchScalingInfo:
         kinds: the device kinds that got fixed parts.
         seconds: wall seconds of the second profile (near 0 when cached).
         cached: every kind came from the profile cache.
+        accumulate_s: {kind: seconds} a backward of the small batch costs more when it adds
+            into ``.grad`` than after ``zero_grad`` (:mod:`graphs.profile.accumulate_timing`).
     """
 
     ratio: int
@@ -95,10 +100,11 @@ class BatchScalingInfo:
     kinds: tuple[str, ...]
     seconds: float
     cached: bool
+    accumulate_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "batch": self.batch, "full_batch": self.full_batch, "kinds": list(self.kinds),
-                "seconds": self.seconds, "cached": self.cached}
+                "seconds": self.seconds, "cached": self.cached, "accumulate_s": dict(self.accumulate_s)}
 
 
 def microbatch_ratio(batch: int, most: int = MAX_RATIO) -> int | None:
@@ -203,24 +209,29 @@ def min_microbatch_samples(graph: Any) -> int:
 
 def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, ...], dev: torch.device,
                  repeats: int, names: list[str], cache: ProfileCache | None,
-                 fingerprint: str | None) -> tuple[dict[str, NodeTimes], float, bool]:
+                 fingerprint: str | None) -> tuple[dict[str, NodeTimes], float, float, bool]:
     """(per node (forward, backward, None) seconds on the small inputs, :func:`step_ratio`,
-    whether from the cache)."""
+    :func:`~graphs.profile.accumulate_timing.accumulate_seconds` on the small inputs, whether
+    from the cache)."""
     key = inputs_key(inputs) + _CACHE_TAG
     dname = device_name(dev)
     if cache is not None and fingerprint:
         loaded = cache.load(fingerprint, key, dev.type, dname, names)
-        ratio = loaded[1].get("step_ratio") if loaded is not None else None
-        if loaded is not None and isinstance(ratio, (int, float)) and ratio > 0:
-            return loaded[0], float(ratio), True
+        meta = loaded[1] if loaded is not None else {}
+        ratio, extra = meta.get("step_ratio"), meta.get("accumulate_s")
+        # A file written before the accumulation was measured is profiled again.
+        if (loaded is not None and isinstance(ratio, (int, float)) and ratio > 0
+                and isinstance(extra, (int, float)) and extra >= 0):
+            return loaded[0], float(ratio), float(extra), True
     with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
         measured = in_situ_times(gm, inputs, dev, repeats)
         ratio = step_ratio(gm, full, inputs, dev)
+        extra = accumulate_seconds(gm, inputs, dev)
     times: dict[str, NodeTimes] = {n: (*measured.get(n, (0.0, 0.0)), None) for n in names}
     if cache is not None and fingerprint:
         cache.store(fingerprint, key, dev.type, dname, times,
-                    {"purpose": "micro-batch profile (fixed parts)", "step_ratio": ratio})
-    return times, ratio, False
+                    {"purpose": "micro-batch profile (fixed parts)", "step_ratio": ratio, "accumulate_s": extra})
+    return times, ratio, extra, False
 
 
 def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
@@ -253,6 +264,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
     names = [n.name for n in gm.graph.nodes]
     start = time.perf_counter()
     fixed: dict[str, dict[str, tuple[float, float]]] = {}
+    accumulate: dict[str, float] = {}
     reasons: list[str] = []
     min_samples = 1
     all_cached = True
@@ -271,7 +283,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
             reasons.append(f"its {dev.type} profile was timed op by op (isolated), not in situ")
             continue
         try:
-            times, ratio_now, cached = _small_times(gm, inputs, cut, dev, repeats, names, cache, fingerprint)
+            times, ratio_now, accumulate[dev.type], cached = _small_times(gm, inputs, cut, dev, repeats, names, cache, fingerprint)
         except Exception as exc:  # noqa: BLE001 - a model that does not run on a smaller batch
             runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev)
             min_samples = max(min_samples, runs_on)
@@ -296,7 +308,8 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
         for kind, per_node in fixed.items():
             attrs.setdefault(fwd_key, {})[kind] = per_node[n][0]
             attrs.setdefault(bwd_key, {})[kind] = per_node[n][1]
-    result = BatchScalingInfo(ratio, small, batch, tuple(fixed), time.perf_counter() - start, all_cached)
+    result = BatchScalingInfo(ratio, small, batch, tuple(fixed), time.perf_counter() - start, all_cached,
+                              {k: v for k, v in accumulate.items() if k in fixed})
     graph.graph["batch_scaling"] = result.as_dict()
     log.info("micro-batch profile on %s: batch %d of %d (ratio %d), %.1f s%s", ", ".join(result.kinds), small, batch,
              ratio, result.seconds, " (cached)" if all_cached else "")

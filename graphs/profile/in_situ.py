@@ -182,11 +182,16 @@ def _backward(outputs: list[torch.Tensor], device: torch.device, timer: _Backwar
     return clock() - start
 
 
-def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> float:
+def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device,
+                       accumulate: bool = False) -> float:
     """Seconds of one plain forward + backward of ``gm`` on ``inputs`` (already on ``device``):
     no ticks and no hooks, the backward from the outputs with gradient 1, on ``device``'s
     clock (:func:`graphs.profile.op_timing.clock_for`), as the untimed rounds of
-    :func:`in_situ_times` run it. The parameters' ``.grad`` are left as they were."""
+    :func:`in_situ_times` run it. The parameters' ``.grad`` are left as they were.
+
+    ``accumulate``: every parameter that gets a gradient already holds one, so the timed
+    backward adds into ``.grad`` (a pipeline's micro-batches after the first) instead of
+    storing its gradients there (after ``zero_grad``); an untimed backward makes them first."""
     params = list(gm.parameters())
     saved = [p.grad for p in params]
     clock = clock_for(device)
@@ -194,6 +199,10 @@ def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.
         with torch.enable_grad():
             for p in params:
                 p.grad = None
+            if accumulate:
+                outputs = _differentiable(gm(*inputs))
+                if outputs:
+                    _backward(outputs, device, None)
             sync_device(device)
             start = clock()
             outputs = _differentiable(gm(*inputs))
