@@ -15,6 +15,17 @@ One step with buffers restored would pass a placed model that loses an in-place 
 update: its first output is right and it diverges from the second step on. Comparing the
 buffers and later steps catches that. The copies are trained, never the user's model.
 
+A pipelined placement also splits the batch: ``R`` data-parallel replicas each take ``1/R``
+of it and cut their share into ``M`` micro-batches (equal slices of dim 0, as
+``torch.distributed.pipelining`` and DDP do); each micro-batch's loss is divided by ``M``
+and the replicas' gradients are averaged (:mod:`envs.runtime.pipeline.worker`). With
+``microbatches``/``replicas`` the check also runs the unsplit captured model part by part
+in this process and compares the loss and every gradient with the full batch's: an op that
+mixes samples (BatchNorm in training mode) computes something else on a smaller batch.
+
+:func:`check_trainable` refuses, before any search, a model that cannot be trained (no
+trainable parameter, a loss that does not depend on one, a loss that is not finite).
+
 Example::
 
     report = check_placement(spec, captured, assignment, real_devices={"gpu0": "cpu"})
@@ -28,11 +39,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from envs.runtime.apply import apply_placement, to_device
-from graphs.capture import CapturedModel, set_training_modes
+from graphs.capture import CapturedModel, set_training_modes, training_modes
+from graphs.errors import ModelFileError
 from graphs.gc_pause import paused_gc
-from graphs.model_file import ModelSpec
+from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
 from graphs.profile.op_timing import tensors_in
 
 #: Training steps compared by default: the first shows a wrong computation, the second
@@ -59,6 +73,14 @@ class CheckReport:
         compared_buffers: how many buffers were compared (per step).
         missing_state: parameters or buffers that exist on one side only.
         first_bad_step: the first step (1-based) at which a difference exceeded the tolerance.
+        microbatches, replicas: ``M`` and ``R`` of the pipeline whose batch split was checked
+            (1 and 1: no split checked).
+        split_samples: samples per micro-batch of that split.
+        split_loss_diff, split_grad_diff: scaled difference of the split batch's loss and
+            (worst) gradient from the full batch's.
+        split_worst: the gradient (``grad:<name>``) behind ``split_grad_diff``.
+        split_cause: why the split changes the result (or cannot be compared); empty when it does not.
+        original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
     """
 
     output_diff: float
@@ -74,12 +96,52 @@ class CheckReport:
     compared_buffers: int = 0
     missing_state: tuple[str, ...] = ()
     first_bad_step: int | None = None
+    microbatches: int = 1
+    replicas: int = 1
+    split_samples: int = 0
+    split_loss_diff: float = 0.0
+    split_grad_diff: float = 0.0
+    split_worst: str = ""
+    split_cause: str = ""
+    original_nonfinite: str = ""
 
     @property
     def ok(self) -> bool:
-        """True when nothing is missing and every difference is within the tolerance."""
+        """True when the placement and the batch split (if any) both compute what the original does."""
+        return self.placement_ok and self.split_ok
+
+    @property
+    def placement_ok(self) -> bool:
+        """True when nothing is missing and every placed-versus-original difference is within the tolerance."""
         worst = max(self.output_diff, self.loss_diff, self.grad_diff, self.param_diff, self.buffer_diff)
         return not self.missing_grads and not self.missing_state and worst <= self.tolerance
+
+    @property
+    def split_checked(self) -> bool:
+        return self.microbatches * self.replicas > 1
+
+    @property
+    def split_ok(self) -> bool:
+        """True when no split was checked, or the split batch gives the full batch's loss and gradients."""
+        return not self.split_checked or (
+            not self.split_cause and max(self.split_loss_diff, self.split_grad_diff) <= self.tolerance)
+
+    def describe_split(self) -> str:
+        """The batch split's verdict in words (empty when none was checked)."""
+        if not self.split_checked:
+            return ""
+        parts = (f"{self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''}" if self.replicas == 1
+                 else f"{self.replicas} replicas x {self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''}")
+        diffs = (f"loss {self.split_loss_diff:.2e}, gradients {self.split_grad_diff:.2e}"
+                 + (f" (worst: {self.split_worst})" if self.split_worst and not self.split_ok else ""))
+        if self.split_ok:
+            return (f"{parts} of {self.split_samples} samples give the full batch's loss and gradients "
+                    f"(max difference {diffs})")
+        if self.split_cause.startswith("cannot"):
+            return self.split_cause
+        return (f"micro-batches of {self.split_samples} samples change what the model computes "
+                f"({self.split_cause}): {parts} differ from the full batch by {diffs} "
+                f"(tolerance {self.tolerance:.0e})")
 
     def describe(self) -> str:
         """One line: the verdict, the steps compared and the largest difference of each kind."""
@@ -99,21 +161,72 @@ class CheckReport:
             text += f"; gradients missing for {list(self.missing_grads)[:3]}"
         if self.missing_state:
             text += f"; state on one side only: {list(self.missing_state)[:3]}"
+        if self.split_checked:
+            text += f"; {self.describe_split()}"
+        if self.original_nonfinite:
+            text += f"; the original model's own loss is {self.original_nonfinite}"
         return text
 
 
 def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / (1 + max |b|): absolute for small values, relative for large ones."""
+    """max |a - b| / (1 + max |b|): absolute for small values, relative for large ones.
+
+    NaN in the same places on both sides, and the same infinities, are equal (torch.testing's
+    ``equal_nan``): the placed model reproduces the original's NaN. NaN or an infinity on
+    one side only is an infinite difference.
+    """
     if a.dtype == torch.bool or b.dtype == torch.bool:
         a, b = a.to(torch.int8), b.to(torch.int8)
     a = a.detach().to("cpu", torch.float64)
     b = b.detach().to("cpu", torch.float64)
     if a.shape != b.shape:
         return float("inf")
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return float("inf")
+    a, b = a[~nan], b[~nan]
     if a.numel() == 0:
         return 0.0
-    diff = float((a - b).abs().max() / (1.0 + b.abs().max()))
-    return diff if diff == diff else float("inf")  # NaN on one side only counts as different
+    # a == b first: inf - inf is NaN. The scale ignores b's infinities, which would hide
+    # any finite difference elsewhere.
+    gap = torch.where(a == b, torch.zeros_like(a), (a - b).abs())
+    finite = b[b.isfinite()]
+    scale = 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
+    return float(gap.max()) / scale
+
+
+#: What every refusal of an untrainable model says was expected.
+_TRAINABLE = "expected a model with trainable parameters whose loss depends on them"
+
+
+def _no_trainable_parameters(model: torch.nn.Module, label: str) -> str | None:
+    """Why ``model`` cannot be trained for lack of parameters (None when it has trainable ones)."""
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return None
+    what = (f"its {len(params)} parameter tensor{'s are' if len(params) != 1 else ' is'} frozen (requires_grad=False)"
+            if params else "it has no parameters")
+    return f"model {label!r} has nothing to train: {what}; {_TRAINABLE}"
+
+
+def _untrainable_loss(loss: object, output: object, label: str) -> str | None:
+    """Why ``loss`` cannot be trained on (None when it is a one-element tensor that requires grad)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        return f"the loss of model {label!r} is {got}; expected a scalar tensor from trainable parameters"
+    if loss.requires_grad:
+        return None
+    out = first_tensor(output)
+    why = (f": its output is a {str(out.dtype).replace('torch.', '')} tensor, which carries no gradient "
+           "(argmax, a comparison, an integer cast)" if out is not None and not (
+               out.is_floating_point() or out.is_complex()) else
+           ": no trainable parameter reaches it (detached, computed under no_grad, or from frozen parameters)")
+    return f"the loss of model {label!r} does not require grad{why}; {_TRAINABLE}"
+
+
+def _loss_of(spec: ModelSpec, output: object, inputs: tuple) -> object:
+    loss = spec.loss_fn(output, *[to_device(x, "cpu") for x in inputs])
+    return to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
 
 
 def _run_step(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int,
@@ -121,8 +234,11 @@ def _run_step(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int
     torch.manual_seed(seed)
     optimizer.zero_grad(set_to_none=True)
     output = module(*inputs)
-    loss = spec.loss_fn(output, *[to_device(x, "cpu") for x in inputs])
-    loss = to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
+    loss = _loss_of(spec, output, inputs)
+    reason = _untrainable_loss(loss, output, spec.name)
+    if reason is not None:
+        raise ModelFileError(reason)
+    assert isinstance(loss, torch.Tensor)
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
     optimizer.step()
@@ -144,6 +260,8 @@ def check_placement(
     tolerance: float = 1e-5,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
+    microbatches: int = 1,
+    replicas: int = 1,
 ) -> CheckReport:
     """Train the placed model and the original side by side for ``steps`` steps and compare them.
 
@@ -155,12 +273,20 @@ def check_placement(
         tolerance: largest accepted ``max|placed - original| / (1 + max|original|)``.
         seed: seed set before each step (dropout and other random ops draw the same numbers).
         steps: training steps (forward, backward, optimizer step), state carried over.
+        microbatches, replicas: a pipeline's ``M`` and ``R``; when ``R * M > 1`` the batch
+            split is checked too (module doc): the report's ``split_*`` fields.
+
+    Raises:
+        ModelFileError: the model has no trainable parameter, or its loss does not require grad.
 
     Neither ``spec.model`` nor the global random state is changed: both sides are copies,
     and the seeding happens inside a forked random state.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    reason = _no_trainable_parameters(spec.model, spec.name)
+    if reason is not None:
+        raise ModelFileError(reason)
     with paused_gc(), torch.random.fork_rng(devices=_cuda_indices(real_devices, assignment)):
         original = copy.deepcopy(spec.model)
         placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None)
@@ -178,6 +304,7 @@ def check_placement(
         missing_grads: set[str] = set()
         output_diff = loss_diff = 0.0
         compared_grads = compared_buffers = 0
+        nonfinite = ""
         ref_state, state = _state(original), _state(placed)
         missing_state = tuple(sorted(set(ref_state) ^ set(state)))
         for step in range(1, steps + 1):
@@ -199,6 +326,11 @@ def check_placement(
             bad = max([step_out, loss_diff, *diffs.values()], default=0.0) > tolerance
             if first_bad is None and (bad or missing_grads):
                 first_bad = step
+            if not nonfinite and not bool(torch.isfinite(ref_loss).all()):
+                nonfinite = f"{float(ref_loss.reshape(-1)[0])} at step {step}"
+        split: dict[str, object] = {}
+        if microbatches * replicas > 1:
+            split = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
 
     def worst_of(prefix: str) -> float:
         return max((d for n, d in worst.items() if n.startswith(prefix)), default=0.0)
@@ -217,7 +349,154 @@ def check_placement(
         compared_buffers=compared_buffers,
         missing_state=missing_state,
         first_bad_step=first_bad if first_bad is not None else (1 if missing_state else None),
+        microbatches=microbatches,
+        replicas=replicas,
+        original_nonfinite=nonfinite,
+        **split,  # type: ignore[arg-type]
     )
+
+
+def check_trainable(spec: ModelSpec) -> None:
+    """Refuse a model that cannot be trained, before any search: one forward of the user's
+    model on its example inputs, in the mode it is captured in (training), with its buffers
+    and the random state restored afterwards.
+
+    Raises:
+        ModelFileError: no parameter requires grad; the loss is not a scalar tensor, does not
+            require grad, or is not finite (the model itself, before any placement).
+    """
+    model, label = spec.model, spec.name
+    reason = _no_trainable_parameters(model, label)
+    if reason is not None:
+        raise ModelFileError(reason)
+    modes = training_modes(model)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=cuda), preserved_buffers(model), torch.enable_grad():
+            if not model.training:  # as graphs.capture.capture: a training step is placed
+                model.train()
+            output = model(*spec.example_inputs)
+            loss = _loss_of(spec, output, spec.example_inputs)
+    finally:
+        set_training_modes(model, modes)
+    reason = _untrainable_loss(loss, output, label)
+    if reason is not None:
+        raise ModelFileError(reason)
+    assert isinstance(loss, torch.Tensor)
+    value = float(loss.detach().reshape(-1)[0])
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ModelFileError(
+            f"the original model's loss is {value} on the example inputs (model {label!r} itself, before any "
+            "placement); expected finite values")
+
+
+#: Dropout at every level a captured graph calls it: the functions (fx, nn.Dropout's forward)
+#: and the aten ops (torch.export).
+_DROPOUTS = frozenset({
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
+    torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+    torch.ops.aten.dropout.default, torch.ops.aten.alpha_dropout.default,
+    torch.ops.aten.feature_dropout.default, torch.ops.aten.feature_alpha_dropout.default,
+})
+
+
+class _NoDropout(TorchFunctionMode):
+    """Dropout as the identity. A batch and its micro-batches draw different masks, so with
+    dropout on they never agree, however sample-wise the model is; without it the comparison
+    sees only what the split itself changes. (A clone, not the input: an in-place op after
+    the dropout must not write into a tensor autograd saved.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in _DROPOUTS:
+            return args[0].clone()
+        return func(*args, **(kwargs or {}))
+
+
+def _slice_inputs(inputs: tuple, batch: int, start: int, stop: int) -> tuple:
+    """Samples ``start:stop`` of every input whose dim 0 is the batch (the runtime's micro-batch slices)."""
+    def cut(x: object) -> object:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+            return x[start:stop]
+        return x
+    return tree_map(cut, inputs)
+
+
+def _grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
+                seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of one training step with each replica (a list of micro-batches)
+    on its own copy of the captured model, as the pipeline runtime computes them: each
+    micro-batch's loss / M accumulated, the replicas' losses and gradients averaged."""
+    losses: list[torch.Tensor] = []
+    grads: dict[str, torch.Tensor] = {}
+    for parts in chunks:
+        gm = copy.deepcopy(captured.gm)
+        gm.train(modes[""])
+        set_training_modes(gm, modes)
+        total = torch.zeros((), dtype=torch.float64)
+        for inputs in parts:
+            torch.manual_seed(seed)
+            output = gm(*inputs)
+            loss = _loss_of(spec, output, inputs)
+            assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first
+            (loss / len(parts)).backward()
+            total += loss.detach().to(torch.float64).reshape(()) / len(parts)
+        losses.append(total)
+        for name, g in _grads_of(gm).items():
+            grads[name] = grads[name] + g if name in grads else g
+    return torch.stack(losses).mean(), {n: g / len(chunks) for n, g in grads.items()}
+
+
+def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,
+                 seed: int) -> dict[str, object]:
+    """The ``split_*`` fields of :class:`CheckReport`: the batch split into ``replicas`` x
+    ``microbatches`` equal parts compared with the full batch (one step, dropout off)."""
+    parts = microbatches * replicas
+    batch = batch_size_of(spec.example_inputs) or 0
+    if batch == 0 or batch % parts:
+        return {"split_samples": batch // parts, "split_cause": (
+            f"cannot split the batch of {batch} into {replicas} replica(s) x {microbatches} micro-batches of "
+            "equal size; expected a batch size divisible by their product")}
+    size = batch // parts
+    modes = getattr(captured, "training_modes", None) or {"": True}
+    chunks = [[_slice_inputs(spec.example_inputs, batch, (r * microbatches + k) * size,
+                             (r * microbatches + k + 1) * size) for k in range(microbatches)]
+              for r in range(replicas)]
+    with _NoDropout():
+        full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed)
+        loss, grads = _split_step(captured, spec, modes, chunks, seed)
+    diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
+    diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
+    worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
+                              "split_grad_diff": worst[1], "split_worst": worst[0]}
+    if max(out["split_loss_diff"], worst[1]) > tolerance:  # type: ignore[call-overload]
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed)
+    return out
+
+
+def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
+                 split_loss: torch.Tensor, parts: int, tolerance: float, seed: int) -> str:
+    """Why the split batch computes something else, as far as it can be told."""
+    with _NoDropout():
+        other_loss, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1)
+    if _scaled_diff(other_loss, full_loss) > tolerance:
+        return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
+                "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
+                "--no-check to accept the pipeline unchecked, or make the model deterministic")
+    gm = captured.gm
+    norms = [name for name, m in gm.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and modes.get(name, modes[""])]
+    if norms:
+        shown = ", ".join(repr(n) for n in norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
+        return f"BatchNorm in training mode ({shown}) normalises each micro-batch by its own statistics"
+    if _scaled_diff(split_loss * parts, full_loss) <= tolerance:
+        return f"the loss sums over samples, so each of the {parts} parts carries 1/{parts} of it; expected a mean"
+    return "e.g. BatchNorm statistics: an op mixes samples across the batch"
 
 
 def _cuda_indices(real_devices: Mapping[str, str] | None, assignment: Mapping[str, str]) -> list[int]:
@@ -235,4 +514,4 @@ def _cuda_indices(real_devices: Mapping[str, str] | None, assignment: Mapping[st
     return sorted(indices)
 
 
-__all__ = ["DEFAULT_STEPS", "CheckReport", "check_placement", "paused_gc"]
+__all__ = ["DEFAULT_STEPS", "CheckReport", "check_placement", "check_trainable", "paused_gc"]

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from graphs.errors import PlacerError
+
 __all__ = [
     "Supervisor", "Exit", "die_with_parent", "exit_reason", "make_job_dir", "sweep_stale_job_dirs",
     "JOB_DIR_PREFIX",
@@ -128,7 +130,7 @@ def _owner_alive(pid: int, start: str) -> bool:
     return now is not None and (now == start or start == "0" or now == "0")
 
 
-def report_rank_failure(job_dir: Path, rank: int, exc: BaseException) -> None:
+def report_rank_failure(job_dir: Path, rank: int, exc: BaseException, show_traceback: bool = True) -> None:
     """Leave a rank's failure where the launcher reads it: ``error-<rank>.txt`` in the job
     directory (the exception's first line, then the traceback), and the traceback on stderr.
 
@@ -141,7 +143,10 @@ def report_rank_failure(job_dir: Path, rank: int, exc: BaseException) -> None:
         (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
     except OSError:
         pass  # the job directory is gone (the launcher gave up): stderr still has it
-    traceback.print_exc()
+    if show_traceback:
+        traceback.print_exc()
+    else:
+        print(f"rank {rank}: {line}", file=sys.stderr)
 
 
 def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: Sequence[str] | None = None) -> int:
@@ -149,7 +154,8 @@ def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: S
 
     Dies with its parent, reads ``RANK``/``WORLD_SIZE`` (set by our launchers and by torchrun),
     runs ``run_rank(job_dir, rank, world)`` and leaves any failure where the launcher reads it
-    (:func:`report_rank_failure`). Status 2: called wrongly; 1: the rank failed.
+    (:func:`report_rank_failure`). Status 2: called wrongly, or a :class:`PlacerError` (bad input,
+    a rendezvous port in use: one line on stderr); 1: the rank failed otherwise (traceback).
     """
     die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -165,6 +171,9 @@ def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: S
         return 2
     try:
         run_rank(job_dir, rank, world)
+    except PlacerError as exc:  # bad input or set-up (a port in use): one line, no traceback
+        report_rank_failure(job_dir, rank, exc, show_traceback=False)
+        return 2
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
         report_rank_failure(job_dir, rank, exc)
         return 1

@@ -39,6 +39,11 @@ from typing import Any
 import torch
 
 from envs.runtime.supervisor import worker_main
+from graphs.errors import PlacerError
+
+
+class RendezvousError(PlacerError, RuntimeError):
+    """Rank 0 cannot serve the rendezvous store (its port is in use, say)."""
 
 __all__ = ["main", "run_rank"]
 
@@ -250,7 +255,12 @@ def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Any
     family, kind, proto, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(where)
+    try:
+        sock.bind(where)
+    except OSError as exc:
+        sock.close()
+        raise RendezvousError(f"rank 0 cannot serve the rendezvous on {addr}:{port}: {exc.strerror}; expected a "
+                              "free port (set MASTER_PORT to another)") from None
     sock.listen(max(128, world))
     _STORE_SOCKET = sock
     return dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False,

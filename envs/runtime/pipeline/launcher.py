@@ -29,11 +29,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import free_port
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
+from envs.runtime.pipeline.worker import OPTIMIZERS
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
 from envs.sim.data_parallel import check_runnable
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
@@ -153,6 +155,48 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
                        tied_gap, {r["rank"]: list(r.get("cpu_s", [])) for r in results})
 
 
+def resolved(host: str, port: int = 0) -> tuple:
+    """The first stream address of ``host:port`` (``socket.getaddrinfo``).
+
+    Raises:
+        PipelineRunError: ``host`` does not resolve, naming it.
+    """
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise PipelineRunError(f"cannot resolve the rendezvous host {host!r}: {exc}; expected an address or a "
+                               "host name of this machine (default 127.0.0.1)") from None
+
+
+def check_job(gm: fx.GraphModule, pipeline: Pipeline | None, world: int | None, batch: int,
+              optimizer: OptimizerSpec) -> None:
+    """What can be refused before any process starts: stages naming nodes the model does not
+    have or devices that are no rank device, a DDP world that does not divide the batch, an
+    optimizer name the workers do not know.
+
+    Raises:
+        PipelineError: naming what is wrong and what was expected.
+    """
+    if not callable(optimizer):
+        name = optimizer[0] if isinstance(optimizer, (tuple, list)) and len(optimizer) == 2 else None
+        if name not in OPTIMIZERS:
+            raise PipelineError(f"unknown optimizer {optimizer!r}; expected (name, keyword arguments) with a name "
+                                f"in {sorted(OPTIMIZERS)}, or a function of the parameters")
+    if pipeline is None:
+        if world is not None and world >= 1 and batch % world:
+            raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
+        return
+    nodes = {n.name for n in gm.graph.nodes}
+    unknown = sorted(n for s in pipeline.stages for n in s if n not in nodes)
+    if unknown:
+        raise PipelineError(f"the pipeline names {len(unknown)} node(s) the model does not have, e.g. "
+                            f"{unknown[:3]}; expected node names of the captured graph")
+    try:
+        parse_rank_devices(list(dict.fromkeys(d for r in pipeline.replica_pipelines() for d in r.devices)))
+    except RankDeviceError as exc:
+        raise PipelineError(f"pipeline devices: {exc}") from None
+
+
 def check_port(host: str, port: int) -> int:
     """``port`` if this machine can listen on ``host:port`` now (rank 0 will, for the rendezvous).
 
@@ -160,8 +204,8 @@ def check_port(host: str, port: int) -> int:
         PipelineRunError: the port is out of range or in use, before any process starts.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise PipelineRunError(f"rendezvous port {port!r} is not a TCP port; expected 1-65535")
-    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        raise PipelineRunError(f"rendezvous port {port!r} is not a TCP port; expected an integer from 1 to 65535")
+    family, kind, proto, _, where = resolved(host, port)
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as rank 0 binds it
         try:
@@ -180,6 +224,7 @@ class PipelineJob:
                  threads: int, timeout_s: float, host: str, port: int | None = None) -> None:
         self.world = world
         self.timeout_s = timeout_s
+        resolved(host)
         port = free_port(host) if port is None else check_port(host, port)
         self.job_dir = make_job_dir()
         write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s)
@@ -253,8 +298,12 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
             has a shape that depends on the data, or a stage does not fit its device (all
             checked before starting).
     """
+    batch = int(next(iter(inputs.values())).shape[0])
+    check_job(gm, pipeline, world, batch, optimizer)
+    resolved(host)
+    if port is not None:
+        check_port(host, port)
     if pipeline is not None:
-        batch = int(next(iter(inputs.values())).shape[0])
         pipeline.check_batch(batch)
         replicas = pipeline.replica_pipelines()
         if problem is not None:

@@ -204,6 +204,7 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     """
     saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
     out: dict[str, Any] = {}
+    refused: list[PipelineError] = []
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -216,9 +217,11 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
                                               device="meta").requires_grad_(value.requires_grad)
                 elif _is_constant(value):
                     out[n.name] = value
-                else:
-                    raise PipelineError(f"value {n.name!r} crosses a stage boundary but is a "
-                                        f"{type(value).__name__}, not a tensor or a constant; cut elsewhere")
+                elif not refused:
+                    # Raised after the run: fx's interpreter would append the node and its
+                    # traceback to the message.
+                    refused.append(PipelineError(f"value {n.name!r} crosses a stage boundary but is a "
+                                                 f"{type(value).__name__}, not a tensor or a constant; cut elsewhere"))
             return value
 
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -227,6 +230,8 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
             Recorder(gm).run(*[inputs[k] for k in order])
     finally:
         gm.load_state_dict(saved)
+    if refused:
+        raise refused[0]
     return out
 
 

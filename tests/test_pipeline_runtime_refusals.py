@@ -1,0 +1,86 @@
+"""What run_training refuses before any process starts, and how a rank refuses bad set-up (one line, exit 2)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+
+import envs.runtime.pipeline.launcher as launcher
+from envs.runtime.pipeline.launcher import PipelineRunError, run_training
+from envs.runtime.pipeline.stages import boundary_metas
+from envs.sim.pipeline import Pipeline, PipelineError
+from tests.test_pipeline_runtime import Chain, model_and_batch, stages_of
+
+
+@pytest.fixture
+def no_process_starts(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker process was started")
+
+    monkeypatch.setattr(launcher, "PipelineJob", refuse)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda st: (st[0] + ("nope",), st[1]), r"names 1 node\(s\) the model does not have, e.g. \['nope'\]"),
+    (None, r"pipeline devices: cannot read device 'gpu:0'"),
+])
+def test_a_pipeline_naming_unknown_nodes_or_devices_is_refused(no_process_starts, change, match):
+    gm, batch = model_and_batch(Chain)
+    stages = stages_of(gm, {"l3"})
+    devices = ("cpu:0", "cpu:1") if change else ("gpu:0", "cpu:1")
+    with pytest.raises(PipelineError, match=match):
+        run_training(gm, batch, Pipeline(change(stages) if change else stages, devices, 2, "gpipe"))
+
+
+def test_ddp_over_a_world_that_does_not_divide_the_batch_is_refused(no_process_starts):
+    gm, batch = model_and_batch(Chain)
+    with pytest.raises(PipelineError, match="DDP over 3 processes needs a batch divisible by 3; got 8"):
+        run_training(gm, batch, None, world=3)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_known_ones(no_process_starts):
+    gm, batch = model_and_batch(Chain)
+    with pytest.raises(PipelineError, match=r"unknown optimizer \('lbfgsx', \{\}\); expected .*'adam', 'adamw', 'sgd'"):
+        run_training(gm, batch, None, world=2, optimizer=("lbfgsx", {}))
+
+
+def test_a_host_that_does_not_resolve_and_a_port_given_as_text_are_refused(no_process_starts):
+    gm, batch = model_and_batch(Chain)
+    with pytest.raises(PipelineRunError, match="cannot resolve the rendezvous host 'no such host'"):
+        run_training(gm, batch, None, world=2, host="no such host")
+    with pytest.raises(PipelineRunError, match="expected an integer from 1 to 65535"):
+        run_training(gm, batch, None, world=2, port="29500")  # type: ignore[arg-type]
+
+
+def test_a_tuple_crossing_a_stage_boundary_is_refused_in_one_line():
+    class TupleOut(torch.nn.Module):
+        def forward(self, x):
+            pair = torch.split(x, 2, dim=1)
+            return pair[0].sum() + pair[1].sum()
+
+    gm = fx.symbolic_trace(TupleOut())
+    split = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "split" in str(n.target))
+    with pytest.raises(PipelineError) as info:
+        boundary_metas(gm, {"x": torch.randn(2, 4)}, {split})
+    assert str(info.value).count("\n") == 0 and "crosses a stage boundary but is a tuple" in str(info.value)
+
+
+def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_2(tmp_path):
+    gm, batch = model_and_batch(Chain)
+    launcher.write_job(tmp_path, gm, batch, None, steps=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        done = subprocess.run([sys.executable, "-m", "envs.runtime.pipeline.worker", str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"rank 0: RendezvousError: rank 0 cannot serve the rendezvous on 127.0.0.1:{port}: "
+                                   "Address already in use; expected a free port (set MASTER_PORT to another)")
