@@ -11,12 +11,13 @@ and keeps its best, measurement workers are killed and their job files removed, 
 results so far are written. Job files a SIGKILLed run left behind are removed when the
 next command starts (:func:`envs.runtime.supervisor.sweep_stale_job_dirs`). A run that was interrupted exits ``128 + signal`` (130 for
 SIGINT, 143 for SIGTERM) even when it wrote its results, so a script can tell it from a
-finished one.
+finished one. One whose stdout reader left early (``| head``) exits 141 quietly, as Unix tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -71,8 +72,21 @@ def _interruptible() -> Iterator[_Interruptions]:
             signal.signal(sig, handler)
 
 
+def _reader_gone() -> int:
+    """Stop quietly when stdout's reader has closed the pipe (``placer show x.json | head -1``).
+
+    Python's recipe (the ``signal`` docs' note on SIGPIPE): stdout now goes to devnull, so
+    the flush at exit cannot raise a second BrokenPipeError.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    # 141 = 128 + SIGPIPE: what a shell reports for a Unix tool SIGPIPE ended, and this CLI's
+    # 128 + signal convention for interruptions, so `set -o pipefail` scripts see the usual status.
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 success, 2 bad input, 130/143 interrupted)."""
+    """Run the CLI; returns the exit status (0 success, 2 bad input, 130/143 interrupted, 141 stdout closed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -86,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _interruptible() as seen:
         try:
             code = int(args.run(args) or 0)
+            sys.stdout.flush()  # a reader gone early shows here, where it can be caught, not at exit
+        except BrokenPipeError:
+            return _reader_gone()
         except PlacerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             placement_json = getattr(exc, "placement_json", None)  # results unwritable, no fallback either

@@ -99,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from envs.hardware.units import format_bytes
     from graphs.pipeline import prepare
     from placer.optimizing.devices import profiles_microbatches
+    from placer.optimizing.stages import _check_out_dir
     from placer.options import OptionError, parse_model_args
     from placer.report.plots import plot_memory, plot_placed_graph
 
+    _check_out_dir(args.out)  # before the model is captured and profiled, not after
     cluster_name = args.cluster or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
@@ -111,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size),
                        microbatch_profile=profiles_microbatches(cluster), cache_dir=args.cache_dir)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
+    if placement.pipeline is not None:
+        from graphs.model_file import batch_size_of
+
+        # apply refuses such a file, so show must not report a step time it could never run
+        batch = batch_size_of(prepared.spec.example_inputs)
+        if batch is None:
+            raise OptionError("the placement is pipelined but the model's inputs have no batch dimension; "
+                              "expected inputs whose dim 0 the micro-batches split")
+        placement.pipeline.check_batch(batch)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

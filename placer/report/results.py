@@ -15,9 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -299,8 +303,33 @@ def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
         path.unlink()  # a stale calibration from an earlier run would describe other measurements
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: the result files are written
+    as one set. Without it a second Ctrl-C while they were written left placement.json
+    without its report.md (walkthrough: two SIGINTs 1.5 s apart). Only the main thread can
+    hold signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
-    """Write every result file into ``out_dir``; returns the path of report.md."""
+    """Write every result file into ``out_dir``; returns the path of report.md. An interrupt
+    while they are written takes effect once all are (:func:`_interrupts_deferred`)."""
+    with _interrupts_deferred():
+        return _write_results(result, out_dir)
+
+
+def _write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_placement(result.placement, out_dir / "placement.json")
     device_map, device_map_note = _write_device_map(result, out_dir)

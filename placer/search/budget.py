@@ -61,7 +61,8 @@ _TIME_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 def parse_budget(text: str | int | float | Budget) -> Budget:
     """Parse a budget: ``"90s"``, ``"5m"``, ``"1h"`` (time) or ``"20000"``, ``"20k"`` (placements).
 
-    Both may be given, comma separated (``"5m,100k"``): the search stops at the first.
+    Both may be given, comma separated and in either order (``"5m,100k"``): the search stops
+    at the first. Each at most once.
     A plain int is a number of placements; a float is seconds.
 
     Raises:
@@ -80,10 +81,16 @@ def parse_budget(text: str | int | float | Budget) -> Budget:
     for part in str(text).replace(" ", "").lower().split(","):
         m_time = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h)", part)
         m_count = re.fullmatch(r"(\d+)(k?)", part)
-        if m_time:
+        # A second time or count would silently override the first: '5m,20k,3' is a typo, not a budget.
+        if m_time and seconds is None:
             seconds = float(m_time.group(1)) * _TIME_UNITS[m_time.group(2)]
-        elif m_count:
+        elif m_count and placements is None:
             placements = int(m_count.group(1)) * (1000 if m_count.group(2) else 1)
+        elif m_time or m_count:
+            raise OptionError(
+                f"cannot read budget {text!r}: it gives more than one {'time' if m_time else 'number of placements'}; "
+                "expected at most one time and one number of placements, e.g. '5m', '20k' or '5m,20k'"
+            )
         else:
             raise OptionError(
                 f"cannot read budget {text!r}: expected a time such as '90s', '5m', '1h', "
