@@ -109,3 +109,22 @@ def test_placing_a_model_leaves_the_callers_random_states_as_they_were(tmp_path)
     placer.place(model, (x,), cluster="4xK40", budget=200, cache_dir=str(tmp_path))
     after = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]
+
+
+def test_place_returns_what_one_process_can_run_when_the_fastest_placement_is_a_pipeline(tmp_path):
+    """A pipeline needs one process per stage; in this process its stages would run one after
+    the other, so place() takes the fastest un-pipelined placement, with that placement's step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(),
+                                *[m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.ReLU())],
+                                torch.nn.Linear(256, 10))
+    x = torch.randn(64, 32)
+    result = placer.optimize(model, (x,), cluster="4xK40", budget="2k", progress=False, verbose=0, check=False)
+    assert result.placement.pipeline is not None, "precondition: the fastest placement is a pipeline"
+    info = placer.place(model, (x,), cluster="4xK40", budget="2k", cache_dir=str(tmp_path)).placer_place_info
+    assert info.placement.pipeline is None
+    rows = result.table.set_index("method")
+    assert rows.loc[info.method, "kind"] == "placement", info.method
+    assert info.step_time == pytest.approx(float(rows.loc[info.method, "step_time"]), rel=1e-9)
+    assert info.step_time == min(float(t) for t, k, f in zip(rows["step_time"], rows["kind"], rows["fits"])
+                                 if k == "placement" and f)

@@ -26,8 +26,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from envs.hardware.cluster import Cluster
@@ -40,6 +41,9 @@ from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
 from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
 from placer.search.budget import DEFAULT_BUDGET, BudgetLike
+
+if TYPE_CHECKING:
+    from placer.result import OptimizeResult
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,57 @@ def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placem
         return None
 
 
+@dataclass(frozen=True)
+class InProcessPlacement:
+    """A placement that runs in this process (no pipeline): its method, op assignment, group
+    row and simulated step time (the batched simulator's, as ``show`` gives it)."""
+
+    method: str
+    assignment: dict[str, str]
+    row: np.ndarray
+    step_time: float
+
+
+def in_process_placements(result: OptimizeResult, k: int) -> list[InProcessPlacement]:
+    """The ``k`` distinct fitting placements of ``result``'s methods with the lowest simulated
+    step time when applied in one process, fastest first.
+
+    A pipelined placement (micro-batches, replicas) needs one process per stage
+    (``torch.distributed.pipelining``); :func:`place` and the tuner return a module for this
+    process, where its stages would run one after the other on the whole batch. So every
+    method's placement, a pipeline's stage devices included, is ranked here by its
+    un-pipelined step (:func:`envs.sim.simulator.simulate_batch`), not by the pipeline's.
+    """
+    from envs.sim.simulator import simulate_batch
+
+    problem, grouping = result.problem, result.prepared.grouping
+    found = [c for c in result.candidates if c.row is not None]
+    if not found:
+        raise IntegrationError("no method found a placement that fits in device memory")
+    rows = np.stack([np.asarray(c.row, dtype=np.int64) for c in found])
+    sim = simulate_batch(problem, rows)
+    order = np.argsort(np.where(sim.fits, sim.step_time, np.inf), kind="stable")
+    kinds = dict(zip(result.table["method"], result.table["kind"]))
+    pipelined = {m for m, kind in kinds.items() if kind != "placement"}
+    chosen: list[InProcessPlacement] = []
+    seen: set[bytes] = set()
+    for i in order:
+        if not sim.fits[i] or len(chosen) >= k:
+            continue
+        key = rows[i].tobytes()
+        if key in seen:  # several methods often find the same placement: keep it once
+            continue
+        seen.add(key)
+        assignment = grouping.expand(problem.array_to_placement(rows[i]))
+        method = found[int(i)].method
+        if method in pipelined:  # say that what runs here is not the pipeline the method found
+            method += ", un-pipelined"
+        chosen.append(InProcessPlacement(method, assignment, rows[i].copy(), float(sim.step_time[i])))
+    if not chosen:
+        raise IntegrationError("no method found a placement that fits in device memory")
+    return chosen
+
+
 @kept_random_state()
 def find_placement(
     model: torch.nn.Module,
@@ -161,7 +216,18 @@ def find_placement(
 
     result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose)
-    placement = result.placement
+    placement, step_time, method = result.placement, result.step_time, result.winner
+    if placement.pipeline is not None:
+        # Applied in this process, a pipeline's stages would run one after the other on the
+        # whole batch: the best placement this process can run instead (in_process_placements).
+        best = in_process_placements(result, 1)[0]
+        log.info("the fastest placement (%s, %.3f ms) is a pipeline, which needs one process per stage; "
+                 "placing the fastest one-process placement instead: %s, %.3f ms", result.winner,
+                 result.step_time * 1e3, best.method, best.step_time * 1e3)
+        placement = Placement(best.assignment, placement.fingerprint, list(placement.devices),
+                              {**placement.metadata, "step_time": best.step_time, "source": "simulated",
+                               "method": best.method})
+        step_time, method = best.step_time, best.method
     if placement.fingerprint != captured.fingerprint:
         raise PlacerError(  # would mean capture is not deterministic: say so rather than mis-apply
             f"the search captured the model as {placement.fingerprint}, this call as {captured.fingerprint}"
@@ -174,7 +240,7 @@ def find_placement(
             raise OptionError(f"cannot write the placement cache {str(path)!r}: {exc.strerror or exc}; "
                               "pass cache_dir= a writable folder or use_cache=False") from exc
     info = PlaceInfo(False, path, captured.fingerprint, the_cluster.name, the_cluster.simulated,
-                     result.step_time, result.source, result.winner, placement)
+                     step_time, str(placement.metadata.get("source", result.source)), method, placement)
     return captured, the_cluster, info
 
 

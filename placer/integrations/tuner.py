@@ -43,7 +43,7 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
 from graphs.random_state import kept_random_state
-from placer.integrations.loop import IntegrationError, as_inputs, cluster_for
+from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement
 from placer.result import OptimizeResult
@@ -150,29 +150,15 @@ def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, 
     method's placement with the batched simulator. Returns the candidates, fastest first,
     and the optimize result (its ``problem`` is what calibration refits).
     """
-    from envs.sim.simulator import simulate_batch
     from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=cluster, budget=budget, seed=seed, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0)
-    problem, grouping = result.problem, result.prepared.grouping
-    found = [c for c in result.candidates if c.row is not None]
-    if not found:
-        raise IntegrationError("no method found a placement that fits in device memory; nothing to tune")
-    rows = np.stack([np.asarray(c.row, dtype=np.int64) for c in found])
-    sim = simulate_batch(problem, rows)
-    order = np.argsort(np.where(sim.fits, sim.step_time, np.inf), kind="stable")
-    chosen: list[TunerCandidate] = []
-    seen: set[bytes] = set()
-    for i in order:
-        if not sim.fits[i] or len(chosen) >= k:
-            continue
-        key = rows[i].tobytes()
-        if key in seen:  # several methods often find the same placement: try it once
-            continue
-        seen.add(key)
-        assignment = grouping.expand(problem.array_to_placement(rows[i]))
-        chosen.append(TunerCandidate(found[int(i)].method, assignment, rows[i].copy(), float(sim.step_time[i])))
+    try:
+        found = in_process_placements(result, k)
+    except IntegrationError:
+        raise IntegrationError("no method found a placement that fits in device memory; nothing to tune") from None
+    chosen = [TunerCandidate(c.method, c.assignment, c.row, c.step_time) for c in found]
     return chosen, result
 
 
