@@ -44,10 +44,11 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.apply import apply_placement, to_device
 from graphs.capture import CapturedModel, set_training_modes, training_modes
-from graphs.errors import ModelFileError
+from graphs.errors import ModelFileError, PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
 from graphs.profile.op_timing import tensors_in
+from graphs.random_state import kept_random_state
 
 #: Training steps compared by default: the first shows a wrong computation, the second
 #: state that was not carried (an in-place buffer update that was lost), the third that
@@ -217,7 +218,7 @@ def _untrainable_loss(loss: object, output: object, label: str) -> str | None:
     if loss.requires_grad:
         return None
     out = first_tensor(output)
-    why = (f": its output is a {str(out.dtype).replace('torch.', '')} tensor, which carries no gradient "
+    why = (f": its output has dtype {str(out.dtype).replace('torch.', '')}, which carries no gradient "
            "(argmax, a comparison, an integer cast)" if out is not None and not (
                out.is_floating_point() or out.is_complex()) else
            ": no trainable parameter reaches it (detached, computed under no_grad, or from frozen parameters)")
@@ -377,6 +378,14 @@ def check_trainable(spec: ModelSpec) -> None:
                 model.train()
             output = model(*spec.example_inputs)
             loss = _loss_of(spec, output, spec.example_inputs)
+    except PlacerError:
+        raise
+    except Exception as exc:  # user code: its own words, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelFileError(
+            f"one training forward of model {label!r} and its loss fails on the example inputs: "
+            f"{type(exc).__name__}: {first}; expected a forward() and loss_fn(output, *inputs) that run "
+            "with gradients on") from None
     finally:
         set_training_modes(model, modes)
     reason = _untrainable_loss(loss, output, label)
@@ -477,6 +486,21 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     if max(out["split_loss_diff"], worst[1]) > tolerance:  # type: ignore[call-overload]
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed)
     return out
+
+
+def batch_split_problem(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
+                        tolerance: float = 1e-5, seed: int = 0) -> str | None:
+    """None when splitting the batch into ``replicas`` x ``microbatches`` equal parts (a
+    pipeline's, a hybrid's) gives the full batch's loss and gradients; else why not, in words
+    (:meth:`CheckReport.describe_split`). The unsplit captured model runs in this process,
+    one step, dropout off; ``spec.model`` and the random state are left as they were."""
+    if microbatches * replicas <= 1:
+        return None
+    with kept_random_state():
+        fields = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
+    report = CheckReport(0.0, 0.0, 0.0, 0, tolerance=tolerance, microbatches=microbatches, replicas=replicas,
+                         **fields)  # type: ignore[arg-type]
+    return None if report.split_ok else report.describe_split()
 
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,

@@ -30,7 +30,7 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
-from envs.runtime.check import CheckReport, check_placement
+from envs.runtime.check import CheckReport, batch_split_problem, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem, compile_problem
@@ -40,7 +40,7 @@ from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
 from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
-from graphs.pipeline import Prepared, prepare
+from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
 from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
@@ -176,7 +176,11 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
         d.real_device or d.name for d in cluster.devices  # rank workers share one real kind
     ))
     microbatches = profiles_microbatches(cluster)
-    prepared = prepare(source, model_args=config.model_args, profile=True, devices=profile_devices,
+    # A model the check cannot train (no parameters, a loss without gradient or not finite)
+    # is refused here, not after the search: loaded once, checked, then captured and profiled.
+    spec = load_source(source, config.model_args)
+    check_trainable(spec)
+    prepared = prepare(spec, profile=True, devices=profile_devices,
                        cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
     if microbatches:
         _log_microbatch_profile(config, prepared)
@@ -356,12 +360,13 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         from placer.memory_fit import memory_needs
 
         raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
+    fitting, table = _exact_splits_only(config, compiled, fitting, table, pipelines)
     winning_row = pick_winner(fitting)
     step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
     pipeline = pipelines.get(str(winning_row["method"]))
     if pipeline is not None:
         # A pipelined winner: its stages' devices (replica 0's) are its placement, which the
-        # numerical check applies un-pipelined (the same math, without micro-batches or replicas).
+        # numerical check applies un-pipelined, and its batch split, checked apart.
         winner = Candidate(str(winning_row["method"]), compiled.problem.placement_to_array(pipeline.assignment()),
                            float(winning_row["search_time"]), int(winning_row["evaluated"]), str(winning_row["note"]))
         candidates.append(winner)
@@ -378,17 +383,34 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
 def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirmed) -> tuple[CheckReport | None, float]:
     """Apply the winner and compare outputs and gradients with the original model (None when off).
 
+    A pipelined winner (``M`` micro-batches, ``R`` replicas) is also checked for what its
+    batch split changes: the loss and gradients of ``R x M`` equal parts against the full batch's.
+
     Raises:
-        PlacerError: the placed model computes something else.
+        PlacerError: the placed model computes something else; the pipeline's micro-batches
+            change the result (BatchNorm statistics); the original model's own loss is not finite.
     """
     if not config.check:
         return None, 0.0
     run = compiled.run
     start = time.perf_counter()
+    pipeline = confirmed.placement.pipeline
     report = check_placement(run.spec, run.captured, confirmed.placement.assignment,
-                             real_devices=run.cluster.real_device_map())
-    if not report.ok:
+                             real_devices=run.cluster.real_device_map(),
+                             microbatches=pipeline.microbatches if pipeline is not None else 1,
+                             replicas=pipeline.num_replicas if pipeline is not None else 1)
+    if report.original_nonfinite:
+        # Both sides agree on it: the model diverges by itself, the placement is not to blame.
+        raise PlacerError(f"the original model's loss is {report.original_nonfinite} of training on the example "
+                          f"inputs (the model itself, with its optimizer); expected finite values. Check: "
+                          f"{report.describe()}")
+    if not report.placement_ok:
         raise PlacerError(f"the applied placement does not compute the same thing: {report.describe()}")
+    if not report.split_ok:
+        # No other candidate is checked or written in its place: placement.json stays unwritten.
+        raise PlacerError(f"the winner {confirmed.winner.method!r} is a pipeline, and its {report.describe_split()}; "
+                          "expected a model that computes each sample on its own (BatchNorm frozen in eval mode, or "
+                          "GroupNorm/LayerNorm) for a pipeline or DDP; placement.json not written")
     return report, time.perf_counter() - start
 
 
@@ -412,6 +434,43 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
         except OSError as exc:  # a full disk, a directory made read-only during the run
             raise rescue(confirmed.placement, run.out_dir, exc) from exc
     return result
+
+
+def _exact_splits_only(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame, table: pd.DataFrame,
+                       pipelines: Mapping[str, Pipeline]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``fitting`` without the pipelines whose batch split changes what the model computes
+    (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
+    fastest first until the winner is one that splits exactly or is no pipeline; each one set
+    aside gets the reason in its table note and a warning. Without the check, nothing is set aside.
+
+    The winner's check would refuse such a pipeline after the search; here the next-best
+    placement wins instead, so a model with BatchNorm still gets a result.
+    """
+    if not config.check:
+        return fitting, table
+    run = compiled.run
+    verdicts: dict[tuple[int, int], str | None] = {}
+    while not fitting.empty:
+        method = str(pick_winner(fitting)["method"])
+        pipeline = pipelines.get(method)
+        if pipeline is None:
+            break
+        key = (pipeline.microbatches, pipeline.num_replicas)
+        if key not in verdicts:
+            verdicts[key] = batch_split_problem(run.spec, run.captured, *key)
+        problem = verdicts[key]
+        if problem is None:
+            break
+        log.warning("%s set aside: its %s; the next fastest placement is taken", method, problem)
+        fitting = fitting[fitting["method"] != method]
+        table = table.copy()
+        at = table["method"] == method
+        table.loc[at, "note"] = [f"{n}; set aside: {problem}".lstrip("; ") for n in table.loc[at, "note"]]
+    if fitting.empty:
+        raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
+                          f"computes ({next(v for v in verdicts.values() if v)}); rerun with --no-check to accept one "
+                          "unchecked")
+    return fitting, table
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:

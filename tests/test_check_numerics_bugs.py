@@ -1,0 +1,285 @@
+"""The numerical check from the user walkthrough: models that cannot be trained are refused
+before the search, NaN the original model computes itself is not a placement's difference,
+and a pipeline's micro-batches and replicas are checked for what splitting the batch changes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from envs.runtime.check import _scaled_diff, check_placement
+from envs.sim.pipeline import Pipeline
+from graphs.capture import capture
+from graphs.errors import ModelFileError, PlacerError
+from graphs.model_file import ModelSpec
+
+
+def _model_file(tmp_path, name: str, body: str):
+    path = tmp_path / f"{name}.py"
+    path.write_text("import torch\nfrom torch import nn\n" + textwrap.dedent(body))
+    return path
+
+
+def _optimize_cli(model_file, out, *extra: str) -> int:
+    from placer.cli.main import main
+
+    return main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "100", "--baselines", "single",
+                 "--out", str(out), "-q", *extra])
+
+
+@pytest.fixture
+def no_search(monkeypatch):
+    """Fails the test if the run gets as far as the baselines (the first stage after preparation)."""
+    import placer.optimizing.stages as stages
+
+    def reached(*_args, **_kwargs):
+        raise AssertionError("the run reached the baselines: the model was not refused in preparation")
+
+    monkeypatch.setattr(stages, "run_baselines", reached)
+
+
+# ----------------------------------------------------------------------------- bug 1: nothing to train
+
+UNTRAINABLE = {
+    "noparams": ("""
+        class M(nn.Module):
+            def forward(self, x):
+                return torch.relu(x) * 2
+        model = M()
+        example_inputs = (torch.randn(3, 4),)
+        """, "model 'noparams' has nothing to train: it has no parameters"),
+    "frozen": ("""
+        model = nn.Linear(4, 2).requires_grad_(False)
+        example_inputs = (torch.randn(3, 4),)
+        """, "model 'frozen' has nothing to train: its 2 parameter tensors are frozen"),
+    "intout": ("""
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = nn.Linear(4, 2)
+            def forward(self, x):
+                return self.l(x).argmax(-1)
+        model = M()
+        example_inputs = (torch.randn(3, 4),)
+        """, "the loss of model 'intout' does not require grad: its output has dtype int64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNTRAINABLE))
+def test_a_model_with_nothing_to_train_is_refused_in_preparation_in_one_line_with_exit_2(
+        tmp_path, capsys, no_search, name):
+    body, said = UNTRAINABLE[name]
+    out = tmp_path / "out"
+    code = _optimize_cli(_model_file(tmp_path, name, body), out)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {said}") and "Traceback" not in err
+    assert "expected a model with trainable parameters whose loss depends on them" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written, not even the best so far
+
+
+def test_check_placement_refuses_a_model_without_parameters_with_a_model_error_not_the_optimizers():
+    model = nn.ReLU()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(3, 4),), name="relu")
+    cap = capture(model, spec.example_inputs, name="relu")
+    with pytest.raises(ModelFileError, match="model 'relu' has nothing to train"):
+        check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+
+
+# ----------------------------------------------------------------------------- bug 2: NaN on both sides
+
+
+def test_nan_in_the_same_places_on_both_sides_is_no_difference_and_on_one_side_is():
+    nan, inf = float("nan"), float("inf")
+    assert _scaled_diff(torch.tensor([1.0, nan, inf]), torch.tensor([1.0, nan, inf])) == 0.0
+    assert _scaled_diff(torch.tensor([1.0, nan]), torch.tensor([nan, 1.0])) == inf
+    assert _scaled_diff(torch.tensor([1.0, nan]), torch.tensor([1.0, 2.0])) == inf
+    assert _scaled_diff(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0])) == inf
+    # An infinity elsewhere does not hide a finite difference by inflating the scale.
+    assert _scaled_diff(torch.tensor([inf, 1.5]), torch.tensor([inf, 1.0])) == pytest.approx(0.25)
+
+
+def test_a_placed_model_reproducing_the_originals_nan_outputs_checks_the_same():
+    class HalfNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sqrt(self.lin(x))  # NaN where the linear output is negative
+
+    torch.manual_seed(0)
+    model = HalfNaN()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(8, 4),), name="halfnan",
+                     loss_fn=lambda out, *_: torch.nan_to_num(out).mean())
+    cap = capture(model, spec.example_inputs, name="halfnan")
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert bool(model(*spec.example_inputs).isnan().any())  # the case this test is about
+    assert report.ok and report.output_diff == 0.0, report.describe()
+    assert not report.original_nonfinite
+
+
+def test_a_model_whose_own_loss_is_nan_is_refused_up_front_and_the_placement_is_not_blamed(
+        tmp_path, capsys, no_search):
+    path = _model_file(tmp_path, "nanmodel", """
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = nn.Linear(4, 4)
+            def forward(self, x):
+                return torch.sqrt(self.l(x))
+        model = M()
+        torch.manual_seed(0)
+        example_inputs = (torch.randn(8, 4),)
+        """)
+    code = _optimize_cli(path, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the original model's loss is nan on the example inputs" in err and "expected finite values" in err
+    assert "does not compute the same thing" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_loss_that_turns_nan_in_later_steps_is_blamed_on_the_model_not_the_placement(tmp_path):
+    import placer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    # Finite at step 1 (so preparation lets it through), overflowing after one huge SGD step.
+    with pytest.raises(PlacerError, match=r"the original model's loss is (nan|inf) at step 2 .*expected finite "
+                                          r"values") as exc:
+        placer.optimize(model, (torch.randn(8, 4),), cluster="4xK40", budget="20", baselines=("single",),
+                        out_dir=tmp_path / "out", progress=False, verbose=0,
+                        loss_fn=lambda out, *_: (out ** 2).mean(),
+                        optimizer_fn=lambda params: torch.optim.SGD(params, lr=1e30))
+    assert "does not compute the same thing" not in str(exc.value)
+    assert not (tmp_path / "out" / "placement.json").exists()
+
+
+# ----------------------------------------------------------------------------- bug 3: the pipeline's split
+
+
+def _mlp(norm: bool, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(2):
+        layers += [nn.Linear(8, 8), *([nn.BatchNorm1d(8)] if norm else []), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers, nn.Linear(8, 2))
+
+
+def _check(model: nn.Module, microbatches: int, replicas: int = 1, batch: int = 16, **spec_kwargs):
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(batch, 8),), name="mlp", **spec_kwargs)
+    cap = capture(model, spec.example_inputs, name="mlp")
+    return check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, microbatches=microbatches,
+                           replicas=replicas)
+
+
+def test_a_batchnorm_models_pipeline_with_several_microbatches_is_not_reported_as_same_results():
+    report = _check(_mlp(norm=True), microbatches=2)
+    assert report.placement_ok  # applied un-pipelined it is the same math: only the split differs
+    assert not report.ok and report.describe().startswith("DIFFERENT results")
+    assert "micro-batches of 8 samples change what the model computes (BatchNorm in training mode ('1', '5')" \
+        in report.describe_split()
+    assert report.split_grad_diff > report.tolerance
+
+
+@pytest.mark.parametrize("microbatches, replicas", [(2, 1), (2, 2), (1, 4)])
+def test_a_model_without_batch_coupled_ops_splits_into_microbatches_and_replicas_with_the_same_results(
+        microbatches, replicas):
+    report = _check(_mlp(norm=False, dropout=0.5), microbatches, replicas)  # dropout draws per micro-batch
+    assert report.ok, report.describe()
+    assert report.split_samples == 16 // (microbatches * replicas)
+    assert "give the full batch's loss and gradients" in report.describe()
+
+
+def test_a_frozen_batchnorm_uses_its_running_statistics_and_splits_with_the_same_results():
+    model = _mlp(norm=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    assert _check(model, microbatches=4).ok
+
+
+def test_a_loss_summed_over_samples_is_named_as_the_cause_of_a_different_split():
+    report = _check(_mlp(norm=False), microbatches=2, loss_fn=lambda out, *_: out.sum())
+    assert not report.ok and "the loss sums over samples" in report.describe_split()
+
+
+def test_random_numbers_besides_dropout_make_the_split_fail_as_not_comparable():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.lin(x + torch.randn_like(x))
+
+    torch.manual_seed(0)
+    report = _check(Noisy(), microbatches=2)
+    assert not report.ok and report.describe_split().startswith("cannot compare micro-batches with the full batch")
+
+
+def _winner(model: nn.Module, pipeline_of) -> tuple:
+    """check_winner's three arguments for ``model`` with the pipeline ``pipeline_of(captured)`` winning."""
+    from placer.optimizing.config import OptimizeConfig
+
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(16, 8),), name="mlp")
+    cap = capture(model, spec.example_inputs, name="mlp")
+    pipeline = pipeline_of(cap)
+    run = SimpleNamespace(spec=spec, captured=cap, cluster=SimpleNamespace(real_device_map=lambda: {"cpu": "cpu"}))
+    placement = SimpleNamespace(assignment={n: "cpu" for n in cap.graph.nodes}, pipeline=pipeline)
+    confirmed = SimpleNamespace(placement=placement, winner=SimpleNamespace(method="placer (pipeline x DDP)"))
+    return OptimizeConfig(model=model, example_inputs=spec.example_inputs), SimpleNamespace(run=run), confirmed
+
+
+def _one_stage(microbatches: int, replicas: int):
+    return lambda cap: Pipeline((tuple(cap.graph.nodes),), ("cpu",), microbatches, "gpipe",
+                                tuple((f"cpu{r}",) for r in range(1, replicas)))
+
+
+def test_check_winner_refuses_a_batchnorm_pipeline_naming_the_cause():
+    from placer.optimizing.stages import check_winner
+
+    with pytest.raises(PlacerError, match=r"is a pipeline, and its micro-batches of 4 samples change what the model "
+                                          r"computes \(BatchNorm.*placement.json not written"):
+        check_winner(*_winner(_mlp(norm=True), _one_stage(microbatches=2, replicas=2)))
+
+
+def test_check_winner_accepts_an_mlp_pipeline_and_reports_the_split_it_checked():
+    from placer.optimizing.stages import check_winner
+
+    report, _ = check_winner(*_winner(_mlp(norm=False), _one_stage(microbatches=2, replicas=2)))
+    assert report is not None and report.ok
+    assert "2 replicas x 2 micro-batches of 4 samples give the full batch's loss and gradients" in report.describe()
+
+
+def test_optimize_sets_a_batchnorm_pipeline_aside_and_the_next_fastest_placement_wins_checked(tmp_path, capsys):
+    path = _model_file(tmp_path, "mlp_bn", """
+        def get_model():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(32, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Dropout(0.5),
+                                 nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.Linear(1024, 10))
+        def get_example_inputs():
+            torch.manual_seed(0)
+            return (torch.randn(512, 32),)
+        """)
+    out = tmp_path / "out"
+    code = _optimize_cli(path, out)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    table = pd.read_csv(out / "comparison.csv")
+    aside = table[table["note"].fillna("").str.contains("set aside: micro-batches of")]
+    # The case: pipelines that split the batch were faster (as on 4xK40: "placer (pipeline x DDP)").
+    assert not aside.empty and (aside["kind"] != "placement").all()
+    assert "BatchNorm in training mode" in aside["note"].iloc[0] and "set aside" in err
+    written = json.loads((out / "placement.json").read_text())
+    pipeline = written.get("pipeline")
+    assert pipeline is None or pipeline["microbatches"] * (1 + len(pipeline.get("replicas", []))) == 1
+    assert float(aside["step_time"].min()) < written["metadata"]["step_time"]
