@@ -8,10 +8,9 @@ micro-batch: the CPU seconds (``time.thread_time``) of its forward and of its ba
 * with every ``.grad`` already there -- what a pipeline stage's micro-batches after the
   first pay: AccumulateGrad adds in place,
 
-alternated step by step so both see the same load, medians of ``--repeats``. Beside them,
-the accumulation the simulator charges (:mod:`graphs.profile.accumulate_timing`: ``tensors *
-per_tensor_s + bytes * per_byte_s``, fitted here by :func:`time_accumulation` as the
-profiler does) and a plain ``add_`` of every gradient.
+alternated step by step so both see the same load, medians of ``--repeats``. Beside them, a
+plain ``add_`` of every gradient, and what the micro-batch profile measures and the
+simulator charges (:func:`graphs.profile.accumulate_timing.accumulate_seconds`).
 
 Usage::
 
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graphs.pipeline import prepare  # noqa: E402
-from graphs.profile.accumulate_timing import time_accumulation  # noqa: E402
+from graphs.profile.accumulate_timing import accumulate_seconds  # noqa: E402
 
 # The cases of benchmarks/bench_pipeline_measured.py at their micro-batch size.
 CASES = {
@@ -74,10 +73,8 @@ def measure(model: str, repeats: int) -> list[str]:
         fresh.append(step(False))
         acc.append(step(True))
     grads = [p.grad for p in params]
-    cost = time_accumulation(grads, torch.device("cpu"), repeats=repeats)
-    assert cost is not None
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    rule = cost.seconds(len(params), nbytes)
+    profiled = accumulate_seconds(gm, tuple(inputs.values()), torch.device("cpu"))
     news = [g.clone() for g in grads]
     adds = []
     for _ in range(repeats):
@@ -89,8 +86,8 @@ def measure(model: str, repeats: int) -> list[str]:
     bwd_acc = statistics.median(b for _, b in acc)
     return [f"| {model} | {micro} | {len(params)} / {nbytes / 1e6:.1f} MB | "
             f"{statistics.median(f for f, _ in fresh) * 1e3:.1f} | {bwd_fresh * 1e3:.1f} | {bwd_acc * 1e3:.1f} | "
-            f"{(bwd_acc - bwd_fresh) * 1e3:+.1f} | {statistics.median(adds) * 1e3:.1f} | {rule * 1e3:.1f} "
-            f"({cost.per_tensor_s * 1e6:.2f} us/tensor, {cost.per_byte_s * 1e12:.0f} ps/byte) | {_load()} |"]
+            f"{(bwd_acc - bwd_fresh) * 1e3:+.1f} | {statistics.median(adds) * 1e3:.1f} | {profiled * 1e3:.1f} | "
+            f"{_load()} |"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(f"# torch {torch.__version__}, 1 thread, load {_load()}")
     print("| model | micro-batch | parameters (tensors / bytes) | forward ms | backward after zero_grad ms | "
-          "backward accumulating ms | difference | add_ of every gradient ms | rule (fit) ms | load |")
+          "backward accumulating ms | difference | add_ of every gradient ms | profiled (accumulate_seconds) ms | load |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---|")
     for model in models:
         for line in measure(model, args.repeats):

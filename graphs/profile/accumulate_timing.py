@@ -17,47 +17,87 @@ costs 18 ms: in ``torch.profiler`` the adds took 23 ms and the convolutions' bac
 more (they write their weight gradients into memory the allocator has not handed out
 before: the old gradients still hold the blocks a ``zero_grad`` would have freed). GPT-2
 (width 384, micro-batch 16, 43 MB): 8.5 ms more, its adds 7.6 ms. So the cost is not the
-add's bandwidth alone, and it is measured whole: :func:`accumulate_seconds` times plain
-steps of the model on a micro-batch with and without gradients already in ``.grad``,
-interleaved, in the micro-batch profile (:mod:`graphs.profile.batch_scaling`), which
+add's bandwidth alone, and it is measured whole: :func:`accumulate_seconds` times the
+model's backward on a micro-batch with and without gradients already in ``.grad``,
+interleaved, and keeps the median difference, but never less than the adds themselves
+(an ``add_`` of every gradient, timed alone: a difference of two backwards is noisy, the
+adds are certain to be paid). The micro-batch profile (:mod:`graphs.profile.batch_scaling`)
 stores it as ``graph.graph["batch_scaling"]["accumulate_s"][kind]``. The simulator shares
 it among the ops by parameter bytes (:mod:`envs.sim.grad_accumulation`).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
 
-from graphs.profile.in_situ import plain_step_seconds
+from graphs.profile.in_situ import differentiable_outputs, timed_backward
+from graphs.profile.op_timing import clock_for, sync_device
 
 #: Interleaved rounds of :func:`accumulate_seconds` (at least :data:`MIN_ROUNDS`; more, up to
 #: :data:`MAX_ROUNDS`, while they take under :data:`ROUNDS_SECONDS`).
-MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS = 3, 15, 2.0
+MIN_ROUNDS, MAX_ROUNDS, ROUNDS_SECONDS = 5, 25, 3.0
+
+
+def _backward_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device, accumulate: bool) -> float:
+    """Seconds of one backward of ``gm`` on ``inputs``: after ``zero_grad`` (``.grad`` None), or
+    into the gradients an untimed step left (``accumulate``)."""
+    params = list(gm.parameters())
+    for p in params:
+        p.grad = None
+    if accumulate:
+        outputs = differentiable_outputs(gm(*inputs))
+        if outputs:
+            timed_backward(outputs, device)
+    outputs = differentiable_outputs(gm(*inputs))
+    return timed_backward(outputs, device) if outputs else 0.0
+
+
+def _adds_seconds(grads: Sequence[torch.Tensor], device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of an ``add_`` of a fresh tensor into each of ``grads`` (AccumulateGrad's add)."""
+    news = [g.clone() for g in grads]
+    clock = clock_for(device)
+    samples = []
+    for _ in range(repeats):
+        sync_device(device)
+        start = clock()
+        for g, n in zip(grads, news):
+            g.add_(n)
+        sync_device(device)
+        samples.append(clock() - start)
+    return statistics.median(samples)
 
 
 def accumulate_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> float:
-    """Median over interleaved rounds of (a plain step that accumulates into ``.grad``) minus (one
-    after ``zero_grad``) of ``gm`` on ``inputs`` on ``device``'s clock, at least 0 (module doc).
-    The caller keeps the buffers (:func:`graphs.model_file.preserved_buffers`); ``.grad`` is
-    left as it was.
+    """What a backward of ``gm`` on ``inputs`` costs more when it adds into ``.grad`` than after
+    ``zero_grad``, on ``device``'s clock (module doc): the median over interleaved rounds, at
+    least the adds' own seconds. The caller keeps the buffers
+    (:func:`graphs.model_file.preserved_buffers`); ``.grad`` is left as it was.
 
     >>> import torch.nn as nn
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 1)))
-    >>> accumulate_seconds(gm, (torch.randn(8, 64),), torch.device("cpu")) >= 0.0
+    >>> accumulate_seconds(gm, (torch.randn(8, 64),), torch.device("cpu")) > 0.0
     True
     """
-    plain_step_seconds(gm, inputs, device)
-    plain_step_seconds(gm, inputs, device, accumulate=True)
-    extra: list[float] = []
-    start = time.perf_counter()
-    while len(extra) < MIN_ROUNDS or (len(extra) < MAX_ROUNDS and time.perf_counter() - start < ROUNDS_SECONDS):
-        fresh = plain_step_seconds(gm, inputs, device)
-        adding = plain_step_seconds(gm, inputs, device, accumulate=True)
-        extra.append(adding - fresh)
-    return max(float(np.median(extra)), 0.0)
+    params = list(gm.parameters())
+    saved = [p.grad for p in params]
+    try:
+        with torch.enable_grad():
+            _backward_seconds(gm, inputs, device, False)
+            _backward_seconds(gm, inputs, device, True)
+            adds = _adds_seconds([p.grad for p in params if p.grad is not None], device)
+            extra: list[float] = []
+            start = time.perf_counter()
+            while len(extra) < MIN_ROUNDS or (len(extra) < MAX_ROUNDS
+                                              and time.perf_counter() - start < ROUNDS_SECONDS):
+                fresh = _backward_seconds(gm, inputs, device, False)
+                extra.append(_backward_seconds(gm, inputs, device, True) - fresh)
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return max(statistics.median(extra), adds)

@@ -218,8 +218,9 @@ def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, .
     if cache is not None and fingerprint:
         loaded = cache.load(fingerprint, key, dev.type, dname, names)
         meta = loaded[1] if loaded is not None else {}
-        ratio, extra = meta.get("step_ratio"), meta.get("accumulate_s")
-        # A file written before the accumulation was measured is profiled again.
+        ratio, extra = meta.get("step_ratio"), meta.get("accumulate_backward_s")
+        # A file written before the accumulation was measured (backwards, floored by the adds:
+        # graphs.profile.accumulate_timing) is profiled again.
         if (loaded is not None and isinstance(ratio, (int, float)) and ratio > 0
                 and isinstance(extra, (int, float)) and extra >= 0):
             return loaded[0], float(ratio), float(extra), True
@@ -230,7 +231,7 @@ def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, .
     times: dict[str, NodeTimes] = {n: (*measured.get(n, (0.0, 0.0)), None) for n in names}
     if cache is not None and fingerprint:
         cache.store(fingerprint, key, dev.type, dname, times,
-                    {"purpose": "micro-batch profile (fixed parts)", "step_ratio": ratio, "accumulate_s": extra})
+                    {"purpose": "micro-batch profile (fixed parts)", "step_ratio": ratio, "accumulate_backward_s": extra})
     return times, ratio, extra, False
 
 

@@ -169,7 +169,7 @@ def _timed_forward(timed: fx.GraphModule, inputs: tuple, device: torch.device) -
     return out, ticker
 
 
-def _backward(outputs: list[torch.Tensor], device: torch.device, timer: _BackwardTimer | None) -> float:
+def timed_backward(outputs: list[torch.Tensor], device: torch.device, timer: _BackwardTimer | None = None) -> float:
     """Run the backward from ``outputs`` (gradient 1); its seconds on ``device``'s clock."""
     clock = clock_for(device)
     grads = [torch.ones_like(t) for t in outputs]
@@ -182,16 +182,11 @@ def _backward(outputs: list[torch.Tensor], device: torch.device, timer: _Backwar
     return clock() - start
 
 
-def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device,
-                       accumulate: bool = False) -> float:
+def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> float:
     """Seconds of one plain forward + backward of ``gm`` on ``inputs`` (already on ``device``):
     no ticks and no hooks, the backward from the outputs with gradient 1, on ``device``'s
     clock (:func:`graphs.profile.op_timing.clock_for`), as the untimed rounds of
-    :func:`in_situ_times` run it. The parameters' ``.grad`` are left as they were.
-
-    ``accumulate``: every parameter that gets a gradient already holds one, so the timed
-    backward adds into ``.grad`` (a pipeline's micro-batches after the first) instead of
-    storing its gradients there (after ``zero_grad``); an untimed backward makes them first."""
+    :func:`in_situ_times` run it. The parameters' ``.grad`` are left as they were."""
     params = list(gm.parameters())
     saved = [p.grad for p in params]
     clock = clock_for(device)
@@ -199,15 +194,11 @@ def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.
         with torch.enable_grad():
             for p in params:
                 p.grad = None
-            if accumulate:
-                outputs = _differentiable(gm(*inputs))
-                if outputs:
-                    _backward(outputs, device, None)
             sync_device(device)
             start = clock()
-            outputs = _differentiable(gm(*inputs))
+            outputs = differentiable_outputs(gm(*inputs))
             if outputs:
-                _backward(outputs, device, None)
+                timed_backward(outputs, device, None)
             sync_device(device)
             return clock() - start
     finally:
@@ -215,7 +206,7 @@ def plain_step_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.
             p.grad = g
 
 
-def _differentiable(value: Any) -> list[torch.Tensor]:
+def differentiable_outputs(value: Any) -> list[torch.Tensor]:
     return [t for t in tensors_in(value) if t.requires_grad and t.grad_fn is not None]
 
 
@@ -260,14 +251,14 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                 for p in params:
                     p.grad = None
                 out, ticker = _timed_forward(timed_gm, inputs, device)
-                outputs = _differentiable(out)
+                outputs = differentiable_outputs(out)
                 del out
                 timer = _BackwardTimer(device)
                 for name, fns in ticker.grad_fns:
                     timer.hook(name, fns)
                 ticker.grad_fns.clear()
                 try:
-                    seconds = _backward(outputs, device, timer) if outputs else 0.0
+                    seconds = timed_backward(outputs, device, timer) if outputs else 0.0
                 finally:
                     timer.release()
                 del outputs
@@ -275,8 +266,8 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                     after_backward(work, True, i > 0)
                 for p in params:
                     p.grad = None
-                outputs = _differentiable(work(*inputs))
-                untimed = _backward(outputs, device, None) if outputs else 0.0
+                outputs = differentiable_outputs(work(*inputs))
+                untimed = timed_backward(outputs, device, None) if outputs else 0.0
                 del outputs
                 if after_backward is not None:
                     after_backward(work, False, i > 0)
