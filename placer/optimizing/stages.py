@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -251,6 +252,8 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     from placer.search.search import search
 
     run = compiled.run
+    if not config.resume and run.out_dir is not None:
+        _set_aside_previous(run.out_dir)
     initial = [c.row for c in baselines.candidates if c.row is not None]
     if config.resume and run.out_dir is not None:
         previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
@@ -471,6 +474,40 @@ def _exact_splits_only(config: OptimizeConfig, compiled: Compiled, fitting: pd.D
                           f"computes ({next(v for v in verdicts.values() if v)}); rerun with --no-check to accept one "
                           "unchecked")
     return fitting, table
+
+
+#: The files a run writes into ``out_dir`` (results, the best so far, the policy).
+RESULT_FILES = ("placement.json", "best_placement.json", "report.md", "comparison.csv", "device_map.json",
+                "measurements.json", "calibration.json", "placed_graph.png", "memory.png", "schedule.png",
+                "search_curve.png", "search_phases.png")
+
+
+def _set_aside_previous(out_dir: Path) -> Path | None:
+    """Move an earlier run's result files from ``out_dir`` into ``out_dir/previous/`` (replacing
+    what an older run left there), so that this run's files never sit beside another run's: a
+    run that fails or is interrupted would otherwise leave its best_placement.json next to the
+    earlier placement.json and report.md (walkthrough). Nothing is deleted but an older
+    ``previous/``. Returns the folder when something was moved."""
+    from placer.search.agents.registry import agent_names, get_agent
+
+    names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
+    found = [out_dir / n for n in names if (out_dir / n).is_file()]
+    if not found:
+        return None
+    previous = out_dir / "previous"
+    try:
+        if previous.is_dir():
+            shutil.rmtree(previous)
+        previous.mkdir()
+        for path in found:
+            path.replace(previous / path.name)
+    except OSError as exc:
+        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into previous/: "
+                          f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
+                          "continue from them)") from exc
+    log.warning("%s held results of an earlier run: moved to %s/ (use --resume to continue from them)",
+                out_dir, previous)
+    return previous
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:
