@@ -42,6 +42,8 @@ from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
 from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec
+from placer.options import OptionError
+from placer.out_dir import check_out_dir
 from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
@@ -336,7 +338,10 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
     for name in methods:
         if name not in ("baselines", "all", "single:*"):
             get_method(name)
-    out = _check_out_dir(out_dir)
+    try:
+        out = check_out_dir(out_dir)
+    except OptionError as exc:
+        raise BenchmarkError(str(exc)) from None
     if cases is None:
         cases = prepare_cases(models, clusters, size, memory_fraction, progress=progress)
     tables, histories = [], {}
@@ -347,15 +352,8 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
             histories[(case.model, case.cluster)] = hist
     result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         write_outputs(result, histories, out)
     return result
 
 
-def _check_out_dir(out_dir: str | Path | None) -> Path | None:
-    if out_dir is None:
-        return None
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise BenchmarkError(f"output directory {str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path

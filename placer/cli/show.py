@@ -99,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from envs.hardware.units import format_bytes
     from graphs.pipeline import prepare
     from placer.optimizing.devices import profiles_microbatches
-    from placer.optimizing.stages import _check_out_dir
     from placer.options import OptionError, parse_model_args
+    from placer.out_dir import check_out_dir
     from placer.report.plots import plot_memory, plot_placed_graph
 
-    _check_out_dir(args.out)  # before the model is captured and profiled, not after
+    check_out_dir(args.out)  # before the model is captured and profiled, not after
     cluster_name = args.cluster or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")

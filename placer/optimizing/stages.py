@@ -47,6 +47,7 @@ from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementM
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.options import OptionError
+from placer.out_dir import check_out_dir
 from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
@@ -159,7 +160,7 @@ class Confirmed:
 
 def prepare_run(config: OptimizeConfig) -> PreparedRun:
     """Check the output folder, resolve the devices and the reward, then load, capture, profile, group."""
-    out_dir = _check_out_dir(config.out_dir)
+    out_dir = check_out_dir(config.out_dir)
     cluster = resolve_cluster(config.devices, config.cluster, config.memory)
     if cluster.simulated:  # the check runs on these; a missing one must not wait for the search's end
         from envs.runtime.real_devices import check_real_devices
@@ -546,33 +547,6 @@ def _log_microbatch_profile(config: OptimizeConfig, prepared: Prepared) -> None:
                 "micro-batch profile (the fixed part of every op, for pipelines and DDP): batch %d of %d, %.1f s%s",
                 scaling["batch"], scaling["full_batch"], prepared.seconds.get("microbatch_profile", 0.0),
                 " (cached)" if scaling.get("cached") else "")
-
-
-def _check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
-    """Refuse an output directory that cannot be written, without creating it.
-
-    The directory is created by the first file written into it, so a run that fails
-    early (bad input, a model that does not fit) leaves no empty directory behind.
-    """
-    if out_dir is None:
-        return None
-    path = Path(out_dir)
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
-    if existing != path:
-        return path
-    try:
-        probe = path / f".placer-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
-    return path
 
 
 def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:

@@ -1,0 +1,35 @@
+"""The output directory of a command: refused up front when it cannot be written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from placer.options import OptionError
+
+
+def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
+    """Refuse an output directory that cannot be written, without creating it.
+
+    The directory is created by the first file written into it, so a run that fails
+    early (bad input, a model that does not fit) leaves no empty directory behind.
+    """
+    if out_dir is None:
+        return None
+    path = Path(out_dir)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
+    if existing != path:
+        return path
+    try:
+        probe = path / f".placer-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OptionError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
+    return path
