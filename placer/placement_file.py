@@ -150,6 +150,21 @@ def _graph_nodes_and_fingerprint(graph: Any) -> tuple[set[str] | None, str | Non
     return {str(n) for n in g.nodes}, fp
 
 
+def recorded_model_args(placement: Placement, given: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The model arguments to rebuild ``placement``'s model with: ``given`` when there are any,
+    else those ``optimize`` recorded in the file (``metadata["model_args"]``); and whether they
+    came from the file.
+
+    >>> p = Placement({}, "fp", [], {"model_args": {"layers": 4}})
+    >>> recorded_model_args(p, {}), recorded_model_args(p, {"layers": 2})
+    (({'layers': 4}, True), ({'layers': 2}, False))
+    """
+    recorded = placement.metadata.get("model_args")
+    if not given and isinstance(recorded, dict) and recorded:
+        return dict(recorded), True
+    return dict(given), False
+
+
 def load_placement(
     path: str | os.PathLike,
     graph: Any = None,
@@ -177,9 +192,12 @@ def load_placement(
     nodes, graph_fp = _graph_nodes_and_fingerprint(graph)
     expected_fp = fingerprint or graph_fp
     if expected_fp is not None and placement.fingerprint != expected_fp:
+        made_with = placement.metadata.get("model_args")
+        hint = (f"; it was made with the model arguments {made_with}" if isinstance(made_with, dict) and made_with
+                else "")
         raise PlacementFileError(
             f"{path} was made for another model: its fingerprint is {placement.fingerprint!r}, "
-            f"the model's is {expected_fp!r}"
+            f"the model's is {expected_fp!r}{hint}"
         )
     if devices is not None:
         devices = [str(d) for d in devices]

@@ -3,6 +3,7 @@ stdout reader that leaves early each end in one line (or quietly), never a trace
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,32 @@ def test_a_closed_stdout_ends_the_command_quietly_with_status_141(model_file, tm
         os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""
+
+
+def test_show_and_apply_rebuild_the_model_with_the_arguments_optimize_recorded(tmp_path, capsys):
+    """A placement made with --model-arg is shown and applied without repeating it; given others,
+    the refusal names the recorded ones."""
+    from placer.cli.main import main
+
+    model = tmp_path / "widths.py"
+    model.write_text(
+        "import torch\n"
+        "def get_model(width=8):\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))\n"
+        "def get_example_inputs(width=8):\n"
+        "    return (torch.randn(4, 4),)\n")
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    assert main(["optimize", str(model), "--model-arg", "width=16", "--cluster", "4xK40", "--budget", "30",
+                 "--out", str(out), "--cache-dir", str(cache)]) == 0
+    optimized = json.loads((out / "placement.json").read_text())["metadata"]
+    assert optimized["model_args"] == {"width": 16} and optimized["cache_dir"] == str(cache.resolve())
+    capsys.readouterr()
+    assert main(["show", str(out / "placement.json"), "--model", str(model), "--out", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "model arguments (recorded by optimize): {'width': 16}" in shown
+    assert main(["apply", str(model), str(out / "placement.json"), "--steps", "1", "--warmup", "0"]) == 0
+    assert main(["show", str(out / "placement.json"), "--model", str(model), "--model-arg", "width=8",
+                 "--out", str(tmp_path)]) == 2
+    assert "it was made with the model arguments {'width': 16}" in capsys.readouterr().err

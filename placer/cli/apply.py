@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--cluster", help="cluster the placement's device names come from (default: the one "
                                           "recorded in the placement, else devices are real)")
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="argument of the model file's get_model/get_example_inputs (repeatable); "
+                             "default: those optimize recorded in the placement")
     parser.set_defaults(run=run)
     return parser
 
@@ -33,13 +35,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from placer.api import load, train_steps
     from placer.options import OptionError, parse_model_args
+    from placer.placement_file import load_placement, recorded_model_args
 
     if args.steps < 1 or args.warmup < 0:
         raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     from graphs.capture import capture
     from graphs.pipeline import load_source
 
-    spec = load_source(args.model, parse_model_args(args.model_arg, size=args.size))
+    model_args, recorded = recorded_model_args(load_placement(args.placement),
+                                               parse_model_args(args.model_arg, size=args.size))
+    if recorded:
+        print(f"model arguments (recorded by optimize): {model_args}")
+    spec = load_source(args.model, model_args)
     captured = capture(spec.model, spec.example_inputs, name=spec.name)
     placement = load(args.placement, model=captured, cluster=args.cluster)
     stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster)

@@ -30,10 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", help="the model file (or zoo:<name>) the placement was made for")
     parser.add_argument("--cluster", help="cluster preset/spec to simulate on (default: the recorded one)")
     parser.add_argument("--size", help="model size preset, shortcut for --model-arg size=SIZE")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="argument of the model file's get_model/get_example_inputs (repeatable); "
+                             "default: those optimize recorded in the placement")
     parser.add_argument("--out", default=".", help="where pictures go (default: current directory)")
-    parser.add_argument("--cache-dir", help="where op profiles are cached (the one optimize was given, so the "
-                                            "step is simulated from the same profiles)")
+    parser.add_argument("--cache-dir", help="where op profiles are cached (default: the folder optimize was "
+                                            "given, recorded in the placement, so the step is simulated from "
+                                            "the same profiles)")
     parser.set_defaults(run=run)
     return parser
 
@@ -81,7 +84,7 @@ def recorded_rank_cluster(placement: Placement) -> Cluster:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from placer.placement_file import load_placement
+    from placer.placement_file import load_placement, recorded_model_args
 
     placement = load_placement(args.placement)
     counts = Counter(placement.assignment.values())
@@ -110,8 +113,13 @@ def run(args: argparse.Namespace) -> int:
     cluster = recorded_rank_cluster(placement) if not args.cluster and "links" in meta else load_cluster(cluster_name)
     # As optimize prepares it: over CPU processes the ops' fixed parts are measured on a
     # micro-batch too (cached), so a pipelined placement shows the step optimize reported.
-    prepared = prepare(args.model, model_args=parse_model_args(args.model_arg, size=args.size),
-                       microbatch_profile=profiles_microbatches(cluster), cache_dir=args.cache_dir)
+    model_args, recorded = recorded_model_args(placement, parse_model_args(args.model_arg, size=args.size))
+    if recorded:
+        print(f"  model arguments (recorded by optimize): {model_args}")
+    # The profiles optimize costed the placement with: its cache folder unless told otherwise.
+    cache_dir = args.cache_dir or meta.get("cache_dir")
+    prepared = prepare(args.model, model_args=model_args, microbatch_profile=profiles_microbatches(cluster),
+                       cache_dir=cache_dir)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     if placement.pipeline is not None:
         from graphs.model_file import batch_size_of

@@ -15,6 +15,7 @@ search to the confirmation (:func:`measuring`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -73,6 +74,9 @@ class PreparedRun:
     source: ModelSpec | str | os.PathLike  # what worker processes load (a spec for an nn.Module)
     prepared: Prepared
     seconds: float
+    #: What a placement file records so that ``show``/``apply`` rebuild the same model and
+    #: costs without being told again: the model arguments and the profile cache folder.
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> ModelSpec:
@@ -102,7 +106,7 @@ class Compiled:
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
         op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
-                "real_devices": cluster.real_device_map()}
+                "real_devices": cluster.real_device_map(), **run.provenance}
         if is_distributed_cluster(cluster):
             # A rank cluster's links were measured, not named by a preset: show rebuilds it from these.
             names = cluster.device_names
@@ -186,7 +190,23 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
                        cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
     if microbatches:
         _log_microbatch_profile(config, prepared)
-    return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start)
+    return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start,
+                       _provenance(config))
+
+
+def _provenance(config: OptimizeConfig) -> dict[str, Any]:
+    """``model_args`` (when they can be written as JSON) and ``cache_dir`` (when given) for the
+    placement file's metadata (:attr:`PreparedRun.provenance`)."""
+    out: dict[str, Any] = {}
+    if config.model_args:
+        try:
+            json.dumps(dict(config.model_args))
+            out["model_args"] = dict(config.model_args)
+        except (TypeError, ValueError):
+            log.debug("model arguments not recorded in the placement file: not JSON")
+    if config.cache_dir is not None:
+        out["cache_dir"] = str(Path(config.cache_dir).expanduser().resolve())
+    return out
 
 
 def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
