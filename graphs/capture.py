@@ -176,7 +176,7 @@ def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
 
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata."""
-    with quiet_torch_logs(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+    with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, inputs, strict=False)
@@ -223,7 +223,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
                            _fx_locate(model, leaf_types, leaf_names))
-        shapes_from = propagate_shapes(gm, inputs)
+        with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
+            shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:

@@ -369,3 +369,11 @@ def test_resume_uses_the_valid_best_placement_next_to_a_corrupt_placement_json(t
     assert "skipping placement.json" in caplog.text and "not UTF-8" in caplog.text
     assert again.step_time <= first.step_time * (1 + 1e-9)
     assert load_placement(out / "placement.json").fingerprint == first.placement.fingerprint
+
+
+def test_devices_that_mix_worker_processes_with_this_process_are_refused_naming_both(capsys):
+    from placer.cli.main import main
+
+    assert main(["optimize", "zoo:rnnlm", "--devices", "cpu,cpu:0", "--budget", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "mix worker processes (cpu:0) with devices of this process (cpu)" in err and err.count("\n") == 1

@@ -128,3 +128,13 @@ def test_place_returns_what_one_process_can_run_when_the_fastest_placement_is_a_
     assert info.step_time == pytest.approx(float(rows.loc[info.method, "step_time"]), rel=1e-9)
     assert info.step_time == min(float(t) for t, k, f in zip(rows["step_time"], rows["kind"], rows["fits"])
                                  if k == "placement" and f)
+
+
+def test_inputs_the_model_cannot_take_are_named_in_one_error_without_torch_log_dumps(capfd):
+    from graphs.errors import ModelFileError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ModelFileError, match=r"the example inputs do not fit the model in Sequential: RuntimeError: "
+                                             r"mat1 and mat2 shapes cannot be multiplied \(6x5 and 8x8\)"):
+        placer.place(model, (torch.randn(6, 5),), cluster="4xK40", budget=100, use_cache=False)
+    assert "Traceback" not in capfd.readouterr().err

@@ -34,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     where.add_argument("--cluster", help="simulated cluster: preset name (see `placer presets`) or spec file "
                                          "(default on a machine with < 2 devices: 4xK40)")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
-                        help=f"time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default {DEFAULT_BUDGET} "
-                             "(or earlier, after 60,000 placements without improvement)")
+                        help=f"time (90s, 5m, 1h), placements (20000, 20k) or both (5m,20k); default {DEFAULT_BUDGET}. "
+                             "Any budget ends earlier after 60,000 placements without improvement")
     parser.add_argument("--reward", choices=["simulated", "measured", "hybrid"],
                         help="what the search optimises. simulated: the simulator's step time (default on a "
                              "simulated cluster). measured: the measured step time of every placement the agent "

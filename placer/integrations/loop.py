@@ -35,6 +35,7 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
+from graphs.model_file import check_inputs_fit
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -114,6 +115,8 @@ def cache_key(fingerprint: str, cluster: Cluster) -> str:
 def _capture(model: torch.nn.Module, inputs: tuple) -> CapturedModel:
     if not isinstance(model, torch.nn.Module):
         raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
+    # Inputs the model cannot take are named as such, before a tracer reports them as its own failure.
+    check_inputs_fit(model, inputs, type(model).__name__)
     return capture(model, inputs, name=type(model).__name__)
 
 

@@ -35,6 +35,12 @@ def resolve_cluster(
         raise OptionError("give either real devices (--devices) or a simulated cluster (--cluster), not both")
     if devices is not None:
         wanted = parse_device_list(devices if isinstance(devices, str) else list(devices))
+        ranks = [d for d in wanted if is_rank_device_list([d])]
+        if ranks and len(ranks) < len(wanted):
+            others = [d for d in wanted if d not in ranks]
+            raise OptionError(f"devices {list(wanted)} mix worker processes ({', '.join(ranks)}) with devices of "
+                              f"this process ({', '.join(others)}); expected either only worker processes "
+                              "('cpu:0,cpu:1') or only devices of this process ('cpu,cuda:0')")
         if is_rank_device_list(list(wanted)):
             result = _rank_cluster(wanted)
         else:
