@@ -11,7 +11,7 @@ import placer
 import placer.report.results as results
 
 
-def test_an_interrupt_while_results_are_written_waits_until_every_file_is_there(tmp_path, monkeypatch):
+def _tiny_model_file(tmp_path):
     path = tmp_path / "net.py"
     path.write_text(
         "import torch\n"
@@ -20,7 +20,11 @@ def test_an_interrupt_while_results_are_written_waits_until_every_file_is_there(
         "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))\n"
         "def get_example_inputs():\n"
         "    return (torch.randn(4, 8),)\n")
-    result = placer.optimize(str(path), cluster="4xK40", budget="50", progress=False, baselines=("round_robin",),
+    return path
+
+
+def test_an_interrupt_while_results_are_written_waits_until_every_file_is_there(tmp_path, monkeypatch):
+    result = placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", progress=False, baselines=("round_robin",),
                              verbose=0, check=False)
     pictures = results.write_pictures
 
@@ -34,18 +38,6 @@ def test_an_interrupt_while_results_are_written_waits_until_every_file_is_there(
         result.save(out)
     assert {"placement.json", "comparison.csv", "report.md"} <= {p.name for p in out.iterdir()}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def _tiny_model_file(tmp_path):
-    path = tmp_path / "net.py"
-    path.write_text(
-        "import torch\n"
-        "def get_model():\n"
-        "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))\n"
-        "def get_example_inputs():\n"
-        "    return (torch.randn(4, 8),)\n")
-    return path
 
 
 def test_an_earlier_runs_results_are_moved_to_previous_so_no_folder_mixes_two_runs(tmp_path):
