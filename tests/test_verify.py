@@ -184,3 +184,25 @@ def test_a_module_the_user_froze_stays_frozen_in_the_capture_and_the_check():
     assert cap.training_modes["norm"] is False
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok, report.describe()
+
+
+def test_parameters_the_loss_gives_no_gradient_are_named_not_silently_left_out():
+    from graphs.model_file import ModelSpec, default_loss, default_optimizer
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.a(h), self.b(h)  # the default loss reads the first output only
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(3, 4),), loss_fn=default_loss,
+                     optimizer_fn=default_optimizer, name="two_heads")
+    cap = capture(model, spec.example_inputs, name="two_heads")
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok and set(report.no_gradient) == {"b.weight", "b.bias"}
+    assert "2 trainable parameters get no gradient from the loss on either side (e.g. 'b." in report.describe()

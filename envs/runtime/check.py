@@ -82,6 +82,8 @@ class CheckReport:
         split_worst: the gradient (``grad:<name>``) behind ``split_grad_diff``.
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
+        no_gradient: trainable parameters the loss gives no gradient on either side (a head
+            whose output the loss does not read): not a difference, but nothing was compared for them.
     """
 
     output_diff: float
@@ -105,6 +107,7 @@ class CheckReport:
     split_worst: str = ""
     split_cause: str = ""
     original_nonfinite: str = ""
+    no_gradient: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -160,6 +163,10 @@ class CheckReport:
                 text += f" (worst: {worst[0]} {worst[1]:.2e})"
         if self.missing_grads:
             text += f"; gradients missing for {list(self.missing_grads)[:3]}"
+        if self.no_gradient:
+            n = len(self.no_gradient)
+            text += (f"; {n} trainable parameter{'s' if n != 1 else ''} get no gradient from the loss on either side "
+                     f"(e.g. {self.no_gradient[0]!r}: the loss does not depend on {'them' if n != 1 else 'it'})")
         if self.missing_state:
             text += f"; state on one side only: {list(self.missing_state)[:3]}"
         if self.split_checked:
@@ -303,6 +310,8 @@ def check_placement(
         worst: dict[str, float] = {}
         first_bad: int | None = None
         missing_grads: set[str] = set()
+        trainable = [n for n, p in original.named_parameters() if p.requires_grad]
+        graded: set[str] = set()
         output_diff = loss_diff = 0.0
         compared_grads = compared_buffers = 0
         nonfinite = ""
@@ -317,6 +326,7 @@ def check_placement(
             output_diff = max(output_diff, step_out)
             loss_diff = max(loss_diff, _scaled_diff(loss.reshape(()), ref_loss.reshape(())))
             missing_grads |= set(ref_grads) ^ set(grads)
+            graded |= set(ref_grads) | set(grads)
             diffs = {f"grad:{n}": _scaled_diff(grads[n], ref_grads[n]) for n in ref_grads if n in grads}
             compared_grads = len(diffs)
             shared = [n for n in ref_state if n in state]
@@ -353,6 +363,7 @@ def check_placement(
         microbatches=microbatches,
         replicas=replicas,
         original_nonfinite=nonfinite,
+        no_gradient=tuple(n for n in trainable if n not in graded),
         **split,  # type: ignore[arg-type]
     )
 
