@@ -84,3 +84,23 @@ def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (f"rank 0: RendezvousError: rank 0 cannot serve the rendezvous on 127.0.0.1:{port}: "
                                    "Address already in use; expected a free port (set MASTER_PORT to another)")
+
+
+def test_a_stopped_stage_process_is_named_when_the_job_times_out():
+    import signal
+    import time
+
+    from envs.runtime.pipeline.launcher import PipelineJob
+
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "1f1b")
+    job = PipelineJob(gm, batch, 2, pipe, 100000, ("sgd", {"lr": 0.1}), None, 1, 20.0, "127.0.0.1")
+    try:
+        deadline = time.monotonic() + 90
+        while not (job.ready(0) and job.ready(1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(job.pids[1], signal.SIGSTOP)
+        with pytest.raises(PipelineRunError, match=r"had not finished; rank\(s\) \[1\] stopped \(SIGSTOP"):
+            job.wait()
+    finally:
+        job.close()

@@ -255,8 +255,10 @@ class PipelineJob:
                     raise PipelineRunError(f"the job failed: {_blame(failures, self.job_dir)}")
                 if time.monotonic() > deadline:
                     late = [r for r in range(self.world) if not (self.job_dir / f"result-{r}.pt").exists()]
+                    stopped = [r for r in late if _process_state(self.pids[r]) == "T"]
                     raise PipelineRunError(f"the job timed out after {self.timeout_s:g}s; rank(s) {late} had not "
-                                           "finished")
+                                           "finished" + (f"; rank(s) {stopped} stopped (SIGSTOP or a debugger), "
+                                                         "the others waiting for them" if stopped else ""))
                 time.sleep(_POLL_S)
             failures = self.sup.failures()
             if failures:
@@ -269,6 +271,15 @@ class PipelineJob:
         """Kill every worker and remove the job directory; idempotent."""
         self.sup.stop()
         shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+def _process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` in ``/proc`` (``T``: stopped), "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None = None,
