@@ -19,49 +19,7 @@ from torch import nn
 from envs.runtime.pipeline.launcher import PipelineJob, PipelineRunError, run_training
 from envs.runtime.pipeline.stages import split_stages
 from envs.sim.pipeline import Pipeline, PipelineError
-
-B, D = 8, 16
-
-
-class Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1, self.l2, self.l3, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 5)
-
-    def forward(self, x, y):
-        h = torch.relu(self.l1(x))
-        h = torch.relu(self.l2(h))
-        h = torch.relu(self.l3(h))
-        return F.cross_entropy(self.head(h), y)
-
-
-class Skip(Chain):
-    """h1 is read again by the last stage: it crosses (is relayed over) every boundary."""
-
-    def forward(self, x, y):
-        h1 = torch.relu(self.l1(x))
-        h2 = torch.relu(self.l2(h1))
-        h3 = torch.relu(self.l3(h2)) + h1
-        return F.cross_entropy(self.head(h3), y)
-
-
-def model_and_batch(cls):
-    torch.manual_seed(0)
-    gm = fx.symbolic_trace(cls())
-    g = torch.Generator().manual_seed(1)
-    return gm, {"x": torch.randn(B, D, generator=g), "y": torch.randint(0, 5, (B,), generator=g)}
-
-
-def stages_of(gm, cuts):
-    """Compute nodes in program order, cut before the named nodes."""
-    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    out, cur = [], []
-    for n in names:
-        if n in cuts and cur:
-            out.append(tuple(cur))
-            cur = []
-        cur.append(n)
-    return tuple(out + [tuple(cur)])
+from tests.helpers.runtime_models import B, Chain, D, Skip, model_and_batch, stages_of
 
 
 def reference(gm, batch, steps=3):

@@ -15,7 +15,7 @@ import envs.runtime.pipeline.launcher as launcher
 from envs.runtime.pipeline.launcher import PipelineRunError, run_training
 from envs.runtime.pipeline.stages import boundary_metas
 from envs.sim.pipeline import Pipeline, PipelineError
-from tests.test_pipeline_runtime import Chain, model_and_batch, stages_of
+from tests.helpers.runtime_models import Chain, model_and_batch, stages_of
 
 
 @pytest.fixture
