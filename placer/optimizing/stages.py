@@ -53,6 +53,7 @@ from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.baselines.pipeline_rows import parallel_rows
+from placer.search.baselines.pipeline_split import pipeline_devices
 from placer.search.config import SearchConfig
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
@@ -464,32 +465,47 @@ def _exact_splits_only(config: OptimizeConfig, compiled: Compiled, fitting: pd.D
                        pipelines: Mapping[str, Pipeline]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``fitting`` without the pipelines whose batch split changes what the model computes
     (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
-    fastest first until the winner is one that splits exactly or is no pipeline; each one set
-    aside gets the reason in its table note and a warning. Without the check, nothing is set aside.
+    fastest first until the winner is one that splits exactly or is no pipeline. Each row set
+    aside, DDP's too when its replicas' shares change the result, is marked in the table
+    (``set_aside``, and the reason in its note: the recommendation skips it) and warned about.
+    Without the check, nothing is set aside.
 
     The winner's check would refuse such a pipeline after the search; here the next-best
     placement wins instead, so a model with BatchNorm still gets a result.
     """
+    table = table.copy()
+    table["set_aside"] = False
     if not config.check:
         return fitting, table
     run = compiled.run
     verdicts: dict[tuple[int, int], str | None] = {}
+
+    def verdict(microbatches: int, replicas: int) -> str | None:
+        if (microbatches, replicas) not in verdicts:
+            verdicts[microbatches, replicas] = batch_split_problem(run.spec, run.captured, microbatches, replicas)
+        return verdicts[microbatches, replicas]
+
+    def set_aside(method: str, why: str) -> None:
+        log.warning("%s set aside: %s", method, why)
+        at = table["method"] == method
+        table.loc[at, "set_aside"] = True
+        table.loc[at, "note"] = [f"{n}; set aside: {why}".lstrip("; ") for n in table.loc[at, "note"].fillna("")]
+
+    ddp = table[(table["kind"] == "ddp") & table["fits"]]
+    if not ddp.empty:
+        why = verdict(1, len(pipeline_devices(compiled.problem)))
+        if why is not None:
+            set_aside("ddp", f"its replicas' {why}")
     while not fitting.empty:
         method = str(pick_winner(fitting)["method"])
         pipeline = pipelines.get(method)
         if pipeline is None:
             break
-        key = (pipeline.microbatches, pipeline.num_replicas)
-        if key not in verdicts:
-            verdicts[key] = batch_split_problem(run.spec, run.captured, *key)
-        problem = verdicts[key]
-        if problem is None:
+        why = verdict(pipeline.microbatches, pipeline.num_replicas)
+        if why is None:
             break
-        log.warning("%s set aside: its %s; the next fastest placement is taken", method, problem)
+        set_aside(method, f"its {why}; the next fastest placement is taken")
         fitting = fitting[fitting["method"] != method]
-        table = table.copy()
-        at = table["method"] == method
-        table.loc[at, "note"] = [f"{n}; set aside: {problem}".lstrip("; ") for n in table.loc[at, "note"]]
     if fitting.empty:
         raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
                           f"computes ({next(v for v in verdicts.values() if v)}); rerun with --no-check to accept one "

@@ -349,7 +349,9 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
     for _, r in table.iterrows():
         step = "-" if np.isnan(r["step_time"]) else f"{r['step_time'] * 1e3:10.3f}"
         speed = "-" if np.isnan(r["speedup_vs_single"]) else f"{r['speedup_vs_single']:8.2f}"
-        out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}")
+        aside = ", set aside (changes the numerics)" if bool(r.get("set_aside", False)) else ""
+        out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}"
+                   f"{aside}")
     m = result.measurement
     if m is not None:
         out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")

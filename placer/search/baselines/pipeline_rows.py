@@ -160,6 +160,8 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
     if "kind" not in table.columns:
         return f"recommendation: {winner}"
     fitting = table[table["fits"]]
+    if "set_aside" in table.columns:  # rows whose batch split changes the numerics (optimize's check)
+        fitting = fitting[~fitting["set_aside"].astype(bool)]
     mine = table[table["method"] == winner]
     ddp = table[(table["kind"] == "ddp")]
     # A measured winner is ranked among measured rows only: a simulated time (DDP under a
@@ -178,6 +180,8 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
         if not bool(d["fits"]):
             parts.append("DDP " + (note if note.startswith(DDP_DOES_NOT_RUN)
                                    else "does not fit (a replica is larger than a device)"))
+        elif bool(d.get("set_aside", False)):
+            parts.append(f"DDP ({float(d['step_time']) * 1e3:.3f} ms) set aside: " + note.split("set aside: ", 1)[-1])
         elif measured and "measurement invalid" in note:
             parts.append("DDP did not run when measured (" + note.split("measurement invalid: ", 1)[1].splitlines()[0]
                          + ")")
