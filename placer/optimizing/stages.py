@@ -385,7 +385,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         from placer.memory_fit import memory_needs
 
         raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
-    fitting, table = _exact_splits_only(config, compiled, fitting, table, pipelines)
+    fitting, table = _set_aside_inexact_splits(config, compiled, fitting, table, pipelines)
     winning_row = pick_winner(fitting)
     step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
     pipeline = pipelines.get(str(winning_row["method"]))
@@ -461,7 +461,7 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
     return result
 
 
-def _exact_splits_only(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame, table: pd.DataFrame,
+def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame, table: pd.DataFrame,
                        pipelines: Mapping[str, Pipeline]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``fitting`` without the pipelines whose batch split changes what the model computes
     (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
