@@ -47,7 +47,7 @@ from typing import IO
 from graphs.errors import PlacerError
 
 __all__ = [
-    "Supervisor", "Exit", "die_with_parent", "exit_reason", "make_job_dir", "sweep_stale_job_dirs",
+    "Supervisor", "Exit", "die_with_parent", "exit_reason", "make_job_dir", "process_state", "sweep_stale_job_dirs",
     "JOB_DIR_PREFIX",
 ]
 
@@ -108,14 +108,28 @@ def _watch_lifeline(fd: int) -> None:
     os._exit(1)
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None when it does not exist."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), None where unreadable."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
+            return fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        if sys.platform.startswith("linux"):
-            return None
+        return None
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` (``T``: stopped by SIGSTOP or a debugger), "" where unknown."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None when it does not exist."""
+    fields = _stat_fields(pid)
+    if fields is not None and len(fields) > 19:
+        return fields[19]
+    if sys.platform.startswith("linux"):
+        return None
     try:  # no /proc: only whether the pid exists
         os.kill(pid, 0)
     except ProcessLookupError:

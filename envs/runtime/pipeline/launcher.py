@@ -32,8 +32,8 @@ import torch.fx as fx
 from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import free_port
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
-from envs.runtime.pipeline.worker import OPTIMIZERS
-from envs.runtime.supervisor import Exit, Supervisor, make_job_dir
+from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer
+from envs.runtime.supervisor import Exit, Supervisor, make_job_dir, process_state
 from envs.sim.data_parallel import check_runnable
 from envs.sim.pipeline import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
@@ -177,14 +177,10 @@ def check_job(gm: fx.GraphModule, pipeline: Pipeline | None, world: int | None, 
     Raises:
         PipelineError: naming what is wrong and what was expected.
     """
-    if not callable(optimizer):
-        name = optimizer[0] if isinstance(optimizer, (tuple, list)) and len(optimizer) == 2 else None
-        if name not in OPTIMIZERS:
-            raise PipelineError(f"unknown optimizer {optimizer!r}; expected (name, keyword arguments) with a name "
-                                f"in {sorted(OPTIMIZERS)}, or a function of the parameters")
+    check_optimizer(optimizer)
     if pipeline is None:
-        if world is not None and world >= 1 and batch % world:
-            raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
+        if world is not None and world >= 1:
+            check_ddp_batch(batch, world)
         return
     nodes = {n.name for n in gm.graph.nodes}
     unknown = sorted(n for s in pipeline.stages for n in s if n not in nodes)
@@ -224,8 +220,11 @@ class PipelineJob:
                  threads: int, timeout_s: float, host: str, port: int | None = None) -> None:
         self.world = world
         self.timeout_s = timeout_s
-        resolved(host)
-        port = free_port(host) if port is None else check_port(host, port)
+        if port is None:
+            resolved(host)  # a PipelineRunError naming the host, not socket.gaierror from free_port
+            port = free_port(host)
+        else:
+            port = check_port(host, port)
         self.job_dir = make_job_dir()
         write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s)
         self.sup = Supervisor()
@@ -255,7 +254,7 @@ class PipelineJob:
                     raise PipelineRunError(f"the job failed: {_blame(failures, self.job_dir)}")
                 if time.monotonic() > deadline:
                     late = [r for r in range(self.world) if not (self.job_dir / f"result-{r}.pt").exists()]
-                    stopped = [r for r in late if _process_state(self.pids[r]) == "T"]
+                    stopped = [r for r in late if process_state(self.pids[r]) == "T"]
                     raise PipelineRunError(f"the job timed out after {self.timeout_s:g}s; rank(s) {late} had not "
                                            "finished" + (f"; rank(s) {stopped} stopped (SIGSTOP or a debugger), "
                                                          "the others waiting for them" if stopped else ""))
@@ -271,15 +270,6 @@ class PipelineJob:
         """Kill every worker and remove the job directory; idempotent."""
         self.sup.stop()
         shutil.rmtree(self.job_dir, ignore_errors=True)
-
-
-def _process_state(pid: int) -> str:
-    """The one-letter state of process ``pid`` in ``/proc`` (``T``: stopped), "" where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None = None,
@@ -311,8 +301,9 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
     """
     batch = int(next(iter(inputs.values())).shape[0])
     check_job(gm, pipeline, world, batch, optimizer)
-    resolved(host)
-    if port is not None:
+    if port is None:
+        resolved(host)
+    else:
         check_port(host, port)
     if pipeline is not None:
         pipeline.check_batch(batch)

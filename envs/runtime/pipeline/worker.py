@@ -48,14 +48,29 @@ def _schedule_class(name: str) -> Any:
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
 
 
+def check_optimizer(optimizer: Any) -> None:
+    """Raise :class:`PipelineError` unless ``optimizer`` is ``(name, keyword arguments)`` with a
+    name of :data:`OPTIMIZERS`, or a function of the parameters (a model file's ``get_optimizer``)."""
+    if callable(optimizer):
+        return
+    name = optimizer[0] if isinstance(optimizer, (tuple, list)) and len(optimizer) == 2 else None
+    if name not in OPTIMIZERS:
+        raise PipelineError(f"unknown optimizer {optimizer!r}; expected (name, keyword arguments) with a name "
+                            f"in {sorted(OPTIMIZERS)}, or a function of the parameters")
+
+
+def check_ddp_batch(batch: int, world: int) -> None:
+    """Raise :class:`PipelineError` unless ``world`` DDP processes share the batch equally."""
+    if batch % world:
+        raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
+
+
 def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The job's optimizer over ``params``: ``(name, keyword arguments)`` with a name of
-    :data:`OPTIMIZERS`, or the model file's ``get_optimizer(params)``."""
+    """The job's optimizer over ``params`` (:func:`check_optimizer`)."""
+    check_optimizer(optimizer)
     if callable(optimizer):
         return optimizer(params)
     name, kwargs = optimizer
-    if name not in OPTIMIZERS:
-        raise PipelineError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)} or a function")
     return OPTIMIZERS[name](params, **kwargs)
 
 
@@ -220,8 +235,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
 
     gm, inputs = job["gm"], job["inputs"]
     batch = int(next(iter(inputs.values())).shape[0])
-    if batch % world:
-        raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
+    check_ddp_batch(batch, world)
     shard = batch // world
     mine = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
     model = DistributedDataParallel(gm)
