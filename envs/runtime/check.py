@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -237,6 +238,10 @@ def _loss_of(spec: ModelSpec, output: object, inputs: tuple) -> object:
     return to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
 
 
+def _grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
 def _run_step(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int,
               optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
@@ -248,7 +253,7 @@ def _run_step(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int
         raise ModelFileError(reason)
     assert isinstance(loss, torch.Tensor)
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+    grads = _grads_of(module)
     optimizer.step()
     return [t.detach() for t in tensors_in(output)], loss.detach(), grads
 
@@ -404,7 +409,7 @@ def check_trainable(spec: ModelSpec) -> None:
         raise ModelFileError(reason)
     assert isinstance(loss, torch.Tensor)
     value = float(loss.detach().reshape(-1)[0])
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ModelFileError(
             f"the original model's loss is {value} on the example inputs (model {label!r} itself, before any "
             "placement); expected finite values")
@@ -440,10 +445,6 @@ def _slice_inputs(inputs: tuple, batch: int, start: int, stop: int) -> tuple:
             return x[start:stop]
         return x
     return tree_map(cut, inputs)
-
-
-def _grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
