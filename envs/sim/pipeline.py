@@ -414,27 +414,14 @@ class StageCosts:
         return float(self.bwd[stage])
 
 
-def _scaled(cost: np.ndarray, fixed_part: np.ndarray, is_cpu: bool, m: int, scale: float) -> tuple[float, float]:
-    """(forward, backward) seconds of ops ``cost`` [K, 6] on one device for a micro-batch of
-    1/m, ``fixed_part`` [K, 2] the host seconds that do not shrink (P2)."""
-    out = []
-    for k, (h, d) in enumerate(((0, 1), (2, 3))):
-        host, dev = cost[:, h], cost[:, d]
-        if is_cpu:
-            out.append(float(shrunk_host(host, fixed_part[:, k], m).sum()) * scale)
-        else:
-            out.append(max(float(host.sum()), float(dev.sum()) / m) * scale)
-    return out[0], out[1]
-
-
-def _accumulating(cost: np.ndarray, fixed_b: np.ndarray, is_cpu: bool, m: int, scale: float, acc_host: float,
-                  acc_dev: float) -> float:
-    """Backward seconds of ops ``cost`` [K, 6] on one device for a micro-batch of 1/m that adds
-    into ``.grad`` (P2b): the adds' host and device seconds join the backward's."""
-    host, dev = cost[:, 2], cost[:, 3]
+def _phase_seconds(host: np.ndarray, dev: np.ndarray, fixed: np.ndarray, is_cpu: bool, m: int, scale: float,
+                   add_host: float = 0.0, add_dev: float = 0.0) -> float:
+    """Seconds of one phase of ops (their ``host``/``dev`` columns [K]) on one device for a
+    micro-batch of 1/m, ``fixed`` [K] the host seconds that do not shrink (P2), plus
+    ``add_host``/``add_dev`` seconds that do not shrink either (P2b's adds into ``.grad``)."""
     if is_cpu:
-        return (float(shrunk_host(host, fixed_b, m).sum()) + acc_host) * scale
-    return max(float(host.sum()) + acc_host, float(dev.sum()) / m + acc_dev) * scale
+        return (float(shrunk_host(host, fixed, m).sum()) + add_host) * scale
+    return max(float(host.sum()) + add_host, float(dev.sum()) / m + add_dev) * scale
 
 
 def _stage_index(problem: PlacementProblem, pipeline: Pipeline) -> tuple[np.ndarray, np.ndarray]:
@@ -493,9 +480,11 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         scale = (costs or ENGINE_COSTS).op_scale if cpu else 1.0
         sel = op_stage == s
         c = ops.cost[sel, d, :]
-        fwd[s], bwd[s] = _scaled(c, fixed_all[sel, d, :], cpu, m, scale)
+        fixed = fixed_all[sel, d, :]
+        fwd[s] = _phase_seconds(c[:, 0], c[:, 1], fixed[:, 0], cpu, m, scale)
+        bwd[s] = _phase_seconds(c[:, 2], c[:, 3], fixed[:, 1], cpu, m, scale)
         acc_h, acc_d = acc_all[sel, d, :].sum(axis=0)
-        bwd_acc[s] = _accumulating(c, fixed_all[sel, d, 1], cpu, m, scale, float(acc_h), float(acc_d))
+        bwd_acc[s] = _phase_seconds(c[:, 2], c[:, 3], fixed[:, 1], cpu, m, scale, float(acc_h), float(acc_d))
         opt[s] = float(c[:, 4:].sum()) * scale
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m

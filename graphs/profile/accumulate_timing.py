@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from graphs.profile.in_situ import differentiable_outputs, timed_backward
-from graphs.profile.op_timing import clock_for, sync_device
+from graphs.profile.op_timing import median_loop
 
 #: Interleaved rounds of :func:`accumulate_seconds` (at least :data:`MIN_ROUNDS`; more, up to
 #: :data:`MAX_ROUNDS`, while they take under :data:`ROUNDS_SECONDS`).
@@ -61,16 +61,12 @@ def _backward_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.d
 def _adds_seconds(grads: Sequence[torch.Tensor], device: torch.device, repeats: int = 3) -> float:
     """Median seconds of an ``add_`` of a fresh tensor into each of ``grads`` (AccumulateGrad's add)."""
     news = [g.clone() for g in grads]
-    clock = clock_for(device)
-    samples = []
-    for _ in range(repeats):
-        sync_device(device)
-        start = clock()
+
+    def add_all() -> None:
         for g, n in zip(grads, news):
             g.add_(n)
-        sync_device(device)
-        samples.append(clock() - start)
-    return statistics.median(samples)
+
+    return median_loop(add_all, device, repeats, 1)
 
 
 def accumulate_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.device) -> float:
