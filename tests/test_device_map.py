@@ -12,6 +12,7 @@ from torch import nn
 from envs.runtime.device_map import accelerate_device_map
 from graphs.capture import capture
 from placer.placement_file import PlacementFileError, save_device_map
+from tests.helpers.model_files import TINY_MLP
 
 
 class _Net(nn.Module):
@@ -110,13 +111,7 @@ def test_optimize_on_a_cluster_without_real_devices_writes_no_device_map_and_say
     import placer
 
     path = tmp_path / "net.py"
-    path.write_text(
-        "import torch\n"
-        "def get_model():\n"
-        "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))\n"
-        "def get_example_inputs():\n"
-        "    return (torch.randn(4, 8),)\n")
+    path.write_text(TINY_MLP)
     out = tmp_path / "out"
     result = placer.optimize(str(path), cluster="4xK40", budget="50", out_dir=out, progress=False,
                              baselines=("round_robin",), verbose=0)

@@ -9,17 +9,12 @@ import pytest
 
 import placer
 import placer.report.results as results
+from tests.helpers.model_files import TINY_MLP
 
 
 def _tiny_model_file(tmp_path):
     path = tmp_path / "net.py"
-    path.write_text(
-        "import torch\n"
-        "def get_model():\n"
-        "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))\n"
-        "def get_example_inputs():\n"
-        "    return (torch.randn(4, 8),)\n")
+    path.write_text(TINY_MLP)
     return path
 
 

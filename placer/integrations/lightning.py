@@ -38,7 +38,6 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
-from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, find_placement
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
 from placer.optimizing.config import ClusterSource
@@ -107,7 +106,6 @@ class PlacerCallback(Callback):
             )
         return net
 
-    @kept_random_state()
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Place the network now: after the strategy moved the module and built the optimizers."""
         net = self._network(pl_module)

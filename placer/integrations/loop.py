@@ -247,7 +247,6 @@ def find_placement(
     return captured, the_cluster, info
 
 
-@kept_random_state()
 def place(
     model: torch.nn.Module,
     example_batch: Any,

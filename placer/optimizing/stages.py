@@ -461,8 +461,9 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
     return result
 
 
-def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame, table: pd.DataFrame,
-                       pipelines: Mapping[str, Pipeline]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame,
+                              table: pd.DataFrame, pipelines: Mapping[str, Pipeline]
+                              ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``fitting`` without the pipelines whose batch split changes what the model computes
     (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
     fastest first until the winner is one that splits exactly or is no pipeline. Each row set

@@ -48,3 +48,14 @@ CHAIN_MLP = textwrap.dedent("""
         torch.manual_seed(1)
         return (torch.randn(8, 16),)
     """)
+
+
+#: A two-layer MLP on a batch of 4: the quickest model optimize runs end to end.
+TINY_MLP = (
+    "import torch\n"
+    "def get_model():\n"
+    "    torch.manual_seed(0)\n"
+    "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))\n"
+    "def get_example_inputs():\n"
+    "    return (torch.randn(4, 8),)\n"
+)
