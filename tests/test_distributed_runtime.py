@@ -235,7 +235,7 @@ def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):
     try:
         for node, addr in enumerate(("127.0.0.1", "127.0.0.2")):
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                [sys.executable, "-m", "envs.runtime.torchrun", "--nnodes=2", f"--node-rank={node}",
                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                  f"--local-addr={addr}", "-m", "envs.runtime.distributed.worker", str(tmp_path)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))

@@ -168,7 +168,7 @@ def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_pa
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     # docs/distributed.md, "Pipelines and DDP": the same command.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "envs.runtime.torchrun", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "envs.runtime.pipeline.worker", str(tmp_path)]
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,95 @@
+"""``torchrun`` whose rendezvous store listens only where it was told to.
+
+``python -m envs.runtime.torchrun ARGS`` takes exactly ``torchrun``'s arguments and runs
+torch's elastic launcher (``torch.distributed.run``) with two differences:
+
+* **The agent's store listens on ``--master-addr`` only.** torch 2.13's ``TCPStore`` server
+  binds every interface whatever host it is given (``*:PORT`` in ``ss -ltn``; the static
+  rendezvous creates it in ``elastic/rendezvous/static_tcp_rendezvous.py``, the ``c10d`` one
+  in ``c10d_rendezvous_backend.py``), so ``torchrun --master-addr=127.0.0.1`` exposes the
+  job's store to the network. Here the server's socket is bound by us, to the address the
+  user gave (``127.0.0.1`` is torchrun's default), and handed to the store
+  (``master_listen_fd``), as :func:`envs.runtime.distributed.worker._rendezvous_store` does
+  for placer's own launcher.
+* **A port in use is one line and exit status 2** on the node that serves the store
+  (node rank 0 of the static rendezvous), before any worker starts; torchrun prints a
+  traceback from deep in the agent instead.
+
+Everything else (restarts, the workers' environment, the failure report) is torchrun's.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main", "listening_socket"]
+
+#: Listening sockets handed to stores; kept open as long as this process lives.
+_SOCKETS: list[socket.socket] = []
+
+
+class PortInUse(OSError):
+    """The store's address cannot be listened on."""
+
+
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (that address only) and listening.
+
+    Raises:
+        PortInUse: the address cannot be bound (in use, or not this machine's), naming it.
+    """
+    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(where)
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(f"cannot serve the rendezvous store on {host}:{port}: {exc.strerror}; expected a free "
+                        "port on an address of this machine (--master-port, --master-addr)") from None
+    sock.listen(backlog)
+    return sock
+
+
+def _bound_store(original: Callable[..., Any], ready: dict[tuple[str, int], socket.socket]) -> Callable[..., Any]:
+    """``TCPStore`` whose server (``is_master``) listens on its host only: on the socket bound
+    beforehand for that address (``ready``), else one bound here."""
+
+    def make(host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
+             *args: Any, **kwargs: Any) -> Any:
+        if is_master and "master_listen_fd" not in kwargs:
+            sock = ready.pop((host_name, int(port)), None) or listening_socket(host_name, int(port))
+            _SOCKETS.append(sock)
+            kwargs.update(master_listen_fd=sock.fileno(), use_libuv=True)
+        return original(host_name, port, world_size, is_master, *args, **kwargs)
+
+    return make
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``torchrun`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
+    import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_backend
+    import torch.distributed.run as torchrun
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = torchrun.get_args_parser().parse_args(argv)
+    ready: dict[tuple[str, int], socket.socket] = {}
+    if args.rdzv_backend == "static" and not args.standalone and int(args.node_rank) == 0:
+        try:
+            ready[(args.master_addr, int(args.master_port))] = listening_socket(args.master_addr,
+                                                                                 int(args.master_port))
+        except PortInUse as exc:
+            print(f"torchrun: {exc}", file=sys.stderr)
+            return 2
+    for module in (static_backend, c10d_backend):
+        module.TCPStore = _bound_store(module.TCPStore, ready)  # type: ignore[attr-defined]
+    torchrun.main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
