@@ -234,7 +234,8 @@ def _winner(model: nn.Module, pipeline_of) -> tuple:
     pipeline = pipeline_of(cap)
     run = SimpleNamespace(spec=spec, captured=cap, cluster=SimpleNamespace(real_device_map=lambda: {"cpu": "cpu"}))
     placement = SimpleNamespace(assignment={n: "cpu" for n in cap.graph.nodes}, pipeline=pipeline)
-    confirmed = SimpleNamespace(placement=placement, winner=SimpleNamespace(method="placer (pipeline x DDP)"))
+    confirmed = SimpleNamespace(placement=placement, winner=SimpleNamespace(method="placer (pipeline x DDP)"),
+                                split_checks={})
     return OptimizeConfig(model=model, example_inputs=spec.example_inputs), SimpleNamespace(run=run), confirmed
 
 
@@ -257,6 +258,38 @@ def test_check_winner_accepts_an_mlp_pipeline_and_reports_the_split_it_checked()
     report, _ = check_winner(*_winner(_mlp(norm=False), _one_stage(microbatches=2, replicas=2)))
     assert report is not None and report.ok
     assert "2 replicas x 2 micro-batches of 4 samples give the full batch's loss and gradients" in report.describe()
+
+
+def test_a_split_checked_before_is_reused_by_the_placement_check_not_run_again(monkeypatch):
+    import envs.runtime.check as check
+
+    model = _mlp(norm=True)
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(16, 8),), name="mlp")
+    cap = capture(model, spec.example_inputs, name="mlp")
+    split = check.check_batch_split(spec, cap, microbatches=2, replicas=2)
+    assert not split.split_ok and "BatchNorm in training mode" in split.describe_split()
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("the split was checked again")
+
+    monkeypatch.setattr(check, "_check_split", no_second_run)
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, microbatches=2, replicas=2, split=split)
+    assert report.placement_ok and not report.split_ok
+    assert report.describe_split() == split.describe_split()
+    with pytest.raises(ValueError, match="the split checked before is 2 x 2"):
+        check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, microbatches=4, replicas=1, split=split)
+
+
+def test_check_winner_reuses_the_split_the_selection_checked(monkeypatch):
+    import envs.runtime.check as check
+    from placer.optimizing.stages import check_winner
+
+    config, compiled, confirmed = _winner(_mlp(norm=False), _one_stage(microbatches=2, replicas=2))
+    run = compiled.run
+    confirmed.split_checks[2, 2] = check.check_batch_split(run.spec, run.captured, 2, 2)
+    monkeypatch.setattr(check, "_check_split", lambda *a, **k: pytest.fail("the split was checked again"))
+    report, _ = check_winner(config, compiled, confirmed)
+    assert report is not None and report.ok and report.split_samples == 4
 
 
 def test_optimize_sets_a_batchnorm_pipeline_aside_and_the_next_fastest_placement_wins_checked(tmp_path, capsys):

@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -275,6 +276,7 @@ def check_placement(
     steps: int = DEFAULT_STEPS,
     microbatches: int = 1,
     replicas: int = 1,
+    split: CheckReport | None = None,
 ) -> CheckReport:
     """Train the placed model and the original side by side for ``steps`` steps and compare them.
 
@@ -288,6 +290,8 @@ def check_placement(
         steps: training steps (forward, backward, optimizer step), state carried over.
         microbatches, replicas: a pipeline's ``M`` and ``R``; when ``R * M > 1`` the batch
             split is checked too (module doc): the report's ``split_*`` fields.
+        split: that split already checked (:func:`check_batch_split`, same ``microbatches``,
+            ``replicas`` and ``tolerance``): its fields are taken instead of checking it again.
 
     Raises:
         ModelFileError: the model has no trainable parameter, or its loss does not require grad.
@@ -297,6 +301,9 @@ def check_placement(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if split is not None and (split.microbatches, split.replicas, split.tolerance) != (microbatches, replicas, tolerance):
+        raise ValueError(f"the split checked before is {split.replicas} x {split.microbatches} at tolerance "
+                         f"{split.tolerance}; expected {replicas} x {microbatches} at {tolerance}")
     reason = _no_trainable_parameters(spec.model, spec.name)
     if reason is not None:
         raise ModelFileError(reason)
@@ -344,9 +351,12 @@ def check_placement(
                 first_bad = step
             if not nonfinite and not bool(torch.isfinite(ref_loss).all()):
                 nonfinite = f"{float(ref_loss.reshape(-1)[0])} at step {step}"
-        split: dict[str, object] = {}
-        if microbatches * replicas > 1:
-            split = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
+        split_fields: dict[str, object] = {}
+        if split is not None:
+            split_fields = {f.name: getattr(split, f.name) for f in dataclasses.fields(split)
+                            if f.name.startswith("split_")}
+        elif microbatches * replicas > 1:
+            split_fields = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
 
     def worst_of(prefix: str) -> float:
         return max((d for n, d in worst.items() if n.startswith(prefix)), default=0.0)
@@ -369,7 +379,7 @@ def check_placement(
         replicas=replicas,
         original_nonfinite=nonfinite,
         no_gradient=tuple(n for n in trainable if n not in graded),
-        **split,  # type: ignore[arg-type]
+        **split_fields,  # type: ignore[arg-type]
     )
 
 
@@ -500,19 +510,20 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     return out
 
 
-def batch_split_problem(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
-                        tolerance: float = 1e-5, seed: int = 0) -> str | None:
-    """None when splitting the batch into ``replicas`` x ``microbatches`` equal parts (a
-    pipeline's, a hybrid's) gives the full batch's loss and gradients; else why not, in words
-    (:meth:`CheckReport.describe_split`). The unsplit captured model runs in this process,
-    one step, dropout off; ``spec.model`` and the random state are left as they were."""
-    if microbatches * replicas <= 1:
-        return None
-    with kept_random_state():
-        fields = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
-    report = CheckReport(0.0, 0.0, 0.0, 0, tolerance=tolerance, microbatches=microbatches, replicas=replicas,
-                         **fields)  # type: ignore[arg-type]
-    return None if report.split_ok else report.describe_split()
+def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
+                      tolerance: float = 1e-5, seed: int = 0) -> CheckReport:
+    """Whether splitting the batch into ``replicas`` x ``microbatches`` equal parts (a
+    pipeline's, a hybrid's) gives the full batch's loss and gradients: a report whose
+    ``split_*`` fields say so (:attr:`CheckReport.split_ok`, :meth:`CheckReport.describe_split`),
+    the placement fields left empty. The unsplit captured model runs in this process, one
+    step, dropout off; ``spec.model`` and the random state are left as they were. Pass the
+    report to :func:`check_placement` (``split=``) to check that split once only."""
+    fields: dict[str, object] = {}
+    if microbatches * replicas > 1:
+        with kept_random_state():
+            fields = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
+    return CheckReport(0.0, 0.0, 0.0, 0, tolerance=tolerance, microbatches=microbatches, replicas=replicas,
+                       **fields)  # type: ignore[arg-type]
 
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
@@ -550,4 +561,4 @@ def _cuda_indices(real_devices: Mapping[str, str] | None, assignment: Mapping[st
     return sorted(indices)
 
 
-__all__ = ["DEFAULT_STEPS", "CheckReport", "check_placement", "check_trainable", "paused_gc"]
+__all__ = ["DEFAULT_STEPS", "CheckReport", "check_batch_split", "check_placement", "check_trainable", "paused_gc"]

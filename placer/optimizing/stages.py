@@ -32,7 +32,7 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
-from envs.runtime.check import CheckReport, batch_split_problem, check_placement, check_trainable
+from envs.runtime.check import CheckReport, check_batch_split, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem, compile_problem
@@ -158,6 +158,8 @@ class Confirmed:
     placement: Placement
     measurement: MeasurementSummary | None = None  # on real devices
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The batch splits checked while picking the winner, by (M, R): the winner's check reuses its own.
+    split_checks: dict[tuple[int, int], CheckReport] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -385,7 +387,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         from placer.memory_fit import memory_needs
 
         raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
-    fitting, table = _set_aside_inexact_splits(config, compiled, fitting, table, pipelines)
+    split_checks: dict[tuple[int, int], CheckReport] = {}
+    fitting, table = _set_aside_inexact_splits(config, compiled, fitting, table, pipelines, split_checks)
     winning_row = pick_winner(fitting)
     step_time, source = float(winning_row["step_time"]), str(winning_row["source"])
     pipeline = pipelines.get(str(winning_row["method"]))
@@ -402,7 +405,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                                                    "method": winner.method, "reward": run.reward}, pipeline)
     if run.out_dir is not None:  # the best so far; placement.json waits for the check
         save_or_fallback(placement, run.out_dir / "best_placement.json")
-    return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds)
+    return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds,
+                     split_checks)
 
 
 def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirmed) -> tuple[CheckReport | None, float]:
@@ -420,10 +424,10 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
     run = compiled.run
     start = time.perf_counter()
     pipeline = confirmed.placement.pipeline
+    split = (pipeline.microbatches, pipeline.num_replicas) if pipeline is not None else (1, 1)
     report = check_placement(run.spec, run.captured, confirmed.placement.assignment,
-                             real_devices=run.cluster.real_device_map(),
-                             microbatches=pipeline.microbatches if pipeline is not None else 1,
-                             replicas=pipeline.num_replicas if pipeline is not None else 1)
+                             real_devices=run.cluster.real_device_map(), microbatches=split[0], replicas=split[1],
+                             split=confirmed.split_checks.get(split))
     if report.original_nonfinite:
         # Both sides agree on it: the model diverges by itself, the placement is not to blame.
         raise PlacerError(f"the original model's loss is {report.original_nonfinite} of training on the example "
@@ -462,8 +466,8 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
 
 
 def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame,
-                              table: pd.DataFrame, pipelines: Mapping[str, Pipeline]
-                              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                              table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
+                              checks: dict[tuple[int, int], CheckReport]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``fitting`` without the pipelines whose batch split changes what the model computes
     (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
     fastest first until the winner is one that splits exactly or is no pipeline. Each row set
@@ -472,19 +476,20 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
     Without the check, nothing is set aside.
 
     The winner's check would refuse such a pipeline after the search; here the next-best
-    placement wins instead, so a model with BatchNorm still gets a result.
+    placement wins instead, so a model with BatchNorm still gets a result. Every split checked
+    is left in ``checks`` by (M, R), for the winner's check to reuse.
     """
     table = table.copy()
     table["set_aside"] = False
     if not config.check:
         return fitting, table
     run = compiled.run
-    verdicts: dict[tuple[int, int], str | None] = {}
 
     def verdict(microbatches: int, replicas: int) -> str | None:
-        if (microbatches, replicas) not in verdicts:
-            verdicts[microbatches, replicas] = batch_split_problem(run.spec, run.captured, microbatches, replicas)
-        return verdicts[microbatches, replicas]
+        if (microbatches, replicas) not in checks:
+            checks[microbatches, replicas] = check_batch_split(run.spec, run.captured, microbatches, replicas)
+        report = checks[microbatches, replicas]
+        return None if report.split_ok else report.describe_split()
 
     def set_aside(method: str, why: str) -> None:
         log.warning("%s set aside: %s", method, why)
@@ -509,7 +514,7 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         fitting = fitting[fitting["method"] != method]
     if fitting.empty:
         raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
-                          f"computes ({next(v for v in verdicts.values() if v)}); rerun with --no-check to accept one "
+                          f"computes ({next(c.describe_split() for c in checks.values() if not c.split_ok)}); rerun with --no-check to accept one "
                           "unchecked")
     return fitting, table
 
