@@ -4,6 +4,7 @@ and a pipeline's micro-batches and replicas are checked for what splitting the b
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from envs.runtime.check import _scaled_diff, check_placement
+from envs.runtime.check import _scaled_diff, check_batch_split, check_placement
 from envs.sim.pipeline import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
@@ -223,6 +224,54 @@ def test_random_numbers_besides_dropout_make_the_split_fail_as_not_comparable():
     torch.manual_seed(0)
     report = _check(Noisy(), microbatches=2)
     assert not report.ok and report.describe_split().startswith("cannot compare micro-batches with the full batch")
+
+
+def _conv_net() -> tuple[ModelSpec, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(16, 3, 128, 128),), name="cnn")
+    return spec, capture(model, spec.example_inputs, name="cnn")
+
+
+def test_a_split_that_differs_by_float32_rounding_alone_checks_the_same():
+    """A convolution's bias gradient sums 16 x 128 x 128 float32 terms: summed in 4 parts it
+    differs from the sum at once by more than the tolerance, rounding alone (no BatchNorm
+    here). The split is compared in float64, so it passes; in float32 it would not have."""
+    import envs.runtime.check as check
+
+    spec, cap = _conv_net()
+    report = check.check_batch_split(spec, cap, microbatches=2, replicas=2)
+    assert report.split_ok, report.describe_split()
+    assert report.split_grad_diff < 1e-12
+    chunks = [[check._slice_inputs(spec.example_inputs, 16, 4 * (2 * r + k), 4 * (2 * r + k + 1)) for k in range(2)]
+              for r in range(2)]
+    with check._NoDropout():
+        _, whole = check._split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)
+        _, split = check._split_step(cap, spec, {"": True}, chunks, 0)
+    assert max(check._scaled_diff(split[n], whole[n]) for n in whole) > report.tolerance
+
+
+def test_a_model_that_cannot_run_in_float64_is_split_checked_in_its_own_dtype():
+    class Float32Input(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+            self.norm = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            # x.float() against a float64 weight: torch.mm refuses the mixed dtypes
+            return self.head(torch.relu(self.norm(torch.mm(x.float(), self.w))))
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=Float32Input(), example_inputs=(torch.randn(16, 8),), name="f32")
+    cap = capture(spec.model, spec.example_inputs, name="f32")
+    with pytest.raises(RuntimeError):  # the float64 copy cannot run: the float32 comparison decides
+        copy.deepcopy(cap.gm).to(torch.float64)(spec.example_inputs[0].double())
+    report = check_batch_split(spec, cap, microbatches=2)
+    assert not report.split_ok and "BatchNorm in training mode ('norm')" in report.describe_split()
+    assert check_batch_split(spec, cap, microbatches=1).split_ok
 
 
 def _winner(model: nn.Module, pipeline_of) -> tuple:

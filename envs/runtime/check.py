@@ -34,10 +34,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -457,19 +458,38 @@ def _slice_inputs(inputs: tuple, batch: int, start: int, stop: int) -> tuple:
     return tree_map(cut, inputs)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.get_default_dtype()`` is ``dtype`` inside (None: unchanged): tensors a model
+    creates in forward (``torch.zeros(n)``) follow the dtype the check runs in."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
-                seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                seed: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and gradients of one training step with each replica (a list of micro-batches)
     on its own copy of the captured model, as the pipeline runtime computes them: each
-    micro-batch's loss / M accumulated, the replicas' losses and gradients averaged."""
+    micro-batch's loss / M accumulated, the replicas' losses and gradients averaged.
+    ``dtype``: the floating dtype the copies, their inputs and new tensors are computed in."""
     losses: list[torch.Tensor] = []
     grads: dict[str, torch.Tensor] = {}
     for parts in chunks:
         gm = copy.deepcopy(captured.gm)
+        if dtype is not None:
+            gm.to(dtype)
         gm.train(modes[""])
         set_training_modes(gm, modes)
         total = torch.zeros((), dtype=torch.float64)
         for inputs in parts:
+            if dtype is not None:
+                inputs = tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                  else v, inputs)
             torch.manual_seed(seed)
             output = gm(*inputs)
             loss = _loss_of(spec, output, inputs)
@@ -497,16 +517,28 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     chunks = [[_slice_inputs(spec.example_inputs, batch, (r * microbatches + k) * size,
                              (r * microbatches + k + 1) * size) for k in range(microbatches)]
               for r in range(replicas)]
-    with _NoDropout():
-        full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed)
-        loss, grads = _split_step(captured, spec, modes, chunks, seed)
+    # In float64, so that what is compared is the split, not float32's summation order: a
+    # gradient summed over 4 parts of a batch instead of at once differs by rounding alone
+    # (a convolution's bias, a sum over 262,144 float32 terms: 1e-4 of its size, measured
+    # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
+    # differs by far more. A model that cannot run in float64 is compared in its own dtype.
+    dtype: torch.dtype | None = torch.float64
+    try:
+        with _NoDropout(), _default_dtype(torch.float64):
+            full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)
+            loss, grads = _split_step(captured, spec, modes, chunks, seed, dtype)
+    except Exception:  # noqa: BLE001 - user code with a fixed dtype (x.float() @ w.double(), say)
+        dtype = None
+        with _NoDropout():
+            full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed)
+            loss, grads = _split_step(captured, spec, modes, chunks, seed)
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
     worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
     out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
                               "split_grad_diff": worst[1], "split_worst": worst[0]}
     if max(out["split_loss_diff"], worst[1]) > tolerance:  # type: ignore[call-overload]
-        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed)
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype)
     return out
 
 
@@ -527,10 +559,11 @@ def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: in
 
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
-                 split_loss: torch.Tensor, parts: int, tolerance: float, seed: int) -> str:
+                 split_loss: torch.Tensor, parts: int, tolerance: float, seed: int,
+                 dtype: torch.dtype | None = None) -> str:
     """Why the split batch computes something else, as far as it can be told."""
-    with _NoDropout():
-        other_loss, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1)
+    with _NoDropout(), _default_dtype(dtype):
+        other_loss, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
     if _scaled_diff(other_loss, full_loss) > tolerance:
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
                 "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
