@@ -106,3 +106,43 @@ def test_a_replica_that_does_not_fit_says_so():
     dp = simulate_data_parallel(problem, 2)
     assert not dp.fits and "does not fit" in dp.describe()
     assert "DDP x2" in dp.describe()
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_ddp_written_as_a_one_stage_pipeline_simulates_to_ddps_step_on_cpu_ranks(replicas):
+    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+
+    problem = compile_problem(chain(6), cluster(replicas))
+    devices = list(problem.device_names)
+    pipe = data_parallel_pipeline(problem, devices)
+    assert pipe.num_stages == 1 and pipe.num_replicas == replicas and pipe.microbatches == 1
+    assert pipe.describe() == f"data parallel (DDP over {replicas} replicas)"
+    piped, ddp = simulate_pipelined(problem, pipe), simulate_data_parallel(problem, devices)
+    assert piped.step_time == pytest.approx(ddp.step_time, rel=1e-12)
+    assert piped.peak_memory == pytest.approx(ddp.peak_memory, rel=1e-12)
+
+
+def test_ddp_written_as_a_one_stage_pipeline_simulates_to_ddps_step_on_gpus():
+    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+    from tests.helpers.problems import random_problem
+
+    problem = random_problem(n=12, d=4, seed=3)
+    gpus = list(problem.device_names[1:])
+    piped = simulate_pipelined(problem, data_parallel_pipeline(problem, gpus))
+    assert piped.step_time == pytest.approx(simulate_data_parallel(problem, gpus).step_time, rel=1e-12)
+
+
+def test_a_ddp_winner_is_the_recommendation_and_is_compared_with_placers_own_best():
+    import pandas as pd
+
+    from placer.search.baselines.pipeline_rows import recommendation_line
+
+    table = pd.DataFrame([
+        {"method": "ddp", "kind": "ddp", "step_time": 0.002, "fits": True, "source": "simulated", "note": ""},
+        {"method": "placer (pipeline x DDP)", "kind": "pipeline", "step_time": 0.003, "fits": True,
+         "source": "simulated", "note": ""},
+        {"method": "heft", "kind": "placement", "step_time": 0.004, "fits": True, "source": "simulated", "note": ""},
+    ])
+    line = recommendation_line(table, "ddp")
+    assert line == ("recommendation: ddp (2.000 ms per step, ddp); the placement placer (pipeline x DDP) is 1.50x "
+                    "slower than DDP (2.000 ms, simulated), so the placement written is DDP")

@@ -68,7 +68,9 @@ in DDP over a process group of that stage's ``R`` devices. Rules:
   of the stage's gradients (D4).
 
 With ``R = 1`` this is the pipeline; with one stage, ``M = 1`` and ``R = N`` it is DDP over
-the ``N`` devices (both tested).
+the ``N`` devices (both tested). That pipeline (:func:`data_parallel_pipeline`) is how a
+placement file holds DDP, and how ``torch.distributed.pipelining`` runs it: one stage module
+per process, wrapped in DDP over the ``N`` processes.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ from envs.sim.pipeline import (
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 
-__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets", "ring_allreduce_time",
+__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
+           "data_parallel_pipeline", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid",
            "simulate_pipelined"]
 
@@ -162,6 +165,20 @@ def buckets(grad_bytes: Sequence[float], first: float = FIRST_BUCKET_BYTES, cap:
     if current:
         out.append(current)
     return out
+
+
+def data_parallel_pipeline(problem: PlacementProblem, devices: Sequence[str]) -> Pipeline:
+    """DDP over ``devices`` as a pipeline: one stage holding every node of ``problem`` on the
+    first device, one micro-batch, a replica on each other device. :func:`simulate_pipelined`
+    gives it :func:`simulate_data_parallel`'s step (H1-H4 reduce to D1-D4).
+
+    Raises:
+        PipelineError: no device, or one named twice.
+    """
+    if not devices:
+        raise PipelineError("DDP needs at least one device")
+    return Pipeline((tuple(problem.node_names),), (str(devices[0]),), 1, "gpipe",
+                    tuple((str(d),) for d in devices[1:]))
 
 
 def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:

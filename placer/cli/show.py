@@ -139,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
         pipe = placement.pipeline
         piped = simulate_pipelined(problem, group_pipeline(problem, pipe))
-        replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
-        print(f"  simulated on {cluster_name}, pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, "
-              f"M={pipe.microbatches}): {piped.step_time * 1e3:.3f} ms per step, "
+        print(f"  simulated on {cluster_name}, {pipe.describe()}: {piped.step_time * 1e3:.3f} ms per step, "
               f"{'fits' if piped.fits else 'DOES NOT FIT'}; peak memory "
               + ", ".join(f"{d}={format_bytes(m)}" for d, m in piped.peak_memory.items()))
     print(f"  simulated on {cluster_name}{', un-pipelined' if placement.pipeline is not None else ''}: "

@@ -382,7 +382,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         table = measured_first(table)
         seconds["measure"] += time.perf_counter() - start
         measurement = summarize(measurer, run.reward, list(searched.rounds))
-    fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline"])]
+    fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline", "ddp"])]
     if fitting.empty:
         from placer.memory_fit import memory_needs
 
@@ -502,6 +502,7 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         why = verdict(1, len(pipeline_devices(compiled.problem)))
         if why is not None:
             set_aside("ddp", f"its replicas' {why}")
+            fitting = fitting[fitting["method"] != "ddp"]
     while not fitting.empty:
         method = str(pick_winner(fitting)["method"])
         pipeline = pipelines.get(method)

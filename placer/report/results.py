@@ -92,9 +92,7 @@ def winner_peak_memory(result: "OptimizeResult") -> tuple[list[float], str]:
     if pipe is None:
         return [float(m) for m in simulate(problem, result.group_row).peak_memory], "un-pipelined"
     peak = simulate_pipelined(problem, group_pipeline(problem, pipe)).peak_memory
-    replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
-    how = f"pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, M={pipe.microbatches})"
-    return [float(peak.get(d, 0.0)) for d in problem.device_names], how
+    return [float(peak.get(d, 0.0)) for d in problem.device_names], pipe.describe()
 
 
 def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:

@@ -59,3 +59,23 @@ TINY_MLP = (
     "def get_example_inputs():\n"
     "    return (torch.randn(4, 8),)\n"
 )
+
+#: A small convolution net without BatchNorm: 4 data-parallel replicas of 8 samples each compute
+#: the full batch's gradients, and on 4xV100-nvlink DDP is its fastest layout.
+SMALL_CNN = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def get_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+    def get_example_inputs():
+        torch.manual_seed(0)
+        return (torch.randn(32, 3, 32, 32),)
+    """
+)

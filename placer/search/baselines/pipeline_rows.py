@@ -7,10 +7,11 @@ partitioner (:func:`placer.search.baselines.pipeline_split.best_pipeline`), and 
 pipeline search (:func:`placer.search.pipeline_search.search_pipeline`, when the batch allows
 ``M > 1`` and there are two devices or more): its best pipeline and its best pipeline x
 data-parallel hybrid (:attr:`envs.sim.pipeline.Pipeline.replicas`). Rows carry ``kind``
-"ddp" or "pipeline" (placements: "placement"). A placement or a pipeline, hybrids included,
-can be the run's winner (``placement.json`` holds either; :func:`parallel_rows` returns the
-pipelines); DDP is not a placement, so :func:`recommendation_line` names whichever fits and
-is fastest, DDP included, and says when the winner is slower than DDP.
+"ddp" or "pipeline" (placements: "placement"). A placement, a pipeline (hybrids included) or
+DDP can be the run's winner: ``placement.json`` holds any of them, DDP as one stage replicated
+on every device (:func:`envs.sim.data_parallel.data_parallel_pipeline`; :func:`parallel_rows`
+returns the pipelines, DDP's under ``"ddp"``). :func:`recommendation_line` names whichever
+fits and is fastest and says how placer's own best placement compares with DDP.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from envs.hardware.units import byte_display_unit
-from envs.sim.data_parallel import simulate_data_parallel, simulate_pipelined
+from envs.sim.data_parallel import data_parallel_pipeline, simulate_data_parallel, simulate_pipelined
 from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline import Pipeline
 from envs.sim.problem import PlacementProblem
@@ -89,8 +90,13 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
         ddp = simulate_data_parallel(problem, devs, costs)
         note = (f"{len(devs)} replicas of 1/{len(devs)} batch, {len(ddp.bucket_bytes)} bucket(s), "
                 f"{ddp.exposed_allreduce * 1e3:.3f} ms all-reduce after the backward")
-        record("ddp", "ddp", ddp.step_time, ddp.fits, ddp.peak_memory,
-               note if ddp.fits else ddp.describe())
+        step = ddp.step_time
+        if ddp.fits and len(devs) > 1:
+            # Written as a one-stage pipeline: its step is what `placer show` computes for that file
+            # (the same rules; they agree up to rounding, tests/test_data_parallel.py).
+            pipelines["ddp"] = data_parallel_pipeline(problem, devs)
+            step = simulate_pipelined(problem, pipelines["ddp"], costs).step_time
+        record("ddp", "ddp", step, ddp.fits, ddp.peak_memory, note if ddp.fits else ddp.describe())
     if len(devs) > 1:
         for name, cand in best_pipeline(problem, batch_size, costs=costs, min_samples=min_samples).items():
             if cand.pipeline is None or cand.result is None:
@@ -155,8 +161,8 @@ def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_siz
 
 
 def recommendation_line(table: pd.DataFrame, winner: str) -> str:
-    """One line: the fastest fitting row (DDP and pipelines included) and how the winning
-    placement compares with DDP."""
+    """One line: the fastest fitting row (DDP and pipelines included) and how placer's own best
+    compares with DDP: the winner's, or when DDP itself won, the fastest other row's."""
     if "kind" not in table.columns:
         return f"recommendation: {winner}"
     fitting = table[table["fits"]]
@@ -169,6 +175,13 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
     measured = "source" in table.columns and not mine.empty and str(mine.iloc[0]["source"]) == "measured"
     if measured:
         fitting = fitting[fitting["source"] == "measured"]
+    ddp_won = winner == "ddp"
+    if ddp_won:  # placement.json holds DDP: compare DDP with the best placer found itself
+        own = fitting[fitting["kind"] != "ddp"]
+        if measured:
+            own = own[own["source"] == "measured"]
+        mine = own.sort_values("step_time", kind="stable").iloc[:1]
+        winner = str(mine.iloc[0]["method"]) if not mine.empty else winner
     parts = []
     if not fitting.empty:
         top = fitting.sort_values("step_time", kind="stable").iloc[0]
@@ -192,7 +205,8 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
             ratio = float(mine.iloc[0]["step_time"]) / float(d["step_time"])
             if ratio > 1.0:
                 parts.append(f"the placement {winner} is {ratio:.2f}x slower than DDP "
-                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})")
+                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})"
+                             + (", so the placement written is DDP" if ddp_won else ""))
             else:
                 parts.append(f"the placement {winner} is {1 / ratio:.2f}x faster than DDP "
                              f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})")
