@@ -182,7 +182,30 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         exported = torch.export.export(model, inputs, strict=False)
     # Guards are checks on later inputs' shapes; placement runs the example's shapes and
     # a guard node would be one more (cost-free) node to place.
-    return exported.module(check_guards=False)
+    gm = exported.module(check_guards=False)
+    # torch.export's module overrides train()/eval() on the instance with closures that raise
+    # (export/_unlift.py: the graph keeps the mode it was traced in, whatever the flags say).
+    # Those closures make the module unpicklable, so it could not be sent to worker processes,
+    # and the runtime's train() calls failed. Without them, train()/eval() only set the flags
+    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode.
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    _drop_idle_export_hooks(gm)
+    return gm
+
+
+def _drop_idle_export_hooks(gm: fx.GraphModule) -> None:
+    """Remove the forward hooks torch.export's module registers as closures over the example
+    inputs that are nn.Modules (export/_unlift.py, ``_create_stateful_graph_module``), when
+    there is none: they do nothing then, and closures cannot be pickled into a job file."""
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if "_create_stateful_graph_module" not in getattr(hook, "__qualname__", ""):
+                continue
+            captured = [c.cell_contents for c in (hook.__closure__ or ())]
+            if all(isinstance(c, (list, tuple, set, dict)) and not c for c in captured):
+                del hooks[key]
+                gm._forward_hooks_always_called.pop(key, None)
 
 
 def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),

@@ -288,9 +288,13 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
         except Exception as exc:  # noqa: BLE001 - a model that does not run on a smaller batch
             runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev)
             min_samples = max(min_samples, runs_on)
-            reasons.append(f"{graph.graph.get('name') or 'the model'} does not run on {small} of its {batch} "
-                           f"samples on {dev.type} ({_why(exc)}); micro-batches and DDP replicas get at least "
-                           f"{runs_on}")
+            who = graph.graph.get('name') or 'the model'
+            if graph.graph.get("capture") == "export":
+                # torch.export specialises the graph to the example's shapes: the model itself
+                # may run on fewer samples, its captured graph does not.
+                who = f"the graph torch.export captured of {who} (shapes fixed at capture)"
+            reasons.append(f"{who} does not run on {small} of its {batch} samples on {dev.type} ({_why(exc)}); "
+                           f"micro-batches and DDP replicas get at least {runs_on}")
             continue
         all_cached = all_cached and cached
         full = np.array([[float((graph.nodes[n].get(k) or {}).get(dev.type, 0.0)) for k in ("fwd_time", "bwd_time")]

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -97,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Job files (model weights) a SIGKILLed run could not remove go now, not at some later job.
     sweep_stale_job_dirs()
+    # torch's own pytree deprecation, raised inside torch when an exported graph is copied or
+    # unpickled: nothing the user wrote or can change, printed in the middle of the table.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\) is deprecated", category=FutureWarning)
     with _interruptible() as seen:
         try:
             code = int(args.run(args) or 0)

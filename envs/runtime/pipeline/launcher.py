@@ -38,6 +38,7 @@ from envs.sim.data_parallel import check_runnable
 from envs.sim.pipeline import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
+from graphs.portable_graph import PortableGraph
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
 
@@ -129,7 +130,9 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     path = job_dir / "job.pt"
     gm, loss_fn = _untyped(gm), _portable_loss(loss_fn)
     (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
-    torch.save({"gm": gm, "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
+    # By node (graphs.portable_graph): pickled as a GraphModule, a graph torch.export captured
+    # would come back re-traced under other node names, or not at all.
+    torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
                 "timeout_s": timeout_s}, path)
     return path

@@ -1,0 +1,146 @@
+"""A GraphModule that crosses a process boundary with its node names intact.
+
+Pickling an ``fx.GraphModule`` keeps its generated Python code and traces that code again on
+load (``torch/fx/graph_module.py``: ``reduce_graph_module`` -> ``_deserialize_graph_module``).
+Node names then come from the re-trace: for a graph torch.export captured they change
+(``linear`` becomes ``linear_default``, parameters become placeholders), and export's own
+tracer class cannot even be built there (``_ModuleStackTracer`` needs a ``scope_root``). A
+placement names nodes, so a worker that loads such a module cannot find them.
+
+:class:`PortableGraph` carries the graph itself instead: every node's name, op, target,
+arguments (other nodes by name) and type (operators by name), the graph's code generator (torch.export's
+pytree in/out specs), and a plain module holding the submodules, parameters and buffers.
+:meth:`PortableGraph.module` rebuilds the same graph, node for node.
+
+Example::
+
+    portable = PortableGraph.of(gm)
+    again = pickle.loads(pickle.dumps(portable)).module()
+    assert [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["PortableGraph"]
+
+
+@dataclass(frozen=True)
+class _NodeRef:
+    """An argument that is another node, by name."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _OpRef:
+    """An ATen-style operator (``torch.ops.<ns>.<op>[.<overload>]``) by name: operator
+    objects do not pickle."""
+
+    namespace: str
+    op: str
+    overload: str | None
+
+    @classmethod
+    def of(cls, target: Any) -> Any:
+        if isinstance(target, torch._ops.OpOverload):
+            return cls(target.namespace, target._opname, target._overloadname)
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            namespace, _, op = target._qualified_op_name.partition("::")
+            return cls(namespace, op, None)
+        return target
+
+    def resolve(self) -> Any:
+        packet = getattr(getattr(torch.ops, self.namespace), self.op)
+        return packet if self.overload is None else getattr(packet, self.overload)
+
+
+@dataclass(frozen=True)
+class _PortableNode:
+    name: str
+    op: str
+    target: Any
+    args: Any
+    kwargs: Any
+    type: Any
+
+
+@dataclass
+class PortableGraph:
+    """What :meth:`module` needs to rebuild a GraphModule with the same nodes (module doc)."""
+
+    nodes: list[_PortableNode]
+    codegen: Any
+    root: nn.Module
+    class_name: str
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> PortableGraph:
+        """``gm`` as a picklable description (its tensors are shared, not copied)."""
+        nodes = [_PortableNode(n.name, n.op, _OpRef.of(n.target), _refs(n.args), _refs(n.kwargs), n.type)
+                 for n in gm.graph.nodes]
+        root = nn.Module()
+        for name, child in gm.named_children():
+            root.add_module(name, child)
+        for name, p in gm.named_parameters(recurse=False):
+            root.register_parameter(name, p)
+        for name, b in gm.named_buffers(recurse=False):
+            root.register_buffer(name, b, persistent=name not in gm._non_persistent_buffers_set)
+        # Plain tensor attributes a get_attr reads (torch.export's lifted constants).
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and "." not in str(n.target) and not hasattr(root, str(n.target)):
+                setattr(root, str(n.target), getattr(gm, str(n.target)))
+        root.training = gm.training
+        return cls(nodes, gm.graph._codegen, root, type(gm).__name__)
+
+    def module(self) -> fx.GraphModule:
+        """The GraphModule again: the same nodes, names, code generator and tensors."""
+        graph = fx.Graph()
+        graph._codegen = self.codegen
+        made: dict[str, fx.Node] = {}
+        for p in self.nodes:
+            args = _resolved(p.args, made)
+            kwargs = _resolved(p.kwargs, made)
+            target = p.target.resolve() if isinstance(p.target, _OpRef) else p.target
+            node = graph.create_node(p.op, target, args, kwargs, name=p.name, type_expr=p.type)
+            made[p.name] = node
+            assert node.name == p.name, f"node {p.name!r} came back as {node.name!r}"
+        gm = fx.GraphModule(self.root, graph, class_name=self.class_name)
+        gm.train(self.root.training)
+        return gm
+
+
+def _refs(value: Any) -> Any:
+    """``value`` with every node replaced by a :class:`_NodeRef` to it."""
+    if isinstance(value, fx.Node):
+        return _NodeRef(value.name)
+    if isinstance(value, tuple):
+        return tuple(_refs(v) for v in value)
+    if isinstance(value, list):
+        return [_refs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _refs(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_refs(value.start), _refs(value.stop), _refs(value.step))
+    return value
+
+
+def _resolved(value: Any, made: dict[str, fx.Node]) -> Any:
+    """``value`` with every :class:`_NodeRef` replaced by the node of that name."""
+    if isinstance(value, _NodeRef):
+        return made[value.name]
+    if isinstance(value, tuple):
+        return tuple(_resolved(v, made) for v in value)
+    if isinstance(value, list):
+        return [_resolved(v, made) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolved(v, made) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_resolved(value.start, made), _resolved(value.stop, made), _resolved(value.step, made))
+    return value

@@ -1,0 +1,73 @@
+"""A model only torch.export can capture runs in worker processes too: its GraphModule
+pickles (the job file) and takes train(), so its placements are measured over ranks and its
+DDP runs, instead of every measurement failing."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from envs.runtime.distributed.measure import DistributedMeasurer
+from envs.runtime.pipeline.launcher import run_training
+from graphs.pipeline import prepare
+
+COUNTING_MODEL = """
+import torch
+from torch import nn
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.inner = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        self.calls = self.calls + 1  # a reassigned buffer: fx loses it, torch.export keeps it
+        return self.head(torch.relu(self.inner(x)))
+
+
+def get_model():
+    torch.manual_seed(0)
+    return Counting()
+
+
+def get_example_inputs():
+    torch.manual_seed(0)
+    return (torch.randn(8, 8),)
+"""
+
+
+def _prepared(tmp_path):
+    path = tmp_path / "counting.py"
+    path.write_text(COUNTING_MODEL)
+    prep = prepare(str(path), profile=False)
+    assert prep.captured.method == "export"
+    return str(path), prep
+
+
+def test_an_exported_graph_pickles_and_takes_train(tmp_path):
+    _, prep = _prepared(tmp_path)
+    gm = prep.captured.gm
+    gm.train()
+    torch.save(gm, io.BytesIO())
+
+
+def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tmp_path):
+    path, prep = _prepared(tmp_path)
+    nodes = [n for n in prep.captured.graph.nodes]
+    half = {n: f"cpu:{int(i >= len(nodes) // 2)}" for i, n in enumerate(nodes)}
+    m = DistributedMeasurer(path, {}, "cpu:0,cpu:1", warmup=1, repeats=2, spec=prep.spec, captured=prep.captured,
+                            fingerprint=prep.captured.fingerprint)
+    try:
+        [res] = m.measure([half])
+    finally:
+        m.close()
+    assert res.valid, res.reason
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(names, prep.spec.example_inputs))
+    run = run_training(gm, inputs, world=2, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
+    assert len(run.losses) == 2
