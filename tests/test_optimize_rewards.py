@@ -113,6 +113,7 @@ def test_measured_mode_rewards_are_the_measured_times_of_every_distinct_placemen
     assert set(table.loc[table["source"] == "measured", "method"]) >= {"placer (moves)"}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Measurements" in report and f"**{m.count} distinct placements measured**" in report
+    assert "real devices, winner **measured**" in report
     saved = json.loads((tmp_path / "out" / "measurements.json").read_text())
     assert saved["measurements"] == m.count and saved["reward"] == "measured"
 
@@ -176,6 +177,8 @@ def test_ctrl_c_during_measured_search_keeps_the_best_on_disk(tmp_path, fake_lin
     assert not [r for r in result.measurement.records if r.phase == "confirm"]  # no runs after Ctrl-C
     assert (tmp_path / "out" / "placement.json").exists()
     assert (tmp_path / "out" / "best_placement.json").exists()
+    header = (tmp_path / "out" / "report.md").read_text()
+    assert f"winner **{'measured' if result.source == 'measured' else 'not measured'}**" in header
 
 
 class _StubMeasurer:

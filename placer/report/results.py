@@ -135,7 +135,8 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
         f"# placer report: {spec.name}",
         "",
         f"- devices: **{cluster.name}** ({', '.join(cluster.device_names)}) — "
-        + ("step times **simulated** on a cluster spec" if cluster.simulated else "real devices, winner **measured**"),
+        + ("step times **simulated** on a cluster spec" if cluster.simulated
+           else f"real devices, winner **{'measured' if result.source == 'measured' else 'not measured'}**"),
         f"- reward: **{result.reward}** — {_REWARD_WORDS.get(result.reward, result.reward)}",
         f"- graph: {result.prepared.captured.graph.number_of_nodes()} ops "
         f"({result.prepared.captured.method} capture), {problem.num_nodes} groups, "
@@ -353,6 +354,10 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
     m = result.measurement
     if m is not None:
         out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")
+        if m.count and m.invalid == m.count:
+            first = next((r.reason for r in m.records if not r.valid and r.reason), "no reason given")
+            out.append(f"warning: no placement could be measured, so every step time above is simulated "
+                       f"(first failure: {first.splitlines()[0][:200]})")
         if m.reward == "hybrid":
             out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)")
         if m.calibration is not None:

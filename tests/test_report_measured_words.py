@@ -1,0 +1,32 @@
+"""The terminal summary and report.md say "measured" only of what was measured."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from placer.measurement import MeasuredPlacement, MeasurementSummary
+from placer.report.results import summary_lines
+
+TABLE = pd.DataFrame([{"method": "heft", "step_time": 0.001, "speedup_vs_single": 1.0, "fits": True,
+                       "source": "simulated"}])
+
+
+def _result(valid: list[bool]) -> SimpleNamespace:
+    records = [MeasuredPlacement(np.zeros(3, dtype=np.int64), 0.001 if ok else float("inf"), ok,
+                                 "" if ok else "measurement failed: NotImplementedError: no train()", "search", 0.001)
+               for ok in valid]
+    return SimpleNamespace(table=TABLE, measurement=MeasurementSummary("hybrid", "2 worker processes", records,
+                                                                       len(records)))
+
+
+def test_when_no_placement_could_be_measured_the_summary_warns_that_every_time_is_simulated():
+    lines = summary_lines(_result([False, False]))
+    assert ("warning: no placement could be measured, so every step time above is simulated (first failure: "
+            "measurement failed: NotImplementedError: no train())") in lines
+
+
+def test_when_some_were_measured_there_is_no_such_warning():
+    assert not any(line.startswith("warning:") for line in summary_lines(_result([False, True])))
