@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
 from graphs.user_frames import describe_frame, user_frame
@@ -72,6 +73,23 @@ def batch_size_of(example_inputs: Any) -> int | None:
         elif isinstance(x, dict):
             stack = list(x.values()) + stack
     return None
+
+
+def batch_slice(inputs: Any, batch: int, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every tensor whose dim 0 is the batch, anywhere in ``inputs``
+    (nested tuples, lists, dicts: a pytree); every other value as it is. How replicas and
+    micro-batches take their share (equal slices of dim 0, as DDP's sampler and
+    ``torch.distributed.pipelining`` cut the batch).
+
+    >>> batch_slice({"ids": torch.arange(8), "n": 3}, 8, 2, 4)
+    {'ids': tensor([2, 3]), 'n': 3}
+    """
+    def cut(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+            return x[start:stop]
+        return x
+
+    return tree_map(cut, inputs)
 
 
 def default_loss(output: Any, *inputs: Any) -> torch.Tensor:

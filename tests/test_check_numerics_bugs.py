@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from graphs.model_file import batch_slice
 from envs.runtime.check import _scaled_diff, check_batch_split, check_placement
 from envs.sim.pipeline import Pipeline
 from graphs.capture import capture
@@ -244,7 +245,7 @@ def test_a_split_that_differs_by_float32_rounding_alone_checks_the_same():
     report = check.check_batch_split(spec, cap, microbatches=2, replicas=2)
     assert report.split_ok, report.describe_split()
     assert report.split_grad_diff < 1e-12
-    chunks = [[check._slice_inputs(spec.example_inputs, 16, 4 * (2 * r + k), 4 * (2 * r + k + 1)) for k in range(2)]
+    chunks = [[batch_slice(spec.example_inputs, 16, 4 * (2 * r + k), 4 * (2 * r + k + 1)) for k in range(2)]
               for r in range(2)]
     with check._NoDropout():
         _, whole = check._split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)

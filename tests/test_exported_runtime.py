@@ -1,11 +1,13 @@
-"""A model only torch.export can capture runs in worker processes too: its GraphModule
-pickles (the job file) and takes train(), so its placements are measured over ranks and its
-DDP runs, instead of every measurement failing."""
+"""Models of every shape run in worker processes. One only torch.export can capture: its
+GraphModule pickles (the job file) and takes train(), so its placements are measured over
+ranks and its DDP runs, instead of every measurement failing. One whose input is a dict: DDP
+shards every tensor in it."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 
 from envs.runtime.distributed.measure import DistributedMeasurer
@@ -13,6 +15,7 @@ from envs.runtime.pipeline.launcher import run_training
 from graphs.pipeline import prepare
 
 COUNTING_MODEL = """
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +74,60 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
     inputs = dict(zip(names, prep.spec.example_inputs))
     run = run_training(gm, inputs, world=2, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
     assert len(run.losses) == 2
+
+
+DICT_MODEL = """
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, batch):
+        h = self.emb(batch["ids"])
+        return {"logits": self.out(h + F.gelu(self.proj(h)))}
+
+
+def get_model():
+    torch.manual_seed(0)
+    return TiedLM()
+
+
+def get_example_inputs():
+    g = torch.Generator().manual_seed(1)
+    return ({"ids": torch.randint(0, 50, (4, 6), generator=g), "targets": torch.randint(0, 50, (4, 6), generator=g)},)
+
+
+def get_loss(output, batch):
+    return F.cross_entropy(output["logits"].reshape(-1, 50), batch["targets"].reshape(-1))
+"""
+
+
+def test_ddp_of_a_model_whose_input_is_a_dict_shards_every_tensor_in_it_and_trains_like_one_process(tmp_path):
+    import copy
+
+    path = tmp_path / "tied.py"
+    path.write_text(DICT_MODEL)
+    prep = prepare(str(path), profile=False)
+    gm = prep.captured.gm
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(names, prep.spec.example_inputs))
+    run = run_training(gm, inputs, world=2, steps=3, loss_fn=prep.spec.loss_fn, timeout_s=120)
+    model = copy.deepcopy(prep.spec.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = prep.spec.loss_fn(model(*prep.spec.example_inputs), *prep.spec.example_inputs)
+        loss.backward()
+        opt.step()
+        expected.append(float(loss.detach()))
+    assert run.losses == pytest.approx(expected, rel=1e-5)

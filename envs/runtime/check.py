@@ -49,7 +49,7 @@ from envs.runtime.apply import apply_placement, to_device
 from graphs.capture import CapturedModel, set_training_modes, training_modes
 from graphs.errors import ModelFileError, PlacerError
 from graphs.gc_pause import paused_gc
-from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
+from graphs.model_file import ModelSpec, batch_size_of, batch_slice, first_tensor, preserved_buffers
 from graphs.profile.op_timing import tensors_in
 from graphs.random_state import kept_random_state
 
@@ -449,15 +449,6 @@ class _NoDropout(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _slice_inputs(inputs: tuple, batch: int, start: int, stop: int) -> tuple:
-    """Samples ``start:stop`` of every input whose dim 0 is the batch (the runtime's micro-batch slices)."""
-    def cut(x: object) -> object:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-            return x[start:stop]
-        return x
-    return tree_map(cut, inputs)
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.get_default_dtype()`` is ``dtype`` inside (None: unchanged): tensors a model
@@ -514,7 +505,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
             "equal size; expected a batch size divisible by their product")}
     size = batch // parts
     modes = getattr(captured, "training_modes", None) or {"": True}
-    chunks = [[_slice_inputs(spec.example_inputs, batch, (r * microbatches + k) * size,
+    chunks = [[batch_slice(spec.example_inputs, batch, (r * microbatches + k) * size,
                              (r * microbatches + k + 1) * size) for k in range(microbatches)]
               for r in range(replicas)]
     # In float64, so that what is compared is the split, not float32's summation order: a

@@ -56,7 +56,7 @@ import torch.fx as fx
 
 from graphs.capture import CapturedModel
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
-from graphs.model_file import batch_size_of, preserved_buffers
+from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
 from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
@@ -123,12 +123,12 @@ def slice_batch(example_inputs: Sequence[Any], batch: int, size: int) -> tuple[A
     """The first micro-batch of ``size`` samples: every tensor whose dim 0 is ``batch`` cut to
     its first ``size`` rows (``torch.tensor_split`` along dim 0, as the pipeline engine splits
     its inputs), every other value as it is."""
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0 or t.shape[0] != batch:
-            return t
-        return t[:size].detach().clone().requires_grad_(t.requires_grad)
+    def own(x: Any) -> Any:  # its own storage, as a received micro-batch has
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.detach().clone().requires_grad_(x.requires_grad) if x.dim() > 0 and x.shape[0] == size else x
 
-    return tuple(tree_map(cut, tuple(example_inputs)))
+    return tuple(tree_map(own, batch_slice(tuple(example_inputs), batch, 0, size)))
 
 
 def fixed_parts(full: np.ndarray, small: np.ndarray, ratio: float) -> np.ndarray:

@@ -38,6 +38,7 @@ from envs.sim.data_parallel import check_runnable
 from envs.sim.pipeline import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
+from graphs.model_file import batch_size_of
 from graphs.portable_graph import PortableGraph
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
@@ -302,7 +303,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
             has a shape that depends on the data, or a stage does not fit its device (all
             checked before starting).
     """
-    batch = int(next(iter(inputs.values())).shape[0])
+    batch = batch_size_of(dict(inputs)) or 0
     check_job(gm, pipeline, world, batch, optimizer)
     if port is None:
         resolved(host)

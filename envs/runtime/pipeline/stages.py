@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from envs.sim.pipeline import Pipeline, PipelineError
+from graphs.model_file import batch_size_of, batch_slice
 
 __all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas", "check_static_shapes", "microbatch",
            "whole_pipeline"]
@@ -237,9 +238,9 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
 
 def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int) -> dict[str, torch.Tensor]:
     """Micro-batch ``index`` of the model inputs (equal slices of dim 0, as the schedules split them)."""
-    batch = int(next(iter(inputs.values())).shape[0])
+    batch = batch_size_of(dict(inputs)) or 0
     size = batch // microbatches
-    return {k: v[index * size:(index + 1) * size] for k, v in inputs.items()}
+    return {k: batch_slice(v, batch, index * size, (index + 1) * size) for k, v in inputs.items()}
 
 
 def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline) -> dict[str, Any]:

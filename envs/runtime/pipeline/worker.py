@@ -38,6 +38,7 @@ import torch
 
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline import Pipeline, PipelineError
+from graphs.model_file import batch_size_of, batch_slice
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -139,7 +140,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
 
     gm, inputs = job["gm"], job["inputs"]
     pipeline = Pipeline.from_dict(job["pipeline"])
-    batch = int(next(iter(inputs.values())).shape[0])
+    batch = batch_size_of(dict(inputs)) or 0
     pipeline.check_batch(batch)
     m, s_, n_rep = pipeline.microbatches, pipeline.num_stages, pipeline.num_replicas
     p_ = len(pipeline.ranks)
@@ -151,7 +152,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     stage_groups = _new_groups(stage_ranks, world) if n_rep > 1 else [None] * p_
     # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
     share = batch // n_rep
-    inputs = {k: v[replica * share:(replica + 1) * share] for k, v in inputs.items()}
+    inputs = {k: batch_slice(v, batch, replica * share, (replica + 1) * share) for k, v in inputs.items()}
     batch = share
     specs = split_stages(gm, pipeline)
     rank_of = [s % p_ for s in range(s_)]
@@ -234,10 +235,10 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
     from torch.nn.parallel import DistributedDataParallel
 
     gm, inputs = job["gm"], job["inputs"]
-    batch = int(next(iter(inputs.values())).shape[0])
+    batch = batch_size_of(dict(inputs)) or 0
     check_ddp_batch(batch, world)
     shard = batch // world
-    mine = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
+    mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard) for k, v in inputs.items()}
     model = DistributedDataParallel(gm)
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
