@@ -187,6 +187,13 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
     if large and _fits_on_fake_tensors(model, example_inputs):
         return
     try:
+        names = [n for n in inspect.signature(model.forward).parameters][:len(example_inputs)]
+    except (TypeError, ValueError):
+        names = []
+    inputs = [(path, t) for i, value in enumerate(example_inputs)
+              for path, t in _tensor_paths(value, names[i] if i < len(names) else f"#{i}")]
+    saved = [(t, t.detach().clone(), t._version) for _, t in inputs]
+    try:
         with torch.no_grad(), preserved_buffers(model):
             model(*example_inputs)
     except Exception as exc:  # any failure of user code is the user's input not fitting
@@ -196,6 +203,27 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
             f"{_first_line(exc)}{where}; expected inputs that the model's forward() accepts "
             f"(got {describe_inputs(example_inputs)})"
         ) from None
+    changed = [path for (path, _), (t, _, version) in zip(inputs, saved) if t._version != version]
+    if changed:
+        with torch.no_grad():
+            for t, before, _ in saved:
+                t.copy_(before)
+        raise ModelFileError(
+            f"forward() of {label} modifies its input {', '.join(changed)} in place; expected a forward that "
+            "leaves its inputs as they are (placer runs the example inputs many times, and each run would "
+            "see what the last one wrote: write x = x * 2, not x.mul_(2))")
+
+
+def _tensor_paths(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested tuple/list/dict, with where it is below ``path`` (``batch['ids']``)."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _tensor_paths(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensor_paths(v, f"{path}[{k!r}]")
 
 
 def _fits_on_fake_tensors(model: nn.Module, example_inputs: tuple) -> bool:

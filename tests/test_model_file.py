@@ -240,3 +240,25 @@ def test_large_models_checked_on_fake_tensors(tmp_path, monkeypatch):
 def test_half_of_the_shortcut(tmp_path):
     msg = load_error(tmp_path, "import torch\nmodel = torch.nn.Linear(3, 2)\n")
     assert "defines `model` but not `example_inputs`" in msg
+
+
+def test_a_forward_that_modifies_its_input_in_place_is_refused_naming_it_and_the_input_is_restored():
+    from torch import nn
+
+    from graphs.model_file import check_inputs_fit
+
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x, batch):
+            batch["mask"].mul_(2.0)
+            return self.lin(x * batch["mask"])
+
+    x, mask = torch.randn(3, 4), torch.ones(3, 4)
+    with pytest.raises(ModelFileError, match=r"forward\(\) of doubling modifies its input batch\['mask'\] in place; "
+                                             r"expected a forward that leaves its inputs as they are"):
+        check_inputs_fit(Doubling(), (x, {"mask": mask}), "doubling")
+    assert torch.equal(mask, torch.ones(3, 4))
+    check_inputs_fit(nn.Linear(4, 2), (x,), "linear")  # reading inputs is fine
