@@ -12,6 +12,7 @@ cannot be written, the error carries the placement's JSON for the CLI to print o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,6 +70,14 @@ def rescue(placement: Placement, path: Path, exc: OSError) -> OutputWriteError:
         log.debug("fallback %s not writable either: %s", fallback, again)
         return OutputWriteError(path, os_reason(exc), None, json.dumps(placement.to_dict(), indent=2, default=str))
     return OutputWriteError(path, os_reason(exc), fallback, None)
+
+
+def save_best_so_far(placement: Placement, out_dir: str | os.PathLike) -> Path:
+    """``out_dir/best_placement.json``: the best placement a run has found so far, marked
+    ``"checked": false`` (only ``placement.json`` is written after the numerical check), so
+    ``placer apply`` can say so. Otherwise as :func:`save_or_fallback`."""
+    marked = dataclasses.replace(placement, metadata={**placement.metadata, "checked": False})
+    return save_or_fallback(marked, Path(out_dir) / "best_placement.json")
 
 
 def save_or_fallback(placement: Placement, path: str | os.PathLike) -> Path:

@@ -42,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from graphs.capture import capture
     from graphs.pipeline import load_source
 
-    model_args, recorded = recorded_model_args(load_placement(args.placement),
-                                               parse_model_args(args.model_arg, size=args.size))
+    saved = load_placement(args.placement)
+    model_args, recorded = recorded_model_args(saved, parse_model_args(args.model_arg, size=args.size))
+    if saved.metadata.get("checked") is False:
+        print("note: this placement was not checked numerically against the model (a best_placement.json "
+              "kept while a run went on, or a run with --no-check); optimize writes placement.json after "
+              "checking it")
     if recorded:
         print(f"model arguments (recorded by optimize): {model_args}")
     spec = load_source(args.model, model_args)

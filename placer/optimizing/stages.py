@@ -57,7 +57,7 @@ from placer.search.baselines.pipeline_split import pipeline_devices
 from placer.search.config import SearchConfig
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
-from placer.write_failure import OutputWriteError, rescue, save_or_fallback
+from placer.write_failure import OutputWriteError, rescue, save_best_so_far
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         def save_measured_best(rec: MeasuredPlacement) -> None:
             if run.out_dir is not None:
                 meta = {"step_time": rec.step_time, "source": "measured", "method": method}
-                save_or_fallback(compiled.op_placement(rec.row, meta), run.out_dir / "best_placement.json")
+                save_best_so_far(compiled.op_placement(rec.row, meta), run.out_dir)
 
         rounds = HybridRounds(measurer, config.budget, on_best=save_measured_best)  # owns the hybrid reward model
         search_config = search_config.replace(env_kwargs={"reward_mode": rounds.reward_model})
@@ -404,7 +404,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     placement = compiled.op_placement(winner.row, {"step_time": step_time, "source": source,
                                                    "method": winner.method, "reward": run.reward}, pipeline)
     if run.out_dir is not None:  # the best so far; placement.json waits for the check
-        save_or_fallback(placement, run.out_dir / "best_placement.json")
+        save_best_so_far(placement, run.out_dir)
     return Confirmed(tuple(candidates), table, winner, step_time, source, placement, measurement, seconds,
                      split_checks)
 

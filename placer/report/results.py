@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -330,7 +331,10 @@ def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
 
 def _write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_placement(result.placement, out_dir / "placement.json")
+    # Written after the check: "checked" says whether it ran and passed (--no-check: false).
+    checked = result.check is not None and result.check.ok
+    save_placement(dataclasses.replace(result.placement, metadata={**result.placement.metadata, "checked": checked}),
+                   out_dir / "placement.json")
     device_map, device_map_note = _write_device_map(result, out_dir)
     write_measurements(result, out_dir)
     write_text_atomic(out_dir / "comparison.csv", result.table.to_csv(index=False))

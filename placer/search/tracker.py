@@ -340,7 +340,7 @@ class BestTracker:
 
     def _write(self, evaluated: int) -> Path:
         from placer.placement_file import Placement
-        from placer.write_failure import save_or_fallback
+        from placer.write_failure import save_best_so_far
 
         assert self.best_row is not None and self.out_dir is not None  # written on an improvement, with out_dir
         assignment = self.problem.array_to_placement(self.best_row)
@@ -361,7 +361,7 @@ class BestTracker:
                               devices=list(self.problem.device_names), metadata=meta)
         # An unwritable out_dir (full disk, made read-only) stops the search with one error,
         # the best placement saved to a fallback file: searching on could not keep its results.
-        return save_or_fallback(placement, Path(self.out_dir) / "best_placement.json")
+        return save_best_so_far(placement, self.out_dir)
 
     def result(self, stop_reason: str) -> SearchResult:
         """Close the bar and return the :class:`SearchResult`."""
