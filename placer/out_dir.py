@@ -24,9 +24,14 @@ def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
         raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
-    if existing != path:
-        return path
     try:
+        if existing != path:
+            # os.access trusts mode bits: root passes them, and so do /proc or a read-only
+            # mount; only creating something there shows the folder can be made.
+            probe_dir = existing / f".placer-write-test-{os.getpid()}"
+            probe_dir.mkdir()
+            probe_dir.rmdir()
+            return path
         probe = path / f".placer-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()

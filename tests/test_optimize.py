@@ -110,6 +110,17 @@ def test_an_unwritable_output_directory_is_refused(model_file, tmp_path, capsys)
     assert "cannot write to output directory" in capsys.readouterr().err
 
 
+def test_an_output_directory_that_cannot_be_created_is_refused_before_any_work(model_file, capsys, monkeypatch):
+    """/proc passes os.access for root (mode bits) but no folder can be made there: the run
+    used to capture, profile and search before finding out."""
+    import placer.optimizing.stages as stages
+
+    monkeypatch.setattr(stages, "resolve_cluster", lambda *a, **k: pytest.fail("the run started"))
+    code = main(["optimize", str(model_file), "--out", "/proc/placer-no-such-dir/out"])
+    assert code == 2
+    assert "cannot write to output directory '/proc/placer-no-such-dir/out'" in capsys.readouterr().err
+
+
 def test_cli_optimize_then_apply_then_show(model_file, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", BUDGET, "--out", str(out),
