@@ -253,6 +253,24 @@ def test_a_split_that_differs_by_float32_rounding_alone_checks_the_same():
     assert max(check._scaled_diff(split[n], whole[n]) for n in whole) > report.tolerance
 
 
+@pytest.mark.parametrize("need_weights", [False, True])  # dropout inside SDPA, or F.dropout on the weights
+def test_attentions_own_dropout_is_off_in_the_split_check_so_attention_splits_the_same(need_weights):
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True, dropout=0.5)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=need_weights)[0])
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=Attention(), example_inputs=(torch.randn(4, 5, 16),), name="attention")
+    cap = capture(spec.model, spec.example_inputs, name="attention")
+    report = check_batch_split(spec, cap, microbatches=2, replicas=2)
+    assert report.split_ok, report.describe_split()
+
+
 def test_a_model_that_cannot_run_in_float64_is_split_checked_in_its_own_dtype():
     class Float32Input(nn.Module):
         def __init__(self):

@@ -146,3 +146,15 @@ def test_a_ddp_winner_is_the_recommendation_and_is_compared_with_placers_own_bes
     line = recommendation_line(table, "ddp")
     assert line == ("recommendation: ddp (2.000 ms per step, ddp); the placement placer (pipeline x DDP) is 1.50x "
                     "slower than DDP (2.000 ms, simulated), so the placement written is DDP")
+
+
+def test_ddp_over_replicas_that_do_not_divide_the_batch_is_a_row_that_does_not_run():
+    from placer.search.baselines.pipeline_rows import parallel_records
+
+    problem = compile_problem(chain(), cluster(4))
+    records, pipelines = parallel_records(problem, 6, 1.0, search_budget=None)
+    ddp = next(r for r in records if r["method"] == "ddp")
+    assert not ddp["fits"] and ddp["note"] == "does not run: the batch of 6 does not split into 4 equal replicas"
+    assert "ddp" not in pipelines
+    records, pipelines = parallel_records(problem, 8, 1.0, search_budget=None)
+    assert next(r for r in records if r["method"] == "ddp")["fits"] and "ddp" in pipelines

@@ -437,16 +437,33 @@ _DROPOUTS = frozenset({
 })
 
 
+#: Functions that drop out inside (attention weights), and the position of their ``dropout_p``.
+#: A mode does not see the calls its handler makes, so MultiheadAttention's dropout is
+#: switched off at F.multi_head_attention_forward, not at the F.dropout/SDPA call inside it.
+_DROPOUT_P_AT = {
+    torch.nn.functional.scaled_dot_product_attention: 4,
+    torch.ops.aten.scaled_dot_product_attention.default: 4,
+    torch.nn.functional.multi_head_attention_forward: 10,
+}
+
+
 class _NoDropout(TorchFunctionMode):
-    """Dropout as the identity. A batch and its micro-batches draw different masks, so with
-    dropout on they never agree, however sample-wise the model is; without it the comparison
-    sees only what the split itself changes. (A clone, not the input: an in-place op after
-    the dropout must not write into a tensor autograd saved.)"""
+    """Dropout as the identity, attention's included. A batch and its micro-batches draw
+    different masks, so with dropout on they never agree, however sample-wise the model is;
+    without it the comparison sees only what the split itself changes. (A clone, not the
+    input: an in-place op after the dropout must not write into a tensor autograd saved.)"""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
         if func in _DROPOUTS:
             return args[0].clone()
-        return func(*args, **(kwargs or {}))
+        at = _DROPOUT_P_AT.get(func)
+        if at is not None:
+            if len(args) > at:
+                args = (*args[:at], 0.0, *args[at + 1:])
+            else:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

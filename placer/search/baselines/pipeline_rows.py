@@ -86,6 +86,9 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
         record("ddp", "ddp", float("nan"), False, {},
                f"{DDP_DOES_NOT_RUN}: each of the {len(devs)} replicas would get {share} sample(s) of the batch of "
                f"{batch_size}; the model runs on no fewer than {min_samples} (micro-batch profile)")
+    elif batch_size is not None and devs and batch_size % len(devs):
+        record("ddp", "ddp", float("nan"), False, {},
+               f"{DDP_DOES_NOT_RUN}: the batch of {batch_size} does not split into {len(devs)} equal replicas")
     else:
         ddp = simulate_data_parallel(problem, devs, costs)
         note = (f"{len(devs)} replicas of 1/{len(devs)} batch, {len(ddp.bucket_bytes)} bucket(s), "
