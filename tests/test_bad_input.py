@@ -371,6 +371,22 @@ def test_resume_uses_the_valid_best_placement_next_to_a_corrupt_placement_json(t
     assert load_placement(out / "placement.json").fingerprint == first.placement.fingerprint
 
 
+def test_resume_into_another_models_folder_is_one_error_without_skipping_lines_first(tmp_path, caplog, capsys,
+                                                                                     model_file):
+    out = tmp_path / "out"
+    other = tmp_path / "other.py"
+    other.write_text(model_file.read_text().replace("torch.nn.Linear(8, 8)", "torch.nn.Linear(8, 16)")
+                     .replace("torch.nn.Linear(8, 2)", "torch.nn.Linear(16, 2)"))
+    assert main(["optimize", str(other), "--cluster", "4xK40", "--budget", "30", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        code = main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "30", "--out", str(out),
+                     "--resume", "-q"])
+    assert code == 2
+    assert "was made for another model" in capsys.readouterr().err
+    assert "skipping" not in caplog.text
+
+
 def test_devices_that_mix_worker_processes_with_this_process_are_refused_naming_both(capsys):
     from placer.cli.main import main
 

@@ -605,17 +605,17 @@ def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
     paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
     if not paths:
         return None
-    placement, first_error = None, None
+    placement, skipped = None, []
     for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
         try:
             placement = load_placement(path, graph=captured, devices=problem.device_names)
             break
         except PlacementFileError as exc:
-            first_error = first_error or exc
-            log.warning("--resume: skipping %s: %s", path.name, exc)
-    if placement is None:
-        assert first_error is not None
-        raise first_error
+            skipped.append((path, exc))
+    if placement is None:  # nothing to resume from: one error, not a "skipping" line per file first
+        raise skipped[0][1]
+    for path, exc in skipped:
+        log.warning("--resume: skipping %s: %s", path.name, exc)
     group_placement: dict[str, str] = {}
     for op, group in grouping.op_to_group.items():
         group_placement.setdefault(group, placement.assignment[op])
