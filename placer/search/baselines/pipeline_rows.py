@@ -83,9 +83,11 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
 
     share = batch_size // len(devs) if batch_size is not None and devs else None
     if share is not None and share < min_samples:
+        fewest = (f"; the model runs on no fewer than {min_samples} (micro-batch profile)" if share
+                  else "")  # no sample at all needs no profile to rule it out
         record("ddp", "ddp", float("nan"), False, {},
                f"{DDP_DOES_NOT_RUN}: each of the {len(devs)} replicas would get {share} sample(s) of the batch of "
-               f"{batch_size}; the model runs on no fewer than {min_samples} (micro-batch profile)")
+               f"{batch_size}{fewest}")
     elif batch_size is not None and devs and batch_size % len(devs):
         record("ddp", "ddp", float("nan"), False, {},
                f"{DDP_DOES_NOT_RUN}: the batch of {batch_size} does not split into {len(devs)} equal replicas")
