@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_stale_job_dirs()
     # torch's own pytree deprecation, raised inside torch when an exported graph is copied or
     # unpickled: nothing the user wrote or can change, printed in the middle of the table.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\) is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated", category=FutureWarning)
     with _interruptible() as seen:
         try:
             code = int(args.run(args) or 0)

@@ -138,6 +138,7 @@ def search(
         except KeyboardInterrupt:
             reason = "interrupted"
         finally:
+            tracker.close_progress()  # an error raised here is printed on a line of its own
             if save_path is not None and trained is not None:
                 _save_policy(trained, save_path)
     return tracker.result(reason)

@@ -233,7 +233,9 @@ class BestTracker:
             # On a terminal, redraw on every batch (tens of ms at least). Into a file or a
             # pipe (a batch job's log) each redraw is a line of its own: every 30 s at most.
             interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-            self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=False,
+            # A terminal's bar is cleared at the end; a log keeps the last state (its count, not
+            # the 0% of its first line).
+            self._bar = tqdm(total=total, unit="pl", desc=f"search {self.agent}".strip(), leave=not interactive,
                              mininterval=0 if interactive else 30.0, file=sys.stderr)
 
     # ------------------------------------------------------------------ queries
@@ -363,11 +365,15 @@ class BestTracker:
         # the best placement saved to a fallback file: searching on could not keep its results.
         return save_best_so_far(placement, self.out_dir)
 
-    def result(self, stop_reason: str) -> SearchResult:
-        """Close the bar and return the :class:`SearchResult`."""
+    def close_progress(self) -> None:
+        """Close the progress bar (if any): what is printed next starts on a line of its own."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def result(self, stop_reason: str) -> SearchResult:
+        """Close the bar and return the :class:`SearchResult`."""
+        self.close_progress()
         wall = self.wall_s
         if math.isfinite(self.best_step_time):
             self.history.append((wall, self.evaluated, self.best_step_time))
