@@ -299,3 +299,19 @@ def test_mincut_kernighan_lin_fallback(monkeypatch) -> None:
     assert simulate_batch(problem, res.placement[None]).fits[0]
     parts = mc.kl_parts(mc.undirected(problem, np.ones(8)), 3, seed=0)
     assert set(parts.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.timeout(120)
+def test_mincut_under_tight_memory_ends_with_a_fit_or_a_reason_never_moving_a_group_to_and_fro(tmp_path) -> None:
+    """rnnlm under 363 KiB per device: repair_memory's estimate let a group move onto a GPU the
+    memory model then found overfull, and back again, for ever (optimize and benchmark hung)."""
+    import pandas as pd
+
+    from placer.cli.main import main
+
+    memory = ",".join(f"{d}=363KiB" for d in ("cpu", "gpu0", "gpu1", "gpu2", "gpu3"))
+    out = tmp_path / "out"
+    main(["optimize", "zoo:rnnlm", "--cluster", "4xK40", "--memory", memory, "--baselines", "mincut",
+          "--budget", "20", "--out", str(out), "-q", "--no-check"])
+    row = pd.read_csv(out / "comparison.csv").set_index("method").loc["mincut"]
+    assert bool(row["fits"]) or "could not move" in str(row["note"]) or "did not make" in str(row["note"])

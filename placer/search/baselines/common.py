@@ -237,12 +237,13 @@ def repair_memory(problem: PlacementProblem, row: np.ndarray, devices: list[int]
         neigh[s].append((t, b))
         neigh[t].append((s, b))
         inbound[t].append((s, b))
-    while True:
+    seen = {row.tobytes()}
+    for _ in range(problem.num_nodes * len(devices) + 1):  # a move per node and device at most
         over = [d for d in range(problem.num_devices) if used[d] > cap[d]]
         if not over:
             return row
         d = over[0]
-        best: tuple[float, int, int] | None = None
+        moves: list[tuple[float, int, int]] = []
         for n in np.flatnonzero(row == d):
             if mem[n] <= 0:
                 continue
@@ -253,14 +254,21 @@ def repair_memory(problem: PlacementProblem, row: np.ndarray, devices: list[int]
                 if t == d or used[t] + arriving > cap[t]:
                     continue
                 gain = sum(b for m, b in neigh[n] if row[m] == t) - stay
-                key = (-gain, int(n), t)
-                if best is None or key < best:
-                    best = key
-        if best is None:
+                moves.append((-gain, int(n), t))
+        # The estimate above misses what the move changes elsewhere (buffers of copies out of
+        # d, working sets): each move is taken only if the memory model agrees the target still
+        # fits, and never back to a placement seen before (a group moving to and fro for ever).
+        for _, n, t in sorted(moves):
+            trial = row.copy()
+            trial[n] = t
+            after = device_memory(problem, trial)
+            if after[t] <= cap[t] and after[d] < used[d] and trial.tobytes() not in seen:
+                row, used = trial, after
+                seen.add(row.tobytes())
+                break
+        else:
             raise NoFit(f"could not move enough nodes off {problem.device_names[d]}: {overflow_reason(problem, row)}")
-        _, n, t = best
-        row[n] = t
-        used = device_memory(problem, row)
+    raise NoFit(f"moving nodes did not make every device fit: {overflow_reason(problem, row)}")
 
 
 def node_attr(graph: nx.DiGraph | None, name: str, key: str, default: Any = None) -> Any:
