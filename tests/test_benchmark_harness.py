@@ -48,6 +48,13 @@ def test_table_columns_and_files(tmp_path) -> None:
     assert (tmp_path / "search_diamond_hand3.png").stat().st_size > 0  # random reports a history
 
 
+def test_a_model_no_method_fits_gets_its_table_and_no_bar_chart(tmp_path) -> None:
+    table = run_benchmark([], [], ["single", "round_robin"], budget="16", out_dir=tmp_path,
+                          cases=[_case(capacity=1 * MB)])
+    assert not table["fits"].any() and table["note"].str.len().gt(0).all()
+    assert (tmp_path / "results.csv").exists() and not (tmp_path / "bars_diamond.png").exists()
+
+
 def test_step_times_are_the_simulators() -> None:
     case = _case()
     table = run_benchmark([], [], ["single:d1"], cases=[case])

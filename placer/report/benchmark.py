@@ -30,8 +30,10 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
-def plot_bars(table: pd.DataFrame, model: str, path: Path) -> Path:
-    """Bar chart of step time per method (one bar per cluster) for one model; ``single:*`` rows left out."""
+def plot_bars(table: pd.DataFrame, model: str, path: Path) -> Path | None:
+    """Bar chart of step time per method (one bar per cluster) for one model; ``single:*`` rows
+    left out. None (no chart) when no method found a fitting placement: there is nothing to draw,
+    and the table's notes say why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +44,8 @@ def plot_bars(table: pd.DataFrame, model: str, path: Path) -> Path:
     # so a slow host CPU does not flatten every other bar.
     sub = sub[~sub["method"].str.startswith("single:")] if (sub["method"] == "single").any() else sub
     pivot = sub.pivot_table(index="method", columns="cluster", values="step_time", aggfunc="first", sort=False) * 1e3
+    if pivot.empty or not pivot.notna().to_numpy().any():
+        return None
     fig, ax = plt.subplots(figsize=(min(14, max(6, 0.3 * len(pivot) * max(1, len(pivot.columns)))), 4.5))
     pivot.plot.bar(ax=ax, width=0.8)
     ax.set_ylabel("step time (ms, lower is better)")
@@ -65,7 +69,9 @@ def write_outputs(table: pd.DataFrame, histories: Mapping[tuple[str, str], Mappi
     write_text_atomic(paths[0], table.to_csv(index=False))
     write_text_atomic(paths[1], markdown(table) + "\n")
     for model in table["model"].unique():
-        paths.append(plot_bars(table, model, out / f"bars_{_safe(str(model))}.png"))
+        bars = plot_bars(table, model, out / f"bars_{_safe(str(model))}.png")
+        if bars is not None:
+            paths.append(bars)
     for (model, cluster), hist in histories.items():
         paths.append(plot_search_curves(hist, out / f"search_{_safe(model)}_{_safe(cluster)}.png",
                                         title=f"{model} on {cluster}: best step time found"))
