@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -242,7 +243,9 @@ def test_hybrid_rounds_under_a_placement_budget_all_run_however_long_measuring_t
 @pytest.mark.parametrize("kwargs, message", [
     (dict(reward="measured", cluster="4xK40"), "needs real devices"),
     (dict(reward="hybrid", cluster="4xK40"), "needs real devices"),
-    (dict(reward="hybrid", devices=DEVICES, agent="sequential"), "sequential agent"),
+    (dict(reward="hybrid", devices=DEVICES, agent="sequential"),
+     re.escape("sequential agent runs several environments with a simulator each; use --reward measured or "
+               "another --agent (moves, hierarchical, reinforce, flat)")),
     (dict(reward="fast", devices=DEVICES), "unknown reward mode"),
 ])
 def test_bad_reward_combinations_are_refused_before_any_work(kwargs, message, fake_links):

@@ -31,7 +31,7 @@ from envs.gym.reward_modes import REWARD_MODES
 from envs.hardware.cluster import Cluster
 from envs.runtime.measurer import Measurer
 from placer.options import OptionError
-from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, get_agent
+from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, agent_names, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
 #: The simulated cluster used when no devices are named and fewer than two real ones exist.
@@ -149,10 +149,11 @@ class OptimizeConfig:
                 "use reward 'simulated' or pass measurer="
             )
         if self.reward == "hybrid" and not agent_is_batched:
+            others = ", ".join(n for n in agent_names() if get_agent(n).batched)
             raise OptionError(
                 f"reward 'hybrid' recalibrates the one simulator an agent searches on, but the {self.agent} agent "
-                "runs several environments with a simulator each; use --reward measured or another --agent "
-                "(hierarchical, flat, reinforce)"
+                f"runs several environments with a simulator each; use --reward measured or another --agent "
+                f"({others})"
             )
 
     def replace(self, **changes: Any) -> OptimizeConfig:
