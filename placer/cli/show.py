@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if "step_time" in meta:
         print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
+    if placement.pipeline is not None:
+        pipe = placement.pipeline
+        replicas = "; ".join(", ".join(devs) for devs in (pipe.devices, *pipe.replicas))
+        print(f"  {pipe.describe()} on {replicas}" + (" (ops per device above: replica 0's)" if pipe.replicas else ""))
     if not args.model:
         return 0
 
