@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 
 from envs.gym.measured_rewards import HybridReward, measure_outcome
-from envs.runtime.measure import BUDGET_SPENT
 from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
 from envs.sim.pipeline import Pipeline
@@ -237,11 +236,10 @@ class PlacementMeasurer:
                                     phase=self.phase, simulated=float(simulated[i]),
                                     predicted=None if predicted is None else float(predicted[i]))
             out[row.tobytes()] = rec
-            if res.budget_cut and res.reason == BUDGET_SPENT:
-                continue  # never ran: nothing to log
+            if res.budget_cut:
+                continue  # never ran, or stopped by the deadline: nothing about the placement to log
             self.records.append(rec)
-            if not res.budget_cut:  # cut by the deadline: it may run another time
-                self._by_key[row.tobytes()] = rec
+            self._by_key[row.tobytes()] = rec
         return out
 
 

@@ -42,6 +42,9 @@ __all__ = ["SingleProcessMeasurer", "measure_step_time", "budget_timeout", "BUDG
 _POLL_S = 0.05
 #: The reason of a placement not run because the caller's deadline (the run's budget) passed.
 BUDGET_SPENT = "not measured: the run's time budget is spent"
+#: Reason of a measurement the run's time budget ended while it ran: the workers were stopped,
+#: so it says nothing about the placement (not a hang, not an invalid placement).
+BUDGET_CUT = "not measured: the run's time budget ended while it ran"
 
 
 def budget_timeout(timeout_s: float, deadline: float | None) -> float:
@@ -338,7 +341,7 @@ class SingleProcessMeasurer:
             self._kill()  # a hung or dead worker is replaced on the next call
             cut = timeout < self.timeout_s and why.startswith("timed out")
             if cut:
-                why = f"{why} (cut at the end of the run's time budget)"
+                why = BUDGET_CUT
             return MeasureResult(step_time=float("inf"), valid=False, reason=why, budget_cut=cut, **common)
         if msg[0] == "ok":
             times = tuple(float(t) for t in msg[1])

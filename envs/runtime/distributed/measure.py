@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
-from envs.runtime.measure import BUDGET_SPENT, budget_timeout
+from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
 from envs.runtime.step_timer import median_step_time
 
@@ -251,7 +251,7 @@ class DistributedMeasurer:
                     }
                 elif j == out.failed_task:
                     cut = self.deadline is not None and budget_timeout(1.0, self.deadline) <= 0
-                    reason = out.error + (" (cut at the end of the run's time budget)" if cut else "")
+                    reason = BUDGET_CUT if cut else out.error
                     results[i] = MeasureResult(step_time=float("inf"), valid=False, reason=reason,
                                                note=note, budget_cut=cut)
                 # else: not reached because an earlier placement failed: the next job runs it
