@@ -192,18 +192,28 @@ def split_cluster_name(name: str) -> tuple[str, float | None]:
 def tighten(problem: PlacementProblem, fraction: float) -> PlacementProblem:
     """A copy of ``problem`` whose devices hold at most ``fraction`` of the model's training footprint.
 
-    The cap never goes below 1.25 x the largest node's footprint (with its received inputs):
-    a node cannot be split, so a lower cap would leave no placement at all.
+    Footprints are the simulator's peaks (what a placement is judged by), not a per-node sum:
+    the whole model on one device for the footprint, and each of the largest nodes alone on a
+    device for the floor. The cap never goes below 1.25 x the largest of those: a node cannot
+    be split, so a lower cap would leave no placement at all.
     """
+    from envs.sim.simulator import simulate_batch
     from placer.search.baselines.common import node_memory
 
     if not (isinstance(fraction, (int, float)) and 0 < fraction and math.isfinite(fraction)):
         raise BenchmarkError(f"memory fraction must be a positive number (e.g. 0.4), got {fraction!r}")
     mem = node_memory(problem)
-    need = float(mem.sum())
-    # A device must still hold the largest node with its inputs, or nothing could fit at all.
     inbound = np.bincount(problem.edge_dst, weights=problem.edge_bytes.astype(np.float64), minlength=problem.num_nodes)
-    floor = 1.25 * float((mem + inbound).max())
+    n, d = problem.num_nodes, problem.num_devices
+    rows = [np.zeros(n, dtype=np.int64)]
+    if d > 1:  # each of the largest nodes alone on device 1, the rest on device 0
+        for node in np.argsort(-(mem + inbound), kind="stable")[:3]:
+            alone = np.zeros(n, dtype=np.int64)
+            alone[node] = 1
+            rows.append(alone)
+    peaks = simulate_batch(problem, np.stack(rows)).peak_memory
+    need = float(peaks[0, 0])
+    floor = 1.25 * (float(peaks[1:, 1].max()) if d > 1 else float((mem + inbound).max()))
     cap = np.minimum(np.asarray(problem.memory_capacity, dtype=np.float64), max(fraction * need, floor))
     return dataclasses.replace(problem, memory_capacity=cap, _index=dict(problem._index))
 

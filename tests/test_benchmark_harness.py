@@ -20,7 +20,6 @@ from placer.benchmark import (
     split_cluster_name,
     tighten,
 )
-from placer.search.baselines.common import node_memory
 from tests.helpers.arrays import MB, diamond_problem, graph_for
 
 pytestmark = pytest.mark.usefixtures("numpy_simulator")
@@ -66,12 +65,15 @@ def test_step_times_are_the_simulators() -> None:
 
 def test_tight_memory_forces_placement_and_reports_none() -> None:
     case = _case()
-    need = node_memory(case.problem).sum()
+    n = case.problem.num_nodes
+    need = simulate_batch(case.problem, np.zeros((1, n), dtype=np.int64)).peak_memory[0, 0]  # all on one device
     tight = tighten(case.problem, 0.4)
     assert np.all(tight.memory_capacity <= 0.4 * need + 1)
-    # never below what the largest node needs
+    # never below what the largest node needs alone on a device, in the simulator's memory model
     huge = diamond_problem(param_bytes=np.array([100, 1, 1, 1, 1, 1, 1, 1]) * MB)
-    assert np.all(tighten(huge, 0.1).memory_capacity >= node_memory(huge).max())
+    alone = np.zeros((1, n), dtype=np.int64)
+    alone[0, 0] = 1
+    assert np.all(tighten(huge, 0.1).memory_capacity >= simulate_batch(huge, alone).peak_memory[0, 1])
     ref = best_single_time(case.problem)
     tight_case = BenchCase("diamond", "hand3-tight", tight, case.graph, reference_single=ref, note="memory capped")
     table = run_benchmark([], [], ["single", "m_etf", "pipeline_dp"], cases=[tight_case])
