@@ -129,7 +129,7 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
 
     t0 = time.perf_counter()
     full = search(problem, agent="moves", budget=budget, seed=args.seed, num_envs=args.num_envs, patience=None,
-                  initial_placements=seeds, pretrained=pretrained)
+                  initial_placements=seeds, pretrained=pretrained, local_search_share=args.local_search_share)
     case.seconds["full"] = time.perf_counter() - t0
     case.full = full.best_step_time if full.best_fits else math.inf
     case.credit = full.credit()
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("shipped", "fresh"), default="shipped",
                         help="the move policy's starting weights: the policy shipped with the package (what a "
                              "search uses by default) or fresh ones (SearchConfig(pretrained=False))")
+    parser.add_argument("--local-search-share", type=float, default=None,
+                        help="the full search's share of evaluations for local search (default: the agent's own)")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
     args = parser.parse_args(argv)
 
