@@ -244,10 +244,6 @@ def _loss_of(spec: ModelSpec, output: object, inputs: tuple) -> object:
     return to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
 
 
-def _grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
 def _forward_backward(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, seed: int,
                       optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs, loss and gradients of one training step before its optimizer step. The
@@ -495,14 +491,21 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     on its own copy of the captured model, as the pipeline runtime computes them: each
     micro-batch's loss / M accumulated, the replicas' losses and gradients averaged.
     ``dtype``: the floating dtype the copies, their inputs and new tensors are computed in."""
+    # One copy for every replica: the replicas' averaged gradients are the sum over all R x M
+    # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
+    # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
+    # model in float64 held gigabytes each.
+    gm = copy.deepcopy(captured.gm)
+    if dtype is not None:
+        gm.to(dtype)
+    gm.train(modes[""])
+    set_training_modes(gm, modes)
+    start = {n: b.detach().clone() for n, b in gm.named_buffers()}
     losses: list[torch.Tensor] = []
-    grads: dict[str, torch.Tensor] = {}
     for parts in chunks:
-        gm = copy.deepcopy(captured.gm)
-        if dtype is not None:
-            gm.to(dtype)
-        gm.train(modes[""])
-        set_training_modes(gm, modes)
+        with torch.no_grad():
+            for n, b in gm.named_buffers():
+                b.copy_(start[n])
         total = torch.zeros((), dtype=torch.float64)
         for inputs in parts:
             if dtype is not None:
@@ -512,12 +515,10 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
             output = gm(*inputs)
             loss = _loss_of(spec, output, inputs)
             assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first
-            (loss / len(parts)).backward()
+            (loss / (len(parts) * len(chunks))).backward()
             total += loss.detach().to(torch.float64).reshape(()) / len(parts)
         losses.append(total)
-        for name, g in _grads_of(gm).items():
-            grads[name] = grads[name] + g if name in grads else g
-    return torch.stack(losses).mean(), {n: g / len(chunks) for n, g in grads.items()}
+    return torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
 
 
 def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,

@@ -53,7 +53,6 @@ from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.baselines.pipeline_rows import parallel_rows
-from placer.search.baselines.pipeline_split import pipeline_devices
 from placer.search.config import SearchConfig
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
@@ -470,9 +469,10 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
                               checks: dict[tuple[int, int], CheckReport]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``fitting`` without the pipelines whose batch split changes what the model computes
     (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
-    fastest first until the winner is one that splits exactly or is no pipeline. Each row set
-    aside, DDP's too when its replicas' shares change the result, is marked in the table
-    (``set_aside``, and the reason in its note: the recommendation skips it) and warned about.
+    fastest first until the winner is one that splits exactly or is no pipeline (DDP is one:
+    a stage replicated; a row slower than the winner is never checked). Each row set aside is
+    marked in the table (``set_aside``, and the reason in its note: the recommendation skips
+    it) and warned about.
     Without the check, nothing is set aside.
 
     The winner's check would refuse such a pipeline after the search; here the next-best
@@ -497,12 +497,8 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         table.loc[at, "set_aside"] = True
         table.loc[at, "note"] = [f"{n}; set aside: {why}".lstrip("; ") for n in table.loc[at, "note"].fillna("")]
 
-    ddp = table[(table["kind"] == "ddp") & table["fits"]]
-    if not ddp.empty:
-        why = verdict(1, len(pipeline_devices(compiled.problem)))
-        if why is not None:
-            set_aside("ddp", f"its replicas' {why}")
-            fitting = fitting[fitting["method"] != "ddp"]
+    # DDP is one of the pipelines (one stage replicated): checked only when it is the fastest
+    # left, as a pipeline is; slower than the winner, its split cannot change the result.
     while not fitting.empty:
         method = str(pick_winner(fitting)["method"])
         pipeline = pipelines.get(method)
@@ -511,7 +507,8 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         why = verdict(pipeline.microbatches, pipeline.num_replicas)
         if why is None:
             break
-        set_aside(method, f"its {why}; the next fastest placement is taken")
+        whose = "its replicas'" if method == "ddp" else "its"
+        set_aside(method, f"{whose} {why}; the next fastest placement is taken")
         fitting = fitting[fitting["method"] != method]
     if fitting.empty:
         raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
@@ -614,8 +611,8 @@ def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
             skipped.append((path, exc))
     if placement is None:  # nothing to resume from: one error, not a "skipping" line per file first
         raise skipped[0][1]
-    for path, exc in skipped:
-        log.warning("--resume: skipping %s: %s", path.name, exc)
+    for path, why in skipped:
+        log.warning("--resume: skipping %s: %s", path.name, why)
     group_placement: dict[str, str] = {}
     for op, group in grouping.op_to_group.items():
         group_placement.setdefault(group, placement.assignment[op])
