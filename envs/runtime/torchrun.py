@@ -25,33 +25,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main", "listening_socket"]
+from envs.runtime.listening import listening_socket
+
+__all__ = ["main"]
 
 #: Listening sockets handed to stores; kept open as long as this process lives.
 _SOCKETS: list[socket.socket] = []
-
-
-class PortInUse(OSError):
-    """The store's address cannot be listened on."""
-
-
-def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (that address only) and listening.
-
-    Raises:
-        PortInUse: the address cannot be bound (in use, or not this machine's), naming it.
-    """
-    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(where)
-    except OSError as exc:
-        sock.close()
-        raise PortInUse(f"cannot serve the rendezvous store on {host}:{port}: {exc.strerror}; expected a free "
-                        "port on an address of this machine (--master-port, --master-addr)") from None
-    sock.listen(backlog)
-    return sock
 
 
 def _bound_store(original: Callable[..., Any], ready: dict[tuple[str, int], socket.socket]) -> Callable[..., Any]:
@@ -79,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.get_args_parser().parse_args(argv)
     ready: dict[tuple[str, int], socket.socket] = {}
     if args.rdzv_backend == "static" and not args.standalone and int(args.node_rank) == 0:
+        host, port = args.master_addr, int(args.master_port)
         try:
-            ready[(args.master_addr, int(args.master_port))] = listening_socket(args.master_addr,
-                                                                                 int(args.master_port))
-        except PortInUse as exc:
-            print(f"torchrun: {exc}", file=sys.stderr)
+            ready[(host, port)] = listening_socket(host, port)
+        except OSError as exc:
+            print(f"torchrun: cannot serve the rendezvous store on {host}:{port}: {exc.strerror}; expected a free "
+                  "port on an address of this machine (--master-port, --master-addr)", file=sys.stderr)
             return 2
     for module in (static_backend, c10d_backend):
         module.TCPStore = _bound_store(module.TCPStore, ready)  # type: ignore[attr-defined]

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from envs.runtime.listening import listening_socket
 from envs.runtime.supervisor import worker_main
 from graphs.errors import PlacerError
 
@@ -252,16 +253,11 @@ def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Any
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
     if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return dist.TCPStore(addr, port, world, False, timeout=timeout)
-    family, kind, proto, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(where)
+        sock = listening_socket(addr, port, max(128, world))
     except OSError as exc:
-        sock.close()
         raise RendezvousError(f"rank 0 cannot serve the rendezvous on {addr}:{port}: {exc.strerror}; expected a "
                               "free port (set MASTER_PORT to another)") from None
-    sock.listen(max(128, world))
     _STORE_SOCKET = sock
     return dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False,
                          master_listen_fd=sock.fileno(), use_libuv=True)
