@@ -32,6 +32,6 @@ def test_when_ddp_is_fastest_the_placement_written_is_ddp_checked_and_show_gives
 
     assert main(["show", str(out / "placement.json")]) == 0  # without the model: what the file holds
     assert "data parallel (DDP over 4 replicas) on gpu0; gpu1; gpu2; gpu3" in capsys.readouterr().out
-    assert main(["show", str(out / "placement.json"), "--model", str(model)]) == 0
+    assert main(["show", str(out / "placement.json"), "--model", str(model), "--out", str(tmp_path / "pics")]) == 0
     shown = capsys.readouterr().out
     assert f"data parallel (DDP over 4 replicas): {ddp_step * 1e3:.3f} ms per step" in shown
