@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.model_file import batch_slice
 from envs.runtime.check import _scaled_diff, check_batch_split, check_placement
 from envs.sim.pipeline import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
-from graphs.model_file import ModelSpec
+from graphs.model_file import ModelSpec, batch_slice
 
 
 def _model_file(tmp_path, name: str, body: str):
