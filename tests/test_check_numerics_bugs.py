@@ -387,3 +387,25 @@ def test_optimize_sets_a_batchnorm_pipeline_aside_and_the_next_fastest_placement
     pipeline = written.get("pipeline")
     assert pipeline is None or pipeline["microbatches"] * (1 + len(pipeline.get("replicas", []))) == 1
     assert float(aside["step_time"].min()) < written["metadata"]["step_time"]
+
+
+def test_a_buffer_the_forward_reassigns_is_compared_as_it_is_after_each_step():
+    """``self.calls = self.calls + 1``: the original eager model holds a new tensor after every
+    step, torch.export's placed graph writes into its own; the check read the original's first
+    tensor (still 0) against the placed 3, and refused every placement of such a model."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=Counting(), example_inputs=(torch.randn(4, 8),), name="counting")
+    cap = capture(spec.model, spec.example_inputs, name="counting")
+    assert cap.method == "export"
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok and report.compared_buffers == 1, report.describe()

@@ -348,6 +348,10 @@ def check_placement(
             del ref_grads, grads
             ref_opt.step()
             opt.step()
+            # Read again after every step: a forward that reassigns a buffer (self.calls =
+            # self.calls + 1) leaves the original holding a new tensor, where the placed
+            # graph (torch.export's) writes into the one it has.
+            ref_state, state = _state(original), _state(placed)
             shared = [n for n in ref_state if n in state]
             diffs.update({n: _scaled_diff(state[n], ref_state[n]) for n in shared})
             compared_buffers = sum(1 for n in shared if n.startswith("buffer:"))
