@@ -84,3 +84,13 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert f"127.0.0.1:{port}" in done.stderr and "in use" in done.stderr
     assert not list(tmp_path.iterdir())  # no worker started
+
+
+def test_rendezvous_kinds_whose_stores_listen_everywhere_are_refused_in_one_line(tmp_path):
+    for extra in (["--standalone"], ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]):
+        cmd = [sys.executable, "-m", "envs.runtime.torchrun", "--nnodes=1", "--nproc-per-node=2", *extra,
+               "-m", "envs.runtime.pipeline.worker", str(tmp_path)]
+        done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "listen on every interface; expected the static rendezvous" in done.stderr

@@ -1,16 +1,19 @@
 """``torchrun`` whose rendezvous store listens only where it was told to.
 
-``python -m envs.runtime.torchrun ARGS`` takes exactly ``torchrun``'s arguments and runs
-torch's elastic launcher (``torch.distributed.run``) with two differences:
+``python -m envs.runtime.torchrun ARGS`` takes ``torchrun``'s arguments with the static
+rendezvous (``--master-addr``/``--master-port``, torchrun's default) and runs torch's elastic
+launcher (``torch.distributed.run``) with two differences:
 
 * **The agent's store listens on ``--master-addr`` only.** torch 2.13's ``TCPStore`` server
   binds every interface whatever host it is given (``*:PORT`` in ``ss -ltn``; the static
-  rendezvous creates it in ``elastic/rendezvous/static_tcp_rendezvous.py``, the ``c10d`` one
-  in ``c10d_rendezvous_backend.py``), so ``torchrun --master-addr=127.0.0.1`` exposes the
-  job's store to the network. Here the server's socket is bound by us, to the address the
-  user gave (``127.0.0.1`` is torchrun's default), and handed to the store
-  (``master_listen_fd``), as :func:`envs.runtime.distributed.worker._rendezvous_store` does
-  for placer's own launcher.
+  rendezvous creates it in ``elastic/rendezvous/static_tcp_rendezvous.py``), so ``torchrun
+  --master-addr=127.0.0.1`` exposes the job's store to the network. Here the server's socket
+  is bound by us, to the address the user gave (``127.0.0.1`` is torchrun's default), and
+  handed to the store (``master_listen_fd``), as
+  :func:`envs.runtime.distributed.worker._rendezvous_store` does for placer's own launcher.
+  ``--standalone`` and ``--rdzv-backend c10d`` are refused in one line: their rendezvous also
+  starts stores of its own for the workers (``dynamic_rendezvous.py``) on every interface, which
+  cannot be bound from here.
 * **A port in use is one line and exit status 2** on the node that serves the store
   (node rank 0 of the static rendezvous), before any worker starts; torchrun prints a
   traceback from deep in the agent instead.
@@ -50,14 +53,19 @@ def _bound_store(original: Callable[..., Any], ready: dict[tuple[str, int], sock
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``torchrun`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
     import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_backend
     import torch.distributed.run as torchrun
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = torchrun.get_args_parser().parse_args(argv)
+    if args.standalone or args.rdzv_backend != "static":
+        used = "--standalone" if args.standalone else f"--rdzv-backend {args.rdzv_backend}"
+        print(f"torchrun: {used} starts rendezvous stores that listen on every interface; expected the static "
+              "rendezvous (--master-addr, --master-port), whose store this launcher binds to --master-addr, "
+              "or plain torchrun", file=sys.stderr)
+        return 2
     ready: dict[tuple[str, int], socket.socket] = {}
-    if args.rdzv_backend == "static" and not args.standalone and int(args.node_rank) == 0:
+    if int(args.node_rank) == 0:
         host, port = args.master_addr, int(args.master_port)
         try:
             ready[(host, port)] = listening_socket(host, port)
@@ -65,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"torchrun: cannot serve the rendezvous store on {host}:{port}: {exc.strerror}; expected a free "
                   "port on an address of this machine (--master-port, --master-addr)", file=sys.stderr)
             return 2
-    for module in (static_backend, c10d_backend):
-        module.TCPStore = _bound_store(module.TCPStore, ready)  # type: ignore[attr-defined]
+    static_backend.TCPStore = _bound_store(static_backend.TCPStore, ready)  # type: ignore[attr-defined]
     torchrun.main(argv)
     return 0
 
