@@ -109,12 +109,10 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
     if not simulated and devices and all(d.local and d.kind == "cpu" for d in devices):
         return "processes"
     where = "a simulated cluster's" if simulated else "not CPU worker processes of this machine (cpu:N)"
-    replicas = f" x {pipe.num_replicas} replicas" if pipe.replicas else ""
     first = " (replica 0's, on the whole batch)" if pipe.replicas else ""
-    return (f"the pipeline ({pipe.num_stages} stages{replicas}, M={pipe.microbatches}, {pipe.schedule}) is not run "
-            f"as one: its devices {list(pipe.ranks)} are {where}, so its stages' assignment{first} runs "
-            "un-pipelined in one process; place over worker processes (optimize --devices cpu:0,cpu:1) to run it "
-            "pipelined")
+    return (f"the placement, {pipe.describe()}, is not run as one: its devices ({', '.join(pipe.ranks)}) are "
+            f"{where}, so its stages' assignment{first} runs un-pipelined in one process; place over worker "
+            "processes (optimize --devices cpu:0,cpu:1) to run it as it is")
 
 
 def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
@@ -143,14 +141,18 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
             f"{d} (stage{'s' if devs.count(d) > 1 else ''} {', '.join(str(s) for s, x in enumerate(devs) if x == d)})"
             for d in dict.fromkeys(devs))
         for r, devs in enumerate((pipe.devices, *pipe.replicas)))
-    replicas = (f" x {pipe.num_replicas} replicas (each on 1/{pipe.num_replicas} of the batch, gradients averaged "
-                "per stage)") if pipe.replicas else ""
+    processes = pipe.num_replicas * len(pipe.ranks)
+    if pipe.num_stages == 1 and pipe.microbatches == 1 and pipe.replicas:
+        how = (f"{pipe.describe()}: each process on 1/{pipe.num_replicas} of the batch, gradients averaged by "
+               "torch DistributedDataParallel (the stage wrapped in DDP, run by torch.distributed.pipelining)")
+    else:
+        how = (f"{pipe.describe()}" + (f": each replica on 1/{pipe.num_replicas} of the batch, gradients averaged "
+                                       "per stage" if pipe.replicas else "")
+               + "; run by torch.distributed.pipelining")
     return {
         "losses": list(run.losses[warmup:]), "times": times, "median": statistics.median(times), "min": min(times),
         "devices": stage_list,
-        "note": (f"pipelined: {pipe.num_stages} stages{replicas}, {pipe.microbatches} micro-batches, {pipe.schedule}, "
-                 f"run by torch.distributed.pipelining in {pipe.num_replicas * len(pipe.ranks)} processes ({threads} "
-                 "thread(s) each); a step's time is its slowest rank's"),
+        "note": f"{how}, in {processes} processes ({threads} thread(s) each); a step's time is its slowest rank's",
     }
 
 

@@ -45,7 +45,7 @@ def test_apply_runs_a_two_stage_pipeline_over_worker_processes_and_prints_its_st
     assert main(["apply", str(model_file), str(path), "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "devices: cpu:0 (stage 0), cpu:1 (stage 1)" in out
-    assert "pipelined: 2 stages, 4 micro-batches, 1f1b, run by torch.distributed.pipelining in 2 processes" in out
+    assert "pipelined (2 stages, 1f1b, M=4); run by torch.distributed.pipelining, in 2 processes" in out
     assert "step time: median" in out and "(measured)" in out
     pipelined = out.split("losses: ")[1].split("\n")[0]
     # The same steps un-pipelined in one process (the placement over simulated devices) give
@@ -74,13 +74,14 @@ def test_apply_runs_a_pipeline_x_ddp_hybrid_over_four_worker_processes_with_the_
     assert main(["apply", str(model_file), str(path), "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "devices: replica 0: cpu:0 (stage 0), cpu:1 (stage 1); replica 1: cpu:2 (stage 0), cpu:3 (stage 1)" in out
-    assert "pipelined: 2 stages x 2 replicas" in out and "in 4 processes" in out
+    assert "pipelined (2 stages x 2 replicas, 1f1b, M=2): each replica on 1/2 of the batch" in out
+    assert "in 4 processes" in out
     hybrid = [float(x) for x in out.split("losses: ")[1].split("\n")[0].removeprefix("first ").split(", last ")]
     sim = _pipelined(model_file, tmp_path / "sim.json", devices=("gpu0", "gpu1"), microbatches=2,
                      replicas=(("gpu2", "gpu3"),), simulated=True)
     assert main(["apply", str(model_file), str(sim), "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    assert "(2 stages x 2 replicas, M=2, 1f1b) is not run as one" in out
+    assert "the placement, pipelined (2 stages x 2 replicas, 1f1b, M=2), is not run as one" in out
     plain = [float(x) for x in out.split("losses: ")[1].split("\n")[0].removeprefix("first ").split(", last ")]
     assert hybrid == pytest.approx(plain, rel=1e-5)
 
@@ -101,6 +102,6 @@ def test_a_pipeline_over_simulated_devices_runs_unpipelined_and_says_so(model_fi
     assert doc["pipeline"]["devices"] == ["gpu0", "gpu1"]
     assert main(["apply", str(model_file), str(path), "--steps", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
-    assert "the pipeline (2 stages, M=4, 1f1b) is not run as one: its devices ['gpu0', 'gpu1'] are a simulated " \
-           "cluster's" in out
+    assert "the placement, pipelined (2 stages, 1f1b, M=4), is not run as one: its devices (gpu0, gpu1) are a " \
+           "simulated cluster's" in out
     assert "step time: median" in out

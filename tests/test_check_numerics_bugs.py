@@ -387,6 +387,12 @@ def test_optimize_sets_a_batchnorm_pipeline_aside_and_the_next_fastest_placement
     pipeline = written.get("pipeline")
     assert pipeline is None or pipeline["microbatches"] * (1 + len(pipeline.get("replicas", []))) == 1
     assert float(aside["step_time"].min()) < written["metadata"]["step_time"]
+    # No pipeline row that splits the batch is left looking checked and exact.
+    split = table[table["kind"].isin(["pipeline", "ddp"]) & table["fits"]]
+    for _, row in split.iterrows():
+        note = str(row["note"])
+        assert (row["set_aside"] or "batch split not checked" in note
+                or ("M=1," in note and "replicas" not in note)), note
 
 
 def test_a_buffer_the_forward_reassigns_is_compared_as_it_is_after_each_step():

@@ -111,7 +111,8 @@ def get_loss(output, batch):
 """
 
 
-def test_ddp_of_a_model_whose_input_is_a_dict_shards_every_tensor_in_it_and_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["DDP", "2-stage pipeline"])
+def test_a_model_whose_input_is_a_dict_runs_as_ddp_or_a_pipeline_like_one_process(tmp_path, pipelined):
     import copy
 
     path = tmp_path / "tied.py"
@@ -120,7 +121,15 @@ def test_ddp_of_a_model_whose_input_is_a_dict_shards_every_tensor_in_it_and_trai
     gm = prep.captured.gm
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(names, prep.spec.example_inputs))
-    run = run_training(gm, inputs, world=2, steps=3, loss_fn=prep.spec.loss_fn, timeout_s=120)
+    if pipelined:
+        from envs.sim.pipeline import Pipeline
+
+        compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        cut = len(compute) // 2
+        pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 2, "1f1b")
+        run = run_training(gm, inputs, pipe, steps=3, loss_fn=prep.spec.loss_fn, timeout_s=120)
+    else:
+        run = run_training(gm, inputs, world=2, steps=3, loss_fn=prep.spec.loss_fn, timeout_s=120)
     model = copy.deepcopy(prep.spec.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = []

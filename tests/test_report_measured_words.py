@@ -30,3 +30,14 @@ def test_when_no_placement_could_be_measured_the_summary_warns_that_every_time_i
 
 def test_when_some_were_measured_there_is_no_such_warning():
     assert not any(line.startswith("warning:") for line in summary_lines(_result([False, True])))
+
+
+def test_pipelines_that_failed_to_run_as_pipelines_are_counted_with_the_first_reason():
+    from placer.measurement import MeasuredPipeline
+
+    result = _result([True])
+    result.measurement.pipelines.extend([
+        MeasuredPipeline("pipeline:even_layers", {}, float("inf"), False, "measurement failed: unhashable type", 1e-3),
+        MeasuredPipeline("placer (pipeline search)", {}, 2e-3, True, "", 1e-3)])
+    assert ("pipelines measured as pipelines: 2 (1 invalid; first failure: measurement failed: unhashable type)"
+            in summary_lines(result))

@@ -510,6 +510,19 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         whose = "its replicas'" if method == "ddp" else "its"
         set_aside(method, f"{whose} {why}; the next fastest placement is taken")
         fitting = fitting[fitting["method"] != method]
+    # The rows the loop did not reach: one whose split was checked for another row has its
+    # verdict; the rest say they were not checked, so an unmarked row is not read as exact.
+    for method, pipeline in pipelines.items():
+        key = (pipeline.microbatches, pipeline.num_replicas)
+        if key[0] * key[1] <= 1 or bool(table.loc[table["method"] == method, "set_aside"].any()):
+            continue
+        if key in checks:
+            if not checks[key].split_ok:
+                set_aside(method, f"its {checks[key].describe_split()}")
+            continue
+        at = table["method"] == method
+        table.loc[at, "note"] = [f"{n}; batch split not checked (slower than the winner)".lstrip("; ")
+                                 for n in table.loc[at, "note"].fillna("")]
     if fitting.empty:
         raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
                           f"computes ({next(c.describe_split() for c in checks.values() if not c.split_ok)}); rerun with --no-check to accept one "

@@ -149,7 +149,11 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     ]
     if result.check is not None:
         lines.append(f"- check of the applied placement: {result.check.describe()}")
-    used = sorted(set(result.placement.assignment.values()), key=list(cluster.device_names).index)
+    pipe = result.placement.pipeline
+    held = set(result.placement.assignment.values())
+    if pipe is not None:  # every replica's devices, not only replica 0's assignment
+        held |= {d for devs in (pipe.devices, *pipe.replicas) for d in devs}
+    used = sorted(held, key=list(cluster.device_names).index)
     lines.append(f"- devices used: {', '.join(used)}; peak memory ({how}) "
                  + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, peak)))
     if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
@@ -358,6 +362,10 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
     m = result.measurement
     if m is not None:
         out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")
+        if m.pipelines:
+            bad = [p for p in m.pipelines if not p.valid]
+            out.append(f"pipelines measured as pipelines: {len(m.pipelines)} ({len(bad)} invalid"
+                       + (f"; first failure: {bad[0].reason.splitlines()[0][:200]}" if bad else "") + ")")
         if m.count and m.invalid == m.count:
             first = next((r.reason for r in m.records if not r.valid and r.reason), "no reason given")
             out.append(f"warning: no placement could be measured, so every step time above is simulated "

@@ -38,7 +38,7 @@ from envs.sim.data_parallel import check_runnable
 from envs.sim.pipeline import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
-from graphs.model_file import batch_size_of
+from graphs.model_file import batch_size_of, batch_slice
 from graphs.portable_graph import PortableGraph
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
@@ -317,7 +317,8 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         # Every replica runs replica 0's stages on its own 1/R of the batch: check each slice.
         share = batch // len(replicas)
         for r in range(len(replicas)):
-            check_static_shapes(gm, {k: v[r * share:(r + 1) * share] for k, v in inputs.items()}, replicas[0])
+            check_static_shapes(gm, {k: batch_slice(v, batch, r * share, (r + 1) * share) for k, v in inputs.items()},
+                                replicas[0])
         world = len(replicas) * len(pipeline.ranks)
     if world is None or world < 1:
         raise PipelineRunError("DDP needs world >= 1 processes")

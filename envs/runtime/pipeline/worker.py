@@ -75,14 +75,23 @@ def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.op
     return OPTIMIZERS[name](params, **kwargs)
 
 
-def tied_holders(specs: list[Any], rank_of: list[int]) -> dict[str, tuple[int, ...]]:
+def tied_holders(specs: list[Any], rank_of: list[int],
+                 canonical: dict[int, str] | None = None) -> dict[str, tuple[int, ...]]:
     """``{parameter name: ranks}`` of the parameters that stages on more than one rank read
-    (GPT-2's ``wte.weight``: the embedding in the first stage, the tied head in the last)."""
+    (GPT-2's ``wte.weight``: the embedding in the first stage, the tied head in the last).
+    ``canonical``: ``id(parameter)`` -> its one name (:func:`canonical_names`), so a weight tied
+    under two names (``emb.weight`` and ``out.weight``) is recognised as one."""
     holders: dict[str, set[int]] = {}
     for spec in specs:
-        for name, _ in spec.gm.named_parameters():
-            holders.setdefault(name, set()).add(rank_of[spec.index])
+        for name, p in spec.gm.named_parameters():
+            holders.setdefault((canonical or {}).get(id(p), name), set()).add(rank_of[spec.index])
     return {name: tuple(sorted(ranks)) for name, ranks in sorted(holders.items()) if len(ranks) > 1}
+
+
+def canonical_names(gm: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> the name ``named_parameters`` gives it first: one name per tensor,
+    however many modules hold it (a head whose weight is the embedding's)."""
+    return {id(p): n for n, p in gm.named_parameters()}
 
 
 def _tied_groups(tied: dict[str, tuple[int, ...]], world: int) -> dict[tuple[int, ...], Any]:
@@ -156,7 +165,8 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     batch = share
     specs = split_stages(gm, pipeline)
     rank_of = [s % p_ for s in range(s_)]
-    tied_local = tied_holders(specs, rank_of)
+    canonical = canonical_names(gm)  # the stages hold gm's own parameter objects
+    tied_local = tied_holders(specs, rank_of, canonical)
     # Every rank creates every replica's tied groups, replica by replica, in the same order.
     tied_groups = [_tied_groups({n: tuple(r * p_ + x for x in hs) for n, hs in tied_local.items()}, world)
                    for r in range(n_rep)]
@@ -191,7 +201,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
                 loss_fn=lambda out, _target: out, scale_grads=False)
     # A parameter read by two stages of this rank is one tensor: optimise it once.
     gms = [_stage_graph(st.submod) for st in stages]
-    named = {n: p for gm_ in gms for n, p in gm_.named_parameters()}
+    named = {canonical.get(id(p), n): p for gm_ in gms for n, p in gm_.named_parameters()}
     params = list(dict.fromkeys(named.values()))
     opt = make_optimizer(job["optimizer"], params)
     has_last = any(spec.index == s_ - 1 for spec in mine)
@@ -206,8 +216,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
         if step == 0:
-            res["grads"] = {n: p.grad.detach().clone() for gm_ in gms for n, p in gm_.named_parameters()
-                            if p.grad is not None}
+            res["grads"] = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
         opt.step()
         res["step_s"].append(time.perf_counter() - t)
         res["cpu_s"].append(time.process_time() - c)
@@ -218,7 +227,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
                 dist.all_reduce(both, group=stage_groups[local])
                 total = float(both) / n_rep
             res["losses"].append(total)
-    res["params"] = {n: p.detach().clone() for gm_ in gms for n, p in gm_.named_parameters()}
+    res["params"] = {n: p.detach().clone() for n, p in named.items()}
 
 
 def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
