@@ -158,3 +158,32 @@ def test_ddp_over_replicas_that_do_not_divide_the_batch_is_a_row_that_does_not_r
     assert "ddp" not in pipelines
     records, pipelines = parallel_records(problem, 8, 1.0, search_budget=None)
     assert next(r for r in records if r["method"] == "ddp")["fits"] and "ddp" in pipelines
+
+
+def test_rows_that_split_the_batch_report_no_ratio_to_the_whole_batch_lower_bound():
+    """The lower bound runs the whole batch in one pass; DDP's quarter-batch replicas came out
+    at 0.40 of it, a 'bound' a row must never beat."""
+    import math
+
+    from placer.search.baselines.pipeline_rows import parallel_records
+    from tests.helpers.problems import random_problem
+
+    problem = random_problem(n=12, d=4, seed=3)
+    records, pipelines = parallel_records(problem, 8, 1.0, search_budget=None)
+    for r in records:
+        pipe = pipelines.get(r["method"])
+        splits = r["method"] == "ddp" or (pipe is not None and (pipe.microbatches > 1 or pipe.replicas))
+        if r["fits"] and splits:
+            assert math.isnan(r["ratio_to_lower_bound"]), r
+        elif r["fits"]:
+            assert r["ratio_to_lower_bound"] >= 1 - 1e-9, r
+
+
+def test_on_fewer_than_four_devices_the_hybrid_row_says_none_can_exist():
+    from placer.search.baselines.pipeline_rows import HYBRID_METHOD, parallel_records
+
+    problem = compile_problem(chain(6), cluster(2))
+    records, _ = parallel_records(problem, 8, 1.0, search_budget=40)
+    hybrid = next(r for r in records if r["method"] == HYBRID_METHOD)
+    assert not hybrid["fits"]
+    assert hybrid["note"].startswith("no pipeline x DDP hybrid on 2 devices: one needs 2 stages x 2 replicas")

@@ -60,22 +60,23 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
     model runs on (:func:`graphs.profile.batch_scaling.min_microbatch_samples`); no micro-batch
     or DDP replica gets fewer, and DDP that would is a row that does not run.
 
-    ``ratio_to_lower_bound`` is left empty on a rank cluster: its bound is the rank
-    placements' (:func:`envs.sim.ranks.rank_lower_bound`), whose critical path runs the whole
-    batch in one pass, which is not proven for DDP replicas or micro-batched pipelines."""
+    ``ratio_to_lower_bound`` is left empty for DDP, for pipelines with micro-batches or
+    replicas, and on a rank cluster: the bound (:func:`envs.sim.lower_bound.lower_bound`, and
+    the rank placements' :func:`envs.sim.ranks.rank_lower_bound`) runs the whole batch in one
+    pass, which a step split into smaller parts can undercut (DDP came out at 0.40 of it)."""
     bound = lower_bound(problem) if problem.rank_simulator is None else float("nan")
     devs = [problem.device_names[d] for d in pipeline_devices(problem)]
     records: list[dict[str, Any]] = []
     pipelines: dict[str, Pipeline] = {}
 
     def record(method: str, kind: str, step: float, fits: bool, peak: dict[str, float], note: str,
-               search_time: float = 0.0, evaluated: int = 0) -> None:
+               search_time: float = 0.0, evaluated: int = 0, whole_batch: bool = False) -> None:
         ok = fits and math.isfinite(step)
         records.append({
             "method": method, "step_time": step if ok else float("nan"),
             "simulated_step_time": step if ok else float("nan"),
             "speedup_vs_single": best_single / step if ok and step > 0 else float("nan"),
-            "ratio_to_lower_bound": step / bound if ok and bound > 0 else float("nan"),
+            "ratio_to_lower_bound": step / bound if ok and whole_batch and bound > 0 else float("nan"),
             "peak_memory": _memory_text(peak, problem.device_names) if peak else "", "fits": ok,
             "search_time": search_time, "evaluated": evaluated, "source": "simulated" if ok else "", "note": note,
             "kind": kind,
@@ -111,7 +112,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             p = cand.pipeline
             sizes = "/".join(str(len(s)) for s in p.stages)
             record(f"pipeline:{name}", "pipeline", cand.step_time, True, cand.result.peak_memory,
-                   f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)", evaluated=cand.evaluated)
+                   f"{p.schedule}, M={p.microbatches}, stages of {sizes} node(s)", evaluated=cand.evaluated,
+                   whole_batch=p.microbatches == 1 and not p.replicas)
             pipelines[f"pipeline:{name}"] = p
     if len(devs) > 1 and search_budget is not None and len(microbatch_choices(batch_size, 1, min_samples)) > 1:
         found = search_pipeline(problem, batch_size, budget=search_budget, seed=seed, costs=costs, initial=initial,
@@ -127,8 +129,10 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
                 state, step = found.best_with_replicas(replicas)
             what = "pipeline" if replicas == 1 else "pipeline x DDP hybrid"
             if state is None:
-                record(method, "pipeline", float("nan"), False, {},
-                       f"no fitting {what} among the {found.evaluated} simulated" + tail, found.wall_s, found.evaluated)
+                why = (f"no {what} on {len(devs)} devices: one needs 2 stages x 2 replicas, 4 devices at least"
+                       if replicas is None and len(devs) < 4
+                       else f"no fitting {what} among the {found.evaluated} simulated")
+                record(method, "pipeline", float("nan"), False, {}, why + tail, found.wall_s, found.evaluated)
                 continue
             pipe = state.pipeline(problem)
             # Re-simulated op by op (the search's prefix tables agree up to rounding): the row's
@@ -136,7 +140,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             again = simulate_pipelined(problem, pipe, costs)
             step, peak = again.step_time, dict(again.peak_memory)
             note = state.describe() + ", stages of " + "/".join(str(len(s)) for s in pipe.stages) + " node(s)"
-            record(method, "pipeline", step, True, peak, note + tail, found.wall_s, found.evaluated)
+            record(method, "pipeline", step, True, peak, note + tail, found.wall_s, found.evaluated,
+                   whole_batch=pipe.microbatches == 1 and not pipe.replicas)
             pipelines[method] = pipe
     return records, pipelines
 
