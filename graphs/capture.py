@@ -195,9 +195,20 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 
 
 def _drop_idle_export_hooks(gm: fx.GraphModule) -> None:
-    """Remove the forward hooks torch.export's module registers as closures over the example
-    inputs that are nn.Modules (export/_unlift.py, ``_create_stateful_graph_module``), when
-    there is none: they do nothing then, and closures cannot be pickled into a job file."""
+    """Remove the forward hooks torch.export's module registers (export/_unlift.py,
+    ``_create_stateful_graph_module``): the closures over example inputs that are nn.Modules,
+    when there is none (they do nothing then, and closures cannot be pickled into a job file),
+    and the input-shape check, which refuses any batch but the example's even where the graph
+    runs on it. Guards are off here (``check_guards=False``) for the same reason: micro-batches
+    and DDP replicas run the graph on part of the batch, and where an op does fix the batch
+    size, it fails on its own (the micro-batch profile then says so) and the numerical check
+    compares whatever runs with the full batch."""
+    from torch.export._unlift import _check_input_constraints_pre_hook
+
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if hook is _check_input_constraints_pre_hook:
+            del gm._forward_pre_hooks[key]
+            gm._forward_pre_hooks_with_kwargs.pop(key, None)
     for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
         for key, hook in list(hooks.items()):
             if "_create_stateful_graph_module" not in getattr(hook, "__qualname__", ""):

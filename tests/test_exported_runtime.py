@@ -40,6 +40,10 @@ def get_model():
 def get_example_inputs():
     torch.manual_seed(0)
     return (torch.randn(8, 8),)
+
+
+def get_loss(out, x):
+    return out.pow(2).mean()  # a tensor method: the output must reach it as the model returns it
 """
 
 
@@ -74,6 +78,13 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
     inputs = dict(zip(names, prep.spec.example_inputs))
     run = run_training(gm, inputs, world=2, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
     assert len(run.losses) == 2
+    from envs.sim.pipeline import Pipeline
+
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    pipe = Pipeline((tuple(compute[:len(compute) // 2]), tuple(compute[len(compute) // 2:])), ("cpu:0", "cpu:1"), 2,
+                    "1f1b")
+    piped = run_training(gm, inputs, pipe, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
+    assert piped.losses == pytest.approx(run.losses, rel=1e-5)
 
 
 DICT_MODEL = """

@@ -104,7 +104,7 @@ class SplitPlan:
         placeholders: the model input names, in call order.
         output_rank: the rank that gathers the model output (and computes the loss).
         output_values: node names the output node reads (its structure is ``output_spec``).
-        output_args: the output node's argument with fx nodes replaced by their names.
+        output_args: the model's output as its forward returns it, fx nodes replaced by their names.
         world_size: number of ranks.
     """
 
@@ -324,7 +324,9 @@ def split_by_rank(
         placeholders=placeholders,
         output_rank=output_rank,
         output_values=output_values,
-        output_args=_names_in(out_node.args[0]),
+        # As the graph's own code returns it: torch.export's codegen unflattens a flat tuple
+        # into the model's output structure (out_spec); fx's returns it as it is.
+        output_args=gm.graph._codegen.process_outputs(_names_in(out_node.args[0])),
         world_size=world_size,
         producer=dict(stage_of),
     )

@@ -15,7 +15,7 @@ the mean over micro-batches, the full batch's for a mean loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,9 @@ class StageSpec:
     send: list[str]
     inputs_used: list[str]
     gm: fx.GraphModule
+    #: The model's output as its forward returns it, from what the last stage's graph returns
+    #: (torch.export's codegen unflattens a flat tuple by its out_spec; fx's keeps it as it is).
+    model_output: Callable[[Any], Any] = field(default=lambda out: out)
 
 
 def _stage_of_nodes(gm: fx.GraphModule, pipeline: Pipeline) -> dict[str, int]:
@@ -113,7 +116,7 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
         if s < pipeline.num_stages - 1:
             g.output(tuple(env[v] for v in send))
         specs.append(StageSpec(s, [n.name for n in members], recv, send, used,
-                               fx.GraphModule(gm, g, class_name=f"Stage{s}")))
+                               fx.GraphModule(gm, g, class_name=f"Stage{s}"), gm.graph._codegen.process_outputs))
     return specs
 
 
@@ -189,6 +192,7 @@ class StageModule(nn.Module):
                 # gloo sends need contiguous tensors (a boundary after a transpose is a view)
                 sent.append(value.contiguous())
             return tuple(sent)
+        out = self.spec.model_output(out)
         loss = self.loss_fn(out, *[inputs[n] for n in self.input_names]) if self.loss_fn is not None else out
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise PipelineError("the last stage must produce a scalar loss (the model's output, or loss_fn's)")

@@ -203,21 +203,24 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     gms = [_stage_graph(st.submod) for st in stages]
     named = {canonical.get(id(p), n): p for gm_ in gms for n, p in gm_.named_parameters()}
     params = list(dict.fromkeys(named.values()))
-    opt = make_optimizer(job["optimizer"], params)
+    # A rank whose stages hold no parameter (reshapes, activations) has nothing to step.
+    opt = make_optimizer(job["optimizer"], params) if params else None
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
     res["replica"] = replica
     for step in range(int(job["steps"])):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
         if step == 0:
             res["grads"] = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
-        opt.step()
+        if opt is not None:
+            opt.step()
         res["step_s"].append(time.perf_counter() - t)
         res["cpu_s"].append(time.process_time() - c)
         if has_last:
