@@ -187,3 +187,15 @@ def test_on_fewer_than_four_devices_the_hybrid_row_says_none_can_exist():
     hybrid = next(r for r in records if r["method"] == HYBRID_METHOD)
     assert not hybrid["fits"]
     assert hybrid["note"].startswith("no pipeline x DDP hybrid on 2 devices: one needs 2 stages x 2 replicas")
+
+
+def test_when_ddp_wins_placers_own_best_is_named_among_rows_tied_at_its_time():
+    import pandas as pd
+
+    from placer.search.baselines.pipeline_rows import recommendation_line
+
+    rows = [("ddp", "ddp", 0.001), ("critical_path", "placement", 0.002), ("single", "placement", 0.002),
+            ("placer (moves)", "placement", 0.002)]
+    table = pd.DataFrame([{"method": m, "kind": k, "step_time": t, "fits": True, "source": "simulated", "note": ""}
+                          for m, k, t in rows])
+    assert "the placement placer (moves) is 2.00x slower than DDP" in recommendation_line(table, "ddp")

@@ -190,7 +190,9 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
         own = fitting[fitting["kind"] != "ddp"]
         if measured:
             own = own[own["source"] == "measured"]
-        mine = own.sort_values("step_time", kind="stable").iloc[:1]
+        # Among rows tied at the best time, placer's own search's is "placer's own best".
+        ranked = own.assign(_not_placer=~own["method"].astype(str).str.startswith("placer"))
+        mine = ranked.sort_values(["step_time", "_not_placer"], kind="stable").iloc[:1]
         winner = str(mine.iloc[0]["method"]) if not mine.empty else winner
     parts = []
     if not fitting.empty:
