@@ -103,7 +103,7 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
 
         simulated = bool(load_cluster(cluster).simulated)
     try:
-        devices = parse_rank_devices([*pipe.ranks, *(d for r in pipe.replicas for d in r)])
+        devices = parse_rank_devices(list(dict.fromkeys(d for devs in pipe.replica_devices for d in devs)))
     except RankDeviceError:
         devices = []
     if not simulated and devices and all(d.local and d.kind == "cpu" for d in devices):
@@ -140,9 +140,9 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
         (f"replica {r}: " if pipe.replicas else "") + ", ".join(
             f"{d} (stage{'s' if devs.count(d) > 1 else ''} {', '.join(str(s) for s, x in enumerate(devs) if x == d)})"
             for d in dict.fromkeys(devs))
-        for r, devs in enumerate((pipe.devices, *pipe.replicas)))
+        for r, devs in enumerate(pipe.replica_devices))
     processes = pipe.num_replicas * len(pipe.ranks)
-    if pipe.num_stages == 1 and pipe.microbatches == 1 and pipe.replicas:
+    if pipe.is_data_parallel:
         how = (f"{pipe.describe()}: each process on 1/{pipe.num_replicas} of the batch, gradients averaged by "
                "torch DistributedDataParallel (the stage wrapped in DDP, run by torch.distributed.pipelining)")
     else:

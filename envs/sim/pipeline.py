@@ -261,18 +261,27 @@ class Pipeline:
     def num_replicas(self) -> int:
         return 1 + len(self.replicas)
 
+    @property
+    def replica_devices(self) -> tuple[tuple[str, ...], ...]:
+        """The stage devices of every replica, replica 0 (``devices``) first."""
+        return (self.devices, *self.replicas)
+
+    @property
+    def is_data_parallel(self) -> bool:
+        """One stage, one micro-batch, replicas: DDP itself."""
+        return self.num_stages == 1 and self.microbatches == 1 and bool(self.replicas)
+
     def describe(self) -> str:
         """``"pipelined (2 stages x 2 replicas, 1f1b, M=4)"``; one stage, one micro-batch and
         replicas is DDP: ``"data parallel (DDP over 4 replicas)"``."""
-        if self.num_stages == 1 and self.microbatches == 1 and self.replicas:
+        if self.is_data_parallel:
             return f"data parallel (DDP over {self.num_replicas} replicas)"
         replicas = f" x {self.num_replicas} replicas" if self.replicas else ""
         return f"pipelined ({self.num_stages} stages{replicas}, {self.schedule}, M={self.microbatches})"
 
     def replica_pipelines(self) -> tuple[Pipeline, ...]:
         """Each replica as a pipeline of its own (no replicas), replica 0 first."""
-        return tuple(Pipeline(self.stages, devs, self.microbatches, self.schedule)
-                     for devs in (self.devices, *self.replicas))
+        return tuple(Pipeline(self.stages, devs, self.microbatches, self.schedule) for devs in self.replica_devices)
 
     def check_batch(self, batch_size: int) -> None:
         """Raise :class:`PipelineError` unless ``R * M`` divides ``batch_size`` (equal micro-batches:

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
     if placement.pipeline is not None:
         pipe = placement.pipeline
-        replicas = "; ".join(", ".join(devs) for devs in (pipe.devices, *pipe.replicas))
+        replicas = "; ".join(", ".join(devs) for devs in pipe.replica_devices)
         print(f"  {pipe.describe()} on {replicas}" + (" (ops per device above: replica 0's)" if pipe.replicas else ""))
     if not args.model:
         return 0

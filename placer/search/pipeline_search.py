@@ -199,9 +199,9 @@ def _state_of(problem: PlacementProblem, pipe: Pipeline) -> PipelineState | None
             return None
         bounds.append(bounds[-1] + len(idx))
     names = list(problem.device_names)
-    if any(d not in names for r in (pipe.devices, *pipe.replicas) for d in r):
+    if any(d not in names for r in pipe.replica_devices for d in r):
         return None
-    return PipelineState(tuple(bounds), tuple(tuple(names.index(d) for d in r) for r in (pipe.devices, *pipe.replicas)),
+    return PipelineState(tuple(bounds), tuple(tuple(names.index(d) for d in r) for r in pipe.replica_devices),
                          pipe.microbatches, pipe.schedule)
 
 
