@@ -190,11 +190,11 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
-    _drop_idle_export_hooks(gm)
+    _drop_export_hooks(gm)
     return gm
 
 
-def _drop_idle_export_hooks(gm: fx.GraphModule) -> None:
+def _drop_export_hooks(gm: fx.GraphModule) -> None:
     """Remove the forward hooks torch.export's module registers (export/_unlift.py,
     ``_create_stateful_graph_module``): the closures over example inputs that are nn.Modules,
     when there is none (they do nothing then, and closures cannot be pickled into a job file),

@@ -545,16 +545,17 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     # (a convolution's bias, a sum over 262,144 float32 terms: 1e-4 of its size, measured
     # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
     # differs by far more. A model that cannot run in float64 is compared in its own dtype.
+    def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor]], ...]:
+        with _NoDropout(), _default_dtype(dtype):
+            return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
+                    _split_step(captured, spec, modes, chunks, seed, dtype))
+
     dtype: torch.dtype | None = torch.float64
     try:
-        with _NoDropout(), _default_dtype(torch.float64):
-            full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)
-            loss, grads = _split_step(captured, spec, modes, chunks, seed, dtype)
+        (full_loss, full_grads), (loss, grads) = whole_and_split(dtype)
     except Exception:  # noqa: BLE001 - user code with a fixed dtype (x.float() @ w.double(), say)
         dtype = None
-        with _NoDropout():
-            full_loss, full_grads = _split_step(captured, spec, modes, [[spec.example_inputs]], seed)
-            loss, grads = _split_step(captured, spec, modes, chunks, seed)
+        (full_loss, full_grads), (loss, grads) = whole_and_split(dtype)
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
     worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))

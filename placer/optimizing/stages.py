@@ -491,11 +491,14 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         report = checks[microbatches, replicas]
         return None if report.split_ok else report.describe_split()
 
+    def add_note(method: str, text: str) -> None:
+        at = table["method"] == method
+        table.loc[at, "note"] = [f"{n}; {text}".lstrip("; ") for n in table.loc[at, "note"].fillna("")]
+
     def set_aside(method: str, why: str) -> None:
         log.warning("%s set aside: %s", method, why)
-        at = table["method"] == method
-        table.loc[at, "set_aside"] = True
-        table.loc[at, "note"] = [f"{n}; set aside: {why}".lstrip("; ") for n in table.loc[at, "note"].fillna("")]
+        table.loc[table["method"] == method, "set_aside"] = True
+        add_note(method, f"set aside: {why}")
 
     # DDP is one of the pipelines (one stage replicated): checked only when it is the fastest
     # left, as a pipeline is; slower than the winner, its split cannot change the result.
@@ -520,13 +523,11 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
             if not checks[key].split_ok:
                 set_aside(method, f"its {checks[key].describe_split()}")
             continue
-        at = table["method"] == method
-        table.loc[at, "note"] = [f"{n}; batch split not checked (slower than the winner)".lstrip("; ")
-                                 for n in table.loc[at, "note"].fillna("")]
+        add_note(method, "batch split not checked (slower than the winner)")
     if fitting.empty:
-        raise PlacerError("every placement that fits is a pipeline whose micro-batches change what the model "
-                          f"computes ({next(c.describe_split() for c in checks.values() if not c.split_ok)}); rerun with --no-check to accept one "
-                          "unchecked")
+        why = next(c.describe_split() for c in checks.values() if not c.split_ok)
+        raise PlacerError(f"every placement that fits is a pipeline whose micro-batches change what the model "
+                          f"computes ({why}); rerun with --no-check to accept one unchecked")
     return fitting, table
 
 

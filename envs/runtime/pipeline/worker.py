@@ -31,6 +31,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,7 @@ def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.op
     return OPTIMIZERS[name](params, **kwargs)
 
 
-def tied_holders(specs: list[Any], rank_of: list[int],
-                 canonical: dict[int, str] | None = None) -> dict[str, tuple[int, ...]]:
+def tied_holders(specs: list[Any], rank_of: list[int], canonical: Mapping[int, str]) -> dict[str, tuple[int, ...]]:
     """``{parameter name: ranks}`` of the parameters that stages on more than one rank read
     (GPT-2's ``wte.weight``: the embedding in the first stage, the tied head in the last).
     ``canonical``: ``id(parameter)`` -> its one name (:func:`canonical_names`), so a weight tied
@@ -84,7 +84,7 @@ def tied_holders(specs: list[Any], rank_of: list[int],
     holders: dict[str, set[int]] = {}
     for spec in specs:
         for name, p in spec.gm.named_parameters():
-            holders.setdefault((canonical or {}).get(id(p), name), set()).add(rank_of[spec.index])
+            holders.setdefault(canonical.get(id(p), name), set()).add(rank_of[spec.index])
     return {name: tuple(sorted(ranks)) for name, ranks in sorted(holders.items()) if len(ranks) > 1}
 
 
@@ -199,10 +199,11 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
                 loss_fn=lambda out, _target: out, scale_grads=False)
-    # A parameter read by two stages of this rank is one tensor: optimise it once.
+    # By canonical name: a parameter read by two stages of this rank, or under two names, is
+    # one tensor, optimised once.
     gms = [_stage_graph(st.submod) for st in stages]
     named = {canonical.get(id(p), n): p for gm_ in gms for n, p in gm_.named_parameters()}
-    params = list(dict.fromkeys(named.values()))
+    params = list(named.values())
     # A rank whose stages hold no parameter (reshapes, activations) has nothing to step.
     opt = make_optimizer(job["optimizer"], params) if params else None
     has_last = any(spec.index == s_ - 1 for spec in mine)
