@@ -13,38 +13,7 @@ import torch
 from envs.runtime.distributed.measure import DistributedMeasurer
 from envs.runtime.pipeline.launcher import run_training
 from graphs.pipeline import prepare
-
-COUNTING_MODEL = """
-import pytest
-import torch
-from torch import nn
-
-
-class Counting(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.inner = nn.Linear(8, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        self.calls = self.calls + 1  # a reassigned buffer: fx loses it, torch.export keeps it
-        return self.head(torch.relu(self.inner(x)))
-
-
-def get_model():
-    torch.manual_seed(0)
-    return Counting()
-
-
-def get_example_inputs():
-    torch.manual_seed(0)
-    return (torch.randn(8, 8),)
-
-
-def get_loss(out, x):
-    return out.pow(2).mean()  # a tensor method: the output must reach it as the model returns it
-"""
+from tests.helpers.model_files import COUNTING_MODEL, DICT_MODEL
 
 
 def _prepared(tmp_path):
@@ -85,41 +54,6 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
                     "1f1b")
     piped = run_training(gm, inputs, pipe, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
     assert piped.losses == pytest.approx(run.losses, rel=1e-5)
-
-
-DICT_MODEL = """
-import pytest
-import torch
-from torch import nn
-import torch.nn.functional as F
-
-
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.proj = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 50, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, batch):
-        h = self.emb(batch["ids"])
-        return {"logits": self.out(h + F.gelu(self.proj(h)))}
-
-
-def get_model():
-    torch.manual_seed(0)
-    return TiedLM()
-
-
-def get_example_inputs():
-    g = torch.Generator().manual_seed(1)
-    return ({"ids": torch.randint(0, 50, (4, 6), generator=g), "targets": torch.randint(0, 50, (4, 6), generator=g)},)
-
-
-def get_loss(output, batch):
-    return F.cross_entropy(output["logits"].reshape(-1, 50), batch["targets"].reshape(-1))
-"""
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["DDP", "2-stage pipeline"])

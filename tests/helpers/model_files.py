@@ -79,3 +79,71 @@ SMALL_CNN = textwrap.dedent(
         return (torch.randn(32, 3, 32, 32),)
     """
 )
+
+#: A model only torch.export captures (it reassigns a buffer), with a loss that needs the output as
+#: the model returns it (a tensor method, not a flat tuple).
+COUNTING_MODEL = """
+import torch
+from torch import nn
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.inner = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        self.calls = self.calls + 1  # a reassigned buffer: fx loses it, torch.export keeps it
+        return self.head(torch.relu(self.inner(x)))
+
+
+def get_model():
+    torch.manual_seed(0)
+    return Counting()
+
+
+def get_example_inputs():
+    torch.manual_seed(0)
+    return (torch.randn(8, 8),)
+
+
+def get_loss(out, x):
+    return out.pow(2).mean()  # a tensor method: the output must reach it as the model returns it
+"""
+
+#: A language model whose input is a dict and whose head's weight is the embedding's, under
+#: another name (out.weight = emb.weight).
+DICT_MODEL = """
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, batch):
+        h = self.emb(batch["ids"])
+        return {"logits": self.out(h + F.gelu(self.proj(h)))}
+
+
+def get_model():
+    torch.manual_seed(0)
+    return TiedLM()
+
+
+def get_example_inputs():
+    g = torch.Generator().manual_seed(1)
+    return ({"ids": torch.randint(0, 50, (4, 6), generator=g), "targets": torch.randint(0, 50, (4, 6), generator=g)},)
+
+
+def get_loss(output, batch):
+    return F.cross_entropy(output["logits"].reshape(-1, 50), batch["targets"].reshape(-1))
+"""
