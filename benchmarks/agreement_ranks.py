@@ -306,7 +306,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
 
     Calibration ("calibrated"), one set of constants for every model, from the fit halves
     only: the per-stage, per-message and per-step host constants from each rank's CPU
-    seconds per step (:func:`envs.sim.ranks.fit_host_costs`: waiting for peers or for a
+    seconds per step (:func:`envs.sim.rank_calibration.fit_host_costs`: waiting for peers or for a
     core is not in it), then the op-time scale, the link latency and the wake-up from the
     measured steps (log least squares, the other constants held). The scale is refitted
     because CPU time also counts gloo's I/O thread, which runs beside the main thread. For comparison, "per-model": every constant fitted on the
@@ -317,7 +317,8 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
     """
     from envs.hardware.cluster import Device, Link, make_cluster
     from envs.sim.calibration import agreement
-    from envs.sim.ranks import RankCosts, RankSimulator, fit_host_costs, fit_rank_costs, fit_rank_costs_many
+    from envs.sim.rank_calibration import fit_host_costs, fit_rank_costs, fit_rank_costs_many
+    from envs.sim.ranks import RankCosts, RankSimulator
     from graphs.pipeline import prepare
 
     devs = results["devices"].split(",")

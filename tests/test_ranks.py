@@ -122,7 +122,7 @@ def test_a_rank_that_never_sleeps_is_never_cold():
 
 
 def test_the_fit_recovers_the_cold_factor_of_simulated_steps():
-    from envs.sim.ranks import fit_rank_costs
+    from envs.sim.rank_calibration import fit_rank_costs
 
     g, _ = _sleepy_case()
     rng = np.random.default_rng(0)
@@ -358,7 +358,7 @@ def test_group_rows_score_like_their_expanded_op_placements():
 
 
 def test_host_costs_are_recovered_from_per_rank_cpu_seconds():
-    from envs.sim.ranks import fit_host_costs, rank_counts
+    from envs.sim.rank_calibration import fit_host_costs, rank_counts
 
     g = lstm_graph(4)
     ops = [n for n in g.nodes if n != "x"]
@@ -378,7 +378,7 @@ def test_host_costs_are_recovered_from_per_rank_cpu_seconds():
 
 
 def test_latency_and_wake_up_are_fitted_from_step_times():
-    from envs.sim.ranks import fit_rank_costs_many
+    from envs.sim.rank_calibration import fit_rank_costs_many
 
     g = lstm_graph(4)
     ops = [n for n in g.nodes if n != "x"]
