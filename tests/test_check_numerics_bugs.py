@@ -196,7 +196,58 @@ def test_a_model_without_batch_coupled_ops_splits_into_microbatches_and_replicas
     report = _check(_mlp(norm=False, dropout=0.5), microbatches, replicas)  # dropout draws per micro-batch
     assert report.ok, report.describe()
     assert report.split_samples == 16 // (microbatches * replicas)
-    assert "give the full batch's loss and gradients" in report.describe()
+    assert "give the full batch's loss, gradients and buffers" in report.describe()
+
+
+class _WarmingUp(nn.Module):
+    """Scales its output up once its forward has run twice: a warm-up counter, a fake-quant switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x) * (1 + 0.5 * (self.calls - 2).clamp(min=0))
+
+
+class _RunningMean(nn.Module):
+    """Keeps a running mean of its inputs in a buffer, as a normalisation layer would."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 2)
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x)
+
+
+def test_a_buffer_the_forward_updates_once_per_call_sets_a_pipeline_with_microbatches_aside():
+    """The pipeline runs each stage once per micro-batch, so the counter advances M times a
+    step: one step's loss and gradients agree, the next step's do not."""
+    torch.manual_seed(0)
+    report = _check(_WarmingUp(), microbatches=2)
+    assert report.placement_ok and not report.ok
+    assert report.split_loss_diff == 0 and report.split_grad_diff < 1e-12 and report.split_buffer_diff >= 1 / 2
+    assert report.split_worst == "buffer:calls"
+    assert "the forward updates buffer 'calls': a stage runs once per micro-batch" in report.describe_split()
+
+
+def test_a_counter_buffer_under_ddp_without_microbatches_is_the_same_as_the_full_batch():
+    torch.manual_seed(0)
+    report = _check(_WarmingUp(), microbatches=1, replicas=2)
+    assert report.ok, report.describe()
+
+
+def test_a_running_statistic_under_ddp_replicas_is_not_the_full_batchs_and_is_named():
+    torch.manual_seed(0)
+    report = _check(_RunningMean(), microbatches=1, replicas=2)
+    assert not report.ok and report.split_worst == "buffer:mean"
+    assert "each of the 2 replicas sees 8 samples and DDP keeps the first replica's buffers" in report.describe_split()
 
 
 def test_a_frozen_batchnorm_uses_its_running_statistics_and_splits_with_the_same_results():
@@ -247,8 +298,8 @@ def test_a_split_that_differs_by_float32_rounding_alone_checks_the_same():
     chunks = [[batch_slice(spec.example_inputs, 16, 4 * (2 * r + k), 4 * (2 * r + k + 1)) for k in range(2)]
               for r in range(2)]
     with check._NoDropout():
-        _, whole = check._split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)
-        _, split = check._split_step(cap, spec, {"": True}, chunks, 0)
+        _, whole, _ = check._split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)
+        _, split, _ = check._split_step(cap, spec, {"": True}, chunks, 0)
     assert max(check._scaled_diff(split[n], whole[n]) for n in whole) > report.tolerance
 
 
@@ -324,7 +375,7 @@ def test_check_winner_accepts_an_mlp_pipeline_and_reports_the_split_it_checked()
 
     report, _ = check_winner(*_winner(_mlp(norm=False), _one_stage(microbatches=2, replicas=2)))
     assert report is not None and report.ok
-    assert "2 replicas x 2 micro-batches of 4 samples give the full batch's loss and gradients" in report.describe()
+    assert "2 replicas x 2 micro-batches of 4 samples give the full batch's loss, gradients and buffers" in report.describe()
 
 
 def test_a_split_checked_before_is_reused_by_the_placement_check_not_run_again(monkeypatch):

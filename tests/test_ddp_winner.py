@@ -27,7 +27,7 @@ def test_when_ddp_is_fastest_the_placement_written_is_ddp_checked_and_show_gives
     assert len(pipe["stages"]) == 1 and pipe["microbatches"] == 1 and len(pipe["replicas"]) == 3
     ddp_step = float(table.loc[table["method"] == "ddp", "step_time"].iloc[0])
     assert written["metadata"]["method"] == "ddp" and written["metadata"]["step_time"] == ddp_step
-    assert "4 replicas x 1 micro-batch of 8 samples give the full batch's loss and gradients" in printed
+    assert "4 replicas x 1 micro-batch of 8 samples give the full batch's loss, gradients and buffers" in printed
     assert "so the placement written is DDP" in printed
 
     assert main(["show", str(out / "placement.json")]) == 0  # without the model: what the file holds

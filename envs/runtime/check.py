@@ -20,8 +20,10 @@ of it and cut their share into ``M`` micro-batches (equal slices of dim 0, as
 ``torch.distributed.pipelining`` and DDP do); each micro-batch's loss is divided by ``M``
 and the replicas' gradients are averaged (:mod:`envs.runtime.pipeline.worker`). With
 ``microbatches``/``replicas`` the check also runs the unsplit captured model part by part
-in this process and compares the loss and every gradient with the full batch's: an op that
-mixes samples (BatchNorm in training mode) computes something else on a smaller batch.
+in this process and compares the loss, every gradient and every buffer with the full
+batch's: an op that mixes samples (BatchNorm in training mode) computes something else on a
+smaller batch, and a buffer the forward updates (a step counter, a running mean) is updated
+once per micro-batch, so the next step differs even where this one's loss and gradients agree.
 
 :func:`check_trainable` refuses, before any search, a model that cannot be trained (no
 trainable parameter, a loss that does not depend on one, a loss that is not finite).
@@ -82,7 +84,10 @@ class CheckReport:
         split_samples: samples per micro-batch of that split.
         split_loss_diff, split_grad_diff: scaled difference of the split batch's loss and
             (worst) gradient from the full batch's.
-        split_worst: the gradient (``grad:<name>``) behind ``split_grad_diff``.
+        split_buffer_diff: the same for the buffers after the step (those of the first replica,
+            which DDP broadcasts: a buffer the forward updates is updated once per micro-batch).
+        split_worst: the gradient or buffer (``grad:<name>``, ``buffer:<name>``) behind the worst
+            of ``split_grad_diff`` and ``split_buffer_diff``.
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
         no_gradient: trainable parameters the loss gives no gradient on either side (a head
@@ -107,6 +112,7 @@ class CheckReport:
     split_samples: int = 0
     split_loss_diff: float = 0.0
     split_grad_diff: float = 0.0
+    split_buffer_diff: float = 0.0
     split_worst: str = ""
     split_cause: str = ""
     original_nonfinite: str = ""
@@ -129,9 +135,10 @@ class CheckReport:
 
     @property
     def split_ok(self) -> bool:
-        """True when no split was checked, or the split batch gives the full batch's loss and gradients."""
+        """True when no split was checked, or the split batch gives the full batch's loss, gradients and buffers."""
         return not self.split_checked or (
-            not self.split_cause and max(self.split_loss_diff, self.split_grad_diff) <= self.tolerance)
+            not self.split_cause
+            and max(self.split_loss_diff, self.split_grad_diff, self.split_buffer_diff) <= self.tolerance)
 
     def describe_split(self) -> str:
         """The batch split's verdict in words (empty when none was checked)."""
@@ -139,10 +146,11 @@ class CheckReport:
             return ""
         parts = (f"{self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''}" if self.replicas == 1
                  else f"{self.replicas} replicas x {self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''}")
-        diffs = (f"loss {self.split_loss_diff:.2e}, gradients {self.split_grad_diff:.2e}"
+        diffs = (f"loss {self.split_loss_diff:.2e}, gradients {self.split_grad_diff:.2e}, "
+                 f"buffers {self.split_buffer_diff:.2e}"
                  + (f" (worst: {self.split_worst})" if self.split_worst and not self.split_ok else ""))
         if self.split_ok:
-            return (f"{parts} of {self.split_samples} samples give the full batch's loss and gradients "
+            return (f"{parts} of {self.split_samples} samples give the full batch's loss, gradients and buffers "
                     f"(max difference {diffs})")
         if self.split_cause.startswith("cannot"):
             return self.split_cause
@@ -490,11 +498,15 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
-                seed: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradients of one training step with each replica (a list of micro-batches)
-    on its own copy of the captured model, as the pipeline runtime computes them: each
-    micro-batch's loss / M accumulated, the replicas' losses and gradients averaged.
-    ``dtype``: the floating dtype the copies, their inputs and new tensors are computed in."""
+                seed: int, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Loss, gradients and buffers of one training step with each replica (a list of
+    micro-batches) on its own copy of the captured model, as the pipeline runtime computes
+    them: each micro-batch's loss / M accumulated, the replicas' losses and gradients
+    averaged; the buffers are the first replica's after its micro-batches (a stage runs its
+    module once per micro-batch, so a buffer the forward updates is updated M times; DDP
+    broadcasts the first replica's buffers). ``dtype``: the floating dtype the copies, their
+    inputs and new tensors are computed in."""
     # One copy for every replica: the replicas' averaged gradients are the sum over all R x M
     # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
     # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
@@ -506,6 +518,7 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     set_training_modes(gm, modes)
     start = {n: b.detach().clone() for n, b in gm.named_buffers()}
     losses: list[torch.Tensor] = []
+    buffers: dict[str, torch.Tensor] = {}
     for parts in chunks:
         with torch.no_grad():
             for n, b in gm.named_buffers():
@@ -522,7 +535,10 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
             (loss / (len(parts) * len(chunks))).backward()
             total += loss.detach().to(torch.float64).reshape(()) / len(parts)
         losses.append(total)
-    return torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+        if not buffers:
+            buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
+    return (torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None},
+            buffers)
 
 
 def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,
@@ -545,31 +561,44 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     # (a convolution's bias, a sum over 262,144 float32 terms: 1e-4 of its size, measured
     # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
     # differs by far more. A model that cannot run in float64 is compared in its own dtype.
-    def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor]], ...]:
+    def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                  dict[str, torch.Tensor]], ...]:
         with _NoDropout(), _default_dtype(dtype):
             return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
                     _split_step(captured, spec, modes, chunks, seed, dtype))
 
     dtype: torch.dtype | None = torch.float64
     try:
-        (full_loss, full_grads), (loss, grads) = whole_and_split(dtype)
+        (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
     except Exception:  # noqa: BLE001 - user code with a fixed dtype (x.float() @ w.double(), say)
         dtype = None
-        (full_loss, full_grads), (loss, grads) = whole_and_split(dtype)
+        (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
-    worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    buffer_diffs = {f"buffer:{n}": _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
+    worst_grad = max(diffs.values(), default=0.0)
+    worst_buffer = max(buffer_diffs.values(), default=0.0)
+    worst = max({**diffs, **buffer_diffs}.items(), key=lambda kv: kv[1], default=("", 0.0))
     out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
-                              "split_grad_diff": worst[1], "split_worst": worst[0]}
-    if max(out["split_loss_diff"], worst[1]) > tolerance:  # type: ignore[call-overload]
+                              "split_grad_diff": worst_grad, "split_buffer_diff": worst_buffer,
+                              "split_worst": worst[0]}
+    if max(out["split_loss_diff"], worst_grad) > tolerance:  # type: ignore[call-overload]
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype)
+    elif worst_buffer > tolerance:
+        name = max(buffer_diffs.items(), key=lambda kv: kv[1])[0].removeprefix("buffer:")
+        out["split_cause"] = (
+            f"the forward updates buffer {name!r}: a stage runs once per micro-batch, so {microbatches} "
+            f"micro-batches of {size} samples leave it other than one pass over the full batch does (a counter "
+            f"advances {microbatches} times, a running statistic sees the parts)" if microbatches > 1 else
+            f"the forward updates buffer {name!r} from its inputs: each of the {replicas} replicas sees {size} "
+            "samples and DDP keeps the first replica's buffers, not the full batch's")
     return out
 
 
 def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
                       tolerance: float = 1e-5, seed: int = 0) -> CheckReport:
     """Whether splitting the batch into ``replicas`` x ``microbatches`` equal parts (a
-    pipeline's, a hybrid's) gives the full batch's loss and gradients: a report whose
+    pipeline's, a hybrid's) gives the full batch's loss, gradients and buffers: a report whose
     ``split_*`` fields say so (:attr:`CheckReport.split_ok`, :meth:`CheckReport.describe_split`),
     the placement fields left empty. The unsplit captured model runs in this process, one
     step, dropout off; ``spec.model`` and the random state are left as they were. Pass the
@@ -587,7 +616,7 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
                  dtype: torch.dtype | None = None) -> str:
     """Why the split batch computes something else, as far as it can be told."""
     with _NoDropout(), _default_dtype(dtype):
-        other_loss, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
+        other_loss, _, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
     if _scaled_diff(other_loss, full_loss) > tolerance:
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
                 "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "

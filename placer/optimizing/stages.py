@@ -412,7 +412,7 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
     """Apply the winner and compare outputs and gradients with the original model (None when off).
 
     A pipelined winner (``M`` micro-batches, ``R`` replicas) is also checked for what its
-    batch split changes: the loss and gradients of ``R x M`` equal parts against the full batch's.
+    batch split changes: the loss, gradients and buffers of ``R x M`` equal parts against the full batch's.
 
     Raises:
         PlacerError: the placed model computes something else; the pipeline's micro-batches
