@@ -197,6 +197,12 @@ def test_a_model_without_batch_coupled_ops_splits_into_microbatches_and_replicas
     assert report.ok, report.describe()
     assert report.split_samples == 16 // (microbatches * replicas)
     assert "give the full batch's loss, gradients and buffers" in report.describe()
+    assert report.split_without_dropout and "compared with dropout off" in report.describe()
+
+
+def test_a_split_with_no_dropout_that_drops_anything_does_not_say_it_was_compared_without_it():
+    report = _check(_mlp(norm=False, dropout=0.0), 2)  # nn.Dropout(0.0): F.dropout with p = 0
+    assert report.ok and not report.split_without_dropout and "dropout" not in report.describe()
 
 
 class _WarmingUp(nn.Module):
@@ -319,6 +325,7 @@ def test_attentions_own_dropout_is_off_in_the_split_check_so_attention_splits_th
     cap = capture(spec.model, spec.example_inputs, name="attention")
     report = check_batch_split(spec, cap, microbatches=2, replicas=2)
     assert report.split_ok, report.describe_split()
+    assert report.split_without_dropout
 
 
 def test_a_model_that_cannot_run_in_float64_is_split_checked_in_its_own_dtype():

@@ -71,6 +71,33 @@ def test_a_tuple_crossing_a_stage_boundary_is_refused_in_one_line():
     assert str(info.value).count("\n") == 0 and "crosses a stage boundary but is a tuple" in str(info.value)
 
 
+def test_probing_the_boundary_shapes_leaves_every_buffer_and_the_random_state_as_they_were():
+    """The probe runs the caller's module, whose buffers are the user's model's: a
+    non-persistent counter (not in the state_dict) advanced, and dropout drew from the global
+    generator, so the pipeline trained from another state than the original."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.drop = torch.nn.Dropout(0.5)
+            self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.drop(self.lin(x)) * self.calls
+
+    from graphs.capture import capture
+
+    model, x = Counting(), torch.randn(2, 4)
+    gm = capture(model, (x,), name="counting").gm  # records the add_ (a plain fx trace runs it once)
+    split = next(n.name for n in gm.graph.nodes if n.op == "call_module" and n.target == "lin")
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    boundary_metas(gm, {"x": x}, {split})
+    assert float(gm.calls) == 0.0 and float(model.calls) == 0.0  # the user's model shares the buffer
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_2(tmp_path):
     gm, batch = model_and_batch(Chain)
     launcher.write_job(tmp_path, gm, batch, None, steps=1)

@@ -89,6 +89,8 @@ class CheckReport:
         split_worst: the gradient or buffer (``grad:<name>``, ``buffer:<name>``) behind the worst
             of ``split_grad_diff`` and ``split_buffer_diff``.
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
+        split_without_dropout: the model drops out, and the split was compared with dropout off
+            (a batch and its parts draw different masks; the runtime draws its own on each rank).
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
         no_gradient: trainable parameters the loss gives no gradient on either side (a head
             whose output the loss does not read): not a difference, but nothing was compared for them.
@@ -115,6 +117,7 @@ class CheckReport:
     split_buffer_diff: float = 0.0
     split_worst: str = ""
     split_cause: str = ""
+    split_without_dropout: bool = False
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
 
@@ -151,7 +154,10 @@ class CheckReport:
                  + (f" (worst: {self.split_worst})" if self.split_worst and not self.split_ok else ""))
         if self.split_ok:
             return (f"{parts} of {self.split_samples} samples give the full batch's loss, gradients and buffers "
-                    f"(max difference {diffs})")
+                    f"(max difference {diffs}"
+                    + ("; compared with dropout off: the pipeline's ranks draw masks of their own, so a run with "
+                       "dropout is the same in distribution, not number for number" if self.split_without_dropout
+                       else "") + ")")
         if self.split_cause.startswith("cannot"):
             return self.split_cause
         return (f"micro-batches of {self.split_samples} samples change what the model computes "
@@ -471,12 +477,22 @@ class _NoDropout(TorchFunctionMode):
     without it the comparison sees only what the split itself changes. (A clone, not the
     input: an in-place op after the dropout must not write into a tensor autograd saved.)"""
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: Whether a dropout that would have dropped something was switched off.
+        self.switched = False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = dict(kwargs or {})
         if func in _DROPOUTS:
+            # (input, p, training, ...) for every one of them, torch's and aten's
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+            self.switched |= bool(training) and float(p) > 0
             return args[0].clone()
         at = _DROPOUT_P_AT.get(func)
         if at is not None:
+            self.switched |= float(args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)) > 0
             if len(args) > at:
                 args = (*args[:at], 0.0, *args[at + 1:])
             else:
@@ -561,9 +577,11 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     # (a convolution's bias, a sum over 262,144 float32 terms: 1e-4 of its size, measured
     # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
     # differs by far more. A model that cannot run in float64 is compared in its own dtype.
+    no_dropout = _NoDropout()
+
     def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]], ...]:
-        with _NoDropout(), _default_dtype(dtype):
+        with no_dropout, _default_dtype(dtype):
             return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
                     _split_step(captured, spec, modes, chunks, seed, dtype))
 
@@ -581,7 +599,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     worst = max({**diffs, **buffer_diffs}.items(), key=lambda kv: kv[1], default=("", 0.0))
     out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
                               "split_grad_diff": worst_grad, "split_buffer_diff": worst_buffer,
-                              "split_worst": worst[0]}
+                              "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
     if max(out["split_loss_diff"], worst_grad) > tolerance:  # type: ignore[call-overload]
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype)
     elif worst_buffer > tolerance:

@@ -23,7 +23,8 @@ import torch.fx as fx
 from torch import nn
 
 from envs.sim.pipeline import Pipeline, PipelineError
-from graphs.model_file import batch_size_of, batch_slice
+from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
+from graphs.random_state import kept_random_state
 
 __all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas", "check_static_shapes", "microbatch",
            "whole_pipeline"]
@@ -200,14 +201,16 @@ class StageModule(nn.Module):
 
 
 def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, Any]:
-    """The named values on one micro-batch, from one forward of ``gm`` (its buffers restored
-    after, so BatchNorm's running stats are untouched): tensors as meta tensors (shape, dtype,
-    requires_grad), constants (ints, sizes, ...) as themselves.
+    """The named values on one micro-batch, from one forward of ``gm`` that leaves no trace:
+    every buffer is restored after it, non-persistent ones included (the captured module shares
+    its buffers with the user's model, so a counter the forward advances would start the
+    training one probe ahead), and so is the random state (a dropout draw here would shift
+    every later one). Tensors as meta tensors (shape, dtype, requires_grad), constants (ints,
+    sizes, ...) as themselves.
 
     Raises:
         PipelineError: a named value that is neither (a tuple holding tensors, say).
     """
-    saved = {k: v.detach().clone() for k, v in gm.state_dict().items()}
     out: dict[str, Any] = {}
     refused: list[PipelineError] = []
 
@@ -230,11 +233,8 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
             return value
 
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    try:
-        with torch.enable_grad():
-            Recorder(gm).run(*[inputs[k] for k in order])
-    finally:
-        gm.load_state_dict(saved)
+    with preserved_buffers(gm), kept_random_state(), torch.enable_grad():
+        Recorder(gm).run(*[inputs[k] for k in order])
     if refused:
         raise refused[0]
     return out

@@ -302,7 +302,9 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     _load_file_modules(job_dir)
     job = torch.load(job_dir / "job.pt", weights_only=False)
     job["gm"] = job["gm"].module()  # graphs.portable_graph.PortableGraph: the graph, node for node
-    torch.manual_seed(int(job.get("seed", 0)))
+    # One seed per rank: with one for all, DDP's replicas drew the same dropout mask for
+    # sample i of each shard, and stages of equal shapes the same masks as one another.
+    torch.manual_seed(int(job.get("seed", 0)) + rank)
     torch.set_num_threads(int(job.get("threads", 1)))
     timeout = datetime.timedelta(seconds=float(job.get("timeout_s", 60)))
     store = _rendezvous_store(rank, world, timeout)
