@@ -25,6 +25,24 @@ class OptionError(PlacerError):
     """A malformed command-line or API option."""
 
 
+def check_seed(seed: object, name: str = "--seed") -> int:
+    """``seed`` when it is an integer that numpy and torch both take (0 to 2**63 - 1).
+
+    numpy's ``SeedSequence`` refuses negatives and ``torch.manual_seed`` anything past 64 bits,
+    both only once a search starts, after the preparation and the baselines.
+
+    >>> check_seed(7)
+    7
+    >>> check_seed(-1)
+    Traceback (most recent call last):
+    ...
+    placer.options.OptionError: --seed must be an integer from 0 to 2**63 - 1, got -1
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise OptionError(f"{name} must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return seed
+
+
 def parse_memory_limits(text: str | Mapping[str, object] | None) -> dict[str, int]:
     """Parse accelerate-style ``max_memory``: ``"cuda:0=20GiB,cpu=64GB"`` or a dict → bytes per device.
 

@@ -265,6 +265,17 @@ def test_a_bad_cluster_spec_stops_optimize_in_one_line_before_any_work(tmp_path,
     assert not out.exists(), "a run that fails early leaves no output directory"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_numpy_or_torch_cannot_take_stops_optimize_in_one_line_before_any_work(tmp_path, capsys, model_file,
+                                                                                       seed):
+    """numpy refused -1 and torch 2**64 only when the search started, with a traceback."""
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_file), f"--seed={seed}", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n"
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- profile cache
 
 NODES = ("a", "b")

@@ -160,6 +160,18 @@ def test_ddp_over_replicas_that_do_not_divide_the_batch_is_a_row_that_does_not_r
     assert next(r for r in records if r["method"] == "ddp")["fits"] and "ddp" in pipelines
 
 
+def test_on_one_device_ddp_is_a_row_that_does_not_run_and_never_wins():
+    """One replica is no DDP: priced by the pipeline engine's stage costs it came out faster
+    than the same one-device placement, won, and had no pipeline to write (a traceback)."""
+    from placer.search.baselines.pipeline_rows import parallel_records
+
+    problem = compile_problem(chain(), cluster(1))
+    records, pipelines = parallel_records(problem, 8, 1.0, search_budget=None)
+    ddp = next(r for r in records if r["method"] == "ddp")
+    assert not ddp["fits"] and "ddp" not in pipelines
+    assert ddp["note"] == "does not run: DDP needs 2 devices at least; the cluster has 1 it can use"
+
+
 def test_rows_that_split_the_batch_report_no_ratio_to_the_whole_batch_lower_bound():
     """The lower bound runs the whole batch in one pass; DDP's quarter-batch replicas came out
     at 0.40 of it, a 'bound' a row must never beat."""

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``placer benchmark``; returns the exit status."""
     from graphs.zoo import ZOO_MODELS
     from placer.benchmark import BenchmarkError, get_method, markdown, prepare_cases, run_benchmark
+    from placer.options import check_seed
 
     models = _csv(args.models) if args.models else list(ZOO_MODELS)
     clusters = _csv(args.clusters)
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         from placer.search.budget import parse_budget
 
         parse_budget(args.budget)
+    check_seed(args.seed)
 
     def say(msg: str) -> None:
         if not args.quiet:

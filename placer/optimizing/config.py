@@ -30,7 +30,7 @@ import torch
 from envs.gym.reward_modes import REWARD_MODES
 from envs.hardware.cluster import Cluster
 from envs.runtime.measurer import Measurer
-from placer.options import OptionError
+from placer.options import OptionError, check_seed
 from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, agent_names, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
@@ -119,6 +119,7 @@ class OptimizeConfig:
             raise OptionError(f"unknown reward mode {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
         if self.groups is not None and (isinstance(self.groups, bool) or self.groups < 1):
             raise OptionError(f"--groups must be at least 1, got {self.groups}")
+        check_seed(self.seed)
         try:
             entry = get_agent(self.agent)
         except UnknownAgentError as exc:

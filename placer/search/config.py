@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from graphs.errors import PlacerError
+from placer.options import OptionError, check_seed
 from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
@@ -104,6 +105,10 @@ class SearchConfig:
         try:
             get_agent(self.agent)
         except UnknownAgentError as exc:
+            raise SearchError(str(exc)) from None
+        try:
+            check_seed(self.seed, "seed")
+        except OptionError as exc:
             raise SearchError(str(exc)) from None
         if isinstance(self.num_envs, bool) or int(self.num_envs) < 1:
             raise SearchError(f"num_envs must be a positive integer, got {self.num_envs!r}")

@@ -83,7 +83,12 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
         })
 
     share = batch_size // len(devs) if batch_size is not None and devs else None
-    if share is not None and share < min_samples:
+    if len(devs) < 2:
+        # One replica is not data parallelism, and no runtime runs it as DDP: the row would be
+        # the one-device placement priced by other rules (the pipeline engine's stage costs).
+        record("ddp", "ddp", float("nan"), False, {},
+               f"{DDP_DOES_NOT_RUN}: DDP needs 2 devices at least; the cluster has {len(devs)} it can use")
+    elif share is not None and share < min_samples:
         fewest = (f"; the model runs on no fewer than {min_samples} (micro-batch profile)" if share
                   else "")  # no sample at all needs no profile to rule it out
         record("ddp", "ddp", float("nan"), False, {},
@@ -97,7 +102,7 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
         note = (f"{len(devs)} replicas of 1/{len(devs)} batch, {len(ddp.bucket_bytes)} bucket(s), "
                 f"{ddp.exposed_allreduce * 1e3:.3f} ms all-reduce after the backward")
         step = ddp.step_time
-        if ddp.fits and len(devs) > 1:
+        if ddp.fits:
             # Written as a one-stage pipeline: its step is what `placer show` computes for that file
             # (the same rules; they agree up to rounding, tests/test_data_parallel.py).
             pipelines["ddp"] = data_parallel_pipeline(problem, devs)
