@@ -75,9 +75,38 @@ def rescue(placement: Placement, path: Path, exc: OSError) -> OutputWriteError:
 def save_best_so_far(placement: Placement, out_dir: str | os.PathLike) -> Path:
     """``out_dir/best_placement.json``: the best placement a run has found so far, marked
     ``"checked": false`` (only ``placement.json`` is written after the numerical check), so
-    ``placer apply`` can say so. Otherwise as :func:`save_or_fallback`."""
+    ``placer apply`` can say so. Otherwise as :func:`save_or_fallback`.
+
+    A faster placement of the same model on the same devices already there (by the same kind
+    of step time) is kept: a resumed run's search starts from scratch and would otherwise
+    replace the earlier run's best with its own first, slower ones, and lose it if stopped.
+    """
+    path = Path(out_dir) / "best_placement.json"
+    if _faster_on_disk(path, placement):
+        log.debug("%s holds a faster placement of this model: kept", path)
+        return path
     marked = dataclasses.replace(placement, metadata={**placement.metadata, "checked": False})
-    return save_or_fallback(marked, Path(out_dir) / "best_placement.json")
+    return save_or_fallback(marked, path)
+
+
+def _faster_on_disk(path: Path, placement: Placement) -> bool:
+    """Whether ``path`` holds a placement of the same model, devices and step-time source as
+    ``placement`` with a lower step time (an unreadable file holds nothing to keep)."""
+    from placer.placement_file import PlacementFileError, load_placement
+
+    if not path.is_file():
+        return False
+    try:
+        old = load_placement(path)
+    except PlacementFileError:
+        return False
+    same = (old.fingerprint == placement.fingerprint and list(old.devices) == list(placement.devices)
+            and old.metadata.get("source") == placement.metadata.get("source")
+            and old.metadata.get("cluster") == placement.metadata.get("cluster"))
+    try:
+        return same and float(old.metadata["step_time"]) < float(placement.metadata["step_time"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def save_or_fallback(placement: Placement, path: str | os.PathLike) -> Path:

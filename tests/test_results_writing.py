@@ -35,6 +35,71 @@ def test_an_interrupt_while_results_are_written_waits_until_every_file_is_there(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigterm_while_results_are_written_waits_until_every_file_is_there_too(tmp_path, monkeypatch):
+    """What SLURM, docker and systemd send: a second one left placement.json without report.md."""
+    result = placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", progress=False,
+                             baselines=("round_robin",), verbose=0, check=False)
+    pictures = results.write_pictures
+    seen: list[int] = []
+
+    def cli_handler(signum, frame):  # as placer.cli.main installs it: record, then interrupt
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def terminated_pictures(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return pictures(*args, **kwargs)
+
+    monkeypatch.setattr(results, "write_pictures", terminated_pictures)
+    before = signal.signal(signal.SIGTERM, cli_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            result.save(tmp_path / "out")
+        assert signal.getsignal(signal.SIGTERM) is cli_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert {"placement.json", "comparison.csv", "report.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert seen == [signal.SIGTERM]  # handed to the CLI's handler, so the exit status is 143
+
+
+def test_a_run_stopped_before_its_results_names_where_its_best_placement_is(tmp_path):
+    import argparse
+
+    from placer.cli.main import _interrupted_before_results
+
+    out = tmp_path / "out"
+    args = argparse.Namespace(out=str(out))
+    assert _interrupted_before_results(args) == "interrupted"
+    out.mkdir()
+    (out / "best_placement.json").write_text("{}")
+    assert _interrupted_before_results(args).startswith(
+        f"interrupted before the results were written; the best placement found so far is in {out / 'best_placement.json'}")
+    (out / "placement.json").write_text("{}")
+    os.utime(out / "placement.json", (os.stat(out / "best_placement.json").st_mtime + 1,) * 2)
+    assert _interrupted_before_results(args).startswith("interrupted after the results were written")
+
+
+def test_a_faster_best_placement_on_disk_is_not_replaced_by_a_slower_one(tmp_path):
+    """--resume starts the search from scratch: its first bests replaced the earlier run's
+    faster one, lost when the resumed run was stopped (walkthrough)."""
+    import json
+
+    from placer.placement_file import Placement
+    from placer.write_failure import save_best_so_far
+
+    def placement(step: float, fingerprint: str = "fp") -> Placement:
+        return Placement(assignment={"a": "gpu0"}, fingerprint=fingerprint, devices=["gpu0", "gpu1"],
+                         metadata={"step_time": step, "source": "simulated", "cluster": "c"})
+
+    path = save_best_so_far(placement(1.0), tmp_path)
+    save_best_so_far(placement(2.0), tmp_path)
+    assert json.loads(path.read_text())["metadata"]["step_time"] == 1.0
+    save_best_so_far(placement(0.5), tmp_path)
+    assert json.loads(path.read_text())["metadata"]["step_time"] == 0.5
+    save_best_so_far(placement(3.0, fingerprint="another model"), tmp_path)  # not comparable: replaced
+    assert json.loads(path.read_text())["metadata"]["step_time"] == 3.0
+
+
 def test_an_earlier_runs_results_are_moved_to_previous_so_no_folder_mixes_two_runs(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

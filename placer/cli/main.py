@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 from envs.runtime.supervisor import sweep_stale_job_dirs
@@ -86,6 +87,21 @@ def _reader_gone() -> int:
     return 141
 
 
+def _interrupted_before_results(args: argparse.Namespace) -> str:
+    """The line for a run stopped before it wrote its results (a second Ctrl-C, say): where
+    the best placement found so far is, if the command keeps one."""
+    out = getattr(args, "out", None)
+    if not out:
+        return "interrupted"
+    best, written = Path(out) / "best_placement.json", Path(out) / "placement.json"
+    if not best.is_file():
+        return "interrupted"
+    if written.is_file() and written.stat().st_mtime >= best.stat().st_mtime:
+        return f"interrupted after the results were written: {written} and its report are complete"
+    return (f"interrupted before the results were written; the best placement found so far is in {best} "
+            "(not checked: `placer apply` says so; rerun with --resume to continue from it)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 bad input, 130/143 interrupted, 141 stdout closed)."""
     parser = build_parser()
@@ -114,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(placement_json, file=sys.stderr)
             code = 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print(_interrupted_before_results(args), file=sys.stderr)
             return seen.status or 130
     if seen.status is not None:
         name = signal.Signals(seen.status - 128).name

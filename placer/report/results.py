@@ -309,20 +309,26 @@ def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: the result files are written
-    as one set. Without it a second Ctrl-C while they were written left placement.json
-    without its report.md (walkthrough: two SIGINTs 1.5 s apart). Only the main thread can
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then interrupt as the handler
+    that was in place would have: the result files are written as one set. Without it a
+    second Ctrl-C while they were written left placement.json without its report.md, and a
+    second SIGTERM still did (walkthroughs: two signals 1.5 s apart). Only the main thread can
     hold signals; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
+        handler = previous[signal.Signals(caught[0])]
+        if callable(handler):
+            handler(caught[0], None)  # the CLI's: records the signal for the exit status, then raises
         raise KeyboardInterrupt
 
 
