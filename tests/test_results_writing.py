@@ -124,3 +124,39 @@ def test_resume_continues_from_the_earlier_results_and_moves_nothing(tmp_path):
     placer.optimize(str(path), cluster="4xK40", budget="50", out_dir=out, progress=False,
                     baselines=("round_robin",), verbose=0, check=False, resume=True)
     assert not (out / "previous").exists() and (out / "report.md").exists()
+
+
+def test_a_run_that_fails_after_moving_the_earlier_results_aside_puts_them_back(tmp_path, monkeypatch):
+    """A failed run left the good result in previous/, and the run after it replaced that
+    with the failed run's leftovers (walkthrough)."""
+    import placer.optimizing.stages as stages
+    from graphs.errors import PlacerError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "placement.json").write_text("earlier run")
+    (out / "report.md").write_text("earlier report")
+
+    def failing_confirm(*_args, **_kwargs):
+        (out / "best_placement.json").write_text("failed run's best")  # as the search leaves it
+        raise PlacerError("the winner does not fit")
+
+    monkeypatch.setattr(stages, "confirm", failing_confirm)
+    with pytest.raises(PlacerError):
+        placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                        baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "placement.json").read_text() == "earlier run"
+    assert (out / "report.md").read_text() == "earlier report"
+    assert (out / "failed" / "best_placement.json").read_text() == "failed run's best"
+    assert not (out / "previous").exists()
+
+
+def test_a_stopped_runs_leftovers_do_not_replace_a_complete_result_in_previous(tmp_path):
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "placement.json").write_text("complete earlier run")
+    (out / "best_placement.json").write_text("stopped run's best")
+    placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                    baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "previous" / "placement.json").read_text() == "complete earlier run"
+    assert (out / "unfinished" / "best_placement.json").read_text() == "stopped run's best"

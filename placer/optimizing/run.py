@@ -68,12 +68,17 @@ def _run(config: OptimizeConfig) -> OptimizeResult:
     prepared = stages.prepare_run(config)
     compiled = stages.compile_run(config, prepared)
     baselines = stages.run_baselines(config, compiled)
-    with stages.measuring(config, compiled) as measurer:
-        searched = stages.search_run(config, compiled, baselines, measurer)
-        confirmed = stages.confirm(config, compiled, baselines, searched, measurer)
-    report, check_seconds = stages.check_winner(config, compiled, confirmed)
-    seconds = {"prepare": prepared.seconds, "baselines": baselines.seconds, "search": searched.seconds,
-               **confirmed.seconds}
-    if report is not None:
-        seconds["check"] = check_seconds
-    return stages.write(config, compiled, searched, confirmed, report, seconds)
+    moved = stages.set_aside_previous(config, compiled)
+    try:
+        with stages.measuring(config, compiled) as measurer:
+            searched = stages.search_run(config, compiled, baselines, measurer)
+            confirmed = stages.confirm(config, compiled, baselines, searched, measurer)
+        report, check_seconds = stages.check_winner(config, compiled, confirmed)
+        seconds = {"prepare": prepared.seconds, "baselines": baselines.seconds, "search": searched.seconds,
+                   **confirmed.seconds}
+        if report is not None:
+            seconds["check"] = check_seconds
+        return stages.write(config, compiled, searched, confirmed, report, seconds)
+    except Exception:  # an interrupt keeps this run's best in out_dir, as documented
+        stages.put_back_previous(compiled, moved)
+        raise

@@ -275,8 +275,6 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     from placer.search.search import search
 
     run = compiled.run
-    if not config.resume and run.out_dir is not None:
-        _set_aside_previous(run.out_dir)
     initial = [c.row for c in baselines.candidates if c.row is not None]
     if config.resume and run.out_dir is not None:
         previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
@@ -537,32 +535,73 @@ RESULT_FILES = ("placement.json", "best_placement.json", "report.md", "compariso
                 "search_curve.png", "search_phases.png")
 
 
-def _set_aside_previous(out_dir: Path) -> Path | None:
-    """Move an earlier run's result files from ``out_dir`` into ``out_dir/previous/`` (replacing
-    what an older run left there), so that this run's files never sit beside another run's: a
-    run that fails or is interrupted would otherwise leave its best_placement.json next to the
-    earlier placement.json and report.md (walkthrough). Nothing is deleted but an older
-    ``previous/``. Returns the folder when something was moved."""
+def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | None:
+    """Before the search writes anything: move an earlier run's result files from ``out_dir``
+    into ``out_dir/previous/``, so that this run's files never sit beside another run's (a
+    run that fails or is interrupted would otherwise leave its best_placement.json next to
+    the earlier placement.json and report.md). Nothing with ``--resume``, which continues from
+    them. Returns the folder the files went to (None: nothing moved).
+
+    ``previous/`` keeps the last *complete* result: the leftovers of a run that did not finish
+    (a best so far, a policy, but no placement.json) go to ``unfinished/`` instead when
+    ``previous/`` holds one, so a stopped run followed by a new one does not lose it. Only an
+    older folder of the same kind is deleted."""
+    out_dir = compiled.run.out_dir
+    if config.resume or out_dir is None:
+        return None
+    found = _result_files_in(out_dir)
+    if not found:
+        return None
+    complete = (out_dir / "placement.json").is_file()
+    target = out_dir / ("unfinished" if not complete and (out_dir / "previous" / "placement.json").is_file()
+                        else "previous")
+    try:
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.mkdir()
+        for path in found:
+            path.replace(target / path.name)
+    except OSError as exc:
+        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
+                          f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
+                          "continue from them)") from exc
+    log.warning("%s held %s results of an earlier run: moved to %s/ (use --resume to continue from them)",
+                out_dir, "the" if complete else "unfinished", target)
+    return target
+
+
+def _result_files_in(folder: Path) -> list[Path]:
+    """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
     from placer.search.agents.registry import agent_names, get_agent
 
     names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
-    found = [out_dir / n for n in names if (out_dir / n).is_file()]
-    if not found:
-        return None
-    previous = out_dir / "previous"
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
+    """After a run failed without writing its results: the earlier complete result goes back
+    where it was (from ``previous/``), and this run's leftovers (its best so far) to
+    ``failed/``, so a failed run leaves ``out_dir`` as the user had it."""
+    out_dir = compiled.run.out_dir
+    if moved is None or out_dir is None or moved.name != "previous" or (out_dir / "placement.json").is_file():
+        return
     try:
-        if previous.is_dir():
-            shutil.rmtree(previous)
-        previous.mkdir()
-        for path in found:
-            path.replace(previous / path.name)
-    except OSError as exc:
-        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into previous/: "
-                          f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
-                          "continue from them)") from exc
-    log.warning("%s held results of an earlier run: moved to %s/ (use --resume to continue from them)",
-                out_dir, previous)
-    return previous
+        leftovers = _result_files_in(out_dir)
+        if leftovers:
+            failed = out_dir / "failed"
+            if failed.is_dir():
+                shutil.rmtree(failed)
+            failed.mkdir()
+            for path in leftovers:
+                path.replace(failed / path.name)
+        for path in moved.iterdir():
+            path.replace(out_dir / path.name)
+        moved.rmdir()
+    except OSError as exc:  # the failure being reported matters more; the files are all still there
+        log.warning("could not put the earlier results back from %s: %s", moved, exc)
+        return
+    log.warning("the run failed: the earlier results are back in %s%s", out_dir,
+                f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:
