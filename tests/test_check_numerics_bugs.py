@@ -243,6 +243,36 @@ def test_a_buffer_the_forward_updates_once_per_call_sets_a_pipeline_with_microba
     assert "the forward updates buffer 'calls': a stage runs once per micro-batch" in report.describe_split()
 
 
+def test_a_counter_read_back_within_the_step_is_named_as_the_cause_not_batchnorm():
+    """With 4 micro-batches the counter passes 2 within the step, so the loss differs too;
+    the cause was 'e.g. BatchNorm statistics' on a model with no BatchNorm."""
+    torch.manual_seed(0)
+    report = _check(_WarmingUp(), microbatches=4)
+    assert report.split_loss_diff > report.tolerance
+    assert "the forward updates buffer 'calls'" in report.describe_split()
+    assert "BatchNorm" not in report.describe_split()
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_dropout_between_recurrent_layers_is_off_in_the_split_check_so_the_split_checks_the_same(cell):
+    """nn.LSTM's dropout between layers is an argument of torch.lstm, not an F.dropout call:
+    it was left on and blamed as 'random numbers besides dropout's'."""
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cell(8, 8, num_layers=2, dropout=0.5, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=Recurrent(), example_inputs=(torch.randn(8, 5, 8),), name="recurrent")
+    cap = capture(spec.model, spec.example_inputs, name="recurrent")
+    report = check_batch_split(spec, cap, microbatches=2, replicas=2)
+    assert report.split_ok and report.split_without_dropout, report.describe_split()
+
+
 def test_a_counter_buffer_under_ddp_without_microbatches_is_the_same_as_the_full_batch():
     torch.manual_seed(0)
     report = _check(_WarmingUp(), microbatches=1, replicas=2)

@@ -40,7 +40,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -471,6 +471,20 @@ _DROPOUT_P_AT = {
 }
 
 
+#: The recurrent layers' functions (``nn.LSTM``/``GRU``/``RNN`` call them with their
+#: ``dropout`` between layers). Two overloads each: (input, hx, params, has_biases, layers,
+#: dropout, train, ...) and, for packed sequences, (data, batch_sizes, hx, params, ...), one
+#: place later.
+_RNNS = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
+
+
+def _rnn_dropout_at(func: object, args: tuple) -> int:
+    """The position of ``dropout`` in this call of a recurrent function (the overload's)."""
+    packed = (isinstance(args[1], torch.Tensor) if func is torch.lstm
+              else len(args) > 2 and isinstance(args[2], torch.Tensor))
+    return 6 if packed else 5
+
+
 class _NoDropout(TorchFunctionMode):
     """Dropout as the identity, attention's included. A batch and its micro-batches draw
     different masks, so with dropout on they never agree, however sample-wise the model is;
@@ -490,7 +504,7 @@ class _NoDropout(TorchFunctionMode):
             training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
             self.switched |= bool(training) and float(p) > 0
             return args[0].clone()
-        at = _DROPOUT_P_AT.get(func)
+        at = _rnn_dropout_at(func, args) if func in _RNNS and len(args) > 6 else _DROPOUT_P_AT.get(func)
         if at is not None:
             self.switched |= float(args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)) > 0
             if len(args) > at:
@@ -600,17 +614,25 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
                               "split_grad_diff": worst_grad, "split_buffer_diff": worst_buffer,
                               "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
+    start = dict(captured.gm.named_buffers())
+    updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
     if max(out["split_loss_diff"], worst_grad) > tolerance:  # type: ignore[call-overload]
-        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype)
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype,
+                                          updated, (microbatches, replicas, size))
     elif worst_buffer > tolerance:
         name = max(buffer_diffs.items(), key=lambda kv: kv[1])[0].removeprefix("buffer:")
-        out["split_cause"] = (
-            f"the forward updates buffer {name!r}: a stage runs once per micro-batch, so {microbatches} "
-            f"micro-batches of {size} samples leave it other than one pass over the full batch does (a counter "
-            f"advances {microbatches} times, a running statistic sees the parts)" if microbatches > 1 else
-            f"the forward updates buffer {name!r} from its inputs: each of the {replicas} replicas sees {size} "
-            "samples and DDP keeps the first replica's buffers, not the full batch's")
+        out["split_cause"] = _buffer_cause(name, microbatches, replicas, size)
     return out
+
+
+def _buffer_cause(name: str, microbatches: int, replicas: int, size: int) -> str:
+    """Why a buffer the forward updates makes the split differ."""
+    if microbatches > 1:
+        return (f"the forward updates buffer {name!r}: a stage runs once per micro-batch, so {microbatches} "
+                f"micro-batches of {size} samples leave it other than one pass over the full batch does (a counter "
+                f"advances {microbatches} times, a running statistic sees the parts)")
+    return (f"the forward updates buffer {name!r} from its inputs: each of the {replicas} replicas sees {size} "
+            "samples and DDP keeps the first replica's buffers, not the full batch's")
 
 
 def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
@@ -631,7 +653,8 @@ def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: in
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
                  split_loss: torch.Tensor, parts: int, tolerance: float, seed: int,
-                 dtype: torch.dtype | None = None) -> str:
+                 dtype: torch.dtype | None = None, updated: Sequence[str] = (),
+                 split: tuple[int, int, int] = (1, 1, 0)) -> str:
     """Why the split batch computes something else, as far as it can be told."""
     with _NoDropout(), _default_dtype(dtype):
         other_loss, _, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
@@ -647,7 +670,9 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
         return f"BatchNorm in training mode ({shown}) normalises each micro-batch by its own statistics"
     if _scaled_diff(split_loss * parts, full_loss) <= tolerance:
         return f"the loss sums over samples, so each of the {parts} parts carries 1/{parts} of it; expected a mean"
-    return "e.g. BatchNorm statistics: an op mixes samples across the batch"
+    if updated:  # read back within the step (a warm-up counter): the later micro-batches see it advanced
+        return _buffer_cause(updated[0], *split)
+    return "an op mixes samples across the batch (a normalisation over it, a sum or mean over dim 0)"
 
 
 def _cuda_indices(real_devices: Mapping[str, str] | None, assignment: Mapping[str, str]) -> list[int]:
