@@ -211,3 +211,19 @@ def test_when_ddp_wins_placers_own_best_is_named_among_rows_tied_at_its_time():
     table = pd.DataFrame([{"method": m, "kind": k, "step_time": t, "fits": True, "source": "simulated", "note": ""}
                           for m, k, t in rows])
     assert "the placement placer (moves) is 2.00x slower than DDP" in recommendation_line(table, "ddp")
+
+
+def test_a_winner_faster_than_an_unchecked_ddp_says_ddps_split_was_not_checked():
+    import pandas as pd
+
+    from placer.search.baselines.pipeline_rows import recommendation_line
+
+    table = pd.DataFrame([
+        {"method": "placer (moves)", "kind": "placement", "step_time": 0.001, "fits": True, "source": "simulated",
+         "note": ""},
+        {"method": "ddp", "kind": "ddp", "step_time": 0.002, "fits": True, "source": "simulated",
+         "note": "4 replicas of 1/4 batch; batch split not checked (slower than the winner)"},
+    ])
+    line = recommendation_line(table, "placer (moves)")
+    assert line.endswith("is 2.00x faster than DDP (2.000 ms, simulated; whether DDP's batch split computes the same "
+                         "was not checked)")

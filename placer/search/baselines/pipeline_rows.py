@@ -225,6 +225,10 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
                              f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})"
                              + (", so the placement written is DDP" if ddp_won else ""))
             else:
+                # DDP slower than the winner is not checked: it may also compute something else.
+                unchecked = "batch split not checked" in note
                 parts.append(f"the placement {winner} is {1 / ratio:.2f}x faster than DDP "
-                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})")
+                             f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')}"
+                             + ("; whether DDP's batch split computes the same was not checked" if unchecked
+                                else "") + ")")
     return "; ".join(parts)
