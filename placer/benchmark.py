@@ -309,9 +309,11 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
     cases = []
     for model in models:
         source = model if ":" in model or model.endswith(".py") else f"zoo:{model}"
+        # The size preset is the zoo's: a model file need not take a `size` argument.
+        model_args = {"size": size} if source.startswith("zoo:") else {}
         if progress:
-            progress(f"preparing {source} (size={size})")
-        prep = prepare(source, model_args={"size": size}, cache_dir=cache_dir)
+            progress(f"preparing {source}" + (f" (size={size})" if model_args else ""))
+        prep = prepare(source, model_args=model_args, cache_dir=cache_dir)
         graph = prep.grouping.graph
         label = prep.spec.name or model
         optimizer = optimizer_name(prep.spec)
@@ -326,7 +328,7 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
                 note = f"memory capped at {fraction:g}x model; speed-up over uncapped single device"
                 cname = cname if cname.endswith(TIGHT_SUFFIX) else f"{cname}@{fraction:g}"
             cases.append(BenchCase(label, cname, problem, graph, prep.captured, prep.grouping.op_to_group,
-                                   reference, note, prep.grouping, source, {"size": size}, cluster))
+                                   reference, note, prep.grouping, source, model_args, cluster))
     return cases
 
 

@@ -16,6 +16,9 @@ def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
     """
     if out_dir is None:
         return None
+    if not str(out_dir).strip():
+        # Path("") is the current directory: the results landed there and were reported as in "/".
+        raise OptionError("--out is empty; expected a directory to write the results into")
     path = Path(out_dir)
     existing = path
     while not existing.exists() and existing.parent != existing:

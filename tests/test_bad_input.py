@@ -276,6 +276,21 @@ def test_a_seed_numpy_or_torch_cannot_take_stops_optimize_in_one_line_before_any
     assert not out.exists()
 
 
+def test_an_empty_out_is_refused_in_one_line_instead_of_writing_into_the_current_directory(tmp_path, capsys,
+                                                                                             model_file):
+    assert main(["optimize", str(model_file), "--out", "", "-q"]) == 2
+    assert capsys.readouterr().err == "error: --out is empty; expected a directory to write the results into\n"
+
+
+def test_benchmark_prepares_a_model_file_without_a_size_argument(model_file):
+    """--size is the zoo's preset; its default was passed to every model file too, and a file
+    whose get_model() takes no `size` was refused."""
+    from placer.benchmark import prepare_cases
+
+    [case] = prepare_cases([str(model_file)], ["4xK40"])
+    assert case.problem.num_nodes > 0
+
+
 # --------------------------------------------------------------------------- profile cache
 
 NODES = ("a", "b")
