@@ -532,6 +532,30 @@ def complete_state(gm: fx.GraphModule, model: nn.Module) -> None:
                 owner = gm.get_submodule(path) if path else gm
                 if key in owner._buffers:
                     owner._non_persistent_buffers_set.add(key)
+    _match_registration_order(gm, model)
+
+
+def _match_registration_order(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Register ``gm``'s submodules, parameters and buffers in ``model``'s order.
+
+    fx copies them in the order forward() uses them, so a model that defines its head first
+    listed its parameters in another order once placed: an optimizer's ``state_dict`` (which
+    is by position) saved from the placed model then resumed the original with Adam's moments
+    on the wrong weights, and a weight tied between two modules was named after the other
+    one (``emb.weight`` for ``head.weight``), which the numerical check took for a missing
+    gradient (walkthrough)."""
+    for path, mod in model.named_modules(remove_duplicate=False):
+        try:
+            placed = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue
+        for attr in ("_modules", "_parameters", "_buffers"):
+            own, theirs = getattr(placed, attr), getattr(mod, attr)
+            order = [k for k in theirs if k in own] + [k for k in own if k not in theirs]
+            if list(own) != order:
+                reordered = {k: own[k] for k in order}
+                own.clear()
+                own.update(reordered)
 
 
 def _ensure_module(root: nn.Module, path: str) -> nn.Module:

@@ -503,3 +503,28 @@ def test_a_buffer_the_forward_reassigns_is_compared_as_it_is_after_each_step():
     assert cap.method == "export"
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok and report.compared_buffers == 1, report.describe()
+
+
+def test_a_model_defining_its_tied_head_first_keeps_its_parameter_order_and_checks_the_same():
+    """fx registered parameters in forward's order: an optimizer state_dict saved from the placed
+    model resumed the original on the wrong weights, and the tied weight was named emb.weight
+    instead of head.weight, which the check took for two missing gradients."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)
+            self.emb = nn.Embedding(20, 8)
+            self.mid = nn.Linear(8, 8)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randint(0, 20, (4, 5))
+    cap = capture(model, (x,), name="tied")
+    assert [n for n, _ in cap.gm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(cap.gm.state_dict()) == list(model.state_dict())
+    spec = ModelSpec(model=model, example_inputs=(x,), name="tied")
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok, report.describe()
