@@ -82,11 +82,18 @@ def save_best_so_far(placement: Placement, out_dir: str | os.PathLike) -> Path:
     replace the earlier run's best with its own first, slower ones, and lose it if stopped.
     """
     path = Path(out_dir) / "best_placement.json"
-    if _faster_on_disk(path, placement):
+    # This process's own file is always replaced: a recalibrated reward rescores its best.
+    if path.resolve() not in _WRITTEN_HERE and _faster_on_disk(path, placement):
         log.debug("%s holds a faster placement of this model: kept", path)
         return path
     marked = dataclasses.replace(placement, metadata={**placement.metadata, "checked": False})
-    return save_or_fallback(marked, path)
+    written = save_or_fallback(marked, path)
+    _WRITTEN_HERE.add(path.resolve())
+    return written
+
+
+#: The best_placement.json files this process wrote (see :func:`save_best_so_far`).
+_WRITTEN_HERE: set[Path] = set()
 
 
 def _faster_on_disk(path: Path, placement: Placement) -> bool:
