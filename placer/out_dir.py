@@ -1,4 +1,4 @@
-"""The output directory of a command: refused up front when it cannot be written."""
+"""The output and cache directories of a command: refused up front when they cannot be written."""
 
 from __future__ import annotations
 
@@ -14,19 +14,33 @@ def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
     The directory is created by the first file written into it, so a run that fails
     early (bad input, a model that does not fit) leaves no empty directory behind.
     """
-    if out_dir is None:
+    return _check_writable_dir(out_dir, "--out", "output directory")
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path | None:
+    """Refuse a profile cache directory that cannot be written (a file, a read-only place),
+    before the model is captured: the profiler found out only when it first saved a profile,
+    with a traceback. None: the default cache, which is checked where it is made."""
+    if cache_dir is None:
         return None
-    if not str(out_dir).strip():
+    return _check_writable_dir(Path(cache_dir).expanduser() if str(cache_dir).strip() else cache_dir,
+                               "--cache-dir", "cache directory")
+
+
+def _check_writable_dir(folder: str | os.PathLike | None, option: str, what: str) -> Path | None:
+    if folder is None:
+        return None
+    if not str(folder).strip():
         # Path("") is the current directory: the results landed there and were reported as in "/".
-        raise OptionError("--out is empty; expected a directory to write the results into")
-    path = Path(out_dir)
+        raise OptionError(f"{option} is empty; expected a directory to write into")
+    path = Path(folder)
     existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not a directory")
+        raise OptionError(f"cannot write to {what} {str(path)!r}: {str(existing)!r} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {str(existing)!r} is not writable")
+        raise OptionError(f"cannot write to {what} {str(path)!r}: {str(existing)!r} is not writable")
     try:
         if existing != path:
             # os.access trusts mode bits: root passes them, and so do /proc or a read-only
@@ -39,5 +53,5 @@ def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise OptionError(f"cannot write to output directory {str(path)!r}: {exc.strerror or exc}") from exc
+        raise OptionError(f"cannot write to {what} {str(path)!r}: {exc.strerror or exc}") from exc
     return path

@@ -279,7 +279,20 @@ def test_a_seed_numpy_or_torch_cannot_take_stops_optimize_in_one_line_before_any
 def test_an_empty_out_is_refused_in_one_line_instead_of_writing_into_the_current_directory(tmp_path, capsys,
                                                                                              model_file):
     assert main(["optimize", str(model_file), "--out", "", "-q"]) == 2
-    assert capsys.readouterr().err == "error: --out is empty; expected a directory to write the results into\n"
+    assert capsys.readouterr().err == "error: --out is empty; expected a directory to write into\n"
+
+
+@pytest.mark.parametrize("command", ["optimize", "graph"])
+def test_a_cache_dir_that_is_a_file_is_refused_in_one_line_before_any_work(tmp_path, capsys, model_file, command):
+    """The profiler found out when it first saved a profile: FileExistsError, a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if command == "optimize" else []
+    assert main([command, str(model_file), "--cache-dir", str(afile), *extra]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write to cache directory {str(afile)!r}: {str(afile)!r} "
+                                       "is not a directory\n")
+    assert not out.exists()
 
 
 def test_benchmark_prepares_a_model_file_without_a_size_argument(model_file):

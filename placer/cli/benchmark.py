@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from graphs.zoo import ZOO_MODELS
     from placer.benchmark import BenchmarkError, get_method, markdown, prepare_cases, run_benchmark
     from placer.options import check_seed
+    from placer.out_dir import check_cache_dir
 
     models = _csv(args.models) if args.models else list(ZOO_MODELS)
     clusters = _csv(args.clusters)
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
         parse_budget(args.budget)
     check_seed(args.seed)
+    check_cache_dir(args.cache_dir)
 
     def say(msg: str) -> None:
         if not args.quiet:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from graphs.graph_io import graph_format, save_graph
     from graphs.pipeline import prepare
     from placer.options import OptionError, parse_device_list, parse_model_args
-    from placer.out_dir import check_out_dir
+    from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.graph_summary import format_summary, graph_summary
 
     if args.top < 0:
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         graph_format(args.save)  # refuse a bad file name or folder before the long work
         check_out_dir(Path(args.save).parent)
+    check_cache_dir(args.cache_dir)
     model_args = parse_model_args(args.model_arg, size=args.size)
     devices = parse_device_list(args.devices) if args.devices else None
     # With --json, stdout carries only the JSON document: anything the model file prints

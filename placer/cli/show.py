@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from graphs.pipeline import prepare
     from placer.optimizing.devices import profiles_microbatches
     from placer.options import OptionError, parse_model_args
-    from placer.out_dir import check_out_dir
+    from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.plots import plot_memory, plot_placed_graph
 
     check_out_dir(args.out)  # before the model is captured and profiled, not after
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  model arguments (recorded by optimize): {model_args}")
     # The profiles optimize costed the placement with: its cache folder unless told otherwise.
     cache_dir = args.cache_dir or meta.get("cache_dir")
+    check_cache_dir(cache_dir)
     prepared = prepare(args.model, model_args=model_args, microbatch_profile=profiles_microbatches(cluster),
                        cache_dir=cache_dir)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)

@@ -31,6 +31,7 @@ from envs.gym.reward_modes import REWARD_MODES
 from envs.hardware.cluster import Cluster
 from envs.runtime.measurer import Measurer
 from placer.options import OptionError, check_seed
+from placer.out_dir import check_cache_dir
 from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, agent_names, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
@@ -120,6 +121,7 @@ class OptimizeConfig:
         if self.groups is not None and (isinstance(self.groups, bool) or self.groups < 1):
             raise OptionError(f"--groups must be at least 1, got {self.groups}")
         check_seed(self.seed)
+        check_cache_dir(self.cache_dir)
         try:
             entry = get_agent(self.agent)
         except UnknownAgentError as exc:
