@@ -432,3 +432,17 @@ def test_devices_that_mix_worker_processes_with_this_process_are_refused_naming_
     assert main(["optimize", "zoo:rnnlm", "--devices", "cpu,cpu:0", "--budget", "10"]) == 2
     err = capsys.readouterr().err
     assert "mix worker processes (cpu:0) with devices of this process (cpu)" in err and err.count("\n") == 1
+
+
+def test_resume_with_a_policy_file_torch_cannot_read_is_one_line(tmp_path, capsys, model_file):
+    """A moves.pt of garbage was a 40-line UnpicklingError traceback."""
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_file), "--budget", "50", "--baselines", "single", "--out", str(out),
+                 "-q"]) == 0
+    (out / "moves.pt").write_text("garbage")
+    capsys.readouterr()
+    assert main(["optimize", str(model_file), "--budget", "50", "--baselines", "single", "--out", str(out),
+                 "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot resume from {out / 'moves.pt'}: it is not a policy file placer saved (torch "
+                   "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")

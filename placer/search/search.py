@@ -210,8 +210,14 @@ def _make_improver(problem: PlacementProblem, env: BatchedPlacementVecEnv, track
 
 def _resume(agent: SearchAgent, path: Path) -> None:
     """Load the weights an earlier search saved at ``path`` into ``agent``."""
+    import pickle
+    import zipfile
+
     try:
         agent.resume(path)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError):
+        raise SearchError(f"cannot resume from {path}: it is not a policy file placer saved (torch cannot read "
+                          "it); expected the moves.pt or policy.zip of an earlier run, or remove it") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SearchError(
             f"cannot resume from {path}: it was saved for another problem, agent or group count ({exc})"
