@@ -107,6 +107,17 @@ def test_nan_in_the_same_places_on_both_sides_is_no_difference_and_on_one_side_i
     assert _scaled_diff(torch.tensor([inf, 1.5]), torch.tensor([inf, 1.0])) == pytest.approx(0.25)
 
 
+def test_sparse_gradients_are_compared_dense_and_complex_values_on_both_parts():
+    """nn.Embedding(sparse=True)'s gradient had no torch.equal (a traceback after the search);
+    complex values were cast to real, so an imaginary difference passed unseen."""
+    dense = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert _scaled_diff(dense.to_sparse(), dense) == 0.0
+    assert _scaled_diff(dense.to_sparse(), dense + 0.5) == pytest.approx(0.5 / 3.5)  # scale 1 + max |b|
+    z = torch.tensor([1 + 1j, 2 - 1j])
+    assert _scaled_diff(z, z.clone()) == 0.0
+    assert _scaled_diff(z, torch.tensor([1 + 2j, 2 - 1j])) > 0.1
+
+
 def test_a_placed_model_reproducing_the_originals_nan_outputs_checks_the_same():
     class HalfNaN(nn.Module):
         def __init__(self):

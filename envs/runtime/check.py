@@ -203,6 +203,12 @@ def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dtype == torch.bool or b.dtype == torch.bool:
         a, b = a.to(torch.int8), b.to(torch.int8)
     a, b = a.detach().to("cpu"), b.detach().to("cpu")
+    # Sparse gradients (nn.Embedding(sparse=True)) have no torch.equal; complex values would
+    # lose their imaginary part in the cast below: compare dense, real and imaginary apart.
+    a, b = (t.to_dense() if t.layout != torch.strided else t for t in (a, b))
+    if a.is_complex() or b.is_complex():
+        common = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.complex64)
+        a, b = (torch.view_as_real(t.to(common).resolve_conj()) for t in (a, b))
     if a.shape != b.shape:
         return float("inf")
     # In the tensors' own floating dtype (float32 stays float32: a difference of two float32
