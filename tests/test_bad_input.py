@@ -446,3 +446,21 @@ def test_resume_with_a_policy_file_torch_cannot_read_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert err == (f"error: cannot resume from {out / 'moves.pt'}: it is not a policy file placer saved (torch "
                    "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--baselines", ""], "error: --baselines '' names no baseline; expected comma-separated names such as "
+                          "single,expert,m_etf (leave it out for the default set)\n"),
+    (["--baselines", ","], "error: --baselines ',' names no baseline"),
+    (["--agent", "hierarchical", "--groups", "3"],
+     "error: --groups 3 is fewer than the cluster's 5 devices; the hierarchical agent needs --groups 5 or more\n"),
+])
+def test_options_that_cannot_work_are_refused_in_one_line_before_the_search(tmp_path, capsys, model_file, extra,
+                                                                           expected):
+    """--baselines '' ran nothing and then said no baseline fits; --groups below the device count
+    was refused once the search ran, naming the internal num_groups."""
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "50", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+    assert not out.exists()

@@ -100,11 +100,15 @@ def run(args: argparse.Namespace) -> int:
     from placer.cli.logs import printed_logs
     from placer.optimizing.config import DEFAULT_BASELINES
     from placer.optimizing.run import optimize
-    from placer.options import parse_model_args
+    from placer.options import OptionError, parse_model_args
     from placer.report.results import summary_lines
 
     baselines = DEFAULT_BASELINES if args.baselines is None else tuple(
         b.strip() for b in args.baselines.split(",") if b.strip())
+    if not baselines:
+        # Nothing ran, then "no baseline placement fits in device memory" for a model that fits.
+        raise OptionError(f"--baselines {args.baselines!r} names no baseline; expected comma-separated names "
+                          "such as single,expert,m_etf (leave it out for the default set)")
     with printed_logs(logging.WARNING if args.quiet else logging.INFO):
         result = optimize(
             args.model, devices=args.devices, cluster=args.cluster, budget=args.budget, reward=args.reward,

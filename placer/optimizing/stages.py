@@ -52,6 +52,7 @@ from placer.out_dir import check_out_dir
 from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
+from placer.search.agents.registry import agent_names, get_agent
 from placer.search.baselines.pipeline_rows import parallel_rows
 from placer.search.config import SearchConfig
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
@@ -177,6 +178,11 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
             f"reward {config.reward!r} needs real devices (--devices), but cluster {cluster.name!r} is simulated; "
             "use --reward simulated"
         )
+    if config.groups is not None and config.groups < cluster.num_devices and get_agent(config.agent).hierarchical:
+        # The grouper's action gives each group a device: fewer groups than devices cannot say
+        # every placement (envs.gym.placement_env), found once the search ran.
+        raise OptionError(f"--groups {config.groups} is fewer than the cluster's {cluster.num_devices} devices; the "
+                          f"{config.agent} agent needs --groups {cluster.num_devices} or more")
     reward = config.reward or _default_reward(cluster, config)
     start = time.perf_counter()
     source: ModelSpec | str | os.PathLike = config.model if config.from_source else _to_spec(config)  # type: ignore[assignment]
@@ -572,7 +578,6 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
 
 def _result_files_in(folder: Path) -> list[Path]:
     """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
-    from placer.search.agents.registry import agent_names, get_agent
 
     names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
     return [folder / n for n in names if (folder / n).is_file()]
