@@ -94,3 +94,21 @@ def test_rendezvous_kinds_whose_stores_listen_everywhere_are_refused_in_one_line
                               text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert "listen on every interface; expected the static rendezvous" in done.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--master-port=99999"], "torchrun: --master-port '99999' is not a port; expected an integer from 1 to 65535\n"),
+    (["--nproc-per-node=0"], "torchrun: --nproc-per-node '0' is not a process count"),
+    (["--nproc-per-node=abc"], "torchrun: --nproc-per-node 'abc' is not a process count"),
+])
+def test_a_port_or_process_count_torch_cannot_use_is_one_line_before_anything_starts(capsys, tmp_path, extra,
+                                                                                       expected):
+    """torch reported these with a 27-line traceback, a bare AssertionError and two chained ones."""
+    from envs.runtime.torchrun import main
+
+    argv = ["--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *extra,
+            "-m", "envs.runtime.pipeline.worker", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())

@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rendezvous (--master-addr, --master-port), whose store this launcher binds to --master-addr, "
               "or plain torchrun", file=sys.stderr)
         return 2
+    bad = _bad_argument(args)
+    if bad:
+        print(f"torchrun: {bad}", file=sys.stderr)
+        return 2
     ready: dict[tuple[str, int], socket.socket] = {}
     if int(args.node_rank) == 0:
         host, port = args.master_addr, int(args.master_port)
@@ -74,8 +78,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "port on an address of this machine (--master-port, --master-addr)", file=sys.stderr)
             return 2
     static_backend.TCPStore = _bound_store(static_backend.TCPStore, ready)  # type: ignore[attr-defined]
-    torchrun.main(argv)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(argv)
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the agent has stopped the workers
+        print(f"torchrun: stopped by {exc.sigval.name}; its workers were stopped", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"torchrun: worker rank {rank} failed with exit code {failure.exitcode} (its output is above)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _bad_argument(args: Any) -> str:
+    """What is wrong with torchrun's arguments that torch would report with a traceback ("" if nothing)."""
+    port = str(args.master_port)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"--master-port {port!r} is not a port; expected an integer from 1 to 65535"
+    nproc = str(args.nproc_per_node)
+    if nproc not in ("auto", "cpu", "gpu", "xpu") and not (nproc.isdigit() and int(nproc) >= 1):
+        return f"--nproc-per-node {nproc!r} is not a process count; expected an integer of 1 or more, or auto, cpu, gpu"
+    return ""
 
 
 if __name__ == "__main__":
