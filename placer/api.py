@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from envs.hardware.rank_devices import is_rank_device_list
 from envs.runtime.apply import apply_placement, realize_placement, to_device
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
@@ -156,18 +157,59 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
     }
 
 
+def train_rank_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, source: str,
+                     model_args: Mapping[str, Any] | None = None, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Run an un-pipelined placement over worker processes (``cpu:0,cpu:1``) as ``optimize``
+    measured it: one process per device, one thread each, the point-to-point runtime
+    (:func:`envs.runtime.distributed.launcher.run_job`). The losses come from a training task
+    of ``warmup + steps`` steps, the times from a measuring one (each step the slowest rank's).
+    ``source``: the model file or ``zoo:<name>`` the workers load the model's code from.
+
+    Raises:
+        PlacerError: the job failed (the reason names the rank).
+    """
+    from envs.runtime.distributed.launcher import run_job
+
+    devices = list(placement.devices)
+    ranks = {node: devices.index(dev) for node, dev in placement.assignment.items()}
+    tasks = [{"kind": "train", "ranks": ranks, "steps": warmup + steps},
+             {"kind": "measure", "ranks": ranks, "warmup": warmup, "repeats": steps}]
+    out = run_job(spec, source, devices, tasks, model_args=model_args, threads=1, captured=captured)
+    if not out.ok:
+        raise PlacerError(f"the placement did not run over {', '.join(devices)}: {out.error}")
+    trained, measured = out.results
+    assert trained is not None and measured is not None  # out.ok: every task finished
+    losses = next(r["losses"] for r in trained if r["losses"] and r["losses"][0] is not None)[warmup:]
+    times = [max(r["times"][i] for r in measured) for i in range(steps)]
+    return {
+        "losses": [float(x) for x in losses], "times": times, "median": statistics.median(times), "min": min(times),
+        "devices": ", ".join(devices),
+        "note": f"un-pipelined over {len(devices)} worker processes (1 thread each), as optimize measured it; "
+                "a step's time is its slowest rank's",
+    }
+
+
 def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,
-                warmup: int = 2, cluster: ClusterSource | None = None) -> dict[str, Any]:
+                warmup: int = 2, cluster: ClusterSource | None = None, source: str | None = None,
+                model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run ``warmup + steps`` full training steps with ``placement``; returns losses and step times.
 
     A pipelined placement over worker processes runs as a pipeline
     (:func:`train_pipeline_steps`); one over other devices runs its stages' assignment
-    un-pipelined, and the note says so (:func:`pipeline_run_mode`).
+    un-pipelined, and the note says so (:func:`pipeline_run_mode`). An un-pipelined placement
+    over worker processes runs over them when the model's ``source`` is given
+    (:func:`train_rank_steps`); without it, in this process, and the note says so.
 
     Raises:
         PlacerError: a pipeline whose ``R x M`` does not divide the batch.
     """
     mode = pipeline_run_mode(placement, cluster)
+    over_ranks = placement.pipeline is None and is_rank_device_list(list(placement.devices))
+    if over_ranks and source is not None:
+        return train_rank_steps(spec, captured, placement, source, model_args, steps=steps, warmup=warmup)
+    if over_ranks:
+        mode = (f"the devices are worker processes, but without the model's source this runs in one process "
+                f"({torch.get_num_threads()} thread(s)), not as optimize measured it")
     if placement.pipeline is not None:
         from graphs.model_file import batch_size_of
 

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "steps (forward, loss, backward, optimizer step), printing the median step time. A "
                     "pipelined placement over worker processes (cpu:0,cpu:1) runs as a pipeline: one process per "
                     "stage device, its micro-batches and schedule, through torch.distributed.pipelining; over "
-                    "simulated devices its stages' assignment runs un-pipelined (the note says so).",
+                    "simulated devices its stages' assignment runs un-pipelined (the note says so). An un-pipelined "
+                    "placement over worker processes runs over them too, one thread each, as optimize measured it.",
         epilog="example:\n  python -m placer apply graphs/zoo/nmt.py placer-out/placement.json --steps 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     spec = load_source(args.model, model_args)
     captured = capture(spec.model, spec.example_inputs, name=spec.name)
     placement = load(args.placement, model=captured, cluster=args.cluster)
-    stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster)
+    stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
+                        source=args.model, model_args=model_args)
     print(f"{spec.name}: {args.steps} training steps with {args.placement}")
     print(f"devices: {stats['devices']}")
     if stats["note"]:
