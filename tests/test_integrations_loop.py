@@ -138,3 +138,23 @@ def test_inputs_the_model_cannot_take_are_named_in_one_error_without_torch_log_d
                                              r"mat1 and mat2 shapes cannot be multiplied \(6x5 and 8x8\)"):
         placer.place(model, (torch.randn(6, 5),), cluster="4xK40", budget=100, use_cache=False)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_ctrl_c_during_the_search_of_place_reaches_the_training_script_and_caches_nothing(tmp_path, monkeypatch):
+    """optimize stops its search on Ctrl-C to keep what it found; place() returned that half-searched
+    placement, cached it as finished, and the script trained on, exiting 0 (walkthrough)."""
+    import types
+
+    import placer.optimizing.run as run
+
+    real = run.optimize
+
+    def interrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return types.SimpleNamespace(**{**vars(result), "search": types.SimpleNamespace(stop_reason="interrupted")})
+
+    monkeypatch.setattr(run, "optimize", interrupted)
+    model = _model()
+    with pytest.raises(KeyboardInterrupt):
+        loop.place(model, torch.randn(8, 32), cluster="4xK40", budget="20", cache_dir=tmp_path, check=False)
+    assert not list(tmp_path.iterdir())

@@ -219,6 +219,12 @@ def find_placement(
 
     result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose)
+    if result.search is not None and result.search.stop_reason == "interrupted":
+        # The search stops early on Ctrl-C so that optimize can write what it found; inside a
+        # training script that swallowed the interrupt: the script trained on, the half-searched
+        # placement cached as if finished. The interrupt is the user's: it goes on up.
+        log.warning("placement search interrupted: nothing cached")
+        raise KeyboardInterrupt
     placement, step_time, method = result.placement, result.step_time, result.winner
     if placement.pipeline is not None:
         # Applied in this process, a pipeline's stages would run one after the other on the
