@@ -98,6 +98,38 @@ def test_probing_the_boundary_shapes_leaves_every_buffer_and_the_random_state_as
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_a_cut_between_a_buffer_and_its_in_place_update_is_refused_naming_both():
+    """The later stage received a copy of the running mean and updated that: the model's buffer
+    stayed at 0, with no error (walkthrough, a hand-built cut given to run_training)."""
+    from envs.runtime.pipeline.stages import split_stages
+    from graphs.capture import capture
+
+    class Ema(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 16)
+            self.l2 = torch.nn.Linear(16, 1)
+            self.register_buffer("ema", torch.zeros(16))
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            self.ema.mul_(0.5).add_(0.5 * h.detach().mean(0))
+            return self.l2(h)
+
+    gm = capture(Ema(), (torch.randn(4, 8),), name="ema").gm
+    names = [n.name for n in gm.graph.nodes]
+    holder = next(n.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == "ema")
+    update = next(n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "mul_")
+    last = next(n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "add_")
+    cut = names.index(holder) + 1  # the buffer in stage 0, its updates in stage 1
+    pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe")
+    with pytest.raises(PipelineError, match=rf"node '{update}' \(stage 1\) updates 'ema' in place, but stage 0 "
+                                            "holds it: the update would land on a copy"):
+        split_stages(gm, pipe)
+    whole = names.index(last) + 1
+    split_stages(gm, Pipeline((tuple(names[:whole]), tuple(names[whole:])), ("cpu:0", "cpu:1"), 2, "gpipe"))
+
+
 def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_2(tmp_path):
     gm, batch = model_and_batch(Chain)
     launcher.write_job(tmp_path, gm, batch, None, steps=1)

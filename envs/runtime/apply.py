@@ -128,7 +128,7 @@ def _canonical(dev: torch.device) -> str:
     return str(dev)
 
 
-def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
+def mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
     """Indices of ``node.args`` that ``node`` updates in place."""
     if node.op == "call_method":
         t = str(node.target)
@@ -267,7 +267,7 @@ def _effective_devices(
     # runs where that activation lives.
     state_owner: dict[str, str] = {}
     for n in nodes:
-        for i in _mutated_args(n, gm):
+        for i in mutated_args(n, gm):
             arg = n.args[i]
             if not isinstance(arg, fx.Node):
                 continue
@@ -291,7 +291,7 @@ def _updated_in_place(gm: fx.GraphModule) -> set[str]:
     root: dict[str, str] = {n.name: f"attr:{n.target}" for n in gm.graph.nodes if n.op == "get_attr"}
     targets: set[str] = set()
     for n in gm.graph.nodes:
-        mutated = [n.args[i] for i in _mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
+        mutated = [n.args[i] for i in mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
         for arg in mutated:
             targets.add(root.get(arg.name, arg.name))
         if mutated:
