@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from graphs.pipeline import Prepared
 from placer.placement_file import Placement
 from placer.report.compare import Candidate
 from placer.report.results import write_results
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,9 +59,18 @@ class OptimizeResult:
     measurement: Any = None  # placer.measurement.MeasurementSummary on real devices
 
     def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
-        """The placed, trainable module (over real devices; virtual ones map through the cluster)."""
+        """The placed, trainable module (over real devices; virtual ones map through the cluster).
+
+        A pipelined winner (micro-batches, DDP replicas) needs one process per device, which a
+        module in this process cannot be: its stages' devices are applied un-pipelined, and the
+        log says so (``placer apply`` or :func:`placer.api.train_steps` run it as a pipeline)."""
         from envs.runtime.apply import apply_placement
         from graphs.capture import capture
+
+        if self.placement.pipeline is not None:
+            log.warning("the placement is %s, which runs one process per device; this module applies its stages' "
+                        "devices un-pipelined in one process (run it with `placer apply` to train it as placed)",
+                        self.placement.pipeline.describe())
 
         captured = self.prepared.captured
         if model is not None and model is not self.prepared.spec.model:

@@ -35,3 +35,18 @@ def test_when_ddp_is_fastest_the_placement_written_is_ddp_checked_and_show_gives
     assert main(["show", str(out / "placement.json"), "--model", str(model), "--out", str(tmp_path / "pics")]) == 0
     shown = capsys.readouterr().out
     assert f"data parallel (DDP over 4 replicas): {ddp_step * 1e3:.3f} ms per step" in shown
+
+
+def test_applying_a_ddp_result_in_this_process_says_it_runs_un_pipelined(tmp_path, caplog):
+    """optimize(...).apply() applied a pipelined or DDP winner's devices un-pipelined, silently."""
+    import logging
+
+    import placer
+
+    model = tmp_path / "cnn.py"
+    model.write_text(SMALL_CNN)
+    result = placer.optimize(str(model), cluster="4xV100-nvlink", budget="100", progress=False, verbose=0)
+    assert result.placement.pipeline is not None
+    with caplog.at_level(logging.WARNING, logger="placer.result"):
+        result.apply()
+    assert "the placement is data parallel (DDP over 4 replicas), which runs one process per device" in caplog.text

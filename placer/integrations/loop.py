@@ -230,9 +230,9 @@ def find_placement(
         # Applied in this process, a pipeline's stages would run one after the other on the
         # whole batch: the best placement this process can run instead (in_process_placements).
         best = in_process_placements(result, 1)[0]
-        log.info("the fastest placement (%s, %.3f ms) is a pipeline, which needs one process per stage; "
+        log.info("the fastest placement (%s, %.3f ms) is %s, which needs one process per device; "
                  "placing the fastest one-process placement instead: %s, %.3f ms", result.winner,
-                 result.step_time * 1e3, best.method, best.step_time * 1e3)
+                 result.step_time * 1e3, placement.pipeline.describe(), best.method, best.step_time * 1e3)
         placement = Placement(best.assignment, placement.fingerprint, list(placement.devices),
                               {**placement.metadata, "step_time": best.step_time, "source": "simulated",
                                "method": best.method})
