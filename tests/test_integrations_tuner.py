@@ -224,3 +224,12 @@ def test_proposed_candidates_are_distinct_and_ranked_by_simulation():
     for _ in range(10):
         tuner.step(lambda m: _loss(m(x), y), opt)
     assert tuner.settled and tuner.switches >= 1
+
+
+def test_the_report_says_worker_process_devices_were_measured_in_this_one_process():
+    """Over cpu:0,cpu:1 the tuner measured in its own process and called them 'real devices'."""
+    from placer.integrations.tuner import TunerReport
+
+    report = TunerReport([], None, 0, 0, False, 1, False, "ranks(cpu:0,cpu:1)", False, rank_devices=True)
+    assert "(worker-process devices, measured in this one process on the cores they share)" in str(report)
+    assert "(real devices)" in str(TunerReport([], None, 0, 0, False, 1, False, "cpu,cuda:0", False))

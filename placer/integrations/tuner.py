@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from envs.hardware.cluster import Cluster
+from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import apply_placement
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
@@ -93,6 +94,7 @@ class TunerReport:
     calibrated: bool
     cluster: str
     simulated_cluster: bool
+    rank_devices: bool = False
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per candidate: name, simulated ms, measured ms, steps, chosen."""
@@ -103,7 +105,9 @@ class TunerReport:
                 for i, c in enumerate(self.candidates)]
 
     def __str__(self) -> str:
-        kind = "virtual devices mapped to real ones" if self.simulated_cluster else "real devices"
+        kind = ("virtual devices mapped to real ones" if self.simulated_cluster
+                else "worker-process devices, measured in this one process on the cores they share"
+                if self.rank_devices else "real devices")
         lines = [f"placement tuner on {self.cluster} ({kind}): {self.steps} steps, {self.switches} switches, "
                  f"{'settled' if self.settled else 'still tuning'}",
                  f"{'candidate':<40} {'simulated ms':>12} {'measured ms':>12} {'steps':>6}"]
@@ -457,4 +461,5 @@ class PlacementTuner:
     def report(self) -> TunerReport:
         """The candidates with their simulated and measured step times, and the choice."""
         return TunerReport(self.candidates, self.best, self.switches, self.steps, self.settled, self.warmup,
-                           self.calibrated, self.cluster.name, self.cluster.simulated)
+                           self.calibrated, self.cluster.name, self.cluster.simulated,
+                           is_distributed_cluster(self.cluster))
