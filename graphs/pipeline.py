@@ -40,6 +40,8 @@ def load_source(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[
         return source
     if isinstance(source, (str, Path)):
         text = str(source)
+        if not text.strip():  # Path("") is ".": "model file '.' is a directory"
+            raise ModelFileError("the model is empty; expected a model file path (.py) or 'zoo:<name>'")
         if text.startswith(ZOO_PREFIX):
             from graphs.zoo import zoo_path
 

@@ -64,6 +64,8 @@ def parse_memory_limits(text: str | Mapping[str, object] | None) -> dict[str, in
         device = device.strip()
         if not device:
             raise OptionError(f"memory limit {part!r} names no device; expected DEVICE=SIZE")
+        if device in limits:
+            raise OptionError(f"memory limit for {device!r} is given twice; expected one DEVICE=SIZE per device")
         limits[device] = _size_for(device, size)
     return limits
 

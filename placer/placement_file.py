@@ -239,6 +239,9 @@ def _from_dict(doc: Any, where: str) -> Placement:
         raise PlacementFileError(f"{where}: fingerprint must be a string, got {fp!r}")
     if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
         raise PlacementFileError(f"{where}: devices must be a list of device names, got {devs!r}")
+    twice = sorted({d for d in devs if devs.count(d) > 1})
+    if twice:  # show counted such a device's ops once per listing
+        raise PlacementFileError(f"{where}: device {twice[0]!r} is listed twice in devices; expected each once")
     if not isinstance(assign, dict) or not all(isinstance(v, str) for v in assign.values()):
         raise PlacementFileError(f"{where}: assignment must map node names to device names")
     metadata = doc.get("metadata", {})

@@ -464,3 +464,29 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_the_search(tmp_
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["optimize", "", "--budget", "10"], "error: the model is empty; expected a model file path (.py) or 'zoo:<name>'\n"),
+    (["optimize", "MODEL", "--cluster", "", "--budget", "10"], "error: the cluster is empty; expected a preset ("),
+    (["optimize", "MODEL", "--cluster", "4xK40", "--memory", "gpu0=1GB,gpu0=2GB", "--budget", "10"],
+     "error: memory limit for 'gpu0' is given twice; expected one DEVICE=SIZE per device\n"),
+    (["benchmark", "--models", "", "--clusters", "4xK40"],
+     "error: --models is empty; name zoo models or model files (e.g. rnnlm,gpt2), or leave it out for the whole zoo\n"),
+])
+def test_empty_or_repeated_values_are_refused_in_one_line_naming_what_was_given(tmp_path, capsys, model_file, argv,
+                                                                                expected):
+    """An empty model or cluster read as '.' ('is a directory'), a memory cap given twice kept the
+    last silently, and an empty --models benchmarked the whole zoo (walkthrough)."""
+    argv = [str(model_file) if a == "MODEL" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+def test_a_placement_listing_a_device_twice_is_refused(tmp_path):
+    doc = {"schema_version": 1, "fingerprint": "fp", "devices": ["cpu", "gpu0", "gpu0"], "assignment": {"a": "gpu0"}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlacerError, match="device 'gpu0' is listed twice in devices; expected each once"):
+        load_placement(path)

@@ -34,6 +34,9 @@ def load_cluster(source: "str | os.PathLike | Mapping | Cluster") -> Cluster:
     if isinstance(source, Mapping):
         return cluster_from_spec(source)
     text = os.fspath(source)
+    if not text.strip():  # Path("") is ".": "cannot read cluster spec '.': Is a directory"
+        raise ClusterSpecError(f"the cluster is empty; expected a preset ({', '.join(list_presets())}), "
+                               "a .yaml/.json spec file, or 'real'")
     if text in ("real", "discover"):
         return discover_cluster()
     if text in list_presets():

@@ -204,9 +204,13 @@ def format_bytes(nbytes: float) -> str:
 
     >>> format_bytes(3.2 * 2**20), format_bytes(1536), format_bytes(512), format_bytes(40 * 2**30)
     ('3.2 MiB', '1.5 KiB', '512 B', '40 GiB')
+    >>> format_bytes(1000), format_bytes(1000 * 2**20)
+    ('1000 B', '1000 MiB')
     """
     unit, scale = byte_display_unit(nbytes)
-    return f"{float(nbytes) / scale:.3g} {unit}"
+    value = float(nbytes) / scale
+    # Three digits, but never an exponent: a unit holds up to 1023, which .3g wrote as 1e+03.
+    return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
 
 
 def parse_flops(value: object) -> float:

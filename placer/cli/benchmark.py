@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from placer.options import check_seed
     from placer.out_dir import check_cache_dir
 
-    models = _csv(args.models) if args.models else list(ZOO_MODELS)
+    models = _csv(args.models) if args.models is not None else list(ZOO_MODELS)
+    if not models:  # '' ran the whole zoo
+        raise BenchmarkError("--models is empty; name zoo models or model files (e.g. rnnlm,gpt2), or leave it out "
+                             "for the whole zoo")
     clusters = _csv(args.clusters)
     methods = _csv(args.methods)
 

@@ -286,6 +286,8 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
         if previous is not None:
             initial.insert(0, previous)
+        elif not _result_files_in(run.out_dir):
+            log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
