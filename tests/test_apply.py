@@ -706,3 +706,15 @@ def test_an_exported_placed_models_state_dict_round_trips_strictly_into_the_orig
     fresh = _Reassigning()
     fresh.load_state_dict(placed.state_dict(), strict=True)
     assert fresh.calls.item() == 2 and torch.equal(fresh.norm.running_mean, original.norm.running_mean)
+
+
+def test_a_model_in_eval_mode_is_placed_in_the_training_mode_it_was_captured_in_throughout():
+    """The placed copy's root was in training mode over BatchNorm and dropout modules in eval mode,
+    which it shared with the user's model (walkthrough); the user's model stays in eval mode."""
+    from graphs.capture import capture
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).eval()
+    cap = capture(model, (torch.randn(3, 4),), name="eval_model")
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    assert all(m.training for m in placed.modules())
+    assert not any(m.training for m in model.modules())

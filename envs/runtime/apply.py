@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
+from graphs.capture import set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
@@ -420,6 +421,12 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     )
     if device_map is not None:
         gm.hf_device_map = device_map
+    modes = getattr(model, "training_modes", None)
+    if modes and not inplace:
+        # The graph was traced in these modes (a model in eval mode is captured in training mode),
+        # while the modules it shares with the user's model went back to theirs: the copy had a
+        # root in training mode over BatchNorms in eval mode.
+        set_training_modes(gm, modes)
     return gm
 
 
