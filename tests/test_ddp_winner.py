@@ -29,6 +29,8 @@ def test_when_ddp_is_fastest_the_placement_written_is_ddp_checked_and_show_gives
     assert written["metadata"]["method"] == "ddp" and written["metadata"]["step_time"] == ddp_step
     assert "4 replicas x 1 micro-batch of 8 samples give the full batch's loss, gradients and buffers" in printed
     assert "so the placement written is DDP" in printed
+    assert not (out / "device_map.json").exists()  # accelerate's one-process map cannot say DDP
+    assert "accelerate's one-process device_map cannot express" in (out / "report.md").read_text()
 
     assert main(["show", str(out / "placement.json")]) == 0  # without the model: what the file holds
     assert "data parallel (DDP over 4 replicas) on gpu0; gpu1; gpu2; gpu3" in capsys.readouterr().out

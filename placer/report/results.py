@@ -69,7 +69,13 @@ def _write_device_map(result: "OptimizeResult", out_dir: Path) -> tuple[Path | N
     real = result.cluster.real_device_map()
     used = sorted(set(result.placement.assignment.values()))
     path = out_dir / "device_map.json"
-    if len({real.get(d, d) for d in used}) < len(used):
+    pipeline = result.placement.pipeline
+    if pipeline is not None and (pipeline.microbatches > 1 or pipeline.replicas):
+        # accelerate runs one process over its map: no micro-batches, no replicas. The map of
+        # replica 0's stages would name one device ({"": "cpu:0"} for DDP) as if it were the placement.
+        device_map, reason = None, (f"the placement is {pipeline.describe()}, which accelerate's one-process "
+                                    "device_map cannot express; run it with `placer apply`")
+    elif len({real.get(d, d) for d in used}) < len(used):
         device_map, reason = None, (
             f"the placement's devices {', '.join(used)} do not map onto distinct real devices here "
             f"({', '.join(f'{d}→{real.get(d, d)}' for d in used)}); give each a real_device in the cluster spec")
