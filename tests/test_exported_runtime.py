@@ -47,13 +47,15 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
     inputs = dict(zip(names, prep.spec.example_inputs))
     run = run_training(gm, inputs, world=2, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
     assert len(run.losses) == 2
-    from envs.sim.pipeline import Pipeline
+    from envs.sim.pipeline import Pipeline, PipelineError
 
     compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     pipe = Pipeline((tuple(compute[:len(compute) // 2]), tuple(compute[len(compute) // 2:])), ("cpu:0", "cpu:1"), 2,
                     "1f1b")
-    piped = run_training(gm, inputs, pipe, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
-    assert piped.losses == pytest.approx(run.losses, rel=1e-5)
+    # torch.export writes the counter back at the graph's end (copy_ into the buffer): any cut
+    # leaves the update in stage 1 and the buffer in stage 0, where it would land on a copy.
+    with pytest.raises(PipelineError, match="updates 'calls' in place, but stage 0 holds it"):
+        run_training(gm, inputs, pipe, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["DDP", "2-stage pipeline"])
