@@ -227,3 +227,24 @@ def test_a_winner_faster_than_an_unchecked_ddp_says_ddps_split_was_not_checked()
     line = recommendation_line(table, "placer (moves)")
     assert line.endswith("is 2.00x faster than DDP (2.000 ms, simulated; whether DDP's batch split computes the same "
                          "was not checked)")
+
+
+def test_one_stage_on_one_gpu_costs_what_the_op_level_simulator_gives_the_same_placement():
+    """The engine charged a GPU stage no host constants, so one GPU running the whole step came out
+    20 us (the backward call) under the op-level simulator's figure, a 30% edge to DDP and
+    pipelines on small models. Now both charge the single-process host overheads."""
+    import numpy as np
+    import torch
+
+    from envs.hardware.loading import load_cluster
+    from envs.sim.simulator import simulate
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    graph = capture(model, (torch.randn(4, 16),), name="mlp").graph
+    for preset in ("4xV100-nvlink", "4xK40"):
+        problem = compile_problem(graph, load_cluster(preset))
+        one_gpu = simulate(problem, np.full(problem.num_nodes, problem.device_names.index("gpu0"))).step_time
+        engine = simulate_data_parallel(problem, ["gpu0"]).step_time
+        assert engine == pytest.approx(one_gpu, rel=1e-3), preset

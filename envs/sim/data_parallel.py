@@ -81,19 +81,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim.pipeline import (
-    ENGINE_COSTS,
     Pipeline,
     PipelineError,
     PipelineResult,
     StageCosts,
     check_pipeline,
+    engine_host_costs,
     memory_problem_lines,
     shrunk_host,
     simulate_pipeline,
     stage_costs,
 )
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import ZERO_COSTS, RankCosts
+from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
            "data_parallel_pipeline", "ring_allreduce_time",
@@ -260,7 +260,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     tail = 0.0
     fixed_part = problem.ops.fixed_parts()
     for d in idx:
-        hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
+        hc = engine_host_costs(problem, d, costs)
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
         fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part)
         start_b = fwd + hc.stage_fwd_s + hc.loss_s + hc.stage_bwd_s
@@ -425,7 +425,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         ready = None
         for r, (p, sc, res) in enumerate(zip(pipelines, per_costs, results)):
             d = devs[r]
-            hc = (costs or ENGINE_COSTS) if ops.is_cpu[d] else ZERO_COSTS
+            hc = engine_host_costs(problem, d, costs)
             scale = hc.op_scale if ops.is_cpu[d] else 1.0
             sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part, m)
             at = res.last_backward[s][0] + hc.stage_bwd_s + offsets

@@ -66,7 +66,10 @@ device waits for its last sends before it steps (``_wait_batch_p2p(send_work)``)
 **P4 Host constants.** On CPU devices every stage call, send, receive and loss and the
 step cost what the measured multi-process runtime costs (:data:`ENGINE_COSTS`: the
 per-call constants of :class:`envs.sim.ranks.RankCosts`, calibrated there on the
-point-to-point runtime); on GPUs the defaults are zero. ``op_scale`` multiplies the op
+point-to-point runtime); on GPUs the single-process host overheads of the op-level
+simulator (:func:`engine_host_costs`: every backward is one ``torch.autograd.backward`` call,
+``backward_call_s``, the last stage's loss ``loss_s``), so that one stage on one GPU costs
+what the op-level simulator gives that placement when the host leads. ``op_scale`` multiplies the op
 times: 1.0 for this engine (measured: its ranks' CPU seconds are 0.96-0.98x the profiled
 op costs at the micro-batch size, summed over the ranks), not the point-to-point runtime's 0.86, which put
 gpt2's pipeline and DDP 11-20% under their measured steps.
@@ -108,6 +111,7 @@ __all__ = [
     "SCHEDULES",
     "CPU_DISPATCH_S",
     "ENGINE_COSTS",
+    "engine_host_costs",
     "shrunk_host",
     "PipelineError",
     "Pipeline",
@@ -705,9 +709,21 @@ class PipelineResult:
         return memory_problem_lines(self.peak_memory, self.over_memory)
 
 
+def engine_host_costs(problem: PlacementProblem, device: int, costs: RankCosts | None = None) -> RankCosts:
+    """The host constants of one process of the engine on ``device`` (P4): on a CPU the measured
+    multi-process ones (``costs`` or :data:`ENGINE_COSTS`); on a GPU the single-process host
+    overheads the op-level simulator charges (:class:`envs.sim.cost_model.HostOverheads`): each
+    backward is a ``torch.autograd.backward`` call (``backward_call_s``) and the last stage
+    computes the loss (``loss_s``). They were zero here, so one GPU running one stage priced the
+    same step 20 us (the backward call) under the op-level simulator's figure for it."""
+    if problem.ops.is_cpu[device]:
+        return costs or ENGINE_COSTS
+    host = problem.ops.host
+    return replace(ZERO_COSTS, stage_bwd_s=float(host.backward_call_s), loss_s=float(host.loss_s))
+
+
 def _host_costs(problem: PlacementProblem, costs: RankCosts | None) -> list[RankCosts]:
-    # P4: the measured multi-process constants on CPUs, none on GPUs.
-    return [(costs or ENGINE_COSTS) if cpu else ZERO_COSTS for cpu in problem.ops.is_cpu]
+    return [engine_host_costs(problem, d, costs) for d in range(problem.num_devices)]
 
 
 def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts | None = None,
