@@ -372,6 +372,8 @@ def _check_model_args(args: dict[str, Any], fns: list[Callable], label: str) -> 
 def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> Any:
     try:
         return fn(**kwargs)
+    except ModelFileError as exc:  # placer's own words (a zoo model's argument check): no code location
+        raise ModelFileError(f"{what} in {label}: {_first_line(exc)}") from None
     except Exception as exc:
         raise ModelFileError(
             f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"

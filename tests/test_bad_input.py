@@ -490,3 +490,10 @@ def test_a_placement_listing_a_device_twice_is_refused(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(PlacerError, match="device 'gpu0' is listed twice in devices; expected each once"):
         load_placement(path)
+
+
+def test_a_zoo_argument_error_is_the_zoos_words_without_a_code_location(capsys):
+    """It read '... raised ZooArgumentError: ... (at presets.py:40 in resolve: raise ZooArgumentError(' (walkthrough)."""
+    assert main(["optimize", "zoo:rnnlm", "--size", "huge", "--budget", "10"]) == 2
+    assert capsys.readouterr().err == ("error: get_model() in rnnlm.py: rnnlm: unknown size 'huge'; expected one of "
+                                       "'small', 'paper'\n")
