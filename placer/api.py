@@ -179,7 +179,11 @@ def train_rank_steps(spec: ModelSpec, captured: CapturedModel, placement: Placem
         raise PlacerError(f"the placement did not run over {', '.join(devices)}: {out.error}")
     trained, measured = out.results
     assert trained is not None and measured is not None  # out.ok: every task finished
-    losses = next(r["losses"] for r in trained if r["losses"] and r["losses"][0] is not None)[warmup:]
+    # The output rank computes the loss; the others return None for it.
+    losses = next((r["losses"] for r in trained if r["losses"] and r["losses"][0] is not None), None)
+    if losses is None:
+        raise PlacerError(f"the placement ran over {', '.join(devices)} but no rank returned the loss")
+    losses = losses[warmup:]
     times = [max(r["times"][i] for r in measured) for i in range(steps)]
     return {
         "losses": [float(x) for x in losses], "times": times, "median": statistics.median(times), "min": min(times),
