@@ -65,6 +65,7 @@ def test_a_pipeline_whose_microbatches_do_not_divide_the_batch_exits_2_in_one_li
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # 4 processes, 15 s; the runtime's hybrid test and apply's two-process pipeline stay in the suite
 def test_apply_runs_a_pipeline_x_ddp_hybrid_over_four_worker_processes_with_the_unpipelined_losses(
         model_file, tmp_path, capsys):
     """2 stages x 2 replicas: each replica on half the batch, gradients averaged per stage;

@@ -103,7 +103,8 @@ def test_ddp_over_two_processes_trains_like_the_unsplit_model():
 
 @pytest.mark.parametrize("cls, schedule, cuts", [
     (Chain, "1f1b", {"l3"}),
-    (Skip, "gpipe", {"l2"}),
+    # 4 processes, 20 s: the skip across a boundary is in the default suite by the pipelines' own tests
+    pytest.param(Skip, "gpipe", {"l2"}, marks=pytest.mark.slow),
 ])
 def test_a_pipeline_x_ddp_hybrid_of_two_stages_by_two_replicas_trains_like_the_unsplit_model(cls, schedule, cuts):
     """4 processes: replica 0's stages on cpu:0, cpu:1 and replica 1's on cpu:2, cpu:3, each on
@@ -175,7 +176,8 @@ def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_pa
     assert_same(read_results(tmp_path, 2), reference(gm, batch))
 
 
-@pytest.mark.parametrize("replicas", [(), (("cpu:2", "cpu:3"),)], ids=["one replica", "two replicas"])
+@pytest.mark.parametrize("replicas", [(), pytest.param((("cpu:2", "cpu:3"),), marks=pytest.mark.slow)],
+                         ids=["one replica", "two replicas"])  # 4 processes, 18 s: hybrids are in the default suite above
 def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_like_the_unsplit_model(replicas):
     """GPT-2's ``wte.weight`` is read by the embedding (stage 0) and the head (stage 1): each
     process holds a copy, their gradients are summed before the optimizer step, and the copies
