@@ -50,8 +50,10 @@ def parse_memory_limits(text: str | Mapping[str, object] | None) -> dict[str, in
     ``GiB`` = 2**30, ``16G`` refused as ambiguous, at least one byte), the same as a cluster spec's
     ``memory`` field.
     """
-    if text is None or text == "":
+    if text is None:
         return {}
+    if isinstance(text, str) and not text.strip():  # --memory "" capped nothing, silently
+        raise OptionError("--memory is empty; expected DEVICE=SIZE pairs, e.g. 'cuda:0=20GiB,cpu=64GB'")
     if isinstance(text, Mapping):
         return {str(k): _size_for(str(k), v) for k, v in text.items()}
     limits: dict[str, int] = {}

@@ -471,6 +471,8 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_the_search(tmp_
     (["optimize", "MODEL", "--cluster", "", "--budget", "10"], "error: the cluster is empty; expected a preset ("),
     (["optimize", "MODEL", "--cluster", "4xK40", "--memory", "gpu0=1GB,gpu0=2GB", "--budget", "10"],
      "error: memory limit for 'gpu0' is given twice; expected one DEVICE=SIZE per device\n"),
+    (["optimize", "MODEL", "--cluster", "4xK40", "--memory", "", "--budget", "10"],
+     "error: --memory is empty; expected DEVICE=SIZE pairs, e.g. 'cuda:0=20GiB,cpu=64GB'\n"),
     (["benchmark", "--models", "", "--clusters", "4xK40"],
      "error: --models is empty; name zoo models or model files (e.g. rnnlm,gpt2), or leave it out for the whole zoo\n"),
 ])
