@@ -543,7 +543,7 @@ def test_zoo_models_train_identically_under_placements(name):
 
 
 def test_realize_placement_refuses_devices_without_a_real_device():
-    with pytest.raises(ApplyError, match="give it a real_device"):
+    with pytest.raises(ApplyError, match="name the cluster the placement was made for"):
         realize_placement({"a": "gpu0"}, {"gpu0": "gpu0"})
 
 

@@ -553,8 +553,9 @@ def realize_placement(placement: Mapping[str, str], devices: Any) -> RealizedPla
             torch.device(r)
         except (RuntimeError, TypeError):
             raise ApplyError(
-                f"device {v!r} maps onto {r!r}, which is not a torch device; give it a real_device "
-                f"such as 'cpu' or 'cuda:0' in the cluster spec"
+                f"device {v!r} maps onto {r!r}, which is not a torch device; name the cluster the placement "
+                f"was made for (`--cluster 4xK40`, a spec file whose devices have a real_device such as 'cpu' or "
+                f"'cuda:0')"
             ) from None
     used = sorted(set(placement.values()))
     by_real: dict[str, list[str]] = {}
