@@ -499,3 +499,11 @@ def test_a_zoo_argument_error_is_the_zoos_words_without_a_code_location(capsys):
     assert main(["optimize", "zoo:rnnlm", "--size", "huge", "--budget", "10"]) == 2
     assert capsys.readouterr().err == ("error: get_model() in rnnlm.py: rnnlm: unknown size 'huge'; expected one of "
                                        "'small', 'paper'\n")
+
+
+def test_a_batch_of_no_samples_is_named_as_why_the_loss_is_nan(tmp_path, capsys):
+    path = tmp_path / "empty.py"
+    path.write_text("import torch\ndef get_model(): return torch.nn.Linear(4, 4)\n"
+                    "def get_example_inputs(): return (torch.randn(0, 4),)\n")
+    assert main(["optimize", str(path), "--budget", "10"]) == 2
+    assert "they hold 0 samples (dim 0 is empty): expected a batch of at least one" in capsys.readouterr().err

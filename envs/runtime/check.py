@@ -451,9 +451,11 @@ def check_trainable(spec: ModelSpec) -> None:
     assert isinstance(loss, torch.Tensor)
     value = float(loss.detach().reshape(-1)[0])
     if not math.isfinite(value):
+        empty = batch_size_of(spec.example_inputs) == 0  # a mean over no samples is nan
         raise ModelFileError(
             f"the original model's loss is {value} on the example inputs (model {label!r} itself, before any "
-            "placement); expected finite values")
+            "placement)" + ("; they hold 0 samples (dim 0 is empty): expected a batch of at least one"
+                            if empty else "; expected finite values"))
 
 
 #: Dropout at every level a captured graph calls it: the functions (fx, nn.Dropout's forward)
