@@ -192,10 +192,11 @@ def _check(model: nn.Module, microbatches: int, replicas: int = 1, batch: int = 
                            replicas=replicas)
 
 
-def test_a_batchnorm_models_pipeline_with_several_microbatches_is_not_reported_as_same_results():
+def test_a_batchnorm_models_pipeline_with_several_microbatches_is_reported_different_when_the_batch_is_split():
     report = _check(_mlp(norm=True), microbatches=2)
     assert report.placement_ok  # applied un-pipelined it is the same math: only the split differs
-    assert not report.ok and report.describe().startswith("DIFFERENT results")
+    assert not report.ok and report.describe().startswith("same results applied whole, DIFFERENT results with the "
+                                                          "batch split")
     assert "micro-batches of 8 samples change what the model computes (BatchNorm in training mode ('1', '5')" \
         in report.describe_split()
     assert report.split_grad_diff > report.tolerance

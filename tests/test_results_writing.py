@@ -74,6 +74,9 @@ def test_a_run_stopped_before_its_results_names_where_its_best_placement_is(tmp_
     (out / "best_placement.json").write_text("{}")
     assert _interrupted_before_results(args).startswith(
         f"interrupted before the results were written; the best placement found so far is in {out / 'best_placement.json'}")
+    (out / "previous").mkdir()
+    (out / "previous" / "placement.json").write_text("{}")
+    assert _interrupted_before_results(args).endswith(f"; the earlier run's checked result is in {out / 'previous'}/")
     (out / "placement.json").write_text("{}")
     os.utime(out / "placement.json", (os.stat(out / "best_placement.json").st_mtime + 1,) * 2)
     assert _interrupted_before_results(args).startswith("interrupted after the results were written")

@@ -166,7 +166,10 @@ class CheckReport:
 
     def describe(self) -> str:
         """One line: the verdict, the steps compared and the largest difference of each kind."""
-        verdict = "same results" if self.ok else "DIFFERENT results"
+        # Applied whole it may compute the same and differ only once the batch is split: the
+        # headline says which, or it reads "DIFFERENT" over differences of 0 (walkthrough).
+        verdict = ("same results" if self.ok else "DIFFERENT results" if not self.placement_ok
+                   else "same results applied whole, DIFFERENT results with the batch split")
         text = (
             f"{verdict} over {self.steps} training step{'s' if self.steps != 1 else ''}: max output "
             f"difference {self.output_diff:.2e}, loss {self.loss_diff:.2e}, gradients {self.grad_diff:.2e} "

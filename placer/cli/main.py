@@ -98,8 +98,10 @@ def _interrupted_before_results(args: argparse.Namespace) -> str:
         return "interrupted"
     if written.is_file() and written.stat().st_mtime >= best.stat().st_mtime:
         return f"interrupted after the results were written: {written} and its report are complete"
+    earlier = Path(out) / "previous" / "placement.json"
     return (f"interrupted before the results were written; the best placement found so far is in {best} "
-            "(not checked: `placer apply` says so; rerun with --resume to continue from it)")
+            "(not checked: `placer apply` says so; rerun with --resume to continue from it)"
+            + (f"; the earlier run's checked result is in {earlier.parent}/" if earlier.is_file() else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

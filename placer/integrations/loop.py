@@ -292,7 +292,9 @@ def place(
             DEBUG whether the placement was loaded or searched.
 
     Returns:
-        An ``fx.GraphModule``; build the optimizer on its parameters. It carries
+        An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
+        a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
+        inference. Build the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
 
