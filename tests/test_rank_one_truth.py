@@ -101,9 +101,9 @@ def test_placer_show_rebuilds_the_rank_cluster_from_the_recorded_links(rank_run,
     assert main(["show", str(out / "placement.json"), "--model", "zoo:rnnlm", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     pipe = result.placement.pipeline
-    replicas = f" x {pipe.num_replicas} replicas" if pipe is not None and pipe.replicas else ""
-    shape = "" if pipe is None else (f", pipelined ({pipe.num_stages} stages{replicas}, {pipe.schedule}, "
-                                     f"M={pipe.microbatches})")
+    # The winner is picked on measured times, so it is a placement, a pipeline or DDP from run to
+    # run; show names each as Pipeline.describe() does (DDP: "data parallel (DDP over 2 replicas)").
+    shape = "" if pipe is None else f", {pipe.describe()}"
     assert f"simulated on {cluster.name}{shape}: {_rank_step(result, cluster) * 1e3:.3f} ms per step" in printed
 
 
