@@ -53,6 +53,7 @@ __all__ = [
     "apply_placement",
     "to_device",
     "transfer_nodes",
+    "in_place_writes",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
@@ -129,7 +130,7 @@ def _canonical(dev: torch.device) -> str:
     return str(dev)
 
 
-def mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
+def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
     """Indices of ``node.args`` that ``node`` updates in place."""
     if node.op == "call_method":
         t = str(node.target)
@@ -268,7 +269,7 @@ def _effective_devices(
     # runs where that activation lives.
     state_owner: dict[str, str] = {}
     for n in nodes:
-        for i in mutated_args(n, gm):
+        for i in _mutated_args(n, gm):
             arg = n.args[i]
             if not isinstance(arg, fx.Node):
                 continue
@@ -286,19 +287,33 @@ def _effective_devices(
     return dev
 
 
+def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """Every in-place update in ``gm``, in graph order: ``(the node that writes, the node whose
+    tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
+    returns ``x`` itself: ``.add_`` on its result writes ``x``), so it is a ``get_attr`` node
+    when the write reaches a parameter or buffer."""
+    alias: dict[str, fx.Node] = {}
+    writes: list[tuple[fx.Node, fx.Node]] = []
+    for n in gm.graph.nodes:
+        mutated = [n.args[i] for i in _mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
+        writes += [(n, alias.get(arg.name, arg)) for arg in mutated]
+        if mutated:
+            alias[n.name] = alias.get(mutated[0].name, mutated[0])
+    return writes
+
+
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:
     """Nodes whose tensor some op updates in place (directly or through an in-place op's result)."""
-    # Two get_attr nodes of one attribute read one tensor.
-    root: dict[str, str] = {n.name: f"attr:{n.target}" for n in gm.graph.nodes if n.op == "get_attr"}
-    targets: set[str] = set()
-    for n in gm.graph.nodes:
-        mutated = [n.args[i] for i in mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
-        for arg in mutated:
-            targets.add(root.get(arg.name, arg.name))
-        if mutated:
-            # x.mul_(a) returns x itself: its result and x are one tensor.
-            root[n.name] = root.get(mutated[0].name, mutated[0].name)
-    return {n.name for n in gm.graph.nodes if root.get(n.name, n.name) in targets}
+
+    def tensor(n: fx.Node) -> str:  # two get_attr nodes of one attribute read one tensor
+        return f"attr:{n.target}" if n.op == "get_attr" else n.name
+
+    writes = in_place_writes(gm)
+    alias: dict[str, fx.Node] = {}
+    for writer, written in writes:
+        alias.setdefault(writer.name, written)  # its result is its first written argument
+    targets = {tensor(written) for _, written in writes}
+    return {n.name for n in gm.graph.nodes if tensor(alias.get(n.name, n)) in targets}
 
 
 def apply_placement(

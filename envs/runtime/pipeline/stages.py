@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from envs.runtime.apply import mutated_args
+from envs.runtime.apply import in_place_writes
 from envs.sim.pipeline import Pipeline, PipelineError
 from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
 from graphs.random_state import kept_random_state
@@ -94,7 +94,7 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
             if a.op != "placeholder" and st[a.name] > st[n.name]:
                 raise PipelineError(f"node {n.name!r} (stage {st[n.name]}) reads {a.name!r} of stage {st[a.name]}; "
                                     "expected stages contiguous in a topological order")
-    _check_state_updates(gm, nodes, st)
+    _check_state_updates(gm, st)
     last_use = {n.name: max((st[u.name] for u in n.users), default=st[n.name])
                 for n in nodes if n.op not in ("placeholder", "output")}
 
@@ -123,7 +123,7 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
     return specs
 
 
-def _check_state_updates(gm: fx.GraphModule, nodes: Sequence[fx.Node], st: Mapping[str, int]) -> None:
+def _check_state_updates(gm: fx.GraphModule, st: Mapping[str, int]) -> None:
     """Refuse a cut that puts an in-place update of a parameter or buffer in another stage than
     the one holding it: the later stage receives a copy, so the update lands on the copy and
     the model's state never changes (a running mean that stays at 0, with no error).
@@ -131,18 +131,12 @@ def _check_state_updates(gm: fx.GraphModule, nodes: Sequence[fx.Node], st: Mappi
     Raises:
         PipelineError: naming the node, the attribute and the two stages.
     """
-    root = {n.name: n for n in nodes if n.op == "get_attr"}
-    for n in nodes:
-        written = [n.args[i] for i in mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
-        for arg in written:
-            held = root.get(arg.name)
-            if held is not None and st[held.name] != st[n.name]:
-                raise PipelineError(
-                    f"node {n.name!r} (stage {st[n.name]}) updates {held.target!r} in place, but stage "
-                    f"{st[held.name]} holds it: the update would land on a copy; expected the attribute and its "
-                    "in-place update in one stage")
-        if written and written[0].name in root:
-            root[n.name] = root[written[0].name]  # x.add_(1) returns x itself
+    for n, held in in_place_writes(gm):
+        if held.op == "get_attr" and st[held.name] != st[n.name]:
+            raise PipelineError(
+                f"node {n.name!r} (stage {st[n.name]}) updates {held.target!r} in place, but stage "
+                f"{st[held.name]} holds it: the update would land on a copy; expected the attribute and its "
+                "in-place update in one stage")
 
 
 #: Types of boundary values that are not sent but rebuilt as constants in the reading stage
