@@ -564,11 +564,7 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
     target = out_dir / ("unfinished" if not complete and (out_dir / "previous" / "placement.json").is_file()
                         else "previous")
     try:
-        if target.is_dir():
-            shutil.rmtree(target)
-        target.mkdir()
-        for path in found:
-            path.replace(target / path.name)
+        _move_into(found, target)
     except OSError as exc:
         raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
                           f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
@@ -580,9 +576,17 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
 
 def _result_files_in(folder: Path) -> list[Path]:
     """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
-
     names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
     return [folder / n for n in names if (folder / n).is_file()]
+
+
+def _move_into(files: list[Path], folder: Path) -> None:
+    """Move ``files`` into a fresh ``folder`` (an older one of that name is deleted first)."""
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for path in files:
+        path.replace(folder / path.name)
 
 
 def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
@@ -595,12 +599,7 @@ def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
     try:
         leftovers = _result_files_in(out_dir)
         if leftovers:
-            failed = out_dir / "failed"
-            if failed.is_dir():
-                shutil.rmtree(failed)
-            failed.mkdir()
-            for path in leftovers:
-                path.replace(failed / path.name)
+            _move_into(leftovers, out_dir / "failed")
         for path in moved.iterdir():
             path.replace(out_dir / path.name)
         moved.rmdir()
