@@ -618,21 +618,23 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
         (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
-    buffer_diffs = {f"buffer:{n}": _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
+    buffer_diffs = {n: _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
     worst_grad = max(diffs.values(), default=0.0)
-    worst_buffer = max(buffer_diffs.values(), default=0.0)
-    worst = max({**diffs, **buffer_diffs}.items(), key=lambda kv: kv[1], default=("", 0.0))
-    out: dict[str, object] = {"split_samples": size, "split_loss_diff": _scaled_diff(loss, full_loss),
-                              "split_grad_diff": worst_grad, "split_buffer_diff": worst_buffer,
-                              "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
-    start = dict(captured.gm.named_buffers())
-    updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
-    if max(out["split_loss_diff"], worst_grad) > tolerance:  # type: ignore[call-overload]
-        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, parts, tolerance, seed, dtype,
-                                          updated, (microbatches, replicas, size))
-    elif worst_buffer > tolerance:
-        name = max(buffer_diffs.items(), key=lambda kv: kv[1])[0].removeprefix("buffer:")
-        out["split_cause"] = _buffer_cause(name, microbatches, replicas, size)
+    worst_buffer = max(buffer_diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    worst = max([*diffs.items(), *((f"buffer:{n}", d) for n, d in buffer_diffs.items())], key=lambda kv: kv[1],
+                default=("", 0.0))
+    loss_diff = _scaled_diff(loss, full_loss)
+    out: dict[str, object] = {
+        "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
+        "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
+    split = (microbatches, replicas, size)
+    if max(loss_diff, worst_grad) > tolerance:
+        start = dict(captured.gm.named_buffers())
+        updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, split, tolerance, seed, dtype,
+                                          updated)
+    elif worst_buffer[1] > tolerance:
+        out["split_cause"] = _buffer_cause(worst_buffer[0], *split)
     return out
 
 
@@ -663,10 +665,11 @@ def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: in
 
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
-                 split_loss: torch.Tensor, parts: int, tolerance: float, seed: int,
-                 dtype: torch.dtype | None = None, updated: Sequence[str] = (),
-                 split: tuple[int, int, int] = (1, 1, 0)) -> str:
-    """Why the split batch computes something else, as far as it can be told."""
+                 split_loss: torch.Tensor, split: tuple[int, int, int], tolerance: float, seed: int,
+                 dtype: torch.dtype | None, updated: Sequence[str]) -> str:
+    """Why the split batch computes something else, as far as it can be told. ``split``:
+    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes."""
+    parts = split[0] * split[1]
     with _NoDropout(), _default_dtype(dtype):
         other_loss, _, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
     if _scaled_diff(other_loss, full_loss) > tolerance:
