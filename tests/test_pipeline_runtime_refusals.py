@@ -130,6 +130,34 @@ def test_a_cut_between_a_buffer_and_its_in_place_update_is_refused_naming_both()
     split_stages(gm, Pipeline((tuple(names[:whole]), tuple(names[whole:])), ("cpu:0", "cpu:1"), 2, "gpipe"))
 
 
+def test_a_cut_between_an_in_place_update_and_another_read_of_the_same_buffer_is_refused():
+    """Two get_attr nodes of one buffer read one tensor: a read in an earlier stage than the
+    update sees that process's copy, which the update never reaches (stale from step 2 on).
+    The check was keyed by get_attr node and let this cut through."""
+    import torch.fx as fx
+
+    from envs.runtime.pipeline.stages import split_stages
+
+    root = torch.nn.Module()
+    root.lin = torch.nn.Linear(4, 4)
+    root.register_buffer("ema", torch.zeros(4))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    read = g.get_attr("ema")
+    h = g.call_function(torch.add, (g.call_module("lin", (x,)), read))
+    held = g.get_attr("ema")
+    g.call_method("add_", (held, g.call_method("mean", (g.call_method("detach", (h,)), 0))))
+    g.output(h)
+    gm = fx.GraphModule(root, g)
+    names = [n.name for n in gm.graph.nodes]
+    cut = names.index(held.name)  # the first read in stage 0, the second get_attr and its update in stage 1
+    pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe")
+    with pytest.raises(PipelineError, match=rf"node '{read.name}' \(stage 0\) reads 'ema', which node 'add_' "
+                                            r"\(stage 1\) updates in place: stage 0 would read its own copy"):
+        split_stages(gm, pipe)
+    split_stages(gm, Pipeline((tuple(names),), ("cpu:0",), 2, "gpipe"))
+
+
 def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_2(tmp_path):
     gm, batch = model_and_batch(Chain)
     launcher.write_job(tmp_path, gm, batch, None, steps=1)

@@ -124,19 +124,34 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
 
 
 def _check_state_updates(gm: fx.GraphModule, st: Mapping[str, int]) -> None:
-    """Refuse a cut that puts an in-place update of a parameter or buffer in another stage than
-    the one holding it: the later stage receives a copy, so the update lands on the copy and
-    the model's state never changes (a running mean that stays at 0, with no error).
+    """Refuse a cut that separates an in-place update of a parameter or buffer from the stage
+    holding it, or from any other read of the same attribute: each stage process holds its own
+    copy of the model's state, so an update made in another stage lands on a copy (a running
+    mean that stays at 0, with no error), and a read in another stage than the update's sees a
+    copy the update never reaches (stale from the second step on). The rule is keyed by
+    attribute, not by ``get_attr`` node: two ``get_attr`` nodes of one buffer read one tensor.
 
     Raises:
         PipelineError: naming the node, the attribute and the two stages.
     """
+    readers: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(str(n.target), []).append(n)
     for n, held in in_place_writes(gm):
-        if held.op == "get_attr" and st[held.name] != st[n.name]:
+        if held.op != "get_attr":
+            continue
+        if st[held.name] != st[n.name]:
             raise PipelineError(
                 f"node {n.name!r} (stage {st[n.name]}) updates {held.target!r} in place, but stage "
                 f"{st[held.name]} holds it: the update would land on a copy; expected the attribute and its "
                 "in-place update in one stage")
+        for other in readers[str(held.target)]:
+            if st[other.name] != st[n.name]:
+                raise PipelineError(
+                    f"node {other.name!r} (stage {st[other.name]}) reads {held.target!r}, which node {n.name!r} "
+                    f"(stage {st[n.name]}) updates in place: stage {st[other.name]} would read its own copy, which "
+                    "the update never reaches; expected every read of the attribute in the stage that updates it")
 
 
 #: Types of boundary values that are not sent but rebuilt as constants in the reading stage
