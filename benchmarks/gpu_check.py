@@ -994,10 +994,15 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                      f"TF32 matmul {'on' if info.get('tf32_matmul') else 'off'})" if "gpu_name" in info else "") + ".", ""]
     fig = machine.get("figures") or {}
     if fig:
-        lines += ["| device | peak fp32 matmul | copy bandwidth | memory |", "|---|---|---|---|"]
+        # reserved: what the GPU held before the first tensor (the CUDA context), against the
+        # spec default envs.hardware.cluster.GPU_CONTEXT_BYTES, which is an estimate.
+        lines += ["| device | peak fp32 matmul | copy bandwidth | memory | reserved (CUDA context) |",
+                  "|---|---|---|---|---|"]
         for d in fig.get("devices", []):
+            reserved = d.get("reserved_bytes")
             lines.append(f"| {d['name']} | {d['peak_flops'] / 1e12:.2f} TFLOP/s | {d['mem_bandwidth'] / 1e9:.1f} GB/s | "
-                         f"{d['memory_bytes'] / 2**30:.1f} GiB |")
+                         f"{d['memory_bytes'] / 2**30:.1f} GiB | "
+                         + (f"{reserved / 2**20:.0f} MiB |" if reserved is not None else "- |"))
         how = "assumed: a virtual device on the same CPU" if fig.get("virtual") else "pinned copies"
         for lk in fig.get("links", []):
             lines.append(f"\nLink {lk['src']}→{lk['dst']}: latency {_fmt_s(lk['latency_s'])}, "

@@ -24,7 +24,7 @@ def _prefix_case(unit: str, lower: bool) -> str:
 
 def _spec(memory: object) -> dict:
     return {"name": "t", "devices": [
-        {"name": "g0", "kind": "K40", "memory": memory, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}]}
+        {"name": "g0", "kind": "K40", "memory": memory, "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}]}
 
 
 def test_16G_is_refused_in_a_spec_and_in_a_memory_cap_with_the_same_advice():

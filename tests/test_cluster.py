@@ -76,6 +76,67 @@ def test_asymmetric_links():
     assert cluster.link("g0", "cpu").bandwidth_Bps == 6e9
 
 
+def test_a_link_given_by_between_and_again_for_one_direction_with_other_figures_is_refused():
+    """``between`` covers both directions: a second entry for the reverse with other figures
+    contradicts it (it was accepted and silently made the link asymmetric)."""
+    first = {"between": ["cpu", "g0"], "latency": "10us", "bandwidth": "12GB/s"}
+    for second in ({"between": ["g0", "cpu"], "latency": "20us", "bandwidth": "12GB/s"},
+                   {"from": "g0", "to": "cpu", "latency": "10us", "bandwidth": "6GB/s"}):
+        with pytest.raises(ClusterSpecError, match=r"links\[1\] \('g0'-'cpu'\) gives 'g0'->'cpu' other figures than "
+                                                   r"links\[0\] \('cpu'-'g0'\), whose 'between' covers both"):
+            cluster_from_spec(_spec(links=[first, second]))
+    same = cluster_from_spec(_spec(links=[first, {"between": ["g0", "cpu"], "latency": "10us", "bandwidth": "12GB/s"}]))
+    assert same.link("g0", "cpu").bandwidth_Bps == 12e9
+
+
+def test_a_gpu_in_a_spec_reserves_its_cuda_context_unless_the_spec_says_otherwise():
+    """A placement may fill a GPU's memory less what the CUDA context holds before the first
+    tensor; a placement that fills total_memory to the byte runs out of memory on the real GPU."""
+    from envs.hardware.cluster import GPU_CONTEXT_BYTES
+
+    cluster = cluster_from_spec(_spec())
+    cpu, gpu = cluster.device("cpu"), cluster.device("g0")
+    assert (cpu.reserved_bytes, cpu.usable_bytes) == (0, cpu.memory_bytes)
+    assert gpu.reserved_bytes == GPU_CONTEXT_BYTES and gpu.usable_bytes == gpu.memory_bytes - GPU_CONTEXT_BYTES
+    assert "usable" in cluster.describe()
+    given = _spec()
+    given["devices"][1] = {**given["devices"][1], "reserved": "1GiB"}
+    assert cluster_from_spec(given).device("g0").usable_bytes == cluster_from_spec(given).device("g0").memory_bytes - 2**30
+    tiny = _spec()
+    tiny["devices"][1] = {**tiny["devices"][1], "memory": "256MiB"}
+    with pytest.raises(ClusterSpecError, match=r"devices\[1\] \('g0'\): memory '256MiB' is no more than the 512 MiB "
+                                               r"a GPU's CUDA context takes.*'reserved' given explicitly"):
+        cluster_from_spec(tiny)
+    tiny["devices"][1]["reserved"] = 0
+    assert cluster_from_spec(tiny).device("g0").usable_bytes == 256 * 2**20
+    with pytest.raises(ClusterSpecError, match=r"reserved \(1073741824 bytes\) leaves nothing of its memory"):
+        Device("g", "K40", 2**30, 1e12, 1e11, reserved_bytes=2**30)
+
+
+def test_the_simulator_refuses_a_placement_that_fits_total_memory_but_not_beside_the_context():
+    """The simulated peak is checked against usable memory in both simulators."""
+    import numpy as np
+    import torch
+
+    from envs.sim.problem import compile_problem
+    from envs.sim.reference_simulator import simulate_reference
+    from envs.sim.simulator import simulate
+    from graphs.capture import capture
+
+    graph = capture(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)),
+                    (torch.randn(8, 256),)).graph
+    roomy = Cluster("c", (Device("g", "K40", 2**30, 4.29e12, 288e9),))
+    roomy_problem = compile_problem(graph, roomy)
+    peak = float(simulate(roomy_problem, np.zeros(roomy_problem.num_nodes, dtype=np.int64)).peak_memory[0])
+    # total memory holds the step with room to spare; beside a context of the rest it does not
+    squeezed = Cluster("c", (Device("g", "K40", int(2 * peak), 4.29e12, 288e9, reserved_bytes=int(1.5 * peak)),))
+    problem = compile_problem(graph, squeezed)
+    assert problem.memory_capacity[0] == squeezed.devices[0].usable_bytes
+    placement = np.zeros(problem.num_nodes, dtype=np.int64)
+    assert not simulate(problem, placement).fits
+    assert not simulate_reference(graph, squeezed, {n: "g" for n in graph.nodes}).fits
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -60,3 +60,17 @@ def test_optimize_cli_measures_over_two_workers(tmp_path):
     placement = json.loads((out / "placement.json").read_text())
     assert set(placement["devices"]) == {"cpu:0", "cpu:1"}
     assert "measured" in (out / "report.md").read_text()
+
+
+def test_a_memory_cap_on_a_gpu_is_what_the_placement_may_fill_beside_its_cuda_context():
+    """``--memory gpu0=8GiB`` lets the placement fill 8 GiB: the context's reserve comes on top
+    (it was taken from the cap, so a cap below the reserve left nothing)."""
+    from envs.hardware.loading import load_cluster
+
+    preset = load_cluster("4xK40")
+    capped = resolve_cluster(cluster="4xK40", memory="gpu0=8GiB,gpu1=64MiB")
+    assert capped.device("gpu0").usable_bytes == 8 * 2**30
+    assert capped.device("gpu1").usable_bytes == 64 * 2**20
+    assert capped.device("gpu2") == preset.device("gpu2")
+    roomy = resolve_cluster(cluster="4xK40", memory="gpu0=64GiB")
+    assert roomy.device("gpu0").usable_bytes == preset.device("gpu0").usable_bytes  # a cap never adds memory

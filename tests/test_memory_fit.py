@@ -24,7 +24,8 @@ def get_example_inputs():
 
 
 def _cluster(memory: str) -> dict:
-    device = {"kind": "K40", "memory": memory, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    # reserved 0: these GPUs are smaller than a CUDA context; the limits are what is tested
+    device = {"kind": "K40", "memory": memory, "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
     return {"name": "tiny", "devices": [{"name": f"gpu{i}", **device} for i in range(2)],
             "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}
 

@@ -29,6 +29,16 @@ planner, whose placements used the host CPU for some ops; ``4xV100-nvlink``,
 ambiguous and a size must be at least one byte), the same grammar as ``--memory`` caps.
 ``peak_flops`` and ``mem_bandwidth`` take SI prefixes (``4.29T``, ``288GB/s``).
 
+A placement may use a device's ``memory`` less its ``reserved`` bytes (optional, same
+grammar; :attr:`Device.usable_bytes`): what the runtime holds before the first tensor. On a
+GPU that is the CUDA context each process creates on it (the kernels' code, the cuBLAS and
+cuDNN handles and workspaces) and whatever other processes hold there: PyTorch's
+``memory_allocated`` never counts it, nvidia-smi does, and a placement that fills
+``total_memory`` to the byte runs out of memory on the real GPU. On the real machine it is
+measured (:mod:`envs.hardware.links`: ``total - free`` of ``torch.cuda.mem_get_info`` once the
+context exists); in a spec without ``reserved`` a GPU reserves :data:`GPU_CONTEXT_BYTES`, a CPU
+nothing.
+
 A link listed once applies in both directions unless the reverse direction is listed too.
 Without ``default_link`` every pair of devices must have a link: a missing one is a spec
 error, so the simulator never meets a pair it cannot cost. Every problem in a spec raises
@@ -57,6 +67,13 @@ from graphs.errors import PlacerError
 DEVICE_KINDS: tuple[str, ...] = ("cpu", "cuda", "K40", "V100", "A100", "H100", "H200")
 #: Kinds that stand for a GPU (virtual or real).
 GPU_KINDS: frozenset[str] = frozenset({"cuda", "K40", "V100", "A100", "H100", "H200"})
+#: What a GPU holds before the first tensor when its spec does not say (module doc): the CUDA
+#: context of the process. Not measured here (no GPU): the PyTorch forums report 300-800 MiB
+#: depending on the GPU, driver and CUDA version (723 MiB after ``torch.randn(1).cuda()`` in
+#: https://discuss.pytorch.org/t/what-is-the-reason-for-pytorchs-gpu-memory-floor/73021).
+#: A real machine's GPUs are measured instead, and ``benchmarks/gpu_check.py`` measures it
+#: on the GPU it runs on.
+GPU_CONTEXT_BYTES: int = 512 * 2**20
 
 #: Figures a spec file may give a device (a typo such as ``peak_flops: 1e-300`` would make
 #: every simulated op take 1e288 s). From a microcontroller to beyond today's largest
@@ -76,10 +93,13 @@ class Device:
     Attributes:
         name: unique name within its cluster (``"cpu"``, ``"cuda:0"``, ``"gpu3"``).
         kind: one of :data:`DEVICE_KINDS`; selects profiled times or the roofline defaults.
-        memory_bytes: capacity in bytes.
+        memory_bytes: capacity in bytes (a GPU's ``total_memory``).
         peak_flops: peak FLOP/s (fp32) used by the roofline estimate.
         mem_bandwidth: memory bandwidth in bytes/s used by the roofline estimate.
         real_device: torch device this one maps onto when applied on a real machine, or None.
+        reserved_bytes: bytes the runtime holds before the first tensor (module doc). A spec
+            file without ``reserved`` gives a GPU :data:`GPU_CONTEXT_BYTES`; built here, a device
+            reserves what it is given.
     """
 
     name: str
@@ -88,6 +108,7 @@ class Device:
     peak_flops: float
     mem_bandwidth: float
     real_device: str | None = None
+    reserved_bytes: int = 0
 
     def __post_init__(self) -> None:
         where = f"device {self.name!r}"
@@ -102,10 +123,21 @@ class Device:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ClusterSpecError(f"{where}: {label} must be a positive number, got {value!r}")
+        reserved = self.reserved_bytes
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+            raise ClusterSpecError(f"{where}: reserved must be a non-negative number of bytes, got {reserved!r}")
+        if reserved >= self.memory_bytes:
+            raise ClusterSpecError(f"{where}: reserved ({reserved} bytes) leaves nothing of its memory "
+                                   f"({self.memory_bytes} bytes); expected less than its memory")
 
     @property
     def is_gpu(self) -> bool:
         return self.kind in GPU_KINDS
+
+    @property
+    def usable_bytes(self) -> int:
+        """The memory a placement may fill: ``memory_bytes`` less ``reserved_bytes``."""
+        return self.memory_bytes - self.reserved_bytes
 
 
 @dataclass(frozen=True)
@@ -243,7 +275,7 @@ class Cluster:
         for d in self.devices:
             lines.append(
                 f"  {d.name:<8} {d.kind:<5} {d.memory_bytes / 2**30:7.1f} GiB  {d.peak_flops / 1e12:7.2f} TFLOP/s  "
-                f"{d.mem_bandwidth / 1e9:7.1f} GB/s"
+                f"{d.mem_bandwidth / 1e9:7.1f} GB/s" + (f"  ({d.usable_bytes / 2**30:.1f} GiB usable)" if d.reserved_bytes else "")
             )
         return "\n".join(lines)
 
@@ -267,14 +299,17 @@ def _parse_device(entry: object, i: int) -> Device:
     missing = [k for k in required if k not in entry]
     if missing:
         raise ClusterSpecError(f"{where} misses field(s) {missing}; a device needs {list(required)}")
-    unknown = sorted(set(entry) - set(required) - {"real_device"})
+    unknown = sorted(set(entry) - set(required) - {"real_device", "reserved"})
     if unknown:
-        raise ClusterSpecError(f"{where} has unknown field(s) {unknown}; allowed: {list(required) + ['real_device']}")
+        raise ClusterSpecError(f"{where} has unknown field(s) {unknown}; "
+                               f"allowed: {list(required) + ['real_device', 'reserved']}")
     kind = _KIND_ALIASES.get(str(entry["kind"]).lower())
     if kind is None:
         raise ClusterSpecError(f"{where} has unknown device kind {entry['kind']!r}; expected one of {list(DEVICE_KINDS)}")
     try:
         memory = parse_bytes(entry["memory"])
+        reserved = (parse_bytes(entry["reserved"], allow_zero=True) if "reserved" in entry
+                    else GPU_CONTEXT_BYTES if kind in GPU_KINDS else 0)
         flops = parse_flops(entry["peak_flops"])
         bandwidth = parse_bandwidth(entry["mem_bandwidth"])
     except UnitError as exc:
@@ -289,8 +324,12 @@ def _parse_device(entry: object, i: int) -> Device:
         if not low <= value <= high:
             raise ClusterSpecError(f"{where}: {label} {entry[label]!r} is outside what any device has; "
                                    f"expected {low:.0e} to {high:.0e} {unit}")
+    if "reserved" not in entry and reserved >= memory:
+        raise ClusterSpecError(f"{where}: memory {entry['memory']!r} is no more than the {GPU_CONTEXT_BYTES // 2**20} MiB "
+                               "a GPU's CUDA context takes before the first tensor; expected more memory, or "
+                               "'reserved' given explicitly (e.g. reserved: 0)")
     try:
-        return Device(str(entry["name"]), kind, memory, flops, bandwidth, real)
+        return Device(str(entry["name"]), kind, memory, flops, bandwidth, real, reserved)
     except ClusterSpecError as exc:
         raise _entry_error(where, exc) from None
 
@@ -327,6 +366,25 @@ def _parse_links(entry: object, i: int) -> list[Link]:
         raise _entry_error(where, exc) from None
 
 
+def _refuse_contradicting_links(entries: list, links: list[Link]) -> None:
+    """``between: [a, b]`` sets both directions, so another entry for ``b -> a`` (a second
+    ``between``, or a ``from``/``to``) contradicts it unless its figures are the same."""
+    claimed: dict[tuple[str, str], tuple[int, Link]] = {}
+    for i, (entry, link) in enumerate(zip(entries, links)):
+        directions = [(link.src, link.dst)] + ([(link.dst, link.src)] if "between" in entry else [])
+        for direction in directions:
+            held = claimed.get(direction)
+            if held is not None and held[0] != i:
+                j, other = held
+                if (other.latency_s, other.bandwidth_Bps) != (link.latency_s, link.bandwidth_Bps):
+                    raise ClusterSpecError(
+                        f"links[{i}] ({link.src!r}-{link.dst!r}) gives {direction[0]!r}->{direction[1]!r} other "
+                        f"figures than links[{j}] ({other.src!r}-{other.dst!r}), whose 'between' covers both "
+                        "directions; expected one entry per pair (or 'from'/'to' entries for a link that differs "
+                        "by direction)")
+            claimed.setdefault(direction, (i, link))
+
+
 def cluster_from_spec(spec: object, default_name: str = "cluster") -> Cluster:
     """Build a :class:`Cluster` from a parsed spec mapping (the content of a YAML/JSON file)."""
     if not isinstance(spec, Mapping):
@@ -346,6 +404,7 @@ def cluster_from_spec(spec: object, default_name: str = "cluster") -> Cluster:
     if not isinstance(links_raw, list):
         raise ClusterSpecError(f"cluster spec 'links' must be a list, got {links_raw!r}")
     links = [link for i, e in enumerate(links_raw) for link in _parse_links(e, i)]
+    _refuse_contradicting_links(links_raw, links)
     default = spec.get("default_link")
     default_link = None
     if default is not None:

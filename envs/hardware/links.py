@@ -3,7 +3,10 @@
 :func:`measure_machine` builds the :class:`~envs.hardware.cluster.Cluster` of this machine
 (``cpu`` plus every ``cuda:i``, ``simulated=False``):
 
-* **memory**: ``MemTotal`` of ``/proc/meminfo`` for the CPU, ``total_memory`` for a GPU;
+* **memory**: ``MemTotal`` of ``/proc/meminfo`` for the CPU, ``total_memory`` for a GPU, and
+  what a GPU holds before placer's first tensor (its ``reserved_bytes``: ``total - free`` of
+  ``torch.cuda.mem_get_info`` once this process's CUDA context exists, other processes'
+  memory included);
 * **peak FLOP/s**: the best of a few timed fp32 matmuls (what the roofline calls peak is
   what a large matmul reaches here, at the current torch thread count);
 * **memory bandwidth**: the best of a few timed copies of a large tensor (read + write);
@@ -31,7 +34,7 @@ from typing import Any
 
 from envs.hardware.cluster import Cluster, ClusterSpecError, Device, Link
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a GPU's reserved bytes
 SMALL_BYTES = 4 * 1024
 LARGE_BYTES = 64 * 1024 * 1024
 
@@ -134,9 +137,11 @@ def measure_devices_and_links(torch: ModuleType | None = None) -> dict[str, Any]
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     for name in gpus:
         props = torch.cuda.get_device_properties(name)
-        flops, bandwidth = _device_figures(torch, name)
+        flops, bandwidth = _device_figures(torch, name)  # creates the context and the cuBLAS handle
+        torch.cuda.empty_cache()  # the timing tensors are placer's, not the context's
+        free, total = torch.cuda.mem_get_info(name)
         devices.append(dict(name=name, kind="cuda", memory_bytes=int(props.total_memory), peak_flops=flops,
-                            mem_bandwidth=bandwidth, real_device=name))
+                            mem_bandwidth=bandwidth, real_device=name, reserved_bytes=int(total - free)))
     links = []
     names = ["cpu"] + gpus
     for a in names:

@@ -145,11 +145,11 @@ def _byte_unit_key(unit: str, text: str) -> str:
     return upper
 
 
-def parse_bytes(value: object) -> int:
+def parse_bytes(value: object, allow_zero: bool = False) -> int:
     """Bytes from a number or a size string in the grammar :data:`BYTE_GRAMMAR` (the module docstring's rules).
 
     Fractions of a byte are dropped (``"1.5KiB"`` is 1536, ``"0.1KiB"`` 102); the result must be
-    at least 1. Exact for any number of digits: ``"1.1GB"`` is 1100000000.
+    at least 1 (at least 0 with ``allow_zero``: a device's ``reserved``). Exact for any number of digits: ``"1.1GB"`` is 1100000000.
 
     >>> parse_bytes("1.5 KiB"), parse_bytes("2gib"), parse_bytes(4096)
     (1536, 2147483648, 4096)
@@ -180,8 +180,9 @@ def parse_bytes(value: object) -> int:
         nbytes = value
     if nbytes > MAX_BYTES:
         raise UnitError(f"size {value!r} is too large: the most is 2**63 - 1 bytes (memory is counted in int64)")
-    if nbytes < 1:
-        raise UnitError(f"a size must be at least one byte, got {value!r}; expected {BYTE_GRAMMAR}")
+    if nbytes < (0 if allow_zero else 1):
+        least = "zero bytes" if allow_zero else "one byte"
+        raise UnitError(f"a size must be at least {least}, got {value!r}; expected {BYTE_GRAMMAR}")
     return nbytes
 
 

@@ -618,7 +618,7 @@ def compile_problem(
         edge_bytes=edge_bytes,
         latency=latency,
         bandwidth=bandwidth,
-        memory_capacity=np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.float64),
+        memory_capacity=np.array([dev.usable_bytes for dev in cluster.devices], dtype=np.float64),
         optimizer_state_factor=OPTIMIZER_STATE_FACTOR[key],
         simulated=cluster.simulated,
         requires_grad=g_rg,

@@ -347,7 +347,7 @@ def simulate_reference(
     busy = np.zeros(len(devices))
     for v in order:
         busy[devices.index(dev_of[v])] += sum(cost[v])
-    capacity = np.array([dv.memory_bytes for dv in cluster.devices], dtype=np.float64)
+    capacity = np.array([dv.usable_bytes for dv in cluster.devices], dtype=np.float64)
     over = np.maximum(peak - capacity, 0.0)
     return StepResult(
         step_time=step,

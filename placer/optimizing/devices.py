@@ -85,8 +85,10 @@ def _with_memory_limits(cluster: Cluster, limits: Mapping[str, int]) -> Cluster:
         raise OptionError(
             f"memory limit for unknown device(s) {unknown}; devices are {cluster.device_names}"
         )
+    # A cap is what the placement may fill; the device's reserve (a GPU's CUDA context) comes on top.
     devices = [
-        dataclasses.replace(d, memory_bytes=min(d.memory_bytes, limits[d.name])) if d.name in limits else d
+        dataclasses.replace(d, memory_bytes=min(d.memory_bytes, limits[d.name] + d.reserved_bytes))
+        if d.name in limits else d
         for d in cluster.devices
     ]
     return dataclasses.replace(cluster, devices=tuple(devices) if isinstance(cluster.devices, tuple) else devices)
