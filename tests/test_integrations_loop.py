@@ -181,3 +181,19 @@ def test_a_script_that_placed_a_model_still_dies_by_sigint_on_an_uncaught_ctrl_c
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+
+
+def test_place_on_real_devices_with_the_simulated_reward_says_its_step_times_are_simulated(tmp_path, caplog):
+    """place(devices="cpu:0,cpu:1") searches with the simulated reward, but its log said "step times
+    measured on real devices": only the ops' costs were profiled there (walkthrough)."""
+    import logging
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with caplog.at_level(logging.DEBUG, logger="placer"):
+        placed = placer.place(model, torch.randn(4, 8), devices="cpu:0,cpu:1", budget="20", cache_dir=tmp_path,
+                              check=False)
+    info = placed.placer_place_info
+    assert not info.simulated and info.source == "simulated"
+    text = caplog.text
+    assert "measured on real devices" not in text
+    assert "step times simulated from op costs profiled on the real devices" in text

@@ -222,9 +222,16 @@ def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
     its groups are the placement unit (the problem show, the report and the benchmarks simulate)."""
     problem = compile_problem(run.captured.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn),
                               grouping=run.grouping, leaves=value_leaves(run.captured.gm))
-    kind = "simulated on cluster spec" if run.cluster.simulated else "measured on real devices"
+    if run.cluster.simulated:
+        kind = "step times simulated on cluster spec"
+    elif run.reward == "measured":
+        kind = "step times measured on real devices"
+    else:  # the op costs were profiled there; a placement's step time is still the simulator's
+        kind = "step times simulated from op costs profiled on the real devices"
+        if run.reward == "hybrid":
+            kind += ", recalibrated from measured ones"
     log.log(logging.INFO if config.verbose else logging.DEBUG,
-            "%s: %d ops in %d groups; %d devices (%s, step times %s); reward %s", run.spec.name,
+            "%s: %d ops in %d groups; %d devices (%s, %s); reward %s", run.spec.name,
             run.captured.graph.number_of_nodes(), problem.num_nodes, problem.num_devices, run.cluster.name, kind,
             run.reward)
     return Compiled(run, problem)
