@@ -451,6 +451,25 @@ def test_resume_with_a_policy_file_torch_cannot_read_is_one_line(tmp_path, capsy
                    "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")
 
 
+def test_resume_with_a_policy_file_torch_cannot_read_is_refused_before_the_model_is_loaded(tmp_path, capsys,
+                                                                                            model_file, monkeypatch):
+    """The unreadable moves.pt was found only once the search started, after the model had been
+    captured and profiled (minutes for a large one)."""
+    import placer.optimizing.stages as stages
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the policy file was checked")
+
+    monkeypatch.setattr(stages, "load_source", loaded)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "moves.pt").write_text("garbage")
+    assert main(["optimize", str(model_file), "--budget", "50", "--out", str(out), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot resume from {out / 'moves.pt'}: it is not a policy file placer saved (torch "
+                   "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--baselines", ""], "error: --baselines '' names no baseline; expected comma-separated names such as "
                           "single,expert,m_etf (leave it out for the default set)\n"),

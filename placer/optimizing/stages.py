@@ -54,7 +54,7 @@ from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.agents.registry import agent_names, get_agent
 from placer.search.baselines.pipeline_rows import parallel_rows
-from placer.search.config import SearchConfig
+from placer.search.config import SearchConfig, check_policy_readable
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
 from placer.write_failure import OutputWriteError, rescue, save_best_so_far
@@ -168,6 +168,10 @@ class Confirmed:
 def prepare_run(config: OptimizeConfig) -> PreparedRun:
     """Check the output folder, resolve the devices and the reward, then load, capture, profile, group."""
     out_dir = check_out_dir(config.out_dir)
+    if config.resume and out_dir is not None:
+        policy = SearchConfig(agent=config.agent, out_dir=out_dir).policy_path
+        if policy is not None and policy.exists():
+            check_policy_readable(policy)
     cluster = resolve_cluster(config.devices, config.cluster, config.memory)
     if cluster.simulated:  # the check runs on these; a missing one must not wait for the search's end
         from envs.runtime.real_devices import check_real_devices
