@@ -159,6 +159,24 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> str:
     return "real"
 
 
+def load_torch_exit_report_imports() -> None:
+    """Import now what torch's at-exit compile-time report imports at shutdown, once
+    fake tensors or torch.export have loaded ``torch._dynamo``.
+
+    The report (``torch._dynamo.utils.dump_compile_times``, an atexit hook) imports
+    ``tabulate``, whose ``wcwidth`` builds a NamedTuple with ``eval()``; under CPython 3.11 any
+    ``eval()`` at shutdown clears the interpreter's "unhandled KeyboardInterrupt" mark, so a
+    script that captured a model and was then stopped by Ctrl-C exited 1 instead of dying by
+    SIGINT (130 in a shell). Already imported, nothing runs ``eval()`` at exit.
+    """
+    if "torch._dynamo.utils" not in sys.modules:
+        return
+    try:
+        import tabulate  # noqa: F401 - imported for its side effect on shutdown, see above
+    except ImportError:
+        pass  # torch's report falls back to plain joins: nothing is imported at exit
+
+
 @contextlib.contextmanager
 def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
     """Silence torch's warnings (graph dumps on a failed guard) while a fallback is being tried.
@@ -272,6 +290,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
+    load_torch_exit_report_imports()
     complete_state(gm, model)
 
     fingerprint = model_fingerprint(gm, model, inputs)

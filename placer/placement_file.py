@@ -280,6 +280,9 @@ _METADATA_TYPES: dict[str, tuple[Any, str]] = {
     "phase": (lambda v: isinstance(v, str), "a search phase (string)"),
     "real_devices": (lambda v: isinstance(v, dict) and all(isinstance(x, str) and x for x in v.values()),
                      "a mapping of device names to torch device strings"),
+    # Read back by apply and --resume to rebuild the model: another type was passed over as if
+    # none had been recorded, and the model came back built with its defaults.
+    "model_args": (lambda v: isinstance(v, dict), "a mapping of argument names to values (a JSON object)"),
 }
 
 

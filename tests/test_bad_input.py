@@ -139,6 +139,9 @@ def test_any_bytes_as_a_placement_file_are_read_or_refused_in_one_line(tmp_path_
     ("cluster", 123, "metadata 'cluster' is 123; expected a cluster name"),
     ("step_time", -1.0, "metadata 'step_time' is -1.0"),
     ("real_devices", {"gpu0": 0}, "metadata 'real_devices'"),
+    # apply and --resume rebuilt the model without them, as if none had been recorded
+    ("model_args", ["layers", 4], "metadata 'model_args' is ['layers', 4]; expected a mapping of argument names"),
+    ("model_args", "layers=4", "metadata 'model_args' is 'layers=4'; expected a mapping of argument names"),
 ])
 def test_wrong_types_in_placement_metadata_are_refused_by_show(tmp_path, capsys, key, value, expected):
     doc = json.loads(json.dumps(VALID_PLACEMENT))
@@ -146,7 +149,7 @@ def test_wrong_types_in_placement_metadata_are_refused_by_show(tmp_path, capsys,
     path = _text_file(tmp_path, "placement.json", json.dumps(doc))
     assert main(["show", str(path)]) == 2
     err = capsys.readouterr().err
-    assert expected in err and "Traceback" not in err and err.count("\n") == 1
+    assert expected in err and str(path) in err and "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -443,6 +446,25 @@ def test_resume_with_a_policy_file_torch_cannot_read_is_one_line(tmp_path, capsy
     capsys.readouterr()
     assert main(["optimize", str(model_file), "--budget", "50", "--baselines", "single", "--out", str(out),
                  "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot resume from {out / 'moves.pt'}: it is not a policy file placer saved (torch "
+                   "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")
+
+
+def test_resume_with_a_policy_file_torch_cannot_read_is_refused_before_the_model_is_loaded(tmp_path, capsys,
+                                                                                            model_file, monkeypatch):
+    """The unreadable moves.pt was found only once the search started, after the model had been
+    captured and profiled (minutes for a large one)."""
+    import placer.optimizing.stages as stages
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the policy file was checked")
+
+    monkeypatch.setattr(stages, "load_source", loaded)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "moves.pt").write_text("garbage")
+    assert main(["optimize", str(model_file), "--budget", "50", "--out", str(out), "--resume", "-q"]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: cannot resume from {out / 'moves.pt'}: it is not a policy file placer saved (torch "
                    "cannot read it); expected the moves.pt or policy.zip of an earlier run, or remove it\n")

@@ -108,6 +108,25 @@ def test_no_subcommand_and_bad_option(capsys):
     assert "model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["optimize", "m.py", "--bogus"], "placer optimize: error: unrecognized arguments: --bogus"),
+    (["optimize"], "placer optimize: error: the following arguments are required: model"),
+    (["optimize", "m.py", "--reward", "fast"], "placer optimize: error: argument --reward: invalid choice: 'fast'"),
+    (["bogus"], "placer: error: argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_an_argument_error_is_one_line_without_the_usage_block(capsys, args, expected):
+    """argparse printed its whole usage block (a dozen lines for optimize) above the one line that
+    said what was wrong; the project's rule is one line and exit status 2."""
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(expected) and err.count("\n") == 1 and "usage:" not in err and not out
+
+
+def test_help_still_shows_the_usage(capsys):
+    assert main(["optimize", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: placer optimize [-h]")
+
+
 def test_python_dash_m_entry_point(tmp_path):
     bad = tmp_path / "empty.py"
     bad.write_text("x = 1\n")

@@ -43,6 +43,14 @@ def test_remote_ranks_need_their_link_figures():
     assert given.link("cpu:0", "node2:cpu:0").bandwidth_Bps == pytest.approx(1e8)
 
 
+def test_remote_ranks_are_refused_in_the_users_terms_not_by_an_internal_function():
+    """The refusal named measure_links(), which the user never calls; it names the ranks and what to use."""
+    with pytest.raises(OptionError) as exc:
+        resolve_cluster(devices="cpu:0,node2:cpu:0")
+    message = str(exc.value)
+    assert "()" not in message and "node2:cpu:0" in message and "--cluster" in message
+
+
 def test_plain_real_devices_keep_the_single_process_path():
     cluster = resolve_cluster(devices="cpu")
     assert cluster.device_names == ["cpu"] and not is_distributed_cluster(cluster)

@@ -169,6 +169,20 @@ def test_bad_arguments_raise_env_config_error(kwargs, match):
         PlacementEnv(random_problem(n=12, d=3), **kwargs)
 
 
+def test_a_missing_cluster_hint_names_the_command_that_lists_presets_when_they_cannot_be_listed(monkeypatch):
+    """Its fallback pointed at envs.hardware.loading.list_presets(), a function the user never calls."""
+    import envs.hardware.loading as loading
+    from envs.gym.registration import build_problem
+
+    def broken() -> list[str]:
+        raise OSError("presets folder unreadable")
+
+    monkeypatch.setattr(loading, "list_presets", broken)
+    with pytest.raises(EnvConfigError) as exc:
+        build_problem(graph=nx.DiGraph())
+    assert "()" not in str(exc.value) and "`placer presets` lists them" in str(exc.value)
+
+
 def test_not_a_problem_and_bad_actions():
     with pytest.raises(EnvConfigError, match="PlacementProblem"):
         PlacementEnv({"nodes": 3})

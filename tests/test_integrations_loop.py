@@ -158,3 +158,42 @@ def test_ctrl_c_during_the_search_of_place_reaches_the_training_script_and_cache
     with pytest.raises(KeyboardInterrupt):
         loop.place(model, torch.randn(8, 32), cluster="4xK40", budget="20", cache_dir=tmp_path, check=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_script_that_placed_a_model_still_dies_by_sigint_on_an_uncaught_ctrl_c(tmp_path):
+    """A training script stopped by an uncaught KeyboardInterrupt after place() exited 1, not by
+    SIGINT (130 in a shell): torch's at-exit compile-time report imported tabulate at shutdown, and
+    that import's eval() cleared CPython 3.11's "unhandled KeyboardInterrupt" mark (walkthrough)."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys, torch, placer
+        before = signal.getsignal(signal.SIGINT)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        placer.place(model, torch.randn(4, 8), cluster="4xK40", budget="20", cache_dir={str(tmp_path)!r},
+                     check=False)
+        assert signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGINT)
+        raise KeyboardInterrupt
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+
+
+def test_place_on_real_devices_with_the_simulated_reward_says_its_step_times_are_simulated(tmp_path, caplog):
+    """place(devices="cpu:0,cpu:1") searches with the simulated reward, but its log said "step times
+    measured on real devices": only the ops' costs were profiled there (walkthrough)."""
+    import logging
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with caplog.at_level(logging.DEBUG, logger="placer"):
+        placed = placer.place(model, torch.randn(4, 8), devices="cpu:0,cpu:1", budget="20", cache_dir=tmp_path,
+                              check=False)
+    info = placed.placer_place_info
+    assert not info.simulated and info.source == "simulated"
+    text = caplog.text
+    assert "measured on real devices" not in text
+    assert "step times simulated from op costs profiled on the real devices" in text

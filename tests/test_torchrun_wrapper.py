@@ -112,3 +112,29 @@ def test_a_port_or_process_count_torch_cannot_use_is_one_line_before_anything_st
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_stops_the_job_with_the_wrappers_line_and_no_traceback_from_its_workers(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the wrapper said its one line and exited
+    130, but each rank printed a KeyboardInterrupt traceback (and one blocked in gloo a second one
+    when its peer was gone). The ranks now end by the signal, as they do on SIGTERM."""
+    import signal
+
+    gm, batch = model_and_batch(Chain)
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "1f1b")
+    write_job(tmp_path, gm, batch, pipe, steps=100_000, optimizer=SGD)  # still training when interrupted
+    proc = subprocess.Popen(_command(_free_port(), tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{r}").exists() for r in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the pipeline's first steps
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.rstrip().endswith("torchrun: stopped by SIGINT; its workers were stopped")

@@ -117,7 +117,7 @@ def _cluster_hint(message: str) -> str:
 
         presets = ", ".join(list_presets())
     except Exception:  # noqa: BLE001 - the hint is a courtesy; the message stands without it
-        presets = "see envs.hardware.loading.list_presets()"
+        presets = "`placer presets` lists them"
     return f"{message} (a preset: {presets}; a .yaml/.json spec file; or 'real')"
 
 

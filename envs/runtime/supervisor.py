@@ -163,6 +163,19 @@ def report_rank_failure(job_dir: Path, rank: int, exc: BaseException, show_trace
         print(f"rank {rank}: {line}", file=sys.stderr)
 
 
+def rank_dies_by_sigint() -> None:
+    """Let SIGINT end this rank process by the signal, as SIGTERM does (Python's default for it).
+
+    Under ``torchrun`` a Ctrl-C reaches every rank (one process group with the agent, which
+    prints its own line and exits 130). As a KeyboardInterrupt it printed each rank's
+    traceback, from wherever the rank was, and a rank blocked in a gloo call printed a second
+    one when its peer was gone. (Under placer's own launchers the ranks have their own process
+    group: Ctrl-C reaches placer only, which kills them.) The entry modules call this first
+    thing, before their imports (torch: over a second), and :func:`worker_main` again.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: Sequence[str] | None = None) -> int:
     """The entry point of a rank process, ``python -m <module> JOB_DIR``; returns its exit status.
 
@@ -170,7 +183,9 @@ def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: S
     runs ``run_rank(job_dir, rank, world)`` and leaves any failure where the launcher reads it
     (:func:`report_rank_failure`). Status 2: called wrongly, or a :class:`PlacerError` (bad input,
     a rendezvous port in use: one line on stderr); 1: the rank failed otherwise (traceback).
+    Ctrl-C (SIGINT) ends it as SIGTERM does, by the signal, without a traceback (:func:`rank_dies_by_sigint`).
     """
+    rank_dies_by_sigint()
     die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``benchmarks/bench_baselines.py``) with the CLI's error handling."""
     from graphs.errors import PlacerError
+    from placer.cli.main import OneLineErrorParser
 
-    parser = argparse.ArgumentParser(prog="placer benchmark")
+    parser = OneLineErrorParser(prog="placer benchmark")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["benchmark", *(argv if argv is not None else sys.argv[1:])])

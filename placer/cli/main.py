@@ -26,21 +26,46 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from envs.runtime.supervisor import sweep_stale_job_dirs
 from graphs.errors import PlacerError
 from placer.cli.commands import register_commands
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``placer <command>: error: ...``, exit 2.
+
+    argparse prints its usage block (a dozen lines for ``optimize``) above the line that says
+    what was wrong; every other bad input of the CLI is one line, and ``--help`` still shows
+    the usage. Subcommand parsers inherit the class (``add_subparsers`` uses the parent's).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="placer",
         description="Learn where each part of a PyTorch model should run.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     register_commands(subparsers)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is reported by its subcommand's parser
+    (``placer optimize: error: unrecognized arguments: --bogus``), which is the one that lacks it;
+    argparse reports it from the top-level parser (``placer: error: ...``)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+        command = commands.get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
 
 
 class _Interruptions:
@@ -108,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 bad input, 130/143 interrupted, 141 stdout closed)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed its usage message already
+        args = parse_arguments(parser, argv)
+    except SystemExit as exc:  # argparse has printed its error line (or --help) already
         return int(exc.code or 0)
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)

@@ -61,7 +61,8 @@ class PlaceInfo:
         cache_hit: True when the placement was loaded from the cache (no search ran).
         cache_path: the cache file read or written (None when caching is off).
         fingerprint: the model's fingerprint.
-        cluster: the cluster's name; ``simulated`` whether its step times are simulated.
+        cluster: the cluster's name; ``simulated`` whether it is a simulated cluster spec (on real
+            devices the step time may still be simulated: ``source`` says).
         step_time: the placement's step time in seconds when known (simulated or measured, see ``source``).
         source: ``"simulated"`` or ``"measured"``.
         method: the method that found it (e.g. ``"placer (hierarchical)"``, ``"m_etf"``).

@@ -54,7 +54,7 @@ from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.agents.registry import agent_names, get_agent
 from placer.search.baselines.pipeline_rows import parallel_rows
-from placer.search.config import SearchConfig
+from placer.search.config import SearchConfig, check_policy_readable
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
 from placer.write_failure import OutputWriteError, rescue, save_best_so_far
@@ -168,6 +168,10 @@ class Confirmed:
 def prepare_run(config: OptimizeConfig) -> PreparedRun:
     """Check the output folder, resolve the devices and the reward, then load, capture, profile, group."""
     out_dir = check_out_dir(config.out_dir)
+    if config.resume and out_dir is not None:
+        policy = SearchConfig(agent=config.agent, out_dir=out_dir).policy_path
+        if policy is not None and policy.exists():
+            check_policy_readable(policy)
     cluster = resolve_cluster(config.devices, config.cluster, config.memory)
     if cluster.simulated:  # the check runs on these; a missing one must not wait for the search's end
         from envs.runtime.real_devices import check_real_devices
@@ -222,9 +226,16 @@ def compile_run(config: OptimizeConfig, run: PreparedRun) -> Compiled:
     its groups are the placement unit (the problem show, the report and the benchmarks simulate)."""
     problem = compile_problem(run.captured.graph, run.cluster, optimizer=optimizer_state_kind(run.spec.optimizer_fn),
                               grouping=run.grouping, leaves=value_leaves(run.captured.gm))
-    kind = "simulated on cluster spec" if run.cluster.simulated else "measured on real devices"
+    if run.cluster.simulated:
+        kind = "step times simulated on cluster spec"
+    elif run.reward == "measured":
+        kind = "step times measured on real devices"
+    else:  # the op costs were profiled there; a placement's step time is still the simulator's
+        kind = "step times simulated from op costs profiled on the real devices"
+        if run.reward == "hybrid":
+            kind += ", recalibrated from measured ones"
     log.log(logging.INFO if config.verbose else logging.DEBUG,
-            "%s: %d ops in %d groups; %d devices (%s, step times %s); reward %s", run.spec.name,
+            "%s: %d ops in %d groups; %d devices (%s, %s); reward %s", run.spec.name,
             run.captured.graph.number_of_nodes(), problem.num_nodes, problem.num_devices, run.cluster.name, kind,
             run.reward)
     return Compiled(run, problem)

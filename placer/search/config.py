@@ -37,6 +37,38 @@ class SearchError(PlacerError, ValueError):
     """A search asked for with arguments that cannot work."""
 
 
+def unreadable_policy(path: Path) -> str:
+    """The refusal of a policy file torch (or SB3) cannot read, for ``--resume``."""
+    return (f"cannot resume from {path}: it is not a policy file placer saved (torch cannot read it); "
+            "expected the moves.pt or policy.zip of an earlier run, or remove it")
+
+
+def check_policy_readable(path: Path) -> None:
+    """Refuse a saved policy that cannot be read at all, before a run captures and profiles the
+    model (minutes for a large one): the search loads it only once it starts. Whether it fits
+    the problem (its agent, its group count) can only be told then.
+
+    Raises:
+        SearchError: the file cannot be opened or is no torch / SB3 (zip) file.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        if path.suffix == ".zip":  # SB3's save format; set_parameters reads it
+            with zipfile.ZipFile(path):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise SearchError(f"cannot resume from {path}: {exc.strerror or exc}; expected a readable policy file "
+                          "of an earlier run, or remove it") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError):
+        raise SearchError(unreadable_policy(path)) from None
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """How to search (every field has the default users get).

@@ -38,7 +38,7 @@ from envs.gym.vector_env import BatchedPlacementVecEnv
 from envs.sim.problem import PlacementProblem
 from placer.search.agents.base import AgentContext, SearchAgent
 from placer.search.agents.registry import AgentEntry, get_agent
-from placer.search.config import SearchConfig, SearchError
+from placer.search.config import SearchConfig, SearchError, unreadable_policy
 from placer.search.local_search import LocalSearch
 from placer.search.tracker import BestTracker, ProgressCallback, SearchResult, StopSearch
 
@@ -216,8 +216,7 @@ def _resume(agent: SearchAgent, path: Path) -> None:
     try:
         agent.resume(path)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError):
-        raise SearchError(f"cannot resume from {path}: it is not a policy file placer saved (torch cannot read "
-                          "it); expected the moves.pt or policy.zip of an earlier run, or remove it") from None
+        raise SearchError(unreadable_policy(path)) from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SearchError(
             f"cannot resume from {path}: it was saved for another problem, agent or group count ({exc})"

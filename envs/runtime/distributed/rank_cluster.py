@@ -53,10 +53,12 @@ def rank_cluster(
                 )
             devices.append(dataclasses.replace(machine.device(local), name=d.name, real_device=local))
     if links is None:
-        if any(not d.local for d in devs):
+        remote = [d.name for d in devs if not d.local]
+        if remote:
             raise RankDeviceError(
-                "link figures for ranks on other hosts must be given (or measured with the workers running); "
-                "measure_links() measures local ranks only"
+                f"devices on other hosts ({', '.join(remote)}) need link figures, and placer measures links only "
+                "between worker processes of this machine; expected worker processes here (cpu:0,cpu:1), or a "
+                "cluster spec file that gives the hosts' links (--cluster spec.yaml, simulated)"
             )
         links = measure_links(names, threads=threads)
     link_objs = [Link(a, b, lat, bw) for (a, b), (lat, bw) in links.items()]

@@ -26,6 +26,11 @@ then stops every rank (the others would wait for this one forever).
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # a rank process: Ctrl-C ends it by the signal from here on (supervisor.rank_dies_by_sigint)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import dataclasses
 import datetime
 import itertools

@@ -27,6 +27,11 @@ H2-H3 assume (:mod:`envs.sim.data_parallel`). DDP: rank ``r`` trains the whole m
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # a rank process: Ctrl-C ends it by the signal from here on (supervisor.rank_dies_by_sigint)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import datetime
 import os
 import sys
