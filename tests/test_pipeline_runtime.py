@@ -59,6 +59,11 @@ def test_two_stage_pipeline_trains_like_the_unsplit_model_on_the_full_batch(cls,
     pipe = Pipeline(stages_of(gm, cuts), ("cpu:0", "cpu:1"), 4, schedule)
     run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120)
     assert_same(run, reference(gm, batch))
+    # Each rank holds its own stage's parameters, not the whole model's (it kept them all).
+    from envs.runtime.pipeline.stages import split_stages
+
+    own = [sum(p.numel() * p.element_size() for p in spec.gm.parameters()) for spec in split_stages(gm, pipe)]
+    assert run.held_param_bytes == {0: own[0], 1: own[1]} and min(own) > 0
     # Every rank listens (gloo; rank 0 also the store), and only on loopback.
     assert sorted(run.listening) == [0, 1] and all(run.listening.values())
     assert all(addr == "127.0.0.1" for addrs in run.listening.values() for addr in addrs)

@@ -98,6 +98,24 @@ def test_probing_the_boundary_shapes_leaves_every_buffer_and_the_random_state_as
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_boundary_probe_keeps_requires_grad_but_saves_nothing_for_a_backward():
+    """Every rank runs the whole model once on a micro-batch to plan its boundaries; with
+    autograd saving, that held every stage's activations on every rank before the first step
+    (gpt2 at M=1: 140 MiB, above the step's own peak)."""
+    from envs.runtime.pipeline.stages import boundary_metas
+    from graphs.capture import capture
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    gm = capture(model, (torch.randn(4, 8),), name="chain").gm
+    names = {n.name for n in gm.graph.nodes if n.op == "call_module"}
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        inputs = {n.name: torch.randn(4, 8) for n in gm.graph.nodes if n.op == "placeholder"}
+        metas = boundary_metas(gm, inputs, names)
+    assert packed == []
+    assert all(m.device.type == "meta" and m.requires_grad for m in metas.values())
+
+
 def test_a_cut_between_a_buffer_and_its_in_place_update_is_refused_naming_both():
     """The later stage received a copy of the running mean and updated that: the model's buffer
     stayed at 0, with no error (walkthrough, a hand-built cut given to run_training)."""

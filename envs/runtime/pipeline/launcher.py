@@ -68,6 +68,8 @@ class TrainingRun:
         listening: per rank, the addresses it listened on.
         tied_gap: for parameters held by several ranks (tied weights), the largest absolute
             difference between the copies after the last step (0.0: the copies stayed equal).
+        held_param_bytes: per rank, the bytes of every parameter alive in its process once
+            its stages were built (a pipeline rank holds its stages' own, not the model's).
     """
 
     losses: list[float]
@@ -78,6 +80,7 @@ class TrainingRun:
     listening: dict[int, list[str]] = field(default_factory=dict)
     tied_gap: dict[str, float] = field(default_factory=dict)
     rank_cpu_times: dict[int, list[float]] = field(default_factory=dict)
+    held_param_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def _blame(failures: list[Exit], job_dir: Path) -> str:
@@ -146,8 +149,9 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
     grads: dict[str, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
     tied_gap: dict[str, float] = {}
-    for r in results:
-        grads.update(r["grads"])
+    for rank, r in enumerate(results):
+        first = Path(job_dir) / f"grads-{rank}.pt"  # written by the worker at its first step
+        grads.update(torch.load(first, weights_only=False) if first.exists() else r["grads"])
         for name, value in r["params"].items():
             if name in params:
                 gap = float((params[name] - value).abs().max()) if params[name].shape == value.shape else float("inf")
@@ -156,7 +160,8 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
     steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]
     cpu = [sum(r["cpu_s"][i] for r in results) for i in range(len(results[0].get("cpu_s", [])))]
     return TrainingRun(losses, grads, params, steps, cpu, {r["rank"]: r.get("listening", []) for r in results},
-                       tied_gap, {r["rank"]: list(r.get("cpu_s", [])) for r in results})
+                       tied_gap, {r["rank"]: list(r.get("cpu_s", [])) for r in results},
+                       {r["rank"]: int(r.get("held_param_bytes", 0)) for r in results})
 
 
 def resolved(host: str, port: int = 0) -> tuple:

@@ -33,6 +33,7 @@ if __name__ == "__main__":  # a rank process: Ctrl-C ends it by the signal from 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import datetime
+import gc
 import os
 import sys
 import time
@@ -145,7 +146,7 @@ def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[in
         dist.all_reduce(p.grad, group=groups[ranks])
 
 
-def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
+def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
     from torch.nn.parallel import DistributedDataParallel
@@ -200,6 +201,14 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
                                     input_args=tuple(metas[v] for v in plain.recv_tensors), output_args=out_meta,
                                     group=replica_groups[replica]))
+    # The rank keeps its own stages only: the whole model (every other stage's parameters and
+    # buffers) would otherwise stay alive through the run, charged to no simulated rule (a
+    # ResNet-50 rank holding 9 MiB of parameters kept all 98). fx modules hold reference
+    # cycles (graph <-> owning module), hence the collection.
+    del gm, specs
+    job.pop("gm", None)
+    gc.collect()
+    res["held_param_bytes"] = held_parameter_bytes()
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
@@ -224,7 +233,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
         if step == 0:
-            res["grads"] = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None}
+            save_first_gradients(job_dir, rank, {n: p.grad for n, p in named.items() if p.grad is not None})
         if opt is not None:
             opt.step()
         res["step_s"].append(time.perf_counter() - t)
@@ -236,7 +245,27 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
                 dist.all_reduce(both, group=stage_groups[local])
                 total = float(both) / n_rep
             res["losses"].append(total)
-    res["params"] = {n: p.detach().clone() for n, p in named.items()}
+    # Not cloned: nothing changes them before run_rank saves the result.
+    res["params"] = {n: p.detach() for n, p in named.items()}
+
+
+def held_parameter_bytes() -> int:
+    """Bytes of every ``nn.Parameter`` alive in this process (each storage once)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def save_first_gradients(job_dir: Path, rank: int, grads: Mapping[str, torch.Tensor]) -> None:
+    """Write the first step's gradients to ``grads-<rank>.pt`` now (for the numerical check,
+    :func:`envs.runtime.pipeline.launcher.read_results`). Kept in memory until the job's end,
+    they were one more gradient set alive through every later step, which no simulated rule
+    charges; zero_grad(set_to_none=True) drops ``.grad``, so a reference kept it as a clone would."""
+    tmp = job_dir / f".grads-{rank}.pt"
+    torch.save({n: g.detach() for n, g in grads.items()}, tmp)
+    os.replace(tmp, job_dir / f"grads-{rank}.pt")
 
 
 def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
@@ -248,7 +277,7 @@ def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
-def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) -> None:
+def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -270,14 +299,16 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any]) ->
         loss = loss_fn(out, *args) if loss_fn is not None else out
         loss.backward()
         if step == 0:
-            res["grads"] = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
+            save_first_gradients(job_dir, rank, {n: p.grad for n, p in gm.named_parameters() if p.grad is not None})
         opt.step()
         res["step_s"].append(time.perf_counter() - t)
         res["cpu_s"].append(time.process_time() - c)
         total = loss.detach().clone()
+        # the output (a language model's logits) would stay alive through the next forward
+        del out, loss
         dist.all_reduce(total)
         res["losses"].append(float(total) / world)
-    res["params"] = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    res["params"] = {n: p.detach() for n, p in gm.named_parameters()}  # saved before anything changes them
 
 
 def _load_file_modules(job_dir: Path) -> None:
@@ -319,9 +350,9 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "grads": {}, "params": {}}
     try:
         if job.get("pipeline") is None:
-            _run_ddp(job, rank, world, res)
+            _run_ddp(job, rank, world, res, job_dir)
         else:
-            _run_pipeline(job, rank, world, res)
+            _run_pipeline(job, rank, world, res, job_dir)
         res["listening"] = _listening_addresses()
         tmp = job_dir / f".result-{rank}.pt"
         torch.save(res, tmp)
