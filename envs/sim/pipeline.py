@@ -87,6 +87,18 @@ micro-batches of its incoming boundary and of its outgoing boundary's gradients,
 backward's working set of its largest gradient (the op-level simulator's rule, measured on
 the CPU allocator, ``results/memory.md``), an output's gradient at ``1/M`` size, a shared
 parameter's whole; with one stage and ``M = 1`` the peak is the op-level simulator's.
+Two rules measured on real two-process pipelines (``torch.profiler`` memory events of each
+rank, 2026-12-05 21:13-21:31 UTC; ``results/memory.md``): **P5a** with ``M >= 2`` every
+backward after the first allocates each weight's gradient afresh beside its ``.grad`` before
+``AccumulateGrad`` adds it in (P2b), a convolution a same-size temporary too (ResNet-50's
+stage: +9 + 9 MiB for a 512x512x3x3 weight, where the rule gave 0.25), so the working set is
+at least :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` x the stage's largest op's parameter
+bytes; **P5b** ``PipelineStage`` keeps a stage's sent outputs until that micro-batch's backward
+(``fwd_cache``), and ``StageModule`` sends ``.contiguous()`` copies of views, so each value
+crossing the stage's outgoing cut adds its bytes that autograd does not save already
+(``out_bytes - act_bytes``) per micro-batch in flight (GPT-2's MLP output sent to the next
+stage's residual add: +0.25 MiB per micro-batch at M=8); a value relayed through the stage is
+counted too, which over-counts (its receive buffer already holds it).
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -103,7 +115,7 @@ from typing import Any
 import numpy as np
 
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.problem import PlacementProblem, cached_per_problem
+from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
 
@@ -510,17 +522,27 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m
         work[s] = float(op_work[sel].max(initial=0.0))
+        if pipeline.microbatches > 1:  # P5a
+            work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(ops.param_bytes[sel].max(initial=0.0)))
         has_params[s] = bool(ops.param_bytes[sel].sum() > 0)
     # P3: the last reader of each produced value decides how many boundaries it crosses.
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, op_stage[dst])
     fwd_bytes, bwd_bytes = np.zeros(max(s_ - 1, 0)), np.zeros(max(s_ - 1, 0))
+    unsaved = _unsaved_bytes(ops)
     for i in np.nonzero(last_reader > op_stage)[0]:
         for b in range(int(op_stage[i]), int(last_reader[i])):
             fwd_bytes[b] += ops.out_bytes[i] / m
+            act[b] += unsaved[i] / m  # P5b
             if ops.requires_grad[i]:
                 bwd_bytes[b] += ops.out_bytes[i] / m
     return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work, bwd_acc)
+
+
+def _unsaved_bytes(ops: Any) -> np.ndarray:
+    """[N] the bytes of each op's output that autograd does not save (P5b): what a stage keeps
+    beyond its activations for a value it sends."""
+    return np.maximum(ops.out_bytes.astype(np.float64) - ops.act_bytes.astype(np.float64), 0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -539,7 +561,8 @@ class PipelineTables:
         static, act, params: [N+1] pinned bytes, kept activation bytes, parameter bytes.
         cross_f, cross_b: [N+1] bytes over a cut before group ``i``: every value produced
             before ``i`` and last read at or after ``i`` (relayed, P3); the backward ones those
-            that require grad.
+            that require grad; ``cross_kept`` their bytes autograd does not save (P5b).
+        param_work: sparse table of each group's largest op parameter bytes (P5a).
         out_work, shared_work: sparse tables (level k: the max over groups ``[i, i + 2^k)``)
             of the backward working set's two parts (``OpArrays.gradient_work_parts``).
     """
@@ -558,8 +581,10 @@ class PipelineTables:
     params: np.ndarray
     cross_f: np.ndarray
     cross_b: np.ndarray
+    cross_kept: np.ndarray
     out_work: np.ndarray
     shared_work: np.ndarray
+    param_work: np.ndarray
 
 
 def _sparse_max(per_group: np.ndarray) -> np.ndarray:
@@ -613,6 +638,10 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
     grad = np.where(ops.requires_grad[crossing], out, 0.0)
     np.add.at(diff_b, g[crossing] + 1, grad)
     np.add.at(diff_b, last_reader[crossing] + 1, -grad)
+    diff_k = np.zeros(n + 2)
+    kept = _unsaved_bytes(ops)[crossing]
+    np.add.at(diff_k, g[crossing] + 1, kept)
+    np.add.at(diff_k, last_reader[crossing] + 1, -kept)
     work_out, work_shared = ops.gradient_work_parts()
     acc = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     tables = PipelineTables(
@@ -621,8 +650,9 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n), acc_h=_prefix(acc[:, :, 0], g, n), acc_d=_prefix(acc[:, :, 1], g, n),
         static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
-        cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1],
-        out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)))
+        cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1], cross_kept=np.cumsum(diff_k)[: n + 1],
+        out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)),
+        param_work=_sparse_max(_group_max(ops.param_bytes.astype(np.float64), g, n)))
     return tables
 
 
@@ -654,10 +684,13 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     bwd_acc = np.where(cpu, (shrunk_host(hb, fb, div) + ah) * scale, np.maximum(hb + ah, db / div + ad))
     opt = seg(t.opt) * scale
     static = t.static[hi] - t.static[lo]
-    act = (t.act[hi] - t.act[lo]) / div
-    has_params = (t.params[hi] - t.params[lo]) > 0
     inner = b[1:-1]
+    act = (t.act[hi] - t.act[lo]) / div
+    act[:-1] += t.cross_kept[inner] / div  # P5b: what the stage keeps of what it sends
+    has_params = (t.params[hi] - t.params[lo]) > 0
     work = np.maximum(_range_max(t.out_work, lo, hi) / div, _range_max(t.shared_work, lo, hi))
+    if microbatches > 1:  # P5a
+        work = np.maximum(work, BACKWARD_WORK_FACTOR * _range_max(t.param_work, lo, hi))
     return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d,
                       work, bwd_acc)
 
