@@ -152,6 +152,9 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
     ``bytes_moved`` still counts the parameters it reads on every call. That first node's
     ``shared_param_bytes`` (present only when > 0) says how many of its parameter bytes
     other nodes use too (a tied embedding): their gradients are summed in the backward.
+    Each node reading such a parameter that another node owns gets ``tied_param_bytes``
+    (``{owner node: bytes}``): a pipeline stage holding the reader but not the owner keeps its
+    own copy, with its gradient and optimizer state.
     ``trust_requires_grad``: use the autograd flag recorded on the tensors (ShapeProp runs
     with autograd on); torch.export records none, so it is derived from the graph instead.
     """
@@ -162,6 +165,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
     owned: dict[int, str] = {}  # tensor id -> the node charged with its param_bytes
     shared: dict[str, int] = {}
     reused: set[int] = set()
+    tied: dict[str, dict[str, int]] = {}  # reading node -> {owner node: parameter bytes}
 
     def shape_of(arg: Any) -> tuple[int, ...] | None:
         if isinstance(arg, fx.Node):
@@ -191,12 +195,15 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             if id(t) not in owned:
                 owned[id(t)] = node.name
                 param_bytes += t.numel() * t.element_size()
-            elif t.requires_grad and owned[id(t)] != node.name and id(t) not in reused:
-                # Once per tensor: however many nodes reuse it (an unrolled cell's 50 steps),
-                # the backward sums one more gradient into its accumulated one at a time.
-                reused.add(id(t))
+            elif t.requires_grad and owned[id(t)] != node.name:
                 owner = owned[id(t)]
-                shared[owner] = shared.get(owner, 0) + t.numel() * t.element_size()
+                reads = tied.setdefault(node.name, {})
+                reads[owner] = reads.get(owner, 0) + t.numel() * t.element_size()
+                if id(t) not in reused:
+                    # Once per tensor: however many nodes reuse it (an unrolled cell's 50 steps),
+                    # the backward sums one more gradient into its accumulated one at a time.
+                    reused.add(id(t))
+                    shared[owner] = shared.get(owner, 0) + t.numel() * t.element_size()
 
         inputs = node.all_input_nodes
         grad[node] = _requires_grad(node, outputs, tensors, inputs, grad, trust_requires_grad)
@@ -222,6 +229,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             graph.add_edge(inp.name, node.name, bytes=int(_edge_bytes(inp, node, infos, out_bytes)))
     for name, nbytes in shared.items():
         graph.nodes[name]["shared_param_bytes"] = int(nbytes)
+    for name, reads in tied.items():
+        graph.nodes[name]["tied_param_bytes"] = {owner: int(b) for owner, b in reads.items()}
     return graph
 
 

@@ -31,7 +31,8 @@ def test_resolve_cluster_builds_a_measured_rank_cluster(monkeypatch):
     # In one process (the numerical check of the winner) both ranks are the CPU.
     assert {torch.device(v).type for v in cluster.real_device_map().values()} == {"cpu"}
     capped = resolve_cluster(devices="cpu:0,cpu:1", memory="cpu:1=1GiB")
-    assert capped.device("cpu:1").memory_bytes == 2**30
+    assert capped.device("cpu:1").usable_bytes == 2**30  # the cap; the rank process's own memory on top
+    assert cluster.device("cpu:0").reserved_bytes > 0
 
 
 def test_remote_ranks_need_their_link_figures():

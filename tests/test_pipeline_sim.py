@@ -219,3 +219,38 @@ def test_a_sent_value_autograd_does_not_save_is_kept_by_its_stage_per_microbatch
     g.nodes["l1"]["act_bytes"] = 400_000  # the same value, saved: kept once, not twice
     saved = simulate_pipeline(compile_problem(g, cpu_cluster(2)), pipe, ZERO_COSTS).peak_memory["cpu:0"]
     assert peak == pytest.approx(saved)
+
+
+def test_a_tied_parameter_read_on_another_device_is_held_there_as_a_copy_with_its_grad_and_state():
+    """P5c: the runtime keeps a copy of a tied weight on every rank that reads it (its own
+    .grad and optimizer state, gradients all-reduced); the simulator charged it to the
+    owner's stage only (GPT-2's tied wte: 2 MiB under on the head's rank, measured)."""
+    import torch
+
+    from envs.sim.pipeline import fast_stage_costs
+    from graphs.capture import capture
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 16)
+            self.mid = torch.nn.Linear(16, 16)
+
+        def forward(self, idx):
+            return torch.nn.functional.linear(torch.tanh(self.mid(self.emb(idx))), self.emb.weight).sum()
+
+    graph = capture(Tied(), (torch.randint(0, 64, (4, 3)),), name="tied").graph
+    readers = {n: d["tied_param_bytes"] for n, d in graph.nodes(data=True) if "tied_param_bytes" in d}
+    assert list(readers.values()) == [{"emb": 64 * 16 * 4}]
+    problem = compile_problem(graph, cpu_cluster(2), optimizer="adam")
+    names = problem.node_names
+    cut = names.index("mid") + 1
+    pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe")
+    slow = stage_costs(problem, pipe, ZERO_COSTS)
+    copy = 64 * 16 * 4 * (2 + problem.optimizer_state_factor)
+    assert slow.static[1] == pytest.approx(copy)  # the head's stage owns no parameter but holds the copy
+    fast = fast_stage_costs(problem, [0, cut, len(names)], [0, 1], 2, ZERO_COSTS)
+    assert fast.static.tolist() == pytest.approx(slow.static.tolist())
+    # both stages on one device: one tensor, no copy
+    same = fast_stage_costs(problem, [0, cut, len(names)], [0, 0], 2, ZERO_COSTS)
+    assert same.static[1] == 0.0

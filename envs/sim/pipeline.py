@@ -98,7 +98,11 @@ bytes; **P5b** ``PipelineStage`` keeps a stage's sent outputs until that micro-b
 crossing the stage's outgoing cut adds its bytes that autograd does not save already
 (``out_bytes - act_bytes``) per micro-batch in flight (GPT-2's MLP output sent to the next
 stage's residual add: +0.25 MiB per micro-batch at M=8); a value relayed through the stage is
-counted too, which over-counts (its receive buffer already holds it).
+counted too, which over-counts (its receive buffer already holds it). **P5c** a parameter
+read on a device other than its owner's (a tied embedding's head on the last stage, an
+unrolled cell's later steps) is held there as a copy with its own ``.grad`` and optimizer
+state (the runtime all-reduces the copies' gradients: ``tied_holders``), once per device
+(GPT-2's tied ``wte`` on the head's rank: +2 MiB with AdamW, measured).
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -529,6 +533,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, op_stage[dst])
     fwd_bytes, bwd_bytes = np.zeros(max(s_ - 1, 0)), np.zeros(max(s_ - 1, 0))
+    static += _tied_copies(problem, lambda idx: op_stage[idx], stage_dev)  # P5c
     unsaved = _unsaved_bytes(ops)
     for i in np.nonzero(last_reader > op_stage)[0]:
         for b in range(int(op_stage[i]), int(last_reader[i])):
@@ -537,6 +542,36 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
             if ops.requires_grad[i]:
                 bwd_bytes[b] += ops.out_bytes[i] / m
     return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work, bwd_acc)
+
+
+@cached_per_problem
+def _tied_by_owner(problem: PlacementProblem) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(owner op, reader ops, bytes each reads)`` per parameter owner with readers elsewhere."""
+    owners: dict[int, list[tuple[int, float]]] = {}
+    for reader, owner, nbytes in problem.ops.tied_reads:
+        owners.setdefault(owner, []).append((reader, nbytes))
+    return [(o, np.array([r for r, _ in reads], dtype=np.int64), np.array([b for _, b in reads]))
+            for o, reads in owners.items()]
+
+
+def _tied_copies(problem: PlacementProblem, stage_of: Any, stage_dev: np.ndarray) -> np.ndarray:
+    """[S] P5c: the static bytes of the parameter copies each stage's device holds for readers
+    whose owner sits on another device, charged once per device (to its first reading stage).
+    ``stage_of(op indices)`` gives their stages."""
+    extra = np.zeros(len(stage_dev))
+    factor = 2.0 + problem.optimizer_state_factor
+    for owner, readers, nbytes in _tied_by_owner(problem):
+        owner_dev = stage_dev[int(stage_of(np.array([owner]))[0])]
+        stages = stage_of(readers)
+        held: dict[int, tuple[int, float]] = {}
+        for s, b in zip(stages.tolist(), nbytes.tolist()):
+            dev = int(stage_dev[s])
+            if dev != owner_dev:
+                first, most = held.get(dev, (s, 0.0))
+                held[dev] = (min(first, s), max(most, b))
+        for first, most in held.values():
+            extra[first] += most * factor
+    return extra
 
 
 def _unsaved_bytes(ops: Any) -> np.ndarray:
@@ -684,6 +719,9 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     bwd_acc = np.where(cpu, (shrunk_host(hb, fb, div) + ah) * scale, np.maximum(hb + ah, db / div + ad))
     opt = seg(t.opt) * scale
     static = t.static[hi] - t.static[lo]
+    if problem.ops.tied_reads:  # P5c
+        groups = problem.ops.op_group
+        static = static + _tied_copies(problem, lambda idx: np.searchsorted(b, groups[idx], side="right") - 1, d)
     inner = b[1:-1]
     act = (t.act[hi] - t.act[lo]) / div
     act[:-1] += t.cross_kept[inner] / div  # P5b: what the stage keeps of what it sends

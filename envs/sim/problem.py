@@ -151,6 +151,10 @@ class OpArrays:
         accumulate: [N, D, 2] host and device seconds each op pays per backward that adds into
             ``.grad`` (a pipeline stage's micro-batches after the first; rule P2b,
             :mod:`envs.sim.grad_accumulation`). None: nothing (problems built from arrays).
+        tied_reads: ``(reader op, owner op, bytes)`` for each op reading parameters another op
+            owns (``tied_param_bytes``: a tied embedding's head, an unrolled cell's later
+            steps): a pipeline stage holding the reader but not the owner keeps a copy
+            (:mod:`envs.sim.pipeline` P5c). Empty: none, or a graph captured before it was recorded.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -177,6 +181,7 @@ class OpArrays:
     shared_grad_bytes: np.ndarray | None = None
     fixed_host: np.ndarray | None = None
     accumulate: np.ndarray | None = None
+    tied_reads: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def num_ops(self) -> int:
@@ -575,6 +580,10 @@ def compile_problem(
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                      op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host,
                      accumulate)
+    tied = tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
+                 for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index)
+    if tied:
+        ops = replace(ops, tied_reads=tied)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

@@ -10,6 +10,12 @@ from envs.hardware.loading import discover_cluster
 from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import measure_links
 
+#: What a CPU rank process holds before its first tensor: the interpreter, torch and
+#: torch.distributed, placer's worker (240 MiB resident, measured here on torch 2.13 CPU,
+#: 2026-12-05). A CPU rank reserves it (``Device.reserved_bytes``) out of its share of the
+#: machine's memory, as a GPU reserves its CUDA context.
+RANK_PROCESS_BYTES = 240 * 2**20
+
 
 def rank_cluster(
     names: str | Sequence[str],
@@ -41,7 +47,7 @@ def rank_cluster(
         if d.kind == "cpu":
             # The workers share the machine's memory; compute figures are per worker.
             devices.append(Device(d.name, "cpu", cpu.memory_bytes // n_cpu, cpu.peak_flops,
-                                  cpu.mem_bandwidth, real_device="cpu"))
+                                  cpu.mem_bandwidth, real_device="cpu", reserved_bytes=RANK_PROCESS_BYTES))
         else:
             # A GPU on another host is assumed to be the same model as this machine's
             # (homogeneous hosts); its times come from the "cuda" profiles either way.

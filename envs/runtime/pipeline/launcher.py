@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import pickletools
 import shutil
 import socket
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +119,26 @@ def _portable_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[...,
     return _untyped(fx.symbolic_trace(loss_fn))
 
 
-def _file_modules() -> dict[str, str]:
+def _file_modules(job_path: Path) -> dict[str, str]:
     """The model files loaded by path in this process (``graphs.model_file`` registers each as
-    ``placer_model_*``): the job's classes and functions may come from them, so the workers
-    load them under the same names before unpickling."""
-    return {name: str(mod.__file__) for name, mod in list(sys.modules.items())
-            if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
+    ``placer_model_*``) that the job file's pickle names: its classes and functions come from
+    them, so the workers load them under the same names before unpickling. Only those: loading
+    every model file this process ever read ran their module-level code (a model built at
+    import) in every rank."""
+    loaded = {name: str(mod.__file__) for name, mod in list(sys.modules.items())
+              if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
+    if not loaded:
+        return {}
+    try:
+        with zipfile.ZipFile(job_path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        named: set[str] = set()
+        for _, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):  # GLOBAL's "module name", or STACK_GLOBAL's module string
+                named.update({arg, arg.split(" ")[0], arg.split("\n")[0]})
+    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
+        return loaded  # unreadable as expected: load them all, as before
+    return {name: path for name, path in loaded.items() if name in named}
 
 
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
@@ -133,12 +149,12 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.pt"
     gm, loss_fn = _untyped(gm), _portable_loss(loss_fn)
-    (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
     # By node (graphs.portable_graph): pickled as a GraphModule, a graph torch.export captured
     # would come back re-traced under other node names, or not at all.
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
                 "timeout_s": timeout_s}, path)
+    (job_dir / "modules.json").write_text(json.dumps(_file_modules(path)))
     return path
 
 
