@@ -447,7 +447,8 @@ def cluster_from_figures(record: Mapping[str, Any]) -> Any:
 
     virtual = record.get("virtual") or {}
     devices = [Device(d["name"], d["kind"], int(d["memory_bytes"]), float(d["peak_flops"]),
-                      float(d["mem_bandwidth"]), virtual.get(d["name"], d.get("real_device")))
+                      float(d["mem_bandwidth"]), virtual.get(d["name"], d.get("real_device")),
+                      int(d.get("reserved_bytes", 0)))
                for d in record["devices"]]
     links = [Link(lk["src"], lk["dst"], float(lk["latency_s"]), float(lk["bandwidth_Bps"])) for lk in record["links"]]
     return make_cluster(devices, links, name=str(record.get("name", "machine")), simulated=bool(virtual))
@@ -1191,6 +1192,8 @@ def preset_from_results(results: Mapping[str, Any], name: str, kind: str) -> tup
 
     def dev(entry: Mapping[str, Any], new_name: str, new_kind: str) -> dict[str, Any]:
         return {"name": new_name, "kind": new_kind, "memory": f"{entry['memory_bytes'] / 2**30:.1f}GiB",
+                "reserved": f"{int(entry.get('reserved_bytes', 0)) / 2**20:.0f}MiB" if entry.get("reserved_bytes")
+                else 0,  # measured: the CUDA context on the checked GPU
                 "peak_flops": f"{entry['peak_flops'] / 1e12:.3f}T",
                 "mem_bandwidth": f"{entry['mem_bandwidth'] / 1e9:.1f}GB/s"}
 

@@ -83,7 +83,7 @@ def test_a_link_given_by_between_and_again_for_one_direction_with_other_figures_
     for second in ({"between": ["g0", "cpu"], "latency": "20us", "bandwidth": "12GB/s"},
                    {"from": "g0", "to": "cpu", "latency": "10us", "bandwidth": "6GB/s"}):
         with pytest.raises(ClusterSpecError, match=r"links\[1\] \('g0'-'cpu'\) gives 'g0'->'cpu' other figures than "
-                                                   r"links\[0\] \('cpu'-'g0'\), whose 'between' covers both"):
+                                                   r"links\[0\] \('cpu'-'g0'\), and links\[0\]'s 'between' covers both"):
             cluster_from_spec(_spec(links=[first, second]))
     same = cluster_from_spec(_spec(links=[first, {"between": ["g0", "cpu"], "latency": "10us", "bandwidth": "12GB/s"}]))
     assert same.link("g0", "cpu").bandwidth_Bps == 12e9
@@ -188,3 +188,12 @@ def test_programmatic_construction_and_lookup():
         Link("a", "a", 0.0, 1.0)
     with pytest.raises(ClusterSpecError, match="unknown kind"):
         Device("z", "gpu", 1, 1.0, 1.0)
+
+
+def test_a_contradiction_names_the_between_entry_whichever_comes_first_and_two_from_to_entries_are_given_twice():
+    from_to = {"from": "g0", "to": "cpu", "latency": "20us", "bandwidth": "12GB/s"}
+    between = {"between": ["cpu", "g0"], "latency": "10us", "bandwidth": "12GB/s"}
+    with pytest.raises(ClusterSpecError, match=r"and links\[1\]'s 'between' covers both"):
+        cluster_from_spec(_spec(links=[from_to, between]))
+    with pytest.raises(ClusterSpecError, match=r"links\[1\]: the link 'g0'->'cpu' is given twice"):
+        cluster_from_spec(_spec(links=[from_to, {**from_to, "latency": "30us"}]))

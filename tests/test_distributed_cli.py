@@ -83,3 +83,29 @@ def test_a_memory_cap_on_a_gpu_is_what_the_placement_may_fill_beside_its_cuda_co
     assert capped.device("gpu2") == preset.device("gpu2")
     roomy = resolve_cluster(cluster="4xK40", memory="gpu0=64GiB")
     assert roomy.device("gpu0").usable_bytes == preset.device("gpu0").usable_bytes  # a cap never adds memory
+
+
+def _machine(cpu_memory: int, gpu_reserved: int = 300 * 2**20):
+    from envs.hardware.cluster import Device, make_cluster
+
+    return make_cluster([Device("cpu", "cpu", cpu_memory, 1e11, 1e10, real_device="cpu"),
+                         Device("cuda:0", "cuda", 16 * 2**30, 1e13, 9e11, real_device="cuda:0",
+                                reserved_bytes=gpu_reserved)],
+                        name="machine", simulated=False, default_link=(1e-5, 1e10))
+
+
+def test_a_gpu_rank_reserves_its_own_cuda_context_beside_the_measured_one(monkeypatch):
+    """The measured reserve holds this process's context; the rank process opens another."""
+    from envs.hardware.cluster import GPU_CONTEXT_BYTES
+
+    monkeypatch.setattr(rank_cluster_module, "discover_cluster", lambda cache_dir=None: _machine(8 * 2**30))
+    cluster = rank_cluster("cpu:0,cuda:0", links={("cpu:0", "cuda:0"): (1e-5, 1e9)})
+    assert cluster.device("cuda:0").reserved_bytes == 300 * 2**20 + GPU_CONTEXT_BYTES
+
+
+def test_more_cpu_workers_than_the_machine_has_memory_for_are_refused_naming_why(monkeypatch):
+    monkeypatch.setattr(rank_cluster_module, "discover_cluster", lambda cache_dir=None: _machine(2**30))
+    names = [f"cpu:{i}" for i in range(5)]
+    with pytest.raises(RankDeviceError, match=r"5 worker processes share this machine's 1.0 GiB: 205 MiB each, no more "
+                                              r"than a worker process takes before its first tensor \(240 MiB\)"):
+        rank_cluster(names, links={(a, b): (1e-5, 1e9) for a in names for b in names if a != b})

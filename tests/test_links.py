@@ -42,3 +42,17 @@ def test_discover_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
         for b in first.device_names:
             if a != b:  # only on GPU machines
                 assert first.link(a, b).bandwidth_Bps > 0
+
+
+def test_a_cached_machine_gets_each_gpus_reserve_measured_again():
+    """What other processes hold on a GPU changes between runs: the cached figure would be stale."""
+    from types import SimpleNamespace
+
+    from envs.hardware.links import _with_current_reserve
+
+    cuda = SimpleNamespace(is_available=lambda: True, mem_get_info=lambda name: (10 * 2**30, 16 * 2**30))
+    record = {"devices": [{"name": "cpu", "kind": "cpu", "reserved_bytes": 0},
+                          {"name": "cuda:0", "kind": "cuda", "reserved_bytes": 1}]}
+    fresh = _with_current_reserve(SimpleNamespace(cuda=cuda), record)
+    assert [d["reserved_bytes"] for d in fresh["devices"]] == [0, 6 * 2**30]
+    assert record["devices"][1]["reserved_bytes"] == 1  # the cached record itself is left as read

@@ -392,8 +392,9 @@ def test_not_fitting_is_reported_not_raised():
     assert both_a.over_memory.tolist() == [2440 - 2000, 0]
     split = simulate(problem, {"x0": "a", "x1": "b"})
     assert split.fits and split.over_memory.tolist() == [0, 0]
-    assert both_a.memory_problems(problem.device_names) == [f"a: {2440 / 2**30:.2f} GiB needed, {440 / 2**30:.2f} GiB over"]
-    assert "does not fit (a: " in both_a.describe(problem.device_names)
+    assert both_a.memory_problems(problem.device_names) == [
+        f"a needs {2440 / 2**30:.2f} GiB where {2000 / 2**30:.2f} GiB is usable ({440 / 2**30:.2f} GiB over)"]
+    assert "does not fit (a needs " in both_a.describe(problem.device_names)
     host = problem.ops.host
     expected = 4e-3 + 2 * host.copy_s + host.loss_s + host.backward_call_s + host.step_s
     assert split.step_time == pytest.approx(expected, rel=1e-12)  # two CPUs, one process: copies cost host time only

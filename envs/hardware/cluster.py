@@ -368,21 +368,23 @@ def _parse_links(entry: object, i: int) -> list[Link]:
 
 def _refuse_contradicting_links(entries: list, links: list[Link]) -> None:
     """``between: [a, b]`` sets both directions, so another entry for ``b -> a`` (a second
-    ``between``, or a ``from``/``to``) contradicts it unless its figures are the same."""
-    claimed: dict[tuple[str, str], tuple[int, Link]] = {}
+    ``between``, or a ``from``/``to``) contradicts it unless its figures are the same. (Two
+    ``from``/``to`` entries for one direction are the Cluster's "given twice".)"""
+    claimed: dict[tuple[str, str], tuple[int, Link, bool]] = {}
     for i, (entry, link) in enumerate(zip(entries, links)):
-        directions = [(link.src, link.dst)] + ([(link.dst, link.src)] if "between" in entry else [])
-        for direction in directions:
-            held = claimed.get(direction)
-            if held is not None and held[0] != i:
-                j, other = held
-                if (other.latency_s, other.bandwidth_Bps) != (link.latency_s, link.bandwidth_Bps):
-                    raise ClusterSpecError(
-                        f"links[{i}] ({link.src!r}-{link.dst!r}) gives {direction[0]!r}->{direction[1]!r} other "
-                        f"figures than links[{j}] ({other.src!r}-{other.dst!r}), whose 'between' covers both "
-                        "directions; expected one entry per pair (or 'from'/'to' entries for a link that differs "
-                        "by direction)")
-            claimed.setdefault(direction, (i, link))
+        between = "between" in entry
+        for direction in [(link.src, link.dst)] + ([(link.dst, link.src)] if between else []):
+            held = claimed.setdefault(direction, (i, link, between))
+            j, other, other_between = held
+            if j == i or not (between or other_between):
+                continue
+            if (other.latency_s, other.bandwidth_Bps) != (link.latency_s, link.bandwidth_Bps):
+                k = j if other_between else i
+                raise ClusterSpecError(
+                    f"links[{i}] ({link.src!r}-{link.dst!r}) gives {direction[0]!r}->{direction[1]!r} other figures "
+                    f"than links[{j}] ({other.src!r}-{other.dst!r}), and links[{k}]'s 'between' covers both "
+                    "directions; expected one entry per pair (or 'from'/'to' entries for a link that differs "
+                    "by direction)")
 
 
 def cluster_from_spec(spec: object, default_name: str = "cluster") -> Cluster:

@@ -6,7 +6,7 @@
 * **memory**: ``MemTotal`` of ``/proc/meminfo`` for the CPU, ``total_memory`` for a GPU, and
   what a GPU holds before placer's first tensor (its ``reserved_bytes``: ``total - free`` of
   ``torch.cuda.mem_get_info`` once this process's CUDA context exists, other processes'
-  memory included);
+  memory included; measured again on every run, never taken from the cache);
 * **peak FLOP/s**: the best of a few timed fp32 matmuls (what the roofline calls peak is
   what a large matmul reaches here, at the current torch thread count);
 * **memory bandwidth**: the best of a few timed copies of a large tensor (read + write);
@@ -153,6 +153,20 @@ def measure_devices_and_links(torch: ModuleType | None = None) -> dict[str, Any]
             "links": links, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _with_current_reserve(torch: ModuleType, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each GPU's reserved bytes measured now: what other processes hold
+    changes between runs, so a cached figure would be a stale snapshot."""
+    if not torch.cuda.is_available():
+        return record
+    devices = []
+    for d in record["devices"]:
+        if d.get("kind") == "cuda":
+            free, total = torch.cuda.mem_get_info(d["name"])
+            d = {**d, "reserved_bytes": int(total - free)}
+        devices.append(d)
+    return {**record, "devices": devices}
+
+
 def measure_machine(cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> Cluster:
     """The real devices of this machine with measured figures, from the disk cache when present."""
     import torch
@@ -163,7 +177,7 @@ def measure_machine(cache_dir: str | os.PathLike | None = None, refresh: bool = 
         try:
             record = json.loads(path.read_text())
             if record.get("version") == CACHE_VERSION:
-                return _cluster_from_record(record)
+                return _cluster_from_record(_with_current_reserve(torch, record))
         except (OSError, json.JSONDecodeError, TypeError, KeyError, ClusterSpecError):
             pass  # a damaged cache is measured again, not an error
     record = measure_devices_and_links(torch)

@@ -87,12 +87,11 @@ from envs.sim.pipeline import (
     StageCosts,
     check_pipeline,
     engine_host_costs,
-    memory_problem_lines,
     shrunk_host,
     simulate_pipeline,
     stage_costs,
 )
-from envs.sim.problem import PlacementProblem
+from envs.sim.problem import PlacementProblem, memory_problem_lines
 from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",

@@ -119,7 +119,7 @@ from typing import Any
 import numpy as np
 
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem
+from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem, memory_problem_lines
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
 
@@ -136,7 +136,6 @@ __all__ = [
     "StageCosts",
     "stage_costs",
     "PipelineResult",
-    "memory_problem_lines",
     "simulate_pipeline",
     "check_pipeline",
     "pipeline_orders",
@@ -731,16 +730,6 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
         work = np.maximum(work, BACKWARD_WORK_FACTOR * _range_max(t.param_work, lo, hi))
     return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d,
                       work, bwd_acc)
-
-
-def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
-    """One line per device that does not fit: its peak and how far it is over its capacity.
-
-    >>> memory_problem_lines({"gpu0": 3 * 2**30}, {"gpu0": 2**30})
-    ['gpu0 needs 3.00 GiB, 1.00 GiB over its capacity']
-    """
-    return [f"{d} needs {peak_memory[d] / 2**30:.2f} GiB, {over / 2**30:.2f} GiB over its capacity"
-            for d, over in over_memory.items()]
 
 
 @dataclass

@@ -691,3 +691,16 @@ def cached_per_problem(build: Callable[[PlacementProblem], _Derived]) -> Callabl
         return hit
 
     return cached
+
+
+def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
+    """One line per device that does not fit: its peak against the memory a placement may fill
+    there (usable: its memory less its reserve, a GPU's CUDA context), the one wording of
+    every simulator.
+
+    >>> memory_problem_lines({"gpu0": 3 * 2**30}, {"gpu0": 2**30})
+    ['gpu0 needs 3.00 GiB where 2.00 GiB is usable (1.00 GiB over)']
+    """
+    return [f"{d} needs {peak_memory[d] / 2**30:.2f} GiB where {(peak_memory[d] - over) / 2**30:.2f} GiB is usable "
+            f"({over / 2**30:.2f} GiB over)"
+            for d, over in over_memory.items()]

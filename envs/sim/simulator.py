@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim import kernels as _py
-from envs.sim.problem import PlacementError, PlacementProblem, cached_per_problem, device_max
+from envs.sim.problem import PlacementError, PlacementProblem, cached_per_problem, device_max, memory_problem_lines
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -92,12 +92,9 @@ class StepResult:
     transfer_bytes: float
 
     def memory_problems(self, device_names: Sequence[str]) -> list[str]:
-        """One line per device over its capacity, e.g. ``"gpu0: 13.20 GiB needed, 1.20 GiB over"``."""
-        return [
-            f"{name}: {peak / 2**30:.2f} GiB needed, {over / 2**30:.2f} GiB over"
-            for name, peak, over in zip(device_names, self.peak_memory, self.over_memory)
-            if over > 0
-        ]
+        """One line per device over its capacity (:func:`envs.sim.problem.memory_problem_lines`)."""
+        return memory_problem_lines({n: float(p) for n, p in zip(device_names, self.peak_memory)},
+                                    {n: float(o) for n, o in zip(device_names, self.over_memory) if o > 0})
 
     def describe(self, device_names: Sequence[str]) -> str:
         """A one-line summary: step time, whether it fits (and where not), transfers."""

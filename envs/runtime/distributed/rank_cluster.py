@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from envs.hardware.cluster import Cluster, Device, Link, make_cluster
+from envs.hardware.cluster import GPU_CONTEXT_BYTES, Cluster, Device, Link, make_cluster
 from envs.hardware.loading import discover_cluster
 from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import measure_links
@@ -42,6 +42,11 @@ def rank_cluster(
     machine = discover_cluster(cache_dir=cache_dir)
     cpu = machine.device("cpu")
     n_cpu = max(1, sum(1 for d in devs if d.kind == "cpu" and d.local))
+    if cpu.memory_bytes // n_cpu <= RANK_PROCESS_BYTES:
+        raise RankDeviceError(
+            f"{n_cpu} worker processes share this machine's {cpu.memory_bytes / 2**30:.1f} GiB: "
+            f"{cpu.memory_bytes // n_cpu / 2**20:.0f} MiB each, no more than a worker process takes before its "
+            f"first tensor ({RANK_PROCESS_BYTES // 2**20} MiB); expected fewer worker processes")
     devices = []
     for d in devs:
         if d.kind == "cpu":
@@ -57,7 +62,11 @@ def rank_cluster(
                     f"device {d.name!r}: this machine has no {local} to take its figures from; "
                     f"devices here are {machine.device_names}"
                 )
-            devices.append(dataclasses.replace(machine.device(local), name=d.name, real_device=local))
+            gpu = machine.device(local)
+            # The rank creates its own CUDA context on the GPU, beside this process's (measured
+            # in the machine's reserve): one more context, estimated (no GPU measured it here).
+            devices.append(dataclasses.replace(gpu, name=d.name, real_device=local,
+                                               reserved_bytes=gpu.reserved_bytes + GPU_CONTEXT_BYTES))
     if links is None:
         remote = [d.name for d in devs if not d.local]
         if remote:

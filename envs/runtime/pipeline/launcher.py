@@ -17,12 +17,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import pickletools
 import shutil
 import socket
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,32 +117,27 @@ def _portable_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[...,
     return _untyped(fx.symbolic_trace(loss_fn))
 
 
-def _file_modules(job_path: Path) -> dict[str, str]:
+def _file_modules() -> dict[str, str]:
     """The model files loaded by path in this process (``graphs.model_file`` registers each as
-    ``placer_model_*``) that the job file's pickle names: its classes and functions come from
-    them, so the workers load them under the same names before unpickling. Only those: loading
-    every model file this process ever read ran their module-level code (a model built at
-    import) in every rank."""
-    loaded = {name: str(mod.__file__) for name, mod in list(sys.modules.items())
-              if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
-    if not loaded:
-        return {}
-    try:
-        with zipfile.ZipFile(job_path) as archive:
-            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        named: set[str] = set()
-        for _, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str):  # GLOBAL's "module name", or STACK_GLOBAL's module string
-                named.update({arg, arg.split(" ")[0], arg.split("\n")[0]})
-    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
-        return loaded  # unreadable as expected: load them all, as before
-    return {name: path for name, path in loaded.items() if name in named}
+    ``placer_model_*``): the job's classes and functions may come from them, and a model file
+    may register what the pickle names only indirectly (a custom operator, pickled as
+    ``torch.ops.<namespace>.<op>``), so the workers load every one of them under the same
+    names before unpickling."""
+    return {name: str(mod.__file__) for name, mod in list(sys.modules.items())
+            if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
 
 
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
               steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
               loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0) -> Path:
-    """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md)."""
+    """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md).
+
+    Raises:
+        PipelineError: ``steps`` is not a positive whole number (with none, the ranks would
+            report no gradients, and a reused folder another job's).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PipelineError(f"a training job needs at least one step; got steps={steps!r}")
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.pt"
@@ -154,7 +147,9 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
                 "timeout_s": timeout_s}, path)
-    (job_dir / "modules.json").write_text(json.dumps(_file_modules(path)))
+    (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
+    for stale in job_dir.glob("grads-*.pt"):  # a reused job folder (torchrun's job/): not this job's
+        stale.unlink()
     return path
 
 
