@@ -110,10 +110,11 @@ def test_gpipe_keeps_every_microbatch_in_flight_and_1f1b_at_most_the_later_stage
 def test_a_stage_that_does_not_fit_its_device_is_refused_naming_it():
     # Each stage keeps 20 MB of activations per batch; the 10 MB boundary has receive buffers
     # for every micro-batch: activations on stage 1, their gradients on stage 0; and each
-    # device the backward's working set, 2 x its largest output gradient at 1/M (2 x 2.5 MB).
-    problem = compile_problem(chain(4, out_bytes=10_000_000), cpu_cluster(2, memory=25_000_000))
+    # device the backward's working set, 2 x its largest output gradient at 1/M (2 x 2.5 MB);
+    # and each process the input batch (100 B, P5d).
+    problem = compile_problem(chain(4, out_bytes=10_000_000), cpu_cluster(2, memory=25_000_100))
     ok = check_pipeline(problem, two_stages(4, "1f1b"), batch_size=8)
-    assert ok.fits and ok.peak_memory == {"cpu:0": 2 * 5e6 + 10e6 + 5e6, "cpu:1": 5e6 + 10e6 + 5e6}
+    assert ok.fits and ok.peak_memory == {"cpu:0": 2 * 5e6 + 10e6 + 5e6 + 100, "cpu:1": 5e6 + 10e6 + 5e6 + 100}
     with pytest.raises(PipelineError, match=r"stage\(s\) \[0\] do not fit cpu:0: they need 0.03 GiB"):
         check_pipeline(problem, two_stages(4, "gpipe"), batch_size=8)
 
@@ -254,3 +255,20 @@ def test_a_tied_parameter_read_on_another_device_is_held_there_as_a_copy_with_it
     # both stages on one device: one tensor, no copy
     same = fast_stage_costs(problem, [0, cut, len(names)], [0, 0], 2, ZERO_COSTS)
     assert same.static[1] == 0.0
+
+
+def test_every_process_of_a_pipeline_holds_the_whole_input_batch():
+    """P5d: the job ships the batch to every rank and a stage's micro-batches are views of it;
+    one process (the op-level simulator's case) is left as it was."""
+    g = chain(4, out_bytes=1_000)
+    g.nodes["x"]["out_bytes"] = 7_000_000
+    problem = compile_problem(g, cpu_cluster(2))
+    assert problem.ops.input_bytes == 7_000_000
+    two = simulate_pipeline(problem, two_stages(2, "gpipe"), ZERO_COSTS).peak_memory
+    g.nodes["x"]["out_bytes"] = 0
+    none = simulate_pipeline(compile_problem(g, cpu_cluster(2)), two_stages(2, "gpipe"), ZERO_COSTS).peak_memory
+    assert {d: two[d] - none[d] for d in two} == pytest.approx({"cpu:0": 7_000_000, "cpu:1": 7_000_000}, abs=1)
+    one = Pipeline((tuple(problem.node_names),), ("cpu:0",), 1, "gpipe")
+    with_inputs = simulate_pipeline(problem, one, ZERO_COSTS).peak_memory["cpu:0"]
+    assert with_inputs == pytest.approx(simulate_pipeline(compile_problem(g, cpu_cluster(2)), one,
+                                                          ZERO_COSTS).peak_memory["cpu:0"], abs=1)

@@ -102,7 +102,11 @@ counted too, which over-counts (its receive buffer already holds it). **P5c** a 
 read on a device other than its owner's (a tied embedding's head on the last stage, an
 unrolled cell's later steps) is held there as a copy with its own ``.grad`` and optimizer
 state (the runtime all-reduces the copies' gradients: ``tied_holders``), once per device
-(GPT-2's tied ``wte`` on the head's rank: +2 MiB with AdamW, measured).
+(GPT-2's tied ``wte`` on the head's rank: +2 MiB with AdamW, measured). **P5d** every
+process of a job with several holds the whole input batch (the job file ships it to every
+rank, and a stage's micro-batches are views of it), so each device of a pipeline over
+several adds the model's input bytes once (ResNet-50's first stage under 1F1B: 0.75 MiB
+under without it, measured).
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -932,6 +936,9 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
         work[name] = max(work.get(name, 0.0), float(sc.work[s]))
     for name, w in work.items():  # one backward at a time per device: its largest working set
         peak[name] += w
+    if len(work) > 1:  # P5d: a job of several processes; one process is the op-level simulator's rule
+        for name in work:
+            peak[name] += problem.ops.input_bytes
     cap = {n: float(problem.memory_capacity[i]) for i, n in enumerate(problem.device_names)}
     over = {n: peak[n] - cap[n] for n in peak if peak[n] > cap[n]}
     last = [(float(b_start[s, m - 1]), float(b_done[s, m - 1])) for s in range(s_)]

@@ -155,6 +155,8 @@ class OpArrays:
             owns (``tied_param_bytes``: a tied embedding's head, an unrolled cell's later
             steps): a pipeline stage holding the reader but not the owner keeps a copy
             (:mod:`envs.sim.pipeline` P5c). Empty: none, or a graph captured before it was recorded.
+        input_bytes: the bytes of the model's inputs (its placeholders' outputs): the batch,
+            which every process of a multi-process job holds (:mod:`envs.sim.pipeline` P5d).
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -182,6 +184,7 @@ class OpArrays:
     fixed_host: np.ndarray | None = None
     accumulate: np.ndarray | None = None
     tied_reads: tuple[tuple[int, int, float], ...] = ()
+    input_bytes: float = 0.0
 
     @property
     def num_ops(self) -> int:
@@ -584,6 +587,9 @@ def compile_problem(
                  for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index)
     if tied:
         ops = replace(ops, tied_reads=tied)
+    inputs = float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder"))
+    if inputs:
+        ops = replace(ops, input_bytes=inputs)
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

@@ -232,15 +232,12 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
-        # cloned (some optimizers update .grad in place), saved once the step is timed
-        first = {n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None} if step == 0 else None
+        paused = (save_first_gradients(job_dir, rank, {n: p.grad for n, p in named.items() if p.grad is not None})
+                  if step == 0 else (0.0, 0.0))
         if opt is not None:
             opt.step()
-        res["step_s"].append(time.perf_counter() - t)
-        res["cpu_s"].append(time.process_time() - c)
-        if first is not None:
-            save_first_gradients(job_dir, rank, first)
-            del first
+        res["step_s"].append(time.perf_counter() - t - paused[0])
+        res["cpu_s"].append(time.process_time() - c - paused[1])
         if has_last:
             total = sum(float(x.detach()) for x in losses)
             if n_rep > 1:  # the full batch's mean: the average of the replicas' means
@@ -261,14 +258,17 @@ def held_parameter_bytes() -> int:
     return sum(storages.values())
 
 
-def save_first_gradients(job_dir: Path, rank: int, grads: Mapping[str, torch.Tensor]) -> None:
-    """Write the first step's gradients to ``grads-<rank>.pt`` right after that step (for the
-    numerical check, :func:`envs.runtime.pipeline.launcher.read_results`). Kept in memory until
-    the job's end, they were one more gradient set alive through every later step, which no
-    simulated rule charges."""
+def save_first_gradients(job_dir: Path, rank: int, grads: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    """Write the first step's gradients to ``grads-<rank>.pt`` before the optimizer step can
+    change them (for the numerical check, :func:`envs.runtime.pipeline.launcher.read_results`);
+    returns the (wall, CPU) seconds it took, which the step's timing leaves out. Kept in memory
+    until the job's end, they were one more gradient set alive through every later step, which
+    no simulated rule charges; written here, no copy of them is made."""
+    wall, cpu = time.perf_counter(), time.process_time()
     tmp = job_dir / f".grads-{rank}.pt"
     torch.save({n: g.detach() for n, g in grads.items()}, tmp)
     os.replace(tmp, job_dir / f"grads-{rank}.pt")
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
@@ -301,15 +301,12 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
         out = model(*args)
         loss = loss_fn(out, *args) if loss_fn is not None else out
         loss.backward()
-        # cloned (some optimizers update .grad in place), saved once the step is timed
-        first = ({n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
-                 if step == 0 else None)
+        paused = (save_first_gradients(job_dir, rank, {n: p.grad for n, p in gm.named_parameters()
+                                                       if p.grad is not None})
+                  if step == 0 else (0.0, 0.0))
         opt.step()
-        res["step_s"].append(time.perf_counter() - t)
-        res["cpu_s"].append(time.process_time() - c)
-        if first is not None:
-            save_first_gradients(job_dir, rank, first)
-            del first
+        res["step_s"].append(time.perf_counter() - t - paused[0])
+        res["cpu_s"].append(time.process_time() - c - paused[1])
         total = loss.detach().clone()
         # the output (a language model's logits) would stay alive through the next forward
         del out, loss
