@@ -209,3 +209,34 @@ def test_a_stopped_stage_process_is_named_when_the_job_times_out():
             job.wait()
     finally:
         job.close()
+
+
+def test_a_rank_maps_the_job_file_and_owns_only_the_tensors_it_keeps(tmp_path):
+    """Every rank read the whole model into memory of its own (N ranks on one host, N copies)
+    before freeing the stages it does not run; mapped, the load costs next to nothing until a
+    rank copies out what it keeps."""
+    import gc
+    import sys
+
+    from envs.runtime.pipeline.launcher import write_job
+    from envs.runtime.pipeline.worker import load_job, own_memory
+    from graphs.capture import capture
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the resident size from /proc")
+
+    def resident() -> int:
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 8))  # 32 MiB
+    gm = capture(model, (torch.randn(2, 2048),), name="big").gm
+    write_job(tmp_path, gm, {n.name: torch.randn(2, 2048) for n in gm.graph.nodes if n.op == "placeholder"}, None, 1)
+    del gm
+    gc.collect()
+    before = resident()
+    job = load_job(tmp_path)
+    assert resident() - before < 8 * 2**20
+    first = job["gm"].get_submodule("0")
+    own_memory([first])  # what a rank keeps of stage 0: its Linear's 32 MiB
+    assert resident() - before > 24 * 2**20
+    torch.testing.assert_close(first.weight, model[0].weight)

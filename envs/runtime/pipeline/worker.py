@@ -37,7 +37,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     tied = {n: tuple(replica * p_ + x for x in hs) for n, hs in tied_local.items()}
     groups = tied_groups[replica]
     mine = [spec for spec in specs if rank_of[spec.index] == local]
+    own_memory(spec.gm for spec in mine)  # before DDP and PipelineStage take their tensors
     metas = boundary_metas(gm, microbatch(inputs, 0, m), {v for spec in specs for v in spec.recv + spec.send})
     names = list(inputs)
     stages = []
@@ -249,6 +250,26 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     res["params"] = {n: p.detach() for n, p in named.items()}
 
 
+def own_memory(modules: Iterable[torch.nn.Module]) -> None:
+    """Copy the tensors of ``modules`` (parameters, buffers, tensor constants) out of the job
+    file's memory map into this process's own memory. :func:`run_rank` maps the file, so ranks
+    on one host share its pages instead of each reading the whole model into memory of its
+    own; a rank then owns only what it keeps, and trains it in private memory as the
+    simulator counts it. Once nothing refers to the map (the other stages freed), it is
+    released."""
+    seen: set[int] = set()
+    for module in modules:
+        for sub in module.modules():
+            for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    t.data = t.data.clone()
+            for name, value in list(vars(sub).items()):
+                if isinstance(value, torch.Tensor) and id(value) not in seen:  # fx's _tensor_constant
+                    seen.add(id(value))
+                    setattr(sub, name, value.clone())
+
+
 def held_parameter_bytes() -> int:
     """Bytes of every ``nn.Parameter`` alive in this process (each storage once)."""
     storages = {}
@@ -289,6 +310,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     check_ddp_batch(batch, world)
     shard = batch // world
     mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard) for k, v in inputs.items()}
+    own_memory([gm])
     model = DistributedDataParallel(gm)
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
@@ -333,6 +355,18 @@ def _load_file_modules(job_dir: Path) -> None:
         spec.loader.exec_module(module)
 
 
+def load_job(job_dir: Path) -> dict[str, Any]:
+    """The job file, its model mapped rather than read (``torch.load(mmap=True)``): each rank
+    of a job on one host would otherwise hold the whole model in memory of its own until it
+    frees the stages it does not run (N ranks, N copies); mapped, they share the file's pages
+    and each copies out only what it keeps (:func:`own_memory`). The inputs are copied at
+    once: a tensor left in the map keeps the whole map alive."""
+    job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
+    job["inputs"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in job["inputs"].items()}
+    job["gm"] = job["gm"].module()  # graphs.portable_graph.PortableGraph: the graph, node for node
+    return job
+
+
 def run_rank(job_dir: Path, rank: int, world: int) -> None:
     """Join the job's process group, train its steps, write ``result-<rank>.pt``."""
     import torch.distributed as dist
@@ -340,8 +374,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     from envs.runtime.distributed.worker import _bound_gloo, _listening_addresses, _rendezvous_store
 
     _load_file_modules(job_dir)
-    job = torch.load(job_dir / "job.pt", weights_only=False)
-    job["gm"] = job["gm"].module()  # graphs.portable_graph.PortableGraph: the graph, node for node
+    job = load_job(job_dir)
     # One seed per rank: with one for all, DDP's replicas drew the same dropout mask for
     # sample i of each shard, and stages of equal shapes the same masks as one another.
     torch.manual_seed(int(job.get("seed", 0)) + rank)
