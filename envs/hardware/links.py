@@ -139,9 +139,8 @@ def measure_devices_and_links(torch: ModuleType | None = None) -> dict[str, Any]
         props = torch.cuda.get_device_properties(name)
         flops, bandwidth = _device_figures(torch, name)  # creates the context and the cuBLAS handle
         torch.cuda.empty_cache()  # the timing tensors are placer's, not the context's
-        free, total = torch.cuda.mem_get_info(name)
         devices.append(dict(name=name, kind="cuda", memory_bytes=int(props.total_memory), peak_flops=flops,
-                            mem_bandwidth=bandwidth, real_device=name, reserved_bytes=int(total - free)))
+                            mem_bandwidth=bandwidth, real_device=name, reserved_bytes=_reserved_bytes(torch, name)))
     links = []
     names = ["cpu"] + gpus
     for a in names:
@@ -153,17 +152,20 @@ def measure_devices_and_links(torch: ModuleType | None = None) -> dict[str, Any]
             "links": links, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _reserved_bytes(torch: ModuleType, name: str) -> int:
+    """What GPU ``name`` holds that placer cannot use: ``total - free`` once this process's
+    CUDA context exists (the context, and other processes' memory)."""
+    free, total = torch.cuda.mem_get_info(name)
+    return int(total - free)
+
+
 def _with_current_reserve(torch: ModuleType, record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with each GPU's reserved bytes measured now: what other processes hold
     changes between runs, so a cached figure would be a stale snapshot."""
     if not torch.cuda.is_available():
         return record
-    devices = []
-    for d in record["devices"]:
-        if d.get("kind") == "cuda":
-            free, total = torch.cuda.mem_get_info(d["name"])
-            d = {**d, "reserved_bytes": int(total - free)}
-        devices.append(d)
+    devices = [{**d, "reserved_bytes": _reserved_bytes(torch, d["name"])} if d.get("kind") == "cuda" else d
+               for d in record["devices"]]
     return {**record, "devices": devices}
 
 

@@ -583,13 +583,9 @@ def compile_problem(
     ops = _op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                      op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host,
                      accumulate)
-    tied = tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
-                 for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index)
-    if tied:
-        ops = replace(ops, tied_reads=tied)
-    inputs = float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder"))
-    if inputs:
-        ops = replace(ops, input_bytes=inputs)
+    ops = replace(ops, tied_reads=tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
+                                        for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index),
+                  input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")))
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

@@ -161,8 +161,7 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
     params: dict[str, torch.Tensor] = {}
     tied_gap: dict[str, float] = {}
     for rank, r in enumerate(results):
-        first = Path(job_dir) / f"grads-{rank}.pt"  # written by the worker at its first step
-        grads.update(torch.load(first, weights_only=False) if first.exists() else r["grads"])
+        grads.update(torch.load(Path(job_dir) / f"grads-{rank}.pt", weights_only=False))  # its first step's
         for name, value in r["params"].items():
             if name in params:
                 gap = float((params[name] - value).abs().max()) if params[name].shape == value.shape else float("inf")

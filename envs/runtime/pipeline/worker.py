@@ -233,8 +233,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
-        paused = (save_first_gradients(job_dir, rank, {n: p.grad for n, p in named.items() if p.grad is not None})
-                  if step == 0 else (0.0, 0.0))
+        paused = save_first_gradients(job_dir, rank, named) if step == 0 else (0.0, 0.0)
         if opt is not None:
             opt.step()
         res["step_s"].append(time.perf_counter() - t - paused[0])
@@ -274,20 +273,22 @@ def held_parameter_bytes() -> int:
     """Bytes of every ``nn.Parameter`` alive in this process (each storage once)."""
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.Parameter):
+        # type(), not isinstance(): Parameter's metaclass check on every object took twice as
+        # long and warned on torch.distributed's deprecated names
+        if type(obj) is torch.nn.Parameter:
             storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
     return sum(storages.values())
 
 
-def save_first_gradients(job_dir: Path, rank: int, grads: Mapping[str, torch.Tensor]) -> tuple[float, float]:
-    """Write the first step's gradients to ``grads-<rank>.pt`` before the optimizer step can
-    change them (for the numerical check, :func:`envs.runtime.pipeline.launcher.read_results`);
+def save_first_gradients(job_dir: Path, rank: int, params: Mapping[str, torch.nn.Parameter]) -> tuple[float, float]:
+    """Write the first step's gradients of ``params`` (name -> parameter; those with one) to
+    ``grads-<rank>.pt`` before the optimizer step can change them (for the numerical check, :func:`envs.runtime.pipeline.launcher.read_results`);
     returns the (wall, CPU) seconds it took, which the step's timing leaves out. Kept in memory
     until the job's end, they were one more gradient set alive through every later step, which
     no simulated rule charges; written here, no copy of them is made."""
     wall, cpu = time.perf_counter(), time.process_time()
     tmp = job_dir / f".grads-{rank}.pt"
-    torch.save({n: g.detach() for n, g in grads.items()}, tmp)
+    torch.save({n: p.grad.detach() for n, p in params.items() if p.grad is not None}, tmp)
     os.replace(tmp, job_dir / f"grads-{rank}.pt")
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -323,9 +324,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
         out = model(*args)
         loss = loss_fn(out, *args) if loss_fn is not None else out
         loss.backward()
-        paused = (save_first_gradients(job_dir, rank, {n: p.grad for n, p in gm.named_parameters()
-                                                       if p.grad is not None})
-                  if step == 0 else (0.0, 0.0))
+        paused = save_first_gradients(job_dir, rank, dict(gm.named_parameters())) if step == 0 else (0.0, 0.0)
         opt.step()
         res["step_s"].append(time.perf_counter() - t - paused[0])
         res["cpu_s"].append(time.process_time() - c - paused[1])
@@ -384,7 +383,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     backend = _bound_gloo(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     (job_dir / f"ready-{rank}").touch()
-    res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "grads": {}, "params": {}}
+    res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "params": {}}
     try:
         if job.get("pipeline") is None:
             _run_ddp(job, rank, world, res, job_dir)
