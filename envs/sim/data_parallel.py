@@ -283,7 +283,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     synced = max(back_end, comm_end)
     step = synced + opt_max + tail
 
-    static = float((ops.param_bytes * (2.0 + problem.optimizer_state_factor)).sum())
+    static = float(problem.op_static_memory().sum())
     work = float(ops.gradient_work_at(n).max(initial=0.0))  # the backward's working set, on 1/n of the batch
     peak_one = static + float(ops.act_bytes.sum()) / n + (float(grad_bytes.sum()) if n > 1 else 0.0) + work
     peak = {names[d]: peak_one for d in idx}

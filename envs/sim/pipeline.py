@@ -512,7 +512,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     work = np.zeros(s_)
     acc_all = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     op_work = ops.gradient_work_at(m)
-    op_static = ops.param_bytes * (2.0 + problem.optimizer_state_factor)
+    op_static = problem.op_static_memory()
     fixed_all = problem.ops.fixed_parts()
     for s in range(s_):
         d = int(stage_dev[s])
@@ -562,7 +562,7 @@ def _tied_copies(problem: PlacementProblem, stage_of: Any, stage_dev: np.ndarray
     whose owner sits on another device, charged once per device (to its first reading stage).
     ``stage_of(op indices)`` gives their stages."""
     extra = np.zeros(len(stage_dev))
-    factor = 2.0 + problem.optimizer_state_factor
+    factor = problem.static_bytes_per_param_byte
     for owner, readers, nbytes in _tied_by_owner(problem):
         owner_dev = stage_dev[int(stage_of(np.array([owner]))[0])]
         stages = stage_of(readers)
@@ -686,7 +686,7 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         host_f=_prefix(c[:, :, 0], g, n), dev_f=_prefix(c[:, :, 1], g, n), host_b=_prefix(c[:, :, 2], g, n),
         dev_b=_prefix(c[:, :, 3], g, n), fixed_f=_prefix(fixed[:, :, 0], g, n), fixed_b=_prefix(fixed[:, :, 1], g, n),
         opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n), acc_h=_prefix(acc[:, :, 0], g, n), acc_d=_prefix(acc[:, :, 1], g, n),
-        static=_prefix(ops.param_bytes * (2.0 + problem.optimizer_state_factor), g, n),
+        static=_prefix(problem.op_static_memory(), g, n),
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1], cross_kept=np.cumsum(diff_k)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)),

@@ -351,9 +351,18 @@ class PlacementProblem:
         t = self.latency[src, dst] + np.asarray(nbytes, dtype=np.float64) / self.bandwidth[src, dst]
         return np.where(src == dst, 0.0, t)
 
+    @property
+    def static_bytes_per_param_byte(self) -> float:
+        """Bytes pinned for the whole step per parameter byte: the parameter, its gradient, the optimizer's state."""
+        return 2.0 + self.optimizer_state_factor
+
     def static_memory(self) -> np.ndarray:
         """[N] bytes each node pins on its device for the whole step: params + grads + optimizer state."""
-        return self.param_bytes * (2.0 + self.optimizer_state_factor)
+        return self.param_bytes * self.static_bytes_per_param_byte
+
+    def op_static_memory(self) -> np.ndarray:
+        """[num_ops] what :meth:`static_memory` is per node, per op of the op graph."""
+        return self.ops.param_bytes * self.static_bytes_per_param_byte
 
     def backward_work(self) -> np.ndarray:
         """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""

@@ -249,7 +249,7 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     order = grad_edges[np.lexsort((src[grad_edges], ops.succ_dst[grad_edges]))]
     gpred_ptr = np.zeros(ops.num_ops + 1, dtype=np.int64)
     np.cumsum(np.bincount(ops.succ_dst[grad_edges], minlength=ops.num_ops), out=gpred_ptr[1:])
-    op_static = np.ascontiguousarray(ops.param_bytes * (2.0 + problem.optimizer_state_factor) + ops.act_bytes)
+    op_static = np.ascontiguousarray(problem.op_static_memory() + ops.act_bytes)
     op_busy = np.ascontiguousarray(cost3.sum(axis=2))
     group_static = np.zeros(problem.num_nodes)
     np.add.at(group_static, ops.op_group, op_static)
