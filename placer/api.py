@@ -26,7 +26,7 @@ from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
-from placer.placement_file import Placement, load_placement
+from placer.placement_file import Placement, PlacementFileError, load_placement
 
 
 def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) -> dict[str, str]:
@@ -66,7 +66,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None 
         devices = set(real_devices_of(placement, cluster))
         unknown = sorted(set(placement.assignment.values()) - devices)
         if unknown:
-            raise PlacerError(f"placement uses device(s) {unknown} that cluster {cluster!r} does not define")
+            raise PlacementFileError(f"placement uses device(s) {unknown} that cluster {cluster!r} does not define")
     return placement
 
 

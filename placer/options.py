@@ -107,6 +107,15 @@ def parse_device_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
+def parse_leaf_modules(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Repeated ``--leaf`` values, each a module path or class name or a comma-separated list of them.
+
+    >>> parse_leaf_modules(["encoder.rnn,Block", " decoder "])
+    ('encoder.rnn', 'Block', 'decoder')
+    """
+    return tuple(name.strip() for item in values or () for name in item.split(",") if name.strip())
+
+
 def parse_model_args(pairs: list[str] | None, size: str | None = None) -> dict[str, object]:
     """Parse repeated ``--model-arg key=value`` (values read as int/float/bool when they look like one)."""
     args: dict[str, object] = {}

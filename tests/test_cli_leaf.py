@@ -55,3 +55,15 @@ def test_a_leaf_that_matches_no_module_is_refused_in_one_line(model_file, tmp_pa
     err = capsys.readouterr().err
     assert "leaf module 'Blok' matches no module" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_graph_reads_leaf_as_optimize_does_comma_separated_or_repeated(model_file, capsys):
+    """``placer graph`` shows the graph ``placer optimize`` places, so one ``--leaf`` grammar:
+    ``--leaf 0,1`` is ``--leaf 0 --leaf 1`` (graph refused ``'0,1'`` as one module name)."""
+
+    def nodes(*leaf_args):
+        assert main(["graph", str(model_file), "--no-profile", "--json", *leaf_args]) == 0
+        return json.loads(capsys.readouterr().out)["nodes"]
+
+    repeated = nodes("--leaf", "0", "--leaf", "1")
+    assert nodes("--leaf", "0,1") == repeated < nodes()

@@ -263,3 +263,16 @@ def test_import_envs_is_light():
            "print('torch' in sys.modules, 'envs.sim.simulator' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_graph_env_is_costed_with_the_optimizer_the_graph_was_profiled_with():
+    """optimizer=None (the default) is the graph's own, as compile_problem's default; not plain SGD."""
+    from envs.gym.registration import build_problem
+    from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
+
+    graph = _hand_graph()
+    graph.graph["optimizer"] = "adam"
+    problem, _ = build_problem(graph=graph, cluster="4xK40")
+    assert problem.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["adam"]
+    env = gym.make("placer/Placement-v0", graph=graph, cluster="4xK40")
+    assert env.unwrapped.problem.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["adam"]

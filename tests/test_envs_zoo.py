@@ -113,3 +113,14 @@ def test_measured_mode_on_a_cluster_without_real_devices_is_a_clear_error():
         gym.make("placer/Placement-v0", problem=problem, reward_mode="measured")
     with pytest.raises(EnvConfigError, match="measurer='auto' needs model="):
         gym.make("placer/Placement-v0", problem=problem, reward_mode="measured", measurer="auto")
+
+
+def test_a_model_env_is_costed_with_the_models_own_optimizer():
+    """gym.make(model=...) simulates the step optimize, show and the benchmark simulate: the
+    model's own optimizer's state (GPT-2: AdamW, 2 bytes of state per parameter byte), not SGD's."""
+    from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
+
+    problem, _ = zoo_problem("gpt2")
+    assert problem.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["adamw"]
+    sgd, _ = build_problem(model="zoo:gpt2", cluster="4xK40", profile=False, optimizer="sgd")
+    assert sgd.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["sgd"]  # an explicit choice still wins

@@ -83,6 +83,18 @@ def test_a_placement_for_another_model_is_refused(result):
         placer.load(result_dir(result) / "placement.json", model=other, example_inputs=(torch.randn(2, 32),))
 
 
+def test_a_placement_on_devices_the_given_cluster_lacks_is_a_placement_file_error(result):
+    """placer.load's documented error for unknown devices (a PlacerError, so either catch works)."""
+    from placer.placement_file import PlacementFileError
+
+    spec = result.prepared.spec
+    lone = {"name": "lone", "devices": [{"name": "z", "kind": "cpu", "memory": "1GiB", "peak_flops": "1T",
+                                          "mem_bandwidth": "10GB/s"}]}
+    with pytest.raises(PlacementFileError, match="does not define"):
+        placer.load(result_dir(result) / "placement.json", model=spec.model, example_inputs=spec.example_inputs,
+                    cluster=lone)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -46,9 +46,13 @@ def register_envs() -> None:
 
 
 def build_problem(problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
-                  model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
+                  model_args: Mapping[str, Any] | None = None, optimizer: str | None = None, profile: bool = True,
                   cache_dir: str | os.PathLike | None = None):
     """The problem (and each node's fx op kind, when a graph is known) from one source.
+
+    ``optimizer`` (whose state the devices' memory holds): None is the model's own optimizer
+    (``model=``) or the one a graph was profiled with (``graph=``), else plain SGD, as
+    :func:`envs.sim.problem.compile_problem`.
 
     Returns:
         ``(problem, node_ops)``; ``node_ops`` is None when built from a problem.
@@ -70,7 +74,7 @@ class _Built:
 
 
 def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mapping[str, Any] | None,
-           optimizer: str, profile: bool, cache_dir: str | os.PathLike | None) -> _Built:
+           optimizer: str | None, profile: bool, cache_dir: str | os.PathLike | None) -> _Built:
     from envs.sim.problem import PlacementProblem
 
     given = [name for name, v in (("problem", problem), ("graph", graph), ("model", model)) if v is not None]
@@ -95,6 +99,10 @@ def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mappi
         prepared = _prepare(model, model_args, profile, cache_dir)
         grouping, op_graph = prepared.grouping, prepared.captured.graph
         graph = grouping.graph
+        if optimizer is None:  # the model's own, as optimize, show and the benchmark cost it
+            from envs.sim.optimizer_state import optimizer_state_kind
+
+            optimizer = optimizer_state_kind(prepared.spec.optimizer_fn)
     elif model_args:
         raise EnvConfigError("model_args= applies to model= only")
     graph = _load_graph(graph)
@@ -187,7 +195,7 @@ def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
 
 
 def _make(env_class: Any, problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mapping[str, Any] | None,
-          optimizer: str, profile: bool, cache_dir: str | os.PathLike | None, env_kwargs: dict[str, Any]):
+          optimizer: str | None, profile: bool, cache_dir: str | os.PathLike | None, env_kwargs: dict[str, Any]):
     built = _build(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
     kwargs, owned = _env_kwargs(built, model, model_args, env_kwargs)
     try:
@@ -201,7 +209,7 @@ def _make(env_class: Any, problem: Any, graph: Any, cluster: Any, model: Any, mo
 
 
 def make_placement_env(problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
-                       model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
+                       model_args: Mapping[str, Any] | None = None, optimizer: str | None = None, profile: bool = True,
                        cache_dir: str | os.PathLike | None = None, **env_kwargs: Any):
     """A :class:`envs.gym.placement_env.PlacementEnv` from a problem, graph + cluster, or model + cluster.
 
@@ -214,7 +222,7 @@ def make_placement_env(problem: Any = None, graph: Any = None, cluster: Any = No
 
 
 def make_sequential_env(problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
-                        model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
+                        model_args: Mapping[str, Any] | None = None, optimizer: str | None = None, profile: bool = True,
                         cache_dir: str | os.PathLike | None = None, **env_kwargs: Any):
     """A :class:`envs.gym.sequential_env.SequentialPlacementEnv` from the same sources as :func:`make_placement_env`."""
     from envs.gym.sequential_env import SequentialPlacementEnv
@@ -224,7 +232,7 @@ def make_sequential_env(problem: Any = None, graph: Any = None, cluster: Any = N
 
 
 def make_vec_env(n_envs: int = 8, problem: Any = None, graph: Any = None, cluster: Any = None, model: Any = None,
-                 model_args: Mapping[str, Any] | None = None, optimizer: str = "sgd", profile: bool = True,
+                 model_args: Mapping[str, Any] | None = None, optimizer: str | None = None, profile: bool = True,
                  cache_dir: str | os.PathLike | None = None, **env_kwargs: Any):
     """A :class:`envs.gym.vector_env.BatchedPlacementVecEnv` of ``n_envs`` from the same sources."""
     from envs.gym.vector_env import BatchedPlacementVecEnv

@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--devices", help="devices to profile on, e.g. cpu,cuda:0 (default: all present)")
     parser.add_argument("--cache-dir", help="where profiles are cached (default: the profiler's)")
     parser.add_argument("--leaf", action="append", default=[], metavar="MODULE",
-                        help="module path or class name to keep as one node (repeatable)")
+                        help="keep this module as one node: a module path (encoder.rnn) or class name (Block); "
+                             "comma-separated or repeated, as for optimize")
     parser.add_argument("--top", type=int, default=10, help="how many of the most expensive ops to list")
     parser.set_defaults(run=run)
     return parser
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``placer graph``; returns the exit status."""
     from graphs.graph_io import graph_format, save_graph
     from graphs.pipeline import prepare
-    from placer.options import OptionError, parse_device_list, parse_model_args
+    from placer.options import OptionError, parse_device_list, parse_leaf_modules, parse_model_args
     from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.graph_summary import format_summary, graph_summary
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet:
         prepared = prepare(args.model, model_args=model_args, profile=not args.no_profile,
-                           devices=devices, cache_dir=args.cache_dir, leaf_modules=tuple(args.leaf))
+                           devices=devices, cache_dir=args.cache_dir, leaf_modules=parse_leaf_modules(args.leaf))
     summary = graph_summary(prepared, top=args.top)
     if args.save:
         path = save_graph(prepared.captured.graph, args.save)

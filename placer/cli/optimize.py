@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from placer.cli.logs import printed_logs
     from placer.optimizing.config import DEFAULT_BASELINES
     from placer.optimizing.run import optimize
-    from placer.options import OptionError, parse_model_args
+    from placer.options import OptionError, parse_leaf_modules, parse_model_args
     from placer.report.results import summary_lines
 
     baselines = DEFAULT_BASELINES if args.baselines is None else tuple(
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             groups=args.groups, seed=args.seed, memory=args.memory, baselines=baselines, agent=args.agent,
             out_dir=args.out, resume=args.resume, model_args=parse_model_args(args.model_arg, size=args.size),
             check=not args.no_check, progress=not args.quiet, cache_dir=args.cache_dir, verbose=0 if args.quiet else 1,
-            leaf_modules=tuple(name.strip() for item in args.leaf for name in item.split(",") if name.strip()),
+            leaf_modules=parse_leaf_modules(args.leaf),
             measure_timeout=args.measure_timeout, pretrained=args.pretrained,
         )
     print()
