@@ -35,6 +35,7 @@ import torch
 
 from envs.hardware.rank_devices import RankDevice, RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.rank_status import STARTING, Status, culprit, read_status
+from envs.runtime.listening import nccl_environment
 from envs.runtime.supervisor import Supervisor, make_job_dir
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -201,7 +202,8 @@ class WorkerGroup:
         for d in self.devices:
             env = dict(RANK=str(d.rank), WORLD_SIZE=str(world), LOCAL_RANK=str(d.rank),
                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR=self.master_addr,
-                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads)
+                       MASTER_PORT=str(self.master_port), OMP_NUM_THREADS=threads,
+                       **nccl_environment(self.master_addr))
             with open(self.job_dir / f"stderr-{d.rank}.txt", "wb") as err:
                 self.procs.append(self.supervisor.start(
                     f"rank {d.rank}", [sys.executable, "-m", "envs.runtime.distributed.worker", str(self.job_dir)],

@@ -31,8 +31,9 @@ import torch.fx as fx
 
 from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import free_port
+from envs.runtime.listening import nccl_environment
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
-from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer
+from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer, check_stage_devices
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir, process_state
 from envs.sim.data_parallel import check_runnable
 from envs.sim.pipeline import Pipeline, PipelineError
@@ -190,8 +191,9 @@ def resolved(host: str, port: int = 0) -> tuple:
 def check_job(gm: fx.GraphModule, pipeline: Pipeline | None, world: int | None, batch: int,
               optimizer: OptimizerSpec) -> None:
     """What can be refused before any process starts: stages naming nodes the model does not
-    have or devices that are no rank device, a DDP world that does not divide the batch, an
-    optimizer name the workers do not know.
+    have or devices that are no rank device, CPU workers mixed with GPUs or a GPU this
+    machine lacks (:func:`~envs.runtime.pipeline.worker.check_stage_devices`), a DDP world
+    that does not divide the batch, an optimizer name the workers do not know.
 
     Raises:
         PipelineError: naming what is wrong and what was expected.
@@ -207,9 +209,10 @@ def check_job(gm: fx.GraphModule, pipeline: Pipeline | None, world: int | None, 
         raise PipelineError(f"the pipeline names {len(unknown)} node(s) the model does not have, e.g. "
                             f"{unknown[:3]}; expected node names of the captured graph")
     try:
-        parse_rank_devices(list(dict.fromkeys(d for devs in pipeline.replica_devices for d in devs)))
+        devices = parse_rank_devices(list(dict.fromkeys(d for devs in pipeline.replica_devices for d in devs)))
     except RankDeviceError as exc:
         raise PipelineError(f"pipeline devices: {exc}") from None
+    check_stage_devices(devices)
 
 
 def check_port(host: str, port: int) -> int:
@@ -249,7 +252,7 @@ class PipelineJob:
         self.sup = Supervisor()
         for r in range(world):
             env = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": host,
-                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
+                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads), **nccl_environment(host)}
             log = open(self.job_dir / f"rank-{r}.log", "wb")  # noqa: SIM115 - closed with the process
             self.sup.start(f"rank {r}", [sys.executable, "-m", "envs.runtime.pipeline.worker", str(self.job_dir)],
                            env=env, stdout=log, stderr=log)
