@@ -12,6 +12,11 @@ leaves what it measured):
    issue 15, measurements M2, M4, M5): host cost of issuing one tiny op and of one backward
    node, whether a pageable ``non_blocking`` host→GPU copy blocks the host while the GPU is
    busy (pinned for comparison), and on which threads autograd runs CPU and GPU backward ops.
+   Then **the pipeline runtime on the GPU** (issue 16): a two-stage pipeline of a small MLP,
+   both stages on ``cuda:0`` under one rank (interleaved 1F1B, M = 2, NCCL, three SGD steps)
+   through :func:`envs.runtime.pipeline.launcher.run_training`, against the same job on a CPU
+   worker ``cpu:0`` (gloo): the losses must agree (:func:`pipeline_on_device`). One GPU
+   cannot hold two NCCL ranks, so this is the GPU code path of a rank, not a two-GPU pipeline.
 3. **Profiles.** Every small zoo model on the CPU and on the GPU, and the paper-size GPT-2
    (batch 4 × 1,024 tokens) and NMT with 2 layers (batch 128, 50 + 50 steps) on the GPU at
    their published batch, by :func:`graphs.profile.profiler.profile_graph` (forward, backward
@@ -139,7 +144,7 @@ CHECK_MODULES: tuple[str, ...] = (
     "torch", "networkx", "scipy.stats", "yaml", "graphs.pipeline", "graphs.profile.profiler", "graphs.grouping",
     "graphs.ops", "envs.hardware.links", "envs.hardware.loading", "envs.sim.problem", "envs.sim.simulator",
     "envs.sim.cost_model", "envs.sim.calibration", "envs.runtime.measure", "envs.runtime.measure_worker",
-    "placer.search.baselines",
+    "envs.runtime.pipeline.launcher", "envs.runtime.pipeline.worker", "placer.search.baselines",
 )
 
 
@@ -577,6 +582,45 @@ def runtime_probes(device: str, ops: int = 200, repeats: int = 5) -> dict[str, A
 # ============================================================================ stage 3-4: profiles and roofline
 
 
+def pipeline_on_device(device: str, steps: int = 3, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Train a two-stage pipeline of a small MLP on rank device ``device`` (``cuda:0``; ``cpu:0``
+    in a dry run) and on a CPU worker, both through the pipeline runtime; their losses and step
+    times, and the largest relative difference of the losses (float32 on both: GPU kernels
+    sum in other orders, so ~1e-6, not 0)."""
+    import torch
+    import torch.fx as fx
+    from torch import nn
+
+    from envs.runtime.pipeline.launcher import run_training
+    from envs.sim.pipeline import Pipeline
+
+    class SquaredMLP(nn.Module):  # its output is the loss: nothing but the graph travels to the ranks
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).pow(2).mean()
+
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(SquaredMLP())
+    g = torch.Generator().manual_seed(1)
+    inputs = {"x": torch.randn(16, 64, generator=g)}
+    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    stages = (tuple(names[:3]), tuple(names[3:]))
+    runs: dict[str, Any] = {}
+    for where in dict.fromkeys([device, "cpu:0"]):
+        pipe = Pipeline(stages, (where, where), 2, "interleaved_1f1b")
+        t0 = time.perf_counter()
+        run = run_training(gm, inputs, pipe, steps=steps, optimizer=("sgd", {"lr": 0.05}), timeout_s=timeout_s)
+        runs[where] = {"losses": [float(x) for x in run.losses], "step_s": [float(x) for x in run.step_times],
+                       "wall_s": round(time.perf_counter() - t0, 2)}
+    a, b = runs[device]["losses"], runs["cpu:0"]["losses"]
+    worst = max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=math.nan)
+    return {"device": device, "runs": runs, "max_relative_loss_difference": worst,
+            "agree": bool(len(a) == len(b) == steps and worst < 1e-4)}
+
+
 def profile_model(label: str, zoo_name: str, model_args: Mapping[str, Any], devices: Sequence[str],
                   repeats: int, cache_dir: str) -> tuple[Any, dict[str, Any]]:
     """Load, capture, profile on ``devices`` (one per kind) and group one zoo model.
@@ -862,6 +906,9 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
         with stage(results, "probes") as rec:
             rec.update(runtime_probes(settings.device))
         save()
+    with stage(results, "pipeline") as rec:
+        rec.update(pipeline_on_device("cpu:0" if dry else settings.device))
+    save()
 
     profile_devices = ["cpu"] if dry else ["cpu", settings.device]
     ops: list[dict[str, Any]] = []
@@ -1023,6 +1070,19 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                       f"{_fmt_s(probes.get('h2d_pinned_host_s'))} (pinned); a GPU→CPU copy after the same work "
                       f"returns after {_fmt_s(probes.get('d2h_after_busy_host_s'))}"]
         lines.append("")
+    pipe = (results.get("stages") or {}).get("pipeline")
+    if pipe and pipe.get("status") == "done":
+        lines += ["## The pipeline runtime on the device (issue 16)", "",
+                  "Two stages of a small MLP on one rank, interleaved 1F1B, M = 2, three SGD steps "
+                  "(`pipeline_on_device`):", ""]
+        for where, r in pipe["runs"].items():
+            lines.append(f"- {where}: losses {', '.join(f'{x:.6f}' for x in r['losses'])}; step times "
+                         f"{', '.join(_fmt_s(x) for x in r['step_s'])}; {r['wall_s']} s with process start")
+        lines += [f"- losses agree: {pipe['agree']} (largest relative difference "
+                  f"{pipe['max_relative_loss_difference']:.2e})", ""]
+    elif pipe:
+        lines += ["## The pipeline runtime on the device (issue 16)", "", f"- {pipe.get('status')}: "
+                  f"{pipe.get('error', '')}", ""]
     profiles = results.get("profiles") or []
     if profiles:
         lines += ["## Profiles (sum of per-op times, one step)", "",

@@ -88,12 +88,15 @@ def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | o
 def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None) -> str | None:
     """How ``placement``'s pipeline is applied: ``"processes"`` when its stage devices are
     worker processes on this machine (``cpu:0,cpu:1``, a placement made over real rank
-    devices): one process per stage device under ``torch.distributed.pipelining``; else the
+    devices) or GPUs of this machine (``cuda:0,cuda:1``, a placement made over the real
+    GPUs): one process per stage device under ``torch.distributed.pipelining``; else the
     reason it runs un-pipelined in one process (devices of a simulated cluster, mapped onto
-    their real device); None without a pipeline. A pipeline x DDP hybrid (``replicas``) runs
-    as processes when every replica's stage devices are worker processes (one per stage
-    device of every replica)."""
+    their real device; CPU workers mixed with GPUs; GPUs this machine lacks); None without a
+    pipeline. A pipeline x DDP hybrid (``replicas``) runs as processes when every replica's
+    stage devices do (one per stage device of every replica)."""
     from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
+    from envs.runtime.pipeline.worker import check_stage_devices
+    from envs.sim.pipeline import PipelineError
 
     pipe = placement.pipeline
     if pipe is None:
@@ -107,13 +110,19 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
         devices = parse_rank_devices(list(dict.fromkeys(d for devs in pipe.replica_devices for d in devs)))
     except RankDeviceError:
         devices = []
-    if not simulated and devices and all(d.local and d.kind == "cpu" for d in devices):
-        return "processes"
-    where = "a simulated cluster's" if simulated else "not CPU worker processes of this machine (cpu:N)"
+    why = ""
+    if not simulated and devices and all(d.local for d in devices):
+        try:
+            check_stage_devices(devices)
+            return "processes"
+        except PipelineError as exc:
+            why = f" ({exc})"
+    where = ("a simulated cluster's" if simulated
+             else "not CPU worker processes (cpu:N) or GPUs (cuda:N) of this machine" + why)
     first = " (replica 0's, on the whole batch)" if pipe.replicas else ""
     return (f"the placement, {pipe.describe()}, is not run as one: its devices ({', '.join(pipe.ranks)}) are "
             f"{where}, so its stages' assignment{first} runs un-pipelined in one process; place over worker "
-            "processes (optimize --devices cpu:0,cpu:1) to run it as it is")
+            "processes (optimize --devices cpu:0,cpu:1) or this machine's GPUs to run it as it is")
 
 
 def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, steps: int = 10,

@@ -241,8 +241,11 @@ def test_dry_run_finishes_every_stage_and_writes_results_and_summary(dry_run):
     probes = res["stages"]["probes"]
     assert probes["forward_issue_s_per_op"] > 0 and probes["graphmodule_issue_s_per_op"] > 0
     assert probes["backward_s_per_node"] > 0 and probes["backward_on_calling_thread"] == {"cpu": True}
+    pipeline = res["stages"]["pipeline"]  # the GPU's rank path is cpu:0's here: the same run
+    assert pipeline["agree"] and len(pipeline["runs"]["cpu:0"]["losses"]) == 3
     summary = (out / "summary.md").read_text()
-    for heading in ("## Machine", "## Runtime probes", "## Profiles", "## Profiled vs roofline",
+    for heading in ("## Machine", "## Runtime probes", "## The pipeline runtime on the device", "## Profiles",
+                    "## Profiled vs roofline",
                     "## Constants fitted", "## Placements over cpu"):
         assert heading in summary
 

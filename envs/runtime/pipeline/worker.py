@@ -23,6 +23,16 @@ reducer, so the stage's gradients are averaged over its replicas in buckets over
 that backward (``stage.py``: ``backward_maybe_with_nosync``), as the simulator's rules
 H2-H3 assume (:mod:`envs.sim.data_parallel`). DDP: rank ``r`` trains the whole model on its
 ``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
+
+**Devices.** A rank computes on its stage device (:func:`rank_device`): the CPU for a worker
+``cpu:N``, GPU ``N`` for ``cuda:N``. Every rank a GPU: NCCL (``init_process_group`` bound to
+the rank's GPU); every rank a CPU: gloo on ``MASTER_ADDR``. A job that mixes them is refused
+(:func:`check_stage_devices`): ``PipelineStage`` sends its activations from the stage's
+device, and gloo's point-to-point ops take CPU tensors only while NCCL's take GPU ones. A GPU
+rank moves its stage modules (``PipelineStage`` does, and DDP's wrapper needs them there
+first), the batch and the loss's target to its GPU, waits for the GPU before reading a step's
+time (``torch.cuda.synchronize``: kernels and NCCL transfers are asynchronous), and writes
+its results as CPU tensors.
 """
 
 from __future__ import annotations
@@ -65,6 +75,48 @@ def check_optimizer(optimizer: Any) -> None:
     if name not in OPTIMIZERS:
         raise PipelineError(f"unknown optimizer {optimizer!r}; expected (name, keyword arguments) with a name "
                             f"in {sorted(OPTIMIZERS)}, or a function of the parameters")
+
+
+def check_stage_devices(devices: list[Any], gpus: int | None = None) -> None:
+    """Raise :class:`PipelineError` unless the job's rank devices (:class:`~envs.hardware.rank_devices.RankDevice`)
+    are all CPU workers or all GPUs, and every GPU on this machine (of ``gpus``, default
+    ``torch.cuda.device_count()``) exists. See the module docstring for why a mix cannot run."""
+    kinds = {d.kind for d in devices}
+    if len(kinds) > 1:
+        cpus = [d.name for d in devices if d.kind == "cpu"]
+        cuda = [d.name for d in devices if d.kind == "cuda"]
+        raise PipelineError(f"the pipeline mixes CPU workers ({', '.join(cpus)}) with GPUs ({', '.join(cuda)}): "
+                            "torch.distributed.pipelining sends activations from each stage's device, gloo sends "
+                            "CPU tensors only and NCCL GPU ones; expected every stage device a CPU worker (cpu:N) "
+                            "or every one a GPU (cuda:N)")
+    local_gpus = [d for d in devices if d.kind == "cuda" and d.local]
+    if local_gpus:
+        have = torch.cuda.device_count() if gpus is None else int(gpus)
+        absent = [d.name for d in local_gpus if d.index >= have]
+        if absent:
+            expected = f"expected cuda:0 to cuda:{have - 1}" if have else "torch.cuda.device_count() is 0"
+            raise PipelineError(f"the pipeline's GPU(s) {', '.join(absent)} are not on this machine, which has "
+                                f"{have} GPU(s); {expected}")
+
+
+def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
+    """The torch device global rank ``rank`` of ``pipeline``'s job computes on: its stages'
+    device (replica ``r``'s pipeline rank ``l`` is global rank ``r * P + l``, and pipeline
+    rank ``l`` the ``l``-th distinct device of the replica's stages), ``cpu`` for a worker
+    ``cpu:N``, ``cuda:N`` for a GPU.
+
+    >>> from envs.sim.pipeline import Pipeline
+    >>> pipe = Pipeline(stages=(("a",), ("b",)), devices=("cuda:0", "cuda:1"), microbatches=2,
+    ...                 schedule="gpipe", replicas=(("cuda:2", "cuda:3"),))
+    >>> rank_device(pipe, 1), rank_device(pipe, 2)
+    (device(type='cuda', index=1), device(type='cuda', index=2))
+    """
+    from envs.hardware.rank_devices import parse_rank_devices
+
+    p_ = len(pipeline.ranks)
+    replica, local = divmod(rank, p_)
+    name = tuple(dict.fromkeys(pipeline.replica_devices[replica]))[local]
+    return torch.device(parse_rank_devices([name])[0].torch_device)
 
 
 def check_ddp_batch(batch: int, world: int) -> None:
@@ -146,7 +198,8 @@ def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[in
         dist.all_reduce(p.grad, group=groups[ranks])
 
 
-def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path) -> None:
+def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path,
+                  device: torch.device) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
     from torch.nn.parallel import DistributedDataParallel
@@ -181,6 +234,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     mine = [spec for spec in specs if rank_of[spec.index] == local]
     own_memory(spec.gm for spec in mine)  # before DDP and PipelineStage take their tensors
     metas = boundary_metas(gm, microbatch(inputs, 0, m), {v for spec in specs for v in spec.recv + spec.send})
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     names = list(inputs)
     stages = []
     for spec in mine:
@@ -193,13 +247,14 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
             # replica (each normalises its own slice), as without DDP. A parameter off the
             # loss's autograd path gets no gradient: find_unused_parameters lets the reducer
             # finish without it, the same in every replica.
-            mod = DistributedDataParallel(mod, process_group=stage_groups[local], broadcast_buffers=False,
-                                          find_unused_parameters=True)
+            mod = DistributedDataParallel(plain.to(device), process_group=stage_groups[local],
+                                          device_ids=[device] if device.type == "cuda" else None,
+                                          broadcast_buffers=False, find_unused_parameters=True)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
                     else tuple(metas[v] for v in plain.send_tensors))
         # With a group, the stage's peers are group ranks (stage s -> s mod P in the group),
         # mapped to global ranks by dist.get_global_rank (stage.py, _resolve_peer_global_rank).
-        stages.append(PipelineStage(mod, spec.index, s_, torch.device("cpu"),
+        stages.append(PipelineStage(mod, spec.index, s_, device,
                                     input_args=tuple(metas[v] for v in plain.recv_tensors), output_args=out_meta,
                                     group=replica_groups[replica]))
     # The rank keeps its own stages only: the whole model (every other stage's parameters and
@@ -230,23 +285,31 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
-        kw: dict[str, Any] = {"target": torch.zeros(batch), "losses": losses} if has_last else {}
+        kw: dict[str, Any] = {"target": torch.zeros(batch, device=device), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
         paused = save_first_gradients(job_dir, rank, named) if step == 0 else (0.0, 0.0)
         if opt is not None:
             opt.step()
+        _wait_for(device)
         res["step_s"].append(time.perf_counter() - t - paused[0])
         res["cpu_s"].append(time.process_time() - c - paused[1])
         if has_last:
             total = sum(float(x.detach()) for x in losses)
             if n_rep > 1:  # the full batch's mean: the average of the replicas' means
-                both = torch.tensor(total, dtype=torch.float64)
+                both = torch.tensor(total, dtype=torch.float64, device=device)
                 dist.all_reduce(both, group=stage_groups[local])
                 total = float(both) / n_rep
             res["losses"].append(total)
-    # Not cloned: nothing changes them before run_rank saves the result.
-    res["params"] = {n: p.detach() for n, p in named.items()}
+    # Not cloned (a CPU tensor's .cpu() is itself): nothing changes them before run_rank saves the result.
+    res["params"] = {n: p.detach().cpu() for n, p in named.items()}
+
+
+def _wait_for(device: torch.device) -> None:
+    """Block until ``device`` has run what was queued on it (a GPU's kernels and transfers are
+    asynchronous: the step's time is read after them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def own_memory(modules: Iterable[torch.nn.Module]) -> None:
@@ -288,7 +351,7 @@ def save_first_gradients(job_dir: Path, rank: int, params: Mapping[str, torch.nn
     no simulated rule charges; written here, no copy of them is made."""
     wall, cpu = time.perf_counter(), time.process_time()
     tmp = job_dir / f".grads-{rank}.pt"
-    torch.save({n: p.grad.detach() for n, p in params.items() if p.grad is not None}, tmp)
+    torch.save({n: p.grad.detach().cpu() for n, p in params.items() if p.grad is not None}, tmp)
     os.replace(tmp, job_dir / f"grads-{rank}.pt")
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -379,16 +442,27 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     torch.manual_seed(int(job.get("seed", 0)) + rank)
     torch.set_num_threads(int(job.get("threads", 1)))
     timeout = datetime.timedelta(seconds=float(job.get("timeout_s", 60)))
+    pipeline = Pipeline.from_dict(job["pipeline"]) if job.get("pipeline") is not None else None
+    device = torch.device("cpu")
+    if pipeline is not None:
+        from envs.hardware.rank_devices import parse_rank_devices
+
+        check_stage_devices(parse_rank_devices(list(dict.fromkeys(d for ds in pipeline.replica_devices for d in ds))))
+        device = rank_device(pipeline, rank)
     store = _rendezvous_store(rank, world, timeout)
-    backend = _bound_gloo(os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timeout, device_id=device)
+    else:
+        backend = _bound_gloo(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     (job_dir / f"ready-{rank}").touch()
     res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "params": {}}
     try:
         if job.get("pipeline") is None:
             _run_ddp(job, rank, world, res, job_dir)
         else:
-            _run_pipeline(job, rank, world, res, job_dir)
+            _run_pipeline(job, rank, world, res, job_dir, device)
         res["listening"] = _listening_addresses()
         tmp = job_dir / f".result-{rank}.pt"
         torch.save(res, tmp)
