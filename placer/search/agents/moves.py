@@ -128,10 +128,7 @@ class _Static:
 def _static(problem: PlacementProblem) -> _Static:
     n = problem.num_nodes
     cost = np.asarray(problem.fwd_time, dtype=np.float64) + np.asarray(problem.bwd_time, dtype=np.float64)
-    static_mem = np.asarray(problem.static_memory(), dtype=np.float64).reshape(-1)
-    if static_mem.shape[0] != n:  # a per-device figure: the group's bytes are the same everywhere
-        static_mem = np.asarray(problem.param_bytes, dtype=np.float64) * (1.0 + problem.optimizer_state_factor)
-    static_mem = static_mem + np.asarray(problem.act_bytes, dtype=np.float64)
+    static_mem = np.asarray(problem.static_memory(), dtype=np.float64) + np.asarray(problem.act_bytes, dtype=np.float64)
     src = np.asarray(problem.edge_src, dtype=np.int64)
     dst = np.asarray(problem.edge_dst, dtype=np.int64)
     nbytes = np.asarray(problem.edge_bytes, dtype=np.float64)
