@@ -132,8 +132,57 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
              name: str = "model") -> fx.GraphModule:
     """Symbolically trace ``model`` with :class:`PlacerTracer` (raises whatever fx raises)."""
     tracer = PlacerTracer(leaf_types, leaf_names)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
+    with _no_constants_left_on(model, tracer):
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
+    keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
+    return gm
+
+
+@contextlib.contextmanager
+def _no_constants_left_on(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]:
+    """Take off ``model`` the tensor constants ``tracer`` sets on it while tracing.
+
+    fx keeps a tensor that forward() makes from constants (``torch.full((4,), 0.5)``,
+    ``torch.tensor(1.5)``) by setting it on the traced module itself as ``_tensor_constantN``
+    (the GraphModule built in the block copies it from there): the user's model grew
+    attributes on every capture (``_tensor_constant3`` after a second), against the
+    promise that placing leaves it untouched.
+    """
+    before = set(vars(model))
+    try:
+        yield
+    finally:
+        for qualname in set(tracer.tensor_attrs.values()):
+            if "." not in qualname and qualname not in before and qualname in vars(model):
+                delattr(model, qualname)
+
+
+def keep_plain_attributes(gm: fx.GraphModule, buffers: Iterable[str]) -> None:
+    """Keep the tensors a ``get_attr`` of ``gm`` reads that are not among ``buffers``
+    (qualified names) as plain attributes, not buffers.
+
+    ``fx.GraphModule`` (building it, deep-copying it) registers every tensor a ``get_attr``
+    reads as a persistent buffer, so fx's own constants (``h + torch.full((10,), 0.25)``),
+    torch.export's lifted ones and a model's plain tensor attributes became state the model
+    does not have: ``placed.state_dict()`` no longer loaded into the model with
+    ``strict=True``, and the numerical check refused every placement for "state on one side
+    only" (walkthrough). A plain attribute is read by ``get_attr`` and moved by ``apply``
+    all the same.
+    """
+    state = set(buffers)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in state:
+            continue
+        path, _, field = str(node.target).rpartition(".")
+        try:
+            owner = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue
+        if field in owner._buffers:
+            value = owner._buffers.pop(field)
+            owner._non_persistent_buffers_set.discard(field)
+            object.__setattr__(owner, field, value)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> str:
@@ -478,7 +527,8 @@ def _fx_locate(model: nn.Module, leaf_types: Sequence[type], leaf_names: Iterabl
         if nodes:
             tracer = PlacerTracer(leaf_types, leaf_names)
             tracer.record_stack_traces = True
-            graph = tracer.trace(model)
+            with _no_constants_left_on(model, tracer):
+                graph = tracer.trace(model)
             for node in graph.nodes:
                 if node.name in nodes and node.stack_trace:
                     return _last_user_line(node.stack_trace)
