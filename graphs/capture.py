@@ -78,6 +78,23 @@ class PlacerTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(leaf_types)
         self.leaf_names = frozenset(leaf_names)
+        self.grad_enabled = True
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.grad_enabled = torch.is_grad_enabled()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any = None) -> fx.Node:
+        # fx records no grad mode: an op under ``with torch.no_grad():`` would get gradients in
+        # the graph (a scale computed there changed every gradient, walkthrough). torch.export
+        # records the mode, so leave this model to it.
+        if torch.is_grad_enabled() != self.grad_enabled:
+            raise GradModeNotTraced(
+                f"forward() turns gradients {'off' if self.grad_enabled else 'on'} (torch.no_grad, "
+                f"set_grad_enabled or inference_mode) around {kind} {getattr(target, '__name__', target)}, "
+                "which torch.fx does not record")
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -391,6 +408,10 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 
 # --------------------------------------------------------------------------- state updated in forward()
+
+
+class GradModeNotTraced(CaptureError):
+    """forward() changes the grad mode, which torch.fx cannot record (torch.export can)."""
 
 
 class TraceTimeUpdate(CaptureError):
