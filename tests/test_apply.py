@@ -8,6 +8,7 @@ match the original model. A GPU class repeats the checks over cpu/cuda:0 when CU
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 
@@ -718,3 +719,21 @@ def test_a_model_in_eval_mode_is_placed_in_the_training_mode_it_was_captured_in_
     placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
     assert all(m.training for m in placed.modules())
     assert not any(m.training for m in model.modules())
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    extras: tuple
+    name: str = "out"
+
+
+def test_to_device_moves_the_tensors_of_a_dataclass_output_and_the_check_sees_them():
+    from graphs.profile.op_timing import tensors_in
+
+    out = _Output(torch.ones(2), (torch.zeros(3), 4))
+    moved = to_device(out, "meta")
+    assert isinstance(moved, _Output) and moved.name == "out" and moved.extras[1] == 4
+    assert moved.logits.device.type == "meta" and moved.extras[0].device.type == "meta"
+    assert out.logits.device.type == "cpu"  # the original is left as it was
+    assert [t.shape for t in tensors_in(out)] == [(2,), (3,)]  # what the numerical check compares

@@ -32,6 +32,7 @@ CPU reads the tensor, so copies to the CPU are always blocking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,11 @@ def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return x.to(device, non_blocking=non_blocking)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            # pytree leaves a dataclass output whole: its tensors stayed where they were made,
+            # not on the output device the loss code was promised (walkthrough).
+            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking)
+                                             for f in dataclasses.fields(x) if f.init})
         return x
 
     return tree_map(move, value)
