@@ -79,22 +79,55 @@ class PlacerTracer(fx.Tracer):
         self.leaf_types = tuple(leaf_types)
         self.leaf_names = frozenset(leaf_names)
         self.grad_enabled = True
+        self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
-        return super().trace(root, concrete_args)
+        self.without_grad = []
+        graph = super().trace(root, concrete_args)
+        self._refuse_grad_mode_it_drops(graph)
+        return graph
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any = None) -> fx.Node:
-        # fx records no grad mode: an op under ``with torch.no_grad():`` would get gradients in
-        # the graph (a scale computed there changed every gradient, walkthrough). torch.export
-        # records the mode, so leave this model to it.
-        if torch.is_grad_enabled() != self.grad_enabled:
-            raise GradModeNotTraced(
-                f"forward() turns gradients {'off' if self.grad_enabled else 'on'} (torch.no_grad, "
-                f"set_grad_enabled or inference_mode) around {kind} {getattr(target, '__name__', target)}, "
-                "which torch.fx does not record")
-        return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.grad_enabled and not torch.is_grad_enabled():
+            self.without_grad.append(node)
+        return node
+
+    def _refuse_grad_mode_it_drops(self, graph: fx.Graph) -> None:
+        """Raise :class:`GradModeNotTraced` when an op forward() runs with gradients off
+        (``torch.no_grad``, ``set_grad_enabled(False)``, ``inference_mode``) reads a trainable
+        parameter, directly or through other ops.
+
+        fx records no grad mode, so such an op got gradients in the graph (a scale computed
+        under no_grad changed every gradient; an EMA of activations made its buffer require
+        grad; walkthrough). torch.export records the mode, so the model is left to it. An op
+        that reads no parameter (a statistic of the input) computes the same either way and
+        stays with fx, whose graph still follows ``.eval()``.
+        """
+        if not self.without_grad:
+            return
+        trainable: set[fx.Node] = set()
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                with contextlib.suppress(AttributeError):
+                    value = self.root.get_parameter(str(node.target))
+                    if value.requires_grad:
+                        trainable.add(node)
+            elif node.op == "call_module":
+                module = self.root.get_submodule(str(node.target))
+                if any(p.requires_grad for p in module.parameters()):
+                    trainable.add(node)
+            if any(arg in trainable for arg in node.all_input_nodes):
+                trainable.add(node)
+        for node in self.without_grad:
+            if node in trainable:
+                target = getattr(node.target, "__name__", node.target)
+                raise GradModeNotTraced(
+                    f"forward() turns gradients off (torch.no_grad, set_grad_enabled or inference_mode) "
+                    f"around {node.op} {target}, which reads trainable parameters; torch.fx does not "
+                    "record the grad mode")
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):

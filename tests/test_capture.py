@@ -533,3 +533,28 @@ def test_a_no_grad_region_keeps_its_gradients_out_of_the_captured_graph():
     theirs = dict(cap.gm.named_parameters())
     for name, p in reference.named_parameters():
         torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0)
+
+
+class _InputStatisticNoGrad(nn.Module):
+    """A statistic of the input under no_grad (no parameter read there), then BatchNorm and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        with torch.no_grad():
+            s = x.std()
+        return self.drop(self.bn(self.a(x / s)))
+
+
+def test_a_no_grad_region_reading_no_parameter_stays_with_fx_and_follows_eval():
+    torch.manual_seed(0)
+    model, x = _InputStatisticNoGrad(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error  # torch.export's graph would keep training mode
+    cap.gm.eval()
+    model.eval()
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
