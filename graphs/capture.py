@@ -304,11 +304,54 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     # (export/_unlift.py: the graph keeps the mode it was traced in, whatever the flags say).
     # Those closures make the module unpicklable, so it could not be sent to worker processes,
     # and the runtime's train() calls failed. Without them, train()/eval() only set the flags
-    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode.
+    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode,
+    # and a forward in eval mode is refused where that would compute something else.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
+    refuse_eval_mode(gm)
     return gm
+
+
+#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
+_TRAINING_ARGUMENT = {
+    "aten.batch_norm.default": 5,
+    "aten.dropout.default": 2,
+    "aten.feature_dropout.default": 2,
+    "aten.alpha_dropout.default": 2,
+    "aten.feature_alpha_dropout.default": 2,
+}
+
+
+def refuse_eval_mode(gm: fx.GraphModule) -> None:
+    """Refuse a forward of ``gm`` in eval mode when its graph holds ops traced in training mode.
+
+    torch.export bakes ``training=True`` into BatchNorm and dropout, and its own module
+    refuses ``eval()``; without that refusal (removed above), ``placed.eval()`` (what
+    :func:`placer.place` documents for inference) ran a validation pass normalised by the
+    batch's statistics, updating the running ones, with dropout on, and no error
+    (walkthrough). A module-level forward pre-hook (the module is pickled into job files)
+    raises instead; a graph without such ops computes the same in both modes and runs.
+    """
+    traced = [n.name for n in gm.graph.nodes if n.op == "call_function"
+              and len(n.args) > _TRAINING_ARGUMENT.get(str(n.target), 99)
+              and n.args[_TRAINING_ARGUMENT[str(n.target)]] is True
+              and not (str(n.target) == "aten.batch_norm.default" and n.args[3] is None)]
+    if traced and _refuse_eval_forward not in gm._forward_pre_hooks.values():
+        gm.placer_training_ops = traced  # type: ignore[assignment]
+        gm.register_forward_pre_hook(_refuse_eval_forward)
+
+
+def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
+    """Forward pre-hook of :func:`refuse_eval_mode`."""
+    if module.training:
+        return
+    ops = getattr(module, "placer_training_ops", [])
+    raise CaptureError(
+        f"this model was captured with torch.export, whose graph keeps the training mode it was traced in: "
+        f"its ops {ops[:3]} (BatchNorm, dropout) would still normalise by the batch and drop out after "
+        ".eval(); evaluate with your original model, loading the trained weights back with "
+        "model.load_state_dict(placed.state_dict())")
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:

@@ -737,3 +737,36 @@ def test_to_device_moves_the_tensors_of_a_dataclass_output_and_the_check_sees_th
     assert moved.logits.device.type == "meta" and moved.extras[0].device.type == "meta"
     assert out.logits.device.type == "cpu"  # the original is left as it was
     assert [t.shape for t in tensors_in(out)] == [(2,), (3,)]  # what the numerical check compares
+
+
+class _UnrolledBatchNorm(nn.Module):
+    """BatchNorm, then a loop over the batch that fx cannot trace: captured by torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = self.bn(self.a(x))
+        return torch.stack([h[i] for i in range(h.shape[0])])
+
+
+def test_an_exported_graph_refuses_eval_mode_rather_than_run_batchnorm_in_training_mode():
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _UnrolledBatchNorm(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed.eval()
+    # It normalised by the batch and updated the running statistics, with no error.
+    with pytest.raises(CaptureError, match="captured with torch.export.*load_state_dict"):
+        placed(x)
+    placed.train()
+    assert placed(x).shape == (6, 8)
+    plain = apply_placement(capture(nn.Sequential(nn.Linear(4, 3)), (x,)), {})
+    plain.eval()
+    plain(x)  # nothing mode-dependent: eval runs

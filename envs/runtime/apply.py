@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import keep_plain_attributes, set_training_modes
+from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
@@ -493,8 +493,10 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
         twin = copies.get(path)
         if twin is not None and mod._non_persistent_buffers_set:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
-    # The rebuild also makes buffers of plain tensor attributes (fx's constants).
+    # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
+    if getattr(src, "placer_training_ops", None):
+        refuse_eval_mode(gm)
     return gm
 
 
