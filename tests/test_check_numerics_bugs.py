@@ -561,9 +561,10 @@ def test_tensor_constants_made_in_forward_are_not_state_and_the_check_passes():
     model = _MadeConstants()
     before = set(vars(model))
     spec = ModelSpec(model=model, example_inputs=(torch.randn(3, 4),), name="constants")
-    cap = capture(model, spec.example_inputs)
+    first = capture(model, spec.example_inputs)
     cap = capture(model, spec.example_inputs)  # twice: fx would name the second set _tensor_constant3...
     assert cap.method == "fx"
+    assert cap.fingerprint == first.fingerprint  # else place() missed its cache, load() refused its file
     assert set(vars(model)) == before, "capturing set fx's constants on the user's model"
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.missing_state == () and report.ok, report.describe()
