@@ -323,9 +323,10 @@ _TRAINING_ARGUMENT = {
 }
 
 
-def refuse_eval_mode(gm: fx.GraphModule) -> None:
-    """Refuse a forward of ``gm`` in eval mode when its graph holds ops traced in training mode.
+def refuse_eval_mode(gm: fx.GraphModule, reason: str | None = None) -> None:
+    """Refuse a forward of ``gm`` in eval mode where its graph computes the training mode's ops.
 
+    ``reason``: why (a graph fx traced through ``if self.training:``); None looks for torch.export's.
     torch.export bakes ``training=True`` into BatchNorm and dropout, and its own module
     refuses ``eval()``; without that refusal (removed above), ``placed.eval()`` (what
     :func:`placer.place` documents for inference) ran a validation pass normalised by the
@@ -333,12 +334,18 @@ def refuse_eval_mode(gm: fx.GraphModule) -> None:
     (walkthrough). A module-level forward pre-hook (the module is pickled into job files)
     raises instead; a graph without such ops computes the same in both modes and runs.
     """
-    traced = [n.name for n in gm.graph.nodes if n.op == "call_function"
-              and len(n.args) > _TRAINING_ARGUMENT.get(str(n.target), 99)
-              and n.args[_TRAINING_ARGUMENT[str(n.target)]] is True
-              and not (str(n.target) == "aten.batch_norm.default" and n.args[3] is None)]
-    if traced and _refuse_eval_forward not in gm._forward_pre_hooks.values():
-        gm.placer_training_ops = traced  # type: ignore[assignment]
+    if reason is None:
+        traced = [n.name for n in gm.graph.nodes if n.op == "call_function"
+                  and len(n.args) > _TRAINING_ARGUMENT.get(str(n.target), 99)
+                  and n.args[_TRAINING_ARGUMENT[str(n.target)]] is True
+                  and not (str(n.target) == "aten.batch_norm.default" and n.args[3] is None)]
+        if not traced:
+            return
+        reason = (f"this model was captured with torch.export, whose graph keeps the training mode it was traced "
+                  f"in: its ops {traced[:3]} (BatchNorm, dropout) would still normalise by the batch and drop out "
+                  "after .eval()")
+    gm.placer_eval_refusal = reason  # type: ignore[assignment]
+    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
         gm.register_forward_pre_hook(_refuse_eval_forward)
 
 
@@ -346,12 +353,34 @@ def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
     """Forward pre-hook of :func:`refuse_eval_mode`."""
     if module.training:
         return
-    ops = getattr(module, "placer_training_ops", [])
-    raise CaptureError(
-        f"this model was captured with torch.export, whose graph keeps the training mode it was traced in: "
-        f"its ops {ops[:3]} (BatchNorm, dropout) would still normalise by the batch and drop out after "
-        ".eval(); evaluate with your original model, loading the trained weights back with "
-        "model.load_state_dict(placed.state_dict())")
+    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
+                       "weights back with model.load_state_dict(placed.state_dict())")
+
+
+def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> str | None:
+    """Why ``gm`` (fx, traced in ``trace_modes``) would not follow ``.eval()``, or None.
+
+    fx runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in the user's code
+    while tracing, so the graph keeps the training branch: after ``placed.eval()`` it still
+    scaled and dropped out, with no error (walkthrough). Traced again in eval mode, such a
+    model gives another graph (or none).
+    """
+    tracer = PlacerTracer(leaf_types, leaf_names)
+    model.eval()
+    try:
+        with _no_constants_left_on(model, tracer), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(model)
+        same = graph.python_code("self").src == gm.graph.python_code("self").src
+    except Exception:  # noqa: BLE001 - untraceable in eval mode: another graph all the same
+        same = False
+    finally:
+        set_training_modes(model, trace_modes)
+    if same:
+        return None
+    return ("forward() reads self.training, which torch.fx baked into the graph as traced (training mode): "
+            "after .eval() it would still run the training branch")
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
@@ -420,6 +449,9 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
+        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
+        if baked is not None:
+            refuse_eval_mode(gm, baked)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None

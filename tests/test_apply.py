@@ -770,3 +770,39 @@ def test_an_exported_graph_refuses_eval_mode_rather_than_run_batchnorm_in_traini
     plain = apply_placement(capture(nn.Sequential(nn.Linear(4, 3)), (x,)), {})
     plain.eval()
     plain(x)  # nothing mode-dependent: eval runs
+
+
+class _TrainingBranch(nn.Module):
+    """``if self.training:`` in the user's own forward, which fx runs while tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h * 0.5
+        return h
+
+
+def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did_not_follows_it():
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = _TrainingBranch()
+    cap = capture(model, (x,))
+    assert cap.method == "fx" and model.training
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed.eval()
+    with pytest.raises(CaptureError, match="reads self.training"):
+        placed(x)  # it ran the training branch: half the eval output, with no error
+    placed.train()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    placed_plain = apply_placement(capture(plain, (x,)), {})
+    placed_plain.eval()
+    plain.eval()
+    torch.testing.assert_close(placed_plain(x), plain(x), rtol=0, atol=0)  # call_module layers follow eval

@@ -495,8 +495,8 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    if getattr(src, "placer_training_ops", None):
-        refuse_eval_mode(gm)
+    if getattr(src, "placer_eval_refusal", None):
+        refuse_eval_mode(gm, src.placer_eval_refusal)
     return gm
 
 
