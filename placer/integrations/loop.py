@@ -313,9 +313,10 @@ def place(
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
-        inference (a model fx cannot trace, captured with torch.export, keeps its traced
-        BatchNorm and dropout in training mode, so in eval mode it refuses to run: evaluate
-        with the original model after ``model.load_state_dict(placed.state_dict())``). Build
+        inference (a graph that keeps the training mode it was traced in refuses eval mode
+        with an error that says so: one whose forward reads ``self.training``, and one
+        captured with torch.export that has BatchNorm or dropout; evaluate such a model with
+        the original after ``model.load_state_dict(placed.state_dict())``). Build
         the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
