@@ -78,6 +78,56 @@ class PlacerTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(leaf_types)
         self.leaf_names = frozenset(leaf_names)
+        self.grad_enabled = True
+        self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.grad_enabled = torch.is_grad_enabled()
+        self.without_grad = []
+        graph = super().trace(root, concrete_args)
+        self._refuse_grad_mode_it_drops(graph)
+        return graph
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.grad_enabled and not torch.is_grad_enabled():
+            self.without_grad.append(node)
+        return node
+
+    def _refuse_grad_mode_it_drops(self, graph: fx.Graph) -> None:
+        """Raise :class:`GradModeNotTraced` when an op forward() runs with gradients off
+        (``torch.no_grad``, ``set_grad_enabled(False)``, ``inference_mode``) reads a trainable
+        parameter, directly or through other ops.
+
+        fx records no grad mode, so such an op got gradients in the graph (a scale computed
+        under no_grad changed every gradient; an EMA of activations made its buffer require
+        grad; walkthrough). torch.export records the mode, so the model is left to it. An op
+        that reads no parameter (a statistic of the input) computes the same either way and
+        stays with fx, whose graph still follows ``.eval()``.
+        """
+        if not self.without_grad:
+            return
+        trainable: set[fx.Node] = set()
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                with contextlib.suppress(AttributeError):
+                    value = self.root.get_parameter(str(node.target))
+                    if value.requires_grad:
+                        trainable.add(node)
+            elif node.op == "call_module":
+                module = self.root.get_submodule(str(node.target))
+                if any(p.requires_grad for p in module.parameters()):
+                    trainable.add(node)
+            if any(arg in trainable for arg in node.all_input_nodes):
+                trainable.add(node)
+        for node in self.without_grad:
+            if node in trainable:
+                target = getattr(node.target, "__name__", node.target)
+                raise GradModeNotTraced(
+                    f"forward() turns gradients off (torch.no_grad, set_grad_enabled or inference_mode) "
+                    f"around {node.op} {target}, which reads trainable parameters; torch.fx does not "
+                    "record the grad mode")
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -132,8 +182,57 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
              name: str = "model") -> fx.GraphModule:
     """Symbolically trace ``model`` with :class:`PlacerTracer` (raises whatever fx raises)."""
     tracer = PlacerTracer(leaf_types, leaf_names)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
+    with _no_constants_left_on(model, tracer):
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
+    keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
+    return gm
+
+
+@contextlib.contextmanager
+def _no_constants_left_on(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]:
+    """Take off ``model`` the tensor constants ``tracer`` sets on it while tracing.
+
+    fx keeps a tensor that forward() makes from constants (``torch.full((4,), 0.5)``,
+    ``torch.tensor(1.5)``) by setting it on the traced module itself as ``_tensor_constantN``
+    (the GraphModule built in the block copies it from there): the user's model grew
+    attributes on every capture (``_tensor_constant3`` after a second), against the
+    promise that placing leaves it untouched.
+    """
+    before = set(vars(model))
+    try:
+        yield
+    finally:
+        for qualname in set(tracer.tensor_attrs.values()):
+            if "." not in qualname and qualname not in before and qualname in vars(model):
+                delattr(model, qualname)
+
+
+def keep_plain_attributes(gm: fx.GraphModule, buffers: Iterable[str]) -> None:
+    """Keep the tensors a ``get_attr`` of ``gm`` reads that are not among ``buffers``
+    (qualified names) as plain attributes, not buffers.
+
+    ``fx.GraphModule`` (building it, deep-copying it) registers every tensor a ``get_attr``
+    reads as a persistent buffer, so fx's own constants (``h + torch.full((10,), 0.25)``),
+    torch.export's lifted ones and a model's plain tensor attributes became state the model
+    does not have: ``placed.state_dict()`` no longer loaded into the model with
+    ``strict=True``, and the numerical check refused every placement for "state on one side
+    only" (walkthrough). A plain attribute is read by ``get_attr`` and moved by ``apply``
+    all the same.
+    """
+    state = set(buffers)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in state:
+            continue
+        path, _, field = str(node.target).rpartition(".")
+        try:
+            owner = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue
+        if field in owner._buffers:
+            value = owner._buffers.pop(field)
+            owner._non_persistent_buffers_set.discard(field)
+            object.__setattr__(owner, field, value)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> str:
@@ -205,11 +304,83 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     # (export/_unlift.py: the graph keeps the mode it was traced in, whatever the flags say).
     # Those closures make the module unpicklable, so it could not be sent to worker processes,
     # and the runtime's train() calls failed. Without them, train()/eval() only set the flags
-    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode.
+    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode,
+    # and a forward in eval mode is refused where that would compute something else.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
+    refuse_eval_mode(gm)
     return gm
+
+
+#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
+_TRAINING_ARGUMENT = {
+    "aten.batch_norm.default": 5,
+    "aten.dropout.default": 2,
+    "aten.feature_dropout.default": 2,
+    "aten.alpha_dropout.default": 2,
+    "aten.feature_alpha_dropout.default": 2,
+}
+
+
+def refuse_eval_mode(gm: fx.GraphModule, reason: str | None = None) -> None:
+    """Refuse a forward of ``gm`` in eval mode where its graph computes the training mode's ops.
+
+    ``reason``: why (a graph fx traced through ``if self.training:``); None looks for torch.export's.
+    torch.export bakes ``training=True`` into BatchNorm and dropout, and its own module
+    refuses ``eval()``; without that refusal (removed above), ``placed.eval()`` (what
+    :func:`placer.place` documents for inference) ran a validation pass normalised by the
+    batch's statistics, updating the running ones, with dropout on, and no error
+    (walkthrough). A module-level forward pre-hook (the module is pickled into job files)
+    raises instead; a graph without such ops computes the same in both modes and runs.
+    """
+    if reason is None:
+        traced = [n.name for n in gm.graph.nodes if n.op == "call_function"
+                  and len(n.args) > _TRAINING_ARGUMENT.get(str(n.target), 99)
+                  and n.args[_TRAINING_ARGUMENT[str(n.target)]] is True
+                  and not (str(n.target) == "aten.batch_norm.default" and n.args[3] is None)]
+        if not traced:
+            return
+        reason = (f"this model was captured with torch.export, whose graph keeps the training mode it was traced "
+                  f"in: its ops {traced[:3]} (BatchNorm, dropout) would still normalise by the batch and drop out "
+                  "after .eval()")
+    gm.placer_eval_refusal = reason  # type: ignore[assignment]
+    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_eval_forward)
+
+
+def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
+    """Forward pre-hook of :func:`refuse_eval_mode`."""
+    if module.training:
+        return
+    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
+                       "weights back with model.load_state_dict(placed.state_dict())")
+
+
+def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> str | None:
+    """Why ``gm`` (fx, traced in ``trace_modes``) would not follow ``.eval()``, or None.
+
+    fx runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in the user's code
+    while tracing, so the graph keeps the training branch: after ``placed.eval()`` it still
+    scaled and dropped out, with no error (walkthrough). Traced again in eval mode, such a
+    model gives another graph (or none).
+    """
+    tracer = PlacerTracer(leaf_types, leaf_names)
+    model.eval()
+    try:
+        with _no_constants_left_on(model, tracer), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(model)
+        same = graph.python_code("self").src == gm.graph.python_code("self").src
+    except Exception:  # noqa: BLE001 - untraceable in eval mode: another graph all the same
+        same = False
+    finally:
+        set_training_modes(model, trace_modes)
+    if same:
+        return None
+    return ("forward() reads self.training, which torch.fx baked into the graph as traced (training mode): "
+            "after .eval() it would still run the training branch")
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
@@ -278,6 +449,9 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
+        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
+        if baked is not None:
+            refuse_eval_mode(gm, baked)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
@@ -342,6 +516,10 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 
 # --------------------------------------------------------------------------- state updated in forward()
+
+
+class GradModeNotTraced(CaptureError):
+    """forward() changes the grad mode, which torch.fx cannot record (torch.export can)."""
 
 
 class TraceTimeUpdate(CaptureError):
@@ -478,7 +656,8 @@ def _fx_locate(model: nn.Module, leaf_types: Sequence[type], leaf_names: Iterabl
         if nodes:
             tracer = PlacerTracer(leaf_types, leaf_names)
             tracer.record_stack_traces = True
-            graph = tracer.trace(model)
+            with _no_constants_left_on(model, tracer):
+                graph = tracer.trace(model)
             for node in graph.nodes:
                 if node.name in nodes and node.stack_trace:
                     return _last_user_line(node.stack_trace)

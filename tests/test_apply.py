@@ -8,6 +8,7 @@ match the original model. A GPU class repeats the checks over cpu/cuda:0 when CU
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 
@@ -718,3 +719,90 @@ def test_a_model_in_eval_mode_is_placed_in_the_training_mode_it_was_captured_in_
     placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
     assert all(m.training for m in placed.modules())
     assert not any(m.training for m in model.modules())
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    extras: tuple
+    name: str = "out"
+
+
+def test_to_device_moves_the_tensors_of_a_dataclass_output_and_the_check_sees_them():
+    from graphs.profile.op_timing import tensors_in
+
+    out = _Output(torch.ones(2), (torch.zeros(3), 4))
+    moved = to_device(out, "meta")
+    assert isinstance(moved, _Output) and moved.name == "out" and moved.extras[1] == 4
+    assert moved.logits.device.type == "meta" and moved.extras[0].device.type == "meta"
+    assert out.logits.device.type == "cpu"  # the original is left as it was
+    assert [t.shape for t in tensors_in(out)] == [(2,), (3,)]  # what the numerical check compares
+
+
+class _UnrolledBatchNorm(nn.Module):
+    """BatchNorm, then a loop over the batch that fx cannot trace: captured by torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = self.bn(self.a(x))
+        return torch.stack([h[i] for i in range(h.shape[0])])
+
+
+def test_an_exported_graph_refuses_eval_mode_rather_than_run_batchnorm_in_training_mode():
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _UnrolledBatchNorm(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed.eval()
+    # It normalised by the batch and updated the running statistics, with no error.
+    with pytest.raises(CaptureError, match="captured with torch.export.*load_state_dict"):
+        placed(x)
+    placed.train()
+    assert placed(x).shape == (6, 8)
+    plain = apply_placement(capture(nn.Sequential(nn.Linear(4, 3)), (x,)), {})
+    plain.eval()
+    plain(x)  # nothing mode-dependent: eval runs
+
+
+class _TrainingBranch(nn.Module):
+    """``if self.training:`` in the user's own forward, which fx runs while tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h * 0.5
+        return h
+
+
+def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did_not_follows_it():
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = _TrainingBranch()
+    cap = capture(model, (x,))
+    assert cap.method == "fx" and model.training
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed.eval()
+    with pytest.raises(CaptureError, match="reads self.training"):
+        placed(x)  # it ran the training branch: half the eval output, with no error
+    placed.train()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    placed_plain = apply_placement(capture(plain, (x,)), {})
+    placed_plain.eval()
+    plain.eval()
+    torch.testing.assert_close(placed_plain(x), plain(x), rtol=0, atol=0)  # call_module layers follow eval

@@ -505,3 +505,56 @@ def test_an_update_no_tracer_records_is_refused_naming_it(model_type, line):
     assert ("'ema'" in message and line in message) if line else "'steps'" in message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert getattr(model, "steps", 0) == 0
+
+
+class _NoGradScale(nn.Module):
+    """A scale computed under ``torch.no_grad()``: it must carry no gradient once captured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            scale = h.abs().mean()
+        return self.b(h / (1 + scale))
+
+
+def test_a_no_grad_region_keeps_its_gradients_out_of_the_captured_graph():
+    torch.manual_seed(0)
+    model, x = _NoGradScale(), torch.randn(3, 4)
+    reference = copy.deepcopy(model)  # its own parameters: the graph may share the model's
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "no_grad" in (cap.fx_error or "")  # fx drops the region
+    reference(x).sum().backward()
+    cap.gm(x).sum().backward()
+    theirs = dict(cap.gm.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0)
+
+
+class _InputStatisticNoGrad(nn.Module):
+    """A statistic of the input under no_grad (no parameter read there), then BatchNorm and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        with torch.no_grad():
+            s = x.std()
+        return self.drop(self.bn(self.a(x / s)))
+
+
+def test_a_no_grad_region_reading_no_parameter_stays_with_fx_and_follows_eval():
+    torch.manual_seed(0)
+    model, x = _InputStatisticNoGrad(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error  # torch.export's graph would keep training mode
+    cap.gm.eval()
+    model.eval()
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from envs.runtime.apply import apply_placement
 from envs.runtime.check import _scaled_diff, check_batch_split, check_placement
 from envs.sim.pipeline import Pipeline
 from graphs.capture import capture
@@ -540,3 +541,35 @@ def test_a_model_defining_its_tied_head_first_keeps_its_parameter_order_and_chec
     spec = ModelSpec(model=model, example_inputs=(x,), name="tied")
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok, report.describe()
+
+
+class _MadeConstants(nn.Module):
+    """Tensors forward() builds from constants, which fx keeps as ``_tensor_constantN``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.scale = torch.tensor(1.5)  # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        h = torch.nn.functional.pad(self.fc(x), (1, 1), value=0.5)
+        return (h + torch.full((8,), 0.25) + torch.ones(8) * 3) * torch.tensor(2.0) * self.scale
+
+
+def test_tensor_constants_made_in_forward_are_not_state_and_the_check_passes():
+    torch.manual_seed(0)
+    model = _MadeConstants()
+    before = set(vars(model))
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(3, 4),), name="constants")
+    first = capture(model, spec.example_inputs)
+    cap = capture(model, spec.example_inputs)  # twice: fx would name the second set _tensor_constant3...
+    assert cap.method == "fx"
+    assert cap.fingerprint == first.fingerprint  # else place() missed its cache, load() refused its file
+    assert set(vars(model)) == before, "capturing set fx's constants on the user's model"
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.missing_state == () and report.ok, report.describe()
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    assert not [n for n, _ in placed.named_buffers()]
+    copy.deepcopy(model).load_state_dict(placed.state_dict())  # strict: no unexpected keys
+    x = spec.example_inputs[0]
+    assert torch.equal(placed(x), model(x))

@@ -130,6 +130,29 @@ def test_place_returns_what_one_process_can_run_when_the_fastest_placement_is_a_
                                  if k == "placement" and f)
 
 
+def test_the_one_process_placement_place_applies_instead_of_a_pipeline_is_checked(tmp_path, monkeypatch):
+    """optimize checks its winner, the pipeline's assignment; place() applies (and caches)
+    another one, which must be checked too."""
+    from envs.runtime import check as check_module
+
+    checked: list[dict[str, str]] = []
+    real_check = check_module.check_placement
+
+    def recording(spec, captured, assignment, *args, **kwargs):
+        checked.append(dict(assignment))
+        return real_check(spec, captured, assignment, *args, **kwargs)
+
+    monkeypatch.setattr(check_module, "check_placement", recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(),
+                                *[m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.ReLU())],
+                                torch.nn.Linear(256, 10))
+    info = placer.place(model, (torch.randn(64, 32),), cluster="4xK40", budget="2k",
+                        cache_dir=str(tmp_path)).placer_place_info
+    assert info.placement.pipeline is None and not info.cache_hit
+    assert info.placement.assignment in checked
+
+
 def test_inputs_the_model_cannot_take_are_named_in_one_error_without_torch_log_dumps(capfd):
     from graphs.errors import ModelFileError
 

@@ -233,3 +233,22 @@ def test_the_report_says_worker_process_devices_were_measured_in_this_one_proces
     report = TunerReport([], None, 0, 0, False, 1, False, "ranks(cpu:0,cpu:1)", False, rank_devices=True)
     assert "(worker-process devices, measured in this one process on the cores they share)" in str(report)
     assert "(real devices)" in str(TunerReport([], None, 0, 0, False, 1, False, "cpu,cuda:0", False))
+
+
+def test_a_given_candidate_that_splits_a_tied_weight_is_refused_before_training():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.head = torch.nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.emb(ids)))
+
+    model, ids = Tied(), torch.randint(0, 20, (4, 5))
+    nodes = list(capture(model, (ids,)).graph.nodes)
+    split = {n: ("gpu1" if n == "head" else "gpu0") for n in nodes}
+    # Found when the tuner switched to it, mid-training, with the model half moved.
+    with pytest.raises(PlacerError, match="candidate 'given 1' cannot be applied: .*'head'.*'emb'"):
+        PlacementTuner(model, (ids,), cluster=CLUSTER, trials=4, candidates=[{n: "gpu0" for n in nodes}, split])

@@ -32,6 +32,7 @@ CPU reads the tensor, so copies to the CPU are always blocking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import set_training_modes
+from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
@@ -91,6 +92,11 @@ def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return x.to(device, non_blocking=non_blocking)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            # pytree leaves a dataclass output whole: its tensors stayed where they were made,
+            # not on the output device the loss code was promised (walkthrough).
+            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking)
+                                             for f in dataclasses.fields(x) if f.init})
         return x
 
     return tree_map(move, value)
@@ -184,9 +190,10 @@ def _tensor_attr(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module,
 class _Mover:
     """Moves parameters, buffers and attribute tensors, refusing to split a shared one."""
 
-    def __init__(self, root: torch.nn.Module, real: Any) -> None:
+    def __init__(self, root: torch.nn.Module, real: Any, move: bool = True) -> None:
         self.root = root
         self.real = real  # device name -> torch device string
+        self.move = move  # False: claim only, to find a conflict before anything moves
         self.where: dict[int, tuple[str, str]] = {}  # id(tensor) -> (device, who)
 
     def claim(self, tensor: torch.Tensor, device: str, who: str) -> None:
@@ -206,6 +213,8 @@ class _Mover:
             self.claim(p, device, who)
         for name, b in mod.named_buffers(recurse=True):
             self.claim(b, device, who)
+        if not self.move:
+            return
         real = self.real(device)
         for sub in mod.modules():
             self._move_own(sub, real)
@@ -221,8 +230,9 @@ class _Mover:
         if not isinstance(value, torch.Tensor):
             return
         self.claim(value, device, who)
-        # Parameters, buffers and plain tensor attributes (fx's _tensor_constant*) alike.
-        self._move_tensor(value, self.real(device))
+        if self.move:
+            # Parameters, buffers and plain tensor attributes (fx's _tensor_constant*) alike.
+            self._move_tensor(value, self.real(device))
 
     @staticmethod
     def _move_tensor(t: torch.Tensor, device: str) -> None:
@@ -355,9 +365,28 @@ def apply_placement(
         return _apply(model, placement, output_device, non_blocking, inplace, real_devices)
 
 
-def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, non_blocking: bool,
-           inplace: bool, real_devices: Mapping[str, str] | None) -> fx.GraphModule:
+def check_applicable(model: Any, placement: Mapping[str, str], output_device: str | None = None,
+                     real_devices: Mapping[str, str] | None = None) -> None:
+    """Raise the ``ApplyError`` that :func:`apply_placement` would, without copying or moving anything.
+
+    For placements taken from the user (the tuner's given candidates): one that splits a
+    shared module was found only when the tuner switched to it, in the middle of training,
+    with the model half moved.
+    """
     src = _as_graph_module(model)
+    canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
+    dev = _effective_devices(src, canon, output_device)
+    mover = _Mover(src, resolve.real, move=False)
+    for n in src.graph.nodes:
+        if n.op == "call_module":
+            mover.move_module(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
+        elif n.op == "get_attr":
+            mover.move_attr(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
+
+
+def _resolved_placement(src: fx.GraphModule, placement: Mapping[str, str], output_device: str | None,
+                        real_devices: Mapping[str, str] | None) -> tuple[dict[str, str], str, _resolver]:
+    """Canonical device per placed node, the output device and the resolver (unknown nodes refused)."""
     names = {n.name for n in src.graph.nodes}
     unknown = sorted(set(placement) - names)
     if unknown:
@@ -372,7 +401,13 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
         output_device = canon.get(out_node.name) or next(
             (canon[n.name] for n in src.graph.nodes if n.name in canon), "cpu"
         )
-    output_device = resolve.name(output_device, "output")
+    return canon, resolve.name(output_device, "output"), resolve
+
+
+def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, non_blocking: bool,
+           inplace: bool, real_devices: Mapping[str, str] | None) -> fx.GraphModule:
+    src = _as_graph_module(model)
+    canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
 
     gm = src if inplace else _copy_graph_module(src)
     graph = gm.graph
@@ -458,6 +493,10 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
         twin = copies.get(path)
         if twin is not None and mod._non_persistent_buffers_set:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
+    # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
+    keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
+    if getattr(src, "placer_eval_refusal", None):
+        refuse_eval_mode(gm, src.placer_eval_refusal)
     return gm
 
 

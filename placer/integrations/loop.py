@@ -132,6 +132,20 @@ def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placem
         return None
 
 
+def _check_in_process(result: OptimizeResult, assignment: Mapping[str, str], cluster: Cluster) -> None:
+    """Train ``assignment`` beside the original model as optimize checks its winner.
+
+    Raises:
+        PlacerError: it computes something else.
+    """
+    from envs.runtime.check import check_placement
+
+    prepared = result.prepared
+    report = check_placement(prepared.spec, prepared.captured, assignment, real_devices=cluster.real_device_map())
+    if not report.placement_ok:
+        raise PlacerError(f"the applied placement does not compute the same thing: {report.describe()}")
+
+
 @dataclass(frozen=True)
 class InProcessPlacement:
     """A placement that runs in this process (no pipeline): its method, op assignment, group
@@ -238,6 +252,10 @@ def find_placement(
                               {**placement.metadata, "step_time": best.step_time, "source": "simulated",
                                "method": best.method})
         step_time, method = best.step_time, best.method
+        if check and best.assignment != result.placement.assignment:
+            # optimize checked the pipeline's assignment, not this one, which is what gets applied
+            # (and cached): a placement that computed something else was handed over unchecked.
+            _check_in_process(result, best.assignment, the_cluster)
     if placement.fingerprint != captured.fingerprint:
         raise PlacerError(  # would mean capture is not deterministic: say so rather than mis-apply
             f"the search captured the model as {placement.fingerprint}, this call as {captured.fingerprint}"
@@ -295,7 +313,11 @@ def place(
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
-        inference. Build the optimizer on its parameters. It carries
+        inference (a graph that keeps the training mode it was traced in refuses eval mode
+        with an error that says so: one whose forward reads ``self.training``, and one
+        captured with torch.export that has BatchNorm or dropout; evaluate such a model with
+        the original after ``model.load_state_dict(placed.state_dict())``). Build
+        the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
 

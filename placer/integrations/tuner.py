@@ -42,7 +42,7 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
-from envs.runtime.apply import apply_placement
+from envs.runtime.apply import ApplyError, apply_placement, check_applicable
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
 from placer.optimizing.config import ClusterSource
@@ -290,6 +290,11 @@ class PlacementTuner:
             if bad:
                 raise IntegrationError(f"candidate {c.name!r} uses devices {bad}; cluster "
                                        f"{self.cluster.name!r} has {self.cluster.device_names}")
+            try:
+                # Now, not at the switch to it: that came mid-training with the model half moved.
+                check_applicable(self.captured, c.assignment, real_devices=self.cluster.real_device_map())
+            except ApplyError as exc:
+                raise IntegrationError(f"candidate {c.name!r} cannot be applied: {exc}") from None
 
     # -- switching ----------------------------------------------------------------------------
     def _switch(self, index: int, optimizers: Sequence[torch.optim.Optimizer]) -> None:
