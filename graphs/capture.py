@@ -310,6 +310,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
     refuse_eval_mode(gm)
+    follow_eval_mode(gm)
     return gm
 
 
@@ -321,6 +322,64 @@ _TRAINING_ARGUMENT = {
     "aten.alpha_dropout.default": 2,
     "aten.feature_alpha_dropout.default": 2,
 }
+
+
+def _training_arguments(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
+    """(node, argument index) of every training flag torch.export baked into ``gm``'s graph as
+    ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics normalises by
+    the batch in both modes, so it is left out), and of every ``num_batches_tracked.add_(1)``
+    (BatchNorm counts its batches in training mode only)."""
+    found: list[tuple[fx.Node, int]] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        target = str(n.target)
+        i = _TRAINING_ARGUMENT.get(target)
+        if i is not None and len(n.args) > i and n.args[i] is True \
+                and not (target == "aten.batch_norm.default" and n.args[3] is None):
+            found.append((n, i))
+        elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
+              and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+              and str(n.args[0].target).endswith("num_batches_tracked")):
+            found.append((n, 1))
+    return found
+
+
+def follow_eval_mode(gm: fx.GraphModule) -> bool:
+    """Make ``gm`` (a torch.export graph, traced in training mode) compute the eval mode's ops
+    when ``gm.training`` is False; returns whether it has mode-dependent ops at all.
+
+    The eval forward is the same graph with every baked training flag False
+    (:func:`_training_arguments`: ``aten.batch_norm`` then normalises by the running
+    statistics and leaves them alone, ``aten.dropout`` is the identity, as ``nn.BatchNorm``
+    and ``nn.Dropout`` do in eval mode) and ``num_batches_tracked`` not advanced; forward
+    runs one or the other by ``self.training``, as the original model does. Installed on the
+    module's own class, so a ``recompile()`` or a deep copy (which rebuild the forward from
+    the graph) drops it; :func:`refuse_eval_mode`'s hook then refuses eval again rather than
+    run the training ops. ``apply`` installs it on each placed module.
+    """
+    from torch.fx.graph_module import _forward_from_src
+
+    flags = _training_arguments(gm)
+    if not flags:
+        return False
+    originals = [n.args for n, _ in flags]
+    try:
+        for n, i in flags:
+            n.args = (*n.args[:i], 0 if str(n.target) == "aten.add_.Tensor" else False, *n.args[i + 1:])
+        code = gm.graph.python_code(root_module="self")
+    finally:
+        for (n, _), args in zip(flags, originals):
+            n.args = args
+    eval_forward = _forward_from_src(code.src, code.globals)
+    train_forward = type(gm).forward
+
+    def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
+
+    forward.placer_follows_eval = True  # type: ignore[attr-defined]
+    type(gm).forward = forward  # type: ignore[method-assign]
+    return True
 
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str | None = None) -> None:
@@ -350,8 +409,8 @@ def refuse_eval_mode(gm: fx.GraphModule, reason: str | None = None) -> None:
 
 
 def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
-    """Forward pre-hook of :func:`refuse_eval_mode`."""
-    if module.training:
+    """Forward pre-hook of :func:`refuse_eval_mode` (silent where :func:`follow_eval_mode` is installed)."""
+    if module.training or getattr(type(module).forward, "placer_follows_eval", False):
         return
     raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
                        "weights back with model.load_state_dict(placed.state_dict())")

@@ -740,29 +740,53 @@ def test_to_device_moves_the_tensors_of_a_dataclass_output_and_the_check_sees_th
 
 
 class _UnrolledBatchNorm(nn.Module):
-    """BatchNorm, then a loop over the batch that fx cannot trace: captured by torch.export."""
+    """BatchNorm and dropout, then a loop over the batch that fx cannot trace: captured by torch.export."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(4, 8)
         self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
 
     def forward(self, x):
-        h = self.bn(self.a(x))
+        h = self.drop(self.bn(self.a(x)))
         return torch.stack([h[i] for i in range(h.shape[0])])
 
 
-def test_an_exported_graph_refuses_eval_mode_rather_than_run_batchnorm_in_training_mode():
+def test_an_exported_graph_follows_eval_mode_as_the_original_model_does():
+    """torch.export bakes training=True into BatchNorm and dropout: placed.eval() normalised by
+    the batch, updated the running statistics and kept dropout on (walkthrough: 0.55 off)."""
     from graphs.capture import capture
-    from graphs.errors import CaptureError
 
     torch.manual_seed(0)
     model, x = _UnrolledBatchNorm(), torch.randn(6, 4)
     cap = capture(model, (x,))
     assert cap.method == "export"
     placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed.load_state_dict(model.state_dict())
+    for _ in range(2):  # training mode: batch statistics, running ones updated, batches counted
+        placed.train(), model.train()
+        torch.manual_seed(1)
+        got = placed(x)
+        torch.manual_seed(1)
+        assert torch.equal(got, model(x))
+        placed.eval(), model.eval()
+        before = {k: v.clone() for k, v in placed.state_dict().items()}
+        assert torch.equal(placed(x), model(x))  # running statistics, no dropout
+        assert all(torch.equal(before[k], v) for k, v in placed.state_dict().items())  # nothing updated
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in placed.state_dict().items())
+    assert int(placed.state_dict()["bn.num_batches_tracked"]) == 2
+
+
+def test_an_exported_graph_whose_forward_was_rebuilt_refuses_eval_mode_rather_than_run_training_ops():
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _UnrolledBatchNorm(), torch.randn(6, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    placed.recompile()  # rebuilds forward from the graph: training mode only
     placed.eval()
-    # It normalised by the batch and updated the running statistics, with no error.
     with pytest.raises(CaptureError, match="captured with torch.export.*load_state_dict"):
         placed(x)
     placed.train()

@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
+from graphs.capture import follow_eval_mode, keep_plain_attributes, refuse_eval_mode, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
@@ -461,6 +461,7 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
 
     graph.lint()
     gm.recompile()
+    follow_eval_mode(gm)  # the recompile rebuilt forward from the graph (training mode only)
     gm.placer_placement = {n.name: dev[n.name] for n in graph.nodes if dev.get(n.name) is not None}
     gm.placer_real_devices = {d: resolve.real(d) for d in set(gm.placer_placement.values())}
     gm.placer_output_device = output_device

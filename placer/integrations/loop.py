@@ -313,10 +313,11 @@ def place(
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
-        inference (a graph that keeps the training mode it was traced in refuses eval mode
-        with an error that says so: one whose forward reads ``self.training``, and one
-        captured with torch.export that has BatchNorm or dropout; evaluate such a model with
-        the original after ``model.load_state_dict(placed.state_dict())``). Build
+        inference: a graph captured with torch.export runs its BatchNorm and dropout in eval
+        mode then, as the model does (:func:`graphs.capture.follow_eval_mode`). A graph whose
+        forward read ``self.training`` (fx ran the training branch while tracing) refuses eval
+        mode with an error that says so; evaluate such a model with the original after
+        ``model.load_state_dict(placed.state_dict())``. Build
         the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
