@@ -304,12 +304,10 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     # (export/_unlift.py: the graph keeps the mode it was traced in, whatever the flags say).
     # Those closures make the module unpicklable, so it could not be sent to worker processes,
     # and the runtime's train() calls failed. Without them, train()/eval() only set the flags
-    # nn.Module keeps, which this graph's ops ignore: placement always runs the traced mode,
-    # and a forward in eval mode is refused where that would compute something else.
+    # nn.Module keeps, which this graph's ops ignore: follow_eval_mode gives it the eval ops.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
-    refuse_eval_mode(gm)
     follow_eval_mode(gm)
     return gm
 
@@ -353,10 +351,10 @@ def follow_eval_mode(gm: fx.GraphModule) -> bool:
     (:func:`_training_arguments`: ``aten.batch_norm`` then normalises by the running
     statistics and leaves them alone, ``aten.dropout`` is the identity, as ``nn.BatchNorm``
     and ``nn.Dropout`` do in eval mode) and ``num_batches_tracked`` not advanced; forward
-    runs one or the other by ``self.training``, as the original model does. Installed on the
-    module's own class, so a ``recompile()`` or a deep copy (which rebuild the forward from
-    the graph) drops it; :func:`refuse_eval_mode`'s hook then refuses eval again rather than
-    run the training ops. ``apply`` installs it on each placed module.
+    runs one or the other by ``self.training``, as the original model does. It lives on the
+    module's own class (fx gives each GraphModule one), so the module still pickles as its
+    graph; a ``recompile()`` and a deep copy (an EMA copy of the model) install it again on
+    what they rebuild.
     """
     from torch.fx.graph_module import _forward_from_src
 
@@ -372,45 +370,44 @@ def follow_eval_mode(gm: fx.GraphModule) -> bool:
         for (n, _), args in zip(flags, originals):
             n.args = args
     eval_forward = _forward_from_src(code.src, code.globals)
-    train_forward = type(gm).forward
+    cls = type(gm)
+    train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
 
     def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
         return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
 
+    def recompile(self: fx.GraphModule) -> Any:
+        code = fx.GraphModule.recompile(self)
+        follow_eval_mode(self)
+        return code
+
+    def deepcopy(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
+        twin = fx.GraphModule.__deepcopy__(self, memo)
+        follow_eval_mode(twin)
+        return twin
+
     forward.placer_follows_eval = True  # type: ignore[attr-defined]
-    type(gm).forward = forward  # type: ignore[method-assign]
+    forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
+    cls.forward = forward
+    cls.recompile = recompile  # type: ignore[method-assign]
+    cls.__deepcopy__ = deepcopy  # type: ignore[method-assign]
     return True
 
 
-def refuse_eval_mode(gm: fx.GraphModule, reason: str | None = None) -> None:
-    """Refuse a forward of ``gm`` in eval mode where its graph computes the training mode's ops.
-
-    ``reason``: why (a graph fx traced through ``if self.training:``); None looks for torch.export's.
-    torch.export bakes ``training=True`` into BatchNorm and dropout, and its own module
-    refuses ``eval()``; without that refusal (removed above), ``placed.eval()`` (what
-    :func:`placer.place` documents for inference) ran a validation pass normalised by the
-    batch's statistics, updating the running ones, with dropout on, and no error
-    (walkthrough). A module-level forward pre-hook (the module is pickled into job files)
-    raises instead; a graph without such ops computes the same in both modes and runs.
+def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
+    """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
+    ``if self.training:`` keeps the training branch (:func:`_mode_baked_by_fx`), and after
+    ``placed.eval()`` ran it with no error (walkthrough). A module-level forward pre-hook (the
+    module is pickled into job files) raises instead.
     """
-    if reason is None:
-        traced = [n.name for n in gm.graph.nodes if n.op == "call_function"
-                  and len(n.args) > _TRAINING_ARGUMENT.get(str(n.target), 99)
-                  and n.args[_TRAINING_ARGUMENT[str(n.target)]] is True
-                  and not (str(n.target) == "aten.batch_norm.default" and n.args[3] is None)]
-        if not traced:
-            return
-        reason = (f"this model was captured with torch.export, whose graph keeps the training mode it was traced "
-                  f"in: its ops {traced[:3]} (BatchNorm, dropout) would still normalise by the batch and drop out "
-                  "after .eval()")
     gm.placer_eval_refusal = reason  # type: ignore[assignment]
     if _refuse_eval_forward not in gm._forward_pre_hooks.values():
         gm.register_forward_pre_hook(_refuse_eval_forward)
 
 
 def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
-    """Forward pre-hook of :func:`refuse_eval_mode` (silent where :func:`follow_eval_mode` is installed)."""
-    if module.training or getattr(type(module).forward, "placer_follows_eval", False):
+    """Forward pre-hook of :func:`refuse_eval_mode`."""
+    if module.training:
         return
     raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
                        "weights back with model.load_state_dict(placed.state_dict())")
