@@ -386,7 +386,6 @@ def follow_eval_mode(gm: fx.GraphModule) -> bool:
         follow_eval_mode(twin)
         return twin
 
-    forward.placer_follows_eval = True  # type: ignore[attr-defined]
     forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
     cls.forward = forward
     cls.recompile = recompile  # type: ignore[method-assign]
