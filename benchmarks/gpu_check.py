@@ -12,8 +12,10 @@ leaves what it measured):
    issue 15, measurements M2, M4, M5): host cost of issuing one tiny op and of one backward
    node, whether a pageable ``non_blocking`` host→GPU copy blocks the host while the GPU is
    busy (pinned for comparison), and on which threads autograd runs CPU and GPU backward ops.
-   Then **the pipeline runtime on the GPU** (issue 16): a two-stage pipeline of a small MLP,
-   both stages on ``cuda:0`` under one rank (interleaved 1F1B, M = 2, NCCL, three SGD steps)
+   Then **the pipeline runtime on the GPU** (issue 16): a two-stage pipeline of a small MLP
+   (with an ``x.device`` crossing the stage boundary and a factory op naming the CPU, which
+   the rank must move to its GPU), both stages on ``cuda:0`` under one rank (interleaved 1F1B,
+   M = 2, NCCL, three SGD steps)
    through :func:`envs.runtime.pipeline.launcher.run_training`, against the same job on a CPU
    worker ``cpu:0`` (gloo): the losses must agree (:func:`pipeline_on_device`). One GPU
    cannot hold two NCCL ranks, so this is the GPU code path of a rank, not a two-GPU pipeline.
@@ -597,22 +599,28 @@ def pipeline_on_device(device: str, steps: int = 3, timeout_s: float = 120.0) ->
     class SquaredMLP(nn.Module):  # its output is the loss: nothing but the graph travels to the ranks
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+            self.l1, self.l2, self.l3 = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x).pow(2).mean()
+            # What a capture bakes as a device: x.device read in the first stage and used in the
+            # second (a constant there), and a factory op naming the CPU.
+            d = x.device
+            h = torch.relu(self.l1(x)) + torch.ones(256, device=d)
+            h = torch.relu(self.l2(h)) + torch.ones(256, device=d)
+            return (self.l3(h) + torch.zeros((x.shape[0], 8), device="cpu")).pow(2).mean()
 
     torch.manual_seed(0)
     gm = fx.symbolic_trace(SquaredMLP())
     g = torch.Generator().manual_seed(1)
     inputs = {"x": torch.randn(16, 64, generator=g)}
     names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    stages = (tuple(names[:3]), tuple(names[3:]))
+    cut = names.index("l2")
+    stages = (tuple(names[:cut]), tuple(names[cut:]))
     runs: dict[str, Any] = {}
     for where in dict.fromkeys([device, "cpu:0"]):
         pipe = Pipeline(stages, (where, where), 2, "interleaved_1f1b")
         t0 = time.perf_counter()
-        run = run_training(gm, inputs, pipe, steps=steps, optimizer=("sgd", {"lr": 0.05}), timeout_s=timeout_s)
+        run = run_training(gm, inputs, pipe, steps=steps, optimizer=("sgd", {"lr": 0.001}), timeout_s=timeout_s)
         runs[where] = {"losses": [float(x) for x in run.losses], "step_s": [float(x) for x in run.step_times],
                        "wall_s": round(time.perf_counter() - t0, 2)}
     a, b = runs[device]["losses"], runs["cpu:0"]["losses"]

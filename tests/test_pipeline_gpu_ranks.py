@@ -97,3 +97,40 @@ def test_nccl_bootstrap_stays_on_loopback_for_a_local_job(monkeypatch):
     assert nccl_environment("192.0.2.7") == {}  # an address the user gave: NCCL chooses as usual
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth1")
     assert nccl_environment("127.0.0.1") == {}  # the user's choice stands
+
+
+class _DeviceReads(torch.nn.Module):
+    """Reads ``x.device`` in the first stage and uses it in the second; names the CPU in a factory op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        d = x.device
+        h = self.a(x) + torch.ones(3, device=d)
+        return (self.b(h) + torch.ones(3, device=d) + torch.zeros((x.shape[0], 3), device="cpu")).sum()
+
+
+def test_a_stage_moved_onto_its_device_takes_what_the_capture_baked_as_a_device_with_it():
+    """PipelineStage only records its device: a GPU stage kept its weights on the CPU, ran
+    torch.export's device=cpu factory ops there and rebuilt an x.device from another stage
+    as the CPU (review of the GPU path). The meta device stands in for a GPU here."""
+    import torch.fx as fx
+
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, split_stages
+    from envs.runtime.pipeline.worker import onto_device
+
+    gm = fx.symbolic_trace(_DeviceReads())
+    x = torch.randn(2, 4)
+    pipe = Pipeline(stages_of(gm, {"b"}), ("cpu:0", "cpu:1"), 1, "gpipe")
+    specs = split_stages(gm, pipe)
+    metas = boundary_metas(gm, {"x": x}, {v for s in specs for v in s.recv + s.send})
+    stage = StageModule(specs[1], True, 1, ["x"], planned=metas)
+    assert torch.device("cpu") in stage.constants.values()  # the x.device stage 0 read
+    meta = torch.device("meta")
+    assert onto_device(stage, meta) is stage
+    assert stage.gm.b.weight.device == meta
+    assert torch.device("cpu") not in stage.constants.values() and meta in stage.constants.values()
+    named = [n.kwargs["device"] for n in stage.gm.graph.nodes if "device" in n.kwargs]
+    assert named[-1] == meta and "device = device(type='meta')" in stage.gm.code  # the CPU the model named

@@ -30,9 +30,12 @@ the rank's GPU); every rank a CPU: gloo on ``MASTER_ADDR``. A job that mixes the
 (:func:`check_stage_devices`): ``PipelineStage`` sends its activations from the stage's
 device, and gloo's point-to-point ops take CPU tensors only while NCCL's take GPU ones. A GPU
 rank moves its stage modules (``PipelineStage`` does, and DDP's wrapper needs them there
-first), the batch and the loss's target to its GPU, waits for the GPU before reading a step's
-time (``torch.cuda.synchronize``: kernels and NCCL transfers are asynchronous), and writes
-its results as CPU tensors.
+first), the batch and the loss's target to its GPU (:func:`onto_device`: ``PipelineStage`` only
+records its device; what the capture baked as a device — torch.export's ``device=cpu`` in
+factory ops, an ``x.device`` crossing a stage boundary as a constant — follows the rank),
+waits for the GPU before reading a step's time (``torch.cuda.synchronize``: kernels and
+NCCL transfers are asynchronous; NCCL's streams included), and writes its results as CPU
+tensors.
 """
 
 from __future__ import annotations
@@ -99,6 +102,34 @@ def check_stage_devices(devices: list[Any], gpus: int | None = None) -> None:
                                 f"{have} GPU(s); {expected}")
 
 
+def onto_device(stage: Any, device: torch.device) -> Any:
+    """``stage`` (a :class:`~envs.runtime.pipeline.stages.StageModule`) computing on ``device``:
+    its parameters and buffers moved there (``Module.to``: from the CPU to a GPU the same
+    ``Parameter`` objects, ``nn.modules.module._apply``'s ``set_data`` path, which the
+    tied-weight bookkeeping matches by identity), every device its graph's factory ops name
+    (torch.export bakes the capture's, ``device=cpu``) and every device among the constants it
+    rebuilds instead of receiving (an ``x.device`` read across a stage boundary, recorded on
+    the CPU probe) replaced by ``device``, as ``apply`` does for one process."""
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.device):
+            return device
+        if isinstance(value, (tuple, list)):
+            return type(value)(moved(v) for v in value)
+        return value
+
+    changed = False
+    for n in stage.gm.graph.nodes:
+        named = n.kwargs.get("device") if n.op == "call_function" else None
+        if isinstance(named, (torch.device, str)) and torch.device(named) != device:
+            n.kwargs = {**n.kwargs, "device": device}
+            changed = True
+    if changed:
+        stage.gm.recompile()
+    stage.constants = {k: moved(v) for k, v in stage.constants.items()}
+    return stage.to(device)
+
+
 def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
     """The torch device global rank ``rank`` of ``pipeline``'s job computes on: its stages'
     device (replica ``r``'s pipeline rank ``l`` is global rank ``r * P + l``, and pipeline
@@ -117,6 +148,13 @@ def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
     replica, local = divmod(rank, p_)
     name = tuple(dict.fromkeys(pipeline.replica_devices[replica]))[local]
     return torch.device(parse_rank_devices([name])[0].torch_device)
+
+
+def check_world(pipeline: Pipeline, world: int) -> None:
+    """Raise :class:`PipelineError` unless the job has one rank per stage device of every replica."""
+    n_rep, p_ = pipeline.num_replicas, len(pipeline.ranks)
+    if world != n_rep * p_:
+        raise PipelineError(f"the pipeline needs {n_rep} x {p_} ranks; the job has {world}")
 
 
 def check_ddp_batch(batch: int, world: int) -> None:
@@ -212,8 +250,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     pipeline.check_batch(batch)
     m, s_, n_rep = pipeline.microbatches, pipeline.num_stages, pipeline.num_replicas
     p_ = len(pipeline.ranks)
-    if world != n_rep * p_:
-        raise PipelineError(f"the pipeline needs {n_rep} x {p_} ranks; the job has {world}")
+    check_world(pipeline, world)
     replica, local = divmod(rank, p_)
     replica_ranks, stage_ranks = replica_layout(n_rep, p_)
     replica_groups = _new_groups(replica_ranks, world) if n_rep > 1 else [None]
@@ -239,7 +276,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
-        plain = StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas)
+        plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas), device)
         mod: torch.nn.Module = plain
         if n_rep > 1:
             # DDP over the stage's replicas: averaged gradients (each replica's loss is its
@@ -247,7 +284,7 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
             # replica (each normalises its own slice), as without DDP. A parameter off the
             # loss's autograd path gets no gradient: find_unused_parameters lets the reducer
             # finish without it, the same in every replica.
-            mod = DistributedDataParallel(plain.to(device), process_group=stage_groups[local],
+            mod = DistributedDataParallel(plain, process_group=stage_groups[local],
                                           device_ids=[device] if device.type == "cuda" else None,
                                           broadcast_buffers=False, find_unused_parameters=True)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
@@ -288,6 +325,8 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
         kw: dict[str, Any] = {"target": torch.zeros(batch, device=device), "losses": losses} if has_last else {}
         sched.step(return_outputs=False, **kw, **inputs)
         _reduce_tied(named, tied, groups, rank)
+        if step == 0:
+            _wait_for(device)  # the backward belongs to the step: the copy below would wait for it uncounted
         paused = save_first_gradients(job_dir, rank, named) if step == 0 else (0.0, 0.0)
         if opt is not None:
             opt.step()
@@ -423,7 +462,8 @@ def load_job(job_dir: Path) -> dict[str, Any]:
     frees the stages it does not run (N ranks, N copies); mapped, they share the file's pages
     and each copies out only what it keeps (:func:`own_memory`). The inputs are copied at
     once: a tensor left in the map keeps the whole map alive."""
-    job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
+    # On the CPU whatever the writer's devices: a rank moves only its own stages to its device.
+    job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True, map_location="cpu")
     job["inputs"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in job["inputs"].items()}
     job["gm"] = job["gm"].module()  # graphs.portable_graph.PortableGraph: the graph, node for node
     return job
@@ -448,6 +488,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
         from envs.hardware.rank_devices import parse_rank_devices
 
         check_stage_devices(parse_rank_devices(list(dict.fromkeys(d for ds in pipeline.replica_devices for d in ds))))
+        check_world(pipeline, world)
         device = rank_device(pipeline, rank)
     store = _rendezvous_store(rank, world, timeout)
     if device.type == "cuda":
