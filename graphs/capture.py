@@ -308,7 +308,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
-    follow_eval_mode(gm)
+    follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 
 
@@ -322,12 +322,17 @@ _TRAINING_ARGUMENT = {
 }
 
 
-def _training_arguments(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
-    """(node, argument index) of every training flag torch.export baked into ``gm``'s graph as
-    ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics normalises by
-    the batch in both modes, so it is left out), and of every ``num_batches_tracked.add_(1)``
-    (BatchNorm counts its batches in training mode only)."""
-    found: list[tuple[fx.Node, int]] = []
+#: ``{node name: {argument position or keyword: its value in eval mode}}``: the constants of a
+#: graph traced in training mode that the same graph takes in eval mode (:func:`follow_eval_mode`).
+EvalArguments = dict[str, dict[int | str, Any]]
+
+
+def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
+    """The eval-mode constants of a torch.export graph traced in training mode: every training
+    flag baked as ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics
+    normalises by the batch in both modes, so it is left out) becomes ``False``, and every
+    ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
+    found: EvalArguments = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -335,40 +340,85 @@ def _training_arguments(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
         i = _TRAINING_ARGUMENT.get(target)
         if i is not None and len(n.args) > i and n.args[i] is True \
                 and not (target == "aten.batch_norm.default" and n.args[3] is None):
-            found.append((n, i))
+            found[n.name] = {i: False}
         elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
               and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
               and str(n.args[0].target).endswith("num_batches_tracked")):
-            found.append((n, 1))
+            found[n.name] = {1: 0}
     return found
 
 
-def follow_eval_mode(gm: fx.GraphModule) -> bool:
-    """Make ``gm`` (a torch.export graph, traced in training mode) compute the eval mode's ops
-    when ``gm.training`` is False; returns whether it has mode-dependent ops at all.
+def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
+    """The eval-mode constants of an fx graph, from its trace in eval mode: where the two graphs
+    have the same nodes, ops, targets and inputs and differ only in constant arguments
+    (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
+    where the structure differs (``if self.training:`` took another branch), which no swap of
+    constants can follow."""
+    nodes = list(train.nodes)
+    twins = list(eval_.nodes)
+    if len(nodes) != len(twins):
+        return None
+    found: EvalArguments = {}
+    for a, b in zip(nodes, twins):
+        if (a.op, a.target, a.name) != (b.op, b.target, b.name) or len(a.args) != len(b.args) \
+                or set(a.kwargs) != set(b.kwargs):
+            return None
+        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
+                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+        for key, x, y in slots:
+            named_x = fx.node.map_arg(x, lambda n: ("node", n.name))
+            named_y = fx.node.map_arg(y, lambda n: ("node", n.name))
+            if named_x == named_y:
+                continue
+            if a.op == "output" or _holds_node(x) or _holds_node(y):
+                return None
+            found.setdefault(a.name, {})[key] = y
+    return found
 
-    The eval forward is the same graph with every baked training flag False
-    (:func:`_training_arguments`: ``aten.batch_norm`` then normalises by the running
-    statistics and leaves them alone, ``aten.dropout`` is the identity, as ``nn.BatchNorm``
-    and ``nn.Dropout`` do in eval mode) and ``num_batches_tracked`` not advanced; forward
-    runs one or the other by ``self.training``, as the original model does. It lives on the
-    module's own class (fx gives each GraphModule one), so the module still pickles as its
-    graph; a ``recompile()`` and a deep copy (an EMA copy of the model) install it again on
-    what they rebuild.
+
+def _holds_node(value: Any) -> bool:
+    held: list[fx.Node] = []
+    fx.node.map_arg(value, held.append)
+    return bool(held)
+
+
+def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = None) -> bool:
+    """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
+    is False; returns whether any op differs between the modes.
+
+    The eval forward is the same graph with ``eval_arguments`` (default: what ``gm`` carries
+    as ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
+    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm``
+    then normalises by the running statistics and leaves them alone, dropout is the identity,
+    as ``nn.BatchNorm`` and ``nn.Dropout`` do in eval mode; forward runs one or the other by
+    ``self.training``, as the original model does. Nodes are found by name, so it applies to
+    the placed graph too (``apply`` keeps the captured nodes' names). It lives on the module's
+    own class (fx gives each GraphModule one), so the module still pickles as its graph; a
+    ``recompile()`` and a deep copy (an EMA copy of the model) install it again on what they
+    rebuild.
     """
     from torch.fx.graph_module import _forward_from_src
 
-    flags = _training_arguments(gm)
-    if not flags:
+    if eval_arguments is None:
+        eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
+    gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
+    changed = [n for n in gm.graph.nodes if n.name in eval_arguments]
+    if not changed:
         return False
-    originals = [n.args for n, _ in flags]
+    originals = [(n.args, n.kwargs) for n in changed]
     try:
-        for n, i in flags:
-            n.args = (*n.args[:i], 0 if str(n.target) == "aten.add_.Tensor" else False, *n.args[i + 1:])
+        for n in changed:
+            args, kwargs = list(n.args), dict(n.kwargs)
+            for key, value in eval_arguments[n.name].items():
+                if isinstance(key, int):
+                    args[key] = value
+                else:
+                    kwargs[key] = value
+            n.args, n.kwargs = tuple(args), kwargs
         code = gm.graph.python_code(root_module="self")
     finally:
-        for (n, _), args in zip(flags, originals):
-            n.args = args
+        for n, (args, kwargs) in zip(changed, originals):
+            n.args, n.kwargs = args, kwargs
     eval_forward = _forward_from_src(code.src, code.globals)
     cls = type(gm)
     train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
@@ -383,7 +433,7 @@ def follow_eval_mode(gm: fx.GraphModule) -> bool:
 
     def deepcopy(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
         twin = fx.GraphModule.__deepcopy__(self, memo)
-        follow_eval_mode(twin)
+        follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
         return twin
 
     forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
@@ -413,27 +463,30 @@ def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
 
 
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
-                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> str | None:
-    """Why ``gm`` (fx, traced in ``trace_modes``) would not follow ``.eval()``, or None.
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | str:
+    """The eval-mode constants of ``gm`` (fx, traced in ``trace_modes``), or why it cannot follow
+    ``.eval()``.
 
     fx runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in the user's code
-    while tracing, so the graph keeps the training branch: after ``placed.eval()`` it still
+    while tracing, so the graph keeps the training mode's: after ``placed.eval()`` it still
     scaled and dropped out, with no error (walkthrough). Traced again in eval mode, such a
-    model gives another graph (or none).
+    model gives the same graph with other constants (:func:`fx_eval_arguments`: followed), or
+    another graph, or none (refused).
     """
     tracer = PlacerTracer(leaf_types, leaf_names)
     model.eval()
+    found: EvalArguments | None
     try:
         with _no_constants_left_on(model, tracer), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tracer.trace(model)
-        same = graph.python_code("self").src == gm.graph.python_code("self").src
+        found = fx_eval_arguments(gm.graph, graph)
     except Exception:  # noqa: BLE001 - untraceable in eval mode: another graph all the same
-        same = False
+        found = None
     finally:
         set_training_modes(model, trace_modes)
-    if same:
-        return None
+    if found is not None:
+        return found
     return ("forward() reads self.training, which torch.fx baked into the graph as traced (training mode): "
             "after .eval() it would still run the training branch")
 
@@ -505,8 +558,10 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
         baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
-        if baked is not None:
+        if isinstance(baked, str):
             refuse_eval_mode(gm, baked)
+        else:
+            follow_eval_mode(gm, baked)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None

@@ -807,6 +807,35 @@ class _TrainingBranch(nn.Module):
         return h
 
 
+class _FunctionalDropout(nn.Module):
+    """``F.dropout(h, p, self.training)``: fx bakes the flag, a constant, into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+def test_an_fx_graph_with_the_training_flag_as_a_constant_follows_eval_mode():
+    """It ran dropout after .eval() (walkthrough); then it refused eval mode."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _FunctionalDropout(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, _round_robin(cap.gm), real_devices=VIRTUAL)  # transfers between the ops
+    model.eval(), placed.eval()
+    assert torch.equal(placed(x), model(x))  # no dropout
+    model.train(), placed.train()
+    torch.manual_seed(3)
+    got = placed(x)
+    torch.manual_seed(3)
+    assert torch.equal(got, model(x))  # the same dropout mask
+
+
 def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did_not_follows_it():
     from graphs.capture import capture
     from graphs.errors import CaptureError

@@ -498,6 +498,7 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
     if getattr(src, "placer_eval_refusal", None):
         refuse_eval_mode(gm, src.placer_eval_refusal)
+    gm.placer_eval_arguments = getattr(src, "placer_eval_arguments", {})  # follow_eval_mode's, by node name
     return gm
 
 

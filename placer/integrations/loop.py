@@ -313,11 +313,12 @@ def place(
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
-        inference: a graph captured with torch.export runs its BatchNorm and dropout in eval
-        mode then, as the model does (:func:`graphs.capture.follow_eval_mode`). A graph whose
-        forward read ``self.training`` (fx ran the training branch while tracing) refuses eval
-        mode with an error that says so; evaluate such a model with the original after
-        ``model.load_state_dict(placed.state_dict())``. Build
+        inference: it then computes what the model computes in eval mode
+        (:func:`graphs.capture.follow_eval_mode`: torch.export's BatchNorm and dropout, and
+        ``F.dropout(h, p, self.training)`` under fx, take their eval-mode flags). A graph
+        whose forward took another branch under ``if self.training:`` (fx ran the training
+        one while tracing) refuses eval mode with an error that says so; evaluate such a
+        model with the original after ``model.load_state_dict(placed.state_dict())``. Build
         the optimizer on its parameters. It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
