@@ -311,3 +311,14 @@ def test_render_mode_none_renders_nothing_and_ansi_describes_the_placement(env_i
     with pytest.raises(EnvConfigError, match="render_mode='rgb_array'") as err:
         gym.make(env_id, problem=problem, render_mode="rgb_array")
     assert isinstance(err.value, TypeError)  # what SB3's make_vec_env retries on
+
+
+@pytest.mark.parametrize("env_id", ["placer/Placement-v0", "placer/SequentialPlacement-v0"])
+def test_a_misspelt_env_keyword_is_called_unknown_not_hybrid_only(env_id):
+    # num_group= (for num_groups=) is no hybrid option; "apply to reward_mode='hybrid' only"
+    # sent the user to the reward mode instead of the typo.
+    with pytest.raises(EnvConfigError, match=r"unknown option.*'num_group'") as err:
+        gym.make(env_id, problem=random_problem(n=8, d=3, seed=1), num_group=4)
+    assert "hybrid only" not in str(err.value)
+    with pytest.raises(EnvConfigError, match="apply to reward_mode='hybrid' only"):
+        gym.make(env_id, problem=random_problem(n=8, d=3, seed=1), measure_every=4)
