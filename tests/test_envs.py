@@ -322,3 +322,18 @@ def test_a_misspelt_env_keyword_is_called_unknown_not_hybrid_only(env_id):
     assert "hybrid only" not in str(err.value)
     with pytest.raises(EnvConfigError, match="apply to reward_mode='hybrid' only"):
         gym.make(env_id, problem=random_problem(n=8, d=3, seed=1), measure_every=4)
+
+
+@pytest.mark.parametrize("reward_mode", ["measured", "hybrid"])
+def test_a_measured_env_on_a_simulated_spec_is_refused_before_the_model_is_captured(monkeypatch, reward_mode):
+    # 4xK40's gpu0..gpu3 have no real device to run on. The refusal came after the model's
+    # capture and profile, worded for the CLI ("name the cluster ... `--cluster 4xK40`").
+    from envs.gym import registration
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the model was prepared before the cluster was checked")
+
+    monkeypatch.setattr(registration, "_prepare", no_capture)
+    with pytest.raises(EnvConfigError, match=r"gpu0, gpu1, gpu2, gpu3.*real_device") as err:
+        gym.make("placer/Placement-v0", model="zoo:rnnlm", cluster="4xK40", reward_mode=reward_mode)
+    assert "--cluster" not in str(err.value)
