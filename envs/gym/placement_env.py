@@ -263,8 +263,11 @@ class PlacementEnv(gym.Env):
         if seed is not None:
             self.action_space.seed(seed)
             self.observation_space.seed(seed)
-        info = {"reference_time": self.reward_model.reference_time, "num_nodes": self.problem.num_nodes}
-        return self.observation(), info
+        return self.observation(), self.reset_info()
+
+    def reset_info(self) -> dict[str, Any]:
+        """The ``info`` of :meth:`reset` (also each index's of the batched vector env)."""
+        return {"reference_time": self.reward_model.reference_time, "num_nodes": self.problem.num_nodes}
 
     def step(self, action: Any):
         """Place the whole graph as ``action`` says; the episode ends here."""

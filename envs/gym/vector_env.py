@@ -88,7 +88,7 @@ class BatchedPlacementVecEnv(VecEnv):
         seed = self._seeds[0]
         if seed is not None:
             self.env.reset(seed=seed)
-        self.reset_infos = [{"reference_time": self.env.reward_model.reference_time} for _ in range(self.num_envs)]
+        self.reset_infos = [self.env.reset_info() for _ in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
         return self._observations()
