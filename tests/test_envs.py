@@ -337,3 +337,17 @@ def test_a_measured_env_on_a_simulated_spec_is_refused_before_the_model_is_captu
     with pytest.raises(EnvConfigError, match=r"gpu0, gpu1, gpu2, gpu3.*real_device") as err:
         gym.make("placer/Placement-v0", model="zoo:rnnlm", cluster="4xK40", reward_mode=reward_mode)
     assert "--cluster" not in str(err.value)
+
+
+@pytest.mark.parametrize("env_class", ["PlacementEnv", "SequentialPlacementEnv"])
+def test_a_seed_given_at_construction_is_the_envs_np_random_seed(env_class):
+    # gymnasium's np_random_seed re-seeds np_random when _np_random_seed is unset: reading it
+    # threw the constructor's seed away.
+    from envs.gym.sequential_env import SequentialPlacementEnv
+
+    cls = {"PlacementEnv": PlacementEnv, "SequentialPlacementEnv": SequentialPlacementEnv}[env_class]
+    problem = random_problem(n=8, d=3, seed=1)
+    first = cls(problem, seed=3)
+    assert first.np_random_seed == 3
+    second = cls(problem, seed=3)
+    assert first.np_random.integers(1 << 30) == second.np_random.integers(1 << 30)

@@ -249,7 +249,9 @@ class PlacementEnv(gym.Env):
         return self.decoder.hierarchical
 
     def _seed(self, seed: int) -> None:
-        self._np_random, _ = gym.utils.seeding.np_random(seed)
+        # Both, as gymnasium's reset(seed=) sets them: np_random_seed re-seeds np_random when
+        # _np_random_seed is unset, which would throw this seed away.
+        self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
         self.action_space.seed(seed)
         self.observation_space.seed(seed)
 

@@ -134,7 +134,9 @@ class SequentialPlacementEnv(gym.Env):
         self._used_memory = np.zeros(d)
         self._used_time = np.zeros(d)
         if seed is not None:
-            self._np_random, _ = gym.utils.seeding.np_random(seed)
+            # Both, as gymnasium's reset(seed=) sets them: np_random_seed re-seeds np_random when
+            # _np_random_seed is unset, which would throw this seed away.
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
             self.action_space.seed(seed)
             self.observation_space.seed(seed)
         self._start()
