@@ -276,7 +276,7 @@ def _measure(case: BenchCase, candidates: list) -> float | None:
     rows' speed-up denominator), or None."""
     if case.cluster_obj is None or getattr(case.cluster_obj, "simulated", True):
         raise BenchmarkError(
-            f"cluster {case.cluster!r} is a simulated spec: measuring needs real devices (use --cluster real)"
+            f"cluster {case.cluster!r} is a simulated spec: measuring needs real devices (use --clusters real; clusters=['real'] in run_benchmark)"
         )
     if case.grouping is None or case.source is None:
         raise BenchmarkError("measuring needs the model source and its grouping (run_benchmark provides them)")

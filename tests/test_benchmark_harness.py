@@ -208,3 +208,10 @@ def test_measured_speedups_are_over_the_measured_single_device(monkeypatch) -> N
     expected = min(singles) / table["step_time"]
     assert np.allclose(table["speedup_vs_single"], expected)
     assert table.loc[table["method"] == "single", "speedup_vs_single"].iloc[0] == pytest.approx(1.0)
+
+
+def test_measuring_a_simulated_spec_is_refused_naming_the_benchmarks_own_option() -> None:
+    # The refusal said "--cluster real"; placer benchmark's option is --clusters.
+    with pytest.raises(BenchmarkError, match=r"--clusters real") as err:
+        run_benchmark(["rnnlm"], ["4xK40"], ["single"], measure=True)
+    assert "--cluster " not in str(err.value) + " "
