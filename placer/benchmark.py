@@ -11,6 +11,8 @@ Memory-constrained scenarios: a cluster name ending in ``-tight`` (``"4xK40-tigh
 footprint (default 0.4 for ``-tight``; never below 1.25x the largest node), so no single
 device holds the model and a placement is forced. Speed-ups there are over the best
 single device of the *uncapped* cluster (what one device would do if the model fitted).
+With ``measure=True`` every single-device placement is measured too, and a measured row's
+speed-up is over the fastest measured one (as optimize reports it).
 
 Methods are a registry (:data:`METHODS`): every baseline by name, ``single:<device>``,
 and ``agent:<name>`` for the search agents (:mod:`placer.search.search`). More can be
@@ -253,21 +255,28 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
         candidates.append(Candidate(name, out.placement, search_time, out.evaluated, out.reason, None, out.history))
         if out.history:
             histories[name] = out.history
-    if measure:
-        _measure(case, candidates)
+    measured_single = _measure(case, candidates) if measure else None
     table = comparison_table(case.problem, candidates)
     if case.reference_single is not None:
         table["speedup_vs_single"] = case.reference_single / table["step_time"]
+    if measure:
+        # A measured step over a measured single device, as optimize reports it
+        # (placer.measurement.measured_speedups): the simulated one is another clock.
+        rows = table["source"] == "measured"
+        table.loc[rows, "speedup_vs_single"] = (measured_single / table.loc[rows, "step_time"]
+                                                if measured_single is not None else float("nan"))
     table.insert(0, "cluster", case.cluster)
     table.insert(0, "model", case.model)
     return table[COLUMNS], histories
 
 
-def _measure(case: BenchCase, candidates: list) -> None:
-    """Measure every found placement on the real devices of ``case`` (same protocol for all)."""
+def _measure(case: BenchCase, candidates: list) -> float | None:
+    """Measure every found placement on the real devices of ``case`` (same protocol for all),
+    and every single-device placement: returns the fastest of those that ran (the measured
+    rows' speed-up denominator), or None."""
     if case.cluster_obj is None or getattr(case.cluster_obj, "simulated", True):
         raise BenchmarkError(
-            f"cluster {case.cluster!r} is a simulated spec: measuring needs real devices (use --cluster real)"
+            f"cluster {case.cluster!r} is a simulated spec: measuring needs real devices (use --clusters real; clusters=['real'] in run_benchmark)"
         )
     if case.grouping is None or case.source is None:
         raise BenchmarkError("measuring needs the model source and its grouping (run_benchmark provides them)")
@@ -283,6 +292,13 @@ def _measure(case: BenchCase, candidates: list) -> None:
                 c.measured_step_time = float(r.step_time)
             else:
                 c.note = f"{c.note}; measurement invalid: {r.reason}".lstrip("; ")
+        singles = []
+        for d in range(case.problem.num_devices):  # the measurer's cache answers rows measured above
+            row = np.full(case.problem.num_nodes, d, dtype=np.int64)
+            [r] = m.measure([case.grouping.expand(case.problem.array_to_placement(row))])
+            if r.valid:
+                singles.append(float(r.step_time))
+    return min(singles) if singles else None
 
 
 def optimizer_name(spec: ModelSpec) -> str:

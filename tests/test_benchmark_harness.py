@@ -186,3 +186,32 @@ def test_optimizer_name_reads_the_model_files_optimizer() -> None:
     assert optimizer_name(Spec(lambda p: torch.optim.SGD(p, lr=0.1))) == "sgd"
     assert optimizer_name(Spec(lambda p: torch.optim.Adagrad(p))) == "adagrad"
     assert optimizer_name(Spec(lambda p: 1 / 0)) == "sgd"
+
+
+def test_measured_speedups_are_over_the_measured_single_device(monkeypatch) -> None:
+    # Measured rows were divided into the *simulated* single-device time: on this CPU the
+    # measured "single" row read 0.02x faster than itself.
+    from types import SimpleNamespace
+
+    import envs.runtime.measure as measure_module
+    from placer.benchmark import run_case
+    from tests.helpers.measurers import FakeMeasurer
+
+    problem = diamond_problem(param_bytes=np.full(8, 10 * MB))
+    fake = FakeMeasurer(problem, slowdown=(20.0,), overhead=1e-3)
+    monkeypatch.setattr(measure_module, "SingleProcessMeasurer", lambda *args, **kwargs: fake)
+    case = BenchCase("diamond", "real", problem, graph_for(problem), grouping=SimpleNamespace(expand=dict),
+                     source="zoo:diamond", cluster_obj=SimpleNamespace(simulated=False))
+    table, _ = run_case(case, ["single", "m_etf"], measure=True)
+    assert (table["source"] == "measured").all()
+    singles = [fake.measure([{n: d for n in problem.node_names}])[0].step_time for d in problem.device_names]
+    expected = min(singles) / table["step_time"]
+    assert np.allclose(table["speedup_vs_single"], expected)
+    assert table.loc[table["method"] == "single", "speedup_vs_single"].iloc[0] == pytest.approx(1.0)
+
+
+def test_measuring_a_simulated_spec_is_refused_naming_the_benchmarks_own_option() -> None:
+    # The refusal said "--cluster real"; placer benchmark's option is --clusters.
+    with pytest.raises(BenchmarkError, match=r"--clusters real") as err:
+        run_benchmark(["rnnlm"], ["4xK40"], ["single"], measure=True)
+    assert "--cluster " not in str(err.value) + " "

@@ -276,3 +276,78 @@ def test_a_graph_env_is_costed_with_the_optimizer_the_graph_was_profiled_with():
     assert problem.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["adam"]
     env = gym.make("placer/Placement-v0", graph=graph, cluster="4xK40")
     assert env.unwrapped.problem.optimizer_state_factor == OPTIMIZER_STATE_FACTOR["adam"]
+
+
+@pytest.mark.parametrize("env_id", ["placer/Placement-v0", "placer/SequentialPlacement-v0"])
+def test_sb3_make_vec_env_builds_the_registered_envs(env_id):
+    # SB3's make_vec_env asks gym.make for render_mode="rgb_array" and retries without it only
+    # on a TypeError; an env that took render_mode for a reward option could not be built.
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs=dict(problem=random_problem(n=8, d=3, seed=1)))
+    venv.reset()
+    _, rewards, _, _ = venv.step(np.stack([venv.action_space.sample() for _ in range(2)]))
+    assert rewards.shape == (2,) and np.all(np.isfinite(rewards))
+    venv.close()
+
+
+@pytest.mark.parametrize("env_id", ["placer/Placement-v0", "placer/SequentialPlacement-v0"])
+def test_render_mode_none_renders_nothing_and_ansi_describes_the_placement(env_id):
+    problem = random_problem(n=8, d=3, seed=1)
+    quiet = gym.make(env_id, problem=problem)
+    quiet.reset(seed=0)
+    assert quiet.unwrapped.render_mode is None and quiet.render() is None
+
+    env = gym.make(env_id, problem=problem, render_mode="ansi")
+    assert env.unwrapped.render_mode == "ansi"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gym_check_env(env.unwrapped)  # render check included
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    text = env.render()
+    assert isinstance(text, str) and " ms" in text and problem.device_names[0] in text
+
+    with pytest.raises(EnvConfigError, match="render_mode='rgb_array'") as err:
+        gym.make(env_id, problem=problem, render_mode="rgb_array")
+    assert isinstance(err.value, TypeError)  # what SB3's make_vec_env retries on
+
+
+@pytest.mark.parametrize("env_id", ["placer/Placement-v0", "placer/SequentialPlacement-v0"])
+def test_a_misspelt_env_keyword_is_called_unknown_not_hybrid_only(env_id):
+    # num_group= (for num_groups=) is no hybrid option; "apply to reward_mode='hybrid' only"
+    # sent the user to the reward mode instead of the typo.
+    with pytest.raises(EnvConfigError, match=r"unknown option.*'num_group'") as err:
+        gym.make(env_id, problem=random_problem(n=8, d=3, seed=1), num_group=4)
+    assert "hybrid only" not in str(err.value)
+    with pytest.raises(EnvConfigError, match="apply to reward_mode='hybrid' only"):
+        gym.make(env_id, problem=random_problem(n=8, d=3, seed=1), measure_every=4)
+
+
+@pytest.mark.parametrize("reward_mode", ["measured", "hybrid"])
+def test_a_measured_env_on_a_simulated_spec_is_refused_before_the_model_is_captured(monkeypatch, reward_mode):
+    # 4xK40's gpu0..gpu3 have no real device to run on. The refusal came after the model's
+    # capture and profile, worded for the CLI ("name the cluster ... `--cluster 4xK40`").
+    from envs.gym import registration
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the model was prepared before the cluster was checked")
+
+    monkeypatch.setattr(registration, "_prepare", no_capture)
+    with pytest.raises(EnvConfigError, match=r"gpu0, gpu1, gpu2, gpu3.*real_device") as err:
+        gym.make("placer/Placement-v0", model="zoo:rnnlm", cluster="4xK40", reward_mode=reward_mode)
+    assert "--cluster" not in str(err.value)
+
+
+@pytest.mark.parametrize("env_class", ["PlacementEnv", "SequentialPlacementEnv"])
+def test_a_seed_given_at_construction_is_the_envs_np_random_seed(env_class):
+    # gymnasium's np_random_seed re-seeds np_random when _np_random_seed is unset: reading it
+    # threw the constructor's seed away.
+    from envs.gym.sequential_env import SequentialPlacementEnv
+
+    cls = {"PlacementEnv": PlacementEnv, "SequentialPlacementEnv": SequentialPlacementEnv}[env_class]
+    problem = random_problem(n=8, d=3, seed=1)
+    first = cls(problem, seed=3)
+    assert first.np_random_seed == 3
+    second = cls(problem, seed=3)
+    assert first.np_random.integers(1 << 30) == second.np_random.integers(1 << 30)

@@ -108,3 +108,31 @@ def test_throughput_200_nodes_4_devices():
         steps += 1
     rate = steps * 256 / (time.perf_counter() - start)
     assert rate >= 2000, f"{rate:.0f} placements/s"
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_a_step_with_another_number_of_actions_than_envs_names_both(count):
+    from envs.sim.problem import PlacementError
+
+    venv = BatchedPlacementVecEnv(random_problem(n=10, d=3, seed=1), n_envs=4)
+    venv.reset()
+    actions = np.stack([venv.action_space.sample() for _ in range(count)])
+    with pytest.raises(PlacementError, match=rf"{count} action\(s\) for 4 envs"):
+        venv.step(actions)
+    # one action per env, flat or stacked, still steps
+    _, rewards, _, _ = venv.step(np.stack([venv.action_space.sample() for _ in range(4)]).reshape(-1))
+    assert rewards.shape == (4,)
+
+
+def test_vec_reset_infos_equal_a_dummy_vec_envs():
+    # The batched env stands for DummyVecEnv([PlacementEnv] * n): its reset infos lacked num_nodes.
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    problem = random_problem(n=10, d=3, seed=1)
+    venv = BatchedPlacementVecEnv(problem, n_envs=2)
+    dummy = DummyVecEnv([lambda: PlacementEnv(problem) for _ in range(2)])
+    venv.seed(0)
+    dummy.seed(0)
+    venv.reset()
+    dummy.reset()
+    assert venv.reset_infos == dummy.reset_infos

@@ -22,6 +22,25 @@ class EnvConfigError(PlacerError, ValueError):
     reward mode, a graph larger than the padding, ...)."""
 
 
+#: The render modes of the placement environments: ``"ansi"`` is a text summary of the current
+#: placement; ``None`` (the default) renders nothing.
+RENDER_MODES: tuple[str, ...] = ("ansi",)
+
+
+class RenderModeError(EnvConfigError, TypeError):
+    """A ``render_mode`` the environments do not have. Also a TypeError, what an env without
+    render modes raises for the keyword: SB3's ``make_vec_env`` asks ``gym.make`` for
+    ``render_mode="rgb_array"`` and builds the env without it on a TypeError."""
+
+
+def check_render_mode(render_mode: str | None) -> str | None:
+    """``render_mode`` if it is None or one of :data:`RENDER_MODES`, else a :class:`RenderModeError`."""
+    if render_mode is not None and render_mode not in RENDER_MODES:
+        raise RenderModeError(f"render_mode={render_mode!r} is not supported; the placement environments render "
+                              f"{', '.join(repr(m) for m in RENDER_MODES)} (text) or nothing (None)")
+    return render_mode
+
+
 def default_num_groups(num_nodes: int, num_devices: int) -> int:
     """The default group count G of the hierarchical action.
 

@@ -23,6 +23,9 @@ reward model (:mod:`envs.gym.rewards`); ``info`` holds ``step_time``, ``peak_mem
 ``fits``, ``valid``, ``source``, ``placement`` ([N] device indices in
 ``problem.node_names`` order), ``over_memory`` ({device: bytes over}), ``reason`` and
 ``reference_time``.
+
+``render_mode="ansi"`` makes :meth:`PlacementEnv.render` return a text summary of the last
+placement (step time, reward, nodes per device); with the default ``None`` it returns None.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.gym.config import EnvConfigError, Padding, resolve_num_groups, resolve_padding
+from envs.gym.config import (
+    RENDER_MODES,
+    EnvConfigError,
+    Padding,
+    check_render_mode,
+    resolve_num_groups,
+    resolve_padding,
+)
 from envs.gym.features import OpKind, device_features, node_features, pad_rows, padded_edges
 from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import Evaluation, RewardModel
@@ -83,6 +93,19 @@ def graph_observation(problem: PlacementProblem, padding: Padding,
         "edge_mask": edge_mask,
         "device_features": np.clip(device_features(problem), 0.0, FEATURE_MAX),
     }
+
+
+def placement_text(problem: PlacementProblem, row: np.ndarray, evaluation: Evaluation | None = None) -> str:
+    """A few lines on placement ``row``: its step time, reward and validity when ``evaluation``
+    (of that row alone) is given, then the nodes on each device (the ``"ansi"`` rendering)."""
+    lines = []
+    if evaluation is not None:
+        head = f"step {float(evaluation.step_time[0]) * 1e3:.3f} ms ({evaluation.source[0]}), " \
+               f"reward {float(evaluation.reward[0]):.4f}"
+        lines.append(head + (", valid" if evaluation.valid[0] else f", invalid: {evaluation.reason[0]}"))
+    counts = np.bincount(np.asarray(row, dtype=np.int64), minlength=problem.num_devices)
+    lines.extend(f"  {name}: {int(c)} node(s)" for name, c in zip(problem.device_names, counts))
+    return "\n".join(lines)
 
 
 class ActionDecoder:
@@ -178,6 +201,7 @@ class PlacementEnv(gym.Env):
         node_ops: op kind per node in ``problem.node_names`` order (an fx op name, or for a
             group its members' op counts; :func:`envs.gym.features.graph_ops`); None makes every
             node ``op_other``.
+        render_mode: None (``render()`` returns None) or ``"ansi"`` (a text summary).
         reward_options: hybrid options (``measure_every``, ``measure_top_k``, ``pool_size``).
 
     Raises:
@@ -185,14 +209,17 @@ class PlacementEnv(gym.Env):
             unknown reward mode, ...).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": list(RENDER_MODES)}
 
     def __init__(self, problem: PlacementProblem, num_groups: int | None = None, max_nodes: int | None = None,
                  max_edges: int | None = None, hierarchical: bool = True, reward_mode: str = "simulated",
                  reference: Any = "single", invalid_penalty: float | None = None, measurer: Measurer | None = None,
                  seed: int | None = None, node_ops: Sequence[OpKind] | None = None,
-                 **reward_options: Any) -> None:
+                 render_mode: str | None = None, **reward_options: Any) -> None:
         super().__init__()
+        # A named parameter: gym.make and SB3's make_vec_env pass render_mode, which must not
+        # fall into reward_options.
+        self.render_mode = check_render_mode(render_mode)
         self.problem = check_problem(problem)
         self.padding = resolve_padding(problem.num_nodes, problem.num_edges, max_nodes, max_edges)
         self.num_groups = resolve_num_groups(num_groups, problem.num_nodes, problem.num_devices) if hierarchical else None
@@ -222,7 +249,9 @@ class PlacementEnv(gym.Env):
         return self.decoder.hierarchical
 
     def _seed(self, seed: int) -> None:
-        self._np_random, _ = gym.utils.seeding.np_random(seed)
+        # Both, as gymnasium's reset(seed=) sets them: np_random_seed re-seeds np_random when
+        # _np_random_seed is unset, which would throw this seed away.
+        self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
         self.action_space.seed(seed)
         self.observation_space.seed(seed)
 
@@ -236,8 +265,11 @@ class PlacementEnv(gym.Env):
         if seed is not None:
             self.action_space.seed(seed)
             self.observation_space.seed(seed)
-        info = {"reference_time": self.reward_model.reference_time, "num_nodes": self.problem.num_nodes}
-        return self.observation(), info
+        return self.observation(), self.reset_info()
+
+    def reset_info(self) -> dict[str, Any]:
+        """The ``info`` of :meth:`reset` (also each index's of the batched vector env)."""
+        return {"reference_time": self.reward_model.reference_time, "num_nodes": self.problem.num_nodes}
 
     def step(self, action: Any):
         """Place the whole graph as ``action`` says; the episode ends here."""
@@ -279,6 +311,15 @@ class PlacementEnv(gym.Env):
     def placement_dict(self, row: Any) -> dict[str, str]:
         """``{node name: device name}`` of a placement row."""
         return self.problem.array_to_placement(row)
+
+    def render(self) -> str | None:
+        """``"ansi"``: the last step's placement as text (:func:`placement_text`); None otherwise."""
+        if self.render_mode is None:
+            return None
+        ev = self.last_evaluation
+        if ev is None:
+            return "no placement yet"
+        return placement_text(self.problem, ev.placements[0], ev)
 
     def close(self) -> None:
         """Release what the env owns: the measurement worker it started, if any."""

@@ -170,6 +170,34 @@ def _prepare(model: Any, model_args: Mapping[str, Any] | None, profile: bool,
     return prepared
 
 
+def _wants_own_measurer(model: Any, env_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the env is to measure with a measurer made here (``measurer="auto"``, or
+    measured/hybrid mode with ``model=`` and no measurer)."""
+    wants = env_kwargs.get("reward_mode", "simulated") in ("measured", "hybrid")
+    return env_kwargs.get("measurer") == "auto" or (wants and env_kwargs.get("measurer") is None and model is not None)
+
+
+def _check_measurable(cluster: Any) -> None:
+    """Refuse, before the model is captured, a cluster whose devices do not all map onto a torch
+    device (a simulated spec such as 4xK40: gpu0 has no ``real_device``), as optimize refuses a
+    measured reward on a simulated cluster; the measurer would only find out at the reference."""
+    import torch
+
+    unmapped = []
+    for d in cluster.devices:
+        try:
+            torch.device(d.real_device or d.name)
+        except (RuntimeError, TypeError):
+            unmapped.append(d.name)
+    if unmapped:
+        raise EnvConfigError(
+            f"a measured or hybrid reward runs the model on real devices, but cluster {cluster.name!r} is a spec "
+            f"whose device(s) {', '.join(unmapped)} name no real_device to run on; use cluster='real' (this "
+            "machine's devices), a spec whose devices each give real_device ('cpu', 'cuda:0'), "
+            "reward_mode='simulated', or pass measurer= your own"
+        )
+
+
 def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
                 env_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Complete the env's keyword arguments: op kinds, and a measurer when one is needed and
@@ -180,8 +208,7 @@ def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
     kwargs = dict(env_kwargs)
     if built.node_ops is not None:
         kwargs.setdefault("node_ops", built.node_ops)
-    wants = kwargs.get("reward_mode", "simulated") in ("measured", "hybrid")
-    if kwargs.get("measurer") == "auto" or (wants and kwargs.get("measurer") is None and model is not None):
+    if _wants_own_measurer(model, kwargs):
         if model is None or built.grouping is None:
             raise EnvConfigError("measurer='auto' needs model= (a model file or 'zoo:<name>') to run; "
                                  "pass measurer= an envs.runtime.measurer.Measurer instead")
@@ -196,6 +223,8 @@ def _env_kwargs(built: _Built, model: Any, model_args: Mapping[str, Any] | None,
 
 def _make(env_class: Any, problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mapping[str, Any] | None,
           optimizer: str | None, profile: bool, cache_dir: str | os.PathLike | None, env_kwargs: dict[str, Any]):
+    if model is not None and cluster is not None and _wants_own_measurer(model, env_kwargs):
+        _check_measurable(_load_cluster(cluster))  # seconds to minutes of capture saved on a refusal
     built = _build(problem, graph, cluster, model, model_args, optimizer, profile, cache_dir)
     kwargs, owned = _env_kwargs(built, model, model_args, env_kwargs)
     try:

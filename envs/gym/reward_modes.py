@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # types only: importing it here would load torch before it is
 #: The reward modes :func:`make_reward_model` knows.
 REWARD_MODES: tuple[str, ...] = ("simulated", "measured", "hybrid")
 
+#: The options of reward mode "hybrid" (:class:`envs.gym.measured_rewards.HybridReward`).
+HYBRID_OPTIONS: tuple[str, ...] = ("measure_every", "measure_top_k", "pool_size")
+
 
 def make_reward_model(problem: PlacementProblem, mode: str | RewardModel = "simulated", reference: Any = "single",
                       invalid_penalty: float | None = None, measurer: Measurer | None = None,
@@ -29,6 +32,12 @@ def make_reward_model(problem: PlacementProblem, mode: str | RewardModel = "simu
     Raises:
         EnvConfigError: unknown mode, a missing measurer, a bad reference or penalty.
     """
+    # Every keyword an environment does not know lands here: name a typo (num_group=) as
+    # unknown before telling the user which mode the known ones belong to.
+    unknown = sorted(set(hybrid_options) - set(HYBRID_OPTIONS))
+    if unknown:
+        raise EnvConfigError(f"unknown option(s) {unknown}; besides the environment's own arguments, only the "
+                             f"hybrid reward options {', '.join(HYBRID_OPTIONS)} are accepted")
     if isinstance(mode, RewardModel):
         if mode.problem is not problem:
             raise EnvConfigError("the reward model given as reward_mode was built for another problem")
@@ -43,7 +52,4 @@ def make_reward_model(problem: PlacementProblem, mode: str | RewardModel = "simu
         return SimulatedReward(problem, reference, invalid_penalty)
     if mode == "measured":
         return MeasuredReward(problem, measurer, reference, invalid_penalty)
-    unknown = set(hybrid_options) - {"measure_every", "measure_top_k", "pool_size"}
-    if unknown:
-        raise EnvConfigError(f"unknown hybrid options {sorted(unknown)}; expected measure_every, measure_top_k, pool_size")
     return HybridReward(problem, measurer, reference, invalid_penalty, **hybrid_options)

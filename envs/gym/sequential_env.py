@@ -34,6 +34,10 @@ this node's (parameters + gradients + optimizer state + kept activations,
 simulator's peak, so a masked device would surely run out of memory. When no device
 passes, every device is allowed (the episode then ends with the invalid penalty rather than
 with no legal action).
+
+``render_mode="ansi"`` makes :meth:`SequentialPlacementEnv.render` return the current
+completion as text (nodes placed, nodes per device, and its step time once simulated);
+with the default ``None`` it returns None.
 """
 
 from __future__ import annotations
@@ -45,9 +49,15 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.gym.config import EnvConfigError, resolve_padding
+from envs.gym.config import RENDER_MODES, EnvConfigError, check_render_mode, resolve_padding
 from envs.gym.features import OpKind, log_time, node_memory
-from envs.gym.placement_env import FEATURE_MAX, check_problem, graph_observation, graph_observation_space
+from envs.gym.placement_env import (
+    FEATURE_MAX,
+    check_problem,
+    graph_observation,
+    graph_observation_space,
+    placement_text,
+)
 from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import Evaluation, RewardModel
 from envs.sim.problem import PlacementError, PlacementProblem
@@ -76,19 +86,23 @@ class SequentialPlacementEnv(gym.Env):
         dense_rewards: reward every step with the change of the completion's score (default);
             False gives 0 until the last step, which earns ``s_N - s_0`` — the same episode
             total without one simulator call per step (faster on large graphs).
+        render_mode: None (``render()`` returns None) or ``"ansi"`` (a text summary).
 
     Raises:
         EnvConfigError: a bad argument.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": list(RENDER_MODES)}
 
     def __init__(self, problem: PlacementProblem, max_nodes: int | None = None, max_edges: int | None = None,
                  reward_mode: str = "simulated", reference: Any = "single", invalid_penalty: float | None = None,
                  measurer: Measurer | None = None, default_device: int | str | None = None, seed: int | None = None,
                  node_ops: Sequence[OpKind] | None = None, dense_rewards: bool = True,
-                 **reward_options: Any) -> None:
+                 render_mode: str | None = None, **reward_options: Any) -> None:
         super().__init__()
+        # A named parameter: gym.make and SB3's make_vec_env pass render_mode, which must not
+        # fall into reward_options.
+        self.render_mode = check_render_mode(render_mode)
         self.problem = check_problem(problem)
         self.dense_rewards = bool(dense_rewards)
         self.padding = resolve_padding(problem.num_nodes, problem.num_edges, max_nodes, max_edges)
@@ -120,7 +134,9 @@ class SequentialPlacementEnv(gym.Env):
         self._used_memory = np.zeros(d)
         self._used_time = np.zeros(d)
         if seed is not None:
-            self._np_random, _ = gym.utils.seeding.np_random(seed)
+            # Both, as gymnasium's reset(seed=) sets them: np_random_seed re-seeds np_random when
+            # _np_random_seed is unset, which would throw this seed away.
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
             self.action_space.seed(seed)
             self.observation_space.seed(seed)
         self._start()
@@ -242,6 +258,17 @@ class SequentialPlacementEnv(gym.Env):
         info["score"] = score
         info["node"] = self.problem.node_names[k]
         return self._observation(), float(reward), terminated, False, info
+
+    def render(self) -> str | None:
+        """``"ansi"``: the current completion as text (with its step time when the last
+        evaluation was of it); None otherwise."""
+        if self.render_mode is None:
+            return None
+        ev = self.last_evaluation
+        if ev is not None and not np.array_equal(ev.placements[0], self._row):
+            ev = None  # an earlier completion's figures (sparse rewards, or a new episode)
+        head = f"placed {self._k}/{self.problem.num_nodes} nodes, the rest on {self.problem.device_names[self.default_device]}"
+        return head + "\n" + placement_text(self.problem, self._row, ev)
 
     def close(self) -> None:
         """Release what the env owns: the measurement worker it started, if any."""

@@ -30,7 +30,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 from envs.gym.config import EnvConfigError, positive_int
 from envs.gym.placement_env import PlacementEnv
 from envs.gym.rewards import Evaluation
-from envs.sim.problem import PlacementProblem
+from envs.sim.problem import PlacementError, PlacementProblem
 
 
 class BatchedPlacementVecEnv(VecEnv):
@@ -88,13 +88,24 @@ class BatchedPlacementVecEnv(VecEnv):
         seed = self._seeds[0]
         if seed is not None:
             self.env.reset(seed=seed)
-        self.reset_infos = [{"reference_time": self.env.reward_model.reference_time} for _ in range(self.num_envs)]
+        self.reset_infos = [self.env.reset_info() for _ in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
         return self._observations()
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions)
+        """Take one action per env ([n_envs, A], or the same flattened).
+
+        Raises:
+            PlacementError: another number of actions than envs (numpy's reshape error named neither).
+        """
+        a = np.asarray(actions)
+        width = self.env.decoder.nvec.size
+        if a.size != self.num_envs * width:
+            count = a.shape[0] if a.ndim == 2 else a.size / width
+            raise PlacementError(f"step got {count:g} action(s) for {self.num_envs} envs; expected an array of "
+                                 f"shape ({self.num_envs}, {width})")
+        self._actions = a
 
     def step_wait(self):
         if self._actions is None:
