@@ -134,3 +134,14 @@ def test_a_stage_moved_onto_its_device_takes_what_the_capture_baked_as_a_device_
     assert torch.device("cpu") not in stage.constants.values() and meta in stage.constants.values()
     named = [n.kwargs["device"] for n in stage.gm.graph.nodes if "device" in n.kwargs]
     assert named[-1] == meta and "device = device(type='meta')" in stage.gm.code  # the CPU the model named
+
+
+def test_a_job_of_another_world_size_is_refused_naming_both_before_a_rank_looks_up_its_device():
+    """A torchrun job started with the wrong number of processes failed with an IndexError in
+    rank_device (review of the GPU path)."""
+    from envs.runtime.pipeline.worker import check_world
+
+    pipe = Pipeline((("a",), ("b",)), ("cuda:0", "cuda:1"), 2, "1f1b", replicas=(("cuda:2", "cuda:3"),))
+    check_world(pipe, 4)
+    with pytest.raises(PipelineError, match=r"the pipeline needs 2 x 2 ranks; the job has 3"):
+        check_world(pipe, 3)
