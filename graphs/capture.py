@@ -16,6 +16,7 @@ model line that could not be traced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import sys
@@ -402,12 +403,17 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     if eval_arguments is None:
         eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
     gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
-    changed = [n for n in gm.graph.nodes if n.name in eval_arguments]
-    if not changed:
+    if not any(n.name in eval_arguments for n in gm.graph.nodes):
         return False
-    originals = [(n.args, n.kwargs) for n in changed]
-    try:
-        for n in changed:
+    # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
+    # users of their inputs (Node.args' setter re-adds them last).
+    graph = fx.Graph(owning_module=gm)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # torch.export's pytree in/out
+    values: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, values)
+    graph.output(output)
+    for n in graph.nodes:
+        if n.name in eval_arguments:
             args, kwargs = list(n.args), dict(n.kwargs)
             for key, value in eval_arguments[n.name].items():
                 if isinstance(key, int):
@@ -415,10 +421,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
                 else:
                     kwargs[key] = value
             n.args, n.kwargs = tuple(args), kwargs
-        code = gm.graph.python_code(root_module="self")
-    finally:
-        for n, (args, kwargs) in zip(changed, originals):
-            n.args, n.kwargs = args, kwargs
+    code = graph.python_code(root_module="self")
     eval_forward = _forward_from_src(code.src, code.globals)
     cls = type(gm)
     train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
