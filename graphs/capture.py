@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import logging
+import operator
 import sys
 import traceback
 import warnings
@@ -320,6 +321,10 @@ _TRAINING_ARGUMENT = {
     "aten.feature_dropout.default": 2,
     "aten.alpha_dropout.default": 2,
     "aten.feature_alpha_dropout.default": 2,
+    "aten.instance_norm.default": 5,  # use_input_stats (= training where running statistics are kept)
+    "aten.lstm.input": 6, "aten.gru.input": 6, "aten.rnn_tanh.input": 6, "aten.rnn_relu.input": 6,  # train
+    "aten.lstm.data": 7, "aten.gru.data": 7, "aten.rnn_tanh.data": 7, "aten.rnn_relu.data": 7,
+    "aten.rrelu.default": 3,
 }
 
 
@@ -339,9 +344,14 @@ def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
             continue
         target = str(n.target)
         i = _TRAINING_ARGUMENT.get(target)
-        if i is not None and len(n.args) > i and n.args[i] is True \
-                and not (target == "aten.batch_norm.default" and n.args[3] is None):
-            found[n.name] = {i: False}
+        if i is not None:
+            # By position, or by keyword where the call names it (rrelu's training=True).
+            key: int | str = i if len(n.args) > i else n.target._schema.arguments[i].name
+            flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key)
+            # Without running statistics the batch's are used in both modes: nothing to follow.
+            no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
+            if flag is True and not no_running:
+                found[n.name] = {key: False}
         elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
               and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
               and str(n.args[0].target).endswith("num_batches_tracked")):
@@ -375,6 +385,11 @@ def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
                 return None
             found.setdefault(a.name, {})[key] = y
     return found
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and bool(torch.equal(a, b)))
 
 
 def _holds_node(value: Any) -> bool:
@@ -439,11 +454,29 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
         return twin
 
+    def reduce(self: fx.GraphModule) -> Any:  # pickle, torch.save: fx re-traces the code on load
+        rebuild, args = fx.GraphModule.__reduce__(self)
+        return (_rebuilt_following_eval, (rebuild, args))
+
+    def copy_(self: fx.GraphModule) -> fx.GraphModule:  # copy.copy: a new GraphModule over the graph
+        twin = fx.GraphModule.__copy__(self)
+        follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
+        return twin
+
     forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
+    cls.__reduce__ = reduce  # type: ignore[method-assign]
+    cls.__copy__ = copy_  # type: ignore[method-assign]
     cls.forward = forward
     cls.recompile = recompile  # type: ignore[method-assign]
     cls.__deepcopy__ = deepcopy  # type: ignore[method-assign]
     return True
+
+
+def _rebuilt_following_eval(rebuild: Any, args: tuple) -> fx.GraphModule:
+    """Unpickling a module :func:`follow_eval_mode` made: fx's rebuild, then the eval forward again."""
+    gm = rebuild(*args)
+    follow_eval_mode(gm)
+    return gm
 
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
@@ -483,11 +516,30 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
         with _no_constants_left_on(model, tracer), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tracer.trace(model)
-        found = fx_eval_arguments(gm.graph, graph)
+            found = fx_eval_arguments(gm.graph, graph)
+            # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
+            # attribute, read by a get_attr of the same name in both traces: compare the tensors.
+            made = set(tracer.tensor_attrs.values())
+            if found is not None and any(
+                    n.op == "get_attr" and n.target in made
+                    and not _same_tensor(operator.attrgetter(str(n.target))(gm), operator.attrgetter(str(n.target))(model))
+                    for n in graph.nodes):
+                found = None
     except Exception:  # noqa: BLE001 - untraceable in eval mode: another graph all the same
         found = None
     finally:
         set_training_modes(model, trace_modes)
+    if found:
+        # A constant may differ for another reason than the mode (random.random() in forward):
+        # traced again in the capture's own modes, the graph must come back as it was.
+        again = PlacerTracer(leaf_types, leaf_names)
+        try:
+            with _no_constants_left_on(model, again), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if fx_eval_arguments(gm.graph, again.trace(model)) != {}:
+                    found = None
+        except Exception:  # noqa: BLE001
+            found = None
     if found is not None:
         return found
     return ("forward() reads self.training, which torch.fx baked into the graph as traced (training mode): "

@@ -856,3 +856,75 @@ def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did
     placed_plain.eval()
     plain.eval()
     torch.testing.assert_close(placed_plain(x), plain(x), rtol=0, atol=0)  # call_module layers follow eval
+
+
+class _InstanceNormLstm(nn.Module):
+    """InstanceNorm with running statistics and an LSTM with dropout between its layers: torch.export
+    bakes both training flags too (final review: they ran training ops after .eval())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = nn.InstanceNorm1d(3, track_running_stats=True)
+        self.r = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+
+    def forward(self, x):
+        return self.r(self.n(x).transpose(1, 2))[0]
+
+
+def test_an_exported_instance_norm_and_lstm_follow_eval_mode():
+    from graphs.capture import export_trace
+
+    torch.manual_seed(0)
+    model, x = _InstanceNormLstm(), torch.randn(2, 3, 5)
+    gm = export_trace(model, (x,))
+    model.eval(), gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+class _ModeConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) * torch.tensor(0.5 if self.training else 2.0)  # fx keeps it as an attribute
+
+
+class _RandomConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        import random
+
+        return self.a(x) * random.random()  # fx bakes the number drawn while tracing
+
+
+@pytest.mark.parametrize("cls", [_ModeConstant, _RandomConstant])
+def test_an_fx_graph_whose_constants_differ_for_another_reason_than_a_flag_refuses_eval_mode(cls):
+    """A tensor made under 'if self.training' has one name in both traces; a random number differs
+    between any two traces: neither is an eval-mode flag (final review: both were followed)."""
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    x = torch.randn(6, 4)
+    placed = apply_placement(capture(cls(), (x,)), {})
+    placed.eval()
+    with pytest.raises(CaptureError, match="load_state_dict"):
+        placed(x)
+
+
+def test_a_pickled_or_copied_placed_model_still_follows_eval_mode():
+    import pickle
+
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _FunctionalDropout(), torch.randn(6, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    model.eval()
+    for twin in (pickle.loads(pickle.dumps(placed)), copy.copy(placed)):
+        twin.eval()
+        assert torch.equal(twin(x), model(x))
