@@ -542,8 +542,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
             found = None
     if found is not None:
         return found
-    return ("forward() reads self.training, which torch.fx baked into the graph as traced (training mode): "
-            "after .eval() it would still run the training branch")
+    return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
+            "mode it computes something else (an 'if self.training:' branch, a tensor made from it, or a value "
+            "that changes from one trace to the next): after .eval() the graph would still run the training one")
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
