@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 import numpy as np
+import pytest
 import torch
 
 from envs.hardware.cluster import Device, Link, make_cluster
@@ -117,3 +118,15 @@ def test_a_ddp_run_that_failed_is_named_as_such_beside_a_measured_winner():
     table.at[i, "note"] = "2 replicas; measurement invalid: the job failed: rank 0 crashed (exit code 1): ValueError"
     line = recommendation_line(table, "single")
     assert "DDP did not run when measured (the job failed: rank 0 crashed (exit code 1): ValueError)" in line
+
+
+def test_a_measured_rows_ratio_to_the_lower_bound_is_its_simulated_step_over_the_simulated_bound():
+    """The bound is the simulator's: a measured step over it mixed two clocks (gym walkthrough)."""
+    from envs.sim.lower_bound import lower_bound
+
+    problem = compile_problem(chain(), gpus(2))
+    single = np.zeros(10, dtype=int)
+    table = comparison_table(problem, [Candidate("measured", single, measured_step_time=123.0)])
+    row = table.iloc[0]
+    assert row["source"] == "measured" and row["step_time"] == 123.0
+    assert row["ratio_to_lower_bound"] == pytest.approx(row["simulated_step_time"] / lower_bound(problem))
