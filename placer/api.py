@@ -107,7 +107,7 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
 
         simulated = bool(load_cluster(cluster).simulated)
     try:
-        devices = parse_rank_devices(list(dict.fromkeys(d for devs in pipe.replica_devices for d in devs)))
+        devices = parse_rank_devices(list(pipe.rank_devices))
     except RankDeviceError:
         devices = []
     why = ""

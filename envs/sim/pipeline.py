@@ -290,6 +290,16 @@ class Pipeline:
         return (self.devices, *self.replicas)
 
     @property
+    def rank_devices(self) -> tuple[str, ...]:
+        """The device of every process of the job, in global rank order: replica ``r``'s
+        pipeline rank ``l`` is rank ``r * P + l`` (replicas share no device).
+
+        >>> Pipeline((("a",), ("b",)), ("cpu:0", "cpu:1"), 2, "1f1b", replicas=(("cpu:2", "cpu:3"),)).rank_devices
+        ('cpu:0', 'cpu:1', 'cpu:2', 'cpu:3')
+        """
+        return tuple(dict.fromkeys(d for devs in self.replica_devices for d in devs))
+
+    @property
     def is_data_parallel(self) -> bool:
         """One stage, one micro-batch, replicas: DDP itself."""
         return self.num_stages == 1 and self.microbatches == 1 and bool(self.replicas)

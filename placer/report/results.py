@@ -158,7 +158,7 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     pipe = result.placement.pipeline
     held = set(result.placement.assignment.values())
     if pipe is not None:  # every replica's devices, not only replica 0's assignment
-        held |= {d for devs in pipe.replica_devices for d in devs}
+        held |= set(pipe.rank_devices)
     used = sorted(held, key=list(cluster.device_names).index)
     lines.append(f"- devices used: {', '.join(used)}; peak memory ({how}) "
                  + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, peak)))

@@ -209,7 +209,7 @@ def check_job(gm: fx.GraphModule, pipeline: Pipeline | None, world: int | None, 
         raise PipelineError(f"the pipeline names {len(unknown)} node(s) the model does not have, e.g. "
                             f"{unknown[:3]}; expected node names of the captured graph")
     try:
-        devices = parse_rank_devices(list(dict.fromkeys(d for devs in pipeline.replica_devices for d in devs)))
+        devices = parse_rank_devices(list(pipeline.rank_devices))
     except RankDeviceError as exc:
         raise PipelineError(f"pipeline devices: {exc}") from None
     check_stage_devices(devices)

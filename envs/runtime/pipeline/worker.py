@@ -132,9 +132,8 @@ def onto_device(stage: Any, device: torch.device) -> Any:
 
 def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
     """The torch device global rank ``rank`` of ``pipeline``'s job computes on: its stages'
-    device (replica ``r``'s pipeline rank ``l`` is global rank ``r * P + l``, and pipeline
-    rank ``l`` the ``l``-th distinct device of the replica's stages), ``cpu`` for a worker
-    ``cpu:N``, ``cuda:N`` for a GPU.
+    device (:attr:`~envs.sim.pipeline.Pipeline.rank_devices`), ``cpu`` for a worker ``cpu:N``,
+    ``cuda:N`` for a GPU.
 
     >>> from envs.sim.pipeline import Pipeline
     >>> pipe = Pipeline(stages=(("a",), ("b",)), devices=("cuda:0", "cuda:1"), microbatches=2,
@@ -144,10 +143,7 @@ def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
     """
     from envs.hardware.rank_devices import parse_rank_devices
 
-    p_ = len(pipeline.ranks)
-    replica, local = divmod(rank, p_)
-    name = tuple(dict.fromkeys(pipeline.replica_devices[replica]))[local]
-    return torch.device(parse_rank_devices([name])[0].torch_device)
+    return torch.device(parse_rank_devices([pipeline.rank_devices[rank]])[0].torch_device)
 
 
 def check_world(pipeline: Pipeline, world: int) -> None:
@@ -236,8 +232,9 @@ def _reduce_tied(params: dict[str, torch.nn.Parameter], tied: dict[str, tuple[in
         dist.all_reduce(p.grad, group=groups[ranks])
 
 
-def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path,
-                  device: torch.device) -> None:
+def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int, res: dict[str, Any],
+                  job_dir: Path, device: torch.device) -> None:
+    """Train ``pipeline`` (the job's, checked against ``world`` by :func:`run_rank`) as rank ``rank`` on ``device``."""
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
     from torch.nn.parallel import DistributedDataParallel
@@ -245,12 +242,10 @@ def _run_pipeline(job: dict[str, Any], rank: int, world: int, res: dict[str, Any
     from envs.runtime.pipeline.stages import StageModule, boundary_metas, microbatch, split_stages
 
     gm, inputs = job["gm"], job["inputs"]
-    pipeline = Pipeline.from_dict(job["pipeline"])
     batch = batch_size_of(dict(inputs)) or 0
     pipeline.check_batch(batch)
     m, s_, n_rep = pipeline.microbatches, pipeline.num_stages, pipeline.num_replicas
     p_ = len(pipeline.ranks)
-    check_world(pipeline, world)
     replica, local = divmod(rank, p_)
     replica_ranks, stage_ranks = replica_layout(n_rep, p_)
     replica_groups = _new_groups(replica_ranks, world) if n_rep > 1 else [None]
@@ -487,7 +482,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     if pipeline is not None:
         from envs.hardware.rank_devices import parse_rank_devices
 
-        check_stage_devices(parse_rank_devices(list(dict.fromkeys(d for ds in pipeline.replica_devices for d in ds))))
+        check_stage_devices(parse_rank_devices(list(pipeline.rank_devices)))
         check_world(pipeline, world)
         device = rank_device(pipeline, rank)
     store = _rendezvous_store(rank, world, timeout)
@@ -500,10 +495,10 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     (job_dir / f"ready-{rank}").touch()
     res: dict[str, Any] = {"rank": rank, "losses": [], "step_s": [], "cpu_s": [], "params": {}}
     try:
-        if job.get("pipeline") is None:
+        if pipeline is None:
             _run_ddp(job, rank, world, res, job_dir)
         else:
-            _run_pipeline(job, rank, world, res, job_dir, device)
+            _run_pipeline(job, pipeline, rank, world, res, job_dir, device)
         res["listening"] = _listening_addresses()
         tmp = job_dir / f".result-{rank}.pt"
         torch.save(res, tmp)
