@@ -449,26 +449,26 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         follow_eval_mode(self)
         return code
 
-    def deepcopy(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
-        twin = fx.GraphModule.__deepcopy__(self, memo)
-        follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
-        return twin
+    def following(make_twin: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModule]:
+        """``copy.copy`` / ``copy.deepcopy`` (an EMA copy): fx builds a new GraphModule, given the eval forward too."""
+
+        def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
+            twin = make_twin(self, *memo)
+            follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
+            return twin
+
+        return twin_of
 
     def reduce(self: fx.GraphModule) -> Any:  # pickle, torch.save: fx re-traces the code on load
         rebuild, args = fx.GraphModule.__reduce__(self)
         return (_rebuilt_following_eval, (rebuild, args))
 
-    def copy_(self: fx.GraphModule) -> fx.GraphModule:  # copy.copy: a new GraphModule over the graph
-        twin = fx.GraphModule.__copy__(self)
-        follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
-        return twin
-
     forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
     cls.__reduce__ = reduce  # type: ignore[method-assign]
-    cls.__copy__ = copy_  # type: ignore[method-assign]
+    cls.__copy__ = following(fx.GraphModule.__copy__)  # type: ignore[method-assign]
+    cls.__deepcopy__ = following(fx.GraphModule.__deepcopy__)  # type: ignore[method-assign]
     cls.forward = forward
     cls.recompile = recompile  # type: ignore[method-assign]
-    cls.__deepcopy__ = deepcopy  # type: ignore[method-assign]
     return True
 
 

@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import follow_eval_mode, keep_plain_attributes, refuse_eval_mode, set_training_modes
+from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
@@ -460,8 +460,7 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
             user.replace_input_with(producer, t)
 
     graph.lint()
-    gm.recompile()
-    follow_eval_mode(gm)  # the recompile rebuilt forward from the graph (training mode only)
+    gm.recompile()  # the eval forward, where the captured graph has one, comes back with it (follow_eval_mode)
     gm.placer_placement = {n.name: dev[n.name] for n in graph.nodes if dev.get(n.name) is not None}
     gm.placer_real_devices = {d: resolve.real(d) for d in set(gm.placer_placement.values())}
     gm.placer_output_device = output_device
@@ -498,7 +497,6 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
     if getattr(src, "placer_eval_refusal", None):
         refuse_eval_mode(gm, src.placer_eval_refusal)
-    gm.placer_eval_arguments = getattr(src, "placer_eval_arguments", {})  # follow_eval_mode's, by node name
     return gm
 
 
