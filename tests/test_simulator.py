@@ -420,6 +420,20 @@ def test_bad_placements_raise_placement_error():
         simulate_batch(problem, np.zeros((1, 5), dtype=int), backend="fast")
 
 
+def test_lower_bound_counts_the_update_behind_the_last_backward():
+    # A chain on one GPU with no host costs runs its ops' work back to back; only the first
+    # op (whose backward comes last) has an update. The bound is then exact: the chain's
+    # forward and backward, then that update (the optimizer's kernel queued behind it).
+    problem = compile_problem(nx.path_graph(4, create_using=nx.DiGraph), _gpus(1), optimizer="adam")
+    cost = np.zeros_like(problem.ops.cost)
+    cost[:, 0, 1], cost[:, 0, 3] = 1e-3, 2e-3
+    cost[0, 0, 5] = 5e-3
+    one_gpu = _with_costs(problem, cost, HostOverheads(0.0, 0.0, 0.0, 0.0))
+    step = simulate_batch(one_gpu, np.zeros((1, 4), dtype=int)).step_time[0]
+    assert step == pytest.approx(4 * 3e-3 + 5e-3, rel=1e-12)
+    assert critical_path_bound(one_gpu) == pytest.approx(step, rel=1e-12)
+
+
 def test_lower_bound_parts():
     problem = compile_problem(layered_graph(40, seed=1, profiled_kinds=("cpu",)), _with_cpu(2))
     assert lower_bound(problem) == max(work_bound(problem), critical_path_bound(problem), host_bound(problem))

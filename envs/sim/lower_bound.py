@@ -26,7 +26,9 @@ largest wins:
   a CPU op runs on the host after its inputs arrived); its backward cannot finish before
   ``G(i) = max(P(N) + loss_s + min_d (hB + dB), max_grad_succ G(c) + min_d c_b, F(i) + min_d c_b)``
   with ``c_b = dB`` on a GPU and ``hB`` on a CPU; the step lasts at least
-  ``max(F, G) + step_s``.
+  ``max(F, G) + step_s``, and at least ``G(i) + min_d c_o`` for every op, its update
+  ``c_o = dO`` on a GPU (the optimizer's kernel queued behind the op's backward on the
+  stream that ran it) and ``hO`` on a CPU (run by the host after ``backward()`` returned).
 
 On a rank cluster (``--devices cpu:0,cpu:1``: ``problem.rank_simulator`` is set) the step
 is the multi-process runtime's (:mod:`envs.sim.ranks`), where each rank has its own host
@@ -90,7 +92,11 @@ def critical_path_bound(problem: PlacementProblem) -> float:
             if grad[k]:
                 after = max(after, fin_b[dst[k]])
         fin_b[i] = max(t_root + root_b[i], after + c_b[i])
-    return float(max(fin_f.max(initial=0.0), fin_b.max(initial=0.0)) + step_s)
+    # An op's update runs after its own backward: on a GPU the optimizer's kernel is queued
+    # on the stream that ran it, on a CPU the host runs it once backward() has returned.
+    c_o = np.where(cpu, c[:, :, 4], c[:, :, 5]).min(axis=1)
+    update = float((fin_b + c_o)[rg].max(initial=0.0))
+    return float(max(fin_f.max(initial=0.0) + step_s, fin_b.max(initial=0.0) + step_s, update))
 
 
 def _loads(problem: PlacementProblem) -> tuple[np.ndarray, float]:
