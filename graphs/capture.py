@@ -498,6 +498,17 @@ def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
                        "weights back with model.load_state_dict(placed.state_dict())")
 
 
+@contextlib.contextmanager
+def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
+                 leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer]]:
+    """``model`` traced again by fx, with its warnings silenced; the constants the trace put
+    on ``model`` stay there until the block ends (for comparing them), then go."""
+    tracer = PlacerTracer(leaf_types, leaf_names)
+    with _no_constants_left_on(model, tracer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield tracer.trace(model), tracer
+
+
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
                       leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | str:
     """The eval-mode constants of ``gm`` (fx, traced in ``trace_modes``), or why it cannot follow
@@ -509,13 +520,10 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     model gives the same graph with other constants (:func:`fx_eval_arguments`: followed), or
     another graph, or none (refused).
     """
-    tracer = PlacerTracer(leaf_types, leaf_names)
     model.eval()
     found: EvalArguments | None
     try:
-        with _no_constants_left_on(model, tracer), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = tracer.trace(model)
+        with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer):
             found = fx_eval_arguments(gm.graph, graph)
             # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
             # attribute, read by a get_attr of the same name in both traces: compare the tensors.
@@ -532,11 +540,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     if found:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.
-        again = PlacerTracer(leaf_types, leaf_names)
         try:
-            with _no_constants_left_on(model, again), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if fx_eval_arguments(gm.graph, again.trace(model)) != {}:
+            with _quiet_trace(model, leaf_types, leaf_names) as (again, _):
+                if fx_eval_arguments(gm.graph, again) != {}:
                     found = None
         except Exception:  # noqa: BLE001
             found = None
