@@ -16,7 +16,6 @@ model line that could not be traced.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import operator
@@ -34,9 +33,19 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphs.errors import CaptureError
+from graphs.eval_mode import (
+    EvalArguments,
+    _same_tensor,
+    export_eval_arguments,
+    follow_eval_graph,
+    follow_eval_mode,
+    fx_eval_arguments,
+    refuse_eval_mode,
+)
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.placement_graph import build_placement_graph
+from graphs.plain_attributes import keep_plain_attributes
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
 
@@ -210,33 +219,6 @@ def _no_constants_left_on(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]
                 delattr(model, qualname)
 
 
-def keep_plain_attributes(gm: fx.GraphModule, buffers: Iterable[str]) -> None:
-    """Keep the tensors a ``get_attr`` of ``gm`` reads that are not among ``buffers``
-    (qualified names) as plain attributes, not buffers.
-
-    ``fx.GraphModule`` (building it, deep-copying it) registers every tensor a ``get_attr``
-    reads as a persistent buffer, so fx's own constants (``h + torch.full((10,), 0.25)``),
-    torch.export's lifted ones and a model's plain tensor attributes became state the model
-    does not have: ``placed.state_dict()`` no longer loaded into the model with
-    ``strict=True``, and the numerical check refused every placement for "state on one side
-    only" (walkthrough). A plain attribute is read by ``get_attr`` and moved by ``apply``
-    all the same.
-    """
-    state = set(buffers)
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or str(node.target) in state:
-            continue
-        path, _, field = str(node.target).rpartition(".")
-        try:
-            owner = gm.get_submodule(path) if path else gm
-        except AttributeError:
-            continue
-        if field in owner._buffers:
-            value = owner._buffers.pop(field)
-            owner._non_persistent_buffers_set.discard(field)
-            object.__setattr__(owner, field, value)
-
-
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> str:
     """Annotate every node with ``tensor_meta``; returns ``"fake"`` or ``"real"`` (which tensors ran).
 
@@ -314,189 +296,6 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     return gm
 
 
-#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
-_TRAINING_ARGUMENT = {
-    "aten.batch_norm.default": 5,
-    "aten.dropout.default": 2,
-    "aten.feature_dropout.default": 2,
-    "aten.alpha_dropout.default": 2,
-    "aten.feature_alpha_dropout.default": 2,
-    "aten.instance_norm.default": 5,  # use_input_stats (= training where running statistics are kept)
-    "aten.lstm.input": 6, "aten.gru.input": 6, "aten.rnn_tanh.input": 6, "aten.rnn_relu.input": 6,  # train
-    "aten.lstm.data": 7, "aten.gru.data": 7, "aten.rnn_tanh.data": 7, "aten.rnn_relu.data": 7,
-    "aten.rrelu.default": 3,
-}
-
-
-#: ``{node name: {argument position or keyword: its value in eval mode}}``: the constants of a
-#: graph traced in training mode that the same graph takes in eval mode (:func:`follow_eval_mode`).
-EvalArguments = dict[str, dict[int | str, Any]]
-
-
-def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
-    """The eval-mode constants of a torch.export graph traced in training mode: every training
-    flag baked as ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics
-    normalises by the batch in both modes, so it is left out) becomes ``False``, and every
-    ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
-    found: EvalArguments = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        target = str(n.target)
-        i = _TRAINING_ARGUMENT.get(target)
-        if i is not None:
-            # By position, or by keyword where the call names it (rrelu's training=True).
-            key: int | str = i if len(n.args) > i else n.target._schema.arguments[i].name
-            flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key)
-            # Without running statistics the batch's are used in both modes: nothing to follow.
-            no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-            if flag is True and not no_running:
-                found[n.name] = {key: False}
-        elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
-              and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
-              and str(n.args[0].target).endswith("num_batches_tracked")):
-            found[n.name] = {1: 0}
-    return found
-
-
-def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
-    """The eval-mode constants of an fx graph, from its trace in eval mode: where the two graphs
-    have the same nodes, ops, targets and inputs and differ only in constant arguments
-    (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
-    where the structure differs (``if self.training:`` took another branch), which no swap of
-    constants can follow."""
-    nodes = list(train.nodes)
-    twins = list(eval_.nodes)
-    if len(nodes) != len(twins):
-        return None
-    found: EvalArguments = {}
-    for a, b in zip(nodes, twins):
-        if (a.op, a.target, a.name) != (b.op, b.target, b.name) or len(a.args) != len(b.args) \
-                or set(a.kwargs) != set(b.kwargs):
-            return None
-        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
-                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
-        for key, x, y in slots:
-            named_x = fx.node.map_arg(x, lambda n: ("node", n.name))
-            named_y = fx.node.map_arg(y, lambda n: ("node", n.name))
-            if named_x == named_y:
-                continue
-            if a.op == "output" or _holds_node(x) or _holds_node(y):
-                return None
-            found.setdefault(a.name, {})[key] = y
-    return found
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and bool(torch.equal(a, b)))
-
-
-def _holds_node(value: Any) -> bool:
-    held: list[fx.Node] = []
-    fx.node.map_arg(value, held.append)
-    return bool(held)
-
-
-def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = None) -> bool:
-    """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
-    is False; returns whether any op differs between the modes.
-
-    The eval forward is the same graph with ``eval_arguments`` (default: what ``gm`` carries
-    as ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
-    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm``
-    then normalises by the running statistics and leaves them alone, dropout is the identity,
-    as ``nn.BatchNorm`` and ``nn.Dropout`` do in eval mode; forward runs one or the other by
-    ``self.training``, as the original model does. Nodes are found by name, so it applies to
-    the placed graph too (``apply`` keeps the captured nodes' names). It lives on the module's
-    own class (fx gives each GraphModule one), so the module still pickles as its graph; a
-    ``recompile()`` and a deep copy (an EMA copy of the model) install it again on what they
-    rebuild.
-    """
-    from torch.fx.graph_module import _forward_from_src
-
-    if eval_arguments is None:
-        eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
-    gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
-    if not any(n.name in eval_arguments for n in gm.graph.nodes):
-        return False
-    # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
-    # users of their inputs (Node.args' setter re-adds them last).
-    graph = fx.Graph(owning_module=gm)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)  # torch.export's pytree in/out
-    values: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, values)
-    graph.output(output)
-    for n in graph.nodes:
-        if n.name in eval_arguments:
-            args, kwargs = list(n.args), dict(n.kwargs)
-            for key, value in eval_arguments[n.name].items():
-                if isinstance(key, int):
-                    args[key] = value
-                else:
-                    kwargs[key] = value
-            n.args, n.kwargs = tuple(args), kwargs
-    code = graph.python_code(root_module="self")
-    eval_forward = _forward_from_src(code.src, code.globals)
-    cls = type(gm)
-    train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
-
-    def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
-
-    def recompile(self: fx.GraphModule) -> Any:
-        code = fx.GraphModule.recompile(self)
-        follow_eval_mode(self)
-        return code
-
-    def following(make_twin: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModule]:
-        """``copy.copy`` / ``copy.deepcopy`` (an EMA copy): fx builds a new GraphModule, given the eval forward too."""
-
-        def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
-            twin = make_twin(self, *memo)
-            follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
-            return twin
-
-        return twin_of
-
-    def reduce(self: fx.GraphModule) -> Any:  # pickle, torch.save: fx re-traces the code on load
-        rebuild, args = fx.GraphModule.__reduce__(self)
-        return (_rebuilt_following_eval, (rebuild, args))
-
-    forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
-    cls.__reduce__ = reduce  # type: ignore[method-assign]
-    cls.__copy__ = following(fx.GraphModule.__copy__)  # type: ignore[method-assign]
-    cls.__deepcopy__ = following(fx.GraphModule.__deepcopy__)  # type: ignore[method-assign]
-    cls.forward = forward
-    cls.recompile = recompile  # type: ignore[method-assign]
-    return True
-
-
-def _rebuilt_following_eval(rebuild: Any, args: tuple) -> fx.GraphModule:
-    """Unpickling a module :func:`follow_eval_mode` made: fx's rebuild, then the eval forward again."""
-    gm = rebuild(*args)
-    follow_eval_mode(gm)
-    return gm
-
-
-def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
-    """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
-    ``if self.training:`` keeps the training branch (:func:`_mode_baked_by_fx`), and after
-    ``placed.eval()`` ran it with no error (walkthrough). A module-level forward pre-hook (the
-    module is pickled into job files) raises instead.
-    """
-    gm.placer_eval_refusal = reason  # type: ignore[assignment]
-    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
-        gm.register_forward_pre_hook(_refuse_eval_forward)
-
-
-def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
-    """Forward pre-hook of :func:`refuse_eval_mode`."""
-    if module.training:
-        return
-    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
-                       "weights back with model.load_state_dict(placed.state_dict())")
-
 
 @contextlib.contextmanager
 def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
@@ -510,34 +309,40 @@ def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
 
 
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
-                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | str:
-    """The eval-mode constants of ``gm`` (fx, traced in ``trace_modes``), or why it cannot follow
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+    """What ``gm`` (fx, traced in ``trace_modes``) runs in eval mode: its eval-mode constants, or
+    the model's graph traced in eval mode where it takes other ops, or why it cannot follow
     ``.eval()``.
 
     fx runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in the user's code
     while tracing, so the graph keeps the training mode's: after ``placed.eval()`` it still
     scaled and dropped out, with no error (walkthrough). Traced again in eval mode, such a
-    model gives the same graph with other constants (:func:`fx_eval_arguments`: followed), or
-    another graph, or none (refused).
+    model gives the same graph with other constants (:func:`fx_eval_arguments`), or another
+    graph (:func:`graphs.eval_mode.follow_eval_graph`; tensors it makes while tracing are kept
+    on ``gm`` under names of their own), or none (refused). Traced again in training mode, it
+    must give the captured graph back: a value that changes from one trace to the next
+    (``random.random()`` in forward) is refused.
     """
     model.eval()
-    found: EvalArguments | None
+    found: EvalArguments | fx.Graph | None
     try:
         with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer):
             found = fx_eval_arguments(gm.graph, graph)
             # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
-            # attribute, read by a get_attr of the same name in both traces: compare the tensors.
+            # attribute, read by a get_attr of the same name in both traces.
             made = set(tracer.tensor_attrs.values())
             if found is not None and any(
                     n.op == "get_attr" and n.target in made
                     and not _same_tensor(operator.attrgetter(str(n.target))(gm), operator.attrgetter(str(n.target))(model))
                     for n in graph.nodes):
-                found = None
-    except Exception:  # noqa: BLE001 - untraceable in eval mode: another graph all the same
+                found = None  # the same ops on another tensor: the eval graph, with its own tensor
+            if found is None:
+                found = _own_constants(graph, made, model, gm)
+    except Exception:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
         found = None
     finally:
         set_training_modes(model, trace_modes)
-    if found:
+    if found is not None:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.
         try:
@@ -549,8 +354,22 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     if found is not None:
         return found
     return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
-            "mode it computes something else (an 'if self.training:' branch, a tensor made from it, or a value "
-            "that changes from one trace to the next): after .eval() the graph would still run the training one")
+            "mode it cannot be traced, or a value changes from one trace to the next: after .eval() the graph "
+            "would still run the training one")
+
+
+def _own_constants(graph: fx.Graph, made: set[str], model: nn.Module, gm: fx.GraphModule) -> fx.Graph:
+    """``graph`` (an eval-mode trace) with the tensors its trace made (``made``, on ``model``
+    until the trace's block ends) put on ``gm`` under names no training-graph constant has."""
+    taken = 0
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target in made:
+            while hasattr(gm, f"_placer_eval_constant{taken}"):
+                taken += 1
+            name = f"_placer_eval_constant{taken}"
+            object.__setattr__(gm, name, operator.attrgetter(str(n.target))(model))
+            n.target = name
+    return graph
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
@@ -613,6 +432,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
              leaf_names: set[str], name: str, trace_modes: dict[str, bool],
              loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
     fx_error: str | None = None
+    baked: EvalArguments | fx.Graph | str | None = None
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
                            _fx_locate(model, leaf_types, leaf_names))
@@ -622,7 +442,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
         if isinstance(baked, str):
             refuse_eval_mode(gm, baked)
-        else:
+        elif isinstance(baked, dict):
             follow_eval_mode(gm, baked)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
@@ -638,6 +458,12 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         method, shapes_from = "export", "fake"
     load_torch_exit_report_imports()
     complete_state(gm, model)
+    if method == "fx" and isinstance(baked, fx.Graph):
+        # After complete_state: the eval graph may read state the training graph does not.
+        try:
+            follow_eval_graph(gm, baked, source=model)
+        except CaptureError as exc:
+            refuse_eval_mode(gm, str(exc))
 
     fingerprint = model_fingerprint(gm, model, inputs)
     graph = build_placement_graph(gm, name=name, method=method, fingerprint=fingerprint,

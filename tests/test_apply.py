@@ -836,9 +836,10 @@ def test_an_fx_graph_with_the_training_flag_as_a_constant_follows_eval_mode():
     assert torch.equal(got, model(x))  # the same dropout mask
 
 
-def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did_not_follows_it():
+def test_an_fx_graph_that_baked_self_training_runs_the_eval_branch_in_eval_mode():
+    """fx runs ``if self.training:`` while tracing; the eval mode's branch is traced too and
+    runs after .eval() (before: refused, and before that the training branch ran silently)."""
     from graphs.capture import capture
-    from graphs.errors import CaptureError
 
     torch.manual_seed(0)
     x = torch.randn(3, 4)
@@ -846,16 +847,59 @@ def test_an_fx_graph_that_baked_self_training_refuses_eval_mode_and_one_that_did
     cap = capture(model, (x,))
     assert cap.method == "fx" and model.training
     placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
-    placed.eval()
-    with pytest.raises(CaptureError, match="an .if self.training:. branch"):
-        placed(x)  # it ran the training branch: half the eval output, with no error
-    placed.train()
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.train(), model.train()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
     plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
     placed_plain = apply_placement(capture(plain, (x,)), {})
     placed_plain.eval()
     plain.eval()
     torch.testing.assert_close(placed_plain(x), plain(x), rtol=0, atol=0)  # call_module layers follow eval
+
+
+def _drop_path(x, p: float, training: bool):
+    """Stochastic depth as vision models write it: the identity in eval mode."""
+    if p == 0.0 or not training:
+        return x
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * mask / (1 - p)
+
+
+class _StochasticDepth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + _drop_path(torch.relu(block(x)), 0.5, self.training)
+        return self.head(self.norm(x))
+
+
+def test_a_stochastic_depth_model_placed_over_devices_evaluates_as_the_original():
+    """Training takes the random branch, eval mode the identity: the placed model follows both,
+    over a placement of four devices, and a training step between keeps one state."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _StochasticDepth(), torch.randn(16, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    names = [n for n in cap.graph.nodes]
+    placed = apply_placement(cap, {n: f"gpu{i % 4}" for i, n in enumerate(names)},
+                             real_devices={f"gpu{k}": "cpu" for k in range(4)})
+    opt = torch.optim.SGD(placed.parameters(), lr=0.1)
+    placed(x).sum().backward()
+    opt.step()
+    model.load_state_dict(placed.state_dict())
+    placed.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.train()
+    assert not torch.equal(placed(x), model(x))  # the training branch drops paths again
 
 
 class _InstanceNormLstm(nn.Module):
@@ -902,15 +946,25 @@ class _RandomConstant(nn.Module):
         return self.a(x) * random.random()  # fx bakes the number drawn while tracing
 
 
-@pytest.mark.parametrize("cls", [_ModeConstant, _RandomConstant])
-def test_an_fx_graph_whose_constants_differ_for_another_reason_than_a_flag_refuses_eval_mode(cls):
-    """A tensor made under 'if self.training' has one name in both traces; a random number differs
-    between any two traces: neither is an eval-mode flag (final review: both were followed)."""
+def test_an_fx_graph_whose_constant_is_made_by_the_mode_evaluates_with_the_eval_modes_tensor():
+    """A tensor made under 'if self.training' has one name in both traces but another value: the
+    eval graph reads its own (final review: the training mode's was read)."""
+    from graphs.capture import capture
+
+    model, x = _ModeConstant(), torch.randn(6, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    assert set(placed.state_dict()) == set(model.state_dict())  # the eval tensor is no state
+
+
+def test_an_fx_graph_with_a_random_constant_refuses_eval_mode():
+    """A random number differs between any two traces: no eval graph can be trusted."""
     from graphs.capture import capture
     from graphs.errors import CaptureError
 
     x = torch.randn(6, 4)
-    placed = apply_placement(capture(cls(), (x,)), {})
+    placed = apply_placement(capture(_RandomConstant(), (x,)), {})
     placed.eval()
     with pytest.raises(CaptureError, match="load_state_dict"):
         placed(x)
@@ -922,9 +976,32 @@ def test_a_pickled_or_copied_placed_model_still_follows_eval_mode():
     from graphs.capture import capture
 
     torch.manual_seed(0)
-    model, x = _FunctionalDropout(), torch.randn(6, 4)
-    placed = apply_placement(capture(model, (x,)), {})
-    model.eval()
-    for twin in (pickle.loads(pickle.dumps(placed)), copy.copy(placed)):
-        twin.eval()
-        assert torch.equal(twin(x), model(x))
+    for model, x in ((_FunctionalDropout(), torch.randn(6, 4)), (_StochasticDepth(), torch.randn(6, 8)),
+                     (_ModeConstant(), torch.randn(6, 4))):
+        placed = apply_placement(capture(model, (x,)), {})
+        model.eval()
+        twins = [pickle.loads(pickle.dumps(placed)), copy.copy(placed), copy.deepcopy(placed)]
+        twins[-1].recompile()
+        for twin in twins:
+            twin.eval()
+            assert torch.equal(twin(x), model(x)), type(model).__name__
+            assert set(twin.state_dict()) == set(model.state_dict())
+        # The deep copy evaluates over its own parameters (an EMA copy), not the original's.
+        with torch.no_grad():
+            next(twins[-1].parameters()).add_(1.0)
+        assert not torch.equal(twins[-1](x), model(x))
+
+
+def test_the_eval_graph_runs_each_op_where_its_data_is():
+    """Parameters on another device than the input (the meta device stands in for a GPU): each
+    eval op runs where its module's parameters are, its activations copied there."""
+    from graphs.capture import capture
+    from graphs.eval_mode import DataFollowingInterpreter
+
+    model, x = _StochasticDepth(), torch.randn(6, 8)
+    gm = capture(model, (x,)).gm
+    for path in ("blocks.2", "blocks.3", "norm", "head"):
+        gm.get_submodule(path).to("meta")
+    gm.eval()
+    out = DataFollowingInterpreter(gm, graph=gm.placer_eval_graph).run(x)
+    assert out.device.type == "meta" and out.shape == (6, 3)

@@ -44,10 +44,12 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
+from graphs.capture import set_training_modes
 from graphs.errors import PlacerError
+from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS
+from graphs.plain_attributes import keep_plain_attributes
 
 __all__ = [
     "ApplyError",

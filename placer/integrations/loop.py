@@ -314,7 +314,7 @@ def place(
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
         inference: it then computes what the model computes in eval mode
-        (:func:`graphs.capture.follow_eval_mode`: torch.export's BatchNorm and dropout, and
+        (:func:`graphs.eval_mode.follow_eval_mode`: torch.export's BatchNorm and dropout, and
         ``F.dropout(h, p, self.training)`` under fx, take their eval-mode flags). A graph
         whose forward took another branch under ``if self.training:`` (fx ran the training
         one while tracing) refuses eval mode with an error that says so; evaluate such a

@@ -1,0 +1,397 @@
+"""The placed graph follows ``.eval()`` as the original model does.
+
+A graph is captured in training mode; ``placed.eval()`` must then compute what the model
+computes in eval mode, or say it cannot. Three cases, decided at capture:
+
+* **The same ops with other constants** (:data:`EvalArguments`): torch.export bakes
+  ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`export_eval_arguments`);
+  fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
+  a trace in eval mode). The eval forward is the graph with the eval mode's constants.
+* **Another graph** (fx only): ``if self.training:`` took another branch (stochastic depth,
+  an auxiliary head). The model traced in eval mode is kept as a second graph
+  (:func:`follow_eval_graph`) and run by an interpreter where its data is
+  (:class:`DataFollowingInterpreter`): the placed model's parameters stay where the placement
+  put them, and each eval op runs on the device of its module's parameters or of its
+  first activation input.
+* **Neither** (a value that changes from one trace to the next, an eval graph reading state
+  the model does not have): eval mode is refused with the reason (:func:`refuse_eval_mode`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from graphs.errors import CaptureError
+from graphs.plain_attributes import keep_plain_attributes
+
+#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
+_TRAINING_ARGUMENT = {
+    "aten.batch_norm.default": 5,
+    "aten.dropout.default": 2,
+    "aten.feature_dropout.default": 2,
+    "aten.alpha_dropout.default": 2,
+    "aten.feature_alpha_dropout.default": 2,
+    "aten.instance_norm.default": 5,  # use_input_stats (= training where running statistics are kept)
+    "aten.lstm.input": 6, "aten.gru.input": 6, "aten.rnn_tanh.input": 6, "aten.rnn_relu.input": 6,  # train
+    "aten.lstm.data": 7, "aten.gru.data": 7, "aten.rnn_tanh.data": 7, "aten.rnn_relu.data": 7,
+    "aten.rrelu.default": 3,
+}
+
+
+#: ``{node name: {argument position or keyword: its value in eval mode}}``: the constants of a
+#: graph traced in training mode that the same graph takes in eval mode (:func:`follow_eval_mode`).
+EvalArguments = dict[str, dict[int | str, Any]]
+
+
+def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
+    """The eval-mode constants of a torch.export graph traced in training mode: every training
+    flag baked as ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics
+    normalises by the batch in both modes, so it is left out) becomes ``False``, and every
+    ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
+    found: EvalArguments = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        target = str(n.target)
+        i = _TRAINING_ARGUMENT.get(target)
+        if i is not None:
+            # By position, or by keyword where the call names it (rrelu's training=True).
+            key: int | str = i if len(n.args) > i else n.target._schema.arguments[i].name
+            flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key)
+            # Without running statistics the batch's are used in both modes: nothing to follow.
+            no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
+            if flag is True and not no_running:
+                found[n.name] = {key: False}
+        elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
+              and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+              and str(n.args[0].target).endswith("num_batches_tracked")):
+            found[n.name] = {1: 0}
+    return found
+
+
+def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
+    """The eval-mode constants of an fx graph, from its trace in eval mode: where the two graphs
+    have the same nodes, ops, targets and inputs and differ only in constant arguments
+    (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
+    where the structure differs (``if self.training:`` took another branch), which no swap of
+    constants can follow."""
+    nodes = list(train.nodes)
+    twins = list(eval_.nodes)
+    if len(nodes) != len(twins):
+        return None
+    found: EvalArguments = {}
+    for a, b in zip(nodes, twins):
+        if (a.op, a.target, a.name) != (b.op, b.target, b.name) or len(a.args) != len(b.args) \
+                or set(a.kwargs) != set(b.kwargs):
+            return None
+        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
+                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+        for key, x, y in slots:
+            named_x = fx.node.map_arg(x, lambda n: ("node", n.name))
+            named_y = fx.node.map_arg(y, lambda n: ("node", n.name))
+            if named_x == named_y:
+                continue
+            if a.op == "output" or _holds_node(x) or _holds_node(y):
+                return None
+            found.setdefault(a.name, {})[key] = y
+    return found
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and bool(torch.equal(a, b)))
+
+
+def _holds_node(value: Any) -> bool:
+    held: list[fx.Node] = []
+    fx.node.map_arg(value, held.append)
+    return bool(held)
+
+
+def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = None) -> bool:
+    """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
+    is False; returns whether any op differs between the modes.
+
+    Where ``gm`` carries an eval graph (``placer_eval_graph``, :func:`follow_eval_graph`), the
+    eval forward runs it (:class:`DataFollowingInterpreter`). Otherwise it is the same graph
+    with ``eval_arguments`` (default: what ``gm`` carries as ``placer_eval_arguments``, recorded
+    at capture: :func:`export_eval_arguments`, :func:`fx_eval_arguments`) put in place of the
+    training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
+    and leaves them alone, dropout is the identity, as ``nn.BatchNorm`` and ``nn.Dropout`` do
+    in eval mode. Forward runs one or the other by ``self.training``, as the original model
+    does. Nodes are found by name, so it applies to the placed graph too (``apply`` keeps the
+    captured nodes' names). It lives on the module's own class (fx gives each GraphModule
+    one), so the module still pickles as its graph; a ``recompile()``, a copy and a deep copy
+    (an EMA copy of the model) install it again on what they rebuild.
+    """
+    from torch.fx.graph_module import _forward_from_src
+
+    eval_graph: fx.Graph | None = gm.__dict__.get("placer_eval_graph")
+    eval_forward: Callable[..., Any]
+    if eval_graph is not None:
+        eval_forward = _interpreting(eval_graph)
+    else:
+        if eval_arguments is None:
+            eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
+        gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
+        if not any(n.name in eval_arguments for n in gm.graph.nodes):
+            return False
+        # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
+        # users of their inputs (Node.args' setter re-adds them last).
+        graph = fx.Graph(owning_module=gm)
+        graph._codegen = copy.deepcopy(gm.graph._codegen)  # torch.export's pytree in/out
+        values: dict[fx.Node, fx.Node] = {}
+        output = graph.graph_copy(gm.graph, values)
+        graph.output(output)
+        for n in graph.nodes:
+            if n.name in eval_arguments:
+                args, kwargs = list(n.args), dict(n.kwargs)
+                for key, value in eval_arguments[n.name].items():
+                    if isinstance(key, int):
+                        args[key] = value
+                    else:
+                        kwargs[key] = value
+                n.args, n.kwargs = tuple(args), kwargs
+        code = graph.python_code(root_module="self")
+        eval_forward = _forward_from_src(code.src, code.globals)
+    cls = type(gm)
+    train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
+
+    def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
+
+    def recompile(self: fx.GraphModule) -> Any:
+        code = fx.GraphModule.recompile(self)
+        follow_eval_mode(self)
+        return code
+
+    def following(make_twin: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModule]:
+        """``copy.copy`` / ``copy.deepcopy`` (an EMA copy): fx builds a new GraphModule, given the eval forward too."""
+
+        def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
+            twin = make_twin(self, *memo)
+            keep_plain_attributes(twin, _buffer_names(self))
+            held = self.__dict__.get("placer_eval_graph")
+            if held is not None:
+                # fx's rebuild keeps only what the training graph reads: the eval graph, and
+                # what it alone reads, come along here (deep-copied with the same memo).
+                twin.placer_eval_graph = copy.deepcopy(held, memo[0]) if memo else held
+                _carry_attributes(self, twin, held, memo[0] if memo else None)
+            follow_eval_mode(twin, getattr(self, "placer_eval_arguments", None))
+            return twin
+
+        return twin_of
+
+    def reduce(self: fx.GraphModule) -> Any:  # pickle, torch.save: fx re-traces the code on load
+        rebuild, (body, *rest) = fx.GraphModule.__reduce__(self)
+        body = dict(body)
+        held = body.pop("placer_eval_graph", None)
+        # fx pickles a GraphModule as its code: the eval graph travels as one, over the same
+        # modules (one pickle, so they stay shared).
+        carrier = fx.GraphModule(self, held) if held is not None else None
+        return (_rebuilt_following_eval, (rebuild, (body, *rest), carrier, _buffer_names(self)))
+
+    forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
+    cls.__reduce__ = reduce  # type: ignore[method-assign]
+    cls.__copy__ = following(fx.GraphModule.__copy__)  # type: ignore[method-assign]
+    cls.__deepcopy__ = following(fx.GraphModule.__deepcopy__)  # type: ignore[method-assign]
+    cls.forward = forward
+    cls.recompile = recompile  # type: ignore[method-assign]
+    return True
+
+
+def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule | None = None,
+                            buffers: list[str] | None = None) -> fx.GraphModule:
+    """Unpickling a module :func:`follow_eval_mode` made: fx's rebuild, its constants plain
+    attributes again (``buffers``: the module's own), then the eval forward again."""
+    gm = rebuild(*args)
+    if buffers is not None:
+        keep_plain_attributes(gm, buffers)
+    if carrier is not None:
+        gm.placer_eval_graph = carrier.graph
+        _carry_attributes(carrier, gm, carrier.graph, None)
+    follow_eval_mode(gm)
+    return gm
+
+
+def _buffer_names(gm: fx.GraphModule) -> list[str]:
+    return [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+
+
+def follow_eval_graph(gm: fx.GraphModule, eval_graph: fx.Graph, source: nn.Module | None = None) -> None:
+    """Make ``gm`` run ``eval_graph`` (the model traced in eval mode, where ``if self.training:``
+    took another branch) when ``gm.training`` is False.
+
+    ``eval_graph`` reads ``gm``'s own parameters, buffers and modules, so training in one mode
+    and evaluating in the other share one state; what only the eval graph reads (a module the
+    training branch skips) is taken from ``source`` (the captured model).
+
+    Raises:
+        CaptureError: the eval graph reads an attribute neither ``gm`` nor ``source`` has.
+    """
+    missing = _carry_attributes(source, gm, eval_graph, None) if source is not None else _unresolved(gm, eval_graph)
+    if missing:
+        raise CaptureError(f"the model's eval mode reads {missing[0]!r}, which the captured graph does not have")
+    gm.placer_eval_graph = eval_graph  # type: ignore[assignment]
+    gm.placer_eval_arguments = {}  # type: ignore[assignment]
+    follow_eval_mode(gm)
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    return operator.attrgetter(target)(root)
+
+
+def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
+    out = []
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            try:
+                _resolve(root, str(n.target))
+            except AttributeError:
+                out.append(str(n.target))
+    return out
+
+
+def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, memo: dict | None) -> list[str]:
+    """Put on ``dst`` what ``graph`` reads and ``dst`` lacks, from ``src`` (deep-copied with
+    ``memo`` when given); returns the targets neither has."""
+    missing = []
+    for target in _unresolved(dst, graph):
+        try:
+            value = _resolve(src, target) if src is not None else None
+        except AttributeError:
+            value = None
+        if value is None:
+            missing.append(target)
+            continue
+        if memo is not None:
+            value = copy.deepcopy(value, memo)
+        path, _, field = target.rpartition(".")
+        owner = dst
+        for part in path.split(".") if path else []:
+            child = getattr(owner, part, None)
+            if not isinstance(child, nn.Module):
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if isinstance(value, nn.Module):
+            owner.add_module(field, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(field, value)
+        else:  # a plain tensor (fx's constants): state the model does not have stays out of state_dict
+            object.__setattr__(owner, field, value)
+    return missing
+
+
+def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
+    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+
+    def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        values = list(args)
+        for n in placeholders[len(args):]:
+            name = str(n.target).lstrip("*")
+            if name in kwargs:
+                values.append(kwargs.pop(name))
+            elif n.args:
+                values.append(n.args[0])
+            else:
+                raise TypeError(f"forward() missing its argument {name!r}")
+        if kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(kwargs)}")
+        return DataFollowingInterpreter(self, graph=graph).run(*values)
+
+    return eval_forward
+
+
+def _in_place(n: fx.Node) -> bool:
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return n.op != "call_module" and str(name).endswith("_") and not str(name).endswith("__")
+
+
+class DataFollowingInterpreter(fx.Interpreter):
+    """Runs a graph of ``module`` (its eval graph) over the module's placed state.
+
+    Each op runs on the device of its module's parameters (a ``call_module``), of the tensor
+    it updates (an in-place op), where the placement put the training graph's op of the same
+    name, op and target (``placer_placement``: most of an eval graph is the training graph's),
+    or else where its latest-made input is (a residual add follows the block it closes, not
+    the stream it adds to); other tensor inputs are copied there, and the output goes to the
+    placed model's output device. Only the copies' cost depends on the choice, never the
+    values. It costs a Python step per op, which eval passes can afford.
+    """
+
+    def __init__(self, module: fx.GraphModule, graph: fx.Graph) -> None:
+        super().__init__(module, graph=graph)
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        placement: dict[str, str] = getattr(module, "placer_placement", None) or {}
+        real: dict[str, str] = getattr(module, "placer_real_devices", None) or {}
+        self.placed = {n.name: torch.device(real.get(placement[n.name], placement[n.name]))
+                       for n in module.graph.nodes if n.name in placement} if placement else {}
+        self.twins = {n.name: (n.op, n.target) for n in module.graph.nodes}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            return super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            device = self._device_for(n, args, kwargs)
+            if device is not None:
+                args, kwargs = _moved((args, kwargs), device)
+            return getattr(self, n.op)(n.target, args, kwargs)
+
+    def _device_for(self, n: fx.Node, args: Any, kwargs: Any) -> torch.device | None:
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            state = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if state is not None:
+                return state.device
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if len({t.device for t in tensors}) <= 1:
+            return None  # nothing to move
+        if _in_place(n):
+            return tensors[0].device
+        if n.name in self.placed and self.twins.get(n.name) == (n.op, n.target):
+            return self.placed[n.name]
+        made = [m for m in n.all_input_nodes if m.op != "get_attr" and isinstance(self.env.get(m), torch.Tensor)]
+        if made:
+            return self.env[max(made, key=self.order.__getitem__)].device
+        return tensors[0].device
+
+    def output(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().output(target, args, kwargs)
+        placed = getattr(self.module, "placer_output_device", None)
+        real = (getattr(self.module, "placer_real_devices", None) or {}).get(placed)
+        return _moved(out, torch.device(real)) if real is not None else out
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t, value)
+
+
+def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
+    """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
+    ``if self.training:`` keeps the training branch (:func:`_mode_baked_by_fx`), and after
+    ``placed.eval()`` ran it with no error (walkthrough). A module-level forward pre-hook (the
+    module is pickled into job files) raises instead.
+    """
+    gm.placer_eval_refusal = reason  # type: ignore[assignment]
+    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_eval_forward)
+
+
+def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
+    """Forward pre-hook of :func:`refuse_eval_mode`."""
+    if module.training:
+        return
+    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
+                       "weights back with model.load_state_dict(placed.state_dict())")
