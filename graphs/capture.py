@@ -16,7 +16,9 @@ model line that could not be traced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import itertools
 import logging
 import operator
 import sys
@@ -37,6 +39,7 @@ from graphs.eval_mode import (
     EvalArguments,
     _same_tensor,
     export_eval_arguments,
+    export_eval_plan,
     follow_eval_graph,
     follow_eval_mode,
     fx_eval_arguments,
@@ -337,7 +340,7 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
                     for n in graph.nodes):
                 found = None  # the same ops on another tensor: the eval graph, with its own tensor
             if found is None:
-                found = _own_constants(graph, made, model, gm)
+                found = _own_constants(graph, made.__contains__, model, gm)
     except Exception:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
         found = None
     finally:
@@ -358,18 +361,51 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
             "would still run the training one")
 
 
-def _own_constants(graph: fx.Graph, made: set[str], model: nn.Module, gm: fx.GraphModule) -> fx.Graph:
-    """``graph`` (an eval-mode trace) with the tensors its trace made (``made``, on ``model``
-    until the trace's block ends) put on ``gm`` under names no training-graph constant has."""
+def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.Module,
+                   gm: fx.GraphModule) -> fx.Graph:
+    """``graph`` (an eval-mode trace) with the tensors it reads that are not the model's state
+    (``constant(target)``; their values on ``source``) put on ``gm`` under names no
+    training-graph constant has."""
     taken = 0
     for n in graph.nodes:
-        if n.op == "get_attr" and n.target in made:
+        if n.op == "get_attr" and constant(str(n.target)):
             while hasattr(gm, f"_placer_eval_constant{taken}"):
                 taken += 1
             name = f"_placer_eval_constant{taken}"
-            object.__setattr__(gm, name, operator.attrgetter(str(n.target))(model))
+            object.__setattr__(gm, name, operator.attrgetter(str(n.target))(source))
             n.target = name
     return graph
+
+
+def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
+                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+    """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
+    in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
+    own graph where it runs other ops, or why it cannot follow ``.eval()``.
+
+    torch.export runs ``if self.training:`` while tracing, so the graph keeps the training
+    branch: after ``placed.eval()`` it ran that branch with no error (walkthrough), and an op
+    with a training flag placer's table did not know kept its training mode. Exporting twice
+    costs a second export at capture.
+    """
+    model.eval()
+    try:
+        with quiet_torch_logs(logging.CRITICAL):
+            eval_gm = export_trace(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - the training capture stands; eval mode is refused
+        return (f"torch.export cannot capture the model in eval mode ({_reason(exc)}): after .eval() the graph "
+                "would still run the training mode's ops")
+    finally:
+        set_training_modes(model, trace_modes)
+    plan = export_eval_plan(gm, eval_gm)
+    if plan is not None:
+        return plan
+    state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                            model.named_buffers(remove_duplicate=False))}
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(eval_gm.graph._codegen)  # the pytree of inputs and outputs
+    graph.output(graph.graph_copy(eval_gm.graph, {}))
+    return _own_constants(graph, lambda target: target not in state, eval_gm, gm)
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
@@ -456,9 +492,14 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
+        baked = _export_eval(model, inputs, gm, trace_modes)
+        if isinstance(baked, str):
+            refuse_eval_mode(gm, baked)
+        elif isinstance(baked, dict):
+            follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
-    if method == "fx" and isinstance(baked, fx.Graph):
+    if isinstance(baked, fx.Graph):
         # After complete_state: the eval graph may read state the training graph does not.
         try:
             follow_eval_graph(gm, baked, source=model)

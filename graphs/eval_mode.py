@@ -106,6 +106,45 @@ def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
     return found
 
 
+def export_eval_plan(train: fx.GraphModule, eval_: fx.GraphModule) -> EvalArguments | None:
+    """The constants that make ``train`` (torch.export, training mode) compute ``eval_`` (the
+    same model exported in eval mode), or None where the two graphs run other ops (``if
+    self.training:`` took another branch) and ``eval_`` itself must run.
+
+    The graphs are compared node by node in program order, by op, target and which earlier
+    node each input is, names aside (they shift when a branch drops nodes). BatchNorm's
+    ``num_batches_tracked.add_(1)``, absent in eval mode, adds 0 instead
+    (:func:`export_eval_arguments`); every other constant that differs, a training flag of any
+    op, takes its eval-mode value.
+    """
+    counters = {name for name, swap in export_eval_arguments(train).items() if swap == {1: 0}}
+    found: EvalArguments = {name: {1: 0} for name in counters}
+    nodes = [n for n in train.graph.nodes if n.name not in counters]
+    twins = list(eval_.graph.nodes)
+    if len(nodes) != len(twins):
+        return None
+    index = {n: i for i, n in enumerate(nodes)}
+    twin_index = {n: i for i, n in enumerate(twins)}
+    for a, b in zip(nodes, twins):
+        if a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+            return None
+        if a.op == "get_attr":  # a tensor forward() makes has one name in both, maybe another value
+            x_value, y_value = _resolve(train, str(a.target)), _resolve(eval_, str(b.target))
+            if x_value is not y_value and isinstance(x_value, torch.Tensor) and not _same_tensor(x_value, y_value):
+                return None
+        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
+                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+        for key, x, y in slots:
+            at_x = fx.node.map_arg(x, lambda n: ("node", index.get(n, -1)))
+            at_y = fx.node.map_arg(y, lambda n: ("node", twin_index.get(n, -1)))
+            if at_x == at_y:
+                continue
+            if a.op == "output" or _holds_node(x) or _holds_node(y):
+                return None
+            found.setdefault(a.name, {})[key] = y
+    return found
+
+
 def _same_tensor(a: Any, b: Any) -> bool:
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
             and a.dtype == b.dtype and bool(torch.equal(a, b)))
@@ -295,8 +334,17 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
 def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
     """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    in_spec = info.in_spec if info is not None else None
 
     def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if in_spec is not None:  # torch.export's graphs take the inputs' leaves
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            if spec != in_spec:
+                raise TypeError(f"forward() takes inputs shaped as {in_spec}, got {spec}")
+            out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
+            return codegen.process_outputs(out)
         values = list(args)
         for n in placeholders[len(args):]:
             name = str(n.target).lstrip("*")

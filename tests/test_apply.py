@@ -915,6 +915,39 @@ class _InstanceNormLstm(nn.Module):
         return self.r(self.n(x).transpose(1, 2))[0]
 
 
+class _ExportedTrainingBranch(nn.Module):
+    """fx cannot iterate over a tensor, so torch.export captures it, running ``if self.training:``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.stack([row for row in self.a(x)])
+        if self.training:
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_an_exported_graph_that_baked_self_training_runs_the_eval_branch_in_eval_mode():
+    """Before, the exported graph ran the training branch after .eval(), with no error."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _ExportedTrainingBranch(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    for twin in (copy.copy(placed), copy.deepcopy(placed)):
+        torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)
+    placed.train(), model.train()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
 def test_an_exported_instance_norm_and_lstm_follow_eval_mode():
     from graphs.capture import export_trace
 
