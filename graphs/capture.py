@@ -378,10 +378,11 @@ def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.
 
 
 def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
-                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
     in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
-    own graph where it runs other ops, or why it cannot follow ``.eval()``.
+    own graph where it runs other ops; where the eval mode cannot be exported, the training
+    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning.
 
     torch.export runs ``if self.training:`` while tracing, so the graph keeps the training
     branch: after ``placed.eval()`` it ran that branch with no error (walkthrough), and an op
@@ -392,9 +393,13 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
     try:
         with quiet_torch_logs(logging.CRITICAL):
             eval_gm = export_trace(model, inputs)
-    except Exception as exc:  # noqa: BLE001 - the training capture stands; eval mode is refused
-        return (f"torch.export cannot capture the model in eval mode ({_reason(exc)}): after .eval() the graph "
-                "would still run the training mode's ops")
+    except Exception as exc:  # noqa: BLE001 - the training capture stands
+        # What placer did before exporting twice: switch the training flags it knows. Refusing
+        # eval mode would stop every validation pass of a model that only fails to export in it.
+        log.warning("torch.export cannot capture %s in eval mode (%s): after .eval() the placed model switches "
+                    "the training flags of BatchNorm, dropout, InstanceNorm, RNNs and rrelu, but cannot check "
+                    "the model's own 'if self.training:' branches", type(model).__name__, _reason(exc))
+        return export_eval_arguments(gm)
     finally:
         set_training_modes(model, trace_modes)
     plan = export_eval_plan(gm, eval_gm)
@@ -493,9 +498,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
         baked = _export_eval(model, inputs, gm, trace_modes)
-        if isinstance(baked, str):
-            refuse_eval_mode(gm, baked)
-        elif isinstance(baked, dict):
+        if isinstance(baked, dict):
             follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)

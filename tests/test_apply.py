@@ -948,6 +948,39 @@ def test_an_exported_graph_that_baked_self_training_runs_the_eval_branch_in_eval
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
 
 
+class _EvalOnlyNumpy(nn.Module):
+    """In eval mode forward leaves torch (numpy), which torch.export cannot trace; the values
+    are the same in both modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.stack([row for row in self.a(x)])
+        if not self.training:
+            h = torch.from_numpy(h.detach().numpy().copy())
+        return h
+
+
+def test_a_model_that_cannot_be_exported_in_eval_mode_keeps_the_known_flags_with_a_warning(caplog):
+    """Refusing eval mode would stop every validation pass of such a model: it switches the
+    training flags placer knows, and says it could not check the model's own branches."""
+    import logging
+
+    from graphs.capture import capture
+
+    model, x = _EvalOnlyNumpy(), torch.randn(3, 4)
+    with caplog.at_level(logging.WARNING, logger="graphs.capture"):
+        cap = capture(model, (x,))
+    assert cap.method == "export"
+    assert "cannot capture _EvalOnlyNumpy in eval mode" in caplog.text
+    placed = apply_placement(cap, {})
+    placed.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
 def test_an_exported_instance_norm_and_lstm_follow_eval_mode():
     from graphs.capture import export_trace
 
