@@ -47,8 +47,8 @@ from graphs.eval_mode import (
 )
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
+from graphs.module_attributes import ensure_module, keep_plain_attributes
 from graphs.placement_graph import build_placement_graph
-from graphs.plain_attributes import keep_plain_attributes
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
 
@@ -760,7 +760,7 @@ def complete_state(gm: fx.GraphModule, model: nn.Module) -> None:
         for key, value in list(mod._parameters.items()) + list(mod._buffers.items()):
             if value is None or prefix + key in have:
                 continue
-            owner = _ensure_module(gm, path)
+            owner = ensure_module(gm, path)
             if key in mod._parameters:
                 owner.register_parameter(key, value)
             else:
@@ -796,14 +796,3 @@ def _match_registration_order(gm: fx.GraphModule, model: nn.Module) -> None:
                 reordered = {k: own[k] for k in order}
                 own.clear()
                 own.update(reordered)
-
-
-def _ensure_module(root: nn.Module, path: str) -> nn.Module:
-    current = root
-    for part in path.split(".") if path else []:
-        child = getattr(current, part, None)
-        if not isinstance(child, nn.Module):
-            child = nn.Module()
-            current.add_module(part, child)
-        current = child
-    return current

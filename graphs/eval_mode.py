@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
-from graphs.plain_attributes import keep_plain_attributes
+from graphs.module_attributes import ensure_module, keep_plain_attributes
 
 #: aten ops of a torch.export graph whose argument at this index is the module's training flag.
 _TRAINING_ARGUMENT = {
@@ -84,26 +84,10 @@ def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
     (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
     where the structure differs (``if self.training:`` took another branch), which no swap of
     constants can follow."""
-    nodes = list(train.nodes)
-    twins = list(eval_.nodes)
+    nodes, twins = list(train.nodes), list(eval_.nodes)
     if len(nodes) != len(twins):
         return None
-    found: EvalArguments = {}
-    for a, b in zip(nodes, twins):
-        if (a.op, a.target, a.name) != (b.op, b.target, b.name) or len(a.args) != len(b.args) \
-                or set(a.kwargs) != set(b.kwargs):
-            return None
-        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
-                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
-        for key, x, y in slots:
-            named_x = fx.node.map_arg(x, lambda n: ("node", n.name))
-            named_y = fx.node.map_arg(y, lambda n: ("node", n.name))
-            if named_x == named_y:
-                continue
-            if a.op == "output" or _holds_node(x) or _holds_node(y):
-                return None
-            found.setdefault(a.name, {})[key] = y
-    return found
+    return _constants_between(list(zip(nodes, twins)), lambda a, b: a.name == b.name)
 
 
 def export_eval_plan(train: fx.GraphModule, eval_: fx.GraphModule) -> EvalArguments | None:
@@ -111,33 +95,43 @@ def export_eval_plan(train: fx.GraphModule, eval_: fx.GraphModule) -> EvalArgume
     same model exported in eval mode), or None where the two graphs run other ops (``if
     self.training:`` took another branch) and ``eval_`` itself must run.
 
-    The graphs are compared node by node in program order, by op, target and which earlier
-    node each input is, names aside (they shift when a branch drops nodes). BatchNorm's
-    ``num_batches_tracked.add_(1)``, absent in eval mode, adds 0 instead
-    (:func:`export_eval_arguments`); every other constant that differs, a training flag of any
-    op, takes its eval-mode value.
+    The graphs are compared node by node in program order, names aside (they shift when a
+    branch drops nodes). BatchNorm's ``num_batches_tracked.add_(1)``, absent in eval mode,
+    adds 0 instead (:func:`export_eval_arguments`); every other constant that differs, a
+    training flag of any op, takes its eval-mode value.
     """
     counters = {name for name, swap in export_eval_arguments(train).items() if swap == {1: 0}}
-    found: EvalArguments = {name: {1: 0} for name in counters}
     nodes = [n for n in train.graph.nodes if n.name not in counters]
     twins = list(eval_.graph.nodes)
     if len(nodes) != len(twins):
         return None
-    index = {n: i for i, n in enumerate(nodes)}
-    twin_index = {n: i for i, n in enumerate(twins)}
-    for a, b in zip(nodes, twins):
-        if a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+
+    def same_tensor(a: fx.Node, b: fx.Node) -> bool:  # a tensor forward() makes: one name, maybe two values
+        if a.op != "get_attr":
+            return True
+        x, y = _resolve(train, str(a.target)), _resolve(eval_, str(b.target))
+        return x is y or not isinstance(x, torch.Tensor) or _same_tensor(x, y)
+
+    found = _constants_between(list(zip(nodes, twins)), same_tensor)
+    return None if found is None else {**{name: {1: 0} for name in counters}, **found}
+
+
+def _constants_between(pairs: list[tuple[fx.Node, fx.Node]],
+                       alike: Callable[[fx.Node, fx.Node], bool]) -> EvalArguments | None:
+    """The constant arguments by which the second node of each pair differs from the first, or
+    None where a pair differs otherwise: its op, target, argument count, ``alike``, or which
+    earlier node of its graph an input is (by position in ``pairs``)."""
+    at_x = {a: i for i, (a, _) in enumerate(pairs)}
+    at_y = {b: i for i, (_, b) in enumerate(pairs)}
+    found: EvalArguments = {}
+    for a, b in pairs:
+        if (a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs)
+                or not alike(a, b)):
             return None
-        if a.op == "get_attr":  # a tensor forward() makes has one name in both, maybe another value
-            x_value, y_value = _resolve(train, str(a.target)), _resolve(eval_, str(b.target))
-            if x_value is not y_value and isinstance(x_value, torch.Tensor) and not _same_tensor(x_value, y_value):
-                return None
         slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
                                                     *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
         for key, x, y in slots:
-            at_x = fx.node.map_arg(x, lambda n: ("node", index.get(n, -1)))
-            at_y = fx.node.map_arg(y, lambda n: ("node", twin_index.get(n, -1)))
-            if at_x == at_y:
+            if fx.node.map_arg(x, lambda n: ("node", at_x.get(n, -1))) == fx.node.map_arg(y, lambda n: ("node", at_y.get(n, -1))):
                 continue
             if a.op == "output" or _holds_node(x) or _holds_node(y):
                 return None
@@ -315,13 +309,7 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
         if memo is not None:
             value = copy.deepcopy(value, memo)
         path, _, field = target.rpartition(".")
-        owner = dst
-        for part in path.split(".") if path else []:
-            child = getattr(owner, part, None)
-            if not isinstance(child, nn.Module):
-                child = nn.Module()
-                owner.add_module(part, child)
-            owner = child
+        owner = ensure_module(dst, path)
         if isinstance(value, nn.Module):
             owner.add_module(field, value)
         elif isinstance(value, nn.Parameter):

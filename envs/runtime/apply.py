@@ -48,8 +48,8 @@ from graphs.capture import set_training_modes
 from graphs.errors import PlacerError
 from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
+from graphs.module_attributes import keep_plain_attributes
 from graphs.ops import INPLACE_OPERATORS
-from graphs.plain_attributes import keep_plain_attributes
 
 __all__ = [
     "ApplyError",

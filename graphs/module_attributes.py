@@ -1,8 +1,10 @@
-"""fx's constants stay plain attributes of a GraphModule, not buffers.
+"""Attributes of a GraphModule that fx's rebuilds get wrong: constants and submodule paths.
 
 ``fx.GraphModule`` registers every tensor a ``get_attr`` reads as a persistent buffer when it
 builds, copies or unpickles a module; a constant (``h + torch.full((10,), 0.25)``) then shows
-up in ``state_dict()`` as state the model does not have.
+up in ``state_dict()`` as state the model does not have (:func:`keep_plain_attributes`). And
+it keeps only what its graph reads, so state put back on it needs its submodule path
+(:func:`ensure_module`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch.fx as fx
+from torch import nn
 
 
 def keep_plain_attributes(gm: fx.GraphModule, buffers: Iterable[str]) -> None:
@@ -37,3 +40,15 @@ def keep_plain_attributes(gm: fx.GraphModule, buffers: Iterable[str]) -> None:
             value = owner._buffers.pop(field)
             owner._non_persistent_buffers_set.discard(field)
             object.__setattr__(owner, field, value)
+
+
+def ensure_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``root`` at ``path`` (dotted), made of empty ``nn.Module`` s where missing."""
+    current = root
+    for part in path.split(".") if path else []:
+        child = getattr(current, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            current.add_module(part, child)
+        current = child
+    return current
