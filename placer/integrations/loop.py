@@ -314,12 +314,13 @@ def place(
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
         a model handed over in eval mode (which stays as it was); call ``.eval()`` on it for
         inference: it then computes what the model computes in eval mode
-        (:func:`graphs.eval_mode.follow_eval_mode`: torch.export's BatchNorm and dropout, and
-        ``F.dropout(h, p, self.training)`` under fx, take their eval-mode flags). A graph
-        whose forward took another branch under ``if self.training:`` (fx ran the training
-        one while tracing) refuses eval mode with an error that says so; evaluate such a
-        model with the original after ``model.load_state_dict(placed.state_dict())``. Build
-        the optimizer on its parameters. It carries
+        (:mod:`graphs.eval_mode`: training flags such as BatchNorm's and dropout's take their
+        eval-mode values, and a forward whose ``if self.training:`` takes another branch runs
+        the model's eval-mode graph over the placed parameters). A forward that draws a new
+        constant at every trace (``random.random()``) refuses eval mode with an error that
+        says so; evaluate such a model with the original after
+        ``model.load_state_dict(placed.state_dict())``. Build the optimizer on its parameters.
+        It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
 
