@@ -303,12 +303,25 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 @contextlib.contextmanager
 def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
                  leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer]]:
-    """``model`` traced again by fx, with its warnings silenced; the constants the trace put
-    on ``model`` stay there until the block ends (for comparing them), then go."""
+    """``model`` traced again by fx, with its warnings silenced and its state restored after;
+    the constants the trace put on ``model`` stay there until the block ends (for comparing
+    them), then go."""
     tracer = PlacerTracer(leaf_types, leaf_names)
-    with _no_constants_left_on(model, tracer), warnings.catch_warnings():
+    with _restored(model), _no_constants_left_on(model, tracer), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield tracer.trace(model), tracer
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """The model's tensors and Python attributes as they were before the block: a trace in eval
+    mode runs forward()'s Python once more, and what only eval mode updates (``if not
+    self.training: self.seen += 1``) is not the captured graph's to keep."""
+    snapshot = _StateSnapshot.take(model)
+    try:
+        yield
+    finally:
+        snapshot.restore(model)
 
 
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
@@ -391,7 +404,7 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
     """
     model.eval()
     try:
-        with quiet_torch_logs(logging.CRITICAL):
+        with _restored(model), quiet_torch_logs(logging.CRITICAL):
             eval_gm = export_trace(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing

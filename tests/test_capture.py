@@ -558,3 +558,29 @@ def test_a_no_grad_region_reading_no_parameter_stays_with_fx_and_follows_eval():
     cap.gm.eval()
     model.eval()
     torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+class _EvalCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.evaluated = 0
+
+    def forward(self, x):
+        if not self.training:
+            self.evaluated += 1  # eval mode only: the training trace cannot see it
+        return self.a(x)
+
+
+class _ExportedEvalCounter(_EvalCounter):
+    def forward(self, x):
+        x = torch.stack([row for row in x])  # torch.export captures it
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_EvalCounter, _ExportedEvalCounter])
+def test_tracing_the_eval_mode_leaves_the_models_state_as_it_was(cls):
+    model = cls()
+    cap = capture(model, (torch.randn(3, 4),))
+    assert cap.method == ("fx" if cls is _EvalCounter else "export")
+    assert model.evaluated == 0 and model.training
