@@ -19,6 +19,8 @@ leaves what it measured):
    through :func:`envs.runtime.pipeline.launcher.run_training`, against the same job on a CPU
    worker ``cpu:0`` (gloo): the losses must agree (:func:`pipeline_on_device`). One GPU
    cannot hold two NCCL ranks, so this is the GPU code path of a rank, not a two-GPU pipeline.
+   Then **a placed model after** ``.eval()`` over ``cpu`` and the GPU against the original
+   (:func:`eval_mode_on_device`: stochastic depth, BatchNorm, dropout; fx and torch.export).
 3. **Profiles.** Every small zoo model on the CPU and on the GPU, and the paper-size GPT-2
    (batch 4 × 1,024 tokens) and NMT with 2 layers (batch 128, 50 + 50 steps) on the GPU at
    their published batch, by :func:`graphs.profile.profiler.profile_graph` (forward, backward
@@ -629,6 +631,62 @@ def pipeline_on_device(device: str, steps: int = 3, timeout_s: float = 120.0) ->
             "agree": bool(len(a) == len(b) == steps and worst < 1e-4)}
 
 
+def eval_mode_on_device(device: str) -> dict[str, Any]:
+    """A placed model over ``cpu`` and ``device`` after ``.eval()`` against the original: a
+    residual MLP with stochastic depth (``if self.training:`` takes another branch, so the
+    eval graph runs over the placed parameters, copied between the devices by
+    :class:`graphs.eval_mode.DataFollowingInterpreter`), BatchNorm and dropout, captured by
+    fx, and the same under torch.export; two SGD steps in training mode first. Float32 on both
+    sides: the GPU's kernels sum in other orders, so ~1e-6, not 0."""
+    import torch
+    from torch import nn
+
+    from envs.runtime.apply import apply_placement
+    from graphs.capture import capture
+
+    class Residual(nn.Module):
+        def __init__(self, iterate: bool) -> None:
+            super().__init__()
+            self.iterate = iterate  # iterating over a tensor sends the capture to torch.export
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Dropout(0.2))
+                                        for _ in range(4))
+            self.head = nn.Linear(64, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.iterate:
+                x = torch.stack([row for row in x])
+            for block in self.blocks:
+                h = torch.relu(block(x))
+                if self.training:
+                    h = h * (torch.rand_like(h[:, :1]) < 0.8) / 0.8
+                x = x + h
+            return self.head(x)
+
+    out: dict[str, Any] = {"device": device}
+    for label, iterate in (("fx", False), ("export", True)):
+        torch.manual_seed(0)
+        model, x = Residual(iterate), torch.randn(32, 64)
+        cap = capture(model, (x,))
+        nodes = list(cap.graph.nodes)
+        placed = apply_placement(cap, {n: ("cpu" if i % 2 else device) for i, n in enumerate(nodes)},
+                                 output_device="cpu")
+        opt = torch.optim.SGD(placed.parameters(), lr=0.01)
+        for _ in range(2):
+            opt.zero_grad()
+            placed(x).square().mean().backward()
+            opt.step()
+        reference = Residual(iterate)
+        reference.load_state_dict({k: v.cpu() for k, v in placed.state_dict().items()})
+        placed.eval(), reference.eval()
+        with torch.no_grad():
+            got, want = placed(x), reference(x)
+        out[label] = {"method": cap.method, "eval_graph": "placer_eval_graph" in placed.__dict__,
+                      "output_device": str(got.device),
+                      "max_abs_difference": float((got.cpu() - want).abs().max())}
+    out["agree"] = all(out[k]["max_abs_difference"] < 1e-4 for k in ("fx", "export"))
+    return out
+
+
 def profile_model(label: str, zoo_name: str, model_args: Mapping[str, Any], devices: Sequence[str],
                   repeats: int, cache_dir: str) -> tuple[Any, dict[str, Any]]:
     """Load, capture, profile on ``devices`` (one per kind) and group one zoo model.
@@ -917,6 +975,9 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
     with stage(results, "pipeline") as rec:
         rec.update(pipeline_on_device("cpu:0" if dry else settings.device))
     save()
+    with stage(results, "eval mode") as rec:
+        rec.update(eval_mode_on_device("cpu" if dry else settings.device))
+    save()
 
     profile_devices = ["cpu"] if dry else ["cpu", settings.device]
     ops: list[dict[str, Any]] = []
@@ -1091,6 +1152,17 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     elif pipe:
         lines += ["## The pipeline runtime on the device (issue 16)", "", f"- {pipe.get('status')}: "
                   f"{pipe.get('error', '')}", ""]
+    ev = (results.get("stages") or {}).get("eval mode")
+    if ev:
+        lines += ["## A placed model after .eval() (cpu + the device)", ""]
+        if ev.get("status") == "done":
+            for label in ("fx", "export"):
+                r = ev[label]
+                lines.append(f"- {label} ({r['method']}; eval graph {r['eval_graph']}): output on {r['output_device']}, "
+                             f"largest difference from the original {r['max_abs_difference']:.2e}")
+            lines += [f"- agree: {ev['agree']}", ""]
+        else:
+            lines += [f"- {ev.get('status')}: {ev.get('error', '')}", ""]
     profiles = results.get("profiles") or []
     if profiles:
         lines += ["## Profiles (sum of per-op times, one step)", "",
