@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
+from graphs.ops import AUGMENTED_ASSIGNMENTS
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -131,12 +132,38 @@ class PlacerTracer(fx.Tracer):
                     f"around {node.op} {target}, which reads trainable parameters; torch.fx does not "
                     "record the grad mode")
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedProxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class _AugmentedProxy(fx.Proxy):
+    """An fx Proxy that records ``x += y`` (and ``-=``, ``*=``, ``|=`` ...) as the in-place update it is.
+
+    fx's Proxy defines no ``__iadd__``, so Python ran ``x = x + y``: a new tensor in the
+    graph where the model updates ``x`` in place, and a view or another name of ``x`` taken
+    before read the old values (walkthrough: ``t = h.t(); h += y`` gave another output).
+    """
+
+
+def _record_augmented(name: str) -> None:
+    target = AUGMENTED_ASSIGNMENTS[name]
+
+    def record(self: fx.Proxy, value: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, value), {})
+
+    record.__name__ = f"__{name}__"
+    setattr(_AugmentedProxy, record.__name__, record)
+
+
+for _name in AUGMENTED_ASSIGNMENTS:
+    _record_augmented(_name)
 
 
 def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 import subprocess
 import sys
 
@@ -558,3 +559,51 @@ def test_a_no_grad_region_reading_no_parameter_stays_with_fx_and_follows_eval():
     cap.gm.eval()
     model.eval()
     torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+class _AugmentedAssignments(nn.Module):
+    """``h += ...`` and ``h *= ...`` on a tensor that a view and a second name still read afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        t = h.t()
+        skip = h
+        h += self.b(x)
+        h *= 0.5
+        width = x.size(1)
+        columns = width
+        columns -= 4  # a number: the sum is new, width keeps its value
+        return self.c(t.t() + skip) + h[:, :columns].sum() + width
+
+
+def test_an_augmented_assignment_updates_the_tensor_in_place_as_the_model_does():
+    torch.manual_seed(0)
+    model, x = _AugmentedAssignments(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error
+    assert [n.target.__name__ for n in cap.gm.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "__module__", "") == "graphs.ops"] == ["iadd", "imul", "isub"]
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+    reference = copy.deepcopy(model)
+    reference(x).sum().backward()
+    cap.gm(x).sum().backward()
+    theirs = dict(cap.gm.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0)
+    # a captured graph is pickled to worker processes and saved with torch.save
+    torch.testing.assert_close(pickle.loads(pickle.dumps(cap.gm))(x), model(x), rtol=0, atol=0)
+
+
+def test_an_augmented_assignment_stays_with_the_tensor_it_updates_in_the_groups():
+    from graphs.grouping import group_graph
+
+    torch.manual_seed(0)
+    cap = capture(_AugmentedAssignments(), (torch.randn(6, 8),))
+    grouping = group_graph(cap.graph, gm=cap.gm)
+    assert grouping.op_to_group["iadd"] == grouping.op_to_group["imul"] == grouping.op_to_group["a"]
