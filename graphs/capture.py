@@ -83,10 +83,12 @@ class PlacerTracer(fx.Tracer):
         self.leaf_names = frozenset(leaf_names)
         self.grad_enabled = True
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
+        self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
+        self.autocast = _autocast_state()
         graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         return graph
@@ -96,6 +98,12 @@ class PlacerTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.grad_enabled and not torch.is_grad_enabled():
             self.without_grad.append(node)
+        if kind != "placeholder" and _autocast_state() != self.autocast:
+            # fx records no autocast region: its ops would run in float32 where the model ran
+            # them in bfloat16 (walkthrough: 3e-3 max output difference, every placement
+            # failing the check). torch.export records the region (wrap_with_autocast).
+            raise AutocastNotTraced(f"forward() enters torch.autocast around {kind} {_target_name(target)}; "
+                                    "torch.fx does not record autocast")
         return node
 
     def _refuse_grad_mode_it_drops(self, graph: fx.Graph) -> None:
@@ -713,6 +721,23 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 class GradModeNotTraced(CaptureError):
     """forward() changes the grad mode, which torch.fx cannot record (torch.export can)."""
+
+
+class AutocastNotTraced(CaptureError):
+    """forward() enters or leaves ``torch.autocast``, which torch.fx cannot record (torch.export can)."""
+
+
+#: Device types whose autocast state a forward() may change.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[bool, torch.dtype], ...]:
+    """Whether autocast is on, and to which dtype, per device type."""
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _target_name(target: Any) -> str:
+    return str(getattr(target, "__name__", target))
 
 
 class TraceTimeUpdate(CaptureError):

@@ -607,3 +607,34 @@ def test_an_augmented_assignment_stays_with_the_tensor_it_updates_in_the_groups(
     cap = capture(_AugmentedAssignments(), (torch.randn(6, 8),))
     grouping = group_graph(cap.graph, gm=cap.gm)
     assert grouping.op_to_group["iadd"] == grouping.op_to_group["imul"] == grouping.op_to_group["a"]
+
+
+class _AutocastInForward(nn.Module):
+    """Part of forward() under ``torch.autocast`` to bfloat16, as mixed-precision models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu(self.a(x))
+        return self.b(h.float())
+
+
+def test_an_autocast_region_in_forward_is_captured_with_its_dtype():
+    torch.manual_seed(0)
+    model, x = _AutocastInForward(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "autocast" in (cap.fx_error or ""), cap.fx_error
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_captured_under_the_callers_autocast_stays_with_fx():
+    torch.manual_seed(0)
+    model, x = _AugmentedAssignments(), torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cap = capture(model, (x,))
+        assert cap.method == "fx", cap.fx_error
+        torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
