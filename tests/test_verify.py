@@ -206,3 +206,20 @@ def test_parameters_the_loss_gives_no_gradient_are_named_not_silently_left_out()
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok and set(report.no_gradient) == {"b.weight", "b.bias"}
     assert "2 trainable parameters get no gradient from the loss on either side (e.g. 'b." in report.describe()
+
+
+def test_the_check_sees_a_copy_that_misses_an_in_place_update_as_a_real_device_would(monkeypatch):
+    """Virtual devices on the CPU: a transfer there returns the tensor itself, so a copy made too
+    early still saw a later in-place update; the check's transfers copy, as real devices' do."""
+    import envs.runtime.apply as apply_module
+
+    spec = _stateful_spec()
+    cap = capture(spec.model, spec.example_inputs, name="stateful")
+    # the EMA updated on one device and read (by add) on the other
+    assignment = {n: ("b" if n in ("add", "out") else "a") for n in cap.graph.nodes}
+    devices = {"a": "cpu", "b": "cpu"}
+    assert check_placement(spec, cap, assignment, real_devices=devices).ok
+    # apply as it would be if it copied the EMA where it is read first, before its update
+    monkeypatch.setattr(apply_module, "_updated_in_place", lambda gm: set())
+    report = check_placement(spec, cap, assignment, real_devices=devices)
+    assert not report.ok and report.output_diff > report.tolerance, report.describe()

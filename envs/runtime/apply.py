@@ -85,20 +85,23 @@ _BATCHNORM_ATEN = {
 }
 
 
-def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
+def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = False) -> Any:
     """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
 
     Non-tensor leaves pass through unchanged. This is the target of every transfer
-    node that :func:`apply_placement` inserts.
+    node that :func:`apply_placement` inserts. ``copy``: a tensor already on ``device``
+    is cloned rather than passed on as itself, as a move between two real devices gives
+    the destination its own storage.
     """
 
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return x.to(device, non_blocking=non_blocking)
+            moved = x.to(device, non_blocking=non_blocking)
+            return moved.clone() if copy and moved is x else moved
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             # pytree leaves a dataclass output whole: its tensors stayed where they were made,
             # not on the output device the loss code was promised (walkthrough).
-            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking)
+            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking, copy)
                                              for f in dataclasses.fields(x) if f.init})
         return x
 
@@ -364,6 +367,7 @@ def apply_placement(
     non_blocking: bool = True,
     inplace: bool = False,
     real_devices: Mapping[str, str] | None = None,
+    copy_transfers: bool = False,
 ) -> fx.GraphModule:
     """Return a GraphModule that runs ``model`` with each node on its placed device.
 
@@ -381,6 +385,10 @@ def apply_placement(
             edges are decided on the names, so a transfer node sits between two virtual
             devices even when both map onto the same real device (the copy is then a
             no-op at run time, but the graph is the one a real cluster would run).
+        copy_transfers: every transfer gives its destination a tensor of its own, also
+            between virtual devices on one real device. The numerical check runs so: a
+            no-op transfer hands over the tensor itself, so a copy made before an in-place
+            update of it would still see the update here and not on a real cluster.
 
     Returns:
         The placed GraphModule. It carries ``placer_placement`` (device name per node),
@@ -393,7 +401,7 @@ def apply_placement(
             mapped, or a module/tensor used by several nodes placed on different devices.
     """
     with paused_gc():  # copying and rewriting a large graph: see graphs.gc_pause
-        return _apply(model, placement, output_device, non_blocking, inplace, real_devices)
+        return _apply(model, placement, output_device, non_blocking, inplace, real_devices, copy_transfers)
 
 
 def check_applicable(model: Any, placement: Mapping[str, str], output_device: str | None = None,
@@ -436,7 +444,7 @@ def _resolved_placement(src: fx.GraphModule, placement: Mapping[str, str], outpu
 
 
 def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, non_blocking: bool,
-           inplace: bool, real_devices: Mapping[str, str] | None) -> fx.GraphModule:
+           inplace: bool, real_devices: Mapping[str, str] | None, copy_transfers: bool = False) -> fx.GraphModule:
     src = _as_graph_module(model)
     canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
 
@@ -482,7 +490,8 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
                     t = graph.call_function(
                         to_device,
                         (producer, real),
-                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu")},
+                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
+                         **({"copy": True} if copy_transfers else {})},
                     )
                 t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
                 t.meta["placer_transfer"] = (src_dev, dst)

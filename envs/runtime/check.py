@@ -11,6 +11,10 @@ state of each carried from one step to the next, and after every step compares
 * every buffer (BatchNorm running statistics, ``num_batches_tracked``, an EMA or a step
   counter that forward() updates in place).
 
+Every transfer of the placed model copies, also between virtual devices that share the CPU
+(where a transfer would return the tensor itself): a copy made before an in-place update
+of its tensor misses the update on a real cluster, and so it does here.
+
 One step with buffers restored would pass a placed model that loses an in-place buffer
 update: its first output is right and it diverges from the second step on. Comparing the
 buffers and later steps catches that. The copies are trained, never the user's model.
@@ -335,7 +339,10 @@ def check_placement(
         raise ModelFileError(reason)
     with paused_gc(), torch.random.fork_rng(devices=_cuda_indices(real_devices, assignment)):
         original = copy.deepcopy(spec.model)
-        placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None)
+        # Transfers copy, as between real devices, even where virtual devices share the CPU:
+        # a copy that misses an in-place update shows here as it would on the cluster.
+        placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None,
+                                 copy_transfers=True)
         # Both in the modes the graph was traced in (training, unless the user froze a
         # module): a traced graph keeps the mode it was captured in, whatever .train() says.
         modes = getattr(captured, "training_modes", None) or {"": True}
