@@ -36,7 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
-from graphs.ops import AUGMENTED_ASSIGNMENTS
+from graphs.ops import AUGMENTED_ASSIGNMENTS, INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -91,6 +91,7 @@ class PlacerTracer(fx.Tracer):
         self.autocast = _autocast_state()
         graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
+        _augmented_out_of_place(graph, self.root)
         return graph
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
@@ -157,6 +158,8 @@ class _AugmentedProxy(fx.Proxy):
     fx's Proxy defines no ``__iadd__``, so Python ran ``x = x + y``: a new tensor in the
     graph where the model updates ``x`` in place, and a view or another name of ``x`` taken
     before read the old values (walkthrough: ``t = h.t(); h += y`` gave another output).
+    Where nothing reads the old tensor again, :func:`_augmented_out_of_place` turns the
+    update back into ``x + y``.
     """
 
 
@@ -172,6 +175,49 @@ def _record_augmented(name: str) -> None:
 
 for _name in AUGMENTED_ASSIGNMENTS:
     _record_augmented(_name)
+
+
+def _writes_first_argument(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` updates its first argument in place (``add_``, ``x += y``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True or node.target in INPLACE_OPERATORS:
+        return True
+    if node.op == "call_module":
+        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
+    name = op_name(node)
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__")
+
+
+def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
+    """Record ``x += y`` as ``x + y`` where nothing can tell the two apart.
+
+    The in-place form is needed only where the old tensor is read again after the update
+    (through its name, a view of it or the tensor it views) or belongs to the caller (an
+    input, an attribute). Elsewhere (``out += identity`` at the end of a residual block) the
+    out-of-place form computes the same and keeps what stage runtimes rely on: a stage may
+    receive ``out`` as a fresh autograd leaf, which an in-place update refuses.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    storage: dict[fx.Node, fx.Node] = {}  # node -> the node whose storage its result may share
+    for n in nodes:
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        shares = first is not None and (_writes_first_argument(n, root) or (
+            n.op in ("call_function", "call_method") and op_name(n) in STAYS_WITH_INPUT_OPS))
+        storage[n] = storage[first] if shares and first is not None else n
+    for n in nodes:
+        name = getattr(n.target, "__name__", "")
+        if n.op != "call_function" or AUGMENTED_ASSIGNMENTS.get(name) is not n.target:
+            continue
+        target = n.args[0]
+        base = storage[target] if isinstance(target, fx.Node) else None
+        if base is not None and base.op in ("placeholder", "get_attr"):
+            continue
+        read_after = base is not None and any(
+            position[user] > position[n] for alias in nodes[:position[n]] if storage[alias] is base
+            for user in alias.users if user is not n)
+        if not read_after:
+            n.target = getattr(operator, name[1:], None) or getattr(operator, f"{name[1:]}_")
+            storage[n] = n
 
 
 def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import pickle
 import subprocess
 import sys
@@ -638,3 +639,27 @@ def test_a_model_captured_under_the_callers_autocast_stays_with_fx():
         cap = capture(model, (x,))
         assert cap.method == "fx", cap.fx_error
         torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+class _ResidualAugmented(nn.Module):
+    """``out += identity`` at the end of a residual block: nothing reads ``out``'s old value again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = self.a(x)
+        out += self.b(x)
+        return out
+
+
+def test_an_augmented_assignment_whose_old_value_nobody_reads_is_recorded_out_of_place():
+    # a stage runtime hands a stage its inputs as fresh autograd leaves, which refuse an in-place update
+    torch.manual_seed(0)
+    model, x = _ResidualAugmented(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    calls = [n.target for n in cap.gm.graph.nodes if n.op == "call_function"]
+    assert calls == [operator.add]
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
