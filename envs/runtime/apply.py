@@ -58,6 +58,7 @@ __all__ = [
     "to_device",
     "transfer_nodes",
     "in_place_writes",
+    "later_writes",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
@@ -346,6 +347,24 @@ def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
     roots = _storage_roots(gm)
     return [(n, roots[arg.name]) for n in gm.graph.nodes for arg in _written_nodes(n, gm)]
+
+
+def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Node name -> the first node after it that updates its storage in place (through the
+    node itself, a view of it or the tensor it views). Nodes whose storage nothing updates
+    after them are left out. A value handed to another process is a copy that such an update
+    misses, and a stage input is a fresh autograd leaf that refuses it."""
+    roots = _storage_roots(gm)
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    writers: dict[str, list[fx.Node]] = {}
+    for writer, written in in_place_writes(gm):
+        writers.setdefault(written.name, []).append(writer)
+    out: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        later = [w for w in writers.get(roots[n.name].name, ()) if position[w.name] > position[n.name]]
+        if later:
+            out[n.name] = later[0]
+    return out
 
 
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from envs.runtime.apply import later_writes
 from envs.sim.stages import cut_stages
 from graphs.errors import PlacerError
 
@@ -229,6 +230,32 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
             claim(t, rank[n.name], f"node {n.name!r}")
 
 
+def _may_require_grad(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
+    return bool(getattr(meta, "requires_grad", True))
+
+
+def _refuse_updates_after_handover(gm: fx.GraphModule, transfers: list[Transfer]) -> None:
+    """Refuse a value that leaves its stage before an in-place update of it (``h.relu_()``
+    after another rank read ``h``, ``m.mul_(0.5)`` on a mask already sent).
+
+    Another rank receives a copy, which the update misses: it computed with the old values
+    and no error (walkthrough: losses 0.083 against 0.023). A later stage on the same rank
+    gets a fresh autograd leaf, and an in-place update of a leaf that requires grad fails.
+    """
+    later = later_writes(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for t in transfers:
+        writer = later.get(t.value)
+        if writer is None or (t.src_rank == t.dst_rank and not _may_require_grad(nodes[t.value])):
+            continue
+        where = f"to rank {t.dst_rank}" if t.src_rank != t.dst_rank else "to a later stage of its rank"
+        raise SplitError(
+            f"node {writer.name!r} updates {t.value!r} in place after the value left its stage (rank {t.src_rank}) "
+            f"{where}, which gets a copy the update misses (or an autograd leaf that refuses it); expected "
+            f"{t.value!r}, its in-place updates and the nodes that read it on one rank, the updates before the reads")
+
+
 def _names_in(arg: Any) -> Any:
     return fx.node.map_arg(arg, lambda n: n.name)
 
@@ -313,6 +340,7 @@ def split_by_rank(
         Transfer(value, stage_of[value], rank[value], dst_rank, dst_stage)
         for (value, dst_rank), dst_stage in first_use.items()
     ]
+    _refuse_updates_after_handover(gm, transfers)
     # Deterministic order: by producer stage, then the producer's output order, then consumer rank.
     pos = {name: (stage_of[name], stages[stage_of[name]].outputs.index(name)) for name in stage_of
            if name in needed_out[stage_of[name]]}
