@@ -390,7 +390,23 @@ def _traced(model: torch.nn.Module) -> fx.GraphModule:
     return capture(model, (torch.randn(6, 8),)).gm
 
 
+class _EmaReadOnAnotherRank(torch.nn.Module):
+    """A buffer updated in place in forward(): read on rank 1, it left rank 0 before its update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.ema.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        return self.c(torch.tanh(h) + self.ema)
+
+
 @pytest.mark.parametrize("model, on_rank_1", [
+    (_EmaReadOnAnotherRank, {"add", "c"}),  # rank 1 trained with the EMA of the step before (walkthrough)
     (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),  # the mask's old values would reach rank 1
     (_ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),  # and here h's
     (_ActivationUpdatedAfterItIsRead, {"sum_1"}),  # mul_ would update a fresh leaf in rank 0's next stage
