@@ -434,3 +434,30 @@ def test_a_value_updated_in_place_before_it_leaves_its_stage_splits():
     ranks = {n.name: int(n.name == "c") for n in gm.graph.nodes if n.op != "placeholder"}
     plan = split_by_rank(gm, ranks, 2)  # relu_'s result leaves after the update
     assert [t.value for t in plan.transfers if t.dst_rank == 1] == ["relu_"]
+
+
+class _ReassignedCounter(torch.nn.Module):
+    """``self.calls = self.calls + 1``: torch.export writes it back with copy_ at the graph's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.a = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.a(x)
+
+
+def test_a_buffer_is_held_by_the_rank_of_the_op_that_updates_it_in_place():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    cap = capture(_ReassignedCounter(), (torch.randn(6, 8),))
+    assert cap.method == "export"
+    gm = cap.gm
+    write = next(n.name for n in gm.graph.nodes if "copy_" in str(n.target))
+    ranks = {n.name: int(n.name in {"add", write}) for n in gm.graph.nodes if n.op != "placeholder"}
+    plan = split_by_rank(gm, ranks, 2)  # the buffer read on rank 0 would be updated on a copy on rank 1
+    holder = next(s for s in plan.stages if "calls" in s.nodes)
+    assert holder.rank == 1

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from envs.runtime.apply import later_writes
+from envs.runtime.apply import in_place_writes, later_writes
 from envs.sim.stages import cut_stages
 from graphs.errors import PlacerError
 
@@ -198,7 +198,8 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
     A ``call_module`` node owns its module's tensors. A ``get_attr`` node reading a tensor
     that a module on another rank owns (tied weights: GPT-2's embedding read again by the
     output projection) is moved to the owner's rank: the weight then crosses as a value
-    each step and its gradient comes back to the owner, which alone updates it.
+    each step and its gradient comes back to the owner, which alone updates it. A ``get_attr``
+    node whose tensor an op updates in place goes to that op's rank.
     """
     owner: dict[int, tuple[int, str]] = {}
 
@@ -215,9 +216,16 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
             mod = gm.get_submodule(str(n.target))
             for t in list(mod.parameters()) + list(mod.buffers()):
                 claim(t, rank[n.name], f"node {n.name!r}")
+    # State follows the op that updates it (as in apply): torch.export writes a reassigned buffer
+    # back with copy_ at the graph's end, wherever its get_attr was placed; an update made on
+    # another rank than the one holding the buffer landed on a received copy and was lost.
+    updated_on = {held.name: rank[writer.name] for writer, held in reversed(in_place_writes(gm))
+                  if held.op == "get_attr"}
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             continue
+        if n.name in updated_on:
+            rank[n.name] = updated_on[n.name]
         path, _, attr = str(n.target).rpartition(".")
         value = getattr(gm.get_submodule(path) if path else gm, attr)
         tensors = [value] if isinstance(value, torch.Tensor) else (
