@@ -264,6 +264,7 @@ def _as_inputs(example_inputs: Any) -> tuple:
 def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iterable[str] = (),
              name: str = "model") -> fx.GraphModule:
     """Symbolically trace ``model`` with :class:`PlacerTracer` (raises whatever fx raises)."""
+    _refuse_root_hooks(model)
     tracer = PlacerTracer(leaf_types, leaf_names)
     with _no_constants_left_on(model, tracer):
         graph = tracer.trace(model)
@@ -767,6 +768,26 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 class GradModeNotTraced(CaptureError):
     """forward() changes the grad mode, which torch.fx cannot record (torch.export can)."""
+
+
+class RootHooksNotTraced(CaptureError):
+    """The model's own module has forward hooks, which torch.fx does not run (torch.export does)."""
+
+
+def _refuse_root_hooks(root: nn.Module) -> None:
+    """Raise :class:`RootHooksNotTraced` when ``root`` has forward (pre-)hooks of its own.
+
+    fx traces ``root.forward``, not ``root(...)``: hooks registered on the model itself were
+    left out of the graph (walkthrough: a forward hook returning ``output - 1`` made every output
+    1.0 off), while hooks on submodules run. torch.export traces the call, hooks included.
+    placer's own eval-mode pre-hook (a placed graph captured again) is not the user's.
+    """
+    hooks = [h for h in [*root._forward_pre_hooks.values(), *root._forward_hooks.values()]
+             if h is not _refuse_eval_forward]
+    if hooks:
+        names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
+        raise RootHooksNotTraced(f"the model has {len(hooks)} forward hook(s) of its own ({names}); torch.fx "
+                                 "traces forward() without them")
 
 
 class AutocastNotTraced(CaptureError):

@@ -663,3 +663,14 @@ def test_an_augmented_assignment_whose_old_value_nobody_reads_is_recorded_out_of
     calls = [n.target for n in cap.gm.graph.nodes if n.op == "call_function"]
     assert calls == [operator.add]
     torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def test_forward_hooks_on_the_model_itself_are_captured_with_it():
+    # fx traces forward(), not the call: a hook on the model itself was left out of the graph
+    torch.manual_seed(0)
+    model, x = _ResidualAugmented(), torch.randn(6, 8)
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    model.register_forward_hook(lambda module, args, output: output - 1.0)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "forward hook(s) of its own" in (cap.fx_error or ""), cap.fx_error
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
