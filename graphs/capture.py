@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
 
 from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
@@ -146,6 +147,10 @@ class PlacerTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if m._backward_hooks or m._backward_pre_hooks:
+            # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
+            # called whole, autograd runs them.
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
@@ -375,12 +380,43 @@ def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+class HooksNotKept(CaptureError):
+    """torch.export would leave gradient hooks out of the graph (its gradients would be other ones)."""
+
+
+class _GradientHooks(TorchFunctionMode):
+    """Notes the gradient hooks forward() registers on tensors (``h.register_hook(fn)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook):
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
-    """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata."""
+    """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata.
+
+    Raises:
+        CaptureError: the model has backward hooks, or forward() registers gradient hooks on
+            tensors: torch.export keeps neither, so the graph's gradients would be other ones.
+    """
+    hooked = [path or "the model" for path, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise HooksNotKept(f"module {hooked[0]!r} has backward hooks (register_full_backward_hook), which torch.export "
+                           "leaves out of the graph")
+    gradient_hooks = _GradientHooks()
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        exported = torch.export.export(model, inputs, strict=False)
+        with gradient_hooks:
+            exported = torch.export.export(model, inputs, strict=False)
+    if gradient_hooks.seen:
+        raise HooksNotKept("forward() registers a gradient hook on a tensor (Tensor.register_hook), which torch.export "
+                           "leaves out of the graph")
     # Guards are checks on later inputs' shapes; placement runs the example's shapes and
     # a guard node would be one more (cost-free) node to place.
     gm = exported.module(check_guards=False)
@@ -679,6 +715,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
         log.info("capturing %s in training mode (it was in eval mode); its modes are restored afterwards", name)
         model.train()
     trace_modes = training_modes(model)
+    _refuse_root_backward_hooks(model, name)
     try:
         return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn)
     finally:
@@ -752,6 +789,11 @@ def _reason(exc: BaseException, limit: int = 240) -> str:
 
 
 def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) -> CaptureError:
+    if isinstance(export_exc, HooksNotKept):
+        return CaptureError(
+            f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({_reason(fx_exc)}); "
+            "expected gradient hooks on a submodule (register_full_backward_hook: placer keeps that module whole, "
+            "so autograd runs its hooks) and a forward() torch.fx can trace")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")
@@ -772,6 +814,16 @@ class GradModeNotTraced(CaptureError):
 
 class RootHooksNotTraced(CaptureError):
     """The model's own module has forward hooks, which torch.fx does not run (torch.export does)."""
+
+
+def _refuse_root_backward_hooks(model: nn.Module, name: str) -> None:
+    """Raise :class:`CaptureError` when the model's own module has backward hooks: fx traces
+    its forward() (no module call for autograd to hook), torch.export leaves them out, and
+    the model itself cannot be one node to place."""
+    if model._backward_hooks or model._backward_pre_hooks:
+        raise CaptureError(f"cannot capture model {name!r}: it has backward hooks on its own module "
+                           "(register_full_backward_hook), which neither torch.fx nor torch.export keeps; expected "
+                           "them on a submodule (placer keeps such a submodule whole, so autograd runs its hooks)")
 
 
 def _refuse_root_hooks(root: nn.Module) -> None:

@@ -674,3 +674,70 @@ def test_forward_hooks_on_the_model_itself_are_captured_with_it():
     cap = capture(model, (x,))
     assert cap.method == "export" and "forward hook(s) of its own" in (cap.fx_error or ""), cap.fx_error
     torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def _triple_input_gradient(module, grad_input, grad_output):
+    return (grad_input[0] * 3.0,)
+
+
+def _halve(grad):
+    return grad * 0.5
+
+
+class _Tanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.f(x))
+
+
+class _GradientHooked(nn.Module):
+    """A backward hook on a submodule fx would trace through, and a gradient hook forward() registers."""
+
+    def __init__(self, block_hook: bool = True, tensor_hook: bool = False) -> None:
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.block = _Tanh()
+        self.out = nn.Linear(8, 2)
+        if block_hook:
+            self.block.register_full_backward_hook(_triple_input_gradient)
+        self.tensor_hook = tensor_hook
+
+    def forward(self, x):
+        h = self.pre(x)
+        if self.tensor_hook:
+            h.register_hook(_halve)  # fx cannot trace it (a function as an argument)
+        return self.out(self.block(h))
+
+
+def _same_gradients(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    reference = copy.deepcopy(model)
+    reference(x).square().sum().backward()
+    gm(x).square().sum().backward()
+    theirs = dict(gm.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_backward_hooks_of_a_submodule_run_in_the_captured_graph():
+    torch.manual_seed(0)
+    model, x = _GradientHooked(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error
+    assert "block" in [n.target for n in cap.gm.graph.nodes if n.op == "call_module"]  # kept whole
+    _same_gradients(model, cap.gm, x)
+
+
+def test_gradient_hooks_the_graph_would_lose_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    with pytest.raises(CaptureError, match=r"Tensor.register_hook\), which torch.export leaves out"):
+        capture(_GradientHooked(block_hook=False, tensor_hook=True), (x,))
+    with pytest.raises(CaptureError, match=r"module 'block' has backward hooks"):
+        capture(_GradientHooked(tensor_hook=True), (x,))  # fx cannot trace it, so it is not kept whole
+    model = _GradientHooked(block_hook=False)
+    model.register_full_backward_hook(_triple_input_gradient)
+    with pytest.raises(CaptureError, match="backward hooks on its own module"):
+        capture(model, (x,))
