@@ -381,7 +381,7 @@ def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
 
 
 class HooksNotKept(CaptureError):
-    """torch.export would leave gradient hooks out of the graph (its gradients would be other ones)."""
+    """torch.export would leave gradient hooks or a custom backward out of the graph (its gradients would be other ones)."""
 
 
 class _GradientHooks(TorchFunctionMode):
@@ -395,6 +395,29 @@ class _GradientHooks(TorchFunctionMode):
         if func in (torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook):
             self.seen = True
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _custom_functions_called() -> Iterator[list[type]]:
+    """The ``torch.autograd.Function`` subclasses of the model's own code that forward() calls.
+
+    torch.export traces their forward() and differentiates that: the backward the user wrote
+    (a gradient reversal, a straight-through estimator) is gone from the graph (walkthrough).
+    Function.apply is wrapped for the block; no torch function mode sees the call.
+    """
+    seen: list[type] = []
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith("torch."):
+            seen.append(cls)
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    try:
+        yield seen
+    finally:
+        torch.autograd.Function.apply = original  # type: ignore[method-assign]
 
 
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
@@ -412,8 +435,11 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        with gradient_hooks:
+        with gradient_hooks, _custom_functions_called() as functions:
             exported = torch.export.export(model, inputs, strict=False)
+    if functions:
+        raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
+                           "torch.export replaces by the gradient of its forward()")
     if gradient_hooks.seen:
         raise HooksNotKept("forward() registers a gradient hook on a tensor (Tensor.register_hook), which torch.export "
                            "leaves out of the graph")
@@ -792,8 +818,9 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
     if isinstance(export_exc, HooksNotKept):
         return CaptureError(
             f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({_reason(fx_exc)}); "
-            "expected gradient hooks on a submodule (register_full_backward_hook: placer keeps that module whole, "
-            "so autograd runs its hooks) and a forward() torch.fx can trace")
+            "expected gradient hooks and custom autograd Functions inside a submodule named as a leaf module "
+            "(leaf_modules; a submodule with backward hooks is kept whole anyway), so that autograd runs them, "
+            "and a forward() torch.fx can trace")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")

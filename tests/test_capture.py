@@ -741,3 +741,42 @@ def test_gradient_hooks_the_graph_would_lose_are_refused():
     model.register_full_backward_hook(_triple_input_gradient)
     with pytest.raises(CaptureError, match="backward hooks on its own module"):
         capture(model, (x,))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """The identity forward, a backward of its own (a gradient reversal layer)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -0.5 * grad
+
+
+class _Reversal(nn.Module):
+    def forward(self, x):
+        return _ReverseGradient.apply(x)
+
+
+class _Adversarial(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.reverse = _Reversal()
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.reverse(self.a(x))))
+
+
+def test_a_custom_autograd_function_is_refused_unless_its_module_is_a_leaf():
+    # torch.export traced the Function's forward and differentiated that: its backward was lost
+    torch.manual_seed(0)
+    model, x = _Adversarial(), torch.randn(6, 8)
+    with pytest.raises(CaptureError, match="calls the autograd Function _ReverseGradient, whose own backward"):
+        capture(model, (x,))
+    cap = capture(model, (x,), leaf_modules=["reverse"])
+    assert cap.method == "fx", cap.fx_error
+    _same_gradients(model, cap.gm, x)
