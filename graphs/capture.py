@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import operator
@@ -33,6 +34,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from graphs.errors import CaptureError
 from graphs.fingerprint import model_fingerprint
@@ -454,6 +456,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
+    pin_constant_inputs(gm, constant_inputs(inputs))
     follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 
@@ -689,6 +692,62 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
             "mode it computes something else (an 'if self.training:' branch, a tensor made from it, or a value "
             "that changes from one trace to the next): after .eval() the graph would still run the training one")
+
+
+def pin_constant_inputs(gm: fx.GraphModule, pinned: tuple[Any, dict[int, Any]]) -> None:
+    """Refuse a forward of ``gm`` whose inputs differ from the example's in what the graph
+    baked in: their structure (``None`` where a tensor was, a tuple of another length) or a
+    value that is not a tensor (``scale=3``, ``flag=False``).
+
+    torch.export specialises on those: called with ``scale=5`` the graph computed with 3, and
+    a mask passed where the example had ``None`` was ignored, with no error (walkthrough).
+    ``pinned`` is :func:`constant_inputs` of the example. A module-level forward pre-hook (the
+    module is pickled into job files), kept across apply's copy as :func:`refuse_eval_mode` is.
+    """
+    gm.placer_constant_inputs = pinned  # type: ignore[assignment]
+    if _refuse_other_constants not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_other_constants, with_kwargs=True)
+
+
+def constant_inputs(inputs: tuple) -> tuple[Any, dict[int, Any]]:
+    """The pytree structure of ``inputs`` and its leaves that are not tensors, by position."""
+    leaves, spec = tree_flatten(inputs)
+    return spec, {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+
+
+def _leaf_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor{list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and (a is b or bool(a == b))
+    except Exception:  # an object whose == is not a truth value: not one the graph can have compared
+        return True
+
+
+def _refuse_other_constants(module: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of :func:`pin_constant_inputs`."""
+    pinned: tuple[Any, dict[int, Any]] = module.placer_constant_inputs  # type: ignore[assignment]
+    spec, constants = pinned
+    values = args
+    if kwargs:  # keyword arguments in their positions (a forward following eval mode takes *args, **kwargs)
+        try:
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            values = (*bound.args, *bound.kwargs.values())
+        except TypeError:
+            values = (*args, *kwargs.values())
+    leaves, got = tree_flatten(values)
+    changed = [f"{_leaf_text(constants[i])} became {_leaf_text(leaves[i])}" for i in constants
+               if got == spec and not _same_constant(leaves[i], constants[i])]
+    if got != spec or changed:
+        what = "; ".join(changed) if changed else "their structure differs (e.g. a tensor where the example had None)"
+        raise CaptureError(f"the model's graph was captured by torch.export with the example inputs' values that "
+                           f"are not tensors baked in, and these inputs differ: {what}; expected inputs like the "
+                           "example's (tensors may change), or capture the model with these")
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:

@@ -780,3 +780,40 @@ def test_a_custom_autograd_function_is_refused_unless_its_module_is_a_leaf():
     cap = capture(model, (x,), leaf_modules=["reverse"])
     assert cap.method == "fx", cap.fx_error
     _same_gradients(model, cap.gm, x)
+
+
+class _Options(nn.Module):
+    """Arguments that are not tensors, and an optional mask: fx cannot trace the branches, torch.export bakes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x, mask=None, scale=2, flag=True):
+        h = self.a(x) * scale
+        if mask is not None:
+            h = h * mask
+        if flag:
+            h = torch.relu(h)
+        return self.b(h)
+
+
+def test_an_exported_graph_refuses_inputs_whose_baked_values_differ_from_the_examples():
+    # called with scale=5 the graph computed with the example's 3, and ignored a mask, silently
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x = _Options(), torch.randn(6, 8)
+    cap = capture(model, (x, None, 3, False))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n.name: "cpu" for n in cap.gm.graph.nodes})
+    for module in (cap.gm, placed):
+        torch.testing.assert_close(module(x[:3], None, 3, False), model(x[:3], None, 3, False))  # tensors may change
+        torch.testing.assert_close(module(x, None, scale=3, flag=False), model(x, None, 3, False))
+        with pytest.raises(CaptureError, match="these inputs differ: 3 became 5"):
+            module(x, None, 5, False)
+        with pytest.raises(CaptureError, match="False became True"):
+            module(x, None, 3, flag=True)
+        with pytest.raises(CaptureError, match=r"None became a tensor\[6, 8\]"):
+            module(x, torch.rand(6, 8), 3, False)

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import keep_plain_attributes, refuse_eval_mode, set_training_modes
+from graphs.capture import keep_plain_attributes, pin_constant_inputs, refuse_eval_mode, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.ops import INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
@@ -556,6 +556,8 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
     if getattr(src, "placer_eval_refusal", None):
         refuse_eval_mode(gm, src.placer_eval_refusal)
+    if getattr(src, "placer_constant_inputs", None):
+        pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm
 
 
