@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import itertools
 import logging
@@ -33,10 +34,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from graphs.errors import CaptureError
 from graphs.eval_mode import (
     EvalArguments,
+    _refuse_eval_forward,
     _same_tensor,
     export_eval_arguments,
     export_eval_plan,
@@ -48,6 +52,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
+from graphs.ops import AUGMENTED_ASSIGNMENTS, INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -94,12 +99,15 @@ class PlacerTracer(fx.Tracer):
         self.leaf_names = frozenset(leaf_names)
         self.grad_enabled = True
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
+        self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
+        self.autocast = _autocast_state()
         graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
+        _augmented_out_of_place(graph, self.root)
         return graph
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
@@ -107,6 +115,12 @@ class PlacerTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.grad_enabled and not torch.is_grad_enabled():
             self.without_grad.append(node)
+        if kind != "placeholder" and _autocast_state() != self.autocast:
+            # fx records no autocast region: its ops would run in float32 where the model ran
+            # them in bfloat16 (walkthrough: 3e-3 max output difference, every placement
+            # failing the check). torch.export records the region (wrap_with_autocast).
+            raise AutocastNotTraced(f"forward() enters torch.autocast around {kind} {_target_name(target)}; "
+                                    "torch.fx does not record autocast")
         return node
 
     def _refuse_grad_mode_it_drops(self, graph: fx.Graph) -> None:
@@ -143,12 +157,87 @@ class PlacerTracer(fx.Tracer):
                     f"around {node.op} {target}, which reads trainable parameters; torch.fx does not "
                     "record the grad mode")
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedProxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if m._backward_hooks or m._backward_pre_hooks:
+            # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
+            # called whole, autograd runs them.
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class _AugmentedProxy(fx.Proxy):
+    """An fx Proxy that records ``x += y`` (and ``-=``, ``*=``, ``|=`` ...) as the in-place update it is.
+
+    fx's Proxy defines no ``__iadd__``, so Python ran ``x = x + y``: a new tensor in the
+    graph where the model updates ``x`` in place, and a view or another name of ``x`` taken
+    before read the old values (walkthrough: ``t = h.t(); h += y`` gave another output).
+    Where nothing reads the old tensor again, :func:`_augmented_out_of_place` turns the
+    update back into ``x + y``.
+    """
+
+
+def _record_augmented(name: str) -> None:
+    target = AUGMENTED_ASSIGNMENTS[name]
+
+    def record(self: fx.Proxy, value: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, value), {})
+
+    record.__name__ = f"__{name}__"
+    setattr(_AugmentedProxy, record.__name__, record)
+
+
+for _name in AUGMENTED_ASSIGNMENTS:
+    _record_augmented(_name)
+
+
+def _writes_first_argument(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` updates its first argument in place (``add_``, ``x += y``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True or node.target in INPLACE_OPERATORS:
+        return True
+    if node.op == "call_module":
+        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
+    name = op_name(node)
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__")
+
+
+def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
+    """Record ``x += y`` as ``x + y`` where nothing can tell the two apart.
+
+    The in-place form is needed only where the old tensor is read again after the update
+    (through its name, a view of it or the tensor it views) or belongs to the caller (an
+    input, an attribute). Elsewhere (``out += identity`` at the end of a residual block) the
+    out-of-place form computes the same and keeps what stage runtimes rely on: a stage may
+    receive ``out`` as a fresh autograd leaf, which an in-place update refuses.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    storage: dict[fx.Node, fx.Node] = {}  # node -> the node whose storage its result may share
+    for n in nodes:
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        shares = first is not None and (_writes_first_argument(n, root) or (
+            n.op in ("call_function", "call_method") and op_name(n) in STAYS_WITH_INPUT_OPS))
+        storage[n] = storage[first] if shares and first is not None else n
+    for n in nodes:
+        name = getattr(n.target, "__name__", "")
+        if n.op != "call_function" or AUGMENTED_ASSIGNMENTS.get(name) is not n.target:
+            continue
+        target = n.args[0]
+        base = storage[target] if isinstance(target, fx.Node) else None
+        if base is not None and base.op in ("placeholder", "get_attr"):
+            continue
+        read_after = base is not None and any(
+            position[user] > position[n] for alias in nodes[:position[n]] if storage[alias] is base
+            for user in alias.users if user is not n)
+        if not read_after:
+            n.target = getattr(operator, name[1:], None) or getattr(operator, f"{name[1:]}_")
+            storage[n] = n
 
 
 def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], set[str]]:
@@ -195,6 +284,7 @@ def _as_inputs(example_inputs: Any) -> tuple:
 def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iterable[str] = (),
              name: str = "model") -> fx.GraphModule:
     """Symbolically trace ``model`` with :class:`PlacerTracer` (raises whatever fx raises)."""
+    _refuse_root_hooks(model)
     tracer = PlacerTracer(leaf_types, leaf_names)
     with _no_constants_left_on(model, tracer):
         graph = tracer.trace(model)
@@ -278,12 +368,69 @@ def quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+class HooksNotKept(CaptureError):
+    """torch.export would leave gradient hooks or a custom backward out of the graph (its gradients would be other ones)."""
+
+
+class _GradientHooks(TorchFunctionMode):
+    """Notes the gradient hooks forward() registers on tensors (``h.register_hook(fn)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook):
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _custom_functions_called() -> Iterator[list[type]]:
+    """The ``torch.autograd.Function`` subclasses of the model's own code that forward() calls.
+
+    torch.export traces their forward() and differentiates that: the backward the user wrote
+    (a gradient reversal, a straight-through estimator) is gone from the graph (walkthrough).
+    Function.apply is wrapped for the block; no torch function mode sees the call.
+    """
+    seen: list[type] = []
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith("torch."):
+            seen.append(cls)
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    try:
+        yield seen
+    finally:
+        torch.autograd.Function.apply = original  # type: ignore[method-assign]
+
+
 def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
-    """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata."""
+    """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata.
+
+    Raises:
+        CaptureError: the model has backward hooks, or forward() registers gradient hooks on
+            tensors: torch.export keeps neither, so the graph's gradients would be other ones.
+    """
+    hooked = [path or "the model" for path, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise HooksNotKept(f"module {hooked[0]!r} has backward hooks (register_full_backward_hook), which torch.export "
+                           "leaves out of the graph")
+    gradient_hooks = _GradientHooks()
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        exported = torch.export.export(model, inputs, strict=False)
+        with gradient_hooks, _custom_functions_called() as functions:
+            exported = torch.export.export(model, inputs, strict=False)
+    if functions:
+        raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
+                           "torch.export replaces by the gradient of its forward()")
+    if gradient_hooks.seen:
+        raise HooksNotKept("forward() registers a gradient hook on a tensor (Tensor.register_hook), which torch.export "
+                           "leaves out of the graph")
     # Guards are checks on later inputs' shapes; placement runs the example's shapes and
     # a guard node would be one more (cost-free) node to place.
     gm = exported.module(check_guards=False)
@@ -295,6 +442,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
+    pin_constant_inputs(gm, constant_inputs(inputs))
     follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 
@@ -426,6 +574,62 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
     return _own_constants(graph, lambda target: target not in state, eval_gm, gm)
 
 
+def pin_constant_inputs(gm: fx.GraphModule, pinned: tuple[Any, dict[int, Any]]) -> None:
+    """Refuse a forward of ``gm`` whose inputs differ from the example's in what the graph
+    baked in: their structure (``None`` where a tensor was, a tuple of another length) or a
+    value that is not a tensor (``scale=3``, ``flag=False``).
+
+    torch.export specialises on those: called with ``scale=5`` the graph computed with 3, and
+    a mask passed where the example had ``None`` was ignored, with no error (walkthrough).
+    ``pinned`` is :func:`constant_inputs` of the example. A module-level forward pre-hook (the
+    module is pickled into job files), kept across apply's copy as :func:`refuse_eval_mode` is.
+    """
+    gm.placer_constant_inputs = pinned  # type: ignore[assignment]
+    if _refuse_other_constants not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_other_constants, with_kwargs=True)
+
+
+def constant_inputs(inputs: tuple) -> tuple[Any, dict[int, Any]]:
+    """The pytree structure of ``inputs`` and its leaves that are not tensors, by position."""
+    leaves, spec = tree_flatten(inputs)
+    return spec, {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+
+
+def _leaf_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor{list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and (a is b or bool(a == b))
+    except Exception:  # an object whose == is not a truth value: not one the graph can have compared
+        return True
+
+
+def _refuse_other_constants(module: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of :func:`pin_constant_inputs`."""
+    pinned: tuple[Any, dict[int, Any]] = module.placer_constant_inputs  # type: ignore[assignment]
+    spec, constants = pinned
+    values = args
+    if kwargs:  # keyword arguments in their positions (a forward following eval mode takes *args, **kwargs)
+        try:
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            values = (*bound.args, *bound.kwargs.values())
+        except TypeError:
+            values = (*args, *kwargs.values())
+    leaves, got = tree_flatten(values)
+    changed = [f"{_leaf_text(constants[i])} became {_leaf_text(leaves[i])}" for i in constants
+               if got == spec and not _same_constant(leaves[i], constants[i])]
+    if got != spec or changed:
+        what = "; ".join(changed) if changed else "their structure differs (e.g. a tensor where the example had None)"
+        raise CaptureError(f"the model's graph was captured by torch.export with the example inputs' values that "
+                           f"are not tensors baked in, and these inputs differ: {what}; expected inputs like the "
+                           "example's (tensors may change), or capture the model with these")
+
+
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
     """Remove the forward hooks torch.export's module registers (export/_unlift.py,
     ``_create_stateful_graph_module``): the closures over example inputs that are nn.Modules,
@@ -476,6 +680,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
         log.info("capturing %s in training mode (it was in eval mode); its modes are restored afterwards", name)
         model.train()
     trace_modes = training_modes(model)
+    _refuse_root_backward_hooks(model, name)
     try:
         return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn)
     finally:
@@ -559,6 +764,12 @@ def _reason(exc: BaseException, limit: int = 240) -> str:
 
 
 def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) -> CaptureError:
+    if isinstance(export_exc, HooksNotKept):
+        return CaptureError(
+            f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({_reason(fx_exc)}); "
+            "expected gradient hooks and custom autograd Functions inside a submodule named as a leaf module "
+            "(leaf_modules; a submodule with backward hooks is kept whole anyway), so that autograd runs them, "
+            "and a forward() torch.fx can trace")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")
@@ -575,6 +786,53 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 class GradModeNotTraced(CaptureError):
     """forward() changes the grad mode, which torch.fx cannot record (torch.export can)."""
+
+
+class RootHooksNotTraced(CaptureError):
+    """The model's own module has forward hooks, which torch.fx does not run (torch.export does)."""
+
+
+def _refuse_root_backward_hooks(model: nn.Module, name: str) -> None:
+    """Raise :class:`CaptureError` when the model's own module has backward hooks: fx traces
+    its forward() (no module call for autograd to hook), torch.export leaves them out, and
+    the model itself cannot be one node to place."""
+    if model._backward_hooks or model._backward_pre_hooks:
+        raise CaptureError(f"cannot capture model {name!r}: it has backward hooks on its own module "
+                           "(register_full_backward_hook), which neither torch.fx nor torch.export keeps; expected "
+                           "them on a submodule (placer keeps such a submodule whole, so autograd runs its hooks)")
+
+
+def _refuse_root_hooks(root: nn.Module) -> None:
+    """Raise :class:`RootHooksNotTraced` when ``root`` has forward (pre-)hooks of its own.
+
+    fx traces ``root.forward``, not ``root(...)``: hooks registered on the model itself were
+    left out of the graph (walkthrough: a forward hook returning ``output - 1`` made every output
+    1.0 off), while hooks on submodules run. torch.export traces the call, hooks included.
+    placer's own eval-mode pre-hook (a placed graph captured again) is not the user's.
+    """
+    hooks = [h for h in [*root._forward_pre_hooks.values(), *root._forward_hooks.values()]
+             if h is not _refuse_eval_forward]
+    if hooks:
+        names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
+        raise RootHooksNotTraced(f"the model has {len(hooks)} forward hook(s) of its own ({names}); torch.fx "
+                                 "traces forward() without them")
+
+
+class AutocastNotTraced(CaptureError):
+    """forward() enters or leaves ``torch.autocast``, which torch.fx cannot record (torch.export can)."""
+
+
+#: Device types whose autocast state a forward() may change.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[bool, torch.dtype], ...]:
+    """Whether autocast is on, and to which dtype, per device type."""
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _target_name(target: Any) -> str:
+    return str(getattr(target, "__name__", target))
 
 
 class TraceTimeUpdate(CaptureError):

@@ -108,7 +108,7 @@ def is_inplace(attrs: Mapping[str, Any], inplace_kwarg: bool = False) -> bool:
     name = op_name(target)
     if name.startswith("__") and name.endswith("__"):
         return name[2:-2] in INPLACE_OPERATOR_NAMES
-    if target.startswith(("operator.", "_operator.")) and name in INPLACE_OPERATOR_NAMES:
+    if target.startswith(("operator.", "_operator.", "graphs.ops.")) and name in INPLACE_OPERATOR_NAMES:
         return True
     return name.endswith("_") and name.strip("_") != ""
 

@@ -178,7 +178,8 @@ REAL_CHECK_MAX_PARAMS = 20_000_000
 
 
 def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the model") -> None:
-    """Run one forward pass under ``torch.no_grad``; raise ModelFileError when it fails.
+    """Run one forward pass under ``torch.no_grad`` (again with gradients if that fails: a forward
+    may register gradient hooks); raise ModelFileError when it fails.
 
     Small models run on the real inputs (buffers restored afterwards, so a BatchNorm in
     training mode keeps its statistics); large ones on fake tensors (no memory, no compute).
@@ -194,8 +195,14 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
               for path, t in _tensor_paths(value, names[i] if i < len(names) else f"#{i}")]
     saved = [(t, t.detach().clone(), t._version) for _, t in inputs]
     try:
-        with torch.no_grad(), preserved_buffers(model):
-            model(*example_inputs)
+        try:
+            with torch.no_grad(), preserved_buffers(model):
+                model(*example_inputs)
+        except Exception:
+            # Some forwards need autograd (h.register_hook raises on a tensor without grad):
+            # the verdict is the training-mode run's, which placer places.
+            with torch.enable_grad(), preserved_buffers(model):
+                model(*example_inputs)
     except Exception as exc:  # any failure of user code is the user's input not fitting
         where = _user_location(exc)
         raise ModelFileError(

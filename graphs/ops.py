@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch.fx as fx
 
@@ -59,8 +60,35 @@ INPLACE_OPERATOR_NAMES: frozenset[str] = frozenset({
     "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
     "ixor", "ilshift", "irshift", "setitem",
 })
-#: The same operators as the functions an fx graph calls (``operator.iadd`` ...).
-INPLACE_OPERATORS: frozenset[Callable[..., object]] = frozenset(getattr(operator, name) for name in INPLACE_OPERATOR_NAMES)
+
+
+def _augmented_assignment(name: str) -> Callable[[Any, Any], Any]:
+    apply = getattr(operator, name)
+
+    def augmented(target: Any, value: Any) -> Any:
+        # operator.iadd updates a tensor in place and returns it, and returns a new value
+        # for an int; the caller's name for the old value is never rebound (fx's own code
+        # for operator.iadd nodes, "a += b; iadd = a", rebinds it: an int read again later
+        # would read the sum).
+        return apply(target, value)
+
+    augmented.__name__ = augmented.__qualname__ = name
+    augmented.__doc__ = f"``target {name[1:]}= value`` as fx records it: ``operator.{name}(target, value)``."
+    return augmented
+
+
+#: ``x += y`` and the other augmented assignments as the functions placer's fx tracer records
+#: (:class:`graphs.capture.PlacerTracer`): fx's Proxy has no ``__iadd__``, so Python fell back to
+#: ``x = x + y`` and the graph computed a new tensor where the model updated one in place (a
+#: view or another name of ``x`` then read the old values). Module-level names, so that a
+#: GraphModule calling them pickles.
+AUGMENTED_ASSIGNMENTS: dict[str, Callable[[Any, Any], Any]] = {
+    name: _augmented_assignment(name) for name in sorted(INPLACE_OPERATOR_NAMES - {"setitem"})}
+globals().update(AUGMENTED_ASSIGNMENTS)
+
+#: The same operators as the functions an fx graph calls (``operator.iadd`` ..., and placer's own).
+INPLACE_OPERATORS: frozenset[Callable[..., object]] = frozenset(
+    [getattr(operator, name) for name in INPLACE_OPERATOR_NAMES] + list(AUGMENTED_ASSIGNMENTS.values()))
 
 
 def op_name(target: fx.Node | str) -> str:
@@ -89,10 +117,12 @@ def op_name(target: fx.Node | str) -> str:
 
 
 def canonical_op_name(name: str) -> str:
-    """The out-of-place name the cost tables use: ``add_`` → ``add``, ``__add__`` → ``add``.
+    """The out-of-place name the cost tables use: ``add_`` → ``add``, ``__add__`` → ``add``, ``iadd`` → ``add``.
 
     Copies keep their in-place spelling (``copy_`` is its own op in :data:`COPY_OPS`).
     """
     if name.endswith("_") and not name.endswith("__") and name not in COPY_OPS:
         name = name[:-1]
+    if name in INPLACE_OPERATOR_NAMES and name != "setitem":  # iadd (x += y) computes what add does
+        return name[1:]
     return name.strip("_") if name.startswith("__") else name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
+import pickle
 import subprocess
 import sys
 
@@ -584,3 +586,260 @@ def test_tracing_the_eval_mode_leaves_the_models_state_as_it_was(cls):
     cap = capture(model, (torch.randn(3, 4),))
     assert cap.method == ("fx" if cls is _EvalCounter else "export")
     assert model.evaluated == 0 and model.training
+
+
+class _AugmentedAssignments(nn.Module):
+    """``h += ...`` and ``h *= ...`` on a tensor that a view and a second name still read afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        t = h.t()
+        skip = h
+        h += self.b(x)
+        h *= 0.5
+        width = x.size(1)
+        columns = width
+        columns -= 4  # a number: the sum is new, width keeps its value
+        return self.c(t.t() + skip) + h[:, :columns].sum() + width
+
+
+def test_an_augmented_assignment_updates_the_tensor_in_place_as_the_model_does():
+    torch.manual_seed(0)
+    model, x = _AugmentedAssignments(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error
+    assert [n.target.__name__ for n in cap.gm.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "__module__", "") == "graphs.ops"] == ["iadd", "imul", "isub"]
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+    reference = copy.deepcopy(model)
+    reference(x).sum().backward()
+    cap.gm(x).sum().backward()
+    theirs = dict(cap.gm.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0)
+    # a captured graph is pickled to worker processes and saved with torch.save
+    torch.testing.assert_close(pickle.loads(pickle.dumps(cap.gm))(x), model(x), rtol=0, atol=0)
+
+
+def test_an_augmented_assignment_stays_with_the_tensor_it_updates_in_the_groups():
+    from graphs.grouping import group_graph
+
+    torch.manual_seed(0)
+    cap = capture(_AugmentedAssignments(), (torch.randn(6, 8),))
+    grouping = group_graph(cap.graph, gm=cap.gm)
+    assert grouping.op_to_group["iadd"] == grouping.op_to_group["imul"] == grouping.op_to_group["a"]
+
+
+class _AutocastInForward(nn.Module):
+    """Part of forward() under ``torch.autocast`` to bfloat16, as mixed-precision models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu(self.a(x))
+        return self.b(h.float())
+
+
+def test_an_autocast_region_in_forward_is_captured_with_its_dtype():
+    torch.manual_seed(0)
+    model, x = _AutocastInForward(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "autocast" in (cap.fx_error or ""), cap.fx_error
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_captured_under_the_callers_autocast_stays_with_fx():
+    torch.manual_seed(0)
+    model, x = _AugmentedAssignments(), torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cap = capture(model, (x,))
+        assert cap.method == "fx", cap.fx_error
+        torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+class _ResidualAugmented(nn.Module):
+    """``out += identity`` at the end of a residual block: nothing reads ``out``'s old value again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = self.a(x)
+        out += self.b(x)
+        return out
+
+
+def test_an_augmented_assignment_whose_old_value_nobody_reads_is_recorded_out_of_place():
+    # a stage runtime hands a stage its inputs as fresh autograd leaves, which refuse an in-place update
+    torch.manual_seed(0)
+    model, x = _ResidualAugmented(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    calls = [n.target for n in cap.gm.graph.nodes if n.op == "call_function"]
+    assert calls == [operator.add]
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def test_forward_hooks_on_the_model_itself_are_captured_with_it():
+    # fx traces forward(), not the call: a hook on the model itself was left out of the graph
+    torch.manual_seed(0)
+    model, x = _ResidualAugmented(), torch.randn(6, 8)
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    model.register_forward_hook(lambda module, args, output: output - 1.0)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "forward hook(s) of its own" in (cap.fx_error or ""), cap.fx_error
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
+def _triple_input_gradient(module, grad_input, grad_output):
+    return (grad_input[0] * 3.0,)
+
+
+def _halve(grad):
+    return grad * 0.5
+
+
+class _Tanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.f(x))
+
+
+class _GradientHooked(nn.Module):
+    """A backward hook on a submodule fx would trace through, and a gradient hook forward() registers."""
+
+    def __init__(self, block_hook: bool = True, tensor_hook: bool = False) -> None:
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.block = _Tanh()
+        self.out = nn.Linear(8, 2)
+        if block_hook:
+            self.block.register_full_backward_hook(_triple_input_gradient)
+        self.tensor_hook = tensor_hook
+
+    def forward(self, x):
+        h = self.pre(x)
+        if self.tensor_hook:
+            h.register_hook(_halve)  # fx cannot trace it (a function as an argument)
+        return self.out(self.block(h))
+
+
+def _same_gradients(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    reference = copy.deepcopy(model)
+    reference(x).square().sum().backward()
+    gm(x).square().sum().backward()
+    theirs = dict(gm.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(theirs[name].grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_backward_hooks_of_a_submodule_run_in_the_captured_graph():
+    torch.manual_seed(0)
+    model, x = _GradientHooked(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == "fx", cap.fx_error
+    assert "block" in [n.target for n in cap.gm.graph.nodes if n.op == "call_module"]  # kept whole
+    _same_gradients(model, cap.gm, x)
+
+
+def test_gradient_hooks_the_graph_would_lose_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    with pytest.raises(CaptureError, match=r"Tensor.register_hook\), which torch.export leaves out"):
+        capture(_GradientHooked(block_hook=False, tensor_hook=True), (x,))
+    with pytest.raises(CaptureError, match=r"module 'block' has backward hooks"):
+        capture(_GradientHooked(tensor_hook=True), (x,))  # fx cannot trace it, so it is not kept whole
+    model = _GradientHooked(block_hook=False)
+    model.register_full_backward_hook(_triple_input_gradient)
+    with pytest.raises(CaptureError, match="backward hooks on its own module"):
+        capture(model, (x,))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """The identity forward, a backward of its own (a gradient reversal layer)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -0.5 * grad
+
+
+class _Reversal(nn.Module):
+    def forward(self, x):
+        return _ReverseGradient.apply(x)
+
+
+class _Adversarial(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.reverse = _Reversal()
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.reverse(self.a(x))))
+
+
+def test_a_custom_autograd_function_is_refused_unless_its_module_is_a_leaf():
+    # torch.export traced the Function's forward and differentiated that: its backward was lost
+    torch.manual_seed(0)
+    model, x = _Adversarial(), torch.randn(6, 8)
+    with pytest.raises(CaptureError, match="calls the autograd Function _ReverseGradient, whose own backward"):
+        capture(model, (x,))
+    cap = capture(model, (x,), leaf_modules=["reverse"])
+    assert cap.method == "fx", cap.fx_error
+    _same_gradients(model, cap.gm, x)
+
+
+class _Options(nn.Module):
+    """Arguments that are not tensors, and an optional mask: fx cannot trace the branches, torch.export bakes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x, mask=None, scale=2, flag=True):
+        h = self.a(x) * scale
+        if mask is not None:
+            h = h * mask
+        if flag:
+            h = torch.relu(h)
+        return self.b(h)
+
+
+def test_an_exported_graph_refuses_inputs_whose_baked_values_differ_from_the_examples():
+    # called with scale=5 the graph computed with the example's 3, and ignored a mask, silently
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x = _Options(), torch.randn(6, 8)
+    cap = capture(model, (x, None, 3, False))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n.name: "cpu" for n in cap.gm.graph.nodes})
+    for module in (cap.gm, placed):
+        torch.testing.assert_close(module(x[:3], None, 3, False), model(x[:3], None, 3, False))  # tensors may change
+        torch.testing.assert_close(module(x, None, scale=3, flag=False), model(x, None, 3, False))
+        with pytest.raises(CaptureError, match="these inputs differ: 3 became 5"):
+            module(x, None, 5, False)
+        with pytest.raises(CaptureError, match="False became True"):
+            module(x, None, 3, flag=True)
+        with pytest.raises(CaptureError, match=r"None became a tensor\[6, 8\]"):
+            module(x, torch.rand(6, 8), 3, False)

@@ -353,3 +353,111 @@ def test_two_modules_sharing_a_weight_on_two_ranks_are_refused():
     gm = fx.symbolic_trace(TiedEmbeddingOutput())
     with pytest.raises(SplitError, match="one module must be placed on one rank"):
         split_by_rank(gm, {"emb": 0, "out": 1}, 2)
+
+
+class _MaskUpdatedAfterItIsRead(torch.nn.Module):
+    """A mask (no gradient) read by the second rank, then halved in place and read again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        m = (x > 0).float()
+        y = self.a(x) + m
+        m.mul_(0.5)
+        return self.c(y * m)
+
+
+class _ActivationUpdatedAfterItIsRead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = h.sum(1, keepdim=True)
+        h.mul_(2.0)
+        return self.c(h) + y
+
+
+def _traced(model: torch.nn.Module) -> fx.GraphModule:
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    return capture(model, (torch.randn(6, 8),)).gm
+
+
+class _EmaReadOnAnotherRank(torch.nn.Module):
+    """A buffer updated in place in forward(): read on rank 1, it left rank 0 before its update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.ema.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        return self.c(torch.tanh(h) + self.ema)
+
+
+@pytest.mark.parametrize("model, on_rank_1", [
+    (_EmaReadOnAnotherRank, {"add", "c"}),  # rank 1 trained with the EMA of the step before (walkthrough)
+    (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),  # the mask's old values would reach rank 1
+    (_ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),  # and here h's
+    (_ActivationUpdatedAfterItIsRead, {"sum_1"}),  # mul_ would update a fresh leaf in rank 0's next stage
+])
+def test_a_value_updated_in_place_after_it_leaves_its_stage_is_refused(model, on_rank_1):
+    gm = _traced(model())
+    ranks = {n.name: int(n.name in on_rank_1) for n in gm.graph.nodes if n.op != "placeholder"}
+    with pytest.raises(SplitError, match="updates .* in place after the value left its stage"):
+        split_by_rank(gm, ranks, 2)
+
+
+class _ActivationUpdatedBeforeItIsRead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu_(self.a(x))
+        return self.c(h)
+
+
+def test_a_value_updated_in_place_before_it_leaves_its_stage_splits():
+    gm = _traced(_ActivationUpdatedBeforeItIsRead())
+    ranks = {n.name: int(n.name == "c") for n in gm.graph.nodes if n.op != "placeholder"}
+    plan = split_by_rank(gm, ranks, 2)  # relu_'s result leaves after the update
+    assert [t.value for t in plan.transfers if t.dst_rank == 1] == ["relu_"]
+
+
+class _ReassignedCounter(torch.nn.Module):
+    """``self.calls = self.calls + 1``: torch.export writes it back with copy_ at the graph's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.a = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.a(x)
+
+
+def test_a_buffer_is_held_by_the_rank_of_the_op_that_updates_it_in_place():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    cap = capture(_ReassignedCounter(), (torch.randn(6, 8),))
+    assert cap.method == "export"
+    gm = cap.gm
+    write = next(n.name for n in gm.graph.nodes if "copy_" in str(n.target))
+    ranks = {n.name: int(n.name in {"add", write}) for n in gm.graph.nodes if n.op != "placeholder"}
+    plan = split_by_rank(gm, ranks, 2)  # the buffer read on rank 0 would be updated on a copy on rank 1
+    holder = next(s for s in plan.stages if "calls" in s.nodes)
+    assert holder.rank == 1

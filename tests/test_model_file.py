@@ -262,3 +262,25 @@ def test_a_forward_that_modifies_its_input_in_place_is_refused_naming_it_and_the
         check_inputs_fit(Doubling(), (x, {"mask": mask}), "doubling")
     assert torch.equal(mask, torch.ones(3, 4))
     check_inputs_fit(nn.Linear(4, 2), (x,), "linear")  # reading inputs is fine
+
+
+def test_a_forward_that_needs_autograd_fits_its_inputs():
+    """h.register_hook raises under torch.no_grad: the inputs fit, the model needs gradients
+    (it was refused as 'the example inputs do not fit the model'; walkthrough)."""
+    from torch import nn
+
+    from graphs.model_file import check_inputs_fit
+
+    class Reversing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.register_hook(lambda grad: -grad)
+            return h
+
+    check_inputs_fit(Reversing(), (torch.randn(3, 4),), "reversing")
+    with pytest.raises(ModelFileError, match="do not fit"):
+        check_inputs_fit(Reversing(), (torch.randn(3, 5),), "reversing")

@@ -13,6 +13,7 @@ import torch.fx as fx
 from graphs.flops import node_bytes_moved, node_flops
 from graphs.grouping import group_graph, is_inplace, is_view
 from graphs.ops import (
+    AUGMENTED_ASSIGNMENTS,
     COPY_OPS,
     INPLACE_OPERATOR_NAMES,
     INPLACE_OPERATORS,
@@ -109,7 +110,10 @@ def test_an_op_has_one_name_from_a_node_and_from_its_target_text():
 
 
 def test_grouping_and_apply_share_one_list_of_python_operators_that_update_their_left_operand():
-    assert INPLACE_OPERATORS == {getattr(operator, name) for name in INPLACE_OPERATOR_NAMES}
+    assert INPLACE_OPERATORS == ({getattr(operator, name) for name in INPLACE_OPERATOR_NAMES}
+                                 | set(AUGMENTED_ASSIGNMENTS.values()))
+    assert set(AUGMENTED_ASSIGNMENTS) == INPLACE_OPERATOR_NAMES - {"setitem"}
+    assert is_inplace({"op": "call_function", "target": "graphs.ops.iadd"})  # placer's tracer records x += y so
     # x[i] = y mutates x (the fx node is operator.setitem): grouping keeps it with x's producer.
     assert is_inplace({"op": "call_function", "target": "operator.setitem"})
     assert is_inplace({"op": "call_method", "target": "__setitem__"})

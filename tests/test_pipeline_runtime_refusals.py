@@ -240,3 +240,28 @@ def test_a_rank_maps_the_job_file_and_owns_only_the_tensors_it_keeps(tmp_path):
     own_memory([first])  # what a rank keeps of stage 0: its Linear's 32 MiB
     assert resident() - before > 24 * 2**20
     torch.testing.assert_close(first.weight, model[0].weight)
+
+
+def test_an_in_place_update_of_a_value_an_earlier_stage_made_is_refused_before_any_process_starts(no_process_starts):
+    """The later stage receives the value as an autograd leaf: the update failed inside the
+    job, once every rank had started ('[Stage 1] failed to run forward'; walkthrough)."""
+    from graphs.capture import capture
+
+    class UpdatesWhatItReceives(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.c = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = h.sum(1, keepdim=True)
+            h.mul_(2.0)
+            return self.c(h) + y
+
+    x = torch.randn(4, 8)
+    gm = capture(UpdatesWhatItReceives(), (x,), name="updates").gm
+    names = [n.name for n in gm.graph.nodes if n.op != "placeholder"]
+    pipe = Pipeline(((names[0],), tuple(names[1:])), ("cpu:0", "cpu:1"), 2, "gpipe")
+    with pytest.raises(PipelineError, match=r"node 'mul_' \(stage 1\) updates 'a' of stage 0 in place"):
+        run_training(gm, {"x": x}, pipe, steps=1, loss_fn=lambda out, x: out.mean())

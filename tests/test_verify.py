@@ -206,3 +206,71 @@ def test_parameters_the_loss_gives_no_gradient_are_named_not_silently_left_out()
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok and set(report.no_gradient) == {"b.weight", "b.bias"}
     assert "2 trainable parameters get no gradient from the loss on either side (e.g. 'b." in report.describe()
+
+
+def test_the_check_sees_a_copy_that_misses_an_in_place_update_as_a_real_device_would(monkeypatch):
+    """Virtual devices on the CPU: a transfer there returns the tensor itself, so a copy made too
+    early still saw a later in-place update; the check's transfers copy, as real devices' do."""
+    import envs.runtime.apply as apply_module
+
+    spec = _stateful_spec()
+    cap = capture(spec.model, spec.example_inputs, name="stateful")
+    # the EMA updated on one device and read (by add) on the other
+    assignment = {n: ("b" if n in ("add", "out") else "a") for n in cap.graph.nodes}
+    devices = {"a": "cpu", "b": "cpu"}
+    assert check_placement(spec, cap, assignment, real_devices=devices).ok
+    # apply as it would be if it copied the EMA where it is read first, before its update
+    monkeypatch.setattr(apply_module, "_updated_in_place", lambda gm: set())
+    report = check_placement(spec, cap, assignment, real_devices=devices)
+    assert not report.ok and report.output_diff > report.tolerance, report.describe()
+
+
+class _DropsOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 16)
+        self.drop = torch.nn.Dropout(0.5)
+        self.b = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+def test_the_check_knows_which_devices_draw_from_another_generator_than_the_model():
+    from envs.runtime.check import _draws_elsewhere
+
+    model = torch.nn.Linear(2, 2)  # on the CPU
+    assert not _draws_elsewhere(model, {"n": "a", "m": "b"}, {"a": "cpu", "b": "cpu"})
+    assert not _draws_elsewhere(model, {"n": "cpu"}, None)
+    assert _draws_elsewhere(model, {"n": "gpu0", "m": "cpu"}, {"gpu0": "cuda:0", "cpu": "cpu"})
+    assert _draws_elsewhere(model, {"n": "cuda:1"}, None)
+
+
+def test_a_dropout_model_placed_on_a_device_with_its_own_generator_is_compared_with_dropout_off(monkeypatch):
+    """On a GPU, dropout draws its masks from the GPU's generator, not the CPU's the original
+    uses: every dropout model failed the check there. Emulated on the CPU: the placed side's
+    generator is in another state (a draw before each forward), as a GPU's would be."""
+    import envs.runtime.check as check_module
+    from graphs.model_file import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_DropsOut(), example_inputs=(torch.randn(8, 6),), name="drops")
+    cap = capture(spec.model, spec.example_inputs, name="drops")
+    applied = check_module.apply_placement
+
+    def placed_on_its_own_generator(*args, **kwargs):
+        placed = applied(*args, **kwargs)
+        def another_state(module, inputs):
+            torch.rand(1)
+
+        placed.register_forward_pre_hook(another_state)
+        return placed
+
+    monkeypatch.setattr(check_module, "apply_placement", placed_on_its_own_generator)
+    monkeypatch.setattr(check_module, "_draws_elsewhere", lambda *args: True, raising=False)
+    report = check_placement(spec, cap, {n: "gpu0" for n in cap.graph.nodes}, real_devices={"gpu0": "cpu"})
+    assert report.ok, report.describe()
+    assert report.without_dropout and "compared with dropout off" in report.describe()
+    # where every device draws from the original's generator, masks are compared number for number
+    monkeypatch.setattr(check_module, "_draws_elsewhere", lambda *args: False)
+    assert not check_placement(spec, cap, {n: "gpu0" for n in cap.graph.nodes}, real_devices={"gpu0": "cpu"}).ok

@@ -18,7 +18,10 @@ Mutation rules (why the applied model computes exactly what the original does):
 state that an op updates in place (BatchNorm running statistics, ``num_batches_tracked``
 in export graphs) is moved to the device of the op that updates it, and an in-place op
 on an activation runs on the device of the tensor it mutates. Otherwise the update
-would land on a transferred copy and be lost.
+would land on a transferred copy and be lost. The same holds through views: a view of a
+tensor that is updated in place runs where that tensor lives, and its readers on other
+devices get their copy right before they read it (a copy made when the view was made
+would miss the update, as a real device's copy does; a CPU "copy" is the tensor itself).
 
 Non-blocking copies: a transfer is issued with ``non_blocking=True`` only when its
 destination is an accelerator. Host→device copies from pageable memory are staged
@@ -44,12 +47,12 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
-from graphs.capture import set_training_modes
+from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
 from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import INPLACE_OPERATORS
+from graphs.ops import INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
 
 __all__ = [
     "ApplyError",
@@ -57,6 +60,7 @@ __all__ = [
     "to_device",
     "transfer_nodes",
     "in_place_writes",
+    "later_writes",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
@@ -84,20 +88,23 @@ _BATCHNORM_ATEN = {
 }
 
 
-def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
+def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = False) -> Any:
     """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
 
     Non-tensor leaves pass through unchanged. This is the target of every transfer
-    node that :func:`apply_placement` inserts.
+    node that :func:`apply_placement` inserts. ``copy``: a tensor already on ``device``
+    is cloned rather than passed on as itself, as a move between two real devices gives
+    the destination its own storage.
     """
 
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return x.to(device, non_blocking=non_blocking)
+            moved = x.to(device, non_blocking=non_blocking)
+            return moved.clone() if copy and moved is x else moved
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             # pytree leaves a dataclass output whole: its tensors stayed where they were made,
             # not on the output device the loss code was promised (walkthrough).
-            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking)
+            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking, copy)
                                              for f in dataclasses.fields(x) if f.init})
         return x
 
@@ -278,54 +285,100 @@ def _effective_devices(
             dev[n.name] = ins[0] if ins else first
 
     # Mutation: state follows the op that updates it; an in-place op on an activation
-    # runs where that activation lives.
+    # runs where that activation lives. A view of a tensor that something updates in place
+    # (h.narrow(...), buf[:2]) runs where that tensor lives too: a view made on another
+    # device would be a copy, so a write through it would miss the tensor, and the tensor's
+    # updates would miss it.
+    root = _storage_roots(gm)
+    written = {root[arg.name].name for n in nodes for arg in _written_nodes(n, gm)}
     state_owner: dict[str, str] = {}
     for n in nodes:
-        for i in _mutated_args(n, gm):
-            arg = n.args[i]
-            if not isinstance(arg, fx.Node):
+        for arg in _written_nodes(n, gm):
+            base = root[arg.name]
+            if base.op != "get_attr" or (arg is not base and base.name in state_owner):
                 continue
-            if arg.op == "get_attr":
-                prev = state_owner.get(arg.name)
-                if prev is not None and prev != dev[n.name]:
-                    raise ApplyError(
-                        f"state {arg.target!r} is updated in place on {prev} and on {dev[n.name]}; "
-                        f"the ops that update it must be on one device"
-                    )
-                state_owner[arg.name] = dev[n.name]  # type: ignore[assignment]
-                dev[arg.name] = dev[n.name]
-            elif dev.get(arg.name) is not None:
+            prev = state_owner.get(base.name)
+            if prev is not None and prev != dev[n.name]:
+                raise ApplyError(
+                    f"state {base.target!r} is updated in place on {prev} and on {dev[n.name]}; "
+                    f"the ops that update it must be on one device"
+                )
+            state_owner[base.name] = dev[n.name]  # type: ignore[assignment]
+    dev.update(state_owner)
+    for n in nodes:
+        parent = _view_parent(n)
+        if parent is not None and root[n.name].name in written and dev.get(parent.name) is not None:
+            dev[n.name] = dev[parent.name]
+        for arg in _written_nodes(n, gm):
+            if arg.op != "get_attr" and dev.get(arg.name) is not None:
                 dev[n.name] = dev[arg.name]
     return dev
+
+
+def _view_parent(node: fx.Node) -> fx.Node | None:
+    """The node whose storage ``node``'s result may share as a view (``view``, ``transpose``,
+    ``narrow``, ``getitem``, ``reshape``, ``contiguous``…: :data:`graphs.ops.STAYS_WITH_INPUT_OPS`,
+    those that may copy included); None for any other op."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0] if op_name(node) in STAYS_WITH_INPUT_OPS else None
+
+
+def _written_nodes(node: fx.Node, root: torch.nn.Module) -> list[fx.Node]:
+    """The nodes whose tensors ``node`` updates in place."""
+    return [a for i in _mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
+
+
+def _storage_roots(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Node name -> the node that made the storage its result lives in: followed through views
+    (:func:`_view_parent`) and through in-place ops that return their first argument (``x.mul_(a)``
+    returns ``x``); a node that makes its own storage is its own root."""
+    roots: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        source = _view_parent(n)
+        if 0 in _mutated_args(n, gm) and isinstance(n.args[0], fx.Node):
+            source = n.args[0]
+        roots[n.name] = roots[source.name] if source is not None else n
+    return roots
 
 
 def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """Every in-place update in ``gm``, in graph order: ``(the node that writes, the node whose
     tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
-    returns ``x`` itself: ``.add_`` on its result writes ``x``), so it is a ``get_attr`` node
-    when the write reaches a parameter or buffer."""
-    alias: dict[str, fx.Node] = {}
-    writes: list[tuple[fx.Node, fx.Node]] = []
+    returns ``x`` itself: ``.add_`` on its result writes ``x``) and through views (``buf[:2].add_(1)``
+    writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
+    roots = _storage_roots(gm)
+    return [(n, roots[arg.name]) for n in gm.graph.nodes for arg in _written_nodes(n, gm)]
+
+
+def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Node name -> the first node after it that updates its storage in place (through the
+    node itself, a view of it or the tensor it views). Nodes whose storage nothing updates
+    after them are left out. A value handed to another process is a copy that such an update
+    misses, and a stage input is a fresh autograd leaf that refuses it."""
+    roots = _storage_roots(gm)
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    writers: dict[str, list[fx.Node]] = {}
+    for writer, written in in_place_writes(gm):
+        writers.setdefault(written.name, []).append(writer)
+    out: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:
-        mutated = [n.args[i] for i in _mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
-        writes += [(n, alias.get(arg.name, arg)) for arg in mutated]
-        if mutated:
-            alias[n.name] = alias.get(mutated[0].name, mutated[0])
-    return writes
+        later = [w for w in writers.get(roots[n.name].name, ()) if position[w.name] > position[n.name]]
+        if later:
+            out[n.name] = later[0]
+    return out
 
 
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:
-    """Nodes whose tensor some op updates in place (directly or through an in-place op's result)."""
+    """Nodes whose storage some op updates in place: the written tensor, its views and the
+    in-place ops' results (a view made before the update sees it; a copy made then would not)."""
 
     def tensor(n: fx.Node) -> str:  # two get_attr nodes of one attribute read one tensor
         return f"attr:{n.target}" if n.op == "get_attr" else n.name
 
-    writes = in_place_writes(gm)
-    alias: dict[str, fx.Node] = {}
-    for writer, written in writes:
-        alias.setdefault(writer.name, written)  # its result is its first written argument
-    targets = {tensor(written) for _, written in writes}
-    return {n.name for n in gm.graph.nodes if tensor(alias.get(n.name, n)) in targets}
+    roots = _storage_roots(gm)
+    targets = {tensor(written) for _, written in in_place_writes(gm)}
+    return {n.name for n in gm.graph.nodes if tensor(roots[n.name]) in targets}
 
 
 def apply_placement(
@@ -335,6 +388,7 @@ def apply_placement(
     non_blocking: bool = True,
     inplace: bool = False,
     real_devices: Mapping[str, str] | None = None,
+    copy_transfers: bool = False,
 ) -> fx.GraphModule:
     """Return a GraphModule that runs ``model`` with each node on its placed device.
 
@@ -352,6 +406,10 @@ def apply_placement(
             edges are decided on the names, so a transfer node sits between two virtual
             devices even when both map onto the same real device (the copy is then a
             no-op at run time, but the graph is the one a real cluster would run).
+        copy_transfers: every transfer gives its destination a tensor of its own, also
+            between virtual devices on one real device. The numerical check runs so: a
+            no-op transfer hands over the tensor itself, so a copy made before an in-place
+            update of it would still see the update here and not on a real cluster.
 
     Returns:
         The placed GraphModule. It carries ``placer_placement`` (device name per node),
@@ -364,7 +422,7 @@ def apply_placement(
             mapped, or a module/tensor used by several nodes placed on different devices.
     """
     with paused_gc():  # copying and rewriting a large graph: see graphs.gc_pause
-        return _apply(model, placement, output_device, non_blocking, inplace, real_devices)
+        return _apply(model, placement, output_device, non_blocking, inplace, real_devices, copy_transfers)
 
 
 def check_applicable(model: Any, placement: Mapping[str, str], output_device: str | None = None,
@@ -407,7 +465,7 @@ def _resolved_placement(src: fx.GraphModule, placement: Mapping[str, str], outpu
 
 
 def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, non_blocking: bool,
-           inplace: bool, real_devices: Mapping[str, str] | None) -> fx.GraphModule:
+           inplace: bool, real_devices: Mapping[str, str] | None, copy_transfers: bool = False) -> fx.GraphModule:
     src = _as_graph_module(model)
     canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
 
@@ -453,7 +511,8 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
                     t = graph.call_function(
                         to_device,
                         (producer, real),
-                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu")},
+                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
+                         **({"copy": True} if copy_transfers else {})},
                     )
                 t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
                 t.meta["placer_transfer"] = (src_dev, dst)
@@ -499,6 +558,8 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
     if getattr(src, "placer_eval_refusal", None):
         refuse_eval_mode(gm, src.placer_eval_refusal)
+    if getattr(src, "placer_constant_inputs", None):
+        pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm
 
 

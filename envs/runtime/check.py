@@ -11,6 +11,10 @@ state of each carried from one step to the next, and after every step compares
 * every buffer (BatchNorm running statistics, ``num_batches_tracked``, an EMA or a step
   counter that forward() updates in place).
 
+Every transfer of the placed model copies, also between virtual devices that share the CPU
+(where a transfer would return the tensor itself): a copy made before an in-place update
+of its tensor misses the update on a real cluster, and so it does here.
+
 One step with buffers restored would pass a placed model that loses an in-place buffer
 update: its first output is right and it diverges from the second step on. Comparing the
 buffers and later steps catches that. The copies are trained, never the user's model.
@@ -94,6 +98,9 @@ class CheckReport:
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
         no_gradient: trainable parameters the loss gives no gradient on either side (a head
             whose output the loss does not read): not a difference, but nothing was compared for them.
+        without_dropout: the placement runs ops on a device the original model is not on, whose
+            dropout draws its masks from that device's own generator (a GPU's), and the model
+            drops out: both sides were compared with dropout off.
     """
 
     output_diff: float
@@ -120,6 +127,7 @@ class CheckReport:
     split_without_dropout: bool = False
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
+    without_dropout: bool = False
 
     @property
     def ok(self) -> bool:
@@ -189,6 +197,9 @@ class CheckReport:
                      f"(e.g. {self.no_gradient[0]!r}: the loss does not depend on {'them' if n != 1 else 'it'})")
         if self.missing_state:
             text += f"; state on one side only: {list(self.missing_state)[:3]}"
+        if self.without_dropout:
+            text += ("; compared with dropout off: the placement's devices draw dropout masks from generators of "
+                     "their own, so a run with dropout is the same in distribution, not number for number")
         if self.split_checked:
             text += f"; {self.describe_split()}"
         if self.original_nonfinite:
@@ -335,7 +346,10 @@ def check_placement(
         raise ModelFileError(reason)
     with paused_gc(), torch.random.fork_rng(devices=_cuda_indices(real_devices, assignment)):
         original = copy.deepcopy(spec.model)
-        placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None)
+        # Transfers copy, as between real devices, even where virtual devices share the CPU:
+        # a copy that misses an in-place update shows here as it would on the cluster.
+        placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None,
+                                 copy_transfers=True)
         # Both in the modes the graph was traced in (training, unless the user froze a
         # module): a traced graph keeps the mode it was captured in, whatever .train() says.
         modes = getattr(captured, "training_modes", None) or {"": True}
@@ -355,10 +369,14 @@ def check_placement(
         nonfinite = ""
         ref_state, state = _state(original), _state(placed)
         missing_state = tuple(sorted(set(ref_state) ^ set(state)))
+        # Dropout on another device than the original's draws from that device's generator: the
+        # same in distribution, other masks (every dropout model failed the check on a GPU).
+        no_dropout = _NoDropout() if _draws_elsewhere(spec.model, assignment, real_devices) else None
         for step in range(1, steps + 1):
-            ref_out, ref_loss, ref_grads = _forward_backward(original, spec, spec.example_inputs, seed + step - 1,
-                                                             ref_opt)
-            out, loss, grads = _forward_backward(placed, spec, spec.example_inputs, seed + step - 1, opt)
+            with no_dropout or contextlib.nullcontext():
+                ref_out, ref_loss, ref_grads = _forward_backward(original, spec, spec.example_inputs,
+                                                                 seed + step - 1, ref_opt)
+                out, loss, grads = _forward_backward(placed, spec, spec.example_inputs, seed + step - 1, opt)
             step_out = max((_scaled_diff(a, b) for a, b in zip(out, ref_out)), default=0.0)
             if len(out) != len(ref_out):
                 step_out = float("inf")
@@ -413,6 +431,7 @@ def check_placement(
         replicas=replicas,
         original_nonfinite=nonfinite,
         no_gradient=tuple(n for n in trainable if n not in graded),
+        without_dropout=no_dropout is not None and no_dropout.switched,
         **split_fields,  # type: ignore[arg-type]
     )
 
@@ -687,6 +706,27 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
     if updated:  # read back within the step (a warm-up counter): the later micro-batches see it advanced
         return _buffer_cause(updated[0], *split)
     return "an op mixes samples across the batch (a normalisation over it, a sum or mean over dim 0)"
+
+
+def _generator_of(device: str | torch.device) -> str:
+    """The random generator ops on ``device`` draw from: one for the CPU, one per accelerator."""
+    dev = torch.device(device)
+    return "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
+
+
+def _draws_elsewhere(model: torch.nn.Module, assignment: Mapping[str, str],
+                     real_devices: Mapping[str, str] | None) -> bool:
+    """Whether the placement runs ops on a device whose generator is not the original model's."""
+    first = next(iter(model.parameters()), None)
+    home = _generator_of(first.device if first is not None else "cpu")
+    for name in set(assignment.values()):
+        real = real_devices.get(name, name) if real_devices is not None else name
+        try:
+            if _generator_of(real) != home:
+                return True
+        except (RuntimeError, TypeError):
+            continue  # apply_placement refuses it with a clear message
+    return False
 
 
 def _cuda_indices(real_devices: Mapping[str, str] | None, assignment: Mapping[str, str]) -> list[int]:

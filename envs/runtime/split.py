@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from envs.runtime.apply import in_place_writes, later_writes
 from envs.sim.stages import cut_stages
 from graphs.errors import PlacerError
 
@@ -197,7 +198,8 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
     A ``call_module`` node owns its module's tensors. A ``get_attr`` node reading a tensor
     that a module on another rank owns (tied weights: GPT-2's embedding read again by the
     output projection) is moved to the owner's rank: the weight then crosses as a value
-    each step and its gradient comes back to the owner, which alone updates it.
+    each step and its gradient comes back to the owner, which alone updates it. A ``get_attr``
+    node whose tensor an op updates in place goes to that op's rank.
     """
     owner: dict[int, tuple[int, str]] = {}
 
@@ -214,9 +216,16 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
             mod = gm.get_submodule(str(n.target))
             for t in list(mod.parameters()) + list(mod.buffers()):
                 claim(t, rank[n.name], f"node {n.name!r}")
+    # State follows the op that updates it (as in apply): torch.export writes a reassigned buffer
+    # back with copy_ at the graph's end, wherever its get_attr was placed; an update made on
+    # another rank than the one holding the buffer landed on a received copy and was lost.
+    updated_on = {held.name: rank[writer.name] for writer, held in reversed(in_place_writes(gm))
+                  if held.op == "get_attr"}
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             continue
+        if n.name in updated_on:
+            rank[n.name] = updated_on[n.name]
         path, _, attr = str(n.target).rpartition(".")
         value = getattr(gm.get_submodule(path) if path else gm, attr)
         tensors = [value] if isinstance(value, torch.Tensor) else (
@@ -227,6 +236,32 @@ def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:
             rank[n.name] = owners.pop()
         for t in tensors:
             claim(t, rank[n.name], f"node {n.name!r}")
+
+
+def _may_require_grad(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
+    return bool(getattr(meta, "requires_grad", True))
+
+
+def _refuse_updates_after_handover(gm: fx.GraphModule, transfers: list[Transfer]) -> None:
+    """Refuse a value that leaves its stage before an in-place update of it (``h.relu_()``
+    after another rank read ``h``, ``m.mul_(0.5)`` on a mask already sent).
+
+    Another rank receives a copy, which the update misses: it computed with the old values
+    and no error (walkthrough: losses 0.083 against 0.023). A later stage on the same rank
+    gets a fresh autograd leaf, and an in-place update of a leaf that requires grad fails.
+    """
+    later = later_writes(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for t in transfers:
+        writer = later.get(t.value)
+        if writer is None or (t.src_rank == t.dst_rank and not _may_require_grad(nodes[t.value])):
+            continue
+        where = f"to rank {t.dst_rank}" if t.src_rank != t.dst_rank else "to a later stage of its rank"
+        raise SplitError(
+            f"node {writer.name!r} updates {t.value!r} in place after the value left its stage (rank {t.src_rank}) "
+            f"{where}, which gets a copy the update misses (or an autograd leaf that refuses it); expected "
+            f"{t.value!r}, its in-place updates and the nodes that read it on one rank, the updates before the reads")
 
 
 def _names_in(arg: Any) -> Any:
@@ -313,6 +348,7 @@ def split_by_rank(
         Transfer(value, stage_of[value], rank[value], dst_rank, dst_stage)
         for (value, dst_rank), dst_stage in first_use.items()
     ]
+    _refuse_updates_after_handover(gm, transfers)
     # Deterministic order: by producer stage, then the producer's output order, then consumer rank.
     pos = {name: (stage_of[name], stages[stage_of[name]].outputs.index(name)) for name in stage_of
            if name in needed_out[stage_of[name]]}

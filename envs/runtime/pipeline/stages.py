@@ -95,6 +95,7 @@ def split_stages(gm: fx.GraphModule, pipeline: Pipeline) -> list[StageSpec]:
                 raise PipelineError(f"node {n.name!r} (stage {st[n.name]}) reads {a.name!r} of stage {st[a.name]}; "
                                     "expected stages contiguous in a topological order")
     _check_state_updates(gm, st)
+    _check_received_updates(gm, st)
     last_use = {n.name: max((st[u.name] for u in n.users), default=st[n.name])
                 for n in nodes if n.op not in ("placeholder", "output")}
 
@@ -152,6 +153,26 @@ def _check_state_updates(gm: fx.GraphModule, st: Mapping[str, int]) -> None:
                     f"node {other.name!r} (stage {st[other.name]}) reads {held.target!r}, which node {n.name!r} "
                     f"(stage {st[n.name]}) updates in place: stage {st[other.name]} would read its own copy, which "
                     "the update never reaches; expected every read of the attribute in the stage that updates it")
+
+
+def _check_received_updates(gm: fx.GraphModule, st: Mapping[str, int]) -> None:
+    """Refuse an in-place update of a value that an earlier stage made (``h.mul_(2)`` in stage 1
+    on ``h`` of stage 0): the stage receives it as a fresh autograd leaf, and PyTorch refuses an
+    in-place update of a leaf that requires grad (the job failed only once every rank had
+    started: '[Stage 1] failed to run forward').
+
+    Raises:
+        PipelineError: naming the update, the value and the two stages.
+    """
+    for n, held in in_place_writes(gm):
+        if held.op in ("get_attr", "placeholder") or st[held.name] >= st[n.name]:
+            continue
+        meta = held.meta.get("tensor_meta", held.meta.get("val"))
+        if getattr(meta, "requires_grad", True):
+            raise PipelineError(
+                f"node {n.name!r} (stage {st[n.name]}) updates {held.name!r} of stage {st[held.name]} in place: the "
+                "stage receives it as an autograd leaf, which cannot be updated in place; expected the value and "
+                "its in-place updates in one stage")
 
 
 #: Types of boundary values that are not sent but rebuilt as constants in the reading stage
