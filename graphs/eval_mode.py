@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
 from graphs.module_attributes import ensure_module, keep_plain_attributes
+from graphs.ops import mutated_args
 
 #: aten ops of a torch.export graph whose argument at this index is the module's training flag.
 _TRAINING_ARGUMENT = {
@@ -349,16 +350,12 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
     return eval_forward
 
 
-def _in_place(n: fx.Node) -> bool:
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return n.op != "call_module" and str(name).endswith("_") and not str(name).endswith("__")
-
-
 class DataFollowingInterpreter(fx.Interpreter):
     """Runs a graph of ``module`` (its eval graph) over the module's placed state.
 
     Each op runs on the device of its module's parameters (a ``call_module``), of the tensor
-    it updates (an in-place op), where the placement put the training graph's op of the same
+    it updates (an in-place op: :func:`graphs.ops.mutated_args`, aten's ``add_.Tensor`` and
+    ``x[i] = y`` included), where the placement put the training graph's op of the same
     name, op and target (``placer_placement``: most of an eval graph is the training graph's),
     or else where its latest-made input is (a residual add follows the block it closes, not
     the stream it adds to); other tensor inputs are copied there, and the output goes to the
@@ -394,8 +391,9 @@ class DataFollowingInterpreter(fx.Interpreter):
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if len({t.device for t in tensors}) <= 1:
             return None  # nothing to move
-        if _in_place(n):
-            return tensors[0].device
+        written = [args[i] for i in mutated_args(n, self.module) if isinstance(args[i], torch.Tensor)]
+        if written:  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
+            return written[0].device
         if n.name in self.placed and self.twins.get(n.name) == (n.op, n.target):
             return self.placed[n.name]
         made = [m for m in n.all_input_nodes if m.op != "get_attr" and isinstance(self.env.get(m), torch.Tensor)]

@@ -49,7 +49,7 @@ from graphs.errors import PlacerError
 from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import INPLACE_OPERATORS
+from graphs.ops import mutated_args
 
 __all__ = [
     "ApplyError",
@@ -71,18 +71,6 @@ class ApplyError(PlacerError, ValueError):
 #: does not need the tensor on its own device, so no copy is made for it.
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
 _METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "is_cuda", "requires_grad"})
-
-#: aten ops that update running statistics in place without saying so in their schema
-#: (argument indices of running_mean / running_var).
-_BATCHNORM_ATEN = {
-    "aten::batch_norm": (3, 4),
-    "aten::native_batch_norm": (3, 4),
-    "aten::_native_batch_norm_legit": (3, 4),
-    "aten::_batch_norm_impl_index": (3, 4),
-    "aten::instance_norm": (3, 4),
-    "aten::cudnn_batch_norm": (3, 4),
-}
-
 
 def to_device(value: Any, device: str, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
@@ -136,38 +124,6 @@ def _canonical(dev: torch.device) -> str:
     if dev.index is None and dev.type in ("cuda", "xpu", "mps"):
         return f"{dev.type}:0"
     return str(dev)
-
-
-def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
-    """Indices of ``node.args`` that ``node`` updates in place."""
-    if node.op == "call_method":
-        t = str(node.target)
-        return [0] if t.endswith("_") and not t.startswith("__") else []
-    if node.op == "call_module":
-        mod = root.get_submodule(str(node.target))
-        return [0] if getattr(mod, "inplace", False) is True else []
-    if node.op != "call_function":
-        return []
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        schema = target._schema
-        idx = [
-            i
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write and i < len(node.args)
-        ]
-        bn = _BATCHNORM_ATEN.get(schema.name)
-        if bn is not None:
-            idx += [i for i in bn if i < len(node.args)]
-        return idx
-    name = getattr(target, "__name__", "")
-    if name in ("batch_norm", "instance_norm") and getattr(target, "__module__", "").startswith("torch.nn.functional"):
-        return [1, 2]
-    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
-        return [0]
-    if target in INPLACE_OPERATORS:
-        return [0]  # x += y, x[i] = y update their left operand
-    return []
 
 
 def _metadata_only(user: fx.Node, producer: fx.Node) -> bool:
@@ -281,7 +237,7 @@ def _effective_devices(
     # runs where that activation lives.
     state_owner: dict[str, str] = {}
     for n in nodes:
-        for i in _mutated_args(n, gm):
+        for i in mutated_args(n, gm):
             arg = n.args[i]
             if not isinstance(arg, fx.Node):
                 continue
@@ -307,7 +263,7 @@ def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     alias: dict[str, fx.Node] = {}
     writes: list[tuple[fx.Node, fx.Node]] = []
     for n in gm.graph.nodes:
-        mutated = [n.args[i] for i in _mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
+        mutated = [n.args[i] for i in mutated_args(n, gm) if isinstance(n.args[i], fx.Node)]
         writes += [(n, alias.get(arg.name, arg)) for arg in mutated]
         if mutated:
             alias[n.name] = alias.get(mutated[0].name, mutated[0])
