@@ -285,12 +285,18 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 
 def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
+    """The targets of ``graph`` that ``root`` lacks, or holds only as a bare ``nn.Module``: the
+    path :func:`graphs.capture.complete_state` (or fx's rebuild) made to hold the parameters of
+    a module the training graph never calls, which has no forward to call."""
     out = []
     for n in graph.nodes:
         if n.op in ("get_attr", "call_module"):
             try:
-                _resolve(root, str(n.target))
+                value = _resolve(root, str(n.target))
             except AttributeError:
+                out.append(str(n.target))
+                continue
+            if n.op == "call_module" and type(value) is nn.Module:
                 out.append(str(n.target))
     return out
 
@@ -312,7 +318,7 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
         path, _, field = target.rpartition(".")
         owner = ensure_module(dst, path)
         if isinstance(value, nn.Module):
-            owner.add_module(field, value)
+            owner.add_module(field, value)  # in the bare module's place: its tensors are this one's
         elif isinstance(value, nn.Parameter):
             owner.register_parameter(field, value)
         else:  # a plain tensor (fx's constants): state the model does not have stays out of state_dict

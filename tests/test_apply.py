@@ -1105,3 +1105,42 @@ def test_an_eval_graphs_in_place_update_runs_where_its_buffer_is():
         torch.testing.assert_close(placed.seen, model.seen, rtol=0, atol=0)
         placed._buffers["seen"] = placed._buffers["seen"].to("meta")
         DataFollowingInterpreter(placed, graph=placed.placer_eval_graph).run(x)  # before: meta -> cpu failed
+
+
+class _EvalOnlyHead(nn.Module):
+    """A head only eval mode calls: the training graph never reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        self.eval_head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            return self.b(h)
+        return self.eval_head(h)
+
+
+def test_a_module_only_eval_mode_calls_evaluates_as_the_original():
+    """complete_state put the head's parameters on a bare nn.Module at its path, which the eval
+    graph then called: 'Module [Module] is missing the required forward function' (review)."""
+    import pickle
+
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _EvalOnlyHead(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    assert list(placed.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        placed.eval_head.weight.add_(1.0)  # the placed model's own head, loaded back into the original
+    model.load_state_dict(placed.state_dict())
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    for twin in (copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)
+        assert any(p is twin.eval_head.weight for p in twin.parameters())
