@@ -383,21 +383,22 @@ class DataFollowingInterpreter(fx.Interpreter):
             return super().run_node(n)
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            device = self._device_for(n, args, kwargs)
-            if device is not None:
-                args, kwargs = _moved((args, kwargs), device)
+            tensors: list[torch.Tensor] = []
+            fx.node.map_aggregate((args, kwargs), lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
+            device = self._device_for(n, args, tensors)
+            if device is not None and any(t.device != device for t in tensors):
+                args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: _moved(v, device))
             return getattr(self, n.op)(n.target, args, kwargs)
 
-    def _device_for(self, n: fx.Node, args: Any, kwargs: Any) -> torch.device | None:
+    def _device_for(self, n: fx.Node, args: tuple, tensors: list[torch.Tensor]) -> torch.device | None:
         if n.op == "call_module":
             module = self.fetch_attr(str(n.target))
             state = next(itertools.chain(module.parameters(), module.buffers()), None)
             if state is not None:
                 return state.device
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if len({t.device for t in tensors}) <= 1:
             return None  # nothing to move
-        written = [args[i] for i in mutated_args(n, self.module) if isinstance(args[i], torch.Tensor)]
+        written = [args[i] for i in mutated_args(n, self.module) if i < len(args) and isinstance(args[i], torch.Tensor)]
         if written:  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
             return written[0].device
         if n.name in self.placed and self.twins.get(n.name) == (n.op, n.target):
