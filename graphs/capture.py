@@ -390,6 +390,27 @@ def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.
     return graph
 
 
+#: Modules whose forward takes PyTorch's fused fast path in eval mode under ``torch.no_grad()``
+#: (``torch._transformer_encoder_layer_fwd``, ``_native_multi_head_attention``, nested tensors
+#: for a padding mask), which torch.export never records: it traces the standard path.
+_FAST_PATH_MODULES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _warn_of_fast_paths(model: nn.Module) -> None:
+    """Say that an exported model with :data:`_FAST_PATH_MODULES` computes their standard path
+    in eval mode where the original, under ``torch.no_grad()``, takes the fast one: equal up to
+    rounding (the fused kernels round otherwise), except at the positions a
+    ``src_key_padding_mask`` pads, which ``nn.TransformerEncoder``'s nested tensors fill with 0
+    (review: 1.97 apart there, with no word)."""
+    paths = [path for path, m in model.named_modules() if isinstance(m, _FAST_PATH_MODULES)]
+    if paths:
+        log.warning("%s is captured by torch.export, which records the standard path of %s: after .eval(), "
+                    "under torch.no_grad() the original takes PyTorch's fast path instead, whose fused kernels "
+                    "round otherwise and whose nested tensors (nn.TransformerEncoder with a padding mask) give 0 "
+                    "at padded positions, where the placed model gives the standard path's values",
+                    type(model).__name__, ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else ""))
+
+
 def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
                  trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
@@ -402,6 +423,7 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
     with a training flag placer's table did not know kept its training mode. Exporting twice
     costs a second export at capture.
     """
+    _warn_of_fast_paths(model)
     model.eval()
     try:
         with _restored(model), quiet_torch_logs(logging.CRITICAL):

@@ -319,7 +319,10 @@ def place(
         the model's eval-mode graph over the placed parameters). A forward that draws a new
         constant at every trace (``random.random()``) refuses eval mode with an error that
         says so; evaluate such a model with the original after
-        ``model.load_state_dict(placed.state_dict())``. Build the optimizer on its parameters.
+        ``model.load_state_dict(placed.state_dict())``. A model torch.export captures runs
+        ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` in their standard path,
+        where the original takes PyTorch's fast path under ``torch.no_grad()`` (a warning at
+        capture says how they differ). Build the optimizer on its parameters.
         It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
