@@ -20,6 +20,7 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import operator
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -327,33 +329,60 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
 
 
 def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
-    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`),
+    called as the training forward fx generates is: the same arguments, by position or by
+    name, with the same defaults (:func:`_signature`)."""
     codegen = graph._codegen
     info = getattr(codegen, "pytree_info", None)
     in_spec = info.in_spec if info is not None else None
+    signature = _signature(graph)
 
     def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        if in_spec is not None:  # torch.export's graphs take the inputs' leaves
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            if spec != in_spec:
-                raise TypeError(f"forward() takes inputs shaped as {in_spec}, got {spec}")
-            out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
-            return codegen.process_outputs(out)
-        values = list(args)
-        for n in placeholders[len(args):]:
-            name = str(n.target).lstrip("*")
-            if name in kwargs:
-                values.append(kwargs.pop(name))
-            elif n.args:
-                values.append(n.args[0])
-            else:
-                raise TypeError(f"forward() missing its argument {name!r}")
-        if kwargs:
-            raise TypeError(f"forward() got unexpected keyword arguments {sorted(kwargs)}")
-        return DataFollowingInterpreter(self, graph=graph).run(*values)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values: list[Any] = []
+        for p in signature.parameters.values():
+            value = bound.arguments[p.name]
+            values.extend(value) if p.kind is inspect.Parameter.VAR_POSITIONAL else values.append(value)
+        if in_spec is None:
+            return DataFollowingInterpreter(self, graph=graph).run(*values)
+        # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
+        if _has_args_and_kwargs(in_spec):
+            count = in_spec.child(0).num_children
+            inputs: Any = (values[:count], dict(zip(in_spec.child(1).context, values[count:])))
+        else:
+            inputs = values
+        leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
+        out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
+        return codegen.process_outputs(out)
 
     return eval_forward
+
+
+def _signature(graph: fx.Graph) -> inspect.Signature:
+    """The signature of the forward fx generates for ``graph``: its placeholders (their
+    defaults; ``*args``), or torch.export's original argument names."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                  for name in info.orig_args])
+    parameters = []
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        name = str(n.target)
+        if name.startswith("*"):
+            parameters.append(inspect.Parameter(name.lstrip("*"), inspect.Parameter.VAR_POSITIONAL))
+        else:
+            default = n.args[0] if n.args else inspect.Parameter.empty
+            parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    return inspect.Signature(parameters)
+
+
+def _has_args_and_kwargs(in_spec: pytree.TreeSpec) -> bool:
+    """Whether torch.export's ``in_spec`` is ``(args, kwargs)`` (fx's ``_PyTreeCodeGen`` asks the same)."""
+    return (in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple
+            and in_spec.child(1).type is dict)
 
 
 class DataFollowingInterpreter(fx.Interpreter):

@@ -1165,3 +1165,43 @@ def test_an_exported_transformer_encoder_says_its_eval_mode_is_not_the_no_grad_f
     placed = apply_placement(cap, {})
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x, None, pad), model(x, None, pad), rtol=0, atol=0)
+
+
+class _KeywordsAndTrainingBranch(nn.Module):
+    """fx traces it (defaults become its placeholders' defaults); eval mode takes another branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float = 2.0, shift=None):
+        h = self.a(x) * scale
+        if self.training:
+            h = h * 0.5
+        return h
+
+
+def test_the_eval_forward_takes_its_arguments_as_the_training_forward_does():
+    """By name, by position, with defaults, and too many refused, in both modes (review: a
+    torch.export model refused placed(x=x) in eval mode only, and fx's eval forward dropped
+    extra positional arguments without a word)."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    exported, x = _ExportedTrainingBranch(), torch.randn(3, 4)
+    placed = apply_placement(capture(exported, (x,)), {})
+    for mode in (False, True):
+        placed.train(mode), exported.train(mode)
+        torch.testing.assert_close(placed(x=x), exported(x), rtol=0, atol=0)
+        with pytest.raises(TypeError):
+            placed(x, x)
+    model = _KeywordsAndTrainingBranch()
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {})
+    for mode in (False, True):
+        placed.train(mode), model.train(mode)
+        for args, kwargs in (((x,), {}), ((), {"x": x}), ((x, 3.0), {}), ((x,), {"scale": 3.0})):
+            torch.testing.assert_close(placed(*args, **kwargs), model(*args, **kwargs), rtol=0, atol=0)
+        with pytest.raises(TypeError):
+            placed(x, 3.0, None, 7)
