@@ -302,26 +302,53 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
-                 leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer]]:
-    """``model`` traced again by fx, with its warnings silenced and its state restored after;
+                 leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer, list[str]]]:
+    """``model`` traced again by fx, with its warnings silenced and its state restored after
+    (the list names, once the block ends, the Python attributes the trace set: :func:`_restored`);
     the constants the trace put on ``model`` stay there until the block ends (for comparing
     them), then go."""
     tracer = PlacerTracer(leaf_types, leaf_names)
-    with _restored(model), _no_constants_left_on(model, tracer), warnings.catch_warnings():
+    with _restored(model) as python_state, _no_constants_left_on(model, tracer), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield tracer.trace(model), tracer
+        yield tracer.trace(model), tracer, python_state
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
+def _restored(model: nn.Module) -> Iterator[list[str]]:
     """The model's tensors and Python attributes as they were before the block: a trace in eval
     mode runs forward()'s Python once more, and what only eval mode updates (``if not
-    self.training: self.seen += 1``) is not the captured graph's to keep."""
+    self.training: self.seen += 1``, ``self.last = h``) is not the captured graph's to keep (a
+    tracer's Proxy was left on the user's model, which then no longer pickled: review). The
+    list it yields names, when the block has ended, the Python attributes the block set: state
+    no graph records."""
     snapshot = _StateSnapshot.take(model)
+    attributes = {path: dict(vars(m)) for path, m in model.named_modules(remove_duplicate=False)}
+    python_state: list[str] = []
     try:
-        yield
+        yield python_state
     finally:
+        for path, m in model.named_modules(remove_duplicate=False):
+            before = attributes.get(path, {})
+            for key, value in list(vars(m).items()):
+                if key in before and before[key] is value:
+                    continue
+                if key not in before or not _same_value(before[key], value):  # torch.export rebuilds tuples
+                    python_state.append(f"{path}.{key}" if path else key)
+                if key in before:
+                    vars(m)[key] = before[key]  # type: ignore[index]  # an instance's writable __dict__
+                else:
+                    del vars(m)[key]  # type: ignore[attr-defined]
         snapshot.restore(model)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values of a Python attribute are equal (tensors only by identity)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a value that cannot say whether it is equal has changed
+        return False
 
 
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
@@ -341,8 +368,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     """
     model.eval()
     found: EvalArguments | fx.Graph | None
+    python_state: list[str] = []
     try:
-        with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer):
+        with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer, python_state):
             found = fx_eval_arguments(gm.graph, graph)
             # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
             # attribute, read by a get_attr of the same name in both traces.
@@ -358,11 +386,13 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
         found = None
     finally:
         set_training_modes(model, trace_modes)
+    if python_state:
+        return _eval_python_state(python_state)
     if found is not None:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.
         try:
-            with _quiet_trace(model, leaf_types, leaf_names) as (again, _):
+            with _quiet_trace(model, leaf_types, leaf_names) as (again, _, _):
                 if fx_eval_arguments(gm.graph, again) != {}:
                     found = None
         except Exception:  # noqa: BLE001
@@ -372,6 +402,12 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
             "mode it cannot be traced, or a value changes from one trace to the next: after .eval() the graph "
             "would still run the training one")
+
+
+def _eval_python_state(names: list[str]) -> str:
+    """Why a model whose forward sets Python attributes in eval mode cannot follow ``.eval()``."""
+    return (f"forward() sets the Python attribute {names[0]!r} in eval mode, which no graph records: after "
+            ".eval() the placed model would compute without it")
 
 
 def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.Module,
@@ -412,11 +448,12 @@ def _warn_of_fast_paths(model: nn.Module) -> None:
 
 
 def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
-                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph:
+                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
     in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
     own graph where it runs other ops; where the eval mode cannot be exported, the training
-    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning.
+    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning; where
+    it sets Python attributes, why it cannot follow ``.eval()``.
 
     torch.export runs ``if self.training:`` while tracing, so the graph keeps the training
     branch: after ``placed.eval()`` it ran that branch with no error (walkthrough), and an op
@@ -425,8 +462,9 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
     """
     _warn_of_fast_paths(model)
     model.eval()
+    python_state: list[str] = []
     try:
-        with _restored(model), quiet_torch_logs(logging.CRITICAL):
+        with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
             eval_gm = export_trace(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing
@@ -437,6 +475,8 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
         return export_eval_arguments(gm)
     finally:
         set_training_modes(model, trace_modes)
+    if python_state:
+        return _eval_python_state(python_state)
     plan = export_eval_plan(gm, eval_gm)
     if plan is not None:
         return plan
@@ -533,7 +573,9 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
         baked = _export_eval(model, inputs, gm, trace_modes)
-        if isinstance(baked, dict):
+        if isinstance(baked, str):
+            refuse_eval_mode(gm, baked)
+        elif isinstance(baked, dict):
             follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)

@@ -584,3 +584,41 @@ def test_tracing_the_eval_mode_leaves_the_models_state_as_it_was(cls):
     cap = capture(model, (torch.randn(3, 4),))
     assert cap.method == ("fx" if cls is _EvalCounter else "export")
     assert model.evaluated == 0 and model.training
+
+
+class _EvalStash(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            self.last = h.detach()  # eval mode only: a new Python attribute
+        return h
+
+
+class _ExportedEvalStash(_EvalStash):
+    def forward(self, x):
+        x = torch.stack([row for row in x])  # torch.export captures it
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_EvalStash, _ExportedEvalStash, _EvalCounter])
+def test_an_attribute_set_only_in_eval_mode_stays_off_the_model_and_refuses_eval_mode(cls):
+    """The eval-mode trace left fx's Proxy on the user's model as 'last' (it no longer pickled),
+    and the placed model evaluated without setting it or counting (review)."""
+    import pickle
+
+    from envs.runtime.apply import apply_placement
+    from graphs.errors import CaptureError
+
+    model, x = cls(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert "last" not in vars(model) and getattr(model, "evaluated", 0) == 0
+    pickle.dumps(model)
+    placed = apply_placement(cap, {})
+    placed(x)
+    placed.eval()
+    with pytest.raises(CaptureError, match="Python attribute '(last|evaluated)' in eval mode"):
+        placed(x)
