@@ -157,8 +157,9 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
     is False; returns whether any op differs between the modes.
 
-    Where ``gm`` carries an eval graph (``placer_eval_graph``, :func:`follow_eval_graph`), the
-    eval forward runs it (:class:`DataFollowingInterpreter`). Otherwise it is the same graph
+    Where ``gm`` carries a refusal (``placer_eval_refusal``, :func:`refuse_eval_mode`), the eval
+    forward raises it; where it carries an eval graph (``placer_eval_graph``,
+    :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`). Otherwise it is the same graph
     with ``eval_arguments`` (default: what ``gm`` carries as ``placer_eval_arguments``, recorded
     at capture: :func:`export_eval_arguments`, :func:`fx_eval_arguments`) put in place of the
     training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
@@ -171,9 +172,12 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     """
     from torch.fx.graph_module import _forward_from_src
 
+    refusal: str | None = gm.__dict__.get("placer_eval_refusal")
     eval_graph: fx.Graph | None = gm.__dict__.get("placer_eval_graph")
     eval_forward: Callable[..., Any]
-    if eval_graph is not None:
+    if refusal is not None:
+        eval_forward = _refusing(refusal)
+    elif eval_graph is not None:
         eval_forward = _interpreting(eval_graph)
     else:
         if eval_arguments is None:
@@ -216,6 +220,11 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
             twin = make_twin(self, *memo)
             keep_plain_attributes(twin, _buffer_names(self))
+            # What placer put on the module (a refusal, the placement the eval graph follows, its
+            # output device): fx's rebuild keeps only the graph's attributes.
+            for key, value in self.__dict__.items():
+                if key.startswith("placer_") and key != "placer_eval_graph" and key not in twin.__dict__:
+                    twin.__dict__[key] = copy.deepcopy(value, memo[0]) if memo else value
             held = self.__dict__.get("placer_eval_graph")
             if held is not None:
                 # fx's rebuild keeps only what the training graph reads: the eval graph, and
@@ -450,18 +459,20 @@ def _moved(value: Any, device: torch.device) -> Any:
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
     """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
-    ``if self.training:`` keeps the training branch (:func:`_mode_baked_by_fx`), and after
-    ``placed.eval()`` ran it with no error (walkthrough). A module-level forward pre-hook (the
-    module is pickled into job files) raises instead.
-    """
+    ``if self.training:`` keeps the training branch (:func:`graphs.capture._mode_baked_by_fx`),
+    and after ``placed.eval()`` ran it with no error (walkthrough). The refusal is the eval
+    forward :func:`follow_eval_mode` installs, so copies, deep copies (an EMA copy) and pickles
+    refuse too (review: a forward pre-hook, which fx's rebuilds drop, let them run the training
+    branch)."""
     gm.placer_eval_refusal = reason  # type: ignore[assignment]
-    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
-        gm.register_forward_pre_hook(_refuse_eval_forward)
+    follow_eval_mode(gm)
 
 
-def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
-    """Forward pre-hook of :func:`refuse_eval_mode`."""
-    if module.training:
-        return
-    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
-                       "weights back with model.load_state_dict(placed.state_dict())")
+def _refusing(reason: str) -> Callable[..., Any]:
+    """The eval forward of :func:`refuse_eval_mode`."""
+
+    def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        raise CaptureError(f"{reason}; evaluate with your original model, loading the trained weights back "
+                           "with model.load_state_dict(placed.state_dict())")
+
+    return eval_forward

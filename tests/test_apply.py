@@ -1205,3 +1205,34 @@ def test_the_eval_forward_takes_its_arguments_as_the_training_forward_does():
             torch.testing.assert_close(placed(*args, **kwargs), model(*args, **kwargs), rtol=0, atol=0)
         with pytest.raises(TypeError):
             placed(x, 3.0, None, 7)
+
+
+def test_a_copied_deep_copied_or_pickled_model_that_refuses_eval_mode_still_refuses_it():
+    """The refusal was a forward pre-hook, which fx's rebuilds drop: an EMA copy of such a
+    placed model ran the training branch after .eval() with no error (review)."""
+    import pickle
+
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    x = torch.randn(6, 4)
+    placed = apply_placement(capture(_RandomConstant(), (x,)), {})
+    for twin in (placed, copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        twin(x)
+        twin.eval()
+        with pytest.raises(CaptureError, match="load_state_dict"):
+            twin(x)
+
+
+def test_a_deep_copy_of_a_placed_model_evaluates_where_the_placed_model_does():
+    """The eval graph follows the placement and moves its output to the placed output device;
+    fx's copies dropped both (review: an EMA copy's eval output stayed on its last op's device)."""
+    from graphs.capture import capture
+
+    model, x = _StochasticDepth(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    for twin in (copy.copy(placed), copy.deepcopy(placed)):
+        for key in ("placer_placement", "placer_real_devices", "placer_output_device"):
+            assert getattr(twin, key) == getattr(placed, key), key

@@ -46,7 +46,6 @@ from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
 from graphs.capture import set_training_modes
 from graphs.errors import PlacerError
-from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
 from graphs.ops import mutated_args
@@ -453,9 +452,7 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    if getattr(src, "placer_eval_refusal", None):
-        refuse_eval_mode(gm, src.placer_eval_refusal)
-    return gm
+    return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
 
 
 def _ident(name: str) -> str:
