@@ -335,9 +335,9 @@ def _restored(model: nn.Module) -> Iterator[list[str]]:
                 if key not in before or not _same_value(before[key], value):  # torch.export rebuilds tuples
                     python_state.append(f"{path}.{key}" if path else key)
                 if key in before:
-                    vars(m)[key] = before[key]  # type: ignore[index]  # an instance's writable __dict__
+                    vars(m)[key] = before[key]  # an instance's vars() is its writable __dict__
                 else:
-                    del vars(m)[key]  # type: ignore[attr-defined]
+                    del vars(m)[key]
         snapshot.restore(model)
 
 
