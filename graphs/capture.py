@@ -40,6 +40,7 @@ from graphs.eval_mode import (
     _same_tensor,
     export_eval_arguments,
     export_eval_plan,
+    export_module_modes,
     follow_eval_graph,
     follow_eval_mode,
     fx_eval_arguments,
@@ -295,6 +296,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
+    gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
     follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 

@@ -23,7 +23,7 @@ import copy
 import inspect
 import itertools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,28 +57,72 @@ EvalArguments = dict[str, dict[int | str, Any]]
 
 def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
     """The eval-mode constants of a torch.export graph traced in training mode: every training
-    flag baked as ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics
-    normalises by the batch in both modes, so it is left out) becomes ``False``, and every
+    flag baked as ``True`` (:func:`_training_flags`) becomes ``False``, and every
     ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
-    found: EvalArguments = {}
+    found: EvalArguments = {n.name: {key: False} for n, key, flag in _training_flags(gm) if flag}
+    for n in gm.graph.nodes:
+        if (n.op == "call_function" and str(n.target) == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+                and str(n.args[0].target).endswith("num_batches_tracked")):
+            found[n.name] = {1: 0}
+    return found
+
+
+def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bool]]:
+    """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
+    what it computes: the node, where the flag is (by position, or by keyword where the call
+    names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
+    normalises by the batch in both modes: left out."""
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         target = str(n.target)
         i = _TRAINING_ARGUMENT.get(target)
-        if i is not None:
-            # By position, or by keyword where the call names it (rrelu's training=True).
-            key: int | str = i if len(n.args) > i else n.target._schema.arguments[i].name
-            flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key)
-            # Without running statistics the batch's are used in both modes: nothing to follow.
-            no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-            if flag is True and not no_running:
-                found[n.name] = {key: False}
-        elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
-              and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
-              and str(n.args[0].target).endswith("num_batches_tracked")):
-            found[n.name] = {1: 0}
-    return found
+        if i is None:
+            continue
+        argument = n.target._schema.arguments[i]
+        key: int | str = i if len(n.args) > i else argument.name
+        flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
+        no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
+        if isinstance(flag, bool) and not no_running:
+            yield n, key, flag
+
+
+def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:
+    """``{module path: its training flag}`` for the modules of ``gm`` (torch.export, traced from
+    ``model`` in its current modes) whose ops baked their own flag (a BatchNorm, an LSTM, a
+    block's ``F.dropout(h, p, self.training)``): the graph computes that mode whatever the
+    module's flag says later, so :func:`follow_eval_mode` refuses a forward where it says
+    otherwise (:func:`_refuse_other_modes`). A flag that is not the module's (``training=False``
+    written in a training module) is left out."""
+    from graphs.placement_graph import owning_module
+
+    modes: dict[str, bool] = {}
+    for n, _, flag in _training_flags(gm):
+        path = owning_module(n)
+        try:
+            own = model.get_submodule(path).training if path else None
+            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
+        except AttributeError:
+            continue
+        if own is flag:
+            modes[path] = flag
+    return modes
+
+
+def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
+    """Raise where a module of ``modes`` (:func:`export_module_modes`) is not in the mode the
+    graph computes for it: the captured one in training mode, eval mode in eval mode."""
+    for path, flag in modes.items():
+        want = flag and gm.training
+        module = gm.get_submodule(path)
+        if module.training != want:
+            raise CaptureError(
+                f"module {path!r} is in {'training' if module.training else 'eval'} mode while the placed model "
+                f"computes it in {'training' if want else 'eval'} mode: torch.export baked each module's mode into "
+                "its ops, and the placed graph follows .train()/.eval() of the whole model only. Set the mode on "
+                "the whole placed model, or set it on the module of your model before capturing it (a BatchNorm "
+                "frozen there stays frozen)")
 
 
 def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
@@ -183,7 +227,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         if eval_arguments is None:
             eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
         gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
-        if not any(n.name in eval_arguments for n in gm.graph.nodes):
+        if not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes"):
             return False
         # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
         # users of their inputs (Node.args' setter re-adds them last).
@@ -207,6 +251,9 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
 
     def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        modes = self.__dict__.get("placer_module_modes")
+        if modes:
+            _refuse_other_modes(self, modes)
         return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
 
     def recompile(self: fx.GraphModule) -> Any:

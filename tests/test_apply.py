@@ -1236,3 +1236,46 @@ def test_a_deep_copy_of_a_placed_model_evaluates_where_the_placed_model_does():
     for twin in (copy.copy(placed), copy.deepcopy(placed)):
         for key in ("placer_placement", "placer_real_devices", "placer_output_device"):
             assert getattr(twin, key) == getattr(placed, key), key
+
+
+class _ExportedBatchNorm(nn.Module):
+    """torch.export captures it (fx cannot iterate over a tensor): one BatchNorm, its flag baked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(torch.stack([row for row in self.a(x)]))
+
+
+def test_an_exported_module_set_to_another_mode_than_the_placed_model_is_refused():
+    """placed.train(); placed.bn.eval() (a BatchNorm frozen for fine-tuning): the exported graph
+    still normalised by the batch and updated the statistics, with no error (review). Frozen
+    before capture, it stays frozen and trains as the original."""
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _ExportedBatchNorm(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {})
+    placed.bn.eval()
+    with pytest.raises(CaptureError, match="module 'bn' is in eval mode"):
+        placed(x)
+    placed.eval()
+    placed.bn.train()
+    with pytest.raises(CaptureError, match="module 'bn' is in training mode"):
+        placed(x)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+    model.train(), model.bn.eval()  # frozen before the capture
+    placed = apply_placement(capture(model, (x,)), {})
+    assert placed.training and not placed.bn.training
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(placed.bn.running_mean, model.bn.running_mean, rtol=0, atol=0)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
