@@ -384,8 +384,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
                 found = None  # the same ops on another tensor: the eval graph, with its own tensor
             if found is None:
                 found = _own_constants(graph, made.__contains__, model, gm)
-    except Exception:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
-        found = None
+    except Exception as exc:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
+        return (f"torch.fx cannot trace forward() in eval mode ({_reason(exc)}), and its graph keeps what "
+                "forward() computed in training mode: after .eval() it would still run the training one")
     finally:
         set_training_modes(model, trace_modes)
     if python_state:
@@ -401,9 +402,8 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
             found = None
     if found is not None:
         return found
-    return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
-            "mode it cannot be traced, or a value changes from one trace to the next: after .eval() the graph "
-            "would still run the training one")
+    return ("forward() gives torch.fx another graph at every trace (a value that changes from one trace to the "
+            "next, such as random.random()): no eval-mode graph traced from it can be trusted")
 
 
 def _eval_python_state(names: list[str]) -> str:

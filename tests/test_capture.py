@@ -622,3 +622,28 @@ def test_an_attribute_set_only_in_eval_mode_stays_off_the_model_and_refuses_eval
     placed.eval()
     with pytest.raises(CaptureError, match="Python attribute '(last|evaluated)' in eval mode"):
         placed(x)
+
+
+class _EvalOnlySetitem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            self.seen[0] = h.sum()  # fx cannot trace item assignment on a Proxy
+        return h
+
+
+def test_eval_mode_refused_because_fx_cannot_trace_it_says_why():
+    """The refusal said 'in eval mode it cannot be traced, or a value changes from one trace to
+    the next', not which (review)."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _EvalOnlySetitem(), torch.randn(3, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    placed.eval()
+    with pytest.raises(CaptureError, match=r"cannot trace forward\(\) in eval mode \(TypeError: 'Proxy' object"):
+        placed(x)
