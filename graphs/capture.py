@@ -324,22 +324,11 @@ def _restored(model: nn.Module) -> Iterator[list[str]]:
     list it yields names, when the block has ended, the Python attributes the block set: state
     no graph records."""
     snapshot = _StateSnapshot.take(model)
-    attributes = {path: dict(vars(m)) for path, m in model.named_modules(remove_duplicate=False)}
     python_state: list[str] = []
     try:
         yield python_state
     finally:
-        for path, m in model.named_modules(remove_duplicate=False):
-            before = attributes.get(path, {})
-            for key, value in list(vars(m).items()):
-                if key in before and before[key] is value:
-                    continue
-                if key not in before or not _same_value(before[key], value):  # torch.export rebuilds tuples
-                    python_state.append(f"{path}.{key}" if path else key)
-                if key in before:
-                    vars(m)[key] = before[key]  # an instance's vars() is its writable __dict__
-                else:
-                    del vars(m)[key]
+        python_state += snapshot.restore_attributes(model)
         snapshot.restore(model)
 
 
@@ -354,7 +343,8 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
-                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool],
+                      training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (fx, traced in ``trace_modes``) runs in eval mode: its eval-mode constants, or
     the model's graph traced in eval mode where it takes other ops, or why it cannot follow
     ``.eval()``.
@@ -389,8 +379,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
                 "forward() computed in training mode: after .eval() it would still run the training one")
     finally:
         set_training_modes(model, trace_modes)
-    if python_state:
-        return _eval_python_state(python_state)
+    eval_only = [name for name in python_state if name not in training_attributes]
+    if eval_only:
+        return _eval_python_state(eval_only)
     if found is not None:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.
@@ -407,7 +398,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
 
 
 def _eval_python_state(names: list[str]) -> str:
-    """Why a model whose forward sets Python attributes in eval mode cannot follow ``.eval()``."""
+    """Why a model whose forward sets Python attributes in eval mode only (``training_attributes``:
+    those the training trace set too, a cached tensor, are the graph's constants) cannot follow
+    ``.eval()``."""
     return (f"forward() sets the Python attribute {names[0]!r} in eval mode, which no graph records: after "
             ".eval() the placed model would compute without it")
 
@@ -449,8 +442,8 @@ def _warn_of_fast_paths(model: nn.Module) -> None:
                     type(model).__name__, ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else ""))
 
 
-def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
-                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
+                 training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
     in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
     own graph where it runs other ops; where the eval mode cannot be exported, the training
@@ -477,8 +470,9 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
         return export_eval_arguments(gm)
     finally:
         set_training_modes(model, trace_modes)
-    if python_state:
-        return _eval_python_state(python_state)
+    eval_only = [name for name in python_state if name not in training_attributes]
+    if eval_only:
+        return _eval_python_state(eval_only)
     plan = export_eval_plan(gm, eval_gm)
     if plan is not None:
         return plan
@@ -551,13 +545,14 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
              loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
     fx_error: str | None = None
     baked: EvalArguments | fx.Graph | str | None = None
+    training_attributes: list[str] = []  # Python attributes the training trace set (put back)
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
-                           _fx_locate(model, leaf_types, leaf_names))
+                           _fx_locate(model, leaf_types, leaf_names), training_attributes)
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
-        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
+        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes, training_attributes)
         if isinstance(baked, str):
             refuse_eval_mode(gm, baked)
         elif isinstance(baked, dict):
@@ -568,13 +563,14 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         fx_error = _reason(fx_exc)
         try:
             gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs),
-                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)))
+                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)),
+                               training_attributes)
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
-        baked = _export_eval(model, inputs, gm, trace_modes)
+        baked = _export_eval(model, inputs, gm, trace_modes, training_attributes)
         if isinstance(baked, str):
             refuse_eval_mode(gm, baked)
         elif isinstance(baked, dict):
@@ -661,12 +657,15 @@ _SCALARS = (bool, int, float, str)
 
 @dataclass
 class _StateSnapshot:
-    """What a trace must leave as it found it: tensor slots, their versions, buffer values, scalars."""
+    """What a trace must leave as it found it: tensor slots, their versions, buffer values,
+    scalars, and every module's Python attributes (a tracer's Proxy or a tensor forward()
+    caches, ``if self.mask is None: self.mask = ...``, stayed on the user's model: review)."""
 
     slots: dict[tuple[str, str, str], Any]  # (module path, "_parameters"/"_buffers", key) -> tensor
     versions: dict[tuple[str, str, str], int]
     buffers: dict[tuple[str, str, str], torch.Tensor]
     scalars: dict[tuple[str, str], Any]
+    attributes: dict[str, dict[str, Any]]  # module path -> its vars(), as they were
 
     @classmethod
     def take(cls, model: nn.Module) -> _StateSnapshot:
@@ -676,7 +675,25 @@ class _StateSnapshot:
         # an updated parameter is refused all the same.
         buffers = {k: t.detach().clone() for k, t in slots.items()
                    if k[1] == "_buffers" and isinstance(t, torch.Tensor)}
-        return cls(slots, versions, buffers, scalars)
+        attributes = {path: dict(vars(m)) for path, m in model.named_modules(remove_duplicate=False)}
+        return cls(slots, versions, buffers, scalars, attributes)
+
+    def restore_attributes(self, model: nn.Module) -> list[str]:
+        """Put every module's Python attributes back as they were; returns those that had
+        changed (values torch.export rebuilds equal, a LayerNorm's ``normalized_shape``, had not)."""
+        changed = []
+        for path, m in model.named_modules(remove_duplicate=False):
+            before = self.attributes.get(path, {})
+            for key, value in list(vars(m).items()):
+                if key in before and before[key] is value:
+                    continue
+                if key not in before or not _same_value(before[key], value):
+                    changed.append(f"{path}.{key}" if path else key)
+                if key in before:
+                    vars(m)[key] = before[key]  # an instance's vars() is its writable __dict__
+                else:
+                    del vars(m)[key]
+        return changed
 
     def changes(self, model: nn.Module) -> tuple[list[str], list[str], list[Any]]:
         """(tensors replaced or updated, Python attributes changed, the objects now in replaced slots)."""
@@ -706,6 +723,7 @@ class _StateSnapshot:
         return slots, scalars
 
     def restore(self, model: nn.Module) -> None:
+        self.restore_attributes(model)
         modules = dict(model.named_modules(remove_duplicate=False))
         with torch.no_grad():
             for (path, kind, key), value in self.slots.items():
@@ -727,7 +745,8 @@ def _slot_name(key: tuple[str, str, str]) -> str:
     return f"{path}.{name}" if path else name
 
 
-def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any) -> fx.GraphModule:
+def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
+                  attributes_set: list[str] | None = None) -> fx.GraphModule:
     """Run ``trace()``; refuse it if it changed the model's tensors or Python attributes.
 
     A tracer runs forward()'s Python once. An update it does not record — a tensor it did
@@ -737,14 +756,19 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any) -> fx.
     model, and never again in the captured graph: the placed model would silently diverge
     from the original from its second step on. The model is restored and
     :class:`TraceTimeUpdate` names the state and, via ``locate(changed_tensors,
-    replacements)`` (a rerun that finds the line), the model line.
+    replacements)`` (a rerun that finds the line), the model line. Other Python attributes
+    forward() sets (a tensor it caches: ``if self.mask is None: self.mask = ...``) are put back
+    and named in ``attributes_set``: the graph holds what they computed.
     """
     snapshot = _StateSnapshot.take(model)
     try:
         gm = trace()
         changed, scalars, replaced = snapshot.changes(model)
     finally:
+        restored = snapshot.restore_attributes(model)
         snapshot.restore(model)
+    if attributes_set is not None:
+        attributes_set += restored
     if not changed and not scalars:
         return gm
     line = None

@@ -647,3 +647,28 @@ def test_eval_mode_refused_because_fx_cannot_trace_it_says_why():
     placed.eval()
     with pytest.raises(CaptureError, match=r"cannot trace forward\(\) in eval mode \(TypeError: 'Proxy' object"):
         placed(x)
+
+
+class _CachedMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.mask = None
+
+    def forward(self, x):
+        if self.mask is None:  # a tensor forward() caches on its first call, in either mode
+            self.mask = torch.ones(4) * 0.5
+        return self.a(x) * self.mask
+
+
+def test_a_tensor_forward_caches_stays_off_the_model_and_the_placed_model_follows_eval():
+    """The training trace left the cached tensor on the user's model, so the eval trace read it
+    as an attribute ('mask') where the graph had a constant: eval mode was refused as 'another
+    graph at every trace' (review)."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _CachedMask(), torch.randn(3, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    assert model.mask is None
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
