@@ -205,16 +205,17 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
 
     Where ``gm`` carries a refusal (``placer_eval_refusal``, :func:`refuse_eval_mode`), the eval
     forward raises it; where it carries an eval graph (``placer_eval_graph``,
-    :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`). Otherwise it is the same graph
-    with ``eval_arguments`` (default: what ``gm`` carries as ``placer_eval_arguments``, recorded
-    at capture: :func:`export_eval_arguments`, :func:`fx_eval_arguments`) put in place of the
-    training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
+    :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`).
+    Otherwise it is the same graph with ``eval_arguments`` (default: what ``gm`` carries as
+    ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
+    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
     and leaves them alone, dropout is the identity, as ``nn.BatchNorm`` and ``nn.Dropout`` do
     in eval mode. Forward runs one or the other by ``self.training``, as the original model
     does. Nodes are found by name, so it applies to the placed graph too (``apply`` keeps the
     captured nodes' names). It lives on the module's own class (fx gives each GraphModule
     one), so the module still pickles as its graph; a ``recompile()``, a copy and a deep copy
-    (an EMA copy of the model) install it again on what they rebuild.
+    (an EMA copy of the model) install it again on what they rebuild. Where ``gm`` carries
+    ``placer_module_modes`` (:func:`export_module_modes`), every forward first checks them.
     """
     from torch.fx.graph_module import _forward_from_src
 
@@ -401,7 +402,10 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
         values: list[Any] = []
         for p in signature.parameters.values():
             value = bound.arguments[p.name]
-            values.extend(value) if p.kind is inspect.Parameter.VAR_POSITIONAL else values.append(value)
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                values.extend(value)
+            else:
+                values.append(value)
         if in_spec is None:
             return DataFollowingInterpreter(self, graph=graph).run(*values)
         # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
