@@ -635,8 +635,9 @@ def eval_mode_on_device(device: str) -> dict[str, Any]:
     """A placed model over ``cpu`` and ``device`` after ``.eval()`` against the original: a
     residual MLP with stochastic depth (``if self.training:`` takes another branch, so the
     eval graph runs over the placed parameters, copied between the devices by
-    :class:`graphs.eval_mode.DataFollowingInterpreter`), BatchNorm and dropout, captured by
-    fx, and the same under torch.export; two SGD steps in training mode first. Float32 on both
+    :class:`graphs.eval_mode.DataFollowingInterpreter`), a buffer only eval mode updates in
+    place (on the buffer's device: on a copy the update was lost), BatchNorm and dropout,
+    captured by fx, and the same under torch.export; two SGD steps in training mode first. Float32 on both
     sides: the GPU's kernels sum in other orders, so ~1e-6, not 0."""
     import torch
     from torch import nn
@@ -651,10 +652,13 @@ def eval_mode_on_device(device: str) -> dict[str, Any]:
             self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Dropout(0.2))
                                         for _ in range(4))
             self.head = nn.Linear(64, 8)
+            self.register_buffer("seen", torch.zeros(64))  # only eval mode updates it
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.iterate:
                 x = torch.stack([row for row in x])
+            if not self.training:
+                self.seen.add_(x.sum(0))  # in place on the buffer's device, not on a copy (review)
             for block in self.blocks:
                 h = torch.relu(block(x))
                 if self.training:
@@ -682,8 +686,10 @@ def eval_mode_on_device(device: str) -> dict[str, Any]:
             got, want = placed(x), reference(x)
         out[label] = {"method": cap.method, "eval_graph": "placer_eval_graph" in placed.__dict__,
                       "output_device": str(got.device),
-                      "max_abs_difference": float((got.cpu() - want).abs().max())}
-    out["agree"] = all(out[k]["max_abs_difference"] < 1e-4 for k in ("fx", "export"))
+                      "max_abs_difference": float((got.cpu() - want).abs().max()),
+                      "eval_update_difference": float((placed.seen.cpu() - reference.seen).abs().max())}
+    out["agree"] = all(out[k]["max_abs_difference"] < 1e-4 and out[k]["eval_update_difference"] < 1e-4
+                       for k in ("fx", "export"))
     return out
 
 
@@ -1159,7 +1165,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             for label in ("fx", "export"):
                 r = ev[label]
                 lines.append(f"- {label} ({r['method']}; eval graph {r['eval_graph']}): output on {r['output_device']}, "
-                             f"largest difference from the original {r['max_abs_difference']:.2e}")
+                             f"largest difference from the original {r['max_abs_difference']:.2e}, "
+                             f"of the buffer eval mode updates {r.get('eval_update_difference', 0.0):.2e}")
             lines += [f"- agree: {ev['agree']}", ""]
         else:
             lines += [f"- {ev.get('status')}: {ev.get('error', '')}", ""]

@@ -40,10 +40,10 @@ from torch.utils._pytree import tree_flatten
 from graphs.errors import CaptureError
 from graphs.eval_mode import (
     EvalArguments,
-    _refuse_eval_forward,
     _same_tensor,
     export_eval_arguments,
     export_eval_plan,
+    export_module_modes,
     follow_eval_graph,
     follow_eval_mode,
     fx_eval_arguments,
@@ -443,6 +443,7 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
     pin_constant_inputs(gm, constant_inputs(inputs))
+    gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
     follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 
@@ -450,30 +451,47 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def _quiet_trace(model: nn.Module, leaf_types: Sequence[type],
-                 leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer]]:
-    """``model`` traced again by fx, with its warnings silenced and its state restored after;
+                 leaf_names: Iterable[str]) -> Iterator[tuple[fx.Graph, PlacerTracer, list[str]]]:
+    """``model`` traced again by fx, with its warnings silenced and its state restored after
+    (the list names, once the block ends, the Python attributes the trace set: :func:`_restored`);
     the constants the trace put on ``model`` stay there until the block ends (for comparing
     them), then go."""
     tracer = PlacerTracer(leaf_types, leaf_names)
-    with _restored(model), _no_constants_left_on(model, tracer), warnings.catch_warnings():
+    with _restored(model) as python_state, _no_constants_left_on(model, tracer), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield tracer.trace(model), tracer
+        yield tracer.trace(model), tracer, python_state
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
+def _restored(model: nn.Module) -> Iterator[list[str]]:
     """The model's tensors and Python attributes as they were before the block: a trace in eval
     mode runs forward()'s Python once more, and what only eval mode updates (``if not
-    self.training: self.seen += 1``) is not the captured graph's to keep."""
+    self.training: self.seen += 1``, ``self.last = h``) is not the captured graph's to keep (a
+    tracer's Proxy was left on the user's model, which then no longer pickled: review). The
+    list it yields names, when the block has ended, the Python attributes the block set: state
+    no graph records."""
     snapshot = _StateSnapshot.take(model)
+    python_state: list[str] = []
     try:
-        yield
+        yield python_state
     finally:
+        python_state += snapshot.restore_attributes(model)
         snapshot.restore(model)
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values of a Python attribute are equal (tensors only by identity)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a value that cannot say whether it is equal has changed
+        return False
+
+
 def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
-                      leaf_names: Iterable[str], trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph | str:
+                      leaf_names: Iterable[str], trace_modes: dict[str, bool],
+                      training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (fx, traced in ``trace_modes``) runs in eval mode: its eval-mode constants, or
     the model's graph traced in eval mode where it takes other ops, or why it cannot follow
     ``.eval()``.
@@ -489,8 +507,9 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     """
     model.eval()
     found: EvalArguments | fx.Graph | None
+    python_state: list[str] = []
     try:
-        with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer):
+        with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer, python_state):
             found = fx_eval_arguments(gm.graph, graph)
             # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
             # attribute, read by a get_attr of the same name in both traces.
@@ -502,24 +521,35 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
                 found = None  # the same ops on another tensor: the eval graph, with its own tensor
             if found is None:
                 found = _own_constants(graph, made.__contains__, model, gm)
-    except Exception:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
-        found = None
+    except Exception as exc:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
+        return (f"torch.fx cannot trace forward() in eval mode ({_reason(exc)}), and its graph keeps what "
+                "forward() computed in training mode: after .eval() it would still run the training one")
     finally:
         set_training_modes(model, trace_modes)
+    eval_only = [name for name in python_state if name not in training_attributes]
+    if eval_only:
+        return _eval_python_state(eval_only)
     if found is not None:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.
         try:
-            with _quiet_trace(model, leaf_types, leaf_names) as (again, _):
+            with _quiet_trace(model, leaf_types, leaf_names) as (again, _, _):
                 if fx_eval_arguments(gm.graph, again) != {}:
                     found = None
         except Exception:  # noqa: BLE001
             found = None
     if found is not None:
         return found
-    return ("torch.fx baked into the graph what forward() computed while tracing in training mode, and in eval "
-            "mode it cannot be traced, or a value changes from one trace to the next: after .eval() the graph "
-            "would still run the training one")
+    return ("forward() gives torch.fx another graph at every trace (a value that changes from one trace to the "
+            "next, such as random.random()): no eval-mode graph traced from it can be trusted")
+
+
+def _eval_python_state(names: list[str]) -> str:
+    """Why a model whose forward sets Python attributes in eval mode only (``training_attributes``:
+    those the training trace set too, a cached tensor, are the graph's constants) cannot follow
+    ``.eval()``."""
+    return (f"forward() sets the Python attribute {names[0]!r} in eval mode, which no graph records: after "
+            ".eval() the placed model would compute without it")
 
 
 def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.Module,
@@ -538,21 +568,45 @@ def _own_constants(graph: fx.Graph, constant: Callable[[str], bool], source: nn.
     return graph
 
 
-def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
-                 trace_modes: dict[str, bool]) -> EvalArguments | fx.Graph:
+#: Modules whose forward takes PyTorch's fused fast path in eval mode under ``torch.no_grad()``
+#: (``torch._transformer_encoder_layer_fwd``, ``_native_multi_head_attention``, nested tensors
+#: for a padding mask), which torch.export never records: it traces the standard path.
+_FAST_PATH_MODULES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _warn_of_fast_paths(model: nn.Module) -> None:
+    """Say that an exported model with :data:`_FAST_PATH_MODULES` computes their standard path
+    in eval mode where the original, under ``torch.no_grad()``, takes the fast one: equal up to
+    rounding (the fused kernels round otherwise), except at the positions a
+    ``src_key_padding_mask`` pads, which ``nn.TransformerEncoder``'s nested tensors fill with 0
+    (review: 1.97 apart there, with no word)."""
+    paths = [path for path, m in model.named_modules() if isinstance(m, _FAST_PATH_MODULES)]
+    if paths:
+        log.warning("%s is captured by torch.export, which records the standard path of %s: after .eval(), "
+                    "under torch.no_grad() the original takes PyTorch's fast path instead, whose fused kernels "
+                    "round otherwise and whose nested tensors (nn.TransformerEncoder with a padding mask) give 0 "
+                    "at padded positions, where the placed model gives the standard path's values",
+                    type(model).__name__, ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else ""))
+
+
+def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
+                 training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
     in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
     own graph where it runs other ops; where the eval mode cannot be exported, the training
-    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning.
+    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning; where
+    it sets Python attributes, why it cannot follow ``.eval()``.
 
     torch.export runs ``if self.training:`` while tracing, so the graph keeps the training
     branch: after ``placed.eval()`` it ran that branch with no error (walkthrough), and an op
     with a training flag placer's table did not know kept its training mode. Exporting twice
     costs a second export at capture.
     """
+    _warn_of_fast_paths(model)
     model.eval()
+    python_state: list[str] = []
     try:
-        with _restored(model), quiet_torch_logs(logging.CRITICAL):
+        with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
             eval_gm = export_trace(model, inputs)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing
@@ -563,6 +617,9 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule,
         return export_eval_arguments(gm)
     finally:
         set_training_modes(model, trace_modes)
+    eval_only = [name for name in python_state if name not in training_attributes]
+    if eval_only:
+        return _eval_python_state(eval_only)
     plan = export_eval_plan(gm, eval_gm)
     if plan is not None:
         return plan
@@ -582,7 +639,7 @@ def pin_constant_inputs(gm: fx.GraphModule, pinned: tuple[Any, dict[int, Any]]) 
     torch.export specialises on those: called with ``scale=5`` the graph computed with 3, and
     a mask passed where the example had ``None`` was ignored, with no error (walkthrough).
     ``pinned`` is :func:`constant_inputs` of the example. A module-level forward pre-hook (the
-    module is pickled into job files), kept across apply's copy as :func:`refuse_eval_mode` is.
+    module is pickled into job files), which apply's copy registers again.
     """
     gm.placer_constant_inputs = pinned  # type: ignore[assignment]
     if _refuse_other_constants not in gm._forward_pre_hooks.values():
@@ -692,13 +749,14 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
              loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
     fx_error: str | None = None
     baked: EvalArguments | fx.Graph | str | None = None
+    training_attributes: list[str] = []  # Python attributes the training trace set (put back)
     try:
         gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
-                           _fx_locate(model, leaf_types, leaf_names))
+                           _fx_locate(model, leaf_types, leaf_names), training_attributes)
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
-        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes)
+        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes, training_attributes)
         if isinstance(baked, str):
             refuse_eval_mode(gm, baked)
         elif isinstance(baked, dict):
@@ -709,14 +767,17 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         fx_error = _reason(fx_exc)
         try:
             gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs),
-                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)))
+                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)),
+                               training_attributes)
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
-        baked = _export_eval(model, inputs, gm, trace_modes)
-        if isinstance(baked, dict):
+        baked = _export_eval(model, inputs, gm, trace_modes, training_attributes)
+        if isinstance(baked, str):
+            refuse_eval_mode(gm, baked)
+        elif isinstance(baked, dict):
             follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
@@ -808,10 +869,10 @@ def _refuse_root_hooks(root: nn.Module) -> None:
     fx traces ``root.forward``, not ``root(...)``: hooks registered on the model itself were
     left out of the graph (walkthrough: a forward hook returning ``output - 1`` made every output
     1.0 off), while hooks on submodules run. torch.export traces the call, hooks included.
-    placer's own eval-mode pre-hook (a placed graph captured again) is not the user's.
+    placer's own input check (:func:`pin_constant_inputs`, a placed graph captured again) is not the user's.
     """
     hooks = [h for h in [*root._forward_pre_hooks.values(), *root._forward_hooks.values()]
-             if h is not _refuse_eval_forward]
+             if h is not _refuse_other_constants]
     if hooks:
         names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
         raise RootHooksNotTraced(f"the model has {len(hooks)} forward hook(s) of its own ({names}); torch.fx "
@@ -853,12 +914,15 @@ _SCALARS = (bool, int, float, str)
 
 @dataclass
 class _StateSnapshot:
-    """What a trace must leave as it found it: tensor slots, their versions, buffer values, scalars."""
+    """What a trace must leave as it found it: tensor slots, their versions, buffer values,
+    scalars, and every module's Python attributes (a tracer's Proxy or a tensor forward()
+    caches, ``if self.mask is None: self.mask = ...``, stayed on the user's model: review)."""
 
     slots: dict[tuple[str, str, str], Any]  # (module path, "_parameters"/"_buffers", key) -> tensor
     versions: dict[tuple[str, str, str], int]
     buffers: dict[tuple[str, str, str], torch.Tensor]
     scalars: dict[tuple[str, str], Any]
+    attributes: dict[str, dict[str, Any]]  # module path -> its vars(), as they were
 
     @classmethod
     def take(cls, model: nn.Module) -> _StateSnapshot:
@@ -868,7 +932,25 @@ class _StateSnapshot:
         # an updated parameter is refused all the same.
         buffers = {k: t.detach().clone() for k, t in slots.items()
                    if k[1] == "_buffers" and isinstance(t, torch.Tensor)}
-        return cls(slots, versions, buffers, scalars)
+        attributes = {path: dict(vars(m)) for path, m in model.named_modules(remove_duplicate=False)}
+        return cls(slots, versions, buffers, scalars, attributes)
+
+    def restore_attributes(self, model: nn.Module) -> list[str]:
+        """Put every module's Python attributes back as they were; returns those that had
+        changed (values torch.export rebuilds equal, a LayerNorm's ``normalized_shape``, had not)."""
+        changed = []
+        for path, m in model.named_modules(remove_duplicate=False):
+            before = self.attributes.get(path, {})
+            for key, value in list(vars(m).items()):
+                if key in before and before[key] is value:
+                    continue
+                if key not in before or not _same_value(before[key], value):
+                    changed.append(f"{path}.{key}" if path else key)
+                if key in before:
+                    vars(m)[key] = before[key]  # an instance's vars() is its writable __dict__
+                else:
+                    del vars(m)[key]
+        return changed
 
     def changes(self, model: nn.Module) -> tuple[list[str], list[str], list[Any]]:
         """(tensors replaced or updated, Python attributes changed, the objects now in replaced slots)."""
@@ -898,6 +980,7 @@ class _StateSnapshot:
         return slots, scalars
 
     def restore(self, model: nn.Module) -> None:
+        self.restore_attributes(model)
         modules = dict(model.named_modules(remove_duplicate=False))
         with torch.no_grad():
             for (path, kind, key), value in self.slots.items():
@@ -919,7 +1002,8 @@ def _slot_name(key: tuple[str, str, str]) -> str:
     return f"{path}.{name}" if path else name
 
 
-def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any) -> fx.GraphModule:
+def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
+                  attributes_set: list[str] | None = None) -> fx.GraphModule:
     """Run ``trace()``; refuse it if it changed the model's tensors or Python attributes.
 
     A tracer runs forward()'s Python once. An update it does not record — a tensor it did
@@ -929,14 +1013,19 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any) -> fx.
     model, and never again in the captured graph: the placed model would silently diverge
     from the original from its second step on. The model is restored and
     :class:`TraceTimeUpdate` names the state and, via ``locate(changed_tensors,
-    replacements)`` (a rerun that finds the line), the model line.
+    replacements)`` (a rerun that finds the line), the model line. Other Python attributes
+    forward() sets (a tensor it caches: ``if self.mask is None: self.mask = ...``) are put back
+    and named in ``attributes_set``: the graph holds what they computed.
     """
     snapshot = _StateSnapshot.take(model)
     try:
         gm = trace()
         changed, scalars, replaced = snapshot.changes(model)
     finally:
+        restored = snapshot.restore_attributes(model)
         snapshot.restore(model)
+    if attributes_set is not None:
+        attributes_set += restored
     if not changed and not scalars:
         return gm
     line = None

@@ -20,18 +20,21 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
 from graphs.module_attributes import ensure_module, keep_plain_attributes
+from graphs.ops import mutated_args
 
 #: aten ops of a torch.export graph whose argument at this index is the module's training flag.
 _TRAINING_ARGUMENT = {
@@ -54,28 +57,74 @@ EvalArguments = dict[str, dict[int | str, Any]]
 
 def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
     """The eval-mode constants of a torch.export graph traced in training mode: every training
-    flag baked as ``True`` (:data:`_TRAINING_ARGUMENT`; a BatchNorm without running statistics
-    normalises by the batch in both modes, so it is left out) becomes ``False``, and every
+    flag baked as ``True`` (:func:`_training_flags`) becomes ``False``, and every
     ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
-    found: EvalArguments = {}
+    found: EvalArguments = {n.name: {key: False} for n, key, flag in _training_flags(gm) if flag}
+    for n in gm.graph.nodes:
+        if (n.op == "call_function" and str(n.target) == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+                and str(n.args[0].target).endswith("num_batches_tracked")):
+            found[n.name] = {1: 0}
+    return found
+
+
+def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bool]]:
+    """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
+    what it computes: the node, where the flag is (by position, or by keyword where the call
+    names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
+    normalises by the batch in both modes: left out."""
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         target = str(n.target)
         i = _TRAINING_ARGUMENT.get(target)
-        if i is not None:
-            # By position, or by keyword where the call names it (rrelu's training=True).
-            key: int | str = i if len(n.args) > i else n.target._schema.arguments[i].name
-            flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key)
-            # Without running statistics the batch's are used in both modes: nothing to follow.
-            no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-            if flag is True and not no_running:
-                found[n.name] = {key: False}
-        elif (target == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
-              and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
-              and str(n.args[0].target).endswith("num_batches_tracked")):
-            found[n.name] = {1: 0}
-    return found
+        if i is None:
+            continue
+        argument = n.target._schema.arguments[i]
+        key: int | str = i if len(n.args) > i else argument.name
+        flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
+        no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
+        if isinstance(flag, bool) and not no_running:
+            yield n, key, flag
+
+
+def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:
+    """``{module path: its training flag}`` for the modules of ``gm`` (torch.export, traced from
+    ``model`` in its current modes) whose ops baked their own flag (a BatchNorm, an LSTM, a
+    block's ``F.dropout(h, p, self.training)``): the graph computes that mode whatever the
+    module's flag says later, so :func:`follow_eval_mode` refuses a forward where it says
+    otherwise (:func:`_refuse_other_modes`). A flag that is not the module's (``training=False``
+    written in a training module) is left out."""
+    from graphs.placement_graph import owning_module
+
+    modes: dict[str, bool] = {}
+    for n, _, flag in _training_flags(gm):
+        path = owning_module(n)
+        try:
+            own = model.get_submodule(path).training if path else None
+            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
+        except AttributeError:
+            continue
+        if own is flag:
+            modes[path] = flag
+    return modes
+
+
+def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
+    """Raise where a module of ``modes`` (:func:`export_module_modes`) is not in the mode the
+    graph computes for it: the captured one in training mode, eval mode in eval mode."""
+    for path, flag in modes.items():
+        want = flag and gm.training
+        module: nn.Module = gm
+        for part in path.split("."):  # not get_submodule: 8 us a module, on every step
+            module = module._modules[part]  # type: ignore[assignment]
+        if module.training != want:
+            raise CaptureError(
+                f"module {path!r} is in {'training' if module.training else 'eval'} mode while the placed model "
+                f"computes it in {'training' if want else 'eval'} mode: torch.export baked each module's mode into "
+                "its ops, and the placed graph follows .train()/.eval() of the whole model only. Set the mode on "
+                "the whole placed model, or set it on the module of your model before capturing it (a BatchNorm "
+                "frozen there stays frozen)")
 
 
 def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
@@ -154,29 +203,34 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
     is False; returns whether any op differs between the modes.
 
-    Where ``gm`` carries an eval graph (``placer_eval_graph``, :func:`follow_eval_graph`), the
-    eval forward runs it (:class:`DataFollowingInterpreter`). Otherwise it is the same graph
-    with ``eval_arguments`` (default: what ``gm`` carries as ``placer_eval_arguments``, recorded
-    at capture: :func:`export_eval_arguments`, :func:`fx_eval_arguments`) put in place of the
-    training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
+    Where ``gm`` carries a refusal (``placer_eval_refusal``, :func:`refuse_eval_mode`), the eval
+    forward raises it; where it carries an eval graph (``placer_eval_graph``,
+    :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`).
+    Otherwise it is the same graph with ``eval_arguments`` (default: what ``gm`` carries as
+    ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
+    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
     and leaves them alone, dropout is the identity, as ``nn.BatchNorm`` and ``nn.Dropout`` do
     in eval mode. Forward runs one or the other by ``self.training``, as the original model
     does. Nodes are found by name, so it applies to the placed graph too (``apply`` keeps the
     captured nodes' names). It lives on the module's own class (fx gives each GraphModule
     one), so the module still pickles as its graph; a ``recompile()``, a copy and a deep copy
-    (an EMA copy of the model) install it again on what they rebuild.
+    (an EMA copy of the model) install it again on what they rebuild. Where ``gm`` carries
+    ``placer_module_modes`` (:func:`export_module_modes`), every forward first checks them.
     """
     from torch.fx.graph_module import _forward_from_src
 
+    refusal: str | None = gm.__dict__.get("placer_eval_refusal")
     eval_graph: fx.Graph | None = gm.__dict__.get("placer_eval_graph")
     eval_forward: Callable[..., Any]
-    if eval_graph is not None:
+    if refusal is not None:
+        eval_forward = _refusing(refusal)
+    elif eval_graph is not None:
         eval_forward = _interpreting(eval_graph)
     else:
         if eval_arguments is None:
             eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
         gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
-        if not any(n.name in eval_arguments for n in gm.graph.nodes):
+        if not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes"):
             return False
         # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
         # users of their inputs (Node.args' setter re-adds them last).
@@ -200,6 +254,9 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     train_forward = getattr(cls.forward, "placer_train_forward", cls.forward)  # installed twice: one layer
 
     def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        modes = self.__dict__.get("placer_module_modes")
+        if modes:
+            _refuse_other_modes(self, modes)
         return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
 
     def recompile(self: fx.GraphModule) -> Any:
@@ -213,6 +270,11 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
             twin = make_twin(self, *memo)
             keep_plain_attributes(twin, _buffer_names(self))
+            # What placer put on the module (a refusal, the placement the eval graph follows, its
+            # output device): fx's rebuild keeps only the graph's attributes.
+            for key, value in self.__dict__.items():
+                if key.startswith("placer_") and key != "placer_eval_graph" and key not in twin.__dict__:
+                    twin.__dict__[key] = copy.deepcopy(value, memo[0]) if memo else value
             held = self.__dict__.get("placer_eval_graph")
             if held is not None:
                 # fx's rebuild keeps only what the training graph reads: the eval graph, and
@@ -284,12 +346,18 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 
 def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
+    """The targets of ``graph`` that ``root`` lacks, or holds only as a bare ``nn.Module``: the
+    path :func:`graphs.capture.complete_state` (or fx's rebuild) made to hold the parameters of
+    a module the training graph never calls, which has no forward to call."""
     out = []
     for n in graph.nodes:
         if n.op in ("get_attr", "call_module"):
             try:
-                _resolve(root, str(n.target))
+                value = _resolve(root, str(n.target))
             except AttributeError:
+                out.append(str(n.target))
+                continue
+            if n.op == "call_module" and type(value) is nn.Module:
                 out.append(str(n.target))
     return out
 
@@ -311,7 +379,7 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
         path, _, field = target.rpartition(".")
         owner = ensure_module(dst, path)
         if isinstance(value, nn.Module):
-            owner.add_module(field, value)
+            owner.add_module(field, value)  # in the bare module's place: its tensors are this one's
         elif isinstance(value, nn.Parameter):
             owner.register_parameter(field, value)
         else:  # a plain tensor (fx's constants): state the model does not have stays out of state_dict
@@ -320,45 +388,71 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
 
 
 def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
-    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`),
+    called as the training forward fx generates is: the same arguments, by position or by
+    name, with the same defaults (:func:`_signature`)."""
     codegen = graph._codegen
     info = getattr(codegen, "pytree_info", None)
     in_spec = info.in_spec if info is not None else None
+    signature = _signature(graph)
 
     def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        if in_spec is not None:  # torch.export's graphs take the inputs' leaves
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            if spec != in_spec:
-                raise TypeError(f"forward() takes inputs shaped as {in_spec}, got {spec}")
-            out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
-            return codegen.process_outputs(out)
-        values = list(args)
-        for n in placeholders[len(args):]:
-            name = str(n.target).lstrip("*")
-            if name in kwargs:
-                values.append(kwargs.pop(name))
-            elif n.args:
-                values.append(n.args[0])
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values: list[Any] = []
+        for p in signature.parameters.values():
+            value = bound.arguments[p.name]
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                values.extend(value)
             else:
-                raise TypeError(f"forward() missing its argument {name!r}")
-        if kwargs:
-            raise TypeError(f"forward() got unexpected keyword arguments {sorted(kwargs)}")
-        return DataFollowingInterpreter(self, graph=graph).run(*values)
+                values.append(value)
+        if in_spec is None:
+            return DataFollowingInterpreter(self, graph=graph).run(*values)
+        # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
+        if _has_args_and_kwargs(in_spec):
+            count = in_spec.child(0).num_children
+            inputs: Any = (values[:count], dict(zip(in_spec.child(1).context, values[count:])))
+        else:
+            inputs = values
+        leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
+        out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
+        return codegen.process_outputs(out)
 
     return eval_forward
 
 
-def _in_place(n: fx.Node) -> bool:
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return n.op != "call_module" and str(name).endswith("_") and not str(name).endswith("__")
+def _signature(graph: fx.Graph) -> inspect.Signature:
+    """The signature of the forward fx generates for ``graph``: its placeholders (their
+    defaults; ``*args``), or torch.export's original argument names."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                  for name in info.orig_args])
+    parameters = []
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        name = str(n.target)
+        if name.startswith("*"):
+            parameters.append(inspect.Parameter(name.lstrip("*"), inspect.Parameter.VAR_POSITIONAL))
+        else:
+            default = n.args[0] if n.args else inspect.Parameter.empty
+            parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    return inspect.Signature(parameters)
+
+
+def _has_args_and_kwargs(in_spec: pytree.TreeSpec) -> bool:
+    """Whether torch.export's ``in_spec`` is ``(args, kwargs)`` (fx's ``_PyTreeCodeGen`` asks the same)."""
+    return (in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple
+            and in_spec.child(1).type is dict)
 
 
 class DataFollowingInterpreter(fx.Interpreter):
     """Runs a graph of ``module`` (its eval graph) over the module's placed state.
 
     Each op runs on the device of its module's parameters (a ``call_module``), of the tensor
-    it updates (an in-place op), where the placement put the training graph's op of the same
+    it updates (an in-place op: :func:`graphs.ops.mutated_args`, aten's ``add_.Tensor`` and
+    ``x[i] = y`` included), where the placement put the training graph's op of the same
     name, op and target (``placer_placement``: most of an eval graph is the training graph's),
     or else where its latest-made input is (a residual add follows the block it closes, not
     the stream it adds to); other tensor inputs are copied there, and the output goes to the
@@ -380,22 +474,24 @@ class DataFollowingInterpreter(fx.Interpreter):
             return super().run_node(n)
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            device = self._device_for(n, args, kwargs)
-            if device is not None:
-                args, kwargs = _moved((args, kwargs), device)
+            tensors: list[torch.Tensor] = []
+            fx.node.map_aggregate((args, kwargs), lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
+            device = self._device_for(n, args, tensors)
+            if device is not None and any(t.device != device for t in tensors):
+                args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: _moved(v, device))
             return getattr(self, n.op)(n.target, args, kwargs)
 
-    def _device_for(self, n: fx.Node, args: Any, kwargs: Any) -> torch.device | None:
+    def _device_for(self, n: fx.Node, args: tuple, tensors: list[torch.Tensor]) -> torch.device | None:
         if n.op == "call_module":
             module = self.fetch_attr(str(n.target))
             state = next(itertools.chain(module.parameters(), module.buffers()), None)
             if state is not None:
                 return state.device
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if len({t.device for t in tensors}) <= 1:
             return None  # nothing to move
-        if _in_place(n):
-            return tensors[0].device
+        written = [args[i] for i in mutated_args(n, self.module) if i < len(args) and isinstance(args[i], torch.Tensor)]
+        if written:  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
+            return written[0].device
         if n.name in self.placed and self.twins.get(n.name) == (n.op, n.target):
             return self.placed[n.name]
         made = [m for m in n.all_input_nodes if m.op != "get_attr" and isinstance(self.env.get(m), torch.Tensor)]
@@ -416,18 +512,20 @@ def _moved(value: Any, device: torch.device) -> Any:
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
     """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
-    ``if self.training:`` keeps the training branch (:func:`_mode_baked_by_fx`), and after
-    ``placed.eval()`` ran it with no error (walkthrough). A module-level forward pre-hook (the
-    module is pickled into job files) raises instead.
-    """
+    ``if self.training:`` keeps the training branch (:func:`graphs.capture._mode_baked_by_fx`),
+    and after ``placed.eval()`` ran it with no error (walkthrough). The refusal is the eval
+    forward :func:`follow_eval_mode` installs, so copies, deep copies (an EMA copy) and pickles
+    refuse too (review: a forward pre-hook, which fx's rebuilds drop, let them run the training
+    branch)."""
     gm.placer_eval_refusal = reason  # type: ignore[assignment]
-    if _refuse_eval_forward not in gm._forward_pre_hooks.values():
-        gm.register_forward_pre_hook(_refuse_eval_forward)
+    follow_eval_mode(gm)
 
 
-def _refuse_eval_forward(module: fx.GraphModule, args: Any) -> None:
-    """Forward pre-hook of :func:`refuse_eval_mode`."""
-    if module.training:
-        return
-    raise CaptureError(f"{module.placer_eval_refusal}; evaluate with your original model, loading the trained "
-                       "weights back with model.load_state_dict(placed.state_dict())")
+def _refusing(reason: str) -> Callable[..., Any]:
+    """The eval forward of :func:`refuse_eval_mode`."""
+
+    def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        raise CaptureError(f"{reason}; evaluate with your original model, loading the trained weights back "
+                           "with model.load_state_dict(placed.state_dict())")
+
+    return eval_forward

@@ -31,7 +31,9 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch import nn
 
 #: Ops whose result aliases their first input, or that only query metadata: no arithmetic, no traffic.
 VIEW_OPS: frozenset[str] = frozenset({
@@ -126,3 +128,47 @@ def canonical_op_name(name: str) -> str:
     if name in INPLACE_OPERATOR_NAMES and name != "setitem":  # iadd (x += y) computes what add does
         return name[1:]
     return name.strip("_") if name.startswith("__") else name
+
+
+#: aten ops that update running statistics in place without saying so in their schema
+#: (argument indices of running_mean / running_var).
+_BATCHNORM_ATEN = {
+    "aten::batch_norm": (3, 4),
+    "aten::native_batch_norm": (3, 4),
+    "aten::_native_batch_norm_legit": (3, 4),
+    "aten::_batch_norm_impl_index": (3, 4),
+    "aten::instance_norm": (3, 4),
+    "aten::cudnn_batch_norm": (3, 4),
+}
+
+
+def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
+    """Indices of ``node.args`` that ``node`` updates in place."""
+    if node.op == "call_method":
+        t = str(node.target)
+        return [0] if t.endswith("_") and not t.startswith("__") else []
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        return [0] if getattr(mod, "inplace", False) is True else []
+    if node.op != "call_function":
+        return []
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        idx = [
+            i
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write and i < len(node.args)
+        ]
+        bn = _BATCHNORM_ATEN.get(schema.name)
+        if bn is not None:
+            idx += [i for i in bn if i < len(node.args)]
+        return idx
+    name = getattr(target, "__name__", "")
+    if name in ("batch_norm", "instance_norm") and getattr(target, "__module__", "").startswith("torch.nn.functional"):
+        return [1, 2]
+    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
+        return [0]
+    if target in INPLACE_OPERATORS:
+        return [0]  # x += y, x[i] = y update their left operand
+    return []

@@ -1071,3 +1071,212 @@ def test_the_eval_graph_runs_each_op_where_its_data_is():
     gm.eval()
     out = DataFollowingInterpreter(gm, graph=gm.placer_eval_graph).run(x)
     assert out.device.type == "meta" and out.shape == (6, 3)
+
+
+class _ExportedEvalCounter(nn.Module):
+    """torch.export (fx cannot iterate over a tensor) with an update only eval mode makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x):
+        h = torch.stack([row for row in self.a(x)])
+        if not self.training:
+            self.seen.add_(h.sum(0))
+        return h * 2
+
+
+def test_an_eval_graphs_in_place_update_runs_where_its_buffer_is():
+    """aten.add_.Tensor on a buffer on another device than its input (meta stands in for a GPU):
+    run where the activation is, it updated a copy of the buffer and the update was lost
+    (review: the in-place test knew only names ending in '_', not aten's overloads)."""
+    from graphs.capture import capture
+    from graphs.eval_mode import DataFollowingInterpreter
+
+    model, x = _ExportedEvalCounter(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {})
+    placed.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(placed.seen, model.seen, rtol=0, atol=0)
+        placed._buffers["seen"] = placed._buffers["seen"].to("meta")
+        DataFollowingInterpreter(placed, graph=placed.placer_eval_graph).run(x)  # before: meta -> cpu failed
+
+
+class _EvalOnlyHead(nn.Module):
+    """A head only eval mode calls: the training graph never reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        self.eval_head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            return self.b(h)
+        return self.eval_head(h)
+
+
+def test_a_module_only_eval_mode_calls_evaluates_as_the_original():
+    """complete_state put the head's parameters on a bare nn.Module at its path, which the eval
+    graph then called: 'Module [Module] is missing the required forward function' (review)."""
+    import pickle
+
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _EvalOnlyHead(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    assert list(placed.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        placed.eval_head.weight.add_(1.0)  # the placed model's own head, loaded back into the original
+    model.load_state_dict(placed.state_dict())
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    for twin in (copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)
+        assert any(p is twin.eval_head.weight for p in twin.parameters())
+
+
+def test_an_exported_transformer_encoder_says_its_eval_mode_is_not_the_no_grad_fast_path(caplog):
+    """Under torch.no_grad() nn.TransformerEncoder in eval mode runs PyTorch's fast path, nested
+    tensors included, which torch.export never records: at positions a padding mask pads the
+    original gives 0 and the placed model the standard path's values (review: 1.97 apart, with
+    no word). With gradients on both run the standard path, exactly alike."""
+    import logging
+
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+    x, pad = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with caplog.at_level(logging.WARNING, logger="graphs.capture"):
+        cap = capture(model, (x, None, pad))
+    assert cap.method == "export"
+    assert "fast path" in caplog.text and "layers.0" in caplog.text
+    placed = apply_placement(cap, {})
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x, None, pad), model(x, None, pad), rtol=0, atol=0)
+
+
+class _KeywordsAndTrainingBranch(nn.Module):
+    """fx traces it (defaults become its placeholders' defaults); eval mode takes another branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float = 2.0, shift=None):
+        h = self.a(x) * scale
+        if self.training:
+            h = h * 0.5
+        return h
+
+
+def test_the_eval_forward_takes_its_arguments_as_the_training_forward_does():
+    """By name, by position, with defaults, and too many refused, in both modes (review: a
+    torch.export model refused placed(x=x) in eval mode only, and fx's eval forward dropped
+    extra positional arguments without a word)."""
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    exported, x = _ExportedTrainingBranch(), torch.randn(3, 4)
+    placed = apply_placement(capture(exported, (x,)), {})
+    for mode in (False, True):
+        placed.train(mode), exported.train(mode)
+        torch.testing.assert_close(placed(x=x), exported(x), rtol=0, atol=0)
+        with pytest.raises((TypeError, CaptureError)):  # CaptureError: another structure than the example's
+            placed(x, x)
+    model = _KeywordsAndTrainingBranch()
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {})
+    for mode in (False, True):
+        placed.train(mode), model.train(mode)
+        for args, kwargs in (((x,), {}), ((), {"x": x}), ((x, 3.0), {}), ((x,), {"scale": 3.0})):
+            torch.testing.assert_close(placed(*args, **kwargs), model(*args, **kwargs), rtol=0, atol=0)
+        with pytest.raises(TypeError):
+            placed(x, 3.0, None, 7)
+
+
+def test_a_copied_deep_copied_or_pickled_model_that_refuses_eval_mode_still_refuses_it():
+    """The refusal was a forward pre-hook, which fx's rebuilds drop: an EMA copy of such a
+    placed model ran the training branch after .eval() with no error (review)."""
+    import pickle
+
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    x = torch.randn(6, 4)
+    placed = apply_placement(capture(_RandomConstant(), (x,)), {})
+    for twin in (placed, copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        twin(x)
+        twin.eval()
+        with pytest.raises(CaptureError, match="load_state_dict"):
+            twin(x)
+
+
+def test_a_deep_copy_of_a_placed_model_evaluates_where_the_placed_model_does():
+    """The eval graph follows the placement and moves its output to the placed output device;
+    fx's copies dropped both (review: an EMA copy's eval output stayed on its last op's device)."""
+    from graphs.capture import capture
+
+    model, x = _StochasticDepth(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    for twin in (copy.copy(placed), copy.deepcopy(placed)):
+        for key in ("placer_placement", "placer_real_devices", "placer_output_device"):
+            assert getattr(twin, key) == getattr(placed, key), key
+
+
+class _ExportedBatchNorm(nn.Module):
+    """torch.export captures it (fx cannot iterate over a tensor): one BatchNorm, its flag baked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(torch.stack([row for row in self.a(x)]))
+
+
+def test_an_exported_module_set_to_another_mode_than_the_placed_model_is_refused():
+    """placed.train(); placed.bn.eval() (a BatchNorm frozen for fine-tuning): the exported graph
+    still normalised by the batch and updated the statistics, with no error (review). Frozen
+    before capture, it stays frozen and trains as the original."""
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _ExportedBatchNorm(), torch.randn(6, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {})
+    placed.bn.eval()
+    with pytest.raises(CaptureError, match="module 'bn' is in eval mode"):
+        placed(x)
+    placed.eval()
+    placed.bn.train()
+    with pytest.raises(CaptureError, match="module 'bn' is in training mode"):
+        placed(x)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+    model.train(), model.bn.eval()  # frozen before the capture
+    placed = apply_placement(capture(model, (x,)), {})
+    assert placed.training and not placed.bn.training
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(placed.bn.running_mean, model.bn.running_mean, rtol=0, atol=0)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)

@@ -843,3 +843,91 @@ def test_an_exported_graph_refuses_inputs_whose_baked_values_differ_from_the_exa
             module(x, None, 3, flag=True)
         with pytest.raises(CaptureError, match=r"None became a tensor\[6, 8\]"):
             module(x, torch.rand(6, 8), 3, False)
+
+
+class _EvalStash(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            self.last = h.detach()  # eval mode only: a new Python attribute
+        return h
+
+
+class _ExportedEvalStash(_EvalStash):
+    def forward(self, x):
+        x = torch.stack([row for row in x])  # torch.export captures it
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_EvalStash, _ExportedEvalStash, _EvalCounter])
+def test_an_attribute_set_only_in_eval_mode_stays_off_the_model_and_refuses_eval_mode(cls):
+    """The eval-mode trace left fx's Proxy on the user's model as 'last' (it no longer pickled),
+    and the placed model evaluated without setting it or counting (review)."""
+    import pickle
+
+    from envs.runtime.apply import apply_placement
+    from graphs.errors import CaptureError
+
+    model, x = cls(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert "last" not in vars(model) and getattr(model, "evaluated", 0) == 0
+    pickle.dumps(model)
+    placed = apply_placement(cap, {})
+    placed(x)
+    placed.eval()
+    with pytest.raises(CaptureError, match="Python attribute '(last|evaluated)' in eval mode"):
+        placed(x)
+
+
+class _EvalOnlySetitem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            self.seen[0] = h.sum()  # fx cannot trace item assignment on a Proxy
+        return h
+
+
+def test_eval_mode_refused_because_fx_cannot_trace_it_says_why():
+    """The refusal said 'in eval mode it cannot be traced, or a value changes from one trace to
+    the next', not which (review)."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _EvalOnlySetitem(), torch.randn(3, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    placed.eval()
+    with pytest.raises(CaptureError, match=r"cannot trace forward\(\) in eval mode \(TypeError: '\w*Proxy' object"):
+        placed(x)
+
+
+class _CachedMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.mask = None
+
+    def forward(self, x):
+        if self.mask is None:  # a tensor forward() caches on its first call, in either mode
+            self.mask = torch.ones(4) * 0.5
+        return self.a(x) * self.mask
+
+
+def test_a_tensor_forward_caches_stays_off_the_model_and_the_placed_model_follows_eval():
+    """The training trace left the cached tensor on the user's model, so the eval trace read it
+    as an attribute ('mask') where the graph had a constant: eval mode was refused as 'another
+    graph at every trace' (review)."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _CachedMask(), torch.randn(3, 4)
+    placed = apply_placement(capture(model, (x,)), {})
+    assert model.mask is None
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)

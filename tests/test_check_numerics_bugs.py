@@ -573,3 +573,26 @@ def test_tensor_constants_made_in_forward_are_not_state_and_the_check_passes():
     copy.deepcopy(model).load_state_dict(placed.state_dict())  # strict: no unexpected keys
     x = spec.example_inputs[0]
     assert torch.equal(placed(x), model(x))
+
+
+def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
+    """The placed model's eval forward is another code path than its training step (the eval
+    graph run where its data is): the check ran training steps only, so an eval path that
+    computed something else passed (review)."""
+    from graphs.eval_mode import DataFollowingInterpreter
+    from tests.test_apply import _StochasticDepth
+
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_StochasticDepth(), example_inputs=(torch.randn(8, 8),), name="droppath")
+    cap = capture(spec.model, spec.example_inputs)
+    assignment = {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)}
+    report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    assert report.ok and report.eval_output_diff == 0.0 and "eval mode" in report.describe()
+    assert spec.model.training
+
+    def off_by_one(self, target, args, kwargs):
+        return DataFollowingInterpreter.__mro__[1].output(self, target, args, kwargs) + 1.0
+
+    monkeypatch.setattr(DataFollowingInterpreter, "output", off_by_one)
+    report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    assert not report.ok and report.eval_output_diff > 0.1

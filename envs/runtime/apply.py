@@ -49,10 +49,9 @@ from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
 from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
-from graphs.eval_mode import refuse_eval_mode
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
+from graphs.ops import STAYS_WITH_INPUT_OPS, mutated_args, op_name
 
 __all__ = [
     "ApplyError",
@@ -75,18 +74,6 @@ class ApplyError(PlacerError, ValueError):
 #: does not need the tensor on its own device, so no copy is made for it.
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
 _METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "is_cuda", "requires_grad"})
-
-#: aten ops that update running statistics in place without saying so in their schema
-#: (argument indices of running_mean / running_var).
-_BATCHNORM_ATEN = {
-    "aten::batch_norm": (3, 4),
-    "aten::native_batch_norm": (3, 4),
-    "aten::_native_batch_norm_legit": (3, 4),
-    "aten::_batch_norm_impl_index": (3, 4),
-    "aten::instance_norm": (3, 4),
-    "aten::cudnn_batch_norm": (3, 4),
-}
-
 
 def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = False) -> Any:
     """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
@@ -143,38 +130,6 @@ def _canonical(dev: torch.device) -> str:
     if dev.index is None and dev.type in ("cuda", "xpu", "mps"):
         return f"{dev.type}:0"
     return str(dev)
-
-
-def _mutated_args(node: fx.Node, root: torch.nn.Module) -> list[int]:
-    """Indices of ``node.args`` that ``node`` updates in place."""
-    if node.op == "call_method":
-        t = str(node.target)
-        return [0] if t.endswith("_") and not t.startswith("__") else []
-    if node.op == "call_module":
-        mod = root.get_submodule(str(node.target))
-        return [0] if getattr(mod, "inplace", False) is True else []
-    if node.op != "call_function":
-        return []
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        schema = target._schema
-        idx = [
-            i
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write and i < len(node.args)
-        ]
-        bn = _BATCHNORM_ATEN.get(schema.name)
-        if bn is not None:
-            idx += [i for i in bn if i < len(node.args)]
-        return idx
-    name = getattr(target, "__name__", "")
-    if name in ("batch_norm", "instance_norm") and getattr(target, "__module__", "").startswith("torch.nn.functional"):
-        return [1, 2]
-    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
-        return [0]
-    if target in INPLACE_OPERATORS:
-        return [0]  # x += y, x[i] = y update their left operand
-    return []
 
 
 def _metadata_only(user: fx.Node, producer: fx.Node) -> bool:
@@ -326,7 +281,7 @@ def _view_parent(node: fx.Node) -> fx.Node | None:
 
 def _written_nodes(node: fx.Node, root: torch.nn.Module) -> list[fx.Node]:
     """The nodes whose tensors ``node`` updates in place."""
-    return [a for i in _mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
+    return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
 
 
 def _storage_roots(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -336,7 +291,7 @@ def _storage_roots(gm: fx.GraphModule) -> dict[str, fx.Node]:
     roots: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:
         source = _view_parent(n)
-        if 0 in _mutated_args(n, gm) and isinstance(n.args[0], fx.Node):
+        if 0 in mutated_args(n, gm) and isinstance(n.args[0], fx.Node):
             source = n.args[0]
         roots[n.name] = roots[source.name] if source is not None else n
     return roots
@@ -556,11 +511,9 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    if getattr(src, "placer_eval_refusal", None):
-        refuse_eval_mode(gm, src.placer_eval_refusal)
     if getattr(src, "placer_constant_inputs", None):
         pin_constant_inputs(gm, src.placer_constant_inputs)
-    return gm
+    return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
 
 
 def _ident(name: str) -> str:

@@ -17,7 +17,9 @@ of its tensor misses the update on a real cluster, and so it does here.
 
 One step with buffers restored would pass a placed model that loses an in-place buffer
 update: its first output is right and it diverges from the second step on. Comparing the
-buffers and later steps catches that. The copies are trained, never the user's model.
+buffers and later steps catches that. After the steps one forward of both in eval mode is
+compared too: the placed model's eval forward is another code path (:mod:`graphs.eval_mode`).
+The copies are trained, never the user's model.
 
 A pipelined placement also splits the batch: ``R`` data-parallel replicas each take ``1/R``
 of it and cut their share into ``M`` micro-batches (equal slices of dim 0, as
@@ -53,7 +55,7 @@ from torch.utils._pytree import tree_map
 
 from envs.runtime.apply import apply_placement, to_device
 from graphs.capture import CapturedModel, set_training_modes, training_modes
-from graphs.errors import ModelFileError, PlacerError
+from graphs.errors import CaptureError, ModelFileError, PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec, batch_size_of, batch_slice, first_tensor, preserved_buffers
 from graphs.profile.op_timing import tensors_in
@@ -101,6 +103,8 @@ class CheckReport:
         without_dropout: the placement runs ops on a device the original model is not on, whose
             dropout draws its masks from that device's own generator (a GPU's), and the model
             drops out: both sides were compared with dropout off.
+        eval_output_diff: max scaled |placed - original| of one forward in eval mode after the
+            steps (:func:`_eval_output_difference`); 0.0 where the placed model refuses eval mode.
     """
 
     output_diff: float
@@ -128,6 +132,7 @@ class CheckReport:
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
     without_dropout: bool = False
+    eval_output_diff: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -137,7 +142,8 @@ class CheckReport:
     @property
     def placement_ok(self) -> bool:
         """True when nothing is missing and every placed-versus-original difference is within the tolerance."""
-        worst = max(self.output_diff, self.loss_diff, self.grad_diff, self.param_diff, self.buffer_diff)
+        worst = max(self.output_diff, self.loss_diff, self.grad_diff, self.param_diff, self.buffer_diff,
+                    self.eval_output_diff)
         return not self.missing_grads and not self.missing_state and worst <= self.tolerance
 
     @property
@@ -182,7 +188,8 @@ class CheckReport:
             f"{verdict} over {self.steps} training step{'s' if self.steps != 1 else ''}: max output "
             f"difference {self.output_diff:.2e}, loss {self.loss_diff:.2e}, gradients {self.grad_diff:.2e} "
             f"over {self.compared_grads} parameters, parameters after the optimizer step {self.param_diff:.2e}, "
-            f"buffers {self.buffer_diff:.2e} over {self.compared_buffers} (tolerance {self.tolerance:.0e})"
+            f"buffers {self.buffer_diff:.2e} over {self.compared_buffers}, output in eval mode after them "
+            f"{self.eval_output_diff:.2e} (tolerance {self.tolerance:.0e})"
         )
         if not self.ok and self.first_bad_step is not None:
             worst = max(self.details.items(), key=lambda kv: kv[1], default=None)
@@ -296,6 +303,36 @@ def _forward_backward(module: torch.nn.Module, spec: ModelSpec, inputs: tuple, s
     return [t.detach() for t in tensors_in(output)], loss.detach(), grads
 
 
+def _eval_output_difference(original: torch.nn.Module, placed: torch.nn.Module, inputs: tuple, seed: int) -> float:
+    """Max scaled difference of one forward of both in eval mode, their modes restored after.
+
+    The placed model's eval forward is another code path than its training step (eval-mode
+    constants, or the eval graph run where its data is: :mod:`graphs.eval_mode`). Gradients
+    stay on: under ``torch.no_grad()`` the original may take PyTorch's fast paths, which a
+    torch.export graph never records (a warning at capture says so). A placed model that
+    refuses eval mode says so itself when evaluated, and an original that cannot evaluate the
+    example batch has nothing to compare: 0.0."""
+    modes = training_modes(original), training_modes(placed)
+    try:
+        original.eval(), placed.eval()
+        torch.manual_seed(seed)
+        try:
+            expected = [t for t in tensors_in(original(*inputs)) if isinstance(t, torch.Tensor)]
+        except Exception:  # noqa: BLE001 - a model that cannot evaluate this batch: nothing to compare
+            return 0.0
+        torch.manual_seed(seed)
+        try:
+            got = [t for t in tensors_in(placed(*inputs)) if isinstance(t, torch.Tensor)]
+        except CaptureError:
+            return 0.0
+        if len(got) != len(expected):
+            return float("inf")
+        return max((_scaled_diff(a, b) for a, b in zip(got, expected)), default=0.0)
+    finally:
+        set_training_modes(original, modes[0])
+        set_training_modes(placed, modes[1])
+
+
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by qualified name (persistent or not)."""
     out = {f"param:{n}": p for n, p in module.named_parameters()}
@@ -403,6 +440,7 @@ def check_placement(
                 first_bad = step
             if not nonfinite and not bool(torch.isfinite(ref_loss).all()):
                 nonfinite = f"{float(ref_loss.reshape(-1)[0])} at step {step}"
+        eval_diff = _eval_output_difference(original, placed, spec.example_inputs, seed + steps)
         split_fields: dict[str, object] = {}
         if split is not None:
             split_fields = {f.name: getattr(split, f.name) for f in dataclasses.fields(split)
@@ -432,6 +470,7 @@ def check_placement(
         original_nonfinite=nonfinite,
         no_gradient=tuple(n for n in trainable if n not in graded),
         without_dropout=no_dropout is not None and no_dropout.switched,
+        eval_output_diff=eval_diff,
         **split_fields,  # type: ignore[arg-type]
     )
 

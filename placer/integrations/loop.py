@@ -317,9 +317,12 @@ def place(
         (:mod:`graphs.eval_mode`: training flags such as BatchNorm's and dropout's take their
         eval-mode values, and a forward whose ``if self.training:`` takes another branch runs
         the model's eval-mode graph over the placed parameters). A forward that draws a new
-        constant at every trace (``random.random()``) refuses eval mode with an error that
-        says so; evaluate such a model with the original after
-        ``model.load_state_dict(placed.state_dict())``. Build the optimizer on its parameters.
+        constant at every trace (``random.random()``), or sets a Python attribute in eval mode,
+        refuses eval mode with an error that says so; evaluate such a model with the original after
+        ``model.load_state_dict(placed.state_dict())``. A model torch.export captures runs
+        ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` in their standard path,
+        where the original takes PyTorch's fast path under ``torch.no_grad()`` (a warning at
+        capture says how they differ). Build the optimizer on its parameters.
         It carries
         ``placer_place_info`` (:class:`PlaceInfo`) besides the attributes of
         :func:`envs.runtime.apply.apply_placement`.
