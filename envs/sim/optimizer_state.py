@@ -11,15 +11,26 @@ placement is costed with the model's own optimizer, as training would run it.
 
 from __future__ import annotations
 
-#: Optimizer state bytes per parameter byte, by optimizer name.
+#: Optimizer state bytes per parameter byte, by optimizer name
+#: (:func:`graphs.profile.optimizer_timing.optimizer_kind`). The variants are the state
+#: torch.optim keeps per parameter: Adam's ``amsgrad`` adds ``max_exp_avg_sq`` to
+#: ``exp_avg`` and ``exp_avg_sq``; RMSprop keeps ``square_avg``, ``centered`` adds ``grad_avg``
+#: and ``momentum`` a ``momentum_buffer``. Measured on the CPU allocator (state bytes after a
+#: first step over one 4 MiB parameter): 3.00 for Adam and AdamW with amsgrad, 2.00 for a
+#: centered or a momentum RMSprop, 3.00 for both.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {
     "sgd": 0.0,
     "sgd_momentum": 1.0,
     "momentum": 1.0,
     "rmsprop": 1.0,
+    "rmsprop_momentum": 2.0,
+    "rmsprop_centered": 2.0,
+    "rmsprop_centered_momentum": 3.0,
     "adagrad": 1.0,
     "adam": 2.0,
     "adamw": 2.0,
+    "adam_amsgrad": 3.0,
+    "adamw_amsgrad": 3.0,
 }
 
 
