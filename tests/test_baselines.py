@@ -303,13 +303,15 @@ def test_mincut_kernighan_lin_fallback(monkeypatch) -> None:
 
 @pytest.mark.timeout(120)
 def test_mincut_under_tight_memory_ends_with_a_fit_or_a_reason_never_moving_a_group_to_and_fro(tmp_path) -> None:
-    """rnnlm under 363 KiB per device: repair_memory's estimate let a group move onto a GPU the
-    memory model then found overfull, and back again, for ever (optimize and benchmark hung)."""
+    """rnnlm under 550 KiB per device (363 KiB before the optimizer step's temporaries counted:
+    1.26x its largest group's peak then and now): repair_memory's estimate let a group move
+    onto a GPU the memory model then found overfull, and back again, for ever (optimize and
+    benchmark hung)."""
     import pandas as pd
 
     from placer.cli.main import main
 
-    memory = ",".join(f"{d}=363KiB" for d in ("cpu", "gpu0", "gpu1", "gpu2", "gpu3"))
+    memory = ",".join(f"{d}=550KiB" for d in ("cpu", "gpu0", "gpu1", "gpu2", "gpu3"))
     out = tmp_path / "out"
     main(["optimize", "zoo:rnnlm", "--cluster", "4xK40", "--memory", memory, "--baselines", "mincut",
           "--budget", "20", "--out", str(out), "-q", "--no-check"])

@@ -58,3 +58,18 @@ def test_memory_needs_adds_parameters_gradients_and_activations():
     assert static.sum() >= 2 * params  # parameters and their gradients at least
     assert "device limits: gpu0=1 GiB, gpu1=1 GiB" in text
     check_memory_fits(problem)  # 1 GiB each holds it
+
+
+def test_a_group_whose_optimizer_step_overfills_every_device_is_refused_naming_the_step():
+    """A Linear(512, 512) with Adam: parameters, gradients and moments (4 MiB) fit 5 MiB, but
+    Adam's update allocates temporaries of the weight's size one parameter at a time (4x the
+    parameters: 4 MiB more), so no device can run its step; the message says so."""
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    cap = capture(model, (torch.randn(2, 512),))
+    devices = tuple(Device(f"gpu{i}", "K40", 5 * 2**20, 4.29e12, 288e9) for i in range(2))
+    problem = compile_problem(cap.graph, Cluster("two", devices, (), True, (1e-5, 1e10)), optimizer="adam")
+    with pytest.raises(MemoryFitError) as info:
+        check_memory_fits(problem)
+    message = str(info.value)
+    assert "at the optimizer step" in message and "the update's temporaries 4.01 MiB" in message
+    assert "does not fit the largest device (5 MiB)" in message
