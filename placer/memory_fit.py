@@ -17,13 +17,15 @@ per device at best, and against which limits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
-__all__ = ["MemoryFitError", "group_peaks", "memory_needs", "check_memory_fits"]
+__all__ = ["MemoryFitError", "group_peaks", "memory_needs", "check_memory_fits", "memory_margins"]
 
 
 class MemoryFitError(PlacerError):
@@ -81,3 +83,19 @@ def check_memory_fits(problem: PlacementProblem) -> None:
             f"no placement can fit: {text}; its largest group does not fit the largest device "
             f"({format_bytes(float(capacity.max()))}). Expected larger devices or a smaller model or batch"
         )
+
+
+def memory_margins(device_names: Sequence[str], peak: Sequence[float] | np.ndarray,
+                   capacity: Sequence[float] | np.ndarray) -> str:
+    """Each device's peak against the memory a placement may fill there, and the margin left:
+    what a user with a model near its devices' limits reads first.
+
+    >>> memory_margins(["gpu0", "gpu1"], [195 * 2**20, 600 * 2**20], [512 * 2**20, 512 * 2**20])
+    'gpu0=195 MiB of 512 MiB usable (317 MiB spare), gpu1=600 MiB of 512 MiB usable (88 MiB over)'
+    """
+    parts = []
+    for name, used, cap in zip(device_names, peak, capacity):
+        left = float(cap) - float(used)
+        margin = f"{format_bytes(left)} spare" if left >= 0 else f"{format_bytes(-left)} over"
+        parts.append(f"{name}={format_bytes(float(used))} of {format_bytes(float(cap))} usable ({margin})")
+    return ", ".join(parts)
