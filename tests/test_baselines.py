@@ -317,3 +317,28 @@ def test_mincut_under_tight_memory_ends_with_a_fit_or_a_reason_never_moving_a_gr
           "--budget", "20", "--out", str(out), "-q", "--no-check"])
     row = pd.read_csv(out / "comparison.csv").set_index("method").loc["mincut"]
     assert bool(row["fits"]) or "could not move" in str(row["note"]) or "did not make" in str(row["note"])
+
+
+@pytest.mark.parametrize("name", ["m_etf", "m_sct", "heft", "critical_path"])
+def test_memory_aware_list_schedulers_leave_room_for_the_working_sets(name):
+    """Six Linear(512, 512) with Adam on two 20 MiB devices: parameters, gradients and moments
+    are 24 MiB, and each device also needs the update's temporaries (4x its largest weight,
+    4 MiB) at the optimizer step. The schedulers filled a device to its cap with footprints
+    alone, so the placement they returned overfilled it by that working set (20.1 MiB of 20)."""
+    import torch
+
+    from envs.hardware.loading import load_cluster
+    from envs.sim.problem import compile_problem
+    from envs.sim.simulator import simulate
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU()) for _ in range(6)])
+    captured = capture(model, (torch.randn(16, 512),))
+    device = {"kind": "K40", "memory": "20MiB", "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    cluster = load_cluster({"name": "two", "devices": [{"name": f"gpu{i}", **device} for i in range(2)],
+                            "default_link": {"latency": "10us", "bandwidth": "10GB/s"}})
+    problem = compile_problem(captured.graph, cluster, optimizer="adam")
+    result = run_baseline(name, problem, graph=captured.graph)
+    assert result.placement is not None, result.reason
+    assert simulate(problem, result.placement).fits

@@ -32,6 +32,12 @@ class ScheduleState:
         self.mem = node_memory(problem)
         self.cap = np.asarray(problem.memory_capacity, dtype=np.float64)
         self.used = np.zeros(problem.num_devices)
+        # The working set a device's nodes bring on top of their footprint: the backward's, or
+        # the optimizer step's temporaries, whichever is larger (common.device_memory counts
+        # them; without them the schedulers filled a device to its cap and the placement they
+        # returned overfilled it by that working set).
+        self.work = np.maximum(problem.backward_work(), problem.step_work())
+        self.device_work = np.zeros(problem.num_devices)
         self.device = np.full(problem.num_nodes, -1, dtype=np.int64)
         self.start = np.zeros(problem.num_nodes)
         self.finish = np.zeros(problem.num_nodes)
@@ -51,7 +57,8 @@ class ScheduleState:
 
     def hosts(self, n: int) -> list[int]:
         """Allowed devices with room left for node ``n``."""
-        return [d for d in self.devices if self.used[d] + self.need(n, d) <= self.cap[d]]
+        return [d for d in self.devices
+                if self.used[d] + self.need(n, d) + max(self.device_work[d], self.work[n]) <= self.cap[d]]
 
     def data_ready(self, n: int, d: int) -> float:
         """Earliest time all inputs of ``n`` are on device ``d``."""
@@ -80,6 +87,7 @@ class ScheduleState:
         """Put node ``n`` on device ``d`` starting at ``start``."""
         end = start + float(self.cost[n, d])
         self.used[d] += self.need(n, d)
+        self.device_work[d] = max(self.device_work[d], self.work[n])
         self.device[n] = d
         self.start[n] = start
         self.finish[n] = end
@@ -92,7 +100,8 @@ class ScheduleState:
         """The error for a node no allowed device has room for."""
         name = self.problem.node_names[n]
         free = ", ".join(
-            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d], 0))} free" for d in self.devices
+            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d] - self.device_work[d], 0))} free"
+            for d in self.devices
         )
         return NoFit(f"node {name!r} needs {format_bytes(self.mem[n])} but no device has room ({free})")
 
