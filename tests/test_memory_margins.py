@@ -29,7 +29,7 @@ def test_optimize_report_and_show_give_each_devices_peak_and_margin(tmp_path, ca
     model = tmp_path / "mlp.py"
     model.write_text(MODEL)
     spec = tmp_path / "small.json"
-    device = {"kind": "K40", "memory": "1536KiB", "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    device = {"kind": "K40", "memory": "2MiB", "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
     spec.write_text(json.dumps({"name": "small", "devices": [{"name": f"gpu{i}", **device} for i in range(2)],
                                 "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}))
     out = tmp_path / "out"
@@ -37,10 +37,10 @@ def test_optimize_report_and_show_give_each_devices_peak_and_margin(tmp_path, ca
                  "--no-check", "--baselines", "single,expert"]) == 0
     printed = capsys.readouterr().out
     line = next(x for x in printed.splitlines() if x.startswith("memory ("))
-    assert "simulated peak per device" in line and "of 1.5 MiB usable (" in line and " spare)" in line
+    assert "simulated peak per device" in line and "of 2 MiB usable (" in line and " spare)" in line
     report = (out / "report.md").read_text()
-    assert "of 1.5 MiB usable (" in report
+    assert "of 2 MiB usable (" in report
     assert main(["show", str(out / "placement.json"), "--model", str(model), "--cluster", str(spec),
                  "--out", str(tmp_path / "pics")]) == 0
     shown = capsys.readouterr().out
-    assert "of 1.5 MiB usable (" in shown and " spare)" in shown
+    assert "of 2 MiB usable (" in shown and " spare)" in shown

@@ -135,3 +135,45 @@ def test_pipelines_and_ddp_count_the_optimizer_step_as_one_device_does():
     ddp = simulate_data_parallel(problem, ("cpu0", "cpu1"))
     # each replica also holds the reducer's buckets, a copy of the gradients
     assert ddp.peak_memory["cpu0"] >= one + float(problem.param_bytes.sum())
+
+
+def _gpus(count: int) -> dict:
+    device = {"kind": "K40", "memory": "12GiB", "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    return {"name": "gpus", "devices": [{"name": f"gpu{i}", **device} for i in range(count)],
+            "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}
+
+
+def test_on_a_gpu_the_foreach_default_makes_temporaries_of_all_the_devices_parameters():
+    """torch.optim runs its foreach implementation when every parameter is on a GPU: Adam's
+    ``_foreach_sqrt(exp_avg_sqs)`` is a copy of all of the device's parameters at once. The
+    same implementation, asked for on the CPU (``foreach=True``), is what is measured."""
+    foreach_adam = lambda p: torch.optim.Adam(p, foreach=True)  # noqa: E731 - one line
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 512),)
+    captured = capture(Wide(), inputs, name="wide")
+    measured = measure_step_peak(Wide(), inputs, _loss, foreach_adam)
+    cluster = load_cluster(_gpus(2))
+    problem = compile_problem(captured.graph, cluster, optimizer="adam")
+    on_gpu0 = float(simulate(problem, np.zeros(problem.num_nodes, dtype=np.int64)).peak_memory[0])
+    params = float(problem.param_bytes.sum())
+    assert on_gpu0 == 4 * params + float(problem.ops.loop_held_bytes().sum()) + params
+    # (foreach's per-parameter scalars - step counts, bias corrections - are a few bytes each)
+    assert measured <= on_gpu0 + 1024 and on_gpu0 <= 1.1 * measured
+    reference = simulate_reference(captured.graph, cluster, {v: "gpu0" for v in captured.graph}, optimizer="adam")
+    assert reference.peak_memory.tolist() == [on_gpu0, 0.0]
+    # a pipeline of one stage has the op-level peak; each DDP replica holds it and the buckets
+    piped = simulate_pipeline(problem, Pipeline(stages=(tuple(problem.node_names),), devices=("gpu0",),
+                                                microbatches=1, schedule="gpipe"))
+    assert piped.peak_memory["gpu0"] == on_gpu0
+    ddp = simulate_data_parallel(problem, ("gpu0", "gpu1"))
+    assert ddp.peak_memory["gpu0"] == on_gpu0 + params
+
+
+def test_memory_aware_heuristics_count_a_gpus_foreach_temporaries():
+    from placer.search.baselines.common import device_memory
+
+    torch.manual_seed(0)
+    captured = capture(Wide(), (torch.randn(4, 512),), name="wide")
+    problem = compile_problem(captured.graph, load_cluster(_gpus(2)), optimizer="adam")
+    row = np.arange(problem.num_nodes) % 2
+    assert device_memory(problem, row).tolist() == simulate(problem, row).peak_memory.tolist()

@@ -95,7 +95,7 @@ from envs.sim.pipeline import (
     simulate_pipeline,
     stage_costs,
 )
-from envs.sim.problem import PlacementProblem, memory_problem_lines
+from envs.sim.problem import PlacementProblem, memory_problem_lines, step_temporaries
 from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
@@ -292,12 +292,14 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     buckets_held = float(grad_bytes.sum()) if n > 1 else 0.0
     peak_one = static + float(ops.act_bytes.sum()) / n + buckets_held + work
     # The optimizer step, after the backward freed the activations: its temporaries (the
-    # op-level simulators' rule, envs.sim.optimizer_state.OPTIMIZER_STEP_WORK).
-    peak_one = max(peak_one, static + buckets_held + float(ops.loop_held_bytes().sum())
-                   + float(ops.step_work_bytes().max(initial=0.0)))
-    peak = {names[d]: peak_one for d in idx}
-    over = {names[d]: peak_one - float(problem.memory_capacity[d]) for d in idx
-            if peak_one > float(problem.memory_capacity[d])}
+    # op-level simulators' rule, envs.sim.problem.step_temporaries; a GPU's foreach default).
+    temporaries = step_temporaries(np.asarray(ops.is_cpu)[idx], np.float64(ops.step_work_bytes().max(initial=0.0)),
+                                   np.float64(ops.foreach_work_bytes().sum()))
+    at_step = static + buckets_held + float(ops.loop_held_bytes().sum()) + temporaries
+    peaks = np.maximum(peak_one, at_step)
+    peak = {names[d]: float(p) for d, p in zip(idx, peaks)}
+    over = {names[d]: float(p) - float(problem.memory_capacity[d]) for d, p in zip(idx, peaks)
+            if p > float(problem.memory_capacity[d])}
     return DataParallelResult(tuple(chosen), float(step), float(compute), float(synced - back_end), bucket_bytes,
                               peak, over)
 

@@ -38,7 +38,12 @@ from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.grad_accumulation import accumulate_costs
-from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK, known_state_kind
+from envs.sim.optimizer_state import (
+    OPTIMIZER_FOREACH_WORK,
+    OPTIMIZER_STATE_FACTOR,
+    OPTIMIZER_STEP_WORK,
+    known_state_kind,
+)
 from envs.sim.ranks import RankSimulator
 from graphs.errors import GraphError, PlacerError
 from graphs.grouping import Grouping
@@ -109,6 +114,14 @@ def loop_held_bytes(graph: nx.DiGraph, node: str) -> float:
     return 0.0
 
 
+def step_temporaries(is_cpu: np.ndarray, largest: np.ndarray, foreach_sum: np.ndarray) -> np.ndarray:
+    """The optimizer step's temporaries per device ([..., D]): on a CPU torch.optim's
+    per-parameter loop, ``largest`` (the device's largest op's ``step_work``); on a GPU its
+    default foreach implementation, ``foreach_sum`` (the sum of the device's ops'
+    ``foreach_work``), or the loop's when larger (a ``foreach=False`` optimizer)."""
+    return np.where(np.asarray(is_cpu, dtype=bool), largest, np.maximum(largest, foreach_sum))
+
+
 def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
     """[B, D] the largest ``work`` among the slots each row of ``rows`` ([B, G] device
     indices) puts on each device, 0 where none: the backward working set per device."""
@@ -172,6 +185,10 @@ class OpArrays:
             runs after the backward freed the kept activations and received copies, so a
             device's peak is the larger of its backward peak and its static memory plus the
             largest of these. None: none (problems built from arrays).
+        foreach_work: [N] bytes the foreach implementation's temporaries take per op
+            (:data:`~envs.sim.optimizer_state.OPTIMIZER_FOREACH_WORK` x ``param_bytes``): on a
+            GPU (not ``is_cpu``) torch.optim updates all of a device's parameters at once, so
+            they add up over the device's ops (:func:`step_temporaries`). None: none.
         loop_held: [N] bytes the training loop still holds at the optimizer step: the batch
             (placeholders' outputs) and the model's output (the output node's), which
             ``out = model(x); loss_fn(out, y).backward(); optimizer.step()`` keeps referenced;
@@ -210,6 +227,7 @@ class OpArrays:
     tied_reads: tuple[tuple[int, int, float], ...] = ()
     input_bytes: float = 0.0
     step_work: np.ndarray | None = None
+    foreach_work: np.ndarray | None = None
     loop_held: np.ndarray | None = None
     batch_held: np.ndarray | None = None
 
@@ -235,6 +253,10 @@ class OpArrays:
     def step_work_bytes(self) -> np.ndarray:
         """[N] the optimizer step's temporaries each op brings to its device (``step_work``; 0 when not given)."""
         return np.zeros(self.num_ops) if self.step_work is None else np.asarray(self.step_work, dtype=np.float64)
+
+    def foreach_work_bytes(self) -> np.ndarray:
+        """[N] the foreach implementation's temporaries per op (``foreach_work``; 0 when not given)."""
+        return np.zeros(self.num_ops) if self.foreach_work is None else np.asarray(self.foreach_work, dtype=np.float64)
 
     def loop_held_bytes(self) -> np.ndarray:
         """[N] what the training loop holds at the optimizer step, per op (``loop_held``; 0 when not given)."""
@@ -419,6 +441,12 @@ class PlacementProblem:
         its static memory and the batch and output the training loop holds."""
         out = np.zeros(self.num_nodes)
         np.add.at(out, self.ops.op_group, self.ops.at_step_bytes(self.op_static_memory()))
+        return out
+
+    def foreach_work(self) -> np.ndarray:
+        """[N] per group, the foreach implementation's temporaries of its ops (:meth:`OpArrays.foreach_work_bytes`), summed."""
+        out = np.zeros(self.num_nodes)
+        np.add.at(out, self.ops.op_group, self.ops.foreach_work_bytes())
         return out
 
     def step_work(self) -> np.ndarray:
@@ -653,6 +681,7 @@ def compile_problem(
                                         for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index),
                   input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")),
                   step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
+                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
                   loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
                   batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0))
     rank_simulator = None

@@ -75,7 +75,9 @@ Rules (the PyTorch source or measurement behind each):
   model's output (the training loop holds them) plus
   :data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK` times the device's largest op's
   parameter bytes (torch.optim's per-parameter loop allocates its temporaries one
-  parameter at a time), is the device's peak when larger.
+  parameter at a time; on a GPU its default foreach implementation allocates them for all
+  of the device's parameters at once, ``OPTIMIZER_FOREACH_WORK`` times their sum), is the
+  device's peak when larger.
 
 Consequences worth knowing (tests/test_simulator.py holds them):
 
@@ -109,7 +111,7 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
-from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
+from envs.sim.optimizer_state import OPTIMIZER_FOREACH_WORK, OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
 from envs.sim.problem import (
     BACKWARD_WORK_FACTOR,
     PlacementError,
@@ -348,13 +350,15 @@ def simulate_reference(
     # optimizer step's temporaries of its largest parameters (OPTIMIZER_STEP_WORK).
     work = {name: 0.0 for name in devices}
     step_work = {name: 0.0 for name in devices}
+    foreach = {name: 0.0 for name in devices}
     at_step = dict(base)  # the static memory, and the batch and output the training loop holds
     for v in order:
         at_step[dev_of[v]] += loop_held_bytes(graph, v)
         work[dev_of[v]] = max(work[dev_of[v]], BACKWARD_WORK_FACTOR * gradient_bytes(graph.nodes[v]))
         if grad[v]:
-            own = OPTIMIZER_STEP_WORK[key] * float(graph.nodes[v].get("param_bytes") or 0)
-            step_work[dev_of[v]] = max(step_work[dev_of[v]], own)
+            own = float(graph.nodes[v].get("param_bytes") or 0)
+            step_work[dev_of[v]] = max(step_work[dev_of[v]], OPTIMIZER_STEP_WORK[key] * own)
+            foreach[dev_of[v]] += OPTIMIZER_FOREACH_WORK[key] * own
     peak = np.array([base[name] for name in devices])
     for k, name in enumerate(devices):
         level = base[name]
@@ -362,7 +366,8 @@ def simulate_reference(
             level += delta
             peak[k] = max(peak[k], level)
         # The step comes after every free: the static memory and the step's temporaries.
-        peak[k] = max(peak[k] + work[name], at_step[name] + step_work[name])
+        temporaries = step_work[name] if cpu[name] else max(step_work[name], foreach[name])
+        peak[k] = max(peak[k] + work[name], at_step[name] + temporaries)
 
     busy = np.zeros(len(devices))
     for v in order:

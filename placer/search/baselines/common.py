@@ -18,7 +18,8 @@ Costs used by the heuristics (the simulator alone reports step times):
   so heuristics can check memory without simulating — plus, per device, the backward's
   working set (twice its largest gradient, :func:`envs.sim.problem.device_max`); or, when
   larger, what the optimizer step holds (static memory, the loop's batch and output, the
-  temporaries of the device's largest parameters' update).
+  temporaries of the device's largest parameters' update, or on a GPU of all of them:
+  :func:`envs.sim.problem.step_temporaries`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.units import format_bytes
-from envs.sim.problem import PlacementProblem, device_max
+from envs.sim.problem import PlacementProblem, device_max, step_temporaries
 from graphs.errors import PlacerError
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -126,7 +127,9 @@ def device_memory(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
     # The optimizer step, after the backward freed the activations and copies: the static
     # memory, the loop's batch and output, and the step's temporaries (envs.sim.simulator).
     at_step = np.bincount(row, weights=problem.at_step_memory(), minlength=problem.num_devices)
-    at_step += device_max(row[None, :], problem.step_work(), problem.num_devices)[0]
+    foreach = np.bincount(row, weights=problem.foreach_work(), minlength=problem.num_devices)
+    at_step += step_temporaries(problem.ops.is_cpu, device_max(row[None, :], problem.step_work(), problem.num_devices)[0],
+                                foreach)
     return np.maximum(used, at_step)
 
 

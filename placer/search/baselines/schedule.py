@@ -38,6 +38,10 @@ class ScheduleState:
         # returned overfilled it by that working set).
         self.work = np.maximum(problem.backward_work(), problem.step_work())
         self.device_work = np.zeros(problem.num_devices)
+        # On a GPU the optimizer's foreach default makes temporaries of all of a device's
+        # parameters at once (envs.sim.problem.step_temporaries): they add up, node by node.
+        self.foreach = problem.foreach_work()
+        self.gpu = ~np.asarray(problem.ops.is_cpu, dtype=bool)
         self.device = np.full(problem.num_nodes, -1, dtype=np.int64)
         self.start = np.zeros(problem.num_nodes)
         self.finish = np.zeros(problem.num_nodes)
@@ -53,6 +57,8 @@ class ScheduleState:
         Exact as long as predecessors are placed first (all schedulers here do so).
         """
         extra = sum(float(self.problem.edge_bytes[e]) for e, s in self.preds[n] if self.device[s] != d)
+        if self.gpu[d]:
+            extra += float(self.foreach[n])
         return float(self.mem[n]) + extra
 
     def hosts(self, n: int) -> list[int]:
