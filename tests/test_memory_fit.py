@@ -73,3 +73,29 @@ def test_a_group_whose_optimizer_step_overfills_every_device_is_refused_naming_t
     message = str(info.value)
     assert "at the optimizer step" in message and "the update's temporaries 4.01 MiB" in message
     assert "does not fit the largest device (5 MiB)" in message
+
+
+def test_when_no_method_fits_the_error_says_how_far_the_closest_placement_is_over(tmp_path):
+    """Four Linear(256, 256) on two 1.5 MiB GPUs: the needs read as if they fit (1.02 MiB per
+    device at best, the largest group 779 KiB), yet every placement overflows by the optimizer
+    step's temporaries; the error says by how much, device by device."""
+    from graphs.errors import PlacerError
+
+    path = tmp_path / "mlp4.py"
+    path.write_text("""
+import torch
+
+def get_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+
+def get_example_inputs():
+    return (torch.randn(8, 256),)
+""")
+    with pytest.raises(PlacerError) as info:
+        placer.optimize(str(path), cluster=_cluster("1536KiB"), budget="50", progress=False, verbose=0,
+                        baselines=("single", "expert"), out_dir=tmp_path / "out", check=False)
+    message = str(info.value)
+    assert message.startswith("no method found a placement that fits in device memory")
+    assert "the closest placement tried (simulated) needs gpu0=" in message
+    assert "of 1.5 MiB usable (" in message and " over)" in message
