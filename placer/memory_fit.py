@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from envs.hardware.cluster import Cluster
 from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
@@ -40,8 +41,10 @@ def group_peaks(problem: PlacementProblem) -> np.ndarray:
     return np.maximum(static + problem.backward_work(), problem.at_step_memory() + problem.step_work())
 
 
-def memory_needs(problem: PlacementProblem) -> tuple[np.ndarray, str]:
-    """Per-group static bytes and one line describing what the model needs against the limits."""
+def memory_needs(problem: PlacementProblem, cluster: Cluster | None = None) -> tuple[np.ndarray, str]:
+    """Per-group static bytes and one line describing what the model needs against the limits
+    (with ``cluster``, each limit that is less than its device's memory says what is reserved:
+    a spec's ``memory: 700MiB`` GPU is 188 MiB usable after its CUDA context)."""
     static = problem.static_memory() + np.asarray(problem.act_bytes, dtype=np.float64)
     params = float(np.sum(problem.param_bytes))
     state = float(np.sum(problem.static_memory())) - params
@@ -49,7 +52,8 @@ def memory_needs(problem: PlacementProblem) -> tuple[np.ndarray, str]:
     total = float(np.sum(static))
     peaks = group_peaks(problem)
     largest = int(np.argmax(peaks)) if peaks.size else 0
-    limits = ", ".join(f"{d}={format_bytes(c)}" for d, c in zip(problem.device_names, problem.memory_capacity))
+    limits = ", ".join(f"{d}={format_bytes(c)}{_reserve_note(cluster, d)}"
+                       for d, c in zip(problem.device_names, problem.memory_capacity))
     alone = ""
     if peaks.size:
         g = largest
@@ -68,9 +72,21 @@ def memory_needs(problem: PlacementProblem) -> tuple[np.ndarray, str]:
     return static, text
 
 
-def check_memory_fits(problem: PlacementProblem) -> None:
-    """Raise :class:`MemoryFitError` when no placement can fit (see the module doc)."""
-    static, text = memory_needs(problem)
+def _reserve_note(cluster: Cluster | None, name: str) -> str:
+    if cluster is None or name not in cluster.device_names:
+        return ""
+    device = cluster.device(name)
+    if not device.reserved_bytes:
+        return ""
+    what = "the CUDA context" if device.kind != "cpu" else "the process"
+    return (f" (of {format_bytes(float(device.memory_bytes))}, {format_bytes(float(device.reserved_bytes))} "
+            f"reserved for {what})")
+
+
+def check_memory_fits(problem: PlacementProblem, cluster: Cluster | None = None) -> None:
+    """Raise :class:`MemoryFitError` when no placement can fit (see the module doc); with
+    ``cluster``, the limits say what each device reserves (:func:`memory_needs`)."""
+    static, text = memory_needs(problem, cluster)
     capacity = np.asarray(problem.memory_capacity, dtype=np.float64)
     total, largest = float(static.sum()), float(group_peaks(problem).max(initial=0.0))
     if total > float(capacity.sum()):

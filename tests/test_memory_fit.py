@@ -99,3 +99,20 @@ def get_example_inputs():
     assert message.startswith("no method found a placement that fits in device memory")
     assert "the closest placement tried (simulated) needs gpu0=" in message
     assert "of 1.5 MiB usable (" in message and " over)" in message
+
+
+def test_the_limits_say_what_a_spec_gpu_reserves_for_its_cuda_context():
+    """A spec's ``memory: 520MiB`` GPU leaves 8 MiB to a placement (512 MiB for the CUDA
+    context); "gpu0=8 MiB" alone reads like a typo in the spec, so the limit says why."""
+    from envs.hardware.loading import load_cluster
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    cap = capture(model, (torch.randn(2, 1024),))
+    spec = {"name": "spec", "devices": [{"name": f"gpu{i}", "kind": "K40", "memory": "520MiB", "peak_flops": "4.29T",
+                                         "mem_bandwidth": "288GB/s"} for i in range(2)],
+            "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}
+    cluster = load_cluster(spec)
+    problem = compile_problem(cap.graph, cluster, optimizer="adam")
+    with pytest.raises(MemoryFitError) as info:
+        check_memory_fits(problem, cluster)
+    assert "gpu0=8 MiB (of 520 MiB, 512 MiB reserved for the CUDA context)" in str(info.value)

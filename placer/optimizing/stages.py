@@ -258,8 +258,8 @@ def run_baselines(config: OptimizeConfig, compiled: Compiled) -> BaselineRun:
         # No baseline fits: say now, before the search, whether anything can and what is needed.
         from placer.memory_fit import check_memory_fits, memory_needs
 
-        check_memory_fits(compiled.problem)
-        log.warning("no baseline placement fits in device memory; %s", memory_needs(compiled.problem)[1])
+        check_memory_fits(compiled.problem, compiled.run.cluster)
+        log.warning("no baseline placement fits in device memory; %s", memory_needs(compiled.problem, compiled.run.cluster)[1])
     return BaselineRun(tuple(candidates), seconds)
 
 
@@ -417,7 +417,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         closest = ("; the closest placement tried (simulated) needs "
                    + memory_margins(problem.device_names, peak, problem.memory_capacity))
         raise PlacerError(f"no method found a placement that fits in device memory: "
-                          f"{memory_needs(compiled.problem)[1]}{closest}")
+                          f"{memory_needs(compiled.problem, compiled.run.cluster)[1]}{closest}")
     split_checks: dict[tuple[int, int], CheckReport] = {}
     fitting, table = _set_aside_inexact_splits(config, compiled, fitting, table, pipelines, split_checks)
     winning_row = pick_winner(fitting)
