@@ -96,3 +96,21 @@ def test_features_carry_no_size_of_the_graph():
 def test_tiny_budgets_are_respected(budget):
     res = search(chain_problem(6), agent="moves", budget=budget, seed=0, num_envs=32, patience=None)
     assert res.evaluated <= budget and res.best_row is not None
+
+
+@pytest.mark.parametrize("budget", ["5s", "200"])
+def test_a_search_where_nothing_fits_ends_within_its_budget(budget):
+    """Four ops on two GPUs that cannot hold two of them each: no placement fits, and the
+    walker, which moves only to a fitting or faster placement, stays where it is; once its 16
+    placements are evaluated every proposal repeats one, nothing reached the tracker's budget
+    check, and the search ran for ever (under --budget 10s too). It now ends: on its time
+    budget, or as exhausted when the policy draws nothing new."""
+    import time
+
+    times = np.array([0.03, 0.01, 0.01, 0.03])
+    problem = make_problem(4, [], times, kinds=("K40", "K40"), param_bytes=np.full(4, 6 * GB), capacity=10.5 * GB)
+    start = time.perf_counter()
+    res = search(problem, agent="moves", budget=budget, seed=0, num_envs=8, patience=None)
+    assert time.perf_counter() - start < 60
+    assert not res.best_fits
+    assert res.stop_reason in ("exhausted", "budget_seconds")

@@ -102,8 +102,10 @@ def test_one_device_peak_is_params_grads_state_saved_and_twice_the_largest_gradi
     cluster = load_cluster(ONE_CPU)
     problem = compile_problem(g, cluster, optimizer="adam")
     placement = {v: "cpu" for v in g}
-    # params, grads, Adam's two moments; x kept by m; twice m's output gradient
-    expected = 400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 32
+    # params, grads, Adam's two moments; x kept by m; twice m's output gradient; or, at the
+    # optimizer step (the activations freed), the batch x and the output the loop holds and
+    # Adam's temporaries of the parameter, 4x its bytes
+    expected = max(400 * (2 + 2) + 64 + BACKWARD_WORK_FACTOR * 32, 400 * (2 + 2) + 64 + 32 + 4 * 400)
     assert simulate(problem, placement).peak_memory.tolist() == [expected]
     assert simulate_reference(g, cluster, placement, optimizer="adam").peak_memory.tolist() == [expected]
 

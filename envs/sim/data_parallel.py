@@ -42,7 +42,11 @@ ms against the 97 ms the ring alone takes, so this rule is still optimistic ther
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
 flat bucket buffers (one more copy of the gradients: ``gradient_as_bucket_view=False`` is
 the default), and the backward's working set on its ``1/N`` of the batch (as the op-level
-simulator's, ``results/memory.md``). A replica over its device's capacity makes the whole set "does not fit".
+simulator's, ``results/memory.md``), or, when larger, what the optimizer step holds after
+the backward freed the activations: the static memory, the buckets, the batch and output the
+training loop holds and the temporaries of
+the largest parameter's update (``envs.sim.optimizer_state.OPTIMIZER_STEP_WORK``). A replica
+over its device's capacity makes the whole set "does not fit".
 
 **Hybrid: pipeline x data parallel** (:func:`simulate_hybrid`). ``R`` replicas, each the
 same pipeline (stages, ``M``, schedule) on its own devices with ``1/R`` of the batch: the
@@ -91,7 +95,7 @@ from envs.sim.pipeline import (
     simulate_pipeline,
     stage_costs,
 )
-from envs.sim.problem import PlacementProblem, memory_problem_lines
+from envs.sim.problem import PlacementProblem, memory_problem_lines, step_temporaries
 from envs.sim.ranks import RankCosts
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
@@ -285,10 +289,17 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
 
     static = float(problem.op_static_memory().sum())
     work = float(ops.gradient_work_at(n).max(initial=0.0))  # the backward's working set, on 1/n of the batch
-    peak_one = static + float(ops.act_bytes.sum()) / n + (float(grad_bytes.sum()) if n > 1 else 0.0) + work
-    peak = {names[d]: peak_one for d in idx}
-    over = {names[d]: peak_one - float(problem.memory_capacity[d]) for d in idx
-            if peak_one > float(problem.memory_capacity[d])}
+    buckets_held = float(grad_bytes.sum()) if n > 1 else 0.0
+    peak_one = static + float(ops.act_bytes.sum()) / n + buckets_held + work
+    # The optimizer step, after the backward freed the activations: its temporaries (the
+    # op-level simulators' rule, envs.sim.problem.step_temporaries; a GPU's foreach default).
+    temporaries = step_temporaries(np.asarray(ops.is_cpu)[idx], np.float64(ops.step_work_bytes().max(initial=0.0)),
+                                   np.float64(ops.foreach_work_bytes().sum()))
+    at_step = static + buckets_held + float(ops.loop_held_bytes().sum()) + temporaries
+    peaks = np.maximum(peak_one, at_step)
+    peak = {names[d]: float(p) for d, p in zip(idx, peaks)}
+    over = {names[d]: float(p) - float(problem.memory_capacity[d]) for d, p in zip(idx, peaks)
+            if p > float(problem.memory_capacity[d])}
     return DataParallelResult(tuple(chosen), float(step), float(compute), float(synced - back_end), bucket_bytes,
                               peak, over)
 

@@ -106,7 +106,12 @@ state (the runtime all-reduces the copies' gradients: ``tied_holders``), once pe
 process of a job with several holds the whole input batch (the job file ships it to every
 rank, and a stage's micro-batches are views of it), so each device of a pipeline over
 several adds the model's input bytes once (ResNet-50's first stage under 1F1B: 0.75 MiB
-under without it, measured).
+under without it, measured). **P5e** the optimizer step runs after the last backward freed
+the kept activations; a device's peak is then its static memory, its receive buffers (kept),
+the batch and output the training loop holds, and the temporaries of its largest parameters' update
+(:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK`, measured on the CPU allocator:
+Adam 4x the parameter; on a GPU the foreach default's, ``OPTIMIZER_FOREACH_WORK`` x all of its
+parameters), when that is larger (the op-level simulators' rule).
 
 With ``M = 1`` and one stage per device the step is the un-pipelined step of the same
 placement over one process per device (:mod:`envs.sim.ranks`; tested equal with the
@@ -123,7 +128,13 @@ from typing import Any
 import numpy as np
 
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem, memory_problem_lines
+from envs.sim.problem import (
+    BACKWARD_WORK_FACTOR,
+    PlacementProblem,
+    cached_per_problem,
+    memory_problem_lines,
+    step_temporaries,
+)
 from envs.sim.ranks import ZERO_COSTS, RankCosts
 from graphs.errors import PlacerError
 
@@ -442,6 +453,13 @@ class StageCosts:
             :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`.
         bwd_acc: [S] seconds of one micro-batch's backward that adds into ``.grad`` (every
             backward of the stage but its first of the step, P2b); ``bwd`` where None.
+        step_work: [S] the optimizer step's temporaries of the stage's largest parameters
+            (P5e); none where None.
+        foreach: [S] the foreach implementation's temporaries of the stage's parameters
+            (P5e, summed over the device's stages on a GPU); none where None.
+        held: [S] the model output (and, in one process, the batch) the training loop holds
+            at the step (P5e, ``OpArrays.loop_held``; a job of several processes counts the
+            batch by P5d); none where None.
     """
 
     fwd: np.ndarray
@@ -455,6 +473,9 @@ class StageCosts:
     device: np.ndarray
     work: np.ndarray
     bwd_acc: np.ndarray | None = None
+    step_work: np.ndarray | None = None
+    held: np.ndarray | None = None
+    foreach: np.ndarray | None = None
 
     def backward_s(self, stage: int, accumulates: bool) -> float:
         """Seconds of one micro-batch's backward of ``stage``: ``bwd_acc`` when it adds into
@@ -519,7 +540,11 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     s_ = pipeline.num_stages
     fwd, bwd, opt, bwd_acc = np.zeros(s_), np.zeros(s_), np.zeros(s_), np.zeros(s_)
     static, act, has_params = np.zeros(s_), np.zeros(s_), np.zeros(s_, dtype=bool)
-    work = np.zeros(s_)
+    work, step_work, held, foreach = np.zeros(s_), np.zeros(s_), np.zeros(s_), np.zeros(s_)
+    op_foreach = ops.foreach_work_bytes()
+    op_step_work, op_held = ops.step_work_bytes(), ops.loop_held_bytes()
+    if len(set(stage_dev.tolist())) > 1:  # P5d counts the batch on every process
+        op_held = op_held - ops.batch_held_bytes()
     acc_all = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     op_work = ops.gradient_work_at(m)
     op_static = problem.op_static_memory()
@@ -539,6 +564,9 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         static[s] = float(op_static[sel].sum())
         act[s] = float(ops.act_bytes[sel].sum()) / m
         work[s] = float(op_work[sel].max(initial=0.0))
+        step_work[s] = float(op_step_work[sel].max(initial=0.0))  # P5e
+        held[s] = float(op_held[sel].sum())
+        foreach[s] = float(op_foreach[sel].sum())
         if pipeline.microbatches > 1:  # P5a
             work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(ops.param_bytes[sel].max(initial=0.0)))
         has_params[s] = bool(ops.param_bytes[sel].sum() > 0)
@@ -554,7 +582,8 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
             act[b] += unsaved[i] / m  # P5b
             if ops.requires_grad[i]:
                 bwd_bytes[b] += ops.out_bytes[i] / m
-    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work, bwd_acc)
+    return StageCosts(fwd, bwd, opt, has_params, static, act, fwd_bytes, bwd_bytes, stage_dev, work, bwd_acc,
+                      step_work, held, foreach)
 
 
 @cached_per_problem
@@ -613,6 +642,10 @@ class PipelineTables:
         param_work: sparse table of each group's largest op parameter bytes (P5a).
         out_work, shared_work: sparse tables (level k: the max over groups ``[i, i + 2^k)``)
             of the backward working set's two parts (``OpArrays.gradient_work_parts``).
+        step_work: sparse table of each group's largest optimizer step temporaries (P5e).
+        held, batch_held: [N+1] the bytes the training loop holds at the step, and their
+            batch part (P5e).
+        foreach: [N+1] the foreach implementation's temporaries (P5e).
     """
 
     host_f: np.ndarray
@@ -633,6 +666,10 @@ class PipelineTables:
     out_work: np.ndarray
     shared_work: np.ndarray
     param_work: np.ndarray
+    step_work: np.ndarray
+    held: np.ndarray
+    batch_held: np.ndarray
+    foreach: np.ndarray
 
 
 def _sparse_max(per_group: np.ndarray) -> np.ndarray:
@@ -700,7 +737,10 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1], cross_kept=np.cumsum(diff_k)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)),
-        param_work=_sparse_max(_group_max(ops.param_bytes.astype(np.float64), g, n)))
+        param_work=_sparse_max(_group_max(ops.param_bytes.astype(np.float64), g, n)),
+        step_work=_sparse_max(_group_max(ops.step_work_bytes(), g, n)),
+        held=_prefix(ops.loop_held_bytes(), g, n), batch_held=_prefix(ops.batch_held_bytes(), g, n),
+        foreach=_prefix(ops.foreach_work_bytes(), g, n))
     return tables
 
 
@@ -740,10 +780,13 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     act[:-1] += t.cross_kept[inner] / div  # P5b: what the stage keeps of what it sends
     has_params = (t.params[hi] - t.params[lo]) > 0
     work = np.maximum(_range_max(t.out_work, lo, hi) / div, _range_max(t.shared_work, lo, hi))
+    held = t.held[hi] - t.held[lo]
+    if len(set(d.tolist())) > 1:  # P5d counts the batch on every process
+        held = held - (t.batch_held[hi] - t.batch_held[lo])
     if microbatches > 1:  # P5a
         work = np.maximum(work, BACKWARD_WORK_FACTOR * _range_max(t.param_work, lo, hi))
     return StageCosts(fwd, bwd, opt, has_params, static, act, t.cross_f[inner] / div, t.cross_b[inner] / div, d,
-                      work, bwd_acc)
+                      work, bwd_acc, _range_max(t.step_work, lo, hi), held, t.foreach[hi] - t.foreach[lo])
 
 
 @dataclass
@@ -939,13 +982,23 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     recv_in = np.concatenate([[0.0], sc.fwd_bytes]) if s_ > 1 else np.zeros(1)
     grad_in = np.concatenate([sc.bwd_bytes, [0.0]]) if s_ > 1 else np.zeros(1)
     work: dict[str, float] = {}
+    at_step: dict[str, float] = {}  # P5e: static memory and receive buffers, then the step's temporaries
+    step_work: dict[str, float] = {}
+    foreach: dict[str, float] = {}
     for s in range(s_):
         name = pipeline.devices[s]
         buffers = m * (recv_in[s] + grad_in[s])
         peak[name] = peak.get(name, 0.0) + sc.static[s] + int(peak_live[s]) * sc.act[s] + buffers
         work[name] = max(work.get(name, 0.0), float(sc.work[s]))
+        at_step[name] = at_step.get(name, 0.0) + sc.static[s] + buffers + (
+            float(sc.held[s]) if sc.held is not None else 0.0)
+        own = float(sc.step_work[s]) if sc.step_work is not None else 0.0
+        step_work[name] = max(step_work.get(name, 0.0), own)
+        foreach[name] = foreach.get(name, 0.0) + (float(sc.foreach[s]) if sc.foreach is not None else 0.0)
     for name, w in work.items():  # one backward at a time per device: its largest working set
-        peak[name] += w
+        d = problem.device_names.index(name)
+        temporaries = float(step_temporaries(problem.ops.is_cpu[d], np.float64(step_work[name]), np.float64(foreach[name])))
+        peak[name] = max(peak[name] + w, at_step[name] + temporaries)
     if len(work) > 1:  # P5d: a job of several processes; one process is the op-level simulator's rule
         for name in work:
             peak[name] += problem.ops.input_bytes

@@ -38,7 +38,12 @@ from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.grad_accumulation import accumulate_costs
-from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, known_state_kind
+from envs.sim.optimizer_state import (
+    OPTIMIZER_FOREACH_WORK,
+    OPTIMIZER_STATE_FACTOR,
+    OPTIMIZER_STEP_WORK,
+    known_state_kind,
+)
 from envs.sim.ranks import RankSimulator
 from graphs.errors import GraphError, PlacerError
 from graphs.grouping import Grouping
@@ -95,6 +100,26 @@ def gradient_parts(attrs: Mapping[str, object]) -> tuple[float, float]:
 def gradient_bytes(attrs: Mapping[str, object]) -> float:
     """Bytes of the largest gradient a node's backward adds (:func:`gradient_parts`)."""
     return max(gradient_parts(attrs))
+
+
+def loop_held_bytes(graph: nx.DiGraph, node: str) -> float:
+    """Bytes the training loop still holds of ``node`` at the optimizer step: a placeholder's
+    output (the batch) and what the output node returns (the model's output, the bytes of the
+    edges into it); 0 for any other node (``OpArrays.loop_held``)."""
+    attrs = graph.nodes[node]
+    if attrs.get("op") == "placeholder":
+        return float(attrs.get("out_bytes") or 0)
+    if attrs.get("op") == "output":
+        return float(sum(float(d.get("bytes") or 0) for _, _, d in graph.in_edges(node, data=True)))
+    return 0.0
+
+
+def step_temporaries(is_cpu: np.ndarray, largest: np.ndarray, foreach_sum: np.ndarray) -> np.ndarray:
+    """The optimizer step's temporaries per device ([..., D]): on a CPU torch.optim's
+    per-parameter loop, ``largest`` (the device's largest op's ``step_work``); on a GPU its
+    default foreach implementation, ``foreach_sum`` (the sum of the device's ops'
+    ``foreach_work``), or the loop's when larger (a ``foreach=False`` optimizer)."""
+    return np.where(np.asarray(is_cpu, dtype=bool), largest, np.maximum(largest, foreach_sum))
 
 
 def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
@@ -155,6 +180,22 @@ class OpArrays:
             owns (``tied_param_bytes``: a tied embedding's head, an unrolled cell's later
             steps): a pipeline stage holding the reader but not the owner keeps a copy
             (:mod:`envs.sim.pipeline` P5c). Empty: none, or a graph captured before it was recorded.
+        step_work: [N] bytes of the optimizer step's temporaries each op's parameters bring
+            (:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK` x ``param_bytes``). The step
+            runs after the backward freed the kept activations and received copies, so a
+            device's peak is the larger of its backward peak and its static memory plus the
+            largest of these. None: none (problems built from arrays).
+        foreach_work: [N] bytes the foreach implementation's temporaries take per op
+            (:data:`~envs.sim.optimizer_state.OPTIMIZER_FOREACH_WORK` x ``param_bytes``): on a
+            GPU (not ``is_cpu``) torch.optim updates all of a device's parameters at once, so
+            they add up over the device's ops (:func:`step_temporaries`). None: none.
+        loop_held: [N] bytes the training loop still holds at the optimizer step: the batch
+            (placeholders' outputs) and the model's output (the output node's), which
+            ``out = model(x); loss_fn(out, y).backward(); optimizer.step()`` keeps referenced;
+            :func:`loop_held_bytes` (measured: the 16 KiB by which a six-Linear model's step
+            otherwise exceeded the simulated peak). None: none.
+        batch_held: [N] the part of ``loop_held`` that is the batch (a placeholder's), which a
+            job of several processes already counts on every one (:mod:`envs.sim.pipeline` P5d).
         input_bytes: the bytes of the model's inputs (its placeholders' outputs): the batch,
             which every process of a multi-process job holds (:mod:`envs.sim.pipeline` P5d).
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
@@ -185,6 +226,10 @@ class OpArrays:
     accumulate: np.ndarray | None = None
     tied_reads: tuple[tuple[int, int, float], ...] = ()
     input_bytes: float = 0.0
+    step_work: np.ndarray | None = None
+    foreach_work: np.ndarray | None = None
+    loop_held: np.ndarray | None = None
+    batch_held: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
@@ -204,6 +249,27 @@ class OpArrays:
         grads = (self.grad_bytes if self.grad_bytes is not None
                  else np.where(self.requires_grad, self.out_bytes, 0.0))
         return BACKWARD_WORK_FACTOR * np.asarray(grads, dtype=np.float64)
+
+    def step_work_bytes(self) -> np.ndarray:
+        """[N] the optimizer step's temporaries each op brings to its device (``step_work``; 0 when not given)."""
+        return np.zeros(self.num_ops) if self.step_work is None else np.asarray(self.step_work, dtype=np.float64)
+
+    def foreach_work_bytes(self) -> np.ndarray:
+        """[N] the foreach implementation's temporaries per op (``foreach_work``; 0 when not given)."""
+        return np.zeros(self.num_ops) if self.foreach_work is None else np.asarray(self.foreach_work, dtype=np.float64)
+
+    def loop_held_bytes(self) -> np.ndarray:
+        """[N] what the training loop holds at the optimizer step, per op (``loop_held``; 0 when not given)."""
+        return np.zeros(self.num_ops) if self.loop_held is None else np.asarray(self.loop_held, dtype=np.float64)
+
+    def batch_held_bytes(self) -> np.ndarray:
+        """[N] the batch part of :meth:`loop_held_bytes` (``batch_held``; 0 when not given)."""
+        return np.zeros(self.num_ops) if self.batch_held is None else np.asarray(self.batch_held, dtype=np.float64)
+
+    def at_step_bytes(self, static: np.ndarray) -> np.ndarray:
+        """[N] what each op holds on its device while the optimizer steps: its ``static``
+        memory (parameters, gradients, state) and what the training loop holds (``loop_held``)."""
+        return np.asarray(static, dtype=np.float64) + self.loop_held_bytes()
 
     def gradient_work_parts(self) -> tuple[np.ndarray, np.ndarray]:
         """([N], [N]) the backward working set each op brings (:meth:`gradient_work`), split into
@@ -368,6 +434,25 @@ class PlacementProblem:
         """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""
         out = np.zeros(self.num_nodes)
         np.maximum.at(out, self.ops.op_group, self.ops.gradient_work())
+        return out
+
+    def at_step_memory(self) -> np.ndarray:
+        """[N] per group, what it holds while the optimizer steps (:meth:`OpArrays.at_step_bytes`):
+        its static memory and the batch and output the training loop holds."""
+        out = np.zeros(self.num_nodes)
+        np.add.at(out, self.ops.op_group, self.ops.at_step_bytes(self.op_static_memory()))
+        return out
+
+    def foreach_work(self) -> np.ndarray:
+        """[N] per group, the foreach implementation's temporaries of its ops (:meth:`OpArrays.foreach_work_bytes`), summed."""
+        out = np.zeros(self.num_nodes)
+        np.add.at(out, self.ops.op_group, self.ops.foreach_work_bytes())
+        return out
+
+    def step_work(self) -> np.ndarray:
+        """[N] per group, the largest optimizer step's temporaries among its ops (:meth:`OpArrays.step_work_bytes`)."""
+        out = np.zeros(self.num_nodes)
+        np.maximum.at(out, self.ops.op_group, self.ops.step_work_bytes())
         return out
 
     def placement_to_array(self, placement: Mapping[str, str]) -> np.ndarray:
@@ -594,7 +679,11 @@ def compile_problem(
                      accumulate)
     ops = replace(ops, tied_reads=tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
                                         for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index),
-                  input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")))
+                  input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")),
+                  step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
+                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
+                  loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
+                  batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0))
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)

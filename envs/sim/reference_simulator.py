@@ -70,7 +70,14 @@ Rules (the PyTorch source or measurement behind each):
   times the largest gradient among the device's ops, an output's or a shared parameter's
   (the engine holds an op's output gradient while its backward allocates the input
   gradients; a tied parameter's second gradient is summed into its first; measured against
-  the CPU allocator in benchmarks/results/memory.md).
+  the CPU allocator in benchmarks/results/memory.md). The optimizer step runs after the
+  backward freed all of that; its peak, parameters + gradients + state + the batch and the
+  model's output (the training loop holds them) plus
+  :data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK` times the device's largest op's
+  parameter bytes (torch.optim's per-parameter loop allocates its temporaries one
+  parameter at a time; on a GPU its default foreach implementation allocates them for all
+  of the device's parameters at once, ``OPTIMIZER_FOREACH_WORK`` times their sum), is the
+  device's peak when larger.
 
 Consequences worth knowing (tests/test_simulator.py holds them):
 
@@ -104,8 +111,15 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
-from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR
-from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementError, gradient_bytes, resolve_optimizer, topological_order
+from envs.sim.optimizer_state import OPTIMIZER_FOREACH_WORK, OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
+from envs.sim.problem import (
+    BACKWARD_WORK_FACTOR,
+    PlacementError,
+    gradient_bytes,
+    loop_held_bytes,
+    resolve_optimizer,
+    topological_order,
+)
 from envs.sim.simulator import StepResult
 
 HOST = "host"
@@ -332,17 +346,28 @@ def simulate_reference(
         for b, nbytes in copies[v]:
             users = [done.get(("B", c), step) for c in consumers[v] if dev_of[c] == b]
             memory_events[b] += [(fwd_at[f"XF:{v}->{b}"], 0, nbytes), (max(users), 1, -nbytes)]
-    # The backward's working set: BACKWARD_WORK_FACTOR x the device's largest gradient.
+    # The backward's working set: BACKWARD_WORK_FACTOR x the device's largest gradient; the
+    # optimizer step's temporaries of its largest parameters (OPTIMIZER_STEP_WORK).
     work = {name: 0.0 for name in devices}
+    step_work = {name: 0.0 for name in devices}
+    foreach = {name: 0.0 for name in devices}
+    at_step = dict(base)  # the static memory, and the batch and output the training loop holds
     for v in order:
+        at_step[dev_of[v]] += loop_held_bytes(graph, v)
         work[dev_of[v]] = max(work[dev_of[v]], BACKWARD_WORK_FACTOR * gradient_bytes(graph.nodes[v]))
+        if grad[v]:
+            own = float(graph.nodes[v].get("param_bytes") or 0)
+            step_work[dev_of[v]] = max(step_work[dev_of[v]], OPTIMIZER_STEP_WORK[key] * own)
+            foreach[dev_of[v]] += OPTIMIZER_FOREACH_WORK[key] * own
     peak = np.array([base[name] for name in devices])
     for k, name in enumerate(devices):
         level = base[name]
         for _, _, delta in sorted(memory_events[name]):
             level += delta
             peak[k] = max(peak[k], level)
-        peak[k] += work[name]
+        # The step comes after every free: the static memory and the step's temporaries.
+        temporaries = step_work[name] if cpu[name] else max(step_work[name], foreach[name])
+        peak[k] = max(peak[k] + work[name], at_step[name] + temporaries)
 
     busy = np.zeros(len(devices))
     for v in order:

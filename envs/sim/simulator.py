@@ -20,7 +20,13 @@ backward, the optimizer on the host); the tests hold every path here to that ora
   backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` times the largest
   gradient (an output's, or a shared parameter's) among the device's ops (measured,
   benchmarks/results/memory.md), added here outside the loops
-  (:func:`~envs.sim.problem.device_max`).
+  (:func:`~envs.sim.problem.device_max`). The optimizer step comes after the backward has
+  freed those activations and copies; its peak, parameters + gradients + state + the batch
+  and the model's output (the training loop holds them) plus the temporaries of the
+  device's largest parameters
+  (:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK`; on a GPU, torch.optim's foreach
+  default, those of all its parameters: ``OPTIMIZER_FOREACH_WORK``,
+  :func:`~envs.sim.problem.step_temporaries`), is the device's peak when larger.
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
@@ -58,7 +64,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim import kernels as _py
-from envs.sim.problem import PlacementError, PlacementProblem, cached_per_problem, device_max, memory_problem_lines
+from envs.sim.problem import (
+    PlacementError,
+    PlacementProblem,
+    cached_per_problem,
+    device_max,
+    memory_problem_lines,
+    step_temporaries,
+)
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -214,6 +227,13 @@ class _Arrays:
     capacity: np.ndarray  # [D]
     group_work: np.ndarray  # [G] the backward working set of a group's largest gradient
     op_work: np.ndarray  # [N]
+    group_params: np.ndarray  # [G] params + grads + optimizer state + the loop's batch and output: what the step holds
+    op_params: np.ndarray  # [N]
+    group_step_work: np.ndarray  # [G] the optimizer step's temporaries of a group's largest parameters
+    op_step_work: np.ndarray  # [N]
+    group_foreach: np.ndarray  # [G] the foreach implementation's temporaries of a group's parameters
+    op_foreach: np.ndarray  # [N]
+    kind_is_cpu: np.ndarray  # [D] the device is a CPU (its optimizer loops over parameters)
 
 
 @cached_per_problem
@@ -255,6 +275,8 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
     np.add.at(group_static, ops.op_group, op_static)
     op_work = np.ascontiguousarray(ops.gradient_work())
     group_work = problem.backward_work()
+    op_params = np.ascontiguousarray(ops.at_step_bytes(problem.op_static_memory()))
+    group_params = problem.at_step_memory()
     host = ops.host
     succ_ptr = np.ascontiguousarray(ops.succ_ptr, dtype=np.int64)
     id_base, id_op = _py.node_ids(succ_ptr, nd)
@@ -288,6 +310,13 @@ def _arrays(problem: PlacementProblem) -> _Arrays:
         capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
         group_work=group_work,
         op_work=op_work,
+        group_params=group_params,
+        op_params=op_params,
+        group_step_work=problem.step_work(),
+        op_step_work=np.ascontiguousarray(ops.step_work_bytes()),
+        group_foreach=problem.foreach_work(),
+        op_foreach=np.ascontiguousarray(ops.foreach_work_bytes()),
+        kind_is_cpu=np.asarray(ops.is_cpu, dtype=bool),
     )
     return arrays
 
@@ -572,6 +601,14 @@ def _result(a: _Arrays, pl: np.ndarray, raw, level: str) -> SimResult:
     busy = np.bincount(flat, weights=busy_t[cols, pl].ravel(), minlength=b_count * nd).reshape(b_count, nd)
     mem = np.bincount(flat, weights=np.broadcast_to(static, pl.shape).ravel(), minlength=b_count * nd)
     mem = mem.reshape(b_count, nd) + recv + device_max(pl, work, nd)
+    # The optimizer step runs after the backward freed the kept activations and received
+    # copies: its own peak is the parameters, gradients and state plus its temporaries.
+    params, step_work, foreach = ((a.group_params, a.group_step_work, a.group_foreach) if level == "group"
+                                  else (a.op_params, a.op_step_work, a.op_foreach))
+    at_step = np.bincount(flat, weights=np.broadcast_to(params, pl.shape).ravel(), minlength=b_count * nd)
+    foreach_sum = np.bincount(flat, weights=np.broadcast_to(foreach, pl.shape).ravel(), minlength=b_count * nd)
+    temporaries = step_temporaries(a.kind_is_cpu, device_max(pl, step_work, nd), foreach_sum.reshape(b_count, nd))
+    mem = np.maximum(mem, at_step.reshape(b_count, nd) + temporaries)
     over = np.maximum(mem - a.capacity[None, :], 0.0)
     return SimResult(step, busy, mem, ~np.any(over > 0, axis=1), over, xt, xb, ok)
 

@@ -88,13 +88,21 @@ def _probe(optimizer_fn: OptimizerFn) -> torch.optim.Optimizer:
 def optimizer_kind(optimizer_fn: OptimizerFn) -> str:
     """The optimizer's short name: ``"sgd"``, ``"sgd_momentum"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ...
 
-    The lower-cased class name, SGD split by whether it keeps momentum (its state size
-    differs). These are the keys of ``envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR``.
+    The lower-cased class name, split by the settings that change its state size: SGD by
+    momentum, Adam and AdamW by ``amsgrad`` (``"adam_amsgrad"``), RMSprop by ``centered``
+    and ``momentum`` (``"rmsprop_centered_momentum"``). These are the keys of
+    ``envs.sim.optimizer_state.OPTIMIZER_STATE_FACTOR``.
     """
     opt = _probe(optimizer_fn)
     name = type(opt).__name__.lower()
     if name == "sgd":
         return "sgd_momentum" if opt.defaults.get("momentum", 0) else "sgd"
+    if name in ("adam", "adamw") and opt.defaults.get("amsgrad"):
+        return f"{name}_amsgrad"
+    if name == "rmsprop":
+        extra = [word for word, on in (("centered", opt.defaults.get("centered")),
+                                       ("momentum", opt.defaults.get("momentum", 0))) if on]
+        return "_".join([name, *extra])
     return name
 
 

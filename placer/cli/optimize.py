@@ -98,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from placer.cli.logs import printed_logs
+    from placer.memory_fit import memory_margins
     from placer.optimizing.config import DEFAULT_BASELINES
     from placer.optimizing.run import optimize
     from placer.options import OptionError, parse_leaf_modules, parse_model_args
-    from placer.report.results import summary_lines
+    from placer.report.results import summary_lines, winner_peak_memory
 
     baselines = DEFAULT_BASELINES if args.baselines is None else tuple(
         b.strip() for b in args.baselines.split(",") if b.strip())
@@ -123,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     kind = "a simulated cluster" if result.cluster.simulated else "real devices"
     print(f"\nbest: {result.winner}, {result.step_time * 1e3:.3f} ms per step ({result.source}; cluster "
           f"{result.cluster.name}, {kind}; reward {result.reward})")
+    peak, how = winner_peak_memory(result)
+    used = [i for i, m in enumerate(peak) if m > 0]
+    problem = result.problem
+    print(f"memory ({how}, simulated peak per device): " + memory_margins(
+        [problem.device_names[i] for i in used], [peak[i] for i in used], [problem.memory_capacity[i] for i in used]))
     if result.check is not None:
         print(f"check: {result.check.describe()}")
     if args.verbose:

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from envs.hardware.loading import load_cluster
-    from envs.hardware.units import format_bytes
     from graphs.pipeline import prepare
+    from placer.memory_fit import memory_margins
     from placer.optimizing.devices import profiles_microbatches
     from placer.options import OptionError, parse_model_args
     from placer.out_dir import check_cache_dir, check_out_dir
@@ -146,11 +146,12 @@ def run(args: argparse.Namespace) -> int:
         piped = simulate_pipelined(problem, group_pipeline(problem, pipe))
         print(f"  simulated on {cluster_name}, {pipe.describe()}: {piped.step_time * 1e3:.3f} ms per step, "
               f"{'fits' if piped.fits else 'DOES NOT FIT'}; peak memory "
-              + ", ".join(f"{d}={format_bytes(m)}" for d, m in piped.peak_memory.items()))
+              + memory_margins(list(piped.peak_memory), list(piped.peak_memory.values()),
+                               [problem.memory_capacity[problem.device_names.index(d)] for d in piped.peak_memory]))
     print(f"  simulated on {cluster_name}{', un-pipelined' if placement.pipeline is not None else ''}: "
           f"{step.step_time * 1e3:.3f} ms per step, "
           f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
-          + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, step.peak_memory)))
+          + memory_margins(problem.device_names, step.peak_memory, problem.memory_capacity))
     pictures = [
         plot_placed_graph(prepared.captured.graph, placement.assignment, placement.devices, out / "placed_graph.png"),
         plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity, out / "memory.png"),

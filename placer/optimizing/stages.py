@@ -258,8 +258,8 @@ def run_baselines(config: OptimizeConfig, compiled: Compiled) -> BaselineRun:
         # No baseline fits: say now, before the search, whether anything can and what is needed.
         from placer.memory_fit import check_memory_fits, memory_needs
 
-        check_memory_fits(compiled.problem)
-        log.warning("no baseline placement fits in device memory; %s", memory_needs(compiled.problem)[1])
+        check_memory_fits(compiled.problem, compiled.run.cluster)
+        log.warning("no baseline placement fits in device memory; %s", memory_needs(compiled.problem, compiled.run.cluster)[1])
     return BaselineRun(tuple(candidates), seconds)
 
 
@@ -400,9 +400,24 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         measurement = summarize(measurer, run.reward, list(searched.rounds))
     fitting = table[table["fits"] & table["kind"].isin(["placement", "pipeline", "ddp"])]
     if fitting.empty:
-        from placer.memory_fit import memory_needs
+        from placer.memory_fit import memory_margins, memory_needs
+        from placer.search.baselines.common import node_memory
+        from placer.search.baselines.expert import contiguous_split
 
-        raise PlacerError(f"no method found a placement that fits in device memory: {memory_needs(compiled.problem)[1]}")
+        # The needs alone can read as if the model fits (per device "at best" below every
+        # limit) when what overflows is a device's working set or the optimizer step's
+        # temporaries: say how far the closest placement is over, device by device (of the
+        # search's best and the split of the groups' memory into equal contiguous runs).
+        problem = compiled.problem
+        rows = [contiguous_split(node_memory(problem), list(range(problem.num_devices)))]
+        if searched.result.best_row is not None:
+            rows.append(np.asarray(searched.result.best_row, dtype=np.int64))
+        peaks = [simulate(problem, row).peak_memory for row in rows]
+        peak = min(peaks, key=lambda p: float(np.max(p - problem.memory_capacity)))
+        closest = ("; the closest placement tried (simulated) needs "
+                   + memory_margins(problem.device_names, peak, problem.memory_capacity))
+        raise PlacerError(f"no method found a placement that fits in device memory: "
+                          f"{memory_needs(compiled.problem, compiled.run.cluster)[1]}{closest}")
     split_checks: dict[tuple[int, int], CheckReport] = {}
     fitting, table = _set_aside_inexact_splits(config, compiled, fitting, table, pipelines, split_checks)
     winning_row = pick_winner(fitting)

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from envs.hardware.cluster import Cluster
-from envs.hardware.units import format_bytes
 from envs.runtime.check import CheckReport
 from envs.runtime.device_map import accelerate_device_map
 from envs.sim.data_parallel import simulate_pipelined
@@ -39,6 +38,7 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.atomic_write import write_text_atomic
 from graphs.pipeline import Prepared
+from placer.memory_fit import memory_margins
 from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_by_phase, plot_search_curves
@@ -160,8 +160,8 @@ def render_report(result: "OptimizeResult", pictures: dict[str, Path], device_ma
     if pipe is not None:  # every replica's devices, not only replica 0's assignment
         held |= set(pipe.rank_devices)
     used = sorted(held, key=list(cluster.device_names).index)
-    lines.append(f"- devices used: {', '.join(used)}; peak memory ({how}) "
-                 + ", ".join(f"{d}={format_bytes(m)}" for d, m in zip(problem.device_names, peak)))
+    lines.append(f"- devices used: {', '.join(used)}; peak memory ({how}, simulated) "
+                 + memory_margins(problem.device_names, peak, problem.memory_capacity))
     if cluster.simulated and len(set(cluster.real_device_map().values())) < len(used):
         lines.append("- applied here, the virtual devices share one real device: a measured time would "
                      "show no parallelism; the step times above are the simulator's.")

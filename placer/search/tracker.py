@@ -101,6 +101,7 @@ class SearchResult:
         history: ``(wall_s, evaluated, best_step_time)`` at every improvement and at the end.
         evaluated: placements evaluated in all.
         stop_reason: ``"budget_placements"``, ``"budget_seconds"``, ``"plateau"``,
+            ``"exhausted"`` (the agent proposes nothing it has not evaluated),
             ``"callback"``, ``"interrupted"``, ``"finished"`` or ``"error"``.
         best_fits: the best placement fits in memory.
         wall_s: seconds the search ran.
@@ -258,6 +259,14 @@ class BestTracker:
         if self.patience is not None and self.evaluated - self._last_improvement >= self.patience:
             return "plateau"
         return None
+
+    def check(self) -> None:
+        """Raise :class:`StopSearch` when the search must stop (:meth:`stop_reason`), for an
+        agent's step that evaluated nothing: :meth:`record` is where the budget is otherwise
+        checked, and a step that only repeats placements already evaluated never calls it."""
+        reason = self.stop_reason(1)
+        if reason is not None:
+            raise StopSearch(reason)
 
     # ------------------------------------------------------------------ updates
     def record(self, rows: np.ndarray, step_time: np.ndarray, fits: np.ndarray, next_batch: int = 1,

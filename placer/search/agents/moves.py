@@ -47,7 +47,7 @@ import torch
 from envs.gym.vector_env import BatchedPlacementVecEnv
 from envs.sim.problem import PlacementProblem
 from placer.search.local_search import LocalSearch
-from placer.search.tracker import BestTracker
+from placer.search.tracker import BestTracker, StopSearch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ EXPLORER_TRIAL = 16
 EXPLORER_RETIRE = 1.5
 #: The highest sampling temperature a walker raises its scores' divisor to (see ``_Walker.temperature``).
 MAX_TEMPERATURE = 16.0
+#: Batches in a row (of either walker) whose proposals were all evaluated before, at which the
+#: search stops as "exhausted": at the highest temperature the policy then draws nothing new
+#: (a few milliseconds a batch; well past the temperature's rise from 1 to MAX_TEMPERATURE).
+IDLE_BATCHES = 200
 #: The policy shipped with the package, trained across many graphs and clusters by
 #: :mod:`placer.search.agents.pretrain` (``python scripts/train_policy.py``); a search starts
 #: from it by default (``SearchConfig(pretrained=False)``, ``optimize --fresh``: fresh weights).
@@ -401,6 +405,7 @@ class MoveAgent:
         self.batch = max(1, int(batch))
         self.policy = MovePolicy(config, seed=seed)
         self.static = _static(problem)
+        self.idle = 0  # batches in a row whose proposals were all evaluated before (IDLE_BATCHES)
 
     def resume(self, path: Path) -> None:
         """Load a policy saved by :meth:`save` (from this or any other graph)."""
@@ -521,6 +526,18 @@ class _Walker:
             self.temperature = min(self.temperature * 2.0, MAX_TEMPERATURE)
         elif len(new_rows) * 10 > 9 * batch:
             self.temperature = max(self.temperature / 2.0, 1.0)
+        if not len(new_rows):
+            # Every proposal was evaluated before: nothing reaches the tracker's budget check,
+            # so check it here. A walker that stays where nothing fits (it only moves to a
+            # fitting or better placement) over a small space repeats the same proposals for
+            # ever: under a time budget the search never ended (2 x Linear layers on two
+            # devices too small for them, --budget 10s: still running after 90 s).
+            agent.idle += 1
+            tracker.check()
+            if agent.idle >= IDLE_BATCHES:
+                raise StopSearch("exhausted")
+        else:
+            agent.idle = 0
         if len(new_rows):
             t_new, ok_new, peak_new = agent._evaluate(new_rows)
             t_u[fresh], ok_u[fresh], peak_u[fresh] = t_new, ok_new, peak_new

@@ -16,7 +16,10 @@ Costs used by the heuristics (the simulator alone reports step times):
   All of these are live together at the turn from forward to backward, so a device's
   peak is their sum — the simulator's memory rule (``envs.sim.simulator``), reproduced here
   so heuristics can check memory without simulating — plus, per device, the backward's
-  working set (twice its largest gradient, :func:`envs.sim.problem.device_max`).
+  working set (twice its largest gradient, :func:`envs.sim.problem.device_max`); or, when
+  larger, what the optimizer step holds (static memory, the loop's batch and output, the
+  temporaries of the device's largest parameters' update, or on a GPU of all of them:
+  :func:`envs.sim.problem.step_temporaries`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.units import format_bytes
-from envs.sim.problem import PlacementProblem, device_max
+from envs.sim.problem import PlacementProblem, device_max, step_temporaries
 from graphs.errors import PlacerError
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -121,7 +124,13 @@ def device_memory(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
     used += largest.sum(axis=0)
     # The backward's working set, as the simulator adds it (envs.sim.problem.BACKWARD_WORK_FACTOR).
     used += device_max(row[None, :], problem.backward_work(), problem.num_devices)[0]
-    return used
+    # The optimizer step, after the backward freed the activations and copies: the static
+    # memory, the loop's batch and output, and the step's temporaries (envs.sim.simulator).
+    at_step = np.bincount(row, weights=problem.at_step_memory(), minlength=problem.num_devices)
+    foreach = np.bincount(row, weights=problem.foreach_work(), minlength=problem.num_devices)
+    at_step += step_temporaries(problem.ops.is_cpu, device_max(row[None, :], problem.step_work(), problem.num_devices)[0],
+                                foreach)
+    return np.maximum(used, at_step)
 
 
 def fits(problem: PlacementProblem, row: np.ndarray) -> bool:

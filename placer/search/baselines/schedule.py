@@ -32,6 +32,16 @@ class ScheduleState:
         self.mem = node_memory(problem)
         self.cap = np.asarray(problem.memory_capacity, dtype=np.float64)
         self.used = np.zeros(problem.num_devices)
+        # The working set a device's nodes bring on top of their footprint: the backward's, or
+        # the optimizer step's temporaries, whichever is larger (common.device_memory counts
+        # them; without them the schedulers filled a device to its cap and the placement they
+        # returned overfilled it by that working set).
+        self.work = np.maximum(problem.backward_work(), problem.step_work())
+        self.device_work = np.zeros(problem.num_devices)
+        # On a GPU the optimizer's foreach default makes temporaries of all of a device's
+        # parameters at once (envs.sim.problem.step_temporaries): they add up, node by node.
+        self.foreach = problem.foreach_work()
+        self.gpu = ~np.asarray(problem.ops.is_cpu, dtype=bool)
         self.device = np.full(problem.num_nodes, -1, dtype=np.int64)
         self.start = np.zeros(problem.num_nodes)
         self.finish = np.zeros(problem.num_nodes)
@@ -47,11 +57,14 @@ class ScheduleState:
         Exact as long as predecessors are placed first (all schedulers here do so).
         """
         extra = sum(float(self.problem.edge_bytes[e]) for e, s in self.preds[n] if self.device[s] != d)
+        if self.gpu[d]:
+            extra += float(self.foreach[n])
         return float(self.mem[n]) + extra
 
     def hosts(self, n: int) -> list[int]:
         """Allowed devices with room left for node ``n``."""
-        return [d for d in self.devices if self.used[d] + self.need(n, d) <= self.cap[d]]
+        return [d for d in self.devices
+                if self.used[d] + self.need(n, d) + max(self.device_work[d], self.work[n]) <= self.cap[d]]
 
     def data_ready(self, n: int, d: int) -> float:
         """Earliest time all inputs of ``n`` are on device ``d``."""
@@ -80,6 +93,7 @@ class ScheduleState:
         """Put node ``n`` on device ``d`` starting at ``start``."""
         end = start + float(self.cost[n, d])
         self.used[d] += self.need(n, d)
+        self.device_work[d] = max(self.device_work[d], self.work[n])
         self.device[n] = d
         self.start[n] = start
         self.finish[n] = end
@@ -92,7 +106,8 @@ class ScheduleState:
         """The error for a node no allowed device has room for."""
         name = self.problem.node_names[n]
         free = ", ".join(
-            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d], 0))} free" for d in self.devices
+            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d] - self.device_work[d], 0))} free"
+            for d in self.devices
         )
         return NoFit(f"node {name!r} needs {format_bytes(self.mem[n])} but no device has room ({free})")
 
