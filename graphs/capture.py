@@ -108,6 +108,11 @@ class PlacerTracer(fx.Tracer):
         graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
+        for node in graph.nodes:
+            # Under `from __future__ import annotations` forward's annotations are strings, which
+            # fx's code names as globals that pickle cannot find: torch.save(placed) failed.
+            if isinstance(node.type, str):
+                node.type = None
         return graph
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,

@@ -27,6 +27,7 @@ from envs.runtime.apply import (
     transfer_nodes,
 )
 from graphs.errors import PlacerError
+from tests.helpers.eval_models import StochasticDepth
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -858,34 +859,13 @@ def test_an_fx_graph_that_baked_self_training_runs_the_eval_branch_in_eval_mode(
     torch.testing.assert_close(placed_plain(x), plain(x), rtol=0, atol=0)  # call_module layers follow eval
 
 
-def _drop_path(x, p: float, training: bool):
-    """Stochastic depth as vision models write it: the identity in eval mode."""
-    if p == 0.0 or not training:
-        return x
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * mask / (1 - p)
-
-
-class _StochasticDepth(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
-        self.norm = nn.BatchNorm1d(8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + _drop_path(torch.relu(block(x)), 0.5, self.training)
-        return self.head(self.norm(x))
-
-
 def test_a_stochastic_depth_model_placed_over_devices_evaluates_as_the_original():
     """Training takes the random branch, eval mode the identity: the placed model follows both,
     over a placement of four devices, and a training step between keeps one state."""
     from graphs.capture import capture
 
     torch.manual_seed(0)
-    model, x = _StochasticDepth(), torch.randn(16, 8)
+    model, x = StochasticDepth(), torch.randn(16, 8)
     cap = capture(model, (x,))
     assert cap.method == "fx"
     names = [n for n in cap.graph.nodes]
@@ -1042,7 +1022,7 @@ def test_a_pickled_or_copied_placed_model_still_follows_eval_mode():
     from graphs.capture import capture
 
     torch.manual_seed(0)
-    for model, x in ((_FunctionalDropout(), torch.randn(6, 4)), (_StochasticDepth(), torch.randn(6, 8)),
+    for model, x in ((_FunctionalDropout(), torch.randn(6, 4)), (StochasticDepth(), torch.randn(6, 8)),
                      (_ModeConstant(), torch.randn(6, 4))):
         placed = apply_placement(capture(model, (x,)), {})
         model.eval()
@@ -1064,7 +1044,7 @@ def test_the_eval_graph_runs_each_op_where_its_data_is():
     from graphs.capture import capture
     from graphs.eval_mode import DataFollowingInterpreter
 
-    model, x = _StochasticDepth(), torch.randn(6, 8)
+    model, x = StochasticDepth(), torch.randn(6, 8)
     gm = capture(model, (x,)).gm
     for path in ("blocks.2", "blocks.3", "norm", "head"):
         gm.get_submodule(path).to("meta")
@@ -1230,7 +1210,7 @@ def test_a_deep_copy_of_a_placed_model_evaluates_where_the_placed_model_does():
     fx's copies dropped both (review: an EMA copy's eval output stayed on its last op's device)."""
     from graphs.capture import capture
 
-    model, x = _StochasticDepth(), torch.randn(6, 8)
+    model, x = StochasticDepth(), torch.randn(6, 8)
     cap = capture(model, (x,))
     placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})

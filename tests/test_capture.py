@@ -931,3 +931,19 @@ def test_a_tensor_forward_caches_stays_off_the_model_and_the_placed_model_follow
     assert model.mask is None
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_annotated_under_postponed_evaluation_pickles():
+    """``from __future__ import annotations`` makes forward's annotations strings; fx wrote them
+    as globals of its code, and pickling the captured or placed model failed ('str' object has
+    no attribute '__name__')."""
+    import pickle
+
+    from tests.helpers.eval_models import StochasticDepth
+
+    assert isinstance(StochasticDepth.forward.__annotations__["x"], str)
+    model, x = StochasticDepth(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    model.eval()
+    twin = pickle.loads(pickle.dumps(cap.gm))
+    torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)

@@ -580,10 +580,10 @@ def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
     graph run where its data is): the check ran training steps only, so an eval path that
     computed something else passed (review)."""
     from graphs.eval_mode import DataFollowingInterpreter
-    from tests.test_apply import _StochasticDepth
+    from tests.helpers.eval_models import StochasticDepth
 
     torch.manual_seed(0)
-    spec = ModelSpec(model=_StochasticDepth(), example_inputs=(torch.randn(8, 8),), name="droppath")
+    spec = ModelSpec(model=StochasticDepth(), example_inputs=(torch.randn(8, 8),), name="droppath")
     cap = capture(spec.model, spec.example_inputs)
     assignment = {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)}
     report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})

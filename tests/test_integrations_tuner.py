@@ -10,6 +10,7 @@ import torch
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
+from tests.helpers.eval_models import StochasticDepth
 
 CLUSTER = "4xK40"  # cpu + gpu0..gpu3, all mapped to the CPU here (virtual devices)
 
@@ -254,26 +255,9 @@ def test_a_given_candidate_that_splits_a_tied_weight_is_refused_before_training(
         PlacementTuner(model, (ids,), cluster=CLUSTER, trials=4, candidates=[{n: "gpu0" for n in nodes}, split])
 
 
-class _StochasticDepth(torch.nn.Module):
-    """Residual blocks that drop their branch at random in training mode (the identity in eval)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
-        self.head = torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        for block in self.blocks:
-            h = torch.relu(block(x))
-            if self.training:
-                h = h * torch.rand(x.shape[0], 1).lt(0.5) / 0.5
-            x = x + h
-        return self.head(x)
-
-
 def test_a_tuned_model_whose_eval_mode_takes_another_branch_evaluates_as_the_original():
     torch.manual_seed(0)
-    model, x = _StochasticDepth(), torch.randn(16, 8)
+    model, x = StochasticDepth(), torch.randn(16, 8)
     nodes = list(capture(model, (x,)).graph.nodes)
     tuner = PlacementTuner(model, (x,), cluster=CLUSTER, trials=2, steps_per_candidate=1,
                            candidates=[{n: "gpu0" for n in nodes}, {n: f"gpu{i % 4}" for i, n in enumerate(nodes)}])
@@ -281,7 +265,7 @@ def test_a_tuned_model_whose_eval_mode_takes_another_branch_evaluates_as_the_ori
     for _ in range(3):
         tuner.step(lambda m: m(x).sum(), opt)
     assert tuner.switches >= 1
-    reference = _StochasticDepth()
+    reference = StochasticDepth()
     reference.load_state_dict(tuner.model.state_dict())
     tuner.model.eval(), reference.eval()
     with torch.no_grad():
