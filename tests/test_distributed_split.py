@@ -31,6 +31,7 @@ from envs.runtime.distributed.stage_state import (
     to_meta,
 )
 from envs.runtime.split import SplitError, split_by_rank
+from tests.helpers.runtime_models import ActivationUpdatedAfterItIsRead
 
 
 class _Net(torch.nn.Module):
@@ -370,19 +371,6 @@ class _MaskUpdatedAfterItIsRead(torch.nn.Module):
         return self.c(y * m)
 
 
-class _ActivationUpdatedAfterItIsRead(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.c = torch.nn.Linear(8, 2)
-
-    def forward(self, x):
-        h = self.a(x)
-        y = h.sum(1, keepdim=True)
-        h.mul_(2.0)
-        return self.c(h) + y
-
-
 def _traced(model: torch.nn.Module) -> fx.GraphModule:
     from graphs.capture import capture
 
@@ -408,8 +396,8 @@ class _EmaReadOnAnotherRank(torch.nn.Module):
 @pytest.mark.parametrize("model, on_rank_1", [
     (_EmaReadOnAnotherRank, {"add", "c"}),  # rank 1 trained with the EMA of the step before (walkthrough)
     (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),  # the mask's old values would reach rank 1
-    (_ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),  # and here h's
-    (_ActivationUpdatedAfterItIsRead, {"sum_1"}),  # mul_ would update a fresh leaf in rank 0's next stage
+    (ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),  # and here h's
+    (ActivationUpdatedAfterItIsRead, {"sum_1"}),  # mul_ would update a fresh leaf in rank 0's next stage
 ])
 def test_a_value_updated_in_place_after_it_leaves_its_stage_is_refused(model, on_rank_1):
     gm = _traced(model())

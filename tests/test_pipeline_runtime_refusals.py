@@ -246,21 +246,10 @@ def test_an_in_place_update_of_a_value_an_earlier_stage_made_is_refused_before_a
     """The later stage receives the value as an autograd leaf: the update failed inside the
     job, once every rank had started ('[Stage 1] failed to run forward'; walkthrough)."""
     from graphs.capture import capture
-
-    class UpdatesWhatItReceives(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(8, 8)
-            self.c = torch.nn.Linear(8, 2)
-
-        def forward(self, x):
-            h = self.a(x)
-            y = h.sum(1, keepdim=True)
-            h.mul_(2.0)
-            return self.c(h) + y
+    from tests.helpers.runtime_models import ActivationUpdatedAfterItIsRead
 
     x = torch.randn(4, 8)
-    gm = capture(UpdatesWhatItReceives(), (x,), name="updates").gm
+    gm = capture(ActivationUpdatedAfterItIsRead(), (x,), name="updates").gm
     names = [n.name for n in gm.graph.nodes if n.op != "placeholder"]
     pipe = Pipeline(((names[0],), tuple(names[1:])), ("cpu:0", "cpu:1"), 2, "gpipe")
     with pytest.raises(PipelineError, match=r"node 'mul_' \(stage 1\) updates 'a' of stage 0 in place"):

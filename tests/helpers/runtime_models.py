@@ -49,3 +49,19 @@ def stages_of(gm, cuts):
             cur = []
         cur.append(n)
     return tuple(out + [tuple(cur)])
+
+
+class ActivationUpdatedAfterItIsRead(nn.Module):
+    """``h.mul_(2.0)`` after ``h`` was read: a stage cut between the read and the update must
+    not send the old values, nor update what another stage received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = h.sum(1, keepdim=True)
+        h.mul_(2.0)
+        return self.c(h) + y
