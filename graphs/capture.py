@@ -644,7 +644,8 @@ def pin_constant_inputs(gm: fx.GraphModule, pinned: tuple[Any, dict[int, Any]]) 
     torch.export specialises on those: called with ``scale=5`` the graph computed with 3, and
     a mask passed where the example had ``None`` was ignored, with no error (walkthrough).
     ``pinned`` is :func:`constant_inputs` of the example. A module-level forward pre-hook (the
-    module is pickled into job files), which apply's copy registers again.
+    module is pickled into job files), which apply's copy, and the copies and pickles
+    :func:`graphs.eval_mode.follow_eval_mode` rebuilds, register again.
     """
     gm.placer_constant_inputs = pinned  # type: ignore[assignment]
     if _refuse_other_constants not in gm._forward_pre_hooks.values():
@@ -690,6 +691,9 @@ def _refuse_other_constants(module: fx.GraphModule, args: tuple, kwargs: dict[st
         raise CaptureError(f"the model's graph was captured by torch.export with the example inputs' values that "
                            f"are not tensors baked in, and these inputs differ: {what}; expected inputs like the "
                            "example's (tensors may change), or capture the model with these")
+
+
+_refuse_other_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:

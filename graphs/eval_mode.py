@@ -23,7 +23,7 @@ import copy
 import inspect
 import itertools
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -230,7 +230,8 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         if eval_arguments is None:
             eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
         gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
-        if not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes"):
+        if (not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes")
+                and not _placer_hooks(gm)):
             return False
         # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
         # users of their inputs (Node.args' setter re-adds them last).
@@ -270,6 +271,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         def twin_of(self: fx.GraphModule, *memo: Any) -> fx.GraphModule:
             twin = make_twin(self, *memo)
             keep_plain_attributes(twin, _buffer_names(self))
+            _register_hooks(twin, _placer_hooks(self))
             # What placer put on the module (a refusal, the placement the eval graph follows, its
             # output device): fx's rebuild keeps only the graph's attributes.
             for key, value in self.__dict__.items():
@@ -293,7 +295,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         # fx pickles a GraphModule as its code: the eval graph travels as one, over the same
         # modules (one pickle, so they stay shared).
         carrier = fx.GraphModule(self, held) if held is not None else None
-        return (_rebuilt_following_eval, (rebuild, (body, *rest), carrier, _buffer_names(self)))
+        return (_rebuilt_following_eval, (rebuild, (body, *rest), carrier, _buffer_names(self), _placer_hooks(self)))
 
     forward.placer_train_forward = train_forward  # type: ignore[attr-defined]
     cls.__reduce__ = reduce  # type: ignore[method-assign]
@@ -305,17 +307,35 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
 
 
 def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule | None = None,
-                            buffers: list[str] | None = None) -> fx.GraphModule:
+                            buffers: list[str] | None = None,
+                            hooks: Sequence[tuple[Callable[..., Any], bool]] = ()) -> fx.GraphModule:
     """Unpickling a module :func:`follow_eval_mode` made: fx's rebuild, its constants plain
-    attributes again (``buffers``: the module's own), then the eval forward again."""
+    attributes again (``buffers``: the module's own), placer's own forward pre-hooks again
+    (``hooks``), then the eval forward again."""
     gm = rebuild(*args)
     if buffers is not None:
         keep_plain_attributes(gm, buffers)
+    _register_hooks(gm, hooks)
     if carrier is not None:
         gm.placer_eval_graph = carrier.graph
         _carry_attributes(carrier, gm, carrier.graph, None)
     follow_eval_mode(gm)
     return gm
+
+
+def _placer_hooks(gm: nn.Module) -> list[tuple[Callable[..., Any], bool]]:
+    """placer's own forward pre-hooks on ``gm`` (functions marked ``placer_hook``, such as
+    :func:`graphs.capture.pin_constant_inputs`'s), each with whether it takes keyword arguments:
+    fx's rebuilds (a copy, a deep copy, a pickle) keep no hooks, so they are registered again."""
+    return [(hook, key in gm._forward_pre_hooks_with_kwargs) for key, hook in gm._forward_pre_hooks.items()
+            if getattr(hook, "placer_hook", False)]
+
+
+def _register_hooks(gm: nn.Module, hooks: Sequence[tuple[Callable[..., Any], bool]]) -> None:
+    present = list(gm._forward_pre_hooks.values())
+    for hook, with_kwargs in hooks:
+        if hook not in present:
+            gm.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
 
 
 def _buffer_names(gm: fx.GraphModule) -> list[str]:

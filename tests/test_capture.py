@@ -845,6 +845,20 @@ def test_an_exported_graph_refuses_inputs_whose_baked_values_differ_from_the_exa
             module(x, torch.rand(6, 8), 3, False)
 
 
+def test_copies_of_an_exported_graph_still_refuse_other_baked_inputs():
+    """The refusal is a forward pre-hook, which fx's rebuilds drop: a copy or an EMA deep copy of
+    the placed model computed with the example's scale again, silently. (fx cannot unpickle a
+    torch.export graph at all: its tracer needs an argument fx's rebuild does not give.)"""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _Options(), torch.randn(6, 8)
+    placed = apply_placement(capture(model, (x, None, 3, False)), {})
+    for twin in (copy.copy(placed), copy.deepcopy(placed)):
+        torch.testing.assert_close(twin(x, None, 3, False), model(x, None, 3, False))
+        with pytest.raises(CaptureError, match="these inputs differ: 3 became 5"):
+            twin(x, None, 5, False)
+
+
 class _EvalStash(nn.Module):
     def __init__(self) -> None:
         super().__init__()
