@@ -272,6 +272,7 @@ def _is_time(value: Any) -> bool:
 _METADATA_TYPES: dict[str, tuple[Any, str]] = {
     "model": (lambda v: isinstance(v, str), "a model name (string)"),
     "cluster": (lambda v: isinstance(v, str), "a cluster name or spec path (string)"),
+    "cluster_spec": (lambda v: isinstance(v, str), "the cluster's spec file path (string)"),
     "simulated_cluster": (lambda v: isinstance(v, bool), "true or false"),
     "step_time": (lambda v: v is None or _is_time(v), "seconds per step (a non-negative number)"),
     "source": (lambda v: isinstance(v, str), "'simulated' or 'measured'"),

@@ -44,3 +44,22 @@ def test_optimize_report_and_show_give_each_devices_peak_and_margin(tmp_path, ca
                  "--out", str(tmp_path / "pics")]) == 0
     shown = capsys.readouterr().out
     assert "of 2 MiB usable (" in shown and " spare)" in shown
+
+
+def test_show_finds_the_spec_file_a_placement_was_made_on(tmp_path, capsys):
+    """The placement recorded the spec's name ('small'), which no preset has: show refused it
+    unless --cluster named the file again (memory walkthrough)."""
+    model = tmp_path / "mlp.py"
+    model.write_text(MODEL)
+    spec = tmp_path / "small.json"
+    device = {"kind": "K40", "memory": "2MiB", "reserved": 0, "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
+    spec.write_text(json.dumps({"name": "small", "devices": [{"name": f"gpu{i}", **device} for i in range(2)],
+                                "default_link": {"latency": "10us", "bandwidth": "10GB/s"}}))
+    out = tmp_path / "out"
+    assert main(["optimize", str(model), "--cluster", str(spec), "--budget", "200", "--out", str(out), "-q",
+                 "--no-check", "--baselines", "single,expert"]) == 0
+    metadata = json.loads((out / "placement.json").read_text())["metadata"]
+    assert metadata["cluster"] == "small" and metadata["cluster_spec"] == str(spec.resolve())
+    capsys.readouterr()
+    assert main(["show", str(out / "placement.json"), "--model", str(model), "--out", str(tmp_path / "pics")]) == 0
+    assert "of 2 MiB usable (" in capsys.readouterr().out

@@ -178,6 +178,8 @@ class Cluster:
         simulated: True when figures come from a spec (step times are simulated), False for
             discovered real devices (step times can be measured).
         default_link: latency/bandwidth for pairs without an explicit link, or None.
+        spec_path: the spec file it was read from (absolute), so that a placement made on it
+            can name the file, not just ``name``; None for presets, mappings and real devices.
     """
 
     name: str
@@ -185,6 +187,7 @@ class Cluster:
     links: tuple[Link, ...] = ()
     simulated: bool = True
     default_link: tuple[float, float] | None = None
+    spec_path: str | None = field(default=None, compare=False)
     _links: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

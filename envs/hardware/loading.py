@@ -9,6 +9,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +46,7 @@ def load_cluster(source: "str | os.PathLike | Mapping | Cluster") -> Cluster:
     if p.suffix.lower() in (".yaml", ".yml", ".json") or p.exists():
         if not p.exists():
             raise ClusterSpecError(f"cluster spec file {text!r} does not exist")
-        return cluster_from_spec(read_spec_file(p), default_name=p.stem)
+        return dataclasses.replace(cluster_from_spec(read_spec_file(p), default_name=p.stem), spec_path=str(p.resolve()))
     raise ClusterSpecError(
         f"unknown cluster {text!r}; expected a preset ({', '.join(list_presets())}), "
         f"a .yaml/.json spec file, or 'real'"

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from placer.report.plots import plot_memory, plot_placed_graph
 
     check_out_dir(args.out)  # before the model is captured and profiled, not after
-    cluster_name = args.cluster or meta.get("cluster")
+    cluster_name = args.cluster or meta.get("cluster_spec") or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
     cluster = recorded_rank_cluster(placement) if not args.cluster and "links" in meta else load_cluster(cluster_name)

@@ -108,6 +108,8 @@ class Compiled:
         op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map(), **run.provenance}
+        if cluster.spec_path is not None:  # show and apply find the spec again without --cluster
+            meta["cluster_spec"] = cluster.spec_path
         if is_distributed_cluster(cluster):
             # A rank cluster's links were measured, not named by a preset: show rebuilds it from these.
             names = cluster.device_names
