@@ -413,8 +413,12 @@ def _custom_functions_called() -> Iterator[list[type]]:
         torch.autograd.Function.apply = original  # type: ignore[method-assign]
 
 
-def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> fx.GraphModule:
     """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata.
+
+    With ``follow_eval`` it follows ``.eval()`` by the training flags placer knows
+    (:func:`graphs.eval_mode.export_eval_arguments`); capture leaves that to its second export
+    in eval mode (:func:`_export_eval`), which installs the eval forward once.
 
     Raises:
         CaptureError: the model has backward hooks, or forward() registers gradient hooks on
@@ -449,7 +453,8 @@ def export_trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     _drop_export_hooks(gm)
     pin_constant_inputs(gm, constant_inputs(inputs))
     gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
-    follow_eval_mode(gm, export_eval_arguments(gm))
+    if follow_eval:
+        follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
 
 
@@ -612,7 +617,7 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_mode
     python_state: list[str] = []
     try:
         with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
-            eval_gm = export_trace(model, inputs)
+            eval_gm = export_trace(model, inputs, follow_eval=False)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing
         # eval mode would stop every validation pass of a model that only fails to export in it.
@@ -775,8 +780,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         fx_error = _reason(fx_exc)
         try:
-            gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs),
-                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs)),
+            gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs, follow_eval=False),
+                               lambda targets, _: _line_updating(targets, lambda: export_trace(model, inputs, False)),
                                training_attributes)
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):

@@ -7,12 +7,13 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
   ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`export_eval_arguments`);
   fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
   a trace in eval mode). The eval forward is the graph with the eval mode's constants.
-* **Another graph** (fx only): ``if self.training:`` took another branch (stochastic depth,
-  an auxiliary head). The model traced in eval mode is kept as a second graph
-  (:func:`follow_eval_graph`) and run by an interpreter where its data is
-  (:class:`DataFollowingInterpreter`): the placed model's parameters stay where the placement
-  put them, and each eval op runs on the device of its module's parameters or of its
-  first activation input.
+* **Another graph**: ``if self.training:`` took another branch (stochastic depth, an
+  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`)
+  in eval mode is kept as a second graph (:func:`follow_eval_graph`) and run by an
+  interpreter where its data is (:class:`DataFollowingInterpreter`): the placed model's
+  parameters stay where the placement put them, and each eval op runs where its module's
+  parameters, the tensor it updates, or the placed training op of its name are, else where
+  its latest input is.
 * **Neither** (a value that changes from one trace to the next, an eval graph reading state
   the model does not have): eval mode is refused with the reason (:func:`refuse_eval_mode`).
 """
