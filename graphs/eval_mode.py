@@ -21,6 +21,7 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import itertools
 import operator
@@ -483,12 +484,20 @@ class DataFollowingInterpreter(fx.Interpreter):
 
     def __init__(self, module: fx.GraphModule, graph: fx.Graph) -> None:
         super().__init__(module, graph=graph)
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
-        placement: dict[str, str] = getattr(module, "placer_placement", None) or {}
-        real: dict[str, str] = getattr(module, "placer_real_devices", None) or {}
-        self.placed = {n.name: torch.device(real.get(placement[n.name], placement[n.name]))
-                       for n in module.graph.nodes if n.name in placement} if placement else {}
-        self.twins = {n.name: (n.op, n.target) for n in module.graph.nodes}
+        self.placed_module = module
+
+    # Read only where an op's inputs are on several devices: a forward on one device builds none.
+    @functools.cached_property
+    def order(self) -> dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.graph.nodes)}
+
+    @functools.cached_property
+    def placed(self) -> dict[str, tuple[Any, torch.device]]:
+        """``{training node name: ((op, target), its real device)}`` from ``placer_placement``."""
+        placement: dict[str, str] = getattr(self.placed_module, "placer_placement", None) or {}
+        real: dict[str, str] = getattr(self.placed_module, "placer_real_devices", None) or {}
+        return {n.name: ((n.op, n.target), torch.device(real.get(placement[n.name], placement[n.name])))
+                for n in self.placed_module.graph.nodes if n.name in placement}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op not in ("call_function", "call_method", "call_module"):
@@ -513,8 +522,9 @@ class DataFollowingInterpreter(fx.Interpreter):
         written = [args[i] for i in mutated_args(n, self.module) if i < len(args) and isinstance(args[i], torch.Tensor)]
         if written:  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
             return written[0].device
-        if n.name in self.placed and self.twins.get(n.name) == (n.op, n.target):
-            return self.placed[n.name]
+        twin = self.placed.get(n.name)
+        if twin is not None and twin[0] == (n.op, n.target):
+            return twin[1]
         made = [m for m in n.all_input_nodes if m.op != "get_attr" and isinstance(self.env.get(m), torch.Tensor)]
         if made:
             return self.env[max(made, key=self.order.__getitem__)].device
