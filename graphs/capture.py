@@ -52,7 +52,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, INPLACE_OPERATORS, STAYS_WITH_INPUT_OPS, op_name
+from graphs.ops import AUGMENTED_ASSIGNMENTS, STAYS_WITH_INPUT_OPS, mutated_args, op_name
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -202,16 +202,6 @@ for _name in AUGMENTED_ASSIGNMENTS:
     _record_augmented(_name)
 
 
-def _writes_first_argument(node: fx.Node, root: nn.Module) -> bool:
-    """Whether ``node`` updates its first argument in place (``add_``, ``x += y``, ``inplace=True``)."""
-    if node.kwargs.get("inplace") is True or node.target in INPLACE_OPERATORS:
-        return True
-    if node.op == "call_module":
-        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
-    name = op_name(node)
-    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__")
-
-
 def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
     """Record ``x += y`` as ``x + y`` where nothing can tell the two apart.
 
@@ -226,7 +216,7 @@ def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
     storage: dict[fx.Node, fx.Node] = {}  # node -> the node whose storage its result may share
     for n in nodes:
         first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        shares = first is not None and (_writes_first_argument(n, root) or (
+        shares = first is not None and (0 in mutated_args(n, root) or (
             n.op in ("call_function", "call_method") and op_name(n) in STAYS_WITH_INPUT_OPS))
         storage[n] = storage[first] if shares and first is not None else n
     for n in nodes:
