@@ -52,7 +52,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, STAYS_WITH_INPUT_OPS, mutated_args, op_name
+from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -213,12 +213,7 @@ def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
     """
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    storage: dict[fx.Node, fx.Node] = {}  # node -> the node whose storage its result may share
-    for n in nodes:
-        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        shares = first is not None and (0 in mutated_args(n, root) or (
-            n.op in ("call_function", "call_method") and op_name(n) in STAYS_WITH_INPUT_OPS))
-        storage[n] = storage[first] if shares and first is not None else n
+    storage = storage_roots(nodes, root)  # node -> the node whose storage its result may share
     for n in nodes:
         name = getattr(n.target, "__name__", "")
         if n.op != "call_function" or AUGMENTED_ASSIGNMENTS.get(name) is not n.target:

@@ -28,7 +28,7 @@ True
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -172,3 +172,26 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
     if target in INPLACE_OPERATORS:
         return [0]  # x += y, x[i] = y update their left operand
     return []
+
+
+def view_parent(node: fx.Node) -> fx.Node | None:
+    """The node whose storage ``node``'s result may share as a view (``view``, ``transpose``,
+    ``narrow``, ``getitem``, ``reshape``, ``contiguous``…: :data:`STAYS_WITH_INPUT_OPS`, those
+    that may copy included); None for any other op."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0] if op_name(node) in STAYS_WITH_INPUT_OPS else None
+
+
+def storage_roots(nodes: Iterable[fx.Node], root: nn.Module) -> dict[fx.Node, fx.Node]:
+    """Node -> the node that made the storage its result lives in, over ``nodes`` in program
+    order: followed through views (:func:`view_parent`) and through in-place ops that return
+    their first argument (``x.mul_(a)`` returns ``x``); a node that makes its own storage is
+    its own root."""
+    roots: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        source = view_parent(n)
+        if 0 in mutated_args(n, root) and isinstance(n.args[0], fx.Node):
+            source = n.args[0]
+        roots[n] = roots[source] if source is not None else n
+    return roots

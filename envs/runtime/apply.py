@@ -51,7 +51,7 @@ from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import STAYS_WITH_INPUT_OPS, mutated_args, op_name
+from graphs.ops import mutated_args, storage_roots, view_parent
 
 __all__ = [
     "ApplyError",
@@ -244,12 +244,12 @@ def _effective_devices(
     # (h.narrow(...), buf[:2]) runs where that tensor lives too: a view made on another
     # device would be a copy, so a write through it would miss the tensor, and the tensor's
     # updates would miss it.
-    root = _storage_roots(gm)
-    written = {root[arg.name].name for n in nodes for arg in _written_nodes(n, gm)}
+    root = storage_roots(gm.graph.nodes, gm)
+    written = {root[arg].name for n in nodes for arg in _written_nodes(n, gm)}
     state_owner: dict[str, str] = {}
     for n in nodes:
         for arg in _written_nodes(n, gm):
-            base = root[arg.name]
+            base = root[arg]
             if base.op != "get_attr" or (arg is not base and base.name in state_owner):
                 continue
             prev = state_owner.get(base.name)
@@ -261,8 +261,8 @@ def _effective_devices(
             state_owner[base.name] = dev[n.name]  # type: ignore[assignment]
     dev.update(state_owner)
     for n in nodes:
-        parent = _view_parent(n)
-        if parent is not None and root[n.name].name in written and dev.get(parent.name) is not None:
+        parent = view_parent(n)
+        if parent is not None and root[n].name in written and dev.get(parent.name) is not None:
             dev[n.name] = dev[parent.name]
         for arg in _written_nodes(n, gm):
             if arg.op != "get_attr" and dev.get(arg.name) is not None:
@@ -270,31 +270,9 @@ def _effective_devices(
     return dev
 
 
-def _view_parent(node: fx.Node) -> fx.Node | None:
-    """The node whose storage ``node``'s result may share as a view (``view``, ``transpose``,
-    ``narrow``, ``getitem``, ``reshape``, ``contiguous``…: :data:`graphs.ops.STAYS_WITH_INPUT_OPS`,
-    those that may copy included); None for any other op."""
-    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    return node.args[0] if op_name(node) in STAYS_WITH_INPUT_OPS else None
-
-
 def _written_nodes(node: fx.Node, root: torch.nn.Module) -> list[fx.Node]:
     """The nodes whose tensors ``node`` updates in place."""
     return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
-
-
-def _storage_roots(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Node name -> the node that made the storage its result lives in: followed through views
-    (:func:`_view_parent`) and through in-place ops that return their first argument (``x.mul_(a)``
-    returns ``x``); a node that makes its own storage is its own root."""
-    roots: dict[str, fx.Node] = {}
-    for n in gm.graph.nodes:
-        source = _view_parent(n)
-        if 0 in mutated_args(n, gm) and isinstance(n.args[0], fx.Node):
-            source = n.args[0]
-        roots[n.name] = roots[source.name] if source is not None else n
-    return roots
 
 
 def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
@@ -302,8 +280,8 @@ def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
     returns ``x`` itself: ``.add_`` on its result writes ``x``) and through views (``buf[:2].add_(1)``
     writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
-    roots = _storage_roots(gm)
-    return [(n, roots[arg.name]) for n in gm.graph.nodes for arg in _written_nodes(n, gm)]
+    roots = storage_roots(gm.graph.nodes, gm)
+    return [(n, roots[arg]) for n in gm.graph.nodes for arg in _written_nodes(n, gm)]
 
 
 def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -311,14 +289,14 @@ def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     node itself, a view of it or the tensor it views). Nodes whose storage nothing updates
     after them are left out. A value handed to another process is a copy that such an update
     misses, and a stage input is a fresh autograd leaf that refuses it."""
-    roots = _storage_roots(gm)
+    roots = storage_roots(gm.graph.nodes, gm)
     position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     writers: dict[str, list[fx.Node]] = {}
     for writer, written in in_place_writes(gm):
         writers.setdefault(written.name, []).append(writer)
     out: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:
-        later = [w for w in writers.get(roots[n.name].name, ()) if position[w.name] > position[n.name]]
+        later = [w for w in writers.get(roots[n].name, ()) if position[w.name] > position[n.name]]
         if later:
             out[n.name] = later[0]
     return out
@@ -331,9 +309,9 @@ def _updated_in_place(gm: fx.GraphModule) -> set[str]:
     def tensor(n: fx.Node) -> str:  # two get_attr nodes of one attribute read one tensor
         return f"attr:{n.target}" if n.op == "get_attr" else n.name
 
-    roots = _storage_roots(gm)
+    roots = storage_roots(gm.graph.nodes, gm)
     targets = {tensor(written) for _, written in in_place_writes(gm)}
-    return {n.name for n in gm.graph.nodes if tensor(roots[n.name]) in targets}
+    return {n.name for n in gm.graph.nodes if tensor(roots[n]) in targets}
 
 
 def apply_placement(
