@@ -756,10 +756,6 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
         baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes, training_attributes)
-        if isinstance(baked, str):
-            refuse_eval_mode(gm, baked)
-        elif isinstance(baked, dict):
-            follow_eval_mode(gm, baked)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
@@ -774,10 +770,10 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
         baked = _export_eval(model, inputs, gm, trace_modes, training_attributes)
-        if isinstance(baked, str):
-            refuse_eval_mode(gm, baked)
-        elif isinstance(baked, dict):
-            follow_eval_mode(gm, baked)
+    if isinstance(baked, str):
+        refuse_eval_mode(gm, baked)
+    elif isinstance(baked, dict):
+        follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
     if isinstance(baked, fx.Graph):
