@@ -195,3 +195,35 @@ def storage_roots(nodes: Iterable[fx.Node], root: nn.Module) -> dict[fx.Node, fx
             source = n.args[0]
         roots[n] = roots[source] if source is not None else n
     return roots
+
+
+def written_nodes(node: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """The nodes whose tensors ``node`` updates in place."""
+    return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
+
+
+def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """Every in-place update in ``gm``, in graph order: ``(the node that writes, the node whose
+    tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
+    returns ``x`` itself: ``.add_`` on its result writes ``x``) and through views (``buf[:2].add_(1)``
+    writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
+    roots = storage_roots(gm.graph.nodes, gm)
+    return [(n, roots[arg]) for n in gm.graph.nodes for arg in written_nodes(n, gm)]
+
+
+def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Node name -> the first node after it that updates its storage in place (through the
+    node itself, a view of it or the tensor it views). Nodes whose storage nothing updates
+    after them are left out. A value handed to another process is a copy that such an update
+    misses, and a stage input is a fresh autograd leaf that refuses it."""
+    roots = storage_roots(gm.graph.nodes, gm)
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    writers: dict[str, list[fx.Node]] = {}
+    for writer, written in in_place_writes(gm):
+        writers.setdefault(written.name, []).append(writer)
+    out: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        later = [w for w in writers.get(roots[n].name, ()) if position[w.name] > position[n.name]]
+        if later:
+            out[n.name] = later[0]
+    return out

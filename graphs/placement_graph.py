@@ -22,6 +22,7 @@ from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphs.flops import node_bytes_moved, node_flops
+from graphs.ops import later_writes
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
     other nodes use too (a tied embedding): their gradients are summed in the backward.
     Each node reading such a parameter that another node owns gets ``tied_param_bytes``
     (``{owner node: bytes}``): a pipeline stage holding the reader but not the owner keeps its
-    own copy, with its gradient and optimizer state.
+    own copy, with its gradient and optimizer state. A node whose storage an op updates in
+    place after it gets ``updated_later`` (that op's name), for the rank simulator's refusals.
     ``trust_requires_grad``: use the autograd flag recorded on the tensors (ShapeProp runs
     with autograd on); torch.export records none, so it is derived from the graph instead.
     """
@@ -231,6 +233,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         graph.nodes[name]["shared_param_bytes"] = int(nbytes)
     for name, reads in tied.items():
         graph.nodes[name]["tied_param_bytes"] = {owner: int(b) for owner, b in reads.items()}
+    for name, writer in later_writes(gm).items():
+        graph.nodes[name]["updated_later"] = writer.name
     return graph
 
 

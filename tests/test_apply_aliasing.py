@@ -16,8 +16,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 import envs.runtime.apply as apply_module
-from envs.runtime.apply import apply_placement, in_place_writes
+from envs.runtime.apply import apply_placement
 from graphs.capture import capture
+from graphs.ops import in_place_writes
 
 DEVICES = {"a": "cpu", "b": "cpu"}
 

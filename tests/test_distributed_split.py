@@ -406,6 +406,39 @@ def test_a_value_updated_in_place_after_it_leaves_its_stage_is_refused(model, on
         split_by_rank(gm, ranks, 2)
 
 
+@pytest.mark.parametrize("model, on_rank_1", [
+    (_EmaReadOnAnotherRank, {"add", "c"}),
+    (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),
+    (ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),
+    (ActivationUpdatedAfterItIsRead, {"sum_1"}),
+])
+def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(model, on_rank_1):
+    """A search over ranks must never pick a placement that ``apply`` then refuses: the
+    simulator scores it infinite, with the split's own reason."""
+    from envs.sim.ranks import RankSimulator, rank_plan
+    from graphs.capture import capture
+    from tests.test_ranks import ranks_cluster
+
+    torch.manual_seed(0)
+    cap = capture(model(), (torch.randn(6, 8),))
+    ranks = {n.name: int(n.name in on_rank_1) for n in cap.gm.graph.nodes if n.op not in ("placeholder", "output")}
+    with pytest.raises(SplitError) as refused:
+        split_by_rank(cap.gm, ranks, 2)
+    assert rank_plan(cap.graph, ranks, 2).refusal == str(refused.value)
+    assert RankSimulator(cap.graph, ranks_cluster()).step_times([ranks]).tolist() == [float("inf")]
+
+
+def test_the_rank_simulator_runs_a_value_updated_in_place_before_it_leaves_its_stage():
+    from envs.sim.ranks import RankSimulator, rank_plan
+    from graphs.capture import capture
+    from tests.test_ranks import ranks_cluster
+
+    cap = capture(_ActivationUpdatedBeforeItIsRead(), (torch.randn(6, 8),))
+    ranks = {n.name: int(n.name == "c") for n in cap.gm.graph.nodes if n.op not in ("placeholder", "output")}
+    assert rank_plan(cap.graph, ranks, 2).refusal is None
+    assert 0 < RankSimulator(cap.graph, ranks_cluster()).step_times([ranks])[0] < float("inf")
+
+
 class _ActivationUpdatedBeforeItIsRead(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -130,3 +130,25 @@ def test_every_rank_placement_in_the_table_is_at_or_above_the_rank_lower_bound(r
     # DDP replicas and micro-batched pipelines are not rank placements: no proven bound, no ratio.
     if "kind" in table:
         assert table[table["kind"] != "placement"]["ratio_to_lower_bound"].isna().all()
+
+
+def test_a_placement_the_rank_runtime_refuses_is_an_invalid_reward_with_the_runtimes_reason():
+    """The search scores a cut that ``split_by_rank`` refuses as invalid, so it never keeps it
+    as its best; ``show`` and the report say why (a mask sent before it is halved in place)."""
+    import torch
+
+    from envs.gym.rewards import SimulatedReward
+    from envs.sim.problem import compile_problem
+    from graphs.capture import capture
+    from tests.test_distributed_split import _MaskUpdatedAfterItIsRead
+    from tests.test_ranks import ranks_cluster
+
+    cap = capture(_MaskUpdatedAfterItIsRead(), (torch.randn(6, 8),))
+    problem = compile_problem(cap.graph, ranks_cluster(), leaves=value_leaves(cap.gm))
+    on_rank_1 = {"a", "add", "mul", "c"}
+    refused = np.array([int(n in on_rank_1) for n in problem.node_names])
+    together = np.zeros_like(refused)
+    ev = SimulatedReward(problem).simulate(np.stack([refused, together]))
+    assert ev.valid.tolist() == [False, True]
+    assert ev.reason[0].startswith("refused by the runtime: node 'mul_' updates 'float_1' in place")
+    assert np.isinf(ev.step_time[0]) and np.isfinite(ev.step_time[1])

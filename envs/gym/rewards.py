@@ -270,7 +270,9 @@ class RewardModel:
         step = res.step_time + self.sim_overhead
         fits = np.asarray(res.fits, dtype=bool)
         valid = fits & np.isfinite(step)
-        reasons = tuple("" if valid[b] else _over_memory_reason(self.problem, res.over_memory[b])
+        refusal = res.refusal or (None,) * rows.shape[0]
+        reasons = tuple("" if valid[b] else f"refused by the runtime: {refusal[b]}" if refusal[b] is not None
+                        else _over_memory_reason(self.problem, res.over_memory[b])
                         if not fits[b] else "non-finite simulated step time" for b in range(rows.shape[0]))
         return Evaluation(rows, step, res.peak_memory, res.over_memory, fits, valid,
                           self.rewards(step, valid, simulated=True), ("simulated",) * rows.shape[0], reasons)

@@ -51,15 +51,13 @@ from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import mutated_args, storage_roots, view_parent
+from graphs.ops import in_place_writes, storage_roots, view_parent, written_nodes
 
 __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
     "transfer_nodes",
-    "in_place_writes",
-    "later_writes",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
@@ -245,10 +243,10 @@ def _effective_devices(
     # device would be a copy, so a write through it would miss the tensor, and the tensor's
     # updates would miss it.
     root = storage_roots(gm.graph.nodes, gm)
-    written = {root[arg].name for n in nodes for arg in _written_nodes(n, gm)}
+    written = {root[arg].name for n in nodes for arg in written_nodes(n, gm)}
     state_owner: dict[str, str] = {}
     for n in nodes:
-        for arg in _written_nodes(n, gm):
+        for arg in written_nodes(n, gm):
             base = root[arg]
             if base.op != "get_attr" or (arg is not base and base.name in state_owner):
                 continue
@@ -264,42 +262,10 @@ def _effective_devices(
         parent = view_parent(n)
         if parent is not None and root[n].name in written and dev.get(parent.name) is not None:
             dev[n.name] = dev[parent.name]
-        for arg in _written_nodes(n, gm):
+        for arg in written_nodes(n, gm):
             if arg.op != "get_attr" and dev.get(arg.name) is not None:
                 dev[n.name] = dev[arg.name]
     return dev
-
-
-def _written_nodes(node: fx.Node, root: torch.nn.Module) -> list[fx.Node]:
-    """The nodes whose tensors ``node`` updates in place."""
-    return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
-
-
-def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-    """Every in-place update in ``gm``, in graph order: ``(the node that writes, the node whose
-    tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
-    returns ``x`` itself: ``.add_`` on its result writes ``x``) and through views (``buf[:2].add_(1)``
-    writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
-    roots = storage_roots(gm.graph.nodes, gm)
-    return [(n, roots[arg]) for n in gm.graph.nodes for arg in _written_nodes(n, gm)]
-
-
-def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Node name -> the first node after it that updates its storage in place (through the
-    node itself, a view of it or the tensor it views). Nodes whose storage nothing updates
-    after them are left out. A value handed to another process is a copy that such an update
-    misses, and a stage input is a fresh autograd leaf that refuses it."""
-    roots = storage_roots(gm.graph.nodes, gm)
-    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    writers: dict[str, list[fx.Node]] = {}
-    for writer, written in in_place_writes(gm):
-        writers.setdefault(written.name, []).append(writer)
-    out: dict[str, fx.Node] = {}
-    for n in gm.graph.nodes:
-        later = [w for w in writers.get(roots[n].name, ()) if position[w.name] > position[n.name]]
-        if later:
-            out[n.name] = later[0]
-    return out
 
 
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:

@@ -45,9 +45,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from envs.runtime.apply import in_place_writes, later_writes
-from envs.sim.stages import cut_stages
+from envs.sim.stages import cut_stages, refused_handover
 from graphs.errors import PlacerError
+from graphs.ops import in_place_writes, later_writes
 
 __all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "stage_assignment"]
 
@@ -244,24 +244,12 @@ def _may_require_grad(node: fx.Node) -> bool:
 
 
 def _refuse_updates_after_handover(gm: fx.GraphModule, transfers: list[Transfer]) -> None:
-    """Refuse a value that leaves its stage before an in-place update of it (``h.relu_()``
-    after another rank read ``h``, ``m.mul_(0.5)`` on a mask already sent).
-
-    Another rank receives a copy, which the update misses: it computed with the old values
-    and no error (walkthrough: losses 0.083 against 0.023). A later stage on the same rank
-    gets a fresh autograd leaf, and an in-place update of a leaf that requires grad fails.
-    """
-    later = later_writes(gm)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for t in transfers:
-        writer = later.get(t.value)
-        if writer is None or (t.src_rank == t.dst_rank and not _may_require_grad(nodes[t.value])):
-            continue
-        where = f"to rank {t.dst_rank}" if t.src_rank != t.dst_rank else "to a later stage of its rank"
-        raise SplitError(
-            f"node {writer.name!r} updates {t.value!r} in place after the value left its stage (rank {t.src_rank}) "
-            f"{where}, which gets a copy the update misses (or an autograd leaf that refuses it); expected "
-            f"{t.value!r}, its in-place updates and the nodes that read it on one rank, the updates before the reads")
+    """Refuse a value that leaves its stage before an in-place update of it
+    (:func:`envs.sim.stages.refused_handover`, the rule the rank simulator applies too)."""
+    later = {value: writer.name for value, writer in later_writes(gm).items()}
+    reason = refused_handover(transfers, later, {n.name: _may_require_grad(n) for n in gm.graph.nodes})
+    if reason is not None:
+        raise SplitError(reason)
 
 
 def _names_in(arg: Any) -> Any:

@@ -12,7 +12,11 @@ source (file:function of our runtime, gloo or torch) or the measurement behind i
 leaves at the stage's end. Values and their receivers are :func:`rank_plan`, the same
 ``Transfer`` list ``split.py:split_by_rank`` builds (one per (value, reading rank),
 ``dst_stage`` = the first stage there that reads it, sorted by producer stage, output
-position, reading rank).
+position, reading rank). A cut the runtime refuses (a value handed to another stage before an
+in-place update of it, ``split.py:_refuse_updates_after_handover``) is refused here by the same
+rule (:func:`envs.sim.stages.refused_handover`, ``RankPlan.refusal``): its step time is
+infinite in :meth:`RankSimulator.step_times` and the batched simulator's rows, so no search
+picks a placement the runtime would then refuse.
 
 **R2 Host thread.** A CPU rank runs every op on its one host thread (``torch.set_num_threads``
 = 1 in ``worker.py:run_rank``), one after another in program order. An op costs its
@@ -150,7 +154,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Cluster
-from envs.sim.stages import cut_stages
+from envs.sim.stages import cut_stages, refused_handover
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 
@@ -275,6 +279,7 @@ class RankPlan:
     transfers: tuple[RankTransfer, ...]
     output_rank: int
     world_size: int
+    refusal: str | None = None  # why the runtime refuses this cut (envs.sim.stages.refused_handover)
 
     def stages_of(self, rank: int) -> list[RankStage]:
         """``rank``'s stages in schedule order."""
@@ -342,7 +347,10 @@ def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
     pos = {v: (stage_of[v], stages[stage_of[v]].outputs.index(v)) for v in needed}
     transfers = sorted((RankTransfer(v, stage_of[v], rank[v], r, s) for (v, r), s in first_use.items()),
                        key=lambda t: (pos[t.value], t.dst_rank))
-    return RankPlan(stages, tuple(transfers), int(output_rank), int(world_size))
+    updated_later = {n: str(graph.nodes[n]["updated_later"]) for n in order if "updated_later" in graph.nodes[n]}
+    refusal = refused_handover(transfers, updated_later,
+                               {n: bool(graph.nodes[n].get("requires_grad", True)) for n in updated_later})
+    return RankPlan(stages, tuple(transfers), int(output_rank), int(world_size), refusal)
 
 
 @dataclass
@@ -843,9 +851,13 @@ class RankSimulator:
         return _lower_bound(self._c, replace(self.costs, op_scale=self.costs.op_scale * min(self.scale.ranks)))
 
     def step_times(self, placements: Sequence[Mapping[str, str | int]]) -> np.ndarray:
-        """Step time (s) of each op-level placement."""
-        return np.array([_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False, scale=self.scale).step_time
-                         for p in placements])
+        """Step time (s) of each op-level placement; infinite where the runtime refuses its cut."""
+        return _runnable_times(self.schedules(placements))
+
+    def schedules(self, placements: Sequence[Mapping[str, str | int]]) -> list[RankSchedule]:
+        """The schedule (no trace) of each op-level placement (see :meth:`schedules_rows`)."""
+        return [_simulate(self._c, _ranks_of(p, self.cluster), self.costs, False, scale=self.scale)
+                for p in placements]
 
     def step_time_samples(self, placements: Sequence[Mapping[str, str | int]], draws: int,
                           seed: int = 0) -> np.ndarray:
@@ -894,7 +906,17 @@ class RankSimulator:
         return np.array([col[self._op_to_group[op]] for op in self._ops], dtype=np.int64)
 
     def step_times_rows(self, rows: np.ndarray | Sequence[Sequence[int]], groups: Sequence[str]) -> np.ndarray:
-        """Step time (s) of each row of rank indices over ``groups`` (``rows[b, j]`` = rank of ``groups[j]``).
+        """Step time (s) of each row of rank indices over ``groups`` (``rows[b, j]`` = rank of
+        ``groups[j]``); infinite where the runtime refuses its cut.
+
+        Raises:
+            RankSimError: as :meth:`schedules_rows`.
+        """
+        return _runnable_times(self.schedules_rows(rows, groups))
+
+    def schedules_rows(self, rows: np.ndarray | Sequence[Sequence[int]], groups: Sequence[str]) -> list[RankSchedule]:
+        """The schedule (no trace) of each row of rank indices over ``groups``: its step time
+        and its plan, whose ``refusal`` says why the runtime would refuse it.
 
         Raises:
             RankSimError: no ``op_to_group`` was given, a row of the wrong length, or an op
@@ -902,8 +924,13 @@ class RankSimulator:
         """
         arr = np.asarray(rows, dtype=np.int64)
         idx = self._row_index(arr, groups)
-        return np.array([_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False,
-                                   scale=self.scale).step_time for row in arr])
+        return [_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False, scale=self.scale)
+                for row in arr]
+
+
+def _runnable_times(schedules: Sequence[RankSchedule]) -> np.ndarray:
+    """Step times, infinite for a cut the runtime refuses: it never completes a step."""
+    return np.array([s.step_time if s.plan.refusal is None else math.inf for s in schedules])
 
 
 def _grad_path_nodes(graph: nx.DiGraph, cost: Mapping[str, list[_OpCost]]) -> set[str]:

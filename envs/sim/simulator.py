@@ -57,9 +57,10 @@ chunks, each with one work space (:func:`envs.sim.kernels.workspace`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -72,6 +73,7 @@ from envs.sim.problem import (
     memory_problem_lines,
     step_temporaries,
 )
+from envs.sim.ranks import RankSchedule
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -94,6 +96,9 @@ class StepResult:
         over_memory: [D] bytes over capacity (0 where it fits).
         transfer_time: total seconds links spent transferring.
         transfer_bytes: total bytes transferred (forward copies + gradients).
+        refusal: why the runtime refuses the placement (over ranks: a value handed to
+            another stage before an in-place update of it), None when it runs it; the
+            step time is then infinite.
     """
 
     step_time: float
@@ -103,6 +108,7 @@ class StepResult:
     over_memory: np.ndarray
     transfer_time: float
     transfer_bytes: float
+    refusal: str | None = None
 
     def memory_problems(self, device_names: Sequence[str]) -> list[str]:
         """One line per device over its capacity (:func:`envs.sim.problem.memory_problem_lines`)."""
@@ -111,6 +117,8 @@ class StepResult:
 
     def describe(self, device_names: Sequence[str]) -> str:
         """A one-line summary: step time, whether it fits (and where not), transfers."""
+        if self.refusal is not None:
+            return f"refused by the runtime: {self.refusal}"
         fit = "fits" if self.fits else "does not fit (" + "; ".join(self.memory_problems(device_names)) + ")"
         return (f"step {self.step_time * 1e3:.3f} ms, {fit}, "
                 f"{self.transfer_bytes / 2**20:.1f} MiB transferred in {self.transfer_time * 1e3:.3f} ms of link time")
@@ -128,6 +136,7 @@ class SimResult:
     transfer_time: np.ndarray  # [B] seconds links were busy
     transfer_bytes: np.ndarray  # [B]
     certified: np.ndarray | None = None  # [B] bool: the fast backward pass was exact (else the engine ran)
+    refusal: tuple[str | None, ...] | None = None  # [B] over ranks: why the runtime refuses it (step inf), else None
 
     def __len__(self) -> int:
         return int(self.step_time.shape[0])
@@ -141,6 +150,7 @@ class SimResult:
             self.over_memory[b],
             float(self.transfer_time[b]),
             float(self.transfer_bytes[b]),
+            None if self.refusal is None else self.refusal[b],
         )
 
 
@@ -634,9 +644,11 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
     pl = _as_batch(problem, placements)
     a = _arrays(problem)
     step, *rest = _run(a, pl, a.op_group, backend)
-    if problem.rank_simulator is not None:  # ranks: the multi-process runtime's rules (envs.sim.ranks)
-        step = problem.rank_simulator.step_times_rows(pl, problem.node_names)
-    return _result(a, pl, (step, *rest), "group")
+    if problem.rank_simulator is None:
+        return _result(a, pl, (step, *rest), "group")
+    # Ranks: the multi-process runtime's rules (envs.sim.ranks), its refusals included.
+    return _with_rank_steps(_result(a, pl, (step, *rest), "group"),
+                            problem.rank_simulator.schedules_rows(pl, problem.node_names))
 
 
 def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "auto") -> SimResult:
@@ -663,9 +675,18 @@ def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "
     pl = np.ascontiguousarray(pl, dtype=np.int32)
     a = _arrays(problem)
     step, *rest = _run(a, pl, np.arange(ops.num_ops, dtype=np.int64), backend)
-    if problem.rank_simulator is not None:  # ranks: the multi-process runtime's rules (envs.sim.ranks)
-        step = problem.rank_simulator.step_times([dict(zip(ops.names, row.tolist())) for row in pl])
-    return _result(a, pl, (step, *rest), "op")
+    if problem.rank_simulator is None:
+        return _result(a, pl, (step, *rest), "op")
+    return _with_rank_steps(_result(a, pl, (step, *rest), "op"),
+                            problem.rank_simulator.schedules([dict(zip(ops.names, row.tolist())) for row in pl]))
+
+
+def _with_rank_steps(result: SimResult, schedules: Sequence[RankSchedule]) -> SimResult:
+    """``result`` with the rank simulator's step times, infinite where the runtime refuses the
+    cut, and the reasons (the one-process memory figures stay: each rank holds its share)."""
+    refusal = tuple(s.plan.refusal for s in schedules)
+    step = np.array([math.inf if r is not None else s.step_time for s, r in zip(schedules, refusal)])
+    return replace(result, step_time=step, refusal=refusal)
 
 
 def _run(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, backend: str):

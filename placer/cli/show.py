@@ -148,10 +148,13 @@ def run(args: argparse.Namespace) -> int:
               f"{'fits' if piped.fits else 'DOES NOT FIT'}; peak memory "
               + memory_margins(list(piped.peak_memory), list(piped.peak_memory.values()),
                                [problem.memory_capacity[problem.device_names.index(d)] for d in piped.peak_memory]))
-    print(f"  simulated on {cluster_name}{', un-pipelined' if placement.pipeline is not None else ''}: "
-          f"{step.step_time * 1e3:.3f} ms per step, "
-          f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
-          + memory_margins(problem.device_names, step.peak_memory, problem.memory_capacity))
+    if step.refusal is not None:  # over ranks: the runtime would refuse this cut, so it has no step time
+        print(f"  simulated on {cluster_name}: REFUSED by the multi-process runtime: {step.refusal}")
+    else:
+        print(f"  simulated on {cluster_name}{', un-pipelined' if placement.pipeline is not None else ''}: "
+              f"{step.step_time * 1e3:.3f} ms per step, "
+              f"{'fits' if step.fits else 'DOES NOT FIT'}; peak memory "
+              + memory_margins(problem.device_names, step.peak_memory, problem.memory_capacity))
     pictures = [
         plot_placed_graph(prepared.captured.graph, placement.assignment, placement.devices, out / "placed_graph.png"),
         plot_memory(list(problem.device_names), step.peak_memory, problem.memory_capacity, out / "memory.png"),

@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from envs.runtime.apply import in_place_writes
 from envs.sim.pipeline import Pipeline, PipelineError
 from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
+from graphs.ops import in_place_writes
 from graphs.random_state import kept_random_state
 
 __all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas", "check_static_shapes", "microbatch",
