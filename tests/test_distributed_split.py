@@ -482,3 +482,47 @@ def test_a_buffer_is_held_by_the_rank_of_the_op_that_updates_it_in_place():
     plan = split_by_rank(gm, ranks, 2)  # the buffer read on rank 0 would be updated on a copy on rank 1
     holder = next(s for s in plan.stages if "calls" in s.nodes)
     assert holder.rank == 1
+
+
+class _TiedHeadByAttribute(torch.nn.Module):
+    """GPT-2's tie: the output projection reads the embedding's weight as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.mix = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.mix(self.emb(x)), self.emb.weight)
+
+
+def _stages(plan) -> list[tuple[int, list[str]]]:
+    return [(s.rank, list(s.nodes)) for s in plan.stages]
+
+
+@pytest.mark.parametrize("model, example, on_rank_1", [
+    (_ReassignedCounter, (torch.randn(6, 8),), ("add", "copy_")),  # the buffer follows its update to rank 1
+    (_TiedHeadByAttribute, (torch.tensor([[0, 1, 4]]),), ("emb_weight", "linear")),  # the weight stays with emb
+])
+def test_the_rank_simulator_moves_state_as_the_runtime_does(model, example, on_rank_1):
+    """A hand-made placement over ranks has the stages the runtime will run, so ``show``
+    simulates the step that ``apply`` then runs."""
+    from envs.sim.ranks import rank_plan
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    cap = capture(model(), example)
+    chosen = {n.name for n in cap.gm.graph.nodes if any(k in n.name or k in str(n.target) for k in on_rank_1)}
+    ranks = {n.name: int(n.name in chosen) for n in cap.gm.graph.nodes if n.op not in ("placeholder", "output")}
+    expected = _stages(split_by_rank(cap.gm, ranks, 2))
+    assert _stages(rank_plan(cap.graph, ranks, 2)) == expected
+
+
+def test_the_rank_simulator_refuses_two_modules_sharing_a_weight_on_two_ranks():
+    from envs.sim.ranks import rank_plan
+    from graphs.capture import capture
+
+    cap = capture(TiedEmbeddingOutput(), (torch.tensor([[0, 1, 4]]),))
+    with pytest.raises(SplitError) as refused:
+        split_by_rank(cap.gm, {"emb": 0, "out": 1}, 2)
+    assert rank_plan(cap.graph, {"emb": 0, "out": 1}, 2).refusal == str(refused.value)

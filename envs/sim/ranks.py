@@ -324,6 +324,7 @@ def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
     if output_rank is None:
         output_rank = int(ranks[out]) if out is not None and out in ranks else 0
     rank = {n: int(ranks[n]) for n in order}
+    shared_refusal = _settle_shared_state(graph, order, rank)
     inputs = {n: _real_inputs(graph, n) for n in order}
     out_inputs = _real_inputs(graph, out) if out is not None else []
     stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank)
@@ -348,9 +349,39 @@ def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
     transfers = sorted((RankTransfer(v, stage_of[v], rank[v], r, s) for (v, r), s in first_use.items()),
                        key=lambda t: (pos[t.value], t.dst_rank))
     updated_later = {n: str(graph.nodes[n]["updated_later"]) for n in order if "updated_later" in graph.nodes[n]}
-    refusal = refused_handover(transfers, updated_later,
-                               {n: bool(graph.nodes[n].get("requires_grad", True)) for n in updated_later})
+    refusal = shared_refusal or refused_handover(
+        transfers, updated_later, {n: bool(graph.nodes[n].get("requires_grad", True)) for n in updated_later})
     return RankPlan(stages, tuple(transfers), int(output_rank), int(world_size), refusal)
+
+
+def _settle_shared_state(graph: nx.DiGraph, order: Sequence[str], rank: dict[str, int]) -> str | None:
+    """Move state-reading nodes as ``split.py:_settle_shared_state`` does, in place on ``rank``;
+    return why the runtime refuses the placement, if it does.
+
+    A ``get_attr`` node whose tensor an op updates in place goes to that op's rank (state
+    follows its update); then a ``get_attr`` of a parameter that a module owns (a tied weight,
+    ``tied_param_bytes``) goes to the owner's rank, and a module's nodes, or two modules
+    sharing a parameter, on two ranks are refused. The placement graph names the first node
+    using a tensor as its owner; the runtime, the module: where a ``get_attr`` came first, the
+    module's rank is the one that holds it.
+    """
+    ops = {n: graph.nodes[n].get("op") for n in order}
+    for n in order:
+        writer = graph.nodes[n].get("updated_later")
+        if ops[n] == "get_attr" and writer in rank:
+            rank[n] = rank[writer]
+    for n in order:
+        for owner in graph.nodes[n].get("tied_param_bytes") or {}:
+            if owner not in rank:
+                continue
+            if ops[n] == "get_attr":
+                rank[n] = rank[owner]
+            elif ops[owner] == "get_attr":
+                rank[owner] = rank[n]
+            elif rank[owner] != rank[n]:
+                return (f"node {n!r} uses a parameter or buffer on rank {rank[n]} that node {owner!r} uses on rank "
+                        f"{rank[owner]}; nodes calling one module must be placed on one rank (group the graph first)")
+    return None
 
 
 @dataclass
