@@ -51,7 +51,7 @@ from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import mutated_args, storage_roots, view_parent
+from graphs.ops import draws_random, is_factory, mutated_args, storage_roots, view_parent
 
 __all__ = [
     "ApplyError",
@@ -414,12 +414,8 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
         elif n.op == "get_attr":
             mover.move_attr(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
 
-    # 2. Factory ops with a constant device (export graphs bake device='cpu') follow their node.
-    for n in graph.nodes:
-        if n.op == "call_function" and isinstance(n.kwargs.get("device"), (torch.device, str)):
-            kwargs = dict(n.kwargs)
-            kwargs["device"] = torch.device(resolve.real(dev[n.name]))  # type: ignore[arg-type]
-            n.kwargs = kwargs
+    # 2. Ops that name a device, and factories that name none, make their tensor where placed.
+    _factories_where_placed(graph, dev, resolve.real, non_blocking, copy_transfers)
 
     # 3. A transfer on every cut edge, one per (producer, destination device). A tensor
     #    that some op updates in place is copied right before each consumer instead: a
@@ -438,17 +434,9 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
             late = producer.name in updated
             t = transfers.get(user if late else dst)
             if t is None:
-                real = resolve.real(dst)
                 anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
                 with graph.inserting_before(user) if late else graph.inserting_after(anchor):
-                    t = graph.call_function(
-                        to_device,
-                        (producer, real),
-                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
-                         **({"copy": True} if copy_transfers else {})},
-                    )
-                t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
-                t.meta["placer_transfer"] = (src_dev, dst)
+                    t = _transfer_node(graph, producer, src_dev, dst, resolve.real(dst), non_blocking, copy_transfers)
                 dev[t.name] = dst
                 transfers[user if late else dst] = t
             user.replace_input_with(producer, t)
@@ -472,6 +460,62 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
         # root in training mode over BatchNorms in eval mode.
         set_training_modes(gm, modes)
     return gm
+
+
+def _transfer_node(graph: fx.Graph, producer: fx.Node, src: str | None, dst: str, real: str, non_blocking: bool,
+                   copy_transfers: bool) -> fx.Node:
+    """A :func:`to_device` node moving ``producer``'s value from ``src`` to ``dst`` (``real`` on this
+    machine), at the graph's insertion point; non-blocking only towards an accelerator (module doc)."""
+    t = graph.call_function(
+        to_device,
+        (producer, real),
+        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
+         **({"copy": True} if copy_transfers else {})},
+    )
+    t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
+    t.meta["placer_transfer"] = (src, dst)
+    return t
+
+
+def _factories_where_placed(graph: fx.Graph, dev: dict[str, str | None], real: Any, non_blocking: bool,
+                            copy_transfers: bool) -> None:
+    """Make every op that names a device, and every factory that names none, make its tensor on
+    its node's device (``dev``; ``real`` maps a device name to this machine's device).
+
+    A constant ``device=`` (torch.export bakes the capture's into factory ops and ``.to``) is
+    replaced. A factory without one (``torch.arange(n)``, ``torch.zeros(n)`` in an fx graph:
+    :func:`graphs.ops.is_factory`) would make its tensor on the default device whatever the
+    placement, and its consumers on the placed device would get no transfer (the value is not
+    where the placement, and the simulator, say it is), so it is given its node's device; its
+    dtype and other arguments stay. A device computed in the graph (``device=x.device``)
+    follows its data already and is left alone.
+
+    A random draw (:func:`graphs.ops.draws_random`: ``torch.randn``) is not moved: another
+    device's generator draws other numbers, and the placed model must compute the original's.
+    It draws where the original does (its constant ``device=``, else the default device at the
+    time of apply), and a transfer right after it brings its value to its placed device, where
+    its consumers (and the simulator) expect it. That transfer's source is the real device the
+    draw is made on, not a placement device name.
+    """
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        named = n.kwargs.get("device")
+        if not isinstance(named, (torch.device, str)) and (named is not None or not is_factory(n)):
+            continue
+        name = dev[n.name]
+        assert name is not None  # only placeholders have no device
+        placed = torch.device(real(name))
+        if not draws_random(n):
+            n.kwargs = {**n.kwargs, "device": placed}
+            continue
+        drawn = torch.device(named) if named is not None else torch.get_default_device()
+        if _canonical(drawn) == _canonical(placed):
+            continue
+        with graph.inserting_after(n):
+            t = _transfer_node(graph, n, str(drawn), name, str(placed), non_blocking, copy_transfers)
+        n.replace_all_uses_with(t, delete_user_cb=lambda user: user is not t)
+        dev[t.name] = name
 
 
 def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
