@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
+    "factories_where_placed",
     "transfer_nodes",
     "in_place_writes",
     "later_writes",
@@ -415,7 +416,13 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
             mover.move_attr(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
 
     # 2. Ops that name a device, and factories that name none, make their tensor where placed.
-    _factories_where_placed(graph, dev, resolve.real, non_blocking, copy_transfers)
+    def placed(n: fx.Node) -> tuple[str, str]:
+        name = dev[n.name]
+        assert name is not None  # only placeholders have no device, and they call nothing
+        return name, resolve.real(name)
+
+    for t in factories_where_placed(graph, placed, non_blocking, copy_transfers):
+        dev[t.name] = t.meta["placer_transfer"][1]
 
     # 3. A transfer on every cut edge, one per (producer, destination device). A tensor
     #    that some op updates in place is copied right before each consumer instead: a
@@ -477,10 +484,12 @@ def _transfer_node(graph: fx.Graph, producer: fx.Node, src: str | None, dst: str
     return t
 
 
-def _factories_where_placed(graph: fx.Graph, dev: dict[str, str | None], real: Any, non_blocking: bool,
-                            copy_transfers: bool) -> None:
-    """Make every op that names a device, and every factory that names none, make its tensor on
-    its node's device (``dev``; ``real`` maps a device name to this machine's device).
+def factories_where_placed(graph: fx.Graph, placed: Callable[[fx.Node], tuple[str, str]],
+                           non_blocking: bool = True, copy_transfers: bool = False) -> list[fx.Node]:
+    """Make every op of ``graph`` that names a device, and every factory that names none, make its
+    tensor on its node's device; returns the transfers it inserted. ``placed(node)``: the node's
+    device name and this machine's device for it (apply: the placement's; a pipeline stage: its one
+    device).
 
     A constant ``device=`` (torch.export bakes the capture's into factory ops and ``.to``) is
     replaced. A factory without one (``torch.arange(n)``, ``torch.zeros(n)`` in an fx graph:
@@ -493,29 +502,31 @@ def _factories_where_placed(graph: fx.Graph, dev: dict[str, str | None], real: A
     A random draw (:func:`graphs.ops.draws_random`: ``torch.randn``) is not moved: another
     device's generator draws other numbers, and the placed model must compute the original's.
     It draws where the original does (its constant ``device=``, else the default device at the
-    time of apply), and a transfer right after it brings its value to its placed device, where
-    its consumers (and the simulator) expect it. That transfer's source is the real device the
-    draw is made on, not a placement device name.
+    time of this call), and a transfer right after it brings its value to its placed device,
+    where its consumers (and the simulator) expect it. That transfer's source is the real device
+    the draw is made on, not a device name of the placement.
     """
+    copies: list[fx.Node] = []
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
         named = n.kwargs.get("device")
         if not isinstance(named, (torch.device, str)) and (named is not None or not is_factory(n)):
             continue
-        name = dev[n.name]
-        assert name is not None  # only placeholders have no device
-        placed = torch.device(real(name))
+        name, real = placed(n)
+        device = torch.device(real)
         if not draws_random(n):
-            n.kwargs = {**n.kwargs, "device": placed}
+            if named is None or torch.device(named) != device:
+                n.kwargs = {**n.kwargs, "device": device}
             continue
         drawn = torch.device(named) if named is not None else torch.get_default_device()
-        if _canonical(drawn) == _canonical(placed):
+        if _canonical(drawn) == _canonical(device):
             continue
         with graph.inserting_after(n):
-            t = _transfer_node(graph, n, str(drawn), name, str(placed), non_blocking, copy_transfers)
+            t = _transfer_node(graph, n, str(drawn), name, real, non_blocking, copy_transfers)
         n.replace_all_uses_with(t, delete_user_cb=lambda user: user is not t)
-        dev[t.name] = name
+        copies.append(t)
+    return copies
 
 
 def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
