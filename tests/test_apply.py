@@ -1355,3 +1355,37 @@ def test_factories_in_forward_train_like_the_original_on_cpu_devices(capture_kin
     reference = copy.deepcopy(gm)
     placed = apply_placement(gm, _round_robin(gm), real_devices=VIRTUAL)
     _assert_same_training(reference, placed, inputs, "sgd", seed=1)
+
+
+class _TwoOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cos(torch.sin(self.a(x)))
+
+
+def test_a_placed_model_keeps_its_transfers_through_pickle(monkeypatch):
+    """Unpickling a GraphModule re-traces its code, and to_device handed fx's Proxy back untouched:
+    torch.save(placed) came back without a single transfer, its ops reading tensors of another
+    device (meta stands in for a GPU: the output stayed on the CPU)."""
+    import pickle
+
+    real = _meta_is_a_device(monkeypatch)
+    gm = fx.symbolic_trace(_NoParameters())
+    placement = {n.name: "gpu" for n in gm.graph.nodes}
+    placement.update(x="host", getattr_1="host", getitem="host", arange="host")
+    placed = apply_placement(gm, placement, real_devices=real)
+    again = pickle.loads(pickle.dumps(placed))
+    moves = [(n.args[0].name, n.args[1], n.kwargs) for n in again.graph.nodes if n.target is to_device]
+    assert sorted(moves) == sorted((t.args[0].name, t.args[1], t.kwargs) for t in transfer_nodes(placed))
+    assert again(torch.randn(3, 5)).device.type == "meta"
+    # Values too, on devices that run: the same outputs after the round trip.
+    torch.manual_seed(0)
+    model, x = _TwoOps(), torch.randn(3, 4)
+    gm = fx.symbolic_trace(model)
+    placed = apply_placement(gm, dict(zip(("a", "sin", "cos"), ("gpu0", "gpu1", "gpu0"))), real_devices=VIRTUAL)
+    again = pickle.loads(pickle.dumps(placed))
+    assert sum(n.target is to_device for n in again.graph.nodes) == len(transfer_nodes(placed)) > 0
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

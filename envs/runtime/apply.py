@@ -84,6 +84,12 @@ def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = 
     is cloned rather than passed on as itself, as a move between two real devices gives
     the destination its own storage.
     """
+    if isinstance(value, fx.Proxy):
+        # Unpickling a GraphModule re-traces its code (fx's _deserialize_graph_module): tree_map
+        # would pass the Proxy through and the transfer would vanish from the graph, the loaded
+        # model's ops on one device then reading tensors of another.
+        return value.tracer.create_proxy("call_function", to_device, (value, device),
+                                         {"non_blocking": non_blocking, **({"copy": True} if copy else {})})
 
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
