@@ -5,6 +5,10 @@ strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
 
 * every ``call_module`` node's parameters and buffers live on that node's device,
 * every ``get_attr`` tensor lives on its node's device,
+* every op that names a device, and every factory op that names none (``torch.arange(n)``),
+  makes its tensor on its node's device; a random draw (``torch.randn``) still draws where
+  the original does, with a transfer to its node's device right after it
+  (:func:`factories_where_placed`),
 * a transfer node (:func:`to_device`) sits on every cut edge, one per
   (producer, destination device) and shared by all consumers on that device,
 * inputs are moved to every device that consumes them,
