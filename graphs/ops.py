@@ -57,6 +57,18 @@ COPY_OPS: frozenset[str] = frozenset({
     "full_like", "empty", "empty_like", "arange", "new_zeros", "new_ones", "new_empty",
     "new_full", "masked_fill", "where", "cpu", "cuda", "type", "type_as",
 })
+#: Ops that make a tensor from sizes or values alone, with no tensor input whose device they
+#: follow: on their ``device=``, else on the default device, wherever their node was placed
+#: (``torch.arange(n)`` in a model's forward; torch.export bakes the capture's ``device=``).
+#: ``new_zeros`` and the ``*_like`` ops are not among them: they follow their input.
+FACTORY_OPS: frozenset[str] = frozenset({
+    "arange", "range", "zeros", "ones", "full", "empty", "empty_strided", "eye", "tensor", "as_tensor",
+    "scalar_tensor", "linspace", "logspace", "tril_indices", "triu_indices", "hann_window",
+    "hamming_window", "blackman_window", "bartlett_window", "kaiser_window",
+})
+#: Factory ops that draw random numbers: the numbers depend on the device that draws them (CPU
+#: and CUDA generators differ), so moving the draw to another device changes the model's values.
+RANDOM_FACTORY_OPS: frozenset[str] = frozenset({"rand", "randn", "randint", "randperm", "normal"})
 #: Python operators that update their left operand (``x += y``, ``x[i] = y``), by name in :mod:`operator`.
 INPLACE_OPERATOR_NAMES: frozenset[str] = frozenset({
     "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
@@ -227,3 +239,23 @@ def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
         if later:
             out[n.name] = later[0]
     return out
+
+
+def _torch_function_named(node: fx.Node, names: frozenset[str]) -> bool:
+    # torch's own (torch.arange, aten.arange.default), not a wrapped user function of that name.
+    return (node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith("torch")
+            and op_name(node) in names)
+
+
+def is_factory(node: fx.Node) -> bool:
+    """Whether ``node`` makes a tensor without following an input's device (:data:`FACTORY_OPS`,
+    :data:`RANDOM_FACTORY_OPS`). Only a ``call_function`` qualifies (``torch.arange``,
+    ``aten.arange.default``): a method call has its tensor to follow."""
+    return _torch_function_named(node, FACTORY_OPS | RANDOM_FACTORY_OPS)
+
+
+def draws_random(node: fx.Node) -> bool:
+    """Whether ``node`` is a factory that draws random numbers (:data:`RANDOM_FACTORY_OPS`).
+    ``torch.normal(mean, std)`` with tensor arguments draws where they are; counted all the
+    same, as whoever moves its result then finds it already there."""
+    return _torch_function_named(node, RANDOM_FACTORY_OPS)

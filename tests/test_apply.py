@@ -131,15 +131,22 @@ def _round_robin(gm: fx.GraphModule) -> dict[str, str]:
     return {n.name: devs[i % len(devs)] for i, n in enumerate(gm.graph.nodes)}
 
 
-def _assert_same_training(reference: nn.Module, placed: nn.Module, inputs: tuple, opt: str) -> None:
-    """Outputs, loss, gradients and 3 optimizer steps must agree."""
+def _assert_same_training(reference: nn.Module, placed: nn.Module, inputs: tuple, opt: str,
+                          seed: int | None = None) -> None:
+    """Outputs, loss, gradients and 3 optimizer steps must agree. ``seed``: set before each forward,
+    so that a model drawing random numbers draws the same ones on both sides."""
     make = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     }[opt]
     opt_ref, opt_placed = make(reference.parameters()), make(placed.parameters())
     for step in range(3):
-        out_ref, out_placed = reference(*inputs), placed(*inputs)
+        if seed is not None:
+            torch.manual_seed(seed + step)
+        out_ref = reference(*inputs)
+        if seed is not None:
+            torch.manual_seed(seed + step)
+        out_placed = placed(*inputs)
         torch.testing.assert_close(out_placed, out_ref, rtol=1e-6, atol=1e-6)
         loss_ref, loss_placed = _loss(out_ref), _loss(out_placed)
         torch.testing.assert_close(loss_placed, loss_ref, rtol=1e-6, atol=1e-6)
@@ -1260,3 +1267,125 @@ def test_an_exported_module_set_to_another_mode_than_the_placed_model_is_refused
     torch.testing.assert_close(placed.bn.running_mean, model.bn.running_mean, rtol=0, atol=0)
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
+class _Factories(nn.Module):
+    """Tensors made in forward with no device: deterministic factories and a random draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1])
+        h = self.fc(x + pos + torch.full((x.shape[1],), 2.0, dtype=torch.float64).float())
+        return h * torch.ones(x.shape[1]) + torch.randn(x.shape[1])
+
+
+class _NoParameters(_Factories):
+    """The same forward without parameters, so that it can run on the meta device standing in for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Identity()
+
+
+def _meta_is_a_device(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A placement onto ``meta``, which stands in for a GPU on a CPU-only machine (apply refuses it
+    otherwise: it cannot run a model with parameters, and this one has none)."""
+    import envs.runtime.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "real_device_problem", lambda name: None)
+    return {"host": "cpu", "gpu": "meta"}
+
+
+def test_a_factory_without_a_device_makes_its_tensor_where_it_was_placed(monkeypatch):
+    """torch.arange(n) in an fx graph made its tensor on the default device whatever the placement:
+    placed on a GPU, its consumer there got a CPU tensor and no transfer (walkthrough leftover)."""
+    real = _meta_is_a_device(monkeypatch)
+    gm = fx.symbolic_trace(_NoParameters())
+    placed = apply_placement(gm, {n.name: "gpu" for n in gm.graph.nodes}, real_devices=real)
+    nodes = {n.name: n for n in placed.graph.nodes}
+    assert nodes["arange"].kwargs == {"device": torch.device("meta")}
+    assert nodes["full"].kwargs == {"dtype": torch.float64, "device": torch.device("meta")}  # dtype kept
+    assert nodes["ones"].kwargs == {"device": torch.device("meta")}
+    out = placed(torch.randn(3, 5))
+    assert out.device.type == "meta" and out.shape == (3, 5)
+
+
+def test_a_random_draw_stays_where_the_original_draws_and_is_copied_to_its_device(monkeypatch):
+    """torch.randn drawn on a GPU draws other numbers than on the CPU: it keeps drawing where the
+    original does, and a transfer brings its value to its placed device."""
+    real = _meta_is_a_device(monkeypatch)
+    gm = fx.symbolic_trace(_NoParameters())
+    placement = {n.name: "gpu" for n in gm.graph.nodes}
+    placed = apply_placement(gm, placement, real_devices=real)
+    randn = next(n for n in placed.graph.nodes if n.name == "randn")
+    assert "device" not in randn.kwargs
+    (copy,) = randn.users
+    assert copy in transfer_nodes(placed) and copy.args[1] == "meta" and copy.meta["placer_transfer"] == ("cpu", "gpu")
+    assert placed.placer_placement["randn"] == "gpu" == placed.placer_placement[copy.name]
+    # Placed where the original draws, nothing is added.
+    placement["randn"] = "host"
+    on_host = apply_placement(gm, placement, real_devices=real)
+    randn = next(n for n in on_host.graph.nodes if n.name == "randn")
+    assert "device" not in randn.kwargs and [t.args[0].name for t in transfer_nodes(on_host)].count("randn") == 1
+
+
+def test_an_exported_random_draw_keeps_the_device_the_capture_baked(monkeypatch):
+    """torch.export bakes device=cpu into randn too: it was rewritten with the deterministic
+    factories, drawing on the placed device other numbers than the original."""
+    real = _meta_is_a_device(monkeypatch)
+    gm = torch.export.export(_NoParameters(), (torch.randn(3, 5),), strict=False).module()
+    placed = apply_placement(gm, {n.name: "gpu" for n in gm.graph.nodes}, real_devices=real)
+    nodes = {n.name: n for n in placed.graph.nodes}
+    assert nodes["arange"].kwargs["device"] == torch.device("meta")
+    assert nodes["randn"].kwargs["device"] == torch.device("cpu")
+    assert [u for u in nodes["randn"].users if u in transfer_nodes(placed)]
+    assert placed(torch.randn(3, 5)).device.type == "meta"
+
+
+@pytest.mark.parametrize("capture_kind", ["fx", "export"])
+def test_factories_in_forward_train_like_the_original_on_cpu_devices(capture_kind):
+    """The rewrite changes no value: outputs, gradients and optimizer steps as the original's,
+    random draw included (seeded alike on both sides)."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(3, 5),)
+    gm = _capture(capture_kind, _Factories(), inputs)
+    reference = copy.deepcopy(gm)
+    placed = apply_placement(gm, _round_robin(gm), real_devices=VIRTUAL)
+    _assert_same_training(reference, placed, inputs, "sgd", seed=1)
+
+
+class _TwoOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cos(torch.sin(self.a(x)))
+
+
+def test_a_placed_model_keeps_its_transfers_through_pickle(monkeypatch):
+    """Unpickling a GraphModule re-traces its code, and to_device handed fx's Proxy back untouched:
+    torch.save(placed) came back without a single transfer, its ops reading tensors of another
+    device (meta stands in for a GPU: the output stayed on the CPU)."""
+    import pickle
+
+    real = _meta_is_a_device(monkeypatch)
+    gm = fx.symbolic_trace(_NoParameters())
+    placement = {n.name: "gpu" for n in gm.graph.nodes}
+    placement.update(x="host", getattr_1="host", getitem="host", arange="host")
+    placed = apply_placement(gm, placement, real_devices=real)
+    again = pickle.loads(pickle.dumps(placed))
+    moves = [(n.args[0].name, n.args[1], n.kwargs) for n in again.graph.nodes if n.target is to_device]
+    assert sorted(moves) == sorted((t.args[0].name, t.args[1], t.kwargs) for t in transfer_nodes(placed))
+    assert again(torch.randn(3, 5)).device.type == "meta"
+    # Values too, on devices that run: the same outputs after the round trip.
+    torch.manual_seed(0)
+    model, x = _TwoOps(), torch.randn(3, 4)
+    gm = fx.symbolic_trace(model)
+    placed = apply_placement(gm, dict(zip(("a", "sin", "cos"), ("gpu0", "gpu1", "gpu0"))), real_devices=VIRTUAL)
+    again = pickle.loads(pickle.dumps(placed))
+    assert sum(n.target is to_device for n in again.graph.nodes) == len(transfer_nodes(placed)) > 0
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

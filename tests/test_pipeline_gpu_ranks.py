@@ -136,6 +136,39 @@ def test_a_stage_moved_onto_its_device_takes_what_the_capture_baked_as_a_device_
     assert named[-1] == meta and "device = device(type='meta')" in stage.gm.code  # the CPU the model named
 
 
+class _Factories(torch.nn.Module):
+    """Tensors made in the second stage with no device: ``torch.arange`` and a random draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        return (h + torch.arange(h.shape[1]) + torch.randn(h.shape[1])).sum()
+
+
+def test_a_stage_moved_onto_its_device_makes_its_factories_tensors_there_and_keeps_its_draws():
+    """fx records ``torch.arange(n)`` without a device: on a GPU stage it made a CPU tensor that
+    the stage's GPU ops could not use. A random draw keeps drawing where the original does
+    (the same numbers) and is copied over. The meta device stands in for a GPU here."""
+    import torch.fx as fx
+
+    from envs.runtime.apply import transfer_nodes
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, split_stages
+    from envs.runtime.pipeline.worker import onto_device
+
+    gm = fx.symbolic_trace(_Factories())
+    x = torch.randn(2, 4)
+    specs = split_stages(gm, Pipeline(stages_of(gm, {"b"}), ("cpu:0", "cpu:1"), 1, "gpipe"))
+    metas = boundary_metas(gm, {"x": x}, {v for s in specs for v in s.recv + s.send})
+    stage = onto_device(StageModule(specs[1], True, 1, ["x"], planned=metas), torch.device("meta"))
+    nodes = {n.name: n for n in stage.gm.graph.nodes}
+    assert nodes["arange"].kwargs == {"device": torch.device("meta")}
+    assert "device" not in nodes["randn"].kwargs
+    assert [t.args[0] for t in transfer_nodes(stage.gm)] == [nodes["randn"]]
+
+
 def test_a_job_of_another_world_size_is_refused_naming_both_before_a_rank_looks_up_its_device():
     """A torchrun job started with the wrong number of processes failed with an IndexError in
     rank_device (review of the GPU path)."""

@@ -5,6 +5,10 @@ strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
 
 * every ``call_module`` node's parameters and buffers live on that node's device,
 * every ``get_attr`` tensor lives on its node's device,
+* every op that names a device, and every factory op that names none (``torch.arange(n)``),
+  makes its tensor on its node's device; a random draw (``torch.randn``) still draws where
+  the original does, with a transfer to its node's device right after it
+  (:func:`factories_where_placed`),
 * a transfer node (:func:`to_device`) sits on every cut edge, one per
   (producer, destination device) and shared by all consumers on that device,
 * inputs are moved to every device that consumes them,
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,12 +55,13 @@ from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import in_place_writes, storage_roots, view_parent, written_nodes
+from graphs.ops import draws_random, in_place_writes, is_factory, storage_roots, view_parent, written_nodes
 
 __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
+    "factories_where_placed",
     "transfer_nodes",
     "placement_device_map",
     "RealizedPlacement",
@@ -81,6 +86,12 @@ def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = 
     is cloned rather than passed on as itself, as a move between two real devices gives
     the destination its own storage.
     """
+    if isinstance(value, fx.Proxy):
+        # Unpickling a GraphModule re-traces its code (fx's _deserialize_graph_module): tree_map
+        # would pass the Proxy through and the transfer would vanish from the graph, the loaded
+        # model's ops on one device then reading tensors of another.
+        return value.tracer.create_proxy("call_function", to_device, (value, device),
+                                         {"non_blocking": non_blocking, **({"copy": True} if copy else {})})
 
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -380,12 +391,14 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
         elif n.op == "get_attr":
             mover.move_attr(str(n.target), dev[n.name], f"node {n.name!r}")  # type: ignore[arg-type]
 
-    # 2. Factory ops with a constant device (export graphs bake device='cpu') follow their node.
-    for n in graph.nodes:
-        if n.op == "call_function" and isinstance(n.kwargs.get("device"), (torch.device, str)):
-            kwargs = dict(n.kwargs)
-            kwargs["device"] = torch.device(resolve.real(dev[n.name]))  # type: ignore[arg-type]
-            n.kwargs = kwargs
+    # 2. Ops that name a device, and factories that name none, make their tensor where placed.
+    def placed(n: fx.Node) -> tuple[str, str]:
+        name = dev[n.name]
+        assert name is not None  # only placeholders have no device, and they call nothing
+        return name, resolve.real(name)
+
+    for t in factories_where_placed(graph, placed, non_blocking, copy_transfers):
+        dev[t.name] = t.meta["placer_transfer"][1]
 
     # 3. A transfer on every cut edge, one per (producer, destination device). A tensor
     #    that some op updates in place is copied right before each consumer instead: a
@@ -404,17 +417,9 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
             late = producer.name in updated
             t = transfers.get(user if late else dst)
             if t is None:
-                real = resolve.real(dst)
                 anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
                 with graph.inserting_before(user) if late else graph.inserting_after(anchor):
-                    t = graph.call_function(
-                        to_device,
-                        (producer, real),
-                        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
-                         **({"copy": True} if copy_transfers else {})},
-                    )
-                t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
-                t.meta["placer_transfer"] = (src_dev, dst)
+                    t = _transfer_node(graph, producer, src_dev, dst, resolve.real(dst), non_blocking, copy_transfers)
                 dev[t.name] = dst
                 transfers[user if late else dst] = t
             user.replace_input_with(producer, t)
@@ -438,6 +443,66 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
         # root in training mode over BatchNorms in eval mode.
         set_training_modes(gm, modes)
     return gm
+
+
+def _transfer_node(graph: fx.Graph, producer: fx.Node, src: str | None, dst: str, real: str, non_blocking: bool,
+                   copy_transfers: bool) -> fx.Node:
+    """A :func:`to_device` node moving ``producer``'s value from ``src`` to ``dst`` (``real`` on this
+    machine), at the graph's insertion point; non-blocking only towards an accelerator (module doc)."""
+    t = graph.call_function(
+        to_device,
+        (producer, real),
+        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
+         **({"copy": True} if copy_transfers else {})},
+    )
+    t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
+    t.meta["placer_transfer"] = (src, dst)
+    return t
+
+
+def factories_where_placed(graph: fx.Graph, placed: Callable[[fx.Node], tuple[str, str]],
+                           non_blocking: bool = True, copy_transfers: bool = False) -> list[fx.Node]:
+    """Make every op of ``graph`` that names a device, and every factory that names none, make its
+    tensor on its node's device; returns the transfers it inserted. ``placed(node)``: the node's
+    device name and this machine's device for it (apply: the placement's; a pipeline stage: its one
+    device).
+
+    A constant ``device=`` (torch.export bakes the capture's into factory ops and ``.to``) is
+    replaced. A factory without one (``torch.arange(n)``, ``torch.zeros(n)`` in an fx graph:
+    :func:`graphs.ops.is_factory`) would make its tensor on the default device whatever the
+    placement, and its consumers on the placed device would get no transfer (the value is not
+    where the placement, and the simulator, say it is), so it is given its node's device; its
+    dtype and other arguments stay. A device computed in the graph (``device=x.device``)
+    follows its data already and is left alone.
+
+    A random draw (:func:`graphs.ops.draws_random`: ``torch.randn``) is not moved: another
+    device's generator draws other numbers, and the placed model must compute the original's.
+    It draws where the original does (its constant ``device=``, else the default device at the
+    time of this call), and a transfer right after it brings its value to its placed device,
+    where its consumers (and the simulator) expect it. That transfer's source is the real device
+    the draw is made on, not a device name of the placement.
+    """
+    copies: list[fx.Node] = []
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        named = n.kwargs.get("device")
+        if not isinstance(named, (torch.device, str)) and (named is not None or not is_factory(n)):
+            continue
+        name, real = placed(n)
+        device = torch.device(real)
+        if not draws_random(n):
+            if named is None or torch.device(named) != device:
+                n.kwargs = {**n.kwargs, "device": device}
+            continue
+        drawn = torch.device(named) if named is not None else torch.get_default_device()
+        if _canonical(drawn) == _canonical(device):
+            continue
+        with graph.inserting_after(n):
+            t = _transfer_node(graph, n, str(drawn), name, real, non_blocking, copy_transfers)
+        n.replace_all_uses_with(t, delete_user_cb=lambda user: user is not t)
+        copies.append(t)
+    return copies
 
 
 def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:

@@ -106,10 +106,12 @@ def onto_device(stage: Any, device: torch.device) -> Any:
     """``stage`` (a :class:`~envs.runtime.pipeline.stages.StageModule`) computing on ``device``:
     its parameters and buffers moved there (``Module.to``: from the CPU to a GPU the same
     ``Parameter`` objects, ``nn.modules.module._apply``'s ``set_data`` path, which the
-    tied-weight bookkeeping matches by identity), every device its graph's factory ops name
-    (torch.export bakes the capture's, ``device=cpu``) and every device among the constants it
-    rebuilds instead of receiving (an ``x.device`` read across a stage boundary, recorded on
-    the CPU probe) replaced by ``device``, as ``apply`` does for one process."""
+    tied-weight bookkeeping matches by identity), its graph's factory ops making their tensors
+    there (torch.export bakes the capture's ``device=cpu``, fx's ``torch.arange(n)`` names none;
+    a random draw stays where the original draws and is copied over, as ``apply`` does for one
+    process: :func:`~envs.runtime.apply.factories_where_placed`) and every device among the
+    constants it rebuilds instead of receiving (an ``x.device`` read across a stage boundary,
+    recorded on the CPU probe) replaced by ``device``."""
 
     def moved(value: Any) -> Any:
         if isinstance(value, torch.device):
@@ -118,14 +120,10 @@ def onto_device(stage: Any, device: torch.device) -> Any:
             return type(value)(moved(v) for v in value)
         return value
 
-    changed = False
-    for n in stage.gm.graph.nodes:
-        named = n.kwargs.get("device") if n.op == "call_function" else None
-        if isinstance(named, (torch.device, str)) and torch.device(named) != device:
-            n.kwargs = {**n.kwargs, "device": device}
-            changed = True
-    if changed:
-        stage.gm.recompile()
+    from envs.runtime.apply import factories_where_placed
+
+    factories_where_placed(stage.gm.graph, lambda n: (str(device), str(device)))
+    stage.gm.recompile()
     stage.constants = {k: moved(v) for k, v in stage.constants.items()}
     return stage.to(device)
 
