@@ -52,7 +52,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
+from graphs.ops import AUGMENTED_ASSIGNMENTS, RANDOM_FACTORY_OPS, storage_roots
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -105,7 +105,8 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        graph = super().trace(root, concrete_args)
+        with _RecordRandomDraws(self):
+            graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
         for node in graph.nodes:
@@ -838,6 +839,37 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
 
 
 # --------------------------------------------------------------------------- state updated in forward()
+
+
+class RandomDrawNotTraced(CaptureError):
+    """forward() draws random numbers with its own ``torch.Generator``, which an fx graph cannot
+    hold (torch.export can try)."""
+
+
+class _RecordRandomDraws(torch.overrides.TorchFunctionMode):
+    """While fx traces, record a random draw that reads nothing of the model's data as a node.
+
+    fx records only calls that touch a Proxy: ``torch.randn(8, 16)`` (noise of a fixed shape)
+    ran once at trace time and its result became a constant (``_tensor_constant1``), so the
+    captured and placed models added the same noise at every step, with no error (found by the
+    GPU check's factories stage on the CPU: losses 0.2833 against 0.2838 on the first step).
+    As a node it draws anew at every call, from the generator of the device it is placed on
+    (``envs.runtime.apply`` keeps it on the original's). Calls that touch a Proxy go on to fx.
+    """
+
+    def __init__(self, tracer: fx.Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if (getattr(func, "__name__", "") not in RANDOM_FACTORY_OPS or getattr(func, "__module__", "") != "torch"
+                or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
+            return func(*args, **kwargs)
+        if kwargs.get("generator") is not None:
+            raise RandomDrawNotTraced(f"forward() calls torch.{func.__name__} with a generator of its own, which "
+                                      "an fx graph cannot hold")
+        return self.tracer.create_proxy("call_function", func, args, kwargs)
 
 
 class GradModeNotTraced(CaptureError):

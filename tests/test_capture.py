@@ -961,3 +961,42 @@ def test_a_model_annotated_under_postponed_evaluation_pickles():
     model.eval()
     twin = pickle.loads(pickle.dumps(cap.gm))
     torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)
+
+
+class _FixedShapeNoise(nn.Module):
+    """Noise of a fixed shape: ``torch.randn(8, 16)`` reads nothing of the model's data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.a(x + 0.1 * torch.randn(8, 16))
+
+
+def test_a_random_draw_that_reads_no_input_draws_anew_at_every_call():
+    """fx baked such a draw into a constant: the same noise at every step, with no error."""
+    torch.manual_seed(0)
+    model, x = _FixedShapeNoise(), torch.randn(8, 16)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    assert [n.target for n in cap.gm.graph.nodes if n.op == "call_function"][0] is torch.randn
+    torch.manual_seed(1)
+    first, second = cap.gm(x), cap.gm(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x))
+    assert not torch.equal(first, second)
+
+
+def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
+    class OwnGenerator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 4)
+            self.g = torch.Generator().manual_seed(3)
+
+        def forward(self, x):
+            return self.a(x + torch.randn(8, 16, generator=self.g))
+
+    cap = capture(OwnGenerator(), (torch.randn(8, 16),))
+    assert cap.method == "export" and "generator of its own" in (cap.fx_error or "")
