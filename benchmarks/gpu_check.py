@@ -20,7 +20,9 @@ leaves what it measured):
    worker ``cpu:0`` (gloo): the losses must agree (:func:`pipeline_on_device`). One GPU
    cannot hold two NCCL ranks, so this is the GPU code path of a rank, not a two-GPU pipeline.
    Then **a placed model after** ``.eval()`` over ``cpu`` and the GPU against the original
-   (:func:`eval_mode_on_device`: stochastic depth, BatchNorm, dropout; fx and torch.export).
+   (:func:`eval_mode_on_device`: stochastic depth, BatchNorm, dropout; fx and torch.export),
+   and a model that makes tensors in forward (:func:`factories_on_device`: an ``arange`` made
+   on its placed device, a ``randn`` drawn on the CPU's generator; two steps and a pickle).
 3. **Profiles.** Every small zoo model on the CPU and on the GPU, and the paper-size GPT-2
    (batch 4 × 1,024 tokens) and NMT with 2 layers (batch 128, 50 + 50 steps) on the GPU at
    their published batch, by :func:`graphs.profile.profiler.profile_graph` (forward, backward
@@ -693,6 +695,61 @@ def eval_mode_on_device(device: str) -> dict[str, Any]:
     return out
 
 
+def factories_on_device(device: str) -> dict[str, Any]:
+    """A placed model whose forward makes tensors (``torch.arange(n)`` with no device, a
+    ``torch.randn`` noise draw) over ``cpu`` and ``device`` against the original, for two SGD
+    steps from one seed, and the same model after a pickle round trip. On a GPU the arange
+    must be made there (before, it stayed on the CPU and its GPU consumer failed) and the draw
+    must stay on the CPU's generator, copied after (another generator draws other numbers)."""
+    import pickle
+
+    import torch
+    from torch import nn
+
+    from envs.runtime.apply import apply_placement
+    from graphs.capture import capture
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(16).float() / 16
+            h = torch.tanh(self.a(x + pos)) + 0.01 * torch.randn(8, 16)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model, x = Noisy(), torch.randn(8, 16)
+    reference = Noisy()
+    reference.load_state_dict(model.state_dict())
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: (device if i % 2 else "cpu") for i, n in enumerate(cap.graph.nodes)},
+                             output_device="cpu")
+    losses: dict[str, list[float]] = {}
+    for label, net in (("placed", placed), ("original", reference)):
+        torch.manual_seed(1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses[label] = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = net(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses[label].append(float(loss))
+    reloaded = pickle.loads(pickle.dumps(placed))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        again = reloaded(x)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        first = placed(x)
+    difference = max(abs(a - b) for a, b in zip(losses["placed"], losses["original"]))
+    pickled = float((again - first).abs().max())
+    return {"device": device, "losses": losses, "max_loss_difference": difference,
+            "pickle_round_trip_difference": pickled, "agree": difference < 1e-5 and pickled < 1e-6}
+
+
 def profile_model(label: str, zoo_name: str, model_args: Mapping[str, Any], devices: Sequence[str],
                   repeats: int, cache_dir: str) -> tuple[Any, dict[str, Any]]:
     """Load, capture, profile on ``devices`` (one per kind) and group one zoo model.
@@ -984,6 +1041,9 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
     with stage(results, "eval mode") as rec:
         rec.update(eval_mode_on_device("cpu" if dry else settings.device))
     save()
+    with stage(results, "factories") as rec:
+        rec.update(factories_on_device("cpu" if dry else settings.device))
+    save()
 
     profile_devices = ["cpu"] if dry else ["cpu", settings.device]
     ops: list[dict[str, Any]] = []
@@ -1170,6 +1230,15 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             lines += [f"- agree: {ev['agree']}", ""]
         else:
             lines += [f"- {ev.get('status')}: {ev.get('error', '')}", ""]
+    fac = (results.get("stages") or {}).get("factories")
+    if fac:
+        lines += ["## Tensors made in forward (torch.arange, torch.randn) on cpu + the device", ""]
+        if fac.get("status") == "done":
+            lines += [f"- losses placed {fac['losses']['placed']}, original {fac['losses']['original']} (largest "
+                      f"difference {fac['max_loss_difference']:.2e}); after a pickle round trip "
+                      f"{fac['pickle_round_trip_difference']:.2e}; agree: {fac['agree']}", ""]
+        else:
+            lines += [f"- {fac.get('status')}: {fac.get('error', '')}", ""]
     profiles = results.get("profiles") or []
     if profiles:
         lines += ["## Profiles (sum of per-op times, one step)", "",

@@ -243,8 +243,10 @@ def test_dry_run_finishes_every_stage_and_writes_results_and_summary(dry_run):
     assert probes["backward_s_per_node"] > 0 and probes["backward_on_calling_thread"] == {"cpu": True}
     pipeline = res["stages"]["pipeline"]  # the GPU's rank path is cpu:0's here: the same run
     assert pipeline["agree"] and len(pipeline["runs"]["cpu:0"]["losses"]) == 3
+    assert res["stages"]["eval mode"]["agree"] and res["stages"]["factories"]["agree"]
     summary = (out / "summary.md").read_text()
     for heading in ("## Machine", "## Runtime probes", "## The pipeline runtime on the device", "## Profiles",
+                    "## Tensors made in forward",
                     "## Profiled vs roofline",
                     "## Constants fitted", "## Placements over cpu"):
         assert heading in summary
