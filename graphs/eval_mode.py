@@ -74,7 +74,8 @@ def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bo
     """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
     what it computes: the node, where the flag is (by position, or by keyword where the call
     names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
-    normalises by the batch in both modes: left out."""
+    normalises by the batch in both modes, and a dropout that drops nothing (:func:`_no_dropout`)
+    computes the same in both: left out."""
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -86,8 +87,21 @@ def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bo
         key: int | str = i if len(n.args) > i else argument.name
         flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
         no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-        if isinstance(flag, bool) and not no_running:
+        if isinstance(flag, bool) and not no_running and not _no_dropout(n):
             yield n, key, flag
+
+
+def _no_dropout(n: fx.Node) -> bool:
+    """Whether ``n``, a dropout or a recurrent layer, drops nothing in training mode either, so
+    its flag changes no value: a dropout of ``p=0``, an RNN of ``dropout=0`` or of one layer
+    (its dropout is between layers). Refusing ``lstm.eval()`` on such a layer stopped every
+    validation pass of a model for nothing (walkthrough)."""
+    arguments = {a.name: (n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value))
+                 for i, a in enumerate(n.target._schema.arguments)}  # type: ignore[union-attr]
+    if "num_layers" in arguments and arguments["num_layers"] == 1:
+        return True
+    rate = arguments.get("dropout", arguments.get("p"))
+    return isinstance(rate, (int, float)) and rate == 0
 
 
 def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:

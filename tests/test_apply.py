@@ -1260,3 +1260,44 @@ def test_an_exported_module_set_to_another_mode_than_the_placed_model_is_refused
     torch.testing.assert_close(placed.bn.running_mean, model.bn.running_mean, rtol=0, atol=0)
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
+class _ExportedLstm(nn.Module):
+    """torch.export captures it (fx cannot iterate over a tensor): an LSTM, its flag baked."""
+
+    def __init__(self, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=num_layers, dropout=dropout, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.lstm(torch.stack([row for row in x]))[0])
+
+
+@pytest.mark.parametrize("num_layers, dropout, refused", [(2, 0.0, False), (1, 0.5, False), (2, 0.5, True)])
+def test_an_exported_lstm_set_to_eval_mode_alone_is_refused_only_where_its_dropout_drops(num_layers, dropout, refused):
+    """placed.lstm.eval() during training (a validation pass of the LSTM alone) was refused for
+    every exported LSTM, though without dropout between layers both modes compute the same
+    (walkthrough). Where the dropout drops, the exported graph would still drop: refused."""
+    import warnings
+
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM warns of dropout on one layer
+        model = _ExportedLstm(num_layers, dropout)
+    x = torch.randn(3, 5, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    placed.lstm.eval(), model.lstm.eval()
+    if refused:
+        with pytest.raises(CaptureError, match="module 'lstm' is in eval mode"):
+            placed(x)
+    else:
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
