@@ -8,7 +8,8 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
   fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
   a trace in eval mode). The eval forward is the graph with the eval mode's constants.
 * **Another graph**: ``if self.training:`` took another branch (stochastic depth, an
-  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`)
+  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`;
+  also for an fx model fx cannot trace in eval mode, then for the example's input shapes only)
   in eval mode is kept as a second graph (:func:`follow_eval_graph`) and run by an
   interpreter where its data is (:class:`DataFollowingInterpreter`): the placed model's
   parameters stay where the placement put them, and each eval op runs where its module's
@@ -442,7 +443,8 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
                 values.extend(value)
             else:
                 values.append(value)
-        if in_spec is None:
+        if in_spec is None:  # fx's graph, or torch.export's after a pickle (fx re-traces its code, leaves and all)
+            _refuse_other_shapes(values, self.__dict__.get("placer_eval_input_shapes"))
             return DataFollowingInterpreter(self, graph=graph).run(*values)
         # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
         if _has_args_and_kwargs(in_spec):
@@ -451,10 +453,24 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
         else:
             inputs = values
         leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
+        _refuse_other_shapes(leaves, self.__dict__.get("placer_eval_input_shapes"))
         out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
         return codegen.process_outputs(out)
 
     return eval_forward
+
+
+def _refuse_other_shapes(leaves: Sequence[Any], shapes: Sequence[tuple[int, ...] | None] | None) -> None:
+    """Raise where an input of an eval graph torch.export captured for an fx model (``shapes``:
+    the example's, per input; :func:`graphs.capture._exported_for_fx`) has another shape: the
+    graph holds the example's shapes, and another batch size could run them with no error."""
+    for i, (leaf, shape) in enumerate(zip(leaves, shapes or ())):
+        if shape is not None and isinstance(leaf, torch.Tensor) and tuple(leaf.shape) != shape:
+            raise CaptureError(
+                f"input {i} has shape {tuple(leaf.shape)} where the example had {shape}: torch.fx cannot trace "
+                "forward() in eval mode, so the placed model evaluates the graph torch.export captured in eval mode, "
+                "which holds the example's shapes. Evaluate with inputs of those shapes, or with your original "
+                "model, loading the trained weights back with model.load_state_dict(placed.state_dict())")
 
 
 def _signature(graph: fx.Graph) -> inspect.Signature:
