@@ -485,7 +485,7 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
-def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence[type],
+def _mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_types: Sequence[type],
                       leaf_names: Iterable[str], trace_modes: dict[str, bool],
                       training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (fx, traced in ``trace_modes``) runs in eval mode: its eval-mode constants, or
@@ -497,9 +497,10 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
     scaled and dropped out, with no error (walkthrough). Traced again in eval mode, such a
     model gives the same graph with other constants (:func:`fx_eval_arguments`), or another
     graph (:func:`graphs.eval_mode.follow_eval_graph`; tensors it makes while tracing are kept
-    on ``gm`` under names of their own), or none (refused). Traced again in training mode, it
-    must give the captured graph back: a value that changes from one trace to the next
-    (``random.random()`` in forward) is refused.
+    on ``gm`` under names of their own), or none: where fx cannot trace it in eval mode, the
+    model exported in eval mode (:func:`_exported_for_fx`), else refused. Traced again in
+    training mode, it must give the captured graph back: a value that changes from one trace to
+    the next (``random.random()`` in forward) is refused.
     """
     model.eval()
     found: EvalArguments | fx.Graph | None
@@ -517,9 +518,8 @@ def _mode_baked_by_fx(model: nn.Module, gm: fx.GraphModule, leaf_types: Sequence
                 found = None  # the same ops on another tensor: the eval graph, with its own tensor
             if found is None:
                 found = _own_constants(graph, made.__contains__, model, gm)
-    except Exception as exc:  # noqa: BLE001 - untraceable in eval mode: nothing to follow
-        return (f"torch.fx cannot trace forward() in eval mode ({_reason(exc)}), and its graph keeps what "
-                "forward() computed in training mode: after .eval() it would still run the training one")
+    except Exception as exc:  # noqa: BLE001 - untraceable in eval mode: torch.export may capture it
+        return _exported_for_fx(model, inputs, gm, trace_modes, training_attributes, _reason(exc))
     finally:
         set_training_modes(model, trace_modes)
     eval_only = [name for name in python_state if name not in training_attributes]
@@ -599,11 +599,8 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_mode
     costs a second export at capture.
     """
     _warn_of_fast_paths(model)
-    model.eval()
-    python_state: list[str] = []
     try:
-        with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
-            eval_gm = export_trace(model, inputs, follow_eval=False)
+        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing
         # eval mode would stop every validation pass of a model that only fails to export in it.
@@ -611,14 +608,62 @@ def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_mode
                     "the training flags of BatchNorm, dropout, InstanceNorm, RNNs and rrelu, but cannot check "
                     "the model's own 'if self.training:' branches", type(model).__name__, _reason(exc))
         return export_eval_arguments(gm)
+    if isinstance(eval_gm, str):
+        return eval_gm
+    plan = export_eval_plan(gm, eval_gm)
+    return plan if plan is not None else _exported_eval_graph(eval_gm, model, gm)
+
+
+def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
+                     training_attributes: Sequence[str], fx_reason: str) -> fx.Graph | str:
+    """The eval graph of ``gm`` (fx, training mode) where fx cannot trace the model in eval mode
+    (``if not self.training:`` around a loop over a tensor): the model exported in eval mode, or
+    why it cannot follow ``.eval()``.
+
+    Refusing eval mode stopped every validation pass of such a model (walkthrough). torch.export
+    specialises its graph on the example's shapes where fx's training graph takes any: another
+    batch size could run the example's (``torch.ones(3, 1)`` broadcast over one row) with no
+    error, so the eval forward refuses inputs of other shapes
+    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_mode._refuse_other_shapes`).
+    """
+    try:
+        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
+    except Exception as exc:  # noqa: BLE001 - neither tracer follows the eval mode
+        return (f"torch.fx cannot trace forward() in eval mode ({fx_reason}), nor torch.export capture it "
+                f"({_reason(exc)}), and the graph keeps what forward() computed in training mode: after .eval() "
+                "it would still run the training one")
+    if isinstance(eval_gm, str):
+        return eval_gm
+    _warn_of_fast_paths(model)
+    shapes = [tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
+              for n in eval_gm.graph.nodes if n.op == "placeholder"]
+    gm.placer_eval_input_shapes = [  # type: ignore[assignment]
+        shape if shape is not None and all(isinstance(d, int) for d in shape) else None for shape in shapes]
+    return _exported_eval_graph(eval_gm, model, gm)
+
+
+def _export_in_eval_mode(model: nn.Module, inputs: tuple, trace_modes: dict[str, bool],
+                         training_attributes: Sequence[str]) -> fx.GraphModule | str:
+    """``model`` exported in eval mode (its modes ``trace_modes`` again after), or why it cannot
+    follow ``.eval()``: forward() sets Python attributes in eval mode only (:func:`_eval_python_state`).
+
+    Raises:
+        Exception: whatever torch.export raises.
+    """
+    model.eval()
+    python_state: list[str] = []
+    try:
+        with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
+            eval_gm = export_trace(model, inputs, follow_eval=False)
     finally:
         set_training_modes(model, trace_modes)
     eval_only = [name for name in python_state if name not in training_attributes]
-    if eval_only:
-        return _eval_python_state(eval_only)
-    plan = export_eval_plan(gm, eval_gm)
-    if plan is not None:
-        return plan
+    return _eval_python_state(eval_only) if eval_only else eval_gm
+
+
+def _exported_eval_graph(eval_gm: fx.GraphModule, model: nn.Module, gm: fx.GraphModule) -> fx.Graph:
+    """The graph of ``eval_gm`` (``model`` exported in eval mode) to run over ``gm``'s state:
+    torch.export's own constants put on ``gm`` (:func:`_own_constants`)."""
     state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
                                             model.named_buffers(remove_duplicate=False))}
     graph = fx.Graph()
@@ -756,7 +801,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
-        baked = _mode_baked_by_fx(model, gm, leaf_types, leaf_names, trace_modes, training_attributes)
+        baked = _mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None

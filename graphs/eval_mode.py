@@ -8,12 +8,14 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
   fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
   a trace in eval mode). The eval forward is the graph with the eval mode's constants.
 * **Another graph**: ``if self.training:`` took another branch (stochastic depth, an
-  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`)
+  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`;
+  also for an fx model fx cannot trace in eval mode, then for the example's input shapes only)
   in eval mode is kept as a second graph (:func:`follow_eval_graph`) and run by an
   interpreter where its data is (:class:`DataFollowingInterpreter`): the placed model's
   parameters stay where the placement put them, and each eval op runs where its module's
   parameters, the tensor it updates, or the placed training op of its name are, else where
-  its latest input is.
+  its latest input is. State only the eval graph reads, which no placement places, goes
+  where its data is at apply time (:func:`eval_only_state`).
 * **Neither** (a value that changes from one trace to the next, an eval graph reading state
   the model does not have): eval mode is refused with the reason (:func:`refuse_eval_mode`).
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import itertools
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -74,7 +75,8 @@ def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bo
     """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
     what it computes: the node, where the flag is (by position, or by keyword where the call
     names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
-    normalises by the batch in both modes: left out."""
+    normalises by the batch in both modes, and a dropout that drops nothing (:func:`_no_dropout`)
+    computes the same in both: left out."""
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -86,8 +88,21 @@ def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bo
         key: int | str = i if len(n.args) > i else argument.name
         flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
         no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-        if isinstance(flag, bool) and not no_running:
+        if isinstance(flag, bool) and not no_running and not _no_dropout(n):
             yield n, key, flag
+
+
+def _no_dropout(n: fx.Node) -> bool:
+    """Whether ``n``, a dropout or a recurrent layer, drops nothing in training mode either, so
+    its flag changes no value: a dropout of ``p=0``, an RNN of ``dropout=0`` or of one layer
+    (its dropout is between layers). Refusing ``lstm.eval()`` on such a layer stopped every
+    validation pass of a model for nothing (walkthrough)."""
+    arguments = {a.name: (n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value))
+                 for i, a in enumerate(n.target._schema.arguments)}  # type: ignore[union-attr]
+    if "num_layers" in arguments and arguments["num_layers"] == 1:
+        return True
+    rate = arguments.get("dropout", arguments.get("p"))
+    return isinstance(rate, (int, float)) and rate == 0
 
 
 def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:
@@ -428,7 +443,8 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
                 values.extend(value)
             else:
                 values.append(value)
-        if in_spec is None:
+        if in_spec is None:  # fx's graph, or torch.export's after a pickle (fx re-traces its code, leaves and all)
+            _refuse_other_shapes(values, self.__dict__.get("placer_eval_input_shapes"))
             return DataFollowingInterpreter(self, graph=graph).run(*values)
         # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
         if _has_args_and_kwargs(in_spec):
@@ -437,10 +453,24 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
         else:
             inputs = values
         leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
+        _refuse_other_shapes(leaves, self.__dict__.get("placer_eval_input_shapes"))
         out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
         return codegen.process_outputs(out)
 
     return eval_forward
+
+
+def _refuse_other_shapes(leaves: Sequence[Any], shapes: Sequence[tuple[int, ...] | None] | None) -> None:
+    """Raise where an input of an eval graph torch.export captured for an fx model (``shapes``:
+    the example's, per input; :func:`graphs.capture._exported_for_fx`) has another shape: the
+    graph holds the example's shapes, and another batch size could run them with no error."""
+    for i, (leaf, shape) in enumerate(zip(leaves, shapes or ())):
+        if shape is not None and isinstance(leaf, torch.Tensor) and tuple(leaf.shape) != shape:
+            raise CaptureError(
+                f"input {i} has shape {tuple(leaf.shape)} where the example had {shape}: torch.fx cannot trace "
+                "forward() in eval mode, so the placed model evaluates the graph torch.export captured in eval mode, "
+                "which holds the example's shapes. Evaluate with inputs of those shapes, or with your original "
+                "model, loading the trained weights back with model.load_state_dict(placed.state_dict())")
 
 
 def _signature(graph: fx.Graph) -> inspect.Signature:
@@ -493,11 +523,7 @@ class DataFollowingInterpreter(fx.Interpreter):
 
     @functools.cached_property
     def placed(self) -> dict[str, tuple[Any, torch.device]]:
-        """``{training node name: ((op, target), its real device)}`` from ``placer_placement``."""
-        placement: dict[str, str] = getattr(self.placed_module, "placer_placement", None) or {}
-        real: dict[str, str] = getattr(self.placed_module, "placer_real_devices", None) or {}
-        return {n.name: ((n.op, n.target), torch.device(real.get(placement[n.name], placement[n.name])))
-                for n in self.placed_module.graph.nodes if n.name in placement}
+        return _placed_devices(self.placed_module)
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op not in ("call_function", "call_method", "call_module"):
@@ -506,35 +532,108 @@ class DataFollowingInterpreter(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             tensors: list[torch.Tensor] = []
             fx.node.map_aggregate((args, kwargs), lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
-            device = self._device_for(n, args, tensors)
+            device = self._device_for(n, tensors)
             if device is not None and any(t.device != device for t in tensors):
                 args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: _moved(v, device))
             return getattr(self, n.op)(n.target, args, kwargs)
 
-    def _device_for(self, n: fx.Node, args: tuple, tensors: list[torch.Tensor]) -> torch.device | None:
+    def _device_for(self, n: fx.Node, tensors: list[torch.Tensor]) -> torch.device | None:
         if n.op == "call_module":
-            module = self.fetch_attr(str(n.target))
-            state = next(itertools.chain(module.parameters(), module.buffers()), None)
-            if state is not None:
-                return state.device
+            state = _state_tensors(self.fetch_attr(str(n.target)))
+            if state:
+                return state[0].device
         if len({t.device for t in tensors}) <= 1:
             return None  # nothing to move
-        written = [args[i] for i in mutated_args(n, self.module) if i < len(args) and isinstance(args[i], torch.Tensor)]
-        if written:  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
-            return written[0].device
-        twin = self.placed.get(n.name)
-        if twin is not None and twin[0] == (n.op, n.target):
-            return twin[1]
-        made = [m for m in n.all_input_nodes if m.op != "get_attr" and isinstance(self.env.get(m), torch.Tensor)]
-        if made:
-            return self.env[max(made, key=self.order.__getitem__)].device
-        return tensors[0].device
+        return _data_device(n, self.module, self._device_of, self.placed, self.order) or tensors[0].device
+
+    def _device_of(self, n: fx.Node) -> torch.device | None:
+        value = self.env.get(n)
+        return value.device if isinstance(value, torch.Tensor) else None
 
     def output(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().output(target, args, kwargs)
         placed = getattr(self.module, "placer_output_device", None)
         real = (getattr(self.module, "placer_real_devices", None) or {}).get(placed)
         return _moved(out, torch.device(real)) if real is not None else out
+
+
+def _placed_devices(gm: fx.GraphModule) -> dict[str, tuple[Any, torch.device]]:
+    """``{training node name: ((op, target), its real device)}`` from ``placer_placement``."""
+    placement: dict[str, str] = getattr(gm, "placer_placement", None) or {}
+    real: dict[str, str] = getattr(gm, "placer_real_devices", None) or {}
+    return {n.name: ((n.op, n.target), torch.device(real.get(placement[n.name], placement[n.name])))
+            for n in gm.graph.nodes if n.name in placement}
+
+
+def _state_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors a ``get_attr`` or ``call_module`` target holds: a module's parameters, then its buffers."""
+    if isinstance(value, nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def _data_device(n: fx.Node, root: nn.Module, device_of: Callable[[fx.Node], torch.device | None],
+                 placed: dict[str, tuple[Any, torch.device]], order: dict[fx.Node, int]) -> torch.device | None:
+    """Where :class:`DataFollowingInterpreter` runs ``n``, an op whose tensor inputs are on several
+    devices (``device_of`` says where an input node's tensor is, None for no tensor): with the tensor
+    it updates, else with the placed training op of its name, op and target, else with its
+    latest-made input; None where no rule applies (the interpreter then takes its first tensor's)."""
+    for i in mutated_args(n, root):
+        written = n.args[i] if i < len(n.args) else None
+        if isinstance(written, fx.Node) and (device := device_of(written)) is not None:
+            return device  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
+    twin = placed.get(n.name)
+    if twin is not None and twin[0] == (n.op, n.target):
+        return twin[1]
+    made = [m for m in n.all_input_nodes if m.op != "get_attr" and device_of(m) is not None]
+    return device_of(max(made, key=order.__getitem__)) if made else None
+
+
+def eval_only_state(gm: fx.GraphModule) -> dict[str, torch.device]:
+    """``{target: device}`` for the state that only ``gm``'s eval graph reads (``placer_eval_graph``:
+    a head only eval mode calls), each where its data is.
+
+    No training op placed such state, so it stayed where the user's model was, and the
+    interpreter ran its module there, copying the activations to it and back on every eval
+    forward (a GPU placement evaluated its head on the CPU). ``apply`` moves it once, to the
+    device the interpreter's other rules run its first op on (:func:`_data_device`), given
+    where the placed training state and the placed ops are. Where nothing placed feeds it (it
+    reads the inputs only), no device is known: it stays. A module part of whose state the
+    training graph reads is placed already: it runs there. A torch.export graph reads every
+    parameter (unused ones too), so its placement places them all: nothing is left here.
+    """
+    graph: fx.Graph | None = gm.__dict__.get("placer_eval_graph")
+    if graph is None:
+        return {}
+    where = {id(t): t.device for n in gm.graph.nodes if n.op in ("get_attr", "call_module")
+             for t in _state_tensors(_resolve(gm, str(n.target)))}
+    placed, order = _placed_devices(gm), {n: i for i, n in enumerate(graph.nodes)}
+    device: dict[fx.Node, torch.device | None] = {}
+    chosen: dict[str, torch.device] = {}
+
+    def state_device(target: str) -> torch.device | None:
+        return next((where[id(t)] for t in _state_tensors(_resolve(gm, target)) if id(t) in where), None)
+
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue  # the caller's inputs: on a device only the call knows
+        if n.op == "get_attr" or (n.op == "call_module" and state_device(str(n.target)) is not None):
+            device[n] = state_device(str(n.target))  # None: only the eval graph reads it, its user decides
+            continue
+        inputs = [d for m in n.all_input_nodes if (d := device.get(m)) is not None]
+        here = (_data_device(n, gm, device.get, placed, order) if len(set(inputs)) > 1 else None) or next(
+            iter(inputs), None)
+        device[n] = here
+        if here is None:
+            continue
+        unplaced = [n] if n.op == "call_module" else [m for m in n.all_input_nodes
+                                                      if m.op == "get_attr" and device[m] is None]
+        for m in unplaced:
+            tensors = _state_tensors(_resolve(gm, str(m.target)))
+            if tensors and all(id(t) not in where for t in tensors):
+                chosen[str(m.target)] = device[m] = here
+                where.update((id(t), here) for t in tensors)
+    return chosen
 
 
 def _moved(value: Any, device: torch.device) -> Any:

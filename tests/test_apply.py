@@ -1389,3 +1389,137 @@ def test_a_placed_model_keeps_its_transfers_through_pickle(monkeypatch):
     again = pickle.loads(pickle.dumps(placed))
     assert sum(n.target is to_device for n in again.graph.nodes) == len(transfer_nodes(placed)) > 0
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+class _ExportedLstm(nn.Module):
+    """torch.export captures it (fx cannot iterate over a tensor): an LSTM, its flag baked."""
+
+    def __init__(self, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=num_layers, dropout=dropout, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.lstm(torch.stack([row for row in x]))[0])
+
+
+@pytest.mark.parametrize("num_layers, dropout, refused", [(2, 0.0, False), (1, 0.5, False), (2, 0.5, True)])
+def test_an_exported_lstm_set_to_eval_mode_alone_is_refused_only_where_its_dropout_drops(num_layers, dropout, refused):
+    """placed.lstm.eval() during training (a validation pass of the LSTM alone) was refused for
+    every exported LSTM, though without dropout between layers both modes compute the same
+    (walkthrough). Where the dropout drops, the exported graph would still drop: refused."""
+    import warnings
+
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM warns of dropout on one layer
+        model = _ExportedLstm(num_layers, dropout)
+    x = torch.randn(3, 5, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "export"
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    placed.lstm.eval(), model.lstm.eval()
+    if refused:
+        with pytest.raises(CaptureError, match="module 'lstm' is in eval mode"):
+            placed(x)
+    else:
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+
+def _emulate_meta_as_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let apply place onto the meta device, standing in for a GPU on a CPU-only machine."""
+    import envs.runtime.apply as apply_module
+
+    def swapped(t: torch.Tensor, device: str) -> None:  # .data cannot change a CPU tensor into a meta one
+        if str(t.device) != device:
+            moved = t.detach().to(device)
+            torch.utils.swap_tensors(t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved)
+
+    monkeypatch.setattr(apply_module, "real_device_problem", lambda device: None)
+    monkeypatch.setattr(apply_module._Mover, "_move_tensor", staticmethod(swapped))
+
+
+def test_a_module_only_eval_mode_calls_is_placed_where_its_data_is(monkeypatch):
+    """fx's training graph never reads an eval-only head, so no placement placed it: it stayed
+    where the user's model was, and every eval forward copied its input there and back
+    (walkthrough: a GPU placement evaluated its head on the CPU). The meta device stands in for
+    a GPU: the head now goes where ``a``, which feeds it, is placed, and the eval forward copies
+    nothing to the CPU. (torch.export's graph reads every parameter: its placement places the head.)"""
+    import graphs.eval_mode as eval_mode
+    from graphs.capture import capture
+
+    _emulate_meta_as_a_gpu(monkeypatch)
+    x = torch.randn(3, 4)
+    cap = capture(_EvalOnlyHead(), (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {n: "gpu1" if n == "a" else "gpu0" for n in cap.graph.nodes}, output_device="gpu1",
+                             real_devices={"gpu0": "cpu", "gpu1": "meta"})
+    assert placed.a.weight.device.type == "meta" and placed.b.weight.device.type == "cpu"
+    assert {p.device.type for p in placed.eval_head.parameters()} == {"meta"}
+    copies: list[torch.device] = []
+    monkeypatch.setattr(eval_mode, "_moved", lambda value, device: copies.append(device) or value.to(device))
+    placed.eval()
+    assert placed(x.to("meta")).device.type == "meta"
+    assert torch.device("cpu") not in copies
+
+
+class _EvalOnlyBranches(nn.Module):
+    """Eval mode calls a block with a BatchNorm, fed by ``a``, and a layer fed by the input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        self.eval_block = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+        self.eval_skip = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            return self.b(h)
+        return self.eval_block(h) + self.eval_skip(x)
+
+
+def test_eval_only_modules_go_where_placed_data_feeds_them_and_stay_where_only_inputs_do(monkeypatch):
+    """The block (its buffers too) follows ``a`` onto the meta device standing in for a GPU; the
+    layer that reads only the caller's input, whose device apply cannot know, stays where it was.
+    Over virtual devices on the CPU the placed model evaluates exactly as the original."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _EvalOnlyBranches(), torch.randn(3, 4)
+    with torch.no_grad():
+        model.eval_block[0].running_mean.uniform_()  # eval mode reads them: not the defaults
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+
+    _emulate_meta_as_a_gpu(monkeypatch)
+    placed = apply_placement(cap, {n: "gpu1" if n == "a" else "gpu0" for n in cap.graph.nodes},
+                             real_devices={"gpu0": "cpu", "gpu1": "meta"})
+    assert {t.device.type for t in [*placed.eval_block.parameters(), *placed.eval_block.buffers()]} == {"meta"}
+    assert {p.device.type for p in placed.eval_skip.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_module_only_eval_mode_calls_goes_to_the_gpu_that_feeds_it():
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _EvalOnlyHead(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: "cuda:0" if n == "a" else "cpu" for n in cap.graph.nodes})
+    assert placed.eval_head.weight.device.type == "cuda"
+    placed.eval(), model.eval()
+    out = placed(x)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, model(x))

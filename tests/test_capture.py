@@ -910,16 +910,77 @@ class _EvalOnlySetitem(nn.Module):
         return h
 
 
-def test_eval_mode_refused_because_fx_cannot_trace_it_says_why():
+class _EvalOnlyNumpy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            h = torch.from_numpy(h.detach().numpy() * 2)  # neither fx nor torch.export traces numpy
+        return h
+
+
+def test_eval_mode_refused_because_neither_tracer_can_trace_it_says_why():
     """The refusal said 'in eval mode it cannot be traced, or a value changes from one trace to
-    the next', not which (review)."""
+    the next', not which (review); it names what each tracer met."""
     from envs.runtime.apply import apply_placement
 
-    model, x = _EvalOnlySetitem(), torch.randn(3, 4)
-    placed = apply_placement(capture(model, (x,)), {})
+    model, x = _EvalOnlyNumpy(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {})
     placed.eval()
-    with pytest.raises(CaptureError, match=r"cannot trace forward\(\) in eval mode \(TypeError: '\w*Proxy' object"):
+    with pytest.raises(CaptureError, match=r"cannot trace forward\(\) in eval mode \(TypeError: .*\), nor "
+                                           r"torch.export capture it \(RuntimeError: .numpy\(\)"):
         placed(x)
+
+
+class _EvalOnlyLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.bn(self.a(x))
+        if not self.training:
+            h = torch.stack([row * 2 for row in h])  # fx cannot iterate over a Proxy; torch.export unrolls it
+        return h
+
+
+def test_a_model_fx_cannot_trace_in_eval_mode_evaluates_the_graph_torch_export_captures_in_eval_mode():
+    """Refused before, which stopped every validation pass of such a model (walkthrough). The
+    exported graph holds the example's shapes (its loop is unrolled over 3 rows): inputs of
+    other shapes are refused, not run over the example's. Copies and pickles follow."""
+    import copy
+    import pickle
+
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    for model_type in (_EvalOnlySetitem, _EvalOnlyLoop):
+        model, x = model_type(), torch.randn(3, 4)
+        cap = capture(model, (x,))
+        assert cap.method == "fx"
+        placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                                 real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+        torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)  # a training step: BatchNorm's statistics
+        placed.eval(), model.eval()
+        with torch.no_grad():  # a validation pass: _EvalOnlySetitem's buffer would otherwise join the graph
+            torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+        assert placed.state_dict().keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():  # _EvalOnlySetitem's eval-mode update included
+            torch.testing.assert_close(placed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        for twin in (copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+            with torch.no_grad():
+                torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=0)
+            with pytest.raises(CaptureError, match=r"input 0 has shape \(5, 4\) where the example had \(3, 4\)"):
+                twin(torch.randn(5, 4))
+        placed.train(), model.train()
+        x5 = torch.randn(5, 4)  # the training graph is fx's: any batch size
+        torch.testing.assert_close(placed(x5), model(x5), rtol=0, atol=0)
 
 
 class _CachedMask(nn.Module):

@@ -12,7 +12,9 @@ strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
 * a transfer node (:func:`to_device`) sits on every cut edge, one per
   (producer, destination device) and shared by all consumers on that device,
 * inputs are moved to every device that consumes them,
-* outputs are gathered on ``output_device``.
+* outputs are gathered on ``output_device``,
+* state only the eval graph reads (a head only eval mode calls) lives where the eval
+  forward's data reaches it (:func:`graphs.eval_mode.eval_only_state`).
 
 Autograd runs each backward op on the device of its forward op and ``Tensor.to`` is
 differentiable, so the same module trains (forward, loss, backward, optimizer step)
@@ -53,6 +55,7 @@ from envs.runtime.device_map import placement_device_map
 from envs.runtime.real_devices import real_device_problem
 from graphs.capture import pin_constant_inputs, set_training_modes
 from graphs.errors import PlacerError
+from graphs.eval_mode import eval_only_state
 from graphs.gc_pause import paused_gc
 from graphs.module_attributes import keep_plain_attributes
 from graphs.ops import draws_random, in_place_writes, is_factory, storage_roots, view_parent, written_nodes
@@ -429,6 +432,11 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     gm.placer_placement = {n.name: dev[n.name] for n in graph.nodes if dev.get(n.name) is not None}
     gm.placer_real_devices = {d: resolve.real(d) for d in set(gm.placer_placement.values())}
     gm.placer_output_device = output_device
+    # State only the eval graph reads (a head only eval mode calls) goes where its data is
+    # placed: no training op moved it, and the eval forward would run it where the user's model was.
+    eval_mover = _Mover(gm, str)
+    for target, real in eval_only_state(gm).items():
+        eval_mover.move_attr(target, _canonical(real), f"the eval graph's {target!r}")
     nx_graph = getattr(model, "graph", None)
     device_map = placement_device_map(
         nx_graph if isinstance(nx_graph, nx.DiGraph) else src,
