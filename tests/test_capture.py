@@ -1061,3 +1061,44 @@ def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
 
     cap = capture(OwnGenerator(), (torch.randn(8, 16),))
     assert cap.method == "export" and "generator of its own" in (cap.fx_error or "")
+
+
+class _Annealed(nn.Module):
+    """A temperature the training loop anneals (``model.block.tau *= 0.9``), and a float forward never reads."""
+
+    def __init__(self, to_export: bool = False) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.a = nn.Linear(8, 8)
+        self.block.tau = 1.0
+        self.unread = 0.5
+        self.to_export = to_export  # iterating over a tensor sends the capture to torch.export
+
+    def forward(self, x):
+        if self.to_export:
+            x = torch.stack([row for row in x])
+        return torch.softmax(self.block.a(x) / self.block.tau, -1)
+
+
+@pytest.mark.parametrize("to_export", [False, True])
+def test_setting_a_float_the_graph_baked_in_is_refused_on_the_placed_model_and_its_copies(to_export):
+    """fx and torch.export compute with the value read while tracing: an annealed temperature
+    set on the placed model changed nothing, with no error."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _Annealed(to_export), torch.randn(4, 8)
+    cap = capture(model, (x,))
+    assert cap.method == ("export" if to_export else "fx")
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    assert model.block.tau == 1.0 and "tau" in vars(model.block)  # the user's model is as it was
+    placed.unread = 0.25  # forward never read it: nothing baked, nothing to refuse
+    placed(x)
+    twins = [placed, copy.deepcopy(placed)]
+    if not to_export:  # fx cannot rebuild a torch.export graph from a pickle (its tracer needs scope_root)
+        twins.append(pickle.loads(pickle.dumps(placed)))
+    for twin in twins:
+        twin.block.tau = 0.5
+        with pytest.raises(CaptureError, match=r"block\.tau was 1\.0 when placer captured the model.*now 0\.5"):
+            twin(x)
+        twin.block.tau = 1.0
+        twin(x)
