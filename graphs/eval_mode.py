@@ -306,6 +306,8 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
         return twin_of
 
     def reduce(self: fx.GraphModule) -> Any:  # pickle, torch.save: fx re-traces the code on load
+        if _rebuild_needs_arguments(self):
+            return _by_nodes(self)
         rebuild, (body, *rest) = fx.GraphModule.__reduce__(self)
         body = dict(body)
         held = body.pop("placer_eval_graph", None)
@@ -336,6 +338,45 @@ def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule |
     if carrier is not None:
         gm.placer_eval_graph = carrier.graph
         _carry_attributes(carrier, gm, carrier.graph, None)
+    follow_eval_mode(gm)
+    return gm
+
+
+def _rebuild_needs_arguments(gm: fx.GraphModule) -> bool:
+    """Whether fx's own unpickling fails on ``gm``: it builds the tracer class the graph was made
+    with, without arguments, and torch.export's (``_ModuleStackTracer``) needs a ``scope_root``."""
+    tracer = getattr(gm, "_tracer_cls", None)
+    if tracer is None:
+        return False
+    params = list(inspect.signature(tracer.__init__).parameters.values())[1:]
+    return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
+
+
+def _by_nodes(gm: fx.GraphModule) -> tuple[Callable[..., fx.GraphModule], tuple]:
+    """``gm`` pickled node by node (:class:`graphs.portable_graph.PortableGraph`, which keeps
+    the node names eval mode's arguments are keyed by), with placer's attributes, its hooks
+    and its eval graph (over the same modules: one pickle, so they stay shared)."""
+    from graphs.portable_graph import PortableGraph
+
+    held = gm.__dict__.get("placer_eval_graph")
+    carrier = PortableGraph.of(fx.GraphModule(gm, held)) if held is not None else None
+    placer = {k: v for k, v in gm.__dict__.items() if k.startswith("placer_") and k != "placer_eval_graph"}
+    return _rebuilt_from_nodes, (PortableGraph.of(gm), placer, carrier, _buffer_names(gm), _placer_hooks(gm))
+
+
+def _rebuilt_from_nodes(portable: Any, placer: dict[str, Any], carrier: Any, buffers: list[str],
+                        hooks: Sequence[tuple[Callable[..., Any], bool]]) -> fx.GraphModule:
+    """Unpickling a module :func:`_by_nodes` pickled: the same graph, then what
+    :func:`_rebuilt_following_eval` restores."""
+    gm = portable.module()
+    gm.__dict__.update(placer)
+    keep_plain_attributes(gm, buffers)
+    _register_hooks(gm, hooks)
+    if carrier is not None:
+        eval_module = carrier.module()
+        gm.placer_eval_graph = eval_module.graph
+        _carry_attributes(eval_module, gm, eval_module.graph, None)
     follow_eval_mode(gm)
     return gm
 

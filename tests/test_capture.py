@@ -1093,10 +1093,7 @@ def test_setting_a_float_the_graph_baked_in_is_refused_on_the_placed_model_and_i
     assert model.block.tau == 1.0 and "tau" in vars(model.block)  # the user's model is as it was
     placed.unread = 0.25  # forward never read it: nothing baked, nothing to refuse
     placed(x)
-    twins = [placed, copy.deepcopy(placed)]
-    if not to_export:  # fx cannot rebuild a torch.export graph from a pickle (its tracer needs scope_root)
-        twins.append(pickle.loads(pickle.dumps(placed)))
-    for twin in twins:
+    for twin in (placed, copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
         twin.block.tau = 0.5
         with pytest.raises(CaptureError, match=r"block\.tau was 1\.0 when placer captured the model.*now 0\.5"):
             twin(x)
