@@ -84,6 +84,12 @@ class CapturedModel:
     training_modes: dict[str, bool] = field(default_factory=dict)
 
 
+#: Python values a module attribute may hold that a trace bakes into the graph when forward()
+#: reads them (:func:`pin_constant_attributes`).
+Scalar = float | int | bool | str
+_SCALAR_TYPES = (float, int, bool, str)
+
+
 class PlacerTracer(fx.Tracer):
     """fx tracer at module granularity: torch.nn layers, recurrent modules and user leaves are single nodes.
 
@@ -101,13 +107,13 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = True
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
-        self.float_reads: dict[str, float] = {}  # module attributes forward() read as Python floats
+        self.constant_reads: dict[str, Scalar] = {}  # module attributes forward() read as Python numbers, flags, text
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        with _RecordRandomDraws(self), _float_attributes_read(root) as self.float_reads:
+        with _RecordRandomDraws(self), _constant_attributes_read(root) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -283,14 +289,16 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
     keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
-    if tracer.float_reads:
-        pin_float_attributes(gm, tracer.float_reads)
+    if tracer.constant_reads:
+        pin_constant_attributes(gm, tracer.constant_reads)
     return gm
 
 
 @contextlib.contextmanager
-def _float_attributes_read(root: Any) -> Iterator[dict[str, float]]:
-    """The Python ``float`` attributes of ``root``'s modules that the block reads, by qualified name.
+def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar]]:
+    """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``
+    (:data:`Scalar`) that the block reads, by qualified name; ``training`` is eval mode's
+    (:mod:`graphs.eval_mode`), and names starting with ``_`` are nn.Module's own.
 
     They are taken out of the modules' ``__dict__`` for the block, so a read falls through to
     ``nn.Module.__getattr__``, which is wrapped to record it and return the value; both are put
@@ -298,16 +306,17 @@ def _float_attributes_read(root: Any) -> Iterator[dict[str, float]]:
     (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are seen: a module class with a ``__getattr__`` of its own
     that does not call ``nn.Module``'s hides its reads (they then go unchecked, as before).
     """
-    reads: dict[str, float] = {}
+    reads: dict[str, Scalar] = {}
     if not isinstance(root, nn.Module):
         yield reads
         return
-    held: dict[int, tuple[str, dict[str, float]]] = {}
+    held: dict[int, tuple[str, dict[str, Scalar]]] = {}
     for path, module in root.named_modules():
-        floats = {k: v for k, v in vars(module).items() if type(v) is float}
-        if floats:
-            held[id(module)] = (path, floats)
-            for k in floats:
+        constants = {k: v for k, v in vars(module).items()
+                     if type(v) in _SCALAR_TYPES and not k.startswith("_") and k != "training"}
+        if constants:
+            held[id(module)] = (path, constants)
+            for k in constants:
                 del module.__dict__[k]
     if not held:
         yield reads
@@ -334,32 +343,34 @@ def _float_attributes_read(root: Any) -> Iterator[dict[str, float]]:
         if fx_saved is not None:
             _fx_symbolic_trace._orig_module_getattr = fx_saved
         modules = {id(m): m for m in root.modules()}
-        for key, (_, floats) in held.items():
+        for key, (_, constants) in held.items():
             module = modules.get(key)
             if module is None:
                 continue
-            for k, v in floats.items():
+            for k, v in constants.items():
                 module.__dict__.setdefault(k, v)  # one forward() set itself is its own (a trace-time update)
 
 
-def pin_float_attributes(gm: fx.GraphModule, reads: Mapping[str, float]) -> None:
-    """Refuse a forward of ``gm`` after a module attribute its graph baked in as a Python float
-    was set to another value on ``gm`` (``placed.block.tau = 0.5``, an annealed temperature).
+def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar]) -> None:
+    """Refuse a forward of ``gm`` after a module attribute its graph baked in as a Python value
+    (:data:`Scalar`) was set to another one on ``gm`` (``placed.block.tau = 0.5``, an annealed
+    temperature; ``placed.router.k = 1``; ``placed.gradient_checkpointing = True``).
 
     fx and torch.export compute with the value forward() read while they traced (``x / self.tau``
     became ``truediv(x, 1.0)``), so setting the attribute changed nothing, with no error (found
-    by trying: the annealed model's outputs 2.26 off the original's). ``reads`` is the tracer's
-    ``float_reads``. A module-level forward pre-hook, registered again by copies and pickles
+    by trying: the annealed model's outputs 2.26 off the original's); a flag or a count forward()
+    branched or looped on took one branch for good. ``reads`` is the tracer's ``constant_reads``.
+    A module-level forward pre-hook, registered again by copies and pickles
     (:func:`graphs.eval_mode.follow_eval_mode`), like :func:`pin_constant_inputs`'s.
     """
-    gm.placer_float_attributes = dict(reads)  # type: ignore[assignment]
-    if _refuse_changed_floats not in gm._forward_pre_hooks.values():
-        gm.register_forward_pre_hook(_refuse_changed_floats)
+    gm.placer_constant_attributes = dict(reads)  # type: ignore[assignment]
+    if _refuse_changed_constants not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_changed_constants)
 
 
-def _refuse_changed_floats(module: fx.GraphModule, args: tuple) -> None:
-    """Forward pre-hook of :func:`pin_float_attributes`."""
-    baked: dict[str, float] = module.__dict__.get("placer_float_attributes") or {}
+def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
+    """Forward pre-hook of :func:`pin_constant_attributes`."""
+    baked: dict[str, Scalar] = module.__dict__.get("placer_constant_attributes") or {}
     for qualname, value in baked.items():
         path, _, name = qualname.rpartition(".")
         try:
@@ -368,14 +379,16 @@ def _refuse_changed_floats(module: fx.GraphModule, args: tuple) -> None:
             continue  # the graph holds no such module, so nothing could be set on it
         got = holder.__dict__.get(name, value)
         if not _same_constant(got, value):
+            remedy = (f"hold it in a buffer (self.register_buffer({name!r}, torch.tensor({value!r}))), which the graph "
+                      "reads at every step, or capture the model again" if type(value) in (float, int)
+                      else "capture the model again after changing it")
             raise CaptureError(
-                f"{qualname} was {value!r} when placer captured the model, and its graph computes with that "
-                f"value; it is now {got!r}, which the placed model cannot follow (the capture baked the Python number into "
-                f"the graph); expected it unchanged: hold it in a buffer (self.register_buffer({name!r}, "
-                f"torch.tensor({value!r}))), which the graph reads at every step, or capture the model again")
+                f"{qualname} was {value!r} when placer captured the model, and its graph computes with that value; it "
+                f"is now {got!r}, which the placed model cannot follow (the capture baked the Python value into the "
+                f"graph); expected it unchanged: {remedy}")
 
 
-_refuse_changed_floats.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
+_refuse_changed_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
 
 
 @contextlib.contextmanager
@@ -512,7 +525,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        with gradient_hooks, _custom_functions_called() as functions, _float_attributes_read(model) as floats:
+        with gradient_hooks, _custom_functions_called() as functions, _constant_attributes_read(model) as constants:
             exported = torch.export.export(model, inputs, strict=False)
     if functions:
         raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
@@ -532,8 +545,8 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
     pin_constant_inputs(gm, constant_inputs(inputs))
-    if floats:
-        pin_float_attributes(gm, floats)
+    if constants:
+        pin_constant_attributes(gm, constants)
     gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
     if follow_eval:
         follow_eval_mode(gm, export_eval_arguments(gm))

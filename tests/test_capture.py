@@ -1064,26 +1064,32 @@ def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
 
 
 class _Annealed(nn.Module):
-    """A temperature the training loop anneals (``model.block.tau *= 0.9``), and a float forward never reads."""
+    """A temperature the training loop anneals (``model.block.tau *= 0.9``), a count and a flag
+    forward() reads, and a number it never reads."""
 
     def __init__(self, to_export: bool = False) -> None:
         super().__init__()
         self.block = nn.Module()
         self.block.a = nn.Linear(8, 8)
         self.block.tau = 1.0
+        self.k = 2
+        self.sharpen = False
         self.unread = 0.5
         self.to_export = to_export  # iterating over a tensor sends the capture to torch.export
 
     def forward(self, x):
         if self.to_export:
             x = torch.stack([row for row in x])
-        return torch.softmax(self.block.a(x) / self.block.tau, -1)
+        h = torch.softmax(self.block.a(x) / self.block.tau, -1)
+        if self.sharpen:
+            h = h * h
+        return h.topk(self.k, dim=-1).values
 
 
 @pytest.mark.parametrize("to_export", [False, True])
-def test_setting_a_float_the_graph_baked_in_is_refused_on_the_placed_model_and_its_copies(to_export):
-    """fx and torch.export compute with the value read while tracing: an annealed temperature
-    set on the placed model changed nothing, with no error."""
+def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_model_and_its_copies(to_export):
+    """fx and torch.export compute with the value read while tracing: an annealed temperature,
+    a top-k count or a flag set on the placed model changed nothing, with no error."""
     from envs.runtime.apply import apply_placement
 
     model, x = _Annealed(to_export), torch.randn(4, 8)
@@ -1093,9 +1099,15 @@ def test_setting_a_float_the_graph_baked_in_is_refused_on_the_placed_model_and_i
     assert model.block.tau == 1.0 and "tau" in vars(model.block)  # the user's model is as it was
     placed.unread = 0.25  # forward never read it: nothing baked, nothing to refuse
     placed(x)
+    placed.eval(), placed(x), placed.train()  # the training flag is eval mode's to follow
     for twin in (placed, copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
         twin.block.tau = 0.5
         with pytest.raises(CaptureError, match=r"block\.tau was 1\.0 when placer captured the model.*now 0\.5"):
             twin(x)
         twin.block.tau = 1.0
         twin(x)
+    for name, value in (("k", 1), ("sharpen", True)):
+        setattr(placed, name, value)
+        with pytest.raises(CaptureError, match=rf"{name} was .* now {value}.*capture"):
+            placed(x)
+        delattr(placed, name)
