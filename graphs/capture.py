@@ -371,14 +371,17 @@ def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar]) -> 
 def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
     """Forward pre-hook of :func:`pin_constant_attributes`."""
     baked: dict[str, Scalar] = module.__dict__.get("placer_constant_attributes") or {}
+    holders: dict[str, nn.Module | None] = {}
     for qualname, value in baked.items():
         path, _, name = qualname.rpartition(".")
-        try:
-            holder = module.get_submodule(path) if path else module
-        except AttributeError:
-            continue  # the graph holds no such module, so nothing could be set on it
-        got = holder.__dict__.get(name, value)
-        if not _same_constant(got, value):
+        if path not in holders:
+            found: nn.Module | None = module  # get_submodule's checks cost ~4 us a path, on every step
+            for part in path.split(".") if path else ():
+                found = found._modules.get(part) if found is not None else None
+            holders[path] = found  # None: the graph holds no such module, so nothing could be set on it
+        holder = holders[path]
+        got = value if holder is None else holder.__dict__.get(name, value)
+        if got is not value and not _same_constant(got, value):
             remedy = (f"hold it in a buffer (self.register_buffer({name!r}, torch.tensor({value!r}))), which the graph "
                       "reads at every step, or capture the model again" if type(value) in (float, int)
                       else "capture the model again after changing it")
