@@ -84,10 +84,11 @@ class CapturedModel:
     training_modes: dict[str, bool] = field(default_factory=dict)
 
 
-#: Python values a module attribute may hold that a trace bakes into the graph when forward()
-#: reads them (:func:`pin_constant_attributes`).
-Scalar = float | int | bool | str
-_SCALAR_TYPES = (float, int, bool, str)
+#: Values a module attribute may hold that a trace bakes into the graph when forward() reads
+#: them (:func:`pin_constant_attributes`): Python numbers, flags and text, and plain tensors
+#: (not parameters or buffers: fx keeps such a tensor as a constant of its own).
+Scalar = float | int | bool | str | torch.Tensor
+_SCALAR_TYPES = (float, int, bool, str, torch.Tensor)
 
 
 class PlacerTracer(fx.Tracer):
@@ -381,14 +382,20 @@ def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
             holders[path] = found  # None: the graph holds no such module, so nothing could be set on it
         holder = holders[path]
         got = value if holder is None else holder.__dict__.get(name, value)
-        if got is not value and not _same_constant(got, value):
+        if got is value or (not isinstance(value, torch.Tensor) and _same_constant(got, value)):
+            continue
+        if isinstance(value, torch.Tensor):
+            was, now = f"a tensor{list(value.shape)}", f"another {_leaf_text(got)}"
+            remedy = f"register it as a buffer (self.register_buffer({name!r}, tensor)), which the graph reads at every step"
+        else:
+            was, now = repr(value), repr(got)
             remedy = (f"hold it in a buffer (self.register_buffer({name!r}, torch.tensor({value!r}))), which the graph "
                       "reads at every step, or capture the model again" if type(value) in (float, int)
                       else "capture the model again after changing it")
-            raise CaptureError(
-                f"{qualname} was {value!r} when placer captured the model, and its graph computes with that value; it "
-                f"is now {got!r}, which the placed model cannot follow (the capture baked the Python value into the "
-                f"graph); expected it unchanged: {remedy}")
+        raise CaptureError(
+            f"{qualname} was {was} when placer captured the model, and its graph computes with that value; it is now "
+            f"{now}, which the placed model cannot follow (the capture baked the value into the graph); expected it "
+            f"unchanged: {remedy}")
 
 
 _refuse_changed_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
