@@ -31,7 +31,7 @@ from envs.runtime.distributed.stage_state import (
     to_meta,
 )
 from envs.runtime.split import SplitError, split_by_rank
-from tests.helpers.runtime_models import ActivationUpdatedAfterItIsRead
+from tests.helpers.runtime_models import ActivationUpdatedAfterItIsRead, MaskUpdatedAfterItIsRead
 
 
 class _Net(torch.nn.Module):
@@ -356,21 +356,6 @@ def test_two_modules_sharing_a_weight_on_two_ranks_are_refused():
         split_by_rank(gm, {"emb": 0, "out": 1}, 2)
 
 
-class _MaskUpdatedAfterItIsRead(torch.nn.Module):
-    """A mask (no gradient) read by the second rank, then halved in place and read again."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.c = torch.nn.Linear(8, 2)
-
-    def forward(self, x):
-        m = (x > 0).float()
-        y = self.a(x) + m
-        m.mul_(0.5)
-        return self.c(y * m)
-
-
 def _traced(model: torch.nn.Module) -> fx.GraphModule:
     from graphs.capture import capture
 
@@ -395,7 +380,7 @@ class _EmaReadOnAnotherRank(torch.nn.Module):
 
 @pytest.mark.parametrize("model, on_rank_1", [
     (_EmaReadOnAnotherRank, {"add", "c"}),  # rank 1 trained with the EMA of the step before (walkthrough)
-    (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),  # the mask's old values would reach rank 1
+    (MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),  # the mask's old values would reach rank 1
     (ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),  # and here h's
     (ActivationUpdatedAfterItIsRead, {"sum_1"}),  # mul_ would update a fresh leaf in rank 0's next stage
 ])
@@ -408,7 +393,7 @@ def test_a_value_updated_in_place_after_it_leaves_its_stage_is_refused(model, on
 
 @pytest.mark.parametrize("model, on_rank_1", [
     (_EmaReadOnAnotherRank, {"add", "c"}),
-    (_MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),
+    (MaskUpdatedAfterItIsRead, {"a", "add", "mul", "c"}),
     (ActivationUpdatedAfterItIsRead, {"sum_1", "c", "add"}),
     (ActivationUpdatedAfterItIsRead, {"sum_1"}),
 ])
@@ -417,7 +402,7 @@ def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(
     simulator scores it infinite, with the split's own reason."""
     from envs.sim.ranks import RankSimulator, rank_plan
     from graphs.capture import capture
-    from tests.test_ranks import ranks_cluster
+    from tests.helpers.problems import ranks_cluster
 
     torch.manual_seed(0)
     cap = capture(model(), (torch.randn(6, 8),))
@@ -431,7 +416,7 @@ def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(
 def test_the_rank_simulator_runs_a_value_updated_in_place_before_it_leaves_its_stage():
     from envs.sim.ranks import RankSimulator, rank_plan
     from graphs.capture import capture
-    from tests.test_ranks import ranks_cluster
+    from tests.helpers.problems import ranks_cluster
 
     cap = capture(_ActivationUpdatedBeforeItIsRead(), (torch.randn(6, 8),))
     ranks = {n.name: int(n.name == "c") for n in cap.gm.graph.nodes if n.op not in ("placeholder", "output")}

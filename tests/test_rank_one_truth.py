@@ -140,10 +140,10 @@ def test_a_placement_the_rank_runtime_refuses_is_an_invalid_reward_with_the_runt
     from envs.gym.rewards import SimulatedReward
     from envs.sim.problem import compile_problem
     from graphs.capture import capture
-    from tests.test_distributed_split import _MaskUpdatedAfterItIsRead
-    from tests.test_ranks import ranks_cluster
+    from tests.helpers.problems import ranks_cluster
+    from tests.helpers.runtime_models import MaskUpdatedAfterItIsRead
 
-    cap = capture(_MaskUpdatedAfterItIsRead(), (torch.randn(6, 8),))
+    cap = capture(MaskUpdatedAfterItIsRead(), (torch.randn(6, 8),))
     problem = compile_problem(cap.graph, ranks_cluster(), leaves=value_leaves(cap.gm))
     on_rank_1 = {"a", "add", "mul", "c"}
     refused = np.array([int(n in on_rank_1) for n in problem.node_names])

@@ -9,16 +9,8 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.ranks import ZERO_COSTS, RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
-
-LAT, BW = 100e-6, 1e9
-
-
-def ranks_cluster(n: int = 2, lat: float = LAT, bw: float = BW):
-    devs = [Device(f"cpu:{i}", "cpu", 2**33, 1e11, 1e10, real_device="cpu") for i in range(n)]
-    links = [Link(f"cpu:{i}", f"cpu:{j}", lat, bw) for i in range(n) for j in range(i + 1, n)]
-    return make_cluster(devs, links, name="ranks", simulated=False)
+from tests.helpers.problems import BW, LAT, ranks_cluster
 
 
 def op(g: nx.DiGraph, name: str, ins=(), fwd=1e-3, bwd=2e-3, opt=0.0, out_bytes=1000, grad=True, params=0):

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.hardware.cluster import Cluster, Device, Link, make_cluster
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
+
+#: The links of :func:`ranks_cluster`: latency (s) and bandwidth (bytes/s).
+LAT, BW = 100e-6, 1e9
+
+
+def ranks_cluster(n: int = 2, lat: float = LAT, bw: float = BW) -> Cluster:
+    """``n`` CPU processes (``cpu:0``, ``cpu:1``, ...) joined by links of ``lat`` and ``bw``."""
+    devs = [Device(f"cpu:{i}", "cpu", 2**33, 1e11, 1e10, real_device="cpu") for i in range(n)]
+    links = [Link(f"cpu:{i}", f"cpu:{j}", lat, bw) for i in range(n) for j in range(i + 1, n)]
+    return make_cluster(devs, links, name="ranks", simulated=False)
 
 
 def random_problem(n: int = 12, d: int = 3, seed: int = 0, extra_edges: int = 6,

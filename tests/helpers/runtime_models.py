@@ -65,3 +65,18 @@ class ActivationUpdatedAfterItIsRead(nn.Module):
         y = h.sum(1, keepdim=True)
         h.mul_(2.0)
         return self.c(h) + y
+
+
+class MaskUpdatedAfterItIsRead(nn.Module):
+    """A mask (no gradient) read by the second rank, then halved in place and read again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        m = (x > 0).float()
+        y = self.a(x) + m
+        m.mul_(0.5)
+        return self.c(y * m)
