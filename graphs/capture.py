@@ -53,7 +53,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, RANDOM_FACTORY_OPS, storage_roots
+from graphs.ops import AUGMENTED_ASSIGNMENTS, RANDOM_FACTORY_OPS, storage_roots, written_nodes
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -118,6 +118,7 @@ class PlacerTracer(fx.Tracer):
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
+        _fresh_constants_where_updated(graph, self.root)
         for node in graph.nodes:
             # Under `from __future__ import annotations` forward's annotations are strings, which
             # fx's code names as globals that pickle cannot find: torch.save(placed) failed.
@@ -210,6 +211,34 @@ def _record_augmented(name: str) -> None:
 
 for _name in AUGMENTED_ASSIGNMENTS:
     _record_augmented(_name)
+
+
+def _fresh_constants_where_updated(graph: fx.Graph, root: nn.Module) -> None:
+    """Give every call its own copy of a tensor constant the graph updates in place.
+
+    fx keeps a tensor that forward() made from constants alone (``out = torch.zeros(3, 8)``) as
+    one constant of the module, made once at trace time. Where the graph then updates it in
+    place (``out.index_add_(0, idx, h)``, a scatter into a fresh buffer), every call updated
+    the same tensor: the sums piled up from call to call, and every output was that one tensor,
+    with no error (found by trying: the first placed output 2.29 off the original's). forward()
+    made a new tensor at each call, so the graph now copies the constant at its first read,
+    and every read of it in that call reads the copy. Only the constants fx itself made
+    (``_tensor_constantN``): a model's own tensors are state, and stay shared.
+    """
+    made = {n: n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")}
+    if not made:
+        return
+    roots = storage_roots(graph.nodes, root)
+    updated = {str(roots[arg].target) for n in graph.nodes for arg in written_nodes(n, root)
+               if roots[arg] in made}
+    for target in sorted(updated & {str(n.target) for n in made}):
+        reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target) == target]
+        with graph.inserting_after(reads[0]):
+            fresh = graph.call_method("clone", (reads[0],))
+        for read in reads:
+            read.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
+        for read in reads[1:]:
+            graph.erase_node(read)
 
 
 def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:

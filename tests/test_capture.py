@@ -1112,3 +1112,35 @@ def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_mode
         with pytest.raises(CaptureError, match=rf"{name} was .* now {now}"):
             placed(x)
         delattr(placed, name)
+
+
+class _ScatterIntoFresh(nn.Module):
+    """Sums rows into a buffer forward() makes anew at each call (``torch.zeros(3, 8)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x, idx):
+        out = torch.zeros(3, 8)
+        out.index_add_(0, idx, self.a(x))
+        return out
+
+
+def test_a_tensor_forward_makes_from_constants_and_updates_in_place_is_fresh_at_every_call():
+    """fx kept it as one constant: the sums piled up from call to call, with no error."""
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x, idx = _ScatterIntoFresh(), torch.randn(4, 8), torch.tensor([0, 1, 1, 2])
+    cap = capture(model, (x, idx))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {n: ("cpu:0" if i % 2 else "cpu:1") for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"cpu:0": "cpu", "cpu:1": "cpu"})
+    for run in (cap.gm, placed):
+        first, second = run(x, idx), run(x, idx)
+        assert first is not second
+        torch.testing.assert_close(first, model(x, idx), rtol=0, atol=0)
+        torch.testing.assert_close(second, model(x, idx), rtol=0, atol=0)
+    first.sum().backward()
+    assert placed.a.weight.grad is not None
