@@ -114,7 +114,7 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        with _RecordRandomDraws(self), _constant_attributes_read(root) as self.constant_reads:
+        with _GuardedTrace(self, root), _constant_attributes_read(root) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -1039,8 +1039,9 @@ class RandomDrawNotTraced(CaptureError):
     hold (torch.export can try)."""
 
 
-class _RecordRandomDraws(torch.overrides.TorchFunctionMode):
-    """While fx traces, record a random draw that reads nothing of the model's data as a node.
+class _GuardedTrace(torch.overrides.TorchFunctionMode):
+    """While fx traces: record a random draw that reads nothing of the model's data as a node,
+    and stop an in-place update of the model's own state before it runs.
 
     fx records only calls that touch a Proxy: ``torch.randn(8, 16)`` (noise of a fixed shape)
     ran once at trace time and its result became a constant (``_tensor_constant1``), so the
@@ -1048,14 +1049,30 @@ class _RecordRandomDraws(torch.overrides.TorchFunctionMode):
     GPU check's factories stage on the CPU: losses 0.2833 against 0.2838 on the first step).
     As a node it draws anew at every call, from the generator of the device it is placed on
     (``envs.runtime.apply`` keeps it on the original's). Calls that touch a Proxy go on to fx.
+
+    fx traces forward()'s Python on Proxies, but a tensor it reaches without one (parameters
+    through ``self.target.parameters()``, a buffer through a list) is the real one: an update of
+    it (a mean teacher's ``p.mul_(0.99).add_(q, alpha=0.01)`` under ``no_grad``) ran on the
+    user's model at every trace, and capture traces more than once (the line is looked for,
+    eval mode is traced too). :func:`checked_trace` refuses such an update after the trace and
+    puts buffers back, but not parameters (a copy of each would double a large model's
+    memory): the user's teacher was left one or more updates ahead (found by trying). So the
+    update is refused here, before it runs, naming the tensor and the model's line.
     """
 
-    def __init__(self, tracer: fx.Tracer) -> None:
+    def __init__(self, tracer: fx.Tracer, root: Any) -> None:
         super().__init__()
         self.tracer = tracer
+        self.state: dict[int, str] = {}  # storage address -> the parameter or buffer it holds
+        if isinstance(root, nn.Module):
+            for name, t in [*root.named_parameters(), *root.named_buffers()]:
+                if t.device.type != "meta":
+                    self.state.setdefault(t.untyped_storage().data_ptr(), name)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.state:
+            self._refuse_state_update(func, args, kwargs)
         if (getattr(func, "__name__", "") not in RANDOM_FACTORY_OPS or getattr(func, "__module__", "") != "torch"
                 or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
             return func(*args, **kwargs)
@@ -1063,6 +1080,26 @@ class _RecordRandomDraws(torch.overrides.TorchFunctionMode):
             raise RandomDrawNotTraced(f"forward() calls torch.{func.__name__} with a generator of its own, which "
                                       "an fx graph cannot hold")
         return self.tracer.create_proxy("call_function", func, args, kwargs)
+
+    def _refuse_state_update(self, func: Any, args: tuple, kwargs: dict) -> None:
+        name = str(getattr(func, "__name__", ""))
+        in_place = (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_DUNDERS
+        written = [args[0]] if in_place and args else []
+        if isinstance(kwargs.get("out"), torch.Tensor):
+            written.append(kwargs["out"])
+        for t in written:
+            if isinstance(t, torch.Tensor) and not isinstance(t, fx.Proxy) and t.device.type != "meta":
+                held = self.state.get(t.untyped_storage().data_ptr())
+                if held is not None:
+                    frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
+                    raise TraceTimeUpdate(_unrecorded_update(f"tensor {held!r}", frame and describe_frame(frame),
+                                                             "torch.fx", stopped=True))
+
+
+#: Tensor methods that update their tensor in place without a trailing underscore.
+_IN_PLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                               "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                               "__setitem__"})
 
 
 class GradModeNotTraced(CaptureError):
@@ -1257,15 +1294,19 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
         finally:
             snapshot.restore(model)
     what = (f"tensor {changed[0]!r}" if changed else f"Python attribute {scalars[0]!r}")
+    raise TraceTimeUpdate(_unrecorded_update(what, line, tracer), python_state=not changed)
+
+
+def _unrecorded_update(what: str, line: str | None, tracer: str, stopped: bool = False) -> str:
+    """The refusal of an update of model state that ``tracer`` does not record (one text for
+    :func:`checked_trace`, after the trace, and :class:`_GuardedTrace`, before the update)."""
     where = f" at {line}" if line else ""
-    raise TraceTimeUpdate(
-        f"forward() updates {what}{where} in a way {tracer} does not record: the update ran once while "
-        "tracing and is not part of the captured graph, so the placed model would diverge from the "
-        "original from its second step on. Expected state kept in registered buffers and updated in "
-        "place with tensor methods (e.g. self.register_buffer('steps', torch.zeros(())) and "
-        "self.steps.add_(1))",
-        python_state=not changed,
-    )
+    ran = "would have run" if stopped else "ran"
+    return (f"forward() updates {what}{where} in a way {tracer} does not record: the update {ran} once while "
+            "tracing and is not part of the captured graph, so the placed model would diverge from the "
+            "original from its second step on. Expected state kept in registered buffers and updated in "
+            "place with tensor methods (e.g. self.register_buffer('steps', torch.zeros(())) and "
+            "self.steps.add_(1))")
 
 
 def _fx_locate(model: nn.Module, leaf_types: Sequence[type], leaf_names: Iterable[str]) -> Any:

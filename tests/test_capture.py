@@ -1144,3 +1144,44 @@ def test_a_tensor_forward_makes_from_constants_and_updates_in_place_is_fresh_at_
         torch.testing.assert_close(second, model(x, idx), rtol=0, atol=0)
     first.sum().backward()
     assert placed.a.weight.grad is not None
+
+
+class _MeanTeacher(nn.Module):
+    """A target network updated in place under no_grad in forward(), reached through .parameters()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online, self.target, self.head = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 4)
+        self.target.requires_grad_(False)
+
+    def forward(self, x):
+        p = self.head(self.online(x))
+        with torch.no_grad():
+            for t, o in zip(self.target.parameters(), self.online.parameters()):
+                t.mul_(0.9).add_(o.detach(), alpha=0.1)
+            z = self.target(x)
+        return (p - z).square().mean()
+
+
+def test_capture_leaves_a_parameter_forward_updates_in_place_untouched_and_the_graph_updates_it():
+    """fx ran the update on the user's model at every trace and only buffers were put back: the
+    teacher was left updates ahead. It is refused before it runs; torch.export records it."""
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x = _MeanTeacher(), torch.randn(5, 8)
+    before = copy.deepcopy(model)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "would have run once while tracing" in (cap.fx_error or "")
+    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+        assert torch.equal(p, q), name
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (before, placed)]
+    for _ in range(3):
+        losses = [m(x) for m in (before, placed)]
+        for opt, loss in zip(opts, losses):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    torch.testing.assert_close(placed.target.weight, before.target.weight, rtol=0, atol=0)
