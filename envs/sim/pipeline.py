@@ -122,6 +122,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -928,7 +929,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
             hc = host[int(dev[s])]
             if a.kind == "F":
                 ready = 0.0 if s == 0 else f_arrive[s, mb]
-                if np.isnan(ready):
+                if math.isnan(ready):
                     continue
                 start = max(clock[r], ready) + (hc.recv_s if s > 0 else 0.0)
                 dt = sc.fwd[s] + hc.stage_fwd_s + (hc.loss_s if s == s_ - 1 else 0.0)
@@ -944,10 +945,10 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
                     f_arrive[s + 1, mb] = begin + occ + lt
                     send_done[r] = max(send_done[r], begin + occ)
             else:
-                if np.isnan(f_done[s, mb]):
+                if math.isnan(f_done[s, mb]):
                     continue
                 ready = f_done[s, mb] if s == s_ - 1 else b_arrive[s, mb]
-                if np.isnan(ready):
+                if math.isnan(ready):
                     continue
                 start = max(clock[r], ready) + (hc.recv_s if s < s_ - 1 else 0.0)
                 dt = sc.backward_s(s, accumulated[s]) + hc.stage_bwd_s
