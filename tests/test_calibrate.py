@@ -150,3 +150,17 @@ def test_a_calibration_over_ranks_scales_the_rank_simulator_that_prices_the_step
     noisy = truth * (1 + 0.2 * np.random.default_rng(1).standard_normal(truth.shape))
     cal = calibrate_simulator(problem, rows, noisy, prior_weight=1e-6)
     assert cal.compute_scale[0] == cal.compute_scale[1]
+
+
+def test_a_simulated_run_does_not_import_scipy_stats_until_a_calibration_agrees():
+    """scipy.stats costs about 0.4 s CPU to import and only measured runs use it (agreement):
+    loading the CLI and optimize's stages leaves it out; agreement still brings it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, placer.cli.main as m, placer.optimizing.run; m.build_parser(); "
+            "print('scipy.stats' in sys.modules); "
+            "from envs.sim.calibration import agreement; agreement([1.0, 2.0, 3.0], [1.1, 2.2, 2.9]); "
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

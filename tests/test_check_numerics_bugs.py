@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 import textwrap
 from types import SimpleNamespace
 
@@ -15,7 +16,13 @@ import torch
 from torch import nn
 
 from envs.runtime.apply import apply_placement
-from envs.runtime.check import _scaled_diff, check_batch_split, check_placement
+from envs.runtime.check import (
+    _finite_scaled_diff,
+    _masked_scaled_diff,
+    _scaled_diff,
+    check_batch_split,
+    check_placement,
+)
 from envs.sim.pipeline import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
@@ -596,3 +603,25 @@ def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
     monkeypatch.setattr(DataFollowingInterpreter, "output", off_by_one)
     report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     assert not report.ok and report.eval_output_diff > 0.1
+
+
+def test_the_finite_fast_path_gives_the_masked_rules_figure_to_the_bit_and_leaves_nan_and_inf_to_it():
+    """The check compares every parameter three passes at a time where it can (no NaN in the
+    difference, no infinity in the original): that figure must be the masked rule's exactly,
+    signed zero included, or a report would change; anything else must fall to the rule."""
+    nan, inf = float("nan"), float("inf")
+    gen = torch.Generator().manual_seed(0)
+    finite = [(torch.randn(50, generator=gen), torch.randn(50, generator=gen)) for _ in range(20)]
+    x = torch.randn(1000, dtype=torch.float64, generator=gen)
+    finite += [(x, x.clone()), (x + 1e-12, x), (torch.tensor([-0.0, 0.0]), torch.tensor([0.0, -0.0])),
+               (torch.tensor([-0.0]), torch.tensor([-0.0])), (torch.tensor([inf, 1.0]), torch.tensor([2.0, 1.0])),
+               (torch.tensor([-inf, 1.0]), torch.tensor([2.0, 3.0])), (torch.tensor(3.0), torch.tensor(-4.0))]
+    for a, b in finite:
+        fast, masked = _finite_scaled_diff(a, b), _masked_scaled_diff(a, b)
+        assert fast is not None
+        assert struct.pack("<d", fast) == struct.pack("<d", masked), (a, b, fast, masked)
+    for a, b in [(torch.tensor([1.0, nan]), torch.tensor([1.0, nan])), (torch.tensor([1.0, nan]), torch.tensor([1.0, 2.0])),
+                 (torch.tensor([1.0, 2.0]), torch.tensor([1.0, nan])), (torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])),
+                 (torch.tensor([1.0, 2.0]), torch.tensor([1.0, -inf]))]:
+        assert _finite_scaled_diff(a, b) is None
+        assert struct.pack("<d", _scaled_diff(a, b)) == struct.pack("<d", _masked_scaled_diff(a, b))

@@ -37,6 +37,13 @@ def test_optimize_writes_every_result_file(result):
     assert "simulated" in report and "## Comparison" in report and "single" in report
 
 
+def test_the_stage_timings_name_every_long_stage_the_pipeline_search_included(result):
+    """-v prints result.seconds: the pipeline search, as long as the placement search with a
+    placement budget, was missing from it."""
+    assert {"prepare", "baselines", "search", "pipelines", "check"} <= set(result.seconds)
+    assert all(v >= 0.0 for v in result.seconds.values())
+
+
 def result_dir(result):
     return result.search.best_path.parent
 

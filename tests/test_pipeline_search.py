@@ -137,6 +137,21 @@ def test_same_seed_same_result_and_the_budget_is_counted_in_simulated_pipelines(
     assert small.evaluated == 2 and small.phase_evaluated == {"seeds": 2}
 
 
+def test_a_search_lists_each_states_moves_once(ring_problem, monkeypatch):
+    """The rounds come back to the same states (each round's start, the local optimum, the best
+    state kicked): their moves are listed once per search and reused, with the same result."""
+    import placer.search.pipeline_search as pipeline_search
+
+    plain = search_pipeline(ring_problem, 16, budget=150, seed=0)
+    asked: list[PipelineState] = []
+    real = pipeline_search.neighbours
+    monkeypatch.setattr(pipeline_search, "neighbours", lambda state, **kw: asked.append(state) or real(state, **kw))
+    counted = search_pipeline(ring_problem, 16, budget=150, seed=0)
+    assert (counted.best, counted.step_time, counted.evaluated, counted.history) == (
+        plain.best, plain.step_time, plain.evaluated, plain.history)
+    assert asked and len(asked) == len(set(asked))
+
+
 def test_the_ablation_switches_leave_each_phase_alone(ring_problem):
     """Local search alone never asks the policy; the policy alone never runs local search and,
     from scratch, starts from no partitioner; the full search runs both from the same seeds."""

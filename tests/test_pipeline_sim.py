@@ -60,6 +60,29 @@ def test_interleaved_order_is_torchs_pipeline_order_without_padding():
         assert ours == theirs
 
 
+def test_pipelines_of_one_shape_build_their_action_orders_once(monkeypatch):
+    """The pipeline search simulates thousands of cuts of a few shapes: the orders depend on the
+    shape alone, so a second cut of the same shape (another cluster, other stages) reuses them,
+    gets the same step as before, and pipeline_orders still hands out lists of its own."""
+    import envs.sim.pipeline as pipeline_module
+
+    built: list[tuple[str, int, int]] = []
+    real = pipeline_module.action_order
+    monkeypatch.setattr(pipeline_module, "action_order",
+                        lambda schedule, s, m: built.append((schedule, s, m)) or real(schedule, s, m))
+    pipeline_module._orders.cache_clear()
+    problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
+    first = simulate_pipeline(problem, two_stages(3, "gpipe"), ZERO_COSTS).step_time
+    other = Pipeline((("x", "l0"), ("l1", "l2", "l3", "output")), ("cpu:1", "cpu:0"), 3, "gpipe")
+    simulate_pipeline(problem, other, ZERO_COSTS)
+    assert simulate_pipeline(problem, two_stages(3, "gpipe"), ZERO_COSTS).step_time == first
+    assert built == [("gpipe", 2, 3)]
+    mine = pipeline_orders(two_stages(3, "gpipe"))
+    mine[0].clear()
+    assert [len(o) for o in pipeline_orders(two_stages(3, "gpipe"))] == [6, 6]
+    assert built == [("gpipe", 2, 3)]
+
+
 def test_one_microbatch_reproduces_the_unpipelined_step_over_one_process_per_stage():
     g = chain(4, params=1000)
     cluster = cpu_cluster(2)

@@ -239,16 +239,43 @@ def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     dtype = torch.promote_types(a.dtype, b.dtype)
     dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
     a, b = a.to(dtype), b.to(dtype)
+    if a.numel() == 0:
+        return 0.0
+    fast = _finite_scaled_diff(a, b)
+    return fast if fast is not None else _masked_scaled_diff(a, b)
+
+
+def _masked_scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`_scaled_diff` of two same-shape, non-empty float tensors of one dtype, by the
+    rule in full: NaN and infinities masked."""
     nan = a.isnan()
     if not torch.equal(nan, b.isnan()):
         return float("inf")
-    if a.numel() == 0:
-        return 0.0
     # a == b first: inf - inf is NaN. The scale ignores b's infinities, which would hide
     # any finite difference elsewhere.
     gap = (a - b).abs_().masked_fill_((a == b) | nan, 0.0)
     scale = 1.0 + float(b.abs().masked_fill_(~b.isfinite(), 0.0).max())
     return float(gap.max()) / scale
+
+
+def _finite_scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """:func:`_scaled_diff` of two same-shape, non-empty float tensors in three passes, or None
+    where ``a - b`` has a NaN or ``b`` an infinity and the masked rule must decide.
+
+    The masked rule makes about a dozen passes over both tensors (NaN masks, masked copies,
+    ``isfinite``): on paper NMT's 155 million parameters that was most of the check's time,
+    spent on tensors that are almost always finite. Without a NaN in ``a - b`` neither side has
+    one, and ``|a - b|`` is 0 wherever ``a == b``; with ``b`` finite nothing is masked from the
+    scale. Then both maxima are exactly the masked rule's (a max rounds nothing), from one
+    ``aminmax`` each: ``max|x| = max(|min x|, |max x|)``, ``abs`` keeping a -0.0 out of the report.
+    """
+    low, high = (float(x) for x in (a - b).aminmax())
+    if math.isnan(low) or math.isnan(high):
+        return None
+    smallest, largest = (float(x) for x in b.aminmax())
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
+        return None
+    return max(abs(low), abs(high)) / (1.0 + max(abs(smallest), abs(largest)))
 
 
 #: What every refusal of an untrainable model says was expected.

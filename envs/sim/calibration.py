@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
@@ -62,6 +62,10 @@ def agreement(simulated: Sequence[float] | np.ndarray, measured: Sequence[float]
         raise CalibrationError(f"agreement needs at least 2 valid measured placements, got {int(ok.sum())}")
     sim, meas = sim[ok], meas[ok]
     rel = (sim - meas) / meas
+    # Here, not at the top: scipy.stats takes about 0.4 s CPU to import, and every run imports
+    # this module (placer.measurement does) where only runs on real devices calibrate.
+    from scipy import stats
+
     with warnings.catch_warnings():
         # Constant inputs (e.g. placements the simulator times alike) have no rank order.
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
