@@ -53,7 +53,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, RANDOM_FACTORY_OPS, storage_roots, written_nodes
+from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, storage_roots, written_nodes
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -195,8 +195,12 @@ class _AugmentedProxy(fx.Proxy):
     graph where the model updates ``x`` in place, and a view or another name of ``x`` taken
     before read the old values (walkthrough: ``t = h.t(); h += y`` gave another output).
     Where nothing reads the old tensor again, :func:`_augmented_out_of_place` turns the
-    update back into ``x + y``.
+    update back into ``x + y``. Item assignment (``out[:, :4] = h``), which fx's Proxy refuses,
+    is recorded as ``operator.setitem``, the in-place update it is.
     """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 def _record_augmented(name: str) -> None:
@@ -1040,15 +1044,21 @@ class RandomDrawNotTraced(CaptureError):
 
 
 class _GuardedTrace(torch.overrides.TorchFunctionMode):
-    """While fx traces: record a random draw that reads nothing of the model's data as a node,
-    and stop an in-place update of the model's own state before it runs.
+    """While fx traces: record a tensor that forward() makes from constants alone as a node, and
+    stop an in-place update of the model's own state before it runs.
 
-    fx records only calls that touch a Proxy: ``torch.randn(8, 16)`` (noise of a fixed shape)
-    ran once at trace time and its result became a constant (``_tensor_constant1``), so the
-    captured and placed models added the same noise at every step, with no error (found by the
-    GPU check's factories stage on the CPU: losses 0.2833 against 0.2838 on the first step).
-    As a node it draws anew at every call, from the generator of the device it is placed on
-    (``envs.runtime.apply`` keeps it on the original's). Calls that touch a Proxy go on to fx.
+    fx records only calls that touch a Proxy, so ``torch.randn(8, 16)`` or ``torch.zeros(3, 8)``
+    ran once at trace time and the tensor became a constant (``_tensor_constantN``), with two
+    silent consequences (found by trying): noise of a fixed shape was the same at every step
+    (first loss 0.2833 against the original's 0.2838), and an update of the tensor that reads
+    the data (``out.index_add_(0, idx, h)``, ``out[:, :4] = h``) was recorded on the constant
+    while the Python variable kept the unchanged real tensor, so what forward() computed from it
+    afterwards (``total += out``) ran at trace time and was baked in too: the model returned
+    ones, whatever its input. As a node the tensor is made anew at every call, and everything
+    computed from it is traced (a draw keeps its generator: ``envs.runtime.apply`` keeps it on
+    the original's device). ``torch.tensor(data)`` stays a constant, copied at each call where
+    the graph updates it (:func:`_fresh_constants_where_updated`). Calls that touch a Proxy go
+    on to fx.
 
     fx traces forward()'s Python on Proxies, but a tensor it reaches without one (parameters
     through ``self.target.parameters()``, a buffer through a list) is the real one: an update of
@@ -1073,7 +1083,7 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if self.state:
             self._refuse_state_update(func, args, kwargs)
-        if (getattr(func, "__name__", "") not in RANDOM_FACTORY_OPS or getattr(func, "__module__", "") != "torch"
+        if (getattr(func, "__name__", "") not in _MADE_AS_NODES or getattr(func, "__module__", "") != "torch"
                 or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
             return func(*args, **kwargs)
         if kwargs.get("generator") is not None:
@@ -1095,6 +1105,10 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
                     raise TraceTimeUpdate(_unrecorded_update(f"tensor {held!r}", frame and describe_frame(frame),
                                                              "torch.fx", stopped=True))
 
+
+#: torch factories a trace records as nodes when no argument reads the data (:class:`_GuardedTrace`):
+#: all but those of ``data`` (``torch.tensor([...])``), which stay constants.
+_MADE_AS_NODES = (FACTORY_OPS | RANDOM_FACTORY_OPS) - {"tensor", "as_tensor", "scalar_tensor"}
 
 #: Tensor methods that update their tensor in place without a trailing underscore.
 _IN_PLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",

@@ -158,7 +158,10 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
     """Indices of ``node.args`` that ``node`` updates in place."""
     if node.op == "call_method":
         t = str(node.target)
-        return [0] if t.endswith("_") and not t.startswith("__") else []
+        # Tensor.__setitem__ / __iadd__ on a tensor fx did not proxy (a constant forward() made,
+        # out[:, :4] = h) come as methods; on a Proxy, as operator.setitem / operator.iadd.
+        dunder = t.startswith("__") and t.endswith("__") and t[2:-2] in INPLACE_OPERATOR_NAMES
+        return [0] if (t.endswith("_") and not t.startswith("__")) or dunder else []
     if node.op == "call_module":
         mod = root.get_submodule(str(node.target))
         return [0] if getattr(mod, "inplace", False) is True else []

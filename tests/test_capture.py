@@ -906,7 +906,7 @@ class _EvalOnlySetitem(nn.Module):
     def forward(self, x):
         h = self.a(x)
         if not self.training:
-            self.seen[0] = h.sum()  # fx cannot trace item assignment on a Proxy
+            self.seen[0] = h.sum()  # item assignment on a Proxy: fx refuses it, placer records operator.setitem
         return h
 
 
@@ -960,7 +960,7 @@ def test_a_model_fx_cannot_trace_in_eval_mode_evaluates_the_graph_torch_export_c
     from envs.runtime.apply import apply_placement
 
     torch.manual_seed(0)
-    for model_type in (_EvalOnlySetitem, _EvalOnlyLoop):
+    for model_type in (_EvalOnlyLoop,):
         model, x = model_type(), torch.randn(3, 4)
         cap = capture(model, (x,))
         assert cap.method == "fx"
@@ -968,10 +968,10 @@ def test_a_model_fx_cannot_trace_in_eval_mode_evaluates_the_graph_torch_export_c
                                  real_devices={"gpu0": "cpu", "gpu1": "cpu"})
         torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)  # a training step: BatchNorm's statistics
         placed.eval(), model.eval()
-        with torch.no_grad():  # a validation pass: _EvalOnlySetitem's buffer would otherwise join the graph
+        with torch.no_grad():
             torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
         assert placed.state_dict().keys() == model.state_dict().keys()
-        for key, value in model.state_dict().items():  # _EvalOnlySetitem's eval-mode update included
+        for key, value in model.state_dict().items():
             torch.testing.assert_close(placed.state_dict()[key], value, rtol=0, atol=0, msg=key)
         for twin in (copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
             with torch.no_grad():
@@ -1115,7 +1115,9 @@ def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_mode
 
 
 class _ScatterIntoFresh(nn.Module):
-    """Sums rows into a buffer forward() makes anew at each call (``torch.zeros(3, 8)``)."""
+    """Sums rows into a buffer forward() makes anew at each call (``torch.zeros(3, 8)``), writes
+    into two more by item assignment and ``+=``, and scales a ``torch.tensor`` of constants
+    in place (kept a constant, copied at each call)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1124,7 +1126,13 @@ class _ScatterIntoFresh(nn.Module):
     def forward(self, x, idx):
         out = torch.zeros(3, 8)
         out.index_add_(0, idx, self.a(x))
-        return out
+        head = torch.zeros(3, 16)
+        head[:, :8] = out
+        total = torch.ones(3, 16)
+        total += head
+        scale = torch.tensor([1.0, 2.0, 3.0])
+        scale.mul_(out.sum())
+        return total, scale
 
 
 def test_a_tensor_forward_makes_from_constants_and_updates_in_place_is_fresh_at_every_call():
@@ -1139,10 +1147,10 @@ def test_a_tensor_forward_makes_from_constants_and_updates_in_place_is_fresh_at_
                              real_devices={"cpu:0": "cpu", "cpu:1": "cpu"})
     for run in (cap.gm, placed):
         first, second = run(x, idx), run(x, idx)
-        assert first is not second
+        assert all(a is not b for a, b in zip(first, second))
         torch.testing.assert_close(first, model(x, idx), rtol=0, atol=0)
         torch.testing.assert_close(second, model(x, idx), rtol=0, atol=0)
-    first.sum().backward()
+    (first[0].sum() + first[1].sum()).backward()
     assert placed.a.weight.grad is not None
 
 
@@ -1185,3 +1193,22 @@ def test_capture_leaves_a_parameter_forward_updates_in_place_untouched_and_the_g
             opt.step()
         torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
     torch.testing.assert_close(placed.target.weight, before.target.weight, rtol=0, atol=0)
+
+
+def test_item_assignment_is_traced_by_fx_in_either_mode():
+    """``self.seen[0] = h.sum()`` in eval mode only: fx refused item assignment on a Proxy, so
+    eval mode went to an exported graph of the example's shapes; now fx records it, and a
+    validation batch of another size runs, the buffer's update included."""
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x = _EvalOnlySetitem(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+                             real_devices={"gpu0": "cpu", "gpu1": "cpu"})
+    placed.eval(), model.eval()
+    for batch in (x, torch.randn(5, 4)):
+        with torch.no_grad():
+            torch.testing.assert_close(placed(batch), model(batch), rtol=0, atol=0)
+        torch.testing.assert_close(placed.seen, model.seen, rtol=0, atol=0)
