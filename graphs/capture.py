@@ -53,7 +53,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, storage_roots, written_nodes
+from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, storage_roots
 from graphs.placement_graph import build_placement_graph
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
@@ -118,7 +118,6 @@ class PlacerTracer(fx.Tracer):
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
-        _fresh_constants_where_updated(graph, self.root)
         for node in graph.nodes:
             # Under `from __future__ import annotations` forward's annotations are strings, which
             # fx's code names as globals that pickle cannot find: torch.save(placed) failed.
@@ -215,34 +214,6 @@ def _record_augmented(name: str) -> None:
 
 for _name in AUGMENTED_ASSIGNMENTS:
     _record_augmented(_name)
-
-
-def _fresh_constants_where_updated(graph: fx.Graph, root: nn.Module) -> None:
-    """Give every call its own copy of a tensor constant the graph updates in place.
-
-    fx keeps a tensor that forward() made from constants alone (``out = torch.zeros(3, 8)``) as
-    one constant of the module, made once at trace time. Where the graph then updates it in
-    place (``out.index_add_(0, idx, h)``, a scatter into a fresh buffer), every call updated
-    the same tensor: the sums piled up from call to call, and every output was that one tensor,
-    with no error (found by trying: the first placed output 2.29 off the original's). forward()
-    made a new tensor at each call, so the graph now copies the constant at its first read,
-    and every read of it in that call reads the copy. Only the constants fx itself made
-    (``_tensor_constantN``): a model's own tensors are state, and stay shared.
-    """
-    made = {n: n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")}
-    if not made:
-        return
-    roots = storage_roots(graph.nodes, root)
-    updated = {str(roots[arg].target) for n in graph.nodes for arg in written_nodes(n, root)
-               if roots[arg] in made}
-    for target in sorted(updated & {str(n.target) for n in made}):
-        reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target) == target]
-        with graph.inserting_after(reads[0]):
-            fresh = graph.call_method("clone", (reads[0],))
-        for read in reads:
-            read.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
-        for read in reads[1:]:
-            graph.erase_node(read)
 
 
 def _augmented_out_of_place(graph: fx.Graph, root: nn.Module) -> None:
@@ -1056,9 +1027,9 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
     afterwards (``total += out``) ran at trace time and was baked in too: the model returned
     ones, whatever its input. As a node the tensor is made anew at every call, and everything
     computed from it is traced (a draw keeps its generator: ``envs.runtime.apply`` keeps it on
-    the original's device). ``torch.tensor(data)`` stays a constant, copied at each call where
-    the graph updates it (:func:`_fresh_constants_where_updated`). Calls that touch a Proxy go
-    on to fx.
+    the original's device). ``torch.tensor(data)`` stays a constant: an update of it that reads
+    the data is refused (:class:`ConstantUpdatedByData`), so torch.export, which records it,
+    captures the model. Calls that touch a Proxy go on to fx.
 
     fx traces forward()'s Python on Proxies, but a tensor it reaches without one (parameters
     through ``self.target.parameters()``, a buffer through a list) is the real one: an update of
@@ -1081,8 +1052,7 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.state:
-            self._refuse_state_update(func, args, kwargs)
+        self._refuse_unrecorded_update(func, args, kwargs)
         if (getattr(func, "__name__", "") not in _MADE_AS_NODES or getattr(func, "__module__", "") != "torch"
                 or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
             return func(*args, **kwargs)
@@ -1091,19 +1061,32 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
                                       "an fx graph cannot hold")
         return self.tracer.create_proxy("call_function", func, args, kwargs)
 
-    def _refuse_state_update(self, func: Any, args: tuple, kwargs: dict) -> None:
+    def _refuse_unrecorded_update(self, func: Any, args: tuple, kwargs: dict) -> None:
         name = str(getattr(func, "__name__", ""))
         in_place = (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_DUNDERS
         written = [args[0]] if in_place and args else []
         if isinstance(kwargs.get("out"), torch.Tensor):
             written.append(kwargs["out"])
         for t in written:
-            if isinstance(t, torch.Tensor) and not isinstance(t, fx.Proxy) and t.device.type != "meta":
-                held = self.state.get(t.untyped_storage().data_ptr())
-                if held is not None:
-                    frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
-                    raise TraceTimeUpdate(_unrecorded_update(f"tensor {held!r}", frame and describe_frame(frame),
-                                                             "torch.fx", stopped=True))
+            if not isinstance(t, torch.Tensor) or isinstance(t, fx.Proxy) or t.device.type == "meta":
+                continue
+            frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
+            held = self.state.get(t.untyped_storage().data_ptr())
+            if held is not None:
+                raise TraceTimeUpdate(_unrecorded_update(f"tensor {held!r}", frame and describe_frame(frame),
+                                                         "torch.fx", stopped=True))
+            if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+                where = f" at {describe_frame(frame)}" if frame is not None else ""
+                raise ConstantUpdatedByData(
+                    f"forward() updates a tensor made from constants alone with values of the data{where}: fx "
+                    "records the update on a constant and goes on with the tensor as it was")
+
+
+class ConstantUpdatedByData(CaptureError):
+    """forward() updates a tensor fx holds as a constant (``torch.tensor([...])``, a plain tensor
+    attribute) with values of the data: fx records the update on the constant, but what forward()
+    then computes from the tensor in Python runs at trace time, on the old values, and is baked
+    in. torch.export records it."""
 
 
 #: torch factories a trace records as nodes when no argument reads the data (:class:`_GuardedTrace`):

@@ -1115,9 +1115,8 @@ def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_mode
 
 
 class _ScatterIntoFresh(nn.Module):
-    """Sums rows into a buffer forward() makes anew at each call (``torch.zeros(3, 8)``), writes
-    into two more by item assignment and ``+=``, and scales a ``torch.tensor`` of constants
-    in place (kept a constant, copied at each call)."""
+    """Sums rows into a buffer forward() makes anew at each call (``torch.zeros(3, 8)``), and
+    writes into two more by item assignment and ``+=``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1130,9 +1129,7 @@ class _ScatterIntoFresh(nn.Module):
         head[:, :8] = out
         total = torch.ones(3, 16)
         total += head
-        scale = torch.tensor([1.0, 2.0, 3.0])
-        scale.mul_(out.sum())
-        return total, scale
+        return total, head
 
 
 def test_a_tensor_forward_makes_from_constants_and_updates_in_place_is_fresh_at_every_call():
@@ -1212,3 +1209,27 @@ def test_item_assignment_is_traced_by_fx_in_either_mode():
         with torch.no_grad():
             torch.testing.assert_close(placed(batch), model(batch), rtol=0, atol=0)
         torch.testing.assert_close(placed.seen, model.seen, rtol=0, atol=0)
+
+
+class _ScaledConstant(nn.Module):
+    """A ``torch.tensor`` of constants scaled in place by the data, then used in Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        scale = torch.tensor([1.0, 2.0, 3.0])
+        scale.mul_(self.a(x).sum())
+        return x * scale[None, :]
+
+
+def test_a_constant_tensor_updated_by_the_data_is_captured_by_torch_export():
+    """fx recorded the update on the constant while scale[None, :] ran at trace time on the old
+    values: the model ignored its weights, with no error."""
+    torch.manual_seed(0)
+    model, x = _ScaledConstant(), torch.randn(4, 3)
+    cap = capture(model, (x,))
+    assert cap.method == "export" and "made from constants alone" in (cap.fx_error or "")
+    for batch in (x, torch.randn(4, 3)):
+        torch.testing.assert_close(cap.gm(batch), model(batch), rtol=0, atol=0)
