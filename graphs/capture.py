@@ -91,6 +91,13 @@ Scalar = float | int | bool | str | torch.Tensor
 _SCALAR_TYPES = (float, int, bool, str, torch.Tensor)
 
 
+@dataclass(frozen=True)
+class TensorRead:
+    """A plain tensor attribute forward() read while traced, by its shape (:func:`pin_constant_attributes`)."""
+
+    shape: tuple[int, ...]
+
+
 class PlacerTracer(fx.Tracer):
     """fx tracer at module granularity: torch.nn layers, recurrent modules and user leaves are single nodes.
 
@@ -108,7 +115,7 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = True
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
-        self.constant_reads: dict[str, Scalar] = {}  # module attributes forward() read as Python numbers, flags, text
+        self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read as Python numbers, flags, text
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
@@ -300,7 +307,7 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
 
 
 @contextlib.contextmanager
-def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar]]:
+def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRead]]:
     """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``
     (:data:`Scalar`) that the block reads, by qualified name; ``training`` is eval mode's
     (:mod:`graphs.eval_mode`), and names starting with ``_`` are nn.Module's own.
@@ -311,7 +318,7 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar]]:
     (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are seen: a module class with a ``__getattr__`` of its own
     that does not call ``nn.Module``'s hides its reads (they then go unchecked, as before).
     """
-    reads: dict[str, Scalar] = {}
+    reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
         yield reads
         return
@@ -331,7 +338,11 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar]]:
     def recording_getattr(module: nn.Module, name: str) -> Any:
         entry = held.get(id(module))
         if entry is not None and name in entry[1]:
-            reads[f"{entry[0]}.{name}" if entry[0] else name] = entry[1][name]
+            value = entry[1][name]
+            # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
+            # the placed model's own copy (the graph holds fx's constant, not this attribute).
+            reads[f"{entry[0]}.{name}" if entry[0] else name] = (
+                TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
             return entry[1][name]
         return plain_getattr(module, name)
 
@@ -356,7 +367,7 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar]]:
                 module.__dict__.setdefault(k, v)  # one forward() set itself is its own (a trace-time update)
 
 
-def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar]) -> None:
+def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar | TensorRead]) -> None:
     """Refuse a forward of ``gm`` after a module attribute its graph baked in as a Python value
     (:data:`Scalar`) was set to another one on ``gm`` (``placed.block.tau = 0.5``, an annealed
     temperature; ``placed.router.k = 1``; ``placed.gradient_checkpointing = True``).
@@ -375,7 +386,7 @@ def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar]) -> 
 
 def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
     """Forward pre-hook of :func:`pin_constant_attributes`."""
-    baked: dict[str, Scalar] = module.__dict__.get("placer_constant_attributes") or {}
+    baked: dict[str, Scalar | TensorRead] = module.__dict__.get("placer_constant_attributes") or {}
     holders: dict[str, nn.Module | None] = {}
     for qualname, value in baked.items():
         path, _, name = qualname.rpartition(".")
@@ -386,9 +397,9 @@ def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
             holders[path] = found  # None: the graph holds no such module, so nothing could be set on it
         holder = holders[path]
         got = value if holder is None else holder.__dict__.get(name, value)
-        if got is value or (not isinstance(value, torch.Tensor) and _same_constant(got, value)):
-            continue
-        if isinstance(value, torch.Tensor):
+        if got is value or (not isinstance(value, TensorRead) and _same_constant(got, value)):
+            continue  # a tensor attribute the graph read is never on the placed model's own modules
+        if isinstance(value, TensorRead):
             was, now = f"a tensor{list(value.shape)}", f"another {_leaf_text(got)}"
             remedy = f"register it as a buffer (self.register_buffer({name!r}, tensor)), which the graph reads at every step"
         else:
