@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import itertools
@@ -121,7 +122,8 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        with _GuardedTrace(self, root), _constant_attributes_read(root) as self.constant_reads:
+        with _GuardedTrace(self, root), _factories_taking_proxies(self), \
+                _constant_attributes_read(root) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -1091,6 +1093,42 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
                 raise ConstantUpdatedByData(
                     f"forward() updates a tensor made from constants alone with values of the data{where}: fx "
                     "records the update on a constant and goes on with the tensor as it was")
+
+
+@contextlib.contextmanager
+def _factories_taking_proxies(tracer: fx.Tracer) -> Iterator[None]:
+    """While fx traces, let ``torch.zeros(x.size(0), 16)`` (a size that reads the data) be a node.
+
+    torch's argument parser refuses a Proxy inside a size before any ``__torch_function__`` or
+    mode can see the call ("zeros() takes 1 positional argument but 2 were given"), so such a
+    forward failed under fx and went to torch.export, whose graph bakes the example's size in:
+    an RNN's initial state ``torch.zeros(x.size(0), hidden)`` then refused every other batch
+    size, and ``x * torch.ones(x.shape[0], 1)`` broadcast a batch of 1 to the example's 8 rows
+    (found by trying). The factories of :data:`_MADE_AS_NODES` on the ``torch`` module are
+    wrapped for the trace: a call with a Proxy among its arguments is recorded as the factory's
+    node, any other goes to the factory itself (and so to :class:`_GuardedTrace`).
+    """
+    originals = {name: getattr(torch, name) for name in sorted(_MADE_AS_NODES) if callable(getattr(torch, name, None))}
+
+    def taking_proxies(name: str, factory: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(factory)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+                return factory(*args, **kwargs)
+            if kwargs.get("generator") is not None:
+                raise RandomDrawNotTraced(f"forward() calls torch.{name} with a generator of its own, which an fx "
+                                          "graph cannot hold")
+            return tracer.create_proxy("call_function", factory, args, kwargs)
+
+        return call
+
+    for name, factory in originals.items():
+        setattr(torch, name, taking_proxies(name, factory))
+    try:
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
 
 
 class ConstantUpdatedByData(CaptureError):

@@ -1233,3 +1233,31 @@ def test_a_constant_tensor_updated_by_the_data_is_captured_by_torch_export():
     assert cap.method == "export" and "made from constants alone" in (cap.fx_error or "")
     for batch in (x, torch.randn(4, 3)):
         torch.testing.assert_close(cap.gm(batch), model(batch), rtol=0, atol=0)
+
+
+class _InitialState(nn.Module):
+    """An RNN's initial state and a mask sized by the batch (``torch.zeros(x.size(0), 16)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.out = nn.GRUCell(6, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.zeros(x.size(0), 16)
+        for t in range(3):
+            h = self.cell(x[:, t], h)
+        return self.out(h * torch.ones(x.shape[0], 1))
+
+
+def test_a_tensor_sized_by_the_batch_is_traced_by_fx_and_follows_the_batch_size():
+    """torch refuses a Proxy inside a size before fx sees the call, so such a model went to
+    torch.export, whose graph bakes the example's batch of 8: a batch of 1 was refused, and
+    the mask broadcast it to 8 rows."""
+    torch.manual_seed(0)
+    model = _InitialState()
+    cap = capture(model, (torch.randn(8, 3, 6),))
+    assert cap.method == "fx"
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 3, 6)
+        torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+    assert torch.zeros.__name__ == "zeros" and type(torch.zeros).__name__ == "builtin_function_or_method"

@@ -219,14 +219,14 @@ def test_measure_training_step_is_positive_and_leaves_the_model_alone(unrolled):
 
 
 class NeedsExport(nn.Module):
-    """Shape-dependent control flow: fx cannot trace it, torch.export can."""
+    """Iterates over a tensor: fx cannot trace it, torch.export can."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.zeros(x.shape[0], 8)
+        h = torch.stack([row for row in x])
         return self.lin(x) + h
 
 
