@@ -37,7 +37,7 @@ import torch.fx._symbolic_trace as _fx_symbolic_trace
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import CaptureError
 from graphs.eval_mode import (
@@ -50,12 +50,14 @@ from graphs.eval_mode import (
     follow_eval_mode,
     fx_eval_arguments,
     refuse_eval_mode,
+    refuse_other_shapes,
 )
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
 from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, storage_roots
 from graphs.placement_graph import build_placement_graph
+from graphs.random_state import kept_random_state
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.user_frames import describe_frame, is_user_file, user_frame
 
@@ -760,7 +762,7 @@ def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_
     specialises its graph on the example's shapes where fx's training graph takes any: another
     batch size could run the example's (``torch.ones(3, 1)`` broadcast over one row) with no
     error, so the eval forward refuses inputs of other shapes
-    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_mode._refuse_other_shapes`).
+    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_mode.refuse_other_shapes`).
     """
     try:
         eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
@@ -863,6 +865,81 @@ def _refuse_other_constants(module: fx.GraphModule, args: tuple, kwargs: dict[st
         raise CaptureError(f"the model's graph was captured by torch.export with the example inputs' values that "
                            f"are not tensors baked in, and these inputs differ: {what}; expected inputs like the "
                            "example's (tensors may change), or capture the model with these")
+    refuse_other_shapes(leaves, module.__dict__.get("placer_input_shapes"), _EXPORTED_SHAPES)
+
+
+#: Why an exported training graph that is not batch-generic refuses other shapes (:func:`pin_shapes_unless_generic`).
+_EXPORTED_SHAPES = (
+    "torch.export captured the model's graph with the example's sizes in its ops, and at capture a batch of another "
+    "size computed something else than the model (or failed); expected inputs of the example's shapes: drop or pad "
+    "a last, smaller batch (DataLoader(drop_last=True)), or capture the model with the shapes it will train on")
+
+
+def pin_shapes_unless_generic(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> None:
+    """Make ``gm`` (torch.export's training graph of ``model``) refuse inputs of other shapes than
+    the example's, unless it computes the model's outputs for a batch of another size.
+
+    torch.export specialises on the example's shapes: sizes the model computes from its input
+    (``x.view(x.size(0), -1)``, ``torch.ones(x.shape[0], 1)``) are constants in the graph, so
+    a last, smaller batch could run them with no error (a row broadcast over the example's rows,
+    found by trying). The check: every tensor input whose first dimension is the first input's
+    batch gets one row more (its rows taken in turn), and copies of ``gm`` and ``model`` (one
+    deep copy, so their shared tensors stay shared, and forward()'s own updates of them, a
+    BatchNorm's statistics or a teacher's weights, land on the copies) run it from one seed.
+    Models with more than :data:`BATCH_CHECK_MAX_BYTES` of state, or that cannot be deep-copied,
+    are not checked (a log line says so) and keep running any shape, as before.
+    """
+    leaves, spec = tree_flatten(inputs)
+    first = next((v for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if first is None:
+        return
+    state = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    if state > BATCH_CHECK_MAX_BYTES:
+        log.info("the graph torch.export captured was not checked on another batch size (%.1f GiB of state to "
+                 "copy); it may hold the example's batch size", state / 2**30)
+        return
+    batch = first.shape[0]
+    rows = torch.arange(batch + 1) % batch
+    grown = tree_unflatten([v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() > 0
+                            and v.shape[0] == batch else v for v in leaves], spec)
+    try:
+        twin_gm, twin_model = copy.deepcopy((gm, model))
+    except Exception as exc:  # noqa: BLE001 - a model holding what does not copy (a lock, a file)
+        log.info("the graph torch.export captured was not checked on another batch size (the model does not "
+                 "deep-copy: %s); it may hold the example's batch size", _reason(exc))
+        return
+    if not _same_outputs(twin_gm, twin_model, grown):
+        gm.placer_input_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None  # type: ignore[assignment]
+                                  for v in leaves]
+
+
+#: The most state (parameters and buffers, bytes) :func:`pin_shapes_unless_generic` copies to check a graph.
+BATCH_CHECK_MAX_BYTES = 2**30
+
+
+def _same_outputs(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``gm`` and ``model`` compute the same outputs from ``inputs`` (one seed each;
+    the random state is left as it was)."""
+    try:
+        with kept_random_state(), torch.no_grad():
+            torch.manual_seed(0)
+            got = tree_flatten(gm(*inputs))[0]
+            torch.manual_seed(0)
+            want = tree_flatten(model(*inputs))[0]
+    except Exception:  # noqa: BLE001 - a graph that fails on another batch size is not generic
+        return False
+    if len(got) != len(want):
+        return False
+    for a, b in zip(got, want):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return False
+        if isinstance(a, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            if a.numel() and not torch.allclose(a.detach().float(), b.detach().float(), rtol=1e-5, atol=1e-6,
+                                                equal_nan=True):
+                return False
+    return True
 
 
 _refuse_other_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
@@ -958,6 +1035,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
+    if method == "export":
+        pin_shapes_unless_generic(gm, model, inputs)
     if isinstance(baked, fx.Graph):
         # After complete_state: the eval graph may read state the training graph does not.
         try:

@@ -485,7 +485,7 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
             else:
                 values.append(value)
         if in_spec is None:  # fx's graph, or torch.export's after a pickle (fx re-traces its code, leaves and all)
-            _refuse_other_shapes(values, self.__dict__.get("placer_eval_input_shapes"))
+            refuse_other_shapes(values, self.__dict__.get("placer_eval_input_shapes"))
             return DataFollowingInterpreter(self, graph=graph).run(*values)
         # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
         if _has_args_and_kwargs(in_spec):
@@ -494,24 +494,29 @@ def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
         else:
             inputs = values
         leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
-        _refuse_other_shapes(leaves, self.__dict__.get("placer_eval_input_shapes"))
+        refuse_other_shapes(leaves, self.__dict__.get("placer_eval_input_shapes"))
         out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
         return codegen.process_outputs(out)
 
     return eval_forward
 
 
-def _refuse_other_shapes(leaves: Sequence[Any], shapes: Sequence[tuple[int, ...] | None] | None) -> None:
-    """Raise where an input of an eval graph torch.export captured for an fx model (``shapes``:
-    the example's, per input; :func:`graphs.capture._exported_for_fx`) has another shape: the
-    graph holds the example's shapes, and another batch size could run them with no error."""
+#: Why an eval graph holds the example's shapes (:func:`refuse_other_shapes`'s default).
+EVAL_GRAPH_SHAPES = (
+    "torch.fx cannot trace forward() in eval mode, so the placed model evaluates the graph torch.export captured in "
+    "eval mode, which holds the example's shapes. Evaluate with inputs of those shapes, or with your original "
+    "model, loading the trained weights back with model.load_state_dict(placed.state_dict())")
+
+
+def refuse_other_shapes(leaves: Sequence[Any], shapes: Sequence[tuple[int, ...] | None] | None,
+                        why: str = EVAL_GRAPH_SHAPES) -> None:
+    """Raise where an input of a graph that holds the example's shapes (``shapes``: the
+    example's, per flattened input; None where any shape runs) has another shape: another batch
+    size could run the example's sizes with no error (``torch.ones(3, 1)`` broadcast over one
+    row). ``why`` says which graph holds them and what to do."""
     for i, (leaf, shape) in enumerate(zip(leaves, shapes or ())):
         if shape is not None and isinstance(leaf, torch.Tensor) and tuple(leaf.shape) != shape:
-            raise CaptureError(
-                f"input {i} has shape {tuple(leaf.shape)} where the example had {shape}: torch.fx cannot trace "
-                "forward() in eval mode, so the placed model evaluates the graph torch.export captured in eval mode, "
-                "which holds the example's shapes. Evaluate with inputs of those shapes, or with your original "
-                "model, loading the trained weights back with model.load_state_dict(placed.state_dict())")
+            raise CaptureError(f"input {i} has shape {tuple(leaf.shape)} where the example had {shape}: {why}")
 
 
 def _signature(graph: fx.Graph) -> inspect.Signature:

@@ -1261,3 +1261,49 @@ def test_a_tensor_sized_by_the_batch_is_traced_by_fx_and_follows_the_batch_size(
         x = torch.randn(batch, 3, 6)
         torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
     assert torch.zeros.__name__ == "zeros" and type(torch.zeros).__name__ == "builtin_function_or_method"
+
+
+class _ExportedSizedByBatch(nn.Module):
+    """torch.export captures it (iterating over a tensor); its mask is sized by the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = torch.stack([row for row in x])
+        return self.bn(self.a(x)) * torch.ones(x.shape[0], 1)
+
+
+class _ExportedAnyBatch(nn.Module):
+    """torch.export captures it (iterating over a tensor's columns); no size of the batch is used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.a(torch.stack([column * 2 for column in x.unbind(1)], 1)))
+
+
+def test_an_exported_graph_that_holds_the_batch_size_refuses_another_and_one_that_does_not_runs_it():
+    """The exported graph bakes the example's sizes: a batch of 3 broadcast to the example's 8
+    rows with no error. Checked at capture on a batch of 9 (the user's state put back)."""
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    for model_type, generic in ((_ExportedSizedByBatch, False), (_ExportedAnyBatch, True)):
+        model, x = model_type(), torch.randn(8, 6)
+        before = copy.deepcopy(model.state_dict())
+        cap = capture(model, (x,))
+        assert cap.method == "export"
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+        small = torch.randn(3, 6)
+        for run in (cap.gm, placed, copy.deepcopy(placed)):
+            torch.testing.assert_close(run(x), model(x), rtol=0, atol=0)
+            if generic:
+                torch.testing.assert_close(run(small), model(small), rtol=0, atol=0)
+            else:
+                with pytest.raises(CaptureError, match=r"input 0 has shape \(3, 6\) where the example had \(8, 6\)"):
+                    run(small)
