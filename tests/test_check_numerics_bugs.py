@@ -625,3 +625,27 @@ def test_the_finite_fast_path_gives_the_masked_rules_figure_to_the_bit_and_leave
                  (torch.tensor([1.0, 2.0]), torch.tensor([1.0, -inf]))]:
         assert _finite_scaled_diff(a, b) is None
         assert struct.pack("<d", _scaled_diff(a, b)) == struct.pack("<d", _masked_scaled_diff(a, b))
+
+
+class _ExportedBatchSized(nn.Module):
+    """torch.export captures it (iterating over a tensor) with the batch size baked into a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.stack([row for row in x])
+        return self.a(x) * torch.ones(x.shape[0], 1)
+
+
+def test_a_split_of_an_exported_graph_that_holds_the_batch_size_is_refused_with_the_reason():
+    """Such a graph refuses other shapes (graphs.capture.pin_shapes_unless_generic): the split
+    check reports it, naming the cause, instead of failing in the middle of a search."""
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_ExportedBatchSized(), example_inputs=(torch.randn(8, 8),), name="sized")
+    cap = capture(spec.model, spec.example_inputs, name="sized")
+    assert cap.method == "export"
+    report = check_batch_split(spec, cap, microbatches=2)
+    assert not report.split_ok
+    assert "holds the example's batch of 8" in report.describe_split()
