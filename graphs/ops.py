@@ -168,6 +168,8 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
     if node.op != "call_function":
         return []
     target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _wrapped_writes(node, root)
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema
         idx = [
@@ -186,6 +188,29 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
         return [0]
     if target in INPLACE_OPERATORS:
         return [0]  # x += y, x[i] = y update their left operand
+    return []
+
+
+def _wrapped_writes(node: fx.Node, root: nn.Module) -> list[int]:
+    """Indices of ``node.args`` that a higher-order op's subgraph updates in place.
+
+    torch.export wraps a region it runs in another mode in one such op
+    (``wrap_with_set_grad_enabled(False, submod, *operands)``, ``wrap_with_autocast``): a mean
+    teacher's ``t.mul_(0.99).add_(o)`` under ``no_grad`` is inside, on the subgraph's
+    placeholders, which stand for the operands after the subgraph's own argument. Missed, the
+    update could run on a copy of the teacher's weights placed elsewhere, and be lost (found by
+    trying over two devices).
+    """
+    for k, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            try:
+                sub = root.get_submodule(str(arg.target))
+            except AttributeError:
+                continue
+            if isinstance(sub, fx.GraphModule):
+                placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+                written = {held for _, held in in_place_writes(sub)}
+                return [k + 1 + i for i, p in enumerate(placeholders) if p in written and k + 1 + i < len(node.args)]
     return []
 
 

@@ -1307,3 +1307,27 @@ def test_an_exported_graph_that_holds_the_batch_size_refuses_another_and_one_tha
             else:
                 with pytest.raises(CaptureError, match=r"input 0 has shape \(3, 6\) where the example had \(8, 6\)"):
                     run(small)
+
+
+def test_a_teacher_updated_inside_an_exported_no_grad_region_is_updated_where_it_lives():
+    """torch.export wraps the no_grad region in one higher-order op; its in-place updates were
+    unseen, so with the weights on one device and the region on another the update ran on a
+    copy and was lost (found placing over two devices with copying transfers)."""
+    from envs.runtime.apply import apply_placement
+
+    torch.manual_seed(0)
+    model, x = _MeanTeacher(), torch.randn(5, 8)
+    before = copy.deepcopy(model)
+    cap = capture(model, (x,))
+    region = next(n.name for n in cap.gm.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator))
+    placement = {n: ("b" if n == region or n.startswith("online") else "a") for n in cap.graph.nodes}
+    placed = apply_placement(cap, placement, real_devices={"a": "cpu", "b": "cpu"}, copy_transfers=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (before, placed)]
+    for _ in range(3):
+        losses = [m(x) for m in (before, placed)]
+        for opt, loss in zip(opts, losses):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    torch.testing.assert_close(placed.target.weight, before.target.weight, rtol=0, atol=0)
