@@ -646,6 +646,7 @@ def _mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_
     try:
         with _quiet_trace(model, leaf_types, leaf_names) as (graph, tracer, python_state):
             found = fx_eval_arguments(gm.graph, graph)
+            eval_reads = tracer.constant_reads  # what only eval mode reads is baked in its graph too
             # fx keeps a tensor forward() makes (torch.tensor(0.5 if self.training else 2.0)) as an
             # attribute, read by a get_attr of the same name in both traces.
             made = set(tracer.tensor_attrs.values())
@@ -663,6 +664,8 @@ def _mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_
     eval_only = [name for name in python_state if name not in training_attributes]
     if eval_only:
         return _eval_python_state(eval_only)
+    if eval_reads.keys() - gm.__dict__.get("placer_constant_attributes", {}).keys():
+        pin_constant_attributes(gm, {**eval_reads, **gm.__dict__.get("placer_constant_attributes", {})})
     if found is not None:
         # A constant may differ for another reason than the mode (random.random() in forward):
         # traced again in the capture's own modes, the graph must come back as it was.

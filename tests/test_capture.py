@@ -1331,3 +1331,32 @@ def test_a_teacher_updated_inside_an_exported_no_grad_region_is_updated_where_it
             opt.step()
         torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
     torch.testing.assert_close(placed.target.weight, before.target.weight, rtol=0, atol=0)
+
+
+class _EvalTemperature(nn.Module):
+    """A temperature only eval mode reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.eval_temp = 2.0
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            h = h / self.eval_temp
+        return h
+
+
+def test_a_python_value_only_eval_mode_reads_is_pinned_too():
+    """The eval graph bakes it in as the training graph bakes its own: set on the placed model,
+    it changed nothing in evaluation."""
+    from envs.runtime.apply import apply_placement
+
+    model, x = _EvalTemperature(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, {n: "cpu" for n in cap.graph.nodes})
+    placed(x)
+    placed.eval_temp = 4.0  # refused at the next forward, whichever mode: the next validation pass would ignore it
+    with pytest.raises(CaptureError, match="eval_temp was 2.0 when placer captured the model"):
+        placed(x)
