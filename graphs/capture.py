@@ -55,7 +55,7 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, storage_roots
+from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, method_updates_in_place, storage_roots
 from graphs.placement_graph import build_placement_graph
 from graphs.random_state import kept_random_state
 from graphs.saved_activations import annotate_saved_bytes
@@ -118,7 +118,7 @@ class PlacerTracer(fx.Tracer):
         self.grad_enabled = True
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
-        self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read as Python numbers, flags, text
+        self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read (:data:`Scalar`)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
@@ -312,15 +312,17 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
 
 @contextlib.contextmanager
 def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRead]]:
-    """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``
-    (:data:`Scalar`) that the block reads, by qualified name; ``training`` is eval mode's
-    (:mod:`graphs.eval_mode`), and names starting with ``_`` are nn.Module's own.
+    """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``,
+    or a plain tensor (:data:`Scalar`; a tensor as its :class:`TensorRead`), that the block reads,
+    by qualified name; ``training`` is eval mode's (:mod:`graphs.eval_mode`), and names starting
+    with ``_`` are nn.Module's own.
 
     They are taken out of the modules' ``__dict__`` for the block, so a read falls through to
     ``nn.Module.__getattr__``, which is wrapped to record it and return the value; both are put
     back after. A read is what counts, not a use in an op: a value forward() compared
-    (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are seen: a module class with a ``__getattr__`` of its own
-    that does not call ``nn.Module``'s hides its reads (they then go unchecked, as before).
+    (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are
+    seen: a module class with a ``__getattr__`` of its own that does not call ``nn.Module``'s
+    hides its reads (they then go unchecked, as before).
     """
     reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
@@ -347,7 +349,7 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
             # the placed model's own copy (the graph holds fx's constant, not this attribute).
             reads[f"{entry[0]}.{name}" if entry[0] else name] = (
                 TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
-            return entry[1][name]
+            return value
         return plain_getattr(module, name)
 
     # fx's tracer wraps nn.Module.__getattr__ around the one it saved at import
@@ -871,6 +873,9 @@ def _refuse_other_constants(module: fx.GraphModule, args: tuple, kwargs: dict[st
     refuse_other_shapes(leaves, module.__dict__.get("placer_input_shapes"), _EXPORTED_SHAPES)
 
 
+_refuse_other_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
+
+
 #: Why an exported training graph that is not batch-generic refuses other shapes (:func:`pin_shapes_unless_generic`).
 _EXPORTED_SHAPES = (
     "torch.export captured the model's graph with the example's sizes in its ops, and at capture a batch of another "
@@ -943,9 +948,6 @@ def _same_outputs(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
                                                 equal_nan=True):
                 return False
     return True
-
-
-_refuse_other_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:
@@ -1149,32 +1151,42 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         self._refuse_unrecorded_update(func, args, kwargs)
         if (getattr(func, "__name__", "") not in _MADE_AS_NODES or getattr(func, "__module__", "") != "torch"
-                or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
+                or _reads_data(args, kwargs)):
             return func(*args, **kwargs)
-        if kwargs.get("generator") is not None:
-            raise RandomDrawNotTraced(f"forward() calls torch.{func.__name__} with a generator of its own, which "
-                                      "an fx graph cannot hold")
-        return self.tracer.create_proxy("call_function", func, args, kwargs)
+        return _factory_node(self.tracer, func, args, kwargs)
 
     def _refuse_unrecorded_update(self, func: Any, args: tuple, kwargs: dict) -> None:
-        name = str(getattr(func, "__name__", ""))
-        in_place = (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_DUNDERS
-        written = [args[0]] if in_place and args else []
+        written = [args[0]] if method_updates_in_place(str(getattr(func, "__name__", ""))) and args else []
         if isinstance(kwargs.get("out"), torch.Tensor):
             written.append(kwargs["out"])
         for t in written:
             if not isinstance(t, torch.Tensor) or isinstance(t, fx.Proxy) or t.device.type == "meta":
                 continue
-            frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
             held = self.state.get(t.untyped_storage().data_ptr())
+            if held is None and not _reads_data(args, kwargs):
+                continue  # a constant updated by constants: computed once, as forward() would each call
+            frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
             if held is not None:
                 raise TraceTimeUpdate(_unrecorded_update(f"tensor {held!r}", frame and describe_frame(frame),
                                                          "torch.fx", stopped=True))
-            if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
-                where = f" at {describe_frame(frame)}" if frame is not None else ""
-                raise ConstantUpdatedByData(
-                    f"forward() updates a tensor made from constants alone with values of the data{where}: fx "
-                    "records the update on a constant and goes on with the tensor as it was")
+            where = f" at {describe_frame(frame)}" if frame is not None else ""
+            raise ConstantUpdatedByData(
+                f"forward() updates a tensor made from constants alone with values of the data{where}: fx "
+                "records the update on a constant and goes on with the tensor as it was")
+
+
+def _reads_data(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments hold a Proxy (a value computed from the model's inputs)."""
+    return any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])
+
+
+def _factory_node(tracer: fx.Tracer, factory: Callable[..., Any], args: tuple, kwargs: dict) -> fx.Proxy:
+    """The call of a torch factory recorded as a node (a draw with a generator of its own refused:
+    an fx graph cannot hold the generator)."""
+    if kwargs.get("generator") is not None:
+        raise RandomDrawNotTraced(f"forward() calls torch.{factory.__name__} with a generator of its own, which an "
+                                  "fx graph cannot hold")
+    return tracer.create_proxy("call_function", factory, args, kwargs)
 
 
 @contextlib.contextmanager
@@ -1192,20 +1204,15 @@ def _factories_taking_proxies(tracer: fx.Tracer) -> Iterator[None]:
     """
     originals = {name: getattr(torch, name) for name in sorted(_MADE_AS_NODES) if callable(getattr(torch, name, None))}
 
-    def taking_proxies(name: str, factory: Callable[..., Any]) -> Callable[..., Any]:
+    def taking_proxies(factory: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(factory)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if not any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
-                return factory(*args, **kwargs)
-            if kwargs.get("generator") is not None:
-                raise RandomDrawNotTraced(f"forward() calls torch.{name} with a generator of its own, which an fx "
-                                          "graph cannot hold")
-            return tracer.create_proxy("call_function", factory, args, kwargs)
+            return _factory_node(tracer, factory, args, kwargs) if _reads_data(args, kwargs) else factory(*args, **kwargs)
 
         return call
 
     for name, factory in originals.items():
-        setattr(torch, name, taking_proxies(name, factory))
+        setattr(torch, name, taking_proxies(factory))
     try:
         yield
     finally:
@@ -1223,11 +1230,6 @@ class ConstantUpdatedByData(CaptureError):
 #: torch factories a trace records as nodes when no argument reads the data (:class:`_GuardedTrace`):
 #: all but those of ``data`` (``torch.tensor([...])``), which stay constants.
 _MADE_AS_NODES = (FACTORY_OPS | RANDOM_FACTORY_OPS) - {"tensor", "as_tensor", "scalar_tensor"}
-
-#: Tensor methods that update their tensor in place without a trailing underscore.
-_IN_PLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
-                               "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
-                               "__setitem__"})
 
 
 class GradModeNotTraced(CaptureError):

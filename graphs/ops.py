@@ -28,7 +28,7 @@ True
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -154,14 +154,23 @@ _BATCHNORM_ATEN = {
 }
 
 
+def method_updates_in_place(name: str) -> bool:
+    """Whether the Tensor method ``name`` updates its tensor in place: ``add_``, ``relu_``, and
+    the operators' own methods ``__iadd__``, ``__setitem__`` (which come as methods on a tensor
+    fx did not proxy, a constant forward() made, and as ``operator.iadd`` on a Proxy).
+
+    >>> [method_updates_in_place(n) for n in ("mul_", "mul", "__setitem__", "__add__", "__init__")]
+    [True, False, True, False, False]
+    """
+    if name.startswith("__"):
+        return name.endswith("__") and name[2:-2] in INPLACE_OPERATOR_NAMES
+    return name.endswith("_")
+
+
 def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
     """Indices of ``node.args`` that ``node`` updates in place."""
     if node.op == "call_method":
-        t = str(node.target)
-        # Tensor.__setitem__ / __iadd__ on a tensor fx did not proxy (a constant forward() made,
-        # out[:, :4] = h) come as methods; on a Proxy, as operator.setitem / operator.iadd.
-        dunder = t.startswith("__") and t.endswith("__") and t[2:-2] in INPLACE_OPERATOR_NAMES
-        return [0] if (t.endswith("_") and not t.startswith("__")) or dunder else []
+        return [0] if method_updates_in_place(str(node.target)) else []
     if node.op == "call_module":
         mod = root.get_submodule(str(node.target))
         return [0] if getattr(mod, "inplace", False) is True else []
@@ -242,12 +251,14 @@ def written_nodes(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
 
 
-def in_place_writes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+def in_place_writes(gm: fx.GraphModule, roots: Mapping[fx.Node, fx.Node] | None = None) -> list[tuple[fx.Node, fx.Node]]:
     """Every in-place update in ``gm``, in graph order: ``(the node that writes, the node whose
     tensor it writes)``. The second is followed through in-place ops' results (``x.mul_(a)``
     returns ``x`` itself: ``.add_`` on its result writes ``x``) and through views (``buf[:2].add_(1)``
-    writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer."""
-    roots = storage_roots(gm.graph.nodes, gm)
+    writes ``buf``), so it is a ``get_attr`` node when the write reaches a parameter or buffer.
+    ``roots``: :func:`storage_roots` of ``gm``'s nodes, where the caller has them already."""
+    if roots is None:
+        roots = storage_roots(gm.graph.nodes, gm)
     return [(n, roots[arg]) for n in gm.graph.nodes for arg in written_nodes(n, gm)]
 
 
@@ -259,7 +270,7 @@ def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     roots = storage_roots(gm.graph.nodes, gm)
     position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     writers: dict[str, list[fx.Node]] = {}
-    for writer, written in in_place_writes(gm):
+    for writer, written in in_place_writes(gm, roots):
         writers.setdefault(written.name, []).append(writer)
     out: dict[str, fx.Node] = {}
     for n in gm.graph.nodes:
