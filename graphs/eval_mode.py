@@ -331,12 +331,19 @@ def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule |
     """Unpickling a module :func:`follow_eval_mode` made: fx's rebuild, its constants plain
     attributes again (``buffers``: the module's own), placer's own forward pre-hooks again
     (``hooks``), then the eval forward again."""
-    gm = rebuild(*args)
+    return _following_again(rebuild(*args), carrier, buffers, hooks)
+
+
+def _following_again(gm: fx.GraphModule, carrier: fx.GraphModule | None, buffers: list[str] | None,
+                     hooks: Sequence[tuple[Callable[..., Any], bool]]) -> fx.GraphModule:
+    """What an unpickled ``gm`` gets back, however it was rebuilt: its constants plain attributes
+    (``buffers``: the module's own), placer's hooks, the eval graph ``carrier`` holds and what it
+    alone reads, then the eval forward."""
     if buffers is not None:
         keep_plain_attributes(gm, buffers)
     _register_hooks(gm, hooks)
     if carrier is not None:
-        gm.placer_eval_graph = carrier.graph
+        gm.placer_eval_graph = carrier.graph  # type: ignore[assignment]
         _carry_attributes(carrier, gm, carrier.graph, None)
     follow_eval_mode(gm)
     return gm
@@ -371,14 +378,7 @@ def _rebuilt_from_nodes(portable: Any, placer: dict[str, Any], carrier: Any, buf
     :func:`_rebuilt_following_eval` restores."""
     gm = portable.module()
     gm.__dict__.update(placer)
-    keep_plain_attributes(gm, buffers)
-    _register_hooks(gm, hooks)
-    if carrier is not None:
-        eval_module = carrier.module()
-        gm.placer_eval_graph = eval_module.graph
-        _carry_attributes(eval_module, gm, eval_module.graph, None)
-    follow_eval_mode(gm)
-    return gm
+    return _following_again(gm, carrier.module() if carrier is not None else None, buffers, hooks)
 
 
 def _placer_hooks(gm: nn.Module) -> list[tuple[Callable[..., Any], bool]]:
