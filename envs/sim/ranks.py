@@ -169,6 +169,7 @@ __all__ = [
     "RankMessage",
     "RankSchedule",
     "rank_plan",
+    "runnable_times",
     "RankSimulator",
     "RankScale",
     "simulate_ranks",
@@ -883,7 +884,7 @@ class RankSimulator:
 
     def step_times(self, placements: Sequence[Mapping[str, str | int]]) -> np.ndarray:
         """Step time (s) of each op-level placement; infinite where the runtime refuses its cut."""
-        return _runnable_times(self.schedules(placements))
+        return runnable_times(self.schedules(placements))
 
     def schedules(self, placements: Sequence[Mapping[str, str | int]]) -> list[RankSchedule]:
         """The schedule (no trace) of each op-level placement (see :meth:`schedules_rows`)."""
@@ -943,7 +944,7 @@ class RankSimulator:
         Raises:
             RankSimError: as :meth:`schedules_rows`.
         """
-        return _runnable_times(self.schedules_rows(rows, groups))
+        return runnable_times(self.schedules_rows(rows, groups))
 
     def schedules_rows(self, rows: np.ndarray | Sequence[Sequence[int]], groups: Sequence[str]) -> list[RankSchedule]:
         """The schedule (no trace) of each row of rank indices over ``groups``: its step time
@@ -959,7 +960,7 @@ class RankSimulator:
                 for row in arr]
 
 
-def _runnable_times(schedules: Sequence[RankSchedule]) -> np.ndarray:
+def runnable_times(schedules: Sequence[RankSchedule]) -> np.ndarray:
     """Step times, infinite for a cut the runtime refuses: it never completes a step."""
     return np.array([s.step_time if s.plan.refusal is None else math.inf for s in schedules])
 

@@ -57,7 +57,6 @@ chunks, each with one work space (:func:`envs.sim.kernels.workspace`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -73,7 +72,7 @@ from envs.sim.problem import (
     memory_problem_lines,
     step_temporaries,
 )
-from envs.sim.ranks import RankSchedule
+from envs.sim.ranks import RankSchedule, runnable_times
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -684,9 +683,7 @@ def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "
 def _with_rank_steps(result: SimResult, schedules: Sequence[RankSchedule]) -> SimResult:
     """``result`` with the rank simulator's step times, infinite where the runtime refuses the
     cut, and the reasons (the one-process memory figures stay: each rank holds its share)."""
-    refusal = tuple(s.plan.refusal for s in schedules)
-    step = np.array([math.inf if r is not None else s.step_time for s, r in zip(schedules, refusal)])
-    return replace(result, step_time=step, refusal=refusal)
+    return replace(result, step_time=runnable_times(schedules), refusal=tuple(s.plan.refusal for s in schedules))
 
 
 def _run(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, backend: str):
