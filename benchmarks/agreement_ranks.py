@@ -193,37 +193,53 @@ def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compact(results: dict[str, Any]) -> dict[str, Any]:
     """``results`` with each op-level placement stored as one string of rank digits over the
-    model's groups (``group_order``): the same placements, a fraction of the size."""
-    from graphs.pipeline import prepare
+    model's ops (``op_order``, sorted op names): the same placements, a fraction of the size.
 
+    Ops, not groups: op names come from the capture alone, while the grouping merges tiny ops
+    by their profiled times and so differs between machines and profile caches (records that
+    kept group rows could not be analysed again once the profile was made afresh)."""
     devs = results["devices"].split(",")
     out = {**results, "models": []}
     for rec in results["models"]:
         if "placements" not in rec:
             out["models"].append(rec)
             continue
-        prep = prepare(f"zoo:{rec['model']}", {"size": rec["size"]}, profile=True, devices=["cpu"])
-        groups = list(prep.grouping.graph.nodes)
-        members: dict[str, list[str]] = {}
-        for op, grp in prep.grouping.op_to_group.items():
-            members.setdefault(grp, []).append(op)
+        ops = sorted(rec["placements"][0])
         rows = []
         for p in rec["placements"]:
-            ranks = []
-            for grp in groups:
-                placed = {p[op] for op in members.get(grp, []) if op in p}
-                if len(placed) != 1:
-                    raise ValueError(f"group {grp} of {rec['model']} is split over {sorted(placed)}")
-                ranks.append(str(devs.index(placed.pop())))
-            rows.append("".join(ranks))
+            if sorted(p) != ops:
+                raise ValueError(f"{rec['model']}: the placements do not place the same ops")
+            rows.append("".join(str(devs.index(p[op])) for op in ops))
         slim = {k: v for k, v in rec.items() if k != "placements"}
-        out["models"].append({**slim, "group_order": groups, "rows": rows})
+        out["models"].append({**slim, "op_order": ops, "rows": rows})
     return out
 
 
+def record_seed(results: dict[str, Any]) -> int:
+    """The seed a record's placements were drawn with: its ``seed`` field, or for records
+    written before it had one, the ``--seed`` of its command (0 when the command gave none).
+
+    >>> record_seed({"command": "python benchmarks/agreement_ranks.py --seed 1 --out r.json"})
+    1
+    """
+    if "seed" in results:
+        return int(results["seed"])
+    words = shlex.split(results.get("command", ""))
+    return int(words[words.index("--seed") + 1]) if "--seed" in words else 0
+
+
 def _expand_rows(prep: Any, rec: dict[str, Any], devs: list[str]) -> list[dict[str, str]]:
+    """The op placements of a compact record (op rows; or group rows, as records before
+    2026-12-06 kept them, which need today's grouping to be the recorded one)."""
+    if "op_order" in rec:
+        differ = set(rec["op_order"]) ^ set(prep.grouping.op_to_group)
+        if differ:
+            raise ValueError(f"{rec['model']}: today's capture has other ops than the record "
+                             f"({len(differ)} differ, e.g. {sorted(differ)[:3]}); re-measure")
+        return [{op: devs[int(c)] for op, c in zip(rec["op_order"], row)} for row in rec["rows"]]
     if list(prep.grouping.graph.nodes) != rec["group_order"]:
-        raise ValueError(f"{rec['model']}: today's grouping differs from the recorded one; re-measure")
+        raise ValueError(f"{rec['model']}: this record keeps group rows and today's grouping differs from the "
+                         "recorded one (it follows the profiled times); re-measure")
     return [prep.grouping.expand({g: devs[int(c)] for g, c in zip(rec["group_order"], row)}) for row in rec["rows"]]
 
 
@@ -497,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="cpu:0,cpu:1")
     parser.add_argument("--placements", type=int, default=24)
     parser.add_argument("--passes", type=int, default=2, help="measure every placement this many times (fresh jobs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int,
+                        help="the placements' seed (default 0); the fit halves are drawn with seed + 1. With "
+                             "--analyse the default is the record's own seed, so its tables come out as recorded")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -506,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="redo the analysis of JSON file(s) written by earlier runs; the passes of runs "
                              "that measured the same placements are pooled")
     parser.add_argument("--markdown", help="also write the summary (command, load, tables, constants) here")
-    parser.add_argument("--compact", help="also write the results with group rows instead of op placements here")
+    parser.add_argument("--compact", help="also write the results with each placement as a row of rank digits over the ops here")
     parser.add_argument("--statistics", nargs="+", choices=("mean", "median", "fastest"),
                         default=["mean", "median", "fastest"],
                         help="which statistic of each placement's measured steps to fit and score (each in turn)")
@@ -522,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyse:
         path = Path(args.out) if args.out else None  # never overwrite the analysed records
         results = _pool([json.loads(Path(a).read_text()) for a in args.analyse])
+        seed = record_seed(results) if args.seed is None else args.seed
     else:
         import torch
 
         from envs.runtime.distributed.launcher import measure_links
 
+        seed = 0 if args.seed is None else args.seed
         load0 = _load()
         links = measure_links(args.devices)
         results = {
@@ -536,19 +556,23 @@ def main(argv: list[str] | None = None) -> int:
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_at_start": load0,
             "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
             "devices": args.devices, "links": {f"{a}->{b}": list(v) for (a, b), v in links.items()},
-            "warmup": args.warmup, "repeats": args.repeats, "models": [],
+            "warmup": args.warmup, "repeats": args.repeats, "seed": seed, "models": [],
         }
         print(f"links: {results['links']} (load {load0})", flush=True)
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            results["models"].append(measure_model(name, args.size, args.devices, links, args.placements, args.seed,
+            results["models"].append(measure_model(name, args.size, args.devices, links, args.placements, seed,
                                                    args.warmup, args.repeats, args.passes, args.timeout))
             assert path is not None
             path.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive a crash
     results["analysis"] = {}
     for statistic in args.statistics:
-        analysis = analyse(results, args.seed + 1, statistic, splits=args.splits, late_p=args.late_p)
+        try:
+            analysis = analyse(results, seed + 1, statistic, splits=args.splits, late_p=args.late_p)
+        except ValueError as exc:  # a record today's capture or grouping cannot read: say so, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         results["analysis"][statistic] = analysis
         if path is not None:
             path.write_text(json.dumps(results, indent=1) + "\n")
