@@ -30,7 +30,8 @@ from envs.runtime.distributed.rank_cluster import rank_cluster
 from envs.runtime.pipeline.launcher import write_job
 from envs.runtime.pipeline.stages import whole_pipeline
 from envs.sim.data_parallel import simulate_data_parallel
-from envs.sim.pipeline import Pipeline, simulate_pipeline
+from envs.sim.pipeline import simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import compile_problem
 from graphs.pipeline import prepare
 from placer.benchmark import optimizer_name

@@ -24,7 +24,7 @@ microbatch_profile=True)``, :mod:`graphs.profile.batch_scaling`: 1/8 of the batc
 largest divisor up to 8), so the compiled problem carries each op's measured fixed part,
 which the pipeline's micro-batches, DDP's half batch and the one process's full batch all
 read (one process: a 1-stage pipeline of ``M = 1`` on ``cpu:0``,
-:data:`envs.sim.pipeline.ENGINE_COSTS`). The pipeline is the partitioner whose calibrated
+:data:`envs.sim.stage_costs.ENGINE_COSTS`). The pipeline is the partitioner whose calibrated
 step is fastest. The calibrated pipeline row also gives each rank's simulated busy
 seconds, beside the measured CPU seconds per rank.
 
@@ -60,7 +60,8 @@ sys.path.insert(0, str(ROOT))
 from envs.runtime.distributed.rank_cluster import rank_cluster  # noqa: E402
 from envs.runtime.pipeline.launcher import run_training  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
-from envs.sim.pipeline import Pipeline, PipelineError, PipelineResult, simulate_pipeline  # noqa: E402
+from envs.sim.pipeline import PipelineResult, simulate_pipeline  # noqa: E402
+from envs.sim.pipeline_layout import Pipeline, PipelineError  # noqa: E402
 from envs.sim.problem import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.model_file import batch_size_of  # noqa: E402

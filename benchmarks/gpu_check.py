@@ -598,7 +598,7 @@ def pipeline_on_device(device: str, steps: int = 3, timeout_s: float = 120.0) ->
     from torch import nn
 
     from envs.runtime.pipeline.launcher import run_training
-    from envs.sim.pipeline import Pipeline
+    from envs.sim.pipeline_layout import Pipeline
 
     class SquaredMLP(nn.Module):  # its output is the loss: nothing but the graph travels to the ranks
         def __init__(self) -> None:

@@ -96,7 +96,7 @@ def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None
     stage devices do (one per stage device of every replica)."""
     from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
     from envs.runtime.pipeline.worker import check_stage_devices
-    from envs.sim.pipeline import PipelineError
+    from envs.sim.pipeline_layout import PipelineError
 
     pipe = placement.pipeline
     if pipe is None:

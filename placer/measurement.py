@@ -46,7 +46,7 @@ import pandas as pd
 from envs.gym.measured_rewards import HybridReward, measure_outcome
 from envs.runtime.measurer import Measurer, MeasureResult
 from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
@@ -106,7 +106,7 @@ class MeasuredPipeline:
 
     Attributes:
         method: the comparison-table method it is the pipeline of.
-        pipeline: the pipeline as run (over the ops; :meth:`envs.sim.pipeline.Pipeline.to_dict`).
+        pipeline: the pipeline as run (over the ops; :meth:`envs.sim.pipeline_layout.Pipeline.to_dict`).
         step_time: measured seconds (``inf`` when invalid).
         valid: the run succeeded.
         reason: why it is invalid ("" when valid).

@@ -15,7 +15,7 @@ whether that time was simulated or measured)::
     }
 
 ``pipeline`` (schema version 2, optional) makes the placement pipelined
-(:class:`envs.sim.pipeline.Pipeline`): its stages are the assignment's nodes cut in stage
+(:class:`envs.sim.pipeline_layout.Pipeline`): its stages are the assignment's nodes cut in stage
 order, each stage on the device the assignment gives its nodes. Version 1 files (no
 pipeline) still load.
 
@@ -37,7 +37,7 @@ import networkx as nx
 
 from envs.runtime.apply import placement_device_map
 from envs.runtime.device_map import accelerate_device_map
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
 from graphs.errors import PlacerError

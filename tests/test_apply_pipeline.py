@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from graphs.capture import capture
 from graphs.pipeline import load_source
 from placer.cli.main import main

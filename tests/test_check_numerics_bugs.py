@@ -23,7 +23,7 @@ from envs.runtime.check import (
     check_batch_split,
     check_placement,
 )
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_slice

@@ -7,6 +7,7 @@ import networkx as nx
 import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
+from envs.sim.cost_model import CPU_DISPATCH_S
 from envs.sim.data_parallel import (
     BUCKET_BYTES,
     CPU_RING_EFFICIENCY,
@@ -15,7 +16,8 @@ from envs.sim.data_parallel import (
     ring_allreduce_time,
     simulate_data_parallel,
 )
-from envs.sim.pipeline import CPU_DISPATCH_S, Pipeline, simulate_pipeline
+from envs.sim.pipeline import simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import compile_problem
 from envs.sim.ranks import ZERO_COSTS
 

@@ -47,7 +47,7 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
     inputs = dict(zip(names, prep.spec.example_inputs))
     run = run_training(gm, inputs, world=2, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
     assert len(run.losses) == 2
-    from envs.sim.pipeline import Pipeline, PipelineError
+    from envs.sim.pipeline_layout import Pipeline, PipelineError
 
     compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     pipe = Pipeline((tuple(compute[:len(compute) // 2]), tuple(compute[len(compute) // 2:])), ("cpu:0", "cpu:1"), 2,
@@ -69,7 +69,7 @@ def test_a_model_whose_input_is_a_dict_runs_as_ddp_or_a_pipeline_like_one_proces
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(names, prep.spec.example_inputs))
     if pipelined:
-        from envs.sim.pipeline import Pipeline
+        from envs.sim.pipeline_layout import Pipeline
 
         compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         cut = len(compute) // 2

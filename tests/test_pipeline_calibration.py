@@ -8,18 +8,13 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.sim.cost_model import CostModel
+from envs.sim.cost_model import CPU_DISPATCH_S, CostModel
 from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, simulate_data_parallel, simulate_hybrid
-from envs.sim.pipeline import (
-    CPU_DISPATCH_S,
-    ENGINE_COSTS,
-    Pipeline,
-    fast_stage_costs,
-    simulate_pipeline,
-    stage_costs,
-)
+from envs.sim.pipeline import simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import compile_problem
 from envs.sim.ranks import ZERO_COSTS
+from envs.sim.stage_costs import ENGINE_COSTS, fast_stage_costs, stage_costs
 from graphs.profile.batch_scaling import fixed_parts
 from tests.helpers.pipelines import BW, LAT, chain, cpu_cluster, two_stages
 

@@ -17,7 +17,7 @@ from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.listening import nccl_environment
 from envs.runtime.pipeline.launcher import run_training
 from envs.runtime.pipeline.worker import check_stage_devices, rank_device
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from placer.api import pipeline_run_mode
 from placer.placement_file import Placement
 from tests.helpers.runtime_models import Chain, model_and_batch, stages_of

@@ -33,7 +33,8 @@ def test_each_rank_of_a_1f1b_pipeline_stays_within_its_simulated_peak(tmp_path):
     quiet machine, and within :data:`TIMING_SPREAD` of it under load."""
     from envs.runtime.distributed.rank_cluster import rank_cluster
     from envs.runtime.pipeline.stages import whole_pipeline
-    from envs.sim.pipeline import Pipeline, simulate_pipeline
+    from envs.sim.pipeline import simulate_pipeline
+    from envs.sim.pipeline_layout import Pipeline
     from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
     from placer.benchmark import optimizer_name

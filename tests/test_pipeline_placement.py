@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from placer.placement_file import SCHEMA_VERSION, Placement, PlacementFileError, load_placement, save_placement
 
 ASSIGN = {"x": "gpu0", "l0": "gpu0", "l1": "gpu1", "output": "gpu1"}

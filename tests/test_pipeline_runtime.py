@@ -18,7 +18,7 @@ from torch import nn
 
 from envs.runtime.pipeline.launcher import PipelineJob, PipelineRunError, run_training
 from envs.runtime.pipeline.stages import split_stages
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from tests.helpers.runtime_models import B, Chain, D, Skip, model_and_batch, stages_of
 
 

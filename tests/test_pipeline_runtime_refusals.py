@@ -14,7 +14,7 @@ import torch.fx as fx
 import envs.runtime.pipeline.launcher as launcher
 from envs.runtime.pipeline.launcher import PipelineRunError, run_training
 from envs.runtime.pipeline.stages import boundary_metas
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from tests.helpers.runtime_models import Chain, model_and_batch, stages_of
 
 

@@ -1,5 +1,5 @@
 """The pipeline search (placer.search.pipeline_search) and the hybrid it searches over
-(envs.sim.data_parallel.simulate_hybrid, envs.sim.pipeline.fast_stage_costs)."""
+(envs.sim.data_parallel.simulate_hybrid, envs.sim.stage_costs.fast_stage_costs)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from torch import nn
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.data_parallel import simulate_data_parallel, simulate_hybrid
-from envs.sim.pipeline import Pipeline, PipelineError, fast_stage_costs, simulate_pipeline, stage_costs
+from envs.sim.pipeline import simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import compile_problem
+from envs.sim.stage_costs import fast_stage_costs, stage_costs
 from graphs.model_file import ModelSpec
 from graphs.pipeline import prepare
 from placer.search.baselines.pipeline_split import best_pipeline
@@ -199,7 +201,7 @@ def test_a_pipelined_winners_report_gives_its_pipelines_peak_memory_not_the_unpi
     import placer
     from envs.hardware.units import format_bytes
     from envs.sim.data_parallel import simulate_pipelined
-    from envs.sim.pipeline import group_pipeline
+    from envs.sim.pipeline_layout import group_pipeline
     from envs.sim.simulator import simulate
     from placer.report.results import winner_peak_memory
 
@@ -246,7 +248,7 @@ def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_
 
 def test_a_hybrid_winner_is_written_over_the_ops_with_its_replicas(tmp_path):
     from envs.sim.data_parallel import simulate_pipelined
-    from envs.sim.pipeline import group_pipeline
+    from envs.sim.pipeline_layout import group_pipeline
     from placer.optimizing.stages import Compiled, PreparedRun
     from placer.placement_file import load_placement, save_placement
 

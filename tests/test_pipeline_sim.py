@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from envs.sim.pipeline import (
-    Action,
-    Pipeline,
-    PipelineError,
-    action_order,
-    check_pipeline,
-    pipeline_orders,
-    simulate_pipeline,
-    stage_costs,
-)
+from envs.sim.pipeline import check_pipeline, simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline, PipelineError
+from envs.sim.pipeline_schedules import Action, action_order, pipeline_orders
 from envs.sim.problem import compile_problem
 from envs.sim.ranks import ZERO_COSTS, simulate_ranks
+from envs.sim.stage_costs import stage_costs
 from tests.helpers.pipelines import LAT, chain, cpu_cluster, two_stages
 
 
@@ -64,13 +58,13 @@ def test_pipelines_of_one_shape_build_their_action_orders_once(monkeypatch):
     """The pipeline search simulates thousands of cuts of a few shapes: the orders depend on the
     shape alone, so a second cut of the same shape (another cluster, other stages) reuses them,
     gets the same step as before, and pipeline_orders still hands out lists of its own."""
-    import envs.sim.pipeline as pipeline_module
+    import envs.sim.pipeline_schedules as pipeline_module
 
     built: list[tuple[str, int, int]] = []
     real = pipeline_module.action_order
     monkeypatch.setattr(pipeline_module, "action_order",
                         lambda schedule, s, m: built.append((schedule, s, m)) or real(schedule, s, m))
-    pipeline_module._orders.cache_clear()
+    pipeline_module.schedule_orders.cache_clear()
     problem = compile_problem(chain(4, out_bytes=1000), cpu_cluster(2))
     first = simulate_pipeline(problem, two_stages(3, "gpipe"), ZERO_COSTS).step_time
     other = Pipeline((("x", "l0"), ("l1", "l2", "l3", "output")), ("cpu:1", "cpu:0"), 3, "gpipe")
@@ -187,7 +181,7 @@ def test_one_stage_without_micro_batches_has_the_op_level_simulators_peak_memory
 
 
 def test_the_search_tables_give_the_same_working_set_as_stage_costs():
-    from envs.sim.pipeline import fast_stage_costs
+    from envs.sim.stage_costs import fast_stage_costs
 
     g = chain(6, out_bytes=1_000_000)
     g.nodes["l1"]["out_bytes"] = 4_000_000
@@ -205,8 +199,8 @@ def test_accumulating_micro_batches_hold_a_fresh_weight_gradient_beside_its_grad
     """P5a: with M >= 2 every backward after the first allocates each weight's gradient (and,
     for a convolution, a same-size temporary) beside the ``.grad`` it is added into (measured:
     +9 + 9 MiB for a 512x512x3x3 weight where the rule gave 0.25 MiB); M = 1 adds nothing."""
-    from envs.sim.pipeline import fast_stage_costs
     from envs.sim.problem import BACKWARD_WORK_FACTOR
+    from envs.sim.stage_costs import fast_stage_costs
 
     g = chain(4, out_bytes=100_000)
     g.nodes["l2"]["param_bytes"] = 5_000_000
@@ -224,7 +218,7 @@ def test_accumulating_micro_batches_hold_a_fresh_weight_gradient_beside_its_grad
 def test_a_sent_value_autograd_does_not_save_is_kept_by_its_stage_per_microbatch_in_flight():
     """P5b: PipelineStage keeps a stage's outputs until that micro-batch's backward; a value no
     op saves (a Linear's output read by the next stage's residual add) was charged nothing."""
-    from envs.sim.pipeline import fast_stage_costs
+    from envs.sim.stage_costs import fast_stage_costs
 
     g = chain(4, out_bytes=400_000)
     for n in g.nodes:
@@ -251,7 +245,7 @@ def test_a_tied_parameter_read_on_another_device_is_held_there_as_a_copy_with_it
     owner's stage only (GPT-2's tied wte: 2 MiB under on the head's rank, measured)."""
     import torch
 
-    from envs.sim.pipeline import fast_stage_costs
+    from envs.sim.stage_costs import fast_stage_costs
     from graphs.capture import capture
 
     class Tied(torch.nn.Module):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from envs.runtime.pipeline.launcher import read_results, write_job
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from tests.helpers.runtime_models import Chain, model_and_batch, stages_of
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ behind it (paths in the installed torch 2.13):
 share of the batch, every op costed as a pipeline stage's (:mod:`envs.sim.pipeline`, P2:
 fixed part, measured where the model was also profiled on a micro-batch, plus
 batch-proportional part divided by ``N``), one stage call each way, with the pipeline
-engine's host constants (:data:`~envs.sim.pipeline.ENGINE_COSTS`). The
+engine's host constants (:data:`~envs.sim.stage_costs.ENGINE_COSTS`). The
 optimizer updates every parameter on every replica, unscaled (each replica steps the
 full model after the all-reduce).
 
@@ -84,19 +84,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim.pipeline import (
-    Pipeline,
-    PipelineError,
-    PipelineResult,
-    StageCosts,
-    check_pipeline,
-    engine_host_costs,
-    shrunk_host,
-    simulate_pipeline,
-    stage_costs,
-)
+from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem, memory_problem_lines, step_temporaries
 from envs.sim.ranks import RankCosts
+from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
            "data_parallel_pipeline", "ring_allreduce_time",
@@ -228,7 +220,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     Args:
         problem: the compiled problem (op costs per device, links, capacities).
         replicas: the devices (names), or how many of the cluster's first devices; default all.
-        costs: host constants of CPU processes (default :data:`envs.sim.pipeline.ENGINE_COSTS`);
+        costs: host constants of CPU processes (default :data:`envs.sim.stage_costs.ENGINE_COSTS`);
             none on GPUs.
 
     Raises:
@@ -400,11 +392,11 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
                     replica_costs: Sequence[StageCosts] | None = None) -> HybridResult:
     """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H4
     in the module doc). ``replica_costs``: each replica's stage costs at its share of the
-    batch when the caller has them (:func:`envs.sim.pipeline.fast_stage_costs` with ``share=R``).
+    batch when the caller has them (:func:`envs.sim.stage_costs.fast_stage_costs` with ``share=R``).
 
     Raises:
         PipelineError: replicas that differ or share devices (:func:`check_hybrid`), or a
-            malformed pipeline (:func:`envs.sim.pipeline.stage_costs`).
+            malformed pipeline (:func:`envs.sim.stage_costs.stage_costs`).
     """
     check_hybrid(pipelines)
     r_ = len(pipelines)

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if placement.pipeline is not None:
         from envs.sim.data_parallel import simulate_pipelined
-        from envs.sim.pipeline import group_pipeline
+        from envs.sim.pipeline_layout import group_pipeline
 
         pipe = placement.pipeline
         piped = simulate_pipelined(problem, group_pipeline(problem, pipe))

@@ -34,7 +34,7 @@ from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.check import CheckReport, check_batch_split, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem, compile_problem
 from envs.sim.ranks import value_leaves
 from envs.sim.simulator import simulate
@@ -714,7 +714,7 @@ def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
 def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
     """The pipeline (over the problem's groups) an earlier run left in ``out_dir``, if any:
     the pipeline search starts from it as the placement search starts from its row."""
-    from envs.sim.pipeline import PipelineError, group_pipeline
+    from envs.sim.pipeline_layout import PipelineError, group_pipeline
 
     for path in (out_dir / "placement.json", out_dir / "best_placement.json"):
         if not path.exists():

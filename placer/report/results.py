@@ -33,7 +33,7 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport
 from envs.runtime.device_map import accelerate_device_map
 from envs.sim.data_parallel import simulate_pipelined
-from envs.sim.pipeline import group_pipeline
+from envs.sim.pipeline_layout import group_pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.atomic_write import write_text_atomic

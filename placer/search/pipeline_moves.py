@@ -3,7 +3,7 @@
 A point of the search (:class:`PipelineState`) is ``R`` replicas of one pipeline: the stage
 boundaries, positions in the problem's fixed topological order of the groups
 (``problem.node_names``; group edges only run forward in it, so every cut is a valid
-pipeline: :class:`envs.sim.pipeline.Pipeline` stages are contiguous), the device of every
+pipeline: :class:`envs.sim.pipeline_layout.Pipeline` stages are contiguous), the device of every
 stage of every replica, ``M`` and the schedule.
 
 Moves (:func:`neighbours`): shift one boundary by ``k`` groups (``k`` = 1, 2, 4, ... both
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim.pipeline import Pipeline, StageCosts
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
+from envs.sim.stage_costs import StageCosts
 
 __all__ = ["PipelineState", "Evaluation", "Move", "MOVE_KINDS", "NUM_FEATURES", "SCHEDULES", "MAX_MICROBATCHES",
            "microbatch_choices", "layouts", "balanced_bounds", "nearest_microbatches", "neighbours", "move_features"]

@@ -5,7 +5,7 @@ is a different object, so it has its own search here, over :class:`PipelineState
 
 * the stage **boundaries**, positions in the problem's fixed topological order of the groups
   (``problem.node_names``; group edges only run forward in it, so every cut is a valid
-  pipeline: :class:`envs.sim.pipeline.Pipeline` stages are contiguous);
+  pipeline: :class:`envs.sim.pipeline_layout.Pipeline` stages are contiguous);
 * the **device** of every stage of every replica (the accelerators, else every device);
 * ``M`` from the divisors of the (replica's) batch, and the **schedule** (``gpipe``, ``1f1b``,
   ``interleaved_1f1b`` with two stages per device);
@@ -52,9 +52,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.sim.data_parallel import HybridResult, simulate_hybrid
-from envs.sim.pipeline import Pipeline, PipelineError, fast_stage_costs, simulate_pipeline
+from envs.sim.pipeline import simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
+from envs.sim.stage_costs import fast_stage_costs
 from placer.search.baselines.common import NoFit, node_cost
 from placer.search.baselines.pipeline_split import PARTITIONERS, pipeline_devices
 from placer.search.pipeline_moves import (

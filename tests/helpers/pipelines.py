@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 
 from envs.hardware.cluster import Device, Link, make_cluster
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 
 LAT, BW = 100e-6, 1e9
 

@@ -12,7 +12,7 @@ worker). A placement whose run fails — a worker that dies, hangs or cannot con
 gets an invalid :class:`~envs.runtime.measure.MeasureResult` with the reason; every worker of
 that job is killed, and the remaining placements go to a fresh job.
 
-Pipelined placements (a :class:`envs.sim.pipeline.Pipeline`: contiguous stages, ``M``
+Pipelined placements (a :class:`envs.sim.pipeline_layout.Pipeline`: contiguous stages, ``M``
 micro-batches, a schedule) are measured by :meth:`DistributedMeasurer.measure_pipelines`
 through ``torch.distributed.pipelining`` (:func:`envs.runtime.pipeline.launcher.run_training`,
 one job per pipeline, the model's own optimizer). Un-pipelined placements (node -> device)
@@ -43,7 +43,7 @@ from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
 from envs.runtime.step_timer import median_step_time
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
-    from envs.sim.pipeline import Pipeline
+    from envs.sim.pipeline_layout import Pipeline
     from graphs.capture import CapturedModel
 
 __all__ = ["DistributedMeasurer"]
@@ -202,7 +202,7 @@ class DistributedMeasurer:
         ``warmup + repeats`` steps with the model's optimizer: the median timed step, or an
         invalid result with the reason (refused, failed, or no budget left to start it)."""
         from envs.runtime.pipeline.launcher import PipelineRunError, run_training
-        from envs.sim.pipeline import PipelineError
+        from envs.sim.pipeline_layout import PipelineError
 
         timeout = budget_timeout(self.timeout_s + self.load_timeout_s, self.deadline)
         if timeout <= 0:

@@ -36,7 +36,7 @@ from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer, check_stage_devices
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir, process_state
 from envs.sim.data_parallel import check_runnable
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 from graphs.model_file import batch_size_of, batch_slice

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
 from graphs.ops import in_place_writes
 from graphs.random_state import kept_random_state

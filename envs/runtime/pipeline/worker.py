@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from envs.runtime.supervisor import worker_main
-from envs.sim.pipeline import Pipeline, PipelineError
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.model_file import batch_size_of, batch_slice
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -130,7 +130,7 @@ def onto_device(stage: Any, device: torch.device) -> Any:
 
 def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
     """The torch device global rank ``rank`` of ``pipeline``'s job computes on: its stages'
-    device (:attr:`~envs.sim.pipeline.Pipeline.rank_devices`), ``cpu`` for a worker ``cpu:N``,
+    device (:attr:`~envs.sim.pipeline_layout.Pipeline.rank_devices`), ``cpu`` for a worker ``cpu:N``,
     ``cuda:N`` for a GPU.
 
     >>> from envs.sim.pipeline import Pipeline

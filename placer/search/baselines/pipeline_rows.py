@@ -6,7 +6,7 @@ pipeline's devices: the accelerators, else every device) and the best pipeline o
 partitioner (:func:`placer.search.baselines.pipeline_split.best_pipeline`), and placer's own
 pipeline search (:func:`placer.search.pipeline_search.search_pipeline`, when the batch allows
 ``M > 1`` and there are two devices or more): its best pipeline and its best pipeline x
-data-parallel hybrid (:attr:`envs.sim.pipeline.Pipeline.replicas`). Rows carry ``kind``
+data-parallel hybrid (:attr:`envs.sim.pipeline_layout.Pipeline.replicas`). Rows carry ``kind``
 "ddp" or "pipeline" (placements: "placement"). A placement, a pipeline (hybrids included) or
 DDP can be the run's winner: ``placement.json`` holds any of them, DDP as one stage replicated
 on every device (:func:`envs.sim.data_parallel.data_parallel_pipeline`; :func:`parallel_rows`
@@ -25,7 +25,7 @@ import pandas as pd
 from envs.hardware.units import byte_display_unit
 from envs.sim.data_parallel import data_parallel_pipeline, simulate_data_parallel, simulate_pipelined
 from envs.sim.lower_bound import lower_bound
-from envs.sim.pipeline import Pipeline
+from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 from placer.report.compare import fastest_first

@@ -1,6 +1,6 @@
 """Pipeline partitioners: the splits people make by hand, and PipeDream's dynamic programme.
 
-Each returns a :class:`envs.sim.pipeline.Pipeline`: the problem's nodes (a topological order,
+Each returns a :class:`envs.sim.pipeline_layout.Pipeline`: the problem's nodes (a topological order,
 ``problem.node_names``) cut into one contiguous stage per device (the accelerators in
 index order, else all devices; :func:`pipeline_devices`), ``M`` micro-batches and a schedule.
 
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim.pipeline import Pipeline, PipelineError, PipelineResult, simulate_pipeline
+from envs.sim.pipeline import PipelineResult, simulate_pipeline
+from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from envs.sim.ranks import RankCosts
 from placer.search.baselines.common import NoFit, accelerators, node_cost
