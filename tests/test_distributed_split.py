@@ -400,7 +400,8 @@ def test_a_value_updated_in_place_after_it_leaves_its_stage_is_refused(model, on
 def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(model, on_rank_1):
     """A search over ranks must never pick a placement that ``apply`` then refuses: the
     simulator scores it infinite, with the split's own reason."""
-    from envs.sim.ranks import RankSimulator, rank_plan
+    from envs.sim.rank_plan import rank_plan
+    from envs.sim.ranks import RankSimulator
     from graphs.capture import capture
     from tests.helpers.problems import ranks_cluster
 
@@ -414,7 +415,8 @@ def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(
 
 
 def test_the_rank_simulator_runs_a_value_updated_in_place_before_it_leaves_its_stage():
-    from envs.sim.ranks import RankSimulator, rank_plan
+    from envs.sim.rank_plan import rank_plan
+    from envs.sim.ranks import RankSimulator
     from graphs.capture import capture
     from tests.helpers.problems import ranks_cluster
 
@@ -492,7 +494,7 @@ def _stages(plan) -> list[tuple[int, list[str]]]:
 def test_the_rank_simulator_moves_state_as_the_runtime_does(model, example, on_rank_1):
     """A hand-made placement over ranks has the stages the runtime will run, so ``show``
     simulates the step that ``apply`` then runs."""
-    from envs.sim.ranks import rank_plan
+    from envs.sim.rank_plan import rank_plan
     from graphs.capture import capture
 
     torch.manual_seed(0)
@@ -504,7 +506,7 @@ def test_the_rank_simulator_moves_state_as_the_runtime_does(model, example, on_r
 
 
 def test_the_rank_simulator_refuses_two_modules_sharing_a_weight_on_two_ranks():
-    from envs.sim.ranks import rank_plan
+    from envs.sim.rank_plan import rank_plan
     from graphs.capture import capture
 
     cap = capture(TiedEmbeddingOutput(), (torch.tensor([[0, 1, 4]]),))

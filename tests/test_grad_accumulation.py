@@ -11,7 +11,7 @@ from envs.sim.data_parallel import simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import ZERO_COSTS
+from envs.sim.rank_costs import ZERO_COSTS
 from envs.sim.stage_costs import fast_stage_costs, stage_costs
 from tests.helpers.pipelines import chain, cpu_cluster, two_stages
 

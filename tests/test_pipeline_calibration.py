@@ -13,7 +13,7 @@ from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, sim
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import ZERO_COSTS
+from envs.sim.rank_costs import ZERO_COSTS
 from envs.sim.stage_costs import ENGINE_COSTS, fast_stage_costs, stage_costs
 from graphs.profile.batch_scaling import fixed_parts
 from tests.helpers.pipelines import BW, LAT, chain, cpu_cluster, two_stages

@@ -9,7 +9,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from envs.sim.ranks import ZERO_COSTS, RankCosts, RankSimError, rank_plan, simulate_ranks, simulate_ranks_batch
+from envs.sim.rank_costs import ZERO_COSTS, RankCosts, RankSimError
+from envs.sim.rank_plan import rank_plan
+from envs.sim.ranks import simulate_ranks, simulate_ranks_batch
 from tests.helpers.problems import BW, LAT, ranks_cluster
 
 

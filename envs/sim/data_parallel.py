@@ -87,7 +87,7 @@ import numpy as np
 from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem, memory_problem_lines, step_temporaries
-from envs.sim.ranks import RankCosts
+from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",

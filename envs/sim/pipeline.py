@@ -68,7 +68,7 @@ device waits for its last sends before it steps (``_wait_batch_p2p(send_work)``)
 
 **P4 Host constants.** On CPU devices every stage call, send, receive and loss and the
 step cost what the measured multi-process runtime costs (:data:`ENGINE_COSTS`: the
-per-call constants of :class:`envs.sim.ranks.RankCosts`, calibrated there on the
+per-call constants of :class:`envs.sim.rank_costs.RankCosts`, calibrated there on the
 point-to-point runtime); on GPUs the single-process host overheads of the op-level
 simulator (:func:`engine_host_costs`: every backward is one ``torch.autograd.backward`` call,
 ``backward_call_s``, the last stage's loss ``loss_s``), so that one stage on one GPU costs
@@ -132,7 +132,7 @@ import numpy as np
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.pipeline_schedules import schedule_orders
 from envs.sim.problem import PlacementProblem, cached_per_problem, memory_problem_lines, step_temporaries
-from envs.sim.ranks import ZERO_COSTS, RankCosts
+from envs.sim.rank_costs import ZERO_COSTS, RankCosts
 from envs.sim.stage_costs import ENGINE_COSTS, StageCosts, stage_costs
 
 __all__ = ["PipelineResult", "engine_host_costs", "simulate_pipeline", "check_pipeline"]

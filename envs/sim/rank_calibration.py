@@ -15,7 +15,8 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Cluster
-from envs.sim.ranks import ZERO_COSTS, RankCosts, RankSchedule, RankSimError, _compile, _ranks_of, _simulate
+from envs.sim.rank_costs import ZERO_COSTS, RankCosts, RankSimError
+from envs.sim.ranks import RankSchedule, _compile, _ranks_of, _simulate
 
 __all__ = ["rank_counts", "fit_host_costs", "fit_rank_costs", "fit_rank_costs_many"]
 

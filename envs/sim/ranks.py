@@ -134,11 +134,12 @@ thread and other processes competing for the cores are not modelled (the fitted
 constants absorb their average); every value is one message per tensor leaf
 (``leaves``; default 1, 0 for a value of no bytes) of ``out_bytes`` split evenly.
 
-API: :func:`rank_plan` (stages and transfers of a placement), :func:`simulate_ranks`
-(the readable event-driven reference, op-level trace), :func:`simulate_ranks_batch`
-and :class:`RankSimulator` (many placements, op dicts or group rows: same rules, compiled
-once, plans cached per placement, no trace), :class:`RankCosts` (constants); calibration from
-measured steps is :mod:`envs.sim.rank_calibration`.
+API: :func:`~envs.sim.rank_plan.rank_plan` (stages and transfers of a placement, the
+runtime's cut), :func:`simulate_ranks` (the readable event-driven reference, op-level trace),
+:func:`simulate_ranks_batch` and :class:`RankSimulator` (many placements, op dicts or group
+rows: same rules, compiled once, plans cached per placement, no trace),
+:class:`~envs.sim.rank_costs.RankCosts` (constants); calibration from measured steps is
+:mod:`envs.sim.rank_calibration`.
 """
 
 from __future__ import annotations
@@ -154,21 +155,14 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Cluster
-from envs.sim.stages import cut_stages, refused_handover
-from graphs.errors import PlacerError
+from envs.sim.rank_costs import RankCosts, RankSimError
+from envs.sim.rank_plan import RankPlan, RankTransfer, compute_nodes, rank_plan, real_inputs
 from graphs.gc_pause import paused_gc
 
 __all__ = [
-    "RankSimError",
-    "RankCosts",
-    "ZERO_COSTS",
-    "RankTransfer",
-    "RankStage",
-    "RankPlan",
     "RankEvent",
     "RankMessage",
     "RankSchedule",
-    "rank_plan",
     "runnable_times",
     "RankSimulator",
     "RankScale",
@@ -177,212 +171,6 @@ __all__ = [
     "rank_lower_bound",
     "value_leaves",
 ]
-
-
-class RankSimError(PlacerError, ValueError):
-    """Bad input to the rank simulator (unknown device, unplaced node, bad constant)."""
-
-
-@dataclass(frozen=True)
-class RankCosts:
-    """The runtime's constants (seconds; ``op_scale`` a factor).
-
-    Defaults: calibrated on this machine (2-core VM shared with other jobs, torch 2.13 CPU,
-    gloo on loopback, 2026-12-05) by ``benchmarks/agreement_ranks.py`` over 6 zoo models x
-    19-24 placements (fit halves), against each placement's fastest measured step
-    (benchmarks/results/agreement_ranks.md): the host constants from each rank's CPU
-    seconds per step (:func:`envs.sim.rank_calibration.fit_host_costs`), the op scale and wake-up from the steps.
-    ``late_p`` alone comes from the quiet runs' *mean* steps (R3's expected step; the
-    fastest step has no late wake-up); the quiet runs' full constant sets, per statistic,
-    are in the results file. The link latency defaults to the cluster's (``latency_s=None``).
-    """
-
-    op_scale: float = 0.86
-    stage_fwd_s: float = 208e-6
-    stage_bwd_s: float = 208e-6
-    send_s: float = 91e-6
-    recv_s: float = 91e-6
-    handoff_s: float = 3e-6
-    loss_s: float = 164e-6
-    step_s: float = 165e-6
-    #: Paid by a thread that had to sleep for a message (the wait found it not yet landed):
-    #: the condition-variable wake-up and the wait for a core (R3).
-    wake_s: float = 1.5e-6
-    #: Probability that a sleeping wait is woken ``late_s`` late (R3, late wake-ups): fitted
-    #: on the mean steps of the quiet runs (0.56% on the 15-repeat run, 0.67% on three runs
-    #: pooled; benchmarks/results/agreement_ranks.md), i.e. ~21 us per sleeping wait on average.
-    late_p: float = 0.006
-    #: How late a late wake-up is (about one scheduler tick; the quiet runs' slow-mode jump).
-    late_s: float = 3.5e-3
-    #: R3b: after a thread slept in a wait, its next ``cold_s`` of op time runs
-    #: ``1 + cold_factor`` times slower. Fitted on the mean steps of two 40-repeat quiet runs
-    #: (0.124 and 0.265, with ``cold_s`` held at the 20 ms that ``benchmarks/rank_cold.py``
-    #: measures): their mean. Any value in 0.1-0.35 gave the same held-out ranking.
-    cold_factor: float = 0.19
-    cold_s: float = 0.02
-    #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
-    #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
-    #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
-    latency_s: float | None = None
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None and f.name == "latency_s":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise RankSimError(f"RankCosts.{f.name} must be a finite number >= 0, got {v!r}")
-        if self.late_p > 1:
-            raise RankSimError(f"RankCosts.late_p is a probability, expected a number in [0, 1], got {self.late_p!r}")
-
-    @property
-    def expected_wake_s(self) -> float:
-        """What a sleeping wait costs on average: the wake-up plus the expected late wake-up (R3)."""
-        return self.wake_s + self.late_p * self.late_s
-
-    def to_dict(self) -> dict[str, float | None]:
-        """The constants by name."""
-        return {f.name: None if getattr(self, f.name) is None else float(getattr(self, f.name)) for f in fields(self)}
-
-
-#: No host cost at all and op times as profiled: the baseline a fit adds constants to
-#: (:func:`envs.sim.rank_calibration.fit_host_costs`), and what GPU devices pay in the pipeline simulator.
-ZERO_COSTS = RankCosts(op_scale=1.0, stage_fwd_s=0.0, stage_bwd_s=0.0, send_s=0.0, recv_s=0.0, handoff_s=0.0,
-                       loss_s=0.0, step_s=0.0, wake_s=0.0, late_p=0.0, cold_factor=0.0)
-
-
-@dataclass(frozen=True)
-class RankTransfer:
-    """A value crossing ranks (as ``envs.runtime.split.Transfer``; local hand-overs included)."""
-
-    value: str
-    src_stage: int
-    src_rank: int
-    dst_rank: int
-    dst_stage: int
-
-
-@dataclass(frozen=True)
-class RankStage:
-    """One stage: ``rank`` runs ``nodes`` in one call; ``outputs`` are the values other stages read."""
-
-    index: int
-    rank: int
-    nodes: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """The stages and transfers of a placement over ranks (what ``split_by_rank`` builds)."""
-
-    stages: tuple[RankStage, ...]
-    transfers: tuple[RankTransfer, ...]
-    output_rank: int
-    world_size: int
-    refusal: str | None = None  # why the runtime refuses this cut (envs.sim.stages.refused_handover)
-
-    def stages_of(self, rank: int) -> list[RankStage]:
-        """``rank``'s stages in schedule order."""
-        return [s for s in self.stages if s.rank == rank]
-
-
-def _compute_nodes(graph: nx.DiGraph) -> tuple[list[str], str | None]:
-    order, out = [], None
-    for n, d in graph.nodes(data=True):
-        op = d.get("op")
-        if op == "output":
-            out = n
-        elif op != "placeholder":
-            order.append(n)
-    return order, out
-
-
-def _real_inputs(graph: nx.DiGraph, n: str) -> list[str]:
-    return [a for a in graph.predecessors(n) if graph.nodes[a].get("op") != "placeholder"]
-
-
-def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
-              output_rank: int | None = None) -> RankPlan:
-    """Stages and transfers of ``graph`` placed by ``ranks`` (``{node: rank}``), as the runtime cuts them.
-
-    Mirrors ``envs/runtime/split.py:split_by_rank`` on the placement graph (same node
-    names, order and inputs as the fx graph): every compute node must be placed; the
-    output is gathered on ``output_rank`` (default: the output node's rank, else 0).
-
-    Raises:
-        RankSimError: an unplaced compute node or a rank outside ``[0, world_size)``.
-    """
-    order, out = _compute_nodes(graph)
-    missing = [n for n in order if n not in ranks]
-    if missing:
-        raise RankSimError(f"{len(missing)} compute node(s) have no rank, e.g. {missing[:3]}; "
-                           "expected every non-placeholder node of the graph placed")
-    for n in order:
-        r = ranks[n]
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < world_size:
-            raise RankSimError(f"node {n!r} is placed on rank {r!r}; expected an integer in [0, {world_size})")
-    if output_rank is None:
-        output_rank = int(ranks[out]) if out is not None and out in ranks else 0
-    rank = {n: int(ranks[n]) for n in order}
-    shared_refusal = _settle_shared_state(graph, order, rank)
-    inputs = {n: _real_inputs(graph, n) for n in order}
-    out_inputs = _real_inputs(graph, out) if out is not None else []
-    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank)
-    num = max(stage_of.values(), default=-1) + 1
-    members: list[list[str]] = [[] for _ in range(num)]
-    for n in order:
-        members[stage_of[n]].append(n)
-    # split.py: first consumer stage per (value, reading rank); the output node is stage `num`.
-    first_use: dict[tuple[str, int], int] = {}
-    needed: set[str] = set()
-    readers = [(n, stage_of[n], rank[n], inputs[n]) for n in order] + [(out, num, output_rank, out_inputs)]
-    for _, s, r, ins in readers:
-        for a in ins:
-            if stage_of[a] == s:
-                continue
-            key = (a, r)
-            first_use[key] = min(first_use.get(key, s), s)
-            needed.add(a)
-    stages = tuple(RankStage(i, rank[m[0]], tuple(m), tuple(x for x in m if x in needed))
-                   for i, m in enumerate(members))
-    pos = {v: (stage_of[v], stages[stage_of[v]].outputs.index(v)) for v in needed}
-    transfers = sorted((RankTransfer(v, stage_of[v], rank[v], r, s) for (v, r), s in first_use.items()),
-                       key=lambda t: (pos[t.value], t.dst_rank))
-    updated_later = {n: str(graph.nodes[n]["updated_later"]) for n in order if "updated_later" in graph.nodes[n]}
-    refusal = shared_refusal or refused_handover(
-        transfers, updated_later, {n: bool(graph.nodes[n].get("requires_grad", True)) for n in updated_later})
-    return RankPlan(stages, tuple(transfers), int(output_rank), int(world_size), refusal)
-
-
-def _settle_shared_state(graph: nx.DiGraph, order: Sequence[str], rank: dict[str, int]) -> str | None:
-    """Move state-reading nodes as ``split.py:_settle_shared_state`` does, in place on ``rank``;
-    return why the runtime refuses the placement, if it does.
-
-    A ``get_attr`` node whose tensor an op updates in place goes to that op's rank (state
-    follows its update); then a ``get_attr`` of a parameter that a module owns (a tied weight,
-    ``tied_param_bytes``) goes to the owner's rank, and a module's nodes, or two modules
-    sharing a parameter, on two ranks are refused. The placement graph names the first node
-    using a tensor as its owner; the runtime, the module: where a ``get_attr`` came first, the
-    module's rank is the one that holds it.
-    """
-    ops = {n: graph.nodes[n].get("op") for n in order}
-    for n in order:
-        writer = graph.nodes[n].get("updated_later")
-        if ops[n] == "get_attr" and writer in rank:
-            rank[n] = rank[writer]
-    for n in order:
-        for owner in graph.nodes[n].get("tied_param_bytes") or {}:
-            if owner not in rank:
-                continue
-            if ops[n] == "get_attr":
-                rank[n] = rank[owner]
-            elif ops[owner] == "get_attr":
-                rank[owner] = rank[n]
-            elif rank[owner] != rank[n]:
-                return (f"node {n!r} uses a parameter or buffer on rank {rank[n]} that node {owner!r} uses on rank "
-                        f"{rank[owner]}; nodes calling one module must be placed on one rank (group the graph first)")
-    return None
 
 
 @dataclass
@@ -970,25 +758,25 @@ def _grad_path_nodes(graph: nx.DiGraph, cost: Mapping[str, list[_OpCost]]) -> se
     runs their backward under every placement (their stage always has an output needing a
     gradient), after the backward of their consumers on the path (a remote consumer's
     gradient is a message: a value of no tensors sends none, so it does not count)."""
-    order, out = _compute_nodes(graph)
+    order, out = compute_nodes(graph)
     if out is None:
         return set()
     grad = {n for n in order if cost[n][0].grad and cost[n][0].leaves > 0}
     found: set[str] = set()
-    todo = [a for a in _real_inputs(graph, out) if a in grad]
+    todo = [a for a in real_inputs(graph, out) if a in grad]
     while todo:
         n = todo.pop()
         if n in found:
             continue
         found.add(n)
-        todo.extend(a for a in _real_inputs(graph, n) if a in grad and a not in found)
+        todo.extend(a for a in real_inputs(graph, n) if a in grad and a not in found)
     return found
 
 
 def _lower_bound(c: _Compiled, costs: RankCosts) -> float:
     """Seconds no placement over ``c``'s ranks can beat under rules R1-R7 (see :func:`rank_lower_bound`)."""
     graph, W = c.graph, c.cluster.num_devices
-    order, out = _compute_nodes(graph)
+    order, out = compute_nodes(graph)
     if not order:
         return float(costs.loss_s + costs.step_s)
     k = costs.op_scale
@@ -1018,8 +806,8 @@ def _lower_bound(c: _Compiled, costs: RankCosts) -> float:
     sent = {n for n in order if c.cost[n][0].leaves > 0}
     done: dict[str, float] = {}
     for n in order:
-        done[n] = max((done[a] for a in _real_inputs(graph, n) if a in sent), default=costs.stage_fwd_s) + fwd[n]
-    loss_end = max((done[a] for a in _real_inputs(graph, out) if a in sent), default=0.0) if out else 0.0
+        done[n] = max((done[a] for a in real_inputs(graph, n) if a in sent), default=costs.stage_fwd_s) + fwd[n]
+    loss_end = max((done[a] for a in real_inputs(graph, out) if a in sent), default=0.0) if out else 0.0
     loss_end += costs.loss_s
     back: dict[str, float] = {}
     for n in reversed(order):

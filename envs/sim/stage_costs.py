@@ -12,7 +12,7 @@ import numpy as np
 
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem
-from envs.sim.ranks import RankCosts
+from envs.sim.rank_costs import RankCosts
 
 __all__ = ["ENGINE_COSTS", "shrunk_host", "StageCosts", "stage_costs", "PipelineTables", "pipeline_tables",
            "fast_stage_costs"]

@@ -55,7 +55,7 @@ from envs.sim.data_parallel import HybridResult, simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankCosts
+from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import fast_stage_costs
 from placer.search.baselines.common import NoFit, node_cost
 from placer.search.baselines.pipeline_split import PARTITIONERS, pipeline_devices
@@ -261,7 +261,7 @@ def search_pipeline(problem: PlacementProblem, batch_size: int | None, budget: i
         budget: simulated states in all, seeds included (``optimize`` gives its placement budget,
             else :data:`DEFAULT_PIPELINE_PLACEMENTS`).
         seed: seeds the policy's sampling.
-        costs: host constants of CPU processes (:class:`envs.sim.ranks.RankCosts`).
+        costs: host constants of CPU processes (:class:`envs.sim.rank_costs.RankCosts`).
         batch: proposals the policy makes per round.
         learning_rate: the policy's REINFORCE step size.
         policy_share: the share of each round's budget the policy gets before local search.

@@ -27,7 +27,7 @@ from envs.sim.data_parallel import data_parallel_pipeline, simulate_data_paralle
 from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankCosts
+from envs.sim.rank_costs import RankCosts
 from placer.report.compare import fastest_first
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
 from placer.search.pipeline_moves import microbatch_choices

@@ -34,7 +34,7 @@ import numpy as np
 from envs.sim.pipeline import PipelineResult, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankCosts
+from envs.sim.rank_costs import RankCosts
 from placer.search.baselines.common import NoFit, accelerators, node_cost
 
 __all__ = ["pipeline_devices", "even_split_layers", "even_split_params", "pipedream_dp", "PipelineCandidate",
