@@ -89,10 +89,11 @@ def test_every_backend_equals_the_reference(params):
 @given(st.integers(0, 2**31 - 1), st.integers(2, 30), st.integers(2, 5))
 def test_the_certified_fast_pass_equals_the_exact_engine(seed, n, d):
     from envs.sim import simulator as sim
+    from envs.sim.loop_arrays import loop_arrays
 
     rng = np.random.default_rng(seed)
     problem = compile_problem(random_dag(rng, n, 0.3), random_cluster(rng, d))
-    a = sim._arrays(problem)
+    a = loop_arrays(problem)
     rows = np.ascontiguousarray(rng.integers(0, d, size=(16, n)), dtype=np.int32)
     fast = sim._simulate_python(a, rows, a.op_group)
     exact = sim._simulate_python(a, rows, a.op_group, force_events=True)

@@ -26,7 +26,7 @@ Two ways to run the backward (R7, the autograd engine):
   come from :func:`workspace`, allocated once per batch chunk, not per placement; the
   node ids are fixed per problem (:func:`node_ids`).
 
-Arrays (built by :func:`envs.sim.simulator._arrays`): ``cost`` [N*D*6] as
+Arrays (built by :func:`envs.sim.loop_arrays.loop_arrays`): ``cost`` [N*D*6] as
 ``(i*D + d)*6 + k``; ``rd``/``wr`` the stream slot a device reads/writes (a GPU its own
 index; a CPU reads slot D, always 0.0, and writes slot D+1, never read), ``lat``/``inv_bw``
 [D*D] (0 on the diagonal and between CPU devices), ``blocking`` [D*D] (a copy with a CPU end

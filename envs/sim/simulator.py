@@ -44,9 +44,10 @@ engine's on them, so the engine is the path for several threads.
 
 Paths: numba (:mod:`envs.sim.simulator_numba`, the same loops compiled, threads over
 placements) when numba imports (:data:`HAS_NUMBA`; ``PLACER_DISABLE_NUMBA=1`` forces
-numpy); numpy (the static pass vectorised over the one-thread rows of the batch, the other
-rows through the engine run as Python: slow, ms per placement); python (the loops of
-:mod:`envs.sim.kernels` run as Python). All give the same results bit for bit.
+numpy); numpy (:mod:`envs.sim.simulator_numpy`: the static pass vectorised over the
+one-thread rows of the batch, the other rows through the engine run as Python: slow, ms per
+placement); python (the loops of :mod:`envs.sim.kernels` run as Python). All read the
+problem as :mod:`envs.sim.loop_arrays` lays it out and give the same results bit for bit.
 
 Speed (benchmarks/results/simulator.md): the engine's event loop costs ~11x the static pass
 per op (~240 vs ~20 ns of CPU per op at 1,000 ops x 4 GPUs: ~2.2 events per op, each a
@@ -64,15 +65,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from envs.sim import kernels as _py
+from envs.sim.loop_arrays import LoopArrays, loop_arrays
 from envs.sim.problem import (
     PlacementError,
     PlacementProblem,
-    cached_per_problem,
     device_max,
     memory_problem_lines,
     step_temporaries,
 )
 from envs.sim.ranks import RankSchedule, runnable_times
+from envs.sim.simulator_numpy import NUMPY_CHUNK, static_pass_rows
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.
     from envs.sim import simulator_numba as _kernels  # defines the kernels; compiles nothing yet
@@ -199,137 +201,6 @@ class Schedule:
     result: StepResult
 
 
-# --------------------------------------------------------------------------- preparation
-
-
-@dataclass(frozen=True)
-class _Arrays:
-    """Contiguous arrays in the layout the loops read (built once per problem; see
-    :mod:`envs.sim.kernels`). Op indices are int64; device rows are int32."""
-
-    n_devices: int
-    op_group: np.ndarray  # [N] int64
-    cost: np.ndarray  # [N*D*6]
-    cost3: np.ndarray  # [N, D, 6] view
-    rg: np.ndarray  # [N] uint8
-    succ_ptr: np.ndarray
-    succ_dst: np.ndarray
-    succ_bytes: np.ndarray
-    succ_grad: np.ndarray  # uint8
-    gpred_ptr: np.ndarray  # [N+1] gradient producers' CSR (edges both ends requiring grad)
-    gpred_src: np.ndarray
-    id_base: np.ndarray  # [N+1] each op's first backward node id (kernels.node_ids)
-    id_op: np.ndarray  # [M] the op of each backward node id
-    rd: np.ndarray  # [D] stream slot read
-    wr: np.ndarray  # [D] stream slot written
-    thread_of: np.ndarray  # [D] backward thread (0: the host)
-    n_threads: int
-    is_cpu: np.ndarray  # [D] uint8
-    lat_flat: np.ndarray  # [D*D]
-    inv_bw_flat: np.ndarray  # [D*D]
-    blocking: np.ndarray  # [D*D] uint8
-    consts: np.ndarray  # [4] copy_s, loss_s, backward_call_s, step_s
-    group_static: np.ndarray  # [G] params + grads + optimizer state + kept activations
-    group_busy: np.ndarray  # [G, D]
-    op_static: np.ndarray  # [N]
-    op_busy: np.ndarray  # [N, D]
-    capacity: np.ndarray  # [D]
-    group_work: np.ndarray  # [G] the backward working set of a group's largest gradient
-    op_work: np.ndarray  # [N]
-    group_params: np.ndarray  # [G] params + grads + optimizer state + the loop's batch and output: what the step holds
-    op_params: np.ndarray  # [N]
-    group_step_work: np.ndarray  # [G] the optimizer step's temporaries of a group's largest parameters
-    op_step_work: np.ndarray  # [N]
-    group_foreach: np.ndarray  # [G] the foreach implementation's temporaries of a group's parameters
-    op_foreach: np.ndarray  # [N]
-    kind_is_cpu: np.ndarray  # [D] the device is a CPU (its optimizer loops over parameters)
-
-
-@cached_per_problem
-def _arrays(problem: PlacementProblem) -> _Arrays:
-    ops = problem.ops
-    nd = problem.num_devices
-    cost3 = np.ascontiguousarray(ops.cost, dtype=np.float64)
-    if ops.one_process_per_device:
-        # Ranks: each device is a process with its own thread (OpArrays.one_process_per_device):
-        # all of an op's seconds on that device's own timeline, none on a shared host thread.
-        cost3 = cost3.copy()
-        cost3[:, :, 1::2] += cost3[:, :, 0::2]
-        cost3[:, :, 0::2] = 0.0
-    latency = np.asarray(problem.latency, dtype=np.float64)
-    bandwidth = np.asarray(problem.bandwidth, dtype=np.float64)
-    # The schedule arithmetic relies on every time and size being a finite number >= 0; a
-    # cost model that broke this is a bug worth a clear message rather than a wrong step time.
-    for label, values in (("ops.cost", cost3), ("ops.succ_bytes", ops.succ_bytes), ("latency", latency),
-                          ("fwd_time", problem.fwd_time), ("bwd_time", problem.bwd_time),
-                          ("edge_bytes", problem.edge_bytes)):
-        values = np.asarray(values, dtype=np.float64)
-        if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0):
-            raise PlacementError(f"problem.{label} must hold finite numbers >= 0; got min {np.min(values)!r}")
-    if not np.all(bandwidth > 0):  # inf (a device to itself) is fine; 0, negative or NaN is not
-        raise PlacementError(f"problem.bandwidth must be > 0; got min {np.min(bandwidth)!r}")
-    is_cpu = np.asarray(ops.is_cpu, dtype=bool) & (not ops.one_process_per_device)
-    # One process: a copy between two CPU devices is a no-op .to('cpu') (host cost only).
-    same_memory = np.eye(nd, dtype=bool) | (is_cpu[:, None] & is_cpu[None, :])
-    gpu_index = np.cumsum(~is_cpu)  # k-th GPU -> thread k (the host is thread 0)
-    rg = np.asarray(ops.requires_grad, dtype=bool)
-    src = np.repeat(np.arange(ops.num_ops), np.diff(ops.succ_ptr))
-    grad_edges = np.flatnonzero(ops.succ_grad)
-    order = grad_edges[np.lexsort((src[grad_edges], ops.succ_dst[grad_edges]))]
-    gpred_ptr = np.zeros(ops.num_ops + 1, dtype=np.int64)
-    np.cumsum(np.bincount(ops.succ_dst[grad_edges], minlength=ops.num_ops), out=gpred_ptr[1:])
-    op_static = np.ascontiguousarray(problem.op_static_memory() + ops.act_bytes)
-    op_busy = np.ascontiguousarray(cost3.sum(axis=2))
-    group_static = np.zeros(problem.num_nodes)
-    np.add.at(group_static, ops.op_group, op_static)
-    op_work = np.ascontiguousarray(ops.gradient_work())
-    group_work = problem.backward_work()
-    op_params = np.ascontiguousarray(ops.at_step_bytes(problem.op_static_memory()))
-    group_params = problem.at_step_memory()
-    host = ops.host
-    succ_ptr = np.ascontiguousarray(ops.succ_ptr, dtype=np.int64)
-    id_base, id_op = _py.node_ids(succ_ptr, nd)
-    arrays = _Arrays(
-        n_devices=nd,
-        op_group=np.ascontiguousarray(ops.op_group, dtype=np.int64),
-        cost=cost3.ravel(),
-        cost3=cost3,
-        rg=rg.astype(np.uint8),
-        succ_ptr=succ_ptr,
-        succ_dst=np.ascontiguousarray(ops.succ_dst, dtype=np.int64),
-        succ_bytes=np.ascontiguousarray(ops.succ_bytes, dtype=np.float64),
-        succ_grad=np.ascontiguousarray(ops.succ_grad, dtype=np.uint8),
-        gpred_ptr=gpred_ptr,
-        gpred_src=np.ascontiguousarray(src[order], dtype=np.int64),
-        id_base=id_base,
-        id_op=id_op,
-        rd=np.where(is_cpu, nd, np.arange(nd)).astype(np.int64),
-        wr=np.where(is_cpu, nd + 1, np.arange(nd)).astype(np.int64),
-        thread_of=np.where(is_cpu, 0, gpu_index).astype(np.int64),
-        n_threads=int(1 + (~is_cpu).sum()),
-        is_cpu=is_cpu.astype(np.uint8),
-        lat_flat=np.ascontiguousarray(np.where(same_memory, 0.0, latency).ravel()),
-        inv_bw_flat=np.ascontiguousarray(np.where(same_memory, 0.0, 1.0 / bandwidth).ravel()),
-        blocking=np.ascontiguousarray((is_cpu[:, None] | is_cpu[None, :]).ravel().astype(np.uint8)),
-        consts=np.array([host.copy_s, host.loss_s, host.backward_call_s, host.step_s], dtype=np.float64),
-        group_static=group_static,
-        group_busy=np.ascontiguousarray(problem.fwd_time + problem.bwd_time, dtype=np.float64),
-        op_static=op_static,
-        op_busy=op_busy,
-        capacity=np.ascontiguousarray(problem.memory_capacity, dtype=np.float64),
-        group_work=group_work,
-        op_work=op_work,
-        group_params=group_params,
-        op_params=op_params,
-        group_step_work=problem.step_work(),
-        op_step_work=np.ascontiguousarray(ops.step_work_bytes()),
-        group_foreach=problem.foreach_work(),
-        op_foreach=np.ascontiguousarray(ops.foreach_work_bytes()),
-        kind_is_cpu=np.asarray(ops.is_cpu, dtype=bool),
-    )
-    return arrays
-
-
 def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
     """Validate placements ([B, G] or [G] ints, or a dict) and return a C-contiguous int32 [B, G]."""
     if isinstance(placements, Mapping):
@@ -345,7 +216,7 @@ def _as_batch(problem: PlacementProblem, placements: object) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def _workspace(a: _Arrays, n_ops: int) -> tuple[np.ndarray, ...]:
+def _workspace(a: LoopArrays, n_ops: int) -> tuple[np.ndarray, ...]:
     """The work arrays of the single-placement loops (:func:`envs.sim.kernels.workspace`)."""
     return _py.workspace(n_ops, a.n_devices, a.n_threads, a.id_op.shape[0])
 
@@ -354,7 +225,7 @@ _NO_TRACE = np.zeros((0, 8))
 _NO_XTRACE = np.zeros((0, 6))
 
 
-def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndarray, ...], mem: np.ndarray,
+def _one(a: LoopArrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndarray, ...], mem: np.ndarray,
          acc: np.ndarray, force_events: bool = False, trace: np.ndarray = _NO_TRACE,
          xtrace: np.ndarray = _NO_XTRACE) -> tuple[float, bool]:
     """Step of one placement (row over the slots of ``op_group``): the certified static pass,
@@ -381,7 +252,7 @@ def _one(a: _Arrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndarray
 # --------------------------------------------------------------------------- python path
 
 
-def _simulate_python(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
+def _simulate_python(a: LoopArrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
     """One placement at a time through the loops of :mod:`envs.sim.kernels`, run as Python."""
     b_count = pl.shape[0]
     nd = a.n_devices
@@ -397,11 +268,8 @@ def _simulate_python(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_eve
 
 # --------------------------------------------------------------------------- numpy path
 
-#: Rows the numpy path simulates at once (its state is [N, chunk]).
-NUMPY_CHUNK = 256
 
-
-def _simulate_numpy(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
+def _simulate_numpy(a: LoopArrays, pl: np.ndarray, op_group: np.ndarray):
     """The static pass vectorised over the batch (same operations as :func:`kernels.static_pass`
     in the same order), uncertified rows again through the Python engine."""
     threads = a.thread_of[pl]
@@ -411,165 +279,13 @@ def _simulate_numpy(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
     xt, xb, ok = np.zeros(b_count), np.zeros(b_count), np.zeros(b_count, dtype=bool)
     for lo in range(0, single.size, NUMPY_CHUNK):
         idx = single[lo:lo + NUMPY_CHUNK]
-        step[idx], recv[idx], xt[idx], xb[idx], ok[idx] = _numpy_chunk(a, pl[idx], op_group)
+        step[idx], recv[idx], xt[idx], xb[idx], ok[idx] = static_pass_rows(a, pl[idx], op_group)
     bad = np.flatnonzero(~ok)
     if bad.size:
         step[bad], recv[bad], xt[bad], xb[bad], _ = _simulate_python(a, pl[bad], op_group, force_events=True)
     return step, recv, xt, xb, ok
 
 
-def _numpy_chunk(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
-    b_count = pl.shape[0]
-    nd = a.n_devices
-    n = op_group.shape[0]
-    rows = np.arange(b_count)
-    cost = a.cost3
-    copy_s, loss_s, bwd_call_s, step_s = (float(c) for c in a.consts)
-    dev = np.ascontiguousarray(pl.T.astype(np.int64))[op_group]  # [N, B]: a gather, as the loops do
-    S = np.zeros((b_count, nd + 2))
-    recv = np.zeros((b_count, nd))
-    xt = np.zeros(b_count)
-    xb = np.zeros(b_count)
-    seen = np.zeros((b_count, nd), dtype=bool)
-    dst = np.zeros((b_count, nd), dtype=np.int64)
-    nb = np.zeros((b_count, nd))
-    h = np.zeros(b_count)
-
-    def copies(i: int, d: np.ndarray, grad_ready: bool, done: np.ndarray | None):
-        """First-found destination devices of op i's consumers, their bytes and (backward)
-        the latest gradient from each: (count, r_op) with dst/nb/xr filled."""
-        seen[:] = False
-        count = np.zeros(b_count, dtype=np.int64)
-        r_op = None
-        xr = None
-        if grad_ready:
-            r_op = np.full(b_count, 0.0)
-            xr = np.full((b_count, nd), -1.0)
-        for k in range(a.succ_ptr[i], a.succ_ptr[i + 1]):
-            c = a.succ_dst[k]
-            b = dev[c]
-            cut = b != d
-            new = cut & ~seen[rows, b]
-            nbytes = a.succ_bytes[k]
-            dst[rows, count] = np.where(new, b, dst[rows, count])
-            count += new
-            old = nb[rows, b]
-            nb[rows, b] = np.where(new, nbytes, np.where(cut & (nbytes > old), nbytes, old))
-            seen[rows, b] |= cut
-            if grad_ready and a.succ_grad[k]:
-                dc = done[c]
-                r_op = np.where(cut, r_op, np.maximum(r_op, dc))
-                old_x = xr[rows, b]
-                xr[rows, b] = np.where(cut, np.maximum(old_x, dc), old_x)
-        return count, r_op, xr
-
-    # ---- forward (R1-R5)
-    for i in range(n):
-        d = dev[i]
-        c = cost[i][d]  # [B, 6]
-        h = h + c[:, 0]
-        sd = S[rows, a.rd[d]]
-        st = np.maximum(h, sd)
-        S[rows, a.wr[d]] = st + c[:, 1]
-        count, _, _ = copies(i, d, False, None)
-        for j in range(int(count.max(initial=0)) - 1, -1, -1):
-            act = j < count
-            b = np.where(act, dst[:, j], d)
-            pair = d * nd + b
-            nbb = np.where(act, nb[rows, b], 0.0)
-            x = a.lat_flat[pair] + nbb * a.inv_bw_flat[pair]
-            hh = h + copy_s
-            sa = S[rows, a.rd[d]]
-            sb = S[rows, a.rd[b]]
-            e = np.maximum(np.maximum(hh, sa), sb) + x
-            S[rows, a.wr[d]] = np.where(act, e, S[rows, a.wr[d]])
-            S[rows, a.wr[b]] = np.where(act, np.maximum(sb, e), S[rows, a.wr[b]])
-            h = np.where(act, np.where(a.blocking[pair] != 0, e, hh), h)
-            recv[rows, b] += np.where(act, nbb, 0.0)
-            xt += np.where(act, x, 0.0)
-            xb += nbb
-
-    # ---- backward (R7), static order with certification
-    t_root = h + loss_s
-    T = np.repeat(t_root[:, None], a.n_threads, axis=1)
-    maxidle = np.full((b_count, a.n_threads), -1.0)
-    last = np.full((b_count, nd + 2), -1.0)
-    last_thread = np.full((b_count, nd + 2), -1, dtype=np.int64)
-    ok = np.ones(b_count, dtype=bool)
-    done = np.zeros((n, b_count))
-
-    def certify(act, p, r, tb):
-        nonlocal ok
-        mi = maxidle[rows, p]
-        ok &= ~(act & (r < mi))
-        maxidle[rows, p] = np.where(act & (r > tb) & (r > mi), r, mi)
-
-    def stream_order(act, dev_idx, when, p):
-        nonlocal ok
-        gpu = act & (a.is_cpu[dev_idx] == 0)
-        slot = np.where(gpu, dev_idx, nd + 1)
-        li, lt = last[rows, slot], last_thread[rows, slot]
-        ok &= ~(gpu & ((when < li) | ((when == li) & (lt != p))))
-        last[rows, slot] = np.where(gpu, when, li)
-        last_thread[rows, slot] = np.where(gpu, p, lt)
-
-    for i in range(n - 1, -1, -1):
-        if not a.rg[i]:
-            continue
-        d = dev[i]
-        count, r_op, xr = copies(i, d, True, done)
-        r_op = np.maximum(r_op, t_root)
-        for j in range(int(count.max(initial=0))):
-            b = np.where(j < count, dst[:, j], d)
-            r = np.where(j < count, xr[rows, b], -1.0)
-            act = r >= 0.0
-            p = a.thread_of[b]
-            tb = T[rows, p]
-            certify(act, p, r, tb)
-            st = np.maximum(tb, r) + copy_s
-            pair = b * nd + d
-            nbb = np.where(act, nb[rows, b], 0.0)
-            x = a.lat_flat[pair] + nbb * a.inv_bw_flat[pair]
-            stream_order(act, b, st, p)
-            stream_order(act, d, st, p)
-            sb = S[rows, a.rd[b]]
-            sa = S[rows, a.rd[d]]
-            e = np.maximum(np.maximum(st, sb), sa) + x
-            S[rows, a.wr[b]] = np.where(act, e, S[rows, a.wr[b]])
-            S[rows, a.wr[d]] = np.where(act, np.maximum(sa, e), S[rows, a.wr[d]])
-            tt = np.where(a.blocking[pair] != 0, e, st)
-            T[rows, p] = np.where(act, tt, tb)
-            r_op = np.where(act, np.maximum(r_op, tt), r_op)
-            xt += np.where(act, x, 0.0)
-            xb += nbb
-        p = a.thread_of[d]
-        tb = T[rows, p]
-        everyone = np.ones(b_count, dtype=bool)
-        certify(everyone, p, r_op, tb)
-        c = cost[i][d]
-        st = np.maximum(tb, r_op)
-        he = st + c[:, 2]
-        stream_order(everyone, d, he, p)
-        sd = S[rows, a.rd[d]]
-        S[rows, a.wr[d]] = np.maximum(he, sd) + c[:, 3]
-        T[rows, p] = he
-        done[i] = he
-
-    # ---- optimizer (R8) and step end (R9)
-    h = T[:, 0]
-    for p in range(1, a.n_threads):
-        h = np.maximum(h, T[:, p])
-    h = h + bwd_call_s
-    for i in range(n):
-        d = dev[i]
-        c = cost[i][d]
-        h = h + c[:, 4]
-        sd = S[rows, a.rd[d]]
-        S[rows, a.wr[d]] = np.maximum(h, sd) + c[:, 5]
-    m = h
-    for d in range(nd):
-        m = np.maximum(m, S[:, d])
-    return m + step_s, recv, xt, xb, ok
 
 
 # --------------------------------------------------------------------------- numba path
@@ -579,7 +295,7 @@ def _numpy_chunk(a: _Arrays, pl: np.ndarray, op_group: np.ndarray):
 SERIAL_BELOW = 32
 
 
-def _simulate_numba(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
+def _simulate_numba(a: LoopArrays, pl: np.ndarray, op_group: np.ndarray, force_events: bool = False):
     b_count = pl.shape[0]
     nd = a.n_devices
     step = np.empty(b_count)
@@ -599,7 +315,7 @@ def _simulate_numba(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, force_even
 # --------------------------------------------------------------------------- public API
 
 
-def _result(a: _Arrays, pl: np.ndarray, raw, level: str) -> SimResult:
+def _result(a: LoopArrays, pl: np.ndarray, raw, level: str) -> SimResult:
     step, recv, xt, xb, ok = raw
     b_count = pl.shape[0]
     nd = a.n_devices
@@ -641,7 +357,7 @@ def simulate_batch(problem: PlacementProblem, placements: np.ndarray | Sequence[
         PlacementError: wrong shape, non-integer entries, or a device index out of range.
     """
     pl = _as_batch(problem, placements)
-    a = _arrays(problem)
+    a = loop_arrays(problem)
     step, *rest = _run(a, pl, a.op_group, backend)
     if problem.rank_simulator is None:
         return _result(a, pl, (step, *rest), "group")
@@ -672,7 +388,7 @@ def simulate_ops(problem: PlacementProblem, placements: object, backend: str = "
     if pl.size and (pl.min() < 0 or pl.max() >= problem.num_devices):
         raise PlacementError(f"op placement holds a device index outside 0..{problem.num_devices - 1}")
     pl = np.ascontiguousarray(pl, dtype=np.int32)
-    a = _arrays(problem)
+    a = loop_arrays(problem)
     step, *rest = _run(a, pl, np.arange(ops.num_ops, dtype=np.int64), backend)
     if problem.rank_simulator is None:
         return _result(a, pl, (step, *rest), "op")
@@ -686,7 +402,7 @@ def _with_rank_steps(result: SimResult, schedules: Sequence[RankSchedule]) -> Si
     return replace(result, step_time=runnable_times(schedules), refusal=tuple(s.plan.refusal for s in schedules))
 
 
-def _run(a: _Arrays, pl: np.ndarray, op_group: np.ndarray, backend: str):
+def _run(a: LoopArrays, pl: np.ndarray, op_group: np.ndarray, backend: str):
     if backend not in BACKENDS:
         raise PlacementError(f"unknown simulator backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "numba" and not HAS_NUMBA:
@@ -714,7 +430,7 @@ def schedule(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[
     ``placement`` is a group placement, or an op placement when ``ops`` is True (as
     :func:`simulate_ops` takes).
     """
-    a = _arrays(problem)
+    a = loop_arrays(problem)
     if ops:
         res = simulate_ops(problem, placement, backend="python")
         pl = np.asarray(placement if not isinstance(placement, Mapping) else
