@@ -200,7 +200,7 @@ def test_accumulating_micro_batches_hold_a_fresh_weight_gradient_beside_its_grad
     """P5a: with M >= 2 every backward after the first allocates each weight's gradient (and,
     for a convolution, a same-size temporary) beside the ``.grad`` it is added into (measured:
     +9 + 9 MiB for a 512x512x3x3 weight where the rule gave 0.25 MiB); M = 1 adds nothing."""
-    from envs.sim.problem import BACKWARD_WORK_FACTOR
+    from envs.sim.memory_rules import BACKWARD_WORK_FACTOR
     from envs.sim.stage_costs import fast_stage_costs
 
     g = chain(4, out_bytes=100_000)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import BACKWARD_WORK_FACTOR, compile_problem, device_max, gradient_bytes
+from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, device_max, gradient_bytes
+from envs.sim.problem import compile_problem
 from envs.sim.reference_simulator import simulate_reference
 from envs.sim.simulator import simulate
 from graphs.capture import capture

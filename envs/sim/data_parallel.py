@@ -84,9 +84,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from envs.sim.problem import PlacementProblem, memory_problem_lines, step_temporaries
+from envs.sim.problem import PlacementProblem, memory_problem_lines
 from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
@@ -284,7 +285,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     buckets_held = float(grad_bytes.sum()) if n > 1 else 0.0
     peak_one = static + float(ops.act_bytes.sum()) / n + buckets_held + work
     # The optimizer step, after the backward freed the activations: its temporaries (the
-    # op-level simulators' rule, envs.sim.problem.step_temporaries; a GPU's foreach default).
+    # op-level simulators' rule, envs.sim.memory_rules.step_temporaries; a GPU's foreach default).
     temporaries = step_temporaries(np.asarray(ops.is_cpu)[idx], np.float64(ops.step_work_bytes().max(initial=0.0)),
                                    np.float64(ops.foreach_work_bytes().sum()))
     at_step = static + buckets_held + float(ops.loop_held_bytes().sum()) + temporaries

@@ -95,7 +95,7 @@ rank, 2026-12-05 21:13-21:31 UTC; ``results/memory.md``): **P5a** with ``M >= 2`
 backward after the first allocates each weight's gradient afresh beside its ``.grad`` before
 ``AccumulateGrad`` adds it in (P2b), a convolution a same-size temporary too (ResNet-50's
 stage: +9 + 9 MiB for a 512x512x3x3 weight, where the rule gave 0.25), so the working set is
-at least :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` x the stage's largest op's parameter
+at least :data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR` x the stage's largest op's parameter
 bytes; **P5b** ``PipelineStage`` keeps a stage's sent outputs until that micro-batch's backward
 (``fwd_cache``), and ``StageModule`` sends ``.contiguous()`` copies of views, so each value
 crossing the stage's outgoing cut adds its bytes that autograd does not save already
@@ -129,9 +129,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.pipeline_schedules import schedule_orders
-from envs.sim.problem import PlacementProblem, cached_per_problem, memory_problem_lines, step_temporaries
+from envs.sim.problem import PlacementProblem, cached_per_problem, memory_problem_lines
 from envs.sim.rank_costs import ZERO_COSTS, RankCosts
 from envs.sim.stage_costs import ENGINE_COSTS, StageCosts, stage_costs
 

@@ -38,6 +38,7 @@ from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, CostModel, HostOverheads, node_requires_grad
 from envs.sim.grad_accumulation import accumulate_costs
+from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, gradient_parts, loop_held_bytes
 from envs.sim.optimizer_state import (
     OPTIMIZER_FOREACH_WORK,
     OPTIMIZER_STATE_FACTOR,
@@ -65,81 +66,6 @@ def resolve_optimizer(graph: nx.DiGraph, optimizer: str | None) -> str:
     return key
 
 
-#: The backward's working set on a device, in gradients of its largest op: the autograd
-#: engine holds an op's output gradient (an ``InputBuffer``) while the op's backward
-#: allocates its input gradients, so about twice the largest of them is alive beyond the
-#: saved activations (for a language model's logits: the loss's gradient and the logits').
-#: A parameter used by several ops (a tied embedding) gets a second gradient that is summed
-#: into the first: measured alone on the CPU allocator, an SGD step of an nn.Embedding peaks
-#: at 2.01x its parameter bytes, a Linear at 2.09x, the embedding tied to a head at 3.01x.
-#: Measured on one CPU (benchmarks/bench_memory.py, benchmarks/results/memory.md): without
-#: this set the simulated peak of the zoo language models at batch 64 was 0.5-0.65x the
-#: allocator's, and GPT-2 (paper widths, seq 128, tied head) 0.95x; with it 1.0-1.3x.
-BACKWARD_WORK_FACTOR = 2.0
-
-
-def gradient_parts(attrs: Mapping[str, object]) -> tuple[float, float]:
-    """Bytes of the gradients a node's backward adds: ``(its output's, that of its parameters
-    other nodes share)`` (``shared_param_bytes``, summed with theirs); the first shrinks with
-    the batch, the second does not.
-
-    0 for nodes autograd does not differentiate, the model's inputs and the output node;
-    an unshared parameter's gradient is already counted with ``param_bytes``.
-    """
-    if not node_requires_grad(attrs) or attrs.get("op") in ("placeholder", "output"):
-        return 0.0, 0.0
-
-    def number(key: str) -> float:
-        value = attrs.get(key)
-        return float(value) if isinstance(value, (int, float)) else 0.0
-
-    out = 0.0 if attrs.get("op") == "get_attr" else number("out_bytes")
-    return out, number("shared_param_bytes")
-
-
-def gradient_bytes(attrs: Mapping[str, object]) -> float:
-    """Bytes of the largest gradient a node's backward adds (:func:`gradient_parts`)."""
-    return max(gradient_parts(attrs))
-
-
-def loop_held_bytes(graph: nx.DiGraph, node: str) -> float:
-    """Bytes the training loop still holds of ``node`` at the optimizer step: a placeholder's
-    output (the batch) and what the output node returns (the model's output, the bytes of the
-    edges into it); 0 for any other node (``OpArrays.loop_held``)."""
-    attrs = graph.nodes[node]
-    if attrs.get("op") == "placeholder":
-        return float(attrs.get("out_bytes") or 0)
-    if attrs.get("op") == "output":
-        return float(sum(float(d.get("bytes") or 0) for _, _, d in graph.in_edges(node, data=True)))
-    return 0.0
-
-
-def step_temporaries(is_cpu: np.ndarray, largest: np.ndarray, foreach_sum: np.ndarray) -> np.ndarray:
-    """The optimizer step's temporaries per device ([..., D]): on a CPU torch.optim's
-    per-parameter loop, ``largest`` (the device's largest op's ``step_work``); on a GPU its
-    default foreach implementation, ``foreach_sum`` (the sum of the device's ops'
-    ``foreach_work``), or the loop's when larger (a ``foreach=False`` optimizer)."""
-    return np.where(np.asarray(is_cpu, dtype=bool), largest, np.maximum(largest, foreach_sum))
-
-
-def device_max(rows: np.ndarray, work: np.ndarray, n_devices: int) -> np.ndarray:
-    """[B, D] the largest ``work`` among the slots each row of ``rows`` ([B, G] device
-    indices) puts on each device, 0 where none: the backward working set per device."""
-    rows = np.atleast_2d(np.asarray(rows))
-    out = np.zeros((rows.shape[0], n_devices))
-    cols = np.flatnonzero(work > 0)
-    if cols.size == 0:
-        return out
-    cols = cols[np.argsort(-work[cols], kind="stable")]
-    sub = rows[:, cols]
-    picked = np.arange(sub.shape[0])
-    for d in range(n_devices):
-        hit = sub == d
-        first = np.argmax(hit, axis=1)  # columns by decreasing work: the first hit is the largest
-        out[:, d] = np.where(hit[picked, first], work[cols][first], 0.0)
-    return out
-
-
 class PlacementError(PlacerError, ValueError):
     """A placement that does not match its problem (unknown device, missing nodes, bad shape)."""
 
@@ -163,8 +89,8 @@ class OpArrays:
         succ_grad: [S] bool, a gradient flows back along the edge (both ends require grad).
         is_cpu: [D] bool, the device is a CPU (its ops run on the host thread).
         host: the fixed host costs of a step (:class:`~envs.sim.cost_model.HostOverheads`).
-        grad_bytes: [N] bytes of the largest gradient each op's backward makes (:func:`gradient_bytes`);
-            a device's peak holds :data:`BACKWARD_WORK_FACTOR` times the largest of its ops'
+        grad_bytes: [N] bytes of the largest gradient each op's backward makes (:func:`~envs.sim.memory_rules.gradient_bytes`);
+            a device's peak holds :data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR` times the largest of its ops'
             on top of the kept activations. None: ``out_bytes`` where ``requires_grad``.
         shared_grad_bytes: [N] the part of it that is a shared parameter's gradient
             (``shared_param_bytes``), which a micro-batch does not shrink; None: none.
@@ -188,11 +114,11 @@ class OpArrays:
         foreach_work: [N] bytes the foreach implementation's temporaries take per op
             (:data:`~envs.sim.optimizer_state.OPTIMIZER_FOREACH_WORK` x ``param_bytes``): on a
             GPU (not ``is_cpu``) torch.optim updates all of a device's parameters at once, so
-            they add up over the device's ops (:func:`step_temporaries`). None: none.
+            they add up over the device's ops (:func:`~envs.sim.memory_rules.step_temporaries`). None: none.
         loop_held: [N] bytes the training loop still holds at the optimizer step: the batch
             (placeholders' outputs) and the model's output (the output node's), which
             ``out = model(x); loss_fn(out, y).backward(); optimizer.step()`` keeps referenced;
-            :func:`loop_held_bytes` (measured: the 16 KiB by which a six-Linear model's step
+            :func:`~envs.sim.memory_rules.loop_held_bytes` (measured: the 16 KiB by which a six-Linear model's step
             otherwise exceeded the simulated peak). None: none.
         batch_held: [N] the part of ``loop_held`` that is the batch (a placeholder's), which a
             job of several processes already counts on every one (:mod:`envs.sim.pipeline` P5d).
@@ -245,7 +171,7 @@ class OpArrays:
         return np.minimum(host, fixed)
 
     def gradient_work(self) -> np.ndarray:
-        """[N] the backward working set each op brings to its device (:data:`BACKWARD_WORK_FACTOR`)."""
+        """[N] the backward working set each op brings to its device (:data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR`)."""
         grads = (self.grad_bytes if self.grad_bytes is not None
                  else np.where(self.requires_grad, self.out_bytes, 0.0))
         return BACKWARD_WORK_FACTOR * np.asarray(grads, dtype=np.float64)

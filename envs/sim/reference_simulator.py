@@ -66,7 +66,7 @@ Rules (the PyTorch source or measurement behind each):
   each received copy (freed when its consumers' backward ran). All allocations happen in
   the forward, all frees in the backward, so the peak is reached at the forward/backward
   boundary; this oracle keeps the event series anyway and the tests check the closed form.
-  On top of it, the backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`
+  On top of it, the backward's working set: :data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR`
   times the largest gradient among the device's ops, an output's or a shared parameter's
   (the engine holds an op's output gradient while its backward allocates the input
   gradients; a tied parameter's second gradient is summed into its first; measured against
@@ -111,15 +111,9 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
+from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, gradient_bytes, loop_held_bytes
 from envs.sim.optimizer_state import OPTIMIZER_FOREACH_WORK, OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
-from envs.sim.problem import (
-    BACKWARD_WORK_FACTOR,
-    PlacementError,
-    gradient_bytes,
-    loop_held_bytes,
-    resolve_optimizer,
-    topological_order,
-)
+from envs.sim.problem import PlacementError, resolve_optimizer, topological_order
 from envs.sim.simulator import StepResult
 
 HOST = "host"

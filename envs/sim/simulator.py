@@ -17,16 +17,16 @@ backward, the optimizer on the host); the tests hold every path here to that ora
   one received copy per (producer, device) as apply.py makes them. All allocations happen
   in the forward and all frees in the backward (the backward is issued after the whole
   forward), so the peak is that sum (the oracle checks it on its event series), plus the
-  backward's working set: :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR` times the largest
+  backward's working set: :data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR` times the largest
   gradient (an output's, or a shared parameter's) among the device's ops (measured,
   benchmarks/results/memory.md), added here outside the loops
-  (:func:`~envs.sim.problem.device_max`). The optimizer step comes after the backward has
+  (:func:`~envs.sim.memory_rules.device_max`). The optimizer step comes after the backward has
   freed those activations and copies; its peak, parameters + gradients + state + the batch
   and the model's output (the training loop holds them) plus the temporaries of the
   device's largest parameters
   (:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK`; on a GPU, torch.optim's foreach
   default, those of all its parameters: ``OPTIMIZER_FOREACH_WORK``,
-  :func:`~envs.sim.problem.step_temporaries`), is the device's peak when larger.
+  :func:`~envs.sim.memory_rules.step_temporaries`), is the device's peak when larger.
 * A placement that does not fit is not an error: ``fits`` is False and ``over_memory``
   says by how many bytes each device is over.
 
@@ -66,13 +66,8 @@ import numpy as np
 
 from envs.sim import kernels as _py
 from envs.sim.loop_arrays import LoopArrays, loop_arrays
-from envs.sim.problem import (
-    PlacementError,
-    PlacementProblem,
-    device_max,
-    memory_problem_lines,
-    step_temporaries,
-)
+from envs.sim.memory_rules import device_max, step_temporaries
+from envs.sim.problem import PlacementError, PlacementProblem, memory_problem_lines
 from envs.sim.ranks import RankSchedule, runnable_times
 from envs.sim.simulator_numpy import NUMPY_CHUNK, static_pass_rows
 

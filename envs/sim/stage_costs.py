@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from envs.sim.memory_rules import BACKWARD_WORK_FACTOR
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from envs.sim.problem import BACKWARD_WORK_FACTOR, PlacementProblem, cached_per_problem
+from envs.sim.problem import PlacementProblem, cached_per_problem
 from envs.sim.rank_costs import RankCosts
 
 __all__ = ["ENGINE_COSTS", "shrunk_host", "StageCosts", "stage_costs", "PipelineTables", "pipeline_tables",
@@ -59,7 +60,7 @@ class StageCosts:
         device: [S] device index of each stage.
         work: [S] the backward working set of one micro-batch (P5): the largest of the
             stage's ops' ``max(output gradient / M, shared parameter gradient)``, times
-            :data:`~envs.sim.problem.BACKWARD_WORK_FACTOR`.
+            :data:`~envs.sim.memory_rules.BACKWARD_WORK_FACTOR`.
         bwd_acc: [S] seconds of one micro-batch's backward that adds into ``.grad`` (every
             backward of the stage but its first of the step, P2b); ``bwd`` where None.
         step_work: [S] the optimizer step's temporaries of the stage's largest parameters

@@ -16,10 +16,10 @@ Costs used by the heuristics (the simulator alone reports step times):
   All of these are live together at the turn from forward to backward, so a device's
   peak is their sum — the simulator's memory rule (``envs.sim.simulator``), reproduced here
   so heuristics can check memory without simulating — plus, per device, the backward's
-  working set (twice its largest gradient, :func:`envs.sim.problem.device_max`); or, when
+  working set (twice its largest gradient, :func:`envs.sim.memory_rules.device_max`); or, when
   larger, what the optimizer step holds (static memory, the loop's batch and output, the
   temporaries of the device's largest parameters' update, or on a GPU of all of them:
-  :func:`envs.sim.problem.step_temporaries`).
+  :func:`envs.sim.memory_rules.step_temporaries`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.units import format_bytes
-from envs.sim.problem import PlacementProblem, device_max, step_temporaries
+from envs.sim.memory_rules import device_max, step_temporaries
+from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -122,7 +123,7 @@ def device_memory(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
     largest = np.zeros((ops.num_ops, problem.num_devices))
     np.maximum.at(largest, (src[cut], dev[dst][cut]), nbytes[cut])
     used += largest.sum(axis=0)
-    # The backward's working set, as the simulator adds it (envs.sim.problem.BACKWARD_WORK_FACTOR).
+    # The backward's working set, as the simulator adds it (envs.sim.memory_rules.BACKWARD_WORK_FACTOR).
     used += device_max(row[None, :], problem.backward_work(), problem.num_devices)[0]
     # The optimizer step, after the backward freed the activations and copies: the static
     # memory, the loop's batch and output, and the step's temporaries (envs.sim.simulator).

@@ -39,7 +39,7 @@ class ScheduleState:
         self.work = np.maximum(problem.backward_work(), problem.step_work())
         self.device_work = np.zeros(problem.num_devices)
         # On a GPU the optimizer's foreach default makes temporaries of all of a device's
-        # parameters at once (envs.sim.problem.step_temporaries): they add up, node by node.
+        # parameters at once (envs.sim.memory_rules.step_temporaries): they add up, node by node.
         self.foreach = problem.foreach_work()
         self.gpu = ~np.asarray(problem.ops.is_cpu, dtype=bool)
         self.device = np.full(problem.num_nodes, -1, dtype=np.int64)
