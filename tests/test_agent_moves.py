@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from envs.sim.simulator import simulate_batch
-from placer.search.agents.moves import MovePolicy, move_features, start_row
+from placer.search.agents.move_features import move_features
+from placer.search.agents.moves import MovePolicy, start_row
 from placer.search.agents.registry import DEFAULT_AGENT, get_agent
 from placer.search.baselines import run_baseline
 from placer.search.local_search import apply_moves, neighbourhood
@@ -67,9 +68,9 @@ def test_a_saved_policy_loads_on_a_graph_of_another_size(tmp_path):
     policy = MovePolicy.load(path)
     row = start_row(big)
     rng = np.random.default_rng(0)
-    from placer.search.agents.moves import _static
+    from placer.search.agents.move_features import feature_statics
 
-    rows, logp, _ = policy.propose(big, _static(big), row, move_features(big, row), 16, rng)
+    rows, logp, _ = policy.propose(big, feature_statics(big), row, move_features(big, row), 16, rng)
     assert rows.shape == (16, big.num_nodes) and rows.min() >= 0 and rows.max() < big.num_devices
     assert np.isfinite(logp.detach().numpy()).all()
     # And a search on the bigger graph resumes from it and returns a valid placement.

@@ -143,7 +143,8 @@ def _imitation_tasks():
 
 
 def test_imitation_examples_weigh_only_the_moves_that_improved_the_placement():
-    from placer.search.agents.moves import NUM_FEATURES, _static, move_features, start_row
+    from placer.search.agents.move_features import NUM_FEATURES, feature_statics, move_features
+    from placer.search.agents.moves import start_row
     from placer.search.agents.pretrain import MoveExamples, _descent_states, heuristic_seeds, move_examples
 
     problem, graph = _imitation_tasks()[0].build()
@@ -167,7 +168,7 @@ def test_imitation_examples_weigh_only_the_moves_that_improved_the_placement():
     better = np.flatnonzero(gain > 0)
     assert np.argmax(target) == better[np.argmax(gain[better])]
     np.testing.assert_allclose(first.features[0], move_features(problem, row, base.peak_memory[0],
-                                                                _static(problem))[moves])
+                                                                feature_statics(problem))[moves])
 
 
 def test_fitting_the_scorer_puts_more_probability_on_the_improving_moves_than_fresh_weights():

@@ -261,7 +261,7 @@ class MoveExamples:
     """Supervised examples for the move scorer: one entry per visited placement (state).
 
     Attributes:
-        features: per state, [K, F] features (:func:`~placer.search.agents.moves.move_features`)
+        features: per state, [K, F] features (:func:`~placer.search.agents.move_features.move_features`)
             of the K single moves that were simulated there.
         targets: per state, [K] weights summing to 1: each improving move's share of the state's
             total relative gain (moves that did not improve, or did not fit, weigh 0).
@@ -277,9 +277,9 @@ def _descent_states(problem: PlacementProblem, start: np.ndarray, steps: int, ca
                     rng: np.random.Generator, out: MoveExamples) -> None:
     """Walk a local search from ``start`` and record what it sees (see :func:`move_examples`)."""
     from envs.sim.simulator import simulate_batch
-    from placer.search.agents.moves import _static, move_features
+    from placer.search.agents.move_features import feature_statics, move_features
 
-    st = _static(problem)
+    st = feature_statics(problem)
     n, d = problem.num_nodes, problem.num_devices
     row = np.asarray(start, dtype=np.int64).copy()
     ev = simulate_batch(problem, row[None])
