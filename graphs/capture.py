@@ -55,7 +55,14 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, method_updates_in_place, storage_roots
+from graphs.ops import (
+    AUGMENTED_ASSIGNMENTS,
+    FACTORY_OPS,
+    RANDOM_FACTORY_OPS,
+    draws_random_numbers,
+    method_updates_in_place,
+    storage_roots,
+)
 from graphs.placement_graph import build_placement_graph
 from graphs.random_state import kept_random_state
 from graphs.saved_activations import annotate_saved_bytes
@@ -1124,7 +1131,11 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
     afterwards (``total += out``) ran at trace time and was baked in too: the model returned
     ones, whatever its input. As a node the tensor is made anew at every call, and everything
     computed from it is traced (a draw keeps its generator: ``envs.runtime.apply`` keeps it on
-    the original's device). ``torch.tensor(data)`` stays a constant: an update of it that reads
+    the original's device). A random draw from constants alone (``torch.bernoulli(self.keep)`` of
+    a plain tensor attribute, ``torch.tensor([...]).normal_()``, a mixup weight
+    ``Beta(0.4, 0.4).sample()``) was baked the same way, the same numbers at every step (found by
+    trying: outputs 0.68 off), so it is a node too (:func:`graphs.ops.draws_random_numbers`).
+    ``torch.tensor(data)`` stays a constant: an update of it that reads
     the data is refused (:class:`ConstantUpdatedByData`), so torch.export, which records it,
     captures the model. Calls that touch a Proxy go on to fx.
 
@@ -1150,8 +1161,7 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         self._refuse_unrecorded_update(func, args, kwargs)
-        if (getattr(func, "__name__", "") not in _MADE_AS_NODES or getattr(func, "__module__", "") != "torch"
-                or _reads_data(args, kwargs)):
+        if _reads_data(args, kwargs) or not (_is_factory_call(func) or _is_random_call(func)):
             return func(*args, **kwargs)
         return _factory_node(self.tracer, func, args, kwargs)
 
@@ -1180,12 +1190,28 @@ def _reads_data(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])
 
 
+def _is_factory_call(func: Any) -> bool:
+    """Whether ``func`` is one of torch's factories a trace records as a node (:data:`_MADE_AS_NODES`)."""
+    return getattr(func, "__name__", "") in _MADE_AS_NODES and getattr(func, "__module__", "") == "torch"
+
+
+def _is_random_call(func: Any) -> bool:
+    """Whether ``func`` is torch's own function or Tensor method that draws random numbers
+    (:func:`graphs.ops.draws_random_numbers`: ``torch.bernoulli``, ``Tensor.normal_``,
+    ``torch.multinomial``, ``F.dropout``), not a user function of the same name."""
+    name = getattr(func, "__name__", "")
+    owned = getattr(torch.Tensor, name, None) is func or str(getattr(func, "__module__", "")).startswith("torch")
+    return owned and draws_random_numbers(name)
+
+
 def _factory_node(tracer: fx.Tracer, factory: Callable[..., Any], args: tuple, kwargs: dict) -> fx.Proxy:
-    """The call of a torch factory recorded as a node (a draw with a generator of its own refused:
-    an fx graph cannot hold the generator)."""
+    """The call of a torch factory or random draw recorded as a node, a Tensor method as a method
+    call (a draw with a generator of its own refused: an fx graph cannot hold the generator)."""
     if kwargs.get("generator") is not None:
         raise RandomDrawNotTraced(f"forward() calls torch.{factory.__name__} with a generator of its own, which an "
                                   "fx graph cannot hold")
+    if getattr(torch.Tensor, factory.__name__, None) is factory:
+        return tracer.create_proxy("call_method", factory.__name__, args, kwargs)
     return tracer.create_proxy("call_function", factory, args, kwargs)
 
 

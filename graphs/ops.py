@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -291,6 +292,21 @@ def is_factory(node: fx.Node) -> bool:
     :data:`RANDOM_FACTORY_OPS`). Only a ``call_function`` qualifies (``torch.arange``,
     ``aten.arange.default``): a method call has its tensor to follow."""
     return _torch_function_named(node, FACTORY_OPS | RANDOM_FACTORY_OPS)
+
+
+@functools.cache
+def draws_random_numbers(name: str) -> bool:
+    """Whether the torch op called ``name`` draws random numbers (``bernoulli``, ``normal_``,
+    ``multinomial``, ``poisson``, ``dropout``, ``_sample_dirichlet``...): aten tags each overload
+    of such an op ``nondeterministic_seeded``, so the rule needs no list of names to keep.
+
+    >>> [draws_random_numbers(n) for n in ("bernoulli", "uniform_", "multinomial", "add", "no_such_op")]
+    [True, True, True, False, False]
+    """
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("__") else None
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, overload).tags for overload in packet.overloads())
 
 
 def draws_random(node: fx.Node) -> bool:

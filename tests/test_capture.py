@@ -1049,6 +1049,36 @@ def test_a_random_draw_that_reads_no_input_draws_anew_at_every_call():
     assert not torch.equal(first, second)
 
 
+class _DrawsFromConstants(nn.Module):
+    """Random draws that read no input: of a plain tensor attribute (a keep probability), of a
+    ``torch.tensor`` made in forward (in place too), and a mixup weight from a Beta of floats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+        self.keep = torch.full((16,), 0.7)  # a plain attribute, not a buffer
+
+    def forward(self, x):
+        mask = torch.bernoulli(self.keep)
+        noise = torch.tensor([0.0, 0.0, 0.0, 0.0]).normal_()
+        lam = torch.distributions.Beta(0.4, 0.4).sample()
+        return self.a(x * mask) * lam + noise
+
+
+def test_a_random_draw_of_constants_draws_anew_at_every_call():
+    """fx ran such a draw once at trace time and kept its numbers as a constant: the same mask,
+    noise and mixup weight at every step (found by trying: outputs 0.68 off the original's)."""
+    torch.manual_seed(0)
+    model, x = _DrawsFromConstants(), torch.randn(8, 16)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    torch.manual_seed(1)
+    first, second = cap.gm(x), cap.gm(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x))
+    assert not torch.equal(first, second)
+
+
 def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
     class OwnGenerator(nn.Module):
         def __init__(self) -> None:
