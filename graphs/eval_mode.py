@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import mutated_args
+from graphs.ops import argument, mutated_args
 
 #: aten ops of a torch.export graph whose argument at this index is the module's training flag.
 _TRAINING_ARGUMENT = {
@@ -624,8 +624,8 @@ def _data_device(n: fx.Node, root: nn.Module, device_of: Callable[[fx.Node], tor
     devices (``device_of`` says where an input node's tensor is, None for no tensor): with the tensor
     it updates, else with the placed training op of its name, op and target, else with its
     latest-made input; None where no rule applies (the interpreter then takes its first tensor's)."""
-    for i in mutated_args(n, root):
-        written = n.args[i] if i < len(n.args) else None
+    for key in mutated_args(n, root):
+        written = argument(n, key)
         if isinstance(written, fx.Node) and (device := device_of(written)) is not None:
             return device  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
     twin = placed.get(n.name)
