@@ -22,9 +22,11 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -248,7 +250,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
             eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
         gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
         if (not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes")
-                and not _placer_hooks(gm)):
+                and not _placer_hooks(gm) and not _reads_plain_tensors(gm)):
             return False
         # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
         # users of their inputs (Node.args' setter re-adds them last).
@@ -323,6 +325,22 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     cls.forward = forward
     cls.recompile = recompile  # type: ignore[method-assign]
     return True
+
+
+def _reads_plain_tensors(gm: fx.GraphModule) -> bool:
+    """Whether a ``get_attr`` of ``gm`` reads a tensor that is not one of its buffers or parameters
+    (fx's constant of ``torch.tensor([...])`` in forward): fx's own copies and pickles register it
+    as a buffer (:func:`graphs.module_attributes.keep_plain_attributes`), so those of ``gm`` need
+    :func:`follow_eval_mode`'s, which keep it plain (a deep copy of a placed model had
+    ``_tensor_constant0`` in its ``state_dict()``, which the original refused to load)."""
+    state = {n for n, _ in itertools.chain(gm.named_buffers(remove_duplicate=False),
+                                            gm.named_parameters(remove_duplicate=False))}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and str(n.target) not in state:
+            with contextlib.suppress(AttributeError):
+                if isinstance(_resolve(gm, str(n.target)), torch.Tensor):
+                    return True
+    return False
 
 
 def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule | None = None,

@@ -1583,3 +1583,30 @@ def test_a_placed_exported_model_saved_and_loaded_trains_and_evaluates_as_before
         torch.testing.assert_close(loaded(x), placed(x), rtol=0, atol=0)
     with pytest.raises(CaptureError, match="differ"):
         loaded(x, None)  # the example had no second input: the input check came along
+
+
+class _ScaledByConstant(nn.Module):
+    """``torch.tensor([...])`` in forward: fx keeps it as a constant of the graph, not as state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x * torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_copies_and_pickles_of_a_placed_model_keep_the_models_state_dict():
+    """fx's deep copy and unpickling register a constant as a buffer: copy.deepcopy(placed) (an EMA
+    copy) had _tensor_constant0 in its state_dict(), which the original refused to load (strict)."""
+    import pickle
+
+    from graphs.capture import capture
+
+    model, x = _ScaledByConstant(), torch.randn(3, 4)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, _random_placement(cap.gm, 0), real_devices=VIRTUAL, copy_transfers=True)
+    for twin in (copy.deepcopy(placed), copy.copy(placed), pickle.loads(pickle.dumps(placed))):
+        assert list(twin.state_dict()) == list(model.state_dict())
+        copy.deepcopy(model).load_state_dict(twin.state_dict(), strict=True)
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
