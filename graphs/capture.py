@@ -126,13 +126,15 @@ class PlacerTracer(fx.Tracer):
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
         self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read (:data:`Scalar`)
+        self.modes_read: dict[str, bool] = {}  # module path -> the training flag forward() read of it
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
+        self.modes_read = {}
         with _GuardedTrace(self, root), _factories_taking_proxies(self), \
-                _constant_attributes_read(root) as self.constant_reads:
+                _constant_attributes_read(root, self.modes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -314,11 +316,44 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
     keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
     if tracer.constant_reads:
         pin_constant_attributes(gm, tracer.constant_reads)
+    modes = modes_on(gm, tracer.modes_read, model)
+    if modes:
+        gm.placer_module_modes = modes  # type: ignore[assignment]
     return gm
 
 
+#: torch.nn layers whose mode lives in their ops' own flags: fx calls them whole (a ``call_module``
+#: that follows the layer's flag), and :func:`graphs.eval_mode.export_module_modes` checks them in a
+#: torch.export graph only where the flag changes what they compute (an LSTM without dropout does not).
+_MODE_IN_OPS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                                             nn.RNNBase, nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def modes_on(gm: fx.GraphModule, modes_read: Mapping[str, bool], model: nn.Module) -> dict[str, bool]:
+    """The modes of ``modes_read`` (module path of ``model`` -> the training flag forward() read of
+    it while traced) that ``gm`` can be told otherwise: those of its submodules (not the root, whose
+    flag switches between the training and the eval forward; nor the layers of :data:`_MODE_IN_OPS`),
+    which :func:`graphs.eval_mode.follow_eval_mode` checks at every forward.
+
+    A tracer runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in a module it
+    traces through, so the graph computes the mode it read: ``placed.backbone.eval()`` (a frozen
+    backbone) changed nothing, with no error (walkthrough: outputs 0.52 off under fx; 0.015 under
+    torch.export, whose ops' own flags were checked but not forward()'s branches).
+    """
+    modes: dict[str, bool] = {}
+    for path, flag in modes_read.items():
+        if not path:
+            continue
+        with contextlib.suppress(AttributeError):
+            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
+            if not isinstance(model.get_submodule(path), _MODE_IN_OPS):
+                modes[path] = flag
+    return modes
+
+
 @contextlib.contextmanager
-def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRead]]:
+def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = None
+                              ) -> Iterator[dict[str, Scalar | TensorRead]]:
     """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``,
     or a plain tensor (:data:`Scalar`; a tensor as its :class:`TensorRead`), that the block reads,
     by qualified name; ``training`` is eval mode's (:mod:`graphs.eval_mode`), and names starting
@@ -330,6 +365,9 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
     (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are
     seen: a module class with a ``__getattr__`` of its own that does not call ``nn.Module``'s
     hides its reads (they then go unchecked, as before).
+
+    ``modes_read``, where given, gets each module's ``training`` flag that the block reads, by
+    module path (:func:`modes_on`), seen the same way.
     """
     reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
@@ -337,8 +375,8 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
         return
     held: dict[int, tuple[str, dict[str, Scalar]]] = {}
     for path, module in root.named_modules():
-        constants = {k: v for k, v in vars(module).items()
-                     if type(v) in _SCALAR_TYPES and not k.startswith("_") and k != "training"}
+        constants = {k: v for k, v in vars(module).items() if type(v) in _SCALAR_TYPES and not k.startswith("_")
+                     and (k != "training" or modes_read is not None)}
         if constants:
             held[id(module)] = (path, constants)
             for k in constants:
@@ -350,6 +388,10 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
 
     def recording_getattr(module: nn.Module, name: str) -> Any:
         entry = held.get(id(module))
+        if entry is not None and name == "training" and name in entry[1]:
+            assert modes_read is not None  # held only then
+            modes_read[entry[0]] = bool(entry[1][name])
+            return entry[1][name]
         if entry is not None and name in entry[1]:
             value = entry[1][name]
             # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
@@ -563,7 +605,9 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        with gradient_hooks, _custom_functions_called() as functions, _constant_attributes_read(model) as constants:
+        modes_read: dict[str, bool] = {}
+        with gradient_hooks, _custom_functions_called() as functions, \
+                _constant_attributes_read(model, modes_read) as constants:
             exported = torch.export.export(model, inputs, strict=False)
     if functions:
         raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
@@ -585,7 +629,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     pin_constant_inputs(gm, constant_inputs(inputs))
     if constants:
         pin_constant_attributes(gm, constants)
-    gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
+    gm.placer_module_modes = {**modes_on(gm, modes_read, model), **export_module_modes(gm, model)}  # type: ignore[assignment]
     if follow_eval:
         follow_eval_mode(gm, export_eval_arguments(gm))
     return gm

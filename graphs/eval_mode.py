@@ -130,8 +130,9 @@ def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]
 
 
 def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
-    """Raise where a module of ``modes`` (:func:`export_module_modes`) is not in the mode the
-    graph computes for it: the captured one in training mode, eval mode in eval mode."""
+    """Raise where a module of ``modes`` (:func:`export_module_modes`, and the modules whose
+    ``training`` forward() read while traced: :func:`graphs.capture.modes_on`) is not in the mode
+    the graph computes for it: the captured one in training mode, eval mode in eval mode."""
     for path, flag in modes.items():
         want = flag and gm.training
         module: nn.Module = gm
@@ -140,10 +141,11 @@ def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
         if module.training != want:
             raise CaptureError(
                 f"module {path!r} is in {'training' if module.training else 'eval'} mode while the placed model "
-                f"computes it in {'training' if want else 'eval'} mode: torch.export baked each module's mode into "
-                "its ops, and the placed graph follows .train()/.eval() of the whole model only. Set the mode on "
-                "the whole placed model, or set it on the module of your model before capturing it (a BatchNorm "
-                "frozen there stays frozen)")
+                f"computes it in {'training' if want else 'eval'} mode: the capture baked the module's mode into "
+                "the graph (torch.export into its ops, and either tracer where forward() reads self.training), and "
+                "the placed graph follows .train()/.eval() of the whole model only. Set the mode on the whole "
+                "placed model, or set it on the module of your model before capturing it (a BatchNorm frozen there "
+                "stays frozen)")
 
 
 def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:

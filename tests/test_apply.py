@@ -1610,3 +1610,60 @@ def test_copies_and_pickles_of_a_placed_model_keep_the_models_state_dict():
         assert list(twin.state_dict()) == list(model.state_dict())
         copy.deepcopy(model).load_state_dict(twin.state_dict(), strict=True)
         torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
+class _NoisyBackbone(nn.Module):
+    """A block fx and torch.export trace through, branching on its own mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h + 0.1 * torch.randn_like(h)
+        return h
+
+
+class _FrozenBackbone(nn.Module):
+    def __init__(self, export: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+        self.backbone = _NoisyBackbone()
+        self.head = nn.Linear(8, 2)
+        self.export = export
+
+    def forward(self, x):
+        if self.export:
+            with torch.no_grad():  # reads a parameter: torch.export captures the model
+                x = x * self.head.weight.abs().mean()
+        return self.head(self.backbone(self.norm(x)))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_block_set_to_eval_mode_alone_whose_mode_the_graph_baked_is_refused(export):
+    """placed.backbone.eval() (a frozen backbone) changed nothing: the tracers ran its
+    `if self.training:` once, so the placed model kept adding noise, with no error (walkthrough:
+    outputs 0.13 off under fx, 0.015 under torch.export; fx's F.dropout(h, p, self.training) the
+    same, 0.52). A torch.nn layer called whole by fx still follows its own flag."""
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _FrozenBackbone(export), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    assert cap.method == ("export" if export else "fx")
+    placed = apply_placement(cap, _random_placement(cap.gm, 1), real_devices=VIRTUAL, copy_transfers=True)
+    placed.backbone.eval()
+    with pytest.raises(CaptureError, match="module 'backbone' is in eval mode"):
+        placed(x)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.train(), model.train()
+    if not export:
+        placed.norm.eval(), model.norm.eval()
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(placed(x), want, rtol=0, atol=0)
