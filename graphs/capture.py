@@ -23,6 +23,7 @@ import io
 import itertools
 import logging
 import operator
+import random
 import sys
 import traceback
 import warnings
@@ -133,7 +134,7 @@ class PlacerTracer(fx.Tracer):
         self.without_grad = []
         self.autocast = _autocast_state()
         self.modes_read = {}
-        with _GuardedTrace(self, root), _factories_taking_proxies(self), \
+        with _GuardedTrace(self, root), _factories_taking_proxies(self), _python_draws_refused(), \
                 _constant_attributes_read(root, self.modes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
@@ -606,7 +607,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
         modes_read: dict[str, bool] = {}
-        with gradient_hooks, _custom_functions_called() as functions, \
+        with gradient_hooks, _custom_functions_called() as functions, _python_draws_refused(), \
                 _constant_attributes_read(model, modes_read) as constants:
             exported = torch.export.export(model, inputs, strict=False)
     if functions:
@@ -724,10 +725,15 @@ def _mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_
         # traced again in the capture's own modes, the graph must come back as it was.
         try:
             with _quiet_trace(model, leaf_types, leaf_names) as (again, _, _):
-                if fx_eval_arguments(gm.graph, again) != {}:
-                    found = None
+                changed = fx_eval_arguments(gm.graph, again) != {}
         except Exception:  # noqa: BLE001
-            found = None
+            found, changed = None, False
+        if changed:
+            # The training graph holds one trace's value: the placed model would train with it at
+            # every step (walkthrough: random.uniform(0.5, 1.5) in forward), so nothing is captured.
+            raise ChangingValue("forward() gives torch.fx another graph at every trace: it computes with a Python value "
+                                "that changes from one call to the next (random.random(), a clock), which a trace "
+                                f"runs once and bakes into the graph. {_CHANGING_REMEDY}")
     if found is not None:
         return found
     return ("forward() gives torch.fx another graph at every trace (a value that changes from one trace to the "
@@ -1072,7 +1078,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         method = "fx"
         baked = _mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
-        if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
+        if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, ChangingValue):
+            # torch.export would bake the same Python value (or drop the same Python state)
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         fx_error = _reason(fx_exc)
         try:
@@ -1300,6 +1307,62 @@ class ConstantUpdatedByData(CaptureError):
 #: torch factories a trace records as nodes when no argument reads the data (:class:`_GuardedTrace`):
 #: all but those of ``data`` (``torch.tensor([...])``), which stay constants.
 _MADE_AS_NODES = (FACTORY_OPS | RANDOM_FACTORY_OPS) - {"tensor", "as_tensor", "scalar_tensor"}
+
+
+class ChangingValue(CaptureError):
+    """forward() computes with a Python value that changes from one call to the next (a draw of
+    Python's ``random`` or ``numpy.random``): a tracer runs the call once and the graph keeps its
+    value, so the placed model would use that one value at every step. Neither tracer records it."""
+
+
+_CHANGING_REMEDY = ("Expected such values drawn with torch (torch.rand(()), torch.distributions), which the graph "
+                    "draws anew at every step, or passed to forward() as tensors")
+
+
+#: Functions of Python's ``random`` and ``numpy.random`` that draw nothing: torch's own tracing
+#: saves and restores Python's random state (torch._dynamo's preserve_rng_state).
+_NOT_DRAWS = frozenset({"seed", "getstate", "setstate", "get_state", "set_state"})
+
+
+@contextlib.contextmanager
+def _python_draws_refused() -> Iterator[None]:
+    """While a tracer runs forward(): a call of Python's ``random`` functions or ``numpy.random``'s
+    raises :class:`ChangingValue`, naming the call and the model's line.
+
+    Traced, ``if random.random() < p:`` (a layer drop) or ``h * random.uniform(0.5, 1.5)`` ran once
+    and the graph kept its branch or its number: the placed model trained with one value for good,
+    with no error (walkthrough: outputs 0.52 off). Only the module-level functions are seen (a
+    ``random.Random`` of the model's own is not); a value that still changes from one trace to the
+    next is refused after a second trace (:func:`_mode_baked_by_fx`).
+    """
+    patched: list[tuple[Any, str, Any]] = []
+    sources: list[tuple[Any, Any]] = [(random, random._inst)]
+    numpy = sys.modules.get("numpy")  # a model that draws with numpy has imported it
+    numpy_random = getattr(numpy, "random", None)  # numpy imports its random module on first use
+    if numpy_random is not None:
+        sources.append((numpy_random, getattr(getattr(numpy_random, "mtrand", None), "_rand", None)))
+    for module, state in sources:
+        for name in getattr(module, "__all__", ()):
+            draw = getattr(module, name, None)
+            if state is not None and getattr(draw, "__self__", None) is state and name not in _NOT_DRAWS:
+                patched.append((module, name, draw))
+
+    def refusing(qualname: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
+            where = f" at {describe_frame(frame)}" if frame is not None else ""
+            raise ChangingValue(f"forward() calls {qualname}(){where}, whose value a trace runs once and bakes into "
+                                f"the graph: the placed model would use that one value at every step. {_CHANGING_REMEDY}")
+
+        return refuse
+
+    for module, name, _ in patched:
+        setattr(module, name, refusing(f"{module.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for module, name, draw in patched:
+            setattr(module, name, draw)
 
 
 class GradModeNotTraced(CaptureError):

@@ -1044,16 +1044,15 @@ def test_an_fx_graph_whose_constant_is_made_by_the_mode_evaluates_with_the_eval_
     assert set(placed.state_dict()) == set(model.state_dict())  # the eval tensor is no state
 
 
-def test_an_fx_graph_with_a_random_constant_refuses_eval_mode():
-    """A random number differs between any two traces: no eval graph can be trusted."""
+def test_an_fx_graph_with_a_random_constant_is_refused_in_training_mode_too():
+    """A random number differs between any two traces: no eval graph can be trusted, and the
+    training graph holds one trace's number, which the placed model trained with at every step
+    (only eval mode was refused): the capture is refused."""
     from graphs.capture import capture
     from graphs.errors import CaptureError
 
-    x = torch.randn(6, 4)
-    placed = apply_placement(capture(_RandomConstant(), (x,)), {})
-    placed.eval()
-    with pytest.raises(CaptureError, match="load_state_dict"):
-        placed(x)
+    with pytest.raises(CaptureError, match=r"random\.random\(\)"):
+        capture(_RandomConstant(), (torch.randn(6, 4),))
 
 
 def test_a_pickled_or_copied_placed_model_still_follows_eval_mode():
@@ -1228,6 +1227,20 @@ def test_the_eval_forward_takes_its_arguments_as_the_training_forward_does():
             placed(x, 3.0, None, 7)
 
 
+class _EvalOnlyStash(nn.Module):
+    """Sets a Python attribute in eval mode only, which no graph records: eval mode is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.training:
+            self.last = h.detach()
+        return h
+
+
 def test_a_copied_deep_copied_or_pickled_model_that_refuses_eval_mode_still_refuses_it():
     """The refusal was a forward pre-hook, which fx's rebuilds drop: an EMA copy of such a
     placed model ran the training branch after .eval() with no error (review)."""
@@ -1237,7 +1250,7 @@ def test_a_copied_deep_copied_or_pickled_model_that_refuses_eval_mode_still_refu
     from graphs.errors import CaptureError
 
     x = torch.randn(6, 4)
-    placed = apply_placement(capture(_RandomConstant(), (x,)), {})
+    placed = apply_placement(capture(_EvalOnlyStash(), (x,)), {})
     for twin in (placed, copy.copy(placed), copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
         twin(x)
         twin.eval()

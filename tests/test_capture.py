@@ -6,10 +6,12 @@ import copy
 import inspect
 import operator
 import pickle
+import random
 import subprocess
 import sys
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -1077,6 +1079,36 @@ def test_a_random_draw_of_constants_draws_anew_at_every_call():
     torch.manual_seed(1)
     assert torch.equal(first, model(x)) and torch.equal(second, model(x))
     assert not torch.equal(first, second)
+
+
+class _LayerDrop(nn.Module):
+    """Python's random in forward: a layer skipped with probability 0.5, a mixup weight of numpy."""
+
+    def __init__(self, draw: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.draw = draw
+        self.rng = random.Random(0)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.draw == "random" and random.random() < 0.5:
+            h = h * 0
+        if self.draw == "numpy":
+            h = h * float(np.random.beta(0.4, 0.4))
+        if self.draw == "own":
+            h = h * self.rng.uniform(0.5, 1.5)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("draw, named", [("random", "random.random()"), ("numpy", "numpy.random.beta()"),
+                                         ("own", "another graph at every trace")])
+def test_a_python_random_draw_in_forward_is_refused(draw, named):
+    """A trace ran the draw once and the graph kept its branch or its number: the placed model
+    trained with one value for good (walkthrough: outputs 0.52 off); only eval mode was refused,
+    and only where two traces happened to differ. torch.export would bake it too."""
+    with pytest.raises(CaptureError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        capture(_LayerDrop(draw), (torch.randn(4, 8),))
 
 
 def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
