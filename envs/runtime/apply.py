@@ -66,6 +66,8 @@ __all__ = [
     "to_device",
     "factories_where_placed",
     "transfer_nodes",
+    "written_inputs",
+    "write_back",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
@@ -272,14 +274,50 @@ def _effective_devices(
                 )
             state_owner[base.name] = dev[n.name]  # type: ignore[assignment]
     dev.update(state_owner)
+    homes = written_inputs(gm, dev, root)
     for n in nodes:
         parent = view_parent(n)
+        if root[n].name in homes and (parent is not None or written_nodes(n, gm)):
+            dev[n.name] = homes[root[n].name]  # a view or an update of an input: where it is moved to
+            continue
         if parent is not None and root[n].name in written and dev.get(parent.name) is not None:
             dev[n.name] = dev[parent.name]
         for arg in written_nodes(n, gm):
             if arg.op != "get_attr" and dev.get(arg.name) is not None:
                 dev[n.name] = dev[arg.name]
     return dev
+
+
+def written_inputs(gm: fx.GraphModule, dev: Mapping[str, str | None],
+                   roots: Mapping[fx.Node, fx.Node] | None = None) -> dict[str, str]:
+    """``{input: device}`` for the inputs (placeholders) that forward() updates in place
+    (``x.mul_(2)``, ``x[:, 0] = 0``), each with the device of its first update.
+
+    Every other input is copied to each device that reads it; such an input is moved once, to
+    that device, where all its updates and views run and from which its readers elsewhere get
+    their copies, and its final value is written back into the caller's tensor
+    (:func:`write_back`), as the original model updates it. Copied per reader, each update
+    landed on a copy of its own and the caller's tensor was left as it was (walkthrough: outputs
+    2.19 off, the input 4.93 off, over two devices with copying transfers).
+    """
+    if roots is None:
+        roots = storage_roots(gm.graph.nodes, gm)
+    homes: dict[str, str] = {}
+    for writer, written in in_place_writes(gm, roots):
+        device = dev.get(writer.name)
+        if written.op == "placeholder" and device is not None:
+            homes.setdefault(written.name, device)
+    return homes
+
+
+def write_back(caller: Any, value: Any) -> None:
+    """Copy ``value`` (an input forward() updated in place, on the device it was moved to) into
+    ``caller`` (the caller's tensor), unless it is that tensor: see :func:`written_inputs`."""
+    if isinstance(caller, fx.Proxy):  # fx re-traces the code when a placed model is unpickled
+        caller.tracer.create_proxy("call_function", write_back, (caller, value), {})
+        return
+    if isinstance(caller, torch.Tensor) and isinstance(value, torch.Tensor) and value is not caller:
+        caller.copy_(value)
 
 
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:
@@ -408,16 +446,15 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     #    copy made when it was produced would miss the updates between (an EMA buffer
     #    read after its mul_/add_, an activation read after its relu_).
     updated = _updated_in_place(gm)
-    for producer in list(graph.nodes):
-        if producer.op == "output":
-            continue
+    homes = written_inputs(gm, dev)
+
+    def cut(producer: fx.Node, late: bool) -> None:
         src_dev = dev[producer.name]
         transfers: dict[Any, fx.Node] = {}
         for user in list(producer.users):
             dst = dev.get(user.name)
             if dst is None or dst == src_dev or _metadata_only(user, producer):
                 continue
-            late = producer.name in updated
             t = transfers.get(user if late else dst)
             if t is None:
                 anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
@@ -426,6 +463,26 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
                 dev[t.name] = dst
                 transfers[user if late else dst] = t
             user.replace_input_with(producer, t)
+
+    moved_inputs: list[tuple[fx.Node, fx.Node]] = []
+    for producer in list(graph.nodes):
+        if producer.op == "output":
+            continue
+        home = homes.get(producer.name)
+        if home is None:
+            cut(producer, late=producer.name in updated)
+            continue
+        # An input updated in place: moved once to its home, its readers elsewhere copy from there.
+        with graph.inserting_after(_last_placeholder(graph)):
+            moved = _transfer_node(graph, producer, None, home, resolve.real(home), non_blocking, copy_transfers)
+        dev[moved.name] = home
+        producer.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+        cut(moved, late=True)
+        moved_inputs.append((producer, moved))
+    output = next(n for n in graph.nodes if n.op == "output")
+    for caller, moved in moved_inputs:
+        with graph.inserting_before(output):
+            graph.call_function(write_back, (caller, moved))
 
     graph.lint()
     gm.recompile()  # the eval forward, where the captured graph has one, comes back with it (follow_eval_mode)
