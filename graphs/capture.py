@@ -1472,6 +1472,17 @@ class _StateSnapshot:
                     del vars(m)[key]
         return changed
 
+    def attributes_set(self, model: nn.Module) -> dict[str, Any]:
+        """The Python attributes that differ from the snapshot's (as :meth:`restore_attributes`
+        finds them), by qualified name, with their values now."""
+        found: dict[str, Any] = {}
+        for path, m in model.named_modules(remove_duplicate=False):
+            before = self.attributes.get(path, {})
+            for key, value in vars(m).items():
+                if key not in before or (before[key] is not value and not _same_value(before[key], value)):
+                    found[f"{path}.{key}" if path else key] = value
+        return found
+
     def changes(self, model: nn.Module) -> tuple[list[str], list[str], list[Any]]:
         """(tensors replaced or updated, Python attributes changed, the objects now in replaced slots)."""
         now = _StateSnapshot.take_light(model)
@@ -1541,9 +1552,17 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
     try:
         gm = trace()
         changed, scalars, replaced = snapshot.changes(model)
+        carried = _carried_state(snapshot.attributes_set(model), model)
     finally:
         restored = snapshot.restore_attributes(model)
         snapshot.restore(model)
+    if carried:
+        raise TraceTimeUpdate(
+            f"forward() keeps {carried[0]!r} as a Python attribute, set to a value computed from the inputs or the "
+            f"model's state (a recurrent state carried to the next batch): {tracer} records no Python attribute, so "
+            "the placed model would compute every call from the value the first one found. Expected state carried "
+            "between calls in a registered buffer updated in place (self.register_buffer('h', torch.zeros(...)); "
+            "self.h.copy_(h.detach())), or passed to forward() and returned by it", python_state=True)
     if attributes_set is not None:
         attributes_set += restored
     if not changed and not scalars:
@@ -1558,6 +1577,44 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
             snapshot.restore(model)
     what = (f"tensor {changed[0]!r}" if changed else f"Python attribute {scalars[0]!r}")
     raise TraceTimeUpdate(_unrecorded_update(what, line, tracer), python_state=not changed)
+
+
+#: Ops that read only a tensor's metadata: a value computed from them alone (a mask sized by
+#: ``x.size(1)``) is the same at every call of the same shapes.
+_METADATA_READS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "ndim"})
+
+
+def _carried_state(values: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """The attributes of ``values`` (Python attributes a trace set, by name) that hold a value of
+    the graph computed from the inputs, the model's parameters or buffers, or a random draw: one
+    that differs from call to call (a recurrent state kept for the next batch, ``self.h =
+    h.detach()``), unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``).
+
+    The original carries it to its next call; the graph holds no Python attribute, so the placed
+    model computed every call from what the traced call found (walkthrough: a GRU whose hidden
+    state was kept on the module, outputs 0.024 off from the second batch on, no error).
+    """
+    state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                            model.named_buffers(remove_duplicate=False))}
+    varies: dict[fx.Node, bool] = {}
+
+    def differs(node: fx.Node) -> bool:
+        if node not in varies:
+            name = str(node.target) if node.op in ("call_method", "get_attr") else _target_name(node.target)
+            if (node.op == "call_method" and name in _METADATA_READS) or (
+                    node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_READS):
+                varies[node] = False
+            elif node.op in ("placeholder", "call_module") or (node.op == "get_attr" and name in state):
+                varies[node] = True
+            elif node.op in ("call_function", "call_method") and draws_random_numbers(name):
+                varies[node] = True
+            else:
+                varies[node] = False  # set first: a node's inputs come before it, so no cycle
+                varies[node] = any(differs(arg) for arg in node.all_input_nodes)
+        return varies[node]
+
+    return [name for name, value in values.items()
+            if any(isinstance(v, fx.Proxy) and differs(v.node) for v in tree_flatten(value)[0])]
 
 
 def _unrecorded_update(what: str, line: str | None, tracer: str, stopped: bool = False) -> str:

@@ -997,6 +997,32 @@ class _CachedMask(nn.Module):
         return self.a(x) * self.mask
 
 
+class _CarriedState(nn.Module):
+    """Truncated backpropagation through time with the hidden state kept on the module, beside a
+    causal mask cached by its size (the same at every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+        self.h = None
+        self.mask = None
+
+    def forward(self, x):
+        if self.mask is None:
+            self.mask = torch.tril(torch.ones(x.size(1), x.size(1)))
+        out, h = self.rnn(self.mask @ x, self.h)
+        self.h = h.detach()
+        return out
+
+
+def test_state_forward_carries_to_the_next_call_in_a_python_attribute_is_refused():
+    """fx traced the first call (self.h None) and no graph holds a Python attribute: the placed
+    model started every batch from a zero state where the original carried the last one
+    (walkthrough: outputs 0.024 off from the second batch, no error). torch.export drops it too."""
+    with pytest.raises(CaptureError, match="keeps 'h' as a Python attribute"):
+        capture(_CarriedState(), (torch.randn(2, 3, 4),))
+
+
 def test_a_tensor_forward_caches_stays_off_the_model_and_the_placed_model_follows_eval():
     """The training trace left the cached tensor on the user's model, so the eval trace read it
     as an attribute ('mask') where the graph had a constant: eval mode was refused as 'another
