@@ -128,14 +128,15 @@ class PlacerTracer(fx.Tracer):
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
         self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read (:data:`Scalar`)
         self.modes_read: dict[str, bool] = {}  # module path -> the training flag forward() read of it
+        self.attributes_read: set[str] = set()  # Python attributes forward() read before setting them
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        self.modes_read = {}
+        self.modes_read, self.attributes_read = {}, set()
         with _GuardedTrace(self, root), _factories_taking_proxies(self), _python_draws_refused(), \
-                _constant_attributes_read(root, self.modes_read) as self.constant_reads:
+                _constant_attributes_read(root, self.modes_read, self.attributes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -313,6 +314,7 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
     tracer = PlacerTracer(leaf_types, leaf_names)
     with _no_constants_left_on(model, tracer):
         graph = tracer.trace(model)
+        _refuse_carried_state(model, tracer.attributes_read, "torch.fx")  # before checked_trace puts them back
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
     keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
     if tracer.constant_reads:
@@ -353,8 +355,8 @@ def modes_on(gm: fx.GraphModule, modes_read: Mapping[str, bool], model: nn.Modul
 
 
 @contextlib.contextmanager
-def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = None
-                              ) -> Iterator[dict[str, Scalar | TensorRead]]:
+def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = None,
+                              attributes_read: set[str] | None = None) -> Iterator[dict[str, Scalar | TensorRead]]:
     """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``,
     or a plain tensor (:data:`Scalar`; a tensor as its :class:`TensorRead`), that the block reads,
     by qualified name; ``training`` is eval mode's (:mod:`graphs.eval_mode`), and names starting
@@ -368,21 +370,26 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
     hides its reads (they then go unchecked, as before).
 
     ``modes_read``, where given, gets each module's ``training`` flag that the block reads, by
-    module path (:func:`modes_on`), seen the same way.
+    module path (:func:`modes_on`), seen the same way; ``attributes_read`` the qualified names of
+    the attributes read while they held their value from before the block (``None`` ones too) or
+    were missing (``hasattr``), for :func:`_refuse_carried_state`.
     """
     reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
         yield reads
         return
-    held: dict[int, tuple[str, dict[str, Scalar]]] = {}
+    held: dict[int, tuple[str, dict[str, Scalar | None]]] = {}
+    paths: dict[int, str] = {}
     for path, module in root.named_modules():
-        constants = {k: v for k, v in vars(module).items() if type(v) in _SCALAR_TYPES and not k.startswith("_")
+        paths[id(module)] = path
+        constants = {k: v for k, v in vars(module).items() if not k.startswith("_")
+                     and (type(v) in _SCALAR_TYPES or (v is None and attributes_read is not None))
                      and (k != "training" or modes_read is not None)}
         if constants:
             held[id(module)] = (path, constants)
             for k in constants:
                 del module.__dict__[k]
-    if not held:
+    if not held and attributes_read is None:
         yield reads
         return
     plain_getattr = nn.Module.__getattr__
@@ -393,14 +400,24 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
             assert modes_read is not None  # held only then
             modes_read[entry[0]] = bool(entry[1][name])
             return entry[1][name]
+        path = paths.get(id(module))
+        qualname = f"{path}.{name}" if path else name
         if entry is not None and name in entry[1]:
             value = entry[1][name]
+            if attributes_read is not None:
+                attributes_read.add(qualname)
+            if value is None:
+                return None
             # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
             # the placed model's own copy (the graph holds fx's constant, not this attribute).
-            reads[f"{entry[0]}.{name}" if entry[0] else name] = (
-                TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
+            reads[qualname] = TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value
             return value
-        return plain_getattr(module, name)
+        try:
+            return plain_getattr(module, name)
+        except AttributeError:
+            if attributes_read is not None and path is not None:
+                attributes_read.add(qualname)  # hasattr(self, "h") before the first call sets it
+            raise
 
     # fx's tracer wraps nn.Module.__getattr__ around the one it saved at import
     # (torch.fx._symbolic_trace._orig_module_getattr), so that name records too.
@@ -1472,17 +1489,6 @@ class _StateSnapshot:
                     del vars(m)[key]
         return changed
 
-    def attributes_set(self, model: nn.Module) -> dict[str, Any]:
-        """The Python attributes that differ from the snapshot's (as :meth:`restore_attributes`
-        finds them), by qualified name, with their values now."""
-        found: dict[str, Any] = {}
-        for path, m in model.named_modules(remove_duplicate=False):
-            before = self.attributes.get(path, {})
-            for key, value in vars(m).items():
-                if key not in before or (before[key] is not value and not _same_value(before[key], value)):
-                    found[f"{path}.{key}" if path else key] = value
-        return found
-
     def changes(self, model: nn.Module) -> tuple[list[str], list[str], list[Any]]:
         """(tensors replaced or updated, Python attributes changed, the objects now in replaced slots)."""
         now = _StateSnapshot.take_light(model)
@@ -1552,17 +1558,9 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
     try:
         gm = trace()
         changed, scalars, replaced = snapshot.changes(model)
-        carried = _carried_state(snapshot.attributes_set(model), model)
     finally:
         restored = snapshot.restore_attributes(model)
         snapshot.restore(model)
-    if carried:
-        raise TraceTimeUpdate(
-            f"forward() keeps {carried[0]!r} as a Python attribute, set to a value computed from the inputs or the "
-            f"model's state (a recurrent state carried to the next batch): {tracer} records no Python attribute, so "
-            "the placed model would compute every call from the value the first one found. Expected state carried "
-            "between calls in a registered buffer updated in place (self.register_buffer('h', torch.zeros(...)); "
-            "self.h.copy_(h.detach())), or passed to forward() and returned by it", python_state=True)
     if attributes_set is not None:
         attributes_set += restored
     if not changed and not scalars:
@@ -1584,16 +1582,39 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
 _METADATA_READS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "ndim"})
 
 
-def _carried_state(values: Mapping[str, Any], model: nn.Module) -> list[str]:
-    """The attributes of ``values`` (Python attributes a trace set, by name) that hold a value of
-    the graph computed from the inputs, the model's parameters or buffers, or a random draw: one
-    that differs from call to call (a recurrent state kept for the next batch, ``self.h =
-    h.detach()``), unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``).
+def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str) -> None:
+    """Raise :class:`TraceTimeUpdate` where forward() read a Python attribute of ``model`` (``read``:
+    qualified names, read while it still held the value from before the call) and then set it to a
+    value of the graph that differs from call to call (:func:`_carried_state`): a recurrent state
+    kept for the next batch (``out, h = self.rnn(x, self.h); self.h = h.detach()``).
 
     The original carries it to its next call; the graph holds no Python attribute, so the placed
     model computed every call from what the traced call found (walkthrough: a GRU whose hidden
-    state was kept on the module, outputs 0.024 off from the second batch on, no error).
+    state was kept on the module, outputs 0.024 off from the second batch on, no error). A value
+    set before any read (``torch.nn.utils.prune``'s hook recomputing ``weight`` for the call) is
+    the call's own, and a cache of constants and sizes is the same at every call: both captured.
     """
+    values: dict[str, Any] = {}
+    for qualname in read:
+        path, _, name = qualname.rpartition(".")
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(path) if path else model
+            if name in vars(module):
+                values[qualname] = vars(module)[name]
+    carried = _carried_state(values, model)
+    if carried:
+        raise TraceTimeUpdate(
+            f"forward() keeps {carried[0]!r} as a Python attribute, set to a value computed from the inputs or the "
+            f"model's state (a recurrent state carried to the next batch): {tracer} records no Python attribute, so "
+            "the placed model would compute every call from the value the first one found. Expected state carried "
+            "between calls in a registered buffer updated in place (self.register_buffer('h', torch.zeros(...)); "
+            "self.h.copy_(h.detach())), or passed to forward() and returned by it", python_state=True)
+
+
+def _carried_state(values: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """The attributes of ``values`` (by name) that hold a value of the graph computed from the
+    inputs, the model's parameters or buffers, or a random draw: one that differs from call to
+    call, unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``)."""
     state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
                                             model.named_buffers(remove_duplicate=False))}
     varies: dict[fx.Node, bool] = {}

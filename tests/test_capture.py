@@ -1023,6 +1023,32 @@ def test_state_forward_carries_to_the_next_call_in_a_python_attribute_is_refused
         capture(_CarriedState(), (torch.randn(2, 3, 4),))
 
 
+class _PrunedBlock(nn.Module):
+    """A block fx traces through, pruned: prune's forward pre-hook sets ``w`` from ``w_orig`` and
+    ``w_mask`` before forward() reads it, at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_a_python_attribute_forward_sets_before_reading_it_is_the_calls_own_and_is_captured():
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_PrunedBlock(), nn.Tanh()), torch.randn(3, 4)
+    prune.l1_unstructured(model[0], "w", 0.5)
+    cap = capture(model, (x,))
+    assert cap.method == "fx"
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].w_orig.add_(1.0)  # a training step: the graph recomputes w from w_orig
+    torch.testing.assert_close(cap.gm(x), model(x), rtol=0, atol=0)
+
+
 def test_a_tensor_forward_caches_stays_off_the_model_and_the_placed_model_follows_eval():
     """The training trace left the cached tensor on the user's model, so the eval trace read it
     as an attribute ('mask') where the graph had a constant: eval mode was refused as 'another
