@@ -489,6 +489,44 @@ def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
 _refuse_changed_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
 
 
+def refuse_hooks_never_run(gm: fx.GraphModule) -> None:
+    """Refuse a forward of ``gm`` after a hook was registered on one of its submodules that its
+    graph never calls (``placed.backbone.register_forward_hook(fn)``, where fx traced through
+    ``backbone``; any submodule of a torch.export graph).
+
+    Such a module is a container of the state its ops read: the graph runs those ops itself, so
+    the hook never ran, with no error (walkthrough: a forward hook doubling a block's output,
+    loss 0.29 off; a pre-hook 0.098 off). Hooks registered before capture are in the graph (the
+    tracers run them); a module the graph calls (a torch.nn layer, a leaf module) runs its own.
+    A module-level forward pre-hook, registered again by copies and pickles
+    (:func:`graphs.eval_mode.follow_eval_mode`), like :func:`pin_constant_inputs`'s.
+    """
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    gm.placer_never_called = [  # type: ignore[assignment]
+        path for path, _ in gm.named_modules() if path and not any(
+            path == c or path.startswith(c + ".") for c in called)]
+    if gm.placer_never_called and _refuse_hooks_never_run not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_hooks_never_run)
+
+
+def _refuse_hooks_never_run(module: fx.GraphModule, args: tuple) -> None:
+    """Forward pre-hook of :func:`refuse_hooks_never_run`."""
+    for path in module.__dict__.get("placer_never_called") or ():
+        found: nn.Module | None = module  # get_submodule's checks cost ~4 us a path, on every step
+        for part in path.split("."):
+            found = found._modules.get(part) if found is not None else None
+        if found is not None and (found._forward_hooks or found._forward_pre_hooks or found._backward_hooks
+                                  or found._backward_pre_hooks):
+            raise CaptureError(
+                f"module {path!r} of the placed model has a hook registered after capture, which would never run: the "
+                f"graph runs the ops of {path!r} itself and never calls the module; expected the hook registered on "
+                "the model before capturing it (the tracers put what it does in the graph), or on a module the graph "
+                "calls (a torch.nn layer, a leaf module)")
+
+
+_refuse_hooks_never_run.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
+
+
 @contextlib.contextmanager
 def _no_constants_left_on(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]:
     """Take off ``model`` the tensor constants ``tracer`` sets on it while tracing.
@@ -1115,6 +1153,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
+    refuse_hooks_never_run(gm)
+    follow_eval_mode(gm)  # copies and pickles register its hook again (a no-op where nothing needs that)
     if method == "export":
         pin_shapes_unless_generic(gm, model, inputs)
     if isinstance(baked, fx.Graph):

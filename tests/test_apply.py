@@ -1713,3 +1713,40 @@ def test_an_input_updated_in_place_is_updated_once_and_written_back_to_the_calle
         mine, theirs = x.clone(), x.clone()
         torch.testing.assert_close(twin(theirs), model(mine), rtol=0, atol=0)
         torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+
+
+class _BlockInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _NoisyBackbone()  # fx traces through it
+        self.head = nn.Linear(8, 2)  # fx calls it whole
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_a_hook_registered_on_a_module_the_placed_graph_never_calls_is_refused():
+    """fx traced through `block`: the placed model runs its ops and never calls it, so a hook
+    registered on it after capture never ran (walkthrough: a forward hook doubling the block's
+    output, loss 0.29 off, no error). Copies keep the refusal; a layer the graph calls runs its own."""
+    import pickle
+
+    from graphs.capture import capture
+    from graphs.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _BlockInside(), torch.randn(6, 8)
+    cap = capture(model, (x,))
+    placed = apply_placement(cap, _random_placement(cap.gm, 0), real_devices=VIRTUAL, copy_transfers=True)
+    placed.head.register_forward_hook(_double_output)
+    model.head.register_forward_hook(_double_output)
+    placed.eval(), model.eval()
+    torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
+    placed.block.register_forward_hook(_double_output)
+    for twin in (placed, copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        with pytest.raises(CaptureError, match="module 'block' of the placed model has a hook"):
+            twin(x)
+
+
+def _double_output(module, args, output):
+    return output * 2
