@@ -1772,15 +1772,17 @@ class _HookedWeights(nn.Module):
         self.out = nn.Linear(8, 2)
         self.emb.weight.register_hook(_rows_kept)
         self.out.weight.register_post_accumulate_grad_hook(_halve_grad)
+        self.out.bias._optim = {"lr": 0.0}  # an attribute the training loop sorts parameters by
 
     def forward(self, tokens):
         return self.out(self.emb(tokens).mean(1))
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_gradient_hooks_on_the_models_parameters_run_in_the_placed_model(seed):
-    """apply's deep copy copied each parameter's data and not its hooks: the placed model's
-    gradients were the unhooked ones (walkthrough: 0.106 off), with no error."""
+def test_gradient_hooks_and_attributes_of_the_models_parameters_are_the_placed_models(seed):
+    """apply's deep copy copied each parameter's data and not its hooks or attributes: the placed
+    model's gradients were the unhooked ones (walkthrough: 0.106 off), with no error, and a
+    parameter's `_optim` (per-parameter optimizer settings, as S4/Mamba set them) was gone."""
     from graphs.capture import capture
 
     torch.manual_seed(0)
@@ -1789,4 +1791,5 @@ def test_gradient_hooks_on_the_models_parameters_run_in_the_placed_model(seed):
     placed = apply_placement(cap, _random_placement(cap.gm, seed), real_devices=VIRTUAL, copy_transfers=True)
     reference = _HookedWeights()
     reference.load_state_dict(model.state_dict())
+    assert [getattr(p, "_optim", None) for p in placed.parameters()] == [None, None, {"lr": 0.0}]
     _assert_same_training(reference, placed, (tokens,), "sgd")

@@ -585,23 +585,30 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    _keep_gradient_hooks(src, gm)
+    _keep_parameter_extras(src, gm)
     if getattr(src, "placer_constant_inputs", None):
         pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
 
 
-def _keep_gradient_hooks(src: torch.nn.Module, twin: torch.nn.Module) -> None:
-    """Register on ``twin``'s parameters (a deep copy of ``src``) the gradient hooks of ``src``'s:
-    ``Parameter.__deepcopy__`` copies the data and not the hooks, so a hook the model put on a
-    weight (``emb.weight.register_hook(lambda g: g * mask)``, rows kept frozen; a per-weight clip;
+def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
+    """Give ``twin``'s parameters (a deep copy of ``src``) what ``Parameter.__deepcopy__`` leaves
+    out of ``src``'s: their gradient hooks and the attributes the model set on them.
+
+    It copies the data alone, so a hook the model put on a weight
+    (``emb.weight.register_hook(lambda g: g * mask)``, rows kept frozen; a per-weight clip;
     ``register_post_accumulate_grad_hook``) was gone from the placed model: other gradients, no
-    error (walkthrough: gradients 0.106 off)."""
+    error (walkthrough: gradients 0.106 off); and so was an attribute that sorts parameters into
+    optimizer groups (``p._optim = {"weight_decay": 0.0}``, ``p.no_weight_decay = True``), which
+    then put the placed model's weights in other groups than the model's."""
     theirs = dict(src.named_parameters())
     for name, p in twin.named_parameters():
         original = theirs.get(name)
         if original is None or original is p:
             continue
+        for key, value in vars(original).items():
+            if key not in vars(p):
+                setattr(p, key, copy.deepcopy(value))
         for hook in (original._backward_hooks or {}).values():
             p.register_hook(hook)
         for hook in (getattr(original, "_post_accumulate_grad_hooks", None) or {}).values():
