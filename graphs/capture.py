@@ -96,10 +96,26 @@ class CapturedModel:
 
 
 #: Values a module attribute may hold that a trace bakes into the graph when forward() reads
-#: them (:func:`pin_constant_attributes`): Python numbers, flags and text, and plain tensors
-#: (not parameters or buffers: fx keeps such a tensor as a constant of its own).
-Scalar = float | int | bool | str | torch.Tensor
+#: them (:func:`pin_constant_attributes`): Python numbers, flags and text, plain tensors (not
+#: parameters or buffers: fx keeps such a tensor as a constant of its own), None, and tuples,
+#: lists and dicts of Python values (:func:`_baked_value`).
+Scalar = float | int | bool | str | torch.Tensor | None | tuple | list | dict
 _SCALAR_TYPES = (float, int, bool, str, torch.Tensor)
+
+
+def _baked_value(value: Any) -> bool:
+    """Whether a module attribute holding ``value`` is one a trace bakes in when forward() reads
+    it (:data:`Scalar`): a Python number, flag or text, a plain tensor, None (``if self.temp is not
+    None:``), or a tuple, list or dict of such Python values (``self.scales = (1.0, 0.5)``,
+    ``self.opts = {"act": "relu"}``: set anew on the placed model, they changed nothing, with no
+    error; walkthrough: outputs 1.6 off)."""
+    if value is None or type(value) in _SCALAR_TYPES:
+        return True
+    if type(value) in (tuple, list):
+        return all(v is None or type(v) in _SCALAR_TYPES[:-1] for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and (v is None or type(v) in _SCALAR_TYPES[:-1]) for k, v in value.items())
+    return False
 
 
 @dataclass(frozen=True)
@@ -383,7 +399,7 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
     for path, module in root.named_modules():
         paths[id(module)] = path
         constants = {k: v for k, v in vars(module).items() if not k.startswith("_")
-                     and (type(v) in _SCALAR_TYPES or (v is None and attributes_read is not None))
+                     and _baked_value(v)
                      and (k != "training" or modes_read is not None)}
         if constants:
             held[id(module)] = (path, constants)
@@ -406,11 +422,11 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
             value = entry[1][name]
             if attributes_read is not None:
                 attributes_read.add(qualname)
-            if value is None:
-                return None
             # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
-            # the placed model's own copy (the graph holds fx's constant, not this attribute).
-            reads[qualname] = TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value
+            # the placed model's own copy (the graph holds fx's constant, not this attribute). A
+            # list or dict as it is now: forward() or the loop may change the object itself later.
+            reads[qualname] = (TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor)
+                               else copy.deepcopy(value) if isinstance(value, (list, dict)) else value)
             return value
         try:
             return plain_getattr(module, name)

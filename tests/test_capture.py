@@ -1191,20 +1191,27 @@ class _Annealed(nn.Module):
         self.offset = torch.zeros(8)  # a plain tensor, not a buffer
         self.unread = 0.5
         self.to_export = to_export  # iterating over a tensor sends the capture to torch.export
+        self.scales = (1.0, 1.0)
+        self.margin = None
+        self.opts = {"act": "softmax"}
 
     def forward(self, x):
         if self.to_export:
             x = torch.stack([row for row in x])
-        h = torch.softmax(self.block.a(x + self.offset) / self.block.tau, -1)
+        h = self.block.a(x + self.offset) * self.scales[0] * self.scales[1]
+        h = torch.softmax(h / self.block.tau, -1) if self.opts["act"] == "softmax" else torch.sigmoid(h)
         if self.sharpen:
             h = h * h
+        if self.margin is not None:
+            h = h - self.margin
         return h.topk(self.k, dim=-1).values
 
 
 @pytest.mark.parametrize("to_export", [False, True])
 def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_model_and_its_copies(to_export):
     """fx and torch.export compute with the value read while tracing: an annealed temperature,
-    a top-k count or a flag set on the placed model changed nothing, with no error."""
+    a top-k count or a flag set on the placed model changed nothing, with no error; so did a
+    tuple of scales, a margin that was None and a dict of options (walkthrough: outputs 1.6 off)."""
     from envs.runtime.apply import apply_placement
 
     model, x = _Annealed(to_export), torch.randn(4, 8)
@@ -1221,7 +1228,9 @@ def test_setting_a_python_value_the_graph_baked_in_is_refused_on_the_placed_mode
             twin(x)
         twin.block.tau = 1.0
         twin(x)
-    for name, value, now in (("k", 1, "1"), ("sharpen", True, "True"), ("offset", torch.ones(8), r"another a tensor\[8\]")):
+    for name, value, now in (("k", 1, "1"), ("sharpen", True, "True"), ("offset", torch.ones(8), r"another a tensor\[8\]"),
+                             ("scales", (2.0, 1.0), r"\(2\.0, 1\.0\)"), ("margin", 0.1, "0.1"),
+                             ("opts", {"act": "sigmoid"}, "{'act': 'sigmoid'}")):
         setattr(placed, name, value)
         with pytest.raises(CaptureError, match=rf"{name} was .* now {now}"):
             placed(x)
