@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import random
+import warnings
 
 import networkx as nx
 import pytest
@@ -1793,3 +1794,37 @@ def test_gradient_hooks_and_attributes_of_the_models_parameters_are_the_placed_m
     reference.load_state_dict(model.state_dict())
     assert [getattr(p, "_optim", None) for p in placed.parameters()] == [None, None, {"lr": 0.0}]
     _assert_same_training(reference, placed, (tokens,), "sgd")
+
+
+class _PrunedAndNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _pruned_and_normed() -> nn.Module:
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = _PrunedAndNormed()
+    prune.l1_unstructured(model.a, "weight", 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, and still used
+        nn.utils.weight_norm(model.b)
+    return model
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_model_pruned_or_weight_normed_before_capture_is_placed_and_trains_like_the_original(seed):
+    """prune and the old weight_norm keep a computed weight as an attribute, which torch refuses to
+    deep-copy: apply_placement failed on every such model (RuntimeError)."""
+    from graphs.capture import capture
+
+    x = torch.randn(6, 8)
+    cap = capture(_pruned_and_normed(), (x,))
+    placed = apply_placement(cap, _random_placement(cap.gm, seed), real_devices=VIRTUAL, copy_transfers=True)
+    _assert_same_training(_pruned_and_normed(), placed, (x,), "sgd")

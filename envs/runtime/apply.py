@@ -577,7 +577,7 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     such a buffer would appear in the placed model's ``state_dict()`` and loading that
     back into the original with ``strict=True`` would fail on an unexpected key.
     """
-    gm = copy.deepcopy(src)
+    gm = copy.deepcopy(src, _computed_attributes(src))
     copies = dict(gm.named_modules(remove_duplicate=False))
     for path, mod in src.named_modules(remove_duplicate=False):
         twin = copies.get(path)
@@ -589,6 +589,24 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     if getattr(src, "placer_constant_inputs", None):
         pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
+
+
+def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
+    """A deep-copy memo giving each module attribute that holds a tensor computed with gradients
+    (not a parameter or buffer) a detached copy of it.
+
+    ``torch.nn.utils.prune`` and the old ``torch.nn.utils.weight_norm`` keep such a tensor
+    (``weight = weight_orig * weight_mask``) and recompute it in a forward pre-hook at every call;
+    torch refuses to deep-copy a tensor that is not a graph leaf, so apply_placement failed on
+    every such model (walkthrough: RuntimeError "Only Tensors created explicitly by the user").
+    The copy's value is the current one; its hook recomputes it from the copied parameters."""
+    memo: dict[int, Any] = {}
+    for module in root.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
