@@ -44,7 +44,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
+    "deep_copy",
     "factories_where_placed",
     "transfer_nodes",
     "written_inputs",
@@ -72,6 +73,9 @@ __all__ = [
     "RealizedPlacement",
     "realize_placement",
 ]
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class ApplyError(PlacerError, ValueError):
@@ -577,7 +581,7 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     such a buffer would appear in the placed model's ``state_dict()`` and loading that
     back into the original with ``strict=True`` would fail on an unexpected key.
     """
-    gm = copy.deepcopy(src, _computed_attributes(src))
+    gm = deep_copy(src)
     copies = dict(gm.named_modules(remove_duplicate=False))
     for path, mod in src.named_modules(remove_duplicate=False):
         twin = copies.get(path)
@@ -585,10 +589,20 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
             twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
     # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
     keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    _keep_parameter_extras(src, gm)
     if getattr(src, "placer_constant_inputs", None):
         pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
+
+
+def deep_copy(module: ModuleT) -> ModuleT:
+    """``copy.deepcopy(module)`` with what it loses or refuses kept: its parameters' gradient
+    hooks and attributes (:func:`_keep_parameter_extras`), and the computed tensors prune and the
+    old weight_norm keep as attributes (:func:`_computed_attributes`). apply copies the captured
+    graph with it, and the numerical check copies the user's model with it, so both sides keep
+    the same hooks."""
+    twin = copy.deepcopy(module, _computed_attributes(module))
+    _keep_parameter_extras(module, twin)
+    return twin
 
 
 def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
