@@ -62,6 +62,7 @@ from graphs.ops import (
     RANDOM_FACTORY_OPS,
     draws_random_numbers,
     method_updates_in_place,
+    op_name,
     storage_roots,
 )
 from graphs.placement_graph import build_placement_graph
@@ -372,7 +373,8 @@ def modes_on(gm: fx.GraphModule, modes_read: Mapping[str, bool], model: nn.Modul
 
 @contextlib.contextmanager
 def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = None,
-                              attributes_read: set[str] | None = None) -> Iterator[dict[str, Scalar | TensorRead]]:
+                              attributes_read: set[str] | None = None,
+                              tensors_set: dict[str, bool] | None = None) -> Iterator[dict[str, Scalar | TensorRead]]:
     """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``,
     or a plain tensor (:data:`Scalar`; a tensor as its :class:`TensorRead`), that the block reads,
     by qualified name; ``training`` is eval mode's (:mod:`graphs.eval_mode`), and names starting
@@ -388,7 +390,9 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
     ``modes_read``, where given, gets each module's ``training`` flag that the block reads, by
     module path (:func:`modes_on`), seen the same way; ``attributes_read`` the qualified names of
     the attributes read while they held their value from before the block (``None`` ones too) or
-    were missing (``hasattr``), for :func:`_refuse_carried_state`.
+    were missing (``hasattr``), for :func:`_refuse_carried_state`; ``tensors_set`` whether each
+    tensor the block sets as a module attribute computes from the data (:func:`_varies`), where a
+    torch.export trace tracks it.
     """
     reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
@@ -409,6 +413,16 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
         yield reads
         return
     plain_getattr = nn.Module.__getattr__
+    plain_setattr = nn.Module.__setattr__
+
+    def recording_setattr(module: nn.Module, name: str, value: Any) -> None:
+        if tensors_set is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            node = _export_node(value)
+            path = paths.get(id(module))
+            if node is not None and path is not None:
+                # Now: torch.export rewrites its graph afterwards, and the node's inputs are gone then.
+                tensors_set[f"{path}.{name}" if path else name] = _varies(node, set(), {})
+        plain_setattr(module, name, value)
 
     def recording_getattr(module: nn.Module, name: str) -> Any:
         entry = held.get(id(module))
@@ -439,12 +453,15 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
     # (torch.fx._symbolic_trace._orig_module_getattr), so that name records too.
     fx_saved = getattr(_fx_symbolic_trace, "_orig_module_getattr", None)
     nn.Module.__getattr__ = recording_getattr  # type: ignore[method-assign]
+    if tensors_set is not None:
+        nn.Module.__setattr__ = recording_setattr  # type: ignore[method-assign,assignment]
     if fx_saved is not None:
         _fx_symbolic_trace._orig_module_getattr = recording_getattr
     try:
         yield reads
     finally:
         nn.Module.__getattr__ = plain_getattr  # type: ignore[method-assign]
+        nn.Module.__setattr__ = plain_setattr  # type: ignore[method-assign]
         if fx_saved is not None:
             _fx_symbolic_trace._orig_module_getattr = fx_saved
         modules = {id(m): m for m in root.modules()}
@@ -454,6 +471,19 @@ def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = No
                 continue
             for k, v in constants.items():
                 module.__dict__.setdefault(k, v)  # one forward() set itself is its own (a trace-time update)
+
+
+def _export_node(value: torch.Tensor) -> fx.Node | None:
+    """The node of torch.export's graph in the making that computes ``value`` (a fake tensor of a
+    non-strict trace), or None outside such a trace."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return None
+    slot = get_proxy_slot(value, mode.tracer, None)
+    proxy = getattr(slot, "proxy", None)
+    return getattr(proxy, "node", None)
 
 
 def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar | TensorRead]) -> None:
@@ -678,9 +708,13 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
         modes_read: dict[str, bool] = {}
+        attributes_read: set[str] = set()
+        tensors_set: dict[str, bool] = {}
         with gradient_hooks, _custom_functions_called() as functions, _python_draws_refused(), \
-                _constant_attributes_read(model, modes_read) as constants:
+                _constant_attributes_read(model, modes_read, attributes_read, tensors_set) as constants:
             exported = torch.export.export(model, inputs, strict=False)
+    # torch.export puts tensor attributes forward() set back itself (with a warning, silenced above)
+    _refuse_carried_state(model, attributes_read, "torch.export", tensors_set)
     if functions:
         raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
                            "torch.export replaces by the gradient of its forward()")
@@ -1160,6 +1194,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
+            if isinstance(export_exc, TraceTimeUpdate) and export_exc.python_state:
+                raise CaptureError(f"cannot capture model {name!r}: {export_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
         baked = _export_eval(model, inputs, gm, trace_modes, training_attributes)
@@ -1638,7 +1674,8 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
 _METADATA_READS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "ndim"})
 
 
-def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str) -> None:
+def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str,
+                          set_from_data: Mapping[str, bool] | None = None) -> None:
     """Raise :class:`TraceTimeUpdate` where forward() read a Python attribute of ``model`` (``read``:
     qualified names, read while it still held the value from before the call) and then set it to a
     value of the graph that differs from call to call (:func:`_carried_state`): a recurrent state
@@ -1649,6 +1686,8 @@ def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str) ->
     state was kept on the module, outputs 0.024 off from the second batch on, no error). A value
     set before any read (``torch.nn.utils.prune``'s hook recomputing ``weight`` for the call) is
     the call's own, and a cache of constants and sizes is the same at every call: both captured.
+    ``set_from_data`` (torch.export, which puts the attributes back itself): whether each tensor
+    forward() set computes from the data, by qualified name (:func:`_constant_attributes_read`).
     """
     values: dict[str, Any] = {}
     for qualname in read:
@@ -1657,7 +1696,8 @@ def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str) ->
             module = model.get_submodule(path) if path else model
             if name in vars(module):
                 values[qualname] = vars(module)[name]
-    carried = _carried_state(values, model)
+    carried = ([q for q in read if set_from_data.get(q)] if set_from_data is not None  # torch.export: recorded then
+               else _carried_state(values, model))
     if carried:
         raise TraceTimeUpdate(
             f"forward() keeps {carried[0]!r} as a Python attribute, set to a value computed from the inputs or the "
@@ -1669,29 +1709,32 @@ def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str) ->
 
 def _carried_state(values: Mapping[str, Any], model: nn.Module) -> list[str]:
     """The attributes of ``values`` (by name) that hold a value of the graph computed from the
-    inputs, the model's parameters or buffers, or a random draw: one that differs from call to
-    call, unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``)."""
+    inputs, the model's parameters or buffers, or a random draw (:func:`_varies`): one that differs
+    from call to call, unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``)."""
     state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
                                             model.named_buffers(remove_duplicate=False))}
-    varies: dict[fx.Node, bool] = {}
+    memo: dict[fx.Node, bool] = {}
+    return [name for name, value in values.items() if any(
+        _varies(v.node, state, memo) for v in tree_flatten(value)[0] if isinstance(v, fx.Proxy))]
 
-    def differs(node: fx.Node) -> bool:
-        if node not in varies:
-            name = str(node.target) if node.op in ("call_method", "get_attr") else _target_name(node.target)
-            if (node.op == "call_method" and name in _METADATA_READS) or (
-                    node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_READS):
-                varies[node] = False
-            elif node.op in ("placeholder", "call_module") or (node.op == "get_attr" and name in state):
-                varies[node] = True
-            elif node.op in ("call_function", "call_method") and draws_random_numbers(name):
-                varies[node] = True
-            else:
-                varies[node] = False  # set first: a node's inputs come before it, so no cycle
-                varies[node] = any(differs(arg) for arg in node.all_input_nodes)
-        return varies[node]
 
-    return [name for name, value in values.items()
-            if any(isinstance(v, fx.Proxy) and differs(v.node) for v in tree_flatten(value)[0])]
+def _varies(node: fx.Node, state: set[str], memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` computes from the inputs (placeholders: torch.export's lift parameters and
+    buffers to placeholders too), the model's ``state`` (get_attr targets), a module call or a
+    random draw, rather than from constants and tensor sizes alone."""
+    if node not in memo:
+        name = str(node.target) if node.op in ("call_method", "get_attr") else op_name(node)
+        if (node.op == "call_method" and name in _METADATA_READS) or (
+                node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_READS):
+            memo[node] = False
+        elif node.op in ("placeholder", "call_module") or (node.op == "get_attr" and name in state):
+            memo[node] = True
+        elif node.op in ("call_function", "call_method") and draws_random_numbers(name):
+            memo[node] = True
+        else:
+            memo[node] = False  # set first: a node's inputs come before it, so no cycle
+            memo[node] = any(_varies(arg, state, memo) for arg in node.all_input_nodes)
+    return memo[node]
 
 
 def _unrecorded_update(what: str, line: str | None, tracer: str, stopped: bool = False) -> str:
