@@ -23,6 +23,7 @@ import io
 import itertools
 import logging
 import operator
+import random
 import sys
 import traceback
 import warnings
@@ -55,7 +56,15 @@ from graphs.eval_mode import (
 from graphs.fingerprint import model_fingerprint
 from graphs.model_file import preserved_buffers
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import AUGMENTED_ASSIGNMENTS, FACTORY_OPS, RANDOM_FACTORY_OPS, method_updates_in_place, storage_roots
+from graphs.ops import (
+    AUGMENTED_ASSIGNMENTS,
+    FACTORY_OPS,
+    RANDOM_FACTORY_OPS,
+    draws_random_numbers,
+    method_updates_in_place,
+    op_name,
+    storage_roots,
+)
 from graphs.placement_graph import build_placement_graph
 from graphs.random_state import kept_random_state
 from graphs.saved_activations import annotate_saved_bytes
@@ -88,10 +97,26 @@ class CapturedModel:
 
 
 #: Values a module attribute may hold that a trace bakes into the graph when forward() reads
-#: them (:func:`pin_constant_attributes`): Python numbers, flags and text, and plain tensors
-#: (not parameters or buffers: fx keeps such a tensor as a constant of its own).
-Scalar = float | int | bool | str | torch.Tensor
+#: them (:func:`pin_constant_attributes`): Python numbers, flags and text, plain tensors (not
+#: parameters or buffers: fx keeps such a tensor as a constant of its own), None, and tuples,
+#: lists and dicts of Python values (:func:`_baked_value`).
+Scalar = float | int | bool | str | torch.Tensor | None | tuple | list | dict
 _SCALAR_TYPES = (float, int, bool, str, torch.Tensor)
+
+
+def _baked_value(value: Any) -> bool:
+    """Whether a module attribute holding ``value`` is one a trace bakes in when forward() reads
+    it (:data:`Scalar`): a Python number, flag or text, a plain tensor, None (``if self.temp is not
+    None:``), or a tuple, list or dict of such Python values (``self.scales = (1.0, 0.5)``,
+    ``self.opts = {"act": "relu"}``: set anew on the placed model, they changed nothing, with no
+    error; walkthrough: outputs 1.6 off)."""
+    if value is None or type(value) in _SCALAR_TYPES:
+        return True
+    if type(value) in (tuple, list):
+        return all(v is None or type(v) in _SCALAR_TYPES[:-1] for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and (v is None or type(v) in _SCALAR_TYPES[:-1]) for k, v in value.items())
+    return False
 
 
 @dataclass(frozen=True)
@@ -119,13 +144,16 @@ class PlacerTracer(fx.Tracer):
         self.without_grad: list[fx.Node] = []  # nodes made with gradients turned off
         self.autocast = _autocast_state()  # when tracing began: a node made under another is refused
         self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read (:data:`Scalar`)
+        self.modes_read: dict[str, bool] = {}  # module path -> the training flag forward() read of it
+        self.attributes_read: set[str] = set()  # Python attributes forward() read before setting them
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = _autocast_state()
-        with _GuardedTrace(self, root), _factories_taking_proxies(self), \
-                _constant_attributes_read(root) as self.constant_reads:
+        self.modes_read, self.attributes_read = {}, set()
+        with _GuardedTrace(self, root), _factories_taking_proxies(self), _python_draws_refused(), \
+                _constant_attributes_read(root, self.modes_read, self.attributes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)
         _augmented_out_of_place(graph, self.root)
@@ -303,15 +331,50 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
     tracer = PlacerTracer(leaf_types, leaf_names)
     with _no_constants_left_on(model, tracer):
         graph = tracer.trace(model)
+        _refuse_carried_state(model, tracer.attributes_read, "torch.fx")  # before checked_trace puts them back
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
     keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
     if tracer.constant_reads:
         pin_constant_attributes(gm, tracer.constant_reads)
+    modes = modes_on(gm, tracer.modes_read, model)
+    if modes:
+        gm.placer_module_modes = modes  # type: ignore[assignment]
     return gm
 
 
+#: torch.nn layers whose mode lives in their ops' own flags: fx calls them whole (a ``call_module``
+#: that follows the layer's flag), and :func:`graphs.eval_mode.export_module_modes` checks them in a
+#: torch.export graph only where the flag changes what they compute (an LSTM without dropout does not).
+_MODE_IN_OPS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                                             nn.RNNBase, nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def modes_on(gm: fx.GraphModule, modes_read: Mapping[str, bool], model: nn.Module) -> dict[str, bool]:
+    """The modes of ``modes_read`` (module path of ``model`` -> the training flag forward() read of
+    it while traced) that ``gm`` can be told otherwise: those of its submodules (not the root, whose
+    flag switches between the training and the eval forward; nor the layers of :data:`_MODE_IN_OPS`),
+    which :func:`graphs.eval_mode.follow_eval_mode` checks at every forward.
+
+    A tracer runs ``if self.training:`` and ``F.dropout(h, p, self.training)`` in a module it
+    traces through, so the graph computes the mode it read: ``placed.backbone.eval()`` (a frozen
+    backbone) changed nothing, with no error (walkthrough: outputs 0.52 off under fx; 0.015 under
+    torch.export, whose ops' own flags were checked but not forward()'s branches).
+    """
+    modes: dict[str, bool] = {}
+    for path, flag in modes_read.items():
+        if not path:
+            continue
+        with contextlib.suppress(AttributeError):
+            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
+            if not isinstance(model.get_submodule(path), _MODE_IN_OPS):
+                modes[path] = flag
+    return modes
+
+
 @contextlib.contextmanager
-def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRead]]:
+def _constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = None,
+                              attributes_read: set[str] | None = None,
+                              tensors_set: dict[str, bool] | None = None) -> Iterator[dict[str, Scalar | TensorRead]]:
     """The attributes of ``root``'s modules holding a Python ``float``, ``int``, ``bool`` or ``str``,
     or a plain tensor (:data:`Scalar`; a tensor as its :class:`TensorRead`), that the block reads,
     by qualified name; ``training`` is eval mode's (:mod:`graphs.eval_mode`), and names starting
@@ -323,45 +386,82 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
     (``if self.tau > 0.5``) is baked in as surely as one it divided by. Only reads that way are
     seen: a module class with a ``__getattr__`` of its own that does not call ``nn.Module``'s
     hides its reads (they then go unchecked, as before).
+
+    ``modes_read``, where given, gets each module's ``training`` flag that the block reads, by
+    module path (:func:`modes_on`), seen the same way; ``attributes_read`` the qualified names of
+    the attributes read while they held their value from before the block (``None`` ones too) or
+    were missing (``hasattr``), for :func:`_refuse_carried_state`; ``tensors_set`` whether each
+    tensor the block sets as a module attribute computes from the data (:func:`_varies`), where a
+    torch.export trace tracks it.
     """
     reads: dict[str, Scalar | TensorRead] = {}
     if not isinstance(root, nn.Module):
         yield reads
         return
-    held: dict[int, tuple[str, dict[str, Scalar]]] = {}
+    held: dict[int, tuple[str, dict[str, Scalar | None]]] = {}
+    paths: dict[int, str] = {}
     for path, module in root.named_modules():
-        constants = {k: v for k, v in vars(module).items()
-                     if type(v) in _SCALAR_TYPES and not k.startswith("_") and k != "training"}
+        paths[id(module)] = path
+        constants = {k: v for k, v in vars(module).items() if not k.startswith("_")
+                     and _baked_value(v)
+                     and (k != "training" or modes_read is not None)}
         if constants:
             held[id(module)] = (path, constants)
             for k in constants:
                 del module.__dict__[k]
-    if not held:
+    if not held and attributes_read is None:
         yield reads
         return
     plain_getattr = nn.Module.__getattr__
+    plain_setattr = nn.Module.__setattr__
+
+    def recording_setattr(module: nn.Module, name: str, value: Any) -> None:
+        if tensors_set is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            node = _export_node(value)
+            path = paths.get(id(module))
+            if node is not None and path is not None:
+                # Now: torch.export rewrites its graph afterwards, and the node's inputs are gone then.
+                tensors_set[f"{path}.{name}" if path else name] = _varies(node, set(), {})
+        plain_setattr(module, name, value)
 
     def recording_getattr(module: nn.Module, name: str) -> Any:
         entry = held.get(id(module))
+        if entry is not None and name == "training" and name in entry[1]:
+            assert modes_read is not None  # held only then
+            modes_read[entry[0]] = bool(entry[1][name])
+            return entry[1][name]
+        path = paths.get(id(module))
+        qualname = f"{path}.{name}" if path else name
         if entry is not None and name in entry[1]:
             value = entry[1][name]
+            if attributes_read is not None:
+                attributes_read.add(qualname)
             # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
-            # the placed model's own copy (the graph holds fx's constant, not this attribute).
-            reads[f"{entry[0]}.{name}" if entry[0] else name] = (
-                TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
+            # the placed model's own copy (the graph holds fx's constant, not this attribute). A
+            # list or dict as it is now: forward() or the loop may change the object itself later.
+            reads[qualname] = (TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor)
+                               else copy.deepcopy(value) if isinstance(value, (list, dict)) else value)
             return value
-        return plain_getattr(module, name)
+        try:
+            return plain_getattr(module, name)
+        except AttributeError:
+            if attributes_read is not None and path is not None:
+                attributes_read.add(qualname)  # hasattr(self, "h") before the first call sets it
+            raise
 
     # fx's tracer wraps nn.Module.__getattr__ around the one it saved at import
     # (torch.fx._symbolic_trace._orig_module_getattr), so that name records too.
     fx_saved = getattr(_fx_symbolic_trace, "_orig_module_getattr", None)
     nn.Module.__getattr__ = recording_getattr  # type: ignore[method-assign]
+    if tensors_set is not None:
+        nn.Module.__setattr__ = recording_setattr  # type: ignore[method-assign,assignment]
     if fx_saved is not None:
         _fx_symbolic_trace._orig_module_getattr = recording_getattr
     try:
         yield reads
     finally:
         nn.Module.__getattr__ = plain_getattr  # type: ignore[method-assign]
+        nn.Module.__setattr__ = plain_setattr  # type: ignore[method-assign]
         if fx_saved is not None:
             _fx_symbolic_trace._orig_module_getattr = fx_saved
         modules = {id(m): m for m in root.modules()}
@@ -371,6 +471,19 @@ def _constant_attributes_read(root: Any) -> Iterator[dict[str, Scalar | TensorRe
                 continue
             for k, v in constants.items():
                 module.__dict__.setdefault(k, v)  # one forward() set itself is its own (a trace-time update)
+
+
+def _export_node(value: torch.Tensor) -> fx.Node | None:
+    """The node of torch.export's graph in the making that computes ``value`` (a fake tensor of a
+    non-strict trace), or None outside such a trace."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return None
+    slot = get_proxy_slot(value, mode.tracer, None)
+    proxy = getattr(slot, "proxy", None)
+    return getattr(proxy, "node", None)
 
 
 def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar | TensorRead]) -> None:
@@ -420,6 +533,44 @@ def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
 
 
 _refuse_changed_constants.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
+
+
+def refuse_hooks_never_run(gm: fx.GraphModule) -> None:
+    """Refuse a forward of ``gm`` after a hook was registered on one of its submodules that its
+    graph never calls (``placed.backbone.register_forward_hook(fn)``, where fx traced through
+    ``backbone``; any submodule of a torch.export graph).
+
+    Such a module is a container of the state its ops read: the graph runs those ops itself, so
+    the hook never ran, with no error (walkthrough: a forward hook doubling a block's output,
+    loss 0.29 off; a pre-hook 0.098 off). Hooks registered before capture are in the graph (the
+    tracers run them); a module the graph calls (a torch.nn layer, a leaf module) runs its own.
+    A module-level forward pre-hook, registered again by copies and pickles
+    (:func:`graphs.eval_mode.follow_eval_mode`), like :func:`pin_constant_inputs`'s.
+    """
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    gm.placer_never_called = [  # type: ignore[assignment]
+        path for path, _ in gm.named_modules() if path and not any(
+            path == c or path.startswith(c + ".") for c in called)]
+    if gm.placer_never_called and _refuse_hooks_never_run not in gm._forward_pre_hooks.values():
+        gm.register_forward_pre_hook(_refuse_hooks_never_run)
+
+
+def _refuse_hooks_never_run(module: fx.GraphModule, args: tuple) -> None:
+    """Forward pre-hook of :func:`refuse_hooks_never_run`."""
+    for path in module.__dict__.get("placer_never_called") or ():
+        found: nn.Module | None = module  # get_submodule's checks cost ~4 us a path, on every step
+        for part in path.split("."):
+            found = found._modules.get(part) if found is not None else None
+        if found is not None and (found._forward_hooks or found._forward_pre_hooks or found._backward_hooks
+                                  or found._backward_pre_hooks):
+            raise CaptureError(
+                f"module {path!r} of the placed model has a hook registered after capture, which would never run: the "
+                f"graph runs the ops of {path!r} itself and never calls the module; expected the hook registered on "
+                "the model before capturing it (the tracers put what it does in the graph), or on a module the graph "
+                "calls (a torch.nn layer, a leaf module)")
+
+
+_refuse_hooks_never_run.placer_hook = True  # type: ignore[attr-defined]  # copies register it again (graphs.eval_mode)
 
 
 @contextlib.contextmanager
@@ -556,8 +707,14 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     with quiet_torch_logs(logging.CRITICAL), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # export warns about torch internals (e.g. RNN flat weights); not the user's concern.
         warnings.simplefilter("ignore")
-        with gradient_hooks, _custom_functions_called() as functions, _constant_attributes_read(model) as constants:
+        modes_read: dict[str, bool] = {}
+        attributes_read: set[str] = set()
+        tensors_set: dict[str, bool] = {}
+        with gradient_hooks, _custom_functions_called() as functions, _python_draws_refused(), \
+                _constant_attributes_read(model, modes_read, attributes_read, tensors_set) as constants:
             exported = torch.export.export(model, inputs, strict=False)
+    # torch.export puts tensor attributes forward() set back itself (with a warning, silenced above)
+    _refuse_carried_state(model, attributes_read, "torch.export", tensors_set)
     if functions:
         raise HooksNotKept(f"forward() calls the autograd Function {functions[0].__qualname__}, whose own backward "
                            "torch.export replaces by the gradient of its forward()")
@@ -578,7 +735,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     pin_constant_inputs(gm, constant_inputs(inputs))
     if constants:
         pin_constant_attributes(gm, constants)
-    gm.placer_module_modes = export_module_modes(gm, model)  # type: ignore[assignment]
+    gm.placer_module_modes = {**modes_on(gm, modes_read, model), **export_module_modes(gm, model)}  # type: ignore[assignment]
     if follow_eval:
         follow_eval_mode(gm, export_eval_arguments(gm))
     return gm
@@ -673,10 +830,15 @@ def _mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_
         # traced again in the capture's own modes, the graph must come back as it was.
         try:
             with _quiet_trace(model, leaf_types, leaf_names) as (again, _, _):
-                if fx_eval_arguments(gm.graph, again) != {}:
-                    found = None
+                changed = fx_eval_arguments(gm.graph, again) != {}
         except Exception:  # noqa: BLE001
-            found = None
+            found, changed = None, False
+        if changed:
+            # The training graph holds one trace's value: the placed model would train with it at
+            # every step (walkthrough: random.uniform(0.5, 1.5) in forward), so nothing is captured.
+            raise ChangingValue("forward() gives torch.fx another graph at every trace: it computes with a Python value "
+                                "that changes from one call to the next (random.random(), a clock), which a trace "
+                                f"runs once and bakes into the graph. {_CHANGING_REMEDY}")
     if found is not None:
         return found
     return ("forward() gives torch.fx another graph at every trace (a value that changes from one trace to the "
@@ -1021,7 +1183,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         method = "fx"
         baked = _mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
-        if isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state:
+        if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, ChangingValue):
+            # torch.export would bake the same Python value (or drop the same Python state)
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         fx_error = _reason(fx_exc)
         try:
@@ -1031,6 +1194,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
+            if isinstance(export_exc, TraceTimeUpdate) and export_exc.python_state:
+                raise CaptureError(f"cannot capture model {name!r}: {export_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
         baked = _export_eval(model, inputs, gm, trace_modes, training_attributes)
@@ -1040,6 +1205,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         follow_eval_mode(gm, baked)
     load_torch_exit_report_imports()
     complete_state(gm, model)
+    refuse_hooks_never_run(gm)
+    follow_eval_mode(gm)  # copies and pickles register its hook again (a no-op where nothing needs that)
     if method == "export":
         pin_shapes_unless_generic(gm, model, inputs)
     if isinstance(baked, fx.Graph):
@@ -1124,7 +1291,11 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
     afterwards (``total += out``) ran at trace time and was baked in too: the model returned
     ones, whatever its input. As a node the tensor is made anew at every call, and everything
     computed from it is traced (a draw keeps its generator: ``envs.runtime.apply`` keeps it on
-    the original's device). ``torch.tensor(data)`` stays a constant: an update of it that reads
+    the original's device). A random draw from constants alone (``torch.bernoulli(self.keep)`` of
+    a plain tensor attribute, ``torch.tensor([...]).normal_()``, a mixup weight
+    ``Beta(0.4, 0.4).sample()``) was baked the same way, the same numbers at every step (found by
+    trying: outputs 0.68 off), so it is a node too (:func:`graphs.ops.draws_random_numbers`).
+    ``torch.tensor(data)`` stays a constant: an update of it that reads
     the data is refused (:class:`ConstantUpdatedByData`), so torch.export, which records it,
     captures the model. Calls that touch a Proxy go on to fx.
 
@@ -1150,8 +1321,7 @@ class _GuardedTrace(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         self._refuse_unrecorded_update(func, args, kwargs)
-        if (getattr(func, "__name__", "") not in _MADE_AS_NODES or getattr(func, "__module__", "") != "torch"
-                or _reads_data(args, kwargs)):
+        if _reads_data(args, kwargs) or not (_is_factory_call(func) or _is_random_call(func)):
             return func(*args, **kwargs)
         return _factory_node(self.tracer, func, args, kwargs)
 
@@ -1180,12 +1350,28 @@ def _reads_data(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])
 
 
+def _is_factory_call(func: Any) -> bool:
+    """Whether ``func`` is one of torch's factories a trace records as a node (:data:`_MADE_AS_NODES`)."""
+    return getattr(func, "__name__", "") in _MADE_AS_NODES and getattr(func, "__module__", "") == "torch"
+
+
+def _is_random_call(func: Any) -> bool:
+    """Whether ``func`` is torch's own function or Tensor method that draws random numbers
+    (:func:`graphs.ops.draws_random_numbers`: ``torch.bernoulli``, ``Tensor.normal_``,
+    ``torch.multinomial``, ``F.dropout``), not a user function of the same name."""
+    name = getattr(func, "__name__", "")
+    owned = getattr(torch.Tensor, name, None) is func or str(getattr(func, "__module__", "")).startswith("torch")
+    return owned and draws_random_numbers(name)
+
+
 def _factory_node(tracer: fx.Tracer, factory: Callable[..., Any], args: tuple, kwargs: dict) -> fx.Proxy:
-    """The call of a torch factory recorded as a node (a draw with a generator of its own refused:
-    an fx graph cannot hold the generator)."""
+    """The call of a torch factory or random draw recorded as a node, a Tensor method as a method
+    call (a draw with a generator of its own refused: an fx graph cannot hold the generator)."""
     if kwargs.get("generator") is not None:
         raise RandomDrawNotTraced(f"forward() calls torch.{factory.__name__} with a generator of its own, which an "
                                   "fx graph cannot hold")
+    if getattr(torch.Tensor, factory.__name__, None) is factory:
+        return tracer.create_proxy("call_method", factory.__name__, args, kwargs)
     return tracer.create_proxy("call_function", factory, args, kwargs)
 
 
@@ -1230,6 +1416,62 @@ class ConstantUpdatedByData(CaptureError):
 #: torch factories a trace records as nodes when no argument reads the data (:class:`_GuardedTrace`):
 #: all but those of ``data`` (``torch.tensor([...])``), which stay constants.
 _MADE_AS_NODES = (FACTORY_OPS | RANDOM_FACTORY_OPS) - {"tensor", "as_tensor", "scalar_tensor"}
+
+
+class ChangingValue(CaptureError):
+    """forward() computes with a Python value that changes from one call to the next (a draw of
+    Python's ``random`` or ``numpy.random``): a tracer runs the call once and the graph keeps its
+    value, so the placed model would use that one value at every step. Neither tracer records it."""
+
+
+_CHANGING_REMEDY = ("Expected such values drawn with torch (torch.rand(()), torch.distributions), which the graph "
+                    "draws anew at every step, or passed to forward() as tensors")
+
+
+#: Functions of Python's ``random`` and ``numpy.random`` that draw nothing: torch's own tracing
+#: saves and restores Python's random state (torch._dynamo's preserve_rng_state).
+_NOT_DRAWS = frozenset({"seed", "getstate", "setstate", "get_state", "set_state"})
+
+
+@contextlib.contextmanager
+def _python_draws_refused() -> Iterator[None]:
+    """While a tracer runs forward(): a call of Python's ``random`` functions or ``numpy.random``'s
+    raises :class:`ChangingValue`, naming the call and the model's line.
+
+    Traced, ``if random.random() < p:`` (a layer drop) or ``h * random.uniform(0.5, 1.5)`` ran once
+    and the graph kept its branch or its number: the placed model trained with one value for good,
+    with no error (walkthrough: outputs 0.52 off). Only the module-level functions are seen (a
+    ``random.Random`` of the model's own is not); a value that still changes from one trace to the
+    next is refused after a second trace (:func:`_mode_baked_by_fx`).
+    """
+    patched: list[tuple[Any, str, Any]] = []
+    sources: list[tuple[Any, Any]] = [(random, random._inst)]
+    numpy = sys.modules.get("numpy")  # a model that draws with numpy has imported it
+    numpy_random = getattr(numpy, "random", None)  # numpy imports its random module on first use
+    if numpy_random is not None:
+        sources.append((numpy_random, getattr(getattr(numpy_random, "mtrand", None), "_rand", None)))
+    for module, state in sources:
+        for name in getattr(module, "__all__", ()):
+            draw = getattr(module, name, None)
+            if state is not None and getattr(draw, "__self__", None) is state and name not in _NOT_DRAWS:
+                patched.append((module, name, draw))
+
+    def refusing(qualname: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            frame = next((f for f in reversed(traceback.extract_stack()) if is_user_file(f.filename)), None)
+            where = f" at {describe_frame(frame)}" if frame is not None else ""
+            raise ChangingValue(f"forward() calls {qualname}(){where}, whose value a trace runs once and bakes into "
+                                f"the graph: the placed model would use that one value at every step. {_CHANGING_REMEDY}")
+
+        return refuse
+
+    for module, name, _ in patched:
+        setattr(module, name, refusing(f"{module.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for module, name, draw in patched:
+            setattr(module, name, draw)
 
 
 class GradModeNotTraced(CaptureError):
@@ -1425,6 +1667,74 @@ def checked_trace(model: nn.Module, tracer: str, trace: Any, locate: Any,
             snapshot.restore(model)
     what = (f"tensor {changed[0]!r}" if changed else f"Python attribute {scalars[0]!r}")
     raise TraceTimeUpdate(_unrecorded_update(what, line, tracer), python_state=not changed)
+
+
+#: Ops that read only a tensor's metadata: a value computed from them alone (a mask sized by
+#: ``x.size(1)``) is the same at every call of the same shapes.
+_METADATA_READS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "ndim"})
+
+
+def _refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str,
+                          set_from_data: Mapping[str, bool] | None = None) -> None:
+    """Raise :class:`TraceTimeUpdate` where forward() read a Python attribute of ``model`` (``read``:
+    qualified names, read while it still held the value from before the call) and then set it to a
+    value of the graph that differs from call to call (:func:`_carried_state`): a recurrent state
+    kept for the next batch (``out, h = self.rnn(x, self.h); self.h = h.detach()``).
+
+    The original carries it to its next call; the graph holds no Python attribute, so the placed
+    model computed every call from what the traced call found (walkthrough: a GRU whose hidden
+    state was kept on the module, outputs 0.024 off from the second batch on, no error). A value
+    set before any read (``torch.nn.utils.prune``'s hook recomputing ``weight`` for the call) is
+    the call's own, and a cache of constants and sizes is the same at every call: both captured.
+    ``set_from_data`` (torch.export, which puts the attributes back itself): whether each tensor
+    forward() set computes from the data, by qualified name (:func:`_constant_attributes_read`).
+    """
+    values: dict[str, Any] = {}
+    for qualname in read:
+        path, _, name = qualname.rpartition(".")
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(path) if path else model
+            if name in vars(module):
+                values[qualname] = vars(module)[name]
+    carried = ([q for q in read if set_from_data.get(q)] if set_from_data is not None  # torch.export: recorded then
+               else _carried_state(values, model))
+    if carried:
+        raise TraceTimeUpdate(
+            f"forward() keeps {carried[0]!r} as a Python attribute, set to a value computed from the inputs or the "
+            f"model's state (a recurrent state carried to the next batch): {tracer} records no Python attribute, so "
+            "the placed model would compute every call from the value the first one found. Expected state carried "
+            "between calls in a registered buffer updated in place (self.register_buffer('h', torch.zeros(...)); "
+            "self.h.copy_(h.detach())), or passed to forward() and returned by it", python_state=True)
+
+
+def _carried_state(values: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """The attributes of ``values`` (by name) that hold a value of the graph computed from the
+    inputs, the model's parameters or buffers, or a random draw (:func:`_varies`): one that differs
+    from call to call, unlike a cache made of constants and sizes (``self.mask = torch.triu(...)``)."""
+    state = {n for n, _ in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                            model.named_buffers(remove_duplicate=False))}
+    memo: dict[fx.Node, bool] = {}
+    return [name for name, value in values.items() if any(
+        _varies(v.node, state, memo) for v in tree_flatten(value)[0] if isinstance(v, fx.Proxy))]
+
+
+def _varies(node: fx.Node, state: set[str], memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` computes from the inputs (placeholders: torch.export's lift parameters and
+    buffers to placeholders too), the model's ``state`` (get_attr targets), a module call or a
+    random draw, rather than from constants and tensor sizes alone."""
+    if node not in memo:
+        name = str(node.target) if node.op in ("call_method", "get_attr") else op_name(node)
+        if (node.op == "call_method" and name in _METADATA_READS) or (
+                node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_READS):
+            memo[node] = False
+        elif node.op in ("placeholder", "call_module") or (node.op == "get_attr" and name in state):
+            memo[node] = True
+        elif node.op in ("call_function", "call_method") and draws_random_numbers(name):
+            memo[node] = True
+        else:
+            memo[node] = False  # set first: a node's inputs come before it, so no cycle
+            memo[node] = any(_varies(arg, state, memo) for arg in node.all_input_nodes)
+    return memo[node]
 
 
 def _unrecorded_update(what: str, line: str | None, tracer: str, stopped: bool = False) -> str:

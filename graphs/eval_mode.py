@@ -22,9 +22,11 @@ computes in eval mode, or say it cannot. Three cases, decided at capture:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
 from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import mutated_args
+from graphs.ops import argument, mutated_args
 
 #: aten ops of a torch.export graph whose argument at this index is the module's training flag.
 _TRAINING_ARGUMENT = {
@@ -128,8 +130,9 @@ def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]
 
 
 def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
-    """Raise where a module of ``modes`` (:func:`export_module_modes`) is not in the mode the
-    graph computes for it: the captured one in training mode, eval mode in eval mode."""
+    """Raise where a module of ``modes`` (:func:`export_module_modes`, and the modules whose
+    ``training`` forward() read while traced: :func:`graphs.capture.modes_on`) is not in the mode
+    the graph computes for it: the captured one in training mode, eval mode in eval mode."""
     for path, flag in modes.items():
         want = flag and gm.training
         module: nn.Module = gm
@@ -138,10 +141,11 @@ def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
         if module.training != want:
             raise CaptureError(
                 f"module {path!r} is in {'training' if module.training else 'eval'} mode while the placed model "
-                f"computes it in {'training' if want else 'eval'} mode: torch.export baked each module's mode into "
-                "its ops, and the placed graph follows .train()/.eval() of the whole model only. Set the mode on "
-                "the whole placed model, or set it on the module of your model before capturing it (a BatchNorm "
-                "frozen there stays frozen)")
+                f"computes it in {'training' if want else 'eval'} mode: the capture baked the module's mode into "
+                "the graph (torch.export into its ops, and either tracer where forward() reads self.training), and "
+                "the placed graph follows .train()/.eval() of the whole model only. Set the mode on the whole "
+                "placed model, or set it on the module of your model before capturing it (a BatchNorm frozen there "
+                "stays frozen)")
 
 
 def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
@@ -248,7 +252,7 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
             eval_arguments = getattr(gm, "placer_eval_arguments", None) or {}
         gm.placer_eval_arguments = eval_arguments  # type: ignore[assignment]
         if (not any(n.name in eval_arguments for n in gm.graph.nodes) and not gm.__dict__.get("placer_module_modes")
-                and not _placer_hooks(gm)):
+                and not _placer_hooks(gm) and not _reads_plain_tensors(gm)):
             return False
         # A copy of the graph, edited: editing gm's own nodes, even and back, would reorder the
         # users of their inputs (Node.args' setter re-adds them last).
@@ -323,6 +327,22 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     cls.forward = forward
     cls.recompile = recompile  # type: ignore[method-assign]
     return True
+
+
+def _reads_plain_tensors(gm: fx.GraphModule) -> bool:
+    """Whether a ``get_attr`` of ``gm`` reads a tensor that is not one of its buffers or parameters
+    (fx's constant of ``torch.tensor([...])`` in forward): fx's own copies and pickles register it
+    as a buffer (:func:`graphs.module_attributes.keep_plain_attributes`), so those of ``gm`` need
+    :func:`follow_eval_mode`'s, which keep it plain (a deep copy of a placed model had
+    ``_tensor_constant0`` in its ``state_dict()``, which the original refused to load)."""
+    state = {n for n, _ in itertools.chain(gm.named_buffers(remove_duplicate=False),
+                                            gm.named_parameters(remove_duplicate=False))}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and str(n.target) not in state:
+            with contextlib.suppress(AttributeError):
+                if isinstance(_resolve(gm, str(n.target)), torch.Tensor):
+                    return True
+    return False
 
 
 def _rebuilt_following_eval(rebuild: Any, args: tuple, carrier: fx.GraphModule | None = None,
@@ -624,8 +644,8 @@ def _data_device(n: fx.Node, root: nn.Module, device_of: Callable[[fx.Node], tor
     devices (``device_of`` says where an input node's tensor is, None for no tensor): with the tensor
     it updates, else with the placed training op of its name, op and target, else with its
     latest-made input; None where no rule applies (the interpreter then takes its first tensor's)."""
-    for i in mutated_args(n, root):
-        written = n.args[i] if i < len(n.args) else None
+    for key in mutated_args(n, root):
+        written = argument(n, key)
         if isinstance(written, fx.Node) and (device := device_of(written)) is not None:
             return device  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
     twin = placed.get(n.name)

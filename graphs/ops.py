@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -167,8 +168,21 @@ def method_updates_in_place(name: str) -> bool:
     return name.endswith("_")
 
 
-def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
-    """Indices of ``node.args`` that ``node`` updates in place."""
+#: torch.nn.functional calls that update tensors they are given: ``(position, keyword)`` of each
+#: (functional's own torch-function dispatch passes some by keyword: ``F.instance_norm``'s
+#: statistics), and for the embeddings only with ``max_norm``, which renormalises the rows it
+#: looks up in the weight itself (``torch.embedding_renorm_``).
+_FUNCTIONAL_WRITES: dict[str, tuple[tuple[int, str], ...]] = {
+    "batch_norm": ((1, "running_mean"), (2, "running_var")),
+    "instance_norm": ((1, "running_mean"), (2, "running_var")),
+    "embedding": ((1, "weight"),),
+    "embedding_bag": ((1, "weight"),),
+}
+
+
+def mutated_args(node: fx.Node, root: nn.Module) -> list[int | str]:
+    """The arguments ``node`` updates in place: indices of ``node.args``, or keywords of
+    ``node.kwargs`` where the tensor is passed by keyword (:func:`argument` reads either)."""
     if node.op == "call_method":
         return [0] if method_updates_in_place(str(node.target)) else []
     if node.op == "call_module":
@@ -181,7 +195,7 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
         return _wrapped_writes(node, root)
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema
-        idx = [
+        idx: list[int | str] = [
             i
             for i, a in enumerate(schema.arguments)
             if a.alias_info is not None and a.alias_info.is_write and i < len(node.args)
@@ -191,8 +205,11 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
             idx += [i for i in bn if i < len(node.args)]
         return idx
     name = getattr(target, "__name__", "")
-    if name in ("batch_norm", "instance_norm") and getattr(target, "__module__", "").startswith("torch.nn.functional"):
-        return [1, 2]
+    if name in _FUNCTIONAL_WRITES and getattr(target, "__module__", "").startswith("torch.nn.functional"):
+        if name.startswith("embedding") and node.kwargs.get("max_norm") is None:
+            return []
+        return [i if i < len(node.args) else key for i, key in _FUNCTIONAL_WRITES[name] if i < len(node.args)
+                or key in node.kwargs]
     if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
         return [0]
     if target in INPLACE_OPERATORS:
@@ -200,7 +217,7 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int]:
     return []
 
 
-def _wrapped_writes(node: fx.Node, root: nn.Module) -> list[int]:
+def _wrapped_writes(node: fx.Node, root: nn.Module) -> list[int | str]:
     """Indices of ``node.args`` that a higher-order op's subgraph updates in place.
 
     torch.export wraps a region it runs in another mode in one such op
@@ -246,9 +263,17 @@ def storage_roots(nodes: Iterable[fx.Node], root: nn.Module) -> dict[fx.Node, fx
     return roots
 
 
+def argument(node: fx.Node, key: int | str) -> Any:
+    """``node``'s argument at ``key``: a position of ``node.args`` or a keyword of ``node.kwargs``
+    (None where there is none)."""
+    if isinstance(key, int):
+        return node.args[key] if key < len(node.args) else None
+    return node.kwargs.get(key)
+
+
 def written_nodes(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     """The nodes whose tensors ``node`` updates in place."""
-    return [a for i in mutated_args(node, root) if isinstance(a := node.args[i], fx.Node)]
+    return [a for key in mutated_args(node, root) if isinstance(a := argument(node, key), fx.Node)]
 
 
 def in_place_writes(gm: fx.GraphModule, roots: Mapping[fx.Node, fx.Node] | None = None) -> list[tuple[fx.Node, fx.Node]]:
@@ -291,6 +316,21 @@ def is_factory(node: fx.Node) -> bool:
     :data:`RANDOM_FACTORY_OPS`). Only a ``call_function`` qualifies (``torch.arange``,
     ``aten.arange.default``): a method call has its tensor to follow."""
     return _torch_function_named(node, FACTORY_OPS | RANDOM_FACTORY_OPS)
+
+
+@functools.cache
+def draws_random_numbers(name: str) -> bool:
+    """Whether the torch op called ``name`` draws random numbers (``bernoulli``, ``normal_``,
+    ``multinomial``, ``poisson``, ``dropout``, ``_sample_dirichlet``...): aten tags each overload
+    of such an op ``nondeterministic_seeded``, so the rule needs no list of names to keep.
+
+    >>> [draws_random_numbers(n) for n in ("bernoulli", "uniform_", "multinomial", "add", "no_such_op")]
+    [True, True, True, False, False]
+    """
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("__") else None
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, overload).tags for overload in packet.overloads())
 
 
 def draws_random(node: fx.Node) -> bool:

@@ -649,3 +649,38 @@ def test_a_split_of_an_exported_graph_that_holds_the_batch_size_is_refused_with_
     report = check_batch_split(spec, cap, microbatches=2)
     assert not report.split_ok
     assert "holds the example's batch of 8" in report.describe_split()
+
+
+# ----------------------------------------------------------------------------- parameter hooks, pruned weights
+
+def _rows_kept(grad: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(grad)
+    mask[:3] = 0
+    return grad * mask
+
+
+class _HookedPruned(nn.Module):
+    """A gradient hook on a weight, and a pruned layer (a computed weight kept as an attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+        self.a.weight.register_hook(_rows_kept)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_the_check_compares_with_a_copy_of_the_model_that_keeps_its_parameter_hooks_and_pruned_weights():
+    """The check's copy of the user's model dropped its parameters' gradient hooks (the placed
+    model keeps them: a false difference) and could not copy a pruned model at all."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = _HookedPruned()
+    prune.l1_unstructured(model.b, "weight", 0.5)
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(6, 8),), name="hooked")
+    cap = capture(model, spec.example_inputs)
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok, report.describe()

@@ -44,7 +44,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 import torch
@@ -64,12 +64,18 @@ __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
+    "deep_copy",
     "factories_where_placed",
     "transfer_nodes",
+    "written_inputs",
+    "write_back",
     "placement_device_map",
     "RealizedPlacement",
     "realize_placement",
 ]
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class ApplyError(PlacerError, ValueError):
@@ -272,14 +278,50 @@ def _effective_devices(
                 )
             state_owner[base.name] = dev[n.name]  # type: ignore[assignment]
     dev.update(state_owner)
+    homes = written_inputs(gm, dev, root)
     for n in nodes:
         parent = view_parent(n)
+        if root[n].name in homes and (parent is not None or written_nodes(n, gm)):
+            dev[n.name] = homes[root[n].name]  # a view or an update of an input: where it is moved to
+            continue
         if parent is not None and root[n].name in written and dev.get(parent.name) is not None:
             dev[n.name] = dev[parent.name]
         for arg in written_nodes(n, gm):
             if arg.op != "get_attr" and dev.get(arg.name) is not None:
                 dev[n.name] = dev[arg.name]
     return dev
+
+
+def written_inputs(gm: fx.GraphModule, dev: Mapping[str, str | None],
+                   roots: Mapping[fx.Node, fx.Node] | None = None) -> dict[str, str]:
+    """``{input: device}`` for the inputs (placeholders) that forward() updates in place
+    (``x.mul_(2)``, ``x[:, 0] = 0``), each with the device of its first update.
+
+    Every other input is copied to each device that reads it; such an input is moved once, to
+    that device, where all its updates and views run and from which its readers elsewhere get
+    their copies, and its final value is written back into the caller's tensor
+    (:func:`write_back`), as the original model updates it. Copied per reader, each update
+    landed on a copy of its own and the caller's tensor was left as it was (walkthrough: outputs
+    2.19 off, the input 4.93 off, over two devices with copying transfers).
+    """
+    if roots is None:
+        roots = storage_roots(gm.graph.nodes, gm)
+    homes: dict[str, str] = {}
+    for writer, written in in_place_writes(gm, roots):
+        device = dev.get(writer.name)
+        if written.op == "placeholder" and device is not None:
+            homes.setdefault(written.name, device)
+    return homes
+
+
+def write_back(caller: Any, value: Any) -> None:
+    """Copy ``value`` (an input forward() updated in place, on the device it was moved to) into
+    ``caller`` (the caller's tensor), unless it is that tensor: see :func:`written_inputs`."""
+    if isinstance(caller, fx.Proxy):  # fx re-traces the code when a placed model is unpickled
+        caller.tracer.create_proxy("call_function", write_back, (caller, value), {})
+        return
+    if isinstance(caller, torch.Tensor) and isinstance(value, torch.Tensor) and value is not caller:
+        caller.copy_(value)
 
 
 def _updated_in_place(gm: fx.GraphModule) -> set[str]:
@@ -408,16 +450,15 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     #    copy made when it was produced would miss the updates between (an EMA buffer
     #    read after its mul_/add_, an activation read after its relu_).
     updated = _updated_in_place(gm)
-    for producer in list(graph.nodes):
-        if producer.op == "output":
-            continue
+    homes = written_inputs(gm, dev)
+
+    def cut(producer: fx.Node, late: bool) -> None:
         src_dev = dev[producer.name]
         transfers: dict[Any, fx.Node] = {}
         for user in list(producer.users):
             dst = dev.get(user.name)
             if dst is None or dst == src_dev or _metadata_only(user, producer):
                 continue
-            late = producer.name in updated
             t = transfers.get(user if late else dst)
             if t is None:
                 anchor = producer if producer.op != "placeholder" else _last_placeholder(graph)
@@ -426,6 +467,26 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
                 dev[t.name] = dst
                 transfers[user if late else dst] = t
             user.replace_input_with(producer, t)
+
+    moved_inputs: list[tuple[fx.Node, fx.Node]] = []
+    for producer in list(graph.nodes):
+        if producer.op == "output":
+            continue
+        home = homes.get(producer.name)
+        if home is None:
+            cut(producer, late=producer.name in updated)
+            continue
+        # An input updated in place: moved once to its home, its readers elsewhere copy from there.
+        with graph.inserting_after(_last_placeholder(graph)):
+            moved = _transfer_node(graph, producer, None, home, resolve.real(home), non_blocking, copy_transfers)
+        dev[moved.name] = home
+        producer.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+        cut(moved, late=True)
+        moved_inputs.append((producer, moved))
+    output = next(n for n in graph.nodes if n.op == "output")
+    for caller, moved in moved_inputs:
+        with graph.inserting_before(output):
+            graph.call_function(write_back, (caller, moved))
 
     graph.lint()
     gm.recompile()  # the eval forward, where the captured graph has one, comes back with it (follow_eval_mode)
@@ -520,7 +581,7 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     such a buffer would appear in the placed model's ``state_dict()`` and loading that
     back into the original with ``strict=True`` would fail on an unexpected key.
     """
-    gm = copy.deepcopy(src)
+    gm = deep_copy(src)
     copies = dict(gm.named_modules(remove_duplicate=False))
     for path, mod in src.named_modules(remove_duplicate=False):
         twin = copies.get(path)
@@ -531,6 +592,59 @@ def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
     if getattr(src, "placer_constant_inputs", None):
         pin_constant_inputs(gm, src.placer_constant_inputs)
     return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
+
+
+def deep_copy(module: ModuleT) -> ModuleT:
+    """``copy.deepcopy(module)`` with what it loses or refuses kept: its parameters' gradient
+    hooks and attributes (:func:`_keep_parameter_extras`), and the computed tensors prune and the
+    old weight_norm keep as attributes (:func:`_computed_attributes`). apply copies the captured
+    graph with it, and the numerical check copies the user's model with it, so both sides keep
+    the same hooks."""
+    twin = copy.deepcopy(module, _computed_attributes(module))
+    _keep_parameter_extras(module, twin)
+    return twin
+
+
+def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
+    """A deep-copy memo giving each module attribute that holds a tensor computed with gradients
+    (not a parameter or buffer) a detached copy of it.
+
+    ``torch.nn.utils.prune`` and the old ``torch.nn.utils.weight_norm`` keep such a tensor
+    (``weight = weight_orig * weight_mask``) and recompute it in a forward pre-hook at every call;
+    torch refuses to deep-copy a tensor that is not a graph leaf, so apply_placement failed on
+    every such model (walkthrough: RuntimeError "Only Tensors created explicitly by the user").
+    The copy's value is the current one; its hook recomputes it from the copied parameters."""
+    memo: dict[int, Any] = {}
+    for module in root.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return memo
+
+
+def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
+    """Give ``twin``'s parameters (a deep copy of ``src``) what ``Parameter.__deepcopy__`` leaves
+    out of ``src``'s: their gradient hooks and the attributes the model set on them.
+
+    It copies the data alone, so a hook the model put on a weight
+    (``emb.weight.register_hook(lambda g: g * mask)``, rows kept frozen; a per-weight clip;
+    ``register_post_accumulate_grad_hook``) was gone from the placed model: other gradients, no
+    error (walkthrough: gradients 0.106 off); and so was an attribute that sorts parameters into
+    optimizer groups (``p._optim = {"weight_decay": 0.0}``, ``p.no_weight_decay = True``), which
+    then put the placed model's weights in other groups than the model's."""
+    theirs = dict(src.named_parameters())
+    for name, p in twin.named_parameters():
+        original = theirs.get(name)
+        if original is None or original is p:
+            continue
+        for key, value in vars(original).items():
+            if key not in vars(p):
+                setattr(p, key, copy.deepcopy(value))
+        for hook in (original._backward_hooks or {}).values():
+            p.register_hook(hook)
+        for hook in (getattr(original, "_post_accumulate_grad_hooks", None) or {}).values():
+            p.register_post_accumulate_grad_hook(hook)
 
 
 def _ident(name: str) -> str:

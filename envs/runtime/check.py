@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,7 +52,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from envs.runtime.apply import apply_placement, to_device
+from envs.runtime.apply import apply_placement, deep_copy, to_device
 from graphs.capture import CapturedModel, set_training_modes, training_modes
 from graphs.errors import CaptureError, ModelFileError, PlacerError
 from graphs.gc_pause import paused_gc
@@ -409,7 +408,7 @@ def check_placement(
     if reason is not None:
         raise ModelFileError(reason)
     with paused_gc(), torch.random.fork_rng(devices=_cuda_indices(real_devices, assignment)):
-        original = copy.deepcopy(spec.model)
+        original = deep_copy(spec.model)  # its parameters' hooks too, as the placed model's
         # Transfers copy, as between real devices, even where virtual devices share the CPU:
         # a copy that misses an in-place update shows here as it would on the cluster.
         placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None,
@@ -637,7 +636,7 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
     # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
     # model in float64 held gigabytes each.
-    gm = copy.deepcopy(captured.gm)
+    gm = deep_copy(captured.gm)
     if dtype is not None:
         gm.to(dtype)
     gm.train(modes[""])
