@@ -167,3 +167,30 @@ def test_a_stopped_runs_leftovers_do_not_replace_a_complete_result_in_previous(t
                     baselines=("round_robin",), verbose=0, check=False)
     assert (out / "previous" / "placement.json").read_text() == "complete earlier run"
     assert (out / "unfinished" / "best_placement.json").read_text() == "stopped run's best"
+
+
+def test_a_users_own_folder_named_previous_is_never_deleted_to_set_results_aside(tmp_path, capsys):
+    """`--out .` in a folder whose previous/ held the user's notes: rmtree deleted them."""
+    from placer.cli.main import main
+
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "notes.txt").write_text("the user's own notes")
+    (out / "placement.json").write_text("earlier run")
+    status = main(["optimize", str(_tiny_model_file(tmp_path)), "--cluster", "4xK40", "--budget", "50",
+                   "--out", str(out), "--baselines", "round_robin", "--no-check", "-q"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "previous" in err and "Traceback" not in err
+    assert (out / "previous" / "notes.txt").read_text() == "the user's own notes"
+    assert (out / "placement.json").read_text() == "earlier run"  # nothing moved, nothing written
+
+
+def test_a_folder_of_placers_own_earlier_files_is_still_replaced_when_results_are_set_aside(tmp_path):
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "placement.json").write_text("oldest run")
+    (out / "placement.json").write_text("earlier run")
+    placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                    baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "previous" / "placement.json").read_text() == "earlier run"

@@ -15,6 +15,7 @@ search to the confirmation (:func:`measuring`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -598,6 +599,9 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
                         else "previous")
     try:
         _move_into(found, target)
+    except FileExistsError as exc:  # the user's own folder of that name: say so, not "not writable"
+        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside: {exc.strerror}; "
+                          "or use --resume to continue from them") from exc
     except OSError as exc:
         raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
                           f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
@@ -607,15 +611,31 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
     return target
 
 
+def _placer_file_names() -> tuple[str, ...]:
+    """The names of the files a run writes into its folder (results, the best so far, every agent's policy)."""
+    return (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
+
+
 def _result_files_in(folder: Path) -> list[Path]:
     """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
-    names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
-    return [folder / n for n in names if (folder / n).is_file()]
+    return [folder / n for n in _placer_file_names() if (folder / n).is_file()]
 
 
 def _move_into(files: list[Path], folder: Path) -> None:
-    """Move ``files`` into a fresh ``folder`` (an older one of that name is deleted first)."""
+    """Move ``files`` into a fresh ``folder``. An older one of that name is deleted first, but
+    only when it holds nothing but placer's own files: ``--out .`` in a folder whose
+    ``previous/`` held the user's notes deleted them.
+
+    Raises:
+        FileExistsError: ``folder`` holds something placer did not write (nothing is moved).
+    """
     if folder.is_dir():
+        names = set(_placer_file_names())
+        foreign = sorted(p.name for p in folder.iterdir() if not (p.is_file() and p.name in names))
+        if foreign:
+            raise FileExistsError(
+                errno.EEXIST, f"{folder} holds files placer did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
         shutil.rmtree(folder)
     folder.mkdir()
     for path in files:
