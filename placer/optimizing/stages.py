@@ -297,10 +297,9 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     run = compiled.run
     initial = [c.row for c in baselines.candidates if c.row is not None]
     if config.resume and run.out_dir is not None:
-        previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
-        if previous is not None:
-            initial.insert(0, previous)
-        elif not _result_files_in(run.out_dir):
+        previous = _resume_rows(run.out_dir, run.captured, run.grouping, compiled.problem)
+        initial[:0] = previous
+        if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
@@ -708,27 +707,33 @@ def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:
     return "hybrid" if config.measurer is not None or config.from_source else "simulated"
 
 
-def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
-                problem: PlacementProblem) -> np.ndarray | None:
-    """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
+def _resume_rows(out_dir: Path, captured: CapturedModel, grouping: Grouping,
+                 problem: PlacementProblem) -> list[np.ndarray]:
+    """The group-level rows of the placements an earlier run left in ``out_dir`` (none if there are none).
+
+    Both files count: after a resumed run was killed, ``best_placement.json`` holds a better
+    placement than the older ``placement.json`` beside it, and the next ``--resume`` read
+    only ``placement.json`` and lost it."""
     paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
-    if not paths:
-        return None
-    placement, skipped = None, []
+    loaded, skipped = [], []
     for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
         try:
-            placement = load_placement(path, graph=captured, devices=problem.device_names)
-            break
+            loaded.append(load_placement(path, graph=captured, devices=problem.device_names))
         except PlacementFileError as exc:
             skipped.append((path, exc))
-    if placement is None:  # nothing to resume from: one error, not a "skipping" line per file first
+    if paths and not loaded:  # nothing to resume from: one error, not a "skipping" line per file first
         raise skipped[0][1]
     for path, why in skipped:
         log.warning("--resume: skipping %s: %s", path.name, why)
-    group_placement: dict[str, str] = {}
-    for op, group in grouping.op_to_group.items():
-        group_placement.setdefault(group, placement.assignment[op])
-    return problem.placement_to_array(group_placement)
+    rows: list[np.ndarray] = []
+    for placement in loaded:
+        group_placement: dict[str, str] = {}
+        for op, group in grouping.op_to_group.items():
+            group_placement.setdefault(group, placement.assignment[op])
+        row = problem.placement_to_array(group_placement)
+        if not any(np.array_equal(row, r) for r in rows):
+            rows.append(row)
+    return rows
 
 
 def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
@@ -743,7 +748,7 @@ def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | Non
             placement = load_placement(path)
             if placement.pipeline is not None:
                 return group_pipeline(problem, placement.pipeline)
-        except (PlacementFileError, PipelineError) as exc:  # _resume_row has said why, or will
+        except (PlacementFileError, PipelineError) as exc:  # _resume_rows has said why, or will
             log.debug("--resume: no pipeline from %s: %s", path.name, exc)
     return None
 
