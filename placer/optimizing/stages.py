@@ -641,12 +641,19 @@ def _move_into(files: list[Path], folder: Path) -> None:
         path.replace(folder / path.name)
 
 
-def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
+def put_back_previous(compiled: Compiled, moved: Path | None, interrupted: bool = False) -> None:
     """After a run failed without writing its results: the earlier complete result goes back
     where it was (from ``previous/``), and this run's leftovers (its best so far) to
-    ``failed/``, so a failed run leaves ``out_dir`` as the user had it."""
+    ``failed/``, so a failed run leaves ``out_dir`` as the user had it.
+
+    ``interrupted``: the run was stopped (Ctrl-C, SIGTERM). Its best so far stays in
+    ``out_dir``, as documented; only when it had written nothing yet does the earlier result
+    go back (a Ctrl-C right after the set-aside left ``out_dir`` empty, the results in
+    ``previous/`` and the one line "interrupted")."""
     out_dir = compiled.run.out_dir
     if moved is None or out_dir is None or moved.name != "previous" or (out_dir / "placement.json").is_file():
+        return
+    if interrupted and _result_files_in(out_dir):
         return
     try:
         leftovers = _result_files_in(out_dir)
@@ -658,8 +665,8 @@ def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
     except OSError as exc:  # the failure being reported matters more; the files are all still there
         log.warning("could not put the earlier results back from %s: %s", moved, exc)
         return
-    log.warning("the run failed: the earlier results are back in %s%s", out_dir,
-                f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
+    log.warning("the run %s: the earlier results are back in %s%s", "was interrupted" if interrupted else "failed",
+                out_dir, f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:
