@@ -73,8 +73,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None 
 @kept_random_state()
 def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | os.PathLike, example_inputs: Any = None,
           cluster: ClusterSource | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
-    """The model with ``placement`` applied: a trainable GraphModule spread over the devices,
-    in the model's own training or eval mode."""
+    """The model with ``placement`` applied: a trainable GraphModule spread over the devices."""
     captured = _captured(model, example_inputs)
     if not isinstance(placement, Placement):
         placement = load_placement(placement, graph=captured)
@@ -82,11 +81,8 @@ def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | o
         raise PlacerError(
             f"placement was made for model {placement.fingerprint}, not for this one ({captured.fingerprint})"
         )
-    placed = apply_placement(captured, placement.assignment, output_device=output_device,
-                             real_devices=real_devices_of(placement, cluster))
-    # Start in the model's own mode, as torch.fx does: a model switched to eval() for
-    # inference came back placed in training mode, dropout on.
-    return placed.train(captured.model.training)
+    return apply_placement(captured, placement.assignment, output_device=output_device,
+                           real_devices=real_devices_of(placement, cluster))
 
 
 def pipeline_run_mode(placement: Placement, cluster: ClusterSource | None = None) -> str | None:

@@ -226,19 +226,3 @@ def test_resume_starts_from_a_faster_best_placement_beside_an_older_placement_js
                             baselines=("single",), verbose=0, check=False)
     table = again.compare().set_index("method")
     assert table.loc["placer (moves)", "step_time"] <= first.search.best_step_time * (1 + 1e-9)
-
-
-def test_placer_apply_to_a_model_in_eval_mode_gives_a_placed_model_in_eval_mode():
-    """A model loaded for inference and switched to eval() came back placed in training mode:
-    its dropout was on, its outputs were not the model's (torch.fx keeps the root's mode)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
-    x = torch.randn(4, 8)
-    found = placer.optimize(model, (x,), cluster="4xK40", budget="50", progress=False, verbose=0,
-                            baselines=("single",))
-    model.eval()
-    placed = placer.apply(model, found.placement, example_inputs=(x,))
-    assert not placed.training and not model.training
-    torch.testing.assert_close(placed(x), model(x))
-    model.train()
-    assert placer.apply(model, found.placement, example_inputs=(x,)).training
