@@ -377,6 +377,7 @@ def _check_model_args(args: dict[str, Any], fns: list[Callable], label: str) -> 
 
 
 def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> Any:
+    _check_required_args(fn, kwargs, what, label)
     try:
         return fn(**kwargs)
     except ModelFileError as exc:  # placer's own words (a zoo model's argument check): no code location
@@ -386,6 +387,22 @@ def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> A
             f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"
             f"{_user_location(exc)}"
         ) from None
+
+
+def _check_required_args(fn: Callable, kwargs: Mapping[str, Any], what: str, label: str) -> None:
+    """Name the arguments of ``fn`` that have no default and were not given, and how to give
+    them: Python's own TypeError ("missing 1 required positional argument") said neither."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: let the call say what it says
+        return
+    missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        given = " ".join(f"--model-arg {m}=VALUE" for m in missing)
+        in_python = ", ".join(f"{m!r}: ..." for m in missing)
+        raise ModelFileError(f"{what} in {label} needs the argument(s) {', '.join(missing)}, which have no default; "
+                             f"expected a value for each: {given} (model_args={{{in_python}}} from Python)")
 
 
 def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:

@@ -73,7 +73,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module | CapturedModel | None 
 @kept_random_state()
 def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | os.PathLike, example_inputs: Any = None,
           cluster: ClusterSource | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
-    """The model with ``placement`` applied: a trainable GraphModule spread over the devices."""
+    """The model with ``placement`` applied: a trainable GraphModule spread over the devices,
+    in training mode even for a model handed over in eval mode, as :func:`placer.place`
+    returns it; call ``.eval()`` on it for inference."""
     captured = _captured(model, example_inputs)
     if not isinstance(placement, Placement):
         placement = load_placement(placement, graph=captured)

@@ -47,6 +47,7 @@ from graphs.model_file import ModelSpec
 from placer.options import OptionError
 from placer.out_dir import check_out_dir
 from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: F401 (re-exported)
+from placer.search.agents.registry import UnknownAgentError, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
@@ -157,7 +158,12 @@ def get_method(name: str) -> MethodFn:
     if name.startswith("single:") and len(name) > len("single:"):
         return _baseline_method(name)
     if name.startswith("agent:") and len(name) > len("agent:"):
-        return _agent_method(name.split(":", 1)[1])
+        agent = name.split(":", 1)[1]
+        try:  # checked here, not when the method runs: that was after every model was prepared
+            get_agent(agent)
+        except UnknownAgentError as exc:
+            raise BenchmarkError(f"method {name!r}: {exc}") from None
+        return _agent_method(agent)
     raise BenchmarkError(
         f"unknown method {name!r}; known: {', '.join(METHODS)}, single:<device>, agent:<name>, or 'baselines' for all"
     )
@@ -308,6 +314,31 @@ def optimizer_name(spec: ModelSpec) -> str:
     return optimizer_state_kind(spec.optimizer_fn)
 
 
+def model_source(model: str) -> str:
+    """What ``--models`` names, as :func:`graphs.pipeline.prepare` reads it: a bare zoo name
+    (``rnnlm``) becomes ``zoo:rnnlm``; a model file or ``zoo:<name>`` stays as it is."""
+    return model if ":" in model or model.endswith(".py") else f"zoo:{model}"
+
+
+def check_model_sources(models: Sequence[str]) -> None:
+    """Refuse an unknown zoo model or a missing model file among ``models`` before any is
+    prepared: a bad name after the first was found only once the models before it had been
+    captured and profiled (minutes for the whole zoo).
+
+    Raises:
+        ModelFileError: an unknown zoo model. BenchmarkError: a model file that does not exist.
+    """
+    from graphs.zoo import ZOO_MODELS, zoo_path
+
+    for model in models:
+        source = model_source(model)
+        if source.startswith("zoo:"):
+            zoo_path(source[len("zoo:"):])
+        elif not Path(source).is_file():
+            raise BenchmarkError(f"model file {source!r} does not exist; expected a model file (.py) or a zoo model "
+                                 f"({', '.join(ZOO_MODELS)})")
+
+
 def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "small",
                   memory_fraction: float | None = None, cache_dir: str | Path | None = None,
                   progress: Callable[[str], None] | None = None) -> list[BenchCase]:
@@ -323,8 +354,9 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
         cluster = discover_cluster() if base == "real" else load_cluster(base)
         loaded.append((cname, cluster, fraction))
     cases = []
+    check_model_sources(models)
     for model in models:
-        source = model if ":" in model or model.endswith(".py") else f"zoo:{model}"
+        source = model_source(model)
         # The size preset is the zoo's: a model file need not take a `size` argument.
         model_args = {"size": size} if source.startswith("zoo:") else {}
         if progress:

@@ -127,8 +127,17 @@ def parse_model_args(pairs: list[str] | None, size: str | None = None) -> dict[s
         if not key.isidentifier():
             raise OptionError(f"cannot read model argument {pair!r}: {key!r} is not a keyword argument name; "
                               "expected KEY=VALUE with KEY a Python name, e.g. layers=4")
-        args[key] = _literal(value.strip())
+        value_read = _literal(value.strip())
+        # The last of two differing values won silently: a typo in a long command line built
+        # another model than the one the user read off it.
+        if key in args and args[key] != value_read:
+            raise OptionError(f"model argument {key!r} is given twice ({args[key]!r} and {value_read!r}); "
+                              "expected one value per argument")
+        args[key] = value_read
     if size is not None:
+        if "size" in args and args["size"] != size:
+            raise OptionError(f"--size {size} and --model-arg size={args['size']} disagree; expected one size "
+                              "(--size is short for --model-arg size=SIZE)")
         args["size"] = size
     return args
 

@@ -27,6 +27,16 @@ def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path | None:
                                "--cache-dir", "cache directory")
 
 
+def check_placement_cache_dir(folder: str | os.PathLike) -> Path | None:
+    """Refuse a placement cache (``placer.place``'s ``cache_dir``) that cannot be written,
+    before the search: it was found only when the searched placement was to be saved, after
+    the whole budget (two minutes by default), and the placement was lost."""
+    try:
+        return _check_writable_dir(folder, "cache_dir", "placement cache")
+    except OptionError as exc:
+        raise OptionError(f"{exc}; pass cache_dir= a writable folder or use_cache=False") from None
+
+
 def _check_writable_dir(folder: str | os.PathLike | None, option: str, what: str) -> Path | None:
     if folder is None:
         return None

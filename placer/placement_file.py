@@ -14,7 +14,7 @@ whether that time was simulated or measured)::
                    "microbatches": 4, "schedule": "1f1b"}
     }
 
-``pipeline`` (schema version 2, optional) makes the placement pipelined
+``pipeline`` (schema version 2, optional; absent or null: un-pipelined) makes the placement pipelined
 (:class:`envs.sim.pipeline_layout.Pipeline`): its stages are the assignment's nodes cut in stage
 order, each stage on the device the assignment gives its nodes. Version 1 files (no
 pipeline) still load.
@@ -249,7 +249,9 @@ def _from_dict(doc: Any, where: str) -> Placement:
         raise PlacementFileError(f"{where}: metadata must be an object, got {type(metadata).__name__}")
     _check_metadata(metadata, where)
     pipeline = None
-    if "pipeline" in doc:
+    # null is JSON's "none": a user un-pipelining a placement by hand wrote "pipeline": null
+    # and got "pipeline must be an object, got NoneType".
+    if doc.get("pipeline") is not None:
         if version < 2:
             raise PlacementFileError(f"{where} has a pipeline but schema_version {version}; pipelines need version 2")
         try:

@@ -163,6 +163,9 @@ def test_agent_method_runs_through_the_same_table() -> None:
     (["--methods", "single,nope"], "unknown method 'nope'"),
     (["--memory-fraction", "-1"], "--memory-fraction must be a positive"),
     (["--budget", "soon"], "budget"),
+    (["--methods", "single,agent:nope"], "unknown agent 'nope'"),
+    (["--models", "rnnlm,no_such_model"], "unknown zoo model 'no_such_model'"),
+    (["--models", "rnnlm,no/such/net.py"], "model file 'no/such/net.py' does not exist"),
 ])
 def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, message) -> None:
     from placer.cli.benchmark import main

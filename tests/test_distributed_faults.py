@@ -238,3 +238,14 @@ def test_culprit_is_the_rank_computing_while_the_others_wait():
     assert culprit([Status(0, BARRIER, -1, 0, 0, 1.0), Status(1, BARRIER, -1, 0, 0, 1.0)], [True, True]) is None
     # A dead rank's stale record is ignored.
     assert culprit([waiting0, computing1], [True, False]) is None
+
+
+def test_a_rank_started_on_a_folder_without_a_job_is_one_line_and_exit_status_2(tmp_path):
+    """A mistyped or unshared job folder (docs/distributed.md, step 2) ended in a traceback
+    about status-0.bin, a file the worker writes itself. In a process of its own: a rank
+    changes its SIGINT handling and ties itself to its parent."""
+    done = subprocess.run([sys.executable, "-m", "envs.runtime.distributed.worker", str(tmp_path / "no-job")],
+                          cwd=ROOT, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "holds no job.pt" in done.stderr and "no-job" in done.stderr and "Traceback" not in done.stderr

@@ -220,3 +220,19 @@ def test_place_on_real_devices_with_the_simulated_reward_says_its_step_times_are
     text = caplog.text
     assert "measured on real devices" not in text
     assert "step times simulated from op costs profiled on the real devices" in text
+
+
+def test_an_unwritable_placement_cache_is_refused_before_the_search(tmp_path, monkeypatch):
+    """cache_dir under a file: place() searched for the whole budget (two minutes by default),
+    then refused to write the cache and threw the placement away."""
+    import placer.optimizing.run as optimizing
+    from placer.options import OptionError
+
+    def no_search(*_args, **_kwargs):
+        raise AssertionError("searched before finding that the cache cannot be written")
+
+    monkeypatch.setattr(optimizing, "optimize", no_search)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OptionError, match="placement cache.*use_cache=False"):
+        placer.place(_model(), (torch.randn(16, 32),), cluster="4xK40", budget="300", cache_dir=blocker / "cache")

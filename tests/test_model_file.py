@@ -147,6 +147,28 @@ def test_get_model_raising(tmp_path):
     assert "model.py:4" in msg
 
 
+def test_a_get_model_argument_without_a_default_is_named_with_how_to_give_it(tmp_path):
+    """It read "get_model() in model.py raised TypeError: get_model() missing 1 required
+    positional argument: 'hidden'": Python's words, nothing of how to pass a value."""
+    msg = load_error(tmp_path, """
+        import torch
+        def get_model(hidden, layers=2):
+            return torch.nn.Linear(3, hidden)
+        def get_example_inputs():
+            return (torch.randn(1, 3),)
+    """)
+    assert msg == ("get_model() in model.py needs the argument(s) hidden, which have no default; expected a value "
+                   "for each: --model-arg hidden=VALUE (model_args={'hidden': ...} from Python)")
+    spec = load_model_file(write(tmp_path, """
+        import torch
+        def get_model(hidden, layers=2):
+            return torch.nn.Linear(3, hidden)
+        def get_example_inputs():
+            return (torch.randn(1, 3),)
+    """), model_args={"hidden": 5})
+    assert spec.model.out_features == 5
+
+
 def test_get_model_returns_non_module(tmp_path):
     msg = load_error(tmp_path, """
         import torch

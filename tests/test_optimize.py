@@ -201,3 +201,28 @@ def test_measured_rows_decide_the_winner_when_there_are_any():
     })
     assert pick_winner(table)["method"] == "m_etf"
     assert pick_winner(table.assign(source="simulated"))["method"] == "critical_path"
+
+
+def test_resume_starts_from_a_faster_best_placement_beside_an_older_placement_json(tmp_path):
+    """A resumed run that was killed leaves a better best_placement.json beside the older
+    placement.json; the next --resume read placement.json alone and its search lost the better one."""
+    from placer import write_failure
+    from placer.placement_file import Placement, save_placement
+
+    out = tmp_path / "out"
+    first = placer.optimize("zoo:nmt", cluster="4xK40", budget="300", out_dir=out, progress=False,
+                            baselines=("single",), verbose=0, check=False)
+    problem, grouping = first.problem, first.prepared.grouping
+    node = {n: i for i, n in enumerate(problem.node_names)}
+    best = {op: problem.device_names[int(first.search.best_row[node[g]])] for op, g in grouping.op_to_group.items()}
+    meta = {"model": "nmt", "cluster": "4xK40", "model_args": {"size": "small"}, "source": "simulated"}
+    save_placement(Placement(best, first.placement.fingerprint, list(first.placement.devices),
+                             {**meta, "step_time": first.search.best_step_time}), out / "best_placement.json")
+    older = {op: "gpu0" for op in best}  # what the run before the killed one had kept
+    save_placement(Placement(older, first.placement.fingerprint, list(first.placement.devices), meta),
+                   out / "placement.json")
+    write_failure._WRITTEN_HERE.clear()  # the resumed run is another process
+    again = placer.optimize("zoo:nmt", cluster="4xK40", budget="5", out_dir=out, resume=True, progress=False,
+                            baselines=("single",), verbose=0, check=False)
+    table = again.compare().set_index("method")
+    assert table.loc["placer (moves)", "step_time"] <= first.search.best_step_time * (1 + 1e-9)

@@ -44,3 +44,11 @@ def test_model_args_read_numbers_and_booleans():
         "layers": 4, "dropout": 0.1, "tie": True, "name": "x", "size": "paper"}
     with pytest.raises(OptionError, match="KEY=VALUE"):
         parse_model_args(["layers"])
+
+
+def test_a_model_argument_given_twice_with_two_values_is_refused_not_last_one_wins():
+    with pytest.raises(OptionError, match="'layers' is given twice"):
+        parse_model_args(["layers=2", "layers=4"])
+    with pytest.raises(OptionError, match="--size small and --model-arg size=paper disagree"):
+        parse_model_args(["size=paper"], size="small")
+    assert parse_model_args(["layers=2", "layers=2", "size=paper"], size="paper") == {"layers": 2, "size": "paper"}

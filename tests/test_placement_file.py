@@ -79,6 +79,11 @@ def test_refusals_say_what_was_wrong(tmp_path, mutate, kwargs, message):
         load_placement(path, **kwargs)
 
 
+def test_a_pipeline_written_as_null_by_hand_means_an_un_pipelined_placement(tmp_path):
+    path = _write(tmp_path, {**_placement().to_dict(), "pipeline": None})
+    assert load_placement(path, graph=_graph()) == _placement()
+
+
 def test_fingerprint_from_graph_is_checked(tmp_path):
     path = save_placement(_placement(), tmp_path / "p.json")
     g = _graph()

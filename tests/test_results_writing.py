@@ -82,6 +82,23 @@ def test_a_run_stopped_before_its_results_names_where_its_best_placement_is(tmp_
     assert _interrupted_before_results(args).startswith("interrupted after the results were written")
 
 
+def test_an_interrupt_before_the_run_found_a_placement_does_not_call_the_earlier_results_its_own(tmp_path):
+    """Ctrl-C while the model was profiled, in a folder with a complete earlier run: the line
+    said "interrupted after the results were written: .../placement.json ... complete"."""
+    import argparse
+    import time
+
+    from placer.cli.main import _interrupted_before_results
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("best_placement.json", "placement.json"):
+        (out / name).write_text("{}")
+    args = argparse.Namespace(out=str(out), command="optimize")
+    line = _interrupted_before_results(args, started=time.time() + 1)
+    assert line == f"interrupted before this run found a placement; the earlier results in {out} are as they were"
+
+
 def test_a_faster_best_placement_on_disk_is_not_replaced_by_a_slower_one(tmp_path):
     """--resume starts the search from scratch: its first bests replaced the earlier run's
     faster one, lost when the resumed run was stopped (walkthrough)."""
@@ -167,3 +184,71 @@ def test_a_stopped_runs_leftovers_do_not_replace_a_complete_result_in_previous(t
                     baselines=("round_robin",), verbose=0, check=False)
     assert (out / "previous" / "placement.json").read_text() == "complete earlier run"
     assert (out / "unfinished" / "best_placement.json").read_text() == "stopped run's best"
+
+
+def test_a_users_own_folder_named_previous_is_never_deleted_to_set_results_aside(tmp_path, capsys):
+    """`--out .` in a folder whose previous/ held the user's notes: rmtree deleted them."""
+    from placer.cli.main import main
+
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "notes.txt").write_text("the user's own notes")
+    (out / "placement.json").write_text("earlier run")
+    status = main(["optimize", str(_tiny_model_file(tmp_path)), "--cluster", "4xK40", "--budget", "50",
+                   "--out", str(out), "--baselines", "round_robin", "--no-check", "-q"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "previous" in err and "Traceback" not in err
+    assert (out / "previous" / "notes.txt").read_text() == "the user's own notes"
+    assert (out / "placement.json").read_text() == "earlier run"  # nothing moved, nothing written
+
+
+def test_a_folder_of_placers_own_earlier_files_is_still_replaced_when_results_are_set_aside(tmp_path):
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "placement.json").write_text("oldest run")
+    (out / "placement.json").write_text("earlier run")
+    placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                    baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "previous" / "placement.json").read_text() == "earlier run"
+
+
+def test_an_interrupt_before_the_run_wrote_anything_puts_the_earlier_results_back(tmp_path, monkeypatch):
+    """SIGTERM right after the earlier results were set aside left out/ empty, the results in
+    previous/ and the one line 'interrupted'."""
+    import placer.optimizing.stages as stages
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "placement.json").write_text("earlier run")
+    (out / "report.md").write_text("earlier report")
+
+    def interrupted_search(*_args, **_kwargs):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(stages, "search_run", interrupted_search)
+    with pytest.raises(KeyboardInterrupt):
+        placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                        baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "placement.json").read_text() == "earlier run"
+    assert (out / "report.md").read_text() == "earlier report"
+    assert not (out / "previous").exists() and not (out / "failed").exists()
+
+
+def test_an_interrupt_after_the_search_kept_a_best_leaves_it_in_place(tmp_path, monkeypatch):
+    import placer.optimizing.stages as stages
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "placement.json").write_text("earlier run")
+
+    def interrupted_search(*_args, **_kwargs):
+        (out / "best_placement.json").write_text("this run's best")  # as the search keeps it
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(stages, "search_run", interrupted_search)
+    with pytest.raises(KeyboardInterrupt):
+        placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out, progress=False,
+                        baselines=("round_robin",), verbose=0, check=False)
+    assert (out / "best_placement.json").read_text() == "this run's best"
+    assert (out / "previous" / "placement.json").read_text() == "earlier run"

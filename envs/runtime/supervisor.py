@@ -198,6 +198,12 @@ def worker_main(module: str, run_rank: Callable[[Path, int, int], None], argv: S
     except (KeyError, ValueError):
         print(f"{module} needs RANK and WORLD_SIZE in the environment (torchrun sets them)", file=sys.stderr)
         return 2
+    if not (job_dir / "job.pt").is_file():
+        # A mistyped or unshared job folder ended in a traceback about status-<rank>.bin, a
+        # file the worker writes, not one the user was to give.
+        print(f"{module}: {str(job_dir)!r} holds no job.pt; expected the job folder write_job wrote, at the same "
+              "path on every host", file=sys.stderr)
+        return 2
     try:
         run_rank(job_dir, rank, world)
     except PlacerError as exc:  # bad input or set-up (a port in use): one line, no traceback

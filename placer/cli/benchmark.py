@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run ``placer benchmark``; returns the exit status."""
     from graphs.zoo import ZOO_MODELS
-    from placer.benchmark import BenchmarkError, get_method, markdown, prepare_cases, run_benchmark
+    from placer.benchmark import BenchmarkError, check_model_sources, get_method, markdown, prepare_cases, run_benchmark
     from placer.options import check_seed
     from placer.out_dir import check_cache_dir
 
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         parse_budget(args.budget)
     check_seed(args.seed)
     check_cache_dir(args.cache_dir)
+    check_model_sources(models)
 
     def say(msg: str) -> None:
         if not args.quiet:

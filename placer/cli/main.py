@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -112,14 +113,18 @@ def _reader_gone() -> int:
     return 141
 
 
-def _interrupted_before_results(args: argparse.Namespace) -> str:
+def _interrupted_before_results(args: argparse.Namespace, started: float = 0.0) -> str:
     """The line for a run stopped before it wrote its results (a second Ctrl-C, say): where
-    the best placement found so far is, if the command keeps one."""
+    the best placement found so far is, if the command keeps one. Files older than
+    ``started`` (the command's start, ``time.time()``) are an earlier run's: a Ctrl-C while
+    the model was profiled said "interrupted after the results were written" of them."""
     out = getattr(args, "out", None)
     if not out:
         return "interrupted"
     best, written = Path(out) / "best_placement.json", Path(out) / "placement.json"
-    if not best.is_file():
+    if not best.is_file() or best.stat().st_mtime < started:
+        if getattr(args, "command", None) == "optimize" and written.is_file():
+            return f"interrupted before this run found a placement; the earlier results in {out} are as they were"
         return "interrupted"
     if written.is_file() and written.stat().st_mtime >= best.stat().st_mtime:
         return f"interrupted after the results were written: {written} and its report are complete"
@@ -144,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch's own pytree deprecation, raised inside torch when an exported graph is copied or
     # unpickled: nothing the user wrote or can change, printed in the middle of the table.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated", category=FutureWarning)
+    started = time.time()
     with _interruptible() as seen:
         try:
             code = int(args.run(args) or 0)
@@ -157,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(placement_json, file=sys.stderr)
             code = 2
         except KeyboardInterrupt:
-            print(_interrupted_before_results(args), file=sys.stderr)
+            print(_interrupted_before_results(args, started), file=sys.stderr)
             return seen.status or 130
     if seen.status is not None:
         name = signal.Signals(seen.status - 128).name

@@ -40,6 +40,7 @@ from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
+from placer.out_dir import check_placement_cache_dir
 from placer.placement_file import Placement, PlacementFileError, load_placement, save_placement
 from placer.search.budget import DEFAULT_BUDGET, BudgetLike
 
@@ -229,6 +230,7 @@ def find_placement(
                              meta.get("step_time"), str(meta.get("source", "")), str(meta.get("method", "")),
                              cached)
             return captured, the_cluster, info
+        check_placement_cache_dir(folder)
 
     from placer.optimizing.run import optimize
 

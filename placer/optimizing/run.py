@@ -79,6 +79,9 @@ def _run(config: OptimizeConfig) -> OptimizeResult:
         if report is not None:
             seconds["check"] = check_seconds
         return stages.write(config, compiled, searched, confirmed, report, seconds)
-    except Exception:  # an interrupt keeps this run's best in out_dir, as documented
+    except Exception:
         stages.put_back_previous(compiled, moved)
+        raise
+    except KeyboardInterrupt:  # an interrupt keeps this run's best in out_dir, as documented
+        stages.put_back_previous(compiled, moved, interrupted=True)
         raise

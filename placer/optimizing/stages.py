@@ -15,6 +15,7 @@ search to the confirmation (:func:`measuring`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -296,10 +297,9 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     run = compiled.run
     initial = [c.row for c in baselines.candidates if c.row is not None]
     if config.resume and run.out_dir is not None:
-        previous = _resume_row(run.out_dir, run.captured, run.grouping, compiled.problem)
-        if previous is not None:
-            initial.insert(0, previous)
-        elif not _result_files_in(run.out_dir):
+        previous = _resume_rows(run.out_dir, run.captured, run.grouping, compiled.problem)
+        initial[:0] = previous
+        if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
@@ -598,6 +598,9 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
                         else "previous")
     try:
         _move_into(found, target)
+    except FileExistsError as exc:  # the user's own folder of that name: say so, not "not writable"
+        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside: {exc.strerror}; "
+                          "or use --resume to continue from them") from exc
     except OSError as exc:
         raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
                           f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
@@ -607,27 +610,50 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
     return target
 
 
+def _placer_file_names() -> tuple[str, ...]:
+    """The names of the files a run writes into its folder (results, the best so far, every agent's policy)."""
+    return (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
+
+
 def _result_files_in(folder: Path) -> list[Path]:
     """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
-    names = (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
-    return [folder / n for n in names if (folder / n).is_file()]
+    return [folder / n for n in _placer_file_names() if (folder / n).is_file()]
 
 
 def _move_into(files: list[Path], folder: Path) -> None:
-    """Move ``files`` into a fresh ``folder`` (an older one of that name is deleted first)."""
+    """Move ``files`` into a fresh ``folder``. An older one of that name is deleted first, but
+    only when it holds nothing but placer's own files: ``--out .`` in a folder whose
+    ``previous/`` held the user's notes deleted them.
+
+    Raises:
+        FileExistsError: ``folder`` holds something placer did not write (nothing is moved).
+    """
     if folder.is_dir():
+        names = set(_placer_file_names())
+        foreign = sorted(p.name for p in folder.iterdir() if not (p.is_file() and p.name in names))
+        if foreign:
+            raise FileExistsError(
+                errno.EEXIST, f"{folder} holds files placer did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
         shutil.rmtree(folder)
     folder.mkdir()
     for path in files:
         path.replace(folder / path.name)
 
 
-def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
+def put_back_previous(compiled: Compiled, moved: Path | None, interrupted: bool = False) -> None:
     """After a run failed without writing its results: the earlier complete result goes back
     where it was (from ``previous/``), and this run's leftovers (its best so far) to
-    ``failed/``, so a failed run leaves ``out_dir`` as the user had it."""
+    ``failed/``, so a failed run leaves ``out_dir`` as the user had it.
+
+    ``interrupted``: the run was stopped (Ctrl-C, SIGTERM). Its best so far stays in
+    ``out_dir``, as documented; only when it had written nothing yet does the earlier result
+    go back (a Ctrl-C right after the set-aside left ``out_dir`` empty, the results in
+    ``previous/`` and the one line "interrupted")."""
     out_dir = compiled.run.out_dir
     if moved is None or out_dir is None or moved.name != "previous" or (out_dir / "placement.json").is_file():
+        return
+    if interrupted and _result_files_in(out_dir):
         return
     try:
         leftovers = _result_files_in(out_dir)
@@ -639,8 +665,8 @@ def put_back_previous(compiled: Compiled, moved: Path | None) -> None:
     except OSError as exc:  # the failure being reported matters more; the files are all still there
         log.warning("could not put the earlier results back from %s: %s", moved, exc)
         return
-    log.warning("the run failed: the earlier results are back in %s%s", out_dir,
-                f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
+    log.warning("the run %s: the earlier results are back in %s%s", "was interrupted" if interrupted else "failed",
+                out_dir, f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:
@@ -688,27 +714,33 @@ def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:
     return "hybrid" if config.measurer is not None or config.from_source else "simulated"
 
 
-def _resume_row(out_dir: Path, captured: CapturedModel, grouping: Grouping,
-                problem: PlacementProblem) -> np.ndarray | None:
-    """The group-level row of the placement an earlier run left in ``out_dir`` (None if there is none)."""
+def _resume_rows(out_dir: Path, captured: CapturedModel, grouping: Grouping,
+                 problem: PlacementProblem) -> list[np.ndarray]:
+    """The group-level rows of the placements an earlier run left in ``out_dir`` (none if there are none).
+
+    Both files count: after a resumed run was killed, ``best_placement.json`` holds a better
+    placement than the older ``placement.json`` beside it, and the next ``--resume`` read
+    only ``placement.json`` and lost it."""
     paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
-    if not paths:
-        return None
-    placement, skipped = None, []
+    loaded, skipped = [], []
     for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
         try:
-            placement = load_placement(path, graph=captured, devices=problem.device_names)
-            break
+            loaded.append(load_placement(path, graph=captured, devices=problem.device_names))
         except PlacementFileError as exc:
             skipped.append((path, exc))
-    if placement is None:  # nothing to resume from: one error, not a "skipping" line per file first
+    if paths and not loaded:  # nothing to resume from: one error, not a "skipping" line per file first
         raise skipped[0][1]
     for path, why in skipped:
         log.warning("--resume: skipping %s: %s", path.name, why)
-    group_placement: dict[str, str] = {}
-    for op, group in grouping.op_to_group.items():
-        group_placement.setdefault(group, placement.assignment[op])
-    return problem.placement_to_array(group_placement)
+    rows: list[np.ndarray] = []
+    for placement in loaded:
+        group_placement: dict[str, str] = {}
+        for op, group in grouping.op_to_group.items():
+            group_placement.setdefault(group, placement.assignment[op])
+        row = problem.placement_to_array(group_placement)
+        if not any(np.array_equal(row, r) for r in rows):
+            rows.append(row)
+    return rows
 
 
 def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
@@ -723,7 +755,7 @@ def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | Non
             placement = load_placement(path)
             if placement.pipeline is not None:
                 return group_pipeline(problem, placement.pipeline)
-        except (PlacementFileError, PipelineError) as exc:  # _resume_row has said why, or will
+        except (PlacementFileError, PipelineError) as exc:  # _resume_rows has said why, or will
             log.debug("--resume: no pipeline from %s: %s", path.name, exc)
     return None
 
