@@ -19,3 +19,14 @@ class CaptureError(PlacerError):
 
 class GraphError(PlacerError):
     """A placement graph that is malformed or does not fit what was asked of it."""
+
+
+def one_line_reason(exc: BaseException, limit: int = 240) -> str:
+    """One line on why a tracer (or any step) failed: the exception's kind and the first line of its message."""
+    kind = type(exc).__name__
+    text = (str(exc).strip().splitlines() or ["(no message)"])[0]
+    if "DataDependent" in kind or "data-dependent" in text:
+        text = f"Python control flow depends on tensor values ({text})"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{kind}: {text}"
