@@ -788,10 +788,27 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
         model.train()
     trace_modes = training_modes(model)
     refuse_root_backward_hooks(model, name)
+    _refuse_graph_module_names(model, name)
     try:
         return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn)
     finally:
         set_training_modes(model, user_modes)
+
+
+def _refuse_graph_module_names(model: nn.Module, name: str) -> None:
+    """Refuse a model whose own parameter, buffer or submodule has the name of an attribute the
+    captured ``fx.GraphModule`` needs (``code``, ``graph``, ``recompile``...): both tracers copy
+    the model's top-level members onto the GraphModule, where such a name clashes (torch.fx:
+    "Code has not been generated! Please report a bug to PyTorch", torch.export: "attribute
+    'code' already exists"), so say which name and what to do instead."""
+    reserved = set(dir(fx.GraphModule)) - set(dir(nn.Module))
+    members = [*model._parameters, *model._buffers, *model._modules]
+    clash = sorted(m for m in members if m in reserved)
+    if clash:
+        raise CaptureError(f"cannot capture model {name!r}: its attribute(s) {clash} have the name of torch.fx."
+                           f"GraphModule's own {', '.join(repr(c) for c in clash)}, which the captured graph "
+                           "needs; expected other names for the model's parameters, buffers and submodules "
+                           f"(e.g. {clash[0] + 'book' if clash[0] == 'code' else clash[0] + '_'!r})")
 
 
 def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: tuple[type, ...],

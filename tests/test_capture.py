@@ -1489,3 +1489,20 @@ def test_a_python_value_only_eval_mode_reads_is_pinned_too():
     placed.eval_temp = 4.0  # refused at the next forward, whichever mode: the next validation pass would ignore it
     with pytest.raises(CaptureError, match="eval_temp was 2.0 when placer captured the model"):
         placed(x)
+
+
+def test_a_model_member_named_like_a_graph_module_attribute_is_refused_naming_it() -> None:
+    """A VQ model's ``self.code`` codebook clashes with ``GraphModule.code`` under both tracers;
+    the refusal names the attribute and a way out instead of torch's "report a bug" message."""
+
+    class VQ(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.code = nn.Parameter(torch.randn(8, 4))
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) @ self.code.t()
+
+    with pytest.raises(CaptureError, match=r"\['code'\].*GraphModule.*'codebook'"):
+        capture(VQ(), (torch.randn(2, 4),))
