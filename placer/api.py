@@ -37,6 +37,14 @@ def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) 
         return load_cluster(cluster).real_device_map()
     recorded = placement.metadata.get("real_devices")
     if isinstance(recorded, Mapping):
+        # A map edited by hand that lacks a used device was reported as "devices that the
+        # cluster does not define" of a cluster that defines them: the map is what is short.
+        lacking = sorted(set(placement.assignment.values()) - {str(k) for k in recorded})
+        if lacking:
+            raise PlacementFileError(
+                f"the placement's metadata 'real_devices' maps no real device for {lacking}, which its assignment "
+                "uses; expected one for every device it uses (or name the cluster it was made for: --cluster, "
+                "cluster=)")
         return {str(k): str(v) for k, v in recorded.items()}
     return {d: d for d in placement.devices}
 

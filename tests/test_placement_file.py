@@ -140,3 +140,13 @@ def test_device_map_from_a_graph_module():
     gm = fx.symbolic_trace(Two())
     assert to_device_map({"x": "cpu", "a": "cpu", "b": "cuda:0", "output": "cuda:0"}, gm) == {
         "a": "cpu", "b": "cuda:0"}
+
+
+def test_a_real_devices_map_edited_short_names_the_map_not_the_cluster():
+    from placer.api import real_devices_of
+
+    short = _placement(metadata={"real_devices": {"gpu0": "cpu"}})
+    with pytest.raises(PlacementFileError, match=r"'real_devices' maps no real device for \['gpu1'\]"):
+        real_devices_of(short)
+    assert real_devices_of(_placement(metadata={"real_devices": {"gpu0": "cpu", "gpu1": "cpu"}})) == {
+        "gpu0": "cpu", "gpu1": "cpu"}
