@@ -107,6 +107,14 @@ class Compiled:
         run, cluster = self.run, self.run.cluster
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
         op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
+        meta = {**self.run_metadata(), **metadata}
+        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
+                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
+
+    def run_metadata(self) -> dict[str, Any]:
+        """What every placement file of this run records besides its own step time: the
+        model, its arguments, the cluster and the real devices its names map to."""
+        run, cluster = self.run, self.run.cluster
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map(), **run.provenance}
         if cluster.spec_path is not None:  # show and apply find the spec again without --cluster
@@ -116,9 +124,7 @@ class Compiled:
             names = cluster.device_names
             meta["links"] = [[a, b, cluster.link(a, b).latency_s, cluster.link(a, b).bandwidth_Bps]
                              for i, a in enumerate(names) for b in names[i + 1:]]
-        meta.update(metadata)
-        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
-                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
+        return meta
 
     def op_pipeline(self, pipeline: Pipeline) -> Pipeline:
         """``pipeline`` (over the groups) over the ops: each stage the ops of its groups in program order."""
@@ -306,6 +312,9 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
         progress=config.progress, fingerprint=run.captured.fingerprint, expand=run.grouping.expand,
         resume=config.resume and run.out_dir is not None, pretrained=config.pretrained,
+        # The best so far is what an interrupted run leaves: `placer apply` must rebuild the
+        # model (its arguments) and find its devices from it, as from placement.json.
+        metadata=compiled.run_metadata(),
     )
     rounds = None
     if run.reward == "measured":
