@@ -46,6 +46,17 @@ def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) 
                 "uses; expected one for every device it uses (or name the cluster it was made for: --cluster, "
                 "cluster=)")
         return {str(k): str(v) for k, v in recorded.items()}
+    # No map (a file written before placer recorded one, or by hand): the cluster it names, as
+    # `placer apply --help` says; a 4xK40 placement's 'gpu0' was taken for a torch device.
+    named = placement.metadata.get("cluster_spec") or placement.metadata.get("cluster")
+    if isinstance(named, str) and placement.metadata.get("simulated_cluster") is not False:
+        from envs.hardware.cluster import ClusterSpecError
+        from envs.hardware.loading import load_cluster
+
+        try:
+            return load_cluster(named).real_device_map()
+        except ClusterSpecError:  # a real-device or rank cluster's name: not a preset
+            pass
     return {d: d for d in placement.devices}
 
 
