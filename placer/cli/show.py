@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"placement {args.placement}")
     print(f"  model: {meta.get('model', '?')} (fingerprint {placement.fingerprint}), schema v{placement.schema_version}")
     print(f"  devices: {', '.join(placement.devices)}" + (f" on cluster {meta['cluster']}" if "cluster" in meta else ""))
-    if "step_time" in meta:
+    if meta.get("step_time") is not None:  # null is a valid "no time" (placement_file's metadata check)
         print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
+    elif "step_time" in meta:
+        print("  step time: not recorded")
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
     if placement.pipeline is not None:
         pipe = placement.pipeline
