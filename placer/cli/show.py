@@ -84,8 +84,18 @@ def recorded_rank_cluster(placement: Placement) -> Cluster:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from placer.options import OptionError
     from placer.placement_file import load_placement, recorded_model_args
 
+    if not args.model:
+        # Without the model there is nothing to simulate or draw: `show p.json --cluster
+        # 4xV100-nvlink` printed the recorded summary and exited 0, the option ignored.
+        given = [flag for flag, value in (("--cluster", args.cluster), ("--size", args.size),
+                                          ("--model-arg", args.model_arg), ("--out", args.out != "."),
+                                          ("--cache-dir", args.cache_dir)) if value]
+        if given:
+            raise OptionError(f"{', '.join(given)} only apply with --model (show simulates and draws a placement "
+                              "only with its model); expected --model MODEL, a model file or zoo:<name>")
     placement = load_placement(args.placement)
     counts = Counter(placement.assignment.values())
     meta = placement.metadata
