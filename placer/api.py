@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -27,6 +28,8 @@ from graphs.model_file import ModelSpec
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, PlacementFileError, load_placement
+
+log = logging.getLogger(__name__)
 
 
 def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) -> dict[str, str]:
@@ -102,6 +105,12 @@ def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | o
         raise PlacerError(
             f"placement was made for model {placement.fingerprint}, not for this one ({captured.fingerprint})"
         )
+    if placement.pipeline is not None:
+        # What `placer apply` notes and placer.place logs: in one process a pipeline's stages run
+        # one after the other on the whole batch, so its speed-up is not what this module shows.
+        log.warning("the placement is %s; placer.apply runs its stages' assignment un-pipelined in this "
+                    "process (run it as a pipeline with `placer apply` over worker processes or torchrun: "
+                    "docs/distributed.md)", placement.pipeline.describe())
     return apply_placement(captured, placement.assignment, output_device=output_device,
                            real_devices=real_devices_of(placement, cluster))
 
