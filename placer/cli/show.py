@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.plots import plot_memory, plot_placed_graph
 
-    check_out_dir(args.out)  # before the model is captured and profiled, not after
+    pictures_dir = check_out_dir(args.out)  # before the model is captured and profiled, not after
     cluster_name = args.cluster or meta.get("cluster_spec") or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                               "expected inputs whose dim 0 the micro-batches split")
         placement.pipeline.check_batch(batch)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
-    out = Path(args.out)
+    out = pictures_dir or Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if placement.pipeline is not None:
         from envs.sim.data_parallel import simulate_pipelined
