@@ -153,6 +153,9 @@ class Searched:
     candidate: Candidate
     rounds: tuple[dict[str, Any], ...]
     seconds: float
+    #: With --resume: the pipeline the earlier run left, read before the search could
+    #: replace best_placement.json (see :func:`search_run`).
+    resumed_pipeline: Pipeline | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,10 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         initial[:0] = previous
         if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
+    # Read now: the search's first improvement may replace best_placement.json (always, in a
+    # process that wrote it before), and a pipeline it held was gone when the pipeline search
+    # came to read it.
+    resumed_pipeline = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir else None
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
@@ -358,7 +365,7 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         row = _hybrid_agent_row(measurer, result, interrupted=result.stop_reason == "interrupted")
     candidate = Candidate(method, row, seconds, result.evaluated, f"stopped: {result.stop_reason}",
                           history=list(result.history))
-    return Searched(result, candidate, tuple(rounds.log) if rounds is not None else (), seconds)
+    return Searched(result, candidate, tuple(rounds.log) if rounds is not None else (), seconds, resumed_pipeline)
 
 
 def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, searched: Searched,
@@ -392,7 +399,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     # DDP, the pipeline partitioners and placer's pipeline search, simulated, beside the
     # placements (issue 16). A placement or a pipeline can win (placement.json holds either);
     # DDP and pipeline x DDP hybrids cannot be written: the final line recommends the fastest.
-    resumed = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir is not None else None
+    resumed = searched.resumed_pipeline
     # Timed apart: with a placement budget the pipeline search simulates as many pipelines as
     # the search placements, and took longer than the placement search itself (a 535-op
     # transformer at --budget 20000: about 15 s against 1.3 s) without showing in -v's stages.
