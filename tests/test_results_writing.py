@@ -292,3 +292,26 @@ def test_an_interrupted_runs_best_placement_applies_like_placement_json(tmp_path
     assert meta["method"] == "placer (moves)" and meta["checked"] is False
     assert main(["apply", str(path), str(out / "best_placement.json"), "--steps", "1", "--warmup", "0"]) == 0
     assert "step time: median" in capsys.readouterr().out
+
+
+def test_a_second_run_in_the_same_process_keeps_a_faster_best_on_disk_until_it_beats_it(tmp_path, monkeypatch):
+    """The files 'written here' were the process's: a second placer.optimize(resume=True) in one
+    process replaced the first run's faster best (zoo:nmt: a pipeline, 1.925 ms) with its own
+    search's first, slower one (un-pipelined), which an interrupt then left on disk."""
+    import placer.optimizing.stages as stages
+
+    out = tmp_path / "out"
+    first = placer.optimize("zoo:nmt", cluster="4xK40", budget="300", out_dir=out, progress=False,
+                            baselines=("single",), verbose=0, check=False)
+    kept = json.loads((out / "best_placement.json").read_text())
+    assert kept["pipeline"] and kept["metadata"]["step_time"] == pytest.approx(first.step_time)
+
+    def interrupted_after_the_search(*_args, **_kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(stages, "confirm", interrupted_after_the_search)
+    with pytest.raises(KeyboardInterrupt):
+        placer.optimize("zoo:nmt", cluster="4xK40", budget="5", out_dir=out, resume=True, progress=False,
+                        baselines=("single",), verbose=0, check=False)
+    assert json.loads((out / "best_placement.json").read_text())["metadata"]["step_time"] <= (
+        kept["metadata"]["step_time"] * (1 + 1e-9))

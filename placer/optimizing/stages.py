@@ -58,7 +58,7 @@ from placer.search.baselines.pipeline_rows import parallel_rows
 from placer.search.config import SearchConfig, check_policy_readable
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
-from placer.write_failure import OutputWriteError, rescue, save_best_so_far
+from placer.write_failure import OutputWriteError, new_run_in, rescue, save_best_so_far
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,8 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     # process that wrote it before), and a pipeline it held was gone when the pipeline search
     # came to read it.
     resumed_pipeline = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir else None
+    if run.out_dir is not None:
+        new_run_in(run.out_dir)
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
