@@ -382,7 +382,7 @@ def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> A
         return fn(**kwargs)
     except ModelFileError as exc:  # placer's own words (a zoo model's argument check): no code location
         raise ModelFileError(f"{what} in {label}: {_first_line(exc)}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in get_model ended placer with its message, exit 1
         raise ModelFileError(
             f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"
             f"{_user_location(exc)}"

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -28,6 +29,8 @@ from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, PlacementFileError, load_placement
 
+log = logging.getLogger(__name__)
+
 
 def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) -> dict[str, str]:
     """Device name → torch device for a placement: from ``cluster``, else its recorded map, else identity."""
@@ -37,7 +40,26 @@ def real_devices_of(placement: Placement, cluster: ClusterSource | None = None) 
         return load_cluster(cluster).real_device_map()
     recorded = placement.metadata.get("real_devices")
     if isinstance(recorded, Mapping):
+        # A map edited by hand that lacks a used device was reported as "devices that the
+        # cluster does not define" of a cluster that defines them: the map is what is short.
+        lacking = sorted(set(placement.assignment.values()) - {str(k) for k in recorded})
+        if lacking:
+            raise PlacementFileError(
+                f"the placement's metadata 'real_devices' maps no real device for {lacking}, which its assignment "
+                "uses; expected one for every device it uses (or name the cluster it was made for: --cluster, "
+                "cluster=)")
         return {str(k): str(v) for k, v in recorded.items()}
+    # No map (a file written before placer recorded one, or by hand): the cluster it names, as
+    # `placer apply --help` says; a 4xK40 placement's 'gpu0' was taken for a torch device.
+    named = placement.metadata.get("cluster_spec") or placement.metadata.get("cluster")
+    if isinstance(named, str) and placement.metadata.get("simulated_cluster") is not False:
+        from envs.hardware.cluster import ClusterSpecError
+        from envs.hardware.loading import load_cluster
+
+        try:
+            return load_cluster(named).real_device_map()
+        except ClusterSpecError:  # a real-device or rank cluster's name: not a preset
+            pass
     return {d: d for d in placement.devices}
 
 
@@ -83,6 +105,12 @@ def apply(model: torch.nn.Module | CapturedModel, placement: Placement | str | o
         raise PlacerError(
             f"placement was made for model {placement.fingerprint}, not for this one ({captured.fingerprint})"
         )
+    if placement.pipeline is not None:
+        # What `placer apply` notes and placer.place logs: in one process a pipeline's stages run
+        # one after the other on the whole batch, so its speed-up is not what this module shows.
+        log.warning("the placement is %s; placer.apply runs its stages' assignment un-pipelined in this "
+                    "process (run it as a pipeline with `placer apply` over worker processes or torchrun: "
+                    "docs/distributed.md)", placement.pipeline.describe())
     return apply_placement(captured, placement.assignment, output_device=output_device,
                            real_devices=real_devices_of(placement, cluster))
 

@@ -320,16 +320,20 @@ def model_source(model: str) -> str:
     return model if ":" in model or model.endswith(".py") else f"zoo:{model}"
 
 
-def check_model_sources(models: Sequence[str]) -> None:
+def check_model_sources(models: Sequence[str], size: str = "small") -> None:
     """Refuse an unknown zoo model or a missing model file among ``models`` before any is
     prepared: a bad name after the first was found only once the models before it had been
     captured and profiled (minutes for the whole zoo).
 
     Raises:
-        ModelFileError: an unknown zoo model. BenchmarkError: a model file that does not exist.
+        ModelFileError: an unknown zoo model. BenchmarkError: a model file that does not exist,
+            or a ``size`` the zoo does not have (the zoo models' only argument here).
     """
     from graphs.zoo import ZOO_MODELS, zoo_path
+    from graphs.zoo.presets import SIZES
 
+    if size not in SIZES and any(model_source(m).startswith("zoo:") for m in models):
+        raise BenchmarkError(f"unknown zoo size {size!r}; expected one of {', '.join(SIZES)}")
     for model in models:
         source = model_source(model)
         if source.startswith("zoo:"):
@@ -354,7 +358,7 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
         cluster = discover_cluster() if base == "real" else load_cluster(base)
         loaded.append((cname, cluster, fraction))
     cases = []
-    check_model_sources(models)
+    check_model_sources(models, size)
     for model in models:
         source = model_source(model)
         # The size preset is the zoo's: a model file need not take a `size` argument.

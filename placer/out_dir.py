@@ -12,8 +12,13 @@ def check_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
     """Refuse an output directory that cannot be written, without creating it.
 
     The directory is created by the first file written into it, so a run that fails
-    early (bad input, a model that does not fit) leaves no empty directory behind.
+    early (bad input, a model that does not fit) leaves no empty directory behind. A
+    leading ``~`` is the home directory, as for ``--cache-dir``: ``--out "~/runs"`` (quoted,
+    or from a script's config) made a folder named ``~`` in the current one and printed
+    "results in ~/runs/". Callers write into the path returned.
     """
+    if out_dir is not None and str(out_dir).strip():
+        out_dir = Path(out_dir).expanduser()
     return _check_writable_dir(out_dir, "--out", "output directory")
 
 

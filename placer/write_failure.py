@@ -92,8 +92,16 @@ def save_best_so_far(placement: Placement, out_dir: str | os.PathLike) -> Path:
     return written
 
 
-#: The best_placement.json files this process wrote (see :func:`save_best_so_far`).
+#: The best_placement.json files this run wrote (see :func:`save_best_so_far`).
 _WRITTEN_HERE: set[Path] = set()
+
+
+def new_run_in(out_dir: str | os.PathLike) -> None:
+    """A new run starts writing into ``out_dir``: its first best is compared with the file on
+    disk, as another process's would be. The set was the process's, so a second
+    ``placer.optimize(..., resume=True)`` in one process replaced the earlier run's faster
+    best with its own first, slower one, which an interrupt then left on disk."""
+    _WRITTEN_HERE.discard((Path(out_dir) / "best_placement.json").resolve())
 
 
 def _faster_on_disk(path: Path, placement: Placement) -> bool:

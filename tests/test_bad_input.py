@@ -152,6 +152,23 @@ def test_wrong_types_in_placement_metadata_are_refused_by_show(tmp_path, capsys,
     assert expected in err and str(path) in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("extra", [["--cluster", "4xV100-nvlink"], ["--out", "pics"], ["--size", "paper"]])
+def test_show_options_that_need_the_model_are_refused_without_it_not_ignored(tmp_path, capsys, extra):
+    path = _text_file(tmp_path, "placement.json", json.dumps(VALID_PLACEMENT))
+    assert main(["show", str(path), *extra]) == 2
+    captured = capsys.readouterr()
+    assert f"{extra[0]} only apply with --model" in captured.err and captured.out == ""
+
+
+def test_a_placement_whose_step_time_is_null_is_shown_without_a_traceback(tmp_path, capsys):
+    """null is a valid step time for the metadata check; show then crashed on float(None)."""
+    doc = json.loads(json.dumps(VALID_PLACEMENT))
+    doc["metadata"]["step_time"] = None
+    path = _text_file(tmp_path, "placement.json", json.dumps(doc))
+    assert main(["show", str(path)]) == 0
+    assert "step time: not recorded" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content, expected", [
     (b'{"schema_version": 1, "fingerprint": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 41)"),
     (_deep(DEEP).encode(), "nests 200,000 levels deep"),

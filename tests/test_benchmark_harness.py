@@ -166,6 +166,7 @@ def test_agent_method_runs_through_the_same_table() -> None:
     (["--methods", "single,agent:nope"], "unknown agent 'nope'"),
     (["--models", "rnnlm,no_such_model"], "unknown zoo model 'no_such_model'"),
     (["--models", "rnnlm,no/such/net.py"], "model file 'no/such/net.py' does not exist"),
+    (["--models", "rnnlm,gpt2", "--size", "huge"], "unknown zoo size 'huge'"),
 ])
 def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, message) -> None:
     from placer.cli.benchmark import main

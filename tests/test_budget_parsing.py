@@ -35,3 +35,11 @@ def test_optimize_refuses_a_repeated_budget_in_one_line_with_status_2(tmp_path, 
     assert err.count("\n") == 1 and "budget '5m,20k,3'" in err, err
     assert not (tmp_path / "o").exists()
 
+
+
+@pytest.mark.parametrize("text", ["2M", "5m,2M", "1.5M"])
+def test_a_capital_m_is_refused_as_ambiguous_not_read_as_minutes(text):
+    """'k' counts placements, so '2M' reads as two million placements; it ran two minutes."""
+    with pytest.raises(OptionError, match="is ambiguous; expected .*m' for minutes"):
+        parse_budget(text)
+    assert parse_budget("2m").seconds == 120 and parse_budget("2K").placements == 2000

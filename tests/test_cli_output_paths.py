@@ -151,3 +151,17 @@ def test_show_and_apply_rebuild_the_model_with_the_arguments_optimize_recorded(t
     assert main(["show", str(out / "placement.json"), "--model", str(model), "--model-arg", "width=8",
                  "--out", str(tmp_path)]) == 2
     assert "it was made with the model arguments {'width': 16}" in capsys.readouterr().err
+
+
+def test_an_out_starting_with_a_tilde_is_the_home_directory_not_a_folder_named_tilde(model_file, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--out "~/runs" (quoted, or from a script's config) made a folder named '~' in the current
+    one while the run printed "results in ~/runs/"; --cache-dir already read '~' as home."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "20", "--baselines", "single",
+                 "--no-check", "-q", "--out", "~/runs"]) == 0
+    assert (home / "runs" / "placement.json").is_file() and not (work / "~").exists()

@@ -169,6 +169,18 @@ def test_a_get_model_argument_without_a_default_is_named_with_how_to_give_it(tmp
     assert spec.model.out_features == 5
 
 
+def test_sys_exit_in_get_model_is_the_model_files_failure_not_placers_exit(tmp_path):
+    msg = load_error(tmp_path, """
+        import sys
+        import torch
+        def get_model():
+            sys.exit("no weights here")
+        def get_example_inputs():
+            return (torch.randn(1, 3),)
+    """)
+    assert "get_model() in model.py raised SystemExit: no weights here" in msg
+
+
 def test_get_model_returns_non_module(tmp_path):
     msg = load_error(tmp_path, """
         import torch

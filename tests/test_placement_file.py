@@ -140,3 +140,23 @@ def test_device_map_from_a_graph_module():
     gm = fx.symbolic_trace(Two())
     assert to_device_map({"x": "cpu", "a": "cpu", "b": "cuda:0", "output": "cuda:0"}, gm) == {
         "a": "cpu", "b": "cuda:0"}
+
+
+def test_a_real_devices_map_edited_short_names_the_map_not_the_cluster():
+    from placer.api import real_devices_of
+
+    short = _placement(metadata={"real_devices": {"gpu0": "cpu"}})
+    with pytest.raises(PlacementFileError, match=r"'real_devices' maps no real device for \['gpu1'\]"):
+        real_devices_of(short)
+    assert real_devices_of(_placement(metadata={"real_devices": {"gpu0": "cpu", "gpu1": "cpu"}})) == {
+        "gpu0": "cpu", "gpu1": "cpu"}
+
+
+def test_a_placement_without_a_real_devices_map_runs_on_the_cluster_it_names():
+    """placer apply --help: the default cluster is the one recorded in the placement. Without a
+    recorded map, a 4xK40 placement's 'gpu0' was taken for a torch device and refused."""
+    from placer.api import real_devices_of
+
+    named = _placement(metadata={"cluster": "4xK40", "simulated_cluster": True})
+    assert real_devices_of(named) == {"cpu": "cpu", "gpu0": "cpu", "gpu1": "cpu", "gpu2": "cpu", "gpu3": "cpu"}
+    assert real_devices_of(_placement(metadata={"cluster": "ranks(cpu:0,cpu:1)"})) == {"gpu0": "gpu0", "gpu1": "gpu1"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -252,3 +253,65 @@ def test_an_interrupt_after_the_search_kept_a_best_leaves_it_in_place(tmp_path, 
                         baselines=("round_robin",), verbose=0, check=False)
     assert (out / "best_placement.json").read_text() == "this run's best"
     assert (out / "previous" / "placement.json").read_text() == "earlier run"
+
+
+WIDE_MLP = """
+import torch
+
+
+def get_model(width=8):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+
+
+def get_example_inputs(width=8):
+    return (torch.randn(4, 8),)
+"""
+
+
+def test_an_interrupted_runs_best_placement_applies_like_placement_json(tmp_path, monkeypatch, capsys):
+    """best_placement.json kept during the search lacked the model arguments and the real
+    devices: `placer apply` of an interrupted `--model-arg width=16` run said "made for another
+    model", and with the argument given, "device 'gpu0' maps onto 'gpu0', which is not a torch device"."""
+    import placer.optimizing.stages as stages
+    from placer.cli.main import main
+
+    path = tmp_path / "wide.py"
+    path.write_text(WIDE_MLP)
+    out = tmp_path / "out"
+
+    def interrupted_after_the_search(*_args, **_kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(stages, "confirm", interrupted_after_the_search)
+    with pytest.raises(KeyboardInterrupt):
+        placer.optimize(str(path), cluster="4xK40", budget="50", out_dir=out, progress=False, model_args={"width": 16},
+                        baselines=("round_robin",), verbose=0)
+    meta = json.loads((out / "best_placement.json").read_text())["metadata"]
+    assert meta["model_args"] == {"width": 16} and meta["real_devices"]["gpu0"] == "cpu"
+    assert meta["method"] == "placer (moves)" and meta["checked"] is False
+    assert main(["apply", str(path), str(out / "best_placement.json"), "--steps", "1", "--warmup", "0"]) == 0
+    assert "step time: median" in capsys.readouterr().out
+
+
+def test_a_second_run_in_the_same_process_keeps_a_faster_best_on_disk_until_it_beats_it(tmp_path, monkeypatch):
+    """The files 'written here' were the process's: a second placer.optimize(resume=True) in one
+    process replaced the first run's faster best (zoo:nmt: a pipeline, 1.925 ms) with its own
+    search's first, slower one (un-pipelined), which an interrupt then left on disk."""
+    import placer.optimizing.stages as stages
+
+    out = tmp_path / "out"
+    first = placer.optimize("zoo:nmt", cluster="4xK40", budget="300", out_dir=out, progress=False,
+                            baselines=("single",), verbose=0, check=False)
+    kept = json.loads((out / "best_placement.json").read_text())
+    assert kept["pipeline"] and kept["metadata"]["step_time"] == pytest.approx(first.step_time)
+
+    def interrupted_after_the_search(*_args, **_kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(stages, "confirm", interrupted_after_the_search)
+    with pytest.raises(KeyboardInterrupt):
+        placer.optimize("zoo:nmt", cluster="4xK40", budget="5", out_dir=out, resume=True, progress=False,
+                        baselines=("single",), verbose=0, check=False)
+    assert json.loads((out / "best_placement.json").read_text())["metadata"]["step_time"] <= (
+        kept["metadata"]["step_time"] * (1 + 1e-9))

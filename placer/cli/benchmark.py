@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         parse_budget(args.budget)
     check_seed(args.seed)
     check_cache_dir(args.cache_dir)
-    check_model_sources(models)
+    check_model_sources(models, args.size)
 
     def say(msg: str) -> None:
         if not args.quiet:

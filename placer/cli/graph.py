@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise OptionError(f"--top must be 0 or more, got {args.top}")
     if args.save:
+        args.save = str(Path(args.save).expanduser())  # '~' is home, as for --out and --cache-dir
         graph_format(args.save)  # refuse a bad file name or folder before the long work
         check_out_dir(Path(args.save).parent)
     check_cache_dir(args.cache_dir)

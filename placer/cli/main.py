@@ -121,14 +121,14 @@ def _interrupted_before_results(args: argparse.Namespace, started: float = 0.0) 
     out = getattr(args, "out", None)
     if not out:
         return "interrupted"
-    best, written = Path(out) / "best_placement.json", Path(out) / "placement.json"
+    best, written = Path(out).expanduser() / "best_placement.json", Path(out).expanduser() / "placement.json"
     if not best.is_file() or best.stat().st_mtime < started:
         if getattr(args, "command", None) == "optimize" and written.is_file():
             return f"interrupted before this run found a placement; the earlier results in {out} are as they were"
         return "interrupted"
     if written.is_file() and written.stat().st_mtime >= best.stat().st_mtime:
         return f"interrupted after the results were written: {written} and its report are complete"
-    earlier = Path(out) / "previous" / "placement.json"
+    earlier = Path(out).expanduser() / "previous" / "placement.json"
     return (f"interrupted before the results were written; the best placement found so far is in {best} "
             "(not checked: `placer apply` says so; rerun with --resume to continue from it)"
             + (f"; the earlier run's checked result is in {earlier.parent}/" if earlier.is_file() else ""))

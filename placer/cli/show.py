@@ -84,16 +84,28 @@ def recorded_rank_cluster(placement: Placement) -> Cluster:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from placer.options import OptionError
     from placer.placement_file import load_placement, recorded_model_args
 
+    if not args.model:
+        # Without the model there is nothing to simulate or draw: `show p.json --cluster
+        # 4xV100-nvlink` printed the recorded summary and exited 0, the option ignored.
+        given = [flag for flag, value in (("--cluster", args.cluster), ("--size", args.size),
+                                          ("--model-arg", args.model_arg), ("--out", args.out != "."),
+                                          ("--cache-dir", args.cache_dir)) if value]
+        if given:
+            raise OptionError(f"{', '.join(given)} only apply with --model (show simulates and draws a placement "
+                              "only with its model); expected --model MODEL, a model file or zoo:<name>")
     placement = load_placement(args.placement)
     counts = Counter(placement.assignment.values())
     meta = placement.metadata
     print(f"placement {args.placement}")
     print(f"  model: {meta.get('model', '?')} (fingerprint {placement.fingerprint}), schema v{placement.schema_version}")
     print(f"  devices: {', '.join(placement.devices)}" + (f" on cluster {meta['cluster']}" if "cluster" in meta else ""))
-    if "step_time" in meta:
+    if meta.get("step_time") is not None:  # null is a valid "no time" (placement_file's metadata check)
         print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
+    elif "step_time" in meta:
+        print("  step time: not recorded")
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
     if placement.pipeline is not None:
         pipe = placement.pipeline
@@ -110,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.plots import plot_memory, plot_placed_graph
 
-    check_out_dir(args.out)  # before the model is captured and profiled, not after
+    pictures_dir = check_out_dir(args.out)  # before the model is captured and profiled, not after
     cluster_name = args.cluster or meta.get("cluster_spec") or meta.get("cluster")
     if not cluster_name:
         raise OptionError("the placement records no cluster; give one with --cluster")
@@ -136,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                               "expected inputs whose dim 0 the micro-batches split")
         placement.pipeline.check_batch(batch)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
-    out = Path(args.out)
+    out = pictures_dir or Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if placement.pipeline is not None:
         from envs.sim.data_parallel import simulate_pipelined

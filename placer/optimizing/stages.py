@@ -58,7 +58,7 @@ from placer.search.baselines.pipeline_rows import parallel_rows
 from placer.search.config import SearchConfig, check_policy_readable
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
 from placer.search.tracker import SearchResult
-from placer.write_failure import OutputWriteError, rescue, save_best_so_far
+from placer.write_failure import OutputWriteError, new_run_in, rescue, save_best_so_far
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ class Compiled:
         run, cluster = self.run, self.run.cluster
         assignment = run.grouping.expand(self.problem.array_to_placement(row))
         op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
+        meta = {**self.run_metadata(), **metadata}
+        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
+                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
+
+    def run_metadata(self) -> dict[str, Any]:
+        """What every placement file of this run records besides its own step time: the
+        model, its arguments, the cluster and the real devices its names map to."""
+        run, cluster = self.run, self.run.cluster
         meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
                 "real_devices": cluster.real_device_map(), **run.provenance}
         if cluster.spec_path is not None:  # show and apply find the spec again without --cluster
@@ -116,9 +124,7 @@ class Compiled:
             names = cluster.device_names
             meta["links"] = [[a, b, cluster.link(a, b).latency_s, cluster.link(a, b).bandwidth_Bps]
                              for i, a in enumerate(names) for b in names[i + 1:]]
-        meta.update(metadata)
-        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
-                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
+        return meta
 
     def op_pipeline(self, pipeline: Pipeline) -> Pipeline:
         """``pipeline`` (over the groups) over the ops: each stage the ops of its groups in program order."""
@@ -147,6 +153,9 @@ class Searched:
     candidate: Candidate
     rounds: tuple[dict[str, Any], ...]
     seconds: float
+    #: With --resume: the pipeline the earlier run left, read before the search could
+    #: replace best_placement.json (see :func:`search_run`).
+    resumed_pipeline: Pipeline | None = None
 
 
 @dataclass(frozen=True)
@@ -301,11 +310,20 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         initial[:0] = previous
         if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
+    # Read now: the search's first improvement may replace best_placement.json (always, in a
+    # process that wrote it before), and a pipeline it held was gone when the pipeline search
+    # came to read it.
+    resumed_pipeline = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir else None
+    if run.out_dir is not None:
+        new_run_in(run.out_dir)
     method = f"placer ({config.agent})"
     search_config = SearchConfig(
         agent=config.agent, budget=config.budget, seed=config.seed, out_dir=run.out_dir, num_groups=config.groups,
         progress=config.progress, fingerprint=run.captured.fingerprint, expand=run.grouping.expand,
         resume=config.resume and run.out_dir is not None, pretrained=config.pretrained,
+        # The best so far is what an interrupted run leaves: `placer apply` must rebuild the
+        # model (its arguments) and find its devices from it, as from placement.json.
+        metadata=compiled.run_metadata(),
     )
     rounds = None
     if run.reward == "measured":
@@ -349,7 +367,7 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
         row = _hybrid_agent_row(measurer, result, interrupted=result.stop_reason == "interrupted")
     candidate = Candidate(method, row, seconds, result.evaluated, f"stopped: {result.stop_reason}",
                           history=list(result.history))
-    return Searched(result, candidate, tuple(rounds.log) if rounds is not None else (), seconds)
+    return Searched(result, candidate, tuple(rounds.log) if rounds is not None else (), seconds, resumed_pipeline)
 
 
 def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, searched: Searched,
@@ -383,7 +401,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     # DDP, the pipeline partitioners and placer's pipeline search, simulated, beside the
     # placements (issue 16). A placement or a pipeline can win (placement.json holds either);
     # DDP and pipeline x DDP hybrids cannot be written: the final line recommends the fastest.
-    resumed = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir is not None else None
+    resumed = searched.resumed_pipeline
     # Timed apart: with a placement budget the pipeline search simulates as many pipelines as
     # the search placements, and took longer than the placement search itself (a 535-op
     # transformer at --budget 20000: about 15 s against 1.3 s) without showing in -v's stages.

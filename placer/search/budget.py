@@ -78,7 +78,12 @@ def parse_budget(text: str | int | float | Budget) -> Budget:
         return Budget(seconds=text)
     seconds: float | None = None
     placements: int | None = None
-    for part in str(text).replace(" ", "").lower().split(","):
+    for raw in str(text).replace(" ", "").split(","):
+        if re.fullmatch(r"\d+(?:\.\d+)?M", raw):
+            # 'k' counts placements, so '2M' reads as two million of them; it was two minutes.
+            raise OptionError(f"cannot read budget {text!r}: {raw!r} is ambiguous; expected '{raw[:-1]}m' for "
+                              f"minutes or a number of placements such as '{raw[:-1]}000k'")
+        part = raw.lower()
         m_time = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h)", part)
         m_count = re.fullmatch(r"(\d+)(k?)", part)
         # A second time or count would silently override the first: '5m,20k,3' is a typo, not a budget.

@@ -90,6 +90,9 @@ class SearchConfig:
         save_path: where the trained policy is saved (see :attr:`policy_path`).
         fingerprint, expand: written into / applied to the placement file (e.g. the model's
             fingerprint and ``grouping.expand`` to save op-level placements).
+        metadata: more metadata of that file (``optimize``: the run's model arguments and real
+            devices, so that ``placer apply`` of an interrupted run's best_placement.json
+            rebuilds the model and finds the devices as it does for placement.json).
         ppo, reinforce: hyper-parameters of the PPO agents and of REINFORCE.
         threads: torch intra-op threads during the search (None: leave as is).
         env_kwargs: more :class:`envs.gym.placement_env.PlacementEnv` arguments (reward_mode,
@@ -124,6 +127,7 @@ class SearchConfig:
     save_path: Path | None = None
     fingerprint: str = ""
     expand: Callable[[dict[str, str]], dict[str, str]] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
     ppo: PPOConfig | None = None
     reinforce: ReinforceConfig | None = None
     threads: int | None = 1

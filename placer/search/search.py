@@ -105,7 +105,8 @@ def search(
     rows = _check_rows(problem, initial_placements)
     tracker = BestTracker(problem, config.budget, patience=config.patience, out_dir=config.out_dir,
                           callback=callback, fingerprint=config.fingerprint, expand=config.expand,
-                          progress=config.progress, agent=config.agent, on_improve=on_improve)
+                          progress=config.progress, agent=config.agent, on_improve=on_improve,
+                          metadata=config.metadata)
     left = tracker.remaining_placements()
     num_envs = config.num_envs if left is None else max(1, min(config.num_envs, left))
     save_path = config.policy_path

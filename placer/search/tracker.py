@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -191,6 +192,8 @@ class BestTracker:
         expand: maps the problem's ``{node: device}`` to the file's (e.g. groups → ops).
         progress: show a tqdm bar with the best step time.
         agent: the agent's name, for the file's metadata.
+        metadata: more of the file's metadata, under the tracker's own (the run's model
+            arguments and real devices, which ``placer apply`` reads back).
         on_improve: called as ``on_improve(row, step_time, evaluated)`` on every improvement.
 
     Rewards whose scale changes during the search (hybrid: the simulator is recalibrated from
@@ -207,6 +210,7 @@ class BestTracker:
     progress: bool = False
     agent: str = ""
     on_improve: Callable[[np.ndarray, float, int], None] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
     best_row: np.ndarray | None = field(default=None, init=False)
     best_step_time: float = field(default=math.inf, init=False)
     best_fits: bool = field(default=False, init=False)
@@ -358,6 +362,7 @@ class BestTracker:
         if self.expand is not None:
             assignment = dict(self.expand(assignment))
         meta = {
+            **self.metadata,
             "model": self.problem.name,
             "cluster": self.problem.cluster_name,
             "step_time": self.best_step_time,
@@ -366,6 +371,7 @@ class BestTracker:
             "evaluated": evaluated,
             "wall_s": round(self.wall_s, 3),
             "agent": self.agent,
+            "method": f"placer ({self.agent})" if self.agent else "placer",
             "phase": self.best_phase,
         }
         placement = Placement(assignment=assignment, fingerprint=self.fingerprint,
