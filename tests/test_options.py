@@ -52,3 +52,26 @@ def test_a_model_argument_given_twice_with_two_values_is_refused_not_last_one_wi
     with pytest.raises(OptionError, match="--size small and --model-arg size=paper disagree"):
         parse_model_args(["size=paper"], size="small")
     assert parse_model_args(["layers=2", "layers=2", "size=paper"], size="paper") == {"layers": 2, "size": "paper"}
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("cluster", 5, "cluster must be a preset name"),
+    ("devices", 3, "devices must be a string"),
+    ("groups", "4", "groups must be an integer"),
+    ("groups", True, "groups must be an integer"),
+    ("measure_timeout", -1, "measure_timeout must be a number of seconds above 0"),
+    ("measure_timeout", float("nan"), "measure_timeout must be a number of seconds above 0"),
+    ("agent", None, "agent must be an agent's name"),
+    ("check", "no", "check must be True or False"),
+])
+def test_an_api_option_of_the_wrong_kind_is_refused_naming_it_before_the_run(option, value, named) -> None:
+    """Through the Python API (the CLI's parsers cannot produce these): ``cluster=5`` stopped in
+    ``os.fspath`` and ``groups="4"`` in a comparison with a TypeError traceback, a negative
+    ``measure_timeout`` was accepted, ``check="no"`` read as true."""
+    from placer.optimizing.config import OptimizeConfig
+
+    options = {"cluster": "4xK40", option: value}
+    if option == "devices":
+        options.pop("cluster")
+    with pytest.raises(OptionError, match=named):
+        OptimizeConfig("zoo:rnnlm", **options)

@@ -118,7 +118,8 @@ class OptimizeConfig:
         set_(self, "leaf_modules", tuple(self.leaf_modules))
         if self.reward is not None and self.reward not in REWARD_MODES:
             raise OptionError(f"unknown reward mode {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
-        if self.groups is not None and (isinstance(self.groups, bool) or self.groups < 1):
+        self._check_types()
+        if self.groups is not None and self.groups < 1:
             raise OptionError(f"--groups must be at least 1, got {self.groups}")
         check_seed(self.seed)
         check_cache_dir(self.cache_dir)
@@ -135,6 +136,34 @@ class OptimizeConfig:
             get_baseline(name)  # unknown names fail now, not after profiling
         if self.model_args is not None:
             set_(self, "model_args", MappingProxyType(dict(self.model_args)))
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong kind given through the Python API (the CLI's parsers cannot
+        produce one) in one line naming the option, before it fails deep inside a run:
+        ``cluster=5`` stopped in ``os.fspath``, ``groups="4"`` in a comparison, and a negative
+        ``measure_timeout`` was accepted (the CLI refuses it)."""
+
+        def kind(value: object) -> str:
+            return f"{type(value).__name__} {value!r}"
+
+        if self.cluster is not None and not isinstance(self.cluster, (str, os.PathLike, Cluster, Mapping)):
+            raise OptionError(f"cluster must be a preset name, a spec file path, a Cluster or a spec dict; got "
+                              f"{kind(self.cluster)}")
+        if self.devices is not None and not (isinstance(self.devices, str) or (
+                isinstance(self.devices, Sequence) and all(isinstance(d, str) for d in self.devices))):
+            raise OptionError(f"devices must be a string such as 'cpu,cuda:0' or a list of device strings; got "
+                              f"{kind(self.devices)}")
+        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int)):
+            raise OptionError(f"groups must be an integer of at least 1; got {kind(self.groups)}")
+        if self.measure_timeout is not None and (
+                isinstance(self.measure_timeout, bool) or not isinstance(self.measure_timeout, (int, float))
+                or not 0 < self.measure_timeout < float("inf")):
+            raise OptionError(f"measure_timeout must be a number of seconds above 0; got {kind(self.measure_timeout)}")
+        if not isinstance(self.agent, str):
+            raise OptionError(f"agent must be an agent's name ({', '.join(agent_names())}); got {kind(self.agent)}")
+        for name in ("resume", "pretrained", "check", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False; got {kind(getattr(self, name))}")
 
     @property
     def from_source(self) -> bool:
