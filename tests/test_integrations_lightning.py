@@ -99,3 +99,12 @@ def test_missing_attribute_is_a_clear_error():
     callback = PlacerCallback((torch.randn(8, 16),), attr="net", cluster="4xK40")
     with pytest.raises(PlacerError, match="no submodule 'net'"):
         _fit(module, [callback])
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"cluster": "nosuch"}, "nosuch"),
+    ({"cluster": "4xK40", "budget": "soon"}, "budget"),
+])
+def test_a_bad_cluster_or_budget_is_refused_when_the_callback_is_made_not_at_fit(options, named):
+    with pytest.raises(PlacerError, match=named):
+        PlacerCallback((torch.randn(8, 16),), **options)

@@ -38,10 +38,10 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
-from placer.integrations.loop import IntegrationError, find_placement
+from placer.integrations.loop import IntegrationError, cluster_for, find_placement
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
 from placer.optimizing.config import ClusterSource
-from placer.search.budget import DEFAULT_BUDGET, BudgetLike
+from placer.search.budget import DEFAULT_BUDGET, BudgetLike, parse_budget
 
 try:  # Lightning 2.x ships as ``lightning``; the older ``pytorch_lightning`` has the same Callback.
     from lightning.pytorch.callbacks import Callback
@@ -87,6 +87,10 @@ class PlacerCallback(Callback):
                  tune: bool = False, trials: int = 12, candidates: Any = 4,
                  output_device: str | None = None, seed: int = 0) -> None:
         super().__init__()
+        # A bad cluster, device list, memory cap or budget is refused here, where the callback is
+        # written, not when fit() starts (after the data loaders and the model were set up).
+        cluster_for(cluster, devices, memory)
+        parse_budget(budget)
         self.example_batch = example_batch
         self.attr = attr
         self.cluster, self.devices, self.memory = cluster, devices, memory
