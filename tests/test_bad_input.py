@@ -169,6 +169,16 @@ def test_a_placement_whose_step_time_is_null_is_shown_without_a_traceback(tmp_pa
     assert "step time: not recorded" in capsys.readouterr().out
 
 
+def test_a_hand_written_placement_without_method_or_source_says_so_in_show(tmp_path, capsys):
+    """show printed "method ?" for a placement written by hand with a step time and no method."""
+    doc = json.loads(json.dumps(VALID_PLACEMENT))
+    doc["metadata"] = {"step_time": 0.002}
+    path = _text_file(tmp_path, "placement.json", json.dumps(doc))
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2.000 ms (source not recorded), method not recorded" in out and "?" not in out
+
+
 @pytest.mark.parametrize("content, expected", [
     (b'{"schema_version": 1, "fingerprint": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 41)"),
     (_deep(DEEP).encode(), "nests 200,000 levels deep"),

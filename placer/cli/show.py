@@ -100,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
     counts = Counter(placement.assignment.values())
     meta = placement.metadata
     print(f"placement {args.placement}")
-    print(f"  model: {meta.get('model', '?')} (fingerprint {placement.fingerprint}), schema v{placement.schema_version}")
+    print(f"  model: {meta.get('model', 'not recorded')} (fingerprint {placement.fingerprint}), "
+          f"schema v{placement.schema_version}")
     print(f"  devices: {', '.join(placement.devices)}" + (f" on cluster {meta['cluster']}" if "cluster" in meta else ""))
     if meta.get("step_time") is not None:  # null is a valid "no time" (placement_file's metadata check)
-        print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({meta.get('source', '?')}), method {meta.get('method', '?')}")
+        source, method = meta.get("source", "source not recorded"), meta.get("method", "not recorded")
+        print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({source}), method {method}")
     elif "step_time" in meta:
         print("  step time: not recorded")
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
