@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -174,6 +176,16 @@ def test_cli_refuses_bad_options_before_preparing(capsys, tmp_path, argv, messag
     code = main(["--models", "rnnlm", "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "preparing" not in err
+
+
+def test_a_size_given_for_model_files_alone_is_refused_not_ignored(capsys, tmp_path) -> None:
+    """--size is the zoo's: with only model files it was accepted and changed nothing."""
+    from placer.cli.benchmark import main
+
+    model_file = Path(__file__).resolve().parents[1] / "graphs" / "zoo" / "rnnlm.py"
+    code = main(["--models", str(model_file), "--size", "paper", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--size paper sizes zoo models" in err and "preparing" not in err
 
 
 def test_optimizer_name_reads_the_model_files_optimizer() -> None:

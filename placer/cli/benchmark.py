@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="comma-separated zoo models or model files (default: the whole zoo)")
     parser.add_argument("--clusters", default=DEFAULT_CLUSTERS, help=f"comma-separated clusters (default: {DEFAULT_CLUSTERS})")
     parser.add_argument("--methods", default="baselines", help="comma-separated methods (default: every baseline)")
-    parser.add_argument("--size", default="small", help="zoo size preset: small (default) or paper")
+    parser.add_argument("--size", default=None, help="zoo size preset: small (default) or paper")
     parser.add_argument("--budget", default=None,
                         help="search budget for random and agents: placements (1000, 20k) or time (90s, 2m); "
                              f"default: {DEFAULT_BUDGET} for agents, 1,000 placements for random")
@@ -59,7 +59,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run ``placer benchmark``; returns the exit status."""
     from graphs.zoo import ZOO_MODELS
-    from placer.benchmark import BenchmarkError, check_model_sources, get_method, markdown, prepare_cases, run_benchmark
+    from placer.benchmark import (
+        BenchmarkError,
+        check_model_sources,
+        get_method,
+        markdown,
+        model_source,
+        prepare_cases,
+        run_benchmark,
+    )
     from placer.options import check_seed
     from placer.out_dir import check_cache_dir
 
@@ -84,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         parse_budget(args.budget)
     check_seed(args.seed)
     check_cache_dir(args.cache_dir)
+    if args.size is not None and not any(model_source(m).startswith("zoo:") for m in models):
+        raise BenchmarkError(f"--size {args.size} sizes zoo models, and --models names none (model files build "
+                             "their model with get_model's defaults here); expected a zoo model among --models, "
+                             "or no --size")
+    args.size = args.size or "small"
     check_model_sources(models, args.size)
 
     def say(msg: str) -> None:
