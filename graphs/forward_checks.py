@@ -183,6 +183,15 @@ def _export_node(value: torch.Tensor) -> fx.Node | None:
     return getattr(proxy, "node", None)
 
 
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """``root``'s submodule at ``path`` ("" is ``root``), None where there is none: what the
+    forward pre-hooks here look up at every step, where ``get_submodule``'s checks cost ~4 us a path."""
+    found: nn.Module | None = root
+    for part in path.split(".") if path else ():
+        found = found._modules.get(part) if found is not None else None
+    return found
+
+
 def pin_constant_attributes(gm: fx.GraphModule, reads: Mapping[str, Scalar | TensorRead]) -> None:
     """Refuse a forward of ``gm`` after a module attribute its graph baked in as a Python value
     (:data:`Scalar`) was set to another one on ``gm`` (``placed.block.tau = 0.5``, an annealed
@@ -207,10 +216,7 @@ def _refuse_changed_constants(module: fx.GraphModule, args: tuple) -> None:
     for qualname, value in baked.items():
         path, _, name = qualname.rpartition(".")
         if path not in holders:
-            found: nn.Module | None = module  # get_submodule's checks cost ~4 us a path, on every step
-            for part in path.split(".") if path else ():
-                found = found._modules.get(part) if found is not None else None
-            holders[path] = found  # None: the graph holds no such module, so nothing could be set on it
+            holders[path] = _submodule(module, path)  # None: no such module, so nothing could be set on it
         holder = holders[path]
         got = value if holder is None else holder.__dict__.get(name, value)
         if got is value or (not isinstance(value, TensorRead) and _same_constant(got, value)):
@@ -255,9 +261,7 @@ def refuse_hooks_never_run(gm: fx.GraphModule) -> None:
 def _refuse_hooks_never_run(module: fx.GraphModule, args: tuple) -> None:
     """Forward pre-hook of :func:`refuse_hooks_never_run`."""
     for path in module.__dict__.get("placer_never_called") or ():
-        found: nn.Module | None = module  # get_submodule's checks cost ~4 us a path, on every step
-        for part in path.split("."):
-            found = found._modules.get(part) if found is not None else None
+        found = _submodule(module, path)
         if found is not None and (found._forward_hooks or found._forward_pre_hooks or found._backward_hooks
                                   or found._backward_pre_hooks):
             raise CaptureError(
