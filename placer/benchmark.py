@@ -351,6 +351,7 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
     from envs.sim.problem import compile_problem
     from graphs.pipeline import prepare
 
+    check_model_sources(models, size)
     loaded = []
     for cname in clusters:
         base, fraction = split_cluster_name(cname)
@@ -358,7 +359,6 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
         cluster = discover_cluster() if base == "real" else load_cluster(base)
         loaded.append((cname, cluster, fraction))
     cases = []
-    check_model_sources(models, size)
     for model in models:
         source = model_source(model)
         # The size preset is the zoo's: a model file need not take a `size` argument.

@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from graphs.zoo import ZOO_MODELS
     from placer.benchmark import (
         BenchmarkError,
-        check_model_sources,
         get_method,
         markdown,
         model_source,
@@ -96,15 +95,15 @@ def run(args: argparse.Namespace) -> int:
         raise BenchmarkError(f"--size {args.size} sizes zoo models, and --models names none (model files build "
                              "their model with get_model's defaults here); expected a zoo model among --models, "
                              "or no --size")
-    args.size = args.size or "small"
-    check_model_sources(models, args.size)
+    size = args.size or "small"
 
     def say(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    cases = prepare_cases(models, clusters, args.size, args.memory_fraction, cache_dir=args.cache_dir, progress=say)
-    table = run_benchmark(models, clusters, methods, size=args.size, budget=args.budget, out_dir=args.out,
+    # prepare_cases refuses an unknown zoo model, a missing model file or size before preparing any.
+    cases = prepare_cases(models, clusters, size, args.memory_fraction, cache_dir=args.cache_dir, progress=say)
+    table = run_benchmark(models, clusters, methods, size=size, budget=args.budget, out_dir=args.out,
                           seed=args.seed, measure=args.measure, cases=cases, progress=say)
     print(markdown(table))
     found = int(table["fits"].sum())
