@@ -145,6 +145,20 @@ def _factory_node(tracer: fx.Tracer, factory: Callable[..., Any], args: tuple, k
 
 
 @contextlib.contextmanager
+def _replaced(replacements: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """``(module, name, value)``: each module attribute set to its value for the block, then
+    put back (the torch factories and the random draws a trace must not run as they are)."""
+    originals = [(module, name, getattr(module, name)) for module, name, _ in replacements]
+    for module, name, value in replacements:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
 def factories_taking_proxies(tracer: fx.Tracer) -> Iterator[None]:
     """While fx traces, let ``torch.zeros(x.size(0), 16)`` (a size that reads the data) be a node.
 
@@ -166,13 +180,8 @@ def factories_taking_proxies(tracer: fx.Tracer) -> Iterator[None]:
 
         return call
 
-    for name, factory in originals.items():
-        setattr(torch, name, taking_proxies(factory))
-    try:
+    with _replaced([(torch, name, taking_proxies(factory)) for name, factory in originals.items()]):
         yield
-    finally:
-        for name, factory in originals.items():
-            setattr(torch, name, factory)
 
 
 class ConstantUpdatedByData(CaptureError):
@@ -213,7 +222,7 @@ def python_draws_refused() -> Iterator[None]:
     ``random.Random`` of the model's own is not); a value that still changes from one trace to the
     next is refused after a second trace (:func:`_mode_baked_by_fx`).
     """
-    patched: list[tuple[Any, str, Any]] = []
+    draws: list[tuple[Any, str]] = []
     sources: list[tuple[Any, Any]] = [(random, random._inst)]
     numpy = sys.modules.get("numpy")  # a model that draws with numpy has imported it
     numpy_random = getattr(numpy, "random", None)  # numpy imports its random module on first use
@@ -223,7 +232,7 @@ def python_draws_refused() -> Iterator[None]:
         for name in getattr(module, "__all__", ()):
             draw = getattr(module, name, None)
             if state is not None and getattr(draw, "__self__", None) is state and name not in _NOT_DRAWS:
-                patched.append((module, name, draw))
+                draws.append((module, name))
 
     def refusing(qualname: str) -> Callable[..., Any]:
         def refuse(*args: Any, **kwargs: Any) -> Any:
@@ -234,13 +243,8 @@ def python_draws_refused() -> Iterator[None]:
 
         return refuse
 
-    for module, name, _ in patched:
-        setattr(module, name, refusing(f"{module.__name__}.{name}"))
-    try:
+    with _replaced([(module, name, refusing(f"{module.__name__}.{name}")) for module, name in draws]):
         yield
-    finally:
-        for module, name, draw in patched:
-            setattr(module, name, draw)
 
 
 class GradModeNotTraced(CaptureError):
