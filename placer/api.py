@@ -173,7 +173,7 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
         raise PlacerError("the placement carries no pipeline; expected a pipelined placement (schema 2)")
     gm = captured.gm
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps,
+    run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps, warmup=warmup,
                        optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s)
     times = list(run.step_times[warmup:])
     stage_list = "; ".join(

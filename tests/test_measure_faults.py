@@ -6,6 +6,7 @@ Also the pieces every measurer shares: the cache, the step timer, the supervisor
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -172,6 +174,28 @@ def test_the_step_timer_times_only_the_steps_after_warmup_between_syncs():
     assert median_step_time([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError):
         time_steps(step, warmup=0, repeats=0)
+
+
+class _Cycle:
+    """An object in a reference cycle with itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_timed_steps_freeze_what_existed_before_them_but_still_collect_what_they_make():
+    before = gc.get_freeze_count()
+    seen = []
+
+    def step():
+        ref = weakref.ref(_Cycle())  # garbage made by this step, freed only by a collection
+        gc.collect()  # a full collection inside the step: cheap when the old objects are frozen
+        seen.append((gc.get_freeze_count(), ref() is None))
+
+    time_steps(step, warmup=2, repeats=3)
+    assert [count == before for count, _ in seen] == [True, True, False, False, False]  # frozen while timed only
+    assert all(freed for _, freed in seen)  # the timed steps' own cycles are still collected
+    assert gc.get_freeze_count() == before  # released afterwards
 
 
 def _optimize_until_best(args, out: Path, sig: int, timeout_s: float = 240.0):

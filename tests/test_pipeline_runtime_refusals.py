@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -174,6 +175,20 @@ def test_a_cut_between_an_in_place_update_and_another_read_of_the_same_buffer_is
                                             r"\(stage 1\) updates in place: stage 0 would read its own copy"):
         split_stages(gm, pipe)
     split_stages(gm, Pipeline((tuple(names),), ("cpu:0",), 2, "gpipe"))
+
+
+def test_a_job_runs_its_steps_after_the_warmup_with_the_older_objects_frozen_and_refuses_a_bad_warmup(tmp_path):
+    from envs.runtime.pipeline.worker import _steps
+
+    before = gc.get_freeze_count()
+    frozen = [gc.get_freeze_count() > before for _ in _steps({"steps": 4, "warmup": 1})]
+    assert frozen == [False, True, True, True] and gc.get_freeze_count() == before
+    assert list(_steps({"steps": 2})) == [0, 1]  # a job file written before the field: every step timed
+    gm, batch = model_and_batch(Chain)
+    for bad in (-1, 3, 1.5, True):
+        with pytest.raises(PipelineError, match=rf"warm-up steps must be a whole number from 0 to steps - 1 = 2; "
+                                                rf"got warmup={bad!r}"):
+            launcher.write_job(tmp_path, gm, batch, None, steps=3, warmup=bad)
 
 
 def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_2(tmp_path):

@@ -8,6 +8,11 @@ Why synchronise on both sides of a step: CUDA kernels run asynchronously, so the
 only be read once every device used is idle (``torch.cuda.synchronize``); across ranks a
 step lasts until the slowest rank is done, so each timed step starts and ends with a
 barrier and every rank reads the same interval.
+
+Why the timed steps run under :func:`graphs.gc_pause.frozen_gc`: a collection of Python's
+oldest generation walks every object of the process (130-245 ms in a rank here) and lands on
+a step fixed by the start-up's allocations, the same step in every fresh job of a placement;
+it is start-up, not the steady state the simulator predicts (see that function).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from graphs.gc_pause import frozen_gc
 
 __all__ = ["StepTimes", "time_steps", "median_step_time"]
 
@@ -37,22 +44,26 @@ def time_steps(step: Callable[[], object], warmup: int, repeats: int,
         step: one full training step (forward, loss, backward, optimizer step).
         sync: waits until the step's work is really done (device synchronise, barrier).
         on_timing: called once, just before the first timed step (e.g. to reset counters).
+            The timed steps run with the collector's older objects frozen (module doc).
 
     Returns:
         The ``repeats`` wall times (seconds) and the process CPU time of the timed steps.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    times: list[float] = []
-    cpu = 0.0
-    for i in range(warmup + repeats):
-        if i == warmup:
-            on_timing()
+    for _ in range(warmup):
         sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
-        if i >= warmup:
+    times: list[float] = []
+    cpu = 0.0
+    with frozen_gc():
+        on_timing()
+        for _ in range(repeats):
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            sync()
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
     return StepTimes(tuple(times), cpu)

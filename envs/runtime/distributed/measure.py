@@ -212,7 +212,7 @@ class DistributedMeasurer:
         self.jobs += 1
         try:
             run_ = run_training(gm, dict(zip(names, spec.example_inputs)), pipeline, world=world,
-                                steps=self.warmup + self.repeats, optimizer=spec.optimizer_fn,
+                                steps=self.warmup + self.repeats, warmup=self.warmup, optimizer=spec.optimizer_fn,
                                 loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
         except (PipelineError, PipelineRunError) as exc:
             return MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)

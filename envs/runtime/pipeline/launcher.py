@@ -130,8 +130,12 @@ def _file_modules() -> dict[str, str]:
 
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
               steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
-              loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0) -> Path:
+              loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
+              warmup: int = 0) -> Path:
     """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md).
+
+    ``warmup``: the first steps are untimed warm-up; the later ones run with Python's
+    collector's older objects frozen, as every timed step (:func:`graphs.gc_pause.frozen_gc`).
 
     Raises:
         PipelineError: ``steps`` is not a positive whole number (with none, the ranks would
@@ -139,6 +143,8 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PipelineError(f"a training job needs at least one step; got steps={steps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        raise PipelineError(f"warm-up steps must be a whole number from 0 to steps - 1 = {steps - 1}; got warmup={warmup!r}")
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.pt"
@@ -147,7 +153,7 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     # would come back re-traced under other node names, or not at all.
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
-                "timeout_s": timeout_s}, path)
+                "timeout_s": timeout_s, "warmup": warmup}, path)
     (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
     for stale in job_dir.glob("grads-*.pt"):  # a reused job folder (torchrun's job/): not this job's
         stale.unlink()
@@ -239,7 +245,7 @@ class PipelineJob:
 
     def __init__(self, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], world: int, pipeline: Pipeline | None,
                  steps: int, optimizer: OptimizerSpec, loss_fn: Callable[..., torch.Tensor] | None,
-                 threads: int, timeout_s: float, host: str, port: int | None = None) -> None:
+                 threads: int, timeout_s: float, host: str, port: int | None = None, warmup: int = 0) -> None:
         self.world = world
         self.timeout_s = timeout_s
         if port is None:
@@ -248,7 +254,7 @@ class PipelineJob:
         else:
             port = check_port(host, port)
         self.job_dir = make_job_dir()
-        write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s)
+        write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s, warmup)
         self.sup = Supervisor()
         for r in range(world):
             env = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": host,
@@ -298,7 +304,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
                  world: int | None = None, steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
                  loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
                  host: str = "127.0.0.1", port: int | None = None,
-                 problem: PlacementProblem | None = None) -> TrainingRun:
+                 problem: PlacementProblem | None = None, warmup: int = 0) -> TrainingRun:
     """Train ``steps`` steps of ``gm`` on ``inputs`` (placeholder name -> full batch) with
     ``pipeline`` (one process per stage device; a pipeline x DDP hybrid: one per stage device
     of every replica, each replica on its ``1/R`` of the batch, gradients averaged per stage
@@ -314,6 +320,8 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
             (no grouping), from the graph ``gm`` was captured with: when given, a
             pipeline whose stages do not fit their devices' memory is refused before starting
             (:func:`envs.sim.data_parallel.check_runnable`).
+        warmup: how many of the ``steps`` are untimed warm-up (the step times of all are
+            returned; the later ones run as every timed step does, see :func:`write_job`).
 
     Raises:
         PipelineRunError: a rank died or the job timed out (module doc).
@@ -340,5 +348,5 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         world = len(replicas) * len(pipeline.ranks)
     if world is None or world < 1:
         raise PipelineRunError("DDP needs world >= 1 processes")
-    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port)
+    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port, warmup)
     return job.wait()

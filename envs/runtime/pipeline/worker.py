@@ -50,7 +50,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ import torch
 
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
+from graphs.gc_pause import frozen_gc
 from graphs.model_file import batch_size_of, batch_slice
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -309,7 +310,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
     res["replica"] = replica
-    for step in range(int(job["steps"])):
+    for step in _steps(job):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
         if opt is not None:
@@ -335,6 +336,16 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
             res["losses"].append(total)
     # Not cloned (a CPU tensor's .cpu() is itself): nothing changes them before run_rank saves the result.
     res["params"] = {n: p.detach().cpu() for n, p in named.items()}
+
+
+def _steps(job: Mapping[str, Any]) -> Iterator[int]:
+    """The job's step indices; from its first timed step on (after ``warmup``), Python's
+    collector leaves the objects alive then out of its walks, as every timed step
+    (:func:`graphs.gc_pause.frozen_gc`; ``envs.runtime.step_timer``)."""
+    steps, warmup = int(job["steps"]), int(job.get("warmup", 0))
+    yield from range(min(warmup, steps))
+    with frozen_gc():
+        yield from range(warmup, steps)
 
 
 def _wait_for(device: torch.device) -> None:
@@ -411,7 +422,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    for step in range(int(job["steps"])):
+    for step in _steps(job):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
