@@ -31,13 +31,10 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
-from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.problem import compile_problem
 from envs.sim.ranks import value_leaves
 from envs.sim.simulator import simulate
-from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
-from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
@@ -45,11 +42,11 @@ from placer.measurement import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.optimizing.earlier_results import _result_files_in
+from placer.optimizing.resume import _resume_pipeline, _resume_rows
 from placer.optimizing.stage_outputs import BaselineRun, Compiled, Confirmed, PreparedRun, Searched
 from placer.optimizing.winner import _set_aside_inexact_splits, pick_winner
 from placer.options import OptionError
 from placer.out_dir import check_out_dir
-from placer.placement_file import PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
 from placer.search.agents.registry import get_agent
@@ -441,52 +438,6 @@ def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:
     if cluster.simulated or cluster.num_devices < 2:
         return "simulated"
     return "hybrid" if config.measurer is not None or config.from_source else "simulated"
-
-
-def _resume_rows(out_dir: Path, captured: CapturedModel, grouping: Grouping,
-                 problem: PlacementProblem) -> list[np.ndarray]:
-    """The group-level rows of the placements an earlier run left in ``out_dir`` (none if there are none).
-
-    Both files count: after a resumed run was killed, ``best_placement.json`` holds a better
-    placement than the older ``placement.json`` beside it, and the next ``--resume`` read
-    only ``placement.json`` and lost it."""
-    paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
-    loaded, skipped = [], []
-    for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
-        try:
-            loaded.append(load_placement(path, graph=captured, devices=problem.device_names))
-        except PlacementFileError as exc:
-            skipped.append((path, exc))
-    if paths and not loaded:  # nothing to resume from: one error, not a "skipping" line per file first
-        raise skipped[0][1]
-    for path, why in skipped:
-        log.warning("--resume: skipping %s: %s", path.name, why)
-    rows: list[np.ndarray] = []
-    for placement in loaded:
-        group_placement: dict[str, str] = {}
-        for op, group in grouping.op_to_group.items():
-            group_placement.setdefault(group, placement.assignment[op])
-        row = problem.placement_to_array(group_placement)
-        if not any(np.array_equal(row, r) for r in rows):
-            rows.append(row)
-    return rows
-
-
-def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
-    """The pipeline (over the problem's groups) an earlier run left in ``out_dir``, if any:
-    the pipeline search starts from it as the placement search starts from its row."""
-    from envs.sim.pipeline_layout import PipelineError, group_pipeline
-
-    for path in (out_dir / "placement.json", out_dir / "best_placement.json"):
-        if not path.exists():
-            continue
-        try:
-            placement = load_placement(path)
-            if placement.pipeline is not None:
-                return group_pipeline(problem, placement.pipeline)
-        except (PlacementFileError, PipelineError) as exc:  # _resume_rows has said why, or will
-            log.debug("--resume: no pipeline from %s: %s", path.name, exc)
-    return None
 
 
 def _hybrid_agent_row(measurer: PlacementMeasurer, result: SearchResult, interrupted: bool) -> np.ndarray | None:
