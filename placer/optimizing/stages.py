@@ -42,7 +42,7 @@ from placer.measurement import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.optimizing.earlier_results import _result_files_in
-from placer.optimizing.resume import _resume_pipeline, _resume_rows
+from placer.optimizing.resume import _resume_pipeline, _resume_rows, read_earlier_run
 from placer.optimizing.stage_outputs import BaselineRun, Compiled, Confirmed, PreparedRun, Searched
 from placer.optimizing.winner import _set_aside_inexact_splits, pick_winner
 from placer.options import OptionError
@@ -190,15 +190,17 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
 
     run = compiled.run
     initial = [c.row for c in baselines.candidates if c.row is not None]
+    # Read once, now, for the rows and the pipeline alike: the search's first improvement may
+    # replace best_placement.json (always, in a process that wrote it before), and a pipeline
+    # it held was gone when the pipeline search came to read it.
+    earlier = None
     if config.resume and run.out_dir is not None:
-        previous = _resume_rows(run.out_dir, run.captured, run.grouping, compiled.problem)
+        earlier = read_earlier_run(run.out_dir)
+        previous = _resume_rows(earlier, run.captured, run.grouping, compiled.problem)
         initial[:0] = previous
         if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
-    # Read now: the search's first improvement may replace best_placement.json (always, in a
-    # process that wrote it before), and a pipeline it held was gone when the pipeline search
-    # came to read it.
-    resumed_pipeline = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir else None
+    resumed_pipeline = _resume_pipeline(earlier, compiled.problem) if earlier is not None else None
     if run.out_dir is not None:
         new_run_in(run.out_dir)
     method = f"placer ({config.agent})"
