@@ -1,5 +1,4 @@
-"""Which fitting placement wins the comparison: the fastest, measured before simulated, and no
-pipeline whose micro-batches change what the model computes.
+"""Which fitting placement wins the comparison, and which pipelines are set aside before it is picked.
 
 :func:`pick_winner` takes the fastest row of the comparison table that fits (where some
 rows were measured, the fastest measured one); :func:`_set_aside_inexact_splits` first
