@@ -186,9 +186,37 @@ def load_placement(
             device, or missing/extra nodes.
     """
     path = Path(path)
-    doc = read_document(path, PlacementFileError, "placement file", fmt="json")
-    placement = _from_dict(doc, str(path))
+    return check_loaded_placement(read_placement(path), path, graph, fingerprint, devices)
 
+
+def read_placement(path: str | os.PathLike) -> Placement:
+    """Read a placement file, unchecked against any model or devices (:func:`load_placement`
+    with none given): a caller that checks the same file against them later
+    (:func:`check_loaded_placement`) reads it once.
+
+    Raises:
+        PlacementFileError: unreadable or malformed JSON, a missing or unsupported schema
+            version, missing fields.
+    """
+    path = Path(path)
+    doc = read_document(path, PlacementFileError, "placement file", fmt="json")
+    return _from_dict(doc, str(path))
+
+
+def check_loaded_placement(
+    placement: Placement,
+    path: str | os.PathLike,
+    graph: Any = None,
+    fingerprint: str | None = None,
+    devices: Iterable[str] | None = None,
+) -> Placement:
+    """``placement``, read from ``path`` (:func:`read_placement`), checked against the model and
+    devices at hand as :func:`load_placement` checks it; the arguments are its.
+
+    Raises:
+        PlacementFileError: a fingerprint of another model, an unknown device, or
+            missing/extra nodes.
+    """
     nodes, graph_fp = _graph_nodes_and_fingerprint(graph)
     expected_fp = fingerprint or graph_fp
     if expected_fp is not None and placement.fingerprint != expected_fp:

@@ -192,7 +192,7 @@ def test_a_graph_with_fewer_groups_than_devices_is_still_searched(tmp_path):
 def test_measured_rows_decide_the_winner_when_there_are_any():
     import pandas as pd
 
-    from placer.optimizing.stages import pick_winner
+    from placer.optimizing.winner import pick_winner
 
     table = pd.DataFrame({
         "method": ["critical_path", "m_etf", "single"],

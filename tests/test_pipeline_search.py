@@ -249,7 +249,7 @@ def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_
 def test_a_hybrid_winner_is_written_over_the_ops_with_its_replicas(tmp_path):
     from envs.sim.data_parallel import simulate_pipelined
     from envs.sim.pipeline_layout import group_pipeline
-    from placer.optimizing.stages import Compiled, PreparedRun
+    from placer.optimizing.stage_outputs import Compiled, PreparedRun
     from placer.placement_file import load_placement, save_placement
 
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())])

@@ -34,6 +34,7 @@ from typing import Any
 from graphs.random_state import kept_random_state
 from placer.optimizing import stages
 from placer.optimizing.config import ModelSource, OptimizeConfig, make_config
+from placer.optimizing.earlier_results import put_back_previous, set_aside_previous
 from placer.result import OptimizeResult
 
 
@@ -68,7 +69,7 @@ def _run(config: OptimizeConfig) -> OptimizeResult:
     prepared = stages.prepare_run(config)
     compiled = stages.compile_run(config, prepared)
     baselines = stages.run_baselines(config, compiled)
-    moved = stages.set_aside_previous(config, compiled)
+    moved = set_aside_previous(config, compiled)
     try:
         with stages.measuring(config, compiled) as measurer:
             searched = stages.search_run(config, compiled, baselines, measurer)
@@ -80,8 +81,8 @@ def _run(config: OptimizeConfig) -> OptimizeResult:
             seconds["check"] = check_seconds
         return stages.write(config, compiled, searched, confirmed, report, seconds)
     except Exception:
-        stages.put_back_previous(compiled, moved)
+        put_back_previous(compiled, moved)
         raise
     except KeyboardInterrupt:  # an interrupt keeps this run's best in out_dir, as documented
-        stages.put_back_previous(compiled, moved, interrupted=True)
+        put_back_previous(compiled, moved, interrupted=True)
         raise

@@ -10,50 +10,46 @@
     write     → the :class:`~placer.result.OptimizeResult`, saved to ``out_dir``
 
 :func:`placer.optimizing.run.run` chains them; a measurer (real devices) lives from the
-search to the confirmation (:func:`measuring`).
+search to the confirmation (:func:`measuring`). The stages' outputs are the dataclasses of
+:mod:`placer.optimizing.stage_outputs`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from envs.hardware.cluster import Cluster
-from envs.hardware.rank_devices import is_distributed_cluster
-from envs.runtime.check import CheckReport, check_batch_split, check_placement, check_trainable
+from envs.runtime.check import CheckReport, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
-from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.problem import compile_problem
 from envs.sim.ranks import value_leaves
 from envs.sim.simulator import simulate
-from graphs.capture import CapturedModel
 from graphs.errors import PlacerError
-from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
-from placer.measurement import MeasuredPlacement, MeasurementSummary, PlacementMeasurer
+from placer.measurement import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
+from placer.optimizing.earlier_results import _result_files_in
+from placer.optimizing.resume import _resume_pipeline, _resume_rows, read_earlier_run
+from placer.optimizing.stage_outputs import BaselineRun, Compiled, Confirmed, PreparedRun, Searched
+from placer.optimizing.winner import _set_aside_inexact_splits, pick_winner
 from placer.options import OptionError
 from placer.out_dir import check_out_dir
-from placer.placement_file import Placement, PlacementFileError, load_placement
 from placer.report.compare import Candidate, comparison_table
 from placer.result import OptimizeResult
-from placer.search.agents.registry import agent_names, get_agent
+from placer.search.agents.registry import get_agent
 from placer.search.baselines.pipeline_rows import parallel_rows
 from placer.search.config import SearchConfig, check_policy_readable
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS
@@ -61,117 +57,6 @@ from placer.search.tracker import SearchResult
 from placer.write_failure import OutputWriteError, new_run_in, rescue, save_best_so_far
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- stage outputs
-
-
-@dataclass(frozen=True)
-class PreparedRun:
-    """What :func:`prepare_run` settles: where to place, with which reward, and the prepared model."""
-
-    cluster: Cluster
-    reward: str
-    out_dir: Path | None
-    source: ModelSpec | str | os.PathLike  # what worker processes load (a spec for an nn.Module)
-    prepared: Prepared
-    seconds: float
-    #: What a placement file records so that ``show``/``apply`` rebuild the same model and
-    #: costs without being told again: the model arguments and the profile cache folder.
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.prepared.spec
-
-    @property
-    def captured(self) -> CapturedModel:
-        return self.prepared.captured
-
-    @property
-    def grouping(self) -> Grouping:
-        return self.prepared.grouping
-
-
-@dataclass(frozen=True)
-class Compiled:
-    """The prepared run and the group-level problem every method is scored on."""
-
-    run: PreparedRun
-    problem: PlacementProblem
-
-    def op_placement(self, row: np.ndarray, metadata: Mapping[str, Any], pipeline: Pipeline | None = None) -> Placement:
-        """The op-level placement file content of a group-level ``row`` (with ``pipeline``, a
-        pipeline over the groups: the file's pipeline over the ops, each stage the ops of its
-        groups in program order)."""
-        run, cluster = self.run, self.run.cluster
-        assignment = run.grouping.expand(self.problem.array_to_placement(row))
-        op_pipeline = self.op_pipeline(pipeline) if pipeline is not None else None
-        meta = {**self.run_metadata(), **metadata}
-        return Placement(assignment=assignment, fingerprint=run.captured.fingerprint,
-                         devices=list(cluster.device_names), metadata=meta, pipeline=op_pipeline)
-
-    def run_metadata(self) -> dict[str, Any]:
-        """What every placement file of this run records besides its own step time: the
-        model, its arguments, the cluster and the real devices its names map to."""
-        run, cluster = self.run, self.run.cluster
-        meta = {"model": run.spec.name, "cluster": cluster.name, "simulated_cluster": cluster.simulated,
-                "real_devices": cluster.real_device_map(), **run.provenance}
-        if cluster.spec_path is not None:  # show and apply find the spec again without --cluster
-            meta["cluster_spec"] = cluster.spec_path
-        if is_distributed_cluster(cluster):
-            # A rank cluster's links were measured, not named by a preset: show rebuilds it from these.
-            names = cluster.device_names
-            meta["links"] = [[a, b, cluster.link(a, b).latency_s, cluster.link(a, b).bandwidth_Bps]
-                             for i, a in enumerate(names) for b in names[i + 1:]]
-        return meta
-
-    def op_pipeline(self, pipeline: Pipeline) -> Pipeline:
-        """``pipeline`` (over the groups) over the ops: each stage the ops of its groups in program order."""
-        run = self.run
-        stage_of_group = pipeline.stage_of()
-        stages: list[list[str]] = [[] for _ in pipeline.stages]
-        for op in run.captured.graph.nodes:
-            stages[stage_of_group[run.grouping.op_to_group[op]]].append(op)
-        return Pipeline(tuple(tuple(s) for s in stages), pipeline.devices, pipeline.microbatches,
-                        pipeline.schedule, pipeline.replicas)
-
-
-@dataclass(frozen=True)
-class BaselineRun:
-    """Every baseline's candidate, in the config's order."""
-
-    candidates: tuple[Candidate, ...]
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Searched:
-    """The agent's candidate (on real devices with hybrid reward: the measured fastest it found)."""
-
-    result: SearchResult
-    candidate: Candidate
-    rounds: tuple[dict[str, Any], ...]
-    seconds: float
-    #: With --resume: the pipeline the earlier run left, read before the search could
-    #: replace best_placement.json (see :func:`search_run`).
-    resumed_pipeline: Pipeline | None = None
-
-
-@dataclass(frozen=True)
-class Confirmed:
-    """Every candidate compared; the winner and its placement."""
-
-    candidates: tuple[Candidate, ...]
-    table: pd.DataFrame
-    winner: Candidate
-    step_time: float
-    source: str
-    placement: Placement
-    measurement: MeasurementSummary | None = None  # on real devices
-    seconds: dict[str, float] = field(default_factory=dict)
-    #: The batch splits checked while picking the winner, by (M, R): the winner's check reuses its own.
-    split_checks: dict[tuple[int, int], CheckReport] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -305,15 +190,17 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
 
     run = compiled.run
     initial = [c.row for c in baselines.candidates if c.row is not None]
+    # Read once, now, for the rows and the pipeline alike: the search's first improvement may
+    # replace best_placement.json (always, in a process that wrote it before), and a pipeline
+    # it held was gone when the pipeline search came to read it.
+    earlier = None
     if config.resume and run.out_dir is not None:
-        previous = _resume_rows(run.out_dir, run.captured, run.grouping, compiled.problem)
+        earlier = read_earlier_run(run.out_dir)
+        previous = _resume_rows(earlier, run.captured, run.grouping, compiled.problem)
         initial[:0] = previous
         if not previous and not _result_files_in(run.out_dir):
             log.warning("--resume: %s holds no earlier run (no placement or policy); starting fresh", run.out_dir)
-    # Read now: the search's first improvement may replace best_placement.json (always, in a
-    # process that wrote it before), and a pipeline it held was gone when the pipeline search
-    # came to read it.
-    resumed_pipeline = _resume_pipeline(run.out_dir, compiled.problem) if config.resume and run.out_dir else None
+    resumed_pipeline = _resume_pipeline(earlier, compiled.problem) if earlier is not None else None
     if run.out_dir is not None:
         new_run_in(run.out_dir)
     method = f"placer ({config.agent})"
@@ -521,183 +408,6 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
     return result
 
 
-def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fitting: pd.DataFrame,
-                              table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
-                              checks: dict[tuple[int, int], CheckReport]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``fitting`` without the pipelines whose batch split changes what the model computes
-    (BatchNorm in training mode normalises each micro-batch by its own statistics), tried
-    fastest first until the winner is one that splits exactly or is no pipeline (DDP is one:
-    a stage replicated; a row slower than the winner is never checked). Each row set aside is
-    marked in the table (``set_aside``, and the reason in its note: the recommendation skips
-    it) and warned about.
-    Without the check, nothing is set aside.
-
-    The winner's check would refuse such a pipeline after the search; here the next-best
-    placement wins instead, so a model with BatchNorm still gets a result. Every split checked
-    is left in ``checks`` by (M, R), for the winner's check to reuse.
-    """
-    table = table.copy()
-    table["set_aside"] = False
-    if not config.check:
-        return fitting, table
-    run = compiled.run
-
-    def verdict(microbatches: int, replicas: int) -> str | None:
-        if (microbatches, replicas) not in checks:
-            checks[microbatches, replicas] = check_batch_split(run.spec, run.captured, microbatches, replicas)
-        report = checks[microbatches, replicas]
-        return None if report.split_ok else report.describe_split()
-
-    def add_note(method: str, text: str) -> None:
-        at = table["method"] == method
-        table.loc[at, "note"] = [f"{n}; {text}".lstrip("; ") for n in table.loc[at, "note"].fillna("")]
-
-    def set_aside(method: str, why: str) -> None:
-        log.warning("%s set aside: %s", method, why)
-        table.loc[table["method"] == method, "set_aside"] = True
-        add_note(method, f"set aside: {why}")
-
-    # DDP is one of the pipelines (one stage replicated): checked only when it is the fastest
-    # left, as a pipeline is; slower than the winner, its split cannot change the result.
-    while not fitting.empty:
-        method = str(pick_winner(fitting)["method"])
-        pipeline = pipelines.get(method)
-        if pipeline is None:
-            break
-        why = verdict(pipeline.microbatches, pipeline.num_replicas)
-        if why is None:
-            break
-        whose = "its replicas'" if method == "ddp" else "its"
-        set_aside(method, f"{whose} {why}; the next fastest placement is taken")
-        fitting = fitting[fitting["method"] != method]
-    # The rows the loop did not reach: one whose split was checked for another row has its
-    # verdict; the rest say they were not checked, so an unmarked row is not read as exact.
-    for method, pipeline in pipelines.items():
-        key = (pipeline.microbatches, pipeline.num_replicas)
-        if key[0] * key[1] <= 1 or bool(table.loc[table["method"] == method, "set_aside"].any()):
-            continue
-        if key in checks:
-            if not checks[key].split_ok:
-                set_aside(method, f"its {checks[key].describe_split()}")
-            continue
-        add_note(method, "batch split not checked (slower than the winner)")
-    if fitting.empty:
-        why = next(c.describe_split() for c in checks.values() if not c.split_ok)
-        raise PlacerError(f"every placement that fits is a pipeline whose micro-batches change what the model "
-                          f"computes ({why}); rerun with --no-check to accept one unchecked")
-    return fitting, table
-
-
-#: The files a run writes into ``out_dir`` (results, the best so far, the policy).
-RESULT_FILES = ("placement.json", "best_placement.json", "report.md", "comparison.csv", "device_map.json",
-                "measurements.json", "calibration.json", "placed_graph.png", "memory.png", "schedule.png",
-                "search_curve.png", "search_phases.png")
-
-
-def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | None:
-    """Before the search writes anything: move an earlier run's result files from ``out_dir``
-    into ``out_dir/previous/``, so that this run's files never sit beside another run's (a
-    run that fails or is interrupted would otherwise leave its best_placement.json next to
-    the earlier placement.json and report.md). Nothing with ``--resume``, which continues from
-    them. Returns the folder the files went to (None: nothing moved).
-
-    ``previous/`` keeps the last *complete* result: the leftovers of a run that did not finish
-    (a best so far, a policy, but no placement.json) go to ``unfinished/`` instead when
-    ``previous/`` holds one, so a stopped run followed by a new one does not lose it. Only an
-    older folder of the same kind is deleted."""
-    out_dir = compiled.run.out_dir
-    if config.resume or out_dir is None:
-        return None
-    found = _result_files_in(out_dir)
-    if not found:
-        return None
-    complete = (out_dir / "placement.json").is_file()
-    target = out_dir / ("unfinished" if not complete and (out_dir / "previous" / "placement.json").is_file()
-                        else "previous")
-    try:
-        _move_into(found, target)
-    except FileExistsError as exc:  # the user's own folder of that name: say so, not "not writable"
-        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside: {exc.strerror}; "
-                          "or use --resume to continue from them") from exc
-    except OSError as exc:
-        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
-                          f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
-                          "continue from them)") from exc
-    log.warning("%s held %s results of an earlier run: moved to %s/ (use --resume to continue from them)",
-                out_dir, "the" if complete else "unfinished", target)
-    return target
-
-
-def _placer_file_names() -> tuple[str, ...]:
-    """The names of the files a run writes into its folder (results, the best so far, every agent's policy)."""
-    return (*RESULT_FILES, *dict.fromkeys(get_agent(a).policy_file for a in agent_names()))
-
-
-def _result_files_in(folder: Path) -> list[Path]:
-    """placer's own files in ``folder`` (results, the best so far, every agent's policy)."""
-    return [folder / n for n in _placer_file_names() if (folder / n).is_file()]
-
-
-def _move_into(files: list[Path], folder: Path) -> None:
-    """Move ``files`` into a fresh ``folder``. An older one of that name is deleted first, but
-    only when it holds nothing but placer's own files: ``--out .`` in a folder whose
-    ``previous/`` held the user's notes deleted them.
-
-    Raises:
-        FileExistsError: ``folder`` holds something placer did not write (nothing is moved).
-    """
-    if folder.is_dir():
-        names = set(_placer_file_names())
-        foreign = sorted(p.name for p in folder.iterdir() if not (p.is_file() and p.name in names))
-        if foreign:
-            raise FileExistsError(
-                errno.EEXIST, f"{folder} holds files placer did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
-        shutil.rmtree(folder)
-    folder.mkdir()
-    for path in files:
-        path.replace(folder / path.name)
-
-
-def put_back_previous(compiled: Compiled, moved: Path | None, interrupted: bool = False) -> None:
-    """After a run failed without writing its results: the earlier complete result goes back
-    where it was (from ``previous/``), and this run's leftovers (its best so far) to
-    ``failed/``, so a failed run leaves ``out_dir`` as the user had it.
-
-    ``interrupted``: the run was stopped (Ctrl-C, SIGTERM). Its best so far stays in
-    ``out_dir``, as documented; only when it had written nothing yet does the earlier result
-    go back (a Ctrl-C right after the set-aside left ``out_dir`` empty, the results in
-    ``previous/`` and the one line "interrupted")."""
-    out_dir = compiled.run.out_dir
-    if moved is None or out_dir is None or moved.name != "previous" or (out_dir / "placement.json").is_file():
-        return
-    if interrupted and _result_files_in(out_dir):
-        return
-    try:
-        leftovers = _result_files_in(out_dir)
-        if leftovers:
-            _move_into(leftovers, out_dir / "failed")
-        for path in moved.iterdir():
-            path.replace(out_dir / path.name)
-        moved.rmdir()
-    except OSError as exc:  # the failure being reported matters more; the files are all still there
-        log.warning("could not put the earlier results back from %s: %s", moved, exc)
-        return
-    log.warning("the run %s: the earlier results are back in %s%s", "was interrupted" if interrupted else "failed",
-                out_dir, f", this run's best so far in {out_dir / 'failed'}/" if leftovers else "")
-
-
-def pick_winner(fitting: pd.DataFrame) -> pd.Series:
-    """The fastest fitting row; where some rows were measured, the fastest measured one.
-
-    Measured and simulated step times are not comparable (the simulator leaves out the
-    runtime's overheads), so once real measurements exist only they decide.
-    """
-    measured = fitting[fitting["source"] == "measured"]
-    pool = measured if not measured.empty else fitting
-    return pool.sort_values("step_time", kind="stable").iloc[0]
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -730,52 +440,6 @@ def _default_reward(cluster: Cluster, config: OptimizeConfig) -> str:
     if cluster.simulated or cluster.num_devices < 2:
         return "simulated"
     return "hybrid" if config.measurer is not None or config.from_source else "simulated"
-
-
-def _resume_rows(out_dir: Path, captured: CapturedModel, grouping: Grouping,
-                 problem: PlacementProblem) -> list[np.ndarray]:
-    """The group-level rows of the placements an earlier run left in ``out_dir`` (none if there are none).
-
-    Both files count: after a resumed run was killed, ``best_placement.json`` holds a better
-    placement than the older ``placement.json`` beside it, and the next ``--resume`` read
-    only ``placement.json`` and lost it."""
-    paths = [p for p in (out_dir / "placement.json", out_dir / "best_placement.json") if p.exists()]
-    loaded, skipped = [], []
-    for path in paths:  # a corrupt file next to a valid one: resume from the valid one, and say so
-        try:
-            loaded.append(load_placement(path, graph=captured, devices=problem.device_names))
-        except PlacementFileError as exc:
-            skipped.append((path, exc))
-    if paths and not loaded:  # nothing to resume from: one error, not a "skipping" line per file first
-        raise skipped[0][1]
-    for path, why in skipped:
-        log.warning("--resume: skipping %s: %s", path.name, why)
-    rows: list[np.ndarray] = []
-    for placement in loaded:
-        group_placement: dict[str, str] = {}
-        for op, group in grouping.op_to_group.items():
-            group_placement.setdefault(group, placement.assignment[op])
-        row = problem.placement_to_array(group_placement)
-        if not any(np.array_equal(row, r) for r in rows):
-            rows.append(row)
-    return rows
-
-
-def _resume_pipeline(out_dir: Path, problem: PlacementProblem) -> Pipeline | None:
-    """The pipeline (over the problem's groups) an earlier run left in ``out_dir``, if any:
-    the pipeline search starts from it as the placement search starts from its row."""
-    from envs.sim.pipeline_layout import PipelineError, group_pipeline
-
-    for path in (out_dir / "placement.json", out_dir / "best_placement.json"):
-        if not path.exists():
-            continue
-        try:
-            placement = load_placement(path)
-            if placement.pipeline is not None:
-                return group_pipeline(problem, placement.pipeline)
-        except (PlacementFileError, PipelineError) as exc:  # _resume_rows has said why, or will
-            log.debug("--resume: no pipeline from %s: %s", path.name, exc)
-    return None
 
 
 def _hybrid_agent_row(measurer: PlacementMeasurer, result: SearchResult, interrupted: bool) -> np.ndarray | None:
