@@ -25,9 +25,9 @@ from envs.runtime.apply import (
     apply_placement,
     placement_device_map,
     realize_placement,
-    to_device,
     transfer_nodes,
 )
+from envs.runtime.transfers import to_device
 from graphs.errors import PlacerError
 from tests.helpers.eval_models import StochasticDepth
 
@@ -1340,9 +1340,9 @@ class _NoParameters(_Factories):
 def _meta_is_a_device(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A placement onto ``meta``, which stands in for a GPU on a CPU-only machine (apply refuses it
     otherwise: it cannot run a model with parameters, and this one has none)."""
-    import envs.runtime.apply as apply_module
+    import envs.runtime.device_names as device_names
 
-    monkeypatch.setattr(apply_module, "real_device_problem", lambda name: None)
+    monkeypatch.setattr(device_names, "real_device_problem", lambda name: None)
     return {"host": "cpu", "gpu": "meta"}
 
 
@@ -1481,15 +1481,16 @@ def test_an_exported_lstm_set_to_eval_mode_alone_is_refused_only_where_its_dropo
 
 def _emulate_meta_as_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let apply place onto the meta device, standing in for a GPU on a CPU-only machine."""
-    import envs.runtime.apply as apply_module
+    import envs.runtime.device_names as device_names
+    import envs.runtime.state_mover as state_mover
 
     def swapped(t: torch.Tensor, device: str) -> None:  # .data cannot change a CPU tensor into a meta one
         if str(t.device) != device:
             moved = t.detach().to(device)
             torch.utils.swap_tensors(t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved)
 
-    monkeypatch.setattr(apply_module, "real_device_problem", lambda device: None)
-    monkeypatch.setattr(apply_module._Mover, "_move_tensor", staticmethod(swapped))
+    monkeypatch.setattr(device_names, "real_device_problem", lambda device: None)
+    monkeypatch.setattr(state_mover._Mover, "_move_tensor", staticmethod(swapped))
 
 
 def test_a_module_only_eval_mode_calls_is_placed_where_its_data_is(monkeypatch):

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
-from envs.runtime.apply import deep_copy
 from envs.runtime.check_report import CheckReport
+from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of

@@ -42,9 +42,10 @@ from collections.abc import Mapping
 
 import torch
 
-from envs.runtime.apply import apply_placement, deep_copy
+from envs.runtime.apply import apply_placement
 from envs.runtime.batch_split import _check_split, check_batch_split
 from envs.runtime.check_report import CheckReport
+from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of, _no_trainable_parameters, _untrainable_loss, check_trainable

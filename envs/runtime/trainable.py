@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from envs.runtime.apply import to_device
+from envs.runtime.transfers import to_device
 from graphs.capture import set_training_modes, training_modes
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
