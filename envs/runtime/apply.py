@@ -56,7 +56,7 @@ from envs.runtime.apply_error import ApplyError
 from envs.runtime.device_map import placement_device_map
 from envs.runtime.device_names import RealizedPlacement, _canonical, _resolver, realize_placement
 from envs.runtime.module_copy import _copy_graph_module
-from envs.runtime.node_devices import _effective_devices, _updated_in_place, write_back, written_inputs
+from envs.runtime.node_devices import _effective_devices, _updated_in_place, write_back
 from envs.runtime.state_mover import _Mover
 from envs.runtime.transfers import _transfer_node, factories_where_placed, to_device, transfer_nodes
 from graphs.capture import set_training_modes
@@ -161,7 +161,7 @@ def check_applicable(model: Any, placement: Mapping[str, str], output_device: st
     """
     src = _as_graph_module(model)
     canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
-    dev = _effective_devices(src, canon, output_device)
+    dev, _ = _effective_devices(src, canon, output_device)
     mover = _Mover(src, resolve.real, move=False)
     for n in src.graph.nodes:
         if n.op == "call_module":
@@ -197,7 +197,7 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
 
     gm = src if inplace else _copy_graph_module(src)
     graph = gm.graph
-    dev = _effective_devices(gm, canon, output_device)
+    dev, homes = _effective_devices(gm, canon, output_device)
 
     # 1. Parameters, buffers and attribute tensors to their node's device.
     mover = _Mover(gm, resolve.real)
@@ -221,7 +221,6 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     #    copy made when it was produced would miss the updates between (an EMA buffer
     #    read after its mul_/add_, an activation read after its relu_).
     updated = _updated_in_place(gm)
-    homes = written_inputs(gm, dev)
 
     def cut(producer: fx.Node, late: bool) -> None:
         src_dev = dev[producer.name]

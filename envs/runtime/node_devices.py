@@ -26,8 +26,10 @@ __all__ = ["written_inputs", "write_back"]
 
 def _effective_devices(
     gm: fx.GraphModule, placement: Mapping[str, str], output_device: str
-) -> dict[str, str | None]:
-    """Device each node runs on: its placement, adjusted for mutation; None for inputs."""
+) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Device each node runs on: its placement, adjusted for mutation; None for inputs. With it
+    the inputs forward() updates in place and the device each is moved to (:func:`written_inputs`,
+    which the adjustment needs first: apply moves those inputs there without computing it again)."""
     nodes = list(gm.graph.nodes)
     first = next((placement[n.name] for n in nodes if n.name in placement), output_device)
     dev: dict[str, str | None] = {}
@@ -82,7 +84,7 @@ def _effective_devices(
         for arg in written_nodes(n, gm):
             if arg.op != "get_attr" and dev.get(arg.name) is not None:
                 dev[n.name] = dev[arg.name]
-    return dev
+    return dev, homes
 
 
 def written_inputs(gm: fx.GraphModule, dev: Mapping[str, str | None],
