@@ -22,6 +22,7 @@ from envs.sim.pipeline_layout import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_slice
+from tests.helpers.placements import alternating_placement
 
 
 def _model_file(tmp_path, name: str, body: str):
@@ -592,7 +593,7 @@ def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
     torch.manual_seed(0)
     spec = ModelSpec(model=StochasticDepth(), example_inputs=(torch.randn(8, 8),), name="droppath")
     cap = capture(spec.model, spec.example_inputs)
-    assignment = {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)}
+    assignment = alternating_placement(cap.graph)
     report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     assert report.ok and report.eval_output_diff == 0.0 and "eval mode" in report.describe()
     assert spec.model.training
