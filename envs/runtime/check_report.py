@@ -1,10 +1,12 @@
-"""The verdict of a numerical check: :class:`CheckReport`, the largest differences between a
-placed model and the original over a few training steps, and the words that describe them.
+"""The verdict of a numerical check: :class:`CheckReport`.
+
+The report holds the largest differences between a placed model and the original over a few
+training steps, and the words that describe them (:meth:`~CheckReport.describe`).
 
 Both checks fill it: :func:`envs.runtime.check.check_placement` the placement's fields and
 :func:`envs.runtime.batch_split.check_batch_split` the batch split's (``split_*``). It is a
 module of its own because the results, the reports and the optimizer read a report (its
-verdict, its :meth:`~CheckReport.describe`) without running either check.
+verdict and its words) without running either check.
 """
 
 from __future__ import annotations

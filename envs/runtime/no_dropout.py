@@ -1,6 +1,7 @@
-"""Dropout switched off for a comparison: :class:`_NoDropout`, a torch function mode in which every
-dropout (the functions, the aten ops, attention's ``dropout_p``, a recurrent layer's
-``dropout``) is the identity.
+"""Dropout switched off for a comparison: :class:`_NoDropout`.
+
+It is a torch function mode in which every dropout (the functions, the aten ops, attention's
+``dropout_p``, a recurrent layer's ``dropout``) is the identity.
 
 Two computations that must agree draw different dropout masks where their random draws
 differ: a batch and its micro-batches (:mod:`envs.runtime.batch_split`), and a placement whose

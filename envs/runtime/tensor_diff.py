@@ -1,5 +1,7 @@
-"""How far apart two tensors are: :func:`_scaled_diff`, the one measure every comparison of the
-numerical check makes (outputs, losses, gradients, parameters, buffers, the batch split).
+"""How far apart two tensors are: :func:`_scaled_diff`, the measure of every numerical check.
+
+Every comparison the checks make (outputs, losses, gradients, parameters, buffers, the batch
+split) uses it.
 
 ``max |a - b| / (1 + max |b|)``: absolute for small values, relative for large ones; NaN in
 the same places and the same infinities are equal. It is a module of its own because the
