@@ -170,7 +170,7 @@ def measure_host_overheads(sizes: tuple[int, ...] = (1, 16, 64, 128), repeats: i
     import torch
     import torch.fx as fx
 
-    from envs.runtime.apply import to_device
+    from envs.runtime.transfers import to_device
 
     torch.set_num_threads(1)
 

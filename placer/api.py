@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from envs.hardware.rank_devices import is_rank_device_list
-from envs.runtime.apply import apply_placement, realize_placement, to_device
+from envs.runtime.apply import apply_placement, realize_placement
+from envs.runtime.transfers import to_device
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec

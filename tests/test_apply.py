@@ -25,11 +25,12 @@ from envs.runtime.apply import (
     apply_placement,
     placement_device_map,
     realize_placement,
-    to_device,
     transfer_nodes,
 )
+from envs.runtime.transfers import to_device
 from graphs.errors import PlacerError
 from tests.helpers.eval_models import StochasticDepth
+from tests.helpers.placements import alternating_placement
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -959,7 +960,7 @@ def test_an_exported_graph_that_baked_self_training_runs_the_eval_branch_in_eval
     model, x = _ExportedTrainingBranch(), torch.randn(3, 4)
     cap = capture(model, (x,))
     assert cap.method == "export"
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)
@@ -1153,7 +1154,7 @@ def test_a_module_only_eval_mode_calls_evaluates_as_the_original():
     torch.manual_seed(0)
     model, x = _EvalOnlyHead(), torch.randn(3, 4)
     cap = capture(model, (x,))
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     assert list(placed.state_dict()) == list(model.state_dict())
     with torch.no_grad():
@@ -1266,7 +1267,7 @@ def test_a_deep_copy_of_a_placed_model_evaluates_where_the_placed_model_does():
 
     model, x = StochasticDepth(), torch.randn(6, 8)
     cap = capture(model, (x,))
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     for twin in (copy.copy(placed), copy.deepcopy(placed)):
         for key in ("placer_placement", "placer_real_devices", "placer_output_device"):
@@ -1340,9 +1341,9 @@ class _NoParameters(_Factories):
 def _meta_is_a_device(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A placement onto ``meta``, which stands in for a GPU on a CPU-only machine (apply refuses it
     otherwise: it cannot run a model with parameters, and this one has none)."""
-    import envs.runtime.apply as apply_module
+    import envs.runtime.device_names as device_names
 
-    monkeypatch.setattr(apply_module, "real_device_problem", lambda name: None)
+    monkeypatch.setattr(device_names, "real_device_problem", lambda name: None)
     return {"host": "cpu", "gpu": "meta"}
 
 
@@ -1467,7 +1468,7 @@ def test_an_exported_lstm_set_to_eval_mode_alone_is_refused_only_where_its_dropo
     x = torch.randn(3, 5, 4)
     cap = capture(model, (x,))
     assert cap.method == "export"
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     placed.lstm.eval(), model.lstm.eval()
     if refused:
@@ -1481,15 +1482,16 @@ def test_an_exported_lstm_set_to_eval_mode_alone_is_refused_only_where_its_dropo
 
 def _emulate_meta_as_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let apply place onto the meta device, standing in for a GPU on a CPU-only machine."""
-    import envs.runtime.apply as apply_module
+    import envs.runtime.device_names as device_names
+    import envs.runtime.state_mover as state_mover
 
     def swapped(t: torch.Tensor, device: str) -> None:  # .data cannot change a CPU tensor into a meta one
         if str(t.device) != device:
             moved = t.detach().to(device)
             torch.utils.swap_tensors(t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved)
 
-    monkeypatch.setattr(apply_module, "real_device_problem", lambda device: None)
-    monkeypatch.setattr(apply_module._Mover, "_move_tensor", staticmethod(swapped))
+    monkeypatch.setattr(device_names, "real_device_problem", lambda device: None)
+    monkeypatch.setattr(state_mover._Mover, "_move_tensor", staticmethod(swapped))
 
 
 def test_a_module_only_eval_mode_calls_is_placed_where_its_data_is(monkeypatch):
@@ -1545,7 +1547,7 @@ def test_eval_only_modules_go_where_placed_data_feeds_them_and_stay_where_only_i
         model.eval_block[0].running_mean.uniform_()  # eval mode reads them: not the defaults
     cap = capture(model, (x,))
     assert cap.method == "fx"
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     placed.eval(), model.eval()
     torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)

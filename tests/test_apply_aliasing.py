@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import envs.runtime.apply as apply_module
+import envs.runtime.transfers as transfers_module
 from envs.runtime.apply import apply_placement
 from graphs.capture import capture
 from graphs.ops import in_place_writes
@@ -26,13 +26,13 @@ DEVICES = {"a": "cpu", "b": "cpu"}
 @pytest.fixture(autouse=True)
 def _transfers_copy(monkeypatch):
     """Every transfer gives the destination its own storage, as a move to another device does."""
-    moved = apply_module.to_device
+    moved = transfers_module.to_device
 
     def copying(value, device, non_blocking=False):
-        return apply_module.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                                     moved(value, device, non_blocking))
+        return transfers_module.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                         moved(value, device, non_blocking))
 
-    monkeypatch.setattr(apply_module, "to_device", copying)
+    monkeypatch.setattr(transfers_module, "to_device", copying)
 
 
 class _ViewsThenInPlace(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 from graphs.capture import capture
 from graphs.errors import CaptureError, GraphError
 from graphs.graph_io import load_graph, save_graph
+from tests.helpers.placements import alternating_placement
 
 NODE_KEYS = {"op", "target", "module", "shape", "dtype", "out_bytes", "param_bytes", "flops",
              "bytes_moved", "requires_grad", "fwd_time", "bwd_time", "time"}
@@ -966,7 +967,7 @@ def test_a_model_fx_cannot_trace_in_eval_mode_evaluates_the_graph_torch_export_c
         model, x = model_type(), torch.randn(3, 4)
         cap = capture(model, (x,))
         assert cap.method == "fx"
-        placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+        placed = apply_placement(cap, alternating_placement(cap.graph),
                                  real_devices={"gpu0": "cpu", "gpu1": "cpu"})
         torch.testing.assert_close(placed(x), model(x), rtol=0, atol=0)  # a training step: BatchNorm's statistics
         placed.eval(), model.eval()
@@ -1338,7 +1339,7 @@ def test_item_assignment_is_traced_by_fx_in_either_mode():
     model, x = _EvalOnlySetitem(), torch.randn(3, 4)
     cap = capture(model, (x,))
     assert cap.method == "fx"
-    placed = apply_placement(cap, {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)},
+    placed = apply_placement(cap, alternating_placement(cap.graph),
                              real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     placed.eval(), model.eval()
     for batch in (x, torch.randn(5, 4)):

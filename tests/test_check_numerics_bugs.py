@@ -16,17 +16,13 @@ import torch
 from torch import nn
 
 from envs.runtime.apply import apply_placement
-from envs.runtime.check import (
-    _finite_scaled_diff,
-    _masked_scaled_diff,
-    _scaled_diff,
-    check_batch_split,
-    check_placement,
-)
+from envs.runtime.check import check_batch_split, check_placement
+from envs.runtime.tensor_diff import _finite_scaled_diff, _masked_scaled_diff, _scaled_diff
 from envs.sim.pipeline_layout import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_slice
+from tests.helpers.placements import alternating_placement
 
 
 def _model_file(tmp_path, name: str, body: str):
@@ -345,18 +341,19 @@ def test_a_split_that_differs_by_float32_rounding_alone_checks_the_same():
     """A convolution's bias gradient sums 16 x 128 x 128 float32 terms: summed in 4 parts it
     differs from the sum at once by more than the tolerance, rounding alone (no BatchNorm
     here). The split is compared in float64, so it passes; in float32 it would not have."""
-    import envs.runtime.check as check
+    from envs.runtime.batch_split import _split_step
+    from envs.runtime.no_dropout import _NoDropout
 
     spec, cap = _conv_net()
-    report = check.check_batch_split(spec, cap, microbatches=2, replicas=2)
+    report = check_batch_split(spec, cap, microbatches=2, replicas=2)
     assert report.split_ok, report.describe_split()
     assert report.split_grad_diff < 1e-12
     chunks = [[batch_slice(spec.example_inputs, 16, 4 * (2 * r + k), 4 * (2 * r + k + 1)) for k in range(2)]
               for r in range(2)]
-    with check._NoDropout():
-        _, whole, _ = check._split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)
-        _, split, _ = check._split_step(cap, spec, {"": True}, chunks, 0)
-    assert max(check._scaled_diff(split[n], whole[n]) for n in whole) > report.tolerance
+    with _NoDropout():
+        _, whole, _ = _split_step(cap, spec, {"": True}, [[spec.example_inputs]], 0)
+        _, split, _ = _split_step(cap, spec, {"": True}, chunks, 0)
+    assert max(_scaled_diff(split[n], whole[n]) for n in whole) > report.tolerance
 
 
 @pytest.mark.parametrize("need_weights", [False, True])  # dropout inside SDPA, or F.dropout on the weights
@@ -436,6 +433,7 @@ def test_check_winner_accepts_an_mlp_pipeline_and_reports_the_split_it_checked()
 
 
 def test_a_split_checked_before_is_reused_by_the_placement_check_not_run_again(monkeypatch):
+    import envs.runtime.batch_split as batch_split
     import envs.runtime.check as check
 
     model = _mlp(norm=True)
@@ -448,6 +446,7 @@ def test_a_split_checked_before_is_reused_by_the_placement_check_not_run_again(m
         raise AssertionError("the split was checked again")
 
     monkeypatch.setattr(check, "_check_split", no_second_run)
+    monkeypatch.setattr(batch_split, "_check_split", no_second_run)
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, microbatches=2, replicas=2, split=split)
     assert report.placement_ok and not report.split_ok
     assert report.describe_split() == split.describe_split()
@@ -456,13 +455,15 @@ def test_a_split_checked_before_is_reused_by_the_placement_check_not_run_again(m
 
 
 def test_check_winner_reuses_the_split_the_selection_checked(monkeypatch):
+    import envs.runtime.batch_split as batch_split
     import envs.runtime.check as check
     from placer.optimizing.stages import check_winner
 
     config, compiled, confirmed = _winner(_mlp(norm=False), _one_stage(microbatches=2, replicas=2))
     run = compiled.run
     confirmed.split_checks[2, 2] = check.check_batch_split(run.spec, run.captured, 2, 2)
-    monkeypatch.setattr(check, "_check_split", lambda *a, **k: pytest.fail("the split was checked again"))
+    for module in (check, batch_split):
+        monkeypatch.setattr(module, "_check_split", lambda *a, **k: pytest.fail("the split was checked again"))
     report, _ = check_winner(config, compiled, confirmed)
     assert report is not None and report.ok and report.split_samples == 4
 
@@ -592,7 +593,7 @@ def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
     torch.manual_seed(0)
     spec = ModelSpec(model=StochasticDepth(), example_inputs=(torch.randn(8, 8),), name="droppath")
     cap = capture(spec.model, spec.example_inputs)
-    assignment = {n: f"gpu{i % 2}" for i, n in enumerate(cap.graph.nodes)}
+    assignment = alternating_placement(cap.graph)
     report = check_placement(spec, cap, assignment, real_devices={"gpu0": "cpu", "gpu1": "cpu"})
     assert report.ok and report.eval_output_diff == 0.0 and "eval mode" in report.describe()
     assert spec.model.training

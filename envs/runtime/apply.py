@@ -8,8 +8,8 @@ strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
 * every op that names a device, and every factory op that names none (``torch.arange(n)``),
   makes its tensor on its node's device; a random draw (``torch.randn``) still draws where
   the original does, with a transfer to its node's device right after it
-  (:func:`factories_where_placed`),
-* a transfer node (:func:`to_device`) sits on every cut edge, one per
+  (:func:`envs.runtime.transfers.factories_where_placed`),
+* a transfer node (:func:`envs.runtime.transfers.to_device`) sits on every cut edge, one per
   (producer, destination device) and shared by all consumers on that device,
 * inputs are moved to every device that consumes them,
 * outputs are gathered on ``output_device``,
@@ -36,38 +36,41 @@ device→device copies are stream ordered, so these are safe (as with any non-bl
 copy, a caller's pinned input must not be overwritten on the host before the step has
 used it). A device→host copy with ``non_blocking=True`` may still be in flight when the
 CPU reads the tensor, so copies to the CPU are always blocking.
+
+This module rewrites the graph; the pieces it is built from live apart, one concept each:
+device names (:mod:`envs.runtime.device_names`), the device of each node under the mutation
+rules (:mod:`envs.runtime.node_devices`), moving state (:mod:`envs.runtime.state_mover`),
+transfer nodes (:mod:`envs.runtime.transfers`), copies that keep hooks
+(:mod:`envs.runtime.module_copy`) and the error (:mod:`envs.runtime.apply_error`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import networkx as nx
-import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
 
+from envs.runtime.apply_error import ApplyError
 from envs.runtime.device_map import placement_device_map
-from envs.runtime.real_devices import real_device_problem
-from graphs.capture import pin_constant_inputs, set_training_modes
-from graphs.errors import PlacerError
+from envs.runtime.device_names import RealizedPlacement, _canonical, _resolver, realize_placement
+from envs.runtime.module_copy import _copy_graph_module
+from envs.runtime.node_devices import _effective_devices, _updated_in_place, write_back
+from envs.runtime.state_mover import _Mover
+from envs.runtime.transfers import _transfer_node, factories_where_placed, to_device, transfer_nodes
+from graphs.capture import set_training_modes
 from graphs.eval_mode import eval_only_state
 from graphs.gc_pause import paused_gc
-from graphs.module_attributes import keep_plain_attributes
-from graphs.ops import draws_random, in_place_writes, is_factory, storage_roots, view_parent, written_nodes
 
+# ApplyError, realize_placement, RealizedPlacement, placement_device_map and transfer_nodes are
+# documented here (docs/contracts.md); to_device and write_back are the call targets of placed
+# graphs, which a GraphModule pickled by an earlier version imports from this module.
 __all__ = [
     "ApplyError",
     "apply_placement",
     "to_device",
-    "deep_copy",
-    "factories_where_placed",
     "transfer_nodes",
-    "written_inputs",
     "write_back",
     "placement_device_map",
     "RealizedPlacement",
@@ -75,45 +78,10 @@ __all__ = [
 ]
 
 
-ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
-
-
-class ApplyError(PlacerError, ValueError):
-    """A placement that cannot be applied to the model it was given."""
-
-
 #: Tensor methods / attributes that read only metadata: a consumer doing only this
 #: does not need the tensor on its own device, so no copy is made for it.
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
 _METADATA_ATTRS = frozenset({"shape", "dtype", "ndim", "is_cuda", "requires_grad"})
-
-def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = False) -> Any:
-    """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
-
-    Non-tensor leaves pass through unchanged. This is the target of every transfer
-    node that :func:`apply_placement` inserts. ``copy``: a tensor already on ``device``
-    is cloned rather than passed on as itself, as a move between two real devices gives
-    the destination its own storage.
-    """
-    if isinstance(value, fx.Proxy):
-        # Unpickling a GraphModule re-traces its code (fx's _deserialize_graph_module): tree_map
-        # would pass the Proxy through and the transfer would vanish from the graph, the loaded
-        # model's ops on one device then reading tensors of another.
-        return value.tracer.create_proxy("call_function", to_device, (value, device),
-                                         {"non_blocking": non_blocking, **({"copy": True} if copy else {})})
-
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            moved = x.to(device, non_blocking=non_blocking)
-            return moved.clone() if copy and moved is x else moved
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            # pytree leaves a dataclass output whole: its tensors stayed where they were made,
-            # not on the output device the loss code was promised (walkthrough).
-            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking, copy)
-                                             for f in dataclasses.fields(x) if f.init})
-        return x
-
-    return tree_map(move, value)
 
 
 def _as_graph_module(model: Any) -> fx.GraphModule:
@@ -124,30 +92,6 @@ def _as_graph_module(model: Any) -> fx.GraphModule:
             f"got {type(model).__name__}"
         )
     return gm
-
-
-def _parse_device(name: Any, node: str, must_exist: bool = True) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ApplyError(
-            f"node {node!r} is placed on {name!r}, which is not a torch device string; "
-            f"expected e.g. 'cpu', 'cuda:0' (map virtual devices with realize_placement first)"
-        ) from exc
-    problem = real_device_problem(name) if must_exist else None
-    if problem is not None:  # cuda:0 on a CPU-only build, meta: refused here, not as a torch traceback mid-run
-        raise ApplyError(f"node {node!r} is placed on a device this machine cannot use: {problem}")
-    return device
-
-
-def _canonical(dev: torch.device) -> str:
-    # "cuda" and "cuda:0" are the same device once a tensor lives there, and a CPU tensor
-    # reports "cpu" whatever index was asked for; compare canonically.
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.index is None and dev.type in ("cuda", "xpu", "mps"):
-        return f"{dev.type}:0"
-    return str(dev)
 
 
 def _metadata_only(user: fx.Node, producer: fx.Node) -> bool:
@@ -161,179 +105,6 @@ def _metadata_only(user: fx.Node, producer: fx.Node) -> bool:
         if name.startswith("aten.sym_size") or name.startswith("aten.sym_numel") or name.startswith("aten.sym_stride"):
             return True
     return False
-
-
-def _tensor_attr(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str, Any]:
-    owner_path, _, attr = qualname.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    return owner, attr, getattr(owner, attr)
-
-
-class _Mover:
-    """Moves parameters, buffers and attribute tensors, refusing to split a shared one."""
-
-    def __init__(self, root: torch.nn.Module, real: Any, move: bool = True) -> None:
-        self.root = root
-        self.real = real  # device name -> torch device string
-        self.move = move  # False: claim only, to find a conflict before anything moves
-        self.where: dict[int, tuple[str, str]] = {}  # id(tensor) -> (device, who)
-
-    def claim(self, tensor: torch.Tensor, device: str, who: str) -> None:
-        key = id(tensor)
-        prev = self.where.get(key)
-        if prev is not None and prev[0] != device:
-            raise ApplyError(
-                f"{who} needs a tensor on {device} that {prev[1]} needs on {prev[0]}; a module or "
-                f"tensor used by several nodes must have all of them on one device "
-                f"(group the placement graph so shared modules are co-located)"
-            )
-        self.where[key] = (device, who)
-
-    def move_module(self, path: str, device: str, who: str) -> None:
-        mod = self.root.get_submodule(path)
-        for name, p in mod.named_parameters(recurse=True):
-            self.claim(p, device, who)
-        for name, b in mod.named_buffers(recurse=True):
-            self.claim(b, device, who)
-        if not self.move:
-            return
-        real = self.real(device)
-        for sub in mod.modules():
-            self._move_own(sub, real)
-            if isinstance(sub, torch.nn.RNNBase) and torch.device(real).type == "cuda":
-                # Module.to() would do this: cuDNN wants the weights in one contiguous chunk.
-                sub.flatten_parameters()
-
-    def move_attr(self, qualname: str, device: str, who: str) -> None:
-        owner, attr, value = _tensor_attr(self.root, qualname)
-        if isinstance(value, torch.nn.Module):
-            self.move_module(qualname, device, who)
-            return
-        if not isinstance(value, torch.Tensor):
-            return
-        self.claim(value, device, who)
-        if self.move:
-            # Parameters, buffers and plain tensor attributes (fx's _tensor_constant*) alike.
-            self._move_tensor(value, self.real(device))
-
-    @staticmethod
-    def _move_tensor(t: torch.Tensor, device: str) -> None:
-        if _canonical(t.device) != device:
-            # Assigning .data keeps the tensor object (so tied weights stay tied and an
-            # optimizer built afterwards sees the moved Parameter).
-            t.data = t.data.to(device)
-            if t.grad is not None:
-                t.grad.data = t.grad.data.to(device)
-
-    def _move_own(self, mod: torch.nn.Module, device: str) -> None:
-        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is not None:
-                self._move_tensor(t, device)
-
-
-def _effective_devices(
-    gm: fx.GraphModule, placement: Mapping[str, str], output_device: str
-) -> dict[str, str | None]:
-    """Device each node runs on: its placement, adjusted for mutation; None for inputs."""
-    nodes = list(gm.graph.nodes)
-    first = next((placement[n.name] for n in nodes if n.name in placement), output_device)
-    dev: dict[str, str | None] = {}
-    for n in nodes:
-        if n.op == "placeholder":
-            dev[n.name] = None  # the caller's tensor: moved to each consuming device
-        elif n.op == "output":
-            dev[n.name] = output_device
-        elif n.name in placement:
-            dev[n.name] = placement[n.name]
-        elif n.op == "get_attr":
-            placed_users = [u for u in n.users if u.name in placement]
-            dev[n.name] = placement[placed_users[0].name] if placed_users else None
-        else:
-            # Unplaced compute (e.g. nodes added after capture) runs with its first input.
-            ins = [dev.get(a.name) for a in n.all_input_nodes if dev.get(a.name) is not None]
-            dev[n.name] = ins[0] if ins else first
-    for n in nodes:  # unplaced get_attr whose users were unplaced too
-        if n.op == "get_attr" and dev[n.name] is None:
-            ins = [dev[u.name] for u in n.users if dev[u.name] is not None]
-            dev[n.name] = ins[0] if ins else first
-
-    # Mutation: state follows the op that updates it; an in-place op on an activation
-    # runs where that activation lives. A view of a tensor that something updates in place
-    # (h.narrow(...), buf[:2]) runs where that tensor lives too: a view made on another
-    # device would be a copy, so a write through it would miss the tensor, and the tensor's
-    # updates would miss it.
-    root = storage_roots(gm.graph.nodes, gm)
-    written = {root[arg].name for n in nodes for arg in written_nodes(n, gm)}
-    state_owner: dict[str, str] = {}
-    for n in nodes:
-        for arg in written_nodes(n, gm):
-            base = root[arg]
-            if base.op != "get_attr" or (arg is not base and base.name in state_owner):
-                continue
-            prev = state_owner.get(base.name)
-            if prev is not None and prev != dev[n.name]:
-                raise ApplyError(
-                    f"state {base.target!r} is updated in place on {prev} and on {dev[n.name]}; "
-                    f"the ops that update it must be on one device"
-                )
-            state_owner[base.name] = dev[n.name]  # type: ignore[assignment]
-    dev.update(state_owner)
-    homes = written_inputs(gm, dev, root)
-    for n in nodes:
-        parent = view_parent(n)
-        if root[n].name in homes and (parent is not None or written_nodes(n, gm)):
-            dev[n.name] = homes[root[n].name]  # a view or an update of an input: where it is moved to
-            continue
-        if parent is not None and root[n].name in written and dev.get(parent.name) is not None:
-            dev[n.name] = dev[parent.name]
-        for arg in written_nodes(n, gm):
-            if arg.op != "get_attr" and dev.get(arg.name) is not None:
-                dev[n.name] = dev[arg.name]
-    return dev
-
-
-def written_inputs(gm: fx.GraphModule, dev: Mapping[str, str | None],
-                   roots: Mapping[fx.Node, fx.Node] | None = None) -> dict[str, str]:
-    """``{input: device}`` for the inputs (placeholders) that forward() updates in place
-    (``x.mul_(2)``, ``x[:, 0] = 0``), each with the device of its first update.
-
-    Every other input is copied to each device that reads it; such an input is moved once, to
-    that device, where all its updates and views run and from which its readers elsewhere get
-    their copies, and its final value is written back into the caller's tensor
-    (:func:`write_back`), as the original model updates it. Copied per reader, each update
-    landed on a copy of its own and the caller's tensor was left as it was (walkthrough: outputs
-    2.19 off, the input 4.93 off, over two devices with copying transfers).
-    """
-    if roots is None:
-        roots = storage_roots(gm.graph.nodes, gm)
-    homes: dict[str, str] = {}
-    for writer, written in in_place_writes(gm, roots):
-        device = dev.get(writer.name)
-        if written.op == "placeholder" and device is not None:
-            homes.setdefault(written.name, device)
-    return homes
-
-
-def write_back(caller: Any, value: Any) -> None:
-    """Copy ``value`` (an input forward() updated in place, on the device it was moved to) into
-    ``caller`` (the caller's tensor), unless it is that tensor: see :func:`written_inputs`."""
-    if isinstance(caller, fx.Proxy):  # fx re-traces the code when a placed model is unpickled
-        caller.tracer.create_proxy("call_function", write_back, (caller, value), {})
-        return
-    if isinstance(caller, torch.Tensor) and isinstance(value, torch.Tensor) and value is not caller:
-        caller.copy_(value)
-
-
-def _updated_in_place(gm: fx.GraphModule) -> set[str]:
-    """Nodes whose storage some op updates in place: the written tensor, its views and the
-    in-place ops' results (a view made before the update sees it; a copy made then would not)."""
-
-    def tensor(n: fx.Node) -> str:  # two get_attr nodes of one attribute read one tensor
-        return f"attr:{n.target}" if n.op == "get_attr" else n.name
-
-    roots = storage_roots(gm.graph.nodes, gm)
-    targets = {tensor(written) for _, written in in_place_writes(gm)}
-    return {n.name for n in gm.graph.nodes if tensor(roots[n]) in targets}
 
 
 def apply_placement(
@@ -390,7 +161,7 @@ def check_applicable(model: Any, placement: Mapping[str, str], output_device: st
     """
     src = _as_graph_module(model)
     canon, output_device, resolve = _resolved_placement(src, placement, output_device, real_devices)
-    dev = _effective_devices(src, canon, output_device)
+    dev, _ = _effective_devices(src, canon, output_device)
     mover = _Mover(src, resolve.real, move=False)
     for n in src.graph.nodes:
         if n.op == "call_module":
@@ -426,7 +197,7 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
 
     gm = src if inplace else _copy_graph_module(src)
     graph = gm.graph
-    dev = _effective_devices(gm, canon, output_device)
+    dev, homes = _effective_devices(gm, canon, output_device)
 
     # 1. Parameters, buffers and attribute tensors to their node's device.
     mover = _Mover(gm, resolve.real)
@@ -450,7 +221,6 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     #    copy made when it was produced would miss the updates between (an EMA buffer
     #    read after its mul_/add_, an activation read after its relu_).
     updated = _updated_in_place(gm)
-    homes = written_inputs(gm, dev)
 
     def cut(producer: fx.Node, late: bool) -> None:
         src_dev = dev[producer.name]
@@ -514,181 +284,6 @@ def _apply(model: Any, placement: Mapping[str, str], output_device: str | None, 
     return gm
 
 
-def _transfer_node(graph: fx.Graph, producer: fx.Node, src: str | None, dst: str, real: str, non_blocking: bool,
-                   copy_transfers: bool) -> fx.Node:
-    """A :func:`to_device` node moving ``producer``'s value from ``src`` to ``dst`` (``real`` on this
-    machine), at the graph's insertion point; non-blocking only towards an accelerator (module doc)."""
-    t = graph.call_function(
-        to_device,
-        (producer, real),
-        {"non_blocking": bool(non_blocking and torch.device(real).type != "cpu"),
-         **({"copy": True} if copy_transfers else {})},
-    )
-    t.name = graph._graph_namespace.create_name(f"{producer.name}_to_{_ident(dst)}", None)
-    t.meta["placer_transfer"] = (src, dst)
-    return t
-
-
-def factories_where_placed(graph: fx.Graph, placed: Callable[[fx.Node], tuple[str, str]],
-                           non_blocking: bool = True, copy_transfers: bool = False) -> list[fx.Node]:
-    """Make every op of ``graph`` that names a device, and every factory that names none, make its
-    tensor on its node's device; returns the transfers it inserted. ``placed(node)``: the node's
-    device name and this machine's device for it (apply: the placement's; a pipeline stage: its one
-    device).
-
-    A constant ``device=`` (torch.export bakes the capture's into factory ops and ``.to``) is
-    replaced. A factory without one (``torch.arange(n)``, ``torch.zeros(n)`` in an fx graph:
-    :func:`graphs.ops.is_factory`) would make its tensor on the default device whatever the
-    placement, and its consumers on the placed device would get no transfer (the value is not
-    where the placement, and the simulator, say it is), so it is given its node's device; its
-    dtype and other arguments stay. A device computed in the graph (``device=x.device``)
-    follows its data already and is left alone.
-
-    A random draw (:func:`graphs.ops.draws_random`: ``torch.randn``) is not moved: another
-    device's generator draws other numbers, and the placed model must compute the original's.
-    It draws where the original does (its constant ``device=``, else the default device at the
-    time of this call), and a transfer right after it brings its value to its placed device,
-    where its consumers (and the simulator) expect it. That transfer's source is the real device
-    the draw is made on, not a device name of the placement.
-    """
-    copies: list[fx.Node] = []
-    for n in list(graph.nodes):
-        if n.op != "call_function":
-            continue
-        named = n.kwargs.get("device")
-        if not isinstance(named, (torch.device, str)) and (named is not None or not is_factory(n)):
-            continue
-        name, real = placed(n)
-        device = torch.device(real)
-        if not draws_random(n):
-            if named is None or torch.device(named) != device:
-                n.kwargs = {**n.kwargs, "device": device}
-            continue
-        drawn = torch.device(named) if named is not None else torch.get_default_device()
-        if _canonical(drawn) == _canonical(device):
-            continue
-        with graph.inserting_after(n):
-            t = _transfer_node(graph, n, str(drawn), name, real, non_blocking, copy_transfers)
-        n.replace_all_uses_with(t, delete_user_cb=lambda user: user is not t)
-        copies.append(t)
-    return copies
-
-
-def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy that keeps which buffers are non-persistent.
-
-    ``GraphModule.__deepcopy__`` rebuilds the module and forgets ``persistent=False``, so
-    such a buffer would appear in the placed model's ``state_dict()`` and loading that
-    back into the original with ``strict=True`` would fail on an unexpected key.
-    """
-    gm = deep_copy(src)
-    copies = dict(gm.named_modules(remove_duplicate=False))
-    for path, mod in src.named_modules(remove_duplicate=False):
-        twin = copies.get(path)
-        if twin is not None and mod._non_persistent_buffers_set:
-            twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
-    # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
-    keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
-    if getattr(src, "placer_constant_inputs", None):
-        pin_constant_inputs(gm, src.placer_constant_inputs)
-    return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
-
-
-def deep_copy(module: ModuleT) -> ModuleT:
-    """``copy.deepcopy(module)`` with what it loses or refuses kept: its parameters' gradient
-    hooks and attributes (:func:`_keep_parameter_extras`), and the computed tensors prune and the
-    old weight_norm keep as attributes (:func:`_computed_attributes`). apply copies the captured
-    graph with it, and the numerical check copies the user's model with it, so both sides keep
-    the same hooks."""
-    twin = copy.deepcopy(module, _computed_attributes(module))
-    _keep_parameter_extras(module, twin)
-    return twin
-
-
-def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
-    """A deep-copy memo giving each module attribute that holds a tensor computed with gradients
-    (not a parameter or buffer) a detached copy of it.
-
-    ``torch.nn.utils.prune`` and the old ``torch.nn.utils.weight_norm`` keep such a tensor
-    (``weight = weight_orig * weight_mask``) and recompute it in a forward pre-hook at every call;
-    torch refuses to deep-copy a tensor that is not a graph leaf, so apply_placement failed on
-    every such model (walkthrough: RuntimeError "Only Tensors created explicitly by the user").
-    The copy's value is the current one; its hook recomputes it from the copied parameters."""
-    memo: dict[int, Any] = {}
-    for module in root.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
-                    and value.grad_fn is not None and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
-    return memo
-
-
-def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
-    """Give ``twin``'s parameters (a deep copy of ``src``) what ``Parameter.__deepcopy__`` leaves
-    out of ``src``'s: their gradient hooks and the attributes the model set on them.
-
-    It copies the data alone, so a hook the model put on a weight
-    (``emb.weight.register_hook(lambda g: g * mask)``, rows kept frozen; a per-weight clip;
-    ``register_post_accumulate_grad_hook``) was gone from the placed model: other gradients, no
-    error (walkthrough: gradients 0.106 off); and so was an attribute that sorts parameters into
-    optimizer groups (``p._optim = {"weight_decay": 0.0}``, ``p.no_weight_decay = True``), which
-    then put the placed model's weights in other groups than the model's."""
-    theirs = dict(src.named_parameters())
-    for name, p in twin.named_parameters():
-        original = theirs.get(name)
-        if original is None or original is p:
-            continue
-        for key, value in vars(original).items():
-            if key not in vars(p):
-                setattr(p, key, copy.deepcopy(value))
-        for hook in (original._backward_hooks or {}).values():
-            p.register_hook(hook)
-        for hook in (getattr(original, "_post_accumulate_grad_hooks", None) or {}).values():
-            p.register_post_accumulate_grad_hook(hook)
-
-
-def _ident(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "dev"
-
-
-class _resolver:
-    """Device names → canonical names and real torch device strings."""
-
-    def __init__(self, real_devices: Mapping[str, str] | None) -> None:
-        self.checked: dict[str, str | None] = {}  # real device -> why it cannot be used (None: it can)
-        self.canonical: dict[str, str] = {}
-        self.mapping = None
-        if real_devices is not None:
-            self.mapping = {
-                str(k): _canonical(_parse_device(v, f"<device {k}>", must_exist=False))
-                for k, v in real_devices.items()
-            }
-
-    def name(self, device: Any, node: str) -> str:
-        if self.mapping is not None:
-            if str(device) not in self.mapping:
-                raise ApplyError(
-                    f"node {node!r} is placed on {device!r}, which real_devices does not map; "
-                    f"known devices are {sorted(self.mapping)}"
-                )
-            real = self.mapping[str(device)]
-            if real not in self.checked:
-                self.checked[real] = real_device_problem(real)
-            problem = self.checked[real]
-            if problem is not None:
-                raise ApplyError(f"node {node!r} is placed on {device!r}, which maps onto a device this machine "
-                                 f"cannot use: {problem}")
-            return str(device)
-        if not isinstance(device, str):
-            return _canonical(_parse_device(device, node))
-        if device not in self.canonical:  # once per device, not once per node
-            self.canonical[device] = _canonical(_parse_device(device, node))
-        return self.canonical[device]
-
-    def real(self, name: str) -> str:
-        return self.mapping[name] if self.mapping is not None else name
-
-
 def _last_placeholder(graph: fx.Graph) -> fx.Node:
     # Input transfers go after all placeholders: fx requires placeholders first.
     last = None
@@ -699,94 +294,3 @@ def _last_placeholder(graph: fx.Graph) -> fx.Node:
     return last
 
 
-def transfer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The transfer nodes :func:`apply_placement` inserted into ``gm``."""
-    return [n for n in gm.graph.nodes if "placer_transfer" in n.meta]
-
-
-# --------------------------------------------------------------------------- virtual devices
-
-
-@dataclass(frozen=True)
-class RealizedPlacement:
-    """A placement over cluster device names mapped onto real torch devices.
-
-    Attributes:
-        assignment: node → real torch device string.
-        virtual_to_real: cluster device name → real device string.
-        shared: real device → the virtual devices mapped onto it (only where > 1).
-        note: a sentence for reports; says when a measured time cannot show parallelism.
-    """
-
-    assignment: dict[str, str]
-    virtual_to_real: dict[str, str]
-    shared: dict[str, list[str]] = field(default_factory=dict)
-    note: str = ""
-
-    @property
-    def parallel(self) -> bool:
-        """False when several virtual devices share one real device."""
-        return not self.shared
-
-
-def realize_placement(placement: Mapping[str, str], devices: Any) -> RealizedPlacement:
-    """Map a placement over cluster device names to real torch devices.
-
-    Args:
-        placement: node → cluster device name.
-        devices: a mapping ``{cluster device name: real device}``, a Cluster (anything
-            with ``.devices``), or an iterable of Device-like objects with ``name`` and
-            ``real_device`` (a device whose ``real_device`` is empty maps to its own name).
-
-    Raises:
-        ApplyError: a placed device the mapping does not know, or a real device that is
-            not a torch device string.
-    """
-    mapping = _real_mapping(devices)
-    unknown = sorted({d for d in placement.values() if d not in mapping})
-    if unknown:
-        raise ApplyError(
-            f"placement uses device(s) {unknown} that the cluster does not define; "
-            f"devices are {sorted(mapping)}"
-        )
-    for v, r in mapping.items():
-        try:
-            torch.device(r)
-        except (RuntimeError, TypeError):
-            raise ApplyError(
-                f"device {v!r} maps onto {r!r}, which is not a torch device; name the cluster the placement "
-                f"was made for (`--cluster 4xK40`, a spec file whose devices have a real_device such as 'cpu' or "
-                f"'cuda:0')"
-            ) from None
-    used = sorted(set(placement.values()))
-    by_real: dict[str, list[str]] = {}
-    for v in used:
-        by_real.setdefault(_canonical(torch.device(mapping[v])), []).append(v)
-    shared = {r: vs for r, vs in by_real.items() if len(vs) > 1}
-    note = ""
-    if shared:
-        parts = [f"{', '.join(vs)} → {r}" for r, vs in shared.items()]
-        note = (
-            "virtual devices share one real device ("
-            + "; ".join(parts)
-            + "): the measured time shows no parallelism between them"
-        )
-    return RealizedPlacement(
-        assignment={n: _canonical(torch.device(mapping[d])) for n, d in placement.items()},
-        virtual_to_real={v: _canonical(torch.device(r)) for v, r in mapping.items()},
-        shared=shared,
-        note=note,
-    )
-
-
-def _real_mapping(devices: Any) -> dict[str, str]:
-    if isinstance(devices, Mapping):
-        return {str(k): str(v) for k, v in devices.items()}
-    devs: Iterable[Any] = getattr(devices, "devices", devices)
-    out: dict[str, str] = {}
-    for d in devs:
-        name = getattr(d, "name", None)
-        if name is None:
-            raise ApplyError(f"expected Device objects with a name and real_device; got {d!r}")
-        out[str(name)] = str(getattr(d, "real_device", None) or name)
-    return out

@@ -77,7 +77,8 @@ def time_training_steps(
 
     Returns the ``repeats`` step times (seconds) and peak CUDA memory per device.
     """
-    from envs.runtime.apply import apply_placement, to_device
+    from envs.runtime.apply import apply_placement
+    from envs.runtime.transfers import to_device
 
     placed = apply_placement(captured, assignment, output_device=output_device, real_devices=real_devices)
     out_real = placed.placer_real_devices.get(placed.placer_output_device, placed.placer_output_device)

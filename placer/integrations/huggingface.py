@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from envs.runtime.apply import to_device
 from envs.runtime.device_map import placement_device_map
+from envs.runtime.transfers import to_device
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, find_placement
 from placer.optimizing.config import ClusterSource

@@ -110,7 +110,7 @@ def onto_device(stage: Any, device: torch.device) -> Any:
     tied-weight bookkeeping matches by identity), its graph's factory ops making their tensors
     there (torch.export bakes the capture's ``device=cpu``, fx's ``torch.arange(n)`` names none;
     a random draw stays where the original draws and is copied over, as ``apply`` does for one
-    process: :func:`~envs.runtime.apply.factories_where_placed`) and every device among the
+    process: :func:`~envs.runtime.transfers.factories_where_placed`) and every device among the
     constants it rebuilds instead of receiving (an ``x.device`` read across a stage boundary,
     recorded on the CPU probe) replaced by ``device``."""
 
@@ -121,7 +121,7 @@ def onto_device(stage: Any, device: torch.device) -> Any:
             return type(value)(moved(v) for v in value)
         return value
 
-    from envs.runtime.apply import factories_where_placed
+    from envs.runtime.transfers import factories_where_placed
 
     factories_where_placed(stage.gm.graph, lambda n: (str(device), str(device)))
     stage.gm.recompile()

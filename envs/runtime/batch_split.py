@@ -1,0 +1,204 @@
+"""Whether splitting the batch changes what the model computes: :func:`check_batch_split`.
+
+A pipelined placement splits the batch: ``R`` data-parallel replicas each take ``1/R``
+of it and cut their share into ``M`` micro-batches (equal slices of dim 0, as
+``torch.distributed.pipelining`` and DDP do); each micro-batch's loss is divided by ``M``
+and the replicas' gradients are averaged (:mod:`envs.runtime.pipeline.worker`). With
+``microbatches``/``replicas`` the check also runs the unsplit captured model part by part
+in this process and compares the loss, every gradient and every buffer with the full
+batch's: an op that mixes samples (BatchNorm in training mode) computes something else on a
+smaller batch, and a buffer the forward updates (a step counter, a running mean) is updated
+once per micro-batch, so the next step differs even where this one's loss and gradients agree.
+
+It is a module of its own because the split is checked apart from any placement: the
+optimizer checks it once for a pipeline (:func:`check_batch_split`) and hands the report to
+:func:`envs.runtime.check.check_placement` (``split=``), which otherwise checks it itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+
+from envs.runtime.check_report import CheckReport
+from envs.runtime.module_copy import deep_copy
+from envs.runtime.no_dropout import _NoDropout
+from envs.runtime.tensor_diff import _scaled_diff
+from envs.runtime.trainable import _loss_of
+from graphs.capture import CapturedModel, set_training_modes
+from graphs.model_file import ModelSpec, batch_size_of, batch_slice
+from graphs.random_state import kept_random_state
+
+__all__ = ["check_batch_split"]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.get_default_dtype()`` is ``dtype`` inside (None: unchanged): tensors a model
+    creates in forward (``torch.zeros(n)``) follow the dtype the check runs in."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
+                seed: int, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Loss, gradients and buffers of one training step with each replica (a list of
+    micro-batches) on its own copy of the captured model, as the pipeline runtime computes
+    them: each micro-batch's loss / M accumulated, the replicas' losses and gradients
+    averaged; the buffers are the first replica's after its micro-batches (a stage runs its
+    module once per micro-batch, so a buffer the forward updates is updated M times; DDP
+    broadcasts the first replica's buffers). ``dtype``: the floating dtype the copies, their
+    inputs and new tensors are computed in."""
+    # One copy for every replica: the replicas' averaged gradients are the sum over all R x M
+    # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
+    # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
+    # model in float64 held gigabytes each.
+    gm = deep_copy(captured.gm)
+    if dtype is not None:
+        gm.to(dtype)
+    gm.train(modes[""])
+    set_training_modes(gm, modes)
+    start = {n: b.detach().clone() for n, b in gm.named_buffers()}
+    losses: list[torch.Tensor] = []
+    buffers: dict[str, torch.Tensor] = {}
+    for parts in chunks:
+        with torch.no_grad():
+            for n, b in gm.named_buffers():
+                b.copy_(start[n])
+        total = torch.zeros((), dtype=torch.float64)
+        for inputs in parts:
+            if dtype is not None:
+                inputs = tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                  else v, inputs)
+            torch.manual_seed(seed)
+            output = gm(*inputs)
+            loss = _loss_of(spec, output, inputs)
+            assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first
+            (loss / (len(parts) * len(chunks))).backward()
+            total += loss.detach().to(torch.float64).reshape(()) / len(parts)
+        losses.append(total)
+        if not buffers:
+            buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
+    return (torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None},
+            buffers)
+
+
+def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,
+                 seed: int) -> dict[str, object]:
+    """The ``split_*`` fields of :class:`CheckReport`: the batch split into ``replicas`` x
+    ``microbatches`` equal parts compared with the full batch (one step, dropout off)."""
+    parts = microbatches * replicas
+    batch = batch_size_of(spec.example_inputs) or 0
+    if batch == 0 or batch % parts:
+        return {"split_samples": batch // parts, "split_cause": (
+            f"cannot split the batch of {batch} into {replicas} replica(s) x {microbatches} micro-batches of "
+            "equal size; expected a batch size divisible by their product")}
+    size = batch // parts
+    if captured.gm.__dict__.get("placer_input_shapes"):  # graphs.capture.pin_shapes_unless_generic
+        return {"split_samples": size, "split_cause": (
+            f"the graph torch.export captured holds the example's batch of {batch} in its ops (at capture a batch "
+            f"of another size computed something else), so parts of {size} samples cannot run it; expected a model "
+            "torch.fx can capture, or one whose forward() takes its sizes from its input")}
+    modes = getattr(captured, "training_modes", None) or {"": True}
+    chunks = [[batch_slice(spec.example_inputs, batch, (r * microbatches + k) * size,
+                             (r * microbatches + k + 1) * size) for k in range(microbatches)]
+              for r in range(replicas)]
+    # In float64, so that what is compared is the split, not float32's summation order: a
+    # gradient summed over 4 parts of a batch instead of at once differs by rounding alone
+    # (a convolution's bias, a sum over 262,144 float32 terms: 1e-4 of its size, measured
+    # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
+    # differs by far more. A model that cannot run in float64 is compared in its own dtype.
+    no_dropout = _NoDropout()
+
+    def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                  dict[str, torch.Tensor]], ...]:
+        with no_dropout, _default_dtype(dtype):
+            return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
+                    _split_step(captured, spec, modes, chunks, seed, dtype))
+
+    dtype: torch.dtype | None = torch.float64
+    try:
+        (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
+    except Exception:  # noqa: BLE001 - user code with a fixed dtype (x.float() @ w.double(), say)
+        dtype = None
+        (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
+    diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
+    diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
+    buffer_diffs = {n: _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
+    worst_grad = max(diffs.values(), default=0.0)
+    worst_buffer = max(buffer_diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    worst = max([*diffs.items(), *((f"buffer:{n}", d) for n, d in buffer_diffs.items())], key=lambda kv: kv[1],
+                default=("", 0.0))
+    loss_diff = _scaled_diff(loss, full_loss)
+    out: dict[str, object] = {
+        "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
+        "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
+    split = (microbatches, replicas, size)
+    if max(loss_diff, worst_grad) > tolerance:
+        start = dict(captured.gm.named_buffers())
+        updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, split, tolerance, seed, dtype,
+                                          updated)
+    elif worst_buffer[1] > tolerance:
+        out["split_cause"] = _buffer_cause(worst_buffer[0], *split)
+    return out
+
+
+def _buffer_cause(name: str, microbatches: int, replicas: int, size: int) -> str:
+    """Why a buffer the forward updates makes the split differ."""
+    if microbatches > 1:
+        return (f"the forward updates buffer {name!r}: a stage runs once per micro-batch, so {microbatches} "
+                f"micro-batches of {size} samples leave it other than one pass over the full batch does (a counter "
+                f"advances {microbatches} times, a running statistic sees the parts)")
+    return (f"the forward updates buffer {name!r} from its inputs: each of the {replicas} replicas sees {size} "
+            "samples and DDP keeps the first replica's buffers, not the full batch's")
+
+
+def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int = 1,
+                      tolerance: float = 1e-5, seed: int = 0) -> CheckReport:
+    """Whether splitting the batch into ``replicas`` x ``microbatches`` equal parts (a
+    pipeline's, a hybrid's) gives the full batch's loss, gradients and buffers: a report whose
+    ``split_*`` fields say so (:attr:`CheckReport.split_ok`, :meth:`CheckReport.describe_split`),
+    the placement fields left empty. The unsplit captured model runs in this process, one
+    step, dropout off; ``spec.model`` and the random state are left as they were. Pass the
+    report to :func:`check_placement` (``split=``) to check that split once only."""
+    fields: dict[str, object] = {}
+    if microbatches * replicas > 1:
+        with kept_random_state():
+            fields = _check_split(spec, captured, microbatches, replicas, tolerance, seed)
+    return CheckReport(0.0, 0.0, 0.0, 0, tolerance=tolerance, microbatches=microbatches, replicas=replicas,
+                       **fields)  # type: ignore[arg-type]
+
+
+def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
+                 split_loss: torch.Tensor, split: tuple[int, int, int], tolerance: float, seed: int,
+                 dtype: torch.dtype | None, updated: Sequence[str]) -> str:
+    """Why the split batch computes something else, as far as it can be told. ``split``:
+    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes."""
+    parts = split[0] * split[1]
+    with _NoDropout(), _default_dtype(dtype):
+        other_loss, _, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
+    if _scaled_diff(other_loss, full_loss) > tolerance:
+        return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
+                "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
+                "--no-check to accept the pipeline unchecked, or make the model deterministic")
+    gm = captured.gm
+    norms = [name for name, m in gm.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and modes.get(name, modes[""])]
+    if norms:
+        shown = ", ".join(repr(n) for n in norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
+        return f"BatchNorm in training mode ({shown}) normalises each micro-batch by its own statistics"
+    if _scaled_diff(split_loss * parts, full_loss) <= tolerance:
+        return f"the loss sums over samples, so each of the {parts} parts carries 1/{parts} of it; expected a mean"
+    if updated:  # read back within the step (a warm-up counter): the later micro-batches see it advanced
+        return _buffer_cause(updated[0], *split)
+    return "an op mixes samples across the batch (a normalisation over it, a sum or mean over dim 0)"

@@ -1,0 +1,97 @@
+"""Copies of a model that keep what ``copy.deepcopy`` loses: :func:`deep_copy`.
+
+``copy.deepcopy`` leaves out a parameter's gradient hooks and the attributes set on it, and
+refuses the computed tensors that ``torch.nn.utils.prune`` and the old ``weight_norm`` keep as
+attributes; ``GraphModule.__deepcopy__`` also forgets which buffers are non-persistent
+(:func:`_copy_graph_module`). apply copies the captured graph with these and the numerical
+check copies the user's model with them, so both sides of a check keep the same hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, TypeVar
+
+import torch
+import torch.fx as fx
+
+from graphs.capture import pin_constant_inputs
+from graphs.module_attributes import keep_plain_attributes
+
+__all__ = ["deep_copy"]
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def _copy_graph_module(src: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy that keeps which buffers are non-persistent.
+
+    ``GraphModule.__deepcopy__`` rebuilds the module and forgets ``persistent=False``, so
+    such a buffer would appear in the placed model's ``state_dict()`` and loading that
+    back into the original with ``strict=True`` would fail on an unexpected key.
+    """
+    gm = deep_copy(src)
+    copies = dict(gm.named_modules(remove_duplicate=False))
+    for path, mod in src.named_modules(remove_duplicate=False):
+        twin = copies.get(path)
+        if twin is not None and mod._non_persistent_buffers_set:
+            twin._non_persistent_buffers_set.update(k for k in mod._non_persistent_buffers_set if k in twin._buffers)
+    # The rebuild also makes buffers of plain tensor attributes (fx's constants), and drops hooks.
+    keep_plain_attributes(gm, (n for n, _ in src.named_buffers(remove_duplicate=False)))
+    if getattr(src, "placer_constant_inputs", None):
+        pin_constant_inputs(gm, src.placer_constant_inputs)
+    return gm  # a refusal of eval mode comes along (graphs.eval_mode.refuse_eval_mode)
+
+
+def deep_copy(module: ModuleT) -> ModuleT:
+    """``copy.deepcopy(module)`` with what it loses or refuses kept: its parameters' gradient
+    hooks and attributes (:func:`_keep_parameter_extras`), and the computed tensors prune and the
+    old weight_norm keep as attributes (:func:`_computed_attributes`). apply copies the captured
+    graph with it, and the numerical check copies the user's model with it, so both sides keep
+    the same hooks."""
+    twin = copy.deepcopy(module, _computed_attributes(module))
+    _keep_parameter_extras(module, twin)
+    return twin
+
+
+def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
+    """A deep-copy memo giving each module attribute that holds a tensor computed with gradients
+    (not a parameter or buffer) a detached copy of it.
+
+    ``torch.nn.utils.prune`` and the old ``torch.nn.utils.weight_norm`` keep such a tensor
+    (``weight = weight_orig * weight_mask``) and recompute it in a forward pre-hook at every call;
+    torch refuses to deep-copy a tensor that is not a graph leaf, so apply_placement failed on
+    every such model (walkthrough: RuntimeError "Only Tensors created explicitly by the user").
+    The copy's value is the current one; its hook recomputes it from the copied parameters."""
+    memo: dict[int, Any] = {}
+    for module in root.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return memo
+
+
+def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
+    """Give ``twin``'s parameters (a deep copy of ``src``) what ``Parameter.__deepcopy__`` leaves
+    out of ``src``'s: their gradient hooks and the attributes the model set on them.
+
+    It copies the data alone, so a hook the model put on a weight
+    (``emb.weight.register_hook(lambda g: g * mask)``, rows kept frozen; a per-weight clip;
+    ``register_post_accumulate_grad_hook``) was gone from the placed model: other gradients, no
+    error (walkthrough: gradients 0.106 off); and so was an attribute that sorts parameters into
+    optimizer groups (``p._optim = {"weight_decay": 0.0}``, ``p.no_weight_decay = True``), which
+    then put the placed model's weights in other groups than the model's."""
+    theirs = dict(src.named_parameters())
+    for name, p in twin.named_parameters():
+        original = theirs.get(name)
+        if original is None or original is p:
+            continue
+        for key, value in vars(original).items():
+            if key not in vars(p):
+                setattr(p, key, copy.deepcopy(value))
+        for hook in (original._backward_hooks or {}).values():
+            p.register_hook(hook)
+        for hook in (getattr(original, "_post_accumulate_grad_hooks", None) or {}).values():
+            p.register_post_accumulate_grad_hook(hook)

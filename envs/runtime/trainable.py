@@ -1,0 +1,99 @@
+"""Whether a model can be trained at all, and its loss as every check computes it.
+
+A placement is searched for a training step, so :func:`check_trainable` refuses, before any
+search, a model that cannot be trained (no trainable parameter, a loss that does not depend on
+one, a loss that is not finite). The numerical checks refuse the same models in the same words
+(:func:`_no_trainable_parameters`, :func:`_untrainable_loss`) and compute the loss the same way
+(:func:`_loss_of`: on the CPU, wherever the output is), so these live apart from both checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from envs.runtime.transfers import to_device
+from graphs.capture import set_training_modes, training_modes
+from graphs.errors import ModelFileError, PlacerError
+from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
+
+__all__ = ["check_trainable"]
+
+
+#: What every refusal of an untrainable model says was expected.
+_TRAINABLE = "expected a model with trainable parameters whose loss depends on them"
+
+
+def _no_trainable_parameters(model: torch.nn.Module, label: str) -> str | None:
+    """Why ``model`` cannot be trained for lack of parameters (None when it has trainable ones)."""
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return None
+    what = (f"its {len(params)} parameter tensor{'s are' if len(params) != 1 else ' is'} frozen (requires_grad=False)"
+            if params else "it has no parameters")
+    return f"model {label!r} has nothing to train: {what}; {_TRAINABLE}"
+
+
+def _untrainable_loss(loss: object, output: object, label: str) -> str | None:
+    """Why ``loss`` cannot be trained on (None when it is a one-element tensor that requires grad)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        return f"the loss of model {label!r} is {got}; expected a scalar tensor from trainable parameters"
+    if loss.requires_grad:
+        return None
+    out = first_tensor(output)
+    why = (f": its output has dtype {str(out.dtype).replace('torch.', '')}, which carries no gradient "
+           "(argmax, a comparison, an integer cast)" if out is not None and not (
+               out.is_floating_point() or out.is_complex()) else
+           ": no trainable parameter reaches it (detached, computed under no_grad, or from frozen parameters)")
+    return f"the loss of model {label!r} does not require grad{why}; {_TRAINABLE}"
+
+
+def _loss_of(spec: ModelSpec, output: object, inputs: tuple) -> object:
+    loss = spec.loss_fn(output, *[to_device(x, "cpu") for x in inputs])
+    return to_device(loss, "cpu") if isinstance(loss, torch.Tensor) else loss
+
+
+def check_trainable(spec: ModelSpec) -> None:
+    """Refuse a model that cannot be trained, before any search: one forward of the user's
+    model on its example inputs, in the mode it is captured in (training), with its buffers
+    and the random state restored afterwards.
+
+    Raises:
+        ModelFileError: no parameter requires grad; the loss is not a scalar tensor, does not
+            require grad, or is not finite (the model itself, before any placement).
+    """
+    model, label = spec.model, spec.name
+    reason = _no_trainable_parameters(model, label)
+    if reason is not None:
+        raise ModelFileError(reason)
+    modes = training_modes(model)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=cuda), preserved_buffers(model), torch.enable_grad():
+            if not model.training:  # as graphs.capture.capture: a training step is placed
+                model.train()
+            output = model(*spec.example_inputs)
+            loss = _loss_of(spec, output, spec.example_inputs)
+    except PlacerError:
+        raise
+    except Exception as exc:  # user code: its own words, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelFileError(
+            f"one training forward of model {label!r} and its loss fails on the example inputs: "
+            f"{type(exc).__name__}: {first}; expected a forward() and loss_fn(output, *inputs) that run "
+            "with gradients on") from None
+    finally:
+        set_training_modes(model, modes)
+    reason = _untrainable_loss(loss, output, label)
+    if reason is not None:
+        raise ModelFileError(reason)
+    assert isinstance(loss, torch.Tensor)
+    value = float(loss.detach().reshape(-1)[0])
+    if not math.isfinite(value):
+        empty = batch_size_of(spec.example_inputs) == 0  # a mean over no samples is nan
+        raise ModelFileError(
+            f"the original model's loss is {value} on the example inputs (model {label!r} itself, before any "
+            "placement)" + ("; they hold 0 samples (dim 0 is empty): expected a batch of at least one"
+                            if empty else "; expected finite values"))
