@@ -261,6 +261,10 @@ class PlacementProblem:
             group arrays when not given (each node is then one op with the group's
             forward time on the device and its backward and update as backward, all on
             the host for a CPU and on the device for a GPU).
+        node_modules: the module path of each node (a group's: its members' common
+            module; ``""`` outside any submodule), or ``()`` where the graph carries none.
+            Nothing is simulated from it: the move policy relocates whole modules with it
+            (:mod:`placer.search.move_scopes`).
 
     The CSR arrays are derived from ``edge_src``/``edge_dst`` when not given.
     """
@@ -291,12 +295,16 @@ class PlacementProblem:
     cluster_name: str = ""
     ops: OpArrays | None = None
     rank_simulator: RankSimulator | None = None
+    node_modules: tuple[str, ...] = ()
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self._index:
             self._index.update({n: i for i, n in enumerate(self.node_names)})
         n = len(self.node_names)
+        if self.node_modules and len(self.node_modules) != n:
+            raise PlacementError(f"node_modules names {len(self.node_modules)} modules for {n} nodes; expected one "
+                                 "per node or none")
         if self.requires_grad is None:
             object.__setattr__(self, "requires_grad", np.ones(n, dtype=bool))
         if self.pred_ptr is None or self.pred_edge is None or self.succ_ptr is None or self.succ_edge is None:
@@ -636,6 +644,8 @@ def compile_problem(
         np.logical_or.at(g_rg, op_group, requires_grad)
         gattrs = grouping.graph.nodes
         g_out = np.array([float(gattrs[v].get("out_bytes") or 0) for v in group_names], dtype=np.float64)
+    node_attrs = attrs if grouping is None else [grouping.graph.nodes[v] for v in group_names]
+    modules = tuple(str(a.get("module") or "") for a in node_attrs)
 
     return PlacementProblem(
         name=str(graph.graph.get("name", "graph")),
@@ -660,6 +670,7 @@ def compile_problem(
         cluster_name=cluster.name,
         ops=ops,
         rank_simulator=rank_simulator,
+        node_modules=modules if any(modules) else (),
     )
 
 
