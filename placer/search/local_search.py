@@ -32,9 +32,18 @@ import numpy as np
 
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
+from placer.search.move_scopes import MoveScopes
 from placer.search.tracker import BestTracker, StopSearch
 
 PHASE = "local_search"
+
+
+def _scope_moves(scopes: MoveScopes, row: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scope [K], device [K]) of every move of a whole scope to a device not all its members are on."""
+    on = np.zeros((scopes.num_scopes, num_devices), dtype=np.int64)
+    np.add.at(on, (scopes.member_scope, row[scopes.member_node]), 1)
+    s_idx, s_dev = np.nonzero(on < scopes.sizes[:, None])
+    return s_idx.astype(np.int64), s_dev.astype(np.int64)
 
 
 class LocalSearchError(PlacerError, ValueError):
@@ -123,7 +132,8 @@ class LocalSearch:
     """
 
     def __init__(self, problem: PlacementProblem, evaluate, tracker: BestTracker, rng: np.random.Generator,
-                 chunk: int = 1024, max_kick: int | None = None, share: float = 0.5) -> None:
+                 chunk: int = 1024, max_kick: int | None = None, share: float = 0.5,
+                 scopes: MoveScopes | None = None) -> None:
         if not 0.0 < float(share) < 1.0:
             raise LocalSearchError(f"the local-search share of evaluations must be in (0, 1), got {share!r}")
         self.share = float(share)
@@ -134,6 +144,7 @@ class LocalSearch:
         self.rng = rng
         self.chunk = max(1, int(chunk))
         self.max_kick = max(2, problem.num_nodes // 10) if max_kick is None else max(1, int(max_kick))
+        self.scopes = scopes if scopes is not None and scopes.num_scopes else None
         self.stats = LocalSearchStats()
         self._current: np.ndarray | None = None
         self._current_key: tuple[bool, float] = (True, np.inf)
@@ -201,6 +212,11 @@ class LocalSearch:
         self._current = np.array(row, dtype=np.int64, copy=True)
         self._current_key = key
         nodes, devs, _ = neighbourhood(self.problem, self._current)
+        if self.scopes is not None:
+            # Scope moves as rows past the pair moves: node -1 - s means "every member of scope s".
+            s_idx, s_dev = _scope_moves(self.scopes, self._current, self.problem.num_devices)
+            nodes = np.concatenate([nodes, np.stack([-1 - s_idx, -1 - s_idx], axis=1)])
+            devs = np.concatenate([devs, np.stack([s_dev, s_dev], axis=1)])
         order = self.rng.permutation(len(devs))
         self._moves = (nodes[order], devs[order])
         self._pos = 0
@@ -213,7 +229,13 @@ class LocalSearch:
             self.stats.scans += 1
             return self._kicked_row()
         end = min(self._pos + size, len(devs))
-        rows = apply_moves(self._current, nodes[self._pos:end], devs[self._pos:end])
+        part_nodes, part_devs = nodes[self._pos:end], devs[self._pos:end]
+        scoped = part_nodes[:, 0] < 0
+        rows = apply_moves(self._current, np.where(scoped[:, None], 0, part_nodes),
+                           np.where(scoped[:, None], self._current[0], part_devs))
+        if self.scopes is not None:
+            for k in np.flatnonzero(scoped):
+                rows[k, self.scopes.members[-1 - int(part_nodes[k, 0])]] = part_devs[k, 0]
         self._pos = end
         return rows
 

@@ -10,6 +10,11 @@ further one drawn from the same scores plus learned terms that couple it to the 
 made (a neighbour of a moved group following it to its new device, or taking its old one; a
 group filling the device a move freed). Local search's neighbourhood is single moves and the
 moves of an edge's two ends; a proposal here can move two groups that share no edge, or three.
+The first move may also take a whole **module scope** of its group with it
+(:mod:`~placer.search.move_scopes`: the group's module subtree, or its role in every
+block), chosen by a learned score of each scope's members' own scores for the device, the share
+of them already there, its size and kind: a branch of convolutions or every layer's attention
+moves as one decision, which single moves reach only through many worse placements.
 
 The score of moving group ``g`` to device ``d`` is a small MLP over features of the current
 placement that carry to any graph and cluster size
@@ -55,6 +60,7 @@ from placer.search.agents.move_features import (
     move_features,
 )
 from placer.search.local_search import LocalSearch
+from placer.search.move_scopes import MoveScopes
 from placer.search.tracker import BestTracker, StopSearch
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,9 @@ EXPLORER_TRIAL = 16
 EXPLORER_RETIRE = 1.5
 #: The highest sampling temperature a walker raises its scores' divisor to (see ``_Walker.temperature``).
 MAX_TEMPERATURE = 16.0
+#: Features of a scope choice (:func:`_scope_features`), and the single move's head start.
+NUM_SCOPE_FEATURES = 5
+SINGLE_PRIOR = 1.5
 #: Batches in a row (of either walker) whose proposals were all evaluated before, at which the
 #: search stops as "exhausted": at the highest temperature the policy then draws nothing new
 #: (a few milliseconds a batch; well past the temperature's rise from 1 to MAX_TEMPERATURE).
@@ -112,6 +121,13 @@ class MoveNetwork(torch.nn.Module):
         )
         self.coupling = torch.nn.Parameter(torch.tensor([1.0, 0.5, 0.5]))
         self.count_logits = torch.nn.Parameter(torch.zeros(max_moves))
+        # A scope's score (see _scope_features): its members' mean score for the device counts as
+        # the group's own does; the single move starts SINGLE_PRIOR ahead, so a first proposal
+        # expands to a scope about half the time with a few scopes to choose from.
+        self.scope = torch.nn.Linear(NUM_SCOPE_FEATURES, 1)
+        with torch.no_grad():
+            self.scope.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0, SINGLE_PRIOR]]))
+            self.scope.bias.zero_()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits [N * D] of the moves whose features [N * D, F] are given."""
@@ -139,6 +155,7 @@ class MovePolicy:
         distinct proposals)."""
         n, d = problem.num_nodes, problem.num_devices
         logits = self.net(torch.from_numpy(features)) / float(temperature)
+        raw = logits
         current = torch.zeros(n * d, dtype=torch.bool)
         current[torch.from_numpy(np.arange(n) * d + row)] = True
         logits = logits.masked_fill(current, -1e9)
@@ -152,6 +169,12 @@ class MovePolicy:
         entropy = (-(k_lp.exp() * k_lp).sum() - (lp0.exp() * lp0).sum()).expand(batch)
         rows = np.repeat(row[None].astype(np.int64), batch, axis=0)
         rows[np.arange(batch), first // d] = first % d
+        if st.scopes is not None and batch:
+            # The first move may take a module scope of its group with it (module doc).
+            s_lp, s_pick, s_ent = self._scope_choice(st.scopes, raw, row, first, n, d, temperature, rng)
+            logp, entropy = logp + s_lp, entropy + s_ent
+            for b in np.flatnonzero(s_pick >= 0):
+                rows[b, st.scopes.members[s_pick[b]]] = first[b] % d
         # Further moves, for the proposals that make them: coupled to the moves made so far.
         moved_mask = np.zeros((batch, n * d), dtype=bool)
         coupling = torch.zeros(batch, n * d)
@@ -177,6 +200,36 @@ class MovePolicy:
             chosen[act] = pick
         return rows, logp, entropy
 
+    def _scope_choice(self, scopes: MoveScopes, raw: torch.Tensor, row: np.ndarray, first: np.ndarray, n: int,
+                      d: int, temperature: float,
+                      rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """For each proposal's first move (group ``first // d`` to device ``first % d``): keep it
+        single or expand it to one of the group's scopes. Returns the choice's log-probability
+        [B], the scope chosen [B] (-1: single) and the choice's entropy [B]."""
+        groups, dev = first // d, first % d
+        cand = scopes.of_nodes(groups)  # [B, K], -1 past the last
+        valid = np.concatenate([np.ones((len(first), 1), dtype=bool), cand >= 0], axis=1)
+        safe = np.where(cand >= 0, cand, 0)
+        per_scope = torch.zeros(scopes.num_scopes, d).index_add_(
+            0, torch.from_numpy(scopes.member_scope), raw.view(n, d)[torch.from_numpy(scopes.member_node)])
+        sizes = scopes.sizes
+        mean_score = per_scope / torch.from_numpy(sizes.astype(np.float32))[:, None]
+        on_dev = np.zeros((scopes.num_scopes, d))
+        np.add.at(on_dev, (scopes.member_scope, row[scopes.member_node]), 1.0)
+        on_dev /= sizes[:, None]
+        feats = _scope_features(mean_score[torch.from_numpy(safe), torch.from_numpy(dev)[:, None]],
+                                raw.view(n, d)[torch.from_numpy(groups), torch.from_numpy(dev)],
+                                on_dev[safe, dev[:, None]], np.log(sizes[safe]) / max(np.log(n), 1.0),
+                                scopes.is_role[safe])
+        score = self.net.scope(feats).squeeze(-1) / float(temperature)
+        score = score.masked_fill(torch.from_numpy(~valid), -1e9)
+        lp = torch.log_softmax(score, dim=1)
+        pick = _sample_rows(lp.detach().exp().numpy().astype(np.float64), rng)
+        chosen = lp.gather(1, torch.from_numpy(pick)[:, None]).squeeze(1)
+        entropy = -(lp.exp() * lp).sum(dim=1)
+        scope = np.where(pick > 0, cand[np.arange(len(first)), np.maximum(pick - 1, 0)], -1)
+        return chosen, scope, entropy
+
     def update(self, logp: torch.Tensor, entropy: torch.Tensor, reward: np.ndarray) -> None:
         """One REINFORCE step: advantage = reward - batch mean (scaled by the batch's spread)."""
         r = torch.as_tensor(reward, dtype=torch.float32)
@@ -195,8 +248,12 @@ class MovePolicy:
         return {"config": self.config.__dict__.copy(), "net": self.net.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load weights saved by :meth:`state_dict` (from any graph: nothing is sized by it)."""
-        self.net.load_state_dict(state["net"])
+        """Load weights saved by :meth:`state_dict` (from any graph: nothing is sized by it).
+
+        Weights saved before the scope scorer existed load with its starting weights."""
+        missing, unexpected = self.net.load_state_dict(state["net"], strict=False)
+        if unexpected or any(not k.startswith("scope.") for k in missing):
+            raise RuntimeError(f"not a move policy's weights: missing {missing}, unexpected {unexpected}")
 
     def save(self, path: str | Path) -> None:
         """Write the policy to ``path`` (``torch.save``)."""
@@ -209,6 +266,19 @@ class MovePolicy:
         policy = cls(MovePolicyConfig(**state["config"]), seed=seed)
         policy.load_state_dict(state)
         return policy
+
+
+def _scope_features(mean_score: torch.Tensor, own_score: torch.Tensor, on_device: np.ndarray, log_size: np.ndarray,
+                    is_role: np.ndarray) -> torch.Tensor:
+    """[B, 1 + K, NUM_SCOPE_FEATURES]: per proposal, the single move (column 0) and each scope of its
+    group: the members' mean move score for the device (the group's own score for the single
+    move), the share of members already on it, log size over log N, role or subtree, single."""
+    b, k = on_device.shape
+    single = torch.tensor([[0.0, 0.0, 0.0, 1.0]]).expand(b, 1, 4)
+    rest = torch.from_numpy(np.stack([on_device, log_size, is_role.astype(np.float64),
+                                      np.zeros((b, k))], axis=2).astype(np.float32))
+    scores = torch.cat([own_score[:, None], mean_score], dim=1)[:, :, None]
+    return torch.cat([scores, torch.cat([single, rest], dim=1)], dim=2)
 
 
 def _sample(probs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

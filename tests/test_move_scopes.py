@@ -1,0 +1,131 @@
+"""Module scopes of the move policy: which sets of groups one move may relocate, and a placement
+that only a whole-module move reaches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from envs.sim.simulator import simulate_batch
+from placer.search.agents.move_features import feature_statics, move_features
+from placer.search.agents.moves import MovePolicy
+from placer.search.local_search import apply_moves, neighbourhood
+from placer.search.move_scopes import module_scopes
+from placer.search.search import search
+from placer.search.tracker import StopSearch
+from tests.helpers.arrays import make_problem
+
+MB = 2**20
+
+
+def test_scopes_are_module_subtrees_and_roles_across_blocks_each_set_once():
+    paths = ("stem", "blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.mlp", "blocks.1.attn.q", "blocks.1.attn.k",
+             "blocks.1.mlp", "head")
+    scopes = module_scopes(paths)
+    found = {tuple(int(i) for i in m): bool(r) for m, r in zip(scopes.members, scopes.is_role)}
+    assert found[(1, 2, 3)] is False and found[(4, 5, 6)] is False  # blocks.0 and blocks.1
+    assert found[(1, 2)] is False and found[(4, 5)] is False  # each block's attention
+    assert found[(1, 2, 4, 5)] is True  # the attention of every block: a role
+    assert found[(3, 6)] is True and found[(1, 4)] is True  # every block's mlp; every q
+    assert (1, 2, 3, 4, 5, 6) in found  # blocks
+    assert all(1 < len(m) < len(paths) for m in found)  # no single groups, not the whole graph
+    assert len(found) == len(scopes.members)  # each set once (blocks.* = blocks is not repeated)
+    # A group expands to its smallest scopes first, at most per_node of them.
+    sizes = scopes.sizes
+    for i in range(len(paths)):
+        own = scopes.node_scope[scopes.node_ptr[i]:scopes.node_ptr[i + 1]]
+        assert list(sizes[own]) == sorted(sizes[own]) and all(i in scopes.members[s] for s in own)
+    assert all(len(x[x >= 0]) <= 2 for x in module_scopes(paths, per_node=2).of_nodes(np.arange(len(paths)), 2))
+
+
+def test_numbered_variants_of_a_branch_share_its_role():
+    paths = ("Mixed_5b.branch3x3dbl_1.conv", "Mixed_5b.branch3x3dbl_2.conv", "Mixed_5c.branch3x3dbl_1.conv",
+             "Mixed_5c.branch1x1.conv", "fc")
+    found = {tuple(int(i) for i in m) for m in module_scopes(paths).members}
+    assert (0, 1, 2) in found  # every double-3x3 convolution, in every block
+
+
+def test_a_graph_without_module_paths_has_no_scopes():
+    problem = make_problem(3, [(0, 1), (1, 2)], np.full(3, 0.01), kinds=("K40", "K40"))
+    assert problem.node_modules == () and feature_statics(problem).scopes is None
+
+
+def branch_trap_problem():
+    """Two branches of four 10 ms ops between a stem and a concat, all on one of two GPUs.
+
+    Inside a branch each edge carries 200 MiB (0.2 s over the 1 GB/s link), into and out of it
+    1 MiB. Moving the whole of branch ``b`` to the other GPU runs the branches side by side; a
+    move of one to three of its ops cuts a 200 MiB edge and is far slower, so single moves, the
+    moves of an edge's two ends and the policy's coupled moves (at most three groups) cannot
+    reach it without passing through worse placements.
+    """
+    edges = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (4, 9), (8, 9)]
+    heavy = {(1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 8)}
+    edge_bytes = np.array([200 * MB if e in heavy else MB for e in sorted(edges)], dtype=float)
+    times = np.array([0.001] + [0.01] * 8 + [0.001])
+    problem = make_problem(10, edges, times, kinds=("K40", "K40"), edge_bytes=edge_bytes)
+    modules = ("stem",) + tuple(f"block.a.conv{i}" for i in range(4)) + tuple(f"block.b.conv{i}" for i in range(4)) + \
+        ("block",)
+    return dataclasses.replace(problem, node_modules=modules)
+
+
+def test_the_policy_moves_a_whole_branch_that_no_single_or_edge_move_reaches():
+    problem = branch_trap_problem()
+    seed = np.zeros(problem.num_nodes, dtype=np.int64)
+    first = simulate_batch(problem, seed[None]).step_time[0]
+    nodes, devs, _ = neighbourhood(problem, seed)
+    around = simulate_batch(problem, apply_moves(seed, nodes, devs))
+    assert np.all(around.step_time > first)  # local search is stuck at the seed
+    res = search(problem, agent="moves", budget=256, seed=0, num_envs=32, initial_placements=[seed],
+                 local_search=False, patience=None)
+    moved = set(np.flatnonzero(res.best_row != res.best_row[0]).tolist())
+    assert moved in ({1, 2, 3, 4}, {5, 6, 7, 8})  # one branch beside the other
+    assert res.best_step_time < first * 0.75
+    assert res.credit() == {"policy_moves": 1.0}
+
+
+def test_proposals_move_whole_scopes_and_their_log_probabilities_are_finite():
+    problem = branch_trap_problem()
+    st = feature_statics(problem)
+    row = np.zeros(problem.num_nodes, dtype=np.int64)
+    policy = MovePolicy(seed=0)
+    rows, logp, entropy = policy.propose(problem, st, row, move_features(problem, row, static=st), 64,
+                                         np.random.default_rng(0))
+    assert st.scopes is not None
+    scope_sets = {tuple(int(i) for i in m) for m in st.scopes.members}
+    moved = [tuple(np.flatnonzero(r != row).tolist()) for r in rows]
+    assert any(m in scope_sets for m in moved)  # some proposals relocate a whole scope
+    assert any(len(m) == 1 for m in moved)  # and some a single group
+    assert np.isfinite(logp.detach().numpy()).all() and np.isfinite(entropy.detach().numpy()).all()
+    logp.sum().backward()  # the scope choice is learned: its scorer gets a gradient
+    grad = policy.net.scope.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_local_search_given_the_scopes_scans_whole_module_moves_too():
+    from placer.search.local_search import LocalSearch
+    from placer.search.move_scopes import module_scopes
+    from placer.search.tracker import BestTracker
+
+    problem = branch_trap_problem()
+    seed = np.zeros(problem.num_nodes, dtype=np.int64)
+    first = simulate_batch(problem, seed[None]).step_time[0]
+
+    def evaluate(rows):
+        sim = simulate_batch(problem, rows)
+        return sim.step_time, sim.fits
+
+    ends = {}
+    for wide in (False, True):
+        tracker = BestTracker(problem, 40, patience=None, agent="local_search")
+        tracker.record(seed[None], *evaluate(seed[None]), phase="seeds")
+        ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(0),
+                         scopes=module_scopes(problem.node_modules) if wide else None)
+        try:
+            ls.run(39)
+        except StopSearch:
+            pass
+        ends[wide] = tracker.best_step_time
+    assert ends[False] == first  # single and edge moves: stuck at the seed
+    assert ends[True] < first * 0.75  # a branch moved whole
