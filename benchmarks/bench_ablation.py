@@ -7,6 +7,9 @@ the same budget of evaluated placements and the same seed:
 * **best heuristic** — the fastest placement of every baseline in ``placer.search.baselines``;
 * **local search alone** — the batched local search of ``placer.search.local_search`` seeded
   with every heuristic placement (the seeds count against the budget), no policy;
+* **local search with scopes** — the same, its neighbourhood widened by every move of a whole
+  module scope (``placer.search.move_scopes``, the moves the policy may make): what the wider
+  neighbourhood finds without any learning, so the policy's credit is not the neighbourhood's;
 * **policy alone, from scratch** — the learned move policy (agent ``moves``) with no seeds and
   no local search, from its own start (:func:`placer.search.agents.moves.start_row`); its
   weights are the shipped pretrained policy (a search's default) unless ``--weights fresh``;
@@ -57,6 +60,7 @@ class Case:
     best_name: str = ""
     best_heuristic: float = math.inf
     local_search: float = math.inf
+    local_search_scopes: float = math.inf
     scratch: float = math.inf
     full: float = math.inf
     credit: dict[str, float] = field(default_factory=dict)
@@ -65,8 +69,9 @@ class Case:
     improvements: int = 0
 
 
-def local_search_alone(problem, seeds: np.ndarray, budget: int, seed: int, num_envs: int):
-    """The improvement phase alone from the heuristic seeds, on the search's evaluation path."""
+def local_search_alone(problem, seeds: np.ndarray, budget: int, seed: int, num_envs: int, scopes: bool = False):
+    """The improvement phase alone from the heuristic seeds, on the search's evaluation path
+    (with ``scopes``, its neighbourhood holds every move of a whole module scope too)."""
     from envs.gym.vector_env import BatchedPlacementVecEnv
     from placer.search.local_search import LocalSearch
     from placer.search.tracker import BestTracker, StopSearch
@@ -80,7 +85,10 @@ def local_search_alone(problem, seeds: np.ndarray, budget: int, seed: int, num_e
 
     # The same streams as search(): the improvement phase draws from the second child of the seed.
     _, local_stream = np.random.SeedSequence(int(seed)).spawn(2)
-    ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(local_stream))
+    from placer.search.move_scopes import module_scopes
+
+    ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(local_stream),
+                     scopes=module_scopes(problem.node_modules) if scopes and problem.node_modules else None)
     try:
         t, ok = evaluate(seeds[: tracker.remaining_placements()])
         tracker.record(seeds, t, ok, phase="seeds")
@@ -119,6 +127,10 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
         ls = local_search_alone(problem, seeds, budget, args.seed, args.num_envs)
         case.seconds["local search"] = time.perf_counter() - t0
         case.local_search = ls.best_step_time if ls.best_fits else math.inf
+        t0 = time.perf_counter()
+        wide = local_search_alone(problem, seeds, budget, args.seed, args.num_envs, scopes=True)
+        case.seconds["local search + scopes"] = time.perf_counter() - t0
+        case.local_search_scopes = wide.best_step_time if wide.best_fits else math.inf
 
     t0 = time.perf_counter()
     pretrained = args.weights == "shipped"
@@ -148,28 +160,37 @@ def ratio(a: float, b: float) -> str:
 
 def table(cases: list[Case]) -> list[str]:
     lines = [
-        "| model (groups / ops) | cluster | lower bound | best heuristic | local search alone | policy from scratch "
-        "| full search | full / best heur. | full < LS alone | gain over seeds by phase | policy's share |",
-        "|---|---|---:|---|---:|---:|---:|---:|:---:|---|---:|",
+        "| model (groups / ops) | cluster | lower bound | best heuristic | local search alone | local search + scopes "
+        "| policy from scratch | full search | full / best heur. | full < LS alone | full < LS + scopes "
+        "| gain over seeds by phase | policy's share |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|:---:|:---:|---|---:|",
     ]
     for c in cases:
         lb = c.lower_bound
         credit = ", ".join(f"{p} {s:.0%}" for p, s in sorted(c.credit.items(), key=lambda x: -x[1])) or "no gain"
-        better = "yes" if c.full < c.local_search * (1 - 1e-9) else ("equal" if c.full <= c.local_search else "no")
+        better = _better(c.full, c.local_search)
         lines.append(
             f"| {c.model} ({c.groups:,} / {c.ops:,}) | {c.cluster} | {ms(lb)} | {c.best_name} {ms(c.best_heuristic)} "
             f"(×{ratio(c.best_heuristic, lb)} LB) | {ms(c.local_search)} (×{ratio(c.local_search, lb)}) | "
+            f"{ms(c.local_search_scopes)} (×{ratio(c.local_search_scopes, lb)}) | "
             f"{ms(c.scratch)} (×{ratio(c.scratch, lb)}; {ratio(c.scratch, c.best_heuristic)} of heur.) | "
             f"{ms(c.full)} (×{ratio(c.full, lb)}) | {ratio(c.full, c.best_heuristic)} | {better} | "
+            f"{_better(c.full, c.local_search_scopes)} | "
             f"{credit} ({c.improvements} impr.) | "
             f"{'—' if c.policy_share is None else f'{c.policy_share:.0%}'} |"
         )
     return lines
 
 
+def _better(full: float, other: float) -> str:
+    return "yes" if full < other * (1 - 1e-9) else ("equal" if full <= other else "no")
+
+
 def summary(cases: list[Case]) -> list[str]:
     n = len(cases)
     wins = sum(c.full < c.local_search * (1 - 1e-9) for c in cases)
+    wide_wins = sum(c.full < c.local_search_scopes * (1 - 1e-9) for c in cases)
+    wide_losses = sum(c.full > c.local_search_scopes * (1 + 1e-9) for c in cases)
     with_gain = [c for c in cases if c.policy_share is not None]
     half = sum(c.policy_share >= 0.5 for c in with_gain)
     at_most_one = sum(c.full <= c.best_heuristic * (1 + 1e-9) for c in cases)
@@ -179,6 +200,8 @@ def summary(cases: list[Case]) -> list[str]:
     return [
         f"- full search strictly better than local search alone (same seeds, same budget): **{wins} of {n}** "
         "(target ≥ 8 of 12)",
+        f"- full search against local search with the scope moves (the policy's neighbourhood, no learning): "
+        f"strictly better on **{wide_wins} of {n}**, worse on {wide_losses}",
         f"- the policy's phases credited with ≥ half of the gain over the seeds: **{half} of {len(with_gain)}** "
         "cases with a gain",
         f"- full search ≤ 1.00 × best heuristic: **{at_most_one} of {n}**; ≤ 0.90 × on NMT and MoE: "
