@@ -62,10 +62,10 @@ class FakeWorkers(ClosableFake):
         self.batches += 1
         if self.interrupt_after is not None and self.batches > self.interrupt_after:
             raise KeyboardInterrupt
+        # Every placement of the batch was sent to the workers, also those after one that breaks them.
+        self.calls.update(tuple(sorted(p.items())) for p in placements)
         out = []
         for p in placements:
-            key = tuple(sorted(p.items()))
-            self.calls[key] += 1
             if sum(d == "cpu:0" for d in p.values()) == 2:
                 raise RuntimeError("worker rank 1 died (fake)")
             out.append(self.time_of(p))
