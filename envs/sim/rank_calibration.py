@@ -16,7 +16,8 @@ import numpy as np
 
 from envs.hardware.cluster import Cluster
 from envs.sim.rank_costs import ZERO_COSTS, RankCosts, RankSimError
-from envs.sim.ranks import RankSchedule, _compile, _ranks_of, _simulate
+from envs.sim.rank_schedule import RankSchedule
+from envs.sim.ranks import _compile, _ranks_of, _simulate
 
 __all__ = ["rank_counts", "fit_host_costs", "fit_rank_costs", "fit_rank_costs_many"]
 

@@ -157,13 +157,10 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.sim.rank_costs import RankCosts, RankSimError
 from envs.sim.rank_plan import RankPlan, RankTransfer, compute_nodes, rank_plan, real_inputs
+from envs.sim.rank_schedule import RankEvent, RankMessage, RankSchedule, runnable_times
 from graphs.gc_pause import paused_gc
 
 __all__ = [
-    "RankEvent",
-    "RankMessage",
-    "RankSchedule",
-    "runnable_times",
     "RankSimulator",
     "RankScale",
     "simulate_ranks",
@@ -171,51 +168,6 @@ __all__ = [
     "rank_lower_bound",
     "value_leaves",
 ]
-
-
-@dataclass
-class RankEvent:
-    """One interval on a rank's host thread: an op's forward/backward/update, or an overhead."""
-
-    rank: int
-    kind: str  # "fwd", "bwd", "opt", "stage", "send", "recv", "wait", "loss", "step"
-    name: str
-    start: float
-    end: float
-
-
-@dataclass
-class RankMessage:
-    """One message (a tensor leaf of a value, or of its gradient) between two ranks."""
-
-    value: str
-    src: int
-    dst: int
-    grad: bool
-    nbytes: float
-    posted: float = math.nan
-    issued: float = math.nan
-    start: float = math.nan
-    arrival: float = math.nan
-
-
-@dataclass
-class RankSchedule:
-    """Result of :func:`simulate_ranks`."""
-
-    step_time: float
-    rank_end: list[float]
-    busy: list[float]  # seconds each rank's thread computes or pays overheads (not waiting)
-    plan: RankPlan
-    events: list[RankEvent] = field(default_factory=list)
-    messages: list[RankMessage] = field(default_factory=list)
-
-    def event(self, name: str, kind: str = "fwd") -> RankEvent:
-        """The first event of ``kind`` named ``name`` (an op's forward by default)."""
-        for e in self.events:
-            if e.name == name and e.kind == kind:
-                return e
-        raise KeyError(f"no {kind} event named {name!r}")
 
 
 @dataclass(frozen=True)
@@ -746,11 +698,6 @@ class RankSimulator:
         idx = self._row_index(arr, groups)
         return [_simulate(self._c, dict(zip(self._ops, row[idx].tolist())), self.costs, False, scale=self.scale)
                 for row in arr]
-
-
-def runnable_times(schedules: Sequence[RankSchedule]) -> np.ndarray:
-    """Step times, infinite for a cut the runtime refuses: it never completes a step."""
-    return np.array([s.step_time if s.plan.refusal is None else math.inf for s in schedules])
 
 
 def _grad_path_nodes(graph: nx.DiGraph, cost: Mapping[str, list[_OpCost]]) -> set[str]:
