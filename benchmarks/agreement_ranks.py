@@ -50,7 +50,7 @@ def _load() -> list[float]:
 
 def _leaves(captured: Any) -> dict[str, int]:
     """Tensors per node value: the runtime sends one message per tensor leaf (none for a constant)."""
-    from envs.sim.ranks import value_leaves
+    from envs.sim.rank_compile import value_leaves
 
     return value_leaves(captured.gm)
 

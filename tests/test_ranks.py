@@ -323,7 +323,7 @@ def test_simulated_two_rank_step_is_within_a_factor_of_three_of_the_fastest_meas
                             spec=prep.spec, fingerprint=prep.captured.fingerprint, captured=prep.captured)
     many = getattr(m, "measure_many", None)
     measured = (many or m.measure)([single, layer_split])
-    from envs.sim.ranks import value_leaves
+    from envs.sim.rank_compile import value_leaves
 
     leaves = value_leaves(prep.captured.gm)
     for placement, result in zip((single, layer_split), measured):

@@ -545,7 +545,7 @@ def compile_problem(
         grouping: the :class:`graphs.grouping.Grouping` of ``graph`` whose groups are the
             placement unit (``node_names`` = its groups in topological order). None: every
             op is its own group.
-        leaves: on a rank cluster, tensors per value (:func:`envs.sim.ranks.value_leaves` of
+        leaves: on a rank cluster, tensors per value (:func:`envs.sim.rank_compile.value_leaves` of
             the captured module: the runtime sends one message per tensor); default 1 each.
 
     Raises:
