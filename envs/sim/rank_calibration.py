@@ -17,8 +17,8 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.sim.rank_compile import _compile, _ranks_of
 from envs.sim.rank_costs import ZERO_COSTS, RankCosts, RankSimError
+from envs.sim.rank_loop import _simulate
 from envs.sim.rank_schedule import RankSchedule
-from envs.sim.ranks import _simulate
 
 __all__ = ["rank_counts", "fit_host_costs", "fit_rank_costs", "fit_rank_costs_many"]
 
