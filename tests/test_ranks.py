@@ -414,7 +414,8 @@ def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from envs.sim.ranks import RankSimulator, rank_lower_bound
+    from envs.sim.rank_bound import rank_lower_bound
+    from envs.sim.rank_simulator import RankSimulator
 
     positive = st.floats(0.0, 300e-6)
 
