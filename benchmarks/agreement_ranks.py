@@ -335,7 +335,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
     from envs.sim.calibration import agreement
     from envs.sim.rank_calibration import fit_host_costs, fit_rank_costs, fit_rank_costs_many
     from envs.sim.rank_costs import RankCosts
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
     from graphs.pipeline import prepare
 
     devs = results["devices"].split(",")

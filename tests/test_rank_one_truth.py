@@ -11,7 +11,7 @@ import pytest
 
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.sim.rank_compile import value_leaves
-from envs.sim.ranks import RankSimulator
+from envs.sim.rank_simulator import RankSimulator
 from envs.sim.simulator import simulate_batch
 
 

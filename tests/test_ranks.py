@@ -145,7 +145,7 @@ def _sleepy_case():
 
 
 def test_drawn_late_wake_ups_fall_between_none_and_all_late_and_their_mean_tends_to_the_expected_step():
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
 
     g, place = _sleepy_case()
     tick = 4e-3
@@ -334,7 +334,7 @@ def test_simulated_two_rank_step_is_within_a_factor_of_three_of_the_fastest_meas
 
 
 def test_group_rows_score_like_their_expanded_op_placements():
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
 
     g = lstm_graph(4)
     ops = [n for n in g.nodes if n != "x"]

@@ -45,7 +45,7 @@ from envs.sim.optimizer_state import (
     OPTIMIZER_STEP_WORK,
     known_state_kind,
 )
-from envs.sim.ranks import RankSimulator
+from envs.sim.rank_simulator import RankSimulator
 from graphs.errors import GraphError, PlacerError
 from graphs.grouping import Grouping
 
@@ -254,7 +254,7 @@ class PlacementProblem:
         succ_ptr, succ_edge: CSR of outgoing edges, by ascending destination.
         cluster_name: name of the cluster the device arrays came from.
         rank_simulator: on a rank cluster, the simulator of the multi-process runtime
-            (:class:`envs.sim.ranks.RankSimulator`, over ``node_names`` rows): the simulators
+            (:class:`envs.sim.rank_simulator.RankSimulator`, over ``node_names`` rows): the simulators
             take every step time from it (one placement, one step time), memory and busy
             time from these arrays.
         ops: the op-level arrays the simulators execute (:class:`OpArrays`). Built from the
