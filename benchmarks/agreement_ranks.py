@@ -50,7 +50,7 @@ def _load() -> list[float]:
 
 def _leaves(captured: Any) -> dict[str, int]:
     """Tensors per node value: the runtime sends one message per tensor leaf (none for a constant)."""
-    from envs.sim.ranks import value_leaves
+    from envs.sim.rank_compile import value_leaves
 
     return value_leaves(captured.gm)
 
@@ -335,7 +335,7 @@ def analyse(results: dict[str, Any], seed: int, statistic: str = "median", split
     from envs.sim.calibration import agreement
     from envs.sim.rank_calibration import fit_host_costs, fit_rank_costs, fit_rank_costs_many
     from envs.sim.rank_costs import RankCosts
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
     from graphs.pipeline import prepare
 
     devs = results["devices"].split(",")

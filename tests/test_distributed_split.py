@@ -401,7 +401,7 @@ def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(
     """A search over ranks must never pick a placement that ``apply`` then refuses: the
     simulator scores it infinite, with the split's own reason."""
     from envs.sim.rank_plan import rank_plan
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
     from graphs.capture import capture
     from tests.helpers.problems import ranks_cluster
 
@@ -416,7 +416,7 @@ def test_the_rank_simulator_refuses_the_cuts_the_runtime_refuses_with_its_words(
 
 def test_the_rank_simulator_runs_a_value_updated_in_place_before_it_leaves_its_stage():
     from envs.sim.rank_plan import rank_plan
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
     from graphs.capture import capture
     from tests.helpers.problems import ranks_cluster
 

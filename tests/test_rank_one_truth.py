@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
-from envs.sim.ranks import RankSimulator, value_leaves
+from envs.sim.rank_compile import value_leaves
+from envs.sim.rank_simulator import RankSimulator
 from envs.sim.simulator import simulate_batch
 
 

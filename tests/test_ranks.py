@@ -145,7 +145,7 @@ def _sleepy_case():
 
 
 def test_drawn_late_wake_ups_fall_between_none_and_all_late_and_their_mean_tends_to_the_expected_step():
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
 
     g, place = _sleepy_case()
     tick = 4e-3
@@ -323,7 +323,7 @@ def test_simulated_two_rank_step_is_within_a_factor_of_three_of_the_fastest_meas
                             spec=prep.spec, fingerprint=prep.captured.fingerprint, captured=prep.captured)
     many = getattr(m, "measure_many", None)
     measured = (many or m.measure)([single, layer_split])
-    from envs.sim.ranks import value_leaves
+    from envs.sim.rank_compile import value_leaves
 
     leaves = value_leaves(prep.captured.gm)
     for placement, result in zip((single, layer_split), measured):
@@ -334,7 +334,7 @@ def test_simulated_two_rank_step_is_within_a_factor_of_three_of_the_fastest_meas
 
 
 def test_group_rows_score_like_their_expanded_op_placements():
-    from envs.sim.ranks import RankSimulator
+    from envs.sim.rank_simulator import RankSimulator
 
     g = lstm_graph(4)
     ops = [n for n in g.nodes if n != "x"]
@@ -414,7 +414,8 @@ def test_the_rank_lower_bound_is_never_above_a_simulated_rank_step():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from envs.sim.ranks import RankSimulator, rank_lower_bound
+    from envs.sim.rank_bound import rank_lower_bound
+    from envs.sim.rank_simulator import RankSimulator
 
     positive = st.floats(0.0, 300e-6)
 

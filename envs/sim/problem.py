@@ -45,7 +45,7 @@ from envs.sim.optimizer_state import (
     OPTIMIZER_STEP_WORK,
     known_state_kind,
 )
-from envs.sim.ranks import RankSimulator
+from envs.sim.rank_simulator import RankSimulator
 from graphs.errors import GraphError, PlacerError
 from graphs.grouping import Grouping
 
@@ -254,7 +254,7 @@ class PlacementProblem:
         succ_ptr, succ_edge: CSR of outgoing edges, by ascending destination.
         cluster_name: name of the cluster the device arrays came from.
         rank_simulator: on a rank cluster, the simulator of the multi-process runtime
-            (:class:`envs.sim.ranks.RankSimulator`, over ``node_names`` rows): the simulators
+            (:class:`envs.sim.rank_simulator.RankSimulator`, over ``node_names`` rows): the simulators
             take every step time from it (one placement, one step time), memory and busy
             time from these arrays.
         ops: the op-level arrays the simulators execute (:class:`OpArrays`). Built from the
@@ -545,7 +545,7 @@ def compile_problem(
         grouping: the :class:`graphs.grouping.Grouping` of ``graph`` whose groups are the
             placement unit (``node_names`` = its groups in topological order). None: every
             op is its own group.
-        leaves: on a rank cluster, tensors per value (:func:`envs.sim.ranks.value_leaves` of
+        leaves: on a rank cluster, tensors per value (:func:`envs.sim.rank_compile.value_leaves` of
             the captured module: the runtime sends one message per tensor); default 1 each.
 
     Raises:

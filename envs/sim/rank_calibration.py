@@ -15,8 +15,10 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Cluster
+from envs.sim.rank_compile import _compile, _ranks_of
 from envs.sim.rank_costs import ZERO_COSTS, RankCosts, RankSimError
-from envs.sim.ranks import RankSchedule, _compile, _ranks_of, _simulate
+from envs.sim.rank_loop import _simulate
+from envs.sim.rank_schedule import RankSchedule
 
 __all__ = ["rank_counts", "fit_host_costs", "fit_rank_costs", "fit_rank_costs_many"]
 

@@ -68,7 +68,7 @@ from envs.sim import kernels as _py
 from envs.sim.loop_arrays import LoopArrays, loop_arrays
 from envs.sim.memory_rules import device_max, step_temporaries
 from envs.sim.problem import PlacementError, PlacementProblem, memory_problem_lines
-from envs.sim.ranks import RankSchedule, runnable_times
+from envs.sim.rank_schedule import RankSchedule, runnable_times
 from envs.sim.simulator_numpy import NUMPY_CHUNK, static_pass_rows
 
 try:  # numba is an optional extra ("placer[jit]"): the numpy path always works.

@@ -50,7 +50,7 @@ def simulate_placement(prepared: Prepared, assignment: Mapping[str, str], cluste
     """
     from envs.sim.optimizer_state import optimizer_state_kind
     from envs.sim.problem import compile_problem
-    from envs.sim.ranks import value_leaves
+    from envs.sim.rank_compile import value_leaves
     from envs.sim.simulator import simulate_ops
 
     problem = compile_problem(prepared.captured.graph, cluster,

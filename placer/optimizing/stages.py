@@ -32,7 +32,7 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.problem import compile_problem
-from envs.sim.ranks import value_leaves
+from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
 from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer

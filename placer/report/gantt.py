@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from envs.sim.ranks import RankSchedule
+from envs.sim.rank_schedule import RankSchedule
 from envs.sim.simulator import Schedule, schedule, simulate_batch, simulate_ops
 from graphs.atomic_write import atomic_path
 
