@@ -3,12 +3,12 @@
 A graph is captured in training mode; ``placed.eval()`` must then compute what the model
 computes in eval mode, or say it cannot. Three cases, decided at capture:
 
-* **The same ops with other constants** (:data:`EvalArguments`): torch.export bakes
-  ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`export_eval_arguments`);
-  fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
+* **The same ops with other constants** (:data:`graphs.eval_arguments.EvalArguments`): torch.export bakes
+  ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`graphs.eval_arguments.export_eval_arguments`);
+  fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`graphs.eval_arguments.fx_eval_arguments`, from
   a trace in eval mode). The eval forward is the graph with the eval mode's constants.
 * **Another graph**: ``if self.training:`` took another branch (stochastic depth, an
-  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`;
+  auxiliary head). The model traced (fx) or exported (torch.export, :func:`graphs.eval_arguments.export_eval_plan`;
   also for an fx model fx cannot trace in eval mode, then for the example's input shapes only)
   in eval mode is kept as a second graph (:func:`follow_eval_graph`) and run by an
   interpreter where its data is (:class:`DataFollowingInterpreter`): the placed model's
@@ -27,8 +27,7 @@ import copy
 import functools
 import inspect
 import itertools
-import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,99 +37,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
-from graphs.module_attributes import ensure_module, keep_plain_attributes
+from graphs.eval_arguments import EvalArguments
+from graphs.module_attributes import _resolve, ensure_module, keep_plain_attributes
 from graphs.ops import argument, mutated_args
-
-#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
-_TRAINING_ARGUMENT = {
-    "aten.batch_norm.default": 5,
-    "aten.dropout.default": 2,
-    "aten.feature_dropout.default": 2,
-    "aten.alpha_dropout.default": 2,
-    "aten.feature_alpha_dropout.default": 2,
-    "aten.instance_norm.default": 5,  # use_input_stats (= training where running statistics are kept)
-    "aten.lstm.input": 6, "aten.gru.input": 6, "aten.rnn_tanh.input": 6, "aten.rnn_relu.input": 6,  # train
-    "aten.lstm.data": 7, "aten.gru.data": 7, "aten.rnn_tanh.data": 7, "aten.rnn_relu.data": 7,
-    "aten.rrelu.default": 3,
-}
-
-
-#: ``{node name: {argument position or keyword: its value in eval mode}}``: the constants of a
-#: graph traced in training mode that the same graph takes in eval mode (:func:`follow_eval_mode`).
-EvalArguments = dict[str, dict[int | str, Any]]
-
-
-def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
-    """The eval-mode constants of a torch.export graph traced in training mode: every training
-    flag baked as ``True`` (:func:`_training_flags`) becomes ``False``, and every
-    ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
-    found: EvalArguments = {n.name: {key: False} for n, key, flag in _training_flags(gm) if flag}
-    for n in gm.graph.nodes:
-        if (n.op == "call_function" and str(n.target) == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
-                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
-                and str(n.args[0].target).endswith("num_batches_tracked")):
-            found[n.name] = {1: 0}
-    return found
-
-
-def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bool]]:
-    """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
-    what it computes: the node, where the flag is (by position, or by keyword where the call
-    names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
-    normalises by the batch in both modes, and a dropout that drops nothing (:func:`_no_dropout`)
-    computes the same in both: left out."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        target = str(n.target)
-        i = _TRAINING_ARGUMENT.get(target)
-        if i is None:
-            continue
-        argument = n.target._schema.arguments[i]
-        key: int | str = i if len(n.args) > i else argument.name
-        flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
-        no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-        if isinstance(flag, bool) and not no_running and not _no_dropout(n):
-            yield n, key, flag
-
-
-def _no_dropout(n: fx.Node) -> bool:
-    """Whether ``n``, a dropout or a recurrent layer, drops nothing in training mode either, so
-    its flag changes no value: a dropout of ``p=0``, an RNN of ``dropout=0`` or of one layer
-    (its dropout is between layers). Refusing ``lstm.eval()`` on such a layer stopped every
-    validation pass of a model for nothing (walkthrough)."""
-    arguments = {a.name: (n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value))
-                 for i, a in enumerate(n.target._schema.arguments)}  # type: ignore[union-attr]
-    if "num_layers" in arguments and arguments["num_layers"] == 1:
-        return True
-    rate = arguments.get("dropout", arguments.get("p"))
-    return isinstance(rate, (int, float)) and rate == 0
-
-
-def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:
-    """``{module path: its training flag}`` for the modules of ``gm`` (torch.export, traced from
-    ``model`` in its current modes) whose ops baked their own flag (a BatchNorm, an LSTM, a
-    block's ``F.dropout(h, p, self.training)``): the graph computes that mode whatever the
-    module's flag says later, so :func:`follow_eval_mode` refuses a forward where it says
-    otherwise (:func:`_refuse_other_modes`). A flag that is not the module's (``training=False``
-    written in a training module) is left out."""
-    from graphs.placement_graph import owning_module
-
-    modes: dict[str, bool] = {}
-    for n, _, flag in _training_flags(gm):
-        path = owning_module(n)
-        try:
-            own = model.get_submodule(path).training if path else None
-            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
-        except AttributeError:
-            continue
-        if own is flag:
-            modes[path] = flag
-    return modes
 
 
 def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
-    """Raise where a module of ``modes`` (:func:`export_module_modes`, and the modules whose
+    """Raise where a module of ``modes`` (:func:`graphs.eval_arguments.export_module_modes`, and the modules whose
     ``training`` forward() read while traced: :func:`graphs.capture.modes_on`) is not in the mode
     the graph computes for it: the captured one in training mode, eval mode in eval mode."""
     for path, flag in modes.items():
@@ -147,79 +60,6 @@ def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
                 "placed model, or set it on the module of your model before capturing it (a BatchNorm frozen there "
                 "stays frozen)")
 
-
-def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
-    """The eval-mode constants of an fx graph, from its trace in eval mode: where the two graphs
-    have the same nodes, ops, targets and inputs and differ only in constant arguments
-    (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
-    where the structure differs (``if self.training:`` took another branch), which no swap of
-    constants can follow."""
-    nodes, twins = list(train.nodes), list(eval_.nodes)
-    if len(nodes) != len(twins):
-        return None
-    return _constants_between(list(zip(nodes, twins)), lambda a, b: a.name == b.name)
-
-
-def export_eval_plan(train: fx.GraphModule, eval_: fx.GraphModule) -> EvalArguments | None:
-    """The constants that make ``train`` (torch.export, training mode) compute ``eval_`` (the
-    same model exported in eval mode), or None where the two graphs run other ops (``if
-    self.training:`` took another branch) and ``eval_`` itself must run.
-
-    The graphs are compared node by node in program order, names aside (they shift when a
-    branch drops nodes). BatchNorm's ``num_batches_tracked.add_(1)``, absent in eval mode,
-    adds 0 instead (:func:`export_eval_arguments`); every other constant that differs, a
-    training flag of any op, takes its eval-mode value.
-    """
-    counters = {name for name, swap in export_eval_arguments(train).items() if swap == {1: 0}}
-    nodes = [n for n in train.graph.nodes if n.name not in counters]
-    twins = list(eval_.graph.nodes)
-    if len(nodes) != len(twins):
-        return None
-
-    def same_tensor(a: fx.Node, b: fx.Node) -> bool:  # a tensor forward() makes: one name, maybe two values
-        if a.op != "get_attr":
-            return True
-        x, y = _resolve(train, str(a.target)), _resolve(eval_, str(b.target))
-        return x is y or not isinstance(x, torch.Tensor) or _same_tensor(x, y)
-
-    found = _constants_between(list(zip(nodes, twins)), same_tensor)
-    return None if found is None else {**{name: {1: 0} for name in counters}, **found}
-
-
-def _constants_between(pairs: list[tuple[fx.Node, fx.Node]],
-                       alike: Callable[[fx.Node, fx.Node], bool]) -> EvalArguments | None:
-    """The constant arguments by which the second node of each pair differs from the first, or
-    None where a pair differs otherwise: its op, target, argument count, ``alike``, or which
-    earlier node of its graph an input is (by position in ``pairs``)."""
-    at_x = {a: i for i, (a, _) in enumerate(pairs)}
-    at_y = {b: i for i, (_, b) in enumerate(pairs)}
-    found: EvalArguments = {}
-    for a, b in pairs:
-        if (a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs)
-                or not alike(a, b)):
-            return None
-        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
-                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
-        for key, x, y in slots:
-            if fx.node.map_arg(x, lambda n: ("node", at_x.get(n, -1))) == fx.node.map_arg(y, lambda n: ("node", at_y.get(n, -1))):
-                continue
-            if a.op == "output" or _holds_node(x) or _holds_node(y):
-                return None
-            found.setdefault(a.name, {})[key] = y
-    return found
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and bool(torch.equal(a, b)))
-
-
-def _holds_node(value: Any) -> bool:
-    held: list[fx.Node] = []
-    fx.node.map_arg(value, held.append)
-    return bool(held)
-
-
 def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = None) -> bool:
     """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
     is False; returns whether any op differs between the modes.
@@ -228,15 +68,15 @@ def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = 
     forward raises it; where it carries an eval graph (``placer_eval_graph``,
     :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`).
     Otherwise it is the same graph with ``eval_arguments`` (default: what ``gm`` carries as
-    ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
-    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
+    ``placer_eval_arguments``, recorded at capture: :func:`graphs.eval_arguments.export_eval_arguments`,
+    :func:`graphs.eval_arguments.fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
     and leaves them alone, dropout is the identity, as ``nn.BatchNorm`` and ``nn.Dropout`` do
     in eval mode. Forward runs one or the other by ``self.training``, as the original model
     does. Nodes are found by name, so it applies to the placed graph too (``apply`` keeps the
     captured nodes' names). It lives on the module's own class (fx gives each GraphModule
     one), so the module still pickles as its graph; a ``recompile()``, a copy and a deep copy
     (an EMA copy of the model) install it again on what they rebuild. Where ``gm`` carries
-    ``placer_module_modes`` (:func:`export_module_modes`), every forward first checks them.
+    ``placer_module_modes`` (:func:`graphs.eval_arguments.export_module_modes`), every forward first checks them.
     """
     from torch.fx.graph_module import _forward_from_src
 
@@ -437,11 +277,6 @@ def follow_eval_graph(gm: fx.GraphModule, eval_graph: fx.Graph, source: nn.Modul
     gm.placer_eval_graph = eval_graph  # type: ignore[assignment]
     gm.placer_eval_arguments = {}  # type: ignore[assignment]
     follow_eval_mode(gm)
-
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    return operator.attrgetter(target)(root)
-
 
 def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
     """The targets of ``graph`` that ``root`` lacks, or holds only as a bare ``nn.Module``: the
