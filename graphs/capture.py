@@ -687,7 +687,7 @@ def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_
     specialises its graph on the example's shapes where fx's training graph takes any: another
     batch size could run the example's (``torch.ones(3, 1)`` broadcast over one row) with no
     error, so the eval forward refuses inputs of other shapes
-    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_mode.refuse_other_shapes`).
+    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_interpreter.refuse_other_shapes`).
     """
     try:
         eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
