@@ -637,7 +637,7 @@ def eval_mode_on_device(device: str) -> dict[str, Any]:
     """A placed model over ``cpu`` and ``device`` after ``.eval()`` against the original: a
     residual MLP with stochastic depth (``if self.training:`` takes another branch, so the
     eval graph runs over the placed parameters, copied between the devices by
-    :class:`graphs.eval_mode.DataFollowingInterpreter`), a buffer only eval mode updates in
+    :class:`graphs.eval_interpreter.DataFollowingInterpreter`), a buffer only eval mode updates in
     place (on the buffer's device: on a copy the update was lost), BatchNorm and dropout,
     captured by fx, and the same under torch.export; two SGD steps in training mode first. Float32 on both
     sides: the GPU's kernels sum in other orders, so ~1e-6, not 0."""

@@ -39,17 +39,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
 from graphs.errors import CaptureError, one_line_reason
-from graphs.eval_mode import (
+from graphs.eval_arguments import (
     EvalArguments,
     _same_tensor,
     export_eval_arguments,
     export_eval_plan,
     export_module_modes,
-    follow_eval_graph,
-    follow_eval_mode,
     fx_eval_arguments,
-    refuse_eval_mode,
 )
+from graphs.eval_mode import follow_eval_graph, follow_eval_mode, refuse_eval_mode
 from graphs.fingerprint import model_fingerprint
 from graphs.forward_checks import (
     Scalar,
@@ -334,7 +332,7 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
 
 
 #: torch.nn layers whose mode lives in their ops' own flags: fx calls them whole (a ``call_module``
-#: that follows the layer's flag), and :func:`graphs.eval_mode.export_module_modes` checks them in a
+#: that follows the layer's flag), and :func:`graphs.eval_arguments.export_module_modes` checks them in a
 #: torch.export graph only where the flag changes what they compute (an LSTM without dropout does not).
 _MODE_IN_OPS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                                              nn.RNNBase, nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -462,7 +460,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True) -> f
     """``torch.export`` (non-strict, no decompositions) → runnable GraphModule with ``val`` metadata.
 
     With ``follow_eval`` it follows ``.eval()`` by the training flags placer knows
-    (:func:`graphs.eval_mode.export_eval_arguments`); capture leaves that to its second export
+    (:func:`graphs.eval_arguments.export_eval_arguments`); capture leaves that to its second export
     in eval mode (:func:`_export_eval`), which installs the eval forward once.
 
     Raises:
@@ -653,9 +651,9 @@ def _warn_of_fast_paths(model: nn.Module) -> None:
 def _export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
                  training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
-    in eval mode, as constants of ``gm`` (:func:`graphs.eval_mode.export_eval_plan`) or as its
+    in eval mode, as constants of ``gm`` (:func:`graphs.eval_arguments.export_eval_plan`) or as its
     own graph where it runs other ops; where the eval mode cannot be exported, the training
-    flags placer knows (:func:`graphs.eval_mode.export_eval_arguments`), with a warning; where
+    flags placer knows (:func:`graphs.eval_arguments.export_eval_arguments`), with a warning; where
     it sets Python attributes, why it cannot follow ``.eval()``.
 
     torch.export runs ``if self.training:`` while tracing, so the graph keeps the training
@@ -689,7 +687,7 @@ def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_
     specialises its graph on the example's shapes where fx's training graph takes any: another
     batch size could run the example's (``torch.ones(3, 1)`` broadcast over one row) with no
     error, so the eval forward refuses inputs of other shapes
-    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_mode.refuse_other_shapes`).
+    (``placer_eval_input_shapes``, checked by :func:`graphs.eval_interpreter.refuse_other_shapes`).
     """
     try:
         eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)

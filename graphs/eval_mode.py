@@ -3,134 +3,48 @@
 A graph is captured in training mode; ``placed.eval()`` must then compute what the model
 computes in eval mode, or say it cannot. Three cases, decided at capture:
 
-* **The same ops with other constants** (:data:`EvalArguments`): torch.export bakes
-  ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`export_eval_arguments`);
-  fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`fx_eval_arguments`, from
+* **The same ops with other constants** (:data:`graphs.eval_arguments.EvalArguments`): torch.export bakes
+  ``training=True`` into ``aten.batch_norm`` and the dropouts (:func:`graphs.eval_arguments.export_eval_arguments`);
+  fx runs ``F.dropout(h, p, self.training)`` while tracing (:func:`graphs.eval_arguments.fx_eval_arguments`, from
   a trace in eval mode). The eval forward is the graph with the eval mode's constants.
 * **Another graph**: ``if self.training:`` took another branch (stochastic depth, an
-  auxiliary head). The model traced (fx) or exported (torch.export, :func:`export_eval_plan`;
+  auxiliary head). The model traced (fx) or exported (torch.export, :func:`graphs.eval_arguments.export_eval_plan`;
   also for an fx model fx cannot trace in eval mode, then for the example's input shapes only)
   in eval mode is kept as a second graph (:func:`follow_eval_graph`) and run by an
-  interpreter where its data is (:class:`DataFollowingInterpreter`): the placed model's
+  interpreter where its data is (:class:`graphs.eval_interpreter.DataFollowingInterpreter`): the placed model's
   parameters stay where the placement put them, and each eval op runs where its module's
   parameters, the tensor it updates, or the placed training op of its name are, else where
   its latest input is. State only the eval graph reads, which no placement places, goes
-  where its data is at apply time (:func:`eval_only_state`).
+  where its data is at apply time (:func:`graphs.eval_interpreter.eval_only_state`).
 * **Neither** (a value that changes from one trace to the next, an eval graph reading state
   the model does not have): eval mode is refused with the reason (:func:`refuse_eval_mode`).
+
+This module installs the eval forward on the captured module's class and keeps it through
+``recompile()``, copies, deep copies and pickles; the constants are found by
+:mod:`graphs.eval_arguments`, and the second graph is run by :mod:`graphs.eval_interpreter`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import itertools
-import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from graphs.errors import CaptureError
-from graphs.module_attributes import ensure_module, keep_plain_attributes
-from graphs.ops import argument, mutated_args
-
-#: aten ops of a torch.export graph whose argument at this index is the module's training flag.
-_TRAINING_ARGUMENT = {
-    "aten.batch_norm.default": 5,
-    "aten.dropout.default": 2,
-    "aten.feature_dropout.default": 2,
-    "aten.alpha_dropout.default": 2,
-    "aten.feature_alpha_dropout.default": 2,
-    "aten.instance_norm.default": 5,  # use_input_stats (= training where running statistics are kept)
-    "aten.lstm.input": 6, "aten.gru.input": 6, "aten.rnn_tanh.input": 6, "aten.rnn_relu.input": 6,  # train
-    "aten.lstm.data": 7, "aten.gru.data": 7, "aten.rnn_tanh.data": 7, "aten.rnn_relu.data": 7,
-    "aten.rrelu.default": 3,
-}
-
-
-#: ``{node name: {argument position or keyword: its value in eval mode}}``: the constants of a
-#: graph traced in training mode that the same graph takes in eval mode (:func:`follow_eval_mode`).
-EvalArguments = dict[str, dict[int | str, Any]]
-
-
-def export_eval_arguments(gm: fx.GraphModule) -> EvalArguments:
-    """The eval-mode constants of a torch.export graph traced in training mode: every training
-    flag baked as ``True`` (:func:`_training_flags`) becomes ``False``, and every
-    ``num_batches_tracked.add_(1)`` adds 0 (BatchNorm counts its batches in training mode only)."""
-    found: EvalArguments = {n.name: {key: False} for n, key, flag in _training_flags(gm) if flag}
-    for n in gm.graph.nodes:
-        if (n.op == "call_function" and str(n.target) == "aten.add_.Tensor" and len(n.args) == 2 and n.args[1] == 1
-                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
-                and str(n.args[0].target).endswith("num_batches_tracked")):
-            found[n.name] = {1: 0}
-    return found
-
-
-def _training_flags(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, int | str, bool]]:
-    """Each op of a torch.export graph whose training flag (:data:`_TRAINING_ARGUMENT`) changes
-    what it computes: the node, where the flag is (by position, or by keyword where the call
-    names it: rrelu's ``training=True``) and its value. A BatchNorm without running statistics
-    normalises by the batch in both modes, and a dropout that drops nothing (:func:`_no_dropout`)
-    computes the same in both: left out."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        target = str(n.target)
-        i = _TRAINING_ARGUMENT.get(target)
-        if i is None:
-            continue
-        argument = n.target._schema.arguments[i]
-        key: int | str = i if len(n.args) > i else argument.name
-        flag = n.args[key] if isinstance(key, int) else n.kwargs.get(key, argument.default_value)
-        no_running = target in ("aten.batch_norm.default", "aten.instance_norm.default") and n.args[3] is None
-        if isinstance(flag, bool) and not no_running and not _no_dropout(n):
-            yield n, key, flag
-
-
-def _no_dropout(n: fx.Node) -> bool:
-    """Whether ``n``, a dropout or a recurrent layer, drops nothing in training mode either, so
-    its flag changes no value: a dropout of ``p=0``, an RNN of ``dropout=0`` or of one layer
-    (its dropout is between layers). Refusing ``lstm.eval()`` on such a layer stopped every
-    validation pass of a model for nothing (walkthrough)."""
-    arguments = {a.name: (n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value))
-                 for i, a in enumerate(n.target._schema.arguments)}  # type: ignore[union-attr]
-    if "num_layers" in arguments and arguments["num_layers"] == 1:
-        return True
-    rate = arguments.get("dropout", arguments.get("p"))
-    return isinstance(rate, (int, float)) and rate == 0
-
-
-def export_module_modes(gm: fx.GraphModule, model: nn.Module) -> dict[str, bool]:
-    """``{module path: its training flag}`` for the modules of ``gm`` (torch.export, traced from
-    ``model`` in its current modes) whose ops baked their own flag (a BatchNorm, an LSTM, a
-    block's ``F.dropout(h, p, self.training)``): the graph computes that mode whatever the
-    module's flag says later, so :func:`follow_eval_mode` refuses a forward where it says
-    otherwise (:func:`_refuse_other_modes`). A flag that is not the module's (``training=False``
-    written in a training module) is left out."""
-    from graphs.placement_graph import owning_module
-
-    modes: dict[str, bool] = {}
-    for n, _, flag in _training_flags(gm):
-        path = owning_module(n)
-        try:
-            own = model.get_submodule(path).training if path else None
-            gm.get_submodule(path)  # a module without state (a Dropout) is not on the graph's module
-        except AttributeError:
-            continue
-        if own is flag:
-            modes[path] = flag
-    return modes
+from graphs.eval_arguments import EvalArguments
+from graphs.eval_interpreter import _interpreting
+from graphs.module_attributes import _resolve, ensure_module, keep_plain_attributes
 
 
 def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
-    """Raise where a module of ``modes`` (:func:`export_module_modes`, and the modules whose
+    """Raise where a module of ``modes`` (:func:`graphs.eval_arguments.export_module_modes`, and the modules whose
     ``training`` forward() read while traced: :func:`graphs.capture.modes_on`) is not in the mode
     the graph computes for it: the captured one in training mode, eval mode in eval mode."""
     for path, flag in modes.items():
@@ -147,96 +61,23 @@ def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
                 "placed model, or set it on the module of your model before capturing it (a BatchNorm frozen there "
                 "stays frozen)")
 
-
-def fx_eval_arguments(train: fx.Graph, eval_: fx.Graph) -> EvalArguments | None:
-    """The eval-mode constants of an fx graph, from its trace in eval mode: where the two graphs
-    have the same nodes, ops, targets and inputs and differ only in constant arguments
-    (``F.dropout(h, p, self.training)``: ``training`` True, then False), those constants; None
-    where the structure differs (``if self.training:`` took another branch), which no swap of
-    constants can follow."""
-    nodes, twins = list(train.nodes), list(eval_.nodes)
-    if len(nodes) != len(twins):
-        return None
-    return _constants_between(list(zip(nodes, twins)), lambda a, b: a.name == b.name)
-
-
-def export_eval_plan(train: fx.GraphModule, eval_: fx.GraphModule) -> EvalArguments | None:
-    """The constants that make ``train`` (torch.export, training mode) compute ``eval_`` (the
-    same model exported in eval mode), or None where the two graphs run other ops (``if
-    self.training:`` took another branch) and ``eval_`` itself must run.
-
-    The graphs are compared node by node in program order, names aside (they shift when a
-    branch drops nodes). BatchNorm's ``num_batches_tracked.add_(1)``, absent in eval mode,
-    adds 0 instead (:func:`export_eval_arguments`); every other constant that differs, a
-    training flag of any op, takes its eval-mode value.
-    """
-    counters = {name for name, swap in export_eval_arguments(train).items() if swap == {1: 0}}
-    nodes = [n for n in train.graph.nodes if n.name not in counters]
-    twins = list(eval_.graph.nodes)
-    if len(nodes) != len(twins):
-        return None
-
-    def same_tensor(a: fx.Node, b: fx.Node) -> bool:  # a tensor forward() makes: one name, maybe two values
-        if a.op != "get_attr":
-            return True
-        x, y = _resolve(train, str(a.target)), _resolve(eval_, str(b.target))
-        return x is y or not isinstance(x, torch.Tensor) or _same_tensor(x, y)
-
-    found = _constants_between(list(zip(nodes, twins)), same_tensor)
-    return None if found is None else {**{name: {1: 0} for name in counters}, **found}
-
-
-def _constants_between(pairs: list[tuple[fx.Node, fx.Node]],
-                       alike: Callable[[fx.Node, fx.Node], bool]) -> EvalArguments | None:
-    """The constant arguments by which the second node of each pair differs from the first, or
-    None where a pair differs otherwise: its op, target, argument count, ``alike``, or which
-    earlier node of its graph an input is (by position in ``pairs``)."""
-    at_x = {a: i for i, (a, _) in enumerate(pairs)}
-    at_y = {b: i for i, (_, b) in enumerate(pairs)}
-    found: EvalArguments = {}
-    for a, b in pairs:
-        if (a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs)
-                or not alike(a, b)):
-            return None
-        slots: list[tuple[int | str, Any, Any]] = [*zip(range(len(a.args)), a.args, b.args),
-                                                    *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
-        for key, x, y in slots:
-            if fx.node.map_arg(x, lambda n: ("node", at_x.get(n, -1))) == fx.node.map_arg(y, lambda n: ("node", at_y.get(n, -1))):
-                continue
-            if a.op == "output" or _holds_node(x) or _holds_node(y):
-                return None
-            found.setdefault(a.name, {})[key] = y
-    return found
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and bool(torch.equal(a, b)))
-
-
-def _holds_node(value: Any) -> bool:
-    held: list[fx.Node] = []
-    fx.node.map_arg(value, held.append)
-    return bool(held)
-
-
 def follow_eval_mode(gm: fx.GraphModule, eval_arguments: EvalArguments | None = None) -> bool:
     """Make ``gm`` (traced in training mode) compute the eval mode's ops when ``gm.training``
     is False; returns whether any op differs between the modes.
 
     Where ``gm`` carries a refusal (``placer_eval_refusal``, :func:`refuse_eval_mode`), the eval
     forward raises it; where it carries an eval graph (``placer_eval_graph``,
-    :func:`follow_eval_graph`), the eval forward runs it (:class:`DataFollowingInterpreter`).
+    :func:`follow_eval_graph`), the eval forward runs it (:class:`graphs.eval_interpreter.DataFollowingInterpreter`).
     Otherwise it is the same graph with ``eval_arguments`` (default: what ``gm`` carries as
-    ``placer_eval_arguments``, recorded at capture: :func:`export_eval_arguments`,
-    :func:`fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
+    ``placer_eval_arguments``, recorded at capture: :func:`graphs.eval_arguments.export_eval_arguments`,
+    :func:`graphs.eval_arguments.fx_eval_arguments`) put in place of the training mode's constants: ``aten.batch_norm`` then normalises by the running statistics
     and leaves them alone, dropout is the identity, as ``nn.BatchNorm`` and ``nn.Dropout`` do
     in eval mode. Forward runs one or the other by ``self.training``, as the original model
     does. Nodes are found by name, so it applies to the placed graph too (``apply`` keeps the
     captured nodes' names). It lives on the module's own class (fx gives each GraphModule
     one), so the module still pickles as its graph; a ``recompile()``, a copy and a deep copy
     (an EMA copy of the model) install it again on what they rebuild. Where ``gm`` carries
-    ``placer_module_modes`` (:func:`export_module_modes`), every forward first checks them.
+    ``placer_module_modes`` (:func:`graphs.eval_arguments.export_module_modes`), every forward first checks them.
     """
     from torch.fx.graph_module import _forward_from_src
 
@@ -438,11 +279,6 @@ def follow_eval_graph(gm: fx.GraphModule, eval_graph: fx.Graph, source: nn.Modul
     gm.placer_eval_arguments = {}  # type: ignore[assignment]
     follow_eval_mode(gm)
 
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    return operator.attrgetter(target)(root)
-
-
 def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
     """The targets of ``graph`` that ``root`` lacks, or holds only as a bare ``nn.Module``: the
     path :func:`graphs.capture.complete_state` (or fx's rebuild) made to hold the parameters of
@@ -483,227 +319,6 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
         else:  # a plain tensor (fx's constants): state the model does not have stays out of state_dict
             object.__setattr__(owner, field, value)
     return missing
-
-
-def _interpreting(graph: fx.Graph) -> Callable[..., Any]:
-    """A forward that runs ``graph`` over its module's state (:class:`DataFollowingInterpreter`),
-    called as the training forward fx generates is: the same arguments, by position or by
-    name, with the same defaults (:func:`_signature`)."""
-    codegen = graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    in_spec = info.in_spec if info is not None else None
-    signature = _signature(graph)
-
-    def eval_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values: list[Any] = []
-        for p in signature.parameters.values():
-            value = bound.arguments[p.name]
-            if p.kind is inspect.Parameter.VAR_POSITIONAL:
-                values.extend(value)
-            else:
-                values.append(value)
-        if in_spec is None:  # fx's graph, or torch.export's after a pickle (fx re-traces its code, leaves and all)
-            refuse_other_shapes(values, self.__dict__.get("placer_eval_input_shapes"))
-            return DataFollowingInterpreter(self, graph=graph).run(*values)
-        # torch.export's graphs take the inputs' leaves, flattened as its generated forward does.
-        if _has_args_and_kwargs(in_spec):
-            count = in_spec.child(0).num_children
-            inputs: Any = (values[:count], dict(zip(in_spec.child(1).context, values[count:])))
-        else:
-            inputs = values
-        leaves = fx_pytree.tree_flatten_spec(inputs, in_spec)
-        refuse_other_shapes(leaves, self.__dict__.get("placer_eval_input_shapes"))
-        out = DataFollowingInterpreter(self, graph=graph).run(*leaves, enable_io_processing=False)
-        return codegen.process_outputs(out)
-
-    return eval_forward
-
-
-#: Why an eval graph holds the example's shapes (:func:`refuse_other_shapes`'s default).
-EVAL_GRAPH_SHAPES = (
-    "torch.fx cannot trace forward() in eval mode, so the placed model evaluates the graph torch.export captured in "
-    "eval mode, which holds the example's shapes. Evaluate with inputs of those shapes, or with your original "
-    "model, loading the trained weights back with model.load_state_dict(placed.state_dict())")
-
-
-def refuse_other_shapes(leaves: Sequence[Any], shapes: Sequence[tuple[int, ...] | None] | None,
-                        why: str = EVAL_GRAPH_SHAPES) -> None:
-    """Raise where an input of a graph that holds the example's shapes (``shapes``: the
-    example's, per flattened input; None where any shape runs) has another shape: another batch
-    size could run the example's sizes with no error (``torch.ones(3, 1)`` broadcast over one
-    row). ``why`` says which graph holds them and what to do."""
-    for i, (leaf, shape) in enumerate(zip(leaves, shapes or ())):
-        if shape is not None and isinstance(leaf, torch.Tensor) and tuple(leaf.shape) != shape:
-            raise CaptureError(f"input {i} has shape {tuple(leaf.shape)} where the example had {shape}: {why}")
-
-
-def _signature(graph: fx.Graph) -> inspect.Signature:
-    """The signature of the forward fx generates for ``graph``: its placeholders (their
-    defaults; ``*args``), or torch.export's original argument names."""
-    info = getattr(graph._codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                  for name in info.orig_args])
-    parameters = []
-    for n in graph.nodes:
-        if n.op != "placeholder":
-            continue
-        name = str(n.target)
-        if name.startswith("*"):
-            parameters.append(inspect.Parameter(name.lstrip("*"), inspect.Parameter.VAR_POSITIONAL))
-        else:
-            default = n.args[0] if n.args else inspect.Parameter.empty
-            parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
-    return inspect.Signature(parameters)
-
-
-def _has_args_and_kwargs(in_spec: pytree.TreeSpec) -> bool:
-    """Whether torch.export's ``in_spec`` is ``(args, kwargs)`` (fx's ``_PyTreeCodeGen`` asks the same)."""
-    return (in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple
-            and in_spec.child(1).type is dict)
-
-
-class DataFollowingInterpreter(fx.Interpreter):
-    """Runs a graph of ``module`` (its eval graph) over the module's placed state.
-
-    Each op runs on the device of its module's parameters (a ``call_module``), of the tensor
-    it updates (an in-place op: :func:`graphs.ops.mutated_args`, aten's ``add_.Tensor`` and
-    ``x[i] = y`` included), where the placement put the training graph's op of the same
-    name, op and target (``placer_placement``: most of an eval graph is the training graph's),
-    or else where its latest-made input is (a residual add follows the block it closes, not
-    the stream it adds to); other tensor inputs are copied there, and the output goes to the
-    placed model's output device. Only the copies' cost depends on the choice, never the
-    values. It costs a Python step per op, which eval passes can afford.
-    """
-
-    def __init__(self, module: fx.GraphModule, graph: fx.Graph) -> None:
-        super().__init__(module, graph=graph)
-        self.placed_module = module
-
-    # Read only where an op's inputs are on several devices: a forward on one device builds none.
-    @functools.cached_property
-    def order(self) -> dict[fx.Node, int]:
-        return {n: i for i, n in enumerate(self.graph.nodes)}
-
-    @functools.cached_property
-    def placed(self) -> dict[str, tuple[Any, torch.device]]:
-        return _placed_devices(self.placed_module)
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op not in ("call_function", "call_method", "call_module"):
-            return super().run_node(n)
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            tensors: list[torch.Tensor] = []
-            fx.node.map_aggregate((args, kwargs), lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
-            device = self._device_for(n, tensors)
-            if device is not None and any(t.device != device for t in tensors):
-                args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: _moved(v, device))
-            return getattr(self, n.op)(n.target, args, kwargs)
-
-    def _device_for(self, n: fx.Node, tensors: list[torch.Tensor]) -> torch.device | None:
-        if n.op == "call_module":
-            state = _state_tensors(self.fetch_attr(str(n.target)))
-            if state:
-                return state[0].device
-        if len({t.device for t in tensors}) <= 1:
-            return None  # nothing to move
-        return _data_device(n, self.module, self._device_of, self.placed, self.order) or tensors[0].device
-
-    def _device_of(self, n: fx.Node) -> torch.device | None:
-        value = self.env.get(n)
-        return value.device if isinstance(value, torch.Tensor) else None
-
-    def output(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = super().output(target, args, kwargs)
-        placed = getattr(self.module, "placer_output_device", None)
-        real = (getattr(self.module, "placer_real_devices", None) or {}).get(placed)
-        return _moved(out, torch.device(real)) if real is not None else out
-
-
-def _placed_devices(gm: fx.GraphModule) -> dict[str, tuple[Any, torch.device]]:
-    """``{training node name: ((op, target), its real device)}`` from ``placer_placement``."""
-    placement: dict[str, str] = getattr(gm, "placer_placement", None) or {}
-    real: dict[str, str] = getattr(gm, "placer_real_devices", None) or {}
-    return {n.name: ((n.op, n.target), torch.device(real.get(placement[n.name], placement[n.name])))
-            for n in gm.graph.nodes if n.name in placement}
-
-
-def _state_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors a ``get_attr`` or ``call_module`` target holds: a module's parameters, then its buffers."""
-    if isinstance(value, nn.Module):
-        return [*value.parameters(), *value.buffers()]
-    return [value] if isinstance(value, torch.Tensor) else []
-
-
-def _data_device(n: fx.Node, root: nn.Module, device_of: Callable[[fx.Node], torch.device | None],
-                 placed: dict[str, tuple[Any, torch.device]], order: dict[fx.Node, int]) -> torch.device | None:
-    """Where :class:`DataFollowingInterpreter` runs ``n``, an op whose tensor inputs are on several
-    devices (``device_of`` says where an input node's tensor is, None for no tensor): with the tensor
-    it updates, else with the placed training op of its name, op and target, else with its
-    latest-made input; None where no rule applies (the interpreter then takes its first tensor's)."""
-    for key in mutated_args(n, root):
-        written = argument(n, key)
-        if isinstance(written, fx.Node) and (device := device_of(written)) is not None:
-            return device  # on a copy elsewhere the update would be lost (aten.add_.Tensor, x[i] = y)
-    twin = placed.get(n.name)
-    if twin is not None and twin[0] == (n.op, n.target):
-        return twin[1]
-    made = [m for m in n.all_input_nodes if m.op != "get_attr" and device_of(m) is not None]
-    return device_of(max(made, key=order.__getitem__)) if made else None
-
-
-def eval_only_state(gm: fx.GraphModule) -> dict[str, torch.device]:
-    """``{target: device}`` for the state that only ``gm``'s eval graph reads (``placer_eval_graph``:
-    a head only eval mode calls), each where its data is.
-
-    No training op placed such state, so it stayed where the user's model was, and the
-    interpreter ran its module there, copying the activations to it and back on every eval
-    forward (a GPU placement evaluated its head on the CPU). ``apply`` moves it once, to the
-    device the interpreter's other rules run its first op on (:func:`_data_device`), given
-    where the placed training state and the placed ops are. Where nothing placed feeds it (it
-    reads the inputs only), no device is known: it stays. A module part of whose state the
-    training graph reads is placed already: it runs there. A torch.export graph reads every
-    parameter (unused ones too), so its placement places them all: nothing is left here.
-    """
-    graph: fx.Graph | None = gm.__dict__.get("placer_eval_graph")
-    if graph is None:
-        return {}
-    where = {id(t): t.device for n in gm.graph.nodes if n.op in ("get_attr", "call_module")
-             for t in _state_tensors(_resolve(gm, str(n.target)))}
-    placed, order = _placed_devices(gm), {n: i for i, n in enumerate(graph.nodes)}
-    device: dict[fx.Node, torch.device | None] = {}
-    chosen: dict[str, torch.device] = {}
-
-    def state_device(target: str) -> torch.device | None:
-        return next((where[id(t)] for t in _state_tensors(_resolve(gm, target)) if id(t) in where), None)
-
-    for n in graph.nodes:
-        if n.op in ("placeholder", "output"):
-            continue  # the caller's inputs: on a device only the call knows
-        if n.op == "get_attr" or (n.op == "call_module" and state_device(str(n.target)) is not None):
-            device[n] = state_device(str(n.target))  # None: only the eval graph reads it, its user decides
-            continue
-        inputs = [d for m in n.all_input_nodes if (d := device.get(m)) is not None]
-        here = (_data_device(n, gm, device.get, placed, order) if len(set(inputs)) > 1 else None) or next(
-            iter(inputs), None)
-        device[n] = here
-        if here is None:
-            continue
-        unplaced = [n] if n.op == "call_module" else [m for m in n.all_input_nodes
-                                                      if m.op == "get_attr" and device[m] is None]
-        for m in unplaced:
-            tensors = _state_tensors(_resolve(gm, str(m.target)))
-            if tensors and all(id(t) not in where for t in tensors):
-                chosen[str(m.target)] = device[m] = here
-                where.update((id(t), here) for t in tensors)
-    return chosen
-
-
-def _moved(value: Any, device: torch.device) -> Any:
-    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t, value)
 
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import CaptureError, one_line_reason
-from graphs.eval_mode import refuse_other_shapes
+from graphs.eval_interpreter import refuse_other_shapes
 from graphs.ops import draws_random_numbers, op_name
 from graphs.random_state import kept_random_state
 

@@ -4,12 +4,15 @@
 builds, copies or unpickles a module; a constant (``h + torch.full((10,), 0.25)``) then shows
 up in ``state_dict()`` as state the model does not have (:func:`keep_plain_attributes`). And
 it keeps only what its graph reads, so state put back on it needs its submodule path
-(:func:`ensure_module`).
+(:func:`ensure_module`), and reading it back takes the attribute at a dotted target
+(:func:`_resolve`).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -52,3 +55,7 @@ def ensure_module(root: nn.Module, path: str) -> nn.Module:
             current.add_module(part, child)
         current = child
     return current
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    return operator.attrgetter(target)(root)

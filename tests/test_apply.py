@@ -1083,7 +1083,7 @@ def test_the_eval_graph_runs_each_op_where_its_data_is():
     """Parameters on another device than the input (the meta device stands in for a GPU): each
     eval op runs where its module's parameters are, its activations copied there."""
     from graphs.capture import capture
-    from graphs.eval_mode import DataFollowingInterpreter
+    from graphs.eval_interpreter import DataFollowingInterpreter
 
     model, x = StochasticDepth(), torch.randn(6, 8)
     gm = capture(model, (x,)).gm
@@ -1114,7 +1114,7 @@ def test_an_eval_graphs_in_place_update_runs_where_its_buffer_is():
     run where the activation is, it updated a copy of the buffer and the update was lost
     (review: the in-place test knew only names ending in '_', not aten's overloads)."""
     from graphs.capture import capture
-    from graphs.eval_mode import DataFollowingInterpreter
+    from graphs.eval_interpreter import DataFollowingInterpreter
 
     model, x = _ExportedEvalCounter(), torch.randn(3, 4)
     cap = capture(model, (x,))
@@ -1500,7 +1500,7 @@ def test_a_module_only_eval_mode_calls_is_placed_where_its_data_is(monkeypatch):
     (walkthrough: a GPU placement evaluated its head on the CPU). The meta device stands in for
     a GPU: the head now goes where ``a``, which feeds it, is placed, and the eval forward copies
     nothing to the CPU. (torch.export's graph reads every parameter: its placement places the head.)"""
-    import graphs.eval_mode as eval_mode
+    import graphs.eval_interpreter as eval_interpreter
     from graphs.capture import capture
 
     _emulate_meta_as_a_gpu(monkeypatch)
@@ -1512,7 +1512,7 @@ def test_a_module_only_eval_mode_calls_is_placed_where_its_data_is(monkeypatch):
     assert placed.a.weight.device.type == "meta" and placed.b.weight.device.type == "cpu"
     assert {p.device.type for p in placed.eval_head.parameters()} == {"meta"}
     copies: list[torch.device] = []
-    monkeypatch.setattr(eval_mode, "_moved", lambda value, device: copies.append(device) or value.to(device))
+    monkeypatch.setattr(eval_interpreter, "_moved", lambda value, device: copies.append(device) or value.to(device))
     placed.eval()
     assert placed(x.to("meta")).device.type == "meta"
     assert torch.device("cpu") not in copies

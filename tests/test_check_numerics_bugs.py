@@ -587,7 +587,7 @@ def test_the_check_compares_an_eval_forward_after_the_steps(monkeypatch):
     """The placed model's eval forward is another code path than its training step (the eval
     graph run where its data is): the check ran training steps only, so an eval path that
     computed something else passed (review)."""
-    from graphs.eval_mode import DataFollowingInterpreter
+    from graphs.eval_interpreter import DataFollowingInterpreter
     from tests.helpers.eval_models import StochasticDepth
 
     torch.manual_seed(0)

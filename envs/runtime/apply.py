@@ -60,7 +60,7 @@ from envs.runtime.node_devices import _effective_devices, _updated_in_place, wri
 from envs.runtime.state_mover import _Mover
 from envs.runtime.transfers import _transfer_node, factories_where_placed, to_device, transfer_nodes
 from graphs.capture import set_training_modes
-from graphs.eval_mode import eval_only_state
+from graphs.eval_interpreter import eval_only_state
 from graphs.gc_pause import paused_gc
 
 # ApplyError, realize_placement, RealizedPlacement, placement_device_map and transfer_nodes are
