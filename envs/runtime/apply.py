@@ -14,7 +14,7 @@ strings. :func:`apply_placement` returns a deep copy of the GraphModule in which
 * inputs are moved to every device that consumes them,
 * outputs are gathered on ``output_device``,
 * state only the eval graph reads (a head only eval mode calls) lives where the eval
-  forward's data reaches it (:func:`graphs.eval_mode.eval_only_state`).
+  forward's data reaches it (:func:`graphs.eval_interpreter.eval_only_state`).
 
 Autograd runs each backward op on the device of its forward op and ``Tensor.to`` is
 differentiable, so the same module trains (forward, loss, backward, optimizer step)

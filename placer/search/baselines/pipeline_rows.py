@@ -62,7 +62,7 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
 
     ``ratio_to_lower_bound`` is left empty for DDP, for pipelines with micro-batches or
     replicas, and on a rank cluster: the bound (:func:`envs.sim.lower_bound.lower_bound`, and
-    the rank placements' :func:`envs.sim.ranks.rank_lower_bound`) runs the whole batch in one
+    the rank placements' :func:`envs.sim.rank_bound.rank_lower_bound`) runs the whole batch in one
     pass, which a step split into smaller parts can undercut (DDP came out at 0.40 of it)."""
     bound = lower_bound(problem) if problem.rank_simulator is None else float("nan")
     devs = [problem.device_names[d] for d in pipeline_devices(problem)]
