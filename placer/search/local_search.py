@@ -40,9 +40,7 @@ PHASE = "local_search"
 
 def _scope_moves(scopes: MoveScopes, row: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.ndarray]:
     """(scope [K], device [K]) of every move of a whole scope to a device not all its members are on."""
-    on = np.zeros((scopes.num_scopes, num_devices), dtype=np.int64)
-    np.add.at(on, (scopes.member_scope, row[scopes.member_node]), 1)
-    s_idx, s_dev = np.nonzero(on < scopes.sizes[:, None])
+    s_idx, s_dev = np.nonzero(scopes.members_on(row, num_devices) < scopes.sizes[:, None])
     return s_idx.astype(np.int64), s_dev.astype(np.int64)
 
 

@@ -51,6 +51,7 @@ class MoveScopes:
         node_ptr, node_scope: CSR over nodes: the scopes node ``i`` may expand to are
             ``node_scope[node_ptr[i]:node_ptr[i+1]]`` (smallest first).
         member_scope, member_node: every (scope, node) membership, for sums over scopes.
+        sizes: [S] groups per scope.
     """
 
     members: tuple[np.ndarray, ...]
@@ -59,15 +60,17 @@ class MoveScopes:
     node_scope: np.ndarray
     member_scope: np.ndarray
     member_node: np.ndarray
+    sizes: np.ndarray
 
     @property
     def num_scopes(self) -> int:
         return len(self.members)
 
-    @property
-    def sizes(self) -> np.ndarray:
-        """[S] groups per scope."""
-        return np.array([len(m) for m in self.members], dtype=np.int64)
+    def members_on(self, row: np.ndarray, num_devices: int) -> np.ndarray:
+        """[S, D] how many of each scope's members the placement ``row`` ([N] devices) puts on each device."""
+        on = np.zeros((self.num_scopes, num_devices), dtype=np.int64)
+        np.add.at(on, (self.member_scope, np.asarray(row, dtype=np.int64)[self.member_node]), 1)
+        return on
 
     def of_nodes(self, nodes: np.ndarray, width: int = PER_NODE) -> np.ndarray:
         """[B, width] the scopes each of ``nodes`` may expand to, ``-1`` past its last."""
@@ -112,4 +115,4 @@ def module_scopes(node_modules: Sequence[str], per_node: int = PER_NODE) -> Move
     node_scope = np.array([s for p in per for s in p], dtype=np.int64)
     member_scope = np.repeat(np.arange(len(members), dtype=np.int64), sizes) if len(members) else np.zeros(0, np.int64)
     member_node = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
-    return MoveScopes(members, is_role, node_ptr, node_scope, member_scope, member_node)
+    return MoveScopes(members, is_role, node_ptr, node_scope, member_scope, member_node, sizes)

@@ -214,9 +214,7 @@ class MovePolicy:
             0, torch.from_numpy(scopes.member_scope), raw.view(n, d)[torch.from_numpy(scopes.member_node)])
         sizes = scopes.sizes
         mean_score = per_scope / torch.from_numpy(sizes.astype(np.float32))[:, None]
-        on_dev = np.zeros((scopes.num_scopes, d))
-        np.add.at(on_dev, (scopes.member_scope, row[scopes.member_node]), 1.0)
-        on_dev /= sizes[:, None]
+        on_dev = scopes.members_on(row, d) / sizes[:, None]
         feats = _scope_features(mean_score[torch.from_numpy(safe), torch.from_numpy(dev)[:, None]],
                                 raw.view(n, d)[torch.from_numpy(groups), torch.from_numpy(dev)],
                                 on_dev[safe, dev[:, None]], np.log(sizes[safe]) / max(np.log(n), 1.0),
