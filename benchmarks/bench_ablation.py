@@ -85,10 +85,10 @@ def local_search_alone(problem, seeds: np.ndarray, budget: int, seed: int, num_e
 
     # The same streams as search(): the improvement phase draws from the second child of the seed.
     _, local_stream = np.random.SeedSequence(int(seed)).spawn(2)
-    from placer.search.move_scopes import module_scopes
+    from placer.search.move_scopes import problem_scopes
 
     ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(local_stream),
-                     scopes=module_scopes(problem.node_modules) if scopes and problem.node_modules else None)
+                     scopes=problem_scopes(problem) if scopes else None)
     try:
         t, ok = evaluate(seeds[: tracker.remaining_placements()])
         tracker.record(seeds, t, ok, phase="seeds")

@@ -11,12 +11,34 @@ from envs.sim.simulator import simulate_batch
 from placer.search.agents.move_features import feature_statics, move_features
 from placer.search.agents.moves import MovePolicy
 from placer.search.local_search import apply_moves, neighbourhood
-from placer.search.move_scopes import module_scopes
+from placer.search.move_scopes import attached_modules, module_scopes
 from placer.search.search import search
 from placer.search.tracker import StopSearch
 from tests.helpers.arrays import make_problem
 
 MB = 2**20
+
+
+def test_glue_written_in_forward_joins_the_module_it_connects():
+    # An unrolled two-layer recurrence: layer.0's step, a residual add written in the model's
+    # forward (no module) over the embedding and layer.0, layer.1's step, two more glue ops after
+    # it, then a cat of layer.1, its glue and the embedding feeding the head and the loss.
+    paths = ("embed", "layer.0.cell", "", "layer.1.cell", "", "", "", "head", "loss")
+    src = np.array([0, 1, 0, 2, 3, 2, 4, 5, 0, 3, 6, 6])
+    dst = np.array([1, 2, 2, 3, 4, 4, 5, 6, 6, 6, 7, 8])
+    attached = attached_modules(paths, src, dst)
+    # Groups that have a module keep it.
+    assert [attached[i] for i in (0, 1, 3, 7, 8)] == [paths[i] for i in (0, 1, 3, 7, 8)]
+    # Glue after layer.1 follows its producer that has a module; a chain of glue follows that.
+    assert attached[4] == "layer.1.cell" and attached[5] == "layer.1.cell"
+    # The residual add's producers (embed, layer.0) share no module: it joins its consumers'.
+    assert attached[2] == "layer.1.cell"
+    # The cat's producers with a module (embed, layer.1) and its consumers share nothing but the
+    # root: it stays without a module.
+    assert attached[6] == ""
+    # The layer's scope now carries its glue: one move takes the cell and what feeds and follows it.
+    scopes = module_scopes(attached)
+    assert (2, 3, 4, 5) in {tuple(int(i) for i in m) for m in scopes.members}
 
 
 def test_scopes_are_module_subtrees_and_roles_across_blocks_each_set_once():
@@ -105,7 +127,7 @@ def test_proposals_move_whole_scopes_and_their_log_probabilities_are_finite():
 
 def test_local_search_given_the_scopes_scans_whole_module_moves_too():
     from placer.search.local_search import LocalSearch
-    from placer.search.move_scopes import module_scopes
+    from placer.search.move_scopes import problem_scopes
     from placer.search.tracker import BestTracker
 
     problem = branch_trap_problem()
@@ -121,7 +143,7 @@ def test_local_search_given_the_scopes_scans_whole_module_moves_too():
         tracker = BestTracker(problem, 40, patience=None, agent="local_search")
         tracker.record(seed[None], *evaluate(seed[None]), phase="seeds")
         ls = LocalSearch(problem, evaluate, tracker, rng=np.random.default_rng(0),
-                         scopes=module_scopes(problem.node_modules) if wide else None)
+                         scopes=problem_scopes(problem) if wide else None)
         try:
             ls.run(39)
         except StopSearch:

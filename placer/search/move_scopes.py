@@ -22,6 +22,16 @@ Only scopes of 2 to N - 1 groups are kept, each distinct set once; each group ke
 ``per_node`` smallest scopes, so a move's choice stays small on any graph. A graph without module
 paths (generated graphs) has none, and the policy then makes single moves only.
 
+**Glue joins the module it connects.** Ops written in a model's own ``forward`` (a residual
+``add``, the ``cat`` of two directions, the per-step attention of an unrolled decoder) belong to no
+submodule; on the paper NMT they are 994 of its 1,244 groups. A layer moved without them pays a
+copy for every time step on each side, so layer scopes that leave them behind only add transfers:
+from scratch on NMT/4xK40 the policy with such scopes ended at 1.03-1.07x the best heuristic on 4
+of 6 seeds, against 0.92-1.03x with no scopes. :func:`attached_modules` gives each such group the
+module its producers share (the deepest common path of the producers that have one, else of all
+its producers' attached paths), and failing that the module its consumers share.
+:func:`problem_scopes` builds the scopes from those paths.
+
 >>> scopes = module_scopes(("a.x", "a.y", "b.x", "b.y", ""))
 >>> sorted(tuple(int(i) for i in m) for m in scopes.members)
 [(0, 1), (0, 2), (1, 3), (2, 3)]
@@ -34,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from envs.sim.problem import PlacementProblem
 
 #: How many scopes (the smallest) each group may expand to.
 PER_NODE = 8
@@ -116,3 +128,52 @@ def module_scopes(node_modules: Sequence[str], per_node: int = PER_NODE) -> Move
     member_scope = np.repeat(np.arange(len(members), dtype=np.int64), sizes) if len(members) else np.zeros(0, np.int64)
     member_node = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
     return MoveScopes(members, is_role, node_ptr, node_scope, member_scope, member_node, sizes)
+
+
+def _common_path(paths: Sequence[str]) -> str:
+    first = paths[0].split(".")
+    depth = len(first)
+    for path in paths[1:]:
+        parts = path.split(".")
+        depth = min(depth, len(parts))
+        depth = next((k for k in range(depth) if parts[k] != first[k]), depth)
+    return ".".join(first[:depth])
+
+
+def attached_modules(node_modules: Sequence[str], edge_src: np.ndarray, edge_dst: np.ndarray) -> tuple[str, ...]:
+    """Module paths with each path-less node given the module it connects (module doc).
+
+    Edges run from lower to higher index (topological), so one pass over the nodes in order
+    attaches through chains of glue from the producers' side, and one in reverse from the
+    consumers' side for what is left.
+
+    >>> attached_modules(("a.x", "", "", "b"), np.array([0, 1, 2]), np.array([1, 2, 3]))
+    ('a.x', 'a.x', 'a.x', 'b')
+    >>> attached_modules(("a.x", "a.y", "", "b"), np.array([0, 1, 2]), np.array([2, 2, 3]))
+    ('a.x', 'a.y', 'a', 'b')
+    """
+    own = list(node_modules)
+    attached = list(node_modules)
+    n = len(own)
+    preds: list[list[int]] = [[] for _ in range(n)]
+    succs: list[list[int]] = [[] for _ in range(n)]
+    for s, d in zip(np.asarray(edge_src).tolist(), np.asarray(edge_dst).tolist()):
+        preds[d].append(s)
+        succs[s].append(d)
+    for order, neighbours in ((range(n), preds), (range(n - 1, -1, -1), succs)):
+        for i in order:
+            if attached[i] or not neighbours[i]:
+                continue
+            with_module = [own[j] for j in neighbours[i] if own[j]]
+            paths = with_module or [attached[j] for j in neighbours[i]]
+            if all(paths):
+                attached[i] = _common_path(paths)
+    return tuple(attached)
+
+
+def problem_scopes(problem: PlacementProblem, per_node: int = PER_NODE) -> MoveScopes | None:
+    """The move scopes of ``problem`` (glue attached to its modules), or None when it has none."""
+    if not problem.node_modules:
+        return None
+    scopes = module_scopes(attached_modules(problem.node_modules, problem.edge_src, problem.edge_dst), per_node)
+    return scopes if scopes.num_scopes else None

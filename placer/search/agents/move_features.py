@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim.problem import PlacementProblem
-from placer.search.move_scopes import MoveScopes, module_scopes
+from placer.search.move_scopes import MoveScopes, problem_scopes
 
 __all__ = ["NUM_FEATURES", "NUM_COUPLING", "FeatureStatics", "feature_statics", "critical_share", "move_features",
            "coupling_features"]
@@ -50,10 +50,8 @@ def feature_statics(problem: PlacementProblem) -> FeatureStatics:
     np.add.at(ptr, both_a + 1, 1)
     bw = np.asarray(problem.bandwidth, dtype=np.float64)
     finite = bw[np.isfinite(bw) & (bw > 0)]
-    scopes = module_scopes(problem.node_modules) if problem.node_modules else None
     return FeatureStatics(cost, static_mem, src, dst, nbytes, np.cumsum(ptr), both_b[order],
-                          float(finite.mean()) if finite.size else 1e10,
-                          scopes if scopes is not None and scopes.num_scopes else None)
+                          float(finite.mean()) if finite.size else 1e10, problem_scopes(problem))
 
 
 def critical_share(problem: PlacementProblem, st: FeatureStatics, row: np.ndarray) -> np.ndarray:
