@@ -45,7 +45,7 @@ from graphs.module_attributes import _resolve, ensure_module, keep_plain_attribu
 
 def _refuse_other_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
     """Raise where a module of ``modes`` (:func:`graphs.eval_arguments.export_module_modes`, and the modules whose
-    ``training`` forward() read while traced: :func:`graphs.capture.modes_on`) is not in the mode
+    ``training`` forward() read while traced: :func:`graphs.module_modes.modes_on`) is not in the mode
     the graph computes for it: the captured one in training mode, eval mode in eval mode."""
     for path, flag in modes.items():
         want = flag and gm.training
@@ -244,7 +244,7 @@ def _rebuilt_from_nodes(portable: Any, placer: dict[str, Any], carrier: Any, buf
 
 def _placer_hooks(gm: nn.Module) -> list[tuple[Callable[..., Any], bool]]:
     """placer's own forward pre-hooks on ``gm`` (functions marked ``placer_hook``, such as
-    :func:`graphs.capture.pin_constant_inputs`'s), each with whether it takes keyword arguments:
+    :func:`graphs.forward_checks.pin_constant_inputs`'s), each with whether it takes keyword arguments:
     fx's rebuilds (a copy, a deep copy, a pickle) keep no hooks, so they are registered again."""
     return [(hook, key in gm._forward_pre_hooks_with_kwargs) for key, hook in gm._forward_pre_hooks.items()
             if getattr(hook, "placer_hook", False)]
@@ -281,7 +281,7 @@ def follow_eval_graph(gm: fx.GraphModule, eval_graph: fx.Graph, source: nn.Modul
 
 def _unresolved(root: nn.Module, graph: fx.Graph) -> list[str]:
     """The targets of ``graph`` that ``root`` lacks, or holds only as a bare ``nn.Module``: the
-    path :func:`graphs.capture.complete_state` (or fx's rebuild) made to hold the parameters of
+    path :func:`graphs.state_completion.complete_state` (or fx's rebuild) made to hold the parameters of
     a module the training graph never calls, which has no forward to call."""
     out = []
     for n in graph.nodes:
@@ -323,7 +323,7 @@ def _carry_attributes(src: nn.Module | None, dst: nn.Module, graph: fx.Graph, me
 
 def refuse_eval_mode(gm: fx.GraphModule, reason: str) -> None:
     """Refuse a forward of ``gm`` in eval mode, saying ``reason``: a graph fx traced through
-    ``if self.training:`` keeps the training branch (:func:`graphs.capture._mode_baked_by_fx`),
+    ``if self.training:`` keeps the training branch (:func:`graphs.eval_capture.mode_baked_by_fx`),
     and after ``placed.eval()`` ran it with no error (walkthrough). The refusal is the eval
     forward :func:`follow_eval_mode` installs, so copies, deep copies (an EMA copy) and pickles
     refuse too (review: a forward pre-hook, which fx's rebuilds drop, let them run the training

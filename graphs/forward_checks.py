@@ -85,7 +85,7 @@ def constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = Non
     hides its reads (they then go unchecked, as before).
 
     ``modes_read``, where given, gets each module's ``training`` flag that the block reads, by
-    module path (:func:`modes_on`), seen the same way; ``attributes_read`` the qualified names of
+    module path (:func:`graphs.module_modes.modes_on`), seen the same way; ``attributes_read`` the qualified names of
     the attributes read while they held their value from before the block (``None`` ones too) or
     were missing (``hasattr``), for :func:`refuse_carried_state`; ``tensors_set`` whether each
     tensor the block sets as a module attribute computes from the data (:func:`varies`), where a

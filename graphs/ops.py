@@ -93,7 +93,7 @@ def _augmented_assignment(name: str) -> Callable[[Any, Any], Any]:
 
 
 #: ``x += y`` and the other augmented assignments as the functions placer's fx tracer records
-#: (:class:`graphs.capture.PlacerTracer`): fx's Proxy has no ``__iadd__``, so Python fell back to
+#: (:class:`graphs.fx_tracer.PlacerTracer`): fx's Proxy has no ``__iadd__``, so Python fell back to
 #: ``x = x + y`` and the graph computed a new tensor where the model updated one in place (a
 #: view or another name of ``x`` then read the old values). Module-level names, so that a
 #: GraphModule calling them pickles.

@@ -220,7 +220,7 @@ def python_draws_refused() -> Iterator[None]:
     and the graph kept its branch or its number: the placed model trained with one value for good,
     with no error (walkthrough: outputs 0.52 off). Only the module-level functions are seen (a
     ``random.Random`` of the model's own is not); a value that still changes from one trace to the
-    next is refused after a second trace (:func:`_mode_baked_by_fx`).
+    next is refused after a second trace (:func:`graphs.eval_capture.mode_baked_by_fx`).
     """
     draws: list[tuple[Any, str]] = []
     sources: list[tuple[Any, Any]] = [(random, random._inst)]

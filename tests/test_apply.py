@@ -993,7 +993,7 @@ def test_a_model_that_cannot_be_exported_in_eval_mode_keeps_the_known_flags_with
     from graphs.capture import capture
 
     model, x = _EvalOnlyNumpy(), torch.randn(3, 4)
-    with caplog.at_level(logging.WARNING, logger="graphs.capture"):
+    with caplog.at_level(logging.WARNING, logger="graphs.eval_capture"):
         cap = capture(model, (x,))
     assert cap.method == "export"
     assert "cannot capture _EvalOnlyNumpy in eval mode" in caplog.text
@@ -1004,7 +1004,7 @@ def test_a_model_that_cannot_be_exported_in_eval_mode_keeps_the_known_flags_with
 
 
 def test_an_exported_instance_norm_and_lstm_follow_eval_mode():
-    from graphs.capture import export_trace
+    from graphs.export_tracer import export_trace
 
     torch.manual_seed(0)
     model, x = _InstanceNormLstm(), torch.randn(2, 3, 5)
@@ -1179,7 +1179,7 @@ def test_an_exported_transformer_encoder_says_its_eval_mode_is_not_the_no_grad_f
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
     x, pad = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False, False, False, True, True]])
-    with caplog.at_level(logging.WARNING, logger="graphs.capture"):
+    with caplog.at_level(logging.WARNING, logger="graphs.eval_capture"):
         cap = capture(model, (x, None, pad))
     assert cap.method == "export"
     assert "fast path" in caplog.text and "layers.0" in caplog.text

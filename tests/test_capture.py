@@ -384,7 +384,9 @@ def test_shapes_fall_back_to_real_tensors_for_data_dependent_shapes():
 
 
 def test_recurrent_flops_agree_between_fx_and_export():
-    from graphs.capture import export_trace, fx_trace, propagate_shapes
+    from graphs.capture import propagate_shapes
+    from graphs.export_tracer import export_trace
+    from graphs.fx_tracer import fx_trace
     from graphs.placement_graph import build_placement_graph
 
     class Recurrent(nn.Module):

@@ -59,9 +59,9 @@ from envs.runtime.module_copy import _copy_graph_module
 from envs.runtime.node_devices import _effective_devices, _updated_in_place, write_back
 from envs.runtime.state_mover import _Mover
 from envs.runtime.transfers import _transfer_node, factories_where_placed, to_device, transfer_nodes
-from graphs.capture import set_training_modes
 from graphs.eval_interpreter import eval_only_state
 from graphs.gc_pause import paused_gc
+from graphs.module_modes import set_training_modes
 
 # ApplyError, realize_placement, RealizedPlacement, placement_device_map and transfer_nodes are
 # documented here (docs/contracts.md); to_device and write_back are the call targets of placed

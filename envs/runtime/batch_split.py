@@ -28,8 +28,9 @@ from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
-from graphs.capture import CapturedModel, set_training_modes
+from graphs.capture import CapturedModel
 from graphs.model_file import ModelSpec, batch_size_of, batch_slice
+from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
 
 __all__ = ["check_batch_split"]

@@ -49,10 +49,11 @@ from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of, _no_trainable_parameters, _untrainable_loss, check_trainable
-from graphs.capture import CapturedModel, set_training_modes, training_modes
+from graphs.capture import CapturedModel
 from graphs.errors import CaptureError, ModelFileError
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
+from graphs.module_modes import set_training_modes, training_modes
 from graphs.profile.op_timing import tensors_in
 
 #: Training steps compared by default: the first shows a wrong computation, the second

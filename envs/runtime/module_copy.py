@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 import torch.fx as fx
 
-from graphs.capture import pin_constant_inputs
+from graphs.forward_checks import pin_constant_inputs
 from graphs.module_attributes import keep_plain_attributes
 
 __all__ = ["deep_copy"]

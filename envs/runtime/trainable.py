@@ -14,9 +14,9 @@ import math
 import torch
 
 from envs.runtime.transfers import to_device
-from graphs.capture import set_training_modes, training_modes
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
+from graphs.module_modes import set_training_modes, training_modes
 
 __all__ = ["check_trainable"]
 
