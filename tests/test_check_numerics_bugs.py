@@ -641,7 +641,7 @@ class _ExportedBatchSized(nn.Module):
 
 
 def test_a_split_of_an_exported_graph_that_holds_the_batch_size_is_refused_with_the_reason():
-    """Such a graph refuses other shapes (graphs.capture.pin_shapes_unless_generic): the split
+    """Such a graph refuses other shapes (graphs.forward_checks.pin_shapes_unless_generic): the split
     check reports it, naming the cause, instead of failing in the middle of a search."""
     torch.manual_seed(0)
     spec = ModelSpec(model=_ExportedBatchSized(), example_inputs=(torch.randn(8, 8),), name="sized")

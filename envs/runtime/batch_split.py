@@ -104,7 +104,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
             f"cannot split the batch of {batch} into {replicas} replica(s) x {microbatches} micro-batches of "
             "equal size; expected a batch size divisible by their product")}
     size = batch // parts
-    if captured.gm.__dict__.get("placer_input_shapes"):  # graphs.capture.pin_shapes_unless_generic
+    if captured.gm.__dict__.get("placer_input_shapes"):  # graphs.forward_checks.pin_shapes_unless_generic
         return {"split_samples": size, "split_cause": (
             f"the graph torch.export captured holds the example's batch of {batch} in its ops (at capture a batch "
             f"of another size computed something else), so parts of {size} samples cannot run it; expected a model "
