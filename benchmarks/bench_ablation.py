@@ -133,7 +133,7 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
         case.local_search_scopes = wide.best_step_time if wide.best_fits else math.inf
 
     t0 = time.perf_counter()
-    pretrained = args.weights == "shipped"
+    pretrained: bool | Path = (args.policy or True) if args.weights == "shipped" else False
     scratch = search(problem, agent="moves", budget=int(args.scratch_budget or budget), seed=args.seed,
                      num_envs=args.num_envs, patience=None, local_search=False, pretrained=pretrained)
     case.seconds["scratch"] = time.perf_counter() - t0
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("shipped", "fresh"), default="shipped",
                         help="the move policy's starting weights: the policy shipped with the package (what a "
                              "search uses by default) or fresh ones (SearchConfig(pretrained=False))")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="with --weights shipped: start from this weights file instead of the shipped one "
+                             "(e.g. one written by scripts/train_policy.py --out)")
     parser.add_argument("--local-search-share", type=float, default=None,
                         help="the full search's share of evaluations for local search (default: the agent's own)")
     parser.add_argument("--out", default=None, help="append the Markdown to this file")
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "Step times **simulated** on the cluster specs (roofline node costs); wall seconds **measured** on this "
         f"shared 2-core machine (load {os.getloadavg()[0]:.1f} at the start). Budget {args.budget} placements "
         f"per search, seed {args.seed}, batches of {args.num_envs}; the move policy starts from "
-        + ("the shipped pretrained weights" if args.weights == "shipped" else "fresh weights") + ".\n",
+        + ("fresh weights" if args.weights == "fresh" else f"the weights in `{args.policy}`" if args.policy
+           else "the shipped pretrained weights") + ".\n",
     ]
     print("\n".join(header), flush=True)
     cases: list[Case] = []
