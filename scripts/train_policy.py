@@ -5,8 +5,9 @@
     python scripts/train_policy.py --method reinforce --budget 3000  # the earlier chained-REINFORCE policy
 
 ``--method imitation`` (default) walks local search on every training task and fits the move
-scorer to the moves that improved each visited placement, weighted by their gain
-(:func:`placer.search.agents.pretrain.pretrain_imitation`); ``--finetune N`` then runs the
+scorer to the moves that improved each visited placement, weighted by their gain, and the scope
+scorer to the whole-module moves that did (:func:`placer.search.agents.pretrain.pretrain_imitation`,
+:mod:`placer.search.agents.scope_imitation`); ``--finetune N`` then runs the
 chained REINFORCE searches (N placements per task) from those weights. ``--method reinforce``
 is the chained REINFORCE alone (:func:`~placer.search.agents.pretrain.pretrain`), which did not
 transfer to held-out graphs (``benchmarks/results/agent.md``).

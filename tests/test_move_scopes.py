@@ -3,8 +3,6 @@ that only a whole-module move reaches."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from envs.sim.simulator import simulate_batch
@@ -15,8 +13,7 @@ from placer.search.move_scopes import attached_modules, module_scopes
 from placer.search.search import search
 from placer.search.tracker import StopSearch
 from tests.helpers.arrays import make_problem
-
-MB = 2**20
+from tests.helpers.problems import branch_trap_problem
 
 
 def test_glue_written_in_forward_joins_the_module_it_connects():
@@ -71,25 +68,6 @@ def test_numbered_variants_of_a_branch_share_its_role():
 def test_a_graph_without_module_paths_has_no_scopes():
     problem = make_problem(3, [(0, 1), (1, 2)], np.full(3, 0.01), kinds=("K40", "K40"))
     assert problem.node_modules == () and feature_statics(problem).scopes is None
-
-
-def branch_trap_problem():
-    """Two branches of four 10 ms ops between a stem and a concat, all on one of two GPUs.
-
-    Inside a branch each edge carries 200 MiB (0.2 s over the 1 GB/s link), into and out of it
-    1 MiB. Moving the whole of branch ``b`` to the other GPU runs the branches side by side; a
-    move of one to three of its ops cuts a 200 MiB edge and is far slower, so single moves, the
-    moves of an edge's two ends and the policy's coupled moves (at most three groups) cannot
-    reach it without passing through worse placements.
-    """
-    edges = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (4, 9), (8, 9)]
-    heavy = {(1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 8)}
-    edge_bytes = np.array([200 * MB if e in heavy else MB for e in sorted(edges)], dtype=float)
-    times = np.array([0.001] + [0.01] * 8 + [0.001])
-    problem = make_problem(10, edges, times, kinds=("K40", "K40"), edge_bytes=edge_bytes)
-    modules = ("stem",) + tuple(f"block.a.conv{i}" for i in range(4)) + tuple(f"block.b.conv{i}" for i in range(4)) + \
-        ("block",)
-    return dataclasses.replace(problem, node_modules=modules)
 
 
 def test_the_policy_moves_a_whole_branch_that_no_single_or_edge_move_reaches():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from envs.hardware.cluster import Cluster, Device, Link, make_cluster
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
+from tests.helpers.arrays import make_problem
 
 #: The links of :func:`ranks_cluster`: latency (s) and bandwidth (bytes/s).
 LAT, BW = 100e-6, 1e9
@@ -80,3 +83,25 @@ def expected_rewards(problem, rows, penalty):
     t_ref = singles.step_time[fitting].min() if fitting.size else singles.step_time.min()
     res = simulate_batch(problem, rows)
     return np.where(res.fits, np.maximum(-np.sqrt(res.step_time / t_ref), penalty + 0.5), penalty), res
+
+
+MB = 2**20
+
+
+def branch_trap_problem():
+    """Two branches of four 10 ms ops between a stem and a concat, all on one of two GPUs.
+
+    Inside a branch each edge carries 200 MiB (0.2 s over the 1 GB/s link), into and out of it
+    1 MiB. Moving the whole of branch ``b`` to the other GPU runs the branches side by side; a
+    move of one to three of its ops cuts a 200 MiB edge and is far slower, so single moves, the
+    moves of an edge's two ends and the policy's coupled moves (at most three groups) cannot
+    reach it without passing through worse placements.
+    """
+    edges = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (4, 9), (8, 9)]
+    heavy = {(1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 8)}
+    edge_bytes = np.array([200 * MB if e in heavy else MB for e in sorted(edges)], dtype=float)
+    times = np.array([0.001] + [0.01] * 8 + [0.001])
+    problem = make_problem(10, edges, times, kinds=("K40", "K40"), edge_bytes=edge_bytes)
+    modules = ("stem",) + tuple(f"block.a.conv{i}" for i in range(4)) + tuple(f"block.b.conv{i}" for i in range(4)) + \
+        ("block",)
+    return dataclasses.replace(problem, node_modules=modules)

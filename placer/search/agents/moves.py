@@ -206,22 +206,8 @@ class MovePolicy:
         """For each proposal's first move (group ``first // d`` to device ``first % d``): keep it
         single or expand it to one of the group's scopes. Returns the choice's log-probability
         [B], the scope chosen [B] (-1: single) and the choice's entropy [B]."""
-        groups, dev = first // d, first % d
-        cand = scopes.of_nodes(groups)  # [B, K], -1 past the last
-        valid = np.concatenate([np.ones((len(first), 1), dtype=bool), cand >= 0], axis=1)
-        safe = np.where(cand >= 0, cand, 0)
-        per_scope = torch.zeros(scopes.num_scopes, d).index_add_(
-            0, torch.from_numpy(scopes.member_scope), raw.view(n, d)[torch.from_numpy(scopes.member_node)])
-        sizes = scopes.sizes
-        mean_score = per_scope / torch.from_numpy(sizes.astype(np.float32))[:, None]
-        on_dev = scopes.members_on(row, d) / sizes[:, None]
-        feats = _scope_features(mean_score[torch.from_numpy(safe), torch.from_numpy(dev)[:, None]],
-                                raw.view(n, d)[torch.from_numpy(groups), torch.from_numpy(dev)],
-                                on_dev[safe, dev[:, None]], np.log(sizes[safe]) / max(np.log(n), 1.0),
-                                scopes.is_role[safe])
-        score = self.net.scope(feats).squeeze(-1) / float(temperature)
-        score = score.masked_fill(torch.from_numpy(~valid), -1e9)
-        lp = torch.log_softmax(score, dim=1)
+        score, cand = scope_scores(self.net, scopes, raw, row, first, n, d)
+        lp = torch.log_softmax(score / float(temperature), dim=1)
         pick = _sample_rows(lp.detach().exp().numpy().astype(np.float64), rng)
         chosen = lp.gather(1, torch.from_numpy(pick)[:, None]).squeeze(1)
         entropy = -(lp.exp() * lp).sum(dim=1)
@@ -264,6 +250,28 @@ class MovePolicy:
         policy = cls(MovePolicyConfig(**state["config"]), seed=seed)
         policy.load_state_dict(state)
         return policy
+
+
+def scope_scores(net: MoveNetwork, scopes: MoveScopes, raw: torch.Tensor, row: np.ndarray, first: np.ndarray,
+                 n: int, d: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The scope scorer's logits [B, 1 + K] for first moves ``first`` ([B], group * d + device) from
+    placement ``row``: column 0 keeps the move single, column 1 + k expands it to the group's k-th
+    scope (``cand[b, k]``, -1 and a logit of -1e9 past its last). ``raw`` [N * D] are the move
+    scorer's logits at ``row``."""
+    groups, dev = first // d, first % d
+    cand = scopes.of_nodes(groups)  # [B, K], -1 past the last
+    valid = np.concatenate([np.ones((len(first), 1), dtype=bool), cand >= 0], axis=1)
+    safe = np.where(cand >= 0, cand, 0)
+    per_scope = torch.zeros(scopes.num_scopes, d).index_add_(
+        0, torch.from_numpy(scopes.member_scope), raw.view(n, d)[torch.from_numpy(scopes.member_node)])
+    sizes = scopes.sizes
+    mean_score = per_scope / torch.from_numpy(sizes.astype(np.float32))[:, None]
+    on_dev = scopes.members_on(row, d) / sizes[:, None]
+    feats = _scope_features(mean_score[torch.from_numpy(safe), torch.from_numpy(dev)[:, None]],
+                            raw.view(n, d)[torch.from_numpy(groups), torch.from_numpy(dev)],
+                            on_dev[safe, dev[:, None]], np.log(sizes[safe]) / max(np.log(n), 1.0),
+                            scopes.is_role[safe])
+    return net.scope(feats).squeeze(-1).masked_fill(torch.from_numpy(~valid), -1e9), cand
 
 
 def _scope_features(mean_score: torch.Tensor, own_score: torch.Tensor, on_device: np.ndarray, log_size: np.ndarray,

@@ -9,7 +9,8 @@ so one set of weights serves any graph and cluster. Two ways to train it are her
   (cross-entropy) to put its probability on the moves that shortened the step, each in
   proportion to its gain (:func:`move_examples`, :func:`fit_move_scorer`). The signal is per
   state and per move, and does not depend on how far a search got on one graph, which is why
-  it transfers: on the held-out graphs the fitted policy reaches the best heuristic's level
+  it transfers (the scope scorer, which decides when a move takes its whole module, is fitted
+  the same way from the same walks: :mod:`~placer.search.agents.scope_imitation`): on the held-out graphs the fitted policy reaches the best heuristic's level
   alone in fewer placements than fresh weights on most tasks (``benchmarks/results/agent.md``).
 * **Chained REINFORCE** (:func:`pretrain`): the search itself run task after task, each
   task's search starting from the weights the previous one saved (``resume``), so every
@@ -49,6 +50,7 @@ from envs.hardware.loading import load_cluster
 from envs.sim.problem import PlacementProblem, compile_problem
 from graphs import synthetic
 from graphs.grouping import group_graph
+from placer.search.agents.scope_imitation import ScopeExamples, fit_scope_scorer, scope_examples
 
 if TYPE_CHECKING:
     from placer.search.agents.moves import MovePolicy
@@ -274,7 +276,8 @@ class MoveExamples:
 
 
 def _descent_states(problem: PlacementProblem, start: np.ndarray, steps: int, candidates: int,
-                    rng: np.random.Generator, out: MoveExamples) -> None:
+                    rng: np.random.Generator, out: MoveExamples, scope_out: ScopeExamples | None = None,
+                    scope_rng: np.random.Generator | None = None) -> None:
     """Walk a local search from ``start`` and record what it sees (see :func:`move_examples`)."""
     from envs.sim.simulator import simulate_batch
     from placer.search.agents.move_features import feature_statics, move_features
@@ -304,9 +307,11 @@ def _descent_states(problem: PlacementProblem, start: np.ndarray, steps: int, ca
             w = np.where(better, gain, 0.0)
             out.features.append(feats[moves])
             out.targets.append((w / w.sum()).astype(np.float32))
+            order = np.flatnonzero(better)[np.argsort(-gain[better])]
+            if scope_out is not None and scope_rng is not None and fit0:
+                scope_examples(problem, st, row, t0, feats, moves[order], scope_rng, scope_out)
             # The next state: the improving moves merged (best first, one per group), as the search
             # merges a batch's improvements; the best single move when the merge is not better.
-            order = np.flatnonzero(better)[np.argsort(-gain[better])]
             merged = row.copy()
             for j in order[: max(1, len(order) // 4)]:
                 merged[moves[j] // d] = moves[j] % d
@@ -328,7 +333,9 @@ def _descent_states(problem: PlacementProblem, start: np.ndarray, steps: int, ca
 
 
 def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.random.Generator,
-                  steps: int = 8, candidates: int = 192, out: MoveExamples | None = None) -> MoveExamples:
+                  steps: int = 8, candidates: int = 192, out: MoveExamples | None = None,
+                  scope_out: ScopeExamples | None = None,
+                  scope_rng: np.random.Generator | None = None) -> MoveExamples:
     """What local search learns on ``problem``, as examples for the move scorer.
 
     Local search is walked from the policy's own start (:func:`~placer.search.agents.moves.start_row`),
@@ -338,6 +345,10 @@ def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.r
     target is the share of the gain each improving move brings. The next state is the improving
     moves merged (the best quarter, one per group) or the best single move, whichever is faster; at
     a local optimum the walk takes the least bad move, at most twice in a row.
+
+    With ``scope_out``, each state of a fitting placement also gets its whole-module options
+    simulated (:func:`~placer.search.agents.scope_imitation.scope_examples`, drawing from
+    ``scope_rng``, so the walk itself is the same with or without them).
     """
     from envs.sim.simulator import simulate_batch
     from placer.search.agents.moves import start_row
@@ -352,7 +363,7 @@ def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.r
         if len(seeds) > 1:
             starts.append(seeds[order[1 + int(rng.integers(len(seeds) - 1))]])
     for s in starts:
-        _descent_states(problem, s, steps, candidates, rng, out)
+        _descent_states(problem, s, steps, candidates, rng, out, scope_out, scope_rng)
     return out
 
 
@@ -397,8 +408,10 @@ def pretrain_imitation(tasks: list[Task], out: Path, seed: int = 0, steps: int =
                        epochs: int = 30) -> TrainingLog:
     """Train the shipped move policy by imitating local search over ``tasks`` and save it at ``out``.
 
-    Per task: :func:`move_examples` from the policy's start and the heuristic seeds; then one
-    supervised fit over every task's states (:func:`fit_move_scorer`). Same ``seed`` -> same file.
+    Per task: :func:`move_examples` from the policy's start and the heuristic seeds, with the
+    scope options of each state on graphs that have module paths; then one supervised fit of the
+    move scorer over every task's states (:func:`fit_move_scorer`) and one of the scope scorer
+    (:func:`~placer.search.agents.scope_imitation.fit_scope_scorer`). Same ``seed`` -> same file.
     """
     import torch
 
@@ -407,20 +420,24 @@ def pretrain_imitation(tasks: list[Task], out: Path, seed: int = 0, steps: int =
     report = TrainingLog()
     cpu0, t0 = _cpu_s(), time.perf_counter()
     examples = MoveExamples()
+    scope_ex = ScopeExamples()
     for k, task in enumerate(tasks):
         tb = time.perf_counter()
         problem, graph = task.build()
         seeds, best_name, best_t = heuristic_seeds(problem, graph)
         before, placed = len(examples.features), examples.placements
+        scope_before, scope_placed = len(scope_ex.states), scope_ex.placements
         move_examples(problem, seeds, np.random.default_rng([seed, k]), steps=steps, candidates=candidates,
-                      out=examples)
+                      out=examples, scope_out=scope_ex, scope_rng=np.random.default_rng([seed, k, 1]))
         line = (f"task {k:3d} {task.name} ({problem.num_nodes} groups, {problem.num_devices} dev): "
                 f"{len(examples.features) - before} states, {examples.placements - placed} placements, "
+                f"{len(scope_ex.states) - scope_before} scope states ({scope_ex.placements - scope_placed} placements), "
                 f"{time.perf_counter() - tb:.1f} s")
         log.info("%s", line)
         report.lines.append(line)
     policy = fit_move_scorer(examples, epochs=epochs, seed=seed)
+    fit_scope_scorer(policy, scope_ex, seed=seed)
     torch.save(policy.state_dict(), out)
-    report.placements = examples.placements
+    report.placements = examples.placements + scope_ex.placements
     report.cpu_s, report.wall_s = _cpu_s() - cpu0, time.perf_counter() - t0
     return report
