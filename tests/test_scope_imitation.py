@@ -24,7 +24,8 @@ def _branch_choice(policy: MovePolicy, problem, st, row: np.ndarray, features: n
     return float(probs[0]), float(probs[1 + branch[0]])
 
 
-def test_scope_examples_record_the_branch_move_that_pays_and_the_fit_prefers_it():
+def _trap_examples(seed: int):
+    """The branch trap with every group on GPU 0, and the scope examples drawn there."""
     problem = branch_trap_problem()
     st = feature_statics(problem)
     row = np.zeros(problem.num_nodes, dtype=np.int64)
@@ -32,7 +33,12 @@ def test_scope_examples_record_the_branch_move_that_pays_and_the_fit_prefers_it(
     features = move_features(problem, row, np.asarray(ev.peak_memory[0]), st)
     examples = ScopeExamples()
     scope_examples(problem, st, row, float(ev.step_time[0]), features, np.zeros(0, dtype=np.int64),
-                   np.random.default_rng(0), examples, first_moves=18)
+                   np.random.default_rng(seed), examples, first_moves=18)
+    return problem, st, row, features, examples
+
+
+def test_scope_examples_record_the_branch_move_that_pays_and_the_fit_prefers_it():
+    problem, st, row, features, examples = _trap_examples(0)
     assert examples.placements > 0 and len(examples.states) == 1
     state = examples.states[0]
     # Only first moves with an option that shortened the step are kept, and for each of them the
@@ -50,14 +56,7 @@ def test_scope_examples_record_the_branch_move_that_pays_and_the_fit_prefers_it(
 
 
 def test_scope_imitation_leaves_the_move_scorer_as_it_was():
-    problem = branch_trap_problem()
-    st = feature_statics(problem)
-    row = np.zeros(problem.num_nodes, dtype=np.int64)
-    ev = simulate_batch(problem, row[None])
-    features = move_features(problem, row, np.asarray(ev.peak_memory[0]), st)
-    examples = ScopeExamples()
-    scope_examples(problem, st, row, float(ev.step_time[0]), features, np.zeros(0, dtype=np.int64),
-                   np.random.default_rng(1), examples, first_moves=18)
+    *_, examples = _trap_examples(1)
     policy = MovePolicy(seed=3)
     before = {k: v.clone() for k, v in policy.net.state_dict().items()}
     fit_scope_scorer(policy, examples, epochs=5)
