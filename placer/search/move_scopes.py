@@ -29,8 +29,9 @@ copy for every time step on each side, so layer scopes that leave them behind on
 from scratch on NMT/4xK40 the policy with such scopes ended at 1.03-1.07x the best heuristic on 4
 of 6 seeds, against 0.92-1.03x with no scopes. :func:`attached_modules` gives each such group the
 module its producers share (the deepest common path of the producers that have one, else of all
-its producers' attached paths), and failing that the module its consumers share.
-:func:`problem_scopes` builds the scopes from those paths.
+its producers' attached paths), and failing that the module its consumers share; with them
+attached, from scratch on NMT/4xK40 it ends at 0.79-0.98x on seeds 0-3
+(``benchmarks/results/agent.md``). :func:`problem_scopes` builds the scopes from those paths.
 
 >>> scopes = module_scopes(("a.x", "a.y", "b.x", "b.y", ""))
 >>> sorted(tuple(int(i) for i in m) for m in scopes.members)

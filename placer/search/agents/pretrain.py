@@ -9,9 +9,10 @@ so one set of weights serves any graph and cluster. Two ways to train it are her
   (cross-entropy) to put its probability on the moves that shortened the step, each in
   proportion to its gain (:func:`move_examples`, :func:`fit_move_scorer`). The signal is per
   state and per move, and does not depend on how far a search got on one graph, which is why
-  it transfers (the scope scorer, which decides when a move takes its whole module, is fitted
-  the same way from the same walks: :mod:`~placer.search.agents.scope_imitation`): on the held-out graphs the fitted policy reaches the best heuristic's level
+  it transfers: on the held-out graphs the fitted policy reaches the best heuristic's level
   alone in fewer placements than fresh weights on most tasks (``benchmarks/results/agent.md``).
+  The scope scorer, which decides when a move takes its whole module, is fitted the same way
+  from the same walks (:mod:`~placer.search.agents.scope_imitation`).
 * **Chained REINFORCE** (:func:`pretrain`): the search itself run task after task, each
   task's search starting from the weights the previous one saved (``resume``), so every
   search's REINFORCE updates carry over; tasks alternate between a search from the heuristic
