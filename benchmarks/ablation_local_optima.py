@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_agent import run_baselines
 
     from envs.hardware.loading import load_cluster
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
     from placer.benchmark import optimizer_name

@@ -57,7 +57,7 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
     from envs.runtime.measure import SingleProcessMeasurer
     from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator
     from envs.sim.optimizer_state import optimizer_state_kind
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
 

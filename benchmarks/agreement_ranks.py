@@ -72,7 +72,7 @@ def _placements(prep: Any, cluster: Any, count: int, seed: int) -> list[tuple[st
     for d in devs:
         add(f"single:{d}", {g: d for g in groups})
     try:
-        from envs.sim.problem import compile_problem
+        from envs.sim.problem_compile import compile_problem
         from placer.search.baselines import run_baseline
 
         problem = compile_problem(prep.grouping.graph, cluster)

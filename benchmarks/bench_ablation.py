@@ -105,7 +105,7 @@ def run_case(model: str, cluster_name: str, prep, args) -> Case:
 
     from envs.hardware.loading import load_cluster
     from envs.sim.lower_bound import lower_bound
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from placer.benchmark import optimizer_name
     from placer.search.search import search
 

@@ -73,7 +73,7 @@ def gain(base: float | None, new: float | None) -> str:
 
 def bench_case(model: str, cluster: str, prep, args, lines: list[str]) -> None:
     from envs.hardware.loading import load_cluster
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from placer.search.search import search
 
     graph = prep.grouping.graph
@@ -142,7 +142,7 @@ def synthetic_problem(n: int, cluster: str, seed: int = 0):
     """A random DAG of ``n`` ops (each fed by up to 2 of the previous 8), roofline-costed on ``cluster``."""
     import networkx as nx
 
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
 
     rng = np.random.default_rng(seed)
     g = nx.DiGraph(name=f"dag{n}")

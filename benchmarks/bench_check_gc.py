@@ -31,7 +31,7 @@ from torch import nn
 import envs.runtime.apply as apply
 import envs.runtime.check as check
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from graphs.model_file import ModelSpec
 from graphs.pipeline import prepare
 

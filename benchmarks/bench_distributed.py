@@ -122,7 +122,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     from envs.runtime.measure import SingleProcessMeasurer
     from envs.runtime.split import split_by_rank
     from envs.sim.optimizer_state import optimizer_state_kind
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate_batch
     from graphs.pipeline import prepare
 

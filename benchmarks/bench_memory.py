@@ -25,7 +25,7 @@ import torch
 
 from envs.hardware.loading import load_cluster
 from envs.sim.optimizer_state import known_state_kind
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.simulator import simulate
 from graphs.pipeline import load_source, prepare
 from graphs.profile.optimizer_timing import optimizer_kind

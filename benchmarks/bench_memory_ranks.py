@@ -32,7 +32,7 @@ from envs.runtime.pipeline.stages import whole_pipeline
 from envs.sim.data_parallel import simulate_data_parallel
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from graphs.pipeline import prepare
 from placer.benchmark import optimizer_name
 from placer.search.baselines.pipeline_split import even_split_layers

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from envs.hardware.loading import load_cluster  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
-from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.model_file import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402

@@ -62,7 +62,7 @@ from envs.runtime.pipeline.launcher import run_training  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
 from envs.sim.pipeline import PipelineResult, simulate_pipeline  # noqa: E402
 from envs.sim.pipeline_layout import Pipeline, PipelineError  # noqa: E402
-from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.model_file import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402

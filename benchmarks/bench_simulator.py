@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.hardware.loading import load_cluster  # noqa: E402
-from envs.sim.problem import compile_problem  # noqa: E402
+from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.reference_simulator import simulate_reference  # noqa: E402
 from envs.sim.simulator import HAS_NUMBA, simulate, simulate_batch  # noqa: E402
 

@@ -148,7 +148,7 @@ MATMUL_FUNCTIONS = frozenset({
 #: first, so a package missing on the GPU machine stops the run in a second, not minutes in.
 CHECK_MODULES: tuple[str, ...] = (
     "torch", "networkx", "scipy.stats", "yaml", "graphs.pipeline", "graphs.profile.profiler", "graphs.grouping",
-    "graphs.ops", "envs.hardware.links", "envs.hardware.loading", "envs.sim.problem", "envs.sim.simulator",
+    "graphs.ops", "envs.hardware.links", "envs.hardware.loading", "envs.sim.problem_compile", "envs.sim.simulator",
     "envs.sim.cost_model", "envs.sim.calibration", "envs.runtime.measure", "envs.runtime.measure_worker",
     "envs.runtime.pipeline.launcher", "envs.runtime.pipeline.worker", "placer.search.baselines",
 )
@@ -860,7 +860,7 @@ def compile_for(prep: Any, cluster: Any) -> Any:
     Placements are group rows either way; once ``compile_problem`` takes the op graph with
     its grouping (the op-level simulator), that is what it gets.
     """
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
 
     if "grouping" in inspect.signature(compile_problem).parameters:
         return compile_problem(prep.captured.graph, cluster, grouping=prep.grouping)

@@ -21,7 +21,7 @@ The forward runs on fake tensors (``FakeTensorMode``: no memory, no compute, so 
 capture in seconds); a model whose ops have no fake implementation runs on real tensors,
 as shape propagation does. On the small zoo models the fake and the real sums agree byte
 for byte (tests/test_saved_activations.py). Graph files written before this pass have no
-``act_bytes``: :func:`envs.sim.problem.compile_problem` then keeps the older estimate (each
+``act_bytes``: :func:`envs.sim.problem_compile.compile_problem` then keeps the older estimate (each
 op that requires grad keeps its output), documented there as the fallback.
 """
 

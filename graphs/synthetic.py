@@ -16,7 +16,7 @@ the zoo has six models, so these families add the shapes the zoo stands for at a
 
 Every node carries ``op``, ``target``, ``flops``, ``bytes_moved``, ``out_bytes``,
 ``param_bytes`` and ``requires_grad``, every edge ``bytes`` (what
-:func:`envs.sim.problem.compile_problem` reads), so the costs come from the roofline of the
+:func:`envs.sim.problem_compile.compile_problem` reads), so the costs come from the roofline of the
 cluster's devices. Sizes are drawn from one ``numpy`` generator seeded by ``seed``: the same
 arguments give the same graph. ``scale`` multiplies every op's work, bytes and parameters, so
 one family spans compute-bound and transfer-bound regimes.

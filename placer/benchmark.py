@@ -348,7 +348,7 @@ def prepare_cases(models: Sequence[str], clusters: Sequence[str], size: str = "s
                   progress: Callable[[str], None] | None = None) -> list[BenchCase]:
     """Capture, profile and group each zoo model once; compile it on each cluster."""
     from envs.hardware.loading import discover_cluster, load_cluster
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from graphs.pipeline import prepare
 
     check_model_sources(models, size)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.simulator import simulate_batch
 from graphs import synthetic
 from graphs.errors import GraphError

@@ -328,7 +328,7 @@ def test_memory_aware_list_schedulers_leave_room_for_the_working_sets(name):
     import torch
 
     from envs.hardware.loading import load_cluster
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate
     from graphs.capture import capture
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from envs.hardware.cluster import Cluster, Device
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.simulator import simulate_batch
 from graphs.capture import capture
 from placer.search.baselines import run_baseline

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from envs.sim.calibration import CalibrationError, agreement, calibrate_simulator, scaled_problem
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.simulator import simulate_batch
 from graphs.capture import capture
 from graphs.errors import PlacerError

@@ -118,7 +118,7 @@ def test_the_simulator_refuses_a_placement_that_fits_total_memory_but_not_beside
     import numpy as np
     import torch
 
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.reference_simulator import simulate_reference
     from envs.sim.simulator import simulate
     from graphs.capture import capture

@@ -9,7 +9,8 @@ import pytest
 from envs.hardware.cluster import Cluster, Device
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import DEFAULT_ROOFLINE, CostModel, Roofline, calibrate, profiled_times, roofline_times
-from envs.sim.problem import PlacementError, compile_problem, topological_order
+from envs.sim.problem import PlacementError
+from envs.sim.problem_compile import compile_problem, topological_order
 from graphs.errors import GraphError
 from tests.helpers.graphs import layered_graph
 

@@ -18,7 +18,7 @@ from envs.sim.data_parallel import (
 )
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_costs import ZERO_COSTS
 
 LAT, BW = 100e-6, 1e9

@@ -10,7 +10,7 @@ from envs.sim.calibration import scaled_problem
 from envs.sim.data_parallel import simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_costs import ZERO_COSTS
 from envs.sim.stage_costs import fast_stage_costs, stage_costs
 from tests.helpers.pipelines import chain, cpu_cluster, two_stages

@@ -7,7 +7,7 @@ import torch
 
 import placer
 from envs.hardware.cluster import Cluster, Device
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from graphs.capture import capture
 from placer.memory_fit import MemoryFitError, check_memory_fits, memory_needs
 

@@ -15,7 +15,7 @@ import torch
 import placer
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.sim.cost_model import CPU_DISPATCH_S
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from graphs.graph_io import load_graph, save_graph
 from graphs.model_file import batch_size_of
 from graphs.pipeline import load_source, prepare
@@ -196,7 +196,7 @@ def test_a_small_profile_taken_on_a_slower_machine_is_not_read_as_fixed_work(mod
 def test_the_micro_batch_profile_measures_what_accumulating_into_grad_costs_and_the_simulator_reads_it(model_dir,
                                                                                                         monkeypatch):
     import graphs.profile.batch_scaling as batch_scaling
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from graphs.profile.batch_scaling import profile_fixed_parts
     from tests.helpers.pipelines import cpu_cluster
 

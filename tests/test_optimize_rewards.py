@@ -273,7 +273,7 @@ def test_group_placements_are_expanded_and_measured_by_one_real_worker(tmp_path)
     virtual devices of a preset both run on this machine's CPU."""
     from envs.hardware.loading import load_cluster
     from envs.runtime.measure import SingleProcessMeasurer
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from graphs.pipeline import prepare
 
     prepared = prepare(MODEL, profile=False)

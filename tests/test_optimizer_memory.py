@@ -21,7 +21,7 @@ from envs.sim.data_parallel import simulate_data_parallel
 from envs.sim.optimizer_state import OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK, optimizer_state_kind
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.reference_simulator import simulate_reference
 from envs.sim.simulator import simulate
 from graphs.capture import capture

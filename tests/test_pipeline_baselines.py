@@ -10,7 +10,7 @@ import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.pipeline import simulate_pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from placer.search.baselines.common import NoFit, node_cost
 from placer.search.baselines.pipeline_split import (
     _boundary_bytes,

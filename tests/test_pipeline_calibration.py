@@ -12,7 +12,7 @@ from envs.sim.cost_model import CPU_DISPATCH_S, CostModel
 from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, simulate_data_parallel, simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_costs import ZERO_COSTS
 from envs.sim.stage_costs import ENGINE_COSTS, fast_stage_costs, stage_costs
 from graphs.profile.batch_scaling import fixed_parts

@@ -300,7 +300,7 @@ def gpt2_on_tiny_cpus(replicas=()):
     cpu:0, cpu:1 (and ``replicas``), with a problem whose CPUs hold 16 KiB each: ``(prep,
     pipeline, problem)``."""
     from envs.hardware.cluster import Device, Link, make_cluster
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from graphs.pipeline import prepare
 
     prep = prepare("zoo:gpt2", model_args={"batch_size": 4}, profile=False)

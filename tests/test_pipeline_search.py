@@ -14,7 +14,7 @@ from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.data_parallel import simulate_data_parallel, simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.stage_costs import fast_stage_costs, stage_costs
 from graphs.model_file import ModelSpec
 from graphs.pipeline import prepare

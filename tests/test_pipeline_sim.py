@@ -7,7 +7,7 @@ import pytest
 from envs.sim.pipeline import check_pipeline, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.pipeline_schedules import Action, action_order, pipeline_orders
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_costs import ZERO_COSTS
 from envs.sim.ranks import simulate_ranks
 from envs.sim.stage_costs import stage_costs

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from graphs.capture import capture
 from placer.search.tracker import BestTracker
 

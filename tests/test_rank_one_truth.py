@@ -139,7 +139,7 @@ def test_a_placement_the_rank_runtime_refuses_is_an_invalid_reward_with_the_runt
     import torch
 
     from envs.gym.rewards import SimulatedReward
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from graphs.capture import capture
     from tests.helpers.problems import ranks_cluster
     from tests.helpers.runtime_models import MaskUpdatedAfterItIsRead

@@ -447,7 +447,7 @@ def test_a_rank_problem_is_bounded_by_the_rank_bound_not_the_one_process_bound()
     from dataclasses import replace as dc_replace
 
     from envs.sim.lower_bound import lower_bound
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate_batch
 
     def build(g):
@@ -468,7 +468,7 @@ def test_a_rank_problem_is_bounded_by_the_rank_bound_not_the_one_process_bound()
 
 
 def test_the_gantt_chart_of_a_rank_placement_draws_the_rank_trace_with_its_gradient_messages(tmp_path):
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.simulator import simulate_batch
     from placer.report.gantt import _rank_schedule, plot_gantt, rank_gantt_rows
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from envs.hardware.loading import load_cluster
 from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, device_max, gradient_bytes
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.reference_simulator import simulate_reference
 from envs.sim.simulator import simulate
 from graphs.capture import capture

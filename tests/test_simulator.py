@@ -20,7 +20,8 @@ from envs.hardware.cluster import Cluster, Device, Link
 from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, HostOverheads
 from envs.sim.lower_bound import critical_path_bound, host_bound, lower_bound, work_bound
-from envs.sim.problem import PlacementError, compile_problem
+from envs.sim.problem import PlacementError
+from envs.sim.problem_compile import compile_problem
 from envs.sim.reference_simulator import ReferenceTrace, simulate_reference
 from envs.sim.simulator import HAS_NUMBA, schedule, simulate, simulate_batch, simulate_ops
 from graphs.grouping import Grouping, build_group_graph
@@ -601,7 +602,7 @@ def test_default_host_costs_come_from_the_cost_model():
 _THREADS_SCRIPT = """
 import glob, numpy as np, numba
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.simulator import SERIAL_BELOW, simulate_batch
 from tests.helpers.graphs import layered_graph
 

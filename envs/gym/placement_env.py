@@ -188,7 +188,7 @@ class PlacementEnv(gym.Env):
     """Place every node of a problem in one step; reward ``-sqrt(step_time / t_ref)``.
 
     Args:
-        problem: the compiled problem (:func:`envs.sim.problem.compile_problem`).
+        problem: the compiled problem (:func:`envs.sim.problem_compile.compile_problem`).
         num_groups: G of the hierarchical action (default :func:`envs.gym.config.default_num_groups`).
         max_nodes, max_edges: padding (default: the graph's own size).
         hierarchical: group-then-device action (True) or a device per node (False).

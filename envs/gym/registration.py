@@ -52,7 +52,7 @@ def build_problem(problem: Any = None, graph: Any = None, cluster: Any = None, m
 
     ``optimizer`` (whose state the devices' memory holds): None is the model's own optimizer
     (``model=``) or the one a graph was profiled with (``graph=``), else plain SGD, as
-    :func:`envs.sim.problem.compile_problem`.
+    :func:`envs.sim.problem_compile.compile_problem`.
 
     Returns:
         ``(problem, node_ops)``; ``node_ops`` is None when built from a problem.
@@ -107,7 +107,7 @@ def _build(problem: Any, graph: Any, cluster: Any, model: Any, model_args: Mappi
         raise EnvConfigError("model_args= applies to model= only")
     graph = _load_graph(graph)
     from envs.gym.features import graph_ops
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
 
     try:
         # A model: its op graph executes, its groups are the action space (one simulation

@@ -213,7 +213,7 @@ def profiled_opt_time(attrs: Mapping[str, Any], kind: str) -> float | None:
 
 
 def state_factor(optimizer: str | None) -> float:
-    """Optimizer state bytes per parameter byte (unknown optimizers: Adam-sized, as envs.sim.problem assumes)."""
+    """Optimizer state bytes per parameter byte (unknown optimizers: Adam-sized, as envs.sim.problem_compile assumes)."""
     key = str(optimizer or "sgd").lower()
     return OPTIMIZER_STATE_FACTOR.get(key, OPTIMIZER_STATE_FACTOR["adam"])
 

@@ -84,10 +84,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.sim.memory_report import memory_problem_lines
 from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from envs.sim.problem import PlacementProblem, memory_problem_lines
+from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.sim import kernels as _py
-from envs.sim.problem import PlacementError, PlacementProblem, cached_per_problem
+from envs.sim.problem import PlacementError, PlacementProblem
+from envs.sim.problem_cache import cached_per_problem
 
 __all__ = ["LoopArrays", "loop_arrays"]
 

@@ -31,7 +31,7 @@ backward needs the stage's own forward and, but on the last stage, the gradient 
 batch-proportional part divided by ``M``, from the simulator's cost arrays
 (``problem.ops.cost``, :meth:`envs.sim.cost_model.CostModel.op_cost`): on a GPU the host
 part (the kernel launches) is fixed and the device part proportional; on a CPU the op runs
-on the host, and its fixed part (:meth:`envs.sim.problem.OpArrays.fixed_parts`) is
+on the host, and its fixed part (:meth:`envs.sim.op_arrays.OpArrays.fixed_parts`) is
 *measured* when the model was also profiled on a micro-batch
 (:mod:`graphs.profile.batch_scaling`: ``fixed + per_sample * b`` through the profiles at
 the batch and at 1/8 of it, per op, stored in the graph and compiled into the problem by
@@ -129,10 +129,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from envs.sim.memory_report import memory_problem_lines
 from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.pipeline_schedules import schedule_orders
-from envs.sim.problem import PlacementProblem, cached_per_problem, memory_problem_lines
+from envs.sim.problem import PlacementProblem
+from envs.sim.problem_cache import cached_per_problem
 from envs.sim.rank_costs import ZERO_COSTS, RankCosts
 from envs.sim.stage_costs import ENGINE_COSTS, StageCosts, stage_costs
 

@@ -113,7 +113,8 @@ from envs.hardware.loading import load_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
 from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, gradient_bytes, loop_held_bytes
 from envs.sim.optimizer_state import OPTIMIZER_FOREACH_WORK, OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
-from envs.sim.problem import PlacementError, resolve_optimizer, topological_order
+from envs.sim.problem import PlacementError
+from envs.sim.problem_compile import resolve_optimizer, topological_order
 from envs.sim.simulator import StepResult
 
 HOST = "host"
@@ -145,7 +146,7 @@ def simulate_reference(
 ) -> StepResult:
     """Simulate one training step of ``placement`` (op name -> device name) by the rules above.
 
-    ``optimizer`` as for :func:`envs.sim.problem.compile_problem` (default: the graph's own).
+    ``optimizer`` as for :func:`envs.sim.problem_compile.compile_problem` (default: the graph's own).
     ``trace``, when given, receives every task's intervals.
     """
     cluster = load_cluster(cluster)

@@ -66,8 +66,9 @@ import numpy as np
 
 from envs.sim import kernels as _py
 from envs.sim.loop_arrays import LoopArrays, loop_arrays
+from envs.sim.memory_report import memory_problem_lines
 from envs.sim.memory_rules import device_max, step_temporaries
-from envs.sim.problem import PlacementError, PlacementProblem, memory_problem_lines
+from envs.sim.problem import PlacementError, PlacementProblem
 from envs.sim.rank_schedule import RankSchedule, runnable_times
 from envs.sim.simulator_numpy import NUMPY_CHUNK, static_pass_rows
 
@@ -107,7 +108,7 @@ class StepResult:
     refusal: str | None = None
 
     def memory_problems(self, device_names: Sequence[str]) -> list[str]:
-        """One line per device over its capacity (:func:`envs.sim.problem.memory_problem_lines`)."""
+        """One line per device over its capacity (:func:`envs.sim.memory_report.memory_problem_lines`)."""
         return memory_problem_lines({n: float(p) for n, p in zip(device_names, self.peak_memory)},
                                     {n: float(o) for n, o in zip(device_names, self.over_memory) if o > 0})
 

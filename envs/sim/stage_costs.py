@@ -12,7 +12,8 @@ import numpy as np
 
 from envs.sim.memory_rules import BACKWARD_WORK_FACTOR
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from envs.sim.problem import PlacementProblem, cached_per_problem
+from envs.sim.problem import PlacementProblem
+from envs.sim.problem_cache import cached_per_problem
 from envs.sim.rank_costs import RankCosts
 
 __all__ = ["ENGINE_COSTS", "shrunk_host", "StageCosts", "stage_costs", "PipelineTables", "pipeline_tables",
@@ -129,7 +130,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
 
     ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
     of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
-    A CPU op's fixed part is the problem's (:meth:`~envs.sim.problem.OpArrays.fixed_parts`).
+    A CPU op's fixed part is the problem's (:meth:`~envs.sim.op_arrays.OpArrays.fixed_parts`).
 
     Raises:
         PipelineError: nodes missing or unknown, a device not in the cluster, or an edge

@@ -49,7 +49,7 @@ def simulate_placement(prepared: Prepared, assignment: Mapping[str, str], cluste
     optimize, the report and the benchmarks simulate, so a placement has one step time.
     """
     from envs.sim.optimizer_state import optimizer_state_kind
-    from envs.sim.problem import compile_problem
+    from envs.sim.problem_compile import compile_problem
     from envs.sim.rank_compile import value_leaves
     from envs.sim.simulator import simulate_ops
 

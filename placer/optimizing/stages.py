@@ -31,7 +31,7 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport, check_placement, check_trainable
 from envs.sim.optimizer_state import optimizer_state_kind
-from envs.sim.problem import compile_problem
+from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
 from graphs.errors import PlacerError

@@ -5,7 +5,8 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.problem import PlacementProblem
+from envs.sim.problem_compile import compile_problem
 
 
 def chain_problem(n: int = 12, edge_mb: float = 40.0, name: str = "chain") -> PlacementProblem:

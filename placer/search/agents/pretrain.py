@@ -48,7 +48,8 @@ import numpy as np
 
 from envs.hardware.cluster import Cluster, make_cluster
 from envs.hardware.loading import load_cluster
-from envs.sim.problem import PlacementProblem, compile_problem
+from envs.sim.problem import PlacementProblem
+from envs.sim.problem_compile import compile_problem
 from graphs import synthetic
 from graphs.grouping import group_graph
 from placer.search.agents.scope_imitation import ScopeExamples, fit_scope_scorer, scope_examples

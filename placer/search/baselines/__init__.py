@@ -2,7 +2,7 @@
 
 >>> import networkx as nx
 >>> from envs.hardware.loading import load_cluster
->>> from envs.sim.problem import compile_problem
+>>> from envs.sim.problem_compile import compile_problem
 >>> from placer.search.baselines import run_baseline
 >>> graph = nx.DiGraph(name="chain")  # four 1-GFLOP ops in a row, 1 MiB between them
 >>> graph.add_nodes_from((f"n{i}", {"op": "call_function", "flops": 10**9, "out_bytes": 2**20}) for i in range(4))

@@ -1,0 +1,21 @@
+"""How a simulator reports a device whose peak memory does not fit: the one wording of every simulator.
+
+The batched simulator (:mod:`envs.sim.simulator`), pipelines (:mod:`envs.sim.pipeline`) and DDP
+(:mod:`envs.sim.data_parallel`) all say it with :func:`memory_problem_lines`, so a report reads
+the same whichever simulated the placement.
+"""
+
+from __future__ import annotations
+
+
+def memory_problem_lines(peak_memory: dict[str, float], over_memory: dict[str, float]) -> list[str]:
+    """One line per device that does not fit: its peak against the memory a placement may fill
+    there (usable: its memory less its reserve, a GPU's CUDA context), the one wording of
+    every simulator.
+
+    >>> memory_problem_lines({"gpu0": 3 * 2**30}, {"gpu0": 2**30})
+    ['gpu0 needs 3.00 GiB where 2.00 GiB is usable (1.00 GiB over)']
+    """
+    return [f"{d} needs {peak_memory[d] / 2**30:.2f} GiB where {(peak_memory[d] - over) / 2**30:.2f} GiB is usable "
+            f"({over / 2**30:.2f} GiB over)"
+            for d, over in over_memory.items()]
