@@ -129,3 +129,23 @@ def test_local_search_given_the_scopes_scans_whole_module_moves_too():
         ends[wide] = tracker.best_step_time
     assert ends[False] == first  # single and edge moves: stuck at the seed
     assert ends[True] < first * 0.75  # a branch moved whole
+
+
+def test_the_zoo_nmt_glue_joins_its_layers():
+    # The small zoo NMT writes its residual adds, direction cats and per-step attention in its
+    # own forward: 17 of its 32 groups have no module path until attached.
+    from envs.hardware.loading import load_cluster
+    from envs.sim.problem_compile import compile_problem
+    from graphs.pipeline import prepare
+    from placer.search.move_scopes import problem_scopes
+
+    prep = prepare("zoo:nmt", model_args={"size": "small"}, profile=False)
+    problem = compile_problem(prep.captured.graph, load_cluster("4xK40"), grouping=prep.grouping)
+    attached = attached_modules(problem.node_modules, problem.edge_src, problem.edge_dst)
+    assert sum(1 for m in problem.node_modules if not m) > problem.num_nodes // 3
+    assert sum(1 for m in attached if not m) <= 1  # at most the target tokens, read only by the loss
+    layer = [i for i, m in enumerate(problem.node_modules) if m == "encoder.0"]
+    with_glue = [i for i, m in enumerate(attached) if m == "encoder.0"]
+    assert len(with_glue) > len(layer)
+    scopes = problem_scopes(problem)
+    assert scopes is not None and tuple(with_glue) in {tuple(int(i) for i in s) for s in scopes.members}
