@@ -11,7 +11,7 @@ the same budget of evaluated placements and the same seed:
   module scope (``placer.search.move_scopes``, the moves the policy may make): what the wider
   neighbourhood finds without any learning, so the policy's credit is not the neighbourhood's;
 * **policy alone, from scratch** — the learned move policy (agent ``moves``) with no seeds and
-  no local search, from its own start (:func:`placer.search.agents.moves.start_row`); its
+  no local search, from its own start (:func:`placer.search.agents.move_start.start_row`); its
   weights are the shipped pretrained policy (a search's default) unless ``--weights fresh``;
 * **full search** — the default search: the move policy from the heuristic seeds with the
   local search interleaved (the agent's share of evaluations).

@@ -5,7 +5,7 @@ family, the zoo's ``inception_v3``, larger sizes of the trained families, the ``
 cluster), step times **simulated** on the cluster spec (roofline node costs):
 
 * **best heuristic** — the best of :data:`~placer.search.agents.pretrain.SEED_HEURISTICS`;
-* **first placement** — :func:`placer.search.agents.moves.first_placement`: one forward pass
+* **first placement** — :func:`placer.search.agents.move_start.first_placement`: one forward pass
   from the policy's start, its proposals simulated in one batch; wall seconds measured;
 * **placements to the heuristic's level** — the policy alone (no seeds, no local search), on a
   budget of evaluated placements: how many it evaluated before its best was at most the best
@@ -57,7 +57,8 @@ def run_task(task, policy_path: Path, args) -> dict:
 
     from envs.sim.lower_bound import lower_bound
     from envs.sim.simulator import simulate_batch
-    from placer.search.agents.moves import MovePolicy, first_placement
+    from placer.search.agents.move_policy import MovePolicy
+    from placer.search.agents.move_start import first_placement
     from placer.search.agents.pretrain import heuristic_seeds
     from placer.search.search import search
 

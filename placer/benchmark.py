@@ -267,7 +267,7 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
         table["speedup_vs_single"] = case.reference_single / table["step_time"]
     if measure:
         # A measured step over a measured single device, as optimize reports it
-        # (placer.measurement.measured_speedups): the simulated one is another clock.
+        # (placer.measuring.confirm.measured_speedups): the simulated one is another clock.
         rows = table["source"] == "measured"
         table.loc[rows, "speedup_vs_single"] = (measured_single / table.loc[rows, "step_time"]
                                                 if measured_single is not None else float("nan"))

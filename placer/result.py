@@ -56,7 +56,7 @@ class OptimizeResult:
     winner: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     reward: str = "simulated"
-    measurement: Any = None  # placer.measurement.MeasurementSummary on real devices
+    measurement: Any = None  # placer.measuring.summary.MeasurementSummary on real devices
 
     def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
         """The placed, trainable module (over real devices; virtual ones map through the cluster).

@@ -8,7 +8,8 @@ import pytest
 
 from envs.sim.simulator import simulate_batch
 from placer.search.agents.move_features import move_features
-from placer.search.agents.moves import MovePolicy, start_row
+from placer.search.agents.move_policy import MovePolicy
+from placer.search.agents.move_start import start_row
 from placer.search.agents.registry import DEFAULT_AGENT, get_agent
 from placer.search.baselines import run_baseline
 from placer.search.local_search import apply_moves, neighbourhood

@@ -16,7 +16,9 @@ from envs.sim.simulator import simulate_batch
 from graphs import synthetic
 from graphs.errors import GraphError
 from graphs.grouping import group_graph
-from placer.search.agents.moves import PRETRAINED_PATH, MovePolicy, first_placement
+from placer.search.agents.move_policy import MovePolicy
+from placer.search.agents.move_start import first_placement
+from placer.search.agents.moves import PRETRAINED_PATH
 from placer.search.agents.pretrain import held_out_tasks, pretrain, sub_cluster, training_tasks
 from placer.search.search import search
 
@@ -144,7 +146,7 @@ def _imitation_tasks():
 
 def test_imitation_examples_weigh_only_the_moves_that_improved_the_placement():
     from placer.search.agents.move_features import NUM_FEATURES, feature_statics, move_features
-    from placer.search.agents.moves import start_row
+    from placer.search.agents.move_start import start_row
     from placer.search.agents.pretrain import MoveExamples, _descent_states, heuristic_seeds, move_examples
 
     problem, graph = _imitation_tasks()[0].build()

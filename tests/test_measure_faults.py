@@ -269,7 +269,7 @@ def test_the_budget_spares_the_first_measurement_and_cut_runs_are_answered_not_k
     when asked again without a deadline (the confirming phase)."""
     import numpy as np
 
-    from placer.measurement import PlacementMeasurer
+    from placer.measuring.measurer import PlacementMeasurer
     from tests.helpers.problems import random_problem
 
     problem = random_problem(n=6, d=2, seed=1)

@@ -7,7 +7,7 @@ import numpy as np
 
 from envs.sim.simulator import simulate_batch
 from placer.search.agents.move_features import feature_statics, move_features
-from placer.search.agents.moves import MovePolicy
+from placer.search.agents.move_policy import MovePolicy
 from placer.search.local_search import apply_moves, neighbourhood
 from placer.search.move_scopes import attached_modules, module_scopes
 from placer.search.search import search

@@ -23,7 +23,8 @@ import placer
 from envs.gym.measured_rewards import MeasuredReward
 from envs.runtime.distributed import launcher
 from envs.runtime.measurer import MeasureResult
-from placer.measurement import HYBRID_ROUNDS, PlacementMeasurer
+from placer.measuring.hybrid_rounds import HYBRID_ROUNDS
+from placer.measuring.measurer import PlacementMeasurer
 from placer.options import OptionError
 from tests.helpers.measurers import ClosableFake
 
@@ -203,7 +204,7 @@ class _StubMeasurer:
 
 
 def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time():
-    from placer.measurement import HybridRounds
+    from placer.measuring.hybrid_rounds import HybridRounds
     from placer.search.budget import parse_budget
     from placer.search.tracker import SearchProgress
 
@@ -226,7 +227,7 @@ def test_hybrid_rounds_follow_the_budget_and_leave_the_search_its_share_of_time(
 
 
 def test_hybrid_rounds_under_a_placement_budget_all_run_however_long_measuring_took():
-    from placer.measurement import HybridRounds
+    from placer.measuring.hybrid_rounds import HybridRounds
     from placer.search.budget import parse_budget
     from placer.search.tracker import SearchProgress
 

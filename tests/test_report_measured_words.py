@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from placer.measurement import MeasuredPlacement, MeasurementSummary
+from placer.measuring.measurer import MeasuredPlacement
+from placer.measuring.summary import MeasurementSummary
 from placer.report.results import summary_lines
 
 TABLE = pd.DataFrame([{"method": "heft", "step_time": 0.001, "speedup_vs_single": 1.0, "fits": True,
@@ -33,7 +34,7 @@ def test_when_some_were_measured_there_is_no_such_warning():
 
 
 def test_pipelines_that_failed_to_run_as_pipelines_are_counted_with_the_first_reason():
-    from placer.measurement import MeasuredPipeline
+    from placer.measuring.measurer import MeasuredPipeline
 
     result = _result([True])
     result.measurement.pipelines.extend([

@@ -7,7 +7,7 @@ import torch
 
 from envs.sim.simulator import simulate_batch
 from placer.search.agents.move_features import feature_statics, move_features
-from placer.search.agents.moves import MovePolicy, scope_scores
+from placer.search.agents.move_policy import MovePolicy, scope_scores
 from placer.search.agents.scope_imitation import ScopeExamples, fit_scope_scorer, scope_examples
 from tests.helpers.problems import branch_trap_problem
 

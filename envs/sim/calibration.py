@@ -63,7 +63,7 @@ def agreement(simulated: Sequence[float] | np.ndarray, measured: Sequence[float]
     sim, meas = sim[ok], meas[ok]
     rel = (sim - meas) / meas
     # Here, not at the top: scipy.stats takes about 0.4 s CPU to import, and every run imports
-    # this module (placer.measurement does) where only runs on real devices calibrate.
+    # this module (placer.measuring.measurer does) where only runs on real devices calibrate.
     from scipy import stats
 
     with warnings.catch_warnings():

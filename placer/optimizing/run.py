@@ -14,7 +14,7 @@ of small stages (:mod:`placer.optimizing.stages`) over one frozen
    the search's reward (``reward=``) is the batched simulator (``simulated``), the measured
    step time of every placement the agent proposes (``measured``), or the simulator
    recalibrated from measurements of its best candidates in rounds during the search
-   (``hybrid``, the default on real devices) — see :mod:`placer.measurement`;
+   (``hybrid``, the default on real devices) — see :mod:`placer.measuring`;
 5. confirm: on real devices, measure the best candidates and keep the measured fastest;
 6. check: apply the winner and compare outputs and gradients with the original model;
 7. write the results.

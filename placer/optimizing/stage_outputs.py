@@ -30,7 +30,7 @@ from graphs.capture import CapturedModel
 from graphs.grouping import Grouping
 from graphs.model_file import ModelSpec
 from graphs.pipeline import Prepared
-from placer.measurement import MeasurementSummary
+from placer.measuring.summary import MeasurementSummary
 from placer.placement_file import Placement
 from placer.report.compare import Candidate
 from placer.search.tracker import SearchResult

@@ -38,7 +38,7 @@ from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
-from placer.measurement import MeasuredPlacement, PlacementMeasurer
+from placer.measuring.measurer import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.optimizing.earlier_results import _result_files_in
@@ -167,7 +167,7 @@ def measuring(config: OptimizeConfig, compiled: Compiled) -> Iterator[PlacementM
     if run.cluster.simulated or not (run.reward != "simulated" or config.measurer is not None or config.from_source):
         yield None
         return
-    from placer.measurement import make_measurer
+    from placer.measuring.measurer import make_measurer
 
     measurer = make_measurer(run.cluster, run.source, config.model_args, compiled.problem, run.grouping.expand,
                              run.captured.fingerprint, backend=config.measurer, timeout_s=config.measure_timeout)
@@ -216,13 +216,13 @@ def search_run(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRu
     if run.reward == "measured":
         # Every batch of proposals is one measuring call: small batches, so the agent
         # learns between them.
-        from placer.measurement import MEASURED_BATCH, MEASURED_IMITATION_STEPS
+        from placer.measuring.measurer import MEASURED_BATCH, MEASURED_IMITATION_STEPS
 
         search_config = search_config.replace(
             env_kwargs={"reward_mode": "measured", "measurer": measurer}, num_envs=MEASURED_BATCH,
             imitation_steps=MEASURED_IMITATION_STEPS)
     elif run.reward == "hybrid":
-        from placer.measurement import HybridRounds
+        from placer.measuring.hybrid_rounds import HybridRounds
 
         if measurer is None:
             raise PlacerError("reward 'hybrid' needs a measurer of the real devices")
@@ -272,7 +272,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     seconds: dict[str, float] = {}
     measurement = None
     if measurer is not None:
-        from placer.measurement import confirm_candidates, mark_measured, single_device_rows
+        from placer.measuring.confirm import confirm_candidates, mark_measured, single_device_rows
 
         start = time.perf_counter()
         if searched.result.stop_reason == "interrupted":
@@ -282,7 +282,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         seconds["measure"] = time.perf_counter() - start
     table = comparison_table(compiled.problem, candidates)
     if measurer is not None:
-        from placer.measurement import measured_speedups
+        from placer.measuring.confirm import measured_speedups
 
         table = measured_speedups(table, measurer)
     # DDP, the pipeline partitioners and placer's pipeline search, simulated, beside the
@@ -299,7 +299,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                                      min_samples=min_microbatch_samples(run.prepared.captured.graph))
     seconds["pipelines"] = time.perf_counter() - start
     if measurer is not None:
-        from placer.measurement import confirm_data_parallel, confirm_pipelines, measured_first, summarize
+        from placer.measuring.confirm import confirm_data_parallel, confirm_pipelines, measured_first
+        from placer.measuring.summary import summarize
 
         # Pipelined candidates are measured as pipelines (their un-pipelined assignment is
         # another program); only measured rows compete once some exist (pick_winner).

@@ -1,4 +1,4 @@
-"""Features of the move policy (:mod:`placer.search.agents.moves`): what moving each group to
+"""Features of the move policy (:mod:`placer.search.agents.move_policy`): what moving each group to
 each device would do, from the current placement, as ratios that carry to any graph and
 cluster size; and the coupling of a further move to the moves a proposal already made."""
 

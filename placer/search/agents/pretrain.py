@@ -1,6 +1,6 @@
 """Train the move policy across many graphs and clusters: the policy the package ships.
 
-One move policy (:mod:`placer.search.agents.moves`) scores moves from features that are ratios,
+One move policy (:mod:`placer.search.agents.move_policy`) scores moves from features that are ratios,
 so one set of weights serves any graph and cluster. Two ways to train it are here:
 
 * **Imitation of local search** (:func:`pretrain_imitation`, the shipped policy): on every
@@ -55,7 +55,7 @@ from graphs.grouping import group_graph
 from placer.search.agents.scope_imitation import ScopeExamples, fit_scope_scorer, scope_examples
 
 if TYPE_CHECKING:
-    from placer.search.agents.moves import MovePolicy
+    from placer.search.agents.move_policy import MovePolicy
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.r
                   scope_rng: np.random.Generator | None = None) -> MoveExamples:
     """What local search learns on ``problem``, as examples for the move scorer.
 
-    Local search is walked from the policy's own start (:func:`~placer.search.agents.moves.start_row`),
+    Local search is walked from the policy's own start (:func:`~placer.search.agents.move_start.start_row`),
     from the best heuristic seed (the first row of ``seeds``, which :func:`heuristic_seeds` does not
     sort, so the fastest is picked here) and from one other seed, ``steps`` states each. At each
     state the single moves (all, or ``candidates`` drawn uniformly) are simulated; the state's
@@ -353,7 +353,7 @@ def move_examples(problem: PlacementProblem, seeds: np.ndarray | None, rng: np.r
     ``scope_rng``, so the walk itself is the same with or without them).
     """
     from envs.sim.simulator import simulate_batch
-    from placer.search.agents.moves import start_row
+    from placer.search.agents.move_start import start_row
 
     out = out if out is not None else MoveExamples()
     starts = [start_row(problem)]
@@ -379,7 +379,7 @@ def fit_move_scorer(examples: MoveExamples, epochs: int = 30, lr: float = 3e-3, 
     """
     import torch
 
-    from placer.search.agents.moves import MovePolicy
+    from placer.search.agents.move_policy import MovePolicy
 
     torch.manual_seed(seed)
     policy = MovePolicy.load(start, seed=seed) if start is not None else MovePolicy(seed=seed)

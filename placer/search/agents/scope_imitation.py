@@ -2,7 +2,7 @@
 
 The move policy's first move may take one of its group's module scopes with it
 (:mod:`placer.search.move_scopes`); a small linear scorer decides between the single move and
-each scope (:func:`~placer.search.agents.moves.scope_scores`). The imitation that trains the
+each scope (:func:`~placer.search.agents.move_policy.scope_scores`). The imitation that trains the
 shipped move scorer (:mod:`placer.search.agents.pretrain`) only simulates single moves, so on its
 own it leaves that scorer at its starting weights. Here, at each state of the same local-search
 walks, a few first moves are drawn (the state's improving single moves first, then others of
@@ -29,7 +29,7 @@ from placer.search.agents.move_features import FeatureStatics
 from placer.search.move_scopes import MoveScopes
 
 if TYPE_CHECKING:
-    from placer.search.agents.moves import MovePolicy
+    from placer.search.agents.move_policy import MovePolicy
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def fit_scope_scorer(policy: MovePolicy, examples: ScopeExamples, epochs: int = 
     The move scorer is read, not trained: its logits are the scope features' first column."""
     import torch
 
-    from placer.search.agents.moves import scope_scores
+    from placer.search.agents.move_policy import scope_scores
 
     if not examples.states:
         return

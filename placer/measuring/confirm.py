@@ -1,0 +1,206 @@
+"""After the search: the best candidates measured for real, and the comparison table given measured times.
+
+Either way (``measured`` or ``hybrid`` reward) optimize measures the best candidates once more at the end
+(:func:`confirm_candidates`), and only measured times pick the winner. Pipelined
+candidates (the pipeline partitioners' and the pipeline search's rows of the comparison
+table) are measured as pipelines, through ``torch.distributed.pipelining``, where the
+backend can (:meth:`envs.runtime.distributed.measure.DistributedMeasurer.measure_pipelines`,
+worker processes ``cpu:0,cpu:1``): :func:`confirm_pipelines`. Their un-pipelined assignment
+is another, slower program (one rank busy at a time), so it never stands in for them.
+The DDP row is measured as DDP where the backend runs it (:func:`confirm_data_parallel`), and
+measured rows' speed-ups are over the measured single device (:func:`measured_speedups`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from envs.gym.measured_rewards import measure_outcome
+from envs.runtime.measurer import MeasureResult
+from envs.sim.pipeline_layout import Pipeline
+from envs.sim.problem import PlacementProblem
+from envs.sim.simulator import simulate_batch
+from graphs.errors import PlacerError
+from placer.measuring.measurer import MeasuredPipeline, PlacementMeasurer
+from placer.report.compare import Candidate, fastest_first
+
+#: Candidates measured at the end to confirm the winner.
+CONFIRM_TOP = 4
+#: Pipelined candidates measured at the end (the fastest simulated; each is one job of
+#: its own, seconds of process start-up: ~10 s for two CPU ranks on this loaded machine).
+CONFIRM_PIPELINES = 2
+
+
+def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candidate], top: int = CONFIRM_TOP,
+                       extra_rows: Sequence[np.ndarray] = ()) -> None:
+    """Measure the ``top`` fastest candidates (by the calibrated simulator when there is a
+    calibration) plus ``extra_rows``, and mark every candidate whose row was measured."""
+    found = [c for c in candidates if c.row is not None]
+    if found:
+        rows = np.stack([measurer.problem.check_array(c.row) for c in found])
+        sim = simulate_batch(measurer.problem, rows)
+        cal = measurer.calibration()
+        est = cal.predict(measurer.problem, rows) if cal is not None else sim.step_time
+        order = np.argsort(np.where(sim.fits, est, np.inf), kind="stable")[:top]
+        chosen = [rows[int(i)] for i in order] + [np.asarray(r) for r in extra_rows]
+        measurer.phase = "confirm"
+        measurer.measure_rows(np.stack(chosen))
+        measurer.phase = "search"
+    mark_measured(measurer, candidates)
+
+
+def _add_note(table: pd.DataFrame, i: Any, text: str) -> None:
+    """Append ``text`` to row ``i``'s note (``; ``-separated)."""
+    old = str(table.at[i, "note"] or "")
+    table.at[i, "note"] = (old + "; " if old else "") + text
+
+
+def measured_first(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` in the comparison's order (:func:`~placer.report.compare.fastest_first`), its
+    measured fitting rows before all others, as only they decide (``pick_winner``): a
+    simulated time leaves out the runtime's overheads and would top the table unmeasured."""
+    first = table["fits"].astype(bool) & (table["source"] == "measured")
+    return pd.concat([fastest_first(table[first]), fastest_first(table[~first])], ignore_index=True)
+
+
+def _backend_runner(measurer: PlacementMeasurer, name: str) -> Callable[..., Any] | None:
+    """The backend's ``name`` method (None: this backend has none), its deadline set to the run's."""
+    run = getattr(measurer.backend, name, None)
+    if run is not None and hasattr(measurer.backend, "deadline"):
+        measurer.backend.deadline = measurer.deadline
+    return run
+
+
+def _run_or_failed(call: Callable[[], Sequence[MeasureResult]], expected: int, what: str) -> list[MeasureResult]:
+    """``call()``'s ``expected`` results, or as many invalid ones saying why it failed: a run
+    that cannot happen (a stage on another host, a refused job) leaves its rows simulated."""
+    try:
+        results = list(call())
+        if len(results) != expected:
+            raise PlacerError(f"the measurer returned {len(results)} results for {expected} {what}")
+        return results
+    except Exception as exc:  # noqa: BLE001 - the rows stay simulated, with the reason in their notes
+        return [MeasureResult(step_time=math.inf, valid=False, reason=f"measurement failed: {exc}")] * expected
+
+
+def _record_measured(table: pd.DataFrame, i: Any, t: float, valid: bool, reason: str, how: str) -> bool:
+    """Row ``i`` takes the measured time (``source`` "measured", ``how`` in its note), or keeps
+    its simulated one with the reason it was not measured; returns whether it was."""
+    if not valid:
+        _add_note(table, i, f"measurement invalid: {reason}")
+        return False
+    table.at[i, "step_time"] = t
+    table.at[i, "source"] = "measured"
+    _add_note(table, i, how)
+    return True
+
+
+def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipelines: Mapping[str, Pipeline],
+                      to_ops: Callable[[Pipeline], Pipeline], top: int = CONFIRM_PIPELINES) -> pd.DataFrame:
+    """Measure the ``top`` fastest fitting pipeline rows of ``table`` as pipelines and return
+    the table with their measured times (``source`` "measured", speed-ups over the measured
+    single device, :func:`measured_speedups`), fastest first.
+
+    ``pipelines`` maps a row's method to its pipeline over the problem's groups, ``to_ops``
+    turns one into the pipeline over the ops that the workers run. The backend must have
+    ``measure_pipelines`` (:class:`~envs.runtime.distributed.measure.DistributedMeasurer`);
+    without it the rows stay simulated, and a note says why. A pipeline x DDP hybrid
+    (replicas) is measured like a pipeline, one process per stage of every replica, when all
+    its devices are local workers. A run that fails or is refused leaves its row simulated
+    with the reason in its note.
+    """
+    table = table.copy()
+    rows = table[table["fits"] & (table.get("kind", "") == "pipeline") & table["method"].isin(list(pipelines))]
+    if rows.empty:
+        return table
+    run = _backend_runner(measurer, "measure_pipelines")
+    if run is None:
+        for i in rows.index:
+            _add_note(table, i, f"not measured: {measurer.description} runs no pipelines (worker processes such as "
+                    "cpu:0,cpu:1 do)")
+        return table
+    chosen: list[tuple[Any, str]] = []
+    distinct: dict[str, Pipeline] = {}
+    for i in rows.sort_values("step_time", kind="stable").index:
+        pipe = pipelines[str(table.at[i, "method"])]
+        # Two methods often find the same pipeline (the search starts from the partitioners'):
+        # it is run once and counts once towards ``top``.
+        key = json.dumps(pipe.to_dict(), sort_keys=True)
+        if key in distinct or len(distinct) < top:
+            distinct.setdefault(key, pipe)
+            chosen.append((i, key))
+    if not chosen:
+        return table
+    op_pipes = {key: to_ops(pipe) for key, pipe in distinct.items()}
+    results = _run_or_failed(lambda: run(list(op_pipes.values())), len(op_pipes), "pipelines")
+    by_key = dict(zip(op_pipes, results))
+    for i, key in chosen:
+        pipe, res = op_pipes[key], by_key[key]
+        t, valid, reason = measure_outcome(res)
+        simulated = float(table.at[i, "simulated_step_time"])
+        measurer.pipeline_records.append(MeasuredPipeline(str(table.at[i, "method"]), pipe.to_dict(),
+                                                          t if valid else math.inf, valid, reason, simulated))
+        _record_measured(table, i, t, valid, reason, "measured as a pipeline (torch.distributed.pipelining)")
+    return measured_first(measured_speedups(table, measurer))
+
+
+def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
+    """Measure the DDP row of ``table`` when it fits and the backend runs DDP (worker
+    processes: ``measure_data_parallel``), so the final line compares measured with measured;
+    returns the table with its time (``source`` "measured") or, when it was not measured, a
+    note saying why."""
+    rows = table[(table.get("kind", "") == "ddp") & table["fits"]]
+    if rows.empty:
+        return table
+    table = table.copy()
+    i = rows.index[0]
+    run = _backend_runner(measurer, "measure_data_parallel")
+    if run is None:
+        _add_note(table, i, f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
+        return table
+    (result,) = _run_or_failed(lambda: [run()], 1, "DDP runs")
+    t, valid, reason = measure_outcome(result)
+    if not _record_measured(table, i, t, valid, reason,
+                            "measured as DDP (torch DistributedDataParallel over the worker processes)"):
+        return table
+    return measured_first(measured_speedups(table, measurer))
+
+
+def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:
+    """Every group on one device, for each device (the speed-up's denominator)."""
+    return [np.full(problem.num_nodes, d, dtype=np.int64) for d in range(problem.num_devices)]
+
+
+def measured_speedups(table: Any, measurer: PlacementMeasurer) -> Any:
+    """``table`` with the speed-up of measured rows over the fastest *measured* single device.
+
+    The comparison table divides by the simulated single-device time; a measured step
+    time must be compared with a measured single-device time instead.
+    """
+    looked_up = (measurer.lookup(r) for r in single_device_rows(measurer.problem))
+    singles = [m for m in looked_up if m is not None and m.valid]
+    table = table.copy()
+    measured = table["source"] == "measured"
+    if singles:
+        table.loc[measured, "speedup_vs_single"] = min(m.step_time for m in singles) / table.loc[measured, "step_time"]
+    else:  # no single device was measured (e.g. Ctrl-C): no like-for-like speed-up
+        table.loc[measured, "speedup_vs_single"] = float("nan")
+    return table
+
+
+def mark_measured(measurer: PlacementMeasurer, candidates: Sequence[Candidate]) -> None:
+    """Give every candidate whose row was measured its measured time (or the failure in its note)."""
+    for c in candidates:
+        rec = measurer.lookup(c.row)
+        if rec is None:
+            continue
+        if rec.valid:
+            c.measured_step_time = rec.step_time
+        elif "measurement invalid" not in c.note:
+            c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {rec.reason}"

@@ -1,0 +1,104 @@
+"""What an optimize run measured, for the report and ``calibration.json``.
+
+:func:`summarize` fits a final calibration on every valid measurement of a
+:class:`~placer.measuring.measurer.PlacementMeasurer` and collects the figures into a
+:class:`MeasurementSummary`, which optimize's result carries (``result.measurement``) and
+the report writes; kept apart from the measurer, which only measures and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from envs.sim.calibration import Calibration, CalibrationError, agreement, calibrate_simulator
+from envs.sim.problem import PlacementProblem
+from placer.measuring.measurer import MeasuredPipeline, MeasuredPlacement, PlacementMeasurer
+
+
+@dataclass
+class MeasurementSummary:
+    """What was measured in an optimize run, for the report and ``calibration.json``.
+
+    Attributes:
+        reward: the reward mode.
+        description: how the times were measured.
+        records: every distinct placement measured, in order.
+        requests: measurements asked for, repeats (answered from the log) included.
+        rounds: the hybrid rounds (see :class:`~placer.measuring.hybrid_rounds.HybridRounds`).
+        search_calibrations: recalibrations of the simulator during the search.
+        calibration: a calibration fitted on all valid measurements at the end (None
+            with fewer than three).
+        holdout: agreement on placements measured after a calibration predicted them:
+            ``{"n", "uncalibrated": {...}, "calibrated": {...}}``, or None.
+    """
+
+    reward: str
+    description: str
+    records: list[MeasuredPlacement]
+    requests: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    search_calibrations: int = 0
+    calibration: Calibration | None = None
+    holdout: dict[str, Any] | None = None
+    pipelines: list[MeasuredPipeline] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Distinct placements measured."""
+        return len(self.records)
+
+    @property
+    def invalid(self) -> int:
+        """Measurements that failed (out of memory, crash, time-out)."""
+        return sum(not r.valid for r in self.records)
+
+    def to_dict(self, problem: PlacementProblem) -> dict[str, Any]:
+        """JSON-friendly form; placements as ``{group: device}``."""
+        return {
+            "reward": self.reward, "measured_by": self.description, "measurements": self.count,
+            "invalid": self.invalid, "requests": self.requests, "rounds": self.rounds,
+            "search_calibrations": self.search_calibrations,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+            "holdout": self.holdout,
+            "placements": [
+                {"phase": r.phase, "step_time": r.step_time if r.valid else None, "valid": r.valid,
+                 "reason": r.reason, "simulated": r.simulated, "predicted": r.predicted,
+                 "placement": problem.array_to_placement(r.row)}
+                for r in self.records
+            ],
+            "pipelines": [
+                {"method": p.method, "step_time": p.step_time if p.valid else None, "valid": p.valid,
+                 "reason": p.reason, "simulated": p.simulated, "pipeline": p.pipeline}
+                for p in self.pipelines
+            ],
+        }
+
+
+def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[str, Any]] = ()) -> MeasurementSummary:
+    """Fit a final calibration on every valid measurement and collect the figures."""
+    valid = [r for r in measurer.records if r.valid]
+    cal = None
+    if len(valid) >= 3:
+        try:
+            cal = calibrate_simulator(measurer.problem, np.stack([r.row for r in valid]), [r.step_time for r in valid])
+        except CalibrationError:
+            cal = None  # degenerate data: report the measurements without a calibration
+    held = [r for r in valid if r.predicted is not None]
+    holdout = None
+    if len(held) >= 2:
+        meas = [r.step_time for r in held]
+        holdout = {
+            "n": len(held),
+            "uncalibrated": agreement([r.simulated for r in held], meas),
+            "calibrated": agreement([r.predicted for r in held], meas),
+        }
+    return MeasurementSummary(
+        reward=reward, description=measurer.description, records=list(measurer.records),
+        requests=measurer.requests, rounds=list(rounds),
+        search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
+        calibration=cal, holdout=holdout, pipelines=list(measurer.pipeline_records),
+    )
