@@ -37,7 +37,8 @@ from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.grouping import group_graph
 from graphs.profile.cache import device_name
-from graphs.profile.profiler import StepTimes, measure_step_parts, profile_graph
+from graphs.profile.profiler import profile_graph
+from graphs.profile.step_timing import StepTimes, measure_step_parts
 from graphs.zoo import ZOO_MODELS, load_zoo_model
 
 # Fast steps are measured for about this long (at most this many steps), as the profile's rounds.

@@ -9,8 +9,9 @@ tensors, most Hugging Face models): ``torch.export.export(strict=False)`` withou
 decompositions (:mod:`graphs.export_tracer`). When both fail, :class:`CaptureError` names the
 model line that could not be traced.
 
-Both traces run under the guards of :mod:`graphs.trace_guards` (what a trace would not record
-faithfully is recorded as a node or refused), and the captured graph checks before each
+Both traces run under guards (what a trace would not record faithfully is recorded as a node or
+refused: :mod:`graphs.trace_guards`, :mod:`graphs.python_draws`, :mod:`graphs.state_snapshot`,
+:mod:`graphs.carried_state`, :mod:`graphs.root_hooks`), and the captured graph checks before each
 forward what the trace baked in (:mod:`graphs.forward_checks`). The model is traced in training
 mode and its modes put back after (:mod:`graphs.module_modes`); what the graph runs after
 ``.eval()`` comes from a second trace in eval mode (:mod:`graphs.eval_capture`), and the
@@ -45,9 +46,12 @@ from graphs.fx_tracer import fx_locate, fx_trace, resolve_leaf_modules
 from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
 from graphs.placement_graph import build_placement_graph
+from graphs.python_draws import ChangingValue
+from graphs.root_hooks import refuse_root_backward_hooks
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.state_completion import complete_state
-from graphs.trace_guards import ChangingValue, TraceTimeUpdate, checked_trace, line_updating, refuse_root_backward_hooks
+from graphs.state_snapshot import TraceTimeUpdate, checked_trace
+from graphs.update_lines import line_updating
 from graphs.user_frames import describe_frame, user_frame
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from graphs.export_tracer import export_trace, quiet_torch_logs
 from graphs.forward_checks import no_constants_left_on, pin_constant_attributes
 from graphs.fx_tracer import PlacerTracer
 from graphs.module_modes import set_training_modes
-from graphs.trace_guards import CHANGING_REMEDY, ChangingValue, StateSnapshot
+from graphs.python_draws import CHANGING_REMEDY, ChangingValue
+from graphs.state_snapshot import StateSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from graphs.carried_state import refuse_carried_state
 from graphs.errors import CaptureError
 from graphs.eval_arguments import export_eval_arguments, export_module_modes
 from graphs.eval_mode import follow_eval_mode
@@ -33,7 +34,7 @@ from graphs.forward_checks import (
     pin_constant_inputs,
 )
 from graphs.module_modes import modes_on
-from graphs.trace_guards import python_draws_refused, refuse_carried_state
+from graphs.python_draws import python_draws_refused
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@
 ``torch.nn`` layers and recurrent modules stay one ``call_module`` node, as do the leaf modules
 the user names (:func:`resolve_leaf_modules`); buffers and parameters used directly become
 ``get_attr`` nodes, and ``x += y`` is recorded as the in-place update it is where the old tensor
-is read again. The trace runs under the guards of :mod:`graphs.trace_guards` (what fx would not
-record faithfully, a grad-mode change or an autocast region, is refused, and torch.export,
-:mod:`graphs.export_tracer`, is tried instead).
+is read again. The trace runs under the guards of :mod:`graphs.trace_guards` and its siblings (what
+fx would not record faithfully, a grad-mode change or an autocast region
+(:mod:`graphs.untraced_modes`), is refused, and torch.export, :mod:`graphs.export_tracer`, is
+tried instead).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.carried_state import refuse_carried_state
 from graphs.errors import CaptureError
 from graphs.forward_checks import (
     Scalar,
@@ -31,19 +33,11 @@ from graphs.forward_checks import (
 from graphs.module_attributes import keep_plain_attributes
 from graphs.module_modes import modes_on
 from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
-from graphs.trace_guards import (
-    AutocastNotTraced,
-    GradModeNotTraced,
-    GuardedTrace,
-    autocast_state,
-    factories_taking_proxies,
-    last_user_line,
-    line_updating,
-    python_draws_refused,
-    refuse_carried_state,
-    refuse_root_hooks,
-    target_name,
-)
+from graphs.python_draws import python_draws_refused
+from graphs.root_hooks import refuse_root_hooks
+from graphs.trace_guards import GuardedTrace, factories_taking_proxies
+from graphs.untraced_modes import AutocastNotTraced, GradModeNotTraced, autocast_state, target_name
+from graphs.update_lines import last_user_line, line_updating
 
 # Recurrent layers run a time loop inside one kernel: keeping them whole is the only
 # sensible granularity (unrolled cells are how a model exposes per-step parallelism).

@@ -8,12 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+import graphs.profile.isolated as isolated_mod
 import graphs.profile.profiler as profile_mod
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from graphs.profile.cache import ProfileCache, default_cache_dir, inputs_key
+from graphs.profile.devices import resolve_devices
+from graphs.profile.errors import ProfileError
 from graphs.profile.op_timing import engine_overhead, time_call
-from graphs.profile.profiler import ProfileError, measure_training_step, node_signature, profile_graph, resolve_devices
+from graphs.profile.profiler import profile_graph
+from graphs.profile.signatures import node_signature
+from graphs.profile.step_timing import measure_training_step
 
 
 class Unrolled(nn.Module):
@@ -105,7 +110,7 @@ def test_second_call_is_served_from_the_cache(unrolled, tmp_path, monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("a cached profile must not be measured again")
 
-    monkeypatch.setattr(profile_mod, "time_call", no_timing)
+    monkeypatch.setattr(isolated_mod, "time_call", no_timing)
     monkeypatch.setattr(profile_mod, "in_situ_times", no_timing)
     again, _ = _fresh(unrolled)
     profile_graph(again, inputs, devices=["cpu"], repeats=2, cache_dir=tmp_path)

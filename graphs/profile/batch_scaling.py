@@ -59,9 +59,9 @@ from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
 from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
 from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
+from graphs.profile.devices import resolve_devices
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
 from graphs.profile.op_timing import one_cpu_thread, tree_map
-from graphs.profile.profiler import resolve_devices
 
 __all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "slice_batch", "fixed_parts",
            "profile_fixed_parts", "smallest_runnable_batch", "min_microbatch_samples"]
