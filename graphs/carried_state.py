@@ -22,8 +22,6 @@ from graphs.forward_checks import varies
 from graphs.state_snapshot import TraceTimeUpdate
 
 
-#: Ops that read only a tensor's metadata: a value computed from them alone (a mask sized by
-#: ``x.size(1)``) is the same at every call of the same shapes.
 def refuse_carried_state(model: nn.Module, read: Iterable[str], tracer: str,
                           set_from_data: Mapping[str, bool] | None = None) -> None:
     """Raise :class:`TraceTimeUpdate` where forward() read a Python attribute of ``model`` (``read``:

@@ -428,6 +428,8 @@ def _same_outputs(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
     return True
 
 
+#: Ops that read only a tensor's metadata: a value computed from them alone (a mask sized by
+#: ``x.size(1)``) is the same at every call of the same shapes.
 _METADATA_READS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "ndim"})
 
 
