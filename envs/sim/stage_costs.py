@@ -1,6 +1,8 @@
 """Per-stage costs of one micro-batch of a pipeline (rules P2, P2b, P3 and P5 of
 :mod:`envs.sim.pipeline`): :func:`stage_costs` from a :class:`~envs.sim.pipeline_layout.Pipeline`,
-:func:`fast_stage_costs` from prefix tables over the problem's groups (the search's evaluator)."""
+:func:`fast_stage_costs` from prefix tables over the problem's groups (the search's evaluator),
+:func:`segment_step_seconds` the seconds a candidate stage keeps its process busy per step
+(PipeDream's partitioner balances them)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from envs.sim.problem_cache import cached_per_problem
 from envs.sim.rank_costs import RankCosts
 
 __all__ = ["ENGINE_COSTS", "shrunk_host", "StageCosts", "stage_costs", "PipelineTables", "pipeline_tables",
-           "fast_stage_costs"]
+           "segment_step_seconds", "fast_stage_costs"]
 
 #: The host constants of a CPU process running ``torch.distributed.pipelining`` or DDP (P4).
 #: ``op_scale`` 1.0, not :class:`RankCosts`' 0.86 (fitted on the point-to-point runtime's small
@@ -355,6 +357,48 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
     return tables
 
 
+def _segment_seconds(t: PipelineTables, lo: np.ndarray, hi: np.ndarray | int, d: np.ndarray | int, div: float,
+                     cpu: np.ndarray | bool, scale: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    """(forward, backward, accumulating backward, optimizer update) seconds of one micro-batch of
+    the segments ``[lo, hi)`` on devices ``d`` (broadcast), from the prefix tables (P2, P2b)."""
+
+    def seg(table: np.ndarray) -> np.ndarray:
+        return table[hi, d] - table[lo, d]
+
+    hf, df, hb, db = seg(t.host_f), seg(t.dev_f), seg(t.host_b), seg(t.dev_b)
+    ff, fb = seg(t.fixed_f), seg(t.fixed_b)
+    fwd = np.where(cpu, shrunk_host(hf, ff, div) * scale, np.maximum(hf, df / div))
+    bwd = np.where(cpu, shrunk_host(hb, fb, div) * scale, np.maximum(hb, db / div))
+    ah, ad = seg(t.acc_h), seg(t.acc_d)
+    bwd_acc = np.where(cpu, (shrunk_host(hb, fb, div) + ah) * scale, np.maximum(hb + ah, db / div + ad))
+    return fwd, bwd, bwd_acc, seg(t.opt) * scale
+
+
+def segment_step_seconds(problem: PlacementProblem, lo: np.ndarray, hi: int, device: int, microbatches: int,
+                         host: RankCosts, first: bool, last: bool) -> np.ndarray:
+    """Seconds a stage holding the groups ``[lo, hi)`` (one per entry of ``lo``) keeps its
+    process busy in one step: what :func:`envs.sim.pipeline.simulate_pipeline` charges its
+    device's thread, waiting aside. ``M`` forwards and one backward plus ``M - 1`` accumulating
+    ones (P2, P2b), each a stage call with its receive and send on the stage's boundaries and,
+    on the last stage, the loss (P4); then the optimizer update with the fixed per-step cost
+    where the stage holds parameters (P5). ``host``: the device's host constants
+    (:func:`envs.sim.pipeline.engine_host_costs`), whose ``op_scale`` scales op times on a CPU.
+
+    The pipeline's throughput is bounded by its busiest stage (PipeDream's bottleneck), so a
+    partitioner that balances these seconds balances what the simulator runs.
+    """
+    t = pipeline_tables(problem)
+    lo = np.asarray(lo, dtype=np.int64)
+    m = int(microbatches)
+    cpu = bool(problem.ops.is_cpu[device])
+    fwd, bwd, bwd_acc, opt = _segment_seconds(t, lo, hi, device, float(m), cpu, host.op_scale if cpu else 1.0)
+    per_call = (host.stage_fwd_s + host.stage_bwd_s + (0.0 if first else host.recv_s + host.send_s)
+                + (host.loss_s if last else host.recv_s + host.send_s))
+    params = (t.params[hi] - t.params[lo]) > 0
+    return (m * fwd + bwd + (m - 1) * bwd_acc + m * per_call + opt
+            + np.where(params, float(problem.ops.host.step_s), 0.0) + host.step_s)
+
+
 def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: Sequence[int], microbatches: int,
                      costs: RankCosts | None = None, share: int = 1) -> StageCosts:
     """:func:`stage_costs` of the stages ``[bounds[s], bounds[s+1])`` of ``problem.node_names``
@@ -372,16 +416,7 @@ def fast_stage_costs(problem: PlacementProblem, bounds: Sequence[int], devices: 
     cpu = np.asarray(problem.ops.is_cpu, dtype=bool)[d]
     scale = np.where(cpu, (costs or ENGINE_COSTS).op_scale, 1.0)
 
-    def seg(table: np.ndarray) -> np.ndarray:
-        return table[hi, d] - table[lo, d]
-
-    hf, df, hb, db = seg(t.host_f), seg(t.dev_f), seg(t.host_b), seg(t.dev_b)
-    ff, fb = seg(t.fixed_f), seg(t.fixed_b)
-    fwd = np.where(cpu, shrunk_host(hf, ff, div) * scale, np.maximum(hf, df / div))
-    bwd = np.where(cpu, shrunk_host(hb, fb, div) * scale, np.maximum(hb, db / div))
-    ah, ad = seg(t.acc_h), seg(t.acc_d)
-    bwd_acc = np.where(cpu, (shrunk_host(hb, fb, div) + ah) * scale, np.maximum(hb + ah, db / div + ad))
-    opt = seg(t.opt) * scale
+    fwd, bwd, bwd_acc, opt = _segment_seconds(t, lo, hi, d, div, cpu, scale)
     static = t.static[hi] - t.static[lo]
     if problem.ops.tied_reads:  # P5c
         groups = problem.ops.op_group

@@ -230,7 +230,7 @@ def _seed_states(problem: PlacementProblem, batch_size: int | None, devices: lis
         schedule = "1f1b" if m >= s_ else "gpipe"
         for name in ("pipedream_dp", "even_layers", "even_params"):
             try:
-                pipe = PARTITIONERS[name](problem, m, schedule, devices)
+                pipe = PARTITIONERS[name](problem, m, schedule, devices, costs)
             except (NoFit, PipelineError):
                 continue
             st = _state_of(problem, pipe)

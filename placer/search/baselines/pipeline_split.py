@@ -9,16 +9,21 @@ index order, else all devices; :func:`pipeline_devices`), ``M`` micro-batches an
   k-th block, and DeepSpeed's ``partition_method="uniform"``.
 * :func:`even_split_params`: equal parameter bytes per stage (DeepSpeed's
   ``partition_method="parameters"``).
-* :func:`pipedream_dp`: the split minimising the bottleneck stage (PipeDream, Narayanan et
+* :func:`pipedream_dp`: the split minimising the bottleneck (PipeDream, Narayanan et
   al. 2019, section 3.1: the slowest stage bounds a pipeline's throughput), with each
-  stage within its device's memory for this ``M`` and schedule. A stage's cost is its
-  forward and backward over the whole batch on its device plus its outgoing boundary's
-  transfers, ``M`` micro-batches of ``latency + bytes/M / bandwidth`` each way (values
-  read by later stages are relayed, so the boundary after node ``i`` carries every edge
-  from before ``i`` to ``i`` or later). Its memory: parameters, gradients and optimizer
-  state, the in-flight micro-batches' activations (GPipe ``M``, 1F1B ``min(M, S - s)``) and
-  the receive buffers of all ``M`` micro-batches (:mod:`envs.sim.pipeline`, P5). Exact for
-  that objective.
+  stage within its device's memory for this ``M`` and schedule. A stage's cost is the
+  larger of the seconds it keeps its process busy in one step, as the simulator charges
+  them (:func:`envs.sim.stage_costs.segment_step_seconds`: ``M`` micro-batch forwards and
+  backwards with their fixed parts, the adds into ``.grad``, calls, sends, receives, the
+  loss, the optimizer update), and the time its outgoing boundary's link is occupied in
+  either direction (the values read by later stages are relayed, P3). Until 2026-12-06 it
+  was the forward and backward over the whole batch plus the transfers, which left out
+  what does not shrink with the micro-batch and the optimizer: on ResNet-50 over two CPU
+  processes (batch 32, M=4) it balanced 0.46 + 0.46 s where the simulator charged
+  0.50 + 0.70 s, a step 7.9% slower than the best cut's (``benchmarks/results/pipeline.md``).
+  Its memory: parameters, gradients and optimizer state, the in-flight micro-batches'
+  activations (GPipe ``M``, 1F1B ``min(M, S - s)``) and the receive buffers of all ``M``
+  micro-batches (:mod:`envs.sim.pipeline`, P5). Exact for that objective.
 
 :func:`best_pipeline` tries the three over micro-batch counts and schedules, scores each
 with :func:`envs.sim.pipeline.simulate_pipeline` and keeps the fastest that fits.
@@ -31,11 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim.pipeline import PipelineResult, simulate_pipeline
+from envs.sim.pipeline import PipelineResult, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
-from placer.search.baselines.common import NoFit, accelerators, node_cost
+from envs.sim.stage_costs import pipeline_tables, segment_step_seconds
+from placer.search.baselines.common import NoFit, accelerators
 
 __all__ = ["pipeline_devices", "even_split_layers", "even_split_params", "pipedream_dp", "PipelineCandidate",
            "best_pipeline", "PARTITIONERS"]
@@ -77,8 +83,8 @@ def _pipeline(problem: PlacementProblem, cuts: Sequence[int], devices: Sequence[
 
 
 def even_split_layers(problem: PlacementProblem, microbatches: int, schedule: str = "1f1b",
-                      devices: Sequence[int] | None = None) -> Pipeline:
-    """Equal numbers of parameterised nodes per stage (module doc)."""
+                      devices: Sequence[int] | None = None, costs: RankCosts | None = None) -> Pipeline:
+    """Equal numbers of parameterised nodes per stage (module doc); ``costs`` unused (it counts nodes)."""
     devs = list(devices) if devices is not None else pipeline_devices(problem)
     layers = (np.asarray(problem.param_bytes) > 0).astype(np.float64)
     if layers.sum() < len(devs):
@@ -87,8 +93,8 @@ def even_split_layers(problem: PlacementProblem, microbatches: int, schedule: st
 
 
 def even_split_params(problem: PlacementProblem, microbatches: int, schedule: str = "1f1b",
-                      devices: Sequence[int] | None = None) -> Pipeline:
-    """Equal parameter bytes per stage (module doc)."""
+                      devices: Sequence[int] | None = None, costs: RankCosts | None = None) -> Pipeline:
+    """Equal parameter bytes per stage (module doc); ``costs`` unused (it counts bytes)."""
     devs = list(devices) if devices is not None else pipeline_devices(problem)
     weights = np.asarray(problem.param_bytes, dtype=np.float64)
     if weights.sum() <= 0:
@@ -109,8 +115,9 @@ def _boundary_bytes(problem: PlacementProblem) -> np.ndarray:
 
 
 def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "1f1b",
-                 devices: Sequence[int] | None = None) -> Pipeline:
-    """The contiguous split minimising the bottleneck stage under memory (module doc).
+                 devices: Sequence[int] | None = None, costs: RankCosts | None = None) -> Pipeline:
+    """The contiguous split minimising the bottleneck stage under memory (module doc);
+    ``costs``: the CPU processes' host constants the pipeline will be simulated with.
 
     Raises:
         NoFit: the graph is too large for the tables, or no split fits memory.
@@ -121,7 +128,7 @@ def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "
         raise NoFit(f"pipedream_dp is limited to {MAX_NODES} nodes; this graph has {n}")
     if s_ > n:
         raise NoFit(f"{s_} stages need at least {s_} nodes; the graph has {n}")
-    cost = node_cost(problem)
+    tables = pipeline_tables(problem)
     static = np.asarray(problem.static_memory(), dtype=np.float64)
     act = np.asarray(problem.act_bytes, dtype=np.float64)
     cut = _boundary_bytes(problem)
@@ -133,7 +140,7 @@ def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "
     best[0] = 0.0
     choice = np.zeros((s_, n + 1), dtype=np.int64)
     for j, d in enumerate(devs):
-        pre = np.concatenate([[0.0], np.cumsum(cost[:, d])])
+        host = engine_host_costs(problem, d, costs)
         in_flight = m if schedule == "gpipe" else min(m, s_ - j)
         nxt = devs[j + 1] if j + 1 < s_ else None
         new = np.full(n + 1, np.inf)
@@ -141,12 +148,10 @@ def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "
             k = ks[j:i]  # stage j holds [k, i), non-empty
             if nxt is None and i != n:
                 continue
-            comm = 0.0
-            if nxt is not None and nxt != d:
-                per_mb = cut[i] / m
-                comm = m * (problem.latency[d, nxt] + per_mb / problem.bandwidth[d, nxt]
-                            + problem.latency[nxt, d] + per_mb / problem.bandwidth[nxt, d])
-            stage = pre[i] - pre[k] + comm
+            stage = segment_step_seconds(problem, k, i, d, m, host, first=j == 0, last=nxt is None)
+            if nxt is not None and nxt != d:  # each direction of a boundary is one FIFO channel (P3)
+                stage = np.maximum(stage, max(tables.cross_f[i] / problem.bandwidth[d, nxt],
+                                              tables.cross_b[i] / problem.bandwidth[nxt, d]))
             # kept activations of the micro-batches in flight, and PipelineStage's receive buffers
             # for all M micro-batches of the incoming boundary and the outgoing gradients
             mem = (pre_static[i] - pre_static[k]) + in_flight * (pre_act[i] - pre_act[k]) / m + cut[k] + (
@@ -205,7 +210,7 @@ def best_pipeline(problem: PlacementProblem, batch_size: int | None = None,
         for schedule in schedules:
             for m in ms:
                 try:
-                    pipe = fn(problem, m, schedule)
+                    pipe = fn(problem, m, schedule, costs=costs)
                     evaluated += 1
                     res = simulate_pipeline(problem, pipe, costs)
                 except (NoFit, PipelineError) as exc:
