@@ -64,6 +64,7 @@ from envs.sim.pipeline import PipelineResult, simulate_pipeline  # noqa: E402
 from envs.sim.pipeline_layout import Pipeline, PipelineError  # noqa: E402
 from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
+from graphs.cpu_allocator import retain_freed_memory  # noqa: E402
 from graphs.model_file import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from graphs.profile.batch_scaling import FIXED_ATTRS  # noqa: E402
@@ -125,7 +126,9 @@ def _median_after(values: list[float], warmup: int) -> float:
 
 def one_process(gm: torch.fx.GraphModule, inputs: Mapping[str, torch.Tensor],
                 loss_fn: Callable[..., torch.Tensor] | None, threads: int, warmup: int, steps: int) -> tuple[list, list]:
-    """Wall and CPU seconds of each step of the unsplit model trained in this process."""
+    """Wall and CPU seconds of each step of the unsplit model trained in this process, with the
+    CPU allocator of placer's workers (:mod:`graphs.cpu_allocator`)."""
+    retain_freed_memory()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -438,9 +438,9 @@ def machine_info(device: str) -> dict[str, Any]:
 def machine_figures(device: str) -> dict[str, Any]:
     """Device and link figures of this machine, the CPU at one torch thread (as it is profiled)."""
     from envs.hardware.links import measure_devices_and_links
-    from graphs.profile.op_timing import one_cpu_thread
+    from graphs.profile.op_timing import worker_conditions
 
-    with one_cpu_thread():
+    with worker_conditions():
         record = measure_devices_and_links()
     if not device.startswith("cuda"):
         # No GPU: a virtual second CPU device stands in, so every path of the check runs.

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from graphs.errors import PlacerError
-from graphs.profile.cache import ProfileCache
+from graphs.profile.cache import SCHEMA, ProfileCache
 from placer.cli.main import main
 from placer.options import parse_device_list, parse_memory_limits, parse_model_args
 from placer.placement_file import Placement, load_placement, save_placement
@@ -342,7 +342,7 @@ NODES = ("a", "b")
 def _cache_file(cache: ProfileCache, nodes: object) -> Path:
     path = cache.path("fp", "in", "cpu", "cpu0")
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": 2, "fingerprint": "fp", "inputs": "in", "device_kind": "cpu", "device_name": "cpu0",
+    doc = {"schema": SCHEMA, "fingerprint": "fp", "inputs": "in", "device_kind": "cpu", "device_name": "cpu0",
            "meta": {}, "nodes": nodes}
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path

@@ -31,6 +31,7 @@ import torch
 
 from envs.runtime.step_timer import time_steps
 from envs.runtime.supervisor import die_with_parent
+from graphs.cpu_allocator import retain_freed_memory
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
     from graphs.capture import CapturedModel
@@ -122,6 +123,7 @@ def worker_main(conn: Any) -> None:
         return
     if num_threads:
         torch.set_num_threads(num_threads)
+    retain_freed_memory()  # as the profile that priced these placements ran (graphs.cpu_allocator)
     try:
         spec = load_spec(model_source, model_args)
         captured = capture_model(spec)

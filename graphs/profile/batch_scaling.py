@@ -61,7 +61,7 @@ from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
-from graphs.profile.op_timing import one_cpu_thread, tree_map
+from graphs.profile.op_timing import tree_map, worker_conditions
 
 __all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "slice_batch", "fixed_parts",
            "profile_fixed_parts", "smallest_runnable_batch", "min_microbatch_samples"]
@@ -190,7 +190,7 @@ def smallest_runnable_batch(gm: fx.GraphModule, inputs: tuple[Any, ...], batch: 
         if batch % size:
             continue
         try:
-            with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
+            with worker_conditions(), torch.enable_grad(), preserved_buffers(gm):
                 plain_step_seconds(gm, slice_batch(inputs, batch, size), device)
         except Exception:  # noqa: BLE001 - any failure: the model does not run on this many samples
             continue
@@ -224,7 +224,7 @@ def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, .
         if (loaded is not None and isinstance(ratio, (int, float)) and ratio > 0
                 and isinstance(extra, (int, float)) and extra >= 0):
             return loaded[0], float(ratio), float(extra), True
-    with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
+    with worker_conditions(), torch.enable_grad(), preserved_buffers(gm):
         measured = in_situ_times(gm, inputs, dev, repeats)
         ratio = step_ratio(gm, full, inputs, dev)
         extra = accumulate_seconds(gm, inputs, dev)

@@ -31,7 +31,7 @@ from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
 from graphs.errors import PlacerError
 
-SCHEMA = 2
+SCHEMA = 3  # 3: profiles taken with the CPU allocator retaining freed memory (graphs.cpu_allocator)
 log = logging.getLogger(__name__)
 
 

@@ -18,14 +18,20 @@ from typing import Any
 
 import torch
 
+from graphs.cpu_allocator import retain_freed_memory
+
 # A timed sample loops a fast op until it lasts about this long (timer overhead ~0.1 µs).
 MIN_SAMPLE_SECONDS = 2e-4
 MAX_INNER_LOOPS = 200
 
 
 @contextmanager
-def one_cpu_thread() -> Iterator[None]:
-    """Run the block with torch at one CPU thread; the previous count is restored afterwards."""
+def worker_conditions() -> Iterator[None]:
+    """Run the block as a placed model's worker process runs: torch at one CPU thread (the
+    previous count is restored afterwards) and the CPU allocator retaining freed memory
+    (:func:`graphs.cpu_allocator.retain_freed_memory`, process-wide and kept: the workers that
+    train the placement run with it from their start, so the profile must see what they see)."""
+    retain_freed_memory()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

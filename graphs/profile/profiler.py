@@ -56,7 +56,7 @@ from graphs.profile.devices import resolve_devices
 from graphs.profile.errors import ProfileError
 from graphs.profile.in_situ import in_situ_times
 from graphs.profile.isolated import ProfilingInterpreter
-from graphs.profile.op_timing import one_cpu_thread
+from graphs.profile.op_timing import worker_conditions
 from graphs.profile.optimizer_timing import (
     InSituOptimizerTimer,
     OptimizerFn,
@@ -198,7 +198,7 @@ def _measure(gm: fx.GraphModule, example_inputs: Sequence[Any], devices: list[to
     updates: dict[str, OptimizerTimes] = {}
     isolated: list[torch.device] = []
     # Runs of the real model update BatchNorm statistics and the like: profiling leaves no trace.
-    with one_cpu_thread(), torch.enable_grad(), preserved_buffers(gm):
+    with worker_conditions(), torch.enable_grad(), preserved_buffers(gm):
         for dev in devices:
             if method == "isolated":
                 isolated.append(dev)

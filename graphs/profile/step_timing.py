@@ -19,7 +19,7 @@ from torch import nn
 
 from graphs.model_file import default_loss, default_optimizer
 from graphs.profile.errors import ProfileError
-from graphs.profile.op_timing import one_cpu_thread
+from graphs.profile.op_timing import worker_conditions
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def measure_step_parts(model: nn.Module, example_inputs: Sequence[Any],
         return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
     samples = []
-    with one_cpu_thread():
+    with worker_conditions():
         for _ in range(warmup):
             step()
         for _ in range(repeats):

@@ -45,6 +45,7 @@ import torch
 
 from envs.runtime.listening import listening_socket
 from envs.runtime.supervisor import worker_main
+from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
 
 
@@ -105,6 +106,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
         raise RuntimeError(f"WORLD_SIZE is {world} but the job has {len(job['devices'])} devices")
     me = job["devices"][rank]
     device = torch.device(me["torch_device"])
+    retain_freed_memory()  # as the profile that priced this job ran (graphs.cpu_allocator)
     if device.type == "cpu":
         torch.set_num_threads(int(job["threads"]))
     else:

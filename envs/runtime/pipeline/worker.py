@@ -58,6 +58,7 @@ import torch
 
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
+from graphs.cpu_allocator import retain_freed_memory
 from graphs.gc_pause import frozen_gc
 from graphs.model_file import batch_size_of, batch_slice
 
@@ -485,6 +486,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     # sample i of each shard, and stages of equal shapes the same masks as one another.
     torch.manual_seed(int(job.get("seed", 0)) + rank)
     torch.set_num_threads(int(job.get("threads", 1)))
+    retain_freed_memory()  # as the profile that priced this job ran (graphs.cpu_allocator)
     timeout = datetime.timedelta(seconds=float(job.get("timeout_s", 60)))
     pipeline = Pipeline.from_dict(job["pipeline"]) if job.get("pipeline") is not None else None
     device = torch.device("cpu")
