@@ -7,13 +7,14 @@ The top-level API::
     placed = result.apply()
     placement = placer.load("out/placement.json", model=model, example_inputs=(x,))
     placed = placer.apply(model, placement, example_inputs=(x,))
+    placer.retain_freed_memory()  # on CPUs: the allocator placer's profile and workers run with
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["optimize", "apply", "load", "OptimizeResult", "place", "PlacementTuner"]
+__all__ = ["optimize", "apply", "load", "OptimizeResult", "place", "PlacementTuner", "retain_freed_memory"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +27,8 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module("placer.result").OptimizeResult
     if name in ("apply", "load"):
         return getattr(importlib.import_module("placer.api"), name)
+    if name == "retain_freed_memory":
+        return importlib.import_module("graphs.cpu_allocator").retain_freed_memory
     if name in ("place", "PlacementTuner"):
         return getattr(importlib.import_module("placer.integrations"), name)
     raise AttributeError(f"module 'placer' has no attribute {name!r}")
