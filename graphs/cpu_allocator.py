@@ -16,8 +16,9 @@ scripts, fresh processes alternating):
   held the user time alone, so the simulator put that stage 20% under what it cost, and the
   partitioner's split ran unevenly;
 - one ResNet-50 training step (batch 32, one process): 914 / 949 / 920 ms with glibc's defaults,
-  855 / 843 / 856 ms retaining (52,000-61,000 faults per step down to 20,000-21,000: blocks above
-  32 MiB stay mapped per use);
+  855 / 843 / 856 ms retaining; counted over steady steps only (after 3 warm-up steps), 34,000-38,000
+  page faults and 52-57 ms of kernel time per step with the defaults against 850-1,700 and 2-3 ms
+  retaining (918 / 920 against 870 / 904 ms in that rerun);
 - GPT-2 (width 384, batch 256): no change beyond the machine's noise (4,049-4,076 against
   4,135-4,233 ms): its faults come from blocks above 32 MiB.
 
