@@ -19,8 +19,9 @@ scripts, fresh processes alternating):
   855 / 843 / 856 ms retaining; counted over steady steps only (after 3 warm-up steps), 34,000-38,000
   page faults and 52-57 ms of kernel time per step with the defaults against 850-1,700 and 2-3 ms
   retaining (918 / 920 against 870 / 904 ms in that rerun);
-- GPT-2 (width 384, batch 256): no change beyond the machine's noise (4,049-4,076 against
-  4,135-4,233 ms): its faults come from blocks above 32 MiB.
+- GPT-2 (width 384, batch 256): 4,049 / 4,076 against 4,135 / 4,233 ms in two rounds, no change
+  beyond the machine's noise; a steady-state rerun 4,407 against 3,966 ms, 41,000 against 29,000
+  faults per step (what is left comes from its blocks above 32 MiB, which stay mapped per use).
 
 :func:`retain_freed_memory` fixes both thresholds (``mallopt``), so freed blocks up to 32 MiB
 stay in the heap and are reused. The process then keeps its peak heap for its lifetime, as
