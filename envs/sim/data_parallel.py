@@ -36,7 +36,12 @@ all-reduce between two idle 1-thread processes took 57-60 ms and 28 ms of CPU on
 and gpt2's DDP step (batch 256 over 2 ranks) was 2416 ms against 2360 ms of profiled
 compute per replica, the all-reduce's time exposed whole; resnet50's (102 MB) exposed 170
 ms against the 97 ms the ring alone takes, so this rule is still optimistic there
-(benchmarks/results/pipeline.md, "Calibrated").
+(benchmarks/results/pipeline.md, "Calibrated"). Measured again on 2026-12-06 (14:18-14:27 UTC,
+retaining allocator): a 100 MB all-reduce took 87.6 ms where this rule gives 78.0 at that run's
+2.86 GB/s ping-pong, and a world-size-1 DDP step of ResNet-50 on half the batch cost 40-46 ms more
+CPU than the plain step (the reducer's copies into and out of its 102 MB of buckets, its hooks;
+GPT-2's 43 MB: within the +-60 ms noise of its 2.2 s steps). No rule charges the reducer's own
+work yet: DDP ResNet-50 measured 600-637 ms against 578 simulated.
 
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
