@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from envs.sim.cost_model import CPU_DISPATCH_S, CostModel
-from envs.sim.data_parallel import CPU_RING_EFFICIENCY, ring_allreduce_time, simulate_data_parallel, simulate_hybrid
+from envs.sim.data_parallel import (
+    CPU_REDUCER_SECONDS_PER_BYTE,
+    CPU_RING_EFFICIENCY,
+    ring_allreduce_time,
+    simulate_data_parallel,
+    simulate_hybrid,
+)
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem_compile import compile_problem
@@ -137,6 +143,7 @@ def test_a_hybrid_on_cpu_ranks_all_reduces_each_stage_after_its_last_backward():
     pipes = [Pipeline(stages, ("cpu:0", "cpu:1"), 2, "1f1b"), Pipeline(stages, ("cpu:2", "cpu:3"), 2, "1f1b")]
     hyb = simulate_hybrid(problem, pipes, ZERO_COSTS)
     # Stage 0 sends nothing after its last backward, so it waits for its whole ring (D3c):
-    # l1 (>= 1 MiB, the first bucket), then l0.
+    # l1 (>= 1 MiB, the first bucket), then l0; then the reducer copies its 8 MiB back (D3d).
     ring = 2 * ring_allreduce_time(4 * 2**20, 2, BW * CPU_RING_EFFICIENCY, LAT)
-    assert hyb.exposed_allreduce[0] == pytest.approx(ring, rel=1e-9)
+    copies = CPU_REDUCER_SECONDS_PER_BYTE * 8 * 2**20
+    assert hyb.exposed_allreduce[0] == pytest.approx(ring + copies, rel=1e-9)

@@ -40,8 +40,20 @@ ms against the 97 ms the ring alone takes, so this rule is still optimistic ther
 retaining allocator): a 100 MB all-reduce took 87.6 ms where this rule gives 78.0 at that run's
 2.86 GB/s ping-pong, and a world-size-1 DDP step of ResNet-50 on half the batch cost 40-46 ms more
 CPU than the plain step (the reducer's copies into and out of its 102 MB of buckets, its hooks;
-GPT-2's 43 MB: within the +-60 ms noise of its 2.2 s steps). No rule charges the reducer's own
-work yet: DDP ResNet-50 measured 600-637 ms against 578 simulated.
+GPT-2's 43 MB: within the +-60 ms noise of its 2.2 s steps), which rule D3d now charges: DDP
+ResNet-50 measured 600-637 ms against 578 simulated before it.
+
+**D3d The reducer's copies on CPU processes.** With ``gradient_as_bucket_view=False`` (the
+default) the reducer copies every gradient into its bucket as the backward's hooks fire,
+averages the bucket after its all-reduce and copies it back into ``.grad``
+(``reducer.cpp``: ``copy_grad_to_bucket``, ``finalize_bucket_dense``); on a CPU process that
+is work on the core the step runs on: :data:`CPU_REDUCER_SECONDS_PER_BYTE` per gradient byte,
+charged after the all-reduces, before the optimizer (on one core the copies in, inside the
+backward, end the step at the same time). Measured here (world-size-1 DDP against the plain
+step, 1 thread): 0.30-0.32 ns per byte on Linear stacks of 67, 134 and 269 MB, linear in the
+bytes; ResNet-50 (102 MB in 161 tensors, 159 buffers) 40-46 ms, 0.39-0.45 ns per byte, its
+per-tensor work not charged. With it, DDP ResNet-50 simulates at 610 ms. On a GPU the copies are
+device memcpy kernels, under 1 ms per 100 MB at a V100's bandwidth; not charged.
 
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
@@ -97,7 +109,8 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
-__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "DataParallelResult", "buckets",
+__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "CPU_REDUCER_SECONDS_PER_BYTE",
+           "DataParallelResult", "buckets",
            "data_parallel_pipeline", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid",
            "simulate_pipelined"]
@@ -112,6 +125,10 @@ BUCKET_BYTES = 25 * 1024 * 1024
 #: cluster's ping-pong measured (factors 0.47, 0.40, 0.54): each rank sends and receives at
 #: once and sums what it receives, on the same cores.
 CPU_RING_EFFICIENCY = 0.47
+#: The DDP reducer's copies into and out of its buckets on a CPU process, seconds per gradient
+#: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
+#: 2026-12-06 (0.30-0.32 ns per byte, linear in the bytes).
+CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
 
 
 @dataclass
@@ -122,7 +139,8 @@ class DataParallelResult:
         replicas: the devices, one replica each.
         step_time: seconds (the slowest replica, all-reduces included).
         compute_time: forward + backward seconds of the slowest replica.
-        exposed_allreduce: seconds the optimizer waited for the all-reduces after the backward.
+        exposed_allreduce: seconds the optimizer waited for the all-reduces after the backward
+            (on CPU processes with the reducer's copies, D3d).
         bucket_bytes: bytes of each bucket, in launch order.
         peak_memory: {device: bytes} per replica.
         over_memory: {device: bytes over capacity} of the replicas that do not fit.
@@ -188,6 +206,16 @@ def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float)
     if n <= 1 or nbytes <= 0:
         return 0.0
     return 2.0 * (n - 1) / n * nbytes / bandwidth + 2.0 * (n - 1) * latency
+
+
+def reducer_seconds(grad_bytes: float, on_cpu: bool) -> float:
+    """Seconds the DDP reducer's copies of ``grad_bytes`` of gradients take on each replica (D3d):
+    on CPU processes, :data:`CPU_REDUCER_SECONDS_PER_BYTE` per byte; none charged on GPUs.
+
+    >>> round(reducer_seconds(100e6, True) * 1e3, 1)
+    31.0
+    """
+    return CPU_REDUCER_SECONDS_PER_BYTE * grad_bytes if on_cpu else 0.0
 
 
 def _ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tuple[float, float, bool]:
@@ -283,7 +311,8 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     comm_end = 0.0
     for k, nbytes in enumerate(bucket_bytes):
         comm_end = max(comm_end, ready[k]) + ring_allreduce_time(nbytes, n, bw, lat)
-    synced = max(back_end, comm_end)
+    reducer = reducer_seconds(float(grad_bytes.sum()), on_cpu)
+    synced = max(back_end, comm_end) + reducer
     step = synced + opt_max + tail
 
     static = float(problem.op_static_memory().sum())
@@ -447,6 +476,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         for k, nbytes in enumerate(sizes):
             comm_end = max(comm_end, float(ready[k])) + ring_allreduce_time(nbytes, r_, bw, lat)
         stage_grad = float(grad_of[mine].sum())
+        comm_end += reducer_seconds(stage_grad, on_cpu)  # D3d: the stage's DDP copies its gradients
         wait = 0.0
         for p, res in zip(pipelines, results):
             name = p.devices[s]
