@@ -7,8 +7,8 @@ kernel once more than ``M_TRIM_THRESHOLD`` of it is free. A training step frees 
 (``zero_grad(set_to_none=True)``) and activations and allocates them again the next step, so
 with these defaults every step can fault in zeroed pages anew, paid in kernel time.
 
-Measured here (2026-12-06 13:20-13:45 UTC, glibc 2.36, 2 cores, 1 thread, torch 2.13; ad-hoc
-scripts, fresh processes alternating):
+Measured here (2026-12-06 13:20-13:45 UTC, glibc 2.36, 2 cores, 1 thread, torch 2.13, fresh
+processes alternating; rerun with ``benchmarks/bench_cpu_allocator.py``):
 
 - the second stage of ResNet-50's two-stage pipeline (layer 4 and the head, 19.5M parameters,
   micro-batch of 8): a forward and backward took 120.6 ms, 26.0 ms of it in the kernel over

@@ -127,7 +127,7 @@ BUCKET_BYTES = 25 * 1024 * 1024
 CPU_RING_EFFICIENCY = 0.47
 #: The DDP reducer's copies into and out of its buckets on a CPU process, seconds per gradient
 #: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
-#: 2026-12-06 (0.30-0.32 ns per byte, linear in the bytes).
+#: 2026-12-06 (0.30-0.35 ns per byte, linear in the bytes; ``benchmarks/bench_ddp_reducer.py``).
 CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
 
 
