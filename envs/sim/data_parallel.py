@@ -51,8 +51,9 @@ is work on the core the step runs on: :data:`CPU_REDUCER_SECONDS_PER_BYTE` per g
 charged after the all-reduces, before the optimizer (on one core the copies in, inside the
 backward, end the step at the same time). Measured here (world-size-1 DDP against the plain
 step, 1 thread): 0.30-0.32 ns per byte on Linear stacks of 67, 134 and 269 MB, linear in the
-bytes; ResNet-50 (102 MB in 161 tensors, 159 buffers) 40-46 ms, 0.39-0.45 ns per byte, its
-per-tensor work not charged. With it, DDP ResNet-50 simulates at 610 ms. On a GPU the copies are
+bytes; ResNet-50 (102 MB in 161 tensors, 159 buffers) 40-46 ms, 0.39-0.45 ns per byte. Its
+extra ~10 ms is not the reducer's per-tensor work (3-7 us a tensor on stacks of 256 and 1,024
+small tensors, ~1 ms for its 161; not charged) and was not found. With it, DDP ResNet-50 simulates at 610 ms. On a GPU the copies are
 device memcpy kernels, under 1 ms per 100 MB at a V100's bandwidth; not charged.
 
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
