@@ -27,9 +27,11 @@ processes alternating; rerun with ``benchmarks/bench_cpu_allocator.py``):
 stay in the heap and are reused. The process then keeps its peak heap for its lifetime, as
 PyTorch's CUDA caching allocator keeps device memory; its peak resident memory did not grow
 (ResNet-50 1,207 / 1,206 MiB, GPT-2 2,766 / 2,543 MiB, defaults / retaining, ``ru_maxrss``),
-and the simulator's memory model (peak per device) is unchanged. Every placer process that times ops or runs a training step calls it:
-the profiler (:func:`graphs.profile.op_timing.worker_conditions`) and the measurement, rank,
-pipeline and DDP workers, so the profile and the run see the same allocator.
+and the simulator's memory model (peak per device) is unchanged. Every placer process that
+times ops or runs a training step calls it: the profiler
+(:func:`graphs.profile.op_timing.worker_conditions`), the measurement, rank, pipeline and DDP
+workers and ``placer apply``'s steps in its own process, so the profile and the run see the
+same allocator; a user's own training loop can call it too (``placer.retain_freed_memory``).
 """
 
 from __future__ import annotations
