@@ -53,8 +53,10 @@ backward, end the step at the same time). Measured here (world-size-1 DDP agains
 step, 1 thread): 0.30-0.32 ns per byte on Linear stacks of 67, 134 and 269 MB, linear in the
 bytes; ResNet-50 (102 MB in 161 tensors, 159 buffers) 40-46 ms, 0.39-0.45 ns per byte. Its
 extra ~10 ms is not the reducer's per-tensor work (3-7 us a tensor on stacks of 256 and 1,024
-small tensors, ~1 ms for its 161; not charged) and was not found. With it, DDP ResNet-50 simulates at 610 ms. On a GPU the copies are
-device memcpy kernels, under 1 ms per 100 MB at a V100's bandwidth; not charged.
+small tensors, ~1 ms for its 161; not charged) and was not found. With the rule, DDP ResNet-50
+over two CPU processes simulates at 610-613 ms (the link is measured afresh each run) against
+600-637 measured. On a GPU the copies are device memcpy kernels, under 1 ms per 100 MB at a
+V100's bandwidth; not charged.
 
 **D4 Memory.** Per replica: parameters, gradients and optimizer state of the whole
 model (``problem.static_memory``), ``1/N`` of the kept activations, and the reducer's
