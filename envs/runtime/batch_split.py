@@ -17,6 +17,7 @@ optimizer checks it once for a pipeline (:func:`check_batch_split`) and hands th
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Iterator, Sequence
 
@@ -26,6 +27,7 @@ from torch.utils._pytree import tree_map
 from envs.runtime.check_report import CheckReport
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
+from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms, training_batch_norms
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
 from graphs.capture import CapturedModel
@@ -50,7 +52,7 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
-                seed: int, dtype: torch.dtype | None = None
+                seed: int, dtype: torch.dtype | None = None, no_dropout: _NoDropout | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss, gradients and buffers of one training step with each replica (a list of
     micro-batches) on its own copy of the captured model, as the pipeline runtime computes
@@ -63,11 +65,9 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
     # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
     # model in float64 held gigabytes each.
-    gm = deep_copy(captured.gm)
-    if dtype is not None:
-        gm.to(dtype)
-    gm.train(modes[""])
-    set_training_modes(gm, modes)
+    gm = _model_copy(captured, modes, dtype)
+    if len(chunks) > 1 and all(len(parts) == 1 for parts in chunks) and training_batch_norms(gm):
+        return _synced_replicas_step(captured, spec, modes, gm, chunks, seed, dtype, no_dropout)
     start = {n: b.detach().clone() for n, b in gm.named_buffers()}
     losses: list[torch.Tensor] = []
     buffers: dict[str, torch.Tensor] = {}
@@ -91,6 +91,65 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
             buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
     return (torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None},
             buffers)
+
+
+def _training_norms(captured: CapturedModel, modes: dict[str, bool]) -> list[str]:
+    """The captured model's BatchNorms in training mode under ``modes`` (the user's modes)."""
+    return [name for name, m in captured.gm.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and modes.get(name, modes[""])]
+
+
+def _model_copy(captured: CapturedModel, modes: dict[str, bool], dtype: torch.dtype | None) -> torch.fx.GraphModule:
+    """A copy of the captured model in ``dtype`` (None: its own) with the modules' training modes."""
+    gm = deep_copy(captured.gm)
+    if dtype is not None:
+        gm.to(dtype)
+    gm.train(modes[""])
+    set_training_modes(gm, modes)
+    return gm
+
+
+def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], first: torch.nn.Module,
+                          chunks: list[list[tuple]], seed: int, dtype: torch.dtype | None,
+                          no_dropout: _NoDropout | None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`_split_step` for ``R`` replicas of one micro-batch each whose BatchNorms are
+    synchronised, as the runtime runs them (:class:`envs.runtime.replica_batch_norm.ReplicaBatchNorm`):
+    each replica a copy of the model (``first`` is replica 0's) in a thread of its own, the
+    BatchNorm statistics summed over the threads in lockstep. Gradients are summed over the
+    replicas, each replica's loss divided by ``R``; the buffers are replica 0's. ``no_dropout``,
+    the caller's mode, is entered in each thread too (a torch function mode is per thread)."""
+    replicas = len(chunks)
+    lock = LockstepGather(replicas)
+    copies = [first] + [_model_copy(captured, modes, dtype) for _ in range(replicas - 1)]
+    for r, gm in enumerate(copies):
+        replace_batch_norms(gm, lock.gather(r))
+    torch.manual_seed(seed)  # one draw for all: the threads share the generator
+
+    def run(r: int) -> torch.Tensor:
+        mode = no_dropout if no_dropout is not None else contextlib.nullcontext()
+        try:
+            (inputs,) = chunks[r]
+            if dtype is not None:
+                inputs = tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                  else v, inputs)
+            with mode:
+                loss = _loss_of(spec, copies[r](*inputs), inputs)
+                assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first
+                (loss / replicas).backward()
+            return loss.detach().to(torch.float64).reshape(())
+        except BaseException:
+            lock.abort()  # the other replicas would wait at the next BatchNorm for ever
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(replicas) as pool:
+        losses = list(pool.map(run, range(replicas)))
+    grads: dict[str, torch.Tensor] = {}
+    for gm in copies:  # in replica order, as the sequential path accumulates them
+        for n, p in gm.named_parameters():
+            if p.grad is not None:
+                grads[n] = grads[n] + p.grad if n in grads else p.grad.clone()
+    return (torch.stack(losses).mean(), grads, {n: b.detach().clone() for n, b in first.named_buffers()})
 
 
 def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,
@@ -124,7 +183,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
                                                                   dict[str, torch.Tensor]], ...]:
         with no_dropout, _default_dtype(dtype):
             return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
-                    _split_step(captured, spec, modes, chunks, seed, dtype))
+                    _split_step(captured, spec, modes, chunks, seed, dtype, no_dropout))
 
     dtype: torch.dtype | None = torch.float64
     try:
@@ -142,7 +201,8 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     loss_diff = _scaled_diff(loss, full_loss)
     out: dict[str, object] = {
         "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
-        "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched}
+        "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched,
+        "split_synced_norms": len(_training_norms(captured, modes)) if microbatches == 1 else 0}
     split = (microbatches, replicas, size)
     if max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())
@@ -192,10 +252,8 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
                 "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
                 "--no-check to accept the pipeline unchecked, or make the model deterministic")
-    gm = captured.gm
-    norms = [name for name, m in gm.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and modes.get(name, modes[""])]
-    if norms:
+    norms = _training_norms(captured, modes)
+    if norms and split[0] > 1:  # one micro-batch per replica: the runtime synchronises them
         shown = ", ".join(repr(n) for n in norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
         return f"BatchNorm in training mode ({shown}) normalises each micro-batch by its own statistics"
     if _scaled_diff(split_loss * parts, full_loss) <= tolerance:

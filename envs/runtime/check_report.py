@@ -46,6 +46,8 @@ class CheckReport:
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         split_without_dropout: the model drops out, and the split was compared with dropout off
             (a batch and its parts draw different masks; the runtime draws its own on each rank).
+        split_synced_norms: BatchNorms in training mode whose statistics the replicas synchronise
+            (one micro-batch each: :mod:`envs.runtime.replica_batch_norm`, as the runtime runs them).
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
         no_gradient: trainable parameters the loss gives no gradient on either side (a head
             whose output the loss does not read): not a difference, but nothing was compared for them.
@@ -78,6 +80,7 @@ class CheckReport:
     split_worst: str = ""
     split_cause: str = ""
     split_without_dropout: bool = False
+    split_synced_norms: int = 0
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
     without_dropout: bool = False
@@ -116,8 +119,10 @@ class CheckReport:
                  f"buffers {self.split_buffer_diff:.2e}"
                  + (f" (worst: {self.split_worst})" if self.split_worst and not self.split_ok else ""))
         if self.split_ok:
-            return (f"{parts} of {self.split_samples} samples give the full batch's loss, gradients and buffers "
-                    f"(max difference {diffs}"
+            synced = (f" with their {self.split_synced_norms} BatchNorm(s) synchronised over the replicas"
+                      if self.split_synced_norms else "")
+            return (f"{parts} of {self.split_samples} samples{synced} give the full batch's loss, gradients and "
+                    f"buffers (max difference {diffs}"
                     + ("; compared with dropout off: the pipeline's ranks draw masks of their own, so a run with "
                        "dropout is the same in distribution, not number for number" if self.split_without_dropout
                        else "") + ")")

@@ -24,6 +24,13 @@ that backward (``stage.py``: ``backward_maybe_with_nosync``), as the simulator's
 H2-H3 assume (:mod:`envs.sim.data_parallel`). DDP: rank ``r`` trains the whole model on its
 ``1/W`` of the batch under ``DistributedDataParallel``. Each rank writes ``result-r.pt``.
 
+**BatchNorm.** With one micro-batch per replica (DDP, or a hybrid with ``M = 1``) every
+BatchNorm in training mode is swapped for
+:class:`~envs.runtime.replica_batch_norm.ReplicaBatchNorm` over a process group of the
+stage's replicas, so it normalises by the whole batch's statistics, as the unsplit model
+does and as the split check compared (``torch.nn.SyncBatchNorm`` would, on GPUs only). With
+``M > 1`` a stage runs each micro-batch on its own; the check refuses that split.
+
 **Devices.** A rank computes on its stage device (:func:`rank_device`): the CPU for a worker
 ``cpu:N``, GPU ``N`` for ``cuda:N``. Every rank a GPU: NCCL (``init_process_group`` bound to
 the rank's GPU); every rank a CPU: gloo on ``MASTER_ADDR``. A job that mixes them is refused
@@ -56,6 +63,7 @@ from typing import Any
 
 import torch
 
+from envs.runtime.replica_batch_norm import process_group_gather, replace_batch_norms
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.cpu_allocator import retain_freed_memory
@@ -250,6 +258,10 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     replica_ranks, stage_ranks = replica_layout(n_rep, p_)
     replica_groups = _new_groups(replica_ranks, world) if n_rep > 1 else [None]
     stage_groups = _new_groups(stage_ranks, world) if n_rep > 1 else [None] * p_
+    # One micro-batch per replica: each stage's BatchNorms take their statistics over the
+    # stage's replicas (the full batch's, as the split check compared), over groups of their
+    # own so that their small all-reduces do not queue behind DDP's buckets.
+    norm_groups = [dist.new_group(ranks) for ranks in stage_ranks] if n_rep > 1 and m == 1 else None
     # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
     share = batch // n_rep
     inputs = {k: batch_slice(v, batch, replica * share, (replica + 1) * share) for k, v in inputs.items()}
@@ -273,6 +285,8 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
         last = spec.index == s_ - 1
         plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas), device)
         mod: torch.nn.Module = plain
+        if norm_groups is not None:
+            replace_batch_norms(plain, process_group_gather(norm_groups[local]))
         if n_rep > 1:
             # DDP over the stage's replicas: averaged gradients (each replica's loss is its
             # slice's mean, so the average is the full batch's gradient). Buffers stay per
@@ -419,6 +433,8 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     shard = batch // world
     mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard) for k, v in inputs.items()}
     own_memory([gm])
+    if world > 1:  # every replica's BatchNorms normalise by the whole batch's statistics
+        replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
     model = DistributedDataParallel(gm)
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
