@@ -252,3 +252,49 @@ def test_one_stage_on_one_gpu_costs_what_the_op_level_simulator_gives_the_same_p
         one_gpu = simulate(problem, np.full(problem.num_nodes, problem.device_names.index("gpu0"))).step_time
         engine = simulate_data_parallel(problem, ["gpu0"]).step_time
         assert engine == pytest.approx(one_gpu, rel=1e-3), preset
+
+
+def _with_norms(g: nx.DiGraph, channels: dict[str, int]) -> nx.DiGraph:
+    for name, c in channels.items():
+        g.nodes[name].update(module_type="BatchNorm2d", shape=[8, c, 4, 4])
+    return g
+
+
+def test_ddp_on_cpu_ranks_pays_each_batchnorms_two_gathers_blocking_its_replicas():
+    from envs.sim.data_parallel import CPU_SMALL_GATHER_LATENCIES, NORM_STAT_BYTES
+
+    plain = compile_problem(chain(4), cluster(2))
+    normed = compile_problem(_with_norms(chain(4), {"l1": 64, "l3": 16}), cluster(2))
+    extra = simulate_data_parallel(normed, 2).step_time - simulate_data_parallel(plain, 2).step_time
+    bw = BW * CPU_RING_EFFICIENCY
+    gathers = sum(LAT * CPU_SMALL_GATHER_LATENCIES + v * NORM_STAT_BYTES / bw for c in (64, 16)
+                  for v in (1 + 2 * c, 2 * c))
+    assert extra == pytest.approx(gathers, rel=1e-9)
+    assert simulate_data_parallel(normed, 1).step_time == simulate_data_parallel(plain, 1).step_time  # nothing to sync
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_ddp_as_a_one_stage_pipeline_pays_the_same_batchnorm_gathers(replicas):
+    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+
+    problem = compile_problem(_with_norms(chain(6), {"l2": 32, "l4": 8}), cluster(replicas))
+    devices = list(problem.device_names)
+    piped = simulate_pipelined(problem, data_parallel_pipeline(problem, devices))
+    assert piped.step_time == pytest.approx(simulate_data_parallel(problem, devices).step_time, rel=1e-12)
+    plain = compile_problem(chain(6), cluster(replicas))
+    assert piped.step_time > simulate_pipelined(plain, data_parallel_pipeline(plain, devices)).step_time
+
+
+def test_a_hybrid_syncs_batchnorms_with_one_microbatch_and_not_with_several():
+    from envs.sim.data_parallel import simulate_hybrid
+
+    def step(graph: nx.DiGraph, m: int) -> float:
+        problem = compile_problem(graph, cluster(4))
+        names = problem.node_names
+        stages = (tuple(names[:4]), tuple(names[4:]))
+        pipes = [Pipeline(stages, ("cpu:0", "cpu:1"), m, "gpipe"), Pipeline(stages, ("cpu:2", "cpu:3"), m, "gpipe")]
+        return simulate_hybrid(problem, pipes).step_time
+
+    normed = _with_norms(chain(6), {"l1": 32, "l4": 32})
+    assert step(normed, 1) > step(chain(6), 1)
+    assert step(normed, 2) == step(chain(6), 2)

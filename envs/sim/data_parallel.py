@@ -68,6 +68,21 @@ training loop holds and the temporaries of
 the largest parameter's update (``envs.sim.optimizer_state.OPTIMIZER_STEP_WORK``). A replica
 over its device's capacity makes the whole set "does not fit".
 
+**D5 Synchronised BatchNorm.** With one micro-batch per replica the runtime swaps every
+BatchNorm module for :class:`~envs.runtime.replica_batch_norm.ReplicaBatchNorm`, which takes
+its statistics over all the replicas' samples (the unsplit model's step; ``SyncBatchNorm``
+does the same on GPUs only). Per BatchNorm op of ``C`` channels (``OpArrays.norm_channels``)
+that is one all-gather of ``1 + 2C`` float32 values in the forward and one of ``2C`` in the
+backward, each blocking the replica's thread (the op waits for the statistics):
+:func:`norm_sync_seconds`, ``(N - 1) * (lat + bytes / bw)`` per gather as a ring of ``N``
+replicas does it. Between CPU processes a gather of a few kilobytes costs far more than the
+link's latency: measured here, 386-422 us for 65-4,096 floats between two 1-thread gloo
+processes against a one-way ping-pong latency of 65 us (``benchmarks/bench_small_allreduce.py``,
+2026-12-06 15:46 UTC, load 2.9), so there each gather costs :data:`CPU_SMALL_GATHER_LATENCIES`
+one-way latencies per ring step. The graph does not record which BatchNorms are frozen in
+eval mode (the runtime leaves those alone), so they are charged too. With ``M > 1`` nothing
+is synchronised (the split check refuses such a split of a BatchNorm model).
+
 **Hybrid: pipeline x data parallel** (:func:`simulate_hybrid`). ``R`` replicas, each the
 same pipeline (stages, ``M``, schedule) on its own devices with ``1/R`` of the batch: the
 usual composition of ``torch.distributed.pipelining`` with DDP, each stage module wrapped
@@ -87,6 +102,8 @@ in DDP over a process group of that stage's ``R`` devices. Rules:
   stage's ``R`` devices (D3); the rings of different stages are independent (different
   process groups and devices, one stage per device: interleaved schedules are not
   combined with replicas here).
+* **H5** With ``M = 1`` each stage's BatchNorms are synchronised over the stage's replicas
+  (D5), their gathers added to the stage's forward and backward.
 * **H4** A device steps its optimizer once its pipeline actions and sends are done (P5) and
   its stage's last all-reduce is; its memory is the pipeline's (P5) plus DDP's bucket copy
   of the stage's gradients (D4).
@@ -100,7 +117,7 @@ per process, wrapped in DDP over the ``N`` processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -113,7 +130,7 @@ from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "CPU_REDUCER_SECONDS_PER_BYTE",
-           "DataParallelResult", "buckets",
+           "CPU_SMALL_GATHER_LATENCIES", "DataParallelResult", "buckets", "norm_sync_seconds",
            "data_parallel_pipeline", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid",
            "simulate_pipelined"]
@@ -132,6 +149,12 @@ CPU_RING_EFFICIENCY = 0.47
 #: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
 #: 2026-12-06 (0.30-0.35 ns per byte, linear in the bytes; ``benchmarks/bench_ddp_reducer.py``).
 CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
+#: A small all-gather between CPU processes (gloo), in one-way link latencies per ring step
+#: (D5): 386-422 us against 65 us measured between two 1-thread processes
+#: (``benchmarks/bench_small_allreduce.py``).
+CPU_SMALL_GATHER_LATENCIES = 6.2
+#: Bytes of one value of the BatchNorm statistics the replicas gather (float32).
+NORM_STAT_BYTES = 4
 
 
 @dataclass
@@ -221,6 +244,36 @@ def reducer_seconds(grad_bytes: float, on_cpu: bool) -> float:
     return CPU_REDUCER_SECONDS_PER_BYTE * grad_bytes if on_cpu else 0.0
 
 
+def norm_sync_seconds(channels: np.ndarray, n: int, bandwidth: float, latency: float,
+                      on_cpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per op, the (forward, backward) seconds its synchronised BatchNorm's gathers block a
+    replica over a ring of ``n`` (D5); ``channels`` [N] as ``OpArrays.norm_channels``, 0 for
+    ops that are no BatchNorm; ``bandwidth`` and ``latency`` the ring's link as D3 takes it
+    (the bytes, a few kilobytes, hardly count).
+
+    >>> f, b = norm_sync_seconds(np.array([0.0, 64.0]), 2, 1e9, 65e-6, on_cpu=True)
+    >>> [round(x * 1e6, 1) for x in (f[0], f[1], b[1])]
+    [0.0, 403.5, 403.5]
+    """
+    channels = np.asarray(channels, dtype=np.float64)
+    if n <= 1:
+        zero = np.zeros_like(channels)
+        return zero, zero.copy()
+    lat = latency * (CPU_SMALL_GATHER_LATENCIES if on_cpu else 1.0)
+
+    def gather(values: np.ndarray) -> np.ndarray:
+        return (n - 1) * (lat + values * NORM_STAT_BYTES / bandwidth)
+
+    is_norm = channels > 0
+    return (np.where(is_norm, gather(1 + 2 * channels), 0.0), np.where(is_norm, gather(2 * channels), 0.0))
+
+
+def _norm_channels(problem: PlacementProblem) -> np.ndarray:
+    """``OpArrays.norm_channels``, zeros where the problem has none."""
+    ops = problem.ops
+    return ops.norm_channels if ops.norm_channels is not None else np.zeros(ops.num_ops)
+
+
 def _ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tuple[float, float, bool]:
     """(bandwidth, latency, every device a CPU) of a ring's slowest links (D3, D3c)."""
     bw = min((float(problem.bandwidth[a, b]) for a, b in ring), default=np.inf)
@@ -229,21 +282,22 @@ def _ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tu
     return (bw * CPU_RING_EFFICIENCY if on_cpu else bw), lat, on_cpu
 
 
-def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float,
-                   fixed_part: np.ndarray) -> tuple[float, np.ndarray, float]:
+def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float, fixed_part: np.ndarray,
+                   sync_b: np.ndarray) -> tuple[float, np.ndarray, float]:
     """(forward seconds, per-op backward seconds in op order, optimizer seconds) of one replica
-    (D1); ``fixed_part`` [N, D, 2] the host seconds a smaller batch does not shrink (P2)."""
+    (D1); ``fixed_part`` [N, D, 2] the host seconds a smaller batch does not shrink (P2);
+    ``sync_b`` [N] each op's BatchNorm gather in the backward (D5), added where it blocks."""
     ops = problem.ops
     c = ops.cost[:, d, :]
     if ops.is_cpu[d]:
         per = []
         for k, h in enumerate((0, 2)):
             per.append(shrunk_host(c[:, h], fixed_part[:, d, k], n) * scale)
-        fwd, bwd = float(per[0].sum()), per[1]
+        fwd, bwd = float(per[0].sum()), per[1] + sync_b
     else:
         fwd = max(float(c[:, 0].sum()), float(c[:, 1].sum()) / n)
-        raw = c[:, 2] + c[:, 3] / n
-        total = max(float(c[:, 2].sum()), float(c[:, 3].sum()) / n)
+        raw = c[:, 2] + c[:, 3] / n + sync_b
+        total = max(float(c[:, 2].sum()), float(c[:, 3].sum()) / n) + float(sync_b.sum())
         # Progress through the backward follows the ops' shares; the stage lasts as long as
         # the slower of the host issuing and the stream executing.
         bwd = raw * (total / raw.sum()) if raw.sum() > 0 else raw
@@ -292,10 +346,14 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     opt_max = 0.0
     tail = 0.0
     fixed_part = problem.ops.fixed_parts()
+    ring = [(idx[k], idx[(k + 1) % n]) for k in range(n)] if n > 1 else []
+    bw, lat, on_cpu = _ring_link(problem, ring)
+    sync_f, sync_b = norm_sync_seconds(_norm_channels(problem), n, bw, lat, on_cpu)  # D5
     for d in idx:
         hc = engine_host_costs(problem, d, costs)
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
-        fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part)
+        fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part, sync_b)
+        fwd += float(sync_f.sum())
         start_b = fwd + hc.stage_fwd_s + hc.loss_s + hc.stage_bwd_s
         # Backward runs in reverse op order: op i's gradient exists once ops num-1..i are done.
         done_at = start_b + np.cumsum(bwd[::-1])[::-1]
@@ -307,8 +365,6 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
         has_params = bool(ops.param_bytes.sum() > 0)
         opt_max = max(opt_max, opt + (float(ops.host.step_s) if has_params else 0.0))
         tail = max(tail, hc.step_s)
-    ring = [(idx[k], idx[(k + 1) % n]) for k in range(n)] if n > 1 else []
-    bw, lat, on_cpu = _ring_link(problem, ring)
     if on_cpu:
         ready[:] = back_end  # D3c: the backward holds the cores until it ends
     comm_end = 0.0
@@ -405,9 +461,10 @@ def check_runnable(problem: PlacementProblem, pipelines: Sequence[Pipeline], bat
 
 
 def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d: int, sc: StageCosts, s: int,
-                          div: float, scale: float, fixed_part: np.ndarray,
-                          microbatches: int) -> tuple[list[float], np.ndarray]:
-    """(bytes of each bucket, seconds into the stage's backward when it is ready) on device ``d`` (H2)."""
+                          div: float, scale: float, fixed_part: np.ndarray, microbatches: int,
+                          sync_b: np.ndarray) -> tuple[list[float], np.ndarray]:
+    """(bytes of each bucket, seconds into the stage's backward when it is ready) on device ``d`` (H2);
+    ``sync_b`` [N] each op's BatchNorm gather in the backward (H5)."""
     ops = problem.ops
     sel = ops_of_stage[::-1]  # reverse op order: the order the backward produces gradients (D2)
     grad = np.where(ops.requires_grad[sel], ops.param_bytes[sel], 0.0).astype(np.float64)
@@ -418,9 +475,9 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
     adds = (ops.accumulate[sel, d, :] if ops.accumulate is not None and microbatches > 1
             else np.zeros((len(sel), 2)))
     if ops.is_cpu[d]:
-        per = (shrunk_host(c[:, 2], fixed_part[sel, d, 1], div) + adds[:, 0]) * scale
+        per = (shrunk_host(c[:, 2], fixed_part[sel, d, 1], div) + adds[:, 0]) * scale + sync_b[sel]
     else:
-        raw = c[:, 2] + adds[:, 0] + c[:, 3] / div + adds[:, 1]
+        raw = c[:, 2] + adds[:, 0] + c[:, 3] / div + adds[:, 1] + sync_b[sel]
         whole = sc.backward_s(s, microbatches > 1)
         per = raw * (whole / raw.sum()) if raw.sum() > 0 else raw
     done = np.cumsum(per)  # done[j]: the reversed ops 0..j have run
@@ -444,12 +501,25 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     names = list(problem.device_names)
     per_costs = (list(replica_costs) if replica_costs is not None
                  else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
+    ops = problem.ops
+    sync_b = np.zeros(ops.num_ops)
+    if r_ > 1 and m == 1 and _norm_channels(problem).any():  # H5: each stage's BatchNorms over its replicas
+        stage_of = first.stage_of()
+        op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
+                            dtype=np.int64)[ops.op_group]
+        add_f, add_b = np.zeros(s_), np.zeros(s_)
+        for s in range(s_):
+            devs = [names.index(p.devices[s]) for p in pipelines]
+            bw, lat, on_cpu = _ring_link(problem, [(devs[k], devs[(k + 1) % r_]) for k in range(r_)])
+            f, b = norm_sync_seconds(np.where(op_stage == s, _norm_channels(problem), 0.0), r_, bw, lat, on_cpu)
+            add_f[s], add_b[s] = f.sum(), b.sum()
+            sync_b += b
+        per_costs = [replace(sc, fwd=sc.fwd + add_f, bwd=sc.bwd + add_b) for sc in per_costs]
     results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
     if r_ == 1:
         res = results[0]
         return HybridResult(tuple(pipelines), res.step_time, results, [0.0] * s_, dict(res.peak_memory),
                             dict(res.over_memory))
-    ops = problem.ops
     stage_of = first.stage_of()
     op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
                         dtype=np.int64)[ops.op_group]
@@ -468,7 +538,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
             d = devs[r]
             hc = engine_host_costs(problem, d, costs)
             scale = hc.op_scale if ops.is_cpu[d] else 1.0
-            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part, m)
+            sizes, offsets = _stage_bucket_offsets(problem, mine, d, sc, s, div, scale, fixed_part, m, sync_b)
             at = res.last_backward[s][0] + hc.stage_bwd_s + offsets
             ready = at if ready is None else np.maximum(ready, at)
         ring = [(devs[k], devs[(k + 1) % r_]) for k in range(r_)]

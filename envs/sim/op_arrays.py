@@ -15,7 +15,9 @@ when a problem is built directly from arrays.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +79,9 @@ class OpArrays:
             job of several processes already counts on every one (:mod:`envs.sim.pipeline` P5d).
         input_bytes: the bytes of the model's inputs (its placeholders' outputs): the batch,
             which every process of a multi-process job holds (:mod:`envs.sim.pipeline` P5d).
+        norm_channels: [N] channels of each op that is a BatchNorm module (``module_type``
+            BatchNorm1d/2d/3d), 0 for every other op: data-parallel replicas synchronise their
+            statistics (:mod:`envs.sim.data_parallel` D5). None: none.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s
             (``PlacementProblem.rank_simulator``); for the copies it still counts,
@@ -109,6 +114,7 @@ class OpArrays:
     foreach_work: np.ndarray | None = None
     loop_held: np.ndarray | None = None
     batch_held: np.ndarray | None = None
+    norm_channels: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
@@ -175,6 +181,24 @@ class OpArrays:
         """(src, dst, bytes) of every op edge, by source then consumer order."""
         src = np.repeat(np.arange(self.num_ops), np.diff(self.succ_ptr))
         return src, self.succ_dst, self.succ_bytes
+
+
+#: The BatchNorm modules whose statistics data-parallel replicas synchronise (D5).
+BATCH_NORM_MODULES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
+
+
+def batch_norm_channels(attrs: Mapping[str, Any]) -> int:
+    """Channels of a BatchNorm module's op (dim 1 of its output), else 0 (``norm_channels``).
+
+    >>> batch_norm_channels({"op": "call_module", "module_type": "BatchNorm2d", "shape": [8, 64, 7, 7]})
+    64
+    >>> batch_norm_channels({"op": "call_function", "module_type": "BatchNorm2d", "shape": [8, 64, 7, 7]})
+    0
+    """
+    shape = attrs.get("shape") or ()
+    if attrs.get("op") != "call_module" or attrs.get("module_type") not in BATCH_NORM_MODULES or len(shape) < 2:
+        return 0
+    return int(shape[1])
 
 
 def op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,

@@ -27,7 +27,7 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.sim.cost_model import CostModel, node_requires_grad
 from envs.sim.grad_accumulation import accumulate_costs
 from envs.sim.memory_rules import gradient_parts, loop_held_bytes
-from envs.sim.op_arrays import op_arrays
+from envs.sim.op_arrays import batch_norm_channels, op_arrays
 from envs.sim.optimizer_state import (
     OPTIMIZER_FOREACH_WORK,
     OPTIMIZER_STATE_FACTOR,
@@ -171,7 +171,8 @@ def compile_problem(
                   step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
                   foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
                   loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
-                  batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0))
+                  batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0),
+                  norm_channels=np.array([batch_norm_channels(a) for a in attrs], dtype=np.float64))
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)
