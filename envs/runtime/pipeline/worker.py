@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from envs.runtime.replica_batch_norm import process_group_gather, replace_batch_norms
+from envs.runtime.replica_batch_norm import process_group_gather, replace_batch_norms, training_batch_norms
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.cpu_allocator import retain_freed_memory
@@ -261,7 +261,8 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     # One micro-batch per replica: each stage's BatchNorms take their statistics over the
     # stage's replicas (the full batch's, as the split check compared), over groups of their
     # own so that their small all-reduces do not queue behind DDP's buckets.
-    norm_groups = [dist.new_group(ranks) for ranks in stage_ranks] if n_rep > 1 and m == 1 else None
+    norm_groups = ([dist.new_group(ranks) for ranks in stage_ranks]
+                   if n_rep > 1 and m == 1 and training_batch_norms(gm) else None)
     # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
     share = batch // n_rep
     inputs = {k: batch_slice(v, batch, replica * share, (replica + 1) * share) for k, v in inputs.items()}
@@ -433,7 +434,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     shard = batch // world
     mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard) for k, v in inputs.items()}
     own_memory([gm])
-    if world > 1:  # every replica's BatchNorms normalise by the whole batch's statistics
+    if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
         replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
     model = DistributedDataParallel(gm)
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
