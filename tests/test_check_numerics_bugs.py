@@ -173,7 +173,7 @@ def test_a_loss_that_turns_nan_in_later_steps_is_blamed_on_the_model_not_the_pla
         placer.optimize(model, (torch.randn(8, 4),), cluster="4xK40", budget="20", baselines=("single",),
                         out_dir=tmp_path / "out", progress=False, verbose=0,
                         loss_fn=lambda out, *_: (out ** 2).mean(),
-                        optimizer_fn=lambda params: torch.optim.SGD(params, lr=1e30))
+                        optimizer_fn=lambda params: torch.optim.SGD(params, lr=1e200))  # overflows in float64 too
     assert "does not compute the same thing" not in str(exc.value)
     assert not (tmp_path / "out" / "placement.json").exists()
 
@@ -690,3 +690,57 @@ def test_the_check_compares_with_a_copy_of_the_model_that_keeps_its_parameter_ho
     cap = capture(model, spec.example_inputs)
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok, report.describe()
+
+
+class _FanOut(nn.Module):
+    """One tensor read by four branches, BatchNorm at a batch of 2: an Inception block in miniature."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, width)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
+                                                    nn.Linear(width, width)) for _ in range(4))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(sum(b(h) for b in self.branches))
+
+
+def test_gradient_terms_summed_in_another_order_through_a_copy_are_not_reported_as_a_different_computation():
+    """A branch on another device adds its share of the stem's gradient through the copy's
+    backward, in another order than the original's. In float32 three Adam steps grow that
+    rounding to 2e-2 (Inception-v3's default run was refused so); the check compares in float64."""
+    from envs.runtime.check import _compare_steps
+
+    torch.manual_seed(0)
+    model = _FanOut()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(2, 16),), name="fan",
+                     loss_fn=lambda out, *_: (out ** 2).mean(), optimizer_fn=lambda p: torch.optim.Adam(p, lr=1e-2))
+    cap = capture(model, spec.example_inputs, name="fan")
+    placement = {n: "gpu1" if "branches_3" in n else "gpu0" for n in cap.graph.nodes}
+    assert list(placement.values()).count("gpu1") == 4
+    real = {"gpu0": "cpu", "gpu1": "cpu"}
+    in_float32 = _compare_steps(spec, cap, placement, real, 0, 3, 1e-5, None)
+    assert max(in_float32.worst.values()) > 1e-3  # what the check would have refused
+    report = check_placement(spec, cap, placement, real_devices=real)
+    assert report.ok and report.compared_dtype == "float64", report.describe()
+    assert "compared in float64" in report.describe()
+
+
+def test_a_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype():
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return x.float() @ self.lin.weight.t() + self.lin.bias  # float32 whatever the weights are
+
+    torch.manual_seed(0)
+    model = Fixed()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(4, 8),), name="fixed")
+    cap = capture(model, spec.example_inputs, name="fixed")
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert report.ok and report.compared_dtype == "", report.describe()
+    assert "compared in" not in report.describe()

@@ -46,6 +46,8 @@ class CheckReport:
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         split_without_dropout: the model drops out, and the split was compared with dropout off
             (a batch and its parts draw different masks; the runtime draws its own on each rank).
+        compared_dtype: the floating dtype both models were trained in for the comparison
+            (``"float64"``), or ``""``: the model's own (it cannot run in float64).
         split_synced_norms: BatchNorms in training mode whose statistics the replicas synchronise
             (one micro-batch each: :mod:`envs.runtime.replica_batch_norm`, as the runtime runs them).
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
@@ -81,6 +83,7 @@ class CheckReport:
     split_cause: str = ""
     split_without_dropout: bool = False
     split_synced_norms: int = 0
+    compared_dtype: str = ""
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
     without_dropout: bool = False
@@ -143,7 +146,8 @@ class CheckReport:
             f"difference {self.output_diff:.2e}, loss {self.loss_diff:.2e}, gradients {self.grad_diff:.2e} "
             f"over {self.compared_grads} parameters, parameters after the optimizer step {self.param_diff:.2e}, "
             f"buffers {self.buffer_diff:.2e} over {self.compared_buffers}, output in eval mode after them "
-            f"{self.eval_output_diff:.2e} (tolerance {self.tolerance:.0e})"
+            f"{self.eval_output_diff:.2e} (tolerance {self.tolerance:.0e}"
+            + (f", compared in {self.compared_dtype}" if self.compared_dtype else "") + ")"
         )
         if not self.ok and self.first_bad_step is not None:
             worst = max(self.details.items(), key=lambda kv: kv[1], default=None)
