@@ -4,6 +4,7 @@ after it on CPU ranks), does-not-fit."""
 from __future__ import annotations
 
 import networkx as nx
+import numpy as np
 import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
@@ -260,16 +261,41 @@ def _with_norms(g: nx.DiGraph, channels: dict[str, int]) -> nx.DiGraph:
     return g
 
 
-def test_ddp_on_cpu_ranks_pays_each_batchnorms_two_gathers_blocking_its_replicas():
-    from envs.sim.data_parallel import CPU_SMALL_GATHER_LATENCIES, NORM_STAT_BYTES
+def test_a_batchnorms_sync_costs_its_gathers_and_on_cpu_processes_the_waits_and_its_slower_kernels():
+    from envs.sim.data_parallel import (
+        CPU_REPLICA_NORM_EXTRA,
+        CPU_SMALL_GATHER_LATENCIES,
+        NORM_STAT_BYTES,
+        SLEEPING_WAIT,
+        norm_sync_seconds,
+    )
 
+    channels = np.array([0.0, 8.0, 0.0, 0.0, 4.0, 0.0])  # BatchNorms at ops 1 and 4
+    fwd_op = np.array([1.0, 2.0, 3.0, 0.05, 4.0, 5.0]) * 1e-3
+    bwd_op = 2 * fwd_op
+    gather = [(LAT + v * NORM_STAT_BYTES / BW) for v in (17.0, 16.0, 9.0, 8.0)]  # 1 + 2C, then 2C
+    f, b = norm_sync_seconds(channels, fwd_op, bwd_op, 2, BW, LAT, on_cpu=False)
+    assert f.tolist() == pytest.approx([0, gather[0], 0, 0, gather[2], 0])
+    assert b.tolist() == pytest.approx([0, gather[1], 0, 0, gather[3], 0])
+    f, b = norm_sync_seconds(channels, fwd_op, bwd_op, 2, BW, LAT, on_cpu=True)
+    slow = LAT * (CPU_SMALL_GATHER_LATENCIES - 1)
+    wait, cold, extra = SLEEPING_WAIT.expected_wake_s, SLEEPING_WAIT.cold_factor, CPU_REPLICA_NORM_EXTRA
+    # forward: after op 1 the ops 2-3 run cold (3.05 ms), after op 4 op 5 (5 ms); backward:
+    # after op 1 op 0 (2 ms), after op 4 ops 2-3 (6.1 ms)
+    assert f[1] == pytest.approx(gather[0] + slow + wait + cold * 3.05e-3 + extra * 2e-3)
+    assert f[4] == pytest.approx(gather[2] + slow + wait + cold * 5e-3 + extra * 4e-3)
+    assert b[1] == pytest.approx(gather[1] + slow + wait + cold * 2e-3 + extra * 4e-3)
+    assert b[4] == pytest.approx(gather[3] + slow + wait + cold * 6.1e-3 + extra * 8e-3)
+    assert f[[0, 2, 3, 5]].tolist() == b[[0, 2, 3, 5]].tolist() == [0, 0, 0, 0]
+    long = norm_sync_seconds(channels, fwd_op * 100, bwd_op * 100, 2, BW, LAT, on_cpu=True)[0]
+    assert long[4] == pytest.approx(gather[2] + slow + wait + cold * SLEEPING_WAIT.cold_s + extra * 0.4)  # cold_s caps
+
+
+def test_ddp_on_cpu_ranks_adds_each_batchnorms_sync_to_its_step():
     plain = compile_problem(chain(4), cluster(2))
     normed = compile_problem(_with_norms(chain(4), {"l1": 64, "l3": 16}), cluster(2))
     extra = simulate_data_parallel(normed, 2).step_time - simulate_data_parallel(plain, 2).step_time
-    bw = BW * CPU_RING_EFFICIENCY
-    gathers = sum(LAT * CPU_SMALL_GATHER_LATENCIES + v * NORM_STAT_BYTES / bw for c in (64, 16)
-                  for v in (1 + 2 * c, 2 * c))
-    assert extra == pytest.approx(gathers, rel=1e-9)
+    assert extra > 4 * LAT  # four gathers at least, and on CPU processes their waits
     assert simulate_data_parallel(normed, 1).step_time == simulate_data_parallel(plain, 1).step_time  # nothing to sync
 
 

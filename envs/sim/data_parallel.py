@@ -75,13 +75,28 @@ does the same on GPUs only). Per BatchNorm op of ``C`` channels (``OpArrays.norm
 that is one all-gather of ``1 + 2C`` float32 values in the forward and one of ``2C`` in the
 backward, each blocking the replica's thread (the op waits for the statistics):
 :func:`norm_sync_seconds`, ``(N - 1) * (lat + bytes / bw)`` per gather as a ring of ``N``
-replicas does it. Between CPU processes a gather of a few kilobytes costs far more than the
-link's latency: measured here, 386-422 us for 65-4,096 floats between two 1-thread gloo
-processes against a one-way ping-pong latency of 65 us (``benchmarks/bench_small_allreduce.py``,
-2026-12-06 15:46 UTC, load 2.9), so there each gather costs :data:`CPU_SMALL_GATHER_LATENCIES`
-one-way latencies per ring step. The graph does not record which BatchNorms are frozen in
-eval mode (the runtime leaves those alone), so they are charged too. With ``M > 1`` nothing
-is synchronised (the split check refuses such a split of a BatchNorm model).
+replicas does it. Between CPU processes three more things were measured:
+
+* a gather of a few kilobytes costs far more than the link's latency: 338-449 us for 65-4,096
+  floats between two 1-thread gloo processes against a one-way ping-pong latency of 56-65 us
+  (``benchmarks/bench_small_allreduce.py``, 2026-12-06 15:46 and 16:15 UTC), so each gather
+  costs :data:`CPU_SMALL_GATHER_LATENCIES` one-way latencies per ring step;
+* each gather is a sleeping wait, after which the replica's next op time runs cold (R3 and
+  R3b of :mod:`envs.sim.ranks`, with their fitted constants, :data:`SLEEPING_WAIT`): up to
+  ``cold_s`` of the ops that follow, the forward's up to the next BatchNorm and the
+  backward's down to the previous one;
+* ReplicaBatchNorm's own kernels cost :data:`CPU_REPLICA_NORM_EXTRA` more than the profiled
+  native op's (``benchmarks/bench_replica_batch_norm.py``: ResNet-50 at batch 16, 0.82-0.97).
+
+Measured (ad-hoc decomposition of DDP ResNet-50, paper width, 64x64, batch 32 over two 1-thread
+processes, 2026-12-06 16:33 UTC): native BatchNorm unsynchronised 620-624 ms a step,
+ReplicaBatchNorm without communication 631-650, with its 106 gathers over gloo 810-835; the
+gathers' wall cost is ~1.7 ms each, five times the lockstep figure, and the ranks' CPU time
+grew by 70-85 ms, as R3b's cold op time does. With the rule the calibrated prediction of that
+step is 828 ms against 828 measured (``benchmarks/bench_pipeline_measured.py --cases resnet50``,
+16:36 UTC, load 1.3-3.2). The graph does not record which BatchNorms are frozen in eval mode
+(the runtime leaves those alone), so they are charged too. With ``M > 1`` nothing is
+synchronised (the split check refuses such a split of a BatchNorm model).
 
 **Hybrid: pipeline x data parallel** (:func:`simulate_hybrid`). ``R`` replicas, each the
 same pipeline (stages, ``M``, schedule) on its own devices with ``1/R`` of the batch: the
@@ -155,6 +170,14 @@ CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
 CPU_SMALL_GATHER_LATENCIES = 6.2
 #: Bytes of one value of the BatchNorm statistics the replicas gather (float32).
 NORM_STAT_BYTES = 4
+#: D5 on CPU processes: what ReplicaBatchNorm's forward and backward cost beyond the profiled
+#: native BatchNorm op's, as a share of it (``benchmarks/bench_replica_batch_norm.py``).
+CPU_REPLICA_NORM_EXTRA = 0.9
+#: D5 on CPU processes: a gather is a sleeping wait of the kind the rank runtime measured (R3's
+#: expected wake-up, R3b's cold op time after it), with those rules' fitted constants.
+#: :data:`~envs.sim.stage_costs.ENGINE_COSTS` leaves R3b out of pipelines, whose few waits it
+#: moved by under 1%; a BatchNorm model's DDP step waits twice per BatchNorm.
+SLEEPING_WAIT = RankCosts()
 
 
 @dataclass
@@ -244,28 +267,44 @@ def reducer_seconds(grad_bytes: float, on_cpu: bool) -> float:
     return CPU_REDUCER_SECONDS_PER_BYTE * grad_bytes if on_cpu else 0.0
 
 
-def norm_sync_seconds(channels: np.ndarray, n: int, bandwidth: float, latency: float,
-                      on_cpu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per op, the (forward, backward) seconds its synchronised BatchNorm's gathers block a
-    replica over a ring of ``n`` (D5); ``channels`` [N] as ``OpArrays.norm_channels``, 0 for
-    ops that are no BatchNorm; ``bandwidth`` and ``latency`` the ring's link as D3 takes it
-    (the bytes, a few kilobytes, hardly count).
+def norm_sync_seconds(channels: np.ndarray, fwd_op: np.ndarray, bwd_op: np.ndarray, n: int, bandwidth: float,
+                      latency: float, on_cpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per op, the (forward, backward) seconds a synchronised BatchNorm adds to a replica over a
+    ring of ``n`` (D5). ``channels`` [N] as ``OpArrays.norm_channels`` (0: no BatchNorm);
+    ``fwd_op``/``bwd_op`` [N] the replica's op seconds in op order (used on CPU processes);
+    ``bandwidth`` and ``latency`` the ring's link as D3 takes it.
 
-    >>> f, b = norm_sync_seconds(np.array([0.0, 64.0]), 2, 1e9, 65e-6, on_cpu=True)
-    >>> [round(x * 1e6, 1) for x in (f[0], f[1], b[1])]
-    [0.0, 403.5, 403.5]
+    >>> zero = np.zeros(2)
+    >>> f, b = norm_sync_seconds(np.array([0.0, 64.0]), zero, zero, 2, 1e9, 65e-6, on_cpu=False)
+    >>> [round(float(x) * 1e6, 2) for x in (f[0], f[1], b[1])]
+    [0.0, 65.52, 65.51]
     """
     channels = np.asarray(channels, dtype=np.float64)
-    if n <= 1:
-        zero = np.zeros_like(channels)
-        return zero, zero.copy()
+    is_norm = channels > 0
+    if n <= 1 or not is_norm.any():
+        return np.zeros_like(channels), np.zeros_like(channels)
     lat = latency * (CPU_SMALL_GATHER_LATENCIES if on_cpu else 1.0)
 
     def gather(values: np.ndarray) -> np.ndarray:
         return (n - 1) * (lat + values * NORM_STAT_BYTES / bandwidth)
 
-    is_norm = channels > 0
-    return (np.where(is_norm, gather(1 + 2 * channels), 0.0), np.where(is_norm, gather(2 * channels), 0.0))
+    fwd = np.where(is_norm, gather(1 + 2 * channels), 0.0)
+    bwd = np.where(is_norm, gather(2 * channels), 0.0)
+    if on_cpu:
+        fwd_op = np.asarray(fwd_op, dtype=np.float64)
+        bwd_op = np.asarray(bwd_op, dtype=np.float64)
+        at = np.flatnonzero(is_norm)
+        # The op time run cold after each gather: the forward goes on with the ops after the
+        # BatchNorm up to the next one, the backward with those before it down to the previous.
+        f_sum = np.concatenate([[0.0], np.cumsum(fwd_op)])
+        b_sum = np.concatenate([[0.0], np.cumsum(bwd_op)])
+        after = f_sum[np.append(at[1:], len(channels))] - f_sum[at + 1]
+        before = b_sum[at] - b_sum[np.concatenate([[0], at[:-1] + 1])]
+        wait = SLEEPING_WAIT.expected_wake_s
+        cold = SLEEPING_WAIT.cold_factor
+        fwd[at] += wait + cold * np.minimum(after, SLEEPING_WAIT.cold_s) + CPU_REPLICA_NORM_EXTRA * fwd_op[at]
+        bwd[at] += wait + cold * np.minimum(before, SLEEPING_WAIT.cold_s) + CPU_REPLICA_NORM_EXTRA * bwd_op[at]
+    return fwd, bwd
 
 
 def _norm_channels(problem: PlacementProblem) -> np.ndarray:
@@ -282,6 +321,31 @@ def _ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tu
     return (bw * CPU_RING_EFFICIENCY if on_cpu else bw), lat, on_cpu
 
 
+def _cpu_op_seconds(problem: PlacementProblem, d: int, share: float, scale: float,
+                    fixed_part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] forward and [N] backward seconds of each op on CPU device ``d`` at ``1/share`` of the
+    batch (P2's fixed part kept), times the engine's ``op_scale``."""
+    c = problem.ops.cost[:, d, :]
+    return (shrunk_host(c[:, 0], fixed_part[:, d, 0], share) * scale,
+            shrunk_host(c[:, 2], fixed_part[:, d, 1], share) * scale)
+
+
+def _norm_sync_on(problem: PlacementProblem, d: int, share: float, scale: float, fixed_part: np.ndarray,
+                  channels: np.ndarray, n: int, bw: float, lat: float, on_cpu: bool,
+                  mine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`norm_sync_seconds` for a replica on device ``d`` at ``1/share`` of the batch; with
+    ``mine`` [N] bool, of the ops of one stage only (the others run elsewhere)."""
+    if mine is not None:
+        channels = np.where(mine, channels, 0.0)
+    if on_cpu:
+        fwd_op, bwd_op = _cpu_op_seconds(problem, d, share, scale, fixed_part)
+        if mine is not None:
+            fwd_op, bwd_op = np.where(mine, fwd_op, 0.0), np.where(mine, bwd_op, 0.0)
+    else:
+        fwd_op = bwd_op = np.zeros(problem.ops.num_ops)
+    return norm_sync_seconds(channels, fwd_op, bwd_op, n, bw, lat, on_cpu)
+
+
 def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float, fixed_part: np.ndarray,
                    sync_b: np.ndarray) -> tuple[float, np.ndarray, float]:
     """(forward seconds, per-op backward seconds in op order, optimizer seconds) of one replica
@@ -290,10 +354,8 @@ def _replica_times(problem: PlacementProblem, d: int, n: int, scale: float, fixe
     ops = problem.ops
     c = ops.cost[:, d, :]
     if ops.is_cpu[d]:
-        per = []
-        for k, h in enumerate((0, 2)):
-            per.append(shrunk_host(c[:, h], fixed_part[:, d, k], n) * scale)
-        fwd, bwd = float(per[0].sum()), per[1] + sync_b
+        fwd_op, bwd_op = _cpu_op_seconds(problem, d, n, scale, fixed_part)
+        fwd, bwd = float(fwd_op.sum()), bwd_op + sync_b
     else:
         fwd = max(float(c[:, 0].sum()), float(c[:, 1].sum()) / n)
         raw = c[:, 2] + c[:, 3] / n + sync_b
@@ -348,10 +410,11 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     fixed_part = problem.ops.fixed_parts()
     ring = [(idx[k], idx[(k + 1) % n]) for k in range(n)] if n > 1 else []
     bw, lat, on_cpu = _ring_link(problem, ring)
-    sync_f, sync_b = norm_sync_seconds(_norm_channels(problem), n, bw, lat, on_cpu)  # D5
+    channels = _norm_channels(problem)
     for d in idx:
         hc = engine_host_costs(problem, d, costs)
         scale = hc.op_scale if ops.is_cpu[d] else 1.0
+        sync_f, sync_b = _norm_sync_on(problem, d, n, scale, fixed_part, channels, n, bw, lat, on_cpu)  # D5
         fwd, bwd, opt = _replica_times(problem, d, n, scale, fixed_part, sync_b)
         fwd += float(sync_f.sum())
         start_b = fwd + hc.stage_fwd_s + hc.loss_s + hc.stage_bwd_s
@@ -508,10 +571,14 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
                             dtype=np.int64)[ops.op_group]
         add_f, add_b = np.zeros(s_), np.zeros(s_)
+        fixed = problem.ops.fixed_parts()
         for s in range(s_):
             devs = [names.index(p.devices[s]) for p in pipelines]
             bw, lat, on_cpu = _ring_link(problem, [(devs[k], devs[(k + 1) % r_]) for k in range(r_)])
-            f, b = norm_sync_seconds(np.where(op_stage == s, _norm_channels(problem), 0.0), r_, bw, lat, on_cpu)
+            scale = engine_host_costs(problem, devs[0], costs).op_scale if on_cpu else 1.0
+            mine = op_stage == s
+            f, b = _norm_sync_on(problem, devs[0], r_, scale, fixed, _norm_channels(problem), r_, bw, lat, on_cpu,
+                                 mine)
             add_f[s], add_b[s] = f.sum(), b.sum()
             sync_b += b
         per_costs = [replace(sc, fwd=sc.fwd + add_f, bwd=sc.bwd + add_b) for sc in per_costs]
