@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,8 @@ from placer.report.benchmark import markdown, plot_bars, write_outputs  # noqa: 
 from placer.search.agents.registry import UnknownAgentError, get_agent
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
+log = logging.getLogger(__name__)
+
 #: Memory fraction used by a ``<preset>-tight`` cluster name.
 TIGHT_FRACTION = 0.4
 TIGHT_SUFFIX = "-tight"
@@ -65,13 +68,28 @@ class BenchmarkError(PlacerError, ValueError):
 
 @dataclass
 class MethodOutcome:
-    """What a method returns: a placement row (or None with ``reason``) and its search cost."""
+    """What a method returns: a placement row (or None with ``reason``) and its search cost.
+
+    ``interrupted``: the method stopped on Ctrl-C or SIGTERM (an agent's search returns its
+    best so far); the benchmark then stops as a whole and keeps the rows so far.
+    """
 
     placement: np.ndarray | None
     reason: str = ""
     search_time: float = 0.0
     evaluated: int = 0
     history: list[tuple[float, int, float]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class BenchmarkInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`run_case`: carries the case's rows up to and including
+    the interrupted method, so :func:`run_benchmark` can keep them."""
+
+    def __init__(self, table: pd.DataFrame, histories: dict) -> None:
+        super().__init__("benchmark interrupted")
+        self.table = table
+        self.histories = histories
 
 
 MethodFn = Callable[[PlacementProblem, nx.DiGraph | None, Any, Budget | None, int, Mapping[str, str] | None], MethodOutcome]
@@ -126,6 +144,7 @@ def _agent_method(agent: str) -> MethodFn:
         return MethodOutcome(
             np.asarray(result.best_row) if found else None, reason,
             time.perf_counter() - t0, int(result.evaluated), list(result.history),
+            interrupted=result.stop_reason == "interrupted",  # search() turned the Ctrl-C into its stop reason
         )
 
     return run
@@ -241,11 +260,18 @@ def best_single_time(problem: PlacementProblem, ignore_memory: bool = False) -> 
 
 def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = None, seed: int = 0,
              measure: bool = False, progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run ``methods`` on one case. Returns its table rows and the search histories by method."""
+    """Run ``methods`` on one case. Returns its table rows and the search histories by method.
+
+    Raises:
+        BenchmarkInterrupted: Ctrl-C or SIGTERM stopped a method (an agent's search that
+            returned "interrupted", or a KeyboardInterrupt in any other method). The methods
+            after it do not run and nothing is measured; the rows so far travel with it.
+    """
     from placer.report.compare import Candidate, comparison_table
 
     candidates = []
     histories: dict[str, list] = {}
+    interrupted = False
     for name in expand_methods(methods, case.problem):
         if progress:
             progress(f"{case.model} on {case.cluster}: {name}")
@@ -255,13 +281,19 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
             out = method(case.problem, case.graph, case.captured, budget, seed, case.op_to_group)
         except PlacerError:
             raise  # wrong use (missing graph, unknown device): the user must fix the request
+        except KeyboardInterrupt:  # Ctrl-C in a method that does not catch it itself (the baselines)
+            out = MethodOutcome(None, "interrupted before it found a placement", interrupted=True)
         except Exception as exc:  # noqa: BLE001 - one broken method must not void the whole table
             out = MethodOutcome(None, f"method failed: {type(exc).__name__}: {exc}")
         search_time = out.search_time or (time.perf_counter() - t0)
         candidates.append(Candidate(name, out.placement, search_time, out.evaluated, out.reason, None, out.history))
         if out.history:
             histories[name] = out.history
-    measured_single = _measure(case, candidates) if measure else None
+        if out.interrupted:
+            interrupted = True
+            break  # the first Ctrl-C stops the whole benchmark, as it stops optimize
+    # Interrupted: no measurement runs (as optimize's confirm stage); the rows stay simulated.
+    measured_single = _measure(case, candidates) if measure and not interrupted else None
     table = comparison_table(case.problem, candidates)
     if case.reference_single is not None:
         table["speedup_vs_single"] = case.reference_single / table["step_time"]
@@ -273,6 +305,8 @@ def run_case(case: BenchCase, methods: Sequence[str], budget: Budget | None = No
                                                 if measured_single is not None else float("nan"))
     table.insert(0, "cluster", case.cluster)
     table.insert(0, "model", case.model)
+    if interrupted:
+        raise BenchmarkInterrupted(table[COLUMNS], histories)
     return table[COLUMNS], histories
 
 
@@ -394,6 +428,11 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
     ``cases`` replaces model preparation (tests, or callers with their own problems). With
     ``out_dir`` it writes ``results.csv``, ``results.md``, ``bars_<model>.png`` and
     ``search_<model>_<cluster>.png`` (methods that report a history).
+
+    Ctrl-C or SIGTERM while the methods run stops the whole benchmark, as it stops
+    ``optimize``: no further model, cluster or method runs; the rows so far (the interrupted
+    agent's with its best so far, note "stopped: interrupted") are returned and written, and
+    the table's ``attrs["interrupted"]`` is True. The CLI then exits 130 (143 for SIGTERM).
     """
     if budget is not None and not isinstance(budget, Budget):
         budget = parse_budget(budget)
@@ -409,15 +448,31 @@ def run_benchmark(models: Sequence[str], clusters: Sequence[str], methods: Seque
     if cases is None:
         cases = prepare_cases(models, clusters, size, memory_fraction, progress=progress)
     tables, histories = [], {}
+    interrupted = False
     for case in cases:
-        table, hist = run_case(case, methods, budget, seed, measure, progress)
-        tables.append(table)
+        try:
+            table, hist = run_case(case, methods, budget, seed, measure, progress)
+        except BenchmarkInterrupted as stop:
+            table, hist, interrupted = stop.table, stop.histories, True
+        except KeyboardInterrupt:  # outside a method (while measuring): this case's rows are lost
+            table, hist, interrupted = None, {}, True
+        if table is not None:
+            tables.append(table)
         if hist:
             histories[(case.model, case.cluster)] = hist
+        if interrupted:
+            log.warning("benchmark interrupted during %s on %s: stopped; %d row(s) so far kept",
+                        case.model, case.cluster, sum(len(t) for t in tables))
+            break
     result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+    result.attrs["interrupted"] = interrupted
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_outputs(result, histories, out)
+        from placer.report.results import interrupts_deferred
+
+        # A second Ctrl-C while the files are written takes effect once all are.
+        with interrupts_deferred():
+            out.mkdir(parents=True, exist_ok=True)
+            write_outputs(result, histories, out)
     return result
 
 

@@ -231,3 +231,56 @@ def test_measuring_a_simulated_spec_is_refused_naming_the_benchmarks_own_option(
     with pytest.raises(BenchmarkError, match=r"--clusters real") as err:
         run_benchmark(["rnnlm"], ["4xK40"], ["single"], measure=True)
     assert "--cluster " not in str(err.value) + " "
+
+
+def _ctrl_c(problem, graph, captured, budget, seed, op_to_group):
+    raise KeyboardInterrupt  # what the CLI's SIGINT handler raises inside a baseline
+
+
+def test_a_ctrl_c_in_a_method_stops_the_whole_benchmark_and_writes_the_rows_so_far(tmp_path) -> None:
+    # Each Ctrl-C ended only the method under way; every later method and model still ran.
+    register_method("test_ctrl_c", _ctrl_c)
+    table = run_benchmark([], [], ["single", "test_ctrl_c", "round_robin"], out_dir=tmp_path,
+                          cases=[_case(), _case()])
+    assert list(table["method"]) == ["single", "test_ctrl_c"]
+    assert table.attrs["interrupted"]
+    assert "interrupted" in table.loc[table["method"] == "test_ctrl_c", "note"].iloc[0]
+    assert list(pd.read_csv(tmp_path / "results.csv")["method"]) == ["single", "test_ctrl_c"]
+
+
+def test_an_agent_search_stopped_by_ctrl_c_keeps_its_row_and_stops_the_benchmark(monkeypatch) -> None:
+    # search() turns the Ctrl-C into stop_reason "interrupted" and returns: the benchmark went on.
+    from types import SimpleNamespace
+
+    import placer.search.search as search_module
+
+    problem = _case().problem
+    best = np.zeros(problem.num_nodes, dtype=np.int64)
+    monkeypatch.setattr(search_module, "search", lambda *a, **k: SimpleNamespace(
+        best_row=best, best_fits=True, stop_reason="interrupted", evaluated=7, history=[]))
+    table = run_benchmark([], [], ["agent:moves", "single"], cases=[_case(), _case()])
+    assert len(table) == 1 and table.attrs["interrupted"]
+    row = table.iloc[0]
+    assert row["method"] == "agent:moves" and row["fits"] and row["note"] == "stopped: interrupted"
+
+
+def test_cli_benchmark_first_sigint_stops_everything_writes_rows_and_exits_130(monkeypatch, capsys, tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    import placer.benchmark as benchmark_module
+    from placer.cli.main import main
+
+    def sigint(problem, graph, captured, budget, seed, op_to_group):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the CLI's handler interrupts this at once
+        return MethodOutcome(None, "not interrupted")
+
+    register_method("test_sigint", sigint)
+    monkeypatch.setattr(benchmark_module, "prepare_cases", lambda *a, **k: [_case(), _case()])
+    code = main(["benchmark", "--models", "rnnlm", "--clusters", "4xK40", "--methods", "single,test_sigint,heft",
+                 "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted by SIGINT" in err and "Traceback" not in err
+    assert list(pd.read_csv(tmp_path / "b" / "results.csv")["method"]) == ["single", "test_sigint"]

@@ -314,7 +314,7 @@ def write_measurements(result: "OptimizeResult", out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then interrupt as the handler
     that was in place would have: the result files are written as one set. Without it a
     second Ctrl-C while they were written left placement.json without its report.md, and a
@@ -340,8 +340,8 @@ def _interrupts_deferred() -> Iterator[None]:
 
 def write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     """Write every result file into ``out_dir``; returns the path of report.md. An interrupt
-    while they are written takes effect once all are (:func:`_interrupts_deferred`)."""
-    with _interrupts_deferred():
+    while they are written takes effect once all are (:func:`interrupts_deferred`)."""
+    with interrupts_deferred():
         return _write_results(result, out_dir)
 
 
