@@ -503,11 +503,17 @@ def test_resume_with_a_policy_file_torch_cannot_read_is_refused_before_the_model
     (["--baselines", ","], "error: --baselines ',' names no baseline"),
     (["--agent", "hierarchical", "--groups", "3"],
      "error: --groups 3 is fewer than the cluster's 5 devices; the hierarchical agent needs --groups 5 or more\n"),
+    (["--groups", "8"],  # the default agent has no grouper: --groups was accepted and changed nothing
+     "error: --groups 8 sets how many groups the grouper of --agent hierarchical or --agent reinforce forms; agent "
+     "'moves' has no grouper and would ignore it: add --agent hierarchical or --agent reinforce, or leave --groups "
+     "out\n"),
+    (["--agent", "flat", "--groups", "8"], "error: --groups 8 sets how many groups the grouper of"),
 ])
 def test_options_that_cannot_work_are_refused_in_one_line_before_the_search(tmp_path, capsys, model_file, extra,
                                                                            expected):
     """--baselines '' ran nothing and then said no baseline fits; --groups below the device count
-    was refused once the search ran, naming the internal num_groups."""
+    was refused once the search ran, naming the internal num_groups; --groups with an agent that
+    has no grouper was silently ignored."""
     out = tmp_path / "out"
     assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "50", "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from placer.search.agents.registry import DEFAULT_AGENT, agent_names
+from placer.search.agents.registry import DEFAULT_AGENT, agent_names, grouper_agents
 from placer.search.budget import DEFAULT_BUDGET
 
 EXAMPLES = """examples:
@@ -45,7 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "wins; measurements and calibration go to report.md and calibration.json")
     parser.add_argument("--agent", default=DEFAULT_AGENT, choices=agent_names(),
                         help=f"search agent (default: {DEFAULT_AGENT}, the learned move policy)")
-    parser.add_argument("--groups", type=int, help="number of groups for the grouper (default from graph and devices)")
+    parser.add_argument("--groups", type=int,
+                        help=f"{' and '.join(f'--agent {a}' for a in grouper_agents())} only: how many groups their "
+                             "grouper forms (default from graph and devices; at least the number of devices). Not "
+                             "the op groups the header line counts; refused with any other agent")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     parser.add_argument("--memory", help="per-device memory caps DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GB; sizes as in "
                         "accelerate's max_memory and cluster specs: GB/MB = powers of 1000, GiB/MiB = powers of "

@@ -32,7 +32,7 @@ from envs.hardware.cluster import Cluster
 from envs.runtime.measurer import Measurer
 from placer.options import OptionError, check_seed
 from placer.out_dir import check_cache_dir
-from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, agent_names, get_agent
+from placer.search.agents.registry import DEFAULT_AGENT, UnknownAgentError, agent_names, get_agent, grouper_agents
 from placer.search.budget import DEFAULT_BUDGET, Budget, parse_budget
 
 #: The simulated cluster used when no devices are named and fewer than two real ones exist.
@@ -59,7 +59,9 @@ class OptimizeConfig:
             when at least two exist, else :data:`DEFAULT_CLUSTER`.
         budget: search budget (:func:`~placer.search.budget.parse_budget`); stored parsed.
         reward: ``simulated``, ``measured``, ``hybrid`` or None (chosen from the devices).
-        groups: groups of the hierarchical agent (None: from graph and devices).
+        groups: how many groups the grouper of the hierarchical agents forms
+            (:func:`~placer.search.agents.registry.grouper_agents`; None: from graph and devices).
+            Refused with any other agent, which has no grouper and would ignore it.
         seed: makes the run reproducible.
         memory: per-device memory caps, ``"cuda:0=20GiB"`` or a dict.
         baselines: baseline names run first; their placements seed the search.
@@ -83,7 +85,8 @@ class OptimizeConfig:
             class names such as ``"Block"``, or ``nn.Module`` subclasses).
 
     Raises:
-        OptionError: a malformed budget, unknown reward mode, agent or baseline, groups < 1,
+        OptionError: a malformed budget, unknown reward mode, agent or baseline, groups < 1 or
+            groups with an agent that has no grouper,
             or a reward that cannot be computed for this model and agent.
     """
 
@@ -127,6 +130,12 @@ class OptimizeConfig:
             entry = get_agent(self.agent)
         except UnknownAgentError as exc:
             raise OptionError(str(exc)) from None
+        if self.groups is not None and not entry.hierarchical:
+            # Only a grouper's agent reads it: with the default agent it was accepted and changed
+            # nothing (the header line's "N groups" is the coarsening's, another count).
+            users = " or ".join(f"--agent {name}" for name in grouper_agents())
+            raise OptionError(f"--groups {self.groups} sets how many groups the grouper of {users} forms; agent "
+                              f"{self.agent!r} has no grouper and would ignore it: add {users}, or leave --groups out")
         self._check_reward_source(entry.batched)
         baselines = (self.baselines,) if isinstance(self.baselines, str) else tuple(self.baselines)
         set_(self, "baselines", baselines)

@@ -79,6 +79,12 @@ def agent_names() -> tuple[str, ...]:
     return tuple(_AGENTS)
 
 
+def grouper_agents() -> tuple[str, ...]:
+    """The agents whose action is the hierarchical one (a grouper forms the groups they place):
+    the only ones the number of groups (``--groups``, ``SearchConfig.num_groups``) applies to."""
+    return tuple(name for name, entry in _AGENTS.items() if entry.hierarchical)
+
+
 def get_agent(name: str) -> AgentEntry:
     """The agent registered as ``name``.
 
