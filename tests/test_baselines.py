@@ -342,3 +342,42 @@ def test_memory_aware_list_schedulers_leave_room_for_the_working_sets(name):
     result = run_baseline(name, problem, graph=captured.graph)
     assert result.placement is not None, result.reason
     assert simulate(problem, result.placement).fits
+
+
+def test_no_room_states_the_bytes_the_fit_test_compared_not_the_footprint_alone() -> None:
+    # It said "needs 287 KiB" beside devices with 542 KiB free: the test had also counted the
+    # node's working space (and input copies, foreach temporaries), the note only its footprint.
+    from envs.hardware.units import format_bytes
+    from placer.search.baselines.schedule import ScheduleState
+
+    problem = diamond_problem(param_bytes=np.full(8, 10 * MB))
+    state = ScheduleState(problem, list(range(problem.num_devices)))
+    n = 0
+    state.work[n] = 3 * state.mem[n]
+    state.cap[:] = 2 * state.mem[n]  # the footprint fits everywhere, footprint + working space nowhere
+    assert state.hosts(n) == []
+    message = str(state.no_room(n))
+    need = state.room_needed(n, 0)
+    assert need > 2 * state.mem[n] and all(state.room_needed(n, d) == need for d in state.devices)
+    assert f"needs {format_bytes(need)} (its footprint {format_bytes(state.mem[n])} plus" in message
+    assert message.endswith(f"{format_bytes(state.free(0))} free)")
+
+
+def test_no_room_gives_each_devices_need_where_they_differ() -> None:
+    from envs.hardware.units import format_bytes
+    from placer.search.baselines.schedule import ScheduleState
+
+    problem = diamond_problem(param_bytes=np.full(8, 10 * MB))
+    state = ScheduleState(problem, list(range(problem.num_devices)))
+    n = 0
+    state.work[n] = 3 * state.mem[n]
+    state.device_work[1] = state.work[n]  # device 1 already reserves that working space
+    state.cap[:] = 2 * state.mem[n]
+    state.cap[1] = 3.5 * state.mem[n]
+    assert state.hosts(n) == []
+    message = str(state.no_room(n))
+    names = problem.device_names
+    for d in state.devices:
+        assert state.room_needed(n, d) > state.free(d)
+        assert f"{names[d]} needs {format_bytes(state.room_needed(n, d))} with {format_bytes(state.free(d))} free" \
+            in message

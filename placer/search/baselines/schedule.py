@@ -102,14 +102,34 @@ class ScheduleState:
         self.busy_end[d].insert(i, end)
         self.avail[d] = max(self.avail[d], end)
 
+    def room_needed(self, n: int, d: int) -> float:
+        """Free bytes (:meth:`free`) device ``d`` must have for node ``n``: :meth:`need` plus the
+        working space it adds there (its own beyond what the device's nodes already reserve).
+        The :meth:`hosts` test, ``used + need + max(device_work, work) <= cap``, rearranged."""
+        return self.need(n, d) + max(float(self.work[n]) - float(self.device_work[d]), 0.0)
+
+    def free(self, d: int) -> float:
+        """Bytes left on device ``d`` once its nodes and their working space are counted."""
+        return max(float(self.cap[d] - self.used[d] - self.device_work[d]), 0.0)
+
     def no_room(self, n: int) -> NoFit:
-        """The error for a node no allowed device has room for."""
+        """The error for a node no allowed device has room for.
+
+        It states what :meth:`hosts` tested, per device: the node's footprint alone (what it
+        said before) read as if it fitted where more than that was free, since input copies,
+        the optimizer's foreach temporaries on a GPU and the working space count too.
+        """
         name = self.problem.node_names[n]
-        free = ", ".join(
-            f"{self.problem.device_names[d]} {format_bytes(max(self.cap[d] - self.used[d] - self.device_work[d], 0))} free"
-            for d in self.devices
-        )
-        return NoFit(f"node {name!r} needs {format_bytes(self.mem[n])} but no device has room ({free})")
+        needed = {d: self.room_needed(n, d) for d in self.devices}
+        parts = "its footprint " + format_bytes(self.mem[n]) + (
+            " plus inputs copied from other devices, the optimizer's temporaries on a GPU and its working space")
+        if len({format_bytes(v) for v in needed.values()}) == 1:
+            free = ", ".join(f"{self.problem.device_names[d]} {format_bytes(self.free(d))} free" for d in self.devices)
+            return NoFit(f"node {name!r} needs {format_bytes(next(iter(needed.values())))} ({parts}) but no "
+                         f"device has room ({free})")
+        each = ", ".join(f"{self.problem.device_names[d]} needs {format_bytes(needed[d])} with "
+                         f"{format_bytes(self.free(d))} free" for d in self.devices)
+        return NoFit(f"node {name!r} fits on no device ({each}; {parts}, which differ by device)")
 
 
 def eft_choice(state: ScheduleState, n: int, candidates: list[int], insertion: bool) -> tuple[int, float]:
