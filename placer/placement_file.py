@@ -165,6 +165,20 @@ def recorded_model_args(placement: Placement, given: dict[str, Any]) -> tuple[di
     return dict(given), False
 
 
+def unchecked_note(placement: Placement) -> str | None:
+    """What ``placer apply`` and ``placer show`` print for a placement never checked numerically
+    against its model (``metadata["checked"]`` false: a best_placement.json, or ``--no-check``);
+    None for a checked one or a file that does not say.
+
+    >>> unchecked_note(Placement({}, "fp", [], {"checked": True})) is None
+    True
+    """
+    if placement.metadata.get("checked") is not False:
+        return None
+    return ("this placement was not checked numerically against the model (a best_placement.json kept while "
+            "a run went on, or a run with --no-check); optimize writes placement.json after checking it")
+
+
 def load_placement(
     path: str | os.PathLike,
     graph: Any = None,

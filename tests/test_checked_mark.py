@@ -22,3 +22,20 @@ def test_placement_json_is_marked_checked_best_placement_json_is_not_and_apply_s
         assert main(["apply", str(model), str(out / name), "--steps", "2", "--cluster", "4xK40"]) == 0
         printed = capsys.readouterr().out
         assert ("note: this placement was not checked numerically" in printed) is noted, printed
+
+
+def test_show_says_a_placement_was_not_checked_numerically_as_apply_does(tmp_path, capsys):
+    # show printed a failed run's best_placement.json like any finished placement.json.
+    from placer.placement_file import Placement, save_placement, unchecked_note
+
+    for checked, noted in ((False, True), (True, False), (None, False)):
+        meta = {"model": "tiny", "step_time": 0.001, "source": "simulated", "method": "heft"}
+        if checked is not None:
+            meta["checked"] = checked
+        placement = Placement({"a": "gpu0", "b": "gpu1"}, "fp", ["gpu0", "gpu1"], meta)
+        path = save_placement(placement, tmp_path / f"p_{checked}.json")
+        capsys.readouterr()
+        assert main(["show", str(path)]) == 0
+        printed = capsys.readouterr().out
+        assert (f"  note: {unchecked_note(placement)}" in printed) is noted, printed
+        assert ("not checked numerically" in printed) is noted, printed

@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from placer.api import load, train_steps
     from placer.options import OptionError, parse_model_args
-    from placer.placement_file import load_placement, recorded_model_args
+    from placer.placement_file import load_placement, recorded_model_args, unchecked_note
 
     if args.steps < 1 or args.warmup < 0:
         raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -45,10 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     saved = load_placement(args.placement)
     model_args, recorded = recorded_model_args(saved, parse_model_args(args.model_arg, size=args.size))
-    if saved.metadata.get("checked") is False:
-        print("note: this placement was not checked numerically against the model (a best_placement.json "
-              "kept while a run went on, or a run with --no-check); optimize writes placement.json after "
-              "checking it")
+    unchecked = unchecked_note(saved)
+    if unchecked is not None:
+        print(f"note: {unchecked}")
     if recorded:
         print(f"model arguments (recorded by optimize): {model_args}")
     spec = load_source(args.model, model_args)

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from placer.options import OptionError
-    from placer.placement_file import load_placement, recorded_model_args
+    from placer.placement_file import load_placement, recorded_model_args, unchecked_note
 
     if not args.model:
         # Without the model there is nothing to simulate or draw: `show p.json --cluster
@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  step time: {float(meta['step_time']) * 1e3:.3f} ms ({source}), method {method}")
     elif "step_time" in meta:
         print("  step time: not recorded")
+    unchecked = unchecked_note(placement)
+    if unchecked is not None:  # as apply says it: best_placement.json reads like a finished result otherwise
+        print(f"  note: {unchecked}")
     print("  ops per device: " + ", ".join(f"{d}={counts.get(d, 0)}" for d in placement.devices))
     if placement.pipeline is not None:
         pipe = placement.pipeline
