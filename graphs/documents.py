@@ -124,13 +124,16 @@ def read_document(path: str | os.PathLike, error: type[PlacerError], what: str =
         data = p.read_bytes()
     except OSError as exc:
         raise error(f"cannot read {where}: {exc.strerror or exc}") from None
+    if fmt is None:
+        fmt = "json" if p.suffix.lower() == ".json" else "yaml"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        # What this read accepts: a placement file (fmt="json") said "JSON or YAML" and then
+        # refused a YAML one as "not valid JSON".
+        accepted = "a JSON text file" if fmt == "json" else "a YAML or JSON text file"
         raise error(f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                    "expected a JSON or YAML text file") from None
+                    f"expected {accepted}") from None
     if text.startswith("\ufeff"):
         text = text[1:]  # a byte-order mark some editors write
-    if fmt is None:
-        fmt = "json" if p.suffix.lower() == ".json" else "yaml"
     return parse_document(text, fmt, where, error)

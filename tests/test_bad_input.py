@@ -191,6 +191,15 @@ def test_a_placement_file_that_is_not_utf8_or_nested_200000_deep_is_refused_by_s
     assert expected in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_a_binary_file_given_as_the_placement_is_refused_naming_json_only(tmp_path, capsys):
+    """It said "expected a JSON or YAML text file", and a YAML placement is refused as not valid JSON."""
+    path = _text_file(tmp_path, "memory.png", b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("is not UTF-8 text (byte 0x89 at offset 0); expected a JSON text file\n"), err
+    assert "YAML" not in err
+
+
 # --------------------------------------------------------------------------- cluster specs
 
 DEVICE = {"name": "gpu0", "kind": "K40", "memory": "12GiB", "peak_flops": "4.29T", "mem_bandwidth": "288GB/s"}
@@ -281,7 +290,7 @@ CUDA_MISSING = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda
     (_spec(gpu0=GPU0 + f", real_device: '{CUDA_MISSING}'"), f"'{CUDA_MISSING}' does not exist"),
     (_spec(gpu0=GPU0 + ", real_device: meta"), "is the meta device"),
     (_deep(DEEP), "nests 200,000 levels deep"),
-    ("name: caf\xe9\n", "is not UTF-8 text"),
+    ("name: caf\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 9); expected a YAML or JSON text file"),
 ])
 def test_a_bad_cluster_spec_stops_optimize_in_one_line_before_any_work(tmp_path, capsys, model_file, spec,
                                                                        expected):
