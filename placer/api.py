@@ -198,30 +198,42 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
     }
 
 
+#: How long ``placer apply`` over worker processes waits while no rank makes progress (no step
+#: begun, no message received) before calling the run hung. A no-progress limit, not a limit on
+#: the run: ``--steps 100000`` of a slow model may take hours and is never cut while it steps.
+APPLY_STALL_TIMEOUT_S = 300.0
+
+
 def train_rank_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, source: str,
-                     model_args: Mapping[str, Any] | None = None, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+                     model_args: Mapping[str, Any] | None = None, steps: int = 10, warmup: int = 2,
+                     stall_timeout_s: float = APPLY_STALL_TIMEOUT_S,
+                     load_timeout_s: float = 300.0) -> dict[str, Any]:
     """Run an un-pipelined placement over worker processes (``cpu:0,cpu:1``) as ``optimize``
     measured it: one process per device, one thread each, the point-to-point runtime
-    (:func:`envs.runtime.distributed.launcher.run_job`). The losses come from a training task
-    of ``warmup + steps`` steps, the times from a measuring one (each step the slowest rank's).
-    ``source``: the model file or ``zoo:<name>`` the workers load the model's code from.
+    (:func:`envs.runtime.distributed.launcher.run_job`). One measuring task of ``warmup +
+    steps`` steps gives both the losses and the times (each step the slowest rank's): a
+    separate training task ran the same steps from the same start a second time for its
+    losses alone. ``source``: the model file or ``zoo:<name>`` the workers load the model's
+    code from. The run is stopped as hung only when no rank has made progress for
+    ``stall_timeout_s`` (plus ``load_timeout_s`` while a rank is starting), never for its length.
 
     Raises:
-        PlacerError: the job failed (the reason names the rank).
+        PlacerError: the job failed (the reason names the rank and the step it was at).
     """
     from envs.runtime.distributed.launcher import run_job
 
     devices = list(placement.devices)
     ranks = {node: devices.index(dev) for node, dev in placement.assignment.items()}
-    tasks = [{"kind": "train", "ranks": ranks, "steps": warmup + steps},
-             {"kind": "measure", "ranks": ranks, "warmup": warmup, "repeats": steps}]
-    out = run_job(spec, source, devices, tasks, model_args=model_args, threads=1, captured=captured)
+    tasks = [{"kind": "measure", "ranks": ranks, "warmup": warmup, "repeats": steps}]
+    out = run_job(spec, source, devices, tasks, model_args=model_args, threads=1, captured=captured,
+                  timeout_s=None, stall_timeout_s=stall_timeout_s, load_timeout_s=load_timeout_s)
     if not out.ok:
-        raise PlacerError(f"the placement did not run over {', '.join(devices)}: {out.error}")
-    trained, measured = out.results
-    assert trained is not None and measured is not None  # out.ok: every task finished
+        raise PlacerError(f"the placement did not run over {', '.join(devices)} ({warmup} warm-up + {steps} "
+                          f"steps): {out.error}")
+    [measured] = out.results
+    assert measured is not None  # out.ok: every task finished
     # The output rank computes the loss; the others return None for it.
-    losses = next((r["losses"] for r in trained if r["losses"] and r["losses"][0] is not None), None)
+    losses = next((r["losses"] for r in measured if r["losses"] and r["losses"][0] is not None), None)
     if losses is None:
         raise PlacerError(f"the placement ran over {', '.join(devices)} but no rank returned the loss")
     losses = losses[warmup:]

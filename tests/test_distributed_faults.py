@@ -249,3 +249,94 @@ def test_a_rank_started_on_a_folder_without_a_job_is_one_line_and_exit_status_2(
                           text=True, timeout=120)
     assert done.returncode == 2
     assert "holds no job.pt" in done.stderr and "no-job" in done.stderr and "Traceback" not in done.stderr
+
+
+SLOW_STEP_MODEL = textwrap.dedent(
+    '''
+    import os, time
+    import torch
+    import torch.fx
+    import torch.nn as nn
+
+    def slow(x):
+        # On rank 1, in real steps only (not while captured on meta, nor in the launcher, which
+        # has no RANK): sleep, and log one line per step, so a test can count the steps run.
+        if (os.environ.get("RANK") == "1" and type(x) is torch.Tensor and x.device.type == "cpu"
+                and x.shape[0] == 4):
+            time.sleep(float(os.environ["PLACER_TEST_STEP_S"]))
+            with open(os.environ["PLACER_TEST_STEP_LOG"], "a") as fh:
+                fh.write("step\\n")
+        return x
+
+    torch.fx.wrap("slow")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(slow(self.fc1(x)))
+
+    def get_model():
+        return Net()
+
+    def get_example_inputs():
+        return (torch.randn(4, 8),)
+    '''
+)
+
+
+def _split_placement(model_file: Path, on_rank1: tuple[str, ...]):
+    """The model file's spec, capture and a placement putting ``on_rank1`` on cpu:1, the rest on cpu:0."""
+    from graphs.capture import capture
+    from graphs.pipeline import load_source
+    from placer.placement_file import Placement
+
+    spec = load_source(str(model_file), {})
+    captured = capture(spec.model, spec.example_inputs, name=spec.name)
+    names = [n.name for n in captured.gm.graph.nodes]
+    assert set(on_rank1) <= set(names), names
+    assignment = {n: ("cpu:1" if n in on_rank1 else "cpu:0") for n in names}
+    return spec, captured, Placement(assignment, captured.fingerprint, ["cpu:0", "cpu:1"])
+
+
+def test_apply_over_workers_that_keep_stepping_runs_past_the_time_out_and_runs_each_step_once(tmp_path, monkeypatch):
+    """``placer apply`` over worker processes was killed as "hung" once a task outlasted a fixed
+    300 s although every step progressed, and it ran warmup + steps twice (a training task for
+    the losses, then a measuring one for the times). Here the whole run (6 steps of 0.6 s)
+    outlasts the 2 s time-out, which only a stall of 2 s may trip, and rank 1 runs 6 steps, not 12."""
+    from placer.api import train_rank_steps
+
+    model = tmp_path / "slow_model.py"
+    model.write_text(SLOW_STEP_MODEL)
+    log = tmp_path / "steps.log"
+    monkeypatch.setenv("PLACER_TEST_STEP_S", "0.6")
+    monkeypatch.setenv("PLACER_TEST_STEP_LOG", str(log))
+    spec, captured, placement = _split_placement(model, ("slow", "fc2", "output"))
+    stats = train_rank_steps(spec, captured, placement, str(model), steps=5, warmup=1, stall_timeout_s=2.0,
+                             load_timeout_s=240.0)
+    assert len(stats["losses"]) == 5 and len(stats["times"]) == 5
+    assert all(t >= 0.6 for t in stats["times"]), stats["times"]
+    assert log.read_text().count("step") == 6, "expected warmup + steps = 6 steps, each run once"
+
+
+def test_apply_over_workers_names_the_rank_that_made_no_progress_and_where(tmp_path, monkeypatch):
+    """A real hang still ends the run, after the no-progress time-out, naming the stalled rank and its step."""
+    from graphs.errors import PlacerError
+    from placer.api import train_rank_steps
+
+    model = tmp_path / "stalling_model.py"
+    model.write_text(STALLING_MODEL)
+    monkeypatch.setenv("PLACER_TEST_STALL_RANK", "1")
+    spec, captured, placement = _split_placement(model, ("stall", "fc2", "output"))
+    start = time.monotonic()
+    with pytest.raises(PlacerError) as exc:
+        train_rank_steps(spec, captured, placement, str(model), steps=3, warmup=1, stall_timeout_s=3.0,
+                         load_timeout_s=240.0)
+    assert time.monotonic() - start < 240
+    message = str(exc.value)
+    assert "(1 warm-up + 3 steps)" in message, message
+    assert "worker rank 1 (cpu:1) hung: no rank made progress for 3s" in message, message
+    assert "computing (task 0, step 0)" in message and "rank 0 waiting for rank 1" in message, message

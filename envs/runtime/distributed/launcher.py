@@ -254,21 +254,62 @@ class WorkerGroup:
         d = ranks[failed[0].label]
         return self._blame(f"rank {d.rank} ({d.name}) gave up waiting ({self._error_line(d.rank)})")
 
-    def wait_task(self, index: int, timeout_s: float) -> tuple[list[Any] | None, str]:
-        """Per-rank results of task ``index``, or (None, reason) on failure or time-out."""
+    def _progress_marks(self) -> tuple[tuple[Any, ...], bool]:
+        """Every rank's status record as a comparable mark, and whether some rank is still starting.
+
+        A rank with no record yet (importing torch) or not yet in a task (rendezvous,
+        capture) is starting; start-up gets its own allowance (``run_job``'s ``load_timeout_s``).
+        """
+        marks: list[Any] = []
+        starting = False
+        for d in self.devices:
+            st = read_status(self.job_dir, d.rank)
+            marks.append(None if st is None else st.progress_mark())
+            if st is None or st.task < 0:
+                starting = True
+        return tuple(marks), starting
+
+    def wait_task(self, index: int, timeout_s: float | None, stall_timeout_s: float | None = None,
+                  start_allowance_s: float = 0.0) -> tuple[list[Any] | None, str]:
+        """Per-rank results of task ``index``, or (None, reason) on failure, time-out or stall.
+
+        Args:
+            timeout_s: wall-clock limit of the task (None: none), for callers that bound
+                what one task may cost (the measured search cuts a slow placement).
+            stall_timeout_s: no-progress limit (None: none): the task is hung when no rank's
+                status record has changed (no step begun, no message received, no barrier
+                passed, no result written) for this long. A long run that keeps stepping is
+                never cut by it, which a wall-clock limit cannot promise.
+            start_allowance_s: added to ``stall_timeout_s`` while some rank is still starting
+                (importing, connecting, capturing: one long state with no steps to show).
+        """
+        if timeout_s is None and stall_timeout_s is None:
+            raise ValueError("wait_task needs a timeout_s or a stall_timeout_s, else a hang waits forever")
         files = [self.job_dir / f"result-{index}-{d.rank}.pt" for d in self.devices]
-        deadline = time.monotonic() + timeout_s
+        start = last_move = time.monotonic()
+        seen: tuple[Any, ...] | None = None
         while True:
-            if all(f.exists() for f in files):
+            done = [f.exists() for f in files]
+            if all(done):
                 return [torch.load(f, weights_only=False) for f in files], ""
             why = self._failure()
             if why is not None:
                 return None, why
             if not self.supervisor.running():
                 return None, "every worker exited before finishing the task"
-            if time.monotonic() >= deadline:
-                missing = [d.rank for d, f in zip(self.devices, files) if not f.exists()]
+            now = time.monotonic()
+            missing = [d.rank for d, ok in zip(self.devices, done) if not ok]
+            if timeout_s is not None and now - start >= timeout_s:
                 return None, self._blame(f"timed out after {timeout_s:g}s (rank(s) {missing} did not finish)")
+            if stall_timeout_s is not None:
+                marks, starting = self._progress_marks()
+                marks += tuple(done)
+                if marks != seen:
+                    seen, last_move = marks, now
+                limit = stall_timeout_s + (start_allowance_s if starting else 0.0)
+                if now - last_move >= limit:
+                    return None, self._blame(
+                        f"no rank made progress for {limit:g}s (rank(s) {missing} did not finish task {index})")
             time.sleep(_POLL_S)
 
     def finish(self, timeout_s: float = 30.0) -> None:
@@ -290,36 +331,46 @@ def run_job(
     tasks: Sequence[Mapping[str, Any]],
     model_args: Mapping[str, Any] | None = None,
     threads: int = 1,
-    timeout_s: float = 300.0,
+    timeout_s: float | None = 300.0,
     load_timeout_s: float = 300.0,
     fingerprint: str | None = None,
     master_addr: str = "127.0.0.1",
     job_dir: str | os.PathLike | None = None,
     captured: CapturedModel | None = None,
     deadline: float | None = None,
+    stall_timeout_s: float | None = None,
 ) -> JobOutcome:
     """Run ``tasks`` on local worker processes, one per device; never leaves a process behind.
 
     ``load_timeout_s`` bounds start-up (imports, rendezvous, capture) plus the first task;
-    ``timeout_s`` each later task; ``deadline`` (a ``time.monotonic()`` instant, e.g. the
-    end of the run's budget) bounds them all. A failure ends the job: later tasks get no
-    result. Without ``job_dir`` the job's files go to a fresh :func:`~envs.runtime.supervisor.make_job_dir`
+    ``timeout_s`` each later task (None: no wall-clock limit); ``deadline`` (a
+    ``time.monotonic()`` instant, e.g. the end of the run's budget) bounds them all.
+    ``stall_timeout_s`` is a no-progress watchdog instead (see :meth:`WorkerGroup.wait_task`):
+    a job of many steps, e.g. ``placer apply --steps 100000``, has no sensible wall-clock
+    limit but must still stop when a rank hangs; start-up gets ``load_timeout_s`` more. At
+    least one of ``timeout_s`` and ``stall_timeout_s`` is needed. A failure ends the job:
+    later tasks get no result. Without ``job_dir`` the job's files go to a fresh :func:`~envs.runtime.supervisor.make_job_dir`
     that is removed on return.
     """
+    if timeout_s is None and stall_timeout_s is None:
+        raise ValueError("run_job needs a timeout_s or a stall_timeout_s, else a hung rank waits forever")
     tmp = Path(job_dir) if job_dir is not None else make_job_dir()
     try:
         # torch.distributed's own time-out is longer than any wait of ours (see TORCH_TIMEOUT_MARGIN_S).
+        waits = [t for t in (timeout_s, stall_timeout_s) if t is not None]
         write_job(tmp, spec, model_source, model_args, devices, tasks, threads=threads,
-                  timeout_s=load_timeout_s + timeout_s + TORCH_TIMEOUT_MARGIN_S, fingerprint=fingerprint,
+                  timeout_s=load_timeout_s + max(waits) + TORCH_TIMEOUT_MARGIN_S, fingerprint=fingerprint,
                   captured=captured)
         outcome = JobOutcome(results=[None] * len(tasks))
         with WorkerGroup(tmp, devices, master_addr=master_addr) as group:
             group.start()
             for i in range(len(tasks)):
-                limit = load_timeout_s + timeout_s if i == 0 else timeout_s
+                limit = None if timeout_s is None else load_timeout_s + timeout_s if i == 0 else timeout_s
                 if deadline is not None:
-                    limit = max(0.0, min(limit, deadline - time.monotonic()))
-                res, why = group.wait_task(i, limit)
+                    left = max(0.0, deadline - time.monotonic())
+                    limit = left if limit is None else min(limit, left)
+                res, why = group.wait_task(i, limit, stall_timeout_s=stall_timeout_s,
+                                           start_allowance_s=load_timeout_s)
                 if res is None:
                     outcome.error, outcome.failed_task = why, i
                     break

@@ -7,7 +7,9 @@ reports a time-out — an innocent rank. Each rank therefore keeps a tiny status
 system call): computing, waiting for a peer (which one) or in a barrier, with the task,
 the step and when the state began. The launcher reads the records when a task times out
 or a rank fails with a communication error, and names the rank that was computing while
-the others waited (:func:`culprit`).
+the others waited (:func:`culprit`); it also watches them for progress (a record that
+changed: a new step, a message received, a barrier passed), so a job is called hung only
+when no rank has moved for a while, not merely when it runs long.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ class Status:
     task: int
     step: int
     for_s: float
+    #: When the state began (``time.monotonic()``): a record whose ``since`` changed has moved on.
+    since: float = 0.0
+
+    def progress_mark(self) -> tuple[int, int, int, int, float]:
+        """What changes whenever the rank makes progress (any state change, a new step)."""
+        return (self.state, self.peer, self.task, self.step, self.since)
 
     def describe(self) -> str:
         """E.g. ``computing (task 1, step 3) for 5.2s``."""
@@ -105,7 +113,7 @@ def read_status(job_dir: str | os.PathLike, rank: int) -> Status | None:
     state, peer, task, step, since = struct.unpack_from(_FMT, data)
     if since == 0.0:
         return None
-    return Status(rank, state, peer, task, step, max(0.0, time.monotonic() - since))
+    return Status(rank, state, peer, task, step, max(0.0, time.monotonic() - since), since)
 
 
 def culprit(statuses: Sequence[Status | None], alive: Sequence[bool]) -> int | None:

@@ -159,7 +159,8 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
             optimizer = spec.optimizer_fn(list(params.values())) if params else None
             if kind == "train":
                 losses = []
-                for _ in range(int(task["steps"])):
+                for s in range(int(task["steps"])):
+                    status.at(i, s)  # each step shows as progress to the launcher's watchdog
                     if optimizer is not None:
                         optimizer.zero_grad(set_to_none=True)
                     losses.append(runner.step())
@@ -178,12 +179,14 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                 }
             elif kind == "measure":
                 counter = itertools.count()
+                measured_losses: list[float | None] = []
 
                 def step() -> None:
                     status.at(i, next(counter))
                     if optimizer is not None:
                         optimizer.zero_grad(set_to_none=True)
-                    runner.step()
+                    # Kept so one task gives both the losses and the times (placer apply).
+                    measured_losses.append(runner.step())
                     if optimizer is not None:
                         optimizer.step()
 
@@ -196,6 +199,8 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                                    on_timing=comm.reset)  # count the timed steps only
                 n = max(1, int(task["repeats"]))
                 result = {"times": list(timed.times), "describe": plan.describe(),
+                          # Every step's loss, warm-up included (None on ranks without the output).
+                          "losses": measured_losses,
                           # Per timed step: messages this rank sent / received, bytes sent, and
                           # the time it sat in receives waiting for its peers.
                           "messages_sent": comm.sent / n, "messages_received": comm.received / n,
