@@ -40,6 +40,9 @@ class OptimizeResult:
         check: the numerical check of the applied placement (None if skipped).
         search: the agent's search result.
         candidates: every method's candidate.
+        out_dir: the folder the run itself wrote into (with ``out_dir=``/``--out``; None
+            without): it also holds the run's best_placement.json and policy, which
+            :meth:`save` into that folder must keep.
     """
 
     placement: Placement
@@ -57,6 +60,9 @@ class OptimizeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     reward: str = "simulated"
     measurement: Any = None  # placer.measuring.summary.MeasurementSummary on real devices
+    out_dir: Path | None = None
+    #: Folders this result was saved into: saving there again overwrites its own files.
+    _saved_to: set[Path] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def apply(self, model: torch.nn.Module | None = None, output_device: str | None = None) -> torch.fx.GraphModule:
         """The placed, trainable module (over real devices; virtual ones map through the cluster).
@@ -88,5 +94,25 @@ class OptimizeResult:
         return self.table
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write placement.json, device_map.json (when module-aligned), report.md and pictures."""
-        return write_results(self, Path(out_dir))
+        """Write placement.json, device_map.json (when module-aligned), report.md and pictures;
+        returns the path of report.md.
+
+        A folder holding another run's results has them moved to ``previous/`` first, as
+        ``optimize --out`` does (:func:`placer.optimizing.earlier_results.set_aside_results`):
+        else that run's best_placement.json and policy stayed beside this placement.json, and
+        ``--resume`` later continued from the wrong run. The run's own folder and one this
+        result was saved into before are written over instead.
+
+        Raises:
+            OptionError: the earlier results could not be moved aside (nothing was written).
+        """
+        from placer.optimizing.earlier_results import set_aside_results
+
+        folder = Path(out_dir)
+        resolved = folder.resolve()
+        own = {p.resolve() for p in (self.out_dir, *self._saved_to) if p is not None}
+        if resolved not in own and folder.is_dir():
+            set_aside_results(folder, resume_hint=False)
+        report = write_results(self, folder)
+        self._saved_to.add(resolved)
+        return report

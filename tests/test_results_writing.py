@@ -315,3 +315,52 @@ def test_a_second_run_in_the_same_process_keeps_a_faster_best_on_disk_until_it_b
                         baselines=("single",), verbose=0, check=False)
     assert json.loads((out / "best_placement.json").read_text())["metadata"]["step_time"] <= (
         kept["metadata"]["step_time"] * (1 + 1e-9))
+
+
+def test_save_into_a_folder_holding_another_run_moves_that_run_to_previous_so_no_folder_mixes_two_runs(tmp_path):
+    """OptimizeResult.save() wrote placement.json beside the earlier run's best_placement.json and
+    moves.pt, which a later --resume then continued from (walk_cli.md item 4); it rotates as --out does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("placement.json", "earlier run"), ("best_placement.json", "earlier best"),
+                       ("moves.pt", "earlier policy"), ("notes.txt", "the user's own file")):
+        (out / name).write_text(text)
+    result = placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", progress=False,
+                             baselines=("round_robin",), verbose=0, check=False)
+    result.save(out)
+    assert not (out / "best_placement.json").exists() and not (out / "moves.pt").exists()
+    assert (out / "previous" / "best_placement.json").read_text() == "earlier best"
+    assert (out / "previous" / "moves.pt").read_text() == "earlier policy"
+    assert (out / "previous" / "placement.json").read_text() == "earlier run"
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only placer's own files move
+    assert json.loads((out / "placement.json").read_text())["fingerprint"] == result.placement.fingerprint
+    # Saving the same result there again writes over its own files: previous/ keeps the earlier run.
+    result.save(out)
+    assert (out / "previous" / "placement.json").read_text() == "earlier run"
+    assert not (out / "previous" / "report.md").exists()
+
+
+def test_save_into_the_runs_own_folder_keeps_its_best_placement_and_policy(tmp_path):
+    out = tmp_path / "out"
+    result = placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", out_dir=out,
+                             progress=False, baselines=("round_robin",), verbose=0, check=False)
+    own = {p.name for p in out.iterdir()}
+    assert "best_placement.json" in own
+    result.save(out)
+    assert own <= {p.name for p in out.iterdir()} and not (out / "previous").exists()
+
+
+def test_save_refuses_to_set_aside_into_a_users_own_previous_folder_and_writes_nothing(tmp_path):
+    from placer.options import OptionError
+
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    (out / "previous" / "notes.txt").write_text("the user's own notes")
+    (out / "placement.json").write_text("earlier run")
+    result = placer.optimize(str(_tiny_model_file(tmp_path)), cluster="4xK40", budget="50", progress=False,
+                             baselines=("round_robin",), verbose=0, check=False)
+    with pytest.raises(OptionError, match="notes.txt") as exc:
+        result.save(out)
+    assert "--resume" not in str(exc.value)
+    assert (out / "placement.json").read_text() == "earlier run"
+    assert (out / "previous" / "notes.txt").read_text() == "the user's own notes"

@@ -35,18 +35,33 @@ RESULT_FILES = ("placement.json", "best_placement.json", "report.md", "compariso
 
 def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | None:
     """Before the search writes anything: move an earlier run's result files from ``out_dir``
-    into ``out_dir/previous/``, so that this run's files never sit beside another run's (a
-    run that fails or is interrupted would otherwise leave its best_placement.json next to
-    the earlier placement.json and report.md). Nothing with ``--resume``, which continues from
-    them. Returns the folder the files went to (None: nothing moved).
+    into ``out_dir/previous/`` (:func:`set_aside_results`), so that this run's files never sit
+    beside another run's (a run that fails or is interrupted would otherwise leave its
+    best_placement.json next to the earlier placement.json and report.md). Nothing with
+    ``--resume``, which continues from them. Returns the folder the files went to (None:
+    nothing moved)."""
+    out_dir = compiled.run.out_dir
+    if config.resume or out_dir is None:
+        return None
+    return set_aside_results(out_dir)
+
+
+def set_aside_results(out_dir: Path, resume_hint: bool = True) -> Path | None:
+    """Move the result files of an earlier run in ``out_dir`` into ``out_dir/previous/``; the
+    one rotation both ``optimize --out`` and :meth:`placer.result.OptimizeResult.save` use, so
+    that one folder never mixes two runs. Returns the folder the files went to (None: there
+    were none). ``resume_hint``: the messages mention ``--resume`` (not for ``save()``, which
+    has no such option).
 
     ``previous/`` keeps the last *complete* result: the leftovers of a run that did not finish
     (a best so far, a policy, but no placement.json) go to ``unfinished/`` instead when
     ``previous/`` holds one, so a stopped run followed by a new one does not lose it. Only an
-    older folder of the same kind is deleted."""
-    out_dir = compiled.run.out_dir
-    if config.resume or out_dir is None:
-        return None
+    older folder of the same kind is deleted.
+
+    Raises:
+        OptionError: the files could not be moved (the folder of that name holds the user's
+            own files, or ``out_dir`` is not writable); nothing was written.
+    """
     found = _result_files_in(out_dir)
     if not found:
         return None
@@ -56,14 +71,14 @@ def set_aside_previous(config: OptimizeConfig, compiled: Compiled) -> Path | Non
     try:
         _move_into(found, target)
     except FileExistsError as exc:  # the user's own folder of that name: say so, not "not writable"
-        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside: {exc.strerror}; "
-                          "or use --resume to continue from them") from exc
+        raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside: {exc.strerror}"
+                          + ("; or use --resume to continue from them" if resume_hint else "")) from exc
     except OSError as exc:
         raise OptionError(f"cannot move the earlier results in {str(out_dir)!r} aside into {target.name}/: "
-                          f"{exc.strerror or exc}; expected a writable output directory (or --resume to "
-                          "continue from them)") from exc
-    log.warning("%s held %s results of an earlier run: moved to %s/ (use --resume to continue from them)",
-                out_dir, "the" if complete else "unfinished", target)
+                          f"{exc.strerror or exc}; expected a writable output directory"
+                          + (" (or --resume to continue from them)" if resume_hint else "")) from exc
+    log.warning("%s held %s results of an earlier run: moved to %s/%s", out_dir, "the" if complete else "unfinished",
+                target, " (use --resume to continue from them)" if resume_hint else "")
     return target
 
 
@@ -91,7 +106,7 @@ def _move_into(files: list[Path], folder: Path) -> None:
         if foreign:
             raise FileExistsError(
                 errno.EEXIST, f"{folder} holds files placer did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
+                f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another output folder")
         shutil.rmtree(folder)
     folder.mkdir()
     for path in files:

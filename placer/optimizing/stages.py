@@ -400,6 +400,7 @@ def write(config: OptimizeConfig, compiled: Compiled, searched: Searched, confir
         problem=compiled.problem, group_row=np.asarray(confirmed.winner.row), prepared=run.prepared,
         table=confirmed.table, check=check, search=searched.result, candidates=list(confirmed.candidates),
         winner=confirmed.winner.method, seconds=dict(seconds), reward=run.reward, measurement=confirmed.measurement,
+        out_dir=run.out_dir,
     )
     if run.out_dir is not None:
         try:
