@@ -173,7 +173,7 @@ def test_a_loss_that_turns_nan_in_later_steps_is_blamed_on_the_model_not_the_pla
         placer.optimize(model, (torch.randn(8, 4),), cluster="4xK40", budget="20", baselines=("single",),
                         out_dir=tmp_path / "out", progress=False, verbose=0,
                         loss_fn=lambda out, *_: (out ** 2).mean(),
-                        optimizer_fn=lambda params: torch.optim.SGD(params, lr=1e200))  # overflows in float64 too
+                        optimizer_fn=lambda params: torch.optim.SGD(params, lr=1e30))
     assert "does not compute the same thing" not in str(exc.value)
     assert not (tmp_path / "out" / "placement.json").exists()
 
@@ -710,7 +710,8 @@ class _FanOut(nn.Module):
 def test_gradient_terms_summed_in_another_order_through_a_copy_are_not_reported_as_a_different_computation():
     """A branch on another device adds its share of the stem's gradient through the copy's
     backward, in another order than the original's. In float32 three Adam steps grow that
-    rounding to 2e-2 (Inception-v3's default run was refused so); the check compares in float64."""
+    rounding to 2e-2 (Inception-v3's default run was refused so); the check compares again in
+    float64, where the two agree."""
     from envs.runtime.check import _compare_steps
 
     torch.manual_seed(0)
@@ -725,7 +726,33 @@ def test_gradient_terms_summed_in_another_order_through_a_copy_are_not_reported_
     assert max(in_float32.worst.values()) > 1e-3  # what the check would have refused
     report = check_placement(spec, cap, placement, real_devices=real)
     assert report.ok and report.compared_dtype == "float64", report.describe()
-    assert "compared in float64" in report.describe()
+    assert report.own_dtype_diff == max(in_float32.worst.values())
+    assert "compared in float64: in the model's own dtype they differed by" in report.describe()
+    same_device = check_placement(spec, cap, {n: "gpu0" for n in cap.graph.nodes}, real_devices=real)
+    assert same_device.ok and same_device.compared_dtype == ""  # agreeing in float32: no second run
+
+
+def test_a_wrong_placement_is_still_refused_when_compared_again_in_float64(monkeypatch):
+    """A copy made before an in-place update misses it in any dtype: the float64 rerun does not
+    turn a real difference into a pass."""
+    import envs.runtime.check as check
+
+    torch.manual_seed(0)
+    model = _FanOut()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(2, 16),), name="fan",
+                     loss_fn=lambda out, *_: (out ** 2).mean())
+    cap = capture(model, spec.example_inputs, name="fan")
+    real_apply = check.apply_placement
+
+    def miswired(*args, **kwargs):  # the placed model's head scaled: a different computation
+        placed = real_apply(*args, **kwargs)
+        with torch.no_grad():
+            placed.get_submodule("head").weight.mul_(1.5)
+        return placed
+
+    monkeypatch.setattr(check, "apply_placement", miswired)
+    report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
+    assert not report.ok and report.compared_dtype == ""
 
 
 def test_a_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype():
@@ -744,3 +771,5 @@ def test_a_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype():
     report = check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes})
     assert report.ok and report.compared_dtype == "", report.describe()
     assert "compared in" not in report.describe()
+    # and a difference it cannot retry in float64 keeps its own dtype's verdict
+    assert check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, tolerance=-1.0).compared_dtype == ""

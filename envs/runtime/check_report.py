@@ -46,8 +46,10 @@ class CheckReport:
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         split_without_dropout: the model drops out, and the split was compared with dropout off
             (a batch and its parts draw different masks; the runtime draws its own on each rank).
-        compared_dtype: the floating dtype both models were trained in for the comparison
-            (``"float64"``), or ``""``: the model's own (it cannot run in float64).
+        compared_dtype: ``"float64"`` when the models differed in their own dtype and agreed
+            once both were trained in float64 (the difference was the rounding of sums taken in
+            another order), else ``""``: compared in the model's own dtype.
+        own_dtype_diff: with ``compared_dtype``, the largest difference in the model's own dtype.
         split_synced_norms: BatchNorms in training mode whose statistics the replicas synchronise
             (one micro-batch each: :mod:`envs.runtime.replica_batch_norm`, as the runtime runs them).
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
@@ -84,6 +86,7 @@ class CheckReport:
     split_without_dropout: bool = False
     split_synced_norms: int = 0
     compared_dtype: str = ""
+    own_dtype_diff: float = 0.0
     original_nonfinite: str = ""
     no_gradient: tuple[str, ...] = ()
     without_dropout: bool = False
@@ -147,7 +150,9 @@ class CheckReport:
             f"over {self.compared_grads} parameters, parameters after the optimizer step {self.param_diff:.2e}, "
             f"buffers {self.buffer_diff:.2e} over {self.compared_buffers}, output in eval mode after them "
             f"{self.eval_output_diff:.2e} (tolerance {self.tolerance:.0e}"
-            + (f", compared in {self.compared_dtype}" if self.compared_dtype else "") + ")"
+            + (f"; compared in {self.compared_dtype}: in the model's own dtype they differed by "
+               f"{self.own_dtype_diff:.2e}, the rounding of sums taken in another order" if self.compared_dtype
+               else "") + ")"
         )
         if not self.ok and self.first_bad_step is not None:
             worst = max(self.details.items(), key=lambda kv: kv[1], default=None)
