@@ -93,8 +93,9 @@ processes, 2026-12-06 16:33 UTC): native BatchNorm unsynchronised 620-624 ms a s
 ReplicaBatchNorm without communication 631-650, with its 106 gathers over gloo 810-835; the
 gathers' wall cost is ~1.7 ms each, five times the lockstep figure, and the ranks' CPU time
 grew by 70-85 ms, as R3b's cold op time does. With the rule the calibrated prediction of that
-step is 828 ms against 828 measured (``benchmarks/bench_pipeline_measured.py --cases resnet50``,
-16:36 UTC, load 1.3-3.2). The graph does not record which BatchNorms are frozen in eval mode
+step is 828 ms against 828 measured at load 1.3-3.2 and 763 against 817 on a quiet machine
+(``benchmarks/bench_pipeline_measured.py --cases resnet50``, 16:36 and 16:45 UTC): the
+prediction follows the ping-pong latency of the run, the measured step does not. The graph does not record which BatchNorms are frozen in eval mode
 (the runtime leaves those alone), so they are charged too. With ``M > 1`` nothing is
 synchronised (the split check refuses such a split of a BatchNorm model).
 
