@@ -171,13 +171,36 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-STALLING_MODEL = textwrap.dedent(
-    '''
+def _hooked_model(hook: str, name: str) -> str:
+    """A model file whose forward runs ``fc1``, the function ``name`` (source ``hook``, wrapped as a
+    leaf for fx) and ``fc2``: the hook misbehaves on one rank in real steps."""
+    return textwrap.dedent('''
     import os, time
     import torch
     import torch.fx
     import torch.nn as nn
 
+    ''') + textwrap.dedent(hook) + textwrap.dedent(f'''
+    torch.fx.wrap("{name}")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2({name}(self.fc1(x)))
+
+    def get_model():
+        return Net()
+
+    def get_example_inputs():
+        return (torch.randn(4, 8),)
+    ''')
+
+
+STALLING_MODEL = _hooked_model('''
     def stall(x):
         # Hangs on the rank named by PLACER_TEST_STALL_RANK, in real steps only (not while
         # the model is captured on meta or fake tensors).
@@ -187,24 +210,7 @@ STALLING_MODEL = textwrap.dedent(
                 time.sleep(0.05)
         return x
 
-    torch.fx.wrap("stall")
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(8, 8)
-            self.fc2 = nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc2(stall(self.fc1(x)))
-
-    def get_model():
-        return Net()
-
-    def get_example_inputs():
-        return (torch.randn(4, 8),)
-    '''
-)
+''', "stall")
 
 
 def test_a_hung_rank_is_named_not_the_peer_that_waited_for_it(tmp_path, monkeypatch):
@@ -251,13 +257,7 @@ def test_a_rank_started_on_a_folder_without_a_job_is_one_line_and_exit_status_2(
     assert "holds no job.pt" in done.stderr and "no-job" in done.stderr and "Traceback" not in done.stderr
 
 
-SLOW_STEP_MODEL = textwrap.dedent(
-    '''
-    import os, time
-    import torch
-    import torch.fx
-    import torch.nn as nn
-
+SLOW_STEP_MODEL = _hooked_model('''
     def slow(x):
         # On rank 1, in real steps only (not while captured on meta, nor in the launcher, which
         # has no RANK): sleep, and log one line per step, so a test can count the steps run.
@@ -268,24 +268,7 @@ SLOW_STEP_MODEL = textwrap.dedent(
                 fh.write("step\\n")
         return x
 
-    torch.fx.wrap("slow")
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(8, 8)
-            self.fc2 = nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc2(slow(self.fc1(x)))
-
-    def get_model():
-        return Net()
-
-    def get_example_inputs():
-        return (torch.randn(4, 8),)
-    '''
-)
+''', "slow")
 
 
 def _split_placement(model_file: Path, on_rank1: tuple[str, ...]):
