@@ -9,6 +9,9 @@ in this process and compares the loss, every gradient and every buffer with the 
 batch's: an op that mixes samples (BatchNorm in training mode) computes something else on a
 smaller batch, and a buffer the forward updates (a step counter, a running mean) is updated
 once per micro-batch, so the next step differs even where this one's loss and gradients agree.
+Replicas of one micro-batch each (DDP) are the exception for BatchNorm: the runtime
+synchronises their statistics (:mod:`envs.runtime.replica_batch_norm`), and so does the check,
+running the replicas as threads in lockstep.
 
 It is a module of its own because the split is checked apart from any placement: the
 optimizer checks it once for a pipeline (:func:`check_batch_split`) and hands the report to
@@ -116,7 +119,7 @@ def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[
     """:func:`_split_step` for ``R`` replicas of one micro-batch each whose BatchNorms are
     synchronised, as the runtime runs them (:class:`envs.runtime.replica_batch_norm.ReplicaBatchNorm`):
     each replica a copy of the model (``first`` is replica 0's) in a thread of its own, the
-    BatchNorm statistics summed over the threads in lockstep. Gradients are summed over the
+    BatchNorm statistics gathered over the threads in lockstep. Gradients are summed over the
     replicas, each replica's loss divided by ``R``; the buffers are replica 0's. ``no_dropout``,
     the caller's mode, is entered in each thread too (a torch function mode is per thread)."""
     replicas = len(chunks)

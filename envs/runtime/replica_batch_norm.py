@@ -53,11 +53,6 @@ __all__ = ["Gather", "ReplicaBatchNorm", "LockstepGather", "process_group_gather
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _channel_view(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` [C] shaped to broadcast against an input of ``dim`` dimensions, channels on dim 1."""
-    return t.view(1, -1, *([1] * (dim - 2)))
-
-
 class _ReplicaBatchNormFunction(torch.autograd.Function):
     """The forward and backward of the module doc, for one call."""
 
@@ -114,8 +109,8 @@ class ReplicaBatchNorm(torch.nn.Module):
     """A BatchNorm whose training-mode statistics are the whole batch's over every replica.
 
     It takes the parameters and buffers of ``source`` (the same tensors, under the same
-    names), so optimizers, DDP and state dicts see the module they saw. In eval mode, or
-    without running statistics in eval, it is ``source``'s computation.
+    names), so optimizers, DDP and state dicts see the module they saw. In eval mode with
+    running statistics it is ``source``'s computation, with nothing to gather.
 
     >>> bn = torch.nn.BatchNorm1d(3)
     >>> alone = ReplicaBatchNorm(bn, gather=lambda t: t[None])  # one replica: its own statistics
