@@ -118,11 +118,11 @@ in DDP over a process group of that stage's ``R`` devices. Rules:
   stage's ``R`` devices (D3); the rings of different stages are independent (different
   process groups and devices, one stage per device: interleaved schedules are not
   combined with replicas here).
-* **H5** With ``M = 1`` each stage's BatchNorms are synchronised over the stage's replicas
-  (D5), their gathers added to the stage's forward and backward.
 * **H4** A device steps its optimizer once its pipeline actions and sends are done (P5) and
   its stage's last all-reduce is; its memory is the pipeline's (P5) plus DDP's bucket copy
   of the stage's gradients (D4).
+* **H5** With ``M = 1`` each stage's BatchNorms are synchronised over the stage's replicas
+  (D5), their gathers added to the stage's forward and backward.
 
 With ``R = 1`` this is the pipeline; with one stage, ``M = 1`` and ``R = N`` it is DDP over
 the ``N`` devices (both tested). That pipeline (:func:`data_parallel_pipeline`) is how a
@@ -240,7 +240,7 @@ def buckets(grad_bytes: Sequence[float], first: float = FIRST_BUCKET_BYTES, cap:
 def data_parallel_pipeline(problem: PlacementProblem, devices: Sequence[str]) -> Pipeline:
     """DDP over ``devices`` as a pipeline: one stage holding every node of ``problem`` on the
     first device, one micro-batch, a replica on each other device. :func:`simulate_pipelined`
-    gives it :func:`simulate_data_parallel`'s step (H1-H4 reduce to D1-D4).
+    gives it :func:`simulate_data_parallel`'s step (H1-H5 reduce to D1-D5).
 
     Raises:
         PipelineError: no device, or one named twice.
@@ -457,7 +457,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
 
 @dataclass
 class HybridResult:
-    """One simulated step of ``R`` pipeline replicas with per-stage gradient all-reduce (H1-H4).
+    """One simulated step of ``R`` pipeline replicas with per-stage gradient all-reduce (H1-H5).
 
     Attributes:
         pipelines: each replica's pipeline (same stages, ``M`` and schedule).
@@ -550,7 +550,7 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
 
 def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], costs: RankCosts | None = None,
                     replica_costs: Sequence[StageCosts] | None = None) -> HybridResult:
-    """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H4
+    """Simulate one step of ``R = len(pipelines)`` data-parallel pipeline replicas (rules H1-H5
     in the module doc). ``replica_costs``: each replica's stage costs at its share of the
     batch when the caller has them (:func:`envs.sim.stage_costs.fast_stage_costs` with ``share=R``).
 
@@ -566,11 +566,11 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     per_costs = (list(replica_costs) if replica_costs is not None
                  else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
     ops = problem.ops
+    stage_of = first.stage_of()
+    op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
+                        dtype=np.int64)[ops.op_group]
     sync_b = np.zeros(ops.num_ops)
     if r_ > 1 and m == 1 and _norm_channels(problem).any():  # H5: each stage's BatchNorms over its replicas
-        stage_of = first.stage_of()
-        op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
-                            dtype=np.int64)[ops.op_group]
         add_f, add_b = np.zeros(s_), np.zeros(s_)
         fixed = problem.ops.fixed_parts()
         for s in range(s_):
@@ -588,9 +588,6 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         res = results[0]
         return HybridResult(tuple(pipelines), res.step_time, results, [0.0] * s_, dict(res.peak_memory),
                             dict(res.over_memory))
-    stage_of = first.stage_of()
-    op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
-                        dtype=np.int64)[ops.op_group]
     grad_of = np.where(ops.requires_grad, ops.param_bytes, 0.0)
     end_of: dict[str, float] = {}
     peak: dict[str, float] = {}
