@@ -43,3 +43,9 @@ def test_a_capital_m_is_refused_as_ambiguous_not_read_as_minutes(text):
     with pytest.raises(OptionError, match="is ambiguous; expected .*m' for minutes"):
         parse_budget(text)
     assert parse_budget("2m").seconds == 120 and parse_budget("2K").placements == 2000
+
+
+@pytest.mark.parametrize("text", ["-5", "-5s", "-2m", "5m,-3k"])
+def test_a_negative_budget_is_refused_as_negative_not_as_unreadable(text):
+    with pytest.raises(OptionError, match=r"is negative; expected a positive time or number of placements"):
+        parse_budget(text)

@@ -84,6 +84,9 @@ def parse_budget(text: str | int | float | Budget) -> Budget:
             raise OptionError(f"cannot read budget {text!r}: {raw!r} is ambiguous; expected '{raw[:-1]}m' for "
                               f"minutes or a number of placements such as '{raw[:-1]}000k'")
         part = raw.lower()
+        if part.startswith("-") and re.fullmatch(r"-\d+(?:\.\d+)?(s|sec|m|min|h|k)?", part):
+            raise OptionError(f"budget {text!r} is negative; expected a positive time or number of placements, "
+                              "e.g. '5m', '20k' or '5m,20k'")
         m_time = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h)", part)
         m_count = re.fullmatch(r"(\d+)(k?)", part)
         # A second time or count would silently override the first: '5m,20k,3' is a typo, not a budget.
