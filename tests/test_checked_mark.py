@@ -39,3 +39,14 @@ def test_show_says_a_placement_was_not_checked_numerically_as_apply_does(tmp_pat
         printed = capsys.readouterr().out
         assert (f"  note: {unchecked_note(placement)}" in printed) is noted, printed
         assert ("not checked numerically" in printed) is noted, printed
+
+
+def test_show_without_the_model_prints_the_model_arguments_the_placement_was_made_with(tmp_path, capsys):
+    from placer.placement_file import Placement, save_placement
+
+    meta = {"model": "nmt", "step_time": 0.001, "source": "simulated", "method": "heft",
+            "model_args": {"layers": 2, "size": "paper"}}
+    path = save_placement(Placement({"a": "gpu0"}, "fp", ["gpu0"], meta), tmp_path / "p.json")
+    capsys.readouterr()
+    assert main(["show", str(path)]) == 0
+    assert "model arguments (recorded by optimize): {'layers': 2, 'size': 'paper'}" in capsys.readouterr().out

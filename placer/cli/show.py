@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         replicas = "; ".join(", ".join(devs) for devs in pipe.replica_devices)
         print(f"  {pipe.describe()} on {replicas}" + (" (ops per device above: replica 0's)" if pipe.replicas else ""))
     if not args.model:
+        if meta.get("model_args"):  # with --model they are printed where they are used, below
+            print(f"  model arguments (recorded by optimize): {meta['model_args']}")
         return 0
 
     from envs.hardware.loading import load_cluster
