@@ -98,6 +98,9 @@ def test_an_interrupt_before_the_run_found_a_placement_does_not_call_the_earlier
     args = argparse.Namespace(out=str(out), command="optimize")
     line = _interrupted_before_results(args, started=time.time() + 1)
     assert line == f"interrupted before this run found a placement; the earlier results in {out} are as they were"
+    empty = tmp_path / "empty"
+    line = _interrupted_before_results(argparse.Namespace(out=str(empty), command="optimize"))
+    assert line == f"interrupted before this run found a placement; nothing was written to {empty}"
 
 
 def test_a_faster_best_placement_on_disk_is_not_replaced_by_a_slower_one(tmp_path):

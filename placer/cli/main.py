@@ -125,6 +125,8 @@ def _interrupted_before_results(args: argparse.Namespace, started: float = 0.0) 
     if not best.is_file() or best.stat().st_mtime < started:
         if getattr(args, "command", None) == "optimize" and written.is_file():
             return f"interrupted before this run found a placement; the earlier results in {out} are as they were"
+        if getattr(args, "command", None) == "optimize":  # while the model was captured or profiled, say
+            return f"interrupted before this run found a placement; nothing was written to {out}"
         return "interrupted"
     if written.is_file() and written.stat().st_mtime >= best.stat().st_mtime:
         return f"interrupted after the results were written: {written} and its report are complete"
