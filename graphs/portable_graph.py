@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,28 @@ class _OpRef:
 
 
 @dataclass(frozen=True)
+class _FunctionRef:
+    """A function by the module attribute it is published as. ``torch.nn.functional.max_pool2d``
+    (and every other ``boolean_dispatch`` function) is made inside a factory, so pickle looks it
+    up as ``boolean_dispatch.<locals>.fn`` and fails: Inception-v3's graph could not reach a
+    worker process."""
+
+    module: str
+    name: str
+
+    @classmethod
+    def of(cls, target: Any) -> Any:
+        module, name = getattr(target, "__module__", None), getattr(target, "__name__", None)
+        if (callable(target) and "<locals>" in getattr(target, "__qualname__", "") and module and name
+                and getattr(sys.modules.get(module), name, None) is target):
+            return cls(module, name)
+        return _OpRef.of(target)
+
+    def resolve(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+@dataclass(frozen=True)
 class _PortableNode:
     name: str
     op: str
@@ -83,7 +107,7 @@ class PortableGraph:
     @classmethod
     def of(cls, gm: fx.GraphModule) -> PortableGraph:
         """``gm`` as a picklable description (its tensors are shared, not copied)."""
-        nodes = [_PortableNode(n.name, n.op, _OpRef.of(n.target), _refs(n.args), _refs(n.kwargs), n.type)
+        nodes = [_PortableNode(n.name, n.op, _FunctionRef.of(n.target), _refs(n.args), _refs(n.kwargs), n.type)
                  for n in gm.graph.nodes]
         root = nn.Module()
         for name, child in gm.named_children():
@@ -107,7 +131,7 @@ class PortableGraph:
         for p in self.nodes:
             args = _resolved(p.args, made)
             kwargs = _resolved(p.kwargs, made)
-            target = p.target.resolve() if isinstance(p.target, _OpRef) else p.target
+            target = p.target.resolve() if isinstance(p.target, (_OpRef, _FunctionRef)) else p.target
             node = graph.create_node(p.op, target, args, kwargs, name=p.name, type_expr=p.type)
             made[p.name] = node
             assert node.name == p.name, f"node {p.name!r} came back as {node.name!r}"

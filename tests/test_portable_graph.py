@@ -54,3 +54,25 @@ def test_a_graph_module_comes_back_with_the_same_nodes_and_outputs(model_type, m
     loaded = pickle.loads(pickle.dumps(cap.gm))
     assert [(n.name, n.op) for n in loaded.graph.nodes] == [(n.name, n.op) for n in cap.gm.graph.nodes]
     assert torch.equal(loaded(x), cap.gm(x))
+
+
+class _Pooling(nn.Module):
+    """Calls ``F.max_pool2d``, which ``boolean_dispatch`` makes inside a factory (as Inception-v3 does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(self.conv(x), 2).sum()
+
+
+def test_a_graph_calling_a_function_made_in_a_factory_pickles_and_computes_the_same():
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        pickle.dumps(torch.nn.functional.max_pool2d)  # why a reference by name is needed
+    torch.manual_seed(0)
+    model, x = _Pooling(), torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,), name="pooling").gm
+    again = pickle.loads(pickle.dumps(PortableGraph.of(gm))).module()
+    assert [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes]
+    assert torch.equal(again(x), gm(x))
