@@ -94,6 +94,9 @@ CASES: dict[str, Case] = {
                  16, note="6 blocks of width 384, 11M parameters, its embedding tied to the head across the stages"),
     "resnet50": Case("resnet50", {"size": "paper", "image_size": 64, "batch_size": 32}, 4,
                      note="paper width, 25.6M parameters, 64x64 images"),
+    # BatchNorm after every convolution (94): its DDP runs with synchronised BatchNorm (rule D5).
+    "inception_v3": Case("inception_v3", {"size": "paper", "image_size": 107, "batch_size": 16}, 4,
+                         note="paper width, 27M parameters, 107x107 images"),
 }
 
 OPTIMIZER = ("sgd", {"lr": 0.01, "momentum": 0.9})

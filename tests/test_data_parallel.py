@@ -263,8 +263,8 @@ def _with_norms(g: nx.DiGraph, channels: dict[str, int]) -> nx.DiGraph:
 
 def test_a_batchnorms_sync_costs_its_gathers_and_on_cpu_processes_the_waits_and_its_slower_kernels():
     from envs.sim.data_parallel import (
+        CPU_GATHER_IN_STEP_S,
         CPU_REPLICA_NORM_EXTRA,
-        CPU_SMALL_GATHER_LATENCIES,
         NORM_STAT_BYTES,
         SLEEPING_WAIT,
         norm_sync_seconds,
@@ -278,7 +278,7 @@ def test_a_batchnorms_sync_costs_its_gathers_and_on_cpu_processes_the_waits_and_
     assert f.tolist() == pytest.approx([0, gather[0], 0, 0, gather[2], 0])
     assert b.tolist() == pytest.approx([0, gather[1], 0, 0, gather[3], 0])
     f, b = norm_sync_seconds(channels, fwd_op, bwd_op, 2, BW, LAT, on_cpu=True)
-    slow = LAT * (CPU_SMALL_GATHER_LATENCIES - 1)
+    slow = CPU_GATHER_IN_STEP_S - LAT  # a gather inside a CPU step, not the link's latency
     wait, cold, extra = SLEEPING_WAIT.expected_wake_s, SLEEPING_WAIT.cold_factor, CPU_REPLICA_NORM_EXTRA
     # forward: after op 1 the ops 2-3 run cold (3.05 ms), after op 4 op 5 (5 ms); backward:
     # after op 1 op 0 (2 ms), after op 4 ops 2-3 (6.1 ms)

@@ -77,10 +77,11 @@ backward, each blocking the replica's thread (the op waits for the statistics):
 :func:`norm_sync_seconds`, ``(N - 1) * (lat + bytes / bw)`` per gather as a ring of ``N``
 replicas does it. Between CPU processes three more things were measured:
 
-* a gather of a few kilobytes costs far more than the link's latency: 338-449 us for 65-4,096
-  floats between two 1-thread gloo processes against a one-way ping-pong latency of 56-65 us
-  (``benchmarks/bench_small_allreduce.py``, 2026-12-06 15:46 and 16:15 UTC), so each gather
-  costs :data:`CPU_SMALL_GATHER_LATENCIES` one-way latencies per ring step;
+* a gather of a few kilobytes costs far more than the link's latency: 338-456 us for 65-4,096
+  floats between two 1-thread gloo processes gathering back to back, against a one-way
+  ping-pong latency of 56-65 us (``benchmarks/bench_small_allreduce.py``, 2026-12-06), and
+  about 0.9 ms inside a DDP step, where the replicas reach each BatchNorm at different
+  moments: :data:`CPU_GATHER_IN_STEP_S` per ring step, fitted on ResNet-50's step;
 * each gather is a sleeping wait, after which the replica's next op time runs cold (R3 and
   R3b of :mod:`envs.sim.ranks`, with their fitted constants, :data:`SLEEPING_WAIT`): up to
   ``cold_s`` of the ops that follow, the forward's up to the next BatchNorm and the
@@ -92,10 +93,14 @@ Measured (ad-hoc decomposition of DDP ResNet-50, paper width, 64x64, batch 32 ov
 processes, 2026-12-06 16:33 UTC): native BatchNorm unsynchronised 620-624 ms a step,
 ReplicaBatchNorm without communication 631-650, with its 106 gathers over gloo 810-835; the
 gathers' wall cost is ~1.7 ms each, five times the lockstep figure, and the ranks' CPU time
-grew by 70-85 ms, as R3b's cold op time does. With the rule the calibrated prediction of that
-step is 828 ms against 828 measured at load 1.3-3.2 and 763 against 817 on a quiet machine
-(``benchmarks/bench_pipeline_measured.py --cases resnet50``, 16:36 and 16:45 UTC): the
-prediction follows the ping-pong latency of the run, the measured step does not. The graph does not record which BatchNorms are frozen in eval mode
+grew by 70-85 ms, as R3b's cold op time does. With the gathers charged at the lockstep rate
+(in ping-pong latencies) the calibrated prediction of that step was 828 ms against 828
+measured at load 1.3-3.2 and 763 against 817 on a quiet machine, and Inception-v3's (94
+BatchNorms, 107x107 images, batch 16) 675 against 799: the prediction followed the run's
+ping-pong latency, the measured step did not, and every gather was short by 0.5-0.7 ms.
+:data:`CPU_GATHER_IN_STEP_S` is fitted on ResNet-50's quiet step; Inception-v3 is the check
+(``benchmarks/bench_pipeline_measured.py --cases resnet50,inception_v3``, figures in
+``benchmarks/results/pipeline.md``). The graph does not record which BatchNorms are frozen in eval mode
 (the runtime leaves those alone), so they are charged too. With ``M > 1`` nothing is
 synchronised (the split check refuses such a split of a BatchNorm model).
 
@@ -146,7 +151,7 @@ from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import StageCosts, shrunk_host, stage_costs
 
 __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "CPU_REDUCER_SECONDS_PER_BYTE",
-           "CPU_SMALL_GATHER_LATENCIES", "DataParallelResult", "buckets", "norm_sync_seconds",
+           "CPU_GATHER_IN_STEP_S", "DataParallelResult", "buckets", "norm_sync_seconds",
            "data_parallel_pipeline", "ring_allreduce_time",
            "simulate_data_parallel", "HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid",
            "simulate_pipelined"]
@@ -165,10 +170,14 @@ CPU_RING_EFFICIENCY = 0.47
 #: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
 #: 2026-12-06 (0.30-0.35 ns per byte, linear in the bytes; ``benchmarks/bench_ddp_reducer.py``).
 CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
-#: A small all-gather between CPU processes (gloo), in one-way link latencies per ring step
-#: (D5): 386-422 us against 65 us measured between two 1-thread processes
-#: (``benchmarks/bench_small_allreduce.py``).
-CPU_SMALL_GATHER_LATENCIES = 6.2
+#: A BatchNorm's gather between CPU processes (gloo) inside a DDP step, seconds per ring step
+#: (D5). Two 1-thread processes gathering back to back take 338-456 us
+#: (``benchmarks/bench_small_allreduce.py``), but in a step the replicas reach each BatchNorm
+#: at different moments and the first waits: fitted on DDP ResNet-50's measured step (0.9 ms
+#: a gather, besides the waits' cold op time), it predicts Inception-v3's within 4%
+#: (``benchmarks/results/pipeline.md``). Not a multiple of the link's latency: the step did
+#: not move when the measured ping-pong latency did.
+CPU_GATHER_IN_STEP_S = 0.9e-3
 #: Bytes of one value of the BatchNorm statistics the replicas gather (float32).
 NORM_STAT_BYTES = 4
 #: D5 on CPU processes: what ReplicaBatchNorm's forward and backward cost beyond the profiled
@@ -284,7 +293,7 @@ def norm_sync_seconds(channels: np.ndarray, fwd_op: np.ndarray, bwd_op: np.ndarr
     is_norm = channels > 0
     if n <= 1 or not is_norm.any():
         return np.zeros_like(channels), np.zeros_like(channels)
-    lat = latency * (CPU_SMALL_GATHER_LATENCIES if on_cpu else 1.0)
+    lat = CPU_GATHER_IN_STEP_S if on_cpu else latency
 
     def gather(values: np.ndarray) -> np.ndarray:
         return (n - 1) * (lat + values * NORM_STAT_BYTES / bandwidth)
