@@ -575,34 +575,33 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
     per_costs = (list(replica_costs) if replica_costs is not None
                  else [stage_costs(problem, p, costs, share=r_) for p in pipelines])
     ops = problem.ops
+    if r_ == 1:  # one replica is the pipeline (H1-H5 reduce to it); the pipeline search's common case
+        res = simulate_pipeline(problem, pipelines[0], costs, stage_cost=per_costs[0])
+        return HybridResult(tuple(pipelines), res.step_time, [res], [0.0] * s_, dict(res.peak_memory),
+                            dict(res.over_memory))
     stage_of = first.stage_of()
     op_stage = np.array([stage_of[problem.node_names[g]] for g in range(problem.num_nodes)],
                         dtype=np.int64)[ops.op_group]
+    fixed_part = problem.ops.fixed_parts()
     sync_b = np.zeros(ops.num_ops)
-    if r_ > 1 and m == 1 and _norm_channels(problem).any():  # H5: each stage's BatchNorms over its replicas
+    if m == 1 and _norm_channels(problem).any():  # H5: each stage's BatchNorms over its replicas
         add_f, add_b = np.zeros(s_), np.zeros(s_)
-        fixed = problem.ops.fixed_parts()
         for s in range(s_):
             devs = [names.index(p.devices[s]) for p in pipelines]
             bw, lat, on_cpu = _ring_link(problem, [(devs[k], devs[(k + 1) % r_]) for k in range(r_)])
             scale = engine_host_costs(problem, devs[0], costs).op_scale if on_cpu else 1.0
             mine = op_stage == s
-            f, b = _norm_sync_on(problem, devs[0], r_, scale, fixed, _norm_channels(problem), r_, bw, lat, on_cpu,
-                                 mine)
+            f, b = _norm_sync_on(problem, devs[0], r_, scale, fixed_part, _norm_channels(problem), r_, bw, lat,
+                                 on_cpu, mine)
             add_f[s], add_b[s] = f.sum(), b.sum()
             sync_b += b
         per_costs = [replace(sc, fwd=sc.fwd + add_f, bwd=sc.bwd + add_b) for sc in per_costs]
     results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
-    if r_ == 1:
-        res = results[0]
-        return HybridResult(tuple(pipelines), res.step_time, results, [0.0] * s_, dict(res.peak_memory),
-                            dict(res.over_memory))
     grad_of = np.where(ops.requires_grad, ops.param_bytes, 0.0)
     end_of: dict[str, float] = {}
     peak: dict[str, float] = {}
     exposed: list[float] = []
     div = float(r_ * m)
-    fixed_part = problem.ops.fixed_parts()
     for s in range(s_):
         mine = np.nonzero(op_stage == s)[0]
         devs = [names.index(p.devices[s]) for p in pipelines]
