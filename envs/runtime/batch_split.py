@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -54,6 +55,13 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def as_dtype(value: Any, dtype: torch.dtype | None) -> Any:
+    """``value`` (a pytree of inputs) with its floating tensors in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return value
+    return tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
+
+
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
                 seed: int, dtype: torch.dtype | None = None, no_dropout: _NoDropout | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -80,9 +88,7 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
                 b.copy_(start[n])
         total = torch.zeros((), dtype=torch.float64)
         for inputs in parts:
-            if dtype is not None:
-                inputs = tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                                  else v, inputs)
+            inputs = as_dtype(inputs, dtype)
             torch.manual_seed(seed)
             output = gm(*inputs)
             loss = _loss_of(spec, output, inputs)
@@ -133,9 +139,7 @@ def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[
         mode = no_dropout if no_dropout is not None else contextlib.nullcontext()
         try:
             (inputs,) = chunks[r]
-            if dtype is not None:
-                inputs = tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                                  else v, inputs)
+            inputs = as_dtype(inputs, dtype)
             with mode:
                 loss = _loss_of(spec, copies[r](*inputs), inputs)
                 assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first

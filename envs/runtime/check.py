@@ -41,10 +41,9 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
-from torch.utils._pytree import tree_map
 
 from envs.runtime.apply import apply_placement
-from envs.runtime.batch_split import _check_split, _default_dtype, check_batch_split
+from envs.runtime.batch_split import _check_split, _default_dtype, as_dtype, check_batch_split
 from envs.runtime.check_report import CheckReport
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
@@ -215,13 +214,6 @@ def check_placement(
 
 
 
-def _as_dtype(value: object, dtype: torch.dtype | None) -> object:
-    """``value`` with its floating tensors in ``dtype`` (None: unchanged), other leaves as they are."""
-    if dtype is None:
-        return value
-    return tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
-
-
 @dataclasses.dataclass
 class _StepComparison:
     """What :func:`_compare_steps` saw: the fields of :class:`CheckReport` of the same names."""
@@ -254,7 +246,7 @@ def _compare_steps(spec: ModelSpec, captured: CapturedModel, assignment: Mapping
     if dtype is not None:
         original.to(dtype)
         placed.to(dtype)
-    inputs = _as_dtype(spec.example_inputs, dtype)
+    inputs = as_dtype(spec.example_inputs, dtype)
     assert isinstance(inputs, tuple)
     # Both in the modes the graph was traced in (training, unless the user froze a
     # module): a traced graph keeps the mode it was captured in, whatever .train() says.
