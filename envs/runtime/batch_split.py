@@ -102,12 +102,6 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
             buffers)
 
 
-def _training_norms(captured: CapturedModel, modes: dict[str, bool]) -> list[str]:
-    """The captured model's BatchNorms in training mode under ``modes`` (the user's modes)."""
-    return [name for name, m in captured.gm.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and modes.get(name, modes[""])]
-
-
 def _model_copy(captured: CapturedModel, modes: dict[str, bool], dtype: torch.dtype | None) -> torch.fx.GraphModule:
     """A copy of the captured model in ``dtype`` (None: its own) with the modules' training modes."""
     gm = deep_copy(captured.gm)
@@ -209,7 +203,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     out: dict[str, object] = {
         "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
         "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched,
-        "split_synced_norms": len(_training_norms(captured, modes)) if microbatches == 1 else 0}
+        "split_synced_norms": len(training_batch_norms(captured.gm, modes)) if microbatches == 1 else 0}
     split = (microbatches, replicas, size)
     if max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())
@@ -259,7 +253,7 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
                 "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
                 "--no-check to accept the pipeline unchecked, or make the model deterministic")
-    norms = _training_norms(captured, modes)
+    norms = training_batch_norms(captured.gm, modes)
     if norms and split[0] > 1:  # one micro-batch per replica: the runtime synchronises them
         shown = ", ".join(repr(n) for n in norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
         return f"BatchNorm in training mode ({shown}) normalises each micro-batch by its own statistics"

@@ -39,7 +39,7 @@ split runs them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -154,10 +154,15 @@ class ReplicaBatchNorm(torch.nn.Module):
         return y
 
 
-def training_batch_norms(module: torch.nn.Module) -> list[str]:
+def training_batch_norms(module: torch.nn.Module, modes: Mapping[str, bool] | None = None) -> list[str]:
     """Qualified names of the BatchNorm submodules of ``module`` in training mode that
-    normalise by batch statistics (the ones a data-parallel split changes)."""
-    return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    normalise by batch statistics (the ones a data-parallel split changes). ``modes``
+    (module name -> training, ``""`` the default; :func:`graphs.module_modes.training_modes`)
+    decides instead of the modules' own flags: the modes a graph was traced in."""
+    def training(name: str, m: torch.nn.Module) -> bool:
+        return m.training if modes is None else bool(modes.get(name, modes[""]))
+
+    return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm) and training(name, m)]
 
 
 def replace_batch_norms(module: torch.nn.Module, gather: Gather, names: Sequence[str] | None = None) -> list[str]:
