@@ -80,7 +80,7 @@ class OpArrays:
         input_bytes: the bytes of the model's inputs (its placeholders' outputs): the batch,
             which every process of a multi-process job holds (:mod:`envs.sim.pipeline` P5d).
         norm_channels: [N] channels of each op that is a BatchNorm module (``module_type``
-            BatchNorm1d/2d/3d), 0 for every other op: data-parallel replicas synchronise their
+            BatchNorm1d/2d/3d or SyncBatchNorm), 0 for every other op: data-parallel replicas synchronise their
             statistics (:mod:`envs.sim.data_parallel` D5). None: none.
         one_process_per_device: the devices are ranks (``--devices cpu:0,cpu:1``), each its
             own process. Their step time is :mod:`envs.sim.ranks`'s

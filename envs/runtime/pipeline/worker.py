@@ -260,7 +260,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     stage_groups = _new_groups(stage_ranks, world) if n_rep > 1 else [None] * p_
     # One micro-batch per replica: each stage's BatchNorms take their statistics over the
     # stage's replicas (the full batch's, as the split check compared), over groups of their
-    # own so that their small all-reduces do not queue behind DDP's buckets.
+    # own so that their small gathers do not queue behind DDP's buckets.
     norm_groups = ([dist.new_group(ranks) for ranks in stage_ranks]
                    if n_rep > 1 and m == 1 and training_batch_norms(gm) else None)
     # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
