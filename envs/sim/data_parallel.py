@@ -79,7 +79,7 @@ replicas does it. Between CPU processes three more things were measured:
 
 * a gather of a few kilobytes costs far more than the link's latency: 338-456 us for 65-4,096
   floats between two 1-thread gloo processes gathering back to back, against a one-way
-  ping-pong latency of 56-65 us (``benchmarks/bench_small_allreduce.py``, 2026-12-06), and
+  ping-pong latency of 56-65 us (``benchmarks/bench_small_gather.py``, 2026-12-06), and
   about 0.9 ms inside a DDP step, where the replicas reach each BatchNorm at different
   moments: :data:`CPU_GATHER_IN_STEP_S` per ring step, fitted on ResNet-50's step;
 * each gather is a sleeping wait, after which the replica's next op time runs cold (R3 and
@@ -172,7 +172,7 @@ CPU_RING_EFFICIENCY = 0.47
 CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
 #: A BatchNorm's gather between CPU processes (gloo) inside a DDP step, seconds per ring step
 #: (D5). Two 1-thread processes gathering back to back take 338-456 us
-#: (``benchmarks/bench_small_allreduce.py``), but in a step the replicas reach each BatchNorm
+#: (``benchmarks/bench_small_gather.py``), but in a step the replicas reach each BatchNorm
 #: at different moments and the first waits: fitted on DDP ResNet-50's measured step (0.9 ms
 #: a gather, besides the waits' cold op time), it predicts Inception-v3's within 4%
 #: (``benchmarks/results/pipeline.md``). Not a multiple of the link's latency: the step did

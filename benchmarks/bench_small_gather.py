@@ -8,7 +8,7 @@ ping-pong (``send``/``recv`` of one float there and back), the latency the rank 
 links are measured with (``envs.runtime.distributed.launcher.measure_links``). Prints the
 median of each over ``--rounds`` rounds of ``--calls`` calls.
 
-    python benchmarks/bench_small_allreduce.py
+    python benchmarks/bench_small_gather.py
 """
 
 from __future__ import annotations
