@@ -123,17 +123,16 @@ def measure_model(name: str, size: str, devices: str, links: dict, count: int, s
                                 captured=prep.captured)
         t0 = time.perf_counter()
         pls = [p for _, p in rows]
-        # The measurer's API is being reworked (measure_many -> measure(list)); accept either.
-        many = getattr(m, "measure_many", None)
-        res = many(pls) if many is not None else m.measure(pls)
-        details = list(m.details.values())
+        res = m.measure(pls)
+        # By result: placements that are one program share a run, and its details.
+        details = [m.details.get(r.placement_hash, {}) for r in res]
         record["passes"].append({
             "load_before": load_before, "load_after": _load(), "seconds": round(time.perf_counter() - t0, 1),
             "started_utc": time.strftime("%H:%M:%S", time.gmtime()),
             "median_s": [r.step_time if r.valid else None for r in res],
             "times_s": [list(r.times) for r in res],
             "reasons": [r.reason for r in res],
-            "details": details if len(details) == len(res) else [],
+            "details": details,
         })
         print(f"  {name} pass {k + 1}: {len(rows)} placements in {record['passes'][-1]['seconds']} s, "
               f"load {load_before} -> {record['passes'][-1]['load_after']}", flush=True)

@@ -213,6 +213,30 @@ def test_measured_messages_are_the_plans_crossings():
     assert all(w >= 0 for w in detail["recv_wait_s"]) and all(c > 0 for c in detail["cpu_s"])
 
 
+def test_placements_that_move_only_a_model_input_are_one_run(monkeypatch):
+    """Every rank holds the model inputs (envs.runtime.split), so a placement that moves only
+    an input runs the program of the one that does not: it is answered from the cache."""
+    from envs.runtime.measurer import MeasureResult
+
+    prep = _prepared("rnnlm")
+    m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, spec=prep.spec, captured=prep.captured,
+                            fingerprint=prep.captured.fingerprint)
+    inputs = [n.name for n in prep.captured.gm.graph.nodes if n.op == "placeholder"]
+    assert m.ignored_nodes == frozenset(inputs) and inputs
+    runs: list[int] = []
+    monkeypatch.setattr(m, "_run", lambda ranks, keys: runs.append(len(ranks)) or
+                        [MeasureResult(step_time=1e-3 * (i + 1)) for i in range(len(ranks))])
+    half, _ = _placements(prep)
+    base = {n: f"cpu:{r}" for n, r in half.items()}
+    def flip(placement, nodes):
+        return {**placement, **{n: ("cpu:1" if placement[n] == "cpu:0" else "cpu:0") for n in nodes}}
+
+    first, twin = m.measure([base, flip(base, inputs)])
+    assert runs == [1] and twin.step_time == first.step_time
+    m.measure([flip(base, [next(n for n in base if n not in inputs)])])  # an op moved: another program
+    assert runs == [1, 1]
+
+
 def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):

@@ -196,3 +196,28 @@ def test_hybrid_rounds_on_demand_measure_the_fastest_distinct_candidates():
     measured = {r.tobytes() for r, *_ in model.measurements}
     assert len(measured) == 3 and fastest.tobytes() in measured  # repeats did not crowd the pool
     assert model.calibrations == 1
+
+
+class _InputsEverywhere(FakeMeasurer):
+    """A measurer whose runtime ignores where node 0 goes, as the ranks ignore the model inputs."""
+
+    def __init__(self, problem, **kw):
+        super().__init__(problem, **kw)
+        self.ignored_nodes = frozenset({problem.node_names[0]})
+
+
+def test_hybrid_rounds_pass_over_a_candidate_that_runs_a_measured_program():
+    problem = random_problem(n=10, d=3, seed=6)
+    meas = _InputsEverywhere(problem)
+    env = PlacementEnv(problem, reward_mode="hybrid", measurer=meas, hierarchical=False, measure_every=None,
+                       measure_top_k=3)
+    model = env.reward_model
+    rows = np.random.default_rng(3).integers(0, 3, size=(12, 10))
+    rows[:, 0] = 0
+    twins = rows.copy()
+    twins[:, 0] = 1  # the same programs, node 0 elsewhere
+    env.evaluate(np.concatenate([rows, twins]))
+    assert model.measure_best() == 3 and model.measure_best() == 3
+    programs = [tuple(r[1:]) for r, *_ in model.measurements]
+    assert len(programs) == 6 and len(set(programs)) == 6  # no run spent on a twin
+    assert len(meas.calls) == 6

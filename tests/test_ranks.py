@@ -321,8 +321,7 @@ def test_simulated_two_rank_step_is_within_a_factor_of_three_of_the_fastest_meas
     single = prep.grouping.expand(dict.fromkeys(groups, "cpu:0"))
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, "cpu:0,cpu:1", warmup=2, repeats=9,
                             spec=prep.spec, fingerprint=prep.captured.fingerprint, captured=prep.captured)
-    many = getattr(m, "measure_many", None)
-    measured = (many or m.measure)([single, layer_split])
+    measured = m.measure([single, layer_split])
     from envs.sim.rank_compile import value_leaves
 
     leaves = value_leaves(prep.captured.gm)

@@ -30,7 +30,7 @@ import numpy as np
 
 from envs.gym.config import EnvConfigError, positive_int
 from envs.gym.rewards import Evaluation, RewardModel, simulate_rows
-from envs.runtime.measurer import Measurer, MeasureResult
+from envs.runtime.measurer import Measurer, MeasureResult, program_key
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 
@@ -156,6 +156,7 @@ class HybridReward(MeasuredReward):
         self.calibrations = 0
         self.measurements: list[tuple[np.ndarray, float, bool, str]] = []
         self._pool: dict[bytes, _Candidate] = {}
+        self._programs: set[tuple[tuple[str, str], ...]] = set()  # programs measured (program_key)
         self._since_measure = 0
         self._calibrated_problem: PlacementProblem | None = None
         super().__init__(problem, measurer, reference, invalid_penalty)
@@ -200,9 +201,21 @@ class HybridReward(MeasuredReward):
             del self._pool[c.row.tobytes()]
 
     def measure_best(self) -> int:
-        """Measure the best unmeasured candidates now, recalibrate if possible; returns how many were measured."""
-        todo = sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time)
-        todo = todo[: self.measure_top_k]
+        """Measure the best unmeasured candidates now, recalibrate if possible; returns how many were measured.
+
+        Candidates are distinct programs (:func:`envs.runtime.measurer.program_key`): one
+        that runs the program of a measured or a chosen candidate is passed over, so a
+        round does not spend a run on a twin.
+        """
+        todo: list[_Candidate] = []
+        for cand in sorted((c for c in self._pool.values() if not c.measured), key=lambda c: c.sim_time):
+            if len(todo) == self.measure_top_k:
+                break
+            key = program_key(self.measurer, self.problem.array_to_placement(cand.row))
+            cand.measured = key in self._programs  # its twin's figure is the program's
+            if not cand.measured:
+                self._programs.add(key)
+                todo.append(cand)
         if todo:
             outcomes = self.measure_rows(np.stack([c.row for c in todo]))  # one measurer call
             for cand, (t, valid, reason) in zip(todo, outcomes):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
-from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
+from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, program_key
 from envs.runtime.step_timer import median_step_time
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -99,6 +99,7 @@ class DistributedMeasurer:
         self.threads = int(threads)
         self._spec, self.fingerprint = spec, fingerprint
         self._captured = captured
+        self._ignored: frozenset[str] | None = None
         self.deadline: float | None = None
         self._cache = MeasureCache([d.name for d in self.devices], {
             "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats, "runtime": "distributed"})
@@ -125,6 +126,14 @@ class DistributedMeasurer:
             spec = self.spec
             self._captured = capture(spec.model, spec.example_inputs, name=spec.name)
         return self._captured
+
+    @property
+    def ignored_nodes(self) -> frozenset[str]:
+        """The model inputs (placeholders): every rank holds them (:mod:`envs.runtime.split`),
+        so where a placement puts them does not change the program that runs."""
+        if self._ignored is None:
+            self._ignored = frozenset(n.name for n in self.captured.gm.graph.nodes if n.op == "placeholder")
+        return self._ignored
 
     def _ranks(self, placement: Mapping[str, str]) -> dict[str, int]:
         unknown = sorted({d for d in placement.values() if d not in self.rank_of})
@@ -156,7 +165,7 @@ class DistributedMeasurer:
         """
         items = [{str(k): str(v) for k, v in p.items()} for p in placements]
         ranks = [self._ranks(p) for p in items]
-        keys = [self._cache.key(p) for p in items]
+        keys = [self._cache.key(dict(program_key(self, p))) for p in items]
         return self._cache.measure(keys, lambda todo: self._run([ranks[i] for i in todo], [keys[i] for i in todo]))
 
     def measure_pipelines(self, pipelines: Sequence[Pipeline]) -> list[MeasureResult]:
