@@ -18,7 +18,7 @@
   measurements so far (:mod:`envs.sim.calibration`), so the rest of the search runs on the
   recalibrated simulator.
 
-Either way optimize measures the best candidates once more at the end
-(:func:`~placer.measuring.confirm.confirm_candidates`), and only measured times pick the winner.
+Either way optimize runs the best candidates once more at the end, beside the single devices in
+one job (:func:`~placer.measuring.confirm.confirm_candidates`), and only those times pick the winner.
 The package re-exports nothing: import from its modules.
 """

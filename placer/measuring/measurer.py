@@ -6,7 +6,8 @@ the reward model calls (:mod:`envs.gym.measured_rewards`), expands each group pl
 the op placement the backend measurer runs — :class:`envs.runtime.measure.SingleProcessMeasurer`
 (one worker process, real devices such as ``cpu,cuda:0``) or
 :class:`envs.runtime.distributed.measure.DistributedMeasurer` (one worker per rank device,
-``cpu:0,cpu:1``) — measures each distinct placement once, and keeps the log of every
+``cpu:0,cpu:1``) — measures each distinct program once (placements that differ only where
+the backend ignores the device, such as the model inputs on ranks, are one program), and keeps the log of every
 measurement with the simulator's figure beside it (the report's, and what optimize looks
 results up in). Every run is bounded by ``--measure-timeout`` and by the run's budget:
 :meth:`PlacementMeasurer.set_deadline` cuts a run that would outlast the search.
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from envs.gym.measured_rewards import HybridReward, measure_outcome
-from envs.runtime.measurer import Measurer, MeasureResult
+from envs.runtime.measurer import Measurer, MeasureResult, program_key
 from envs.sim.calibration import Calibration
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
@@ -52,7 +53,7 @@ class MeasuredPlacement:
         phase: ``"search"``, ``"round k"`` (hybrid) or ``"confirm"`` (after the search).
         simulated: the uncalibrated simulator's step time of the same placement.
         predicted: the calibrated simulator's prediction made before it was measured
-            (hybrid, once a calibration exists), else None.
+            (hybrid, once a calibration exists, on a program measured for the first time), else None.
     """
 
     row: np.ndarray
@@ -113,10 +114,30 @@ class PlacementMeasurer:
         self.requests = 0
         self.hybrid: HybridReward | None = None
         self.deadline: float | None = None
-        self._by_key: dict[bytes, MeasuredPlacement] = {}
+        #: By program (:meth:`program_of`): rows that run the same program share one record.
+        self._by_key: dict[tuple[tuple[str, str], ...], MeasuredPlacement] = {}
+        self._ignored: frozenset[str] | None = None
         #: Pipelined candidates measured as pipelines (:func:`~placer.measuring.confirm.confirm_pipelines`); kept apart
         #: from :attr:`records`, whose rows the calibration fits to the un-pipelined simulator.
         self.pipeline_records: list[MeasuredPipeline] = []
+
+    @property
+    def ignored_nodes(self) -> frozenset[str]:
+        """The groups whose every op the backend ignores (its ``ignored_nodes``, e.g. the
+        distributed runtime's model inputs): where a placement puts them changes nothing."""
+        if self._ignored is None:
+            ops = frozenset(getattr(self.backend, "ignored_nodes", frozenset()))
+            groups: dict[str, bool] = {}
+            if ops:
+                for op, group in self.expand({g: g for g in self.problem.node_names}).items():
+                    groups[group] = groups.get(group, True) and op in ops
+            self._ignored = frozenset(g for g, all_ignored in groups.items() if all_ignored)
+        return self._ignored
+
+    def program_of(self, row: np.ndarray) -> tuple[tuple[str, str], ...]:
+        """The program ``row`` runs (:func:`envs.runtime.measurer.program_key`): equal for rows
+        that differ only in groups the backend ignores."""
+        return program_key(self, self.problem.array_to_placement(np.asarray(row)))
 
     def set_deadline(self, deadline: float | None) -> None:
         """No run may pass ``deadline`` (``time.monotonic()``; None: only the time-out applies).
@@ -143,11 +164,12 @@ class PlacementMeasurer:
 
     # -------------------------------------------------------------- optimize's side
     def measure_rows(self, rows: np.ndarray) -> list[MeasuredPlacement]:
-        """Measure placement rows [B, N]; each distinct row runs once, whatever the phase."""
+        """Measure placement rows [B, N]; each distinct program runs once, whatever the phase
+        (a row that runs an earlier row's program gets that row's record)."""
         rows = self.problem.check_array(np.atleast_2d(rows))
         self.requests += rows.shape[0]
-        keys = [r.tobytes() for r in rows]
-        new: dict[bytes, np.ndarray] = {}
+        keys = [self.program_of(r) for r in rows]
+        new: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
         for key, row in zip(keys, rows):
             if key not in self._by_key:
                 new.setdefault(key, row)
@@ -155,11 +177,35 @@ class PlacementMeasurer:
         # A run cut by the deadline is answered but not kept: it may run another time.
         return [self._by_key.get(k) or fresh[k] for k in keys]
 
+    def remeasure_rows(self, rows: np.ndarray) -> list[MeasuredPlacement]:
+        """Run rows [B, N] again, each distinct program once, all in one backend call, however
+        they were measured before; each program's record becomes the new run's (the log,
+        :attr:`records`, keeps every run).
+
+        The final confirmation's figures: a search keeps the fastest of many noisy runs of
+        near-equal programs, so its best figure is the luckiest, not the program's (ResNet-50 on
+        ``cpu:0,cpu:1``: a winner measured at 744.0 ms ran 765.5 ms by itself, 2026-12-06).
+        Run again beside the single-device reference in one job, the figures and their
+        ratios come from one state of the machine, and none is chosen by its own noise. A
+        backend without ``clear_cache()`` answers from its own cache.
+        """
+        rows = self.problem.check_array(np.atleast_2d(rows))
+        self.requests += rows.shape[0]
+        keys = [self.program_of(r) for r in rows]
+        distinct: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
+        for key, row in zip(keys, rows):
+            distinct.setdefault(key, row)
+        clear = getattr(self.backend, "clear_cache", None)
+        if clear is not None:
+            clear()
+        fresh = self._run(list(distinct.values()))
+        return [fresh[k] for k in keys]
+
     def lookup(self, row: np.ndarray | None) -> MeasuredPlacement | None:
-        """The measurement of ``row``, if it was measured."""
+        """The measurement of ``row``'s program, if it was measured."""
         if row is None:
             return None
-        return self._by_key.get(np.ascontiguousarray(row, dtype=np.int64).tobytes())
+        return self._by_key.get(self.program_of(np.ascontiguousarray(row, dtype=np.int64)))
 
     def best(self, rows: Sequence[np.ndarray] | None = None) -> MeasuredPlacement | None:
         """The fastest valid measurement (among ``rows`` when given)."""
@@ -175,7 +221,7 @@ class PlacementMeasurer:
         """Stop the backend's worker processes, if it keeps any."""
         self.backend.close()
 
-    def _run(self, rows: list[np.ndarray]) -> dict[bytes, MeasuredPlacement]:
+    def _run(self, rows: list[np.ndarray]) -> dict[tuple[tuple[str, str], ...], MeasuredPlacement]:
         if hasattr(self.backend, "deadline"):
             self.backend.deadline = self.deadline if any(r.valid for r in self.records) else None
         batch = np.stack(rows)
@@ -193,17 +239,20 @@ class PlacementMeasurer:
             failed = MeasureResult(step_time=math.inf, valid=False,
                                    reason=f"measurement failed: {type(exc).__name__}: {exc}")
             results = [failed] * len(ops)
-        out: dict[bytes, MeasuredPlacement] = {}
+        out: dict[tuple[tuple[str, str], ...], MeasuredPlacement] = {}
         for i, (row, res) in enumerate(zip(rows, results)):
             t, valid, reason = measure_outcome(res)
+            key = self.program_of(row)
+            # A program run again was in the calibration's data: its prediction is no test of it.
+            held_out = predicted is not None and key not in self._by_key
             rec = MeasuredPlacement(row=row.copy(), step_time=t if valid else math.inf, valid=valid, reason=reason,
                                     phase=self.phase, simulated=float(simulated[i]),
-                                    predicted=None if predicted is None else float(predicted[i]))
-            out[row.tobytes()] = rec
+                                    predicted=float(predicted[i]) if held_out else None)
+            out[key] = rec
             if res.budget_cut:
                 continue  # never ran, or stopped by the deadline: nothing about the placement to log
             self.records.append(rec)
-            self._by_key[row.tobytes()] = rec
+            self._by_key[key] = rec
         return out
 
 

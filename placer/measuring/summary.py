@@ -26,7 +26,7 @@ class MeasurementSummary:
     Attributes:
         reward: the reward mode.
         description: how the times were measured.
-        records: every distinct placement measured, in order.
+        records: every run, in order (the final confirmation runs the leading placements again).
         requests: measurements asked for, repeats (answered from the log) included.
         rounds: the hybrid rounds (see :class:`~placer.measuring.hybrid_rounds.HybridRounds`).
         search_calibrations: recalibrations of the simulator during the search.
@@ -45,11 +45,21 @@ class MeasurementSummary:
     calibration: Calibration | None = None
     holdout: dict[str, Any] | None = None
     pipelines: list[MeasuredPipeline] = field(default_factory=list)
+    #: Distinct placements among the runs (placements that run one program count once);
+    #: None: as many as runs.
+    distinct: int | None = None
+    #: How far two runs of one placement differ (:func:`repeat_spread`), or None.
+    repeats: dict[str, float] | None = None
 
     @property
     def count(self) -> int:
-        """Distinct placements measured."""
+        """Runs measured."""
         return len(self.records)
+
+    @property
+    def placements(self) -> int:
+        """Distinct placements measured."""
+        return self.count if self.distinct is None else self.distinct
 
     @property
     def invalid(self) -> int:
@@ -60,6 +70,7 @@ class MeasurementSummary:
         """JSON-friendly form; placements as ``{group: device}``."""
         return {
             "reward": self.reward, "measured_by": self.description, "measurements": self.count,
+            "distinct_placements": self.placements, "repeats": self.repeats,
             "invalid": self.invalid, "requests": self.requests, "rounds": self.rounds,
             "search_calibrations": self.search_calibrations,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
@@ -76,6 +87,25 @@ class MeasurementSummary:
                 for p in self.pipelines
             ],
         }
+
+
+def repeat_spread(runs: Sequence[tuple[object, float]]) -> dict[str, float] | None:
+    """How far the last two valid runs of each placement run more than once differ, relative
+    to the faster: ``{"n": placements, "median": ..., "max": ...}``, or None when none ran twice.
+
+    The yardstick for every measured comparison of the run: a gain, or a Spearman over
+    placements, smaller than this is the machine's noise.
+
+    >>> repeat_spread([("a", 1.00), ("b", 2.0), ("a", 1.02), ("b", 2.1), ("c", 3.0)])
+    {'n': 2, 'median': 0.035, 'max': 0.05}
+    """
+    by_key: dict[object, list[float]] = {}
+    for key, t in runs:
+        by_key.setdefault(key, []).append(float(t))
+    diffs = [abs(ts[-1] - ts[-2]) / min(ts[-1], ts[-2]) for ts in by_key.values() if len(ts) >= 2]
+    if not diffs:
+        return None
+    return {"n": len(diffs), "median": round(float(np.median(diffs)), 6), "max": round(float(max(diffs)), 6)}
 
 
 def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[str, Any]] = ()) -> MeasurementSummary:
@@ -101,4 +131,6 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
         requests=measurer.requests, rounds=list(rounds),
         search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
         calibration=cal, holdout=holdout, pipelines=list(measurer.pipeline_records),
+        distinct=len({measurer.program_of(r.row) for r in measurer.records}),
+        repeats=repeat_spread([(measurer.program_of(r.row), r.step_time) for r in valid]),
     )

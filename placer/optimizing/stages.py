@@ -278,7 +278,11 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         if searched.result.stop_reason == "interrupted":
             mark_measured(measurer, candidates)  # Ctrl-C: no more runs, use what was measured
         else:
-            confirm_candidates(measurer, candidates, extra_rows=single_device_rows(compiled.problem))
+            # The search's measured placements (its rounds', or every proposal of a measured
+            # search) compete again beside its pick: it kept the fastest of noisy runs.
+            searched_rows = [r.row for r in measurer.records if r.valid and r.phase != "confirm"]
+            confirm_candidates(measurer, candidates, extra_rows=single_device_rows(compiled.problem),
+                               contenders=searched_rows, search=searched.candidate)
         seconds["measure"] = time.perf_counter() - start
     table = comparison_table(compiled.problem, candidates)
     if measurer is not None:

@@ -22,7 +22,7 @@ import math
 import platform
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -254,9 +254,11 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
     lines = [
         "## Measurements", "",
         f"- reward **{m.reward}**: {_REWARD_WORDS.get(m.reward, m.reward)}.",
-        f"- measured by {m.description}; **{m.count} distinct placements measured** "
+        f"- measured by {m.description}; **{m.count} runs of {m.placements} distinct placements** "
         f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; the search evaluated "
-        f"{result.search.evaluated:,} placements, and a placement seen before is never measured again.",
+        f"{result.search.evaluated:,} placements. During the search a placement seen before is not measured "
+        "again; the final confirmation runs the leading ones again beside the single devices, in one job, "
+        "and their figures are that run's.",
     ]
     if m.reward == "hybrid":
         lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
@@ -272,6 +274,8 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
         lines.append(f"- placements measured after a calibration predicted them ({m.holdout['n']}): "
                      f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
                      f"{_agreement_text(m.holdout['calibrated'])}.")
+    if m.repeats:
+        lines.append(f"- repeat runs (the search's run and the final confirmation's): {_repeats_text(m.repeats)}.")
     if m.rounds:
         lines += ["", "| round | at (s) | evaluated | measured | recalibrations | fit before calibration | after "
                       "| best measured (ms) |", "|:--|--:|--:|--:|--:|:--|:--|--:|"]
@@ -373,7 +377,8 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
                    f"{aside}")
     m = result.measurement
     if m is not None:
-        out.append(f"reward {m.reward}: {m.count} placements measured ({m.invalid} invalid) by {m.description}")
+        out.append(f"reward {m.reward}: {m.count} runs of {m.placements} placements measured ({m.invalid} invalid) "
+                   f"by {m.description}")
         if m.pipelines:
             bad = [p for p in m.pipelines if not p.valid]
             out.append(f"pipelines measured as pipelines: {len(m.pipelines)} ({len(bad)} invalid"
@@ -390,4 +395,12 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
         if m.holdout is not None:
             out.append(f"held-out ({m.holdout['n']}): uncalibrated {_agreement_text(m.holdout['uncalibrated'])}; "
                        f"calibrated {_agreement_text(m.holdout['calibrated'])}")
+        if m.repeats:
+            out.append(f"repeat runs: {_repeats_text(m.repeats)}")
     return out
+
+
+def _repeats_text(repeats: Mapping[str, float]) -> str:
+    """How far two runs of one placement differed: the noise that measured comparisons sit in."""
+    return (f"{int(repeats['n'])} placement(s) run twice differed by {repeats['median']:.1%} (median), "
+            f"{repeats['max']:.1%} at most; measured differences smaller than that are noise")
