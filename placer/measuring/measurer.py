@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from envs.sim.calibration import Calibration
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
+
+if TYPE_CHECKING:
+    from graphs.capture import CapturedModel
 
 #: Measured mode: placements the agent proposes per batch (each batch is one measuring call).
 MEASURED_BATCH = 8
@@ -258,8 +261,14 @@ class PlacementMeasurer:
 
 def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | None, problem: PlacementProblem,
                   expand: Callable, fingerprint: str, backend: Measurer | None = None,
-                  timeout_s: float | None = None) -> PlacementMeasurer:
+                  timeout_s: float | None = None, spec: Any = None,
+                  captured: CapturedModel | None = None) -> PlacementMeasurer:
     """The measurer for ``cluster``'s real devices.
+
+    ``spec`` and ``captured``, the caller's loaded and captured model, are what worker
+    processes of ranks get their weights and inputs from; without them the model is loaded
+    and captured once more here (a model file run twice, with weights of its own if it
+    initialises them at random).
 
     Rank devices (``cpu:0,cpu:1``) are measured by worker processes of the distributed
     runtime, other real devices (``cpu,cuda:0``) in one worker process that places ops on
@@ -288,7 +297,8 @@ def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | Non
 
         names = list(cluster.device_names)
         return PlacementMeasurer(
-            DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint, **timeouts),
+            DistributedMeasurer(str(source), dict(model_args or {}), names, fingerprint=fingerprint, spec=spec,
+                                captured=captured, **timeouts),
             problem, expand, f"{len(names)} worker processes ({', '.join(names)}), torch.distributed",
         )
     from envs.runtime.measure import SingleProcessMeasurer

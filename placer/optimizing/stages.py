@@ -170,7 +170,8 @@ def measuring(config: OptimizeConfig, compiled: Compiled) -> Iterator[PlacementM
     from placer.measuring.measurer import make_measurer
 
     measurer = make_measurer(run.cluster, run.source, config.model_args, compiled.problem, run.grouping.expand,
-                             run.captured.fingerprint, backend=config.measurer, timeout_s=config.measure_timeout)
+                             run.captured.fingerprint, backend=config.measurer, timeout_s=config.measure_timeout,
+                             spec=run.spec, captured=run.captured)
     try:
         yield measurer
     finally:
