@@ -164,3 +164,21 @@ def test_a_simulated_run_does_not_import_scipy_stats_until_a_calibration_agrees(
             "print('scipy.stats' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_a_few_disturbed_runs_do_not_pull_the_fit():
+    """Two of twelve measurements 50% slow (another job on the machine): the robust fit
+    still recovers the devices; plain least squares is pulled towards them."""
+    spec = load_zoo_model("gpt2", size="small")
+    cap = capture(spec.model, spec.example_inputs, name="gpt2")
+    problem = compile_problem(cap.graph, "4xK40")
+    rows = _placements(problem, 12, 4)
+    clean = simulate_batch(scaled_problem(problem, [1.3] * problem.num_devices), rows, backend="numpy").step_time
+    measured = clean.copy()
+    measured[[5, 9]] *= 1.5
+    robust = calibrate_simulator(problem, rows, measured)  # as the hybrid rounds fit
+    plain = calibrate_simulator(problem, rows, measured, outlier_scale=None)
+    ok = np.setdiff1d(np.arange(len(rows)), [5, 9])
+    err = {name: np.abs(cal.predict(problem, rows[ok]) / clean[ok] - 1).mean() for name, cal in
+           (("robust", robust), ("plain", plain))}
+    assert err["robust"] < 0.01 and err["plain"] > 0.03  # 0.7% and 6.0% when written
