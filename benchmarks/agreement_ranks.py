@@ -119,6 +119,7 @@ def measure_model(name: str, size: str, devices: str, links: dict, count: int, s
     for k in range(passes):
         load_before = _load()
         m = DistributedMeasurer(f"zoo:{name}", {"size": size}, devices, warmup=warmup, repeats=repeats,
+                                min_timed_s=0.0,
                                 timeout_s=timeout_s, spec=prep.spec, fingerprint=prep.captured.fingerprint,
                                 captured=prep.captured)
         t0 = time.perf_counter()

@@ -148,7 +148,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
 
     # The same single-device step in one worker of the distributed harness (world size 1): the
     # like-for-like baseline for the two-worker rows (same process set-up and timing loop).
-    one = DistributedMeasurer(source, args, "cpu:0", warmup=warmup, repeats=repeats,
+    one = DistributedMeasurer(source, args, "cpu:0", warmup=warmup, repeats=repeats, min_timed_s=0.0,
                               fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
     [r1] = one.measure([{n: "cpu:0" for n in prep.captured.graph.nodes}])
     rows.append({"setup": "1 process, 1 thread (distributed harness, world size 1)",
@@ -167,7 +167,7 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     for i in order:
         if not any(np.array_equal(cands[i][1], row) for _, row, _ in chosen):
             chosen.append((cands[i][0], cands[i][1], float(sim.step_time[i])))
-    measurer = DistributedMeasurer(source, args, DEVICES, warmup=warmup, repeats=repeats,
+    measurer = DistributedMeasurer(source, args, DEVICES, warmup=warmup, repeats=repeats, min_timed_s=0.0,
                                    fingerprint=prep.captured.fingerprint, spec=prep.spec, captured=prep.captured)
     results = measurer.measure([expand(row) for _, row, _ in chosen])
     measured_rows = []

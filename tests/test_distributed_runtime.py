@@ -237,6 +237,20 @@ def test_placements_that_move_only_a_model_input_are_one_run(monkeypatch):
     assert runs == [1, 1]
 
 
+def test_a_short_step_is_timed_often_enough_to_fill_the_minimum_time():
+    prep = _prepared("rnnlm")
+    half, _ = _placements(prep)
+    placement = {n: f"cpu:{r}" for n, r in half.items()}
+    m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, warmup=2, repeats=2, min_timed_s=0.2,
+                            max_repeats=30, spec=prep.spec, captured=prep.captured,
+                            fingerprint=prep.captured.fingerprint)
+    [res] = m.measure([placement])
+    # rnnlm's small step takes a few ms: 0.2 s holds more than the 2 asked for, the cap 30 at most.
+    assert res.valid and 2 < len(res.times) <= 30
+    with pytest.raises(MeasureError, match="max_repeats >= repeats"):
+        DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, repeats=5, max_repeats=3)
+
+
 def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):

@@ -17,6 +17,7 @@ it is start-up, not the steady state the simulator predicts (see that function).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +68,22 @@ def time_steps(step: Callable[[], object], warmup: int, repeats: int,
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
     return StepTimes(tuple(times), cpu)
+
+
+def repeats_for(step_s: float, repeats: int, min_timed_s: float, max_repeats: int) -> int:
+    """How many timed steps to run: at least ``repeats``, enough to fill ``min_timed_s`` at
+    ``step_s`` per step (a warm-up step's time), at most ``max_repeats`` (never below ``repeats``).
+
+    A fixed count times a 3 ms step over 15 ms, where one late wake-up of a sleeping rank (a
+    4 ms scheduler tick) moves the median; a budget in seconds, as ``timeit``'s autorange does,
+    gives every placement a comparable sample.
+
+    >>> repeats_for(0.003, 5, 0.5, 200), repeats_for(0.8, 5, 0.5, 200), repeats_for(1e-5, 5, 0.5, 200)
+    (167, 5, 200)
+    """
+    if not (step_s > 0 and min_timed_s > 0):
+        return repeats
+    return max(repeats, min(max_repeats, math.ceil(min_timed_s / step_s)))
 
 
 def median_step_time(times: Sequence[float]) -> float:

@@ -49,6 +49,15 @@ if TYPE_CHECKING:  # types only: importing it here would load torch before it is
 __all__ = ["DistributedMeasurer"]
 
 
+#: Timed steps of a placement fill at least this many seconds (:func:`envs.runtime.step_timer.repeats_for`).
+#: rnnlm's ~3 ms step on cpu:0,cpu:1, timed 5 times, measured one placement 8.4% apart in two
+#: runs (median over 4 placements, 29.5% at most; optimize --reward measured, 2026-12-06);
+#: a late wake-up by a 4 ms scheduler tick is larger than that step.
+MIN_TIMED_S = 0.5
+#: ... and at most this many timed steps.
+MAX_REPEATS = 200
+
+
 class DistributedMeasurer:
     """Measures placements over rank devices (``cpu:0,cpu:1``) with real worker processes.
 
@@ -56,7 +65,10 @@ class DistributedMeasurer:
         model_source: model file path or ``"zoo:<name>"`` (workers load the code from it).
         model_args: model file keyword arguments (``{"size": "small"}``).
         devices: the rank device list; placements name these devices.
-        warmup, repeats: untimed and timed steps per placement.
+        warmup, repeats: untimed and timed steps per placement (``repeats`` at least).
+        min_timed_s: the timed steps of a placement fill at least this many seconds, judged
+            from its warm-up steps (:func:`envs.runtime.step_timer.repeats_for`), up to
+            ``max_repeats``; 0 times exactly ``repeats`` (the benchmarks that fix a count).
         timeout_s: limit for one placement's steps; ``load_timeout_s`` for start-up.
         threads: torch threads per CPU worker.
         spec: an already loaded ModelSpec of the same source (its weights/inputs are shipped).
@@ -75,6 +87,8 @@ class DistributedMeasurer:
         devices: str | Sequence[str],
         warmup: int = 2,
         repeats: int = 5,
+        min_timed_s: float = MIN_TIMED_S,
+        max_repeats: int = MAX_REPEATS,
         timeout_s: float = 300.0,
         load_timeout_s: float = 300.0,
         threads: int = 1,
@@ -84,6 +98,9 @@ class DistributedMeasurer:
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        if not min_timed_s >= 0 or max_repeats < repeats:
+            raise MeasureError(f"need min_timed_s >= 0 and max_repeats >= repeats, got min_timed_s={min_timed_s}, "
+                               f"max_repeats={max_repeats}, repeats={repeats}")
         if timeout_s <= 0 or load_timeout_s <= 0:
             raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
         if not isinstance(model_source, str):
@@ -95,6 +112,7 @@ class DistributedMeasurer:
         self.devices = parse_rank_devices(devices)
         self.rank_of = {d.name: d.rank for d in self.devices}
         self.warmup, self.repeats = int(warmup), int(repeats)
+        self.min_timed_s, self.max_repeats = float(min_timed_s), int(max_repeats)
         self.timeout_s, self.load_timeout_s = float(timeout_s), float(load_timeout_s)
         self.threads = int(threads)
         self._spec, self.fingerprint = spec, fingerprint
@@ -102,7 +120,8 @@ class DistributedMeasurer:
         self._ignored: frozenset[str] | None = None
         self.deadline: float | None = None
         self._cache = MeasureCache([d.name for d in self.devices], {
-            "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats, "runtime": "distributed"})
+            "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats, "runtime": "distributed",
+            "min_timed_s": self.min_timed_s, "max_repeats": self.max_repeats})
         self._cache.set_fingerprint(fingerprint or "")
         #: By placement hash: per-rank figures of the timed steps (messages and bytes sent,
         #: seconds blocked in receives) and the plan's shape — why a placement is slow.
@@ -240,8 +259,8 @@ class DistributedMeasurer:
                     results[i] = MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT,
                                                note=note, budget_cut=True)
                 break
-            tasks = [{"kind": "measure", "ranks": ranks[i], "warmup": self.warmup, "repeats": self.repeats}
-                     for i in pending]
+            tasks = [{"kind": "measure", "ranks": ranks[i], "warmup": self.warmup, "repeats": self.repeats,
+                      "min_timed_s": self.min_timed_s, "max_repeats": self.max_repeats} for i in pending]
             self.jobs += 1
             out = run_job(self.spec, self.model_source, [d.name for d in self.devices], tasks,
                           model_args=self.model_args, threads=self.threads, timeout_s=self.timeout_s,
@@ -251,7 +270,7 @@ class DistributedMeasurer:
                 per_rank = out.results[j]
                 if per_rank is not None:
                     # A step lasts as long as its slowest rank (the barriers make them equal).
-                    times = tuple(max(r["times"][s] for r in per_rank) for s in range(self.repeats))
+                    times = tuple(max(r["times"][s] for r in per_rank) for s in range(len(per_rank[0]["times"])))
                     results[i] = MeasureResult(step_time=median_step_time(times), times=times, note=note)
                     self.details[keys[i]] = {
                         "plan": per_rank[0].get("describe", ""),

@@ -17,7 +17,8 @@ Task kinds, each answered by ``JOB_DIR/result-<task>-<rank>.pt``:
   the rank's own parameters after the steps and the bytes it held (model tensors,
   optimizer state);
 * ``measure``: ``warmup`` + ``repeats`` steps, each between two barriers (the step time is
-  the slowest rank's), returns the timed steps;
+  the slowest rank's), returns the timed steps; with ``min_timed_s``, as many more timed
+  steps as fill that time at the slowest rank's median warm-up step (up to ``max_repeats``);
 * ``links``: ping-pong between every pair of ranks, returns (latency, bandwidth) per pair.
 
 Any exception writes ``JOB_DIR/error-<rank>.txt`` and exits with status 1: the launcher
@@ -97,7 +98,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     from envs.runtime.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
     from envs.runtime.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
     from envs.runtime.split import split_by_rank
-    from envs.runtime.step_timer import time_steps
+    from envs.runtime.step_timer import median_step_time, repeats_for, time_steps
 
     status = RankStatus(job_dir, rank)
     # Mapped, not read: the weights of other ranks' stages are never paged in.
@@ -195,9 +196,21 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                         torch.cuda.synchronize(device)
                     barrier()  # a step lasts until the slowest rank is done
 
-                timed = time_steps(step, int(task["warmup"]), int(task["repeats"]), sync=sync,
-                                   on_timing=comm.reset)  # count the timed steps only
-                n = max(1, int(task["repeats"]))
+                warmup, repeats = int(task["warmup"]), int(task["repeats"])
+                min_timed_s = float(task.get("min_timed_s", 0.0))
+                if min_timed_s > 0 and warmup > 0:
+                    # Enough timed steps to fill min_timed_s, the same count on every rank:
+                    # from the slowest rank's median warm-up step.
+                    warm = time_steps(step, 0, warmup, sync=sync)
+                    slowest = torch.tensor([median_step_time(warm.times)], dtype=torch.float64,
+                                           device=device if backend == "nccl" else "cpu")
+                    with status.waiting(barrier=True):
+                        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                    repeats = repeats_for(float(slowest.item()), repeats, min_timed_s,
+                                          int(task.get("max_repeats", repeats)))
+                    warmup = 0
+                timed = time_steps(step, warmup, repeats, sync=sync, on_timing=comm.reset)  # count the timed steps only
+                n = max(1, repeats)
                 result = {"times": list(timed.times), "describe": plan.describe(),
                           # Every step's loss, warm-up included (None on ranks without the output).
                           "losses": measured_losses,
