@@ -75,6 +75,15 @@ def _round_robin(names, devices=("gpu0", "gpu1")):
     return {n: devices[i % len(devices)] for i, n in enumerate(names)}
 
 
+def test_a_short_step_is_timed_often_enough_to_fill_the_minimum_time(faulty):
+    model, flag = faulty
+    with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, warmup=2, repeats=3, timeout_s=30,
+                               num_threads=1, min_timed_s=0.2, max_repeats=40) as m:
+        [r] = m.measure([dict.fromkeys(m.node_names, "cpu")])
+    # A two-layer MLP steps in well under 5 ms: 0.2 s asks for more than 40, the cap.
+    assert r.valid and len(r.times) == 40
+
+
 def test_measurer_valid_runs_cache_and_every_failure(faulty):
     model, flag = faulty
     from envs.hardware.cluster import cluster_from_spec
@@ -88,7 +97,7 @@ def test_measurer_valid_runs_cache_and_every_failure(faulty):
         "links": [{"between": ["gpu0", "gpu1"], "latency": "10us", "bandwidth": "10GB/s"}],
     })
     with SingleProcessMeasurer(model, model_args={"flag": str(flag)}, devices=cluster, warmup=1, repeats=3,
-                               timeout_s=4, num_threads=1) as m:
+                               timeout_s=4, num_threads=1, min_timed_s=0) as m:  # exactly 3 timed steps
         assert isinstance(m, Measurer)
         assert m.node_names == ["x", "fc1", "relu", "fc2", "output"]  # loads the model
         placement = _round_robin(m.node_names)

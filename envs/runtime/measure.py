@@ -33,7 +33,7 @@ from typing import Any
 
 from envs.runtime.apply import realize_placement
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
-from envs.runtime.step_timer import median_step_time
+from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time
 from envs.runtime.supervisor import Supervisor, exit_reason
 
 __all__ = ["SingleProcessMeasurer", "measure_step_time", "budget_timeout", "BUDGET_SPENT"]
@@ -87,7 +87,11 @@ class SingleProcessMeasurer:
         devices: how placement device names become torch devices: a Cluster, Device
             list or ``{name: real device}`` mapping; None when placements already use
             torch device strings.
-        warmup, repeats: steps run before timing, and steps timed (the median is reported).
+        warmup, repeats: steps run before timing, and steps timed (the median is reported;
+            ``repeats`` at least).
+        min_timed_s, max_repeats: the timed steps fill at least ``min_timed_s`` seconds,
+            judged from the warm-up steps, up to ``max_repeats``
+            (:func:`envs.runtime.step_timer.repeats_for`); 0 times exactly ``repeats``.
         timeout_s: limit for one candidate (all its steps); the worker is killed past it.
         load_timeout_s: limit for starting the worker and loading + capturing the model.
         num_threads: torch intra-op threads in the worker (None: torch's default).
@@ -112,6 +116,8 @@ class SingleProcessMeasurer:
         repeats: int = 7,
         timeout_s: float = 300.0,
         load_timeout_s: float = 600.0,
+        min_timed_s: float = MIN_TIMED_S,
+        max_repeats: int = MAX_REPEATS,
         num_threads: int | None = None,
         cache: bool = True,
         expand: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
@@ -119,12 +125,16 @@ class SingleProcessMeasurer:
     ) -> None:
         if warmup < 0 or repeats < 1:
             raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        if not min_timed_s >= 0 or max_repeats < repeats:
+            raise MeasureError(f"need min_timed_s >= 0 and max_repeats >= repeats, got min_timed_s={min_timed_s}, "
+                               f"max_repeats={max_repeats}, repeats={repeats}")
         if timeout_s <= 0 or load_timeout_s <= 0:
             raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
         self.model_source, extra_args = _source_string(model_source)
         self.model_args = {**extra_args, **dict(model_args or {})}
         self.devices = devices
         self.warmup, self.repeats = int(warmup), int(repeats)
+        self.min_timed_s, self.max_repeats = float(min_timed_s), int(max_repeats)
         self.timeout_s, self.load_timeout_s = float(timeout_s), float(load_timeout_s)
         self.num_threads = num_threads
         self.use_cache = cache
@@ -132,6 +142,7 @@ class SingleProcessMeasurer:
         self.output_device = output_device
         self.deadline: float | None = None
         self._cache = MeasureCache(protocol={"warmup": self.warmup, "repeats": self.repeats,
+                                             "min_timed_s": self.min_timed_s, "max_repeats": self.max_repeats,
                                              "threads": num_threads, "runtime": "single-process"})
         self._sup: Supervisor | None = None
         self._proc: subprocess.Popen | None = None
@@ -330,7 +341,8 @@ class SingleProcessMeasurer:
         self.start()
         assert self._conn is not None
         try:
-            self._conn.send(("measure", placement, real_devices, self.output_device, self.warmup, self.repeats))
+            self._conn.send(("measure", placement, real_devices, self.output_device, self.warmup, self.repeats,
+                             self.min_timed_s, self.max_repeats))
             msg, why = self._wait(timeout)
         except BaseException:
             # Interrupted (Ctrl-C) mid-run: the worker's late reply would be read as the

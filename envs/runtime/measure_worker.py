@@ -12,7 +12,8 @@ caller's main script). Messages are pickled tuples over two pipes, wrapped in
 * parent → child first: ``("load", model_source, model_args, num_threads)``.
 * child → parent after loading: ``("ready", fingerprint, node_names, capture_method)``
   or ``("load_error", message)``.
-* parent → child: ``("measure", assignment, real_devices, output_device, warmup, repeats)``;
+* parent → child: ``("measure", assignment, real_devices, output_device, warmup, repeats,
+  min_timed_s, max_repeats)``;
   child → parent: ``("ok", times, peak_memory)`` or ``("invalid", reason)``.
 * parent → child: ``("stop",)``.
 
@@ -73,10 +74,13 @@ def time_training_steps(
     output_device: str | None,
     warmup: int,
     repeats: int,
+    min_timed_s: float = 0.0,
+    max_repeats: int | None = None,
 ) -> tuple[list[float], dict[str, int]]:
-    """Apply ``assignment`` and time ``warmup + repeats`` full training steps.
+    """Apply ``assignment`` and time ``warmup`` then ``repeats`` full training steps, or as
+    many as fill ``min_timed_s`` (:func:`envs.runtime.step_timer.time_steps`).
 
-    Returns the ``repeats`` step times (seconds) and peak CUDA memory per device.
+    Returns the timed steps' times (seconds) and peak CUDA memory per device.
     """
     from envs.runtime.apply import apply_placement
     from envs.runtime.transfers import to_device
@@ -98,7 +102,8 @@ def time_training_steps(
         optimizer.step()
 
     # The placed model and its optimizer are freed when this returns (the worker then collects).
-    times = list(time_steps(step, warmup, repeats, sync=lambda: _synchronize(devices)).times)
+    times = list(time_steps(step, warmup, repeats, sync=lambda: _synchronize(devices), min_timed_s=min_timed_s,
+                            max_repeats=max_repeats).times)
     peak = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices if d.type == "cuda"}
     return times, peak
 
@@ -141,10 +146,10 @@ def worker_main(conn: Any) -> None:
         if msg[0] == "stop":
             conn.close()
             return
-        _, assignment, real_devices, output_device, warmup, repeats = msg
+        _, assignment, real_devices, output_device, warmup, repeats, min_timed_s, max_repeats = msg
         try:
             times, peak = time_training_steps(
-                spec, captured, assignment, real_devices, output_device, warmup, repeats
+                spec, captured, assignment, real_devices, output_device, warmup, repeats, min_timed_s, max_repeats
             )
             reply: tuple = ("ok", times, peak)
         except Exception as exc:

@@ -38,7 +38,9 @@ class StepTimes:
 
 def time_steps(step: Callable[[], object], warmup: int, repeats: int,
                sync: Callable[[], object] = lambda: None,
-               on_timing: Callable[[], object] = lambda: None) -> StepTimes:
+               on_timing: Callable[[], object] = lambda: None,
+               min_timed_s: float = 0.0, max_repeats: int | None = None,
+               agree: Callable[[float], float] = lambda s: s) -> StepTimes:
     """Run ``warmup`` untimed then ``repeats`` timed calls of ``step``, ``sync()`` around each.
 
     Args:
@@ -46,16 +48,27 @@ def time_steps(step: Callable[[], object], warmup: int, repeats: int,
         sync: waits until the step's work is really done (device synchronise, barrier).
         on_timing: called once, just before the first timed step (e.g. to reset counters).
             The timed steps run with the collector's older objects frozen (module doc).
+        min_timed_s: with warm-up steps, time as many steps as fill this many seconds at
+            the median warm-up step (:func:`repeats_for`: ``repeats`` at least,
+            ``max_repeats`` at most); 0: exactly ``repeats``.
+        agree: turns this process's median warm-up step into the one every process of a
+            job uses (the slowest rank's, for ranks that step in lockstep).
 
     Returns:
-        The ``repeats`` wall times (seconds) and the process CPU time of the timed steps.
+        The timed steps' wall times (seconds) and the process CPU time of the timed steps.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    warm: list[float] = []
     for _ in range(warmup):
         sync()
+        start = time.perf_counter()
         step()
         sync()
+        warm.append(time.perf_counter() - start)
+    if min_timed_s > 0 and warm:
+        repeats = repeats_for(agree(median_step_time(warm)), repeats, min_timed_s,
+                              repeats if max_repeats is None else max_repeats)
     times: list[float] = []
     cpu = 0.0
     with frozen_gc():
@@ -68,6 +81,16 @@ def time_steps(step: Callable[[], object], warmup: int, repeats: int,
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
     return StepTimes(tuple(times), cpu)
+
+
+#: A measured placement's timed steps fill at least this many seconds (:func:`repeats_for`).
+#: rnnlm's ~3 ms step on cpu:0,cpu:1, timed 5 times, measured one placement 8.4% apart in two
+#: runs (median over 4 placements, 29.5% at most; optimize --reward measured, 2026-12-06);
+#: timed for 0.5 s, 1.0% (2.0% at most). A late wake-up by a 4 ms scheduler tick is longer
+#: than that step.
+MIN_TIMED_S = 0.5
+#: ... and are at most this many.
+MAX_REPEATS = 200
 
 
 def repeats_for(step_s: float, repeats: int, min_timed_s: float, max_repeats: int) -> int:

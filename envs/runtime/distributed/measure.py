@@ -40,22 +40,13 @@ from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, program_key
-from envs.runtime.step_timer import median_step_time
+from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
     from envs.sim.pipeline_layout import Pipeline
     from graphs.capture import CapturedModel
 
 __all__ = ["DistributedMeasurer"]
-
-
-#: Timed steps of a placement fill at least this many seconds (:func:`envs.runtime.step_timer.repeats_for`).
-#: rnnlm's ~3 ms step on cpu:0,cpu:1, timed 5 times, measured one placement 8.4% apart in two
-#: runs (median over 4 placements, 29.5% at most; optimize --reward measured, 2026-12-06);
-#: a late wake-up by a 4 ms scheduler tick is larger than that step.
-MIN_TIMED_S = 0.5
-#: ... and at most this many timed steps.
-MAX_REPEATS = 200
 
 
 class DistributedMeasurer:

@@ -98,7 +98,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     from envs.runtime.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
     from envs.runtime.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
     from envs.runtime.split import split_by_rank
-    from envs.runtime.step_timer import median_step_time, repeats_for, time_steps
+    from envs.runtime.step_timer import time_steps
 
     status = RankStatus(job_dir, rank)
     # Mapped, not read: the weights of other ranks' stages are never paged in.
@@ -196,21 +196,18 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                         torch.cuda.synchronize(device)
                     barrier()  # a step lasts until the slowest rank is done
 
-                warmup, repeats = int(task["warmup"]), int(task["repeats"])
-                min_timed_s = float(task.get("min_timed_s", 0.0))
-                if min_timed_s > 0 and warmup > 0:
-                    # Enough timed steps to fill min_timed_s, the same count on every rank:
-                    # from the slowest rank's median warm-up step.
-                    warm = time_steps(step, 0, warmup, sync=sync)
-                    slowest = torch.tensor([median_step_time(warm.times)], dtype=torch.float64,
-                                           device=device if backend == "nccl" else "cpu")
+                def slowest_rank(step_s: float) -> float:
+                    # Every rank times as many steps as the slowest rank's warm-up asks for.
+                    t = torch.tensor([step_s], dtype=torch.float64, device=device if backend == "nccl" else "cpu")
                     with status.waiting(barrier=True):
-                        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                    repeats = repeats_for(float(slowest.item()), repeats, min_timed_s,
-                                          int(task.get("max_repeats", repeats)))
-                    warmup = 0
-                timed = time_steps(step, warmup, repeats, sync=sync, on_timing=comm.reset)  # count the timed steps only
-                n = max(1, repeats)
+                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    return float(t.item())
+
+                timed = time_steps(step, int(task["warmup"]), int(task["repeats"]), sync=sync,
+                                   on_timing=comm.reset,  # count the timed steps only
+                                   min_timed_s=float(task.get("min_timed_s", 0.0)),
+                                   max_repeats=int(task.get("max_repeats", task["repeats"])), agree=slowest_rank)
+                n = len(timed.times)
                 result = {"times": list(timed.times), "describe": plan.describe(),
                           # Every step's loss, warm-up included (None on ranks without the output).
                           "losses": measured_losses,
