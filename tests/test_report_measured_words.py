@@ -42,3 +42,16 @@ def test_pipelines_that_failed_to_run_as_pipelines_are_counted_with_the_first_re
         MeasuredPipeline("placer (pipeline search)", {}, 2e-3, True, "", 1e-3)])
     assert ("pipelines measured as pipelines: 2 (1 invalid; first failure: measurement failed: unhashable type)"
             in summary_lines(result))
+
+
+def test_a_held_out_spearman_over_placements_closer_than_the_noise_says_so():
+    result = _result([True, True])
+    score = {"n": 4, "spearman": 0.17, "mape": 0.02}
+    result.measurement.repeats = {"n": 4, "median": 0.019, "max": 0.049}
+    result.measurement.holdout = {"n": 4, "uncalibrated": score, "calibrated": score, "predicted_spread": 0.024}
+    [line] = [x for x in summary_lines(result) if x.startswith("held-out")]
+    assert "the predictions span 2.4%, within twice the 1.9% that repeat runs differ by" in line
+    result.measurement.holdout["predicted_spread"] = 0.30  # far apart: the Spearman means something
+    [line] = [x for x in summary_lines(result) if x.startswith("held-out")]
+    assert "span" not in line
+    assert any(x.startswith("repeat runs: 4 placement(s) run twice differed by 1.9%") for x in summary_lines(result))

@@ -33,7 +33,8 @@ class MeasurementSummary:
         calibration: a calibration fitted on all valid measurements at the end (None
             with fewer than three).
         holdout: agreement on placements measured after a calibration predicted them:
-            ``{"n", "uncalibrated": {...}, "calibrated": {...}}``, or None.
+            ``{"n", "uncalibrated": {...}, "calibrated": {...}, "predicted_spread"}`` (the
+            fastest and slowest prediction's ratio, less 1), or None.
     """
 
     reward: str
@@ -121,10 +122,14 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
     holdout = None
     if len(held) >= 2:
         meas = [r.step_time for r in held]
+        predicted = [float(r.predicted) for r in held if r.predicted is not None]
         holdout = {
             "n": len(held),
             "uncalibrated": agreement([r.simulated for r in held], meas),
-            "calibrated": agreement([r.predicted for r in held], meas),
+            "calibrated": agreement(predicted, meas),
+            # How far apart the predictions are: a rank correlation over placements closer
+            # than two runs of one placement differ ranks the machine's noise.
+            "predicted_spread": max(predicted) / min(predicted) - 1.0,
         }
     return MeasurementSummary(
         reward=reward, description=measurer.description, records=list(measurer.records),

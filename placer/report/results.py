@@ -38,6 +38,7 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate
 from graphs.atomic_write import write_text_atomic
 from graphs.pipeline import Prepared
+from placer.measuring.summary import MeasurementSummary
 from placer.memory_fit import memory_margins
 from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table
@@ -273,7 +274,7 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
     if m.holdout is not None:
         lines.append(f"- placements measured after a calibration predicted them ({m.holdout['n']}): "
                      f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
-                     f"{_agreement_text(m.holdout['calibrated'])}.")
+                     f"{_agreement_text(m.holdout['calibrated'])}{_spread_caveat(m)}.")
     if m.repeats:
         lines.append(f"- repeat runs (the search's run and the final confirmation's): {_repeats_text(m.repeats)}.")
     if m.rounds:
@@ -394,10 +395,20 @@ def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
                        f"after {_agreement_text(m.calibration.after)}")
         if m.holdout is not None:
             out.append(f"held-out ({m.holdout['n']}): uncalibrated {_agreement_text(m.holdout['uncalibrated'])}; "
-                       f"calibrated {_agreement_text(m.holdout['calibrated'])}")
+                       f"calibrated {_agreement_text(m.holdout['calibrated'])}{_spread_caveat(m)}")
         if m.repeats:
             out.append(f"repeat runs: {_repeats_text(m.repeats)}")
     return out
+
+
+def _spread_caveat(m: MeasurementSummary) -> str:
+    """Why a held-out Spearman says little: its placements are predicted closer together
+    than two runs of one placement differ (the rounds measure the search's near-equal best)."""
+    spread = (m.holdout or {}).get("predicted_spread")
+    if spread is None or not m.repeats or spread >= 2 * m.repeats["median"]:
+        return ""
+    return (f" (the predictions span {spread:.1%}, within twice the {m.repeats['median']:.1%} that repeat runs "
+            "differ by: the Spearman ranks noise)")
 
 
 def _repeats_text(repeats: Mapping[str, float]) -> str:
