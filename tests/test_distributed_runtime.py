@@ -251,6 +251,12 @@ def test_a_short_step_is_timed_often_enough_to_fill_the_minimum_time():
         DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, repeats=5, max_repeats=3)
 
 
+def test_a_training_job_times_enough_steps_for_its_expected_step():
+    m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, repeats=5, min_timed_s=0.5, max_repeats=200)
+    assert m.timed_steps(None) == 5 and m.timed_steps(1.0) == 5
+    assert m.timed_steps(0.003) == 167 and m.timed_steps(1e-6) == 200
+
+
 def test_measurer_refuses_unknown_devices():
     m = DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES)
     with pytest.raises(MeasureError, match="not among the workers"):

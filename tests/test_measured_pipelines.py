@@ -41,17 +41,20 @@ class PipelineFake(ClosableFake):
         self.cache = MeasureCache()
         self.placements, self.pipelines = [], []
         self.ddp_runs = 0
+        self.expected = []  # the expected step each training job was given
 
     def measure(self, placements):
         self.placements += [dict(p) for p in placements]
         return [MeasureResult(step_time=0.010) for _ in placements]
 
-    def measure_data_parallel(self):
+    def measure_data_parallel(self, expected_s=None):
         self.ddp_runs += 1
+        self.expected.append(expected_s)
         return MeasureResult(step_time=0.004)
 
-    def measure_pipelines(self, pipelines):
+    def measure_pipelines(self, pipelines, expected_s=None):
         self.pipelines += list(pipelines)
+        self.expected += list(expected_s or [None] * len(pipelines))
         return [MeasureResult(step_time=0.001) if i == 0 else
                 MeasureResult(step_time=math.inf, valid=False, reason="the job failed: rank 1 exited with 1")
                 for i in range(len(pipelines))]
@@ -87,6 +90,8 @@ def test_measured_optimize_measures_pipelined_candidates_as_pipelines_and_a_meas
     assert "measured as pipelines" in (tmp_path / "out" / "report.md").read_text()
     # DDP is measured too (once), so the final line compares measured with measured.
     assert fake.ddp_runs == 1
+    # Every training job was told its expected step (its timed steps fill MIN_TIMED_S at it).
+    assert len(fake.expected) == len(fake.pipelines) + 1 and all(0 < e < math.inf for e in fake.expected)
     assert table.at["ddp", "source"] == "measured" and table.at["ddp", "step_time"] == pytest.approx(0.004)
     assert "measured as DDP" in table.at["ddp", "note"]
     line = recommendation_line(result.table, result.winner)

@@ -176,7 +176,11 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     if not chosen:
         return table
     op_pipes = {key: to_ops(pipe) for key, pipe in distinct.items()}
-    results = _run_or_failed(lambda: run(list(op_pipes.values())), len(op_pipes), "pipelines")
+    # Each job's count of timed steps is chosen from its expected step (a job trains a fixed count).
+    first_row = {key: i for i, key in reversed(chosen)}
+    expected = [float(table.at[first_row[key], "simulated_step_time"]) * measurer.measured_over_simulated()
+                for key in op_pipes]
+    results = _run_or_failed(lambda: run(list(op_pipes.values()), expected_s=expected), len(op_pipes), "pipelines")
     by_key = dict(zip(op_pipes, results))
     for i, key in chosen:
         pipe, res = op_pipes[key], by_key[key]
@@ -202,7 +206,8 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
     if run is None:
         _add_note(table, i, f"not measured: {measurer.description} runs no DDP (worker processes such as cpu:0,cpu:1 do)")
         return table
-    (result,) = _run_or_failed(lambda: [run()], 1, "DDP runs")
+    expected = float(table.at[i, "simulated_step_time"]) * measurer.measured_over_simulated()
+    (result,) = _run_or_failed(lambda: [run(expected_s=expected)], 1, "DDP runs")
     t, valid, reason = measure_outcome(result)
     if not _record_measured(table, i, t, valid, reason,
                             "measured as DDP (torch DistributedDataParallel over the worker processes)"):

@@ -216,6 +216,12 @@ class PlacementMeasurer:
         valid = [m for m in pool if m.valid]
         return min(valid, key=lambda m: m.step_time) if valid else None
 
+    def measured_over_simulated(self) -> float:
+        """The median ratio of measured to simulated step over the valid runs (1 with none):
+        what turns another simulated time into an expected measured one."""
+        ratios = [r.step_time / r.simulated for r in self.records if r.valid and r.simulated > 0]
+        return float(np.median(ratios)) if ratios else 1.0
+
     def calibration(self) -> Calibration | None:
         """The latest calibration the hybrid reward model fitted, or None."""
         return self.hybrid.calibration if self.hybrid is not None else None

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, program_key
-from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time
+from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time, repeats_for
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
     from envs.sim.pipeline_layout import Pipeline
@@ -178,11 +179,14 @@ class DistributedMeasurer:
         keys = [self._cache.key(dict(program_key(self, p))) for p in items]
         return self._cache.measure(keys, lambda todo: self._run([ranks[i] for i in todo], [keys[i] for i in todo]))
 
-    def measure_pipelines(self, pipelines: Sequence[Pipeline]) -> list[MeasureResult]:
+    def measure_pipelines(self, pipelines: Sequence[Pipeline],
+                          expected_s: Sequence[float] | None = None) -> list[MeasureResult]:
         """Measure pipelined placements through ``torch.distributed.pipelining`` (module doc),
         pipeline x DDP hybrids included (one process per stage of every replica):
-        per pipeline one job of ``warmup + repeats`` training steps with the model's optimizer,
-        the median of the timed steps (each the slowest rank's). A pipeline that is refused
+        per pipeline one job of ``warmup`` and :meth:`timed_steps` training steps with the
+        model's optimizer (``expected_s``: each pipeline's expected step, e.g. the simulator's
+        scaled by the measurements so far), the median of the timed steps (each the slowest
+        rank's). A pipeline that is refused
         (``M`` not dividing the batch, a data-dependent boundary shape) or whose job fails comes
         back invalid with the reason; results are cached like placements.
 
@@ -201,25 +205,36 @@ class DistributedMeasurer:
         note = (f"{{}} worker processes ({self.threads} thread(s) each), torch.distributed.pipelining")
 
         def run(todo: Sequence[int]) -> list[MeasureResult]:
-            return [self._training_job(pipelines[i], None, note.format(pipelines[i].num_replicas * len(pipelines[i].ranks)))
+            return [self._training_job(pipelines[i], None, note.format(pipelines[i].num_replicas * len(pipelines[i].ranks)),
+                                       None if expected_s is None else expected_s[i])
                     for i in todo]
 
         return self._cache.measure(keys, run)
 
-    def measure_data_parallel(self) -> MeasureResult:
+    def measure_data_parallel(self, expected_s: float | None = None) -> MeasureResult:
         """Measure DDP over the local workers: one replica per device, each on ``1/N`` of the batch
         (``run_training(pipeline=None, world=N)``), the model's optimizer, the median of the
-        timed steps (each the slowest rank's). A refused or failed job comes back invalid with
-        the reason; the result is cached like a placement's."""
+        timed steps (each the slowest rank's; :meth:`timed_steps` of them at ``expected_s``).
+        A refused or failed job comes back invalid with the reason; the result is cached like a
+        placement's."""
         world = sum(1 for d in self.devices if d.local)
         note = f"{world} worker processes ({self.threads} thread(s) each), DDP"
         key = self._cache.key({}, data_parallel=world)
-        return self._cache.measure([key], lambda todo: [self._training_job(None, world, note)])[0]
+        return self._cache.measure([key], lambda todo: [self._training_job(None, world, note, expected_s)])[0]
 
-    def _training_job(self, pipeline: Pipeline | None, world: int | None, note: str) -> MeasureResult:
+    def timed_steps(self, expected_s: float | None) -> int:
+        """Timed steps of a training job whose step should take ``expected_s``: as many as fill
+        ``min_timed_s`` (:func:`envs.runtime.step_timer.repeats_for`), ``repeats`` without an
+        expectation. A job trains a fixed count, so it is chosen before it starts."""
+        if expected_s is None or not math.isfinite(expected_s):
+            return self.repeats
+        return repeats_for(float(expected_s), self.repeats, self.min_timed_s, self.max_repeats)
+
+    def _training_job(self, pipeline: Pipeline | None, world: int | None, note: str,
+                      expected_s: float | None = None) -> MeasureResult:
         """One ``run_training`` job (a pipeline, or DDP over ``world`` processes) of
-        ``warmup + repeats`` steps with the model's optimizer: the median timed step, or an
-        invalid result with the reason (refused, failed, or no budget left to start it)."""
+        ``warmup`` and :meth:`timed_steps` steps with the model's optimizer: the median timed
+        step, or an invalid result with the reason (refused, failed, or no budget left to start it)."""
         from envs.runtime.pipeline.launcher import PipelineRunError, run_training
         from envs.sim.pipeline_layout import PipelineError
 
@@ -231,7 +246,8 @@ class DistributedMeasurer:
         self.jobs += 1
         try:
             run_ = run_training(gm, dict(zip(names, spec.example_inputs)), pipeline, world=world,
-                                steps=self.warmup + self.repeats, warmup=self.warmup, optimizer=spec.optimizer_fn,
+                                steps=self.warmup + self.timed_steps(expected_s), warmup=self.warmup,
+                                optimizer=spec.optimizer_fn,
                                 loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
         except (PipelineError, PipelineRunError) as exc:
             return MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)
