@@ -75,7 +75,7 @@ def run_model(name: str, size: str, cluster_source: str, count: int, fit: int, s
 
     measured, reasons, note = [], [], ""
     with SingleProcessMeasurer(f"zoo:{name}", model_args={"size": size}, devices=cluster, warmup=warmup,
-                  repeats=repeats, timeout_s=timeout_s) as m:
+                               repeats=repeats, min_timed_s=0.0, timeout_s=timeout_s) as m:
         for row in rows:
             [r] = m.measure([prep.grouping.expand(problem.array_to_placement(row))])
             measured.append(r.step_time if r.valid else float("inf"))

@@ -139,7 +139,8 @@ def run_model(name: str, cluster: Any, top: int, random_rows: int, warmup: int, 
     sim_single = float(simulate_batch(problem, single_row[None]).step_time[0])
     rows: list[dict[str, Any]] = []
     for threads in (1, 2):
-        with SingleProcessMeasurer(source, model_args=args, warmup=warmup, repeats=repeats, num_threads=threads) as m:
+        with SingleProcessMeasurer(source, model_args=args, warmup=warmup, repeats=repeats, min_timed_s=0.0,
+                                   num_threads=threads) as m:
             [r] = m.measure([{n: "cpu" for n in prep.captured.graph.nodes}])
         rows.append({"setup": f"1 process, {threads} thread{'s' if threads > 1 else ''}",
                      "measured": r.step_time if r.valid else None, "reason": r.reason,

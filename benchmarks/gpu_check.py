@@ -930,8 +930,10 @@ def placement_agreement(label: str, zoo_name: str, model_args: Mapping[str, Any]
     records: list[dict[str, Any]] = []
     measured = np.full(len(rows), np.inf)
     took: list[float] = []  # seconds per placement; the first also starts the worker
+    # Exactly ``repeats`` timed steps (min_timed_s=0): the check's protocol and its device time are fixed.
     with SingleProcessMeasurer(f"zoo:{zoo_name}", model_args=dict(model_args), devices=cluster, warmup=warmup,
-                               repeats=repeats, timeout_s=timeout_s, num_threads=1, expand=prep.grouping.expand) as m:
+                               repeats=repeats, min_timed_s=0.0, timeout_s=timeout_s, num_threads=1,
+                               expand=prep.grouping.expand) as m:
         for k, (how, row) in enumerate(candidates):
             # Keep 5 s for calibration and writing; a slow model measures fewer placements.
             if took and not deadline.fits(max(took[1:] or took) + 5.0):
