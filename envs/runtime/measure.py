@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.runtime.apply import realize_placement
-from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
+from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, check_timing
 from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time
 from envs.runtime.supervisor import Supervisor, exit_reason
 
@@ -123,11 +123,7 @@ class SingleProcessMeasurer:
         expand: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
         output_device: str | None = None,
     ) -> None:
-        if warmup < 0 or repeats < 1:
-            raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-        if not min_timed_s >= 0 or max_repeats < repeats:
-            raise MeasureError(f"need min_timed_s >= 0 and max_repeats >= repeats, got min_timed_s={min_timed_s}, "
-                               f"max_repeats={max_repeats}, repeats={repeats}")
+        check_timing(warmup, repeats, min_timed_s, max_repeats)
         if timeout_s <= 0 or load_timeout_s <= 0:
             raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
         self.model_source, extra_args = _source_string(model_source)

@@ -34,7 +34,8 @@ from typing import Protocol, runtime_checkable
 
 from graphs.errors import PlacerError
 
-__all__ = ["Measurer", "MeasureResult", "MeasureError", "MeasureCache", "placement_hash", "program_key"]
+__all__ = ["Measurer", "MeasureResult", "MeasureError", "MeasureCache", "placement_hash", "program_key",
+           "check_timing"]
 
 
 class MeasureError(PlacerError):
@@ -79,6 +80,20 @@ def placement_hash(assignment: Mapping[str, str], fingerprint: str,
     """A stable SHA-256 of the sorted assignment, the model fingerprint and ``extra`` settings."""
     doc = {"fingerprint": fingerprint, "assignment": sorted(assignment.items()), "extra": extra or {}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_timing(warmup: int, repeats: int, min_timed_s: float, max_repeats: int) -> None:
+    """Refuse a measurer's step-timing settings that cannot run, saying what was expected.
+
+    Raises:
+        MeasureError: ``warmup < 0``, ``repeats < 1``, ``min_timed_s < 0`` (or NaN) or
+            ``max_repeats < repeats``.
+    """
+    if warmup < 0 or repeats < 1:
+        raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if not min_timed_s >= 0 or max_repeats < repeats:
+        raise MeasureError(f"need min_timed_s >= 0 and max_repeats >= repeats, got min_timed_s={min_timed_s}, "
+                           f"max_repeats={max_repeats}, repeats={repeats}")
 
 
 def program_key(measurer: object, placement: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -178,8 +178,8 @@ def confirm_pipelines(measurer: PlacementMeasurer, table: pd.DataFrame, pipeline
     op_pipes = {key: to_ops(pipe) for key, pipe in distinct.items()}
     # Each job's count of timed steps is chosen from its expected step (a job trains a fixed count).
     first_row = {key: i for i, key in reversed(chosen)}
-    expected = [float(table.at[first_row[key], "simulated_step_time"]) * measurer.measured_over_simulated()
-                for key in op_pipes]
+    scale = measurer.measured_over_simulated()
+    expected = [float(table.at[first_row[key], "simulated_step_time"]) * scale for key in op_pipes]
     results = _run_or_failed(lambda: run(list(op_pipes.values()), expected_s=expected), len(op_pipes), "pipelines")
     by_key = dict(zip(op_pipes, results))
     for i, key in chosen:

@@ -169,16 +169,7 @@ class PlacementMeasurer:
     def measure_rows(self, rows: np.ndarray) -> list[MeasuredPlacement]:
         """Measure placement rows [B, N]; each distinct program runs once, whatever the phase
         (a row that runs an earlier row's program gets that row's record)."""
-        rows = self.problem.check_array(np.atleast_2d(rows))
-        self.requests += rows.shape[0]
-        keys = [self.program_of(r) for r in rows]
-        new: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
-        for key, row in zip(keys, rows):
-            if key not in self._by_key:
-                new.setdefault(key, row)
-        fresh = self._run(list(new.values())) if new else {}
-        # A run cut by the deadline is answered but not kept: it may run another time.
-        return [self._by_key.get(k) or fresh[k] for k in keys]
+        return self._measure(rows, again=False)
 
     def remeasure_rows(self, rows: np.ndarray) -> list[MeasuredPlacement]:
         """Run rows [B, N] again, each distinct program once, all in one backend call, however
@@ -192,17 +183,22 @@ class PlacementMeasurer:
         ratios come from one state of the machine, and none is chosen by its own noise. A
         backend without ``clear_cache()`` answers from its own cache.
         """
+        return self._measure(rows, again=True)
+
+    def _measure(self, rows: np.ndarray, again: bool) -> list[MeasuredPlacement]:
         rows = self.problem.check_array(np.atleast_2d(rows))
         self.requests += rows.shape[0]
         keys = [self.program_of(r) for r in rows]
-        distinct: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
+        todo: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
         for key, row in zip(keys, rows):
-            distinct.setdefault(key, row)
+            if again or key not in self._by_key:
+                todo.setdefault(key, row)
         clear = getattr(self.backend, "clear_cache", None)
-        if clear is not None:
+        if again and clear is not None:
             clear()
-        fresh = self._run(list(distinct.values()))
-        return [fresh[k] for k in keys]
+        fresh = self._run(list(todo.values())) if todo else {}
+        # A run cut by the deadline is answered but not kept: it may run another time.
+        return [fresh[k] if k in fresh else self._by_key[k] for k in keys]
 
     def lookup(self, row: np.ndarray | None) -> MeasuredPlacement | None:
         """The measurement of ``row``'s program, if it was measured."""

@@ -118,6 +118,7 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
             cal = calibrate_simulator(measurer.problem, np.stack([r.row for r in valid]), [r.step_time for r in valid])
         except CalibrationError:
             cal = None  # degenerate data: report the measurements without a calibration
+    programs = [measurer.program_of(r.row) for r in measurer.records]
     held = [r for r in valid if r.predicted is not None]
     holdout = None
     if len(held) >= 2:
@@ -136,6 +137,6 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
         requests=measurer.requests, rounds=list(rounds),
         search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
         calibration=cal, holdout=holdout, pipelines=list(measurer.pipeline_records),
-        distinct=len({measurer.program_of(r.row) for r in measurer.records}),
-        repeats=repeat_spread([(measurer.program_of(r.row), r.step_time) for r in valid]),
+        distinct=len(set(programs)),
+        repeats=repeat_spread([(key, r.step_time) for key, r in zip(programs, measurer.records) if r.valid]),
     )

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
-from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, program_key
+from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, check_timing, program_key
 from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time, repeats_for
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
@@ -88,11 +88,7 @@ class DistributedMeasurer:
         fingerprint: str | None = None,
         captured: CapturedModel | None = None,
     ) -> None:
-        if warmup < 0 or repeats < 1:
-            raise MeasureError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-        if not min_timed_s >= 0 or max_repeats < repeats:
-            raise MeasureError(f"need min_timed_s >= 0 and max_repeats >= repeats, got min_timed_s={min_timed_s}, "
-                               f"max_repeats={max_repeats}, repeats={repeats}")
+        check_timing(warmup, repeats, min_timed_s, max_repeats)
         if timeout_s <= 0 or load_timeout_s <= 0:
             raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
         if not isinstance(model_source, str):
