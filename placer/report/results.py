@@ -43,6 +43,7 @@ from placer.memory_fit import memory_margins
 from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_by_phase, plot_search_curves
+from placer.report.terminal_table import comparison_lines
 
 
 class OptimizeResult(Protocol):
@@ -365,17 +366,10 @@ def _write_results(result: "OptimizeResult", out_dir: Path) -> Path:
     return report
 
 
-def summary_lines(result: "OptimizeResult", top: int = 8) -> list[str]:
-    """A short table for the terminal: the winner and the best methods."""
-    table = result.table.head(top)
-    width = max(len(m) for m in table["method"])
-    out = [f"{'method':<{width}}  {'step (ms)':>10}  {'speed-up':>8}  fits  source"]
-    for _, r in table.iterrows():
-        step = "-" if np.isnan(r["step_time"]) else f"{r['step_time'] * 1e3:10.3f}"
-        speed = "-" if np.isnan(r["speedup_vs_single"]) else f"{r['speedup_vs_single']:8.2f}"
-        aside = ", set aside (changes the numerics)" if bool(r.get("set_aside", False)) else ""
-        out.append(f"{r['method']:<{width}}  {step:>10}  {speed:>8}  {'yes' if r['fits'] else 'no ':<4}  {r['source']}"
-                   f"{aside}")
+def summary_lines(result: "OptimizeResult") -> list[str]:
+    """A short summary for the terminal: the comparison (:func:`~placer.report.terminal_table.comparison_lines`)
+    and what the measurements say."""
+    out = comparison_lines(result.table)
     m = result.measurement
     if m is not None:
         out.append(f"reward {m.reward}: {m.count} runs of {m.placements} placements measured ({m.invalid} invalid) "
