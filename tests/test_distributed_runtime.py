@@ -249,6 +249,8 @@ def test_a_short_step_is_timed_often_enough_to_fill_the_minimum_time():
     assert res.valid and 2 < len(res.times) <= 30
     with pytest.raises(MeasureError, match="max_repeats >= repeats"):
         DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, repeats=5, max_repeats=3)
+    with pytest.raises(MeasureError, match="time-outs must be positive"):
+        DistributedMeasurer("zoo:rnnlm", {"size": "small"}, DEVICES, timeout_s=-1)
 
 
 def test_a_training_job_times_enough_steps_for_its_expected_step():

@@ -176,6 +176,8 @@ def test_bad_requests_raise_clear_errors(tmp_path, faulty):
         SingleProcessMeasurer(torch.nn.Linear(2, 2))
     with pytest.raises(MeasureError, match="repeats >= 1"):
         SingleProcessMeasurer(faulty[0], repeats=0)
+    with pytest.raises(MeasureError, match="time-outs must be positive"):
+        SingleProcessMeasurer(faulty[0], load_timeout_s=0)
     bad = tmp_path / "bad_model.py"
     bad.write_text("x = 1\n")
     with pytest.raises(MeasureError, match="does not define a model"):

@@ -36,7 +36,7 @@ from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, che
 from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time
 from envs.runtime.supervisor import Supervisor, exit_reason
 
-__all__ = ["SingleProcessMeasurer", "measure_step_time", "budget_timeout", "BUDGET_SPENT"]
+__all__ = ["SingleProcessMeasurer", "measure_step_time", "budget_timeout", "check_timeouts", "BUDGET_SPENT"]
 
 #: How often the parent checks that the worker is still alive while waiting (seconds).
 _POLL_S = 0.05
@@ -53,6 +53,16 @@ def budget_timeout(timeout_s: float, deadline: float | None) -> float:
     if deadline is None:
         return timeout_s
     return max(0.0, min(timeout_s, deadline - time.monotonic()))
+
+
+def check_timeouts(timeout_s: float, load_timeout_s: float) -> None:
+    """Refuse time-outs a measurer cannot run with (both must be positive seconds).
+
+    Raises:
+        MeasureError: either is zero or negative.
+    """
+    if timeout_s <= 0 or load_timeout_s <= 0:
+        raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
 
 
 def _source_string(model_source: Any) -> tuple[str, dict[str, Any]]:
@@ -124,8 +134,7 @@ class SingleProcessMeasurer:
         output_device: str | None = None,
     ) -> None:
         check_timing(warmup, repeats, min_timed_s, max_repeats)
-        if timeout_s <= 0 or load_timeout_s <= 0:
-            raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
+        check_timeouts(timeout_s, load_timeout_s)
         self.model_source, extra_args = _source_string(model_source)
         self.model_args = {**extra_args, **dict(model_args or {})}
         self.devices = devices

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from envs.hardware.rank_devices import parse_rank_devices
 from envs.runtime.distributed.launcher import run_job
-from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout
+from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout, check_timeouts
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, check_timing, program_key
 from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time, repeats_for
 
@@ -89,8 +89,7 @@ class DistributedMeasurer:
         captured: CapturedModel | None = None,
     ) -> None:
         check_timing(warmup, repeats, min_timed_s, max_repeats)
-        if timeout_s <= 0 or load_timeout_s <= 0:
-            raise MeasureError(f"time-outs must be positive, got timeout_s={timeout_s}, load_timeout_s={load_timeout_s}")
+        check_timeouts(timeout_s, load_timeout_s)
         if not isinstance(model_source, str):
             raise MeasureError(
                 f"distributed measurement loads the model in every worker, so it needs a model file path or "
