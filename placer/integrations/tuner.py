@@ -45,6 +45,7 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import ApplyError, apply_placement, check_applicable
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
+from placer.measuring.significance import clearly_faster
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement
 from placer.result import OptimizeResult
@@ -73,11 +74,16 @@ class TunerCandidate:
     times: list[float] = field(default_factory=list)
     failed: str = ""
 
-    def measured(self, warmup: int) -> float | None:
-        """Median step time after ``warmup`` steps (all steps when there are no more than that)."""
+    def timed(self, warmup: int) -> list[float]:
+        """The step times after ``warmup`` steps (all of them when there are no more than
+        that); none once the candidate failed."""
         if self.failed:
-            return None
-        kept = self.times[warmup:] if len(self.times) > warmup else self.times
+            return []
+        return self.times[warmup:] if len(self.times) > warmup else list(self.times)
+
+    def measured(self, warmup: int) -> float | None:
+        """Median of :meth:`timed` (None when nothing was timed)."""
+        kept = self.timed(warmup)
         return statistics.median(kept) if kept else None
 
 
@@ -191,8 +197,10 @@ class PlacementTuner:
         output_device: where outputs are gathered, fixed across candidates so the loss code does
             not see its device change (default the cluster's first device).
         margin: another candidate replaces the first (the simulator's pick) only when its measured
-            time is lower by more than this fraction: below it, measured differences are as likely
-            noise (a shared CPU varies 4-11% step to step), and the simulator's ranking decides.
+            time is lower by more than this fraction and its timed steps are faster beyond their
+            noise (:func:`placer.measuring.significance.clearly_faster`): otherwise measured
+            differences are as likely noise (a shared CPU varies 4-15% step to step), and the
+            simulator's ranking decides.
         seed, loss_fn, optimizer_fn: passed to the search.
 
     Raises:
@@ -352,9 +360,9 @@ class PlacementTuner:
     def _settle(self) -> None:
         timed = [(c.measured(self.warmup), i) for i, c in enumerate(self.candidates)
                  if c.measured(self.warmup) is not None]
-        best_time, best = min(timed) if timed else (None, self.current)
-        first = self.candidates[0].measured(self.warmup)
-        if first is not None and best != 0 and best_time >= first * (1 - self.margin):
+        _, best = min(timed) if timed else (None, self.current)
+        first = self.candidates[0].timed(self.warmup)
+        if first and best != 0 and not clearly_faster(self.candidates[best].timed(self.warmup), first, self.margin):
             best = 0  # not clearly faster than the simulator's pick: keep the pick
         self.best = best
         self.settled = True
