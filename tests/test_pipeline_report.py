@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -131,3 +132,27 @@ def test_a_measured_rows_ratio_to_the_lower_bound_is_its_simulated_step_over_the
     row = table.iloc[0]
     assert row["source"] == "measured" and row["step_time"] == 123.0
     assert row["ratio_to_lower_bound"] == pytest.approx(row["simulated_step_time"] / lower_bound(problem))
+
+
+def _measured_table(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"method": m, "kind": k, "step_time": t, "fits": True, "source": "measured", "note": ""}
+                         for m, k, t in rows])
+
+
+def test_a_measured_winner_closer_to_the_next_than_repeat_runs_differ_says_no_measured_difference():
+    table = _measured_table([("placer (moves)", "placement", 0.8329), ("heft", "placement", 0.8450),
+                             ("ddp", "ddp", 0.8600)])
+    line = recommendation_line(table, "placer (moves)", noise=0.05)
+    assert ("the next, heft (845.000 ms), is 1.5% slower, less than the 5.0% two runs of one placement differed by: "
+            "no measured difference") in line
+    assert line.endswith("is 1.03x faster than DDP (860.000 ms, measured) (within the noise of repeat runs)")
+
+
+def test_a_measured_gap_beyond_the_repeat_noise_or_without_a_noise_figure_stands_as_it_is():
+    table = _measured_table([("placer (moves)", "placement", 0.80), ("heft", "placement", 0.90), ("ddp", "ddp", 1.0)])
+    for noise in (0.05, None):
+        line = recommendation_line(table, "placer (moves)", noise=noise)
+        assert "no measured difference" not in line and "within the noise" not in line
+    # Simulated rows carry no run-to-run noise: the figure is never qualified.
+    simulated = table.assign(source="simulated", step_time=[0.80, 0.81, 0.82])
+    assert "no measured difference" not in recommendation_line(simulated, "placer (moves)", noise=0.05)

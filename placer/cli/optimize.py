@@ -139,5 +139,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"results in {args.out}/ (placement.json, report.md)")
     from placer.search.baselines.pipeline_rows import recommendation_line
 
-    print(recommendation_line(result.table, result.winner))
+    repeats = result.measurement.repeats if result.measurement is not None else None
+    print(recommendation_line(result.table, result.winner, noise=repeats["median"] if repeats else None))
     return 0

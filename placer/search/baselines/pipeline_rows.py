@@ -175,9 +175,15 @@ def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_siz
     return parallel_rows(table, problem, batch_size, costs, search_budget, seed, min_samples=min_samples)[0]
 
 
-def recommendation_line(table: pd.DataFrame, winner: str) -> str:
+def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = None) -> str:
     """One line: the fastest fitting row (DDP and pipelines included) and how placer's own best
-    compares with DDP: the winner's, or when DDP itself won, the fastest other row's."""
+    compares with DDP: the winner's, or when DDP itself won, the fastest other row's.
+
+    ``noise``: how far two measured runs of one placement differed (the median fraction,
+    :func:`placer.measuring.summary.repeat_spread`). With it, a measured recommendation whose
+    runner-up (the next slower measured row) or DDP is closer than that says there is no
+    measured difference between them.
+    """
     if "kind" not in table.columns:
         return f"recommendation: {winner}"
     fitting = table[table["fits"]]
@@ -204,6 +210,14 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
         top = fitting.sort_values("step_time", kind="stable").iloc[0]
         parts.append(f"recommendation: {top['method']} ({top['step_time'] * 1e3:.3f} ms per step, {top['kind']}"
                      + (", measured" if measured else "") + ")")
+        slower = fitting[fitting["step_time"] > top["step_time"]].sort_values("step_time", kind="stable")
+        if measured and noise is not None and not slower.empty:
+            runner = slower.iloc[0]
+            gap = float(runner["step_time"]) / float(top["step_time"]) - 1
+            if gap < noise:
+                parts.append(f"the next, {runner['method']} ({float(runner['step_time']) * 1e3:.3f} ms), is {gap:.1%} "
+                             f"slower, less than the {noise:.1%} two runs of one placement differed by: "
+                             "no measured difference")
     if not ddp.empty:
         d = ddp.iloc[0]
         note = str(d.get("note", "") or "")
@@ -220,15 +234,17 @@ def recommendation_line(table: pd.DataFrame, winner: str) -> str:
                          "not comparable with the measured times")
         elif not mine.empty and bool(mine.iloc[0]["fits"]):
             ratio = float(mine.iloc[0]["step_time"]) / float(d["step_time"])
+            close = (" (within the noise of repeat runs)" if measured and noise is not None
+                     and abs(max(ratio, 1 / ratio) - 1) < noise else "")
             if ratio > 1.0:
                 parts.append(f"the placement {winner} is {ratio:.2f}x slower than DDP "
                              f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')})"
-                             + (", so the placement written is DDP" if ddp_won else ""))
+                             + (", so the placement written is DDP" if ddp_won else "") + close)
             else:
                 # DDP slower than the winner is not checked: it may also compute something else.
                 unchecked = "batch split not checked" in note
                 parts.append(f"the placement {winner} is {1 / ratio:.2f}x faster than DDP "
                              f"({float(d['step_time']) * 1e3:.3f} ms, {d.get('source', 'simulated')}"
                              + ("; whether DDP's batch split computes the same was not checked" if unchecked
-                                else "") + ")")
+                                else "") + ")" + close)
     return "; ".join(parts)
