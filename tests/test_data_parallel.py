@@ -115,7 +115,8 @@ def test_a_replica_that_does_not_fit_says_so():
 
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_ddp_written_as_a_one_stage_pipeline_simulates_to_ddps_step_on_cpu_ranks(replicas):
-    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+    from envs.sim.data_parallel import data_parallel_pipeline
+    from envs.sim.hybrid import simulate_pipelined
 
     problem = compile_problem(chain(6), cluster(replicas))
     devices = list(problem.device_names)
@@ -128,7 +129,8 @@ def test_ddp_written_as_a_one_stage_pipeline_simulates_to_ddps_step_on_cpu_ranks
 
 
 def test_ddp_written_as_a_one_stage_pipeline_simulates_to_ddps_step_on_gpus():
-    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+    from envs.sim.data_parallel import data_parallel_pipeline
+    from envs.sim.hybrid import simulate_pipelined
     from tests.helpers.problems import random_problem
 
     problem = random_problem(n=12, d=4, seed=3)
@@ -301,7 +303,8 @@ def test_ddp_on_cpu_ranks_adds_each_batchnorms_sync_to_its_step():
 
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_ddp_as_a_one_stage_pipeline_pays_the_same_batchnorm_gathers(replicas):
-    from envs.sim.data_parallel import data_parallel_pipeline, simulate_pipelined
+    from envs.sim.data_parallel import data_parallel_pipeline
+    from envs.sim.hybrid import simulate_pipelined
 
     problem = compile_problem(_with_norms(chain(6), {"l2": 32, "l4": 8}), cluster(replicas))
     devices = list(problem.device_names)
@@ -312,7 +315,7 @@ def test_ddp_as_a_one_stage_pipeline_pays_the_same_batchnorm_gathers(replicas):
 
 
 def test_a_hybrid_syncs_batchnorms_with_one_microbatch_and_not_with_several():
-    from envs.sim.data_parallel import simulate_hybrid
+    from envs.sim.hybrid import simulate_hybrid
 
     def step(graph: nx.DiGraph, m: int) -> float:
         problem = compile_problem(graph, cluster(4))

@@ -7,7 +7,7 @@ import pytest
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.calibration import scaled_problem
-from envs.sim.data_parallel import simulate_hybrid
+from envs.sim.hybrid import simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem_compile import compile_problem

@@ -14,8 +14,8 @@ from envs.sim.data_parallel import (
     CPU_RING_EFFICIENCY,
     ring_allreduce_time,
     simulate_data_parallel,
-    simulate_hybrid,
 )
+from envs.sim.hybrid import simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem_compile import compile_problem

@@ -1,5 +1,5 @@
 """The pipeline search (placer.search.pipeline_search) and the hybrid it searches over
-(envs.sim.data_parallel.simulate_hybrid, envs.sim.stage_costs.fast_stage_costs)."""
+(envs.sim.hybrid.simulate_hybrid, envs.sim.stage_costs.fast_stage_costs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from envs.hardware.cluster import Device, Link, make_cluster
-from envs.sim.data_parallel import simulate_data_parallel, simulate_hybrid
+from envs.sim.data_parallel import simulate_data_parallel
+from envs.sim.hybrid import simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem_compile import compile_problem
@@ -200,7 +201,7 @@ def test_optimize_can_pick_a_pipeline_and_its_file_carries_it(tmp_path):
 def test_a_pipelined_winners_report_gives_its_pipelines_peak_memory_not_the_unpipelined_one(tmp_path):
     import placer
     from envs.hardware.units import format_bytes
-    from envs.sim.data_parallel import simulate_pipelined
+    from envs.sim.hybrid import simulate_pipelined
     from envs.sim.pipeline_layout import group_pipeline
     from envs.sim.simulator import simulate
     from placer.report.results import winner_peak_memory
@@ -222,7 +223,7 @@ def test_a_pipelined_winners_report_gives_its_pipelines_peak_memory_not_the_unpi
 
 
 def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_a_hybrid(tmp_path):
-    from envs.sim.data_parallel import simulate_pipelined
+    from envs.sim.hybrid import simulate_pipelined
     from placer.placement_file import Placement, load_placement, save_placement
 
     problem = mlp_problem()
@@ -247,7 +248,7 @@ def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_
 
 
 def test_a_hybrid_winner_is_written_over_the_ops_with_its_replicas(tmp_path):
-    from envs.sim.data_parallel import simulate_pipelined
+    from envs.sim.hybrid import simulate_pipelined
     from envs.sim.pipeline_layout import group_pipeline
     from placer.optimizing.stage_outputs import Compiled, PreparedRun
     from placer.placement_file import load_placement, save_placement
@@ -284,7 +285,7 @@ def test_interleaved_1f1b_is_a_move_away_and_back():
     assert len(inter) == 1 and inter[0].num_stages == 8 and inter[0].devices == ((0, 1, 2, 3, 0, 1, 2, 3),)
     pipe = inter[0].pipeline(problem)
     assert simulate_pipeline(problem, pipe).step_time > 0  # ScheduleInterleaved1F1B accepts it
-    from envs.sim.data_parallel import simulate_pipelined
+    from envs.sim.hybrid import simulate_pipelined
 
     assert simulate_pipelined(problem, pipe).step_time == simulate_pipeline(problem, pipe).step_time
     back = {m.state.schedule for m in neighbours(inter[0], [0, 1, 2, 3], 16, cost) if m.kind == "schedule"}

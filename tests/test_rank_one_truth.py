@@ -38,7 +38,7 @@ def rank_run(tmp_path_factory):
 def _rank_step(result, cluster) -> float:
     captured = result.prepared.captured
     if result.placement.pipeline is not None:  # a pipelined winner (issue 16): the pipeline's simulated step
-        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.hybrid import simulate_pipelined
         from envs.sim.pipeline_layout import group_pipeline
         from placer.cli.show import simulate_placement
 
@@ -86,7 +86,7 @@ def test_show_on_the_saved_placement_agrees_with_optimize_over_ranks(rank_run):
     problem, shown = simulate_placement(result.prepared, saved.assignment, cluster)
     step = shown.step_time
     if saved.pipeline is not None:  # show simulates the saved pipeline (issue 16)
-        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.hybrid import simulate_pipelined
         from envs.sim.pipeline_layout import group_pipeline
 
         step = simulate_pipelined(problem, group_pipeline(problem, saved.pipeline)).step_time

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.sim.data_parallel import simulate_pipelined
+from envs.sim.hybrid import simulate_pipelined
 from envs.sim.pipeline_layout import group_pipeline
 from envs.sim.simulator import simulate_batch
 

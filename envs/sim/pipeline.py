@@ -220,7 +220,7 @@ def simulate_pipeline(problem: PlacementProblem, pipeline: Pipeline, costs: Rank
     """
     if pipeline.replicas:
         raise PipelineError(f"a pipeline with {pipeline.num_replicas} replicas is simulated by "
-                            "envs.sim.data_parallel.simulate_hybrid; expected one replica here")
+                            "envs.sim.hybrid.simulate_hybrid; expected one replica here")
     sc = stage_cost if stage_cost is not None else stage_costs(problem, pipeline, costs)
     orders = schedule_orders(pipeline.schedule, pipeline.num_stages, pipeline.microbatches, len(pipeline.ranks))
     ranks = pipeline.ranks

@@ -41,7 +41,7 @@ class Pipeline:
         replicas: the stage devices of each further data-parallel replica (empty: one
             replica). ``R = 1 + len(replicas)`` copies of the pipeline each take ``1/R`` of
             the batch, gradients all-reduced per stage
-            (:func:`envs.sim.data_parallel.simulate_hybrid`); :meth:`assignment` and
+            (:func:`envs.sim.hybrid.simulate_hybrid`); :meth:`assignment` and
             ``devices`` are replica 0's.
     """
 

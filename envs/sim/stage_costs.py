@@ -131,7 +131,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     """Per-stage micro-batch costs of ``pipeline`` on ``problem`` (:mod:`envs.sim.pipeline`, P2-P3).
 
     ``share``: the pipeline runs 1/``share`` of the problem's batch (a data-parallel replica
-    of :func:`envs.sim.data_parallel.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
+    of :func:`envs.sim.hybrid.simulate_hybrid`), so a micro-batch is ``1 / (share * M)``.
     A CPU op's fixed part is the problem's (:meth:`~envs.sim.op_arrays.OpArrays.fixed_parts`).
 
     Raises:

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     out = pictures_dir or Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if placement.pipeline is not None:
-        from envs.sim.data_parallel import simulate_pipelined
+        from envs.sim.hybrid import simulate_pipelined
         from envs.sim.pipeline_layout import group_pipeline
 
         pipe = placement.pipeline

@@ -32,7 +32,7 @@ import pandas as pd
 from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport
 from envs.runtime.device_map import accelerate_device_map
-from envs.sim.data_parallel import simulate_pipelined
+from envs.sim.hybrid import simulate_pipelined
 from envs.sim.pipeline_layout import group_pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate

@@ -11,7 +11,7 @@ is a different object, so it has its own search here, over :class:`PipelineState
   ``interleaved_1f1b`` with two stages per device);
 * the number of data-parallel **replicas** ``R``: ``R`` copies of the pipeline, each on its own
   devices with ``1/R`` of the batch, gradients all-reduced per stage
-  (:func:`envs.sim.data_parallel.simulate_hybrid`). A state always has at least two stages:
+  (:func:`envs.sim.hybrid.simulate_hybrid`). A state always has at least two stages:
   one stage on every device is DDP itself, which the comparison table shows as its own row,
   not as something the search found.
 
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.sim.data_parallel import HybridResult, simulate_hybrid
+from envs.sim.hybrid import HybridResult, simulate_hybrid
 from envs.sim.pipeline import simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem

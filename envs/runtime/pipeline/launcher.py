@@ -35,7 +35,7 @@ from envs.runtime.listening import nccl_environment
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer, check_stage_devices
 from envs.runtime.supervisor import Exit, Supervisor, make_job_dir, process_state
-from envs.sim.data_parallel import check_runnable
+from envs.sim.hybrid import check_runnable
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
@@ -319,7 +319,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         problem: the placement problem compiled over the pipeline's devices, one node per op
             (no grouping), from the graph ``gm`` was captured with: when given, a
             pipeline whose stages do not fit their devices' memory is refused before starting
-            (:func:`envs.sim.data_parallel.check_runnable`).
+            (:func:`envs.sim.hybrid.check_runnable`).
         warmup: how many of the ``steps`` are untimed warm-up (the step times of all are
             returned; the later ones run as every timed step does, see :func:`write_job`).
 

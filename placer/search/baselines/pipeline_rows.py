@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from envs.hardware.units import byte_display_unit
-from envs.sim.data_parallel import data_parallel_pipeline, simulate_data_parallel, simulate_pipelined
+from envs.sim.data_parallel import data_parallel_pipeline, simulate_data_parallel
+from envs.sim.hybrid import simulate_pipelined
 from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
