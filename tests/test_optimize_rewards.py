@@ -450,3 +450,35 @@ def test_the_search_keeps_the_placement_fastest_in_the_confirmation_not_its_luck
     confirm_candidates(pm, [search], contenders=[fast, slow], search=search)
     assert np.array_equal(search.row, fast)
     assert search.measured_step_time == pm.lookup(fast).step_time < pm.lookup(slow).step_time
+
+
+class _SecondDeviceAloneIsFaster(FakeWorkers):
+    """FakeWorkers where the whole model on cpu:1 runs (and fastest of all), unlike the base's."""
+
+    def time_of(self, placement):
+        if set(placement.values()) == {"cpu:1"}:
+            return MeasureResult(step_time=1e-3)
+        return super().time_of(placement)
+
+
+def test_single_becomes_the_fastest_single_device_of_the_confirmation():
+    """The simulator's fastest single device (cpu:0) ran slower than cpu:1 alone in the final
+    run: the row named "single" took cpu:0's figure and lost to a placement that cpu:1 alone beat."""
+    from envs.runtime.distributed.rank_cluster import rank_cluster
+    from envs.sim.problem_compile import compile_problem
+    from graphs.pipeline import prepare
+    from placer.measuring.confirm import confirm_candidates, single_device_rows
+    from placer.report.compare import Candidate
+
+    prepared = prepare(MODEL, profile=False)
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    pm = PlacementMeasurer(_SecondDeviceAloneIsFaster(), problem, prepared.grouping.expand, "fake ranks")
+    on0, on1 = single_device_rows(problem)
+    single = Candidate(method="single", row=on0.copy())
+    other = Candidate(method="m", row=np.concatenate([on0[:-1], on1[-1:]]))
+    confirm_candidates(pm, [single, other], extra_rows=single_device_rows(problem), single=single)
+    assert np.array_equal(single.row, on1) and single.measured_step_time == pytest.approx(1e-3)
+    # Without the single devices in the run there is nothing to choose from: the row stays.
+    kept = Candidate(method="single", row=on0.copy())
+    confirm_candidates(pm, [kept, other], single=kept)
+    assert np.array_equal(kept.row, on0)

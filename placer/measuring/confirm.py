@@ -39,12 +39,14 @@ CONFIRM_PIPELINES = 2
 
 def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candidate], top: int = CONFIRM_TOP,
                        extra_rows: Sequence[np.ndarray] = (), contenders: Sequence[np.ndarray] = (),
-                       search: Candidate | None = None) -> None:
+                       search: Candidate | None = None, single: Candidate | None = None) -> None:
     """Run the ``top`` fastest distinct programs among the candidates' rows and ``contenders``
     again, with ``extra_rows`` (the single devices, the speed-ups' denominator), side by side in
     one backend call; give every candidate its program's figure from that run (or the failure
     in its note), and ``search``, the search's candidate, the fastest of its own row and the
-    contenders in that run.
+    contenders in that run. ``single``, the fastest single device by simulation, becomes the
+    fastest single device of ``extra_rows`` in that run that fits: its name promises the
+    fastest, and the table's speed-ups divide by that figure.
 
     ``contenders`` are the search's other measured placements: the search keeps the fastest
     of its noisy runs, so its runners-up compete again beside it. The fastest other method
@@ -90,6 +92,13 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
                  if m is not None and m.valid and id(m) in this_run]
         if fresh:
             search.row = np.asarray(runs[min(fresh)[1]][1]).copy()
+    if single is not None and single.row is not None and pool and extra_rows:
+        alone = [measurer.problem.check_array(r) for r in single_device_rows(measurer.problem)]
+        fits = simulate_batch(measurer.problem, np.stack(alone)).fits
+        ran = [(m.step_time, i) for i, (m, ok) in enumerate(zip((measurer.lookup(r) for r in alone), fits))
+               if ok and m is not None and m.valid and id(m) in this_run]
+        if ran:
+            single.row = alone[min(ran)[1]].copy()
     mark_measured(measurer, candidates)
 
 

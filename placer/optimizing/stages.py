@@ -283,7 +283,8 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
             # search) compete again beside its pick: it kept the fastest of noisy runs.
             searched_rows = [r.row for r in measurer.records if r.valid and r.phase != "confirm"]
             confirm_candidates(measurer, candidates, extra_rows=single_device_rows(compiled.problem),
-                               contenders=searched_rows, search=searched.candidate)
+                               contenders=searched_rows, search=searched.candidate,
+                               single=next((c for c in baselines.candidates if c.method == "single"), None))
         seconds["measure"] = time.perf_counter() - start
     table = comparison_table(compiled.problem, candidates)
     if measurer is not None:
