@@ -167,7 +167,11 @@ def in_process_placements(result: OptimizeResult, k: int) -> list[InProcessPlace
     process, where its stages would run one after the other on the whole batch. So every
     method's placement, a pipeline's stage devices included, is ranked here by its
     un-pipelined step (:func:`envs.sim.simulator.simulate_batch`), not by the pipeline's.
+    Placements that differ only by interchangeable devices (the whole model on gpu0 or on gpu2
+    of four identical GPUs: :mod:`envs.sim.device_symmetry`) are one placement here: trying
+    both on real steps would spend a step on a twin.
     """
+    from envs.sim.device_symmetry import canonical_row, device_classes
     from envs.sim.simulator import simulate_batch
 
     problem, grouping = result.problem, result.prepared.grouping
@@ -181,11 +185,12 @@ def in_process_placements(result: OptimizeResult, k: int) -> list[InProcessPlace
     pipelined = {m for m, kind in kinds.items() if kind != "placement"}
     chosen: list[InProcessPlacement] = []
     seen: set[bytes] = set()
+    classes = device_classes(problem)
     for i in order:
         if not sim.fits[i] or len(chosen) >= k:
             continue
-        key = rows[i].tobytes()
-        if key in seen:  # several methods often find the same placement: keep it once
+        key = canonical_row(rows[i], classes).tobytes()
+        if key in seen:  # several methods often find the same placement (or a twin): keep it once
             continue
         seen.add(key)
         assignment = grouping.expand(problem.array_to_placement(rows[i]))
