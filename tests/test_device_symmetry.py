@@ -63,3 +63,27 @@ def test_a_placement_and_its_twins_by_interchangeable_devices_share_a_row_and_a_
     sim = simulate_batch(k40, np.stack([row, twin, canonical_row(row, classes)]))
     assert sim.step_time[1] == pytest.approx(sim.step_time[0], rel=1e-9)
     assert sim.step_time[2] == pytest.approx(sim.step_time[0], rel=1e-9)
+
+
+def test_rows_are_made_canonical_together_as_one_by_one():
+    from envs.sim.device_symmetry import canonical_rows
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 7, size=(50, 12))
+    classes = [[1, 2, 3], [4, 6]]
+    assert np.array_equal(canonical_rows(rows, classes), np.stack([canonical_row(r, classes) for r in rows]))
+
+
+def test_moves_to_a_second_unused_interchangeable_device_are_twins_and_left_out(k40):
+    from envs.sim.device_symmetry import twin_targets
+    from placer.search.local_search import apply_moves, neighbourhood
+
+    row = np.ones(k40.num_nodes, dtype=np.int64)  # everything on gpu0
+    classes = device_classes(k40)
+    assert twin_targets(row, classes, k40.num_devices).tolist() == [False, False, False, True, True]
+    all_nodes, all_devs, _ = neighbourhood(k40, row)
+    nodes, devs, _ = neighbourhood(k40, row, classes)
+    assert not np.isin(devs, [3, 4]).any() and np.isin(all_devs, [3, 4]).any()
+    # Nothing is lost: every move left out has a twin that is kept.
+    kept = {canonical_row(r, classes).tobytes() for r in apply_moves(row, nodes, devs)}
+    assert all(canonical_row(r, classes).tobytes() in kept for r in apply_moves(row, all_nodes, all_devs))

@@ -26,7 +26,7 @@ import numpy as np
 
 from envs.sim.problem import PlacementProblem
 
-__all__ = ["interchangeable", "device_classes", "canonical_row"]
+__all__ = ["interchangeable", "device_classes", "canonical_row", "canonical_rows", "twin_targets"]
 
 
 def _device_axis_arrays(problem: PlacementProblem) -> list[np.ndarray]:
@@ -87,14 +87,38 @@ def canonical_row(row: np.ndarray, classes: Sequence[Sequence[int]]) -> np.ndarr
     """``row`` (a device index per node) with each class's devices renamed in the order the
     row first uses them: the class's first device for the first one used, and so on. Rows
     that differ only by a permutation of interchangeable devices get the same result."""
-    row = np.asarray(row, dtype=np.int64)
-    out = row.copy()
+    return canonical_rows(np.asarray(row, dtype=np.int64)[None], classes)[0]
+
+
+def canonical_rows(rows: np.ndarray, classes: Sequence[Sequence[int]]) -> np.ndarray:
+    """:func:`canonical_row` of every row of ``rows`` [B, N], without a loop over rows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not classes or rows.size == 0:
+        return rows.copy()
+    b, n = rows.shape
+    num_devices = max(int(rows.max()) + 1, max(max(c) for c in classes) + 1)
+    rename = np.tile(np.arange(num_devices), (b, 1))
     for members in classes:
-        rename: dict[int, int] = {}
-        for d in row:
-            d = int(d)
-            if d in members and d not in rename:
-                rename[d] = int(members[len(rename)])
-        for old, new in rename.items():
-            out[row == old] = new
-    return out
+        m = np.asarray(members, dtype=np.int64)
+        hit = rows[:, :, None] == m[None, None, :]  # [B, N, K]
+        first = np.where(hit.any(axis=1), hit.argmax(axis=1), n)  # [B, K]: first node on each member
+        order = np.argsort(first, axis=1, kind="stable")  # members by first use, unused last
+        rename[np.arange(b)[:, None], m[order]] = m[None, :]
+    return np.take_along_axis(rename, rows, axis=1)
+
+
+def twin_targets(row: np.ndarray, classes: Sequence[Sequence[int]], num_devices: int) -> np.ndarray:
+    """[num_devices] bool: the devices ``row`` does not use that are not the first unused one of
+    their class. Moving nodes to such a device gives a twin of the same move to that first one,
+    so a neighbourhood can leave those moves out.
+
+    >>> twin_targets(np.array([1, 1, 0]), [[1, 2, 3, 4]], 5).tolist()
+    [False, False, False, True, True]
+    """
+    used = np.zeros(num_devices, dtype=bool)
+    used[np.asarray(row, dtype=np.int64)] = True
+    twin = np.zeros(num_devices, dtype=bool)
+    for members in classes:
+        unused = [d for d in members if not used[d]]
+        twin[unused[1:]] = True
+    return twin

@@ -26,10 +26,12 @@ fixes the whole sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from envs.sim.device_symmetry import device_classes, twin_targets
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 from placer.search.move_scopes import MoveScopes
@@ -48,20 +50,25 @@ class LocalSearchError(PlacerError, ValueError):
     """Local-search settings that cannot work."""
 
 
-def neighbourhood(problem: PlacementProblem, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbourhood(problem: PlacementProblem, row: np.ndarray,
+                  classes: Sequence[Sequence[int]] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All moves around ``row`` [N] as ``(nodes [K, 2], devices [K, 2])`` plus the edge list.
 
     Move k puts node ``nodes[k, 0]`` on ``devices[k, 0]`` and node ``nodes[k, 1]`` on
     ``devices[k, 1]``: a single-node move (both columns equal), a move of both ends of an edge
     to one device, or a swap of the devices of an edge's two ends.  Moves that change
-    nothing, or that equal a single move, are left out.  Returns the moves and the
-    problem's edges [E, 2].
+    nothing, or that equal a single move, are left out; so are, with ``classes`` (of
+    interchangeable devices, :func:`envs.sim.device_symmetry.device_classes`), moves to an
+    unused device whose twin moves to the first unused one of its class
+    (:func:`envs.sim.device_symmetry.twin_targets`).  Returns the moves and the problem's
+    edges [E, 2].
     """
     n, d = problem.num_nodes, problem.num_devices
     row = np.asarray(row, dtype=np.int64)
+    twin = twin_targets(row, classes, d)
     node = np.repeat(np.arange(n), d)
     dev = np.tile(np.arange(d), n)
-    keep = dev != row[node]
+    keep = (dev != row[node]) & ~twin[dev]
     parts_nodes = [np.stack([node[keep], node[keep]], axis=1)]
     parts_devs = [np.stack([dev[keep], dev[keep]], axis=1)]
     edges = _edges(problem)
@@ -70,7 +77,7 @@ def neighbourhood(problem: PlacementProblem, row: np.ndarray) -> tuple[np.ndarra
         e_dev = np.tile(np.arange(d), len(edges))
         u, v = edges[e_idx, 0], edges[e_idx, 1]
         # Both ends to one device; when one end is already there it is a single move.
-        keep = (row[u] != e_dev) & (row[v] != e_dev)
+        keep = (row[u] != e_dev) & (row[v] != e_dev) & ~twin[e_dev]
         parts_nodes.append(np.stack([u[keep], v[keep]], axis=1))
         parts_devs.append(np.stack([e_dev[keep], e_dev[keep]], axis=1))
         # Swaps across the edges whose ends sit on different devices.
@@ -143,6 +150,8 @@ class LocalSearch:
         self.chunk = max(1, int(chunk))
         self.max_kick = max(2, problem.num_nodes // 10) if max_kick is None else max(1, int(max_kick))
         self.scopes = scopes if scopes is not None and scopes.num_scopes else None
+        # Interchangeable devices: a move to a second unused one of a class is a twin, not scanned.
+        self.classes = device_classes(problem)
         self.stats = LocalSearchStats()
         self._current: np.ndarray | None = None
         self._current_key: tuple[bool, float] = (True, np.inf)
@@ -209,10 +218,12 @@ class LocalSearch:
         """Make ``row`` the centre of a fresh scan (moves in a new seeded order)."""
         self._current = np.array(row, dtype=np.int64, copy=True)
         self._current_key = key
-        nodes, devs, _ = neighbourhood(self.problem, self._current)
+        nodes, devs, _ = neighbourhood(self.problem, self._current, self.classes)
         if self.scopes is not None:
             # Scope moves as rows past the pair moves: node -1 - s means "every member of scope s".
             s_idx, s_dev = _scope_moves(self.scopes, self._current, self.problem.num_devices)
+            keep = ~twin_targets(self._current, self.classes, self.problem.num_devices)[s_dev]
+            s_idx, s_dev = s_idx[keep], s_dev[keep]
             nodes = np.concatenate([nodes, np.stack([-1 - s_idx, -1 - s_idx], axis=1)])
             devs = np.concatenate([devs, np.stack([s_dev, s_dev], axis=1)])
         order = self.rng.permutation(len(devs))

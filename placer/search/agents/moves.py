@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from envs.gym.vector_env import BatchedPlacementVecEnv
+from envs.sim.device_symmetry import canonical_rows, device_classes
 from envs.sim.problem import PlacementProblem
 from placer.search.agents.move_features import feature_statics, move_features
 from placer.search.agents.move_policy import MovePolicy, MovePolicyConfig
@@ -75,6 +76,9 @@ class MoveAgent:
         self.batch = max(1, int(batch))
         self.policy = MovePolicy(config, seed=seed)
         self.static = feature_statics(problem)
+        # Interchangeable devices: proposals that are twins (the same moves to another unused
+        # device of a class) are evaluated once, like repeated proposals.
+        self.classes = device_classes(problem)
         self.idle = 0  # batches in a row whose proposals were all evaluated before (IDLE_BATCHES)
 
     def resume(self, path: Path) -> None:
@@ -184,7 +188,7 @@ class _Walker:
         batch = agent.batch if left is None else max(1, min(agent.batch - 1, left - 1) if left > 1 else 1)
         rows, logp, entropy = agent.policy.propose(agent.problem, agent.static, self.current, self.features, batch,
                                                    agent.rng, self.temperature)
-        keys = _row_keys(rows)
+        keys = _row_keys(canonical_rows(rows, agent.classes))
         uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
         fresh = np.array([int(k) not in self.seen for k in uk], dtype=bool)
