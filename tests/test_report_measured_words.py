@@ -55,3 +55,22 @@ def test_a_held_out_spearman_over_placements_closer_than_the_noise_says_so():
     [line] = [x for x in summary_lines(result) if x.startswith("held-out")]
     assert "span" not in line
     assert any(x.startswith("repeat runs: 4 placement(s) run twice differed by 1.9%") for x in summary_lines(result))
+
+
+def test_repeat_runs_that_all_moved_one_way_are_said_to_be_the_machines_state_between_jobs():
+    from placer.measuring.summary import repeat_spread
+
+    # Every placement run again in a later job ran 12-32% slower (a rnnlm hybrid run, 2026-12-06 21:11 UTC).
+    slower = repeat_spread([("a", 2.786), ("b", 2.945), ("c", 3.6), ("d", 3.673),
+                            ("a", 3.674), ("b", 3.522), ("c", 4.068), ("d", 4.109)])
+    assert slower is not None and slower["shift"] > slower["median"] / 2
+    result = _result([True])
+    result.measurement.repeats = slower
+    [line] = [x for x in summary_lines(result) if x.startswith("repeat runs:")]
+    assert "the later runs were 16.3% slower at the median: much of it is the machine's state between jobs" in line
+    # Noise both ways: no such words.
+    both = repeat_spread([("a", 1.0), ("b", 1.0), ("a", 1.1), ("b", 0.9)])
+    assert both is not None and abs(both["shift"]) < both["median"] / 2
+    result.measurement.repeats = both
+    [line] = [x for x in summary_lines(result) if x.startswith("repeat runs:")]
+    assert "machine's state" not in line

@@ -407,5 +407,10 @@ def _spread_caveat(m: MeasurementSummary) -> str:
 
 def _repeats_text(repeats: Mapping[str, float]) -> str:
     """How far two runs of one placement differed: the noise that measured comparisons sit in."""
-    return (f"{int(repeats['n'])} placement(s) run twice differed by {repeats['median']:.1%} (median), "
+    text = (f"{int(repeats['n'])} placement(s) run twice differed by {repeats['median']:.1%} (median), "
             f"{repeats['max']:.1%} at most; measured differences smaller than that are noise")
+    shift = float(repeats.get("shift", 0.0))
+    if repeats["n"] >= 2 and abs(shift) >= repeats["median"] / 2:
+        text += (f" (the later runs were {abs(shift):.1%} {'slower' if shift > 0 else 'faster'} at the median: "
+                 "much of it is the machine's state between jobs, which placements run side by side share)")
+    return text
