@@ -92,17 +92,17 @@ class MeasurementSummary:
 
 def repeat_spread(runs: Sequence[tuple[object, float]]) -> dict[str, float] | None:
     """How far the last two valid runs of each placement run more than once differ, relative
-    to the faster: ``{"n": placements, "median": ..., "max": ..., "shift": ...}``, or None when
-    none ran twice. ``shift`` is the median signed change from the earlier run to the later,
-    relative to the earlier: where every placement moved the same way, the difference is the
-    machine's state between the jobs (placements run side by side in one job share it) more
-    than noise between placements.
+    to the faster: ``{"n": placements, "median": ..., "max": ..., "shift": ..., "one_way": ...}``,
+    or None when none ran twice. ``shift`` is the median signed change from the earlier run to
+    the later, relative to the earlier, and ``one_way`` whether every placement moved in that
+    direction: then the difference is the machine's state between the jobs (placements run side
+    by side in one job share it) more than noise between placements.
 
     The yardstick for every measured comparison of the run: a gain, or a Spearman over
     placements, smaller than this is the machine's noise.
 
     >>> repeat_spread([("a", 1.00), ("b", 2.0), ("a", 1.02), ("b", 2.1), ("c", 3.0)])
-    {'n': 2, 'median': 0.035, 'max': 0.05, 'shift': 0.035}
+    {'n': 2, 'median': 0.035, 'max': 0.05, 'shift': 0.035, 'one_way': True}
     """
     by_key: dict[object, list[float]] = {}
     for key, t in runs:
@@ -112,7 +112,8 @@ def repeat_spread(runs: Sequence[tuple[object, float]]) -> dict[str, float] | No
         return None
     diffs = [abs(b - a) / min(a, b) for a, b in pairs]
     return {"n": len(diffs), "median": round(float(np.median(diffs)), 6), "max": round(float(max(diffs)), 6),
-            "shift": round(float(np.median([b / a - 1 for a, b in pairs])), 6)}
+            "shift": round(float(np.median([b / a - 1 for a, b in pairs])), 6),
+            "one_way": all(b > a for a, b in pairs) or all(b < a for a, b in pairs)}
 
 
 def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[str, Any]] = ()) -> MeasurementSummary:
