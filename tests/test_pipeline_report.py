@@ -146,6 +146,9 @@ def test_a_measured_winner_closer_to_the_next_than_repeat_runs_differ_says_no_me
     assert ("the next, heft (845.000 ms), is 1.5% slower, less than the 5.0% two runs of one placement differed by: "
             "no measured difference") in line
     assert line.endswith("is 1.03x faster than DDP (860.000 ms, measured) (within the noise of repeat runs)")
+    # DDP as the next row is named once, in its own comparison.
+    only_ddp = _measured_table([("placer (moves)", "placement", 0.8329), ("ddp", "ddp", 0.8600)])
+    assert "the next" not in recommendation_line(only_ddp, "placer (moves)", noise=0.05)
 
 
 def test_a_measured_gap_beyond_the_repeat_noise_or_without_a_noise_figure_stands_as_it_is():

@@ -211,7 +211,9 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
         top = fitting.sort_values("step_time", kind="stable").iloc[0]
         parts.append(f"recommendation: {top['method']} ({top['step_time'] * 1e3:.3f} ms per step, {top['kind']}"
                      + (", measured" if measured else "") + ")")
-        slower = fitting[fitting["step_time"] > top["step_time"]].sort_values("step_time", kind="stable")
+        # DDP has its own comparison below; the runner-up here is the next other row.
+        slower = fitting[(fitting["step_time"] > top["step_time"]) & (fitting["kind"] != "ddp")]
+        slower = slower.sort_values("step_time", kind="stable")
         if measured and noise is not None and not slower.empty:
             runner = slower.iloc[0]
             gap = float(runner["step_time"]) / float(top["step_time"]) - 1
