@@ -115,6 +115,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.sim.memory_report import DeviceMemoryFit
 from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline import engine_host_costs
 from envs.sim.pipeline_layout import Pipeline, PipelineError
@@ -162,7 +163,7 @@ SLEEPING_WAIT = RankCosts()
 
 
 @dataclass
-class DataParallelResult:
+class DataParallelResult(DeviceMemoryFit):
     """One simulated DDP step.
 
     Attributes:
@@ -183,10 +184,6 @@ class DataParallelResult:
     bucket_bytes: list[float]
     peak_memory: dict[str, float]
     over_memory: dict[str, float]
-
-    @property
-    def fits(self) -> bool:
-        return not self.over_memory
 
     def describe(self) -> str:
         """One line: the step time, or why it does not fit."""

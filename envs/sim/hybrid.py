@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from envs.sim.data_parallel import buckets, norm_channels, norm_sync_on, reducer_seconds, ring_allreduce_time, ring_link
-from envs.sim.memory_report import memory_problem_lines
+from envs.sim.memory_report import DeviceMemoryFit
 from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
@@ -53,7 +53,7 @@ __all__ = ["HybridResult", "check_hybrid", "check_runnable", "simulate_hybrid", 
 
 
 @dataclass
-class HybridResult:
+class HybridResult(DeviceMemoryFit):
     """One simulated step of ``R`` pipeline replicas with per-stage gradient all-reduce (H1-H5).
 
     Attributes:
@@ -71,14 +71,6 @@ class HybridResult:
     exposed_allreduce: list[float]
     peak_memory: dict[str, float]
     over_memory: dict[str, float]
-
-    @property
-    def fits(self) -> bool:
-        return not self.over_memory
-
-    def memory_problems(self) -> list[str]:
-        """One line per device that does not fit."""
-        return memory_problem_lines(self.peak_memory, self.over_memory)
 
 
 def check_hybrid(pipelines: Sequence[Pipeline], batch_size: int | None = None) -> None:

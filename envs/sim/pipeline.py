@@ -129,7 +129,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from envs.sim.memory_report import memory_problem_lines
+from envs.sim.memory_report import DeviceMemoryFit
 from envs.sim.memory_rules import step_temporaries
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.pipeline_schedules import schedule_orders
@@ -142,7 +142,7 @@ __all__ = ["PipelineResult", "engine_host_costs", "simulate_pipeline", "check_pi
 
 
 @dataclass
-class PipelineResult:
+class PipelineResult(DeviceMemoryFit):
     """One simulated pipelined step.
 
     Attributes:
@@ -154,7 +154,7 @@ class PipelineResult:
         events: (stage, kind, micro-batch, start, end) of every action, in device order.
         in_flight: [S] the most micro-batches each stage held activations for at once.
         last_backward: [S] (start, end) of each stage's backward of its last micro-batch
-            (the one :mod:`envs.sim.data_parallel`'s hybrid all-reduces during).
+            (the one :mod:`envs.sim.hybrid` all-reduces during).
         ready_to_step: {device name: when its last action and its sends were done}, before
             its optimizer.
     """
@@ -168,14 +168,6 @@ class PipelineResult:
     events: list[tuple[int, str, int, float, float]] = field(default_factory=list)
     last_backward: list[tuple[float, float]] = field(default_factory=list)
     ready_to_step: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def fits(self) -> bool:
-        return not self.over_memory
-
-    def memory_problems(self) -> list[str]:
-        """One line per device that does not fit."""
-        return memory_problem_lines(self.peak_memory, self.over_memory)
 
 
 def engine_host_costs(problem: PlacementProblem, device: int, costs: RankCosts | None = None) -> RankCosts:
