@@ -87,19 +87,24 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
         measurer.phase = "search"
     if search is not None and search.row is not None and pool:
         # Only this run's figures decide: a contender left out kept its search figure.
-        runs = [(measurer.lookup(r), r) for r in [search.row, *contenders]]
-        fresh = [(m.step_time, i) for i, (m, _) in enumerate(runs)
-                 if m is not None and m.valid and id(m) in this_run]
-        if fresh:
-            search.row = np.asarray(runs[min(fresh)[1]][1]).copy()
+        fastest = _fastest_in_run(measurer, [search.row, *contenders], this_run)
+        if fastest is not None:
+            search.row = fastest
     if single is not None and single.row is not None and pool and extra_rows:
-        alone = [measurer.problem.check_array(r) for r in single_device_rows(measurer.problem)]
-        fits = simulate_batch(measurer.problem, np.stack(alone)).fits
-        ran = [(m.step_time, i) for i, (m, ok) in enumerate(zip((measurer.lookup(r) for r in alone), fits))
-               if ok and m is not None and m.valid and id(m) in this_run]
-        if ran:
-            single.row = alone[min(ran)[1]].copy()
+        alone = [measurer.problem.check_array(r) for r in extra_rows]
+        fastest = _fastest_in_run(measurer, alone, this_run, simulate_batch(measurer.problem, np.stack(alone)).fits)
+        if fastest is not None:
+            single.row = fastest
     mark_measured(measurer, candidates)
+
+
+def _fastest_in_run(measurer: PlacementMeasurer, rows: Sequence[np.ndarray], this_run: set[int],
+                    fits: np.ndarray | None = None) -> np.ndarray | None:
+    """A copy of the row of ``rows`` (those that fit, with ``fits``) whose program ran fastest,
+    validly, in the run whose records' ids are ``this_run``; None when none of them did."""
+    ran = [(m.step_time, i) for i, m in enumerate(measurer.lookup(r) for r in rows)
+           if m is not None and m.valid and id(m) in this_run and (fits is None or bool(fits[i]))]
+    return np.asarray(rows[min(ran)[1]]).copy() if ran else None
 
 
 def _add_note(table: pd.DataFrame, i: Any, text: str) -> None:
