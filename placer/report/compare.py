@@ -87,6 +87,16 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
     return fastest_first(pd.DataFrame.from_records(records))
 
 
+def is_placer_method(method: object) -> bool:
+    """Whether a comparison row is placer's own (its searches name their rows ``placer (...)``),
+    not a baseline's, DDP's or a partitioner's.
+
+    >>> is_placer_method("placer (moves)"), is_placer_method("pipeline:pipedream_dp")
+    (True, False)
+    """
+    return str(method).startswith("placer")
+
+
 def fastest_first(table: pd.DataFrame) -> pd.DataFrame:
     """``table``'s rows in the comparison's order: the fitting ones by step time, then the
     rest (no placement, does not fit). Rows that tie, most often one placement found by
@@ -101,7 +111,7 @@ def fastest_first(table: pd.DataFrame) -> pd.DataFrame:
     """
     order = np.where(table["fits"], table["step_time"], np.inf)
     method = table["method"].astype(str)
-    tie = np.where(method == "single", 0, np.where(method.str.startswith("placer"), 2, 1))
+    tie = np.where(method == "single", 0, np.where(method.map(is_placer_method), 2, 1))
     return (table.assign(_order=order, _tie=tie).sort_values(["_order", "_tie", "method"], kind="stable")
             .drop(columns=["_order", "_tie"]).reset_index(drop=True))
 

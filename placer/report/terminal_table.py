@@ -24,6 +24,8 @@ import math
 
 import pandas as pd
 
+from placer.report.compare import is_placer_method
+
 #: Lines of the terminal table before only the always-shown ones follow.
 TOP_LINES = 8
 #: Characters of method names written out on a shared line; the names past it are counted.
@@ -33,7 +35,7 @@ NAME_WIDTH = 40
 def _always_shown(table: pd.DataFrame) -> set[str]:
     """The methods a reader compares the winner with: placer's own rows, the single device,
     DDP, and the fastest fitting pipeline."""
-    methods = {str(m) for m in table["method"] if str(m).startswith("placer") or m in ("single", "ddp")}
+    methods = {str(m) for m in table["method"] if is_placer_method(m) or m in ("single", "ddp")}
     kind = table["kind"] if "kind" in table else pd.Series("", index=table.index)
     pipes = table[(kind == "pipeline") & table["fits"].astype(bool) & table["step_time"].notna()]
     if not pipes.empty:
@@ -53,7 +55,7 @@ def _names(methods: list[str], shown: set[str], winner: bool) -> str:
     then placer's rows, the other always-shown ones and the rest, written out up to
     :data:`NAME_WIDTH` characters and the others counted."""
     head = methods[:1] if winner else []
-    first = head + sorted(methods[len(head):], key=lambda m: (not m.startswith("placer"), m not in shown))
+    first = head + sorted(methods[len(head):], key=lambda m: (not is_placer_method(m), m not in shown))
     text, n = first[0], 1
     while n < len(first) and len(text) + 2 + len(first[n]) <= NAME_WIDTH:
         text, n = f"{text}, {first[n]}", n + 1

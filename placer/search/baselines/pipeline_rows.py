@@ -29,7 +29,7 @@ from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
-from placer.report.compare import fastest_first
+from placer.report.compare import fastest_first, is_placer_method
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
 from placer.search.pipeline_moves import microbatch_choices
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, search_pipeline
@@ -203,7 +203,7 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
         if measured:
             own = own[own["source"] == "measured"]
         # Among rows tied at the best time, placer's own search's is "placer's own best".
-        ranked = own.assign(_not_placer=~own["method"].astype(str).str.startswith("placer"))
+        ranked = own.assign(_not_placer=~own["method"].map(is_placer_method).astype(bool))
         mine = ranked.sort_values(["step_time", "_not_placer"], kind="stable").iloc[:1]
         winner = str(mine.iloc[0]["method"]) if not mine.empty else winner
     parts = []
