@@ -60,7 +60,7 @@ def test_rows_without_a_placement_never_share_a_line_and_say_so() -> None:
                     ("pipeline:x", math.nan, "pipeline")])
     lines = comparison_lines(table)
     assert _method_cells(lines) == ["heft", "placer (pipeline x DDP)", "pipeline:x"]
-    assert lines[2].split() == ["placer", "(pipeline", "x", "DDP)", "-", "-", "no", "-"]
+    assert lines[2].split() == ["placer", "(pipeline", "x", "DDP)", "-", "-", "-", "none:", "no", "fitting", "placement"]
 
 
 def test_a_long_shared_line_counts_the_names_it_does_not_write() -> None:
@@ -69,3 +69,11 @@ def test_a_long_shared_line_counts_the_names_it_does_not_write() -> None:
     written = cell.split(" +")[0].split(", ")
     assert written[0] == "critical_path"
     assert len(written) + int(cell.rsplit("+", 1)[1]) == len(names)
+
+
+def test_a_row_without_a_placement_says_why_instead_of_not_fitting() -> None:
+    table = _table([("single", 0.01, "placement"), ("placer (pipeline x DDP)", math.nan, "pipeline")])
+    table["note"] = [None, "no pipeline x DDP hybrid on 2 devices: one needs 4 devices at least; 600 pipelines simulated"]
+    line = comparison_lines(table)[2]
+    assert line.split()[4:7] == ["-", "-", "-"]
+    assert line.endswith("none: no pipeline x DDP hybrid on 2 devices: one needs 4 devices at least")

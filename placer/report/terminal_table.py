@@ -62,6 +62,17 @@ def _names(methods: list[str], shown: set[str], winner: bool) -> str:
     return text + (f" +{len(first) - n}" if n < len(first) else "")
 
 
+def _why_none(note: object) -> str:
+    """The reason a row has no placement, as its note's first clause gives it (the rest of the
+    note, such as how many candidates were tried, stays in report.md).
+
+    >>> _why_none("no pipeline x DDP hybrid on 2 devices: one needs 4 devices; 600 pipelines simulated")
+    'none: no pipeline x DDP hybrid on 2 devices: one needs 4 devices'
+    """
+    first = str(note).split(";")[0].strip() if isinstance(note, str) and note.strip() else "no fitting placement"
+    return f"none: {first}"
+
+
 def comparison_lines(table: pd.DataFrame, top: int = TOP_LINES) -> list[str]:
     """The terminal's comparison table: ``table``'s rows in its order, rows with the same step
     time (and kind, fit, source) on one line, the first ``top`` lines and every later one that
@@ -84,7 +95,11 @@ def comparison_lines(table: pd.DataFrame, top: int = TOP_LINES) -> list[str]:
         speed_text = "-" if pd.isna(speed) else f"{speed:8.2f}"
         aside = ", set aside (changes the numerics)" if bool(r.get("set_aside", False)) else ""
         source = "-" if pd.isna(r["source"]) or not str(r["source"]) else str(r["source"])
-        cells.append((_names([methods[i] for i in rows], shown, rows[0] == 0), step, speed_text, "yes" if r["fits"] else "no ",
+        fits = "yes" if r["fits"] else "no "
+        if pd.isna(r["step_time"]):
+            # No placement to time: "fits: no" would read as a memory verdict; say why instead.
+            fits, source = "-", _why_none(r.get("note"))
+        cells.append((_names([methods[i] for i in rows], shown, rows[0] == 0), step, speed_text, fits,
                       source + aside))
     width = max([len("method"), *(len(c[0]) for c in cells)])
     out = [f"{'method':<{width}}  {'step (ms)':>10}  {'speed-up':>8}  fits  source"]
