@@ -24,7 +24,8 @@ import placer
 from envs.gym.measured_rewards import MeasuredReward
 from envs.runtime.distributed import launcher
 from envs.runtime.measurer import MeasureResult
-from placer.measuring.confirm import CONFIRM_TOP
+from graphs.errors import PlacerError
+from placer.measuring.confirm import CONFIRM_RUNS, CONFIRM_TOP
 from placer.measuring.hybrid_rounds import HYBRID_ROUNDS
 from placer.measuring.measurer import PlacementMeasurer
 from placer.options import OptionError
@@ -106,7 +107,7 @@ def test_measured_mode_rewards_are_the_measured_times_of_every_distinct_placemen
     assert len(searched) - len({r.tobytes() for r in evaluated}) <= 1  # + the single-device reference
     # Once each, but the final confirmation's runs of the leading placements and the single devices.
     confirmed = [r for r in m.records if r.phase == "confirm"]
-    assert 0 < len(confirmed) <= CONFIRM_TOP + 2
+    assert 0 < len(confirmed) <= CONFIRM_RUNS * (CONFIRM_TOP + 2)
     assert sum(workers.calls.values()) == m.count and len(workers.calls) == m.placements
     assert sum(v - 1 for v in workers.calls.values()) <= len(confirmed)
     assert len(evaluated) > len({r.tobytes() for r in evaluated})  # repeats happened and were free
@@ -153,7 +154,7 @@ def test_hybrid_mode_recalibrates_during_the_search_and_the_measured_fastest_win
     assert on_cpu1 and not on_cpu1[0].valid
     assert "out of memory" in on_cpu1[0].reason or "worker rank 1 died" in on_cpu1[0].reason
     confirmed = [r for r in m.records if r.phase == "confirm"]
-    assert sum(v - 1 for v in workers.calls.values()) <= len(confirmed) <= CONFIRM_TOP + 2
+    assert sum(v - 1 for v in workers.calls.values()) <= len(confirmed) <= CONFIRM_RUNS * (CONFIRM_TOP + 2)
     # The fake machine has no noise: the placements run twice measured the same both times.
     assert m.repeats is not None and m.repeats["n"] >= 1 and m.repeats["max"] == 0.0
     # Only measured times decide, and the winner is the fastest measured candidate.
@@ -377,7 +378,8 @@ def test_rows_that_differ_only_in_an_ignored_group_are_one_program_measured_once
     cands = [Candidate(method=m, row=r)
              for m, r in (("x", a), ("x twin", twin), ("y", other))]
     confirm_candidates(pm, cands, top=2)
-    assert len(backend.calls) == 2 and sum(backend.calls.values()) == 3  # a's program again, and y
+    # a's program twice more and y twice (the confirmation's two runs), the twin never.
+    assert len(backend.calls) == 2 and sum(backend.calls.values()) == 5
     assert cands[0].measured_step_time == cands[1].measured_step_time == pm.lookup(a).step_time
 
 
@@ -405,12 +407,15 @@ def test_the_confirmation_runs_the_leaders_again_beside_the_single_devices_and_k
     searched = pm.measure_rows(np.stack(rows))  # the search's figures, call 1
     confirm_candidates(pm, [Candidate(method=f"m{i}", row=r) for i, r in enumerate(rows)], top=2,
                        extra_rows=single_device_rows(problem))
-    assert backend.batches == 2  # the leaders and the single devices: one call
+    assert backend.batches == 3  # the leaders and the single devices: one call per run, two runs
     leaders = sorted(range(3), key=lambda i: searched[i].step_time)[:2]
     for i in range(3):
-        expected = searched[i].step_time * (1.1 if i in leaders else 1.0)
+        runs = (searched[i].step_time * 1.1, searched[i].step_time * 1.21) if i in leaders else ()
+        expected = sum(runs) / 2 if runs else searched[i].step_time
         assert pm.lookup(rows[i]).step_time == pytest.approx(expected)
-    assert len(pm.records) == 3 + 2 + 2  # the log keeps every run
+        if math.isfinite(expected):
+            assert pm.lookup(rows[i]).runs == pytest.approx(runs)
+    assert len(pm.records) == 3 + 2 * (2 + 2)  # the log keeps every run
     table = pd.DataFrame({"method": ["m0"], "step_time": [pm.lookup(rows[0]).step_time], "source": ["measured"]})
     single = pm.lookup(single_device_rows(problem)[0]).step_time
     assert measured_speedups(table, pm)["speedup_vs_single"][0] == pytest.approx(single / table["step_time"][0])
@@ -428,6 +433,50 @@ class _LuckyOnce(FakeWorkers):
         return [MeasureResult(step_time=r.step_time * 0.8)
                 if tuple(sorted(p.items())) == self.lucky and self.calls[self.lucky] == 1 else r
                 for p, r in zip(placements, out)]
+
+
+class _Recording(FakeWorkers):
+    """FakeWorkers that log the order of the placements of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.orders = []
+
+    def measure(self, placements):
+        self.orders.append([tuple(sorted(p.items())) for p in placements])
+        return super().measure(placements)
+
+
+def test_the_confirmation_runs_twice_the_second_time_in_reverse_order_and_a_failed_run_invalidates():
+    from envs.runtime.distributed.rank_cluster import rank_cluster
+    from envs.sim.problem_compile import compile_problem
+    from graphs.pipeline import prepare
+
+    prepared = prepare(MODEL, profile=False)
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    backend = _Recording()
+    pm = PlacementMeasurer(backend, problem, prepared.grouping.expand, "fake ranks")
+    rows = np.zeros((2, problem.num_nodes), dtype=np.int64)
+    rows[1, -1] = 1
+    got = pm.confirm_rows(rows, runs=2)
+    assert len(backend.orders) == 2 and backend.orders[1] == backend.orders[0][::-1]
+    for rec in got:
+        assert len(rec.runs) == 2 and rec.step_time == pytest.approx(sum(rec.runs) / 2)
+        assert pm.lookup(rec.row) is rec
+    assert len(pm.records) == 4  # each run is in the log; the means are not runs
+
+    class _FailsSecondTime(FakeWorkers):
+        def measure(self, placements):
+            out = super().measure(placements)
+            return [MeasureResult(step_time=math.inf, valid=False, reason="worker died")
+                    if self.batches == 2 and i == 0 else r for i, r in enumerate(out)]
+
+    pm = PlacementMeasurer(_FailsSecondTime(), problem, prepared.grouping.expand, "fake ranks")
+    first, second = pm.confirm_rows(rows, runs=2)
+    # The second run is reversed: its first placement is rows[1].
+    assert second.valid is False and second.reason == "worker died" and first.valid
+    with pytest.raises(PlacerError, match="at least one run"):
+        pm.confirm_rows(rows, runs=0)
 
 
 def test_the_search_keeps_the_placement_fastest_in_the_confirmation_not_its_luckiest_run():

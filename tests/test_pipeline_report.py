@@ -159,3 +159,15 @@ def test_a_measured_gap_beyond_the_repeat_noise_or_without_a_noise_figure_stands
     # Simulated rows carry no run-to-run noise: the figure is never qualified.
     simulated = table.assign(source="simulated", step_time=[0.80, 0.81, 0.82])
     assert "no measured difference" not in recommendation_line(simulated, "placer (moves)", noise=0.05)
+
+
+def test_placements_timed_in_the_same_runs_are_compared_run_by_run():
+    """A winner slower than the next in one run of the final comparison is no measured win,
+    whatever the noise figure; one faster in both runs, by more than the gap moved, stands."""
+    table = _measured_table([("critical_path", "placement", 0.0080), ("single", "placement", 0.0082)])
+    table["measured_runs"] = [(0.0079, 0.0081), (0.0083, 0.0080)]
+    line = recommendation_line(table, "critical_path", noise=0.001)
+    assert ("the next, single (8.200 ms), is 2.5% slower on average, but +5.1% and -1.2% in the 2 runs of the "
+            "final comparison: no measured difference") in line
+    table["measured_runs"] = [(0.0079, 0.0081), (0.0082, 0.0084)]
+    assert "no measured difference" not in recommendation_line(table, "critical_path", noise=0.10)

@@ -19,6 +19,6 @@
   recalibrated simulator.
 
 Either way optimize runs the best candidates once more at the end, beside the single devices in
-one job (:func:`~placer.measuring.confirm.confirm_candidates`), and only those times pick the winner.
+two jobs (:func:`~placer.measuring.confirm.confirm_candidates`), and only those times pick the winner.
 The package re-exports nothing: import from its modules.
 """

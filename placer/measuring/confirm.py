@@ -1,7 +1,7 @@
 """After the search: the best candidates measured for real, and the comparison table given measured times.
 
 Either way (``measured`` or ``hybrid`` reward) optimize runs the best candidates once more at the end,
-beside the single devices in one job (:func:`confirm_candidates`), and only measured times pick the winner. Pipelined
+beside the single devices, in two jobs (:func:`confirm_candidates`), and only measured times pick the winner. Pipelined
 candidates (the pipeline partitioners' and the pipeline search's rows of the comparison
 table) are measured as pipelines, through ``torch.distributed.pipelining``, where the
 backend can (:meth:`envs.runtime.distributed.measure.DistributedMeasurer.measure_pipelines`,
@@ -32,6 +32,12 @@ from placer.report.compare import Candidate, fastest_first
 
 #: Candidates measured at the end to confirm the winner.
 CONFIRM_TOP = 4
+#: Runs of the final comparison (:meth:`~placer.measuring.measurer.PlacementMeasurer.confirm_rows`):
+#: two jobs, the second in reverse order, so a placement wins only if it is faster in each.
+#: One job ranked a placement that differs from the single device by two counter updates on
+#: the other rank 1.03x faster (7.969 against 8.198 ms, a 4-block tied-embedding LM on
+#: cpu:0,cpu:1, 2026-12-06); the same two had been 1.01x apart in the search's job.
+CONFIRM_RUNS = 2
 #: Pipelined candidates measured at the end (the fastest simulated; each is one job of
 #: its own, seconds of process start-up: ~10 s for two CPU ranks on this loaded machine).
 CONFIRM_PIPELINES = 2
@@ -42,8 +48,9 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
                        search: Candidate | None = None, single: Candidate | None = None) -> None:
     """Run the ``top`` fastest distinct programs among the candidates' rows and ``contenders``
     again, with ``extra_rows`` (the single devices, the speed-ups' denominator), side by side in
-    one backend call; give every candidate its program's figure from that run (or the failure
-    in its note), and ``search``, the search's candidate, the fastest of its own row and the
+    one backend call, :data:`CONFIRM_RUNS` times (the second in reverse order); give every
+    candidate its program's figure, the mean of those runs, with each run's (or the failure in
+    its note), and ``search``, the search's candidate, the fastest of its own row and the
     contenders in that run. ``single``, the fastest single device by simulation, becomes the
     fastest single device of ``extra_rows`` in that run that fits: its name promises the
     fastest, and the table's speed-ups divide by that figure.
@@ -83,7 +90,7 @@ def confirm_candidates(measurer: PlacementMeasurer, candidates: Sequence[Candida
                 chosen.append(rows[i])
         chosen += [np.asarray(r) for r in extra_rows]
         measurer.phase = "confirm"
-        this_run = {id(rec) for rec in measurer.remeasure_rows(np.stack(chosen))}
+        this_run = {id(rec) for rec in measurer.confirm_rows(np.stack(chosen), CONFIRM_RUNS)}
         measurer.phase = "search"
     if search is not None and search.row is not None and pool:
         # Only this run's figures decide: a contender left out kept its search figure.
@@ -259,5 +266,6 @@ def mark_measured(measurer: PlacementMeasurer, candidates: Sequence[Candidate]) 
             continue
         if rec.valid:
             c.measured_step_time = rec.step_time
+            c.measured_runs = rec.runs
         elif "measurement invalid" not in c.note:
             c.note = (c.note + "; " if c.note else "") + f"measurement invalid: {rec.reason}"

@@ -57,6 +57,8 @@ class MeasuredPlacement:
         simulated: the uncalibrated simulator's step time of the same placement.
         predicted: the calibrated simulator's prediction made before it was measured
             (hybrid, once a calibration exists, on a program measured for the first time), else None.
+        runs: the step times of the runs this figure is the mean of, in run order (the final
+            comparison's, :meth:`PlacementMeasurer.confirm_rows`); empty for one run or a failed one.
     """
 
     row: np.ndarray
@@ -66,6 +68,7 @@ class MeasuredPlacement:
     phase: str
     simulated: float
     predicted: float | None = None
+    runs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,45 @@ class PlacementMeasurer:
         backend without ``clear_cache()`` answers from its own cache.
         """
         return self._measure(rows, again=True)
+
+    def confirm_rows(self, rows: np.ndarray, runs: int) -> list[MeasuredPlacement]:
+        """Run rows [B, N] ``runs`` times, each distinct program once per run, each run one
+        backend call (:meth:`remeasure_rows`), every other run in reverse order; a program's
+        figure becomes the mean of its runs, with each run's in ``runs`` (the log,
+        :attr:`records`, keeps every run). A program that failed in any run is invalid.
+
+        Why twice, and why reversed: a job's figures move together (the machine's state, which
+        core each worker landed on), and within a job the later placements share its drift.
+        Placements compared run by run share both, so a placement is faster only if it is in
+        every run; the reverse order puts each placement early once and late once.
+        """
+        if runs < 1:
+            raise PlacerError(f"a confirmation needs at least one run, got {runs}")
+        rows = self.problem.check_array(np.atleast_2d(rows))
+        before = len(self.records)
+        per_run = []
+        for k in range(runs):
+            idx = np.arange(rows.shape[0]) if k % 2 == 0 else np.arange(rows.shape[0])[::-1]
+            per_run.append(dict(zip(idx.tolist(), self.remeasure_rows(rows[idx]))))
+        # Runs cut by the deadline were not logged: they say nothing about the placement.
+        kept = {id(r) for r in self.records[before:]}
+        combined: dict[tuple[tuple[str, str], ...], MeasuredPlacement] = {}
+        out = []
+        for i in range(rows.shape[0]):
+            key = self.program_of(rows[i])
+            recs = [run[i] for run in per_run if id(run[i]) in kept]
+            if len(recs) < 2:
+                out.append(recs[0] if recs else per_run[-1][i])
+                continue
+            if key not in combined:
+                bad = next((r for r in recs if not r.valid), None)
+                times = tuple(r.step_time for r in recs)
+                combined[key] = self._by_key[key] = MeasuredPlacement(
+                    row=recs[0].row, step_time=math.inf if bad else float(np.mean(times)), valid=bad is None,
+                    reason=bad.reason if bad else "", phase=recs[-1].phase, simulated=recs[0].simulated,
+                    runs=() if bad else times)
+            out.append(combined[key])
+        return out
 
     def _measure(self, rows: np.ndarray, again: bool) -> list[MeasuredPlacement]:
         rows = self.problem.check_array(np.atleast_2d(rows))

@@ -12,6 +12,10 @@ differences, are compared), at level ``alpha``.
 True
 >>> clearly_faster([0.90, 1.20, 0.80], [1.00, 1.10, 0.95], margin=0.05)
 False
+
+Placements timed side by side in several runs (optimize's final comparison) are compared run
+by run instead (:func:`faster_in_every_run`): a run's figures share that job's state of the
+machine, so the gap within a run is what the steps can tell apart.
 """
 
 from __future__ import annotations
@@ -44,3 +48,33 @@ def clearly_faster(times: Sequence[float], than: Sequence[float], margin: float,
         return True
     p = float(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue)
     return math.isfinite(p) and p < alpha
+
+
+def run_gaps(runs: Sequence[float], than: Sequence[float]) -> list[float]:
+    """How much slower ``than`` was than ``runs`` in each run, relative to ``runs`` (both one
+    figure per run of one comparison, in run order; [] when they were not timed in the same runs).
+
+    >>> [round(g, 3) for g in run_gaps([1.0, 2.0], [1.1, 2.0])]
+    [0.1, 0.0]
+    """
+    if len(runs) != len(than) or not runs:
+        return []
+    return [float(b) / float(a) - 1.0 for a, b in zip(runs, than)]
+
+
+def faster_in_every_run(runs: Sequence[float], than: Sequence[float]) -> bool:
+    """Whether a placement timed ``runs`` is faster than one timed ``than`` in the same runs
+    (:func:`run_gaps`): faster in every run, and by more on average than its gap moved from run
+    to run (the mean gap above the gaps' range), so that the next run would most likely agree.
+
+    >>> faster_in_every_run([1.0, 1.02], [1.05, 1.07])
+    True
+    >>> faster_in_every_run([1.0, 1.02], [1.05, 1.01])  # slower in the second run
+    False
+    >>> faster_in_every_run([1.0, 1.0], [1.01, 1.09])  # 1% then 9%: the gap is mostly noise
+    False
+    """
+    gaps = run_gaps(runs, than)
+    if len(gaps) < 2:
+        return False
+    return min(gaps) > 0 and float(np.mean(gaps)) > max(gaps) - min(gaps)

@@ -33,6 +33,8 @@ class Candidate:
     note: str = ""
     measured_step_time: float | None = None
     history: list[tuple[float, int, float]] = field(default_factory=list)
+    #: The step times of the runs ``measured_step_time`` is the mean of (the final comparison's).
+    measured_runs: tuple[float, ...] = ()
 
 
 def format_memory(peak: Sequence[float]) -> str:
@@ -48,8 +50,9 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
     simulated_step_time, speedup_vs_single (over the fastest fitting single-device
     placement), ratio_to_lower_bound (the *simulated* step over the simulator's lower bound:
     the bound is the simulator's, and a measured time over it would mix two clocks),
-    peak_memory (text, per device), fits, search_time, evaluated, source, note. Rows are
-    sorted fastest first, methods without a placement last.
+    peak_memory (text, per device), fits, search_time, evaluated, source, note, measured_runs
+    (seconds of each run a measured step time is the mean of; :func:`runs_text` writes them).
+    Rows are sorted fastest first, methods without a placement last.
     """
     found = [c for c in candidates if c.row is not None]
     single_rows = np.repeat(np.arange(problem.num_devices)[:, None], problem.num_nodes, axis=1)
@@ -75,6 +78,7 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
             "evaluated": c.evaluated,
             "source": "measured" if c.measured_step_time is not None else "simulated",
             "note": c.note,
+            "measured_runs": tuple(c.measured_runs) if c.measured_step_time is not None else (),
         })
     for c in candidates:
         if c.row is None:
@@ -83,6 +87,7 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
                 "speedup_vs_single": float("nan"), "ratio_to_lower_bound": float("nan"),
                 "peak_memory": "", "fits": False, "search_time": c.search_time,
                 "evaluated": c.evaluated, "source": "", "note": c.note or "no fitting placement",
+                "measured_runs": (),
             })
     return fastest_first(pd.DataFrame.from_records(records))
 
@@ -116,9 +121,29 @@ def fastest_first(table: pd.DataFrame) -> pd.DataFrame:
             .drop(columns=["_order", "_tie"]).reset_index(drop=True))
 
 
+def runs_text(runs: object) -> str:
+    """The runs of a measured step time in milliseconds, as the report and comparison.csv write them.
+
+    >>> runs_text((0.007969, 0.008045)), runs_text(())
+    ('7.969 / 8.045', '')
+    """
+    if not isinstance(runs, (tuple, list)):
+        return ""
+    return " / ".join(f"{float(t) * 1e3:.3f}" for t in runs)
+
+
+def table_for_files(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its runs written out (:func:`runs_text`, column ``measured_runs_ms``) for
+    report.md and comparison.csv."""
+    if "measured_runs" not in table.columns:
+        return table
+    return table.assign(measured_runs=table["measured_runs"].map(runs_text)).rename(
+        columns={"measured_runs": "measured_runs_ms"})
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The comparison table as Markdown, with times in milliseconds."""
-    shown = table.copy()
+    shown = table_for_files(table)
     for col in ("step_time", "simulated_step_time"):
         shown[col] = shown[col].map(lambda s: "" if pd.isna(s) else f"{s * 1e3:.3f}")
     shown = shown.rename(columns={"step_time": "step_time_ms", "simulated_step_time": "simulated_ms"})

@@ -41,7 +41,7 @@ from graphs.pipeline import Prepared
 from placer.measuring.summary import MeasurementSummary
 from placer.memory_fit import memory_margins
 from placer.placement_file import Placement, save_placement
-from placer.report.compare import Candidate, markdown_table
+from placer.report.compare import Candidate, markdown_table, table_for_files
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_by_phase, plot_search_curves
 from placer.report.terminal_table import comparison_lines
 
@@ -277,7 +277,8 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
                      f"uncalibrated simulator {_agreement_text(m.holdout['uncalibrated'])}; calibrated "
                      f"{_agreement_text(m.holdout['calibrated'])}{_spread_caveat(m)}.")
     if m.repeats:
-        lines.append(f"- repeat runs (the search's run and the final confirmation's): {_repeats_text(m.repeats)}.")
+        lines.append(f"- repeat runs (the last two of each placement run more than once; the final comparison runs "
+                     f"its placements in two jobs): {_repeats_text(m.repeats)}.")
     if m.rounds:
         lines += ["", "| round | at (s) | evaluated | measured | recalibrations | fit before calibration | after "
                       "| best measured (ms) |", "|:--|--:|--:|--:|--:|:--|:--|--:|"]
@@ -359,7 +360,7 @@ def _write_results(result: "OptimizeResult", out_dir: Path) -> Path:
                    out_dir / "placement.json")
     device_map, device_map_note = _write_device_map(result, out_dir)
     write_measurements(result, out_dir)
-    write_text_atomic(out_dir / "comparison.csv", result.table.to_csv(index=False))
+    write_text_atomic(out_dir / "comparison.csv", table_for_files(result.table).to_csv(index=False))
     pictures = write_pictures(result, out_dir)
     report = out_dir / "report.md"
     write_text_atomic(report, render_report(result, pictures, device_map, device_map_note) + "\n")

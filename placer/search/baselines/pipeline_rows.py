@@ -29,6 +29,7 @@ from envs.sim.lower_bound import lower_bound
 from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
+from placer.measuring.significance import faster_in_every_run, run_gaps
 from placer.report.compare import fastest_first, is_placer_method
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
 from placer.search.pipeline_moves import microbatch_choices
@@ -176,14 +177,22 @@ def with_parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_siz
     return parallel_rows(table, problem, batch_size, costs, search_budget, seed, min_samples=min_samples)[0]
 
 
+def _runs(row: pd.Series) -> tuple[float, ...]:
+    """The runs a measured row's step time is the mean of (the final comparison's), or ()."""
+    runs = row.get("measured_runs", ())
+    return tuple(float(t) for t in runs) if isinstance(runs, (tuple, list)) else ()
+
+
 def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = None) -> str:
     """One line: the fastest fitting row (DDP and pipelines included) and how placer's own best
     compares with DDP: the winner's, or when DDP itself won, the fastest other row's.
 
-    ``noise``: how far two measured runs of one placement differed (the median fraction,
-    :func:`placer.measuring.summary.repeat_spread`). With it, a measured recommendation whose
-    runner-up (the next slower measured row) or DDP is closer than that says there is no
-    measured difference between them.
+    A measured recommendation whose runner-up (the next slower measured row) ran beside it in
+    the same runs (``measured_runs``) and was not slower in every run, by more than the gap
+    moved between runs (:func:`placer.measuring.significance.faster_in_every_run`), says there
+    is no measured difference between them. ``noise``: how far two measured runs of one
+    placement differed (the median fraction, :func:`placer.measuring.summary.repeat_spread`);
+    rows not timed in the same runs (a pipeline, DDP) closer than that are not told apart either.
     """
     if "kind" not in table.columns:
         return f"recommendation: {winner}"
@@ -214,12 +223,17 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
         # DDP has its own comparison below; the runner-up here is the next other row.
         slower = fitting[(fitting["step_time"] > top["step_time"]) & (fitting["kind"] != "ddp")]
         slower = slower.sort_values("step_time", kind="stable")
-        if measured and noise is not None and not slower.empty:
+        if measured and not slower.empty:
             runner = slower.iloc[0]
             gap = float(runner["step_time"]) / float(top["step_time"]) - 1
-            if gap < noise:
-                parts.append(f"the next, {runner['method']} ({float(runner['step_time']) * 1e3:.3f} ms), is {gap:.1%} "
-                             f"slower, less than the {noise:.1%} two runs of one placement differed by: "
+            next_text = f"the next, {runner['method']} ({float(runner['step_time']) * 1e3:.3f} ms), is {gap:.1%} slower"
+            gaps = run_gaps(_runs(top), _runs(runner))
+            if len(gaps) >= 2:  # timed side by side in the same runs: compared run by run
+                if not faster_in_every_run(_runs(top), _runs(runner)):
+                    parts.append(f"{next_text} on average, but " + " and ".join(f"{g:+.1%}" for g in gaps)
+                                 + f" in the {len(gaps)} runs of the final comparison: no measured difference")
+            elif noise is not None and gap < noise:
+                parts.append(f"{next_text}, less than the {noise:.1%} two runs of one placement differed by: "
                              "no measured difference")
     if not ddp.empty:
         d = ddp.iloc[0]
