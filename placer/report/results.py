@@ -259,8 +259,8 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
         f"- measured by {m.description}; **{m.count} runs of {m.placements} distinct placements** "
         f"({', '.join(f'{k}: {v}' for k, v in phases.items())}), {m.invalid} invalid; the search evaluated "
         f"{result.search.evaluated:,} placements. During the search a placement seen before is not measured "
-        "again; the final confirmation runs the leading ones again beside the single devices, in one job, "
-        "and their figures are that run's.",
+        "again; the final confirmation runs the leading ones again beside the single devices, twice (two "
+        "jobs, the second in reverse order), and their figures are the means of those two runs.",
     ]
     if m.reward == "hybrid":
         lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
