@@ -43,3 +43,27 @@ def test_library_code_outside_the_cli_never_calls_print():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert calls == []
+
+
+def test_optimize_says_what_it_profiles_before_it_starts_and_how_long_a_fresh_profile_took(tmp_path, caplog,
+                                                                                            monkeypatch):
+    """The 8-layer paper NMT's profile ran minutes with nothing on the terminal (2026-12-06)."""
+    import placer
+    from placer.optimizing import stages
+
+    monkeypatch.setattr(stages, "SLOW_PROFILE_S", 0.0)  # every fresh profile counts as slow here
+
+    def run() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="placer"):
+            placer.optimize("zoo:rnnlm", cluster="4xK40", budget="50", out_dir=tmp_path / "out", progress=False,
+                            baselines=("single",), verbose=1, check=False, cache_dir=tmp_path / "cache")
+        return [r.getMessage() for r in caplog.records if r.name.startswith("placer")]
+
+    first = run()
+    starts = [i for i, m in enumerate(first) if "capturing the model and timing each op" in m]
+    model_line = next(i for i, m in enumerate(first) if " ops in " in m and " groups" in m)
+    assert starts and starts[0] < model_line
+    assert any(m.startswith("profiled cpu in ") and "profile cache" in m for m in first)
+    # Read back from the cache: nothing was profiled, so no such line.
+    assert not any(m.startswith("profiled ") for m in run())

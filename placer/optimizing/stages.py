@@ -95,8 +95,15 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     # is refused here, not after the search: loaded once, checked, then captured and profiled.
     spec = load_source(source, config.model_args)
     check_trainable(spec)
+    level = logging.INFO if config.verbose else logging.DEBUG
+    # Timing every op of a large model takes minutes on a CPU (the 8-layer paper NMT's 16,172
+    # ops: several minutes here), with nothing else to print meanwhile: say what runs.
+    log.log(level, "%s: capturing the model and timing each op's forward, backward and update on %s (from the "
+            "profile cache when this model and these inputs were profiled here before)", spec.name,
+            ", ".join(profile_devices) if profile_devices else "this machine (its CPU, and cuda:0 when present)")
     prepared = prepare(spec, profile=True, devices=profile_devices,
                        cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
+    _log_profile(level, prepared)
     if microbatches:
         _log_microbatch_profile(config, prepared)
     return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start,
@@ -430,6 +437,20 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
                      optimizer_fn=config.optimizer_fn or default_optimizer, name=label)
+
+
+#: A fresh profile that took longer than this many seconds is reported, with where it is kept.
+SLOW_PROFILE_S = 10.0
+
+
+def _log_profile(level: int, prepared: Prepared) -> None:
+    """Say how long a fresh profile took when it was long, and that the next run reads it back."""
+    seconds = prepared.seconds.get("profile", 0.0)
+    info = prepared.captured.graph.graph.get("profile_info") or {}
+    fresh = [kind for kind, entry in info.items() if not entry.get("cached", False)]
+    if fresh and seconds >= SLOW_PROFILE_S:
+        log.log(level, "profiled %s in %.0f s; kept in the profile cache, so the next run of this model reads it",
+                ", ".join(fresh), seconds)
 
 
 def _log_microbatch_profile(config: OptimizeConfig, prepared: Prepared) -> None:
