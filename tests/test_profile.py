@@ -315,3 +315,47 @@ def test_timed_module_computes_what_the_graph_computes_and_ticks_every_compute_n
     assert torch.equal(out, gm(x))
     assert list(ticker.forward) == [n.name for n in gm.graph.nodes if n.op in in_situ.COMPUTE_OPS]
     assert all(t >= 0 for t in ticker.forward.values())
+
+
+class _Slow(nn.Module):
+    """A layer whose forward sleeps: a round of it is slow however small the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.05)
+        return self.linear(x)
+
+
+def test_a_slow_graph_gets_fewer_rounds_and_the_hooks_cost_of_the_reference_graph(monkeypatch):
+    """Six rounds of the 8-layer paper NMT took 19 minutes of profiling before any search."""
+    import torch.fx as fx
+
+    from graphs.profile import in_situ
+
+    class SlowIsALeaf(fx.Tracer):  # traced through, its sleep would not be in the graph
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, _Slow) or super().is_leaf_module(m, name)
+
+    model = nn.Sequential(_Slow(), nn.ReLU(), nn.Linear(4, 2))
+    gm = fx.GraphModule(model, SlowIsALeaf().trace(model))
+    x = torch.randn(3, 4)
+    backwards = []
+    monkeypatch.setattr(in_situ, "SLOW_ROUND_S", 0.05)  # a round here: two forwards, 0.1 s asleep
+    monkeypatch.setattr(in_situ, "SLOW_SECONDS", 0.01)  # less than a round: one timed round
+    monkeypatch.setattr(in_situ, "reference_hook_seconds", lambda device: 3e-6)
+    stats: dict = {}
+    in_situ.in_situ_times(gm, (x,), torch.device("cpu"), 5, stats, lambda g, timed, rec: backwards.append(rec))
+    # The warm-up round and one timed round (not five), a timed and a plain backward each.
+    assert backwards == [False, False, True, True]
+    assert stats["hook_seconds"] == 3e-6
+
+
+def test_the_reference_hook_cost_is_microseconds_per_autograd_node():
+    from graphs.profile.in_situ import reference_hook_seconds
+
+    assert 0.0 <= reference_hook_seconds(torch.device("cpu")) < 1e-4

@@ -34,6 +34,7 @@ ResNet-50's hooked backward grew from 8.5 to 14.1 ms over five runs). Parameters
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,16 @@ COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
 #: rounds), however few ``repeats`` were asked for.
 MIN_SECONDS = 1.0
 MAX_ROUNDS = 30
+#: A graph whose warm-up round took longer than this many seconds gets fewer timed rounds:
+#: as many as fill about :data:`SLOW_SECONDS` (one at least). The 8-layer paper NMT's round
+#: (a timed and a plain forward + backward at batch 128) took ~190 s on this project's 2-core
+#: machine, and six rounds of it 19 minutes before any search (2026-12-06); its ops last
+#: milliseconds, so one more sample of each moves their medians little.
+SLOW_ROUND_S = 20.0
+SLOW_SECONDS = 120.0
+#: Fewer timed rounds than this leave the hooks' cost (a difference of two whole backwards)
+#: to noise: it is then measured on a small reference graph (:func:`reference_hook_seconds`).
+MIN_HOOK_PAIRS = 3
 
 
 class _BackwardTimer:
@@ -210,6 +221,31 @@ def differentiable_outputs(value: Any) -> list[torch.Tensor]:
     return [t for t in tensors_in(value) if t.requires_grad and t.grad_fn is not None]
 
 
+class _ReferenceChain(torch.nn.Module):
+    """Small layers, many autograd nodes: a graph whose rounds take milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.sum()
+
+
+def reference_hook_seconds(device: torch.device) -> float:
+    """The hooks' cost per autograd node on ``device``, measured by :func:`in_situ_times` on a
+    small chain of layers, whose rounds are fast enough to repeat. What a hook costs is the
+    engine's and the clock's, not the graph's: measured on the graph itself where its rounds
+    allow (on rnnlm and nmt at test size 3.7-3.9 us per node here, 2026-12-06), else here."""
+    torch.manual_seed(0)
+    chain = fx.symbolic_trace(_ReferenceChain().to(device))
+    stats: dict[str, Any] = {}
+    in_situ_times(chain, (torch.randn(4, 8, device=device),), device, 5, stats)
+    return float(stats["hook_seconds"])
+
+
 def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
                   repeats: int, stats: dict[str, Any] | None = None,
                   after_backward: Callable[[fx.GraphModule, bool, bool], None] | None = None
@@ -217,7 +253,8 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     """Median (forward, backward) seconds of every compute node, timed in place (module doc).
 
     ``repeats`` timed runs (forward ticks + hooked backward; more for a fast graph, up to
-    :data:`MAX_ROUNDS` within about :data:`MIN_SECONDS`) alternate with as many untimed ones (plain forward + backward); the hooks' cost per autograd node is
+    :data:`MAX_ROUNDS` within about :data:`MIN_SECONDS`; fewer for a slow one, as many as fill
+    :data:`SLOW_SECONDS`, with the hooks' cost then from :func:`reference_hook_seconds`) alternate with as many untimed ones (plain forward + backward); the hooks' cost per autograd node is
     median(hooked - plain backward, paired by round) / autograd nodes, measured on this graph, and
     is subtracted from each node's backward. Raises whatever the graph raises when it
     cannot run whole on ``device`` (the caller falls back to isolated timing). ``stats``,
@@ -276,11 +313,15 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
                     timers.append(timer)
                     hooked.append(seconds)
                     plain.append(untimed)
-                elif repeats > 1:
-                    # A fast graph gets more rounds: the hooks' cost is a difference of two
-                    # noisy totals, and medians over ~1 s of rounds steady it on a shared machine.
+                else:
                     spent = time.perf_counter() - round_start
-                    rounds += max(0, min(MAX_ROUNDS, int(MIN_SECONDS / max(spent, 1e-9))) - repeats)
+                    if spent > SLOW_ROUND_S:
+                        # A slow graph gets fewer: minutes of profiling before any search.
+                        rounds = 1 + max(1, min(repeats, math.ceil(SLOW_SECONDS / spent)))
+                    elif repeats > 1:
+                        # A fast graph gets more rounds: the hooks' cost is a difference of two
+                        # noisy totals, and medians over ~1 s of rounds steady it on a shared machine.
+                        rounds += max(0, min(MAX_ROUNDS, int(MIN_SECONDS / max(spent, 1e-9))) - repeats)
                 i += 1
     finally:
         for p, g in zip(params, saved):
@@ -289,7 +330,9 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
     autograd_nodes = timers[0].autograd_nodes
     total_nodes = sum(autograd_nodes.values())
     per_autograd_node = 0.0
-    if total_nodes:
+    if total_nodes and len(hooked) < MIN_HOOK_PAIRS:
+        per_autograd_node = reference_hook_seconds(device)
+    elif total_nodes:
         # Each timed run is paired with the untimed run right after it, so a load change
         # between rounds (a shared machine) cancels out of the difference.
         per_autograd_node = max(statistics.median(h - p for h, p in zip(hooked, plain)) / total_nodes, 0.0)
