@@ -100,9 +100,9 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     level = logging.INFO if config.verbose else logging.DEBUG
     # Timing every op of a large model takes minutes on a CPU (the 8-layer paper NMT's 16,172
     # ops: several minutes here), with nothing else to print meanwhile: say what runs.
-    log.log(level, "%s: capturing the model and timing each op's forward, backward and update on %s (from the "
-            "profile cache when this model and these inputs were profiled here before)", spec.name,
-            ", ".join(profile_devices) if profile_devices else "this machine (its CPU, and cuda:0 when present)")
+    shown = profile_devices or (["cpu", "cuda:0"] if torch.cuda.is_available() else ["cpu"])  # the profiler's default
+    log.log(level, "%s: capturing the model and timing each op's forward, backward and update on %s; a model "
+            "profiled here before is read from the profile cache instead", spec.name, ", ".join(shown))
     prepared = prepare(spec, profile=True, devices=profile_devices,
                        cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
     _log_profile(level, prepared)
