@@ -396,6 +396,7 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
     split = (pipeline.microbatches, pipeline.num_replicas) if pipeline is not None else (1, 1)
     real = run.cluster.real_device_map()
     on_host = all(str(d).split(":")[0] == "cpu" for d in real.values())
+    free = available_bytes() if on_host else None  # read now: once the check has failed, it has taken it
     with host_memory_limit() if on_host else contextlib.nullcontext():
         try:
             report = check_placement(run.spec, run.captured, confirmed.placement.assignment, real_devices=real,
@@ -405,7 +406,7 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
                 raise
             raise PlacerError(
                 "the numerical check ran out of host memory: it trains a copy of the model and the placed copy side "
-                f"by side on this machine's CPU, and about {_gib(available_bytes())} was free for it; placement.json "
+                f"by side on this machine's CPU, and about {_gib(free)} was free when it started; placement.json "
                 "not written (the winner is in best_placement.json, not checked). Run again with --no-check to write "
                 "it unchecked, or on a machine with more free memory") from None
     if report.original_nonfinite:
