@@ -407,8 +407,8 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
             raise PlacerError(
                 "the numerical check ran out of host memory: it trains a copy of the model and the placed copy side "
                 f"by side on this machine's CPU, and about {_gib(free)} was free when it started; placement.json "
-                "not written (the winner is in best_placement.json, not checked). Run again with --no-check to write "
-                "it unchecked, or on a machine with more free memory") from None
+                "not written (the winner is in best_placement.json, not checked). Run again with --resume --no-check "
+                "to write it unchecked (the search starts from it), or on a machine with more free memory") from None
     if report.original_nonfinite:
         # Both sides agree on it: the model diverges by itself, the placement is not to blame.
         raise PlacerError(f"the original model's loss is {report.original_nonfinite} of training on the example "
