@@ -77,3 +77,15 @@ def test_a_row_without_a_placement_says_why_instead_of_not_fitting() -> None:
     line = comparison_lines(table)[2]
     assert line.split()[4:7] == ["-", "-", "-"]
     assert line.endswith("none: no pipeline x DDP hybrid on 2 devices: one needs 4 devices at least")
+
+
+def test_the_markdown_table_leaves_the_comparison_table_as_it_was():
+    """report.md writes times in ms as text: on the table itself they would reach comparison.csv and the final line."""
+    from placer.report.compare import markdown_table
+
+    table = _table([("single", 0.01, "placement")]).assign(simulated_step_time=0.01, ratio_to_lower_bound=1.0,
+                                                           search_time=0.0)
+    for t in (table, table.assign(measured_runs=[(0.01, 0.011)])):
+        before = t.copy()
+        markdown_table(t)
+        pd.testing.assert_frame_equal(t, before)

@@ -4,8 +4,8 @@ Linux overcommits memory: a process that allocates more than the machine has fre
 refused, it is killed by the OOM killer once the pages are touched (SIGKILL: no exception, no
 message, no chance to say what was kept). Measured here: ``placer optimize zoo:nmt --size
 paper --cluster 4xK40`` on this 24 GB machine profiled for 19 minutes, searched for 2, and was
-killed 8 minutes into the numerical check, which trains the model and the placed copy side by
-side (peak resident 24.4 GB; 2026-12-06).
+killed a minute into the winner's numerical check, which trains the model and the placed copy
+side by side (peak resident 24.4 GB; 2026-12-06).
 
 :func:`host_memory_limit` lowers the process's data-size limit (``RLIMIT_DATA``: its private
 writable memory, which is where malloc's heap and its large blocks live) to what it uses now

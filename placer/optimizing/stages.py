@@ -40,6 +40,7 @@ from graphs.errors import PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
+from graphs.profile.devices import resolve_devices
 from placer.measuring.measurer import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
@@ -100,9 +101,9 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     level = logging.INFO if config.verbose else logging.DEBUG
     # Timing every op of a large model takes minutes on a CPU (the 8-layer paper NMT's 16,172
     # ops: several minutes here), with nothing else to print meanwhile: say what runs.
-    shown = profile_devices or (["cpu", "cuda:0"] if torch.cuda.is_available() else ["cpu"])  # the profiler's default
     log.log(level, "%s: capturing the model and timing each op's forward, backward and update on %s; a model "
-            "profiled here before is read from the profile cache instead", spec.name, ", ".join(shown))
+            "profiled here before is read from the profile cache instead", spec.name,
+            ", ".join(str(d) for d in resolve_devices(profile_devices)))
     prepared = prepare(spec, profile=True, devices=profile_devices,
                        cache_dir=config.cache_dir, leaf_modules=config.leaf_modules, microbatch_profile=microbatches)
     _log_profile(level, prepared)

@@ -136,7 +136,7 @@ def table_for_files(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with its runs written out (:func:`runs_text`, column ``measured_runs_ms``) for
     report.md and comparison.csv."""
     if "measured_runs" not in table.columns:
-        return table
+        return table.copy()  # a copy either way: markdown_table rewrites its columns in place
     return table.assign(measured_runs=table["measured_runs"].map(runs_text)).rename(
         columns={"measured_runs": "measured_runs_ms"})
 

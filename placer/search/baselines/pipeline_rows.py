@@ -227,9 +227,10 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
             runner = slower.iloc[0]
             gap = float(runner["step_time"]) / float(top["step_time"]) - 1
             next_text = f"the next, {runner['method']} ({float(runner['step_time']) * 1e3:.3f} ms), is {gap:.1%} slower"
-            gaps = run_gaps(_runs(top), _runs(runner))
+            mine_runs, next_runs = _runs(top), _runs(runner)
+            gaps = run_gaps(mine_runs, next_runs)
             if len(gaps) >= 2:  # timed side by side in the same runs: compared run by run
-                if not faster_in_every_run(_runs(top), _runs(runner)):
+                if not faster_in_every_run(mine_runs, next_runs):
                     parts.append(f"{next_text} on average, but " + " and ".join(f"{g:+.1%}" for g in gaps)
                                  + f" in the {len(gaps)} runs of the final comparison: no measured difference")
             elif noise is not None and gap < noise:
