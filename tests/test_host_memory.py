@@ -9,17 +9,7 @@ import torch
 
 from envs.runtime import host_memory
 from envs.runtime.host_memory import host_memory_limit, is_out_of_memory
-
-WIDE = '''
-import torch
-
-def get_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048))
-
-def get_example_inputs():
-    return (torch.randn(4, 2048),)
-'''
+from tests.helpers.model_files import WIDE_MLP
 
 
 def test_an_allocation_past_the_free_memory_fails_in_the_block_and_the_old_limit_returns(monkeypatch):
@@ -56,13 +46,12 @@ def test_a_check_that_runs_out_of_memory_says_so_and_keeps_the_best_placement(tm
     import subprocess
     import sys
 
-    (tmp_path / "wide.py").write_text(WIDE)
+    (tmp_path / "wide.py").write_text(WIDE_MLP)
     out = tmp_path / "out"
     script = f"""
 import placer
 from envs.runtime import host_memory
 from graphs.errors import PlacerError
-# 16 MiB of weights: the check's copies (weights, gradients, Adam's moments) need ~130 MiB.
 host_memory.available_bytes = lambda: 48 * 2**20
 try:
     placer.optimize({str(tmp_path / "wide.py")!r}, cluster="4xK40", budget="50", out_dir={str(out)!r},

@@ -147,3 +147,17 @@ def get_example_inputs():
 def get_loss(output, batch):
     return F.cross_entropy(output["logits"].reshape(-1, 50), batch["targets"].reshape(-1))
 """
+
+
+#: Two 2048-wide layers, 16 MiB of weights: a model whose check (two copies with gradients and
+#: Adam's moments, ~130 MiB) does not fit a few tens of MiB of host memory.
+WIDE_MLP = textwrap.dedent("""
+    import torch
+
+    def get_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048))
+
+    def get_example_inputs():
+        return (torch.randn(4, 2048),)
+    """)
