@@ -42,7 +42,7 @@ from graphs.eval_mode import follow_eval_graph, follow_eval_mode, refuse_eval_mo
 from graphs.export_tracer import HooksNotKept, export_trace, quiet_torch_logs
 from graphs.fingerprint import model_fingerprint
 from graphs.forward_checks import pin_shapes_unless_generic, refuse_hooks_never_run
-from graphs.fx_tracer import fx_locate, fx_trace, resolve_leaf_modules
+from graphs.fx_tracer import fx_locate, fx_trace, leaf_module_paths, resolve_leaf_modules
 from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
 from graphs.placement_graph import build_placement_graph
@@ -73,6 +73,13 @@ class CapturedModel:
     leaf_modules: tuple = field(default_factory=tuple)
     #: module path -> ``training`` flag of every module while it was traced (see :func:`capture`).
     training_modes: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def leaf_paths(self) -> tuple[str, ...]:
+        """The module paths kept whole because of ``leaf_modules``
+        (:func:`graphs.fx_tracer.leaf_module_paths`): what capturing the model again, in a
+        worker process or from a placement file, needs to give the same graph."""
+        return leaf_module_paths(self.model, self.leaf_modules) if self.leaf_modules else ()
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -238,7 +245,8 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
         return CaptureError(
             f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({one_line_reason(fx_exc)}); "
             "expected gradient hooks and custom autograd Functions inside a submodule named as a leaf module "
-            "(leaf_modules; a submodule with backward hooks is kept whole anyway), so that autograd runs them, "
+            "(leaf_modules, or `--leaf MODULE` on the command line; a submodule with backward hooks is kept whole "
+            "anyway), so that autograd runs them, "
             "and a forward() torch.fx can trace")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
@@ -247,5 +255,6 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
         f"cannot capture model {name!r}: neither torch.fx nor torch.export could trace it; {where}. "
         f"torch.fx: {one_line_reason(fx_exc)}. torch.export: {one_line_reason(export_exc)}. Expected a forward() "
         "whose Python control flow does not depend on tensor values: rewrite that line (e.g. "
-        "torch.where instead of `if`), or name its module as a leaf module"
+        "torch.where instead of `if`), or name its module as a leaf module (leaf_modules, or `--leaf MODULE` on the "
+        "command line)"
     )

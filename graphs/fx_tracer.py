@@ -229,6 +229,28 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple
     return tuple(types), names
 
 
+def leaf_module_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[str, ...]:
+    """The paths of ``model``'s modules that ``leaf_modules`` names, outermost only.
+
+    The same leaves as plain strings: what a placement file records and what a worker
+    process, which cannot unpickle a class defined in the user's model file, captures with.
+    Modules inside a leaf are left out (the tracer never reaches them). Raises what
+    :func:`resolve_leaf_modules` raises.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    >>> leaf_module_paths(m, ["1"]), leaf_module_paths(m, [nn.Linear])
+    (('1',), ('0', '1.0'))
+    """
+    types, names = resolve_leaf_modules(model, leaf_modules)
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(f"{outer}.") for outer in found):
+            continue
+        if (types and isinstance(module, types)) or path in names or type(module).__name__ in names:
+            found.append(path)
+    return tuple(found)
+
+
 def _example_path(paths: set[str]) -> str:
     named = sorted(p for p in paths if p)
     return named[0] if named else "encoder"

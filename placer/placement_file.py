@@ -165,6 +165,21 @@ def recorded_model_args(placement: Placement, given: dict[str, Any]) -> tuple[di
     return dict(given), False
 
 
+def recorded_leaf_modules(placement: Placement, given: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """The leaf modules to capture ``placement``'s model with: ``given`` when there are any,
+    else the module paths ``optimize`` kept whole (``metadata["leaf_modules"]``, from ``--leaf``);
+    and whether they came from the file.
+
+    >>> p = Placement({}, "fp", [], {"leaf_modules": ["encoder.rnn"]})
+    >>> recorded_leaf_modules(p, ()), recorded_leaf_modules(p, ("Block",))
+    ((('encoder.rnn',), True), (('Block',), False))
+    """
+    recorded = placement.metadata.get("leaf_modules")
+    if not given and isinstance(recorded, list) and recorded:
+        return tuple(recorded), True
+    return tuple(given), False
+
+
 def unchecked_note(placement: Placement) -> str | None:
     """What ``placer apply`` and ``placer show`` print for a placement never checked numerically
     against its model (``metadata["checked"]`` false: a best_placement.json, or ``--no-check``);
@@ -328,6 +343,8 @@ _METADATA_TYPES: dict[str, tuple[Any, str]] = {
     # Read back by apply and --resume to rebuild the model: another type was passed over as if
     # none had been recorded, and the model came back built with its defaults.
     "model_args": (lambda v: isinstance(v, dict), "a mapping of argument names to values (a JSON object)"),
+    "leaf_modules": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                     "a list of module paths (strings)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""``placer optimize --leaf``: user-chosen modules stay single ops; a name that matches nothing is refused."""
+"""``placer optimize --leaf``: user-chosen modules stay single ops; a name that matches nothing is
+refused; and every later capture of the model (measuring workers, ``apply``, ``show``) keeps them too."""
 
 from __future__ import annotations
 
@@ -31,6 +32,52 @@ MODEL = textwrap.dedent("""
     def get_example_inputs():
         return (torch.randn(4, 16),)
     """)
+
+
+# A custom autograd Function, which only a leaf module keeps (torch.fx cannot trace the
+# no_grad region around it, torch.export would replace its backward): the model cannot be
+# captured at all without ``--leaf Scaled``.
+FUNCTION_MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+
+    class Halve(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 0.5
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 0.5
+
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.calls += 1
+            return Halve.apply(x)
+
+
+    def get_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), Scaled(), nn.Tanh(), nn.Linear(16, 2))
+
+
+    def get_example_inputs():
+        return (torch.randn(4, 16),)
+    """)
+
+
+@pytest.fixture
+def function_model_file(tmp_path):
+    path = tmp_path / "scaled.py"
+    path.write_text(FUNCTION_MODEL)
+    return path
 
 
 @pytest.fixture
@@ -67,3 +114,48 @@ def test_graph_reads_leaf_as_optimize_does_comma_separated_or_repeated(model_fil
 
     repeated = nodes("--leaf", "0", "--leaf", "1")
     assert nodes("--leaf", "0,1") == repeated < nodes()
+
+
+def test_a_model_that_needs_a_leaf_names_the_option_to_use(function_model_file, tmp_path, capsys):
+    assert main(["optimize", str(function_model_file), "--cluster", "4xK40", "--out", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "autograd Function Halve" in err and "--leaf MODULE" in err and "Traceback" not in err
+
+
+def test_apply_and_show_capture_the_model_with_the_leaf_modules_optimize_recorded(function_model_file, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "out"
+    assert main(["optimize", str(function_model_file), "--cluster", "4xK40", "--budget", "50", "--baselines",
+                 "single", "--leaf", "Scaled", "--out", str(out), "-q"]) == 0
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["metadata"]["leaf_modules"] == ["1"]  # the module path, not the class name given
+    capsys.readouterr()
+    assert main(["show", str(out / "placement.json"), "--model", str(function_model_file),
+                 "--out", str(tmp_path / "pics")]) == 0
+    assert "leaf modules (recorded by optimize): 1" in capsys.readouterr().out
+    assert main(["apply", str(function_model_file), str(out / "placement.json"), "--steps", "2", "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "leaf modules (recorded by optimize): 1" in printed and "step time" in printed
+
+
+def test_measuring_workers_capture_the_model_with_the_callers_leaf_modules(function_model_file):
+    """A worker loads the model file and captures it again: without the leaves the parent
+    captured with, it cannot (this model) or places another graph's nodes."""
+    from envs.runtime.distributed.measure import DistributedMeasurer
+    from envs.runtime.measure import SingleProcessMeasurer
+    from graphs.capture import capture
+    from graphs.model_file import load_model_file
+
+    spec = load_model_file(function_model_file)
+    captured = capture(spec.model, spec.example_inputs, leaf_modules=["Scaled"], name=spec.name)
+    assert captured.leaf_paths == ("1",)
+    nodes = [n.name for n in captured.gm.graph.nodes]
+    with SingleProcessMeasurer(str(function_model_file), warmup=0, repeats=1, min_timed_s=0, num_threads=1,
+                               leaf_modules=captured.leaf_paths) as m:
+        assert m.node_names == nodes
+        [single] = m.measure([dict.fromkeys(nodes, "cpu")])
+    assert single.valid, single.reason
+    ranks = DistributedMeasurer(str(function_model_file), {}, "cpu:0,cpu:1", warmup=0, repeats=1, min_timed_s=0,
+                                spec=spec, captured=captured, fingerprint=captured.fingerprint)
+    [split] = ranks.measure([{n: ("cpu:0" if i < len(nodes) // 2 else "cpu:1") for i, n in enumerate(nodes)}])
+    assert split.valid, split.reason

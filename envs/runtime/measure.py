@@ -110,6 +110,8 @@ class SingleProcessMeasurer:
             ``grouping.expand`` when callers place groups (``g0..gK``) rather than ops.
         output_device: where outputs are gathered and the loss computed (None: the
             apply default).
+        leaf_modules: module paths or class names the worker keeps whole when it captures
+            the model (those the placements were made with: ``CapturedModel.leaf_paths``).
 
     Attributes:
         deadline: a ``time.monotonic()`` instant no run may pass (the caller's budget);
@@ -132,6 +134,7 @@ class SingleProcessMeasurer:
         cache: bool = True,
         expand: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
         output_device: str | None = None,
+        leaf_modules: Sequence[str] = (),
     ) -> None:
         check_timing(warmup, repeats, min_timed_s, max_repeats)
         check_timeouts(timeout_s, load_timeout_s)
@@ -145,6 +148,7 @@ class SingleProcessMeasurer:
         self.use_cache = cache
         self.expand = expand
         self.output_device = output_device
+        self.leaf_modules = tuple(str(m) for m in leaf_modules)
         self.deadline: float | None = None
         self._cache = MeasureCache(protocol={"warmup": self.warmup, "repeats": self.repeats,
                                              "min_timed_s": self.min_timed_s, "max_repeats": self.max_repeats,
@@ -258,7 +262,7 @@ class SingleProcessMeasurer:
         self._sup, self._proc, self._conn = sup, proc, _DuplexConnection(rep_r, req_w)
         self.worker_starts += 1
         try:
-            self._conn.send(("load", self.model_source, self.model_args, self.num_threads))
+            self._conn.send(("load", self.model_source, self.model_args, self.num_threads, self.leaf_modules))
         except (OSError, EOFError):
             pass  # a worker that died at once is reported by _wait
         msg, why = self._wait(self.load_timeout_s)

@@ -9,7 +9,7 @@ inherited CUDA state, and unlike ``multiprocessing`` spawn it never re-imports t
 caller's main script). Messages are pickled tuples over two pipes, wrapped in
 ``multiprocessing.connection.Connection``; the worker's stdout/stderr stay the user's.
 
-* parent → child first: ``("load", model_source, model_args, num_threads)``.
+* parent → child first: ``("load", model_source, model_args, num_threads, leaf_modules)``.
 * child → parent after loading: ``("ready", fingerprint, node_names, capture_method)``
   or ``("load_error", message)``.
 * parent → child: ``("measure", assignment, real_devices, output_device, warmup, repeats,
@@ -25,7 +25,7 @@ its steps with the one step timer, :func:`envs.runtime.step_timer.time_steps`.
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -108,11 +108,11 @@ def time_training_steps(
     return times, peak
 
 
-def capture_model(spec: Any) -> Any:
-    """Capture ``spec.model`` so node names match the placement graph."""
+def capture_model(spec: Any, leaf_modules: Sequence[str] = ()) -> Any:
+    """Capture ``spec.model`` so node names match the placement graph (made with ``leaf_modules``)."""
     from graphs.capture import capture
 
-    return capture(spec.model, spec.example_inputs, name=spec.name)
+    return capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,7 +123,7 @@ def _first_line(exc: BaseException) -> str:
 def worker_main(conn: Any) -> None:
     """Serve load and measure requests on ``conn`` until told to stop or the pipe closes."""
     try:
-        _, model_source, model_args, num_threads = conn.recv()
+        _, model_source, model_args, num_threads, leaf_modules = conn.recv()
     except (EOFError, OSError):
         return
     if num_threads:
@@ -131,7 +131,7 @@ def worker_main(conn: Any) -> None:
     retain_freed_memory()  # as the profile that priced these placements ran (graphs.cpu_allocator)
     try:
         spec = load_spec(model_source, model_args)
-        captured = capture_model(spec)
+        captured = capture_model(spec, leaf_modules)
     except Exception as exc:  # reported to the parent, which raises a clear error
         conn.send(("load_error", str(exc) or _first_line(exc)))
         conn.close()

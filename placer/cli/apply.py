@@ -29,14 +29,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="argument of the model file's get_model/get_example_inputs (repeatable); "
                              "default: those optimize recorded in the placement")
+    parser.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                        help="keep this module as one op, as optimize did (module path or class name; "
+                             "default: the modules optimize recorded in the placement)")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from placer.api import load, train_steps
-    from placer.options import OptionError, parse_model_args
-    from placer.placement_file import load_placement, recorded_model_args, unchecked_note
+    from placer.options import OptionError, parse_leaf_modules, parse_model_args
+    from placer.placement_file import load_placement, recorded_leaf_modules, recorded_model_args, unchecked_note
 
     if args.steps < 1 or args.warmup < 0:
         raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -50,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {unchecked}")
     if recorded:
         print(f"model arguments (recorded by optimize): {model_args}")
+    leaves, leaves_recorded = recorded_leaf_modules(saved, parse_leaf_modules(args.leaf))
+    if leaves_recorded:
+        print(f"leaf modules (recorded by optimize): {', '.join(leaves)}")
     spec = load_source(args.model, model_args)
-    captured = capture(spec.model, spec.example_inputs, name=spec.name)
+    captured = capture(spec.model, spec.example_inputs, leaf_modules=leaves, name=spec.name)
     placement = load(args.placement, model=captured, cluster=args.cluster)
     stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
                         source=args.model, model_args=model_args)

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="argument of the model file's get_model/get_example_inputs (repeatable); "
                              "default: those optimize recorded in the placement")
+    parser.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                        help="keep this module as one op, as optimize did (module path or class name; "
+                             "default: the modules optimize recorded in the placement)")
     parser.add_argument("--out", default=".", help="where pictures go (default: current directory)")
     parser.add_argument("--cache-dir", help="where op profiles are cached (default: the folder optimize was "
                                             "given, recorded in the placement, so the step is simulated from "
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from placer.options import OptionError
-    from placer.placement_file import load_placement, recorded_model_args, unchecked_note
+    from placer.placement_file import load_placement, recorded_leaf_modules, recorded_model_args, unchecked_note
 
     if not args.model:
         # Without the model there is nothing to simulate or draw: `show p.json --cluster
@@ -119,13 +122,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         if meta.get("model_args"):  # with --model they are printed where they are used, below
             print(f"  model arguments (recorded by optimize): {meta['model_args']}")
+        if meta.get("leaf_modules"):
+            print(f"  leaf modules (recorded by optimize): {', '.join(meta['leaf_modules'])}")
         return 0
 
     from envs.hardware.loading import load_cluster
     from graphs.pipeline import prepare
     from placer.memory_fit import memory_margins
     from placer.optimizing.devices import profiles_microbatches
-    from placer.options import OptionError, parse_model_args
+    from placer.options import OptionError, parse_leaf_modules, parse_model_args
     from placer.out_dir import check_cache_dir, check_out_dir
     from placer.report.plots import plot_memory, plot_placed_graph
 
@@ -139,11 +144,14 @@ def run(args: argparse.Namespace) -> int:
     model_args, recorded = recorded_model_args(placement, parse_model_args(args.model_arg, size=args.size))
     if recorded:
         print(f"  model arguments (recorded by optimize): {model_args}")
+    leaves, leaves_recorded = recorded_leaf_modules(placement, parse_leaf_modules(args.leaf))
+    if leaves_recorded:
+        print(f"  leaf modules (recorded by optimize): {', '.join(leaves)}")
     # The profiles optimize costed the placement with: its cache folder unless told otherwise.
     cache_dir = args.cache_dir or meta.get("cache_dir")
     check_cache_dir(cache_dir)
     prepared = prepare(args.model, model_args=model_args, microbatch_profile=profiles_microbatches(cluster),
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, leaf_modules=leaves)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     if placement.pipeline is not None:
         from graphs.model_file import batch_size_of

@@ -312,7 +312,7 @@ def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | Non
     ``spec`` and ``captured``, the caller's loaded and captured model, are what worker
     processes of ranks get their weights and inputs from; without them the model is loaded
     and captured once more here (a model file run twice, with weights of its own if it
-    initialises them at random).
+    initialises them at random). Every worker captures with ``captured``'s leaf modules.
 
     Rank devices (``cpu:0,cpu:1``) are measured by worker processes of the distributed
     runtime, other real devices (``cpu,cuda:0``) in one worker process that places ops on
@@ -348,5 +348,6 @@ def make_measurer(cluster: Any, source: Any, model_args: Mapping[str, Any] | Non
     from envs.runtime.measure import SingleProcessMeasurer
 
     return PlacementMeasurer(
-        SingleProcessMeasurer(source, model_args=dict(model_args or {}), devices=cluster, **timeouts),
+        SingleProcessMeasurer(source, model_args=dict(model_args or {}), devices=cluster,
+                              leaf_modules=captured.leaf_paths if captured is not None else (), **timeouts),
         problem, expand, f"one worker process on {', '.join(cluster.device_names)}")

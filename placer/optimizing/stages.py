@@ -110,13 +110,17 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     if microbatches:
         _log_microbatch_profile(config, prepared)
     return PreparedRun(cluster, reward, out_dir, source, prepared, time.perf_counter() - start,
-                       _provenance(config))
+                       _provenance(config, prepared.captured.leaf_paths))
 
 
-def _provenance(config: OptimizeConfig) -> dict[str, Any]:
-    """``model_args`` (when they can be written as JSON) and ``cache_dir`` (when given) for the
-    placement file's metadata (:attr:`PreparedRun.provenance`)."""
+def _provenance(config: OptimizeConfig, leaf_paths: tuple[str, ...]) -> dict[str, Any]:
+    """``model_args`` (when they can be written as JSON), ``leaf_modules`` (the module paths
+    kept whole, when there are any) and ``cache_dir`` (when given) for the placement file's
+    metadata (:attr:`PreparedRun.provenance`): what ``apply`` and ``show`` capture the model
+    again with."""
     out: dict[str, Any] = {}
+    if leaf_paths:
+        out["leaf_modules"] = list(leaf_paths)
     if config.model_args:
         try:
             json.dumps(dict(config.model_args))

@@ -100,6 +100,8 @@ def write_job(
     job = {
         "model_source": model_source,
         "model_args": dict(model_args or {}),
+        # The ranks capture the model again: with the caller's leaf modules, or their graph differs.
+        "leaf_modules": list(captured.leaf_paths),
         "state": state,
         "meta": meta,
         "inputs": tuple(spec.example_inputs),

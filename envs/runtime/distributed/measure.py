@@ -66,6 +66,8 @@ class DistributedMeasurer:
         spec: an already loaded ModelSpec of the same source (its weights/inputs are shipped).
         fingerprint: the model fingerprint (workers check they captured the same model).
         captured: ``spec``'s CapturedModel, if the caller has one (else captured once, here).
+        leaf_modules: module paths or class names kept whole when the model is captured here
+            (without ``captured``); the ranks capture with ``captured.leaf_paths``.
 
     Attributes:
         deadline: a ``time.monotonic()`` instant no job may pass (the caller's budget);
@@ -87,6 +89,7 @@ class DistributedMeasurer:
         spec: Any = None,
         fingerprint: str | None = None,
         captured: CapturedModel | None = None,
+        leaf_modules: Sequence[str] = (),
     ) -> None:
         check_timing(warmup, repeats, min_timed_s, max_repeats)
         check_timeouts(timeout_s, load_timeout_s)
@@ -104,6 +107,7 @@ class DistributedMeasurer:
         self.threads = int(threads)
         self._spec, self.fingerprint = spec, fingerprint
         self._captured = captured
+        self.leaf_modules = tuple(leaf_modules)
         self._ignored: frozenset[str] | None = None
         self.deadline: float | None = None
         self._cache = MeasureCache([d.name for d in self.devices], {
@@ -130,7 +134,8 @@ class DistributedMeasurer:
             from graphs.capture import capture
 
             spec = self.spec
-            self._captured = capture(spec.model, spec.example_inputs, name=spec.name)
+            self._captured = capture(spec.model, spec.example_inputs, leaf_modules=self.leaf_modules,
+                                     name=spec.name)
         return self._captured
 
     @property

@@ -321,15 +321,16 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     from graphs.capture import capture
 
     inputs = tuple(job["inputs"])
+    leaves = tuple(job.get("leaf_modules", ()))
     to_meta_inputs = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
     try:
         with torch.device("meta"):
             spec = load_spec(job["model_source"], job["model_args"])
-        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), name=spec.name)
+        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name)
         built_on = "meta"
     except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
         spec = load_spec(job["model_source"], job["model_args"])
-        captured = capture(spec.model, inputs, name=spec.name)
+        captured = capture(spec.model, inputs, leaf_modules=leaves, name=spec.name)
         built_on = "cpu"
     if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
         raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
