@@ -63,3 +63,56 @@ except PlacerError as exc:
     assert done.returncode == 0, done.stderr
     assert "ERROR the numerical check ran out of host memory" in done.stdout and "--no-check" in done.stdout
     assert (out / "best_placement.json").exists() and not (out / "placement.json").exists()
+
+
+def _cluster(device: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(real_device_map=lambda: {"d0": device})
+
+
+def test_a_check_on_cpus_that_runs_out_of_memory_becomes_an_error_that_says_what_was_kept():
+    from graphs.errors import PlacerError
+    from placer.optimizing.host_checks import within_host_memory
+
+    with pytest.raises(PlacerError, match=r"^the check X ran out of host memory: it trains two models on this "
+                                          r"machine's CPU, and about .* was free .*--resume --no-check"):
+        with within_host_memory(_cluster("cpu"), "the check X", "two models"):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(ValueError, match="not memory"):  # anything else passes through as it is
+        with within_host_memory(_cluster("cpu"), "the check X", "two models"):
+            raise ValueError("not memory")
+    with pytest.raises(MemoryError):  # no limit was set off the host: nothing to translate
+        with within_host_memory(_cluster("cuda:0"), "the check X", "two models"):
+            raise MemoryError
+
+
+def test_the_batch_split_check_of_a_pipeline_runs_within_the_free_memory_too(monkeypatch):
+    """Before the winner's check, optimize checks the fastest pipelines' batch splits, which
+    train the model too: they stop with the same kind of message."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from envs.sim.pipeline_layout import Pipeline
+    from graphs.errors import PlacerError
+    from placer.optimizing import winner
+    from placer.optimizing.config import OptimizeConfig
+
+    limits: list[object] = []
+
+    def out_of_memory(*_args, **_kwargs):
+        limits.append(resource.getrlimit(resource.RLIMIT_DATA)[0])
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(winner, "check_batch_split", out_of_memory)
+    model = torch.nn.Linear(4, 2)
+    config = OptimizeConfig(model=model, example_inputs=(torch.randn(8, 4),))
+    run = SimpleNamespace(spec=None, captured=None, cluster=_cluster("cpu"))
+    table = pd.DataFrame({"method": ["pipe", "single"], "step_time": [1.0, 2.0], "source": ["simulated"] * 2,
+                          "fits": [True, True], "note": ["", ""]})
+    pipelines = {"pipe": Pipeline((("a",), ("b",)), ("cpu0", "cpu1"), 2, "gpipe")}
+    with pytest.raises(PlacerError, match=r"^the check of a pipeline's batch split ran out of host memory: it trains "
+                                          r"the model on the full batch and on its parts"):
+        winner._set_aside_inexact_splits(config, SimpleNamespace(run=run), table, table, pipelines, {})
+    assert limits and limits[0] != resource.RLIM_INFINITY  # it ran under the limit

@@ -16,7 +16,6 @@ search to the confirmation (:func:`measuring`). The stages' outputs are the data
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.runtime.check import CheckReport, check_placement, check_trainable
-from envs.runtime.host_memory import available_bytes, host_memory_limit, is_out_of_memory
 from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_compile import value_leaves
@@ -45,6 +43,7 @@ from placer.measuring.measurer import MeasuredPlacement, PlacementMeasurer
 from placer.optimizing.config import OptimizeConfig
 from placer.optimizing.devices import profiles_microbatches, resolve_cluster
 from placer.optimizing.earlier_results import _result_files_in
+from placer.optimizing.host_checks import within_host_memory
 from placer.optimizing.resume import _resume_pipeline, _resume_rows, read_earlier_run
 from placer.optimizing.stage_outputs import BaselineRun, Compiled, Confirmed, PreparedRun, Searched
 from placer.optimizing.winner import _set_aside_inexact_splits, pick_winner
@@ -373,20 +372,15 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                      split_checks)
 
 
-def _gib(n: int | None) -> str:
-    """``n`` bytes as GiB for a message ("an unknown amount" when None)."""
-    return "an unknown amount" if n is None else f"{n / 2**30:.1f} GiB"
-
-
 def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirmed) -> tuple[CheckReport | None, float]:
     """Apply the winner and compare outputs and gradients with the original model (None when off).
 
     A pipelined winner (``M`` micro-batches, ``R`` replicas) is also checked for what its
     batch split changes: the loss, gradients and buffers of ``R x M`` equal parts against the full batch's.
 
-    On CPUs the check runs under :func:`envs.runtime.host_memory.host_memory_limit`: a model
-    too large to train twice side by side fails it with a message, where the kernel would
-    have killed the process.
+    On CPUs the check runs within the memory the machine has free
+    (:func:`placer.optimizing.host_checks.within_host_memory`): a model too large to train
+    twice side by side fails it with a message, where the kernel would have killed the process.
 
     Raises:
         PlacerError: the placed model computes something else; the pipeline's micro-batches
@@ -399,21 +393,10 @@ def check_winner(config: OptimizeConfig, compiled: Compiled, confirmed: Confirme
     start = time.perf_counter()
     pipeline = confirmed.placement.pipeline
     split = (pipeline.microbatches, pipeline.num_replicas) if pipeline is not None else (1, 1)
-    real = run.cluster.real_device_map()
-    on_host = all(str(d).split(":")[0] == "cpu" for d in real.values())
-    free = available_bytes() if on_host else None  # read now: once the check has failed, it has taken it
-    with host_memory_limit() if on_host else contextlib.nullcontext():
-        try:
-            report = check_placement(run.spec, run.captured, confirmed.placement.assignment, real_devices=real,
-                                     microbatches=split[0], replicas=split[1], split=confirmed.split_checks.get(split))
-        except Exception as exc:
-            if not (on_host and is_out_of_memory(exc)):
-                raise
-            raise PlacerError(
-                "the numerical check ran out of host memory: it trains a copy of the model and the placed copy side "
-                f"by side on this machine's CPU, and about {_gib(free)} was free when it started; placement.json "
-                "not written (the winner is in best_placement.json, not checked). Run again with --resume --no-check "
-                "to write it unchecked (the search starts from it), or on a machine with more free memory") from None
+    with within_host_memory(run.cluster, "the numerical check", "a copy of the model and the placed copy side by side"):
+        report = check_placement(run.spec, run.captured, confirmed.placement.assignment,
+                                 real_devices=run.cluster.real_device_map(), microbatches=split[0],
+                                 replicas=split[1], split=confirmed.split_checks.get(split))
     if report.original_nonfinite:
         # Both sides agree on it: the model diverges by itself, the placement is not to blame.
         raise PlacerError(f"the original model's loss is {report.original_nonfinite} of training on the example "

@@ -21,6 +21,7 @@ from envs.runtime.check import CheckReport, check_batch_split
 from envs.sim.pipeline_layout import Pipeline
 from graphs.errors import PlacerError
 from placer.optimizing.config import OptimizeConfig
+from placer.optimizing.host_checks import within_host_memory
 from placer.optimizing.stage_outputs import Compiled
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
 
     def verdict(microbatches: int, replicas: int) -> str | None:
         if (microbatches, replicas) not in checks:
-            checks[microbatches, replicas] = check_batch_split(run.spec, run.captured, microbatches, replicas)
+            with within_host_memory(run.cluster, "the check of a pipeline's batch split",
+                                    "the model on the full batch and on its parts"):
+                checks[microbatches, replicas] = check_batch_split(run.spec, run.captured, microbatches, replicas)
         report = checks[microbatches, replicas]
         return None if report.split_ok else report.describe_split()
 
