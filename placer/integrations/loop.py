@@ -114,12 +114,12 @@ def cache_key(fingerprint: str, cluster: Cluster) -> str:
     return f"{fingerprint}-{digest}"
 
 
-def _capture(model: torch.nn.Module, inputs: tuple) -> CapturedModel:
+def _capture(model: torch.nn.Module, inputs: tuple, leaf_modules: Sequence[Any] = ()) -> CapturedModel:
     if not isinstance(model, torch.nn.Module):
         raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
     # Inputs the model cannot take are named as such, before a tracer reports them as its own failure.
     check_inputs_fit(model, inputs, type(model).__name__)
-    return capture(model, inputs, name=type(model).__name__)
+    return capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__)
 
 
 def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placement | None:
@@ -219,11 +219,12 @@ def find_placement(
     seed: int = 0,
     check: bool = True,
     verbose: int = 0,
+    leaf_modules: Sequence[str | type[torch.nn.Module]] = (),
 ) -> tuple[CapturedModel, Cluster, PlaceInfo]:
     """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
     inputs = as_inputs(example_batch)
     the_cluster = cluster_for(cluster, devices, memory)
-    captured = _capture(model, inputs)
+    captured = _capture(model, inputs, leaf_modules)
     path = None
     if use_cache:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -240,7 +241,8 @@ def find_placement(
     from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
-                      optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose)
+                      optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose,
+                      leaf_modules=leaf_modules)
     if result.search is not None and result.search.stop_reason == "interrupted":
         # The search stops early on Ctrl-C so that optimize can write what it found; inside a
         # training script that swallowed the interrupt: the script trained on, the half-searched
@@ -295,6 +297,7 @@ def place(
     seed: int = 0,
     check: bool = True,
     verbose: int = 0,
+    leaf_modules: Sequence[str | type[torch.nn.Module]] = (),
 ) -> torch.fx.GraphModule:
     """Return ``model`` placed over the devices, searching once per model and device list.
 
@@ -316,6 +319,9 @@ def place(
         check: compare the searched placement's outputs and gradients with the model's.
         verbose: log (``logging``, logger ``placer.integrations.loop``) at INFO rather than
             DEBUG whether the placement was loaded or searched.
+        leaf_modules: modules kept as one op (module paths, class names or classes), as
+            ``placer optimize --leaf``: a module whose forward torch.fx cannot trace, such as
+            one calling a custom autograd Function.
 
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
@@ -341,7 +347,7 @@ def place(
     captured, the_cluster, info = find_placement(
         model, example_batch, cluster=cluster, devices=devices, budget=budget, cache_dir=cache_dir,
         use_cache=use_cache, memory=memory, loss_fn=loss_fn, optimizer_fn=optimizer_fn, seed=seed,
-        check=check, verbose=verbose,
+        check=check, verbose=verbose, leaf_modules=leaf_modules,
     )
     placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
                              real_devices=the_cluster.real_device_map())

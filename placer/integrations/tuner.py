@@ -152,8 +152,9 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
 
 
 def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, k: int, budget: BudgetLike,
-                       seed: int = 0, loss_fn: Callable | None = None,
-                       optimizer_fn: Callable | None = None) -> tuple[list[TunerCandidate], OptimizeResult]:
+                       seed: int = 0, loss_fn: Callable | None = None, optimizer_fn: Callable | None = None,
+                       leaf_modules: Sequence[str | type[torch.nn.Module]] = ()
+                       ) -> tuple[list[TunerCandidate], OptimizeResult]:
     """The ``k`` distinct fitting placements with the lowest simulated step time.
 
     Runs :func:`placer.optimize` (baselines, then a short agent search) and ranks every
@@ -163,7 +164,7 @@ def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, 
     from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=cluster, budget=budget, seed=seed, loss_fn=loss_fn,
-                      optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0)
+                      optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0, leaf_modules=leaf_modules)
     try:
         found = in_process_placements(result, k)
     except IntegrationError:
@@ -202,6 +203,7 @@ class PlacementTuner:
             differences are as likely noise (a shared CPU varies 4-15% step to step), and the
             simulator's ranking decides.
         seed, loss_fn, optimizer_fn: passed to the search.
+        leaf_modules: modules kept as one op, as :func:`placer.place` takes them.
 
     Raises:
         IntegrationError: bad ``trials``/``candidates``; PlacerError subclasses from capture/search.
@@ -214,7 +216,8 @@ class PlacementTuner:
                  budget: BudgetLike = DEFAULT_BUDGET, steps_per_candidate: int | None = None, rounds: int = 2,
                  warmup: int = 1, calibrate: bool = True, share_parameters: bool = False,
                  output_device: str | None = None, margin: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
-                 optimizer_fn: Callable | None = None) -> None:
+                 optimizer_fn: Callable | None = None,
+                 leaf_modules: Sequence[str | type[torch.nn.Module]] = ()) -> None:
         from graphs.capture import capture
 
         if not isinstance(trials, int) or trials < 1:
@@ -232,11 +235,12 @@ class PlacementTuner:
             if candidates < 1:
                 raise IntegrationError(f"candidates must be at least 1, got {candidates}")
             self.candidates, result = propose_candidates(model, inputs, self.cluster, candidates, budget,
-                                                         seed=seed, loss_fn=loss_fn, optimizer_fn=optimizer_fn)
+                                                         seed=seed, loss_fn=loss_fn, optimizer_fn=optimizer_fn,
+                                                         leaf_modules=leaf_modules)
             self.problem = result.problem
         else:
             self.candidates = self._given(candidates)
-        self.captured = capture(model, inputs, name=type(model).__name__)
+        self.captured = capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__)
         self._check_nodes()
         self.warmup = warmup
         self.margin = margin
