@@ -14,6 +14,7 @@ measured rows' speed-ups are over the measured single device (:func:`measured_sp
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,9 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from graphs.errors import PlacerError
 from placer.measuring.measurer import MeasuredPipeline, PlacementMeasurer
-from placer.report.compare import Candidate, fastest_first
+from placer.report.compare import ONE_PROCESS_KIND, Candidate, fastest_first
+
+log = logging.getLogger(__name__)
 
 #: Candidates measured at the end to confirm the winner.
 CONFIRM_TOP = 4
@@ -234,6 +237,40 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
                             "measured as DDP (torch DistributedDataParallel over the worker processes)"):
         return table
     return measured_first(measured_speedups(table, measurer))
+
+
+def confirm_one_process(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a measured reference row, ``one process, N threads``: the unsplit model in
+    one process using the threads of all the worker processes together, where the backend runs
+    it (local CPU workers, :meth:`~envs.runtime.distributed.measure.DistributedMeasurer.measure_one_process`).
+
+    The single device of the table runs one worker's threads; a user of these cores would
+    otherwise run the model in one process on all of them (torch's default), so that is what
+    a split has to beat to pay. Measured here (2026-12-07, ``/tmp`` two-tower MLP, 2 cores):
+    the best split over ``cpu:0,cpu:1`` 31.6 ms a step, one worker 52.2 ms, one process with 2
+    threads 30.6 ms. The row is not a placement and never wins (``kind``
+    :data:`~placer.report.compare.ONE_PROCESS_KIND`);
+    the final line compares the winner with it. Nothing is added where the backend cannot
+    run it or the run fails (the log says why)."""
+    run = _backend_runner(measurer, "measure_one_process")
+    threads_of = getattr(measurer.backend, "one_process_threads", None)
+    threads = threads_of() if threads_of is not None else None
+    if run is None or threads is None:
+        return table
+    (result,) = _run_or_failed(lambda: [run()], 1, "one-process runs")
+    t, valid, reason = measure_outcome(result)
+    if not valid:
+        log.warning("one process with %d threads, the reference for the split, did not run: %s", threads, reason)
+        return table
+    row = {"method": f"one process, {threads} threads", "kind": ONE_PROCESS_KIND, "step_time": t,
+           "simulated_step_time": float("nan"), "speedup_vs_single": float("nan"), "fits": True,
+           "source": "measured", "note": f"the unsplit model in one process with the {threads} threads of the "
+                                         "worker processes together: a reference, not a placement",
+           "peak_memory": "", "search_time": 0.0, "evaluated": 0}
+    added = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    if "set_aside" in added.columns:
+        added["set_aside"] = added["set_aside"].fillna(False).astype(bool)
+    return measured_first(measured_speedups(added, measurer))
 
 
 def single_device_rows(problem: PlacementProblem) -> list[np.ndarray]:

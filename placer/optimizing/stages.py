@@ -318,7 +318,12 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
                                      min_samples=min_microbatch_samples(run.prepared.captured.graph))
     seconds["pipelines"] = time.perf_counter() - start
     if measurer is not None:
-        from placer.measuring.confirm import confirm_data_parallel, confirm_pipelines, measured_first
+        from placer.measuring.confirm import (
+            confirm_data_parallel,
+            confirm_one_process,
+            confirm_pipelines,
+            measured_first,
+        )
         from placer.measuring.summary import summarize
 
         # Pipelined candidates are measured as pipelines (their un-pipelined assignment is
@@ -327,6 +332,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
         if searched.result.stop_reason != "interrupted":
             table = confirm_pipelines(measurer, table, pipelines, compiled.op_pipeline)
             table = confirm_data_parallel(measurer, table)
+            table = confirm_one_process(measurer, table)
         table = measured_first(table)
         seconds["measure"] += time.perf_counter() - start
         measurement = summarize(measurer, run.reward, list(searched.rounds))

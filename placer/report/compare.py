@@ -92,6 +92,12 @@ def comparison_table(problem: PlacementProblem, candidates: Sequence[Candidate])
     return fastest_first(pd.DataFrame.from_records(records))
 
 
+#: ``kind`` of the comparison table's measured reference row: the unsplit model in one process
+#: with the threads of all the worker processes (:func:`placer.measuring.confirm.confirm_one_process`).
+#: Not a placement: it never wins, the final line compares the winner with it.
+ONE_PROCESS_KIND = "one_process"
+
+
 def is_placer_method(method: object) -> bool:
     """Whether a comparison row is placer's own (its searches name their rows ``placer (...)``),
     not a baseline's, DDP's or a partitioner's.

@@ -24,7 +24,7 @@ import math
 
 import pandas as pd
 
-from placer.report.compare import is_placer_method
+from placer.report.compare import ONE_PROCESS_KIND, is_placer_method
 
 #: Lines of the terminal table before only the always-shown ones follow.
 TOP_LINES = 8
@@ -34,9 +34,10 @@ NAME_WIDTH = 40
 
 def _always_shown(table: pd.DataFrame) -> set[str]:
     """The methods a reader compares the winner with: placer's own rows, the single device,
-    DDP, and the fastest fitting pipeline."""
+    DDP, the one-process reference and the fastest fitting pipeline."""
     methods = {str(m) for m in table["method"] if is_placer_method(m) or m in ("single", "ddp")}
     kind = table["kind"] if "kind" in table else pd.Series("", index=table.index)
+    methods |= {str(m) for m in table.loc[kind == ONE_PROCESS_KIND, "method"]}
     pipes = table[(kind == "pipeline") & table["fits"].astype(bool) & table["step_time"].notna()]
     if not pipes.empty:
         methods.add(str(pipes.sort_values("step_time", kind="stable")["method"].iloc[0]))

@@ -222,6 +222,53 @@ class DistributedMeasurer:
         key = self._cache.key({}, data_parallel=world)
         return self._cache.measure([key], lambda todo: [self._training_job(None, world, note, expected_s)])[0]
 
+    def one_process_threads(self) -> int | None:
+        """The threads of the local CPU workers together, when every worker is one (two at
+        least): what one process of the unsplit model may use on the same cores
+        (:meth:`measure_one_process`); None for GPUs or a single worker."""
+        cpus = [d for d in self.devices if d.local and d.kind == "cpu"]
+        return self.threads * len(cpus) if len(cpus) == len(self.devices) >= 2 else None
+
+    def measure_one_process(self) -> MeasureResult:
+        """The unsplit model in one worker process with the threads of all the workers together
+        (:meth:`one_process_threads`; torch's intra-op threads): what the same cores give
+        without placer, the figure a split over the workers has to beat. The same runtime and
+        timing as a placement all on the first worker (one job, ``warmup`` steps, then as many
+        timed ones as fill ``min_timed_s``); cached like a placement's.
+
+        Raises:
+            MeasureError: the workers are not all local CPUs, or there is one only.
+        """
+        threads = self.one_process_threads()
+        if threads is None:
+            raise MeasureError(f"one process over the workers' threads needs two local CPU workers or more; the "
+                               f"workers are {[d.name for d in self.devices]}")
+        first = self.devices[0].name
+        note = f"1 worker process ({threads} threads), torch.distributed"
+        key = self._cache.key({}, one_process=threads)
+
+        def run(_todo: Sequence[int]) -> list[MeasureResult]:
+            timeout = budget_timeout(self.timeout_s, self.deadline)
+            if timeout <= 0:
+                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note,
+                                      budget_cut=True)]
+            task = {"kind": "measure", "ranks": {n.name: 0 for n in self.captured.gm.graph.nodes},
+                    "warmup": self.warmup, "repeats": self.repeats, "min_timed_s": self.min_timed_s,
+                    "max_repeats": self.max_repeats}
+            self.jobs += 1
+            out = run_job(self.spec, self.model_source, [first], [task], model_args=self.model_args,
+                          threads=threads, timeout_s=timeout, load_timeout_s=self.load_timeout_s,
+                          fingerprint=self.fingerprint, captured=self.captured, deadline=self.deadline)
+            per_rank = out.results[0]
+            if per_rank is None:
+                cut = self.deadline is not None and budget_timeout(1.0, self.deadline) <= 0
+                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_CUT if cut else out.error,
+                                      note=note, budget_cut=cut)]
+            times = tuple(per_rank[0]["times"])
+            return [MeasureResult(step_time=median_step_time(times), times=times, note=note)]
+
+        return self._cache.measure([key], run)[0]
+
     def timed_steps(self, expected_s: float | None) -> int:
         """Timed steps of a training job whose step should take ``expected_s``: as many as fill
         ``min_timed_s`` (:func:`envs.runtime.step_timer.repeats_for`), ``repeats`` without an

@@ -30,7 +30,7 @@ from envs.sim.pipeline_layout import Pipeline
 from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
 from placer.measuring.significance import faster_in_every_run, run_gaps
-from placer.report.compare import fastest_first, is_placer_method
+from placer.report.compare import ONE_PROCESS_KIND, fastest_first, is_placer_method
 from placer.search.baselines.pipeline_split import best_pipeline, pipeline_devices
 from placer.search.pipeline_moves import microbatch_choices
 from placer.search.pipeline_search import DEFAULT_PIPELINE_PLACEMENTS, search_pipeline
@@ -183,6 +183,25 @@ def _runs(row: pd.Series) -> tuple[float, ...]:
     return tuple(float(t) for t in runs) if isinstance(runs, (tuple, list)) else ()
 
 
+def _one_process_clause(table: pd.DataFrame, top: pd.Series, noise: float | None) -> str | None:
+    """How the recommended measured row ``top`` compares with the measured one-process reference
+    (``kind`` :data:`~placer.report.compare.ONE_PROCESS_KIND`: the unsplit model on the same
+    cores), or None without one. Closer than ``noise`` is no measured difference."""
+    ref = table[(table["kind"] == ONE_PROCESS_KIND) & (table["source"] == "measured")]
+    if ref.empty or str(top.get("source", "")) != "measured":
+        return None
+    one = ref.iloc[0]
+    name, t_one, t_top = str(one["method"]), float(one["step_time"]), float(top["step_time"])
+    ratio = t_top / t_one
+    if noise is not None and max(ratio, 1 / ratio) - 1 < noise:
+        return (f"{name} runs the unsplit model in {t_one * 1e3:.3f} ms, within the {noise:.1%} two runs of one "
+                f"placement differed by: splitting it over the worker processes does not pay on these cores")
+    if ratio > 1:
+        return (f"{name} runs the unsplit model in {t_one * 1e3:.3f} ms, {ratio:.2f}x faster than {top['method']}: "
+                "on these cores, keep the model in one process")
+    return f"{top['method']} is {1 / ratio:.2f}x faster than {name} ({t_one * 1e3:.3f} ms, the unsplit model)"
+
+
 def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = None) -> str:
     """One line: the fastest fitting row (DDP and pipelines included) and how placer's own best
     compares with DDP: the winner's, or when DDP itself won, the fastest other row's.
@@ -196,7 +215,7 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
     """
     if "kind" not in table.columns:
         return f"recommendation: {winner}"
-    fitting = table[table["fits"]]
+    fitting = table[table["fits"] & (table["kind"] != ONE_PROCESS_KIND)]  # a reference, not a placement
     if "set_aside" in table.columns:  # rows whose batch split changes the numerics (optimize's check)
         fitting = fitting[~fitting["set_aside"].astype(bool)]
     mine = table[table["method"] == winner]
@@ -236,6 +255,9 @@ def recommendation_line(table: pd.DataFrame, winner: str, noise: float | None = 
             elif noise is not None and gap < noise:
                 parts.append(f"{next_text}, less than the {noise:.1%} two runs of one placement differed by: "
                              "no measured difference")
+        clause = _one_process_clause(table, top, noise)
+        if clause is not None:
+            parts.append(clause)
     if not ddp.empty:
         d = ddp.iloc[0]
         note = str(d.get("note", "") or "")
