@@ -10,14 +10,26 @@ import numpy as np
 import pytest
 
 from envs.runtime.distributed import rank_cluster as rank_cluster_module
+from envs.runtime.measurer import MeasureCache, MeasureResult
 from envs.sim.rank_compile import value_leaves
 from envs.sim.rank_simulator import RankSimulator
 from envs.sim.simulator import simulate_batch
+from tests.helpers.measurers import ClosableFake
 
 
 def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
     names = devices.split(",") if isinstance(devices, str) else list(devices)
     return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+
+
+class _Constant(ClosableFake):
+    """Measures every placement at 10 ms (and runs no pipelines, DDP or one-process reference)."""
+
+    def __init__(self):
+        self.cache = MeasureCache()
+
+    def measure(self, placements):
+        return [MeasureResult(step_time=0.010) for _ in placements]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +40,10 @@ def rank_run(tmp_path_factory):
         from placer import optimize
 
         out = tmp_path_factory.mktemp("ranks")
+        # The final confirmation's measurements are not what these tests are about, and real
+        # ones (six jobs of worker processes, ~30 s) would make the winner vary from run to run.
         result = optimize("zoo:rnnlm", devices="cpu:0,cpu:1", reward="simulated", budget="32", seed=0,
-                          out_dir=out, progress=False, verbose=0)
+                          out_dir=out, progress=False, verbose=0, measurer=_Constant())
         yield result, result.cluster, out
     finally:
         patch.undo()

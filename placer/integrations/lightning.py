@@ -76,6 +76,7 @@ class PlacerCallback(Callback):
         trials, candidates: the tuner's (see :class:`PlacementTuner`).
         output_device: where the network's outputs are gathered (default: the device
             Lightning placed the module on, so ``training_step``'s loss code is unchanged).
+        leaf_modules: modules kept as one op, as :func:`placer.place` takes them.
 
     After fitting starts, ``callback.placed`` is the placed GraphModule, ``callback.info`` the
     :class:`~placer.integrations.loop.PlaceInfo` (without tuning) and ``callback.tuner`` the tuner.
@@ -85,7 +86,8 @@ class PlacerCallback(Callback):
                  devices: str | Sequence[str] | None = None, memory: str | Mapping[str, Any] | None = None,
                  budget: BudgetLike = DEFAULT_BUDGET, cache_dir: str | os.PathLike | None = None,
                  tune: bool = False, trials: int = 12, candidates: Any = 4,
-                 output_device: str | None = None, seed: int = 0) -> None:
+                 output_device: str | None = None, seed: int = 0,
+                 leaf_modules: Sequence[str | type[torch.nn.Module]] = ()) -> None:
         super().__init__()
         # A bad cluster, device list, memory cap or budget is refused here, where the callback is
         # written, not when fit() starts (after the data loaders and the model were set up).
@@ -97,6 +99,7 @@ class PlacerCallback(Callback):
         self.budget, self.cache_dir, self.seed = budget, cache_dir, seed
         self.tune, self.trials, self.candidates = tune, trials, candidates
         self.output_device = output_device
+        self.leaf_modules = tuple(leaf_modules)
         self.placed: torch.fx.GraphModule | None = None
         self.info = None
         self.tuner: PlacementTuner | None = None
@@ -123,12 +126,13 @@ class PlacerCallback(Callback):
                 net, inputs, cluster=cluster, trials=self.trials, candidates=self.candidates,
                 budget=self.budget, share_parameters=True, seed=self.seed,
                 output_device=self.output_device or _output_device(cluster, pl_module.device),
+                leaf_modules=self.leaf_modules,
             )
             self.placed = self.tuner.model
         else:
             captured, cluster, self.info = find_placement(
                 net, inputs, cluster=self.cluster, devices=self.devices, memory=self.memory,
-                budget=self.budget, cache_dir=self.cache_dir, seed=self.seed,
+                budget=self.budget, cache_dir=self.cache_dir, seed=self.seed, leaf_modules=self.leaf_modules,
             )
             # In place on the capture, whose parameters ARE the network's: the optimizers stay valid.
             self.placed = apply_placement(
