@@ -25,8 +25,19 @@ def _result(valid: list[bool]) -> SimpleNamespace:
 
 def test_when_no_placement_could_be_measured_the_summary_warns_that_every_time_is_simulated():
     lines = summary_lines(_result([False, False]))
-    assert ("warning: no placement could be measured, so every step time above is simulated (first failure: "
-            "measurement failed: NotImplementedError: no train())") in lines
+    assert ("warning: no un-pipelined placement could be measured, so every step time above is simulated (first "
+            "failure: measurement failed: NotImplementedError: no train())") in lines
+
+
+def test_when_only_the_pipelines_and_ddp_ran_the_warning_says_their_rows_were_measured():
+    """Pipelines and DDP run in jobs of their own: a model whose placements all failed (the
+    workers captured it without the user's leaf modules) still had them measured."""
+    result = _result([False, False])
+    result.table = pd.concat([TABLE, pd.DataFrame([{"method": "ddp", "step_time": 0.002, "speedup_vs_single": 0.5,
+                                                     "fits": True, "source": "measured"}])], ignore_index=True)
+    assert ("warning: no un-pipelined placement could be measured, so their step times above are simulated; the rows "
+            "marked measured ran in jobs of their own (pipelines, DDP, the one-process reference) (first failure: "
+            "measurement failed: NotImplementedError: no train())") in summary_lines(result)
 
 
 def test_when_some_were_measured_there_is_no_such_warning():

@@ -381,8 +381,12 @@ def summary_lines(result: "OptimizeResult") -> list[str]:
                        + (f"; first failure: {bad[0].reason.splitlines()[0][:200]}" if bad else "") + ")")
         if m.count and m.invalid == m.count:
             first = next((r.reason for r in m.records if not r.valid and r.reason), "no reason given")
-            out.append(f"warning: no placement could be measured, so every step time above is simulated "
-                       f"(first failure: {first.splitlines()[0][:200]})")
+            # Pipelines and DDP run in jobs of their own: they may have been measured all the same.
+            others = (result.table["source"] == "measured").any()
+            out.append("warning: no un-pipelined placement could be measured, so "
+                       + ("their step times above are simulated; the rows marked measured ran in jobs of their own "
+                          "(pipelines, DDP, the one-process reference)" if others else "every step time above is simulated")
+                       + f" (first failure: {first.splitlines()[0][:200]})")
         if m.reward == "hybrid":
             out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)")
         if m.calibration is not None:
