@@ -14,3 +14,13 @@ def numpy_simulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(envs.sim.simulator, "HAS_NUMBA", False)
     yield
+
+
+@pytest.fixture
+def fake_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank clusters (``cpu:0,cpu:1``) get fixed link figures (:func:`tests.helpers.measurers.fixed_links`)
+    instead of a job of worker processes that measures them (seconds per cluster built)."""
+    from envs.runtime.distributed import rank_cluster
+    from tests.helpers.measurers import fixed_links
+
+    monkeypatch.setattr(rank_cluster, "measure_links", fixed_links)

@@ -14,15 +14,11 @@ from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.distributed.rank_cluster import rank_cluster
 from placer.optimizing.devices import resolve_cluster
 from placer.options import OptionError
-
-
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+from tests.helpers.measurers import fixed_links
 
 
 def test_resolve_cluster_builds_a_measured_rank_cluster(monkeypatch):
-    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
+    monkeypatch.setattr(rank_cluster_module, "measure_links", fixed_links)
     cluster = resolve_cluster(devices="cpu:0,cpu:1")
     assert cluster.device_names == ["cpu:0", "cpu:1"]
     assert not cluster.simulated and is_distributed_cluster(cluster)

@@ -9,7 +9,6 @@ import math
 import pytest
 
 import placer
-from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from graphs.capture import capture
 from graphs.pipeline import load_source
@@ -20,14 +19,9 @@ from tests.helpers.model_files import CHAIN_MLP
 MODEL = CHAIN_MLP
 
 
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(a, b): (50e-6, 1e9) for i, a in enumerate(names) for b in names[i + 1:]}
-
 
 @pytest.fixture
-def model_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
+def model_file(tmp_path, fake_links):
     path = tmp_path / "chain.py"
     path.write_text(MODEL)
     return path

@@ -21,6 +21,7 @@ from graphs.model_file import batch_size_of
 from graphs.pipeline import load_source, prepare
 from graphs.profile.batch_scaling import microbatch_ratio, min_microbatch_samples, slice_batch
 from placer.cli.main import main as cli_main
+from tests.helpers.measurers import fixed_links
 from tests.helpers.pipelines import cpu_cluster
 
 #: A chain wide enough that two pipeline stages beat one process (batch 1024, profiled again at 128).
@@ -75,10 +76,6 @@ NORM_CHAIN = textwrap.dedent("""
     """)
 
 
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(a, b): (20e-6, 2e9) for i, a in enumerate(names) for b in names[i + 1:]}
-
 
 def test_a_model_that_fails_on_one_sample_gets_micro_batches_of_the_fewest_it_runs_on(tmp_path, monkeypatch):
     monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "cache"))
@@ -94,7 +91,7 @@ def test_a_model_that_fails_on_one_sample_gets_micro_batches_of_the_fewest_it_ru
 @pytest.fixture
 def model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
+    monkeypatch.setattr(rank_cluster_module, "measure_links", fixed_links)
     (tmp_path / "wide.py").write_text(WIDE_CHAIN)
     (tmp_path / "baked.py").write_text(BAKED_BATCH)
     return tmp_path

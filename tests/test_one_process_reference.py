@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 import placer
-from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult
 from placer.report.compare import ONE_PROCESS_KIND
 from placer.report.terminal_table import comparison_lines
@@ -16,14 +15,8 @@ from tests.helpers.measurers import ClosableFake
 from tests.helpers.model_files import CHAIN_MLP
 
 
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(a, b): (50e-6, 1e9) for i, a in enumerate(names) for b in names[i + 1:]}
-
-
 @pytest.fixture
-def model_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(rank_cluster_module, "measure_links", _fake_links)
+def model_file(tmp_path, fake_links):
     path = tmp_path / "chain.py"
     path.write_text(CHAIN_MLP)
     return path

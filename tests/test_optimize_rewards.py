@@ -22,23 +22,18 @@ import torch
 
 import placer
 from envs.gym.measured_rewards import MeasuredReward
-from envs.runtime.distributed import launcher
 from envs.runtime.measurer import MeasureResult
 from graphs.errors import PlacerError
 from placer.measuring.confirm import CONFIRM_RUNS, CONFIRM_TOP
 from placer.measuring.hybrid_rounds import HYBRID_ROUNDS
 from placer.measuring.measurer import PlacementMeasurer
 from placer.options import OptionError
-from tests.helpers.measurers import ClosableFake
+from tests.helpers.measurers import ClosableFake, fixed_links
 
 DEVICES = "cpu:0,cpu:1"
 MODEL = "zoo:rnnlm"  # 36 ops in 6 groups: a tiny real model
 BASELINES = ("single", "expert", "round_robin", "m_etf")
 
-
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
 
 
 class FakeWorkers(ClosableFake):
@@ -74,11 +69,6 @@ class FakeWorkers(ClosableFake):
                 raise RuntimeError("worker rank 1 died (fake)")
             out.append(self.time_of(p))
         return out
-
-
-@pytest.fixture
-def fake_links(monkeypatch):
-    monkeypatch.setattr(launcher, "measure_links", _fake_links)
 
 
 def _run(tmp_path, reward, budget, backend, **kw):
@@ -360,7 +350,7 @@ def test_rows_that_differ_only_in_an_ignored_group_are_one_program_measured_once
     from placer.report.compare import Candidate
 
     prepared = prepare(MODEL, profile=False)
-    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=fixed_links(DEVICES)))
     inputs = [op for op in prepared.captured.graph.nodes
               if prepared.captured.graph.nodes[op].get("op") == "placeholder"]
     backend = _RanksIgnoreTheInput(inputs)
@@ -399,7 +389,7 @@ def test_the_confirmation_runs_the_leaders_again_beside_the_single_devices_and_k
     from placer.report.compare import Candidate
 
     prepared = prepare(MODEL, profile=False)
-    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=fixed_links(DEVICES)))
     backend = _DriftingWorkers()
     pm = PlacementMeasurer(backend, problem, prepared.grouping.expand, "fake ranks")
     rng = np.random.default_rng(0)
@@ -453,7 +443,7 @@ def test_the_confirmation_runs_twice_the_second_time_in_reverse_order_and_a_fail
     from graphs.pipeline import prepare
 
     prepared = prepare(MODEL, profile=False)
-    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=fixed_links(DEVICES)))
     backend = _Recording()
     pm = PlacementMeasurer(backend, problem, prepared.grouping.expand, "fake ranks")
     rows = np.zeros((2, problem.num_nodes), dtype=np.int64)
@@ -487,7 +477,7 @@ def test_the_search_keeps_the_placement_fastest_in_the_confirmation_not_its_luck
     from placer.report.compare import Candidate
 
     prepared = prepare(MODEL, profile=False)
-    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=fixed_links(DEVICES)))
     fast, slow = np.zeros(problem.num_nodes, dtype=np.int64), np.zeros(problem.num_nodes, dtype=np.int64)
     fast[-1], slow[-2:] = 1, 1
     expand = prepared.grouping.expand
@@ -520,7 +510,7 @@ def test_single_becomes_the_fastest_single_device_of_the_confirmation():
     from placer.report.compare import Candidate
 
     prepared = prepare(MODEL, profile=False)
-    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=_fake_links(DEVICES)))
+    problem = compile_problem(prepared.grouping.graph, rank_cluster(DEVICES, links=fixed_links(DEVICES)))
     pm = PlacementMeasurer(_SecondDeviceAloneIsFaster(), problem, prepared.grouping.expand, "fake ranks")
     on0, on1 = single_device_rows(problem)
     single = Candidate(method="single", row=on0.copy())

@@ -14,12 +14,7 @@ from envs.runtime.measurer import MeasureCache, MeasureResult
 from envs.sim.rank_compile import value_leaves
 from envs.sim.rank_simulator import RankSimulator
 from envs.sim.simulator import simulate_batch
-from tests.helpers.measurers import ClosableFake
-
-
-def _fake_links(devices, threads=1, repeats=9, timeout_s=120.0):
-    names = devices.split(",") if isinstance(devices, str) else list(devices)
-    return {(names[0], b): (50e-6, 1e9) for b in names[1:]}
+from tests.helpers.measurers import ClosableFake, fixed_links
 
 
 class _Constant(ClosableFake):
@@ -35,7 +30,7 @@ class _Constant(ClosableFake):
 @pytest.fixture(scope="module")
 def rank_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
-    patch.setattr(rank_cluster_module, "measure_links", _fake_links)
+    patch.setattr(rank_cluster_module, "measure_links", fixed_links)
     try:
         from placer import optimize
 

@@ -65,3 +65,10 @@ class FakeMeasurer(ClosableFake):
             return MeasureResult(math.inf, valid=False, reason=f"CUDA out of memory on {self.broken}")
         row = self.problem.placement_to_array(placement)
         return MeasureResult(float(simulate_batch(self.truth, row[None]).step_time[0]) + self.overhead)
+
+
+def fixed_links(devices, threads=1, repeats=9, timeout_s=120.0):
+    """What :func:`envs.runtime.distributed.launcher.measure_links` returns, without starting
+    worker processes to measure it: every pair of ``devices`` at 50 us and 1 GB/s."""
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    return {(a, b): (50e-6, 1e9) for i, a in enumerate(names) for b in names[i + 1:]}
