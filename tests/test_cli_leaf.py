@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from placer.cli.main import main
+from tests.helpers.model_files import FUNCTION_MODEL
 
 MODEL = textwrap.dedent("""
     import torch
@@ -27,45 +28,6 @@ MODEL = textwrap.dedent("""
     def get_model():
         torch.manual_seed(0)
         return nn.Sequential(Block(), Block(), nn.Linear(16, 2))
-
-
-    def get_example_inputs():
-        return (torch.randn(4, 16),)
-    """)
-
-
-# A custom autograd Function, which only a leaf module keeps (torch.fx cannot trace the
-# no_grad region around it, torch.export would replace its backward): the model cannot be
-# captured at all without ``--leaf Scaled``.
-FUNCTION_MODEL = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-
-    class Halve(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 0.5
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 0.5
-
-
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("calls", torch.zeros(()))
-
-        def forward(self, x):
-            with torch.no_grad():
-                self.calls += 1
-            return Halve.apply(x)
-
-
-    def get_model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(16, 16), Scaled(), nn.Tanh(), nn.Linear(16, 2))
 
 
     def get_example_inputs():

@@ -10,6 +10,7 @@ import torch
 import placer
 from graphs.errors import PlacerError
 from placer.integrations import loop
+from tests.helpers.model_files import FUNCTION_MODEL
 
 
 def _model() -> torch.nn.Module:
@@ -238,39 +239,30 @@ def test_an_unwritable_placement_cache_is_refused_before_the_search(tmp_path, mo
         placer.place(_model(), (torch.randn(16, 32),), cluster="4xK40", budget="300", cache_dir=blocker / "cache")
 
 
-class _Halve(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 0.5
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 0.5
-
-
-class _Scaled(torch.nn.Module):
-    """A custom autograd Function beside a no_grad counter: neither tracer takes it, so it must be a leaf."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, x):
-        with torch.no_grad():
-            self.calls += 1
-        return _Halve.apply(x)
-
-
 def test_place_and_the_tuner_keep_the_leaf_modules_they_are_given(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), _Scaled(), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    file: dict = {}
+    exec(FUNCTION_MODEL, file)  # the model file's classes: Scaled calls a custom autograd Function
+    model = file["get_model"]()
     reference = copy.deepcopy(model)
-    x = torch.randn(16, 32)
-    with pytest.raises(PlacerError, match="autograd Function _Halve.*leaf_modules"):
+    (x,) = file["get_example_inputs"]()
+    with pytest.raises(PlacerError, match="autograd Function Halve.*leaf_modules"):
         placer.place(model, (x,), cluster="4xK40", budget="50", cache_dir=tmp_path)
-    placed = placer.place(model, (x,), cluster="4xK40", budget="50", cache_dir=tmp_path, leaf_modules=[_Scaled])
-    assert isinstance(dict(placed.named_modules())["1"], _Scaled)  # the leaf, called whole
-    assert _train(placed) == pytest.approx(_train(reference), rel=1e-5)
+    placed = placer.place(model, (x,), cluster="4xK40", budget="50", cache_dir=tmp_path,
+                          leaf_modules=[file["Scaled"]])
+    assert isinstance(dict(placed.named_modules())["1"], file["Scaled"])  # the leaf, called whole
+
+    def losses(net: torch.nn.Module) -> list[float]:
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        out = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            out.append(float(loss.detach()))
+        return out
+
+    assert losses(placed) == pytest.approx(losses(reference), rel=1e-5)
     tuner = placer.PlacementTuner(model, (x,), cluster="4xK40", budget="50", candidates=2, trials=2,
                                   leaf_modules=["1"])
     assert set(tuner.captured.graph.nodes) == set(placed.placer_place_info.placement.assignment)
