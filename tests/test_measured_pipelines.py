@@ -19,7 +19,6 @@ from tests.helpers.model_files import CHAIN_MLP
 MODEL = CHAIN_MLP
 
 
-
 @pytest.fixture
 def model_file(tmp_path, fake_links):
     path = tmp_path / "chain.py"

@@ -76,7 +76,6 @@ NORM_CHAIN = textwrap.dedent("""
     """)
 
 
-
 def test_a_model_that_fails_on_one_sample_gets_micro_batches_of_the_fewest_it_runs_on(tmp_path, monkeypatch):
     monkeypatch.setenv("PLACER_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "norm.py").write_text(NORM_CHAIN)

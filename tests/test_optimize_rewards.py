@@ -35,7 +35,6 @@ MODEL = "zoo:rnnlm"  # 36 ops in 6 groups: a tiny real model
 BASELINES = ("single", "expert", "round_robin", "m_etf")
 
 
-
 class FakeWorkers(ClosableFake):
     """Stands in for the measuring worker processes: a step time from the op placement.
 
