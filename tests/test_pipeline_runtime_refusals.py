@@ -214,7 +214,7 @@ def test_a_stopped_stage_process_is_named_when_the_job_times_out():
 
     gm, batch = model_and_batch(Chain)
     pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 4, "1f1b")
-    job = PipelineJob(gm, batch, 2, pipe, 100000, ("sgd", {"lr": 0.1}), None, 1, 20.0, "127.0.0.1")
+    job = PipelineJob(gm, batch, 2, pipe, 100000, ("sgd", {"lr": 0.1}), None, 1, 10.0, "127.0.0.1")
     try:
         deadline = time.monotonic() + 90
         while not (job.ready(0) and job.ready(1)) and time.monotonic() < deadline:
