@@ -68,7 +68,7 @@ def _table(one_process_s: float) -> pd.DataFrame:
 @pytest.mark.parametrize("one_process_s, says", [
     (0.009, "split is 1.50x faster than one process, 2 threads (9.000 ms, the unsplit model)"),
     (0.0061, "one process, 2 threads runs the unsplit model in 6.100 ms, within the 3.0% two runs of one placement "
-             "differed by: splitting it over the worker processes does not pay on these cores"),
+             "differed by: running it over the worker processes does not pay on these cores"),
     (0.004, "one process, 2 threads runs the unsplit model in 4.000 ms, 1.50x faster than split: on these cores, "
             "keep the model in one process"),
 ])

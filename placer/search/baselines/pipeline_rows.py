@@ -195,7 +195,7 @@ def _one_process_clause(table: pd.DataFrame, top: pd.Series, noise: float | None
     ratio = t_top / t_one
     if noise is not None and max(ratio, 1 / ratio) - 1 < noise:
         return (f"{name} runs the unsplit model in {t_one * 1e3:.3f} ms, within the {noise:.1%} two runs of one "
-                f"placement differed by: splitting it over the worker processes does not pay on these cores")
+                f"placement differed by: running it over the worker processes does not pay on these cores")
     if ratio > 1:
         return (f"{name} runs the unsplit model in {t_one * 1e3:.3f} ms, {ratio:.2f}x faster than {top['method']}: "
                 "on these cores, keep the model in one process")
