@@ -91,3 +91,14 @@ def test_one_process_runs_the_unsplit_model_with_the_threads_of_every_worker(mod
     assert alone.one_process_threads() is None
     with pytest.raises(MeasureError, match="needs two local CPU workers or more"):
         alone.measure_one_process()
+
+
+def test_one_process_takes_one_thread_per_core_at_most(model_file, monkeypatch):
+    """Four workers on two cores share two cores: one process runs two threads there, not four."""
+    from envs.runtime.distributed import measure
+
+    monkeypatch.setattr(measure.os, "sched_getaffinity", lambda pid: {0, 1})
+    four = measure.DistributedMeasurer(str(model_file), {}, "cpu:0,cpu:1,cpu:2,cpu:3")
+    assert four.one_process_threads() == 2
+    monkeypatch.setattr(measure.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert four.one_process_threads() == 4
