@@ -246,9 +246,9 @@ def confirm_one_process(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.
 
     The single device of the table runs one worker's threads; a user of these cores would
     otherwise run the model in one process on all of them (torch's default), so that is what
-    a split has to beat to pay. Measured here (2026-12-07, ``/tmp`` two-tower MLP, 2 cores):
-    the best split over ``cpu:0,cpu:1`` 31.6 ms a step, one worker 52.2 ms, one process with 2
-    threads 30.6 ms. The row is not a placement and never wins (``kind``
+    a split has to beat to pay. Measured here (2026-12-07 02:07 UTC,
+    ``benchmarks/models/two_towers.py``, 2 cores): the best split over ``cpu:0,cpu:1`` 30.2 ms a
+    step, one worker 51.3 ms, one process with 2 threads 26.9 ms. The row is not a placement and never wins (``kind``
     :data:`~placer.report.compare.ONE_PROCESS_KIND`);
     the final line compares the winner with it. Nothing is added where the backend cannot
     run it or the run fails (the log says why)."""
