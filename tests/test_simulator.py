@@ -671,11 +671,14 @@ def test_more_than_256_devices_match_the_numpy_path():
 @pytest.mark.skipif(not HAS_NUMBA, reason="needs numba")
 def test_numba_cache_is_keyed_on_the_kernels_source():
     # numba keys its disk cache on the decorated function's own file; the loops the drivers
-    # compile live in kernels.py, so an edit there must make the cached machine code stale.
+    # compile live in kernels.py and kernels_engine.py, so an edit there must make the cached
+    # machine code stale.
     import hashlib
 
-    from envs.sim import kernels, simulator_numba
+    from envs.sim import jit, kernels, kernels_engine, simulator_numba
 
-    digest = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()
+    assert set(simulator_numba.KERNEL_SOURCES) == {kernels, kernels_engine, jit}
+    digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                     for m in simulator_numba.KERNEL_SOURCES)).hexdigest()
     for fn in (simulator_numba._rows, simulator_numba.batch_serial, simulator_numba.batch_parallel):
         assert fn._cache._cache_file._source_stamp[1] == digest, fn

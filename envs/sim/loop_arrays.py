@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.sim import kernels as _py
+from envs.sim import kernels_engine as _engine
 from envs.sim.problem import PlacementError, PlacementProblem
 from envs.sim.problem_cache import cached_per_problem
 
@@ -33,7 +33,7 @@ class LoopArrays:
     succ_grad: np.ndarray  # uint8
     gpred_ptr: np.ndarray  # [N+1] gradient producers' CSR (edges both ends requiring grad)
     gpred_src: np.ndarray
-    id_base: np.ndarray  # [N+1] each op's first backward node id (kernels.node_ids)
+    id_base: np.ndarray  # [N+1] each op's first backward node id (kernels_engine.node_ids)
     id_op: np.ndarray  # [M] the op of each backward node id
     rd: np.ndarray  # [D] stream slot read
     wr: np.ndarray  # [D] stream slot written
@@ -104,7 +104,7 @@ def loop_arrays(problem: PlacementProblem) -> LoopArrays:
     group_params = problem.at_step_memory()
     host = ops.host
     succ_ptr = np.ascontiguousarray(ops.succ_ptr, dtype=np.int64)
-    id_base, id_op = _py.node_ids(succ_ptr, nd)
+    id_base, id_op = _engine.node_ids(succ_ptr, nd)
     arrays = LoopArrays(
         n_devices=nd,
         op_group=np.ascontiguousarray(ops.op_group, dtype=np.int64),

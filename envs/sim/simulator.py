@@ -34,7 +34,7 @@ backward, the optimizer on the host); the tests hold every path here to that ora
 all back onto one thread (one GPU, or CPUs only) runs its backward in decreasing sequence
 number (:func:`envs.sim.kernels.static_pass`), which is then the engine's order, and the
 pass checks it (``certified``). Every other placement runs the engine's event loop on
-arrays (:func:`envs.sim.kernels.event_pass`: per thread the highest-sequence ready node,
+arrays (:func:`envs.sim.kernels_engine.event_pass`: per thread the highest-sequence ready node,
 streams fed in enqueue-time order), as the oracle does. The design of issue 15 planned the
 static pass, certified, for every placement, with the engine as a fallback; measured, the
 certification fails on ~100% of random and block placements over several GPUs (a thread
@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from envs.sim import kernels as _py
+from envs.sim import kernels_engine as _py_engine
 from envs.sim.loop_arrays import LoopArrays, loop_arrays
 from envs.sim.memory_report import memory_problem_lines
 from envs.sim.memory_rules import device_max, step_temporaries
@@ -239,7 +240,7 @@ def _one(a: LoopArrays, row: np.ndarray, op_group: np.ndarray, ws: tuple[np.ndar
             return step, True
         mem[:] = 0.0
         acc[:] = 0.0
-    step = _py.event_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
+    step = _py_engine.event_pass(row, op_group, a.cost, nd, a.succ_ptr, a.succ_dst, a.succ_bytes, a.succ_grad, a.rg,
                           a.gpred_ptr, a.gpred_src, a.rd, a.wr, a.thread_of, a.n_threads, a.lat_flat,
                           a.inv_bw_flat, a.blocking, a.consts, a.id_base, a.id_op, ws, mem, acc, trace, xtrace)
     return step, ok

@@ -6,7 +6,7 @@ operations in the same order) and spread the placements of a batch over numba's 
 in contiguous chunks, each with one :func:`envs.sim.kernels.workspace` reused from
 placement to placement. A placement whose ops back onto one thread runs the certified
 static pass; every other one (and any the pass does not certify) runs the exact engine
-(:func:`envs.sim.kernels.event_pass`) on the same thread.
+(:func:`envs.sim.kernels_engine.event_pass`) on the same thread.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from envs.sim import kernels
-from envs.sim.kernels import event_pass, one_thread, static_pass, workspace
+from envs.sim import jit, kernels, kernels_engine
+from envs.sim.kernels import one_thread, static_pass, workspace
+from envs.sim.kernels_engine import event_pass
 
 
 def chunk_count(count: int) -> int:
@@ -83,12 +84,25 @@ def batch_parallel(pl, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_
               id_base, id_op, force_events, step, recv, acc, ok)
 
 
+#: The files whose source the drivers compile (:func:`kernels_digest`).
+KERNEL_SOURCES = (kernels, kernels_engine, jit)
+
+
+def kernels_digest() -> str:
+    """One hash of the loops' source files (:data:`KERNEL_SOURCES`)."""
+    digest = hashlib.sha256()
+    for module in KERNEL_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _key_cache_on_kernels(*dispatchers) -> None:
     """numba's disk cache keys a compiled function on the contents of its own file only
     (``numba.core.caching``: the index is stale when that file's hash changes). The loops
-    these drivers compile live in kernels.py, so its hash joins the key: otherwise an edit
-    there (a checkout, a pull) would keep running the machine code of the old loops."""
-    digest = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()
+    these drivers compile live in kernels.py and kernels_engine.py, so their hash joins the
+    key: otherwise an edit there (a checkout, a pull) would keep running the machine code of
+    the old loops."""
+    digest = kernels_digest()
     for fn in dispatchers:
         cache_file = getattr(getattr(fn, "_cache", None), "_cache_file", None)
         if cache_file is not None:
