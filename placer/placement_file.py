@@ -25,10 +25,11 @@ hand, and raises :class:`PlacementFileError` naming what did not match.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from envs.runtime.device_map import accelerate_device_map
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
-from graphs.errors import PlacerError
+from graphs.errors import CaptureError, PlacerError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -178,6 +179,25 @@ def recorded_leaf_modules(placement: Placement, given: tuple[str, ...]) -> tuple
     if not given and isinstance(recorded, list) and recorded:
         return tuple(recorded), True
     return tuple(given), False
+
+
+@contextlib.contextmanager
+def naming_recorded_leaves(path: str | os.PathLike, leaves: tuple[str, ...], recorded: bool) -> Iterator[None]:
+    """Within the block (a capture with ``leaves``), a leaf module the model does not have says,
+    when ``recorded`` (they came from the file at ``path``, :func:`recorded_leaf_modules`),
+    where it came from and what to do.
+
+    Raises:
+        CaptureError: the capture's, with that added.
+    """
+    try:
+        yield
+    except CaptureError as exc:
+        if recorded and str(exc).startswith("leaf module"):
+            raise CaptureError(f"{exc}; {path} was made with the leaf modules {', '.join(leaves)} (optimize --leaf, "
+                               "recorded in the file): a placement of another model, or give this model's "
+                               "modules with --leaf") from None
+        raise
 
 
 def unchecked_note(placement: Placement) -> str | None:

@@ -121,3 +121,20 @@ def test_measuring_workers_capture_the_model_with_the_callers_leaf_modules(funct
                                 spec=spec, captured=captured, fingerprint=captured.fingerprint)
     [split] = ranks.measure([{n: ("cpu:0" if i < len(nodes) // 2 else "cpu:1") for i, n in enumerate(nodes)}])
     assert split.valid, split.reason
+
+
+def test_a_recorded_leaf_the_model_no_longer_has_says_it_came_from_the_placement(function_model_file, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "out"
+    assert main(["optimize", str(function_model_file), "--cluster", "4xK40", "--budget", "20", "--baselines",
+                 "single", "--leaf", "Scaled", "--no-check", "--out", str(out), "-q"]) == 0
+    renamed = tmp_path / "renamed.py"
+    # Another model: one layer, so no module '1' to keep whole.
+    renamed.write_text(FUNCTION_MODEL.replace("return nn.Sequential(nn.Linear(16, 16), Scaled(), nn.Tanh(), "
+                                              "nn.Linear(16, 2))", "return nn.Sequential(nn.Linear(16, 2))"))
+    assert "nn.Sequential(nn.Linear(16, 2))" in renamed.read_text()
+    capsys.readouterr()
+    assert main(["apply", str(renamed), str(out / "placement.json"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "leaf module '1' matches no module" in err and "Traceback" not in err
+    assert f"{out / 'placement.json'} was made with the leaf modules 1 (optimize --leaf, recorded in the file)" in err

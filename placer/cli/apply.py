@@ -39,7 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from placer.api import load, train_steps
     from placer.options import OptionError, parse_leaf_modules, parse_model_args
-    from placer.placement_file import load_placement, recorded_leaf_modules, recorded_model_args, unchecked_note
+    from placer.placement_file import (
+        load_placement,
+        naming_recorded_leaves,
+        recorded_leaf_modules,
+        recorded_model_args,
+        unchecked_note,
+    )
 
     if args.steps < 1 or args.warmup < 0:
         raise OptionError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -57,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if leaves_recorded:
         print(f"leaf modules (recorded by optimize): {', '.join(leaves)}")
     spec = load_source(args.model, model_args)
-    captured = capture(spec.model, spec.example_inputs, leaf_modules=leaves, name=spec.name)
+    with naming_recorded_leaves(args.placement, leaves, leaves_recorded):
+        captured = capture(spec.model, spec.example_inputs, leaf_modules=leaves, name=spec.name)
     placement = load(args.placement, model=captured, cluster=args.cluster)
     stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
                         source=args.model, model_args=model_args)

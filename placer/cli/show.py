@@ -88,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from placer.options import OptionError
-    from placer.placement_file import load_placement, recorded_leaf_modules, recorded_model_args, unchecked_note
+    from placer.placement_file import (
+        load_placement,
+        naming_recorded_leaves,
+        recorded_leaf_modules,
+        recorded_model_args,
+        unchecked_note,
+    )
 
     if not args.model:
         # Without the model there is nothing to simulate or draw: `show p.json --cluster
@@ -150,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
     # The profiles optimize costed the placement with: its cache folder unless told otherwise.
     cache_dir = args.cache_dir or meta.get("cache_dir")
     check_cache_dir(cache_dir)
-    prepared = prepare(args.model, model_args=model_args, microbatch_profile=profiles_microbatches(cluster),
-                       cache_dir=cache_dir, leaf_modules=leaves)
+    with naming_recorded_leaves(args.placement, leaves, leaves_recorded):
+        prepared = prepare(args.model, model_args=model_args, microbatch_profile=profiles_microbatches(cluster),
+                           cache_dir=cache_dir, leaf_modules=leaves)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     if placement.pipeline is not None:
         from graphs.model_file import batch_size_of
