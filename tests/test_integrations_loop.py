@@ -221,6 +221,9 @@ def test_place_on_real_devices_with_the_simulated_reward_says_its_step_times_are
     text = caplog.text
     assert "measured on real devices" not in text
     assert "step times simulated from op costs profiled on the real devices" in text
+    # The module runs in this process: the workers' step is not what it runs at, and the log says so.
+    assert ("cpu:0,cpu:1 are worker processes, and the module place() returns runs in this one process" in text
+            and "placer apply" in text)
 
 
 def test_an_unwritable_placement_cache_is_refused_before_the_search(tmp_path, monkeypatch):

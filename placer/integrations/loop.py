@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from envs.hardware.cluster import Cluster
+from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
@@ -352,6 +353,14 @@ def place(
     placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
                              real_devices=the_cluster.real_device_map())
     setattr(placed, "placer_place_info", info)  # noqa: B010 - a new attribute of the GraphModule
+    if is_distributed_cluster(the_cluster):
+        # The step was simulated for worker processes; the module runs in this one, where their
+        # ops take turns on the same cores: say so, and what runs it as placed.
+        log.warning("%s: %s are worker processes, and the module place() returns runs in this one process, their "
+                    "ops one after the other: the %s step (%.3g ms) is the workers'. To train over the processes, "
+                    "run `placer optimize MODEL_FILE --devices %s` and `placer apply` (docs/distributed.md)",
+                    type(model).__name__, ",".join(the_cluster.device_names), info.source,
+                    (info.step_time or float("nan")) * 1e3, ",".join(the_cluster.device_names))
     how = "loaded from cache" if info.cache_hit else f"searched ({info.method})"
     log.log(logging.INFO if verbose else logging.DEBUG, "%s placed on %s: %s%s", type(model).__name__,
             the_cluster.name, how, f", {info.source} step {info.step_time * 1e3:.3g} ms" if info.step_time else "")
