@@ -270,8 +270,11 @@ def check_loaded_placement(
     expected_fp = fingerprint or graph_fp
     if expected_fp is not None and placement.fingerprint != expected_fp:
         made_with = placement.metadata.get("model_args")
+        leaves = placement.metadata.get("leaf_modules")
         hint = (f"; it was made with the model arguments {made_with}" if isinstance(made_with, dict) and made_with
                 else "")
+        if isinstance(leaves, list) and leaves:
+            hint += f"; it was made with the leaf modules {', '.join(map(str, leaves))} (--leaf)"
         raise PlacementFileError(
             f"{path} was made for another model: its fingerprint is {placement.fingerprint!r}, "
             f"the model's is {expected_fp!r}{hint}"

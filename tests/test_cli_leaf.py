@@ -138,3 +138,14 @@ def test_a_recorded_leaf_the_model_no_longer_has_says_it_came_from_the_placement
     err = capsys.readouterr().err
     assert "leaf module '1' matches no module" in err and "Traceback" not in err
     assert f"{out / 'placement.json'} was made with the leaf modules 1 (optimize --leaf, recorded in the file)" in err
+
+
+def test_resuming_without_the_leaf_modules_says_the_placement_was_made_with_them(model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "20", "--baselines", "single",
+                 "--leaf", "Block", "--no-check", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--budget", "20", "--baselines", "single",
+                 "--resume", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "was made for another model" in err and "it was made with the leaf modules 0, 1 (--leaf)" in err
