@@ -53,9 +53,11 @@ class RankCosts:
     #: measures): their mean. Any value in 0.1-0.35 gave the same held-out ranking.
     cold_factor: float = 0.19
     cold_s: float = 0.02
-    #: When set, the one-way latency of every link (seconds) instead of the cluster's: a
-    #: ping-pong taken while other processes hold the cores reads 10x high (measured here:
-    #: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
+    #: When set, the one-way latency of every link (seconds) instead of the cluster's: the
+    #: median ping-pong taken while other processes hold the cores read 10x high (measured
+    #: here: 51 us at load 0.9, 2.0 ms at load 2.3), so the latency is fitted with the rest.
+    #: (The cluster's figure is now the fastest of the round trips, which stays at 31-134 us
+    #: under that load: ``envs.runtime.distributed.worker._ping_pong``.)
     latency_s: float | None = None
 
     def __post_init__(self) -> None:
