@@ -241,17 +241,18 @@ def confirm_data_parallel(measurer: PlacementMeasurer, table: pd.DataFrame) -> p
 
 def confirm_one_process(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with a measured reference row, ``one process, N threads``: the unsplit model in
-    one process using the threads of all the worker processes together, where the backend runs
-    it (local CPU workers, :meth:`~envs.runtime.distributed.measure.DistributedMeasurer.measure_one_process`).
+    one process using the threads of the worker processes together, one per core at most, where
+    the backend runs it (local CPU workers,
+    :meth:`~envs.runtime.distributed.measure.DistributedMeasurer.measure_one_process`).
 
     The single device of the table runs one worker's threads; a user of these cores would
     otherwise run the model in one process on all of them (torch's default), so that is what
     a split has to beat to pay. Measured here (2026-12-07 02:07 UTC,
-    ``benchmarks/models/two_towers.py``, 2 cores): the best split over ``cpu:0,cpu:1`` 30.2 ms a
-    step, one worker 51.3 ms, one process with 2 threads 26.9 ms. The row is not a placement and never wins (``kind``
-    :data:`~placer.report.compare.ONE_PROCESS_KIND`);
-    the final line compares the winner with it. Nothing is added where the backend cannot
-    run it or the run fails (the log says why)."""
+    ``benchmarks/models/two_towers.py``, 2 cores): the best split over ``cpu:0,cpu:1`` 30.2 ms
+    a step, one worker 51.3 ms, one process with 2 threads 26.9 ms. The row is not a placement
+    and never wins (``kind`` :data:`~placer.report.compare.ONE_PROCESS_KIND`); the final line
+    compares the winner with it. Nothing is added where the backend cannot run it or the run
+    fails (the log says why)."""
     run = _backend_runner(measurer, "measure_one_process")
     threads_of = getattr(measurer.backend, "one_process_threads", None)
     threads = threads_of() if threads_of is not None else None
@@ -260,16 +261,15 @@ def confirm_one_process(measurer: PlacementMeasurer, table: pd.DataFrame) -> pd.
     (result,) = _run_or_failed(lambda: [run()], 1, "one-process runs")
     t, valid, reason = measure_outcome(result)
     if not valid:
-        log.warning("one process with %d threads, the reference for the split, did not run: %s", threads, reason)
+        log.warning("one process with %d thread(s), the reference for the split, did not run: %s", threads, reason)
         return table
-    row = {"method": f"one process, {threads} threads", "kind": ONE_PROCESS_KIND, "step_time": t,
+    threads_text = f"{threads} thread" + ("s" if threads != 1 else "")
+    row = {"method": f"one process, {threads_text}", "kind": ONE_PROCESS_KIND, "step_time": t,
            "simulated_step_time": float("nan"), "speedup_vs_single": float("nan"), "fits": True,
-           "source": "measured", "note": f"the unsplit model in one process with the {threads} threads of the "
-                                         "worker processes together: a reference, not a placement",
+           "source": "measured", "note": f"the unsplit model in one process with {threads_text}, the worker "
+                                         "processes' together (one per core at most): a reference, not a placement",
            "peak_memory": "", "search_time": 0.0, "evaluated": 0}
     added = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    if "set_aside" in added.columns:
-        added["set_aside"] = added["set_aside"].fillna(False).astype(bool)
     return measured_first(measured_speedups(added, measurer))
 
 
