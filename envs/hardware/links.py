@@ -27,7 +27,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +55,23 @@ def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> t
     if slope <= 0:
         raise ValueError(f"copy time does not grow with size (slope {slope:.3g} s/B); the timing is too noisy")
     return max(float(intercept), 0.0), float(1.0 / slope)
+
+
+def link_from_trips(one_way: Mapping[int, Sequence[float]]) -> tuple[float, float]:
+    """Latency (s) and bandwidth (B/s) of a link between two processes from the one-way times
+    (s) of messages of several sizes (bytes): the fastest time of each size, then
+    :func:`fit_latency_bandwidth`. The fastest, because a receive that sleeps and is woken late
+    only adds to a trip, and the rank simulator charges such wake-ups apart (R3 of
+    :mod:`envs.sim.ranks`); measurements in ``envs.runtime.distributed.worker._ping_pong``.
+
+    >>> link_from_trips({4096: [2.1e-3, 60e-6, 70e-6], 8 << 20: [3.3e-3, 3.2e-3]})[0] < 1e-4
+    True
+
+    Raises:
+        ValueError: as :func:`fit_latency_bandwidth` (fewer than two sizes, times that do not grow).
+    """
+    sizes = sorted(one_way)
+    return fit_latency_bandwidth(sizes, [min(one_way[size]) for size in sizes])
 
 
 def _median_time(fn: Callable[[], None], sync: Callable[[], None], repeats: int) -> float:

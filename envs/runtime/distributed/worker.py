@@ -78,12 +78,12 @@ def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repea
     agree at MAPE 11.1% instead of 125.8% (Spearman 0.88 either way). On three runs whose links
     were measured on a quiet machine (71-150 us) the same swap moved MAPE by -0.1 to +2.2 points.
     """
-    from envs.hardware.links import fit_latency_bandwidth
+    from envs.hardware.links import link_from_trips
 
-    sizes, times = [], []
+    trips: dict[int, list[float]] = {}
     for nbytes in (4 * 1024, 8 * 1024 * 1024):
         buf = torch.zeros(nbytes // 4, device=device)
-        samples = []
+        samples = trips.setdefault(nbytes, [])
         for i in range(repeats + 1):
             start = time.perf_counter()
             if rank == a:
@@ -94,14 +94,13 @@ def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repea
                 dist.send(buf, a)
             if i:  # the first round trip sets up the connection
                 samples.append((time.perf_counter() - start) / 2)
-        sizes.append(nbytes)
-        times.append(min(samples))
     if rank != a:
         return None
     try:
-        return fit_latency_bandwidth(sizes, times)
-    except ValueError:
-        return (times[0], sizes[1] / max(times[1], 1e-9))
+        return link_from_trips(trips)
+    except ValueError:  # the large message was no slower than the small: no bandwidth to fit
+        small, large = min(trips[4 * 1024]), min(trips[8 * 1024 * 1024])
+        return (small, 8 * 1024 * 1024 / max(large, 1e-9))
 
 
 def run_rank(job_dir: Path, rank: int, world: int) -> None:
