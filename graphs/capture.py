@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graphs.activation_checkpoints import recording_checkpoints
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_arguments import EvalArguments
 from graphs.eval_capture import export_eval, mode_baked_by_fx
@@ -187,8 +188,16 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     baked: EvalArguments | fx.Graph | str | None = None
     training_attributes: list[str] = []  # Python attributes the training trace set (put back)
     try:
-        gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
-                           fx_locate(model, leaf_types, leaf_names), training_attributes)
+        with recording_checkpoints(model) as checkpointed:
+            gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
+                               fx_locate(model, leaf_types, leaf_names), training_attributes)
+        if checkpointed:
+            shown = ", ".join(dict.fromkeys(checkpointed))
+            log.warning("%s: forward() checkpoints activations (torch.utils.checkpoint, of %s); torch.fx traces "
+                        "through it, so the captured graph, the placed model and the simulated memory keep every "
+                        "activation instead of recomputing them: the same results, more memory than the model "
+                        "uses. To keep it, call checkpoint inside a module's forward and name that module as a leaf "
+                        "module (leaf_modules, or --leaf): a leaf runs its own forward", name, shown)
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
