@@ -70,10 +70,13 @@ def test_every_compute_node_gets_positive_times(unrolled, tmp_path):
             assert d["fwd_time"]["cpu"] >= 0, name
         else:
             assert d["time"]["cpu"] == 0.0, name
-    # The optimizer update is charged to the nodes owning parameters (first use), no other.
-    owners = {n for n, d in g.nodes(data=True) if d["opt_time"]["cpu"] > 0}
-    assert owners == {n for n, d in g.nodes(data=True) if d["param_bytes"] > 0}
-    assert len(owners) == 3  # cell, proj (first call only), head
+    # The optimizer update is charged to the nodes owning parameters (first use), no other. A
+    # tiny owner's share can come out 0: its step minus the fixed cost every step pays, both
+    # timed (head's Linear(16, 4) did once in CI, 2026-12-07), so only the larger must show.
+    params = {n for n, d in g.nodes(data=True) if d["param_bytes"] > 0}
+    assert params == {"cell", "proj", "head"}  # proj: its first call only
+    assert {n for n, d in g.nodes(data=True) if d["opt_time"]["cpu"] > 0} <= params
+    assert all(g.nodes[n]["opt_time"]["cpu"] >= 0 for n in params) and g.nodes["cell"]["opt_time"]["cpu"] > 0
     # Every compute op that takes part in autograd created at least one backward op.
     assert g.graph["profile_info"]["cpu"]["autograd_nodes"] >= sum(
         1 for d in g.nodes.values() if d["op"] == "call_module" and d["requires_grad"])
