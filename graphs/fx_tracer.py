@@ -133,13 +133,11 @@ class PlacerTracer(fx.Tracer):
         return _AugmentedProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, RECURRENT_TYPES) or (self.leaf_types and isinstance(m, self.leaf_types)):
+        if isinstance(m, RECURRENT_TYPES) or names_leaf(m, module_qualified_name, self.leaf_types, self.leaf_names):
             return True
         if m._backward_hooks or m._backward_pre_hooks:
             # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
             # called whole, autograd runs them.
-            return True
-        if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -229,6 +227,13 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple
     return tuple(types), names
 
 
+def names_leaf(module: nn.Module, path: str, leaf_types: tuple[type, ...], leaf_names: Iterable[str]) -> bool:
+    """Whether the user's leaf modules (:func:`resolve_leaf_modules`'s types and names) name
+    ``module`` at ``path``: an instance of one of the types, or its path or class name given."""
+    return bool(leaf_types and isinstance(module, leaf_types)) or path in leaf_names \
+        or type(module).__name__ in leaf_names
+
+
 def leaf_module_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[str, ...]:
     """The paths of ``model``'s modules that ``leaf_modules`` names, outermost only.
 
@@ -246,7 +251,7 @@ def leaf_module_paths(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[st
     for path, module in model.named_modules():
         if not path or any(path.startswith(f"{outer}.") for outer in found):
             continue
-        if (types and isinstance(module, types)) or path in names or type(module).__name__ in names:
+        if names_leaf(module, path, types, names):
             found.append(path)
     return tuple(found)
 

@@ -160,10 +160,15 @@ def recorded_model_args(placement: Placement, given: dict[str, Any]) -> tuple[di
     >>> recorded_model_args(p, {}), recorded_model_args(p, {"layers": 2})
     (({'layers': 4}, True), ({'layers': 2}, False))
     """
-    recorded = placement.metadata.get("model_args")
-    if not given and isinstance(recorded, dict) and recorded:
-        return dict(recorded), True
-    return dict(given), False
+    recorded = _recorded(placement, "model_args", given, dict)
+    return dict(recorded if recorded is not None else given), recorded is not None
+
+
+def _recorded(placement: Placement, key: str, given: Any, kind: type) -> Any:
+    """``metadata[key]`` when nothing was ``given`` and the file holds a non-empty ``kind`` there
+    (what to rebuild the model with), else None: the caller's own arguments win."""
+    recorded = placement.metadata.get(key)
+    return recorded if not given and isinstance(recorded, kind) and recorded else None
 
 
 def recorded_leaf_modules(placement: Placement, given: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
@@ -175,10 +180,8 @@ def recorded_leaf_modules(placement: Placement, given: tuple[str, ...]) -> tuple
     >>> recorded_leaf_modules(p, ()), recorded_leaf_modules(p, ("Block",))
     ((('encoder.rnn',), True), (('Block',), False))
     """
-    recorded = placement.metadata.get("leaf_modules")
-    if not given and isinstance(recorded, list) and recorded:
-        return tuple(recorded), True
-    return tuple(given), False
+    recorded = _recorded(placement, "leaf_modules", given, list)
+    return tuple(recorded if recorded is not None else given), recorded is not None
 
 
 @contextlib.contextmanager

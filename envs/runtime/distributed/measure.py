@@ -248,31 +248,11 @@ class DistributedMeasurer:
         if threads is None:
             raise MeasureError(f"one process over the workers' threads needs two local CPU workers or more; the "
                                f"workers are {[d.name for d in self.devices]}")
-        first = self.devices[0].name
         note = f"1 worker process ({threads} threads), torch.distributed"
         key = self._cache.key({}, one_process=threads)
-
-        def run(_todo: Sequence[int]) -> list[MeasureResult]:
-            timeout = budget_timeout(self.timeout_s, self.deadline)
-            if timeout <= 0:
-                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note,
-                                      budget_cut=True)]
-            task = {"kind": "measure", "ranks": {n.name: 0 for n in self.captured.gm.graph.nodes},
-                    "warmup": self.warmup, "repeats": self.repeats, "min_timed_s": self.min_timed_s,
-                    "max_repeats": self.max_repeats}
-            self.jobs += 1
-            out = run_job(self.spec, self.model_source, [first], [task], model_args=self.model_args,
-                          threads=threads, timeout_s=timeout, load_timeout_s=self.load_timeout_s,
-                          fingerprint=self.fingerprint, captured=self.captured, deadline=self.deadline)
-            per_rank = out.results[0]
-            if per_rank is None:
-                cut = self.deadline is not None and budget_timeout(1.0, self.deadline) <= 0
-                return [MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_CUT if cut else out.error,
-                                      note=note, budget_cut=cut)]
-            times = tuple(per_rank[0]["times"])
-            return [MeasureResult(step_time=median_step_time(times), times=times, note=note)]
-
-        return self._cache.measure([key], run)[0]
+        alone = {n.name: 0 for n in self.captured.gm.graph.nodes}
+        return self._cache.measure([key], lambda todo: self._run([alone], [key], [self.devices[0].name], threads,
+                                                                 note))[0]
 
     def timed_steps(self, expected_s: float | None) -> int:
         """Timed steps of a training job whose step should take ``expected_s``: as many as fill
@@ -306,9 +286,14 @@ class DistributedMeasurer:
         times = tuple(run_.step_times[self.warmup:])
         return MeasureResult(step_time=median_step_time(times), times=times, note=note)
 
-    def _run(self, ranks: list[dict[str, int]], keys: list[str]) -> list[MeasureResult]:
+    def _run(self, ranks: list[dict[str, int]], keys: list[str], devices: Sequence[str] | None = None,
+             threads: int | None = None, note: str | None = None) -> list[MeasureResult]:
+        """Measure placements (node -> rank) in as few jobs as failures allow, over ``devices``
+        (default: every worker) with ``threads`` each (default: the measurer's)."""
+        devices = [d.name for d in self.devices] if devices is None else list(devices)
+        threads = self.threads if threads is None else threads
         results: list[MeasureResult | None] = [None] * len(ranks)
-        note = f"{len(self.devices)} worker processes ({self.threads} thread(s) each), torch.distributed"
+        note = note or f"{len(devices)} worker processes ({threads} thread(s) each), torch.distributed"
         while True:
             pending = [i for i, r in enumerate(results) if r is None]
             if not pending:
@@ -321,8 +306,8 @@ class DistributedMeasurer:
             tasks = [{"kind": "measure", "ranks": ranks[i], "warmup": self.warmup, "repeats": self.repeats,
                       "min_timed_s": self.min_timed_s, "max_repeats": self.max_repeats} for i in pending]
             self.jobs += 1
-            out = run_job(self.spec, self.model_source, [d.name for d in self.devices], tasks,
-                          model_args=self.model_args, threads=self.threads, timeout_s=self.timeout_s,
+            out = run_job(self.spec, self.model_source, devices, tasks,
+                          model_args=self.model_args, threads=threads, timeout_s=self.timeout_s,
                           load_timeout_s=self.load_timeout_s, fingerprint=self.fingerprint,
                           captured=self.captured, deadline=self.deadline)
             for j, i in enumerate(pending):

@@ -80,8 +80,9 @@ def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repea
     """
     from envs.hardware.links import link_from_trips
 
+    small, large = 4 * 1024, 8 * 1024 * 1024
     trips: dict[int, list[float]] = {}
-    for nbytes in (4 * 1024, 8 * 1024 * 1024):
+    for nbytes in (small, large):
         buf = torch.zeros(nbytes // 4, device=device)
         samples = trips.setdefault(nbytes, [])
         for i in range(repeats + 1):
@@ -99,8 +100,7 @@ def _ping_pong(dist: Any, rank: int, a: int, b: int, device: torch.device, repea
     try:
         return link_from_trips(trips)
     except ValueError:  # the large message was no slower than the small: no bandwidth to fit
-        small, large = min(trips[4 * 1024]), min(trips[8 * 1024 * 1024])
-        return (small, 8 * 1024 * 1024 / max(large, 1e-9))
+        return (min(trips[small]), large / max(min(trips[large]), 1e-9))
 
 
 def run_rank(job_dir: Path, rank: int, world: int) -> None:
