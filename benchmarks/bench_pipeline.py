@@ -83,7 +83,7 @@ def simulated(models: list[str], clusters: list[str], budget: int, seed: int = 0
         if batch_size is not None:
             model_args["batch_size"] = batch_size
         prep = prepare(f"zoo:{model}", model_args=model_args, profile=False)
-        batch = batch_size_of(prep.spec.example_inputs)
+        batch = batch_size_of(prep.spec.example_inputs, prep.spec.batch_dim)
         opt = optimizer_name(prep.spec)
         for cname in clusters:
             cluster = load_cluster(cname)
@@ -149,7 +149,7 @@ def ablation(models: list[str], clusters: list[str], budget: int, seeds: int) ->
     wins = cases = policy_half = gained = 0
     for model in models:
         prep = prepare(f"zoo:{model}", model_args={"size": "paper"}, profile=False)
-        batch = batch_size_of(prep.spec.example_inputs)
+        batch = batch_size_of(prep.spec.example_inputs, prep.spec.batch_dim)
         opt = optimizer_name(prep.spec)
         for cname in clusters:
             problem = compile_problem(prep.captured.graph, load_cluster(cname), optimizer=opt, grouping=prep.grouping)

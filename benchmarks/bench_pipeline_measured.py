@@ -221,7 +221,7 @@ def predict(case: Case, ranks: Any, m: int) -> Predictions:
     scaling = dict(prep.captured.graph.graph.get("batch_scaling") or {})
     if "ratio" not in scaling:
         raise SystemExit(f"{case.model}: no micro-batch profile ({scaling.get('skipped', 'no reason recorded')})")
-    batch = batch_size_of(prep.spec.example_inputs)
+    batch = batch_size_of(prep.spec.example_inputs, prep.spec.batch_dim)
     if batch is None:
         raise SystemExit(f"{case.model}: no batch dimension found in its inputs; expected a batched model")
     opt = optimizer_name(prep.spec)

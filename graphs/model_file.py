@@ -6,6 +6,11 @@ shortcut, module-level ``model`` and ``example_inputs``. Model arguments (the si
 ``{"size": "paper"}``) are passed as keywords to whichever of the two functions accepts
 them.
 
+The inputs' batch is their dim 0 unless the file says otherwise with a module-level
+``batch_dim`` (``batch_dim = 1`` for a sequence-first model: ``nn.LSTM`` and
+``nn.Transformer`` without ``batch_first``). DDP replicas and pipeline micro-batches take
+equal slices of that dimension of every input tensor that has the batch there.
+
 Every way a file can be wrong ends in one :class:`~graphs.errors.ModelFileError` whose
 message says what was wrong, where (file and line), and what was expected.
 """
@@ -55,19 +60,22 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def batch_size_of(example_inputs: Any) -> int | None:
-    """The batch size of a model's example inputs: dim 0 of the first tensor (or array) that
-    has one, in a (possibly nested) tuple, list or dict; None when there is none.
+def batch_size_of(example_inputs: Any, dim: int = 0) -> int | None:
+    """The batch size of a model's example inputs: dim ``dim`` (the model's batch dimension,
+    :attr:`ModelSpec.batch_dim`) of the first tensor (or array) that has one, in a (possibly
+    nested) tuple, list or dict; None when there is none.
 
     >>> batch_size_of(({"ids": [torch.zeros(8, 4)]}, torch.zeros(2))), batch_size_of((3,))
     (8, None)
+    >>> batch_size_of((torch.zeros(12, 32),), dim=1)
+    32
     """
     stack = [example_inputs]
     while stack:
         x = stack.pop(0)
         shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) > 0:
-            return int(shape[0])
+        if shape is not None and len(shape) > dim:
+            return int(shape[dim])
         if isinstance(x, (list, tuple)):
             stack = list(x) + stack
         elif isinstance(x, dict):
@@ -75,18 +83,31 @@ def batch_size_of(example_inputs: Any) -> int | None:
     return None
 
 
-def batch_slice(inputs: Any, batch: int, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of every tensor whose dim 0 is the batch, anywhere in ``inputs``
-    (nested tuples, lists, dicts: a pytree); every other value as it is. How replicas and
-    micro-batches take their share (equal slices of dim 0, as DDP's sampler and
-    ``torch.distributed.pipelining`` cut the batch).
+def carries_batch(x: Any, batch: int, dim: int = 0) -> bool:
+    """Whether ``x`` is a tensor whose dim ``dim`` is the batch of ``batch`` samples: the
+    values that replicas and micro-batches cut (every other input is given whole to each).
+
+    >>> carries_batch(torch.zeros(12, 32), 32, dim=1), carries_batch(torch.zeros(12, 32), 32)
+    (True, False)
+    """
+    return isinstance(x, torch.Tensor) and x.dim() > dim and x.shape[dim] == batch
+
+
+def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) -> Any:
+    """Samples ``start:stop`` of every tensor whose dim ``dim`` is the batch
+    (:func:`carries_batch`), anywhere in ``inputs`` (nested tuples, lists, dicts: a pytree);
+    every other value as it is. How replicas and micro-batches take their share (equal slices
+    of the batch dimension, as DDP's sampler and ``torch.distributed.pipelining`` cut it).
 
     >>> batch_slice({"ids": torch.arange(8), "n": 3}, 8, 2, 4)
     {'ids': tensor([2, 3]), 'n': 3}
+    >>> batch_slice(torch.arange(6).view(2, 3), 3, 1, 2, dim=1)
+    tensor([[1],
+            [4]])
     """
     def cut(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-            return x[start:stop]
+        if carries_batch(x, batch, dim):
+            return x.narrow(dim, start, stop - start)
         return x
 
     return tree_map(cut, inputs)
@@ -119,6 +140,8 @@ class ModelSpec:
     name: str = "model"
     path: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    #: The inputs' batch dimension (the model file's ``batch_dim``; module doc).
+    batch_dim: int = 0
 
 
 def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
@@ -166,9 +189,27 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     example_inputs = _as_input_tuple(inputs, inputs_src, label)
     loss_fn = _optional_function(module, "get_loss", label) or default_loss
     optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
+    batch_dim = check_batch_dim(getattr(module, "batch_dim", 0), example_inputs, f"`batch_dim` in {label}")
     check_inputs_fit(model, example_inputs, label)
     return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
-                     optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args)
+                     optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args, batch_dim=batch_dim)
+
+
+def check_batch_dim(value: object, example_inputs: tuple, what: str = "batch_dim") -> int:
+    """``value`` as the inputs' batch dimension, checked against ``example_inputs``: an integer
+    >= 0 that the first input tensor has. ``what`` names where it came from in the error.
+
+    >>> check_batch_dim(1, (torch.zeros(12, 32),))
+    1
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFileError(f"{what} is {value!r}; expected the inputs' batch dimension as an integer >= 0 "
+                             "(batch_dim = 1 for sequence-first inputs of shape (time, batch, ...))")
+    first = next((t for _, t in _tensor_paths(example_inputs) if t.dim() > 0), None)
+    if first is not None and first.dim() <= value:
+        raise ModelFileError(f"{what} is {value}, but the first input tensor has shape {tuple(first.shape)} "
+                             f"({first.dim()} dimension(s)); expected a dimension it has")
+    return value
 
 
 # Above this many parameters a trial forward on real tensors is costly (a paper-size

@@ -86,7 +86,7 @@ def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str,
         if microbatch_profile:
             start = time.perf_counter()
             profile_fixed_parts(captured, spec.example_inputs, devices=devices,
-                                cache_dir=None if cache_dir is None else str(cache_dir))
+                                cache_dir=None if cache_dir is None else str(cache_dir), batch_dim=spec.batch_dim)
             seconds["microbatch_profile"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -176,7 +176,8 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
     gm = captured.gm
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps, warmup=warmup,
-                       optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s)
+                       optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s,
+                       batch_dim=spec.batch_dim)
     times = list(run.step_times[warmup:])
     stage_list = "; ".join(
         (f"replica {r}: " if pipe.replicas else "") + ", ".join(
@@ -270,10 +271,10 @@ def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, 
     if placement.pipeline is not None:
         from graphs.model_file import batch_size_of
 
-        batch = batch_size_of(spec.example_inputs)
+        batch = batch_size_of(spec.example_inputs, spec.batch_dim)
         if batch is None:
             raise PlacerError("the placement is pipelined but the model's inputs have no batch dimension; "
-                              "expected inputs whose dim 0 the micro-batches split")
+                              f"expected inputs whose dim {spec.batch_dim} the micro-batches split")
         placement.pipeline.check_batch(batch)  # the same rule pipelined or not: the file is wrong either way
     if mode == "processes":
         return train_pipeline_steps(spec, captured, placement, steps=steps, warmup=warmup)

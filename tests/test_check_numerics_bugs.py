@@ -773,3 +773,32 @@ def test_a_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype():
     assert "compared in" not in report.describe()
     # and a difference it cannot retry in float64 keeps its own dtype's verdict
     assert check_placement(spec, cap, {n: "cpu" for n in cap.graph.nodes}, tolerance=-1.0).compared_dtype == ""
+
+
+class _SequenceFirstLM(nn.Module):
+    """An LSTM over (time, batch) tokens, torch's default layout, predicting the next token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(20, 8), nn.LSTM(8, 8), nn.Linear(8, 20)
+
+    def forward(self, tokens):
+        return self.out(self.rnn(self.emb(tokens))[0])
+
+
+def _next_token_loss(output, tokens):
+    return nn.functional.cross_entropy(output[:-1].reshape(-1, 20), tokens[1:].reshape(-1))
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_a_sequence_first_model_splits_exactly_along_its_batch_dimension_and_dim_0_says_how_to_name_it(batch_dim):
+    torch.manual_seed(0)
+    model = _SequenceFirstLM()
+    spec = ModelSpec(model=model, example_inputs=(torch.randint(0, 20, (8, 4)),), loss_fn=_next_token_loss,
+                     batch_dim=batch_dim)
+    report = check_batch_split(spec, capture(model, spec.example_inputs, loss_fn=_next_token_loss), 2, 2)
+    if batch_dim == 1:  # 2 replicas x 2 micro-batches of 1 sequence of 8 steps
+        assert report.split_ok and report.split_samples == 1, report.describe_split()
+    else:  # parts of 2 time steps: the recurrence restarts, the next-token pairs across parts are lost
+        assert not report.split_ok
+        assert "set batch_dim = 1 in the model file" in report.describe_split()

@@ -318,3 +318,30 @@ def test_a_forward_that_needs_autograd_fits_its_inputs():
     check_inputs_fit(Reversing(), (torch.randn(3, 4),), "reversing")
     with pytest.raises(ModelFileError, match="do not fit"):
         check_inputs_fit(Reversing(), (torch.randn(3, 5),), "reversing")
+
+
+SEQUENCE_FIRST = """
+import torch
+from torch import nn
+
+model = nn.GRU(3, 4)                       # torch's default layout: (time, batch, features)
+example_inputs = (torch.randn(7, 5, 3),)
+batch_dim = {value}
+"""
+
+
+def test_a_model_file_names_its_batch_dimension_and_the_spec_carries_it(tmp_path):
+    assert load_model_file(write(tmp_path, SEQUENCE_FIRST.format(value=1))).batch_dim == 1
+    assert load_model_file(write(tmp_path, GOOD, "plain.py")).batch_dim == 0  # unsaid: dim 0
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("'1'", "`batch_dim` in model.py is '1'; expected the inputs' batch dimension as an integer >= 0"),
+    ("-1", "`batch_dim` in model.py is -1; expected the inputs' batch dimension as an integer >= 0"),
+    ("True", "`batch_dim` in model.py is True; expected"),
+    ("3", "`batch_dim` in model.py is 3, but the first input tensor has shape (7, 5, 3) (3 dimension(s)); "
+          "expected a dimension it has"),
+])
+def test_a_batch_dimension_that_is_not_one_of_the_inputs_is_refused_saying_what_was_expected(tmp_path, value,
+                                                                                              expected):
+    assert expected in load_error(tmp_path, SEQUENCE_FIRST.format(value=value))

@@ -63,6 +63,8 @@ def test_a_model_argument_given_twice_with_two_values_is_refused_not_last_one_wi
     ("measure_timeout", float("nan"), "measure_timeout must be a number of seconds above 0"),
     ("agent", None, "agent must be an agent's name"),
     ("check", "no", "check must be True or False"),
+    ("batch_dim", "1", "batch_dim must be the inputs' batch dimension, an integer >= 0"),
+    ("batch_dim", -1, "batch_dim must be the inputs' batch dimension, an integer >= 0"),
 ])
 def test_an_api_option_of_the_wrong_kind_is_refused_naming_it_before_the_run(option, value, named) -> None:
     """Through the Python API (the CLI's parsers cannot produce these): ``cluster=5`` stopped in
@@ -75,3 +77,14 @@ def test_an_api_option_of_the_wrong_kind_is_refused_naming_it_before_the_run(opt
         options.pop("cluster")
     with pytest.raises(OptionError, match=named):
         OptimizeConfig("zoo:rnnlm", **options)
+
+
+def test_a_batch_dimension_given_to_optimize_must_agree_with_the_model_files(tmp_path) -> None:
+    from placer.optimizing.run import optimize
+
+    path = tmp_path / "seq.py"
+    path.write_text("import torch\nmodel = torch.nn.GRU(3, 4)\nexample_inputs = (torch.randn(7, 5, 3),)\n"
+                    "batch_dim = 1\n")
+    with pytest.raises(OptionError, match=r"batch_dim=0 was given, but .*seq.py says batch_dim = 1; expected one "
+                                          "batch dimension: set it in the file only"):
+        optimize(str(path), cluster="4xK40", batch_dim=0, progress=False)

@@ -19,7 +19,7 @@ from torch import nn
 from envs.runtime.pipeline.launcher import PipelineJob, PipelineRunError, run_training
 from envs.runtime.pipeline.stages import split_stages
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from tests.helpers.runtime_models import B, Chain, D, Skip, model_and_batch, stages_of
+from tests.helpers.runtime_models import B, Chain, D, Skip, model_and_batch, sequence_first_batch, stages_of
 
 
 def reference(gm, batch, steps=3):
@@ -105,6 +105,15 @@ def test_a_strided_view_crossing_a_boundary_is_sent_and_received_contiguous():
 def test_ddp_over_two_processes_trains_like_the_unsplit_model():
     gm, batch = model_and_batch(Skip)
     run = run_training(gm, batch, None, world=2, steps=3, optimizer=SGD, timeout_s=120)
+    assert_same(run, reference(gm, batch))
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipeline", "ddp"])
+def test_sequence_first_inputs_are_split_along_their_batch_dimension_and_train_like_the_unsplit_model(pipelined):
+    gm, batch = sequence_first_batch()
+    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 2, "gpipe") if pipelined else None
+    run = run_training(gm, batch, pipe, world=None if pipelined else 2, steps=3, optimizer=SGD, timeout_s=120,
+                       batch_dim=1)
     assert_same(run, reference(gm, batch))
 
 

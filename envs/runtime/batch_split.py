@@ -1,8 +1,8 @@
 """Whether splitting the batch changes what the model computes: :func:`check_batch_split`.
 
 A pipelined placement splits the batch: ``R`` data-parallel replicas each take ``1/R``
-of it and cut their share into ``M`` micro-batches (equal slices of dim 0, as
-``torch.distributed.pipelining`` and DDP do); each micro-batch's loss is divided by ``M``
+of it and cut their share into ``M`` micro-batches (equal slices of the batch dimension,
+``ModelSpec.batch_dim``, as ``torch.distributed.pipelining`` and DDP do); each micro-batch's loss is divided by ``M``
 and the replicas' gradients are averaged (:mod:`envs.runtime.pipeline.worker`). With
 ``microbatches``/``replicas`` the check also runs the unsplit captured model part by part
 in this process and compares the loss, every gradient and every buffer with the full
@@ -158,7 +158,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     """The ``split_*`` fields of :class:`CheckReport`: the batch split into ``replicas`` x
     ``microbatches`` equal parts compared with the full batch (one step, dropout off)."""
     parts = microbatches * replicas
-    batch = batch_size_of(spec.example_inputs) or 0
+    batch = batch_size_of(spec.example_inputs, spec.batch_dim) or 0
     if batch == 0 or batch % parts:
         return {"split_samples": batch // parts, "split_cause": (
             f"cannot split the batch of {batch} into {replicas} replica(s) x {microbatches} micro-batches of "
@@ -171,7 +171,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
             "torch.fx can capture, or one whose forward() takes its sizes from its input")}
     modes = getattr(captured, "training_modes", None) or {"": True}
     chunks = [[batch_slice(spec.example_inputs, batch, (r * microbatches + k) * size,
-                             (r * microbatches + k + 1) * size) for k in range(microbatches)]
+                             (r * microbatches + k + 1) * size, spec.batch_dim) for k in range(microbatches)]
               for r in range(replicas)]
     # In float64, so that what is compared is the split, not float32's summation order: a
     # gradient summed over 4 parts of a batch instead of at once differs by rounding alone
@@ -261,4 +261,10 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
         return f"the loss sums over samples, so each of the {parts} parts carries 1/{parts} of it; expected a mean"
     if updated:  # read back within the step (a warm-up counter): the later micro-batches see it advanced
         return _buffer_cause(updated[0], *split)
-    return "an op mixes samples across the batch (a normalisation over it, a sum or mean over dim 0)"
+    if spec.batch_dim == 0:
+        # torch's own sequence models take (time, batch, ...) by default: cut along time, a
+        # recurrence restarts in every part and a loss over time steps loses its pairs.
+        return ("an op mixes samples across dim 0, which placer takes as the batch (a normalisation over it, "
+                "a sum or mean over it, or dim 0 is not the batch: for sequence-first inputs of shape "
+                "(time, batch, ...) set batch_dim = 1 in the model file)")
+    return f"an op mixes samples across the batch (dim {spec.batch_dim}: a normalisation over it, a sum or mean over it)"

@@ -92,8 +92,8 @@ def check_trainable(spec: ModelSpec) -> None:
     assert isinstance(loss, torch.Tensor)
     value = float(loss.detach().reshape(-1)[0])
     if not math.isfinite(value):
-        empty = batch_size_of(spec.example_inputs) == 0  # a mean over no samples is nan
+        empty = batch_size_of(spec.example_inputs, spec.batch_dim) == 0  # a mean over no samples is nan
         raise ModelFileError(
             f"the original model's loss is {value} on the example inputs (model {label!r} itself, before any "
-            "placement)" + ("; they hold 0 samples (dim 0 is empty): expected a batch of at least one"
+            "placement)" + (f"; they hold 0 samples (dim {spec.batch_dim} is empty): expected a batch of at least one"
                             if empty else "; expected finite values"))

@@ -10,8 +10,9 @@ batch 8, its late stages 1.5x, where gpt2's GEMMs (width 384) cost 1.05x at 16 o
 samples. So it is measured: :func:`profile_fixed_parts` runs the in-situ profiler
 (:func:`graphs.profile.in_situ.in_situ_times`, the method of the main profile) a second
 time on the captured GraphModule with the example inputs cut along the batch dimension
-(dim 0: the first ``B / r`` rows of every input whose dim 0 is the batch, as
-``torch.distributed.pipelining`` splits micro-batches), and fits per node and device kind
+(the model's ``batch_dim``, 0 unless its file says otherwise: the first ``B / r`` samples of
+every input that has the batch there, as ``torch.distributed.pipelining`` splits
+micro-batches), and fits per node and device kind
 ``cost(b) = fixed + per_sample * b`` through the two profiles (:func:`fixed_parts`).
 
 **One sitting.** The fit amplifies any difference between the two profiles that is not the
@@ -56,7 +57,7 @@ import torch.fx as fx
 
 from graphs.capture import CapturedModel
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
-from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
+from graphs.model_file import batch_size_of, batch_slice, carries_batch, preserved_buffers
 from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices
@@ -119,16 +120,16 @@ def microbatch_ratio(batch: int, most: int = MAX_RATIO) -> int | None:
     return None
 
 
-def slice_batch(example_inputs: Sequence[Any], batch: int, size: int) -> tuple[Any, ...]:
-    """The first micro-batch of ``size`` samples: every tensor whose dim 0 is ``batch`` cut to
-    its first ``size`` rows (``torch.tensor_split`` along dim 0, as the pipeline engine splits
-    its inputs), every other value as it is."""
+def slice_batch(example_inputs: Sequence[Any], batch: int, size: int, dim: int = 0) -> tuple[Any, ...]:
+    """The first micro-batch of ``size`` samples: every tensor whose dim ``dim`` is ``batch``
+    cut to its first ``size`` samples (``torch.tensor_split`` along the batch dimension, as the
+    pipeline engine splits its inputs), every other value as it is."""
     def own(x: Any) -> Any:  # its own storage, as a received micro-batch has
-        if not isinstance(x, torch.Tensor):
+        if not carries_batch(x, size, dim):
             return x
-        return x.detach().clone().requires_grad_(x.requires_grad) if x.dim() > 0 and x.shape[0] == size else x
+        return x.detach().clone().requires_grad_(x.requires_grad)
 
-    return tuple(tree_map(own, batch_slice(tuple(example_inputs), batch, 0, size)))
+    return tuple(tree_map(own, batch_slice(tuple(example_inputs), batch, 0, size, dim)))
 
 
 def fixed_parts(full: np.ndarray, small: np.ndarray, ratio: float) -> np.ndarray:
@@ -182,7 +183,7 @@ def _why(exc: BaseException) -> str:
 
 
 def smallest_runnable_batch(gm: fx.GraphModule, inputs: tuple[Any, ...], batch: int, above: int,
-                            device: torch.device) -> int:
+                            device: torch.device, dim: int = 0) -> int:
     """The smallest divisor of ``batch`` above ``above`` samples on which one training step of
     ``gm`` runs (``batch`` itself when none smaller does): a model that fails on a micro-batch
     (batch norm on one sample, shapes fixed at capture) may still run on a larger one."""
@@ -191,7 +192,7 @@ def smallest_runnable_batch(gm: fx.GraphModule, inputs: tuple[Any, ...], batch: 
             continue
         try:
             with worker_conditions(), torch.enable_grad(), preserved_buffers(gm):
-                plain_step_seconds(gm, slice_batch(inputs, batch, size), device)
+                plain_step_seconds(gm, slice_batch(inputs, batch, size, dim), device)
         except Exception:  # noqa: BLE001 - any failure: the model does not run on this many samples
             continue
         return size
@@ -238,12 +239,14 @@ def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, .
 def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
                         devices: Sequence[str | torch.device] | None = None, repeats: int = 5,
                         cache_dir: str | None = None, *, use_cache: bool = True,
-                        most: int = MAX_RATIO) -> BatchScalingInfo | None:
+                        most: int = MAX_RATIO, batch_dim: int = 0) -> BatchScalingInfo | None:
     """Profile ``captured`` again on a micro-batch on the CPU (the only kind of ``devices``,
     default cpu plus cuda:0, whose ops' fixed parts the simulators read) and store every
     node's fixed forward and backward seconds per device kind (``fwd_fixed``, ``bwd_fixed``)
     and ``graph.graph["batch_scaling"]`` (module doc). Needs the main profile
     (:func:`graphs.profile.profiler.profile_graph`) of the same kind on the graph.
+
+    ``batch_dim`` is the inputs' batch dimension (:attr:`graphs.model_file.ModelSpec.batch_dim`).
 
     Returns None where the model cannot be measured on a smaller batch: the graph then gets
     no fixed parts (the simulators' default rule) and ``graph.graph["batch_scaling"]`` is
@@ -251,14 +254,14 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
     """
     gm, graph = captured.gm, captured.graph
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batch = batch_size_of(inputs)
+    batch = batch_size_of(inputs, batch_dim)
     ratio = microbatch_ratio(batch, most) if batch is not None else None
     if batch is None or ratio is None:
         _skipped(graph, "no batch dimension in the example inputs" if batch is None
                  else f"the batch of {batch} has no divisor from 2 to {most}")
         return None
     small = batch // ratio
-    cut = slice_batch(inputs, batch, small)
+    cut = slice_batch(inputs, batch, small, batch_dim)
     info = graph.graph.get("profile_info") or {}
     fingerprint = captured.fingerprint or graph.graph.get("fingerprint")
     cache = ProfileCache(cache_dir) if use_cache and fingerprint else None
@@ -286,7 +289,7 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
         try:
             times, ratio_now, accumulate[dev.type], cached = _small_times(gm, inputs, cut, dev, repeats, names, cache, fingerprint)
         except Exception as exc:  # noqa: BLE001 - a model that does not run on a smaller batch
-            runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev)
+            runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev, batch_dim)
             min_samples = max(min_samples, runs_on)
             who = graph.graph.get('name') or 'the model'
             if graph.graph.get("capture") == "export":

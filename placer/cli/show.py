@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
         from graphs.model_file import batch_size_of
 
         # apply refuses such a file, so show must not report a step time it could never run
-        batch = batch_size_of(prepared.spec.example_inputs)
+        batch = batch_size_of(prepared.spec.example_inputs, prepared.spec.batch_dim)
         if batch is None:
             raise OptionError("the placement is pipelined but the model's inputs have no batch dimension; "
-                              "expected inputs whose dim 0 the micro-batches split")
+                              f"expected inputs whose dim {prepared.spec.batch_dim} the micro-batches split")
         placement.pipeline.check_batch(batch)
     problem, step = simulate_placement(prepared, placement.assignment, cluster)
     out = pictures_dir or Path(args.out)

@@ -83,6 +83,9 @@ class OptimizeConfig:
             search's time budget bounds every measurement during the search as well.
         leaf_modules: modules to keep as single ops (module paths such as ``"encoder.rnn"``,
             class names such as ``"Block"``, or ``nn.Module`` subclasses).
+        batch_dim: the batch dimension of an ``nn.Module``'s inputs (None: 0), along which DDP
+            replicas and pipeline micro-batches take their share; 1 for sequence-first inputs.
+            A model file says it itself (``batch_dim = 1``): given here, it must agree.
 
     Raises:
         OptionError: a malformed budget, unknown reward mode, agent or baseline, groups < 1 or
@@ -114,6 +117,7 @@ class OptimizeConfig:
     measurer: Measurer | None = None
     measure_timeout: float | None = None
     leaf_modules: Sequence[str | type[torch.nn.Module]] = ()
+    batch_dim: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -168,6 +172,9 @@ class OptimizeConfig:
                 isinstance(self.measure_timeout, bool) or not isinstance(self.measure_timeout, (int, float))
                 or not 0 < self.measure_timeout < float("inf")):
             raise OptionError(f"measure_timeout must be a number of seconds above 0; got {kind(self.measure_timeout)}")
+        if self.batch_dim is not None and (isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int)
+                                           or self.batch_dim < 0):
+            raise OptionError(f"batch_dim must be the inputs' batch dimension, an integer >= 0; got {kind(self.batch_dim)}")
         if not isinstance(self.agent, str):
             raise OptionError(f"agent must be an agent's name ({', '.join(agent_names())}); got {kind(self.agent)}")
         for name in ("resume", "pretrained", "check", "progress"):

@@ -35,7 +35,14 @@ from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
 from graphs.errors import PlacerError
-from graphs.model_file import ModelSpec, batch_size_of, check_inputs_fit, default_loss, default_optimizer
+from graphs.model_file import (
+    ModelSpec,
+    batch_size_of,
+    check_batch_dim,
+    check_inputs_fit,
+    default_loss,
+    default_optimizer,
+)
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
 from graphs.profile.devices import resolve_devices
@@ -96,6 +103,9 @@ def prepare_run(config: OptimizeConfig) -> PreparedRun:
     # A model the check cannot train (no parameters, a loss without gradient or not finite)
     # is refused here, not after the search: loaded once, checked, then captured and profiled.
     spec = load_source(source, config.model_args)
+    if config.batch_dim is not None and config.batch_dim != spec.batch_dim:
+        raise OptionError(f"batch_dim={config.batch_dim!r} was given, but {spec.path or spec.name} says "
+                          f"batch_dim = {spec.batch_dim}; expected one batch dimension: set it in the file only")
     check_trainable(spec)
     level = logging.INFO if config.verbose else logging.DEBUG
     # Timing every op of a large model takes minutes on a CPU (the 8-layer paper NMT's 16,172
@@ -312,7 +322,7 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     # the search placements, and took longer than the placement search itself (a 535-op
     # transformer at --budget 20000: about 15 s against 1.3 s) without showing in -v's stages.
     start = time.perf_counter()
-    table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs),
+    table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs, run.spec.batch_dim),
                                      search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
                                      seed=config.seed, initial=[resumed] if resumed is not None else [],
                                      min_samples=min_microbatch_samples(run.prepared.captured.graph))
@@ -452,9 +462,10 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
     inputs = config.example_inputs if isinstance(config.example_inputs, tuple) else (config.example_inputs,)
     label = type(model).__name__
+    batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
-                     optimizer_fn=config.optimizer_fn or default_optimizer, name=label)
+                     optimizer_fn=config.optimizer_fn or default_optimizer, name=label, batch_dim=batch_dim)
 
 
 #: A fresh profile that took longer than this many seconds is reported, with where it is kept.

@@ -32,6 +32,31 @@ class Skip(Chain):
         return F.cross_entropy(self.head(h3), y)
 
 
+class SequenceFirst(nn.Module):
+    """A GRU over inputs of shape (time, batch, features), torch's default layout: the batch is
+    dim 1 (``batch_dim = 1``); cut along dim 0, every part would start the recurrence afresh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.rnn, self.head = nn.Linear(D, D), nn.GRU(D, D), nn.Linear(D, 5)
+
+    def forward(self, x, y):
+        h, _ = self.rnn(torch.tanh(self.l1(x)))
+        return F.cross_entropy(self.head(h).reshape(-1, 5), y.reshape(-1))
+
+
+#: Time steps of :class:`SequenceFirst`'s batch (a multiple of 2, so a cut along time would run too).
+T = 6
+
+
+def sequence_first_batch():
+    """:class:`SequenceFirst` traced, and a batch of ``B`` sequences of ``T`` steps, batch on dim 1."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(SequenceFirst())
+    g = torch.Generator().manual_seed(1)
+    return gm, {"x": torch.randn(T, B, D, generator=g), "y": torch.randint(0, 5, (T, B), generator=g)}
+
+
 def model_and_batch(cls):
     torch.manual_seed(0)
     gm = fx.symbolic_trace(cls())

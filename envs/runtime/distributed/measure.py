@@ -280,7 +280,8 @@ class DistributedMeasurer:
             run_ = run_training(gm, dict(zip(names, spec.example_inputs)), pipeline, world=world,
                                 steps=self.warmup + self.timed_steps(expected_s), warmup=self.warmup,
                                 optimizer=spec.optimizer_fn,
-                                loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout)
+                                loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout,
+                                batch_dim=spec.batch_dim)
         except (PipelineError, PipelineRunError) as exc:
             return MeasureResult(step_time=float("inf"), valid=False, reason=str(exc), note=note)
         times = tuple(run_.step_times[self.warmup:])

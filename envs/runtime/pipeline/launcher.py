@@ -131,8 +131,11 @@ def _file_modules() -> dict[str, str]:
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
               steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
               loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
-              warmup: int = 0) -> Path:
+              warmup: int = 0, batch_dim: int = 0) -> Path:
     """Write the job file every rank reads (``job_dir/job.pt``); for ``torchrun`` runs (docs/distributed.md).
+
+    ``batch_dim``: the inputs' batch dimension (:attr:`graphs.model_file.ModelSpec.batch_dim`),
+    along which replicas and micro-batches take their share.
 
     ``warmup``: the first steps are untimed warm-up; the later ones run with Python's
     collector's older objects frozen, as every timed step (:func:`graphs.gc_pause.frozen_gc`).
@@ -153,7 +156,7 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     # would come back re-traced under other node names, or not at all.
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
-                "timeout_s": timeout_s, "warmup": warmup}, path)
+                "timeout_s": timeout_s, "warmup": warmup, "batch_dim": batch_dim}, path)
     (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
     for stale in job_dir.glob("grads-*.pt"):  # a reused job folder (torchrun's job/): not this job's
         stale.unlink()
@@ -245,7 +248,8 @@ class PipelineJob:
 
     def __init__(self, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], world: int, pipeline: Pipeline | None,
                  steps: int, optimizer: OptimizerSpec, loss_fn: Callable[..., torch.Tensor] | None,
-                 threads: int, timeout_s: float, host: str, port: int | None = None, warmup: int = 0) -> None:
+                 threads: int, timeout_s: float, host: str, port: int | None = None, warmup: int = 0,
+                 batch_dim: int = 0) -> None:
         self.world = world
         self.timeout_s = timeout_s
         if port is None:
@@ -254,7 +258,7 @@ class PipelineJob:
         else:
             port = check_port(host, port)
         self.job_dir = make_job_dir()
-        write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s, warmup)
+        write_job(self.job_dir, gm, inputs, pipeline, steps, optimizer, loss_fn, threads, timeout_s, warmup, batch_dim)
         self.sup = Supervisor()
         for r in range(world):
             env = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": host,
@@ -304,7 +308,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
                  world: int | None = None, steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
                  loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
                  host: str = "127.0.0.1", port: int | None = None,
-                 problem: PlacementProblem | None = None, warmup: int = 0) -> TrainingRun:
+                 problem: PlacementProblem | None = None, warmup: int = 0, batch_dim: int = 0) -> TrainingRun:
     """Train ``steps`` steps of ``gm`` on ``inputs`` (placeholder name -> full batch) with
     ``pipeline`` (one process per stage device; a pipeline x DDP hybrid: one per stage device
     of every replica, each replica on its ``1/R`` of the batch, gradients averaged per stage
@@ -329,7 +333,7 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
             has a shape that depends on the data, or a stage does not fit its device (all
             checked before starting).
     """
-    batch = batch_size_of(dict(inputs)) or 0
+    batch = batch_size_of(dict(inputs), batch_dim) or 0
     check_job(gm, pipeline, world, batch, optimizer)
     if port is None:
         resolved(host)
@@ -343,10 +347,11 @@ def run_training(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipelin
         # Every replica runs replica 0's stages on its own 1/R of the batch: check each slice.
         share = batch // len(replicas)
         for r in range(len(replicas)):
-            check_static_shapes(gm, {k: batch_slice(v, batch, r * share, (r + 1) * share) for k, v in inputs.items()},
-                                replicas[0])
+            check_static_shapes(gm, {k: batch_slice(v, batch, r * share, (r + 1) * share, batch_dim)
+                                     for k, v in inputs.items()}, replicas[0], batch_dim)
         world = len(replicas) * len(pipeline.ranks)
     if world is None or world < 1:
         raise PipelineRunError("DDP needs world >= 1 processes")
-    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port, warmup)
+    job = PipelineJob(gm, inputs, world, pipeline, steps, optimizer, loss_fn, threads, timeout_s, host, port, warmup,
+                      batch_dim)
     return job.wait()

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from graphs.model_file import batch_size_of, batch_slice, preserved_buffers
+from graphs.model_file import batch_size_of, batch_slice, carries_batch, preserved_buffers
 from graphs.ops import in_place_writes
 from graphs.random_state import kept_random_state
 
@@ -298,14 +298,29 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     return out
 
 
-def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int) -> dict[str, torch.Tensor]:
-    """Micro-batch ``index`` of the model inputs (equal slices of dim 0, as the schedules split them)."""
-    batch = batch_size_of(dict(inputs)) or 0
+def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int,
+               batch_dim: int = 0) -> dict[str, torch.Tensor]:
+    """Micro-batch ``index`` of the model inputs (equal slices of the batch dimension
+    ``batch_dim``, as the schedules split them: :func:`chunk_specs`)."""
+    batch = batch_size_of(dict(inputs), batch_dim) or 0
     size = batch // microbatches
-    return {k: batch_slice(v, batch, index * size, (index + 1) * size) for k, v in inputs.items()}
+    return {k: batch_slice(v, batch, index * size, (index + 1) * size, batch_dim) for k, v in inputs.items()}
 
 
-def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline) -> dict[str, Any]:
+def chunk_specs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, Any]:
+    """How a ``torch.distributed.pipelining`` schedule is to cut each input into micro-batches:
+    along ``batch_dim`` where the input carries the batch (:func:`graphs.model_file.carries_batch`),
+    whole to every micro-batch otherwise, so that the schedule cuts what :func:`microbatch` cuts
+    (its default cuts every tensor along dim 0)."""
+    from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+
+    batch = batch_size_of(dict(inputs), batch_dim) or 0
+    return {k: TensorChunkSpec(batch_dim) if carries_batch(v, batch, batch_dim) else _Replicate
+            for k, v in inputs.items()}
+
+
+def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline,
+                        batch_dim: int = 0) -> dict[str, Any]:
     """Run every micro-batch through ``gm`` and compare each boundary value with micro-batch 0's:
     ``PipelineStage`` preallocates its receive buffers from one set of shapes, so a value whose
     shape (or constant) depends on the data cannot cross a stage boundary. Returns micro-batch
@@ -317,9 +332,9 @@ def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], 
     specs = split_stages(gm, pipeline)
     sender = {v: spec.index for spec in specs for v in spec.send if v not in {w for w in spec.recv}}
     names = {v for spec in specs for v in spec.recv + spec.send}
-    first = boundary_metas(gm, microbatch(inputs, 0, pipeline.microbatches), names)
+    first = boundary_metas(gm, microbatch(inputs, 0, pipeline.microbatches, batch_dim), names)
     for k in range(1, pipeline.microbatches):
-        other = boundary_metas(gm, microbatch(inputs, k, pipeline.microbatches), names)
+        other = boundary_metas(gm, microbatch(inputs, k, pipeline.microbatches, batch_dim), names)
         for name, value in first.items():
             a, b = value, other[name]
             same = (a.shape == b.shape and a.dtype == b.dtype) if isinstance(a, torch.Tensor) and isinstance(

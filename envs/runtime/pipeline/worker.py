@@ -247,10 +247,11 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     from torch.distributed.pipelining import PipelineStage
     from torch.nn.parallel import DistributedDataParallel
 
-    from envs.runtime.pipeline.stages import StageModule, boundary_metas, microbatch, split_stages
+    from envs.runtime.pipeline.stages import StageModule, boundary_metas, chunk_specs, microbatch, split_stages
 
     gm, inputs = job["gm"], job["inputs"]
-    batch = batch_size_of(dict(inputs)) or 0
+    dim = job.get("batch_dim", 0)  # a job file written before it was recorded: dim 0
+    batch = batch_size_of(dict(inputs), dim) or 0
     pipeline.check_batch(batch)
     m, s_, n_rep = pipeline.microbatches, pipeline.num_stages, pipeline.num_replicas
     p_ = len(pipeline.ranks)
@@ -265,7 +266,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
                    if n_rep > 1 and m == 1 and training_batch_norms(gm) else None)
     # Replica r takes the r-th of R equal slices of the batch (DDP's DistributedSampler shards).
     share = batch // n_rep
-    inputs = {k: batch_slice(v, batch, replica * share, (replica + 1) * share) for k, v in inputs.items()}
+    inputs = {k: batch_slice(v, batch, replica * share, (replica + 1) * share, dim) for k, v in inputs.items()}
     batch = share
     specs = split_stages(gm, pipeline)
     rank_of = [s % p_ for s in range(s_)]
@@ -278,7 +279,8 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     groups = tied_groups[replica]
     mine = [spec for spec in specs if rank_of[spec.index] == local]
     own_memory(spec.gm for spec in mine)  # before DDP and PipelineStage take their tensors
-    metas = boundary_metas(gm, microbatch(inputs, 0, m), {v for spec in specs for v in spec.recv + spec.send})
+    metas = boundary_metas(gm, microbatch(inputs, 0, m, dim), {v for spec in specs for v in spec.recv + spec.send})
+    cut = chunk_specs(inputs, dim)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     names = list(inputs)
     stages = []
@@ -314,8 +316,9 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     res["held_param_bytes"] = held_parameter_bytes()
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
+    # The target is this module's own placeholder of the batch's size, cut along its dim 0.
     sched = cls(stages if pipeline.schedule == "interleaved_1f1b" else stages[0], m,
-                loss_fn=lambda out, _target: out, scale_grads=False)
+                loss_fn=lambda out, _target: out, scale_grads=False, kwargs_chunk_spec=cut)
     # By canonical name: a parameter read by two stages of this rank, or under two names, is
     # one tensor, optimised once.
     gms = [_stage_graph(st.submod) for st in stages]
@@ -429,10 +432,11 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     from torch.nn.parallel import DistributedDataParallel
 
     gm, inputs = job["gm"], job["inputs"]
-    batch = batch_size_of(dict(inputs)) or 0
+    dim = job.get("batch_dim", 0)
+    batch = batch_size_of(dict(inputs), dim) or 0
     check_ddp_batch(batch, world)
     shard = batch // world
-    mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard) for k, v in inputs.items()}
+    mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard, dim) for k, v in inputs.items()}
     own_memory([gm])
     if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
         replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
