@@ -313,9 +313,11 @@ def chunk_specs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, Any]
     whole to every micro-batch otherwise, so that the schedule cuts what :func:`microbatch` cuts
     (its default cuts every tensor along dim 0)."""
     from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+    from torch.utils._pytree import tree_map
 
     batch = batch_size_of(dict(inputs), batch_dim) or 0
-    return {k: TensorChunkSpec(batch_dim) if carries_batch(v, batch, batch_dim) else _Replicate
+    # Leaf by leaf: the schedule flattens each input (a dict of tensors is several leaves).
+    return {k: tree_map(lambda x: TensorChunkSpec(batch_dim) if carries_batch(x, batch, batch_dim) else _Replicate, v)
             for k, v in inputs.items()}
 
 
