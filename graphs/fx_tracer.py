@@ -2,7 +2,8 @@
 
 ``torch.fx.symbolic_trace`` is capture's first choice (:mod:`graphs.capture`): standard
 ``torch.nn`` layers and recurrent modules stay one ``call_module`` node, as do the leaf modules
-the user names (:func:`resolve_leaf_modules`); buffers and parameters used directly become
+the user names (:func:`resolve_leaf_modules`); torch.nn's transformer stacks are traced layer by
+layer (:mod:`graphs.transformer_stacks`); buffers and parameters used directly become
 ``get_attr`` nodes, and ``x += y`` is recorded as the in-place update it is where the old tensor
 is read again. The trace runs under the guards of :mod:`graphs.trace_guards` and its siblings (what
 fx would not record faithfully, a grad-mode change or an autocast region
@@ -36,6 +37,7 @@ from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
 from graphs.python_draws import python_draws_refused
 from graphs.root_hooks import refuse_root_hooks
 from graphs.trace_guards import GuardedTrace, factories_taking_proxies
+from graphs.transformer_stacks import STACK_TYPES, kept_whole, stack_forward
 from graphs.untraced_modes import AutocastNotTraced, GradModeNotTraced, autocast_state, target_name
 from graphs.update_lines import last_user_line, line_updating
 
@@ -64,6 +66,7 @@ class PlacerTracer(fx.Tracer):
         self.constant_reads: dict[str, Scalar | TensorRead] = {}  # module attributes forward() read (:data:`Scalar`)
         self.modes_read: dict[str, bool] = {}  # module path -> the training flag forward() read of it
         self.attributes_read: set[str] = set()  # Python attributes forward() read before setting them
+        self.whole_stacks: list[nn.Module] = []  # transformer stacks kept as one node (transformer_stacks.kept_whole)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
@@ -139,7 +142,17 @@ class PlacerTracer(fx.Tracer):
             # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
             # called whole, autograd runs them.
             return True
+        if isinstance(m, STACK_TYPES):  # layer by layer (graphs.transformer_stacks), unless kept whole
+            return m in self.whole_stacks
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, STACK_TYPES) and not self.is_leaf_module(m, self.path_of_module(m)):
+            if kept_whole(m, args, kwargs, self.path_of_module(m)):
+                self.whole_stacks.append(m)
+            else:  # its own forward cannot be traced: fx follows its training path instead
+                forward = stack_forward(m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 class _AugmentedProxy(fx.Proxy):
