@@ -133,14 +133,17 @@ def load_torch_exit_report_imports() -> None:
 
 
 def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
-            name: str = "model", loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
+            name: str = "model", loss_fn: Callable[..., torch.Tensor] | None = None, batch_dim: int = 0) -> CapturedModel:
     """Capture ``model`` on ``example_inputs`` (see the module doc for fx → export → error).
 
     ``leaf_modules``: module classes, module paths (``"encoder.rnn"``) or class names
     (``"Block"``) to keep as single nodes (fx path only: torch.export always traces into
     modules and keeps the mapping in ``module``). ``loss_fn(output, *inputs)``: the model's
     loss, whose saved tensors count in the ``act_bytes`` of the node producing the output
-    (:mod:`graphs.saved_activations`); None counts the forward's alone.
+    (:mod:`graphs.saved_activations`); None counts the forward's alone. ``batch_dim``: the
+    inputs' batch dimension (:attr:`graphs.model_file.ModelSpec.batch_dim`), which torch.export
+    keeps symbolic where the model lets it (so that the graph runs micro-batches) and the check
+    of a graph that may fix the batch grows.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
@@ -160,7 +163,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
     refuse_root_backward_hooks(model, name)
     _refuse_graph_module_names(model, name)
     try:
-        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn)
+        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn, batch_dim)
     finally:
         set_training_modes(model, user_modes)
 
@@ -183,7 +186,7 @@ def _refuse_graph_module_names(model: nn.Module, name: str) -> None:
 
 def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: tuple[type, ...],
              leaf_names: set[str], name: str, trace_modes: dict[str, bool],
-             loss_fn: Callable[..., torch.Tensor] | None = None) -> CapturedModel:
+             loss_fn: Callable[..., torch.Tensor] | None = None, batch_dim: int = 0) -> CapturedModel:
     fx_error: str | None = None
     baked: EvalArguments | fx.Graph | str | None = None
     training_attributes: list[str] = []  # Python attributes the training trace set (put back)
@@ -201,15 +204,16 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
-        baked = mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes)
+        baked = mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes, batch_dim)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
         if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, ChangingValue):
             # torch.export would bake the same Python value (or drop the same Python state)
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         fx_error = one_line_reason(fx_exc)
         try:
-            gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs, follow_eval=False),
-                               lambda targets, _: line_updating(targets, lambda: export_trace(model, inputs, False)),
+            gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs, False, batch_dim),
+                               lambda targets, _: line_updating(targets, lambda: export_trace(model, inputs, False,
+                                                                                              batch_dim)),
                                training_attributes)
         except Exception as export_exc:
             if isinstance(export_exc, TraceTimeUpdate) and isinstance(fx_exc, TraceTimeUpdate):
@@ -218,7 +222,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                 raise CaptureError(f"cannot capture model {name!r}: {export_exc}") from None
             raise _capture_error(name, fx_exc, export_exc) from None
         method, shapes_from = "export", "fake"
-        baked = export_eval(model, inputs, gm, trace_modes, training_attributes)
+        baked = export_eval(model, inputs, gm, trace_modes, training_attributes, batch_dim)
     if isinstance(baked, str):
         refuse_eval_mode(gm, baked)
     elif isinstance(baked, dict):
@@ -228,7 +232,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     refuse_hooks_never_run(gm)
     follow_eval_mode(gm)  # copies and pickles register its hook again (a no-op where nothing needs that)
     if method == "export":
-        pin_shapes_unless_generic(gm, model, inputs)
+        pin_shapes_unless_generic(gm, model, inputs, batch_dim)
     if isinstance(baked, fx.Graph):
         # After complete_state: the eval graph may read state the training graph does not.
         try:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from graphs.errors import one_line_reason
 from graphs.eval_arguments import (
@@ -73,7 +74,7 @@ def _restored(model: nn.Module) -> Iterator[list[str]]:
 
 def mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_types: Sequence[type],
                       leaf_names: Iterable[str], trace_modes: dict[str, bool],
-                      training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
+                      training_attributes: Sequence[str] = (), batch_dim: int = 0) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (fx, traced in ``trace_modes``) runs in eval mode: its eval-mode constants, or
     the model's graph traced in eval mode where it takes other ops, or why it cannot follow
     ``.eval()``.
@@ -106,7 +107,7 @@ def mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_t
             if found is None:
                 found = _own_constants(graph, made.__contains__, model, gm)
     except Exception as exc:  # noqa: BLE001 - untraceable in eval mode: torch.export may capture it
-        return _exported_for_fx(model, inputs, gm, trace_modes, training_attributes, one_line_reason(exc))
+        return _exported_for_fx(model, inputs, gm, trace_modes, training_attributes, one_line_reason(exc), batch_dim)
     finally:
         set_training_modes(model, trace_modes)
     eval_only = [name for name in python_state if name not in training_attributes]
@@ -180,7 +181,7 @@ def _warn_of_fast_paths(model: nn.Module) -> None:
 
 
 def export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
-                 training_attributes: Sequence[str] = ()) -> EvalArguments | fx.Graph | str:
+                 training_attributes: Sequence[str] = (), batch_dim: int = 0) -> EvalArguments | fx.Graph | str:
     """What ``gm`` (torch.export, training mode) runs in eval mode: the model exported again
     in eval mode, as constants of ``gm`` (:func:`graphs.eval_arguments.export_eval_plan`) or as its
     own graph where it runs other ops; where the eval mode cannot be exported, the training
@@ -194,7 +195,7 @@ def export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes
     """
     _warn_of_fast_paths(model)
     try:
-        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
+        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes, batch_dim)
     except Exception as exc:  # noqa: BLE001 - the training capture stands
         # What placer did before exporting twice: switch the training flags it knows. Refusing
         # eval mode would stop every validation pass of a model that only fails to export in it.
@@ -209,7 +210,7 @@ def export_eval(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes
 
 
 def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_modes: dict[str, bool],
-                     training_attributes: Sequence[str], fx_reason: str) -> fx.Graph | str:
+                     training_attributes: Sequence[str], fx_reason: str, batch_dim: int = 0) -> fx.Graph | str:
     """The eval graph of ``gm`` (fx, training mode) where fx cannot trace the model in eval mode
     (``if not self.training:`` around a loop over a tensor): the model exported in eval mode, or
     why it cannot follow ``.eval()``.
@@ -221,7 +222,7 @@ def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_
     (``placer_eval_input_shapes``, checked by :func:`graphs.eval_interpreter.refuse_other_shapes`).
     """
     try:
-        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes)
+        eval_gm = _export_in_eval_mode(model, inputs, trace_modes, training_attributes, batch_dim)
     except Exception as exc:  # noqa: BLE001 - neither tracer follows the eval mode
         return (f"torch.fx cannot trace forward() in eval mode ({fx_reason}), nor torch.export capture it "
                 f"({one_line_reason(exc)}), and the graph keeps what forward() computed in training mode: after .eval() "
@@ -231,13 +232,15 @@ def _exported_for_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, trace_
     _warn_of_fast_paths(model)
     shapes = [tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
               for n in eval_gm.graph.nodes if n.op == "placeholder"]
+    # A size export specialised (the loop above) is a SymInt with a constant value: the example's.
     gm.placer_eval_input_shapes = [  # type: ignore[assignment]
-        shape if shape is not None and all(isinstance(d, int) for d in shape) else None for shape in shapes]
+        tuple(int(d) for d in shape) if shape is not None and all(is_concrete_int(d) for d in shape) else None
+        for shape in shapes]
     return _exported_eval_graph(eval_gm, model, gm)
 
 
 def _export_in_eval_mode(model: nn.Module, inputs: tuple, trace_modes: dict[str, bool],
-                         training_attributes: Sequence[str]) -> fx.GraphModule | str:
+                         training_attributes: Sequence[str], batch_dim: int = 0) -> fx.GraphModule | str:
     """``model`` exported in eval mode (its modes ``trace_modes`` again after), or why it cannot
     follow ``.eval()``: forward() sets Python attributes in eval mode only (:func:`_eval_python_state`).
 
@@ -248,7 +251,7 @@ def _export_in_eval_mode(model: nn.Module, inputs: tuple, trace_modes: dict[str,
     python_state: list[str] = []
     try:
         with _restored(model) as python_state, quiet_torch_logs(logging.CRITICAL):
-            eval_gm = export_trace(model, inputs, follow_eval=False)
+            eval_gm = export_trace(model, inputs, follow_eval=False, batch_dim=batch_dim)
     finally:
         set_training_modes(model, trace_modes)
     eval_only = [name for name in python_state if name not in training_attributes]

@@ -361,22 +361,22 @@ _EXPORTED_SHAPES = (
     "a last, smaller batch (DataLoader(drop_last=True)), or capture the model with the shapes it will train on")
 
 
-def pin_shapes_unless_generic(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> None:
+def pin_shapes_unless_generic(gm: fx.GraphModule, model: nn.Module, inputs: tuple, batch_dim: int = 0) -> None:
     """Make ``gm`` (torch.export's training graph of ``model``) refuse inputs of other shapes than
     the example's, unless it computes the model's outputs for a batch of another size.
 
     torch.export specialises on the example's shapes: sizes the model computes from its input
     (``x.view(x.size(0), -1)``, ``torch.ones(x.shape[0], 1)``) are constants in the graph, so
     a last, smaller batch could run them with no error (a row broadcast over the example's rows,
-    found by trying). The check: every tensor input whose first dimension is the first input's
-    batch gets one row more (its rows taken in turn), and copies of ``gm`` and ``model`` (one
+    found by trying). The check: every tensor input whose batch dimension (``batch_dim``) is the
+    first input's batch gets one sample more (its samples taken in turn), and copies of ``gm`` and ``model`` (one
     deep copy, so their shared tensors stay shared, and forward()'s own updates of them, a
     BatchNorm's statistics or a teacher's weights, land on the copies) run it from one seed.
     Models with more than :data:`BATCH_CHECK_MAX_BYTES` of state, or that cannot be deep-copied,
     are not checked (a log line says so) and keep running any shape, as before.
     """
     leaves, spec = tree_flatten(inputs)
-    first = next((v for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    first = next((v for v in leaves if isinstance(v, torch.Tensor) and v.dim() > batch_dim), None)
     if first is None:
         return
     state = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
@@ -384,10 +384,10 @@ def pin_shapes_unless_generic(gm: fx.GraphModule, model: nn.Module, inputs: tupl
         log.info("the graph torch.export captured was not checked on another batch size (%.1f GiB of state to "
                  "copy); it may hold the example's batch size", state / 2**30)
         return
-    batch = first.shape[0]
+    batch = first.shape[batch_dim]
     rows = torch.arange(batch + 1) % batch
-    grown = tree_unflatten([v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() > 0
-                            and v.shape[0] == batch else v for v in leaves], spec)
+    grown = tree_unflatten([v.index_select(batch_dim, rows.to(v.device)) if isinstance(v, torch.Tensor)
+                            and v.dim() > batch_dim and v.shape[batch_dim] == batch else v for v in leaves], spec)
     try:
         twin_gm, twin_model = copy.deepcopy((gm, model))
     except Exception as exc:  # noqa: BLE001 - a model holding what does not copy (a lock, a file)

@@ -74,7 +74,7 @@ def prepare(source: str | os.PathLike[str] | ModelSpec, model_args: Mapping[str,
 
     start = time.perf_counter()
     captured = capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name,
-                       loss_fn=spec.loss_fn)
+                       loss_fn=spec.loss_fn, batch_dim=spec.batch_dim)
     seconds["capture"] = time.perf_counter() - start
 
     if profile:

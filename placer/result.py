@@ -81,7 +81,7 @@ class OptimizeResult:
         captured = self.prepared.captured
         if model is not None and model is not self.prepared.spec.model:
             captured = capture(model, self.prepared.spec.example_inputs, leaf_modules=captured.leaf_paths,
-                               name=self.prepared.spec.name)
+                               name=self.prepared.spec.name, batch_dim=self.prepared.spec.batch_dim)
             if captured.fingerprint != self.placement.fingerprint:
                 raise PlacerError(
                     f"this placement was made for model {self.placement.fingerprint}, "

@@ -802,3 +802,48 @@ def test_a_sequence_first_model_splits_exactly_along_its_batch_dimension_and_dim
     else:  # parts of 2 time steps: the recurrence restarts, the next-token pairs across parts are lost
         assert not report.split_ok
         assert "set batch_dim = 1 in the model file" in report.describe_split()
+
+
+class _ExportedReshapedByItsBatch(nn.Module):
+    """torch.export captures it (iterating over columns); it reshapes by its input's batch, as a
+    Hugging Face model's attention does (``view(batch, seq, heads, dim)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.stack([column * 2 for column in x.unbind(1)], 1)
+        return self.b(self.a(h).view(x.size(0), 2, 4).transpose(1, 2).reshape(x.size(0), 8))
+
+
+def test_an_exported_graph_keeps_its_batch_symbolic_so_its_micro_batches_run_and_split_exactly():
+    """Exported at the example's sizes the graph held the batch of 8 in its views, and every
+    pipeline and DDP row of such a model (a Hugging Face GPT-2 among them) was set aside."""
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_ExportedReshapedByItsBatch(), example_inputs=(torch.randn(8, 8),), name="reshaped")
+    cap = capture(spec.model, spec.example_inputs, name="reshaped")
+    assert cap.method == "export" and not getattr(cap.gm, "placer_input_shapes", None)
+    report = check_batch_split(spec, cap, microbatches=2, replicas=2)
+    assert report.split_ok and report.split_samples == 2, report.describe_split()
+
+
+class _ExportedSequenceFirst(nn.Module):
+    """torch.export captures it (a loop over its time steps); its batch is dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):  # (time, batch, 8)
+        h = torch.stack([torch.tanh(self.a(step)) for step in x.unbind(0)])
+        return h.reshape(x.size(0) * x.size(1), 8).sum(0)
+
+
+def test_an_exported_sequence_first_graph_keeps_its_batch_dimension_symbolic_not_its_time():
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_ExportedSequenceFirst(), example_inputs=(torch.randn(3, 8, 8),), name="seq",
+                     loss_fn=lambda out, x: out.sum() / x.size(1), batch_dim=1)
+    cap = capture(spec.model, spec.example_inputs, name="seq", batch_dim=1)
+    assert cap.method == "export" and not getattr(cap.gm, "placer_input_shapes", None)
+    assert check_batch_split(spec, cap, microbatches=4).split_ok

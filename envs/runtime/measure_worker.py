@@ -112,7 +112,7 @@ def capture_model(spec: Any, leaf_modules: Sequence[str] = ()) -> Any:
     """Capture ``spec.model`` so node names match the placement graph (made with ``leaf_modules``)."""
     from graphs.capture import capture
 
-    return capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name)
+    return capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name, batch_dim=spec.batch_dim)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"leaf modules (recorded by optimize): {', '.join(leaves)}")
     spec = load_source(args.model, model_args)
     with naming_recorded_leaves(args.placement, leaves, leaves_recorded):
-        captured = capture(spec.model, spec.example_inputs, leaf_modules=leaves, name=spec.name)
+        captured = capture(spec.model, spec.example_inputs, leaf_modules=leaves, name=spec.name,
+                           batch_dim=spec.batch_dim)
     placement = load(args.placement, model=captured, cluster=args.cluster)
     stats = train_steps(spec, captured, placement, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
                         source=args.model, model_args=model_args)

@@ -95,7 +95,7 @@ def write_job(
     if captured is None:
         from graphs.capture import capture
 
-        captured = capture(spec.model, spec.example_inputs, name=spec.name)
+        captured = capture(spec.model, spec.example_inputs, name=spec.name, batch_dim=spec.batch_dim)
     state, meta = _state_and_meta(captured.gm, tuple(spec.example_inputs))
     job = {
         "model_source": model_source,

@@ -136,7 +136,7 @@ class DistributedMeasurer:
 
             spec = self.spec
             self._captured = capture(spec.model, spec.example_inputs, leaf_modules=self.leaf_modules,
-                                     name=spec.name)
+                                     name=spec.name, batch_dim=spec.batch_dim)
         return self._captured
 
     @property

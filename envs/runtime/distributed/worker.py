@@ -339,11 +339,12 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     try:
         with torch.device("meta"):
             spec = load_spec(job["model_source"], job["model_args"])
-        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name)
+        captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name,
+                           batch_dim=spec.batch_dim)
         built_on = "meta"
     except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
         spec = load_spec(job["model_source"], job["model_args"])
-        captured = capture(spec.model, inputs, leaf_modules=leaves, name=spec.name)
+        captured = capture(spec.model, inputs, leaf_modules=leaves, name=spec.name, batch_dim=spec.batch_dim)
         built_on = "cpu"
     if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
         raise RuntimeError(f"rank {rank} captured model {captured.fingerprint}, the job is for {job['fingerprint']}")
