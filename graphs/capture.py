@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -261,6 +262,16 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
             "(leaf_modules, or `--leaf MODULE` on the command line; a submodule with backward hooks is kept whole "
             "anyway), so that autograd runs them, "
             "and a forward() torch.fx can trace")
+    unknown = re.search(r"Found <class '([\w.]+)'> in output", str(export_exc))
+    if unknown:
+        kind = unknown.group(1)
+        # transformers' DynamicCache: HF models return their key/value cache unless told not to.
+        cache = ("; a Hugging Face model returns its key/value cache for generation, which training does not "
+                 "use: set model.config.use_cache = False in get_model()") if "cache" in kind.lower() else ""
+        return CaptureError(
+            f"cannot capture model {name!r}: forward() returns a {kind}, which torch.export cannot give as a graph "
+            f"output, and torch.fx could not trace it ({one_line_reason(fx_exc)}); expected outputs made of tensors "
+            f"(in tuples, lists, dicts or dataclasses){cache}")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")

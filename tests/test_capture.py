@@ -1509,3 +1509,29 @@ def test_a_model_member_named_like_a_graph_module_attribute_is_refused_naming_it
 
     with pytest.raises(CaptureError, match=r"\['code'\].*GraphModule.*'codebook'"):
         capture(VQ(), (torch.randn(2, 4),))
+
+
+class KeyValueCache:
+    """Stands for transformers' DynamicCache: an object no pytree knows, holding tensors."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys = keys
+
+
+class _ReturnsACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.stack([self.a(row) for row in x])  # fx cannot iterate over a Proxy
+        return h, KeyValueCache(h.detach())
+
+
+def test_an_output_torch_export_cannot_return_is_named_and_a_cache_gets_the_hugging_face_remedy():
+    with pytest.raises(CaptureError) as info:
+        capture(_ReturnsACache(), (torch.randn(3, 4),))
+    text = str(info.value)
+    assert "forward() returns a " in text and "KeyValueCache, which torch.export cannot give as a graph output" in text
+    assert "expected outputs made of tensors" in text and "set model.config.use_cache = False" in text
+    assert "\n" not in text
