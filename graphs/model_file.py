@@ -4,7 +4,9 @@ A model file is a Python file that defines ``get_model()`` and ``get_example_inp
 (optionally ``get_loss(output, *inputs)`` and ``get_optimizer(params)``), or, as a
 shortcut, module-level ``model`` and ``example_inputs``. Model arguments (the size knob,
 ``{"size": "paper"}``) are passed as keywords to whichever of the two functions accepts
-them.
+them. ``get_example_inputs()`` gives a tuple of ``forward``'s positional inputs, or a dict by
+parameter name (``model(**batch)``), which placer turns into that tuple
+(:func:`keyword_inputs_as_positional`).
 
 The inputs' batch is their dim 0 unless the file says otherwise with a module-level
 ``batch_dim`` (``batch_dim = 1`` for a sequence-first model: ``nn.LSTM`` and
@@ -186,6 +188,8 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
             f"{model_src} in {label} gave a {type(model).__module__}.{type(model).__qualname__}, "
             "expected a torch.nn.Module"
         )
+    if isinstance(inputs, Mapping):
+        inputs = keyword_inputs_as_positional(model, inputs, f"{inputs_src} in {label}")
     example_inputs = _as_input_tuple(inputs, inputs_src, label)
     loss_fn = _optional_function(module, "get_loss", label) or default_loss
     optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
@@ -446,13 +450,47 @@ def _check_required_args(fn: Callable, kwargs: Mapping[str, Any], what: str, lab
                              f"expected a value for each: {given} (model_args={{{in_python}}} from Python)")
 
 
+def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], what: str = "the inputs") -> tuple:
+    """Keyword inputs (``model(**batch)``, a Hugging Face batch) as the positional tuple of
+    ``model.forward``'s parameters up to the last one given, the others at their defaults: what
+    placer captures, runs and splits. ``what`` names the inputs in an error.
+
+    >>> class Net(nn.Module):
+    ...     def forward(self, input_ids, past=None, attention_mask=None):
+    ...         return input_ids
+    >>> keyword_inputs_as_positional(Net(), {"attention_mask": 1, "input_ids": 0})
+    (0, None, 1)
+    """
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    unknown = [k for k in inputs if k not in names]
+    if unknown:
+        raise ModelFileError(f"{what} name {', '.join(repr(k) for k in unknown)}, which forward() of "
+                             f"{type(model).__name__} does not take by position (its parameters: {', '.join(names)}); "
+                             "expected keys that are parameters of forward()")
+    if not inputs:
+        raise ModelFileError(f"{what} is an empty dict; expected the model's inputs by parameter name")
+    last = max(names.index(k) for k in inputs)
+    values = []
+    for p in positional[:last + 1]:
+        if p.name in inputs:
+            values.append(inputs[p.name])
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            raise ModelFileError(f"{what} leave out {p.name!r}, a parameter of forward() without a default; "
+                                 "expected every such parameter")
+    return tuple(values)
+
+
 def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if not isinstance(inputs, tuple):
         raise ModelFileError(
             f"{what} in {label} gave a {type(inputs).__name__}; expected a tuple of the model's "
-            "positional inputs (or a single tensor)"
+            "positional inputs, a dict of them by parameter name, or a single tensor"
         )
     if not inputs:
         raise ModelFileError(f"{what} in {label} gave an empty tuple; expected at least one input tensor")

@@ -345,3 +345,43 @@ def test_a_model_file_names_its_batch_dimension_and_the_spec_carries_it(tmp_path
 def test_a_batch_dimension_that_is_not_one_of_the_inputs_is_refused_saying_what_was_expected(tmp_path, value,
                                                                                               expected):
     assert expected in load_error(tmp_path, SEQUENCE_FIRST.format(value=value))
+
+
+KEYWORD_INPUTS = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x, past=None, mask=None, **extra):
+        return self.a(x) * (1 if mask is None else mask)
+
+def get_model():
+    return Net()
+
+def get_example_inputs():
+    return {inputs}
+"""
+
+
+def test_keyword_inputs_become_the_positional_inputs_of_forward_with_the_defaults_between(tmp_path):
+    spec = load_model_file(write(tmp_path, KEYWORD_INPUTS.format(
+        inputs='{"mask": torch.ones(5, 2), "x": torch.randn(5, 3)}')))
+    x, past, mask = spec.example_inputs
+    assert x.shape == (5, 3) and past is None and torch.equal(mask, torch.ones(5, 2))
+    assert torch.equal(spec.model(*spec.example_inputs), spec.model(x=x, mask=mask))
+
+
+@pytest.mark.parametrize("inputs, expected", [
+    ('{"x": torch.randn(5, 3), "labels": torch.zeros(5)}',
+     "get_example_inputs() in model.py name 'labels', which forward() of Net does not take by position "
+     "(its parameters: x, past, mask); expected keys that are parameters of forward()"),
+    ('{"mask": torch.ones(5, 2)}', "get_example_inputs() in model.py leave out 'x', a parameter of forward() "
+                                   "without a default; expected every such parameter"),
+    ("{}", "get_example_inputs() in model.py is an empty dict; expected the model's inputs by parameter name"),
+])
+def test_keyword_inputs_forward_cannot_take_are_refused_naming_them(tmp_path, inputs, expected):
+    assert expected in load_error(tmp_path, KEYWORD_INPUTS.format(inputs=inputs))

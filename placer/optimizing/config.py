@@ -53,7 +53,8 @@ class OptimizeConfig:
 
     Attributes:
         model: an ``nn.Module`` (with ``example_inputs``), a model file path, or ``"zoo:<name>"``.
-        example_inputs: the module's inputs (a tuple; one tensor means a 1-tuple).
+        example_inputs: the module's inputs (a tuple; one tensor means a 1-tuple; a dict, by
+            ``forward``'s parameter names, as ``model(**batch)``).
         devices: real devices (``"cpu,cuda:0"``); or ``cluster``: a preset name, spec file
             or :class:`~envs.hardware.cluster.Cluster` (simulated). Neither: real devices
             when at least two exist, else :data:`DEFAULT_CLUSTER`.

@@ -42,6 +42,7 @@ from graphs.model_file import (
     check_inputs_fit,
     default_loss,
     default_optimizer,
+    keyword_inputs_as_positional,
 )
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
@@ -460,8 +461,11 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
         raise OptionError(f"expected a torch.nn.Module, a model file path or 'zoo:<name>'; got {type(model).__name__}")
     if config.example_inputs is None:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
-    inputs = config.example_inputs if isinstance(config.example_inputs, tuple) else (config.example_inputs,)
     label = type(model).__name__
+    given = config.example_inputs
+    if isinstance(given, Mapping):  # model(**batch)
+        given = keyword_inputs_as_positional(model, given, "example_inputs")
+    inputs = given if isinstance(given, tuple) else (given,)
     batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
