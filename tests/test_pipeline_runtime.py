@@ -63,7 +63,7 @@ def test_two_stage_pipeline_trains_like_the_unsplit_model_on_the_full_batch(cls,
     from envs.runtime.pipeline.stages import split_stages
 
     own = [sum(p.numel() * p.element_size() for p in spec.gm.parameters()) for spec in split_stages(gm, pipe)]
-    # (a model file another test loaded in this process is loaded in the ranks too: a few bytes)
+    # (less what the ranks' imports of model files another test loaded in this process hold)
     for rank in (0, 1):
         assert own[rank] <= run.held_param_bytes[rank] < own[rank] + own[1 - rank], run.held_param_bytes
     # Every rank listens (gloo; rank 0 also the store), and only on loopback.

@@ -70,7 +70,8 @@ class TrainingRun:
         tied_gap: for parameters held by several ranks (tied weights), the largest absolute
             difference between the copies after the last step (0.0: the copies stayed equal).
         held_param_bytes: per rank, the bytes of every parameter alive in its process once
-            its stages were built (a pipeline rank holds its stages' own, not the model's).
+            its stages were built, less those its imports of the model files made (a pipeline
+            rank holds its stages' own, not the model's).
     """
 
     losses: list[float]

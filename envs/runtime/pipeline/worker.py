@@ -313,7 +313,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     del gm, specs
     job.pop("gm", None)
     gc.collect()
-    res["held_param_bytes"] = held_parameter_bytes()
+    res["held_param_bytes"] = held_parameter_bytes() - int(job.get("imported_param_bytes", 0))
     cls = _schedule_class(pipeline.schedule)
     # The last stage returns loss / M already: the schedule's loss is that value, unscaled.
     # The target is this module's own placeholder of the batch's size, cut along its dim 0.
@@ -502,7 +502,10 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     from envs.runtime.distributed.worker import _bound_gloo, _listening_addresses, _rendezvous_store
 
     _load_file_modules(job_dir)
+    # What the model files' own imports keep alive (a module-level model) is not the job's.
+    imported = held_parameter_bytes()
     job = load_job(job_dir)
+    job["imported_param_bytes"] = imported
     # One seed per rank: with one for all, DDP's replicas drew the same dropout mask for
     # sample i of each shard, and stages of equal shapes the same masks as one another.
     torch.manual_seed(int(job.get("seed", 0)) + rank)
