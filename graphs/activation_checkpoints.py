@@ -11,6 +11,13 @@ checkpointing's two paths (``use_reentrant=False``: ``_checkpoint_without_reentr
 ``use_reentrant=True``: ``CheckpointFunction.apply``), both looked up in
 ``torch.utils.checkpoint`` at call time, so the user's ``from torch.utils.checkpoint import
 checkpoint`` is seen too. The caller says what it means (:mod:`graphs.capture` warns).
+
+The reentrant form cannot be captured at all: its forward runs the block under ``no_grad``,
+which torch.fx refuses to record, and the graph torch.export made of it carried no gradient
+(measured here, 2026-12-07: four checkpointed blocks and a head, the exported graph's output
+``requires_grad=False``, every placement failing the check after the search as "the loss does
+not require grad"). :func:`reentrant_calls` says which calls were reentrant, so capture can
+refuse the model up front, naming them and the remedy (``use_reentrant=False``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["recording_checkpoints"]
+__all__ = ["recording_checkpoints", "reentrant_calls"]
+
+#: Appended to a recorded call's label when it took the reentrant path.
+_REENTRANT = " (use_reentrant=True)"
 
 #: The two paths of ``torch.utils.checkpoint.checkpoint`` (``use_reentrant`` False and True).
 _GENERATOR = "_checkpoint_without_reentrant_generator"
@@ -54,7 +64,7 @@ def recording_checkpoints(model: nn.Module) -> Iterator[list[str]]:
     class RecordedFunction:
         @staticmethod
         def apply(fn: Any, *args: Any) -> Any:
-            seen.append(_label(fn, paths))
+            seen.append(_label(fn, paths) + _REENTRANT)
             return function.apply(fn, *args)
 
     # Both are looked up in the module at call time: replacing them here reaches every caller.
@@ -69,3 +79,13 @@ def recording_checkpoints(model: nn.Module) -> Iterator[list[str]]:
             setattr(checkpointing, _GENERATOR, generator)
         if function is not None:
             setattr(checkpointing, _FUNCTION, function)
+
+
+def reentrant_calls(seen: list[str]) -> list[str]:
+    """The calls of ``seen`` (what :func:`recording_checkpoints` yielded) that took the
+    reentrant path, as their labels without the marker.
+
+    >>> reentrant_calls(["'blocks.0'", "'blocks.1' (use_reentrant=True)"])
+    ["'blocks.1'"]
+    """
+    return [s[:-len(_REENTRANT)] for s in seen if s.endswith(_REENTRANT)]

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphs.activation_checkpoints import recording_checkpoints
+from graphs.activation_checkpoints import recording_checkpoints, reentrant_calls
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_arguments import EvalArguments
 from graphs.eval_capture import export_eval, mode_baked_by_fx
@@ -191,6 +191,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     fx_error: str | None = None
     baked: EvalArguments | fx.Graph | str | None = None
     training_attributes: list[str] = []  # Python attributes the training trace set (put back)
+    checkpointed: list[str] = []
     try:
         with recording_checkpoints(model) as checkpointed:
             gm = checked_trace(model, "torch.fx", lambda: fx_trace(model, leaf_types, leaf_names, name),
@@ -210,6 +211,15 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, ChangingValue):
             # torch.export would bake the same Python value (or drop the same Python state)
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
+        reentrant = reentrant_calls(checkpointed)
+        if reentrant:  # torch.export's graph of it carries no gradient (graphs.activation_checkpoints)
+            shown = ", ".join(dict.fromkeys(reentrant))
+            raise CaptureError(
+                f"cannot capture model {name!r}: forward() checkpoints {shown} with use_reentrant=True, which runs "
+                "the block under no_grad: torch.fx cannot record that and torch.export's graph of it carries no "
+                "gradient; expected use_reentrant=False (PyTorch's recommended form, which gives the block's parameters "
+                "their gradients whether or not its inputs require grad; placer traces through it), or the checkpoint "
+                "inside a module named as a leaf module (--leaf)") from None
         fx_error = one_line_reason(fx_exc)
         try:
             gm = checked_trace(model, "torch.export", lambda: export_trace(model, inputs, False, batch_dim),

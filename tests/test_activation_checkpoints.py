@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import torch.utils.checkpoint as checkpointing
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from graphs.capture import capture
+from graphs.errors import CaptureError
 
 
 class Block(nn.Module):
@@ -55,11 +57,22 @@ def test_checkpointing_that_the_trace_drops_is_named_at_capture(caplog):
     assert "keep every activation" in caplog.text
     assert not any(n.op == "call_module" and str(n.target).startswith("blocks.") and "." not in str(n.target)[7:]
                    for n in cap.gm.graph.nodes)  # the blocks' ops are plain nodes: nothing recomputes them
-    # The patched entry points are put back, also after a trace that failed (the reentrant
-    # form's no_grad region sends the capture to torch.export).
-    capture(Net(reentrant=True), (torch.randn(4, 16),), name="net")
+    # The patched entry points are put back, also after a trace that failed (the reentrant form).
+    with pytest.raises(CaptureError):
+        capture(Net(reentrant=True), (torch.randn(4, 16),), name="net")
     assert checkpointing._checkpoint_without_reentrant_generator is generator
     assert checkpointing.CheckpointFunction is function
+
+
+def test_the_reentrant_form_is_refused_at_capture_naming_the_blocks_and_the_remedy():
+    """Its no_grad region sends the capture to torch.export, whose graph carried no gradient: every
+    placement failed the check after the search as 'the loss does not require grad'."""
+    torch.manual_seed(0)
+    with pytest.raises(CaptureError) as info:
+        capture(Net(reentrant=True), (torch.randn(4, 16, requires_grad=True),), name="net")
+    text = str(info.value)
+    assert "forward() checkpoints 'blocks.0', 'blocks.1' with use_reentrant=True" in text
+    assert "expected use_reentrant=False" in text and "\n" not in text
 
 
 def test_checkpointing_inside_a_leaf_module_is_kept_and_not_warned_about(caplog):
