@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 __all__ = ["CheckReport"]
 
 
@@ -52,6 +54,9 @@ class CheckReport:
         own_dtype_diff: with ``compared_dtype``, the largest difference in the model's own dtype.
         split_synced_norms: BatchNorms in training mode whose statistics the replicas synchronise
             (one micro-batch each: :mod:`envs.runtime.replica_batch_norm`, as the runtime runs them).
+        split_precision: the lowest floating precision the model computes in where it is below
+            float32 (``"bfloat16"`` under autocast), else ``""``; the split is then held to that
+            dtype's epsilon (:attr:`split_tolerance`), the rounding of its parts' partial sums.
         original_nonfinite: the original model's first non-finite loss (``"nan at step 2"``); empty when finite.
         no_gradient: trainable parameters the loss gives no gradient on either side (a head
             whose output the loss does not read): not a difference, but nothing was compared for them.
@@ -85,6 +90,7 @@ class CheckReport:
     split_cause: str = ""
     split_without_dropout: bool = False
     split_synced_norms: int = 0
+    split_precision: str = ""
     compared_dtype: str = ""
     own_dtype_diff: float = 0.0
     original_nonfinite: str = ""
@@ -109,11 +115,18 @@ class CheckReport:
         return self.microbatches * self.replicas > 1
 
     @property
+    def split_tolerance(self) -> float:
+        """What the split's differences are held to: the tolerance, or the epsilon of
+        :attr:`split_precision` where that is larger."""
+        low = getattr(torch, self.split_precision, None) if self.split_precision else None
+        return max(self.tolerance, torch.finfo(low).eps) if isinstance(low, torch.dtype) else self.tolerance
+
+    @property
     def split_ok(self) -> bool:
         """True when no split was checked, or the split batch gives the full batch's loss, gradients and buffers."""
         return not self.split_checked or (
             not self.split_cause
-            and max(self.split_loss_diff, self.split_grad_diff, self.split_buffer_diff) <= self.tolerance)
+            and max(self.split_loss_diff, self.split_grad_diff, self.split_buffer_diff) <= self.split_tolerance)
 
     def describe_split(self) -> str:
         """The batch split's verdict in words (empty when none was checked)."""
@@ -124,11 +137,13 @@ class CheckReport:
         diffs = (f"loss {self.split_loss_diff:.2e}, gradients {self.split_grad_diff:.2e}, "
                  f"buffers {self.split_buffer_diff:.2e}"
                  + (f" (worst: {self.split_worst})" if self.split_worst and not self.split_ok else ""))
+        precision = (f"; tolerance {self.split_tolerance:.0e}, {self.split_precision}'s rounding: the model "
+                     f"computes in {self.split_precision}" if self.split_precision else "")
         if self.split_ok:
             synced = (f" with their {self.split_synced_norms} BatchNorm(s) synchronised over the replicas"
                       if self.split_synced_norms else "")
             return (f"{parts} of {self.split_samples} samples{synced} give the full batch's loss, gradients and "
-                    f"buffers (max difference {diffs}"
+                    f"buffers (max difference {diffs}{precision}"
                     + ("; compared with dropout off: the pipeline's ranks draw masks of their own, so a run with "
                        "dropout is the same in distribution, not number for number" if self.split_without_dropout
                        else "") + ")")
@@ -136,7 +151,7 @@ class CheckReport:
             return self.split_cause
         return (f"micro-batches of {self.split_samples} samples change what the model computes "
                 f"({self.split_cause}): {parts} differ from the full batch by {diffs} "
-                f"(tolerance {self.tolerance:.0e})")
+                f"(tolerance {self.split_tolerance:.0e}{' for ' + self.split_precision if self.split_precision else ''})")
 
     def describe(self) -> str:
         """One line: the verdict, the steps compared and the largest difference of each kind."""
