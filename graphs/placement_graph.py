@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphs.flops import node_bytes_moved, node_flops
 from graphs.ops import later_writes
+from graphs.region_costs import region_costs
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         inputs = node.all_input_nodes
         grad[node] = _requires_grad(node, outputs, tensors, inputs, grad, trust_requires_grad)
         first = outputs[0] if outputs else None
+        region = region_costs(node, gm, tensor_outputs)  # an autocast region's own ops (graphs.region_costs)
         graph.add_node(
             node.name,
             op=node.op,
@@ -220,13 +222,17 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             dtype=str(first.dtype) if first else None,
             out_bytes=int(total),
             param_bytes=int(param_bytes),
-            flops=int(node_flops(node, module, shape_of, first.shape if first else None)),
-            bytes_moved=int(node_bytes_moved(node, [out_bytes[i] for i in inputs], total, params_read)),
+            flops=int(region.flops if region is not None
+                      else node_flops(node, module, shape_of, first.shape if first else None)),
+            bytes_moved=int(region.bytes_moved if region is not None
+                            else node_bytes_moved(node, [out_bytes[i] for i in inputs], total, params_read)),
             requires_grad=bool(grad[node]),
             fwd_time={},
             bwd_time={},
             time={},
         )
+        if region is not None:
+            graph.nodes[node.name]["num_ops"] = max(1, region.ops)  # its kernel launches
         for inp in inputs:
             graph.add_edge(inp.name, node.name, bytes=int(_edge_bytes(inp, node, infos, out_bytes)))
     for name, nbytes in shared.items():
