@@ -45,6 +45,7 @@ from graphs.export_tracer import HooksNotKept, export_trace, quiet_torch_logs
 from graphs.fingerprint import model_fingerprint
 from graphs.forward_checks import pin_shapes_unless_generic, refuse_hooks_never_run
 from graphs.fx_tracer import fx_locate, fx_trace, leaf_module_paths, resolve_leaf_modules
+from graphs.leaf_kernels import annotate_leaf_kernels
 from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
 from graphs.placement_graph import build_placement_graph
@@ -254,6 +255,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     fingerprint = model_fingerprint(gm, model, inputs)
     graph = build_placement_graph(gm, name=name, method=method, fingerprint=fingerprint,
                                   trust_requires_grad=(method == "fx"))
+    annotate_leaf_kernels(graph, gm, inputs)
     try:
         annotate_saved_bytes(graph, gm, inputs, fake=(shapes_from == "fake"), loss_fn=loss_fn)
     except Exception as exc:  # the graph stays usable: compile_problem's fallback estimate applies
