@@ -12,7 +12,9 @@ Node times, in order of preference:
        bwd = max(2 * flops / (peak_flops * efficiency), 2 * bytes_moved / mem_bandwidth) + ops * launch_overhead
 
    Backward is ~2x forward because it computes both the input and the weight gradients.
-   ``ops`` is 1 for an op node and the number of member ops for a group node.
+   ``ops`` is 1 for an op node and the number of member ops for a group node; a node that runs
+   several kernels carries their count as ``num_ops`` (a leaf module with submodules,
+   :mod:`graphs.leaf_kernels`; an autocast region torch.export wrapped, :mod:`graphs.region_costs`).
 3. **Zero** for nodes with neither times nor FLOPs nor bytes (placeholders, output, views),
    and a zero backward for a node whose output takes no part in autograd.
 
