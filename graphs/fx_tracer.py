@@ -37,7 +37,7 @@ from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
 from graphs.python_draws import python_draws_refused
 from graphs.root_hooks import refuse_root_hooks
 from graphs.trace_guards import GuardedTrace, factories_taking_proxies
-from graphs.transformer_stacks import STACK_TYPES, kept_whole, stack_forward
+from graphs.transformer_stacks import is_stack, kept_whole, stack_forward
 from graphs.untraced_modes import AutocastNotTraced, GradModeNotTraced, autocast_state, target_name
 from graphs.update_lines import last_user_line, line_updating
 
@@ -142,12 +142,12 @@ class PlacerTracer(fx.Tracer):
             # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
             # called whole, autograd runs them.
             return True
-        if isinstance(m, STACK_TYPES):  # layer by layer (graphs.transformer_stacks), unless kept whole
+        if is_stack(m):  # layer by layer (graphs.transformer_stacks), unless kept whole
             return m in self.whole_stacks
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if isinstance(m, STACK_TYPES) and not self.is_leaf_module(m, self.path_of_module(m)):
+        if is_stack(m) and not self.is_leaf_module(m, self.path_of_module(m)):
             if kept_whole(m, args, kwargs, self.path_of_module(m)):
                 self.whole_stacks.append(m)
             else:  # its own forward cannot be traced: fx follows its training path instead

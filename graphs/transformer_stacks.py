@@ -115,6 +115,16 @@ def _transformer(model: nn.Transformer, src: Any, tgt: Any, src_mask: Any = None
                          tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
+def is_stack(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`STACK_TYPES` running torch's own forward (a subclass
+    with a forward of its own is the user's code, traced as any module is).
+
+    >>> is_stack(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), 2, enable_nested_tensor=False))
+    True
+    """
+    return any(isinstance(module, base) and type(module).forward is base.forward for base in STACK_TYPES)
+
+
 def kept_whole(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str) -> bool:
     """Whether the stack ``module``, called with ``args``/``kwargs``, stays one node: an
     ``nn.TransformerEncoder`` given a padding mask and no mask, whose eval fast path (nested

@@ -139,3 +139,22 @@ def test_an_encoder_given_only_a_padding_mask_is_kept_whole_where_its_eval_fast_
 
 def _layer_nodes_of(gm) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and ".layers." in str(n.target)]
+
+
+class _HalvingEncoder(nn.TransformerEncoder):
+    """A subclass with a forward of its own: the user's code, traced as written."""
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        for layer in self.layers:
+            src = layer(src) * 0.5
+        return src
+
+
+def test_a_stack_subclass_with_its_own_forward_is_traced_through_that_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(_HalvingEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                          enable_nested_tensor=False))
+    x = torch.randn(3, 5, 8)
+    placed = capture(model, (x,)).gm
+    assert [n.target for n in placed.graph.nodes if n.op == "call_module"] == ["0.layers.0", "0.layers.1"]
+    assert torch.equal(placed(x), model(x))
