@@ -269,3 +269,22 @@ def test_place_and_the_tuner_keep_the_leaf_modules_they_are_given(tmp_path):
     tuner = placer.PlacementTuner(model, (x,), cluster="4xK40", budget="50", candidates=2, trials=2,
                                   leaf_modules=["1"])
     assert set(tuner.captured.graph.nodes) == set(placed.placer_place_info.placement.assignment)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x, past=None, mask=None):
+        return self.b(torch.relu(self.a(x)) * mask)
+
+
+def test_a_batch_given_as_a_dict_by_parameter_name_is_placed_as_the_model_takes_it(tmp_path):
+    """A Hugging Face batch (model(**batch)): bound to forward()'s parameters, the one between at
+    its default; the placed graph (fx, which keeps the names) takes the same dict."""
+    torch.manual_seed(0)
+    model = _Masked()
+    batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
+    placed = placer.place(model, batch, cluster="4xK40", budget="200", cache_dir=tmp_path)
+    torch.testing.assert_close(placed(**batch), model(**batch))

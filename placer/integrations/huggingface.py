@@ -76,7 +76,8 @@ def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: Cl
 
     Args:
         model: the model (e.g. a ``PreTrainedModel``); it is modified and returned.
-        example_batch: positional inputs to capture it with, ``model(*example_batch)``.
+        example_batch: the inputs to capture it with: positional, ``model(*example_batch)``, or a
+            batch as the Trainer gives it, a dict by ``forward``'s parameter names.
         cluster, devices, memory, budget, cache_dir, seed: as :func:`placer.place`
             (searched once, then cached per model and device list).
         check: compare the dispatched model's outputs on the example batch with the original's.
@@ -85,7 +86,7 @@ def place_for_trainer(model: torch.nn.Module, example_batch: Any, *, cluster: Cl
         IntegrationError: the placement is not module-aligned (no device_map), or the
             dispatched model does not compute what the original does.
     """
-    inputs = as_inputs(example_batch)
+    inputs = as_inputs(example_batch, model)
     captured, cluster_, info = find_placement(model, inputs, cluster=cluster, devices=devices, memory=memory,
                                               budget=budget, cache_dir=cache_dir, seed=seed)
     real = cluster_.real_device_map()

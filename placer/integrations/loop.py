@@ -36,7 +36,7 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
-from graphs.model_file import check_inputs_fit
+from graphs.model_file import check_inputs_fit, keyword_inputs_as_positional
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -89,10 +89,14 @@ def default_cache_dir() -> Path:
     return base / "placements"
 
 
-def as_inputs(example_batch: Any) -> tuple:
-    """The model's positional inputs: a tuple as is, anything else (a tensor) as a 1-tuple."""
+def as_inputs(example_batch: Any, model: torch.nn.Module | None = None) -> tuple:
+    """The model's positional inputs: a tuple as is, a dict by ``forward``'s parameter names (a
+    Hugging Face batch, ``model(**batch)``) bound to them when ``model`` is given
+    (:func:`graphs.model_file.keyword_inputs_as_positional`), anything else (a tensor) as a 1-tuple."""
     if example_batch is None:
         raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")
+    if isinstance(example_batch, Mapping) and model is not None:
+        return keyword_inputs_as_positional(model, example_batch, "the example batch")
     return example_batch if isinstance(example_batch, tuple) else (example_batch,)
 
 
@@ -223,7 +227,7 @@ def find_placement(
     leaf_modules: Sequence[str | type[torch.nn.Module]] = (),
 ) -> tuple[CapturedModel, Cluster, PlaceInfo]:
     """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
-    inputs = as_inputs(example_batch)
+    inputs = as_inputs(example_batch, model)
     the_cluster = cluster_for(cluster, devices, memory)
     captured = _capture(model, inputs, leaf_modules)
     path = None
