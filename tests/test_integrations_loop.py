@@ -288,3 +288,12 @@ def test_a_batch_given_as_a_dict_by_parameter_name_is_placed_as_the_model_takes_
     batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
     placed = placer.place(model, batch, cluster="4xK40", budget="200", cache_dir=tmp_path)
     torch.testing.assert_close(placed(**batch), model(**batch))
+
+
+def test_place_takes_the_batch_dimension_of_sequence_first_inputs_and_refuses_one_they_lack(tmp_path):
+    torch.manual_seed(0)
+    model, x = torch.nn.GRU(8, 8), torch.randn(5, 3, 8)  # (time, batch, features)
+    placed = placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path, batch_dim=1)
+    torch.testing.assert_close(placed(x)[0], model(x)[0])
+    with pytest.raises(PlacerError, match=r"batch_dim is 3, but the first input tensor has shape \(5, 3, 8\)"):
+        placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path, batch_dim=3)

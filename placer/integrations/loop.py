@@ -36,7 +36,7 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
-from graphs.model_file import check_inputs_fit, keyword_inputs_as_positional
+from graphs.model_file import check_batch_dim, check_inputs_fit, keyword_inputs_as_positional
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -119,12 +119,13 @@ def cache_key(fingerprint: str, cluster: Cluster) -> str:
     return f"{fingerprint}-{digest}"
 
 
-def _capture(model: torch.nn.Module, inputs: tuple, leaf_modules: Sequence[Any] = ()) -> CapturedModel:
+def _capture(model: torch.nn.Module, inputs: tuple, leaf_modules: Sequence[Any] = (), batch_dim: int = 0) -> CapturedModel:
     if not isinstance(model, torch.nn.Module):
         raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
     # Inputs the model cannot take are named as such, before a tracer reports them as its own failure.
     check_inputs_fit(model, inputs, type(model).__name__)
-    return capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__)
+    return capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__,
+                   batch_dim=check_batch_dim(batch_dim, inputs))
 
 
 def _read_cache(path: Path, captured: CapturedModel, cluster: Cluster) -> Placement | None:
@@ -225,11 +226,12 @@ def find_placement(
     check: bool = True,
     verbose: int = 0,
     leaf_modules: Sequence[str | type[torch.nn.Module]] = (),
+    batch_dim: int = 0,
 ) -> tuple[CapturedModel, Cluster, PlaceInfo]:
     """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
     inputs = as_inputs(example_batch, model)
     the_cluster = cluster_for(cluster, devices, memory)
-    captured = _capture(model, inputs, leaf_modules)
+    captured = _capture(model, inputs, leaf_modules, batch_dim)
     path = None
     if use_cache:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -247,7 +249,7 @@ def find_placement(
 
     result = optimize(model, inputs, cluster=the_cluster, budget=budget, loss_fn=loss_fn,
                       optimizer_fn=optimizer_fn, seed=seed, check=check, progress=False, verbose=verbose,
-                      leaf_modules=leaf_modules)
+                      leaf_modules=leaf_modules, batch_dim=batch_dim)
     if result.search is not None and result.search.stop_reason == "interrupted":
         # The search stops early on Ctrl-C so that optimize can write what it found; inside a
         # training script that swallowed the interrupt: the script trained on, the half-searched
@@ -303,6 +305,7 @@ def place(
     check: bool = True,
     verbose: int = 0,
     leaf_modules: Sequence[str | type[torch.nn.Module]] = (),
+    batch_dim: int = 0,
 ) -> torch.fx.GraphModule:
     """Return ``model`` placed over the devices, searching once per model and device list.
 
@@ -327,6 +330,8 @@ def place(
         leaf_modules: modules kept as one op (module paths, class names or classes), as
             ``placer optimize --leaf``: a module whose forward torch.fx cannot trace, such as
             one calling a custom autograd Function.
+        batch_dim: the batch dimension of the inputs (1 for sequence-first ones, ``(time, batch,
+            ...)``), along which the comparison's DDP and pipeline rows split the batch.
 
     Returns:
         An ``fx.GraphModule`` in training mode, the mode a training step is placed in, even for
@@ -352,7 +357,7 @@ def place(
     captured, the_cluster, info = find_placement(
         model, example_batch, cluster=cluster, devices=devices, budget=budget, cache_dir=cache_dir,
         use_cache=use_cache, memory=memory, loss_fn=loss_fn, optimizer_fn=optimizer_fn, seed=seed,
-        check=check, verbose=verbose, leaf_modules=leaf_modules,
+        check=check, verbose=verbose, leaf_modules=leaf_modules, batch_dim=batch_dim,
     )
     placed = apply_placement(captured, info.placement.assignment, output_device=output_device,
                              real_devices=the_cluster.real_device_map())
