@@ -273,3 +273,26 @@ def test_a_tuned_model_whose_eval_mode_takes_another_branch_evaluates_as_the_ori
     tuner.model.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(tuner.model(x), reference(x), rtol=0, atol=0)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x, past=None, mask=None):
+        return self.b(torch.relu(self.a(x)) * mask)
+
+
+def test_the_tuner_takes_a_batch_given_as_a_dict_and_its_model_takes_the_same_dict():
+    torch.manual_seed(0)
+    model = _Masked()
+    batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
+    nodes = list(capture(model, (batch["x"], None, batch["mask"])).graph.nodes)
+    tuner = PlacementTuner(model, batch, cluster=CLUSTER, trials=2, steps_per_candidate=1,
+                           candidates=[{n: "gpu0" for n in nodes}, {n: f"gpu{i % 2}" for i, n in enumerate(nodes)}])
+    torch.testing.assert_close(tuner.model(**batch), model(**batch), rtol=0, atol=1e-6, check_device=False)
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.1)
+    for _ in range(2):  # the job's own steps, over both candidates
+        tuner.step(lambda m: m(**batch).square().mean(), opt)
+    assert tuner.steps == 2 and tuner.switches == 1

@@ -178,7 +178,8 @@ class PlacementTuner:
 
     Args:
         model: the ``nn.Module`` to train.
-        example_batch: its inputs, ``model(*example_batch)``.
+        example_batch: its inputs, ``model(*example_batch)``, or a dict by ``forward``'s parameter
+            names (``model(**batch)``; the placed fx graph takes the same dict).
         cluster, devices, memory: where to place (as :func:`placer.place`).
         trials: how many real training steps the tuning may use (K).
         candidates: how many placements to propose (an int), or the placements themselves
@@ -228,7 +229,7 @@ class PlacementTuner:
             raise IntegrationError(f"warmup must be >= 0 steps, got {warmup!r}")
         if not isinstance(model, torch.nn.Module):
             raise IntegrationError(f"expected a torch.nn.Module to tune, got {type(model).__name__}")
-        inputs = as_inputs(example_batch)
+        inputs = as_inputs(example_batch, model)
         self.cluster = cluster_for(cluster, devices, memory)
         self.problem = None
         if isinstance(candidates, int):
