@@ -108,3 +108,28 @@ def test_missing_attribute_is_a_clear_error():
 def test_a_bad_cluster_or_budget_is_refused_when_the_callback_is_made_not_at_fit(options, named):
     with pytest.raises(PlacerError, match=named):
         PlacerCallback((torch.randn(8, 16),), **options)
+
+
+class _KeywordNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x, scale=None):
+        return self.net(x) * scale
+
+
+class _KeywordModule(Module):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.model(x=x, scale=torch.ones(4)), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def test_a_network_given_its_example_batch_as_a_dict_trains_placed_like_the_plain_one(tmp_path):
+    plain = _fit(_KeywordModule(_KeywordNet()))
+    batch = {"x": torch.randn(8, 16), "scale": torch.ones(4)}
+    placed = _fit(_KeywordModule(_KeywordNet()),
+                  [PlacerCallback(batch, cluster="4xK40", budget="300", cache_dir=tmp_path)])
+    assert placed == pytest.approx(plain, rel=1e-5, abs=1e-6)

@@ -38,7 +38,7 @@ import torch
 
 from envs.hardware.cluster import Cluster
 from envs.runtime.apply import apply_placement
-from placer.integrations.loop import IntegrationError, cluster_for, find_placement
+from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, find_placement
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
 from placer.optimizing.config import ClusterSource
 from placer.search.budget import DEFAULT_BUDGET, BudgetLike, parse_budget
@@ -67,7 +67,8 @@ class PlacerCallback(Callback):
     """Place ``pl_module.<attr>`` over several devices at fit start; optionally tune online.
 
     Args:
-        example_batch: the network's inputs, ``net(*example_batch)``.
+        example_batch: the network's inputs, ``net(*example_batch)``, or a dict by ``forward``'s
+            parameter names (``net(**batch)``).
         attr: the LightningModule attribute holding the network to place.
         cluster, devices, memory, budget, cache_dir: as :func:`placer.place` (the placement
             is cached per model and device list).
@@ -77,6 +78,7 @@ class PlacerCallback(Callback):
         output_device: where the network's outputs are gathered (default: the device
             Lightning placed the module on, so ``training_step``'s loss code is unchanged).
         leaf_modules: modules kept as one op, as :func:`placer.place` takes them.
+        batch_dim: the inputs' batch dimension, as :func:`placer.place` takes it (without ``tune``).
 
     After fitting starts, ``callback.placed`` is the placed GraphModule, ``callback.info`` the
     :class:`~placer.integrations.loop.PlaceInfo` (without tuning) and ``callback.tuner`` the tuner.
@@ -87,13 +89,14 @@ class PlacerCallback(Callback):
                  budget: BudgetLike = DEFAULT_BUDGET, cache_dir: str | os.PathLike | None = None,
                  tune: bool = False, trials: int = 12, candidates: Any = 4,
                  output_device: str | None = None, seed: int = 0,
-                 leaf_modules: Sequence[str | type[torch.nn.Module]] = ()) -> None:
+                 leaf_modules: Sequence[str | type[torch.nn.Module]] = (), batch_dim: int = 0) -> None:
         super().__init__()
         # A bad cluster, device list, memory cap or budget is refused here, where the callback is
         # written, not when fit() starts (after the data loaders and the model were set up).
         cluster_for(cluster, devices, memory)
         parse_budget(budget)
         self.example_batch = example_batch
+        self.batch_dim = batch_dim
         self.attr = attr
         self.cluster, self.devices, self.memory = cluster, devices, memory
         self.budget, self.cache_dir, self.seed = budget, cache_dir, seed
@@ -116,8 +119,8 @@ class PlacerCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Place the network now: after the strategy moved the module and built the optimizers."""
         net = self._network(pl_module)
-        inputs = self.example_batch if isinstance(self.example_batch, tuple) else (self.example_batch,)
-        inputs = tuple(x.to(pl_module.device) if isinstance(x, torch.Tensor) else x for x in inputs)
+        inputs = tuple(x.to(pl_module.device) if isinstance(x, torch.Tensor) else x
+                       for x in as_inputs(self.example_batch, net))
         if self.tune:
             from placer.integrations.loop import cluster_for
 
@@ -133,6 +136,7 @@ class PlacerCallback(Callback):
             captured, cluster, self.info = find_placement(
                 net, inputs, cluster=self.cluster, devices=self.devices, memory=self.memory,
                 budget=self.budget, cache_dir=self.cache_dir, seed=self.seed, leaf_modules=self.leaf_modules,
+                batch_dim=self.batch_dim,
             )
             # In place on the capture, whose parameters ARE the network's: the optimizers stay valid.
             self.placed = apply_placement(
