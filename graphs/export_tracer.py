@@ -33,6 +33,7 @@ from graphs.eval_mode import follow_eval_mode
 from graphs.forward_checks import (
     constant_attributes_read,
     constant_inputs,
+    forward_params,
     pin_constant_attributes,
     pin_constant_inputs,
 )
@@ -142,6 +143,7 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True, batc
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
     pin_constant_inputs(gm, constant_inputs(inputs))
+    gm.placer_forward_params = forward_params(model)  # type: ignore[assignment]  # placed(**batch) (forward_checks)
     if constants:
         pin_constant_attributes(gm, constants)
     gm.placer_module_modes = {**modes_on(gm, modes_read, model), **export_module_modes(gm, model)}  # type: ignore[assignment]

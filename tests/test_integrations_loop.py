@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import placer
+from graphs.capture import capture
 from graphs.errors import PlacerError
 from placer.integrations import loop
 from tests.helpers.model_files import FUNCTION_MODEL
@@ -297,3 +298,27 @@ def test_place_takes_the_batch_dimension_of_sequence_first_inputs_and_refuses_on
     torch.testing.assert_close(placed(x)[0], model(x)[0])
     with pytest.raises(PlacerError, match=r"batch_dim is 3, but the first input tensor has shape \(5, 3, 8\)"):
         placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path, batch_dim=3)
+
+
+class _MaskedExported(_Masked):
+    """torch.export captures it (a loop over the batch's rows)."""
+
+    def forward(self, x, past=None, mask=None):
+        return self.b(torch.stack([torch.relu(r) for r in self.a(x)]) * mask)
+
+
+def test_the_graph_torch_export_captured_takes_the_dict_batch_too(tmp_path):
+    """Its forward takes inputs by position only; the dict is put in place by the model's own
+    signature, in the placed model, its copies and pickles alike."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = _MaskedExported()
+    batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
+    placed = placer.place(model, batch, cluster="4xK40", budget="200", cache_dir=tmp_path)
+    assert capture(model, (batch["x"], None, batch["mask"])).method == "export"
+    for run in (placed, copy.deepcopy(placed), pickle.loads(pickle.dumps(placed))):
+        torch.testing.assert_close(run(**batch), model(**batch))
+    with pytest.raises(PlacerError, match="called without 'x', a parameter of forward"):
+        placed(mask=batch["mask"])
