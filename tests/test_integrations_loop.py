@@ -11,6 +11,7 @@ import placer
 from graphs.capture import capture
 from graphs.errors import PlacerError
 from placer.integrations import loop
+from tests.helpers.keyword_models import Masked
 from tests.helpers.model_files import FUNCTION_MODEL
 
 
@@ -272,20 +273,11 @@ def test_place_and_the_tuner_keep_the_leaf_modules_they_are_given(tmp_path):
     assert set(tuner.captured.graph.nodes) == set(placed.placer_place_info.placement.assignment)
 
 
-class _Masked(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
-
-    def forward(self, x, past=None, mask=None):
-        return self.b(torch.relu(self.a(x)) * mask)
-
-
 def test_a_batch_given_as_a_dict_by_parameter_name_is_placed_as_the_model_takes_it(tmp_path):
     """A Hugging Face batch (model(**batch)): bound to forward()'s parameters, the one between at
     its default; the placed graph (fx, which keeps the names) takes the same dict."""
     torch.manual_seed(0)
-    model = _Masked()
+    model = Masked()
     batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
     placed = placer.place(model, batch, cluster="4xK40", budget="200", cache_dir=tmp_path)
     torch.testing.assert_close(placed(**batch), model(**batch))
@@ -300,7 +292,7 @@ def test_place_takes_the_batch_dimension_of_sequence_first_inputs_and_refuses_on
         placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path, batch_dim=3)
 
 
-class _MaskedExported(_Masked):
+class _MaskedExported(Masked):
     """torch.export captures it (a loop over the batch's rows)."""
 
     def forward(self, x, past=None, mask=None):

@@ -11,6 +11,7 @@ from graphs.capture import capture
 from graphs.errors import PlacerError
 from placer.integrations.tuner import PlacementTuner, move_optimizer_state
 from tests.helpers.eval_models import StochasticDepth
+from tests.helpers.keyword_models import Masked
 
 CLUSTER = "4xK40"  # cpu + gpu0..gpu3, all mapped to the CPU here (virtual devices)
 
@@ -275,18 +276,9 @@ def test_a_tuned_model_whose_eval_mode_takes_another_branch_evaluates_as_the_ori
         torch.testing.assert_close(tuner.model(x), reference(x), rtol=0, atol=0)
 
 
-class _Masked(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
-
-    def forward(self, x, past=None, mask=None):
-        return self.b(torch.relu(self.a(x)) * mask)
-
-
 def test_the_tuner_takes_a_batch_given_as_a_dict_and_its_model_takes_the_same_dict():
     torch.manual_seed(0)
-    model = _Masked()
+    model = Masked()
     batch = {"mask": torch.ones(4, 16), "x": torch.randn(4, 8)}
     nodes = list(capture(model, (batch["x"], None, batch["mask"])).graph.nodes)
     tuner = PlacementTuner(model, batch, cluster=CLUSTER, trials=2, steps_per_candidate=1,
