@@ -288,3 +288,12 @@ def test_the_tuner_takes_a_batch_given_as_a_dict_and_its_model_takes_the_same_di
     for _ in range(2):  # the job's own steps, over both candidates
         tuner.step(lambda m: m(**batch).square().mean(), opt)
     assert tuner.steps == 2 and tuner.switches == 1
+
+
+def test_the_tuner_takes_the_batch_dimension_of_sequence_first_inputs_and_refuses_one_they_lack():
+    torch.manual_seed(0)
+    model, x = torch.nn.GRU(8, 8), torch.randn(5, 3, 8)  # (time, batch, features)
+    tuner = PlacementTuner(model, (x,), cluster=CLUSTER, trials=2, candidates=2, budget="100", batch_dim=1)
+    torch.testing.assert_close(tuner.model(x)[0], model(x)[0], check_device=False)
+    with pytest.raises(PlacerError, match=r"batch_dim is 3, but the first input tensor has shape \(5, 3, 8\)"):
+        PlacementTuner(model, (x,), cluster=CLUSTER, trials=2, candidates=2, budget="100", batch_dim=3)

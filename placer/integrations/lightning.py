@@ -78,7 +78,7 @@ class PlacerCallback(Callback):
         output_device: where the network's outputs are gathered (default: the device
             Lightning placed the module on, so ``training_step``'s loss code is unchanged).
         leaf_modules: modules kept as one op, as :func:`placer.place` takes them.
-        batch_dim: the inputs' batch dimension, as :func:`placer.place` takes it (without ``tune``).
+        batch_dim: the inputs' batch dimension, as :func:`placer.place` takes it.
 
     After fitting starts, ``callback.placed`` is the placed GraphModule, ``callback.info`` the
     :class:`~placer.integrations.loop.PlaceInfo` (without tuning) and ``callback.tuner`` the tuner.
@@ -129,7 +129,7 @@ class PlacerCallback(Callback):
                 net, inputs, cluster=cluster, trials=self.trials, candidates=self.candidates,
                 budget=self.budget, share_parameters=True, seed=self.seed,
                 output_device=self.output_device or _output_device(cluster, pl_module.device),
-                leaf_modules=self.leaf_modules,
+                leaf_modules=self.leaf_modules, batch_dim=self.batch_dim,
             )
             self.placed = self.tuner.model
         else:

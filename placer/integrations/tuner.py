@@ -43,6 +43,7 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import ApplyError, apply_placement, check_applicable
+from graphs.model_file import check_batch_dim
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
 from placer.measuring.significance import clearly_faster
@@ -153,7 +154,7 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
 
 def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, k: int, budget: BudgetLike,
                        seed: int = 0, loss_fn: Callable | None = None, optimizer_fn: Callable | None = None,
-                       leaf_modules: Sequence[str | type[torch.nn.Module]] = ()
+                       leaf_modules: Sequence[str | type[torch.nn.Module]] = (), batch_dim: int = 0
                        ) -> tuple[list[TunerCandidate], OptimizeResult]:
     """The ``k`` distinct fitting placements with the lowest simulated step time.
 
@@ -164,7 +165,8 @@ def propose_candidates(model: torch.nn.Module, inputs: tuple, cluster: Cluster, 
     from placer.optimizing.run import optimize
 
     result = optimize(model, inputs, cluster=cluster, budget=budget, seed=seed, loss_fn=loss_fn,
-                      optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0, leaf_modules=leaf_modules)
+                      optimizer_fn=optimizer_fn, check=False, progress=False, verbose=0, leaf_modules=leaf_modules,
+                      batch_dim=batch_dim)
     try:
         found = in_process_placements(result, k)
     except IntegrationError:
@@ -205,6 +207,7 @@ class PlacementTuner:
             simulator's ranking decides.
         seed, loss_fn, optimizer_fn: passed to the search.
         leaf_modules: modules kept as one op, as :func:`placer.place` takes them.
+        batch_dim: the inputs' batch dimension, as :func:`placer.place` takes it.
 
     Raises:
         IntegrationError: bad ``trials``/``candidates``; PlacerError subclasses from capture/search.
@@ -218,7 +221,7 @@ class PlacementTuner:
                  warmup: int = 1, calibrate: bool = True, share_parameters: bool = False,
                  output_device: str | None = None, margin: float = 0.05, seed: int = 0, loss_fn: Callable | None = None,
                  optimizer_fn: Callable | None = None,
-                 leaf_modules: Sequence[str | type[torch.nn.Module]] = ()) -> None:
+                 leaf_modules: Sequence[str | type[torch.nn.Module]] = (), batch_dim: int = 0) -> None:
         from graphs.capture import capture
 
         if not isinstance(trials, int) or trials < 1:
@@ -237,11 +240,12 @@ class PlacementTuner:
                 raise IntegrationError(f"candidates must be at least 1, got {candidates}")
             self.candidates, result = propose_candidates(model, inputs, self.cluster, candidates, budget,
                                                          seed=seed, loss_fn=loss_fn, optimizer_fn=optimizer_fn,
-                                                         leaf_modules=leaf_modules)
+                                                         leaf_modules=leaf_modules, batch_dim=batch_dim)
             self.problem = result.problem
         else:
             self.candidates = self._given(candidates)
-        self.captured = capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__)
+        self.captured = capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__,
+                                batch_dim=check_batch_dim(batch_dim, inputs))
         self._check_nodes()
         self.warmup = warmup
         self.margin = margin
