@@ -33,10 +33,10 @@ from graphs.eval_mode import follow_eval_mode
 from graphs.forward_checks import (
     constant_attributes_read,
     constant_inputs,
-    forward_params,
     pin_constant_attributes,
     pin_constant_inputs,
 )
+from graphs.model_file import forward_params
 from graphs.module_modes import modes_on
 from graphs.python_draws import python_draws_refused
 
@@ -143,7 +143,8 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True, batc
         gm.__dict__.pop(name, None)
     _drop_export_hooks(gm)
     pin_constant_inputs(gm, constant_inputs(inputs))
-    gm.placer_forward_params = forward_params(model)  # type: ignore[assignment]  # placed(**batch) (forward_checks)
+    # placed(**batch): forward_checks.refuse_other_constants binds keyword inputs by these.
+    gm.placer_forward_params = forward_params(model, plain_defaults=True)  # type: ignore[assignment]
     if constants:
         pin_constant_attributes(gm, constants)
     gm.placer_module_modes = {**modes_on(gm, modes_read, model), **export_module_modes(gm, model)}  # type: ignore[assignment]

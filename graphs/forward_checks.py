@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_interpreter import refuse_other_shapes
+from graphs.model_file import ForwardParam, UnboundInput, bind_inputs
 from graphs.ops import draws_random_numbers, op_name
 from graphs.random_state import kept_random_state
 
@@ -329,48 +330,27 @@ def _same_constant(a: Any, b: Any) -> bool:
         return True
 
 
-def forward_params(model: nn.Module) -> tuple[tuple[str, bool, Any], ...]:
-    """``model.forward``'s positional parameters as ``(name, has a default, the default)``, a
-    default kept only where it is a plain constant (None, a bool, a number, a string).
-
-    >>> forward_params(nn.GRU(2, 2))
-    (('input', False, None), ('hx', True, None))
-    """
-    out = []
-    for p in inspect.signature(model.forward).parameters.values():
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        plain = p.default is None or isinstance(p.default, (bool, int, float, str))
-        out.append((p.name, p.default is not p.empty and plain, p.default if plain else None))
-    return tuple(out)
-
-
-def _as_positional(args: tuple, kwargs: dict[str, Any], params: tuple[tuple[str, bool, Any], ...]) -> tuple:
-    """``args`` and ``kwargs`` as the model's positional inputs (:func:`forward_params`), up to the last one given."""
-    names = [name for name, _, _ in params]
-    unknown = [k for k in kwargs if k not in names[len(args):]]
-    if unknown:
-        raise CaptureError(f"the model's graph was called with {', '.join(repr(k) for k in unknown)}, which forward() "
-                           f"does not take by position after {len(args)} positional input(s) (its parameters: "
-                           f"{', '.join(names)}); expected the inputs it was captured with")
-    last = max([len(args) - 1, *(names.index(k) for k in kwargs)])
-    values = list(args)
-    for name, has_default, default in params[len(args):last + 1]:
-        if name in kwargs:
-            values.append(kwargs[name])
-        elif has_default:
-            values.append(default)
-        else:
-            raise CaptureError(f"the model's graph was called without {name!r}, a parameter of forward() without a "
-                               "default; expected every such input")
-    return tuple(values)
+def _as_positional(args: tuple, kwargs: dict[str, Any], params: tuple[ForwardParam, ...]) -> tuple:
+    """``args`` and ``kwargs`` as the model's positional inputs (:func:`graphs.model_file.bind_inputs`),
+    or a CaptureError naming what does not bind."""
+    try:
+        return bind_inputs(params, args, kwargs)
+    except UnboundInput as exc:
+        if exc.unknown:
+            raise CaptureError(
+                f"the model's graph was called with {', '.join(repr(k) for k in exc.unknown)}, which forward() does "
+                f"not take by position after {len(args)} positional input(s) (its parameters: "
+                f"{', '.join(name for name, _, _ in params)}); expected the inputs it was captured with") from None
+        raise CaptureError(f"the model's graph was called without {exc.missing!r}, a parameter of forward() without a "
+                           "default; expected every such input") from None
 
 
 def refuse_other_constants(module: fx.GraphModule, args: tuple,
                            kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     """Forward pre-hook of :func:`pin_constant_inputs`. A graph torch.export captured takes its
     inputs by position only; keyword inputs (``placed(**batch)``) are put in their positions by
-    the model's own signature (``placer_forward_params``, :func:`forward_params`) and passed on so."""
+    the model's own signature (``placer_forward_params``, :func:`graphs.model_file.forward_params`)
+    and passed on so."""
     pinned: tuple[Any, dict[int, Any]] = module.placer_constant_inputs  # type: ignore[assignment]
     spec, constants = pinned
     params = module.__dict__.get("placer_forward_params")

@@ -26,7 +26,7 @@ import inspect
 import io
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -450,6 +450,63 @@ def _check_required_args(fn: Callable, kwargs: Mapping[str, Any], what: str, lab
                              f"expected a value for each: {given} (model_args={{{in_python}}} from Python)")
 
 
+#: A forward parameter as placer binds inputs to it: (name, has a default, the default).
+ForwardParam = tuple[str, bool, Any]
+
+
+def forward_params(model: nn.Module, plain_defaults: bool = False) -> tuple[ForwardParam, ...]:
+    """``model.forward``'s positional parameters as ``(name, has a default, the default)``. With
+    ``plain_defaults`` a default is kept only where it is a plain constant (None, a bool, a number,
+    a string: what a GraphModule can carry pickled); another counts as none.
+
+    >>> forward_params(nn.GRU(2, 2))
+    (('input', False, None), ('hx', True, None))
+    """
+    out = []
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        keep = p.default is not p.empty and (
+            not plain_defaults or p.default is None or isinstance(p.default, (bool, int, float, str)))
+        out.append((p.name, keep, p.default if keep else None))
+    return tuple(out)
+
+
+class UnboundInput(ValueError):
+    """An input :func:`bind_inputs` cannot place: keys forward() does not take by position
+    (``unknown``), or a parameter without a default left out (``missing``)."""
+
+    def __init__(self, unknown: Sequence[str] = (), missing: str = "") -> None:
+        super().__init__(", ".join(unknown) or missing)
+        self.unknown, self.missing = list(unknown), missing
+
+
+def bind_inputs(params: Sequence[ForwardParam], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """``args`` and ``kwargs`` as the positional inputs of a forward with ``params``
+    (:func:`forward_params`), up to the last one given, the parameters between at their defaults.
+
+    >>> bind_inputs((("x", False, None), ("past", True, None), ("mask", True, None)), (0,), {"mask": 1})
+    (0, None, 1)
+
+    Raises:
+        UnboundInput: a key no parameter after ``args`` has, or a parameter without a default left out.
+    """
+    names = [name for name, _, _ in params]
+    unknown = [k for k in kwargs if k not in names[len(args):]]
+    if unknown:
+        raise UnboundInput(unknown=unknown)
+    last = max([len(args) - 1, *(names.index(k) for k in kwargs)])
+    values = list(args)
+    for name, has_default, default in params[len(args):last + 1]:
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif has_default:
+            values.append(default)
+        else:
+            raise UnboundInput(missing=name)
+    return tuple(values)
+
+
 def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], what: str = "the inputs") -> tuple:
     """Keyword inputs (``model(**batch)``, a Hugging Face batch) as the positional tuple of
     ``model.forward``'s parameters up to the last one given, the others at their defaults: what
@@ -461,27 +518,19 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
     >>> keyword_inputs_as_positional(Net(), {"attention_mask": 1, "input_ids": 0})
     (0, None, 1)
     """
-    params = list(inspect.signature(model.forward).parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in positional]
-    unknown = [k for k in inputs if k not in names]
-    if unknown:
-        raise ModelFileError(f"{what} name {', '.join(repr(k) for k in unknown)}, which forward() of "
-                             f"{type(model).__name__} does not take by position (its parameters: {', '.join(names)}); "
-                             "expected keys that are parameters of forward()")
+    params = forward_params(model)
     if not inputs:
         raise ModelFileError(f"{what} is an empty dict; expected the model's inputs by parameter name")
-    last = max(names.index(k) for k in inputs)
-    values = []
-    for p in positional[:last + 1]:
-        if p.name in inputs:
-            values.append(inputs[p.name])
-        elif p.default is not p.empty:
-            values.append(p.default)
-        else:
-            raise ModelFileError(f"{what} leave out {p.name!r}, a parameter of forward() without a default; "
-                                 "expected every such parameter")
-    return tuple(values)
+    try:
+        return bind_inputs(params, (), inputs)
+    except UnboundInput as exc:
+        if exc.unknown:
+            raise ModelFileError(
+                f"{what} name {', '.join(repr(k) for k in exc.unknown)}, which forward() of {type(model).__name__} "
+                f"does not take by position (its parameters: {', '.join(name for name, _, _ in params)}); "
+                "expected keys that are parameters of forward()") from None
+        raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
+                             "expected every such parameter") from None
 
 
 def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
