@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from envs.runtime.check_report import CheckReport
+from envs.runtime.check_report import CheckReport, held_tolerance
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms, training_batch_norms
@@ -206,8 +206,8 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
         "split_synced_norms": len(training_batch_norms(captured.gm, modes)) if microbatches == 1 else 0}
     precision = lowest_precision(captured.graph)
     if precision is not None:  # its parts' partial sums round at its epsilon, the whole batch's otherwise
-        out["split_precision"] = str(precision).replace("torch.", "")
-        tolerance = max(tolerance, torch.finfo(precision).eps)
+        out["split_precision"] = name = str(precision).replace("torch.", "")
+        tolerance = held_tolerance(tolerance, name)
     split = (microbatches, replicas, size)
     if max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())

@@ -15,7 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CheckReport"]
+__all__ = ["CheckReport", "held_tolerance"]
+
+
+def held_tolerance(tolerance: float, precision: str) -> float:
+    """What a batch split's differences are held to: ``tolerance``, or the epsilon of the dtype
+    named by ``precision`` (``CheckReport.split_precision``) where that is larger.
+
+    >>> held_tolerance(1e-5, ""), held_tolerance(1e-5, "bfloat16")
+    (1e-05, 0.0078125)
+    """
+    low = getattr(torch, precision, None) if precision else None
+    return max(tolerance, torch.finfo(low).eps) if isinstance(low, torch.dtype) else tolerance
 
 
 @dataclass(frozen=True)
@@ -116,10 +127,8 @@ class CheckReport:
 
     @property
     def split_tolerance(self) -> float:
-        """What the split's differences are held to: the tolerance, or the epsilon of
-        :attr:`split_precision` where that is larger."""
-        low = getattr(torch, self.split_precision, None) if self.split_precision else None
-        return max(self.tolerance, torch.finfo(low).eps) if isinstance(low, torch.dtype) else self.tolerance
+        """What the split's differences are held to (:func:`held_tolerance`)."""
+        return held_tolerance(self.tolerance, self.split_precision)
 
     @property
     def split_ok(self) -> bool:
