@@ -36,6 +36,7 @@ from graphs.module_modes import modes_on
 from graphs.ops import AUGMENTED_ASSIGNMENTS, storage_roots
 from graphs.python_draws import python_draws_refused
 from graphs.root_hooks import refuse_root_hooks
+from graphs.tied_layers import tied_holders
 from graphs.trace_guards import GuardedTrace, factories_taking_proxies
 from graphs.transformer_stacks import is_stack, kept_whole, stack_forward
 from graphs.untraced_modes import AutocastNotTraced, GradModeNotTraced, autocast_state, target_name
@@ -67,12 +68,14 @@ class PlacerTracer(fx.Tracer):
         self.modes_read: dict[str, bool] = {}  # module path -> the training flag forward() read of it
         self.attributes_read: set[str] = set()  # Python attributes forward() read before setting them
         self.whole_stacks: list[nn.Module] = []  # transformer stacks kept as one node (transformer_stacks.kept_whole)
+        self.tied_holders: frozenset[int] = frozenset()  # layers traced through (graphs.tied_layers)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self.grad_enabled = torch.is_grad_enabled()
         self.without_grad = []
         self.autocast = autocast_state()
         self.modes_read, self.attributes_read = {}, set()
+        self.tied_holders = tied_holders(root) if isinstance(root, nn.Module) else frozenset()
         with GuardedTrace(self, root), factories_taking_proxies(self), python_draws_refused(), \
                 constant_attributes_read(root, self.modes_read, self.attributes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
@@ -142,6 +145,8 @@ class PlacerTracer(fx.Tracer):
             # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
             # called whole, autograd runs them.
             return True
+        if id(m) in self.tied_holders:  # its tensor is another layer's: a get_attr, not a fused group
+            return False
         if is_stack(m):  # layer by layer (graphs.transformer_stacks), unless kept whole
             return m in self.whole_stacks
         return super().is_leaf_module(m, module_qualified_name)
