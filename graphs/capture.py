@@ -37,6 +37,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphs.activation_checkpoints import recording_checkpoints, reentrant_calls
+from graphs.autograd_functions import FunctionNotNamed
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_arguments import EvalArguments
 from graphs.eval_capture import export_eval, mode_baked_by_fx
@@ -209,8 +210,10 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
         method = "fx"
         baked = mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes, batch_dim)
     except Exception as fx_exc:  # anything fx cannot handle goes to torch.export
-        if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, ChangingValue):
-            # torch.export would bake the same Python value (or drop the same Python state)
+        if (isinstance(fx_exc, TraceTimeUpdate) and fx_exc.python_state) or isinstance(fx_exc, (ChangingValue,
+                                                                                                 FunctionNotNamed)):
+            # torch.export would bake the same Python value (or drop the same Python state, or the
+            # Function's backward)
             raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
         reentrant = reentrant_calls(checkpointed)
         if reentrant:  # torch.export's graph of it carries no gradient (graphs.activation_checkpoints)
@@ -270,10 +273,10 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
     if isinstance(export_exc, HooksNotKept):
         return CaptureError(
             f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({one_line_reason(fx_exc)}); "
-            "expected gradient hooks and custom autograd Functions inside a submodule named as a leaf module "
-            "(leaf_modules, or `--leaf MODULE` on the command line; a submodule with backward hooks is kept whole "
-            "anyway), so that autograd runs them, "
-            "and a forward() torch.fx can trace")
+            "expected a forward() torch.fx can trace (it records custom autograd Functions whole), or gradient hooks "
+            "and custom autograd Functions inside a submodule named as a leaf module (leaf_modules, or `--leaf "
+            "MODULE` on the command line; a submodule with backward hooks is kept whole anyway), so that autograd "
+            "runs them")
     unknown = re.search(r"Found <class '([\w.]+)'> in output", str(export_exc))
     if unknown:
         kind = unknown.group(1)

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.autograd_functions import functions_recorded_whole
 from graphs.carried_state import refuse_carried_state
 from graphs.errors import CaptureError
 from graphs.forward_checks import (
@@ -76,7 +77,7 @@ class PlacerTracer(fx.Tracer):
         self.autocast = autocast_state()
         self.modes_read, self.attributes_read = {}, set()
         self.tied_holders = tied_holders(root) if isinstance(root, nn.Module) else frozenset()
-        with GuardedTrace(self, root), factories_taking_proxies(self), python_draws_refused(), \
+        with GuardedTrace(self, root), factories_taking_proxies(self), python_draws_refused(), functions_recorded_whole(self), \
                 constant_attributes_read(root, self.modes_read, self.attributes_read) as self.constant_reads:
             graph = super().trace(root, concrete_args)
         self._refuse_grad_mode_it_drops(graph)

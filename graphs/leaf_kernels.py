@@ -10,7 +10,8 @@ launch, a stack of them looked compute-bound where the host issuing their kernel
 :func:`annotate_leaf_kernels` runs the captured GraphModule once on fake tensors (no memory, no
 compute) and counts, for each call of a *composite* leaf (a module with submodules of its own),
 the ATen ops its forward dispatches that launch a kernel (views, aliases and empty allocations
-launch none). Recurrent modules keep one: on a GPU an ``nn.LSTM`` is one cuDNN call and an
+launch none); the same for each call of a custom autograd Function, one node whose ``forward``
+may run several ops. Recurrent modules keep one: on a GPU an ``nn.LSTM`` is one cuDNN call and an
 ``nn.LSTMCell`` a fused kernel, while this CPU build decomposes them into a dozen ops per step,
 and a CPU build cannot trace CUDA's decomposition (no fake CUDA tensors without CUDA). Layers
 without submodules keep one too, so the zoo's graphs (linear, conv, norm, embedding nodes) are
@@ -34,6 +35,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from graphs.autograd_functions import is_function_call
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,9 @@ class _Counter(fx.Interpreter):
 
 
 def leaf_kernel_counts(gm: fx.GraphModule, inputs: tuple) -> dict[str, int]:
-    """Kernels each composite leaf's call launches in a training forward (module doc), by node name."""
-    names = set(composite_leaves(gm))
+    """Kernels each composite leaf's call, and each custom autograd Function's
+    (:mod:`graphs.autograd_functions`), launches in a training forward (module doc), by node name."""
+    names = set(composite_leaves(gm)) | {n.name for n in gm.graph.nodes if is_function_call(n)}
     if not names:
         return {}
     from torch._dynamo.utils import deepcopy_to_fake_tensor

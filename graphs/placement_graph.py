@@ -21,6 +21,7 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from graphs.autograd_functions import is_function_call
 from graphs.flops import node_bytes_moved, node_flops
 from graphs.ops import later_writes
 from graphs.region_costs import region_costs
@@ -88,6 +89,14 @@ def target_text(target: Any) -> str:
     except Exception:  # objects without a qualified name: drop memory addresses from repr
         return _ADDRESS.sub("", repr(target))
     return name.replace("_operator.", "operator.", 1) if name.startswith("_operator.") else name
+
+
+def node_target_text(node: fx.Node) -> str:
+    """:func:`target_text` of ``node``; a custom autograd Function recorded whole
+    (:mod:`graphs.autograd_functions`) is named by its class: ``"model.GradReverse.apply"``."""
+    if is_function_call(node):
+        return f"{str(node.args[0]).replace(':', '.')}.apply"
+    return target_text(node.target)
 
 
 def owning_module(node: fx.Node) -> str:
@@ -215,7 +224,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         graph.add_node(
             node.name,
             op=node.op,
-            target=target_text(node.target),
+            target=node_target_text(node),
             module=owning_module(node),
             module_type=owning_module_type(node, gm),
             shape=list(first.shape) if first else None,
