@@ -329,6 +329,28 @@ def test_random_numbers_besides_dropout_make_the_split_fail_as_not_comparable():
     assert not report.ok and report.describe_split().startswith("cannot compare micro-batches with the full batch")
 
 
+def test_inputs_without_a_shared_batch_dimension_make_the_split_fail_as_unrunnable_not_raise():
+    """A full-graph GNN: node features (N, d) beside an edge list (2, E). Cut along dim 0, the
+    parts index nodes they no longer hold; the check raised IndexError out of placer optimize."""
+
+    class MessagePassing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, edges):
+            out = torch.zeros_like(x).index_add(0, edges[1], self.lin(x)[edges[0]])
+            return torch.relu(out)
+
+    torch.manual_seed(0)
+    x, edges = torch.randn(16, 8), torch.randint(0, 16, (2, 40))
+    spec = ModelSpec(model=MessagePassing(), example_inputs=(x, edges), name="gnn")
+    cap = capture(spec.model, spec.example_inputs, name="gnn")
+    report = check_batch_split(spec, cap, microbatches=2)
+    assert not report.split_ok
+    assert report.describe_split().startswith("cannot run the model on parts of 8 samples (IndexError")
+
+
 def _conv_net() -> tuple[ModelSpec, object]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),

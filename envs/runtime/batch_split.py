@@ -35,6 +35,7 @@ from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms,
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
 from graphs.capture import CapturedModel
+from graphs.errors import one_line_reason
 from graphs.model_file import ModelSpec, batch_size_of, batch_slice
 from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
@@ -183,15 +184,21 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]], ...]:
         with no_dropout, _default_dtype(dtype):
-            return (_split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype),
-                    _split_step(captured, spec, modes, chunks, seed, dtype, no_dropout))
+            whole = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)
+            try:
+                return whole, _split_step(captured, spec, modes, chunks, seed, dtype, no_dropout)
+            except Exception as exc:  # noqa: BLE001 - the parts cannot run what the whole batch runs
+                raise _PartsFailed(exc) from exc
 
     dtype: torch.dtype | None = torch.float64
     try:
         (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
     except Exception:  # noqa: BLE001 - user code with a fixed dtype (x.float() @ w.double(), say)
         dtype = None
-        (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
+        try:
+            (full_loss, full_grads, full_buffers), (loss, grads, buffers) = whole_and_split(dtype)
+        except _PartsFailed as failed:
+            return {"split_samples": size, "split_cause": _parts_failed_cause(failed.error, spec.batch_dim, batch, size)}
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
     buffer_diffs = {n: _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
@@ -212,11 +219,28 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     if max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())
         updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
-        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, loss, split, tolerance, seed, dtype,
-                                          updated)
+        out["split_cause"] = _split_cause(captured, spec, modes, full_loss, full_grads, loss, split, tolerance,
+                                          seed, dtype, updated)
     elif worst_buffer[1] > tolerance:
         out["split_cause"] = _buffer_cause(worst_buffer[0], *split)
     return out
+
+
+class _PartsFailed(Exception):
+    """The full batch ran and its parts raised ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _parts_failed_cause(error: BaseException, batch_dim: int, batch: int, size: int) -> str:
+    """Why parts of the batch cannot run the model that the full batch runs."""
+    return (f"cannot run the model on parts of {size} samples ({one_line_reason(error)}): a split cuts the inputs whose "
+            f"dim {batch_dim} is the batch of {batch} and passes the others whole, and this model's inputs do not "
+            "share that batch dimension (a graph's node features beside its edge list, say), so it cannot be split "
+            "into micro-batches or DDP replicas; expected inputs whose samples are independent along one dimension "
+            "(batch_dim in the model file names it)")
 
 
 def lowest_precision(graph: Any) -> torch.dtype | None:
@@ -266,16 +290,20 @@ def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: in
 
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
-                 split_loss: torch.Tensor, split: tuple[int, int, int], tolerance: float, seed: int,
-                 dtype: torch.dtype | None, updated: Sequence[str]) -> str:
+                 full_grads: dict[str, torch.Tensor], split_loss: torch.Tensor, split: tuple[int, int, int],
+                 tolerance: float, seed: int, dtype: torch.dtype | None, updated: Sequence[str]) -> str:
     """Why the split batch computes something else, as far as it can be told. ``split``:
     ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes."""
     parts = split[0] * split[1]
     with _NoDropout(), _default_dtype(dtype):
-        other_loss, _, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
-    if _scaled_diff(other_loss, full_loss) > tolerance:
+        other_loss, other_grads, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
+    # The gradients too: a random mask scaled by a small weight (stochastic depth behind a layer
+    # scale of 1e-6) moves the loss by 1e-10 and that weight's gradient by 1e-3.
+    reseeded = max([_scaled_diff(other_loss, full_loss)]
+                   + [_scaled_diff(other_grads[n], g) for n, g in full_grads.items() if n in other_grads])
+    if reseeded > tolerance:
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
-                "dropout's (torch.randn_like, say), which differ between a batch and its parts; rerun with "
+                "dropout's (torch.randn_like, a stochastic-depth mask from torch.rand, say), which differ between a batch and its parts; rerun with "
                 "--no-check to accept the pipeline unchecked, or make the model deterministic")
     norms = training_batch_norms(captured.gm, modes)
     if norms and split[0] > 1:  # one micro-batch per replica: the runtime synchronises them
