@@ -315,7 +315,7 @@ def test_a_loss_summed_over_samples_is_named_as_the_cause_of_a_different_split()
     assert not report.ok and "the loss sums over samples" in report.describe_split()
 
 
-def test_random_numbers_besides_dropout_make_the_split_fail_as_not_comparable():
+def test_random_numbers_besides_dropout_are_replayed_in_the_parts_so_the_split_checks_the_same():
     class Noisy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -326,7 +326,59 @@ def test_random_numbers_besides_dropout_make_the_split_fail_as_not_comparable():
 
     torch.manual_seed(0)
     report = _check(Noisy(), microbatches=2)
+    assert report.ok and report.split_replayed_draws == 1
+    assert "the parts took the full batch's 1 random draw(s)" in report.describe_split()
+
+
+def test_stochastic_depth_as_timm_draws_it_is_replayed_so_the_split_checks_the_same():
+    """A per-sample keep mask behind a 1e-6 layer scale (ConvNeXt): every pipeline and DDP of
+    such a model was set aside, the mask drawn otherwise for a batch and its parts."""
+
+    class DropPathBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.gamma = nn.Parameter(1e-6 * torch.ones(8))
+
+        def forward(self, x):
+            keep = x.new_empty(x.shape[0], 1).bernoulli_(0.8) / 0.8  # timm's DropPath
+            mask = (torch.rand(x.shape[0], 1) > 0.1).to(x.dtype)  # the hand-written form
+            return x + self.gamma * self.lin(x) * keep * mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DropPathBlock(), DropPathBlock(), nn.Linear(8, 2))
+    for microbatches, replicas in ((4, 1), (2, 2)):
+        report = _check(model, microbatches=microbatches, replicas=replicas)
+        assert report.ok and report.split_replayed_draws == 4, report.describe_split()
+
+
+def test_a_random_draw_that_cannot_be_cut_to_the_parts_makes_the_split_fail_as_not_comparable():
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x * x[torch.randperm(x.shape[0])]))  # mixes samples, at random
+
+    torch.manual_seed(0)
+    report = _check(Shuffled(), microbatches=2)
     assert not report.ok and report.describe_split().startswith("cannot compare micro-batches with the full batch")
+
+
+def test_batchnorm_is_named_as_the_cause_where_the_random_draws_were_replayed():
+    class NoisyNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(8)
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(3 * self.norm(x) + torch.rand_like(x))).square()
+
+    torch.manual_seed(0)
+    report = _check(NoisyNorm(), microbatches=2)
+    assert not report.ok and "BatchNorm in training mode ('norm')" in report.describe_split()
 
 
 def test_inputs_without_a_shared_batch_dimension_make_the_split_fail_as_unrunnable_not_raise():

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 from envs.runtime.check_report import CheckReport, held_tolerance
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
+from envs.runtime.random_replay import RandomReplay
 from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms, training_batch_norms
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
@@ -64,7 +65,8 @@ def as_dtype(value: Any, dtype: torch.dtype | None) -> Any:
 
 
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
-                seed: int, dtype: torch.dtype | None = None, no_dropout: _NoDropout | None = None
+                seed: int, dtype: torch.dtype | None = None, no_dropout: _NoDropout | None = None,
+                replay: RandomReplay | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss, gradients and buffers of one training step with each replica (a list of
     micro-batches) on its own copy of the captured model, as the pipeline runtime computes
@@ -72,24 +74,28 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     averaged; the buffers are the first replica's after its micro-batches (a stage runs its
     module once per micro-batch, so a buffer the forward updates is updated M times; DDP
     broadcasts the first replica's buffers). ``dtype``: the floating dtype the copies, their
-    inputs and new tensors are computed in."""
+    inputs and new tensors are computed in. ``replay``: the caller's :class:`RandomReplay`, told
+    which part runs before each (the full batch's random draws, cut to it)."""
     # One copy for every replica: the replicas' averaged gradients are the sum over all R x M
     # parts of grad(loss / M) / R, accumulated in one .grad. Each replica starts from the same
     # buffers (as DDP's copies do), so they are put back before each; R copies of a paper-size
     # model in float64 held gigabytes each.
     gm = _model_copy(captured, modes, dtype)
     if len(chunks) > 1 and all(len(parts) == 1 for parts in chunks) and training_batch_norms(gm):
-        return _synced_replicas_step(captured, spec, modes, gm, chunks, seed, dtype, no_dropout)
+        return _synced_replicas_step(captured, spec, modes, gm, chunks, seed, dtype, no_dropout, replay)
     start = {n: b.detach().clone() for n, b in gm.named_buffers()}
     losses: list[torch.Tensor] = []
     buffers: dict[str, torch.Tensor] = {}
-    for parts in chunks:
+    count = sum(len(parts) for parts in chunks)
+    for r, parts in enumerate(chunks):
         with torch.no_grad():
             for n, b in gm.named_buffers():
                 b.copy_(start[n])
         total = torch.zeros((), dtype=torch.float64)
-        for inputs in parts:
+        for m, inputs in enumerate(parts):
             inputs = as_dtype(inputs, dtype)
+            if replay is not None and count > 1:
+                replay.replay(r * len(parts) + m, count)
             torch.manual_seed(seed)
             output = gm(*inputs)
             loss = _loss_of(spec, output, inputs)
@@ -115,14 +121,14 @@ def _model_copy(captured: CapturedModel, modes: dict[str, bool], dtype: torch.dt
 
 def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], first: torch.nn.Module,
                           chunks: list[list[tuple]], seed: int, dtype: torch.dtype | None,
-                          no_dropout: _NoDropout | None
+                          no_dropout: _NoDropout | None, replay: RandomReplay | None = None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """:func:`_split_step` for ``R`` replicas of one micro-batch each whose BatchNorms are
     synchronised, as the runtime runs them (:class:`envs.runtime.replica_batch_norm.ReplicaBatchNorm`):
     each replica a copy of the model (``first`` is replica 0's) in a thread of its own, the
     BatchNorm statistics gathered over the threads in lockstep. Gradients are summed over the
-    replicas, each replica's loss divided by ``R``; the buffers are replica 0's. ``no_dropout``,
-    the caller's mode, is entered in each thread too (a torch function mode is per thread)."""
+    replicas, each replica's loss divided by ``R``; the buffers are replica 0's. ``no_dropout`` and
+    ``replay``, the caller's modes, are entered in each thread too (a torch function mode is per thread)."""
     replicas = len(chunks)
     lock = LockstepGather(replicas)
     copies = [first] + [_model_copy(captured, modes, dtype) for _ in range(replicas - 1)]
@@ -132,10 +138,13 @@ def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[
 
     def run(r: int) -> torch.Tensor:
         mode = no_dropout if no_dropout is not None else contextlib.nullcontext()
+        replaying = replay if replay is not None else contextlib.nullcontext()
         try:
             (inputs,) = chunks[r]
             inputs = as_dtype(inputs, dtype)
-            with mode:
+            with mode, replaying:
+                if replay is not None:
+                    replay.replay(r, replicas)
                 loss = _loss_of(spec, copies[r](*inputs), inputs)
                 assert isinstance(loss, torch.Tensor)  # the placement check ran the same loss first
                 (loss / replicas).backward()
@@ -180,13 +189,16 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     # here on a 3-layer CNN), while a split that changes the math (BatchNorm's statistics)
     # differs by far more. A model that cannot run in float64 is compared in its own dtype.
     no_dropout = _NoDropout()
+    replay = RandomReplay()
 
     def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]], ...]:
-        with no_dropout, _default_dtype(dtype):
+        replay.replayed = replay.missed = 0
+        with no_dropout, replay, _default_dtype(dtype):
+            replay.record()
             whole = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)
             try:
-                return whole, _split_step(captured, spec, modes, chunks, seed, dtype, no_dropout)
+                return whole, _split_step(captured, spec, modes, chunks, seed, dtype, no_dropout, replay)
             except Exception as exc:  # noqa: BLE001 - the parts cannot run what the whole batch runs
                 raise _PartsFailed(exc) from exc
 
@@ -210,7 +222,8 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     out: dict[str, object] = {
         "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
         "split_buffer_diff": worst_buffer[1], "split_worst": worst[0], "split_without_dropout": no_dropout.switched,
-        "split_synced_norms": len(training_batch_norms(captured.gm, modes)) if microbatches == 1 else 0}
+        "split_synced_norms": len(training_batch_norms(captured.gm, modes)) if microbatches == 1 else 0,
+        "split_replayed_draws": len(replay.recorded) if replay.recorded and not replay.missed else 0}
     precision = lowest_precision(captured.graph)
     if precision is not None:  # its parts' partial sums round at its epsilon, the whole batch's otherwise
         out["split_precision"] = name = str(precision).replace("torch.", "")
@@ -220,7 +233,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
         start = dict(captured.gm.named_buffers())
         updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, full_grads, loss, split, tolerance,
-                                          seed, dtype, updated)
+                                          seed, dtype, updated, replayed=bool(out["split_replayed_draws"]))
     elif worst_buffer[1] > tolerance:
         out["split_cause"] = _buffer_cause(worst_buffer[0], *split)
     return out
@@ -291,9 +304,12 @@ def check_batch_split(spec: ModelSpec, captured: CapturedModel, microbatches: in
 
 def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], full_loss: torch.Tensor,
                  full_grads: dict[str, torch.Tensor], split_loss: torch.Tensor, split: tuple[int, int, int],
-                 tolerance: float, seed: int, dtype: torch.dtype | None, updated: Sequence[str]) -> str:
+                 tolerance: float, seed: int, dtype: torch.dtype | None, updated: Sequence[str],
+                 replayed: bool = False) -> str:
     """Why the split batch computes something else, as far as it can be told. ``split``:
-    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes."""
+    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes;
+    ``replayed``: the parts ran on the full batch's random draws (:mod:`envs.runtime.random_replay`),
+    so that the draws themselves are not what differs."""
     parts = split[0] * split[1]
     with _NoDropout(), _default_dtype(dtype):
         other_loss, other_grads, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
@@ -301,7 +317,7 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
     # scale of 1e-6) moves the loss by 1e-10 and that weight's gradient by 1e-3.
     reseeded = max([_scaled_diff(other_loss, full_loss)]
                    + [_scaled_diff(other_grads[n], g) for n, g in full_grads.items() if n in other_grads])
-    if reseeded > tolerance:
+    if reseeded > tolerance and not replayed:
         return ("cannot compare micro-batches with the full batch: the model draws random numbers besides "
                 "dropout's (torch.randn_like, a stochastic-depth mask from torch.rand, say), which differ between a batch and its parts; rerun with "
                 "--no-check to accept the pipeline unchecked, or make the model deterministic")

@@ -63,6 +63,10 @@ class CheckReport:
             once both were trained in float64 (the difference was the rounding of sums taken in
             another order), else ``""``: compared in the model's own dtype.
         own_dtype_diff: with ``compared_dtype``, the largest difference in the model's own dtype.
+        split_replayed_draws: random draws of the model (a stochastic-depth mask, noise; not dropout's)
+            that the split's parts took from the full batch's, cut to their samples
+            (:mod:`envs.runtime.random_replay`); 0 where it draws none, or where a draw could not
+            be replayed (then the split cannot be compared).
         split_synced_norms: BatchNorms in training mode whose statistics the replicas synchronise
             (one micro-batch each: :mod:`envs.runtime.replica_batch_norm`, as the runtime runs them).
         split_precision: the lowest floating precision the model computes in where it is below
@@ -101,6 +105,7 @@ class CheckReport:
     split_cause: str = ""
     split_without_dropout: bool = False
     split_synced_norms: int = 0
+    split_replayed_draws: int = 0
     split_precision: str = ""
     compared_dtype: str = ""
     own_dtype_diff: float = 0.0
@@ -155,7 +160,10 @@ class CheckReport:
                     f"buffers (max difference {diffs}{precision}"
                     + ("; compared with dropout off: the pipeline's ranks draw masks of their own, so a run with "
                        "dropout is the same in distribution, not number for number" if self.split_without_dropout
-                       else "") + ")")
+                       else "")
+                    + (f"; the parts took the full batch's {self.split_replayed_draws} random draw(s), cut to their "
+                       "samples: the ranks draw their own, so a run is the same in distribution, not number for "
+                       "number" if self.split_replayed_draws else "") + ")")
         if self.split_cause.startswith("cannot"):
             return self.split_cause
         return (f"micro-batches of {self.split_samples} samples change what the model computes "
