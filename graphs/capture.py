@@ -56,7 +56,7 @@ from graphs.saved_activations import annotate_saved_bytes
 from graphs.state_completion import complete_state
 from graphs.state_snapshot import TraceTimeUpdate, checked_trace
 from graphs.update_lines import line_updating
-from graphs.user_frames import describe_frame, user_frame
+from graphs.user_frames import describe_frame, user_frame, user_frame_calling
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,17 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
             f"cannot capture model {name!r}: forward() returns a {kind}, which torch.export cannot give as a graph "
             f"output, and torch.fx could not trace it ({one_line_reason(fx_exc)}); expected outputs made of tensors "
             f"(in tuples, lists, dicts or dataclasses){cache}")
+    packing = user_frame_calling(fx_exc, "torch/nn/utils/rnn.py") or user_frame_calling(export_exc,
+                                                                                     "torch/nn/utils/rnn.py")
+    if packing is not None:
+        # fx: lengths.to() on a Proxy; export: the packed data's size is the lengths' sum. Called
+        # inside a leaf module, the packing runs on real tensors.
+        return CaptureError(
+            f"cannot capture model {name!r}: forward() packs or unpacks a padded batch (torch.nn.utils.rnn, at "
+            f"{describe_frame(packing)}), whose sizes come from the lengths' values, which neither torch.fx nor "
+            f"torch.export can record (torch.fx: {one_line_reason(fx_exc)}); expected the packing, the recurrent "
+            "layer it feeds and any unpacking inside one submodule named as a leaf module (leaf_modules, or "
+            "`--leaf MODULE` on the command line), which runs them whole, or padded sequences without packing")
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")

@@ -60,3 +60,16 @@ def describe_frame(frame: traceback.FrameSummary) -> str:
     """``file.py:12 in forward: code text`` (code omitted when the source is unavailable)."""
     code = f": {frame.line.strip()}" if frame.line else ""
     return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}{code}"
+
+
+def user_frame_calling(exc: BaseException, callee_file: str) -> traceback.FrameSummary | None:
+    """The model-code frame that called into ``callee_file`` (a path ending, such as
+    ``"torch/nn/utils/rnn.py"``) on the way to ``exc``, searching the exception then its causes."""
+    for link in _chain(exc):
+        last_user: traceback.FrameSummary | None = None
+        for frame in traceback.extract_tb(link.__traceback__):
+            if Path(frame.filename).as_posix().endswith(callee_file) and last_user is not None:
+                return last_user
+            if is_user_file(frame.filename):
+                last_user = frame
+    return None

@@ -1536,3 +1536,34 @@ def test_an_output_torch_export_cannot_return_is_named_and_a_cache_gets_the_hugg
     assert "forward() returns a " in text and "KeyValueCache, which torch.export cannot give as a graph output" in text
     assert "expected outputs made of tensors" in text and "set model.config.use_cache = False" in text
     assert "\n" not in text
+
+
+class _PackedEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)
+        return h[-1]
+
+
+class _PackedClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = _PackedEncoder(), nn.Linear(8, 3)
+
+    def forward(self, x, lengths):
+        return self.head(self.enc(x, lengths))
+
+
+def test_packing_a_padded_batch_is_refused_naming_the_line_and_the_leaf_that_runs_it_whole():
+    torch.manual_seed(0)
+    model, inputs = _PackedClassifier(), (torch.randn(4, 6, 8), torch.tensor([6, 3, 5, 2]))
+    with pytest.raises(CaptureError, match=r"packs or unpacks a padded batch \(torch.nn.utils.rnn, at "
+                                           r"test_capture.py:\d+ in forward: packed = torch.nn.utils.rnn.pack_padded_sequence.*"
+                                           r"inside one submodule named as a leaf module"):
+        capture(model, inputs)
+    cap = capture(model, inputs, leaf_modules=["enc"])
+    torch.testing.assert_close(cap.gm(*inputs), model(*inputs))
