@@ -160,7 +160,9 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
 
     ``param_bytes`` of a parameter or buffer is counted once, on the first node that uses
     it, so a module called twice (shared weights) does not double the model's memory; its
-    ``bytes_moved`` still counts the parameters it reads on every call. That first node's
+    ``bytes_moved`` still counts the parameters it reads on every call. ``frozen_bytes`` is the
+    part of it that gets no gradient (buffers, parameters with ``requires_grad=False``: a
+    LoRA base layer, a frozen backbone), and so no optimizer state and no all-reduce. That first node's
     ``shared_param_bytes`` (present only when > 0) says how many of its parameter bytes
     other nodes use too (a tied embedding): their gradients are summed in the backward.
     Each node reading such a parameter that another node owns gets ``tied_param_bytes``
@@ -193,6 +195,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
         param_bytes = 0
+        frozen_bytes = 0  # of param_bytes: buffers and parameters with requires_grad=False
         params_read = 0
         tensors: list[torch.Tensor] = []
         if module is not None:
@@ -207,6 +210,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             if id(t) not in owned:
                 owned[id(t)] = node.name
                 param_bytes += t.numel() * t.element_size()
+                if not t.requires_grad:
+                    frozen_bytes += t.numel() * t.element_size()
             elif t.requires_grad and owned[id(t)] != node.name:
                 owner = owned[id(t)]
                 reads = tied.setdefault(node.name, {})
@@ -231,6 +236,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             dtype=str(first.dtype) if first else None,
             out_bytes=int(total),
             param_bytes=int(param_bytes),
+            frozen_bytes=int(frozen_bytes),
             flops=int(region.flops if region is not None
                       else node_flops(node, module, shape_of, first.shape if first else None)),
             bytes_moved=int(region.bytes_moved if region is not None

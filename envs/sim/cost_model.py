@@ -187,6 +187,16 @@ def _op_count(attrs: Mapping[str, Any]) -> int:
     return 1
 
 
+def trained_param_bytes(attrs: Mapping[str, Any]) -> float:
+    """A node's ``param_bytes`` that get a gradient, optimizer state and an all-reduce: less its
+    ``frozen_bytes`` (buffers, parameters with ``requires_grad=False``; docs/contracts.md).
+
+    >>> trained_param_bytes({"param_bytes": 100, "frozen_bytes": 60}), trained_param_bytes({"param_bytes": 100})
+    (40.0, 100.0)
+    """
+    return max(_num(attrs, "param_bytes") - _num(attrs, "frozen_bytes"), 0.0)
+
+
 def node_requires_grad(attrs: Mapping[str, Any]) -> bool:
     """Whether a node's output takes part in autograd (default: yes, except inputs and output)."""
     if "requires_grad" in attrs:
@@ -226,7 +236,7 @@ def roofline_opt_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofl
     both 0 for a node owning no parameters."""
     if attrs.get("op") in ("placeholder", "output"):
         return 0.0, 0.0
-    nbytes = _num(attrs, "param_bytes")
+    nbytes = trained_param_bytes(attrs)
     if nbytes <= 0:
         return 0.0, 0.0
     factor = state_factor(optimizer)

@@ -373,7 +373,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     n = len(chosen)
     idx = [names.index(r) for r in chosen]
     ops = problem.ops
-    grad_bytes = np.where(ops.requires_grad, ops.param_bytes, 0.0)[::-1]  # reverse parameter order (D2)
+    grad_bytes = np.where(ops.requires_grad, ops.trained_bytes(), 0.0)[::-1]  # reverse parameter order (D2)
     groups = buckets(grad_bytes.tolist())
     bucket_bytes = [float(grad_bytes[g].sum()) for g in groups]
     num = ops.num_ops
@@ -403,7 +403,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
         end = start_b + float(bwd.sum())
         back_end = max(back_end, end)
         compute = max(compute, end)
-        has_params = bool(ops.param_bytes.sum() > 0)
+        has_params = bool(ops.trained_bytes().sum() > 0)
         opt_max = max(opt_max, opt + (float(ops.host.step_s) if has_params else 0.0))
         tail = max(tail, hc.step_s)
     if on_cpu:

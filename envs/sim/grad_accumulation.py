@@ -16,7 +16,8 @@ has the source and the measurement). The op profiles time a backward after
   device thread issues them), ``3 * bytes / mem_bandwidth`` on the stream. The CUDA caching
   allocator keeps freed blocks, so new gradient memory costs no page faults there.
 
-Only ops that take part in autograd and own parameters pay (``param_bytes``, with the
+Only ops that take part in autograd and own trained parameters pay (``param_bytes`` less
+``frozen_bytes``: :func:`~envs.sim.cost_model.trained_param_bytes`, with the
 optimizer's roofline counting the same bytes; ``param_tensors`` where the profiler counted
 the node's trainable tensors, else 1).
 """
@@ -30,7 +31,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Device
-from envs.sim.cost_model import CostModel, node_requires_grad
+from envs.sim.cost_model import CostModel, node_requires_grad, trained_param_bytes
 
 
 def measured_accumulate_s(graph: nx.DiGraph, kind: str) -> float | None:
@@ -51,7 +52,7 @@ def _owns_gradients(attrs: Mapping[str, Any]) -> float:
     """The node's parameter bytes that get gradients (0 for a node outside autograd)."""
     if attrs.get("op") in ("placeholder", "output") or not node_requires_grad(attrs):
         return 0.0
-    return max(float(attrs.get("param_bytes") or 0.0), 0.0)
+    return trained_param_bytes(attrs)
 
 
 def roofline_accumulate(attrs: Mapping[str, Any], device: Device, cost_model: CostModel) -> tuple[float, float]:

@@ -62,12 +62,12 @@ class OpArrays:
             steps): a pipeline stage holding the reader but not the owner keeps a copy
             (:mod:`envs.sim.pipeline` P5c). Empty: none, or a graph captured before it was recorded.
         step_work: [N] bytes of the optimizer step's temporaries each op's parameters bring
-            (:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK` x ``param_bytes``). The step
+            (:data:`~envs.sim.optimizer_state.OPTIMIZER_STEP_WORK` x :meth:`trained_bytes`). The step
             runs after the backward freed the kept activations and received copies, so a
             device's peak is the larger of its backward peak and its static memory plus the
             largest of these. None: none (problems built from arrays).
         foreach_work: [N] bytes the foreach implementation's temporaries take per op
-            (:data:`~envs.sim.optimizer_state.OPTIMIZER_FOREACH_WORK` x ``param_bytes``): on a
+            (:data:`~envs.sim.optimizer_state.OPTIMIZER_FOREACH_WORK` x :meth:`trained_bytes`): on a
             GPU (not ``is_cpu``) torch.optim updates all of a device's parameters at once, so
             they add up over the device's ops (:func:`~envs.sim.memory_rules.step_temporaries`). None: none.
         loop_held: [N] bytes the training loop still holds at the optimizer step: the batch
@@ -79,6 +79,9 @@ class OpArrays:
             job of several processes already counts on every one (:mod:`envs.sim.pipeline` P5d).
         input_bytes: the bytes of the model's inputs (its placeholders' outputs): the batch,
             which every process of a multi-process job holds (:mod:`envs.sim.pipeline` P5d).
+        frozen_bytes: [N] the part of ``param_bytes`` that gets no gradient (buffers, parameters
+            with ``requires_grad=False``: a LoRA base layer, a frozen backbone): held, but with no
+            gradient, optimizer state, optimizer step or all-reduce (:meth:`trained_bytes`). None: none.
         norm_channels: [N] channels of each op that is a BatchNorm module (``module_type``
             BatchNorm1d/2d/3d or SyncBatchNorm), 0 for every other op: data-parallel replicas synchronise their
             statistics (:mod:`envs.sim.data_parallel` D5). None: none.
@@ -115,10 +118,17 @@ class OpArrays:
     loop_held: np.ndarray | None = None
     batch_held: np.ndarray | None = None
     norm_channels: np.ndarray | None = None
+    frozen_bytes: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
         return len(self.names)
+
+    def trained_bytes(self) -> np.ndarray:
+        """[N] parameter bytes that get a gradient: ``param_bytes`` less ``frozen_bytes``."""
+        if self.frozen_bytes is None:
+            return self.param_bytes
+        return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
 
     def fixed_parts(self) -> np.ndarray:
         """[N, D, 2] the fixed host seconds of each op's forward and backward (``fixed_host``,
@@ -204,7 +214,7 @@ def batch_norm_channels(attrs: Mapping[str, Any]) -> int:
 def op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
               host: HostOverheads, grad_bytes: np.ndarray | None = None,
               shared_grad_bytes: np.ndarray | None = None, fixed_host: np.ndarray | None = None,
-              accumulate: np.ndarray | None = None) -> OpArrays:
+              accumulate: np.ndarray | None = None, frozen_bytes: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -233,4 +243,5 @@ def op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flop
         shared_grad_bytes=None if shared_grad_bytes is None else np.asarray(shared_grad_bytes, dtype=np.float64),
         fixed_host=None if fixed_host is None else np.ascontiguousarray(fixed_host, dtype=np.float64),
         accumulate=None if accumulate is None else np.ascontiguousarray(accumulate, dtype=np.float64),
+        frozen_bytes=None if frozen_bytes is None else np.asarray(frozen_bytes, dtype=np.float64),
     )

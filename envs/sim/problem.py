@@ -77,6 +77,8 @@ class PlacementProblem:
             group arrays when not given (each node is then one op with the group's
             forward time on the device and its backward and update as backward, all on
             the host for a CPU and on the device for a GPU).
+        frozen_bytes: [N] the part of ``param_bytes`` that gets no gradient (buffers, frozen
+            parameters): no gradient, optimizer state or all-reduce. None: none.
         node_modules: the module path of each node (a group's: its members' common
             module; ``""`` outside any submodule), or ``()`` where the graph carries none.
             Nothing is simulated from it: the move policy relocates whole modules with it
@@ -112,6 +114,7 @@ class PlacementProblem:
     ops: OpArrays | None = None
     rank_simulator: RankSimulator | None = None
     node_modules: tuple[str, ...] = ()
+    frozen_bytes: np.ndarray | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -169,16 +172,24 @@ class PlacementProblem:
 
     @property
     def static_bytes_per_param_byte(self) -> float:
-        """Bytes pinned for the whole step per parameter byte: the parameter, its gradient, the optimizer's state."""
+        """Bytes pinned for the whole step per trained parameter byte: the parameter, its gradient,
+        the optimizer's state (a frozen one, or a buffer, pins its own bytes only)."""
         return 2.0 + self.optimizer_state_factor
 
+    def trained_bytes(self) -> np.ndarray:
+        """[N] parameter bytes that get a gradient: ``param_bytes`` less ``frozen_bytes``."""
+        if self.frozen_bytes is None:
+            return self.param_bytes
+        return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
+
     def static_memory(self) -> np.ndarray:
-        """[N] bytes each node pins on its device for the whole step: params + grads + optimizer state."""
-        return self.param_bytes * self.static_bytes_per_param_byte
+        """[N] bytes each node pins on its device for the whole step: params + grads + optimizer
+        state (the last two for trained parameters only)."""
+        return self.param_bytes + self.trained_bytes() * (self.static_bytes_per_param_byte - 1.0)
 
     def op_static_memory(self) -> np.ndarray:
         """[num_ops] what :meth:`static_memory` is per node, per op of the op graph."""
-        return self.ops.param_bytes * self.static_bytes_per_param_byte
+        return self.ops.param_bytes + self.ops.trained_bytes() * (self.static_bytes_per_param_byte - 1.0)
 
     def backward_work(self) -> np.ndarray:
         """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""
@@ -271,7 +282,7 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
     cost[:, :, 3] = np.where(is_cpu[None, :], 0.0, bwd)
     return op_arrays(problem.node_names, np.arange(n), cost, rg, problem.param_bytes, problem.act_bytes,
                      problem.out_bytes, problem.flops, problem.edge_src, problem.edge_dst, problem.edge_bytes,
-                     is_cpu, DEFAULT_HOST)
+                     is_cpu, DEFAULT_HOST, frozen_bytes=problem.frozen_bytes)
 
 
 def _csr(key: np.ndarray, other: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -138,6 +138,8 @@ def compile_problem(
     fixed_host = cost_model.op_fixed_costs(graph, order, cluster.devices, cost)
     accumulate = accumulate_costs(graph, order, cluster.devices, cost_model)
     param_bytes = column("param_bytes")
+    frozen_bytes = np.minimum(column("frozen_bytes"), param_bytes)
+    trained = param_bytes - frozen_bytes  # what gets a gradient, optimizer state and an all-reduce
     flops = column("flops")
 
     edges = sorted((index[u], index[v], float(d.get("bytes") or 0)) for u, v, d in graph.edges(data=True))
@@ -164,12 +166,12 @@ def compile_problem(
         group_names, op_group = _group_slots(grouping, order)
     ops = op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host,
-                    accumulate)
+                    accumulate, frozen_bytes)
     ops = replace(ops, tied_reads=tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
                                         for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index),
                   input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")),
-                  step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
-                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_bytes, 0.0),
+                  step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, trained, 0.0),
+                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, trained, 0.0),
                   loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
                   batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0),
                   norm_channels=np.array([batch_norm_channels(a) for a in attrs], dtype=np.float64))
@@ -210,6 +212,7 @@ def compile_problem(
         fwd_time=per_group(fwd),
         bwd_time=per_group(bwd),
         param_bytes=per_group(param_bytes),
+        frozen_bytes=per_group(frozen_bytes),
         act_bytes=per_group(act_bytes.astype(np.float64)),
         out_bytes=g_out,
         flops=per_group(flops),

@@ -161,6 +161,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     acc_all = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     op_work = ops.gradient_work_at(m)
     op_static = problem.op_static_memory()
+    trained = ops.trained_bytes()
     fixed_all = problem.ops.fixed_parts()
     for s in range(s_):
         d = int(stage_dev[s])
@@ -181,8 +182,8 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         held[s] = float(op_held[sel].sum())
         foreach[s] = float(op_foreach[sel].sum())
         if pipeline.microbatches > 1:  # P5a
-            work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(ops.param_bytes[sel].max(initial=0.0)))
-        has_params[s] = bool(ops.param_bytes[sel].sum() > 0)
+            work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(trained[sel].max(initial=0.0)))
+        has_params[s] = bool(trained[sel].sum() > 0)
     # P3: the last reader of each produced value decides how many boundaries it crosses.
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
     np.maximum.at(last_reader, src, op_stage[dst])
@@ -347,10 +348,10 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         dev_b=_prefix(c[:, :, 3], g, n), fixed_f=_prefix(fixed[:, :, 0], g, n), fixed_b=_prefix(fixed[:, :, 1], g, n),
         opt=_prefix(c[:, :, 4] + c[:, :, 5], g, n), acc_h=_prefix(acc[:, :, 0], g, n), acc_d=_prefix(acc[:, :, 1], g, n),
         static=_prefix(problem.op_static_memory(), g, n),
-        act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.param_bytes.astype(np.float64), g, n),
+        act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.trained_bytes().astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1], cross_kept=np.cumsum(diff_k)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)),
-        param_work=_sparse_max(_group_max(ops.param_bytes.astype(np.float64), g, n)),
+        param_work=_sparse_max(_group_max(ops.trained_bytes().astype(np.float64), g, n)),
         step_work=_sparse_max(_group_max(ops.step_work_bytes(), g, n)),
         held=_prefix(ops.loop_held_bytes(), g, n), batch_held=_prefix(ops.batch_held_bytes(), g, n),
         foreach=_prefix(ops.foreach_work_bytes(), g, n))

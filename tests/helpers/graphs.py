@@ -48,6 +48,8 @@ def random_dag(rng: np.random.Generator, n: int, edge_prob: float) -> nx.DiGraph
             fwd_time={"cpu": t},
             bwd_time={"cpu": float(rng.uniform(0, 2e-3))},
         )
+    for i in range(1, n, 3):  # a frozen share (buffers, frozen parameters), drawing nothing more from rng
+        g.nodes[f"v{i}"]["frozen_bytes"] = g.nodes[f"v{i}"]["param_bytes"] // (1 + i % 2)
     for j in range(1, n):
         for i in range(j):
             if rng.random() < edge_prob:
