@@ -1,6 +1,7 @@
 """A GPT in the nanoGPT style: 6 pre-norm blocks of width 256 over F.scaled_dot_product_attention,
 an output head tied to the token embedding (``head.weight = tok.weight``), 8,000 words, batch 32 x 64
-tokens (benchmarks/results/model_styles.md). The tie no longer fuses the model into one group
+tokens (benchmarks/results/model_styles.md). Model arguments ``vocab``, ``width``, ``layers``, ``batch`` for
+smaller runs. The tie no longer fuses the model into one group
 (graphs.tied_layers).
 """
 import torch
@@ -35,7 +36,7 @@ class LM(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(1, t, d))
-        self.blocks = nn.ModuleList([Block(d) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(d) for _ in range(layers)])  # 4 heads
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.tok.weight
@@ -47,14 +48,14 @@ class LM(nn.Module):
         return self.head(self.ln(x))
 
 
-def get_model():
+def get_model(vocab=8000, width=256, layers=6):
     torch.manual_seed(0)
-    return LM()
+    return LM(int(vocab), int(width), int(layers))
 
 
-def get_example_inputs():
+def get_example_inputs(vocab=8000, batch=32):
     torch.manual_seed(1)
-    return (torch.randint(0, 8000, (32, 64)), torch.randint(0, 8000, (32, 64)))
+    return (torch.randint(0, int(vocab), (int(batch), 64)), torch.randint(0, int(vocab), (int(batch), 64)))
 
 
 def get_loss(out, idx, y):
