@@ -197,6 +197,18 @@ def trained_param_bytes(attrs: Mapping[str, Any]) -> float:
     return max(_num(attrs, "param_bytes") - _num(attrs, "frozen_bytes"), 0.0)
 
 
+def param_grad_bytes(attrs: Mapping[str, Any]) -> float:
+    """Bytes of a node's parameter gradients: its trained bytes (:func:`trained_param_bytes`), where
+    a sparse gradient (``nn.Embedding(sparse=True)``: the rows looked up, ``sparse_grad_bytes``)
+    replaces the dense one of the parameters it is for (``sparse_param_bytes``).
+
+    >>> param_grad_bytes({"param_bytes": 1000, "sparse_param_bytes": 800, "sparse_grad_bytes": 50})
+    250.0
+    """
+    trained = trained_param_bytes(attrs)
+    return trained - min(_num(attrs, "sparse_param_bytes"), trained) + _num(attrs, "sparse_grad_bytes")
+
+
 def node_requires_grad(attrs: Mapping[str, Any]) -> bool:
     """Whether a node's output takes part in autograd (default: yes, except inputs and output)."""
     if "requires_grad" in attrs:
@@ -236,7 +248,7 @@ def roofline_opt_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofl
     both 0 for a node owning no parameters."""
     if attrs.get("op") in ("placeholder", "output"):
         return 0.0, 0.0
-    nbytes = trained_param_bytes(attrs)
+    nbytes = param_grad_bytes(attrs)  # a sparse gradient's update touches its rows only
     if nbytes <= 0:
         return 0.0, 0.0
     factor = state_factor(optimizer)

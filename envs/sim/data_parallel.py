@@ -18,7 +18,12 @@ parameters, then ``list(reversed(bucket_indices))``): the first bucket holds up 
 ``dist._DEFAULT_FIRST_BUCKET_BYTES`` (1 MiB), the others ``_DEFAULT_BUCKET_CAP_MB`` = 25 MiB
 (``_MB_TO_BYTES`` = 2**20). Parameters are taken in the reverse of the op order (the
 order the backward produces them); a bucket is ready when the backward has reached the
-earliest op whose gradient it holds, on every replica (the slowest one decides).
+earliest op whose gradient it holds, on every replica (the slowest one decides). Only
+gradients that exist count: a frozen parameter's or a buffer's none, and a sparse embedding's
+(``sparse=True``) the rows it looked up (``OpArrays.param_grad_bytes``). The reducer gives a
+sparse gradient a bucket of its own and all-reduces it as a sparse tensor (``reducer.cpp``:
+``expect_sparse_gradient``); it is costed here as a ring all-reduce of those bytes, not checked
+against a measurement.
 
 **D3 Ring all-reduce.** Buckets are all-reduced one after another (one communication
 stream, in bucket order: the reducer launches them in order, ``reducer.cpp:mark_bucket_ready``),
@@ -373,7 +378,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     n = len(chosen)
     idx = [names.index(r) for r in chosen]
     ops = problem.ops
-    grad_bytes = np.where(ops.requires_grad, ops.trained_bytes(), 0.0)[::-1]  # reverse parameter order (D2)
+    grad_bytes = np.where(ops.requires_grad, ops.param_grad_bytes(), 0.0)[::-1]  # reverse parameter order (D2)
     groups = buckets(grad_bytes.tolist())
     bucket_bytes = [float(grad_bytes[g].sum()) for g in groups]
     num = ops.num_ops

@@ -31,7 +31,7 @@ import networkx as nx
 import numpy as np
 
 from envs.hardware.cluster import Device
-from envs.sim.cost_model import CostModel, node_requires_grad, trained_param_bytes
+from envs.sim.cost_model import CostModel, node_requires_grad, param_grad_bytes
 
 
 def measured_accumulate_s(graph: nx.DiGraph, kind: str) -> float | None:
@@ -52,7 +52,7 @@ def _owns_gradients(attrs: Mapping[str, Any]) -> float:
     """The node's parameter bytes that get gradients (0 for a node outside autograd)."""
     if attrs.get("op") in ("placeholder", "output") or not node_requires_grad(attrs):
         return 0.0
-    return trained_param_bytes(attrs)
+    return param_grad_bytes(attrs)
 
 
 def roofline_accumulate(attrs: Mapping[str, Any], device: Device, cost_model: CostModel) -> tuple[float, float]:

@@ -120,7 +120,7 @@ def _stage_bucket_offsets(problem: PlacementProblem, ops_of_stage: np.ndarray, d
     ``sync_b`` [N] each op's BatchNorm gather in the backward (H5)."""
     ops = problem.ops
     sel = ops_of_stage[::-1]  # reverse op order: the order the backward produces gradients (D2)
-    grad = np.where(ops.requires_grad[sel], ops.trained_bytes()[sel], 0.0).astype(np.float64)
+    grad = np.where(ops.requires_grad[sel], ops.param_grad_bytes()[sel], 0.0).astype(np.float64)
     groups = buckets(grad.tolist())
     c = ops.cost[sel, d, :]
     # With M > 1 the last micro-batch's backward adds into .grad (P2b of envs.sim.pipeline):
@@ -177,7 +177,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
             sync_b += b
         per_costs = [replace(sc, fwd=sc.fwd + add_f, bwd=sc.bwd + add_b) for sc in per_costs]
     results = [simulate_pipeline(problem, p, costs, stage_cost=sc) for p, sc in zip(pipelines, per_costs)]
-    grad_of = np.where(ops.requires_grad, ops.trained_bytes(), 0.0)
+    grad_of = np.where(ops.requires_grad, ops.param_grad_bytes(), 0.0)
     end_of: dict[str, float] = {}
     peak: dict[str, float] = {}
     exposed: list[float] = []

@@ -82,6 +82,10 @@ class OpArrays:
         frozen_bytes: [N] the part of ``param_bytes`` that gets no gradient (buffers, parameters
             with ``requires_grad=False``: a LoRA base layer, a frozen backbone): held, but with no
             gradient, optimizer state, optimizer step or all-reduce (:meth:`trained_bytes`). None: none.
+        param_grads: [N] bytes of each op's parameter gradients: :meth:`trained_bytes`, but a sparse
+            gradient (``nn.Embedding(sparse=True)``) counts the rows it holds, not the table
+            (:func:`~envs.sim.cost_model.param_grad_bytes`); what DDP all-reduces and an
+            optimizer step reads. None: :meth:`trained_bytes`.
         norm_channels: [N] channels of each op that is a BatchNorm module (``module_type``
             BatchNorm1d/2d/3d or SyncBatchNorm), 0 for every other op: data-parallel replicas synchronise their
             statistics (:mod:`envs.sim.data_parallel` D5). None: none.
@@ -119,6 +123,7 @@ class OpArrays:
     batch_held: np.ndarray | None = None
     norm_channels: np.ndarray | None = None
     frozen_bytes: np.ndarray | None = None
+    param_grads: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:
@@ -129,6 +134,10 @@ class OpArrays:
         if self.frozen_bytes is None:
             return self.param_bytes
         return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
+
+    def param_grad_bytes(self) -> np.ndarray:
+        """[N] bytes of each op's parameter gradients (``param_grads``; :meth:`trained_bytes` where none)."""
+        return self.trained_bytes() if self.param_grads is None else self.param_grads
 
     def fixed_parts(self) -> np.ndarray:
         """[N, D, 2] the fixed host seconds of each op's forward and backward (``fixed_host``,
@@ -214,7 +223,8 @@ def batch_norm_channels(attrs: Mapping[str, Any]) -> int:
 def op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flops, src, dst, nbytes, is_cpu,
               host: HostOverheads, grad_bytes: np.ndarray | None = None,
               shared_grad_bytes: np.ndarray | None = None, fixed_host: np.ndarray | None = None,
-              accumulate: np.ndarray | None = None, frozen_bytes: np.ndarray | None = None) -> OpArrays:
+              accumulate: np.ndarray | None = None, frozen_bytes: np.ndarray | None = None,
+              param_grads: np.ndarray | None = None) -> OpArrays:
     n = len(names)
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -244,4 +254,5 @@ def op_arrays(names, op_group, cost, rg, param_bytes, act_bytes, out_bytes, flop
         fixed_host=None if fixed_host is None else np.ascontiguousarray(fixed_host, dtype=np.float64),
         accumulate=None if accumulate is None else np.ascontiguousarray(accumulate, dtype=np.float64),
         frozen_bytes=None if frozen_bytes is None else np.asarray(frozen_bytes, dtype=np.float64),
+        param_grads=None if param_grads is None else np.asarray(param_grads, dtype=np.float64),
     )

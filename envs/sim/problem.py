@@ -79,6 +79,8 @@ class PlacementProblem:
             the host for a CPU and on the device for a GPU).
         frozen_bytes: [N] the part of ``param_bytes`` that gets no gradient (buffers, frozen
             parameters): no gradient, optimizer state or all-reduce. None: none.
+        param_grads: [N] bytes of each node's parameter gradients (a sparse gradient counts its
+            rows; ``OpArrays.param_grads``). None: :meth:`trained_bytes`.
         node_modules: the module path of each node (a group's: its members' common
             module; ``""`` outside any submodule), or ``()`` where the graph carries none.
             Nothing is simulated from it: the move policy relocates whole modules with it
@@ -115,6 +117,7 @@ class PlacementProblem:
     rank_simulator: RankSimulator | None = None
     node_modules: tuple[str, ...] = ()
     frozen_bytes: np.ndarray | None = None
+    param_grads: np.ndarray | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -182,14 +185,20 @@ class PlacementProblem:
             return self.param_bytes
         return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
 
+    def param_grad_bytes(self) -> np.ndarray:
+        """[N] bytes of each node's parameter gradients (``param_grads``, else :meth:`trained_bytes`)."""
+        return self.trained_bytes() if self.param_grads is None else self.param_grads
+
     def static_memory(self) -> np.ndarray:
         """[N] bytes each node pins on its device for the whole step: params + grads + optimizer
-        state (the last two for trained parameters only)."""
-        return self.param_bytes + self.trained_bytes() * (self.static_bytes_per_param_byte - 1.0)
+        state (the last two for trained parameters only; a sparse gradient's rows only)."""
+        state = self.static_bytes_per_param_byte - 2.0
+        return self.param_bytes + self.param_grad_bytes() + self.trained_bytes() * state
 
     def op_static_memory(self) -> np.ndarray:
         """[num_ops] what :meth:`static_memory` is per node, per op of the op graph."""
-        return self.ops.param_bytes + self.ops.trained_bytes() * (self.static_bytes_per_param_byte - 1.0)
+        state = self.static_bytes_per_param_byte - 2.0
+        return self.ops.param_bytes + self.ops.param_grad_bytes() + self.ops.trained_bytes() * state
 
     def backward_work(self) -> np.ndarray:
         """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""
@@ -282,7 +291,7 @@ def _ops_from_groups(problem: PlacementProblem) -> OpArrays:
     cost[:, :, 3] = np.where(is_cpu[None, :], 0.0, bwd)
     return op_arrays(problem.node_names, np.arange(n), cost, rg, problem.param_bytes, problem.act_bytes,
                      problem.out_bytes, problem.flops, problem.edge_src, problem.edge_dst, problem.edge_bytes,
-                     is_cpu, DEFAULT_HOST, frozen_bytes=problem.frozen_bytes)
+                     is_cpu, DEFAULT_HOST, frozen_bytes=problem.frozen_bytes, param_grads=problem.param_grads)
 
 
 def _csr(key: np.ndarray, other: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

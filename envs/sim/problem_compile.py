@@ -24,7 +24,7 @@ import numpy as np
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
 from envs.hardware.rank_devices import is_distributed_cluster
-from envs.sim.cost_model import CostModel, node_requires_grad
+from envs.sim.cost_model import CostModel, node_requires_grad, param_grad_bytes
 from envs.sim.grad_accumulation import accumulate_costs
 from envs.sim.memory_rules import gradient_parts, loop_held_bytes
 from envs.sim.op_arrays import batch_norm_channels, op_arrays
@@ -139,7 +139,8 @@ def compile_problem(
     accumulate = accumulate_costs(graph, order, cluster.devices, cost_model)
     param_bytes = column("param_bytes")
     frozen_bytes = np.minimum(column("frozen_bytes"), param_bytes)
-    trained = param_bytes - frozen_bytes  # what gets a gradient, optimizer state and an all-reduce
+    # What the parameters' gradients take: param_bytes less frozen_bytes, a sparse gradient's rows.
+    param_grads = np.array([param_grad_bytes(a) for a in attrs], dtype=np.float64)
     flops = column("flops")
 
     edges = sorted((index[u], index[v], float(d.get("bytes") or 0)) for u, v, d in graph.edges(data=True))
@@ -166,12 +167,12 @@ def compile_problem(
         group_names, op_group = _group_slots(grouping, order)
     ops = op_arrays(order, op_group, cost, requires_grad, param_bytes, act_bytes, out_bytes, flops,
                     op_src, op_dst, op_bytes, is_cpu, cost_model.host, grad_bytes, shared_grad, fixed_host,
-                    accumulate, frozen_bytes)
+                    accumulate, frozen_bytes, param_grads)
     ops = replace(ops, tied_reads=tuple((index[v], index[owner], float(b)) for v, a in zip(order, attrs)
                                         for owner, b in (a.get("tied_param_bytes") or {}).items() if owner in index),
                   input_bytes=float(sum(out_bytes[i] for i, a in enumerate(attrs) if a.get("op") == "placeholder")),
-                  step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, trained, 0.0),
-                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, trained, 0.0),
+                  step_work=OPTIMIZER_STEP_WORK[key] * np.where(requires_grad, param_grads, 0.0),
+                  foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_grads, 0.0),
                   loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
                   batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0),
                   norm_channels=np.array([batch_norm_channels(a) for a in attrs], dtype=np.float64))
@@ -213,6 +214,7 @@ def compile_problem(
         bwd_time=per_group(bwd),
         param_bytes=per_group(param_bytes),
         frozen_bytes=per_group(frozen_bytes),
+        param_grads=per_group(param_grads),
         act_bytes=per_group(act_bytes.astype(np.float64)),
         out_bytes=g_out,
         flops=per_group(flops),

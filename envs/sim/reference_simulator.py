@@ -110,7 +110,7 @@ import numpy as np
 
 from envs.hardware.cluster import Cluster
 from envs.hardware.loading import load_cluster
-from envs.sim.cost_model import CostModel, node_requires_grad, trained_param_bytes
+from envs.sim.cost_model import CostModel, node_requires_grad, param_grad_bytes, trained_param_bytes
 from envs.sim.memory_rules import BACKWARD_WORK_FACTOR, gradient_bytes, loop_held_bytes
 from envs.sim.optimizer_state import OPTIMIZER_FOREACH_WORK, OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_WORK
 from envs.sim.problem import PlacementError
@@ -331,7 +331,8 @@ def simulate_reference(
     for v in order:
         attrs = graph.nodes[v]
         # a frozen parameter or a buffer pins its own bytes; a trained one its gradient and state too
-        base[dev_of[v]] += float(attrs.get("param_bytes") or 0) + trained_param_bytes(attrs) * (1.0 + state)
+        base[dev_of[v]] += (float(attrs.get("param_bytes") or 0) + param_grad_bytes(attrs)
+                            + trained_param_bytes(attrs) * state)
         if stated:
             act = float(attrs["act_bytes"] or 0)
         else:
@@ -352,7 +353,7 @@ def simulate_reference(
         at_step[dev_of[v]] += loop_held_bytes(graph, v)
         work[dev_of[v]] = max(work[dev_of[v]], BACKWARD_WORK_FACTOR * gradient_bytes(graph.nodes[v]))
         if grad[v]:
-            own = trained_param_bytes(graph.nodes[v])
+            own = param_grad_bytes(graph.nodes[v])
             step_work[dev_of[v]] = max(step_work[dev_of[v]], OPTIMIZER_STEP_WORK[key] * own)
             foreach[dev_of[v]] += OPTIMIZER_FOREACH_WORK[key] * own
     peak = np.array([base[name] for name in devices])

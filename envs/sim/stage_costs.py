@@ -161,7 +161,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
     acc_all = ops.accumulate if ops.accumulate is not None else np.zeros((ops.num_ops, problem.num_devices, 2))
     op_work = ops.gradient_work_at(m)
     op_static = problem.op_static_memory()
-    trained = ops.trained_bytes()
+    trained, param_grads = ops.trained_bytes(), ops.param_grad_bytes()
     fixed_all = problem.ops.fixed_parts()
     for s in range(s_):
         d = int(stage_dev[s])
@@ -182,7 +182,7 @@ def stage_costs(problem: PlacementProblem, pipeline: Pipeline, costs: RankCosts 
         held[s] = float(op_held[sel].sum())
         foreach[s] = float(op_foreach[sel].sum())
         if pipeline.microbatches > 1:  # P5a
-            work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(trained[sel].max(initial=0.0)))
+            work[s] = max(work[s], BACKWARD_WORK_FACTOR * float(param_grads[sel].max(initial=0.0)))
         has_params[s] = bool(trained[sel].sum() > 0)
     # P3: the last reader of each produced value decides how many boundaries it crosses.
     last_reader = np.full(ops.num_ops, -1, dtype=np.int64)
@@ -351,7 +351,7 @@ def pipeline_tables(problem: PlacementProblem) -> PipelineTables:
         act=_prefix(ops.act_bytes.astype(np.float64), g, n), params=_prefix(ops.trained_bytes().astype(np.float64), g, n),
         cross_f=np.cumsum(diff_f)[: n + 1], cross_b=np.cumsum(diff_b)[: n + 1], cross_kept=np.cumsum(diff_k)[: n + 1],
         out_work=_sparse_max(_group_max(work_out, g, n)), shared_work=_sparse_max(_group_max(work_shared, g, n)),
-        param_work=_sparse_max(_group_max(ops.trained_bytes().astype(np.float64), g, n)),
+        param_work=_sparse_max(_group_max(ops.param_grad_bytes().astype(np.float64), g, n)),
         step_work=_sparse_max(_group_max(ops.step_work_bytes(), g, n)),
         held=_prefix(ops.loop_held_bytes(), g, n), batch_held=_prefix(ops.batch_held_bytes(), g, n),
         foreach=_prefix(ops.foreach_work_bytes(), g, n))
