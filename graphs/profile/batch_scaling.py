@@ -56,6 +56,7 @@ import torch
 import torch.fx as fx
 
 from graphs.capture import CapturedModel
+from graphs.fingerprint import computation_key
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
 from graphs.model_file import batch_size_of, batch_slice, carries_batch, preserved_buffers
 from graphs.profile.accumulate_timing import accumulate_seconds
@@ -214,7 +215,7 @@ def _small_times(gm: fx.GraphModule, full: tuple[Any, ...], inputs: tuple[Any, .
     """(per node (forward, backward, None) seconds on the small inputs, :func:`step_ratio`,
     :func:`~graphs.profile.accumulate_timing.accumulate_seconds` on the small inputs, whether
     from the cache)."""
-    key = inputs_key(inputs) + _CACHE_TAG
+    key = inputs_key(inputs) + _CACHE_TAG + f"-c{computation_key(gm)}"
     dname = device_name(dev)
     if cache is not None and fingerprint:
         loaded = cache.load(fingerprint, key, dev.type, dname, names)

@@ -50,6 +50,7 @@ import torch
 import torch.fx as fx
 
 from graphs.capture import CapturedModel
+from graphs.fingerprint import computation_key
 from graphs.model_file import default_optimizer, preserved_buffers
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices
@@ -124,7 +125,7 @@ def profile_graph(captured: CapturedModel, example_inputs: Sequence[Any], device
     # The two methods give different numbers, and optimizer times depend on the optimizer:
     # each combination has its own cache entry.
     key_inputs = (inputs_key(example_inputs) + ("" if method == "in_situ" else "-isolated")
-                  + f"-opt{opt_key}")
+                  + f"-opt{opt_key}-c{computation_key(gm)}")
     results: dict[str, dict[str, NodeTimes]] = {}
     metas: dict[str, dict[str, Any]] = {}
     infos: dict[str, ProfileInfo] = {}
