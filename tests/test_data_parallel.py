@@ -327,3 +327,19 @@ def test_a_hybrid_syncs_batchnorms_with_one_microbatch_and_not_with_several():
     normed = _with_norms(chain(6), {"l1": 32, "l4": 32})
     assert step(normed, 1) > step(chain(6), 1)
     assert step(normed, 2) == step(chain(6), 2)
+
+
+def test_each_sparse_gradient_costs_glooss_measured_all_reduce_beyond_its_ring_between_cpu_ranks():
+    from dataclasses import replace
+
+    from envs.sim.data_parallel import CPU_SPARSE_ALLREDUCE_S
+
+    g = chain()
+    for name in ("l0", "l1"):  # two embedding tables whose gradients are 64 KiB of rows
+        g.nodes[name].update(sparse_param_bytes=4 * MB, sparse_grad_bytes=64 * 1024)
+    problem = compile_problem(g, cluster(2))
+    sparse = simulate_data_parallel(problem, 2, ZERO_COSTS)
+    assert sum(sparse.bucket_bytes) == pytest.approx(2 * 4 * MB + 2 * 64 * 1024)  # the rows, not the tables
+    as_dense = replace(problem, ops=replace(problem.ops, sparse_grad=None))  # the same bytes, dense
+    ring_only = simulate_data_parallel(as_dense, 2, ZERO_COSTS)
+    assert sparse.step_time - ring_only.step_time == pytest.approx(2 * CPU_SPARSE_ALLREDUCE_S, rel=1e-9)

@@ -20,10 +20,15 @@ parameters, then ``list(reversed(bucket_indices))``): the first bucket holds up 
 order the backward produces them); a bucket is ready when the backward has reached the
 earliest op whose gradient it holds, on every replica (the slowest one decides). Only
 gradients that exist count: a frozen parameter's or a buffer's none, and a sparse embedding's
-(``sparse=True``) the rows it looked up (``OpArrays.param_grad_bytes``). The reducer gives a
-sparse gradient a bucket of its own and all-reduces it as a sparse tensor (``reducer.cpp``:
-``expect_sparse_gradient``); it is costed here as a ring all-reduce of those bytes, not checked
-against a measurement.
+(``sparse=True``) the rows it looked up (``OpArrays.param_grad_bytes``).
+
+**D2b Sparse gradients.** The reducer gives each sparse gradient a bucket of its own and
+all-reduces it as a sparse tensor (``reducer.cpp``: ``expect_sparse_gradient``): a ring of its
+bytes, and between CPU processes :data:`CPU_SPARSE_ALLREDUCE_S` more per sparse gradient
+(gloo's sparse all-reduce gathers the sizes, indices and values of every rank and sums them).
+Measured here (2026-12-07, 2 ranks, ``benchmarks/models/dlrm.py --model-arg sparse=1``, 1,024
+lookups a table a replica): DDP measured 6.4, 24.8 and 44.3 ms above the ring-only rule with 2,
+8 and 16 tables, 2.8-3.2 ms a table. Between GPUs not measured: the ring alone.
 
 **D3 Ring all-reduce.** Buckets are all-reduced one after another (one communication
 stream, in bucket order: the reducer launches them in order, ``reducer.cpp:mark_bucket_ready``),
@@ -147,6 +152,10 @@ CPU_RING_EFFICIENCY = 0.47
 #: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
 #: 2026-12-06 (0.30-0.35 ns per byte, linear in the bytes; ``benchmarks/bench_ddp_reducer.py``).
 CPU_REDUCER_SECONDS_PER_BYTE = 0.31e-9
+#: Seconds each sparse gradient's all-reduce takes between CPU processes beyond a ring of its
+#: bytes (D2b): DDP of a DLRM with 2, 8 and 16 sparse tables over 2 ranks measured 6.4, 24.8 and
+#: 44.3 ms above that rule (2026-12-07); the least-squares slope through them.
+CPU_SPARSE_ALLREDUCE_S = 2.84e-3
 #: A BatchNorm's gather between CPU processes (gloo) inside a DDP step, seconds per ring step
 #: (D5). Two 1-thread processes gathering back to back take 338-456 us
 #: (``benchmarks/bench_small_gather.py``), but in a step the replicas reach each BatchNorm
@@ -197,6 +206,14 @@ class DataParallelResult(DeviceMemoryFit):
             return (f"DDP x{len(self.replicas)}: does not fit ({worst} needs "
                     f"{self.peak_memory[worst] / 2**30:.2f} GiB for one replica)")
         return f"DDP x{len(self.replicas)}: {self.step_time * 1e3:.2f} ms per step"
+
+
+def sparse_allreduce_seconds(problem: PlacementProblem, ops: np.ndarray, on_cpu: bool) -> float:
+    """D2b: the extra seconds the sparse gradients of ``ops`` (op indices) take to all-reduce."""
+    flags = problem.ops.sparse_grad
+    if not on_cpu or flags is None or not len(ops):
+        return 0.0
+    return CPU_SPARSE_ALLREDUCE_S * float(np.count_nonzero(flags[ops] & problem.ops.requires_grad[ops]))
 
 
 def buckets(grad_bytes: Sequence[float], first: float = FIRST_BUCKET_BYTES, cap: float = BUCKET_BYTES) -> list[list[int]]:
@@ -416,6 +433,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     comm_end = 0.0
     for k, nbytes in enumerate(bucket_bytes):
         comm_end = max(comm_end, ready[k]) + ring_allreduce_time(nbytes, n, bw, lat)
+    comm_end += sparse_allreduce_seconds(problem, np.arange(num), on_cpu) if n > 1 else 0.0  # D2b
     reducer = reducer_seconds(float(grad_bytes.sum()), on_cpu)
     synced = max(back_end, comm_end) + reducer
     step = synced + opt_max + tail

@@ -41,7 +41,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from envs.sim.data_parallel import buckets, norm_channels, norm_sync_on, reducer_seconds, ring_allreduce_time, ring_link
+from envs.sim.data_parallel import (
+    buckets,
+    norm_channels,
+    norm_sync_on,
+    reducer_seconds,
+    ring_allreduce_time,
+    ring_link,
+    sparse_allreduce_seconds,
+)
 from envs.sim.memory_report import DeviceMemoryFit
 from envs.sim.pipeline import PipelineResult, check_pipeline, engine_host_costs, simulate_pipeline
 from envs.sim.pipeline_layout import Pipeline, PipelineError
@@ -201,6 +209,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         comm_end = 0.0
         for k, nbytes in enumerate(sizes):
             comm_end = max(comm_end, float(ready[k])) + ring_allreduce_time(nbytes, r_, bw, lat)
+        comm_end += sparse_allreduce_seconds(problem, mine, on_cpu)  # D2b
         stage_grad = float(grad_of[mine].sum())
         comm_end += reducer_seconds(stage_grad, on_cpu)  # D3d: the stage's DDP copies its gradients
         wait = 0.0

@@ -86,6 +86,8 @@ class OpArrays:
             gradient (``nn.Embedding(sparse=True)``) counts the rows it holds, not the table
             (:func:`~envs.sim.cost_model.param_grad_bytes`); what DDP all-reduces and an
             optimizer step reads. None: :meth:`trained_bytes`.
+        sparse_grad: [N] bool, the op's parameter gradient is sparse (``nn.Embedding(sparse=True)``):
+            DDP all-reduces it by itself (:mod:`envs.sim.data_parallel` D2b). None: none.
         norm_channels: [N] channels of each op that is a BatchNorm module (``module_type``
             BatchNorm1d/2d/3d or SyncBatchNorm), 0 for every other op: data-parallel replicas synchronise their
             statistics (:mod:`envs.sim.data_parallel` D5). None: none.
@@ -124,6 +126,7 @@ class OpArrays:
     norm_channels: np.ndarray | None = None
     frozen_bytes: np.ndarray | None = None
     param_grads: np.ndarray | None = None
+    sparse_grad: np.ndarray | None = None
 
     @property
     def num_ops(self) -> int:

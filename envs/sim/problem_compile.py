@@ -175,7 +175,8 @@ def compile_problem(
                   foreach_work=OPTIMIZER_FOREACH_WORK[key] * np.where(requires_grad, param_grads, 0.0),
                   loop_held=np.array([loop_held_bytes(graph, v) for v in order], dtype=np.float64),
                   batch_held=np.where([a.get("op") == "placeholder" for a in attrs], out_bytes, 0.0),
-                  norm_channels=np.array([batch_norm_channels(a) for a in attrs], dtype=np.float64))
+                  norm_channels=np.array([batch_norm_channels(a) for a in attrs], dtype=np.float64),
+                  sparse_grad=np.array([bool(a.get("sparse_grad_bytes")) for a in attrs], dtype=bool))
     rank_simulator = None
     if is_distributed_cluster(cluster):
         ops = replace(ops, one_process_per_device=True)
