@@ -98,7 +98,10 @@ def functions_recorded_whole(tracer: fx.Tracer) -> Iterator[None]:
     original = Function.__dict__["apply"]
 
     def apply(cls: type[Function], *args: Any, **kwargs: Any) -> Any:
-        if not any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+        if cls.__module__.split(".")[0] == "torch" or not any(isinstance(a, fx.Proxy)
+                                                               for a in tree_leaves((args, kwargs))):
+            # torch's own Functions (reentrant checkpointing's CheckpointFunction) keep the
+            # handling capture has for them (graphs.activation_checkpoints)
             return original.__func__(cls, *args, **kwargs)
         name = function_name(cls)
         if _found(name) is not cls:

@@ -509,7 +509,21 @@ def test_the_rank_simulator_refuses_two_modules_sharing_a_weight_on_two_ranks():
     from envs.sim.rank_plan import rank_plan
     from graphs.capture import capture
 
-    cap = capture(TiedEmbeddingOutput(), (torch.tensor([[0, 1, 4]]),))
+    # Named a leaf, the head stays a module holding the embedding's tensor (graphs.tied_layers
+    # traces it through otherwise).
+    cap = capture(TiedEmbeddingOutput(), (torch.tensor([[0, 1, 4]]),), leaf_modules=["out"])
     with pytest.raises(SplitError) as refused:
         split_by_rank(cap.gm, {"emb": 0, "out": 1}, 2)
     assert rank_plan(cap.graph, {"emb": 0, "out": 1}, 2).refusal == str(refused.value)
+
+
+def test_a_head_traced_through_reads_the_embeddings_weight_on_another_rank_as_the_runtime_does():
+    from envs.sim.rank_plan import rank_plan
+    from graphs.capture import capture
+
+    cap = capture(TiedEmbeddingOutput(), (torch.tensor([[0, 1, 4]]),))
+    assert "out" not in {n.name for n in cap.gm.graph.nodes}  # a get_attr of emb.weight and a linear
+    ranks = {n.name: int(n.name == "linear") for n in cap.gm.graph.nodes if n.op not in ("placeholder", "output")}
+    expected = _stages(split_by_rank(cap.gm, ranks, 2))
+    assert rank_plan(cap.graph, ranks, 2).refusal is None
+    assert _stages(rank_plan(cap.graph, ranks, 2)) == expected

@@ -252,11 +252,14 @@ def test_a_given_candidate_that_splits_a_tied_weight_is_refused_before_training(
             return self.head(torch.relu(self.emb(ids)))
 
     model, ids = Tied(), torch.randint(0, 20, (4, 5))
-    nodes = list(capture(model, (ids,)).graph.nodes)
+    # Named a leaf, the head stays a module holding the embedding's tensor (traced through
+    # otherwise, graphs.tied_layers, and then it reads the weight over a copy).
+    nodes = list(capture(model, (ids,), leaf_modules=["head"]).graph.nodes)
     split = {n: ("gpu1" if n == "head" else "gpu0") for n in nodes}
     # Found when the tuner switched to it, mid-training, with the model half moved.
     with pytest.raises(PlacerError, match="candidate 'given 1' cannot be applied: .*'head'.*'emb'"):
-        PlacementTuner(model, (ids,), cluster=CLUSTER, trials=4, candidates=[{n: "gpu0" for n in nodes}, split])
+        PlacementTuner(model, (ids,), cluster=CLUSTER, trials=4, candidates=[{n: "gpu0" for n in nodes}, split],
+                       leaf_modules=["head"])
 
 
 def test_a_tuned_model_whose_eval_mode_takes_another_branch_evaluates_as_the_original():
