@@ -25,6 +25,15 @@ from envs.sim.cost_model import CPU_DISPATCH_S, DEFAULT_HOST, HostOverheads
 from envs.sim.memory_rules import BACKWARD_WORK_FACTOR
 
 
+def trained_bytes(param_bytes: np.ndarray, frozen_bytes: np.ndarray | None) -> np.ndarray:
+    """Parameter bytes that get a gradient: ``param_bytes`` less ``frozen_bytes`` (None: none frozen).
+
+    >>> trained_bytes(np.array([10.0, 4.0]), np.array([10.0, 1.0])).tolist()
+    [0.0, 3.0]
+    """
+    return param_bytes if frozen_bytes is None else np.maximum(param_bytes - frozen_bytes, 0.0)
+
+
 @dataclass(frozen=True, eq=False)
 class OpArrays:
     """The op-level arrays the simulators execute (module doc); ops in program order.
@@ -133,10 +142,8 @@ class OpArrays:
         return len(self.names)
 
     def trained_bytes(self) -> np.ndarray:
-        """[N] parameter bytes that get a gradient: ``param_bytes`` less ``frozen_bytes``."""
-        if self.frozen_bytes is None:
-            return self.param_bytes
-        return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
+        """[N] parameter bytes that get a gradient (:func:`trained_bytes`)."""
+        return trained_bytes(self.param_bytes, self.frozen_bytes)
 
     def param_grad_bytes(self) -> np.ndarray:
         """[N] bytes of each op's parameter gradients (``param_grads``; :meth:`trained_bytes` where none)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.sim.cost_model import DEFAULT_HOST
-from envs.sim.op_arrays import OpArrays, op_arrays
+from envs.sim.op_arrays import OpArrays, op_arrays, trained_bytes
 from envs.sim.rank_simulator import RankSimulator
 from graphs.errors import PlacerError
 
@@ -180,10 +180,8 @@ class PlacementProblem:
         return 2.0 + self.optimizer_state_factor
 
     def trained_bytes(self) -> np.ndarray:
-        """[N] parameter bytes that get a gradient: ``param_bytes`` less ``frozen_bytes``."""
-        if self.frozen_bytes is None:
-            return self.param_bytes
-        return np.maximum(self.param_bytes - self.frozen_bytes, 0.0)
+        """[N] parameter bytes that get a gradient (:func:`envs.sim.op_arrays.trained_bytes`)."""
+        return trained_bytes(self.param_bytes, self.frozen_bytes)
 
     def param_grad_bytes(self) -> np.ndarray:
         """[N] bytes of each node's parameter gradients (``param_grads``, else :meth:`trained_bytes`)."""
