@@ -150,3 +150,43 @@ def test_a_sparse_embeddings_gradient_is_the_rows_it_looked_up_not_the_table():
         assert reference.peak_memory.tolist() == [simulated]
         # A dense gradient of the table (and SGD's step temporaries of its size) made it 2.98x.
         assert measured <= simulated <= 1.1 * measured, (kind, measured, simulated)
+
+
+class FrozenStem(nn.Module):
+    """Two frozen layers, then two trained ones: a pipeline's first stage has nothing to train."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.a.requires_grad_(False)
+        self.b.requires_grad_(False)
+
+    def forward(self, x, y):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return nn.functional.cross_entropy(self.head(torch.relu(self.c(h))), y)
+
+
+def test_a_pipeline_x_ddp_whose_first_stage_is_frozen_trains_like_the_unsplit_model():
+    """DDP refuses a module with no parameter that requires a gradient: the hybrid crashed on
+    its first stage ("DistributedDataParallel is not needed ...")."""
+    import copy
+
+    from envs.runtime.pipeline.launcher import run_training
+    from envs.sim.pipeline_layout import Pipeline
+    from graphs.fx_tracer import fx_trace
+
+    torch.manual_seed(0)
+    model = FrozenStem()
+    gm = fx_trace(model)
+    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = names.index("c")
+    pipe = Pipeline((tuple(names[:cut]), tuple(names[cut:])), ("cpu:0", "cpu:1"), 2, "gpipe", (("cpu:2", "cpu:3"),))
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(8, 16, generator=g), "y": torch.randint(0, 5, (8,), generator=g)}
+    reference = copy.deepcopy(model)
+    reference(batch["x"], batch["y"]).backward()
+    run = run_training(gm, batch, pipe, steps=1, optimizer=("sgd", {"lr": 0.1}), timeout_s=180)
+    trained = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(run.grads) == set(trained) == {"c.weight", "c.bias", "head.weight", "head.bias"}
+    for name, grad in trained.items():
+        torch.testing.assert_close(run.grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -290,12 +290,15 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
         mod: torch.nn.Module = plain
         if norm_groups is not None:
             replace_batch_norms(plain, process_group_gather(norm_groups[local]))
-        if n_rep > 1:
+        if n_rep > 1 and any(p.requires_grad for p in plain.parameters()):
             # DDP over the stage's replicas: averaged gradients (each replica's loss is its
             # slice's mean, so the average is the full batch's gradient). Buffers stay per
             # replica (each normalises its own slice), as without DDP. A parameter off the
             # loss's autograd path gets no gradient: find_unused_parameters lets the reducer
-            # finish without it, the same in every replica.
+            # finish without it, the same in every replica. A stage with nothing to train (its
+            # layers frozen, or no parameters) has no gradient to average, and DDP refuses it
+            # ("DistributedDataParallel is not needed when a module doesn't have any parameter
+            # that requires a gradient"): it runs plain.
             mod = DistributedDataParallel(plain, process_group=stage_groups[local],
                                           device_ids=[device] if device.type == "cuda" else None,
                                           broadcast_buffers=False, find_unused_parameters=True)
