@@ -314,3 +314,16 @@ def test_the_graph_torch_export_captured_takes_the_dict_batch_too(tmp_path):
         torch.testing.assert_close(run(**batch), model(**batch))
     with pytest.raises(PlacerError, match="called without 'x', a parameter of forward"):
         placed(mask=batch["mask"])
+
+
+def test_freezing_layers_is_another_cache_entry_not_the_placement_found_for_the_trained_model(tmp_path):
+    """A placement searched with every layer trained holds less than the same model unfrozen
+    would, and the other way round: the fingerprint (nodes, shapes) is the same for both."""
+    model, x = _model(), torch.randn(16, 32)
+    placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1  # read back
+    next(model.parameters()).requires_grad_(False)
+    placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2

@@ -36,6 +36,7 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
+from graphs.fingerprint import computation_key
 from graphs.model_file import check_batch_dim, check_inputs_fit, keyword_inputs_as_positional
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
@@ -108,14 +109,18 @@ def cluster_for(cluster: ClusterSource | None = None, devices: str | Sequence[st
     return resolve_cluster(devices=devices, cluster=cluster, memory=memory)
 
 
-def cache_key(fingerprint: str, cluster: Cluster) -> str:
-    """File stem for a model on a device list: fingerprint + hash of (device name, real device) pairs.
+def cache_key(fingerprint: str, cluster: Cluster, computation: str = "") -> str:
+    """File stem for a model on a device list: fingerprint + hash of (device name, real device)
+    pairs and of ``computation`` (:func:`graphs.fingerprint.computation_key`).
 
     The real devices are part of the key: a ``4xK40`` placement mapped onto the CPU here
-    and onto four GPUs elsewhere applies to different hardware.
+    and onto four GPUs elsewhere applies to different hardware. So is what the ops compute:
+    the same model with its backbone frozen (or unfrozen) holds other memory, and a placement
+    searched for the frozen one may not fit the other.
     """
     devices = [[name, real] for name, real in cluster.real_device_map().items()]
-    digest = hashlib.sha256(json.dumps({"devices": devices}, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps({"devices": devices, "computation": computation},
+                                       sort_keys=True).encode()).hexdigest()[:12]
     return f"{fingerprint}-{digest}"
 
 
@@ -235,7 +240,7 @@ def find_placement(
     path = None
     if use_cache:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        path = folder / f"{cache_key(captured.fingerprint, the_cluster)}.json"
+        path = folder / f"{cache_key(captured.fingerprint, the_cluster, computation_key(captured.gm))}.json"
         cached = _read_cache(path, captured, the_cluster)
         if cached is not None:
             meta = cached.metadata
