@@ -19,7 +19,9 @@ Autograd then runs the Function's ``forward`` and ``backward`` wherever the node
 
 A Function its name does not find again (defined inside a function, or in code that was not
 loaded from a file) cannot be called from another process: capture refuses it with the fixes
-(define it at module level, or call it inside a leaf module).
+(define it at module level, or call it inside a leaf module). torch's own Functions (reentrant
+checkpointing's ``CheckpointFunction``) are left to fx and the rules capture has for them
+(:mod:`graphs.activation_checkpoints`).
 
 Example::
 
@@ -35,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 from collections.abc import Iterator
 from typing import Any
@@ -59,10 +60,11 @@ def function_name(function: type[Function]) -> str:
     return f"{function.__module__}:{function.__qualname__}"
 
 
-@functools.cache
 def _resolved(name: str) -> type[Function]:
-    module, _, qualname = name.partition(":")
-    value: Any = importlib.import_module(module)
+    """The Function ``module:Qualname`` names, looked up on every call (a few microseconds): a
+    model file loaded or reloaded anew defines a new class under the same name."""
+    module_name, _, qualname = name.partition(":")
+    value: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         value = getattr(value, part)
     return value
