@@ -207,3 +207,26 @@ def test_a_function_is_charged_the_kernels_its_forward_launches():
     # SplitHalves: chunk (a view) and two clones; GradReverse: a view only, at least one launch
     assert cap.graph.nodes["split_halves"]["num_ops"] == 2
     assert cap.graph.nodes["grad_reverse"].get("num_ops", 1) == 1
+
+
+def test_a_reloaded_model_file_calls_its_new_function(tmp_path, monkeypatch):
+    import importlib
+    import os
+    import sys
+    import time
+
+    source = ("import torch\n\n\nclass Scale(torch.autograd.Function):\n    @staticmethod\n"
+              "    def forward(ctx, x):\n        return x * {k}\n\n    @staticmethod\n"
+              "    def backward(ctx, g):\n        return g * {k}\n")
+    path = tmp_path / "reloaded_function_file.py"
+    path.write_text(source.format(k=2))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reloaded_function_file")
+    try:
+        assert apply_function("reloaded_function_file:Scale", torch.ones(1)).item() == 2
+        path.write_text(source.format(k=3))
+        os.utime(path, (time.time() + 5, time.time() + 5))  # a newer mtime than the cached bytecode
+        importlib.reload(module)
+        assert apply_function("reloaded_function_file:Scale", torch.ones(1)).item() == 3
+    finally:
+        sys.modules.pop("reloaded_function_file", None)
