@@ -533,6 +533,18 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
                              "expected every such parameter") from None
 
 
+def positional_inputs(model: nn.Module, inputs: Any, what: str = "the inputs") -> tuple:
+    """The model's positional inputs: a tuple as is, a dict by ``forward``'s parameter names bound
+    to them (:func:`keyword_inputs_as_positional`), anything else (one tensor) as a 1-tuple.
+
+    >>> positional_inputs(nn.GRU(2, 2), {"input": 0}), positional_inputs(nn.GRU(2, 2), 0)
+    ((0,), (0,))
+    """
+    if isinstance(inputs, Mapping):
+        return keyword_inputs_as_positional(model, inputs, what)
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
 def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
     if isinstance(inputs, torch.Tensor):
         return (inputs,)

@@ -37,7 +37,7 @@ from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.fingerprint import computation_key
-from graphs.model_file import check_batch_dim, check_inputs_fit, keyword_inputs_as_positional
+from graphs.model_file import check_batch_dim, check_inputs_fit, positional_inputs
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -90,15 +90,12 @@ def default_cache_dir() -> Path:
     return base / "placements"
 
 
-def as_inputs(example_batch: Any, model: torch.nn.Module | None = None) -> tuple:
-    """The model's positional inputs: a tuple as is, a dict by ``forward``'s parameter names (a
-    Hugging Face batch, ``model(**batch)``) bound to them when ``model`` is given
-    (:func:`graphs.model_file.keyword_inputs_as_positional`), anything else (a tensor) as a 1-tuple."""
+def as_inputs(example_batch: Any, model: torch.nn.Module) -> tuple:
+    """The model's positional inputs (:func:`graphs.model_file.positional_inputs`: a dict is a
+    Hugging Face batch, ``model(**batch)``); an IntegrationError where there is none."""
     if example_batch is None:
         raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")
-    if isinstance(example_batch, Mapping) and model is not None:
-        return keyword_inputs_as_positional(model, example_batch, "the example batch")
-    return example_batch if isinstance(example_batch, tuple) else (example_batch,)
+    return positional_inputs(model, example_batch, "the example batch")
 
 
 def cluster_for(cluster: ClusterSource | None = None, devices: str | Sequence[str] | None = None,

@@ -42,7 +42,7 @@ from graphs.model_file import (
     check_inputs_fit,
     default_loss,
     default_optimizer,
-    keyword_inputs_as_positional,
+    positional_inputs,
 )
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
@@ -462,10 +462,7 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
     if config.example_inputs is None:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
     label = type(model).__name__
-    given = config.example_inputs
-    if isinstance(given, Mapping):  # model(**batch)
-        given = keyword_inputs_as_positional(model, given, "example_inputs")
-    inputs = given if isinstance(given, tuple) else (given,)
+    inputs = positional_inputs(model, config.example_inputs, "example_inputs")
     batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
