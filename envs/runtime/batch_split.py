@@ -193,7 +193,6 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
 
     def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]], ...]:
-        replay.replayed = replay.missed = 0
         with no_dropout, replay, _default_dtype(dtype):
             replay.record()
             whole = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)

@@ -75,8 +75,9 @@ class RandomReplay(TorchFunctionMode):
         self._lock = threading.Lock()
 
     def record(self) -> None:
-        """Record from now on (the full batch's run)."""
+        """Record from now on (the full batch's run), forgetting an earlier run's draws and counts."""
         self.recorded = []
+        self.replayed = self.missed = 0
         self._state.part = None
 
     def replay(self, part: int, parts: int) -> None:

@@ -190,13 +190,11 @@ class PlacementProblem:
     def static_memory(self) -> np.ndarray:
         """[N] bytes each node pins on its device for the whole step: params + grads + optimizer
         state (the last two for trained parameters only; a sparse gradient's rows only)."""
-        state = self.static_bytes_per_param_byte - 2.0
-        return self.param_bytes + self.param_grad_bytes() + self.trained_bytes() * state
+        return self.param_bytes + self.param_grad_bytes() + self.trained_bytes() * self.optimizer_state_factor
 
     def op_static_memory(self) -> np.ndarray:
         """[num_ops] what :meth:`static_memory` is per node, per op of the op graph."""
-        state = self.static_bytes_per_param_byte - 2.0
-        return self.ops.param_bytes + self.ops.param_grad_bytes() + self.ops.trained_bytes() * state
+        return self.ops.param_bytes + self.ops.param_grad_bytes() + self.ops.trained_bytes() * self.optimizer_state_factor
 
     def backward_work(self) -> np.ndarray:
         """[N] per group, the largest backward working set among its ops (:meth:`OpArrays.gradient_work`)."""
