@@ -954,3 +954,27 @@ def test_a_split_of_a_model_under_bfloat16_autocast_is_held_to_bfloat16s_roundin
     else:
         assert report.split_ok and report.split_grad_diff > 1e-5, report.describe_split()
         assert "bfloat16's rounding: the model computes in bfloat16" in report.describe_split()
+
+
+class _ComplexBatchMixer(nn.Module):
+    """Sample-wise through the real part of its complex weight, batch-wide through the imaginary part."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((4,), 0.5 + 2.0j))
+
+    def forward(self, x):
+        z = x.to(torch.complex64) * self.w
+        return z.real + x.mean(0, keepdim=True) * z.imag
+
+
+def test_the_float64_split_check_keeps_a_complex_weights_imaginary_part_and_sees_what_it_changes(recwarn):
+    """Module.to(torch.float64) cast complex parameters to real: the split check compared a model
+    without the imaginary half of its weights, here the half that reads the whole batch."""
+    torch.manual_seed(0)
+    spec = ModelSpec(model=_ComplexBatchMixer(), example_inputs=(torch.randn(8, 4),), name="mixer")
+    cap = capture(spec.model, spec.example_inputs, name="mixer")
+    report = check_batch_split(spec, cap, microbatches=2)
+    assert not report.split_ok, report.describe_split()
+    assert not [w for w in recwarn if "discards the imaginary part" in str(w.message)]
+    assert spec.model.w.dtype == torch.complex64

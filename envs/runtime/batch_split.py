@@ -57,11 +57,34 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in floating ``dtype``, or in its complex counterpart where ``t`` is complex (a cast of
+    a complex tensor to a real dtype keeps its real part only: a Fourier layer's weights lost
+    half of themselves in the float64 comparison). Other tensors as they are."""
+    if t.is_floating_point():
+        return t.to(dtype)
+    if t.is_complex():
+        return t.to(torch.promote_types(dtype, torch.complex32))
+    return t
+
+
 def as_dtype(value: Any, dtype: torch.dtype | None) -> Any:
-    """``value`` (a pytree of inputs) with its floating tensors in ``dtype`` (None: unchanged)."""
+    """``value`` (a pytree of inputs) with its floating tensors in ``dtype``, its complex ones in the
+    complex dtype of that precision (None: unchanged).
+
+    >>> as_dtype((torch.zeros(1), torch.zeros(1, dtype=torch.cfloat), 3), torch.float64)[:2]
+    (tensor([0.], dtype=torch.float64), tensor([0.+0.j], dtype=torch.complex128))
+    """
     if dtype is None:
         return value
-    return tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
+    return tree_map(lambda v: _cast(v, dtype) if isinstance(v, torch.Tensor) else v, value)
+
+
+def module_as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its floating parameters and buffers in ``dtype`` and its complex ones in the
+    complex dtype of that precision (``Module.to(torch.float64)`` casts complex ones to real);
+    in place, as ``Module.to``."""
+    return module._apply(lambda t: _cast(t, dtype))
 
 
 def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool], chunks: list[list[tuple]],
@@ -113,7 +136,7 @@ def _model_copy(captured: CapturedModel, modes: dict[str, bool], dtype: torch.dt
     """A copy of the captured model in ``dtype`` (None: its own) with the modules' training modes."""
     gm = deep_copy(captured.gm)
     if dtype is not None:
-        gm.to(dtype)
+        module_as_dtype(gm, dtype)
     gm.train(modes[""])
     set_training_modes(gm, modes)
     return gm

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 import torch
 
 from envs.runtime.apply import apply_placement
-from envs.runtime.batch_split import _check_split, _default_dtype, as_dtype, check_batch_split
+from envs.runtime.batch_split import _check_split, _default_dtype, as_dtype, check_batch_split, module_as_dtype
 from envs.runtime.check_report import CheckReport
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
@@ -244,8 +244,8 @@ def _compare_steps(spec: ModelSpec, captured: CapturedModel, assignment: Mapping
     placed = apply_placement(captured, assignment, real_devices=real_devices, output_device=None,
                              copy_transfers=True)
     if dtype is not None:
-        original.to(dtype)
-        placed.to(dtype)
+        module_as_dtype(original, dtype)
+        module_as_dtype(placed, dtype)
     inputs = as_dtype(spec.example_inputs, dtype)
     assert isinstance(inputs, tuple)
     # Both in the modes the graph was traced in (training, unless the user froze a
