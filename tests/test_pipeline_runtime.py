@@ -240,6 +240,24 @@ def test_gpt2_with_its_embedding_tied_to_the_head_across_two_processes_trains_li
         torch.testing.assert_close(run.params[n], p.detach(), rtol=1e-4, atol=1e-5)
 
 
+class NamesItsLabelsTarget(Chain):
+    """A forward whose labels are called ``target``, as ``schedule.step(..., target=...)`` names
+    the schedule's own loss target."""
+
+    def forward(self, x, target):
+        return super().forward(x, target)
+
+
+def test_a_model_input_named_like_a_keyword_of_the_schedule_reaches_the_stages():
+    """``target`` (and ``losses``) are keywords of ``schedule.step``: handed over by name, the
+    labels were taken as the schedule's target and the job failed on its first step."""
+    gm, batch = model_and_batch(NamesItsLabelsTarget)
+    batch = {"x": batch["x"], "target": batch["y"]}
+    pipe = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 2, "gpipe")
+    run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120)
+    assert_same(run, reference(gm, {"x": batch["x"], "y": batch["target"]}))
+
+
 class Sized(Chain):
     """``x.size(0)`` is computed in stage 0 and read in stage 1: an int crosses the boundary."""
 

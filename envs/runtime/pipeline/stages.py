@@ -205,8 +205,11 @@ class StageModule(nn.Module):
 
     def __init__(self, spec: StageSpec, last: bool, microbatches: int,
                  input_names: Sequence[str], loss_fn: Callable[..., torch.Tensor] | None = None,
-                 planned: Mapping[str, Any] | None = None) -> None:
+                 planned: Mapping[str, Any] | None = None, input_keys: Mapping[str, str] | None = None) -> None:
         super().__init__()
+        #: The keyword each model input arrives under (its name, unless the caller renamed them:
+        #: :func:`schedule_keys`).
+        self.input_keys = dict(input_keys) if input_keys is not None else {n: n for n in input_names}
         self.gm = spec.gm
         self.spec = spec
         self.last = last
@@ -227,7 +230,8 @@ class StageModule(nn.Module):
         """The sent values that travel (tensors), in the order ``forward`` returns them."""
         return [v for v in self.spec.send if v not in self.constants]
 
-    def forward(self, *received: torch.Tensor, **inputs: torch.Tensor) -> Any:
+    def forward(self, *received: torch.Tensor, **keyed: torch.Tensor) -> Any:
+        inputs = {name: keyed[key] for name, key in self.input_keys.items() if key in keyed}
         microbatch = self._calls % self.microbatches
         self._calls += 1
         tensors = iter(received)
@@ -252,6 +256,18 @@ class StageModule(nn.Module):
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise PipelineError("the last stage must produce a scalar loss (the model's output, or loss_fn's)")
         return loss / self.microbatches
+
+
+def schedule_keys(input_names: Sequence[str]) -> dict[str, str]:
+    """The keyword each model input is handed to a ``torch.distributed.pipelining`` schedule
+    under: its position, not its name, since ``schedule.step(*args, target=None, losses=None,
+    return_outputs=True, **kwargs)`` keeps those keywords for itself (a model input named
+    ``target`` was taken as the schedule's loss target and never reached the stages).
+
+    >>> schedule_keys(["x", "target"])
+    {'x': 'input_0', 'target': 'input_1'}
+    """
+    return {name: f"input_{i}" for i, name in enumerate(input_names)}
 
 
 def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, Any]:

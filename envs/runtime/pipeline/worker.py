@@ -247,7 +247,14 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     from torch.distributed.pipelining import PipelineStage
     from torch.nn.parallel import DistributedDataParallel
 
-    from envs.runtime.pipeline.stages import StageModule, boundary_metas, chunk_specs, microbatch, split_stages
+    from envs.runtime.pipeline.stages import (
+        StageModule,
+        boundary_metas,
+        chunk_specs,
+        microbatch,
+        schedule_keys,
+        split_stages,
+    )
 
     gm, inputs = job["gm"], job["inputs"]
     dim = job.get("batch_dim", 0)  # a job file written before it was recorded: dim 0
@@ -280,13 +287,14 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     mine = [spec for spec in specs if rank_of[spec.index] == local]
     own_memory(spec.gm for spec in mine)  # before DDP and PipelineStage take their tensors
     metas = boundary_metas(gm, microbatch(inputs, 0, m, dim), {v for spec in specs for v in spec.recv + spec.send})
-    cut = chunk_specs(inputs, dim)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     names = list(inputs)
+    keys = schedule_keys(names)
+    cut = chunk_specs({keys[k]: v for k, v in inputs.items()}, dim)
+    inputs = {keys[k]: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
-        plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas), device)
+        plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas, input_keys=keys), device)
         mod: torch.nn.Module = plain
         if norm_groups is not None:
             replace_batch_norms(plain, process_group_gather(norm_groups[local]))
