@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
+from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
 from graphs.user_frames import describe_frame, user_frame
 
 EXPECTED_NAMES = (
@@ -191,12 +192,27 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     if isinstance(inputs, Mapping):
         inputs = keyword_inputs_as_positional(model, inputs, f"{inputs_src} in {label}")
     example_inputs = _as_input_tuple(inputs, inputs_src, label)
-    loss_fn = _optional_function(module, "get_loss", label) or default_loss
+    user_loss = _optional_function(module, "get_loss", label)
+    model = with_loss_targets(model, example_inputs, user_loss is not None, f"{inputs_src} in {label}")
+    loss_fn = user_loss or default_loss
     optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
     batch_dim = check_batch_dim(getattr(module, "batch_dim", 0), example_inputs, f"`batch_dim` in {label}")
     check_inputs_fit(model, example_inputs, label)
     return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
                      optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args, batch_dim=batch_dim)
+
+
+def with_loss_targets(model: nn.Module, example_inputs: tuple, has_loss: bool, inputs_src: str) -> nn.Module:
+    """``model`` as placer captures and runs it with ``example_inputs``: itself, or, where the
+    inputs end with values its ``forward`` does not take and a loss was given
+    (``has_loss``), the view of :func:`graphs.loss_targets.accepting_targets` that takes them
+    as the loss's targets. Without a loss such inputs are refused, saying how to make them
+    targets. ``inputs_src`` names the inputs in that error.
+    """
+    if not has_loss:
+        refuse_targets_without_loss(model, len(example_inputs), inputs_src)
+        return model
+    return accepting_targets(model, len(example_inputs))
 
 
 def check_batch_dim(value: object, example_inputs: tuple, what: str = "batch_dim") -> int:

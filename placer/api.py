@@ -26,6 +26,7 @@ from envs.runtime.transfers import to_device
 from graphs.capture import CapturedModel, capture
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
+from graphs.loss_targets import accepting_targets
 from graphs.model_file import ModelSpec
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
@@ -73,7 +74,8 @@ def _captured(model: torch.nn.Module | CapturedModel, example_inputs: Any = None
     if example_inputs is None:
         raise PlacerError("example_inputs are needed to capture the model (the same ones the placement was made with)")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    return capture(model, inputs)
+    # inputs beyond what forward() takes are the loss targets the placement was made with
+    return capture(accepting_targets(model, len(inputs)), inputs)
 
 
 @kept_random_state()

@@ -65,7 +65,8 @@ class OptimizeConfig:
             Refused with any other agent, which has no grouper and would ignore it.
         seed: makes the run reproducible.
         memory: per-device memory caps, ``"cuda:0=20GiB"`` or a dict.
-        baselines: baseline names run first; their placements seed the search.
+        baselines: baseline names (a sequence, or one comma-separated string as ``--baselines``
+            takes them) run first; their placements seed the search.
         agent: a registered search agent (:func:`~placer.search.agents.registry.agent_names`).
         out_dir: results and the best placement so far go there (None: nothing written).
         resume: start from the placement and policy an earlier run left in ``out_dir``.
@@ -142,7 +143,9 @@ class OptimizeConfig:
             raise OptionError(f"--groups {self.groups} sets how many groups the grouper of {users} forms; agent "
                               f"{self.agent!r} has no grouper and would ignore it: add {users}, or leave --groups out")
         self._check_reward_source(entry.batched)
-        baselines = (self.baselines,) if isinstance(self.baselines, str) else tuple(self.baselines)
+        # a string is the CLI's comma-separated list, as --baselines takes it
+        baselines = (tuple(n.strip() for n in self.baselines.split(",") if n.strip())
+                     if isinstance(self.baselines, str) else tuple(self.baselines))
         set_(self, "baselines", baselines)
         from placer.search.baselines import get_baseline
 

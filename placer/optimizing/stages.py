@@ -43,6 +43,7 @@ from graphs.model_file import (
     default_loss,
     default_optimizer,
     positional_inputs,
+    with_loss_targets,
 )
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
@@ -463,6 +464,7 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
     label = type(model).__name__
     inputs = positional_inputs(model, config.example_inputs, "example_inputs")
+    model = with_loss_targets(model, inputs, config.loss_fn is not None, "example_inputs")
     batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,

@@ -1,0 +1,136 @@
+"""Loss targets in the example inputs of a model whose forward() does not take them
+(graphs.loss_targets): the model is used as it is, the targets reach the loss only."""
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import placer
+from graphs.capture import capture
+from graphs.errors import ModelFileError
+from graphs.loss_targets import accepting_targets, forward_takes
+from graphs.model_file import load_model_file
+
+CLASSIFIER_FILE = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+def get_model():
+    torch.manual_seed(0)
+    return Net()
+
+def get_example_inputs():
+    torch.manual_seed(1)
+    return (torch.randn(8, 16), torch.randint(0, 5, (8,)))
+"""
+
+LOSS = """
+def get_loss(output, x, y):
+    return nn.functional.cross_entropy(output, y)
+"""
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def cross_entropy(output, x, y):
+    return nn.functional.cross_entropy(output, y)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "classifier.py"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_inputs_beyond_forward_are_the_losss_targets_and_the_graph_keeps_them_as_unused_placeholders(tmp_path):
+    spec = load_model_file(write(tmp_path, CLASSIFIER_FILE + LOSS))
+    x, y = spec.example_inputs
+    assert forward_takes(spec.model) == 2
+    assert type(spec.model).__name__ == "Net"
+    loss = spec.loss_fn(spec.model(x, y), x, y)
+    assert loss.shape == () and loss.requires_grad
+
+    captured = capture(spec.model, spec.example_inputs, loss_fn=spec.loss_fn)
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in placeholders] == ["x", "target"]
+    assert not placeholders[1].users
+    # the placed model also runs without its targets, as a training loop calls it
+    torch.testing.assert_close(captured.gm(x), spec.model(x, y))
+
+
+def test_the_view_is_the_model_itself_its_parameters_training_flag_and_hooks():
+    model = Classifier()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+    view = accepting_targets(model, 2)
+
+    assert isinstance(view, Classifier)
+    assert [n for n, _ in view.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))
+    view.eval()
+    assert not model.training and not model.head.training
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(view(x, torch.zeros(3)), model(x))
+    assert calls == [2, 1]  # the hook ran on the view's call (with the targets) and on the model's
+    assert accepting_targets(model, 1) is model
+
+
+def test_a_forward_that_takes_any_number_of_inputs_is_left_as_it_is():
+    class Varargs(nn.Module):
+        def forward(self, *xs):
+            return xs[0]
+
+    model = Varargs()
+    assert forward_takes(model) is None
+    assert accepting_targets(model, 3) is model
+
+
+def test_target_names_do_not_clash_with_forwards_parameters():
+    class TakesTarget(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, target):
+            return self.fc(target)
+
+    gm = capture(accepting_targets(TakesTarget(), 3), (torch.randn(2, 4), torch.zeros(2), torch.zeros(2))).gm
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["target", "target_0", "target_1"]
+
+
+def test_extra_inputs_without_a_loss_are_refused_saying_how_to_make_them_targets(tmp_path):
+    with pytest.raises(ModelFileError) as info:
+        load_model_file(write(tmp_path, CLASSIFIER_FILE))
+    message = str(info.value)
+    assert "gives 2 inputs, but forward() of Net takes 1" in message
+    assert "get_loss(output, *inputs)" in message
+
+
+def test_optimize_places_a_model_whose_loss_takes_targets_and_the_placement_applies_to_the_same_model():
+    torch.manual_seed(0)
+    model = Classifier()
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    result = placer.optimize(model, (x, y), loss_fn=cross_entropy, cluster="4xV100-nvlink", budget="200",
+                             baselines="single,m_etf", out_dir=None, progress=False)
+    assert result.check is not None and result.check.ok, result.check
+    placed = placer.apply(model, result.placement, (x, y))
+    torch.testing.assert_close(placed(x), model(x))
