@@ -33,6 +33,7 @@ from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.random_replay import RandomReplay
 from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms, training_batch_norms
+from envs.runtime.sample_mixing import find_sample_mixing
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
 from graphs.capture import CapturedModel
@@ -351,10 +352,14 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
         return f"the loss sums over samples, so each of the {parts} parts carries 1/{parts} of it; expected a mean"
     if updated:  # read back within the step (a warm-up counter): the later micro-batches see it advanced
         return _buffer_cause(updated[0], *split)
-    if spec.batch_dim == 0:
-        # torch's own sequence models take (time, batch, ...) by default: cut along time, a
-        # recurrence restarts in every part and a loss over time steps loses its pairs.
-        return ("an op mixes samples across dim 0, which placer takes as the batch (a normalisation over it, "
-                "a sum or mean over it, or dim 0 is not the batch: for sequence-first inputs of shape "
-                "(time, batch, ...) set batch_dim = 1 in the model file)")
-    return f"an op mixes samples across the batch (dim {spec.batch_dim}: a normalisation over it, a sum or mean over it)"
+    # torch's own sequence models take (time, batch, ...) by default: cut along time, a
+    # recurrence restarts in every part and a loss over time steps loses its pairs.
+    sequence_first = ("; if dim 0 is not the batch (sequence-first inputs of shape (time, batch, ...)), set "
+                      "batch_dim = 1 in the model file") if spec.batch_dim == 0 else ""
+    batch = batch_size_of(spec.example_inputs, spec.batch_dim) or 0
+    mixing = find_sample_mixing(_model_copy(captured, modes, dtype), as_dtype(spec.example_inputs, dtype), batch,
+                                parts, spec.batch_dim, tolerance, seed)
+    if mixing is not None:
+        return mixing.describe(spec.batch_dim) + sequence_first
+    return (f"an op mixes samples across the batch (dim {spec.batch_dim}: a normalisation over it, a sum or mean "
+            f"over it){sequence_first}")
