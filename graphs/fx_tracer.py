@@ -142,6 +142,11 @@ class PlacerTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, RECURRENT_TYPES) or names_leaf(m, module_qualified_name, self.leaf_types, self.leaf_names):
             return True
+        if isinstance(m, torch.jit.ScriptModule):
+            # TorchScript's compiled forward cannot be traced through (fx failed inside its
+            # wrappers with "'OrderedDictWrapper' object has no attribute 'get'", torch.export
+            # too); called whole, it runs its own forward and backward.
+            return True
         if m._backward_hooks or m._backward_pre_hooks:
             # Traced through, its backward hooks were lost (walkthrough: gradients 1.7 off);
             # called whole, autograd runs them.

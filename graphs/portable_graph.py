@@ -22,7 +22,10 @@ Example::
 from __future__ import annotations
 
 import importlib
+import io
+import pickle
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["PortableGraph"]
+__all__ = ["PortableGraph", "portable_pickle"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +171,28 @@ def _resolved(value: Any, made: dict[str, fx.Node]) -> Any:
     if isinstance(value, slice):
         return slice(_resolved(value.start, made), _resolved(value.stop, made), _resolved(value.step, made))
     return value
+
+
+def _script_module(data: bytes) -> torch.jit.ScriptModule:
+    """A TorchScript module again, from the bytes :func:`torch.jit.save` wrote."""
+    return torch.jit.load(io.BytesIO(data))
+
+
+class _Pickler(pickle.Pickler):
+    """A pickler that writes a TorchScript module as its ``torch.jit.save`` archive: pickle
+    refuses one ("Tried to serialize object __torch__.<model file>.Gate which does not have a
+    __getstate__ method defined!"), so a graph holding a ``torch.jit.script``-ed layer could not
+    reach the pipeline's worker processes."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.jit.ScriptModule):
+            buffer = io.BytesIO()
+            torch.jit.save(obj, buffer)
+            return _script_module, (buffer.getvalue(),)
+        return NotImplemented
+
+
+#: ``torch.save(obj, path, pickle_module=portable_pickle)``: pickle, with TorchScript modules
+#: written as their archives (:class:`_Pickler`); ``torch.load`` reads the file as usual.
+portable_pickle = types.SimpleNamespace(Pickler=_Pickler, Unpickler=pickle.Unpickler, load=pickle.load,
+                                        __name__="pickle")

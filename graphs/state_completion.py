@@ -59,6 +59,8 @@ def _match_registration_order(gm: fx.GraphModule, model: nn.Module) -> None:
             placed = gm.get_submodule(path) if path else gm
         except AttributeError:
             continue
+        if placed is mod:  # a leaf the graph holds itself (a TorchScript module's slots cannot be reordered)
+            continue
         for attr in ("_modules", "_parameters", "_buffers"):
             own, theirs = getattr(placed, attr), getattr(mod, attr)
             order = [k for k in theirs if k in own] + [k for k in own if k not in theirs]

@@ -110,8 +110,10 @@ class StateSnapshot:
         with torch.no_grad():
             for (path, kind, key), value in self.slots.items():
                 mod = modules.get(path)
-                if mod is not None and getattr(mod, kind).get(key) is not value:
-                    getattr(mod, kind)[key] = value
+                # no .get: a TorchScript module's slots are an OrderedDictWrapper, without one
+                slots = getattr(mod, kind) if mod is not None else {}
+                if mod is not None and (slots[key] if key in slots else None) is not value:
+                    slots[key] = value
             for k, copy in self.buffers.items():
                 t = self.slots[k]
                 if t.shape == copy.shape and not torch.equal(t, copy):

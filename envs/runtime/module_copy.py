@@ -51,8 +51,25 @@ def deep_copy(module: ModuleT) -> ModuleT:
     graph with it, and the numerical check copies the user's model with it, so both sides keep
     the same hooks."""
     twin = copy.deepcopy(module, _computed_attributes(module))
+    _leaf_script_parameters(twin)
     _keep_parameter_extras(module, twin)
     return twin
+
+
+def _leaf_script_parameters(twin: torch.nn.Module) -> None:
+    """Make the parameters of ``twin``'s TorchScript modules leaves again: ``copy.deepcopy`` of a
+    ``torch.jit.script``-ed module gives clones with a ``grad_fn`` (CloneBackward0; torch 2.13),
+    which no optimizer takes ("can't optimize a non-leaf Tensor") and whose gradient flows back
+    into the original's."""
+    for root in twin.modules():
+        if not isinstance(root, torch.jit.ScriptModule):
+            continue
+        owners = dict(root.named_modules())  # a ScriptModule has no get_submodule
+        for name, p in list(root.named_parameters()):
+            if p.is_leaf:
+                continue
+            path, _, leaf = name.rpartition(".")
+            setattr(owners[path], leaf, torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad))
 
 
 def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:

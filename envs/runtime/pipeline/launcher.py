@@ -40,7 +40,7 @@ from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
 from graphs.model_file import batch_size_of, batch_slice
-from graphs.portable_graph import PortableGraph
+from graphs.portable_graph import PortableGraph, portable_pickle
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
 
@@ -157,7 +157,7 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     # would come back re-traced under other node names, or not at all.
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
-                "timeout_s": timeout_s, "warmup": warmup, "batch_dim": batch_dim}, path)
+                "timeout_s": timeout_s, "warmup": warmup, "batch_dim": batch_dim}, path, pickle_module=portable_pickle)
     (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
     for stale in job_dir.glob("grads-*.pt"):  # a reused job folder (torchrun's job/): not this job's
         stale.unlink()
