@@ -56,7 +56,7 @@ from graphs.saved_activations import annotate_saved_bytes
 from graphs.state_completion import complete_state
 from graphs.state_snapshot import TraceTimeUpdate, checked_trace
 from graphs.update_lines import line_updating
-from graphs.user_frames import describe_frame, user_frame, user_frame_calling
+from graphs.user_frames import describe_frame, modules_running, user_frame, user_frame_calling
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             if isinstance(export_exc, TraceTimeUpdate) and export_exc.python_state:
                 raise CaptureError(f"cannot capture model {name!r}: {export_exc}") from None
-            raise _capture_error(name, fx_exc, export_exc) from None
+            raise _capture_error(name, fx_exc, export_exc, model) from None
         method, shapes_from = "export", "fake"
         baked = export_eval(model, inputs, gm, trace_modes, training_attributes, batch_dim)
     if isinstance(baked, str):
@@ -269,7 +269,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                          fx_error=fx_error, leaf_modules=leaf_modules, training_modes=trace_modes)
 
 
-def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) -> CaptureError:
+def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
+                   model: nn.Module | None = None) -> CaptureError:
     if isinstance(export_exc, HooksNotKept):
         return CaptureError(
             f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({one_line_reason(fx_exc)}); "
@@ -301,10 +302,23 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException) 
     frame = user_frame(export_exc) or user_frame(fx_exc)
     where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
              else "no model line appears in the traceback")
+    control_flow = ("cannot be used as inputs to control flow" in str(fx_exc)
+                    or type(export_exc).__name__ == "GuardOnDataDependentSymNode")
+    expected = ("a forward() whose Python control flow does not depend on tensor values: rewrite that line (e.g. "
+                "torch.where instead of `if`)" if control_flow else "a forward() both tracers can follow: rewrite "
+                "that line")
+    paths = modules_running(model, frame) if model is not None and frame is not None else []
+    if paths == [""]:
+        leaf = ("; it is in the model's own forward(), which cannot be kept whole: move it into a submodule and name "
+                "that module as a leaf module (leaf_modules, or `--leaf MODULE` on the command line)")
+    elif paths and model is not None:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        leaf = (f", or keep the module that runs it whole as a leaf module: `--leaf {type(model.get_submodule(paths[0])).__name__}` "
+                f"(its class; {shown}), or leaf_modules in the API")
+    else:
+        leaf = ", or name its module as a leaf module (leaf_modules, or `--leaf MODULE` on the command line)"
     return CaptureError(
         f"cannot capture model {name!r}: neither torch.fx nor torch.export could trace it; {where}. "
-        f"torch.fx: {one_line_reason(fx_exc)}. torch.export: {one_line_reason(export_exc)}. Expected a forward() "
-        "whose Python control flow does not depend on tensor values: rewrite that line (e.g. "
-        "torch.where instead of `if`), or name its module as a leaf module (leaf_modules, or `--leaf MODULE` on the "
-        "command line)"
+        f"torch.fx: {one_line_reason(fx_exc)}. torch.export: {one_line_reason(export_exc)}. Expected {expected}{leaf}"
     )
+

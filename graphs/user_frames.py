@@ -7,12 +7,14 @@ such as transformers) — not the dozens of torch.fx / torch.export frames below
 
 from __future__ import annotations
 
+import inspect
 import os
 import sysconfig
 import traceback
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import graphs
 
@@ -73,3 +75,28 @@ def user_frame_calling(exc: BaseException, callee_file: str) -> traceback.FrameS
             if is_user_file(frame.filename):
                 last_user = frame
     return None
+
+
+def modules_running(model: nn.Module, frame: traceback.FrameSummary) -> list[str]:
+    """Paths of ``model``'s modules (``""``: the model itself) whose class's ``forward`` holds the
+    line of ``frame``, so that a capture error can name what to keep whole; empty when none does
+    (a helper function's line)."""
+    paths = []
+    for path, module in model.named_modules():
+        # every forward along the class's bases: a subclass may call its base's (the view of
+        # graphs.loss_targets calls the model's own)
+        forwards = [cls.__dict__["forward"] for cls in type(module).__mro__ if "forward" in cls.__dict__]
+        if any(_holds_line(forward, frame) for forward in forwards):
+            paths.append(path)
+    return paths
+
+
+def _holds_line(function: object, frame: traceback.FrameSummary) -> bool:
+    code = getattr(function, "__code__", None)
+    if code is None or frame.name != code.co_name or Path(code.co_filename) != Path(frame.filename):
+        return False
+    try:
+        lines, start = inspect.getsourcelines(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return frame.lineno is not None and start <= frame.lineno < start + len(lines)

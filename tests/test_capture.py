@@ -1567,3 +1567,43 @@ def test_packing_a_padded_batch_is_refused_naming_the_line_and_the_leaf_that_run
         capture(model, inputs)
     cap = capture(model, inputs, leaf_modules=["enc"])
     torch.testing.assert_close(cap.gm(*inputs), model(*inputs))
+
+
+class _ConfidentBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        if h.mean() > 0.5:  # data-dependent: neither tracer can follow it
+            h = h * 2
+        return x + h
+
+
+class _EarlyExit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = self.b(h)
+        return h
+
+
+def test_untraceable_control_flow_in_a_block_names_the_class_to_keep_whole_and_where_it_runs():
+    model = nn.Sequential(nn.Linear(8, 8), _ConfidentBlock(), _ConfidentBlock())
+    with pytest.raises(CaptureError) as info:
+        capture(model, (torch.randn(4, 8),))
+    message = str(info.value)
+    assert "if h.mean() > 0.5" in message
+    assert "`--leaf _ConfidentBlock` (its class; 1, 2)" in message
+
+
+def test_untraceable_control_flow_in_the_models_own_forward_says_it_cannot_be_kept_whole():
+    with pytest.raises(CaptureError) as info:
+        capture(_EarlyExit(), (torch.randn(4, 8),))
+    assert "it is in the model's own forward(), which cannot be kept whole: move it into a submodule" in str(
+        info.value)
