@@ -22,6 +22,7 @@ GraphModule gets every parameter and buffer of the model, in its order
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import re
@@ -269,6 +270,13 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                          fx_error=fx_error, leaf_modules=leaf_modules, training_modes=trace_modes)
 
 
+def _is_dataclass_named(qualified: str) -> bool:
+    """Whether ``qualified`` (``module.Class``, from torch.export's message) names a dataclass of a
+    loaded module."""
+    module, _, cls = qualified.rpartition(".")
+    return dataclasses.is_dataclass(getattr(sys.modules.get(module), cls, None))
+
+
 def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
                    model: nn.Module | None = None) -> CaptureError:
     if isinstance(export_exc, HooksNotKept):
@@ -284,10 +292,17 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
         # transformers' DynamicCache: HF models return their key/value cache unless told not to.
         cache = ("; a Hugging Face model returns its key/value cache for generation, which training does not "
                  "use: set model.config.use_cache = False in get_model()") if "cache" in kind.lower() else ""
+        short = kind.rsplit(".", 1)[-1]
+        if _is_dataclass_named(kind):  # torch.export takes a dataclass once it is registered with pytree
+            return CaptureError(
+                f"cannot capture model {name!r}: forward() returns the dataclass {short}, which torch.export takes as "
+                f"a graph output only once registered, and torch.fx could not trace it ({one_line_reason(fx_exc)}); "
+                f"expected torch.export.register_dataclass({short}) after the class in the model file (its worker "
+                "processes import the file too), or outputs made of tensors in tuples, lists or dicts")
         return CaptureError(
             f"cannot capture model {name!r}: forward() returns a {kind}, which torch.export cannot give as a graph "
             f"output, and torch.fx could not trace it ({one_line_reason(fx_exc)}); expected outputs made of tensors "
-            f"(in tuples, lists, dicts or dataclasses){cache}")
+            f"(in tuples, lists, dicts, or dataclasses registered with torch.export.register_dataclass){cache}")
     packing = user_frame_calling(fx_exc, "torch/nn/utils/rnn.py") or user_frame_calling(export_exc,
                                                                                      "torch/nn/utils/rnn.py")
     if packing is not None:

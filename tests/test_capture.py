@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import operator
 import pickle
@@ -1607,3 +1608,45 @@ def test_untraceable_control_flow_in_the_models_own_forward_says_it_cannot_be_ke
         capture(_EarlyExit(), (torch.randn(4, 8),))
     assert "it is in the model's own forward(), which cannot be kept whole: move it into a submodule" in str(
         info.value)
+
+
+@dataclasses.dataclass
+class _Pooled:
+    logits: torch.Tensor
+
+
+class _PoolsByName(nn.Module):
+    """A string input steers a branch (fx cannot follow it) and the output is a dataclass
+    (torch.export takes one only once registered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, pool):
+        h = self.lin(x)
+        return _Pooled(h.mean(1) if pool == "mean" else h[:, 0])
+
+
+def test_an_unregistered_dataclass_output_names_the_registration_that_lets_torch_export_take_it():
+    with pytest.raises(CaptureError) as info:
+        capture(_PoolsByName(), (torch.randn(4, 3, 8), "mean"))
+    assert "expected torch.export.register_dataclass(_Pooled) after the class in the model file" in str(info.value)
+
+
+def test_a_registered_dataclass_output_is_captured_by_torch_export_and_comes_back_as_the_dataclass():
+    @dataclasses.dataclass
+    class Pooled:
+        logits: torch.Tensor
+
+    class PoolsByName(_PoolsByName):
+        def forward(self, x, pool):
+            return Pooled(super().forward(x, pool).logits)
+
+    torch.export.register_dataclass(Pooled)
+    model, x = PoolsByName(), torch.randn(4, 3, 8)
+    captured = capture(model, (x, "mean"))
+    assert captured.method == "export"
+    out = captured.gm(x, "mean")
+    assert isinstance(out, Pooled)
+    torch.testing.assert_close(out.logits, model(x, "mean").logits)

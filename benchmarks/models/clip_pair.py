@@ -1,0 +1,41 @@
+"""A CLIP-style contrastive pair: an image and a text MLP, a learnable temperature, logits of every
+image against every text of the batch (batch 128; benchmarks/results/model_styles.md). Its forward
+takes the two inputs only; the loss builds its labels from the batch. DDP and micro-batches change
+what it computes (each part sees the pairs within it): the check names the ``matmul`` that pairs them.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(inputs, width, out):
+    return nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                         nn.Linear(width, out))
+
+
+class Clip(nn.Module):
+    def __init__(self, width=512):
+        super().__init__()
+        self.image = mlp(256, width, 128)
+        self.text = mlp(64, width, 128)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))
+
+    def forward(self, img, txt):
+        a = F.normalize(self.image(img), dim=-1)
+        b = F.normalize(self.text(txt), dim=-1)
+        return self.logit_scale.exp() * a @ b.t()
+
+
+def get_model():
+    torch.manual_seed(0)
+    return Clip()
+
+
+def get_example_inputs():
+    torch.manual_seed(1)
+    return (torch.randn(128, 256), torch.randn(128, 64))
+
+
+def get_loss(logits, img, txt):
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
