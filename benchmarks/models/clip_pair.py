@@ -1,6 +1,7 @@
 """A CLIP-style contrastive pair: an image and a text MLP, a learnable temperature, logits of every
-image against every text of the batch (batch 128; benchmarks/results/model_styles.md). Its forward
-takes the two inputs only; the loss builds its labels from the batch. DDP and micro-batches change
+image against every text of the batch (width 512, batch 128; model arguments ``width``, ``batch``;
+benchmarks/results/model_styles.md). Its forward takes the two inputs only; the loss builds its
+labels from the batch. DDP and micro-batches change
 what it computes (each part sees the pairs within it): the check names the ``matmul`` that pairs them.
 """
 import torch
@@ -26,14 +27,14 @@ class Clip(nn.Module):
         return self.logit_scale.exp() * a @ b.t()
 
 
-def get_model():
+def get_model(width=512):
     torch.manual_seed(0)
-    return Clip()
+    return Clip(width)
 
 
-def get_example_inputs():
+def get_example_inputs(batch=128):
     torch.manual_seed(1)
-    return (torch.randn(128, 256), torch.randn(128, 64))
+    return (torch.randn(batch, 256), torch.randn(batch, 64))
 
 
 def get_loss(logits, img, txt):
