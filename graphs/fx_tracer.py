@@ -242,6 +242,12 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple
                     f"leaf module {leaf!r} matches no module of the model; expected a module path "
                     f"(e.g. {_example_path(paths)!r}) or a module class name (e.g. {sorted(classes)[0]!r})"
                 )
+            if leaf == "" or (leaf not in paths and not any(
+                    path and type(m).__name__ == leaf for path, m in model.named_modules())):
+                # only the model itself: the tracer never asks about the root, so it would be ignored
+                raise CaptureError(
+                    f"leaf module {leaf!r} names the model itself; a leaf is a submodule kept whole inside the "
+                    f"model placer splits, so expected a submodule's path (e.g. {_example_path(paths)!r}) or class name")
             names.add(leaf)
         else:
             raise CaptureError(

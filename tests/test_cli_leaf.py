@@ -66,6 +66,16 @@ def test_a_leaf_that_matches_no_module_is_refused_in_one_line(model_file, tmp_pa
     assert not out.exists()
 
 
+def test_a_leaf_naming_the_model_itself_is_refused_not_ignored(model_file, tmp_path, capsys):
+    """The tracer never asks whether the root is a leaf: --leaf Sequential here changed nothing."""
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_file), "--cluster", "4xK40", "--leaf", "Sequential", "--out", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "leaf module 'Sequential' names the model itself" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_graph_reads_leaf_as_optimize_does_comma_separated_or_repeated(model_file, capsys):
     """``placer graph`` shows the graph ``placer optimize`` places, so one ``--leaf`` grammar:
     ``--leaf 0,1`` is ``--leaf 0 --leaf 1`` (graph refused ``'0,1'`` as one module name)."""
