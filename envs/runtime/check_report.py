@@ -166,7 +166,9 @@ class CheckReport:
                        "number" if self.split_replayed_draws else "") + ")")
         if self.split_cause.startswith("cannot"):
             return self.split_cause
-        return (f"micro-batches of {self.split_samples} samples change what the model computes "
+        # one micro-batch each: the parts are DDP's (or a hybrid's) replicas, not micro-batches
+        parts_of = "micro-batches" if self.microbatches > 1 else "replicas' shares"
+        return (f"{parts_of} of {self.split_samples} samples change what the model computes "
                 f"({self.split_cause}): {parts} differ from the full batch by {diffs} "
                 f"(tolerance {self.split_tolerance:.0e}{' for ' + self.split_precision if self.split_precision else ''})")
 
