@@ -21,18 +21,23 @@ import graphs
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _GRAPHS_DIR = os.path.dirname(graphs.__file__)
 _ZOO_DIR = os.path.join(_GRAPHS_DIR, "zoo")
+# placer's other layers, beside graphs wherever it is installed (found by path: graphs imports
+# neither); a user's loss is called from envs, and that frame is not the user's
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(_GRAPHS_DIR), layer) for layer in ("envs", "placer"))
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"]
 _SITE_DIRS = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
 
 
 def is_user_file(filename: str) -> bool:
-    """True for model code: not torch, not placer's own graphs package (zoo excepted), not stdlib."""
+    """True for model code: not torch, not placer's own packages (graphs' zoo excepted), not stdlib."""
     if filename.startswith("<frozen") or filename.startswith("<string>"):
         return False
     path = os.path.abspath(filename)
     if path.startswith(_TORCH_DIR + os.sep):
         return False
     if path.startswith(_GRAPHS_DIR + os.sep) and not path.startswith(_ZOO_DIR + os.sep):
+        return False
+    if path.startswith(tuple(d + os.sep for d in _OWN_DIRS)):
         return False
     if path.startswith(_STDLIB_DIR + os.sep) and not path.startswith(_SITE_DIRS):
         return False

@@ -571,3 +571,22 @@ def test_a_batch_of_no_samples_is_named_as_why_the_loss_is_nan(tmp_path, capsys)
                     "def get_example_inputs(): return (torch.randn(0, 4),)\n")
     assert main(["optimize", str(path), "--budget", "10"]) == 2
     assert "they hold 0 samples (dim 0 is empty): expected a batch of at least one" in capsys.readouterr().err
+
+
+def test_a_loss_that_fails_names_its_line_and_not_placers_call_of_it(tmp_path, capsys):
+    path = tmp_path / "badloss.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        def get_model(): return torch.nn.Linear(4, 3)
+        def get_example_inputs(): return (torch.randn(2, 4), torch.randint(0, 3, (2,)))
+        def get_loss(out, x, y):
+            return torch.nn.functional.cross_entropy(out, x)
+        """))
+    assert main(["optimize", str(path), "--budget", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "(at badloss.py:6 in get_loss: return torch.nn.functional.cross_entropy(out, x))" in err
+
+    path.write_text(path.read_text().replace("def get_loss(out, x, y):", "def get_loss(out):"))
+    assert main(["optimize", str(path), "--budget", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "get_loss() takes 1 positional argument but 3 were given;" in err and "trainable.py" not in err
