@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.autograd_functions import functions_recorded_whole
+from graphs.baked_constants import refuse_baked_gradients
 from graphs.carried_state import refuse_carried_state
 from graphs.errors import CaptureError
 from graphs.forward_checks import (
@@ -300,6 +301,7 @@ def fx_trace(model: nn.Module, leaf_types: Sequence[type] = (), leaf_names: Iter
         graph = tracer.trace(model)
         refuse_carried_state(model, tracer.attributes_read, "torch.fx")  # before checked_trace puts them back
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__ if name == "model" else name)
+        refuse_baked_gradients(gm)  # torch.export records what fx computed at trace time
     keep_plain_attributes(gm, (n for n, _ in model.named_buffers(remove_duplicate=False)))
     if tracer.constant_reads:
         pin_constant_attributes(gm, tracer.constant_reads)

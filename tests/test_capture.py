@@ -1650,3 +1650,31 @@ def test_a_registered_dataclass_output_is_captured_by_torch_export_and_comes_bac
     out = captured.gm(x, "mean")
     assert isinstance(out, Pooled)
     torch.testing.assert_close(out.logits, model(x, "mean").logits)
+
+
+class _PenalisedInForward(nn.Module):
+    """An L2 penalty over self.parameters() in forward: fx sees none of those parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).sum() + 1e-2 * sum(p.pow(2).sum() for p in self.parameters())
+
+
+def test_a_penalty_over_parameters_that_fx_would_bake_as_a_constant_is_captured_by_export_and_trains_the_same():
+    torch.manual_seed(0)
+    model = _PenalisedInForward()
+    x = torch.randn(4, 8)
+    captured = capture(model, (x,))
+    assert captured.method == "export" and "torch.fx does not see" in captured.fx_error
+    reference, placed = copy.deepcopy(model), copy.deepcopy(captured.gm)
+    for module in (reference, placed):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        for _ in range(3):  # the second backward failed on the baked constant, and its value went stale
+            optimizer.zero_grad()
+            module(x).backward()
+            optimizer.step()
+    for (name, p), q in zip(reference.named_parameters(), placed.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
