@@ -29,6 +29,13 @@ from torch import nn
 from graphs.errors import ModelFileError
 
 
+def _signed(model: nn.Module) -> nn.Module:
+    """The module whose ``forward`` signature is ``model``'s: the module ``torch.compile`` wrapped
+    (an ``OptimizedModule`` takes ``*args, **kwargs`` and passes them on), else ``model``."""
+    inner = model._modules.get("_orig_mod")
+    return _signed(inner) if inner is not None and type(model).__name__ == "OptimizedModule" else model
+
+
 def forward_takes(model: nn.Module) -> int | None:
     """How many inputs ``model.forward`` takes by position, or None when it takes any number
     (``*args``) or its signature cannot be read.
@@ -37,7 +44,7 @@ def forward_takes(model: nn.Module) -> int | None:
     (1, 2)
     """
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = inspect.signature(_signed(model).forward).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(p.kind is p.VAR_POSITIONAL for p in params):
@@ -78,12 +85,18 @@ def accepting_targets(model: nn.Module, n_inputs: int) -> nn.Module:
     takes = forward_takes(model)
     if takes is None or n_inputs <= takes:
         return model
+    if _signed(model) is not model:
+        # torch.compile's wrapper sets its compiled forward on the instance: the view goes
+        # inside it, and a wrapper of the same compile settings around the view
+        wrapped = model._modules["_orig_mod"]
+        assert wrapped is not None  # _signed found it
+        return type(model)(accepting_targets(wrapped, n_inputs), model.dynamo_ctx)
     cls = type(model)
     if "forward" in vars(model):
         raise ModelFileError(f"{cls.__name__} has forward() set on the instance, so placer cannot pass it the first "
                              f"{takes} of the {n_inputs} inputs and keep the rest for the loss; expected a forward "
                              "that takes every input (its targets as parameters it ignores)")
-    params = [p for p in inspect.signature(model.forward).parameters.values()
+    params = [p for p in inspect.signature(_signed(model).forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in params]
     if any(not n.isidentifier() or keyword.iskeyword(n) for n in names):

@@ -134,3 +134,14 @@ def test_optimize_places_a_model_whose_loss_takes_targets_and_the_placement_appl
     assert result.check is not None and result.check.ok, result.check
     placed = placer.apply(model, result.placement, (x, y))
     torch.testing.assert_close(placed(x), model(x))
+
+
+def test_a_compiled_model_gets_its_targets_inside_the_compiled_wrapper():
+    """torch.compile's wrapper sets its forward on the instance, where a view's class forward cannot reach."""
+    torch.manual_seed(0)
+    model = torch.compile(Classifier(), backend="eager")
+    view = accepting_targets(model, 2)
+    assert type(view) is type(model) and view.dynamo_ctx is model.dynamo_ctx
+    assert [n for n, _ in view.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(view(x, torch.zeros(3)), model(x))
