@@ -162,13 +162,17 @@ def batch_dynamic_shapes(inputs: tuple, batch_dim: int = 0) -> tuple[Any, ...] |
     >>> batch_dynamic_shapes((torch.zeros(4, 3), 2.0))
     ({0: DimHint(AUTO)}, None)
     """
-    from graphs.model_file import batch_size_of, carries_batch
+    from graphs.model_file import batch_axis, batch_size_of
 
     batch = batch_size_of(inputs, batch_dim)
     if batch is None:
         return None
-    return tuple(tree_map(lambda x: {batch_dim: torch.export.Dim.AUTO} if carries_batch(x, batch, batch_dim) else None,
-                          inputs))
+
+    def dynamic(x: Any) -> dict[int, Any] | None:
+        axis = batch_axis(x, batch, batch_dim)
+        return None if axis is None else {axis: torch.export.Dim.AUTO}
+
+    return tuple(tree_map(dynamic, inputs))
 
 
 def _export_batch_generic(model: nn.Module, inputs: tuple, batch_dim: int) -> torch.export.ExportedProgram:

@@ -11,7 +11,8 @@ parameter name (``model(**batch)``), which placer turns into that tuple
 The inputs' batch is their dim 0 unless the file says otherwise with a module-level
 ``batch_dim`` (``batch_dim = 1`` for a sequence-first model: ``nn.LSTM`` and
 ``nn.Transformer`` without ``batch_first``). DDP replicas and pipeline micro-batches take
-equal slices of that dimension of every input tensor that has the batch there.
+equal slices of every input tensor that holds the batch, along that dimension or the one other
+of the batch's size (:func:`batch_axis`).
 
 Every way a file can be wrong ends in one :class:`~graphs.errors.ModelFileError` whose
 message says what was wrong, where (file and line), and what was expected.
@@ -86,19 +87,39 @@ def batch_size_of(example_inputs: Any, dim: int = 0) -> int | None:
     return None
 
 
-def carries_batch(x: Any, batch: int, dim: int = 0) -> bool:
-    """Whether ``x`` is a tensor whose dim ``dim`` is the batch of ``batch`` samples: the
-    values that replicas and micro-batches cut (every other input is given whole to each).
+def batch_axis(x: Any, batch: int, dim: int = 0) -> int | None:
+    """The dimension along which ``x`` holds the batch of ``batch`` samples: ``dim`` (the model's
+    batch dimension) where it has that size, else the one other dimension of that size (a
+    recurrent state passed in as ``(layers, batch, hidden)`` beside ``(batch, time)`` tokens, as
+    truncated backpropagation through time does); None for a value that is not a tensor, or
+    holds no dimension, or several others, of that size: given whole to every part.
 
-    >>> carries_batch(torch.zeros(12, 32), 32, dim=1), carries_batch(torch.zeros(12, 32), 32)
+    >>> batch_axis(torch.zeros(12, 32), 32, dim=1), batch_axis(torch.zeros(2, 32, 8), 32)
+    (1, 1)
+    >>> batch_axis(torch.zeros(12, 32), 7) is None, batch_axis(torch.zeros(3, 32, 32), 32) is None
+    (True, True)
+    """
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.dim() > dim and x.shape[dim] == batch:
+        return dim
+    others = [d for d, size in enumerate(x.shape) if size == batch]
+    return others[0] if len(others) == 1 else None
+
+
+def carries_batch(x: Any, batch: int, dim: int = 0) -> bool:
+    """Whether ``x`` is a tensor that holds the batch of ``batch`` samples (:func:`batch_axis`):
+    the values that replicas and micro-batches cut (every other input is given whole to each).
+
+    >>> carries_batch(torch.zeros(12, 32), 32, dim=1), carries_batch(torch.zeros(12, 32), 7)
     (True, False)
     """
-    return isinstance(x, torch.Tensor) and x.dim() > dim and x.shape[dim] == batch
+    return batch_axis(x, batch, dim) is not None
 
 
 def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) -> Any:
-    """Samples ``start:stop`` of every tensor whose dim ``dim`` is the batch
-    (:func:`carries_batch`), anywhere in ``inputs`` (nested tuples, lists, dicts: a pytree);
+    """Samples ``start:stop`` of every tensor that holds the batch, along the dimension that
+    holds it (:func:`batch_axis`: ``dim``, or the one other of the batch's size), anywhere in ``inputs`` (nested tuples, lists, dicts: a pytree);
     every other value as it is. How replicas and micro-batches take their share (equal slices
     of the batch dimension, as DDP's sampler and ``torch.distributed.pipelining`` cut it).
 
@@ -109,9 +130,8 @@ def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) ->
             [4]])
     """
     def cut(x: Any) -> Any:
-        if carries_batch(x, batch, dim):
-            return x.narrow(dim, start, stop - start)
-        return x
+        axis = batch_axis(x, batch, dim)
+        return x if axis is None else x.narrow(axis, start, stop - start)
 
     return tree_map(cut, inputs)
 

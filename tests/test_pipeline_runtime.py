@@ -393,3 +393,42 @@ def test_the_distributed_measurer_measures_pipelined_placements_through_the_pipe
     assert m.jobs == 2
     again = m.measure_pipelines([pipe])[0]
     assert again.cached and again.step_time == ok.step_time and m.jobs == 2
+
+
+class CarriesItsState(nn.Module):
+    """Truncated backpropagation through time: the LSTM state comes in as (layers, batch, hidden)
+    beside (batch, time, features) inputs, its batch on dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(D, D, num_layers=2, batch_first=True), nn.Linear(D, 5)
+
+    def forward(self, x, h0, c0, y):
+        out, (h, c) = self.rnn(x, (h0, c0))
+        return F.cross_entropy(self.head(out[:, -1] + h[-1]), y)
+
+
+def test_a_state_input_holding_the_batch_on_another_dimension_is_cut_along_it_and_trains_like_the_unsplit_model():
+    """The state's dim 0 is the layer count: passed whole, every micro-batch's LSTM refused it
+    ("Expected hidden[0] size (2, 4, 16), got [2, 8, 16]") and such models' pipelines and DDP were set aside."""
+    torch.manual_seed(0)
+    from graphs.capture import capture
+
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(B, 3, D, generator=g), "h0": torch.randn(2, B, D, generator=g),
+             "c0": torch.randn(2, B, D, generator=g), "y": torch.randint(0, 5, (B,), generator=g)}
+    gm = capture(CarriesItsState(), tuple(batch.values())).gm
+    pipe = Pipeline(stages_of(gm, {"getitem_4"}), ("cpu:0", "cpu:1"), 2, "gpipe")
+    run = run_training(gm, batch, pipe, steps=3, optimizer=SGD, timeout_s=120)
+    model = copy.deepcopy(gm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(*batch.values())
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert run.losses == pytest.approx(losses, rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(run.params[n], p.detach(), rtol=1e-5, atol=1e-6)

@@ -272,8 +272,9 @@ class _PartsFailed(Exception):
 
 def _parts_failed_cause(error: BaseException, batch_dim: int, batch: int, size: int) -> str:
     """Why parts of the batch cannot run the model that the full batch runs."""
-    return (f"cannot run the model on parts of {size} samples ({one_line_reason(error)}): a split cuts the inputs whose "
-            f"dim {batch_dim} is the batch of {batch} and passes the others whole, and this model's inputs do not "
+    return (f"cannot run the model on parts of {size} samples ({one_line_reason(error)}): a split cuts the inputs that "
+            f"hold the batch of {batch} (along dim {batch_dim}, or the one other dimension of that size) and passes the "
+            "others whole, and this model's inputs do not "
             "share that batch dimension (a graph's node features beside its edge list, say), so it cannot be split "
             "into micro-batches or DDP replicas; expected inputs whose samples are independent along one dimension "
             "(batch_dim in the model file names it)")

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from envs.sim.pipeline_layout import Pipeline, PipelineError
-from graphs.model_file import batch_size_of, batch_slice, carries_batch, preserved_buffers
+from graphs.model_file import batch_axis, batch_size_of, batch_slice, preserved_buffers
 from graphs.ops import in_place_writes
 from graphs.random_state import kept_random_state
 
@@ -325,16 +325,20 @@ def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int
 
 def chunk_specs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, Any]:
     """How a ``torch.distributed.pipelining`` schedule is to cut each input into micro-batches:
-    along ``batch_dim`` where the input carries the batch (:func:`graphs.model_file.carries_batch`),
-    whole to every micro-batch otherwise, so that the schedule cuts what :func:`microbatch` cuts
-    (its default cuts every tensor along dim 0)."""
+    along the dimension that holds the batch (:func:`graphs.model_file.batch_axis`), whole to every
+    micro-batch otherwise, so that the schedule cuts what :func:`microbatch` cuts (its default
+    cuts every tensor along dim 0)."""
     from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
     from torch.utils._pytree import tree_map
 
     batch = batch_size_of(dict(inputs), batch_dim) or 0
+
+    def spec(x: Any) -> Any:
+        axis = batch_axis(x, batch, batch_dim)
+        return _Replicate if axis is None else TensorChunkSpec(axis)
+
     # Leaf by leaf: the schedule flattens each input (a dict of tensors is several leaves).
-    return {k: tree_map(lambda x: TensorChunkSpec(batch_dim) if carries_batch(x, batch, batch_dim) else _Replicate, v)
-            for k, v in inputs.items()}
+    return {k: tree_map(spec, v) for k, v in inputs.items()}
 
 
 def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline,
