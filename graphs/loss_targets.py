@@ -103,7 +103,7 @@ def accepting_targets(model: nn.Module, n_inputs: int) -> nn.Module:
         raise ModelFileError(f"forward() of {cls.__name__} has parameters placer cannot name ({', '.join(names)})")
     targets = target_names(names, n_inputs - takes)
     call = ", ".join(names)
-    source = (f"def forward(self, {', '.join([*names, *(t + '=None' for t in targets)])}):\n"
+    source = (f"def forward(self, {', '.join([*_with_defaults(params), *(t + '=None' for t in targets)])}):\n"
               f"    return __placer_model_forward(self, {call})\n")
     namespace: dict[str, Any] = {"__placer_model_forward": cls.forward}
     exec(compile(source, f"<forward of {cls.__qualname__} with loss targets>", "exec"), namespace)
@@ -118,6 +118,19 @@ def accepting_targets(model: nn.Module, n_inputs: int) -> nn.Module:
         raise ModelFileError(f"placer cannot give {cls.__name__} its loss targets ({exc}); expected a forward that "
                              "takes every input (its targets as parameters it ignores)") from None
     return view
+
+
+def _with_defaults(params: list[inspect.Parameter]) -> list[str]:
+    """``forward``'s parameters as the view's signature writes them: with their defaults where
+    those are plain constants from that parameter on (``mask=None``: the placed model then runs
+    as ``placed(x)`` as the model did), bare before."""
+    texts = [p.name for p in params]
+    for i in range(len(params) - 1, -1, -1):
+        default = params[i].default
+        if default is params[i].empty or not (default is None or isinstance(default, (bool, int, float, str))):
+            break
+        texts[i] = f"{params[i].name}={default!r}"
+    return texts
 
 
 def refuse_targets_without_loss(model: nn.Module, n_inputs: int, inputs_src: str) -> None:

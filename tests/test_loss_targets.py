@@ -1,6 +1,7 @@
 """Loss targets in the example inputs of a model whose forward() does not take them
 (graphs.loss_targets): the model is used as it is, the targets reach the loss only."""
 
+import inspect
 import textwrap
 
 import pytest
@@ -145,3 +146,19 @@ def test_a_compiled_model_gets_its_targets_inside_the_compiled_wrapper():
     assert [n for n, _ in view.named_parameters()] == [n for n, _ in model.named_parameters()]
     x = torch.randn(3, 16)
     torch.testing.assert_close(view(x, torch.zeros(3)), model(x))
+
+
+def test_the_views_forward_keeps_the_models_plain_defaults_so_the_placed_model_runs_as_the_model_did():
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale=2.0):
+            h = self.lin(x) * scale
+            return h if mask is None else h * mask
+
+    x = torch.randn(3, 4)
+    view = accepting_targets(Masked(), 4)
+    assert str(inspect.signature(type(view).forward)) == "(self, x, mask=None, scale=2.0, target=None)"
+    torch.testing.assert_close(view(x), view(x, None, 2.0, torch.zeros(3)))
