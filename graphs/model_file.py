@@ -209,10 +209,10 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
             f"{model_src} in {label} gave a {type(model).__module__}.{type(model).__qualname__}, "
             "expected a torch.nn.Module"
         )
-    if isinstance(inputs, Mapping):
-        inputs = keyword_inputs_as_positional(model, inputs, f"{inputs_src} in {label}")
-    example_inputs = _as_input_tuple(inputs, inputs_src, label)
     user_loss = _optional_function(module, "get_loss", label)
+    if isinstance(inputs, Mapping):
+        inputs = keyword_inputs_as_positional(model, inputs, f"{inputs_src} in {label}", user_loss is not None)
+    example_inputs = _as_input_tuple(inputs, inputs_src, label)
     model = with_loss_targets(model, example_inputs, user_loss is not None, f"{inputs_src} in {label}")
     loss_fn = user_loss or default_loss
     optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
@@ -543,41 +543,68 @@ def bind_inputs(params: Sequence[ForwardParam], args: tuple, kwargs: Mapping[str
     return tuple(values)
 
 
-def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], what: str = "the inputs") -> tuple:
+def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], what: str = "the inputs",
+                                 targets: bool = False) -> tuple:
     """Keyword inputs (``model(**batch)``, a Hugging Face batch) as the positional tuple of
     ``model.forward``'s parameters up to the last one given, the others at their defaults: what
     placer captures, runs and splits. ``what`` names the inputs in an error.
+
+    With ``targets`` (a loss was given), keys ``forward`` does not take are the loss's targets
+    (``labels`` in a batch for a model whose ``forward`` takes ``input_ids``): they follow every
+    positional parameter of ``forward`` (each at its value or default), in the dict's order
+    (:mod:`graphs.loss_targets`).
 
     >>> class Net(nn.Module):
     ...     def forward(self, input_ids, past=None, attention_mask=None):
     ...         return input_ids
     >>> keyword_inputs_as_positional(Net(), {"attention_mask": 1, "input_ids": 0})
     (0, None, 1)
+    >>> keyword_inputs_as_positional(Net(), {"input_ids": 0, "labels": 7}, targets=True)
+    (0, None, None, 7)
     """
     params = forward_params(model)
     if not inputs:
         raise ModelFileError(f"{what} is an empty dict; expected the model's inputs by parameter name")
+    names = [name for name, _, _ in params]
+    extra = [k for k in inputs if k not in names]
+    takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    if targets and extra and not takes_keywords:
+        known = {k: v for k, v in inputs.items() if k in names}
+        try:
+            values = list(bind_inputs(params, (), known)) if known else []
+        except UnboundInput as exc:
+            raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
+                                 "expected every such parameter") from None
+        for name, has_default, default in params[len(values):]:  # every one: the targets come after them all
+            if not has_default:
+                raise ModelFileError(f"{what} leave out {name!r}, a parameter of forward() without a default; "
+                                     "expected every such parameter")
+            values.append(default)
+        return (*values, *(inputs[k] for k in extra))
     try:
         return bind_inputs(params, (), inputs)
     except UnboundInput as exc:
         if exc.unknown:
+            hint = "" if targets else (", or, if they are the loss's targets, a loss that uses them (get_loss(output, "
+                                       "*inputs) in a model file, loss_fn in the API) receives them after forward's")
             raise ModelFileError(
                 f"{what} name {', '.join(repr(k) for k in exc.unknown)}, which forward() of {type(model).__name__} "
                 f"does not take by position (its parameters: {', '.join(name for name, _, _ in params)}); "
-                "expected keys that are parameters of forward()") from None
+                f"expected keys that are parameters of forward(){hint}") from None
         raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
                              "expected every such parameter") from None
 
 
-def positional_inputs(model: nn.Module, inputs: Any, what: str = "the inputs") -> tuple:
+def positional_inputs(model: nn.Module, inputs: Any, what: str = "the inputs", targets: bool = False) -> tuple:
     """The model's positional inputs: a tuple as is, a dict by ``forward``'s parameter names bound
-    to them (:func:`keyword_inputs_as_positional`), anything else (one tensor) as a 1-tuple.
+    to them (:func:`keyword_inputs_as_positional`, with its ``targets``), anything else (one
+    tensor) as a 1-tuple.
 
     >>> positional_inputs(nn.GRU(2, 2), {"input": 0}), positional_inputs(nn.GRU(2, 2), 0)
     ((0,), (0,))
     """
     if isinstance(inputs, Mapping):
-        return keyword_inputs_as_positional(model, inputs, what)
+        return keyword_inputs_as_positional(model, inputs, what, targets)
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 

@@ -162,3 +162,18 @@ def test_the_views_forward_keeps_the_models_plain_defaults_so_the_placed_model_r
     view = accepting_targets(Masked(), 4)
     assert str(inspect.signature(type(view).forward)) == "(self, x, mask=None, scale=2.0, target=None)"
     torch.testing.assert_close(view(x), view(x, None, 2.0, torch.zeros(3)))
+
+
+def test_keys_of_a_batch_dict_that_forward_does_not_take_are_the_losss_targets(tmp_path):
+    path = write(tmp_path, CLASSIFIER_FILE.replace(
+        "return (torch.randn(8, 16), torch.randint(0, 5, (8,)))",
+        'return {"x": torch.randn(8, 16), "labels": torch.randint(0, 5, (8,))}') + LOSS)
+    spec = load_model_file(path)
+    x, labels = spec.example_inputs
+    assert labels.dtype == torch.int64 and forward_takes(spec.model) == 2
+
+    without_loss = path.read_text().replace("def get_loss(output, x, y):", "def _unused(output, x, y):")
+    path.write_text(without_loss)
+    with pytest.raises(ModelFileError, match=r"name 'labels', which forward\(\) of Net does not take by position .*"
+                                             r"if they are the loss's targets, a loss that uses them"):
+        load_model_file(path)

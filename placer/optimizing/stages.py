@@ -463,7 +463,7 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
     if config.example_inputs is None:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
     label = type(model).__name__
-    inputs = positional_inputs(model, config.example_inputs, "example_inputs")
+    inputs = positional_inputs(model, config.example_inputs, "example_inputs", config.loss_fn is not None)
     model = with_loss_targets(model, inputs, config.loss_fn is not None, "example_inputs")
     batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
