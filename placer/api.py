@@ -27,7 +27,7 @@ from graphs.capture import CapturedModel, capture
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
 from graphs.loss_targets import accepting_targets
-from graphs.model_file import ModelSpec
+from graphs.model_file import ModelSpec, positional_inputs
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, PlacementFileError, load_placement
@@ -73,8 +73,9 @@ def _captured(model: torch.nn.Module | CapturedModel, example_inputs: Any = None
         raise PlacerError(f"expected an nn.Module or a CapturedModel, got {type(model).__name__}")
     if example_inputs is None:
         raise PlacerError("example_inputs are needed to capture the model (the same ones the placement was made with)")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    # inputs beyond what forward() takes are the loss targets the placement was made with
+    # a dict by forward's parameter names as optimize took it; inputs beyond what forward()
+    # takes are the loss targets the placement was made with
+    inputs = positional_inputs(model, example_inputs, "example_inputs", targets=True)
     return capture(accepting_targets(model, len(inputs)), inputs)
 
 

@@ -177,3 +177,15 @@ def test_keys_of_a_batch_dict_that_forward_does_not_take_are_the_losss_targets(t
     with pytest.raises(ModelFileError, match=r"name 'labels', which forward\(\) of Net does not take by position .*"
                                              r"if they are the loss's targets, a loss that uses them"):
         load_model_file(path)
+
+
+def test_apply_takes_the_dict_of_inputs_optimize_took():
+    """placer.apply captured a dict of inputs as one positional input: 'linear(): argument 'input'
+    must be Tensor, not dict'."""
+    torch.manual_seed(0)
+    model = Classifier()
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    result = placer.optimize(model, {"x": x, "labels": y}, loss_fn=cross_entropy, cluster="4xV100-nvlink",
+                             budget="100", baselines="single", out_dir=None, progress=False)
+    placed = placer.apply(model, result.placement, {"x": x, "labels": y})
+    torch.testing.assert_close(placed(x), model(x))
