@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from graphs.errors import ModelFileError, PlacerError
-from graphs.model_file import ModelSpec, default_loss, first_tensor, load_model_file
+from graphs.model_file import ModelSpec, batch_slice, default_loss, first_tensor, load_model_file
 
 GOOD = """
 import torch
@@ -385,3 +388,23 @@ def test_keyword_inputs_become_the_positional_inputs_of_forward_with_the_default
 ])
 def test_keyword_inputs_forward_cannot_take_are_refused_naming_them(tmp_path, inputs, expected):
     assert expected in load_error(tmp_path, KEYWORD_INPUTS.format(inputs=inputs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3), st.integers(0, 3), st.lists(st.integers(1, 5), min_size=0, max_size=3),
+       st.sampled_from([1, 2, 4]))
+def test_the_parts_of_a_batch_put_back_along_its_axis_are_the_batch(batch_dim, axis, others, parts):
+    """batch_axis and batch_slice: every tensor holding the batch, on the model's batch dimension
+    or on the one other dimension of its size, is cut into parts that concatenate back to it;
+    a tensor without the batch is given whole to every part."""
+    batch = 6 * 4  # no other dimension has this size
+    shape = list(others)
+    axis = min(axis, len(shape))
+    shape.insert(axis, batch)
+    holder = torch.arange(math.prod(shape)).reshape(shape)
+    whole = torch.zeros(3, 5)
+    inputs = ({"state": holder}, whole)
+    size = batch // parts
+    cut = [batch_slice(inputs, batch, k * size, (k + 1) * size, batch_dim) for k in range(parts)]
+    assert torch.equal(torch.cat([c[0]["state"] for c in cut], dim=axis), holder)
+    assert all(c[1] is whole for c in cut)
