@@ -26,6 +26,7 @@ from envs.runtime.transfers import to_device
 from graphs.capture import CapturedModel, capture
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
+from graphs.graph_inputs import placeholder_values
 from graphs.loss_targets import accepting_targets
 from graphs.model_file import ModelSpec, positional_inputs
 from graphs.random_state import kept_random_state
@@ -177,8 +178,7 @@ def train_pipeline_steps(spec: ModelSpec, captured: CapturedModel, placement: Pl
     if pipe is None:
         raise PlacerError("the placement carries no pipeline; expected a pipelined placement (schema 2)")
     gm = captured.gm
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    run = run_training(gm, dict(zip(names, spec.example_inputs)), pipe, steps=warmup + steps, warmup=warmup,
+    run = run_training(gm, placeholder_values(gm, spec.example_inputs), pipe, steps=warmup + steps, warmup=warmup,
                        optimizer=spec.optimizer_fn, loss_fn=spec.loss_fn, threads=threads, timeout_s=timeout_s,
                        batch_dim=spec.batch_dim)
     times = list(run.step_times[warmup:])

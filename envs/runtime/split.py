@@ -38,7 +38,7 @@ Shared parameters (tied weights): every node that reads one tensor runs on one r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,9 @@ class SplitPlan:
     output_args: Any
     world_size: int
     producer: dict[str, int] = field(default_factory=dict)  # value -> stage index
+    #: The model's inputs as the placeholders take them (graph.process_inputs: their leaves for a
+    #: graph torch.export captured, :mod:`graphs.graph_inputs`); None: as they are.
+    process_inputs: Callable[..., Any] | None = None
 
     def stages_of(self, rank: int) -> list[Stage]:
         """The stages ``rank`` runs, in schedule order."""
@@ -353,4 +356,5 @@ def split_by_rank(
         output_args=gm.graph._codegen.process_outputs(_names_in(out_node.args[0])),
         world_size=world_size,
         producer=dict(stage_of),
+        process_inputs=gm.graph.process_inputs,
     )

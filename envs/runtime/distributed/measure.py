@@ -43,6 +43,7 @@ from envs.runtime.distributed.launcher import run_job
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, budget_timeout, check_timeouts
 from envs.runtime.measurer import MeasureCache, MeasureError, MeasureResult, check_timing, program_key
 from envs.runtime.step_timer import MAX_REPEATS, MIN_TIMED_S, median_step_time, repeats_for
+from graphs.graph_inputs import placeholder_values
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
     from envs.sim.pipeline_layout import Pipeline
@@ -274,10 +275,9 @@ class DistributedMeasurer:
         if timeout <= 0:
             return MeasureResult(step_time=float("inf"), valid=False, reason=BUDGET_SPENT, note=note, budget_cut=True)
         spec, gm = self.spec, self.captured.gm
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.jobs += 1
         try:
-            run_ = run_training(gm, dict(zip(names, spec.example_inputs)), pipeline, world=world,
+            run_ = run_training(gm, placeholder_values(gm, spec.example_inputs), pipeline, world=world,
                                 steps=self.warmup + self.timed_steps(expected_s), warmup=self.warmup,
                                 optimizer=spec.optimizer_fn,
                                 loss_fn=spec.loss_fn, threads=self.threads, timeout_s=timeout,

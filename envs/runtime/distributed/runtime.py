@@ -296,7 +296,8 @@ class RankStep:
     ) -> None:
         self.plan, self.rank, self.meta = plan, rank, meta
         self.device = torch.device(device)
-        self.inputs = dict(zip(plan.placeholders, inputs))
+        leaves = plan.process_inputs(*inputs) if plan.process_inputs is not None else inputs
+        self.inputs = dict(zip(plan.placeholders, leaves))
         self.loss_inputs = tuple(inputs)
         self.loss_fn, self.comm = loss_fn, comm
         self.stages = plan.stages_of(rank)

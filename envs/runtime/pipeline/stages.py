@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import TreeSpec
 
 from envs.sim.pipeline_layout import Pipeline, PipelineError
+from graphs.graph_inputs import model_args
 from graphs.model_file import batch_axis, batch_size_of, batch_slice, preserved_buffers
 from graphs.ops import in_place_writes
 from graphs.random_state import kept_random_state
@@ -205,8 +207,11 @@ class StageModule(nn.Module):
 
     def __init__(self, spec: StageSpec, last: bool, microbatches: int,
                  input_names: Sequence[str], loss_fn: Callable[..., torch.Tensor] | None = None,
-                 planned: Mapping[str, Any] | None = None, input_keys: Mapping[str, str] | None = None) -> None:
+                 planned: Mapping[str, Any] | None = None, input_keys: Mapping[str, str] | None = None,
+                 inputs_spec: TreeSpec | None = None) -> None:
         super().__init__()
+        #: How the model's inputs nest (:func:`graphs.graph_inputs.input_spec`): its loss takes them so.
+        self.inputs_spec = inputs_spec
         #: The keyword each model input arrives under (its name, unless the caller renamed them:
         #: :func:`schedule_keys`).
         self.input_keys = dict(input_keys) if input_keys is not None else {n: n for n in input_names}
@@ -252,7 +257,8 @@ class StageModule(nn.Module):
                 sent.append(value.contiguous())
             return tuple(sent)
         out = self.spec.model_output(out)
-        loss = self.loss_fn(out, *[inputs[n] for n in self.input_names]) if self.loss_fn is not None else out
+        args = model_args(self.inputs_spec, [inputs[n] for n in self.input_names])
+        loss = self.loss_fn(out, *args) if self.loss_fn is not None else out
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise PipelineError("the last stage must produce a scalar loss (the model's output, or loss_fn's)")
         return loss / self.microbatches

@@ -68,6 +68,7 @@ from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.gc_pause import frozen_gc
+from graphs.graph_inputs import input_spec, model_args
 from graphs.model_file import batch_size_of, batch_slice
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -288,13 +289,15 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     own_memory(spec.gm for spec in mine)  # before DDP and PipelineStage take their tensors
     metas = boundary_metas(gm, microbatch(inputs, 0, m, dim), {v for spec in specs for v in spec.recv + spec.send})
     names = list(inputs)
+    nesting = input_spec(gm)
     keys = schedule_keys(names)
     cut = chunk_specs({keys[k]: v for k, v in inputs.items()}, dim)
     inputs = {keys[k]: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
-        plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas, input_keys=keys), device)
+        plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas, input_keys=keys,
+                                         inputs_spec=nesting), device)
         mod: torch.nn.Module = plain
         if norm_groups is not None:
             replace_batch_norms(plain, process_group_gather(norm_groups[local]))
@@ -438,6 +441,26 @@ def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
+def unread_parameters(gm: torch.fx.GraphModule) -> list[str]:
+    """The trainable parameters of ``gm`` that no op the output depends on reads (by a ``get_attr``
+    of it or a ``call_module`` of a module holding it); torch.export's graph reads every parameter
+    at its top, used or not."""
+    needed: set[torch.fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    read: set[str] = set()
+    for n in needed:
+        if n.op == "get_attr":
+            read.add(str(n.target))
+        elif n.op == "call_module":
+            read.update(f"{n.target}.{name}" for name, _ in gm.get_submodule(str(n.target)).named_parameters())
+    return [name for name, p in gm.named_parameters() if p.requires_grad and name not in read]
+
+
 def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -451,15 +474,19 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     own_memory([gm])
     if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
         replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
-    model = DistributedDataParallel(gm)
+    # A parameter no op reads (a head a torch.export graph keeps though forward chose another)
+    # gets no gradient, and DDP's reducer then waits for it ("Expected to have finished
+    # reduction in the prior iteration"); the user's DDP of such a model needs the same flag.
+    model = DistributedDataParallel(gm, find_unused_parameters=bool(unread_parameters(gm)))
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    nesting = input_spec(gm)  # the inputs by placeholder are leaves; the model and its loss take them nested
     for step in _steps(job):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
-        args = [mine[k] for k in order]
+        args = model_args(nesting, [mine[k] for k in order])
         out = model(*args)
         loss = loss_fn(out, *args) if loss_fn is not None else out
         loss.backward()
