@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
-from graphs.user_frames import describe_frame, user_frame
+from graphs.user_frames import user_location
 
 EXPECTED_NAMES = (
     "get_model() and get_example_inputs() (optionally get_loss(output, *inputs) and "
@@ -285,7 +285,7 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
             with torch.enable_grad(), preserved_buffers(model):
                 model(*example_inputs)
     except Exception as exc:  # any failure of user code is the user's input not fitting
-        where = _user_location(exc)
+        where = user_location(exc)
         raise ModelFileError(
             f"the example inputs do not fit the model in {label}: {type(exc).__name__}: "
             f"{_first_line(exc)}{where}; expected inputs that the model's forward() accepts "
@@ -466,7 +466,7 @@ def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> A
     except (Exception, SystemExit) as exc:  # sys.exit() in get_model ended placer with its message, exit 1
         raise ModelFileError(
             f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"
-            f"{_user_location(exc)}"
+            f"{user_location(exc)}"
         ) from None
 
 
@@ -568,20 +568,13 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
     names = [name for name, _, _ in params]
     extra = [k for k in inputs if k not in names]
     takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-    if targets and extra and not takes_keywords:
-        known = {k: v for k, v in inputs.items() if k in names}
-        try:
-            values = list(bind_inputs(params, (), known)) if known else []
-        except UnboundInput as exc:
-            raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
-                                 "expected every such parameter") from None
-        for name, has_default, default in params[len(values):]:  # every one: the targets come after them all
-            if not has_default:
-                raise ModelFileError(f"{what} leave out {name!r}, a parameter of forward() without a default; "
-                                     "expected every such parameter")
-            values.append(default)
-        return (*values, *(inputs[k] for k in extra))
     try:
+        if targets and extra and not takes_keywords:
+            # every parameter bound, at its value or default: the targets come after them all
+            known = {k: v for k, v in inputs.items() if k in names}
+            values = bind_inputs(params, (), known) if known else ()
+            values += tuple(_default_of(param) for param in params[len(values):])
+            return (*values, *(inputs[k] for k in extra))
         return bind_inputs(params, (), inputs)
     except UnboundInput as exc:
         if exc.unknown:
@@ -593,6 +586,14 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
                 f"expected keys that are parameters of forward(){hint}") from None
         raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
                              "expected every such parameter") from None
+
+
+def _default_of(param: ForwardParam) -> Any:
+    """The default of a forward parameter left out, or :class:`UnboundInput` where it has none."""
+    name, has_default, default = param
+    if not has_default:
+        raise UnboundInput(missing=name)
+    return default
 
 
 def positional_inputs(model: nn.Module, inputs: Any, what: str = "the inputs", targets: bool = False) -> tuple:
@@ -643,8 +644,3 @@ def _line_in(exc: BaseException, file: Path) -> str:
             continue
     return f" line {line}" if line else ""
 
-
-def _user_location(exc: BaseException) -> str:
-    """`` (at file.py:N in fn: code)`` for the deepest traceback frame in model code."""
-    frame = user_frame(exc)
-    return f" (at {describe_frame(frame)})" if frame is not None else ""

@@ -69,6 +69,12 @@ def describe_frame(frame: traceback.FrameSummary) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}{code}"
 
 
+def user_location(exc: BaseException) -> str:
+    """`` (at file.py:N in fn: code)`` for the deepest traceback frame in model code, or ``""``."""
+    frame = user_frame(exc)
+    return f" (at {describe_frame(frame)})" if frame is not None else ""
+
+
 def user_frame_calling(exc: BaseException, callee_file: str) -> traceback.FrameSummary | None:
     """The model-code frame that called into ``callee_file`` (a path ending, such as
     ``"torch/nn/utils/rnn.py"``) on the way to ``exc``, searching the exception then its causes."""

@@ -17,7 +17,7 @@ from envs.runtime.transfers import to_device
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
-from graphs.user_frames import describe_frame, user_frame
+from graphs.user_frames import user_location
 
 __all__ = ["check_trainable"]
 
@@ -81,11 +81,9 @@ def check_trainable(spec: ModelSpec) -> None:
         raise
     except Exception as exc:  # user code: its own words, in one line
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        frame = user_frame(exc)
-        where = f" (at {describe_frame(frame)})" if frame is not None else ""
         raise ModelFileError(
             f"one training forward of model {label!r} and its loss fails on the example inputs: "
-            f"{type(exc).__name__}: {first}{where}; expected a forward() and a loss (get_loss(output, *inputs) in "
+            f"{type(exc).__name__}: {first}{user_location(exc)}; expected a forward() and a loss (get_loss(output, *inputs) in "
             "a model file, loss_fn in the API) that run with gradients on") from None
     finally:
         set_training_modes(model, modes)
