@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from graphs.errors import CaptureError
+from graphs.placement_graph import fetch_attr
 
 __all__ = ["GradientsBaked", "refuse_baked_gradients"]
 
@@ -45,10 +46,7 @@ def refuse_baked_gradients(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        try:
-            value = _attribute(gm, str(node.target))
-        except AttributeError:
-            continue
+        value = fetch_attr(gm, str(node.target))
         # GraphModule registers such a constant as a buffer: its autograd history tells it apart
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             raise GradientsBaked(
@@ -56,9 +54,3 @@ def refuse_baked_gradients(gm: fx.GraphModule) -> None:
                 f"as in a loop over self.parameters()): their result became the constant {node.target!r} of the "
                 "graph, with the trace's gradients and values")
 
-
-def _attribute(gm: fx.GraphModule, target: str) -> object:
-    owner: object = gm
-    for part in target.split("."):
-        owner = getattr(owner, part)
-    return owner

@@ -36,6 +36,18 @@ def _signed(model: nn.Module) -> nn.Module:
     return _signed(inner) if inner is not None and type(model).__name__ == "OptimizedModule" else model
 
 
+def _positional_params(model: nn.Module) -> list[inspect.Parameter] | None:
+    """``model.forward``'s parameters taken by position, or None when it takes any number
+    (``*args``) or its signature cannot be read."""
+    try:
+        params = inspect.signature(_signed(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def forward_takes(model: nn.Module) -> int | None:
     """How many inputs ``model.forward`` takes by position, or None when it takes any number
     (``*args``) or its signature cannot be read.
@@ -43,13 +55,8 @@ def forward_takes(model: nn.Module) -> int | None:
     >>> forward_takes(nn.Linear(2, 2)), forward_takes(nn.Bilinear(2, 2, 2))
     (1, 2)
     """
-    try:
-        params = inspect.signature(_signed(model).forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    params = _positional_params(model)
+    return None if params is None else len(params)
 
 
 def target_names(forward_names: list[str], count: int) -> list[str]:
@@ -82,9 +89,10 @@ def accepting_targets(model: nn.Module, n_inputs: int) -> nn.Module:
     >>> import torch; seen(torch.zeros(4, 2), torch.zeros(4)).shape, type(seen).__name__
     (torch.Size([4, 3]), 'Linear')
     """
-    takes = forward_takes(model)
-    if takes is None or n_inputs <= takes:
+    params = _positional_params(model)
+    if params is None or n_inputs <= len(params):
         return model
+    takes = len(params)
     if _signed(model) is not model:
         # torch.compile's wrapper sets its compiled forward on the instance: the view goes
         # inside it, and a wrapper of the same compile settings around the view
@@ -96,8 +104,6 @@ def accepting_targets(model: nn.Module, n_inputs: int) -> nn.Module:
         raise ModelFileError(f"{cls.__name__} has forward() set on the instance, so placer cannot pass it the first "
                              f"{takes} of the {n_inputs} inputs and keep the rest for the loss; expected a forward "
                              "that takes every input (its targets as parameters it ignores)")
-    params = [p for p in inspect.signature(_signed(model).forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in params]
     if any(not n.isidentifier() or keyword.iskeyword(n) for n in names):
         raise ModelFileError(f"forward() of {cls.__name__} has parameters placer cannot name ({', '.join(names)})")
