@@ -158,7 +158,7 @@ def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
     inputs = [shape_of(a) for a in node.all_input_nodes]
     first_in = shape_of(node.args[0]) if node.args else None
     if node.op == "call_module":
-        return _module_flops(module, first_in, inputs, out_shape, node)
+        return _module_flops(module, first_in, inputs, out_shape, node, shape_of)
     name = canonical_op_name(op_name(node))
     if name in VIEW_OPS or name in COPY_OPS:
         return 0
@@ -209,7 +209,7 @@ def _elementwise(name: str, inputs: list, out_shape: Shape | None) -> int:
 
 
 def _module_flops(module: nn.Module | None, first_in: Shape | None, inputs: list,
-                  out_shape: Shape, node: fx.Node) -> int:
+                  out_shape: Shape, node: fx.Node, shape_of: ShapeOf) -> int:
     if module is None:
         return numel(out_shape)
     if isinstance(module, nn.Linear):
@@ -222,11 +222,11 @@ def _module_flops(module: nn.Module | None, first_in: Shape | None, inputs: list
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and first_in is not None:
         return recurrent_flops(module, first_in)
     if isinstance(module, nn.MultiheadAttention):
-        shapes = [s for s in inputs if s is not None]
-        if len(shapes) >= 3:
-            return mha_flops(module, shapes[0], shapes[1], shapes[2])
-        if len(shapes) == 1:
-            return mha_flops(module, shapes[0], shapes[0], shapes[0])
+        # query, key and value by position or name: the node's distinct inputs would fold a
+        # self-attention's (h, h, h) into one and count the masks as key and value
+        q, k, v = (shape_of(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
+        if q is not None and k is not None and v is not None:
+            return mha_flops(module, q, k, v)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Identity, nn.Flatten, nn.Unflatten)):
         return 0
     if isinstance(module, _NORM_MODULES):

@@ -363,6 +363,23 @@ def test_sdpa_and_multihead_attention_nodes():
     assert g.nodes["mha"]["flops"] == proj + attention
 
 
+def test_multihead_self_attention_with_masks_counts_query_key_value_not_the_masks():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, h, pad):
+            causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+            out, _ = self.mha(h, h, h, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+            return out
+
+    cap = capture(Masked(), (torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)))
+    proj = 4 * (2 * (2 * 5 * 8) * 8 + 2 * 5 * 8)
+    attention = 2 * 2 * 5 * 5 * (2 * 4 + 2 * 4 + 3)
+    assert cap.graph.nodes["mha"]["flops"] == proj + attention
+
+
 def test_shapes_fall_back_to_real_tensors_for_data_dependent_shapes():
     class Masked(nn.Module):
         def __init__(self):
