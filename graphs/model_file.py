@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
+from graphs.lazy_modules import has_lazy_state, materialize
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
 from graphs.user_frames import user_location
 
@@ -167,14 +168,17 @@ class ModelSpec:
     batch_dim: int = 0
 
 
-def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = None) -> ModelSpec:
+def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = None,
+                    check_inputs: bool = True) -> ModelSpec:
     """Load ``path`` as a model file and return its :class:`ModelSpec`.
 
     ``model_args`` entries are passed as keywords to ``get_model`` / ``get_example_inputs``
     when the function accepts them; an entry neither accepts is refused. The example inputs
     are run through the model once (under ``torch.no_grad``; on fake tensors for models over
     :data:`REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
-    with the failing line, rather than deep inside capture.
+    with the failing line, rather than deep inside capture. ``check_inputs=False`` skips that
+    run (a worker process loading a file its parent checked) but still gives lazy modules
+    their shapes (:mod:`graphs.lazy_modules`).
     """
     file = Path(path)
     module = _import_file(file)
@@ -217,7 +221,10 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     loss_fn = user_loss or default_loss
     optimizer_fn = _optional_function(module, "get_optimizer", label) or default_optimizer
     batch_dim = check_batch_dim(getattr(module, "batch_dim", 0), example_inputs, f"`batch_dim` in {label}")
-    check_inputs_fit(model, example_inputs, label)
+    if check_inputs:
+        check_inputs_fit(model, example_inputs, label)
+    elif has_lazy_state(model):
+        materialize(model, example_inputs)
     return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
                      optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args, batch_dim=batch_dim)
 
@@ -265,6 +272,11 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
     Small models run on the real inputs (buffers restored afterwards, so a BatchNorm in
     training mode keeps its statistics); large ones on fake tensors (no memory, no compute).
     """
+    if has_lazy_state(model):
+        try:
+            materialize(model, example_inputs)
+        except Exception as exc:  # any failure of user code is the user's input not fitting
+            raise _not_fitting(exc, example_inputs, label) from None
     large = sum(p.numel() for p in model.parameters()) > REAL_CHECK_MAX_PARAMS
     if large and _fits_on_fake_tensors(model, example_inputs):
         return
@@ -285,12 +297,7 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
             with torch.enable_grad(), preserved_buffers(model):
                 model(*example_inputs)
     except Exception as exc:  # any failure of user code is the user's input not fitting
-        where = user_location(exc)
-        raise ModelFileError(
-            f"the example inputs do not fit the model in {label}: {type(exc).__name__}: "
-            f"{_first_line(exc)}{where}; expected inputs that the model's forward() accepts "
-            f"(got {describe_inputs(example_inputs)})"
-        ) from None
+        raise _not_fitting(exc, example_inputs, label) from None
     changed = [path for (path, _), (t, _, version) in zip(inputs, saved) if t._version != version]
     if changed:
         with torch.no_grad():
@@ -300,6 +307,13 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
             f"forward() of {label} modifies its input {', '.join(changed)} in place; expected a forward that "
             "leaves its inputs as they are (placer runs the example inputs many times, and each run would "
             "see what the last one wrote: write x = x * 2, not x.mul_(2))")
+
+
+def _not_fitting(exc: Exception, example_inputs: tuple, label: str) -> ModelFileError:
+    return ModelFileError(
+        f"the example inputs do not fit the model in {label}: {type(exc).__name__}: "
+        f"{_first_line(exc)}{user_location(exc)}; expected inputs that the model's forward() accepts "
+        f"(got {describe_inputs(example_inputs)})")
 
 
 def _tensor_paths(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
