@@ -138,7 +138,19 @@ def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) ->
 
 
 def default_loss(output: Any, *inputs: Any) -> torch.Tensor:
-    """Mean of the first tensor of the model's output (a scalar that touches every output element)."""
+    """The loss the model returns, else the mean of the first tensor of its output (a scalar
+    that touches every output element).
+
+    A dict output with a ``"loss"`` tensor is a model that computes its own loss from labels
+    among its inputs, which is what training steps on: the Hugging Face convention (its
+    ``Trainer`` takes ``outputs["loss"]``), for plain dicts and ``ModelOutput`` alike.
+
+    >>> logits = torch.tensor([[1.0, 3.0]])
+    >>> float(default_loss({"logits": logits, "loss": torch.tensor(0.5)})), float(default_loss(logits))
+    (0.5, 2.0)
+    """
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"].float().mean()
     tensor = first_tensor(output)
     if tensor is None:
         raise ModelFileError(

@@ -93,6 +93,17 @@ def test_default_loss_uses_first_tensor_of_structure():
         default_loss("no tensor here")
 
 
+def test_default_loss_is_the_loss_a_dict_output_carries():
+    """A forward that computes its own loss from labels among its inputs ({"logits", "loss"},
+    as Hugging Face models do) was trained on the mean of its logits."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    labels = torch.tensor([0, 0])
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    chosen = default_loss({"logits": logits, "loss": loss})
+    assert chosen is not None and torch.equal(chosen, loss)
+    assert default_loss({"logits": logits, "loss": None}).item() == pytest.approx(1.0)  # no labels: no loss
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         load_model_file(tmp_path / "nope.py")

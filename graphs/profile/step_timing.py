@@ -42,7 +42,7 @@ def measure_step_parts(model: nn.Module, example_inputs: Sequence[Any],
     Runs on a deep copy of ``model`` so the caller's parameters are not trained.
     ``clock="cpu"`` counts this thread's CPU time (the clock node profiles use on the CPU,
     see :func:`graphs.profile.op_timing.clock_for`); ``clock="wall"`` the elapsed time.
-    ``loss_fn(output, *inputs)`` defaults to the mean of the first output tensor,
+    ``loss_fn(output, *inputs)`` defaults to :func:`graphs.model_file.default_loss`,
     ``optimizer_fn(params)`` to SGD (the model-file defaults).
     """
     if not isinstance(repeats, int) or repeats < 1:

@@ -324,7 +324,8 @@ def place(
             always searches and writes nothing.
         memory: per-device memory caps (``"cuda:0=20GiB"``).
         loss_fn, optimizer_fn: the training loss and optimizer the search costs (defaults:
-            ``graphs.model_file.default_loss``, the mean of the first output tensor, and SGD at 0.01).
+            ``graphs.model_file.default_loss``: the ``"loss"`` a dict output carries, else the
+            mean of the first output tensor; and SGD at 0.01).
         output_device: where outputs are gathered (default: the output node's device).
         check: compare the searched placement's outputs and gradients with the model's.
         verbose: log (``logging``, logger ``placer.integrations.loop``) at INFO rather than
