@@ -29,6 +29,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import torch
 import torch.fx as fx
 from torch import nn
@@ -178,21 +179,30 @@ def _script_module(data: bytes) -> torch.jit.ScriptModule:
     return torch.jit.load(io.BytesIO(data))
 
 
-class _Pickler(pickle.Pickler):
-    """A pickler that writes a TorchScript module as its ``torch.jit.save`` archive: pickle
-    refuses one ("Tried to serialize object __torch__.<model file>.Gate which does not have a
-    __getstate__ method defined!"), so a graph holding a ``torch.jit.script``-ed layer could not
-    reach the pipeline's worker processes."""
+class _Pickler(cloudpickle.Pickler):
+    """A pickler for what a model holds beyond its tensors.
+
+    - A TorchScript module is written as its ``torch.jit.save`` archive: pickle refuses one
+      ("Tried to serialize object __torch__.<model file>.Gate which does not have a
+      __getstate__ method defined!"), so a graph holding a ``torch.jit.script``-ed layer could
+      not reach the pipeline's worker processes.
+    - A function pickle cannot find by name (a lambda or a closure registered as a module's
+      forward hook, ``self.head.register_forward_pre_hook(lambda m, i: ...)``) is written by
+      value, as cloudpickle writes it; pickle refused it ("Can't pickle local object
+      'Net.__init__.<locals>.<lambda>'"), so no pipeline or DDP of such a model was measured.
+      Functions and classes it can find by name are written by name, as pickle writes them.
+    """
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.jit.ScriptModule):
             buffer = io.BytesIO()
             torch.jit.save(obj, buffer)
             return _script_module, (buffer.getvalue(),)
-        return NotImplemented
+        return super().reducer_override(obj)
 
 
 #: ``torch.save(obj, path, pickle_module=portable_pickle)``: pickle, with TorchScript modules
-#: written as their archives (:class:`_Pickler`); ``torch.load`` reads the file as usual.
+#: written as their archives and local functions by value (:class:`_Pickler`); ``torch.load``
+#: reads the file as usual.
 portable_pickle = types.SimpleNamespace(Pickler=_Pickler, Unpickler=pickle.Unpickler, load=pickle.load,
                                         __name__="pickle")

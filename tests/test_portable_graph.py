@@ -76,3 +76,25 @@ def test_a_graph_calling_a_function_made_in_a_factory_pickles_and_computes_the_s
     again = pickle.loads(pickle.dumps(PortableGraph.of(gm))).module()
     assert [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes]
     assert torch.equal(again(x), gm(x))
+
+
+def test_a_lambda_hook_on_a_layer_crosses_to_a_worker_and_still_runs():
+    """A forward pre-hook written as a lambda in the model's __init__: pickle refused the graph
+    ("Can't pickle local object 'Net.__init__.<locals>.<lambda>'"), so no pipeline or DDP of
+    such a model was measured."""
+    from graphs.portable_graph import portable_pickle
+
+    torch.manual_seed(0)
+    model = _Plain()
+    model.lin.register_forward_pre_hook(lambda m, args: (args[0].clamp(max=0.1),))
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,), name="hooked").gm
+    with pytest.raises((AttributeError, pickle.PicklingError), match="local object"):
+        pickle.dumps(PortableGraph.of(gm))
+    buffer = io.BytesIO()
+    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False).module()
+    torch.manual_seed(0)
+    unhooked = _Plain()
+    assert torch.equal(again(x), model(x)) and not torch.equal(again(x), unhooked(x))
