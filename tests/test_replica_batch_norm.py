@@ -170,3 +170,56 @@ def test_ddp_and_a_replicated_pipeline_train_a_batchnorm_model_as_the_full_batch
     assert run.losses == pytest.approx(expected, rel=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(run.params[name], p.detach(), rtol=1e-4, atol=1e-6), name
+
+
+SYNC_BN_FILE = """
+import torch
+from torch import nn
+
+def get_model():
+    torch.manual_seed(0)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)))
+
+def get_example_inputs():
+    torch.manual_seed(1)
+    return (torch.randn(8, 3, 6, 6),)
+"""
+
+
+def test_a_syncbatchnorm_model_placed_over_worker_ranks_and_pipelined_without_replicas_runs_as_one_process(tmp_path):
+    """Under the job's process group SyncBatchNorm tried to sync with ranks holding other layers and
+    raised 'SyncBatchNorm expected input tensor to be on GPU': every placement and pipeline of
+    such a model failed when measured. Without replicas it is the BatchNorm the placed model runs."""
+    from envs.runtime.distributed.measure import DistributedMeasurer
+    from envs.runtime.pipeline.launcher import run_training
+    from envs.sim.pipeline_layout import Pipeline
+    from graphs.pipeline import prepare
+
+    path = tmp_path / "syncbn.py"
+    path.write_text(SYNC_BN_FILE)
+    prep = prepare(str(path), {}, profile=False)
+    gm = prep.captured.gm
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = len(compute) // 2
+    halves = {name: f"cpu:{int(i >= cut)}" for i, name in enumerate(compute)}
+    measurer = DistributedMeasurer(str(path), {}, "cpu:0,cpu:1", warmup=1, repeats=2, spec=prep.spec,
+                                   captured=prep.captured, fingerprint=prep.captured.fingerprint)
+    [placed] = measurer.measure([halves])
+    assert placed.valid, placed.reason
+
+    model, (x,) = prep.spec.model, prep.spec.example_inputs
+    inputs = {next(n.name for n in gm.graph.nodes if n.op == "placeholder"): x}
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 1, "gpipe")
+    run = run_training(copy.deepcopy(gm), inputs, pipe, steps=2, loss_fn=_mean_loss, timeout_s=120)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    expected = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = _mean_loss(reference(x), x)
+        loss.backward()
+        opt.step()
+        expected.append(float(loss.detach()))
+    assert run.losses == pytest.approx(expected, rel=1e-5)

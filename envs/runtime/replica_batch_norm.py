@@ -39,6 +39,7 @@ split runs them.
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Gather", "ReplicaBatchNorm", "LockstepGather", "process_group_gather", "replace_batch_norms",
-           "training_batch_norms"]
+__all__ = ["Gather", "ReplicaBatchNorm", "LockstepGather", "process_group_gather",
+           "replace_batch_norms", "training_batch_norms", "unsynced_batch_norms"]
 
 #: Every replica's tensor, stacked in replica order ([R, *shape]; the same in every replica).
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -178,6 +179,31 @@ def replace_batch_norms(module: torch.nn.Module, gather: Gather, names: Sequence
             raise TypeError(f"{name!r} is a {type(source).__name__}; expected a BatchNorm module")
         setattr(owner, leaf, ReplicaBatchNorm(source, gather))
     return chosen
+
+
+def unsynced_batch_norms(module: torch.nn.Module) -> list[str]:
+    """Make each ``nn.SyncBatchNorm`` of ``module`` a plain BatchNorm of the samples this
+    process has, in place; returns the names changed.
+
+    ``SyncBatchNorm`` syncs over the default process group whenever one is initialised. In the
+    ranks of a model placement and in the stages of a pipeline without replicas, the other
+    ranks hold other layers: there it raised "SyncBatchNorm expected input tensor to be on GPU"
+    on CPU ranks (every placement and pipeline of such a model failed when measured), and on
+    GPUs it would all-gather with ranks that never call it. What runs there is what the placed
+    model computes in one process, where ``SyncBatchNorm`` falls back to ``F.batch_norm``:
+    ``_BatchNorm.forward``, set as the instance's forward. The module stays a ``SyncBatchNorm``
+    (its parameters, buffers, hooks and mode untouched), so fx still calls it as one leaf and the
+    captured graph, and its fingerprint, are the parent's.
+
+    >>> net = torch.nn.Sequential(torch.nn.SyncBatchNorm(3))
+    >>> unsynced_batch_norms(net), type(net[0]).__name__
+    (['0'], 'SyncBatchNorm')
+    """
+    names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    for name in names:
+        norm = module.get_submodule(name)
+        norm.forward = types.MethodType(_BatchNorm.forward, norm)  # type: ignore[method-assign]
+    return names
 
 
 def process_group_gather(group: Any = None) -> Gather:

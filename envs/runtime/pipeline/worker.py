@@ -63,7 +63,12 @@ from typing import Any
 
 import torch
 
-from envs.runtime.replica_batch_norm import process_group_gather, replace_batch_norms, training_batch_norms
+from envs.runtime.replica_batch_norm import (
+    process_group_gather,
+    replace_batch_norms,
+    training_batch_norms,
+    unsynced_batch_norms,
+)
 from envs.runtime.supervisor import worker_main
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.cpu_allocator import retain_freed_memory
@@ -530,6 +535,10 @@ def load_job(job_dir: Path) -> dict[str, Any]:
     job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True, map_location="cpu")
     job["inputs"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in job["inputs"].items()}
     job["gm"] = job["gm"].module()  # graphs.portable_graph.PortableGraph: the graph, node for node
+    # Under the job's process group a SyncBatchNorm would sync with every rank, whatever layers
+    # they hold; the stages whose replicas do share a BatchNorm's batch swap it for a
+    # ReplicaBatchNorm over their own group (replace_batch_norms).
+    unsynced_batch_norms(job["gm"])
     return job
 
 
