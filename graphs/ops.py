@@ -155,17 +155,26 @@ _BATCHNORM_ATEN = {
 }
 
 
+#: Tensor methods named as in-place ops that change a flag, not the values: a physics-informed
+#: network calls ``x.requires_grad_()`` on its input to differentiate by it; counted as a write,
+#: the placed model copied its moved input back into the caller's, which the original's call
+#: had made a leaf requiring grad ("a leaf Variable that requires grad is being used in an
+#: in-place operation").
+FLAG_METHODS = frozenset({"requires_grad_", "share_memory_"})
+
+
 def method_updates_in_place(name: str) -> bool:
     """Whether the Tensor method ``name`` updates its tensor in place: ``add_``, ``relu_``, and
     the operators' own methods ``__iadd__``, ``__setitem__`` (which come as methods on a tensor
-    fx did not proxy, a constant forward() made, and as ``operator.iadd`` on a Proxy).
+    fx did not proxy, a constant forward() made, and as ``operator.iadd`` on a Proxy); not
+    :data:`FLAG_METHODS`.
 
-    >>> [method_updates_in_place(n) for n in ("mul_", "mul", "__setitem__", "__add__", "__init__")]
+    >>> [method_updates_in_place(n) for n in ("mul_", "mul", "__setitem__", "__add__", "requires_grad_")]
     [True, False, True, False, False]
     """
     if name.startswith("__"):
         return name.endswith("__") and name[2:-2] in INPLACE_OPERATOR_NAMES
-    return name.endswith("_")
+    return name.endswith("_") and name not in FLAG_METHODS
 
 
 #: torch.nn.functional calls that update tensors they are given: ``(position, keyword)`` of each
@@ -210,7 +219,8 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int | str]:
             return []
         return [i if i < len(node.args) else key for i, key in _FUNCTIONAL_WRITES[name] if i < len(node.args)
                 or key in node.kwargs]
-    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")):
+    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")
+                                               and name not in FLAG_METHODS):
         return [0]
     if target in INPLACE_OPERATORS:
         return [0]  # x += y, x[i] = y update their left operand

@@ -119,3 +119,29 @@ def test_in_place_writes_follow_views_to_the_buffer_they_write():
     cap = capture(_WriteThroughAView(), (torch.randn(6, 8),))
     written = {(writer.name, held.op, str(held.target)) for writer, held in in_place_writes(cap.gm)}
     assert ("add_", "get_attr", "hist") in written and ("add__1", "get_attr", "hist") in written
+
+
+class _InputDerivative(nn.Module):
+    """A physics-informed net: ``x.requires_grad_()`` on its input, then du/dx by autograd in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 16)
+        self.b = nn.Linear(16, 1)
+
+    def forward(self, x):
+        x = x.requires_grad_(True)
+        u = self.b(torch.tanh(self.a(x)))
+        return torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("on_b", [set(), {"a", "tanh"}, {"requires_grad_", "b", "grad"}])
+def test_requires_grad_on_an_input_is_not_a_write_and_the_input_derivative_is_placed_anywhere(on_b):
+    """Counted as an in-place write, the placed model copied its input back into the caller's,
+    which the original's call had made a leaf requiring grad: 'a leaf Variable that requires
+    grad is being used in an in-place operation'."""
+    torch.manual_seed(0)
+    model, x = _InputDerivative(), torch.rand(8, 2)
+    cap = capture(model, (x,))
+    assert not in_place_writes(cap.gm)
+    _trains_alike(model, _placed(model, x, on_b=on_b), x)
