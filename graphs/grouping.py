@@ -9,7 +9,14 @@ Steps (design "Grouping"), each keeping "every op in exactly one group":
    - a parameter/buffer (``get_attr``) with all of its consumers;
    - an in-place op (``add_``, ``relu_``, ``operator.iadd``, ``inplace=True``) and a view op
      (view, reshape, transpose, getitem, split, …) with its producer — the op whose tensor
-     it mutates or aliases (its first input).
+     it mutates or aliases (its first input);
+   - a ``torch.autograd.grad`` in forward (a physics-informed loss, a gradient penalty) with
+     every op between the tensors it differentiates by and those it differentiates: the
+     backward it runs executes on those ops' devices, yet the profile times it as the grad
+     op's own cost, so the simulation is true only with them on its device; and across
+     processes a tensor received from another rank is a fresh leaf the grad cannot reach back
+     through ("The differentiated Tensor ... appears to not have been used in the graph": 10
+     of 16 measured placements of a physics-informed net before this rule).
 2. **Cycles**: co-location can join ops with others between them (the decoder cell shared
    by every time step, the attention in between); the group graph then has cycles. Every
    strongly connected component is merged into one group (networkx SCCs), the smallest
@@ -203,9 +210,16 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             producer = next(iter(graph.predecessors(name)), None)
             if producer is not None:
                 uf.union(i, index[producer])
-    for members in list(by_module.values()) + list(by_attr.values()) + shared:
+    for members in list(by_module.values()) + list(by_attr.values()) + shared + _differentiated_regions(graph, index):
         if len(members) > 1:
             uf.union_all(members)
+
+
+def _differentiated_regions(graph: nx.DiGraph, index: Mapping[str, int]) -> list[list[int]]:
+    """The ``differentiates`` region of each ``torch.autograd.grad`` op (module doc;
+    :func:`graphs.ops.differentiated_regions`), as op indices."""
+    return [[index[name] for name in region if name in index]
+            for _, region in graph.nodes(data="differentiates") if region]
 
 
 def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: fx.GraphModule | None = None) -> list[list[int]]:

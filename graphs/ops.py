@@ -315,6 +315,45 @@ def later_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return out
 
 
+def differentiated_regions(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Per ``torch.autograd.grad`` call in ``gm``'s forward (a physics-informed loss, a gradient
+    penalty): the ops on a path from a tensor it differentiates by (its ``inputs``) to one it
+    differentiates (its ``outputs``), those tensors' nodes included, and the grad op itself, in
+    graph order. The backward it runs goes through exactly these ops, so they run where one
+    autograd graph joins them (the grouping and the stage cut keep them together).
+    """
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    regions: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.autograd.grad:
+            continue
+        above = _reached(_nodes_in(argument(node, 0) if node.args else node.kwargs.get("outputs")),
+                         lambda n: n.all_input_nodes)
+        below = _reached(_nodes_in(argument(node, 1) if len(node.args) > 1 else node.kwargs.get("inputs")),
+                         lambda n: list(n.users))
+        regions[node.name] = [n.name for n in sorted((above & below) | {node}, key=position.__getitem__)]
+    return regions
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes_in(v)]
+    return []
+
+
+def _reached(start: list[fx.Node], step: Any) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(start)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
+    return seen
+
+
 def _torch_function_named(node: fx.Node, names: frozenset[str]) -> bool:
     # torch's own (torch.arange, aten.arange.default), not a wrapped user function of that name.
     return (node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith("torch")

@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphs.autograd_functions import is_function_call
 from graphs.flops import node_bytes_moved, node_flops
-from graphs.ops import later_writes
+from graphs.ops import differentiated_regions, later_writes
 from graphs.region_costs import region_costs
 
 
@@ -260,6 +260,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         graph.nodes[name]["tied_param_bytes"] = {owner: int(b) for owner, b in reads.items()}
     for name, writer in later_writes(gm).items():
         graph.nodes[name]["updated_later"] = writer.name
+    for name, differentiated in differentiated_regions(gm).items():
+        graph.nodes[name]["differentiates"] = differentiated
     return graph
 
 

@@ -527,3 +527,43 @@ def test_a_head_traced_through_reads_the_embeddings_weight_on_another_rank_as_th
     expected = _stages(split_by_rank(cap.gm, ranks, 2))
     assert rank_plan(cap.graph, ranks, 2).refusal is None
     assert _stages(rank_plan(cap.graph, ranks, 2)) == expected
+
+
+class _SecondDerivative(torch.nn.Module):
+    """A physics-informed residual: two torch.autograd.grad calls by the input, in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.scale = torch.nn.Linear(1, 1)
+
+    def forward(self, xt):
+        xt = xt.requires_grad_(True)
+        du = torch.autograd.grad(self.net(xt).sum(), xt, create_graph=True)[0]
+        u_x, u_t = du[:, :1], du[:, 1:]
+        u_xx = torch.autograd.grad(u_x.sum(), xt, create_graph=True)[0][:, :1]
+        return u_t - self.scale(u_xx)
+
+
+def test_no_stage_is_cut_inside_what_an_autograd_grad_differentiates():
+    """Rank 0 was cut into two stages after its first send, inside the second grad's region; a
+    stage's inputs are fresh leaves, so the grad raised 'The differentiated Tensor at index 0
+    appears to not have been used in the graph'. The rank simulator cuts the same stages."""
+    from envs.sim.rank_plan import rank_plan
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 2)
+    cap = capture(_SecondDerivative(), (x.clone(),))
+    gm = cap.gm
+    tail = {"scale", "sub"}
+    ranks = {n: int(n in tail) for n in _node_names(gm)}
+    plan = split_by_rank(gm, ranks, 2)
+    assert [s.rank for s in plan.stages] == [0, 1]
+    simulated = rank_plan(cap.graph, ranks, 2)
+    assert [(s.rank, list(s.nodes)) for s in simulated.stages] == [(s.rank, s.nodes) for s in plan.stages]
+    _, losses, params = _run_threads(gm, (x.clone(),), ranks, 2, steps=2)
+    ref_losses, ref_params = _reference(gm, (x.clone(),), 2)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for k, p in ref_params.items():
+        torch.testing.assert_close(params[k], p, rtol=1e-5, atol=1e-6)

@@ -360,3 +360,27 @@ def test_group_update_time_is_left_to_the_estimate_when_a_member_was_not_timed()
     (group,) = grp.groups
     assert grp.graph.nodes[group]["opt_time"] == {}
     assert grp.graph.nodes[group]["param_tensors"] == 2
+
+
+def test_an_autograd_grad_in_forward_is_one_group_with_the_ops_it_differentiates():
+    """The backward torch.autograd.grad runs executes where the differentiated ops are, but is
+    profiled as the grad op's cost; across processes a received tensor is a fresh leaf the grad
+    cannot reach back through. Ops after the grad stay free."""
+    from graphs.capture import capture
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(2, 16), nn.Linear(16, 1), nn.Linear(2, 2)
+
+        def forward(self, x):
+            x = x.requires_grad_(True)
+            du = torch.autograd.grad(self.b(torch.tanh(self.a(x))).sum(), x, create_graph=True)[0]
+            return self.head(du)
+
+    cap = capture(Residual(), (torch.rand(4, 2),))
+    grp = group_graph(cap.graph, tiny_op_seconds=0.0, gm=cap.gm)
+    og = grp.op_to_group
+    assert og["a"] == og["tanh"] == og["b"] == og["sum_1"] == og["grad"]
+    assert og["head"] != og["grad"]
+    check_invariants(cap.graph, grp)

@@ -96,7 +96,8 @@ def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
     shared_refusal = _settle_shared_state(graph, order, rank)
     inputs = {n: real_inputs(graph, n) for n in order}
     out_inputs = real_inputs(graph, out) if out is not None else []
-    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank)
+    joined = [region for _, region in graph.nodes(data="differentiates") if region]
+    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank, joined)
     num = max(stage_of.values(), default=-1) + 1
     members: list[list[str]] = [[] for _ in range(num)]
     for n in order:

@@ -31,6 +31,7 @@ def cut_stages(
     rank: Mapping[str, int],
     output_inputs: Iterable[str],
     output_rank: int,
+    joined: Iterable[Sequence[str]] = (),
 ) -> dict[str, int]:
     """Stage of every node in ``order``, numbered by the graph position of the stage's first node.
 
@@ -41,6 +42,10 @@ def cut_stages(
         rank: the rank of every node of ``order``.
         output_inputs: the nodes the model output reads (they are read on ``output_rank``).
         output_rank: the rank that gathers the model output.
+        joined: runs of nodes no send may cut (the regions a ``torch.autograd.grad`` in forward
+            differentiates, :func:`graphs.ops.differentiated_regions`): a stage's inputs are
+            fresh autograd leaves, and a grad taken across one finds its tensor unused ("The
+            differentiated Tensor ... appears to not have been used in the graph").
 
     Returns:
         ``{node: stage index}``; stage indices are 0, 1, ... in schedule order.
@@ -53,6 +58,10 @@ def cut_stages(
     for a in output_inputs:
         if rank[a] != output_rank:
             sent.add(a)
+    held: set[str] = set()  # nodes that continue a joined run
+    for run in joined:
+        members = [n for n in run if n in rank]
+        held.update(members[1:])
     stage_of: dict[str, int] = {}
     count = 0
     current: dict[int, int] = {}  # rank -> its open stage
@@ -63,7 +72,7 @@ def cut_stages(
         remote = {stage_of[a] for a in inputs[n] if rank[a] != r}
         open_stage = current.get(r)
         cut = (open_stage is None
-               or (last_sent.get(r, False) and n not in sent)  # after a run of sends
+               or (last_sent.get(r, False) and n not in sent and n not in held)  # after a run of sends
                or bool(remote - sources[open_stage]))  # before a new receive
         if cut:
             open_stage = count

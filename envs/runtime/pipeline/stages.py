@@ -14,6 +14,7 @@ the mean over micro-batches, the full batch's for a mean loss.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,7 +313,12 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     # Autograd on (requires_grad is part of a meta), but nothing saved for a backward that never
     # comes: saving, this probe of the whole model on a micro-batch held every stage's
     # activations on every rank before the first step (gpt2 at M=1: 140 MiB, above the step's peak).
-    nothing_saved = torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None)
+    # A forward that differentiates (torch.autograd.grad, a physics-informed loss) runs a
+    # backward inside it, which reads what its ops saved ("Output of saved tensor unpack_hook
+    # expected to be a Tensor but got result of type NoneType"): such a probe saves as usual.
+    differentiates = any(n.op == "call_function" and n.target is torch.autograd.grad for n in gm.graph.nodes)
+    nothing_saved = (contextlib.nullcontext() if differentiates
+                     else torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None))
     with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), nothing_saved:
         Recorder(gm).run(*[inputs[k] for k in order])
     if refused:
