@@ -432,3 +432,44 @@ def test_a_state_input_holding_the_batch_on_another_dimension_is_cut_along_it_an
     assert run.losses == pytest.approx(losses, rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(run.params[n], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+class _HeatResidual(nn.Module):
+    """A physics-informed net: its loss is a derivative of its output by its input, so the output
+    layer's bias gets no gradient though forward reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, xt):
+        xt = xt.requires_grad_(True)
+        du = torch.autograd.grad(self.net(xt).sum(), xt, create_graph=True)[0]
+        return du[:, 1:] - 0.1 * du[:, :1]
+
+
+def test_ddp_of_a_model_whose_loss_leaves_a_read_parameter_without_gradient_trains_like_the_unsplit_model():
+    """DDP's reducer waited for the bias's gradient: 'Expected to have finished reduction in the
+    prior iteration' (find_unused_parameters was set only for parameters no op reads)."""
+    from envs.runtime.gradient_reach import parameters_without_gradient
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _HeatResidual(), torch.rand(8, 2)
+    gm = capture(model, (x,)).gm
+
+    def loss_fn(out, xt):
+        return out.pow(2).mean()
+
+    assert parameters_without_gradient(gm, (x.clone(),), loss_fn) == ["net.2.bias"]
+    run = run_training(gm, {"xt": x}, world=2, steps=2, loss_fn=loss_fn, optimizer=SGD, timeout_s=120)
+    reference_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_fn(reference_model(x.clone()), x)
+        loss.backward()
+        opt.step()
+        expected.append(float(loss.detach()))
+    assert run.losses == pytest.approx(expected, rel=1e-5)

@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from envs.runtime.gradient_reach import parameters_without_gradient
 from envs.runtime.replica_batch_norm import (
     process_group_gather,
     replace_batch_norms,
@@ -446,26 +447,6 @@ def _stage_graph(submod: torch.nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
-def unread_parameters(gm: torch.fx.GraphModule) -> list[str]:
-    """The trainable parameters of ``gm`` that no op the output depends on reads (by a ``get_attr``
-    of it or a ``call_module`` of a module holding it); torch.export's graph reads every parameter
-    at its top, used or not."""
-    needed: set[torch.fx.Node] = set()
-    stack = [n for n in gm.graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    read: set[str] = set()
-    for n in needed:
-        if n.op == "get_attr":
-            read.add(str(n.target))
-        elif n.op == "call_module":
-            read.update(f"{n.target}.{name}" for name, _ in gm.get_submodule(str(n.target)).named_parameters())
-    return [name for name, p in gm.named_parameters() if p.requires_grad and name not in read]
-
-
 def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], job_dir: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -477,16 +458,16 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     shard = batch // world
     mine = {k: batch_slice(v, batch, rank * shard, (rank + 1) * shard, dim) for k, v in inputs.items()}
     own_memory([gm])
-    if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
-        replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
-    # A parameter no op reads (a head a torch.export graph keeps though forward chose another)
-    # gets no gradient, and DDP's reducer then waits for it ("Expected to have finished
-    # reduction in the prior iteration"); the user's DDP of such a model needs the same flag.
-    model = DistributedDataParallel(gm, find_unused_parameters=bool(unread_parameters(gm)))
-    opt = make_optimizer(job["optimizer"], list(model.parameters()))
     loss_fn = job.get("loss_fn")
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     nesting = input_spec(gm)  # the inputs by placeholder are leaves; the model and its loss take them nested
+    # A parameter that gets no gradient stalls DDP's reducer ("Expected to have finished
+    # reduction in the prior iteration"); the user's DDP of such a model needs the same flag.
+    unused = parameters_without_gradient(gm, model_args(nesting, [mine[k] for k in order]), loss_fn)
+    if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
+        replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
+    model = DistributedDataParallel(gm, find_unused_parameters=bool(unused))
+    opt = make_optimizer(job["optimizer"], list(model.parameters()))
     for step in _steps(job):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()

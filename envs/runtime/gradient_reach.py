@@ -1,0 +1,67 @@
+"""Which trainable parameters a step's loss sends a gradient to.
+
+DDP's reducer waits, every backward, for a gradient of each parameter it holds; one that gets
+none stalls it ("Expected to have finished reduction in the prior iteration"), unless DDP
+searches the autograd graph for them (``find_unused_parameters=True``, a cost on every step,
+so it is set only where needed). A parameter gets no gradient when no op the output depends on
+reads it (a head a torch.export graph keeps though forward chose another) and also when every
+op that reads it is off the loss's autograd path: a physics-informed network's loss is a
+derivative of its output by its input, taken with ``torch.autograd.grad`` in forward, and the
+output layer's bias drops out of it.
+
+:func:`parameters_without_gradient` runs one forward and the loss, and walks the autograd graph
+from the loss to the parameters' gradient accumulators (``AccumulateGrad`` nodes, each holding
+its ``variable``), as DDP's search does (``Reducer::search_unused_parameters`` in
+``torch/csrc/distributed/c10d/reducer.cpp``). Nothing is trained: no backward runs, buffers and
+the random state are put back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphs.model_file import first_tensor, preserved_buffers
+
+__all__ = ["parameters_without_gradient"]
+
+
+def parameters_without_gradient(model: nn.Module, args: Sequence[Any],
+                                loss_fn: Callable[..., torch.Tensor] | None) -> list[str]:
+    """Names of ``model``'s trainable parameters that the loss of ``model(*args)`` does not
+    reach (``loss_fn(output, *args)``; without one, the output's first tensor is the loss).
+
+    >>> net = nn.ModuleDict({"used": nn.Linear(2, 2), "spare": nn.Linear(2, 2)})
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = net
+    ...     def forward(self, x):
+    ...         return self.net["used"](x).sum()
+    >>> parameters_without_gradient(Net(), (torch.ones(1, 2),), None)
+    ['net.spare.weight', 'net.spare.bias']
+    """
+    with torch.random.fork_rng(devices=[]), preserved_buffers(model), torch.enable_grad():
+        output = model(*args)
+        loss = loss_fn(output, *args) if loss_fn is not None else first_tensor(output)
+        reached = _accumulated(loss.grad_fn if isinstance(loss, torch.Tensor) else None)
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def _accumulated(root: Any) -> set[int]:
+    """ids of the tensors whose gradient accumulators the autograd graph below ``root`` holds."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [root]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
