@@ -43,7 +43,10 @@ def parameters_without_gradient(model: nn.Module, args: Sequence[Any],
     >>> parameters_without_gradient(Net(), (torch.ones(1, 2),), None)
     ['net.spare.weight', 'net.spare.bias']
     """
-    with torch.random.fork_rng(devices=[]), preserved_buffers(model), torch.enable_grad():
+    # The random state of the devices the model is on, so a dropout mask drawn here is drawn
+    # again by the first step, as without this forward.
+    gpus = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=gpus), preserved_buffers(model), torch.enable_grad():
         output = model(*args)
         loss = loss_fn(output, *args) if loss_fn is not None else first_tensor(output)
         reached = _accumulated(loss.grad_fn if isinstance(loss, torch.Tensor) else None)
