@@ -625,6 +625,9 @@ print(sum(1 for k in after if after[k] - before.get(k, 0) > 0))
 """
 
 
+# 15 s: compiles every driver afresh in an empty cache; the drivers' results are held to the
+# reference by the default suite, and this regression of numba's cache runs with the slow ones.
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_NUMBA or not os.path.exists("/proc/self/task"), reason="needs numba and Linux /proc")
 def test_threaded_driver_uses_several_threads_after_the_serial_one_was_cached(tmp_path):
     # Regression: numba's disk cache keyed a serial and a parallel compilation of one
