@@ -473,3 +473,21 @@ def test_ddp_of_a_model_whose_loss_leaves_a_read_parameter_without_gradient_trai
         opt.step()
         expected.append(float(loss.detach()))
     assert run.losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_loss_from_a_scripts_main_module_or_a_vanished_package_travels_as_its_traced_graph(monkeypatch):
+    """find_spec raised for a script's __main__ ('ValueError: __main__.__spec__ is None'), so
+    write_job and run_training failed for a loss a user script defined."""
+    import sys
+
+    from envs.runtime.pipeline.launcher import _portable_loss
+
+    def loss(out, x):
+        return out.square().mean()
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)
+    for module in ("__main__", "no_such_package.losses"):
+        loss.__module__ = module
+        portable = _portable_loss(loss)
+        assert isinstance(portable, fx.GraphModule)
+        assert torch.equal(portable(torch.ones(2), None), torch.tensor(1.0))

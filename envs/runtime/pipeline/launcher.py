@@ -114,9 +114,19 @@ def _portable_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[...,
     if loss_fn is None or isinstance(loss_fn, torch.nn.Module):
         return loss_fn
     module = getattr(loss_fn, "__module__", None)
-    if module is not None and importlib.util.find_spec(module) is not None and module != "__main__":
+    if module is not None and module != "__main__" and _importable(module):
         return loss_fn
     return _untyped(fx.symbolic_trace(loss_fn))
+
+
+def _importable(module: str) -> bool:
+    # find_spec raises rather than answers for a script's __main__ (its __spec__ is None: a
+    # loss given to placer.optimize from a script failed every measured pipeline and DDP with
+    # "ValueError: __main__.__spec__ is None") and for a module whose parent package is gone.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, ImportError):
+        return False
 
 
 def _file_modules() -> dict[str, str]:
