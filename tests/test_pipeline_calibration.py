@@ -10,8 +10,10 @@ import pytest
 
 from envs.sim.cost_model import CPU_DISPATCH_S, CostModel
 from envs.sim.data_parallel import (
+    CPU_ALLREDUCE_BYTES_PER_S,
+    CPU_ALLREDUCE_STEP_S,
+    CPU_DDP_STEP_S,
     CPU_REDUCER_SECONDS_PER_BYTE,
-    CPU_RING_EFFICIENCY,
     ring_allreduce_time,
     simulate_data_parallel,
 )
@@ -144,6 +146,7 @@ def test_a_hybrid_on_cpu_ranks_all_reduces_each_stage_after_its_last_backward():
     hyb = simulate_hybrid(problem, pipes, ZERO_COSTS)
     # Stage 0 sends nothing after its last backward, so it waits for its whole ring (D3c):
     # l1 (>= 1 MiB, the first bucket), then l0; then the reducer copies its 8 MiB back (D3d).
-    ring = 2 * ring_allreduce_time(4 * 2**20, 2, BW * CPU_RING_EFFICIENCY, LAT)
+    ring = 2 * ring_allreduce_time(4 * 2**20, 2, min(BW, CPU_ALLREDUCE_BYTES_PER_S),
+                                   max(LAT, CPU_ALLREDUCE_STEP_S))
     copies = CPU_REDUCER_SECONDS_PER_BYTE * 8 * 2**20
-    assert hyb.exposed_allreduce[0] == pytest.approx(ring + copies, rel=1e-9)
+    assert hyb.exposed_allreduce[0] == pytest.approx(ring + copies + CPU_DDP_STEP_S, rel=1e-9)  # and D3e

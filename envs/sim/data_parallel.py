@@ -39,19 +39,34 @@ backward; the optimizer starts when the last one is done (``finalize_backward`` 
 all buckets before ``backward()`` returns).
 
 **D3c CPU ranks.** Between CPU processes (gloo, one core each) the all-reduces do not
-overlap the backward: they start when it ends, and a ring gets
-:data:`CPU_RING_EFFICIENCY` of the link's ping-pong bandwidth. gloo's ring sends,
-receives and sums on the CPU, on the cores the backward holds: measured here, a 44 MB
-all-reduce between two idle 1-thread processes took 57-60 ms and 28 ms of CPU on each,
-and gpt2's DDP step (batch 256 over 2 ranks) was 2416 ms against 2360 ms of profiled
-compute per replica, the all-reduce's time exposed whole; resnet50's (102 MB) exposed 170
-ms against the 97 ms the ring alone takes, so this rule is still optimistic there
-(benchmarks/results/pipeline.md, "Calibrated"). Measured again on 2026-12-06 (14:18-14:27 UTC,
-retaining allocator): a 100 MB all-reduce took 87.6 ms where this rule gives 78.0 at that run's
-2.86 GB/s ping-pong, and a world-size-1 DDP step of ResNet-50 on half the batch cost 40-46 ms more
-CPU than the plain step (the reducer's copies into and out of its 102 MB of buckets, its hooks;
-GPT-2's 43 MB: within the +-60 ms noise of its 2.2 s steps), which rule D3d now charges: DDP
-ResNet-50 measured 600-637 ms against 578 simulated before it.
+overlap the backward: they start when it ends. gloo's ring sends, receives and sums on the CPU,
+on the cores the backward holds, so its speed is the host's, not the link's: each ring step costs
+at least :data:`CPU_ALLREDUCE_STEP_S` and the bytes go at most at
+:data:`CPU_ALLREDUCE_BYTES_PER_S` (the link's figures where they are worse, as between hosts).
+Measured here with ``benchmarks/bench_cpu_allreduce.py`` (2026-12-07 12:20-12:45 UTC, three runs,
+two 1-thread processes on loopback): 17 KB to 34 MB all-reduced in 0.25-0.35 ms to 29-30 ms,
+0.87 ms per MB (1.15 GB/s) above 0.3 ms, while the same day's ping-pong measured 5.46 GB/s. The
+rule this replaces took 0.47 of the ping-pong bandwidth (fitted on 2026-12-05, when the ping-pong
+gave 2.0 GB/s and 25-100 MB went at 0.75-1.04 GB/s): the ping-pong moved 2.7x between days, the
+all-reduce did not, and small DDP steps were simulated 1.4-1.7x short (4-layer Linear stacks of
+17 KB to 17 MB, ``placer optimize --devices cpu:0,cpu:1``: measured 1.51-36.0 ms, simulated
+0.997-22.2). Earlier figures: a 44 MB all-reduce between two idle 1-thread processes took
+57-60 ms and 28 ms of CPU on each; gpt2's DDP step (batch 256 over 2 ranks) was 2416 ms against
+2360 ms of profiled compute per replica, the all-reduce's time exposed whole; a world-size-1 DDP
+step of ResNet-50 on half the batch cost 40-46 ms more CPU than the plain step (the reducer's
+copies into and out of its 102 MB of buckets, its hooks), which rule D3d charges.
+
+**D3e DDP beside another replica on CPU processes.** Beyond D1's compute, the all-reduces and
+D3d's copies, a DDP step between two CPU processes measured :data:`CPU_DDP_STEP_S` more than the
+plain step (the median, over stacks of 17 KB to 4 MB, of DDP's extra less those rules' share; its
+wrapper's forward, the reducer's per-step preparation and hooks, the bucket views, beside the
+other replica's process). Above a few MB the measured extra grows by about 0.2 ns per gradient
+byte more than the rules charge (forward and update slowed beside the other process's copies):
+not charged, so a DDP step of tens of MB of gradients is simulated up to ~15% short. Not charged
+on GPUs. Checked with ``placer optimize`` over ``cpu:0,cpu:1`` on the 4-layer stacks (widths 32
+to 1024, batch 16; the link measured afresh each run): DDP simulated at 0.60-0.69 of its measured
+step before D3c's host limit and this rule, at 0.76-1.12 after them (the 0.76 the 17 MB stack;
+``benchmarks/results/pipeline.md``, "DDP between CPU processes").
 
 **D3d The reducer's copies on CPU processes.** With ``gradient_as_bucket_view=False`` (the
 default) the reducer copies every gradient into its bucket as the backward's hooks fire,
@@ -133,7 +148,8 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.rank_costs import RankCosts
 from envs.sim.stage_costs import shrunk_host
 
-__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "CPU_REDUCER_SECONDS_PER_BYTE",
+__all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_ALLREDUCE_STEP_S", "CPU_ALLREDUCE_BYTES_PER_S",
+           "CPU_DDP_STEP_S", "CPU_REDUCER_SECONDS_PER_BYTE", "replica_host_seconds",
            "CPU_GATHER_IN_STEP_S", "DataParallelResult", "buckets", "norm_sync_seconds", "norm_channels",
            "ring_link", "norm_sync_on", "reducer_seconds", "data_parallel_pipeline", "ring_allreduce_time",
            "simulate_data_parallel"]
@@ -142,12 +158,19 @@ __all__ = ["FIRST_BUCKET_BYTES", "BUCKET_BYTES", "CPU_RING_EFFICIENCY", "CPU_RED
 FIRST_BUCKET_BYTES = 1024 * 1024
 #: ``_DEFAULT_BUCKET_CAP_MB * _MB_TO_BYTES`` of ``nn/parallel/distributed.py``.
 BUCKET_BYTES = 25 * 1024 * 1024
-#: The share of a CPU link's ping-pong bandwidth that gloo's ring all-reduce gets (D3c):
-#: measured here between two 1-thread processes (2026-12-05, load 2.5), 25, 44 and 100 MB
-#: all-reduced in 28, 57-60 and 96 ms against 13, 23 and 52 ms at the 2.0 GB/s the rank
-#: cluster's ping-pong measured (factors 0.47, 0.40, 0.54): each rank sends and receives at
-#: once and sums what it receives, on the same cores.
-CPU_RING_EFFICIENCY = 0.47
+#: The least a ring step of gloo's all-reduce takes between CPU processes (D3c): at 2 ranks,
+#: 2 steps, 17 KB all-reduced in 0.25-0.35 ms (``benchmarks/bench_cpu_allreduce.py``).
+CPU_ALLREDUCE_STEP_S = 0.15e-3
+#: The most bytes per second gloo's ring all-reduce moves between CPU processes (D3c): it
+#: sends, receives and sums on the CPU; 0.87 ms per MB above the fixed part, 1 to 34 MB
+#: (``benchmarks/bench_cpu_allreduce.py``, 2026-12-07; 0.75-1.04 GB/s on 25-100 MB, 2026-12-05).
+CPU_ALLREDUCE_BYTES_PER_S = 1.15e9
+#: A DDP step between CPU processes beyond its compute, all-reduces and copies (D3e): on a 4-layer
+#: Linear stack of 17 KB of gradients, where nothing else is left, DDP's extra over the plain step
+#: less the all-reduce measured beside it was 0.30, 0.36, 0.63 and 0.96 ms in four runs of
+#: ``benchmarks/bench_cpu_allreduce.py`` (2026-12-07); about their median. (0.8 ms, the median over
+#: the stacks up to 4 MB, over-predicted the 17 KB stack's measured DDP step by 36%.)
+CPU_DDP_STEP_S = 0.5e-3
 #: The DDP reducer's copies into and out of its buckets on a CPU process, seconds per gradient
 #: byte (D3d): world-size-1 DDP against the plain step on Linear stacks of 67-269 MB, 1 thread,
 #: 2026-12-06 (0.30-0.35 ns per byte, linear in the bytes; ``benchmarks/bench_ddp_reducer.py``).
@@ -257,6 +280,16 @@ def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float)
     return 2.0 * (n - 1) / n * nbytes / bandwidth + 2.0 * (n - 1) * latency
 
 
+def replica_host_seconds(on_cpu: bool, replicas: int) -> float:
+    """What a DDP step costs a CPU replica beside another one beyond its compute, all-reduces and
+    copies (D3e): :data:`CPU_DDP_STEP_S`; nothing on GPUs or alone.
+
+    >>> replica_host_seconds(True, 2) * 1e3, replica_host_seconds(False, 2), replica_host_seconds(True, 1)
+    (0.5, 0.0, 0.0)
+    """
+    return CPU_DDP_STEP_S if on_cpu and replicas > 1 else 0.0
+
+
 def reducer_seconds(grad_bytes: float, on_cpu: bool) -> float:
     """Seconds the DDP reducer's copies of ``grad_bytes`` of gradients take on each replica (D3d):
     on CPU processes, :data:`CPU_REDUCER_SECONDS_PER_BYTE` per byte; none charged on GPUs.
@@ -314,11 +347,14 @@ def norm_channels(problem: PlacementProblem) -> np.ndarray:
 
 
 def ring_link(problem: PlacementProblem, ring: Sequence[tuple[int, int]]) -> tuple[float, float, bool]:
-    """(bandwidth, latency, every device a CPU) of a ring's slowest links (D3, D3c)."""
+    """(bandwidth, latency, every device a CPU) of a ring's slowest links (D3); between CPU
+    processes no faster than gloo's ring runs on the host (D3c)."""
     bw = min((float(problem.bandwidth[a, b]) for a, b in ring), default=np.inf)
     lat = max((float(problem.latency[a, b]) for a, b in ring), default=0.0)
     on_cpu = bool(ring) and all(bool(problem.ops.is_cpu[a]) for a, _ in ring)
-    return (bw * CPU_RING_EFFICIENCY if on_cpu else bw), lat, on_cpu
+    if on_cpu:
+        return min(bw, CPU_ALLREDUCE_BYTES_PER_S), max(lat, CPU_ALLREDUCE_STEP_S), on_cpu
+    return bw, lat, on_cpu
 
 
 def _cpu_op_seconds(problem: PlacementProblem, d: int, share: float, scale: float,
@@ -434,7 +470,7 @@ def simulate_data_parallel(problem: PlacementProblem, replicas: int | Sequence[s
     for k, nbytes in enumerate(bucket_bytes):
         comm_end = max(comm_end, ready[k]) + ring_allreduce_time(nbytes, n, bw, lat)
     comm_end += sparse_allreduce_seconds(problem, np.arange(num), on_cpu) if n > 1 else 0.0  # D2b
-    reducer = reducer_seconds(float(grad_bytes.sum()), on_cpu)
+    reducer = reducer_seconds(float(grad_bytes.sum()), on_cpu) + replica_host_seconds(on_cpu, n)  # D3d, D3e
     synced = max(back_end, comm_end) + reducer
     step = synced + opt_max + tail
 

@@ -46,6 +46,7 @@ from envs.sim.data_parallel import (
     norm_channels,
     norm_sync_on,
     reducer_seconds,
+    replica_host_seconds,
     ring_allreduce_time,
     ring_link,
     sparse_allreduce_seconds,
@@ -212,6 +213,7 @@ def simulate_hybrid(problem: PlacementProblem, pipelines: Sequence[Pipeline], co
         comm_end += sparse_allreduce_seconds(problem, mine, on_cpu)  # D2b
         stage_grad = float(grad_of[mine].sum())
         comm_end += reducer_seconds(stage_grad, on_cpu)  # D3d: the stage's DDP copies its gradients
+        comm_end += replica_host_seconds(on_cpu, r_)  # D3e: the stage's DDP beside its other replicas
         wait = 0.0
         for p, res in zip(pipelines, results):
             name = p.devices[s]
