@@ -567,3 +567,16 @@ def test_no_stage_is_cut_inside_what_an_autograd_grad_differentiates():
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     for k, p in ref_params.items():
         torch.testing.assert_close(params[k], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_joined_run_keeps_every_node_between_its_first_and_last_on_a_rank_in_one_stage():
+    from envs.sim.stages import cut_stages
+
+    order = ["a", "s", "b", "c"]
+    inputs = {"a": [], "s": ["a"], "b": ["a"], "c": ["b"]}
+    rank = {"a": 0, "s": 0, "b": 0, "c": 0}
+    # "s" is read by the output on rank 1: a send, after which rank 0 would start a new stage
+    free = cut_stages(order, inputs, rank, ["s", "c"], 1)
+    assert free["b"] != free["a"]
+    joined = cut_stages(order, inputs, rank, ["s", "c"], 1, [["a", "c"]])
+    assert len({joined[n] for n in order}) == 1

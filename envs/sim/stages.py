@@ -58,10 +58,18 @@ def cut_stages(
     for a in output_inputs:
         if rank[a] != output_rank:
             sent.add(a)
-    held: set[str] = set()  # nodes that continue a joined run
+    # Nodes that may not start a stage after a send: on each rank, those after a joined run's
+    # first node there up to its last (other nodes between them too: a cut before one of them
+    # would leave the rest of the run in the next stage).
+    position = {n: i for i, n in enumerate(order)}
+    held: set[str] = set()
     for run in joined:
-        members = [n for n in run if n in rank]
-        held.update(members[1:])
+        spans: dict[int, list[int]] = {}
+        for n in run:
+            if n in position:
+                spans.setdefault(rank[n], []).append(position[n])
+        for r, at in spans.items():
+            held.update(n for n in order[min(at) + 1:max(at) + 1] if rank[n] == r)
     stage_of: dict[str, int] = {}
     count = 0
     current: dict[int, int] = {}  # rank -> its open stage
