@@ -118,8 +118,9 @@ def test_sequence_first_inputs_are_split_along_their_batch_dimension_and_train_l
 
 
 @pytest.mark.parametrize("cls, schedule, cuts", [
-    (Chain, "1f1b", {"l3"}),
-    # 4 processes, 20 s: the skip across a boundary is in the default suite by the pipelines' own tests
+    # 4 processes each (8-20 s): the default suite trains hybrids of 2 stages x 2 replicas in
+    # tests/test_replica_batch_norm.py and tests/test_frozen_parameters.py
+    pytest.param(Chain, "1f1b", {"l3"}, marks=pytest.mark.slow),
     pytest.param(Skip, "gpipe", {"l2"}, marks=pytest.mark.slow),
 ])
 def test_a_pipeline_x_ddp_hybrid_of_two_stages_by_two_replicas_trains_like_the_unsplit_model(cls, schedule, cuts):
