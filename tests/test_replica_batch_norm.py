@@ -125,6 +125,20 @@ def _mean_loss(output: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
     return output.square().mean()
 
 
+def _unsplit_losses(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
+    """The losses of ``steps`` SGD steps (run_training's default, lr 0.1) of ``model`` on the whole
+    batch, in this process; ``model`` is trained."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _mean_loss(model(x), x)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def test_the_split_check_passes_ddp_replicas_of_a_batchnorm_model_and_says_they_are_synchronised():
     from envs.runtime.check import check_batch_split
 
@@ -159,15 +173,7 @@ def test_ddp_and_a_replicated_pipeline_train_a_batchnorm_model_as_the_full_batch
         pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 1, "gpipe",
                         (("cpu:2", "cpu:3"),))
         run = run_training(gm, inputs, pipe, steps=3, loss_fn=_mean_loss, timeout_s=120)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    expected = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = _mean_loss(model(x), x)
-        loss.backward()
-        opt.step()
-        expected.append(float(loss.detach()))
-    assert run.losses == pytest.approx(expected, rel=1e-5)
+    assert run.losses == pytest.approx(_unsplit_losses(model, x, 3), rel=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(run.params[name], p.detach(), rtol=1e-4, atol=1e-6), name
 
@@ -213,13 +219,4 @@ def test_a_syncbatchnorm_model_placed_over_worker_ranks_and_pipelined_without_re
     inputs = {next(n.name for n in gm.graph.nodes if n.op == "placeholder"): x}
     pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 1, "gpipe")
     run = run_training(copy.deepcopy(gm), inputs, pipe, steps=2, loss_fn=_mean_loss, timeout_s=120)
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    expected = []
-    for _ in range(2):
-        opt.zero_grad()
-        loss = _mean_loss(reference(x), x)
-        loss.backward()
-        opt.step()
-        expected.append(float(loss.detach()))
-    assert run.losses == pytest.approx(expected, rel=1e-5)
+    assert run.losses == pytest.approx(_unsplit_losses(copy.deepcopy(model), x, 2), rel=1e-5)
