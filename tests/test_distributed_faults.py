@@ -285,6 +285,8 @@ def _split_placement(model_file: Path, on_rank1: tuple[str, ...]):
     return spec, captured, Placement(assignment, captured.fingerprint, ["cpu:0", "cpu:1"])
 
 
+# 8 s of steps past a time-out; naming the rank that made no progress stays in the default suite.
+@pytest.mark.slow
 def test_apply_over_workers_that_keep_stepping_runs_past_the_time_out_and_runs_each_step_once(tmp_path, monkeypatch):
     """``placer apply`` over worker processes was killed as "hung" once a task outlasted a fixed
     300 s although every step progressed, and it ran warmup + steps twice (a training task for

@@ -32,6 +32,10 @@ def test_an_exported_graph_pickles_and_takes_train(tmp_path):
     torch.save(gm, io.BytesIO())
 
 
+# 8 s; an exported graph measured over ranks and its DDP stay in the default suite with nested
+# inputs (test_nested_inputs_reach_the_leaf_placeholders_of_a_placement_measured_over_ranks and the
+# DDP case of test_nested_inputs_reach_the_graphs_leaf_placeholders_and_the_loss_as_the_model_takes_them).
+@pytest.mark.slow
 def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tmp_path):
     path, prep = _prepared(tmp_path)
     nodes = [n for n in prep.captured.graph.nodes]

@@ -92,6 +92,9 @@ def test_a_measure_worker_dies_when_its_parent_is_killed(sleepy):
             parent.wait()
 
 
+# 9 s, most of it the deadline it waits for; a hung measurement's own time-out stays in the
+# default suite.
+@pytest.mark.slow
 def test_the_deadline_cuts_a_hung_measurement_and_later_ones_do_not_run(sleepy):
     """The run's budget bounds every measurement: a hang ends at the deadline, not at the
     (long) per-placement time-out, and neither result is cached (they say nothing of the placement)."""

@@ -206,6 +206,9 @@ def test_a_rank_that_cannot_serve_the_rendezvous_says_why_in_one_line_and_exits_
                                    "Address already in use; expected a free port (set MASTER_PORT to another)")
 
 
+# 12 s, most of it the time-out it waits for; the rank runtime's hung-rank naming stays in the
+# default suite (tests/test_distributed_faults.py).
+@pytest.mark.slow
 def test_a_stopped_stage_process_is_named_when_the_job_times_out():
     import signal
     import time
