@@ -3,8 +3,10 @@
 Figures, not tests. Two 1-thread processes on this host (gloo on loopback, placer's allocator),
 for Linear stacks of widths giving 17 KB to 34 MB of gradients: (a) an all-reduce of that many
 bytes alone, back to back after a barrier; (b) a plain training step and a DDP step of the stack
-at batch 8, each split into forward, backward and optimizer. Printed per width, then the
-least-squares line through the all-reduces (fixed seconds, bytes per second) beside the rule's
+at batch 8, each split into forward, backward and optimizer; (c) the DDP step with
+``find_unused_parameters=True`` (its search of the autograd graph every step, which placer's DDP
+jobs turn on for a model with parameters the loss does not reach; the simulator does not charge
+it). Printed per width, then the least-squares line through the all-reduces (fixed seconds, bytes per second) beside the rule's
 constants, and DDP's extra over plain beside what the rule charges for it.
 
 Usage::
@@ -15,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import statistics
@@ -66,7 +69,9 @@ def _rank(rank: int, port: int, widths: list[int], steps: int, results: mp.Queue
                 dist.all_reduce(flat)
                 reduce_s.append(time.perf_counter() - t)
             phases = {}
-            for name, model in (("plain", plain), ("ddp", nn.parallel.DistributedDataParallel(plain))):
+            searching = nn.parallel.DistributedDataParallel(copy.deepcopy(plain), find_unused_parameters=True)
+            for name, model in (("plain", plain), ("ddp", nn.parallel.DistributedDataParallel(plain)),
+                                ("ddp_search", searching)):
                 opt = torch.optim.SGD(model.parameters(), lr=0.01)
                 fwd, bwd, upd, step = [], [], [], []
                 for _ in range(steps):
@@ -86,7 +91,8 @@ def _rank(rank: int, port: int, widths: list[int], steps: int, results: mp.Queue
                 phases[name] = [_ms(v) for v in (fwd, bwd, upd, step)]
             sizes = [float(p.numel() * p.element_size()) for p in plain.parameters()][::-1]
             bucket_bytes = [sum(sizes[i] for i in group) for group in buckets(sizes)]
-            rows.append((width, nbytes, _ms(reduce_s), phases["plain"], phases["ddp"], bucket_bytes))
+            rows.append((width, nbytes, _ms(reduce_s), phases["plain"], phases["ddp"], bucket_bytes,
+                         phases["ddp_search"][3]))
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -119,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {now}, load {os.getloadavg()[0]:.2f}; python3 benchmarks/bench_cpu_allreduce.py "
           + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     print("| width | gradient MB | all-reduce ms | plain fwd / bwd / opt / step ms | DDP fwd / bwd / opt / step ms "
-          "| DDP - plain ms | rule's DDP extra ms |")
-    print("|---:|---:|---:|---|---|---:|---:|")
-    for width, nbytes, reduce_ms, plain, ddp, bucket_bytes in rows:
+          "| DDP - plain ms | rule's DDP extra ms | DDP with find_unused_parameters, step ms |")
+    print("|---:|---:|---:|---|---|---:|---:|---:|")
+    for width, nbytes, reduce_ms, plain, ddp, bucket_bytes, searching_ms in rows:
         # D3c over the reducer's buckets (D2), D3d, D3e: what the simulator adds to a replica's step
         ring = sum(ring_allreduce_time(b, 2, CPU_ALLREDUCE_BYTES_PER_S, CPU_ALLREDUCE_STEP_S) for b in bucket_bytes)
         rule = (ring + reducer_seconds(nbytes, True) + replica_host_seconds(True, 2)) * 1e3
         print(f"| {width} | {nbytes / 1e6:.3f} | {reduce_ms:.3f} | {' / '.join(f'{v:.3f}' for v in plain)} | "
-              f"{' / '.join(f'{v:.3f}' for v in ddp)} | {ddp[3] - plain[3]:.3f} | {rule:.3f} |")
+              f"{' / '.join(f'{v:.3f}' for v in ddp)} | {ddp[3] - plain[3]:.3f} | {rule:.3f} | {searching_ms:.3f} |")
     size = np.array([r[1] for r in rows], dtype=float)
     took = np.array([r[2] for r in rows]) / 1e3
     slope, fixed = np.polyfit(size, took, 1)
