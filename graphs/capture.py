@@ -47,6 +47,7 @@ from graphs.export_tracer import HooksNotKept, export_trace, quiet_torch_logs
 from graphs.fingerprint import model_fingerprint
 from graphs.forward_checks import pin_shapes_unless_generic, refuse_hooks_never_run
 from graphs.fx_tracer import fx_locate, fx_trace, leaf_module_paths, resolve_leaf_modules
+from graphs.lazy_modules import materialize
 from graphs.leaf_kernels import annotate_leaf_kernels
 from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
@@ -152,6 +153,11 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_inputs(example_inputs)
+    try:
+        materialize(model, inputs)  # lazy modules take their shapes before anything reads them
+    except Exception as exc:  # the model's own code failed on its inputs
+        raise CaptureError(f"cannot capture model {name!r}: its lazy modules could not take their shapes from the "
+                           f"example inputs ({one_line_reason(exc)}); expected inputs forward() accepts") from None
     leaf_modules = tuple(leaf_modules)
     leaf_types, leaf_names = resolve_leaf_modules(model, leaf_modules)
     user_modes = training_modes(model)

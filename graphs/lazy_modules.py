@@ -25,7 +25,7 @@ def has_lazy_state(model: nn.Module) -> bool:
 
 def materialize(model: nn.Module, example_inputs: tuple) -> None:
     """Give every lazy parameter and buffer of ``model`` its shape and initial values by one
-    forward on ``example_inputs``.
+    forward on ``example_inputs``; nothing to do (no forward) for a model without them.
 
     The forward runs in eval mode without gradients, so it moves no running statistics
     (a LazyBatchNorm's start at their initial values, as in the user's first training step)
@@ -36,6 +36,8 @@ def materialize(model: nn.Module, example_inputs: tuple) -> None:
     >>> tuple(m[0].weight.shape), m.training
     ((4, 3), True)
     """
+    if not has_lazy_state(model):
+        return
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
-from graphs.lazy_modules import has_lazy_state, materialize
+from graphs.lazy_modules import materialize
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
 from graphs.user_frames import user_location
 
@@ -189,8 +189,8 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     are run through the model once (under ``torch.no_grad``; on fake tensors for models over
     :data:`REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
     with the failing line, rather than deep inside capture. ``check_inputs=False`` skips that
-    run (a worker process loading a file its parent checked) but still gives lazy modules
-    their shapes (:mod:`graphs.lazy_modules`).
+    run (a worker process loading a file its parent checked); lazy modules then take their
+    shapes when the model is captured (:mod:`graphs.lazy_modules`).
     """
     file = Path(path)
     module = _import_file(file)
@@ -235,8 +235,6 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     batch_dim = check_batch_dim(getattr(module, "batch_dim", 0), example_inputs, f"`batch_dim` in {label}")
     if check_inputs:
         check_inputs_fit(model, example_inputs, label)
-    elif has_lazy_state(model):
-        materialize(model, example_inputs)
     return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
                      optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args, batch_dim=batch_dim)
 
@@ -284,11 +282,10 @@ def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the 
     Small models run on the real inputs (buffers restored afterwards, so a BatchNorm in
     training mode keeps its statistics); large ones on fake tensors (no memory, no compute).
     """
-    if has_lazy_state(model):
-        try:
-            materialize(model, example_inputs)
-        except Exception as exc:  # any failure of user code is the user's input not fitting
-            raise _not_fitting(exc, example_inputs, label) from None
+    try:
+        materialize(model, example_inputs)  # lazy modules: their parameters are counted below
+    except Exception as exc:  # any failure of user code is the user's input not fitting
+        raise _not_fitting(exc, example_inputs, label) from None
     large = sum(p.numel() for p in model.parameters()) > REAL_CHECK_MAX_PARAMS
     if large and _fits_on_fake_tensors(model, example_inputs):
         return

@@ -27,7 +27,6 @@ from graphs.capture import CapturedModel, capture
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
 from graphs.graph_inputs import placeholder_values
-from graphs.lazy_modules import has_lazy_state, materialize
 from graphs.loss_targets import accepting_targets
 from graphs.model_file import ModelSpec, positional_inputs
 from graphs.random_state import kept_random_state
@@ -78,10 +77,7 @@ def _captured(model: torch.nn.Module | CapturedModel, example_inputs: Any = None
     # a dict by forward's parameter names as optimize took it; inputs beyond what forward()
     # takes are the loss targets the placement was made with
     inputs = positional_inputs(model, example_inputs, "example_inputs", targets=True)
-    model = accepting_targets(model, len(inputs))
-    if has_lazy_state(model):  # a fresh model of lazy modules, as optimize() materialized it
-        materialize(model, inputs)
-    return capture(model, inputs)
+    return capture(accepting_targets(model, len(inputs)), inputs)
 
 
 @kept_random_state()
