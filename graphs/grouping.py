@@ -53,6 +53,7 @@ from graphs.errors import GraphError
 from graphs.gc_pause import paused_gc
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
 from graphs.ops import INPLACE_OPERATOR_NAMES, STAYS_WITH_INPUT_OPS, op_name
+from graphs.placement_graph import differentiated_runs
 
 # Unprofiled estimate: one CPU thread does about this much per second.
 EST_FLOPS_PER_S = 1e10
@@ -216,10 +217,8 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
 
 
 def _differentiated_regions(graph: nx.DiGraph, index: Mapping[str, int]) -> list[list[int]]:
-    """The ``differentiates`` region of each ``torch.autograd.grad`` op (module doc;
-    :func:`graphs.ops.differentiated_regions`), as op indices."""
-    return [[index[name] for name in region if name in index]
-            for _, region in graph.nodes(data="differentiates") if region]
+    """:func:`graphs.placement_graph.differentiated_runs` (module doc) as op indices."""
+    return [[index[name] for name in run if name in index] for run in differentiated_runs(graph)]
 
 
 def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: fx.GraphModule | None = None) -> list[list[int]]:

@@ -219,8 +219,7 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[int | str]:
             return []
         return [i if i < len(node.args) else key for i, key in _FUNCTIONAL_WRITES[name] if i < len(node.args)
                 or key in node.kwargs]
-    if node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("__")
-                                               and name not in FLAG_METHODS):
+    if node.kwargs.get("inplace") is True or (not name.startswith("__") and method_updates_in_place(name)):
         return [0]
     if target in INPLACE_OPERATORS:
         return [0]  # x += y, x[i] = y update their left operand

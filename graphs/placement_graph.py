@@ -265,6 +265,13 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
     return graph
 
 
+def differentiated_runs(graph: nx.DiGraph) -> list[list[str]]:
+    """What each ``torch.autograd.grad`` of the graph's forward differentiates, itself included, in
+    graph order: the node attribute ``differentiates`` (:func:`graphs.ops.differentiated_regions`),
+    which the grouping keeps in one group and the stage cut in one stage."""
+    return [list(run) for _, run in graph.nodes(data="differentiates") if run]
+
+
 def _sparse_gradient(module: nn.Module, node: fx.Node, shape_of: Any) -> tuple[int, int] | None:
     """``(weight bytes, gradient bytes)`` of an embedding with ``sparse=True``, whose weight's
     gradient is a sparse COO tensor of the rows looked up: per index, a row of values and an

@@ -27,7 +27,7 @@ from torch.utils._pytree import TreeSpec
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.graph_inputs import model_args
 from graphs.model_file import batch_axis, batch_size_of, batch_slice, preserved_buffers
-from graphs.ops import in_place_writes
+from graphs.ops import differentiated_regions, in_place_writes
 from graphs.random_state import kept_random_state
 
 __all__ = ["StageSpec", "split_stages", "StageModule", "boundary_metas", "check_static_shapes", "microbatch",
@@ -316,8 +316,7 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     # A forward that differentiates (torch.autograd.grad, a physics-informed loss) runs a
     # backward inside it, which reads what its ops saved ("Output of saved tensor unpack_hook
     # expected to be a Tensor but got result of type NoneType"): such a probe saves as usual.
-    differentiates = any(n.op == "call_function" and n.target is torch.autograd.grad for n in gm.graph.nodes)
-    nothing_saved = (contextlib.nullcontext() if differentiates
+    nothing_saved = (contextlib.nullcontext() if differentiated_regions(gm)
                      else torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None))
     with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), nothing_saved:
         Recorder(gm).run(*[inputs[k] for k in order])
