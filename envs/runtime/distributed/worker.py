@@ -337,18 +337,21 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     inputs = tuple(job["inputs"])
     leaves = tuple(job.get("leaf_modules", ()))
     to_meta_inputs = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    # The parent checked the file's inputs; here, under the job's process group, a trial
-    # forward of a SyncBatchNorm would try to sync with ranks that hold other layers.
+    def loaded() -> Any:
+        # The parent checked the file's inputs; here, under the job's process group, a trial
+        # forward of a SyncBatchNorm would try to sync with ranks that hold other layers.
+        spec = load_spec(job["model_source"], job["model_args"], check_inputs=False)
+        unsynced_batch_norms(spec.model)
+        return spec
+
     try:
         with torch.device("meta"):
-            spec = load_spec(job["model_source"], job["model_args"], check_inputs=False)
-        unsynced_batch_norms(spec.model)
+            spec = loaded()
         captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name,
                            batch_dim=spec.batch_dim)
         built_on = "meta"
     except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
-        spec = load_spec(job["model_source"], job["model_args"], check_inputs=False)
-        unsynced_batch_norms(spec.model)
+        spec = loaded()
         captured = capture(spec.model, inputs, leaf_modules=leaves, name=spec.name, batch_dim=spec.batch_dim)
         built_on = "cpu"
     if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
