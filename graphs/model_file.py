@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import inspect
 import io
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,8 @@ from graphs.errors import ModelFileError
 from graphs.lazy_modules import materialize
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
 from graphs.user_frames import user_location
+
+log = logging.getLogger(__name__)
 
 EXPECTED_NAMES = (
     "get_model() and get_example_inputs() (optionally get_loss(output, *inputs) and "
@@ -575,7 +578,9 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
     With ``targets`` (a loss was given), keys ``forward`` does not take are the loss's targets
     (``labels`` in a batch for a model whose ``forward`` takes ``input_ids``): they follow every
     positional parameter of ``forward`` (each at its value or default), in the dict's order
-    (:mod:`graphs.loss_targets`).
+    (:mod:`graphs.loss_targets`). A ``forward(..., **kwargs)`` does not receive them: a captured
+    graph takes its parameters by position, and Hugging Face's ``Trainer`` likewise drops the
+    batch keys ``forward`` does not name (``remove_unused_columns``); a warning names them.
 
     >>> class Net(nn.Module):
     ...     def forward(self, input_ids, past=None, attention_mask=None):
@@ -592,7 +597,12 @@ def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], wh
     extra = [k for k in inputs if k not in names]
     takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
     try:
-        if targets and extra and not takes_keywords:
+        if targets and extra:
+            if takes_keywords:
+                log.warning("%s: %s not parameters of forward() of %s; they go to the loss as its targets, not into "
+                            "forward's **kwargs (a captured graph takes the parameters forward() names)", what,
+                            ", ".join(repr(k) for k in extra) + (" is" if len(extra) == 1 else " are"),
+                            type(model).__name__)
             # every parameter bound, at its value or default: the targets come after them all
             known = {k: v for k, v in inputs.items() if k in names}
             values = bind_inputs(params, (), known) if known else ()

@@ -179,6 +179,22 @@ def test_keys_of_a_batch_dict_that_forward_does_not_take_are_the_losss_targets(t
         load_model_file(path)
 
 
+def test_batch_keys_a_keyword_forward_does_not_name_are_the_losss_targets_with_a_warning(tmp_path, caplog):
+    """forward(x, **kwargs) with a batch {"x", "labels", "idx"} was refused naming 'labels' and 'idx'."""
+    path = write(tmp_path, CLASSIFIER_FILE.replace("def forward(self, x):", "def forward(self, x, **kwargs):").replace(
+        "return (torch.randn(8, 16), torch.randint(0, 5, (8,)))",
+        'return {"x": torch.randn(8, 16), "labels": torch.randint(0, 5, (8,)), "idx": torch.arange(8)}')
+        + LOSS.replace("def get_loss(output, x, y):", "def get_loss(output, x, y, idx):"))
+    with caplog.at_level("WARNING", logger="graphs.model_file"):
+        spec = load_model_file(path)
+    x, labels, idx = spec.example_inputs
+    assert labels.dtype == torch.int64 and torch.equal(idx, torch.arange(8))
+    assert "'labels', 'idx' are not parameters of forward() of Net" in caplog.text
+    assert "not into forward's **kwargs" in caplog.text
+    loss = spec.loss_fn(spec.model(x), *spec.example_inputs)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(spec.model(x), labels))
+
+
 def test_apply_takes_the_dict_of_inputs_optimize_took():
     """placer.apply captured a dict of inputs as one positional input: 'linear(): argument 'input'
     must be Tensor, not dict'."""
