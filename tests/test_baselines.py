@@ -8,6 +8,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from envs.hardware.units import format_bytes
 from envs.sim.problem import PlacementProblem
 from envs.sim.simulator import simulate_batch
 from placer.search.baselines import BASELINES, BaselineError, baseline_names, get_baseline, run_baseline
@@ -87,6 +88,19 @@ def test_best_single_picks_fastest_fitting_device() -> None:
                            capacity=np.array([1e9, 1e9, 1e6]))
     res = run_baseline("single", problem)
     assert set(res.placement.tolist()) == {0}  # device 2 is fastest but too small
+
+
+def test_no_single_device_says_the_simulated_peak_it_would_need_not_the_static_part() -> None:
+    """It said the static bytes (parameters, gradients, state): 1.59 GiB for a model whose step
+    peaks at 2.34 GiB on one device, so a device of the size it named still did not hold it."""
+    problem = diamond_problem(param_bytes=np.full(8, 50 * MB), capacity=100 * MB)
+    peak = simulate_batch(problem, np.zeros((1, problem.num_nodes), dtype=np.int64)).peak_memory[0, 0]
+    assert peak > node_memory(problem).sum()
+    res = run_baseline("single", problem)
+    assert res.placement is None
+    assert res.reason.startswith(f"the model needs {format_bytes(peak)} on one device (the simulated peak")
+    roomy = diamond_problem(param_bytes=np.full(8, 50 * MB), capacity=peak)
+    assert run_baseline("single", roomy).placement is not None
 
 
 def test_single_unknown_device_is_a_clear_error() -> None:

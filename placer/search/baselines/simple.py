@@ -50,21 +50,27 @@ def single_on(problem: PlacementProblem, device: str) -> np.ndarray:
 
 
 def best_single(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
-    """The single device with the lowest simulated step time among those that hold the model."""
-    need = node_memory(problem).sum()
+    """The single device with the lowest simulated step time among those that hold the model.
+
+    When none does, :class:`NoFit` says what one device would need: the simulated peak of the
+    whole step on the largest device (parameters, gradients, optimizer state, activations and
+    working space), the figure the simulator holds a placement to, not the static part alone.
+    """
+    need = node_memory(problem).sum()  # static bytes: a device below them cannot hold the model
     roomy = [d for d in range(problem.num_devices) if need <= problem.memory_capacity[d]]
-    if not roomy:
-        biggest = int(np.argmax(problem.memory_capacity))
-        raise NoFit(
-            f"the model needs {format_bytes(need)}; the largest device ({problem.device_names[biggest]}) "
-            f"holds {format_bytes(problem.memory_capacity[biggest])}"
-        )
-    rows = np.array([[d] * problem.num_nodes for d in roomy], dtype=np.int64)
-    res = simulate_rows(problem, rows)
-    step = np.where(np.asarray(res.fits), np.asarray(res.step_time, dtype=float), np.inf)
-    if not np.isfinite(step).any():
-        raise NoFit("no single device holds the model according to the simulator")
-    return rows[int(np.argmin(step))]
+    if roomy:
+        rows = np.array([[d] * problem.num_nodes for d in roomy], dtype=np.int64)
+        res = simulate_rows(problem, rows)
+        step = np.where(np.asarray(res.fits), np.asarray(res.step_time, dtype=float), np.inf)
+        if np.isfinite(step).any():
+            return rows[int(np.argmin(step))]
+    biggest = int(np.argmax(problem.memory_capacity))
+    peak = float(simulate_rows(problem, np.full((1, problem.num_nodes), biggest)).peak_memory[0, biggest])
+    raise NoFit(
+        f"the model needs {format_bytes(max(peak, float(need)))} on one device (the simulated peak of its training "
+        f"step); the largest device ({problem.device_names[biggest]}) holds "
+        f"{format_bytes(problem.memory_capacity[biggest])}"
+    )
 
 
 def round_robin(problem: PlacementProblem, inputs: BaselineInputs) -> np.ndarray:
