@@ -302,6 +302,54 @@ def test_a_running_statistic_under_ddp_replicas_is_not_the_full_batchs_and_is_na
     assert "each of the 2 replicas sees 8 samples and DDP keeps the first replica's buffers" in report.describe_split()
 
 
+class _MaxNormBag(nn.Module):
+    """Mean of embedding rows looked up with max_norm: the forward renormalises them in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 8, max_norm=1.0)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_an_embedding_with_max_norm_under_ddp_replicas_is_named_as_what_drifts_apart():
+    """Each DDP replica renormalises the rows its own samples look up and parameters are never
+    synchronised (3 steps over 2 gloo processes left the tables 12.5 apart); the check passed,
+    its example batch's rows renormalised already by the capture's forward."""
+    torch.manual_seed(0)
+    model = _MaxNormBag()
+    spec = ModelSpec(model=model, example_inputs=(torch.randint(0, 100, (16, 5)),), name="bag")
+    cap = capture(model, spec.example_inputs, name="bag")
+    assert check_batch_split(spec, cap, microbatches=2).split_ok  # one stage writes every row, as one pass does
+    report = check_batch_split(spec, cap, microbatches=1, replicas=2)
+    assert not report.split_ok
+    assert ("nn.Embedding 'emb' renormalises the embedding rows its batch looks up, in place (max_norm): each of "
+            "the 2 replicas writes the rows of its own 8 samples") in report.describe_split()
+
+
+class _DecayedScale(nn.Module):
+    """Shrinks a parameter in place at every call (a hand-written decay in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        self.scale.data.mul_(0.5)
+        return self.lin(x) * self.scale
+
+
+def test_a_parameter_the_forward_writes_once_per_call_sets_micro_batches_aside_and_is_named():
+    torch.manual_seed(0)
+    report = _check(_DecayedScale(), microbatches=2)
+    assert not report.ok and report.split_worst == "param:scale", report.describe_split()
+    assert "the forward writes parameter 'scale' in place: a stage runs once per micro-batch" in report.describe_split()
+    assert _check(_DecayedScale(), microbatches=1, replicas=2).ok  # every replica writes the same
+
+
 def test_a_frozen_batchnorm_uses_its_running_statistics_and_splits_with_the_same_results():
     model = _mlp(norm=True)
     for m in model.modules():

@@ -42,7 +42,7 @@ from graphs.model_file import ModelSpec, batch_size_of, batch_slice
 from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
 
-__all__ = ["check_batch_split"]
+__all__ = ["check_batch_split", "renorming_embeddings"]
 
 
 @contextlib.contextmanager
@@ -115,6 +115,9 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
         with torch.no_grad():
             for n, b in gm.named_buffers():
                 b.copy_(start[n])
+            if r:  # each replica starts from the same parameters, as DDP's copies do
+                for n, p in _written_parameters(gm, captured).items():
+                    p.copy_(_start_parameter(captured, n, p))
         total = torch.zeros((), dtype=torch.float64)
         for m, inputs in enumerate(parts):
             inputs = as_dtype(inputs, dtype)
@@ -127,10 +130,56 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
             (loss / (len(parts) * len(chunks))).backward()
             total += loss.detach().to(torch.float64).reshape(()) / len(parts)
         losses.append(total)
-        if not buffers:
-            buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
+        if not r:
+            buffers = _state_after(gm, captured)
     return (torch.stack(losses).mean(), {n: p.grad for n, p in gm.named_parameters() if p.grad is not None},
             buffers)
+
+
+def renorming_embeddings(gm: torch.fx.GraphModule) -> list[str]:
+    """The embeddings of ``gm`` that renormalise their weight in place as they look rows up
+    (``max_norm``: ``torch.embedding_renorm_``, under no_grad, in the forward), as
+    ``"nn.Embedding 'name'"`` or ``"op 'node'"``. A replica writes only the rows its samples look
+    up, which the example batch cannot show: its forward at capture has already renormalised them.
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Embedding(9, 2, max_norm=1.0)))
+    >>> renorming_embeddings(gm)
+    ["nn.Embedding '0'"]
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
+                found.append(f"nn.Embedding {node.target!r}")
+        elif node.op == "call_function" and (
+                node.target is torch.ops.aten.embedding_renorm_.default
+                or (node.target is torch.nn.functional.embedding
+                    and (node.kwargs.get("max_norm") if len(node.args) < 4 else node.args[3]) is not None)):
+            found.append(f"op {node.name!r}")
+    return found
+
+
+def _written_parameters(gm: torch.nn.Module, captured: CapturedModel) -> dict[str, torch.nn.Parameter]:
+    """The parameters of ``gm``, a copy of the captured model, that the forward has written (their
+    values are no longer the captured model's). Compared by value: a write through ``.data``
+    (``self.scale.data.mul_(0.5)``) leaves the parameter's version counter as it was."""
+    with torch.no_grad():
+        return {n: p for n, p in gm.named_parameters()
+                if not torch.equal(p, _start_parameter(captured, n, p))}
+
+
+def _start_parameter(captured: CapturedModel, name: str, like: torch.Tensor) -> torch.Tensor:
+    """Parameter ``name`` as the captured model holds it, in ``like``'s dtype."""
+    return captured.gm.get_parameter(name).detach().to(like.dtype)
+
+
+def _state_after(gm: torch.nn.Module, captured: CapturedModel) -> dict[str, torch.Tensor]:
+    """What the forward changed besides the gradients: every buffer, and each parameter written
+    in place (``param:<name>``; DDP never synchronises parameters, so a replica keeps its own writes)."""
+    state = {n: b.detach().clone() for n, b in gm.named_buffers()}
+    state.update({f"param:{n}": p.detach().clone() for n, p in _written_parameters(gm, captured).items()})
+    return state
 
 
 def _model_copy(captured: CapturedModel, modes: dict[str, bool], dtype: torch.dtype | None) -> torch.fx.GraphModule:
@@ -184,7 +233,7 @@ def _synced_replicas_step(captured: CapturedModel, spec: ModelSpec, modes: dict[
         for n, p in gm.named_parameters():
             if p.grad is not None:
                 grads[n] = grads[n] + p.grad if n in grads else p.grad.clone()
-    return (torch.stack(losses).mean(), grads, {n: b.detach().clone() for n, b in first.named_buffers()})
+    return (torch.stack(losses).mean(), grads, _state_after(first, captured))
 
 
 def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, replicas: int, tolerance: float,
@@ -236,11 +285,17 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
             return {"split_samples": size, "split_cause": _parts_failed_cause(failed.error, spec.batch_dim, batch, size)}
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
+    for n in {n for n in (*buffers, *full_buffers) if n.startswith("param:")}:  # written on one side only
+        other = buffers.get(n, full_buffers.get(n))
+        assert other is not None
+        start_value = _start_parameter(captured, n.removeprefix("param:"), other)
+        buffers.setdefault(n, start_value)
+        full_buffers.setdefault(n, start_value)
     buffer_diffs = {n: _scaled_diff(buffers[n], b) for n, b in full_buffers.items()}
     worst_grad = max(diffs.values(), default=0.0)
     worst_buffer = max(buffer_diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
-    worst = max([*diffs.items(), *((f"buffer:{n}", d) for n, d in buffer_diffs.items())], key=lambda kv: kv[1],
-                default=("", 0.0))
+    worst = max([*diffs.items(), *((n if n.startswith("param:") else f"buffer:{n}", d) for n, d in buffer_diffs.items())],
+                key=lambda kv: kv[1], default=("", 0.0))
     loss_diff = _scaled_diff(loss, full_loss)
     out: dict[str, object] = {
         "split_samples": size, "split_loss_diff": loss_diff, "split_grad_diff": worst_grad,
@@ -252,9 +307,18 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
         out["split_precision"] = name = str(precision).replace("torch.", "")
         tolerance = held_tolerance(tolerance, name)
     split = (microbatches, replicas, size)
-    if max(loss_diff, worst_grad) > tolerance:
+    renorming = renorming_embeddings(captured.gm) if replicas > 1 else []
+    if renorming:
+        out["split_cause"] = (
+            f"{renorming[0]} renormalises the embedding rows its batch looks up, in place (max_norm): each of the "
+            f"{replicas} replicas writes the rows of its own {size} samples and DDP never synchronises parameters, "
+            "so the replicas' embedding tables drift apart from the first step on; expected an embedding without "
+            "max_norm (or its renormalisation done by the optimizer step)")
+    elif max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())
         updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
+        updated += [n for n, b in full_buffers.items() if n.startswith("param:") and _scaled_diff(
+            b, _start_parameter(captured, n.removeprefix("param:"), b)) > 0]
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, full_grads, loss, split, tolerance,
                                           seed, dtype, updated, replayed=bool(out["split_replayed_draws"]))
     elif worst_buffer[1] > tolerance:
@@ -301,7 +365,17 @@ def lowest_precision(graph: Any) -> torch.dtype | None:
 
 
 def _buffer_cause(name: str, microbatches: int, replicas: int, size: int) -> str:
-    """Why a buffer the forward updates makes the split differ."""
+    """Why a buffer the forward updates, or a parameter it writes in place (``param:<name>``),
+    makes the split differ."""
+    if name.startswith("param:"):
+        name = name.removeprefix("param:")
+        if replicas > 1:
+            return (f"the forward writes parameter {name!r} in place (nn.Embedding's max_norm renormalises the rows "
+                    f"it looks up, say): each of the {replicas} replicas writes it from its own {size} samples and "
+                    "DDP never synchronises parameters, so the replicas' copies of it drift apart; expected a "
+                    "forward that leaves its parameters to the optimizer")
+        return (f"the forward writes parameter {name!r} in place: a stage runs once per micro-batch, so "
+                f"{microbatches} micro-batches of {size} samples leave it other than one pass over the full batch does")
     if microbatches > 1:
         return (f"the forward updates buffer {name!r}: a stage runs once per micro-batch, so {microbatches} "
                 f"micro-batches of {size} samples leave it other than one pass over the full batch does (a counter "
@@ -331,7 +405,8 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
                  tolerance: float, seed: int, dtype: torch.dtype | None, updated: Sequence[str],
                  replayed: bool = False) -> str:
     """Why the split batch computes something else, as far as it can be told. ``split``:
-    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes;
+    ``(microbatches, replicas, samples per part)``; ``updated``: the buffers the forward changes
+    (and the parameters it writes, ``param:<name>``);
     ``replayed``: the parts ran on the full batch's random draws (:mod:`envs.runtime.random_replay`),
     so that the draws themselves are not what differs."""
     parts = split[0] * split[1]

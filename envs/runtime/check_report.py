@@ -53,9 +53,11 @@ class CheckReport:
         split_loss_diff, split_grad_diff: scaled difference of the split batch's loss and
             (worst) gradient from the full batch's.
         split_buffer_diff: the same for the buffers after the step (those of the first replica,
-            which DDP broadcasts: a buffer the forward updates is updated once per micro-batch).
-        split_worst: the gradient or buffer (``grad:<name>``, ``buffer:<name>``) behind the worst
-            of ``split_grad_diff`` and ``split_buffer_diff``.
+            which DDP broadcasts: a buffer the forward updates is updated once per micro-batch),
+            and for each parameter the forward writes in place (``nn.Embedding``'s ``max_norm``;
+            DDP never synchronises parameters, so the first replica's must be the full batch's).
+        split_worst: the gradient, buffer or written parameter (``grad:<name>``, ``buffer:<name>``,
+            ``param:<name>``) behind the worst of ``split_grad_diff`` and ``split_buffer_diff``.
         split_cause: why the split changes the result (or cannot be compared); empty when it does not.
         split_without_dropout: the model drops out, and the split was compared with dropout off
             (a batch and its parts draw different masks; the runtime draws its own on each rank).
