@@ -45,6 +45,8 @@ simulator's default rule, with a log line saying why; it never fails the run.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from collections.abc import Sequence
@@ -191,8 +193,9 @@ def smallest_runnable_batch(gm: fx.GraphModule, inputs: tuple[Any, ...], batch: 
     for size in range(above + 1, batch):
         if batch % size:
             continue
-        try:
-            with worker_conditions(), torch.enable_grad(), preserved_buffers(gm):
+        try:  # fx prints a failing GraphModule's traceback to stderr before raising: a probe says nothing
+            with worker_conditions(), torch.enable_grad(), preserved_buffers(gm), \
+                    contextlib.redirect_stderr(io.StringIO()):
                 plain_step_seconds(gm, slice_batch(inputs, batch, size, dim), device)
         except Exception:  # noqa: BLE001 - any failure: the model does not run on this many samples
             continue
@@ -287,8 +290,10 @@ def profile_fixed_parts(captured: CapturedModel, example_inputs: Sequence[Any],
             # fell back from it (it cannot run whole on the device) fails the run below too.
             reasons.append(f"its {dev.type} profile was timed op by op (isolated), not in situ")
             continue
-        try:
-            times, ratio_now, accumulate[dev.type], cached = _small_times(gm, inputs, cut, dev, repeats, names, cache, fingerprint)
+        try:  # quiet: fx prints the traceback of a model failing on the smaller batch, which is said below
+            with contextlib.redirect_stderr(io.StringIO()):
+                times, ratio_now, accumulate[dev.type], cached = _small_times(gm, inputs, cut, dev, repeats, names,
+                                                                              cache, fingerprint)
         except Exception as exc:  # noqa: BLE001 - a model that does not run on a smaller batch
             runs_on = smallest_runnable_batch(gm, inputs, batch, small, dev, batch_dim)
             min_samples = max(min_samples, runs_on)
