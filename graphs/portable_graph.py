@@ -174,6 +174,15 @@ def _resolved(value: Any, made: dict[str, fx.Node]) -> Any:
     return value
 
 
+def _hooked_parameter(data: torch.Tensor, requires_grad: bool, hooks: list[Any], state: dict[str, Any]) -> nn.Parameter:
+    """A parameter again with the gradient hooks it had (:meth:`torch.Tensor.register_hook`)."""
+    parameter = nn.Parameter(data, requires_grad=requires_grad)
+    parameter.__dict__.update(state)
+    for hook in hooks:
+        parameter.register_hook(hook)
+    return parameter
+
+
 def _script_module(data: bytes) -> torch.jit.ScriptModule:
     """A TorchScript module again, from the bytes :func:`torch.jit.save` wrote."""
     return torch.jit.load(io.BytesIO(data))
@@ -191,6 +200,10 @@ class _Pickler(cloudpickle.Pickler):
       value, as cloudpickle writes it; pickle refused it ("Can't pickle local object
       'Net.__init__.<locals>.<lambda>'"), so no pipeline or DDP of such a model was measured.
       Functions and classes it can find by name are written by name, as pickle writes them.
+    - A parameter with gradient hooks (``self.fc.weight.register_hook(lambda g: g.clamp(-1, 1))``)
+      is written with them: torch pickles a tensor without its hooks (``Tensor._reduce_ex_internal``
+      writes an empty ``OrderedDict``), so a pipeline stage or DDP replica in another process
+      trained on the unhooked gradient.
     """
 
     def reducer_override(self, obj: Any) -> Any:
@@ -198,6 +211,9 @@ class _Pickler(cloudpickle.Pickler):
             buffer = io.BytesIO()
             torch.jit.save(obj, buffer)
             return _script_module, (buffer.getvalue(),)
+        if type(obj) is nn.Parameter and obj._backward_hooks:
+            return _hooked_parameter, (obj.detach(), obj.requires_grad, list(obj._backward_hooks.values()),
+                                       dict(obj.__dict__))
         return super().reducer_override(obj)
 
 

@@ -98,3 +98,24 @@ def test_a_lambda_hook_on_a_layer_crosses_to_a_worker_and_still_runs():
     torch.manual_seed(0)
     unhooked = _Plain()
     assert torch.equal(again(x), model(x)) and not torch.equal(again(x), unhooked(x))
+
+
+def test_a_gradient_hook_on_a_parameter_crosses_to_a_worker_and_still_runs():
+    """``weight.register_hook(...)``: torch pickles a tensor without its hooks, so a pipeline
+    stage in another process trained on the unclipped gradient, silently."""
+    from graphs.portable_graph import portable_pickle
+
+    torch.manual_seed(0)
+    model = _Plain()
+    model.lin.weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,), name="clipped").gm
+    buffer = io.BytesIO()
+    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False).module()
+    again(x).pow(2).sum().backward()
+    model(x).pow(2).sum().backward()
+    assert torch.equal(again.lin.weight.grad, model.lin.weight.grad)
+    assert model.lin.weight.grad.abs().max() == pytest.approx(1e-3)
+    assert isinstance(again.lin.weight, nn.Parameter) and again.lin.bias.grad is not None
