@@ -364,15 +364,26 @@ def _fits_on_fake_tensors(model: nn.Module, example_inputs: tuple) -> bool:
 
 @contextlib.contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer's values on exit (trial forward passes must leave no trace)."""
+    """Restore every buffer's values on exit (trial forward passes must leave no trace), and its
+    shape where the forward changed it: a quantization observer sizes its per-channel ``min_val``
+    from ``(0,)`` to ``(channels,)`` on its first call, and a trial forward that left that made the
+    parent's model another model than the one a worker process builds from the same file."""
     saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
         yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
-                if name in saved and buf.shape == saved[name].shape:
-                    buf.copy_(saved[name])
+                if name not in saved:
+                    continue
+                if buf.shape != saved[name].shape:
+                    try:
+                        buf.resize_(saved[name].shape)
+                    except RuntimeError:  # not resizable (a view): the saved copy takes its place
+                        owner, _, leaf = name.rpartition(".")
+                        model.get_submodule(owner)._buffers[leaf] = saved[name]
+                        continue
+                buf.copy_(saved[name])
 
 
 def describe_inputs(inputs: tuple) -> str:

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
 from graphs.model_file import ModelSpec, batch_slice, default_loss, first_tensor, load_model_file
 
@@ -248,6 +249,30 @@ def test_fit_check_leaves_buffers_untouched(tmp_path):
         example_inputs = (torch.randn(8, 3) + 5,)
     """))
     assert torch.equal(spec.model.running_mean, torch.zeros(3))
+
+
+def test_fit_check_leaves_a_buffer_it_resized_at_its_shape_so_a_worker_captures_the_same_model(tmp_path):
+    """A per-channel observer (quantization-aware training) sizes its min_val/max_val from (0,) to
+    (channels,) on its first call: the fit check left them resized, so the parent's capture had
+    another fingerprint than a worker's, which skips that check, and every placement measured over
+    worker ranks failed ("rank 0 captured model 5ce8..., the job is for c040...")."""
+    path = write(tmp_path, """
+        import torch
+        from torch.ao.quantization import PerChannelMinMaxObserver
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(3, 4)
+                self.observe = PerChannelMinMaxObserver(ch_axis=1)
+            def forward(self, x):
+                return self.observe(self.fc(x))
+        model = Net()
+        example_inputs = (torch.randn(8, 3),)
+    """)
+    checked, unchecked = load_model_file(path), load_model_file(path, check_inputs=False)
+    assert checked.model.observe.min_val.shape == (0,)
+    assert capture(checked.model, checked.example_inputs).fingerprint == \
+        capture(unchecked.model, unchecked.example_inputs).fingerprint
 
 
 def test_two_files_with_same_name_do_not_clash(tmp_path):

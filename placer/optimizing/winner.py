@@ -75,7 +75,7 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
         why = verdict(pipeline.microbatches, pipeline.num_replicas)
         if why is None:
             break
-        set_aside(method, f"{_owned(method, why)}; the next fastest placement is taken")
+        set_aside(method, f"{_owned(why)}; the next fastest placement is taken")
         fitting = fitting[fitting["method"] != method]
     # The rows the loop did not reach: one whose split was checked for another row has its
     # verdict; the rest say they were not checked, so an unmarked row is not read as exact.
@@ -85,7 +85,7 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
             continue
         if key in checks:
             if not checks[key].split_ok:
-                set_aside(method, _owned(method, checks[key].describe_split()))
+                set_aside(method, _owned(checks[key].describe_split()))
             continue
         add_note(method, "batch split not checked (slower than the winner)")
     if fitting.empty:
@@ -95,12 +95,15 @@ def _set_aside_inexact_splits(config: OptimizeConfig, compiled: Compiled, fittin
     return fitting, table
 
 
-def _owned(method: str, why: str) -> str:
-    """A split's verdict (:meth:`CheckReport.describe_split`) as the reason ``method`` is set aside."""
+def _owned(why: str) -> str:
+    """A split's verdict (:meth:`CheckReport.describe_split`) as the reason its row is set aside.
+
+    >>> _owned("replicas' shares of 8 samples change what the model computes (a running mean)")
+    "its replicas' shares of 8 samples change what the model computes (a running mean)"
+    """
     if why.startswith("cannot"):  # no part ran: the verdict is about the split, not its micro-batches
         return f"placer {why}"
-    whose = "its replicas'" if method == "ddp" else "its"
-    return f"{whose} {why}"
+    return f"its {why}"  # "its replicas' shares of 8 samples ...", "its micro-batches of 4 samples ..."
 
 
 def pick_winner(fitting: pd.DataFrame) -> pd.Series:
