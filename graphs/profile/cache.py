@@ -31,7 +31,10 @@ from graphs.atomic_write import write_text_atomic
 from graphs.documents import read_document
 from graphs.errors import PlacerError
 
-SCHEMA = 3  # 3: profiles taken with the CPU allocator retaining freed memory (graphs.cpu_allocator)
+#: 3: profiles taken with the CPU allocator retaining freed memory (graphs.cpu_allocator);
+#: 4: the parameters put back after every optimizer step the profile times (no drift into denormals).
+SCHEMA = 4
+
 log = logging.getLogger(__name__)
 
 
