@@ -329,6 +329,21 @@ def test_an_embedding_with_max_norm_under_ddp_replicas_is_named_as_what_drifts_a
             "the 2 replicas writes the rows of its own 8 samples") in report.describe_split()
 
 
+def test_an_observer_that_sizes_its_buffers_on_the_first_call_is_named_not_a_failure_to_run_the_parts():
+    """Quantization-aware training: each replica starts from the observer's (0,) min_val, which its
+    first call sizes to (channels,); putting the start back failed ("The size of tensor a (8) must
+    match the size of tensor b (0)") and the split read as one the parts cannot run."""
+    from torch.ao.quantization import PerChannelMinMaxObserver
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), PerChannelMinMaxObserver(ch_axis=1), nn.Linear(8, 2))
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(16, 8),), name="observed")
+    cap = capture(model, spec.example_inputs, name="observed")
+    report = check_batch_split(spec, cap, microbatches=1, replicas=2)
+    assert not report.split_ok and report.split_worst.startswith("buffer:1."), report.describe_split()
+    assert "each of the 2 replicas sees 8 samples" in report.describe_split()
+
+
 class _DecayedScale(nn.Module):
     """Shrinks a parameter in place at every call (a hand-written decay in forward)."""
 

@@ -38,7 +38,7 @@ from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
 from graphs.capture import CapturedModel
 from graphs.errors import one_line_reason
-from graphs.model_file import ModelSpec, batch_size_of, batch_slice
+from graphs.model_file import ModelSpec, batch_size_of, batch_slice, restore_buffers
 from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
 
@@ -112,9 +112,8 @@ def _split_step(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool]
     buffers: dict[str, torch.Tensor] = {}
     count = sum(len(parts) for parts in chunks)
     for r, parts in enumerate(chunks):
+        restore_buffers(gm, start)
         with torch.no_grad():
-            for n, b in gm.named_buffers():
-                b.copy_(start[n])
             if r:  # each replica starts from the same parameters, as DDP's copies do
                 for n, p in _written_parameters(gm, captured).items():
                     p.copy_(_start_parameter(captured, n, p))

@@ -43,7 +43,7 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import ApplyError, apply_placement, check_applicable
-from graphs.model_file import check_batch_dim
+from graphs.model_file import check_batch_dim, restore_buffers
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
 from placer.measuring.significance import clearly_faster
@@ -420,16 +420,14 @@ class PlacementTuner:
         applied by the optimizer yet), so the trajectory is unchanged. Returns the loss, detached.
         """
         with self.timed(optimizer) as model:
-            snapshot = None if self.settled else [b.detach().clone() for b in model.buffers()]
+            snapshot = None if self.settled else {n: b.detach().clone() for n, b in model.named_buffers()}
             optimizer.zero_grad(set_to_none=True)
             try:
                 loss = self._forward_backward(closure, model)
             except torch.OutOfMemoryError:
                 if snapshot is None or not self._drop_current("out of memory", [optimizer]):
                     raise
-                with torch.no_grad():
-                    for b, saved in zip(self.model.buffers(), snapshot):
-                        b.copy_(saved.to(b.device))
+                restore_buffers(self.model, snapshot)
                 optimizer.zero_grad(set_to_none=True)
                 loss = self._forward_backward(closure, self.model)
             optimizer.step()

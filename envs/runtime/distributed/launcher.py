@@ -125,16 +125,14 @@ def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], di
     """
     from envs.runtime.distributed.runtime import pack_meta, value_meta
     from envs.runtime.distributed.stage_state import module_tensors
+    from graphs.model_file import preserved_buffers
 
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     modes = [(m, m.training) for m in gm.modules()]
     gm.train()
     try:
-        meta = value_meta(gm, inputs)
+        with preserved_buffers(gm):
+            meta = value_meta(gm, inputs)
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
         for m, mode in modes:
             m.training = mode
     state = {p: t.detach().cpu() for p, t in module_tensors(gm)}
