@@ -25,7 +25,7 @@ from torch import nn
 
 from graphs.model_file import first_tensor, preserved_buffers
 
-__all__ = ["parameters_without_gradient"]
+__all__ = ["parameters_without_gradient", "loss_of_a_cut_output"]
 
 
 def parameters_without_gradient(model: nn.Module, args: Sequence[Any],
@@ -68,3 +68,31 @@ def _accumulated(root: Any) -> set[int]:
             found.add(id(variable))
         stack.extend(nxt for nxt, _ in fn.next_functions)
     return found
+
+
+#: What autograd says when a gradient is asked of a tensor the differentiated graph does not reach.
+_UNREACHED = ("appears to not have been used in the graph", "does not require grad and does not have a grad_fn")
+
+
+def loss_of_a_cut_output(loss_fn: Callable[..., torch.Tensor], output: Any, inputs: Sequence[Any]) -> torch.Tensor:
+    """``loss_fn(output, *inputs)`` where ``output`` came out of the model's last stage as a leaf
+    of its own (a pipeline's last stage, the output rank of a placement over worker processes):
+    the model's autograd graph is cut where values cross between stages. A loss that
+    differentiates through the model (a WGAN-GP critic's gradient penalty,
+    ``torch.autograd.grad(out.sum(), x, create_graph=True)`` in ``get_loss``) cannot run there,
+    and autograd's own words ("The differentiated Tensor at index 0 appears to not have been used
+    in the graph") said nothing of why: the error now says so.
+
+    Raises:
+        RuntimeError: the loss asked autograd for a gradient the cut output cannot reach.
+    """
+    try:
+        return loss_fn(output, *inputs)
+    except RuntimeError as exc:
+        if not any(text in str(exc) for text in _UNREACHED):
+            raise
+        raise RuntimeError(
+            "the loss differentiates through the model (torch.autograd.grad of its output by an input or "
+            "an activation, in get_loss): a stage boundary cuts the model's autograd graph, so the output "
+            "reaches the loss without the graph behind it; expected DDP (each replica holds the whole model) "
+            f"or a placement in one process (autograd: {str(exc).splitlines()[0]})") from exc

@@ -49,6 +49,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from envs.runtime.gradient_reach import loss_of_a_cut_output
 from envs.runtime.split import SplitPlan, Transfer
 
 __all__ = ["LeafMeta", "value_meta", "pack_meta", "unpack_meta", "RankStep", "Comm", "TorchComm", "CountingComm"]
@@ -428,7 +429,7 @@ class RankStep:
             output = tree_map(lambda x: copies[x] if isinstance(x, str) and x in copies
                               else self.inputs.get(x, x) if isinstance(x, str) else x,
                               self.plan.output_args)
-            loss = self.loss_fn(output, *self.loss_inputs)
+            loss = loss_of_a_cut_output(self.loss_fn, output, self.loss_inputs)
         outbox.wait()
 
         # ---- backward

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec
 
+from envs.runtime.gradient_reach import loss_of_a_cut_output
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.graph_inputs import model_args
 from graphs.model_file import batch_axis, batch_size_of, batch_slice, preserved_buffers
@@ -259,7 +260,7 @@ class StageModule(nn.Module):
             return tuple(sent)
         out = self.spec.model_output(out)
         args = model_args(self.inputs_spec, [inputs[n] for n in self.input_names])
-        loss = self.loss_fn(out, *args) if self.loss_fn is not None else out
+        loss = loss_of_a_cut_output(self.loss_fn, out, args) if self.loss_fn is not None else out
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise PipelineError("the last stage must produce a scalar loss (the model's output, or loss_fn's)")
         return loss / self.microbatches
