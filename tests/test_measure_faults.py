@@ -22,7 +22,7 @@ import pytest
 from envs.runtime.measure import BUDGET_CUT, BUDGET_SPENT, SingleProcessMeasurer
 from envs.runtime.measurer import MeasureCache, MeasureResult
 from envs.runtime.step_timer import median_step_time, time_steps
-from envs.runtime.supervisor import JOB_DIR_PREFIX, make_job_dir, sweep_stale_job_dirs
+from envs.runtime.supervisor import JOB_DIR_PREFIX, make_job_dir, report_rank_failure, sweep_stale_job_dirs
 from tests.helpers.measurers import ClosableFake
 from tests.helpers.processes import process_gone, wait_gone
 
@@ -134,6 +134,21 @@ def test_job_dirs_of_dead_owners_are_swept_and_live_ones_kept(tmp_path):
     unrelated.mkdir()
     assert sweep_stale_job_dirs(tmp_path) == [reused]
     assert mine.exists() and unrelated.exists()
+
+
+def test_a_rank_failure_whose_first_line_only_introduces_its_cause_is_followed_by_the_cause(tmp_path):
+    """torch's pipelining stage raises "[Stage 1] failed to run forward:" from the error: the job's
+    reason stopped at the colon."""
+    try:
+        try:
+            raise RuntimeError("the loss differentiates through the model")
+        except RuntimeError as cause:
+            raise RuntimeError("[Stage 1] failed to run forward:\n  args: ...") from cause
+    except RuntimeError as exc:
+        report_rank_failure(tmp_path, 1, exc, show_traceback=False)
+    first = (tmp_path / "error-1.txt").read_text().splitlines()[0]
+    assert first == ("RuntimeError: [Stage 1] failed to run forward: RuntimeError: the loss differentiates "
+                     "through the model")
 
 
 def test_the_cache_keys_on_model_devices_and_protocol_and_skips_budget_cuts():

@@ -144,15 +144,25 @@ def _owner_alive(pid: int, start: str) -> bool:
     return now is not None and (now == start or start == "0" or now == "0")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
 def report_rank_failure(job_dir: Path, rank: int, exc: BaseException, show_traceback: bool = True) -> None:
     """Leave a rank's failure where the launcher reads it: ``error-<rank>.txt`` in the job
-    directory (the exception's first line, then the traceback), and the traceback on stderr.
+    directory (the exception's first line, then the traceback), and the traceback on stderr. A
+    first line that only introduces its cause (torch's pipelining stage: "[Stage 1] failed to run
+    forward:", raised from the error) is followed by the cause's.
 
     Called from a worker's ``except BaseException``: the launcher names the rank and its
     error from this file, since the exit code alone says only that the rank failed.
     """
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    line = _first_line(exc)
+    cause = exc.__cause__
+    while line.endswith(":") and cause is not None:  # a wrapper's words: "[Stage 1] failed to run forward:"
+        line = f"{line} {_first_line(cause)}"
+        cause = cause.__cause__
     try:
         (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())
     except OSError:
