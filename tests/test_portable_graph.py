@@ -119,3 +119,35 @@ def test_a_gradient_hook_on_a_parameter_crosses_to_a_worker_and_still_runs():
     assert torch.equal(again.lin.weight.grad, model.lin.weight.grad)
     assert model.lin.weight.grad.abs().max() == pytest.approx(1e-3)
     assert isinstance(again.lin.weight, nn.Parameter) and again.lin.bias.grad is not None
+
+
+class _ClippedPair(nn.Module):
+    """Two layers and their loss; the first layer's weight clips its gradient by a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 16)
+        self.second = nn.Linear(16, 1)
+        self.first.weight.register_hook(lambda g: g.clamp(-1e-4, 1e-4))
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.second(torch.tanh(self.first(x))), y)
+
+
+def test_a_pipeline_stage_in_another_process_trains_on_the_hooked_gradient():
+    from envs.runtime.module_copy import deep_copy
+    from envs.runtime.pipeline.launcher import run_training
+    from envs.sim.pipeline_layout import Pipeline
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 8), torch.randn(8, 1)
+    gm = capture(_ClippedPair(), (x, y), name="clipped").gm
+    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = compute.index("second")
+    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 1, "gpipe")
+    run = run_training(gm, {"x": x, "y": y}, pipe, steps=1, optimizer=("sgd", {"lr": 0.1}), timeout_s=120)
+    reference = deep_copy(gm)
+    reference(x, y).backward()
+    assert reference.first.weight.grad.abs().max() == pytest.approx(1e-4)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(run.grads[name], p.grad, rtol=1e-5, atol=1e-7)
