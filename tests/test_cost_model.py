@@ -191,3 +191,18 @@ def test_a_gpu_op_pays_its_launch_on_the_host_and_its_work_on_the_device():
     assert CostModel().op_cost(prof_cpu, cpu) == (1e-3, 0.0, 2e-3, 0.0, 5e-4, 0.0)
     frozen = dict(prof_cpu, requires_grad=False)
     assert CostModel().op_cost(frozen, cpu) == (1e-3, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("kind", "rate"), [("K40", 1.43 / 4.29), ("V100", 7.8 / 15.7), ("H100", 34.0 / 67.0)])
+def test_a_double_precision_matmul_runs_at_the_devices_fp64_rate_and_a_memory_bound_op_does_not_change(kind, rate):
+    """The roofline costed every FLOP at the fp32 peak: a float64 model's matmuls on a K40 ran 3x
+    too fast in the simulator."""
+    device = Device("g", kind, 16 * 2**30, 4.29e12 if kind == "K40" else 15.7e12, 900e9)
+    roofline = Roofline(0.7, 5e-6)
+    matmul = {"op": "call_module", "flops": 2e12, "bytes_moved": 1e6}
+    single = roofline_times({**matmul, "dtype": "torch.float32"}, device, roofline)[0] - 5e-6
+    double = roofline_times({**matmul, "dtype": "torch.float64"}, device, roofline)[0] - 5e-6
+    assert double == pytest.approx(single / rate)
+    copy = {"op": "call_function", "flops": 1e3, "bytes_moved": 8e9}
+    assert roofline_times({**copy, "dtype": "torch.float64"}, device, roofline) == \
+        roofline_times({**copy, "dtype": "torch.float32"}, device, roofline)

@@ -6,7 +6,8 @@ Node times, in order of preference:
    ``"cuda"``), as measured by the profiler. A node with only ``time[kind]`` (forward +
    backward) is split 1:2, the usual forward:backward FLOP ratio.
 2. **Roofline** where the kind was not profiled (every virtual GPU kind, or a node the
-   profiler skipped)::
+   profiler skipped), with ``peak_flops`` at double precision's rate for a node computing in
+   float64 (:data:`FP64_RATE`, :func:`peak_flops_for`)::
 
        fwd = max(flops / (peak_flops * efficiency), bytes_moved / mem_bandwidth) + ops * launch_overhead
        bwd = max(2 * flops / (peak_flops * efficiency), 2 * bytes_moved / mem_bandwidth) + ops * launch_overhead
@@ -94,6 +95,31 @@ BACKWARD_FACTOR = 2.0
 
 #: fx ops that never compute (their cost is zero whatever their attributes say).
 NON_COMPUTE_OPS = frozenset({"placeholder", "output", "get_attr"})
+
+#: Double precision's FLOP rate as a fraction of ``peak_flops`` (fp32), by device kind, from the
+#: vendors' datasheets (non-tensor-core figures): K40 1.43 of 4.29 TFLOP/s, V100 SXM2 7.8 of 15.7,
+#: A100 9.7 of 19.5, H100 SXM 34 of 67 (H200 the same chip); a CPU's vector units hold half as
+#: many float64 lanes as float32 ones. A float64 model's matmuls on a K40 were costed 3x too fast.
+#: ``"cuda"`` (a real GPU of unknown model) is profiled, not rooflined, and keeps 1.
+FP64_RATE: dict[str, float] = {"cpu": 0.5, "K40": 1.43 / 4.29, "V100": 7.8 / 15.7, "A100": 9.7 / 19.5,
+                               "H100": 34.0 / 67.0, "H200": 34.0 / 67.0}
+
+#: Node output dtypes that compute in double precision (``attrs["dtype"]`` as captured).
+DOUBLE_DTYPES = frozenset({"torch.float64", "torch.complex128"})
+
+
+def peak_flops_for(device: Device, dtype: object) -> float:
+    """``device``'s peak FLOP/s for a node whose output has ``dtype`` (its string as captured):
+    :data:`FP64_RATE` of ``peak_flops`` in double precision, ``peak_flops`` otherwise.
+
+    >>> from envs.hardware.cluster import Device
+    >>> k40 = Device("gpu0", "K40", 12 * 2**30, 4.29e12, 288e9)
+    >>> round(peak_flops_for(k40, "torch.float64") / 1e12, 2), peak_flops_for(k40, "torch.float32") / 1e12
+    (1.43, 4.29)
+    """
+    if dtype in DOUBLE_DTYPES:
+        return device.peak_flops * FP64_RATE.get(device.kind, 1.0)
+    return device.peak_flops
 
 
 @dataclass(frozen=True)
@@ -271,7 +297,7 @@ def roofline_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofline)
     moved = _num(attrs, "bytes_moved")
     if flops <= 0 and moved <= 0:
         return 0.0, 0.0, 0.0
-    compute = flops / (device.peak_flops * roofline.efficiency)
+    compute = flops / (peak_flops_for(device, attrs.get("dtype")) * roofline.efficiency)
     memory = moved / device.mem_bandwidth
     return max(compute, memory), BACKWARD_FACTOR * max(compute, memory), _op_count(attrs) * roofline.launch_overhead_s
 
@@ -433,7 +459,7 @@ def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: i
         f, b = _num(attrs, "flops"), _num(attrs, "bytes_moved")
         if prof is None or (f <= 0 and b <= 0):
             continue
-        flops.append(f)
+        flops.append(f * device.peak_flops / peak_flops_for(device, attrs.get("dtype")))  # in fp32-equivalent FLOPs
         moved.append(b)
         times.append(prof[0])
         ops.append(_op_count(attrs))
