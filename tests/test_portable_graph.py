@@ -138,13 +138,12 @@ def test_a_pipeline_stage_in_another_process_trains_on_the_hooked_gradient():
     from envs.runtime.module_copy import deep_copy
     from envs.runtime.pipeline.launcher import run_training
     from envs.sim.pipeline_layout import Pipeline
+    from tests.helpers.runtime_models import stages_of
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 8), torch.randn(8, 1)
     gm = capture(_ClippedPair(), (x, y), name="clipped").gm
-    compute = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    cut = compute.index("second")
-    pipe = Pipeline((tuple(compute[:cut]), tuple(compute[cut:])), ("cpu:0", "cpu:1"), 1, "gpipe")
+    pipe = Pipeline(stages_of(gm, {"second"}), ("cpu:0", "cpu:1"), 1, "gpipe")
     run = run_training(gm, {"x": x, "y": y}, pipe, steps=1, optimizer=("sgd", {"lr": 0.1}), timeout_s=120)
     reference = deep_copy(gm)
     reference(x, y).backward()
