@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from graphs.activation_checkpoints import recording_checkpoints, reentrant_calls
 from graphs.autograd_functions import FunctionNotNamed
+from graphs.distribution_checks import distribution_checks_off
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_arguments import EvalArguments
 from graphs.eval_capture import export_eval, mode_baked_by_fx
@@ -173,7 +174,9 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
     refuse_root_backward_hooks(model, name)
     _refuse_graph_module_names(model, name)
     try:
-        return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn, batch_dim)
+        with distribution_checks_off():  # their value checks are control flow no tracer follows
+            return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn,
+                            batch_dim)
     finally:
         set_training_modes(model, user_modes)
 

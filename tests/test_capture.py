@@ -1695,3 +1695,32 @@ def test_a_penalty_over_parameters_that_fx_would_bake_as_a_constant_is_captured_
             optimizer.step()
     for (name, p), q in zip(reference.named_parameters(), placed.parameters()):
         torch.testing.assert_close(q, p, msg=name)
+
+
+class _SamplingPolicy(nn.Module):
+    """An actor that samples its action with torch.distributions in forward (REINFORCE, PPO)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, obs):
+        dist = torch.distributions.Categorical(logits=self.body(obs))
+        action = dist.sample()
+        return dist.log_prob(action), action
+
+
+def test_a_policy_that_samples_from_a_distribution_captures_and_samples_as_the_model_does():
+    """Categorical's argument checks are Python control flow on tensor values: neither tracer
+    could follow them ("Could not guard on data-dependent expression")."""
+    torch.manual_seed(0)
+    model = _SamplingPolicy()
+    obs = torch.randn(32, 6)
+    before = torch.distributions.Distribution._validate_args
+    captured = capture(model, (obs,), name="policy")
+    assert torch.distributions.Distribution._validate_args == before
+    torch.manual_seed(3)
+    logp, action = captured.gm(obs)
+    torch.manual_seed(3)
+    want_logp, want_action = model(obs)
+    assert torch.equal(action, want_action) and torch.equal(logp, want_logp)
