@@ -58,6 +58,7 @@ from graphs.root_hooks import refuse_root_backward_hooks
 from graphs.saved_activations import annotate_saved_bytes
 from graphs.state_completion import complete_state
 from graphs.state_snapshot import TraceTimeUpdate, checked_trace
+from graphs.unregistered_modules import unregistered_modules
 from graphs.update_lines import line_updating
 from graphs.user_frames import describe_frame, modules_running, user_frame, user_frame_calling
 
@@ -172,6 +173,13 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
         model.train()
     trace_modes = training_modes(model)
     refuse_root_backward_hooks(model, name)
+    loose = unregistered_modules(model)
+    if loose:
+        log.warning("%s keeps module(s) %s in a plain Python container, not an nn.ModuleList/ModuleDict: their "
+                    "parameters are not the model's (model.parameters() leaves them out, so no optimizer trains "
+                    "them, .to() does not move them), and placer captures them as constants; expected "
+                    "nn.ModuleList or nn.ModuleDict if they are to train", name, ", ".join(loose[:4])
+                    + (f" and {len(loose) - 4} more" if len(loose) > 4 else ""))
     _refuse_graph_module_names(model, name)
     try:
         with distribution_checks_off():  # their value checks are control flow no tracer follows

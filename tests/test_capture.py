@@ -1724,3 +1724,29 @@ def test_a_policy_that_samples_from_a_distribution_captures_and_samples_as_the_m
     torch.manual_seed(3)
     want_logp, want_action = model(obs)
     assert torch.equal(action, want_action) and torch.equal(logp, want_logp)
+
+
+def test_layers_kept_in_a_plain_list_are_named_in_a_warning_and_captured_as_the_model_computes(caplog):
+    """PyTorch registers no module held in a list: no optimizer trains it, and nothing said so."""
+
+    class Listed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.hidden = [nn.Linear(8, 8) for _ in range(2)]
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for layer in self.hidden:
+                h = torch.relu(layer(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Listed()
+    x = torch.randn(5, 4)
+    with caplog.at_level("WARNING", logger="graphs.capture"):
+        captured = capture(model, (x,), name="listed")
+    assert "listed keeps module(s) hidden[0], hidden[1] in a plain Python container" in caplog.text
+    assert torch.equal(captured.gm(x), model(x))
+    assert {n for n, _ in captured.gm.named_parameters()} == {n for n, _ in model.named_parameters()}
