@@ -35,6 +35,7 @@ import torch
 
 from envs.hardware.rank_devices import RankDevice, RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.rank_status import STARTING, Status, culprit, read_status
+from envs.runtime.file_modules import write_file_modules
 from envs.runtime.listening import nccl_environment
 from envs.runtime.supervisor import Supervisor, make_job_dir
 
@@ -114,6 +115,7 @@ def write_job(
         "tasks": [dict(t) for t in tasks],
     }
     torch.save(job, path / "job.pt")
+    write_file_modules(path)
     return path / "job.pt"
 
 

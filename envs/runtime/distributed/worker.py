@@ -110,10 +110,12 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
     from envs.runtime.distributed.rank_status import DONE, STARTING, RankStatus
     from envs.runtime.distributed.runtime import CountingComm, RankStep, TorchComm, unpack_meta
     from envs.runtime.distributed.stage_state import hold, owned_paths, resident_bytes, tensor_bytes
+    from envs.runtime.file_modules import load_file_modules
     from envs.runtime.split import split_by_rank
     from envs.runtime.step_timer import time_steps
 
     status = RankStatus(job_dir, rank)
+    load_file_modules(job_dir)  # the job's pickle may name what a model file defines (a namedtuple output)
     # Mapped, not read: the weights of other ranks' stages are never paged in.
     job = torch.load(job_dir / "job.pt", weights_only=False, mmap=True)
     if world != len(job["devices"]):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import shutil
 import socket
 import sys
@@ -31,6 +30,7 @@ import torch.fx as fx
 
 from envs.hardware.rank_devices import RankDeviceError, parse_rank_devices
 from envs.runtime.distributed.launcher import free_port
+from envs.runtime.file_modules import write_file_modules
 from envs.runtime.listening import nccl_environment
 from envs.runtime.pipeline.stages import check_static_shapes, whole_pipeline
 from envs.runtime.pipeline.worker import check_ddp_batch, check_optimizer, check_stage_devices
@@ -129,16 +129,6 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _file_modules() -> dict[str, str]:
-    """The model files loaded by path in this process (``graphs.model_file`` registers each as
-    ``placer_model_*``): the job's classes and functions may come from them, and a model file
-    may register what the pickle names only indirectly (a custom operator, pickled as
-    ``torch.ops.<namespace>.<op>``), so the workers load every one of them under the same
-    names before unpickling."""
-    return {name: str(mod.__file__) for name, mod in list(sys.modules.items())
-            if name.startswith("placer_model_") and getattr(mod, "__file__", None)}
-
-
 def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline | None,
               steps: int = 3, optimizer: OptimizerSpec = ("sgd", {"lr": 0.1}),
               loss_fn: Callable[..., torch.Tensor] | None = None, threads: int = 1, timeout_s: float = 120.0,
@@ -168,7 +158,7 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     torch.save({"gm": PortableGraph.of(gm), "inputs": dict(inputs), "pipeline": pipeline.to_dict() if pipeline else None,
                 "steps": steps, "optimizer": optimizer, "loss_fn": loss_fn, "threads": threads,
                 "timeout_s": timeout_s, "warmup": warmup, "batch_dim": batch_dim}, path, pickle_module=portable_pickle)
-    (job_dir / "modules.json").write_text(json.dumps(_file_modules()))
+    write_file_modules(job_dir)
     for stale in job_dir.glob("grads-*.pt"):  # a reused job folder (torchrun's job/): not this job's
         stale.unlink()
     return path

@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from envs.runtime.file_modules import load_file_modules
 from envs.runtime.gradient_reach import parameters_without_gradient
 from envs.runtime.replica_batch_norm import (
     process_group_gather,
@@ -488,24 +489,6 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     res["params"] = {n: p.detach() for n, p in gm.named_parameters()}  # saved before anything changes them
 
 
-def _load_file_modules(job_dir: Path) -> None:
-    """Load the model files the job's classes come from under their recorded names (launcher:
-    ``modules.json``), so unpickling finds them."""
-    import importlib.util
-    import json
-
-    listed = job_dir / "modules.json"
-    if not listed.exists():
-        return
-    for name, path in json.loads(listed.read_text()).items():
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise PipelineError(f"cannot load the model file {path} the job's classes come from")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-
-
 def load_job(job_dir: Path) -> dict[str, Any]:
     """The job file, its model mapped rather than read (``torch.load(mmap=True)``): each rank
     of a job on one host would otherwise hold the whole model in memory of its own until it
@@ -529,7 +512,7 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
 
     from envs.runtime.distributed.worker import _bound_gloo, _listening_addresses, _rendezvous_store
 
-    _load_file_modules(job_dir)
+    load_file_modules(job_dir)
     # What the model files' own imports keep alive (a module-level model) is not the job's.
     imported = held_parameter_bytes()
     job = load_job(job_dir)
