@@ -443,6 +443,7 @@ def _import_file(file: Path) -> ModuleType:
         raise ModelFileError(f"cannot import model file {str(file)!r}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
+    siblings_importable(file)
     try:
         spec.loader.exec_module(module)
     except ImportError as exc:
@@ -460,6 +461,23 @@ def _import_file(file: Path) -> ModuleType:
             f"{_first_line(exc)}"
         ) from None
     return module
+
+
+def siblings_importable(file: str | Path) -> None:
+    """Let a model file import the modules beside it (``from mylayers import Block``), as
+    ``python path/to/model.py`` does: its folder joins ``sys.path``, at the end, so that a file
+    there named like an installed package (or like placer's own ``graphs``) does not shadow it.
+    The folder stays: what the file defines is pickled by reference to those modules too (a worker
+    process that loads the file imports them the same way).
+
+    >>> import sys, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> siblings_importable(Path(folder) / "model.py"); folder in sys.path
+    True
+    """
+    folder = str(Path(file).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
 
 
 def _required_function(module: ModuleType, name: str, label: str) -> Callable:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import textwrap
 
 import pytest
@@ -273,6 +275,23 @@ def test_fit_check_leaves_a_buffer_it_resized_at_its_shape_so_a_worker_captures_
     assert checked.model.observe.min_val.shape == (0,)
     assert capture(checked.model, checked.example_inputs).fingerprint == \
         capture(unchecked.model, unchecked.example_inputs).fingerprint
+
+
+def test_a_model_file_imports_the_helper_module_beside_it_as_python_would(tmp_path):
+    """``from mylayers import Block`` beside the model file: 'No module named mylayers' unless the
+    command ran in that folder (``python path/to/model.py`` imports it from anywhere)."""
+    (tmp_path / "mylayers.py").write_text("import torch\nclass Block(torch.nn.Linear):\n    pass\n")
+    (tmp_path / "envs.py").write_text("raise RuntimeError('a sibling named like placer must not shadow it')\n")
+    spec = load_model_file(write(tmp_path, """
+        import torch
+        from mylayers import Block
+        model = torch.nn.Sequential(Block(3, 2))
+        example_inputs = (torch.randn(4, 3),)
+    """))
+    assert type(spec.model[0]).__name__ == "Block"
+    # at the end of the path: a sibling named like an installed package (graphs.py) does not shadow it
+    assert sys.path.index(str(tmp_path.resolve())) > 0
+    assert importlib.util.find_spec("envs").origin != str(tmp_path / "envs.py")
 
 
 def test_two_files_with_same_name_do_not_clash(tmp_path):

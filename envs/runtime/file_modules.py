@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from graphs.model_file import siblings_importable
+
 __all__ = ["file_modules", "write_file_modules", "load_file_modules"]
 
 #: The file beside ``job.pt`` that lists them.
@@ -52,4 +54,5 @@ def load_file_modules(job_dir: Path) -> None:
             raise ImportError(f"cannot load the model file {path} the job's classes come from")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
+        siblings_importable(path)
         spec.loader.exec_module(module)
