@@ -448,6 +448,12 @@ def _import_file(file: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except ImportError as exc:
         sys.modules.pop(mod_name, None)
+        if "relative import" in str(exc):  # "attempted relative import with no known parent package"
+            raise ModelFileError(
+                f"{file.name}{_line_in(exc, file)} imports relatively (from .module import ...), but a model file "
+                "is loaded by its path, as `python model.py` runs it, outside its package; expected an absolute "
+                f"import: of a module beside it by its name (its folder {str(file.resolve().parent)!r} is on the "
+                "path), or of the package installed or on PYTHONPATH") from None
         raise ModelFileError(
             f"{file.name}{_line_in(exc, file)} failed to import: {type(exc).__name__}: "
             f"{_first_line(exc)}; expected every module it imports to be installed"

@@ -294,6 +294,18 @@ def test_a_model_file_imports_the_helper_module_beside_it_as_python_would(tmp_pa
     assert importlib.util.find_spec("envs").origin != str(tmp_path / "envs.py")
 
 
+def test_a_relative_import_in_a_model_file_says_how_to_import_instead(tmp_path):
+    (tmp_path / "layers.py").write_text("import torch\nBlock = torch.nn.Linear\n")
+    msg = load_error(tmp_path, """
+        import torch
+        from .layers import Block
+        model = Block(3, 2)
+        example_inputs = (torch.randn(4, 3),)
+    """)
+    assert msg.startswith("model.py line 3 imports relatively (from .module import ...), but a model file is "
+                          "loaded by its path") and "expected an absolute import" in msg
+
+
 def test_two_files_with_same_name_do_not_clash(tmp_path):
     a = tmp_path / "a"
     b = tmp_path / "b"
