@@ -438,16 +438,11 @@ def _import_file(file: Path) -> ModuleType:
     # and dataclasses/pickling inside the file find their module in sys.modules.
     digest = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
     mod_name = f"placer_model_{file.stem.replace('-', '_')}_{digest}"
-    spec = importlib.util.spec_from_file_location(mod_name, file)
-    if spec is None or spec.loader is None:
-        raise ModelFileError(f"cannot import model file {str(file)!r}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    siblings_importable(file)
     try:
-        spec.loader.exec_module(module)
+        return import_file_as(mod_name, file)
+    except ModelFileError:
+        raise
     except ImportError as exc:
-        sys.modules.pop(mod_name, None)
         if "relative import" in str(exc):  # "attempted relative import with no known parent package"
             raise ModelFileError(
                 f"{file.name}{_line_in(exc, file)} imports relatively (from .module import ...), but a model file "
@@ -459,13 +454,34 @@ def _import_file(file: Path) -> ModuleType:
             f"{_first_line(exc)}; expected every module it imports to be installed"
         ) from None
     except BaseException as exc:  # SystemExit/KeyboardInterrupt in a user file are also its failure
-        sys.modules.pop(mod_name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise ModelFileError(
             f"{file.name}{_line_in(exc, file)} raised {type(exc).__name__} while loading: "
             f"{_first_line(exc)}"
         ) from None
+
+
+def import_file_as(name: str, file: str | Path) -> ModuleType:
+    """Run ``file`` as the module ``name``, registered in ``sys.modules`` (what it defines pickles
+    by that name) with its folder importable (:func:`siblings_importable`); on any failure the
+    name is unregistered and the error raised as it came. The model-file loader and the worker
+    processes that load the files a job names (:mod:`envs.runtime.file_modules`) both go through it.
+
+    Raises:
+        ModelFileError: no loader for ``file``.
+    """
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"cannot import model file {str(file)!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    siblings_importable(file)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 

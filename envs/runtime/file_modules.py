@@ -12,12 +12,11 @@ files beside the job (:func:`write_file_modules`); each worker loads them before
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from graphs.model_file import siblings_importable
+from graphs.model_file import import_file_as
 
 __all__ = ["file_modules", "write_file_modules", "load_file_modules"]
 
@@ -41,7 +40,7 @@ def load_file_modules(job_dir: Path) -> None:
     written by an older launcher, loads none).
 
     Raises:
-        ImportError: a listed file cannot be loaded.
+        ModelFileError: a listed file has no loader; whatever else a file raises as it loads.
     """
     listed = Path(job_dir) / MODULES_FILE
     if not listed.exists():
@@ -49,10 +48,4 @@ def load_file_modules(job_dir: Path) -> None:
     for name, path in json.loads(listed.read_text()).items():
         if name in sys.modules:
             continue
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load the model file {path} the job's classes come from")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        siblings_importable(path)
-        spec.loader.exec_module(module)
+        import_file_as(name, path)
