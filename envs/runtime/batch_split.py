@@ -284,6 +284,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
             return {"split_samples": size, "split_cause": _parts_failed_cause(failed.error, spec.batch_dim, batch, size)}
     diffs = {f"grad:{n}": (_scaled_diff(grads[n], g) if n in grads else float("inf")) for n, g in full_grads.items()}
     diffs.update({f"grad:{n}": float("inf") for n in grads if n not in full_grads})
+    full_written = [n for n in full_buffers if n.startswith("param:")]  # the parameters one pass wrote
     for n in {n for n in (*buffers, *full_buffers) if n.startswith("param:")}:  # written on one side only
         other = buffers.get(n, full_buffers.get(n))
         assert other is not None
@@ -316,8 +317,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
     elif max(loss_diff, worst_grad) > tolerance:
         start = dict(captured.gm.named_buffers())
         updated = [n for n, b in full_buffers.items() if n in start and _scaled_diff(b, start[n]) > 0]
-        updated += [n for n, b in full_buffers.items() if n.startswith("param:") and _scaled_diff(
-            b, _start_parameter(captured, n.removeprefix("param:"), b)) > 0]
+        updated += full_written
         out["split_cause"] = _split_cause(captured, spec, modes, full_loss, full_grads, loss, split, tolerance,
                                           seed, dtype, updated, replayed=bool(out["split_replayed_draws"]))
     elif worst_buffer[1] > tolerance:
