@@ -307,6 +307,7 @@ def test_apply_over_workers_that_keep_stepping_runs_past_the_time_out_and_runs_e
     assert log.read_text().count("step") == 6, "expected warmup + steps = 6 steps, each run once"
 
 
+@pytest.mark.slow  # the measurer's hung-rank naming stays in the default suite
 def test_apply_over_workers_names_the_rank_that_made_no_progress_and_where(tmp_path, monkeypatch):
     """A real hang still ends the run, after the no-progress time-out, naming the stalled rank and its step."""
     from graphs.errors import PlacerError

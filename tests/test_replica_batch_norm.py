@@ -152,7 +152,7 @@ def test_the_split_check_passes_ddp_replicas_of_a_batchnorm_model_and_says_they_
     assert not piped.split_ok and "BatchNorm in training mode" in piped.describe_split()
 
 
-@pytest.mark.parametrize("layout", ["ddp", "2 stages x 2 replicas"])
+@pytest.mark.parametrize("layout", ["ddp", pytest.param("2 stages x 2 replicas", marks=pytest.mark.slow)])
 def test_ddp_and_a_replicated_pipeline_train_a_batchnorm_model_as_the_full_batch_does(layout):
     """Worker processes over gloo: the losses and the parameters after three SGD steps equal the
     unsplit model's on the whole batch, running statistics included in what the steps see."""
