@@ -110,6 +110,7 @@ def test_apply_and_show_capture_the_model_with_the_leaf_modules_optimize_recorde
     assert "leaf modules (recorded by optimize): 1" in printed and "step time" in printed
 
 
+@pytest.mark.slow
 def test_measuring_workers_capture_the_model_with_the_callers_leaf_modules(function_model_file):
     """A worker loads the model file and captures it again: without the leaves the parent
     captured with, it cannot (this model) or places another graph's nodes."""

@@ -134,6 +134,7 @@ def test_rank_workers_die_with_a_killed_launcher_and_the_next_run_removes_its_jo
             launcher.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_of_placer_during_a_distributed_run_removes_its_job_files_and_workers(tmp_path):
     """SIGTERM while ranks run (here: measuring the links between them at start-up):
     placer exits 143, its job directory and its workers are gone."""

@@ -237,6 +237,7 @@ def test_placements_that_move_only_a_model_input_are_one_run(monkeypatch):
     assert runs == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_short_step_is_timed_often_enough_to_fill_the_minimum_time():
     prep = _prepared("rnnlm")
     half, _ = _placements(prep)
@@ -265,6 +266,7 @@ def test_measurer_refuses_unknown_devices():
         m.measure([{"x": "cuda:3"}])
 
 
+@pytest.mark.slow
 def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):
     """The several-hosts recipe of docs/distributed.md, with 127.0.0.1 and 127.0.0.2 as the
     two hosts: one torchrun per host (node ranks 0 and 1), host-qualified devices, and the

@@ -63,7 +63,8 @@ def test_an_exported_models_placement_is_measured_over_ranks_and_its_ddp_runs(tm
         run_training(gm, inputs, pipe, steps=2, loss_fn=prep.spec.loss_fn, timeout_s=120)
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["DDP", "2-stage pipeline"])
+@pytest.mark.parametrize("pipelined", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["DDP", "2-stage pipeline"])
 def test_a_model_whose_input_is_a_dict_runs_as_ddp_or_a_pipeline_like_one_process(tmp_path, pipelined):
     import copy
 
@@ -127,7 +128,8 @@ def get_loss(out, views, task, y):
 """
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["DDP", "2-stage pipeline"])
+@pytest.mark.parametrize("pipelined", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["DDP", "2-stage pipeline"])
 def test_nested_inputs_reach_the_graphs_leaf_placeholders_and_the_loss_as_the_model_takes_them(tmp_path, pipelined):
     """torch.export's graph takes the pair as two placeholders: paired with the top-level inputs,
     the pair reached an op whole and the last stage's loss missed an input (KeyError 'target');

@@ -166,6 +166,7 @@ class FrozenStem(nn.Module):
         return nn.functional.cross_entropy(self.head(torch.relu(self.c(h))), y)
 
 
+@pytest.mark.slow
 def test_a_pipeline_x_ddp_whose_first_stage_is_frozen_trains_like_the_unsplit_model():
     """DDP refuses a module with no parameter that requires a gradient: the hybrid crashed on
     its first stage ("DistributedDataParallel is not needed ...")."""

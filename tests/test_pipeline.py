@@ -64,6 +64,7 @@ def test_prepare_zoo_with_profile(tmp_path):
     assert sum(d["time"]["cpu"] for _, d in g.nodes(data=True)) > 0
 
 
+@pytest.mark.slow  # a wall-clock bound: benchmarks/bench_capture.py --scale times it
 def test_capture_of_1000_nodes_is_fast():
     model = Deep()
     start = time.perf_counter()

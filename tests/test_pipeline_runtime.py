@@ -52,7 +52,7 @@ SGD = ("sgd", {"lr": 0.1, "momentum": 0.9})
 
 @pytest.mark.parametrize("cls, schedule, cuts", [
     (Chain, "gpipe", {"l3"}),
-    (Skip, "1f1b", {"l2"}),
+    pytest.param(Skip, "1f1b", {"l2"}, marks=pytest.mark.slow),
 ])
 def test_two_stage_pipeline_trains_like_the_unsplit_model_on_the_full_batch(cls, schedule, cuts):
     gm, batch = model_and_batch(cls)
@@ -93,6 +93,7 @@ class Transposed(nn.Module):
         return F.cross_entropy(self.head(u), y)
 
 
+@pytest.mark.slow
 def test_a_strided_view_crossing_a_boundary_is_sent_and_received_contiguous():
     """gloo sends and receives only contiguous tensors: the stage before sends the view
     contiguous and the stage after must receive it into a contiguous buffer (it crashed with
@@ -108,7 +109,7 @@ def test_ddp_over_two_processes_trains_like_the_unsplit_model():
     assert_same(run, reference(gm, batch))
 
 
-@pytest.mark.parametrize("pipelined", [True, False], ids=["pipeline", "ddp"])
+@pytest.mark.parametrize("pipelined", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["pipeline", "ddp"])
 def test_sequence_first_inputs_are_split_along_their_batch_dimension_and_train_like_the_unsplit_model(pipelined):
     gm, batch = sequence_first_batch()
     pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 2, "gpipe") if pipelined else None
@@ -169,6 +170,7 @@ def test_a_dead_stage_process_ends_the_job_naming_its_rank_and_nothing_is_left_r
             os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_the_documented_torchrun_example_runs_a_pipelined_job_on_one_host(tmp_path):
     import socket
     import subprocess
@@ -249,6 +251,7 @@ class NamesItsLabelsTarget(Chain):
         return super().forward(x, target)
 
 
+@pytest.mark.slow
 def test_a_model_input_named_like_a_keyword_of_the_schedule_reaches_the_stages():
     """``target`` (and ``losses``) are keywords of ``schedule.step``: handed over by name, the
     labels were taken as the schedule's target and the job failed on its first step."""
@@ -409,6 +412,7 @@ class CarriesItsState(nn.Module):
         return F.cross_entropy(self.head(out[:, -1] + h[-1]), y)
 
 
+@pytest.mark.slow
 def test_a_state_input_holding_the_batch_on_another_dimension_is_cut_along_it_and_trains_like_the_unsplit_model():
     """The state's dim 0 is the layer count: passed whole, every micro-batch's LSTM refused it
     ("Expected hidden[0] size (2, 4, 16), got [2, 8, 16]") and such models' pipelines and DDP were set aside."""

@@ -194,6 +194,7 @@ def get_example_inputs():
 """
 
 
+@pytest.mark.slow
 def test_a_syncbatchnorm_model_placed_over_worker_ranks_and_pipelined_without_replicas_runs_as_one_process(tmp_path):
     """Under the job's process group SyncBatchNorm tried to sync with ranks holding other layers and
     raised 'SyncBatchNorm expected input tensor to be on GPU': every placement and pipeline of

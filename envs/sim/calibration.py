@@ -161,7 +161,7 @@ class Calibration:
             )
         return scaled_problem(problem, self.compute_scale, self.latency_scale, self.bandwidth_scale)
 
-    def predict(self, problem: PlacementProblem, placements: Any, backend: str = "numpy") -> np.ndarray:
+    def predict(self, problem: PlacementProblem, placements: Any, backend: str = "auto") -> np.ndarray:
         """Calibrated step times [B] of a batch of placements (index rows or node→device dicts)."""
         rows = _rows(problem, placements)
         return simulate_batch(self.apply(problem), rows, backend=backend).step_time + self.overhead_s
@@ -204,7 +204,7 @@ def calibrate_simulator(
     fit_links: bool = True,
     fit_overhead: bool = True,
     prior_weight: float = 1e-3,
-    backend: str = "numpy",
+    backend: str = "auto",
     outlier_scale: float | None = OUTLIER_SCALE,
 ) -> Calibration:
     """Fit per-device compute scales (one per kind for the processes of a rank cluster),
@@ -218,7 +218,9 @@ def calibrate_simulator(
         fit_links: fit the latency and bandwidth scales (else keep the spec's links).
         fit_overhead: fit a constant per-step overhead (else 0).
         prior_weight: strength of the pull of each log-scale towards 0 (scale 1).
-        backend: simulator backend (numpy is quickest for the small batches used here).
+        backend: simulator backend; the default (numba when available) fitted a GPT-2 small on
+            4xK40 from 20 placements in 0.16 s of CPU against 8.2 s with ``"numpy"``, whose
+            several-GPU rows run the autograd engine's event loop in Python (same fit).
         outlier_scale: log-ratio beyond which a measurement's misfit counts linearly, not
             squared (soft L1), so a few disturbed runs cannot pull the fit
             (:data:`OUTLIER_SCALE`); None: plain least squares.

@@ -66,7 +66,10 @@ def batch_serial(pl, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_gr
                  thread_of, n_threads, lat, inv_bw, blocking, is_cpu, consts, id_base, id_op, force_events, step, recv,
                  acc, ok):  # pragma: no cover - compiled
     """Every placement on the calling thread (small batches: waking workers costs more)."""
-    _rows(0, pl.shape[0], pl, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_grad, rg, gpred_ptr, gpred_src,
+    # A typed zero, not the literal 0: a literal gives _rows a second compiled signature
+    # beside batch_parallel's (~5 s more on a cold cache).
+    first = np.int64(0)
+    _rows(first, pl.shape[0], pl, op_group, cost, nd, succ_ptr, succ_dst, succ_bytes, succ_grad, rg, gpred_ptr, gpred_src,
           rd, wr, thread_of, n_threads, lat, inv_bw, blocking, is_cpu, consts, id_base, id_op, force_events, step,
           recv, acc, ok)
 
