@@ -14,6 +14,7 @@ from envs.gym.placement_env import PlacementEnv
 from envs.gym.reward_modes import make_reward_model
 from envs.gym.rewards import INVALID_MARGIN, normalised_reward, serial_time_bound
 from envs.gym.sequential_env import SequentialPlacementEnv
+from envs.runtime.measurer import MeasureResult
 from envs.sim.simulator import simulate_batch
 from tests.helpers.measurers import ClosableFake, FakeMeasurer, FakeResult
 from tests.helpers.problems import random_problem
@@ -126,6 +127,44 @@ def test_hybrid_recalibrates_from_measurements():
         PlacementEnv(problem, reward_mode="hybrid")
     with pytest.raises(EnvConfigError, match="measure_every"):
         PlacementEnv(problem, reward_mode="hybrid", measurer=meas, measure_every=0)
+
+
+class _NoisyProfile(FakeMeasurer):
+    """Measures what the uncalibrated simulator says, give or take 10% of noise per run: the
+    profile is right, and a fit of its knobs to these runs can only fit the noise."""
+
+    def _one(self, placement):
+        self.calls.append(dict(placement))
+        row = self.problem.placement_to_array(placement)
+        noise = np.random.default_rng(len(self.calls)).normal(0.0, 0.1)
+        return MeasureResult(float(simulate_batch(self.problem, row[None]).step_time[0]) * (1.0 + noise))
+
+
+def test_hybrid_sets_aside_a_fit_that_predicts_left_out_measurements_worse_than_the_profile():
+    problem = random_problem(n=12, d=3, seed=4)
+    env = PlacementEnv(problem, reward_mode="hybrid", measurer=_NoisyProfile(problem), hierarchical=False,
+                       seed=0, measure_every=8, measure_top_k=2)
+    model = env.reward_model
+    rng = np.random.default_rng(0)
+    for _ in range(48):
+        env.step(rng.integers(0, 3, size=12))
+    assert len(model.measurements) == 12
+    assert model.calibrations_set_aside >= 1
+    # The rewards stay on the profile's scale: no fit of the noise is in use.
+    assert model.calibration is None and model.sim_problem is problem and model.sim_overhead == 0.0
+    rows = rng.integers(0, 3, size=(8, 12))
+    np.testing.assert_array_equal(model.simulate(rows).step_time, simulate_batch(problem, rows).step_time)
+
+
+def test_hybrid_takes_a_fit_that_predicts_left_out_measurements_better():
+    problem = random_problem(n=12, d=3, seed=4)
+    env = PlacementEnv(problem, reward_mode="hybrid", measurer=FakeMeasurer(problem, slowdown=(1.0, 3.0, 3.0)),
+                       hierarchical=False, seed=0, measure_every=8, measure_top_k=2)
+    rng = np.random.default_rng(0)
+    for _ in range(48):
+        env.step(rng.integers(0, 3, size=12))
+    model = env.reward_model
+    assert model.calibrations_set_aside == 0 and model.calibration is not None
 
 
 def test_hybrid_in_the_batched_vec_env_measures_the_batch_best():

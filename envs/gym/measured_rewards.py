@@ -13,7 +13,10 @@ See :mod:`envs.gym.rewards` for the reward itself and the ``simulated`` mode.
   the ``measure_top_k`` best not-yet-measured candidates are measured, and from three valid
   measurements on the simulator is recalibrated with
   :func:`envs.sim.calibration.calibrate_simulator` (per-device compute scales, link scales, a step
-  overhead). The reference, the candidate pool and later rewards use the calibrated simulator.
+  overhead). The reference, the candidate pool and later rewards use the calibrated simulator
+  — once a fit predicts measurements left out of it better than the profile does
+  (:func:`envs.sim.calibration.cross_validated`); a fit that does not is set aside, and the
+  rewards stay on (or go back to) the uncalibrated simulator.
 
 Whoever needs the hybrid reward's measurements or calibration, or schedules its
 :meth:`HybridReward.measure_best` (``placer``'s hybrid rounds), holds the reward model
@@ -22,6 +25,7 @@ itself; the measurer knows nothing of the reward models that call it.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +37,8 @@ from envs.gym.rewards import Evaluation, RewardModel, simulate_rows
 from envs.runtime.measurer import Measurer, MeasureResult, program_key
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError
+
+log = logging.getLogger(__name__)
 
 
 class MeasuredReward(RewardModel):
@@ -138,7 +144,10 @@ class HybridReward(MeasuredReward):
     Attributes:
         measurements: list of ``(row, step_time, valid, reason)`` in measuring order.
         calibration: the latest :class:`envs.sim.calibration.Calibration`, or None.
-        calibrations: how many times the simulator was recalibrated.
+        calibrations: how many times the simulator's scale changed (a fit taken, or a fit
+            set aside after an earlier one was taken).
+        calibrations_set_aside: fits that predicted left-out measurements no better than the
+            uncalibrated simulator (:func:`envs.sim.calibration.cross_validated`).
     """
 
     mode = "hybrid"
@@ -154,6 +163,7 @@ class HybridReward(MeasuredReward):
         self.pool_size = max(positive_int("pool_size", pool_size), self.measure_top_k)
         self.calibration: Any = None
         self.calibrations = 0
+        self.calibrations_set_aside = 0
         self.measurements: list[tuple[np.ndarray, float, bool, str]] = []
         self._pool: dict[bytes, _Candidate] = {}
         self._programs: set[tuple[tuple[str, str], ...]] = set()  # programs measured (program_key)
@@ -229,14 +239,25 @@ class HybridReward(MeasuredReward):
         good = [(r, t) for r, t, v, _ in self.measurements if v]
         if len(good) < self.MIN_MEASUREMENTS:
             return
-        from envs.sim.calibration import CalibrationError, calibrate_simulator
+        from envs.sim.calibration import CalibrationError, calibrate_simulator, cross_validated
 
+        rows, times = np.stack([r for r, _ in good]), [t for _, t in good]
+        cal: Any
         try:
-            cal = calibrate_simulator(self.problem, np.stack([r for r, _ in good]), [t for _, t in good])
+            cal = calibrate_simulator(self.problem, rows, times)
+            cv = cross_validated(self.problem, rows, times)
         except CalibrationError:
             return  # e.g. degenerate data; keep the current simulator
+        if cv is not None and cv["calibrated"] >= cv["uncalibrated"]:
+            self.calibrations_set_aside += 1
+            log.info("calibration from %d measurements set aside: it predicts measurements left out of it "
+                     "%.1f%% off, the uncalibrated simulator %.1f%%", len(good), 100 * cv["calibrated"],
+                     100 * cv["uncalibrated"])
+            if self.calibration is None:
+                return
+            cal = None
         self.calibration = cal
-        self._calibrated_problem = cal.apply(self.problem)
+        self._calibrated_problem = cal.apply(self.problem) if cal is not None else None
         self.calibrations += 1
         # The reference is re-simulated on the calibrated simulator (a time in seconds stays).
         self.reference_time, self.reference_placement = self._resolve_reference(self._reference_spec)

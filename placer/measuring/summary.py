@@ -30,6 +30,8 @@ class MeasurementSummary:
         requests: measurements asked for, repeats (answered from the log) included.
         rounds: the hybrid rounds (see :class:`~placer.measuring.hybrid_rounds.HybridRounds`).
         search_calibrations: recalibrations of the simulator during the search.
+        calibrations_set_aside: fits of the search that predicted left-out measurements no
+            better than the uncalibrated simulator, so were not used.
         calibration: a calibration fitted on all valid measurements at the end (None
             with fewer than three).
         holdout: agreement on placements measured after a calibration predicted them:
@@ -43,6 +45,7 @@ class MeasurementSummary:
     requests: int
     rounds: list[dict[str, Any]] = field(default_factory=list)
     search_calibrations: int = 0
+    calibrations_set_aside: int = 0
     calibration: Calibration | None = None
     holdout: dict[str, Any] | None = None
     pipelines: list[MeasuredPipeline] = field(default_factory=list)
@@ -74,6 +77,7 @@ class MeasurementSummary:
             "distinct_placements": self.placements, "repeats": self.repeats,
             "invalid": self.invalid, "requests": self.requests, "rounds": self.rounds,
             "search_calibrations": self.search_calibrations,
+            "calibrations_set_aside": self.calibrations_set_aside,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "holdout": self.holdout,
             "placements": [
@@ -143,6 +147,7 @@ def summarize(measurer: PlacementMeasurer, reward: str, rounds: Sequence[dict[st
         reward=reward, description=measurer.description, records=list(measurer.records),
         requests=measurer.requests, rounds=list(rounds),
         search_calibrations=measurer.hybrid.calibrations if measurer.hybrid is not None else 0,
+        calibrations_set_aside=measurer.hybrid.calibrations_set_aside if measurer.hybrid is not None else 0,
         calibration=cal, holdout=holdout, pipelines=list(measurer.pipeline_records),
         distinct=len(set(programs)),
         repeats=repeat_spread([(key, r.step_time) for key, r in zip(programs, measurer.records) if r.valid]),

@@ -264,7 +264,7 @@ def measurement_section(result: "OptimizeResult") -> list[str]:
     ]
     if m.reward == "hybrid":
         lines.append(f"- the simulator was recalibrated {m.search_calibrations} time(s) during the search, "
-                     f"in {len(m.rounds)} measurement round(s).")
+                     f"in {len(m.rounds)} measurement round(s){_set_aside_text(m)}.")
     if m.calibration is not None:
         cal = m.calibration
         scales = ", ".join(f"{d} ×{k:.2f}" for d, k in zip(cal.device_names, cal.compute_scale))
@@ -388,7 +388,8 @@ def summary_lines(result: "OptimizeResult") -> list[str]:
                           "(pipelines, DDP, the one-process reference)" if others else "every step time above is simulated")
                        + f" (first failure: {first.splitlines()[0][:200]})")
         if m.reward == "hybrid":
-            out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)")
+            out.append(f"simulator recalibrated {m.search_calibrations} time(s) in {len(m.rounds)} round(s)"
+                       + _set_aside_text(m))
         if m.calibration is not None:
             out.append(f"calibration: before {_agreement_text(m.calibration.before)}; "
                        f"after {_agreement_text(m.calibration.after)}")
@@ -419,3 +420,11 @@ def _repeats_text(repeats: Mapping[str, float]) -> str:
         text += (f" (every one ran {'slower' if shift > 0 else 'faster'} the second time, {abs(shift):.1%} at the "
                  "median: much of it is the machine's state between jobs, which placements run side by side share)")
     return text
+
+
+def _set_aside_text(m: MeasurementSummary) -> str:
+    """The fits the search did not use, in words ("" when it used every one)."""
+    if not m.calibrations_set_aside:
+        return ""
+    return (f"; {m.calibrations_set_aside} fit(s) set aside, since they predicted measurements left out of "
+            "them no better than the uncalibrated simulator")
