@@ -33,6 +33,7 @@ import cloudpickle
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["PortableGraph", "portable_pickle"]
 
@@ -183,6 +184,19 @@ def _hooked_parameter(data: torch.Tensor, requires_grad: bool, hooks: list[Any],
     return parameter
 
 
+def _parametrized_module(base: type[nn.Module], state: dict[str, Any], names: list[str]) -> nn.Module:
+    """A module with parametrized tensors again (:mod:`torch.nn.utils.parametrize`): its
+    pickled state (the parametrizations and their originals among its submodules) under the
+    class parametrize makes, with a property for each parametrized tensor, as
+    ``register_parametrization`` leaves it."""
+    module = base.__new__(base)
+    module.__dict__.update(state)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    return module
+
+
 def _script_module(data: bytes) -> torch.jit.ScriptModule:
     """A TorchScript module again, from the bytes :func:`torch.jit.save` wrote."""
     return torch.jit.load(io.BytesIO(data))
@@ -200,6 +214,11 @@ class _Pickler(cloudpickle.Pickler):
       value, as cloudpickle writes it; pickle refused it ("Can't pickle local object
       'Net.__init__.<locals>.<lambda>'"), so no pipeline or DDP of such a model was measured.
       Functions and classes it can find by name are written by name, as pickle writes them.
+    - A module with parametrized tensors (``torch.nn.utils.parametrizations.spectral_norm`` or
+      ``weight_norm``, ``parametrize.register_parametrization``) is written as its class before
+      parametrizing, its state and the names of its parametrized tensors: torch refuses to pickle
+      one ("Serialization of parametrized modules is only supported through state_dict()"),
+      so no pipeline or DDP of a spectrally normalised GAN was measured.
     - A parameter with gradient hooks (``self.fc.weight.register_hook(lambda g: g.clamp(-1, 1))``)
       is written with them: torch pickles a tensor without its hooks (``Tensor._reduce_ex_internal``
       writes an empty ``OrderedDict``), so a pipeline stage or DDP replica in another process
@@ -211,6 +230,9 @@ class _Pickler(cloudpickle.Pickler):
             buffer = io.BytesIO()
             torch.jit.save(obj, buffer)
             return _script_module, (buffer.getvalue(),)
+        if isinstance(obj, nn.Module) and parametrize.is_parametrized(obj):
+            names = [name for name, _ in obj.get_submodule("parametrizations").named_children()]
+            return _parametrized_module, (parametrize.type_before_parametrizations(obj), dict(obj.__dict__), names)
         if type(obj) is nn.Parameter and obj._backward_hooks:
             return _hooked_parameter, (obj.detach(), obj.requires_grad, list(obj._backward_hooks.values()),
                                        dict(obj.__dict__))
