@@ -307,48 +307,36 @@ def _model_of(argv: Sequence[str]) -> tuple[str, dict[str, str], tuple[str, ...]
     return args.model, model_args, leaves
 
 
-#: Profiles tried before a stated group count is called stale: grouping merges ops by their
-#: measured times, so on a loaded machine one op near the merge threshold can move a count by one.
-PROFILES = 3
+def prepared_counts(model: str, model_args: dict[str, str], leaves: tuple[str, ...]) -> tuple[int, int]:
+    """(ops, most groups) of ``model`` as ``placer optimize`` captures and groups it.
 
-
-def prepared_counts(model: str, model_args: dict[str, str], leaves: tuple[str, ...],
-                    fresh: bool = False) -> tuple[int, int]:
-    """(ops, groups) of ``model`` as ``placer optimize`` prepares it: captured, profiled, grouped.
-
-    The first try uses the op-profile cache, as the documented command does; ``fresh``
-    profiles again into an empty cache.
+    The op count is exact (capture is deterministic). The group count is not: grouping merges
+    the ops the CPU profile times under 20 us into a neighbour, so it follows the machine's
+    speed and load (the README's 2-layer NMT: 15 groups in its run, 17, 18, 21 and 26 on one
+    VM on 2026-12-07 with the same code). What is fixed is the most it can be: the groups of the
+    unprofiled graph, where only the mandatory merges and the ops that do no work are made
+    (more merges only ever make fewer groups).
     """
-    import tempfile
-
+    from graphs.grouping import group_graph
     from graphs.pipeline import prepare
     from placer.options import parse_model_args
 
     source = model if model.startswith("zoo:") else str(ROOT / model)
     args = parse_model_args([f"{k}={v}" for k, v in model_args.items()])
-    with tempfile.TemporaryDirectory() if fresh else contextlib.nullcontext() as cache:
-        prepared = prepare(source, model_args=args, profile=True, leaf_modules=leaves, cache_dir=cache)
-    return prepared.captured.graph.number_of_nodes(), len(set(prepared.grouping.op_to_group.values()))
+    prepared = prepare(source, model_args=args, profile=False, leaf_modules=leaves)
+    graph = prepared.captured.graph
+    return graph.number_of_nodes(), len(set(group_graph(graph, gm=prepared.captured.gm).op_to_group.values()))
 
 
 def count_problem(stated: tuple[int, int], model: tuple[str, dict[str, str], tuple[str, ...]]) -> str | None:
-    """Why the stated (ops, groups) cannot be what ``placer optimize`` prints today, or None.
-
-    The op count is exact (capture is deterministic); the group count must come out of one
-    of :data:`PROFILES` profiles.
-    """
-    seen: list[tuple[int, int]] = []
-    for attempt in range(PROFILES):
-        counts = prepared_counts(*model, fresh=attempt > 0)
-        seen.append(counts)
-        if counts[0] != stated[0] or counts == stated:
-            break
-    if stated in seen:
+    """Why the stated (ops, groups) cannot be what ``placer optimize`` prints today, or None:
+    the op count must be exact, the group count between 1 and the most any profile can give
+    (:func:`prepared_counts`)."""
+    ops, most = prepared_counts(*model)
+    if stated[0] == ops and 1 <= stated[1] <= most:
         return None
-    ops = seen[0][0]
-    groups = ", ".join(str(g) for g in sorted({g for _, g in seen}))
     return (f"says {stated[0]} ops in {stated[1]} groups for {model[0]}; capture and grouping give {ops} ops "
-            f"in {groups} groups today ({len(seen)} profile(s))")
+            f"in 1 to {most} groups today (the count within that follows the machine's op profile)")
 
 
 def _paragraph_near(lines: list[str], first: int, last: int) -> str:
