@@ -15,6 +15,16 @@ from graphs.capture import capture
 from graphs.portable_graph import PortableGraph
 
 
+def _crossed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` after the trip a worker process gets: written with placer's pickler, read back."""
+    from graphs.portable_graph import portable_pickle
+
+    buffer = io.BytesIO()
+    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False).module()
+
+
 class _Counting(nn.Module):
     def __init__(self):
         super().__init__()
@@ -82,7 +92,6 @@ def test_a_lambda_hook_on_a_layer_crosses_to_a_worker_and_still_runs():
     """A forward pre-hook written as a lambda in the model's __init__: pickle refused the graph
     ("Can't pickle local object 'Net.__init__.<locals>.<lambda>'"), so no pipeline or DDP of
     such a model was measured."""
-    from graphs.portable_graph import portable_pickle
 
     torch.manual_seed(0)
     model = _Plain()
@@ -91,10 +100,7 @@ def test_a_lambda_hook_on_a_layer_crosses_to_a_worker_and_still_runs():
     gm = capture(model, (x,), name="hooked").gm
     with pytest.raises((AttributeError, pickle.PicklingError), match="local object"):
         pickle.dumps(PortableGraph.of(gm))
-    buffer = io.BytesIO()
-    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False).module()
+    again = _crossed(gm)
     torch.manual_seed(0)
     unhooked = _Plain()
     assert torch.equal(again(x), model(x)) and not torch.equal(again(x), unhooked(x))
@@ -103,17 +109,13 @@ def test_a_lambda_hook_on_a_layer_crosses_to_a_worker_and_still_runs():
 def test_a_gradient_hook_on_a_parameter_crosses_to_a_worker_and_still_runs():
     """``weight.register_hook(...)``: torch pickles a tensor without its hooks, so a pipeline
     stage in another process trained on the unclipped gradient, silently."""
-    from graphs.portable_graph import portable_pickle
 
     torch.manual_seed(0)
     model = _Plain()
     model.lin.weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
     x = torch.randn(3, 4)
     gm = capture(model, (x,), name="clipped").gm
-    buffer = io.BytesIO()
-    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False).module()
+    again = _crossed(gm)
     again(x).pow(2).sum().backward()
     model(x).pow(2).sum().backward()
     assert torch.equal(again.lin.weight.grad, model.lin.weight.grad)
@@ -129,16 +131,12 @@ def test_spectrally_and_weight_normalised_layers_cross_to_a_worker_and_train_the
     from torch.nn.utils import parametrize
     from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-    from graphs.portable_graph import portable_pickle
 
     torch.manual_seed(0)
     model = nn.Sequential(spectral_norm(nn.Linear(4, 8)), nn.LeakyReLU(0.2), weight_norm(nn.Linear(8, 1)))
     x = torch.randn(5, 4)
     gm = capture(model, (x,), name="sn").gm
-    buffer = io.BytesIO()
-    torch.save(PortableGraph.of(gm), buffer, pickle_module=portable_pickle)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False).module()
+    again = _crossed(gm)
     assert parametrize.is_parametrized(again.get_submodule("0"), "weight")
     assert parametrize.is_parametrized(again.get_submodule("2"), "weight")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (gm, again)]
