@@ -56,6 +56,7 @@ from graphs.placement_graph import build_placement_graph
 from graphs.python_draws import ChangingValue
 from graphs.root_hooks import refuse_root_backward_hooks
 from graphs.saved_activations import annotate_saved_bytes
+from graphs.stale_state import held_tensors_kept, refusing_stale_state
 from graphs.state_completion import complete_state
 from graphs.state_snapshot import TraceTimeUpdate, checked_trace
 from graphs.unregistered_modules import unregistered_modules
@@ -182,7 +183,8 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] =
                     + (f" and {len(loose) - 4} more" if len(loose) > 4 else ""))
     _refuse_graph_module_names(model, name)
     try:
-        with distribution_checks_off():  # their value checks are control flow no tracer follows
+        # distribution checks: their value checks are control flow no tracer follows
+        with distribution_checks_off(), held_tensors_kept(model):
             return _capture(model, inputs, leaf_modules, leaf_types, leaf_names, name, trace_modes, loss_fn,
                             batch_dim)
     finally:
@@ -223,7 +225,9 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                         "activation instead of recomputing them: the same results, more memory than the model "
                         "uses. To keep it, call checkpoint inside a module's forward and name that module as a leaf "
                         "module (leaf_modules, or --leaf): a leaf runs its own forward", name, shown)
-        with quiet_torch_logs(logging.CRITICAL):  # a failure here is the fallback's cue, not the user's news
+        # A failure here is the fallback's cue, not the user's news; so is a stale constant
+        # (torch.export runs the hooks that write it, and records the read).
+        with quiet_torch_logs(logging.CRITICAL), refusing_stale_state(gm, model):
             shapes_from = propagate_shapes(gm, inputs)
         method = "fx"
         baked = mode_baked_by_fx(model, inputs, gm, leaf_types, leaf_names, trace_modes, training_attributes, batch_dim)

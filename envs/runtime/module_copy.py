@@ -10,6 +10,7 @@ check copies the user's model with them, so both sides of a check keep the same 
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any, TypeVar
 
 import torch
@@ -50,10 +51,66 @@ def deep_copy(module: ModuleT) -> ModuleT:
     old weight_norm keep as attributes (:func:`_computed_attributes`). apply copies the captured
     graph with it, and the numerical check copies the user's model with it, so both sides keep
     the same hooks."""
-    twin = copy.deepcopy(module, _computed_attributes(module))
+    memo = _computed_attributes(module)
+    twin = copy.deepcopy(module, memo)
+    _rebind_hook_closures(module, twin, memo)
     _leaf_script_parameters(twin)
     _keep_parameter_extras(module, twin)
     return twin
+
+
+#: The hook tables of a module whose functions :func:`_rebind_hook_closures` rebinds.
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _rebind_hook_closures(src: torch.nn.Module, twin: torch.nn.Module, memo: dict[int, Any]) -> None:
+    """Make the copy's hooks that are closures refer to the copy.
+
+    ``copy.deepcopy`` copies a function by reference, so a hook registered as a closure over the
+    model (``self.body[1].register_forward_hook(lambda m, i, o: self.features.__setitem__("mid",
+    o))``, deep supervision) still wrote into the *original*'s ``features`` while the copy's
+    forward read its own: the check's reference computed with a stale activation and called a
+    right placement different (gradients 1.9e-02 apart). A closure cell holding an object this
+    copy copied (``memo``: original id -> copy) is given the copy, and so is one holding a module
+    that shares its parameter table with a copied one (the model ``get_model()`` built, of which
+    the model placer holds is a view when forward() takes fewer inputs than the batch gives);
+    bound-method hooks are rebound by deepcopy itself."""
+    by_table = {id(vars(o).get("_parameters")): t for o, t in zip(src.modules(), twin.modules())}
+
+    def copied(value: Any) -> Any:
+        if id(value) in memo:
+            return memo[id(value)]
+        if isinstance(value, torch.nn.Module):
+            return by_table.get(id(vars(value).get("_parameters")), value)
+        return value
+
+    for module in twin.modules():
+        for table in _HOOK_TABLES:
+            hooks = getattr(module, table, None)
+            if not hooks:
+                continue
+            for key, hook in list(hooks.items()):
+                cells = getattr(hook, "__closure__", None)
+                if not isinstance(hook, types.FunctionType) or not cells:
+                    continue
+                contents = []
+                for cell in cells:
+                    try:
+                        contents.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        contents.append(_EMPTY)
+                replaced = [c if c is _EMPTY else copied(c) for c in contents]
+                if all(r is c for r, c in zip(replaced, contents)):
+                    continue
+                new_cells = tuple(types.CellType() if c is _EMPTY else types.CellType(c) for c in replaced)
+                rebound = types.FunctionType(hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__,
+                                             new_cells)
+                rebound.__kwdefaults__ = hook.__kwdefaults__
+                rebound.__dict__.update(hook.__dict__)
+                hooks[key] = rebound
+
+
+_EMPTY = object()
 
 
 def _leaf_script_parameters(twin: torch.nn.Module) -> None:
@@ -80,14 +137,30 @@ def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
     (``weight = weight_orig * weight_mask``) and recompute it in a forward pre-hook at every call;
     torch refuses to deep-copy a tensor that is not a graph leaf, so apply_placement failed on
     every such model (walkthrough: RuntimeError "Only Tensors created explicitly by the user").
-    The copy's value is the current one; its hook recomputes it from the copied parameters."""
+    The copy's value is the current one; its hook recomputes it from the copied parameters.
+
+    Tensors inside an attribute's dicts, lists and tuples count too: a forward hook that keeps
+    an activation for a loss (``self.features["mid"] = output``, deep supervision) left one there
+    after every forward, and the numerical check ended placer with that RuntimeError's traceback."""
     memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.nn.Parameter) and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < _CONTAINER_DEPTH and isinstance(value, (dict, list, tuple)):
+            for item in value.values() if isinstance(value, dict) else value:
+                visit(item, depth + 1)
+
     for module in root.modules():
         for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
-                    and value.grad_fn is not None and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
+            if not isinstance(value, torch.nn.Module):
+                visit(value, 0)
     return memo
+
+
+#: How deep :func:`_computed_attributes` looks into an attribute's containers.
+_CONTAINER_DEPTH = 4
 
 
 def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:
