@@ -487,3 +487,32 @@ def test_the_gantt_chart_of_a_rank_placement_draws_the_rank_trace_with_its_gradi
     assert plot_gantt(problem, row, tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ops = {"a": "cpu:0", "b": "cpu:1", "c": "cpu:1", "output": "cpu:1"}
     assert _rank_schedule(problem, ops, op_level=True).step_time == pytest.approx(sched.step_time, rel=1e-12)
+
+
+def test_a_placement_the_rank_simulator_refuses_has_no_gantt_chart_and_says_why(tmp_path):
+    """A pipelined winner whose assignment, run un-pipelined, hands a value to another rank before
+    updating it in place: the chart of that run ended placer with matplotlib's "Axis limits cannot
+    be NaN or Inf" after every result file but the pictures was written."""
+    import torch
+    from torch import nn
+
+    from envs.sim.problem_compile import compile_problem
+    from graphs.capture import capture
+    from placer.report.gantt import NoSchedule, plot_gantt
+
+    class Normalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = x.clone()
+            x.sub_(x.mean(dim=1, keepdim=True))
+            return self.fc(x)
+
+    graph = capture(Normalised(), (torch.randn(4, 8),), name="normalised").graph
+    problem = compile_problem(graph, ranks_cluster(2))
+    ops = {name: ("cpu:1" if name.startswith("fc") or name == "output" else "cpu:0") for name in problem.ops.names}
+    with pytest.raises(NoSchedule, match="updates 'clone' in place after the value left its stage"):
+        plot_gantt(problem, ops, tmp_path / "schedule.png")
+    assert not (tmp_path / "schedule.png").exists()

@@ -30,6 +30,7 @@ from envs.sim.problem import PlacementProblem
 from envs.sim.rank_schedule import RankSchedule
 from envs.sim.simulator import Schedule, schedule, simulate_batch, simulate_ops
 from graphs.atomic_write import atomic_path
+from graphs.errors import PlacerError
 
 COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "optimizer": "#8172B3", "runtime": "#937860",
            "copy": "#55A868", "gradient copy": "#C44E52"}
@@ -114,9 +115,17 @@ def _rank_schedule(problem: PlacementProblem, placement: Mapping[str, str] | Seq
     return sim.simulate(sim.placement_of_row(row, problem.node_names))
 
 
+class NoSchedule(PlacerError, ValueError):
+    """The simulator gives the placement no finite step, so there is no schedule to draw."""
+
+
 def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequence[int] | np.ndarray,
                path: str | os.PathLike, title: str | None = None) -> Path:
-    """Draw the simulated step of ``placement`` to a PNG at ``path`` and return the path."""
+    """Draw the simulated step of ``placement`` to a PNG at ``path`` and return the path.
+
+    Raises:
+        NoSchedule: the simulator refuses the placement (its step is not finite), with its reason.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +142,9 @@ def plot_gantt(problem: PlacementProblem, placement: Mapping[str, str] | Sequenc
         sched = schedule(problem, placement, ops=op_level)
         rows = gantt_rows(problem, sched)
         res = sched.result
+    if not np.isfinite(res.step_time):
+        raise NoSchedule(f"the simulator gives no finite step for this placement "
+                         f"({getattr(res, 'refusal', '') or 'no reason given'})")
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
     for y, (_, bars) in enumerate(rows):
         for category, spans in bars.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import platform
 import signal
@@ -44,6 +45,8 @@ from placer.placement_file import Placement, save_placement
 from placer.report.compare import Candidate, markdown_table, table_for_files
 from placer.report.plots import plot_memory, plot_placed_graph, plot_search_by_phase, plot_search_curves
 from placer.report.terminal_table import comparison_lines
+
+log = logging.getLogger(__name__)
 
 
 class OptimizeResult(Protocol):
@@ -118,11 +121,18 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
     pictures["memory"] = plot_memory(list(problem.device_names), peak, problem.memory_capacity,
                                      out_dir / "memory.png", title=f"simulated peak memory per device, {how}")
     try:
-        from placer.report.gantt import plot_gantt
+        from placer.report.gantt import NoSchedule, plot_gantt
     except ImportError:  # the Gantt chart module is optional in a partial install
         plot_gantt = None  # type: ignore[assignment]  # the name is only tested below
     if plot_gantt is not None:
-        pictures["schedule"] = Path(plot_gantt(problem, row, out_dir / "schedule.png"))
+        try:
+            pictures["schedule"] = Path(plot_gantt(problem, row, out_dir / "schedule.png"))
+        except NoSchedule as exc:
+            # The chart draws the winner's assignment un-pipelined: a pipelined winner may be one
+            # that only runs as its pipeline (a stage hands over a value after updating it in
+            # place); a measured winner stands on its measurement. The report goes without it.
+            piped = " run un-pipelined (the winner is a pipeline)" if result.placement.pipeline is not None else ""
+            log.warning("no schedule.png: %s%s", exc, piped)
     histories = {c.method: c.history for c in result.candidates if c.history}
     if histories:
         pictures["search curve"] = plot_search_curves(histories, out_dir / "search_curve.png",
