@@ -222,6 +222,27 @@ def test_a_pipelined_winners_report_gives_its_pipelines_peak_memory_not_the_unpi
     assert "(pipelined" in line and all(format_bytes(m) in line for m in peak)
 
 
+def test_a_pipelined_winners_schedule_chart_gives_the_pipelines_step_not_the_unpipelined_one(tmp_path,
+                                                                                             monkeypatch):
+    """schedule.png draws the winner's stage assignment un-pipelined; its title gave that run's
+    step, a second number for the one placement."""
+    import placer
+    import placer.report.gantt as gantt
+    from placer.report.results import write_pictures
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())])
+    result = placer.optimize(model, (torch.randn(16, 64),), cluster="4xV100-nvlink", budget="60",
+                             baselines=("single", "expert"), progress=False, check=False)
+    assert result.placement.pipeline is not None
+    titles = []
+    real = gantt.plot_gantt
+    monkeypatch.setattr(gantt, "plot_gantt", lambda *a, title=None, **k: titles.append(title) or real(*a, title=title,
+                                                                                                        **k))
+    assert "schedule" in write_pictures(result, tmp_path)
+    assert titles and f"the pipeline steps in {result.step_time * 1e3:.3f} ms" in titles[0]
+
+
 def test_a_replicated_pipeline_round_trips_through_its_file_and_is_simulated_as_a_hybrid(tmp_path):
     from envs.sim.hybrid import simulate_pipelined
     from placer.placement_file import Placement, load_placement, save_placement
