@@ -70,10 +70,7 @@ def held_tensors_kept(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for _, container, key, tensor in before:
-            if _place_value(container, key) is not tensor:
-                with contextlib.suppress(TypeError):  # a tuple is not written in place
-                    container[key] = tensor
+        _put_back(before)
 
 
 @contextlib.contextmanager
@@ -98,20 +95,23 @@ def refusing_stale_state(gm: fx.GraphModule, model: nn.Module) -> Iterator[None]
     try:
         yield
     finally:
-        stale: list[tuple[str, fx.Node]] = []
-        for path, container, key, tensor in before:
-            if _place_value(container, key) is tensor:
-                continue
-            with contextlib.suppress(TypeError):  # a tuple is not written in place
-                container[key] = tensor
-            if id(tensor) in constants:
-                stale.append((path, constants[id(tensor)]))
+        stale = [(path, constants[id(tensor)]) for path, container, key, tensor in before
+                 if id(tensor) in constants and _place_value(container, key) is not tensor]
+        _put_back(before)
     if stale:
         path, node = stale[0]
         users = ", ".join(sorted(u.name for u in node.users)) or "nothing"
         raise StaleState(
             f"forward() reads {path}, which forward() itself writes (a hook): torch.fx runs no hook of a module it "
             f"keeps as a call, so its graph would keep one stale value of it as a constant (read by {users})")
+
+
+def _put_back(held: list[tuple[str, Any, Any, torch.Tensor]]) -> None:
+    """Write each held tensor back into its place where something else is there now."""
+    for _, container, key, tensor in held:
+        if _place_value(container, key) is not tensor:
+            with contextlib.suppress(TypeError):  # a tuple is not written in place
+                container[key] = tensor
 
 
 def _place_value(container: Any, key: Any) -> Any:
