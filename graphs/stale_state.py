@@ -27,7 +27,7 @@ from torch import nn
 
 from graphs.errors import CaptureError
 
-__all__ = ["StaleState", "held_tensors_kept", "refusing_stale_state"]
+__all__ = ["StaleState", "held_tensors", "held_tensors_kept", "refusing_stale_state"]
 
 #: How deep an attribute's containers are searched.
 _DEPTH = 4
@@ -37,9 +37,12 @@ class StaleState(CaptureError):
     """An fx graph holds, as a constant, a tensor that forward() writes into the model's attributes."""
 
 
-def _held_tensors(model: nn.Module) -> list[tuple[str, Any, Any, torch.Tensor]]:
-    """``(path, container, key, tensor)`` for every tensor in a module attribute that is not a
-    parameter, buffer or submodule, inside dicts, lists and tuples to :data:`_DEPTH`."""
+def held_tensors(model: nn.Module, private: bool = False) -> list[tuple[str, Any, Any, torch.Tensor]]:
+    """``(path, container, key, tensor)`` for every tensor in a module attribute of ``model`` or a
+    submodule that is not a parameter or submodule, inside dicts, lists and tuples to
+    :data:`_DEPTH` (``container[key]`` is its place). ``private``: attributes whose names start
+    with ``_`` too (a GraphModule's ``_tensor_constant0``, torch's own tables such as ``_buffers``),
+    as a deep copy meets them."""
     found: list[tuple[str, Any, Any, torch.Tensor]] = []
 
     def walk(path: str, container: Any, key: Any, value: Any, depth: int) -> None:
@@ -54,7 +57,7 @@ def _held_tensors(model: nn.Module) -> list[tuple[str, Any, Any, torch.Tensor]]:
 
     for module_path, module in model.named_modules():
         for name, value in vars(module).items():
-            if name.startswith("_") or isinstance(value, (nn.Module, nn.Parameter)):
+            if (name.startswith("_") and not private) or isinstance(value, (nn.Module, nn.Parameter)):
                 continue
             walk(f"{module_path}.{name}" if module_path else name, vars(module), name, value, 0)
     return found
@@ -66,7 +69,7 @@ def held_tensors_kept(model: nn.Module) -> Iterator[None]:
     tracer's run of forward() computes with fake tensors, and a hook that keeps its output
     (``self.features["mid"] = output``) left one on the user's model, on which the numerical
     check then failed with a traceback."""
-    before = _held_tensors(model)
+    before = held_tensors(model)
     try:
         yield
     finally:
@@ -91,7 +94,7 @@ def refusing_stale_state(gm: fx.GraphModule, model: nn.Module) -> Iterator[None]
             value = getattr(gm, str(node.target), None)
             if isinstance(value, torch.Tensor):
                 constants[id(value)] = node
-    before = _held_tensors(model)
+    before = held_tensors(model)
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from graphs.forward_checks import pin_constant_inputs
 from graphs.module_attributes import keep_plain_attributes
+from graphs.stale_state import held_tensors
 
 __all__ = ["deep_copy"]
 
@@ -90,27 +91,26 @@ def _rebind_hook_closures(src: torch.nn.Module, twin: torch.nn.Module, memo: dic
             if not hooks:
                 continue
             for key, hook in list(hooks.items()):
-                cells = getattr(hook, "__closure__", None)
-                if not isinstance(hook, types.FunctionType) or not cells:
+                if not isinstance(hook, types.FunctionType) or not hook.__closure__:
                     continue
-                contents = []
-                for cell in cells:
+                new_cells, changed = [], False
+                for cell in hook.__closure__:
                     try:
-                        contents.append(cell.cell_contents)
-                    except ValueError:  # an empty cell
-                        contents.append(_EMPTY)
-                replaced = [c if c is _EMPTY else copied(c) for c in contents]
-                if all(r is c for r, c in zip(replaced, contents)):
+                        value = cell.cell_contents
+                    except ValueError:  # an empty cell stays empty
+                        new_cells.append(types.CellType())
+                        continue
+                    twin_value = copied(value)
+                    changed |= twin_value is not value
+                    new_cells.append(types.CellType(twin_value))
+                if not changed:
                     continue
-                new_cells = tuple(types.CellType() if c is _EMPTY else types.CellType(c) for c in replaced)
                 rebound = types.FunctionType(hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__,
-                                             new_cells)
+                                             tuple(new_cells))
                 rebound.__kwdefaults__ = hook.__kwdefaults__
                 rebound.__dict__.update(hook.__dict__)
                 hooks[key] = rebound
 
-
-_EMPTY = object()
 
 
 def _leaf_script_parameters(twin: torch.nn.Module) -> None:
@@ -143,24 +143,10 @@ def _computed_attributes(root: torch.nn.Module) -> dict[int, Any]:
     an activation for a loss (``self.features["mid"] = output``, deep supervision) left one there
     after every forward, and the numerical check ended placer with that RuntimeError's traceback."""
     memo: dict[int, Any] = {}
-
-    def visit(value: Any, depth: int) -> None:
-        if isinstance(value, torch.Tensor):
-            if not isinstance(value, torch.nn.Parameter) and value.grad_fn is not None and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
-        elif depth < _CONTAINER_DEPTH and isinstance(value, (dict, list, tuple)):
-            for item in value.values() if isinstance(value, dict) else value:
-                visit(item, depth + 1)
-
-    for module in root.modules():
-        for value in vars(module).values():
-            if not isinstance(value, torch.nn.Module):
-                visit(value, 0)
+    for _, _, _, value in held_tensors(root, private=True):
+        if not isinstance(value, torch.nn.Parameter) and value.grad_fn is not None and id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
     return memo
-
-
-#: How deep :func:`_computed_attributes` looks into an attribute's containers.
-_CONTAINER_DEPTH = 4
 
 
 def _keep_parameter_extras(src: torch.nn.Module, twin: torch.nn.Module) -> None:

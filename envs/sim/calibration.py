@@ -197,6 +197,20 @@ def _rows(problem: PlacementProblem, placements: Any) -> np.ndarray:
 OUTLIER_SCALE = 0.03
 
 
+def _rows_and_times(problem: PlacementProblem, placements: Any,
+                    measured: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The placements as index rows and the measured times as floats, one each.
+
+    Raises:
+        CalibrationError: not as many times as placements.
+    """
+    rows = _rows(problem, placements)
+    meas = np.asarray(measured, dtype=np.float64).ravel()
+    if meas.shape[0] != rows.shape[0]:
+        raise CalibrationError(f"got {rows.shape[0]} placements but {meas.shape[0]} measured times")
+    return rows, meas
+
+
 def calibrate_simulator(
     problem: PlacementProblem,
     placements: Any,
@@ -229,10 +243,7 @@ def calibrate_simulator(
         CalibrationError: fewer valid measurements than 3, a length mismatch, or
             non-positive times.
     """
-    rows = _rows(problem, placements)
-    meas = np.asarray(measured, dtype=np.float64).ravel()
-    if meas.shape[0] != rows.shape[0]:
-        raise CalibrationError(f"got {rows.shape[0]} placements but {meas.shape[0]} measured times")
+    rows, meas = _rows_and_times(problem, placements, measured)
     ok = np.isfinite(meas)
     if np.any(meas[ok] <= 0):
         raise CalibrationError("measured step times must be positive seconds")
@@ -334,10 +345,7 @@ def cross_validated(
     >>> round(cv["uncalibrated"], 2), cv["calibrated"] < 0.02
     (0.5, True)
     """
-    rows = _rows(problem, placements)
-    meas = np.asarray(measured, dtype=np.float64).ravel()
-    if meas.shape[0] != rows.shape[0]:
-        raise CalibrationError(f"got {rows.shape[0]} placements but {meas.shape[0]} measured times")
+    rows, meas = _rows_and_times(problem, placements, measured)
     ok = np.isfinite(meas) & (meas > 0)
     rows, meas = rows[ok], meas[ok]
     _, placement_of = np.unique(rows, axis=0, return_inverse=True)

@@ -126,7 +126,8 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
         plot_gantt = None  # type: ignore[assignment]  # the name is only tested below
     if plot_gantt is not None:
         title = None
-        if result.placement.pipeline is not None:
+        pipelined = result.placement.pipeline is not None
+        if pipelined:
             # Its stage assignment drawn un-pipelined: that run's step is not the winner's, so the
             # title gives the winner's, the one number of this placement.
             title = (f"{result.prepared.spec.name}: the pipeline's stage assignment, simulated without its "
@@ -138,7 +139,7 @@ def write_pictures(result: "OptimizeResult", out_dir: Path) -> dict[str, Path]:
             # The chart draws the winner's assignment un-pipelined: a pipelined winner may be one
             # that only runs as its pipeline (a stage hands over a value after updating it in
             # place); a measured winner stands on its measurement. The report goes without it.
-            piped = " run un-pipelined (the winner is a pipeline)" if result.placement.pipeline is not None else ""
+            piped = " run un-pipelined (the winner is a pipeline)" if pipelined else ""
             log.warning("no schedule.png: %s%s", exc, piped)
     histories = {c.method: c.history for c in result.candidates if c.history}
     if histories:
