@@ -317,15 +317,13 @@ def prepared_counts(model: str, model_args: dict[str, str], leaves: tuple[str, .
     unprofiled graph, where only the mandatory merges and the ops that do no work are made
     (more merges only ever make fewer groups).
     """
-    from graphs.grouping import group_graph
     from graphs.pipeline import prepare
     from placer.options import parse_model_args
 
     source = model if model.startswith("zoo:") else str(ROOT / model)
     args = parse_model_args([f"{k}={v}" for k, v in model_args.items()])
-    prepared = prepare(source, model_args=args, profile=False, leaf_modules=leaves)
-    graph = prepared.captured.graph
-    return graph.number_of_nodes(), len(set(group_graph(graph, gm=prepared.captured.gm).op_to_group.values()))
+    prepared = prepare(source, model_args=args, profile=False, leaf_modules=leaves)  # grouped unprofiled
+    return prepared.captured.graph.number_of_nodes(), len(set(prepared.grouping.op_to_group.values()))
 
 
 def count_problem(stated: tuple[int, int], model: tuple[str, dict[str, str], tuple[str, ...]]) -> str | None:

@@ -244,15 +244,15 @@ class HybridReward(MeasuredReward):
         rows, times = np.stack([r for r, _ in good]), [t for _, t in good]
         cal: Any
         try:
-            cal = calibrate_simulator(self.problem, rows, times)
             cv = cross_validated(self.problem, rows, times)
+            if cv is None:
+                # Too few distinct placements to leave some out: a fit of five knobs to three runs
+                # predicted the next placements 132% off where the profile was 33% (an SN-GAN
+                # discriminator over cpu:0,cpu:1): keep the current simulator until it can be checked.
+                return
+            cal = calibrate_simulator(self.problem, rows, times)
         except CalibrationError:
             return  # e.g. degenerate data; keep the current simulator
-        if cv is None:
-            # Too few distinct placements to leave some out: a fit of five knobs to three runs
-            # predicted the next placements 132% off where the profile was 33% (an SN-GAN
-            # discriminator over cpu:0,cpu:1): keep the current simulator until it can be checked.
-            return
         if cv["calibrated"] >= cv["uncalibrated"]:
             self.calibrations_set_aside += 1
             log.info("calibration from %d measurements set aside: it predicts measurements left out of it "
