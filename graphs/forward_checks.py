@@ -96,15 +96,17 @@ def constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = Non
     if not isinstance(root, nn.Module):
         yield reads
         return
+    # Keyed by the module's __dict__, not the module: the view of graphs.loss_targets shares its
+    # model's __dict__, and a hook of the model reads through the model itself (self.features).
     held: dict[int, tuple[str, dict[str, Scalar | None]]] = {}
     paths: dict[int, str] = {}
     for path, module in root.named_modules():
-        paths[id(module)] = path
+        paths[id(vars(module))] = path
         constants = {k: v for k, v in vars(module).items() if not k.startswith("_")
                      and _baked_value(v)
                      and (k != "training" or modes_read is not None)}
         if constants:
-            held[id(module)] = (path, constants)
+            held[id(vars(module))] = (path, constants)
             for k in constants:
                 del module.__dict__[k]
     if not held and attributes_read is None:
@@ -116,19 +118,19 @@ def constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = Non
     def recording_setattr(module: nn.Module, name: str, value: Any) -> None:
         if tensors_set is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             node = _export_node(value)
-            path = paths.get(id(module))
+            path = paths.get(id(vars(module)))
             if node is not None and path is not None:
                 # Now: torch.export rewrites its graph afterwards, and the node's inputs are gone then.
                 tensors_set[f"{path}.{name}" if path else name] = varies(node, set(), {})
         plain_setattr(module, name, value)
 
     def recording_getattr(module: nn.Module, name: str) -> Any:
-        entry = held.get(id(module))
+        entry = held.get(id(vars(module)))
         if entry is not None and name == "training" and name in entry[1]:
             assert modes_read is not None  # held only then
             modes_read[entry[0]] = bool(entry[1][name])
             return entry[1][name]
-        path = paths.get(id(module))
+        path = paths.get(id(vars(module)))
         qualname = f"{path}.{name}" if path else name
         if entry is not None and name in entry[1]:
             value = entry[1][name]
@@ -136,9 +138,14 @@ def constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = Non
                 attributes_read.add(qualname)
             # A tensor is kept as its shape: holding it would keep the user's tensor alive beside
             # the placed model's own copy (the graph holds fx's constant, not this attribute). A
-            # list or dict as it is now: forward() or the loop may change the object itself later.
-            reads[qualname] = (TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor)
-                               else copy.deepcopy(value) if isinstance(value, (list, dict)) else value)
+            # list or dict as it is now: forward() or the loop may change the object itself later;
+            # one that has come to hold a tensor (a hook's ``self.features["mid"] = output`` into a
+            # dict empty before) holds what the trace computed, no value baked in.
+            if isinstance(value, (list, dict)) and not _baked_value(value):
+                reads.pop(qualname, None)
+            else:
+                reads[qualname] = (TensorRead(tuple(value.shape)) if isinstance(value, torch.Tensor)
+                                   else copy.deepcopy(value) if isinstance(value, (list, dict)) else value)
             return value
         try:
             return plain_getattr(module, name)
@@ -162,7 +169,7 @@ def constant_attributes_read(root: Any, modes_read: dict[str, bool] | None = Non
         nn.Module.__setattr__ = plain_setattr  # type: ignore[method-assign]
         if fx_saved is not None:
             _fx_symbolic_trace._orig_module_getattr = fx_saved
-        modules = {id(m): m for m in root.modules()}
+        modules = {id(vars(m)): m for m in root.modules()}
         for key, (_, constants) in held.items():
             module = modules.get(key)
             if module is None:

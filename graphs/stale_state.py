@@ -65,15 +65,17 @@ def held_tensors(model: nn.Module, private: bool = False) -> list[tuple[str, Any
 
 @contextlib.contextmanager
 def held_tensors_kept(model: nn.Module) -> Iterator[None]:
-    """Put back on exit every tensor held in ``model``'s attributes that the block replaced: a
-    tracer's run of forward() computes with fake tensors, and a hook that keeps its output
-    (``self.features["mid"] = output``) left one on the user's model, on which the numerical
-    check then failed with a traceback."""
+    """Put back on exit every tensor held in ``model``'s attributes that the block replaced, and
+    take out the tracers' tensors the block put in a new place: a tracer's run of forward()
+    computes with fake tensors, and a hook that keeps its output (``self.features["mid"] =
+    output``) left one on the user's model, on which the numerical check then failed with a
+    traceback. A model never called before has no ``"mid"`` yet: the key goes, as it was."""
     before = held_tensors(model)
     try:
         yield
     finally:
         _put_back(before)
+        _take_out_traced(model, before)
 
 
 @contextlib.contextmanager
@@ -115,6 +117,17 @@ def _put_back(held: list[tuple[str, Any, Any, torch.Tensor]]) -> None:
         if _place_value(container, key) is not tensor:
             with contextlib.suppress(TypeError):  # a tuple is not written in place
                 container[key] = tensor
+
+
+def _take_out_traced(model: nn.Module, before: list[tuple[str, Any, Any, torch.Tensor]]) -> None:
+    """Delete each dict entry or attribute of ``model`` that holds a tracer's fake tensor and held
+    no tensor ``before`` (a list's item stays: deleting it would move the others)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    places = {(id(container), key) for _, container, key, _ in before}
+    for _, container, key, tensor in held_tensors(model):
+        if isinstance(tensor, FakeTensor) and isinstance(container, dict) and (id(container), key) not in places:
+            del container[key]
 
 
 def _place_value(container: Any, key: Any) -> Any:

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from envs.runtime.module_copy import deep_copy
 from graphs.capture import capture
+from graphs.loss_targets import accepting_targets
 from graphs.stale_state import refusing_stale_state
 
 
@@ -29,11 +30,11 @@ class DeepSupervision(nn.Module):
         return self.head(h), self.aux(self.features["mid"])
 
 
-def _trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
+def _trained(model: nn.Module, x: torch.Tensor, steps: int = 3, targets: tuple = ()) -> list[torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
         opt.zero_grad()
-        main, aux = model(x)
+        main, aux = model(x, *targets)
         (main.pow(2).mean() + aux.pow(2).mean()).backward()
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
@@ -55,6 +56,27 @@ def test_a_hook_kept_activation_is_read_from_the_graph_not_baked_as_a_constant()
     reference = deep_copy(model)
     placed = cap.gm
     for a, b in zip(_trained(reference, x), _trained(placed, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_model_never_called_is_captured_the_same_through_its_loss_targets_view():
+    """A rank worker builds the model from its file and captures it without an earlier call
+    (and on meta): the hook's dict is empty, torch.fx fails on the missing key, and torch.export
+    used to fail too, because the hook reads ``self.features`` through the model while the
+    capture saw its loss-targets view, another object over the same ``__dict__`` (every
+    un-pipelined placement over ranks ran invalid). Now the graph is the one captured after a
+    call, and the dict is left as it was: empty."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    fresh = DeepSupervision()
+    called = deep_copy(fresh)
+    called(x)
+    never = capture(accepting_targets(fresh, 2), (x, y), name="deep_supervision")
+    after_call = capture(accepting_targets(called, 2), (x, y), name="deep_supervision")
+    assert never.method == "export"
+    assert never.fingerprint == after_call.fingerprint
+    assert fresh.features == {}
+    for a, b in zip(_trained(called, x), _trained(never.gm, x, targets=(y,))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
