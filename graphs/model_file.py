@@ -135,9 +135,27 @@ def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) ->
     """
     def cut(x: Any) -> Any:
         axis = batch_axis(x, batch, dim)
-        return x if axis is None else x.narrow(axis, start, stop - start)
+        if axis is None:
+            return x
+        if x.layout != torch.strided:  # a sparse tensor has no strided view to narrow
+            return _sparse_rows(x, axis, start, stop)
+        return x.narrow(axis, start, stop - start)
 
     return tree_map(cut, inputs)
+
+
+def _sparse_rows(x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    """Samples ``start:stop`` of the sparse tensor ``x`` along ``axis``, in ``x``'s layout: a
+    sparse tensor (a graph's adjacency, a bag of features) cannot be ``narrow``ed ("Could not
+    run 'aten::as_strided' with arguments from the 'SparseCPU' backend"), a COO copy of it can.
+
+    >>> x = torch.eye(4).to_sparse_csr()
+    >>> _sparse_rows(x, 0, 1, 3).layout, _sparse_rows(x, 0, 1, 3).to_dense().tolist()
+    (torch.sparse_csr, [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    """
+    coo = x if x.layout == torch.sparse_coo else x.to_sparse_coo()
+    rows = torch.narrow_copy(coo, axis, start, stop - start)
+    return rows if x.layout == torch.sparse_coo else rows.to_sparse(layout=x.layout)
 
 
 def default_loss(output: Any, *inputs: Any) -> torch.Tensor:

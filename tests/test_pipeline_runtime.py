@@ -50,6 +50,40 @@ def assert_same(run, ref):
 SGD = ("sgd", {"lr": 0.1, "momentum": 0.9})
 
 
+class SparseFeatures(nn.Module):
+    """A bag of features per sample as a sparse COO (batch, vocabulary) tensor (torch.sparse.mm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(50, D) * 0.1)
+        self.head = nn.Linear(D, 5)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.head(torch.relu(torch.sparse.mm(x, self.proj))), y)
+
+
+def sparse_features_batch():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.arange(B).repeat_interleave(3)
+    x = torch.sparse_coo_tensor(torch.stack([rows, torch.randint(0, 50, (3 * B,), generator=g)]),
+                                torch.rand(3 * B, generator=g), (B, 50)).coalesce()
+    return {"x": x, "y": torch.randint(0, 5, (B,), generator=g)}
+
+
+@pytest.mark.parametrize("pipelined", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["pipeline", "ddp"])
+def test_a_sparse_input_is_cut_into_micro_batches_and_replicas_as_dense_ones_are(pipelined):
+    """torch.distributed.pipelining cuts inputs with tensor_split, which has no sparse kernel (the
+    rank crashed: "Could not run 'aten::as_strided' with arguments from the 'SparseCPU' backend"):
+    the schedule hands a sparse input whole and each stage takes its micro-batch's rows; DDP's
+    replicas take their share by the same cut."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(SparseFeatures())
+    batch = sparse_features_batch()
+    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 4, "1f1b") if pipelined else None
+    run = run_training(gm, batch, pipe, world=None if pipelined else 2, steps=3, optimizer=SGD, timeout_s=120)
+    assert_same(run, reference(gm, batch))
+
+
 @pytest.mark.parametrize("cls, schedule, cuts", [
     (Chain, "gpipe", {"l3"}),
     pytest.param(Skip, "1f1b", {"l2"}, marks=pytest.mark.slow),

@@ -210,8 +210,11 @@ class StageModule(nn.Module):
     def __init__(self, spec: StageSpec, last: bool, microbatches: int,
                  input_names: Sequence[str], loss_fn: Callable[..., torch.Tensor] | None = None,
                  planned: Mapping[str, Any] | None = None, input_keys: Mapping[str, str] | None = None,
-                 inputs_spec: TreeSpec | None = None) -> None:
+                 inputs_spec: TreeSpec | None = None, cut_here: Mapping[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
+        #: Inputs the schedule hands whole to every micro-batch although they hold the batch
+        #: (sparse ones: :func:`chunk_specs`), name -> (batch, batch dim): cut here instead.
+        self.cut_here = dict(cut_here or {})
         #: How the model's inputs nest (:func:`graphs.graph_inputs.input_spec`): its loss takes them so.
         self.inputs_spec = inputs_spec
         #: The keyword each model input arrives under (its name, unless the caller renamed them:
@@ -239,8 +242,12 @@ class StageModule(nn.Module):
 
     def forward(self, *received: torch.Tensor, **keyed: torch.Tensor) -> Any:
         inputs = {name: keyed[key] for name, key in self.input_keys.items() if key in keyed}
-        microbatch = self._calls % self.microbatches
+        microbatch = self._calls % self.microbatches  # every schedule runs a stage's forwards in order
         self._calls += 1
+        if self.microbatches > 1:
+            for name, (batch, dim) in self.cut_here.items():
+                size = batch // self.microbatches
+                inputs[name] = batch_slice(inputs[name], batch, microbatch * size, (microbatch + 1) * size, dim)
         tensors = iter(received)
         values = [self.constants[v] if v in self.constants else next(tensors) for v in self.spec.recv]
         out = self.gm(*values, *[inputs[n] for n in self.spec.inputs_used])
@@ -347,10 +354,30 @@ def chunk_specs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, Any]
 
     def spec(x: Any) -> Any:
         axis = batch_axis(x, batch, batch_dim)
-        return _Replicate if axis is None else TensorChunkSpec(axis)
+        # A sparse tensor goes whole: the schedule's cut (tensor_split) has no sparse kernel; the
+        # stage cuts it (sparse_batch_inputs, StageModule's cut_here).
+        return _Replicate if axis is None or x.layout != torch.strided else TensorChunkSpec(axis)
 
     # Leaf by leaf: the schedule flattens each input (a dict of tensors is several leaves).
     return {k: tree_map(spec, v) for k, v in inputs.items()}
+
+
+def sparse_batch_inputs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, tuple[int, int]]:
+    """The inputs that hold the batch in a sparse tensor (a bag of features per sample), name ->
+    (batch, batch dim): ``torch.distributed.pipelining`` cannot cut them into micro-batches
+    (``torch.tensor_split`` has no sparse kernel: the rank crashed with "Could not run
+    'aten::as_strided' with arguments from the 'SparseCPU' backend"), so the schedule hands them
+    whole and :class:`StageModule` takes its micro-batch's rows (:func:`graphs.model_file.batch_slice`).
+
+    >>> sparse_batch_inputs({"bow": torch.eye(4).to_sparse(), "y": torch.zeros(4)})
+    {'bow': (4, 0)}
+    """
+    from torch.utils._pytree import tree_leaves
+
+    batch = batch_size_of(dict(inputs), batch_dim) or 0
+    return {name: (batch, batch_dim) for name, value in inputs.items()
+            if any(isinstance(x, torch.Tensor) and x.layout != torch.strided and batch_axis(x, batch, batch_dim) is not None
+                   for x in tree_leaves(value))}
 
 
 def check_static_shapes(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], pipeline: Pipeline,

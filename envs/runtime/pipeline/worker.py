@@ -261,6 +261,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
         chunk_specs,
         microbatch,
         schedule_keys,
+        sparse_batch_inputs,
         split_stages,
     )
 
@@ -299,12 +300,13 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     nesting = input_spec(gm)
     keys = schedule_keys(names)
     cut = chunk_specs({keys[k]: v for k, v in inputs.items()}, dim)
+    cut_here = sparse_batch_inputs(inputs, dim)
     inputs = {keys[k]: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     stages = []
     for spec in mine:
         last = spec.index == s_ - 1
         plain = onto_device(StageModule(spec, last, m, names, job.get("loss_fn"), planned=metas, input_keys=keys,
-                                         inputs_spec=nesting), device)
+                                         inputs_spec=nesting, cut_here=cut_here), device)
         mod: torch.nn.Module = plain
         if norm_groups is not None:
             replace_batch_norms(plain, process_group_gather(norm_groups[local]))
