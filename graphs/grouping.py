@@ -10,6 +10,11 @@ Steps (design "Grouping"), each keeping "every op in exactly one group":
    - an in-place op (``add_``, ``relu_``, ``operator.iadd``, ``inplace=True``) and a view op
      (view, reshape, transpose, getitem, split, …) with its producer — the op whose tensor
      it mutates or aliases (its first input);
+   - an op whose output is a sparse tensor (``x.to_sparse()``) with its consumers: a value
+     crossing ranks or a pipeline's stage boundary goes by torch.distributed's point-to-point
+     send, which carries dense tensors only (4 of 20 measured placements of such a model ran
+     invalid: "unsupported memory format option Contiguous"). A sparse model input is handed
+     to every rank whole, so it is no such op;
    - a ``torch.autograd.grad`` in forward (a physics-informed loss, a gradient penalty) with
      every op between the tensors it differentiates by and those it differentiates: the
      backward it runs executes on those ops' devices, yet the profile times it as the grad
@@ -205,6 +210,9 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             if i not in tied_attrs:
                 for consumer in graph.successors(name):
                     uf.union(i, index[consumer])
+        if attrs.get("sparse_output"):
+            for consumer in graph.successors(name):
+                uf.union(i, index[consumer])
         if is_view(attrs) or is_inplace(attrs, name in kwarg_inplace):
             # networkx keeps predecessors in insertion order = the fx node's argument order,
             # so the first predecessor is the tensor the op aliases or mutates.

@@ -36,6 +36,8 @@ class TensorInfo:
     dtype: torch.dtype
     nbytes: int
     requires_grad: bool
+    #: a sparse layout (COO, CSR, ...): ``nbytes`` is then its dense size
+    sparse: bool = False
 
 
 def _as_int(size: Any) -> int:
@@ -45,20 +47,21 @@ def _as_int(size: Any) -> int:
         return 0
 
 
-def _info(shape: Any, dtype: torch.dtype, requires_grad: bool) -> TensorInfo:
+def _info(shape: Any, dtype: torch.dtype, requires_grad: bool, sparse: bool = False) -> TensorInfo:
     dims = tuple(_as_int(s) for s in shape)
     count = 1
     for d in dims:
         count *= d
-    return TensorInfo(dims, dtype, count * dtype.itemsize, bool(requires_grad))
+    return TensorInfo(dims, dtype, count * dtype.itemsize, bool(requires_grad), sparse)
 
 
 def _walk(value: Any) -> Iterator[TensorInfo]:
     # TensorMetadata is a NamedTuple: test it before the generic tuple case.
     if isinstance(value, TensorMetadata):
-        yield _info(value.shape, value.dtype, value.requires_grad)
+        # ShapeProp gives a sparse tensor no strides (fx/passes/shape_prop.py), a dense one one per dimension
+        yield _info(value.shape, value.dtype, value.requires_grad, len(value.stride) != len(value.shape))
     elif isinstance(value, torch.Tensor):
-        yield _info(value.shape, value.dtype, value.requires_grad)
+        yield _info(value.shape, value.dtype, value.requires_grad, value.layout != torch.strided)
     elif isinstance(value, dict):
         for item in value.values():
             yield from _walk(item)
@@ -252,6 +255,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             graph.nodes[node.name]["num_ops"] = max(1, region.ops)  # its kernel launches
         if sparse is not None:
             graph.nodes[node.name]["sparse_param_bytes"], graph.nodes[node.name]["sparse_grad_bytes"] = sparse
+        if node.op != "placeholder" and any(t.sparse for t in outputs):
+            graph.nodes[node.name]["sparse_output"] = True  # it stays with its consumers (graphs.grouping)
         for inp in inputs:
             graph.add_edge(inp.name, node.name, bytes=int(_edge_bytes(inp, node, infos, out_bytes)))
     for name, nbytes in shared.items():
