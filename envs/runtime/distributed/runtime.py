@@ -328,6 +328,12 @@ class RankStep:
                         key=lambda t: (-t.src_stage, idx[t])):
             bwd_order.setdefault(t.src_rank, []).append(t)
         self.bwd_order = bwd_order
+        # Values of this rank read by the loss alone: the loss takes them with their autograd graph
+        # (no leaf copy), so that a loss differentiating through the model (a WGAN-GP critic's
+        # gradient penalty: torch.autograd.grad of the output by the input) runs on a placement
+        # that keeps the model in one process; a cut anywhere still leaves it unreachable.
+        self.to_loss_whole = {v for v, ts in self.by_value.items()
+                              if all(t.src_rank == rank == t.dst_rank and t.dst_stage == self.out_stage for t in ts)}
 
     # ------------------------------------------------------------------ helpers
 
@@ -417,7 +423,7 @@ class RankStep:
                 produced[name] = value
                 for t in self.by_value.get(name, []):
                     if t.dst_rank == self.rank:
-                        copies[name] = self._handoff(value)
+                        copies[name] = value if name in self.to_loss_whole else self._handoff(value)
                     else:
                         outbox.put(("f", self._idx[t]),
                                    self._tensor_leaves(value, self.meta[name][1], grad_only=False))
@@ -444,8 +450,10 @@ class RankStep:
             for name in stage.outputs:
                 leaves_meta = self.meta[name][1]
                 outs = self._tensor_leaves(produced[name], leaves_meta, grad_only=True)
-                if not outs:
-                    continue  # nothing here needs a gradient: the consumers send none either
+                if not outs or name in self.to_loss_whole:
+                    # nothing here needs a gradient (the consumers send none either), or the loss's
+                    # backward already ran through this value's graph
+                    continue
                 total = [None] * len(outs)
                 for t in self.by_value.get(name, []):
                     if t.dst_rank == self.rank:
