@@ -188,11 +188,31 @@ def _export_batch_generic(model: nn.Module, inputs: tuple, batch_dim: int) -> to
     shapes = batch_dynamic_shapes(inputs, batch_dim)
     if shapes is not None:
         try:
-            return torch.export.export(model, inputs, strict=False, dynamic_shapes=shapes)
+            with _dim_marks_removed(inputs):
+                return torch.export.export(model, inputs, strict=False, dynamic_shapes=shapes)
         except Exception as exc:  # noqa: BLE001 - the static export below decides
             log.info("torch.export with a symbolic batch failed (%s); exporting at the example's sizes",
                      type(exc).__name__)
     return torch.export.export(model, inputs, strict=False)
+
+
+@contextlib.contextmanager
+def _dim_marks_removed(inputs: tuple) -> Iterator[None]:
+    """Take off the input tensors, on exit, the marks a symbolic export leaves on them
+    (``_dynamo_dynamic_indices`` and the like): the static export that follows a failed symbolic
+    one read them and traced the batch as symbolic all the same (a draw with the model's own
+    generator, ``torch.randn(x.shape, generator=g)``, failed both ways: "SymIntArrayRef expected
+    to contain only concrete integers"), and they stayed on the user's example inputs."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [x for x in tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+    before = [set(vars(t)) for t in tensors]
+    try:
+        yield
+    finally:
+        for t, had in zip(tensors, before):
+            for name in [n for n in vars(t) if n not in had and "dynamo" in n]:
+                delattr(t, name)
 
 
 def _drop_export_hooks(gm: fx.GraphModule) -> None:

@@ -1207,6 +1207,26 @@ def test_a_random_draw_with_a_generator_of_its_own_goes_to_torch_export():
     assert cap.method == "export" and "generator of its own" in (cap.fx_error or "")
 
 
+def test_a_draw_sized_by_the_input_with_a_generator_of_its_own_is_exported_at_the_example_size():
+    """The symbolic-batch export fails on such a draw, and it left dynamo's marks on the example
+    input (``_dynamo_dynamic_indices``), so the static export after it traced the batch as
+    symbolic too and failed the same way ("SymIntArrayRef expected to contain only concrete
+    integers"): the model could not be captured at all."""
+    class SizedDraw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 4)
+            self.g = torch.Generator().manual_seed(3)
+
+        def forward(self, x):
+            return self.a(x + torch.randn(x.shape, generator=self.g))
+
+    x = torch.randn(8, 16)
+    cap = capture(SizedDraw(), (x,))
+    assert cap.method == "export"
+    assert not [name for name in vars(x) if "dynamo" in name]  # the user's input is left as it was
+
+
 class _Annealed(nn.Module):
     """A temperature the training loop anneals (``model.block.tau *= 0.9``), a count and a flag
     forward() reads, and a number it never reads."""
