@@ -315,13 +315,16 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
             # slice's mean, so the average is the full batch's gradient). Buffers stay per
             # replica (each normalises its own slice), as without DDP. A parameter off the
             # loss's autograd path gets no gradient: find_unused_parameters lets the reducer
-            # finish without it, the same in every replica. A stage with nothing to train (its
-            # layers frozen, or no parameters) has no gradient to average, and DDP refuses it
-            # ("DistributedDataParallel is not needed when a module doesn't have any parameter
-            # that requires a gradient"): it runs plain.
+            # finish without it, the same in every replica; it costs every step, so only a
+            # stage holding one searches (the job's list; a job file without one, as before,
+            # every stage). A stage with nothing to train (its layers frozen, or no parameters)
+            # has no gradient to average, and DDP refuses it ("DistributedDataParallel is not
+            # needed when a module doesn't have any parameter that requires a gradient"): it runs plain.
+            unused = job.get("unused_parameters")
+            searching = unused is None or any(canonical.get(id(p)) in unused for p in plain.parameters())
             mod = DistributedDataParallel(plain, process_group=stage_groups[local],
                                           device_ids=[device] if device.type == "cuda" else None,
-                                          broadcast_buffers=False, find_unused_parameters=True)
+                                          broadcast_buffers=False, find_unused_parameters=searching)
         out_meta = (torch.empty((), device="meta", requires_grad=True) if last
                     else tuple(metas[v] for v in plain.send_tensors))
         # With a group, the stage's peers are group ranks (stage s -> s mod P in the group),
