@@ -536,7 +536,7 @@ def test_only_the_stages_holding_a_parameter_without_gradient_search_for_it(tmp_
     """DDP's find_unused_parameters costs every step (a 200-layer MLP over 2 gloo processes:
     1.08-1.20x the step without it), and every stage replica of a pipeline x DDP hybrid paid it.
     The job now lists the parameters the loss reaches none of; a stage searches only if it holds one."""
-    from envs.runtime.pipeline.launcher import write_job
+    from envs.runtime.pipeline.launcher import _reached_by_no_loss, write_job
 
     torch.manual_seed(0)
     gm = fx.symbolic_trace(_SpareHead())
@@ -548,6 +548,8 @@ def test_only_the_stages_holding_a_parameter_without_gradient_search_for_it(tmp_
     chain, chain_batch = model_and_batch(Chain)
     chained = Pipeline(stages_of(chain, {"l3"}), ("cpu:0", "cpu:1"), 2, "gpipe", (("cpu:2", "cpu:3"),))
     assert torch.load(write_job(tmp_path / "b", chain, chain_batch, chained), weights_only=False)["unused_parameters"] == []
+    # where the model cannot run a forward here (on meta), every stage searches, as before
+    assert _reached_by_no_loss(copy.deepcopy(gm).to("meta"), batch, _first_output_loss) is None
 
 
 @pytest.mark.slow

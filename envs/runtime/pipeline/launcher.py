@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import shutil
 import socket
 import sys
@@ -38,13 +39,15 @@ from envs.runtime.supervisor import Exit, Supervisor, make_job_dir, process_stat
 from envs.sim.hybrid import check_runnable
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
-from graphs.errors import PlacerError
+from graphs.errors import PlacerError, one_line_reason
 from graphs.model_file import batch_size_of, batch_slice
 from graphs.portable_graph import PortableGraph, portable_pickle
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]
 
 _POLL_S = 0.05
+
+log = logging.getLogger(__name__)
 
 
 #: ``(name, keyword arguments)`` (``sgd``, ``adam``, ``adamw``) or a model file's ``get_optimizer(params)``.
@@ -169,7 +172,7 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
 
 
 def _reached_by_no_loss(gm: fx.GraphModule, inputs: Mapping[str, Any],
-                        loss_fn: Callable[..., torch.Tensor] | None) -> list[str]:
+                        loss_fn: Callable[..., torch.Tensor] | None) -> list[str] | None:
     """The parameters of ``gm`` (by name) that the loss sends no gradient to, from one forward of
     the whole model on the full batch (:func:`envs.runtime.gradient_reach.parameters_without_gradient`).
 
@@ -179,13 +182,19 @@ def _reached_by_no_loss(gm: fx.GraphModule, inputs: Mapping[str, Any],
     ran 1.08-1.20x slower per step with it in three runs (``benchmarks/bench_ddp_unused_search.py``;
     the 50-layer one within the noise, 0.84-1.19x).
     Every parameter the loss reaches gets a gradient in its stage (the gradients of the values a
-    stage sends come back to it), so only a stage holding one of these needs the search.
+    stage sends come back to it), so only a stage holding one of these needs the search. None
+    where that forward cannot run here (a model on ``meta``): every stage searches, as before.
     """
     from envs.runtime.gradient_reach import parameters_without_gradient
     from graphs.graph_inputs import input_spec, model_args
 
     order = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return parameters_without_gradient(gm, model_args(input_spec(gm), [inputs[k] for k in order]), loss_fn)
+    try:
+        return parameters_without_gradient(gm, model_args(input_spec(gm), [inputs[k] for k in order]), loss_fn)
+    except Exception as exc:  # noqa: BLE001 - the search is the safe default
+        log.info("every stage replica searches for unused parameters: one forward of the model did not run here (%s)",
+                 one_line_reason(exc))
+        return None
 
 
 def read_results(job_dir: str | Path, world: int) -> TrainingRun:
