@@ -70,17 +70,20 @@ def sparse_features_batch():
     return {"x": x, "y": torch.randint(0, 5, (B,), generator=g)}
 
 
-@pytest.mark.parametrize("pipelined", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["pipeline", "ddp"])
-def test_a_sparse_input_is_cut_into_micro_batches_and_replicas_as_dense_ones_are(pipelined):
+@pytest.mark.parametrize("layout", ["pipeline", pytest.param("ddp", marks=pytest.mark.slow),
+                                    pytest.param("hybrid", marks=pytest.mark.slow)])
+def test_a_sparse_input_is_cut_into_micro_batches_and_replicas_as_dense_ones_are(layout):
     """torch.distributed.pipelining cuts inputs with tensor_split, which has no sparse kernel (the
     rank crashed: "Could not run 'aten::as_strided' with arguments from the 'SparseCPU' backend"):
     the schedule hands a sparse input whole and each stage takes its micro-batch's rows; DDP's
-    replicas take their share by the same cut."""
+    replicas, and a hybrid's, take their share by the same cut."""
     torch.manual_seed(0)
     gm = fx.symbolic_trace(SparseFeatures())
     batch = sparse_features_batch()
-    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 4, "1f1b") if pipelined else None
-    run = run_training(gm, batch, pipe, world=None if pipelined else 2, steps=3, optimizer=SGD, timeout_s=120)
+    replicas = (("cpu:2", "cpu:3"),) if layout == "hybrid" else ()
+    pipe = Pipeline(stages_of(gm, {"head"}), ("cpu:0", "cpu:1"), 2 if replicas else 4, "1f1b", replicas)
+    run = run_training(gm, batch, None if layout == "ddp" else pipe, world=2 if layout == "ddp" else None, steps=3,
+                       optimizer=SGD, timeout_s=120)
     assert_same(run, reference(gm, batch))
 
 
