@@ -548,6 +548,8 @@ def test_only_the_stages_holding_a_parameter_without_gradient_search_for_it(tmp_
     hybrid = Pipeline(stages_of(gm, {"l3"}), ("cpu:0", "cpu:1"), 2, "gpipe", (("cpu:2", "cpu:3"),))
     job = torch.load(write_job(tmp_path / "a", gm, batch, hybrid, loss_fn=_first_output_loss), weights_only=False)
     assert sorted(job["unused_parameters"]) == ["spare.bias", "spare.weight"]
+    ddp_job = torch.load(write_job(tmp_path / "c", gm, batch, None, loss_fn=_first_output_loss), weights_only=False)
+    assert sorted(ddp_job["unused_parameters"]) == ["spare.bias", "spare.weight"]  # DDP's replicas read it too
     chain, chain_batch = model_and_batch(Chain)
     chained = Pipeline(stages_of(chain, {"l3"}), ("cpu:0", "cpu:1"), 2, "gpipe", (("cpu:2", "cpu:3"),))
     assert torch.load(write_job(tmp_path / "b", chain, chain_batch, chained), weights_only=False)["unused_parameters"] == []

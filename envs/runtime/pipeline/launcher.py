@@ -155,9 +155,11 @@ def write_job(job_dir: str | Path, gm: fx.GraphModule, inputs: Mapping[str, torc
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.pt"
-    # Stage replicas run under DDP; only one holding a parameter the loss does not reach needs
-    # find_unused_parameters, which costs every step (:func:`_reached_by_no_loss`).
-    unused = _reached_by_no_loss(gm, inputs, loss_fn) if pipeline is not None and pipeline.num_replicas > 1 else []
+    # DDP replicas, and a hybrid's stage replicas, need find_unused_parameters only where they hold a
+    # parameter the loss does not reach; it costs every step (:func:`_reached_by_no_loss`). Found
+    # once here, where the whole model and batch are, not by every rank.
+    ddp = pipeline is None or pipeline.num_replicas > 1
+    unused = _reached_by_no_loss(gm, inputs, loss_fn) if ddp else []
     gm, loss_fn = _untyped(gm), _portable_loss(loss_fn)
     # By node (graphs.portable_graph): pickled as a GraphModule, a graph torch.export captured
     # would come back re-traced under other node names, or not at all.
@@ -182,8 +184,9 @@ def _reached_by_no_loss(gm: fx.GraphModule, inputs: Mapping[str, Any],
     ran 1.08-1.20x slower per step with it in three runs (``benchmarks/bench_ddp_unused_search.py``;
     the 50-layer one within the noise, 0.84-1.19x).
     Every parameter the loss reaches gets a gradient in its stage (the gradients of the values a
-    stage sends come back to it), so only a stage holding one of these needs the search. None
-    where that forward cannot run here (a model on ``meta``): every stage searches, as before.
+    stage sends come back to it), so only a stage holding one of these needs the search (a DDP
+    replica holds them all). None where that forward cannot run here (a model on ``meta``): every
+    replica searches.
     """
     from envs.runtime.gradient_reach import parameters_without_gradient
     from graphs.graph_inputs import input_spec, model_args

@@ -64,7 +64,6 @@ from typing import Any
 import torch
 
 from envs.runtime.file_modules import load_file_modules
-from envs.runtime.gradient_reach import parameters_without_gradient
 from envs.runtime.replica_batch_norm import (
     process_group_gather,
     replace_batch_norms,
@@ -469,10 +468,11 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     nesting = input_spec(gm)  # the inputs by placeholder are leaves; the model and its loss take them nested
     # A parameter that gets no gradient stalls DDP's reducer ("Expected to have finished
     # reduction in the prior iteration"); the user's DDP of such a model needs the same flag.
-    unused = parameters_without_gradient(gm, model_args(nesting, [mine[k] for k in order]), loss_fn)
+    # The job lists them (None: not known, so search).
+    unused = job.get("unused_parameters")
     if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
         replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
-    model = DistributedDataParallel(gm, find_unused_parameters=bool(unused))
+    model = DistributedDataParallel(gm, find_unused_parameters=unused is None or bool(unused))
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     for step in _steps(job):
         dist.barrier()
