@@ -207,10 +207,7 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             by_module.setdefault(str(attrs.get("target")), []).append(i)
         elif op == "get_attr":
             by_attr.setdefault(str(attrs.get("target")), []).append(i)
-            if i not in tied_attrs:
-                for consumer in graph.successors(name):
-                    uf.union(i, index[consumer])
-        if attrs.get("sparse_output"):
+        if (op == "get_attr" and i not in tied_attrs) or attrs.get("sparse_output"):
             for consumer in graph.successors(name):
                 uf.union(i, index[consumer])
         if is_view(attrs) or is_inplace(attrs, name in kwarg_inplace):
