@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -87,30 +88,33 @@ def _rebind_hook_closures(src: torch.nn.Module, twin: torch.nn.Module, memo: dic
 
     for module in twin.modules():
         for table in _HOOK_TABLES:
-            hooks = getattr(module, table, None)
-            if not hooks:
-                continue
+            hooks = getattr(module, table, None) or {}
             for key, hook in list(hooks.items()):
-                if not isinstance(hook, types.FunctionType) or not hook.__closure__:
-                    continue
-                new_cells, changed = [], False
-                for cell in hook.__closure__:
-                    try:
-                        value = cell.cell_contents
-                    except ValueError:  # an empty cell stays empty
-                        new_cells.append(types.CellType())
-                        continue
-                    twin_value = copied(value)
-                    changed |= twin_value is not value
-                    new_cells.append(types.CellType(twin_value))
-                if not changed:
-                    continue
-                rebound = types.FunctionType(hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__,
-                                             tuple(new_cells))
-                rebound.__kwdefaults__ = hook.__kwdefaults__
-                rebound.__dict__.update(hook.__dict__)
-                hooks[key] = rebound
+                if isinstance(hook, types.FunctionType):
+                    hooks[key] = _rebound(hook, copied)
 
+
+def _rebound(hook: types.FunctionType, copied: Callable[[Any], Any]) -> types.FunctionType:
+    """``hook`` with each closure cell's value replaced by ``copied(value)``; ``hook`` itself
+    when it is no closure or no value changes."""
+    if not hook.__closure__:
+        return hook
+    new_cells, changed = [], False
+    for cell in hook.__closure__:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell stays empty
+            new_cells.append(types.CellType())
+            continue
+        twin_value = copied(value)
+        changed |= twin_value is not value
+        new_cells.append(types.CellType(twin_value))
+    if not changed:
+        return hook
+    rebound = types.FunctionType(hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__, tuple(new_cells))
+    rebound.__kwdefaults__ = hook.__kwdefaults__
+    rebound.__dict__.update(hook.__dict__)
+    return rebound
 
 
 def _leaf_script_parameters(twin: torch.nn.Module) -> None:
