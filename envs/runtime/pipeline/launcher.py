@@ -180,9 +180,9 @@ def _reached_by_no_loss(gm: fx.GraphModule, inputs: Mapping[str, Any],
 
     A stage replica wrapped in DDP with ``find_unused_parameters=True`` pays a search of its
     autograd graph and the reducer's bookkeeping every step, a cost the simulator does not
-    charge: DDP of a 200-layer MLP (400 parameters, gloo on 2 local processes, 1 thread each)
-    ran 1.08-1.20x slower per step with it in three runs (``benchmarks/bench_ddp_unused_search.py``;
-    the 50-layer one within the noise, 0.84-1.19x).
+    charge: DDP of MLPs of 200 to 800 parameters (gloo on 2 local processes, 1 thread each) ran
+    1.04-1.26x slower per step with it in every run (``benchmarks/bench_ddp_unused_search.py``,
+    ``benchmarks/results/pipeline.md``; at 100 parameters within the noise).
     Every parameter the loss reaches gets a gradient in its stage (the gradients of the values a
     stage sends come back to it), so only a stage holding one of these needs the search (a DDP
     replica holds them all). None where that forward cannot run here (a model on ``meta``): every
