@@ -50,9 +50,10 @@ from graphs.forward_checks import pin_shapes_unless_generic, refuse_hooks_never_
 from graphs.fx_tracer import fx_locate, fx_trace, leaf_module_paths, resolve_leaf_modules
 from graphs.lazy_modules import materialize
 from graphs.leaf_kernels import annotate_leaf_kernels
+from graphs.loss_reach import loss_differentiates_through_model
 from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
-from graphs.placement_graph import build_placement_graph
+from graphs.placement_graph import build_placement_graph, mark_loss_differentiated
 from graphs.python_draws import ChangingValue
 from graphs.root_hooks import refuse_root_backward_hooks
 from graphs.saved_activations import annotate_saved_bytes
@@ -286,6 +287,12 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     except Exception as exc:  # the graph stays usable: compile_problem's fallback estimate applies
         log.warning("could not measure the activations autograd saves for %s (%s: %s); memory uses the "
                     "estimate 'each op that requires grad keeps its output'", name, type(exc).__name__, exc)
+    if loss_fn is not None and loss_differentiates_through_model(gm, inputs, loss_fn):
+        mark_loss_differentiated(graph)
+        log.warning("%s: the loss differentiates through the model (torch.autograd.grad of its output by an input "
+                    "or an activation, in get_loss), so it needs the autograd graph behind the output: the model is "
+                    "one group, which no worker-process boundary or pipeline stage cuts (over worker processes one "
+                    "of them holds it all; DDP and one process run it whole)", name)
     return CapturedModel(gm=gm, graph=graph, method=method, fingerprint=fingerprint, model=model,
                          example_inputs=inputs, name=name, shapes_from=shapes_from,
                          fx_error=fx_error, leaf_modules=leaf_modules, training_modes=trace_modes)

@@ -272,9 +272,32 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
 
 def differentiated_runs(graph: nx.DiGraph) -> list[list[str]]:
     """What each ``torch.autograd.grad`` of the graph's forward differentiates, itself included, in
-    graph order: the node attribute ``differentiates`` (:func:`graphs.ops.differentiated_regions`),
-    which the grouping keeps in one group and the stage cut in one stage."""
+    graph order: the node attribute ``differentiates`` (:func:`graphs.ops.differentiated_regions`;
+    on the output node, what a loss that differentiates through the model goes through,
+    :func:`mark_loss_differentiated`), which the grouping keeps in one group and the stage cut in
+    one stage."""
     return [list(run) for _, run in graph.nodes(data="differentiates") if run]
+
+
+def mark_loss_differentiated(graph: nx.DiGraph) -> list[str]:
+    """Mark the whole graph, in graph order, as the output node's ``differentiates`` run: the loss
+    differentiates through the model (:func:`graphs.loss_reach.loss_differentiates_through_model`),
+    so no process boundary may cut what lies behind the output, and the loss, which runs where
+    the output is, reads the model inputs as its targets too (a pipeline stage holding only a
+    target would hand the output to the loss across a boundary). Returns the run (empty where
+    the graph has no output node).
+
+    >>> g = nx.DiGraph([("x", "a"), ("a", "output"), ("target", "sink")])
+    >>> g.nodes["output"]["op"] = "output"
+    >>> mark_loss_differentiated(g)
+    ['x', 'a', 'output', 'target', 'sink']
+    """
+    output = next((n for n, op in graph.nodes(data="op") if op == "output"), None)
+    if output is None:
+        return []
+    run = list(graph.nodes)
+    graph.nodes[output]["differentiates"] = run
+    return run
 
 
 def _sparse_gradient(module: nn.Module, node: fx.Node, shape_of: Any) -> tuple[int, int] | None:

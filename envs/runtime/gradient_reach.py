@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphs.loss_reach import is_unreached
 from graphs.model_file import first_tensor, preserved_buffers
 
 __all__ = ["parameters_without_gradient", "loss_of_a_cut_output"]
@@ -70,10 +71,6 @@ def _accumulated(root: Any) -> set[int]:
     return found
 
 
-#: What autograd says when a gradient is asked of a tensor the differentiated graph does not reach.
-_UNREACHED = ("appears to not have been used in the graph", "does not require grad and does not have a grad_fn")
-
-
 def loss_of_a_cut_output(loss_fn: Callable[..., torch.Tensor], output: Any, inputs: Sequence[Any]) -> torch.Tensor:
     """``loss_fn(output, *inputs)`` where ``output`` came out of the model's last stage as a leaf
     of its own (a pipeline's last stage, the output rank of a placement over worker processes):
@@ -89,7 +86,7 @@ def loss_of_a_cut_output(loss_fn: Callable[..., torch.Tensor], output: Any, inpu
     try:
         return loss_fn(output, *inputs)
     except RuntimeError as exc:
-        if not any(text in str(exc) for text in _UNREACHED):
+        if not is_unreached(exc):
             raise
         raise RuntimeError(
             "the loss differentiates through the model (torch.autograd.grad of its output by an input or "

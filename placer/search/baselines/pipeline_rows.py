@@ -136,7 +136,9 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
                 state, step = found.best_with_replicas(replicas)
             what = "pipeline" if replicas == 1 else "pipeline x DDP hybrid"
             if state is None:
-                why = (f"no {what} on {len(devs)} devices: one needs 2 stages x 2 replicas, 4 devices at least"
+                why = (f"no {what}: the model is one group, and a stage holds whole groups"
+                       if problem.num_nodes < 2
+                       else f"no {what} on {len(devs)} devices: one needs 2 stages x 2 replicas, 4 devices at least"
                        if replicas is None and len(devs) < 4
                        else f"no fitting {what} among the {found.evaluated} simulated")
                 record(method, "pipeline", float("nan"), False, {}, why + tail, found.wall_s, found.evaluated)

@@ -55,11 +55,17 @@ def pipeline_devices(problem: PlacementProblem) -> list[int]:
     return accelerators(problem)
 
 
+def _too_few_groups(stages: int, groups: int) -> str:
+    # No ';' before the count: the comparison table's note keeps what comes before the first one.
+    return (f"the model is {groups} group(s), and {stages} stages need {stages} at least (a stage holds whole "
+            "groups)")
+
+
 def _cut_even(weights: np.ndarray, stages: int) -> list[int]:
     """Cut points (start index of stages 1..S-1) giving each stage ~1/S of ``weights``, none empty."""
     n = len(weights)
     if stages > n:
-        raise NoFit(f"{stages} stages need at least {stages} nodes; the graph has {n}")
+        raise NoFit(_too_few_groups(stages, n))
     total = float(weights.sum())
     cum = np.cumsum(weights)
     cuts: list[int] = []
@@ -127,7 +133,7 @@ def pipedream_dp(problem: PlacementProblem, microbatches: int, schedule: str = "
     if n > MAX_NODES:
         raise NoFit(f"pipedream_dp is limited to {MAX_NODES} nodes; this graph has {n}")
     if s_ > n:
-        raise NoFit(f"{s_} stages need at least {s_} nodes; the graph has {n}")
+        raise NoFit(_too_few_groups(s_, n))
     tables = pipeline_tables(problem)
     static = np.asarray(problem.static_memory(), dtype=np.float64)
     act = np.asarray(problem.act_bytes, dtype=np.float64)
