@@ -327,7 +327,8 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     The model is built under ``torch.device("meta")`` and captured on meta copies of the
     example inputs, so no rank ever allocates the whole model. Model code that cannot run
     on meta (a data-dependent op, an explicit device) falls back to a normal build; its
-    tensors are then moved to meta right after capture. Returns (spec, gm, "meta" | "cpu").
+    tensors are then moved to meta right after capture; so does one whose capture on meta
+    gives another graph than the parent's. Returns (spec, gm, "meta" | "cpu").
     """
     from torch.utils._pytree import tree_map
 
@@ -351,6 +352,11 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
             spec = loaded()
         captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name,
                            batch_dim=spec.batch_dim)
+        if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
+            # Another graph than the parent's: on meta, fx's shape propagation cannot run an op whose
+            # output size depends on values (torch.nonzero in a top-k router), so the capture fell
+            # back to torch.export, which the parent did not use. Every run of such a model failed.
+            raise RuntimeError("captured on meta as another graph")
         built_on = "meta"
     except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
         spec = loaded()
