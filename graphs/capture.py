@@ -56,7 +56,8 @@ from graphs.module_modes import set_training_modes, training_modes
 from graphs.placement_graph import build_placement_graph, mark_loss_differentiated
 from graphs.python_draws import ChangingValue
 from graphs.root_hooks import refuse_root_backward_hooks
-from graphs.saved_activations import annotate_saved_bytes
+from graphs.saved_activations import SAVED_FROM, annotate_saved_bytes
+from graphs.shape_dependence import data_dependent_shapes
 from graphs.stale_state import held_tensors_kept, refusing_stale_state
 from graphs.state_completion import complete_state
 from graphs.state_snapshot import TraceTimeUpdate, checked_trace
@@ -287,6 +288,11 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
     except Exception as exc:  # the graph stays usable: compile_problem's fallback estimate applies
         log.warning("could not measure the activations autograd saves for %s (%s: %s); memory uses the "
                     "estimate 'each op that requires grad keeps its output'", name, type(exc).__name__, exc)
+    if graph.graph.get(SAVED_FROM) != "fake":
+        # Fake tensors alone could not size some op (a data-dependent size is one such op;
+        # where they could, none is, and the costlier pass under a ShapeEnv is skipped).
+        for name in data_dependent_shapes(gm, inputs):
+            graph.nodes[name]["shape_varies"] = True
     if loss_fn is not None and loss_differentiates_through_model(gm, inputs, loss_fn):
         mark_loss_differentiated(graph)
         log.warning("%s: the loss differentiates through the model (torch.autograd.grad of its output by an input "

@@ -15,6 +15,11 @@ Steps (design "Grouping"), each keeping "every op in exactly one group":
      send, which carries dense tensors only (4 of 20 measured placements of such a model ran
      invalid: "unsupported memory format option Contiguous"). A sparse model input is handed
      to every rank whole, so it is no such op;
+   - an op whose output size depends on computed values (``torch.nonzero``, ``x[mask]``: the
+     node attribute ``shape_varies``, :mod:`graphs.shape_dependence`) with its consumers: a
+     process receives into a buffer of a shape fixed in advance (a top-2 mixture of experts
+     over two worker processes: gloo aborted the receiving rank once the first optimizer step
+     moved the routing, and 2 of 4 pipelines were refused);
    - a ``torch.autograd.grad`` in forward (a physics-informed loss, a gradient penalty) with
      every op between the tensors it differentiates by and those it differentiates: the
      backward it runs executes on those ops' devices, yet the profile times it as the grad
@@ -207,10 +212,10 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             by_module.setdefault(str(attrs.get("target")), []).append(i)
         elif op == "get_attr":
             by_attr.setdefault(str(attrs.get("target")), []).append(i)
-        if (op == "get_attr" and i not in tied_attrs) or attrs.get("sparse_output"):
+        if (op == "get_attr" and i not in tied_attrs) or attrs.get("sparse_output") or attrs.get("shape_varies"):
             for consumer in graph.successors(name):
                 uf.union(i, index[consumer])
-        if is_view(attrs) or is_inplace(attrs, name in kwarg_inplace):
+        if (is_view(attrs) and not _gathers(graph, name, attrs)) or is_inplace(attrs, name in kwarg_inplace):
             # networkx keeps predecessors in insertion order = the fx node's argument order,
             # so the first predecessor is the tensor the op aliases or mutates.
             producer = next(iter(graph.predecessors(name)), None)
@@ -219,6 +224,18 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
     for members in list(by_module.values()) + list(by_attr.values()) + shared + _differentiated_regions(graph, index):
         if len(members) > 1:
             uf.union_all(members)
+
+
+def _gathers(graph: nx.DiGraph, name: str, attrs: Mapping[str, Any]) -> bool:
+    """Whether a ``getitem`` indexes with a tensor (``x[rows]``, ``x[mask]``): advanced indexing
+    copies the rows it picks (PyTorch's indexing semantics), so nothing aliases the indexed tensor
+    and the op need not stay with it (a top-2 mixture of experts picks each expert's tokens so:
+    under the view rule every expert joined the layer's input, one group per layer). A slice whose
+    bound is a size read off a tensor is still a view: its other inputs are not tensors."""
+    if op_name(str(attrs.get("target", ""))) != "getitem":
+        return False
+    index_inputs = list(graph.predecessors(name))[1:]
+    return any(graph.nodes[p].get("shape") is not None for p in index_inputs)
 
 
 def _differentiated_regions(graph: nx.DiGraph, index: Mapping[str, int]) -> list[list[int]]:

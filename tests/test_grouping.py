@@ -70,8 +70,11 @@ def check_invariants(graph: nx.DiGraph, grp: Grouping, max_groups: int | None = 
         if a["op"] == "get_attr":
             for s in graph.successors(n):
                 assert grp.op_to_group[s] == grp.op_to_group[n]
-        if is_view(a) or is_inplace(a):
-            preds = list(graph.predecessors(n))
+        preds = list(graph.predecessors(n))
+        # advanced indexing (a getitem by a tensor) copies: it need not stay with what it indexes
+        gathers = str(a.get("target", "")).endswith("getitem") and any(
+            graph.nodes[p].get("shape") is not None for p in preds[1:])
+        if (is_view(a) and not gathers) or is_inplace(a):
             if preds:
                 assert grp.op_to_group[preds[0]] == grp.op_to_group[n]
     assert all(len(gs) == 1 for gs in by_target.values())
