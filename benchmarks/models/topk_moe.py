@@ -8,8 +8,8 @@ round's `shape_varies` rule (graphs.shape_dependence) a value of varying size st
 consumers, and `x[rows]` no longer counts as a view of `x`: 0 invalid of 22 runs, 2 pipelines.
 """
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MoE(nn.Module):
