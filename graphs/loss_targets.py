@@ -59,6 +59,16 @@ def forward_takes(model: nn.Module) -> int | None:
     return None if params is None else len(params)
 
 
+def target_count(model: nn.Module) -> int:
+    """How many of the example inputs are loss targets ``model`` takes only to ignore them (the
+    view of :func:`accepting_targets`; 0 for any other model).
+
+    >>> target_count(accepting_targets(nn.Linear(2, 3), 3)), target_count(nn.Linear(2, 3))
+    (2, 0)
+    """
+    return len(getattr(type(model), "loss_targets", ()))
+
+
 def target_names(forward_names: list[str], count: int) -> list[str]:
     """Names of ``count`` target placeholders that do not clash with ``forward_names``:
     ``target`` for one, ``target_0``, ``target_1``... for several (decided by the model and the

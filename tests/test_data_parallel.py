@@ -6,6 +6,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 import pytest
+import torch
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.cost_model import CPU_DISPATCH_S
@@ -185,6 +186,39 @@ def test_ddp_over_replicas_that_do_not_divide_the_batch_is_a_row_that_does_not_r
     assert "ddp" not in pipelines
     records, pipelines = parallel_records(problem, 8, 1.0, search_budget=None)
     assert next(r for r in records if r["method"] == "ddp")["fits"] and "ddp" in pipelines
+
+
+def test_inputs_that_disagree_on_the_batch_rule_out_ddp_with_the_reason_and_pipelines_keep_it_whole():
+    """A flat tensor of every sample's tokens with offsets: the batch read off the first input was
+    the 615 tokens, and DDP's row said the batch "does not split into 4 equal replicas"."""
+    from graphs.batch_agreement import batch_disagreement
+    from placer.search.baselines.pipeline_rows import SEARCH_METHOD, parallel_records
+
+    lengths = torch.randint(5, 30, (32,), generator=torch.Generator().manual_seed(0))
+    text = torch.zeros(int(lengths.sum()), dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    why = batch_disagreement((text, offsets, torch.zeros(32, dtype=torch.long)), targets=1)
+    assert why is not None and why.startswith(f"the batch is read as {len(text)} along dim 0 of the first input, "
+                                              "but input 3, a loss target, holds 32")
+    problem = compile_problem(chain(6), cluster(4))
+    records, pipelines = parallel_records(problem, len(text), 1.0, search_budget=40, batch_refusal=why)
+    ddp = next(r for r in records if r["method"] == "ddp")
+    assert not ddp["fits"] and ddp["note"] == f"does not run: {why}" and "ddp" not in pipelines
+    assert pipelines and all(p.microbatches == 1 and not p.replicas for p in pipelines.values())
+    assert SEARCH_METHOD not in pipelines  # one micro-batch leaves the pipeline search nothing to vary
+
+
+def test_targets_that_hold_the_batch_agree_in_either_batch_dimension():
+    from graphs.batch_agreement import batch_disagreement
+
+    assert batch_disagreement((torch.zeros(8, 5), torch.zeros(8, dtype=torch.long)), targets=1) is None
+    # sequence-first: (time, batch) tokens and (time, batch) targets, batch_dim 1
+    assert batch_disagreement((torch.zeros(12, 8), torch.zeros(12, 8)), batch_dim=1, targets=1) is None
+    # a list of one image per sample: the first input's "batch" is an image's 3 channels
+    images = [torch.zeros(3, 16, 16) for _ in range(8)]
+    assert "holds 8" in batch_disagreement((images, torch.zeros(8)), targets=1)
+    # without targets nothing tells the batch apart
+    assert batch_disagreement((images,), targets=0) is None
 
 
 def test_on_one_device_ddp_is_a_row_that_does_not_run_and_never_wins():

@@ -34,7 +34,9 @@ from envs.sim.optimizer_state import optimizer_state_kind
 from envs.sim.problem_compile import compile_problem
 from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
+from graphs.batch_agreement import batch_disagreement
 from graphs.errors import PlacerError
+from graphs.loss_targets import target_count
 from graphs.model_file import (
     ModelSpec,
     batch_size_of,
@@ -327,7 +329,9 @@ def confirm(config: OptimizeConfig, compiled: Compiled, baselines: BaselineRun, 
     table, pipelines = parallel_rows(table, compiled.problem, batch_size_of(run.spec.example_inputs, run.spec.batch_dim),
                                      search_budget=config.budget.placements or DEFAULT_PIPELINE_PLACEMENTS,
                                      seed=config.seed, initial=[resumed] if resumed is not None else [],
-                                     min_samples=min_microbatch_samples(run.prepared.captured.graph))
+                                     min_samples=min_microbatch_samples(run.prepared.captured.graph),
+                                     batch_refusal=batch_disagreement(run.spec.example_inputs, run.spec.batch_dim,
+                                                                      target_count(run.spec.model)))
     seconds["pipelines"] = time.perf_counter() - start
     if measurer is not None:
         from placer.measuring.confirm import (

@@ -53,14 +53,16 @@ def _memory_text(peak: dict[str, float], names: tuple[str, ...]) -> str:
 
 def parallel_records(problem: PlacementProblem, batch_size: int | None, best_single: float,
                      costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
-                     seed: int = 0, initial: Sequence[Pipeline] = (),
-                     min_samples: int = 1) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
+                     seed: int = 0, initial: Sequence[Pipeline] = (), min_samples: int = 1,
+                     batch_refusal: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Pipeline]]:
     """Comparison-table records (the columns of :func:`placer.report.compare.comparison_table`
     plus ``kind``) for DDP, each partitioner's best pipeline and the pipeline search's bests
     (``search_budget`` simulated pipelines, starting from ``initial`` too; None: no search),
     and the pipeline of every pipeline row by method. ``min_samples``: the fewest samples the
     model runs on (:func:`graphs.profile.batch_scaling.min_microbatch_samples`); no micro-batch
-    or DDP replica gets fewer, and DDP that would is a row that does not run.
+    or DDP replica gets fewer, and DDP that would is a row that does not run. ``batch_refusal``:
+    why the batch cannot be cut at all (:func:`graphs.batch_agreement.batch_disagreement`): DDP
+    does not run, and pipelines run the whole batch as one micro-batch.
 
     ``ratio_to_lower_bound`` is left empty for DDP, for pipelines with micro-batches or
     replicas, and on a rank cluster: the bound (:func:`envs.sim.lower_bound.lower_bound`, and
@@ -84,8 +86,12 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
             "kind": kind,
         })
 
+    if batch_refusal is not None:
+        batch_size, min_samples = None, 1  # one micro-batch: the whole batch, uncut
     share = batch_size // len(devs) if batch_size is not None and devs else None
-    if len(devs) < 2:
+    if batch_refusal is not None and len(devs) > 1:
+        record("ddp", "ddp", float("nan"), False, {}, f"{DDP_DOES_NOT_RUN}: {batch_refusal}")
+    elif len(devs) < 2:
         # One replica is not data parallelism, and no runtime runs it as DDP: the row would be
         # the one-device placement priced by other rules (the pipeline engine's stage costs).
         record("ddp", "ddp", float("nan"), False, {},
@@ -157,8 +163,8 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
 
 def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: int | None,
                   costs: RankCosts | None = None, search_budget: int | None = DEFAULT_PIPELINE_PLACEMENTS,
-                  seed: int = 0, initial: Sequence[Pipeline] = (),
-                  min_samples: int = 1) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
+                  seed: int = 0, initial: Sequence[Pipeline] = (), min_samples: int = 1,
+                  batch_refusal: str | None = None) -> tuple[pd.DataFrame, dict[str, Pipeline]]:
     """``table`` (placements) with ``kind`` and the DDP, pipeline and hybrid rows, fitting
     fastest first; and the pipeline of each pipeline row (:func:`parallel_records`)."""
     table = table.copy()
@@ -167,7 +173,7 @@ def parallel_rows(table: pd.DataFrame, problem: PlacementProblem, batch_size: in
     best_single = (float((fit["step_time"] * fit["speedup_vs_single"]).iloc[0]) if not fit.empty
                    else float("nan"))
     records, pipelines = parallel_records(problem, batch_size, best_single, costs, search_budget, seed, initial,
-                                          min_samples)
+                                          min_samples, batch_refusal)
     out = fastest_first(pd.concat([table, pd.DataFrame.from_records(records)], ignore_index=True))
     return out, pipelines
 
