@@ -122,6 +122,44 @@ def test_sparse_gradients_are_compared_dense_and_complex_values_on_both_parts():
     assert _scaled_diff(z, torch.tensor([1 + 2j, 2 - 1j])) > 0.1
 
 
+class _MetaTemplateEnsemble(nn.Module):
+    """PyTorch's model-ensembling recipe: the members' parameters stacked, vmap over
+    functional_call of a template module kept on meta (it has no data of its own)."""
+
+    def __init__(self, members: int = 3) -> None:
+        super().__init__()
+        from torch.func import stack_module_state
+
+        nets = [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)) for _ in range(members)]
+        stacked, _ = stack_module_state(nets)
+        self.names = list(stacked)
+        self.stacked = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v) for k, v in stacked.items()})
+        self.base = copy.deepcopy(nets[0]).to("meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        params = {n: self.stacked[n.replace(".", "_")] for n in self.names}
+        return vmap(lambda p, x: functional_call(self.base, p, (x,)), in_dims=(0, None))(params, x).mean(0)
+
+
+def test_a_template_module_on_meta_stays_there_and_its_tensors_compare_by_shape():
+    """Its placement was applied by moving every tensor the graph reads, meta ones too: "Cannot
+    copy out of meta tensor; no data!", a traceback after the whole search."""
+    torch.manual_seed(0)
+    model = _MetaTemplateEnsemble()
+    spec = ModelSpec(model=model, example_inputs=(torch.randn(6, 4),), name="ensemble",
+                     loss_fn=lambda out, *_: out.pow(2).mean())
+    cap = capture(model, spec.example_inputs, name="ensemble")
+    report = check_placement(spec, cap, alternating_placement(cap.graph, ("cpu", "cpu")))
+    assert report.ok and report.output_diff == 0.0, report.describe()
+    assert all(p.is_meta for p in model.base.parameters())
+    meta = torch.empty(3, 2, device="meta")
+    assert _scaled_diff(meta, torch.empty(3, 2, device="meta")) == 0.0
+    assert _scaled_diff(meta, torch.empty(2, 3, device="meta")) == float("inf")
+    assert _scaled_diff(meta, torch.zeros(3, 2)) == float("inf")
+
+
 def test_a_placed_model_reproducing_the_originals_nan_outputs_checks_the_same():
     class HalfNaN(nn.Module):
         def __init__(self):

@@ -72,6 +72,11 @@ class _Mover:
 
     @staticmethod
     def _move_tensor(t: torch.Tensor, device: str) -> None:
+        if t.is_meta:
+            # A tensor without data stays without it: a template module on meta whose parameters
+            # torch.func.functional_call replaces (PyTorch's model-ensembling recipe) raised
+            # "Cannot copy out of meta tensor" in the check, after the whole search.
+            return
         if _canonical(t.device) != device:
             # Assigning .data keeps the tensor object (so tied weights stay tied and an
             # optimizer built afterwards sees the moved Parameter).
