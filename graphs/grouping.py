@@ -27,6 +27,9 @@ Steps (design "Grouping"), each keeping "every op in exactly one group":
      processes a tensor received from another rank is a fresh leaf the grad cannot reach back
      through ("The differentiated Tensor ... appears to not have been used in the graph": 10
      of 16 measured placements of a physics-informed net before this rule).
+   - an inlined ``torch.func.vmap`` (torch.export's ``_vmap_increment_nesting`` ...
+     ``_vmap_decrement_nesting``) with every op between: its values are batched tensors of the
+     process's functorch stack, which no other process can receive.
 2. **Cycles**: co-location can join ops with others between them (the decoder cell shared
    by every time step, the attention in between); the group graph then has cycles. Every
    strongly connected component is merged into one group (networkx SCCs), the smallest
@@ -63,7 +66,7 @@ from graphs.errors import GraphError
 from graphs.gc_pause import paused_gc
 from graphs.group_dag import GroupDAG, UnionFind, collapse_cycles
 from graphs.ops import INPLACE_OPERATOR_NAMES, STAYS_WITH_INPUT_OPS, op_name
-from graphs.placement_graph import differentiated_runs
+from graphs.placement_graph import kept_whole_runs
 
 # Unprofiled estimate: one CPU thread does about this much per second.
 EST_FLOPS_PER_S = 1e10
@@ -221,7 +224,7 @@ def mandatory_unions(graph: nx.DiGraph, index: Mapping[str, int], uf: UnionFind,
             producer = next(iter(graph.predecessors(name)), None)
             if producer is not None:
                 uf.union(i, index[producer])
-    for members in list(by_module.values()) + list(by_attr.values()) + shared + _differentiated_regions(graph, index):
+    for members in list(by_module.values()) + list(by_attr.values()) + shared + _kept_whole(graph, index):
         if len(members) > 1:
             uf.union_all(members)
 
@@ -238,9 +241,9 @@ def _gathers(graph: nx.DiGraph, name: str, attrs: Mapping[str, Any]) -> bool:
     return any(graph.nodes[p].get("shape") is not None for p in index_inputs)
 
 
-def _differentiated_regions(graph: nx.DiGraph, index: Mapping[str, int]) -> list[list[int]]:
-    """:func:`graphs.placement_graph.differentiated_runs` (module doc) as op indices."""
-    return [[index[name] for name in run if name in index] for run in differentiated_runs(graph)]
+def _kept_whole(graph: nx.DiGraph, index: Mapping[str, int]) -> list[list[int]]:
+    """:func:`graphs.placement_graph.kept_whole_runs` (module doc) as op indices."""
+    return [[index[name] for name in run if name in index] for run in kept_whole_runs(graph)]
 
 
 def _shared_tensor_users(graph: nx.DiGraph, index: Mapping[str, int], gm: fx.GraphModule | None = None) -> list[list[int]]:

@@ -334,6 +334,37 @@ def differentiated_regions(gm: fx.GraphModule) -> dict[str, list[str]]:
     return regions
 
 
+def transform_regions(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Per ``torch.func.vmap`` that torch.export inlined (``_vmap_increment_nesting`` ...
+    ``_vmap_decrement_nesting``, the functorch predispatch calls): the nodes from the one that
+    enters it to the one that leaves it, in graph order. The values in between are batched
+    tensors of functorch's interpreter stack, which exist only inside that process between the
+    two calls: none may be sent to another process, and a stage that ran only part of the
+    region left the stack one level deep (every later backward in the process failed:
+    "backward() called inside a functorch transform").
+
+    >>> from torch.func import vmap
+    >>> class Batched(torch.nn.Module):
+    ...     def forward(self, w, x):
+    ...         return vmap(lambda w: (w * x).relu())(w).sum(0)
+    >>> gm = torch.export.export(Batched(), (torch.randn(3, 4), torch.randn(4))).module()
+    >>> [(first, run[-1]) for first, run in transform_regions(gm).items()]
+    [('_vmap_increment_nesting', '_vmap_decrement_nesting')]
+    """
+    regions: dict[str, list[str]] = {}
+    open_runs: list[list[str]] = []
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == "_vmap_increment_nesting":
+            open_runs.append([])
+        for run in open_runs:
+            run.append(node.name)
+        if name == "_vmap_decrement_nesting" and open_runs:
+            run = open_runs.pop()
+            regions[run[0]] = run
+    return regions
+
+
 def _nodes_in(value: Any) -> list[fx.Node]:
     if isinstance(value, fx.Node):
         return [value]

@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphs.autograd_functions import is_function_call
 from graphs.flops import node_bytes_moved, node_flops
-from graphs.ops import differentiated_regions, later_writes
+from graphs.ops import differentiated_regions, later_writes, transform_regions
 from graphs.region_costs import region_costs
 
 
@@ -267,6 +267,8 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
         graph.nodes[name]["updated_later"] = writer.name
     for name, differentiated in differentiated_regions(gm).items():
         graph.nodes[name]["differentiates"] = differentiated
+    for name, transformed in transform_regions(gm).items():
+        graph.nodes[name]["transform_region"] = transformed
     return graph
 
 
@@ -277,6 +279,15 @@ def differentiated_runs(graph: nx.DiGraph) -> list[list[str]]:
     :func:`mark_loss_differentiated`), which the grouping keeps in one group and the stage cut in
     one stage."""
     return [list(run) for _, run in graph.nodes(data="differentiates") if run]
+
+
+def kept_whole_runs(graph: nx.DiGraph) -> list[list[str]]:
+    """Runs of nodes that no process boundary may cut, each in graph order: what a
+    ``torch.autograd.grad`` differentiates (:func:`differentiated_runs`) and each inlined
+    ``torch.func.vmap`` region (the node attribute ``transform_region``,
+    :func:`graphs.ops.transform_regions`). The grouping keeps each in one group and the stage
+    cut in one stage."""
+    return differentiated_runs(graph) + [list(run) for _, run in graph.nodes(data="transform_region") if run]
 
 
 def mark_loss_differentiated(graph: nx.DiGraph) -> list[str]:

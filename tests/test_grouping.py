@@ -413,3 +413,35 @@ def test_a_sparse_value_stays_with_its_consumers_and_a_sparse_input_does_not():
     assert og["to_sparse"] == og["_sparse_mm"]
     assert og["relu"] != og["to_sparse"]
     check_invariants(cap.graph, grp)
+
+
+def test_an_inlined_vmap_is_one_group_and_its_output_crosses_a_stage_boundary_outside_it():
+    """torch.export inlines torch.func.vmap between _vmap_increment_nesting and
+    _vmap_decrement_nesting; the values in between are batched tensors of this process's functorch
+    stack. Cut inside, every pipeline of PyTorch's model-ensembling recipe failed and the stack was
+    left one level deep, so the check's backward then failed too ("backward() called inside a
+    functorch transform")."""
+    from torch.func import vmap
+
+    from envs.runtime.pipeline.stages import boundary_metas
+    from graphs.capture import capture
+
+    class Batched(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 4, 4))
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(vmap(lambda w: (x @ w).relu())(self.w).mean(0))
+
+    captured = capture(Batched(), (torch.randn(5, 4),))
+    assert captured.method == "export"
+    group = group_graph(captured.graph).op_to_group
+    [region] = [run for _, run in captured.graph.nodes(data="transform_region") if run]
+    assert len({group[n] for n in region}) == 1
+    assert group["linear"] != group[region[0]]
+    out = region[-2]  # _remove_batch_dim: made before the nesting is left
+    metas = boundary_metas(captured.gm, {"x": torch.randn(5, 4)}, {out})
+    assert metas[out].is_meta and tuple(metas[out].shape) == (3, 5, 4)
+    assert torch._C._functorch.maybe_current_level() is None

@@ -47,7 +47,7 @@ import torch.fx as fx
 
 from envs.sim.stages import cut_stages, refused_handover
 from graphs.errors import PlacerError
-from graphs.ops import differentiated_regions, in_place_writes, later_writes
+from graphs.ops import differentiated_regions, in_place_writes, later_writes, transform_regions
 
 __all__ = ["SplitError", "Stage", "Transfer", "SplitPlan", "split_by_rank", "stage_assignment"]
 
@@ -192,7 +192,8 @@ def stage_assignment(gm: fx.GraphModule, rank: Mapping[str, int], output_rank: i
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return cut_stages([n.name for n in nodes], {n.name: real_inputs(n) for n in nodes}, rank,
-                      real_inputs(out), output_rank, differentiated_regions(gm).values())
+                      real_inputs(out), output_rank,
+                      [*differentiated_regions(gm).values(), *transform_regions(gm).values()])
 
 
 def _settle_shared_state(gm: fx.GraphModule, rank: dict[str, int]) -> None:

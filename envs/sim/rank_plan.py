@@ -13,7 +13,7 @@ import numpy as np
 
 from envs.sim.rank_costs import RankSimError
 from envs.sim.stages import cut_stages, refused_handover
-from graphs.placement_graph import differentiated_runs
+from graphs.placement_graph import kept_whole_runs
 
 __all__ = ["RankTransfer", "RankStage", "RankPlan", "rank_plan", "compute_nodes", "real_inputs"]
 
@@ -97,7 +97,7 @@ def rank_plan(graph: nx.DiGraph, ranks: Mapping[str, int], world_size: int,
     shared_refusal = _settle_shared_state(graph, order, rank)
     inputs = {n: real_inputs(graph, n) for n in order}
     out_inputs = real_inputs(graph, out) if out is not None else []
-    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank, differentiated_runs(graph))
+    stage_of = cut_stages(order, inputs, rank, out_inputs, output_rank, kept_whole_runs(graph))
     num = max(stage_of.values(), default=-1) + 1
     members: list[list[str]] = [[] for _ in range(num)]
     for n in order:

@@ -137,7 +137,9 @@ def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], di
     finally:
         for m, mode in modes:
             m.training = mode
-    state = {p: t.detach().cpu() for p, t in module_tensors(gm)}
+    # A tensor on meta has no data to send and stays on meta (a template module whose parameters
+    # torch.func's functional_call replaces: "Cannot copy out of meta tensor" failed every job).
+    state = {p: t.detach() if t.is_meta else t.detach().cpu() for p, t in module_tensors(gm)}
     return state, pack_meta(meta)
 
 

@@ -114,6 +114,9 @@ def hold(root: nn.Module, paths: Iterable[str], source: Mapping[str, torch.Tenso
         if id(t) not in made:
             if path not in source:
                 raise KeyError(f"the job ships no value for {path!r}")
-            made[id(t)] = _like(t, source[path].detach().to(device=device, copy=True))
+            value = source[path].detach()
+            # A tensor the model keeps on meta (a template whose parameters torch.func's
+            # functional_call replaces) has no data to hold: it stays on meta.
+            made[id(t)] = _like(t, value if value.is_meta else value.to(device=device, copy=True))
         _set(root, path, made[id(t)])
     return tensor_bytes(made.values())

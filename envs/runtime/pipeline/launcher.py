@@ -211,7 +211,12 @@ def read_results(job_dir: str | Path, world: int) -> TrainingRun:
         grads.update(torch.load(Path(job_dir) / f"grads-{rank}.pt", weights_only=False))  # its first step's
         for name, value in r["params"].items():
             if name in params:
-                gap = float((params[name] - value).abs().max()) if params[name].shape == value.shape else float("inf")
+                if params[name].shape != value.shape:
+                    gap = float("inf")
+                elif value.is_meta or params[name].is_meta:  # a template on meta: no values to differ
+                    gap = 0.0 if value.is_meta and params[name].is_meta else float("inf")
+                else:
+                    gap = float((params[name] - value).abs().max())
                 tied_gap[name] = max(tied_gap.get(name, 0.0), gap)
             params[name] = value
     steps = [max(r["step_s"][i] for r in results) for i in range(len(results[0]["step_s"]))]

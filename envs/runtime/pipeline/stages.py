@@ -15,7 +15,7 @@ the mean over micro-batches, the full batch's for a mean loss.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,6 +297,7 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
         PipelineError: a named value that is neither (a tuple holding tensors, say).
     """
     out: dict[str, Any] = {}
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype, bool]] = {}
     refused: list[PipelineError] = []
 
     class Recorder(fx.Interpreter):
@@ -306,8 +307,10 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
                 if isinstance(value, torch.Tensor):
                     # contiguous, as StageModule sends it: a meta with the view's strides makes
                     # PipelineStage receive into a strided buffer, which gloo refuses
-                    out[n.name] = torch.empty(value.shape, dtype=value.dtype,
-                                              device="meta").requires_grad_(value.requires_grad)
+                    # (made after the run: a vmap's output is produced before torch.export's
+                    # _vmap_decrement_nesting, where requires_grad_ is refused)
+                    out[n.name] = None
+                    tensors[n.name] = (tuple(value.shape), value.dtype, value.requires_grad)
                 elif _is_constant(value):
                     out[n.name] = value
                 elif not refused:
@@ -326,11 +329,26 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     # expected to be a Tensor but got result of type NoneType"): such a probe saves as usual.
     nothing_saved = (contextlib.nullcontext() if differentiated_regions(gm)
                      else torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None))
-    with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), nothing_saved:
+    with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), nothing_saved, _functorch_level_kept():
         Recorder(gm).run(*[inputs[k] for k in order])
     if refused:
         raise refused[0]
+    for name, (shape, dtype, requires_grad) in tensors.items():
+        out[name] = torch.empty(shape, dtype=dtype, device="meta").requires_grad_(requires_grad)
     return out
+
+
+@contextlib.contextmanager
+def _functorch_level_kept() -> Iterator[None]:
+    """Leave functorch's interpreter stack as it was: a graph that raised between torch.export's
+    ``_vmap_increment_nesting`` and ``_vmap_decrement_nesting`` left a vmap level open, and every
+    later backward in this process failed ("backward() called inside a functorch transform")."""
+    entered = torch._C._functorch.maybe_current_level()
+    try:
+        yield
+    finally:
+        while (level := torch._C._functorch.maybe_current_level()) is not None and (entered is None or level > entered):
+            torch._C._functorch._vmap_decrement_nesting()
 
 
 def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int,

@@ -142,7 +142,9 @@ def onto_device(stage: Any, device: torch.device) -> Any:
     factories_where_placed(stage.gm.graph, lambda n: (str(device), str(device)))
     stage.gm.recompile()
     stage.constants = {k: moved(v) for k, v in stage.constants.items()}
-    return stage.to(device)
+    # Tensors the model keeps on meta stay there (Module.to cannot copy them: "Cannot copy out
+    # of meta tensor"; a template module whose parameters torch.func's functional_call replaces).
+    return stage._apply(lambda t: t if t.is_meta else t.to(device))
 
 
 def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
@@ -321,6 +323,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
             # needed when a module doesn't have any parameter that requires a gradient"): it runs plain.
             unused = job.get("unused_parameters")
             searching = unused is None or any(canonical.get(id(p)) in unused for p in plain.parameters())
+            _meta_state_ignored(plain)
             mod = DistributedDataParallel(plain, process_group=stage_groups[local],
                                           device_ids=[device] if device.type == "cuda" else None,
                                           broadcast_buffers=False, find_unused_parameters=searching)
@@ -472,6 +475,7 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     unused = job.get("unused_parameters")
     if world > 1 and training_batch_norms(gm):  # every replica's BatchNorms normalise by the whole batch's statistics
         replace_batch_norms(gm, process_group_gather(dist.new_group(list(range(world)))))
+    _meta_state_ignored(gm)
     model = DistributedDataParallel(gm, find_unused_parameters=unused is None or bool(unused))
     opt = make_optimizer(job["optimizer"], list(model.parameters()))
     for step in _steps(job):
@@ -564,5 +568,19 @@ def main(argv: list[str] | None = None) -> int:
     return worker_main("envs.runtime.pipeline.worker", run_rank, argv)
 
 
+def _meta_state_ignored(module: torch.nn.Module) -> None:
+    """Have DDP leave out the parameters and buffers the model keeps on meta (a template module
+    whose parameters torch.func's functional_call replaces, PyTorch's model-ensembling recipe):
+    they have no data to average, and DDP refused the module ("input module must be on the same
+    type of devices, but input module parameters locate in {'meta', 'cpu'}")."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    named = [*module.named_parameters(), *module.named_buffers()]
+    meta = [name for name, t in named if t.is_meta]
+    if meta:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, meta)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
