@@ -382,7 +382,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
                 total = float(both) / n_rep
             res["losses"].append(total)
     # Not cloned (a CPU tensor's .cpu() is itself): nothing changes them before run_rank saves the result.
-    res["params"] = {n: p.detach().cpu() for n, p in named.items()}
+    res["params"] = {n: p.detach() if p.is_meta else p.detach().cpu() for n, p in named.items()}  # meta stays meta
 
 
 def _steps(job: Mapping[str, Any]) -> Iterator[int]:
