@@ -9,8 +9,8 @@ index 0 appears to not have been used in the graph". In one process, copies betw
 keep the graph (``Tensor.to`` is differentiable), so the loss runs.
 
 :func:`loss_differentiates_through_model` asks the question once, at capture, by running the
-loss twice on one forward: on the output as it is, and on the output cut off its graph (each
-tensor detached, a leaf of its own, as a receiving stage holds it). A loss that runs on the
+loss twice on one forward: on the output as it is, and on the output cut off its graph
+(:func:`cut_off_graph`, as a receiving stage holds it). A loss that runs on the
 first and fails on the second with autograd's words for an unreached tensor differentiates
 through the model. The capture then marks, on the placement graph's output node, every op the
 output depends on as one differentiated run (:func:`graphs.placement_graph.differentiated_runs`):
@@ -18,13 +18,12 @@ the grouping keeps them in one group and the stage cut in one stage, as it does 
 ``torch.autograd.grad`` inside forward. Placements over worker processes then keep the model
 in one of them, and no pipeline splits it, instead of measuring runs that cannot work.
 
-The forward runs on fake tensors when it can (no memory, no compute) and otherwise on real
-ones, with the buffers and the random state put back; nothing is trained.
+The forward runs on fake tensors when it can and otherwise on real ones, leaving no trace
+(:mod:`graphs.probe_run`); nothing is trained.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
+
+from graphs.probe_run import probe_module
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,15 @@ def is_unreached(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(words in str(exc) for words in UNREACHED_WORDS)
 
 
-def _cut(value: Any) -> Any:
-    """``value`` as a receiving stage holds it: every tensor detached, a leaf of its own."""
+def cut_off_graph(value: Any) -> Any:
+    """``value`` as a process that receives it holds it: every tensor detached, a fresh autograd
+    leaf where it required grad (the rank runtime hands values between stages so).
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> y = cut_off_graph({"h": x * 2})["h"]
+    >>> y.requires_grad, y.grad_fn is None
+    (True, True)
+    """
 
     def leaf(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -94,26 +102,11 @@ def loss_differentiates_through_model(gm: fx.GraphModule, inputs: tuple,
 
 
 def _asked(gm: fx.GraphModule, inputs: tuple, loss_fn: Callable[..., torch.Tensor], fake: bool) -> bool:
-    from graphs.model_file import preserved_buffers
-
-    with contextlib.ExitStack() as stack:
-        if fake:
-            from torch._dynamo.utils import deepcopy_to_fake_tensor
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            module = deepcopy_to_fake_tensor(gm, mode)
-            run_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-            stack.enter_context(mode)
-        else:
-            module, run_inputs = gm, inputs
-            stack.enter_context(preserved_buffers(gm))
-            stack.enter_context(torch.random.fork_rng())
-        stack.enter_context(torch.enable_grad())
+    with probe_module(gm, inputs, fake=fake) as (module, run_inputs), torch.enable_grad():
         loss_fn(module(*run_inputs), *run_inputs)  # raises where the loss fails on the whole output too
         out = module(*run_inputs)
         try:
-            loss_fn(_cut(out), *run_inputs)
+            loss_fn(cut_off_graph(out), *run_inputs)
         except RuntimeError as exc:
             return is_unreached(exc)
         return False

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import networkx as nx
@@ -38,21 +38,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.probe_run import probe_module, tensors_in
+
 log = logging.getLogger(__name__)
 
 #: Graph attribute naming how ``act_bytes`` was measured ("fake" or "real" tensors).
 SAVED_FROM = "act_bytes_from"
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _key(t: torch.Tensor) -> int | None:
@@ -92,7 +83,7 @@ class _SavedRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n.name
         out = super().run_node(n)
-        for t in _tensors(out):
+        for t in tensors_in(out):
             key = _key(t)
             if key is not None:
                 self.producer.setdefault(key, n.name)
@@ -114,26 +105,13 @@ def measure_saved_bytes(gm: fx.GraphModule, inputs: tuple, *, fake: bool = True,
     """Bytes of the storages autograd saves for the backward, and of the model's outputs, per fx node name.
 
     ``fake``: run on fake tensors (no memory, no compute); False runs real tensors (the
-    module's buffers are restored afterwards). ``loss_fn(output, *inputs)``: the model's
+    module's buffers and the random state are restored afterwards, :mod:`graphs.probe_run`). ``loss_fn(output, *inputs)``: the model's
     loss, whose saved tensors are charged to the node producing the first output.
     Raises whatever the forward raises (an op without a fake kernel, for one).
     """
-    from graphs.model_file import preserved_buffers
-
     names = {n.name: 0 for n in gm.graph.nodes}
     with contextlib.ExitStack() as stack:
-        if fake:
-            from torch._dynamo.utils import deepcopy_to_fake_tensor
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            module = deepcopy_to_fake_tensor(gm, mode)
-            run_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-            stack.enter_context(mode)
-        else:
-            module = gm
-            run_inputs = inputs
-            stack.enter_context(preserved_buffers(gm))
+        module, run_inputs = stack.enter_context(probe_module(gm, inputs, fake=fake))
         excluded = {k for t in list(module.parameters()) + list(module.buffers()) if (k := _key(t)) is not None}
         recorder = _SavedRecorder(module, excluded)
         stack.enter_context(torch.enable_grad())
@@ -144,7 +122,7 @@ def measure_saved_bytes(gm: fx.GraphModule, inputs: tuple, *, fake: bool = True,
             loss_fn(out, *run_inputs)
         # The training loop holds the model's output (``out = model(x); loss_fn(out).backward()``)
         # until the step ends, saved by autograd or not.
-        for t in _tensors(out):
+        for t in tensors_in(out):
             recorder.pack(t)
     for name, nbytes in recorder.saved.values():
         names[name] = names.get(name, 0) + nbytes
@@ -207,7 +185,7 @@ def measure_step_peak(model: nn.Module, inputs: tuple, loss_fn: Callable[..., to
     step()
     opt.zero_grad(set_to_none=True)
     state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    base = _storage_bytes(list(model.parameters()) + list(model.buffers()) + state + list(_tensors(inputs)))
+    base = _storage_bytes(list(model.parameters()) + list(model.buffers()) + state + list(tensors_in(inputs)))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()

@@ -22,24 +22,14 @@ value of varying size; in one process a copy between devices takes any size (``T
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from graphs.probe_run import probe_module, tensors_in
+
 log = logging.getLogger(__name__)
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def data_dependent_shapes(gm: fx.GraphModule, inputs: tuple) -> list[str]:
@@ -54,8 +44,6 @@ def data_dependent_shapes(gm: fx.GraphModule, inputs: tuple) -> list[str]:
     >>> data_dependent_shapes(fx.symbolic_trace(Route()), (torch.randn(6, 3),))
     ['nonzero', 'squeeze', 'getitem', 'mul']
     """
-    from torch._dynamo.utils import deepcopy_to_fake_tensor
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
     varying: list[str] = []
@@ -63,15 +51,12 @@ def data_dependent_shapes(gm: fx.GraphModule, inputs: tuple) -> list[str]:
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            if any(free_unbacked_symbols(t.shape) for t in _tensors(out)):
+            if any(free_unbacked_symbols(t.shape) for t in tensors_in(out)):
                 varying.append(n.name)
             return out
 
     try:
-        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-        module = deepcopy_to_fake_tensor(gm, mode)
-        fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-        with mode, torch.no_grad():
+        with probe_module(gm, inputs, fake=True, shape_env=ShapeEnv()) as (module, fake_inputs), torch.no_grad():
             Recorder(module).run(*fake_inputs)
     except Exception as exc:  # noqa: BLE001 - a graph fake tensors cannot run: nothing known
         log.info("data-dependent shapes: the fake run stopped (%s: %s); none marked", type(exc).__name__,

@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from envs.runtime.gradient_reach import loss_of_a_cut_output
 from envs.runtime.split import SplitPlan, Transfer
+from graphs.loss_reach import cut_off_graph
 
 __all__ = ["LeafMeta", "value_meta", "pack_meta", "unpack_meta", "RankStep", "Comm", "TorchComm", "CountingComm"]
 
@@ -337,17 +338,6 @@ class RankStep:
 
     # ------------------------------------------------------------------ helpers
 
-    def _handoff(self, value: Any) -> Any:
-        """A detached copy of ``value`` whose tensor leaves are fresh autograd leaves."""
-
-        def cut(x: Any) -> Any:
-            if isinstance(x, torch.Tensor):
-                y = x.detach()
-                return y.requires_grad_(True) if x.requires_grad else y
-            return x
-
-        return tree_map(cut, value)
-
     def _post_receives(self) -> dict[str, list[tuple[Any, torch.Tensor]]]:
         """Post every forward receive of the step at once, in the order the senders send.
 
@@ -423,7 +413,7 @@ class RankStep:
                 produced[name] = value
                 for t in self.by_value.get(name, []):
                     if t.dst_rank == self.rank:
-                        copies[name] = value if name in self.to_loss_whole else self._handoff(value)
+                        copies[name] = value if name in self.to_loss_whole else cut_off_graph(value)
                     else:
                         outbox.put(("f", self._idx[t]),
                                    self._tensor_leaves(value, self.meta[name][1], grad_only=False))
