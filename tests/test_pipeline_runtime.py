@@ -595,3 +595,58 @@ def test_a_loss_from_a_scripts_main_module_or_a_vanished_package_travels_as_its_
         portable = _portable_loss(loss)
         assert isinstance(portable, fx.GraphModule)
         assert torch.equal(portable(torch.ones(2), None), torch.tensor(1.0))
+
+
+class _EnsembleLoss(nn.Module):
+    """PyTorch's model-ensembling recipe, returning its loss: the members' parameters stacked,
+    vmap over functional_call of a template member kept on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.func import stack_module_state
+
+        members = [nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 5)) for _ in range(3)]
+        stacked, _ = stack_module_state(members)
+        self.names = list(stacked)
+        self.stacked = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v) for k, v in stacked.items()})
+        self.base = copy.deepcopy(members[0]).to("meta")
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x, y):
+        from torch.func import functional_call, vmap
+
+        params = {n: self.stacked[n.replace(".", "_")] for n in self.names}
+        logits = vmap(lambda p: functional_call(self.base, p, (x,)))(params).mean(0)
+        return F.cross_entropy(self.head(logits), y)
+
+
+@pytest.mark.parametrize("layout", ["pipeline", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_a_model_holding_a_template_on_meta_trains_in_a_pipeline_and_under_ddp(layout):
+    """Every pipeline and DDP of the ensemble failed: its meta tensors were copied to the CPU
+    ("Cannot copy out of meta tensor") and DDP refused parameters on two device types."""
+    from graphs.capture import capture
+
+    torch.manual_seed(0)
+    model = _EnsembleLoss()
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(B, D, generator=g), "y": torch.randint(0, 5, (B,), generator=g)}
+    gm = capture(model, (batch["x"], batch["y"])).gm
+    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    pipe = Pipeline(stages_of(gm, {names[-3]}), ("cpu:0", "cpu:1"), 2, "gpipe") if layout == "pipeline" else None
+    run = run_training(gm, batch, pipe, world=2 if layout == "ddp" else None, steps=3, optimizer=SGD,
+                       timeout_s=120)
+    ref = copy.deepcopy(gm)
+    opt = torch.optim.SGD([p for p in ref.parameters() if not p.is_meta], lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ref(batch["x"], batch["y"])
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert run.losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    for name, p in ref.named_parameters():
+        if p.is_meta:
+            assert run.params[name].is_meta
+        else:
+            torch.testing.assert_close(run.params[name], p.detach(), rtol=1e-5, atol=1e-6)
