@@ -13,7 +13,8 @@ inputs break that reading, and the cut then makes parts that are not smaller bat
   "batch" is the 3 channels of the first image.
 
 The loss's targets tell them apart: a target (an input only the loss reads, such as the labels)
-holds one entry per sample. :func:`batch_disagreement` says why, when a target does not hold the
+holds one entry per sample, and another input confirms that count (the offsets, the list's
+length). :func:`batch_disagreement` says why, when a target does not hold the
 batch read off the first input; the comparison table then rules out DDP and micro-batches with
 that reason instead of one drawn from the wrong batch ("the batch of 615 does not split into 4
 equal replicas", "each of the 4 replicas would get 0 sample(s) of the batch of 3").
@@ -32,12 +33,16 @@ from graphs.model_file import batch_size_of, carries_batch
 def batch_disagreement(example_inputs: tuple, batch_dim: int = 0, targets: int = 0) -> str | None:
     """Why the inputs' batch cannot be cut (module doc), or None where it can: a tensor among the
     last ``targets`` inputs (the loss's targets) that does not hold the batch read off the first
-    input.
+    input, while another input confirms the target's count of samples (another tensor of that
+    size along ``batch_dim``, or a list of that many tensors, one per sample). A target no other
+    input confirms (a class-weight vector passed as an input) is taken for a constant.
 
     >>> text, offsets, labels = torch.arange(8), torch.tensor([0, 3]), torch.tensor([1, 0])
     >>> batch_disagreement((text, offsets, labels), targets=1)[:59]
     'the batch is read as 8 along dim 0 of the first input, but '
     >>> batch_disagreement((torch.zeros(4, 3), torch.zeros(4)), targets=1) is None
+    True
+    >>> batch_disagreement((torch.zeros(4, 3), torch.zeros(4), torch.ones(10)), targets=2) is None
     True
     """
     batch = batch_size_of(example_inputs, batch_dim)
@@ -46,14 +51,30 @@ def batch_disagreement(example_inputs: tuple, batch_dim: int = 0, targets: int =
     first_target = len(example_inputs) - targets
     for position, value in enumerate(example_inputs[first_target:], start=first_target + 1):
         for leaf in tree_leaves(value):
-            if _holds_samples(leaf, batch_dim) and not carries_batch(leaf, batch, batch_dim):
-                return (f"the batch is read as {batch} along dim {batch_dim} of the first input, but input "
-                        f"{position}, a loss target, holds {leaf.shape[batch_dim]} "
-                        f"({_shape(leaf)}): the inputs disagree on the batch (a flat tensor of every "
-                        "sample's tokens with offsets, a list of one tensor per sample), so cutting it would "
-                        f"not make smaller batches; expected every per-sample input to hold the batch along "
-                        f"dim {batch_dim} (batch_dim in the model file)")
+            if not _holds_samples(leaf, batch_dim) or carries_batch(leaf, batch, batch_dim):
+                continue
+            samples = int(leaf.shape[batch_dim])
+            others = [v for i, v in enumerate(example_inputs) if i != position - 1]
+            if samples not in _sample_counts(others, batch_dim):
+                continue
+            return (f"the batch is read as {batch} along dim {batch_dim} of the first input, but input "
+                    f"{position}, a loss target, holds {samples} "
+                    f"({_shape(leaf)}), as another input does: the inputs disagree on the batch (a flat "
+                    "tensor of every sample's tokens with offsets, a list of one tensor per sample), so "
+                    f"cutting it would not make smaller batches; expected every per-sample input to hold the "
+                    f"batch along dim {batch_dim} (batch_dim in the model file)")
     return None
+
+
+def _sample_counts(inputs: list[Any], batch_dim: int) -> set[int]:
+    """The counts of samples ``inputs`` attest: sizes along ``batch_dim`` of their tensors, and the
+    lengths of their lists and tuples made only of tensors (one per sample)."""
+    counts: set[int] = set()
+    for value in inputs:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            counts.add(len(value))
+        counts.update(int(t.shape[batch_dim]) for t in tree_leaves(value) if _holds_samples(t, batch_dim))
+    return counts
 
 
 def _holds_samples(x: Any, batch_dim: int) -> bool:

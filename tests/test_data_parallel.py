@@ -219,6 +219,8 @@ def test_targets_that_hold_the_batch_agree_in_either_batch_dimension():
     assert "holds 8" in batch_disagreement((images, torch.zeros(8)), targets=1)
     # without targets nothing tells the batch apart
     assert batch_disagreement((images,), targets=0) is None
+    # a target no other input confirms (class weights passed as an input) is taken for a constant
+    assert batch_disagreement((torch.zeros(8, 5), torch.zeros(8), torch.ones(10)), targets=2) is None
 
 
 def test_on_one_device_ddp_is_a_row_that_does_not_run_and_never_wins():
