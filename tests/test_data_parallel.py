@@ -219,6 +219,11 @@ def test_targets_that_hold_the_batch_agree_in_either_batch_dimension():
     assert "holds 8" in batch_disagreement((images, torch.zeros(8)), targets=1)
     # without targets nothing tells the batch apart
     assert batch_disagreement((images,), targets=0) is None
+    # a PyG-style graph batch: every graph's nodes stacked, one integer label per graph
+    nodes, batch_vector = torch.zeros(284, 16), torch.repeat_interleave(torch.arange(8), 284 // 8 + 1)[:284]
+    why = batch_disagreement((nodes, torch.zeros(2, 852, dtype=torch.long), batch_vector,
+                              torch.zeros(8, dtype=torch.long)), targets=1)
+    assert why is not None and "holds 8 (tensor[8] int64, integer labels, one per sample)" in why
     # a target no other input confirms (class weights passed as an input) is taken for a constant
     assert batch_disagreement((torch.zeros(8, 5), torch.zeros(8), torch.ones(10)), targets=2) is None
 
