@@ -103,8 +103,8 @@ def loss_differentiates_through_model(gm: fx.GraphModule, inputs: tuple,
 
 def _asked(gm: fx.GraphModule, inputs: tuple, loss_fn: Callable[..., torch.Tensor], fake: bool) -> bool:
     with probe_module(gm, inputs, fake=fake) as (module, run_inputs), torch.enable_grad():
-        loss_fn(module(*run_inputs), *run_inputs)  # raises where the loss fails on the whole output too
         out = module(*run_inputs)
+        loss_fn(out, *run_inputs)  # raises where the loss fails on the whole output too
         try:
             loss_fn(cut_off_graph(out), *run_inputs)
         except RuntimeError as exc:
