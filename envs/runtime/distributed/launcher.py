@@ -126,7 +126,7 @@ def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], di
     buffers and the module's mode are put back, so the caller's model is left as it was.
     """
     from envs.runtime.distributed.runtime import pack_meta, value_meta
-    from envs.runtime.distributed.stage_state import module_tensors
+    from envs.runtime.distributed.stage_state import data_on, module_tensors
     from graphs.model_file import preserved_buffers
 
     modes = [(m, m.training) for m in gm.modules()]
@@ -137,9 +137,7 @@ def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], di
     finally:
         for m, mode in modes:
             m.training = mode
-    # A tensor on meta has no data to send and stays on meta (a template module whose parameters
-    # torch.func's functional_call replaces: "Cannot copy out of meta tensor" failed every job).
-    state = {p: t.detach() if t.is_meta else t.detach().cpu() for p, t in module_tensors(gm)}
+    state = {p: data_on(t.detach(), "cpu") for p, t in module_tensors(gm)}
     return state, pack_meta(meta)
 
 

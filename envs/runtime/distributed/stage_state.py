@@ -78,6 +78,18 @@ def _like(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return data
 
 
+def data_on(t: torch.Tensor, device: torch.device | str, copy: bool = False) -> torch.Tensor:
+    """``t`` on ``device`` (a copy where ``copy``), or ``t`` itself where it is on ``meta``: a tensor
+    the model keeps without data (a template module whose parameters torch.func's
+    functional_call replaces, PyTorch's model-ensembling recipe) has none to move ("Cannot copy
+    out of meta tensor").
+
+    >>> data_on(torch.empty(2, device="meta"), "cpu").is_meta, data_on(torch.zeros(2), "cpu").device.type
+    (True, 'cpu')
+    """
+    return t if t.is_meta else t.to(device, copy=copy)
+
+
 def to_meta(root: nn.Module) -> None:
     """Replace every tensor under ``root`` by a storage-less ``meta`` tensor of the same
     shape and dtype (ties kept: one meta tensor per original tensor)."""
@@ -114,9 +126,6 @@ def hold(root: nn.Module, paths: Iterable[str], source: Mapping[str, torch.Tenso
         if id(t) not in made:
             if path not in source:
                 raise KeyError(f"the job ships no value for {path!r}")
-            value = source[path].detach()
-            # A tensor the model keeps on meta (a template whose parameters torch.func's
-            # functional_call replaces) has no data to hold: it stays on meta.
-            made[id(t)] = _like(t, value if value.is_meta else value.to(device=device, copy=True))
+            made[id(t)] = _like(t, data_on(source[path].detach(), device, copy=True))
         _set(root, path, made[id(t)])
     return tensor_bytes(made.values())

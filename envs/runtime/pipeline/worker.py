@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from envs.runtime.distributed.stage_state import data_on
 from envs.runtime.file_modules import load_file_modules
 from envs.runtime.replica_batch_norm import (
     process_group_gather,
@@ -142,9 +143,8 @@ def onto_device(stage: Any, device: torch.device) -> Any:
     factories_where_placed(stage.gm.graph, lambda n: (str(device), str(device)))
     stage.gm.recompile()
     stage.constants = {k: moved(v) for k, v in stage.constants.items()}
-    # Tensors the model keeps on meta stay there (Module.to cannot copy them: "Cannot copy out
-    # of meta tensor"; a template module whose parameters torch.func's functional_call replaces).
-    return stage._apply(lambda t: t if t.is_meta else t.to(device))
+    # Module.to would copy the model's meta tensors too, which have no data (data_on).
+    return stage._apply(lambda t: data_on(t, device))
 
 
 def rank_device(pipeline: Pipeline, rank: int) -> torch.device:
@@ -382,7 +382,7 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
                 total = float(both) / n_rep
             res["losses"].append(total)
     # Not cloned (a CPU tensor's .cpu() is itself): nothing changes them before run_rank saves the result.
-    res["params"] = {n: p.detach() if p.is_meta else p.detach().cpu() for n, p in named.items()}  # meta stays meta
+    res["params"] = {n: data_on(p.detach(), "cpu") for n, p in named.items()}
 
 
 def _steps(job: Mapping[str, Any]) -> Iterator[int]:
