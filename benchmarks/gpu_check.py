@@ -1056,7 +1056,9 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
     prepared: dict[str, Any] = {}
     profiles: list[dict[str, Any]] = []
     results["profiles"] = profiles
-    cache = tempfile.mkdtemp(prefix="gpu-check-profiles-")
+    # Removed when run_check returns or raises (the object's finalizer), not left in /tmp.
+    cache_dir = tempfile.TemporaryDirectory(prefix="gpu-check-profiles-")
+    cache = cache_dir.name
 
     def profile(label: str, zoo: str, args: Mapping[str, Any], devices: Sequence[str], estimate_s: float,
                 repeats: int = settings.profile_repeats) -> None:
@@ -1130,6 +1132,7 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
         profile(label, zoo, args, ["cpu"], CPU_PAPER_PROFILE_S, settings.cpu_paper_repeats)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
+    cache_dir.cleanup()
     return results
 
 

@@ -511,8 +511,9 @@ def siblings_importable(file: str | Path) -> None:
     process that loads the file imports them the same way).
 
     >>> import sys, tempfile
-    >>> folder = tempfile.mkdtemp()
-    >>> siblings_importable(Path(folder) / "model.py"); folder in sys.path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     siblings_importable(Path(folder) / "model.py"); print(folder in sys.path)
+    ...     sys.path.remove(folder)
     True
     """
     folder = str(Path(file).resolve().parent)

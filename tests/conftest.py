@@ -7,6 +7,16 @@ from collections.abc import Iterator
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def subprocess_temporary_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Processes the suite starts keep their temporary files under pytest's own temporary folder
+    (which pytest prunes), not in /tmp: ``torchrun`` makes a ``torchelastic_*`` log folder per
+    run and leaves it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("subprocess-tmp")))
+        yield
+
+
 @pytest.fixture
 def numpy_simulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Simulate with the numpy path: tiny problems do not repay numba's JIT warm-up (~10 s per process)."""

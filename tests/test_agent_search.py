@@ -168,6 +168,14 @@ def test_tensorboard_logs_are_written(problem, tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("agent", ["hierarchical", "sequential"])
+def test_a_search_without_tensorboard_leaves_nothing_in_the_temporary_directory(problem, tmp_path, monkeypatch, agent):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    search(problem, agent=agent, budget=12, seed=0, num_envs=2, patience=None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_progress_bar_on_a_terminal_shows_the_best_step_time(problem, capsys, monkeypatch):
     import sys
 

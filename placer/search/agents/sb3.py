@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from envs.gym.vector_env import BatchedPlacementVecEnv
@@ -50,6 +51,11 @@ class SB3Agent:
         # its learning-rate schedule.
         model = self.model
         horizon = (total * self.steps_per_placement + model.n_envs * model.n_steps) if total is not None else 10**12
+        if model.tensorboard_log is None:
+            # Without a logger of its own, SB3's learn() configures one that creates an empty
+            # directory tempdir/SB3-<date> on every call, even with nothing to log: one per
+            # search left behind in /tmp.
+            model.set_logger(Logger(folder=None, output_formats=[]))
         model.learn(total_timesteps=horizon, callback=cb, progress_bar=False)
         return cb.stop_reason or "finished"
 
