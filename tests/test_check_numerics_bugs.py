@@ -200,6 +200,42 @@ def test_a_model_whose_own_loss_is_nan_is_refused_up_front_and_the_placement_is_
     assert "does not compute the same thing" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_model_whose_own_backward_fails_is_refused_up_front_naming_the_forward_line_at_fault(
+        tmp_path, capsys, no_search):
+    """An in-place op on a tensor autograd saved fails in the backward only: the search ran and the
+    check's reference step raised a traceback (a ninth-round model style)."""
+    path = _model_file(tmp_path, "inplace", """
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = nn.Linear(4, 4)
+            def forward(self, x):
+                h = self.l(x)
+                h.relu_()
+                h[:, :2].mul_(0.5)
+                return h
+        model = M()
+        example_inputs = (torch.randn(8, 4),)
+        """)
+    code = _optimize_cli(path, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: the backward of model 'inplace' fails on the example inputs (the model itself, "
+                          "before any placement): RuntimeError: one of the variables needed for gradient computation "
+                          "has been modified by an inplace operation")
+    assert "; the failing backward is that of inplace.py:" in err and "in forward: h.relu_()" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_backward_probe_leaves_the_gradients_as_they_were():
+    from envs.runtime.trainable import check_trainable
+    model = nn.Linear(4, 2)
+    model.weight.grad = torch.ones(2, 4)
+    check_trainable(ModelSpec(model=model, example_inputs=(torch.randn(3, 4),), name="lin"))
+    assert torch.equal(model.weight.grad, torch.ones(2, 4)) and model.bias.grad is None
+
+
 def test_a_loss_that_turns_nan_in_later_steps_is_blamed_on_the_model_not_the_placement(tmp_path):
     import placer
 
