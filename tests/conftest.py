@@ -9,11 +9,16 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="session")
 def subprocess_temporary_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Processes the suite starts keep their temporary files under pytest's own temporary folder
-    (which pytest prunes), not in /tmp: ``torchrun`` makes a ``torchelastic_*`` log folder per
-    run and leaves it."""
+    """The suite and the processes it starts keep their temporary files under pytest's own
+    temporary folder (which pytest prunes), not in /tmp: ``torchrun`` makes a ``torchelastic_*``
+    log folder per run and leaves it, and so does SB3's ``learn()`` (``SB3-<date>``) where a test
+    drives an SB3 model itself."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmp"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("subprocess-tmp")))
+        patch.setenv("TMPDIR", folder)
+        patch.setattr(tempfile, "tempdir", folder)
         yield
 
 
