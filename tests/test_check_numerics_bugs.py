@@ -228,6 +228,24 @@ def test_a_model_whose_own_backward_fails_is_refused_up_front_naming_the_forward
     assert not (tmp_path / "out").exists()
 
 
+def test_place_refuses_a_model_whose_own_backward_fails_with_placers_error_type():
+    import placer
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.l(x)
+            h.relu_()
+            return h.mul_(2)  # overwrites what relu_ saved for its backward
+
+    with pytest.raises(placer.PlacerError, match="the backward of model 'InPlace' fails on the example inputs"):
+        placer.place(InPlace(), (torch.randn(8, 4),), cluster="4xK40", budget="20", use_cache=False)
+    assert placer.PlacerError is PlacerError
+
+
 def test_the_backward_probe_leaves_the_gradients_as_they_were():
     from envs.runtime.trainable import check_trainable
     model = nn.Linear(4, 2)
