@@ -452,6 +452,26 @@ def machine_figures(device: str) -> dict[str, Any]:
     return record
 
 
+def half_precision_rates(device: str, fp32_flops: float, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of a float16 and of a bfloat16 matmul on ``device``, each over ``fp32_flops`` (the fp32
+    matmul of :func:`machine_figures`, the same size): what the roofline's
+    ``envs.sim.cost_model.HALF_RATE`` takes from the datasheets (tensor cores), measured."""
+    import torch
+
+    from envs.hardware.links import _median_time
+
+    cuda = device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    n = 4096 if cuda else 512  # the fp32 figure's sizes (envs.hardware.links._device_figures)
+    rates = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = _median_time(lambda: torch.mm(a, b), sync, repeats)
+        rates[str(dtype)] = 2.0 * n**3 / seconds / fp32_flops
+    return rates
+
+
 def cluster_from_figures(record: Mapping[str, Any]) -> Any:
     """The cluster of ``cpu`` + the device under test, from :func:`machine_figures`."""
     from envs.hardware.cluster import Device, Link, make_cluster
@@ -1030,6 +1050,9 @@ def run_check(settings: Settings, command: str) -> dict[str, Any]:
         rec["info"] = machine_info(settings.device)
         rec["figures"] = machine_figures(settings.device)
         cluster = cluster_from_figures(rec["figures"])
+        under_test = "cpu" if dry else settings.device
+        fp32 = next(d["peak_flops"] for d in rec["figures"]["devices"] if d["name"] == under_test)
+        rec["half_rates"] = half_precision_rates(under_test, float(fp32))
         rec["cluster"] = cluster.describe()
     save()
 
@@ -1191,6 +1214,16 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {d['name']} | {d['peak_flops'] / 1e12:.2f} TFLOP/s | {d['mem_bandwidth'] / 1e9:.1f} GB/s | "
                          f"{d['memory_bytes'] / 2**30:.1f} GiB | "
                          + (f"{reserved / 2**20:.0f} MiB |" if reserved is not None else "- |"))
+        rates = machine.get("half_rates")
+        if rates:
+            from envs.sim.cost_model import HALF_RATE
+
+            ref_kind = "cpu" if results.get("dry_run") else "H100"  # reference_device's kind
+            assumed = HALF_RATE.get(ref_kind, {})
+            lines.append("\nHalf-precision matmul (the fp32 one's size): " + ", ".join(
+                f"{dtype.replace('torch.', '')} {rate:.2f}x the fp32 rate (the roofline's {ref_kind}: "
+                f"{assumed.get(dtype, 1.0):.2f}x)" for dtype, rate in rates.items())
+                + " (envs.sim.cost_model.HALF_RATE, from datasheets).")
         how = "assumed: a virtual device on the same CPU" if fig.get("virtual") else "pinned copies"
         for lk in fig.get("links", []):
             lines.append(f"\nLink {lk['src']}→{lk['dst']}: latency {_fmt_s(lk['latency_s'])}, "

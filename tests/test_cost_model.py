@@ -206,3 +206,21 @@ def test_a_double_precision_matmul_runs_at_the_devices_fp64_rate_and_a_memory_bo
     copy = {"op": "call_function", "flops": 1e3, "bytes_moved": 8e9}
     assert roofline_times({**copy, "dtype": "torch.float64"}, device, roofline) == \
         roofline_times({**copy, "dtype": "torch.float32"}, device, roofline)
+
+
+@pytest.mark.parametrize(("kind", "peak", "dtype", "rate"), [
+    ("V100", 15.7e12, "torch.float16", 125.0 / 15.7), ("V100", 15.7e12, "torch.bfloat16", 1.0),
+    ("A100", 19.5e12, "torch.bfloat16", 312.0 / 19.5), ("H100", 67e12, "torch.float16", 989.4 / 67.0),
+    ("K40", 4.29e12, "torch.float16", 1.0)])
+def test_a_half_precision_matmul_runs_at_the_tensor_core_rate_where_the_device_has_one(kind, peak, dtype, rate):
+    """A bfloat16 autocast MLP's matmuls were costed at the fp32 rate on every GPU: 16x too slow
+    on an A100. Volta's tensor cores take float16 only; a K40 has none."""
+    device = Device("g", kind, 16 * 2**30, peak, 900e9)
+    roofline = Roofline(0.7, 5e-6)
+    matmul = {"op": "call_function", "flops": 4e12, "bytes_moved": 1e6}
+    single = roofline_times({**matmul, "dtype": "torch.float32"}, device, roofline)[0] - 5e-6
+    half = roofline_times({**matmul, "dtype": dtype}, device, roofline)[0] - 5e-6
+    assert half == pytest.approx(single / rate)
+    copy = {"op": "call_function", "flops": 1e3, "bytes_moved": 8e9}
+    assert roofline_times({**copy, "dtype": dtype}, device, roofline) == \
+        roofline_times({**copy, "dtype": "torch.float32"}, device, roofline)

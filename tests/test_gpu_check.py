@@ -244,7 +244,10 @@ def test_dry_run_finishes_every_stage_and_writes_results_and_summary(dry_run):
     pipeline = res["stages"]["pipeline"]  # the GPU's rank path is cpu:0's here: the same run
     assert pipeline["agree"] and len(pipeline["runs"]["cpu:0"]["losses"]) == 3
     assert res["stages"]["eval mode"]["agree"] and res["stages"]["factories"]["agree"]
+    rates = res["stages"]["machine"]["half_rates"]
+    assert set(rates) == {"torch.float16", "torch.bfloat16"} and all(r > 0 for r in rates.values())
     summary = (out / "summary.md").read_text()
+    assert "Half-precision matmul (the fp32 one's size): float16 " in summary
     for heading in ("## Machine", "## Runtime probes", "## The pipeline runtime on the device", "## Profiles",
                     "## Tensors made in forward",
                     "## Profiled vs roofline",

@@ -7,7 +7,8 @@ Node times, in order of preference:
    backward) is split 1:2, the usual forward:backward FLOP ratio.
 2. **Roofline** where the kind was not profiled (every virtual GPU kind, or a node the
    profiler skipped), with ``peak_flops`` at double precision's rate for a node computing in
-   float64 (:data:`FP64_RATE`, :func:`peak_flops_for`)::
+   float64 (:data:`FP64_RATE`) and at the tensor cores' for one computing in float16 or
+   bfloat16 (:data:`HALF_RATE`, :func:`peak_flops_for`)::
 
        fwd = max(flops / (peak_flops * efficiency), bytes_moved / mem_bandwidth) + ops * launch_overhead
        bwd = max(2 * flops / (peak_flops * efficiency), 2 * bytes_moved / mem_bandwidth) + ops * launch_overhead
@@ -107,19 +108,44 @@ FP64_RATE: dict[str, float] = {"cpu": 0.5, "K40": 1.43 / 4.29, "V100": 7.8 / 15.
 #: Node output dtypes that compute in double precision (``attrs["dtype"]`` as captured).
 DOUBLE_DTYPES = frozenset({"torch.float64", "torch.complex128"})
 
+_A100_HALF = 312.0 / 19.5
+_H100_HALF = 989.4 / 67.0
+
+#: Half precision's FLOP rate as a multiple of ``peak_flops`` (fp32), by device kind and dtype:
+#: the dense tensor-core figures of the vendors' datasheets over their fp32 ones. V100 SXM2 125
+#: of 15.7 TFLOP/s in float16; Volta's tensor cores take no bfloat16 (cuBLAS runs it without
+#: them: the fp32 rate at best, so 1). A100 312 of 19.5 in both; H100 SXM 989.4 of 67 (the H200
+#: is the same chip). The K40 has no tensor cores and no fast half arithmetic; a real GPU
+#: (``"cuda"``) and a CPU are profiled, not rooflined. Without it a float16 or bfloat16 matmul
+#: (a model under ``torch.autocast``: its region's output dtype, :mod:`graphs.region_costs`)
+#: was costed at the fp32 rate, 8x (V100) to 16x (A100) too slow. An op that is not a matmul
+#: or a convolution gains nothing from tensor cores, but it is memory-bound, where the memory
+#: term (2-byte elements, already counted) decides. Measured on a real GPU by the prepared GPU
+#: check (``benchmarks/gpu_check.py``: half-precision matmul rate against fp32).
+HALF_RATE: dict[str, dict[str, float]] = {
+    "V100": {"torch.float16": 125.0 / 15.7},
+    "A100": {"torch.float16": _A100_HALF, "torch.bfloat16": _A100_HALF},
+    "H100": {"torch.float16": _H100_HALF, "torch.bfloat16": _H100_HALF},
+    "H200": {"torch.float16": _H100_HALF, "torch.bfloat16": _H100_HALF},
+}
+
 
 def peak_flops_for(device: Device, dtype: object) -> float:
     """``device``'s peak FLOP/s for a node whose output has ``dtype`` (its string as captured):
-    :data:`FP64_RATE` of ``peak_flops`` in double precision, ``peak_flops`` otherwise.
+    :data:`FP64_RATE` of ``peak_flops`` in double precision, :data:`HALF_RATE` times it in half
+    precision, ``peak_flops`` otherwise.
 
     >>> from envs.hardware.cluster import Device
     >>> k40 = Device("gpu0", "K40", 12 * 2**30, 4.29e12, 288e9)
     >>> round(peak_flops_for(k40, "torch.float64") / 1e12, 2), peak_flops_for(k40, "torch.float32") / 1e12
     (1.43, 4.29)
+    >>> v100 = Device("gpu0", "V100", 16 * 2**30, 15.7e12, 900e9)
+    >>> peak_flops_for(v100, "torch.float16") / 1e12, peak_flops_for(v100, "torch.bfloat16") / 1e12
+    (125.0, 15.7)
     """
     if dtype in DOUBLE_DTYPES:
         return device.peak_flops * FP64_RATE.get(device.kind, 1.0)
-    return device.peak_flops
+    return device.peak_flops * HALF_RATE.get(device.kind, {}).get(str(dtype), 1.0)
 
 
 @dataclass(frozen=True)
