@@ -145,6 +145,27 @@ def _arg(node: fx.Node, index: int, name: str) -> Any:
     return node.kwargs.get(name)
 
 
+#: Function and aten names of a convolution (transposed ones included).
+CONVOLUTION_NAMES = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+                               "conv_transpose2d", "conv_transpose3d", "cudnn_convolution"})
+
+
+def is_convolution(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether ``node`` is a convolution: a ``torch.nn`` convolution module (a subclass too) or a
+    convolution function (``module``: the called module of a ``call_module`` node, else None).
+    On an Ampere or later GPU PyTorch runs fp32 convolutions on TF32 tensor cores by default
+    (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), fp32 matmuls not.
+
+    >>> import torch
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    >>> [is_convolution(n, gm.get_submodule(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes]
+    [False, True, False, False]
+    """
+    if node.op == "call_module":
+        return isinstance(module, nn.modules.conv._ConvNd)
+    return node.op == "call_function" and canonical_op_name(op_name(node)) in CONVOLUTION_NAMES
+
+
 def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
                out_shape: Shape | None) -> int:
     """Forward FLOPs of ``node``.
@@ -177,8 +198,7 @@ def node_flops(node: fx.Node, module: nn.Module | None, shape_of: ShapeOf,
             if name == "addbmm":
                 inner *= m1[0]
             return matmul_flops(out_shape, inner) + numel(out_shape)
-    if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-                "conv_transpose2d", "conv_transpose3d", "cudnn_convolution"):
+    if name in CONVOLUTION_NAMES:
         w = shape_of(node.args[1]) if len(node.args) > 1 else shape_of(node.kwargs.get("weight"))
         if w is not None and first_in is not None:
             transposed = name.startswith("conv_transpose") or (

@@ -23,7 +23,7 @@ from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphs.autograd_functions import is_function_call
-from graphs.flops import node_bytes_moved, node_flops
+from graphs.flops import is_convolution, node_bytes_moved, node_flops
 from graphs.ops import differentiated_regions, later_writes, transform_regions
 from graphs.region_costs import region_costs
 
@@ -244,6 +244,7 @@ def build_placement_graph(gm: fx.GraphModule, *, name: str, method: str, fingerp
             frozen_bytes=int(frozen_bytes),
             flops=int(region.flops if region is not None
                       else node_flops(node, module, shape_of, first.shape if first else None)),
+            convolution=region is None and is_convolution(node, module),
             bytes_moved=int(region.bytes_moved if region is not None
                             else node_bytes_moved(node, [out_bytes[i] for i in inputs], total, params_read)),
             requires_grad=bool(grad[node]),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from envs.hardware.cluster import Cluster, Device
 from envs.hardware.loading import load_cluster
@@ -206,6 +208,40 @@ def test_a_double_precision_matmul_runs_at_the_devices_fp64_rate_and_a_memory_bo
     copy = {"op": "call_function", "flops": 1e3, "bytes_moved": 8e9}
     assert roofline_times({**copy, "dtype": "torch.float64"}, device, roofline) == \
         roofline_times({**copy, "dtype": "torch.float32"}, device, roofline)
+
+
+@pytest.mark.parametrize(("kind", "peak", "rate"), [("A100", 19.5e12, 156.0 / 19.5), ("H100", 67e12, 494.7 / 67.0),
+                                                    ("V100", 15.7e12, 1.0)])
+def test_an_fp32_convolution_runs_at_the_tf32_rate_where_pytorch_uses_it_and_a_matmul_does_not(kind, peak, rate):
+    """PyTorch runs fp32 convolutions on TF32 tensor cores by default on Ampere and later
+    (cudnn.conv.fp32_precision "tf32"), fp32 matmuls in IEEE fp32 ("none")."""
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # the defaults assumed
+    device = Device("g", kind, 16 * 2**30, peak, 900e9)
+    roofline = Roofline(0.7, 5e-6)
+    work = {"op": "call_module", "flops": 4e12, "bytes_moved": 1e6, "dtype": "torch.float32"}
+    matmul = roofline_times(work, device, roofline)[0] - 5e-6
+    conv = roofline_times({**work, "convolution": True}, device, roofline)[0] - 5e-6
+    assert conv == pytest.approx(matmul / rate)
+    half_conv = roofline_times({**work, "convolution": True, "dtype": "torch.bfloat16"}, device, roofline)[0] - 5e-6
+    assert half_conv == pytest.approx(roofline_times({**work, "dtype": "torch.bfloat16"}, device, roofline)[0] - 5e-6)
+
+
+def test_the_placement_graph_marks_convolutions_modules_and_functions():
+    from graphs.capture import capture
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.nn.functional.conv2d(self.conv(x), self.w)
+            return self.fc(h.mean((2, 3)))
+
+    graph = capture(Net(), (torch.randn(2, 3, 8, 8),), name="net").graph
+    assert sorted(n for n, c in graph.nodes(data="convolution") if c) == ["conv", "conv2d"]
 
 
 @pytest.mark.parametrize(("kind", "peak", "dtype", "rate"), [

@@ -8,7 +8,8 @@ Node times, in order of preference:
 2. **Roofline** where the kind was not profiled (every virtual GPU kind, or a node the
    profiler skipped), with ``peak_flops`` at double precision's rate for a node computing in
    float64 (:data:`FP64_RATE`) and at the tensor cores' for one computing in float16 or
-   bfloat16 (:data:`HALF_RATE`, :func:`peak_flops_for`)::
+   bfloat16 (:data:`HALF_RATE`) or for an fp32 convolution where PyTorch runs it in TF32
+   (:data:`TF32_CONV_RATE`, :func:`peak_flops_for`)::
 
        fwd = max(flops / (peak_flops * efficiency), bytes_moved / mem_bandwidth) + ops * launch_overhead
        bwd = max(2 * flops / (peak_flops * efficiency), 2 * bytes_moved / mem_bandwidth) + ops * launch_overhead
@@ -130,10 +131,20 @@ HALF_RATE: dict[str, dict[str, float]] = {
 }
 
 
-def peak_flops_for(device: Device, dtype: object) -> float:
+#: An fp32 convolution's FLOP rate as a multiple of ``peak_flops``, by device kind: PyTorch runs
+#: fp32 convolutions on TF32 tensor cores by default on Ampere and later GPUs
+#: (``torch.backends.cudnn.conv.fp32_precision`` is ``"tf32"``, checked on torch 2.13; matmuls'
+#: ``torch.backends.cuda.matmul.fp32_precision`` is ``"none"``: IEEE fp32, so they keep 1). The
+#: dense TF32 figures of the datasheets: A100 156 of 19.5 TFLOP/s, H100 SXM 494.7 of 67 (H200 the
+#: same chip). V100 and K40 have no TF32.
+TF32_CONV_RATE: dict[str, float] = {"A100": 156.0 / 19.5, "H100": 494.7 / 67.0, "H200": 494.7 / 67.0}
+
+
+def peak_flops_for(device: Device, dtype: object, convolution: bool = False) -> float:
     """``device``'s peak FLOP/s for a node whose output has ``dtype`` (its string as captured):
     :data:`FP64_RATE` of ``peak_flops`` in double precision, :data:`HALF_RATE` times it in half
-    precision, ``peak_flops`` otherwise.
+    precision, :data:`TF32_CONV_RATE` times it for an fp32 ``convolution``, ``peak_flops``
+    otherwise.
 
     >>> from envs.hardware.cluster import Device
     >>> k40 = Device("gpu0", "K40", 12 * 2**30, 4.29e12, 288e9)
@@ -145,6 +156,8 @@ def peak_flops_for(device: Device, dtype: object) -> float:
     """
     if dtype in DOUBLE_DTYPES:
         return device.peak_flops * FP64_RATE.get(device.kind, 1.0)
+    if convolution and str(dtype) == "torch.float32":
+        return device.peak_flops * TF32_CONV_RATE.get(device.kind, 1.0)
     return device.peak_flops * HALF_RATE.get(device.kind, {}).get(str(dtype), 1.0)
 
 
@@ -323,7 +336,7 @@ def roofline_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofline)
     moved = _num(attrs, "bytes_moved")
     if flops <= 0 and moved <= 0:
         return 0.0, 0.0, 0.0
-    compute = flops / (peak_flops_for(device, attrs.get("dtype")) * roofline.efficiency)
+    compute = flops / (peak_flops_for(device, attrs.get("dtype"), bool(attrs.get("convolution"))) * roofline.efficiency)
     memory = moved / device.mem_bandwidth
     return max(compute, memory), BACKWARD_FACTOR * max(compute, memory), _op_count(attrs) * roofline.launch_overhead_s
 
@@ -485,7 +498,8 @@ def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: i
         f, b = _num(attrs, "flops"), _num(attrs, "bytes_moved")
         if prof is None or (f <= 0 and b <= 0):
             continue
-        flops.append(f * device.peak_flops / peak_flops_for(device, attrs.get("dtype")))  # in fp32-equivalent FLOPs
+        # in fp32-equivalent FLOPs
+        flops.append(f * device.peak_flops / peak_flops_for(device, attrs.get("dtype"), bool(attrs.get("convolution"))))
         moved.append(b)
         times.append(prof[0])
         ops.append(_op_count(attrs))
