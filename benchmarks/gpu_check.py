@@ -201,6 +201,14 @@ def ratio_stats(measured: Sequence[float], estimated: Sequence[float]) -> dict[s
     return out
 
 
+def fp32_flops(op: Mapping[str, Any]) -> float:
+    """An op record's FLOPs at the fp32 rate: its FLOPs scaled by the rate the roofline gives its
+    dtype and kind of work on the reference device (``envs.sim.cost_model.peak_flops_for``: a TF32
+    convolution or a half-precision matmul counts as fewer fp32 FLOPs), so constants fitted against
+    the fp32 peak do not absorb what those rates already grant (records without it: as counted)."""
+    return float(op.get("flops_fp32", op["flops"]))
+
+
 def fit_class_constants(ops: Sequence[Mapping[str, Any]], peak_flops: float, mem_bandwidth: float) -> dict[str, Any]:
     """Per-op-class constants of a device kind from its profiled ops (records of :func:`op_records`).
 
@@ -226,7 +234,7 @@ def fit_class_constants(ops: Sequence[Mapping[str, Any]], peak_flops: float, mem
 
     mm = by_class[MATMUL]
     mm_busy = busy(mm)
-    mm_eff = sum(op["flops"] for op in mm) / (peak_flops * mm_busy) if mm and mm_busy > 0 else None
+    mm_eff = sum(fp32_flops(op) for op in mm) / (peak_flops * mm_busy) if mm and mm_busy > 0 else None
     ew = by_class[ELEMENTWISE]
     ew_busy = busy(ew)
     ew_frac = sum(op["bytes_moved"] for op in ew) / (mem_bandwidth * ew_busy) if ew and ew_busy > 0 else None
@@ -259,7 +267,7 @@ def fit_roofline(ops: Sequence[Mapping[str, Any]], peak_flops: float, mem_bandwi
     for i, op in enumerate(ops):
         if op["class"] == NO_WORK or op["fwd"] <= 0:
             continue
-        graph.add_node(f"op{i}", op="call_function", flops=op["flops"], bytes_moved=op["bytes_moved"],
+        graph.add_node(f"op{i}", op="call_function", flops=fp32_flops(op), bytes_moved=op["bytes_moved"],
                        fwd_time={kind: op["fwd"]}, bwd_time={kind: op["bwd"]})
     device = Device("fit", kind, 1, float(peak_flops), float(mem_bandwidth))
     fit = calibrate(graph, device, kind=kind)
@@ -275,7 +283,7 @@ def roofline_mape(ops: Sequence[Mapping[str, Any]], peak_flops: float, mem_bandw
     for op in ops:
         if op["class"] == NO_WORK or op["fwd"] <= 0:
             continue
-        est = max(op["flops"] / (peak_flops * efficiency), op["bytes_moved"] / mem_bandwidth) + launch_s
+        est = max(fp32_flops(op) / (peak_flops * efficiency), op["bytes_moved"] / mem_bandwidth) + launch_s
         errs.append(abs(est - op["fwd"]) / op["fwd"])
     return float(np.mean(errs)) if errs else float("nan")
 
@@ -829,7 +837,7 @@ def reference_device(kind: str) -> tuple[Any, Any]:
 def op_records(label: str, graph: Any, kind: str, ref_device: Any, ref_roofline: Any,
                optimizer: str | None) -> list[dict[str, Any]]:
     """One record per compute node profiled on ``kind``: its times, work and roofline estimates."""
-    from envs.sim.cost_model import NON_COMPUTE_OPS, roofline_opt_time, roofline_times
+    from envs.sim.cost_model import NON_COMPUTE_OPS, peak_flops_for, roofline_opt_time, roofline_times
     from graphs.ops import op_name
 
     records = []
@@ -837,7 +845,9 @@ def op_records(label: str, graph: Any, kind: str, ref_device: Any, ref_roofline:
         if attrs.get("op") in NON_COMPUTE_OPS or kind not in (attrs.get("fwd_time") or {}):
             continue
         flops, moved = float(attrs.get("flops") or 0), float(attrs.get("bytes_moved") or 0)
-        work = max(flops / (ref_device.peak_flops * ref_roofline.efficiency), moved / ref_device.mem_bandwidth)
+        flops_fp32 = flops * ref_device.peak_flops / peak_flops_for(ref_device, attrs.get("dtype"),
+                                                                    bool(attrs.get("convolution")))
+        work = max(flops_fp32 / (ref_device.peak_flops * ref_roofline.efficiency), moved / ref_device.mem_bandwidth)
         est_fwd, est_bwd = roofline_times(attrs, ref_device, ref_roofline)
         opt = (attrs.get("opt_time") or {}).get(kind)
         name_of_op = op_name(str(attrs.get("target") or ""))
@@ -845,7 +855,8 @@ def op_records(label: str, graph: Any, kind: str, ref_device: Any, ref_roofline:
             "model": label, "node": name, "op": name_of_op,
             "module_type": attrs.get("module_type") if attrs.get("op") == "call_module" else "",
             "class": classify_op(attrs, name_of_op, work, ref_roofline.launch_overhead_s),
-            "flops": flops, "bytes_moved": moved, "param_bytes": float(attrs.get("param_bytes") or 0),
+            "flops": flops, "flops_fp32": flops_fp32, "bytes_moved": moved,
+            "param_bytes": float(attrs.get("param_bytes") or 0),
             "fwd": float(attrs["fwd_time"][kind]), "bwd": float((attrs.get("bwd_time") or {}).get(kind, 0.0)),
             "opt": None if opt is None else float(opt),
             "est_fwd": est_fwd, "est_bwd": est_bwd if attrs.get("requires_grad", True) else 0.0,

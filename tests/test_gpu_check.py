@@ -75,6 +75,28 @@ def test_class_constants_recover_the_efficiency_bandwidth_and_launch_they_were_m
     assert fit["backward_factor"][gc.NO_WORK] is None and fit["ops"][gc.LAUNCH] == 3
 
 
+def test_a_tf32_convolution_counts_as_fewer_fp32_flops_so_the_fitted_efficiency_is_not_inflated():
+    """The reference roofline runs an fp32 convolution at the H100's TF32 rate; a fit against the
+    fp32 peak that took its FLOPs as counted would grant that rate twice in the preset it writes."""
+    import networkx as nx
+
+    from envs.hardware.loading import load_cluster
+    from envs.sim.cost_model import DEFAULT_ROOFLINE, TF32_CONV_RATE
+
+    device = load_cluster("8xH100").devices[0]
+    peak, eff = device.peak_flops, 0.6
+    graph = nx.DiGraph()
+    for name, conv, flops in (("mm", False, 1e12), ("conv", True, 1e12 * TF32_CONV_RATE["H100"])):
+        t = 1e12 / (peak * eff)  # the same time: the conv did its FLOPs at the TF32 rate
+        graph.add_node(name, op="call_function", target="torch.mm" if not conv else "torch.conv2d", flops=flops,
+                       bytes_moved=1e6, dtype="torch.float32", convolution=conv, fwd_time={"cuda": t},
+                       bwd_time={"cuda": 2 * t})
+    ops = gc.op_records("m", graph, "cuda", device, DEFAULT_ROOFLINE[device.kind], None)
+    assert [op["class"] for op in ops] == [gc.MATMUL, gc.MATMUL]
+    assert ops[1]["flops_fp32"] == pytest.approx(1e12)
+    assert gc.fit_class_constants(ops, peak, 1e12)["matmul_efficiency"] == pytest.approx(eff)
+
+
 def test_one_efficiency_roofline_fit_beats_wrong_constants_on_ops_it_came_from():
     peak, bw = 50e12, 4e12
     ops = [_op(gc.MATMUL, f / (peak * 0.5) + 5e-6, flops=f, moved=f / 100) for f in (1e8, 1e10, 1e11, 1e12)]
