@@ -475,7 +475,10 @@ def half_precision_rates(device: str, fp32_flops: float, repeats: int = 5) -> di
     for dtype in (torch.float16, torch.bfloat16):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        seconds = _median_time(lambda: torch.mm(a, b), sync, repeats)
+        def product(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            torch.mm(a, b)
+
+        seconds = _median_time(product, sync, repeats)
         rates[str(dtype)] = 2.0 * n**3 / seconds / fp32_flops
     return rates
 
