@@ -2,9 +2,11 @@
 
 A placement is searched for a training step, so :func:`check_trainable` refuses, before any
 search, a model that cannot be trained (no trainable parameter, a loss that does not depend on
-one, a loss that is not finite, a backward that fails). The numerical checks refuse the same models in the same words
-(:func:`_no_trainable_parameters`, :func:`_untrainable_loss`) and compute the loss the same way
-(:func:`_loss_of`: on the CPU, wherever the output is), so these live apart from both checks.
+one, a loss that is not finite, a backward that fails). The numerical checks refuse the same
+models in the same words (:func:`_no_trainable_parameters`, :func:`_untrainable_loss`) and
+compute the loss the same way (:func:`_loss_of`: on the CPU, wherever the output is), so these
+live apart from both checks. The backward runs through ``torch.autograd.grad``: no ``.grad`` is
+touched, but a hook on a tensor of the model (a parameter's ``register_hook``) sees it once.
 """
 
 from __future__ import annotations
