@@ -466,21 +466,10 @@ def half_precision_rates(device: str, fp32_flops: float, repeats: int = 5) -> di
     ``envs.sim.cost_model.HALF_RATE`` takes from the datasheets (tensor cores), measured."""
     import torch
 
-    from envs.hardware.links import _median_time
+    from envs.hardware.links import matmul_flops
 
-    cuda = device.startswith("cuda")
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    n = 4096 if cuda else 512  # the fp32 figure's sizes (envs.hardware.links._device_figures)
-    rates = {}
-    for dtype in (torch.float16, torch.bfloat16):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        def product(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
-            torch.mm(a, b)
-
-        seconds = _median_time(product, sync, repeats)
-        rates[str(dtype)] = 2.0 * n**3 / seconds / fp32_flops
-    return rates
+    return {str(dtype): matmul_flops(torch, device, dtype, repeats) / fp32_flops
+            for dtype in (torch.float16, torch.bfloat16)}
 
 
 def cluster_from_figures(record: Mapping[str, Any]) -> Any:
@@ -840,7 +829,7 @@ def reference_device(kind: str) -> tuple[Any, Any]:
 def op_records(label: str, graph: Any, kind: str, ref_device: Any, ref_roofline: Any,
                optimizer: str | None) -> list[dict[str, Any]]:
     """One record per compute node profiled on ``kind``: its times, work and roofline estimates."""
-    from envs.sim.cost_model import NON_COMPUTE_OPS, peak_flops_for, roofline_opt_time, roofline_times
+    from envs.sim.cost_model import NON_COMPUTE_OPS, node_peak_flops, roofline_opt_time, roofline_times
     from graphs.ops import op_name
 
     records = []
@@ -848,8 +837,7 @@ def op_records(label: str, graph: Any, kind: str, ref_device: Any, ref_roofline:
         if attrs.get("op") in NON_COMPUTE_OPS or kind not in (attrs.get("fwd_time") or {}):
             continue
         flops, moved = float(attrs.get("flops") or 0), float(attrs.get("bytes_moved") or 0)
-        flops_fp32 = flops * ref_device.peak_flops / peak_flops_for(ref_device, attrs.get("dtype"),
-                                                                    bool(attrs.get("convolution")))
+        flops_fp32 = flops * ref_device.peak_flops / node_peak_flops(ref_device, attrs)
         work = max(flops_fp32 / (ref_device.peak_flops * ref_roofline.efficiency), moved / ref_device.mem_bandwidth)
         est_fwd, est_bwd = roofline_times(attrs, ref_device, ref_roofline)
         opt = (attrs.get("opt_time") or {}).get(kind)

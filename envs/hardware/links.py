@@ -97,18 +97,26 @@ def _host_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def matmul_flops(torch: ModuleType, device: str, dtype: Any = None, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul on ``device`` in ``dtype`` (None: torch's default, fp32): the
+    median of ``repeats`` timed products after a warm-up. The same size for every dtype, so that
+    rates compare (the half-precision ones against fp32, ``benchmarks/gpu_check.py``)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    n = 512 if device.startswith("cpu") else 4096  # 512: near peak on one core, quick under load
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2.0 * n**3 / _median_time(lambda: torch.mm(a, b), sync, repeats)
+
+
 def _device_figures(torch: ModuleType, device: str, repeats: int = 5) -> tuple[float, float]:
     """(peak FLOP/s, memory bandwidth B/s) measured on ``device``."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
-    n = 512 if device.startswith("cpu") else 4096  # 512: near peak on one core, quick under load
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    t_mm = _median_time(lambda: torch.mm(a, b), sync, repeats)
+    flops = matmul_flops(torch, device, repeats=repeats)
     elems = LARGE_BYTES // 4
     src = torch.empty(elems, device=device)
     dst = torch.empty(elems, device=device)
     t_copy = _median_time(lambda: dst.copy_(src), sync, repeats)
-    return 2.0 * n**3 / t_mm, 2.0 * LARGE_BYTES / t_copy
+    return flops, 2.0 * LARGE_BYTES / t_copy
 
 
 def _link_figures(torch: ModuleType, src: str, dst: str, repeats: int = 7) -> tuple[float, float]:

@@ -161,6 +161,11 @@ def peak_flops_for(device: Device, dtype: object, convolution: bool = False) -> 
     return device.peak_flops * HALF_RATE.get(device.kind, {}).get(str(dtype), 1.0)
 
 
+def node_peak_flops(device: Device, attrs: Mapping[str, Any]) -> float:
+    """:func:`peak_flops_for` a node, read off its attributes (``dtype``, ``convolution``)."""
+    return peak_flops_for(device, attrs.get("dtype"), bool(attrs.get("convolution")))
+
+
 @dataclass(frozen=True)
 class Roofline:
     """Roofline constants of one device kind.
@@ -336,7 +341,7 @@ def roofline_parts(attrs: Mapping[str, Any], device: Device, roofline: Roofline)
     moved = _num(attrs, "bytes_moved")
     if flops <= 0 and moved <= 0:
         return 0.0, 0.0, 0.0
-    compute = flops / (peak_flops_for(device, attrs.get("dtype"), bool(attrs.get("convolution"))) * roofline.efficiency)
+    compute = flops / (node_peak_flops(device, attrs) * roofline.efficiency)
     memory = moved / device.mem_bandwidth
     return max(compute, memory), BACKWARD_FACTOR * max(compute, memory), _op_count(attrs) * roofline.launch_overhead_s
 
@@ -499,7 +504,7 @@ def calibrate(graph: nx.DiGraph, device: Device, kind: str = "cpu", min_nodes: i
         if prof is None or (f <= 0 and b <= 0):
             continue
         # in fp32-equivalent FLOPs
-        flops.append(f * device.peak_flops / peak_flops_for(device, attrs.get("dtype"), bool(attrs.get("convolution"))))
+        flops.append(f * device.peak_flops / node_peak_flops(device, attrs))
         moved.append(b)
         times.append(prof[0])
         ops.append(_op_count(attrs))
