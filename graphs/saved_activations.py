@@ -105,8 +105,9 @@ def measure_saved_bytes(gm: fx.GraphModule, inputs: tuple, *, fake: bool = True,
     """Bytes of the storages autograd saves for the backward, and of the model's outputs, per fx node name.
 
     ``fake``: run on fake tensors (no memory, no compute); False runs real tensors (the
-    module's buffers and the random state are restored afterwards, :mod:`graphs.probe_run`). ``loss_fn(output, *inputs)``: the model's
-    loss, whose saved tensors are charged to the node producing the first output.
+    module's buffers and the random state are restored afterwards, :mod:`graphs.probe_run`).
+    ``loss_fn(output, *inputs)``: the model's loss, whose saved tensors are charged to the node
+    producing the first output.
     Raises whatever the forward raises (an op without a fake kernel, for one).
     """
     names = {n.name: 0 for n in gm.graph.nodes}

@@ -583,4 +583,3 @@ def _meta_state_ignored(module: torch.nn.Module) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-
