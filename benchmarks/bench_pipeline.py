@@ -49,7 +49,7 @@ from envs.hardware.loading import load_cluster  # noqa: E402
 from envs.sim.data_parallel import simulate_data_parallel  # noqa: E402
 from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
-from graphs.model_file import batch_size_of  # noqa: E402
+from graphs.input_batch import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402
 from placer.search.baselines.pipeline_split import best_pipeline  # noqa: E402

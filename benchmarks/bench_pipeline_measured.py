@@ -65,7 +65,7 @@ from envs.sim.pipeline_layout import Pipeline, PipelineError  # noqa: E402
 from envs.sim.problem_compile import compile_problem  # noqa: E402
 from envs.sim.simulator import simulate_batch  # noqa: E402
 from graphs.cpu_allocator import retain_freed_memory  # noqa: E402
-from graphs.model_file import batch_size_of  # noqa: E402
+from graphs.input_batch import batch_size_of  # noqa: E402
 from graphs.pipeline import prepare  # noqa: E402
 from graphs.profile.batch_scaling import FIXED_ATTRS  # noqa: E402
 from placer.benchmark import optimizer_name  # noqa: E402

@@ -2,8 +2,8 @@
 
 DDP's replicas, a pipeline's micro-batches and the micro-batch profile cut the batch: the
 samples along the batch dimension of every input that holds it
-(:func:`graphs.model_file.batch_axis`), read off the first input
-(:func:`graphs.model_file.batch_size_of`); any other input goes whole to every part. Two common
+(:func:`graphs.input_batch.batch_axis`), read off the first input
+(:func:`graphs.input_batch.batch_size_of`); any other input goes whole to every part. Two common
 inputs break that reading, and the cut then makes parts that are not smaller batches:
 
 * torchtext's text classifier takes every token of the batch in one flat tensor and an
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from graphs.model_file import batch_size_of, carries_batch
+from graphs.input_batch import batch_size_of, carries_batch
 
 
 def batch_disagreement(example_inputs: tuple, batch_dim: int = 0, targets: int = 0) -> str | None:

@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from graphs.activation_checkpoints import recording_checkpoints, reentrant_calls
 from graphs.autograd_functions import FunctionNotNamed
+from graphs.buffers import preserved_buffers
 from graphs.distribution_checks import distribution_checks_off
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_arguments import EvalArguments
@@ -51,7 +52,6 @@ from graphs.fx_tracer import fx_locate, fx_trace, leaf_module_paths, resolve_lea
 from graphs.lazy_modules import materialize
 from graphs.leaf_kernels import annotate_leaf_kernels
 from graphs.loss_reach import loss_differentiates_through_model
-from graphs.model_file import preserved_buffers
 from graphs.module_modes import set_training_modes, training_modes
 from graphs.placement_graph import build_placement_graph, mark_loss_differentiated
 from graphs.python_draws import ChangingValue

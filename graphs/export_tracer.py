@@ -36,7 +36,7 @@ from graphs.forward_checks import (
     pin_constant_attributes,
     pin_constant_inputs,
 )
-from graphs.model_file import forward_params
+from graphs.forward_inputs import forward_params
 from graphs.module_modes import modes_on
 from graphs.python_draws import python_draws_refused
 
@@ -155,14 +155,14 @@ def export_trace(model: nn.Module, inputs: tuple, follow_eval: bool = True, batc
 
 def batch_dynamic_shapes(inputs: tuple, batch_dim: int = 0) -> tuple[Any, ...] | None:
     """torch.export's ``dynamic_shapes`` for ``inputs``: the batch dimension of every tensor that
-    carries the batch (:func:`graphs.model_file.carries_batch`) left to export to keep symbolic
+    carries the batch (:func:`graphs.input_batch.carries_batch`) left to export to keep symbolic
     (``Dim.AUTO``: dynamic where the model lets it be, the example's size where the model fixes
     it), every other dimension static. None when no input has a batch.
 
     >>> batch_dynamic_shapes((torch.zeros(4, 3), 2.0))
     ({0: DimHint(AUTO)}, None)
     """
-    from graphs.model_file import batch_axis, batch_size_of
+    from graphs.input_batch import batch_axis, batch_size_of
 
     batch = batch_size_of(inputs, batch_dim)
     if batch is None:

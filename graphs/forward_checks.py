@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import CaptureError, one_line_reason
 from graphs.eval_interpreter import refuse_other_shapes
-from graphs.model_file import ForwardParam, UnboundInput, bind_inputs
+from graphs.forward_inputs import ForwardParam, UnboundInput, bind_inputs
 from graphs.ops import draws_random_numbers, op_name
 from graphs.random_state import kept_random_state
 
@@ -338,7 +338,7 @@ def _same_constant(a: Any, b: Any) -> bool:
 
 
 def _as_positional(args: tuple, kwargs: dict[str, Any], params: tuple[ForwardParam, ...]) -> tuple:
-    """``args`` and ``kwargs`` as the model's positional inputs (:func:`graphs.model_file.bind_inputs`),
+    """``args`` and ``kwargs`` as the model's positional inputs (:func:`graphs.forward_inputs.bind_inputs`),
     or a CaptureError naming what does not bind."""
     try:
         return bind_inputs(params, args, kwargs)
@@ -356,7 +356,7 @@ def refuse_other_constants(module: fx.GraphModule, args: tuple,
                            kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     """Forward pre-hook of :func:`pin_constant_inputs`. A graph torch.export captured takes its
     inputs by position only; keyword inputs (``placed(**batch)``) are put in their positions by
-    the model's own signature (``placer_forward_params``, :func:`graphs.model_file.forward_params`)
+    the model's own signature (``placer_forward_params``, :func:`graphs.forward_inputs.forward_params`)
     and passed on so."""
     pinned: tuple[Any, dict[int, Any]] = module.placer_constant_inputs  # type: ignore[assignment]
     spec, constants = pinned

@@ -6,13 +6,12 @@ shortcut, module-level ``model`` and ``example_inputs``. Model arguments (the si
 ``{"size": "paper"}``) are passed as keywords to whichever of the two functions accepts
 them. ``get_example_inputs()`` gives a tuple of ``forward``'s positional inputs, or a dict by
 parameter name (``model(**batch)``), which placer turns into that tuple
-(:func:`keyword_inputs_as_positional`).
+(:func:`graphs.forward_inputs.keyword_inputs_as_positional`).
 
 The inputs' batch is their dim 0 unless the file says otherwise with a module-level
 ``batch_dim`` (``batch_dim = 1`` for a sequence-first model: ``nn.LSTM`` and
-``nn.Transformer`` without ``batch_first``). DDP replicas and pipeline micro-batches take
-equal slices of every input tensor that holds the batch, along that dimension or the one other
-of the batch's size (:func:`batch_axis`).
+``nn.Transformer`` without ``batch_first``; :mod:`graphs.input_batch`). The example inputs are
+run through the model once when the file is loaded (:mod:`graphs.inputs_fit`).
 
 Every way a file can be wrong ends in one :class:`~graphs.errors.ModelFileError` whose
 message says what was wrong, where (file and line), and what was expected.
@@ -20,15 +19,12 @@ message says what was wrong, where (file and line), and what was expected.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import inspect
-import io
-import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -36,126 +32,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
-from graphs.errors import ModelFileError
-from graphs.lazy_modules import materialize
+from graphs.errors import ModelFileError, first_line
+from graphs.forward_inputs import describe_inputs, keyword_inputs_as_positional
+from graphs.input_batch import check_batch_dim, first_tensor
+from graphs.inputs_fit import check_inputs_fit
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
 from graphs.user_frames import user_location
-
-log = logging.getLogger(__name__)
 
 EXPECTED_NAMES = (
     "get_model() and get_example_inputs() (optionally get_loss(output, *inputs) and "
     "get_optimizer(params)), or module-level `model` and `example_inputs`"
 )
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a (possibly nested) output structure: tuple, list, dict, ModelOutput."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        items = list(value.values())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_size_of(example_inputs: Any, dim: int = 0) -> int | None:
-    """The batch size of a model's example inputs: dim ``dim`` (the model's batch dimension,
-    :attr:`ModelSpec.batch_dim`) of the first tensor (or array) that has one, in a (possibly
-    nested) tuple, list or dict; None when there is none.
-
-    >>> batch_size_of(({"ids": [torch.zeros(8, 4)]}, torch.zeros(2))), batch_size_of((3,))
-    (8, None)
-    >>> batch_size_of((torch.zeros(12, 32),), dim=1)
-    32
-    """
-    stack = [example_inputs]
-    while stack:
-        x = stack.pop(0)
-        shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) > dim:
-            return int(shape[dim])
-        if isinstance(x, (list, tuple)):
-            stack = list(x) + stack
-        elif isinstance(x, dict):
-            stack = list(x.values()) + stack
-    return None
-
-
-def batch_axis(x: Any, batch: int, dim: int = 0) -> int | None:
-    """The dimension along which ``x`` holds the batch of ``batch`` samples: ``dim`` (the model's
-    batch dimension) where it has that size, else the one other dimension of that size (a
-    recurrent state passed in as ``(layers, batch, hidden)`` beside ``(batch, time)`` tokens, as
-    truncated backpropagation through time does); None for a value that is not a tensor, or
-    holds no dimension, or several others, of that size: given whole to every part.
-
-    >>> batch_axis(torch.zeros(12, 32), 32, dim=1), batch_axis(torch.zeros(2, 32, 8), 32)
-    (1, 1)
-    >>> batch_axis(torch.zeros(12, 32), 7) is None, batch_axis(torch.zeros(3, 32, 32), 32) is None
-    (True, True)
-    """
-    if not isinstance(x, torch.Tensor):
-        return None
-    if x.dim() > dim and x.shape[dim] == batch:
-        return dim
-    others = [d for d, size in enumerate(x.shape) if size == batch]
-    return others[0] if len(others) == 1 else None
-
-
-def carries_batch(x: Any, batch: int, dim: int = 0) -> bool:
-    """Whether ``x`` is a tensor that holds the batch of ``batch`` samples (:func:`batch_axis`):
-    the values that replicas and micro-batches cut (every other input is given whole to each).
-
-    >>> carries_batch(torch.zeros(12, 32), 32, dim=1), carries_batch(torch.zeros(12, 32), 7)
-    (True, False)
-    """
-    return batch_axis(x, batch, dim) is not None
-
-
-def batch_slice(inputs: Any, batch: int, start: int, stop: int, dim: int = 0) -> Any:
-    """Samples ``start:stop`` of every tensor that holds the batch, along the dimension that
-    holds it (:func:`batch_axis`: ``dim``, or the one other of the batch's size), anywhere in ``inputs`` (nested tuples, lists, dicts: a pytree);
-    every other value as it is. How replicas and micro-batches take their share (equal slices
-    of the batch dimension, as DDP's sampler and ``torch.distributed.pipelining`` cut it).
-
-    >>> batch_slice({"ids": torch.arange(8), "n": 3}, 8, 2, 4)
-    {'ids': tensor([2, 3]), 'n': 3}
-    >>> batch_slice(torch.arange(6).view(2, 3), 3, 1, 2, dim=1)
-    tensor([[1],
-            [4]])
-    """
-    def cut(x: Any) -> Any:
-        axis = batch_axis(x, batch, dim)
-        if axis is None:
-            return x
-        if x.layout != torch.strided:  # a sparse tensor has no strided view to narrow
-            return _sparse_rows(x, axis, start, stop)
-        return x.narrow(axis, start, stop - start)
-
-    return tree_map(cut, inputs)
-
-
-def _sparse_rows(x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
-    """Samples ``start:stop`` of the sparse tensor ``x`` along ``axis``, in ``x``'s layout: a
-    sparse tensor (a graph's adjacency, a bag of features) cannot be ``narrow``ed ("Could not
-    run 'aten::as_strided' with arguments from the 'SparseCPU' backend"), a COO copy of it can.
-
-    >>> x = torch.eye(4).to_sparse_csr()
-    >>> _sparse_rows(x, 0, 1, 3).layout, _sparse_rows(x, 0, 1, 3).to_dense().tolist()
-    (torch.sparse_csr, [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
-    """
-    coo = x if x.layout == torch.sparse_coo else x.to_sparse_coo()
-    rows = torch.narrow_copy(coo, axis, start, stop - start)
-    return rows if x.layout == torch.sparse_coo else rows.to_sparse(layout=x.layout)
 
 
 def default_loss(output: Any, *inputs: Any) -> torch.Tensor:
@@ -208,7 +96,7 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     ``model_args`` entries are passed as keywords to ``get_model`` / ``get_example_inputs``
     when the function accepts them; an entry neither accepts is refused. The example inputs
     are run through the model once (under ``torch.no_grad``; on fake tensors for models over
-    :data:`REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
+    :data:`graphs.inputs_fit.REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
     with the failing line, rather than deep inside capture. ``check_inputs=False`` skips that
     run (a worker process loading a file its parent checked); lazy modules then take their
     shapes when the model is captured (:mod:`graphs.lazy_modules`).
@@ -273,164 +161,6 @@ def with_loss_targets(model: nn.Module, example_inputs: tuple, has_loss: bool, i
     return accepting_targets(model, len(example_inputs))
 
 
-def check_batch_dim(value: object, example_inputs: tuple, what: str = "batch_dim") -> int:
-    """``value`` as the inputs' batch dimension, checked against ``example_inputs``: an integer
-    >= 0 that the first input tensor has. ``what`` names where it came from in the error.
-
-    >>> check_batch_dim(1, (torch.zeros(12, 32),))
-    1
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ModelFileError(f"{what} is {value!r}; expected the inputs' batch dimension as an integer >= 0 "
-                             "(batch_dim = 1 for sequence-first inputs of shape (time, batch, ...))")
-    first = next((t for _, t in _tensor_paths(example_inputs) if t.dim() > 0), None)
-    if first is not None and first.dim() <= value:
-        raise ModelFileError(f"{what} is {value}, but the first input tensor has shape {tuple(first.shape)} "
-                             f"({first.dim()} dimension(s)); expected a dimension it has")
-    return value
-
-
-# Above this many parameters a trial forward on real tensors is costly (a paper-size
-# model runs for minutes on a small CPU): such models are checked on fake tensors only,
-# which catches shape and dtype mismatches but not bad index values.
-REAL_CHECK_MAX_PARAMS = 20_000_000
-
-
-def check_inputs_fit(model: nn.Module, example_inputs: tuple, label: str = "the model") -> None:
-    """Run one forward pass under ``torch.no_grad`` (again with gradients if that fails: a forward
-    may register gradient hooks); raise ModelFileError when it fails.
-
-    Small models run on the real inputs (buffers restored afterwards, so a BatchNorm in
-    training mode keeps its statistics); large ones on fake tensors (no memory, no compute).
-    """
-    try:
-        materialize(model, example_inputs)  # lazy modules: their parameters are counted below
-    except Exception as exc:  # any failure of user code is the user's input not fitting
-        raise _not_fitting(exc, example_inputs, label) from None
-    large = sum(p.numel() for p in model.parameters()) > REAL_CHECK_MAX_PARAMS
-    if large and _fits_on_fake_tensors(model, example_inputs):
-        return
-    try:
-        names = [n for n in inspect.signature(model.forward).parameters][:len(example_inputs)]
-    except (TypeError, ValueError):
-        names = []
-    inputs = [(path, t) for i, value in enumerate(example_inputs)
-              for path, t in _tensor_paths(value, names[i] if i < len(names) else f"#{i}")]
-    saved = [(t, t.detach().clone(), t._version) for _, t in inputs]
-    try:
-        try:
-            with torch.no_grad(), preserved_buffers(model):
-                model(*example_inputs)
-        except Exception:
-            # Some forwards need autograd (h.register_hook raises on a tensor without grad):
-            # the verdict is the training-mode run's, which placer places.
-            with torch.enable_grad(), preserved_buffers(model):
-                model(*example_inputs)
-    except Exception as exc:  # any failure of user code is the user's input not fitting
-        raise _not_fitting(exc, example_inputs, label) from None
-    changed = [path for (path, _), (t, _, version) in zip(inputs, saved) if t._version != version]
-    if changed:
-        with torch.no_grad():
-            for t, before, _ in saved:
-                t.copy_(before)
-        raise ModelFileError(
-            f"forward() of {label} modifies its input {', '.join(changed)} in place; expected a forward that "
-            "leaves its inputs as they are (placer runs the example inputs many times, and each run would "
-            "see what the last one wrote: write x = x * 2, not x.mul_(2))")
-
-
-def _not_fitting(exc: Exception, example_inputs: tuple, label: str) -> ModelFileError:
-    return ModelFileError(
-        f"the example inputs do not fit the model in {label}: {type(exc).__name__}: "
-        f"{_first_line(exc)}{user_location(exc)}; expected inputs that the model's forward() accepts "
-        f"(got {describe_inputs(example_inputs)})")
-
-
-def _tensor_paths(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in a nested tuple/list/dict, with where it is below ``path`` (``batch['ids']``)."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _tensor_paths(v, f"{path}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _tensor_paths(v, f"{path}[{k!r}]")
-
-
-def _fits_on_fake_tensors(model: nn.Module, example_inputs: tuple) -> bool:
-    """True when a forward on fake copies of the model and inputs succeeds.
-
-    False means "not shown to fit" (a real mismatch, or an op without a fake kernel, or a
-    model that cannot be deep-copied); the caller then runs the real check for the verdict.
-    """
-    try:
-        from torch._dynamo.utils import deepcopy_to_fake_tensor
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.utils._pytree import tree_map
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_model = deepcopy_to_fake_tensor(model, mode)
-        fake_inputs = tree_map(lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
-                               example_inputs)
-        with mode, torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            fake_model(*fake_inputs)
-        return True
-    except Exception:
-        return False
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer on exit (trial forward passes must leave no trace): its values, and its
-    shape where the forward changed it (:func:`restore_buffers`)."""
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        yield
-    finally:
-        restore_buffers(model, saved)
-
-
-def restore_buffers(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
-    """Put ``model``'s buffers back to ``saved`` (by name; others are left), shape included: a
-    quantization observer sizes its per-channel ``min_val`` from ``(0,)`` to ``(channels,)`` on its
-    first call, and a trial forward that left that made the parent's model another model than the
-    one a worker process builds from the same file (and ``copy_`` of the saved value then failed:
-    "The size of tensor a (16) must match the size of tensor b (0)").
-
-    >>> norm = nn.BatchNorm1d(2)
-    >>> saved = {n: b.clone() for n, b in norm.named_buffers()}
-    >>> _ = norm(torch.randn(4, 2) + 3)
-    >>> restore_buffers(norm, saved)
-    >>> norm.running_mean.tolist(), int(norm.num_batches_tracked)
-    ([0.0, 0.0], 0)
-    """
-    with torch.no_grad():
-        for name, buf in list(model.named_buffers()):
-            if name not in saved:
-                continue
-            value = saved[name]
-            if buf.shape != value.shape:
-                try:
-                    buf.resize_(value.shape)
-                except RuntimeError:  # not resizable (a view): a copy of the saved value takes its place
-                    owner, _, leaf = name.rpartition(".")
-                    model.get_submodule(owner)._buffers[leaf] = value.detach().clone().to(buf.device)
-                    continue
-            buf.copy_(value.to(buf.device) if value.device != buf.device else value)
-
-
-def describe_inputs(inputs: tuple) -> str:
-    """Short text for a tuple of inputs: tensor shapes and dtypes, other values by type."""
-    parts = []
-    for item in inputs:
-        if isinstance(item, torch.Tensor):
-            parts.append(f"tensor{list(item.shape)} {str(item.dtype).replace('torch.', '')}")
-        else:
-            parts.append(type(item).__name__)
-    return "(" + ", ".join(parts) + ")"
-
-
 def _import_file(file: Path) -> ModuleType:
     if not file.exists():
         raise ModelFileError(f"model file {str(file)!r} does not exist; expected a path to a .py file")
@@ -469,14 +199,14 @@ def _import_file(file: Path) -> ModuleType:
                 "path), or of the package installed or on PYTHONPATH") from None
         raise ModelFileError(
             f"{file.name}{_line_in(exc, file)} failed to import: {type(exc).__name__}: "
-            f"{_first_line(exc)}; expected every module it imports to be installed"
+            f"{first_line(exc)}; expected every module it imports to be installed"
         ) from None
     except BaseException as exc:  # SystemExit/KeyboardInterrupt in a user file are also its failure
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise ModelFileError(
             f"{file.name}{_line_in(exc, file)} raised {type(exc).__name__} while loading: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -574,10 +304,10 @@ def _call_user(fn: Callable, kwargs: dict[str, Any], what: str, label: str) -> A
     try:
         return fn(**kwargs)
     except ModelFileError as exc:  # placer's own words (a zoo model's argument check): no code location
-        raise ModelFileError(f"{what} in {label}: {_first_line(exc)}") from None
+        raise ModelFileError(f"{what} in {label}: {first_line(exc)}") from None
     except (Exception, SystemExit) as exc:  # sys.exit() in get_model ended placer with its message, exit 1
         raise ModelFileError(
-            f"{what} in {label} raised {type(exc).__name__}: {_first_line(exc)}"
+            f"{what} in {label} raised {type(exc).__name__}: {first_line(exc)}"
             f"{user_location(exc)}"
         ) from None
 
@@ -598,136 +328,6 @@ def _check_required_args(fn: Callable, kwargs: Mapping[str, Any], what: str, lab
                              f"expected a value for each: {given} (model_args={{{in_python}}} from Python)")
 
 
-#: A forward parameter as placer binds inputs to it: (name, has a default, the default).
-ForwardParam = tuple[str, bool, Any]
-
-
-def forward_params(model: nn.Module, plain_defaults: bool = False) -> tuple[ForwardParam, ...]:
-    """``model.forward``'s positional parameters as ``(name, has a default, the default)``. With
-    ``plain_defaults`` a default is kept only where it is a plain constant (None, a bool, a number,
-    a string: what a GraphModule can carry pickled); another counts as none.
-
-    >>> forward_params(nn.GRU(2, 2))
-    (('input', False, None), ('hx', True, None))
-    """
-    out = []
-    for p in inspect.signature(model.forward).parameters.values():
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        keep = p.default is not p.empty and (
-            not plain_defaults or p.default is None or isinstance(p.default, (bool, int, float, str)))
-        out.append((p.name, keep, p.default if keep else None))
-    return tuple(out)
-
-
-class UnboundInput(ValueError):
-    """An input :func:`bind_inputs` cannot place: keys forward() does not take by position
-    (``unknown``), or a parameter without a default left out (``missing``)."""
-
-    def __init__(self, unknown: Sequence[str] = (), missing: str = "") -> None:
-        super().__init__(", ".join(unknown) or missing)
-        self.unknown, self.missing = list(unknown), missing
-
-
-def bind_inputs(params: Sequence[ForwardParam], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-    """``args`` and ``kwargs`` as the positional inputs of a forward with ``params``
-    (:func:`forward_params`), up to the last one given, the parameters between at their defaults.
-
-    >>> bind_inputs((("x", False, None), ("past", True, None), ("mask", True, None)), (0,), {"mask": 1})
-    (0, None, 1)
-
-    Raises:
-        UnboundInput: a key no parameter after ``args`` has, or a parameter without a default left out.
-    """
-    names = [name for name, _, _ in params]
-    unknown = [k for k in kwargs if k not in names[len(args):]]
-    if unknown:
-        raise UnboundInput(unknown=unknown)
-    last = max([len(args) - 1, *(names.index(k) for k in kwargs)])
-    values = list(args)
-    for name, has_default, default in params[len(args):last + 1]:
-        if name in kwargs:
-            values.append(kwargs[name])
-        elif has_default:
-            values.append(default)
-        else:
-            raise UnboundInput(missing=name)
-    return tuple(values)
-
-
-def keyword_inputs_as_positional(model: nn.Module, inputs: Mapping[str, Any], what: str = "the inputs",
-                                 targets: bool = False) -> tuple:
-    """Keyword inputs (``model(**batch)``, a Hugging Face batch) as the positional tuple of
-    ``model.forward``'s parameters up to the last one given, the others at their defaults: what
-    placer captures, runs and splits. ``what`` names the inputs in an error.
-
-    With ``targets`` (a loss was given), keys ``forward`` does not take are the loss's targets
-    (``labels`` in a batch for a model whose ``forward`` takes ``input_ids``): they follow every
-    positional parameter of ``forward`` (each at its value or default), in the dict's order
-    (:mod:`graphs.loss_targets`). A ``forward(..., **kwargs)`` does not receive them: a captured
-    graph takes its parameters by position, and Hugging Face's ``Trainer`` likewise drops the
-    batch keys ``forward`` does not name (``remove_unused_columns``); a warning names them.
-
-    >>> class Net(nn.Module):
-    ...     def forward(self, input_ids, past=None, attention_mask=None):
-    ...         return input_ids
-    >>> keyword_inputs_as_positional(Net(), {"attention_mask": 1, "input_ids": 0})
-    (0, None, 1)
-    >>> keyword_inputs_as_positional(Net(), {"input_ids": 0, "labels": 7}, targets=True)
-    (0, None, None, 7)
-    """
-    params = forward_params(model)
-    if not inputs:
-        raise ModelFileError(f"{what} is an empty dict; expected the model's inputs by parameter name")
-    names = [name for name, _, _ in params]
-    extra = [k for k in inputs if k not in names]
-    takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-    try:
-        if targets and extra:
-            if takes_keywords:
-                log.warning("%s: %s not parameters of forward() of %s; they go to the loss as its targets, not into "
-                            "forward's **kwargs (a captured graph takes the parameters forward() names)", what,
-                            ", ".join(repr(k) for k in extra) + (" is" if len(extra) == 1 else " are"),
-                            type(model).__name__)
-            # every parameter bound, at its value or default: the targets come after them all
-            known = {k: v for k, v in inputs.items() if k in names}
-            values = bind_inputs(params, (), known) if known else ()
-            values += tuple(_default_of(param) for param in params[len(values):])
-            return (*values, *(inputs[k] for k in extra))
-        return bind_inputs(params, (), inputs)
-    except UnboundInput as exc:
-        if exc.unknown:
-            hint = "" if targets else (", or, if they are the loss's targets, a loss that uses them (get_loss(output, "
-                                       "*inputs) in a model file, loss_fn in the API) receives them after forward's")
-            raise ModelFileError(
-                f"{what} name {', '.join(repr(k) for k in exc.unknown)}, which forward() of {type(model).__name__} "
-                f"does not take by position (its parameters: {', '.join(name for name, _, _ in params)}); "
-                f"expected keys that are parameters of forward(){hint}") from None
-        raise ModelFileError(f"{what} leave out {exc.missing!r}, a parameter of forward() without a default; "
-                             "expected every such parameter") from None
-
-
-def _default_of(param: ForwardParam) -> Any:
-    """The default of a forward parameter left out, or :class:`UnboundInput` where it has none."""
-    name, has_default, default = param
-    if not has_default:
-        raise UnboundInput(missing=name)
-    return default
-
-
-def positional_inputs(model: nn.Module, inputs: Any, what: str = "the inputs", targets: bool = False) -> tuple:
-    """The model's positional inputs: a tuple as is, a dict by ``forward``'s parameter names bound
-    to them (:func:`keyword_inputs_as_positional`, with its ``targets``), anything else (one
-    tensor) as a 1-tuple.
-
-    >>> positional_inputs(nn.GRU(2, 2), {"input": 0}), positional_inputs(nn.GRU(2, 2), 0)
-    ((0,), (0,))
-    """
-    if isinstance(inputs, Mapping):
-        return keyword_inputs_as_positional(model, inputs, what, targets)
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
 def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
@@ -744,11 +344,6 @@ def _as_input_tuple(inputs: Any, what: str, label: str) -> tuple:
             "input tensor"
         )
     return inputs
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _line_in(exc: BaseException, file: Path) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphs.buffers import preserved_buffers
+
 __all__ = ["probe_module", "tensors_in"]
 
 
@@ -43,7 +45,6 @@ def probe_module(gm: fx.GraphModule, inputs: tuple, *, fake: bool,
     """``(module, inputs)`` to run once inside the block: a fake copy of ``gm`` and fake inputs
     under a ``FakeTensorMode`` (with ``shape_env``, a ``ShapeEnv``, where given), or ``gm`` itself
     and the real inputs, its buffers and the random state put back when the block ends."""
-    from graphs.model_file import preserved_buffers
 
     with contextlib.ExitStack() as stack:
         if fake:

@@ -16,7 +16,7 @@ canonical float masks and whether the mask is causal, it computes from the masks
 it stays one ``call_function`` node (:func:`encoder_masks`, :func:`decoder_is_causal`) that
 runs torch's own functions on the real tensors at run time. ``nn.Transformer``'s own checks
 (batch and feature sizes of ``src`` and ``tgt``) ran when the model file's inputs were tried
-(:func:`graphs.model_file.check_inputs_fit`) and are not repeated in the graph.
+(:func:`graphs.inputs_fit.check_inputs_fit`) and are not repeated in the graph.
 
 One thing a traced stack would not do: in eval mode under ``torch.no_grad()``, given a
 ``src_key_padding_mask`` and no ``mask``, ``nn.TransformerEncoder`` (with its default

@@ -26,9 +26,10 @@ from envs.runtime.transfers import to_device
 from graphs.capture import CapturedModel, capture
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
+from graphs.forward_inputs import positional_inputs
 from graphs.graph_inputs import placeholder_values
 from graphs.loss_targets import accepting_targets
-from graphs.model_file import ModelSpec, positional_inputs
+from graphs.model_file import ModelSpec
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement, PlacementFileError, load_placement
@@ -272,7 +273,7 @@ def train_steps(spec: ModelSpec, captured: CapturedModel, placement: Placement, 
         mode = (f"the devices are worker processes, but without the model's source this runs in one process "
                 f"({torch.get_num_threads()} thread(s)), not as optimize measured it")
     if placement.pipeline is not None:
-        from graphs.model_file import batch_size_of
+        from graphs.input_batch import batch_size_of
 
         batch = batch_size_of(spec.example_inputs, spec.batch_dim)
         if batch is None:

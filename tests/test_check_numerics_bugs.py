@@ -21,7 +21,8 @@ from envs.runtime.tensor_diff import _finite_scaled_diff, _masked_scaled_diff, _
 from envs.sim.pipeline_layout import Pipeline
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
-from graphs.model_file import ModelSpec, batch_slice
+from graphs.input_batch import batch_slice
+from graphs.model_file import ModelSpec
 from tests.helpers.placements import alternating_placement
 
 

@@ -17,7 +17,7 @@ from envs.runtime.distributed import rank_cluster as rank_cluster_module
 from envs.sim.cost_model import CPU_DISPATCH_S
 from envs.sim.problem_compile import compile_problem
 from graphs.graph_io import load_graph, save_graph
-from graphs.model_file import batch_size_of
+from graphs.input_batch import batch_size_of
 from graphs.pipeline import load_source, prepare
 from graphs.profile.batch_scaling import microbatch_ratio, min_microbatch_samples, slice_batch
 from placer.cli.main import main as cli_main

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from graphs.capture import capture
 from graphs.errors import ModelFileError, PlacerError
-from graphs.model_file import ModelSpec, batch_slice, default_loss, first_tensor, load_model_file
+from graphs.input_batch import batch_slice, first_tensor
+from graphs.model_file import ModelSpec, default_loss, load_model_file
 
 GOOD = """
 import torch
@@ -317,9 +318,9 @@ def test_two_files_with_same_name_do_not_clash(tmp_path):
 
 
 def test_large_models_checked_on_fake_tensors(tmp_path, monkeypatch):
-    import graphs.model_file as mf
+    import graphs.inputs_fit as fit_check
 
-    monkeypatch.setattr(mf, "REAL_CHECK_MAX_PARAMS", 1)
+    monkeypatch.setattr(fit_check, "REAL_CHECK_MAX_PARAMS", 1)
     text = """
         import torch
         calls = []
@@ -349,7 +350,7 @@ def test_half_of_the_shortcut(tmp_path):
 def test_a_forward_that_modifies_its_input_in_place_is_refused_naming_it_and_the_input_is_restored():
     from torch import nn
 
-    from graphs.model_file import check_inputs_fit
+    from graphs.inputs_fit import check_inputs_fit
 
     class Doubling(nn.Module):
         def __init__(self):
@@ -373,7 +374,7 @@ def test_a_forward_that_needs_autograd_fits_its_inputs():
     (it was refused as 'the example inputs do not fit the model'; walkthrough)."""
     from torch import nn
 
-    from graphs.model_file import check_inputs_fit
+    from graphs.inputs_fit import check_inputs_fit
 
     class Reversing(nn.Module):
         def __init__(self):

@@ -10,7 +10,7 @@ import torch
 
 from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.problem_compile import compile_problem
-from graphs.model_file import batch_size_of
+from graphs.input_batch import batch_size_of
 from placer.report.compare import Candidate, comparison_table
 from placer.search.baselines.pipeline_rows import parallel_rows, recommendation_line, with_parallel_rows
 

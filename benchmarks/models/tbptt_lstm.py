@@ -1,7 +1,7 @@
 """Truncated backpropagation through time: a 2-layer LSTM LM (vocabulary 2,000, width 256, batch 32
 of 35 tokens) that takes its state ``(layers, batch, hidden)`` as inputs beside ``(batch, time)``
 tokens (benchmarks/results/model_styles.md). DDP shares and micro-batches cut the state along its
-dim 1, the one of the batch's size (graphs.model_file.batch_axis).
+dim 1, the one of the batch's size (graphs.input_batch.batch_axis).
 """
 import torch
 import torch.nn.functional as F

@@ -36,9 +36,11 @@ from envs.runtime.replica_batch_norm import LockstepGather, replace_batch_norms,
 from envs.runtime.sample_mixing import find_sample_mixing
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
+from graphs.buffers import restore_buffers
 from graphs.capture import CapturedModel
 from graphs.errors import one_line_reason
-from graphs.model_file import ModelSpec, batch_size_of, batch_slice, restore_buffers
+from graphs.input_batch import batch_size_of, batch_slice
+from graphs.model_file import ModelSpec
 from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphs.buffers import preserved_buffers
+from graphs.input_batch import first_tensor
 from graphs.loss_reach import is_unreached
-from graphs.model_file import first_tensor, preserved_buffers
 
 __all__ = ["parameters_without_gradient", "loss_of_a_cut_output"]
 

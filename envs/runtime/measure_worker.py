@@ -33,6 +33,7 @@ import torch
 from envs.runtime.step_timer import time_steps
 from envs.runtime.supervisor import die_with_parent
 from graphs.cpu_allocator import retain_freed_memory
+from graphs.errors import kind_and_first_line
 
 if TYPE_CHECKING:  # types only: importing it here would load torch before it is needed
     from graphs.capture import CapturedModel
@@ -116,10 +117,6 @@ def capture_model(spec: Any, leaf_modules: Sequence[str] = ()) -> Any:
     return capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name, batch_dim=spec.batch_dim)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
 
 def worker_main(conn: Any) -> None:
     """Serve load and measure requests on ``conn`` until told to stop or the pipe closes."""
@@ -134,7 +131,7 @@ def worker_main(conn: Any) -> None:
         spec = load_spec(model_source, model_args)
         captured = capture_model(spec, leaf_modules)
     except Exception as exc:  # reported to the parent, which raises a clear error
-        conn.send(("load_error", str(exc) or _first_line(exc)))
+        conn.send(("load_error", str(exc) or kind_and_first_line(exc)))
         conn.close()
         return
     conn.send(("ready", captured.fingerprint, [n.name for n in captured.gm.graph.nodes], captured.method))
@@ -155,9 +152,9 @@ def worker_main(conn: Any) -> None:
             reply: tuple = ("ok", times, peak)
         except Exception as exc:
             if is_out_of_memory(exc):
-                reply = ("invalid", f"out of memory ({_first_line(exc)[:200]})")
+                reply = ("invalid", f"out of memory ({kind_and_first_line(exc)[:200]})")
             else:
-                reply = ("invalid", f"failed: {_first_line(exc)[:500]}")
+                reply = ("invalid", f"failed: {kind_and_first_line(exc)[:500]}")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

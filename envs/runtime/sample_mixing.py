@@ -31,7 +31,8 @@ import torch.fx as fx
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.random_replay import RandomReplay
 from envs.runtime.tensor_diff import _scaled_diff
-from graphs.model_file import batch_slice, preserved_buffers
+from graphs.buffers import preserved_buffers
+from graphs.input_batch import batch_slice
 from graphs.placement_graph import node_target_text, owning_module
 from graphs.random_state import kept_random_state
 

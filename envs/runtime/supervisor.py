@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from graphs.errors import PlacerError
+from graphs.errors import PlacerError, kind_and_first_line
 
 __all__ = [
     "Supervisor", "Exit", "die_with_parent", "exit_reason", "make_job_dir", "process_state", "sweep_stale_job_dirs",
@@ -144,10 +144,6 @@ def _owner_alive(pid: int, start: str) -> bool:
     return now is not None and (now == start or start == "0" or now == "0")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
 
 def report_rank_failure(job_dir: Path, rank: int, exc: BaseException, show_traceback: bool = True) -> None:
     """Leave a rank's failure where the launcher reads it: ``error-<rank>.txt`` in the job
@@ -158,10 +154,10 @@ def report_rank_failure(job_dir: Path, rank: int, exc: BaseException, show_trace
     Called from a worker's ``except BaseException``: the launcher names the rank and its
     error from this file, since the exit code alone says only that the rank failed.
     """
-    line = _first_line(exc)
+    line = kind_and_first_line(exc)
     cause = exc.__cause__
     while line.endswith(":") and cause is not None:  # a wrapper's words: "[Stage 1] failed to run forward:"
-        line = f"{line} {_first_line(cause)}"
+        line = f"{line} {kind_and_first_line(cause)}"
         cause = cause.__cause__
     try:
         (job_dir / f"error-{rank}.txt").write_text(line + "\n\n" + traceback.format_exc())

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from envs.runtime.transfers import to_device
+from graphs.buffers import preserved_buffers
 from graphs.errors import ModelFileError, PlacerError
-from graphs.model_file import ModelSpec, batch_size_of, first_tensor, preserved_buffers
+from graphs.input_batch import batch_size_of, first_tensor
+from graphs.model_file import ModelSpec
 from graphs.module_modes import set_training_modes, training_modes
 from graphs.user_frames import is_user_file, user_location
 

@@ -73,7 +73,7 @@ def accumulate_seconds(gm: fx.GraphModule, inputs: Sequence[Any], device: torch.
     """What a backward of ``gm`` on ``inputs`` costs more when it adds into ``.grad`` than after
     ``zero_grad``, on ``device``'s clock (module doc): the median over interleaved rounds, at
     least the adds' own seconds. The caller keeps the buffers
-    (:func:`graphs.model_file.preserved_buffers`); ``.grad`` is left as it was.
+    (:func:`graphs.buffers.preserved_buffers`); ``.grad`` is left as it was.
 
     >>> import torch.nn as nn
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 1)))

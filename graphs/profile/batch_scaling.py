@@ -57,10 +57,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from graphs.buffers import preserved_buffers
 from graphs.capture import CapturedModel
 from graphs.fingerprint import computation_key
 from graphs.graph_io import FIXED_DICTS as FIXED_ATTRS
-from graphs.model_file import batch_size_of, batch_slice, carries_batch, preserved_buffers
+from graphs.input_batch import batch_size_of, batch_slice, carries_batch
 from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices

@@ -49,9 +49,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from graphs.buffers import preserved_buffers
 from graphs.capture import CapturedModel
 from graphs.fingerprint import computation_key
-from graphs.model_file import default_optimizer, preserved_buffers
+from graphs.model_file import default_optimizer
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices
 from graphs.profile.errors import ProfileError

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                            cache_dir=cache_dir, leaf_modules=leaves)
     placement = load_placement(args.placement, graph=prepared.captured, devices=cluster.device_names)
     if placement.pipeline is not None:
-        from graphs.model_file import batch_size_of
+        from graphs.input_batch import batch_size_of
 
         # apply refuses such a file, so show must not report a step time it could never run
         batch = batch_size_of(prepared.spec.example_inputs, prepared.spec.batch_dim)

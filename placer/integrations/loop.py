@@ -37,7 +37,9 @@ from envs.runtime.apply import apply_placement
 from graphs.capture import CapturedModel, capture
 from graphs.errors import PlacerError
 from graphs.fingerprint import computation_key
-from graphs.model_file import check_batch_dim, check_inputs_fit, positional_inputs
+from graphs.forward_inputs import positional_inputs
+from graphs.input_batch import check_batch_dim
+from graphs.inputs_fit import check_inputs_fit
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -91,7 +93,7 @@ def default_cache_dir() -> Path:
 
 
 def as_inputs(example_batch: Any, model: torch.nn.Module) -> tuple:
-    """The model's positional inputs (:func:`graphs.model_file.positional_inputs`: a dict is a
+    """The model's positional inputs (:func:`graphs.forward_inputs.positional_inputs`: a dict is a
     Hugging Face batch, ``model(**batch)``); an IntegrationError where there is none."""
     if example_batch is None:
         raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")

@@ -43,7 +43,8 @@ import torch
 from envs.hardware.cluster import Cluster
 from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import ApplyError, apply_placement, check_applicable
-from graphs.model_file import check_batch_dim, restore_buffers
+from graphs.buffers import restore_buffers
+from graphs.input_batch import check_batch_dim
 from graphs.random_state import kept_random_state
 from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
 from placer.measuring.significance import clearly_faster

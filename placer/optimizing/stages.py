@@ -36,17 +36,11 @@ from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
 from graphs.batch_agreement import batch_disagreement
 from graphs.errors import PlacerError
+from graphs.forward_inputs import positional_inputs
+from graphs.input_batch import batch_size_of, check_batch_dim
+from graphs.inputs_fit import check_inputs_fit
 from graphs.loss_targets import target_count
-from graphs.model_file import (
-    ModelSpec,
-    batch_size_of,
-    check_batch_dim,
-    check_inputs_fit,
-    default_loss,
-    default_optimizer,
-    positional_inputs,
-    with_loss_targets,
-)
+from graphs.model_file import ModelSpec, default_loss, default_optimizer, with_loss_targets
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
 from graphs.profile.devices import resolve_devices

@@ -127,7 +127,7 @@ def _state_and_meta(gm: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], di
     """
     from envs.runtime.distributed.runtime import pack_meta, value_meta
     from envs.runtime.distributed.stage_state import data_on, module_tensors
-    from graphs.model_file import preserved_buffers
+    from graphs.buffers import preserved_buffers
 
     modes = [(m, m.training) for m in gm.modules()]
     gm.train()

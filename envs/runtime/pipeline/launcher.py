@@ -40,7 +40,7 @@ from envs.sim.hybrid import check_runnable
 from envs.sim.pipeline_layout import Pipeline, PipelineError
 from envs.sim.problem import PlacementProblem
 from graphs.errors import PlacerError, one_line_reason
-from graphs.model_file import batch_size_of, batch_slice
+from graphs.input_batch import batch_size_of, batch_slice
 from graphs.portable_graph import PortableGraph, portable_pickle
 
 __all__ = ["PipelineRunError", "TrainingRun", "PipelineJob", "check_port", "run_training", "write_job", "read_results"]

@@ -26,8 +26,9 @@ from torch.utils._pytree import TreeSpec
 
 from envs.runtime.gradient_reach import loss_of_a_cut_output
 from envs.sim.pipeline_layout import Pipeline, PipelineError
+from graphs.buffers import preserved_buffers
 from graphs.graph_inputs import model_args
-from graphs.model_file import batch_axis, batch_size_of, batch_slice, preserved_buffers
+from graphs.input_batch import batch_axis, batch_size_of, batch_slice
 from graphs.ops import differentiated_regions, in_place_writes
 from graphs.random_state import kept_random_state
 
@@ -362,7 +363,7 @@ def microbatch(inputs: Mapping[str, torch.Tensor], index: int, microbatches: int
 
 def chunk_specs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[str, Any]:
     """How a ``torch.distributed.pipelining`` schedule is to cut each input into micro-batches:
-    along the dimension that holds the batch (:func:`graphs.model_file.batch_axis`), whole to every
+    along the dimension that holds the batch (:func:`graphs.input_batch.batch_axis`), whole to every
     micro-batch otherwise, so that the schedule cuts what :func:`microbatch` cuts (its default
     cuts every tensor along dim 0)."""
     from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
@@ -385,7 +386,7 @@ def sparse_batch_inputs(inputs: Mapping[str, Any], batch_dim: int = 0) -> dict[s
     (batch, batch dim): ``torch.distributed.pipelining`` cannot cut them into micro-batches
     (``torch.tensor_split`` has no sparse kernel: the rank crashed with "Could not run
     'aten::as_strided' with arguments from the 'SparseCPU' backend"), so the schedule hands them
-    whole and :class:`StageModule` takes its micro-batch's rows (:func:`graphs.model_file.batch_slice`).
+    whole and :class:`StageModule` takes its micro-batch's rows (:func:`graphs.input_batch.batch_slice`).
 
     >>> sparse_batch_inputs({"bow": torch.eye(4).to_sparse(), "y": torch.zeros(4)})
     {'bow': (4, 0)}

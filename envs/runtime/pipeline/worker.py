@@ -76,7 +76,7 @@ from envs.sim.pipeline_layout import Pipeline, PipelineError
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.gc_pause import frozen_gc
 from graphs.graph_inputs import input_spec, model_args
-from graphs.model_file import batch_size_of, batch_slice
+from graphs.input_batch import batch_size_of, batch_slice
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
