@@ -20,23 +20,7 @@ import torch.fx as fx
 
 from graphs.buffers import preserved_buffers
 
-__all__ = ["probe_module", "tensors_in"]
-
-
-def tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """The tensors in ``value`` (tuples, lists and dict values, nested), in order.
-
-    >>> [tuple(t.shape) for t in tensors_in((torch.zeros(2), {"a": [torch.zeros(3, 1)]}, 4))]
-    [(2,), (3, 1)]
-    """
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from tensors_in(item)
+__all__ = ["probe_module"]
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.probe_run import probe_module, tensors_in
+from graphs.probe_run import probe_module
+from graphs.tensor_tree import tensors_in
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphs.probe_run import probe_module, tensors_in
+from graphs.probe_run import probe_module
+from graphs.tensor_tree import tensors_in
 
 log = logging.getLogger(__name__)
 

@@ -772,7 +772,7 @@ class _Output:
 
 
 def test_to_device_moves_the_tensors_of_a_dataclass_output_and_the_check_sees_them():
-    from graphs.profile.op_timing import tensors_in
+    from graphs.tensor_tree import tensors_in
 
     out = _Output(torch.ones(2), (torch.zeros(3), 4))
     moved = to_device(out, "meta")

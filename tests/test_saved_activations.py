@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -166,3 +168,39 @@ def test_a_tied_parameter_is_marked_shared_on_its_owner():
     graph = capture(TiedHead(), (torch.randint(0, 50, (2, 3)),)).graph
     assert graph.nodes["emb"]["shared_param_bytes"] == 50 * 8 * 4
     assert sum(1 for v in graph if "shared_param_bytes" in graph.nodes[v]) == 1
+
+
+@dataclasses.dataclass
+class _HeadOutput:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+torch.export.register_dataclass(_HeadOutput)
+
+
+class _Head(nn.Module):
+    """Returns its logits in a dataclass, or in a dict (``as_dict``); a loss that saves nothing of them."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.out, self.as_dict = nn.Linear(8, 16), nn.Linear(16, 300), as_dict
+
+    def forward(self, x: torch.Tensor, mode: str) -> _HeadOutput | dict[str, torch.Tensor]:
+        h = self.body(x) * (2.0 if mode == "double" else 1.0)  # a string fx cannot follow: torch.export
+        logits = self.out(h)
+        return {"logits": logits, "hidden": h} if self.as_dict else _HeadOutput(logits, h)
+
+
+def test_the_output_the_loop_holds_counts_alike_in_a_dataclass_and_in_a_dict():
+    def logits_of(out):
+        return out["logits"] if isinstance(out, dict) else out.logits
+
+    saved = {}
+    for as_dict in (False, True):
+        captured = capture(_Head(as_dict), (torch.randn(4, 8), "double"))
+        assert captured.method == "export"
+        saved[as_dict] = measure_saved_bytes(captured.gm, captured.example_inputs,
+                                             loss_fn=lambda out, x, mode: logits_of(out).mean())
+    assert saved[False] == saved[True]
+    assert sum(saved[False].values()) >= 4 * 300 * 4  # the logits, held by the loop until the step ends

@@ -54,7 +54,7 @@ from graphs.errors import CaptureError, ModelFileError
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
 from graphs.module_modes import set_training_modes, training_modes
-from graphs.profile.op_timing import tensors_in
+from graphs.tensor_tree import tensors_in
 
 #: Training steps compared by default: the first shows a wrong computation, the second
 #: state that was not carried (an in-place buffer update that was lost), the third that

@@ -12,22 +12,22 @@ places its factories with the same code, and the check and integrations move val
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
 
 from envs.runtime.device_names import _canonical
 from graphs.ops import draws_random, is_factory
+from graphs.tensor_tree import map_tensors
 
 __all__ = ["factories_where_placed", "to_device", "transfer_nodes"]
 
 
 def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = False) -> Any:
-    """Move every tensor inside ``value`` (nested tuples/lists/dicts) to ``device``.
+    """Move every tensor inside ``value`` (nested containers and dataclasses,
+    :func:`graphs.tensor_tree.map_tensors`) to ``device``.
 
     Non-tensor leaves pass through unchanged. This is the target of every transfer
     node that :func:`apply_placement` inserts. ``copy``: a tensor already on ``device``
@@ -41,18 +41,13 @@ def to_device(value: Any, device: str, non_blocking: bool = False, copy: bool = 
         return value.tracer.create_proxy("call_function", to_device, (value, device),
                                          {"non_blocking": non_blocking, **({"copy": True} if copy else {})})
 
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            moved = x.to(device, non_blocking=non_blocking)
-            return moved.clone() if copy and moved is x else moved
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            # pytree leaves a dataclass output whole: its tensors stayed where they were made,
-            # not on the output device the loss code was promised (walkthrough).
-            return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device, non_blocking, copy)
-                                             for f in dataclasses.fields(x) if f.init})
-        return x
+    def move(x: torch.Tensor) -> torch.Tensor:
+        moved = x.to(device, non_blocking=non_blocking)
+        return moved.clone() if copy and moved is x else moved
 
-    return tree_map(move, value)
+    # Into dataclasses too: pytree leaves an unregistered one whole, and its tensors stayed where
+    # they were made, not on the output device the loss code was promised (walkthrough).
+    return map_tensors(move, value)
 
 
 def _ident(name: str) -> str:

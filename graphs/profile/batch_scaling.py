@@ -66,7 +66,8 @@ from graphs.profile.accumulate_timing import accumulate_seconds
 from graphs.profile.cache import NodeTimes, ProfileCache, device_name, inputs_key
 from graphs.profile.devices import resolve_devices
 from graphs.profile.in_situ import in_situ_times, plain_step_seconds
-from graphs.profile.op_timing import tree_map, worker_conditions
+from graphs.profile.op_timing import worker_conditions
+from graphs.tensor_tree import map_tensors
 
 __all__ = ["MAX_RATIO", "FIXED_ATTRS", "step_ratio", "BatchScalingInfo", "microbatch_ratio", "slice_batch", "fixed_parts",
            "profile_fixed_parts", "smallest_runnable_batch", "min_microbatch_samples"]
@@ -133,7 +134,7 @@ def slice_batch(example_inputs: Sequence[Any], batch: int, size: int, dim: int =
             return x
         return x.detach().clone().requires_grad_(x.requires_grad)
 
-    return tuple(tree_map(own, batch_slice(tuple(example_inputs), batch, 0, size, dim)))
+    return tuple(map_tensors(own, batch_slice(tuple(example_inputs), batch, 0, size, dim)))
 
 
 def fixed_parts(full: np.ndarray, small: np.ndarray, ratio: float) -> np.ndarray:

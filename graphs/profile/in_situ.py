@@ -43,7 +43,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphs.profile.op_timing import clock_for, clock_overhead, sync_device, tensors_in, tree_map
+from graphs.profile.op_timing import clock_for, clock_overhead, sync_device
+from graphs.tensor_tree import map_tensors, tensors_in
 
 COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
 
@@ -269,7 +270,7 @@ def in_situ_times(gm: fx.GraphModule, example_inputs: Sequence[Any], device: tor
         work, inputs = gm, tuple(example_inputs)
     else:
         work = copy.deepcopy(gm).to(device)
-        inputs = tuple(tree_map(lambda t: t.to(device), tuple(example_inputs)))
+        inputs = tuple(map_tensors(lambda t: t.to(device), tuple(example_inputs)))
     timed_gm = timed_module(work)
     params = list(work.parameters())
     saved = [p.grad for p in params]

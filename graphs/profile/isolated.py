@@ -23,9 +23,10 @@ from torch import nn
 
 from graphs.profile.errors import ProfileError
 from graphs.profile.in_situ import COMPUTE_OPS
-from graphs.profile.op_timing import median_loop, time_call, tree_map
+from graphs.profile.op_timing import median_loop, time_call
 from graphs.profile.profile_info import ProfileInfo
 from graphs.profile.signatures import node_signature
+from graphs.tensor_tree import map_tensors
 
 
 def _callable_for(node: fx.Node, gm: nn.Module, device: torch.device
@@ -97,8 +98,8 @@ class ProfilingInterpreter(fx.Interpreter):
             # forward (the usual ratio for matmul-like ops) and the node is reported.
             info.failures.append(f"{n.name} timed without autograd: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             with torch.no_grad():
-                fwd_args = tree_map(lambda t: t.detach().to(dev, copy=True), args)
-                fwd_kwargs = tree_map(lambda t: t.detach().to(dev, copy=True), kwargs)
+                fwd_args = map_tensors(lambda t: t.detach().to(dev, copy=True), args)
+                fwd_kwargs = map_tensors(lambda t: t.detach().to(dev, copy=True), kwargs)
                 try:
                     fwd = median_loop(lambda: fn(*fwd_args, **fwd_kwargs), dev, self.repeats, 1)
                 except Exception:  # noqa: BLE001

@@ -8,7 +8,6 @@ machine); on CUDA it is wall time between synchronisations.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from graphs.cpu_allocator import retain_freed_memory
+from graphs.tensor_tree import map_tensors, tensors_in
 
 # A timed sample loops a fast op until it lasts about this long (timer overhead ~0.1 µs).
 MIN_SAMPLE_SECONDS = 2e-4
@@ -57,29 +57,6 @@ def clock_for(device: torch.device) -> Callable[[], float]:
 
 
 # --------------------------------------------------------------------------- timing one call
-
-
-def tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
-        return type(value)(*(tree_map(fn, v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(tree_map(fn, v) for v in value)
-    if isinstance(value, dict):
-        return {k: tree_map(fn, v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        # A model may return one (its own output class): the numerical check compared none
-        # of its tensors.
-        return dataclasses.replace(value, **{f.name: tree_map(fn, getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    tree_map(lambda t: found.append(t), value)
-    return found
 
 
 def median_loop(run: Callable[[], Any], device: torch.device, repeats: int, inner: int) -> float:
@@ -128,14 +105,14 @@ def time_call(fn: Callable[..., Any], args: tuple, kwargs: dict, device: torch.d
             leaves.append(copy_)
         return copy_
 
-    leaf_args = tree_map(to_leaf, args)
-    leaf_kwargs = tree_map(to_leaf, kwargs)
+    leaf_args = map_tensors(to_leaf, args)
+    leaf_kwargs = map_tensors(to_leaf, kwargs)
 
     def activations() -> tuple[tuple, dict]:
         # Inputs that require grad enter as non-leaf tensors, like the activations of a
         # real step: in-place ops are then legal and the backward passes through them.
         as_act = lambda t: t.clone() if t.requires_grad else t  # noqa: E731
-        return tree_map(as_act, leaf_args), tree_map(as_act, leaf_kwargs)
+        return map_tensors(as_act, leaf_args), map_tensors(as_act, leaf_kwargs)
 
     with torch.enable_grad():
         fwd_args, fwd_kwargs = activations()
