@@ -8,30 +8,24 @@ batch's size (:func:`batch_axis`); every other input is given whole to each.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
 
 from graphs.errors import ModelFileError
+from graphs.tensor_tree import tensors_in
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a (possibly nested) output structure: tuple, list, dict, ModelOutput."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        items = list(value.values())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
+    """The first tensor in a (possibly nested) structure: tuple, list, dict, ModelOutput, dataclass
+    (:func:`graphs.tensor_tree.tensors_in`); None when it holds none.
+
+    >>> first_tensor((3, {"ids": torch.zeros(2)})).shape, first_tensor([1, "a"])
+    (torch.Size([2]), None)
+    """
+    return next(iter(tensors_in(value)), None)
 
 
 def batch_size_of(example_inputs: Any, dim: int = 0) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -95,6 +96,18 @@ def test_default_loss_uses_first_tensor_of_structure():
     assert default_loss((out,)).item() == pytest.approx(2.0)
     with pytest.raises(ModelFileError, match="get_loss"):
         default_loss("no tensor here")
+
+
+@dataclasses.dataclass
+class _Scores:
+    name: str
+    logits: torch.Tensor
+
+
+def test_default_loss_finds_the_tensors_of_a_dataclass_output_too():
+    out = _Scores("head", torch.ones(2, 3) * 3)
+    assert first_tensor([out]) is out.logits
+    assert default_loss(out).item() == pytest.approx(3.0)
 
 
 def test_default_loss_is_the_loss_a_dict_output_carries():
