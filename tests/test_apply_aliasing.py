@@ -19,6 +19,7 @@ import envs.runtime.transfers as transfers_module
 from envs.runtime.apply import apply_placement
 from graphs.capture import capture
 from graphs.ops import in_place_writes
+from graphs.tensor_tree import map_tensors
 
 DEVICES = {"a": "cpu", "b": "cpu"}
 
@@ -29,8 +30,7 @@ def _transfers_copy(monkeypatch):
     moved = transfers_module.to_device
 
     def copying(value, device, non_blocking=False):
-        return transfers_module.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                                         moved(value, device, non_blocking))
+        return map_tensors(torch.clone, moved(value, device, non_blocking))
 
     monkeypatch.setattr(transfers_module, "to_device", copying)
 

@@ -137,7 +137,9 @@ def test_hybrid_mode_recalibrates_during_the_search_and_the_measured_fastest_win
         (again if key in seen else first_runs).append(r)
         seen.add(key)
     later = [r for r in first_runs if r.phase != "round 0"]
-    assert later and all(r.predicted is not None for r in later)
+    assert later and any(r.predicted is not None for r in later)
+    if not m.calibrations_set_aside:  # a fit set aside after one was taken leaves none to predict with
+        assert all(r.predicted is not None for r in later)
     assert again and all(r.predicted is None for r in again)
     on_cpu1 = [r for r in later if set(np.asarray(r.row).tolist()) == {1}]
     assert on_cpu1 and not on_cpu1[0].valid
