@@ -27,7 +27,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,7 +259,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple, leaf_types: t
                 raise CaptureError(f"cannot capture model {name!r}: {fx_exc}") from None
             if isinstance(export_exc, TraceTimeUpdate) and export_exc.python_state:
                 raise CaptureError(f"cannot capture model {name!r}: {export_exc}") from None
-            raise _capture_error(name, fx_exc, export_exc, model) from None
+            raise _capture_error(name, fx_exc, export_exc, model,
+                                 leaf_module_paths(model, leaf_modules) if leaf_modules else ()) from None
         method, shapes_from = "export", "fake"
         baked = export_eval(model, inputs, gm, trace_modes, training_attributes, batch_dim)
     if isinstance(baked, str):
@@ -311,8 +312,19 @@ def _is_dataclass_named(qualified: str) -> bool:
     return dataclasses.is_dataclass(getattr(sys.modules.get(module), cls, None))
 
 
+def _inside_leaves(model: nn.Module | None, frame: Any, leaf_paths: Sequence[str]) -> list[str]:
+    """The leaf modules (of ``leaf_paths``) whose forward holds ``frame``'s line, where every module
+    running that line is one of them or inside one; else empty."""
+    if model is None or frame is None or not leaf_paths:
+        return []
+    running = modules_running(model, frame)
+    leaves = [p for p in running if p in leaf_paths]
+    inside = all(any(p == leaf or p.startswith(f"{leaf}.") for leaf in leaf_paths) for p in running)
+    return leaves if running and inside and leaves else []
+
+
 def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
-                   model: nn.Module | None = None) -> CaptureError:
+                   model: nn.Module | None = None, leaf_paths: Sequence[str] = ()) -> CaptureError:
     if isinstance(export_exc, HooksNotKept):
         return CaptureError(
             f"cannot capture model {name!r}: {export_exc}, and torch.fx could not trace it ({one_line_reason(fx_exc)}); "
@@ -349,10 +361,22 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
             "layer it feeds and any unpacking inside one submodule named as a leaf module (leaf_modules, or "
             "`--leaf MODULE` on the command line), which runs them whole, or padded sequences without packing")
     frame = user_frame(export_exc) or user_frame(fx_exc)
-    where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
-             else "no model line appears in the traceback")
+    inside = _inside_leaves(model, frame, leaf_paths)
+    fx_frame = user_frame(fx_exc)
+    export_text = one_line_reason(export_exc)
     control_flow = ("cannot be used as inputs to control flow" in str(fx_exc)
                     or type(export_exc).__name__ == "GuardOnDataDependentSymNode")
+    if inside and fx_frame is not None:
+        # torch.export keeps no module whole: its failure inside a leaf is not what stops the
+        # capture, torch.fx's line is (given `--leaf ActNorm`, an ActNorm's `.item()` was named
+        # and `--leaf ActNorm` suggested again, while fx had stopped in another module's line)
+        frame = fx_frame
+        shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+        export_text = (f"{export_text}, inside the leaf module(s) {shown}, which it traces into (torch.export keeps "
+                       "no module whole)")
+        control_flow = "cannot be used as inputs to control flow" in str(fx_exc)
+    where = (f"the line that could not be traced is {describe_frame(frame)}" if frame
+             else "no model line appears in the traceback")
     expected = ("a forward() whose Python control flow does not depend on tensor values: rewrite that line (e.g. "
                 "torch.where instead of `if`)" if control_flow else "a forward() both tracers can follow: rewrite "
                 "that line")
@@ -368,6 +392,6 @@ def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
         leaf = ", or name its module as a leaf module (leaf_modules, or `--leaf MODULE` on the command line)"
     return CaptureError(
         f"cannot capture model {name!r}: neither torch.fx nor torch.export could trace it; {where}. "
-        f"torch.fx: {one_line_reason(fx_exc)}. torch.export: {one_line_reason(export_exc)}. Expected {expected}{leaf}"
+        f"torch.fx: {one_line_reason(fx_exc)}. torch.export: {export_text}. Expected {expected}{leaf}"
     )
 

@@ -1770,3 +1770,40 @@ def test_layers_kept_in_a_plain_list_are_named_in_a_warning_and_captured_as_the_
     assert "listed keeps module(s) hidden[0], hidden[1] in a plain Python container" in caplog.text
     assert torch.equal(captured.gm(x), model(x))
     assert {n for n, _ in captured.gm.named_parameters()} == {n for n, _ in model.named_parameters()}
+
+
+class _InitOnFirstCall(nn.Module):
+    """Data-dependent initialisation (Glow's actnorm): a branch on a buffer's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+        self.register_buffer("ready", torch.tensor(0))
+
+    def forward(self, x):
+        if self.ready.item() == 0:
+            with torch.no_grad():
+                self.scale.copy_(1 / (x.std(0) + 1e-6))
+                self.ready.fill_(1)
+        return x * self.scale
+
+
+class _SpreadsAShape(nn.Module):
+    """``view(*self.weight.shape, 1)``: fx cannot iterate the Proxy of a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return (x[:, None, :] * self.weight.view(*self.weight.shape, 1).squeeze(-1)).sum(-1)
+
+
+def test_a_failure_of_torch_export_inside_a_named_leaf_gives_way_to_the_line_torch_fx_stopped_at():
+    model = nn.Sequential(_InitOnFirstCall(), _SpreadsAShape(), nn.Linear(8, 2))
+    with pytest.raises(CaptureError) as info:
+        capture(model, (torch.randn(4, 8),), leaf_modules=[_InitOnFirstCall])
+    message = str(info.value)
+    assert "in forward: return (x[:, None, :] * self.weight.view(*self.weight.shape, 1)" in message
+    assert "inside the leaf module(s) 0, which it traces into" in message
+    assert "`--leaf _SpreadsAShape` (its class; 1)" in message and "--leaf _InitOnFirstCall" not in message
