@@ -29,8 +29,10 @@ import envs.runtime.pipeline.worker as rank_worker
 _build_optimizer = rank_worker.make_optimizer
 
 
-def _marked_optimizer(spec: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _marked_optimizer(spec: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     opt = _build_optimizer(spec, params)
+    if opt is None:  # nothing to update on this rank: no step to mark
+        return None
     zero_grad, step = opt.zero_grad, opt.step
     count = [0]
 

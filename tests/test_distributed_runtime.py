@@ -303,3 +303,55 @@ def test_two_hosts_on_two_loopback_addresses_started_by_torchrun(tmp_path):
     params = {**per_rank[0]["params"], **per_rank[1]["params"]}
     for k, p in ref_params.items():
         torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-5, msg=f"parameter {k}")
+
+
+FROZEN_TEACHER = '''
+import torch
+import torch.nn as nn
+
+
+class Distill(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.student(x) - self.teacher(x)
+
+
+def get_model():
+    torch.manual_seed(0)
+    return Distill()
+
+
+def get_example_inputs():
+    return (torch.randn(8, 16, generator=torch.Generator().manual_seed(1)),)
+
+
+def get_optimizer(params):
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=0.1)
+'''
+
+
+def test_a_rank_holding_only_parameters_the_optimizer_leaves_out_trains_like_one_process(tmp_path):
+    """The rank that holds the frozen teacher gets an empty list from the model's optimizer factory:
+    torch.optim refused it ("optimizer got an empty parameter list") and the placement was invalid."""
+    path = tmp_path / "distill.py"
+    path.write_text(FROZEN_TEACHER)
+    prep = prepare(str(path), {}, profile=False)
+    ranks = {n: int(n.startswith("teacher")) for n in prep.captured.graph.nodes}
+    assert 0 < sum(ranks.values()) < len(ranks)
+    out = run_job(prep.spec, str(path), DEVICES, [{"kind": "train", "ranks": ranks, "steps": STEPS}],
+                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240, captured=prep.captured)
+    assert out.ok, out.error
+    ref_losses, ref_params = _reference(prep)
+    per_rank = out.results[0]
+    losses = [r["losses"] for r in per_rank if r["losses"][0] is not None]
+    assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    params = {k: v for r in per_rank for k, v in r["params"].items()}
+    assert set(params) == set(ref_params) and any(k.startswith("teacher") for k in per_rank[1]["params"])
+    for k, p in ref_params.items():
+        torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-5, msg=f"parameter {k}")

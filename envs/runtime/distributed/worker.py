@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from envs.runtime.listening import listening_socket
+from envs.runtime.rank_optimizer import rank_optimizer
 from envs.runtime.supervisor import worker_main
 from graphs.cpu_allocator import retain_freed_memory
 from graphs.errors import PlacerError
@@ -172,7 +173,8 @@ def run_rank(job_dir: Path, rank: int, world: int) -> None:
                 for p in st.module.parameters():
                     params[id(p)] = p
             runner = RankStep(plan, rank, meta, dev_inputs, spec.loss_fn, device, comm)
-            optimizer = spec.optimizer_fn(list(params.values())) if params else None
+            # None: no parameter here, or none the model's optimizer keeps (a frozen teacher's)
+            optimizer = rank_optimizer(spec.optimizer_fn, list(params.values()))
             if kind == "train":
                 losses = []
                 for s in range(int(task["steps"])):

@@ -65,6 +65,7 @@ import torch
 
 from envs.runtime.distributed.stage_state import data_on
 from envs.runtime.file_modules import load_file_modules
+from envs.runtime.rank_optimizer import rank_optimizer
 from envs.runtime.replica_batch_norm import (
     process_group_gather,
     replace_batch_norms,
@@ -176,13 +177,14 @@ def check_ddp_batch(batch: int, world: int) -> None:
         raise PipelineError(f"DDP over {world} processes needs a batch divisible by {world}; got {batch}")
 
 
-def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The job's optimizer over ``params`` (:func:`check_optimizer`)."""
+def make_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """The job's optimizer over ``params`` (:func:`check_optimizer`), None where this process has
+    nothing of them to update (:func:`envs.runtime.rank_optimizer.rank_optimizer`)."""
     check_optimizer(optimizer)
     if callable(optimizer):
-        return optimizer(params)
+        return rank_optimizer(optimizer, params)
     name, kwargs = optimizer
-    return OPTIMIZERS[name](params, **kwargs)
+    return rank_optimizer(lambda ps: OPTIMIZERS[name](ps, **kwargs), params)
 
 
 def tied_holders(specs: list[Any], rank_of: list[int], canonical: Mapping[int, str]) -> dict[str, tuple[int, ...]]:
@@ -352,8 +354,8 @@ def _run_pipeline(job: dict[str, Any], pipeline: Pipeline, rank: int, world: int
     gms = [_stage_graph(st.submod) for st in stages]
     named = {canonical.get(id(p), n): p for gm_ in gms for n, p in gm_.named_parameters()}
     params = list(named.values())
-    # A rank whose stages hold no parameter (reshapes, activations) has nothing to step.
-    opt = make_optimizer(job["optimizer"], params) if params else None
+    # A rank whose stages hold no parameter (reshapes, activations), or none the optimizer keeps, has nothing to step.
+    opt = make_optimizer(job["optimizer"], params)
     has_last = any(spec.index == s_ - 1 for spec in mine)
     res["stages"] = [spec.index for spec in mine]
     res["replica"] = replica
@@ -481,13 +483,15 @@ def _run_ddp(job: dict[str, Any], rank: int, world: int, res: dict[str, Any], jo
     for step in _steps(job):
         dist.barrier()
         t, c = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         args = model_args(nesting, [mine[k] for k in order])
         out = model(*args)
         loss = loss_fn(out, *args) if loss_fn is not None else out
         loss.backward()
         paused = save_first_gradients(job_dir, rank, dict(gm.named_parameters())) if step == 0 else (0.0, 0.0)
-        opt.step()
+        if opt is not None:
+            opt.step()
         res["step_s"].append(time.perf_counter() - t - paused[0])
         res["cpu_s"].append(time.process_time() - c - paused[1])
         total = loss.detach().clone()
