@@ -313,14 +313,15 @@ def _is_dataclass_named(qualified: str) -> bool:
 
 
 def _inside_leaves(model: nn.Module | None, frame: Any, leaf_paths: Sequence[str]) -> list[str]:
-    """The leaf modules (of ``leaf_paths``) whose forward holds ``frame``'s line, where every module
-    running that line is one of them or inside one; else empty."""
+    """The leaf modules (of ``leaf_paths``) that run ``frame``'s line, themselves or through a module
+    inside them, where every module running that line is inside a leaf; else empty."""
     if model is None or frame is None or not leaf_paths:
         return []
-    running = modules_running(model, frame)
-    leaves = [p for p in running if p in leaf_paths]
-    inside = all(any(p == leaf or p.startswith(f"{leaf}.") for leaf in leaf_paths) for p in running)
-    return leaves if running and inside and leaves else []
+    def holder(path: str) -> str | None:
+        return next((leaf for leaf in leaf_paths if path == leaf or path.startswith(f"{leaf}.")), None)
+
+    holders = [holder(p) for p in modules_running(model, frame)]
+    return list(dict.fromkeys(h for h in holders if h is not None)) if holders and None not in holders else []
 
 
 def _capture_error(name: str, fx_exc: BaseException, export_exc: BaseException,
