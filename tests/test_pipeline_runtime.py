@@ -650,3 +650,29 @@ def test_a_model_holding_a_template_on_meta_trains_in_a_pipeline_and_under_ddp(l
             assert run.params[name].is_meta
         else:
             torch.testing.assert_close(run.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+class _InnerLoop(torch.nn.Module):
+    """MAML's adaptation kept whole: a backward (autograd.grad) runs inside this module's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.lin.weight
+        (g,) = torch.autograd.grad(torch.nn.functional.linear(x, w).pow(2).mean(), w, create_graph=True)
+        return torch.nn.functional.linear(x, w - 0.1 * g)
+
+
+def test_stage_boundaries_are_probed_through_a_leaf_module_that_differentiates_inside():
+    """The boundary probe saved nothing for a backward, unless the graph showed an autograd.grad;
+    one inside a leaf module failed it ("Output of saved tensor unpack_hook expected to be a Tensor"),
+    and every pipeline of a MAML learner was measured invalid."""
+    from envs.runtime.pipeline.stages import boundary_metas
+    from graphs.capture import capture
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _InnerLoop(), torch.nn.Linear(4, 2))
+    captured = capture(model, (torch.randn(6, 4),), leaf_modules=[_InnerLoop])
+    metas = boundary_metas(captured.gm, {"input_1": torch.randn(3, 4)}, {"_1"})
+    assert metas["_1"].is_meta and tuple(metas["_1"].shape) == (3, 4) and metas["_1"].requires_grad

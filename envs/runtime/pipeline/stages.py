@@ -328,10 +328,23 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     # A forward that differentiates (torch.autograd.grad, a physics-informed loss) runs a
     # backward inside it, which reads what its ops saved ("Output of saved tensor unpack_hook
     # expected to be a Tensor but got result of type NoneType"): such a probe saves as usual.
-    nothing_saved = (contextlib.nullcontext() if differentiated_regions(gm)
-                     else torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None))
-    with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), nothing_saved, _functorch_level_kept():
-        Recorder(gm).run(*[inputs[k] for k in order])
+    # A leaf module may differentiate inside (MAML's inner loop kept whole): the graph shows no
+    # torch.autograd.grad there, so the probe runs again saving as usual when a backward inside
+    # a node found nothing saved.
+    saving_modes = [False] if differentiated_regions(gm) else [True, False]
+    for nothing_saved in saving_modes:
+        out.clear()
+        tensors.clear()
+        refused.clear()
+        saved = (torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _p: None) if nothing_saved
+                 else contextlib.nullcontext())
+        try:
+            with preserved_buffers(gm), kept_random_state(), torch.enable_grad(), saved, _functorch_level_kept():
+                Recorder(gm).run(*[inputs[k] for k in order])
+            break
+        except TypeError as exc:  # autograd's words for a hook that saved nothing, read by a backward
+            if not nothing_saved or "unpack_hook" not in str(exc):
+                raise
     if refused:
         raise refused[0]
     for name, (shape, dtype, requires_grad) in tensors.items():
