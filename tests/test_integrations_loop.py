@@ -327,3 +327,22 @@ def test_freezing_layers_is_another_cache_entry_not_the_placement_found_for_the_
     next(model.parameters()).requires_grad_(False)
     placer.place(model, (x,), cluster="4xK40", budget="100", cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_a_batch_that_ends_with_the_losss_targets_is_placed_as_placer_optimize_takes_it(tmp_path):
+    """With a loss_fn, the values forward() does not take are its targets (loss_fn(output, *batch)),
+    as placer.optimize and a model file's get_loss take them; place() refused them ("forward()
+    takes 2 positional arguments but 3 were given"), in a tuple and in a dict alike."""
+    model = _model()
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+
+    def loss_fn(out, x, y):
+        return torch.nn.functional.cross_entropy(out, y)
+
+    placed = placer.place(model, (x, y), cluster="4xK40", budget="200", cache_dir=tmp_path, loss_fn=loss_fn)
+    torch.testing.assert_close(placed(x), model(x))
+    torch.testing.assert_close(loss_fn(placed(x, y), x, y), loss_fn(model(x), x, y))
+    assert placed.state_dict().keys() == model.state_dict().keys()
+    by_name = placer.place(model, {"input": x, "labels": y}, cluster="4xK40", budget="200", cache_dir=tmp_path,
+                           loss_fn=loss_fn)
+    torch.testing.assert_close(by_name(x), model(x))

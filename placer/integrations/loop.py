@@ -40,6 +40,7 @@ from graphs.fingerprint import computation_key
 from graphs.forward_inputs import positional_inputs
 from graphs.input_batch import check_batch_dim
 from graphs.inputs_fit import check_inputs_fit
+from graphs.model_file import with_loss_targets
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -92,12 +93,13 @@ def default_cache_dir() -> Path:
     return base / "placements"
 
 
-def as_inputs(example_batch: Any, model: torch.nn.Module) -> tuple:
+def as_inputs(example_batch: Any, model: torch.nn.Module, targets: bool = False) -> tuple:
     """The model's positional inputs (:func:`graphs.forward_inputs.positional_inputs`: a dict is a
-    Hugging Face batch, ``model(**batch)``); an IntegrationError where there is none."""
+    Hugging Face batch, ``model(**batch)``; with ``targets``, a loss was given and what
+    ``forward`` does not take are its targets, after them); an IntegrationError where there is none."""
     if example_batch is None:
         raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")
-    return positional_inputs(model, example_batch, "the example batch")
+    return positional_inputs(model, example_batch, "the example batch", targets)
 
 
 def cluster_for(cluster: ClusterSource | None = None, devices: str | Sequence[str] | None = None,
@@ -124,8 +126,6 @@ def cache_key(fingerprint: str, cluster: Cluster, computation: str = "") -> str:
 
 
 def _capture(model: torch.nn.Module, inputs: tuple, leaf_modules: Sequence[Any] = (), batch_dim: int = 0) -> CapturedModel:
-    if not isinstance(model, torch.nn.Module):
-        raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
     # Inputs the model cannot take are named as such, before a tracer reports them as its own failure.
     check_inputs_fit(model, inputs, type(model).__name__)
     return capture(model, inputs, leaf_modules=leaf_modules, name=type(model).__name__,
@@ -233,9 +233,14 @@ def find_placement(
     batch_dim: int = 0,
 ) -> tuple[CapturedModel, Cluster, PlaceInfo]:
     """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
-    inputs = as_inputs(example_batch, model)
+    if not isinstance(model, torch.nn.Module):
+        raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
+    # With a loss, the batch may end with its targets (labels), as placer.optimize takes them: the
+    # placed model takes them too, each defaulting to None (placed(x) runs), and ignores them.
+    inputs = as_inputs(example_batch, model, targets=loss_fn is not None)
     the_cluster = cluster_for(cluster, devices, memory)
-    captured = _capture(model, inputs, leaf_modules, batch_dim)
+    captured = _capture(with_loss_targets(model, inputs, loss_fn is not None, "the example batch"), inputs,
+                        leaf_modules, batch_dim)
     path = None
     if use_cache:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -327,7 +332,10 @@ def place(
         memory: per-device memory caps (``"cuda:0=20GiB"``).
         loss_fn, optimizer_fn: the training loss and optimizer the search costs (defaults:
             ``graphs.model_file.default_loss``: the ``"loss"`` a dict output carries, else the
-            mean of the first output tensor; and SGD at 0.01).
+            mean of the first output tensor; and SGD at 0.01). ``loss_fn(output, *batch)``: with
+            one, the batch may end with values ``forward`` does not take (``(x, labels)``, or a
+            dict's ``"labels"``), the loss's targets, as :func:`placer.optimize` takes them; the
+            placed model takes them too, each defaulting to None, and ignores them.
         output_device: where outputs are gathered (default: the output node's device).
         check: compare the searched placement's outputs and gradients with the model's.
         verbose: log (``logging``, logger ``placer.integrations.loop``) at INFO rather than
