@@ -300,3 +300,21 @@ def test_the_tuner_takes_the_batch_dimension_of_sequence_first_inputs_and_refuse
     torch.testing.assert_close(tuner.model(x)[0], model(x)[0], check_device=False)
     with pytest.raises(PlacerError, match=r"batch_dim is 3, but the first input tensor has shape \(5, 3, 8\)"):
         PlacementTuner(model, (x,), cluster=CLUSTER, trials=2, candidates=2, budget="100", batch_dim=3)
+
+
+def test_the_tuner_takes_a_batch_that_ends_with_the_losss_targets_as_place_does():
+    torch.manual_seed(0)
+    model = _model()
+    x, y = _data(1)[0]
+    tuner = PlacementTuner(model, (x, y), cluster=CLUSTER, trials=4, candidates=2, budget="200",
+                           loss_fn=lambda out, x, y: _loss(out, y))
+    opt = torch.optim.SGD(tuner.model.parameters(), lr=0.05)
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = tuner.step(lambda m: _loss(m(x), y), opt)
+        ref_opt.zero_grad()
+        ref_loss = _loss(reference(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        torch.testing.assert_close(loss, ref_loss)
