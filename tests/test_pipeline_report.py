@@ -12,6 +12,7 @@ from envs.hardware.cluster import Device, Link, make_cluster
 from envs.sim.problem_compile import compile_problem
 from graphs.input_batch import batch_size_of
 from placer.report.compare import Candidate, comparison_table
+from placer.report.terminal_table import _why_none
 from placer.search.baselines.pipeline_rows import parallel_rows, recommendation_line, with_parallel_rows
 
 MB = 2**20
@@ -108,6 +109,8 @@ def test_no_micro_batch_or_ddp_replica_gets_fewer_samples_than_the_model_runs_on
     assert all(p.microbatches == 1 and p.num_replicas == 1 for p in pipelines.values())
     line = recommendation_line(table, "split")
     assert "DDP does not run: each of the 2 replicas" in line and "does not fit" not in line
+    # The terminal table keeps a note's first clause: the reason is in it
+    assert "would get 4 sample(s) of the batch of 8, but the model runs on no fewer than 8" in _why_none(ddp["note"])
 
 
 def test_a_ddp_run_that_failed_is_named_as_such_beside_a_measured_winner():

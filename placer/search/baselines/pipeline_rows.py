@@ -97,7 +97,9 @@ def parallel_records(problem: PlacementProblem, batch_size: int | None, best_sin
         record("ddp", "ddp", float("nan"), False, {},
                f"{DDP_DOES_NOT_RUN}: DDP needs 2 devices at least; the cluster has {len(devs)} it can use")
     elif share is not None and share < min_samples:
-        fewest = (f"; the model runs on no fewer than {min_samples} (micro-batch profile)" if share
+        # One clause, which the terminal table shows whole (it keeps a note's first clause): the
+        # share alone gave no reason ("each of the 2 replicas would get 16 sample(s) of the batch of 32")
+        fewest = (f", but the model runs on no fewer than {min_samples} (micro-batch profile)" if share
                   else "")  # no sample at all needs no profile to rule it out
         record("ddp", "ddp", float("nan"), False, {},
                f"{DDP_DOES_NOT_RUN}: each of the {len(devs)} replicas would get {share} sample(s) of the batch of "
