@@ -126,6 +126,8 @@ def mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_t
         if changed:
             # The training graph holds one trace's value: the placed model would train with it at
             # every step (walkthrough: random.uniform(0.5, 1.5) in forward), so nothing is captured.
+            if training_attributes:
+                raise ChangingValue(_attributes_set_message(model, training_attributes))
             raise ChangingValue("forward() gives torch.fx another graph at every trace: it computes with a Python value "
                                 "that changes from one call to the next (random.random(), a clock), which a trace "
                                 f"runs once and bakes into the graph. {CHANGING_REMEDY}")
@@ -133,6 +135,29 @@ def mode_baked_by_fx(model: nn.Module, inputs: tuple, gm: fx.GraphModule, leaf_t
         return found
     return ("forward() gives torch.fx another graph at every trace (a value that changes from one trace to the "
             "next, such as random.random()): no eval-mode graph traced from it can be trusted")
+
+
+def _attributes_set_message(model: nn.Module, names: Sequence[str]) -> str:
+    """Why a model whose forward sets Python attributes (``names``, as the trace left them) gives
+    another graph at every trace, and what to do: AWD-LSTM's weight drop assigns a dropped copy of a
+    weight to its LSTM (``setattr(self.rnn, "weight_hh_l0", w)``) in every forward, which no graph
+    records, so the placed LSTM would run on a stale weight; it was refused as "a Python value that
+    changes from one call to the next (random.random(), a clock)", which named the wrong cause."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    owner_path = names[0].rpartition(".")[0]
+    owner = model.get_submodule(owner_path)
+    # A torch.nn layer sets nothing in its own forward: the module setting it holds it (its parent).
+    if type(owner).__module__.startswith("torch.nn") and owner_path:
+        owner_path = owner_path.rpartition(".")[0]
+        owner = model.get_submodule(owner_path)
+    leaf = (f": `--leaf {type(owner).__name__}` (module {owner_path!r}) if its forward sets and reads them, or "
+            "leaf_modules in the API" if owner_path else " (leaf_modules, or `--leaf MODULE` on the command line)")
+    return ("forward() gives torch.fx another graph at every trace: it sets the Python attribute(s) "
+            f"{shown} while it runs (a weight assigned to a module, as weight drop does; a cached tensor), which no "
+            "graph records: a trace bakes what it found there, so the placed model would compute with a stale "
+            "value. Expected the value passed as a tensor to what reads it (an argument, or "
+            "torch.func.functional_call with the weights), or the module that sets and reads it kept whole as a leaf "
+            f"module{leaf}")
 
 
 def _eval_python_state(names: list[str]) -> str:

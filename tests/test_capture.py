@@ -1807,3 +1807,34 @@ def test_a_failure_of_torch_export_inside_a_named_leaf_gives_way_to_the_line_tor
     assert "in forward: return (x[:, None, :] * self.weight.view(*self.weight.shape, 1)" in message
     assert "inside the leaf module(s) 0, which it traces into" in message
     assert "`--leaf _SpreadsAShape` (its class; 1)" in message and "--leaf _InitOnFirstCall" not in message
+
+
+class _WeightDrop(nn.Module):
+    """AWD-LSTM's weight drop: a dropped copy of the raw weight is assigned to the LSTM in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        raw = self.rnn.weight_hh_l0
+        del self.rnn._parameters["weight_hh_l0"]
+        self.weight_hh_raw = nn.Parameter(raw.data.clone())
+
+    def forward(self, x):
+        setattr(self.rnn, "weight_hh_l0", nn.functional.dropout(self.weight_hh_raw, 0.3, self.training))
+        self.rnn._flat_weights = [getattr(self.rnn, n) for n in self.rnn._flat_weights_names]
+        return self.rnn(x)[0]
+
+
+def test_a_forward_that_assigns_a_weight_to_a_module_is_refused_naming_the_attribute_and_the_leaf_that_runs_it():
+    model = nn.Sequential(nn.Linear(8, 8), _WeightDrop(), nn.Linear(8, 2))
+    x = torch.randn(4, 5, 8)
+    with pytest.raises(CaptureError) as info:
+        capture(model, (x,))
+    message = str(info.value)
+    assert "it sets the Python attribute(s) '1.rnn._flat_weights', '1.rnn.weight_hh_l0' while it runs" in message
+    assert "`--leaf _WeightDrop` (module '1')" in message and "random.random()" not in message
+    captured = capture(model, (x,), leaf_modules=[_WeightDrop])  # what the message says to do
+    torch.manual_seed(0)
+    expected = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(captured.gm(x), expected)
