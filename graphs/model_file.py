@@ -19,6 +19,7 @@ message says what was wrong, where (file and line), and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -90,7 +91,7 @@ class ModelSpec:
 
 
 def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = None,
-                    check_inputs: bool = True) -> ModelSpec:
+                    check_inputs: bool = True, build_device: str | None = None) -> ModelSpec:
     """Load ``path`` as a model file and return its :class:`ModelSpec`.
 
     ``model_args`` entries are passed as keywords to ``get_model`` / ``get_example_inputs``
@@ -99,7 +100,10 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
     :data:`graphs.inputs_fit.REAL_CHECK_MAX_PARAMS` parameters) so inputs that do not fit are reported here,
     with the failing line, rather than deep inside capture. ``check_inputs=False`` skips that
     run (a worker process loading a file its parent checked); lazy modules then take their
-    shapes when the model is captured (:mod:`graphs.lazy_modules`).
+    shapes when the model is captured (:mod:`graphs.lazy_modules`). ``build_device``: the default
+    device while ``get_model()`` and ``get_example_inputs()`` run (``"meta"``: a worker builds a
+    skeleton with no storage); the file itself is imported as usual, so the tensors it makes at
+    module level (a loss's class weights, ``QUANTILES = torch.tensor(...)``) are real ones.
     """
     file = Path(path)
     module = _import_file(file)
@@ -111,8 +115,9 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
         get_model = _required_function(module, "get_model", label)
         get_inputs = _required_function(module, "get_example_inputs", label)
         _check_model_args(args, [get_model, get_inputs], label)
-        model = _call_user(get_model, _accepted(get_model, args), "get_model()", label)
-        inputs = _call_user(get_inputs, _accepted(get_inputs, args), "get_example_inputs()", label)
+        with torch.device(build_device) if build_device is not None else contextlib.nullcontext():
+            model = _call_user(get_model, _accepted(get_model, args), "get_model()", label)
+            inputs = _call_user(get_inputs, _accepted(get_inputs, args), "get_example_inputs()", label)
         model_src, inputs_src = "get_model()", "get_example_inputs()"
     elif hasattr(module, "model") and hasattr(module, "example_inputs"):
         if args:

@@ -355,3 +355,43 @@ def test_a_rank_holding_only_parameters_the_optimizer_leaves_out_trains_like_one
     assert set(params) == set(ref_params) and any(k.startswith("teacher") for k in per_rank[1]["params"])
     for k, p in ref_params.items():
         torch.testing.assert_close(params[k], p, rtol=1e-4, atol=1e-5, msg=f"parameter {k}")
+
+
+MODULE_LEVEL_TENSOR = '''
+import torch
+import torch.nn as nn
+
+WEIGHTS = torch.tensor([1.0, 2.0, 0.5])  # made when the file is imported, read by the loss
+
+
+def get_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def get_example_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def get_loss(out, x, y):
+    return nn.functional.cross_entropy(out, y, weight=WEIGHTS)
+'''
+
+
+def test_a_tensor_the_model_file_makes_at_import_is_a_real_one_on_the_ranks(tmp_path):
+    """The ranks built the model on meta by importing the file under torch.device("meta"): the
+    loss's module-level class weights were made on meta, and every placement over worker processes
+    failed ("Tensor on device cpu is not on the expected device meta!")."""
+    path = tmp_path / "weighted.py"
+    path.write_text(MODULE_LEVEL_TENSOR)
+    prep = prepare(str(path), {}, profile=False)
+    nodes = list(prep.captured.graph.nodes)
+    ranks = {n: int(i >= len(nodes) // 2) for i, n in enumerate(nodes)}
+    out = run_job(prep.spec, str(path), DEVICES, [{"kind": "train", "ranks": ranks, "steps": STEPS}],
+                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240, captured=prep.captured)
+    assert out.ok, out.error
+    assert all(r["built_on"] == "meta" for r in out.results[0])  # the skeleton is still built on meta
+    ref_losses, _ = _reference(prep)
+    losses = [r["losses"] for r in out.results[0] if r["losses"][0] is not None]
+    assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)

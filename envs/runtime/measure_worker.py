@@ -42,16 +42,17 @@ if TYPE_CHECKING:  # types only: importing it here would load torch before it is
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
-def load_spec(model_source: str, model_args: Mapping[str, Any] | None, check_inputs: bool = True):
-    """Load a ModelSpec from a model-file path or ``"zoo:<name>"`` (``check_inputs``: as
-    :func:`graphs.model_file.load_model_file`)."""
+def load_spec(model_source: str, model_args: Mapping[str, Any] | None, check_inputs: bool = True,
+              build_device: str | None = None):
+    """Load a ModelSpec from a model-file path or ``"zoo:<name>"`` (``check_inputs`` and
+    ``build_device``: as :func:`graphs.model_file.load_model_file`)."""
     from graphs.model_file import load_model_file
 
     if model_source.startswith("zoo:"):
         from graphs.zoo import zoo_path
 
-        return load_model_file(zoo_path(model_source[4:]), model_args=model_args, check_inputs=check_inputs)
-    return load_model_file(model_source, model_args=model_args, check_inputs=check_inputs)
+        model_source = str(zoo_path(model_source[4:]))
+    return load_model_file(model_source, model_args=model_args, check_inputs=check_inputs, build_device=build_device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

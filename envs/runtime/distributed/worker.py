@@ -326,8 +326,9 @@ def _bound_gloo(host: str) -> str:
 def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     """The model's spec and captured graph with every tensor on ``meta`` (no storage).
 
-    The model is built under ``torch.device("meta")`` and captured on meta copies of the
-    example inputs, so no rank ever allocates the whole model. Model code that cannot run
+    The model is built under ``torch.device("meta")`` (``get_model()``; the file is imported as
+    usual) and captured on meta copies of the example inputs, so no rank ever allocates the
+    whole model. Model code that cannot run
     on meta (a data-dependent op, an explicit device) falls back to a normal build; its
     tensors are then moved to meta right after capture; so does one whose capture on meta
     gives another graph than the parent's. Returns (spec, gm, "meta" | "cpu").
@@ -342,16 +343,19 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
     inputs = tuple(job["inputs"])
     leaves = tuple(job.get("leaf_modules", ()))
     to_meta_inputs = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    def loaded() -> Any:
+    def loaded(build_device: str | None = None) -> Any:
         # The parent checked the file's inputs; here, under the job's process group, a trial
         # forward of a SyncBatchNorm would try to sync with ranks that hold other layers.
-        spec = load_spec(job["model_source"], job["model_args"], check_inputs=False)
+        spec = load_spec(job["model_source"], job["model_args"], check_inputs=False, build_device=build_device)
         unsynced_batch_norms(spec.model)
         return spec
 
     try:
-        with torch.device("meta"):
-            spec = loaded()
+        # get_model() on meta, not the file's import: a tensor the file makes at module level
+        # (QUANTILES = torch.tensor(...), read by its loss) was made on meta, and every
+        # placement over worker processes failed ("Tensor on device cpu is not on the expected
+        # device meta!")
+        spec = loaded("meta")
         captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name,
                            batch_dim=spec.batch_dim)
         if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
