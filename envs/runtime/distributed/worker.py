@@ -350,12 +350,16 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
         unsynced_batch_norms(spec.model)
         return spec
 
+    built_at_import = None
     try:
         # get_model() on meta, not the file's import: a tensor the file makes at module level
         # (QUANTILES = torch.tensor(...), read by its loss) was made on meta, and every
         # placement over worker processes failed ("Tensor on device cpu is not on the expected
         # device meta!")
         spec = loaded("meta")
+        if any(not t.is_meta for t in itertools.chain(spec.model.parameters(), spec.model.buffers())):
+            built_at_import = spec  # `model = Net()` in the file: built already, not built twice
+            raise RuntimeError("the model file builds its model when imported")
         captured = capture(spec.model, tree_map(to_meta_inputs, inputs), leaf_modules=leaves, name=spec.name,
                            batch_dim=spec.batch_dim)
         if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
@@ -365,7 +369,7 @@ def _capture_skeleton(job: dict[str, Any], rank: int) -> tuple[Any, Any, str]:
             raise RuntimeError("captured on meta as another graph")
         built_on = "meta"
     except Exception:  # noqa: BLE001 - any failure on meta means: build it for real
-        spec = loaded()
+        spec = built_at_import or loaded()
         captured = capture(spec.model, inputs, leaf_modules=leaves, name=spec.name, batch_dim=spec.batch_dim)
         built_on = "cpu"
     if job.get("fingerprint") and captured.fingerprint != job["fingerprint"]:
