@@ -395,3 +395,35 @@ def test_a_tensor_the_model_file_makes_at_import_is_a_real_one_on_the_ranks(tmp_
     ref_losses, _ = _reference(prep)
     losses = [r["losses"] for r in out.results[0] if r["losses"][0] is not None]
     assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+
+
+MODULE_LEVEL_MODEL = '''
+import torch
+import torch.nn as nn
+
+WEIGHTS = torch.tensor([1.0, 2.0, 0.5])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+g = torch.Generator().manual_seed(1)
+example_inputs = (torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
+
+
+def get_loss(out, x, y):
+    return nn.functional.cross_entropy(out, y, weight=WEIGHTS)
+'''
+
+
+def test_a_model_file_that_builds_its_model_at_import_trains_over_ranks_like_one_process(tmp_path):
+    """`model = ...` at module level: built when the file is imported (no meta skeleton for it), once."""
+    path = tmp_path / "module_level.py"
+    path.write_text(MODULE_LEVEL_MODEL)
+    prep = prepare(str(path), {}, profile=False)
+    nodes = list(prep.captured.graph.nodes)
+    ranks = {n: int(i >= len(nodes) // 2) for i, n in enumerate(nodes)}
+    out = run_job(prep.spec, str(path), DEVICES, [{"kind": "train", "ranks": ranks, "steps": STEPS}],
+                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240, captured=prep.captured)
+    assert out.ok, out.error
+    assert all(r["built_on"] == "cpu" for r in out.results[0])
+    ref_losses, _ = _reference(prep)
+    losses = [r["losses"] for r in out.results[0] if r["losses"][0] is not None]
+    assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
