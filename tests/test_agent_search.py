@@ -280,3 +280,19 @@ def test_hybrid_search_keeps_its_best_on_the_recalibrated_scale(problem):
     # A recalibration re-prices the incumbent: the curve then shows a best step time going up.
     times = [t for _, _, t in res.history]
     assert any(b > a for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("agent", ["moves", "hierarchical"])
+def test_the_search_runs_its_networks_in_float32_when_the_model_file_set_float64(problem, agent):
+    """torch.set_default_dtype(torch.float64) at a model file's import left the policy's networks in
+    float64 against float32 features ("mat1 and mat2 must have the same dtype"): a traceback."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        result = search(problem, agent=agent, budget=24, seed=0, num_envs=2, patience=None)
+        assert np.isfinite(result.best_step_time)
+        assert torch.get_default_dtype() == torch.float64  # the model file's choice, as it was
+    finally:
+        torch.set_default_dtype(before)

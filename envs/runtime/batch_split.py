@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of
 from graphs.buffers import restore_buffers
 from graphs.capture import CapturedModel
+from graphs.default_dtype import default_dtype
 from graphs.errors import one_line_reason
 from graphs.input_batch import batch_size_of, batch_slice
 from graphs.model_file import ModelSpec
@@ -45,19 +46,6 @@ from graphs.module_modes import set_training_modes
 from graphs.random_state import kept_random_state
 
 __all__ = ["check_batch_split", "renorming_embeddings"]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """``torch.get_default_dtype()`` is ``dtype`` inside (None: unchanged): tensors a model
-    creates in forward (``torch.zeros(n)``) follow the dtype the check runs in."""
-    before = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -267,7 +255,7 @@ def _check_split(spec: ModelSpec, captured: CapturedModel, microbatches: int, re
 
     def whole_and_split(dtype: torch.dtype | None) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]], ...]:
-        with no_dropout, replay, _default_dtype(dtype):
+        with no_dropout, replay, default_dtype(dtype):
             replay.record()
             whole = _split_step(captured, spec, modes, [[spec.example_inputs]], seed, dtype)
             try:
@@ -411,7 +399,7 @@ def _split_cause(captured: CapturedModel, spec: ModelSpec, modes: dict[str, bool
     ``replayed``: the parts ran on the full batch's random draws (:mod:`envs.runtime.random_replay`),
     so that the draws themselves are not what differs."""
     parts = split[0] * split[1]
-    with _NoDropout(), _default_dtype(dtype):
+    with _NoDropout(), default_dtype(dtype):
         other_loss, other_grads, _ = _split_step(captured, spec, modes, [[spec.example_inputs]], seed + 1, dtype)
     # The gradients too: a random mask scaled by a small weight (stochastic depth behind a layer
     # scale of 1e-6) moves the loss by 1e-10 and that weight's gradient by 1e-3.

@@ -43,13 +43,14 @@ from collections.abc import Mapping
 import torch
 
 from envs.runtime.apply import apply_placement
-from envs.runtime.batch_split import _check_split, _default_dtype, as_dtype, check_batch_split, module_as_dtype
+from envs.runtime.batch_split import _check_split, as_dtype, check_batch_split, module_as_dtype
 from envs.runtime.check_report import CheckReport
 from envs.runtime.module_copy import deep_copy
 from envs.runtime.no_dropout import _NoDropout
 from envs.runtime.tensor_diff import _scaled_diff
 from envs.runtime.trainable import _loss_of, _no_trainable_parameters, _untrainable_loss, check_trainable
 from graphs.capture import CapturedModel
+from graphs.default_dtype import default_dtype
 from graphs.errors import CaptureError, ModelFileError
 from graphs.gc_pause import paused_gc
 from graphs.model_file import ModelSpec
@@ -270,7 +271,7 @@ def _compare_steps(spec: ModelSpec, captured: CapturedModel, assignment: Mapping
     # Dropout on another device than the original's draws from that device's generator: the
     # same in distribution, other masks (every dropout model failed the check on a GPU).
     no_dropout = _NoDropout() if _draws_elsewhere(spec.model, assignment, real_devices) else None
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         for step in range(1, steps + 1):
             with no_dropout or contextlib.nullcontext():
                 ref_out, ref_loss, ref_grads = _forward_backward(original, spec, inputs, seed + step - 1, ref_opt)

@@ -36,6 +36,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from envs.gym.config import default_num_groups
 from envs.gym.vector_env import BatchedPlacementVecEnv
 from envs.sim.problem import PlacementProblem
+from graphs.default_dtype import default_dtype
 from placer.search.agents.base import AgentContext, SearchAgent
 from placer.search.agents.registry import AgentEntry, get_agent
 from placer.search.config import SearchConfig, SearchError, unreadable_policy
@@ -115,7 +116,9 @@ def search(
     agent_stream, local_stream = np.random.SeedSequence(int(config.seed)).spawn(2)
     reason = "finished"
     trained: SearchAgent | None = None
-    with _torch_threads(config.threads):
+    # The policy's networks in float32 whatever the model file set (torch.set_default_dtype(torch.float64)
+    # at its import left them in float64 against float32 features: "mat1 and mat2 must have the same dtype")
+    with _torch_threads(config.threads), default_dtype(torch.float32):
         torch.manual_seed(config.seed)
         try:
             env = _make_env(problem, entry, num_envs, config)
