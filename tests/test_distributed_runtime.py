@@ -379,22 +379,28 @@ def get_loss(out, x, y):
 '''
 
 
-def test_a_tensor_the_model_file_makes_at_import_is_a_real_one_on_the_ranks(tmp_path):
-    """The ranks built the model on meta by importing the file under torch.device("meta"): the
-    loss's module-level class weights were made on meta, and every placement over worker processes
-    failed ("Tensor on device cpu is not on the expected device meta!")."""
-    path = tmp_path / "weighted.py"
-    path.write_text(MODULE_LEVEL_TENSOR)
+def _halves_train_like_one_process(path) -> list[str]:
+    """Train the model file at ``path`` split in halves over two ranks; check the losses against one
+    process and return where each rank built its skeleton."""
     prep = prepare(str(path), {}, profile=False)
     nodes = list(prep.captured.graph.nodes)
     ranks = {n: int(i >= len(nodes) // 2) for i, n in enumerate(nodes)}
     out = run_job(prep.spec, str(path), DEVICES, [{"kind": "train", "ranks": ranks, "steps": STEPS}],
                   fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240, captured=prep.captured)
     assert out.ok, out.error
-    assert all(r["built_on"] == "meta" for r in out.results[0])  # the skeleton is still built on meta
     ref_losses, _ = _reference(prep)
     losses = [r["losses"] for r in out.results[0] if r["losses"][0] is not None]
     assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    return [r["built_on"] for r in out.results[0]]
+
+
+def test_a_tensor_the_model_file_makes_at_import_is_a_real_one_on_the_ranks(tmp_path):
+    """The ranks built the model on meta by importing the file under torch.device("meta"): the
+    loss's module-level class weights were made on meta, and every placement over worker processes
+    failed ("Tensor on device cpu is not on the expected device meta!")."""
+    path = tmp_path / "weighted.py"
+    path.write_text(MODULE_LEVEL_TENSOR)
+    assert _halves_train_like_one_process(path) == ["meta", "meta"]  # the skeleton is still built on meta
 
 
 MODULE_LEVEL_MODEL = '''
@@ -417,13 +423,4 @@ def test_a_model_file_that_builds_its_model_at_import_trains_over_ranks_like_one
     """`model = ...` at module level: built when the file is imported (no meta skeleton for it), once."""
     path = tmp_path / "module_level.py"
     path.write_text(MODULE_LEVEL_MODEL)
-    prep = prepare(str(path), {}, profile=False)
-    nodes = list(prep.captured.graph.nodes)
-    ranks = {n: int(i >= len(nodes) // 2) for i, n in enumerate(nodes)}
-    out = run_job(prep.spec, str(path), DEVICES, [{"kind": "train", "ranks": ranks, "steps": STEPS}],
-                  fingerprint=prep.captured.fingerprint, timeout_s=240, load_timeout_s=240, captured=prep.captured)
-    assert out.ok, out.error
-    assert all(r["built_on"] == "cpu" for r in out.results[0])
-    ref_losses, _ = _reference(prep)
-    losses = [r["losses"] for r in out.results[0] if r["losses"][0] is not None]
-    assert losses[0] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    assert _halves_train_like_one_process(path) == ["cpu", "cpu"]
