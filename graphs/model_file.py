@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from graphs.errors import ModelFileError, first_line
-from graphs.forward_inputs import describe_inputs, keyword_inputs_as_positional
+from graphs.forward_inputs import describe_inputs, keyword_inputs_as_positional, positional_inputs
 from graphs.input_batch import check_batch_dim, first_tensor
 from graphs.inputs_fit import check_inputs_fit
 from graphs.loss_targets import accepting_targets, refuse_targets_without_loss
@@ -151,6 +151,17 @@ def load_model_file(path: str | Path, model_args: Mapping[str, Any] | None = Non
         check_inputs_fit(model, example_inputs, label)
     return ModelSpec(model=model, example_inputs=example_inputs, loss_fn=loss_fn,
                      optimizer_fn=optimizer_fn, name=name, path=str(file), model_args=args, batch_dim=batch_dim)
+
+
+def model_and_inputs(model: nn.Module, batch: Any, has_loss: bool, what: str) -> tuple[nn.Module, tuple]:
+    """``model`` as placer captures and runs it (:func:`with_loss_targets`) and ``batch`` as its
+    positional inputs (:func:`graphs.forward_inputs.positional_inputs`; with ``has_loss``, what
+    ``forward`` does not take are the loss's targets): how an in-memory model and its batch are
+    taken, by ``placer.optimize``, ``placer.place`` and ``PlacementTuner`` alike. ``what`` names
+    the batch in errors.
+    """
+    inputs = positional_inputs(model, batch, what, has_loss)
+    return with_loss_targets(model, inputs, has_loss, what), inputs
 
 
 def with_loss_targets(model: nn.Module, example_inputs: tuple, has_loss: bool, inputs_src: str) -> nn.Module:

@@ -40,7 +40,7 @@ from graphs.fingerprint import computation_key
 from graphs.forward_inputs import positional_inputs
 from graphs.input_batch import check_batch_dim
 from graphs.inputs_fit import check_inputs_fit
-from graphs.model_file import with_loss_targets
+from graphs.model_file import model_and_inputs
 from graphs.random_state import kept_random_state
 from placer.optimizing.config import ClusterSource
 from placer.optimizing.devices import resolve_cluster
@@ -93,13 +93,24 @@ def default_cache_dir() -> Path:
     return base / "placements"
 
 
-def as_inputs(example_batch: Any, model: torch.nn.Module, targets: bool = False) -> tuple:
+def as_inputs(example_batch: Any, model: torch.nn.Module) -> tuple:
     """The model's positional inputs (:func:`graphs.forward_inputs.positional_inputs`: a dict is a
-    Hugging Face batch, ``model(**batch)``; with ``targets``, a loss was given and what
-    ``forward`` does not take are its targets, after them); an IntegrationError where there is none."""
+    Hugging Face batch, ``model(**batch)``); an IntegrationError where there is none."""
+    return positional_inputs(model, _given(example_batch), "the example batch")
+
+
+def model_and_batch(example_batch: Any, model: torch.nn.Module, loss_fn: Callable | None) -> tuple[torch.nn.Module, tuple]:
+    """The model as placer captures it and its positional inputs, where with a ``loss_fn`` the batch
+    may end with the loss's targets, as :func:`placer.optimize` takes them (the placed model takes
+    them too, each defaulting to None, and ignores them; :func:`graphs.model_file.model_and_inputs`);
+    an IntegrationError where there is no batch."""
+    return model_and_inputs(model, _given(example_batch), loss_fn is not None, "the example batch")
+
+
+def _given(example_batch: Any) -> Any:
     if example_batch is None:
         raise IntegrationError("an example batch is needed (the model's inputs, as model(*example_batch))")
-    return positional_inputs(model, example_batch, "the example batch", targets)
+    return example_batch
 
 
 def cluster_for(cluster: ClusterSource | None = None, devices: str | Sequence[str] | None = None,
@@ -235,12 +246,9 @@ def find_placement(
     """The placement :func:`place` applies (cached or searched), with the capture and cluster used."""
     if not isinstance(model, torch.nn.Module):
         raise IntegrationError(f"expected a torch.nn.Module to place, got {type(model).__name__}")
-    # With a loss, the batch may end with its targets (labels), as placer.optimize takes them: the
-    # placed model takes them too, each defaulting to None (placed(x) runs), and ignores them.
-    inputs = as_inputs(example_batch, model, targets=loss_fn is not None)
+    taken, inputs = model_and_batch(example_batch, model, loss_fn)
     the_cluster = cluster_for(cluster, devices, memory)
-    captured = _capture(with_loss_targets(model, inputs, loss_fn is not None, "the example batch"), inputs,
-                        leaf_modules, batch_dim)
+    captured = _capture(taken, inputs, leaf_modules, batch_dim)
     path = None
     if use_cache:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

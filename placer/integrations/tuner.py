@@ -45,9 +45,8 @@ from envs.hardware.rank_devices import is_distributed_cluster
 from envs.runtime.apply import ApplyError, apply_placement, check_applicable
 from graphs.buffers import restore_buffers
 from graphs.input_batch import check_batch_dim
-from graphs.model_file import with_loss_targets
 from graphs.random_state import kept_random_state
-from placer.integrations.loop import IntegrationError, as_inputs, cluster_for, in_process_placements
+from placer.integrations.loop import IntegrationError, cluster_for, in_process_placements, model_and_batch
 from placer.measuring.significance import clearly_faster
 from placer.optimizing.config import ClusterSource
 from placer.placement_file import Placement
@@ -234,7 +233,7 @@ class PlacementTuner:
             raise IntegrationError(f"warmup must be >= 0 steps, got {warmup!r}")
         if not isinstance(model, torch.nn.Module):
             raise IntegrationError(f"expected a torch.nn.Module to tune, got {type(model).__name__}")
-        inputs = as_inputs(example_batch, model, targets=loss_fn is not None)  # as place() takes them
+        taken, inputs = model_and_batch(example_batch, model, loss_fn)  # as place() takes them
         self.cluster = cluster_for(cluster, devices, memory)
         self.problem = None
         if isinstance(candidates, int):
@@ -246,8 +245,7 @@ class PlacementTuner:
             self.problem = result.problem
         else:
             self.candidates = self._given(candidates)
-        self.captured = capture(with_loss_targets(model, inputs, loss_fn is not None, "the example batch"), inputs,
-                                leaf_modules=leaf_modules, name=type(model).__name__,
+        self.captured = capture(taken, inputs, leaf_modules=leaf_modules, name=type(model).__name__,
                                 batch_dim=check_batch_dim(batch_dim, inputs))
         self._check_nodes()
         self.warmup = warmup

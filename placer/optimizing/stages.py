@@ -36,11 +36,10 @@ from envs.sim.rank_compile import value_leaves
 from envs.sim.simulator import simulate
 from graphs.batch_agreement import batch_disagreement
 from graphs.errors import PlacerError
-from graphs.forward_inputs import positional_inputs
 from graphs.input_batch import batch_size_of, check_batch_dim
 from graphs.inputs_fit import check_inputs_fit
 from graphs.loss_targets import target_count
-from graphs.model_file import ModelSpec, default_loss, default_optimizer, with_loss_targets
+from graphs.model_file import ModelSpec, default_loss, default_optimizer, model_and_inputs
 from graphs.pipeline import Prepared, load_source, prepare
 from graphs.profile.batch_scaling import min_microbatch_samples
 from graphs.profile.devices import resolve_devices
@@ -461,8 +460,7 @@ def _to_spec(config: OptimizeConfig) -> ModelSpec:
     if config.example_inputs is None:
         raise OptionError("optimize(model, example_inputs, ...) needs example inputs for an nn.Module")
     label = type(model).__name__
-    inputs = positional_inputs(model, config.example_inputs, "example_inputs", config.loss_fn is not None)
-    model = with_loss_targets(model, inputs, config.loss_fn is not None, "example_inputs")
+    model, inputs = model_and_inputs(model, config.example_inputs, config.loss_fn is not None, "example_inputs")
     batch_dim = check_batch_dim(config.batch_dim or 0, inputs)
     check_inputs_fit(model, inputs, label)
     return ModelSpec(model=model, example_inputs=inputs, loss_fn=config.loss_fn or default_loss,
