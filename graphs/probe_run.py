@@ -29,7 +29,6 @@ def probe_module(gm: fx.GraphModule, inputs: tuple, *, fake: bool,
     """``(module, inputs)`` to run once inside the block: a fake copy of ``gm`` and fake inputs
     under a ``FakeTensorMode`` (with ``shape_env``, a ``ShapeEnv``, where given), or ``gm`` itself
     and the real inputs, its buffers and the random state put back when the block ends."""
-
     with contextlib.ExitStack() as stack:
         if fake:
             from torch._dynamo.utils import deepcopy_to_fake_tensor

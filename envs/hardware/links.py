@@ -97,11 +97,16 @@ def _host_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def _synchronizer(torch: ModuleType, device: str) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read (a CUDA device; a CPU runs inline)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+
 def matmul_flops(torch: ModuleType, device: str, dtype: Any = None, repeats: int = 5) -> float:
     """FLOP/s of a square matmul on ``device`` in ``dtype`` (None: torch's default, fp32): the
     median of ``repeats`` timed products after a warm-up. The same size for every dtype, so that
     rates compare (the half-precision ones against fp32, ``benchmarks/gpu_check.py``)."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    sync = _synchronizer(torch, device)
     n = 512 if device.startswith("cpu") else 4096  # 512: near peak on one core, quick under load
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -110,7 +115,7 @@ def matmul_flops(torch: ModuleType, device: str, dtype: Any = None, repeats: int
 
 def _device_figures(torch: ModuleType, device: str, repeats: int = 5) -> tuple[float, float]:
     """(peak FLOP/s, memory bandwidth B/s) measured on ``device``."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    sync = _synchronizer(torch, device)
     flops = matmul_flops(torch, device, repeats=repeats)
     elems = LARGE_BYTES // 4
     src = torch.empty(elems, device=device)

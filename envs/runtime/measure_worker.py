@@ -118,7 +118,6 @@ def capture_model(spec: Any, leaf_modules: Sequence[str] = ()) -> Any:
     return capture(spec.model, spec.example_inputs, leaf_modules=leaf_modules, name=spec.name, batch_dim=spec.batch_dim)
 
 
-
 def worker_main(conn: Any) -> None:
     """Serve load and measure requests on ``conn`` until told to stop or the pipe closes."""
     try:
