@@ -1220,7 +1220,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         if rates:
             from envs.sim.cost_model import HALF_RATE
 
-            ref_kind = "cpu" if results.get("dry_run") else "H100"  # reference_device's kind
+            ref_kind = reference_device("cpu" if results.get("dry_run") else "cuda")[0].kind
             assumed = HALF_RATE.get(ref_kind, {})
             lines.append("\nHalf-precision matmul (the fp32 one's size): " + ", ".join(
                 f"{dtype.replace('torch.', '')} {rate:.2f}x the fp32 rate (the roofline's {ref_kind}: "

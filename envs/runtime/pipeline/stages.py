@@ -331,8 +331,7 @@ def boundary_metas(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor], names
     # A leaf module may differentiate inside (MAML's inner loop kept whole): the graph shows no
     # torch.autograd.grad there, so the probe runs again saving as usual when a backward inside
     # a node found nothing saved.
-    saving_modes = [False] if differentiated_regions(gm) else [True, False]
-    for nothing_saved in saving_modes:
+    for nothing_saved in ([False] if differentiated_regions(gm) else [True, False]):
         out.clear()
         tensors.clear()
         refused.clear()
